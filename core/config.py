@@ -1,0 +1,195 @@
+"""Adapter configs: a dataclass per method, checked types, JSON round trip.
+
+A method's config subclasses :class:`AdapterConfig`. Fields are checked
+against their type hints when the config is built, so a wrong key or type is
+an error that names the key and the allowed keys, whether the config came
+from Python, JSON, or the shorthand ``lora[r=8,alpha=16]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from typing import Any, ClassVar, Literal, Union
+
+from .errors import ConfigError
+
+
+@dataclasses.dataclass
+class AdapterConfig:
+    """Base of every method's config.
+
+    Common fields:
+      target_modules: which modules to adapt: a list of names (exact, or a
+        dotted suffix such as ``"q_proj"``), a regex string (full match), or
+        ``"all-linear"``. ``None`` takes the architecture's default.
+      exclude_modules: names (list) or a regex of modules never adapted.
+      layers_to_transform: only adapt these transformer layer indices.
+      modules_to_save: extra modules (e.g. a classification head) trained and
+        saved with the adapter, kept as one copy per adapter.
+    """
+
+    method: ClassVar[str] = ""
+
+    target_modules: Union[list[str], str, None] = None
+    exclude_modules: Union[list[str], str, None] = None
+    layers_to_transform: Union[list[int], int, None] = None
+    modules_to_save: Union[list[str], None] = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- checks --------------------------------------------------------------
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    def validate(self) -> None:
+        """Check every field against its type hint (and coerce int -> float)."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            ok, coerced = _check(value, hints[f.name])
+            if not ok:
+                raise ConfigError(
+                    f"{self.method or type(self).__name__} config: {f.name}={value!r} has the wrong type; "
+                    f"expected {_type_name(hints[f.name])}")
+            if coerced is not value:
+                object.__setattr__(self, f.name, coerced)
+        self.check()
+
+    def check(self) -> None:
+        """Method-specific checks (ranges, combinations); override in subclasses."""
+
+    # -- round trips -----------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "AdapterConfig":
+        data = dict(data)
+        data.pop("method", None)
+        allowed = cls.field_names()
+        unknown = sorted(k for k in data if k not in allowed)
+        if unknown:
+            raise ConfigError(
+                f"unknown {'key' if len(unknown) == 1 else 'keys'} {', '.join(map(repr, unknown))} for method "
+                f"{cls.method!r}; allowed keys: {', '.join(allowed)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps({"method": self.method, **self.to_dict()}, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "AdapterConfig":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"config JSON is malformed: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError("config JSON must be an object of key/value pairs")
+        return cls.from_dict(data)
+
+    def to_shorthand(self) -> str:
+        """The shorthand form, listing only fields that differ from the defaults."""
+        defaults = {f.name: _default(f) for f in dataclasses.fields(self)}
+        parts = []
+        for key, value in self.to_dict().items():
+            if value != _plain(defaults[key]):
+                parts.append(f"{key}={json.dumps(value, separators=(',', ':'))}")
+        return f"{self.method}[{','.join(parts)}]" if parts else self.method
+
+    def replace(self, **changes: Any) -> "AdapterConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return None
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (list, tuple):
+        args = typing.get_args(tp)
+        return f"a list of {_type_name(args[0])}" if args else "a list"
+    if origin is dict:
+        args = typing.get_args(tp)
+        return f"a mapping of {_type_name(args[0])} to {_type_name(args[1])}" if args else "a mapping"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check(value: Any, tp: Any) -> tuple[bool, Any]:
+    """Whether ``value`` fits type hint ``tp``; returns the (possibly coerced) value."""
+    if tp is Any:
+        return True, value
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            ok, coerced = _check(value, arg)
+            if ok:
+                return True, coerced
+        return False, value
+    if origin is Literal:
+        return value in typing.get_args(tp), value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        out = []
+        for item in value:
+            ok, coerced = _check(item, item_tp)
+            if not ok:
+                return False, value
+            out.append(coerced)
+        return True, out
+    if origin is dict:
+        if not isinstance(value, dict):
+            return False, value
+        key_tp, val_tp = typing.get_args(tp) or (Any, Any)
+        out_d = {}
+        for k, v in value.items():
+            ok_k, k2 = _check(k, key_tp)
+            if not ok_k and key_tp is int and isinstance(k, str) and k.lstrip("-").isdigit():
+                ok_k, k2 = True, int(k)  # JSON object keys are strings
+            ok_v, v2 = _check(v, val_tp)
+            if not (ok_k and ok_v):
+                return False, value
+            out_d[k2] = v2
+        return True, out_d
+    if tp is type(None):
+        return value is None, value
+    if tp is float:
+        if isinstance(value, bool):
+            return False, value
+        if isinstance(value, (int, float)):
+            return True, float(value)
+        return False, value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if isinstance(tp, type):
+        return isinstance(value, tp), value
+    return True, value

@@ -1,0 +1,38 @@
+"""Exceptions raised by peftkit. Every message names what is wrong and how to fix it."""
+
+from __future__ import annotations
+
+
+class PeftkitError(Exception):
+    """Base class of every error peftkit raises on purpose."""
+
+
+class ConfigError(PeftkitError, ValueError):
+    """An adapter config or a shorthand spec is malformed (unknown key, wrong type, ...)."""
+
+
+class TargetError(PeftkitError, ValueError):
+    """Target modules (or insertion points) could not be found in the model."""
+
+
+class AdapterError(PeftkitError, KeyError):
+    """An adapter name is unknown, already taken, or used in the wrong state."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; we want it plain.
+        return str(self.args[0]) if self.args else ""
+
+
+class AdapterLoadError(PeftkitError, ValueError):
+    """An adapter folder cannot be loaded; the model is left exactly as it was."""
+
+
+class PluginError(PeftkitError, RuntimeError):
+    """A plugin is missing, broken or incompatible."""
+
+
+class CompositionError(PeftkitError, ValueError):
+    """A composition of adapters is malformed or not supported by a member's method."""
+
+
+class MergeError(PeftkitError, ValueError):
+    """Adapters cannot be merged (in weight space or into the base model)."""

@@ -1,0 +1,76 @@
+"""Describe an adapter folder without loading torch (for ``peftkit info``)."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+from .errors import AdapterLoadError
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file (names, dtypes, shapes), checked
+    against the file size so a truncated file is caught."""
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise AdapterLoadError(f"{path} is truncated (no safetensors header)")
+        (length,) = struct.unpack("<Q", head)
+        if length > size - 8:
+            raise AdapterLoadError(f"{path} is truncated or not a safetensors file")
+        try:
+            header = json.loads(fh.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise AdapterLoadError(f"{path} has a corrupted safetensors header") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + length + end > size:
+        raise AdapterLoadError(f"{path} is truncated: the header describes {end} bytes of data, "
+                               f"the file holds {size - 8 - length}")
+    return header
+
+
+def describe_folder(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    config_path = path / "adapter_config.json"
+    if not config_path.is_file():
+        raise AdapterLoadError(f"{str(path)!r} is not an adapter folder: no adapter_config.json")
+    try:
+        data = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise AdapterLoadError(f"{config_path} is not valid JSON: {exc}") from None
+    own = data.get("peftkit") or {}
+    weights = path / "adapter_model.safetensors"
+    params = 0
+    tensors = 0
+    if weights.is_file():
+        header = safetensors_header(weights)
+        for key, value in header.items():
+            if key == "__metadata__":
+                continue
+            n = 1
+            for dim in value["shape"]:
+                n *= dim
+            params += n
+            tensors += 1
+    size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    fmt = "peftkit" if own else "peft"
+    return {
+        "path": str(path),
+        "method": own.get("method") or str(data.get("peft_type", "?")).lower(),
+        "format": fmt,
+        "base_model": data.get("base_model_name_or_path"),
+        "base_model_type": (own.get("base_model") or {}).get("model_type"),
+        "target_modules": data.get("target_modules"),
+        "task_type": data.get("task_type"),
+        "plugin": own.get("plugin"),
+        "plugin_version": own.get("plugin_version"),
+        "parameters": params,
+        "tensors": tensors,
+        "size_bytes": size,
+    }

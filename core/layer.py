@@ -1,0 +1,178 @@
+"""The modules peftkit puts into a model.
+
+- :class:`TunerLayer` wraps one original module (a *site*). It holds every
+  adapter's module for that site, keyed by adapter name, possibly of several
+  methods, and runs the active composition on the site's output.
+- :class:`LayerAdapter` is one adapter's module at one site; methods subclass it.
+- :class:`ModelAdapter` is a model-level adapter (soft prompts, prefixes)
+  that rewrites the model's inputs instead of a layer's output.
+- :class:`ModulesToSave` keeps one trainable copy of a module (a task head)
+  per adapter.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .errors import MergeError
+
+
+class LayerAdapter(nn.Module):
+    """One adapter at one site.
+
+    ``forward(x, h, base)`` gets the site's input ``x`` (or the input of the
+    site's ``input_from`` module), the current output ``h`` (the base output,
+    or the previous adapter's output inside a Stack) and the wrapped base
+    module, and returns the new output.
+    """
+
+    #: Set by methods whose output is h + delta(x): Average and Fuse then
+    #: combine deltas directly, and routing can add deltas in place.
+    additive: bool = True
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        return h + self.delta(x, h, base)
+
+    def delta(self, x: torch.Tensor, h: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- merging (methods with can_merge implement these) ----------------------
+
+    def delta_weight(self, base: nn.Module) -> torch.Tensor:
+        """The change this adapter makes to ``base.weight`` (same shape)."""
+        raise MergeError(f"{type(self).__name__} cannot be merged into base weights")
+
+    def merge(self, base: nn.Module) -> None:
+        """Fold this adapter into ``base``'s weights, in place."""
+        weight = base.weight
+        weight.data += self.delta_weight(base).to(weight.dtype)
+
+    def unmerge(self, base: nn.Module) -> None:
+        weight = base.weight
+        weight.data -= self.delta_weight(base).to(weight.dtype)
+
+    # -- files -----------------------------------------------------------------
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors saved for this adapter at this site, keyed by their file
+        name relative to the site (PEFT's names for PEFT-format methods)."""
+        return dict(self.state_dict(keep_vars=True))
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        own = self.tensors()
+        with torch.no_grad():
+            for key, value in tensors.items():
+                own[key].copy_(value)
+
+
+class ModelAdapter(nn.Module):
+    """A model-level adapter: rewrites the model's forward arguments.
+
+    ``prepare(args, kwargs)`` is called before every forward of the base model
+    (generate() included) while the adapter is active, and returns new
+    ``(args, kwargs)``; ``finish(output)`` may rewrite the output.
+    """
+
+    def prepare(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return args, kwargs
+
+    def finish(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        return output
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return dict(self.state_dict(keep_vars=True))
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        own = self.tensors()
+        with torch.no_grad():
+            for key, value in tensors.items():
+                own[key].copy_(value)
+
+
+class TunerLayer(nn.Module):
+    """Wraps an original module and applies the active adapters to its output."""
+
+    def __init__(self, base_layer: nn.Module, state: Any, input_from: str | None = None) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapters = nn.ModuleDict()
+        self.fusions = nn.ModuleDict()
+        self.merged: list[str] = []
+        self.input_from = input_from
+        self.external_input: torch.Tensor | None = None
+        object.__setattr__(self, "_state", state)  # shared, not a submodule
+
+    @property
+    def weight(self) -> torch.Tensor:  # transformers sometimes reads .weight of linear layers
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        h = self.base_layer(x, *args, **kwargs)
+        state = self._state
+        plan = state.active
+        if plan is None or state.disabled or not self.adapters:
+            return h
+        inp = self.external_input if self.input_from is not None else x
+        if isinstance(h, tuple):
+            return (state.run(self, inp, h[0]),) + h[1:]
+        return state.run(self, inp, h)
+
+    # -- merging ---------------------------------------------------------------
+
+    def merge(self, name: str) -> None:
+        if name in self.merged or name not in self.adapters:
+            return
+        self.adapters[name].merge(self.base_layer)
+        self.merged.append(name)
+
+    def unmerge(self, name: str) -> None:
+        if name not in self.merged:
+            return
+        self.adapters[name].unmerge(self.base_layer)
+        self.merged.remove(name)
+
+    def extra_repr(self) -> str:
+        return f"adapters={list(self.adapters)}, merged={self.merged}"
+
+
+class ModulesToSave(nn.Module):
+    """One trainable copy of a module per adapter; the original stays frozen.
+
+    The active adapter's copy runs (the first active one that has a copy);
+    with none, the original runs.
+    """
+
+    def __init__(self, original: nn.Module, state: Any) -> None:
+        super().__init__()
+        self.original_module = original
+        self.copies = nn.ModuleDict()
+        object.__setattr__(self, "_state", state)
+
+    def add(self, name: str) -> None:
+        if name not in self.copies:
+            self.copies[name] = copy.deepcopy(self.original_module)
+
+    def current(self) -> nn.Module:
+        state = self._state
+        if not state.disabled:
+            for name in state.active_names:
+                if name in self.copies:
+                    return self.copies[name]
+        return self.original_module
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.current()(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.current(), name)

@@ -1,0 +1,140 @@
+"""The tuning-method interface that every plugin implements.
+
+A method owns its config dataclass, finds the sites (modules) it adapts,
+creates the adapter modules for one named adapter at each site, and says
+whether it can merge into the base weights and which composition blocks it
+supports. Everything else (freezing, activation, saving, hub) is the core's
+job. This module imports no torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from .config import AdapterConfig
+from .errors import ConfigError
+from .shorthand import parse_shorthand
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch.nn as nn
+
+    from .architectures import ArchitectureSpec
+
+#: Composition blocks a method may declare support for.
+ALL_BLOCKS = frozenset({"stack", "fuse", "average", "parallel", "batch_split"})
+
+
+@dataclass(frozen=True)
+class Site:
+    """One place in the model where a method inserts an adapter module.
+
+    ``name`` is the module that is wrapped (its output is adapted);
+    ``input_from`` optionally names another module whose *input* the adapter
+    reads instead of the wrapped module's input (e.g. a parallel bottleneck
+    reads the feed-forward block's input and adds to its output projection).
+    """
+
+    name: str
+    input_from: str | None = None
+    role: str = ""
+
+
+class Method:
+    """Base class of tuning methods. Subclass it in a plugin and register an instance."""
+
+    #: Name used in specs, files and the CLI ("lora", "seq_bn", ...).
+    name: ClassVar[str] = ""
+    #: The method's config dataclass (a subclass of AdapterConfig).
+    config_class: ClassVar[type[AdapterConfig]] = AdapterConfig
+    #: One line shown by ``peftkit methods``.
+    description: ClassVar[str] = ""
+    #: Whether merge_adapter()/merge_and_unload() can fold it into base weights.
+    can_merge: ClassVar[bool] = False
+    #: Composition blocks it takes part in (see peftkit.core.composition).
+    supported_blocks: ClassVar[frozenset[str]] = ALL_BLOCKS
+    #: PEFT's ``peft_type`` when Hugging Face PEFT has the same method and file format.
+    peft_type: ClassVar[str | None] = None
+    #: Shorthand aliases: {"alpha": "lora_alpha"} lets users write either.
+    aliases: ClassVar[dict[str, str]] = {}
+    #: Whether the adapter output equals the base output right after injection.
+    identity_at_init: ClassVar[bool] = True
+
+    # Filled in by the plugin manager.
+    plugin_name: str | None = None
+    distribution: str | None = None
+    distribution_version: str | None = None
+
+    # -- configs ---------------------------------------------------------------
+
+    def make_config(self, **values: Any) -> AdapterConfig:
+        """Build this method's config, accepting aliases for field names."""
+        return self.config_class.from_dict(self.resolve_aliases(values))
+
+    def resolve_aliases(self, values: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in values.items():
+            real = self.aliases.get(key, key)
+            if real in out:
+                raise ConfigError(f"{self.name}: {key!r} and {real!r} name the same setting; give one")
+            out[real] = value
+        return out
+
+    # -- injection -------------------------------------------------------------
+
+    def sites(self, model: "nn.Module", config: AdapterConfig, arch: "ArchitectureSpec | None") -> list[Site]:
+        """The modules to adapt. The default matches ``config.target_modules``
+        (or the architecture's default for this method) against linear-like layers."""
+        from .targets import find_targets
+
+        return [Site(name) for name in find_targets(model, config, arch, method=self.name)]
+
+    def create_layer_adapter(self, site: Site, base_layer: "nn.Module", config: AdapterConfig,
+                             model: "nn.Module") -> "nn.Module | None":
+        """Create the adapter module for one site (a peftkit.core.layer.LayerAdapter)."""
+        raise NotImplementedError(f"method {self.name!r} does not adapt layers")
+
+    def create_model_adapter(self, model: "nn.Module", config: AdapterConfig,
+                             arch: "ArchitectureSpec | None") -> "nn.Module | None":
+        """Create a model-level adapter (a peftkit.core.layer.ModelAdapter), e.g. a soft prompt.
+        Most methods return None."""
+        return None
+
+    # -- files -----------------------------------------------------------------
+
+    def config_to_file(self, config: AdapterConfig) -> dict[str, Any]:
+        """The method's part of ``adapter_config.json``. PEFT-format methods
+        override this to write PEFT's field names; the core adds base-model
+        fields and the ``peftkit`` key."""
+        return {"peft_type": self.peft_type or self.name.upper(), **config.to_dict()}
+
+    def config_from_file(self, data: dict[str, Any]) -> AdapterConfig:
+        """Inverse of :meth:`config_to_file`; ``data`` lacks the core's fields."""
+        data = {k: v for k, v in data.items() if k != "peft_type"}
+        return self.config_class.from_dict(data)
+
+    # -- introspection -----------------------------------------------------------
+
+    def expected_parameter_count(self, model: "nn.Module", config: AdapterConfig,
+                                 sites: list[Site]) -> int | None:
+        """The method's own formula for its trainable parameters (checked by
+        peftkit.testing); None when the method has no closed form."""
+        return None
+
+    def __repr__(self) -> str:
+        return f"<method {self.name}>"
+
+
+def parse_spec(spec: str | AdapterConfig, registry: Any = None) -> tuple[Any, AdapterConfig]:
+    """Resolve a shorthand spec (or a config object) to (method, config)."""
+    from .plugins import get_registry
+
+    registry = registry or get_registry()
+    if isinstance(spec, AdapterConfig):
+        return registry.get_method(spec.method), spec
+    if not isinstance(spec, str):
+        raise ConfigError(f"an adapter spec must be a string like 'lora[r=8]' or a config object, "
+                          f"not {type(spec).__name__}")
+    name, values = parse_shorthand(spec)
+    method = registry.get_method(name)
+    return method, method.make_config(**values)

@@ -1,0 +1,485 @@
+"""AdaptedModel: a thin torch module over any model that holds named adapters.
+
+It adds, deletes, activates, trains, merges, saves and loads adapters. Being
+an ordinary ``nn.Module`` it works with transformers' Trainer, accelerate,
+torch.compile and DDP/FSDP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.nn as nn
+
+from . import composition
+from .architectures import ArchitectureSpec, architecture_for
+from .composition import BASE_MODEL, Node, Routing
+from .config import AdapterConfig
+from .errors import AdapterError, CompositionError, MergeError, TargetError
+from .layer import LayerAdapter, ModelAdapter, ModulesToSave, TunerLayer
+from .method import Method, Site, parse_spec
+from .state import AdapterState
+from .targets import name_matches
+
+_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_\-]{1,128}$")
+#: Model classes whose task head is trained and saved with the adapter by default.
+_HEAD_SUFFIXES = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering",
+                  "ForMultipleChoice", "ForImageClassification")
+
+
+@dataclass
+class AdapterRecord:
+    """What the model knows about one named adapter."""
+
+    name: str
+    method: Method
+    config: AdapterConfig
+    sites: list[Site] = field(default_factory=list)
+    model_adapter: bool = False
+    modules_to_save: list[str] = field(default_factory=list)
+
+
+class AdaptedModel(nn.Module):
+    """A model with peftkit adapters. Create one with :func:`peftkit.adapt`."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        if isinstance(model, AdaptedModel):
+            raise AdapterError("this model is already adapted; call add_adapter() on it instead")
+        self.base_model = model
+        self._peftkit_state = AdapterState()
+        self._records: dict[str, AdapterRecord] = {}
+        self._model_adapters = nn.ModuleDict()
+        self._hook_handle: Any = None
+        for param in model.parameters():
+            param.requires_grad_(False)
+
+    # -- attribute access falls through to the wrapped model ---------------------
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model
+
+    @property
+    def architecture(self) -> ArchitectureSpec | None:
+        return architecture_for(self.base_model)
+
+    # -- adapters ----------------------------------------------------------------
+
+    @property
+    def adapters(self) -> dict[str, AdapterConfig]:
+        """Adapter name -> config, in the order they were added."""
+        return {name: rec.config for name, rec in self._records.items()}
+
+    def adapter_record(self, name: str) -> AdapterRecord:
+        try:
+            return self._records[name]
+        except KeyError:
+            raise AdapterError(f"no adapter named {name!r}; adapters on this model: "
+                               f"{', '.join(self._records) or 'none'}") from None
+
+    def add_adapter(self, name: str, spec: str | AdapterConfig = "lora") -> AdapterRecord:
+        """Inject a new adapter. ``spec`` is a shorthand (``"lora[r=8]"``) or a config.
+
+        The new adapter is neither active nor trainable until set_active() /
+        train_adapter(). On any error the model is left as it was.
+        """
+        self._check_new_name(name)
+        method, config = parse_spec(spec)
+        config = config.replace()  # our own copy: defaults get filled in below
+        record = AdapterRecord(name=name, method=method, config=config)
+        self._records[name] = record
+        try:
+            self._inject(record)
+        except Exception:
+            self._remove(name)
+            raise
+        return record
+
+    def _check_new_name(self, name: str) -> None:
+        if not isinstance(name, str) or not _ADAPTER_NAME.match(name) or name == BASE_MODEL:
+            raise AdapterError(f"adapter name {name!r} is invalid; use letters, digits, '_' and '-' "
+                               f"(at most 128), and not {BASE_MODEL!r}")
+        if name in self._records:
+            raise AdapterError(f"an adapter named {name!r} already exists; delete_adapter({name!r}) first "
+                               f"or choose another name")
+
+    def _inject(self, record: AdapterRecord) -> None:
+        model, method, config = self.base_model, record.method, record.config
+        arch = self.architecture
+        model_adapter = method.create_model_adapter(model, config, arch)
+        if model_adapter is not None:
+            self._model_adapters[record.name] = model_adapter
+            record.model_adapter = True
+            self._ensure_input_hook()
+        record.sites = list(method.sites(model, config, arch)) if model_adapter is None or \
+            type(method).sites is not Method.sites else []
+        for site in record.sites:
+            current = model.get_submodule(site.name)
+            layer = current if isinstance(current, TunerLayer) else None
+            base = layer.base_layer if layer is not None else current
+            adapter = method.create_layer_adapter(site, base, config, model)
+            if adapter is None:
+                continue
+            if not isinstance(adapter, LayerAdapter):
+                raise TypeError(f"method {method.name!r} returned {type(adapter).__name__} for site "
+                                f"{site.name!r}; create_layer_adapter must return a LayerAdapter")
+            _match_device(adapter, base)
+            if layer is None:
+                layer = TunerLayer(base, self._peftkit_state, input_from=site.input_from)
+                _set_submodule(model, site.name, layer)
+                if site.input_from is not None:
+                    _capture_input(model, site.input_from, layer)
+            elif site.input_from != layer.input_from:
+                raise TargetError(f"site {site.name!r} already reads its input from {layer.input_from!r}; "
+                                  f"method {method.name!r} wants {site.input_from!r}")
+            layer.adapters[record.name] = adapter
+        record.modules_to_save = self._resolve_modules_to_save(config)
+        for module_name in record.modules_to_save:
+            current = model.get_submodule(module_name)
+            if not isinstance(current, ModulesToSave):
+                current = ModulesToSave(current, self._peftkit_state)
+                _set_submodule(model, module_name, current)
+            current.add(record.name)
+        for param in self.adapter_parameters(record.name):
+            param.requires_grad_(False)
+
+    def _resolve_modules_to_save(self, config: AdapterConfig) -> list[str]:
+        names = list(config.modules_to_save or [])
+        if not names and type(self.base_model).__name__.endswith(_HEAD_SUFFIXES):
+            names = [n for n in ("classifier", "score", "qa_outputs") if _has_submodule(self.base_model, n)]
+            if names:
+                config.modules_to_save = names
+        resolved = []
+        for wanted in names:
+            hits = [n for n, m in self.base_model.named_modules()
+                    if n and name_matches(n, [wanted]) and ".copies." not in n
+                    and not n.endswith(".original_module") and ".original_module." not in n]
+            top = [h for h in hits if not any(h.startswith(o + ".") for o in hits if o != h)]
+            if not top:
+                raise TargetError(f"modules_to_save names {wanted!r}, which is not a module of this model")
+            resolved.extend(top)
+        return resolved
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove an adapter; the model is left as if it had never been added."""
+        record = self.adapter_record(name)
+        for site in record.sites:
+            layer = self.base_model.get_submodule(site.name)
+            if isinstance(layer, TunerLayer) and name in layer.merged:
+                raise MergeError(f"adapter {name!r} is merged into the base weights; unmerge_adapter() "
+                                 f"before deleting it")
+        self._remove(name)
+
+    def _remove(self, name: str) -> None:
+        model = self.base_model
+        record = self._records.pop(name, None)
+        for module_name, module in list(model.named_modules()):
+            if isinstance(module, TunerLayer) and name in module.adapters:
+                del module.adapters[name]
+                if len(module.adapters) == 0:
+                    _set_submodule(model, module_name, module.base_layer)
+            elif isinstance(module, ModulesToSave) and name in module.copies:
+                del module.copies[name]
+                if len(module.copies) == 0:
+                    _set_submodule(model, module_name, module.original_module)
+        if name in self._model_adapters:
+            del self._model_adapters[name]
+        state = self._peftkit_state
+        if record is not None and name in state.active_names:
+            remaining = [n for n in state.active_names if n != name]
+            state.active = composition.as_node(remaining) if remaining else None
+            state.active_names = tuple(remaining)
+
+    # -- activation ----------------------------------------------------------------
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._peftkit_state.active_names)
+
+    @property
+    def active_composition(self) -> Node | None:
+        return self._peftkit_state.active
+
+    def set_active(self, *adapters: str | composition.Block | Sequence[str] | None) -> None:
+        """Activate one adapter, several (applied as a Stack), or a composition block.
+
+        ``set_active(None)`` deactivates all.
+        """
+        state = self._peftkit_state
+        if not adapters or (len(adapters) == 1 and adapters[0] is None):
+            state.active, state.active_names = None, ()
+            return
+        node = composition.as_node(adapters[0] if len(adapters) == 1 else list(adapters))
+        self.check_composition(node)
+        state.active, state.active_names = node, tuple(dict.fromkeys(composition.leaves(node)))
+
+    set_adapter = set_active  # PEFT's spelling
+
+    def check_composition(self, node: Node) -> None:
+        composition.check_supported(node, {n: r.method for n, r in self._records.items()})
+        model_level = [n for n in composition.leaves(node) if self._records[n].model_adapter]
+        if isinstance(node, composition.Block) and model_level and not isinstance(node, composition.Stack):
+            raise CompositionError(
+                f"adapter {model_level[0]!r} (method {self._records[model_level[0]].method.name!r}) changes "
+                f"the model's inputs and can only be combined with others in stack()")
+
+    @contextlib.contextmanager
+    def disable_adapters(self) -> Iterator[None]:
+        """Run the bare base model inside the block (merged adapters stay in the weights)."""
+        state = self._peftkit_state
+        previous = state.disabled
+        state.disabled = True
+        try:
+            yield
+        finally:
+            state.disabled = previous
+
+    # -- training ------------------------------------------------------------------
+
+    def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
+        """Every parameter that belongs to adapter ``name`` (modules_to_save copies included)."""
+        self.adapter_record(name)
+        seen: set[int] = set()
+        for module in self.base_model.modules():
+            if isinstance(module, TunerLayer) and name in module.adapters:
+                params = module.adapters[name].parameters()
+            elif isinstance(module, ModulesToSave) and name in module.copies:
+                params = module.copies[name].parameters()
+            else:
+                continue
+            for p in params:
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    yield p
+        if name in self._model_adapters:
+            yield from self._model_adapters[name].parameters()
+
+    def train_adapter(self, *adapters: str | composition.Block | Sequence[str]) -> None:
+        """Activate these adapters and make only their parameters trainable
+        (all adapters of the active composition when none is named)."""
+        if adapters:
+            self.set_active(*adapters)
+        names = self.active_adapters
+        if not names:
+            raise AdapterError("no adapter to train: name one, e.g. train_adapter('default')")
+        for param in self.parameters():
+            param.requires_grad_(False)
+        for name in names:
+            for param in self.adapter_parameters(name):
+                param.requires_grad_(True)
+        self.train()
+
+    def trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, total) parameter counts; total counts the base model once."""
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        return trainable, total
+
+    def parameter_report(self) -> dict[str, Any]:
+        trainable, total = self.trainable_parameters()
+        per_adapter = {n: sum(p.numel() for p in self.adapter_parameters(n)) for n in self._records}
+        return {"trainable": trainable, "total": total,
+                "trainable_percent": 100.0 * trainable / max(total, 1), "adapters": per_adapter}
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.trainable_parameters()
+        print(f"trainable params: {trainable:,} || all params: {total:,} || "
+              f"trainable%: {100.0 * trainable / max(total, 1):.4f}")
+
+    # -- merging ---------------------------------------------------------------------
+
+    def _tuner_layers(self) -> Iterator[tuple[str, TunerLayer]]:
+        for name, module in self.base_model.named_modules():
+            if isinstance(module, TunerLayer):
+                yield name, module
+
+    def merge_adapter(self, adapter_names: Sequence[str] | None = None) -> None:
+        """Fold adapters (the active ones by default) into the base weights."""
+        names = list(adapter_names) if adapter_names is not None else self.active_adapters
+        for name in names:
+            record = self.adapter_record(name)
+            if not record.method.can_merge:
+                raise MergeError(f"adapter {name!r} uses method {record.method.name!r}, which cannot be "
+                                 f"merged into base weights; keep it unmerged")
+        with torch.no_grad():
+            for name in names:
+                for _, layer in self._tuner_layers():
+                    layer.merge(name)
+
+    def unmerge_adapter(self) -> None:
+        with torch.no_grad():
+            for _, layer in self._tuner_layers():
+                for name in list(reversed(layer.merged)):
+                    layer.unmerge(name)
+
+    @property
+    def merged_adapters(self) -> list[str]:
+        return sorted({n for _, layer in self._tuner_layers() for n in layer.merged})
+
+    def merge_and_unload(self, adapter_names: Sequence[str] | None = None) -> nn.Module:
+        """Merge adapters into the base weights and return the bare base model.
+
+        The active adapter's modules_to_save copies replace the originals. The
+        AdaptedModel must not be used afterwards.
+        """
+        names = list(adapter_names) if adapter_names is not None else self.active_adapters
+        self.merge_adapter(names)
+        model = self.base_model
+        for module_name, module in list(model.named_modules()):
+            if isinstance(module, TunerLayer):
+                _set_submodule(model, module_name, module.base_layer)
+            elif isinstance(module, ModulesToSave):
+                chosen = next((module.copies[n] for n in names if n in module.copies), module.original_module)
+                _set_submodule(model, module_name, chosen)
+        if self._hook_handle is not None:
+            self._hook_handle.remove()
+            self._hook_handle = None
+        self._records.clear()
+        return model
+
+    # -- forward -----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _routing(self, adapter_names: Sequence[str] | None, batch_size: int | None) -> Iterator[None]:
+        if adapter_names is None:
+            yield
+            return
+        unknown = sorted({n for n in adapter_names if n != BASE_MODEL and n not in self._records})
+        if unknown:
+            raise AdapterError(f"adapter_names lists {', '.join(map(repr, unknown))}, not on this model; "
+                               f"adapters: {', '.join(self._records) or 'none'} (and {BASE_MODEL!r} for none)")
+        if batch_size is not None and len(adapter_names) != batch_size:
+            raise CompositionError(f"adapter_names has {len(adapter_names)} entries for a batch of "
+                                   f"{batch_size} rows; give one name per row")
+        model_level = [n for n in set(adapter_names) if n != BASE_MODEL and self._records[n].model_adapter]
+        if model_level:
+            raise CompositionError(f"adapter {model_level[0]!r} changes the model's inputs and cannot be "
+                                   f"routed per example")
+        state = self._peftkit_state
+        state.routing = Routing.build(adapter_names, self.device)
+        try:
+            yield
+        finally:
+            state.routing = None
+
+    @property
+    def device(self) -> torch.device:
+        for param in self.base_model.parameters():
+            return param.device
+        return torch.device("cpu")
+
+    def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+        with self._routing(adapter_names, _batch_size(args, kwargs)):
+            return self.base_model(*args, **kwargs)
+
+    def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+        with self._routing(adapter_names, _batch_size(args, kwargs)):
+            return self.base_model.generate(*args, **kwargs)
+
+    def _ensure_input_hook(self) -> None:
+        if self._hook_handle is None:
+            self._hook_handle = self.base_model.register_forward_pre_hook(self._prepare_inputs, with_kwargs=True)
+
+    def _prepare_inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        state = self._peftkit_state
+        if state.disabled or not self._model_adapters:
+            return None
+        for name in state.active_names:
+            if name in self._model_adapters:
+                args, kwargs = self._model_adapters[name].prepare(module, args, kwargs)
+        return args, kwargs
+
+    # -- files -------------------------------------------------------------------------
+
+    def save_adapter(self, path: str, adapter_name: str = "default", **card: Any) -> None:
+        """Save one adapter as a folder (PEFT's format for methods PEFT has)."""
+        from .serialization import save_adapter
+
+        save_adapter(self, adapter_name, path, **card)
+
+    def save_pretrained(self, path: str, adapter_names: Sequence[str] | None = None, **card: Any) -> None:
+        """PEFT's layout: the adapter named "default" (or the first) at ``path``,
+        every other one in ``path/<name>/``."""
+        from .serialization import save_pretrained
+
+        save_pretrained(self, path, adapter_names, **card)
+
+    def load_adapter(self, path: str, adapter_name: str = "default", *, activate: bool = True,
+                     trainable: bool = False) -> AdapterRecord:
+        """Load an adapter folder under ``adapter_name``. On any error the model
+        is left exactly as it was."""
+        from .serialization import load_adapter
+
+        record = load_adapter(self, path, adapter_name)
+        if activate:
+            self.set_active(adapter_name)
+        if trainable:
+            for param in self.adapter_parameters(adapter_name):
+                param.requires_grad_(True)
+        return record
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, path: str, adapter_name: str = "default",
+                        trainable: bool = False) -> "AdaptedModel":
+        adapted = model if isinstance(model, AdaptedModel) else cls(model)
+        adapted.load_adapter(path, adapter_name, trainable=trainable)
+        if not trainable:
+            adapted.eval()
+        return adapted
+
+    def extra_repr(self) -> str:
+        return f"adapters={list(self._records)}, active={self._peftkit_state.active}"
+
+
+def _batch_size(args: tuple, kwargs: dict) -> int | None:
+    for value in (*args, kwargs.get("input_ids"), kwargs.get("inputs_embeds"), kwargs.get("pixel_values")):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    return None
+
+
+def _has_submodule(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+def _match_device(adapter: nn.Module, base: nn.Module) -> None:
+    ref = next((p for p in base.parameters()), None)
+    if ref is not None:
+        adapter.to(device=ref.device)
+        for param in adapter.parameters():
+            if param.is_floating_point() and ref.is_floating_point() and param.dtype != ref.dtype \
+                    and ref.dtype in (torch.float32, torch.float64):
+                param.data = param.data.to(ref.dtype)
+
+
+def _capture_input(model: nn.Module, source: str, layer: TunerLayer) -> None:
+    """Keep ``source``'s first input on ``layer`` for every forward (parallel adapters)."""
+    module = model.get_submodule(source)
+
+    def hook(_module: nn.Module, args: tuple) -> None:
+        layer.external_input = args[0] if args else None
+
+    handle = module.register_forward_pre_hook(hook)
+    layer._capture_handle = handle  # removed with the layer's module when unwrapped

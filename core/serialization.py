@@ -1,0 +1,309 @@
+"""Saving and loading adapter folders.
+
+A folder holds ``adapter_config.json``, ``adapter_model.safetensors`` and a
+``README.md`` card. For methods that Hugging Face PEFT also has, keys and
+config are PEFT's, so each library loads what the other saves. peftkit's own
+fields live under the ``peftkit`` key of the config. Weights are read with
+safetensors only; pickle files are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+
+from .card import card_metadata, render_card
+from .errors import AdapterLoadError, ConfigError, PeftkitError, PluginError
+from .fileio import atomic_folder, write_bytes_atomic, write_text_atomic
+from .layer import ModulesToSave, TunerLayer
+from .plugins import get_registry, unknown_method_message
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .model import AdaptedModel
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+CARD_NAME = "README.md"
+PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "pytorch_model.bin",
+                "adapter_model.ckpt")
+FORMAT_VERSION = 1
+KEY_PREFIX = "base_model.model."
+
+#: PEFT's task_type by the transformers class-name suffix of the base model.
+_TASK_TYPES = (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
+               ("ForTokenClassification", "TOKEN_CLS"), ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
+               ("ForQuestionAnswering", "QUESTION_ANS"), ("Model", "FEATURE_EXTRACTION"))
+
+
+# -- what is saved ------------------------------------------------------------------
+
+
+def adapter_tensors(model: "AdaptedModel", name: str) -> dict[str, torch.Tensor]:
+    """The live tensors of adapter ``name``, keyed as in its weights file."""
+    model.adapter_record(name)
+    out: dict[str, torch.Tensor] = {}
+    for module_name, module in model.base_model.named_modules():
+        if isinstance(module, TunerLayer) and name in module.adapters:
+            for key, tensor in module.adapters[name].tensors().items():
+                out[f"{KEY_PREFIX}{module_name}.{key}"] = tensor
+        elif isinstance(module, ModulesToSave) and name in module.copies:
+            for key, tensor in module.copies[name].state_dict(keep_vars=True).items():
+                out[f"{KEY_PREFIX}{module_name}.{key}"] = tensor
+    if name in model._model_adapters:
+        out.update(model._model_adapters[name].tensors())
+    return out
+
+
+def base_model_info(model: "AdaptedModel") -> dict[str, Any]:
+    config = getattr(model.base_model, "config", None)
+    info: dict[str, Any] = {"class": type(model.base_model).__name__}
+    if config is not None:
+        for key in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "d_model", "n_embd"):
+            value = getattr(config, key, None)
+            if value is not None:
+                info[key] = value
+    return info
+
+
+def base_model_id(model: "AdaptedModel") -> str | None:
+    config = getattr(model.base_model, "config", None)
+    name = getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None)
+    return name or None
+
+
+def task_type_of(model: "AdaptedModel") -> str | None:
+    cls = type(model.base_model).__name__
+    for suffix, task in _TASK_TYPES:
+        if cls.endswith(suffix):
+            return task
+    return None
+
+
+def config_file_data(model: "AdaptedModel", name: str) -> dict[str, Any]:
+    record = model.adapter_record(name)
+    method = record.method
+    data = method.config_to_file(record.config)
+    data.setdefault("base_model_name_or_path", base_model_id(model))
+    data.setdefault("task_type", task_type_of(model))
+    data.setdefault("inference_mode", True)
+    data["peftkit"] = {
+        "format_version": FORMAT_VERSION,
+        "method": method.name,
+        "plugin": method.distribution,
+        "plugin_version": method.distribution_version,
+        "peftkit_version": _version(),
+        "base_model": base_model_info(model),
+        "config": record.config.to_dict(),
+    }
+    return data
+
+
+def _version() -> str | None:
+    try:
+        return metadata.version("peftkit")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+# -- save ------------------------------------------------------------------------------
+
+
+def _write_adapter(model: "AdaptedModel", name: str, folder: Path, card: dict[str, Any]) -> None:
+    from safetensors.torch import save
+
+    record = model.adapter_record(name)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_tensors(model, name).items()}
+    data = config_file_data(model, name)
+    meta = card_metadata(method=record.method.name, base_model=data.get("base_model_name_or_path"),
+                         peft_format=record.method.peft_type is not None, task=card.get("task"),
+                         dataset=card.get("dataset"), metrics=card.get("metrics"), tags=card.get("tags"),
+                         license=card.get("license"), language=card.get("language"))
+    text = render_card(meta, method=record.method.name, adapter_name=name, repo_id=card.get("repo_id"),
+                       description=card.get("description"),
+                       parameters=sum(t.numel() for t in tensors.values()), metrics=card.get("metrics"))
+    # Weights first, config last: a folder with a config is a complete folder.
+    write_bytes_atomic(folder / WEIGHTS_NAME, save(tensors, metadata={"format": "pt"}))
+    write_text_atomic(folder / CARD_NAME, text)
+    write_text_atomic(folder / CONFIG_NAME, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def save_adapter(model: "AdaptedModel", name: str, path: str | os.PathLike, **card: Any) -> None:
+    """Save one adapter. A new folder appears whole or not at all; in an
+    existing folder each file is replaced atomically."""
+    path = Path(path)
+    model.adapter_record(name)
+    if path.exists() and not path.is_dir():
+        raise PeftkitError(f"cannot save adapter to {str(path)!r}: it is a file, not a folder")
+    if path.exists():
+        _write_adapter(model, name, path, card)
+        return
+    with atomic_folder(path) as tmp:
+        _write_adapter(model, name, tmp, card)
+
+
+def save_pretrained(model: "AdaptedModel", path: str | os.PathLike, adapter_names: Sequence[str] | None = None,
+                    **card: Any) -> None:
+    names = list(adapter_names) if adapter_names is not None else list(model.adapters)
+    if not names:
+        raise PeftkitError("there is no adapter to save; add one first")
+    root = "default" if "default" in names else names[0]
+    with atomic_folder(path) as tmp:
+        _write_adapter(model, root, tmp, card)
+        for name in names:
+            if name != root:
+                (tmp / name).mkdir()
+                _write_adapter(model, name, tmp / name, card)
+
+
+# -- load ------------------------------------------------------------------------------
+
+
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and check an adapter folder's config (no weights are touched)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise AdapterLoadError(f"{str(path)!r} is not an adapter folder (it does not exist or is a file)")
+    config_path = path / CONFIG_NAME
+    if not config_path.is_file():
+        present = ", ".join(sorted(p.name for p in path.iterdir())) or "nothing"
+        raise AdapterLoadError(f"{str(path)!r} has no {CONFIG_NAME} (it holds: {present}); "
+                               f"save adapters with save_adapter() or PEFT's save_pretrained()")
+    try:
+        data = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterLoadError(f"{config_path} is not valid JSON ({exc}); the file is damaged — "
+                               f"save or download the adapter again") from None
+    if not isinstance(data, dict):
+        raise AdapterLoadError(f"{config_path} must hold a JSON object, not {type(data).__name__}")
+    return data
+
+
+def method_for(data: dict[str, Any], where: str) -> Any:
+    registry = get_registry()
+    own = data.get("peftkit") if isinstance(data.get("peftkit"), dict) else {}
+    name = own.get("method")
+    if name is None:
+        peft_type = data.get("peft_type")
+        if peft_type is None:
+            raise AdapterLoadError(f"{where}: the config names no method (neither 'peftkit.method' nor "
+                                   f"'peft_type'); is this an adapter folder?")
+        matches = [m for m in registry.methods.values() if m.peft_type == peft_type]
+        if not matches:
+            raise AdapterLoadError(f"{where}: PEFT method {peft_type!r} is not supported by the installed "
+                                   f"peftkit methods ({', '.join(sorted(registry.methods))}); install a "
+                                   f"plugin that provides it")
+        return matches[0]
+    if name not in registry.methods:
+        raise AdapterLoadError(f"{where}: " + unknown_method_message(name, registry, own.get("plugin")))
+    method = registry.methods[name]
+    _check_plugin_version(method, own, where)
+    return method
+
+
+def _check_plugin_version(method: Any, own: dict[str, Any], where: str) -> None:
+    saved, installed = own.get("plugin_version"), method.distribution_version
+    if not saved or not installed or own.get("plugin") != method.distribution:
+        return
+    if _major(saved) > _major(installed):
+        raise AdapterLoadError(
+            f"{where}: made by {method.distribution} {saved}, but {installed} is installed, and a newer "
+            f"major version may use a format this one cannot read; upgrade: pip install -U "
+            f"'{method.distribution}>={_major(saved)}'")
+
+
+def _major(version: str) -> int:
+    head = version.split(".", 1)[0]
+    return int(head) if head.isdigit() else 0
+
+
+def _check_base(model: "AdaptedModel", data: dict[str, Any], where: str) -> None:
+    own = data.get("peftkit") if isinstance(data.get("peftkit"), dict) else {}
+    saved = own.get("base_model") or {}
+    current = base_model_info(model)
+    for key in ("model_type", "hidden_size", "d_model", "n_embd", "num_hidden_layers"):
+        if key in saved and key in current and saved[key] != current[key]:
+            raise AdapterLoadError(
+                f"{where}: this adapter was made for a model with {key}={saved[key]!r} "
+                f"({data.get('base_model_name_or_path') or 'unknown base'}), but this model has "
+                f"{key}={current[key]!r}; load it on the base model it was trained for")
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_bytes
+
+    weights = path / WEIGHTS_NAME
+    if not weights.is_file():
+        pickles = [n for n in PICKLE_NAMES if (path / n).exists()]
+        if pickles:
+            raise AdapterLoadError(
+                f"{path} holds weights only as {pickles[0]}, a pickle file, which peftkit never loads "
+                f"(it can run arbitrary code). Convert it where you trust it: load it with torch.load and "
+                f"save with safetensors.torch.save_file(state_dict, '{WEIGHTS_NAME}')")
+        raise AdapterLoadError(f"{path} has no {WEIGHTS_NAME}; the folder is incomplete — save or "
+                               f"download the adapter again")
+    try:
+        return dict(load_bytes(weights.read_bytes()))
+    except (SafetensorError, ValueError, RuntimeError, OSError) as exc:
+        raise AdapterLoadError(f"{weights} is truncated or corrupted ({exc}); save or download the "
+                               f"adapter again") from None
+
+
+def load_adapter(model: "AdaptedModel", path: str | os.PathLike, name: str) -> Any:
+    """Load a folder as adapter ``name``; on any error the model is left as it was."""
+    path = Path(path)
+    where = str(path)
+    data = read_config(path)
+    method = method_for(data, where)
+    _check_base(model, data, where)
+    body = {k: v for k, v in data.items() if k not in ("peftkit", "base_model_name_or_path", "task_type",
+                                                        "inference_mode", "peft_version", "revision",
+                                                        "auto_mapping")}
+    try:
+        config = method.config_from_file(body)
+    except (ConfigError, TypeError) as exc:
+        raise AdapterLoadError(f"{where}: {CONFIG_NAME} does not describe a valid {method.name} adapter: "
+                               f"{exc}") from None
+    tensors = read_weights(path)
+    model._check_new_name(name)
+    try:
+        record = model.add_adapter(name, config)
+    except PluginError:
+        raise
+    except PeftkitError as exc:
+        raise AdapterLoadError(f"{where}: cannot place this adapter on the model: {exc}") from None
+    try:
+        _copy_into(model, name, tensors, where)
+    except BaseException:
+        model._remove(name)
+        raise
+    return record
+
+
+def _copy_into(model: "AdaptedModel", name: str, tensors: dict[str, torch.Tensor], where: str) -> None:
+    own = adapter_tensors(model, name)
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {', '.join(missing[:5])}"
+                         + (" ..." if len(missing) > 5 else ""))
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:5])}"
+                         + (" ..." if len(unexpected) > 5 else ""))
+        raise AdapterLoadError(f"{where}: the weights do not fit this model and config: {'; '.join(parts)}. "
+                               f"Was it saved for another base model or with other target modules?")
+    bad = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}"
+           for k in own if tuple(own[k].shape) != tuple(tensors[k].shape)]
+    if bad:
+        raise AdapterLoadError(f"{where}: shape mismatch in {len(bad)} tensors ({'; '.join(bad[:3])}); "
+                               f"the adapter was made for a model of another size or with another config")
+    with torch.no_grad():
+        for key, target in own.items():
+            target.copy_(tensors[key].to(device=target.device, dtype=target.dtype))

@@ -1,0 +1,82 @@
+"""The string shorthand for adapter configs: ``lora[r=8,alpha=16,target_modules=["q_proj","v_proj"]]``.
+
+Values are JSON (numbers, strings, lists, objects, true/false/null); the
+Python spellings True/False/None are accepted, and a bare word such as
+``all-linear`` or ``relu`` is read as a string.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from .errors import ConfigError
+
+_NAME = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_\-]*)\s*(?:\[(.*)\])?\s*$", re.S)
+_PY_LITERALS = {"True": True, "False": False, "None": None}
+
+
+def parse_shorthand(spec: str) -> tuple[str, dict[str, Any]]:
+    """Split ``method[k=v,...]`` into the method name and a dict of values."""
+    match = _NAME.match(spec)
+    if not match:
+        raise ConfigError(
+            f"cannot parse adapter spec {spec!r}; write it as method[key=value,...], "
+            f'e.g. lora[r=8,alpha=16,target_modules=["q_proj","v_proj"]]')
+    name, body = match.group(1), match.group(2)
+    values: dict[str, Any] = {}
+    if body and body.strip():
+        for item in split_top_level(body, ","):
+            if "=" not in item:
+                raise ConfigError(f"in adapter spec {spec!r}: {item.strip()!r} is not key=value")
+            key, raw = item.split("=", 1)
+            key = key.strip()
+            if not key.isidentifier():
+                raise ConfigError(f"in adapter spec {spec!r}: {key!r} is not a valid key name")
+            if key in values:
+                raise ConfigError(f"in adapter spec {spec!r}: key {key!r} is given twice")
+            values[key] = parse_value(raw.strip(), spec)
+    return name, values
+
+
+def parse_value(raw: str, spec: str = "") -> Any:
+    if raw in _PY_LITERALS:
+        return _PY_LITERALS[raw]
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        pass
+    if raw.startswith(("[", "{")):
+        try:  # allow Python-style single quotes in lists and mappings
+            return json.loads(raw.replace("'", '"').replace("True", "true").replace("False", "false")
+                              .replace("None", "null"))
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"in adapter spec {spec!r}: cannot read value {raw!r}: {exc}") from None
+    if len(raw) >= 2 and raw[0] == raw[-1] == "'":
+        return raw[1:-1]
+    if not raw:
+        raise ConfigError(f"in adapter spec {spec!r}: a key has an empty value")
+    return raw
+
+
+def split_top_level(text: str, sep: str) -> list[str]:
+    """Split on ``sep`` outside brackets, braces, parentheses and quotes."""
+    parts, depth, quote, start = [], 0, "", 0
+    for i, ch in enumerate(text):
+        if quote:
+            if ch == quote and text[i - 1] != "\\":
+                quote = ""
+        elif ch in "\"'":
+            quote = ch
+        elif ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth -= 1
+        elif ch == sep and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    if depth != 0 or quote:
+        raise ConfigError(f"unbalanced brackets or quotes in {text!r}")
+    parts.append(text[start:])
+    return [p for p in parts if p.strip()]

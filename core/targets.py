@@ -1,0 +1,169 @@
+"""Finding the modules a method adapts: target lists, regexes, "all-linear",
+per-architecture defaults, layer selection and exclusions."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from typing import TYPE_CHECKING, Iterable, Sequence, Union
+
+from .errors import TargetError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch.nn as nn
+
+    from .architectures import ArchitectureSpec
+    from .config import AdapterConfig
+
+ALL_LINEAR = "all-linear"
+#: Output heads never adapted by "all-linear" (train them via modules_to_save).
+HEAD_NAMES = frozenset({"lm_head", "classifier", "score", "qa_outputs", "decoder"})
+
+
+def base_of(module: "nn.Module") -> "nn.Module":
+    """The original module under a peftkit wrapper (or the module itself)."""
+    from .layer import TunerLayer
+
+    return module.base_layer if isinstance(module, TunerLayer) else module
+
+
+def is_linear_like(module: "nn.Module") -> bool:
+    import torch.nn as nn
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(base_of(module), (nn.Linear, Conv1D))
+
+
+def is_embedding(module: "nn.Module") -> bool:
+    import torch.nn as nn
+
+    return isinstance(base_of(module), nn.Embedding)
+
+
+def iter_candidate_modules(model: "nn.Module") -> Iterable[tuple[str, "nn.Module"]]:
+    """Named modules of the user's model, skipping peftkit's own internals."""
+    from .layer import ModulesToSave, TunerLayer
+
+    skip: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix) for prefix in skip):
+            continue
+        if isinstance(module, (TunerLayer, ModulesToSave)):
+            skip.append(name + ".")
+        yield name, module
+
+
+def name_matches(name: str, targets: Union[Sequence[str], str]) -> bool:
+    """PEFT's rule: a string is a regex matched in full; a list matches a name
+    exactly or as a dotted suffix."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def layer_index(name: str, arch: "ArchitectureSpec | None") -> int | None:
+    from .architectures import ArchitectureSpec
+
+    pattern = arch.layer_pattern if arch is not None else ArchitectureSpec.layer_pattern
+    match = re.fullmatch(pattern, name)
+    return int(match.group(1)) if match else None
+
+
+def output_head_names(model: "nn.Module") -> set[str]:
+    heads = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    out = get_out() if callable(get_out) else None
+    for name, module in model.named_modules():
+        if out is not None and module is out:
+            heads.add(name)
+        elif name.rsplit(".", 1)[-1] in HEAD_NAMES and "." not in name:
+            heads.add(name)
+    return heads
+
+
+def find_targets(model: "nn.Module", config: "AdapterConfig", arch: "ArchitectureSpec | None",
+                 method: str, *, linear_only: bool = False) -> list[str]:
+    """Names of the modules ``config`` targets in ``model``, in model order.
+
+    Raises TargetError listing candidate names when nothing matches.
+    """
+    targets = config.target_modules
+    if targets is None:
+        default = arch.default_targets(method) if arch is not None else None
+        if default is None:
+            model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+            raise TargetError(
+                f"method {method!r} has no default target modules for model type {model_type!r}; "
+                f"pass target_modules (a list of names, a regex, or 'all-linear'), e.g. "
+                f"{method}[target_modules=[...]]. Linear layers in this model: "
+                f"{', '.join(_sample_linear_names(model))}")
+        targets = list(default)
+        config.target_modules = targets  # saved explicitly, so the file needs no table to be read
+    heads = output_head_names(model)
+    keep_layers = config.layers_to_transform
+    if isinstance(keep_layers, int):
+        keep_layers = [keep_layers]
+    found = []
+    for name, module in iter_candidate_modules(model):
+        if not name:
+            continue
+        if targets == ALL_LINEAR:
+            if not is_linear_like(module) or name in heads:
+                continue
+        elif not name_matches(name, targets):
+            continue
+        if config.exclude_modules is not None and name_matches(name, config.exclude_modules):
+            continue
+        if keep_layers is not None and layer_index(name, arch) not in keep_layers:
+            continue
+        if linear_only and not is_linear_like(module):
+            continue
+        found.append(name)
+    if not found:
+        raise TargetError(_nothing_matched(model, targets, method))
+    return found
+
+
+def _sample_linear_names(model: "nn.Module", limit: int = 12) -> list[str]:
+    suffixes: list[str] = []
+    for name, module in iter_candidate_modules(model):
+        if name and (is_linear_like(module) or is_embedding(module)):
+            short = re.sub(r"\.\d+\.", ".N.", name)
+            if short not in suffixes:
+                suffixes.append(short)
+    return suffixes[:limit] or ["(none)"]
+
+
+def _nothing_matched(model: "nn.Module", targets: object, method: str) -> str:
+    candidates = _sample_linear_names(model, limit=20)
+    msg = f"target_modules={targets!r} of method {method!r} matched no module of this model."
+    if isinstance(targets, (list, tuple)):
+        leaves = sorted({c.rsplit(".", 1)[-1] for c in candidates})
+        for t in targets:
+            close = difflib.get_close_matches(str(t), leaves, n=3)
+            if close:
+                msg += f" {t!r} is not here; did you mean {', '.join(map(repr, close))}?"
+    return msg + f" Candidate modules: {', '.join(candidates)}"
+
+
+def find_point(model: "nn.Module", arch: "ArchitectureSpec | None", point: str, method: str,
+               config: "AdapterConfig | None" = None) -> list[str]:
+    """Module names matching an insertion point of the architecture table."""
+    model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    if arch is None or point not in arch.points:
+        raise TargetError(
+            f"method {method!r} needs the insertion point {point!r}, which peftkit does not know for "
+            f"model type {model_type!r}. Declare it in a plugin: implement peftkit_register_architectures "
+            f"and register ArchitectureSpec({model_type!r}, points={{{point!r}: r'<regex of module names>'}}) "
+            f"(see docs/plugins.md)")
+    pattern = arch.points[point]
+    keep_layers = config.layers_to_transform if config is not None else None
+    if isinstance(keep_layers, int):
+        keep_layers = [keep_layers]
+    found = [name for name, _ in iter_candidate_modules(model)
+             if name and re.fullmatch(pattern, name)
+             and (keep_layers is None or layer_index(name, arch) in keep_layers)]
+    if not found:
+        raise TargetError(f"insertion point {point!r} ({pattern}) matched no module of this "
+                          f"{model_type!r} model; candidates: {', '.join(_sample_linear_names(model))}")
+    return found

@@ -1,0 +1,89 @@
+"""peftkit: parameter-efficient fine-tuning as a plugin ecosystem, with an adapter hub.
+
+Quick start::
+
+    import peftkit
+    model = peftkit.adapt(base_model, "lora[r=8,alpha=16]")   # adds adapter "default", trainable
+    ...train...
+    model.save_adapter("out/my-adapter")
+    model = peftkit.AdaptedModel.from_pretrained(base_model, "out/my-adapter")
+
+``import peftkit`` does not import torch; the names below load on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from peftkit.core.hookspecs import PLUGIN_API_VERSION, hookimpl
+
+__version__ = "0.1.0"
+
+_LAZY: dict[str, str] = {
+    # model wrapper and entry points
+    "AdaptedModel": "peftkit.core.model",
+    "AdapterRecord": "peftkit.core.model",
+    "adapt": "peftkit.api",
+    "from_pretrained": "peftkit.api",
+    "list_methods": "peftkit.api",
+    "get_method": "peftkit.core.plugins",
+    "get_registry": "peftkit.core.plugins",
+    "reload_plugins": "peftkit.core.plugins",
+    "use_plugin": "peftkit.core.plugins",
+    # plugin author's interface
+    "Method": "peftkit.core.method",
+    "Site": "peftkit.core.method",
+    "AdapterConfig": "peftkit.core.config",
+    "LayerAdapter": "peftkit.core.layer",
+    "ModelAdapter": "peftkit.core.layer",
+    "ArchitectureSpec": "peftkit.core.architectures",
+    "parse_shorthand": "peftkit.core.shorthand",
+    # composition
+    "Stack": "peftkit.core.composition",
+    "Average": "peftkit.core.composition",
+    "BatchSplit": "peftkit.core.composition",
+    "BASE_MODEL": "peftkit.core.composition",
+    "parse_composition": "peftkit.api",
+    # configs of built-in methods
+    "LoraConfig": "peftkit.plugins.lora.config",
+    # errors
+    "PeftkitError": "peftkit.core.errors",
+    "ConfigError": "peftkit.core.errors",
+    "TargetError": "peftkit.core.errors",
+    "AdapterError": "peftkit.core.errors",
+    "AdapterLoadError": "peftkit.core.errors",
+    "PluginError": "peftkit.core.errors",
+    "CompositionError": "peftkit.core.errors",
+    "MergeError": "peftkit.core.errors",
+}
+
+__all__ = ["PLUGIN_API_VERSION", "hookimpl", "__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'peftkit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from peftkit.api import adapt, from_pretrained, list_methods, parse_composition  # noqa: F401
+    from peftkit.core.architectures import ArchitectureSpec  # noqa: F401
+    from peftkit.core.composition import BASE_MODEL, Average, BatchSplit, Stack  # noqa: F401
+    from peftkit.core.config import AdapterConfig  # noqa: F401
+    from peftkit.core.errors import (AdapterError, AdapterLoadError, CompositionError,  # noqa: F401
+                                     ConfigError, MergeError, PeftkitError, PluginError, TargetError)
+    from peftkit.core.layer import LayerAdapter, ModelAdapter  # noqa: F401
+    from peftkit.core.method import Method, Site  # noqa: F401
+    from peftkit.core.model import AdaptedModel, AdapterRecord  # noqa: F401
+    from peftkit.core.plugins import get_method, get_registry, reload_plugins, use_plugin  # noqa: F401
+    from peftkit.core.shorthand import parse_shorthand  # noqa: F401
+    from peftkit.plugins.lora.config import LoraConfig  # noqa: F401

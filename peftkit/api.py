@@ -1,0 +1,65 @@
+"""Top-level functions of the public API (``peftkit.adapt`` and friends)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from peftkit.core.composition import Node, parse
+from peftkit.core.config import AdapterConfig
+from peftkit.core.plugins import get_registry
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch.nn as nn
+
+    from peftkit.core.model import AdaptedModel
+
+
+def adapt(model: "nn.Module", spec: str | AdapterConfig = "lora", adapter_name: str = "default",
+          *, trainable: bool = True) -> "AdaptedModel":
+    """Wrap ``model`` and add one adapter (PEFT's ``get_peft_model``).
+
+    The adapter is active and, unless ``trainable=False``, the only trainable
+    part of the model (with its ``modules_to_save``).
+    """
+    from peftkit.core.model import AdaptedModel
+
+    adapted = model if isinstance(model, AdaptedModel) else AdaptedModel(model)
+    adapted.add_adapter(adapter_name, spec)
+    if trainable:
+        adapted.train_adapter(adapter_name)
+    else:
+        adapted.set_active(adapter_name)
+    return adapted
+
+
+def from_pretrained(model: "nn.Module", path: str, adapter_name: str = "default",
+                    trainable: bool = False) -> "AdaptedModel":
+    """Load a saved adapter folder onto ``model`` (PEFT's ``PeftModel.from_pretrained``)."""
+    from peftkit.core.model import AdaptedModel
+
+    return AdaptedModel.from_pretrained(model, path, adapter_name, trainable=trainable)
+
+
+def list_methods() -> list[dict[str, Any]]:
+    """Installed tuning methods, as plain dicts (what ``peftkit methods --json`` prints)."""
+    registry = get_registry()
+    out = []
+    for name in sorted(registry.methods):
+        method = registry.methods[name]
+        out.append({
+            "name": name,
+            "description": method.description,
+            "plugin": method.plugin_name,
+            "distribution": method.distribution,
+            "version": method.distribution_version,
+            "can_merge": method.can_merge,
+            "peft_format": method.peft_type is not None,
+            "blocks": sorted(method.supported_blocks),
+            "options": method.config_class.field_names(),
+        })
+    return out
+
+
+def parse_composition(text: str) -> Node:
+    """Parse ``"stack(a, average(b, c))"`` into composition blocks."""
+    return parse(text)

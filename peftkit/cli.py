@@ -1,0 +1,162 @@
+"""The ``peftkit`` command line. Imports no torch until a command needs it.
+
+Exit codes: 0 success, 1 a peftkit error (bad input, missing adapter, ...),
+2 a usage error (click's own).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from peftkit.core.errors import PeftkitError
+
+
+class PeftkitGroup(click.Group):
+    """Turns peftkit errors into a clean message and exit code 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except PeftkitError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+def _echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
+
+
+def _table(rows: list[list[str]], headers: list[str]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)] if rows else [len(h) for h in headers]
+    lines = ["  ".join(str(h).ljust(w) for h, w in zip(headers, widths))]
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+@click.group(cls=PeftkitGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="peftkit", prog_name="peftkit")
+def main() -> None:
+    """peftkit: parameter-efficient fine-tuning with plugins and an adapter hub."""
+
+
+@main.command("methods")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def methods_command(as_json: bool) -> None:
+    """List the installed tuning methods."""
+    from peftkit.api import list_methods
+
+    methods = list_methods()
+    if as_json:
+        _echo_json(methods)
+        return
+    rows = [[m["name"], m["distribution"] or "-", "yes" if m["can_merge"] else "no",
+             "yes" if m["peft_format"] else "no", m["description"]] for m in methods]
+    click.echo(_table(rows, ["METHOD", "PLUGIN", "MERGE", "PEFT", "DESCRIPTION"]))
+
+
+@main.group("plugins", invoke_without_command=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--verbose", "-v", is_flag=True, help="Show tracebacks of broken plugins.")
+@click.pass_context
+def plugins_command(ctx: click.Context, as_json: bool, verbose: bool) -> None:
+    """List installed plugins (name, version, hooks, methods; broken ones with their error)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from peftkit.core.plugins import get_registry
+
+    records = [r.to_dict(verbose=verbose) for r in get_registry().records.values()]
+    if as_json:
+        _echo_json(records)
+        return
+    rows = [[r["name"], r["distribution"] or "-", r["version"] or "-", r["status"],
+             ",".join(r["methods"]) or "-", ",".join(h.replace("peftkit_register_", "") for h in r["hooks"]) or "-"]
+            for r in records]
+    click.echo(_table(rows, ["PLUGIN", "DISTRIBUTION", "VERSION", "STATUS", "METHODS", "HOOKS"]))
+    for r in records:
+        for error in r["errors"]:
+            click.echo(f"\n{r['name']}: {error}", err=True)
+        if verbose:
+            for tb in r.get("tracebacks", []):
+                click.echo(tb, err=True)
+
+
+@main.command("info")
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def info_command(path: str, as_json: bool) -> None:
+    """Describe a saved adapter folder: method, base model, targets, parameters, size."""
+    from peftkit.core.inspect_folder import describe_folder
+
+    info = describe_folder(path)
+    if as_json:
+        _echo_json(info)
+        return
+    targets = info["target_modules"]
+    for key, value in [("path", info["path"]), ("method", info["method"]), ("format", info["format"]),
+                       ("base model", info["base_model"] or "-"),
+                       ("model type", info["base_model_type"] or "-"),
+                       ("targets", ", ".join(targets) if isinstance(targets, list) else targets or "-"),
+                       ("plugin", f"{info['plugin'] or '-'} {info['plugin_version'] or ''}".strip()),
+                       ("parameters", f"{info['parameters']:,}"), ("tensors", info["tensors"]),
+                       ("size on disk", _human_bytes(info["size_bytes"]))]:
+        click.echo(f"{key:>13}: {value}")
+
+
+def _human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
+        size /= 1024
+    return f"{n} B"
+
+
+#: Modules that add command groups to ``main`` (each defines ``commands``: a
+#: list of click commands). They must not import torch at module level.
+COMMAND_MODULES: list[str] = []
+
+
+def _add_builtin_commands() -> None:
+    import importlib
+
+    for module_name in COMMAND_MODULES:
+        for command in importlib.import_module(module_name).commands:
+            main.add_command(command)
+
+
+def _add_plugin_commands() -> None:
+    """Let plugins add commands; a failing plugin is reported, never fatal."""
+    from peftkit.core.plugins import get_registry
+
+    registry = get_registry()
+    for impl in registry.pm.hook.peftkit_register_commands.get_hookimpls():
+        try:
+            impl.function(cli=main)
+        except Exception as exc:  # noqa: BLE001 - a broken plugin must not break the CLI
+            record = registry.records.get(impl.plugin_name)
+            if record is not None:
+                record.errors.append(f"plugin {impl.plugin_name!r} raised in peftkit_register_commands: {exc}")
+            click.echo(f"warning: plugin {impl.plugin_name!r} could not add its commands: {exc}", err=True)
+
+
+def run(argv: list[str] | None = None) -> int:
+    _add_builtin_commands()
+    _add_plugin_commands()
+    try:
+        main.main(args=argv, prog_name="peftkit", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Abort:
+        click.echo("Aborted!", err=True)
+        return 1
+    return 0
+
+
+def entry() -> None:
+    sys.exit(run())

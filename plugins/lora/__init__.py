@@ -1,0 +1,20 @@
+"""LoRA (with rsLoRA and DoRA) as a peftkit plugin."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from peftkit.core.hookspecs import PLUGIN_API_VERSION, hookimpl
+
+from .config import LoraConfig
+
+PEFTKIT_PLUGIN_API = PLUGIN_API_VERSION
+
+__all__ = ["LoraConfig"]
+
+
+@hookimpl
+def peftkit_register_methods(register: Callable[[Any], None]) -> None:
+    from .method import LoraMethod
+
+    register(LoraMethod())

@@ -1,0 +1,183 @@
+"""LoRA modules: Linear (and GPT-2's Conv1D) with optional DoRA, and Embedding.
+
+The unmerged forward is written for speed: the low-rank product is added to
+the base output with one fused ``addmm`` (scale folded in), and DoRA's
+weight norm is computed from small factors instead of a dense W + s*B@A,
+and cached while the weights do not change (inference).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from peftkit.core.layer import LayerAdapter
+
+
+def _is_conv1d(base: nn.Module) -> bool:
+    return type(base).__name__ == "Conv1D"
+
+
+def _weight_out_in(base: nn.Module) -> torch.Tensor:
+    """The base weight as (out, in), whatever the layer stores."""
+    return base.weight.t() if _is_conv1d(base) else base.weight
+
+
+class LoraLinear(LayerAdapter):
+    def __init__(self, base: nn.Module, r: int, scale: float, dropout: float, init: bool | str,
+                 use_dora: bool) -> None:
+        super().__init__()
+        weight = _weight_out_in(base)
+        out_f, in_f = weight.shape
+        self.r, self.scale, self.use_dora = r, float(scale), use_dora
+        self.in_features, self.out_features = in_f, out_f
+        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+        self.lora_A = nn.Parameter(torch.empty(r, in_f, dtype=dtype, device=weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(out_f, r, dtype=dtype, device=weight.device))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+        if init == "gaussian":
+            nn.init.normal_(self.lora_A, std=1 / r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        if init is False:
+            nn.init.normal_(self.lora_B, std=0.1)
+        self.lora_magnitude_vector: nn.Parameter | None = None
+        self._norm_cache: tuple[tuple[int, ...], torch.Tensor] | None = None
+        self._w_sq_cache: tuple[tuple[int, int], torch.Tensor] | None = None
+        self._merged_norm: torch.Tensor | None = None
+        if use_dora:
+            with torch.no_grad():
+                norm = self._weight_norm(base)
+            self.lora_magnitude_vector = nn.Parameter(norm.clone())
+
+    # -- forward -------------------------------------------------------------------
+
+    def _lora_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dropout is not None:
+            x = self.dropout(x)
+        return x if x.dtype == self.lora_A.dtype else x.to(self.lora_A.dtype)
+
+    def delta(self, x: torch.Tensor, h: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        if self.use_dora:
+            return self.forward(x, h, base) - h
+        out = F.linear(F.linear(self._lora_input(x), self.lora_A), self.lora_B) * self.scale
+        return out.to(h.dtype)
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        xa = F.linear(self._lora_input(x), self.lora_A)
+        if self.use_dora:
+            return self._dora(xa, h, base)
+        if h.dtype == xa.dtype and h.dim() >= 2:
+            # h + scale * (xa @ B^T) in one kernel, no intermediate (N, out) tensor.
+            flat = torch.addmm(h.reshape(-1, self.out_features), xa.reshape(-1, self.r), self.lora_B.t(),
+                               alpha=self.scale)
+            return flat.view(h.shape)
+        return h + (F.linear(xa, self.lora_B) * self.scale).to(h.dtype)
+
+    def _dora(self, xa: torch.Tensor, h: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        # W' = m * (W + sBA) / ||W + sBA||_row  =>  y = (m/n) * (h - b + s*B A x) + b
+        # The norm is treated as a constant (detached), as the DoRA paper does.
+        mag_scale = (self.lora_magnitude_vector / self._weight_norm(base)).to(h.dtype)
+        lora = (F.linear(xa, self.lora_B) * self.scale).to(h.dtype)
+        bias = getattr(base, "bias", None)
+        if bias is None:
+            return mag_scale * (h + lora)
+        return mag_scale * (h - bias + lora) + bias
+
+    def _weight_norm(self, base: nn.Module) -> torch.Tensor:
+        """Row norms of W + s*B@A without forming the dense matrix:
+        ||w_i||^2 + 2s * b_i . (W A^T)_i + s^2 * b_i (A A^T) b_i^T."""
+        weight = base.weight
+        A, B = self.lora_A, self.lora_B
+        key = (weight._version, A._version, B._version, id(weight))
+        cache = self._norm_cache
+        if cache is not None and cache[0] == key and not torch.is_grad_enabled():
+            return cache[1]
+        with torch.no_grad():
+            w = _weight_out_in(base).to(A.dtype)
+            w_key = (weight._version, id(weight))
+            if self._w_sq_cache is None or self._w_sq_cache[0] != w_key:
+                self._w_sq_cache = (w_key, (w * w).sum(dim=1))
+            w_sq = self._w_sq_cache[1]
+            s = self.scale
+            cross = (B * (w @ A.t())).sum(dim=1)
+            lora_sq = ((B @ (A @ A.t())) * B).sum(dim=1)
+            norm = (w_sq + 2 * s * cross + s * s * lora_sq).clamp_min(0).sqrt()
+        self._norm_cache = (key, norm)
+        return norm
+
+    # -- merging -------------------------------------------------------------------
+
+    def lora_delta_out_in(self) -> torch.Tensor:
+        return (self.lora_B @ self.lora_A) * self.scale
+
+    def delta_weight(self, base: nn.Module) -> torch.Tensor:
+        """Change to ``base.weight`` (in the layout the layer stores)."""
+        delta = self.lora_delta_out_in()
+        if self.use_dora:
+            w = _weight_out_in(base).to(delta.dtype)
+            norm = self._weight_norm(base)
+            delta = (self.lora_magnitude_vector / norm).unsqueeze(1) * (w + delta) - w
+        return delta.t() if _is_conv1d(base) else delta
+
+    def merge(self, base: nn.Module) -> None:
+        if self.use_dora:
+            self._merged_norm = self._weight_norm(base).clone()
+        super().merge(base)
+
+    def unmerge(self, base: nn.Module) -> None:
+        if not self.use_dora:
+            super().unmerge(base)
+            return
+        # W = W' * n / m - s*B@A, with n the norm from merge time.
+        weight = base.weight
+        factor = (self._merged_norm / self.lora_magnitude_vector).to(weight.dtype)
+        lora = self.lora_delta_out_in().to(weight.dtype)
+        if _is_conv1d(base):
+            weight.data = weight.data * factor.unsqueeze(0) - lora.t()
+        else:
+            weight.data = weight.data * factor.unsqueeze(1) - lora
+        self._merged_norm = None
+        self._norm_cache = None
+
+    # -- files ----------------------------------------------------------------------
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B}
+        if self.lora_magnitude_vector is not None:
+            out["lora_magnitude_vector"] = self.lora_magnitude_vector
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, r={self.r}, scale={self.scale:g}"
+                + (", dora" if self.use_dora else ""))
+
+
+class LoraEmbedding(LayerAdapter):
+    """LoRA on an embedding table: E' = E + s * (B A)^T, A (r, vocab), B (dim, r)."""
+
+    def __init__(self, base: nn.Embedding, r: int, scale: float, init: bool | str) -> None:
+        super().__init__()
+        self.r, self.scale = r, float(scale)
+        weight = base.weight
+        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+        self.lora_embedding_A = nn.Parameter(torch.zeros(r, base.num_embeddings, dtype=dtype, device=weight.device))
+        self.lora_embedding_B = nn.Parameter(torch.empty(base.embedding_dim, r, dtype=dtype, device=weight.device))
+        nn.init.normal_(self.lora_embedding_B)
+        if init is False:
+            nn.init.normal_(self.lora_embedding_A, std=0.1)
+
+    def delta(self, x: torch.Tensor, h: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        after_a = F.embedding(x, self.lora_embedding_A.t(), padding_idx=base.padding_idx,
+                              max_norm=base.max_norm, norm_type=base.norm_type,
+                              scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse)
+        return (F.linear(after_a, self.lora_embedding_B) * self.scale).to(h.dtype)
+
+    def delta_weight(self, base: nn.Module) -> torch.Tensor:
+        return (self.lora_embedding_B @ self.lora_embedding_A).t() * self.scale
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"lora_embedding_A": self.lora_embedding_A, "lora_embedding_B": self.lora_embedding_B}

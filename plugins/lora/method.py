@@ -1,0 +1,130 @@
+"""The LoRA method: sites, layer creation, PEFT's file format."""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+from peftkit.core.config import AdapterConfig
+from peftkit.core.errors import ConfigError
+from peftkit.core.method import Method, Site
+
+from .config import LoraConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch.nn as nn
+
+#: PEFT LoraConfig fields -> ours.
+_FROM_PEFT = {"r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "use_rslora": "use_rslora",
+              "use_dora": "use_dora", "init_lora_weights": "init_weights", "rank_pattern": "rank_pattern",
+              "alpha_pattern": "alpha_pattern", "target_modules": "target_modules",
+              "exclude_modules": "exclude_modules", "layers_to_transform": "layers_to_transform",
+              "modules_to_save": "modules_to_save"}
+#: PEFT fields we read but that need no setting of ours, or that must keep their default.
+_PEFT_DEFAULTS: dict[str, Any] = {"bias": "none", "lora_bias": False, "use_qalora": False,
+                                  "layer_replication": None, "layers_pattern": None, "loftq_config": {},
+                                  "target_parameters": None, "trainable_token_indices": None}
+_PEFT_IGNORED = {"fan_in_fan_out", "megatron_core", "megatron_config", "qalora_group_size", "peft_type",
+                 "ensure_weight_tying"}
+
+
+def pattern_value(site: str, patterns: dict[str, Any], default: Any) -> Any:
+    """PEFT's rule for rank_pattern/alpha_pattern: a key matches the end of a module name."""
+    for key, value in patterns.items():
+        if re.fullmatch(rf"(.*\.)?(?:{key})", site):
+            return value
+    return default
+
+
+class LoraMethod(Method):
+    name = "lora"
+    config_class = LoraConfig
+    description = "Low-rank adaptation (LoRA), with rsLoRA and DoRA; mergeable; PEFT format"
+    can_merge = True
+    peft_type = "LORA"
+    aliases = {"lora_alpha": "alpha", "lora_dropout": "dropout", "init_lora_weights": "init_weights"}
+
+    def sites(self, model: "nn.Module", config: AdapterConfig, arch: Any) -> list[Site]:
+        from peftkit.core.targets import find_targets, is_embedding, is_linear_like
+
+        names = find_targets(model, config, arch, method=self.name)
+        sites = []
+        for name in names:
+            module = model.get_submodule(name)
+            if is_linear_like(module) or is_embedding(module):
+                sites.append(Site(name))
+            elif isinstance(config.target_modules, list) and name_is_explicit(name, config.target_modules):
+                raise ConfigError(f"lora: target {name!r} is a {type(module).__name__}; LoRA adapts "
+                                  f"Linear, Conv1D and Embedding layers")
+        if not sites:
+            raise ConfigError(f"lora: target_modules={config.target_modules!r} matched no Linear, Conv1D or "
+                              f"Embedding layer ({', '.join(names[:5])} ...)")
+        return sites
+
+    def create_layer_adapter(self, site: Site, base_layer: "nn.Module", config: AdapterConfig,
+                             model: "nn.Module") -> "nn.Module":
+        from .layer import LoraEmbedding, LoraLinear
+
+        assert isinstance(config, LoraConfig)
+        r = pattern_value(site.name, config.rank_pattern, config.r)
+        alpha = pattern_value(site.name, config.alpha_pattern, config.alpha)
+        scale = alpha / (r ** 0.5) if config.use_rslora else alpha / r
+        from peftkit.core.targets import is_embedding
+
+        if is_embedding(base_layer):
+            if config.use_dora:
+                raise ConfigError(f"lora: DoRA is not available for Embedding layers ({site.name}); "
+                                  f"exclude it or set use_dora=false")
+            return LoraEmbedding(base_layer, r, scale, config.init_weights)
+        return LoraLinear(base_layer, r, scale, config.dropout, config.init_weights, config.use_dora)
+
+    def expected_parameter_count(self, model: "nn.Module", config: AdapterConfig, sites: list[Site]) -> int:
+        from peftkit.core.targets import base_of, is_embedding
+
+        assert isinstance(config, LoraConfig)
+        total = 0
+        for site in sites:
+            base = base_of(model.get_submodule(site.name))
+            r = pattern_value(site.name, config.rank_pattern, config.r)
+            if is_embedding(base):
+                total += r * (base.num_embeddings + base.embedding_dim)
+                continue
+            w = base.weight
+            out_f, in_f = (w.shape[1], w.shape[0]) if type(base).__name__ == "Conv1D" else w.shape
+            total += r * (in_f + out_f) + (out_f if config.use_dora else 0)
+        return total
+
+    # -- PEFT's adapter_config.json ---------------------------------------------------
+
+    def config_to_file(self, config: AdapterConfig) -> dict[str, Any]:
+        assert isinstance(config, LoraConfig)
+        ours = config.to_dict()
+        data: dict[str, Any] = {"peft_type": "LORA", "bias": "none", "fan_in_fan_out": False,
+                                "layers_pattern": None}
+        for peft_key, our_key in _FROM_PEFT.items():
+            data[peft_key] = ours[our_key]
+        return data
+
+    def config_from_file(self, data: dict[str, Any]) -> AdapterConfig:
+        values: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in _FROM_PEFT:
+                values[_FROM_PEFT[key]] = value
+            elif key in _PEFT_DEFAULTS:
+                if value != _PEFT_DEFAULTS[key] and not (value in (None, {}, [], False)
+                                                         and _PEFT_DEFAULTS[key] in (None, {}, [], False)):
+                    raise ConfigError(f"PEFT setting {key}={value!r} is not supported by peftkit's lora "
+                                      f"(only {key}={_PEFT_DEFAULTS[key]!r})")
+            elif key in _PEFT_IGNORED:
+                continue
+            elif value in (None, False, {}, [], ""):
+                continue  # a PEFT option we do not have, left at its off value
+            else:
+                raise ConfigError(f"PEFT setting {key}={value!r} is not supported by peftkit's lora")
+        if values.get("init_weights") not in (True, False, "gaussian"):
+            values["init_weights"] = True  # PEFT's other init schemes only matter before training
+        return LoraConfig.from_dict(values)
+
+
+def name_is_explicit(name: str, targets: list[str]) -> bool:
+    return any(name == t or name.endswith("." + t) for t in targets)
