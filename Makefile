@@ -14,10 +14,12 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-# Re-install when the project metadata changes.
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+# Re-install when the project metadata changes. The example third-party plugin
+# is installed for real (its entry point), as a user would: tests use it.
+$(VENV)/.installed: pyproject.toml examples/peftkit-loha/pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e examples/peftkit-loha
 	touch $@
 
 venv: $(VENV)/.installed

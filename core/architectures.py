@@ -29,7 +29,8 @@ class ArchitectureSpec:
         points are ``attention`` (self-attention modules), ``attention_output``
         (attention output projection), ``ffn_input`` (module whose input is
         the feed-forward block's input), ``ffn_output`` (feed-forward output
-        projection).
+        projection), and for encoder-decoder models ``cross_attention_output``
+        (the decoder's cross-attention output projection).
       layer_pattern: regex whose group 1 is the transformer layer index.
     """
 
@@ -107,7 +108,10 @@ BUILTIN_ARCHITECTURES: list[ArchitectureSpec] = [
             "attention_output": r".*\.block\.\d+\.layer\.0\.SelfAttention\.o",
             "ffn_input": r".*\.block\.\d+\.layer\.\d+\.DenseReluDense",
             "ffn_output": r".*\.block\.\d+\.layer\.\d+\.DenseReluDense\.wo",
+            "cross_attention_output": r".*\.block\.\d+\.layer\.1\.EncDecAttention\.o",
         },
+        # The block index, not the sub-layer index in "block.3.layer.1" (encoder and decoder alike).
+        layer_pattern=r".*\.block\.(\d+)(?:\..*)?",
     ),
     ArchitectureSpec(
         "vit",

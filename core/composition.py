@@ -3,19 +3,22 @@
 Blocks are small immutable objects with a JSON form and a string form that
 round-trip into one another::
 
-    stack(lang_de, average(ner, pos, weights=[0.7, 0.3]))
-    {"block": "stack", "children": ["lang_de", {"block": "average", ...}]}
+    stack(lang_de, fuse(ner, pos, name="ner_pos"))
+    {"block": "stack", "children": ["lang_de", {"block": "fuse", "children": ["ner", "pos"],
+                                                "name": "ner_pos"}]}
 
-A leaf is an adapter name. The semantics and the math of each block are in
-docs/composition.md; the executor here runs at every TunerLayer.
+A leaf is an adapter name (or ``"__base__"``, the bare base model). The
+semantics and the math of each block are in docs/composition.md; the rules a
+composition must follow are checked by :func:`check_supported` before any
+forward pass. This module imports no torch at import time; the executors
+(:func:`run_node`, :mod:`peftkit.core.composition_exec`) run at every TunerLayer.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterator, Sequence, Union
 
 from .errors import CompositionError
 from .shorthand import parse_value, split_top_level
@@ -26,36 +29,68 @@ if TYPE_CHECKING:  # pragma: no cover
     from .layer import TunerLayer
 
 #: The row marker for "no adapter" in per-example routing (PEFT's spelling).
+#: As a leaf of a block it is the identity (the site's output passes unchanged).
 BASE_MODEL = "__base__"
-MAX_DEPTH = 8
+#: How deeply blocks may nest (``stack(a, fuse(b, c))`` has depth 2).
+MAX_DEPTH = 5
+
+_LEAF = re.compile(r"^[A-Za-z0-9_\-]{1,128}$")
 
 Node = Union[str, "Block"]
 
 
-@dataclass(frozen=True)
 class Block:
-    """A composition of children (adapter names or blocks)."""
+    """A composition of children (adapter names or blocks). Immutable, hashable."""
 
-    kind: ClassVar[str] = ""
-    children: tuple[Node, ...] = ()
+    kind: str = ""
+    __slots__ = ("children",)
+
+    children: tuple[Node, ...]
 
     def __init__(self, *children: Node | Sequence[Node], **options: Any) -> None:
         if len(children) == 1 and isinstance(children[0], (list, tuple)):
             children = tuple(children[0])
         if not children:
             raise CompositionError(f"{self.kind}() needs at least one adapter")
+        checked = []
         for child in children:
-            if not isinstance(child, (str, Block)):
+            if isinstance(child, str):
+                child = child.strip()
+                if not _LEAF.match(child):
+                    raise CompositionError(f"{self.kind}(): {child!r} is not an adapter name (letters, digits, "
+                                           f"'_' and '-') nor a block")
+            elif not isinstance(child, Block):
                 raise CompositionError(f"{self.kind}(): {child!r} is neither an adapter name nor a block")
-        object.__setattr__(self, "children", tuple(children))
+            checked.append(child)
+        object.__setattr__(self, "children", tuple(checked))
         self._set_options(**options)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable; build a new block instead")
 
     def _set_options(self, **options: Any) -> None:
         if options:
             raise CompositionError(f"{self.kind}() takes no options, got {', '.join(options)}")
 
     def options(self) -> dict[str, Any]:
+        """The block's options as plain JSON values (None = not set)."""
         return {}
+
+    # -- identity ----------------------------------------------------------------
+
+    def _key(self) -> tuple:
+        return (self.kind, self.children, json.dumps(self.options(), sort_keys=True))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Block) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        parts = [repr(c) for c in self.children]
+        parts += [f"{k}={v!r}" for k, v in self.options().items() if v is not None]
+        return f"{type(self).__name__}({', '.join(parts)})"
 
     # -- forms -----------------------------------------------------------------
 
@@ -77,62 +112,154 @@ class Block:
             else:
                 yield child
 
+    def blocks(self) -> Iterator["Block"]:
+        """This block and every block nested in it, outermost first."""
+        yield self
+        for child in self.children:
+            if isinstance(child, Block):
+                yield from child.blocks()
+
     def depth(self) -> int:
         return 1 + max((c.depth() for c in self.children if isinstance(c, Block)), default=0)
+
+    # -- execution -------------------------------------------------------------
+
+    def run(self, layer: "TunerLayer", x: "torch.Tensor", h: "torch.Tensor") -> "torch.Tensor":
+        raise CompositionError(f"block {self.kind!r} cannot run at a layer")
 
 
 class Stack(Block):
     """Apply children in sequence, each on the previous one's output."""
 
     kind = "stack"
+    __slots__ = ()
+
+    def run(self, layer: "TunerLayer", x: "torch.Tensor", h: "torch.Tensor") -> "torch.Tensor":
+        from . import composition_exec as executor
+
+        return executor.run_stack(self, layer, x, h)
 
 
 class Average(Block):
     """Weighted average of the children's outputs; weights normalized once to sum to 1."""
 
     kind = "average"
-    weights: tuple[float, ...] | None = None
+    __slots__ = ("weights",)
+
+    weights: tuple[float, ...] | None
 
     def _set_options(self, weights: Sequence[float] | None = None) -> None:  # type: ignore[override]
         if weights is not None:
-            weights = tuple(float(w) for w in weights)
+            if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
+                raise CompositionError(f"average() weights must be a list of numbers, got {weights!r}")
+            try:
+                weights = tuple(float(w) for w in weights)
+            except (TypeError, ValueError):
+                raise CompositionError(f"average() weights must be numbers, got {list(weights)!r}") from None
             if len(weights) != len(self.children):
                 raise CompositionError(f"average() has {len(self.children)} adapters but "
                                        f"{len(weights)} weights; give one weight per adapter")
             if abs(sum(weights)) < 1e-12:
-                raise CompositionError("average() weights sum to 0; they must sum to a non-zero value")
+                raise CompositionError("average() weights sum to 0; they must sum to a non-zero value "
+                                       "(they are divided by their sum once)")
         object.__setattr__(self, "weights", weights)
 
     def options(self) -> dict[str, Any]:
         return {"weights": list(self.weights) if self.weights is not None else None}
 
     def normalized_weights(self) -> tuple[float, ...]:
+        """w_i / sum(w): the factors applied to the children's outputs (summing to 1)."""
         if self.weights is None:
             n = len(self.children)
             return tuple(1.0 / n for _ in range(n))
         total = sum(self.weights)
         return tuple(w / total for w in self.weights)
 
+    def run(self, layer: "TunerLayer", x: "torch.Tensor", h: "torch.Tensor") -> "torch.Tensor":
+        from . import composition_exec as executor
+
+        return executor.run_average(self, layer, x, h)
+
+
+class Fuse(Block):
+    """AdapterFusion: a trained attention over the children's outputs at each site.
+
+    The fusion's weights live on the model under ``name`` (``model.add_fusion``);
+    without a name, the children's adapter names joined by ``_`` are used.
+    """
+
+    kind = "fuse"
+    __slots__ = ("name",)
+
+    name: str | None
+
+    def _set_options(self, name: str | None = None) -> None:  # type: ignore[override]
+        if name is not None and (not isinstance(name, str) or not _LEAF.match(name)):
+            raise CompositionError(f"fuse() name {name!r} is invalid; use letters, digits, '_' and '-'")
+        object.__setattr__(self, "name", name)
+
+    def options(self) -> dict[str, Any]:
+        return {"name": self.name}
+
+    @property
+    def fusion_name(self) -> str:
+        """The name the fusion's weights are stored under."""
+        return self.name or "_".join(self.leaves())
+
+    def members(self) -> tuple[Node, ...]:
+        return self.children
+
+    def run(self, layer: "TunerLayer", x: "torch.Tensor", h: "torch.Tensor") -> "torch.Tensor":
+        from .fusion import run_fuse
+
+        return run_fuse(self, layer, x, h)
+
 
 class BatchSplit(Block):
     """Rows of the batch go to the children in consecutive chunks of ``sizes``."""
 
     kind = "batch_split"
-    sizes: tuple[int, ...] = ()
+    __slots__ = ("sizes",)
+
+    sizes: tuple[int, ...]
 
     def _set_options(self, sizes: Sequence[int] | None = None) -> None:  # type: ignore[override]
-        if sizes is None or len(sizes) != len(self.children):
+        if sizes is None or isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence) \
+                or len(sizes) != len(self.children):
             raise CompositionError(f"batch_split() needs sizes=[...] with one row count per adapter "
                                    f"({len(self.children)} adapters)")
-        if any((not isinstance(s, int)) or s < 0 for s in sizes):
+        if any((not isinstance(s, int)) or isinstance(s, bool) or s < 0 for s in sizes):
             raise CompositionError(f"batch_split() sizes must be non-negative integers, got {list(sizes)}")
         object.__setattr__(self, "sizes", tuple(sizes))
 
     def options(self) -> dict[str, Any]:
         return {"sizes": list(self.sizes)}
 
+    def run(self, layer: "TunerLayer", x: "torch.Tensor", h: "torch.Tensor") -> "torch.Tensor":
+        from . import composition_exec as executor
 
-BLOCK_TYPES: dict[str, type[Block]] = {cls.kind: cls for cls in (Stack, Average, BatchSplit)}
+        return executor.run_rows(layer._state.plan_for(self, h.shape[0]), layer, x, h)
+
+
+class Parallel(Block):
+    """One input, one output per child, in one forward pass.
+
+    The AdaptedModel replicates the batch once per child at the model input
+    (B rows become N*B); at every site, rows ``i*B:(i+1)*B`` go to child
+    ``i``. Outputs come back with N*B rows, child-major; split them with
+    :func:`split_parallel` or ``model.split_parallel(output)``.
+    """
+
+    kind = "parallel"
+    __slots__ = ()
+
+    def run(self, layer: "TunerLayer", x: "torch.Tensor", h: "torch.Tensor") -> "torch.Tensor":
+        from . import composition_exec as executor
+
+        return executor.run_rows(layer._state.plan_for(self, h.shape[0]), layer, x, h)
+
+
+BLOCK_TYPES: dict[str, type[Block]] = {cls.kind: cls for cls in (Stack, Average, Fuse, BatchSplit, Parallel)}
 
 
 def register_block(cls: type[Block]) -> type[Block]:
@@ -144,18 +271,22 @@ def register_block(cls: type[Block]) -> type[Block]:
 # -- parsing --------------------------------------------------------------------
 
 _CALL = re.compile(r"^\s*([a-z_]+)\s*\((.*)\)\s*$", re.S)
+_OPTION = re.compile(r"^([a-z_]+)\s*=(.*)$", re.S)
 
 
 def parse(text: str) -> Node:
     """Parse the string form (``stack(a, fuse(b, c))``) into blocks; a bare name stays a str."""
+    if not isinstance(text, str):
+        raise CompositionError(f"a composition string is expected, got {type(text).__name__}")
     text = text.strip()
     if not text:
         raise CompositionError("empty composition; name at least one adapter")
     match = _CALL.match(text)
     if not match:
-        if any(ch in text for ch in "(),[]"):
-            raise CompositionError(f"cannot parse composition {text!r}; write e.g. stack(a, b) or "
-                                   f"average(a, b, weights=[0.5, 0.5]); blocks: {', '.join(BLOCK_TYPES)}")
+        if not _LEAF.match(text):
+            raise CompositionError(f"cannot parse composition {text!r}; write an adapter name or e.g. "
+                                   f"stack(a, b), fuse(a, b, name=\"ab\"), average(a, b, weights=[0.5, 0.5]); "
+                                   f"blocks: {', '.join(BLOCK_TYPES)}")
         return text
     kind, body = match.group(1), match.group(2)
     cls = BLOCK_TYPES.get(kind)
@@ -163,12 +294,24 @@ def parse(text: str) -> Node:
         raise CompositionError(f"unknown composition block {kind!r}; known blocks: {', '.join(BLOCK_TYPES)}")
     children: list[Node] = []
     options: dict[str, Any] = {}
-    for part in split_top_level(body, ","):
+    try:
+        parts = split_top_level(body, ",")
+    except Exception as exc:
+        raise CompositionError(f"cannot parse composition {text!r}: {exc}") from None
+    for part in parts:
         part = part.strip()
-        key_match = re.match(r"^([a-z_]+)\s*=(.*)$", part, re.S)
-        if key_match and "(" not in key_match.group(1):
-            options[key_match.group(1)] = parse_value(key_match.group(2).strip(), text)
+        key_match = _OPTION.match(part)
+        if key_match:
+            if key_match.group(1) in options:
+                raise CompositionError(f"{kind}(): option {key_match.group(1)!r} is given twice")
+            try:
+                options[key_match.group(1)] = parse_value(key_match.group(2).strip(), text)
+            except Exception as exc:
+                raise CompositionError(f"{kind}(): {exc}") from None
         else:
+            if options:
+                raise CompositionError(f"{kind}(): adapter {part!r} comes after an option; list the adapters "
+                                       f"first, then key=value options")
             children.append(parse(part))
     try:
         return cls(*children, **options)
@@ -177,29 +320,46 @@ def parse(text: str) -> Node:
 
 
 def from_json(data: Any) -> Node:
+    """The inverse of :func:`to_json`."""
     if isinstance(data, str):
-        return data
+        name = data.strip()
+        if not _LEAF.match(name):
+            raise CompositionError(f"{data!r} is not an adapter name")
+        return name
     if not isinstance(data, dict) or "block" not in data:
         raise CompositionError(f"a composition in JSON is an adapter name or an object with 'block' "
                                f"and 'children', got {data!r}")
     cls = BLOCK_TYPES.get(data["block"])
     if cls is None:
         raise CompositionError(f"unknown composition block {data['block']!r}; known: {', '.join(BLOCK_TYPES)}")
+    children = data.get("children")
+    if not isinstance(children, list):
+        raise CompositionError(f"{data['block']}: 'children' must be a list, got {children!r}")
     options = {k: v for k, v in data.items() if k not in ("block", "children")}
-    return cls(*[from_json(c) for c in data.get("children", [])], **options)
+    try:
+        return cls(*[from_json(c) for c in children], **options)
+    except TypeError as exc:
+        raise CompositionError(f"{data['block']}(): {exc}") from None
 
 
 def to_json(node: Node) -> Any:
     return node.to_json() if isinstance(node, Block) else node
 
 
-def as_node(value: Node | Sequence[str]) -> Node:
-    """Accept a name, a block, a string form, or a list of names (= Stack)."""
+def as_node(value: Node | Sequence[Any]) -> Node:
+    """Accept a name, a block, a string form, JSON, or a list of those (= Stack)."""
     if isinstance(value, Block):
         return value
     if isinstance(value, str):
         return parse(value)
+    if isinstance(value, dict):
+        return from_json(value)
+    if not isinstance(value, (list, tuple)):
+        raise CompositionError(f"cannot read {value!r} as a composition; give an adapter name, a block, "
+                               f"or a string such as 'stack(a, b)'")
     names = list(value)
+    if not names:
+        raise CompositionError("an empty list is no composition; name at least one adapter")
     if len(names) == 1:
         return as_node(names[0])
     return Stack(*[as_node(n) for n in names])
@@ -209,116 +369,182 @@ def leaves(node: Node) -> list[str]:
     return [node] if isinstance(node, str) else list(node.leaves())
 
 
-def check_supported(node: Node, method_of: dict[str, Any], top: bool = True) -> None:
-    """Fail before any forward when a block is malformed or unsupported.
+def adapter_leaves(node: Node) -> list[str]:
+    """The adapter names in ``node``, first appearance first, without ``__base__``."""
+    return [n for n in dict.fromkeys(leaves(node)) if n != BASE_MODEL]
 
-    ``method_of`` maps adapter names to their Method objects.
+
+def fuse_blocks(node: Node | None) -> list[Fuse]:
+    if not isinstance(node, Block):
+        return []
+    return [b for b in node.blocks() if isinstance(b, Fuse)]
+
+
+def trained_leaves(node: Node | None) -> list[str]:
+    """Adapters that train_adapter() makes trainable: every one not inside a fuse()."""
+
+    def walk(n: Node) -> Iterator[str]:
+        if isinstance(n, str):
+            if n != BASE_MODEL:
+                yield n
+        elif not isinstance(n, Fuse):
+            for child in n.children:
+                yield from walk(child)
+
+    return list(dict.fromkeys(walk(node))) if node is not None else []
+
+
+# -- rules, checked before any forward ------------------------------------------------
+
+#: For each block, the kinds of blocks it may hold (names are always allowed).
+ALLOWED_CHILDREN: dict[str, frozenset[str]] = {
+    "stack": frozenset({"stack", "average", "fuse", "batch_split"}),
+    "average": frozenset({"stack", "average", "fuse"}),
+    "fuse": frozenset({"stack"}),
+    "batch_split": frozenset({"stack", "average", "fuse", "batch_split"}),
+    "parallel": frozenset({"stack", "average", "fuse", "batch_split"}),
+}
+
+
+def _what_works(method: Any) -> str:
+    blocks = sorted(method.supported_blocks)
+    if not blocks:
+        return f"{method.name} supports no block: activate it alone"
+    return f"{method.name} supports: {', '.join(blocks)}"
+
+
+def check_supported(node: Node, method_of: dict[str, Any]) -> None:
+    """Fail before any forward when a composition is malformed or unsupported.
+
+    ``method_of`` maps adapter names to their Method objects. Checked: every
+    name is on the model; nesting depth; which block may hold which (parallel
+    only at the top, fuse children are names or stacks, ...); and that each
+    adapter's method supports every block it sits in.
     """
     if isinstance(node, str):
-        if node not in method_of:
+        if node != BASE_MODEL and node not in method_of:
             raise CompositionError(f"composition names adapter {node!r}, which is not on the model; "
                                    f"adapters: {', '.join(sorted(method_of)) or 'none'}")
         return
     if node.depth() > MAX_DEPTH:
-        raise CompositionError(f"composition nests deeper than {MAX_DEPTH} blocks; flatten it")
+        raise CompositionError(f"composition {node} nests {node.depth()} blocks deep; at most {MAX_DEPTH} "
+                               f"are allowed: flatten it (e.g. stack(a, stack(b, c)) is stack(a, b, c))")
     for name in node.leaves():
-        if name not in method_of:
+        if name != BASE_MODEL and name not in method_of:
             raise CompositionError(f"composition names adapter {name!r}, which is not on the model; "
                                    f"adapters: {', '.join(sorted(method_of)) or 'none'}")
-    for child in node.children:
-        if isinstance(child, str):
+    _check_block(node, method_of, ancestors=())
+
+
+def _check_block(block: Block, method_of: dict[str, Any], ancestors: tuple[Block, ...]) -> None:
+    path = ancestors + (block,)
+    allowed = ALLOWED_CHILDREN.get(block.kind)
+    if block.kind == "parallel" and ancestors:
+        raise CompositionError(f"parallel() must be the outermost block (it replicates the whole batch), but "
+                               f"it sits in {ancestors[-1].kind}(); write e.g. parallel(stack(x, a), stack(x, b)) "
+                               f"instead of stack(x, parallel(a, b))")
+    if isinstance(block, Fuse):
+        seen = [c for c in block.children if isinstance(c, str)]
+        if len(set(seen)) != len(seen):
+            raise CompositionError(f"{block}: an adapter appears twice among the fused members")
+        if BASE_MODEL in seen:
+            raise CompositionError(f"{block}: {BASE_MODEL!r} cannot be fused (it has no output of its own)")
+        for child in block.children:
+            if isinstance(child, Block) and any(isinstance(g, Block) for g in child.children):
+                raise CompositionError(f"{block}: a fused stack may hold adapter names only, not {child}")
+    for child in block.children:
+        if isinstance(child, Block):
+            if allowed is not None and child.kind not in allowed:
+                ok = ", ".join(sorted(allowed)) or "adapter names only"
+                raise CompositionError(f"{block.kind}() cannot hold {child.kind}() (in {path[0]}); "
+                                       f"{block.kind}() may hold adapter names and: {ok}")
+            _check_block(child, method_of, path)
+        elif child != BASE_MODEL:
             method = method_of[child]
-            if node.kind not in method.supported_blocks:
-                ok = ", ".join(sorted(method.supported_blocks)) or "no block (use it alone)"
-                raise CompositionError(
-                    f"adapter {child!r} (method {method.name!r}) cannot take part in {node.kind}(); "
-                    f"{method.name} supports: {ok}")
-        else:
-            check_supported(child, method_of, top=False)
+            for outer in path:
+                if outer.kind not in method.supported_blocks:
+                    raise CompositionError(
+                        f"adapter {child!r} (method {method.name!r}) cannot take part in {outer.kind}() "
+                        f"(in {path[0]}); {_what_works(method)}")
 
 
-# -- execution --------------------------------------------------------------------
+# -- running a node at one site -------------------------------------------------------
 
 
 def run_node(node: Node, layer: "TunerLayer", x: "torch.Tensor", h: "torch.Tensor") -> "torch.Tensor":
-    """The output of ``node`` at one site, given the site input and current output."""
+    """The output of ``node`` at one site, given the site input ``x`` and current output ``h``."""
     if isinstance(node, str):
-        if node in layer.merged:
-            return h  # already folded into the base weights
-        adapters = layer.adapters
-        if node not in adapters:
+        if node == BASE_MODEL or node in layer.merged:
+            return h  # the identity / already folded into the base weights
+        adapter = layer.adapters[node] if node in layer.adapters else None
+        if adapter is None:
             return h  # this adapter does not touch this site
-        return adapters[node](x, h, layer.base_layer)
-    if isinstance(node, Stack):
-        for child in node.children:
-            h = run_node(child, layer, x, h)
-        return h
-    if isinstance(node, Average):
-        out = None
-        for child, w in zip(node.children, node.normalized_weights()):
-            part = run_node(child, layer, x, h) * w
-            out = part if out is None else out + part
-        return out
-    if isinstance(node, BatchSplit):
-        import torch
-
-        if sum(node.sizes) != h.shape[0]:
-            raise CompositionError(f"batch_split sizes {list(node.sizes)} add up to {sum(node.sizes)} rows "
-                                   f"but the batch has {h.shape[0]}")
-        xs, hs = x.split(node.sizes), h.split(node.sizes)
-        return torch.cat([run_node(c, layer, xi, hi) for c, xi, hi in zip(node.children, xs, hs)])
-    runner = getattr(node, "run", None)
-    if runner is None:
-        raise CompositionError(f"block {node.kind!r} cannot run at a layer")
-    return runner(layer, x, h)
+        return adapter(x, h, layer.base_layer)
+    return node.run(layer, x, h)
 
 
-@dataclass
-class Routing:
-    """Per-example adapter routing for one forward: each row's adapter name."""
+def split_parallel(output: Any, n: int) -> list[Any]:
+    """Split an output of a ``parallel()`` forward (N*B rows, child-major) into N outputs.
 
-    names: list[str]
-    groups: list[tuple[str, Any]] = field(default_factory=list)  # (name, slice or index tensor)
-
-    @classmethod
-    def build(cls, names: Sequence[str], device: Any) -> "Routing":
-        import torch
-
-        routing = cls(list(names))
-        order: dict[str, list[int]] = {}
-        for row, name in enumerate(names):
-            order.setdefault(name, []).append(row)
-        for name, rows in order.items():
-            if name == BASE_MODEL:
-                continue
-            if rows == list(range(rows[0], rows[-1] + 1)):
-                routing.groups.append((name, slice(rows[0], rows[-1] + 1)))
-            else:
-                routing.groups.append((name, torch.tensor(rows, dtype=torch.long, device=device)))
-        return routing
-
-    def run(self, layer: "TunerLayer", x: "torch.Tensor", h: "torch.Tensor") -> "torch.Tensor":
-        out = h
-        for name, rows in self.groups:
-            if name in layer.merged:
-                raise CompositionError(f"adapter {name!r} is merged into the base weights; unmerge it "
-                                       f"before routing rows to it")
-            adapter = layer.adapters[name] if name in layer.adapters else None
-            if adapter is None:
-                continue
-            if isinstance(rows, slice):
-                xs, hs = x[rows], h[rows]
-            else:
-                xs, hs = x.index_select(0, rows), h.index_select(0, rows)
-            idx = _arange(rows, h.device) if isinstance(rows, slice) else rows
-            if adapter.additive:
-                out = out.index_add(0, idx, adapter.delta(xs, hs, layer.base_layer))
-            else:
-                out = out.index_copy(0, idx, adapter(xs, hs, layer.base_layer))
-        return out
-
-
-def _arange(rows: slice, device: Any) -> "torch.Tensor":
+    Works on tensors, tuples/lists and mappings (transformers ModelOutputs):
+    tensors whose first dimension is a multiple of ``n`` are chunked; other
+    values (a scalar loss, a cache) are passed to every part unchanged.
+    """
     import torch
 
-    return torch.arange(rows.start, rows.stop, device=device)
+    if n < 1:
+        raise CompositionError(f"split_parallel(): n must be positive, got {n}")
+    if isinstance(output, torch.Tensor):
+        if output.dim() == 0 or output.shape[0] % n:
+            raise CompositionError(f"split_parallel(): a tensor of shape {tuple(output.shape)} does not hold "
+                                   f"{n} equal groups of rows")
+        return list(output.chunk(n, dim=0))
+    if isinstance(output, dict):
+        parts: list[dict[str, Any]] = [{} for _ in range(n)]
+        for key, value in output.items():
+            for part, piece in zip(parts, _split_value(value, n)):
+                part[key] = piece
+        cls = type(output)
+        try:
+            return [cls(**p) for p in parts]
+        except TypeError:
+            return parts
+    if isinstance(output, (tuple, list)):
+        columns = [_split_value(v, n) for v in output]
+        return [type(output)(col[i] for col in columns) if isinstance(output, list)
+                else tuple(col[i] for col in columns) for i in range(n)]
+    raise CompositionError(f"split_parallel(): cannot split a {type(output).__name__}")
+
+
+def _split_value(value: Any, n: int) -> list[Any]:
+    import torch
+
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] % n == 0:
+        return list(value.chunk(n, dim=0))
+    if isinstance(value, (tuple, list)) and value and all(isinstance(v, torch.Tensor) for v in value):
+        columns = [_split_value(v, n) for v in value]
+        return [tuple(col[i] for col in columns) for i in range(n)]
+    return [value] * n
+
+
+class Routing:
+    """Per-example adapter routing for one forward: each row's adapter name
+    (or ``"__base__"``, or a composition that the row runs)."""
+
+    def __init__(self, entries: Sequence[Node], device: Any = None) -> None:
+        from .composition_exec import RowPlan
+
+        self.names = list(entries)
+        self.plan = RowPlan.from_entries(self.names)
+
+    @classmethod
+    def build(cls, entries: Sequence[Node], device: Any = None) -> "Routing":
+        return cls(entries, device)
+
+    def run(self, layer: "TunerLayer", x: "torch.Tensor", h: "torch.Tensor") -> "torch.Tensor":
+        from .composition_exec import run_rows
+
+        return run_rows(self.plan.for_rows(h.shape[0]), layer, x, h)
+
+    def __repr__(self) -> str:
+        return f"Routing({self.names!r})"

@@ -40,6 +40,17 @@ class LayerAdapter(nn.Module):
     def delta(self, x: torch.Tensor, h: torch.Tensor, base: nn.Module) -> torch.Tensor:
         raise NotImplementedError
 
+    def low_rank(self, forward: bool = False) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """``(A, B, scale)`` (A: r x in, B: out x r, the live parameters) when this adapter's
+        weight change is exactly ``scale * B @ A`` in (out, in) layout; None otherwise.
+
+        With ``forward=True``, return them only if ``delta(x, h, base)`` is exactly
+        ``scale * (x A^T) B^T`` for a float input right now (no active dropout, independent
+        of ``h``): composition then batches such adapters (stack/average as one product,
+        per-row routing with batched matmuls) and weight-space merging reads them.
+        """
+        return None
+
     # -- merging (methods with can_merge implement these) ----------------------
 
     def delta_weight(self, base: nn.Module) -> torch.Tensor:
@@ -80,6 +91,12 @@ class ModelAdapter(nn.Module):
     def prepare(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         return args, kwargs
 
+    def prepare_generate(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Rewrite the arguments of ``AdaptedModel.generate()`` once, before generation
+        starts; for inputs that generate() consumes without a forward of the whole
+        model (an encoder-decoder model runs its encoder directly)."""
+        return args, kwargs
+
     def finish(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         return output
 
@@ -117,7 +134,7 @@ class TunerLayer(nn.Module):
     def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
         h = self.base_layer(x, *args, **kwargs)
         state = self._state
-        plan = state.active
+        plan = state.current
         if plan is None or state.disabled or not self.adapters:
             return h
         inp = self.external_input if self.input_from is not None else x
@@ -169,6 +186,9 @@ class ModulesToSave(nn.Module):
         return self.original_module
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        split = self._state.run_copies(self, args, kwargs)  # rows routed to different adapters
+        if split is not None:
+            return split
         return self.current()(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:

@@ -18,6 +18,7 @@ import torch.nn as nn
 from . import composition
 from .architectures import ArchitectureSpec, architecture_for
 from .composition import BASE_MODEL, Node, Routing
+from .composition_api import CompositionMixin
 from .config import AdapterConfig
 from .errors import AdapterError, CompositionError, MergeError, TargetError
 from .layer import LayerAdapter, ModelAdapter, ModulesToSave, TunerLayer
@@ -43,7 +44,7 @@ class AdapterRecord:
     modules_to_save: list[str] = field(default_factory=list)
 
 
-class AdaptedModel(nn.Module):
+class AdaptedModel(CompositionMixin, nn.Module):
     """A model with peftkit adapters. Create one with :func:`peftkit.adapt`."""
 
     def __init__(self, model: nn.Module) -> None:
@@ -123,8 +124,11 @@ class AdaptedModel(nn.Module):
             self._model_adapters[record.name] = model_adapter
             record.model_adapter = True
             self._ensure_input_hook()
-        record.sites = list(method.sites(model, config, arch)) if model_adapter is None or \
-            type(method).sites is not Method.sites else []
+        record.modules_to_save = self._resolve_modules_to_save(config)
+        saved_prefixes = tuple(m + "." for m in record.modules_to_save)
+        # Modules trained whole (a task head) get no adapter inside them.
+        record.sites = [s for s in method.sites(model, config, arch)
+                        if s.name not in record.modules_to_save and not s.name.startswith(saved_prefixes)]
         for site in record.sites:
             current = model.get_submodule(site.name)
             layer = current if isinstance(current, TunerLayer) else None
@@ -145,7 +149,6 @@ class AdaptedModel(nn.Module):
                 raise TargetError(f"site {site.name!r} already reads its input from {layer.input_from!r}; "
                                   f"method {method.name!r} wants {site.input_from!r}")
             layer.adapters[record.name] = adapter
-        record.modules_to_save = self._resolve_modules_to_save(config)
         for module_name in record.modules_to_save:
             current = model.get_submodule(module_name)
             if not isinstance(current, ModulesToSave):
@@ -166,15 +169,17 @@ class AdaptedModel(nn.Module):
             hits = [n for n, m in self.base_model.named_modules()
                     if n and name_matches(n, [wanted]) and ".copies." not in n
                     and not n.endswith(".original_module") and ".original_module." not in n]
-            top = [h for h in hits if not any(h.startswith(o + ".") for o in hits if o != h)]
-            if not top:
-                raise TargetError(f"modules_to_save names {wanted!r}, which is not a module of this model")
-            resolved.extend(top)
+            resolved.extend(h for h in hits if not any(h.startswith(o + ".") for o in hits if o != h))
+        if names and not resolved:
+            # Like PEFT, the list holds candidates (["classifier", "score"]); none matching is an error.
+            raise TargetError(f"modules_to_save={names!r} names no module of this model; top-level modules: "
+                              f"{', '.join(n for n, _ in self.base_model.named_children())}")
         return resolved
 
     def delete_adapter(self, name: str) -> None:
         """Remove an adapter; the model is left as if it had never been added."""
         record = self.adapter_record(name)
+        self._refuse_if_fused(name)
         for site in record.sites:
             layer = self.base_model.get_submodule(site.name)
             if isinstance(layer, TunerLayer) and name in layer.merged:
@@ -189,7 +194,7 @@ class AdaptedModel(nn.Module):
             if isinstance(module, TunerLayer) and name in module.adapters:
                 del module.adapters[name]
                 if len(module.adapters) == 0:
-                    _set_submodule(model, module_name, module.base_layer)
+                    _unwrap_layer(model, module_name, module)
             elif isinstance(module, ModulesToSave) and name in module.copies:
                 del module.copies[name]
                 if len(module.copies) == 0:
@@ -223,17 +228,13 @@ class AdaptedModel(nn.Module):
             return
         node = composition.as_node(adapters[0] if len(adapters) == 1 else list(adapters))
         self.check_composition(node)
-        state.active, state.active_names = node, tuple(dict.fromkeys(composition.leaves(node)))
+        state.active, state.active_names = node, tuple(composition.adapter_leaves(node))
 
     set_adapter = set_active  # PEFT's spelling
 
     def check_composition(self, node: Node) -> None:
         composition.check_supported(node, {n: r.method for n, r in self._records.items()})
-        model_level = [n for n in composition.leaves(node) if self._records[n].model_adapter]
-        if isinstance(node, composition.Block) and model_level and not isinstance(node, composition.Stack):
-            raise CompositionError(
-                f"adapter {model_level[0]!r} (method {self._records[model_level[0]].method.name!r}) changes "
-                f"the model's inputs and can only be combined with others in stack()")
+        self._check_composition_extras(node)  # input-rewriting adapters, fusions (composition_api.py)
 
     @contextlib.contextmanager
     def disable_adapters(self) -> Iterator[None]:
@@ -268,18 +269,24 @@ class AdaptedModel(nn.Module):
 
     def train_adapter(self, *adapters: str | composition.Block | Sequence[str]) -> None:
         """Activate these adapters and make only their parameters trainable
-        (all adapters of the active composition when none is named)."""
+        (all adapters of the active composition when none is named). Adapters inside a
+        fuse() stay frozen and the fusion's weights train instead (AdapterFusion).
+
+        Like PEFT, it does not switch train/eval mode: call ``model.train()``
+        (transformers' Trainer does) so that dropout is on while training.
+        """
         if adapters:
             self.set_active(*adapters)
-        names = self.active_adapters
-        if not names:
+        active = self._peftkit_state.active
+        names = composition.trained_leaves(active)
+        if not names and not composition.fuse_blocks(active):
             raise AdapterError("no adapter to train: name one, e.g. train_adapter('default')")
         for param in self.parameters():
             param.requires_grad_(False)
         for name in names:
             for param in self.adapter_parameters(name):
                 param.requires_grad_(True)
-        self.train()
+        self._unfreeze_fusions(active)
 
     def trainable_parameters(self) -> tuple[int, int]:
         """(trainable, total) parameter counts; total counts the base model once."""
@@ -339,7 +346,7 @@ class AdaptedModel(nn.Module):
         model = self.base_model
         for module_name, module in list(model.named_modules()):
             if isinstance(module, TunerLayer):
-                _set_submodule(model, module_name, module.base_layer)
+                _unwrap_layer(model, module_name, module)
             elif isinstance(module, ModulesToSave):
                 chosen = next((module.copies[n] for n in names if n in module.copies), module.original_module)
                 _set_submodule(model, module_name, chosen)
@@ -356,19 +363,9 @@ class AdaptedModel(nn.Module):
         if adapter_names is None:
             yield
             return
-        unknown = sorted({n for n in adapter_names if n != BASE_MODEL and n not in self._records})
-        if unknown:
-            raise AdapterError(f"adapter_names lists {', '.join(map(repr, unknown))}, not on this model; "
-                               f"adapters: {', '.join(self._records) or 'none'} (and {BASE_MODEL!r} for none)")
-        if batch_size is not None and len(adapter_names) != batch_size:
-            raise CompositionError(f"adapter_names has {len(adapter_names)} entries for a batch of "
-                                   f"{batch_size} rows; give one name per row")
-        model_level = [n for n in set(adapter_names) if n != BASE_MODEL and self._records[n].model_adapter]
-        if model_level:
-            raise CompositionError(f"adapter {model_level[0]!r} changes the model's inputs and cannot be "
-                                   f"routed per example")
+        entries = self._routing_entries(adapter_names, batch_size)  # checked in composition_api.py
         state = self._peftkit_state
-        state.routing = Routing.build(adapter_names, self.device)
+        state.routing = Routing.build(entries, self.device)
         try:
             yield
         finally:
@@ -381,11 +378,18 @@ class AdaptedModel(nn.Module):
         return torch.device("cpu")
 
     def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
-        with self._routing(adapter_names, _batch_size(args, kwargs)):
+        batch = _batch_size(args, kwargs)
+        with self._routing(adapter_names, batch), self._composition_inputs(args, kwargs, batch) as (args, kwargs):
             return self.base_model(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
-        with self._routing(adapter_names, _batch_size(args, kwargs)):
+        batch = _batch_size(args, kwargs)
+        with self._routing(adapter_names, batch), self._composition_inputs(args, kwargs, batch) as (args, kwargs):
+            state = self._peftkit_state
+            if not state.disabled:
+                for name in state.active_names:
+                    if name in self._model_adapters:
+                        args, kwargs = self._model_adapters[name].prepare_generate(self.base_model, args, kwargs)
             return self.base_model.generate(*args, **kwargs)
 
     def _ensure_input_hook(self) -> None:
@@ -472,6 +476,14 @@ def _match_device(adapter: nn.Module, base: nn.Module) -> None:
             if param.is_floating_point() and ref.is_floating_point() and param.dtype != ref.dtype \
                     and ref.dtype in (torch.float32, torch.float64):
                 param.data = param.data.to(ref.dtype)
+
+
+def _unwrap_layer(model: nn.Module, name: str, layer: TunerLayer) -> None:
+    """Put the original module back, dropping the input-capturing hook of a parallel site."""
+    handle = getattr(layer, "_capture_handle", None)
+    if handle is not None:
+        handle.remove()
+    _set_submodule(model, name, layer.base_layer)
 
 
 def _capture_input(model: nn.Module, source: str, layer: TunerLayer) -> None:

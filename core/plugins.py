@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import os
+import re
 import threading
 import traceback
 from dataclasses import dataclass, field
@@ -27,7 +29,10 @@ from typing import Any, Callable, Iterator
 import pluggy
 
 from . import hookspecs
+from .architectures import ArchitectureSpec
+from .config import AdapterConfig
 from .errors import PluginError
+from .method import Method
 
 BUILTIN_DISTRIBUTION = "peftkit"
 ENTRY_POINT_GROUP = hookspecs.PROJECT_NAME
@@ -36,7 +41,11 @@ ENTRY_POINT_GROUP = hookspecs.PROJECT_NAME
 #: without its distribution metadata (normally they come from entry points).
 _BUILTIN_FALLBACK = {
     "lora": "peftkit.plugins.lora",
+    "bottleneck": "peftkit.plugins.bottleneck",
+    "bitfit": "peftkit.plugins.bitfit",
+    "ia3": "peftkit.plugins.ia3",
     "builtin_architectures": "peftkit.core.architectures",
+    "builtin_merges": "peftkit.core.merge_strategies",
 }
 
 
@@ -55,12 +64,20 @@ class PluginRecord:
     merge_strategies: list[str] = field(default_factory=list)
     architectures: list[str] = field(default_factory=list)
     hub_backends: list[str] = field(default_factory=list)
+    commands: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     tracebacks: list[str] = field(default_factory=list)
 
     @property
     def broken(self) -> bool:
         return bool(self.errors)
+
+    @property
+    def origin(self) -> str:
+        """Where the plugin comes from: "peftkit-loha 1.0.0", or its module without a distribution."""
+        if self.distribution is None:
+            return self.module
+        return f"{self.distribution} {self.version}" if self.version else self.distribution
 
     def to_dict(self, verbose: bool = False) -> dict[str, Any]:
         data = {
@@ -75,6 +92,7 @@ class PluginRecord:
             "merge_strategies": self.merge_strategies,
             "architectures": self.architectures,
             "hub_backends": self.hub_backends,
+            "commands": self.commands,
             "status": "broken" if self.broken else "ok",
             "errors": self.errors,
         }
@@ -95,32 +113,40 @@ class Registry:
         self.architectures: dict[str, Any] = {}
         self.hub_backends: dict[str, Callable[..., Any]] = {}
         self.owner: dict[tuple[str, str], str] = {}  # (kind, name) -> plugin name
+        #: The PEFTKIT_PLUGINS allow-list in force when plugins were loaded (None: all).
+        self.allow_list: set[str] | None = None
+        #: Installed plugins left out by the allow-list: (entry point, distribution, version).
+        self.skipped: list[tuple[str, str | None, str | None]] = []
 
     # -- loading -------------------------------------------------------------
 
     def add_plugin(self, obj: Any, name: str, *, distribution: str | None = None,
                    version: str | None = None, builtin: bool = False) -> PluginRecord:
-        """Register one plugin object (a module or any object with hookimpls)."""
+        """Register one plugin object (a module or any object with hookimpls).
+
+        Problems never raise (except a name that is already loaded): they are
+        recorded in the returned record's ``errors``, with the fix.
+        """
+        if name in self.records:
+            raise PluginError(f"a plugin named {name!r} is already loaded "
+                              f"({self.records[name].distribution or self.records[name].module}); "
+                              f"register this one under another name")
         record = PluginRecord(name=name, module=getattr(obj, "__name__", type(obj).__name__),
                               distribution=distribution, version=version, builtin=builtin)
         self.records[name] = record
         api = getattr(obj, "PEFTKIT_PLUGIN_API", None)
-        record.api_version = api if isinstance(api, int) else None
-        if api is None:
-            record.errors.append(
-                f"plugin {name!r} does not declare the plugin API it was written for; "
-                f"add PEFTKIT_PLUGIN_API = {hookspecs.PLUGIN_API_VERSION} to {record.module}")
+        record.api_version = api if isinstance(api, int) and not isinstance(api, bool) else None
+        error = _api_error(name, record, api)
+        if error:
+            record.errors.append(error)
             return record
-        if api != hookspecs.PLUGIN_API_VERSION:
-            record.errors.append(
-                f"plugin {name!r} ({distribution or record.module} {version or ''}) was written for "
-                f"peftkit plugin API {api}, this peftkit implements API {hookspecs.PLUGIN_API_VERSION}; "
-                f"upgrade the plugin (pip install -U {distribution or name}) or install a peftkit that "
-                f"supports API {api}")
+        error = self._signature_error(obj, record)
+        if error:
+            record.errors.append(error)
             return record
         try:
             self.pm.register(obj, name=name)
-        except ValueError as exc:  # already registered under this name
+        except ValueError as exc:  # the same object already registered under another name
             record.errors.append(f"plugin {name!r} could not be registered: {exc}")
             return record
         except pluggy.PluginValidationError as exc:
@@ -137,12 +163,48 @@ class Registry:
         record.hooks = [impl_name for impl_name, caller in vars(self.pm.hook).items()
                         if not impl_name.startswith("_")
                         and any(impl.plugin_name == name for impl in caller.get_hookimpls())]
+        undecorated = sorted(attr for attr in _public_attrs(obj) if attr.startswith("peftkit_")
+                             and callable(getattr(obj, attr, None))
+                             and self.pm.parse_hookimpl_opts(obj, attr) is None)
+        if undecorated:
+            record.errors.append(
+                f"plugin {name!r} defines {', '.join(undecorated)} without the @peftkit.hookimpl marker, so "
+                f"peftkit never calls it; decorate it with @peftkit.hookimpl")
+        elif not record.hooks:
+            record.errors.append(
+                f"plugin {name!r} implements no peftkit hook; its entry point must name the module that "
+                f"holds the @peftkit.hookimpl functions (now: {record.module})")
         self._run_register_hooks(name, record)
         return record
 
+    def _signature_error(self, obj: Any, record: PluginRecord) -> str | None:
+        """Name the hook, the plugin's signature and the expected one when they do not fit.
+
+        pluggy accepts a hookimpl taking a subset of the hookspec's arguments;
+        an argument the hookspec does not have is an error.
+        """
+        for attr in _public_attrs(obj):
+            if self.pm.parse_hookimpl_opts(obj, attr) is None:
+                continue
+            spec = getattr(hookspecs, attr, None)
+            if spec is None:
+                continue  # an unknown hook name: check_pending() reports it
+            function = getattr(obj, attr)
+            try:
+                params = inspect.signature(function).parameters
+            except (TypeError, ValueError):
+                continue
+            expected = list(inspect.signature(spec).parameters)
+            extra = [p for p in params if p not in expected]
+            if extra:
+                return (f"plugin {record.name!r} implements {attr}({', '.join(params)}), but the hook is "
+                        f"{attr}({', '.join(expected)}): unknown argument(s) {', '.join(map(repr, extra))}. "
+                        f"Fix its signature in {record.module} (see docs/plugins.md#{attr})")
+        return None
+
     def _run_register_hooks(self, plugin_name: str, record: PluginRecord) -> None:
         """Call this plugin's register hooks, each isolated from the others."""
-        plan = [
+        plan: list[tuple[str, Callable[..., None]]] = [
             ("peftkit_register_methods", self._register_method),
             ("peftkit_register_merge_strategies", self._register_merge_strategy),
             ("peftkit_register_architectures", self._register_architecture),
@@ -153,12 +215,10 @@ class Registry:
             for impl in caller.get_hookimpls():
                 if impl.plugin_name != plugin_name:
                     continue
-
-                def register(*args: Any, _adder: Callable[..., None] = adder) -> None:
-                    _adder(record, *args)
-
+                register = _bind_register(adder, record, hook_name)
+                kwargs = {"register": register} if "register" in impl.argnames else {}
                 try:
-                    impl.function(register=register)
+                    impl.function(**kwargs)
                 except Exception as exc:  # a plugin's bug must not take the core down
                     record.errors.append(f"plugin {plugin_name!r} raised in {hook_name}: "
                                          f"{type(exc).__name__}: {exc}")
@@ -167,17 +227,41 @@ class Registry:
     def _claim(self, record: PluginRecord, kind: str, key: str) -> bool:
         owner = self.owner.get((kind, key))
         if owner is not None and owner != record.name:
+            first = self.records.get(owner)
+            by = f" ({first.origin})" if first is not None else ""
             record.errors.append(
-                f"plugin {record.name!r} registers {kind} {key!r}, which plugin {owner!r} already "
-                f"provides; the first one is kept. Rename it in {record.name!r}, or uninstall one of them")
+                f"plugin {record.name!r} ({record.origin}) registers {kind} {key!r}, which plugin {owner!r}{by} "
+                f"already provides; {owner!r} keeps it and this registration was skipped. Fix: give the {kind} "
+                f"another name in {record.distribution or record.module}, or uninstall one of the two")
             return False
         self.owner[(kind, key)] = record.name
         return True
 
     def _register_method(self, record: PluginRecord, method: Any) -> None:
-        name = getattr(method, "name", None)
-        if not isinstance(name, str) or not name:
-            record.errors.append(f"plugin {record.name!r} registered a method without a name: {method!r}")
+        if isinstance(method, type):
+            record.errors.append(f"plugin {record.name!r} registered the class {method.__name__}; register an "
+                                 f"instance: register({method.__name__}())")
+            return
+        if not isinstance(method, Method):
+            record.errors.append(f"plugin {record.name!r} registered {method!r}, which is not a "
+                                 f"peftkit.Method; subclass peftkit.Method and register an instance")
+            return
+        name = method.name
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_\-]*", name):
+            record.errors.append(f"plugin {record.name!r} registered {type(method).__name__} with name "
+                                 f"{name!r}; a method name is letters, digits, '_' and '-' "
+                                 f"(set the class attribute name = \"...\")")
+            return
+        config_class = method.config_class
+        if not (isinstance(config_class, type) and issubclass(config_class, AdapterConfig)) \
+                or config_class is AdapterConfig:
+            record.errors.append(f"plugin {record.name!r}: method {name!r} needs its own config_class, a "
+                                 f"dataclass subclassing peftkit.AdapterConfig")
+            return
+        if config_class.method != name:
+            record.errors.append(f"plugin {record.name!r}: method {name!r} uses {config_class.__name__}, whose "
+                                 f"method is {config_class.method!r}; set method: ClassVar[str] = {name!r} "
+                                 f"on {config_class.__name__}")
             return
         if self._claim(record, "method", name):
             method.plugin_name = record.name
@@ -187,11 +271,19 @@ class Registry:
             record.methods.append(name)
 
     def _register_merge_strategy(self, record: PluginRecord, name: str, fn: Callable[..., Any]) -> None:
+        if not isinstance(name, str) or not name or not callable(fn):
+            record.errors.append(f"plugin {record.name!r}: register(name, fn) takes a strategy name and a "
+                                 f"function, got ({name!r}, {fn!r})")
+            return
         if self._claim(record, "merge strategy", name):
             self.merge_strategies[name] = fn
             record.merge_strategies.append(name)
 
-    def _register_architecture(self, record: PluginRecord, spec: Any) -> None:
+    def _register_architecture(self, record: PluginRecord, spec: ArchitectureSpec) -> None:
+        if not isinstance(spec, ArchitectureSpec):
+            record.errors.append(f"plugin {record.name!r} registered {spec!r} as an architecture; register "
+                                 f"a peftkit.ArchitectureSpec(model_type, defaults=..., points=...)")
+            return
         key = spec.model_type
         existing = self.architectures.get(key)
         if existing is not None and self.owner.get(("architecture", key)) != record.name:
@@ -203,41 +295,69 @@ class Registry:
         record.architectures.append(key)
 
     def _register_hub_backend(self, record: PluginRecord, scheme: str, factory: Callable[..., Any]) -> None:
+        if not isinstance(scheme, str) or not re.fullmatch(r"[a-z][a-z0-9+.-]*", scheme) or not callable(factory):
+            record.errors.append(f"plugin {record.name!r}: register(scheme, factory) takes a URL scheme such "
+                                 f"as 's3' and a callable, got ({scheme!r}, {factory!r})")
+            return
         if self._claim(record, "hub backend", scheme):
             self.hub_backends[scheme] = factory
             record.hub_backends.append(scheme)
 
     def load_entry_points(self) -> None:
+        """Load every plugin of the ``peftkit`` entry-point group the allow-list lets in.
+
+        Built-ins load first, so a third-party plugin can never take a
+        built-in method's name; third-party plugins load in name order.
+        """
         allow = _allow_list()
+        self.allow_list = allow
+        entry_points = sorted(metadata.entry_points(group=ENTRY_POINT_GROUP),
+                              key=lambda e: (_dist_name(e) != BUILTIN_DISTRIBUTION, e.name))
         seen_builtin = False
-        for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
-            dist = ep.dist.name if ep.dist is not None else None
+        for ep in entry_points:
+            dist = _dist_name(ep)
             version = ep.dist.version if ep.dist is not None else None
             builtin = dist == BUILTIN_DISTRIBUTION
             seen_builtin |= builtin
-            if not builtin and allow is not None and ep.name not in allow and (dist or "") not in allow:
+            if not builtin and allow is not None and not _allowed(ep.name, dist, allow):
+                self.skipped.append((ep.name, dist, version))
                 continue
             if ep.name in self.records:
-                continue  # the same distribution seen twice on sys.path
+                other = self.records[ep.name]
+                if other.distribution != dist:
+                    key = f"{ep.name} ({dist})"
+                    self.records[key] = PluginRecord(
+                        name=key, module=ep.value, distribution=dist, version=version, errors=[
+                            f"distribution {dist} declares plugin {ep.name!r}, a name that {other.distribution} "
+                            f"already uses; it was not loaded. Rename its entry point in {dist}'s pyproject.toml "
+                            f"([project.entry-points.peftkit]), or uninstall one of them"])
+                continue  # else: the same distribution seen twice on sys.path
+            if not builtin and not seen_builtin:
+                self._load_fallback_builtins()
+                seen_builtin = True
             try:
                 obj = ep.load()
             except Exception as exc:
                 record = PluginRecord(name=ep.name, module=ep.value, distribution=dist, version=version,
                                       builtin=builtin)
-                record.errors.append(f"plugin {ep.name!r} ({dist} {version}) failed to import: "
+                record.errors.append(f"plugin {ep.name!r} ({record.origin}) failed to import: "
                                      f"{type(exc).__name__}: {exc}; reinstall or upgrade it "
-                                     f"(pip install -U {dist or ep.name}) or uninstall it")
+                                     f"(pip install -U {dist or ep.name}), uninstall it, or leave it out "
+                                     f"with PEFTKIT_PLUGINS")
                 record.tracebacks.append(traceback.format_exc())
                 self.records[ep.name] = record
                 continue
             self.add_plugin(obj, ep.name, distribution=dist, version=version, builtin=builtin)
         if not seen_builtin:
-            # peftkit runs from a bare source tree, without distribution metadata.
-            version = _own_version()
-            for name, module in _BUILTIN_FALLBACK.items():
-                if name not in self.records:
-                    self.add_plugin(importlib.import_module(module), name,
-                                    distribution=BUILTIN_DISTRIBUTION, version=version, builtin=True)
+            self._load_fallback_builtins()
+
+    def _load_fallback_builtins(self) -> None:
+        """Built-ins when peftkit runs from a bare source tree, without distribution metadata."""
+        version = _own_version()
+        for name, module in _BUILTIN_FALLBACK.items():
+            if name not in self.records:
+                self.add_plugin(importlib.import_module(module), name,
+                                distribution=BUILTIN_DISTRIBUTION, version=version, builtin=True)
 
     # -- queries -------------------------------------------------------------
 
@@ -248,15 +368,91 @@ class Registry:
             raise PluginError(unknown_method_message(name, self)) from None
 
 
-def unknown_method_message(name: str, registry: Registry, distribution: str | None = None) -> str:
+def unknown_method_message(name: str, registry: Registry, distribution: str | None = None,
+                           version: str | None = None) -> str:
+    """Why method ``name`` is not available, and what to do about it.
+
+    ``distribution``/``version`` are the plugin recorded in an adapter's file,
+    when the method is needed to load one.
+    """
     known = ", ".join(sorted(registry.methods)) or "none"
-    broken = [r for r in registry.records.values() if r.broken]
-    hint = (f"install the plugin that provides it (pip install {distribution})" if distribution
-            else "install the plugin distribution that provides it (see `peftkit plugins`)")
-    msg = f"unknown tuning method {name!r}; installed methods: {known}. To use {name!r}, {hint}"
+    msg = f"unknown tuning method {name!r}; installed methods: {known}."
+    for record in registry.records.values():
+        if record.broken and distribution is not None and record.distribution == distribution:
+            return (msg + f" {distribution} is installed but its plugin {record.name!r} is broken: "
+                    f"{record.errors[0]} (details: peftkit plugins --verbose)")
+    for ep_name, dist, _ in registry.skipped:
+        if (distribution is not None and dist == distribution) or ep_name == name:
+            return (msg + f" Plugin {ep_name!r} ({dist}) is installed but not loaded: PEFTKIT_PLUGINS="
+                    f"{os.environ.get('PEFTKIT_PLUGINS', '')!r} does not list it; add {ep_name!r} to it")
+    if distribution:
+        made_by = f"{distribution} {version}" if version else distribution
+        major = major_version(version)
+        pin = f"{distribution}>={major}" if major > 0 else distribution
+        msg += f" This adapter was made with the plugin {made_by}: install it (pip install '{pin}')"
+    else:
+        msg += f" To use {name!r}, install the plugin distribution that provides it (see docs/plugins.md)"
+    broken = [r.name for r in registry.records.values() if r.broken]
     if broken:
-        msg += "; broken plugins: " + ", ".join(r.name for r in broken) + " (run `peftkit plugins`)"
+        msg += "; broken plugins: " + ", ".join(broken) + " (run `peftkit plugins`)"
     return msg
+
+
+def _api_error(name: str, record: PluginRecord, api: Any) -> str | None:
+    """The refusal message for a missing or incompatible PEFTKIT_PLUGIN_API, with the fix."""
+    ours = hookspecs.PLUGIN_API_VERSION
+    who = record.origin
+    if api is None:
+        return (f"plugin {name!r} ({who}) does not declare the plugin API it was written for; "
+                f"add PEFTKIT_PLUGIN_API = {ours} to {record.module}")
+    if record.api_version is None:
+        return (f"plugin {name!r} ({who}) declares PEFTKIT_PLUGIN_API = {api!r}; it must be an integer, "
+                f"e.g. PEFTKIT_PLUGIN_API = {ours}")
+    if api == ours:
+        return None
+    if api > ours:
+        fix = (f"upgrade peftkit (pip install -U peftkit), or install a release of "
+               f"{record.distribution or name} written for API {ours}")
+    else:
+        fix = (f"upgrade the plugin (pip install -U {record.distribution or name}); if no release supports "
+               f"API {ours} yet, use a peftkit that implements API {api}")
+    return (f"plugin {name!r} ({who}) was written for peftkit plugin API {api}, this peftkit implements "
+            f"API {ours}; it was not loaded. Fix: {fix}")
+
+
+def _bind_register(adder: Callable[..., None], record: PluginRecord, hook_name: str) -> Callable[..., None]:
+    """The ``register`` callback handed to one plugin's hook; a call with the
+    wrong arguments names the hook and its register() signature."""
+    params = list(inspect.signature(adder).parameters)[1:]  # drop "record"
+
+    def register(*args: Any, **kwargs: Any) -> None:
+        try:
+            inspect.signature(adder).bind(record, *args, **kwargs)
+        except TypeError:
+            given = [repr(a) for a in args] + [f"{k}={v!r}" for k, v in kwargs.items()]
+            raise PluginError(f"in {hook_name}, call register({', '.join(params)}); got "
+                              f"register({', '.join(given)}) (see docs/plugins.md#{hook_name})") from None
+        adder(record, *args, **kwargs)
+
+    return register
+
+
+def _public_attrs(obj: Any) -> list[str]:
+    return [attr for attr in dir(obj) if not attr.startswith("_")]
+
+
+def _dist_name(ep: metadata.EntryPoint) -> str | None:
+    return ep.dist.name if ep.dist is not None else None
+
+
+def normalize_distribution(name: str) -> str:
+    """PEP 503 normal form of a distribution name ("Peftkit_LoHa" -> "peftkit-loha")."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def major_version(version: str | None) -> int:
+    head = (version or "").split(".", 1)[0]
+    return int(head) if head.isdigit() else 0
 
 
 def _allow_list() -> set[str] | None:
@@ -264,6 +460,12 @@ def _allow_list() -> set[str] | None:
     if raw is None:
         return None
     return {item.strip() for item in raw.split(",") if item.strip()}
+
+
+def _allowed(ep_name: str, dist: str | None, allow: set[str]) -> bool:
+    """Whether the allow-list names this plugin, by entry-point or distribution name."""
+    wanted = {normalize_distribution(a) for a in allow}
+    return ep_name in allow or (dist is not None and normalize_distribution(dist) in wanted)
 
 
 def _own_version() -> str | None:

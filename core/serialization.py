@@ -21,7 +21,7 @@ from .card import card_metadata, render_card
 from .errors import AdapterLoadError, ConfigError, PeftkitError, PluginError
 from .fileio import atomic_folder, write_bytes_atomic, write_text_atomic
 from .layer import ModulesToSave, TunerLayer
-from .plugins import get_registry, unknown_method_message
+from .plugins import get_registry, major_version, unknown_method_message
 
 if TYPE_CHECKING:  # pragma: no cover
     from .model import AdaptedModel
@@ -37,7 +37,8 @@ KEY_PREFIX = "base_model.model."
 #: PEFT's task_type by the transformers class-name suffix of the base model.
 _TASK_TYPES = (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
                ("ForTokenClassification", "TOKEN_CLS"), ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
-               ("ForQuestionAnswering", "QUESTION_ANS"), ("Model", "FEATURE_EXTRACTION"))
+               ("ForQuestionAnswering", "QUESTION_ANS"), ("LMHeadModel", "CAUSAL_LM"),  # GPT2LMHeadModel
+               ("Model", "FEATURE_EXTRACTION"))
 
 
 # -- what is saved ------------------------------------------------------------------
@@ -45,7 +46,10 @@ _TASK_TYPES = (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_
 
 def adapter_tensors(model: "AdaptedModel", name: str) -> dict[str, torch.Tensor]:
     """The live tensors of adapter ``name``, keyed as in its weights file."""
-    model.adapter_record(name)
+    record = model.adapter_record(name)
+    # PEFT wraps a model one level less for prompt learning (soft prompts, prefixes):
+    # their modules_to_save are keyed base_model.<module>, not base_model.model.<module>.
+    saved_prefix = "base_model." if record.model_adapter else KEY_PREFIX
     out: dict[str, torch.Tensor] = {}
     for module_name, module in model.base_model.named_modules():
         if isinstance(module, TunerLayer) and name in module.adapters:
@@ -53,7 +57,7 @@ def adapter_tensors(model: "AdaptedModel", name: str) -> dict[str, torch.Tensor]
                 out[f"{KEY_PREFIX}{module_name}.{key}"] = tensor
         elif isinstance(module, ModulesToSave) and name in module.copies:
             for key, tensor in module.copies[name].state_dict(keep_vars=True).items():
-                out[f"{KEY_PREFIX}{module_name}.{key}"] = tensor
+                out[f"{saved_prefix}{module_name}.{key}"] = tensor
     if name in model._model_adapters:
         out.update(model._model_adapters[name].tensors())
     return out
@@ -199,7 +203,8 @@ def method_for(data: dict[str, Any], where: str) -> Any:
                                    f"plugin that provides it")
         return matches[0]
     if name not in registry.methods:
-        raise AdapterLoadError(f"{where}: " + unknown_method_message(name, registry, own.get("plugin")))
+        raise AdapterLoadError(f"{where}: " + unknown_method_message(name, registry, own.get("plugin"),
+                                                                       own.get("plugin_version")))
     method = registry.methods[name]
     _check_plugin_version(method, own, where)
     return method
@@ -209,16 +214,11 @@ def _check_plugin_version(method: Any, own: dict[str, Any], where: str) -> None:
     saved, installed = own.get("plugin_version"), method.distribution_version
     if not saved or not installed or own.get("plugin") != method.distribution:
         return
-    if _major(saved) > _major(installed):
+    if major_version(saved) > major_version(installed):
         raise AdapterLoadError(
             f"{where}: made by {method.distribution} {saved}, but {installed} is installed, and a newer "
             f"major version may use a format this one cannot read; upgrade: pip install -U "
-            f"'{method.distribution}>={_major(saved)}'")
-
-
-def _major(version: str) -> int:
-    head = version.split(".", 1)[0]
-    return int(head) if head.isdigit() else 0
+            f"'{method.distribution}>={major_version(saved)}'")
 
 
 def _check_base(model: "AdaptedModel", data: dict[str, Any], where: str) -> None:
@@ -304,6 +304,13 @@ def _copy_into(model: "AdaptedModel", name: str, tensors: dict[str, torch.Tensor
     if bad:
         raise AdapterLoadError(f"{where}: shape mismatch in {len(bad)} tensors ({'; '.join(bad[:3])}); "
                                f"the adapter was made for a model of another size or with another config")
+    # A model-level adapter loads its own tensors: what it saves may be computed (prefix
+    # tuning's MLP output), so it may have to change form to hold them.
+    model_adapter = model._model_adapters[name] if name in model._model_adapters else None
+    model_keys = set(model_adapter.tensors()) if model_adapter is not None else set()
     with torch.no_grad():
         for key, target in own.items():
-            target.copy_(tensors[key].to(device=target.device, dtype=target.dtype))
+            if key not in model_keys:
+                target.copy_(tensors[key].to(device=target.device, dtype=target.dtype))
+    if model_adapter is not None:
+        model_adapter.load_tensors({key: tensors[key] for key in model_keys})

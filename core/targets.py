@@ -76,9 +76,16 @@ def output_head_names(model: "nn.Module") -> set[str]:
     for name, module in model.named_modules():
         if out is not None and module is out:
             heads.add(name)
-        elif name.rsplit(".", 1)[-1] in HEAD_NAMES and "." not in name:
+        elif name.rsplit(".", 1)[-1] in HEAD_NAMES and "." not in name and not _holds_layers(module):
             heads.add(name)
     return heads
+
+
+def _holds_layers(module: "nn.Module") -> bool:
+    """Whether a module holds a stack of layers (T5's top-level ``decoder``), so is no head."""
+    import torch.nn as nn
+
+    return any(isinstance(m, nn.ModuleList) for m in module.modules())
 
 
 def find_targets(model: "nn.Module", config: "AdapterConfig", arch: "ArchitectureSpec | None",
@@ -108,7 +115,7 @@ def find_targets(model: "nn.Module", config: "AdapterConfig", arch: "Architectur
         if not name:
             continue
         if targets == ALL_LINEAR:
-            if not is_linear_like(module) or name in heads:
+            if not is_linear_like(module) or name in heads or name.startswith(tuple(h + "." for h in heads)):
                 continue
         elif not name_matches(name, targets):
             continue

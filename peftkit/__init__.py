@@ -44,9 +44,28 @@ _LAZY: dict[str, str] = {
     "Average": "peftkit.core.composition",
     "BatchSplit": "peftkit.core.composition",
     "BASE_MODEL": "peftkit.core.composition",
+    "Fuse": "peftkit.core.composition",
+    "Parallel": "peftkit.core.composition",
+    "split_parallel": "peftkit.core.composition",
+    "FuseConfig": "peftkit.core.fusion",
+    "merge_adapters": "peftkit.core.merging",
+    "save_composition": "peftkit.core.composition_io",
+    "load_composition": "peftkit.core.composition_io",
     "parse_composition": "peftkit.api",
+    # training (peftkit train)
+    "train": "peftkit.training",
+    "TrainOptions": "peftkit.training",
+    "TrainResult": "peftkit.training",
+    "DataError": "peftkit.training_data",
     # configs of built-in methods
     "LoraConfig": "peftkit.plugins.lora.config",
+    "PrefixTuningConfig": "peftkit.plugins.prefix_tuning.config",
+    "PromptTuningConfig": "peftkit.plugins.prompt_tuning.config",
+    "SeqBnConfig": "peftkit.plugins.bottleneck.config",
+    "DoubleSeqBnConfig": "peftkit.plugins.bottleneck.config",
+    "ParBnConfig": "peftkit.plugins.bottleneck.config",
+    "BitFitConfig": "peftkit.plugins.bitfit.config",
+    "IA3Config": "peftkit.plugins.ia3.config",
     # errors
     "PeftkitError": "peftkit.core.errors",
     "ConfigError": "peftkit.core.errors",
@@ -77,7 +96,11 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # pragma: no cover
     from peftkit.api import adapt, from_pretrained, list_methods, parse_composition  # noqa: F401
     from peftkit.core.architectures import ArchitectureSpec  # noqa: F401
-    from peftkit.core.composition import BASE_MODEL, Average, BatchSplit, Stack  # noqa: F401
+    from peftkit.core.composition import (BASE_MODEL, Average, BatchSplit, Fuse, Parallel,  # noqa: F401
+                                          Stack, split_parallel)
+    from peftkit.core.composition_io import load_composition, save_composition  # noqa: F401
+    from peftkit.core.fusion import FuseConfig  # noqa: F401
+    from peftkit.core.merging import merge_adapters  # noqa: F401
     from peftkit.core.config import AdapterConfig  # noqa: F401
     from peftkit.core.errors import (AdapterError, AdapterLoadError, CompositionError,  # noqa: F401
                                      ConfigError, MergeError, PeftkitError, PluginError, TargetError)
@@ -86,4 +109,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from peftkit.core.model import AdaptedModel, AdapterRecord  # noqa: F401
     from peftkit.core.plugins import get_method, get_registry, reload_plugins, use_plugin  # noqa: F401
     from peftkit.core.shorthand import parse_shorthand  # noqa: F401
+    from peftkit.training import TrainOptions, TrainResult, train  # noqa: F401
+    from peftkit.training_data import DataError  # noqa: F401
     from peftkit.plugins.lora.config import LoraConfig  # noqa: F401
+    from peftkit.plugins.prefix_tuning.config import PrefixTuningConfig  # noqa: F401
+    from peftkit.plugins.prompt_tuning.config import PromptTuningConfig  # noqa: F401
+    from peftkit.plugins.bitfit.config import BitFitConfig  # noqa: F401
+    from peftkit.plugins.bottleneck.config import DoubleSeqBnConfig, ParBnConfig, SeqBnConfig  # noqa: F401
+    from peftkit.plugins.ia3.config import IA3Config  # noqa: F401

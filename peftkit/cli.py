@@ -62,25 +62,25 @@ def methods_command(as_json: bool) -> None:
 @click.option("--verbose", "-v", is_flag=True, help="Show tracebacks of broken plugins.")
 @click.pass_context
 def plugins_command(ctx: click.Context, as_json: bool, verbose: bool) -> None:
-    """List installed plugins (name, version, hooks, methods; broken ones with their error)."""
+    """List installed plugins (name, version, hooks, methods; broken ones with their error).
+
+    Subcommands inspect, install and uninstall one (see `peftkit plugins COMMAND --help`).
+    """
     if ctx.invoked_subcommand is not None:
         return
-    from peftkit.core.plugins import get_registry
+    from peftkit.cli_plugins import show_plugins
 
-    records = [r.to_dict(verbose=verbose) for r in get_registry().records.values()]
-    if as_json:
-        _echo_json(records)
-        return
-    rows = [[r["name"], r["distribution"] or "-", r["version"] or "-", r["status"],
-             ",".join(r["methods"]) or "-", ",".join(h.replace("peftkit_register_", "") for h in r["hooks"]) or "-"]
-            for r in records]
-    click.echo(_table(rows, ["PLUGIN", "DISTRIBUTION", "VERSION", "STATUS", "METHODS", "HOOKS"]))
-    for r in records:
-        for error in r["errors"]:
-            click.echo(f"\n{r['name']}: {error}", err=True)
-        if verbose:
-            for tb in r.get("tracebacks", []):
-                click.echo(tb, err=True)
+    show_plugins(as_json, verbose)
+
+
+def _add_plugins_subcommands() -> None:
+    from peftkit.cli_plugins import PLUGINS_SUBCOMMANDS
+
+    for command in PLUGINS_SUBCOMMANDS:
+        plugins_command.add_command(command)
+
+
+_add_plugins_subcommands()
 
 
 @main.command("info")
@@ -116,7 +116,7 @@ def _human_bytes(n: int) -> str:
 
 #: Modules that add command groups to ``main`` (each defines ``commands``: a
 #: list of click commands). They must not import torch at module level.
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["peftkit.registry.cli", "peftkit.cli_train"]
 
 
 def _add_builtin_commands() -> None:
@@ -129,17 +129,9 @@ def _add_builtin_commands() -> None:
 
 def _add_plugin_commands() -> None:
     """Let plugins add commands; a failing plugin is reported, never fatal."""
-    from peftkit.core.plugins import get_registry
+    from peftkit.cli_plugins import add_plugin_commands
 
-    registry = get_registry()
-    for impl in registry.pm.hook.peftkit_register_commands.get_hookimpls():
-        try:
-            impl.function(cli=main)
-        except Exception as exc:  # noqa: BLE001 - a broken plugin must not break the CLI
-            record = registry.records.get(impl.plugin_name)
-            if record is not None:
-                record.errors.append(f"plugin {impl.plugin_name!r} raised in peftkit_register_commands: {exc}")
-            click.echo(f"warning: plugin {impl.plugin_name!r} could not add its commands: {exc}", err=True)
+    add_plugin_commands(main)
 
 
 def run(argv: list[str] | None = None) -> int:

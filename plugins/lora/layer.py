@@ -143,6 +143,12 @@ class LoraLinear(LayerAdapter):
         self._merged_norm = None
         self._norm_cache = None
 
+    def low_rank(self, forward: bool = False) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """(A, B, scale): the weight change is scale * B @ A, except with DoRA (which rescales rows)."""
+        if self.use_dora or (forward and self.dropout is not None and self.training):
+            return None
+        return self.lora_A, self.lora_B, self.scale
+
     # -- files ----------------------------------------------------------------------
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -178,6 +184,13 @@ class LoraEmbedding(LayerAdapter):
 
     def delta_weight(self, base: nn.Module) -> torch.Tensor:
         return (self.lora_embedding_B @ self.lora_embedding_A).t() * self.scale
+
+    def low_rank(self, forward: bool = False) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """The table's change as a (dim, vocab) map: scale * B @ A. Inputs are token ids, so
+        there is no batched forward form (forward=True gives None)."""
+        if forward:
+            return None
+        return self.lora_embedding_A, self.lora_embedding_B, self.scale
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"lora_embedding_A": self.lora_embedding_A, "lora_embedding_B": self.lora_embedding_B}

@@ -1,0 +1,266 @@
+"""AdaptedModel's methods for fusion, weight-space merging, parallel outputs and
+composition folders. A mixin, so model.py stays about adapters; each method is
+a thin front for peftkit.core.fusion / merging / composition_io."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+from . import composition
+from .composition import BASE_MODEL, Block, Node
+from .errors import AdapterError, CompositionError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import os
+
+    import torch
+    import torch.nn as nn
+
+    from .fusion import FuseConfig, FusionCapture
+    from .model import AdaptedModel, AdapterRecord
+    from .state import FusionRecord
+
+#: Keyword arguments of a forward that never carry one row per example.
+_NOT_PER_ROW = frozenset({"cache_position", "past_key_values", "use_cache", "return_dict", "output_attentions",
+                          "output_hidden_states", "logits_to_keep", "num_logits_to_keep"})
+
+
+class CompositionMixin:
+    """Fusion, merging, parallel outputs and composition save/load (mixed into AdaptedModel)."""
+
+    # -- fusion ---------------------------------------------------------------------------
+
+    def add_fusion(self: "AdaptedModel", fuse: composition.Fuse | str, config: "FuseConfig | dict | None" = None,
+                   **options: Any) -> "FusionRecord":
+        """Add AdapterFusion weights for ``fuse`` (e.g. ``Fuse("a", "b", name="ab")``).
+
+        Options (or a FuseConfig): temperature, query_key_dim, value, residual,
+        regularization, init_std. The fusion starts frozen and equal to the
+        plain average of its members; train it with ``train_fusion()``.
+        """
+        from .fusion import add_fusion
+
+        return add_fusion(self, fuse, config, **options)
+
+    def delete_fusion(self: "AdaptedModel", name: str) -> None:
+        from .fusion import delete_fusion
+
+        delete_fusion(self, name)
+
+    @property
+    def fusions(self: "AdaptedModel") -> dict[str, composition.Fuse]:
+        """Fusion name -> its fuse() block."""
+        return {name: record.node for name, record in self._peftkit_state.fusions.items()}
+
+    def fusion_parameters(self: "AdaptedModel", name: str) -> Iterator["nn.Parameter"]:
+        from .fusion import fusion_parameters
+
+        return fusion_parameters(self, name)
+
+    def train_fusion(self: "AdaptedModel", fuse: composition.Fuse | str | None = None, *,
+                     unfreeze_adapters: bool = False) -> None:
+        """Activate ``fuse`` and make only the fusion weights trainable (members stay frozen
+        unless ``unfreeze_adapters``). ``train_adapter(Fuse(...))`` does the same."""
+        from .fusion import train_fusion
+
+        train_fusion(self, fuse, unfreeze_adapters=unfreeze_adapters)
+
+    def fusion_regularization_loss(self: "AdaptedModel", name: str | None = None) -> "torch.Tensor":
+        """regularization * sum ||W_v - I||^2 over the fusion's sites (every fusion when no name);
+        add it to the training loss to keep the value projections near the identity."""
+        from .fusion import regularization_loss
+
+        return regularization_loss(self, name)
+
+    def set_fusion_temperature(self: "AdaptedModel", name: str, temperature: float) -> None:
+        from .fusion import set_temperature
+
+        set_temperature(self, name, temperature)
+
+    def capture_fusion_weights(self: "AdaptedModel") -> contextlib.AbstractContextManager["FusionCapture"]:
+        """``with model.capture_fusion_weights() as cap: model(**batch)``; then
+        ``cap.weights[fusion][site]`` holds the members and their attention weights (..., members)."""
+        from .fusion import capture
+
+        return capture(self)
+
+    def save_fusion(self: "AdaptedModel", path: "str | os.PathLike", name: str) -> None:
+        from .fusion import save_fusion
+
+        save_fusion(self, name, path)
+
+    def load_fusion(self: "AdaptedModel", path: "str | os.PathLike", name: str | None = None, *,
+                    activate: bool = False) -> "FusionRecord":
+        """Load a fusion folder; its member adapters must already be on the model."""
+        from .fusion import load_fusion
+
+        record = load_fusion(self, path, name)
+        if activate:
+            self.set_active(record.node)
+        return record
+
+    # -- weight-space merging -----------------------------------------------------------------
+
+    def merge_adapters(self: "AdaptedModel", adapters: Sequence[str], weights: Sequence[float] | None = None,
+                       name: str = "merged", strategy: str = "svd", **options: Any) -> "AdapterRecord":
+        """Merge LoRA adapters in weight space into a new adapter (see peftkit.core.merging).
+
+        Strategies: cat, linear, svd, ties, dare_linear, dare_ties, magnitude_prune (also with
+        PEFT's ``_svd`` suffix) and any a plugin registers. Options: density, rank,
+        majority_sign_method, seed, modules_to_save.
+        """
+        from .merging import merge_adapters
+
+        return merge_adapters(self, adapters, weights, name, strategy, **options)
+
+    def add_weighted_adapter(self: "AdaptedModel", adapters: Sequence[str], weights: Sequence[float],
+                             adapter_name: str, combination_type: str = "svd", svd_rank: int | None = None,
+                             svd_clamp: float | None = None, svd_full_matrices: bool = True,
+                             svd_driver: str | None = None, density: float | None = None,
+                             majority_sign_method: str = "total") -> "AdapterRecord":
+        """PEFT's spelling of :meth:`merge_adapters` (same results where PEFT is exact;
+        docs/composition.md lists where PEFT's own results differ and why)."""
+        from .errors import MergeError
+
+        if svd_clamp is not None:
+            raise MergeError("svd_clamp is not supported: clamping the factors changes the merged weights "
+                             "arbitrarily; leave it at None")
+        return self.merge_adapters(adapters, weights, adapter_name, combination_type, rank=svd_rank,
+                                   density=density, majority_sign_method=majority_sign_method)
+
+    # -- parallel ----------------------------------------------------------------------------------
+
+    def split_parallel(self: "AdaptedModel", output: Any) -> list[Any]:
+        """Split the output of a forward under an active ``parallel()`` into one output per child."""
+        node = self._peftkit_state.active
+        if not isinstance(node, composition.Parallel):
+            raise CompositionError(f"split_parallel() needs an active parallel() composition, not {node}")
+        return composition.split_parallel(output, len(node.children))
+
+    # -- composition folders -------------------------------------------------------------------------
+
+    def save_composition(self: "AdaptedModel", path: "str | os.PathLike", composition_node: Node | str | None = None,
+                         **card: Any) -> None:
+        """Save a composition (the active one by default) with its adapters and fusions to one folder."""
+        from .composition_io import save_composition
+
+        save_composition(self, path, composition_node, **card)
+
+    @classmethod
+    def load_composition(cls, model: "nn.Module", path: "str | os.PathLike", *,
+                         activate: bool = True) -> "AdaptedModel":
+        """Load a folder written by save_composition() onto ``model`` (a base model or an
+        AdaptedModel) and activate the saved composition. On error the model is left as it was."""
+        from .composition_io import load_composition
+
+        return load_composition(model, path, activate=activate)
+
+    # -- hooks used by model.py ------------------------------------------------------------------------
+
+    def _check_composition_extras(self: "AdaptedModel", node: Node) -> None:
+        """Rules needing the model: input-rewriting adapters only in a top-level stack; fusions exist."""
+        from .fusion import check_fusions
+
+        def model_level(n: str) -> bool:
+            return n != BASE_MODEL and self._records[n].model_adapter
+
+        if isinstance(node, Block):
+            direct = set(node.children) if isinstance(node, composition.Stack) else set()
+            for leaf in composition.adapter_leaves(node):
+                if model_level(leaf) and leaf not in direct:
+                    raise CompositionError(
+                        f"adapter {leaf!r} (method {self._records[leaf].method.name!r}) changes the model's "
+                        f"inputs, so it acts on the whole model: it can only be activated alone or as a direct "
+                        f"member of the outermost stack(), e.g. stack({leaf}, ...), not inside {node}")
+        check_fusions(self, node)
+
+    def _refuse_if_fused(self: "AdaptedModel", name: str) -> None:
+        from .fusion import fused_members
+
+        fusions = fused_members(self).get(name)
+        if fusions:
+            raise AdapterError(f"adapter {name!r} is fused in {', '.join(map(repr, fusions))}; "
+                               f"delete_fusion({fusions[0]!r}) first")
+
+    def _unfreeze_fusions(self: "AdaptedModel", node: Node | None) -> int:
+        from .fusion import unfreeze_fusions
+
+        return unfreeze_fusions(self, node)
+
+    def _routing_entries(self: "AdaptedModel", adapter_names: Sequence[Any], batch_size: int | None) -> list[Node]:
+        """Check ``adapter_names=`` (one adapter name, ``"__base__"`` or composition per row)."""
+        if isinstance(adapter_names, str):
+            raise CompositionError("adapter_names must be a list with one entry per row, not a string")
+        entries: list[Node] = []
+        parsed: dict[Any, Node] = {}
+        for entry in adapter_names:
+            key = entry if isinstance(entry, (str, Block)) else repr(entry)
+            node = parsed.get(key)
+            if node is None:
+                if isinstance(entry, str) and (entry == BASE_MODEL or entry in self._records):
+                    node = entry
+                elif isinstance(entry, str) and "(" not in entry:
+                    raise AdapterError(f"adapter_names lists {entry!r}, not on this model; adapters: "
+                                       f"{', '.join(self._records) or 'none'} (and {BASE_MODEL!r} for none)")
+                else:
+                    node = composition.as_node(entry)
+                    if isinstance(node, (composition.Parallel, composition.BatchSplit)):
+                        raise CompositionError(f"a row of adapter_names cannot be {node.kind}(); rows are "
+                                               f"already split by adapter_names")
+                    self.check_composition(node)
+                if node != BASE_MODEL and any(self._records[n].model_adapter
+                                              for n in composition.adapter_leaves(node)):
+                    raise CompositionError(f"{node} changes the model's inputs and cannot be routed per example")
+                parsed[key] = node
+            entries.append(node)
+        if batch_size is not None and len(entries) != batch_size:
+            raise CompositionError(f"adapter_names has {len(entries)} entries for a batch of {batch_size} rows; "
+                                   f"give one name per row")
+        return entries
+
+    @contextlib.contextmanager
+    def _composition_inputs(self: "AdaptedModel", args: tuple, kwargs: dict, batch_size: int | None
+                            ) -> Iterator[tuple[tuple, dict]]:
+        """Check row counts of batch_split() and, under parallel(), replicate the batch once per child."""
+        state = self._peftkit_state
+        node = state.active
+        if state.routing is not None or state.disabled or not isinstance(node, Block):
+            yield args, kwargs
+            return
+        if batch_size is not None:
+            for block in node.blocks():
+                if isinstance(block, composition.BatchSplit) and sum(block.sizes) != batch_size:
+                    raise CompositionError(f"{block} splits {sum(block.sizes)} rows but the batch has "
+                                           f"{batch_size}; give sizes that add up to the batch size")
+        if not isinstance(node, composition.Parallel):
+            yield args, kwargs
+            return
+        if batch_size is None:
+            raise CompositionError("parallel(): cannot find the batch in the inputs (input_ids, inputs_embeds "
+                                   "or a first positional tensor) to replicate it")
+        if kwargs.get("past_key_values") is not None:
+            raise CompositionError("parallel() replicates the batch and cannot extend a given past_key_values "
+                                   "cache; use model.generate(), which replicates once before decoding")
+        copies = len(node.children)
+        args, kwargs = replicate_rows(args, kwargs, batch_size, copies)
+        previous = state.parallel_copies
+        state.parallel_copies = copies
+        try:
+            yield args, kwargs
+        finally:
+            state.parallel_copies = previous
+
+
+def replicate_rows(args: tuple, kwargs: dict, batch_size: int, copies: int) -> tuple[tuple, dict]:
+    """Every per-row tensor (first dimension = batch) repeated ``copies`` times along the batch, child-major."""
+    import torch
+
+    def rep(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch_size:
+            return torch.cat([value] * copies, dim=0)
+        return value
+
+    new_args = tuple(rep(a) for a in args)
+    new_kwargs = {k: (v if k in _NOT_PER_ROW else rep(v)) for k, v in kwargs.items()}
+    return new_args, new_kwargs

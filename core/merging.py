@@ -1,0 +1,388 @@
+"""Weight-space merging: k low-rank adapters become one new, ordinary adapter.
+
+``merge_adapters(model, ["a", "b"], [w_a, w_b], name="m", strategy=...)``
+works site by site on the weight changes D_i = s_i B_i A_i (s_i each
+adapter's own scale: alpha/r, alpha/sqrt(r) for rsLoRA, per-module
+rank/alpha patterns included). The result is a LoRA of rank ``rank`` with
+scale 1 (alpha = r, no rsLoRA), whose B A is:
+
+- ``cat``: sum_i w_i D_i exactly, factors concatenated ([B_1 ... B_k],
+  [w_1 s_1 A_1; ...]); rank = sum of ranks.
+- ``linear``: sum_i w_i D_i exactly (rank = sum of ranks unless ``rank``
+  truncates), with balanced orthogonal factors.
+- ``svd``: the best rank-``rank`` approximation of sum_i w_i D_i
+  (default rank: the largest member rank).
+- a registered dense strategy (``ties``, ``dare_linear``, ``dare_ties``,
+  ``magnitude_prune``, or one from a plugin), optionally spelled with PEFT's
+  ``_svd`` suffix: the strategy on the dense D_i, then the best
+  rank-``rank`` approximation (default: the largest member rank).
+
+The exact weighted sum never forms a dense matrix: with P = [w_i s_i B_i]
+(out x R) and Q = [A_i] (R x in), R = sum r_i, sum_i w_i D_i = P Q; thin QR
+factorizations P = Q_p R_p and Q^T = Q_q R_q leave an R x R core R_p R_q^T
+whose SVD U S V^T gives sum_i w_i D_i = (Q_p U) S (Q_q V)^T. That is
+O((out + in) R^2) instead of a dense SVD's O(out * in * min(out, in)).
+New factors are B = U_k sqrt(S_k), A = sqrt(S_k) V_k^T.
+
+DoRA adapters are refused: their change m / ||W + sBA|| * (W + sBA) - W
+rescales every row of W and is not low rank, so no LoRA holds it.
+
+IA3 and BitFit adapters merge elementwise (see :func:`_merge_elementwise`):
+v = v_identity + strategy([v_i - v_identity], weights).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import torch
+
+from .errors import MergeError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .layer import TunerLayer
+    from .model import AdaptedModel, AdapterRecord
+
+#: Strategies that work on the low-rank factors directly (no dense matrices).
+LOW_RANK_STRATEGIES = ("cat", "linear", "svd")
+
+
+def strategy_names() -> list[str]:
+    """Every strategy name merge_adapters() accepts."""
+    from .plugins import get_registry
+
+    dense = sorted(get_registry().merge_strategies)
+    return list(LOW_RANK_STRATEGIES) + [n for n in dense if n != "linear"] + \
+        [f"{n}_svd" for n in dense if n != "linear"]
+
+
+def _resolve(strategy: str) -> tuple[str, Callable[..., Any] | None]:
+    """("cat"|"linear"|"svd", None) or ("dense", fn)."""
+    from .plugins import get_registry
+
+    if not isinstance(strategy, str):
+        raise MergeError(f"strategy must be a name such as 'svd' or 'ties', not {strategy!r}")
+    if strategy in LOW_RANK_STRATEGIES:
+        return strategy, None
+    if strategy == "linear_svd":
+        return "svd", None
+    registry = get_registry().merge_strategies
+    base = strategy[:-4] if strategy.endswith("_svd") and strategy[:-4] in registry else strategy
+    fn = registry.get(base)
+    if fn is None:
+        raise MergeError(f"unknown merge strategy {strategy!r}; available: {', '.join(strategy_names())}")
+    return "dense", fn
+
+
+def _needs(fn: Callable[..., Any], option: str) -> bool:
+    try:
+        param = inspect.signature(fn).parameters.get(option)
+    except (TypeError, ValueError):
+        return False
+    return param is not None and param.default is inspect.Parameter.empty
+
+
+# -- the factors of each member at each site ---------------------------------------------------------
+
+
+def _member_factors(model: "AdaptedModel", names: Sequence[str]) -> list[tuple[str, "TunerLayer", dict]]:
+    """[(site, layer, {adapter: (A, B, scale)})] for every site where a member acts."""
+    out = []
+    for site, layer in model._tuner_layers():
+        found: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+        for name in names:
+            if name not in layer.adapters:
+                continue
+            get = getattr(layer.adapters[name], "low_rank", None)
+            fac = get() if get is not None else None
+            if fac is None:
+                record = model.adapter_record(name)
+                if getattr(record.config, "use_dora", False):
+                    raise MergeError(
+                        f"adapter {name!r} uses DoRA: its weight change m/||W + sBA|| * (W + sBA) - W rescales "
+                        f"every row of W and is not low rank, so it cannot become part of a new LoRA adapter "
+                        f"(PEFT silently drops the trained magnitudes here). Merge it into the base weights "
+                        f"with merge_adapter([{name!r}]) instead")
+                raise MergeError(f"adapter {name!r} (method {record.method.name!r}) has no low-rank weight change "
+                                 f"at {site}; weight-space merging works for LoRA adapters")
+            found[name] = fac
+        if found:
+            out.append((site, layer, found))
+    return out
+
+
+# -- combining at one site ------------------------------------------------------------------------------
+
+
+def _exact_low_rank(terms: list[tuple[torch.Tensor, torch.Tensor, float]], rank: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-``rank`` factors (A: rank x in, B: out x rank) of sum_i c_i B_i A_i, via QR + a small SVD."""
+    dtype = terms[0][0].dtype
+    p = torch.cat([b.double() * c for _, b, c in terms], dim=1)  # out x R
+    q = torch.cat([a.double() for a, _, _ in terms], dim=0)  # R x in
+    q_p, r_p = torch.linalg.qr(p)  # out x m, m x R
+    q_q, r_q = torch.linalg.qr(q.t())  # in x n, n x R
+    u, s, vh = torch.linalg.svd(r_p @ r_q.t())  # m x n core
+    k = min(rank, s.shape[0])
+    root = s[:k].sqrt()
+    b_new = (q_p @ u[:, :k]) * root
+    a_new = root.unsqueeze(1) * (vh[:k] @ q_q.t())
+    return a_new.to(dtype), b_new.to(dtype)
+
+
+def _truncated(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-``rank`` factors of a dense matrix."""
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    k = min(rank, s.shape[0])
+    root = s[:k].sqrt()
+    return root.unsqueeze(1) * vh[:k], u[:, :k] * root
+
+
+def _combine_site(kind: str, fn: Callable[..., Any] | None, facs: list[tuple[torch.Tensor, torch.Tensor, float]],
+                  weights: list[float], rank: int, options: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    if kind == "cat":
+        a_new = torch.cat([a * (w * s) for (a, _, s), w in zip(facs, weights)], dim=0)
+        b_new = torch.cat([b for _, b, _ in facs], dim=1)
+        return a_new, b_new
+    if kind in ("linear", "svd"):
+        return _exact_low_rank([(a, b, w * s) for (a, b, s), w in zip(facs, weights)], rank)
+    deltas = [(b @ a) * s for a, b, s in facs]
+    assert fn is not None
+    merged = fn(deltas, list(weights), **options)
+    return _truncated(merged, rank)
+
+
+def _padded(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    pad = rank - a.shape[0]
+    if pad <= 0:
+        return a, b
+    return torch.cat([a, a.new_zeros(pad, a.shape[1])]), torch.cat([b, b.new_zeros(b.shape[0], pad)], dim=1)
+
+
+# -- the API ------------------------------------------------------------------------------------------------
+
+
+def merge_adapters(model: "AdaptedModel", adapters: Sequence[str], weights: Sequence[float] | None = None,
+                   name: str = "merged", strategy: str = "svd", *, density: float | None = None,
+                   rank: int | None = None, majority_sign_method: str = "total", seed: int | None = 0,
+                   modules_to_save: str | None = None) -> "AdapterRecord":
+    """Merge LoRA adapters in weight space into a new adapter ``name`` (see the module doc).
+
+    weights: one per adapter (default 1.0 each; negative subtracts).
+    density: fraction of entries kept by ties / dare_* / magnitude_prune.
+    rank: rank of the new adapter (defaults: cat/linear sum of ranks, others the largest rank).
+    seed: seeds DARE's random drop (None: torch's global generator, as PEFT).
+    modules_to_save: when several members keep their own copy of a module (a task head):
+      "average" (weighted average of the copies) or the name of the member whose copy to keep.
+
+    The new adapter is added inactive and frozen, like add_adapter(). On any error the model is
+    left as it was.
+    """
+    names = list(adapters) if not isinstance(adapters, str) else [adapters]
+    if not names:
+        raise MergeError("merge_adapters() needs at least one adapter name")
+    if len(set(names)) != len(names):
+        raise MergeError(f"merge_adapters(): an adapter is listed twice in {names}")
+    records = [model.adapter_record(n) for n in names]
+    weights = [1.0] * len(names) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(names):
+        raise MergeError(f"merge_adapters(): {len(names)} adapters but {len(weights)} weights; give one per adapter")
+    methods = {r.method.name for r in records}
+    if len(methods) != 1:
+        raise MergeError(f"merge_adapters(): adapters of different methods ({', '.join(sorted(methods))}) cannot be "
+                         f"merged in weight space; compose them instead (e.g. average(...))")
+    model._check_new_name(name)
+    kind, fn = _resolve(strategy)
+    options: dict[str, Any] = {"majority_sign_method": majority_sign_method}
+    if majority_sign_method not in ("total", "frequency"):
+        raise MergeError(f"majority_sign_method must be 'total' or 'frequency', not {majority_sign_method!r}")
+    if density is not None:
+        if not isinstance(density, (int, float)) or isinstance(density, bool) or not 0.0 <= density <= 1.0:
+            raise MergeError(f"density must be a number in [0, 1], got {density!r}")
+        options["density"] = float(density)
+    elif kind == "dense" and fn is not None and _needs(fn, "density"):
+        raise MergeError(f"strategy {strategy!r} needs density=<fraction of entries to keep>, e.g. density=0.5")
+    if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0):
+        raise MergeError(f"rank must be a positive integer, got {rank!r}")
+    for record in records:
+        if record.model_adapter:
+            raise MergeError(f"adapter {record.name!r} changes the model's inputs and has no layer weights to "
+                             f"merge; compose it instead, e.g. stack({record.name}, ...)")
+    if _elementwise(records[0]):
+        return _merge_elementwise(model, names, records, weights, name, strategy, kind, fn, options, seed,
+                                  modules_to_save)
+    for record in records:
+        _check_mergeable(record)
+    if len(names) == 1 and kind == "dense":
+        kind, fn = "svd", None  # one adapter: there is nothing to trim against (PEFT does the same)
+
+    sites = _member_factors(model, names)
+    if not sites:
+        raise MergeError(f"adapters {names} act at no layer; nothing to merge")
+    ranks = [max(a.shape[0] for a, _, _ in facs.values()) for _, _, facs in sites]
+    site_sums = [sum(a.shape[0] for a, _, _ in facs.values()) for _, _, facs in sites]
+    if rank is None:
+        rank = max(site_sums) if kind in ("cat", "linear") else max(ranks)
+    if kind == "cat" and rank < max(site_sums):
+        raise MergeError(f"strategy 'cat' keeps every factor, so the rank is the sum of ranks ({max(site_sums)}); "
+                         f"use strategy='svd' with rank={rank} to truncate")
+
+    generator = None
+    if kind == "dense" and seed is not None:
+        device = next(iter(sites[0][2].values()))[0].device
+        generator = torch.Generator(device=device)
+        generator.manual_seed(int(seed))
+    options["generator"] = generator
+
+    merged: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    with torch.no_grad():
+        for site, _, facs in sites:
+            members = [n for n in names if n in facs]
+            a_new, b_new = _combine_site(kind, fn, [facs[n] for n in members],
+                                         [weights[names.index(n)] for n in members], rank, options)
+            merged[site] = _padded(a_new, b_new, rank)
+
+    config = _merged_config(records[0], rank, [site for site, _, _ in sites], records, modules_to_save)
+    record = model.add_adapter(name, config)
+    try:
+        _write_factors(model, name, merged)
+        _fill_modules_to_save(model, name, records, weights, modules_to_save)
+    except BaseException:
+        model._remove(name)
+        raise
+    return record
+
+
+def _check_mergeable(record: "AdapterRecord") -> None:
+    config = record.config
+    needed = ("r", "alpha", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern")
+    if not all(hasattr(config, f) for f in needed):
+        raise MergeError(f"adapter {record.name!r} uses method {record.method.name!r}, whose parameters do not "
+                         f"add up in weight space (merging works for lora, and elementwise for "
+                         f"{', '.join(sorted(ELEMENTWISE_METHODS))}); compose it instead: average(...) or fuse(...)")
+
+
+# -- elementwise methods (IA3 scaling vectors, BitFit bias deltas) ----------------------------------------
+
+#: Methods whose parameters are per-channel values with a meaningful sum: the merged value is
+#: identity + strategy(value_i - identity). A plugin's Method can opt in with ``merge_elementwise = True``.
+ELEMENTWISE_METHODS = frozenset({"ia3", "bitfit"})
+
+
+def _elementwise(record: "AdapterRecord") -> bool:
+    return bool(getattr(record.method, "merge_elementwise", record.method.name in ELEMENTWISE_METHODS))
+
+
+def _merge_elementwise(model: "AdaptedModel", names: list[str], records: list["AdapterRecord"],
+                       weights: list[float], name: str, strategy: str, kind: str, fn: Callable[..., Any] | None,
+                       options: dict[str, Any], seed: int | None, modules_to_save: str | None) -> "AdapterRecord":
+    """v = v_identity + strategy([v_i - v_identity], weights) for every tensor at every site.
+
+    For IA3 (identity 1) ``linear`` gives 1 + sum_i w_i (l_i - 1), which is PEFT's sum_i w_i l_i when the
+    weights sum to 1; for BitFit (identity 0) it is sum_i w_i b_i, exactly the weighted sum of the members'
+    effects.
+    """
+    from .plugins import get_registry
+
+    method = records[0].method
+    if kind in ("cat", "svd"):
+        raise MergeError(f"strategy {strategy!r} combines low-rank factors; {method.name} adapters merge "
+                         f"elementwise with linear, ties, dare_linear, dare_ties or magnitude_prune")
+    if kind == "linear":
+        fn = get_registry().merge_strategies["linear"]
+    sites = [sorted(s.name for s in r.sites) for r in records]
+    if any(s != sites[0] for s in sites):
+        raise MergeError(f"{method.name} adapters {', '.join(names)} act at different layers; elementwise merging "
+                         f"needs the same target modules (compose them with average(...) instead)")
+    config = records[0].config
+    if hasattr(config, "init_weights"):
+        config = config.replace(init_weights=True)  # the new adapter starts at the identity
+    if not method.identity_at_init:
+        raise MergeError(f"method {method.name!r} does not start at the identity, so its parameters have no "
+                         f"reference to merge against")
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=model.device)
+        generator.manual_seed(int(seed))
+    options = {**options, "generator": generator}
+    record = model.add_adapter(name, config)
+    try:
+        with torch.no_grad():
+            for _, layer in model._tuner_layers():
+                if name not in layer.adapters:
+                    continue
+                members = [layer.adapters[n].tensors() for n in names]
+                for key, target in layer.adapters[name].tensors().items():
+                    identity = target.detach().clone()
+                    deltas = [m[key].detach().to(identity.dtype) - identity for m in members]
+                    assert fn is not None
+                    target.copy_(identity + fn(deltas, list(weights), **options))
+        _fill_modules_to_save(model, name, records, weights, modules_to_save)
+    except BaseException:
+        model._remove(name)
+        raise
+    return record
+
+
+def _merged_config(first: "AdapterRecord", rank: int, sites: list[str], records: list["AdapterRecord"],
+                   modules_to_save: str | None) -> Any:
+    heads = sorted({m for r in records for m in r.modules_to_save})
+    return first.config.replace(
+        r=rank, alpha=float(rank), use_rslora=False, use_dora=False, rank_pattern={}, alpha_pattern={},
+        target_modules=list(sites), exclude_modules=None, layers_to_transform=None,
+        modules_to_save=heads or None, init_weights=True)
+
+
+def _write_factors(model: "AdaptedModel", name: str, merged: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    written = set()
+    with torch.no_grad():
+        for site, layer in model._tuner_layers():
+            if name not in layer.adapters:
+                continue
+            if site not in merged:
+                raise MergeError(f"internal: the merged adapter has a module at {site} but no merged weights")
+            a_live, b_live, scale = layer.adapters[name].low_rank()
+            a_new, b_new = merged[site]
+            if tuple(a_live.shape) != tuple(a_new.shape) or tuple(b_live.shape) != tuple(b_new.shape):
+                raise MergeError(f"internal: merged factors at {site} have shapes {tuple(a_new.shape)}, "
+                                 f"{tuple(b_new.shape)}; the new adapter has {tuple(a_live.shape)}, "
+                                 f"{tuple(b_live.shape)}")
+            a_live.copy_(a_new.to(a_live.dtype))
+            b_live.copy_((b_new / scale).to(b_live.dtype))
+            written.add(site)
+    missing = sorted(set(merged) - written)
+    if missing:
+        raise MergeError(f"the merged adapter could not be placed at {', '.join(missing[:5])}")
+
+
+def _fill_modules_to_save(model: "AdaptedModel", name: str, records: list["AdapterRecord"], weights: list[float],
+                          choice: str | None) -> None:
+    from .layer import ModulesToSave
+
+    member_names = [r.name for r in records]
+    if choice is not None and choice != "average" and choice not in member_names:
+        raise MergeError(f"modules_to_save={choice!r}: give 'average' or one of the merged adapters "
+                         f"({', '.join(member_names)})")
+    for module_name, module in model.base_model.named_modules():
+        if not isinstance(module, ModulesToSave) or name not in module.copies:
+            continue
+        holders = [(n, w) for n, w in zip(member_names, weights) if n in module.copies]
+        if not holders:
+            continue  # the new adapter's copy starts from the original module
+        target = module.copies[name]
+        if choice is None and len(holders) > 1:
+            raise MergeError(f"adapters {', '.join(n for n, _ in holders)} each keep their own copy of "
+                             f"{module_name!r}; pass modules_to_save='average' or the name of the adapter "
+                             f"whose copy the merged adapter keeps")
+        if choice == "average":
+            total = sum(w for _, w in holders)
+            if abs(total) < 1e-12:
+                raise MergeError("modules_to_save='average': the weights of the adapters holding copies sum to 0")
+            states = [(module.copies[n].state_dict(), w / total) for n, w in holders]
+            merged = {k: sum(s[k] * w for s, w in states) if s0.is_floating_point() else s0
+                      for k, s0 in states[0][0].items()}
+            target.load_state_dict(merged)
+        else:
+            source = choice if choice in dict(holders) else holders[0][0]
+            target.load_state_dict(module.copies[source].state_dict())

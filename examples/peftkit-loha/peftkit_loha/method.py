@@ -1,0 +1,100 @@
+"""The LoHa method: which layers it adapts, and PEFT's adapter_config.json (torch-free)."""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+from peftkit import AdapterConfig, ConfigError, Method, Site
+from peftkit.core.targets import base_of, is_linear_like
+
+from .config import LohaConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch.nn as nn
+
+    from peftkit import ArchitectureSpec
+
+#: PEFT's LoHaConfig field -> ours (same names, listed to make the mapping explicit).
+_PEFT_FIELDS = ("r", "alpha", "rank_dropout", "module_dropout", "init_weights", "rank_pattern", "alpha_pattern",
+                "target_modules", "exclude_modules", "layers_to_transform", "modules_to_save")
+#: Layer-list names PEFT's ``layers_pattern`` may hold that peftkit's layer index already understands.
+_LAYER_LISTS = ("layers", "layer", "h", "block", "blocks")
+
+
+def pattern_value(site: str, patterns: dict[str, Any], default: Any) -> Any:
+    """PEFT's rule for rank_pattern / alpha_pattern: a key (a regex) matches the end of a module name."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", site):
+            return value
+    return default
+
+
+class LohaMethod(Method):
+    name = "loha"
+    config_class = LohaConfig
+    description = "Low-rank Hadamard product (LoHa, arXiv 2108.06098); mergeable; PEFT format"
+    can_merge = True
+    peft_type = "LOHA"
+
+    def sites(self, model: "nn.Module", config: AdapterConfig,
+              arch: "ArchitectureSpec | None") -> list[Site]:
+        # Like PEFT, LoHa adapts the layers LoRA adapts by default, unless a
+        # plugin registered LoHa defaults for the family.
+        if config.target_modules is None and arch is not None and arch.default_targets(self.name) is None:
+            lora_defaults = arch.default_targets("lora")
+            if lora_defaults is not None:
+                config.target_modules = list(lora_defaults)
+        sites = super().sites(model, config, arch)
+        wrong = [s.name for s in sites if not is_linear_like(model.get_submodule(s.name))]
+        if wrong:
+            kind = type(base_of(model.get_submodule(wrong[0]))).__name__
+            raise ConfigError(f"loha adapts Linear and Conv1D layers; {wrong[0]!r} is a {kind}. "
+                              f"Exclude it (exclude_modules) or list other target_modules")
+        return sites
+
+    def create_layer_adapter(self, site: Site, base_layer: "nn.Module", config: AdapterConfig,
+                             model: "nn.Module") -> "nn.Module":
+        from .layer import LohaLinear
+
+        assert isinstance(config, LohaConfig)
+        r = pattern_value(site.name, config.rank_pattern, config.r)
+        alpha = pattern_value(site.name, config.alpha_pattern, config.alpha)
+        return LohaLinear(base_layer, r=r, alpha=alpha, rank_dropout=config.rank_dropout,
+                          module_dropout=config.module_dropout, init_weights=config.init_weights)
+
+    def expected_parameter_count(self, model: "nn.Module", config: AdapterConfig, sites: list[Site]) -> int:
+        assert isinstance(config, LohaConfig)
+        total = 0
+        for site in sites:
+            weight = base_of(model.get_submodule(site.name)).weight
+            r = pattern_value(site.name, config.rank_pattern, config.r)
+            total += 2 * r * (weight.shape[0] + weight.shape[1])  # two (out, r) + (r, in) pairs
+        return total
+
+    # -- PEFT's adapter_config.json -------------------------------------------------
+
+    def config_to_file(self, config: AdapterConfig) -> dict[str, Any]:
+        assert isinstance(config, LohaConfig)
+        ours = config.to_dict()
+        data: dict[str, Any] = {"peft_type": "LOHA", "use_effective_conv2d": False, "layers_pattern": None}
+        data.update({key: ours[key] for key in _PEFT_FIELDS})
+        return data
+
+    def config_from_file(self, data: dict[str, Any]) -> AdapterConfig:
+        values: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in _PEFT_FIELDS:
+                values[key] = value
+            elif key == "layers_pattern":
+                if value not in (None, "", []) and not set([value] if isinstance(value, str) else value) \
+                        <= set(_LAYER_LISTS):
+                    raise ConfigError(f"PEFT setting layers_pattern={value!r} is not supported by peftkit-loha "
+                                      f"(it finds layer indices in {', '.join(_LAYER_LISTS)} lists)")
+            elif key in ("peft_type", "use_effective_conv2d"):
+                continue  # use_effective_conv2d only concerns Conv2d layers, which LoHa here never adapts
+            elif value in (None, False, {}, [], ""):
+                continue  # a PEFT option this plugin does not have, left at its off value
+            else:
+                raise ConfigError(f"PEFT setting {key}={value!r} is not supported by peftkit-loha")
+        return LohaConfig.from_dict(values)

@@ -1,0 +1,114 @@
+"""``peftkit train``: the command line of :func:`peftkit.training.train`.
+
+Torch-free at import, like every CLI module: torch and transformers load when
+the command runs. Under ``torchrun`` / ``accelerate launch`` every process runs
+this same command (``python -m peftkit train ...``); only the main one writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import click
+
+from peftkit.training_data import TASKS
+
+_RESULT_KEYS = ("loss", "accuracy", "f1_macro", "perplexity", "train_loss")
+
+
+def _labels(_ctx: click.Context, _param: click.Parameter, value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    if len(names) < 2:
+        raise click.BadParameter("list at least two labels, separated by commas: --labels neg,pos")
+    return names
+
+
+@click.command("train", context_settings={"show_default": True})
+@click.argument("model")
+@click.option("--method", "-m", default="lora", metavar="SPEC",
+              help="Tuning method as a shorthand: lora, 'lora[r=8,alpha=16]', 'seq_bn[reduction_factor=16]'.")
+@click.option("--data", "-d", required=True, type=click.Path(dir_okay=False),
+              help="Training data: .jsonl/.json (one object per line) or .csv/.tsv with a header row.")
+@click.option("--eval", "eval_data", type=click.Path(dir_okay=False), default=None,
+              help="Evaluation data, same format; gives eval loss (and accuracy for classification).")
+@click.option("--task", "-t", required=True, type=click.Choice(TASKS),
+              help="causal-lm: prompt -> completion (or plain text); seq-cls: text -> label; "
+                   "token-cls: tokens -> one tag each; seq2seq: encoder-decoder prompt -> completion.")
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False),
+              help="Output folder: the adapter, labels.json, train_results.json, checkpoints/.")
+@click.option("--text-field", default=None, help="Field with the text (seq-cls: default 'text'; causal-lm: "
+                                                    "train on plain text instead of prompt/completion).")
+@click.option("--text-pair-field", default=None, help="seq-cls: field with a second text (pairs, e.g. NLI).")
+@click.option("--label-field", default="label", help="seq-cls: field with the label (string or integer).")
+@click.option("--prompt-field", default="prompt", help="causal-lm/seq2seq: field with the prompt.")
+@click.option("--completion-field", default="completion", help="causal-lm/seq2seq: field with the completion.")
+@click.option("--tokens-field", default="tokens", help="token-cls: field with the list of words.")
+@click.option("--tags-field", default="tags", help="token-cls: field with one tag per word.")
+@click.option("--labels", callback=_labels, default=None, metavar="A,B,...",
+              help="Label names in id order (default: those in the training data, sorted).")
+@click.option("--max-length", type=click.IntRange(min=1), default=512,
+              help="Longest tokenized example; longer ones are cut (at most the model's limit).")
+@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=3.0, help="Passes over the data.")
+@click.option("--max-steps", type=click.IntRange(min=1), default=None,
+              help="Stop after this many optimizer steps (overrides --epochs).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-4, help="Peak learning rate.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, help="Examples per device per step.")
+@click.option("--eval-batch-size", type=click.IntRange(min=1), default=None,
+              help="Evaluation batch size [default: --batch-size].")
+@click.option("--grad-accum", type=click.IntRange(min=1), default=1,
+              help="Accumulate gradients over this many batches per optimizer step.")
+@click.option("--warmup-steps", type=click.FloatRange(min=0), default=0.0,
+              help="Linear warm-up: a step count, or a fraction of all steps if below 1.")
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=0.0, help="AdamW weight decay.")
+@click.option("--lr-scheduler", default="linear", help="linear, cosine, constant, constant_with_warmup, ...")
+@click.option("--seed", type=int, default=42, help="Seed for adapter init, data order and dropout.")
+@click.option("--bf16", is_flag=True, help="bfloat16 mixed precision (autocast).")
+@click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations to save memory.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16", "auto"]), default="float32",
+              help="dtype the base model is loaded in (auto: as saved).")
+@click.option("--eval-steps", type=click.IntRange(min=1), default=None,
+              help="Evaluate every N steps [default: at the end of every epoch].")
+@click.option("--logging-steps", type=click.IntRange(min=1), default=10, help="Log the loss every N steps.")
+@click.option("--save-steps", type=click.IntRange(min=0), default=500,
+              help="Write a resumable checkpoint every N steps (0: none).")
+@click.option("--save-total-limit", type=click.IntRange(min=1), default=2, help="Keep the newest N checkpoints.")
+@click.option("--checkpoint-dir", type=click.Path(file_okay=False), default=None,
+              help="Where checkpoints go [default: OUT/checkpoints].")
+@click.option("--resume", is_flag=False, flag_value="latest", default=None, metavar="[DIR]",
+              help="Continue from a checkpoint: the newest in the checkpoint folder, or the checkpoint-N folder DIR.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier run's files in OUT (its checkpoints too).")
+@click.option("--adapter-name", default="default", help="Name of the adapter inside the model.")
+@click.option("--dataset-name", default=None, help="Dataset name for the model card [default: the data file name].")
+@click.option("--report-to", default="none", help="Experiment trackers for the Trainer (tensorboard, wandb, ...).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no notes; errors only.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result (train_results.json) as JSON.")
+def train_command(model: str, method: str, data: str, eval_data: str | None, task: str, out: str, as_json: bool,
+                  **options: Any) -> None:
+    """Train an adapter on MODEL (a model folder or hub id) with a local dataset.
+
+    \b
+    Examples:
+      peftkit train ./bert --task seq-cls --data train.jsonl --eval dev.jsonl --out out/sentiment
+      peftkit train ./llama --method 'lora[r=16]' --task causal-lm --data sft.jsonl --out out/sft
+      torchrun --nproc_per_node 4 -m peftkit train ./llama --task causal-lm --data sft.jsonl --out out/sft
+    """
+    from peftkit.training import train
+
+    result = train(model, method, data, task=task, out=out, eval_data=eval_data, **options)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # one report per run, from the main process
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2, default=str))
+        return
+    if options["quiet"]:
+        return
+    shown = {k: v for k, v in result.metrics.items() if k in _RESULT_KEYS}
+    click.echo(f"trained {result.global_step} steps; " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+    click.echo(f"adapter: {result.output_dir}")
+
+
+commands = [train_command]

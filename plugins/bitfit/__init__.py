@@ -1,0 +1,24 @@
+"""BitFit (train bias terms only) as a peftkit plugin.
+
+This module is the entry point and stays torch-free; the modules live in
+``layer.py`` and are imported only when an adapter is created.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from peftkit.core.hookspecs import PLUGIN_API_VERSION, hookimpl
+
+from .config import BitFitConfig
+
+PEFTKIT_PLUGIN_API = PLUGIN_API_VERSION
+
+__all__ = ["BitFitConfig"]
+
+
+@hookimpl
+def peftkit_register_methods(register: Callable[[Any], None]) -> None:
+    from .method import BitFitMethod
+
+    register(BitFitMethod())

@@ -1,0 +1,164 @@
+"""Configs of the bottleneck adapters (torch-free).
+
+Three methods share one option set:
+
+- ``seq_bn`` (Pfeiffer et al., arXiv 2005.00247): one adapter after each
+  feed-forward output projection;
+- ``double_seq_bn`` (Houlsby et al., arXiv 1902.00751): one after the
+  self-attention output projection and one after the feed-forward output
+  projection (optionally one after the decoder's cross-attention too);
+- ``par_bn`` (He et al., arXiv 2110.04366): one parallel to each feed-forward
+  block, reading the block's input and adding to its output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Union
+
+from peftkit.core.config import AdapterConfig
+from peftkit.core.errors import ConfigError
+
+#: Activation names accepted by ``non_linearity`` (``swish`` is ``silu``,
+#: ``gelu_new`` is the tanh approximation GPT-2 uses).
+NON_LINEARITIES = ("relu", "gelu", "gelu_new", "silu", "swish", "tanh", "sigmoid", "leaky_relu", "identity")
+
+#: Key of the per-layer reduction map used for layers it does not list.
+DEFAULT_KEY = "default"
+
+ReductionFactor = Union[int, float, dict[Union[int, str], Union[int, float]]]
+
+
+@dataclass
+class BottleneckConfig(AdapterConfig):
+    """Options shared by the three bottleneck methods.
+
+    reduction_factor: hidden size / bottleneck size. A number, or a map from
+      layer index to factor, e.g. ``{"0": 8, "default": 16}`` (layers it does
+      not list use ``"default"``; without one, every adapted layer must be listed).
+    non_linearity: activation between the down and up projections (see NON_LINEARITIES).
+    scaling: factor on the adapter branch's output: a number, or ``"learned"``
+      (one trainable scalar per adapter module, starting at 1).
+    dropout: dropout on the adapter branch's output, in [0, 1).
+    ln_before: a LayerNorm of the adapter's own on its input, before the down projection.
+    leave_out: layer indices that get no adapter (layers_to_transform is the positive form).
+    init_weights: True zero-initializes the up projection, so the adapted model
+      starts equal to the base model; False draws it at random (for tests).
+    target_modules: None uses the architecture's insertion points; a list, a
+      regex or "all-linear" puts an adapter on the output of each matching
+      Linear/Conv1D layer instead (for models peftkit has no table for).
+    """
+
+    method: ClassVar[str] = ""
+
+    reduction_factor: ReductionFactor = 16
+    non_linearity: str = "relu"
+    scaling: Union[float, Literal["learned"]] = 1.0
+    dropout: float = 0.0
+    ln_before: bool = False
+    leave_out: list[int] = field(default_factory=list)
+    init_weights: bool = True
+
+    def check(self) -> None:
+        self.reduction_factor = _checked_reduction(self.method, self.reduction_factor)
+        name = self.non_linearity.lower()
+        if name not in NON_LINEARITIES:
+            raise ConfigError(f"{self.method} config: non_linearity={self.non_linearity!r} is not supported; "
+                              f"choose one of {', '.join(NON_LINEARITIES)}")
+        self.non_linearity = name
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"{self.method} config: dropout={self.dropout} must be in [0, 1)")
+        if isinstance(self.scaling, float) and self.scaling != self.scaling:
+            raise ConfigError(f"{self.method} config: scaling must be a number or 'learned', not NaN")
+        bad = [i for i in self.leave_out if i < 0]
+        if bad:
+            raise ConfigError(f"{self.method} config: leave_out={self.leave_out} lists negative layer "
+                              f"indices {bad}; give 0-based layer indices")
+
+    def reduction_for(self, layer: int | None, site: str) -> float:
+        """The reduction factor of the layer holding ``site``."""
+        factor = self.reduction_factor
+        if not isinstance(factor, dict):
+            return factor
+        if layer is not None and layer in factor:
+            return factor[layer]
+        if DEFAULT_KEY in factor:
+            return factor[DEFAULT_KEY]
+        where = f"layer {layer}" if layer is not None else f"module {site!r} (no layer index)"
+        raise ConfigError(f"{self.method} config: reduction_factor={self.reduction_factor} has no entry for "
+                          f"{where}; add it or a {DEFAULT_KEY!r} entry")
+
+
+@dataclass
+class SequentialBottleneckConfig(BottleneckConfig):
+    """Options of the sequential adapters (seq_bn, double_seq_bn).
+
+    The adapter sits on a projection's output h (before the model's own
+    residual connection and LayerNorm) and computes
+    ``h + scaling * up(act(down(h)))``.
+
+    residual: add the adapter's own skip connection (False: the adapter's
+      branch replaces h; the model then no longer starts equal to the base).
+    residual_before_ln: with ln_before, whether the skip connection carries h
+      (True) or the adapter's LayerNorm of h (False; not identity at init).
+    """
+
+    residual: bool = True
+    residual_before_ln: bool = True
+
+
+@dataclass
+class SeqBnConfig(SequentialBottleneckConfig):
+    """Pfeiffer adapter: after each feed-forward output projection."""
+
+    method: ClassVar[str] = "seq_bn"
+
+
+@dataclass
+class DoubleSeqBnConfig(SequentialBottleneckConfig):
+    """Houlsby adapter: after the self-attention and the feed-forward output projections.
+
+    cross_attention: encoder-decoder models also get one after the decoder's
+      cross-attention output projection (off by default, as in AdapterHub).
+    """
+
+    method: ClassVar[str] = "double_seq_bn"
+
+    non_linearity: str = "swish"
+    cross_attention: bool = False
+
+
+@dataclass
+class ParBnConfig(BottleneckConfig):
+    """Parallel adapter: ``ffn(x) + scaling * up(act(down(x)))`` with x the feed-forward block's input."""
+
+    method: ClassVar[str] = "par_bn"
+
+    reduction_factor: ReductionFactor = 2
+    scaling: Union[float, Literal["learned"]] = 4.0
+
+
+def _checked_reduction(method: str, value: Any) -> Any:
+    def positive(v: Any, where: str) -> None:
+        if v <= 0:
+            raise ConfigError(f"{method} config: reduction_factor{where}={v} must be a positive number "
+                              f"(hidden size / bottleneck size)")
+
+    if not isinstance(value, dict):
+        positive(value, "")
+        return value
+    out: dict[Any, Any] = {}
+    for key, factor in value.items():
+        if isinstance(key, str) and key != DEFAULT_KEY:
+            if not key.isdigit():
+                raise ConfigError(f"{method} config: reduction_factor key {key!r} must be a layer index "
+                                  f"or {DEFAULT_KEY!r}")
+            key = int(key)
+        if isinstance(key, int) and key < 0:
+            raise ConfigError(f"{method} config: reduction_factor key {key} must be a 0-based layer index")
+        positive(factor, f"[{key!r}]")
+        out[key] = factor
+    if not out:
+        raise ConfigError(f"{method} config: reduction_factor={{}} is empty; give a number or a map with "
+                          f"layer indices and/or {DEFAULT_KEY!r}")
+    return out

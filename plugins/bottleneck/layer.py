@@ -1,0 +1,118 @@
+"""The bottleneck adapter module: down projection, activation, up projection.
+
+Sequential (on a projection's output h)::
+
+    out = h + scaling * up(act(down(LN?(h))))
+
+Parallel (beside a feed-forward block, reading its input x)::
+
+    out = h + scaling * up(act(down(LN?(x))))
+
+The up projection starts at zero, so the adapted model starts equal to the base.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from peftkit.core.layer import LayerAdapter
+
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_new": lambda t: F.gelu(t, approximate="tanh"),
+    "silu": F.silu,
+    "swish": F.silu,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "leaky_relu": F.leaky_relu,
+    "identity": lambda t: t,
+}
+
+#: Std of the up projection when init_weights is False (a non-identity start).
+RANDOM_UP_STD = 0.02
+
+
+class BottleneckAdapter(LayerAdapter):
+    """One bottleneck adapter at one site.
+
+    Parameters (file keys relative to the site): ``adapter_down.weight``
+    (bottleneck, in), ``adapter_down.bias`` (bottleneck,), ``adapter_up.weight``
+    (out, bottleneck), ``adapter_up.bias`` (out,), with ``ln_before``
+    ``adapter_norm.weight``/``adapter_norm.bias`` (in,), with learned scaling
+    ``adapter_scaling`` (1,).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bottleneck: int, *, non_linearity: str,
+                 scaling: float | str, dropout: float, ln_before: bool, parallel: bool, residual: bool = True,
+                 residual_before_ln: bool = True, init_weights: bool = True,
+                 dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.bottleneck = in_features, out_features, bottleneck
+        self.parallel, self.residual, self.residual_before_ln = parallel, residual, residual_before_ln
+        self.non_linearity = non_linearity
+        self._act = _ACTIVATIONS[non_linearity]
+        factory = {"dtype": dtype, "device": device}
+        self.adapter_norm = nn.LayerNorm(in_features, **factory) if ln_before else None
+        self.adapter_down = nn.Linear(in_features, bottleneck, **factory)
+        self.adapter_up = nn.Linear(bottleneck, out_features, **factory)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+        self.adapter_scaling: nn.Parameter | None = None
+        self.scaling = 1.0
+        if scaling == "learned":
+            self.adapter_scaling = nn.Parameter(torch.ones(1, **factory))
+        else:
+            self.scaling = float(scaling)
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.adapter_down.weight, a=math.sqrt(5))
+            nn.init.zeros_(self.adapter_down.bias)
+            if init_weights:
+                nn.init.zeros_(self.adapter_up.weight)
+            else:
+                nn.init.normal_(self.adapter_up.weight, std=RANDOM_UP_STD)
+            nn.init.zeros_(self.adapter_up.bias)
+        # out = h + branch exactly when the skip connection carries h itself.
+        self.additive = parallel or (residual and (residual_before_ln or not ln_before))
+
+    # -- forward -----------------------------------------------------------------
+
+    def _branch(self, z: torch.Tensor) -> torch.Tensor:
+        down = self._act(self.adapter_down(z))
+        up = self.adapter_up(down)
+        up = up * self.adapter_scaling if self.adapter_scaling is not None else up * self.scaling
+        return self.dropout(up) if self.dropout is not None else up
+
+    def delta(self, x: torch.Tensor, h: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        if not self.additive:
+            return self.forward(x, h, base) - h
+        source = x if self.parallel else h
+        z = source.to(self.adapter_down.weight.dtype)
+        if self.adapter_norm is not None:
+            z = self.adapter_norm(z)
+        return self._branch(z).to(h.dtype)
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        if self.additive:
+            return h + self.delta(x, h, base)
+        z = h.to(self.adapter_down.weight.dtype)
+        normed = self.adapter_norm(z) if self.adapter_norm is not None else z
+        out = self._branch(normed)
+        if self.residual:
+            out = out + (z if self.residual_before_ln else normed)
+        return out.to(h.dtype)
+
+    # -- files -------------------------------------------------------------------
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return dict(self.state_dict(keep_vars=True))
+
+    def extra_repr(self) -> str:
+        kind = "parallel" if self.parallel else "sequential"
+        scaling = "learned" if self.adapter_scaling is not None else f"{self.scaling:g}"
+        return (f"{kind}, in={self.in_features}, bottleneck={self.bottleneck}, out={self.out_features}, "
+                f"act={self.non_linearity}, scaling={scaling}")

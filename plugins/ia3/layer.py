@@ -1,0 +1,119 @@
+"""IA3's module: a learned vector that rescales a Linear/Conv1D layer.
+
+- Other targets: ``out = (W x + b) * l`` with l of shape (out, 1).
+- Feed-forward targets: ``out = W (x * l) + b`` with l of shape (1, in),
+  computed as ``h + W (x * (l - 1))`` so it composes with what came before
+  at the same site (a Stack) and gives a delta for averaging and routing.
+
+Merging multiplies the weight (and, for output scaling, the bias) by l, as
+PEFT does; unmerging divides by the same vector (PEFT adds 1e-8 first), and
+restores entries whose scale is exactly zero from a copy kept at merge time.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from peftkit.core.errors import MergeError
+from peftkit.core.layer import LayerAdapter
+
+
+def is_conv1d(base: nn.Module) -> bool:
+    return type(base).__name__ == "Conv1D"
+
+
+def in_out_features(base: nn.Module) -> tuple[int, int]:
+    weight = base.weight
+    return (weight.shape[0], weight.shape[1]) if is_conv1d(base) else (weight.shape[1], weight.shape[0])
+
+
+class IA3Vector(LayerAdapter):
+    """File key ``ia3_l``: (out, 1), or (1, in) for a feed-forward target (PEFT's layout)."""
+
+    def __init__(self, base: nn.Module, feedforward: bool, init_weights: bool = True,
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        in_f, out_f = in_out_features(base)
+        self.feedforward, self.conv1d = feedforward, is_conv1d(base)
+        shape = (1, in_f) if feedforward else (out_f, 1)
+        self.ia3_l = nn.Parameter(torch.ones(shape, dtype=dtype, device=base.weight.device))
+        if not init_weights:
+            with torch.no_grad():
+                self.ia3_l.normal_()
+        self._zero_backup: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    # -- forward -----------------------------------------------------------------
+
+    def _weight_out_in(self, base: nn.Module) -> torch.Tensor:
+        return base.weight.t() if self.conv1d else base.weight
+
+    def delta(self, x: torch.Tensor, h: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        scale = self.ia3_l.flatten()
+        if self.feedforward:
+            weight = self._weight_out_in(base)
+            shifted = (x.to(scale.dtype) * (scale - 1)).to(weight.dtype)
+            return F.linear(shifted, weight).to(h.dtype)
+        return (h * (scale - 1)).to(h.dtype)
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        if self.feedforward:
+            return h + self.delta(x, h, base)
+        return (h * self.ia3_l.flatten()).to(h.dtype)
+
+    # -- merging -----------------------------------------------------------------
+
+    def _factor(self, base: nn.Module) -> torch.Tensor:
+        """l shaped to multiply ``base.weight`` in its stored layout."""
+        factor = self.ia3_l.detach()
+        return factor.t() if self.conv1d else factor
+
+    def _bias_factor(self, base: nn.Module) -> torch.Tensor | None:
+        bias = getattr(base, "bias", None)
+        if self.feedforward or bias is None:
+            return None
+        return self.ia3_l.detach().reshape(bias.shape)
+
+    def merge(self, base: nn.Module) -> None:
+        factor, bias_factor = self._factor(base), self._bias_factor(base)
+        weight = base.weight
+        if not torch.isfinite(factor).all():
+            raise MergeError("an ia3 vector holds NaN or infinite values; it cannot be merged")
+        zero_w = (factor == 0).expand_as(weight)
+        backup_w = weight.detach()[zero_w].clone() if zero_w.any() else None
+        backup_b = None
+        if bias_factor is not None and (bias_factor == 0).any():
+            backup_b = base.bias.detach()[bias_factor == 0].clone()
+        weight.data = torch.mul(weight.data, factor).to(weight.dtype)
+        if bias_factor is not None:
+            base.bias.data = torch.mul(base.bias.data, bias_factor).to(base.bias.dtype)
+        self._zero_backup = (backup_w, backup_b) if backup_w is not None or backup_b is not None else None
+
+    def unmerge(self, base: nn.Module) -> None:
+        factor, bias_factor = self._factor(base), self._bias_factor(base)
+        weight = base.weight
+        weight.data = _divide(weight.data, factor)
+        if bias_factor is not None:
+            base.bias.data = _divide(base.bias.data, bias_factor)
+        if self._zero_backup is not None:
+            backup_w, backup_b = self._zero_backup
+            if backup_w is not None:
+                weight.data[(factor == 0).expand_as(weight)] = backup_w
+            if backup_b is not None:
+                base.bias.data[bias_factor == 0] = backup_b
+            self._zero_backup = None
+
+    # -- files -------------------------------------------------------------------
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"ia3_l": self.ia3_l}
+
+    def extra_repr(self) -> str:
+        return f"shape={tuple(self.ia3_l.shape)}, scales={'input' if self.feedforward else 'output'}"
+
+
+def _divide(values: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """values / factor, leaving entries with a zero factor at 0 (restored from the backup)."""
+    safe = torch.where(factor == 0, torch.ones_like(factor), factor)
+    return torch.div(values, safe).to(values.dtype)

@@ -1,0 +1,20 @@
+"""Prefix tuning as a peftkit plugin (torch-free at import)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from peftkit.core.hookspecs import PLUGIN_API_VERSION, hookimpl
+
+from .config import PrefixTuningConfig
+
+PEFTKIT_PLUGIN_API = PLUGIN_API_VERSION
+
+__all__ = ["PrefixTuningConfig"]
+
+
+@hookimpl
+def peftkit_register_methods(register: Callable[[Any], None]) -> None:
+    from .method import PrefixTuningMethod
+
+    register(PrefixTuningMethod())

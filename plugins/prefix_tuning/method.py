@@ -1,0 +1,138 @@
+"""The prefix-tuning method: geometry from the model, PEFT's file format."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from peftkit.core.config import AdapterConfig
+from peftkit.core.errors import ConfigError
+from peftkit.core.method import Method, Site
+
+from .config import PrefixTuningConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch.nn as nn
+
+    from .layer import PrefixGeometry
+
+#: Fields of PEFT's PrefixTuningConfig that map 1:1 onto ours.
+_PEFT_FIELDS = ("num_virtual_tokens", "prefix_projection", "encoder_hidden_size", "init_weights", "num_layers",
+                "token_dim", "num_attention_heads", "num_transformer_submodules", "modules_to_save")
+#: PEFT fields with no meaning for peftkit (the core handles the base-model fields).
+_PEFT_IGNORED = {"peft_type", "inference_mode"}
+
+
+class PrefixTuningMethod(Method):
+    name = "prefix_tuning"
+    config_class = PrefixTuningConfig
+    description = "Prefix tuning: learned key/value prefixes in every attention layer (optional MLP); PEFT format"
+    can_merge = False
+    # It changes the model's inputs (the KV cache): only stacking with layer-level adapters makes sense.
+    supported_blocks = frozenset({"stack"})
+    peft_type = "PREFIX_TUNING"
+    identity_at_init = False
+    aliases = {"num_tokens": "num_virtual_tokens"}
+
+    def sites(self, model: "nn.Module", config: AdapterConfig, arch: Any) -> list[Site]:
+        return []
+
+    def create_model_adapter(self, model: "nn.Module", config: AdapterConfig, arch: Any) -> "nn.Module":
+        from peftkit.core.model_inputs import cache_argument, text_config
+
+        from .layer import PrefixTuning
+
+        assert isinstance(config, PrefixTuningConfig)
+        if cache_argument(model) is None:
+            raise ConfigError(f"prefix_tuning: {type(model).__name__}.forward takes no KV cache "
+                              f"('cache' or 'past_key_values'), which prefix tuning writes its prefix into; "
+                              f"use prompt_tuning for this model")
+        geometry = prefix_geometry(model, config)
+        # Fill the config in (its own copy, made by the core), so the saved file is complete as PEFT's is.
+        config.num_layers = geometry.num_layers
+        config.token_dim = geometry.token_dim
+        config.num_attention_heads = geometry.num_heads
+        config.num_transformer_submodules = geometry.num_transformer_submodules
+        if config.prefix_projection and config.encoder_hidden_size is None:
+            config.encoder_hidden_size = geometry.token_dim
+        adapter = PrefixTuning(geometry, prefix_projection=config.prefix_projection,
+                               encoder_hidden_size=config.encoder_hidden_size, init_weights=config.init_weights,
+                               is_encoder_decoder=geometry.num_transformer_submodules == 2,
+                               cache_config=text_config(model))
+        device = next((p.device for p in model.parameters()), None)
+        return adapter.to(device) if device is not None else adapter
+
+    def expected_parameter_count(self, model: "nn.Module", config: AdapterConfig, sites: list[Site]) -> int:
+        assert isinstance(config, PrefixTuningConfig)
+        g = prefix_geometry(model, config)
+        if not config.prefix_projection:
+            return g.num_virtual_tokens * g.width
+        hidden = config.encoder_hidden_size or g.token_dim
+        return (g.num_virtual_tokens * g.token_dim + (g.token_dim + 1) * hidden + (hidden + 1) * g.width)
+
+    # -- PEFT's adapter_config.json ---------------------------------------------------------
+
+    def config_to_file(self, config: AdapterConfig) -> dict[str, Any]:
+        assert isinstance(config, PrefixTuningConfig)
+        data: dict[str, Any] = {"peft_type": "PREFIX_TUNING"}
+        ours = config.to_dict()
+        for key in _PEFT_FIELDS:
+            data[key] = ours[key]
+        if data["encoder_hidden_size"] is None:
+            data["encoder_hidden_size"] = config.token_dim  # PEFT fills it in the same way
+        return data
+
+    def config_from_file(self, data: dict[str, Any]) -> AdapterConfig:
+        values: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in _PEFT_FIELDS:
+                values[key] = value
+            elif key in _PEFT_IGNORED or value in (None, False, {}, [], ""):
+                continue  # a PEFT option we do not have, left at its off value
+            else:
+                raise ConfigError(f"PEFT setting {key}={value!r} is not supported by peftkit's prefix_tuning")
+        if not values.get("prefix_projection"):
+            values.pop("encoder_hidden_size", None)  # PEFT writes token_dim here even without the MLP
+        return PrefixTuningConfig.from_dict(values)
+
+
+def _first(config: Any, *names: str) -> Any:
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+def prefix_geometry(model: "nn.Module", config: PrefixTuningConfig) -> "PrefixGeometry":
+    """The prefix shape this model needs; explicit config values must agree with it."""
+    from peftkit.core.model_inputs import text_config
+
+    from .layer import PrefixGeometry
+
+    model_config = text_config(model)
+    if model_config is None:
+        raise ConfigError(f"prefix_tuning needs a transformers model (with a .config); "
+                          f"{type(model).__name__} has none")
+    encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+    if encoder_decoder:
+        layers = _first(model_config, "num_decoder_layers", "decoder_layers", "num_hidden_layers", "num_layers")
+    else:
+        layers = _first(model_config, "num_hidden_layers", "num_layers", "n_layer")
+    heads = _first(model_config, "num_attention_heads", "n_head", "num_heads", "decoder_attention_heads")
+    kv_heads = _first(model_config, "num_key_value_heads") or heads
+    hidden = _first(model_config, "hidden_size", "n_embd", "d_model")
+    head_dim = _first(model_config, "head_dim", "d_kv")
+    if head_dim is None and hidden is not None and heads:
+        head_dim = hidden // heads
+    if not (layers and kv_heads and head_dim):
+        raise ConfigError(f"prefix_tuning: cannot read the attention geometry of {type(model).__name__} from its "
+                          f"config (layers={layers}, key/value heads={kv_heads}, head_dim={head_dim})")
+    found = {"num_layers": layers, "num_attention_heads": kv_heads, "token_dim": kv_heads * head_dim,
+             "num_transformer_submodules": 2 if encoder_decoder else 1}
+    for key, value in found.items():
+        given = getattr(config, key)
+        if given is not None and given != value:
+            raise ConfigError(f"prefix_tuning: {key}={given} does not fit {type(model).__name__}, which needs "
+                              f"{key}={value} (key/value heads x head_dim for token_dim); the adapter was made for "
+                              f"another model — leave {key} unset to read it from the model")
+    return PrefixGeometry(config.num_virtual_tokens, layers, kv_heads, head_dim, found["num_transformer_submodules"])

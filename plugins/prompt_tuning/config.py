@@ -1,0 +1,60 @@
+"""Prompt tuning's config (torch-free)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, Optional
+
+from peftkit.core.config import AdapterConfig
+from peftkit.core.errors import ConfigError
+
+
+@dataclass
+class PromptTuningConfig(AdapterConfig):
+    """A learned soft prompt prepended to the input embeddings (arXiv 2104.08691).
+
+    num_virtual_tokens: length P of the soft prompt.
+    init: "random" (N(0, 1), PEFT's RANDOM), "sample_vocab" (embeddings of
+      random vocabulary tokens) or "text" (embeddings of ``init_text``'s
+      tokens, cut or repeated to P; needs ``tokenizer_name_or_path``).
+    init_text, tokenizer_name_or_path, tokenizer_kwargs: for init="text"
+      (PEFT: prompt_tuning_init_text, tokenizer_name_or_path,
+      tokenizer_kwargs); the tokenizer is loaded with
+      ``transformers.AutoTokenizer.from_pretrained`` (remote code never runs).
+    token_dim, num_transformer_submodules: the prompt's width (the model's
+      hidden size) and 2 for encoder-decoder models (PEFT keeps 2P rows there
+      and uses the first P). None: read from the model when the adapter is added.
+    """
+
+    method: ClassVar[str] = "prompt_tuning"
+
+    num_virtual_tokens: int = 20
+    init: Literal["random", "sample_vocab", "text"] = "random"
+    init_text: Optional[str] = None
+    tokenizer_name_or_path: Optional[str] = None
+    tokenizer_kwargs: Optional[dict[str, Any]] = None
+    token_dim: Optional[int] = None
+    num_transformer_submodules: Optional[int] = None
+
+    def check(self) -> None:
+        if self.num_virtual_tokens <= 0:
+            raise ConfigError(f"prompt_tuning config: num_virtual_tokens={self.num_virtual_tokens} must be a "
+                              f"positive integer")
+        if self.init == "text":
+            if not self.init_text:
+                raise ConfigError("prompt_tuning config: init='text' needs init_text (the text whose token "
+                                  "embeddings start the prompt)")
+            if not self.tokenizer_name_or_path:
+                raise ConfigError("prompt_tuning config: init='text' needs tokenizer_name_or_path (the base "
+                                  "model's tokenizer, a folder or a hub id)")
+        elif self.tokenizer_kwargs:
+            raise ConfigError("prompt_tuning config: tokenizer_kwargs only apply with init='text'")
+        if self.token_dim is not None and self.token_dim <= 0:
+            raise ConfigError(f"prompt_tuning config: token_dim={self.token_dim} must be a positive integer")
+        if self.num_transformer_submodules not in (None, 1, 2):
+            raise ConfigError(f"prompt_tuning config: num_transformer_submodules={self.num_transformer_submodules} "
+                              f"must be 1 (decoder-only or encoder-only models) or 2 (encoder-decoder models)")
+        for key in ("target_modules", "exclude_modules", "layers_to_transform"):
+            if getattr(self, key) is not None:
+                raise ConfigError(f"prompt_tuning config: {key} is not used — prompt tuning prepends a soft prompt "
+                                  f"to the input embeddings; remove {key}")

@@ -1,0 +1,112 @@
+"""The prompt-tuning method: model geometry, initial prompts, PEFT's file format."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from peftkit.core.config import AdapterConfig
+from peftkit.core.errors import ConfigError
+from peftkit.core.method import Method, Site
+
+from .config import PromptTuningConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch.nn as nn
+
+#: PEFT's prompt_tuning_init values <-> ours.
+_INIT_FROM_PEFT = {"RANDOM": "random", "SAMPLE_VOCAB": "sample_vocab", "TEXT": "text"}
+_INIT_TO_PEFT = {v: k for k, v in _INIT_FROM_PEFT.items()}
+#: PEFT fields -> ours.
+_FROM_PEFT = {"num_virtual_tokens": "num_virtual_tokens", "prompt_tuning_init": "init",
+              "prompt_tuning_init_text": "init_text", "tokenizer_name_or_path": "tokenizer_name_or_path",
+              "tokenizer_kwargs": "tokenizer_kwargs", "token_dim": "token_dim",
+              "num_transformer_submodules": "num_transformer_submodules", "modules_to_save": "modules_to_save"}
+#: PEFT fields that prompt tuning does not use (the geometry of attention) or the core handles.
+_PEFT_IGNORED = {"peft_type", "inference_mode", "num_layers", "num_attention_heads"}
+
+
+class PromptTuningMethod(Method):
+    name = "prompt_tuning"
+    config_class = PromptTuningConfig
+    description = "Prompt tuning: a learned soft prompt prepended to the input embeddings; PEFT format"
+    can_merge = False
+    # It changes the model's inputs: only stacking with layer-level adapters makes sense.
+    supported_blocks = frozenset({"stack"})
+    peft_type = "PROMPT_TUNING"
+    identity_at_init = False
+    aliases = {"num_tokens": "num_virtual_tokens", "prompt_tuning_init": "init",
+               "prompt_tuning_init_text": "init_text"}
+
+    def sites(self, model: "nn.Module", config: AdapterConfig, arch: Any) -> list[Site]:
+        return []
+
+    def make_config(self, **values: Any) -> AdapterConfig:
+        values = self.resolve_aliases(values)
+        if isinstance(values.get("init"), str):
+            values["init"] = _INIT_FROM_PEFT.get(values["init"], values["init"])
+        return self.config_class.from_dict(values)
+
+    def create_model_adapter(self, model: "nn.Module", config: AdapterConfig, arch: Any) -> "nn.Module":
+        from .layer import PromptTuning, initial_prompt
+
+        assert isinstance(config, PromptTuningConfig)
+        token_dim, submodules = prompt_geometry(model, config)
+        config.token_dim, config.num_transformer_submodules = token_dim, submodules
+        rows = config.num_virtual_tokens * submodules
+        init = initial_prompt(model, config.init, rows, text=config.init_text,
+                              tokenizer_name_or_path=config.tokenizer_name_or_path,
+                              tokenizer_kwargs=config.tokenizer_kwargs)
+        adapter = PromptTuning(config.num_virtual_tokens, token_dim, num_transformer_submodules=submodules,
+                               init_weight=init, is_encoder_decoder=submodules == 2)
+        device = next((p.device for p in model.parameters()), None)
+        return adapter.to(device) if device is not None else adapter
+
+    def expected_parameter_count(self, model: "nn.Module", config: AdapterConfig, sites: list[Site]) -> int:
+        assert isinstance(config, PromptTuningConfig)
+        token_dim, submodules = prompt_geometry(model, config)
+        return config.num_virtual_tokens * submodules * token_dim
+
+    # -- PEFT's adapter_config.json ---------------------------------------------------------
+
+    def config_to_file(self, config: AdapterConfig) -> dict[str, Any]:
+        assert isinstance(config, PromptTuningConfig)
+        ours = config.to_dict()
+        data: dict[str, Any] = {"peft_type": "PROMPT_TUNING", "num_layers": None, "num_attention_heads": None}
+        for peft_key, our_key in _FROM_PEFT.items():
+            data[peft_key] = ours[our_key]
+        data["prompt_tuning_init"] = _INIT_TO_PEFT[config.init]
+        return data
+
+    def config_from_file(self, data: dict[str, Any]) -> AdapterConfig:
+        values: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in _FROM_PEFT:
+                values[_FROM_PEFT[key]] = value
+            elif key in _PEFT_IGNORED or value in (None, False, {}, [], ""):
+                continue
+            else:
+                raise ConfigError(f"PEFT setting {key}={value!r} is not supported by peftkit's prompt_tuning")
+        init = values.get("init")
+        if isinstance(init, str):
+            values["init"] = _INIT_FROM_PEFT.get(init, init)
+        # A loaded prompt is overwritten by the file's weights: never load a tokenizer (or the network) for it.
+        values["init"] = "random"
+        for key in ("init_text", "tokenizer_name_or_path", "tokenizer_kwargs"):
+            values.pop(key, None)
+        return PromptTuningConfig.from_dict(values)
+
+
+def prompt_geometry(model: "nn.Module", config: PromptTuningConfig) -> tuple[int, int]:
+    """(token_dim, num_transformer_submodules) for this model; explicit config values must agree."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is None or not hasattr(embeddings, "embedding_dim"):
+        raise ConfigError(f"prompt_tuning needs a model with token embeddings (get_input_embeddings()); "
+                          f"{type(model).__name__} has none")
+    token_dim = embeddings.embedding_dim
+    submodules = 2 if getattr(getattr(model, "config", None), "is_encoder_decoder", False) else 1
+    for key, value in (("token_dim", token_dim), ("num_transformer_submodules", submodules)):
+        given = getattr(config, key)
+        if given is not None and given != value:
+            raise ConfigError(f"prompt_tuning: {key}={given} does not fit {type(model).__name__}, which needs "
+                              f"{key}={value}; the adapter was made for another model — leave {key} unset")
+    return token_dim, submodules

@@ -1,0 +1,195 @@
+"""Content-addressed blob files on disk.
+
+Layout: ``<root>/blobs/ab/cd/abcd...`` named by the sha256 of the content, plus
+``<root>/tmp/`` for files being written. A blob is written in two steps:
+
+1. :meth:`BlobStore.stage_bytes` / :meth:`BlobStore.stage_file` hash the content
+   and write it to a temporary file (outside any lock: this is the slow part);
+2. :meth:`BlobStore.publish`, called by the store inside its metadata write
+   transaction, moves it into place with ``os.replace`` (atomic, cheap).
+
+A blob on disk that no commit references is invisible (every read goes through
+the metadata) and :meth:`RegistryStore.gc` removes it; that is what a crash
+between the two steps leaves behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .hashing import git_blob_hasher, git_blob_oid
+
+_CHUNK = 1 << 20
+
+
+@dataclass
+class StagedBlob:
+    """Content hashed and ready to publish. Pass it as a file value to ``RegistryStore.commit``."""
+
+    sha256: str
+    oid: str
+    size: int
+    tmp_path: Path | None = None
+    # Kept only when the blob already existed at staging time and no temp
+    # file was written: lets publish() rewrite it if it was collected since.
+    source: bytes | Path | None = field(default=None, repr=False)
+
+
+def _sha256_and_oid_of_file(path: Path) -> tuple[str, str, int]:
+    size = path.stat().st_size
+    sha = hashlib.sha256()
+    oid = git_blob_hasher(size)
+    read = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            sha.update(chunk)
+            oid.update(chunk)
+            read += len(chunk)
+    if read != size:
+        raise OSError(f"{path} changed size while it was being read ({size} -> {read} bytes)")
+    return sha.hexdigest(), oid.hexdigest(), size
+
+
+class BlobStore:
+    def __init__(self, root: Path, *, fsync: bool = True) -> None:
+        self.root = Path(root)
+        self.blob_dir = self.root / "blobs"
+        self.tmp_dir = self.root / "tmp"
+        self.fsync = fsync
+        self.blob_dir.mkdir(parents=True, exist_ok=True)
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+
+    # -- addressing -------------------------------------------------------
+    def path(self, sha256: str) -> Path:
+        return self.blob_dir / sha256[:2] / sha256[2:4] / sha256
+
+    def exists(self, sha256: str) -> bool:
+        return self.path(sha256).is_file()
+
+    # -- staging (no lock held) --------------------------------------------
+    def _tmp_file(self) -> tuple[int, Path]:
+        fd, name = tempfile.mkstemp(prefix="stage-", dir=self.tmp_dir)
+        return fd, Path(name)
+
+    def _write_tmp(self, data: bytes) -> Path:
+        fd, tmp = self._tmp_file()
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                if self.fsync:
+                    f.flush()
+                    os.fsync(f.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return tmp
+
+    def _copy_tmp(self, source: Path) -> tuple[Path, str]:
+        fd, tmp = self._tmp_file()
+        sha = hashlib.sha256()
+        try:
+            with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
+                while chunk := src.read(_CHUNK):
+                    sha.update(chunk)
+                    out.write(chunk)
+                if self.fsync:
+                    out.flush()
+                    os.fsync(out.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return tmp, sha.hexdigest()
+
+    def stage_bytes(self, data: bytes) -> StagedBlob:
+        sha = hashlib.sha256(data).hexdigest()
+        oid = git_blob_oid(data)
+        if self.exists(sha):
+            return StagedBlob(sha, oid, len(data), None, bytes(data))
+        return StagedBlob(sha, oid, len(data), self._write_tmp(data))
+
+    def stage_file(self, source: str | os.PathLike[str]) -> StagedBlob:
+        source = Path(source)
+        sha, oid, size = _sha256_and_oid_of_file(source)
+        if self.exists(sha):
+            return StagedBlob(sha, oid, size, None, source)
+        tmp, copied_sha = self._copy_tmp(source)
+        if copied_sha != sha:
+            tmp.unlink(missing_ok=True)
+            raise OSError(f"{source} changed while it was being staged; try again")
+        return StagedBlob(sha, oid, size, tmp)
+
+    def discard(self, staged: StagedBlob) -> None:
+        if staged.tmp_path is not None:
+            staged.tmp_path.unlink(missing_ok=True)
+            staged.tmp_path = None
+
+    # -- publishing (called under the store's write lock) -----------------
+    def publish(self, staged: StagedBlob) -> Path:
+        final = self.path(staged.sha256)
+        if final.is_file():
+            self.discard(staged)
+            return final
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = staged.tmp_path
+        if tmp is None:
+            # The blob existed at staging time but was garbage-collected since.
+            if isinstance(staged.source, bytes):
+                tmp = self._write_tmp(staged.source)
+            elif isinstance(staged.source, Path):
+                tmp, sha = self._copy_tmp(staged.source)
+                if sha != staged.sha256:
+                    tmp.unlink(missing_ok=True)
+                    raise OSError(f"{staged.source} changed since it was staged; try again")
+            else:  # pragma: no cover - defensive
+                raise RuntimeError(f"blob {staged.sha256} has no content to publish")
+        os.replace(tmp, final)
+        staged.tmp_path = None
+        return final
+
+    # -- maintenance ------------------------------------------------------
+    def delete(self, sha256: str) -> None:
+        self.path(sha256).unlink(missing_ok=True)
+
+    def iter_all(self) -> Iterator[str]:
+        for first in self.blob_dir.iterdir():
+            if not first.is_dir():
+                continue
+            for second in first.iterdir():
+                if not second.is_dir():
+                    continue
+                for blob in second.iterdir():
+                    yield blob.name
+
+    def verify(self, sha256: str) -> bool:
+        """Re-hash a blob and compare with its name (detects on-disk corruption)."""
+        path = self.path(sha256)
+        if not path.is_file():
+            return False
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
+        return h.hexdigest() == sha256
+
+    def cleanup_tmp(self, older_than_s: float = 3600.0) -> int:
+        """Remove staging files left by crashed writers. Young files may belong to a live writer."""
+        removed = 0
+        cutoff = time.time() - older_than_s
+        for entry in self.tmp_dir.iterdir():
+            try:
+                if entry.stat().st_mtime < cutoff:
+                    if entry.is_dir():
+                        shutil.rmtree(entry, ignore_errors=True)
+                    else:
+                        entry.unlink(missing_ok=True)
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        return removed

@@ -1,0 +1,277 @@
+"""What the search index knows about an adapter repo.
+
+Sources, in the order the Hub and PEFT use them:
+
+* ``README.md`` front matter (YAML between ``---`` lines): ``library_name``,
+  ``base_model`` (a string or a list), ``tags``, ``pipeline_tag``, ``datasets``,
+  ``license``, ``language``.
+* ``adapter_config.json`` (PEFT's format): ``peft_type`` -> method (lower-cased),
+  ``base_model_name_or_path``, ``task_type``; and peftkit's own ``peftkit`` key
+  with ``method``/``task`` when present (its method wins over ``peft_type``).
+
+From those we derive the tags ``list_models(filter=...)`` matches, the way the
+Hub does: the card's tags, the library (``peft``), the method (``lora``), the
+task (``text-generation``), ``base_model:<id>`` and ``base_model:adapter:<id>``,
+``dataset:<id>`` and ``license:<id>``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+# PEFT task types -> the Hub's pipeline tags.
+TASK_TYPE_TO_PIPELINE = {
+    "CAUSAL_LM": "text-generation",
+    "SEQ_2_SEQ_LM": "text2text-generation",
+    "SEQ_CLS": "text-classification",
+    "TOKEN_CLS": "token-classification",
+    "QUESTION_ANS": "question-answering",
+    "FEATURE_EXTRACTION": "feature-extraction",
+}
+
+# Files whose GET counts as one download of the repo (the Hub counts config files too).
+DOWNLOAD_COUNTING_FILES = frozenset(
+    {"adapter_config.json", "config.json", "fusion_config.json", "composition.json"}
+)
+
+MAX_INDEXED_BODY_CHARS = 20_000
+
+_FRONT_MATTER_RE = re.compile(r"\A---[ \t]*\r?\n(.*?)(?:\r?\n)?^---[ \t]*$", re.DOTALL | re.MULTILINE)
+
+
+class CardError(ValueError):
+    """The README's front matter is not valid YAML or not a mapping."""
+
+
+def split_front_matter(text: str) -> tuple[dict[str, Any], str]:
+    """Return ``(metadata, body)``; metadata is ``{}`` when there is no front matter.
+
+    Raises :class:`CardError` naming the problem when the block exists but
+    does not parse to a mapping.
+    """
+    text = text.lstrip("\ufeff")
+    match = _FRONT_MATTER_RE.match(text)
+    if not match:
+        return {}, text
+    block = match.group(1)
+    body = text[match.end() :].lstrip("\r\n")
+    import yaml  # lazily: only cards need it, and server start-up stays fast
+
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when built with it: ~10x faster
+    try:
+        data = yaml.load(block, Loader=loader) if block.strip() else {}  # noqa: S506 - a safe loader
+    except yaml.YAMLError as exc:
+        raise CardError(f"README.md front matter is not valid YAML: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise CardError(
+            f"README.md front matter must be a YAML mapping (key: value lines), got {type(data).__name__}"
+        )
+    return _jsonable(data), body
+
+
+def _jsonable(value: Any) -> Any:
+    """YAML can yield dates and other objects; keep what JSON can carry."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+def validate_card(text: str) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """Errors and warnings in the shape of the Hub's ``/api/validate-yaml``."""
+    errors: list[dict[str, str]] = []
+    warnings: list[dict[str, str]] = []
+    try:
+        meta, _ = split_front_matter(text)
+    except CardError as exc:
+        return [{"message": str(exc)}], warnings
+    for key in ("tags", "datasets", "language"):
+        value = meta.get(key)
+        if value is not None and not isinstance(value, (str, list)):
+            errors.append({"message": f"'{key}' must be a string or a list of strings"})
+    base = meta.get("base_model")
+    if base is not None and not isinstance(base, (str, list)):
+        errors.append({"message": "'base_model' must be a model id or a list of model ids"})
+    for key in ("library_name", "pipeline_tag", "license"):
+        value = meta.get(key)
+        if value is not None and not isinstance(value, str):
+            errors.append({"message": f"'{key}' must be a string"})
+    return errors, warnings
+
+
+def _as_list(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value] if value.strip() else []
+    if isinstance(value, list):
+        return [str(v) for v in value if v is not None and str(v).strip()]
+    return [str(value)]
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    """``base_model_name_or_path`` is often a local folder; index only hub-style ids."""
+    if not name or name.startswith(("/", ".", "~")) or "\\" in name or ":" in name:
+        return False
+    return name.count("/") <= 1
+
+
+def _dedupe(values: list[str]) -> list[str]:
+    seen: set[str] = set()
+    out = []
+    for v in values:
+        key = v.lower()
+        if key not in seen:
+            seen.add(key)
+            out.append(v)
+    return out
+
+
+@dataclass
+class RepoMetadata:
+    """Everything indexed about one revision of a repo."""
+
+    card: dict[str, Any] = field(default_factory=dict)
+    library_name: str | None = None
+    pipeline_tag: str | None = None
+    base_models: list[str] = field(default_factory=list)
+    methods: list[str] = field(default_factory=list)
+    tasks: list[str] = field(default_factory=list)
+    datasets: list[str] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)
+    is_adapter: bool = False
+    body: str = ""
+    card_error: str | None = None
+
+    def facets(self) -> list[tuple[str, str]]:
+        out = [("tag", t) for t in self.tags]
+        out += [("method", m) for m in self.methods]
+        out += [("task", t) for t in self.tasks]
+        out += [("base_model", b) for b in self.base_models]
+        out += [("dataset", d) for d in self.datasets]
+        if self.library_name:
+            out.append(("library", self.library_name))
+        return sorted({(k, v.lower()): (k, v) for k, v in out}.values())
+
+    def search_text(self) -> str:
+        parts = [
+            " ".join(self.tags),
+            " ".join(self.base_models),
+            " ".join(self.methods),
+            " ".join(self.tasks),
+            " ".join(self.datasets),
+            self.body[:MAX_INDEXED_BODY_CHARS],
+        ]
+        return "\n".join(p for p in parts if p)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "library_name": self.library_name,
+            "pipeline_tag": self.pipeline_tag,
+            "base_models": self.base_models,
+            "methods": self.methods,
+            "tasks": self.tasks,
+            "datasets": self.datasets,
+            "tags": self.tags,
+            "is_adapter": self.is_adapter,
+        }
+
+
+def extract_metadata(readme: bytes | None, adapter_config: bytes | None) -> RepoMetadata:
+    """Build the index entry from the card and the adapter config (either may be missing or broken).
+
+    A broken card never blocks a commit (the client validates YAML before
+    uploading); it is indexed as if it had no front matter and the error kept.
+    """
+    meta = RepoMetadata()
+    card: dict[str, Any] = {}
+    if readme is not None:
+        text = readme.decode("utf-8", errors="replace")
+        try:
+            card, meta.body = split_front_matter(text)
+        except CardError as exc:
+            meta.card_error = str(exc)
+            meta.body = text
+    meta.card = card
+
+    config: dict[str, Any] = {}
+    if adapter_config is not None:
+        try:
+            loaded = json.loads(adapter_config.decode("utf-8"))
+            if isinstance(loaded, dict):
+                config = loaded
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            config = {}
+    peftkit_cfg = config.get("peftkit") if isinstance(config.get("peftkit"), dict) else {}
+
+    meta.library_name = card.get("library_name") if isinstance(card.get("library_name"), str) else None
+    meta.is_adapter = bool(config) or meta.library_name in ("peft", "peftkit")
+    if meta.library_name is None and config:
+        meta.library_name = "peft" if config.get("peft_type") else "peftkit"
+
+    base_models = _as_list(card.get("base_model"))
+    cfg_base = config.get("base_model_name_or_path")
+    if not base_models and isinstance(cfg_base, str) and _looks_like_hub_id(cfg_base):
+        base_models = [cfg_base]
+    card_tags = _as_list(card.get("tags"))
+    for tag in card_tags:  # a card may carry only the tag form
+        if tag.startswith("base_model:adapter:"):
+            base_models.append(tag[len("base_model:adapter:") :])
+    meta.base_models = _dedupe(base_models)
+
+    # peftkit's own method name is authoritative: a peftkit method saved in
+    # PEFT's format also carries PEFT's peft_type, which may be coarser.
+    own_method, peft_type = peftkit_cfg.get("method"), config.get("peft_type")
+    if isinstance(own_method, str) and own_method:
+        meta.methods = [own_method.lower()]
+    elif isinstance(peft_type, str) and peft_type:
+        meta.methods = [peft_type.lower()]
+
+    tasks: list[str] = []
+    pipeline_tag = card.get("pipeline_tag") if isinstance(card.get("pipeline_tag"), str) else None
+    if isinstance(peftkit_cfg.get("task"), str) and peftkit_cfg["task"]:
+        tasks.append(peftkit_cfg["task"])
+    if pipeline_tag:
+        tasks.append(pipeline_tag)
+    task_type = config.get("task_type")
+    if isinstance(task_type, str) and task_type:
+        mapped = TASK_TYPE_TO_PIPELINE.get(task_type.upper())
+        if mapped:
+            tasks.append(mapped)
+            pipeline_tag = pipeline_tag or mapped
+        tasks.append(task_type.lower())
+    meta.tasks = _dedupe(tasks)
+    meta.pipeline_tag = pipeline_tag
+
+    meta.datasets = _dedupe(_as_list(card.get("datasets")))
+
+    tags = list(card_tags)
+    if meta.library_name:
+        tags.append(meta.library_name)
+    tags += meta.methods
+    if meta.pipeline_tag:
+        tags.append(meta.pipeline_tag)
+    for base in meta.base_models:
+        tags.append(f"base_model:{base}")
+        if meta.is_adapter:
+            tags.append(f"base_model:adapter:{base}")
+    tags += [f"dataset:{d}" for d in meta.datasets]
+    for lic in _as_list(card.get("license")):
+        tags.append(f"license:{lic}")
+    tags += _as_list(card.get("language"))
+    meta.tags = _dedupe(tags)
+    return meta
+
+
+def normalize_task(task: str) -> list[str]:
+    """A task query matches the pipeline tag or PEFT's task type: 'CAUSAL_LM' == 'text-generation'."""
+    mapped = TASK_TYPE_TO_PIPELINE.get(task.upper())
+    return _dedupe([task] + ([mapped] if mapped else []))

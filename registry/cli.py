@@ -1,0 +1,237 @@
+"""``peftkit registry ...``: run a registry server and manage its users and tokens.
+
+The lead attaches :data:`registry_group` to the main CLI with
+``cli.add_command(registry_group)``; ``python -m peftkit.registry`` runs it
+standalone. Importing this module imports neither torch nor transformers.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from .errors import RegistryError
+from .paths import default_data_dir
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _data_option(func: F) -> F:
+    return click.option(
+        "--data",
+        "data_dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=None,
+        help="Registry data folder [default: $PEFTKIT_HOME/registry or ~/.cache/peftkit/registry].",
+    )(func)
+
+
+def _friendly_errors(func: F) -> F:
+    """Turn store errors into a clear message and a non-zero exit."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except RegistryError as exc:
+            raise click.ClickException(exc.message) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _open_store(data_dir: Path | None):
+    from .store import RegistryStore
+
+    return RegistryStore(data_dir or default_data_dir())
+
+
+@click.group("registry")
+def registry_group() -> None:
+    """Self-hosted adapter registry: a Hugging Face Hub-compatible server.
+
+    Point huggingface_hub, PEFT and peftkit at it with HF_ENDPOINT=<url> (or
+    HfApi(endpoint=<url>)) and a token from `peftkit registry token create`.
+    """
+
+
+@registry_group.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on (0.0.0.0 for all).")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535), help="Port (0: any free port).")
+@_data_option
+@click.option(
+    "--max-upload-mb", default=512, show_default=True, type=click.IntRange(1, None),
+    help="Largest commit request accepted; bigger ones get HTTP 413.",
+)
+@click.option(
+    "--public-url", default=None,
+    help="URL clients reach the server at, when it differs from the Host header (e.g. behind a proxy).",
+)
+@click.option("--quiet", is_flag=True, help="Do not log each request to stderr.")
+@_friendly_errors
+def serve_command(
+    host: str, port: int, data_dir: Path | None, max_upload_mb: int, public_url: str | None, quiet: bool
+) -> None:
+    """Serve the registry over HTTP until Ctrl-C."""
+    from .hub_api import ApiConfig
+    from .server import serve
+
+    data = data_dir or default_data_dir()
+    config = ApiConfig(max_upload_bytes=max_upload_mb * 1024 * 1024, public_url=public_url)
+
+    def ready(url: str) -> None:
+        click.echo(f"peftkit registry serving {data} at {url} (Ctrl-C to stop)")
+        sys.stdout.flush()
+
+    def log(line: str) -> None:
+        sys.stderr.write(line + "\n")
+
+    try:
+        serve(data, host=host, port=port, config=config, log=None if quiet else log, ready=ready)
+    except OSError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+# ---------------------------------------------------------------- tokens
+@registry_group.group("token")
+def token_group() -> None:
+    """Create, list and revoke bearer tokens."""
+
+
+@token_group.command("create")
+@click.argument("user")
+@click.option("--write/--read-only", default=False, show_default=True, help="Allow pushes and repo changes.")
+@click.option("--name", default="", help="A label to recognise the token by in `token list`.")
+@_data_option
+@_friendly_errors
+def token_create(user: str, write: bool, name: str, data_dir: Path | None) -> None:
+    """Create a token for USER and print its secret (shown only this once)."""
+    with _open_store(data_dir) as store:
+        info, secret = store.accounts.create_token(user, write=write, name=name)
+    click.echo(
+        f"created {'write' if write else 'read-only'} token {info.id} for {info.user}; "
+        "store the secret now, it is not shown again:",
+        err=True,
+    )
+    click.echo(secret)
+
+
+@token_group.command("list")
+@click.option("--user", default=None, help="Only this user's tokens.")
+@click.option("--all", "include_revoked", is_flag=True, help="Include revoked tokens.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_data_option
+@_friendly_errors
+def token_list(user: str | None, include_revoked: bool, as_json: bool, data_dir: Path | None) -> None:
+    """List tokens (never their secrets)."""
+    with _open_store(data_dir) as store:
+        tokens = store.accounts.list_tokens(user, include_revoked=include_revoked)
+    if as_json:
+        click.echo(json.dumps([t.to_json() for t in tokens], indent=2))
+        return
+    if not tokens:
+        click.echo("no tokens")
+        return
+    for t in tokens:
+        state = " (revoked)" if t.revoked else ""
+        used = t.last_used.strftime("%Y-%m-%d %H:%M") if t.last_used else "never"
+        click.echo(
+            f"{t.id}  {t.user:<20} {'write' if t.write else 'read':<5}  {t.name or '-':<20} "
+            f"created {t.created_at:%Y-%m-%d}  last used {used}{state}"
+        )
+
+
+@token_group.command("revoke")
+@click.argument("token_id")
+@_data_option
+@_friendly_errors
+def token_revoke(token_id: str, data_dir: Path | None) -> None:
+    """Revoke the token with id TOKEN_ID (see `token list`)."""
+    with _open_store(data_dir) as store:
+        store.accounts.revoke_token(token_id)
+    click.echo(f"revoked token {token_id}")
+
+
+# ------------------------------------------------------------ users, orgs
+@registry_group.group("user")
+def user_group() -> None:
+    """Manage users."""
+
+
+@user_group.command("add")
+@click.argument("name")
+@_data_option
+@_friendly_errors
+def user_add(name: str, data_dir: Path | None) -> None:
+    """Create user NAME (their namespace is NAME/...)."""
+    with _open_store(data_dir) as store:
+        store.accounts.add_user(name)
+    click.echo(f"created user {name}; give them a token with `peftkit registry token create {name} --write`")
+
+
+@user_group.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_data_option
+@_friendly_errors
+def user_list(as_json: bool, data_dir: Path | None) -> None:
+    """List users and organizations."""
+    with _open_store(data_dir) as store:
+        accounts = store.accounts.list_accounts()
+    if as_json:
+        click.echo(json.dumps(accounts, indent=2))
+        return
+    for a in accounts:
+        members = f"  members: {', '.join(a['members']) or '-'}" if a["kind"] == "org" else ""
+        click.echo(f"{a['kind']:<4}  {a['name']}{members}")
+
+
+@registry_group.group("org")
+def org_group() -> None:
+    """Manage organizations (shared namespaces)."""
+
+
+@org_group.command("add")
+@click.argument("name")
+@click.option("--member", "members", multiple=True, help="A user to add (repeat for several).")
+@_data_option
+@_friendly_errors
+def org_add(name: str, members: tuple[str, ...], data_dir: Path | None) -> None:
+    """Create organization NAME, or add members to it if it exists."""
+    with _open_store(data_dir) as store:
+        store.accounts.add_org(name, list(members))
+    suffix = f" with members {', '.join(members)}" if members else ""
+    click.echo(f"organization {name} ready{suffix}")
+
+
+# ------------------------------------------------------------ maintenance
+@registry_group.command("gc")
+@_data_option
+@_friendly_errors
+def gc_command(data_dir: Path | None) -> None:
+    """Delete blobs no commit references (left by interrupted uploads)."""
+    with _open_store(data_dir) as store:
+        removed = store.gc()
+    click.echo(f"removed {removed} unreferenced blob(s)")
+
+
+@registry_group.command("fsck")
+@_data_option
+@_friendly_errors
+def fsck_command(data_dir: Path | None) -> None:
+    """Check that every committed file's blob exists and matches its sha256."""
+    with _open_store(data_dir) as store:
+        problems = store.fsck()
+    for p in problems:
+        click.echo(p, err=True)
+    if problems:
+        raise click.ClickException(f"{len(problems)} problem(s) found")
+    click.echo("ok: every committed blob is present and intact")
+
+
+#: Picked up by peftkit's main CLI (peftkit/cli.py COMMAND_MODULES).
+commands = [registry_group]

@@ -1,0 +1,556 @@
+"""The Hub HTTP API subset, as plain functions of a request (no sockets here).
+
+``HubApi.dispatch(request) -> response`` routes one request. The socket side
+lives in :mod:`server`; keeping the two apart lets tests drive the API in
+process and keeps each module to one job. Who may do what:
+
+* public repos: anyone reads, no token needed;
+* private repos: only their namespace (the user, or members of the org) sees
+  them; everyone else gets 404 ``RepoNotFound`` exactly as if they did not exist;
+* writes (create, delete, commit, settings, branches): a write token of the
+  namespace's user or of a member of the namespace's organization.
+"""
+
+from __future__ import annotations
+
+import json
+import mimetypes
+from dataclasses import dataclass, field
+from email.message import Message
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import parse_qs, quote, unquote, urlencode
+
+from .accounts import Principal
+from .cards import DOWNLOAD_COUNTING_FILES, validate_card
+from .errors import (
+    BadRequest,
+    EntryNotFound,
+    MalformedPayload,
+    NotFound,
+    RangeNotSatisfiable,
+    RegistryError,
+    RepoExists,
+    RepoNotFound,
+    Unauthorized,
+)
+from .names import is_commit_sha, split_repo_id, validate_path, validate_revision
+from .payloads import parse_commit, parse_json_object, parse_preupload
+from .serialize import commit_json, model_json, refs_json, tree_json
+from .store import RegistryStore, RepoInfo
+
+JSON_TYPE = "application/json"
+
+
+@dataclass
+class ApiConfig:
+    max_upload_bytes: int = 512 * 1024 * 1024
+    max_json_bytes: int = 16 * 1024 * 1024
+    list_page_size: int = 100
+    tree_page_size: int = 1000
+    public_url: str | None = None  # e.g. https://hub.example.com when behind a proxy
+
+
+@dataclass
+class Request:
+    method: str
+    path: str  # raw (still percent-encoded), without the query string
+    query: dict[str, list[str]]
+    headers: Message
+    base_url: str
+    principal: Principal | None = None
+    body: IO[bytes] | None = None
+    auth_error: str | None = None  # set when a bearer token was sent but not recognised
+
+    @property
+    def segments(self) -> list[str]:
+        return self.path.strip("/").split("/") if self.path.strip("/") else []
+
+    def arg(self, name: str, default: str | None = None) -> str | None:
+        values = self.query.get(name)
+        return values[-1] if values else default
+
+    def flag(self, name: str) -> bool:
+        return (self.arg(name) or "").lower() in ("1", "true", "yes")
+
+    def json(self, what: str, *, allow_empty: bool = False) -> dict[str, Any]:
+        raw = self.body.read() if self.body is not None else b""
+        if allow_empty and not raw.strip():
+            return {}
+        return parse_json_object(raw, what)
+
+
+@dataclass
+class Response:
+    status: int = 200
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    body: bytes = b""
+    file: Path | None = None  # streamed instead of body
+    file_range: tuple[int, int] | None = None  # inclusive byte range of ``file``
+    close: bool = False
+
+    @classmethod
+    def json(cls, data: Any, status: int = 200, headers: list[tuple[str, str]] | None = None) -> "Response":
+        body = json.dumps(data, separators=(",", ":")).encode("utf-8")
+        return cls(status, [("Content-Type", JSON_TYPE), *(headers or [])], body)
+
+    def header(self, name: str) -> str | None:
+        for k, v in self.headers:
+            if k.lower() == name.lower():
+                return v
+        return None
+
+
+def error_response(exc: RegistryError, body_extra: dict[str, Any] | None = None) -> Response:
+    message = " ".join(exc.message.split())  # one line: it travels in a header too
+    headers = [("X-Error-Code", exc.code), ("X-Error-Message", message)]
+    commit = getattr(exc, "commit", None)
+    if commit:
+        headers.append(("X-Repo-Commit", commit))
+    if isinstance(exc, RangeNotSatisfiable):
+        headers.append(("Content-Range", f"bytes */{exc.size}"))
+    return Response.json({"error": message, **(body_extra or {})}, exc.status, headers)
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """``Range: bytes=a-b`` / ``a-`` / ``-n`` -> inclusive (start, end); None for the whole file."""
+    if not header:
+        return None
+    unit, _, spec = header.partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return None  # unsupported forms: serve the whole file (allowed by RFC 9110)
+    first, _, last = spec.strip().partition("-")
+    try:
+        if first == "":
+            n = int(last)
+            if n <= 0:
+                raise RangeNotSatisfiable(f"range {header!r} is empty", size=size)
+            return (max(0, size - n), size - 1) if size else None
+        start = int(first)
+        end = int(last) if last else size - 1
+    except ValueError:
+        return None
+    if start >= size or start > end:
+        if size == 0 and start == 0:
+            return None
+        raise RangeNotSatisfiable(f"range {header!r} is outside the file ({size} bytes)", size=size)
+    return start, min(end, size - 1)
+
+
+class HubApi:
+    """Routes Hub API requests to a :class:`RegistryStore`."""
+
+    def __init__(self, store: RegistryStore, config: ApiConfig | None = None) -> None:
+        self.store = store
+        self.config = config or ApiConfig()
+
+    # ------------------------------------------------------------ routing
+    def body_limit(self, method: str, path: str) -> int:
+        """How many request-body bytes a route accepts (commits get the upload limit)."""
+        segs = path.strip("/").split("/")
+        if method == "POST" and len(segs) >= 6 and segs[:2] == ["api", "models"] and segs[4] == "commit":
+            return self.config.max_upload_bytes
+        return min(self.config.max_json_bytes, self.config.max_upload_bytes)
+
+    def dispatch(self, req: Request) -> Response:
+        try:
+            return self._route(req)
+        except RepoExists as exc:
+            return error_response(exc, {"url": self._repo_url(req, exc.repo_id)})
+        except RegistryError as exc:
+            return error_response(exc)
+
+    def _route(self, req: Request) -> Response:
+        s = req.segments
+        m = req.method
+        if not s:
+            return Response.json({"name": "peftkit registry", "api": "huggingface-hub-subset"})
+        if s[0] == "api":
+            rest = s[1:]
+            if rest == ["whoami-v2"] and m == "GET":
+                return self.whoami(req)
+            if rest == ["repos", "create"] and m == "POST":
+                return self.create_repo(req)
+            if rest == ["repos", "delete"] and m == "DELETE":
+                return self.delete_repo(req)
+            if rest == ["validate-yaml"] and m == "POST":
+                return self.validate_yaml(req)
+            if rest == ["health"] and m == "GET":
+                return Response.json({"status": "ok"})
+            if rest == ["models"] and m == "GET":
+                return self.list_models(req)
+            if rest and rest[0] in ("datasets", "spaces", "kernels", "buckets"):
+                raise NotFound(f"this registry serves model repos only, not {rest[0]}")
+            if len(rest) >= 3 and rest[0] == "models":
+                repo_id = self._repo_id(rest[1], rest[2])
+                tail = rest[3:]
+                if not tail and m == "GET":
+                    return self.model_info(req, repo_id, None)
+                if len(tail) == 2 and tail[0] == "revision" and m == "GET":
+                    return self.model_info(req, repo_id, unquote(tail[1]))
+                if len(tail) >= 2 and tail[0] == "tree" and m == "GET":
+                    return self.tree(req, repo_id, unquote(tail[1]), unquote("/".join(tail[2:])))
+                if len(tail) == 2 and tail[0] == "preupload" and m == "POST":
+                    return self.preupload(req, repo_id, unquote(tail[1]))
+                if len(tail) == 2 and tail[0] == "commit" and m == "POST":
+                    return self.commit(req, repo_id, unquote(tail[1]))
+                if len(tail) == 2 and tail[0] == "paths-info" and m == "POST":
+                    return self.paths_info(req, repo_id, unquote(tail[1]))
+                if tail == ["refs"] and m == "GET":
+                    return self.refs(req, repo_id)
+                if len(tail) == 2 and tail[0] == "commits" and m == "GET":
+                    return self.commits(req, repo_id, unquote(tail[1]))
+                if len(tail) >= 2 and tail[0] == "branch" and m in ("POST", "DELETE"):
+                    return self.branch(req, repo_id, unquote("/".join(tail[1:])))
+                if tail == ["settings"] and m == "PUT":
+                    return self.settings(req, repo_id)
+        elif len(s) >= 5 and s[2] == "resolve" and m in ("GET", "HEAD"):
+            return self.resolve(req, self._repo_id(s[0], s[1]), unquote(s[3]), unquote("/".join(s[4:])))
+        raise NotFound(f"no such endpoint: {m} /{'/'.join(s)}")
+
+    # ------------------------------------------------------------ helpers
+    @staticmethod
+    def _repo_id(namespace: str, name: str) -> str:
+        repo_id = f"{unquote(namespace)}/{unquote(name)}"
+        split_repo_id(repo_id)
+        return repo_id
+
+    def _base(self, req: Request) -> str:
+        return (self.config.public_url or req.base_url).rstrip("/")
+
+    def _repo_url(self, req: Request, repo_id: str) -> str:
+        return f"{self._base(req)}/{repo_id}"
+
+    def _visible_info(self, req: Request, repo_id: str, revision: str | None = None) -> RepoInfo:
+        """Repo info, or 404 RepoNotFound when it is private and not the caller's."""
+        try:
+            info = self.store.repo_info(repo_id, None)
+        except RepoNotFound:
+            raise RepoNotFound(f"repository '{repo_id}' not found") from None
+        if info.private and (req.principal is None or not req.principal.can_read(info.namespace)):
+            raise RepoNotFound(f"repository '{repo_id}' not found")
+        if revision is not None:
+            info = self.store.repo_info(info.repo_id, revision)
+        return info
+
+    @staticmethod
+    def _require_principal(req: Request, action: str) -> Principal:
+        if req.principal is None and req.auth_error:
+            raise Unauthorized(
+                f"{req.auth_error}: the token is unknown to this registry or revoked; "
+                "create one with `peftkit registry token create USER --write`"
+            )
+        if req.principal is None:
+            raise Unauthorized(
+                f"{action} needs a token with write access: create one with "
+                "`peftkit registry token create USER --write` and pass it as 'Authorization: Bearer <token>'"
+            )
+        return req.principal
+
+    def _writable(self, req: Request, repo_id: str, action: str) -> RepoInfo:
+        principal = self._require_principal(req, action)
+        info = self._visible_info(req, repo_id)
+        principal.check_write(info.namespace)
+        return info
+
+    def _paginate(self, req: Request, path: str, page: int, offset: int, has_more: bool) -> list[tuple[str, str]]:
+        """A ``Link: <next>; rel=\"next\"`` header (the client follows it) when more results exist."""
+        if not has_more:
+            return []
+        params = [(k, v) for k, values in req.query.items() if k != "offset" for v in values]
+        params.append(("offset", str(offset + page)))
+        return [("Link", f'<{self._base(req)}{path}?{urlencode(params)}>; rel="next"')]
+
+    @staticmethod
+    def _int_arg(req: Request, name: str, default: int | None) -> int | None:
+        value = req.arg(name)
+        if value is None or value == "":
+            return default
+        try:
+            number = int(value)
+        except ValueError:
+            raise BadRequest(f"query parameter '{name}' must be an integer, got {value!r}") from None
+        if number < 0:
+            raise BadRequest(f"query parameter '{name}' must not be negative, got {number}")
+        return number
+
+    # ---------------------------------------------------------- accounts
+    def whoami(self, req: Request) -> Response:
+        if req.principal is None:
+            raise Unauthorized("Invalid credentials in Authorization header")  # the client's own wording
+        p = req.principal
+        return Response.json({
+            "type": "user",
+            "id": p.user,
+            "name": p.user,
+            "fullname": p.user,
+            "orgs": [{"type": "org", "name": o, "roleInOrg": "write"} for o in sorted(p.orgs)],
+            "auth": {
+                "type": "access_token",
+                "accessToken": {"displayName": p.token_name or p.token_id, "role": "write" if p.write else "read"},
+            },
+        })
+
+    # ------------------------------------------------------------- repos
+    def create_repo(self, req: Request) -> Response:
+        principal = self._require_principal(req, "creating a repo")
+        data = req.json("create repo")
+        name, org = data.get("name"), data.get("organization")
+        repo_type = data.get("type") or "model"
+        if repo_type != "model":
+            raise BadRequest(f"this registry serves model repos only, not {repo_type!r}")
+        if not isinstance(name, str) or (org is not None and not isinstance(org, str)):
+            raise MalformedPayload("create repo: 'name' must be a string and 'organization' a string or null")
+        if "/" in name and org is None:
+            org, name = name.split("/", 1)
+        namespace = org or principal.user
+        repo_id = f"{namespace}/{name}"
+        split_repo_id(repo_id)
+        private = data.get("private")
+        if private is not None and not isinstance(private, bool):
+            raise MalformedPayload(f"create repo: 'private' must be true or false, got {private!r}")
+        visibility = data.get("visibility")
+        if visibility is not None:
+            if visibility not in ("private", "public"):
+                raise BadRequest(f"visibility must be 'private' or 'public', got {visibility!r}")
+            private = visibility == "private"
+        principal.check_write(namespace)
+        info = self.store.create_repo(repo_id, private=bool(private), owner=principal.user)
+        return Response.json({"url": self._repo_url(req, info.repo_id), "name": info.repo_id, "id": info.repo_id})
+
+    def delete_repo(self, req: Request) -> Response:
+        principal = self._require_principal(req, "deleting a repo")
+        data = req.json("delete repo")
+        name, org = data.get("name"), data.get("organization")
+        if not isinstance(name, str) or (org is not None and not isinstance(org, str)):
+            raise MalformedPayload("delete repo: 'name' must be a string and 'organization' a string or null")
+        repo_id = f"{org or principal.user}/{name}"
+        split_repo_id(repo_id)
+        info = self._writable(req, repo_id, "deleting a repo")
+        self.store.delete_repo(info.repo_id)
+        return Response.json({})
+
+    def settings(self, req: Request, repo_id: str) -> Response:
+        info = self._writable(req, repo_id, "changing repo settings")
+        data = req.json("repo settings")
+        private = data.get("private")
+        if data.get("visibility") in ("private", "public"):
+            private = data["visibility"] == "private"
+        if data.get("gated"):
+            raise BadRequest("gated repos are not supported by this registry; use a private repo")
+        if private is not None:
+            self.store.set_private(info.repo_id, bool(private))
+        return Response.json({})
+
+    def validate_yaml(self, req: Request) -> Response:
+        data = req.json("validate-yaml")
+        content = data.get("content")
+        if not isinstance(content, str):
+            raise MalformedPayload("validate-yaml: 'content' must be the README text")
+        errors, warnings = validate_card(content)
+        return Response.json({"errors": errors, "warnings": warnings}, 400 if errors else 200)
+
+    # -------------------------------------------------------------- read
+    def model_info(self, req: Request, repo_id: str, revision: str | None) -> Response:
+        info = self._visible_info(req, repo_id, revision)
+        _, files = self.store.snapshot(info.repo_id, info.sha)
+        return Response.json(model_json(info, files=list(files.values())))
+
+    def list_models(self, req: Request) -> Response:
+        tags: list[str] = []
+        facets: dict[str, str] = {}
+        for value in req.query.get("filter", []):
+            kind, _, rest = value.partition(":")
+            if kind in ("method", "task", "library") and rest:
+                facets[kind] = rest
+            else:
+                tags.append(value)
+        for name in ("base_model", "method", "task", "library"):
+            if req.arg(name):
+                facets[name] = req.arg(name)  # type: ignore[assignment]
+        if req.arg("pipeline_tag"):
+            facets["task"] = req.arg("pipeline_tag")  # type: ignore[assignment]
+        limit = self._int_arg(req, "limit", None)
+        offset = self._int_arg(req, "offset", 0) or 0
+        if limit == 0:
+            return Response.json([])
+        page = self.config.list_page_size
+        if limit is not None:
+            page = min(page, limit - offset)
+        if page <= 0:
+            return Response.json([])
+        principal = req.principal
+        results = self.store.search(
+            req.arg("search"),
+            base_model=facets.get("base_model"),
+            method=facets.get("method"),
+            task=facets.get("task"),
+            library=facets.get("library"),
+            tags=tags,
+            author=req.arg("author"),
+            sort=req.arg("sort") or "downloads",
+            limit=page + 1,
+            offset=offset,
+            visible_to=principal.namespaces if principal else (),
+        )
+        has_more = len(results) > page
+        results = results[:page]
+        full = req.flag("full")
+        card = req.flag("cardData") or full
+        items = []
+        for info in results:
+            files = list(self.store.snapshot(info.repo_id, info.sha)[1].values()) if full else None
+            items.append(model_json(info, files=files, card_data=card))
+        return Response.json(items, headers=self._paginate(req, "/api/models", page, offset, has_more))
+
+    def tree(self, req: Request, repo_id: str, revision: str, path: str) -> Response:
+        info = self._visible_info(req, repo_id)
+        if path:
+            validate_path(path.rstrip("/"))
+        sha, files = self.store.snapshot(info.repo_id, revision)
+        entries = tree_json(files, path, req.flag("recursive"))
+        if path and not entries:
+            raise EntryNotFound(f"folder '{path}' not found in '{info.repo_id}' at revision '{revision}'", commit=sha)
+        offset = self._int_arg(req, "offset", 0) or 0
+        page = self.config.tree_page_size
+        chunk = entries[offset : offset + page]
+        path_url = f"/api/models/{info.repo_id}/tree/{quote(revision, safe='')}" + (f"/{quote(path, safe='')}" if path else "")
+        return Response.json(
+            chunk, headers=self._paginate(req, path_url, page, offset, offset + page < len(entries))
+        )
+
+    def paths_info(self, req: Request, repo_id: str, revision: str) -> Response:
+        """Entries for the given paths (files or folders); paths that do not exist are left out."""
+        info = self._visible_info(req, repo_id)
+        raw = req.body.read() if req.body is not None else b""
+        content_type = (req.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        if content_type == "application/json":
+            paths = parse_json_object(raw, "paths-info").get("paths")
+        else:
+            paths = parse_qs(raw.decode("utf-8", errors="replace")).get("paths")
+        if isinstance(paths, str):
+            paths = [paths]
+        if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+            raise MalformedPayload("paths-info: send one or more 'paths' form fields")
+        _, files = self.store.snapshot(info.repo_id, revision)
+        out: list[dict[str, Any]] = []
+        for path in paths:
+            path = validate_path(path.strip("/"))
+            if path in files:
+                entry = files[path]
+                out.append({"type": "file", "oid": entry.oid, "size": entry.size, "path": path})
+            elif any(p.startswith(path + "/") for p in files):
+                folder = [e for e in tree_json(files, path.rsplit("/", 1)[0] if "/" in path else "", False)
+                          if e["path"] == path]
+                out.extend(folder)
+        return Response.json(out)
+
+    def refs(self, req: Request, repo_id: str) -> Response:
+        info = self._visible_info(req, repo_id)
+        return Response.json(refs_json(self.store.list_branches(info.repo_id)))
+
+    def commits(self, req: Request, repo_id: str, revision: str) -> Response:
+        info = self._visible_info(req, repo_id)
+        offset = self._int_arg(req, "offset", 0) or 0
+        page = self.config.list_page_size
+        history = self.store.list_commits(info.repo_id, revision, limit=offset + page + 1)
+        chunk = history[offset : offset + page]
+        has_more = len(history) > offset + page
+        path = f"/api/models/{info.repo_id}/commits/{quote(revision, safe='')}"
+        return Response.json([commit_json(c) for c in chunk], headers=self._paginate(req, path, page, offset, has_more))
+
+    def resolve(self, req: Request, repo_id: str, revision: str, path: str) -> Response:
+        info = self._visible_info(req, repo_id)
+        sha, entry = self.store.file_entry(info.repo_id, path, revision)
+        blob = self.store.blobs.path(entry.sha256)
+        content_type = mimetypes.guess_type(path)[0] or "application/octet-stream"
+        if is_commit_sha(validate_revision(revision)) and not info.private:
+            cache = "public, max-age=31536000, immutable"
+        else:
+            cache = "private, no-cache" if info.private else "no-cache"
+        headers = [
+            ("X-Repo-Commit", sha),
+            ("ETag", f'"{entry.oid}"'),
+            ("Accept-Ranges", "bytes"),
+            ("Content-Type", content_type),
+            ("Cache-Control", cache),
+        ]
+        if req.method == "HEAD" and not is_commit_sha(validate_revision(revision)):
+            # Pin the branch to its commit. huggingface_hub follows this same-host
+            # redirect and then GETs the pinned URL, so a push landing between its
+            # HEAD and its GET cannot hand it another commit's bytes (the size and
+            # etag it checks come from the HEAD).
+            pinned = f"/{quote(info.repo_id)}/resolve/{sha}/{quote(path)}"
+            if self.config.public_url:  # served under a path prefix: make it absolute
+                pinned = self.config.public_url.rstrip("/") + pinned
+            return Response(307, [*headers, ("Location", pinned), ("X-Linked-Size", str(entry.size))])
+        byte_range = parse_range(req.headers.get("Range"), entry.size)
+        if req.method == "GET" and path in DOWNLOAD_COUNTING_FILES and (byte_range is None or byte_range[0] == 0):
+            self.store.record_download(info.repo_id)
+        if byte_range is None:
+            headers.append(("Content-Length", str(entry.size)))
+            return Response(200, headers, file=blob, file_range=(0, entry.size - 1) if entry.size else None)
+        start, end = byte_range
+        headers += [("Content-Length", str(end - start + 1)), ("Content-Range", f"bytes {start}-{end}/{entry.size}")]
+        return Response(206, headers, file=blob, file_range=(start, end))
+
+    # ------------------------------------------------------------- write
+    def preupload(self, req: Request, repo_id: str, revision: str) -> Response:
+        info = self._writable(req, repo_id, "uploading")
+        if req.flag("create_pr"):
+            raise BadRequest("pull requests are not supported by this registry; commit to a branch instead")
+        files = parse_preupload(req.json("preupload"))
+        _, current = self.store.snapshot(info.repo_id, revision)
+        out = []
+        for entry in files:
+            item: dict[str, Any] = {"path": entry["path"], "uploadMode": "regular", "shouldIgnore": False}
+            existing = current.get(entry["path"])
+            if existing is not None:
+                item["oid"] = existing.oid
+            out.append(item)
+        return Response.json({"files": out, "commitOid": self.store.resolve_revision(info.repo_id, revision)})
+
+    def commit(self, req: Request, repo_id: str, revision: str) -> Response:
+        info = self._writable(req, repo_id, "committing")
+        if req.flag("create_pr"):
+            raise BadRequest("pull requests are not supported by this registry; commit to a branch instead")
+        content_type = (req.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        if content_type not in ("application/x-ndjson", "application/ndjson", ""):
+            raise MalformedPayload(
+                f"commit body must be NDJSON (Content-Type: application/x-ndjson), got {content_type!r}"
+            )
+        revision = validate_revision(revision)
+        self.store.resolve_revision(info.repo_id, revision)  # unknown branch: 404 before any staging
+        if req.body is None:
+            raise MalformedPayload("commit request has no body")
+        payload = parse_commit(req.body, self.store.stage, self.store.blobs.discard)
+        sha = self.store.commit(
+            info.repo_id,
+            payload.files,
+            payload.deletions,
+            payload.summary or "Update files",
+            revision=revision,
+            parent=payload.parent,
+            description=payload.description,
+            author=req.principal.user if req.principal else "",
+        )
+        return Response.json({
+            "success": True,
+            "commitOid": sha,
+            "commitUrl": f"{self._repo_url(req, info.repo_id)}/commit/{sha}",
+            "hookOutput": "",
+            "pullRequestUrl": None,
+        })
+
+    def branch(self, req: Request, repo_id: str, branch: str) -> Response:
+        info = self._writable(req, repo_id, "changing branches")
+        if req.method == "DELETE":
+            self.store.delete_branch(info.repo_id, branch)
+            return Response.json({})
+        data = req.json("create branch", allow_empty=True)
+        start = data.get("startingPoint") or "main"
+        if not isinstance(start, str):
+            raise MalformedPayload("create branch: 'startingPoint' must be a revision string")
+        self.store.create_branch(info.repo_id, branch, revision=start)
+        return Response.json({})
+

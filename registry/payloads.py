@@ -1,0 +1,137 @@
+"""Parsing of the Hub's upload payloads: ``preupload`` JSON and the NDJSON commit.
+
+The commit body is one JSON object per line (see HUB_PROTOCOL.md)::
+
+    {"key": "header", "value": {"summary": ..., "description": ..., "parentCommit": ...}}
+    {"key": "file", "value": {"path": ..., "content": <base64>, "encoding": "base64"}}
+    {"key": "deletedFile", "value": {"path": ...}}
+    {"key": "deletedFolder", "value": {"path": ...}}
+
+File contents are decoded and staged to temporary files line by line, so
+memory holds one file at a time. Any error discards everything staged: a bad
+payload writes nothing.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from .blobs import StagedBlob
+from .errors import MalformedPayload
+from .names import is_commit_sha, validate_folder, validate_path
+
+
+@dataclass
+class CommitPayload:
+    summary: str = ""
+    description: str = ""
+    parent: str | None = None
+    files: dict[str, StagedBlob] = field(default_factory=dict)
+    deletions: list[str] = field(default_factory=list)
+
+
+def decode_base64(value: Any, what: str) -> bytes:
+    if not isinstance(value, str):
+        raise MalformedPayload(f"{what}: expected a base64 string, got {type(value).__name__}")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise MalformedPayload(f"{what}: content is not valid base64") from None
+
+
+def parse_json_object(raw: bytes, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(raw.decode("utf-8")) if raw.strip() else None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MalformedPayload(f"{what}: body is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise MalformedPayload(f"{what}: body must be a JSON object")
+    return data
+
+
+def parse_preupload(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """Validate a preupload request; returns its ``files`` entries."""
+    files = data.get("files")
+    if not isinstance(files, list):
+        raise MalformedPayload("preupload: 'files' must be a list of {path, sample, size}")
+    for i, entry in enumerate(files):
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+            raise MalformedPayload(f"preupload: files[{i}] must be an object with a string 'path'")
+        validate_path(entry["path"])
+        if "sample" in entry:
+            decode_base64(entry["sample"], f"preupload: sample of '{entry['path']}'")
+        size = entry.get("size")
+        if size is not None and (not isinstance(size, int) or size < 0):
+            raise MalformedPayload(f"preupload: size of '{entry['path']}' must be a non-negative integer")
+    return files
+
+
+def parse_commit(body: IO[bytes], stage: Callable[[bytes], StagedBlob], discard: Callable[[StagedBlob], None]) -> CommitPayload:
+    """Parse an NDJSON commit body, staging file contents as they come."""
+    payload = CommitPayload()
+    seen_header = False
+    lineno = 0
+    try:
+        for raw in body:
+            lineno += 1
+            if not raw.strip():
+                continue
+            try:
+                item = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise MalformedPayload(f"commit payload line {lineno} is not valid JSON ({exc.__class__.__name__})") from None
+            if not isinstance(item, dict) or not isinstance(item.get("value"), dict) or "key" not in item:
+                raise MalformedPayload(f"commit payload line {lineno} must be an object {{\"key\": ..., \"value\": {{...}}}}")
+            key, value = item["key"], item["value"]
+            if key == "header":
+                if seen_header:
+                    raise MalformedPayload(f"commit payload line {lineno}: a second header")
+                seen_header = True
+                summary = value.get("summary", "")
+                description = value.get("description", "") or ""
+                parent = value.get("parentCommit")
+                if not isinstance(summary, str) or not isinstance(description, str):
+                    raise MalformedPayload("commit header: 'summary' and 'description' must be strings")
+                if parent is not None and (not isinstance(parent, str) or not is_commit_sha(parent)):
+                    raise MalformedPayload(f"commit header: parentCommit {parent!r} is not a 40-hex commit sha")
+                payload.summary, payload.description, payload.parent = summary, description, parent
+            elif key == "file":
+                path = value.get("path")
+                if not isinstance(path, str):
+                    raise MalformedPayload(f"commit payload line {lineno}: file without a string 'path'")
+                validate_path(path)
+                encoding = value.get("encoding", "base64")
+                if encoding != "base64":
+                    raise MalformedPayload(f"file '{path}': unsupported encoding {encoding!r}; use 'base64'")
+                content = decode_base64(value.get("content"), f"file '{path}'")
+                old = payload.files.pop(path, None)
+                if old is not None:
+                    discard(old)
+                payload.files[path] = stage(content)
+            elif key in ("deletedFile", "deletedFolder"):
+                path = value.get("path")
+                if not isinstance(path, str):
+                    raise MalformedPayload(f"commit payload line {lineno}: {key} without a string 'path'")
+                if key == "deletedFolder":
+                    payload.deletions.append(validate_folder(path) + "/")
+                else:
+                    payload.deletions.append(validate_path(path))
+            elif key == "lfsFile":
+                raise MalformedPayload(
+                    "this registry stores every file in the commit itself and never asks for LFS uploads; "
+                    "send files as {'key': 'file'} (huggingface_hub does this when preupload answers 'regular')"
+                )
+            else:
+                raise MalformedPayload(f"commit payload line {lineno}: unknown key {key!r}")
+        if not seen_header:
+            raise MalformedPayload("commit payload has no header line ({\"key\": \"header\", ...})")
+    except BaseException:
+        for blob in payload.files.values():
+            discard(blob)
+        raise
+    return payload

@@ -1,0 +1,98 @@
+"""JSON shapes of the Hub API, built from store objects.
+
+Field names follow what ``huggingface_hub`` 2.4 parses (``ModelInfo``,
+``RepoFile``/``RepoFolder``, ``GitCommitInfo``, ``GitRefs``).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from .hashing import folder_oid
+from .store import CommitInfo, FileEntry, RepoInfo
+
+
+def iso(dt: datetime) -> str:
+    """The Hub's timestamp format: ``2024-05-01T12:00:00.123Z``."""
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+
+
+def model_json(
+    info: RepoInfo,
+    *,
+    files: list[FileEntry] | None = None,
+    card_data: bool = True,
+) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "_id": info.repo_id,
+        "id": info.repo_id,
+        "modelId": info.repo_id,
+        "author": info.namespace,
+        "sha": info.sha,
+        "lastModified": iso(info.last_modified),
+        "createdAt": iso(info.created_at),
+        "private": info.private,
+        "gated": False,
+        "disabled": False,
+        "downloads": info.downloads,
+        "likes": 0,
+        "library_name": info.library_name,
+        "tags": list(info.tags),
+        "pipeline_tag": info.pipeline_tag,
+    }
+    if card_data and info.card:
+        data["cardData"] = info.card
+    if files is not None:
+        data["siblings"] = [{"rfilename": f.path, "size": f.size, "blobId": f.oid} for f in files]
+        data["usedStorage"] = sum(f.size for f in files)
+    return data
+
+
+def tree_json(files: dict[str, FileEntry], prefix: str, recursive: bool) -> list[dict[str, Any]]:
+    """Entries of the tree API under ``prefix`` ('' for the root), folders included."""
+    base = prefix.rstrip("/") + "/" if prefix else ""
+    folders: dict[str, list[tuple[str, str]]] = {}
+    out_files = []
+    for path, entry in files.items():
+        if not path.startswith(base):
+            continue
+        rel = path[len(base) :]
+        parts = rel.split("/")
+        for depth in range(1, len(parts)):
+            folder = base + "/".join(parts[:depth])
+            folders.setdefault(folder, []).append((path, entry.oid))
+            if not recursive:
+                break
+        if recursive or len(parts) == 1:
+            out_files.append({"type": "file", "oid": entry.oid, "size": entry.size, "path": path})
+    out = [
+        {"type": "directory", "oid": folder_oid(folder, content), "size": 0, "path": folder}
+        for folder, content in folders.items()
+    ]
+    if not recursive:
+        # Folder oids must cover their whole content, not only the first level.
+        for item in out:
+            sub = item["path"] + "/"
+            item["oid"] = folder_oid(item["path"], [(p, e.oid) for p, e in files.items() if p.startswith(sub)])
+    return sorted(out + out_files, key=lambda item: item["path"])
+
+
+def commit_json(commit: CommitInfo) -> dict[str, Any]:
+    return {
+        "id": commit.sha,
+        "title": commit.message,
+        "message": commit.description,
+        "authors": [{"user": commit.author}] if commit.author else [],
+        "date": iso(commit.created_at),
+        "parents": [commit.parent] if commit.parent else [],
+    }
+
+
+def refs_json(branches: dict[str, str]) -> dict[str, Any]:
+    return {
+        "branches": [{"name": n, "ref": f"refs/heads/{n}", "targetCommit": sha} for n, sha in branches.items()],
+        "converts": [],
+        "tags": [],
+        "pullRequests": [],
+    }

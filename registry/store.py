@@ -1,0 +1,793 @@
+"""The registry store: adapter repos with immutable commits, on one local folder.
+
+This is the in-process API. The HTTP server (``peftkit registry serve``) is a
+thin layer over it, and peftkit's embedded local hub uses it directly::
+
+    from peftkit.registry import RegistryStore
+
+    store = RegistryStore("~/.cache/peftkit/hub")
+    store.create_repo("alice/sentiment-lora", exist_ok=True)
+    sha = store.commit("alice/sentiment-lora", {"adapter_config.json": b"{...}",
+                                                 "adapter_model.safetensors": Path("w.safetensors")},
+                       message="Add adapter")
+    store.read_file("alice/sentiment-lora", "adapter_config.json")
+    store.search("sentiment", base_model="meta-llama/Llama-3.2-1B", method="lora")
+
+Guarantees:
+
+* Commits are immutable and content-addressed; a branch (``main``) is a
+  pointer to a commit. Revisions are branch names or full 40-hex commit shas.
+* A commit is atomic: file content is staged to temporary files first, then
+  one SQLite transaction publishes the blobs (``os.replace``), writes the tree
+  and the commit and moves the branch. A crash at any point leaves the branch
+  at its previous commit; at worst an unreferenced blob stays on disk, which no
+  read can reach and :meth:`RegistryStore.gc` deletes.
+* Safe for many threads in one process and several processes on one folder
+  (SQLite WAL; writers are serialised).
+
+The store does no authentication: callers (the HTTP layer) decide who may see
+and change what. :meth:`RegistryStore.search` takes ``visible_to`` to hide
+private repos.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sqlite3
+import time
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Union
+
+from .accounts import Accounts
+from .blobs import BlobStore, StagedBlob
+from .cards import RepoMetadata, extract_metadata, normalize_task
+from .db import Database
+from .errors import (
+    BadRequest,
+    EntryNotFound,
+    InvalidPath,
+    InvalidRevision,
+    ParentCommitMismatch,
+    RepoExists,
+    RepoNotFound,
+    RevisionNotFound,
+)
+from .hashing import commit_oid, tree_oid
+from .names import is_commit_sha, split_repo_id, validate_branch, validate_folder, validate_path, validate_revision
+
+DEFAULT_BRANCH = "main"
+MAX_SEARCH_LIMIT = 1000
+_MAX_INDEXED_FILE_BYTES = 1 << 20
+
+FileContent = Union[bytes, bytearray, memoryview, str, os.PathLike, StagedBlob]
+
+_SORT_ALIASES = {
+    "downloads": "downloads",
+    "likes": "downloads",
+    "trending": "downloads",
+    "trendingScore": "downloads",
+    "trending_score": "downloads",
+    "recent": "recent",
+    "lastModified": "recent",
+    "last_modified": "recent",
+    "modified": "recent",
+    "created": "created",
+    "createdAt": "created",
+    "created_at": "created",
+    "relevance": "relevance",
+    "name": "name",
+    "id": "name",
+}
+
+
+def _dt(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, tz=timezone.utc)
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file of a commit. ``oid`` is the git blob sha1, ``sha256`` the blob address."""
+
+    path: str
+    size: int
+    sha256: str
+    oid: str
+
+
+@dataclass(frozen=True)
+class CommitInfo:
+    sha: str
+    repo_id: str
+    parent: str | None
+    tree: str
+    message: str
+    description: str
+    author: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class RepoInfo:
+    """A repo as of one revision (by default its ``main`` head)."""
+
+    repo_id: str
+    namespace: str
+    name: str
+    private: bool
+    owner: str | None
+    created_at: datetime
+    last_modified: datetime
+    downloads: int
+    sha: str
+    library_name: str | None = None
+    pipeline_tag: str | None = None
+    tags: tuple[str, ...] = ()
+    base_models: tuple[str, ...] = ()
+    methods: tuple[str, ...] = ()
+    tasks: tuple[str, ...] = ()
+    datasets: tuple[str, ...] = ()
+    card: dict[str, Any] = field(default_factory=dict)
+
+
+class RegistryStore:
+    """Adapter repos on local disk. See the module docstring for the guarantees."""
+
+    def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True) -> None:
+        """Open (creating if needed) the store in ``root``.
+
+        ``fsync=False`` skips flushing blob files to the disk before their
+        commit is recorded: faster for bulk imports and tests, but a power
+        loss (not a process crash) may then lose the newest blobs.
+        """
+        self.root = Path(os.path.expanduser(os.fspath(root)))
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.blobs = BlobStore(self.root, fsync=fsync)
+        self.db = Database(self.root / "registry.db")
+        self.accounts = Accounts(self.db)
+        self.blobs.cleanup_tmp()
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> "RegistryStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def fts5(self) -> bool:
+        """Whether free-text search uses SQLite FTS5 (else a slower LIKE scan)."""
+        return self.db.fts5
+
+    def _checkpoint(self, point: str) -> None:
+        """No-op hook between the steps of a commit; tests replace it to inject crashes.
+
+        Points: ``"staged"`` (content in temporary files, no transaction yet),
+        ``"published"`` (blobs moved into place inside the transaction),
+        ``"before_commit"`` (metadata written, transaction not yet committed).
+        """
+
+    # ------------------------------------------------------------------ rows
+    @staticmethod
+    def _repo_row(conn: sqlite3.Connection, repo_id: str) -> sqlite3.Row:
+        row = conn.execute("SELECT * FROM repos WHERE repo_id = ?", (repo_id,)).fetchone()
+        if row is None:
+            raise RepoNotFound(f"repository '{repo_id}' not found")
+        return row
+
+    @staticmethod
+    def _branch_head(conn: sqlite3.Connection, repo: sqlite3.Row, branch: str) -> str:
+        row = conn.execute("SELECT commit_sha FROM refs WHERE repo = ? AND name = ?", (repo["id"], branch)).fetchone()
+        if row is None:
+            raise RevisionNotFound(f"revision '{branch}' not found in '{repo['repo_id']}'")
+        return row["commit_sha"]
+
+    def _resolve(self, conn: sqlite3.Connection, repo: sqlite3.Row, revision: str) -> str:
+        revision = validate_revision(revision)
+        if is_commit_sha(revision):
+            row = conn.execute(
+                "SELECT sha FROM commits WHERE sha = ? AND repo = ?", (revision, repo["id"])
+            ).fetchone()
+            if row is None:
+                # A 40-hex branch name is refused at creation, so this is an unknown commit.
+                raise RevisionNotFound(f"revision '{revision}' not found in '{repo['repo_id']}'")
+            return revision
+        if revision.startswith("refs/heads/"):
+            revision = revision[len("refs/heads/") :]
+        return self._branch_head(conn, repo, revision)
+
+    @staticmethod
+    def _tree_of(conn: sqlite3.Connection, commit_sha: str) -> str:
+        return conn.execute("SELECT tree FROM commits WHERE sha = ?", (commit_sha,)).fetchone()["tree"]
+
+    @staticmethod
+    def _entries(conn: sqlite3.Connection, tree: str) -> dict[str, FileEntry]:
+        rows = conn.execute(
+            "SELECT path, size, sha256, oid FROM tree_entries WHERE tree = ? ORDER BY path", (tree,)
+        ).fetchall()
+        return {r["path"]: FileEntry(r["path"], r["size"], r["sha256"], r["oid"]) for r in rows}
+
+    def _info_from_row(self, row: sqlite3.Row, sha: str, meta: Mapping[str, Any], card: dict[str, Any]) -> RepoInfo:
+        return RepoInfo(
+            repo_id=row["repo_id"],
+            namespace=row["namespace"],
+            name=row["name"],
+            private=bool(row["private"]),
+            owner=row["owner"],
+            created_at=_dt(row["created_at"]),
+            last_modified=_dt(row["last_modified"]),
+            downloads=row["downloads"],
+            sha=sha,
+            library_name=meta.get("library_name"),
+            pipeline_tag=meta.get("pipeline_tag"),
+            tags=tuple(meta.get("tags") or ()),
+            base_models=tuple(meta.get("base_models") or ()),
+            methods=tuple(meta.get("methods") or ()),
+            tasks=tuple(meta.get("tasks") or ()),
+            datasets=tuple(meta.get("datasets") or ()),
+            card=card,
+        )
+
+    def _read_small(self, entry: FileEntry | None) -> bytes | None:
+        if entry is None:
+            return None
+        with open(self.blobs.path(entry.sha256), "rb") as f:
+            return f.read(_MAX_INDEXED_FILE_BYTES)
+
+    def _metadata_for(self, entries: Mapping[str, FileEntry]) -> RepoMetadata:
+        return extract_metadata(self._read_small(entries.get("README.md")), self._read_small(entries.get("adapter_config.json")))
+
+    # ----------------------------------------------------------------- repos
+    def create_repo(
+        self, repo_id: str, *, private: bool = False, owner: str | None = None, exist_ok: bool = False
+    ) -> RepoInfo:
+        """Create an empty repo (one empty initial commit on ``main``).
+
+        Raises :class:`RepoExists` (HTTP 409) when it exists, unless
+        ``exist_ok``; an existing repo is returned unchanged.
+        """
+        namespace, name = split_repo_id(repo_id)
+        now = time.time()
+        with self.db.write() as conn:
+            existing = conn.execute("SELECT repo_id FROM repos WHERE repo_id = ?", (repo_id,)).fetchone()
+            if existing is not None:
+                if not exist_ok:
+                    raise RepoExists(
+                        f"repository '{existing['repo_id']}' already exists; pick another name or pass exist_ok",
+                        repo_id=existing["repo_id"],
+                    )
+            else:
+                cur = conn.execute(
+                    "INSERT INTO repos(repo_id, namespace, name, private, owner, created_at, last_modified)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (repo_id, namespace, name, int(private), owner, now, now),
+                )
+                repo = self._repo_row(conn, repo_id)
+                tree = tree_oid(())
+                sha = commit_oid(
+                    repo_id=repo_id, tree=tree, parent=None, author=owner or "", timestamp=now,
+                    message="initial commit", description="",
+                )
+                conn.execute(
+                    "INSERT INTO commits(sha, repo, parent, tree, message, description, author, created_at)"
+                    " VALUES (?, ?, NULL, ?, 'initial commit', '', ?, ?)",
+                    (sha, cur.lastrowid, tree, owner or "", now),
+                )
+                conn.execute("INSERT INTO refs(repo, name, commit_sha) VALUES (?, ?, ?)", (cur.lastrowid, DEFAULT_BRANCH, sha))
+                self._index(conn, repo, RepoMetadata())
+        return self.repo_info(repo_id)
+
+    def repo_exists(self, repo_id: str) -> bool:
+        with self.db.connection() as conn:
+            return conn.execute("SELECT 1 FROM repos WHERE repo_id = ?", (repo_id,)).fetchone() is not None
+
+    def set_private(self, repo_id: str, private: bool) -> None:
+        with self.db.write() as conn:
+            repo = self._repo_row(conn, repo_id)
+            conn.execute("UPDATE repos SET private = ? WHERE id = ?", (int(private), repo["id"]))
+
+    def delete_repo(self, repo_id: str, *, missing_ok: bool = False) -> None:
+        """Delete the repo, its history, and every blob no other repo references."""
+        with self.db.write() as conn:
+            row = conn.execute("SELECT * FROM repos WHERE repo_id = ?", (repo_id,)).fetchone()
+            if row is None:
+                if missing_ok:
+                    return
+                raise RepoNotFound(f"repository '{repo_id}' not found")
+            trees = [r["tree"] for r in conn.execute("SELECT DISTINCT tree FROM commits WHERE repo = ?", (row["id"],))]
+            blobs = {
+                r["sha256"]
+                for tree in trees
+                for r in conn.execute("SELECT sha256 FROM tree_entries WHERE tree = ?", (tree,))
+            }
+            conn.execute("DELETE FROM repo_search WHERE rowid = ?", (row["id"],))
+            conn.execute("DELETE FROM repos WHERE id = ?", (row["id"],))  # cascades
+            for tree in trees:
+                if conn.execute("SELECT 1 FROM commits WHERE tree = ? LIMIT 1", (tree,)).fetchone() is None:
+                    conn.execute("DELETE FROM tree_entries WHERE tree = ?", (tree,))
+        # Unlink only once the deletion is committed, and inside a write
+        # transaction: blobs are published only by write transactions, so no
+        # writer (in this process or another) can start using one meanwhile.
+        with self.db.write() as conn:
+            for sha in blobs:
+                if not self._blob_referenced(conn, sha):
+                    self.blobs.delete(sha)
+
+    @staticmethod
+    def _blob_referenced(conn: sqlite3.Connection, sha256: str) -> bool:
+        return conn.execute("SELECT 1 FROM tree_entries WHERE sha256 = ? LIMIT 1", (sha256,)).fetchone() is not None
+
+    def repo_info(self, repo_id: str, revision: str | None = None) -> RepoInfo:
+        """Info about the repo at ``revision`` (default: the ``main`` head, served from the index)."""
+        with self.db.read() as conn:
+            row = self._repo_row(conn, repo_id)
+            head = self._branch_head(conn, row, DEFAULT_BRANCH)
+            sha = head if revision is None else self._resolve(conn, row, revision)
+            if sha == head:
+                m = conn.execute("SELECT meta_json, card_json FROM repo_meta WHERE repo = ?", (row["id"],)).fetchone()
+                meta = json.loads(m["meta_json"]) if m else {}
+                card = json.loads(m["card_json"]) if m else {}
+                return self._info_from_row(row, sha, meta, card)
+            entries = self._entries(conn, self._tree_of(conn, sha))
+        md = self._metadata_for(entries)
+        return self._info_from_row(row, sha, md.to_json(), md.card)
+
+    # ------------------------------------------------------------- revisions
+    def resolve_revision(self, repo_id: str, revision: str = DEFAULT_BRANCH) -> str:
+        """The commit sha a branch name or commit sha points to."""
+        with self.db.read() as conn:
+            return self._resolve(conn, self._repo_row(conn, repo_id), revision)
+
+    def list_branches(self, repo_id: str) -> dict[str, str]:
+        with self.db.read() as conn:
+            repo = self._repo_row(conn, repo_id)
+            rows = conn.execute("SELECT name, commit_sha FROM refs WHERE repo = ? ORDER BY name", (repo["id"],))
+            return {r["name"]: r["commit_sha"] for r in rows}
+
+    def create_branch(self, repo_id: str, branch: str, *, revision: str = DEFAULT_BRANCH, exist_ok: bool = False) -> str:
+        """Create ``branch`` pointing at ``revision``; returns that commit sha."""
+        validate_branch(branch)
+        with self.db.write() as conn:
+            repo = self._repo_row(conn, repo_id)
+            sha = self._resolve(conn, repo, revision)
+            exists = conn.execute("SELECT 1 FROM refs WHERE repo = ? AND name = ?", (repo["id"], branch)).fetchone()
+            if exists:
+                if exist_ok:
+                    return self._branch_head(conn, repo, branch)
+                raise RepoExists(f"branch '{branch}' already exists in '{repo_id}'", repo_id=repo_id)
+            conn.execute("INSERT INTO refs(repo, name, commit_sha) VALUES (?, ?, ?)", (repo["id"], branch, sha))
+            return sha
+
+    def delete_branch(self, repo_id: str, branch: str) -> None:
+        if branch == DEFAULT_BRANCH:
+            raise InvalidRevision(f"the default branch '{DEFAULT_BRANCH}' cannot be deleted")
+        with self.db.write() as conn:
+            repo = self._repo_row(conn, repo_id)
+            self._branch_head(conn, repo, branch)
+            conn.execute("DELETE FROM refs WHERE repo = ? AND name = ?", (repo["id"], branch))
+
+    def get_commit(self, repo_id: str, sha: str) -> CommitInfo:
+        with self.db.read() as conn:
+            repo = self._repo_row(conn, repo_id)
+            row = conn.execute("SELECT * FROM commits WHERE sha = ? AND repo = ?", (sha, repo["id"])).fetchone()
+            if row is None:
+                raise RevisionNotFound(f"revision '{sha}' not found in '{repo['repo_id']}'")
+            return self._commit_info(repo["repo_id"], row)
+
+    @staticmethod
+    def _commit_info(repo_id: str, row: sqlite3.Row) -> CommitInfo:
+        return CommitInfo(
+            sha=row["sha"], repo_id=repo_id, parent=row["parent"], tree=row["tree"], message=row["message"],
+            description=row["description"], author=row["author"], created_at=_dt(row["created_at"]),
+        )
+
+    def list_commits(self, repo_id: str, revision: str = DEFAULT_BRANCH, *, limit: int | None = None) -> list[CommitInfo]:
+        """History reachable from ``revision``, newest first (the parent chain)."""
+        with self.db.read() as conn:
+            repo = self._repo_row(conn, repo_id)
+            start = self._resolve(conn, repo, revision)
+            rows = conn.execute(
+                "WITH RECURSIVE chain(sha, depth) AS ("
+                "  SELECT ?, 0"
+                "  UNION ALL"
+                "  SELECT c.parent, chain.depth + 1 FROM commits c JOIN chain ON c.sha = chain.sha"
+                "  WHERE c.parent IS NOT NULL AND (? < 0 OR chain.depth + 1 < ?)"
+                ") SELECT c.* FROM chain JOIN commits c ON c.sha = chain.sha ORDER BY chain.depth",
+                (start, -1 if limit is None else limit, -1 if limit is None else limit),
+            ).fetchall()
+            return [self._commit_info(repo["repo_id"], r) for r in rows]
+
+    # ----------------------------------------------------------------- files
+    def list_files(self, repo_id: str, revision: str = DEFAULT_BRANCH) -> list[FileEntry]:
+        """All files at ``revision``, sorted by path."""
+        return list(self.snapshot(repo_id, revision)[1].values())
+
+    def snapshot(self, repo_id: str, revision: str = DEFAULT_BRANCH) -> tuple[str, dict[str, FileEntry]]:
+        """``(commit_sha, {path: FileEntry})`` read in one consistent transaction."""
+        with self.db.read() as conn:
+            repo = self._repo_row(conn, repo_id)
+            sha = self._resolve(conn, repo, revision)
+            return sha, self._entries(conn, self._tree_of(conn, sha))
+
+    def file_entry(self, repo_id: str, path: str, revision: str = DEFAULT_BRANCH) -> tuple[str, FileEntry]:
+        """``(commit_sha, entry)`` for one file; :class:`EntryNotFound` carries the commit when missing."""
+        validate_path(path)
+        with self.db.read() as conn:
+            repo = self._repo_row(conn, repo_id)
+            sha = self._resolve(conn, repo, revision)
+            row = conn.execute(
+                "SELECT path, size, sha256, oid FROM tree_entries WHERE tree = ? AND path = ?",
+                (self._tree_of(conn, sha), path),
+            ).fetchone()
+        if row is None:
+            raise EntryNotFound(f"file '{path}' not found in '{repo_id}' at revision '{revision}'", commit=sha)
+        return sha, FileEntry(row["path"], row["size"], row["sha256"], row["oid"])
+
+    def blob_path(self, repo_id: str, path: str, revision: str = DEFAULT_BRANCH) -> Path:
+        """Path of the immutable blob holding ``path`` at ``revision``. Never write to it."""
+        _, entry = self.file_entry(repo_id, path, revision)
+        return self.blobs.path(entry.sha256)
+
+    def read_file(self, repo_id: str, path: str, revision: str = DEFAULT_BRANCH) -> bytes:
+        return self.blob_path(repo_id, path, revision).read_bytes()
+
+    def export_snapshot(self, repo_id: str, dest: str | os.PathLike[str], revision: str = DEFAULT_BRANCH) -> str:
+        """Write the files at ``revision`` into ``dest`` (each file atomically); returns the commit sha."""
+        sha, entries = self.snapshot(repo_id, revision)
+        dest = Path(dest)
+        for entry in entries.values():
+            target = dest / entry.path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+            with open(self.blobs.path(entry.sha256), "rb") as src, open(tmp, "wb") as out:
+                while chunk := src.read(1 << 20):
+                    out.write(chunk)
+            os.replace(tmp, target)
+        return sha
+
+    # --------------------------------------------------------------- commits
+    def stage(self, content: FileContent) -> StagedBlob:
+        """Hash and stage content (bytes, text, or a path to a local file) for a later commit."""
+        if isinstance(content, StagedBlob):
+            return content
+        if isinstance(content, str):
+            content = content.encode("utf-8")
+        if isinstance(content, (bytes, bytearray, memoryview)):
+            return self.blobs.stage_bytes(bytes(content))
+        if isinstance(content, os.PathLike):
+            return self.blobs.stage_file(content)
+        raise TypeError(f"file content must be bytes, str, a path or a StagedBlob, not {type(content).__name__}")
+
+    def commit(
+        self,
+        repo_id: str,
+        files: Mapping[str, FileContent] | None = None,
+        deletions: Iterable[str] = (),
+        message: str = "Update files",
+        *,
+        revision: str = DEFAULT_BRANCH,
+        parent: str | None = None,
+        description: str = "",
+        author: str = "",
+    ) -> str:
+        """Add/replace ``files`` and delete ``deletions`` on branch ``revision`` in one commit.
+
+        ``files`` maps repo paths to bytes, ``str`` (UTF-8), a local file path
+        or a :class:`StagedBlob`. A deletion ending in ``/`` deletes a folder.
+        Deletions apply before additions. ``parent``, when given, must be the
+        branch head (else :class:`ParentCommitMismatch`): optimistic locking.
+        Returns the new commit sha.
+        """
+        files = dict(files or {})
+        deletions = list(deletions)
+        split_repo_id(repo_id)
+        for path in files:
+            validate_path(path)
+        for path in deletions:
+            (validate_folder if path.endswith("/") else validate_path)(path)
+        if is_commit_sha(revision):
+            raise InvalidRevision(f"cannot commit to commit '{revision}': commits go to a branch such as 'main'")
+        branch = validate_revision(revision)
+        if parent is not None and not is_commit_sha(parent):
+            raise BadRequest(f"parent commit {parent!r} is not a 40-hex commit sha")
+        message = message or "Update files"
+        with self.db.connection() as conn:  # fail fast before staging any content
+            self._repo_row(conn, repo_id)
+
+        staged: dict[str, StagedBlob] = {}
+        try:
+            for path, content in files.items():
+                staged[path] = self.stage(content)
+            self._checkpoint("staged")
+            with self.db.write() as conn:
+                repo = self._repo_row(conn, repo_id)
+                head = self._branch_head(conn, repo, branch)
+                if parent is not None and parent != head:
+                    raise ParentCommitMismatch(
+                        f"branch '{branch}' of '{repo_id}' moved: its head is {head}, not the parent commit "
+                        f"{parent}; fetch the new head and retry"
+                    )
+                head_row = conn.execute("SELECT tree, created_at FROM commits WHERE sha = ?", (head,)).fetchone()
+                entries = self._entries(conn, head_row["tree"])
+                self._apply_deletions(entries, deletions, repo_id, head)
+                self._check_no_file_folder_clash(entries, staged)
+                for path, blob in staged.items():
+                    entries[path] = FileEntry(path, blob.size, blob.sha256, blob.oid)
+                for blob in staged.values():
+                    self.blobs.publish(blob)
+                self._checkpoint("published")
+
+                tree = tree_oid((e.path, e.oid) for e in entries.values())
+                if conn.execute("SELECT 1 FROM tree_entries WHERE tree = ? LIMIT 1", (tree,)).fetchone() is None:
+                    conn.executemany(
+                        "INSERT INTO tree_entries(tree, path, sha256, oid, size) VALUES (?, ?, ?, ?, ?)",
+                        [(tree, e.path, e.sha256, e.oid, e.size) for e in entries.values()],
+                    )
+                now = max(time.time(), head_row["created_at"] + 1e-6)  # history stays ordered
+                sha = commit_oid(
+                    repo_id=repo["repo_id"], tree=tree, parent=head, author=author, timestamp=now,
+                    message=message, description=description,
+                )
+                conn.execute(
+                    "INSERT INTO commits(sha, repo, parent, tree, message, description, author, created_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (sha, repo["id"], head, tree, message, description, author, now),
+                )
+                conn.execute("UPDATE refs SET commit_sha = ? WHERE repo = ? AND name = ?", (sha, repo["id"], branch))
+                conn.execute("UPDATE repos SET last_modified = ? WHERE id = ?", (now, repo["id"]))
+                if branch == DEFAULT_BRANCH:
+                    self._index(conn, repo, self._metadata_for(entries))
+                self._checkpoint("before_commit")
+            return sha
+        finally:
+            for blob in staged.values():
+                self.blobs.discard(blob)  # no-op for published blobs
+
+    @staticmethod
+    def _apply_deletions(entries: dict[str, FileEntry], deletions: list[str], repo_id: str, head: str) -> None:
+        for path in deletions:
+            if path.endswith("/"):
+                prefix = path.rstrip("/") + "/"
+                doomed = [p for p in entries if p.startswith(prefix)]
+                if not doomed:
+                    raise EntryNotFound(f"folder '{path}' not found in '{repo_id}'; nothing to delete", commit=head)
+                for p in doomed:
+                    del entries[p]
+            else:
+                if path not in entries:
+                    raise EntryNotFound(
+                        f"A file with this name doesn't exist: '{path}' in '{repo_id}'", commit=head
+                    )
+                del entries[path]
+
+    @staticmethod
+    def _check_no_file_folder_clash(entries: Mapping[str, FileEntry], added: Mapping[str, Any]) -> None:
+        paths = set(entries) | set(added)
+        for path in added:
+            parts = path.split("/")
+            for i in range(1, len(parts)):
+                prefix = "/".join(parts[:i])
+                if prefix in paths:
+                    raise InvalidPath(f"cannot add '{path}': '{prefix}' is a file, not a folder")
+            folder = path + "/"
+            if any(p.startswith(folder) for p in paths):
+                raise InvalidPath(f"cannot add file '{path}': a folder with that name exists")
+
+    # ----------------------------------------------------------------- index
+    def _index(self, conn: sqlite3.Connection, repo: sqlite3.Row, md: RepoMetadata) -> None:
+        """Replace the search entry of ``repo`` (its main head) inside the caller's transaction."""
+        rid = repo["id"]
+        conn.execute(
+            "INSERT INTO repo_meta(repo, library_name, pipeline_tag, card_json, meta_json) VALUES (?, ?, ?, ?, ?)"
+            " ON CONFLICT(repo) DO UPDATE SET library_name = excluded.library_name,"
+            " pipeline_tag = excluded.pipeline_tag, card_json = excluded.card_json, meta_json = excluded.meta_json",
+            (rid, md.library_name, md.pipeline_tag, json.dumps(md.card), json.dumps(md.to_json())),
+        )
+        conn.execute("DELETE FROM facets WHERE repo = ?", (rid,))
+        conn.executemany(
+            "INSERT OR IGNORE INTO facets(kind, value, repo) VALUES (?, ?, ?)", [(k, v, rid) for k, v in md.facets()]
+        )
+        words = " ".join(
+            {repo["repo_id"], repo["namespace"], repo["name"], re.sub(r"[-_.]+", " ", repo["name"])}
+        )
+        conn.execute("DELETE FROM repo_search WHERE rowid = ?", (rid,))
+        conn.execute(
+            "INSERT INTO repo_search(rowid, repo_words, body) VALUES (?, ?, ?)", (rid, words, md.search_text())
+        )
+
+    def reindex(self) -> int:
+        """Rebuild the search index of every repo from its files (after an upgrade of the extraction rules)."""
+        with self.db.read() as conn:
+            ids = [r["repo_id"] for r in conn.execute("SELECT repo_id FROM repos")]
+        for repo_id in ids:
+            try:
+                _, entries = self.snapshot(repo_id)
+            except RepoNotFound:
+                continue
+            md = self._metadata_for(entries)
+            with self.db.write() as conn:
+                row = conn.execute("SELECT * FROM repos WHERE repo_id = ?", (repo_id,)).fetchone()
+                if row is not None:
+                    self._index(conn, row, md)
+        return len(ids)
+
+    # ---------------------------------------------------------------- search
+    def search(
+        self,
+        text: str | None = None,
+        *,
+        base_model: str | None = None,
+        method: str | None = None,
+        task: str | None = None,
+        tags: Iterable[str] = (),
+        author: str | None = None,
+        library: str | None = None,
+        sort: str = "downloads",
+        limit: int = 20,
+        offset: int = 0,
+        visible_to: Collection[str] | None = None,
+    ) -> list[RepoInfo]:
+        """Find repos. All given filters must match.
+
+        * ``text``: words matched (as prefixes) against the repo id, card body,
+          tags, base model, method, task and datasets; or a substring of the id.
+        * ``base_model``: the card's ``base_model`` or the adapter config's
+          ``base_model_name_or_path``; ``method``: e.g. ``lora``; ``task``: a
+          pipeline tag or PEFT task type (``CAUSAL_LM`` == ``text-generation``);
+          ``tags``: every tag must be present (e.g. ``base_model:adapter:<id>``);
+          ``author``: the namespace; ``library``: e.g. ``peft``.
+        * ``sort``: ``downloads`` (default), ``recent`` (last modified),
+          ``created``, ``relevance`` (text rank) or ``name``.
+        * ``visible_to``: namespaces whose private repos may be returned;
+          ``None`` returns every repo (trusted, in-process use).
+        """
+        sort_key = _SORT_ALIASES.get(sort)
+        if sort_key is None:
+            raise BadRequest(f"unknown sort {sort!r}; use one of: downloads, recent, created, relevance, name")
+        if not isinstance(limit, int) or limit < 1:
+            raise BadRequest(f"limit must be a positive integer, got {limit!r}")
+        if not isinstance(offset, int) or offset < 0:
+            raise BadRequest(f"offset must be a non-negative integer, got {offset!r}")
+        limit = min(limit, MAX_SEARCH_LIMIT)
+
+        where: list[str] = []
+        params: list[Any] = []
+        joins = ""
+        order_params: list[Any] = []
+        if visible_to is not None:
+            namespaces = sorted({n.lower() for n in visible_to})
+            if namespaces:
+                where.append(f"(r.private = 0 OR lower(r.namespace) IN ({','.join('?' * len(namespaces))}))")
+                params += namespaces
+            else:
+                where.append("r.private = 0")
+        if author:
+            where.append("r.namespace = ?")
+            params.append(author)
+
+        def facet(kind: str, values: list[str]) -> None:
+            where.append(
+                f"r.id IN (SELECT repo FROM facets WHERE kind = ? AND value IN ({','.join('?' * len(values))}))"
+            )
+            params.extend([kind, *values])
+
+        if base_model:
+            facet("base_model", [base_model])
+        if method:
+            facet("method", [method.lower()])
+        if task:
+            facet("task", normalize_task(task))
+        if library:
+            facet("library", [library])
+        for tag in tags:
+            facet("tag", [tag])
+
+        if text is not None and text.strip():
+            text = text.strip()
+            words = re.findall(r"\w+", text)
+            like = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            if self.fts5 and words:
+                match = " AND ".join(f'"{w}"*' for w in words)
+                where.append(
+                    "(r.id IN (SELECT rowid FROM repo_search WHERE repo_search MATCH ?)"
+                    " OR r.repo_id LIKE ? ESCAPE '\\')"
+                )
+                params += [match, like]
+                if sort_key == "relevance":
+                    joins = (
+                        " LEFT JOIN (SELECT rowid AS rid, bm25(repo_search) AS rank FROM repo_search"
+                        " WHERE repo_search MATCH ?) rel ON rel.rid = r.id"
+                    )
+                    order_params.append(match)
+            elif words:
+                clauses = []
+                for w in words:
+                    wl = "%" + w.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+                    clauses.append(
+                        "(r.id IN (SELECT rowid FROM repo_search WHERE repo_words LIKE ? ESCAPE '\\'"
+                        " OR body LIKE ? ESCAPE '\\'))"
+                    )
+                    params += [wl, wl]
+                where.append("(" + " AND ".join(clauses) + " OR r.repo_id LIKE ? ESCAPE '\\')")
+                params.append(like)
+            else:
+                where.append("r.repo_id LIKE ? ESCAPE '\\'")
+                params.append(like)
+
+        order = {
+            "downloads": "r.downloads DESC, r.last_modified DESC, r.id DESC",
+            "recent": "r.last_modified DESC, r.id DESC",
+            "created": "r.created_at DESC, r.id DESC",
+            "name": "r.repo_id ASC",
+            "relevance": "rel.rank IS NULL, rel.rank, r.downloads DESC, r.id DESC" if joins else
+            "r.downloads DESC, r.last_modified DESC, r.id DESC",
+        }[sort_key]
+        sql = (
+            "SELECT r.*, refs.commit_sha AS head, m.meta_json, m.card_json FROM repos r"
+            " JOIN refs ON refs.repo = r.id AND refs.name = 'main'"
+            " LEFT JOIN repo_meta m ON m.repo = r.id" + joins
+            + (" WHERE " + " AND ".join(where) if where else "")
+            + f" ORDER BY {order} LIMIT ? OFFSET ?"
+        )
+        with self.db.read() as conn:
+            rows = conn.execute(sql, order_params + params + [limit, offset]).fetchall()
+        return [
+            self._info_from_row(
+                r, r["head"], json.loads(r["meta_json"]) if r["meta_json"] else {},
+                json.loads(r["card_json"]) if r["card_json"] else {},
+            )
+            for r in rows
+        ]
+
+    def record_download(self, repo_id: str, count: int = 1) -> None:
+        """Count ``count`` downloads of the repo (sorting by downloads uses this)."""
+        with self.db.write() as conn:
+            conn.execute("UPDATE repos SET downloads = downloads + ? WHERE repo_id = ?", (count, repo_id))
+
+    # ----------------------------------------------------------- maintenance
+    def gc(self, *, tmp_older_than_s: float = 3600.0) -> int:
+        """Delete blobs no commit references (left by crashed commits) and stale staging files.
+
+        Returns the number of blobs deleted. Safe while the server runs.
+        """
+        removed = 0
+        # A write transaction excludes every writer, in any process, for the
+        # scan: none can publish a blob we are about to judge unreferenced.
+        with self.db.write() as conn:
+            referenced = {r[0] for r in conn.execute("SELECT DISTINCT sha256 FROM tree_entries")}
+            for sha in list(self.blobs.iter_all()):
+                if sha not in referenced:
+                    self.blobs.delete(sha)
+                    removed += 1
+        self.blobs.cleanup_tmp(tmp_older_than_s)
+        return removed
+
+    def orphan_blobs(self) -> list[str]:
+        """Blobs on disk that no commit references (invisible to every read)."""
+        with self.db.read() as conn:
+            referenced = {r[0] for r in conn.execute("SELECT DISTINCT sha256 FROM tree_entries")}
+        return sorted(sha for sha in self.blobs.iter_all() if sha not in referenced)
+
+    def fsck(self) -> list[str]:
+        """Check every referenced blob exists and matches its hash; returns the problems found."""
+        problems = []
+        with self.db.read() as conn:
+            rows = conn.execute("SELECT DISTINCT sha256, size FROM tree_entries").fetchall()
+            dangling = conn.execute(
+                "SELECT r.repo_id, refs.name FROM refs JOIN repos r ON r.id = refs.repo"
+                " LEFT JOIN commits c ON c.sha = refs.commit_sha WHERE c.sha IS NULL"
+            ).fetchall()
+        for r in rows:
+            path = self.blobs.path(r["sha256"])
+            if not path.is_file():
+                problems.append(f"missing blob {r['sha256']}")
+            elif path.stat().st_size != r["size"] or not self.blobs.verify(r["sha256"]):
+                problems.append(f"corrupt blob {r['sha256']}")
+        problems += [f"branch {d['name']} of {d['repo_id']} points to a missing commit" for d in dangling]
+        return problems

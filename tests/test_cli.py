@@ -1,0 +1,65 @@
+"""The CLI: torch-free start, listings with --json, info, exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import peftkit
+from peftkit.cli import run
+from tests.tiny_models import build_tiny
+
+_NO_HEAVY_IMPORTS = (
+    "import sys; from peftkit.cli import run; code = run({argv!r}); "
+    "heavy = [m for m in ('torch', 'transformers') if m in sys.modules]; "
+    "assert not heavy, f'imported {{heavy}}'; sys.exit(code)"
+)
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["methods", "--json"], ["plugins", "--json"]])
+def test_help_and_listings_import_no_torch(argv):
+    result = subprocess.run([sys.executable, "-c", _NO_HEAVY_IMPORTS.format(argv=argv)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+def test_import_peftkit_imports_no_torch():
+    code = "import sys, peftkit; peftkit.hookimpl; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_methods_json(capsys):
+    assert run(["methods", "--json"]) == 0
+    methods = {m["name"]: m for m in json.loads(capsys.readouterr().out)}
+    assert methods["lora"]["can_merge"] and methods["lora"]["peft_format"]
+    assert "r" in methods["lora"]["options"]
+
+
+def test_plugins_json_lists_builtins(capsys):
+    assert run(["plugins", "--json"]) == 0
+    records = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert records["lora"]["status"] == "ok" and records["lora"]["builtin"]
+    assert "peftkit_register_methods" in records["lora"]["hooks"]
+
+
+def test_info_describes_a_folder(tmp_path, capsys):
+    model = peftkit.adapt(build_tiny("llama"), "lora[r=4]")
+    model.save_adapter(tmp_path / "a")
+    assert run(["info", str(tmp_path / "a"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["method"] == "lora" and info["base_model_type"] == "llama"
+    assert info["parameters"] == model.trainable_parameters()[0]
+    assert info["target_modules"] == ["q_proj", "v_proj"]
+    assert info["size_bytes"] > 0
+    assert run(["info", str(tmp_path / "a")]) == 0
+    assert "parameters" in capsys.readouterr().out
+
+
+def test_errors_exit_nonzero_with_a_message(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert run(["info", str(tmp_path / "empty")]) == 1
+    assert "no adapter_config.json" in capsys.readouterr().err
+    assert run(["no-such-command"]) == 2

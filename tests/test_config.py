@@ -1,0 +1,72 @@
+"""Configs: type checks, JSON round trip, the string shorthand."""
+
+from __future__ import annotations
+
+import pytest
+
+from peftkit.core.errors import ConfigError, PluginError
+from peftkit.core.method import parse_spec
+from peftkit.core.shorthand import parse_shorthand
+from peftkit.plugins.lora.config import LoraConfig
+
+
+def test_shorthand_parses_values_of_every_kind():
+    name, values = parse_shorthand('lora[r=8,alpha=16,target_modules=["q_proj","v_proj"],use_dora=true,'
+                                   "dropout=0.1,init_weights=False]")
+    assert name == "lora"
+    assert values == {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"], "use_dora": True,
+                      "dropout": 0.1, "init_weights": False}
+
+
+def test_shorthand_bare_words_and_regex_are_strings():
+    _, values = parse_shorthand(r"lora[target_modules=all-linear]")
+    assert values == {"target_modules": "all-linear"}
+    _, values = parse_shorthand(r'lora[target_modules=".*\\.(q|v)_proj"]')
+    assert values["target_modules"] == r".*\.(q|v)_proj"
+
+
+def test_spec_builds_config_with_aliases():
+    method, config = parse_spec("lora[r=4,lora_alpha=32]")
+    assert method.name == "lora"
+    assert isinstance(config, LoraConfig)
+    assert (config.r, config.alpha) == (4, 32.0)
+
+
+def test_unknown_key_names_the_key_and_allowed_keys():
+    with pytest.raises(ConfigError) as err:
+        parse_spec("lora[rank=8]")
+    message = str(err.value)
+    assert "'rank'" in message and "allowed keys" in message and "alpha" in message
+
+
+def test_ill_typed_value_names_the_key_and_type():
+    with pytest.raises(ConfigError) as err:
+        parse_spec('lora[r="eight"]')
+    assert "r='eight'" in str(err.value) and "int" in str(err.value)
+    with pytest.raises(ConfigError, match="positive"):
+        LoraConfig(r=0)
+
+
+def test_unknown_method_names_the_installed_ones():
+    with pytest.raises(PluginError) as err:
+        parse_spec("loha_typo[r=2]")
+    assert "lora" in str(err.value) and "install" in str(err.value)
+
+
+def test_json_round_trip_and_shorthand_round_trip():
+    config = LoraConfig(r=4, alpha=8, target_modules=["q_proj"], rank_pattern={"v_proj": 2}, use_dora=True)
+    again = LoraConfig.from_json(config.to_json())
+    assert again == config
+    method, from_short = parse_spec(config.to_shorthand())
+    assert from_short == config
+
+
+def test_malformed_spec_and_json():
+    with pytest.raises(ConfigError):
+        parse_shorthand("lora[r=8")
+    with pytest.raises(ConfigError):
+        parse_shorthand("lora[r]")
+    with pytest.raises(ConfigError, match="twice"):
+        parse_shorthand("lora[r=1,r=2]")
+    with pytest.raises(ConfigError, match="malformed"):
+        LoraConfig.from_json("{not json")

@@ -1,0 +1,163 @@
+"""LoRA and DoRA: the invariants of ANCHORS.md on tiny models of several architectures."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import peftkit
+from peftkit.core.layer import TunerLayer
+from peftkit.plugins.lora.layer import LoraEmbedding, LoraLinear
+from tests.tiny_models import TINY_BUILDERS, build_tiny, output_tensor, sample_inputs
+
+ARCHS = sorted(TINY_BUILDERS)
+
+
+def _randomize(model: peftkit.AdaptedModel, name: str = "default", std: float = 0.05, seed: int = 0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.adapter_parameters(name):
+            p.add_(torch.randn(p.shape, generator=gen) * std)
+
+
+def _out(model, arch, **kw):
+    with torch.no_grad():
+        return output_tensor(model(**sample_inputs(arch), **kw))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("spec", ["lora[r=4,target_modules=all-linear]",
+                                  "lora[r=4,alpha=16,use_rslora=true]",
+                                  "lora[r=4,use_dora=true,target_modules=all-linear]"])
+def test_identity_at_init_then_merge_equivalence(arch, spec):
+    base = build_tiny(arch)
+    reference = _out(base, arch)
+    model = peftkit.adapt(base, spec)
+    assert torch.allclose(_out(model, arch), reference, atol=1e-6), "output must equal the base at init"
+    _randomize(model)
+    model.eval()
+    unmerged = _out(model, arch)
+    assert not torch.allclose(unmerged, reference, atol=1e-4)
+    model.merge_adapter()
+    assert model.merged_adapters == ["default"]
+    torch.testing.assert_close(_out(model, arch), unmerged, atol=1e-4, rtol=0)
+    model.unmerge_adapter()
+    torch.testing.assert_close(_out(model, arch), unmerged, atol=1e-4, rtol=0)
+    with model.disable_adapters():
+        torch.testing.assert_close(_out(model, arch), reference, atol=1e-4, rtol=0)
+    inputs = sample_inputs(arch)
+    bare = model.merge_and_unload()
+    assert not any(isinstance(m, TunerLayer) for m in bare.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(output_tensor(bare(**inputs)), unmerged, atol=1e-4, rtol=0)
+
+
+def test_non_identity_init_differs_from_base():
+    base = build_tiny("llama")
+    reference = _out(base, "llama")
+    model = peftkit.adapt(base, "lora[r=4,init_weights=false]")
+    assert not torch.allclose(_out(model, "llama"), reference, atol=1e-4)
+
+
+def test_scaling_plain_and_rslora():
+    model = peftkit.adapt(build_tiny("llama"), "lora[r=4,alpha=16]")
+    layer = model.base_model.model.layers[0].self_attn.q_proj.adapters["default"]
+    assert layer.scale == pytest.approx(4.0)
+    model.add_adapter("rs", "lora[r=4,alpha=16,use_rslora=true]")
+    layer = model.base_model.model.layers[0].self_attn.q_proj.adapters["rs"]
+    assert layer.scale == pytest.approx(8.0)
+
+
+def test_rank_and_alpha_patterns():
+    model = peftkit.adapt(build_tiny("llama"), 'lora[r=4,rank_pattern={"v_proj":2},alpha_pattern={"v_proj":6}]')
+    attn = model.base_model.model.layers[0].self_attn
+    assert attn.q_proj.adapters["default"].r == 4
+    assert attn.v_proj.adapters["default"].r == 2
+    assert attn.v_proj.adapters["default"].scale == pytest.approx(3.0)
+
+
+def test_embedding_lora_merges():
+    base = build_tiny("llama")
+    model = peftkit.adapt(base, 'lora[r=4,target_modules=["embed_tokens","q_proj"]]')
+    assert isinstance(model.base_model.model.embed_tokens.adapters["default"], LoraEmbedding)
+    assert isinstance(model.base_model.model.layers[0].self_attn.q_proj.adapters["default"], LoraLinear)
+    _randomize(model)
+    model.eval()
+    unmerged = _out(model, "llama")
+    model.merge_adapter()
+    torch.testing.assert_close(_out(model, "llama"), unmerged, atol=1e-4, rtol=0)
+
+
+def test_several_lora_adapters_active_at_once_add_their_deltas():
+    base = build_tiny("llama")
+    model = peftkit.adapt(base, "lora[r=2]", adapter_name="a")
+    model.add_adapter("b", "lora[r=2,target_modules=all-linear]")
+    _randomize(model, "a", seed=1)
+    _randomize(model, "b", seed=2)
+    model.eval()
+    x = torch.randn(3, 32)
+    q = model.base_model.model.layers[0].self_attn.q_proj
+    model.set_active("a", "b")
+    both = q(x)
+    with torch.no_grad():
+        h = q.base_layer(x)
+        da = q.adapters["a"].delta(x, h, q.base_layer)
+        db = q.adapters["b"].delta(x, h, q.base_layer)
+    torch.testing.assert_close(both, h + da + db, atol=1e-6, rtol=0)
+    # merged together == unmerged together
+    full = _out(model, "llama")
+    model.merge_adapter(["a", "b"])
+    torch.testing.assert_close(_out(model, "llama"), full, atol=1e-4, rtol=0)
+
+
+def test_train_step_changes_only_the_trained_adapter():
+    base = build_tiny("llama")
+    model = peftkit.adapt(base, "lora[r=4,target_modules=all-linear]", adapter_name="a")
+    model.add_adapter("b", "lora[r=4,target_modules=all-linear]")
+    model.train_adapter("a")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    inputs = sample_inputs("llama")
+    loss = model(**inputs, labels=inputs["input_ids"]).loss
+    loss.backward()
+    optimizer.step()
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed, "the step changed nothing"
+    assert all(".adapters.a." in k for k in changed), sorted(changed)[:5]
+    assert any("lora_A" in k for k in changed) and any("lora_B" in k for k in changed)
+
+
+def test_dora_trains_magnitude_and_merges_after_training():
+    base = build_tiny("gpt2")
+    model = peftkit.adapt(base, "lora[r=4,use_dora=true]")
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    inputs = sample_inputs("gpt2")
+    for _ in range(3):
+        loss = model(**inputs, labels=inputs["input_ids"]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    layer = model.base_model.transformer.h[0].attn.c_attn.adapters["default"]
+    assert not torch.allclose(layer.lora_magnitude_vector, layer._weight_norm(model.base_model.transformer.h[0].attn.c_attn.base_layer))
+    model.eval()
+    unmerged = _out(model, "gpt2")
+    model.merge_adapter()
+    torch.testing.assert_close(_out(model, "gpt2"), unmerged, atol=1e-4, rtol=0)
+
+
+def test_dora_norm_matches_dense_formula():
+    base = build_tiny("llama")
+    model = peftkit.adapt(base, "lora[r=3,use_dora=true,init_weights=false]")
+    q = model.base_model.model.layers[0].self_attn.q_proj
+    adapter = q.adapters["default"]
+    dense = torch.linalg.vector_norm(q.base_layer.weight + adapter.scale * adapter.lora_B @ adapter.lora_A, dim=1)
+    torch.testing.assert_close(adapter._weight_norm(q.base_layer), dense, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_base_keeps_fp32_adapter_and_runs():
+    base = build_tiny("llama").to(torch.bfloat16)
+    model = peftkit.adapt(base, "lora[r=4,init_weights=false]")
+    adapter = model.base_model.model.layers[0].self_attn.q_proj.adapters["default"]
+    assert adapter.lora_A.dtype == torch.float32
+    out = _out(model, "llama")
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()

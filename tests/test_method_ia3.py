@@ -1,0 +1,258 @@
+"""IA3 on tiny llama, gpt2, bert and t5, and two-way file compatibility with the real `peft`."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import peftkit
+from peftkit.core.errors import ConfigError
+from peftkit.core.layer import TunerLayer
+from tests.tiny_models import build_tiny, output_tensor, sample_inputs
+
+ARCHS = ["llama", "gpt2", "bert", "t5"]
+#: Default targets -> expected ia3_l shape, per architecture (layer 0; t5: encoder block 0).
+SHAPES = {
+    "llama": {"model.layers.0.self_attn.k_proj": (16, 1), "model.layers.0.self_attn.v_proj": (16, 1),
+              "model.layers.0.mlp.down_proj": (1, 64)},
+    "gpt2": {"transformer.h.0.attn.c_attn": (96, 1), "transformer.h.0.mlp.c_proj": (1, 128)},
+    "bert": {"bert.encoder.layer.0.attention.self.key": (32, 1), "bert.encoder.layer.0.attention.self.value": (32, 1),
+             "bert.encoder.layer.0.intermediate.dense": (1, 32)},
+    "t5": {"encoder.block.0.layer.0.SelfAttention.k": (32, 1), "encoder.block.0.layer.0.SelfAttention.v": (32, 1),
+           "encoder.block.0.layer.1.DenseReluDense.wo": (1, 64)},
+}
+#: The seq-cls head, trained and saved with the adapter.
+HEAD_PARAMS = {"bert": 32 * 3 + 3}
+
+
+def _out(model, arch, **kw):
+    with torch.no_grad():
+        return output_tensor(model(**sample_inputs(arch), **kw))
+
+
+def _vectors(model, name="default") -> dict[str, torch.Tensor]:
+    return {n: m.adapters[name].ia3_l for n, m in model.base_model.named_modules()
+            if isinstance(m, TunerLayer) and name in m.adapters}
+
+
+def _randomize(model, name="default", std=0.3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.adapter_parameters(name):
+            if p.dim() == 2 and 1 in p.shape:  # ia3 vectors, not a task head copy
+                p.add_(torch.randn(p.shape, generator=gen) * std)
+
+
+def _formula(arch: str) -> int:
+    """Two layers of layer 0's targets; t5 has them in the encoder and the decoder,
+    whose blocks also have the cross-attention k and v."""
+    layer0 = sum(a * b for a, b in SHAPES[arch].values())
+    if arch != "t5":
+        return 2 * layer0
+    cross = 2 * 32  # decoder cross-attention k and v, (32, 1) each
+    return 2 * layer0 + 2 * (layer0 + cross)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sites_identity_and_parameter_count(arch):
+    base = build_tiny(arch)
+    reference = _out(base, arch)
+    model = peftkit.adapt(base, "ia3")
+    assert torch.allclose(_out(model, arch), reference, atol=1e-6)
+    vectors = _vectors(model)
+    for name, shape in SHAPES[arch].items():
+        assert tuple(vectors[name].shape) == shape
+        assert torch.equal(vectors[name], torch.ones(shape))
+    if arch == "t5":
+        assert "decoder.block.1.layer.2.DenseReluDense.wo" in vectors
+        assert "decoder.block.1.layer.1.EncDecAttention.k" in vectors
+    assert sum(v.numel() for v in vectors.values()) == _formula(arch)
+    assert model.trainable_parameters()[0] == _formula(arch) + HEAD_PARAMS.get(arch, 0)
+    record = model.adapter_record("default")
+    assert record.method.expected_parameter_count(model.base_model, record.config, record.sites) == _formula(arch)
+
+
+def test_non_identity_init_differs():
+    reference = _out(build_tiny("llama"), "llama")
+    model = peftkit.adapt(build_tiny("llama"), "ia3[init_ia3_weights=false]")
+    assert not torch.allclose(_out(model, "llama"), reference, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_merge_unmerge_and_unload(arch):
+    model = peftkit.adapt(build_tiny(arch), "ia3")
+    reference = _out(model, arch)
+    _randomize(model)
+    model.eval()
+    unmerged = _out(model, arch)
+    assert (unmerged - reference).abs().max() > 1e-3 * reference.abs().max()  # bert's logits are ~0.01
+    weights = {n: t.detach().clone() for n, t in model.base_model.state_dict().items()}
+    model.merge_adapter()
+    torch.testing.assert_close(_out(model, arch), unmerged, atol=1e-4, rtol=0)
+    model.unmerge_adapter()
+    for name, tensor in model.base_model.state_dict().items():
+        torch.testing.assert_close(tensor, weights[name], atol=1e-6, rtol=1e-6)
+    inputs = sample_inputs(arch)
+    bare = model.merge_and_unload()
+    assert not any(isinstance(m, TunerLayer) for m in bare.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(output_tensor(bare(**inputs)), unmerged, atol=1e-4, rtol=0)
+
+
+def test_zero_entries_unmerge_exactly():
+    model = peftkit.adapt(build_tiny("gpt2"), "ia3")
+    _randomize(model)
+    with torch.no_grad():
+        for vector in _vectors(model).values():
+            vector.view(-1)[:3] = 0.0  # a zero scale cannot be divided out
+    before = {n: t.detach().clone() for n, t in model.base_model.state_dict().items()}
+    model.merge_adapter()
+    model.unmerge_adapter()
+    for name, tensor in model.base_model.state_dict().items():
+        assert torch.isfinite(tensor).all()
+        torch.testing.assert_close(tensor, before[name], atol=1e-6, rtol=1e-6)
+
+
+def test_train_step_changes_only_this_adapter():
+    model = peftkit.adapt(build_tiny("gpt2"), "ia3", adapter_name="a")
+    model.add_adapter("b", "ia3")
+    model.train_adapter("a")
+    model.train()
+    own = {id(p) for p in model.adapter_parameters("a")}
+    params = dict(model.named_parameters())
+    before = {n: p.detach().clone() for n, p in params.items()}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    output_tensor(model(**sample_inputs("gpt2"))).pow(2).mean().backward()
+    optimizer.step()
+    changed = {n for n, p in params.items() if not torch.equal(p, before[n])}
+    assert sum(n.endswith("adapters.a.ia3_l") for n in changed) == 4  # every vector of "a" learned
+    assert all(id(params[n]) in own for n in changed), f"changed outside adapter 'a': {changed}"
+
+
+def test_save_load_round_trip(tmp_path):
+    model = peftkit.adapt(build_tiny("t5"), "ia3")
+    _randomize(model)
+    model.eval()
+    expected = _out(model, "t5")
+    model.save_adapter(str(tmp_path / "ia3"))
+    saved = load_file(str(tmp_path / "ia3" / "adapter_model.safetensors"))
+    assert set(saved) == {f"base_model.model.{n}.ia3_l" for n in _vectors(model)}
+    loaded = peftkit.from_pretrained(build_tiny("t5"), str(tmp_path / "ia3"), adapter_name="restored")
+    restored = _vectors(loaded, "restored")
+    assert all(torch.equal(v, saved[f"base_model.model.{n}.ia3_l"]) for n, v in restored.items())
+    assert torch.equal(_out(loaded, "t5"), expected)
+
+
+def test_two_adapters_switch_and_stack():
+    model = peftkit.adapt(build_tiny("llama"), "ia3", adapter_name="a")
+    model.add_adapter("b", 'ia3[target_modules=["q_proj","down_proj"],feedforward_modules=["down_proj"]]')
+    _randomize(model, "a", seed=1)
+    _randomize(model, "b", seed=2)
+    model.eval()
+    model.set_active("a")
+    out_a = _out(model, "llama")
+    model.set_active("b")
+    out_b = _out(model, "llama")
+    assert not torch.allclose(out_a, out_b, atol=1e-4)
+    model.set_active("a")
+    assert torch.equal(_out(model, "llama"), out_a)
+    # In a stack, output scalings multiply and input scalings add their deltas.
+    layer = model.base_model.get_submodule("model.layers.0.mlp.down_proj")
+    x = torch.randn(2, 3, 64)
+    la, lb = layer.adapters["a"].ia3_l, layer.adapters["b"].ia3_l
+    model.set_active(peftkit.Stack("a", "b"))
+    with torch.no_grad():
+        weight = layer.base_layer.weight
+        expected = x @ weight.t() + (x * (la - 1)) @ weight.t() + (x * (lb - 1)) @ weight.t()
+        torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_feedforward_modules_rules():
+    model = peftkit.adapt(build_tiny("llama"), 'ia3[target_modules=["k_proj","up_proj"],feedforward_modules=".*up_proj"]')
+    shapes = {n: tuple(v.shape) for n, v in _vectors(model).items()}
+    assert shapes["model.layers.0.mlp.up_proj"] == (1, 32) and shapes["model.layers.0.self_attn.k_proj"] == (16, 1)
+    # Explicit targets with no feed-forward list take the architecture's list (none matches here).
+    model = peftkit.adapt(build_tiny("llama"), 'ia3[target_modules=["k_proj"]]')
+    assert model.adapters["default"].feedforward_modules == ["down_proj"]
+    assert tuple(_vectors(model)["model.layers.0.self_attn.k_proj"].shape) == (16, 1)
+
+
+@pytest.mark.parametrize("spec", ['ia3[target_modules=["k_proj","down_proj"],feedforward_modules=["down_proj"]]',
+                                  "ia3[init_ia3_weights=false]", "ia3[init_weights=false]"])
+def test_shorthand_and_json_round_trip(spec):
+    method = peftkit.get_method("ia3")
+    config = method.make_config(**peftkit.parse_shorthand(spec)[1])
+    assert method.make_config(**peftkit.parse_shorthand(config.to_shorthand())[1]) == config
+    assert type(config).from_json(config.to_json()) == config
+    if "init" in spec:
+        assert config.init_ia3_weights is False
+
+
+@pytest.mark.parametrize("spec,key", [
+    ('ia3[target_modules=["k_proj"],feedforward_modules=["down_proj"]]', "feedforward_modules"),
+    ("ia3[init_ia3_weights=maybe]", "init_ia3_weights"),
+    ("ia3[feedforward_modules=3]", "feedforward_modules"),
+    ("ia3[fan_in_fan_out=1]", "fan_in_fan_out"),
+    ("ia3[r=4]", "r"),
+    ('ia3[target_modules=["embed_tokens"]]', "embed_tokens"),
+])
+def test_bad_values_raise_config_error_naming_the_key(spec, key):
+    with pytest.raises(ConfigError, match=key):
+        peftkit.adapt(build_tiny("llama"), spec)
+
+
+# -- compatibility with Hugging Face PEFT, both ways ----------------------------------------
+
+
+def _peft_ia3(arch: str):
+    from peft import IA3Config, get_peft_model
+
+    config = IA3Config(task_type="SEQ_CLS") if arch == "bert" else IA3Config(fan_in_fan_out=arch == "gpt2")
+    model = get_peft_model(build_tiny(arch), config)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "ia3_l" in name:
+                param.copy_(1 + 0.3 * torch.randn(param.shape, generator=gen))
+    return model.eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+def test_peft_saved_ia3_loads_with_identical_logits(tmp_path, arch):
+    peft_model = _peft_ia3(arch)
+    expected = _out(peft_model, arch)
+    peft_model.save_pretrained(str(tmp_path))
+    model = peftkit.from_pretrained(build_tiny(arch), str(tmp_path))
+    torch.testing.assert_close(_out(model, arch), expected, atol=2e-6, rtol=0)
+    # Merged, both libraries compute the same weights W * l, to the bit.
+    peft_model.merge_adapter()
+    model.merge_adapter()
+    assert torch.equal(_out(model, arch), _out(peft_model, arch))
+
+
+@pytest.mark.parametrize("arch,spec", [("llama", "ia3"), ("gpt2", "ia3"), ("llama", "ia3[layers_to_transform=[1]]")])
+def test_peftkit_saved_ia3_loads_in_peft_with_identical_logits(tmp_path, arch, spec):
+    from peft import PeftModel
+
+    model = peftkit.adapt(build_tiny(arch), spec)
+    _randomize(model)
+    model.eval()
+    expected = _out(model, arch)
+    model.save_adapter(str(tmp_path))
+    data = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert data["peft_type"] == "IA3" and data["fan_in_fan_out"] is (arch == "gpt2")
+    assert data["task_type"] == "CAUSAL_LM"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT notes the extra "peftkit" key
+        peft_model = PeftModel.from_pretrained(build_tiny(arch), str(tmp_path)).eval()
+    assert type(peft_model).__name__ == "PeftModelForCausalLM"
+    torch.testing.assert_close(_out(peft_model, arch), expected, atol=2e-6, rtol=0)
+    if "layers_to_transform" in spec:
+        return  # PEFT's IA3 has no such field: it adapts every layer, the others starting at one
+    peft_state = {k: v for k, v in peft_model.state_dict().items() if "ia3_l" in k}
+    assert len(peft_state) == len(_vectors(model))
+    assert not any(torch.equal(v, torch.ones_like(v)) for v in peft_state.values()), "every vector was loaded"

@@ -1,0 +1,111 @@
+"""`peftkit registry ...`: users, orgs, tokens, and `serve` as a real process."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from click.testing import CliRunner
+
+from tests.registry_conftest_helpers import start_cli_server, stop_process, subprocess_env
+
+from peftkit.registry import RegistryStore
+from peftkit.registry.cli import registry_group
+
+
+def _run(*args: str, env: dict | None = None):
+    return CliRunner().invoke(registry_group, list(args), env=env, catch_exceptions=False)
+
+
+def test_users_orgs_tokens(tmp_path: Path) -> None:
+    data = str(tmp_path / "reg")
+    assert _run("user", "add", "alice", "--data", data).exit_code == 0
+    assert _run("user", "add", "bob", "--data", data).exit_code == 0
+    dup = _run("user", "add", "alice", "--data", data)
+    assert dup.exit_code != 0 and "already exists" in dup.output
+    bad = _run("user", "add", "../evil", "--data", data)
+    assert bad.exit_code != 0 and "invalid user name" in bad.output
+    org = _run("org", "add", "acme", "--member", "alice", "--member", "bob", "--data", data)
+    assert org.exit_code == 0, org.output
+    missing = _run("org", "add", "acme", "--member", "nobody", "--data", data)
+    assert missing.exit_code != 0 and "user add nobody" in missing.output
+
+    created = _run("token", "create", "alice", "--write", "--name", "laptop", "--data", data)
+    assert created.exit_code == 0, created.output
+    secret = created.stdout.strip().splitlines()[-1]
+    assert secret.startswith("pkr_") and "not shown again" in created.stderr
+    read_only = _run("token", "create", "bob", "--data", data)
+    assert read_only.exit_code == 0 and "read-only" in read_only.stderr
+    no_user = _run("token", "create", "nobody", "--data", data)
+    assert no_user.exit_code != 0 and "user add nobody" in no_user.output
+
+    listed = json.loads(_run("token", "list", "--json", "--data", data).stdout)
+    assert [(t["user"], t["scope"], t["name"]) for t in listed] == [("alice", "write", "laptop"), ("bob", "read", "")]
+    assert secret not in _run("token", "list", "--data", data).stdout  # secrets are never shown again
+
+    with RegistryStore(data) as store:
+        principal = store.accounts.authenticate(secret)
+        assert principal.user == "alice" and principal.write and principal.orgs == {"acme"}
+
+    alice_id = listed[0]["id"]
+    assert _run("token", "revoke", alice_id, "--data", data).exit_code == 0
+    assert _run("token", "revoke", "ffffffff", "--data", data).exit_code != 0
+    remaining = json.loads(_run("token", "list", "--json", "--data", data).stdout)
+    assert [t["user"] for t in remaining] == ["bob"]
+    accounts = json.loads(_run("user", "list", "--json", "--data", data).stdout)
+    assert {a["name"]: a["kind"] for a in accounts} == {"alice": "user", "bob": "user", "acme": "org"}
+    assert _run("fsck", "--data", data).exit_code == 0
+    assert "removed 0" in _run("gc", "--data", data).output
+
+
+def test_default_data_dir_follows_peftkit_home(tmp_path: Path) -> None:
+    result = _run("user", "add", "carol", env={"PEFTKIT_HOME": str(tmp_path / "home")})
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "home" / "registry" / "registry.db").is_file()
+
+
+def test_cli_and_server_import_no_torch() -> None:
+    code = (
+        "import sys, peftkit.registry.cli, peftkit.registry.server, peftkit.registry.store;"
+        "print(sorted(m for m in ('torch', 'transformers', 'peftkit.core.model') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_serve_process(tmp_path: Path) -> None:
+    data = tmp_path / "reg"
+    with RegistryStore(data) as store:
+        store.accounts.add_user("alice")
+        token = store.accounts.create_token("alice", write=True)[1]
+    proc, url, seconds = start_cli_server(data, "--max-upload-mb", "1")
+    try:
+        print(f"registry answered {seconds:.2f}s after the process started")  # informative, not asserted
+        parts = urlsplit(url)
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+        conn.request("POST", "/api/repos/create", json.dumps({"name": "big"}), {"Authorization": f"Bearer {token}"})
+        resp = conn.getresponse()
+        assert resp.status == 200 and json.loads(resp.read())["url"] == f"{url}/alice/big"
+        body = b'{"key":"header","value":{"summary":"x"}}\n' + b"x" * (2 * 1024 * 1024)
+        conn.request("POST", "/api/models/alice/big/commit/main", body,
+                     {"Authorization": f"Bearer {token}", "Content-Type": "application/x-ndjson"})
+        resp = conn.getresponse()
+        assert resp.status == 413 and resp.headers["X-Error-Code"] == "PayloadTooLarge"
+        resp.read()
+        conn.close()
+
+        # A second server on the same port fails with a clear message and a non-zero exit.
+        second = subprocess.run(
+            [sys.executable, "-m", "peftkit.registry", "serve", "--port", str(parts.port), "--data", str(data)],
+            env=subprocess_env(), capture_output=True, text=True, timeout=60,
+        )
+        assert second.returncode != 0 and f"cannot listen on 127.0.0.1:{parts.port}" in second.stderr
+    finally:
+        stop_process(proc)
+
