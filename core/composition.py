@@ -281,11 +281,14 @@ def parse(text: str) -> Node:
     text = text.strip()
     if not text:
         raise CompositionError("empty composition; name at least one adapter")
+    if text.count("(") != text.count(")"):
+        raise CompositionError(f"unbalanced parentheses in composition {text!r}")
     match = _CALL.match(text)
     if not match:
         if not _LEAF.match(text):
-            raise CompositionError(f"cannot parse composition {text!r}; write an adapter name or e.g. "
-                                   f"stack(a, b), fuse(a, b, name=\"ab\"), average(a, b, weights=[0.5, 0.5]); "
+            raise CompositionError(f"cannot parse composition {text!r}: it is not an adapter name (letters, "
+                                   f"digits, '_' and '-') nor a block such as stack(a, b), "
+                                   f"fuse(a, b, name=\"ab\") or average(a, b, weights=[0.5, 0.5]); "
                                    f"blocks: {', '.join(BLOCK_TYPES)}")
         return text
     kind, body = match.group(1), match.group(2)
@@ -454,6 +457,8 @@ def _check_block(block: Block, method_of: dict[str, Any], ancestors: tuple[Block
                 raise CompositionError(f"{block}: a fused stack may hold adapter names only, not {child}")
     for child in block.children:
         if isinstance(child, Block):
+            if isinstance(child, Parallel):
+                _check_block(child, method_of, path)  # explains that parallel() goes outermost
             if allowed is not None and child.kind not in allowed:
                 ok = ", ".join(sorted(allowed)) or "adapter names only"
                 raise CompositionError(f"{block.kind}() cannot hold {child.kind}() (in {path[0]}); "

@@ -200,6 +200,12 @@ class CompositionMixin:
             if node is None:
                 if isinstance(entry, str) and (entry == BASE_MODEL or entry in self._records):
                     node = entry
+                    method = self._records[entry].method if entry != BASE_MODEL else None
+                    if method is not None and "batch_split" not in method.supported_blocks \
+                            and not self._records[entry].model_adapter:
+                        raise CompositionError(f"adapter {entry!r} (method {method.name!r}) cannot be routed per "
+                                               f"row (its method does not support batch_split); "
+                                               f"{method.name} supports: {', '.join(sorted(method.supported_blocks))}")
                 elif isinstance(entry, str) and "(" not in entry:
                     raise AdapterError(f"adapter_names lists {entry!r}, not on this model; adapters: "
                                        f"{', '.join(self._records) or 'none'} (and {BASE_MODEL!r} for none)")
@@ -223,7 +229,10 @@ class CompositionMixin:
     def _composition_inputs(self: "AdaptedModel", args: tuple, kwargs: dict, batch_size: int | None
                             ) -> Iterator[tuple[tuple, dict]]:
         """Check row counts of batch_split() and, under parallel(), replicate the batch once per child."""
+        import torch
+
         state = self._peftkit_state
+        state.parallel_copies = None  # drops one kept for a recomputing backward (below)
         node = state.active
         if state.routing is not None or state.disabled or not isinstance(node, Block):
             yield args, kwargs
@@ -244,12 +253,14 @@ class CompositionMixin:
                                    "cache; use model.generate(), which replicates once before decoding")
         copies = len(node.children)
         args, kwargs = replicate_rows(args, kwargs, batch_size, copies)
-        previous = state.parallel_copies
         state.parallel_copies = copies
         try:
             yield args, kwargs
         finally:
-            state.parallel_copies = previous
+            if not torch.is_grad_enabled():
+                # With gradients, keep it until the next forward: activation checkpointing
+                # recomputes layers during backward(), under the same parallel() split.
+                state.parallel_copies = None
 
 
 def replicate_rows(args: tuple, kwargs: dict, batch_size: int, copies: int) -> tuple[tuple, dict]:

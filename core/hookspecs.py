@@ -49,8 +49,9 @@ def peftkit_register_architectures(register: Callable[[Any], None]) -> None:
 def peftkit_register_hub_backends(register: Callable[[str, Callable[..., Any]], None]) -> None:
     """Register hub storage backends by URL scheme: ``register(scheme, factory)``.
 
-    ``factory(url, **options)`` returns an object implementing the hub backend
-    interface (push, pull, search, info, delete).
+    ``factory(url, **options)`` returns an object implementing
+    :class:`peftkit.hub_client.backend.HubBackend` (push, resolve, list_files,
+    download, search, info, delete); see docs/plugins.md.
     """
 
 

@@ -90,11 +90,15 @@ class AdaptedModel(CompositionMixin, nn.Module):
             raise AdapterError(f"no adapter named {name!r}; adapters on this model: "
                                f"{', '.join(self._records) or 'none'}") from None
 
-    def add_adapter(self, name: str, spec: str | AdapterConfig = "lora") -> AdapterRecord:
+    def add_adapter(self, name: str, spec: str | AdapterConfig = "lora", *,
+                    default_head: bool = True) -> AdapterRecord:
         """Inject a new adapter. ``spec`` is a shorthand (``"lora[r=8]"``) or a config.
 
         The new adapter is neither active nor trainable until set_active() /
         train_adapter(). On any error the model is left as it was.
+        ``default_head=False`` keeps a task model's head out of
+        ``modules_to_save`` unless the config names it (loading uses this:
+        the file says what was saved).
         """
         self._check_new_name(name)
         method, config = parse_spec(spec)
@@ -102,7 +106,7 @@ class AdaptedModel(CompositionMixin, nn.Module):
         record = AdapterRecord(name=name, method=method, config=config)
         self._records[name] = record
         try:
-            self._inject(record)
+            self._inject(record, default_head)
         except Exception:
             self._remove(name)
             raise
@@ -116,7 +120,7 @@ class AdaptedModel(CompositionMixin, nn.Module):
             raise AdapterError(f"an adapter named {name!r} already exists; delete_adapter({name!r}) first "
                                f"or choose another name")
 
-    def _inject(self, record: AdapterRecord) -> None:
+    def _inject(self, record: AdapterRecord, default_head: bool = True) -> None:
         model, method, config = self.base_model, record.method, record.config
         arch = self.architecture
         model_adapter = method.create_model_adapter(model, config, arch)
@@ -124,7 +128,7 @@ class AdaptedModel(CompositionMixin, nn.Module):
             self._model_adapters[record.name] = model_adapter
             record.model_adapter = True
             self._ensure_input_hook()
-        record.modules_to_save = self._resolve_modules_to_save(config)
+        record.modules_to_save = self._resolve_modules_to_save(config, default_head)
         saved_prefixes = tuple(m + "." for m in record.modules_to_save)
         # Modules trained whole (a task head) get no adapter inside them.
         record.sites = [s for s in method.sites(model, config, arch)
@@ -158,9 +162,9 @@ class AdaptedModel(CompositionMixin, nn.Module):
         for param in self.adapter_parameters(record.name):
             param.requires_grad_(False)
 
-    def _resolve_modules_to_save(self, config: AdapterConfig) -> list[str]:
+    def _resolve_modules_to_save(self, config: AdapterConfig, default_head: bool = True) -> list[str]:
         names = list(config.modules_to_save or [])
-        if not names and type(self.base_model).__name__.endswith(_HEAD_SUFFIXES):
+        if not names and default_head and type(self.base_model).__name__.endswith(_HEAD_SUFFIXES):
             names = [n for n in ("classifier", "score", "qa_outputs") if _has_submodule(self.base_model, n)]
             if names:
                 config.modules_to_save = names
@@ -360,16 +364,20 @@ class AdaptedModel(CompositionMixin, nn.Module):
 
     @contextlib.contextmanager
     def _routing(self, adapter_names: Sequence[str] | None, batch_size: int | None) -> Iterator[None]:
+        state = self._peftkit_state
         if adapter_names is None:
+            state.routing = None  # drops one kept for a recomputing backward (below)
             yield
             return
         entries = self._routing_entries(adapter_names, batch_size)  # checked in composition_api.py
-        state = self._peftkit_state
         state.routing = Routing.build(entries, self.device)
         try:
             yield
         finally:
-            state.routing = None
+            if not torch.is_grad_enabled():
+                # With gradients, keep it until the next forward: activation checkpointing
+                # recomputes layers during backward(), and they must route rows the same way.
+                state.routing = None
 
     @property
     def device(self) -> torch.device:

@@ -46,6 +46,7 @@ _BUILTIN_FALLBACK = {
     "ia3": "peftkit.plugins.ia3",
     "builtin_architectures": "peftkit.core.architectures",
     "builtin_merges": "peftkit.core.merge_strategies",
+    "builtin_hub_backends": "peftkit.hub_client.backends",
 }
 
 

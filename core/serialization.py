@@ -272,7 +272,7 @@ def load_adapter(model: "AdaptedModel", path: str | os.PathLike, name: str) -> A
     tensors = read_weights(path)
     model._check_new_name(name)
     try:
-        record = model.add_adapter(name, config)
+        record = model.add_adapter(name, config, default_head=False)
     except PluginError:
         raise
     except PeftkitError as exc:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from typing import TYPE_CHECKING, Iterable, Sequence, Union
+from typing import TYPE_CHECKING, Iterable, Mapping, Sequence, TypeVar, Union
 
 from .errors import TargetError
 
@@ -14,6 +14,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from .architectures import ArchitectureSpec
     from .config import AdapterConfig
+
+V = TypeVar("V")
 
 ALL_LINEAR = "all-linear"
 #: Output heads never adapted by "all-linear" (train them via modules_to_save).
@@ -59,6 +61,15 @@ def name_matches(name: str, targets: Union[Sequence[str], str]) -> bool:
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
     return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def pattern_value(name: str, patterns: Mapping[str, V], default: V) -> V:
+    """A per-module override, PEFT's rule for ``rank_pattern``/``alpha_pattern``: the first
+    key (a regex) that matches the end of ``name`` at a dot boundary gives the value."""
+    for key, value in patterns.items():
+        if re.fullmatch(rf"(.*\.)?(?:{key})", name):
+            return value
+    return default
 
 
 def layer_index(name: str, arch: "ArchitectureSpec | None") -> int | None:

@@ -75,6 +75,10 @@ _LAZY: dict[str, str] = {
     "PluginError": "peftkit.core.errors",
     "CompositionError": "peftkit.core.errors",
     "MergeError": "peftkit.core.errors",
+    # hub: peftkit.load(base, "stack(alice/a, alice/b@v2)"), peftkit.hub.push/pull/search/info/delete
+    "load": "peftkit.hub_client.api",
+    "hub": "peftkit.hub_client",
+    "HubError": "peftkit.hub_client.errors",
 }
 
 __all__ = ["PLUGIN_API_VERSION", "hookimpl", "__version__", *_LAZY]
@@ -95,6 +99,9 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover
     from peftkit.api import adapt, from_pretrained, list_methods, parse_composition  # noqa: F401
+    from peftkit.hub_client import api as hub  # noqa: F401
+    from peftkit.hub_client.api import load  # noqa: F401
+    from peftkit.hub_client.errors import HubError  # noqa: F401
     from peftkit.core.architectures import ArchitectureSpec  # noqa: F401
     from peftkit.core.composition import (BASE_MODEL, Average, BatchSplit, Fuse, Parallel,  # noqa: F401
                                           Stack, split_parallel)

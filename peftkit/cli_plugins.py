@@ -40,6 +40,11 @@ def _short_hook(hook: str) -> str:
     return hook.replace("peftkit_register_", "")
 
 
+#: What a plugin can contribute besides methods: (key of PluginRecord.to_dict(), label).
+_CONTRIBUTIONS = (("merge_strategies", "merge strategies"), ("architectures", "architectures"),
+                  ("hub_backends", "hub backends"), ("commands", "commands"))
+
+
 # -- listing ----------------------------------------------------------------------------
 
 
@@ -147,9 +152,7 @@ def inspect_command(name: str, as_json: bool, verbose: bool) -> None:
                  ("module", d["module"] + (f"  ({d['file']})" if d["file"] else "")),
                  ("plugin API", d["api_version"] if d["api_version"] is not None else "-"),
                  ("status", d["status"]), ("hooks", ", ".join(d["hooks"]) or "-")]
-        for key, label in (("merge_strategies", "merge strategies"), ("architectures", "architectures"),
-                           ("hub_backends", "hub backends"), ("commands", "commands")):
-            lines.append((label, ", ".join(d[key]) or "-"))
+        lines += [(label, ", ".join(d[key]) or "-") for key, label in _CONTRIBUTIONS]
         width = max(len(k) for k, _ in lines)
         for key, value in lines:
             click.echo(f"{key:>{width}}: {value}")
@@ -175,8 +178,7 @@ def _pip(*args: str) -> int:
 def _plugins_in_fresh_process() -> list[dict[str, Any]]:
     """``peftkit plugins --json`` in a new interpreter: it sees what pip just installed
     (new .pth files and entry points), which this process cannot."""
-    result = subprocess.run([sys.executable, "-m", "peftkit", "plugins", "--json"], capture_output=True,
-                            text=True, env=os.environ.copy())
+    result = subprocess.run([sys.executable, "-m", "peftkit", "plugins", "--json"], capture_output=True, text=True)
     if result.returncode != 0:
         raise click.ClickException(f"peftkit no longer starts after the install:\n{result.stderr.strip()}\n"
                                    f"Uninstall what was just installed with `peftkit plugins uninstall NAME`")
@@ -226,7 +228,7 @@ def install_command(names: tuple[str, ...], upgrade: bool, editable: tuple[str, 
     before = _installed_plugin_keys()
     code = _pip(*args)
     if code != 0:
-        raise click.ClickException(f"pip install failed (exit code {code}); nothing was changed by peftkit")
+        raise click.ClickException(f"pip install failed (exit code {code}); see pip's message above")
     rows = _plugins_in_fresh_process()
     new = [r for r in rows if (r["name"], r["distribution"], r["version"]) not in before
            and r["distribution"] != BUILTIN_DISTRIBUTION]
@@ -236,10 +238,8 @@ def install_command(names: tuple[str, ...], upgrade: bool, editable: tuple[str, 
         return
     broken = []
     for r in new:
-        what = [f"{label} {', '.join(r[key])}" for key, label in
-                (("methods", "methods"), ("merge_strategies", "merge strategies"),
-                 ("architectures", "architectures"), ("hub_backends", "hub backends"),
-                 ("commands", "commands")) if r[key]]
+        what = [f"{label} {', '.join(r[key])}" for key, label in (("methods", "methods"), *_CONTRIBUTIONS)
+                if r[key]]
         status = {"ok": "", "broken": " BROKEN", "skipped": " (not loaded: not listed in PEFTKIT_PLUGINS)"}
         click.echo(f"plugin {r['name']} ({r['distribution']} {r['version']}){status.get(r['status'], '')}: "
                    f"{'; '.join(what) or 'no registrations'}")

@@ -8,7 +8,6 @@ this same command (``python -m peftkit train ...``); only the main one writes.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import click
@@ -67,6 +66,7 @@ def _labels(_ctx: click.Context, _param: click.Parameter, value: str | None) -> 
 @click.option("--lr-scheduler", default="linear", help="linear, cosine, constant, constant_with_warmup, ...")
 @click.option("--seed", type=int, default=42, help="Seed for adapter init, data order and dropout.")
 @click.option("--bf16", is_flag=True, help="bfloat16 mixed precision (autocast).")
+@click.option("--cpu", is_flag=True, help="Train on the CPU even when a GPU is present.")
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations to save memory.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16", "auto"]), default="float32",
               help="dtype the base model is loaded in (auto: as saved).")
@@ -83,6 +83,14 @@ def _labels(_ctx: click.Context, _param: click.Parameter, value: str | None) -> 
 @click.option("--overwrite", is_flag=True, help="Replace an earlier run's files in OUT (its checkpoints too).")
 @click.option("--adapter-name", default="default", help="Name of the adapter inside the model.")
 @click.option("--dataset-name", default=None, help="Dataset name for the model card [default: the data file name].")
+@click.option("--push", default=None, metavar="REPO_ID",
+              help="After training, publish the adapter (with labels.json) as namespace/name on the hub.")
+@click.option("--hub", default=None, metavar="HUB",
+              help="Hub to push to: local, local:/folder, http://registry:8080 or hf "
+                   "[default: $PEFTKIT_HUB, else the embedded local hub].")
+@click.option("--private/--public", default=None, help="Visibility of a new repo [default: public].")
+@click.option("--base-model", default=None, metavar="ID",
+              help="Hub id of the base model, recorded on push when MODEL is a local folder.")
 @click.option("--report-to", default="none", help="Experiment trackers for the Trainer (tensorboard, wandb, ...).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no notes; errors only.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result (train_results.json) as JSON.")
@@ -96,10 +104,10 @@ def train_command(model: str, method: str, data: str, eval_data: str | None, tas
       peftkit train ./llama --method 'lora[r=16]' --task causal-lm --data sft.jsonl --out out/sft
       torchrun --nproc_per_node 4 -m peftkit train ./llama --task causal-lm --data sft.jsonl --out out/sft
     """
-    from peftkit.training import train
+    from peftkit.training import is_main_process, train
 
     result = train(model, method, data, task=task, out=out, eval_data=eval_data, **options)
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not is_main_process():
         return  # one report per run, from the main process
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2, default=str))
@@ -107,8 +115,11 @@ def train_command(model: str, method: str, data: str, eval_data: str | None, tas
     if options["quiet"]:
         return
     shown = {k: v for k, v in result.metrics.items() if k in _RESULT_KEYS}
-    click.echo(f"trained {result.global_step} steps; " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+    steps = f"{result.global_step} step" + ("" if result.global_step == 1 else "s")
+    click.echo(f"trained {steps}; " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
     click.echo(f"adapter: {result.output_dir}")
+    if result.pushed:
+        click.echo(f"pushed: {result.pushed['repo_id']} ({result.pushed['hub']}, commit {result.pushed['commit']})")
 
 
 commands = [train_command]

@@ -461,6 +461,7 @@ def _encode_causal_lm(tokenizer: Any, examples: Sequence[Example], max_length: i
         completion_ids = list(completion_ids) + ([eos] if eos is not None else [])
         input_ids = (prompt_ids + completion_ids)[:max_length]
         target = ([-100] * len(prompt_ids) + completion_ids)[:max_length]
+        target[0] = -100  # nothing predicts the first token
         if all(t == -100 for t in target):
             out.skipped.append(ex.where)
             continue
@@ -478,12 +479,15 @@ def _encode_seq2seq(tokenizer: Any, examples: Sequence[Example], max_length: int
         out.features.append(row)
 
 
-def data_collator(task: str, tokenizer: Any) -> Any:
-    """Pads a batch: inputs with the pad token, labels with -100 (ignored by the loss)."""
+def data_collator(task: str, tokenizer: Any, model: Any = None) -> Any:
+    """Pads a batch: inputs with the pad token, labels with -100 (ignored by the loss).
+    For seq2seq, ``model`` makes the decoder inputs from the labels (shifted right)."""
     from transformers import DataCollatorForSeq2Seq, DataCollatorForTokenClassification, DataCollatorWithPadding
 
     if task == "seq-cls":
         return DataCollatorWithPadding(tokenizer)
     if task == "token-cls":
         return DataCollatorForTokenClassification(tokenizer, label_pad_token_id=-100)
+    if task == "seq2seq":
+        return DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100)
     return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)

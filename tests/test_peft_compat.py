@@ -54,3 +54,15 @@ def test_peftkit_saved_adapter_loads_in_peft(tmp_path, arch, targets, dora):
     ours.save_adapter(tmp_path)
     peft_model = PeftModel.from_pretrained(build_tiny(arch), str(tmp_path)).eval()
     torch.testing.assert_close(_out(peft_model, arch), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_peft_file_without_task_type_loads_on_a_classifier_without_touching_its_head(tmp_path):
+    """The file says what was saved: no head in it, so the model's own head stays."""
+    base = build_tiny("bert")
+    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=["query"], init_lora_weights=False)).eval()
+    expected = _out(peft_model, "bert")
+    peft_model.save_pretrained(tmp_path)
+    fresh = build_tiny("bert")
+    ours = peftkit.from_pretrained(fresh, str(tmp_path))
+    assert ours.adapters["default"].modules_to_save in (None, [])
+    torch.testing.assert_close(_out(ours, "bert"), expected, atol=1e-5, rtol=1e-5)

@@ -82,25 +82,35 @@ def test_hook_peftkit_register_methods(tiny_llama):
     _lora_is_intact()
 
 
-def test_hook_peftkit_register_merge_strategies():
-    class MergePlugin:
-        PEFTKIT_PLUGIN_API = 1
+def _consensus(deltas, weights, **options):  # the example of docs/plugins.md
+    stacked = torch.stack([w * d for d, w in zip(deltas, weights)])
+    agree = (stacked.sign() == stacked[0].sign()).all(dim=0)
+    return stacked.sum(dim=0) * agree
 
-        @peftkit.hookimpl
-        def peftkit_register_merge_strategies(self, register):
-            def consensus(deltas, weights, **options):  # the example of docs/plugins.md
-                stacked = torch.stack([w * d for d, w in zip(deltas, weights)])
-                agree = (stacked.sign() == stacked[0].sign()).all(dim=0)
-                return stacked.sum(dim=0) * agree
 
-            register("consensus", consensus)
+class MergePlugin:
+    PEFTKIT_PLUGIN_API = 1
 
+    @peftkit.hookimpl
+    def peftkit_register_merge_strategies(self, register):
+        register("consensus", _consensus)
+
+
+def test_hook_peftkit_register_merge_strategies(tiny_llama):
+    model = peftkit.AdaptedModel(tiny_llama)
+    for name in ("a", "b"):
+        model.add_adapter(name, "lora[r=2,init_weights=false,target_modules=['q_proj']]")
     with peftkit.use_plugin(MergePlugin(), name="merge-plugin") as record:
         assert record.errors == [] and record.merge_strategies == ["consensus"]
-        strategy = get_registry().merge_strategies["consensus"]
-        merged = strategy([torch.tensor([1.0, -2.0, 3.0]), torch.tensor([2.0, 1.0, 1.0])], [0.5, 0.5])
-        assert merged.tolist() == [1.5, 0.0, 2.0]
+        model.merge_adapters(["a", "b"], [0.5, 2.0], name="merged", strategy="consensus", rank=32)
+    for _, layer in model._tuner_layers():
+        a, b, merged = (layer.adapters[n].delta_weight(layer.base_layer) for n in ("a", "b", "merged"))
+        expected = _consensus([a, b], [0.5, 2.0])
+        assert 0 < int((expected == 0).sum()) < expected.numel()  # the strategy did something
+        assert torch.allclose(merged, expected, atol=1e-5)
     assert "consensus" not in get_registry().merge_strategies
+    with pytest.raises(peftkit.MergeError, match="unknown merge strategy 'consensus'"):
+        model.merge_adapters(["a", "b"], name="again", strategy="consensus")
 
 
 def _tiny_falcon():
@@ -156,25 +166,37 @@ def test_hook_peftkit_register_architectures():
     assert registry.architectures["llama"].default_targets("lora") == ("q_proj", "v_proj")
 
 
-def test_hook_peftkit_register_hub_backends():
-    class Backend:
-        def __init__(self, url, **options):
-            self.url, self.options = url, options
+def test_hook_peftkit_register_hub_backends(tmp_path, tiny_llama):
+    from peftkit.hub_client.local import LocalBackend
+    from peftkit.hub_client.resolve import open_hub
+
+    class TeamShare(LocalBackend):
+        """A team's shared folder, addressed as teamshare://<name>."""
+
+        def __init__(self, url, token=None, **options):
+            super().__init__(tmp_path / "shares" / url.split("://", 1)[1])
 
     class HubPlugin:
         PEFTKIT_PLUGIN_API = 1
 
         @peftkit.hookimpl
         def peftkit_register_hub_backends(self, register):
-            register("memfs", Backend)
-            register("Not A Scheme", Backend)
+            register("teamshare", TeamShare)
+            register("Not A Scheme", TeamShare)
 
+    folder = tmp_path / "adapter"
+    peftkit.adapt(tiny_llama, "loha[r=2]").save_adapter(folder)
     with peftkit.use_plugin(HubPlugin(), name="hub-plugin") as record:
-        assert record.hub_backends == ["memfs"]
-        assert len(record.errors) == 1 and "URL scheme" in record.errors[0]
-        backend = get_registry().hub_backends["memfs"]("memfs://team/adapters", token="t")
-        assert backend.url == "memfs://team/adapters" and backend.options == {"token": "t"}
-    assert "memfs" not in get_registry().hub_backends
+        assert record.hub_backends == ["teamshare"]
+        assert len(record.errors) == 1 and "takes a URL scheme such as 's3'" in record.errors[0]
+        with open_hub("teamshare://nlp") as hub:
+            assert isinstance(hub, TeamShare) and hub.root == tmp_path / "shares" / "nlp"
+            files = {p.name: p for p in folder.iterdir()}
+            hub.push("team/loha", files, private=None, commit_message="add", revision="main")
+            info = hub.info("team/loha")
+            assert sorted(f.path for f in info.files) == sorted(files)
+    with pytest.raises(peftkit.PeftkitError, match="no hub backend for 'teamshare'"):
+        open_hub("teamshare://nlp")
 
 
 def test_hook_peftkit_register_commands(capsys):

@@ -9,14 +9,13 @@ environment is never changed.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from peftkit.cli import run
-from tests.plugin_fixtures import HERE, clean_env, make_child_venv
+from tests.plugin_fixtures import clean_env, copy_sources, make_child_venv
 
 
 def _methods(python: Path) -> set[str]:
@@ -28,8 +27,7 @@ def _methods(python: Path) -> set[str]:
 
 def test_install_then_uninstall_a_local_plugin(tmp_path):
     python = make_child_venv(tmp_path / "venv")
-    source = tmp_path / "src" / "peftkit-hello"
-    shutil.copytree(HERE / "peftkit-hello", source)
+    (source,) = copy_sources(("peftkit-hello",), tmp_path / "src")
     before = _methods(python)
     assert "lora" in before and "hello" not in before
 
@@ -58,8 +56,7 @@ def test_install_then_uninstall_a_local_plugin(tmp_path):
 
 def test_install_reports_a_broken_new_plugin_and_fails(tmp_path):
     python = make_child_venv(tmp_path / "venv")
-    source = tmp_path / "src" / "peftkit-future-api"
-    shutil.copytree(HERE / "peftkit-future-api", source)
+    (source,) = copy_sources(("peftkit-future-api",), tmp_path / "src")
     result = subprocess.run([str(python), "-m", "peftkit", "plugins", "install", str(source), "--no-deps",
                              "--no-build-isolation", "--no-index", "--quiet"],
                             capture_output=True, text=True, timeout=300, env=clean_env())

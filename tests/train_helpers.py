@@ -3,10 +3,12 @@ tokenizer (built here, no downloads) and small synthetic datasets."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from tests.tiny_models import VOCAB, build_tiny
 
@@ -93,3 +95,28 @@ def counting_rows(n: int, seed: int = 0) -> list[dict[str, Any]]:
         d = rng.randrange(9)
         rows.append({"prompt": f"say next {DIGITS[d]}", "completion": DIGITS[d + 1]})
     return rows
+
+
+def rows_for(task: str, n: int, seed: int = 0) -> list[dict[str, Any]]:
+    return {"seq-cls": sentiment_rows, "token-cls": ner_rows, "causal-lm": counting_rows,
+            "seq2seq": counting_rows}[task](n, seed)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run torch on ``n`` threads inside the block. On a shared 2-core machine one
+    thread is several times faster for tiny models than two contending ones."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from peftkit.core.config import AdapterConfig
 from peftkit.core.errors import ConfigError
+from peftkit.core.peft_format import read_peft_fields
 from peftkit.core.method import ALL_BLOCKS, Method, Site
 
 from .config import IA3Config
@@ -105,15 +106,8 @@ class IA3Method(Method):
         return data
 
     def config_from_file(self, data: dict[str, Any]) -> AdapterConfig:
-        values: dict[str, Any] = {}
-        for key, value in data.items():
-            if key in _PEFT_FIELDS:
-                values[key] = value
-            elif key in _PEFT_IGNORED or value in (None, False, {}, [], ""):
-                continue
-            else:
-                raise ConfigError(f"PEFT setting {key}={value!r} is not supported by peftkit's ia3")
-        return IA3Config.from_dict(values)
+        fields = {key: key for key in _PEFT_FIELDS}
+        return IA3Config.from_dict(read_peft_fields(data, self.name, fields, ignored=_PEFT_IGNORED))
 
 
 def _base(model: "nn.Module", name: str) -> "nn.Module":

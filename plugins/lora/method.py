@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING, Any
 
 from peftkit.core.config import AdapterConfig
 from peftkit.core.errors import ConfigError
 from peftkit.core.method import Method, Site
+from peftkit.core.peft_format import read_peft_fields, write_peft_fields
+from peftkit.core.targets import pattern_value
 
 from .config import LoraConfig
 
@@ -26,14 +27,6 @@ _PEFT_DEFAULTS: dict[str, Any] = {"bias": "none", "lora_bias": False, "use_qalor
                                   "target_parameters": None, "trainable_token_indices": None}
 _PEFT_IGNORED = {"fan_in_fan_out", "megatron_core", "megatron_config", "qalora_group_size", "peft_type",
                  "ensure_weight_tying"}
-
-
-def pattern_value(site: str, patterns: dict[str, Any], default: Any) -> Any:
-    """PEFT's rule for rank_pattern/alpha_pattern: a key matches the end of a module name."""
-    for key, value in patterns.items():
-        if re.fullmatch(rf"(.*\.)?(?:{key})", site):
-            return value
-    return default
 
 
 class LoraMethod(Method):
@@ -98,29 +91,11 @@ class LoraMethod(Method):
 
     def config_to_file(self, config: AdapterConfig) -> dict[str, Any]:
         assert isinstance(config, LoraConfig)
-        ours = config.to_dict()
-        data: dict[str, Any] = {"peft_type": "LORA", "bias": "none", "fan_in_fan_out": False,
-                                "layers_pattern": None}
-        for peft_key, our_key in _FROM_PEFT.items():
-            data[peft_key] = ours[our_key]
-        return data
+        return write_peft_fields("LORA", config.to_dict(), _FROM_PEFT, bias="none", fan_in_fan_out=False,
+                                 layers_pattern=None)
 
     def config_from_file(self, data: dict[str, Any]) -> AdapterConfig:
-        values: dict[str, Any] = {}
-        for key, value in data.items():
-            if key in _FROM_PEFT:
-                values[_FROM_PEFT[key]] = value
-            elif key in _PEFT_DEFAULTS:
-                if value != _PEFT_DEFAULTS[key] and not (value in (None, {}, [], False)
-                                                         and _PEFT_DEFAULTS[key] in (None, {}, [], False)):
-                    raise ConfigError(f"PEFT setting {key}={value!r} is not supported by peftkit's lora "
-                                      f"(only {key}={_PEFT_DEFAULTS[key]!r})")
-            elif key in _PEFT_IGNORED:
-                continue
-            elif value in (None, False, {}, [], ""):
-                continue  # a PEFT option we do not have, left at its off value
-            else:
-                raise ConfigError(f"PEFT setting {key}={value!r} is not supported by peftkit's lora")
+        values = read_peft_fields(data, self.name, _FROM_PEFT, fixed=_PEFT_DEFAULTS, ignored=_PEFT_IGNORED)
         if values.get("init_weights") not in (True, False, "gaussian"):
             values["init_weights"] = True  # PEFT's other init schemes only matter before training
         return LoraConfig.from_dict(values)

@@ -9,7 +9,8 @@ the MLP by that output.
 Before every forward of the base model (``generate()`` steps included) the
 prefix is written into an empty KV cache, so every attention layer attends to
 P extra positions; the attention mask gets P ones on the left and explicit
-position ids move by P. A cache that already holds positions (later generation
+position ids move by P. Stacked prefix adapters append their prefixes in
+stack order. A cache that already holds real positions (later generation
 steps, or a cache the caller carries over) already holds the prefix and is left
 as it is. As in PEFT, the prefix takes positions 0..P-1 and the real tokens
 start at position P.
@@ -25,8 +26,8 @@ import torch.nn as nn
 
 from peftkit.core.errors import PeftkitError
 from peftkit.core.layer import ModelAdapter
-from peftkit.core.model_inputs import (batch_size, bind_arguments, cache_argument, cached_length,
-                                       check_growing_cache, extend_mask, note_prefix, pop_cache)
+from peftkit.core.model_inputs import (batch_size, bind_arguments, cache_argument, check_growing_cache,
+                                       extend_mask, note_prefix, pop_cache, starts_sequence)
 
 TENSOR_KEY = "prompt_embeddings"
 
@@ -153,13 +154,13 @@ class PrefixTuning(ModelAdapter):
         if self.is_encoder_decoder:
             batch = batch_size(kwargs, "decoder_input_ids", "decoder_inputs_embeds", "labels", "input_ids",
                                "inputs_embeds")
-            if cached_length(cache) == 0:
+            if starts_sequence(cache):  # empty, or only prefixes of adapters stacked before this one
                 cache = self._fill(cache, batch, model, encoder_decoder=True)
             kwargs["decoder_attention_mask"] = extend_mask(kwargs.get("decoder_attention_mask"), count,
                                                            "decoder_attention_mask")
         else:
             batch = batch_size(kwargs, "input_ids", "inputs_embeds")
-            if cached_length(cache) == 0:
+            if starts_sequence(cache):  # empty, or only prefixes of adapters stacked before this one
                 cache = self._fill(cache, batch, model, encoder_decoder=False)
             kwargs["attention_mask"] = extend_mask(kwargs.get("attention_mask"), count)
             if kwargs.get("position_ids") is not None:

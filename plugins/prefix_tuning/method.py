@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from peftkit.core.config import AdapterConfig
 from peftkit.core.errors import ConfigError
+from peftkit.core.peft_format import read_peft_fields
 from peftkit.core.method import Method, Site
 
 from .config import PrefixTuningConfig
@@ -82,14 +83,7 @@ class PrefixTuningMethod(Method):
         return data
 
     def config_from_file(self, data: dict[str, Any]) -> AdapterConfig:
-        values: dict[str, Any] = {}
-        for key, value in data.items():
-            if key in _PEFT_FIELDS:
-                values[key] = value
-            elif key in _PEFT_IGNORED or value in (None, False, {}, [], ""):
-                continue  # a PEFT option we do not have, left at its off value
-            else:
-                raise ConfigError(f"PEFT setting {key}={value!r} is not supported by peftkit's prefix_tuning")
+        values = read_peft_fields(data, self.name, {key: key for key in _PEFT_FIELDS}, ignored=_PEFT_IGNORED)
         if not values.get("prefix_projection"):
             values.pop("encoder_hidden_size", None)  # PEFT writes token_dim here even without the MLP
         return PrefixTuningConfig.from_dict(values)

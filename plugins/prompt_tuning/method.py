@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from peftkit.core.config import AdapterConfig
 from peftkit.core.errors import ConfigError
+from peftkit.core.peft_format import read_peft_fields
 from peftkit.core.method import Method, Site
 
 from .config import PromptTuningConfig
@@ -78,14 +79,7 @@ class PromptTuningMethod(Method):
         return data
 
     def config_from_file(self, data: dict[str, Any]) -> AdapterConfig:
-        values: dict[str, Any] = {}
-        for key, value in data.items():
-            if key in _FROM_PEFT:
-                values[_FROM_PEFT[key]] = value
-            elif key in _PEFT_IGNORED or value in (None, False, {}, [], ""):
-                continue
-            else:
-                raise ConfigError(f"PEFT setting {key}={value!r} is not supported by peftkit's prompt_tuning")
+        values = read_peft_fields(data, self.name, _FROM_PEFT, ignored=_PEFT_IGNORED)
         init = values.get("init")
         if isinstance(init, str):
             values["init"] = _INIT_FROM_PEFT.get(init, init)

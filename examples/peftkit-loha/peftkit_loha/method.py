@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING, Any
 
 from peftkit import AdapterConfig, ConfigError, Method, Site
-from peftkit.core.targets import base_of, is_linear_like
+from peftkit.core.targets import base_of, is_linear_like, pattern_value
 
 from .config import LohaConfig
 
@@ -15,19 +14,11 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from peftkit import ArchitectureSpec
 
-#: PEFT's LoHaConfig field -> ours (same names, listed to make the mapping explicit).
+#: PEFT's LoHaConfig fields that are ours too, under the same names.
 _PEFT_FIELDS = ("r", "alpha", "rank_dropout", "module_dropout", "init_weights", "rank_pattern", "alpha_pattern",
                 "target_modules", "exclude_modules", "layers_to_transform", "modules_to_save")
 #: Layer-list names PEFT's ``layers_pattern`` may hold that peftkit's layer index already understands.
 _LAYER_LISTS = ("layers", "layer", "h", "block", "blocks")
-
-
-def pattern_value(site: str, patterns: dict[str, Any], default: Any) -> Any:
-    """PEFT's rule for rank_pattern / alpha_pattern: a key (a regex) matches the end of a module name."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", site):
-            return value
-    return default
 
 
 class LohaMethod(Method):
@@ -49,7 +40,7 @@ class LohaMethod(Method):
         wrong = [s.name for s in sites if not is_linear_like(model.get_submodule(s.name))]
         if wrong:
             kind = type(base_of(model.get_submodule(wrong[0]))).__name__
-            raise ConfigError(f"loha adapts Linear and Conv1D layers; {wrong[0]!r} is a {kind}. "
+            raise ConfigError(f"loha adapts Linear and Conv1D layers; {wrong[0]!r} is of type {kind}. "
                               f"Exclude it (exclude_modules) or list other target_modules")
         return sites
 

@@ -1,0 +1,257 @@
+"""The hub client's Python API: ``peftkit.hub.push/pull/search/info/delete``, ``peftkit.load``.
+
+Every function takes ``hub=``: ``None`` (``PEFTKIT_HUB``, else the embedded
+local hub), ``"local"``, ``"local:/folder"``, a registry URL
+(``"http://host:8080"``), ``"hf"`` (the Hugging Face Hub), or a backend
+object. See :mod:`peftkit.hub_client.resolve`.
+
+Imports neither torch nor huggingface_hub until a function needs them.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from .backend import AdapterInfo, HubBackend, PushResult, SearchQuery
+from .cache import PullCache, offline_mode, verify_files
+from .compose import load, save_composed
+from .errors import HubAuthError, HubError, IntegrityError, OfflineError
+from .resolve import RepoRef, hub_address, open_hub, parse_ref
+from .upload import CardOptions, prepare
+
+__all__ = ["push", "pull", "search", "info", "delete", "login", "logout", "whoami", "load", "save_composed",
+           "Pulled"]
+
+SORTS = ("downloads", "recent")
+
+
+@dataclass(frozen=True)
+class Pulled:
+    """A pulled repo: the cached folder and the commit it holds."""
+
+    path: Path
+    repo_id: str
+    revision: str
+    commit: str
+    hub: str
+    from_cache: bool
+
+
+def push(model_or_folder: Any, repo_id: str, *, hub: str | HubBackend | None = None,
+         adapter_name: str | None = None, private: bool | None = None, commit_message: str | None = None,
+         revision: str = "main", task: str | None = None, dataset: str | Sequence[str] | None = None,
+         metrics: dict[str, float] | None = None, tags: Sequence[str] | None = None,
+         base_model: str | None = None, description: str | None = None, license: str | None = None,
+         language: str | Sequence[str] | None = None, token: str | None = None,
+         progress: bool = True) -> PushResult:
+    """Publish an adapter (a saved folder, or ``adapter_name`` of an adapted model) as ``repo_id``.
+
+    Writes the model card (base model, method, task, dataset, metrics, tags,
+    usage), sets the visibility (``private``: ``None`` keeps an existing
+    repo's, new repos are public), and commits everything at once to
+    ``revision`` (a branch, created from ``main`` when missing). Files of the
+    previous commit that the folder no longer has are removed in the same
+    commit. A failed push leaves the hub as it was. Returns the new commit.
+    """
+    ref = parse_ref(repo_id)
+    if ref.revision is not None:
+        raise HubError(f"push to {ref.repo_id} with revision={ref.revision!r}, not {repo_id!r}")
+    _check_branch(revision)
+    options = CardOptions(task=task, dataset=list(dataset) if isinstance(dataset, (list, tuple)) else dataset,
+                          metrics=_metrics(metrics), tags=[tags] if isinstance(tags, str) else list(tags or []),
+                          base_model=base_model,
+                          description=description, license=license,
+                          language=list(language) if isinstance(language, (list, tuple)) else language)
+    backend = open_hub(hub, token=token)
+    try:
+        with tempfile.TemporaryDirectory(prefix="peftkit-push-") as tmp:
+            upload = prepare(model_or_folder, ref.repo_id, Path(tmp), adapter_name=adapter_name, options=options)
+            return backend.push(ref.repo_id, upload.files, private=private,
+                                commit_message=commit_message or upload.default_message, revision=revision,
+                                progress=progress)
+    finally:
+        if not isinstance(hub, HubBackend):
+            backend.close()
+
+
+def _check_branch(revision: str) -> None:
+    from peftkit.registry.names import is_commit_sha
+
+    if not isinstance(revision, str) or not revision.strip():
+        raise HubError("revision is empty; push to a branch such as 'main'")
+    if is_commit_sha(revision):
+        raise HubError(f"revision {revision!r} is a commit sha; a push goes to a branch (e.g. 'main' or 'v2')")
+
+
+def _metrics(metrics: dict[str, float] | None) -> dict[str, float] | None:
+    if metrics is None:
+        return None
+    out = {}
+    for key, value in metrics.items():
+        try:
+            out[str(key)] = float(value)
+        except (TypeError, ValueError):
+            raise HubError(f"metric {key!r} must be a number, got {value!r}") from None
+    return out
+
+
+def pull(ref: str, hub: str | HubBackend | None = None, *, revision: str | None = None, token: str | None = None,
+         cache_dir: str | Path | None = None, progress: bool = True) -> Path:
+    """Download ``namespace/name[@revision]`` into the cache and return its folder (do not modify it).
+
+    Files are checked against the sizes and hashes the hub announces and
+    appear only once complete. With ``PEFTKIT_OFFLINE=1`` or
+    ``HF_HUB_OFFLINE=1`` the folder comes from the cache, without any request.
+    """
+    backend = open_hub(hub, token=token)
+    try:
+        return _pull(backend, parse_ref(ref, revision), cache_dir=cache_dir, progress=progress).path
+    finally:
+        if not isinstance(hub, HubBackend):
+            backend.close()
+
+
+def _pull(backend: HubBackend, ref: RepoRef, *, cache_dir: str | Path | None = None,
+          progress: bool = True) -> Pulled:
+    cache = PullCache(cache_dir)
+    revision = ref.revision or "main"
+    where = f"{ref.repo_id}@{revision} on {backend.address}"
+    if backend.remote and offline_mode():
+        hit = cache.lookup(backend.key, ref.repo_id, revision)
+        if hit is None:
+            raise OfflineError(
+                f"{where} is not in the download cache ({cache.root}) and offline mode is on "
+                f"(PEFTKIT_OFFLINE or HF_HUB_OFFLINE); pull it once while online, or unset those variables")
+        return Pulled(hit[1], ref.repo_id, revision, hit[0], backend.address, True)
+    commit = backend.resolve(ref.repo_id, revision)
+    files = backend.list_files(ref.repo_id, commit)
+    folder = cache.snapshot_dir(backend.key, ref.repo_id, commit)
+    if folder.is_dir():
+        try:
+            verify_files(folder, files, where, remove_extra=False)
+        except IntegrityError as exc:
+            warnings.warn(f"the cached copy is damaged ({exc}); downloading it again", stacklevel=3)
+        else:
+            cache.record_ref(backend.key, ref.repo_id, revision, commit)
+            return Pulled(folder, ref.repo_id, revision, commit, backend.address, True)
+    with cache.staging(backend.key) as staging:
+        backend.download(ref.repo_id, commit, files, staging, progress=progress)
+        verify_files(staging, files, where)
+        folder = cache.install(staging, backend.key, ref.repo_id, commit, replace=folder.is_dir())
+    cache.record_ref(backend.key, ref.repo_id, revision, commit)
+    return Pulled(folder, ref.repo_id, revision, commit, backend.address, False)
+
+
+def search(text: str | None = None, hub: str | HubBackend | None = None, *, base_model: str | None = None,
+           method: str | None = None, task: str | None = None, tags: Iterable[str] = (), author: str | None = None,
+           sort: str = "downloads", limit: int = 20, token: str | None = None) -> list[AdapterInfo]:
+    """Adapter repos matching every filter given: free ``text``, ``base_model``, ``method``, ``task``,
+    ``tags``, ``author``; sorted by ``downloads`` or ``recent``; at most ``limit``."""
+    if sort not in SORTS:
+        raise HubError(f"unknown sort {sort!r}; use one of: {', '.join(SORTS)}")
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        raise HubError(f"limit must be a positive integer, got {limit!r}")
+    if isinstance(tags, str):
+        tags = [tags]
+    query = SearchQuery(text=text or None, base_model=base_model or None, method=method or None, task=task or None,
+                        tags=tuple(tags), author=author or None, sort=sort, limit=limit)
+    backend = open_hub(hub, token=token)
+    try:
+        return backend.search(query)
+    finally:
+        if not isinstance(hub, HubBackend):
+            backend.close()
+
+
+def info(ref: str, hub: str | HubBackend | None = None, *, revision: str | None = None,
+         token: str | None = None) -> AdapterInfo:
+    """A repo's metadata, files (with sizes and hashes) and branches, at a revision (default ``main``)."""
+    parsed = parse_ref(ref, revision)
+    backend = open_hub(hub, token=token)
+    try:
+        return backend.info(parsed.repo_id, parsed.revision)
+    finally:
+        if not isinstance(hub, HubBackend):
+            backend.close()
+
+
+def delete(repo_id: str, hub: str | HubBackend | None = None, *, token: str | None = None,
+           missing_ok: bool = False) -> None:
+    """Delete a repo with its whole history (there is no undo)."""
+    parsed = parse_ref(repo_id)
+    if parsed.revision:
+        raise HubError(f"delete removes a whole repo; give {parsed.repo_id}, without @{parsed.revision}")
+    backend = open_hub(hub, token=token)
+    try:
+        backend.delete(parsed.repo_id, missing_ok=missing_ok)
+    finally:
+        if not isinstance(hub, HubBackend):
+            backend.close()
+
+
+def login(token: str, hub: str | None = None, *, verify: bool = True) -> str | None:
+    """Store ``token`` for ``hub`` in ``$PEFTKIT_HOME/hub_tokens.json`` (mode 0600).
+
+    With ``verify`` the hub is asked who the token belongs to first, and a
+    refused token is not stored. Returns that user name (``None`` unverified).
+    """
+    from .auth import save_token
+
+    backend = open_hub(hub, token=token)
+    try:
+        if not backend.remote:
+            raise HubError(f"the hub {backend.address} is on this machine and needs no token; log in to a registry "
+                           f"(--hub http://host:port) or to the Hugging Face Hub (--hub hf)")
+        user = backend.whoami() if verify else None
+        if verify and not user:
+            raise HubAuthError(f"the hub at {backend.address} did not accept the token; it was not saved")
+        save_token(backend.key, token)
+        return user
+    finally:
+        backend.close()
+
+
+def logout(hub: str | None = None) -> bool:
+    """Forget the token stored for ``hub``; returns whether one was stored."""
+    from .auth import delete_token
+
+    backend = open_hub(hub)
+    try:
+        return delete_token(backend.key)
+    finally:
+        backend.close()
+
+
+def whoami(hub: str | None = None, *, token: str | None = None) -> str | None:
+    """The user a hub knows the token as (``None`` for the local hub)."""
+    backend = open_hub(hub, token=token)
+    try:
+        if backend.remote and not getattr(backend, "token", None):
+            from .auth import missing_token_message
+
+            raise HubAuthError(missing_token_message(backend.address, "whoami"))
+        return backend.whoami()
+    finally:
+        backend.close()
+
+
+def copy_snapshot(folder: Path, dest: str | Path) -> Path:
+    """Copy a pulled folder to ``dest`` (replaced whole, atomically)."""
+    from peftkit.core.fileio import atomic_folder
+
+    dest = Path(dest).expanduser()
+    with atomic_folder(dest) as tmp:
+        shutil.copytree(folder, tmp, dirs_exist_ok=True)
+    return dest
+
+
+def describe_hub(hub: str | None = None) -> str:
+    return hub_address(hub)
+
+
+__all__ += ["copy_snapshot", "describe_hub", "SORTS"]

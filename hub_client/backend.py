@@ -1,0 +1,173 @@
+"""The interface every hub backend implements, and the values it exchanges.
+
+A backend stores adapter repos somewhere (the embedded local store, a peftkit
+registry, the Hugging Face Hub, or whatever a plugin registers through
+``peftkit_register_hub_backends``). It moves files and metadata; everything
+else (model cards, the download cache, hash checks, offline mode, composing
+at load time) is done once, above it, by :mod:`peftkit.hub_client.api`.
+
+A plugin's factory is called as ``factory(url, token=..., **options)`` and
+returns a :class:`HubBackend`.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+#: Called with the number of bytes just transferred (drives progress bars).
+ProgressCallback = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One file of a commit, with what a download is checked against.
+
+    ``oid`` is the git blob sha1 (what the Hub API calls a file's oid);
+    ``sha256`` is known for LFS files on the Hugging Face Hub and for every
+    file of a peftkit store.
+    """
+
+    path: str
+    size: int
+    oid: str | None = None
+    sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """What a push produced: the new commit on ``revision`` of ``repo_id``."""
+
+    repo_id: str
+    revision: str
+    commit: str
+    hub: str
+    created: bool = False
+    url: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class SearchQuery:
+    """Filters of a search; all that are given must match."""
+
+    text: str | None = None
+    base_model: str | None = None
+    method: str | None = None
+    task: str | None = None
+    tags: tuple[str, ...] = ()
+    author: str | None = None
+    sort: str = "downloads"  # "downloads" or "recent"
+    limit: int = 20
+
+    def filter_tags(self) -> list[str]:
+        """The Hub's tag conventions for these filters (``list_models(filter=...)``)."""
+        tags = []
+        if self.base_model:
+            tags.append(f"base_model:adapter:{self.base_model}")
+        if self.method:
+            tags.append(self.method.lower())
+        tags += [t for t in self.tags if t not in tags]
+        return tags
+
+
+@dataclass
+class AdapterInfo:
+    """An adapter repo as a hub describes it (a search hit, or ``info``)."""
+
+    repo_id: str
+    sha: str | None = None
+    private: bool = False
+    base_model: str | None = None
+    method: str | None = None
+    task: str | None = None
+    library_name: str | None = None
+    tags: list[str] = field(default_factory=list)
+    datasets: list[str] = field(default_factory=list)
+    downloads: int = 0
+    last_modified: datetime | None = None
+    created_at: datetime | None = None
+    files: list[RemoteFile] | None = None
+    branches: dict[str, str] | None = None
+    card: dict[str, Any] = field(default_factory=dict)
+    hub: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        for key in ("last_modified", "created_at"):
+            value = getattr(self, key)
+            data[key] = value.isoformat() if value is not None else None
+        return data
+
+
+class HubBackend(abc.ABC):
+    """Storage of adapter repos. Implementations must make :meth:`push` atomic:
+    on any failure the repo (and whether it exists) is as it was before."""
+
+    #: The address users see and ``--hub`` accepts (``local:/path``, a URL, ``hf``).
+    address: str
+    #: A stable, file-name-safe key of this hub, for the download cache and the token file.
+    key: str
+    #: Whether the backend talks to a server (offline mode then serves pulls from the cache).
+    remote: bool = True
+
+    @abc.abstractmethod
+    def push(self, repo_id: str, files: Mapping[str, Path], *, private: bool | None, commit_message: str,
+             revision: str, delete_others: bool = True, progress: bool = True) -> PushResult:
+        """Make ``revision`` of ``repo_id`` hold exactly ``files`` (repo path -> local file), in one commit.
+
+        Creates the repo (and the branch) when missing. ``private`` sets the
+        visibility (``None``: public for a new repo, unchanged otherwise).
+        With ``delete_others`` files of the previous commit that are not in
+        ``files`` are deleted in the same commit.
+        """
+
+    @abc.abstractmethod
+    def resolve(self, repo_id: str, revision: str) -> str:
+        """The 40-hex commit ``revision`` (a branch or a commit) points to."""
+
+    @abc.abstractmethod
+    def list_files(self, repo_id: str, commit: str) -> list[RemoteFile]:
+        """Every file of ``commit``, with sizes and hashes."""
+
+    @abc.abstractmethod
+    def download(self, repo_id: str, commit: str, files: Sequence[RemoteFile], dest: Path, *,
+                 progress: bool = True) -> None:
+        """Write ``files`` of ``commit`` under ``dest`` (an empty folder), at their repo paths.
+
+        The caller verifies sizes and hashes afterwards and discards ``dest``
+        on any failure, so an implementation needs no atomicity of its own.
+        """
+
+    @abc.abstractmethod
+    def search(self, query: SearchQuery) -> list[AdapterInfo]:
+        """Adapter repos matching every filter of ``query``."""
+
+    @abc.abstractmethod
+    def info(self, repo_id: str, revision: str | None = None) -> AdapterInfo:
+        """The repo at ``revision`` (default: its main branch), with files and branches."""
+
+    @abc.abstractmethod
+    def delete(self, repo_id: str, *, missing_ok: bool = False) -> None:
+        """Delete the repo and its history."""
+
+    def whoami(self) -> str | None:
+        """The user the token belongs to (``None`` when the hub has no accounts)."""
+        return None
+
+    def close(self) -> None:
+        """Release resources (database handles, sessions)."""
+
+    def __enter__(self) -> "HubBackend":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.address!r})"

@@ -1,0 +1,376 @@
+"""Hubs that speak the Hugging Face Hub HTTP API: a peftkit registry server and huggingface.co.
+
+One code path for both: ``huggingface_hub.HfApi`` with an ``endpoint``. The
+registry answers every upload with ``regular`` (files travel inside the
+commit), so a push is one NDJSON commit, atomic on the server; what the
+push creates around it (a new repo, a new branch) is removed again when the
+commit fails.
+
+``huggingface_hub`` is imported when a backend is first used, never at
+``import peftkit``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import shutil
+import socket
+import sys
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+from urllib.parse import urlsplit
+
+from .auth import missing_token_message, redact, resolve_token
+from .backend import AdapterInfo, HubBackend, PushResult, RemoteFile, SearchQuery
+from .errors import (HubAuthError, HubError, HubUnreachable, OfflineError, RepoNotFound,
+                     RevisionNotFound)
+from .metadata import as_list, base_model_from, method_from_tags
+
+HF_DEFAULT_ENDPOINT = "https://huggingface.co"
+#: Files the Hub adds to every new repo; a push never deletes them.
+_KEEP = frozenset({".gitattributes"})
+_CONNECTION_ERROR_NAMES = frozenset({
+    "ConnectError", "ConnectTimeout", "ConnectionError", "Timeout", "TimeoutException", "ReadTimeout",
+    "NetworkError", "RemoteProtocolError", "ProxyError", "SSLError", "ReadError", "WriteError",
+    "ConnectionRefusedError", "ConnectionResetError", "gaierror", "MaxRetryError", "NewConnectionError",
+})
+
+
+def hf_endpoint() -> str:
+    """The Hugging Face Hub's address: ``HF_ENDPOINT`` when set (a mirror), else https://huggingface.co."""
+    return (os.environ.get("HF_ENDPOINT") or HF_DEFAULT_ENDPOINT).rstrip("/")
+
+
+def endpoint_key(endpoint: str) -> str:
+    """A file-name-safe key for a hub URL: ``huggingface.co`` or ``127.0.0.1_8080-1a2b3c4d``."""
+    parts = urlsplit(endpoint)
+    host = parts.hostname or "hub"
+    if host == "huggingface.co" and parts.scheme == "https" and parts.port in (None, 443) and not parts.path.strip("/"):
+        return "huggingface.co"
+    slug = re.sub(r"[^A-Za-z0-9.-]+", "_", f"{host}_{parts.port}" if parts.port else host)
+    return f"{slug}-{hashlib.sha256(endpoint.encode()).hexdigest()[:8]}"
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, (ConnectionRefusedError, ConnectionResetError, TimeoutError)):
+            return True
+        if any(cls.__name__ in _CONNECTION_ERROR_NAMES for cls in type(current).__mro__):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _from_the_wire(exc: BaseException) -> bool:
+    """Whether an exception comes from talking to the hub (huggingface_hub, the HTTP stack, the network)."""
+    module = type(exc).__module__ or ""
+    return (isinstance(exc, OSError) or _is_connection_error(exc)
+            or module.split(".")[0] in ("huggingface_hub", "httpx", "httpx2", "httpcore", "requests", "urllib3"))
+
+
+def _root_reason(exc: BaseException) -> str:
+    """The innermost message of a connection error ("[Errno 111] Connection refused")."""
+    reason = str(exc)
+    current: BaseException | None = exc
+    seen: set[int] = set()
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if str(current):
+            reason = str(current)
+        current = current.__cause__ or current.__context__
+    return reason.splitlines()[0] if reason else type(exc).__name__
+
+
+class _Silent:
+    """A tqdm stand-in that shows nothing (``--quiet``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        from tqdm.auto import tqdm
+
+        kwargs.pop("name", None)
+        kwargs["disable"] = True
+        self._bar = tqdm(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._bar, name)
+
+    def __enter__(self) -> Any:
+        return self._bar.__enter__()
+
+    def __exit__(self, *exc: Any) -> Any:
+        return self._bar.__exit__(*exc)
+
+
+class HttpBackend(HubBackend):
+    """A hub behind an HTTP endpoint speaking the Hub API (a peftkit registry, or huggingface.co)."""
+
+    def __init__(self, endpoint: str, *, token: str | None = None, huggingface: bool = False,
+                 address: str | None = None) -> None:
+        self.endpoint = endpoint.rstrip("/")
+        self.huggingface = huggingface
+        self.address = address or self.endpoint
+        self.key = endpoint_key(self.endpoint)
+        self._explicit_token = token
+        self._token: tuple[str | None, str] | None = None
+        self._probed = False
+
+    # -- tokens ------------------------------------------------------------------------------
+
+    def _resolved_token(self) -> tuple[str | None, str]:
+        if self._token is None:
+            self._token = resolve_token(self.key, explicit=self._explicit_token, huggingface=self.huggingface)
+        return self._token
+
+    @property
+    def token(self) -> str | None:
+        return self._resolved_token()[0]
+
+    def _require_token(self, action: str) -> str:
+        token = self.token
+        if not token:
+            raise HubAuthError(missing_token_message(self.address, action))
+        return token
+
+    def _probe(self) -> None:
+        """Fail fast when nothing listens at the endpoint (huggingface_hub would retry for ~25 s).
+
+        One TCP connection per backend object; skipped behind a proxy, where
+        only the proxy knows whether the hub is reachable.
+        """
+        if self._probed:
+            return
+        self._probed = True
+        if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy",
+                                           "ALL_PROXY", "all_proxy")):
+            return
+        parts = urlsplit(self.endpoint)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        try:
+            with socket.create_connection((parts.hostname or "localhost", port), timeout=10):
+                pass
+        except OSError as exc:
+            reason = exc.strerror or str(exc) or type(exc).__name__
+            raise HubUnreachable(f"cannot reach hub at {self.endpoint}: {reason}. Is the server running and the "
+                                 f"address right? (--hub / PEFTKIT_HUB)") from None
+
+    def _api(self) -> Any:
+        from huggingface_hub import HfApi
+
+        self._probe()
+
+        from peftkit import __version__
+
+        # token=False, not None: never let huggingface_hub pick a stored huggingface.co token
+        # for another server; resolve_token() already looked where a token may come from.
+        return HfApi(endpoint=self.endpoint, token=self.token or False, library_name="peftkit",
+                     library_version=__version__)
+
+    # -- errors ------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _errors(self, where: str, *, repo_id: str | None = None, revision: str | None = None) -> Iterator[None]:
+        """Turn huggingface_hub/network exceptions into hub errors that say what to do; never leak the token."""
+        try:
+            yield
+        except HubError:
+            raise
+        except Exception as exc:
+            if not _from_the_wire(exc):
+                raise  # a bug, not the hub's answer: keep its traceback
+            raise self._translate(exc, where, repo_id, revision) from None
+
+    def _translate(self, exc: Exception, where: str, repo_id: str | None, revision: str | None) -> HubError:
+        from huggingface_hub import errors as hf_errors
+
+        token = self.token
+        if isinstance(exc, hf_errors.OfflineModeIsEnabled):
+            return OfflineError(
+                f"{where}: huggingface_hub is in offline mode (HF_HUB_OFFLINE was set when it was imported); "
+                f"unset HF_HUB_OFFLINE and PEFTKIT_OFFLINE before starting Python to reach {self.address}")
+        if _is_connection_error(exc) and not isinstance(exc, hf_errors.HfHubHTTPError):
+            return HubUnreachable(redact(
+                f"cannot reach hub at {self.endpoint}: {_root_reason(exc)}. Is the server running and the "
+                f"address right? (--hub / PEFTKIT_HUB)", token))
+        server_message = None
+        status = None
+        response = getattr(exc, "response", None)
+        if response is not None:
+            status = getattr(response, "status_code", None)
+            headers = getattr(response, "headers", {}) or {}
+            server_message = headers.get("X-Error-Message")
+        text = str(exc).strip()
+        detail = redact(server_message or (text.splitlines()[-1] if text else type(exc).__name__), token)
+        if isinstance(exc, hf_errors.RevisionNotFoundError):
+            return RevisionNotFound(redact(
+                f"{where}: revision {revision!r} not found in {repo_id} on {self.address}; "
+                f"`peftkit hub info {repo_id} --hub {self.address}` lists its branches", token))
+        if isinstance(exc, hf_errors.RepositoryNotFoundError) or (status == 404 and repo_id and not server_message):
+            hint = "" if token else " (if it is private, log in first: `peftkit hub login`)"
+            return RepoNotFound(redact(f"{where}: repo {repo_id} not found on {self.address}{hint}", token))
+        if status == 401:
+            if not token:
+                return HubAuthError(missing_token_message(self.address, where))
+            return HubAuthError(redact(
+                f"{where}: the hub at {self.address} refused the token ({detail}); log in again with "
+                f"`peftkit hub login`, or check PEFTKIT_HUB_TOKEN/HF_TOKEN", token))
+        if status == 403:
+            return HubAuthError(redact(f"{where}: not allowed on {self.address}: {detail}", token))
+        if isinstance(exc, hf_errors.EntryNotFoundError):
+            return HubError(redact(f"{where}: a file is missing on {self.address}: {detail}", token))
+        if status is not None:
+            return HubError(redact(f"{where}: the hub at {self.address} answered {status}: {detail}", token))
+        return HubError(redact(f"{where}: {type(exc).__name__}: {detail}", token))
+
+    # -- write ---------------------------------------------------------------------------------
+
+    def push(self, repo_id: str, files: Mapping[str, Path], *, private: bool | None, commit_message: str,
+             revision: str, delete_others: bool = True, progress: bool = True) -> PushResult:
+        from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+        from huggingface_hub import errors as hf_errors
+
+        where = f"pushing {repo_id} to {self.address}"
+        self._require_token(where)
+        api = self._api()
+        created_repo = created_branch = False
+        with self._errors(where, repo_id=repo_id, revision=revision):
+            try:
+                if not api.repo_exists(repo_id):
+                    try:
+                        api.create_repo(repo_id, private=bool(private))
+                        created_repo = True
+                    except hf_errors.HfHubHTTPError as exc:
+                        if getattr(exc.response, "status_code", None) != 409:  # created meanwhile: fine
+                            raise
+                if revision != "main":
+                    branches = {b.name for b in api.list_repo_refs(repo_id).branches}
+                    if revision not in branches:
+                        api.create_branch(repo_id, branch=revision)
+                        created_branch = True
+                head = api.model_info(repo_id, revision=revision).sha
+                current = [f.path for f in api.list_repo_tree(repo_id, revision=head, recursive=True)
+                           if type(f).__name__ == "RepoFile"] if delete_others else []
+                operations: list[Any] = [CommitOperationAdd(path_in_repo=path, path_or_fileobj=str(local))
+                                         for path, local in sorted(files.items())]
+                operations += [CommitOperationDelete(path_in_repo=path) for path in sorted(current)
+                               if path not in files and path not in _KEEP]
+                if progress:
+                    total = sum(Path(p).stat().st_size for p in files.values())
+                    print(f"Uploading {len(files)} files ({_human(total)}) to {self.address}/{repo_id} "
+                          f"({revision})...", file=sys.stderr, flush=True)
+                info = api.create_commit(repo_id, operations, commit_message=commit_message, revision=revision,
+                                         parent_commit=head)
+                if private is not None and not created_repo:
+                    if bool(api.model_info(repo_id).private) != private:
+                        api.update_repo_settings(repo_id, private=private)
+            except BaseException:
+                # The commit is atomic on the server; remove what this push created around it.
+                with contextlib.suppress(Exception):
+                    if created_repo:
+                        api.delete_repo(repo_id, missing_ok=True)
+                    elif created_branch:
+                        api.delete_branch(repo_id, branch=revision)
+                raise
+        return PushResult(repo_id=repo_id, revision=revision, commit=info.oid, hub=self.address,
+                          created=created_repo, url=getattr(info, "commit_url", None))
+
+    def delete(self, repo_id: str, *, missing_ok: bool = False) -> None:
+        where = f"deleting {repo_id} on {self.address}"
+        self._require_token(where)
+        with self._errors(where, repo_id=repo_id):
+            self._api().delete_repo(repo_id, missing_ok=missing_ok)
+
+    # -- read ----------------------------------------------------------------------------------
+
+    def resolve(self, repo_id: str, revision: str) -> str:
+        with self._errors(f"resolving {repo_id}@{revision}", repo_id=repo_id, revision=revision):
+            sha = self._api().model_info(repo_id, revision=revision).sha
+        if not sha:
+            raise HubError(f"the hub at {self.address} did not say which commit {repo_id}@{revision} is")
+        return sha
+
+    def list_files(self, repo_id: str, commit: str) -> list[RemoteFile]:
+        with self._errors(f"listing the files of {repo_id}@{commit}", repo_id=repo_id, revision=commit):
+            entries = list(self._api().list_repo_tree(repo_id, revision=commit, recursive=True))
+        out = []
+        for entry in entries:
+            if type(entry).__name__ != "RepoFile":
+                continue
+            lfs = getattr(entry, "lfs", None)
+            out.append(RemoteFile(entry.path, int(entry.size), entry.blob_id,
+                                  getattr(lfs, "sha256", None) if lfs is not None else None))
+        return out
+
+    def download(self, repo_id: str, commit: str, files: Sequence[RemoteFile], dest: Path, *,
+                 progress: bool = True) -> None:
+        from huggingface_hub import hf_hub_download
+
+        where = f"downloading {repo_id}@{commit[:12]} from {self.address}"
+        with self._errors(where, repo_id=repo_id, revision=commit):
+            for remote in files:
+                hf_hub_download(repo_id, remote.path, revision=commit, endpoint=self.endpoint,
+                                token=self.token or False, local_dir=dest, library_name="peftkit",
+                                tqdm_class=None if progress else _Silent)  # type: ignore[arg-type]
+        shutil.rmtree(dest / ".cache", ignore_errors=True)  # huggingface_hub's bookkeeping in local_dir
+
+    def search(self, query: SearchQuery) -> list[AdapterInfo]:
+        sort = {"downloads": "downloads", "recent": "last_modified"}.get(query.sort, query.sort)
+        tags = query.filter_tags()
+        with self._errors(f"searching {self.address}"):
+            models = list(self._api().list_models(search=query.text or None, filter=tags or None,
+                                                  author=query.author or None, pipeline_tag=query.task or None,
+                                                  sort=sort, limit=query.limit, cardData=True))
+        return [self._info(m) for m in models]
+
+    def info(self, repo_id: str, revision: str | None = None) -> AdapterInfo:
+        where = f"reading {repo_id}{'@' + revision if revision else ''}"
+        with self._errors(where, repo_id=repo_id, revision=revision):
+            api = self._api()
+            model = api.model_info(repo_id, revision=revision, files_metadata=True)
+            refs = api.list_repo_refs(repo_id)
+        info = self._info(model)
+        info.files = [RemoteFile(s.rfilename, int(s.size or 0), getattr(s, "blob_id", None),
+                                 getattr(getattr(s, "lfs", None), "sha256", None))
+                      for s in (model.siblings or [])]
+        info.branches = {b.name: b.target_commit for b in refs.branches}
+        return info
+
+    def whoami(self) -> str | None:
+        with self._errors(f"checking the token with {self.address}"):
+            data = self._api().whoami()
+        return data.get("name") if isinstance(data, dict) else None
+
+    def _info(self, model: Any) -> AdapterInfo:
+        card_data = getattr(model, "card_data", None)
+        card = card_data.to_dict() if card_data is not None and hasattr(card_data, "to_dict") else dict(card_data or {})
+        tags = list(getattr(model, "tags", None) or [])
+        return AdapterInfo(
+            repo_id=model.id,
+            sha=getattr(model, "sha", None),
+            private=bool(getattr(model, "private", False)),
+            base_model=base_model_from(card, tags),
+            method=method_from_tags(tags + as_list(card.get("tags"))),
+            task=getattr(model, "pipeline_tag", None) or card.get("pipeline_tag"),
+            library_name=getattr(model, "library_name", None) or card.get("library_name"),
+            tags=tags,
+            datasets=as_list(card.get("datasets")),
+            downloads=int(getattr(model, "downloads", 0) or 0),
+            last_modified=getattr(model, "last_modified", None),
+            created_at=getattr(model, "created_at", None),
+            card=card,
+            hub=self.address,
+        )
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"

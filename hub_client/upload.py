@@ -1,0 +1,326 @@
+"""What a push uploads: the folder's files and a model card written for the hub.
+
+A push takes a saved folder (an adapter, a composition from
+``save_composition()``, or a fusion from ``save_fusion()``) or an adapter of a
+live model (saved to a temporary folder first). It uploads every file of the
+folder except hidden ones, refuses pickle weights, and writes ``README.md``
+itself with the Hub's conventions (``library_name``, ``base_model``, tags
+``base_model:adapter:<id>`` and the method, ``pipeline_tag``, datasets,
+metrics, a usage snippet), through :mod:`peftkit.core.card`. The card's
+existing metadata (license, language, extra tags...) is kept, and so is a
+hand-written card body.
+
+Nothing here imports torch unless a live model is pushed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from peftkit.core.card import card_metadata, read_card_metadata, render_card
+from peftkit.registry.cards import TASK_TYPE_TO_PIPELINE, split_front_matter
+
+from .errors import HubError
+
+CONFIG = "adapter_config.json"
+COMPOSITION = "composition.json"
+FUSION = "fusion_config.json"
+CARD = "README.md"
+#: Suffixes of pickle files: peftkit never loads them, so it never publishes them either.
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+_GENERATED_MARK = "made with peftkit"
+
+
+@dataclass
+class Upload:
+    files: dict[str, Path]
+    kind: str
+    method: str | None
+    base_model: str | None
+    default_message: str
+
+
+@dataclass
+class CardOptions:
+    task: str | None = None
+    dataset: str | list[str] | None = None
+    metrics: dict[str, float] | None = None
+    tags: list[str] | None = None
+    base_model: str | None = None
+    description: str | None = None
+    license: str | None = None
+    language: str | list[str] | None = None
+
+
+def looks_local(name: str | None) -> bool:
+    """Whether a base model name is a local folder rather than a hub id."""
+    if not name:
+        return False
+    return name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1 or os.path.isdir(name)
+
+
+def is_live_model(source: Any) -> bool:
+    return hasattr(source, "save_adapter") and hasattr(source, "adapters") and not isinstance(source, (str, Path))
+
+
+def pick_adapter(model: Any, adapter_name: str | None) -> str:
+    names = list(model.adapters)
+    if adapter_name is not None:
+        if adapter_name not in names:
+            raise HubError(f"the model has no adapter {adapter_name!r}; its adapters: {', '.join(names) or 'none'}")
+        return adapter_name
+    if "default" in names:
+        return "default"
+    if len(names) == 1:
+        return names[0]
+    raise HubError(f"the model holds several adapters ({', '.join(names) or 'none'}); say which to push with "
+                   f"adapter_name=... (--adapter on the command line)")
+
+
+def prepare(source: Any, repo_id: str, workdir: Path, *, adapter_name: str | None, options: CardOptions) -> Upload:
+    """Collect the files to upload for ``source`` and write their card into ``workdir``."""
+    if is_live_model(source):
+        name = pick_adapter(source, adapter_name)
+        folder = workdir / "adapter"
+        source.save_adapter(str(folder), name)
+    else:
+        if adapter_name is not None:
+            raise HubError("adapter_name applies to a live model; a folder is pushed as it is")
+        folder = Path(os.fspath(source)).expanduser()
+        if not folder.is_dir():
+            raise HubError(f"{str(folder)!r} is not a folder; push a saved adapter folder or an adapted model")
+    files = _collect(folder)
+    if (folder / CONFIG).is_file():
+        return _adapter_upload(folder, files, repo_id, workdir, options)
+    if (folder / COMPOSITION).is_file():
+        return _composition_upload(folder, files, repo_id, workdir, options)
+    if (folder / FUSION).is_file():
+        return _fusion_upload(folder, files, repo_id, workdir, options)
+    present = ", ".join(sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())[:8]) or "nothing"
+    raise HubError(f"{str(folder)!r} is not an adapter, composition or fusion folder (no {CONFIG}, {COMPOSITION} "
+                   f"or {FUSION}; it holds: {present}); save one with save_adapter(), save_composition() "
+                   f"or save_fusion() first")
+
+
+def _collect(folder: Path) -> dict[str, Path]:
+    files: dict[str, Path] = {}
+    pickles = []
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
+            continue
+        if path.suffix.lower() in _PICKLE_SUFFIXES:
+            pickles.append(rel.as_posix())
+            continue
+        files[rel.as_posix()] = path
+    if pickles:
+        raise HubError(f"{folder} holds pickle files ({', '.join(pickles[:3])}), which peftkit never loads or "
+                       f"publishes (they can run code when loaded); save the weights as safetensors and remove them")
+    return files
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise HubError(f"{path} is not valid JSON ({exc}); save the folder again") from None
+    if not isinstance(data, dict):
+        raise HubError(f"{path} must hold a JSON object")
+    return data
+
+
+def _method_of(config: dict[str, Any]) -> str | None:
+    own = config.get("peftkit") if isinstance(config.get("peftkit"), dict) else {}
+    method = own.get("method") or config.get("peft_type")
+    return str(method).lower() if method else None
+
+
+def _peft_format(config: dict[str, Any], method: str) -> bool:
+    """Whether Hugging Face PEFT can load the folder (the card's library_name is then ``peft``)."""
+    from peftkit.core.plugins import get_registry
+
+    from .metadata import _PEFT_METHODS
+
+    installed = get_registry().methods.get(method)
+    if installed is not None:
+        return installed.peft_type is not None
+    return str(config.get("peft_type") or "").lower() in _PEFT_METHODS
+
+
+def _resolve_base(recorded: str | None, given: str | None, where: str) -> tuple[str | None, bool]:
+    """The base model id for the card, and whether the config must be rewritten to record it."""
+    if given:
+        if recorded and recorded != given and not looks_local(recorded):
+            raise HubError(f"{where} was saved for base model {recorded!r}, not {given!r}; push it without "
+                           f"base_model, or load and save it on {given!r} first")
+        return given, recorded != given
+    if not recorded:
+        warnings.warn(f"{where} records no base model, so nobody can find it by base model; pass "
+                      f"base_model='org/name' (--base-model)", stacklevel=4)
+    elif looks_local(recorded):
+        warnings.warn(f"{where} records its base model as the local folder {recorded!r}, which nobody else can "
+                      f"find; pass base_model='org/name' (--base-model) to publish the hub id instead",
+                      stacklevel=4)
+    return recorded, False
+
+
+def _existing_card(folder: Path) -> tuple[dict[str, Any], str]:
+    card = folder / CARD
+    if not card.is_file():
+        return {}, ""
+    text = card.read_text(encoding="utf-8", errors="replace")
+    try:
+        meta, body = split_front_matter(text)
+    except ValueError:
+        return read_card_metadata(text) if text.startswith("---") else {}, ""
+    return meta, body
+
+
+def _merged_meta(new: dict[str, Any], old: dict[str, Any], options: CardOptions) -> dict[str, Any]:
+    """``new`` (from this push) wins; the old card's other keys and tags are kept."""
+    meta = dict(new)
+    for key, value in old.items():
+        if key == "tags" or key in meta:
+            continue
+        if key == "pipeline_tag" and options.task:
+            continue
+        meta[key] = value
+    old_tags = old.get("tags") or []
+    if isinstance(old_tags, str):
+        old_tags = [old_tags]
+    tags = list(meta.get("tags") or [])
+    for tag in old_tags:
+        tag = str(tag)
+        if tag.startswith("base_model:adapter:") and new.get("base_model"):
+            continue  # the base model recorded now replaces the old one
+        if tag.startswith("task:") and options.task:
+            continue
+        if tag not in tags:
+            tags.append(tag)
+    meta["tags"] = tags
+    return meta
+
+
+def _write_card(workdir: Path, meta: dict[str, Any], old_body: str, **render: Any) -> Path:
+    if old_body.strip() and _GENERATED_MARK not in old_body:
+        import yaml
+
+        text = "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n\n" + old_body
+    else:
+        text = render_card(meta, **render)
+    path = workdir / CARD
+    path.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
+    return path
+
+
+def _parameters(folder: Path, weights: str) -> int | None:
+    from peftkit.core.inspect_folder import safetensors_header
+
+    path = folder / weights
+    if not path.is_file():
+        return None
+    try:
+        header = safetensors_header(path)
+    except Exception as exc:
+        raise HubError(f"{path} is not a valid safetensors file ({exc}); save the adapter again") from None
+    total = 0
+    for key, value in header.items():
+        if key == "__metadata__":
+            continue
+        count = 1
+        for dim in value.get("shape", []):
+            count *= dim
+        total += count
+    return total
+
+
+def _adapter_upload(folder: Path, files: dict[str, Path], repo_id: str, workdir: Path,
+                    options: CardOptions) -> Upload:
+    where = str(folder)
+    config = _read_json(folder / CONFIG)
+    method = _method_of(config)
+    if method is None:
+        raise HubError(f"{folder / CONFIG} names no method ('peftkit.method' or 'peft_type'); is it an adapter?")
+    if "adapter_model.safetensors" not in files:
+        raise HubError(f"{folder} has no adapter_model.safetensors; save the adapter again")
+    parameters = _parameters(folder, "adapter_model.safetensors")
+    base, rewrite = _resolve_base(config.get("base_model_name_or_path"), options.base_model, where)
+    if rewrite:
+        config = dict(config, base_model_name_or_path=base)
+        patched = workdir / CONFIG
+        patched.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        files[CONFIG] = patched
+    old_meta, old_body = _existing_card(folder)
+    task = options.task or old_meta.get("pipeline_tag") or TASK_TYPE_TO_PIPELINE.get(
+        str(config.get("task_type") or "").upper())
+    meta = card_metadata(method=method, base_model=base, peft_format=_peft_format(config, method), task=task,
+                         dataset=options.dataset, metrics=options.metrics, tags=options.tags,
+                         license=options.license, language=options.language)
+    meta = _merged_meta(meta, old_meta, options)
+    files[CARD] = _write_card(workdir, meta, old_body, method=method, adapter_name=repo_id.split("/")[-1],
+                              repo_id=repo_id, description=options.description, parameters=parameters,
+                              metrics=options.metrics)
+    return Upload(files, "adapter", method, base, f"Upload {method} adapter with peftkit")
+
+
+def _composition_upload(folder: Path, files: dict[str, Path], repo_id: str, workdir: Path,
+                        options: CardOptions) -> Upload:
+    from peftkit.core.composition_io import read_composition
+
+    try:
+        data = read_composition(folder)
+    except Exception as exc:
+        raise HubError(str(exc)) from None
+    methods = []
+    parameters = 0
+    for name, sub in sorted(data.get("adapters", {}).items()):
+        sub_folder = folder / sub
+        if not (sub_folder / CONFIG).is_file():
+            raise HubError(f"{folder / COMPOSITION} lists adapter {name!r} in {sub!r}, which has no {CONFIG}; "
+                           f"save the composition again")
+        method = _method_of(_read_json(sub_folder / CONFIG))
+        if method and method not in methods:
+            methods.append(method)
+        parameters += _parameters(sub_folder, "adapter_model.safetensors") or 0
+    base, _ = _resolve_base(data.get("base_model_name_or_path"), options.base_model, str(folder))
+    old_meta, old_body = _existing_card(folder)
+    label = methods[0] if methods else "composition"
+    extra = [m for m in methods[1:]] + ["composition"] + list(options.tags or [])
+    meta = card_metadata(method=label, base_model=base, peft_format=False, task=options.task,
+                         dataset=options.dataset, metrics=options.metrics, tags=extra, license=options.license,
+                         language=options.language)
+    meta = _merged_meta(meta, old_meta, options)
+    spec = data.get("composition_string") or str(data["node"])
+    description = options.description or (
+        f"A peftkit composition, `{spec}`, of {len(data.get('adapters', {}))} adapters"
+        f"{' and ' + str(len(data.get('fusions', {}))) + ' fusions' if data.get('fusions') else ''} for "
+        f"`{base or 'its base model'}`, made with peftkit. `peftkit.load` puts every member on the model and "
+        f"activates the composition.")
+    files[CARD] = _write_card(workdir, meta, old_body, method=", ".join(methods) or "composition",
+                              adapter_name=repo_id.split("/")[-1], repo_id=repo_id, description=description,
+                              parameters=parameters, metrics=options.metrics)
+    return Upload(files, "composition", label, base, f"Upload composition {spec} with peftkit")
+
+
+def _fusion_upload(folder: Path, files: dict[str, Path], repo_id: str, workdir: Path,
+                   options: CardOptions) -> Upload:
+    data = _read_json(folder / FUSION)
+    base, _ = _resolve_base(data.get("base_model_name_or_path"), options.base_model, str(folder))
+    old_meta, old_body = _existing_card(folder)
+    meta = card_metadata(method="fusion", base_model=base, peft_format=False, task=options.task,
+                         dataset=options.dataset, metrics=options.metrics, tags=options.tags,
+                         license=options.license, language=options.language)
+    meta = _merged_meta(meta, old_meta, options)
+    spec = data.get("composition") or "fuse(...)"
+    description = options.description or (
+        f"AdapterFusion weights for `{spec}` on `{base or 'its base model'}`, made with peftkit. Load the fused "
+        f"adapters first, under the names the fusion lists, then this fusion.")
+    files[CARD] = _write_card(workdir, meta, old_body, method="fusion", adapter_name=repo_id.split("/")[-1],
+                              repo_id=repo_id, description=description,
+                              parameters=_parameters(folder, "fusion_model.safetensors"), metrics=options.metrics)
+    return Upload(files, "fusion", "fusion", base, f"Upload fusion {spec} with peftkit")

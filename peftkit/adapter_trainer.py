@@ -1,0 +1,181 @@
+"""The Trainer subclass of ``peftkit train``, its checkpoints, loss and metrics.
+
+Checkpoints are adapter folders: ``_save`` (called for every checkpoint and by
+``save_model``) writes the adapter (safetensors), ``labels.json`` and
+``trainable_state.safetensors``; the Trainer adds its optimizer, scheduler and
+RNG states and ``trainer_state.json`` beside them (it reads those back with
+``torch.load(weights_only=True)``, which runs no code). Resuming copies the
+trainable state into the live parameters before the optimizer state is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+from transformers import Trainer
+
+from peftkit.core.errors import PeftkitError
+from peftkit.core.fileio import write_bytes_atomic, write_text_atomic
+from peftkit.core.model import AdaptedModel
+from peftkit.training import TRAINABLE_STATE_FILE
+from peftkit.training_data import LABELS_FILE, LabelMap
+
+
+class AdapterTrainer(Trainer):
+    """A Trainer whose checkpoints are adapter folders (see the module docstring).
+
+    ``_load_from_checkpoint`` runs before the optimizer exists (transformers
+    5: ``Trainer.train`` loads the model, then ``_prepare_for_training`` makes
+    the optimizer and loads its state), and copies in place, so the optimizer
+    state fits the same parameter objects.
+    """
+
+    def __init__(self, *args: Any, adapter_name: str, card: dict[str, Any], labels: LabelMap | None,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            raise PeftkitError("peftkit train supports data-parallel runs (accelerate launch / torchrun, DDP); "
+                               "FSDP and DeepSpeed are not supported yet: launch without them")
+        self.adapter_name = adapter_name
+        self.card = card
+        self.labels = labels
+        # The loss is compute_loss_func's (token_loss), normalized by the Trainer's count of
+        # label tokens over all micro-batches and processes; the model never sees that count.
+        self.model_accepts_loss_kwargs = False
+
+    def adapted(self, model: nn.Module | None = None) -> AdaptedModel:
+        unwrapped = self.accelerator.unwrap_model(model if model is not None else self.model)
+        if not isinstance(unwrapped, AdaptedModel):
+            raise PeftkitError(f"AdapterTrainer trains an AdaptedModel, not {type(unwrapped).__name__}")
+        return unwrapped
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if not self.args.should_save:
+            return
+        folder = Path(output_dir if output_dir is not None else self.args.output_dir)
+        save_adapter_files(self.adapted(), self.adapter_name, folder, self.card, self.labels)
+        write_trainable_state(self.adapted(), folder / TRAINABLE_STATE_FILE)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        load_trainable_state(self.adapted(model), Path(resume_from_checkpoint) / TRAINABLE_STATE_FILE)
+
+
+def save_adapter_files(adapted: AdaptedModel, adapter_name: str, folder: Path, card: dict[str, Any],
+                       labels: LabelMap | None, metrics: dict[str, float] | None = None) -> None:
+    """The adapter folder plus ``labels.json``; the config is written last, so a folder
+    with a config is complete."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if labels is not None:
+        write_text_atomic(folder / LABELS_FILE, json.dumps(labels.to_json(), indent=2) + "\n")
+    adapted.save_adapter(str(folder), adapter_name, **card, **({"metrics": metrics} if metrics else {}))
+
+
+def write_trainable_state(adapted: AdaptedModel, path: Path) -> None:
+    from safetensors.torch import save
+
+    state = {name: p.detach().to("cpu").contiguous() for name, p in adapted.named_parameters() if p.requires_grad}
+    write_bytes_atomic(path, save(state, metadata={"format": "pt"}))
+
+
+def load_trainable_state(adapted: AdaptedModel, path: Path) -> None:
+    """Copy a checkpoint's trainable tensors into the model, in place; names and shapes must match."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_bytes
+
+    if not path.is_file():
+        raise PeftkitError(f"{path.parent} is not a peftkit training checkpoint (it has no {path.name}); "
+                           f"resume from a checkpoint-N folder that peftkit train wrote")
+    try:
+        saved = load_bytes(path.read_bytes())
+    except (SafetensorError, ValueError, OSError) as exc:
+        raise PeftkitError(f"{path} is truncated or corrupted ({exc}); resume from an earlier checkpoint") from None
+    live = {name: p for name, p in adapted.named_parameters() if p.requires_grad}
+    missing, unexpected = sorted(set(live) - set(saved)), sorted(set(saved) - set(live))
+    bad = [n for n in live if n in saved and tuple(saved[n].shape) != tuple(live[n].shape)]
+    if missing or unexpected or bad:
+        detail = "; ".join(part for part in (
+            f"missing {', '.join(missing[:3])}" if missing else "",
+            f"unexpected {', '.join(unexpected[:3])}" if unexpected else "",
+            f"other shape {', '.join(bad[:3])}" if bad else "") if part)
+        raise PeftkitError(f"checkpoint {path.parent} does not fit this run's adapter ({detail}); resume with the "
+                           f"model, method and options the checkpoint was trained with")
+    with torch.no_grad():
+        for name, param in live.items():
+            param.copy_(saved[name].to(device=param.device, dtype=param.dtype))
+
+
+def token_loss(task: str) -> Callable[..., torch.Tensor]:
+    """Cross-entropy over the label tokens, summed and divided by ``num_items_in_batch``.
+
+    The Trainer counts the label tokens of all micro-batches of an optimizer
+    step on all processes, so the gradient is the mean over every labelled
+    token of the step, whatever the model's own loss does with that count
+    (many models ignore it, which would scale the loss by the number of
+    processes). causal-lm predicts token t+1 at position t. When the logits are
+    longer than the labels, the method put virtual tokens in front (prompt
+    tuning): the trailing positions belong to the labels.
+    """
+    shift = task == "causal-lm"
+
+    def loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        if logits.dim() == 3 and labels.dim() == 2 and logits.shape[1] > labels.shape[1]:
+            logits = logits[:, -labels.shape[1]:]
+        if shift:
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        labels = labels.reshape(-1).to(logits.device)
+        total = nn.functional.cross_entropy(logits.reshape(labels.shape[0], -1).float(), labels,
+                                            ignore_index=-100, reduction="sum")
+        count = num_items_in_batch if num_items_in_batch is not None else labels.ne(-100).sum()
+        if torch.is_tensor(count):
+            count = count.to(total.device)
+        return total / (count.clamp(min=1) if torch.is_tensor(count) else max(int(count), 1))
+
+    return loss
+
+
+def argmax_predictions(logits: Any, labels: Any) -> torch.Tensor:
+    """Keep only the arg-max class, so evaluation never gathers whole logit tensors
+    (aligned with the labels as in :func:`token_loss` when virtual tokens were put in front)."""
+    if isinstance(logits, (tuple, list)):
+        logits = logits[0]
+    if logits.dim() == 3 and labels is not None and labels.dim() == 2 and logits.shape[1] > labels.shape[1]:
+        logits = logits[:, -labels.shape[1]:]
+    return logits.argmax(dim=-1)
+
+
+def classification_metrics(task: str) -> Callable[[Any], dict[str, float]]:
+    """Accuracy over labelled positions (rows for seq-cls, first sub-tokens for token-cls);
+    seq-cls adds macro-averaged F1."""
+
+    def compute(prediction: Any) -> dict[str, float]:
+        preds = np.asarray(prediction.predictions)
+        labels = np.asarray(prediction.label_ids)
+        mask = labels != -100
+        preds, labels = preds[mask], labels[mask]
+        if labels.size == 0:
+            return {}
+        metrics = {"accuracy": float((preds == labels).mean())}
+        if task == "seq-cls":
+            metrics["f1_macro"] = _macro_f1(preds, labels)
+        return metrics
+
+    return compute
+
+
+def _macro_f1(preds: np.ndarray, labels: np.ndarray) -> float:
+    """Mean F1 over the classes that occur in labels or predictions (as scikit-learn's average="macro")."""
+    scores = []
+    for cls in np.union1d(labels, preds):
+        tp = float(((preds == cls) & (labels == cls)).sum())
+        fp = float(((preds == cls) & (labels != cls)).sum())
+        fn = float(((preds != cls) & (labels == cls)).sum())
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    return float(np.mean(scores))
+
+

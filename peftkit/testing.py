@@ -1,0 +1,725 @@
+"""peftkit's conformance suite for tuning methods: run it against your method.
+
+Every peftkit method, built in or from a plugin, must keep the same promises:
+it injects into real architectures and can be removed without a trace, it
+leaves the model unchanged at init when it says so, a training step changes
+its own parameters only, its files round-trip bit for bit, merging (when it
+claims to merge) gives the same outputs, its config round-trips through JSON
+and the shorthand, its parameter count matches its own formula, and the
+composition blocks it claims behave as defined. This module checks all of
+that on tiny transformers models (hidden size 32, 2 layers; no downloads).
+
+Two ways to run it, both with pytest installed:
+
+- one pytest test per check and architecture, reported individually::
+
+      # tests/test_conformance.py of your plugin
+      from peftkit.testing import make_conformance_class
+
+      TestLohaConformance = make_conformance_class("loha[r=4]")
+
+- or everything in one call, raising ``AssertionError`` that lists each
+  failed check (returns a :class:`ConformanceReport` otherwise)::
+
+      peftkit.testing.check_method("loha[r=4]")
+
+The method must be registered: installed through its entry point, or
+registered for the test with ``peftkit.use_plugin``. An architecture the
+method refuses with a ``ConfigError``/``TargetError`` when it is added is
+skipped, with the method's message as the reason; refusing every
+architecture is a failure. See docs/testing.md for what each check does.
+
+The module also ships a small demo task for "does it learn?" tests and
+benchmarks: :func:`sentiment_task` and :func:`train_classifier`
+(in :mod:`peftkit.testing_task`).
+
+This module imports torch and transformers when a check runs, not at import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
+
+from peftkit.core.config import AdapterConfig
+from peftkit.core.errors import ConfigError, MergeError, TargetError
+from peftkit.testing_models import TINY_MODELS, TinyModel, build_tiny, output_tensor, sample_inputs, tiny_model
+from peftkit.testing_task import SENTIMENT_RUNS, TextTask, TrainResult, sentiment_task, train_classifier
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from peftkit.core.model import AdaptedModel
+
+__all__ = ["CHECKS", "DEFAULT_ARCHITECTURES", "SENTIMENT_RUNS", "CheckResult", "CheckSkipped", "ConformanceReport",
+           "TINY_MODELS", "TextTask", "TinyModel", "TrainResult", "build_tiny", "check_method",
+           "make_conformance_class", "output_tensor", "run_check", "sample_inputs", "sentiment_task",
+           "train_classifier"]
+
+#: Architectures checked unless told otherwise (names of :data:`TINY_MODELS`).
+DEFAULT_ARCHITECTURES: tuple[str, ...] = ("llama", "gpt2", "bert", "t5")
+#: Blocks whose behaviour the suite checks when a method claims them.
+BLOCK_CHECKS = ("stack", "average", "batch_split", "parallel", "fuse")
+#: The checks, in the order they run; each takes one architecture.
+CHECKS: tuple[str, ...] = ("inject", "identity", "train_step", "save_load", "merge", "config", "parameter_count",
+                           *(f"block_{b}" for b in BLOCK_CHECKS))
+#: Largest output difference allowed where an output must equal the base model's (identity at init).
+IDENTITY_ATOL = 1e-5
+
+
+class CheckSkipped(Exception):
+    """A check does not apply (the method refuses the architecture, or does not claim the feature)."""
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    check: str
+    architecture: str
+    status: str  # "passed", "skipped" or "failed"
+    message: str = ""
+
+    def __str__(self) -> str:
+        text = f"{self.check}[{self.architecture}]: {self.status}"
+        return f"{text} — {self.message}" if self.message else text
+
+
+@dataclass
+class ConformanceReport:
+    """What :func:`check_method` found, check by check."""
+
+    spec: str
+    results: list[CheckResult] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[CheckResult]:
+        return [r for r in self.results if r.status == "failed"]
+
+    @property
+    def skipped(self) -> list[CheckResult]:
+        return [r for r in self.results if r.status == "skipped"]
+
+    @property
+    def passed(self) -> list[CheckResult]:
+        return [r for r in self.results if r.status == "passed"]
+
+    def __str__(self) -> str:
+        head = (f"conformance of {self.spec!r}: {len(self.passed)} passed, {len(self.failed)} failed, "
+                f"{len(self.skipped)} skipped")
+        return "\n".join([head, *(f"  {r}" for r in self.results)])
+
+
+@dataclass(frozen=True)
+class _Options:
+    tolerance: float = 1e-4
+    identity_at_init: bool | None = None
+    seed: int = 0
+
+
+# -- public entry points ---------------------------------------------------------------------------------------------
+
+
+def check_method(spec: str | AdapterConfig, *, architectures: Sequence[str | TinyModel] = DEFAULT_ARCHITECTURES,
+                 checks: Sequence[str] | None = None, tolerance: float = 1e-4,
+                 identity_at_init: bool | None = None, seed: int = 0) -> ConformanceReport:
+    """Run every check (or ``checks``) on every architecture; raise AssertionError listing the failures.
+
+    ``spec`` is a shorthand (``"loha[r=4]"``) or a config object of a registered method.
+    ``tolerance`` is the largest output difference allowed where outputs must agree
+    (merging, composition definitions). ``identity_at_init`` overrides the method's
+    ``identity_at_init`` for this spec (e.g. a config with random init). An
+    architecture the method refuses (ConfigError/TargetError when adding the
+    adapter) is skipped; refusing them all is a failure.
+    """
+    selected = _select(checks)
+    _resolve(spec)
+    report = ConformanceReport(_spec_text(spec))
+    supported = 0
+    for arch in architectures:
+        tiny = tiny_model(arch)
+        refusal = _refusal(spec, tiny)
+        if refusal is not None:
+            report.results.extend(CheckResult(c, tiny.name, "skipped", refusal) for c in selected)
+            continue
+        supported += 1
+        for check in selected:
+            try:
+                run_check(spec, check, tiny, tolerance=tolerance, identity_at_init=identity_at_init, seed=seed)
+            except CheckSkipped as exc:
+                report.results.append(CheckResult(check, tiny.name, "skipped", str(exc)))
+            except AssertionError as exc:
+                report.results.append(CheckResult(check, tiny.name, "failed", str(exc)))
+            except Exception as exc:  # a crash inside the method is a failure of the check, reported as such
+                report.results.append(CheckResult(check, tiny.name, "failed", f"{type(exc).__name__}: {exc}"))
+            else:
+                report.results.append(CheckResult(check, tiny.name, "passed"))
+    if architectures and not supported:
+        report.results.append(CheckResult("inject", "any", "failed", _none_supported(spec, architectures)))
+    if report.failed:
+        raise AssertionError(str(report))
+    return report
+
+
+def run_check(spec: str | AdapterConfig, check: str, architecture: str | TinyModel = "llama", *,
+              tolerance: float = 1e-4, identity_at_init: bool | None = None, seed: int = 0) -> None:
+    """Run one check on one architecture: returns on success, raises AssertionError on a
+    failure and :class:`CheckSkipped` when the check does not apply."""
+    if check not in _CHECK_FUNCTIONS:
+        raise ValueError(f"unknown conformance check {check!r}; checks: {', '.join(CHECKS)}")
+    with _single_thread():
+        case = _Case(spec, tiny_model(architecture), _Options(tolerance, identity_at_init, seed))
+        _CHECK_FUNCTIONS[check](case)
+
+
+@contextlib.contextmanager
+def _single_thread() -> Iterator[None]:
+    """Tiny models run many times faster on one thread (no thread hand-off per kernel), most of
+    all on a busy machine; the previous setting comes back afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def make_conformance_class(spec: str | AdapterConfig, *,
+                           architectures: Sequence[str | TinyModel] = DEFAULT_ARCHITECTURES,
+                           checks: Sequence[str] | None = None, tolerance: float = 1e-4,
+                           identity_at_init: bool | None = None, seed: int = 0) -> type:
+    """A pytest test class with one test per check, parametrized by architecture.
+
+    Assign it to a module-level name that starts with ``Test`` (or subclass it)::
+
+        TestLohaConformance = make_conformance_class("loha[r=4]")
+
+    Tests are named ``test_<check>[<architecture>]``; a check that does not
+    apply is reported as skipped with the reason. ``test_supports_an_architecture``
+    fails when the method refuses every architecture.
+    """
+    import pytest
+
+    _resolve(spec)
+    tinies = [tiny_model(a) for a in architectures]
+    ids = [t.name for t in tinies]
+    options = dict(tolerance=tolerance, identity_at_init=identity_at_init, seed=seed)
+    namespace: dict[str, Any] = {
+        "__doc__": f"peftkit conformance checks for {_spec_text(spec)!r} (see peftkit.testing).",
+        "conformance_spec": spec,
+    }
+    for check in _select(checks):
+        namespace[f"test_{check}"] = pytest.mark.parametrize("architecture", tinies, ids=ids)(
+            _pytest_test(spec, check, options))
+
+    def test_supports_an_architecture(self: Any) -> None:
+        if tinies and all(_refusal(spec, t) is not None for t in tinies):
+            raise AssertionError(_none_supported(spec, tinies))
+
+    namespace["test_supports_an_architecture"] = test_supports_an_architecture
+    return type("MethodConformance", (), namespace)
+
+
+def _pytest_test(spec: str | AdapterConfig, check: str, options: dict[str, Any]) -> Callable[[Any, TinyModel], None]:
+    def test(self: Any, architecture: TinyModel) -> None:
+        import pytest
+
+        try:
+            run_check(spec, check, architecture, **options)
+        except CheckSkipped as exc:
+            pytest.skip(str(exc))
+
+    test.__name__ = f"test_{check}"
+    test.__doc__ = _CHECK_FUNCTIONS[check].__doc__
+    return test
+
+
+def _select(checks: Iterable[str] | None) -> list[str]:
+    if checks is None:
+        return list(CHECKS)
+    selected = list(checks)
+    unknown = [c for c in selected if c not in _CHECK_FUNCTIONS]
+    if unknown:
+        raise ValueError(f"unknown conformance check(s) {', '.join(map(repr, unknown))}; checks: {', '.join(CHECKS)}")
+    return selected
+
+
+def _spec_text(spec: str | AdapterConfig) -> str:
+    return spec if isinstance(spec, str) else spec.to_shorthand()
+
+
+def _resolve(spec: str | AdapterConfig) -> None:
+    """Fail at once, with peftkit's message, on a spec naming no installed method or a bad option."""
+    from peftkit.core.method import parse_spec
+
+    parse_spec(spec)
+
+
+def _refusal(spec: str | AdapterConfig, tiny: TinyModel) -> str | None:
+    """The method's reason for refusing this architecture (None when it accepts it; any other
+    error is left to the checks, which report it as their failure)."""
+    try:
+        with _single_thread():
+            _Case(spec, tiny, _Options()).adapted(randomized=False)
+    except CheckSkipped as exc:
+        return str(exc)
+    except Exception:
+        return None
+    return None
+
+
+def _none_supported(spec: str | AdapterConfig, architectures: Sequence[str | TinyModel]) -> str:
+    names = ", ".join(tiny_model(a).name for a in architectures)
+    return (f"{_spec_text(spec)!r} refused every architecture checked ({names}); a method must inject into at "
+            f"least one (see the skip reasons for each)")
+
+
+# -- one check's context ---------------------------------------------------------------------------------------------
+
+
+class _Case:
+    """A spec, a tiny architecture and options, with helpers that build adapted models."""
+
+    def __init__(self, spec: str | AdapterConfig, tiny: TinyModel, options: _Options) -> None:
+        from peftkit.core.method import parse_spec
+
+        self.spec = spec
+        self.tiny = tiny
+        self.options = options
+        self.method, self.config = parse_spec(spec)
+        self.where = f"{_spec_text(spec)} on {tiny.name}"
+
+    # models and inputs
+
+    def base(self) -> "torch.nn.Module":
+        return build_tiny(self.tiny, seed=self.options.seed)
+
+    def inputs(self, batch: int = 2) -> dict[str, Any]:
+        return sample_inputs(self.tiny, batch=batch, seed=self.options.seed + 1)
+
+    def adapted(self, *names: str, randomized: bool = True, base: "torch.nn.Module | None" = None
+                ) -> "AdaptedModel":
+        """An AdaptedModel with one adapter of the spec per name (default: "default"), in eval
+        mode, none active. ``randomized`` moves each adapter's parameters away from their
+        initial values (each name by a different draw), so equalities are not trivial."""
+        from peftkit.core.model import AdaptedModel
+
+        model = AdaptedModel(base if base is not None else self.base())
+        for index, name in enumerate(names or ("default",)):
+            try:
+                model.add_adapter(name, self.spec)
+            except (ConfigError, TargetError) as exc:
+                raise CheckSkipped(f"{self.method.name} does not support {self.tiny.name} "
+                                   f"({type(model.base_model).__name__}): {exc}") from None
+            if randomized:
+                randomize(model, name, seed=self.options.seed + 1000 + index)
+        return model.eval()
+
+    def output(self, model: "torch.nn.Module", active: Any = "keep", inputs: dict[str, Any] | None = None,
+               **kwargs: Any) -> "torch.Tensor":
+        import torch
+
+        if active != "keep":
+            model.set_active(active)
+        with torch.no_grad():
+            out = output_tensor(model(**(inputs or self.inputs()), **kwargs))
+        return out.detach().float().clone()
+
+    @property
+    def identity(self) -> bool:
+        claimed = self.options.identity_at_init
+        return bool(self.method.identity_at_init if claimed is None else claimed)
+
+    def close(self, actual: "torch.Tensor", expected: "torch.Tensor", what: str, atol: float | None = None) -> None:
+        check_close(actual, expected, f"{self.where}: {what}", self.options.tolerance if atol is None else atol)
+
+
+def randomize(model: "AdaptedModel", name: str, seed: int = 0, scale: float = 0.1) -> None:
+    """Add seeded noise (std ``scale``) to every floating-point parameter the method made for
+    adapter ``name`` (its modules_to_save copies, e.g. a task head, are left as copied)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in _own_parameters(model, name):
+            if param.is_floating_point():
+                noise = torch.randn(param.shape, generator=gen, dtype=torch.float32) * scale
+                param.add_(noise.to(device=param.device, dtype=param.dtype))
+
+
+def check_close(actual: "torch.Tensor", expected: "torch.Tensor", what: str, atol: float) -> None:
+    """AssertionError naming ``what`` unless the tensors have one shape and differ by at most ``atol``."""
+    if tuple(actual.shape) != tuple(expected.shape):
+        raise AssertionError(f"{what}: output shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
+    diff = (actual.float() - expected.float()).abs().max().item() if actual.numel() else 0.0
+    if not diff <= atol:  # also catches NaN
+        raise AssertionError(f"{what}: outputs differ by up to {diff:.3g} (allowed {atol:g})")
+
+
+def _differs(a: "torch.Tensor", b: "torch.Tensor", atol: float = 1e-6) -> bool:
+    if tuple(a.shape) != tuple(b.shape):
+        return True
+    return bool((a.float() - b.float()).abs().max().item() > atol)
+
+
+def _own_parameters(model: "AdaptedModel", name: str) -> list["torch.nn.Parameter"]:
+    """Adapter ``name``'s parameters created by its method (not its modules_to_save copies)."""
+    from peftkit.core.layer import ModulesToSave
+
+    copies = {id(p) for m in model.modules() if isinstance(m, ModulesToSave) and name in m.copies
+              for p in m.copies[name].parameters()}
+    return [p for p in model.adapter_parameters(name) if id(p) not in copies]
+
+
+# -- the checks ------------------------------------------------------------------------------------------------------
+
+
+def _check_inject(case: _Case) -> None:
+    """The adapter lands on sites (or the model's inputs), has parameters, trains alone, runs,
+    and delete_adapter() leaves the model exactly as before (weights, modules, outputs)."""
+    import torch
+
+    from peftkit.core.layer import ModulesToSave, TunerLayer
+
+    base = case.base()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    module_types = {n: type(m) for n, m in base.named_modules()}
+    base_out = case.output(base)
+    model = case.adapted(randomized=False, base=base)
+    record = model.adapter_record("default")
+    assert record.sites or record.model_adapter, (
+        f"{case.where}: the adapter was added but put no module at any site and rewrites no input; "
+        f"sites() returned nothing and create_model_adapter() returned None")
+    for site in record.sites:
+        layer = model.base_model.get_submodule(site.name)
+        assert isinstance(layer, TunerLayer) and "default" in layer.adapters, (
+            f"{case.where}: site {site.name!r} was returned by sites() but holds no adapter module "
+            f"(create_layer_adapter returned None?)")
+    own = _own_parameters(model, "default")
+    assert sum(p.numel() for p in own) > 0, f"{case.where}: the adapter has no parameters to train"
+    assert not any(p.requires_grad for p in model.parameters()), (
+        f"{case.where}: parameters are trainable right after add_adapter(); the core freezes everything until "
+        f"train_adapter() — do not set requires_grad in the method")
+    model.train_adapter("default")
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert trainable == {id(p) for p in model.adapter_parameters("default")}, (
+        f"{case.where}: after train_adapter('default') the trainable parameters are not exactly the adapter's")
+    out = case.output(model)
+    assert torch.isfinite(out).all(), f"{case.where}: the adapted model's output has NaN or inf values"
+    model.delete_adapter("default")
+    leftovers = [n for n, m in model.base_model.named_modules() if isinstance(m, (TunerLayer, ModulesToSave))]
+    assert not leftovers, f"{case.where}: delete_adapter() left peftkit modules at {leftovers[:3]}"
+    after = dict(model.base_model.state_dict())
+    assert after.keys() == before.keys(), (
+        f"{case.where}: after delete_adapter() the state dict gained {sorted(after.keys() - before.keys())[:3]} "
+        f"and lost {sorted(before.keys() - after.keys())[:3]}")
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert not changed, f"{case.where}: adding and deleting the adapter changed base tensors {changed[:3]}"
+    types_after = {n: type(m) for n, m in model.base_model.named_modules()}
+    assert types_after == module_types, f"{case.where}: delete_adapter() did not restore the original modules"
+    assert torch.equal(case.output(model), base_out), (
+        f"{case.where}: after delete_adapter() the model's output differs from the base model's")
+
+
+def _check_identity(case: _Case) -> None:
+    """With the method's initial weights, the output equals the base model's when the method
+    declares identity_at_init, and differs from it otherwise."""
+    base_out = case.output(case.base())
+    model = case.adapted(randomized=False)
+    out = case.output(model, "default")
+    if case.identity:
+        check_close(out, base_out, f"{case.where}: the method declares identity_at_init=True, but right after "
+                                   f"injection the output is not the base model's (if this config starts "
+                                   f"from random weights on purpose, pass identity_at_init=False)", IDENTITY_ATOL)
+        with model.disable_adapters():
+            check_close(case.output(model), base_out, f"{case.where}: inside disable_adapters()", 0.0)
+    else:
+        assert _differs(out, base_out), (
+            f"{case.where}: the method declares identity_at_init=False, but the output equals the base model's "
+            f"right after injection; declare identity_at_init = True")
+
+
+def _check_train_step(case: _Case) -> None:
+    """One optimizer step after train_adapter('default') changes that adapter's parameters and
+    nothing else: not the base model, not a second adapter of the same method."""
+    import torch
+
+    base = case.base()
+    base_ids = {id(p): n for n, p in base.named_parameters()}
+    model = case.adapted("default", "other", base=base)
+    mine = {id(p) for p in model.adapter_parameters("default")}
+    theirs = {id(p) for p in model.adapter_parameters("other")}
+    shared = sorted(base_ids[i] for i in mine if i in base_ids)
+    assert not shared, f"{case.where}: the adapter owns base-model parameters {shared[:3]}; it must create its own"
+    assert not mine & theirs, f"{case.where}: adapters 'default' and 'other' share parameters"
+    model.train_adapter("default")
+    model.train()
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    before = {n: t.detach().clone() for n, t in model.state_dict(keep_vars=True).items()}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    loss = output_tensor(model(**case.inputs())).float().pow(2).mean()
+    loss.backward()
+    with_grad = [p for p in model.parameters() if p.grad is not None and bool(p.grad.abs().sum() > 0)]
+    assert any(id(p) in mine for p in with_grad), (
+        f"{case.where}: no parameter of the trained adapter received a gradient; is the adapter in the forward "
+        f"pass, and are its tensors nn.Parameters?")
+    strays = [names.get(id(p), "?") for p in with_grad if id(p) not in mine]
+    assert not strays, f"{case.where}: parameters outside the trained adapter got gradients: {strays[:3]}"
+    optimizer.step()
+    model.eval()
+    mine_names = {names[i] for i in mine if i in names}
+    after = model.state_dict(keep_vars=True)
+    changed = [n for n, t in after.items() if not torch.equal(before[n], t.detach())]
+    assert any(n in mine_names for n in changed), f"{case.where}: the optimizer step changed no adapter parameter"
+    others = [n for n in changed if n not in mine_names]
+    assert not others, (f"{case.where}: a training step of adapter 'default' changed tensors outside it: "
+                        f"{others[:3]}")
+
+
+def _check_save_load(case: _Case) -> None:
+    """save_adapter() then loading onto a fresh base model gives bit-identical tensors and outputs;
+    loading under another name next to the original gives the same tensors too."""
+    import torch
+
+    from peftkit.core.model import AdaptedModel
+    from peftkit.core.serialization import CONFIG_NAME, PICKLE_NAMES, WEIGHTS_NAME, adapter_tensors
+
+    model = case.adapted()
+    expected = case.output(model, "default")
+    saved = {k: t.detach().clone() for k, t in adapter_tensors(model, "default").items()}
+    with tempfile.TemporaryDirectory(prefix="peftkit-conformance-") as tmp:
+        folder = Path(tmp) / "adapter"
+        model.save_adapter(str(folder), "default")
+        files = {p.name for p in folder.iterdir()}
+        assert {CONFIG_NAME, WEIGHTS_NAME} <= files, f"{case.where}: the saved folder holds only {sorted(files)}"
+        assert not files & set(PICKLE_NAMES), f"{case.where}: the saved folder holds a pickle file"
+        loaded = AdaptedModel.from_pretrained(case.base(), str(folder))
+        got = adapter_tensors(loaded, "default")
+        assert got.keys() == saved.keys(), (
+            f"{case.where}: tensors after loading differ in keys: missing {sorted(saved.keys() - got.keys())[:3]}, "
+            f"extra {sorted(got.keys() - saved.keys())[:3]}")
+        for key, tensor in saved.items():
+            value = got[key].detach()
+            assert value.dtype == tensor.dtype and torch.equal(value, tensor), (
+                f"{case.where}: tensor {key} is not bit-identical after save and load")
+        out = case.output(loaded)
+        assert torch.equal(out, expected), (f"{case.where}: the loaded adapter's output is not bit-identical to "
+                                            f"the saved one's (max diff {_max_diff(out, expected):.3g})")
+        model.load_adapter(str(folder), "copy", activate=False)
+        twin = adapter_tensors(model, "copy")
+        assert all(torch.equal(twin[k].detach(), t) for k, t in saved.items()), (
+            f"{case.where}: loading the folder under another name gave other tensors")
+
+
+def _check_merge(case: _Case) -> None:
+    """When the method claims merging: merged == unmerged == merge_and_unload (within the tolerance),
+    and unmerging restores the base weights. Otherwise merging must be refused with MergeError."""
+    from peftkit.core.layer import ModulesToSave, TunerLayer
+
+    model = case.adapted()
+    model.set_active("default")
+    if not case.method.can_merge:
+        try:
+            model.merge_adapter(["default"])
+        except MergeError:
+            raise CheckSkipped(f"{case.method.name} does not claim merging (can_merge=False); "
+                               f"merge_adapter() refuses it as it should") from None
+        raise AssertionError(f"{case.where}: can_merge=False, but merge_adapter() did not refuse")
+    weights = {n: p.detach().clone() for n, p in model.base_model.named_parameters()
+               if ".adapters." not in n and ".copies." not in n}
+    unmerged = case.output(model)
+    model.merge_adapter(["default"])
+    assert model.merged_adapters == ["default"], f"{case.where}: merge_adapter() merged {model.merged_adapters}"
+    case.close(case.output(model), unmerged, "merged vs unmerged output")
+    model.unmerge_adapter()
+    case.close(case.output(model), unmerged, "output after unmerge vs before merge")
+    for name, param in model.base_model.named_parameters():
+        if name in weights:
+            check_close(param.detach(), weights[name], f"{case.where}: base weight {name} after unmerge",
+                        case.options.tolerance)
+    bare = model.merge_and_unload(["default"])
+    leftovers = [n for n, m in bare.named_modules() if isinstance(m, (TunerLayer, ModulesToSave))]
+    assert not leftovers, f"{case.where}: merge_and_unload() left peftkit modules at {leftovers[:3]}"
+    case.close(case.output(bare), unmerged, "merge_and_unload() output vs unmerged")
+
+
+def _check_config(case: _Case) -> None:
+    """The config round-trips through JSON and the shorthand, before and after injection
+    (when the method fills in values), and its file form is JSON that reads back."""
+    import json
+
+    from peftkit.core.method import parse_spec
+
+    method, config = case.method, case.config
+    record_config = case.adapted(randomized=False).adapter_record("default").config
+    for label, cfg in (("the spec's config", config), ("the config filled in at injection", record_config)):
+        text = cfg.to_json()
+        assert json.loads(text).get("method") == method.name, (
+            f"{case.where}: {label}.to_json() does not name method {method.name!r}")
+        again = type(cfg).from_json(text)
+        assert again == cfg, f"{case.where}: {label} changes through to_json/from_json: {cfg} -> {again}"
+        shorthand = cfg.to_shorthand()
+        got_method, got = parse_spec(shorthand)
+        assert got_method is method, f"{case.where}: shorthand {shorthand!r} names method {got_method.name!r}"
+        assert got == cfg, f"{case.where}: {label} changes through the shorthand {shorthand!r}: {got}"
+        file_data = method.config_to_file(cfg)
+        json.dumps(file_data)  # TypeError: not JSON
+        read = method.config_from_file({k: v for k, v in file_data.items()})
+        assert isinstance(read, method.config_class), (
+            f"{case.where}: config_from_file() returned {type(read).__name__}, not {method.config_class.__name__}")
+
+
+def _check_parameter_count(case: _Case) -> None:
+    """The adapter's own parameters number exactly ``method.expected_parameter_count()``, and the
+    trainable count is that plus its modules_to_save copies."""
+    model = case.adapted(randomized=False)
+    record = model.adapter_record("default")
+    expected = case.method.expected_parameter_count(model.base_model, record.config, record.sites)
+    if expected is None:
+        raise CheckSkipped(f"{case.method.name} has no expected_parameter_count() formula; implement it so the "
+                           f"suite can check the adapter's size")
+    own = sum(p.numel() for p in _own_parameters(model, "default"))
+    assert own == expected, (f"{case.where}: the adapter has {own} parameters, its method's formula says "
+                             f"{expected} ({len(record.sites)} sites)")
+    model.train_adapter("default")
+    everything = sum(p.numel() for p in model.adapter_parameters("default"))
+    assert model.trainable_parameters()[0] == everything, (
+        f"{case.where}: {model.trainable_parameters()[0]} trainable parameters, but the adapter (with its "
+        f"modules_to_save) has {everything}")
+
+
+# -- composition blocks ------------------------------------------------------------------------------------------------
+
+
+def _claims(case: _Case, block: str) -> None:
+    if block not in case.method.supported_blocks:
+        raise CheckSkipped(f"{case.method.name} does not claim {block}() (supported_blocks: "
+                           f"{', '.join(sorted(case.method.supported_blocks)) or 'none'})")
+
+
+def _check_block_stack(case: _Case) -> None:
+    """stack(a) equals a; stack(a, b) runs and differs from a alone; with an adapter c at its
+    (identity) init, stack(a, c) and stack(c, a) equal a alone."""
+    import torch
+
+    from peftkit.core.composition import Stack
+
+    _claims(case, "stack")
+    model = case.adapted("a", "b")
+    out_a = case.output(model, "a")
+    case.close(case.output(model, Stack("a")), out_a, "stack(a) vs a")
+    both = case.output(model, Stack("a", "b"))
+    assert torch.isfinite(both).all(), f"{case.where}: stack(a, b) gives NaN or inf"
+    assert _differs(both, out_a), f"{case.where}: stack(a, b) equals a alone: b had no effect"
+    if not case.identity:
+        return
+    model.add_adapter("c", case.spec)
+    case.close(case.output(model, Stack("a", "c")), out_a, "stack(a, c) with c at its identity init vs a")
+    case.close(case.output(model, Stack("c", "a")), out_a, "stack(c, a) with c at its identity init vs a")
+
+
+def _check_block_average(case: _Case) -> None:
+    """average(a, b) of two adapters with identical weights equals a (also with unequal weights);
+    average(a, b, weights=[2, 0]) equals a (weights are normalized once)."""
+    from peftkit.core.composition import Average
+
+    _claims(case, "average")
+    model = case.adapted("a", "b", "twin")
+    _copy_parameters(model, "a", "twin", case.where)
+    out_a = case.output(model, "a")
+    case.close(case.output(model, Average("a", "twin")), out_a, "average(a, a') of identical adapters vs a")
+    case.close(case.output(model, Average("a", "twin", weights=[1.0, 3.0])), out_a,
+               "average(a, a', weights=[1, 3]) of identical adapters vs a")
+    case.close(case.output(model, Average("a", "b", weights=[2.0, 0.0])), out_a,
+               "average(a, b, weights=[2, 0]) vs a")
+    assert _differs(case.output(model, Average("a", "b")), out_a), (
+        f"{case.where}: average(a, b) equals a alone: b had no effect")
+
+
+def _check_block_batch_split(case: _Case) -> None:
+    """batch_split(a, b, sizes=[1, 1]) and adapter_names=["a", "b"] give each row the output it has
+    when its adapter runs on the whole batch."""
+    from peftkit.core.composition import BatchSplit
+
+    _claims(case, "batch_split")
+    model = case.adapted("a", "b")
+    out_a, out_b = case.output(model, "a"), case.output(model, "b")
+    assert _differs(out_a[1:], out_b[1:]), f"{case.where}: adapters a and b give the same output"
+    split = case.output(model, BatchSplit("a", "b", sizes=[1, 1]))
+    case.close(split[:1], out_a[:1], "batch_split(a, b) row 0 vs a")
+    case.close(split[1:], out_b[1:], "batch_split(a, b) row 1 vs b")
+    model.set_active("a")
+    routed = case.output(model, adapter_names=["b", "a"])
+    case.close(routed[:1], out_b[:1], 'adapter_names=["b", "a"] row 0 vs b')
+    case.close(routed[1:], out_a[1:], 'adapter_names=["b", "a"] row 1 vs a')
+
+
+def _check_block_parallel(case: _Case) -> None:
+    """parallel(a, b) gives, in one forward, the outputs of a and b run separately."""
+    from peftkit.core.composition import Parallel, split_parallel
+
+    _claims(case, "parallel")
+    model = case.adapted("a", "b")
+    out_a, out_b = case.output(model, "a"), case.output(model, "b")
+    both = case.output(model, Parallel("a", "b"))
+    part_a, part_b = split_parallel(both, 2)
+    case.close(part_a, out_a, "parallel(a, b) first part vs a")
+    case.close(part_b, out_b, "parallel(a, b) second part vs b")
+
+
+def _check_block_fuse(case: _Case) -> None:
+    """A new fusion of a and b starts as their unweighted average, and gives its weights gradients."""
+    import torch
+
+    from peftkit.core.composition import Average, Fuse
+
+    _claims(case, "fuse")
+    model = case.adapted("a", "b")
+    fuse = Fuse("a", "b", name="conformance_ab")
+    model.add_fusion(fuse)
+    fused = case.output(model, fuse)
+    assert torch.isfinite(fused).all(), f"{case.where}: fuse(a, b) gives NaN or inf"
+    if "average" in case.method.supported_blocks:
+        case.close(fused, case.output(model, Average("a", "b")), "a new fuse(a, b) vs average(a, b)")
+    model.train_adapter(fuse)
+    model.train()
+    output_tensor(model(**case.inputs())).float().pow(2).mean().backward()
+    params = list(model.fusion_parameters("conformance_ab"))
+    assert params and any(p.grad is not None for p in params), f"{case.where}: fusion weights got no gradient"
+
+
+def _copy_parameters(model: "AdaptedModel", source: str, target: str, where: str) -> None:
+    import torch
+
+    src, dst = list(model.adapter_parameters(source)), list(model.adapter_parameters(target))
+    shapes = [tuple(p.shape) for p in src], [tuple(p.shape) for p in dst]
+    assert shapes[0] == shapes[1], f"{where}: two adapters of one spec have different parameter shapes"
+    with torch.no_grad():
+        for s, d in zip(src, dst):
+            d.copy_(s)
+
+
+def _max_diff(a: "torch.Tensor", b: "torch.Tensor") -> float:
+    if tuple(a.shape) != tuple(b.shape):
+        return math.inf
+    return float((a - b).abs().max().item()) if a.numel() else 0.0
+
+
+_CHECK_FUNCTIONS: dict[str, Callable[[_Case], None]] = {
+    "inject": _check_inject,
+    "identity": _check_identity,
+    "train_step": _check_train_step,
+    "save_load": _check_save_load,
+    "merge": _check_merge,
+    "config": _check_config,
+    "parameter_count": _check_parameter_count,
+    "block_stack": _check_block_stack,
+    "block_average": _check_block_average,
+    "block_batch_split": _check_block_batch_split,
+    "block_parallel": _check_block_parallel,
+    "block_fuse": _check_block_fuse,
+}

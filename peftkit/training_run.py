@@ -1,0 +1,387 @@
+"""Run a checked :class:`~peftkit.training.TrainPlan`: load tokenizer and model, tokenize,
+add the adapter, train with :class:`~peftkit.adapter_trainer.AdapterTrainer`, evaluate
+and save. Imports torch and transformers (``peftkit.training`` does not)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn as nn
+from transformers import TrainerCallback, TrainingArguments
+
+from peftkit.adapter_trainer import AdapterTrainer, argmax_predictions, classification_metrics, \
+    save_adapter_files, token_loss
+from peftkit.core.errors import PeftkitError
+from peftkit.core.fileio import write_text_atomic
+from peftkit.core.model import AdaptedModel
+from peftkit.training import RESULTS_FILE, TrainOptions, TrainPlan, TrainResult, is_main_process, push_adapter
+from peftkit.training_data import (CLASSIFICATION_TASKS, LABELS_FILE, PIPELINE_TAGS, DataError, Encoded, LabelMap,
+                                   data_collator, encode)
+
+_AUTO_CLASSES = {"causal-lm": "AutoModelForCausalLM", "seq-cls": "AutoModelForSequenceClassification",
+                 "token-cls": "AutoModelForTokenClassification", "seq2seq": "AutoModelForSeq2SeqLM"}
+
+
+def run(plan: TrainPlan, tokenizer: Any, callbacks: list[TrainerCallback]) -> TrainResult:
+    with _transformers_output(plan.opts.quiet):
+        return _run(plan, tokenizer, callbacks)
+
+
+def _run(plan: TrainPlan, tokenizer: Any, callbacks: list[TrainerCallback]) -> TrainResult:
+    from transformers import PrinterCallback, set_seed
+
+    from peftkit.api import adapt
+
+    opts, task, labels = plan.opts, plan.task, plan.labels
+    say = _Reporter(opts.quiet or not is_main_process())  # the Trainer confirms the rank below
+    set_seed(opts.seed)  # before the model: a new task head and the adapter start the same in every run
+    tok = _load_tokenizer(tokenizer, plan.model, task)
+    base, fresh = _load_model(plan.model, task, labels, opts.dtype)
+    _align_pad_token(tok, base)
+    max_length = _effective_max_length(opts.max_length, tok, base)
+    train_set = _encode(task, tok, plan.train_examples, max_length, labels, base, plan.data, say)
+    eval_set = _encode(task, tok, plan.eval_examples, max_length, labels, base, str(plan.eval_data), say) \
+        if plan.eval_examples else None
+
+    adapted = adapt(base, plan.config, opts.adapter_name)
+    _report_fresh_weights(fresh, adapted.adapter_record(opts.adapter_name).modules_to_save, say)
+    trainable, total = adapted.trainable_parameters()
+    dataset_name = opts.dataset_name or Path(plan.data).name
+    card = {"task": PIPELINE_TAGS[task], "dataset": dataset_name,
+            "description": _card_description(plan.method.name, adapted, task, dataset_name,
+                                             len(train_set.features), labels)}
+    args = _training_arguments(opts, plan.checkpoint_dir, task, eval_set is not None)
+    trainer = AdapterTrainer(
+        model=adapted, args=args, train_dataset=train_set.features,
+        eval_dataset=eval_set.features if eval_set is not None else None, data_collator=data_collator(task, tok, base),
+        processing_class=tok, compute_loss_func=token_loss(task),
+        compute_metrics=classification_metrics(task) if task in CLASSIFICATION_TASKS else None,
+        preprocess_logits_for_metrics=argmax_predictions if task in CLASSIFICATION_TASKS else None,
+        callbacks=callbacks, adapter_name=opts.adapter_name, card=card, labels=labels)
+    if opts.quiet:
+        trainer.remove_callback(PrinterCallback)
+    main = trainer.is_world_process_zero()
+    say.enabled = say.enabled and main
+    say(f"peftkit train: {task}, {plan.method.name} adapter {opts.adapter_name!r} on {type(base).__name__}: "
+        f"{trainable:,} trainable of {total:,} parameters ({100.0 * trainable / max(total, 1):.3f}%); "
+        f"{len(train_set.features)} training examples"
+        + (f", {len(eval_set.features)} evaluation examples" if eval_set is not None else "")
+        + (f"; labels: {', '.join(labels.names)}" if labels else "")
+        + (f"; {args.world_size} processes" if args.world_size > 1 else ""))
+    if plan.resume_from is not None:
+        say(f"resuming from {plan.resume_from}")
+
+    output = trainer.train(resume_from_checkpoint=str(plan.resume_from) if plan.resume_from else None)
+    eval_metrics = _final_evaluation(trainer, task) if eval_set is not None else {}
+    train_metrics = {k: v for k, v in output.metrics.items() if _is_number(v)}
+    metrics = _card_metrics(train_metrics, eval_metrics)
+    result = TrainResult(
+        output_dir=str(plan.out), task=task, method=plan.method.name, metrics=metrics,
+        train_metrics=train_metrics, eval_metrics=eval_metrics, labels=labels.names if labels else None,
+        global_step=output.global_step, trainable_parameters=trainable, total_parameters=total,
+        train_examples=len(train_set.features), eval_examples=len(eval_set.features) if eval_set else 0,
+        resumed_from=str(plan.resume_from) if plan.resume_from is not None else None,
+        skipped=train_set.skipped + (eval_set.skipped if eval_set is not None else []),
+        log_history=list(trainer.state.log_history),
+        run={"model": _model_name(plan.model, base), "adapter_config": plan.config.to_dict(),
+             "method": plan.spec if isinstance(plan.spec, str) else plan.config.to_dict(), "data": plan.data,
+             "eval_data": plan.eval_data, "dataset": dataset_name, "options": dataclasses.asdict(opts),
+             "world_size": args.world_size, "peftkit_version": _version()})
+    if main:
+        with contextlib.suppress(OSError):
+            plan.checkpoint_dir.rmdir()  # the Trainer creates it; keep it only if it holds checkpoints
+        _save_final(trainer, plan.out, card, metrics, labels, result)
+        say(f"saved the adapter to {plan.out}")
+        if opts.push is not None:
+            result.pushed = push_adapter(plan.out, opts, card["task"], dataset_name, metrics)
+            write_text_atomic(plan.out / RESULTS_FILE, _results_json(result))
+            say(f"pushed it to {opts.push} (commit {result.pushed['commit'][:12]} on {result.pushed['hub']})")
+    return result
+
+
+class _Reporter:
+    """One-line notes on stderr from the main process (never with quiet)."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.enabled = not quiet
+
+    def __call__(self, text: str) -> None:
+        if self.enabled:
+            print(text, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _transformers_output(quiet: bool) -> Iterator[None]:
+    """With ``quiet``, transformers logs errors only and shows no progress bars (restored afterwards)."""
+    from transformers.utils import logging as hf_logging
+
+    if not quiet:
+        yield
+        return
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _load_tokenizer(tokenizer: Any, model: Any, task: str) -> Any:
+    """The given tokenizer object, or one loaded from ``tokenizer`` / the model's folder or hub id."""
+    from transformers import AutoTokenizer
+
+    if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
+        tok = tokenizer
+    else:
+        source = tokenizer if tokenizer is not None else model
+        if isinstance(source, nn.Module):
+            source = getattr(getattr(source, "config", None), "_name_or_path", None)
+            if not source:
+                raise PeftkitError("the model object names no folder to load a tokenizer from; pass tokenizer=")
+        try:
+            tok = AutoTokenizer.from_pretrained(str(source))
+            if task == "token-cls" and getattr(tok, "add_prefix_space", None) is False:
+                # Byte-level BPE (GPT-2, RoBERTa) needs add_prefix_space=True for words given one by one.
+                tok = AutoTokenizer.from_pretrained(str(source), add_prefix_space=True)
+        except (OSError, ValueError) as exc:
+            raise PeftkitError(f"cannot load a tokenizer from {str(source)!r}: {exc}") from None
+    tok.padding_side = "right"
+    return tok
+
+
+def _load_model(model: Any, task: str, labels: LabelMap | None, dtype: str) -> tuple[nn.Module, list[str]]:
+    """The model for ``task``, and the names of its weights that the checkpoint did not hold."""
+    if isinstance(model, nn.Module):
+        if labels is not None:
+            config = getattr(model, "config", None)
+            have = getattr(config, "num_labels", None)
+            if have != len(labels.names):
+                raise PeftkitError(f"the model has {have} labels but the data has {len(labels.names)} "
+                                   f"({', '.join(labels.names)}); load it with num_labels={len(labels.names)} or "
+                                   f"pass its folder and let train() do it")
+            config.id2label, config.label2id = labels.config_kwargs()["id2label"], labels.config_kwargs()["label2id"]
+        return model, []
+    import transformers
+    from transformers.utils import logging as hf_logging
+
+    auto = getattr(transformers, _AUTO_CLASSES[task])
+    kwargs: dict[str, Any] = dict(labels.config_kwargs()) if labels is not None else {}
+    kwargs[_dtype_argument()] = getattr(torch, dtype) if dtype != "auto" else "auto"
+    if labels is not None:
+        kwargs["ignore_mismatched_sizes"] = True  # a head for other labels is replaced, and trained with the adapter
+    verbosity = hf_logging.get_verbosity()
+    if labels is not None:
+        hf_logging.set_verbosity_error()  # a new head is expected here: _report_fresh_weights says what is new
+    try:
+        loaded, info = auto.from_pretrained(str(model), output_loading_info=True, **kwargs)
+    except ValueError as exc:
+        if "Unrecognized configuration class" in str(exc):
+            raise PeftkitError(f"{str(model)!r} has no model class for task {task}: {str(exc).splitlines()[0]}") \
+                from None
+        raise PeftkitError(f"cannot load model {str(model)!r}: {exc}") from None
+    except OSError as exc:
+        raise PeftkitError(f"cannot load model {str(model)!r}: {exc}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    fresh = sorted(set(info.get("missing_keys") or ()) |
+                   {k if isinstance(k, str) else k[0] for k in info.get("mismatched_keys") or ()})
+    return loaded, fresh if labels is not None else []
+
+
+def _report_fresh_weights(fresh: list[str], modules_to_save: list[str], say: _Reporter) -> None:
+    """A new classification head is expected (the adapter trains and saves it); say so, and
+    warn about any other weight the checkpoint lacked, which stays random."""
+    head = [k for k in fresh if any(k == m or k.startswith(m + ".") for m in modules_to_save)]
+    other = [k for k in fresh if k not in head]
+    if head:
+        say(f"note: new task head ({', '.join(head)}): trained and saved with the adapter")
+    if other:
+        say(f"warning: {len(other)} weight(s) are not in the checkpoint and stay random (not trained): "
+            f"{', '.join(other[:5])}{' ...' if len(other) > 5 else ''}")
+
+
+def _dtype_argument() -> str:
+    """transformers 4.56 renamed from_pretrained's torch_dtype to dtype."""
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+
+
+def _align_pad_token(tok: Any, model: nn.Module) -> None:
+    """Batches need a pad token: fall back to EOS (or UNK) like most causal-LM recipes."""
+    if tok.pad_token is None:
+        fallback = tok.eos_token or tok.unk_token
+        if fallback is None:
+            raise PeftkitError(f"the tokenizer ({type(tok).__name__}) has no pad, eos or unk token to pad batches "
+                               f"with; add one (tokenizer.add_special_tokens) and save it with the model")
+        tok.pad_token = fallback
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "pad_token_id", None) is None:
+        # Sequence classifiers of decoder models find each row's last token through pad_token_id.
+        config.pad_token_id = tok.pad_token_id
+
+
+def _effective_max_length(wanted: int, tok: Any, model: nn.Module) -> int:
+    limits = [wanted]
+    model_max = getattr(tok, "model_max_length", None)
+    if isinstance(model_max, int) and model_max < 1_000_000:
+        limits.append(model_max)
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            limits.append(value)
+            break
+    return min(limits)
+
+
+def _encode(task: str, tok: Any, examples: list, max_length: int, labels: LabelMap | None, model: nn.Module,
+            source: str, say: _Reporter) -> Encoded:
+    encoded = encode(task, tok, examples, max_length, labels)
+    if encoded.skipped:
+        say(f"note: {len(encoded.skipped)} example(s) of {source} have no completion token within "
+            f"--max-length {max_length} and were left out (first: {encoded.skipped[0]})")
+    if not encoded.features:
+        raise DataError(f"{source}: no example is left to train on; raise --max-length or shorten the prompts")
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(embeddings, "num_embeddings", None)
+    if vocab is not None:
+        top = max(max(row["input_ids"]) for row in encoded.features)
+        if top >= vocab:
+            raise PeftkitError(f"the tokenizer produces token id {top}, but the model's vocabulary has {vocab} "
+                               f"entries; use the tokenizer that belongs to the model")
+    return encoded
+
+
+def _training_arguments(opts: TrainOptions, checkpoint_dir: Path, task: str, has_eval: bool) -> TrainingArguments:
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    kwargs: dict[str, Any] = dict(
+        output_dir=str(checkpoint_dir),
+        per_device_train_batch_size=opts.batch_size,
+        per_device_eval_batch_size=opts.eval_batch_size or opts.batch_size,
+        gradient_accumulation_steps=opts.grad_accum,
+        learning_rate=opts.lr,
+        num_train_epochs=opts.epochs,
+        max_steps=opts.max_steps if opts.max_steps is not None else -1,
+        warmup_steps=opts.warmup_steps,
+        weight_decay=opts.weight_decay,
+        lr_scheduler_type=opts.lr_scheduler,
+        seed=opts.seed,
+        bf16=opts.bf16,
+        logging_steps=opts.logging_steps,
+        save_strategy="steps" if opts.save_steps > 0 else "no",
+        save_steps=opts.save_steps if opts.save_steps > 0 else 500,
+        save_total_limit=opts.save_total_limit,
+        eval_strategy=("steps" if opts.eval_steps else "epoch") if has_eval else "no",
+        eval_steps=opts.eval_steps,
+        prediction_loss_only=task not in CLASSIFICATION_TASKS,
+        # The AdaptedModel's forward takes **kwargs: keep every column, name the labels.
+        remove_unused_columns=False,
+        label_names=["labels"],
+        disable_tqdm=opts.quiet,
+        dataloader_pin_memory=torch.cuda.is_available() and not opts.cpu,
+        # Without an accelerator, say so: accelerate then runs data-parallel on CPUs (gloo) and allows bf16.
+        use_cpu=opts.cpu or not _has_accelerator(),
+        report_to=[name.strip() for name in opts.report_to.split(",") if name.strip()] or "none",
+        log_level="error" if opts.quiet else "passive",
+    )
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    kwargs[checkpointing] = opts.gradient_checkpointing
+    try:
+        return TrainingArguments(**kwargs)
+    except ValueError as exc:  # e.g. bf16 on hardware without it, an unknown scheduler name
+        raise PeftkitError(f"invalid training options: {exc}") from None
+
+
+def _has_accelerator() -> bool:
+    if torch.cuda.is_available():
+        return True
+    xpu, mps = getattr(torch, "xpu", None), getattr(torch.backends, "mps", None)
+    return bool((xpu is not None and xpu.is_available()) or (mps is not None and mps.is_available()))
+
+
+def _final_evaluation(trainer: AdapterTrainer, task: str) -> dict[str, float]:
+    """The evaluation at the last step: reuse the one the Trainer just ran there, else run one."""
+    last = next((entry for entry in reversed(trainer.state.log_history) if "eval_loss" in entry), None)
+    if last is not None and last.get("step") == trainer.state.global_step:
+        metrics = dict(last)
+    else:
+        metrics = trainer.evaluate()
+    metrics = {k: v for k, v in metrics.items() if k.startswith("eval_") and _is_number(v)}
+    if task not in CLASSIFICATION_TASKS and "eval_loss" in metrics:
+        metrics["eval_perplexity"] = math.exp(metrics["eval_loss"]) if metrics["eval_loss"] < 700 else math.inf
+    return metrics
+
+
+_RUNTIME_KEYS = ("runtime", "samples_per_second", "steps_per_second")
+
+
+def _card_metrics(train_metrics: dict[str, float], eval_metrics: dict[str, float]) -> dict[str, float]:
+    """What the model card records: evaluation results by plain name (loss, accuracy,
+    ...), and the training loss."""
+    out = {k[len("eval_"):]: float(v) for k, v in eval_metrics.items()
+           if not k.endswith(_RUNTIME_KEYS) and math.isfinite(v)}
+    if "train_loss" in train_metrics and math.isfinite(train_metrics["train_loss"]):
+        out["train_loss"] = float(train_metrics["train_loss"])
+    return out
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _save_final(trainer: AdapterTrainer, out: Path, card: dict[str, Any], metrics: dict[str, float],
+                labels: LabelMap | None, result: TrainResult) -> None:
+    save_adapter_files(trainer.adapted(), trainer.adapter_name, out, card, labels, metrics)
+    if labels is None:
+        with contextlib.suppress(FileNotFoundError):
+            (out / LABELS_FILE).unlink()  # left by an earlier classification run (--overwrite)
+    write_text_atomic(out / RESULTS_FILE, _results_json(result))
+
+
+def _results_json(result: TrainResult) -> str:
+    return json.dumps(result.to_dict(), indent=2, default=_json_default) + "\n"
+
+
+def _json_default(value: Any) -> Any:
+    return str(value) if isinstance(value, Path) else repr(value)
+
+
+def _card_description(method: str, adapted: AdaptedModel, task: str, dataset: str, examples: int,
+                      labels: LabelMap | None) -> str:
+    from peftkit.core.serialization import base_model_id
+
+    base = base_model_id(adapted) or type(adapted.base_model).__name__
+    text = (f"A {method} adapter for `{base}`, trained with `peftkit train` for {PIPELINE_TAGS[task]} on "
+            f"`{dataset}` ({examples} examples).")
+    if labels is not None:
+        text += (" Labels (id: name): " + ", ".join(f"{i}: {n}" for i, n in enumerate(labels.names))
+                 + f"; `{LABELS_FILE}` holds the same mapping.")
+    return text
+
+
+def _model_name(model: Any, loaded: nn.Module) -> str:
+    if isinstance(model, (str, os.PathLike)):
+        return str(model)
+    return getattr(getattr(loaded, "config", None), "_name_or_path", None) or type(loaded).__name__
+
+
+def _version() -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version("peftkit")
+    except metadata.PackageNotFoundError:
+        return None

@@ -1,0 +1,199 @@
+"""peftkit.testing, the conformance suite: every built-in method passes it, and it catches broken methods.
+
+The built-in methods run through ``make_conformance_class`` exactly as a plugin author's test
+module would (one pytest test per check and architecture). The broken methods below are LoRA
+with one defect each, registered for a test with ``peftkit.use_plugin``; the suite must fail
+each of them in the right check, with a message that says what is wrong.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+import peftkit
+from peftkit.core.errors import ConfigError
+from peftkit.core.method import parse_spec
+from peftkit.plugins.lora.config import LoraConfig
+from peftkit.plugins.lora.layer import LoraLinear
+from peftkit.plugins.lora.method import LoraMethod
+from peftkit.testing import CHECKS, check_method, make_conformance_class, run_check
+from peftkit.testing_models import build_tiny
+
+#: One spec per built-in method (and variant) the suite runs on.
+BUILTIN_SPECS = {
+    "lora": "lora",
+    "dora": "lora[use_dora=true]",
+    "rslora": "lora[use_rslora=true,r=4,alpha=8]",
+    "seq_bn": "seq_bn",
+    "double_seq_bn": "double_seq_bn",
+    "par_bn": "par_bn",
+    "bitfit": "bitfit",
+    "bitfit_add_missing": "bitfit[add_missing=true]",
+    "ia3": "ia3",
+    "prefix_tuning": "prefix_tuning[num_virtual_tokens=4]",
+    "prompt_tuning": "prompt_tuning[num_virtual_tokens=4]",
+}
+
+for _key, _spec in BUILTIN_SPECS.items():
+    globals()[f"TestConformance_{_key}"] = make_conformance_class(_spec)
+
+
+def test_every_builtin_method_is_in_the_suite_and_has_a_parameter_formula():
+    builtin = {name for name, m in peftkit.get_registry().methods.items() if m.distribution == "peftkit"}
+    covered = {parse_spec(spec)[0].name for spec in BUILTIN_SPECS.values()}
+    assert builtin and builtin <= covered, f"add a spec for {sorted(builtin - covered)} to BUILTIN_SPECS"
+    for spec in BUILTIN_SPECS.values():
+        adapted = peftkit.adapt(build_tiny("gpt2"), spec)
+        record = adapted.adapter_record("default")
+        count = record.method.expected_parameter_count(adapted.base_model, record.config, record.sites)
+        assert isinstance(count, int) and count > 0, f"{spec}: expected_parameter_count() gave {count!r}"
+
+
+def test_check_method_reports_passes_and_reasoned_skips():
+    report = check_method("bitfit", architectures=("llama", "gpt2"), checks=["inject", "merge", "block_fuse"])
+    assert [(r.check, r.architecture, r.status) for r in report.passed] == [
+        ("inject", "gpt2", "passed"), ("merge", "gpt2", "passed"), ("block_fuse", "gpt2", "passed")]
+    skipped = {r.architecture: r.message for r in report.skipped}
+    assert set(skipped) == {"llama"} and "add_missing=true" in skipped["llama"]  # the method's own reason
+    assert "3 passed, 0 failed, 3 skipped" in str(report)
+
+
+def test_unclaimed_features_are_skipped_with_the_reason():
+    report = check_method("prompt_tuning[num_virtual_tokens=2]", architectures=("gpt2",),
+                          checks=["merge", "block_average", "block_stack"])
+    messages = {r.check: r.message for r in report.skipped}
+    assert "can_merge=False" in messages["merge"]
+    assert "does not claim average()" in messages["block_average"]
+    assert [r.check for r in report.passed] == ["block_stack"]
+
+
+def test_a_spec_naming_no_installed_method_fails_at_once():
+    with pytest.raises(peftkit.PluginError, match="unknown tuning method 'lorra'"):
+        check_method("lorra[r=2]")
+    with pytest.raises(peftkit.PluginError, match="unknown tuning method 'lorra'"):
+        make_conformance_class("lorra[r=2]")
+
+
+def test_unknown_check_and_architecture_are_named():
+    with pytest.raises(ValueError, match="unknown conformance check 'merging'"):
+        run_check("lora", "merging")
+    with pytest.raises(ValueError, match="no tiny model for architecture 'gpt3'"):
+        check_method("lora", architectures=("gpt3",))
+
+
+def test_checks_restore_the_thread_setting():
+    before = torch.get_num_threads()
+    run_check("ia3", "identity", "gpt2")
+    assert torch.get_num_threads() == before
+
+
+def test_conformance_class_has_one_test_per_check():
+    cls = make_conformance_class("ia3", checks=["inject", "merge"], architectures=("gpt2",))
+    tests = sorted(n for n in vars(cls) if n.startswith("test_"))
+    assert tests == ["test_inject", "test_merge", "test_supports_an_architecture"]
+    assert all(f"block_{b}" in CHECKS for b in ("stack", "average", "batch_split", "parallel", "fuse"))
+
+
+# -- broken methods: the suite must catch each defect ---------------------------------------------------------
+
+
+class _BrokenLinear(LoraLinear):
+    defect = ""
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor, base: Any) -> torch.Tensor:
+        if self.defect == "ignores_h":  # recomputes the base output: drops what runs before it in a stack
+            return base(x) + self.delta(x, h, base)
+        if self.defect == "forward_not_delta":  # says additive, but forward is not h + delta
+            return h + 2 * self.delta(x, h, base)
+        return super().forward(x, h, base)
+
+    def low_rank(self, forward: bool = False) -> None:
+        return None  # keep composition on forward()/delta(), where the defects are
+
+    def delta_weight(self, base: Any) -> torch.Tensor:
+        delta = super().delta_weight(base)
+        return 2 * delta if self.defect == "merge" else delta
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = super().tensors()
+        if self.defect == "save":
+            out.pop("lora_B.weight")
+        return out
+
+
+class _BrokenLora(LoraMethod):
+    defect = ""
+    peft_type = None
+
+    def sites(self, model: Any, config: Any, arch: Any) -> list:
+        if self.defect == "refuse":
+            raise ConfigError(f"{self.name}: this method adapts no model at all")
+        return super().sites(model, config, arch)
+
+    def create_layer_adapter(self, site: Any, base_layer: Any, config: Any, model: Any) -> Any:
+        scale = config.alpha / config.r
+        init = False if self.defect == "identity" else config.init_weights
+        adapter = _BrokenLinear(base_layer, config.r, scale, config.dropout, init, config.use_dora)
+        adapter.defect = self.defect
+        if self.defect == "leak":
+            adapter.stolen = base_layer.weight  # registers the base weight as the adapter's own parameter
+        if self.defect == "tamper":
+            base_layer.weight.data.mul_(1.5)
+        return adapter
+
+    def expected_parameter_count(self, model: Any, config: Any, sites: list) -> int:
+        return super().expected_parameter_count(model, config, sites) + (1 if self.defect == "count" else 0)
+
+    def config_to_file(self, config: Any) -> dict[str, Any]:
+        return {"peft_type": self.name.upper(), **config.to_dict()}
+
+    def config_from_file(self, data: dict[str, Any]) -> Any:
+        return self.config_class.from_dict({k: v for k, v in data.items() if k != "peft_type"})
+
+
+def _broken(defect: str, **attributes: Any) -> tuple[Any, str]:
+    name = f"broken_{defect}"
+    config_class = type(f"Broken{defect.title()}Config", (LoraConfig,), {"method": name, "__module__": __name__})
+    method_class = type(f"Broken{defect.title()}", (_BrokenLora,),
+                        {"name": name, "config_class": config_class, "defect": defect, **attributes})
+
+    class Plugin:
+        PEFTKIT_PLUGIN_API = 1
+
+        @peftkit.hookimpl
+        def peftkit_register_methods(self, register: Any) -> None:
+            register(method_class())
+
+    return Plugin(), f'{name}[r=2,target_modules=["q_proj","v_proj"]]'
+
+
+@pytest.mark.parametrize("defect, attributes, check, message", [
+    ("count", {}, "parameter_count", r"the adapter has 448 parameters, its method's formula says 449 \(4 sites\)"),
+    ("identity", {}, "identity", r"declares identity_at_init=True, but right after injection"),
+    ("none", {"identity_at_init": False}, "identity", r"declares identity_at_init=False, but the output equals"),
+    ("merge", {}, "merge", r"merged vs unmerged output: outputs differ by up to"),
+    ("save", {}, "save_load", r"the loaded adapter's output is not bit-identical"),
+    ("leak", {}, "train_step", r"the adapter owns base-model parameters \['model.layers.0.self_attn.q_proj.weight'"),
+    ("tamper", {}, "inject", r"adding and deleting the adapter changed base tensors"),
+    ("ignores_h", {}, "block_stack", r"stack\(a, c\) with c at its identity init vs a"),
+    ("forward_not_delta", {}, "block_average", r"average\(a, a'\) of identical adapters vs a"),
+    ("refuse", {}, "inject", r"refused every architecture checked \(llama\)"),
+])
+def test_the_suite_catches_a_broken_method(defect, attributes, check, message):
+    plugin, spec = _broken(defect, **attributes)
+    with peftkit.use_plugin(plugin, name=f"broken-{defect}") as record:
+        assert not record.errors, record.errors
+        with pytest.raises(AssertionError, match=message) as failure:
+            check_method(spec, architectures=("llama",), checks=[check])
+        assert f"{check}[" in str(failure.value) and "failed" in str(failure.value)
+
+
+def test_a_sound_method_built_the_same_way_passes():
+    """The broken methods above differ from a passing one only in their defect."""
+    plugin, spec = _broken("none")
+    with peftkit.use_plugin(plugin, name="broken-none"):
+        report = check_method(spec, architectures=("llama",))
+    assert not report.failed and len(report.passed) == len(CHECKS)

@@ -1,0 +1,178 @@
+"""`peftkit hub ...` and `peftkit compose`: output, exit codes, and tokens that never show."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import peftkit
+from peftkit.cli import run
+from peftkit.core.composition import Stack
+from tests.hub_helpers import BASE_ID, hub_env, save_task_adapters, tiny_base  # noqa: F401
+from tests.registry_conftest_helpers import running_registry
+from tests.tiny_models import sample_inputs
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return save_task_adapters(tmp_path_factory.mktemp("adapters"))
+
+
+def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = run(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**sample_inputs("llama")).logits
+
+
+def test_push_search_json_info_pull(hub_env: Path, folders: dict[str, Path], capsys) -> None:  # noqa: F811
+    h = f"local:{hub_env / 'hub'}"
+    code, out, _ = _cli(capsys, "hub", "push", str(folders["lang"]), "alice/lang", "--hub", h, "--task",
+                        "translation", "--metric", "bleu=21.5", "--tag", "german", "--json", "-q")
+    assert code == 0
+    pushed = json.loads(out)
+    assert pushed["repo_id"] == "alice/lang" and len(pushed["commit"]) == 40 and pushed["created"]
+    assert _cli(capsys, "hub", "push", str(folders["ner"]), "alice/ner", "--hub", h, "-q")[0] == 0
+
+    code, out, _ = _cli(capsys, "hub", "search", "--hub", h, "--base-model", BASE_ID, "--json")
+    assert code == 0
+    hits = {hit["repo_id"]: hit for hit in json.loads(out)}
+    assert set(hits) == {"alice/lang", "alice/ner"}
+    assert hits["alice/lang"]["method"] == "lora" and hits["alice/lang"]["task"] == "translation"
+    assert hits["alice/ner"]["method"] == "seq_bn" and hits["alice/lang"]["base_model"] == BASE_ID
+    assert hits["alice/lang"]["sha"] == pushed["commit"] and hits["alice/lang"]["last_modified"]
+
+    code, out, _ = _cli(capsys, "hub", "search", "german", "--hub", h)
+    assert code == 0
+    header, row = out.strip().splitlines()
+    assert header.split()[:3] == ["REPO", "METHOD", "BASE"] and row.split()[:4] == ["alice/lang", "lora", BASE_ID,
+                                                                                     "translation"]
+    assert _cli(capsys, "hub", "search", "nothing-like-this", "--hub", h)[2].strip() == "No adapter matches."
+
+    code, out, _ = _cli(capsys, "hub", "info", "alice/lang", "--hub", h)
+    assert code == 0 and "method: lora" in out and f"main -> {pushed['commit']}" in out
+
+    code, out, err = _cli(capsys, "hub", "pull", "alice/lang", "--hub", h, "--out", str(hub_env / "copy"))
+    assert code == 0 and out.strip() == str(hub_env / "copy") and pushed["commit"] in err
+    assert sorted(p.name for p in (hub_env / "copy").iterdir()) == ["README.md", "adapter_config.json",
+                                                                     "adapter_model.safetensors"]
+
+    code, _, err = _cli(capsys, "hub", "pull", "alice/lang@nope", "--hub", h)
+    assert code == 1 and "revision 'nope' not found" in err and "Traceback" not in err
+    code, _, err = _cli(capsys, "hub", "delete", "alice/ner", "--hub", h, "--yes")
+    assert code == 0
+    code, _, err = _cli(capsys, "hub", "info", "alice/ner", "--hub", h)
+    assert code == 1 and "alice/ner" in err and "not found" in err
+
+
+def test_compose_writes_a_composition_or_a_merged_model(hub_env: Path, folders: dict[str, Path],  # noqa: F811
+                                                        capsys) -> None:
+    h = f"local:{hub_env / 'hub'}"
+    for name in ("lang", "ner", "summ"):
+        peftkit.hub.push(folders[name], f"alice/{name}", hub=h, progress=False)
+    base_dir = hub_env / "tiny-llama"
+    tiny_base().save_pretrained(str(base_dir))
+
+    out = hub_env / "composed"
+    code, stdout, err = _cli(capsys, "compose", str(base_dir), "stack(alice/lang, alice/ner)", "--out", str(out),
+                             "--hub", h, "-q")
+    assert code == 0, err
+    assert "lang <- alice/lang@" in stdout and (out / "composition.json").is_file()
+    composed = peftkit.AdaptedModel.load_composition(tiny_base(), out)
+    reference = peftkit.load(tiny_base(), "stack(alice/lang, alice/ner)", hub=h, progress=False)
+    assert composed.active_composition == Stack("lang", "ner")
+    assert torch.allclose(_logits(composed), _logits(reference), atol=1e-6)
+
+    code, _, err = _cli(capsys, "compose", str(base_dir), "stack(alice/lang, alice/ner)", "--out",
+                        str(hub_env / "merged"), "--merge", "--hub", h, "-q")
+    assert code == 1 and "cannot merge ner (seq_bn)" in err and not (hub_env / "merged").exists()
+    code, _, err = _cli(capsys, "compose", str(base_dir), "stack(alice/lang, alice/summ)", "--out", str(out),
+                        "--hub", h, "-q")
+    assert code == 1 and "--overwrite" in err
+
+    code, stdout, err = _cli(capsys, "compose", str(base_dir), "stack(alice/lang, alice/summ)", "--out",
+                             str(hub_env / "merged"), "--merge", "--hub", h, "-q")
+    assert code == 0, err
+    from transformers import LlamaForCausalLM
+
+    merged = LlamaForCausalLM.from_pretrained(str(hub_env / "merged")).eval()
+    unmerged = peftkit.load(tiny_base(), "stack(alice/lang, alice/summ)", hub=h, progress=False)
+    assert torch.allclose(_logits(merged), _logits(unmerged), atol=1e-4)
+    assert not any("lora" in name or "ia3" in name for name, _ in merged.named_parameters())
+
+
+def test_tokens_login_and_errors_never_show_the_token(hub_env: Path, folders: dict[str, Path],  # noqa: F811
+                                                      capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    with running_registry(hub_env / "registry", users={"alice": True}) as (store, server, tokens):
+        url, secret = server.url, tokens["alice"]
+        seen = []
+
+        def cli(*argv: str) -> tuple[int, str, str]:
+            result = _cli(capsys, *argv)
+            seen.append(result[1] + result[2])
+            return result
+
+        code, _, err = cli("hub", "push", str(folders["lang"]), "alice/lang", "--hub", url)
+        assert code == 1 and "needs a token" in err and f"peftkit hub login --hub {url}" in err
+        assert "Traceback" not in err
+
+        monkeypatch.setattr(sys, "stdin", io.StringIO("pkr_wrong_token_0000\n"))
+        code, _, err = cli("hub", "login", "--hub", url, "--token-stdin")
+        assert code == 1 and "refused the token" in err
+        assert not (hub_env / "home" / "hub_tokens.json").exists()
+
+        monkeypatch.setattr(sys, "stdin", io.StringIO(secret + "\n"))
+        code, out, _ = cli("hub", "login", "--hub", url, "--token-stdin")
+        assert code == 0 and "as alice" in out
+        token_file = hub_env / "home" / "hub_tokens.json"
+        assert stat.S_IMODE(os.stat(token_file).st_mode) == 0o600
+        assert cli("hub", "whoami", "--hub", url)[1].strip() == "alice"
+        code, out, err = cli("hub", "push", str(folders["lang"]), "alice/lang", "--hub", url, "--private")
+        assert code == 0, err
+        assert cli("hub", "search", "--hub", url, "--json")[1].count('"alice/lang"') == 1
+
+        (hub_env / "bad-token").write_text("pkr_also_wrong_1234\n")
+        code, _, err = cli("hub", "push", str(folders["ner"]), "alice/ner", "--hub", url, "--token-file",
+                           str(hub_env / "bad-token"))
+        assert code == 1 and "refused the token" in err and "pkr_also_wrong_1234" not in err
+
+        assert cli("hub", "logout", "--hub", url)[0] == 0
+        code, out, _ = cli("hub", "search", "--hub", url, "--json")
+        assert json.loads(out) == []  # private, and no token any more
+    assert not any(secret in text for text in seen), "a token was printed"
+    assert all("pkr_wrong_token_0000" not in text for text in seen)
+
+
+def test_unreachable_hub_is_one_clear_line(hub_env: Path, capsys) -> None:  # noqa: F811
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    code, _, err = _cli(capsys, "hub", "search", "--hub", f"http://127.0.0.1:{port}")
+    assert code == 1
+    assert err.strip().startswith(f"Error: cannot reach hub at http://127.0.0.1:{port}:")
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_push_and_search_of_a_folder_import_no_torch(hub_env: Path, folders: dict[str, Path]) -> None:  # noqa: F811
+    code = (f"import sys; from peftkit.cli import run; "
+            f"assert run(['hub', 'push', {str(folders['summ'])!r}, 'alice/summ', '-q']) == 0; "
+            f"assert run(['hub', 'search', '--method', 'ia3', '--json']) == 0; "
+            f"heavy = [m for m in ('torch', 'transformers', 'huggingface_hub') if m in sys.modules]; "
+            f"assert not heavy, heavy")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PEFTKIT_HOME": str(hub_env / "home")})
+    assert result.returncode == 0, result.stderr
+    assert '"repo_id": "alice/summ"' in result.stdout
