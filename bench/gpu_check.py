@@ -59,7 +59,7 @@ def correctness() -> None:
         with torch.no_grad():
             ref = base(ids).logits.float()
         for spec in ("lora[r=8,target_modules=all-linear]", "lora[r=8,use_dora=true,target_modules=all-linear]",
-                     "ia3", "seq_bn", "bitfit"):
+                     "ia3", "seq_bn", "bitfit[add_missing=true]"):
             model = peftkit.adapt(copy.deepcopy(base), spec)
             with torch.no_grad():
                 same = (model(ids).logits.float() - ref).abs().max().item()
@@ -184,7 +184,10 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
           f"{torch.cuda.get_device_name()}")
+    only = sys.argv[1:]  # e.g. `correctness`
     for name, fn in (("correctness", correctness), ("timings", timings)):
+        if only and name not in only:
+            continue
         print(f"== {name}", flush=True)
         try:
             fn()

@@ -119,15 +119,16 @@ def _exact_low_rank(terms: list[tuple[torch.Tensor, torch.Tensor, float]], rank:
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Best rank-``rank`` factors (A: rank x in, B: out x rank) of sum_i c_i B_i A_i, via QR + a small SVD."""
     dtype = terms[0][0].dtype
-    p = torch.cat([b.double() * c for _, b, c in terms], dim=1)  # out x R
-    q = torch.cat([a.double() for a, _, _ in terms], dim=0)  # R x in
-    q_p, r_p = torch.linalg.qr(p)  # out x m, m x R
+    work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    p = torch.cat([b.to(work) * c for _, b, c in terms], dim=1)  # out x R
+    q = torch.cat([a.to(work) for a, _, _ in terms], dim=0)  # R x in
+    q_p, r_p = torch.linalg.qr(p)  # out x m, m x R (Householder: stable even for collinear factors)
     q_q, r_q = torch.linalg.qr(q.t())  # in x n, n x R
-    u, s, vh = torch.linalg.svd(r_p @ r_q.t())  # m x n core
+    u, s, vh = torch.linalg.svd(r_p.double() @ r_q.double().t(), full_matrices=False)  # m x n core
     k = min(rank, s.shape[0])
     root = s[:k].sqrt()
-    b_new = (q_p @ u[:, :k]) * root
-    a_new = root.unsqueeze(1) * (vh[:k] @ q_q.t())
+    b_new = q_p @ (u[:, :k] * root).to(work)
+    a_new = (root.unsqueeze(1) * vh[:k]).to(work) @ q_q.t()
     return a_new.to(dtype), b_new.to(dtype)
 
 
@@ -374,8 +375,10 @@ def _write_factors(model: "AdaptedModel", name: str, merged: dict[str, tuple[tor
                 raise MergeError(f"internal: merged factors at {site} have shapes {tuple(a_new.shape)}, "
                                  f"{tuple(b_new.shape)}; the new adapter has {tuple(a_live.shape)}, "
                                  f"{tuple(b_live.shape)}")
-            a_live.copy_(a_new.to(a_live.dtype))
-            b_live.copy_((b_new / scale).to(b_live.dtype))
+            # A fresh adapter: take the new tensors as the parameters' storage (no copy).
+            a_live.data = a_new.to(device=a_live.device, dtype=a_live.dtype).contiguous()
+            b_live.data = (b_new if scale == 1.0 else b_new / scale).to(device=b_live.device,
+                                                                       dtype=b_live.dtype).contiguous()
             written.add(site)
     missing = sorted(set(merged) - written)
     if missing:

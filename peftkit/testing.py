@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 from peftkit.core.config import AdapterConfig
 from peftkit.core.errors import ConfigError, MergeError, TargetError
 from peftkit.testing_models import TINY_MODELS, TinyModel, build_tiny, output_tensor, sample_inputs, tiny_model
-from peftkit.testing_task import SENTIMENT_RUNS, TextTask, TrainResult, sentiment_task, train_classifier
+from peftkit.testing_task import SENTIMENT_RUNS, DemoRun, TextTask, TrainResult, sentiment_task, train_classifier
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -56,7 +56,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from peftkit.core.model import AdaptedModel
 
 __all__ = ["CHECKS", "DEFAULT_ARCHITECTURES", "SENTIMENT_RUNS", "CheckResult", "CheckSkipped", "ConformanceReport",
-           "TINY_MODELS", "TextTask", "TinyModel", "TrainResult", "build_tiny", "check_method",
+           "DemoRun", "TINY_MODELS", "TextTask", "TinyModel", "TrainResult", "build_tiny", "check_method",
            "make_conformance_class", "output_tensor", "run_check", "sample_inputs", "sentiment_task",
            "train_classifier"]
 
