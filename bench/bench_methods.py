@@ -150,7 +150,8 @@ def method_links() -> list[str]:
     return lines
 
 
-def render(rows: list[Row], total: int, args: argparse.Namespace, load: tuple[float, float], when: str) -> str:
+def render(rows: list[Row], total: int, args: argparse.Namespace, load: tuple[float, float], when: str,
+           note: str = "") -> str:
     from peftkit.testing import sentiment_task
 
     task = sentiment_task()
@@ -222,7 +223,7 @@ def render(rows: list[Row], total: int, args: argparse.Namespace, load: tuple[fl
         "",
         f"Measured {when} on {platform.machine()} Linux, {os.cpu_count()} CPU cores shared with other work "
         f"(load average {load[0]:.1f} at the start, {load[1]:.1f} at the end), torch {torch.__version__} "
-        f"with {args.threads} threads, transformers {_version('transformers')}.",
+        f"with {args.threads} threads, transformers {_version('transformers')}." + (f" {note}" if note else ""),
         "",
     ])
 
@@ -309,6 +310,7 @@ def main() -> None:
     parser.add_argument("--rows", default=str(ROOT / "build" / "bench_methods_rows.json"),
                         help="where the measured rows are kept (JSON), to re-render without training")
     parser.add_argument("--render-only", action="store_true", help="rewrite the doc from --rows; train nothing")
+    parser.add_argument("--note", default=None, help="a sentence on the machine's state, kept with the rows")
     parser.add_argument("--step-times-only", action="store_true",
                         help="measure step times into the rows of --rows (untrained models; same compute)")
     args = parser.parse_args()
@@ -366,8 +368,11 @@ def main() -> None:
 
 
 def write_doc(args: argparse.Namespace, saved: dict[str, Any]) -> None:
+    if args.note is not None:
+        saved["note"] = args.note
+        Path(args.rows).write_text(json.dumps(saved, indent=1), encoding="utf-8")
     rows = [Row(**r) for r in saved["rows"]]
-    text = render(rows, saved["total"], args, tuple(saved["load"]), saved["date"])
+    text = render(rows, saved["total"], args, tuple(saved["load"]), saved["date"], saved.get("note", ""))
     Path(args.output).write_text(text, encoding="utf-8")
     print(f"wrote {args.output}")
 
