@@ -8,8 +8,8 @@ scale 1 (alpha = r, no rsLoRA), whose B A is:
 
 - ``cat``: sum_i w_i D_i exactly, factors concatenated ([B_1 ... B_k],
   [w_1 s_1 A_1; ...]); rank = sum of ranks.
-- ``linear``: sum_i w_i D_i exactly (rank = sum of ranks unless ``rank``
-  truncates), with balanced orthogonal factors.
+- ``linear``: sum_i w_i D_i exactly (task arithmetic); stored like ``cat``
+  unless ``rank`` asks for fewer than the sum of ranks, which makes it ``svd``.
 - ``svd``: the best rank-``rank`` approximation of sum_i w_i D_i
   (default rank: the largest member rank).
 - a registered dense strategy (``ties``, ``dare_linear``, ``dare_ties``,
@@ -167,7 +167,7 @@ def _truncated(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tens
 
 def _combine_site(kind: str, fn: Callable[..., Any] | None, facs: list[tuple[torch.Tensor, torch.Tensor, float]],
                   weights: list[float], rank: int, options: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    if kind == "cat":
+    if kind == "cat" or (kind == "linear" and rank >= sum(a.shape[0] for a, _, _ in facs)):
         a_new = torch.cat([a * (w * s) for (a, _, s), w in zip(facs, weights)], dim=0)
         b_new = torch.cat([b for _, b, _ in facs], dim=1)
         return a_new, b_new
