@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from . import composition
 from .composition import Node
 from .errors import AdapterLoadError, CompositionError, PeftkitError
-from .fileio import atomic_folder, write_text_atomic
+from .fileio import atomic_folder, read_folder_json, write_text_atomic
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch.nn as nn
@@ -81,12 +81,7 @@ def read_composition(path: str | os.PathLike) -> dict[str, Any]:
     """Read and check ``composition.json`` (no weights touched); ``data["node"]`` is the parsed composition."""
     path = Path(path)
     config = path / COMPOSITION_NAME
-    if not config.is_file():
-        raise AdapterLoadError(f"{str(path)!r} is not a composition folder: it has no {COMPOSITION_NAME}")
-    try:
-        data = json.loads(config.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterLoadError(f"{config} is not valid JSON ({exc}); save the composition again") from None
+    data = read_folder_json(path, COMPOSITION_NAME, "composition")
     own = data.get("peftkit_composition") if isinstance(data, dict) else None
     if not isinstance(own, dict):
         raise AdapterLoadError(f"{config} is not a peftkit composition file (no 'peftkit_composition' key)")

@@ -56,3 +56,20 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def read_folder_json(folder: str | os.PathLike, name: str, what: str) -> object:
+    """The JSON file ``name`` of a saved ``what`` folder (a fusion, a composition), or an
+    AdapterLoadError saying what is missing or damaged."""
+    import json
+
+    from .errors import AdapterLoadError
+
+    folder = Path(folder)
+    path = folder / name
+    if not path.is_file():
+        raise AdapterLoadError(f"{str(folder)!r} is not a {what} folder: it has no {name}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterLoadError(f"{path} is not valid JSON ({exc}); save the {what} again") from None

@@ -43,7 +43,7 @@ from . import composition
 from .composition import Fuse, Node
 from .composition_exec import node_acts, node_delta, refuse_merged
 from .errors import AdapterLoadError, CompositionError, ConfigError, PeftkitError
-from .fileio import atomic_folder, write_bytes_atomic, write_text_atomic
+from .fileio import atomic_folder, read_folder_json, write_bytes_atomic, write_text_atomic
 from .state import FusionRecord
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -462,12 +462,7 @@ def save_fusion(model: "AdaptedModel", name: str, path: str | os.PathLike) -> No
 def read_fusion_config(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     config_path = path / FUSION_CONFIG_NAME
-    if not config_path.is_file():
-        raise AdapterLoadError(f"{str(path)!r} is not a fusion folder: it has no {FUSION_CONFIG_NAME}")
-    try:
-        data = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterLoadError(f"{config_path} is not valid JSON ({exc}); save the fusion again") from None
+    data = read_folder_json(path, FUSION_CONFIG_NAME, "fusion")
     own = data.get("peftkit_fusion") if isinstance(data, dict) else None
     if not isinstance(own, dict) or not isinstance(data.get("fuse"), dict):
         raise AdapterLoadError(f"{config_path} is not a peftkit fusion config (no 'peftkit_fusion'/'fuse' keys)")
