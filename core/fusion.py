@@ -44,6 +44,7 @@ from .composition import Fuse, Node
 from .composition_exec import node_acts, node_delta, refuse_merged
 from .errors import AdapterLoadError, CompositionError, ConfigError, PeftkitError
 from .fileio import atomic_folder, read_folder_json, write_bytes_atomic, write_text_atomic
+from .layer import name_taken_by_torch
 from .state import FusionRecord
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -261,6 +262,9 @@ def add_fusion(model: "AdaptedModel", fuse: Fuse | str, config: FuseConfig | dic
         raise CompositionError(f"add_fusion() takes a fuse() block, e.g. Fuse('a', 'b', name='ab'); got {node}")
     state = model._peftkit_state
     name = node.fusion_name
+    if name_taken_by_torch(name):
+        raise CompositionError(f"fusion name {name!r} is taken by torch (every nn.Module has an attribute "
+                               f"{name!r}); give the fusion another name: Fuse(..., name='...')")
     if name in state.fusions:
         raise CompositionError(f"a fusion named {name!r} already exists; delete_fusion({name!r}) first or give "
                                f"this one another name (Fuse(..., name='...'))")

@@ -21,6 +21,15 @@ import torch.nn as nn
 from .errors import MergeError
 
 
+def name_taken_by_torch(name: str) -> bool:
+    """Whether ``name`` cannot key an ``nn.ModuleDict`` because torch uses it (``to``, ``half``, ``train``...).
+
+    Adapters and fusions are stored in ModuleDicts keyed by their names, and
+    a ModuleDict refuses a key that shadows one of its own attributes.
+    """
+    return hasattr(nn.ModuleDict(), name)
+
+
 class LayerAdapter(nn.Module):
     """One adapter at one site.
 

@@ -21,7 +21,7 @@ from .composition import BASE_MODEL, Node, Routing
 from .composition_api import CompositionMixin
 from .config import AdapterConfig
 from .errors import AdapterError, CompositionError, MergeError, TargetError
-from .layer import LayerAdapter, ModelAdapter, ModulesToSave, TunerLayer
+from .layer import LayerAdapter, ModelAdapter, ModulesToSave, TunerLayer, name_taken_by_torch
 from .method import Method, Site, parse_spec
 from .state import AdapterState
 from .targets import name_matches
@@ -116,6 +116,9 @@ class AdaptedModel(CompositionMixin, nn.Module):
         if not isinstance(name, str) or not _ADAPTER_NAME.match(name) or name == BASE_MODEL:
             raise AdapterError(f"adapter name {name!r} is invalid; use letters, digits, '_' and '-' "
                                f"(at most 128), and not {BASE_MODEL!r}")
+        if name_taken_by_torch(name):
+            raise AdapterError(f"adapter name {name!r} is taken by torch (every nn.Module has an attribute "
+                               f"{name!r}); choose another name, e.g. {name + '_adapter'!r}")
         if name in self._records:
             raise AdapterError(f"an adapter named {name!r} already exists; delete_adapter({name!r}) first "
                                f"or choose another name")

@@ -179,6 +179,9 @@ def test_loading_a_fusion_checks_members_and_leaves_no_trace(model, tmp_path):
 def test_fusion_errors(model):
     with pytest.raises(CompositionError, match="takes a fuse"):
         model.add_fusion(Stack("a", "b"))
+    with pytest.raises(CompositionError, match="fusion name 'half' is taken by torch"):
+        model.add_fusion(Fuse("a", "b", name="half"))
+    assert "half" not in model._peftkit_state.fusions
     model.add_fusion(Fuse("a", "b"))
     with pytest.raises(CompositionError, match="already exists"):
         model.add_fusion(Fuse("a", "b"))

@@ -56,6 +56,10 @@ def test_adapter_names_are_checked():
     for bad in ("a.b", "", "__base__", "x y"):
         with pytest.raises(AdapterError, match="invalid"):
             model.add_adapter(bad, "lora")
+    for taken in ("to", "half", "train", "forward"):  # nn.ModuleDict attributes cannot key adapters
+        with pytest.raises(AdapterError, match=f"{taken!r} is taken by torch.*{taken}_adapter"):
+            model.add_adapter(taken, "lora")
+    assert list(model.adapters) == ["default"]
 
 
 def test_failed_add_leaves_the_model_as_it_was():
