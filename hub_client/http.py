@@ -18,7 +18,6 @@ import os
 import re
 import shutil
 import socket
-import sys
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 from urllib.parse import urlsplit
@@ -28,6 +27,7 @@ from .backend import AdapterInfo, HubBackend, PushResult, RemoteFile, SearchQuer
 from .errors import (HubAuthError, HubError, HubUnreachable, OfflineError, RepoNotFound,
                      RevisionNotFound)
 from .metadata import as_list, base_model_from, method_from_tags
+from .upload_progress import upload_bar
 
 HF_DEFAULT_ENDPOINT = "https://huggingface.co"
 #: Files the Hub adds to every new repo; a push never deletes them.
@@ -259,12 +259,10 @@ class HttpBackend(HubBackend):
                                          for path, local in sorted(files.items())]
                 operations += [CommitOperationDelete(path_in_repo=path) for path in sorted(current)
                                if path not in files and path not in _KEEP]
-                if progress:
-                    total = sum(Path(p).stat().st_size for p in files.values())
-                    print(f"Uploading {len(files)} files ({_human(total)}) to {self.address}/{repo_id} "
-                          f"({revision})...", file=sys.stderr, flush=True)
-                info = api.create_commit(repo_id, operations, commit_message=commit_message, revision=revision,
-                                         parent_commit=head)
+                total = sum(Path(p).stat().st_size for p in files.values())
+                with upload_bar(f"Uploading {len(files)} files to {repo_id}", total, progress=progress):
+                    info = api.create_commit(repo_id, operations, commit_message=commit_message,
+                                             revision=revision, parent_commit=head)
                 if private is not None and not created_repo:
                     if bool(api.model_info(repo_id).private) != private:
                         api.update_repo_settings(repo_id, private=private)
@@ -365,12 +363,3 @@ class HttpBackend(HubBackend):
             card=card,
             hub=self.address,
         )
-
-
-def _human(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"

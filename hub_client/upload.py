@@ -3,7 +3,8 @@
 A push takes a saved folder (an adapter, a composition from
 ``save_composition()``, or a fusion from ``save_fusion()``) or an adapter of a
 live model (saved to a temporary folder first). It uploads every file of the
-folder except hidden ones, refuses pickle weights, and writes ``README.md``
+folder except hidden ones and a training run's checkpoints and records
+(:func:`stays_local`), refuses pickle weights, and writes ``README.md``
 itself with the Hub's conventions (``library_name``, ``base_model``, tags
 ``base_model:adapter:<id>`` and the method, ``pipeline_tag``, datasets,
 metrics, a usage snippet), through :mod:`peftkit.core.card`. The card's
@@ -19,7 +20,7 @@ import json
 import os
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from peftkit.core.card import card_metadata, read_card_metadata, render_card
@@ -34,6 +35,9 @@ CARD = "README.md"
 #: Suffixes of pickle files: peftkit never loads them, so it never publishes them either.
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _GENERATED_MARK = "made with peftkit"
+#: A training run's own state, never published (see :func:`stays_local`).
+_RUN_FOLDERS = frozenset({"checkpoints", "runs"})
+_RUN_FILES = frozenset({"train_results.json", "trainer_state.json", "training_args.bin"})
 
 
 @dataclass
@@ -107,12 +111,28 @@ def prepare(source: Any, repo_id: str, workdir: Path, *, adapter_name: str | Non
                    f"or save_fusion() first")
 
 
+def stays_local(rel: PurePosixPath) -> bool:
+    """Whether a path of a pushed folder is left out: hidden files and a training run's own state.
+
+    A ``peftkit train`` (or ``transformers.Trainer``) output folder holds
+    resumable checkpoints and run records beside the adapter; they describe
+    the local run (optimizer state in pickle files, local paths), so the
+    folder can be pushed as it is and only the adapter goes up.
+    """
+    if any(part.startswith(".") for part in rel.parts):
+        return True
+    top = rel.parts[0]
+    if len(rel.parts) > 1:
+        return top in _RUN_FOLDERS or top.startswith("checkpoint-")
+    return top in _RUN_FILES
+
+
 def _collect(folder: Path) -> dict[str, Path]:
     files: dict[str, Path] = {}
     pickles = []
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder)
-        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
+        if stays_local(PurePosixPath(rel.as_posix())) or not path.is_file():
             continue
         if path.suffix.lower() in _PICKLE_SUFFIXES:
             pickles.append(rel.as_posix())

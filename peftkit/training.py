@@ -238,27 +238,20 @@ def _check_push_target(repo_id: str, hub: str | None) -> None:
     open_hub(hub).close()
 
 
-#: What a push publishes from the output folder: the adapter and its label map
-#: (not checkpoints, and not train_results.json, which records local paths).
-PUSHED_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md", LABELS_FILE)
-
-
 def push_adapter(out: Path, opts: TrainOptions, task_tag: str, dataset: str, metrics: dict[str, float]) -> dict:
-    """Publish the adapter files of ``out`` as ``opts.push`` with the hub client; returns the push result."""
-    import tempfile
+    """Publish the adapter in ``out`` as ``opts.push`` with the hub client; returns the push result.
 
+    The push leaves the run's checkpoints and ``train_results.json`` (which
+    records local paths) behind, as any push of a training output folder does.
+    """
     from peftkit.hub_client import push
 
-    with tempfile.TemporaryDirectory(prefix="peftkit-train-push-") as tmp:
-        for name in PUSHED_FILES:
-            if (out / name).is_file():
-                shutil.copy2(out / name, Path(tmp) / name)
-        try:
-            result = push(tmp, opts.push, hub=opts.hub, private=opts.private, task=task_tag, dataset=dataset,
-                          metrics=metrics, base_model=opts.base_model, progress=not opts.quiet)
-        except PeftkitError as exc:
-            raise PeftkitError(f"the adapter is trained and saved in {out}, but pushing it to {opts.push} failed: "
-                               f"{exc}") from None
+    try:
+        result = push(out, opts.push, hub=opts.hub, private=opts.private, task=task_tag, dataset=dataset,
+                      metrics=metrics, base_model=opts.base_model, progress=not opts.quiet)
+    except PeftkitError as exc:
+        raise PeftkitError(f"the adapter is trained and saved in {out}, but pushing it to {opts.push} failed: "
+                           f"{exc}") from None
     return result.to_json()
 
 
