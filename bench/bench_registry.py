@@ -34,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlencode, urlsplit
 
@@ -167,6 +168,18 @@ def _summarize(times: dict[str, list[float]]) -> dict:
     }
 
 
+def run_threads(workers: list[tuple[Callable[[int], None], int]]) -> float:
+    """Run ``count`` threads of each ``(target, count)`` (target(i) for i in range(count)), all at
+    once, until every one returns; the seconds that took."""
+    threads = [threading.Thread(target=target, args=(i,)) for target, count in workers for i in range(count)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0
+
+
 def start_server(data: Path) -> tuple[subprocess.Popen, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
@@ -218,14 +231,7 @@ def bench_throughput(url: str, token: str, tmp: Path, duration: float, pullers: 
                     counts["errors"] += 1
             step += 1
 
-    threads = [threading.Thread(target=pull, args=(i,)) for i in range(pullers)]
-    threads += [threading.Thread(target=push, args=(i,)) for i in range(pushers)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - t0
+    elapsed = run_threads([(pull, pullers), (push, pushers)])
     return {
         "seconds": elapsed,
         "pulls_per_s": counts["pulls"] / elapsed,
@@ -250,13 +256,7 @@ def bench_raw_pulls(url: str, duration: float, clients: int) -> dict:
             counts[i] += 1
         conn.close()
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(clients)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - t0
+    elapsed = run_threads([(run, clients)])
     return {"seconds": elapsed, "pulls_per_s": sum(counts) / elapsed, "mib_per_s": sum(counts) / elapsed}
 
 

@@ -15,6 +15,7 @@ between the two steps leaves behind.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -23,6 +24,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from .hashing import git_blob_hasher, git_blob_oid
 
@@ -74,37 +76,33 @@ class BlobStore:
         return self.path(sha256).is_file()
 
     # -- staging (no lock held) --------------------------------------------
-    def _tmp_file(self) -> tuple[int, Path]:
+    @contextlib.contextmanager
+    def _staging_file(self) -> Iterator[tuple[BinaryIO, Path]]:
+        """A new file in tmp/, open for writing: on disk (fsync'd if asked) when the
+        block ends, removed when the block fails."""
         fd, name = tempfile.mkstemp(prefix="stage-", dir=self.tmp_dir)
-        return fd, Path(name)
-
-    def _write_tmp(self, data: bytes) -> Path:
-        fd, tmp = self._tmp_file()
+        tmp = Path(name)
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(data)
+                yield f, tmp
                 if self.fsync:
                     f.flush()
                     os.fsync(f.fileno())
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+
+    def _write_tmp(self, data: bytes) -> Path:
+        with self._staging_file() as (f, tmp):
+            f.write(data)
         return tmp
 
     def _copy_tmp(self, source: Path) -> tuple[Path, str]:
-        fd, tmp = self._tmp_file()
         sha = hashlib.sha256()
-        try:
-            with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
-                while chunk := src.read(_CHUNK):
-                    sha.update(chunk)
-                    out.write(chunk)
-                if self.fsync:
-                    out.flush()
-                    os.fsync(out.fileno())
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with self._staging_file() as (out, tmp), open(source, "rb") as src:
+            while chunk := src.read(_CHUNK):
+                sha.update(chunk)
+                out.write(chunk)
         return tmp, sha.hexdigest()
 
     def stage_bytes(self, data: bytes) -> StagedBlob:

@@ -12,12 +12,15 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from .errors import RegistryError
 from .paths import default_data_dir
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .store import RegistryStore
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -49,6 +52,20 @@ def _open_store(data_dir: Path | None):
     from .store import RegistryStore
 
     return RegistryStore(data_dir or default_data_dir())
+
+
+def _with_store(func: Callable[..., Any]) -> Callable[..., Any]:
+    """A command that works on the store: it takes --data, gets the open store as its first
+    argument (closed when it returns) and reports store errors as a clear message."""
+
+    @_data_option
+    @_friendly_errors
+    @functools.wraps(func)
+    def wrapper(*args: Any, data_dir: Path | None, **kwargs: Any) -> Any:
+        with _open_store(data_dir) as store:
+            return func(store, *args, **kwargs)
+
+    return wrapper
 
 
 @click.group("registry")
@@ -107,12 +124,10 @@ def token_group() -> None:
 @click.argument("user")
 @click.option("--write/--read-only", default=False, show_default=True, help="Allow pushes and repo changes.")
 @click.option("--name", default="", help="A label to recognise the token by in `token list`.")
-@_data_option
-@_friendly_errors
-def token_create(user: str, write: bool, name: str, data_dir: Path | None) -> None:
+@_with_store
+def token_create(store: RegistryStore, user: str, write: bool, name: str) -> None:
     """Create a token for USER and print its secret (shown only this once)."""
-    with _open_store(data_dir) as store:
-        info, secret = store.accounts.create_token(user, write=write, name=name)
+    info, secret = store.accounts.create_token(user, write=write, name=name)
     click.echo(
         f"created {'write' if write else 'read-only'} token {info.id} for {info.user}; "
         "store the secret now, it is not shown again:",
@@ -125,12 +140,10 @@ def token_create(user: str, write: bool, name: str, data_dir: Path | None) -> No
 @click.option("--user", default=None, help="Only this user's tokens.")
 @click.option("--all", "include_revoked", is_flag=True, help="Include revoked tokens.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@_data_option
-@_friendly_errors
-def token_list(user: str | None, include_revoked: bool, as_json: bool, data_dir: Path | None) -> None:
+@_with_store
+def token_list(store: RegistryStore, user: str | None, include_revoked: bool, as_json: bool) -> None:
     """List tokens (never their secrets)."""
-    with _open_store(data_dir) as store:
-        tokens = store.accounts.list_tokens(user, include_revoked=include_revoked)
+    tokens = store.accounts.list_tokens(user, include_revoked=include_revoked)
     if as_json:
         click.echo(json.dumps([t.to_json() for t in tokens], indent=2))
         return
@@ -148,12 +161,10 @@ def token_list(user: str | None, include_revoked: bool, as_json: bool, data_dir:
 
 @token_group.command("revoke")
 @click.argument("token_id")
-@_data_option
-@_friendly_errors
-def token_revoke(token_id: str, data_dir: Path | None) -> None:
+@_with_store
+def token_revoke(store: RegistryStore, token_id: str) -> None:
     """Revoke the token with id TOKEN_ID (see `token list`)."""
-    with _open_store(data_dir) as store:
-        store.accounts.revoke_token(token_id)
+    store.accounts.revoke_token(token_id)
     click.echo(f"revoked token {token_id}")
 
 
@@ -165,23 +176,19 @@ def user_group() -> None:
 
 @user_group.command("add")
 @click.argument("name")
-@_data_option
-@_friendly_errors
-def user_add(name: str, data_dir: Path | None) -> None:
+@_with_store
+def user_add(store: RegistryStore, name: str) -> None:
     """Create user NAME (their namespace is NAME/...)."""
-    with _open_store(data_dir) as store:
-        store.accounts.add_user(name)
+    store.accounts.add_user(name)
     click.echo(f"created user {name}; give them a token with `peftkit registry token create {name} --write`")
 
 
 @user_group.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@_data_option
-@_friendly_errors
-def user_list(as_json: bool, data_dir: Path | None) -> None:
+@_with_store
+def user_list(store: RegistryStore, as_json: bool) -> None:
     """List users and organizations."""
-    with _open_store(data_dir) as store:
-        accounts = store.accounts.list_accounts()
+    accounts = store.accounts.list_accounts()
     if as_json:
         click.echo(json.dumps(accounts, indent=2))
         return
@@ -198,34 +205,28 @@ def org_group() -> None:
 @org_group.command("add")
 @click.argument("name")
 @click.option("--member", "members", multiple=True, help="A user to add (repeat for several).")
-@_data_option
-@_friendly_errors
-def org_add(name: str, members: tuple[str, ...], data_dir: Path | None) -> None:
+@_with_store
+def org_add(store: RegistryStore, name: str, members: tuple[str, ...]) -> None:
     """Create organization NAME, or add members to it if it exists."""
-    with _open_store(data_dir) as store:
-        store.accounts.add_org(name, list(members))
+    store.accounts.add_org(name, list(members))
     suffix = f" with members {', '.join(members)}" if members else ""
     click.echo(f"organization {name} ready{suffix}")
 
 
 # ------------------------------------------------------------ maintenance
 @registry_group.command("gc")
-@_data_option
-@_friendly_errors
-def gc_command(data_dir: Path | None) -> None:
+@_with_store
+def gc_command(store: RegistryStore) -> None:
     """Delete blobs no commit references (left by interrupted uploads)."""
-    with _open_store(data_dir) as store:
-        removed = store.gc()
+    removed = store.gc()
     click.echo(f"removed {removed} unreferenced blob(s)")
 
 
 @registry_group.command("fsck")
-@_data_option
-@_friendly_errors
-def fsck_command(data_dir: Path | None) -> None:
+@_with_store
+def fsck_command(store: RegistryStore) -> None:
     """Check that every committed file's blob exists and matches its sha256."""
-    with _open_store(data_dir) as store:
-        problems = store.fsck()
+    problems = store.fsck()
     for p in problems:
         click.echo(p, err=True)
     if problems:

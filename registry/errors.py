@@ -12,10 +12,19 @@ from __future__ import annotations
 
 
 class RegistryError(Exception):
-    """Base class: a failure with a status, a machine code and a human message."""
+    """Base class: a failure with a status, a machine code and a human message.
+
+    A subclass's ``code`` is its class name unless it sets one, so each error
+    class below only says where it sits (its base) and, for a family, its status.
+    """
 
     status: int = 500
     code: str = "InternalError"
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if "code" not in cls.__dict__:
+            cls.code = cls.__name__
 
     def __init__(self, message: str, *, status: int | None = None, code: str | None = None) -> None:
         super().__init__(message)
@@ -30,50 +39,52 @@ class BadRequest(RegistryError):
     """Malformed input: names, paths, payloads. Nothing was written."""
 
     status = 400
-    code = "BadRequest"
 
 
 class InvalidRepoId(BadRequest):
-    code = "InvalidRepoId"
+    """A repo or account name outside the naming rules."""
 
 
 class InvalidPath(BadRequest):
-    code = "InvalidPath"
+    """A file path that is empty, absolute, too long or otherwise unsafe in a repo."""
 
 
 class InvalidRevision(BadRequest):
-    code = "InvalidRevision"
+    """A branch name or revision that is not valid."""
 
 
 class MalformedPayload(BadRequest):
-    code = "MalformedPayload"
+    """A request body that is not what the endpoint takes."""
 
 
 class Unauthorized(RegistryError):
+    """No token where one is needed, or one the registry does not know (or has revoked)."""
+
     status = 401
-    code = "Unauthorized"
 
 
 class Forbidden(RegistryError):
+    """A valid token that may not do this (read-only, or another namespace)."""
+
     status = 403
-    code = "Forbidden"
 
 
 class NotFound(RegistryError):
+    """Something the request names does not exist."""
+
     status = 404
-    code = "NotFound"
 
 
 class RepoNotFound(NotFound):
-    code = "RepoNotFound"
+    """No such repository, or a private one the caller may not read."""
 
 
 class RevisionNotFound(NotFound):
-    code = "RevisionNotFound"
+    """No such branch or commit in the repository."""
 
 
 class EntryNotFound(NotFound):
-    code = "EntryNotFound"
+    """No such file or folder in the repository at that revision."""
 
     def __init__(self, message: str, *, commit: str | None = None) -> None:
         super().__init__(message)
@@ -83,12 +94,13 @@ class EntryNotFound(NotFound):
 
 
 class Conflict(RegistryError):
+    """The request clashes with what exists already."""
+
     status = 409
-    code = "Conflict"
 
 
 class RepoExists(Conflict):
-    code = "RepoExists"
+    """A repository of that id exists already."""
 
     def __init__(self, message: str, *, repo_id: str) -> None:
         super().__init__(message)
@@ -96,24 +108,25 @@ class RepoExists(Conflict):
 
 
 class AccountExists(Conflict):
-    code = "AccountExists"
+    """A user or organization of that name exists already."""
 
 
 class ParentCommitMismatch(RegistryError):
     """``parentCommit`` is not the branch head any more: someone committed first."""
 
     status = 412
-    code = "ParentCommitMismatch"
 
 
 class PayloadTooLarge(RegistryError):
+    """A request body larger than the server accepts."""
+
     status = 413
-    code = "PayloadTooLarge"
 
 
 class RangeNotSatisfiable(RegistryError):
+    """A ``Range`` header outside the file."""
+
     status = 416
-    code = "RangeNotSatisfiable"
 
     def __init__(self, message: str, *, size: int) -> None:
         super().__init__(message)

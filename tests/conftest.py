@@ -27,24 +27,19 @@ def tiny_model_name(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
-@pytest.fixture
-def tiny_llama():
-    return build_tiny("llama")
+def _tiny_fixture(name: str):
+    """Fixture ``tiny_<name>``: a fresh tiny ``name`` model for each test."""
+
+    def fixture():
+        return build_tiny(name)
+
+    return pytest.fixture(fixture, name=f"tiny_{name}")
 
 
-@pytest.fixture
-def tiny_gpt2():
-    return build_tiny("gpt2")
-
-
-@pytest.fixture
-def tiny_bert():
-    return build_tiny("bert")
-
-
-@pytest.fixture
-def tiny_t5():
-    return build_tiny("t5")
+tiny_llama = _tiny_fixture("llama")
+tiny_gpt2 = _tiny_fixture("gpt2")
+tiny_bert = _tiny_fixture("bert")
+tiny_t5 = _tiny_fixture("t5")
 
 
 @pytest.fixture(scope="session")

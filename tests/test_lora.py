@@ -2,27 +2,20 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 import peftkit
-from peftkit.core.layer import TunerLayer
 from peftkit.plugins.lora.layer import LoraEmbedding, LoraLinear
-from tests.tiny_models import TINY_BUILDERS, build_tiny, output_tensor, sample_inputs
+from tests.method_helpers import merge_keeps_output, output_of, randomize, two_adapters, unload_keeps_output
+from tests.tiny_models import TINY_BUILDERS, build_tiny, sample_inputs
 
 ARCHS = sorted(TINY_BUILDERS)
 
 
-def _randomize(model: peftkit.AdaptedModel, name: str = "default", std: float = 0.05, seed: int = 0) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.adapter_parameters(name):
-            p.add_(torch.randn(p.shape, generator=gen) * std)
-
-
-def _out(model, arch, **kw):
-    with torch.no_grad():
-        return output_tensor(model(**sample_inputs(arch), **kw))
+_randomize = functools.partial(randomize, std=0.05)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -31,32 +24,25 @@ def _out(model, arch, **kw):
                                   "lora[r=4,use_dora=true,target_modules=all-linear]"])
 def test_identity_at_init_then_merge_equivalence(arch, spec):
     base = build_tiny(arch)
-    reference = _out(base, arch)
+    reference = output_of(base, arch)
     model = peftkit.adapt(base, spec)
-    assert torch.allclose(_out(model, arch), reference, atol=1e-6), "output must equal the base at init"
+    assert torch.allclose(output_of(model, arch), reference, atol=1e-6), "output must equal the base at init"
     _randomize(model)
-    model.eval()
-    unmerged = _out(model, arch)
+    unmerged = merge_keeps_output(model, arch)
     assert not torch.allclose(unmerged, reference, atol=1e-4)
-    model.merge_adapter()
     assert model.merged_adapters == ["default"]
-    torch.testing.assert_close(_out(model, arch), unmerged, atol=1e-4, rtol=0)
     model.unmerge_adapter()
-    torch.testing.assert_close(_out(model, arch), unmerged, atol=1e-4, rtol=0)
+    torch.testing.assert_close(output_of(model, arch), unmerged, atol=1e-4, rtol=0)
     with model.disable_adapters():
-        torch.testing.assert_close(_out(model, arch), reference, atol=1e-4, rtol=0)
-    inputs = sample_inputs(arch)
-    bare = model.merge_and_unload()
-    assert not any(isinstance(m, TunerLayer) for m in bare.modules())
-    with torch.no_grad():
-        torch.testing.assert_close(output_tensor(bare(**inputs)), unmerged, atol=1e-4, rtol=0)
+        torch.testing.assert_close(output_of(model, arch), reference, atol=1e-4, rtol=0)
+    unload_keeps_output(model, arch, unmerged)
 
 
 def test_non_identity_init_differs_from_base():
     base = build_tiny("llama")
-    reference = _out(base, "llama")
+    reference = output_of(base, "llama")
     model = peftkit.adapt(base, "lora[r=4,init_weights=false]")
-    assert not torch.allclose(_out(model, "llama"), reference, atol=1e-4)
+    assert not torch.allclose(output_of(model, "llama"), reference, atol=1e-4)
 
 
 def test_scaling_plain_and_rslora():
@@ -82,19 +68,11 @@ def test_embedding_lora_merges():
     assert isinstance(model.base_model.model.embed_tokens.adapters["default"], LoraEmbedding)
     assert isinstance(model.base_model.model.layers[0].self_attn.q_proj.adapters["default"], LoraLinear)
     _randomize(model)
-    model.eval()
-    unmerged = _out(model, "llama")
-    model.merge_adapter()
-    torch.testing.assert_close(_out(model, "llama"), unmerged, atol=1e-4, rtol=0)
+    merge_keeps_output(model, "llama")
 
 
 def test_several_lora_adapters_active_at_once_add_their_deltas():
-    base = build_tiny("llama")
-    model = peftkit.adapt(base, "lora[r=2]", adapter_name="a")
-    model.add_adapter("b", "lora[r=2,target_modules=all-linear]")
-    _randomize(model, "a", seed=1)
-    _randomize(model, "b", seed=2)
-    model.eval()
+    model = two_adapters("llama", "lora[r=2]", "lora[r=2,target_modules=all-linear]", noise=_randomize)
     x = torch.randn(3, 32)
     q = model.base_model.model.layers[0].self_attn.q_proj
     model.set_active("a", "b")
@@ -104,10 +82,7 @@ def test_several_lora_adapters_active_at_once_add_their_deltas():
         da = q.adapters["a"].delta(x, h, q.base_layer)
         db = q.adapters["b"].delta(x, h, q.base_layer)
     torch.testing.assert_close(both, h + da + db, atol=1e-6, rtol=0)
-    # merged together == unmerged together
-    full = _out(model, "llama")
-    model.merge_adapter(["a", "b"])
-    torch.testing.assert_close(_out(model, "llama"), full, atol=1e-4, rtol=0)
+    merge_keeps_output(model, "llama", ["a", "b"])  # merged together == unmerged together
 
 
 def test_train_step_changes_only_the_trained_adapter():
@@ -139,10 +114,7 @@ def test_dora_trains_magnitude_and_merges_after_training():
         optimizer.zero_grad()
     layer = model.base_model.transformer.h[0].attn.c_attn.adapters["default"]
     assert not torch.allclose(layer.lora_magnitude_vector, layer._weight_norm(model.base_model.transformer.h[0].attn.c_attn.base_layer))
-    model.eval()
-    unmerged = _out(model, "gpt2")
-    model.merge_adapter()
-    torch.testing.assert_close(_out(model, "gpt2"), unmerged, atol=1e-4, rtol=0)
+    merge_keeps_output(model, "gpt2")
 
 
 def test_dora_norm_matches_dense_formula():
@@ -159,5 +131,5 @@ def test_bf16_base_keeps_fp32_adapter_and_runs():
     model = peftkit.adapt(base, "lora[r=4,init_weights=false]")
     adapter = model.base_model.model.layers[0].self_attn.q_proj.adapters["default"]
     assert adapter.lora_A.dtype == torch.float32
-    out = _out(model, "llama")
+    out = output_of(model, "llama")
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()

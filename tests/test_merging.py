@@ -11,7 +11,7 @@ import torch
 import peftkit
 from peftkit import Average, MergeError
 from peftkit.core import merge_strategies as ms
-from tests.composition_util import inputs, logits, lora_model
+from tests.composition_util import inputs, logits
 from tests.tiny_models import build_tiny
 
 TARGETS = '["q_proj","v_proj","down_proj"]'
@@ -147,6 +147,7 @@ def test_merged_adapter_saves_and_loads(tmp_path):
 
 
 def _peft_pair(model, tmp_path):
+    """PEFT's model with adapters "a" and "b" loaded from the folders ``model`` saves them to."""
     from peft import PeftModel
 
     model.save_adapter(tmp_path / "a", "a")
@@ -228,19 +229,12 @@ def test_dora_is_refused_and_nothing_changes():
 
 
 def test_ia3_merges_elementwise_like_peft(tmp_path):
-    from peft import PeftModel
-
     model = peftkit.AdaptedModel(build_tiny("llama"))
     for seed, name in ((1, "a"), (2, "b")):
         torch.manual_seed(seed)
         model.add_adapter(name, "ia3[init_ia3_weights=false]")
     model.merge_adapters(["a", "b"], [0.25, 0.75], "m", "linear")
-    model.save_adapter(tmp_path / "a", "a")
-    model.save_adapter(tmp_path / "b", "b")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        peft_model = PeftModel.from_pretrained(build_tiny("llama"), str(tmp_path / "a"), adapter_name="a")
-        peft_model.load_adapter(str(tmp_path / "b"), adapter_name="b")
+    peft_model = _peft_pair(model, tmp_path)
     peft_model.add_weighted_adapter(["a", "b"], [0.25, 0.75], "m")
     ours = {s: layer.adapters["m"].ia3_l for s, layer in model._tuner_layers() if "m" in layer.adapters}
     theirs = {n.removeprefix("base_model.model."): m.ia3_l["m"] for n, m in peft_model.named_modules()

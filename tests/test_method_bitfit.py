@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file
 
 import peftkit
 from peftkit.core.errors import ConfigError
-from peftkit.core.layer import TunerLayer
+from tests.method_helpers import (adapter_modules, changed_by_a_train_step, merge_keeps_output, output_of, randomize,
+                                  save_and_reload, two_adapters, unload_keeps_output)
 from tests.tiny_models import build_tiny, output_tensor, sample_inputs
 
 #: Spec per architecture: llama and t5 have no bias terms at all.
@@ -19,21 +19,8 @@ SPECS = {"llama": "bitfit[add_missing=true]", "gpt2": "bitfit", "bert": "bitfit"
 HEADS = ("lm_head", "classifier")
 
 
-def _out(model, arch, **kw):
-    with torch.no_grad():
-        return output_tensor(model(**sample_inputs(arch), **kw))
-
-
-def _randomize(model, name="default", std=0.1, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.adapter_parameters(name):
-            p.add_(torch.randn(p.shape, generator=gen) * std)
-
-
 def _deltas(model, name="default") -> dict[str, torch.Tensor]:
-    return {n: m.adapters[name].bias_delta for n, m in model.base_model.named_modules()
-            if isinstance(m, TunerLayer) and name in m.adapters}
+    return {n: a.bias_delta for n, a in adapter_modules(model, name).items()}
 
 
 def _bias_formula(base: nn.Module, add_missing: bool) -> dict[str, int]:
@@ -55,9 +42,9 @@ def _bias_formula(base: nn.Module, add_missing: bool) -> dict[str, int]:
 def test_sites_identity_and_parameter_count(arch):
     base = build_tiny(arch)
     formula = _bias_formula(base, "add_missing" in SPECS[arch])
-    reference = _out(base, arch)
+    reference = output_of(base, arch)
     model = peftkit.adapt(base, SPECS[arch])
-    assert torch.allclose(_out(model, arch), reference, atol=1e-6)
+    assert torch.allclose(output_of(model, arch), reference, atol=1e-6)
     deltas = _deltas(model)
     assert {n: d.numel() for n, d in deltas.items()} == formula
     head = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and ".copies." in n)
@@ -66,8 +53,8 @@ def test_sites_identity_and_parameter_count(arch):
     assert record.method.expected_parameter_count(model.base_model, record.config, record.sites) == sum(formula.values())
     if arch == "gpt2":  # LayerNorm biases are included, as in the BitFit paper
         assert "transformer.h.0.ln_1" in deltas and "transformer.ln_f" in deltas
-    _randomize(model)
-    assert not torch.allclose(_out(model, arch), reference, atol=1e-4)
+    randomize(model)
+    assert not torch.allclose(output_of(model, arch), reference, atol=1e-4)
 
 
 def test_models_without_biases_need_add_missing():
@@ -78,9 +65,9 @@ def test_models_without_biases_need_add_missing():
 
 
 def test_non_identity_init_differs():
-    reference = _out(build_tiny("gpt2"), "gpt2")
+    reference = output_of(build_tiny("gpt2"), "gpt2")
     model = peftkit.adapt(build_tiny("gpt2"), "bitfit[init_weights=false]")
-    assert not torch.allclose(_out(model, "gpt2"), reference, atol=1e-4)
+    assert not torch.allclose(output_of(model, "gpt2"), reference, atol=1e-4)
 
 
 def test_target_modules_select_biases():
@@ -96,82 +83,50 @@ def test_target_modules_select_biases():
 @pytest.mark.parametrize("arch", sorted(SPECS))
 def test_merge_unmerge_and_unload(arch):
     model = peftkit.adapt(build_tiny(arch), SPECS[arch])
-    _randomize(model)
+    randomize(model)
     model.eval()
-    unmerged = _out(model, arch)
+    unmerged = output_of(model, arch)
     before = {n: t.detach().clone() for n, t in model.base_model.state_dict().items()}
     model.merge_adapter()
     assert model.merged_adapters == ["default"]
-    torch.testing.assert_close(_out(model, arch), unmerged, atol=1e-4, rtol=0)
+    torch.testing.assert_close(output_of(model, arch), unmerged, atol=1e-4, rtol=0)
     model.unmerge_adapter()
     after = model.base_model.state_dict()
     assert set(after) == set(before), "unmerge must take away the biases merge created"
     assert all(torch.equal(after[n], before[n]) for n in before), "unmerge must restore the exact bits"
-    torch.testing.assert_close(_out(model, arch), unmerged, atol=1e-6, rtol=0)
-    inputs = sample_inputs(arch)
-    bare = model.merge_and_unload()
-    assert not any(isinstance(m, TunerLayer) for m in bare.modules())
+    torch.testing.assert_close(output_of(model, arch), unmerged, atol=1e-6, rtol=0)
+    bare = unload_keeps_output(model, arch, unmerged)
     if arch == "llama":
         assert bare.model.layers[0].self_attn.q_proj.bias is not None
-    with torch.no_grad():
-        torch.testing.assert_close(output_tensor(bare(**inputs)), unmerged, atol=1e-4, rtol=0)
 
 
 def test_two_adapters_merge_and_unmerge_exactly():
-    model = peftkit.adapt(build_tiny("llama"), "bitfit[add_missing=true]", adapter_name="a")
-    model.add_adapter("b", "bitfit[add_missing=true]")
-    _randomize(model, "a", seed=1)
-    _randomize(model, "b", seed=2)
+    model = two_adapters("llama", "bitfit[add_missing=true]")
     model.set_active("a", "b")  # a stack: both deltas add up
-    model.eval()
-    both = _out(model, "llama")
-    model.merge_adapter(["a", "b"])
-    torch.testing.assert_close(_out(model, "llama"), both, atol=1e-4, rtol=0)
+    both = merge_keeps_output(model, "llama", ["a", "b"])
     model.unmerge_adapter()
     assert model.base_model.model.layers[0].mlp.down_proj.base_layer.bias is None
-    torch.testing.assert_close(_out(model, "llama"), both, atol=1e-6, rtol=0)
+    torch.testing.assert_close(output_of(model, "llama"), both, atol=1e-6, rtol=0)
 
 
 def test_train_step_changes_only_this_adapter():
-    model = peftkit.adapt(build_tiny("bert"), "bitfit", adapter_name="a")
-    model.add_adapter("b", "bitfit")
-    model.train_adapter("a")
-    model.train()
-    own = {id(p) for p in model.adapter_parameters("a")}
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
-    output_tensor(model(**sample_inputs("bert"))).pow(2).mean().backward()
-    optimizer.step()
-    params = dict(model.named_parameters())
-    changed = {n for n, p in params.items() if not torch.equal(p, before[n])}
+    changed = changed_by_a_train_step("bert", "bitfit")
     assert any(n.endswith("adapters.a.bias_delta") for n in changed)
-    assert all(id(params[n]) in own for n in changed), f"changed outside adapter 'a': {changed}"
 
 
 def test_save_load_round_trip(tmp_path):
-    model = peftkit.adapt(build_tiny("llama"), "bitfit[add_missing=true]")
-    _randomize(model)
-    model.eval()
-    expected = _out(model, "llama")
-    model.save_adapter(str(tmp_path / "bf"))
+    model, loaded, saved = save_and_reload("llama", "bitfit[add_missing=true]", tmp_path / "bf")
     data = json.loads((tmp_path / "bf" / "adapter_config.json").read_text())
     assert data["peft_type"] == "BITFIT" and data["peftkit"]["method"] == "bitfit"
-    saved = load_file(str(tmp_path / "bf" / "adapter_model.safetensors"))
     assert all(k.endswith(".bias_delta") for k in saved)
     assert tuple(saved["base_model.model.model.layers.0.mlp.gate_proj.bias_delta"].shape) == (64,)
     assert set(saved) == {f"base_model.model.{n}.bias_delta" for n in _deltas(model)}
-    loaded = peftkit.from_pretrained(build_tiny("llama"), str(tmp_path / "bf"), adapter_name="restored")
     restored = _deltas(loaded, "restored")
     assert all(torch.equal(restored[n], saved[f"base_model.model.{n}.bias_delta"]) for n in restored)
-    assert torch.equal(_out(loaded, "llama"), expected)
 
 
 def test_two_adapters_switch_and_mixed_batches():
-    model = peftkit.adapt(build_tiny("gpt2"), "bitfit", adapter_name="a")
-    model.add_adapter("b", 'bitfit[target_modules=["c_attn"]]')
-    _randomize(model, "a", seed=1)
-    _randomize(model, "b", seed=2)
-    model.eval()
+    model = two_adapters("gpt2", "bitfit", 'bitfit[target_modules=["c_attn"]]')
     inputs = sample_inputs("gpt2", batch=3)
     with torch.no_grad():
         outs = {}
@@ -192,7 +147,7 @@ def test_conv_and_norm_biases():
     x = torch.randn(2, 3, 6, 6)
     model = peftkit.adapt(net, "bitfit")
     assert sorted(_deltas(model)) == ["0", "1", "4"]
-    _randomize(model)
+    randomize(model)
     model.eval()
     with torch.no_grad():
         unmerged = model(x)

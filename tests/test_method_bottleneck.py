@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file
 
 import peftkit
 from peftkit.core.errors import ConfigError, MergeError, TargetError
 from peftkit.core.layer import TunerLayer
-from peftkit.plugins.bottleneck.layer import BottleneckAdapter
+from tests.method_helpers import (adapter_modules, changed_by_a_train_step, output_of, randomize, switch_outputs,
+                                  save_and_reload, two_adapters)
 from tests.tiny_models import build_tiny, output_tensor, sample_inputs
 
 ARCHS = ["llama", "gpt2", "bert", "t5"]
@@ -36,23 +36,6 @@ def _names(table: dict, arch: str) -> list[str]:
     return [p.format(i=i) for p in patterns for i in range(LAYERS)]
 
 
-def _out(model, arch, **kw):
-    with torch.no_grad():
-        return output_tensor(model(**sample_inputs(arch), **kw))
-
-
-def _randomize(model, name="default", std=0.1, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.adapter_parameters(name):
-            p.add_(torch.randn(p.shape, generator=gen) * std)
-
-
-def _adapters(model, name="default") -> dict[str, BottleneckAdapter]:
-    return {n: m.adapters[name] for n, m in model.base_model.named_modules()
-            if isinstance(m, TunerLayer) and name in m.adapters}
-
-
 def _bn_params(d_in: int, d_out: int, b: int) -> int:
     return d_in * b + b + b * d_out + d_out
 
@@ -61,10 +44,11 @@ def _bn_params(d_in: int, d_out: int, b: int) -> int:
 @pytest.mark.parametrize("method", ["seq_bn", "double_seq_bn", "par_bn"])
 def test_sites_identity_and_parameter_count(arch, method):
     base = build_tiny(arch)
-    reference = _out(base, arch)
+    reference = output_of(base, arch)
     model = peftkit.adapt(base, method)
-    assert torch.allclose(_out(model, arch), reference, atol=1e-6), "the adapted model must start equal to the base"
-    adapters = _adapters(model)
+    assert torch.allclose(output_of(model, arch), reference, atol=1e-6), \
+        "the adapted model must start equal to the base"
+    adapters = adapter_modules(model)
     expected_sites = _names(FFN_OUT, arch) + (_names(ATTN_OUT, arch) if method == "double_seq_bn" else [])
     assert sorted(adapters) == sorted(expected_sites)
     if method == "par_bn":
@@ -78,57 +62,45 @@ def test_sites_identity_and_parameter_count(arch, method):
     record = model.adapter_record("default")
     assert record.method.expected_parameter_count(model.base_model, record.config, record.sites) == formula
     assert model.trainable_parameters()[0] == formula + HEAD_PARAMS.get(arch, 0)
-    _randomize(model)
-    assert not torch.allclose(_out(model, arch), reference, atol=1e-4)
+    randomize(model)
+    assert not torch.allclose(output_of(model, arch), reference, atol=1e-4)
     with model.disable_adapters():
-        assert torch.allclose(_out(model, arch), reference, atol=1e-6)
+        assert torch.allclose(output_of(model, arch), reference, atol=1e-6)
 
 
 def test_non_identity_init_differs_and_options_change_the_module():
-    reference = _out(build_tiny("llama"), "llama")
+    reference = output_of(build_tiny("llama"), "llama")
     model = peftkit.adapt(build_tiny("llama"), "seq_bn[init_weights=false]")
-    assert not torch.allclose(_out(model, "llama"), reference, atol=1e-4)
+    assert not torch.allclose(output_of(model, "llama"), reference, atol=1e-4)
     model = peftkit.adapt(build_tiny("llama"),
                           "par_bn[scaling=learned,ln_before=true,non_linearity=gelu,reduction_factor=4]")
-    adapter = next(iter(_adapters(model).values()))
+    adapter = next(iter(adapter_modules(model).values()))
     assert adapter.adapter_scaling is not None and adapter.adapter_norm is not None
     assert adapter.bottleneck == HIDDEN // 4 and adapter.non_linearity == "gelu"
-    assert torch.allclose(_out(model, "llama"), reference, atol=1e-6)
+    assert torch.allclose(output_of(model, "llama"), reference, atol=1e-6)
     # per site: bottleneck params + LayerNorm (2 * hidden) + one learned scalar
     assert model.trainable_parameters()[0] == LAYERS * (_bn_params(HIDDEN, HIDDEN, 8) + 2 * HIDDEN + 1)
 
 
 def test_residual_options():
-    reference = _out(build_tiny("gpt2"), "gpt2")
+    reference = output_of(build_tiny("gpt2"), "gpt2")
     # Without its skip connection the adapter replaces the projection's output.
     model = peftkit.adapt(build_tiny("gpt2"), "seq_bn[residual=false]")
-    assert not torch.allclose(_out(model, "gpt2"), reference, atol=1e-4)
+    assert not torch.allclose(output_of(model, "gpt2"), reference, atol=1e-4)
     # With its own LayerNorm and the residual taken after it, the start is not the base either.
     model = peftkit.adapt(build_tiny("gpt2"), "seq_bn[ln_before=true,residual_before_ln=false]")
-    adapter = next(iter(_adapters(model).values()))
+    adapter = next(iter(adapter_modules(model).values()))
     assert adapter.additive is False
-    assert not torch.allclose(_out(model, "gpt2"), reference, atol=1e-4)
+    assert not torch.allclose(output_of(model, "gpt2"), reference, atol=1e-4)
     # With the residual before the LayerNorm (the default) it is identity at init.
     model = peftkit.adapt(build_tiny("gpt2"), "seq_bn[ln_before=true]")
-    assert torch.allclose(_out(model, "gpt2"), reference, atol=1e-6)
+    assert torch.allclose(output_of(model, "gpt2"), reference, atol=1e-6)
 
 
 @pytest.mark.parametrize("arch,method", [("llama", "seq_bn"), ("gpt2", "double_seq_bn"), ("t5", "par_bn"),
                                          ("bert", "seq_bn")])
 def test_train_step_changes_only_this_adapter(arch, method):
-    model = peftkit.adapt(build_tiny(arch), method, adapter_name="a")
-    model.add_adapter("b", method)
-    model.train_adapter("a")
-    model.train()
-    own = {id(p) for p in model.adapter_parameters("a")}
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
-    output_tensor(model(**sample_inputs(arch))).pow(2).mean().backward()
-    optimizer.step()
-    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-    params = dict(model.named_parameters())
-    assert changed, "a train step must change the adapter"
-    assert all(id(params[n]) in own for n in changed), f"changed outside adapter 'a': {changed}"
+    changed = changed_by_a_train_step(arch, method)
     assert any("adapters.a.adapter_up.weight" in n for n in changed)
 
 
@@ -136,53 +108,36 @@ def test_train_step_changes_only_this_adapter(arch, method):
                                        ("t5", "double_seq_bn[cross_attention=true]"),
                                        ("gpt2", "seq_bn[reduction_factor={\"0\":4,\"default\":8}]")])
 def test_save_load_round_trip(tmp_path, arch, spec):
-    model = peftkit.adapt(build_tiny(arch), spec)
-    _randomize(model)
-    model.eval()
-    expected = _out(model, arch)
-    model.save_adapter(str(tmp_path / "bn"))
+    model, loaded, saved = save_and_reload(arch, spec, tmp_path / "bn")
     data = json.loads((tmp_path / "bn" / "adapter_config.json").read_text())
     assert data["peft_type"] == "BOTTLENECK"
     assert data["peftkit"]["method"] == spec.split("[")[0]
-    saved = load_file(str(tmp_path / "bn" / "adapter_model.safetensors"))
-    live = {f"base_model.model.{site}.{key}": t for site, a in _adapters(model).items()
+    live = {f"base_model.model.{site}.{key}": t for site, a in adapter_modules(model).items()
             for key, t in a.tensors().items()}
     assert set(saved) == set(live)
     for key in saved:
         assert key.rsplit(".", 2)[-2] in ("adapter_down", "adapter_up", "adapter_norm") or \
             key.endswith(".adapter_scaling")
-    loaded = peftkit.from_pretrained(build_tiny(arch), str(tmp_path / "bn"), adapter_name="restored")
-    reloaded = {f"base_model.model.{site}.{key}": t for site, a in _adapters(loaded, "restored").items()
+    reloaded = {f"base_model.model.{site}.{key}": t for site, a in adapter_modules(loaded, "restored").items()
                 for key, t in a.tensors().items()}
     assert set(reloaded) == set(saved)
     assert all(torch.equal(reloaded[k], saved[k]) for k in saved)
-    assert torch.equal(_out(loaded, arch), expected)
 
 
 def test_file_shapes():
     model = peftkit.adapt(build_tiny("llama"), "seq_bn[reduction_factor=4]")
-    tensors = _adapters(model)["model.layers.0.mlp.down_proj"].tensors()
+    tensors = adapter_modules(model)["model.layers.0.mlp.down_proj"].tensors()
     assert {k: tuple(v.shape) for k, v in tensors.items()} == {
         "adapter_down.weight": (8, HIDDEN), "adapter_down.bias": (8,),
         "adapter_up.weight": (HIDDEN, 8), "adapter_up.bias": (HIDDEN,)}
 
 
 def test_two_adapters_switch_and_each_matches_its_own_file(tmp_path):
-    model = peftkit.adapt(build_tiny("bert"), "seq_bn", adapter_name="a")
-    model.add_adapter("b", "seq_bn[reduction_factor=4,non_linearity=gelu]")
-    _randomize(model, "a", seed=1)
-    _randomize(model, "b", seed=2)
-    model.eval()
-    model.set_active("a")
-    out_a = _out(model, "bert")
-    model.set_active("b")
-    out_b = _out(model, "bert")
-    assert not torch.allclose(out_a, out_b, atol=1e-4)
-    model.set_active("a")
-    assert torch.equal(_out(model, "bert"), out_a)
+    model = two_adapters("bert", "seq_bn", "seq_bn[reduction_factor=4,non_linearity=gelu]")
+    _, out_b = switch_outputs(model, "bert")
     model.save_adapter(str(tmp_path / "b"), adapter_name="b")
     alone = peftkit.from_pretrained(build_tiny("bert"), str(tmp_path / "b"))
-    torch.testing.assert_close(_out(alone, "bert"), out_b, atol=1e-6, rtol=0)
+    torch.testing.assert_close(output_of(alone, "bert"), out_b, atol=1e-6, rtol=0)
 
 
 def test_not_mergeable():
@@ -193,11 +148,7 @@ def test_not_mergeable():
 
 @pytest.mark.parametrize("spec", ["par_bn", "seq_bn[ln_before=true,residual_before_ln=false]"])
 def test_mixed_batch_rows_match_separate_runs(spec):
-    model = peftkit.adapt(build_tiny("llama"), spec, adapter_name="a")
-    model.add_adapter("b", spec)
-    _randomize(model, "a", seed=1)
-    _randomize(model, "b", seed=2)
-    model.eval()
+    model = two_adapters("llama", spec)
     inputs = sample_inputs("llama", batch=3)
     with torch.no_grad():
         separate = {}
@@ -218,8 +169,8 @@ def test_mixed_batch_rows_match_separate_runs(spec):
 def test_stack_and_average_at_a_site():
     model = peftkit.adapt(build_tiny("gpt2"), "seq_bn", adapter_name="a")
     model.add_adapter("b", "seq_bn")
-    _randomize(model, "a", seed=1)
-    _randomize(model, "b", seed=2)
+    randomize(model, "a", seed=1)
+    randomize(model, "b", seed=2)
     layer = model.base_model.get_submodule("transformer.h.0.mlp.c_proj")
     x = torch.randn(2, 3, 4 * HIDDEN)
     a, b, base = layer.adapters["a"], layer.adapters["b"], layer.base_layer
@@ -233,13 +184,13 @@ def test_stack_and_average_at_a_site():
 
 def test_leave_out_and_per_layer_reduction():
     model = peftkit.adapt(build_tiny("llama"), "seq_bn[leave_out=[0]]")
-    assert list(_adapters(model)) == ["model.layers.1.mlp.down_proj"]
+    assert list(adapter_modules(model)) == ["model.layers.1.mlp.down_proj"]
     # t5: layer indices are block indices, in the encoder and the decoder alike
     model = peftkit.adapt(build_tiny("t5"), "double_seq_bn[leave_out=[1]]")
-    assert sorted(_adapters(model)) == sorted(n for n in _names(FFN_OUT, "t5") + _names(ATTN_OUT, "t5")
+    assert sorted(adapter_modules(model)) == sorted(n for n in _names(FFN_OUT, "t5") + _names(ATTN_OUT, "t5")
                                               if ".block.0." in n)
     model = peftkit.adapt(build_tiny("llama"), 'seq_bn[reduction_factor={"0":4,"default":8}]')
-    sizes = {n: a.bottleneck for n, a in _adapters(model).items()}
+    sizes = {n: a.bottleneck for n, a in adapter_modules(model).items()}
     assert sizes == {"model.layers.0.mlp.down_proj": 8, "model.layers.1.mlp.down_proj": 4}
     with pytest.raises(ConfigError, match="reduction_factor"):
         peftkit.adapt(build_tiny("llama"), 'seq_bn[reduction_factor={"0":4}]')
@@ -247,12 +198,12 @@ def test_leave_out_and_per_layer_reduction():
 
 def test_t5_cross_attention_is_opt_in():
     model = peftkit.adapt(build_tiny("t5"), "double_seq_bn")
-    assert not any("EncDecAttention" in n for n in _adapters(model))
-    reference = _out(build_tiny("t5"), "t5")
+    assert not any("EncDecAttention" in n for n in adapter_modules(model))
+    reference = output_of(build_tiny("t5"), "t5")
     model = peftkit.adapt(build_tiny("t5"), "double_seq_bn[cross_attention=true]")
-    cross = sorted(n for n in _adapters(model) if "EncDecAttention" in n)
+    cross = sorted(n for n in adapter_modules(model) if "EncDecAttention" in n)
     assert cross == [f"decoder.block.{i}.layer.1.EncDecAttention.o" for i in range(LAYERS)]
-    assert torch.allclose(_out(model, "t5"), reference, atol=1e-6)
+    assert torch.allclose(output_of(model, "t5"), reference, atol=1e-6)
     with pytest.raises(ConfigError, match="cross_attention"):
         peftkit.adapt(build_tiny("bert"), "double_seq_bn[cross_attention=true]")
 
@@ -280,7 +231,7 @@ def test_unknown_architecture_needs_points_or_targets():
     x = torch.randn(3, 8)
     reference = toy(x)
     model = peftkit.adapt(toy, 'par_bn[target_modules=["down"],reduction_factor=4]')
-    adapters = _adapters(model)
+    adapters = adapter_modules(model)
     assert sorted(adapters) == ["blocks.0.down", "blocks.1.down"]
     # Beside one Linear layer, a parallel adapter reads that layer's input (16) and adds to its output (8).
     assert {(a.in_features, a.bottleneck, a.out_features) for a in adapters.values()} == {(16, 4, 8)}

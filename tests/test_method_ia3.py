@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import warnings
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import peftkit
 from peftkit.core.errors import ConfigError
-from peftkit.core.layer import TunerLayer
-from tests.tiny_models import build_tiny, output_tensor, sample_inputs
+from tests.method_helpers import (adapter_modules, changed_by_a_train_step, output_of, randomize, switch_outputs,
+                                  save_and_reload, two_adapters, unload_keeps_output)
+from tests.tiny_models import build_tiny
 
 ARCHS = ["llama", "gpt2", "bert", "t5"]
 #: Default targets -> expected ia3_l shape, per architecture (layer 0; t5: encoder block 0).
@@ -29,22 +30,16 @@ SHAPES = {
 HEAD_PARAMS = {"bert": 32 * 3 + 3}
 
 
-def _out(model, arch, **kw):
-    with torch.no_grad():
-        return output_tensor(model(**sample_inputs(arch), **kw))
-
-
 def _vectors(model, name="default") -> dict[str, torch.Tensor]:
-    return {n: m.adapters[name].ia3_l for n, m in model.base_model.named_modules()
-            if isinstance(m, TunerLayer) and name in m.adapters}
+    return {n: a.ia3_l for n, a in adapter_modules(model, name).items()}
 
 
-def _randomize(model, name="default", std=0.3, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.adapter_parameters(name):
-            if p.dim() == 2 and 1 in p.shape:  # ia3 vectors, not a task head copy
-                p.add_(torch.randn(p.shape, generator=gen) * std)
+def _is_ia3_vector(p: torch.Tensor) -> bool:
+    return p.dim() == 2 and 1 in p.shape
+
+
+#: Noise on the ia3 vectors only (not on a task head copy), larger than the default.
+_randomize = functools.partial(randomize, std=0.3, where=_is_ia3_vector)
 
 
 def _formula(arch: str) -> int:
@@ -60,9 +55,9 @@ def _formula(arch: str) -> int:
 @pytest.mark.parametrize("arch", ARCHS)
 def test_sites_identity_and_parameter_count(arch):
     base = build_tiny(arch)
-    reference = _out(base, arch)
+    reference = output_of(base, arch)
     model = peftkit.adapt(base, "ia3")
-    assert torch.allclose(_out(model, arch), reference, atol=1e-6)
+    assert torch.allclose(output_of(model, arch), reference, atol=1e-6)
     vectors = _vectors(model)
     for name, shape in SHAPES[arch].items():
         assert tuple(vectors[name].shape) == shape
@@ -77,30 +72,26 @@ def test_sites_identity_and_parameter_count(arch):
 
 
 def test_non_identity_init_differs():
-    reference = _out(build_tiny("llama"), "llama")
+    reference = output_of(build_tiny("llama"), "llama")
     model = peftkit.adapt(build_tiny("llama"), "ia3[init_ia3_weights=false]")
-    assert not torch.allclose(_out(model, "llama"), reference, atol=1e-4)
+    assert not torch.allclose(output_of(model, "llama"), reference, atol=1e-4)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_merge_unmerge_and_unload(arch):
     model = peftkit.adapt(build_tiny(arch), "ia3")
-    reference = _out(model, arch)
+    reference = output_of(model, arch)
     _randomize(model)
     model.eval()
-    unmerged = _out(model, arch)
+    unmerged = output_of(model, arch)
     assert (unmerged - reference).abs().max() > 1e-3 * reference.abs().max()  # bert's logits are ~0.01
     weights = {n: t.detach().clone() for n, t in model.base_model.state_dict().items()}
     model.merge_adapter()
-    torch.testing.assert_close(_out(model, arch), unmerged, atol=1e-4, rtol=0)
+    torch.testing.assert_close(output_of(model, arch), unmerged, atol=1e-4, rtol=0)
     model.unmerge_adapter()
     for name, tensor in model.base_model.state_dict().items():
         torch.testing.assert_close(tensor, weights[name], atol=1e-6, rtol=1e-6)
-    inputs = sample_inputs(arch)
-    bare = model.merge_and_unload()
-    assert not any(isinstance(m, TunerLayer) for m in bare.modules())
-    with torch.no_grad():
-        torch.testing.assert_close(output_tensor(bare(**inputs)), unmerged, atol=1e-4, rtol=0)
+    unload_keeps_output(model, arch, unmerged)
 
 
 def test_zero_entries_unmerge_exactly():
@@ -118,48 +109,21 @@ def test_zero_entries_unmerge_exactly():
 
 
 def test_train_step_changes_only_this_adapter():
-    model = peftkit.adapt(build_tiny("gpt2"), "ia3", adapter_name="a")
-    model.add_adapter("b", "ia3")
-    model.train_adapter("a")
-    model.train()
-    own = {id(p) for p in model.adapter_parameters("a")}
-    params = dict(model.named_parameters())
-    before = {n: p.detach().clone() for n, p in params.items()}
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
-    output_tensor(model(**sample_inputs("gpt2"))).pow(2).mean().backward()
-    optimizer.step()
-    changed = {n for n, p in params.items() if not torch.equal(p, before[n])}
+    changed = changed_by_a_train_step("gpt2", "ia3")
     assert sum(n.endswith("adapters.a.ia3_l") for n in changed) == 4  # every vector of "a" learned
-    assert all(id(params[n]) in own for n in changed), f"changed outside adapter 'a': {changed}"
 
 
 def test_save_load_round_trip(tmp_path):
-    model = peftkit.adapt(build_tiny("t5"), "ia3")
-    _randomize(model)
-    model.eval()
-    expected = _out(model, "t5")
-    model.save_adapter(str(tmp_path / "ia3"))
-    saved = load_file(str(tmp_path / "ia3" / "adapter_model.safetensors"))
+    model, loaded, saved = save_and_reload("t5", "ia3", tmp_path / "ia3", noise=_randomize)
     assert set(saved) == {f"base_model.model.{n}.ia3_l" for n in _vectors(model)}
-    loaded = peftkit.from_pretrained(build_tiny("t5"), str(tmp_path / "ia3"), adapter_name="restored")
     restored = _vectors(loaded, "restored")
     assert all(torch.equal(v, saved[f"base_model.model.{n}.ia3_l"]) for n, v in restored.items())
-    assert torch.equal(_out(loaded, "t5"), expected)
 
 
 def test_two_adapters_switch_and_stack():
-    model = peftkit.adapt(build_tiny("llama"), "ia3", adapter_name="a")
-    model.add_adapter("b", 'ia3[target_modules=["q_proj","down_proj"],feedforward_modules=["down_proj"]]')
-    _randomize(model, "a", seed=1)
-    _randomize(model, "b", seed=2)
-    model.eval()
-    model.set_active("a")
-    out_a = _out(model, "llama")
-    model.set_active("b")
-    out_b = _out(model, "llama")
-    assert not torch.allclose(out_a, out_b, atol=1e-4)
-    model.set_active("a")
-    assert torch.equal(_out(model, "llama"), out_a)
+    model = two_adapters("llama", "ia3", 'ia3[target_modules=["q_proj","down_proj"],feedforward_modules=["down_proj"]]',
+                         noise=_randomize)
+    switch_outputs(model, "llama")
     # In a stack, output scalings multiply and input scalings add their deltas.
     layer = model.base_model.get_submodule("model.layers.0.mlp.down_proj")
     x = torch.randn(2, 3, 64)
@@ -224,14 +188,14 @@ def _peft_ia3(arch: str):
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
 def test_peft_saved_ia3_loads_with_identical_logits(tmp_path, arch):
     peft_model = _peft_ia3(arch)
-    expected = _out(peft_model, arch)
+    expected = output_of(peft_model, arch)
     peft_model.save_pretrained(str(tmp_path))
     model = peftkit.from_pretrained(build_tiny(arch), str(tmp_path))
-    torch.testing.assert_close(_out(model, arch), expected, atol=2e-6, rtol=0)
+    torch.testing.assert_close(output_of(model, arch), expected, atol=2e-6, rtol=0)
     # Merged, both libraries compute the same weights W * l, to the bit.
     peft_model.merge_adapter()
     model.merge_adapter()
-    assert torch.equal(_out(model, arch), _out(peft_model, arch))
+    assert torch.equal(output_of(model, arch), output_of(peft_model, arch))
 
 
 @pytest.mark.parametrize("arch,spec", [("llama", "ia3"), ("gpt2", "ia3"), ("llama", "ia3[layers_to_transform=[1]]")])
@@ -241,7 +205,7 @@ def test_peftkit_saved_ia3_loads_in_peft_with_identical_logits(tmp_path, arch, s
     model = peftkit.adapt(build_tiny(arch), spec)
     _randomize(model)
     model.eval()
-    expected = _out(model, arch)
+    expected = output_of(model, arch)
     model.save_adapter(str(tmp_path))
     data = json.loads((tmp_path / "adapter_config.json").read_text())
     assert data["peft_type"] == "IA3" and data["fan_in_fan_out"] is (arch == "gpt2")
@@ -250,7 +214,7 @@ def test_peftkit_saved_ia3_loads_in_peft_with_identical_logits(tmp_path, arch, s
         warnings.simplefilter("ignore")  # PEFT notes the extra "peftkit" key
         peft_model = PeftModel.from_pretrained(build_tiny(arch), str(tmp_path)).eval()
     assert type(peft_model).__name__ == "PeftModelForCausalLM"
-    torch.testing.assert_close(_out(peft_model, arch), expected, atol=2e-6, rtol=0)
+    torch.testing.assert_close(output_of(peft_model, arch), expected, atol=2e-6, rtol=0)
     if "layers_to_transform" in spec:
         return  # PEFT's IA3 has no such field: it adapts every layer, the others starting at one
     peft_state = {k: v for k, v in peft_model.state_dict().items() if "ia3_l" in k}

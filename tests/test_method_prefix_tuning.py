@@ -11,6 +11,8 @@ import torch
 import peftkit
 from peftkit import AdaptedModel, CompositionError, ConfigError
 from peftkit.core.method import parse_spec
+from tests.composition_util import logits
+from tests.method_helpers import check_greedy_generate, greedy_without_cache
 from tests.tiny_models import build_tiny, sample_inputs
 
 warnings.filterwarnings("ignore", message=".*past_key_values.*")
@@ -20,27 +22,6 @@ def _padded_inputs(name: str) -> dict[str, torch.Tensor]:
     inputs = sample_inputs(name)
     inputs["attention_mask"][0, :2] = 0  # left padding in row 0
     return inputs
-
-
-def _logits(model, inputs) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**inputs).logits
-
-
-def _greedy_without_cache(model, name: str, ids: torch.Tensor, mask: torch.Tensor, steps: int) -> torch.Tensor:
-    """Greedy decoding by a full forward over the whole sequence at every step (no KV cache)."""
-    with torch.no_grad():
-        if name == "t5":
-            seq = torch.full((ids.shape[0], 1), model.config.decoder_start_token_id)
-            for _ in range(steps):
-                logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=seq, use_cache=False).logits
-                seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-            return seq
-        seq = ids
-        for _ in range(steps):
-            logits = model(input_ids=seq, attention_mask=torch.ones_like(seq), use_cache=False).logits
-            seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-        return seq
 
 
 # -- the method and its config -------------------------------------------------------------
@@ -95,13 +76,13 @@ def test_model_without_kv_cache_is_refused() -> None:
 def test_output_differs_from_base_and_keeps_its_shape(name: str) -> None:
     base = build_tiny(name)
     inputs = _padded_inputs(name)
-    reference = _logits(base, inputs)
+    reference = logits(base, inputs)
     model = peftkit.adapt(base, "prefix_tuning[num_virtual_tokens=3]")
-    out = _logits(model, inputs)
+    out = logits(model, inputs)
     assert out.shape == reference.shape
     assert not torch.allclose(out, reference, atol=1e-4)
     with model.disable_adapters():
-        assert torch.equal(_logits(model, inputs), reference)
+        assert torch.equal(logits(model, inputs), reference)
 
 
 def test_gqa_prefix_uses_key_value_heads() -> None:
@@ -119,14 +100,14 @@ def test_padding_is_masked_in_an_encoder() -> None:
     inputs["attention_mask"][0, -2:] = 0  # right padding: BERT classifies from the first token
     other = {k: v.clone() for k, v in inputs.items()}
     other["input_ids"][0, -2:] = 7
-    assert torch.allclose(_logits(model, inputs), _logits(model, other), atol=1e-6)
+    assert torch.allclose(logits(model, inputs), logits(model, other), atol=1e-6)
 
 
 def test_explicit_position_ids_move_like_the_models_own() -> None:
     model = peftkit.adapt(build_tiny("gpt2"), "prefix_tuning[num_virtual_tokens=3]")
     inputs = sample_inputs("gpt2")
     positions = torch.arange(inputs["input_ids"].shape[1]).unsqueeze(0)
-    assert torch.equal(_logits(model, {**inputs, "position_ids": positions}), _logits(model, inputs))
+    assert torch.equal(logits(model, {**inputs, "position_ids": positions}), logits(model, inputs))
 
 
 def test_trainable_parameter_count_matches_the_formula() -> None:
@@ -160,18 +141,18 @@ def test_eject_keeps_outputs_and_drops_the_mlp() -> None:
     model = peftkit.adapt(build_tiny("llama"), "prefix_tuning[num_virtual_tokens=3,prefix_projection=true]")
     adapter = model._model_adapters["default"]
     inputs = sample_inputs("llama")
-    before = _logits(model, inputs)
+    before = logits(model, inputs)
     adapter.eject()
     assert not adapter.reparametrized and adapter.transform is None
     assert adapter.prompt_embeddings.requires_grad  # still trainable, as the MLP was
-    assert torch.allclose(_logits(model, inputs), before, atol=1e-6)
+    assert torch.allclose(logits(model, inputs), before, atol=1e-6)
     assert model.trainable_parameters()[0] == 3 * 2 * 2 * 16
 
 
 def test_save_load_round_trip_is_bit_identical(tmp_path) -> None:
     model = peftkit.adapt(build_tiny("gpt2"), "prefix_tuning[num_virtual_tokens=4,prefix_projection=true]")
     inputs = _padded_inputs("gpt2")
-    expected = _logits(model, inputs)
+    expected = logits(model, inputs)
     model.save_adapter(tmp_path / "a")
     assert model._model_adapters["default"].reparametrized  # saving writes the MLP's output, keeps the MLP
     from safetensors.torch import load_file
@@ -181,10 +162,10 @@ def test_save_load_round_trip_is_bit_identical(tmp_path) -> None:
     loaded = peftkit.from_pretrained(build_tiny("gpt2"), str(tmp_path / "a"))
     assert not loaded._model_adapters["default"].reparametrized
     assert torch.equal(loaded._model_adapters["default"].prompt_embeddings, saved["prompt_embeddings"])
-    assert torch.allclose(_logits(loaded, inputs), expected, atol=1e-6)
+    assert torch.allclose(logits(loaded, inputs), expected, atol=1e-6)
     loaded.save_adapter(tmp_path / "b")
     again = peftkit.from_pretrained(build_tiny("gpt2"), str(tmp_path / "b"))
-    assert torch.equal(_logits(again, inputs), _logits(loaded, inputs))
+    assert torch.equal(logits(again, inputs), logits(loaded, inputs))
 
 
 def test_two_adapters_switch(tmp_path) -> None:
@@ -193,16 +174,16 @@ def test_two_adapters_switch(tmp_path) -> None:
     model.add_adapter("b", "prefix_tuning[num_virtual_tokens=5]")
     inputs = sample_inputs("llama")
     with model.disable_adapters():
-        base = _logits(model, inputs)
+        base = logits(model, inputs)
     model.set_active("a")
-    out_a = _logits(model, inputs)
+    out_a = logits(model, inputs)
     model.set_active("b")
-    out_b = _logits(model, inputs)
+    out_b = logits(model, inputs)
     assert not torch.allclose(out_a, out_b) and not torch.allclose(out_a, base)
     model.set_active("a")
-    assert torch.equal(_logits(model, inputs), out_a)
+    assert torch.equal(logits(model, inputs), out_a)
     model.set_active(None)
-    assert torch.equal(_logits(model, inputs), base)
+    assert torch.equal(logits(model, inputs), base)
     with pytest.raises(CompositionError, match="stack"):
         model.set_active(peftkit.Average("a", "b"))
 
@@ -213,9 +194,9 @@ def test_stacks_with_a_layer_adapter() -> None:
     model.add_adapter("lora", "lora[r=2,init_weights=false]")
     inputs = sample_inputs("llama")
     model.set_active("prefix")
-    prefix_only = _logits(model, inputs)
+    prefix_only = logits(model, inputs)
     model.set_active(peftkit.Stack("prefix", "lora"))
-    assert not torch.allclose(_logits(model, inputs), prefix_only)
+    assert not torch.allclose(logits(model, inputs), prefix_only)
 
 
 # -- generate() and the KV cache ----------------------------------------------------------------
@@ -224,20 +205,7 @@ def test_stacks_with_a_layer_adapter() -> None:
 @pytest.mark.parametrize("name", ["llama", "gpt2", "t5"])
 def test_greedy_generate_equals_step_by_step_without_cache(name: str) -> None:
     model = peftkit.adapt(build_tiny(name), "prefix_tuning[num_virtual_tokens=4]")
-    inputs = sample_inputs(name, seq=5)
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    extra = {} if name == "t5" else {"pad_token_id": 0}
-    generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, **extra)
-    assert torch.equal(generated, _greedy_without_cache(model, name, ids, mask, 6))
-    uncached = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, use_cache=False,
-                              **extra)
-    assert torch.equal(uncached, generated)
-    beams = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, num_beams=3, num_return_sequences=2,
-                           **extra)
-    assert beams.shape[0] == 2 * ids.shape[0]
-    with model.disable_adapters():
-        plain = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, **extra)
-    assert not torch.equal(generated, plain)
+    check_greedy_generate(model, name)
 
 
 def test_a_carried_cache_is_continued_not_refilled() -> None:
@@ -275,13 +243,13 @@ def _peft_prefix_model(name: str, projection: bool = True):
 def test_loads_what_peft_saves(tmp_path, name: str, projection: bool) -> None:
     peft_model = _peft_prefix_model(name, projection)
     inputs = _padded_inputs(name)
-    expected = _logits(peft_model, inputs)
+    expected = logits(peft_model, inputs)
     peft_model.save_pretrained(tmp_path)
     ours = peftkit.from_pretrained(build_tiny(name), str(tmp_path))
     config = ours.adapters["default"]
     assert (config.num_virtual_tokens, config.prefix_projection) == (5, projection)
     assert config.encoder_hidden_size == (12 if projection else None)
-    assert torch.allclose(_logits(ours, inputs), expected, atol=1e-6)
+    assert torch.allclose(logits(ours, inputs), expected, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["llama", "t5"])
@@ -291,7 +259,7 @@ def test_peft_loads_what_peftkit_saves(tmp_path, name: str) -> None:
     model = peftkit.adapt(build_tiny(name),
                           "prefix_tuning[num_virtual_tokens=6,prefix_projection=true,encoder_hidden_size=10]")
     inputs = _padded_inputs(name)
-    expected = _logits(model, inputs)
+    expected = logits(model, inputs)
     model.save_adapter(tmp_path)
     data = json.loads((tmp_path / "adapter_config.json").read_text())
     submodules = 2 if name == "t5" else 1
@@ -304,7 +272,7 @@ def test_peft_loads_what_peftkit_saves(tmp_path, name: str) -> None:
         "prefix_projection": True, "encoder_hidden_size": 10,
         "task_type": "SEQ_2_SEQ_LM" if name == "t5" else "CAUSAL_LM"}
     peft_model = PeftModel.from_pretrained(build_tiny(name), str(tmp_path)).eval()
-    assert torch.allclose(_logits(peft_model, inputs), expected, atol=1e-6)
+    assert torch.allclose(logits(peft_model, inputs), expected, atol=1e-6)
 
 
 def test_generate_matches_peft_forward_step_by_step(tmp_path) -> None:
@@ -316,4 +284,4 @@ def test_generate_matches_peft_forward_step_by_step(tmp_path) -> None:
     ids = sample_inputs("llama", seq=5)["input_ids"]
     generated = ours.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5,
                               do_sample=False, pad_token_id=0)
-    assert torch.equal(generated, _greedy_without_cache(peft_model, "llama", ids, torch.ones_like(ids), 5))
+    assert torch.equal(generated, greedy_without_cache(peft_model, "llama", ids, torch.ones_like(ids), 5))

@@ -10,34 +10,15 @@ import torch
 import peftkit
 from peftkit import AdaptedModel, CompositionError, ConfigError
 from peftkit.core.method import parse_spec
-from tests.tiny_models import build_tiny, minilm_path, sample_inputs
+from tests.composition_util import logits
+from tests.method_helpers import check_greedy_generate, greedy_without_cache
+from tests.tiny_models import build_tiny, sample_inputs
 
 P = 4
 
 
-def _logits(model, inputs) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**inputs).logits
-
-
 def _prompt(model, name: str = "default") -> torch.Tensor:
     return model._model_adapters[name].prompt_embeddings
-
-
-def _greedy_without_cache(model, name: str, ids: torch.Tensor, mask: torch.Tensor, steps: int) -> torch.Tensor:
-    """Greedy decoding by a full forward over the whole sequence at every step (no KV cache)."""
-    with torch.no_grad():
-        if name == "t5":
-            seq = torch.full((ids.shape[0], 1), model.config.decoder_start_token_id)
-            for _ in range(steps):
-                logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=seq, use_cache=False).logits
-                seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-            return seq
-        seq = ids
-        for _ in range(steps):
-            logits = model(input_ids=seq, attention_mask=torch.ones_like(seq), use_cache=False).logits
-            seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-        return seq
 
 
 # -- the method and its config -------------------------------------------------------------
@@ -81,16 +62,16 @@ def test_bad_configs_name_the_setting(spec: str, message: str) -> None:
 def test_output_differs_from_base(name: str) -> None:
     base = build_tiny(name)
     inputs = sample_inputs(name)
-    reference = _logits(base, inputs)
+    reference = logits(base, inputs)
     model = peftkit.adapt(base, f"prompt_tuning[num_virtual_tokens={P}]")
-    out = _logits(model, inputs)
+    out = logits(model, inputs)
     if name in ("llama", "gpt2"):  # a causal LM also scores the prompt positions, as with PEFT
         assert out.shape == (reference.shape[0], P + reference.shape[1], reference.shape[2])
         out = out[:, P:]
     assert out.shape == reference.shape
     assert not torch.allclose(out, reference, atol=1e-4)
     with model.disable_adapters():
-        assert torch.allclose(_logits(model, inputs), reference, atol=1e-6)
+        assert torch.allclose(logits(model, inputs), reference, atol=1e-6)
 
 
 def test_labels_are_padded_so_the_loss_ignores_the_prompt() -> None:
@@ -99,8 +80,8 @@ def test_labels_are_padded_so_the_loss_ignores_the_prompt() -> None:
     ids = inputs["input_ids"]
     out = model(**inputs, labels=ids)
     # Every real token is predicted (the first one from the last prompt position); the prompt is not.
-    logits = out.logits[:, P - 1:-1]
-    manual = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids.reshape(-1))
+    predicted = out.logits[:, P - 1:-1]
+    manual = torch.nn.functional.cross_entropy(predicted.reshape(-1, predicted.shape[-1]), ids.reshape(-1))
     assert torch.allclose(out.loss, manual, atol=1e-6)
 
 
@@ -108,11 +89,11 @@ def test_position_and_token_type_ids_are_extended() -> None:
     llama = peftkit.adapt(build_tiny("llama"), f"prompt_tuning[num_virtual_tokens={P}]")
     inputs = sample_inputs("llama")
     positions = torch.arange(inputs["input_ids"].shape[1]).unsqueeze(0).expand(2, -1)
-    assert torch.equal(_logits(llama, {**inputs, "position_ids": positions}), _logits(llama, inputs))
+    assert torch.equal(logits(llama, {**inputs, "position_ids": positions}), logits(llama, inputs))
     bert = peftkit.adapt(build_tiny("bert"), f"prompt_tuning[num_virtual_tokens={P}]")
     inputs = sample_inputs("bert")
     types = torch.zeros_like(inputs["input_ids"])
-    assert torch.equal(_logits(bert, {**inputs, "token_type_ids": types}), _logits(bert, inputs))
+    assert torch.equal(logits(bert, {**inputs, "token_type_ids": types}), logits(bert, inputs))
 
 
 def test_sample_vocab_init_uses_rows_of_the_embedding() -> None:
@@ -177,7 +158,7 @@ def test_save_load_round_trip_is_bit_identical(tmp_path) -> None:
     model.save_adapter(tmp_path / "a")
     loaded = peftkit.from_pretrained(build_tiny("qwen2"), str(tmp_path / "a"))
     assert torch.equal(_prompt(loaded), _prompt(model))
-    assert torch.equal(_logits(loaded, inputs), _logits(model, inputs))
+    assert torch.equal(logits(loaded, inputs), logits(model, inputs))
 
 
 def test_two_adapters_switch() -> None:
@@ -186,12 +167,12 @@ def test_two_adapters_switch() -> None:
     model.add_adapter("b", f"prompt_tuning[num_virtual_tokens={P}]")
     inputs = sample_inputs("gpt2")
     model.set_active("a")
-    out_a = _logits(model, inputs)
+    out_a = logits(model, inputs)
     model.set_active("b")
-    out_b = _logits(model, inputs)
+    out_b = logits(model, inputs)
     assert not torch.allclose(out_a, out_b)
     model.set_active("a")
-    assert torch.equal(_logits(model, inputs), out_a)
+    assert torch.equal(logits(model, inputs), out_a)
     with pytest.raises(CompositionError, match="stack"):
         model.set_active(peftkit.Average("a", "b"))
     with pytest.raises(CompositionError, match="routed per example"):
@@ -205,10 +186,10 @@ def test_stacks_with_a_prefix() -> None:
     model.add_adapter("prefix", "prefix_tuning[num_virtual_tokens=3]")
     model.set_active(peftkit.Stack("prefix", "prompt"))
     ids = sample_inputs("llama", seq=5)["input_ids"]
-    assert _logits(model, {"input_ids": ids}).shape[1] == P + 5
+    assert logits(model, {"input_ids": ids}).shape[1] == P + 5
     generated = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
                                do_sample=False, pad_token_id=0)
-    assert torch.equal(generated, _greedy_without_cache(model, "llama", ids, torch.ones_like(ids), 4))
+    assert torch.equal(generated, greedy_without_cache(model, "llama", ids, torch.ones_like(ids), 4))
 
 
 # -- generate() ------------------------------------------------------------------------------------
@@ -217,20 +198,7 @@ def test_stacks_with_a_prefix() -> None:
 @pytest.mark.parametrize("name", ["llama", "gpt2", "t5"])
 def test_greedy_generate_equals_step_by_step_without_cache(name: str) -> None:
     model = peftkit.adapt(build_tiny(name), f"prompt_tuning[num_virtual_tokens={P}]")
-    inputs = sample_inputs(name, seq=5)
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    extra = {} if name == "t5" else {"pad_token_id": 0}
-    generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, **extra)
-    assert torch.equal(generated, _greedy_without_cache(model, name, ids, mask, 6))
-    uncached = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, use_cache=False,
-                              **extra)
-    assert torch.equal(uncached, generated)
-    beams = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, num_beams=3, num_return_sequences=2,
-                           **extra)
-    assert beams.shape[0] == 2 * ids.shape[0]
-    with model.disable_adapters():
-        plain = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, **extra)
-    assert not torch.equal(generated, plain)
+    check_greedy_generate(model, name)
 
 
 # -- PEFT's file format, both ways ------------------------------------------------------------------
@@ -248,11 +216,11 @@ def test_loads_what_peft_saves(tmp_path, name: str) -> None:
     if name == "bert":  # a trained head, saved with the prompt
         torch.nn.init.normal_(peft_model.base_model.classifier.modules_to_save["default"].weight)
     inputs = sample_inputs(name)
-    expected = _logits(peft_model, inputs)
+    expected = logits(peft_model, inputs)
     peft_model.save_pretrained(tmp_path)
     ours = peftkit.from_pretrained(build_tiny(name), str(tmp_path))
     assert ours.adapters["default"].num_virtual_tokens == P
-    assert torch.equal(_logits(ours, inputs), expected)
+    assert torch.equal(logits(ours, inputs), expected)
 
 
 @pytest.mark.parametrize("name", ["llama", "bert", "t5"])
@@ -263,7 +231,7 @@ def test_peft_loads_what_peftkit_saves(tmp_path, name: str) -> None:
     if name == "bert":
         torch.nn.init.normal_(model.base_model.classifier.copies["default"].weight)
     inputs = sample_inputs(name)
-    expected = _logits(model, inputs)
+    expected = logits(model, inputs)
     model.save_adapter(tmp_path)
     data = json.loads((tmp_path / "adapter_config.json").read_text())
     submodules = 2 if name == "t5" else 1
@@ -276,4 +244,4 @@ def test_peft_loads_what_peftkit_saves(tmp_path, name: str) -> None:
     saved = load_file(tmp_path / "adapter_model.safetensors")
     assert saved["prompt_embeddings"].shape == (P * submodules, 32)
     peft_model = PeftModel.from_pretrained(build_tiny(name), str(tmp_path)).eval()
-    assert torch.equal(_logits(peft_model, inputs), expected)
+    assert torch.equal(logits(peft_model, inputs), expected)

@@ -7,6 +7,8 @@ from typing import ClassVar, Literal, Optional
 
 from peftkit.core.config import AdapterConfig
 from peftkit.core.errors import ConfigError
+from peftkit.plugins.virtual_tokens import (check_num_transformer_submodules, check_num_virtual_tokens,
+                                            refuse_layer_selection)
 
 
 @dataclass
@@ -38,22 +40,15 @@ class PrefixTuningConfig(AdapterConfig):
     num_transformer_submodules: Optional[int] = None
 
     def check(self) -> None:
-        if self.num_virtual_tokens <= 0:
-            raise ConfigError(f"prefix_tuning config: num_virtual_tokens={self.num_virtual_tokens} must be a "
-                              f"positive integer")
+        check_num_virtual_tokens(self)
         for key in ("encoder_hidden_size", "num_layers", "token_dim", "num_attention_heads"):
             value = getattr(self, key)
             if value is not None and value <= 0:
                 raise ConfigError(f"prefix_tuning config: {key}={value} must be a positive integer (or null "
                                   f"to read it from the model)")
-        if self.num_transformer_submodules not in (None, 1, 2):
-            raise ConfigError(f"prefix_tuning config: num_transformer_submodules={self.num_transformer_submodules} "
-                              f"must be 1 (decoder-only or encoder-only models) or 2 (encoder-decoder models)")
+        check_num_transformer_submodules(self)
         if self.token_dim is not None and self.num_attention_heads is not None \
                 and self.token_dim % self.num_attention_heads:
             raise ConfigError(f"prefix_tuning config: token_dim={self.token_dim} is not a multiple of "
                               f"num_attention_heads={self.num_attention_heads}")
-        for key in ("target_modules", "exclude_modules", "layers_to_transform"):
-            if getattr(self, key) is not None:
-                raise ConfigError(f"prefix_tuning config: {key} is not used — prefix tuning adds a prefix to "
-                                  f"every attention layer; remove {key}")
+        refuse_layer_selection(self, "prefix tuning adds a prefix to every attention layer")

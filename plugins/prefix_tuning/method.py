@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING, Any
 from peftkit.core.config import AdapterConfig
 from peftkit.core.errors import ConfigError
 from peftkit.core.peft_format import read_peft_fields
-from peftkit.core.method import Method, Site
+from peftkit.core.method import Site
+from peftkit.plugins.virtual_tokens import VirtualTokenMethod, on_model_device
 
 from .config import PrefixTuningConfig
 
@@ -23,19 +24,11 @@ _PEFT_FIELDS = ("num_virtual_tokens", "prefix_projection", "encoder_hidden_size"
 _PEFT_IGNORED = {"peft_type", "inference_mode"}
 
 
-class PrefixTuningMethod(Method):
+class PrefixTuningMethod(VirtualTokenMethod):
     name = "prefix_tuning"
     config_class = PrefixTuningConfig
     description = "Prefix tuning: learned key/value prefixes in every attention layer (optional MLP); PEFT format"
-    can_merge = False
-    # It changes the model's inputs (the KV cache): only stacking with layer-level adapters makes sense.
-    supported_blocks = frozenset({"stack"})
     peft_type = "PREFIX_TUNING"
-    identity_at_init = False
-    aliases = {"num_tokens": "num_virtual_tokens"}
-
-    def sites(self, model: "nn.Module", config: AdapterConfig, arch: Any) -> list[Site]:
-        return []
 
     def create_model_adapter(self, model: "nn.Module", config: AdapterConfig, arch: Any) -> "nn.Module":
         from peftkit.core.model_inputs import cache_argument, text_config
@@ -59,8 +52,7 @@ class PrefixTuningMethod(Method):
                                encoder_hidden_size=config.encoder_hidden_size, init_weights=config.init_weights,
                                is_encoder_decoder=geometry.num_transformer_submodules == 2,
                                cache_config=text_config(model))
-        device = next((p.device for p in model.parameters()), None)
-        return adapter.to(device) if device is not None else adapter
+        return on_model_device(adapter, model)
 
     def expected_parameter_count(self, model: "nn.Module", config: AdapterConfig, sites: list[Site]) -> int:
         assert isinstance(config, PrefixTuningConfig)

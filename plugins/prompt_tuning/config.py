@@ -7,6 +7,8 @@ from typing import Any, ClassVar, Literal, Optional
 
 from peftkit.core.config import AdapterConfig
 from peftkit.core.errors import ConfigError
+from peftkit.plugins.virtual_tokens import (check_num_transformer_submodules, check_num_virtual_tokens,
+                                            refuse_layer_selection)
 
 
 @dataclass
@@ -37,9 +39,7 @@ class PromptTuningConfig(AdapterConfig):
     num_transformer_submodules: Optional[int] = None
 
     def check(self) -> None:
-        if self.num_virtual_tokens <= 0:
-            raise ConfigError(f"prompt_tuning config: num_virtual_tokens={self.num_virtual_tokens} must be a "
-                              f"positive integer")
+        check_num_virtual_tokens(self)
         if self.init == "text":
             if not self.init_text:
                 raise ConfigError("prompt_tuning config: init='text' needs init_text (the text whose token "
@@ -51,10 +51,5 @@ class PromptTuningConfig(AdapterConfig):
             raise ConfigError("prompt_tuning config: tokenizer_kwargs only apply with init='text'")
         if self.token_dim is not None and self.token_dim <= 0:
             raise ConfigError(f"prompt_tuning config: token_dim={self.token_dim} must be a positive integer")
-        if self.num_transformer_submodules not in (None, 1, 2):
-            raise ConfigError(f"prompt_tuning config: num_transformer_submodules={self.num_transformer_submodules} "
-                              f"must be 1 (decoder-only or encoder-only models) or 2 (encoder-decoder models)")
-        for key in ("target_modules", "exclude_modules", "layers_to_transform"):
-            if getattr(self, key) is not None:
-                raise ConfigError(f"prompt_tuning config: {key} is not used — prompt tuning prepends a soft prompt "
-                                  f"to the input embeddings; remove {key}")
+        check_num_transformer_submodules(self)
+        refuse_layer_selection(self, "prompt tuning prepends a soft prompt to the input embeddings")

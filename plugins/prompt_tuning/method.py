@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING, Any
 from peftkit.core.config import AdapterConfig
 from peftkit.core.errors import ConfigError
 from peftkit.core.peft_format import read_peft_fields
-from peftkit.core.method import Method, Site
+from peftkit.core.method import Site
+from peftkit.plugins.virtual_tokens import VirtualTokenMethod, on_model_device
 
 from .config import PromptTuningConfig
 
@@ -26,20 +27,12 @@ _FROM_PEFT = {"num_virtual_tokens": "num_virtual_tokens", "prompt_tuning_init": 
 _PEFT_IGNORED = {"peft_type", "inference_mode", "num_layers", "num_attention_heads"}
 
 
-class PromptTuningMethod(Method):
+class PromptTuningMethod(VirtualTokenMethod):
     name = "prompt_tuning"
     config_class = PromptTuningConfig
     description = "Prompt tuning: a learned soft prompt prepended to the input embeddings; PEFT format"
-    can_merge = False
-    # It changes the model's inputs: only stacking with layer-level adapters makes sense.
-    supported_blocks = frozenset({"stack"})
     peft_type = "PROMPT_TUNING"
-    identity_at_init = False
-    aliases = {"num_tokens": "num_virtual_tokens", "prompt_tuning_init": "init",
-               "prompt_tuning_init_text": "init_text"}
-
-    def sites(self, model: "nn.Module", config: AdapterConfig, arch: Any) -> list[Site]:
-        return []
+    aliases = {**VirtualTokenMethod.aliases, "prompt_tuning_init": "init", "prompt_tuning_init_text": "init_text"}
 
     def make_config(self, **values: Any) -> AdapterConfig:
         values = self.resolve_aliases(values)
@@ -59,8 +52,7 @@ class PromptTuningMethod(Method):
                               tokenizer_kwargs=config.tokenizer_kwargs)
         adapter = PromptTuning(config.num_virtual_tokens, token_dim, num_transformer_submodules=submodules,
                                init_weight=init, is_encoder_decoder=submodules == 2)
-        device = next((p.device for p in model.parameters()), None)
-        return adapter.to(device) if device is not None else adapter
+        return on_model_device(adapter, model)
 
     def expected_parameter_count(self, model: "nn.Module", config: AdapterConfig, sites: list[Site]) -> int:
         assert isinstance(config, PromptTuningConfig)

@@ -1,0 +1,162 @@
+"""Helpers shared by the per-method tests (test_lora.py, test_method_*.py): the output on a tiny
+model's sample inputs, seeded noise for adapters, and the checks several methods repeat.
+
+Each check asserts what every method must do and returns what the calling test goes on to
+check for its own method.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file
+
+import peftkit
+from peftkit.core.layer import TunerLayer
+from tests.tiny_models import build_tiny, output_tensor, sample_inputs
+
+
+def output_of(model: Any, arch: str, **kwargs: Any) -> torch.Tensor:
+    """The output tensor (logits) of ``model`` on ``sample_inputs(arch)``, without gradients."""
+    with torch.no_grad():
+        return output_tensor(model(**sample_inputs(arch), **kwargs))
+
+
+def randomize(model: peftkit.AdaptedModel, name: str = "default", *, std: float = 0.1, seed: int = 0,
+              where: Callable[[torch.Tensor], bool] | None = None) -> None:
+    """Add seeded normal noise (``std``) to adapter ``name``'s parameters (those ``where`` accepts,
+    default all), so that outputs differ from the base model's and between adapters."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.adapter_parameters(name):
+            if where is None or where(p):
+                p.add_(torch.randn(p.shape, generator=gen) * std)
+
+
+def adapter_modules(model: peftkit.AdaptedModel, name: str = "default") -> dict[str, torch.nn.Module]:
+    """Site (module name in the base model) -> adapter ``name``'s module at that site."""
+    return {n: m.adapters[name] for n, m in model.base_model.named_modules()
+            if isinstance(m, TunerLayer) and name in m.adapters}
+
+
+def two_adapters(arch: str, spec_a: str, spec_b: str | None = None, *,
+                 noise: Callable[..., None] = randomize) -> peftkit.AdaptedModel:
+    """Tiny ``arch`` with adapters "a" (``spec_a``) and "b" (``spec_b``, default ``spec_a``), each
+    moved away from its init by ``noise`` with its own seed (1 and 2), in eval mode."""
+    model = peftkit.adapt(build_tiny(arch), spec_a, adapter_name="a")
+    model.add_adapter("b", spec_a if spec_b is None else spec_b)
+    noise(model, "a", seed=1)
+    noise(model, "b", seed=2)
+    return model.eval()
+
+
+def save_and_reload(arch: str, spec: str, folder: Path, *, noise: Callable[..., None] = randomize
+                    ) -> tuple[peftkit.AdaptedModel, peftkit.AdaptedModel, dict[str, torch.Tensor]]:
+    """Saves an adapter of ``spec`` on tiny ``arch``, moved away from its init by ``noise``, to
+    ``folder`` and loads it onto a fresh model as "restored". Asserts that the loaded model's
+    output is bit-identical. Returns (the saved model, the loaded one, the saved tensors)."""
+    model = peftkit.adapt(build_tiny(arch), spec)
+    noise(model)
+    model.eval()
+    expected = output_of(model, arch)
+    model.save_adapter(str(folder))
+    loaded = peftkit.from_pretrained(build_tiny(arch), str(folder), adapter_name="restored")
+    assert torch.equal(output_of(loaded, arch), expected)
+    return model, loaded, load_file(str(folder / "adapter_model.safetensors"))
+
+
+def switch_outputs(model: peftkit.AdaptedModel, arch: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The outputs with adapter "a", then "b" active. Asserts that they differ and that
+    switching back to "a" gives its output again, bit for bit."""
+    model.set_active("a")
+    out_a = output_of(model, arch)
+    model.set_active("b")
+    out_b = output_of(model, arch)
+    assert not torch.allclose(out_a, out_b, atol=1e-4)
+    model.set_active("a")
+    assert torch.equal(output_of(model, arch), out_a)
+    return out_a, out_b
+
+
+def changed_by_a_train_step(arch: str, spec: str) -> set[str]:
+    """Adds adapters "a" and "b" of ``spec`` to tiny ``arch``, trains "a" for one SGD step on the
+    squared output, and asserts that the step changed something and only "a"'s parameters.
+    Returns the names of the parameters that changed."""
+    model = peftkit.adapt(build_tiny(arch), spec, adapter_name="a")
+    model.add_adapter("b", spec)
+    model.train_adapter("a")
+    model.train()
+    own = {id(p) for p in model.adapter_parameters("a")}
+    params = dict(model.named_parameters())
+    before = {n: p.detach().clone() for n, p in params.items()}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    output_tensor(model(**sample_inputs(arch))).pow(2).mean().backward()
+    optimizer.step()
+    changed = {n for n, p in params.items() if not torch.equal(p, before[n])}
+    assert changed, "a train step must change the adapter"
+    assert all(id(params[n]) in own for n in changed), f"changed outside adapter 'a': {changed}"
+    return changed
+
+
+def merge_keeps_output(model: peftkit.AdaptedModel, arch: str, names: list[str] | None = None,
+                       atol: float = 1e-4) -> torch.Tensor:
+    """In eval mode, merge_adapter(names) (default: the active adapters) keeps the output (within
+    ``atol``). Returns the output from before the merge."""
+    model.eval()
+    unmerged = output_of(model, arch)
+    model.merge_adapter(names)
+    torch.testing.assert_close(output_of(model, arch), unmerged, atol=atol, rtol=0)
+    return unmerged
+
+
+def unload_keeps_output(model: peftkit.AdaptedModel, arch: str, expected: torch.Tensor,
+                        atol: float = 1e-4) -> torch.nn.Module:
+    """merge_and_unload() leaves no TunerLayer behind and gives ``expected`` (within ``atol``).
+    Returns the bare model."""
+    inputs = sample_inputs(arch)
+    bare = model.merge_and_unload()
+    assert not any(isinstance(m, TunerLayer) for m in bare.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(output_tensor(bare(**inputs)), expected, atol=atol, rtol=0)
+    return bare
+
+
+# -- generation (prompt and prefix tuning) ----------------------------------------------------------------------------
+
+
+def greedy_without_cache(model: Any, name: str, ids: torch.Tensor, mask: torch.Tensor, steps: int) -> torch.Tensor:
+    """Greedy decoding by a full forward over the whole sequence at every step (no KV cache)."""
+    with torch.no_grad():
+        if name == "t5":
+            seq = torch.full((ids.shape[0], 1), model.config.decoder_start_token_id)
+            for _ in range(steps):
+                logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=seq, use_cache=False).logits
+                seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+            return seq
+        seq = ids
+        for _ in range(steps):
+            logits = model(input_ids=seq, attention_mask=torch.ones_like(seq), use_cache=False).logits
+            seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        return seq
+
+
+def check_greedy_generate(model: peftkit.AdaptedModel, name: str) -> None:
+    """generate() on tiny ``name``: greedy decoding, with the KV cache and without, equals
+    :func:`greedy_without_cache`; beam search returns every sequence asked for; and with the
+    adapters disabled the generated tokens differ."""
+    inputs = sample_inputs(name, seq=5)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    extra = {} if name == "t5" else {"pad_token_id": 0}
+    generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, **extra)
+    assert torch.equal(generated, greedy_without_cache(model, name, ids, mask, 6))
+    uncached = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, use_cache=False,
+                              **extra)
+    assert torch.equal(uncached, generated)
+    beams = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, num_beams=3, num_return_sequences=2,
+                           **extra)
+    assert beams.shape[0] == 2 * ids.shape[0]
+    with model.disable_adapters():
+        plain = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, **extra)
+    assert not torch.equal(generated, plain)
