@@ -65,6 +65,12 @@ class Block:
         object.__setattr__(self, "children", tuple(checked))
         self._set_options(**options)
 
+    def __copy__(self) -> "Block":
+        return self  # immutable: copies (copy.deepcopy of a model holding it too) share it
+
+    def __deepcopy__(self, memo: dict) -> "Block":
+        return self
+
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(f"{type(self).__name__} is immutable; build a new block instead")
 
@@ -477,14 +483,18 @@ def _check_block(block: Block, method_of: dict[str, Any], ancestors: tuple[Block
 
 
 def run_node(node: Node, layer: "TunerLayer", x: "torch.Tensor", h: "torch.Tensor") -> "torch.Tensor":
-    """The output of ``node`` at one site, given the site input ``x`` and current output ``h``."""
+    """The output of ``node`` at one site, given the site input ``x`` and current output ``h``.
+
+    An adapter whose site reads another module's input (``Site.input_from``) gets that
+    input instead of ``x`` (``TunerLayer.input_of``); row splits select its rows too.
+    """
     if isinstance(node, str):
         if node == BASE_MODEL or node in layer.merged:
             return h  # the identity / already folded into the base weights
         adapter = layer.adapters[node] if node in layer.adapters else None
         if adapter is None:
             return h  # this adapter does not touch this site
-        return adapter(x, h, layer.base_layer)
+        return adapter(layer.input_of(node, x) if layer.input_sources else x, h, layer.base_layer)
     return node.run(layer, x, h)
 
 

@@ -44,7 +44,10 @@ Factors = tuple[torch.Tensor, torch.Tensor, float]
 
 
 def factors(layer: "TunerLayer", name: str) -> Factors | None:
-    """``(A (r, in), B (out, r), scale)`` when adapter ``name``'s delta here is exactly that product now."""
+    """``(A (r, in), B (out, r), scale)`` when adapter ``name``'s delta here is exactly that product now
+    of the site's own input ``x``: an adapter reading another module's input takes the general path."""
+    if layer.input_sources and name in layer.input_sources:
+        return None
     get = getattr(layer.adapters[name], "low_rank", None)
     return get(forward=True) if get is not None else None
 
@@ -72,6 +75,8 @@ def node_delta(node: Node, layer: "TunerLayer", x: torch.Tensor, h: torch.Tensor
         return None
     if isinstance(node, str):
         adapter = layer.adapters[node]
+        if layer.input_sources:
+            x = layer.input_of(node, x)
         if adapter.additive:
             return adapter.delta(x, h, layer.base_layer)
         return adapter(x, h, layer.base_layer) - h
@@ -297,16 +302,36 @@ def run_rows(plan: RowPlan, layer: "TunerLayer", x: Any, h: torch.Tensor) -> tor
             return _rows_batched(dev, layer, x, h, present, facs)  # type: ignore[arg-type]
     if len(dev.groups) == 1 and dev.groups[0][0] >= 0:
         return run_node(plan.nodes[dev.groups[0][0]], layer, x, h)
+    full = _captured_rows(layer, rows) if layer.input_sources else None
     pieces = []
-    for slot, sel in dev.groups:
-        hs = _take(h, sel)
-        if slot < 0:
-            pieces.append(hs)
-            continue
-        xs = _take(x, sel) if isinstance(x, torch.Tensor) else x
-        pieces.append(run_node(plan.nodes[slot], layer, xs, hs))
+    try:
+        for slot, sel in dev.groups:
+            hs = _take(h, sel)
+            if slot < 0:
+                pieces.append(hs)
+                continue
+            xs = _take(x, sel) if isinstance(x, torch.Tensor) else x
+            if full:  # the same rows of every captured input (in the hooks' own dict)
+                layer.captured.update({k: _take(v, sel) if isinstance(v, torch.Tensor) else v
+                                       for k, v in full.items()})
+            pieces.append(run_node(plan.nodes[slot], layer, xs, hs))
+    finally:
+        if full:
+            layer.captured.update(full)
     out = torch.cat(pieces)
     return out if dev.in_order else out.index_select(0, dev.inverse)
+
+
+def _captured_rows(layer: "TunerLayer", rows: int) -> dict[str, Any]:
+    """The layer's captured inputs (read by adapters here instead of ``x``), checked to have
+    the output's rows first, so that a row split can hand each group its rows of them."""
+    full = dict(layer.captured)
+    for source, value in full.items():
+        if isinstance(value, torch.Tensor) and (value.dim() == 0 or value.shape[0] != rows):
+            raise CompositionError(f"the input of {source!r}, which an adapter reads, has leading dimension "
+                                   f"{tuple(value.shape)[:1]} but the layer's output has {rows} rows; rows can "
+                                   f"only be routed where inputs keep the batch dimension first")
+    return full
 
 
 def _rows_batched(dev: _DevicePlan, layer: "TunerLayer", x: torch.Tensor, h: torch.Tensor,

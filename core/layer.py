@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .errors import MergeError
+from .errors import CompositionError, MergeError
 
 
 def name_taken_by_torch(name: str) -> bool:
@@ -119,17 +119,35 @@ class ModelAdapter(nn.Module):
                 own[key].copy_(value)
 
 
+class _InputCapture:
+    """A forward pre-hook writing its module's first positional input into a TunerLayer's
+    ``captured`` dict. An object, not a closure, so that ``copy.deepcopy`` of a model
+    gives the copy's hook the copy's dict."""
+
+    def __init__(self, captured: dict[str, Any], source: str) -> None:
+        self.captured = captured
+        self.source = source
+
+    def __call__(self, _module: nn.Module, args: tuple) -> None:
+        self.captured[self.source] = args[0] if args else None
+
+
 class TunerLayer(nn.Module):
     """Wraps an original module and applies the active adapters to its output."""
 
-    def __init__(self, base_layer: nn.Module, state: Any, input_from: str | None = None) -> None:
+    def __init__(self, base_layer: nn.Module, state: Any) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.adapters = nn.ModuleDict()
         self.fusions = nn.ModuleDict()
         self.merged: list[str] = []
-        self.input_from = input_from
-        self.external_input: torch.Tensor | None = None
+        #: Adapter name -> the module whose *input* it reads instead of this module's
+        #: (a Site's ``input_from``); adapters reading this module's own input are absent.
+        self.input_sources: dict[str, str] = {}
+        #: Source module -> its input in the current forward, kept by a forward pre-hook
+        #: on that module (one hook per source, removed when no adapter here reads it).
+        self.captured: dict[str, Any] = {}
+        self._capture_handles: dict[str, Any] = {}
         object.__setattr__(self, "_state", state)  # shared, not a submodule
 
     @property
@@ -146,10 +164,64 @@ class TunerLayer(nn.Module):
         plan = state.current
         if plan is None or state.disabled or not self.adapters:
             return h
-        inp = self.external_input if self.input_from is not None else x
         if isinstance(h, tuple):
-            return (state.run(self, inp, h[0]),) + h[1:]
-        return state.run(self, inp, h)
+            return (state.run(self, x, h[0]),) + h[1:]
+        return state.run(self, x, h)
+
+    # -- inputs --------------------------------------------------------------------
+
+    @property
+    def input_from(self) -> str | None:
+        """The module whose input every adapter here reads, when they all read the same
+        other module's input; None when some adapter reads this module's own input."""
+        sources = set(self.input_sources.values())
+        if len(sources) == 1 and len(self.input_sources) == len(self.adapters):
+            return sources.pop()
+        return None
+
+    def input_of(self, name: str, x: Any) -> Any:
+        """The input adapter ``name`` reads: ``x`` (this module's input, or the rows of it a
+        composition runs) or the captured input of its source module (the same rows)."""
+        source = self.input_sources.get(name)
+        if source is None:
+            return x
+        value = self.captured.get(source)
+        if value is None:
+            raise CompositionError(f"adapter {name!r} reads the input of module {source!r}, which did not run "
+                                   f"(with a positional input) before this layer in this forward; call the "
+                                   f"model as a whole rather than this layer alone")
+        return value
+
+    def add_adapter(self, name: str, adapter: LayerAdapter, input_from: str | None = None) -> None:
+        """Hold ``adapter`` under ``name``; it reads the input of module ``input_from`` if given
+        (the caller captures that input: ``add_capture``)."""
+        self.adapters[name] = adapter
+        if input_from is not None:
+            self.input_sources[name] = input_from
+
+    def add_capture(self, source: str, module: nn.Module) -> None:
+        """Keep ``module``'s first positional input as ``captured[source]`` on every forward
+        (one hook per source, however many adapters read it)."""
+        if source in self._capture_handles:
+            return
+        self._capture_handles[source] = module.register_forward_pre_hook(_InputCapture(self.captured, source))
+
+    def remove_adapter(self, name: str) -> None:
+        """Drop adapter ``name``, and the capture of its source when no adapter here reads it any more."""
+        del self.adapters[name]
+        source = self.input_sources.pop(name, None)
+        if source is not None and source not in self.input_sources.values():
+            handle = self._capture_handles.pop(source, None)
+            if handle is not None:
+                handle.remove()
+            self.captured.pop(source, None)
+
+    def remove_captures(self) -> None:
+        """Remove every capture hook (the layer is being unwrapped)."""
+        for handle in self._capture_handles.values():
+            handle.remove()
+        self._capture_handles.clear()
+        self.captured.clear()
 
     # -- merging ---------------------------------------------------------------
 

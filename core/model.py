@@ -148,14 +148,11 @@ class AdaptedModel(CompositionMixin, nn.Module):
                                 f"{site.name!r}; create_layer_adapter must return a LayerAdapter")
             _match_device(adapter, base)
             if layer is None:
-                layer = TunerLayer(base, self._peftkit_state, input_from=site.input_from)
+                layer = TunerLayer(base, self._peftkit_state)
                 _set_submodule(model, site.name, layer)
-                if site.input_from is not None:
-                    _capture_input(model, site.input_from, layer)
-            elif site.input_from != layer.input_from:
-                raise TargetError(f"site {site.name!r} already reads its input from {layer.input_from!r}; "
-                                  f"method {method.name!r} wants {site.input_from!r}")
-            layer.adapters[record.name] = adapter
+            layer.add_adapter(record.name, adapter, site.input_from)  # each adapter reads its own site's input
+            if site.input_from is not None:
+                _capture_input(model, site.input_from, layer)
         for module_name in record.modules_to_save:
             current = model.get_submodule(module_name)
             if not isinstance(current, ModulesToSave):
@@ -199,7 +196,7 @@ class AdaptedModel(CompositionMixin, nn.Module):
         record = self._records.pop(name, None)
         for module_name, module in list(model.named_modules()):
             if isinstance(module, TunerLayer) and name in module.adapters:
-                del module.adapters[name]
+                module.remove_adapter(name)
                 if len(module.adapters) == 0:
                     _unwrap_layer(model, module_name, module)
             elif isinstance(module, ModulesToSave) and name in module.copies:
@@ -490,19 +487,16 @@ def _match_device(adapter: nn.Module, base: nn.Module) -> None:
 
 
 def _unwrap_layer(model: nn.Module, name: str, layer: TunerLayer) -> None:
-    """Put the original module back, dropping the input-capturing hook of a parallel site."""
-    handle = getattr(layer, "_capture_handle", None)
-    if handle is not None:
-        handle.remove()
+    """Put the original module back, dropping the input-capturing hooks of its adapters."""
+    layer.remove_captures()
     _set_submodule(model, name, layer.base_layer)
 
 
 def _capture_input(model: nn.Module, source: str, layer: TunerLayer) -> None:
-    """Keep ``source``'s first input on ``layer`` for every forward (parallel adapters)."""
+    """Keep ``source``'s first input on ``layer`` for every forward (adapters with ``input_from``).
+
+    The hook goes on the original module, so wrapping or unwrapping ``source`` itself
+    (an adapter on the FFN block) keeps it.
+    """
     module = model.get_submodule(source)
-
-    def hook(_module: nn.Module, args: tuple) -> None:
-        layer.external_input = args[0] if args else None
-
-    handle = module.register_forward_pre_hook(hook)
-    layer._capture_handle = handle  # removed with the layer's module when unwrapped
+    layer.add_capture(source, module.base_layer if isinstance(module, TunerLayer) else module)
