@@ -59,7 +59,7 @@ def describe_folder(path: str | Path) -> dict[str, Any]:
             params += n
             tensors += 1
     size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    fmt = "peftkit" if own else "peft"
+    fmt = _file_format(own)
     return {
         "path": str(path),
         "method": own.get("method") or str(data.get("peft_type", "?")).lower(),
@@ -67,6 +67,9 @@ def describe_folder(path: str | Path) -> dict[str, Any]:
         "base_model": data.get("base_model_name_or_path"),
         "base_model_type": (own.get("base_model") or {}).get("model_type"),
         "target_modules": data.get("target_modules"),
+        # a union (several methods as one adapter): each part's method and its targets
+        "parts": [{"method": part.get("method"), "target_modules": part.get("target_modules")}
+                  for part in data["parts"] if isinstance(part, dict)] if isinstance(data.get("parts"), list) else None,
         "task_type": data.get("task_type"),
         "plugin": own.get("plugin"),
         "plugin_version": own.get("plugin_version"),
@@ -74,3 +77,14 @@ def describe_folder(path: str | Path) -> dict[str, Any]:
         "tensors": tensors,
         "size_bytes": size,
     }
+
+
+def _file_format(own: dict[str, Any]) -> str:
+    """"peft" when Hugging Face PEFT can load the folder (written by PEFT, or by peftkit for a method in
+    PEFT's format), else "peftkit"."""
+    if not own:
+        return "peft"
+    from .plugins import get_registry
+
+    method = get_registry().methods.get(own.get("method"))
+    return "peft" if method is not None and method.peft_type else "peftkit"

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from .config import AdapterConfig
 from .errors import ConfigError
-from .shorthand import parse_shorthand
+from .shorthand import parse_shorthand, split_top_level
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch.nn as nn
@@ -135,6 +135,10 @@ def parse_spec(spec: str | AdapterConfig, registry: Any = None) -> tuple[Any, Ad
     if not isinstance(spec, str):
         raise ConfigError(f"an adapter spec must be a string like 'lora[r=8]' or a config object, "
                           f"not {type(spec).__name__}")
+    parts = split_top_level(spec, "|")
+    if len(parts) > 1:  # "prefix_tuning[...]|par_bn[...]": several methods as one adapter
+        method = registry.get_method("union")
+        return method, method.make_config(parts=[part.strip() for part in parts])
     name, values = parse_shorthand(spec)
     method = registry.get_method(name)
     return method, method.make_config(**values)

@@ -94,11 +94,17 @@ def info_command(path: str, as_json: bool) -> None:
     if as_json:
         _echo_json(info)
         return
-    targets = info["target_modules"]
-    for key, value in [("path", info["path"]), ("method", info["method"]), ("format", info["format"]),
-                       ("base model", info["base_model"] or "-"),
-                       ("model type", info["base_model_type"] or "-"),
-                       ("targets", ", ".join(targets) if isinstance(targets, list) else targets or "-"),
+    def _targets(targets: Any) -> str:
+        return ", ".join(targets) if isinstance(targets, list) else targets or "-"
+
+    rows = [("path", info["path"]), ("method", info["method"]), ("format", info["format"]),
+            ("base model", info["base_model"] or "-"), ("model type", info["base_model_type"] or "-")]
+    if info["parts"]:
+        rows += [("parts", " | ".join(p["method"] + (f" ({_targets(p['target_modules'])})" if p["target_modules"]
+                                                       else "") for p in info["parts"]))]
+    else:
+        rows += [("targets", _targets(info["target_modules"]))]
+    for key, value in [*rows,
                        ("plugin", f"{info['plugin'] or '-'} {info['plugin_version'] or ''}".strip()),
                        ("parameters", f"{info['parameters']:,}"), ("tensors", info["tensors"]),
                        ("size on disk", _human_bytes(info["size_bytes"]))]:

@@ -56,6 +56,7 @@ SENTIMENT_RUNS: dict[str, DemoRun] = {
     "ia3": DemoRun("ia3", 3e-2),
     "prefix_tuning": DemoRun("prefix_tuning", 5e-2),
     "prompt_tuning": DemoRun('prompt_tuning[init="sample_vocab"]', 1e-2, train_head=True),
+    "mam": DemoRun("mam", 3e-4),  # a union: prefix tuning (through its MLP) + par_bn, one learning rate
 }
 
 #: (positive, negative) adjectives; training and held-out lists share no word.

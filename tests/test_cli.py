@@ -54,8 +54,18 @@ def test_info_describes_a_folder(tmp_path, capsys):
     assert info["parameters"] == model.trainable_parameters()[0]
     assert info["target_modules"] == ["q_proj", "v_proj"]
     assert info["size_bytes"] > 0
+    assert info["format"] == "peft" and info["parts"] is None  # PEFT loads a peftkit LoRA folder
     assert run(["info", str(tmp_path / "a")]) == 0
     assert "parameters" in capsys.readouterr().out
+    union = peftkit.adapt(build_tiny("llama"), 'lora[r=2,target_modules=["q_proj"]]|par_bn')
+    union.save_adapter(tmp_path / "u")
+    assert run(["info", str(tmp_path / "u"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["method"], info["format"]) == ("union", "peftkit")
+    assert info["parts"] == [{"method": "lora", "target_modules": ["q_proj"]},
+                             {"method": "par_bn", "target_modules": None}]
+    assert run(["info", str(tmp_path / "u")]) == 0
+    assert "parts: lora (q_proj) | par_bn" in capsys.readouterr().out
 
 
 def test_errors_exit_nonzero_with_a_message(tmp_path, capsys):

@@ -40,12 +40,21 @@ BUILTIN_SPECS = {
 for _key, _spec in BUILTIN_SPECS.items():
     globals()[f"TestConformance_{_key}"] = make_conformance_class(_spec)
 
+#: Unions, with whether the output equals the base right after injection (a prefix part starts random).
+UNION_SPECS = {
+    "union": ("lora[r=4]|seq_bn[reduction_factor=4]", True),
+    "mam": ("mam", False),
+}
+for _key, (_spec, _identity) in UNION_SPECS.items():
+    globals()[f"TestConformance_{_key}"] = make_conformance_class(_spec, identity_at_init=_identity)
+
 
 def test_every_builtin_method_is_in_the_suite_and_has_a_parameter_formula():
     builtin = {name for name, m in peftkit.get_registry().methods.items() if m.distribution == "peftkit"}
-    covered = {parse_spec(spec)[0].name for spec in BUILTIN_SPECS.values()}
+    specs = [*BUILTIN_SPECS.values(), *(spec for spec, _ in UNION_SPECS.values())]
+    covered = {parse_spec(spec)[0].name for spec in specs}
     assert builtin and builtin <= covered, f"add a spec for {sorted(builtin - covered)} to BUILTIN_SPECS"
-    for spec in BUILTIN_SPECS.values():
+    for spec in specs:
         adapted = peftkit.adapt(build_tiny("gpt2"), spec)
         record = adapted.adapter_record("default")
         count = record.method.expected_parameter_count(adapted.base_model, record.config, record.sites)
