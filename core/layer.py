@@ -49,6 +49,13 @@ class LayerAdapter(nn.Module):
     def delta(self, x: torch.Tensor, h: torch.Tensor, base: nn.Module) -> torch.Tensor:
         raise NotImplementedError
 
+    def base_input(self, x: torch.Tensor) -> torch.Tensor | None:
+        """For an adapter that, alone at its site, equals the base module run on a changed input
+        (IA3 on a feed-forward layer: ``W (x * l) + b``): that input. The TunerLayer then runs the
+        base module once on it instead of running it on ``x`` and adding a correction (one matrix
+        product instead of two). None (the default) for every other adapter."""
+        return None
+
     def low_rank(self, forward: bool = False) -> tuple[torch.Tensor, torch.Tensor, float] | None:
         """``(A, B, scale)`` (A: r x in, B: out x r, the live parameters) when this adapter's
         weight change is exactly ``scale * B @ A`` in (out, in) layout; None otherwise.
@@ -159,11 +166,16 @@ class TunerLayer(nn.Module):
         return getattr(self.base_layer, "bias", None)
 
     def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
-        h = self.base_layer(x, *args, **kwargs)
         state = self._state
         plan = state.current
         if plan is None or state.disabled or not self.adapters:
-            return h
+            return self.base_layer(x, *args, **kwargs)
+        if type(plan) is str and plan in self.adapters and plan not in self.merged \
+                and plan not in self.input_sources:
+            changed = self.adapters[plan].base_input(x)  # one adapter alone: maybe the base on a new input
+            if changed is not None:
+                return self.base_layer(changed, *args, **kwargs)
+        h = self.base_layer(x, *args, **kwargs)
         if isinstance(h, tuple):
             return (state.run(self, x, h[0]),) + h[1:]
         return state.run(self, x, h)

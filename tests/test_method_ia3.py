@@ -220,3 +220,21 @@ def test_peftkit_saved_ia3_loads_in_peft_with_identical_logits(tmp_path, arch, s
     peft_state = {k: v for k, v in peft_model.state_dict().items() if "ia3_l" in k}
     assert len(peft_state) == len(_vectors(model))
     assert not any(torch.equal(v, torch.ones_like(v)) for v in peft_state.values()), "every vector was loaded"
+
+
+def test_a_feedforward_vector_alone_runs_its_layer_once_on_the_scaled_input():
+    """Alone at its site the layer computes W (x * l) + b itself (one matrix product, PEFT's exact
+    arithmetic); inside a composition it is h + W (x * (l - 1)), equal up to rounding."""
+    model = peftkit.adapt(build_tiny("llama"), "ia3")
+    randomize(model, std=0.3, seed=4)
+    layer = model.base_model.model.layers[0].mlp.down_proj
+    seen = {}
+    handle = layer.register_forward_hook(lambda module, args, out: seen.update(x=args[0], out=out))
+    alone = output_of(model, "llama")
+    scale = layer.adapters["default"].ia3_l.flatten()
+    torch.testing.assert_close(seen["out"], layer.base_layer(seen["x"] * scale), rtol=0, atol=0)
+    model.set_active("stack(default)")  # the composition path: base output plus the vector's delta
+    composed = output_of(model, "llama")
+    handle.remove()
+    torch.testing.assert_close(composed, alone, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(alone, output_of(peftkit.AdaptedModel(build_tiny("llama")), "llama"), atol=1e-4)

@@ -1,9 +1,11 @@
 """IA3's module: a learned vector that rescales a Linear/Conv1D layer.
 
 - Other targets: ``out = (W x + b) * l`` with l of shape (out, 1).
-- Feed-forward targets: ``out = W (x * l) + b`` with l of shape (1, in),
-  computed as ``h + W (x * (l - 1))`` so it composes with what came before
-  at the same site (a Stack) and gives a delta for averaging and routing.
+- Feed-forward targets: ``out = W (x * l) + b`` with l of shape (1, in):
+  computed so when the vector acts alone at its site (one matrix product,
+  :meth:`IA3Vector.base_input`), and as ``h + W (x * (l - 1))`` inside a
+  composition, so that it composes with what came before at the same site
+  (a Stack) and gives a delta for averaging and routing.
 
 Merging multiplies the weight (and, for output scaling, the bias) by l, as
 PEFT does; unmerging divides by the same vector (PEFT adds 1e-8 first), and
@@ -56,6 +58,13 @@ class IA3Vector(LayerAdapter):
             shifted = (x.to(scale.dtype) * (scale - 1)).to(weight.dtype)
             return F.linear(shifted, weight).to(h.dtype)
         return (h * (scale - 1)).to(h.dtype)
+
+    def base_input(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Alone, a feed-forward vector runs the layer once on ``x * l`` (exactly PEFT's computation)."""
+        if not self.feedforward:
+            return None
+        scale = self.ia3_l.flatten()
+        return (x.to(scale.dtype) * scale).to(x.dtype)
 
     def forward(self, x: torch.Tensor, h: torch.Tensor, base: nn.Module) -> torch.Tensor:
         if self.feedforward:
