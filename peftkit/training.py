@@ -325,6 +325,18 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def _fits(run: Any, saved: Any) -> bool:
+    """Whether a checkpoint's option value is what this run asks for: options this run leaves unset
+    (None) were filled in from the model, also inside nested values (a union's parts)."""
+    if run is None:
+        return True
+    if isinstance(run, dict) and isinstance(saved, dict):
+        return all(_fits(value, saved[key]) for key, value in run.items() if key in saved)
+    if isinstance(run, list) and isinstance(saved, list):
+        return len(run) == len(saved) and all(_fits(a, b) for a, b in zip(run, saved))
+    return run == saved
+
+
 def _check_checkpoint_matches(checkpoint: Path, method: str, config: AdapterConfig, labels: LabelMap | None) -> None:
     try:
         saved = json.loads((checkpoint / "adapter_config.json").read_text(encoding="utf-8"))
@@ -334,7 +346,7 @@ def _check_checkpoint_matches(checkpoint: Path, method: str, config: AdapterConf
     saved_config = own.get("config") or {}
     # Unset (None) options are filled in from the model when the adapter is added, the same way again.
     current = {k: v for k, v in json.loads(json.dumps(config.to_dict())).items() if v is not None}
-    diff = sorted(k for k in current if k in saved_config and saved_config[k] != current[k])
+    diff = sorted(k for k in current if k in saved_config and not _fits(current[k], saved_config[k]))
     if own.get("method") != method or diff:
         what = ", ".join(f"{k}={saved_config[k]!r} (this run: {current[k]!r})" for k in diff)
         raise PeftkitError(f"checkpoint {checkpoint} was trained with method {own.get('method')!r}"

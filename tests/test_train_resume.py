@@ -97,6 +97,24 @@ def test_prefix_tuning_with_its_projection_mlp_resumes_exactly(tmp_path, setup):
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
 
 
+def test_a_union_with_a_prefix_resumes_exactly_and_refuses_other_parts(tmp_path, setup):
+    """The prefix part's geometry is filled in when the adapter is added: a resume asking for the same
+    union without it (as the user wrote it) must match, and a different part option must not."""
+    model, data = setup
+    spec = 'mam[parts=["prefix_tuning[num_virtual_tokens=4,prefix_projection=true,encoder_hidden_size=16]","par_bn"]]'
+    whole = peftkit.train(str(model), spec, data, out=tmp_path / "whole", **OPTIONS)
+    peftkit.train(str(model), spec, data, out=tmp_path / "run", callbacks=[StopAt(4)], **OPTIONS)
+    other = spec.replace("num_virtual_tokens=4", "num_virtual_tokens=5")
+    with pytest.raises(PeftkitError, match=r"checkpoint-4 was trained with method 'mam' and parts="):
+        peftkit.train(str(model), other, data, out=tmp_path / "run", resume=True, **OPTIONS)
+    resumed = peftkit.train(str(model), spec, data, out=tmp_path / "run", resume=True, **OPTIONS)
+    assert whole.global_step == resumed.global_step == STEPS
+    a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "run")
+    assert a.keys() == b.keys() and any(k.startswith("prefix_tuning.") for k in a)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
+
+
 def test_a_checkpoint_is_a_loadable_adapter_folder(tmp_path, setup):
     from transformers import AutoModelForSequenceClassification
 
