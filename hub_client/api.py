@@ -149,9 +149,11 @@ def _pull(backend: HubBackend, ref: RepoRef, *, cache_dir: str | Path | None = N
 
 def search(text: str | None = None, hub: str | HubBackend | None = None, *, base_model: str | None = None,
            method: str | None = None, task: str | None = None, tags: Iterable[str] = (), author: str | None = None,
-           sort: str = "downloads", limit: int = 20, token: str | None = None) -> list[AdapterInfo]:
+           dataset: str | None = None, sort: str = "downloads", limit: int = 20,
+           token: str | None = None) -> list[AdapterInfo]:
     """Adapter repos matching every filter given: free ``text``, ``base_model``, ``method``, ``task``,
-    ``tags``, ``author``; sorted by ``downloads`` or ``recent``; at most ``limit``."""
+    ``tags``, ``author``, ``dataset`` (a dataset the card lists); sorted by ``downloads`` or ``recent``;
+    at most ``limit``."""
     if sort not in SORTS:
         raise HubError(f"unknown sort {sort!r}; use one of: {', '.join(SORTS)}")
     if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
@@ -159,7 +161,7 @@ def search(text: str | None = None, hub: str | HubBackend | None = None, *, base
     if isinstance(tags, str):
         tags = [tags]
     query = SearchQuery(text=text or None, base_model=base_model or None, method=method or None, task=task or None,
-                        tags=tuple(tags), author=author or None, sort=sort, limit=limit)
+                        tags=tuple(tags), author=author or None, dataset=dataset or None, sort=sort, limit=limit)
     backend = open_hub(hub, token=token)
     try:
         return backend.search(query)

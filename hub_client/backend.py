@@ -62,6 +62,7 @@ class SearchQuery:
     task: str | None = None
     tags: tuple[str, ...] = ()
     author: str | None = None
+    dataset: str | None = None
     sort: str = "downloads"  # "downloads" or "recent"
     limit: int = 20
 
@@ -72,6 +73,8 @@ class SearchQuery:
             tags.append(f"base_model:adapter:{self.base_model}")
         if self.method:
             tags.append(self.method.lower())
+        if self.dataset:
+            tags.append(f"dataset:{self.dataset}")  # the card's ``datasets``, as the Hub tags them
         tags += [t for t in self.tags if t not in tags]
         return tags
 

@@ -173,18 +173,19 @@ def pull_command(ref: str, hub: str | None, revision: str | None, out: str | Non
 @click.option("--task", default=None, help="Task, e.g. text-classification (or a PEFT task type: CAUSAL_LM).")
 @click.option("--tag", multiple=True, help="A card tag every hit must have (repeatable).")
 @click.option("--author", default=None, help="Namespace (user or organization).")
+@click.option("--dataset", default=None, help="Adapters whose card lists this dataset (hub id).")
 @click.option("--sort", type=click.Choice(["downloads", "recent"]), default="downloads", show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
 @_token_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def search_command(text: str | None, hub: str | None, base_model: str | None, method: str | None,
-                   task: str | None, tag: tuple[str, ...], author: str | None, sort: str, limit: int,
-                   token_file: str | None, as_json: bool) -> None:
-    """Find adapters by TEXT, base model, method, task, tags and author."""
+                   task: str | None, tag: tuple[str, ...], author: str | None, dataset: str | None, sort: str,
+                   limit: int, token_file: str | None, as_json: bool) -> None:
+    """Find adapters by TEXT, base model, method, task, tags, author and dataset."""
     from peftkit.hub_client.api import search
 
     hits = search(text, hub, base_model=base_model, method=method, task=task, tags=list(tag), author=author,
-                  sort=sort, limit=limit, token=_token(token_file))
+                  dataset=dataset, sort=sort, limit=limit, token=_token(token_file))
     if as_json:
         _echo_json([h.to_json() for h in hits])
         return

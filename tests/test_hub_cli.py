@@ -41,7 +41,7 @@ def _logits(model: torch.nn.Module) -> torch.Tensor:
 def test_push_search_json_info_pull(hub_env: Path, folders: dict[str, Path], capsys) -> None:  # noqa: F811
     h = f"local:{hub_env / 'hub'}"
     code, out, _ = _cli(capsys, "hub", "push", str(folders["lang"]), "alice/lang", "--hub", h, "--task",
-                        "translation", "--metric", "bleu=21.5", "--tag", "german", "--json", "-q")
+                        "translation", "--metric", "bleu=21.5", "--tag", "german", "--dataset", "wmt19", "--json", "-q")
     assert code == 0
     pushed = json.loads(out)
     assert pushed["repo_id"] == "alice/lang" and len(pushed["commit"]) == 40 and pushed["created"]
@@ -61,6 +61,8 @@ def test_push_search_json_info_pull(hub_env: Path, folders: dict[str, Path], cap
     assert header.split()[:3] == ["REPO", "METHOD", "BASE"] and row.split()[:4] == ["alice/lang", "lora", BASE_ID,
                                                                                      "translation"]
     assert _cli(capsys, "hub", "search", "nothing-like-this", "--hub", h)[2].strip() == "No adapter matches."
+    code, out, _ = _cli(capsys, "hub", "search", "--hub", h, "--dataset", "wmt19", "--json")
+    assert code == 0 and [hit["repo_id"] for hit in json.loads(out)] == ["alice/lang"]
 
     code, out, _ = _cli(capsys, "hub", "info", "alice/lang", "--hub", h)
     assert code == 0 and "method: lora" in out and f"main -> {pushed['commit']}" in out

@@ -63,6 +63,8 @@ def test_push_find_pull_and_compose(any_hub: HubUnderTest, folders: dict[str, Pa
     assert [a.repo_id for a in hub.search(hub=h, method="lora", base_model=BASE_ID)] == ["alice/lang"]
     assert [a.repo_id for a in hub.search("german", hub=h)] == ["alice/lang"]
     assert hub.search(hub=h, base_model="meta-llama/Llama-3.2-1B") == []
+    assert [a.repo_id for a in hub.search(hub=h, dataset="wmt19")] == ["alice/lang"]
+    assert hub.search(hub=h, dataset="conll2003") == []
     assert [a.repo_id for a in hub.search(hub=h, author="alice", sort="recent", limit=1)] == ["alice/ner"]
 
     # the card the push wrote
