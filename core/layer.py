@@ -237,9 +237,21 @@ class TunerLayer(nn.Module):
 
     # -- merging ---------------------------------------------------------------
 
+    def check_mergeable(self, name: str) -> None:
+        """Raise MergeError if adapter ``name`` cannot be folded into this layer's weights."""
+        from .base_layers import quantization_of
+
+        quantized = quantization_of(self.base_layer)
+        if quantized and name in self.adapters:
+            raise MergeError(f"adapter {name!r} cannot be merged into {type(self.base_layer).__name__}: its weights "
+                             f"are quantized ({quantized}) and merging would re-quantize them; keep the adapter "
+                             f"unmerged, or load the base model unquantized (e.g. torch_dtype=torch.bfloat16), load "
+                             f"the adapter onto it and merge there")
+
     def merge(self, name: str) -> None:
         if name in self.merged or name not in self.adapters:
             return
+        self.check_mergeable(name)
         self.adapters[name].merge(self.base_layer)
         self.merged.append(name)
 

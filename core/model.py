@@ -58,6 +58,8 @@ class AdaptedModel(CompositionMixin, nn.Module):
         self._hook_handle: Any = None
         for param in model.parameters():
             param.requires_grad_(False)
+        #: Whether the base model holds quantized layers (they need care when training starts).
+        self._quantized = any(not p.dtype.is_floating_point for p in model.parameters())
 
     # -- attribute access falls through to the wrapped model ---------------------
 
@@ -71,6 +73,21 @@ class AdaptedModel(CompositionMixin, nn.Module):
 
     def get_base_model(self) -> nn.Module:
         return self.base_model
+
+    def train(self, mode: bool = True) -> "AdaptedModel":
+        super().train(mode)
+        if mode and self._quantized:
+            from .base_layers import unpack_for_training
+
+            unpack_for_training(self.base_model)  # gradients through 4-bit layers on CPU, see there
+        return self
+
+    @property
+    def _hf_peft_config_loaded(self) -> bool:
+        """transformers' flag for "trainable adapters are attached": its Trainer refuses to fine-tune a
+        quantized model without them, and accepts this wrapper (set here, never on the base model, whose
+        save_pretrained would read it)."""
+        return bool(self._records)
 
     @property
     def architecture(self) -> ArchitectureSpec | None:
@@ -324,10 +341,21 @@ class AdaptedModel(CompositionMixin, nn.Module):
             if not record.method.can_merge:
                 raise MergeError(f"adapter {name!r} uses method {record.method.name!r}, which cannot be "
                                  f"merged into base weights; keep it unmerged")
+        for name in names:  # refusals before any weight changes
+            for _, layer in self._tuner_layers():
+                layer.check_mergeable(name)
+        done: list[tuple[TunerLayer, str]] = []
         with torch.no_grad():
-            for name in names:
-                for _, layer in self._tuner_layers():
-                    layer.merge(name)
+            try:
+                for name in names:
+                    for _, layer in self._tuner_layers():
+                        if name in layer.adapters and name not in layer.merged:
+                            layer.merge(name)
+                            done.append((layer, name))
+            except BaseException:
+                for layer, name in reversed(done):  # a refusal part way leaves no layer merged
+                    layer.unmerge(name)
+                raise
 
     def unmerge_adapter(self) -> None:
         with torch.no_grad():

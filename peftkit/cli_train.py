@@ -70,6 +70,9 @@ def _labels(_ctx: click.Context, _param: click.Parameter, value: str | None) -> 
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations to save memory.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16", "auto"]), default="float32",
               help="dtype the base model is loaded in (auto: as saved).")
+@click.option("--quantize", type=click.Choice(["4bit", "8bit"]), default=None,
+              help="Load the base model quantized with bitsandbytes (4bit: NF4, QLoRA); the adapter trains in "
+                   "float32 on top.")
 @click.option("--eval-steps", type=click.IntRange(min=1), default=None,
               help="Evaluate every N steps [default: at the end of every epoch].")
 @click.option("--logging-steps", type=click.IntRange(min=1), default=10, help="Log the loss every N steps.")

@@ -39,6 +39,8 @@ RESULTS_FILE = "train_results.json"
 TRAINABLE_STATE_FILE = "trainable_state.safetensors"
 CHECKPOINT_PREFIX = "checkpoint-"
 DTYPES = ("float32", "bfloat16", "float16", "auto")
+#: How ``quantize`` loads the base model (bitsandbytes): None keeps it unquantized.
+QUANTIZE = (None, "4bit", "8bit")
 
 
 @dataclass
@@ -70,6 +72,7 @@ class TrainOptions:
     cpu: bool = False
     gradient_checkpointing: bool = False
     dtype: str = "float32"
+    quantize: str | None = None  # "4bit" (NF4, QLoRA) or "8bit": load the base model quantized with bitsandbytes
     # evaluation, logging, checkpoints
     eval_steps: int | None = None
     logging_steps: int = 10
@@ -110,6 +113,15 @@ class TrainOptions:
             raise PeftkitError("warmup_steps and weight_decay must be >= 0")
         if self.dtype not in DTYPES:
             raise PeftkitError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        if self.quantize not in QUANTIZE:
+            raise PeftkitError(f"quantize must be one of {', '.join(q for q in QUANTIZE if q)} (or unset), "
+                               f"not {self.quantize!r}")
+        if self.quantize:
+            import importlib.util
+
+            if importlib.util.find_spec("bitsandbytes") is None:
+                raise PeftkitError(f"quantize={self.quantize!r} loads the base model with bitsandbytes, which is not "
+                                   f"installed: pip install bitsandbytes")
 
     def fields(self) -> Fields:
         return Fields(text=self.text_field, text_pair=self.text_pair_field, label=self.label_field,
@@ -205,6 +217,9 @@ def make_plan(model: Any, method: str | AdapterConfig, data: Any, eval_data: Any
     if adapted_module is not None and isinstance(model, adapted_module.AdaptedModel):
         raise PeftkitError("pass the base model: train() adds the adapter itself (it got an AdaptedModel)")
     _check_model_source(model)
+    if opts.quantize and not isinstance(model, (str, os.PathLike)):
+        raise PeftkitError(f"quantize={opts.quantize!r} applies when train() loads the model from a folder or hub id; "
+                           f"a model object is used as it is (quantize it when you load it)")
     method_obj, config = parse_spec(method)
     checkpoint_dir = Path(opts.checkpoint_dir) if opts.checkpoint_dir else out / "checkpoints"
     resume_from = _resolve_resume(opts.resume, checkpoint_dir)

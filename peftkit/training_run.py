@@ -44,7 +44,7 @@ def _run(plan: TrainPlan, tokenizer: Any, callbacks: list[TrainerCallback]) -> T
     say = _Reporter(opts.quiet or not is_main_process())  # the Trainer confirms the rank below
     set_seed(opts.seed)  # before the model: a new task head and the adapter start the same in every run
     tok = _load_tokenizer(tokenizer, plan.model, task)
-    base, fresh = _load_model(plan.model, task, labels, opts.dtype)
+    base, fresh = _load_model(plan.model, task, labels, opts.dtype, opts.quantize)
     _align_pad_token(tok, base)
     max_length = _effective_max_length(opts.max_length, tok, base)
     train_set = _encode(task, tok, plan.train_examples, max_length, labels, base, plan.data, say)
@@ -160,7 +160,8 @@ def _load_tokenizer(tokenizer: Any, model: Any, task: str) -> Any:
     return tok
 
 
-def _load_model(model: Any, task: str, labels: LabelMap | None, dtype: str) -> tuple[nn.Module, list[str]]:
+def _load_model(model: Any, task: str, labels: LabelMap | None, dtype: str,
+                quantize: str | None = None) -> tuple[nn.Module, list[str]]:
     """The model for ``task``, and the names of its weights that the checkpoint did not hold."""
     if isinstance(model, nn.Module):
         if labels is not None:
@@ -178,6 +179,8 @@ def _load_model(model: Any, task: str, labels: LabelMap | None, dtype: str) -> t
     auto = getattr(transformers, _AUTO_CLASSES[task])
     kwargs: dict[str, Any] = dict(labels.config_kwargs()) if labels is not None else {}
     kwargs[_dtype_argument()] = getattr(torch, dtype) if dtype != "auto" else "auto"
+    if quantize:
+        kwargs.update(_quantized_loading(quantize, dtype))
     if labels is not None:
         kwargs["ignore_mismatched_sizes"] = True  # a head for other labels is replaced, and trained with the adapter
     verbosity = hf_logging.get_verbosity()
@@ -209,6 +212,21 @@ def _report_fresh_weights(fresh: list[str], modules_to_save: list[str], say: _Re
     if other:
         say(f"warning: {len(other)} weight(s) are not in the checkpoint and stay random (not trained): "
             f"{', '.join(other[:5])}{' ...' if len(other) > 5 else ''}")
+
+
+def _quantized_loading(quantize: str, dtype: str) -> dict[str, Any]:
+    """from_pretrained arguments for a bitsandbytes-quantized base (QLoRA: NF4 with double quantization,
+    computing in the run's dtype), on this process's device."""
+    from transformers import BitsAndBytesConfig
+
+    compute = getattr(torch, dtype) if dtype != "auto" else torch.float32
+    if quantize == "4bit":
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                    bnb_4bit_compute_dtype=compute)
+    else:
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
+    return {"quantization_config": config, "device_map": {"": device}}
 
 
 def _dtype_argument() -> str:

@@ -19,16 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from peftkit.core.errors import MergeError
+from peftkit.core.base_layers import is_conv1d, linear_features, quantization_of, weight_out_in
 from peftkit.core.layer import LayerAdapter
-
-
-def is_conv1d(base: nn.Module) -> bool:
-    return type(base).__name__ == "Conv1D"
-
-
-def in_out_features(base: nn.Module) -> tuple[int, int]:
-    weight = base.weight
-    return (weight.shape[0], weight.shape[1]) if is_conv1d(base) else (weight.shape[1], weight.shape[0])
 
 
 class IA3Vector(LayerAdapter):
@@ -37,8 +29,10 @@ class IA3Vector(LayerAdapter):
     def __init__(self, base: nn.Module, feedforward: bool, init_weights: bool = True,
                  dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        in_f, out_f = in_out_features(base)
+        in_f, out_f = linear_features(base)
         self.feedforward, self.conv1d = feedforward, is_conv1d(base)
+        # A quantized layer's weight cannot be read as a matrix: its feed-forward delta runs the layer itself.
+        self.quantized = quantization_of(base) is not None
         shape = (1, in_f) if feedforward else (out_f, 1)
         self.ia3_l = nn.Parameter(torch.ones(shape, dtype=dtype, device=base.weight.device))
         if not init_weights:
@@ -48,13 +42,14 @@ class IA3Vector(LayerAdapter):
 
     # -- forward -----------------------------------------------------------------
 
-    def _weight_out_in(self, base: nn.Module) -> torch.Tensor:
-        return base.weight.t() if self.conv1d else base.weight
-
     def delta(self, x: torch.Tensor, h: torch.Tensor, base: nn.Module) -> torch.Tensor:
         scale = self.ia3_l.flatten()
         if self.feedforward:
-            weight = self._weight_out_in(base)
+            if self.quantized:  # W (x (l - 1)) through the layer itself, without its bias
+                bias = getattr(base, "bias", None)
+                out = base((x.to(scale.dtype) * (scale - 1)).to(x.dtype))
+                return (out - bias if bias is not None else out).to(h.dtype)
+            weight = weight_out_in(base)
             shifted = (x.to(scale.dtype) * (scale - 1)).to(weight.dtype)
             return F.linear(shifted, weight).to(h.dtype)
         return (h * (scale - 1)).to(h.dtype)

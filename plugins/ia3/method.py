@@ -74,22 +74,21 @@ class IA3Method(Method):
 
     def create_layer_adapter(self, site: Site, base_layer: "nn.Module", config: AdapterConfig,
                              model: "nn.Module") -> "nn.Module":
-        import torch
+        from peftkit.core.base_layers import adapter_dtype
 
         from .layer import IA3Vector
 
         assert isinstance(config, IA3Config)
-        weight = base_layer.weight
-        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+        dtype = adapter_dtype(base_layer)
         return IA3Vector(base_layer, feedforward=site.role == FEEDFORWARD, init_weights=config.init_ia3_weights,
                          dtype=dtype)
 
     def expected_parameter_count(self, model: "nn.Module", config: AdapterConfig, sites: list[Site]) -> int:
-        from .layer import in_out_features
+        from peftkit.core.base_layers import linear_features
 
         total = 0
         for site in sites:
-            in_f, out_f = in_out_features(_base(model, site.name))
+            in_f, out_f = linear_features(_base(model, site.name))
             total += in_f if site.role == FEEDFORWARD else out_f
         return total
 

@@ -14,29 +14,22 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from peftkit.core.base_layers import adapter_dtype, is_conv1d, linear_features, weight_out_in
 from peftkit.core.layer import LayerAdapter
 
 
-def _is_conv1d(base: nn.Module) -> bool:
-    return type(base).__name__ == "Conv1D"
-
-
-def _weight_out_in(base: nn.Module) -> torch.Tensor:
-    """The base weight as (out, in), whatever the layer stores."""
-    return base.weight.t() if _is_conv1d(base) else base.weight
 
 
 class LoraLinear(LayerAdapter):
     def __init__(self, base: nn.Module, r: int, scale: float, dropout: float, init: bool | str,
                  use_dora: bool) -> None:
         super().__init__()
-        weight = _weight_out_in(base)
-        out_f, in_f = weight.shape
+        in_f, out_f = linear_features(base)  # a quantized layer's packed weight has another shape
         self.r, self.scale, self.use_dora = r, float(scale), use_dora
         self.in_features, self.out_features = in_f, out_f
-        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
-        self.lora_A = nn.Parameter(torch.empty(r, in_f, dtype=dtype, device=weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(out_f, r, dtype=dtype, device=weight.device))
+        dtype, device = adapter_dtype(base), base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(r, in_f, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(out_f, r, dtype=dtype, device=device))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
         if init == "gaussian":
             nn.init.normal_(self.lora_A, std=1 / r)
@@ -97,7 +90,7 @@ class LoraLinear(LayerAdapter):
         if cache is not None and cache[0] == key and not torch.is_grad_enabled():
             return cache[1]
         with torch.no_grad():
-            w = _weight_out_in(base).to(A.dtype)
+            w = weight_out_in(base).to(A.dtype)
             w_key = (weight._version, id(weight))
             if self._w_sq_cache is None or self._w_sq_cache[0] != w_key:
                 self._w_sq_cache = (w_key, (w * w).sum(dim=1))
@@ -118,10 +111,10 @@ class LoraLinear(LayerAdapter):
         """Change to ``base.weight`` (in the layout the layer stores)."""
         delta = self.lora_delta_out_in()
         if self.use_dora:
-            w = _weight_out_in(base).to(delta.dtype)
+            w = weight_out_in(base).to(delta.dtype)
             norm = self._weight_norm(base)
             delta = (self.lora_magnitude_vector / norm).unsqueeze(1) * (w + delta) - w
-        return delta.t() if _is_conv1d(base) else delta
+        return delta.t() if is_conv1d(base) else delta
 
     def merge(self, base: nn.Module) -> None:
         if self.use_dora:
@@ -136,7 +129,7 @@ class LoraLinear(LayerAdapter):
         weight = base.weight
         factor = (self._merged_norm / self.lora_magnitude_vector).to(weight.dtype)
         lora = self.lora_delta_out_in().to(weight.dtype)
-        if _is_conv1d(base):
+        if is_conv1d(base):
             weight.data = weight.data * factor.unsqueeze(0) - lora.t()
         else:
             weight.data = weight.data * factor.unsqueeze(1) - lora
@@ -169,7 +162,7 @@ class LoraEmbedding(LayerAdapter):
         super().__init__()
         self.r, self.scale = r, float(scale)
         weight = base.weight
-        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+        dtype = adapter_dtype(base)
         self.lora_embedding_A = nn.Parameter(torch.zeros(r, base.num_embeddings, dtype=dtype, device=weight.device))
         self.lora_embedding_B = nn.Parameter(torch.empty(base.embedding_dim, r, dtype=dtype, device=weight.device))
         nn.init.normal_(self.lora_embedding_B)

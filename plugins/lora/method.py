@@ -64,6 +64,14 @@ class LoraMethod(Method):
         scale = alpha / (r ** 0.5) if config.use_rslora else alpha / r
         from peftkit.core.targets import is_embedding
 
+        if config.use_dora:
+            from peftkit.core.base_layers import quantization_of
+
+            quantized = quantization_of(base_layer)
+            if quantized:
+                raise ConfigError(f"lora: DoRA rescales the base weight's rows, but {site.name} is quantized "
+                                  f"({quantized}); use plain LoRA on a quantized model (QLoRA), or DoRA on an "
+                                  f"unquantized one")
         if is_embedding(base_layer):
             if config.use_dora:
                 raise ConfigError(f"lora: DoRA is not available for Embedding layers ({site.name}); "
@@ -72,6 +80,7 @@ class LoraMethod(Method):
         return LoraLinear(base_layer, r, scale, config.dropout, config.init_weights, config.use_dora)
 
     def expected_parameter_count(self, model: "nn.Module", config: AdapterConfig, sites: list[Site]) -> int:
+        from peftkit.core.base_layers import linear_features
         from peftkit.core.targets import base_of, is_embedding
 
         assert isinstance(config, LoraConfig)
@@ -82,8 +91,7 @@ class LoraMethod(Method):
             if is_embedding(base):
                 total += r * (base.num_embeddings + base.embedding_dim)
                 continue
-            w = base.weight
-            out_f, in_f = (w.shape[1], w.shape[0]) if type(base).__name__ == "Conv1D" else w.shape
+            in_f, out_f = linear_features(base)
             total += r * (in_f + out_f) + (out_f if config.use_dora else 0)
         return total
 

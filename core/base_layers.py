@@ -1,0 +1,91 @@
+"""What peftkit needs to know of a layer it wraps: its shape and layout, and whether its weights are
+quantized (bitsandbytes' 4-bit and 8-bit layers, or any layer whose weight is not a float tensor).
+
+Adapters on a quantized layer read only its output (and input), never its weight: LoRA adds
+``s B A x`` to what the quantized layer computes (QLoRA), in float32 parameters. Whatever needs
+the weight itself (merging into it, DoRA's row norms) is refused on such layers with the reason.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+#: Friendly names of the quantized layer classes met most often.
+_KNOWN = {"Linear4bit": "4-bit (bitsandbytes)", "Linear8bitLt": "8-bit (bitsandbytes)"}
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2): a linear layer storing its weight as (in, out)."""
+    return type(module).__name__ == "Conv1D"
+
+
+def linear_features(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a linear-like layer, quantized ones included (whose packed
+    weight has another shape)."""
+    if is_conv1d(module):
+        weight = module.weight
+        return int(weight.shape[0]), int(weight.shape[1])
+    in_f, out_f = getattr(module, "in_features", None), getattr(module, "out_features", None)
+    if isinstance(in_f, int) and isinstance(out_f, int):
+        return in_f, out_f
+    weight = module.weight
+    return int(weight.shape[1]), int(weight.shape[0])
+
+
+def weight_out_in(module: nn.Module) -> torch.Tensor:
+    """The float weight as (out, in), whatever layout the layer stores (callers check quantization)."""
+    return module.weight.t() if is_conv1d(module) else module.weight
+
+
+def quantization_of(module: nn.Module) -> str | None:
+    """How ``module``'s weight is quantized ("4-bit (bitsandbytes)", ...), or None for a float weight."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dtype.is_floating_point:
+        return None
+    name = type(module).__name__
+    return _KNOWN.get(name, f"{name} with {str(weight.dtype).replace('torch.', '')} weights")
+
+
+def adapter_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of an adapter's parameters on ``module``: the weight's when it is float32/float64,
+    float32 otherwise (half-precision and quantized bases train adapters in float32, as PEFT does)."""
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dtype in (torch.float32, torch.float64):
+        return weight.dtype
+    return torch.float32
+
+
+def packed_for_cpu_inference(model: nn.Module) -> list[nn.Module]:
+    """The bitsandbytes 4-bit layers of ``model`` whose weight bitsandbytes has repacked for its CPU
+    inference kernel (see :func:`unpack_for_training`)."""
+    seen: set[int] = set()
+    layers = []
+    for module in model.modules():
+        weight = module._parameters.get("weight")  # its own weight (a wrapper's .weight property is its base's)
+        state = getattr(weight, "quant_state", None)
+        if getattr(state, "packing_format_for_cpu", False) and id(weight) not in seen:
+            seen.add(id(weight))
+            layers.append(module)
+    return layers
+
+
+def unpack_for_training(model: nn.Module) -> int:
+    """Undo bitsandbytes' CPU inference packing of 4-bit weights; returns how many layers it changed.
+
+    On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit layer's weight for a bfloat16 kernel the
+    first time the layer runs in eval mode, and keeps that layout after ``model.train()``. That kernel
+    has no backward, so gradients through the layer (to every adapter before it) come out wrong after
+    any evaluation. peftkit calls this when an AdaptedModel is put in training mode.
+    """
+    layers = packed_for_cpu_inference(model)
+    if not layers:
+        return 0
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    for module in layers:
+        weight = module.weight
+        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+        if getattr(module, "quant_state", None) is not None:
+            module.quant_state = weight.quant_state
+    return len(layers)
