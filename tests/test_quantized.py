@@ -251,3 +251,28 @@ def test_training_after_an_evaluation_gets_the_same_gradients() -> None:
         torch.testing.assert_close(after[name], grad, rtol=0.02, atol=2e-3)
     if packed:  # this CPU has the kernel: the check above is the one that matters
         assert packed == 14
+
+
+def test_peft_loads_the_adapter_onto_its_own_quantized_model_with_identical_logits(tmp_path: Path) -> None:
+    """The real peft package, with its bitsandbytes LoRA layers, on the same model loaded in 4-bit by
+    transformers (as users load it)."""
+    import peft
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    _llama().save_pretrained(tmp_path / "base")
+
+    def load() -> torch.nn.Module:
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=config,
+                                                    device_map={"": "cpu"}).train()
+
+    model = peftkit.adapt(load(), "lora[r=4,alpha=8,target_modules=all-linear]")
+    randomize(model, seed=7)
+    model.save_adapter(str(tmp_path / "a"))
+    theirs = peft.PeftModel.from_pretrained(load(), str(tmp_path / "a"))
+    layer = theirs.base_model.model.model.layers[0].self_attn.q_proj
+    assert type(layer).__module__ == "peft.tuners.lora.bnb"  # peft's own 4-bit LoRA layer
+    theirs.train()
+    with torch.no_grad():
+        expected = theirs(**sample_inputs("llama")).logits
+    assert torch.equal(output_of(model, "llama"), expected)
