@@ -19,7 +19,7 @@ import tempfile
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from timing import interleaved, table  # noqa: E402
+from timing import interleaved, lm_forward, lm_train_step, table  # noqa: E402
 
 
 def build_base():
@@ -75,32 +75,20 @@ def main() -> None:
     for m in (peft_model, ours, frozen):
         m.train()
 
-    def stepper(model):
-        def step(backward=True):
-            out = model(input_ids=ids, labels=ids)
-            if backward:
-                out.loss.backward()
-                for p in model.parameters():
-                    p.grad = None
-        return step
-
-    steps = {"peftkit": stepper(ours), "peft": stepper(peft_model), "frozen base": stepper(frozen)}
+    steps = {"peftkit": lm_train_step(ours, ids), "peft": lm_train_step(peft_model, ids),
+             "frozen base": lm_train_step(frozen, ids)}
     train = interleaved(steps, repeats=args.repeats)
 
     for m in (peft_model, ours):
         m.eval()
 
-    def fwd(model):
-        def run():
-            with torch.inference_mode():
-                model(input_ids=ids)
-        return run
-
     base.eval()
-    unmerged = interleaved({"peftkit": fwd(ours), "peft": fwd(peft_model), "base": fwd(base)}, repeats=args.repeats)
+    unmerged = interleaved({"peftkit": lm_forward(ours, ids), "peft": lm_forward(peft_model, ids),
+                            "base": lm_forward(base, ids)}, repeats=args.repeats)
     ours.merge_adapter()
     peft_model.merge_adapter()
-    merged = interleaved({"peftkit": fwd(ours), "peft": fwd(peft_model)}, repeats=args.repeats)
+    merged = interleaved({"peftkit": lm_forward(ours, ids), "peft": lm_forward(peft_model, ids)},
+                         repeats=args.repeats)
     ours.unmerge_adapter()
     peft_model.unmerge_adapter()
 

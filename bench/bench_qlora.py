@@ -20,7 +20,7 @@ import tempfile
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from timing import interleaved, table  # noqa: E402
+from timing import interleaved, lm_forward, lm_train_step, table  # noqa: E402
 
 
 def build_base():
@@ -65,25 +65,12 @@ def main() -> None:
     with torch.no_grad():
         diff = (ours(input_ids=ids).logits - theirs(input_ids=ids).logits).abs().max().item()
 
-    def stepper(model):
-        def step():
-            out = model(input_ids=ids, labels=ids)
-            out.loss.backward()
-            for p in model.parameters():
-                p.grad = None
-        return step
-
-    train = interleaved({"peftkit": stepper(ours), "peft": stepper(theirs)}, repeats=args.repeats)
-
-    def forward(model):
-        def run():
-            with torch.inference_mode():
-                model(input_ids=ids)
-        return run
+    train = interleaved({"peftkit": lm_train_step(ours, ids), "peft": lm_train_step(theirs, ids)},
+                        repeats=args.repeats)
 
     for m in (ours, theirs):
         m.eval()  # bitsandbytes' packed CPU inference kernel, where the CPU has it
-    infer = interleaved({"peftkit": forward(ours), "peft": forward(theirs)}, repeats=args.repeats)
+    infer = interleaved({"peftkit": lm_forward(ours, ids), "peft": lm_forward(theirs, ids)}, repeats=args.repeats)
 
     ms = lambda s: f"{s * 1000:.1f} ms"  # noqa: E731
     rows = [

@@ -13,6 +13,7 @@ Run: python bench/gpu_check.py
 from __future__ import annotations
 
 import copy
+import os
 import statistics
 import sys
 import tempfile
@@ -20,6 +21,9 @@ import time
 import warnings
 
 import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from timing import lm_forward, lm_train_step  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
@@ -107,18 +111,10 @@ def timings() -> None:
     frozen.enable_input_require_grads()
 
     def step(model):
-        def run():
-            out = model(input_ids=ids, labels=ids)
-            out.loss.backward()
-            for p in model.parameters():
-                p.grad = None
-        return run
+        return lm_train_step(model, ids)
 
     def fwd(model):
-        def run():
-            with torch.inference_mode():
-                model(input_ids=ids)
-        return run
+        return lm_forward(model, ids)
 
     for m in (ours, theirs, frozen):
         m.train()

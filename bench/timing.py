@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from typing import Any, Callable
 
 
 def median_time(fn: Callable[[], object], repeats: int = 7, warmup: int = 2) -> float:
@@ -33,6 +33,28 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int = 7, warmup: 
             fn()
             samples[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def lm_train_step(model: Any, ids: Any) -> Callable[..., None]:
+    """A causal-LM training step on ``ids`` (labels = inputs): forward, and backward unless
+    ``backward=False``; gradients are dropped after each step."""
+    def step(backward: bool = True) -> None:
+        out = model(input_ids=ids, labels=ids)
+        if backward:
+            out.loss.backward()
+            for p in model.parameters():
+                p.grad = None
+    return step
+
+
+def lm_forward(model: Any, ids: Any) -> Callable[[], None]:
+    """An inference forward of ``model`` on ``ids``."""
+    def run() -> None:
+        import torch
+
+        with torch.inference_mode():
+            model(input_ids=ids)
+    return run
 
 
 def table(rows: list[list[str]], headers: list[str]) -> str:
