@@ -3,7 +3,8 @@
 ``merge_adapters(model, ["a", "b"], [w_a, w_b], name="m", strategy=...)``
 works site by site on the weight changes D_i = s_i B_i A_i (s_i each
 adapter's own scale: alpha/r, alpha/sqrt(r) for rsLoRA, per-module
-rank/alpha patterns included). The result is a LoRA of rank ``rank`` with
+rank/alpha patterns included; on a convolution A and B are flattened to
+(r, in * kernel) and (out, r)). The result is a LoRA of rank ``rank`` with
 scale 1 (alpha = r, no rsLoRA), whose B A is:
 
 - ``cat``: sum_i w_i D_i exactly, factors concatenated ([B_1 ... B_k],
@@ -86,16 +87,23 @@ def _needs(fn: Callable[..., Any], option: str) -> bool:
 # -- the factors of each member at each site ---------------------------------------------------------
 
 
+def _live_factors(adapter: Any) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    """(A, B, scale), the live parameters of an adapter whose weight change is scale * B @ A once A and B
+    are flattened to (r, in...) and (out, r...): ``low_rank()``, or ``weight_factors()`` where the factors
+    are no matrices (LoRA on a convolution: A (r, in, *kernel), B (out, r, 1, ...))."""
+    get = getattr(adapter, "weight_factors", None) or getattr(adapter, "low_rank", None)
+    return get() if get is not None else None
+
+
 def _member_factors(model: "AdaptedModel", names: Sequence[str]) -> list[tuple[str, "TunerLayer", dict]]:
-    """[(site, layer, {adapter: (A, B, scale)})] for every site where a member acts."""
+    """[(site, layer, {adapter: (A, B, scale)})] for every site where a member acts, A and B as matrices."""
     out = []
     for site, layer in model._tuner_layers():
         found: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
         for name in names:
             if name not in layer.adapters:
                 continue
-            get = getattr(layer.adapters[name], "low_rank", None)
-            fac = get() if get is not None else None
+            fac = _live_factors(layer.adapters[name])
             if fac is None:
                 record = model.adapter_record(name)
                 if getattr(record.config, "use_dora", False):
@@ -106,7 +114,7 @@ def _member_factors(model: "AdaptedModel", names: Sequence[str]) -> list[tuple[s
                         f"with merge_adapter([{name!r}]) instead")
                 raise MergeError(f"adapter {name!r} (method {record.method.name!r}) has no low-rank weight change "
                                  f"at {site}; weight-space merging works for LoRA adapters")
-            found[name] = fac
+            found[name] = (fac[0].flatten(1), fac[1].flatten(1), fac[2])
         if found:
             out.append((site, layer, found))
     return out
@@ -369,16 +377,17 @@ def _write_factors(model: "AdaptedModel", name: str, merged: dict[str, tuple[tor
                 continue
             if site not in merged:
                 raise MergeError(f"internal: the merged adapter has a module at {site} but no merged weights")
-            a_live, b_live, scale = layer.adapters[name].low_rank()
+            a_live, b_live, scale = _live_factors(layer.adapters[name])
             a_new, b_new = merged[site]
-            if tuple(a_live.shape) != tuple(a_new.shape) or tuple(b_live.shape) != tuple(b_new.shape):
+            if tuple(a_live.flatten(1).shape) != tuple(a_new.shape) or \
+                    tuple(b_live.flatten(1).shape) != tuple(b_new.shape):
                 raise MergeError(f"internal: merged factors at {site} have shapes {tuple(a_new.shape)}, "
                                  f"{tuple(b_new.shape)}; the new adapter has {tuple(a_live.shape)}, "
                                  f"{tuple(b_live.shape)}")
             # A fresh adapter: take the new tensors as the parameters' storage (no copy).
-            a_live.data = a_new.to(device=a_live.device, dtype=a_live.dtype).contiguous()
-            b_live.data = (b_new if scale == 1.0 else b_new / scale).to(device=b_live.device,
-                                                                       dtype=b_live.dtype).contiguous()
+            a_live.data = a_new.reshape(a_live.shape).to(device=a_live.device, dtype=a_live.dtype).contiguous()
+            b_new = (b_new if scale == 1.0 else b_new / scale).reshape(b_live.shape)
+            b_live.data = b_new.to(device=b_live.device, dtype=b_live.dtype).contiguous()
             written.add(site)
     missing = sorted(set(merged) - written)
     if missing:

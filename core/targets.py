@@ -42,6 +42,14 @@ def is_embedding(module: "nn.Module") -> bool:
     return isinstance(base_of(module), nn.Embedding)
 
 
+def is_conv(module: "nn.Module") -> bool:
+    """torch's Conv1d/Conv2d/Conv3d (not transposed ones). Never matched by "all-linear": methods that
+    adapt convolutions (LoRA) take them when target_modules names them or a regex matches them."""
+    import torch.nn as nn
+
+    return isinstance(base_of(module), (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+
+
 def iter_candidate_modules(model: "nn.Module") -> Iterable[tuple[str, "nn.Module"]]:
     """Named modules of the user's model, skipping peftkit's own internals."""
     from .layer import ModulesToSave, TunerLayer
@@ -113,7 +121,7 @@ def find_targets(model: "nn.Module", config: "AdapterConfig", arch: "Architectur
             raise TargetError(
                 f"method {method!r} has no default target modules for model type {model_type!r}; "
                 f"pass target_modules (a list of names, a regex, or 'all-linear'), e.g. "
-                f"{method}[target_modules=[...]]. Linear layers in this model: "
+                f"{method}[target_modules=[...]]. Linear, embedding and convolution layers in this model: "
                 f"{', '.join(_sample_linear_names(model))}")
         targets = list(default)
         config.target_modules = targets  # saved explicitly, so the file needs no table to be read
@@ -145,7 +153,7 @@ def find_targets(model: "nn.Module", config: "AdapterConfig", arch: "Architectur
 def _sample_linear_names(model: "nn.Module", limit: int = 12) -> list[str]:
     suffixes: list[str] = []
     for name, module in iter_candidate_modules(model):
-        if name and (is_linear_like(module) or is_embedding(module)):
+        if name and (is_linear_like(module) or is_embedding(module) or is_conv(module)):
             short = re.sub(r"\.\d+\.", ".N.", name)
             if short not in suffixes:
                 suffixes.append(short)

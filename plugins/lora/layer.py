@@ -1,4 +1,5 @@
-"""LoRA modules: Linear (and GPT-2's Conv1D) with optional DoRA, and Embedding.
+"""LoRA modules: Linear (and GPT-2's Conv1D) with optional DoRA, and Embedding; ``LoraFactors`` is
+shared with the convolution module (conv.py).
 
 The unmerged forward is written for speed: the low-rank product is added to
 the base output with one fused ``addmm`` (scale folded in), and DoRA's
@@ -18,33 +19,63 @@ from peftkit.core.base_layers import adapter_dtype, is_conv1d, linear_features, 
 from peftkit.core.layer import LayerAdapter
 
 
+class LoraFactors(LayerAdapter):
+    """What LoRA's modules on linear and convolution layers share: the factors ``lora_A`` / ``lora_B``
+    with PEFT's init, dropout on the LoRA input, DoRA's magnitude (starting at the weight's norms,
+    whose merge-time value unmerging needs) and PEFT's file keys."""
+
+    r: int
+    scale: float
+    use_dora: bool
+
+    def _set_factors(self, base: nn.Module, a_shape: tuple[int, ...], b_shape: tuple[int, ...], dropout: float,
+                     init: bool | str, magnitude_shape: tuple[int, ...] | None = None) -> None:
+        """lora_A (``a_shape``): Kaiming-uniform, or Gaussian with std 1/r for init="gaussian"; lora_B
+        (``b_shape``): zeros (random for init=False, for tests); with DoRA the magnitude is the norm
+        from ``_weight_norm``, shaped ``magnitude_shape``."""
+        dtype, device = adapter_dtype(base), base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(a_shape, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(b_shape, dtype=dtype, device=device))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+        if init == "gaussian":
+            nn.init.normal_(self.lora_A, std=1 / self.r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        if init is False:
+            nn.init.normal_(self.lora_B, std=0.1)
+        self.lora_magnitude_vector: nn.Parameter | None = None
+        self._merged_norm: torch.Tensor | None = None
+        if self.use_dora:
+            with torch.no_grad():
+                norm = self._weight_norm(base)
+            self.lora_magnitude_vector = nn.Parameter(norm.reshape(magnitude_shape or norm.shape).clone())
+
+    def _weight_norm(self, base: nn.Module) -> torch.Tensor:
+        """DoRA's norms of W + s * (B A), one per output channel (detached)."""
+        raise NotImplementedError
+
+    def merge(self, base: nn.Module) -> None:
+        if self.use_dora:
+            self._merged_norm = self._weight_norm(base).clone()
+        super().merge(base)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B}
+        if self.lora_magnitude_vector is not None:
+            out["lora_magnitude_vector"] = self.lora_magnitude_vector
+        return out
 
 
-class LoraLinear(LayerAdapter):
+class LoraLinear(LoraFactors):
     def __init__(self, base: nn.Module, r: int, scale: float, dropout: float, init: bool | str,
                  use_dora: bool) -> None:
         super().__init__()
         in_f, out_f = linear_features(base)  # a quantized layer's packed weight has another shape
         self.r, self.scale, self.use_dora = r, float(scale), use_dora
         self.in_features, self.out_features = in_f, out_f
-        dtype, device = adapter_dtype(base), base.weight.device
-        self.lora_A = nn.Parameter(torch.empty(r, in_f, dtype=dtype, device=device))
-        self.lora_B = nn.Parameter(torch.zeros(out_f, r, dtype=dtype, device=device))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
-        if init == "gaussian":
-            nn.init.normal_(self.lora_A, std=1 / r)
-        else:
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        if init is False:
-            nn.init.normal_(self.lora_B, std=0.1)
-        self.lora_magnitude_vector: nn.Parameter | None = None
         self._norm_cache: tuple[tuple[int, ...], torch.Tensor] | None = None
         self._w_sq_cache: tuple[tuple[int, int], torch.Tensor] | None = None
-        self._merged_norm: torch.Tensor | None = None
-        if use_dora:
-            with torch.no_grad():
-                norm = self._weight_norm(base)
-            self.lora_magnitude_vector = nn.Parameter(norm.clone())
+        self._set_factors(base, (r, in_f), (out_f, r), dropout, init)
 
     # -- forward -------------------------------------------------------------------
 
@@ -116,11 +147,6 @@ class LoraLinear(LayerAdapter):
             delta = (self.lora_magnitude_vector / norm).unsqueeze(1) * (w + delta) - w
         return delta.t() if is_conv1d(base) else delta
 
-    def merge(self, base: nn.Module) -> None:
-        if self.use_dora:
-            self._merged_norm = self._weight_norm(base).clone()
-        super().merge(base)
-
     def unmerge(self, base: nn.Module) -> None:
         if not self.use_dora:
             super().unmerge(base)
@@ -141,14 +167,6 @@ class LoraLinear(LayerAdapter):
         if self.use_dora or (forward and self.dropout is not None and self.training):
             return None
         return self.lora_A, self.lora_B, self.scale
-
-    # -- files ----------------------------------------------------------------------
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        out = {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B}
-        if self.lora_magnitude_vector is not None:
-            out["lora_magnitude_vector"] = self.lora_magnitude_vector
-        return out
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, r={self.r}, scale={self.scale:g}"

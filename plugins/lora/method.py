@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 from peftkit.core.config import AdapterConfig
@@ -27,6 +28,8 @@ _PEFT_DEFAULTS: dict[str, Any] = {"bias": "none", "lora_bias": False, "use_qalor
                                   "target_parameters": None, "trainable_token_indices": None}
 _PEFT_IGNORED = {"fan_in_fan_out", "megatron_core", "megatron_config", "qalora_group_size", "peft_type",
                  "ensure_weight_tying"}
+#: The layer types LoRA adapts (for error messages).
+_ADAPTED = "Linear, transformers' Conv1D, Embedding and torch's Conv1d/Conv2d/Conv3d layers"
 
 
 class LoraMethod(Method):
@@ -38,31 +41,31 @@ class LoraMethod(Method):
     aliases = {"lora_alpha": "alpha", "lora_dropout": "dropout", "init_lora_weights": "init_weights"}
 
     def sites(self, model: "nn.Module", config: AdapterConfig, arch: Any) -> list[Site]:
-        from peftkit.core.targets import find_targets, is_embedding, is_linear_like
+        from peftkit.core.targets import find_targets, is_conv, is_embedding, is_linear_like
 
         names = find_targets(model, config, arch, method=self.name)
         sites = []
         for name in names:
             module = model.get_submodule(name)
-            if is_linear_like(module) or is_embedding(module):
+            if is_linear_like(module) or is_embedding(module) or is_conv(module):
                 sites.append(Site(name))
             elif isinstance(config.target_modules, list) and name_is_explicit(name, config.target_modules):
-                raise ConfigError(f"lora: target {name!r} is a {type(module).__name__}; LoRA adapts "
-                                  f"Linear, Conv1D and Embedding layers")
+                raise ConfigError(f"lora: target {name!r} is a {type(module).__name__}; LoRA adapts {_ADAPTED}")
         if not sites:
-            raise ConfigError(f"lora: target_modules={config.target_modules!r} matched no Linear, Conv1D or "
-                              f"Embedding layer ({', '.join(names[:5])} ...)")
+            raise ConfigError(f"lora: target_modules={config.target_modules!r} matched no layer LoRA adapts "
+                              f"({_ADAPTED}): {', '.join(names[:5])} ...")
         return sites
 
     def create_layer_adapter(self, site: Site, base_layer: "nn.Module", config: AdapterConfig,
                              model: "nn.Module") -> "nn.Module":
+        from .conv import LoraConv, check_conv_site
         from .layer import LoraEmbedding, LoraLinear
 
         assert isinstance(config, LoraConfig)
         r = pattern_value(site.name, config.rank_pattern, config.r)
         alpha = pattern_value(site.name, config.alpha_pattern, config.alpha)
         scale = alpha / (r ** 0.5) if config.use_rslora else alpha / r
-        from peftkit.core.targets import is_embedding
+        from peftkit.core.targets import is_conv, is_embedding
 
         if config.use_dora:
             from peftkit.core.base_layers import quantization_of
@@ -77,11 +80,14 @@ class LoraMethod(Method):
                 raise ConfigError(f"lora: DoRA is not available for Embedding layers ({site.name}); "
                                   f"exclude it or set use_dora=false")
             return LoraEmbedding(base_layer, r, scale, config.init_weights)
+        if is_conv(base_layer):
+            check_conv_site(site.name, base_layer, r, config.use_dora)
+            return LoraConv(base_layer, r, scale, config.dropout, config.init_weights, config.use_dora)
         return LoraLinear(base_layer, r, scale, config.dropout, config.init_weights, config.use_dora)
 
     def expected_parameter_count(self, model: "nn.Module", config: AdapterConfig, sites: list[Site]) -> int:
         from peftkit.core.base_layers import linear_features
-        from peftkit.core.targets import base_of, is_embedding
+        from peftkit.core.targets import base_of, is_conv, is_embedding
 
         assert isinstance(config, LoraConfig)
         total = 0
@@ -90,6 +96,11 @@ class LoraMethod(Method):
             r = pattern_value(site.name, config.rank_pattern, config.r)
             if is_embedding(base):
                 total += r * (base.num_embeddings + base.embedding_dim)
+                continue
+            if is_conv(base):  # A: (r, in, *kernel), B: (out, r / groups, 1, ...)
+                kernel = math.prod(base.kernel_size)
+                total += r * base.in_channels * kernel + base.out_channels * (r // base.groups)
+                total += base.out_channels if config.use_dora else 0
                 continue
             in_f, out_f = linear_features(base)
             total += r * (in_f + out_f) + (out_f if config.use_dora else 0)
