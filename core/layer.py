@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -95,6 +95,20 @@ class LayerAdapter(nn.Module):
             for key, value in tensors.items():
                 own[key].copy_(value)
 
+    def hotswap_plan(self, new: "LayerAdapter") -> Callable[[], None]:
+        """Check that ``new`` (this method's module for the same site, built from another saved adapter
+        and holding its weights) can replace this module's weights in place, and return the function
+        that copies them. Raise ``AdapterLoadError`` naming the first difference otherwise; change
+        nothing before the returned function runs (every site is checked before any is copied).
+
+        The default (:func:`peftkit.core.hotswap.swap_plan`) copies ``tensors()`` when both modules
+        have the same settings and shapes, and for low-rank adapters (``low_rank()``) also takes a
+        lower rank (zero-padded) and another scale (folded into B). Override it for state that
+        ``tensors()`` does not hold."""
+        from .hotswap import swap_plan
+
+        return swap_plan(self, new)
+
 
 class ModelAdapter(nn.Module):
     """A model-level adapter: rewrites the model's forward arguments.
@@ -124,6 +138,12 @@ class ModelAdapter(nn.Module):
         with torch.no_grad():
             for key, value in tensors.items():
                 own[key].copy_(value)
+
+    def hotswap_plan(self, new: "ModelAdapter") -> Callable[[], None]:
+        """As :meth:`LayerAdapter.hotswap_plan`, for the model-level adapter."""
+        from .hotswap import swap_plan
+
+        return swap_plan(self, new)
 
 
 class _InputCapture:
@@ -247,6 +267,9 @@ class TunerLayer(nn.Module):
                              f"are quantized ({quantized}) and merging would re-quantize them; keep the adapter "
                              f"unmerged, or load the base model unquantized (e.g. torch_dtype=torch.bfloat16), load "
                              f"the adapter onto it and merge there")
+        own_check = getattr(self.adapters[name], "check_mergeable", None) if name in self.adapters else None
+        if own_check is not None:  # what the adapter itself cannot fold in (LoRA on a grouped convolution)
+            own_check()
 
     def merge(self, name: str) -> None:
         if name in self.merged or name not in self.adapters:

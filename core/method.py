@@ -9,6 +9,7 @@ job. This module imports no torch.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -112,6 +113,18 @@ class Method:
         """Inverse of :meth:`config_to_file`; ``data`` lacks the core's fields."""
         data = {k: v for k, v in data.items() if k != "peft_type"}
         return self.config_class.from_dict(data)
+
+    def config_with_rank(self, config: AdapterConfig, rank: int) -> AdapterConfig | None:
+        """``config`` with every site's rank set to ``rank``, or None for a method without ranks.
+
+        ``AdaptedModel.prepare_for_hotswap(target_rank)`` builds a low-rank adapter's modules
+        anew from it and pads the trained factors into them with zeros. The default serves
+        configs that name the rank ``r``, with per-module ranks in ``rank_pattern`` (LoRA's).
+        """
+        fields = {f.name for f in dataclasses.fields(config)}
+        if "r" not in fields:
+            return None
+        return config.replace(r=rank, **({"rank_pattern": {}} if "rank_pattern" in fields else {}))
 
     # -- introspection -----------------------------------------------------------
 

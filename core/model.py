@@ -149,21 +149,14 @@ class AdaptedModel(CompositionMixin, nn.Module):
             record.model_adapter = True
             self._ensure_input_hook()
         record.modules_to_save = self._resolve_modules_to_save(config, default_head)
-        saved_prefixes = tuple(m + "." for m in record.modules_to_save)
-        # Modules trained whole (a task head) get no adapter inside them.
-        record.sites = [s for s in method.sites(model, config, arch)
-                        if s.name not in record.modules_to_save and not s.name.startswith(saved_prefixes)]
+        record.sites = self._adapted_sites(method, config, record.modules_to_save)
         for site in record.sites:
+            adapter = self._new_layer_adapter(method, config, site)
+            if adapter is None:
+                continue
             current = model.get_submodule(site.name)
             layer = current if isinstance(current, TunerLayer) else None
             base = layer.base_layer if layer is not None else current
-            adapter = method.create_layer_adapter(site, base, config, model)
-            if adapter is None:
-                continue
-            if not isinstance(adapter, LayerAdapter):
-                raise TypeError(f"method {method.name!r} returned {type(adapter).__name__} for site "
-                                f"{site.name!r}; create_layer_adapter must return a LayerAdapter")
-            _match_device(adapter, base)
             if layer is None:
                 layer = TunerLayer(base, self._peftkit_state)
                 _set_submodule(model, site.name, layer)
@@ -178,6 +171,26 @@ class AdaptedModel(CompositionMixin, nn.Module):
             current.add(record.name)
         for param in self.adapter_parameters(record.name):
             param.requires_grad_(False)
+
+    def _adapted_sites(self, method: Method, config: AdapterConfig, modules_to_save: list[str]) -> list[Site]:
+        """The method's sites for ``config``, less those inside modules trained whole (a task head)."""
+        saved_prefixes = tuple(m + "." for m in modules_to_save)
+        return [s for s in method.sites(self.base_model, config, self.architecture)
+                if s.name not in modules_to_save and not s.name.startswith(saved_prefixes)]
+
+    def _new_layer_adapter(self, method: Method, config: AdapterConfig, site: Site) -> LayerAdapter | None:
+        """The method's module for ``site`` (None where it makes none), on the base layer's device,
+        not yet placed in the model."""
+        current = self.base_model.get_submodule(site.name)
+        base = current.base_layer if isinstance(current, TunerLayer) else current
+        adapter = method.create_layer_adapter(site, base, config, self.base_model)
+        if adapter is None:
+            return None
+        if not isinstance(adapter, LayerAdapter):
+            raise TypeError(f"method {method.name!r} returned {type(adapter).__name__} for site "
+                            f"{site.name!r}; create_layer_adapter must return a LayerAdapter")
+        _match_device(adapter, base)
+        return adapter
 
     def _resolve_modules_to_save(self, config: AdapterConfig, default_head: bool = True) -> list[str]:
         names = list(config.modules_to_save or [])
@@ -457,18 +470,48 @@ class AdaptedModel(CompositionMixin, nn.Module):
         save_pretrained(self, path, adapter_names, **card)
 
     def load_adapter(self, path: str, adapter_name: str = "default", *, activate: bool = True,
-                     trainable: bool = False) -> AdapterRecord:
+                     trainable: bool = False, hotswap: bool = False) -> AdapterRecord:
         """Load an adapter folder under ``adapter_name``. On any error the model
-        is left exactly as it was."""
-        from .serialization import load_adapter
+        is left exactly as it was.
 
-        record = load_adapter(self, path, adapter_name)
-        if activate:
+        ``hotswap=True``: ``adapter_name`` exists already and the folder's weights replace its
+        weights in place (:meth:`hotswap_adapter`); ``activate`` then activates it only if it is
+        not active yet, so that a compiled model sees no change but the weights.
+        """
+        if hotswap:
+            record = self.hotswap_adapter(path, adapter_name)
+        else:
+            from .serialization import load_adapter
+
+            record = load_adapter(self, path, adapter_name)
+        if activate and not (hotswap and adapter_name in self._peftkit_state.active_names):
             self.set_active(adapter_name)
         if trainable:
             for param in self.adapter_parameters(adapter_name):
                 param.requires_grad_(True)
         return record
+
+    def hotswap_adapter(self, path: str, adapter_name: str = "default") -> AdapterRecord:
+        """Replace the weights of loaded adapter ``adapter_name`` in place with those of the adapter
+        saved at ``path`` (PEFT's ``hotswap_adapter``): the same parameter objects keep their
+        places, so a ``torch.compile``d model does not recompile and an optimizer keeps its
+        parameters. The folder must hold an adapter of the same method on the same sites; a LoRA
+        of lower rank (zero-padded) or another alpha (folded into B) fits too. The adapter keeps
+        its name, activation and config (that of its slot, in which save_adapter() writes the new
+        weights). Anything that does not fit is refused, naming the first difference, and the
+        model is left exactly as it was."""
+        from .hotswap import hotswap_adapter
+
+        return hotswap_adapter(self, path, adapter_name)
+
+    def prepare_for_hotswap(self, target_rank: int, adapter_names: Sequence[str] | None = None) -> None:
+        """Pad low-rank adapters (LoRA; all of them, or ``adapter_names``) with zeros to rank
+        ``target_rank``, so that adapters of any rank up to it can be hot-swapped in. The outputs
+        do not change. Call it after loading the first adapter and before compiling the model or
+        making an optimizer: the padded adapters are new parameters."""
+        from .hotswap import prepare_for_hotswap
+
+        prepare_for_hotswap(self, target_rank, adapter_names)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, path: str, adapter_name: str = "default",

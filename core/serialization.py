@@ -46,20 +46,33 @@ _TASK_TYPES = (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_
 
 def adapter_tensors(model: "AdaptedModel", name: str) -> dict[str, torch.Tensor]:
     """The live tensors of adapter ``name``, keyed as in its weights file."""
+    out: dict[str, torch.Tensor] = {}
+    for module_name, module in model.base_model.named_modules():
+        if isinstance(module, TunerLayer) and name in module.adapters:
+            for key, tensor in module.adapters[name].tensors().items():
+                out[site_key(module_name, key)] = tensor
+    out.update(head_tensors(model, name))
+    if name in model._model_adapters:
+        out.update(model._model_adapters[name].tensors())
+    return out
+
+
+def site_key(site: str, key: str) -> str:
+    """The file key of a layer adapter's tensor ``key`` (relative to its site) at ``site``."""
+    return f"{KEY_PREFIX}{site}.{key}"
+
+
+def head_tensors(model: "AdaptedModel", name: str) -> dict[str, torch.Tensor]:
+    """The live tensors of adapter ``name``'s modules_to_save copies (task heads), keyed as in its file."""
     record = model.adapter_record(name)
     # PEFT wraps a model one level less for prompt learning (soft prompts, prefixes):
     # their modules_to_save are keyed base_model.<module>, not base_model.model.<module>.
     saved_prefix = "base_model." if record.model_adapter else KEY_PREFIX
     out: dict[str, torch.Tensor] = {}
     for module_name, module in model.base_model.named_modules():
-        if isinstance(module, TunerLayer) and name in module.adapters:
-            for key, tensor in module.adapters[name].tensors().items():
-                out[f"{KEY_PREFIX}{module_name}.{key}"] = tensor
-        elif isinstance(module, ModulesToSave) and name in module.copies:
+        if isinstance(module, ModulesToSave) and name in module.copies:
             for key, tensor in module.copies[name].state_dict(keep_vars=True).items():
                 out[f"{saved_prefix}{module_name}.{key}"] = tensor
-    if name in model._model_adapters:
-        out.update(model._model_adapters[name].tensors())
     return out
 
 
@@ -254,6 +267,18 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
                                f"adapter again") from None
 
 
+def config_from_data(method: Any, data: dict[str, Any], where: str) -> Any:
+    """The method's config from a folder's ``adapter_config.json`` (the core's own fields left aside)."""
+    body = {k: v for k, v in data.items() if k not in ("peftkit", "base_model_name_or_path", "task_type",
+                                                        "inference_mode", "peft_version", "revision",
+                                                        "auto_mapping")}
+    try:
+        return method.config_from_file(body)
+    except (ConfigError, TypeError) as exc:
+        raise AdapterLoadError(f"{where}: {CONFIG_NAME} does not describe a valid {method.name} adapter: "
+                               f"{exc}") from None
+
+
 def load_adapter(model: "AdaptedModel", path: str | os.PathLike, name: str) -> Any:
     """Load a folder as adapter ``name``; on any error the model is left as it was."""
     path = Path(path)
@@ -261,14 +286,7 @@ def load_adapter(model: "AdaptedModel", path: str | os.PathLike, name: str) -> A
     data = read_config(path)
     method = method_for(data, where)
     _check_base(model, data, where)
-    body = {k: v for k, v in data.items() if k not in ("peftkit", "base_model_name_or_path", "task_type",
-                                                        "inference_mode", "peft_version", "revision",
-                                                        "auto_mapping")}
-    try:
-        config = method.config_from_file(body)
-    except (ConfigError, TypeError) as exc:
-        raise AdapterLoadError(f"{where}: {CONFIG_NAME} does not describe a valid {method.name} adapter: "
-                               f"{exc}") from None
+    config = config_from_data(method, data, where)
     tensors = read_weights(path)
     model._check_new_name(name)
     try:
@@ -287,6 +305,21 @@ def load_adapter(model: "AdaptedModel", path: str | os.PathLike, name: str) -> A
 
 def _copy_into(model: "AdaptedModel", name: str, tensors: dict[str, torch.Tensor], where: str) -> None:
     own = adapter_tensors(model, name)
+    check_weights(own, tensors, where)
+    # A model-level adapter loads its own tensors: what it saves may be computed (prefix
+    # tuning's MLP output), so it may have to change form to hold them.
+    model_adapter = model._model_adapters[name] if name in model._model_adapters else None
+    model_keys = set(model_adapter.tensors()) if model_adapter is not None else set()
+    with torch.no_grad():
+        for key, target in own.items():
+            if key not in model_keys:
+                target.copy_(tensors[key].to(device=target.device, dtype=target.dtype))
+    if model_adapter is not None:
+        model_adapter.load_tensors({key: tensors[key] for key in model_keys})
+
+
+def check_weights(own: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Refuse a weights file whose keys or shapes differ from ``own`` (the tensors the model expects)."""
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))
     if missing or unexpected:
@@ -304,13 +337,3 @@ def _copy_into(model: "AdaptedModel", name: str, tensors: dict[str, torch.Tensor
     if bad:
         raise AdapterLoadError(f"{where}: shape mismatch in {len(bad)} tensors ({'; '.join(bad[:3])}); "
                                f"the adapter was made for a model of another size or with another config")
-    # A model-level adapter loads its own tensors: what it saves may be computed (prefix
-    # tuning's MLP output), so it may have to change form to hold them.
-    model_adapter = model._model_adapters[name] if name in model._model_adapters else None
-    model_keys = set(model_adapter.tensors()) if model_adapter is not None else set()
-    with torch.no_grad():
-        for key, target in own.items():
-            if key not in model_keys:
-                target.copy_(tensors[key].to(device=target.device, dtype=target.dtype))
-    if model_adapter is not None:
-        model_adapter.load_tensors({key: tensors[key] for key in model_keys})
