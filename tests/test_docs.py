@@ -40,3 +40,35 @@ def test_readme_has_the_two_setup_commands():
     readme = (ROOT / "README.md").read_text()
     assert "make demo" in readme and "make test" in readme
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a Markdown heading."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def test_link_anchors_name_real_headings():
+    broken = []
+    for page in [ROOT / "README.md", *DOCS.rglob("*.md")]:
+        for target, anchor in re.findall(r"\]\(([^)#\s]*)#([^)\s]+)\)", page.read_text()):
+            if "://" in target:
+                continue
+            linked = (page.parent / target) if target else page
+            headings = re.findall(r"^#+\s+(.*)$", linked.read_text(), re.M)
+            if anchor not in {_slug(h) for h in headings}:
+                broken.append(f"{page.relative_to(ROOT)} -> {target}#{anchor}")
+    assert not broken, broken
+
+
+def test_python_examples_in_the_docs_are_valid_python():
+    import ast
+
+    bad = []
+    for page in [ROOT / "README.md", *DOCS.rglob("*.md")]:
+        for number, block in enumerate(re.findall(r"```python\n(.*?)```", page.read_text(), re.S)):
+            try:
+                ast.parse(block)
+            except SyntaxError as exc:
+                bad.append(f"{page.relative_to(ROOT)} block {number + 1}: {exc}")
+    assert not bad, bad
