@@ -219,8 +219,10 @@ def swap_plan(slot: nn.Module, new: nn.Module) -> Callable[[], None]:
     slot_factors, new_factors = _low_rank(slot), _low_rank(new)
     if slot_factors is not None and new_factors is not None:
         return _low_rank_plan(slot, new, slot_factors, new_factors)
+    slot_tensors = slot.tensors()
+    _check_live(slot, slot_tensors)  # first: a training form (prefix MLP) differs in settings too, less clearly
     _compare_settings(slot, new)
-    return _tensor_plan(slot, new, slot.tensors(), new.tensors())
+    return _tensor_plan(slot, new, slot_tensors, new.tensors())
 
 
 def _low_rank(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float] | None:

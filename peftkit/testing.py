@@ -65,8 +65,8 @@ DEFAULT_ARCHITECTURES: tuple[str, ...] = ("llama", "gpt2", "bert", "t5")
 #: Blocks whose behaviour the suite checks when a method claims them.
 BLOCK_CHECKS = ("stack", "average", "batch_split", "parallel", "fuse")
 #: The checks, in the order they run; each takes one architecture.
-CHECKS: tuple[str, ...] = ("inject", "identity", "train_step", "save_load", "merge", "config", "parameter_count",
-                           *(f"block_{b}" for b in BLOCK_CHECKS))
+CHECKS: tuple[str, ...] = ("inject", "identity", "train_step", "save_load", "hotswap", "merge", "config",
+                           "parameter_count", *(f"block_{b}" for b in BLOCK_CHECKS))
 #: Largest output difference allowed where an output must equal the base model's (identity at init).
 IDENTITY_ATOL = 1e-5
 
@@ -515,6 +515,40 @@ def _check_save_load(case: _Case) -> None:
             f"{case.where}: loading the folder under another name gave other tensors")
 
 
+def _check_hotswap(case: _Case) -> None:
+    """hotswap_adapter() with another saved adapter of the spec replaces the weights in place: the output
+    equals a fresh load of that folder, every parameter is the same object as before, and the adapter stays
+    active (a compiled model would not recompile). A method whose adapter holds computed tensors must
+    refuse with AdapterLoadError (then the check is skipped with that reason)."""
+    import torch
+
+    from peftkit.core.errors import AdapterLoadError
+    from peftkit.core.model import AdaptedModel
+
+    model = case.adapted()
+    model.set_active("default")
+    donor = case.adapted("default", "other")  # "other" draws other weights than "default"
+    with tempfile.TemporaryDirectory(prefix="peftkit-conformance-") as tmp:
+        folder = Path(tmp) / "other"
+        donor.save_adapter(str(folder), "other")
+        expected = case.output(AdaptedModel.from_pretrained(case.base(), str(folder)))
+        before = [id(p) for p in model.parameters()]
+        try:
+            model.hotswap_adapter(str(folder), "default")
+        except AdapterLoadError as exc:
+            if "computed from other parameters" in str(exc):
+                raise CheckSkipped(f"{case.method.name} holds computed tensors, which cannot be swapped in place "
+                                   f"({exc})") from None
+            raise AssertionError(f"{case.where}: hotswap_adapter() refused an adapter of the same spec: {exc}") \
+                from None
+    assert [id(p) for p in model.parameters()] == before, (
+        f"{case.where}: hotswap_adapter() replaced parameter objects instead of copying into them")
+    assert model.active_adapters == ["default"], f"{case.where}: the swap changed the active adapters"
+    out = case.output(model)
+    assert torch.equal(out, expected), (f"{case.where}: after hotswap_adapter() the output differs from a fresh "
+                                        f"load of the same folder (max diff {_max_diff(out, expected):.3g})")
+
+
 def _check_merge(case: _Case) -> None:
     """When the method claims merging: merged == unmerged == merge_and_unload (within the tolerance),
     and unmerging restores the base weights. Otherwise merging must be refused with MergeError."""
@@ -714,6 +748,7 @@ _CHECK_FUNCTIONS: dict[str, Callable[[_Case], None]] = {
     "identity": _check_identity,
     "train_step": _check_train_step,
     "save_load": _check_save_load,
+    "hotswap": _check_hotswap,
     "merge": _check_merge,
     "config": _check_config,
     "parameter_count": _check_parameter_count,
