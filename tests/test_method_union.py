@@ -215,3 +215,18 @@ def test_mam_on_a_real_encoder_trains_and_round_trips(tmp_path: Path) -> None:
     fresh = peftkit.AdaptedModel(build_tiny("bert"))
     fresh.load_adapter(str(tmp_path / "mam"), "default")
     assert torch.equal(output_of(fresh, "bert"), expected)
+
+
+def test_a_part_whose_plugin_is_missing_names_the_distribution_to_install(tmp_path: Path) -> None:
+    model = peftkit.adapt(build_tiny("llama"), LAYERS_ONLY)
+    model.save_adapter(str(tmp_path / "u"))
+    path = tmp_path / "u" / "adapter_config.json"
+    config = json.loads(path.read_text())
+    assert [(p["method"], p["plugin"]) for p in config["parts"]] == [("lora", "peftkit"), ("par_bn", "peftkit")]
+    config["parts"][1].update(method="fancy_bn", plugin="peftkit-fancy", plugin_version="2.1.0")
+    path.write_text(json.dumps(config))
+    fresh = peftkit.AdaptedModel(build_tiny("llama"))
+    with pytest.raises(peftkit.PluginError, match=r"union part: unknown tuning method 'fancy_bn'.*"
+                                                  r"pip install 'peftkit-fancy>=2'"):
+        fresh.load_adapter(str(tmp_path / "u"), "u")
+    assert fresh.adapters == {}

@@ -94,7 +94,9 @@ class UnionMethod(Method):
         for method, part in config.part_configs():
             data = method.config_to_file(part)
             data.pop("peft_type", None)
-            parts.append({"method": method.name, **data})
+            # Which distribution made each part, so that a missing one can be named when loading.
+            made_by = {"plugin": method.distribution, "plugin_version": method.distribution_version}
+            parts.append({"method": method.name, **data, **{k: v for k, v in made_by.items() if v}})
         return {"peft_type": self.name.upper(), "parts": parts, "modules_to_save": config.modules_to_save}
 
     def config_from_file(self, data: dict[str, Any]) -> AdapterConfig:
@@ -103,10 +105,18 @@ class UnionMethod(Method):
         raw_parts = data.get("parts")
         if not isinstance(raw_parts, list) or not all(isinstance(p, dict) and "method" in p for p in raw_parts):
             raise ConfigError(f"{self.name} adapter_config.json: 'parts' must be a list of objects with a 'method'")
+        from peftkit.core.errors import PluginError
+        from peftkit.core.plugins import unknown_method_message
+
+        registry = get_registry()
         parts = []
         for raw in raw_parts:
             values = dict(raw)
-            method = get_registry().get_method(values.pop("method"))
+            name = values.pop("method")
+            plugin, version = values.pop("plugin", None), values.pop("plugin_version", None)
+            if name not in registry.methods:
+                raise PluginError(f"union part: {unknown_method_message(name, registry, plugin, version)}")
+            method = registry.get_method(name)
             parts.append({"method": method.name, **method.config_from_file(values).to_dict()})
         rest = {k: v for k, v in data.items() if k not in ("peft_type", "parts")}
         return self.config_class.from_dict({"parts": parts, **rest})
