@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import difflib
 import re
-from typing import TYPE_CHECKING, Iterable, Mapping, Sequence, TypeVar, Union
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence, TypeVar, Union
 
-from .errors import TargetError
+from .errors import ConfigError, TargetError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch.nn as nn
@@ -148,6 +148,29 @@ def find_targets(model: "nn.Module", config: "AdapterConfig", arch: "Architectur
     if not found:
         raise TargetError(_nothing_matched(model, targets, method))
     return found
+
+
+def adaptable_targets(model: "nn.Module", config: "AdapterConfig", arch: "ArchitectureSpec | None", method: str,
+                      *, accepts: Callable[["nn.Module"], bool], label: str, kinds: str) -> list[str]:
+    """:func:`find_targets`, keeping the modules ``accepts`` takes (a method adapting some layer types).
+
+    A module that ``target_modules`` names in a list but ``accepts`` refuses is an error, as is
+    keeping none; a regex or "all-linear" may match other modules, which are left out. ``label``
+    names the method in messages ("LoRA") and ``kinds`` what it adapts ("Linear and Embedding layers").
+    """
+    names = find_targets(model, config, arch, method=method)
+    kept = []
+    for name in names:
+        module = model.get_submodule(name)
+        if accepts(module):
+            kept.append(name)
+        elif isinstance(config.target_modules, list) and name_matches(name, config.target_modules):
+            raise ConfigError(f"{method}: target {name!r} is a {type(base_of(module)).__name__}; {label} adapts "
+                              f"{kinds}. Leave it out of target_modules (or add it to exclude_modules)")
+    if not kept:
+        raise ConfigError(f"{method}: target_modules={config.target_modules!r} matched no layer {label} adapts "
+                          f"({kinds}): {', '.join(names[:5])} ...")
+    return kept
 
 
 def _sample_linear_names(model: "nn.Module", limit: int = 12) -> list[str]:

@@ -66,6 +66,7 @@ _LAZY: dict[str, str] = {
     "ParBnConfig": "peftkit.plugins.bottleneck.config",
     "BitFitConfig": "peftkit.plugins.bitfit.config",
     "IA3Config": "peftkit.plugins.ia3.config",
+    "LokrConfig": "peftkit.plugins.lokr.config",
     "UnionConfig": "peftkit.plugins.union.config",
     "MamConfig": "peftkit.plugins.union.config",
     # errors
@@ -126,4 +127,5 @@ if TYPE_CHECKING:  # pragma: no cover
     from peftkit.plugins.bitfit.config import BitFitConfig  # noqa: F401
     from peftkit.plugins.bottleneck.config import DoubleSeqBnConfig, ParBnConfig, SeqBnConfig  # noqa: F401
     from peftkit.plugins.ia3.config import IA3Config  # noqa: F401
+    from peftkit.plugins.lokr.config import LokrConfig  # noqa: F401
     from peftkit.plugins.union.config import MamConfig, UnionConfig  # noqa: F401

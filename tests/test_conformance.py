@@ -35,6 +35,7 @@ BUILTIN_SPECS = {
     "ia3": "ia3",
     "prefix_tuning": "prefix_tuning[num_virtual_tokens=4]",
     "prompt_tuning": "prompt_tuning[num_virtual_tokens=4]",
+    "lokr": "lokr[r=4]",
 }
 
 for _key, _spec in BUILTIN_SPECS.items():

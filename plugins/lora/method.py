@@ -41,20 +41,11 @@ class LoraMethod(Method):
     aliases = {"lora_alpha": "alpha", "lora_dropout": "dropout", "init_lora_weights": "init_weights"}
 
     def sites(self, model: "nn.Module", config: AdapterConfig, arch: Any) -> list[Site]:
-        from peftkit.core.targets import find_targets, is_conv, is_embedding, is_linear_like
+        from peftkit.core.targets import adaptable_targets, is_conv, is_embedding, is_linear_like
 
-        names = find_targets(model, config, arch, method=self.name)
-        sites = []
-        for name in names:
-            module = model.get_submodule(name)
-            if is_linear_like(module) or is_embedding(module) or is_conv(module):
-                sites.append(Site(name))
-            elif isinstance(config.target_modules, list) and name_is_explicit(name, config.target_modules):
-                raise ConfigError(f"lora: target {name!r} is a {type(module).__name__}; LoRA adapts {_ADAPTED}")
-        if not sites:
-            raise ConfigError(f"lora: target_modules={config.target_modules!r} matched no layer LoRA adapts "
-                              f"({_ADAPTED}): {', '.join(names[:5])} ...")
-        return sites
+        names = adaptable_targets(model, config, arch, self.name, label="LoRA", kinds=_ADAPTED,
+                                  accepts=lambda m: is_linear_like(m) or is_embedding(m) or is_conv(m))
+        return [Site(name) for name in names]
 
     def create_layer_adapter(self, site: Site, base_layer: "nn.Module", config: AdapterConfig,
                              model: "nn.Module") -> "nn.Module":
@@ -118,7 +109,3 @@ class LoraMethod(Method):
         if values.get("init_weights") not in (True, False, "gaussian"):
             values["init_weights"] = True  # PEFT's other init schemes only matter before training
         return LoraConfig.from_dict(values)
-
-
-def name_is_explicit(name: str, targets: list[str]) -> bool:
-    return any(name == t or name.endswith("." + t) for t in targets)

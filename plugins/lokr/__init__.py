@@ -1,0 +1,24 @@
+"""LoKr (low-rank Kronecker product, LyCORIS) as a peftkit plugin, in Hugging Face PEFT's file format.
+
+This module is the entry point and stays torch-free; the module lives in
+``layer.py`` and is imported only when an adapter is created.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from peftkit.core.hookspecs import PLUGIN_API_VERSION, hookimpl
+
+from .config import LokrConfig
+
+PEFTKIT_PLUGIN_API = PLUGIN_API_VERSION
+
+__all__ = ["LokrConfig"]
+
+
+@hookimpl
+def peftkit_register_methods(register: Callable[[Any], None]) -> None:
+    from .method import LokrMethod
+
+    register(LokrMethod())
