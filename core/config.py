@@ -9,7 +9,9 @@ from Python, JSON, or the shorthand ``lora[r=8,alpha=16]``.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
+import re
 import types
 import typing
 from typing import Any, ClassVar, Literal, Union
@@ -47,6 +49,13 @@ class AdapterConfig:
     def field_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
 
+    @classmethod
+    def option_details(cls) -> list[dict[str, Any]]:
+        """Each option's name, type (in words) and default, for ``peftkit methods NAME``."""
+        hints = typing.get_type_hints(cls)
+        return [{"name": f.name, "type": _type_name(hints[f.name]), "default": _plain(_default(f))}
+                for f in dataclasses.fields(cls)]
+
     def validate(self) -> None:
         """Check every field against its type hint (and coerce int -> float)."""
         hints = typing.get_type_hints(type(self))
@@ -59,6 +68,16 @@ class AdapterConfig:
                     f"expected {_type_name(hints[f.name])}")
             if coerced is not value:
                 object.__setattr__(self, f.name, coerced)
+        for name in ("target_modules", "exclude_modules"):  # a string is a regex: a broken one fails here
+            value = getattr(self, name)
+            if isinstance(value, str):
+                try:
+                    re.compile(value)
+                except re.error as exc:
+                    raise ConfigError(
+                        f"{self.method or type(self).__name__} config: {name}={value!r} is not a valid regular "
+                        f'expression ({exc}); give a list of module names, e.g. ["q_proj","v_proj"], or a regex '
+                        f"that matches whole module names") from None
         self.check()
 
     def check(self) -> None:
@@ -76,9 +95,12 @@ class AdapterConfig:
         allowed = cls.field_names()
         unknown = sorted(k for k in data if k not in allowed)
         if unknown:
+            hints = [f"{close[0]!r}" + (f" for {key!r}" if len(unknown) > 1 else "") for key in unknown
+                     if (close := difflib.get_close_matches(key, allowed, n=1))]
             raise ConfigError(
                 f"unknown {'key' if len(unknown) == 1 else 'keys'} {', '.join(map(repr, unknown))} for method "
-                f"{cls.method!r}; allowed keys: {', '.join(allowed)}")
+                f"{cls.method!r}" + (f" (did you mean {', '.join(hints)}?)" if hints else "")
+                + f"; allowed keys: {', '.join(allowed)}")
         return cls(**data)
 
     def to_json(self) -> str:

@@ -39,7 +39,7 @@ def describe_folder(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     config_path = path / "adapter_config.json"
     if not config_path.is_file():
-        raise AdapterLoadError(f"{str(path)!r} is not an adapter folder: no adapter_config.json")
+        raise AdapterLoadError(_not_an_adapter(path))
     try:
         data = json.loads(config_path.read_text())
     except json.JSONDecodeError as exc:
@@ -77,6 +77,33 @@ def describe_folder(path: str | Path) -> dict[str, Any]:
         "tensors": tensors,
         "size_bytes": size,
     }
+
+
+def _not_an_adapter(path: Path) -> str:
+    """Why ``path`` is not an adapter folder, naming what it is instead and what to pass."""
+    where = f"{str(path)!r} is not an adapter folder (no adapter_config.json)"
+    if (path / "composition.json").is_file():
+        try:
+            folders = dict(json.loads((path / "composition.json").read_text()).get("adapters") or {})
+        except (json.JSONDecodeError, AttributeError, TypeError, ValueError, OSError):
+            folders = {}
+        first = min(folders, default=None)
+        inner = path / str(folders[first]) if first is not None else path / "adapters" / "NAME"
+        return (f"{where}: it is a composition folder (composition.json, from save_composition or peftkit "
+                f"compose) of adapters {', '.join(sorted(folders)) or '(none)'}; describe one of them: "
+                f"peftkit info {inner}")
+    if (path / "fusion_config.json").is_file():
+        return (f"{where}: it holds fusion weights (fusion_config.json, from save_fusion), not an adapter; "
+                f"describe the fused adapters' own folders")
+    nested = sorted(p.parent.name for p in path.glob("*/adapter_config.json"))
+    if nested:
+        return f"{where}; its sub-folders {', '.join(nested)} are adapters: peftkit info {path / nested[0]}"
+    if (path / "config.json").is_file():
+        return (f"{where}: it holds a model (config.json); give a folder written by save_adapter(), "
+                f"`peftkit train --out` or PEFT's save_pretrained()")
+    present = ", ".join(sorted(p.name for p in path.iterdir())[:8]) or "nothing"
+    return (f"{where}; it holds: {present}. Give a folder written by save_adapter(), `peftkit train --out` or "
+            f"PEFT's save_pretrained()")
 
 
 def _file_format(own: dict[str, Any]) -> str:

@@ -32,6 +32,23 @@ _HEAD_SUFFIXES = ("ForSequenceClassification", "ForTokenClassification", "ForQue
                   "ForMultipleChoice", "ForImageClassification")
 
 
+#: PEFT's and AdapterHub's names that AdaptedModel spells otherwise: a clear AttributeError names peftkit's.
+_OTHER_LIBRARY_NAMES = {
+    "disable_adapter": "`with model.disable_adapters():`",
+    "active_adapter": "model.active_adapters",
+    "peft_config": "model.adapters (name -> config)",
+    "get_nb_trainable_parameters": "model.trainable_parameters()",
+    "enable_adapter_layers": "model.set_active(name)",
+    "disable_adapter_layers": "model.set_active(None), or `with model.disable_adapters():`",
+    "set_active_adapters": "model.set_active(...)",
+    "add_adapter_fusion": "model.add_fusion(Fuse(...))",
+    "train_adapter_fusion": "model.train_fusion(Fuse(...))",
+    "save_adapter_fusion": "model.save_fusion(path, name)",
+    "load_adapter_fusion": "model.load_fusion(path)",
+    "save_all_adapters": "model.save_pretrained(path)",
+}
+
+
 @dataclass
 class AdapterRecord:
     """What the model knows about one named adapter."""
@@ -69,7 +86,13 @@ class AdaptedModel(CompositionMixin, nn.Module):
         except AttributeError:
             if name == "base_model":
                 raise
-            return getattr(self.base_model, name)
+            try:
+                return getattr(self.base_model, name)
+            except AttributeError:
+                if name in _OTHER_LIBRARY_NAMES:
+                    raise AttributeError(f"AdaptedModel has no {name!r} (the PEFT / AdapterHub name); use "
+                                         f"{_OTHER_LIBRARY_NAMES[name]} (see docs/migrating.md)") from None
+                raise
 
     def get_base_model(self) -> nn.Module:
         return self.base_model
@@ -354,9 +377,19 @@ class AdaptedModel(CompositionMixin, nn.Module):
             if not record.method.can_merge:
                 raise MergeError(f"adapter {name!r} uses method {record.method.name!r}, which cannot be "
                                  f"merged into base weights; keep it unmerged")
+        owners: dict[int, list[str]] = {}  # weight -> the modules holding it (tied weights have several)
+        for module_name, module in self.base_model.named_modules(remove_duplicate=False):
+            for param in module.parameters(recurse=False):
+                owners.setdefault(id(param), []).append(module_name)
         for name in names:  # refusals before any weight changes
-            for _, layer in self._tuner_layers():
+            for site, layer in self._tuner_layers():
                 layer.check_mergeable(name)
+                weight = getattr(layer.base_layer, "weight", None)
+                shared = [o for o in owners.get(id(weight), []) if o != f"{site}.base_layer"]
+                if name in layer.adapters and shared:
+                    raise MergeError(f"adapter {name!r} cannot be merged into {site}: its weight is tied to "
+                                     f"{shared[0]} (tie_word_embeddings), so merging would change that module too; "
+                                     f"keep the adapter unmerged, or load the model with tie_word_embeddings=False")
         done: list[tuple[TunerLayer, str]] = []
         with torch.no_grad():
             try:

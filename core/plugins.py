@@ -16,6 +16,7 @@ Nothing here imports torch.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import importlib
 import inspect
 import os
@@ -392,7 +393,12 @@ def unknown_method_message(name: str, registry: Registry, distribution: str | No
         pin = f"{distribution}>={major}" if major > 0 else distribution
         msg += f" This adapter was made with the plugin {made_by}: install it (pip install '{pin}')"
     else:
-        msg += f" To use {name!r}, install the plugin distribution that provides it (see docs/plugins.md)"
+        close = difflib.get_close_matches(name, list(registry.methods), n=1)
+        if close:
+            msg += f" Did you mean {close[0]!r}? Otherwise, to use {name!r},"
+        else:
+            msg += f" To use {name!r},"
+        msg += " install the plugin distribution that provides it (see docs/plugins.md)"
     broken = [r.name for r in registry.records.values() if r.broken]
     if broken:
         msg += "; broken plugins: " + ", ".join(broken) + " (run `peftkit plugins`)"

@@ -2,7 +2,7 @@
 
 Values are JSON (numbers, strings, lists, objects, true/false/null); the
 Python spellings True/False/None are accepted, and a bare word such as
-``all-linear`` or ``relu`` is read as a string.
+``all-linear`` or ``relu`` is read as a string, in a list too (``[q_proj,v_proj]``).
 """
 
 from __future__ import annotations
@@ -52,7 +52,11 @@ def parse_value(raw: str, spec: str = "") -> Any:
             return json.loads(raw.replace("'", '"').replace("True", "true").replace("False", "false")
                               .replace("None", "null"))
         except json.JSONDecodeError as exc:
-            raise ConfigError(f"in adapter spec {spec!r}: cannot read value {raw!r}: {exc}") from None
+            if raw.startswith("[") and raw.endswith("]"):  # a list of bare words: [q_proj,v_proj]
+                return [parse_value(item.strip(), spec) for item in split_top_level(raw[1:-1], ",")]
+            raise ConfigError(f"in adapter spec {spec!r}: cannot read value {raw!r} ({exc}); write lists and "
+                              f'mappings as JSON, e.g. target_modules=["q_proj","v_proj"] or '
+                              f'rank_pattern={{"q_proj":16}}') from None
     if len(raw) >= 2 and raw[0] == raw[-1] == "'":
         return raw[1:-1]
     if not raw:

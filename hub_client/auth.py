@@ -155,9 +155,10 @@ def resolve_token(hub_key: str, *, explicit: str | None = None, huggingface: boo
 
 
 def missing_token_message(address: str, action: str) -> str:
-    hub_flag = "" if address in ("hf",) else f" --hub {address}"
-    if address.startswith("http") and "huggingface.co" in address:
-        hub_flag = " --hub hf"
-    return (f"{action} needs a token, and none is set for {address}: run `peftkit hub login{hub_flag}`, "
+    if address == "hf" or (address.startswith("http") and "huggingface.co" in address):
+        return (f"{action} needs a token, and none is set for {address}: run `peftkit hub login --hub hf` "
+                f"(a write token from https://huggingface.co/settings/tokens), or set HF_TOKEN or "
+                f"PEFTKIT_HUB_TOKEN")
+    return (f"{action} needs a token, and none is set for {address}: run `peftkit hub login --hub {address}`, "
             f"or set PEFTKIT_HUB_TOKEN (for a peftkit registry, `peftkit registry token create USER --write` "
             f"makes one)")

@@ -26,12 +26,13 @@ names they were saved with.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import types
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 from peftkit.core import composition
 from peftkit.core.composition import BASE_MODEL, Block, Node
@@ -193,7 +194,13 @@ def plan(spec: Any, *, adapters: Mapping[str, str] | None = None, existing: Sequ
     refs: list[RepoRef] = []
     if isinstance(spec, str):
         text, refs = _substitute_refs(spec)
-        template = composition.parse(text)
+        try:
+            template = composition.parse(text)
+        except CompositionError as exc:  # say it in the user's words, not the placeholders'
+            message = str(exc)
+            for i, ref in enumerate(refs):
+                message = message.replace(_PLACEHOLDER.format(i), str(ref))
+            raise CompositionError(message) from None
     elif isinstance(spec, Block):
         template = spec
     elif isinstance(spec, dict):
@@ -343,6 +350,40 @@ def model_class_for(datas: Sequence[dict[str, Any]]) -> Any:
     return getattr(transformers, autos.pop() if autos else "AutoModel")
 
 
+def check_base_config(name_or_path: str, members: Sequence[Member], model_kwargs: Mapping[str, Any]) -> None:
+    """Refuse a base model of another architecture from its config alone, before its weights load
+    (transformers would otherwise load them into the adapters' model class and warn about random weights)."""
+    from transformers import AutoConfig
+
+    from peftkit.core.serialization import _check_base
+
+    options = {k: model_kwargs[k] for k in ("revision", "trust_remote_code", "token", "cache_dir")
+               if k in model_kwargs}
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, **options)
+    except Exception:  # noqa: BLE001 - load_base_model reports an unloadable base with its own message
+        return
+    shim = types.SimpleNamespace(base_model=types.SimpleNamespace(config=config))
+    for member in members:
+        for _, data, where in _adapter_datas(member):
+            _check_base(shim, data, where)  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def transformers_progress(progress: bool) -> Iterator[None]:
+    """Without ``progress``, transformers shows no bars (loading weights, writing shards) meanwhile."""
+    from transformers.utils import logging as hf_logging
+
+    if progress or not hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
+
+
 def load_base_model(name_or_path: str, datas: Sequence[dict[str, Any]], **kwargs: Any) -> "nn.Module":
     from transformers.utils import logging as hf_logging
 
@@ -480,8 +521,10 @@ def load_with_plan(base_model: Any, spec: Any, hub: "str | HubBackend | None" = 
             backend.close()
     members = list(the_plan.members.values())
     if isinstance(base_model, (str, Path)):
+        check_base_config(str(base_model), members, model_kwargs)  # before loading weights into a wrong class
         datas = [d for m in members for _, d, _ in _adapter_datas(m)]
-        base_model = load_base_model(str(base_model), datas, **model_kwargs)
+        with transformers_progress(progress):
+            base_model = load_base_model(str(base_model), datas, **model_kwargs)
     elif model_kwargs:
         raise HubError(f"{', '.join(model_kwargs)}: model loading options apply when base_model is a "
                        f"folder or hub id, not a model object")
@@ -533,7 +576,7 @@ def save_composed(base_model: Any, spec: Any, out: str | Path, hub: "str | HubBa
     if not hasattr(model.base_model, "save_pretrained"):
         raise HubError("--merge saves a transformers model; this base model has no save_pretrained()")
     merged = model.merge_and_unload(names)
-    with atomic_folder(out) as tmp:
+    with atomic_folder(out) as tmp, transformers_progress(progress):
         merged.save_pretrained(str(tmp))
         if isinstance(base_model, (str, Path)):
             _save_tokenizer(str(base_model), tmp)

@@ -135,6 +135,10 @@ class LocalBackend(HubBackend):
     def resolve(self, repo_id: str, revision: str) -> str:
         try:
             return self.store.resolve_revision(repo_id, revision)
+        except registry_errors.RevisionNotFound:
+            branches = ", ".join(sorted(self.store.list_branches(repo_id))) or "none"
+            raise RevisionNotFound(f"revision {revision!r} not found in {repo_id} on {self.address}; its "
+                                   f"branches: {branches} (or give a commit sha)") from None
         except registry_errors.RegistryError as exc:
             raise translate(exc, f"{repo_id}@{revision} on {self.address}") from None
 

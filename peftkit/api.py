@@ -60,6 +60,14 @@ def list_methods() -> list[dict[str, Any]]:
     return out
 
 
+def describe_method(name: str) -> dict[str, Any]:
+    """One installed method as ``list_methods()`` gives it, plus its aliases and each option's type and
+    default (what ``peftkit methods NAME`` prints). An unknown name is a PluginError listing the methods."""
+    method = get_registry().get_method(name)
+    info = next(m for m in list_methods() if m["name"] == method.name)
+    return {**info, "aliases": dict(method.aliases), "options": method.config_class.option_details()}
+
+
 def parse_composition(text: str) -> Node:
     """Parse ``"stack(a, average(b, c))"`` into composition blocks."""
     return parse(text)

@@ -43,11 +43,18 @@ def main() -> None:
 
 
 @main.command("methods")
+@click.argument("name", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def methods_command(as_json: bool) -> None:
-    """List the installed tuning methods."""
-    from peftkit.api import list_methods
+def methods_command(name: str | None, as_json: bool) -> None:
+    """List the installed tuning methods; with NAME, one method's options.
 
+    Each option is shown with its type and default, e.g. `peftkit methods lora`.
+    """
+    from peftkit.api import describe_method, list_methods
+
+    if name is not None:
+        _show_method(describe_method(name), as_json)
+        return
     methods = list_methods()
     if as_json:
         _echo_json(methods)
@@ -55,6 +62,21 @@ def methods_command(as_json: bool) -> None:
     rows = [[m["name"], m["distribution"] or "-", "yes" if m["can_merge"] else "no",
              "yes" if m["peft_format"] else "no", m["description"]] for m in methods]
     click.echo(_table(rows, ["METHOD", "PLUGIN", "MERGE", "PEFT", "DESCRIPTION"]))
+
+
+def _show_method(info: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        _echo_json(info)
+        return
+    click.echo(f"{info['name']}: {info['description']}")
+    click.echo(f"plugin: {info['distribution'] or '-'} {info['version'] or ''}".rstrip()
+               + f"; merges: {'yes' if info['can_merge'] else 'no'}; PEFT format: "
+               + ("yes" if info["peft_format"] else "no"))
+    click.echo(f"blocks: {', '.join(info['blocks'])}")
+    if info["aliases"]:
+        click.echo("aliases: " + ", ".join(f"{k} = {v}" for k, v in info["aliases"].items()))
+    rows = [[o["name"], o["type"], json.dumps(o["default"])] for o in info["options"]]
+    click.echo("\n" + _table(rows, ["OPTION", "TYPE", "DEFAULT"]))
 
 
 @main.group("plugins", invoke_without_command=True)

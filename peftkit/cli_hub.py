@@ -57,10 +57,12 @@ def _table(rows: list[list[str]], headers: list[str]) -> str:
 
 
 @contextlib.contextmanager
-def _plain_warnings() -> Iterator[None]:
-    """Show warnings as one 'Warning: ...' line on stderr, not Python's file:line form."""
+def plain_warnings(show_all: bool = True) -> Iterator[None]:
+    """Show warnings as one 'Warning: ...' line on stderr, not Python's file:line form; ``show_all``
+    also shows categories Python hides by default (DeprecationWarning), once per place."""
     with warnings.catch_warnings():
-        warnings.simplefilter("default")
+        if show_all:
+            warnings.simplefilter("default")
         warnings.showwarning = lambda message, *args, **kwargs: click.echo(f"Warning: {message}", err=True)
         yield
 
@@ -72,7 +74,7 @@ class _HubGroup(click.Group):
         from peftkit.core.errors import PeftkitError
 
         try:
-            with _plain_warnings():
+            with plain_warnings():
                 return super().invoke(ctx)
         except PeftkitError as exc:
             from peftkit.hub_client.auth import redact
@@ -328,7 +330,7 @@ def compose_command(base: str, spec: str, out: str, hub: str | None, merge: bool
         if not sep or not name.strip() or not ref.strip():
             raise click.BadParameter(f"{item!r}: write NAME=namespace/repo[@revision]", param_hint="--adapter")
         mapping[name.strip()] = ref.strip()
-    with _plain_warnings():
+    with plain_warnings():
         summary = save_composed(base, spec, out, hub=hub, merge=merge, adapters=mapping or None,
                                 token=_token(token_file), progress=not quiet)
     click.echo(summary)

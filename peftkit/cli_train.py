@@ -7,7 +7,9 @@ this same command (``python -m peftkit train ...``); only the main one writes.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 from typing import Any
 
 import click
@@ -107,9 +109,13 @@ def train_command(model: str, method: str, data: str, eval_data: str | None, tas
       peftkit train ./llama --method 'lora[r=16]' --task causal-lm --data sft.jsonl --out out/sft
       torchrun --nproc_per_node 4 -m peftkit train ./llama --task causal-lm --data sft.jsonl --out out/sft
     """
+    from peftkit.cli_hub import plain_warnings
     from peftkit.training import is_main_process, train
 
-    result = train(model, method, data, task=task, out=out, eval_data=eval_data, **options)
+    # With --json, stdout carries the JSON alone: the Trainer's log lines go to stderr with the progress bar.
+    to_stderr = contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
+    with to_stderr, plain_warnings(show_all=False):
+        result = train(model, method, data, task=task, out=out, eval_data=eval_data, **options)
     if not is_main_process():
         return  # one report per run, from the main process
     if as_json:

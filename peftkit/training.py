@@ -17,15 +17,17 @@ runs it, :mod:`peftkit.adapter_trainer` holds the Trainer subclass,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import os
 import re
 import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from peftkit.core.config import AdapterConfig
 from peftkit.core.errors import PeftkitError
@@ -171,9 +173,25 @@ def train(model: Any, method: str | AdapterConfig, data: str | os.PathLike, *,
     any model is loaded.
     """
     plan = make_plan(model, method, data, eval_data, task, Path(out), _options(options))
-    from peftkit.training_run import run
+    with _bitsandbytes_notes_hidden(not plan.opts.quantize):
+        from peftkit.training_run import run
 
-    return run(plan, tokenizer, list(callbacks))
+        return run(plan, tokenizer, list(callbacks))
+
+
+@contextlib.contextmanager
+def _bitsandbytes_notes_hidden(hide: bool) -> Iterator[None]:
+    """Hide bitsandbytes' warnings while a run that quantizes nothing imports it: transformers' Trainer
+    imports peft when it is installed, peft imports bitsandbytes, and on some CPUs that logs a note about
+    an optional 4-bit kernel ("Failed to load CPU gemm_4bit_forward ...") that has nothing to do with the run."""
+    logger = logging.getLogger("bitsandbytes")
+    level = logger.level
+    if hide:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _options(options: dict[str, Any]) -> TrainOptions:
@@ -244,13 +262,17 @@ def make_plan(model: Any, method: str | AdapterConfig, data: Any, eval_data: Any
 
 
 def _check_push_target(repo_id: str, hub: str | None) -> None:
-    """A misspelt repo id or hub address fails now, not after training."""
+    """A misspelt repo id or hub address, or a remote hub without a token, fails now, not after training."""
     from peftkit.hub_client import open_hub, parse_ref
+    from peftkit.hub_client.auth import missing_token_message
+    from peftkit.hub_client.errors import HubAuthError
 
     ref = parse_ref(repo_id)
     if ref.revision is not None:
         raise PeftkitError(f"--push {repo_id!r}: name the repo without '@{ref.revision}' (a push goes to main)")
-    open_hub(hub).close()
+    with open_hub(hub) as backend:
+        if backend.remote and not getattr(backend, "token", None):
+            raise HubAuthError(missing_token_message(backend.address, f"--push {repo_id}"))
 
 
 def push_adapter(out: Path, opts: TrainOptions, task_tag: str, dataset: str, metrics: dict[str, float]) -> dict:

@@ -15,6 +15,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import Callable
 
 from .db import Database
 from .errors import AccountExists, BadRequest, Forbidden, NotFound, Unauthorized
@@ -42,13 +43,18 @@ class Principal:
     def can_read(self, namespace: str) -> bool:
         return namespace.lower() in self.namespaces
 
-    def check_write(self, namespace: str) -> None:
+    def check_write(self, namespace: str, kind_of: Callable[[str], str | None] | None = None) -> None:
+        """Raise Forbidden unless this principal may write to ``namespace``; ``kind_of`` (name -> "user",
+        "org" or None) lets the message give the fix that applies."""
         if namespace.lower() not in self.namespaces:
-            raise Forbidden(
-                f"user '{self.user}' may not write to namespace '{namespace}': it is neither the user's own "
-                "namespace nor an organization the user is a member of "
-                f"(add them with `peftkit registry org add {namespace} --member {self.user}`)"
-            )
+            kind = kind_of(namespace) if kind_of is not None else None
+            if kind == "org":
+                fix = (f"an administrator adds them with `peftkit registry org add {namespace} --member "
+                       f"{self.user}`, or push to '{self.user}/...'")
+            else:
+                fix = f"push to '{self.user}/...' or to an organization they are a member of"
+            owner = {"user": "another user's", "org": "an organization's"}.get(kind or "", "a")
+            raise Forbidden(f"user '{self.user}' may not write to '{namespace}', {owner} namespace: {fix}")
         if not self.write:
             raise Forbidden(
                 f"token '{self.token_name or self.token_id}' is read-only; create one with write access: "
@@ -91,6 +97,11 @@ class Accounts:
         self.db = db
 
     # -- users and orgs ---------------------------------------------------
+    def kind(self, name: str) -> str | None:
+        """"user", "org", or None when no account has that name."""
+        with self.db.read() as conn:
+            return self._kind(conn, name)
+
     def _kind(self, conn, name: str) -> str | None:
         row = conn.execute("SELECT kind FROM accounts WHERE name = ?", (name,)).fetchone()
         return row["kind"] if row else None

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from .errors import RegistryError
+from .errors import NotFound, RegistryError
 from .paths import default_data_dir
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -143,6 +143,8 @@ def token_create(store: RegistryStore, user: str, write: bool, name: str) -> Non
 @_with_store
 def token_list(store: RegistryStore, user: str | None, include_revoked: bool, as_json: bool) -> None:
     """List tokens (never their secrets)."""
+    if user is not None and store.accounts.kind(user) != "user":
+        raise NotFound(f"no user named '{user}'; `peftkit registry user list` shows the users")
     tokens = store.accounts.list_tokens(user, include_revoked=include_revoked)
     if as_json:
         click.echo(json.dumps([t.to_json() for t in tokens], indent=2))
@@ -191,6 +193,9 @@ def user_list(store: RegistryStore, as_json: bool) -> None:
     accounts = store.accounts.list_accounts()
     if as_json:
         click.echo(json.dumps(accounts, indent=2))
+        return
+    if not accounts:
+        click.echo("no users yet; create one with `peftkit registry user add NAME`", err=True)
         return
     for a in accounts:
         members = f"  members: {', '.join(a['members']) or '-'}" if a["kind"] == "org" else ""

@@ -250,7 +250,7 @@ class HubApi:
     def _writable(self, req: Request, repo_id: str, action: str) -> RepoInfo:
         principal = self._require_principal(req, action)
         info = self._visible_info(req, repo_id)
-        principal.check_write(info.namespace)
+        principal.check_write(info.namespace, self.store.accounts.kind)
         return info
 
     def _paginate(self, req: Request, path: str, page: int, offset: int, has_more: bool) -> list[tuple[str, str]]:
@@ -314,7 +314,7 @@ class HubApi:
             if visibility not in ("private", "public"):
                 raise BadRequest(f"visibility must be 'private' or 'public', got {visibility!r}")
             private = visibility == "private"
-        principal.check_write(namespace)
+        principal.check_write(namespace, self.store.accounts.kind)
         info = self.store.create_repo(repo_id, private=bool(private), owner=principal.user)
         return Response.json({"url": self._repo_url(req, info.repo_id), "name": info.repo_id, "id": info.repo_id})
 

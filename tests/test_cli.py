@@ -19,7 +19,7 @@ _NO_HEAVY_IMPORTS = (
 )
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["methods", "--json"], ["plugins", "--json"]])
+@pytest.mark.parametrize("argv", [["--help"], ["methods", "--json"], ["methods", "lora"], ["plugins", "--json"]])
 def test_help_and_listings_import_no_torch(argv):
     result = subprocess.run([sys.executable, "-c", _NO_HEAVY_IMPORTS.format(argv=argv)],
                             capture_output=True, text=True, timeout=60)
@@ -36,6 +36,19 @@ def test_methods_json(capsys):
     methods = {m["name"]: m for m in json.loads(capsys.readouterr().out)}
     assert methods["lora"]["can_merge"] and methods["lora"]["peft_format"]
     assert "r" in methods["lora"]["options"]
+
+
+def test_methods_name_shows_one_methods_options(capsys):
+    assert run(["methods", "lora"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("lora: ") and "lora_alpha = alpha" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("r ", "use_dora "))}
+    assert rows["r"][1:] == ["int", "8"] and rows["use_dora"][1:] == ["bool", "false"]
+    assert run(["methods", "seq_bn", "--json"]) == 0
+    options = {o["name"]: o for o in json.loads(capsys.readouterr().out)["options"]}
+    assert options["reduction_factor"]["default"] == 16 and options["non_linearity"]["default"] == "relu"
+    assert run(["methods", "lroa"]) == 1
+    assert "Did you mean 'lora'?" in capsys.readouterr().err
 
 
 def test_plugins_json_lists_builtins(capsys):
@@ -72,4 +85,13 @@ def test_errors_exit_nonzero_with_a_message(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert run(["info", str(tmp_path / "empty")]) == 1
     assert "no adapter_config.json" in capsys.readouterr().err
+    build_tiny("llama").save_pretrained(tmp_path / "model")  # a model, not an adapter
+    assert run(["info", str(tmp_path / "model")]) == 1
+    assert "it holds a model (config.json); give a folder written by save_adapter()" in capsys.readouterr().err
+    model = peftkit.adapt(build_tiny("llama"), "lora[r=2]", "a")
+    model.save_composition(tmp_path / "setup", "a")  # a composition: its adapters are in sub-folders
+    assert run(["info", str(tmp_path / "setup")]) == 1
+    err = capsys.readouterr().err
+    assert "composition folder" in err and f"peftkit info {tmp_path / 'setup' / 'adapters' / 'a'}" in err
+    assert run(["info", str(tmp_path / "setup" / "adapters" / "a")]) == 0
     assert run(["no-such-command"]) == 2

@@ -25,6 +25,22 @@ def test_shorthand_bare_words_and_regex_are_strings():
     assert values["target_modules"] == r".*\.(q|v)_proj"
 
 
+def test_shorthand_list_of_bare_words_is_a_list_of_strings():
+    _, values = parse_shorthand("lora[target_modules=[q_proj, v_proj],layers_to_transform=[0,1]]")
+    assert values == {"target_modules": ["q_proj", "v_proj"], "layers_to_transform": [0, 1]}
+    with pytest.raises(ConfigError, match=r'write lists and mappings as JSON, e\.g\.'):
+        parse_shorthand("lora[rank_pattern={q_proj:4}]")
+
+
+def test_an_invalid_regex_is_a_config_error_naming_the_option():
+    with pytest.raises(ConfigError, match=r"target_modules='\(q\|v' is not a valid regular expression"):
+        parse_spec('lora[target_modules="(q|v"]')
+    with pytest.raises(ConfigError, match="exclude_modules='\\[' is not a valid regular expression"):
+        LoraConfig(exclude_modules="[")
+    with pytest.raises(ConfigError, match=r"rank_pattern key 'q\[' is not a valid regular expression"):
+        LoraConfig(rank_pattern={"q[": 4})
+
+
 def test_spec_builds_config_with_aliases():
     method, config = parse_spec("lora[r=4,lora_alpha=32]")
     assert method.name == "lora"
@@ -37,6 +53,8 @@ def test_unknown_key_names_the_key_and_allowed_keys():
         parse_spec("lora[rank=8]")
     message = str(err.value)
     assert "'rank'" in message and "allowed keys" in message and "alpha" in message
+    with pytest.raises(ConfigError, match=r"unknown key 'rr' for method 'lora' \(did you mean 'r'\?\)"):
+        parse_spec("lora[rr=8]")
 
 
 def test_ill_typed_value_names_the_key_and_type():
@@ -51,6 +69,8 @@ def test_unknown_method_names_the_installed_ones():
     with pytest.raises(PluginError) as err:
         parse_spec("loha_typo[r=2]")
     assert "lora" in str(err.value) and "install" in str(err.value)
+    with pytest.raises(PluginError, match=r"Did you mean 'lora'\?"):
+        parse_spec("lroa[r=2]")
 
 
 def test_json_round_trip_and_shorthand_round_trip():

@@ -19,7 +19,7 @@ from peftkit.cli import run
 from peftkit.core.composition import Stack
 from tests.hub_helpers import BASE_ID, hub_env, save_task_adapters, tiny_base  # noqa: F401
 from tests.registry_conftest_helpers import running_registry
-from tests.tiny_models import sample_inputs
+from tests.tiny_models import build_tiny, sample_inputs
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +74,7 @@ def test_push_search_json_info_pull(hub_env: Path, folders: dict[str, Path], cap
 
     code, _, err = _cli(capsys, "hub", "pull", "alice/lang@nope", "--hub", h)
     assert code == 1 and "revision 'nope' not found" in err and "Traceback" not in err
+    assert "its branches: main" in err  # what to pull instead
     code, _, err = _cli(capsys, "hub", "delete", "alice/ner", "--hub", h, "--yes")
     assert code == 0
     code, _, err = _cli(capsys, "hub", "info", "alice/ner", "--hub", h)
@@ -108,12 +109,27 @@ def test_compose_writes_a_composition_or_a_merged_model(hub_env: Path, folders: 
     code, stdout, err = _cli(capsys, "compose", str(base_dir), "stack(alice/lang, alice/summ)", "--out",
                              str(hub_env / "merged"), "--merge", "--hub", h, "-q")
     assert code == 0, err
+    assert "Loading weights" not in err and "Writing model shards" not in err  # --quiet: no transformers bars
     from transformers import LlamaForCausalLM
 
     merged = LlamaForCausalLM.from_pretrained(str(hub_env / "merged")).eval()
     unmerged = peftkit.load(tiny_base(), "stack(alice/lang, alice/summ)", hub=h, progress=False)
     assert torch.allclose(_logits(merged), _logits(unmerged), atol=1e-4)
     assert not any("lora" in name or "ia3" in name for name, _ in merged.named_parameters())
+
+
+def test_compose_errors_use_the_users_words_and_refuse_another_architecture_early(
+        hub_env: Path, folders: dict[str, Path], capsys) -> None:  # noqa: F811
+    h = f"local:{hub_env / 'hub'}"
+    peftkit.hub.push(folders["lang"], "alice/lang", hub=h, progress=False)
+    code, _, err = _cli(capsys, "compose", "unused", "stack(alice/lang, ", "--out", str(hub_env / "c"), "--hub", h)
+    assert code == 1 and "'stack(alice/lang,'" in err and "__hubref" not in err
+
+    bert_dir = hub_env / "tiny-bert"  # another architecture: refused from its config, before weights load
+    build_tiny("bert").save_pretrained(str(bert_dir))
+    code, _, err = _cli(capsys, "compose", str(bert_dir), "alice/lang", "--out", str(hub_env / "c"), "--hub", h, "-q")
+    assert code == 1 and "model_type='llama'" in err and "model_type='bert'" in err
+    assert "random" not in err and "Traceback" not in err and not (hub_env / "c").exists()
 
 
 def test_tokens_login_and_errors_never_show_the_token(hub_env: Path, folders: dict[str, Path],  # noqa: F811

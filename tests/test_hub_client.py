@@ -136,6 +136,8 @@ def test_plan_errors_name_the_problem() -> None:
         plan("alice/lang", adapters={"x": "alice/x"})
     with pytest.raises(CompositionError, match="already has an adapter named 'ner'"):
         plan("ner", adapters={"ner": "alice/ner"}, existing=["ner"])
+    with pytest.raises(CompositionError, match=r"composition 'stack\(alice/lang, bob/ner@v2,'$"):
+        plan("stack(alice/lang, bob/ner@v2, ")  # the user's own words, not the placeholders
 
 
 # -- tokens ---------------------------------------------------------------------------------------
@@ -171,6 +173,14 @@ def test_redact_hides_every_token_seen() -> None:
 def test_push_without_a_token_says_how_to_get_one() -> None:
     backend = open_hub("http://127.0.0.1:9")
     with pytest.raises(HubAuthError, match=r"needs a token.*peftkit hub login --hub http://127.0.0.1:9"):
+        backend.push("alice/x", {}, private=None, commit_message="m", revision="main")
+
+
+def test_a_hugging_face_push_without_a_token_names_the_login_for_hf(monkeypatch: pytest.MonkeyPatch,
+                                                                     tmp_path: Path) -> None:
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # no token saved by `huggingface-cli login`
+    backend = open_hub("hf")
+    with pytest.raises(HubAuthError, match=r"run `peftkit hub login --hub hf` .* set HF_TOKEN"):
         backend.push("alice/x", {}, private=None, commit_message="m", revision="main")
 
 

@@ -133,3 +133,15 @@ def test_bf16_base_keeps_fp32_adapter_and_runs():
     assert adapter.lora_A.dtype == torch.float32
     out = output_of(model, "llama")
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+def test_merging_into_a_tied_weight_is_refused_before_anything_changes():
+    """GPT-2's lm_head shares its weight with the input embedding: merging a LoRA on lm_head would change
+    the embedding too (wrong logits), so the merge is refused, and the other sites stay unmerged."""
+    model = peftkit.adapt(build_tiny("gpt2"), 'lora[r=2,target_modules=["c_attn","lm_head"]]')
+    assert model.base_model.lm_head.base_layer.weight is model.base_model.transformer.wte.weight
+    randomize(model, seed=3)
+    before = output_of(model, "gpt2")
+    with pytest.raises(peftkit.MergeError, match=r"into lm_head: its weight is tied to transformer\.wte"):
+        model.merge_adapter()
+    assert model.merged_adapters == [] and torch.equal(output_of(model, "gpt2"), before)

@@ -23,6 +23,8 @@ def _run(*args: str, env: dict | None = None):
 
 def test_users_orgs_tokens(tmp_path: Path) -> None:
     data = str(tmp_path / "reg")
+    empty = _run("user", "list", "--data", data)
+    assert empty.exit_code == 0 and "peftkit registry user add NAME" in empty.stderr  # not a silent nothing
     assert _run("user", "add", "alice", "--data", data).exit_code == 0
     assert _run("user", "add", "bob", "--data", data).exit_code == 0
     dup = _run("user", "add", "alice", "--data", data)
@@ -46,6 +48,8 @@ def test_users_orgs_tokens(tmp_path: Path) -> None:
     listed = json.loads(_run("token", "list", "--json", "--data", data).stdout)
     assert [(t["user"], t["scope"], t["name"]) for t in listed] == [("alice", "write", "laptop"), ("bob", "read", "")]
     assert secret not in _run("token", "list", "--data", data).stdout  # secrets are never shown again
+    unknown = _run("token", "list", "--user", "nobody", "--data", data)
+    assert unknown.exit_code == 1 and "no user named 'nobody'" in unknown.output
 
     with RegistryStore(data) as store:
         principal = store.accounts.authenticate(secret)

@@ -247,6 +247,8 @@ def test_permissions_and_private_repos(hub: Hub, tmp_path: Path) -> None:
     with pytest.raises(HfHubHTTPError) as err:
         bob.create_repo("alice/not-bobs")
     assert err.value.response.status_code == 403
+    message = err.value.response.headers["X-Error-Message"]  # the fix that applies to a user's namespace
+    assert "another user's namespace" in message and "push to 'bob/...'" in message and "org add" not in message
     with pytest.raises(HfHubHTTPError) as err:
         bob.upload_file(path_or_fileobj=b"x", path_in_repo="x", repo_id="alice/public")
     assert err.value.response.status_code == 403
@@ -261,6 +263,7 @@ def test_permissions_and_private_repos(hub: Hub, tmp_path: Path) -> None:
     with pytest.raises(HfHubHTTPError) as err:
         bob.upload_file(path_or_fileobj=b"x", path_in_repo="x", repo_id="acme/shared")
     assert err.value.response.status_code == 403
+    assert "`peftkit registry org add acme --member bob`" in err.value.response.headers["X-Error-Message"]
 
     # Private repos are invisible to everyone but their namespace.
     alice.create_repo("acme/secret", private=True)

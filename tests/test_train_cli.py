@@ -144,3 +144,43 @@ def test_push_target_is_checked_before_training(tmp_path, bert_folder, capsys):
                 "--push", "not a repo id", "--hub", f"local:{tmp_path / 'hub'}"])
     assert code == 1 and "not a repo id" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_push_to_a_remote_hub_without_a_token_fails_before_training(tmp_path, bert_folder, capsys, monkeypatch):
+    monkeypatch.setenv("PEFTKIT_HOME", str(tmp_path / "home"))  # no stored token
+    for name in ("PEFTKIT_HUB_TOKEN", "HF_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    data = write_jsonl(tmp_path / "train.jsonl", rows_for("seq-cls", 4))
+    code = run(["train", str(bert_folder), "--task", "seq-cls", "--data", str(data), "--out", str(tmp_path / "o"),
+                "--push", "alice/x", "--hub", "http://127.0.0.1:9"])
+    err = capsys.readouterr().err
+    assert code == 1 and "needs a token" in err and "peftkit hub login --hub http://127.0.0.1:9" in err
+    assert not (tmp_path / "o").exists()  # nothing trained, nothing written
+
+
+def test_json_stdout_is_json_alone_and_warnings_are_one_line(tmp_path, bert_folder, capsys):
+    """Without --quiet the Trainer logs its metrics as it goes: with --json they go to stderr, and a
+    push's warning (a local base model path) is one 'Warning:' line, not Python's file:line form."""
+    data = write_jsonl(tmp_path / "train.jsonl", rows_for("seq-cls", 8))
+    code = run(["train", str(bert_folder), "--task", "seq-cls", "--data", str(data), "--out", str(tmp_path / "o"),
+                "--max-steps", "1", "--save-steps", "0", "--logging-steps", "1", "--json",
+                "--push", "alice/x", "--hub", f"local:{tmp_path / 'hub'}"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert json.loads(captured.out)["pushed"]["repo_id"] == "alice/x"
+    assert "'train_loss'" in captured.err  # the Trainer's own log line, on stderr
+    assert "Warning: " in captured.err and "records its base model as the local folder" in captured.err
+    assert "UserWarning" not in captured.err
+
+
+def test_quiet_run_from_a_fresh_process_prints_nothing(tmp_path, bert_folder):
+    """--quiet: errors only, also for what libraries say while the Trainer is imported (bitsandbytes,
+    pulled in through peft, notes a missing optional CPU kernel on some machines)."""
+    data = write_jsonl(tmp_path / "train.jsonl", rows_for("seq-cls", 4))
+    proc = subprocess.run([sys.executable, "-m", "peftkit", "train", str(bert_folder), "--task", "seq-cls",
+                           "--data", str(data), "--out", str(tmp_path / "o"), "--max-steps", "1", "--save-steps", "0",
+                           "--quiet"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "" and proc.stderr == ""
+    assert (tmp_path / "o" / "adapter_model.safetensors").is_file()

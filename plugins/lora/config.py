@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal, Union
 
@@ -40,3 +41,11 @@ class LoraConfig(AdapterConfig):
         for key, rank in self.rank_pattern.items():
             if rank <= 0:
                 raise ConfigError(f"lora config: rank_pattern[{key!r}]={rank} must be positive")
+        for field_name, patterns in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
+            for key in patterns:
+                try:
+                    re.compile(key)
+                except re.error as exc:
+                    raise ConfigError(f"lora config: {field_name} key {key!r} is not a valid regular expression "
+                                      f"({exc}); keys are module names or regexes matched at the end of module "
+                                      f"names, e.g. {{\"q_proj\": 16}}") from None
