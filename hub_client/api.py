@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from .backend import AdapterInfo, HubBackend, PushResult, SearchQuery
-from .cache import PullCache, offline_mode, verify_files
+from .cache import PullCache, offline_mode, offline_setting, verify_files
 from .compose import load, save_composed
 from .errors import HubAuthError, HubError, IntegrityError, OfflineError
 from .resolve import RepoRef, hub_address, open_hub, parse_ref
@@ -69,6 +69,7 @@ def push(model_or_folder: Any, repo_id: str, *, hub: str | HubBackend | None = N
                           language=list(language) if isinstance(language, (list, tuple)) else language)
     backend = open_hub(hub, token=token)
     try:
+        refuse_offline(backend, f"pushing {ref.repo_id} to", "push")
         with tempfile.TemporaryDirectory(prefix="peftkit-push-") as tmp:
             upload = prepare(model_or_folder, ref.repo_id, Path(tmp), adapter_name=adapter_name, options=options)
             return backend.push(ref.repo_id, upload.files, private=private,
@@ -77,6 +78,21 @@ def push(model_or_folder: Any, repo_id: str, *, hub: str | HubBackend | None = N
     finally:
         if not isinstance(hub, HubBackend):
             backend.close()
+
+
+def refuse_offline(backend: HubBackend, doing: str, verb: str) -> None:
+    """Fail at once, before any request, when offline mode is on and ``backend`` is across the network.
+
+    Only pulls have a cache to fall back on; a search, info or push would
+    otherwise wait for a connection that offline mode forbids. The embedded
+    hub is on this machine and is never refused.
+    """
+    setting = offline_setting()
+    if setting is None or not backend.remote:
+        return
+    name = setting.split("=", 1)[0]
+    raise OfflineError(f"offline mode is on ({setting}): {doing} {backend.address} needs the network; unset "
+                       f"{name} to {verb} there, or use the embedded hub (--hub local), which works offline")
 
 
 def _check_branch(revision: str) -> None:
@@ -164,6 +180,7 @@ def search(text: str | None = None, hub: str | HubBackend | None = None, *, base
                         tags=tuple(tags), author=author or None, dataset=dataset or None, sort=sort, limit=limit)
     backend = open_hub(hub, token=token)
     try:
+        refuse_offline(backend, "searching", "search")
         return backend.search(query)
     finally:
         if not isinstance(hub, HubBackend):
@@ -176,6 +193,7 @@ def info(ref: str, hub: str | HubBackend | None = None, *, revision: str | None 
     parsed = parse_ref(ref, revision)
     backend = open_hub(hub, token=token)
     try:
+        refuse_offline(backend, f"reading {parsed.repo_id} on", "read it")
         return backend.info(parsed.repo_id, parsed.revision)
     finally:
         if not isinstance(hub, HubBackend):
@@ -190,6 +208,7 @@ def delete(repo_id: str, hub: str | HubBackend | None = None, *, token: str | No
         raise HubError(f"delete removes a whole repo; give {parsed.repo_id}, without @{parsed.revision}")
     backend = open_hub(hub, token=token)
     try:
+        refuse_offline(backend, f"deleting {parsed.repo_id} on", "delete it")
         backend.delete(parsed.repo_id, missing_ok=missing_ok)
     finally:
         if not isinstance(hub, HubBackend):
@@ -256,4 +275,4 @@ def describe_hub(hub: str | None = None) -> str:
     return hub_address(hub)
 
 
-__all__ += ["copy_snapshot", "describe_hub", "SORTS"]
+__all__ += ["copy_snapshot", "describe_hub", "refuse_offline", "SORTS"]

@@ -13,10 +13,11 @@ returns a :class:`HubBackend`.
 from __future__ import annotations
 
 import abc
+import hashlib
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import AbstractSet, Any, Callable, Mapping, Sequence
 
 #: Called with the number of bytes just transferred (drives progress bars).
 ProgressCallback = Callable[[int], None]
@@ -39,7 +40,11 @@ class RemoteFile:
 
 @dataclass(frozen=True)
 class PushResult:
-    """What a push produced: the new commit on ``revision`` of ``repo_id``."""
+    """What a push produced: the commit ``revision`` of ``repo_id`` is at afterwards.
+
+    ``changed`` is False when the branch already held exactly these files: no
+    commit was made and ``commit`` is the branch's existing head.
+    """
 
     repo_id: str
     revision: str
@@ -47,9 +52,45 @@ class PushResult:
     hub: str
     created: bool = False
     url: str | None = None
+    changed: bool = True
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _local_digests(path: Path) -> tuple[str, str]:
+    """``(sha256, git blob sha1)`` of a local file, read once."""
+    size = path.stat().st_size
+    sha256 = hashlib.sha256()
+    blob = hashlib.sha1(f"blob {size}\0".encode())
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            sha256.update(chunk)
+            blob.update(chunk)
+    return sha256.hexdigest(), blob.hexdigest()
+
+
+def already_holds(current: Sequence[RemoteFile], files: Mapping[str, Path], *, delete_others: bool = True,
+                  ignore: AbstractSet[str] = frozenset()) -> bool:
+    """Whether a commit whose tree is ``current`` already holds exactly what a push of ``files`` would make.
+
+    Compares sizes, then the sha256 (when the hub gives it) or the git blob
+    sha1. With ``delete_others`` a file of ``current`` that ``files`` lacks
+    (other than those in ``ignore``) is a change. Backends call this before
+    committing, so an identical push makes no commit on any hub.
+    """
+    remote = {f.path: f for f in current if f.path not in ignore or f.path in files}
+    if delete_others and set(remote) - set(files):
+        return False
+    for path, local in files.items():
+        have = remote.get(path)
+        if have is None or have.size != Path(local).stat().st_size or not (have.sha256 or have.oid):
+            return False
+        sha256, blob = _local_digests(Path(local))
+        same = have.sha256.lower() == sha256 if have.sha256 else have.oid == blob
+        if not same:
+            return False
+    return True
 
 
 @dataclass(frozen=True)

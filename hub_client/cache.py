@@ -46,6 +46,15 @@ def offline_mode() -> bool:
                for name in ("PEFTKIT_OFFLINE", "HF_HUB_OFFLINE"))
 
 
+def offline_setting() -> str | None:
+    """The variable that turns offline mode on, as set (``"PEFTKIT_OFFLINE=1"``); ``None`` when online."""
+    for name in ("PEFTKIT_OFFLINE", "HF_HUB_OFFLINE"):
+        value = os.environ.get(name, "").strip()
+        if value.lower() in ("1", "true", "yes", "on"):
+            return f"{name}={value}"
+    return None
+
+
 class PullCache:
     def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
         self.root = Path(root).expanduser() if root is not None else default_cache_dir()

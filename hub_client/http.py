@@ -23,7 +23,7 @@ from typing import Any, Iterator, Mapping, Sequence
 from urllib.parse import urlsplit
 
 from .auth import missing_token_message, redact, resolve_token
-from .backend import AdapterInfo, HubBackend, PushResult, RemoteFile, SearchQuery
+from .backend import AdapterInfo, HubBackend, PushResult, RemoteFile, SearchQuery, already_holds
 from .errors import (HubAuthError, HubError, HubUnreachable, OfflineError, RepoNotFound,
                      RevisionNotFound)
 from .metadata import as_list, base_model_from, method_from_tags
@@ -85,6 +85,18 @@ def _root_reason(exc: BaseException) -> str:
             reason = str(current)
         current = current.__cause__ or current.__context__
     return reason.splitlines()[0] if reason else type(exc).__name__
+
+
+def _tree(api: Any, repo_id: str, commit: str) -> list[RemoteFile]:
+    """Every file of ``commit``, with its size, git blob id and (for LFS files) sha256."""
+    out = []
+    for entry in api.list_repo_tree(repo_id, revision=commit, recursive=True):
+        if type(entry).__name__ != "RepoFile":
+            continue
+        lfs = getattr(entry, "lfs", None)
+        out.append(RemoteFile(entry.path, int(entry.size), entry.blob_id,
+                              getattr(lfs, "sha256", None) if lfs is not None else None))
+    return out
 
 
 class _Silent:
@@ -253,16 +265,21 @@ class HttpBackend(HubBackend):
                         api.create_branch(repo_id, branch=revision)
                         created_branch = True
                 head = api.model_info(repo_id, revision=revision).sha
-                current = [f.path for f in api.list_repo_tree(repo_id, revision=head, recursive=True)
-                           if type(f).__name__ == "RepoFile"] if delete_others else []
-                operations: list[Any] = [CommitOperationAdd(path_in_repo=path, path_or_fileobj=str(local))
-                                         for path, local in sorted(files.items())]
-                operations += [CommitOperationDelete(path_in_repo=path) for path in sorted(current)
-                               if path not in files and path not in _KEEP]
-                total = sum(Path(p).stat().st_size for p in files.values())
-                with upload_bar(f"Uploading {len(files)} files to {repo_id}", total, progress=progress):
-                    info = api.create_commit(repo_id, operations, commit_message=commit_message,
-                                             revision=revision, parent_commit=head)
+                tree = _tree(api, repo_id, head)
+                # Decided here, not by the server: huggingface_hub would log its own "no files have been
+                # modified" line and the bar would stay at 0%.
+                changed = not already_holds(tree, files, delete_others=delete_others, ignore=_KEEP)
+                commit, url = head, None
+                if changed:
+                    operations: list[Any] = [CommitOperationAdd(path_in_repo=path, path_or_fileobj=str(local))
+                                             for path, local in sorted(files.items())]
+                    if delete_others:
+                        operations += [CommitOperationDelete(path_in_repo=f.path) for f in tree
+                                       if f.path not in files and f.path not in _KEEP]
+                    with upload_bar(f"Uploading {len(files)} files to {repo_id}", progress=progress):
+                        info = api.create_commit(repo_id, operations, commit_message=commit_message,
+                                                 revision=revision, parent_commit=head)
+                    commit, url = info.oid, getattr(info, "commit_url", None)
                 if private is not None and not created_repo:
                     if bool(api.model_info(repo_id).private) != private:
                         api.update_repo_settings(repo_id, private=private)
@@ -274,8 +291,8 @@ class HttpBackend(HubBackend):
                     elif created_branch:
                         api.delete_branch(repo_id, branch=revision)
                 raise
-        return PushResult(repo_id=repo_id, revision=revision, commit=info.oid, hub=self.address,
-                          created=created_repo, url=getattr(info, "commit_url", None))
+        return PushResult(repo_id=repo_id, revision=revision, commit=commit, hub=self.address,
+                          created=created_repo, url=url, changed=changed)
 
     def delete(self, repo_id: str, *, missing_ok: bool = False) -> None:
         where = f"deleting {repo_id} on {self.address}"
@@ -294,15 +311,7 @@ class HttpBackend(HubBackend):
 
     def list_files(self, repo_id: str, commit: str) -> list[RemoteFile]:
         with self._errors(f"listing the files of {repo_id}@{commit}", repo_id=repo_id, revision=commit):
-            entries = list(self._api().list_repo_tree(repo_id, revision=commit, recursive=True))
-        out = []
-        for entry in entries:
-            if type(entry).__name__ != "RepoFile":
-                continue
-            lfs = getattr(entry, "lfs", None)
-            out.append(RemoteFile(entry.path, int(entry.size), entry.blob_id,
-                                  getattr(lfs, "sha256", None) if lfs is not None else None))
-        return out
+            return _tree(self._api(), repo_id, commit)
 
     def download(self, repo_id: str, commit: str, files: Sequence[RemoteFile], dest: Path, *,
                  progress: bool = True) -> None:

@@ -19,7 +19,7 @@ from peftkit.registry.cards import DOWNLOAD_COUNTING_FILES
 from peftkit.registry.names import is_commit_sha
 from peftkit.registry.paths import peftkit_home
 
-from .backend import AdapterInfo, HubBackend, PushResult, RemoteFile, SearchQuery
+from .backend import AdapterInfo, HubBackend, PushResult, RemoteFile, SearchQuery, already_holds
 from .errors import HubError, InvalidRepoRef, RepoNotFound, RevisionNotFound
 
 
@@ -109,8 +109,14 @@ class LocalBackend(HubBackend):
                 store.create_branch(repo_id, revision)
                 created_branch = True
             head, current = store.snapshot(repo_id, revision)
-            deletions = sorted(p for p in current if p not in files) if delete_others else []
-            sha = store.commit(repo_id, dict(files), deletions, commit_message, revision=revision, parent=head)
+            tree = [RemoteFile(e.path, e.size, e.oid, e.sha256) for e in current.values()]
+            changed = not already_holds(tree, files, delete_others=delete_others)
+            if changed:
+                deletions = sorted(p for p in current if p not in files) if delete_others else []
+                sha = store.commit(repo_id, dict(files), deletions, commit_message, revision=revision,
+                                   parent=head)
+            else:
+                sha = head
             if private is not None and not created_repo and store.repo_info(repo_id).private != private:
                 store.set_private(repo_id, private)
         except BaseException as exc:
@@ -122,7 +128,8 @@ class LocalBackend(HubBackend):
             if isinstance(exc, registry_errors.RegistryError):
                 raise translate(exc, where) from None
             raise
-        return PushResult(repo_id=repo_id, revision=revision, commit=sha, hub=self.address, created=created_repo)
+        return PushResult(repo_id=repo_id, revision=revision, commit=sha, hub=self.address, created=created_repo,
+                          changed=changed)
 
     def delete(self, repo_id: str, *, missing_ok: bool = False) -> None:
         try:

@@ -6,7 +6,9 @@ for that request. To show the bytes as they leave, a request hook on
 huggingface_hub's shared HTTP client swaps the body of the commit request for
 a stream that hands it to the socket in chunks and advances a bar. The hook
 acts only inside :func:`upload_bar` (a context variable says which bar, so
-other threads and other requests are untouched).
+other threads and other requests are untouched). The bar appears when the
+commit request is sent, with the body's size as its total from the start
+(the body, base64 and JSON, is about a third larger than the files).
 
 Files huggingface_hub uploads itself (LFS/Xet on huggingface.co) keep its own
 bars; ``progress=False`` silences those too, for the push's duration.
@@ -29,14 +31,14 @@ def _is_commit(request: Any) -> bool:
 
 def _count_commit_bytes(request: Any) -> None:
     """huggingface_hub request hook: stream the commit body through the active bar."""
-    bar = _ACTIVE.get()
-    if bar is None or not _is_commit(request):
+    pending = _ACTIVE.get()
+    if pending is None or not _is_commit(request):
         return
     body = request.content  # bytes: huggingface_hub builds the whole commit before sending it
     stream_base = next((cls for cls in type(request.stream).__mro__ if cls.__name__ == "SyncByteStream"), None)
     if stream_base is None:  # an HTTP stack we do not know: send the body as it is
         return
-    bar.reset(total=len(body))
+    bar = pending.start(len(body))
 
     class CountingStream(stream_base):  # type: ignore[misc, valid-type]
         def __iter__(self) -> Iterator[bytes]:
@@ -58,23 +60,43 @@ def _install_hook() -> None:
         client.event_hooks = {**hooks, "request": [*hooks.get("request", []), _count_commit_bytes]}
 
 
+class _PendingBar:
+    """A bar made only once the commit body's size is known, so its total never changes while shown."""
+
+    def __init__(self, description: str) -> None:
+        self.description = description
+        self.bar: Any = None
+
+    def start(self, total: int) -> Any:
+        if self.bar is None:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=self.description,
+                            file=sys.stderr, dynamic_ncols=True)
+        else:  # huggingface_hub retried the request: count the same body again from zero
+            self.bar.reset(total=total)
+        return self.bar
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 @contextlib.contextmanager
-def upload_bar(description: str, total: int, *, progress: bool) -> Iterator[None]:
+def upload_bar(description: str, *, progress: bool) -> Iterator[None]:
     """Show a byte bar for the commit request sent inside this block (nothing with ``progress=False``)."""
     if not progress:
         with _hub_bars_silenced():
             yield
         return
-    from tqdm.auto import tqdm
-
     _install_hook()
-    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=description, file=sys.stderr,
-              dynamic_ncols=True) as bar:
-        token = _ACTIVE.set(bar)
-        try:
-            yield
-        finally:
-            _ACTIVE.reset(token)
+    pending = _PendingBar(description)
+    token = _ACTIVE.set(pending)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+        pending.close()
 
 
 @contextlib.contextmanager

@@ -128,6 +128,10 @@ def push_command(folder: str, repo_id: str, hub: str | None, revision: str, priv
     if as_json:
         _echo_json(result.to_json())
         return
+    if not result.changed:
+        click.echo(f"{result.repo_id} is already up to date at {result.revision} on {result.hub} "
+                   f"(commit {result.commit}); nothing was committed")
+        return
     verb = "Created" if result.created else "Updated"
     click.echo(f"{verb} {result.repo_id} on {result.hub}: revision {result.revision} is commit {result.commit}")
 
@@ -190,13 +194,28 @@ def search_command(text: str | None, hub: str | None, base_model: str | None, me
                   dataset=dataset, sort=sort, limit=limit, token=_token(token_file))
     if as_json:
         _echo_json([h.to_json() for h in hits])
-        return
-    if not hits:
+    elif hits:
+        rows = [[h.repo_id + (" (private)" if h.private else ""), h.method or "-", h.base_model or "-",
+                 h.task or "-", str(h.downloads), _short_date(h.last_modified)] for h in hits]
+        click.echo(_table(rows, ["REPO", "METHOD", "BASE MODEL", "TASK", "DOWNLOADS", "UPDATED"]))
+    else:
         click.echo("No adapter matches.", err=True)
+    if not hits and method:
+        _hint_unknown_method(method)
+
+
+def _hint_unknown_method(method: str) -> None:
+    """After a search with no hits: say so on stderr when no installed plugin has ``method`` (a typo?).
+
+    Only a hint: a hub may hold adapters of methods installed elsewhere, so
+    the search itself ran and is not an error.
+    """
+    from peftkit.core.plugins import get_registry, unknown_method_message
+
+    registry = get_registry()
+    if method.lower() in registry.methods:
         return
-    rows = [[h.repo_id + (" (private)" if h.private else ""), h.method or "-", h.base_model or "-", h.task or "-",
-             str(h.downloads), _short_date(h.last_modified)] for h in hits]
-    click.echo(_table(rows, ["REPO", "METHOD", "BASE MODEL", "TASK", "DOWNLOADS", "UPDATED"]))
+    click.echo(f"Hint: {unknown_method_message(method.lower(), registry)}", err=True)
 
 
 @hub_group.command("info")

@@ -17,7 +17,7 @@ import torch
 import peftkit
 from peftkit.cli import run
 from peftkit.core.composition import Stack
-from tests.hub_helpers import BASE_ID, hub_env, save_task_adapters, tiny_base  # noqa: F401
+from tests.hub_helpers import BASE_ID, HubUnderTest, any_hub, hub_env, save_task_adapters, tiny_base  # noqa: F401
 from tests.registry_conftest_helpers import running_registry
 from tests.tiny_models import build_tiny, sample_inputs
 
@@ -182,6 +182,55 @@ def test_unreachable_hub_is_one_clear_line(hub_env: Path, capsys) -> None:  # no
     assert code == 1
     assert err.strip().startswith(f"Error: cannot reach hub at http://127.0.0.1:{port}:")
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_pushing_the_same_files_again_says_up_to_date(any_hub: HubUnderTest, folders: dict[str, Path],  # noqa: F811
+                                                      capsys, caplog: pytest.LogCaptureFixture) -> None:
+    h = any_hub.address
+    code, out, _ = _cli(capsys, "hub", "push", str(folders["lang"]), "alice/x", "--hub", h, "--json", "-q")
+    first = json.loads(out)
+    assert code == 0 and first["changed"] is True
+    code, out, err = _cli(capsys, "hub", "push", str(folders["lang"]), "alice/x", "--hub", h)  # bars on
+    assert code == 0
+    assert out.strip() == (f"alice/x is already up to date at main on {h} (commit {first['commit']}); "
+                           f"nothing was committed")
+    assert "Uploading" not in err and "No files have been modified" not in err + caplog.text
+    code, out, _ = _cli(capsys, "hub", "push", str(folders["lang"]), "alice/x", "--hub", h, "--json")
+    assert code == 0 and json.loads(out)["changed"] is False and json.loads(out)["commit"] == first["commit"]
+
+
+def test_offline_mode_refuses_a_registry_in_one_line(hub_env: Path, folders: dict[str, Path], capsys,  # noqa: F811
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"  # nothing listens: a request would fail differently
+    monkeypatch.setenv("PEFTKIT_OFFLINE", "1")
+    monkeypatch.setenv("PEFTKIT_HUB_TOKEN", "pkr_not_needed_offline")
+    for argv in (["search", "lora"], ["info", "alice/x"], ["push", str(folders["lang"]), "alice/x"]):
+        code, _, err = _cli(capsys, "hub", *argv, "--hub", url)
+        assert code == 1 and err.startswith("Error: offline mode is on (PEFTKIT_OFFLINE=1): "), err
+        assert f"{url} needs the network; unset PEFTKIT_OFFLINE to " in err and len(err.strip().splitlines()) == 1
+        assert "cannot reach" not in err
+    code, out, _ = _cli(capsys, "hub", "search", "--hub", f"local:{hub_env / 'hub'}", "--json")
+    assert code == 0 and json.loads(out) == []
+
+
+def test_search_for_a_method_no_plugin_has_hints_the_closest(hub_env: Path, folders: dict[str, Path],  # noqa: F811
+                                                             capsys) -> None:
+    h = f"local:{hub_env / 'hub'}"
+    assert _cli(capsys, "hub", "push", str(folders["lang"]), "alice/lang", "--hub", h, "-q")[0] == 0
+    code, out, err = _cli(capsys, "hub", "search", "--method", "lroa", "--hub", h)
+    assert code == 0 and out == ""
+    first, hint = err.strip().splitlines()
+    assert first == "No adapter matches."
+    assert hint.startswith("Hint: unknown tuning method 'lroa'; installed methods: ") and "lora" in hint
+    assert "Did you mean 'lora'?" in hint
+    code, out, err = _cli(capsys, "hub", "search", "--method", "lroa", "--hub", h, "--json")
+    assert code == 0 and json.loads(out) == [] and "Did you mean 'lora'?" in err
+    # An installed method without hits, or a known method with hits: no hint.
+    assert "Hint" not in _cli(capsys, "hub", "search", "--method", "ia3", "--hub", h)[2]
+    code, out, err = _cli(capsys, "hub", "search", "--method", "LoRA", "--hub", h)
+    assert code == 0 and "alice/lang" in out and "Hint" not in err
 
 
 def test_push_and_search_of_a_folder_import_no_torch(hub_env: Path, folders: dict[str, Path]) -> None:  # noqa: F811

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -127,6 +128,68 @@ def test_failed_push_leaves_the_hub_as_it_was(any_hub: HubUnderTest, folders: di
     assert [(f.path, f.sha256 or f.oid) for f in after.files] == [(f.path, f.sha256 or f.oid) for f in before.files]
     with pytest.raises(RepoNotFound):
         hub.info("alice/new", hub=h)
+
+
+def _history(any_hub: HubUnderTest, repo_id: str) -> list[str]:
+    """Every commit of ``repo_id``'s main branch, read from the store itself (not through the client)."""
+    store = any_hub.store or RegistryStore(Path(any_hub.address.removeprefix("local:")))
+    return [c.sha for c in store.list_commits(repo_id)]
+
+
+def test_pushing_what_the_branch_holds_commits_nothing(any_hub: HubUnderTest, folders: dict[str, Path],  # noqa: F811
+                                                       tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    h = any_hub.address
+    first = hub.push(folders["lang"], "alice/same", hub=h, progress=False)
+    assert first.changed and first.created and first.to_json()["changed"] is True
+    history = _history(any_hub, "alice/same")
+
+    again = hub.push(folders["lang"], "alice/same", hub=h, progress=False)
+    assert (again.changed, again.created, again.commit) == (False, False, first.commit)
+    assert again.to_json()["changed"] is False
+    assert _history(any_hub, "alice/same") == history  # no empty commit either
+    assert hub.info("alice/same", hub=h).sha == first.commit
+    assert "No files have been modified" not in caplog.text
+
+    # Any difference is a commit: new weights, an extra file, and that file's removal.
+    assert hub.push(folders["ner-v2"], "alice/same", hub=h, progress=False).changed
+    extra = tmp_path / "extra"
+    shutil.copytree(folders["lang"], extra)
+    (extra / "labels.json").write_text('["neg", "pos"]')
+    with_extra = hub.push(extra, "alice/same", hub=h, progress=False)
+    assert with_extra.changed
+    without = hub.push(folders["lang"], "alice/same", hub=h, progress=False)
+    assert without.changed and without.commit != with_extra.commit
+    assert "labels.json" not in {f.path for f in hub.info("alice/same", hub=h).files}
+    assert len(_history(any_hub, "alice/same")) == len(history) + 3
+
+    # Visibility still changes without a commit.
+    private = hub.push(folders["lang"], "alice/same", hub=h, private=True, progress=False)
+    assert not private.changed and private.commit == without.commit
+    assert hub.info("alice/same", hub=h).private
+
+
+def test_offline_mode_refuses_remote_hubs_before_any_request(hub_env: Path, folders: dict[str, Path],  # noqa: F811
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on: a request would be a connection error
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    monkeypatch.setenv("PEFTKIT_HUB_TOKEN", "pkr_not_needed_offline")
+    for variable in ("PEFTKIT_OFFLINE", "HF_HUB_OFFLINE"):
+        monkeypatch.setenv(variable, "1")
+        offline = rf"^offline mode is on \({variable}=1\): .* {url} needs the network; unset {variable} to "
+        for call in (lambda: hub.search("x", hub=url), lambda: hub.info("alice/x", hub=url),
+                     lambda: hub.push(folders["lang"], "alice/x", hub=url, progress=False),
+                     lambda: hub.delete("alice/x", hub=url)):
+            with pytest.raises(OfflineError, match=offline):
+                call()
+        monkeypatch.setenv(variable, "0")
+    monkeypatch.setenv("PEFTKIT_OFFLINE", "1")
+    local = f"local:{hub_env / 'local-hub'}"  # on this machine: works offline
+    assert hub.push(folders["lang"], "alice/x", hub=local, progress=False).changed
+    assert [h.repo_id for h in hub.search(hub=local)] == ["alice/x"]
+    assert hub.info("alice/x", hub=local).method == "lora"
 
 
 def test_offline_pull_and_load_come_from_the_cache(hub_env: Path, folders: dict[str, Path],  # noqa: F811

@@ -41,10 +41,14 @@ def test_push_to_a_registry_shows_bytes_sent(hub_env: Path, folders: dict[str, P
     with running_registry(hub_env / "registry", users={"alice": True}) as (_, server, tokens):
         hub.push(folder, "alice/big", hub=server.url, token=tokens["alice"], progress=True)
         err = capsys.readouterr().err
-        final = [line for line in re.split(r"[\r\n]", err) if "Uploading" in line][-1]
+        shown = [line for line in re.split(r"[\r\n]", err) if "Uploading" in line]
+        final = shown[-1]
         assert "Uploading 4 files to alice/big" in final and "100%" in final, err
         sent, total = re.search(r"([\d.]+)M/([\d.]+)M", final).groups()  # the commit body: base64 + JSON
         assert sent == total and float(total) >= 1.9, final  # 1.5 MiB of file data is ~2 MiB as base64
+        # The bar shows that total from its first line on (it never starts at the files' 1.5 MiB).
+        totals = {re.search(r"/([\d.]+[kMG]?)(?:B)? ", line).group(1) for line in shown}
+        assert totals == {f"{total}M"}, shown
         # The counted stream sent the body intact: what comes back is what went up.
         pulled = hub.pull("alice/big", hub=server.url, token=tokens["alice"], progress=False)
         assert _digest(pulled / "extra.safetensors") == _digest(folder / "extra.safetensors")
