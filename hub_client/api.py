@@ -228,6 +228,8 @@ def login(token: str, hub: str | None = None, *, verify: bool = True) -> str | N
         if not backend.remote:
             raise HubError(f"the hub {backend.address} is on this machine and needs no token; log in to a registry "
                            f"(--hub http://host:port) or to the Hugging Face Hub (--hub hf)")
+        if verify:
+            refuse_offline(backend, "checking a token with", "log in")
         user = backend.whoami() if verify else None
         if verify and not user:
             raise HubAuthError(f"the hub at {backend.address} did not accept the token; it was not saved")
@@ -256,6 +258,7 @@ def whoami(hub: str | None = None, *, token: str | None = None) -> str | None:
             from .auth import missing_token_message
 
             raise HubAuthError(missing_token_message(backend.address, "whoami"))
+        refuse_offline(backend, "asking", "ask")
         return backend.whoami()
     finally:
         backend.close()

@@ -181,7 +181,8 @@ def test_offline_mode_refuses_remote_hubs_before_any_request(hub_env: Path, fold
         offline = rf"^offline mode is on \({variable}=1\): .* {url} needs the network; unset {variable} to "
         for call in (lambda: hub.search("x", hub=url), lambda: hub.info("alice/x", hub=url),
                      lambda: hub.push(folders["lang"], "alice/x", hub=url, progress=False),
-                     lambda: hub.delete("alice/x", hub=url)):
+                     lambda: hub.delete("alice/x", hub=url), lambda: hub.whoami(url),
+                     lambda: hub.login("pkr_not_needed_offline", url)):
             with pytest.raises(OfflineError, match=offline):
                 call()
         monkeypatch.setenv(variable, "0")
