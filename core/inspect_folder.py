@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import AdapterLoadError
+from .fileio import read_folder_json
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                 "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
@@ -46,18 +47,8 @@ def describe_folder(path: str | Path) -> dict[str, Any]:
         raise AdapterLoadError(f"{config_path} is not valid JSON: {exc}") from None
     own = data.get("peftkit") or {}
     weights = path / "adapter_model.safetensors"
-    params = 0
-    tensors = 0
-    if weights.is_file():
-        header = safetensors_header(weights)
-        for key, value in header.items():
-            if key == "__metadata__":
-                continue
-            n = 1
-            for dim in value["shape"]:
-                n *= dim
-            params += n
-            tensors += 1
+    params = _tensor_elements(weights)
+    tensors = len([k for k in safetensors_header(weights) if k != "__metadata__"]) if weights.is_file() else 0
     size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     fmt = _file_format(own)
     return {
@@ -77,6 +68,44 @@ def describe_folder(path: str | Path) -> dict[str, Any]:
         "tensors": tensors,
         "size_bytes": size,
     }
+
+
+def describe_composition(path: str | Path) -> dict[str, Any]:
+    """A composition folder (``save_composition()``, ``peftkit compose``): its composition, base model,
+    member adapters (each described as by :func:`describe_folder`), fusions, and totals."""
+    path = Path(path)
+    data = read_folder_json(path, "composition.json", "composition")
+    if not isinstance(data, dict):
+        raise AdapterLoadError(f"{path / 'composition.json'} must hold a JSON object; save the composition again")
+    adapters = {name: describe_folder(path / str(sub)) for name, sub in sorted((data.get("adapters") or {}).items())}
+    fusions = sorted(data.get("fusions") or {})
+    base = data.get("base_model") or {}
+    return {
+        "path": str(path),
+        "kind": "composition",
+        "composition": data.get("composition_string"),
+        "base_model": data.get("base_model_name_or_path"),
+        "base_model_type": base.get("model_type") if isinstance(base, dict) else None,
+        "adapters": adapters,
+        "fusions": fusions,
+        "parameters": sum(a["parameters"] for a in adapters.values()) + sum(
+            _tensor_elements(path / str(sub) / "fusion_model.safetensors") for sub in (data.get("fusions") or {}).values()),
+        "size_bytes": sum(p.stat().st_size for p in path.rglob("*") if p.is_file()),
+    }
+
+
+def _tensor_elements(path: Path) -> int:
+    """How many numbers a safetensors file holds (0 when there is no file)."""
+    if not path.is_file():
+        return 0
+    total = 0
+    for key, value in safetensors_header(path).items():
+        if key != "__metadata__":
+            n = 1
+            for dim in value["shape"]:
+                n *= dim
+            total += n
+    return total
 
 
 def _not_an_adapter(path: Path) -> str:

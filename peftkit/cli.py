@@ -109,9 +109,15 @@ _add_plugins_subcommands()
 @click.argument("path", type=click.Path(exists=True, file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def info_command(path: str, as_json: bool) -> None:
-    """Describe a saved adapter folder: method, base model, targets, parameters, size."""
-    from peftkit.core.inspect_folder import describe_folder
+    """Describe a saved adapter folder (method, base model, targets, parameters, size), or a composition
+    folder (its composition, member adapters and fusions)."""
+    from pathlib import Path
 
+    from peftkit.core.inspect_folder import describe_composition, describe_folder
+
+    if (Path(path) / "composition.json").is_file() and not (Path(path) / "adapter_config.json").is_file():
+        _show_composition(describe_composition(path), as_json)
+        return
     info = describe_folder(path)
     if as_json:
         _echo_json(info)
@@ -130,6 +136,18 @@ def info_command(path: str, as_json: bool) -> None:
                        ("plugin", f"{info['plugin'] or '-'} {info['plugin_version'] or ''}".strip()),
                        ("parameters", f"{info['parameters']:,}"), ("tensors", info["tensors"]),
                        ("size on disk", _human_bytes(info["size_bytes"]))]:
+        click.echo(f"{key:>13}: {value}")
+
+
+def _show_composition(info: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        _echo_json(info)
+        return
+    members = ", ".join(f"{name} ({a['method']}, {a['parameters']:,} parameters)" for name, a in info["adapters"].items())
+    for key, value in [("path", info["path"]), ("kind", "composition"), ("composition", info["composition"] or "-"),
+                       ("base model", info["base_model"] or "-"), ("model type", info["base_model_type"] or "-"),
+                       ("adapters", members or "-"), ("fusions", ", ".join(info["fusions"]) or "-"),
+                       ("parameters", f"{info['parameters']:,}"), ("size on disk", _human_bytes(info["size_bytes"]))]:
         click.echo(f"{key:>13}: {value}")
 
 

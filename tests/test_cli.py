@@ -88,10 +88,28 @@ def test_errors_exit_nonzero_with_a_message(tmp_path, capsys):
     build_tiny("llama").save_pretrained(tmp_path / "model")  # a model, not an adapter
     assert run(["info", str(tmp_path / "model")]) == 1
     assert "it holds a model (config.json); give a folder written by save_adapter()" in capsys.readouterr().err
-    model = peftkit.adapt(build_tiny("llama"), "lora[r=2]", "a")
-    model.save_composition(tmp_path / "setup", "a")  # a composition: its adapters are in sub-folders
-    assert run(["info", str(tmp_path / "setup")]) == 1
-    err = capsys.readouterr().err
-    assert "composition folder" in err and f"peftkit info {tmp_path / 'setup' / 'adapters' / 'a'}" in err
-    assert run(["info", str(tmp_path / "setup" / "adapters" / "a")]) == 0
     assert run(["no-such-command"]) == 2
+
+
+def test_info_describes_a_composition_folder(tmp_path, capsys):
+    model = peftkit.adapt(build_tiny("llama"), "lora[r=2]", "a")
+    model.add_adapter("b", "seq_bn")
+    model.add_fusion("fuse(a, b)")
+    model.save_composition(tmp_path / "setup", "stack(a, fuse(a, b))")
+    assert run(["info", str(tmp_path / "setup"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["kind"], info["composition"], info["base_model_type"]) == ("composition", "stack(a, fuse(a, b))",
+                                                                            "llama")
+    assert {n: a["method"] for n, a in info["adapters"].items()} == {"a": "lora", "b": "seq_bn"}
+    assert info["fusions"] == ["a_b"]
+    fusion_params = sum(p.numel() for p in model.fusion_parameters("a_b"))
+    assert info["parameters"] == sum(
+        a["parameters"] for a in info["adapters"].values()) + fusion_params
+    assert run(["info", str(tmp_path / "setup")]) == 0
+    out = capsys.readouterr().out
+    assert "composition: stack(a, fuse(a, b))" in out and "adapters: a (lora, " in out and "fusions: a_b" in out
+    assert run(["info", str(tmp_path / "setup" / "adapters" / "a")]) == 0
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "composition.json").write_text("[1, 2]")
+    assert run(["info", str(tmp_path / "broken")]) == 1
+    assert "must hold a JSON object" in capsys.readouterr().err
