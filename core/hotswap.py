@@ -225,6 +225,32 @@ def swap_plan(slot: nn.Module, new: nn.Module) -> Callable[[], None]:
     return _tensor_plan(slot, new, slot_tensors, new.tensors())
 
 
+def scaled_swap_plan(slot: nn.Module, new: nn.Module, scaled_key: str, scale_attr: str = "scale"
+                     ) -> Callable[[], None]:
+    """The plan for modules whose only difference may be a scale that multiplies one tensor alone (a LoRA's
+    ``scale * B``, in DoRA and convolution forms too): the slot keeps its scale (a constant of compiled
+    graphs) and receives ``tensors()[scaled_key] * (new scale / slot scale)``; everything else is compared and
+    copied as in :func:`swap_plan`."""
+    if type(slot) is not type(new):
+        return swap_plan(slot, new)  # names the type difference
+    s_slot, s_new = float(getattr(slot, scale_attr)), float(getattr(new, scale_attr))
+    if s_slot == 0.0 and s_new != 0.0:
+        raise AdapterLoadError(f"the loaded adapter's {scale_attr} is 0 (alpha=0), so no other {scale_attr} can be "
+                               f"folded into its weights; {LOAD_SEPARATELY}")
+    slot_tensors, new_tensors = slot.tensors(), new.tensors()
+    _check_live(slot, slot_tensors)
+    _compare_settings(slot, new, lambda ours, theirs: (ours, theirs) == (s_slot, s_new))
+    copy_rest = _tensor_plan(slot, new, slot_tensors, new_tensors)
+    ratio = s_new / s_slot if s_slot != 0.0 else 1.0
+    target, source = slot_tensors[scaled_key], new_tensors[scaled_key]
+
+    def copy() -> None:
+        copy_rest()
+        if ratio != 1.0:
+            target.copy_(_wide(source) * ratio)
+    return copy
+
+
 def _low_rank(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float] | None:
     get = getattr(module, "low_rank", None)
     return get() if get is not None else None

@@ -217,7 +217,7 @@ REFUSALS = [
      r"'default' adapts model\.layers\.0\.self_attn\.v_proj and the folder's adapter does not.*same target"),
     ("lora[r=2]", "lora[r=4]", r"rank 4 and the loaded one only 2.*prepare_for_hotswap\(target_rank=4\)"),
     ("lora[r=4]", "lora[r=4,use_dora=true]", r"setting use_dora is True in the folder and False"),
-    ("lora[r=4,use_dora=true]", "lora[r=4,alpha=16,use_dora=true]", r"setting scale is 4\.0 in the folder"),
+    ("lora[r=4,use_dora=true]", "lora[r=2,use_dora=true]", r"setting r is 2 in the folder and 4"),
     ("seq_bn[reduction_factor=4]", "seq_bn[reduction_factor=4,non_linearity=gelu]",
      r"setting non_linearity is 'gelu' in the folder and 'relu'"),
     ("seq_bn[reduction_factor=4]", "seq_bn[reduction_factor=8]", r"setting bottleneck is 4 in the folder and 8"),
@@ -274,3 +274,20 @@ def test_merged_adapter_another_base_model_and_unknown_names_are_refused(tmp_pat
     with pytest.raises(AdapterLoadError, match="is not an adapter folder"):
         model.hotswap_adapter(str(tmp_path / "nowhere"))
     _assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("slot_spec, file_spec", [
+    ("lora[r=4,alpha=8,use_dora=true]", "lora[r=4,alpha=16,use_dora=true]"),
+    ("lora[r=4,alpha=8,use_dora=true]", "lora[r=4,alpha=4,use_rslora=true,use_dora=true]"),
+])
+def test_dora_of_another_alpha_is_rescaled_into_b(tmp_path, slot_spec, file_spec):
+    """DoRA uses B only as scale * B (in the row norms too), so another alpha folds into B exactly."""
+    first, _ = _saved(tmp_path / "a", slot_spec, seed=1)
+    second, second_out = _saved(tmp_path / "b", file_spec, seed=2)
+    model = _loaded(first)
+    params = [id(p) for p in model.parameters()]
+    scales = [m.scale for m in adapter_modules(model).values()]
+    model.hotswap_adapter(second)
+    torch.testing.assert_close(output_of(model, "llama"), second_out, atol=1e-5, rtol=1e-5)
+    assert [id(p) for p in model.parameters()] == params
+    assert [m.scale for m in adapter_modules(model).values()] == scales  # the compiled constant stays

@@ -424,3 +424,21 @@ def test_tiny_resnet_both_ways_with_peft(tmp_path):
     loaded = peftkit.from_pretrained(_tiny_resnet(), str(tmp_path / "peft"))
     assert len(adapter_modules(loaded)) == 5
     torch.testing.assert_close(_resnet_logits(loaded), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_hot_swapping_a_conv_lora_of_another_alpha_rescales_b_in_place(tmp_path):
+    """Convolution LoRAs have no (r, in) factors for the low-rank swap path, but use B only as scale * B:
+    another alpha is folded into B, the module keeps its scale and its parameter objects."""
+    saved = {}
+    for name, alpha, seed in (("a", 8, 1), ("b", 2, 2)):
+        model = noisy(peftkit.adapt(conv_net(2), f"lora[r=4,alpha={alpha},target_modules={TARGETS}]"), seed=seed)
+        model.save_adapter(str(tmp_path / name))
+        saved[name] = run(model, batch(2))
+    model = peftkit.from_pretrained(conv_net(2), str(tmp_path / "a"))
+    params = [id(p) for p in model.parameters()]
+    model.hotswap_adapter(str(tmp_path / "b"))
+    torch.testing.assert_close(run(model, batch(2)), saved["b"], atol=1e-5, rtol=1e-5)
+    assert [id(p) for p in model.parameters()] == params
+    from peftkit.core.layer import TunerLayer
+
+    assert {m.adapters["default"].scale for m in model.modules() if isinstance(m, TunerLayer)} == {2.0}  # 8/4 stays

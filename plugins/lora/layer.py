@@ -10,6 +10,7 @@ and cached while the weights do not change (inference).
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -64,6 +65,15 @@ class LoraFactors(LayerAdapter):
         if self.lora_magnitude_vector is not None:
             out["lora_magnitude_vector"] = self.lora_magnitude_vector
         return out
+
+    def hotswap_plan(self, new: LayerAdapter) -> Callable[[], None]:
+        """Plain LoRA swaps through low_rank() (other ranks too); DoRA and convolution LoRAs use B only as
+        ``scale * B``, so another alpha folds into B as well, at the same rank."""
+        from peftkit.core.hotswap import scaled_swap_plan, swap_plan
+
+        if self.low_rank() is not None:
+            return swap_plan(self, new)
+        return scaled_swap_plan(self, new, "lora_B.weight")
 
 
 class LoraLinear(LoraFactors):
