@@ -7,7 +7,9 @@ r=16 on all linear layers): train step, unmerged and merged forward, DoRA
 train step, a mixed batch routed over 8 adapters. Medians of CUDA-synchronized
 wall times, the two libraries interleaved.
 
-Run: python bench/gpu_check.py
+QLoRA (4-bit NF4, bf16 compute) and LoKr are timed against peft as well (`methods`).
+
+Run: python bench/gpu_check.py [correctness|timings|methods]
 """
 
 from __future__ import annotations
@@ -174,6 +176,57 @@ def timings() -> None:
           f"{r['peft']/r['base']-1:+.1%}")
 
 
+def methods() -> None:
+    """QLoRA (4-bit NF4 base, bf16 compute) and LoKr, peftkit beside peft on the same weights."""
+    import peft
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    import peftkit
+
+    tmp = tempfile.mkdtemp()
+    build(hidden=1024, layers=4, heads=8, inter=2816, vocab=32000, dtype=torch.float32).save_pretrained(f"{tmp}/b")
+    ids = torch.randint(0, 32000, (8, 512), device="cuda")
+
+    def quantized():
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                    bnb_4bit_compute_dtype=torch.bfloat16)
+        return AutoModelForCausalLM.from_pretrained(f"{tmp}/b", quantization_config=config,
+                                                    device_map={"": "cuda"}, dtype=torch.bfloat16)
+
+    ours = peftkit.adapt(quantized(), "lora[r=16,alpha=32,target_modules=all-linear]")
+    with torch.no_grad():
+        for p in ours.adapter_parameters("default"):
+            p.normal_(0, 0.02)
+    ours.save_adapter(f"{tmp}/qlora")
+    theirs = peft.PeftModel.from_pretrained(quantized(), f"{tmp}/qlora", is_trainable=True)
+    for m in (ours, theirs):
+        m.train()
+    with torch.no_grad():
+        diff = (ours(ids).logits.float() - theirs(ids).logits.float()).abs().max().item()
+    t = cuda_time({"peftkit": lm_train_step(ours, ids), "peft": lm_train_step(theirs, ids)}, repeats=6)
+    print(f"  QLoRA (h1024x4, 4-bit NF4, bf16 compute, r=16): train step peftkit {t['peftkit']*1e3:.1f} ms, peft "
+          f"{t['peft']*1e3:.1f} ms, ratio {t['peftkit']/t['peft']:.3f}; max logit diff {diff:.2e}")
+    del ours, theirs
+    torch.cuda.empty_cache()
+
+    base = build()  # bf16, as the timings above
+    ours = peftkit.adapt(copy.deepcopy(base), "lokr[r=16,alpha=32,init_weights=false,target_modules=all-linear]")
+    ours.save_adapter(f"{tmp}/lokr")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), f"{tmp}/lokr", is_trainable=True)
+    for m in (ours, theirs):
+        m.train()
+    with torch.no_grad():
+        diff = (ours(ids).logits.float() - theirs(ids).logits.float()).abs().max().item()
+    t = cuda_time({"peftkit": lm_train_step(ours, ids), "peft": lm_train_step(theirs, ids)}, repeats=6)
+    for m in (ours, theirs):
+        m.eval()
+    f = cuda_time({"peftkit": lm_forward(ours, ids), "peft": lm_forward(theirs, ids), "base": lm_forward(base, ids)}, repeats=6)
+    print(f"  LoKr (h2048x8, bf16, r=16): train step ratio {t['peftkit']/t['peft']:.3f} "
+          f"({t['peftkit']*1e3:.1f} vs {t['peft']*1e3:.1f} ms); unmerged forward ratio {f['peftkit']/f['peft']:.3f} "
+          f"(+{f['peftkit']/f['base']-1:.1%} vs +{f['peft']/f['base']-1:.1%} over the base); max logit diff "
+          f"{diff:.2e}")
+
+
 def main() -> None:
     import peft
     import transformers
@@ -181,7 +234,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
           f"{torch.cuda.get_device_name()}")
     only = sys.argv[1:]  # e.g. `correctness`
-    for name, fn in (("correctness", correctness), ("timings", timings)):
+    for name, fn in (("correctness", correctness), ("timings", timings), ("methods", methods)):
         if only and name not in only:
             continue
         print(f"== {name}", flush=True)
