@@ -217,7 +217,9 @@ class CompositionMixin:
                     self.check_composition(node)
                 if node != BASE_MODEL and any(self._records[n].model_adapter
                                               for n in composition.adapter_leaves(node)):
-                    raise CompositionError(f"{node} changes the model's inputs and cannot be routed per example")
+                    raise CompositionError(f"adapter_names: {node} changes the model's inputs (prefix or prompt "
+                                           f"tuning, alone or in a union), so it cannot be routed per example; run "
+                                           f"its rows as a batch of their own after set_active({str(node)!r})")
                 parsed[key] = node
             entries.append(node)
         if batch_size is not None and len(entries) != batch_size:

@@ -198,8 +198,13 @@ class AdaptedModel(CompositionMixin, nn.Module):
     def _adapted_sites(self, method: Method, config: AdapterConfig, modules_to_save: list[str]) -> list[Site]:
         """The method's sites for ``config``, less those inside modules trained whole (a task head)."""
         saved_prefixes = tuple(m + "." for m in modules_to_save)
-        return [s for s in method.sites(self.base_model, config, self.architecture)
-                if s.name not in modules_to_save and not s.name.startswith(saved_prefixes)]
+        sites = method.sites(self.base_model, config, self.architecture)
+        kept = [s for s in sites if s.name not in modules_to_save and not s.name.startswith(saved_prefixes)]
+        if sites and not kept:  # every target is inside a head trained whole: the adapter would adapt nothing
+            raise TargetError(f"method {method.name!r}: every module it targets ({', '.join(s.name for s in sites)}) "
+                              f"is inside modules_to_save={modules_to_save!r}, which is trained whole, so it "
+                              f"would adapt nothing; target modules outside it (set target_modules)")
+        return kept
 
     def _new_layer_adapter(self, method: Method, config: AdapterConfig, site: Site) -> LayerAdapter | None:
         """The method's module for ``site`` (None where it makes none), on the base layer's device,

@@ -57,7 +57,7 @@ def parse_value(raw: str, spec: str = "") -> Any:
             raise ConfigError(f"in adapter spec {spec!r}: cannot read value {raw!r} ({exc}); write lists and "
                               f'mappings as JSON, e.g. target_modules=["q_proj","v_proj"] or '
                               f'rank_pattern={{"q_proj":16}}') from None
-    if len(raw) >= 2 and raw[0] == raw[-1] == "'":
+    if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"":  # a quoted regex that is not JSON: "a\.b"
         return raw[1:-1]
     if not raw:
         raise ConfigError(f"in adapter spec {spec!r}: a key has an empty value")

@@ -23,6 +23,9 @@ def test_shorthand_bare_words_and_regex_are_strings():
     assert values == {"target_modules": "all-linear"}
     _, values = parse_shorthand(r'lora[target_modules=".*\\.(q|v)_proj"]')
     assert values["target_modules"] == r".*\.(q|v)_proj"
+    # a double-quoted regex with single backslashes is not JSON: its quotes still go, as single quotes do
+    _, values = parse_shorthand(r'lora[target_modules="resnet\.encoder.*convolution"]')
+    assert values["target_modules"] == r"resnet\.encoder.*convolution"
 
 
 def test_shorthand_list_of_bare_words_is_a_list_of_strings():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import peftkit
-from peftkit.core.errors import AdapterError
+from peftkit.core.errors import AdapterError, TargetError
 from peftkit.core.layer import ModulesToSave, TunerLayer
 from tests.tiny_models import build_tiny, output_tensor, sample_inputs
 
@@ -184,3 +184,13 @@ def test_torch_compile_matches_eager():
     with torch.no_grad():
         out = output_tensor(compiled(**inputs))
     torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
+
+
+def test_targets_only_inside_the_task_head_are_refused_and_leave_the_model_as_it_was():
+    model = peftkit.AdaptedModel(build_tiny("bert"))  # BertForSequenceClassification: its head is saved whole
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    with pytest.raises(TargetError, match=r"inside modules_to_save=\['classifier'\].*would adapt nothing"):
+        model.add_adapter("head_only", 'lokr[r=2,target_modules=["classifier"]]')
+    assert list(model.adapters) == []
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
