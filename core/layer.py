@@ -49,6 +49,14 @@ class LayerAdapter(nn.Module):
     def delta(self, x: torch.Tensor, h: torch.Tensor, base: nn.Module) -> torch.Tensor:
         raise NotImplementedError
 
+    #: Whether merging reads the weight it merges into (DoRA's row norms): such an adapter must be the
+    #: first merged into its layer, or its merged result would include the earlier adapters' changes.
+    merge_reads_weight: bool = False
+
+    def base_changed(self) -> None:
+        """Called after the base layer's weight changed in place (an adapter merged or unmerged at this
+        layer): drop anything computed from it. Nothing to drop by default."""
+
     def base_input(self, x: torch.Tensor) -> torch.Tensor | None:
         """For an adapter that, alone at its site, equals the base module run on a changed input
         (IA3 on a feed-forward layer: ``W (x * l) + b``): that input. The TunerLayer then runs the
@@ -159,6 +167,13 @@ class _InputCapture:
         self.captured[self.source] = args[0] if args else None
 
 
+def merge_order_message(name: str, earlier: str) -> str:
+    return (f"adapter {name!r} cannot be merged after {earlier!r} into the same layer: its merge reads the "
+            f"weight it merges into (DoRA's row norms), which would then include {earlier!r}'s change; merge "
+            f"{name!r} first (merge_adapter([{name!r}, {earlier!r}]) gives stack({name}, {earlier})), or keep it "
+            f"unmerged")
+
+
 class TunerLayer(nn.Module):
     """Wraps an original module and applies the active adapters to its output."""
 
@@ -267,6 +282,9 @@ class TunerLayer(nn.Module):
                              f"are quantized ({quantized}) and merging would re-quantize them; keep the adapter "
                              f"unmerged, or load the base model unquantized (e.g. torch_dtype=torch.bfloat16), load "
                              f"the adapter onto it and merge there")
+        if name in self.adapters and self.adapters[name].merge_reads_weight and \
+                any(n != name for n in self.merged):
+            raise MergeError(merge_order_message(name, self.merged[0]))
         own_check = getattr(self.adapters[name], "check_mergeable", None) if name in self.adapters else None
         if own_check is not None:  # what the adapter itself cannot fold in (LoRA on a grouped convolution)
             own_check()
@@ -277,12 +295,18 @@ class TunerLayer(nn.Module):
         self.check_mergeable(name)
         self.adapters[name].merge(self.base_layer)
         self.merged.append(name)
+        self._base_changed()
 
     def unmerge(self, name: str) -> None:
         if name not in self.merged:
             return
         self.adapters[name].unmerge(self.base_layer)
         self.merged.remove(name)
+        self._base_changed()
+
+    def _base_changed(self) -> None:
+        for adapter in self.adapters.values():
+            adapter.base_changed()
 
     def extra_repr(self) -> str:
         return f"adapters={list(self.adapters)}, merged={self.merged}"

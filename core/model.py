@@ -21,7 +21,8 @@ from .composition import BASE_MODEL, Node, Routing
 from .composition_api import CompositionMixin
 from .config import AdapterConfig
 from .errors import AdapterError, CompositionError, MergeError, TargetError
-from .layer import LayerAdapter, ModelAdapter, ModulesToSave, TunerLayer, name_taken_by_torch
+from .layer import (LayerAdapter, ModelAdapter, ModulesToSave, TunerLayer, merge_order_message,
+                    name_taken_by_torch)
 from .method import Method, Site, parse_spec
 from .state import AdapterState
 from .targets import name_matches
@@ -386,9 +387,15 @@ class AdaptedModel(CompositionMixin, nn.Module):
         for module_name, module in self.base_model.named_modules(remove_duplicate=False):
             for param in module.parameters(recurse=False):
                 owners.setdefault(id(param), []).append(module_name)
+        order = {id(layer): list(layer.merged) for _, layer in self._tuner_layers()}  # merged so far, per layer
         for name in names:  # refusals before any weight changes
             for site, layer in self._tuner_layers():
                 layer.check_mergeable(name)
+                before = order[id(layer)]
+                if name in layer.adapters and name not in before:
+                    if layer.adapters[name].merge_reads_weight and before:
+                        raise MergeError(f"at {site}: {merge_order_message(name, before[0])}")
+                    before.append(name)
                 weight = getattr(layer.base_layer, "weight", None)
                 shared = [o for o in owners.get(id(weight), []) if o != f"{site}.base_layer"]
                 if name in layer.adapters and shared:

@@ -145,3 +145,38 @@ def test_merging_into_a_tied_weight_is_refused_before_anything_changes():
     with pytest.raises(peftkit.MergeError, match=r"into lm_head: its weight is tied to transformer\.wte"):
         model.merge_adapter()
     assert model.merged_adapters == [] and torch.equal(output_of(model, "gpt2"), before)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_dora_merges_only_first_into_a_layer(arch):
+    """A DoRA merge reads the weight it merges into (row norms): merged after another adapter at the same
+    layer it would be wrong, so that order is refused before anything changes; DoRA first is exact."""
+    model = peftkit.adapt(build_tiny(arch), "lora[r=2,target_modules=all-linear]", adapter_name="plain")
+    model.add_adapter("dora", "lora[r=2,use_dora=true,target_modules=all-linear]")
+    randomize(model, "plain", seed=1)
+    randomize(model, "dora", seed=2)
+    model.eval()
+    model.set_active("stack(plain, dora)")
+    before = output_of(model, arch)
+    with pytest.raises(peftkit.MergeError, match=r"'dora' cannot be merged after 'plain'.*merge 'dora' first"):
+        model.merge_adapter(["plain", "dora"])
+    assert model.merged_adapters == [] and torch.equal(output_of(model, arch), before)
+    model.set_active("stack(dora, plain)")
+    unmerged = output_of(model, arch)
+    model.merge_adapter(["dora", "plain"])
+    model.set_active(None)
+    torch.testing.assert_close(output_of(model, arch), unmerged, atol=1e-4, rtol=1e-4)
+    model.unmerge_adapter()
+    model.set_active("dora")
+    alone = output_of(model, arch)
+    model.merge_adapter(["plain"])  # plain folded into the base: DoRA's norms now come from W + plain's change
+    from peftkit.core.base_layers import weight_out_in
+    from peftkit.core.layer import TunerLayer
+
+    for layer in (m for m in model.modules() if isinstance(m, TunerLayer) and "dora" in m.adapters):
+        dora = layer.adapters["dora"]
+        with torch.no_grad():
+            fresh = (weight_out_in(layer.base_layer) + dora.lora_delta_out_in()).norm(dim=1)
+        torch.testing.assert_close(dora._weight_norm(layer.base_layer), fresh, atol=1e-5, rtol=1e-5)
+    model.unmerge_adapter()
+    torch.testing.assert_close(output_of(model, arch), alone, atol=1e-5, rtol=1e-5)  # and again on unmerge

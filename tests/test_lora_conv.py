@@ -442,3 +442,20 @@ def test_hot_swapping_a_conv_lora_of_another_alpha_rescales_b_in_place(tmp_path)
     from peftkit.core.layer import TunerLayer
 
     assert {m.adapters["default"].scale for m in model.modules() if isinstance(m, TunerLayer)} == {2.0}  # 8/4 stays
+
+
+def test_a_dora_conv_adapter_merges_first_or_is_refused():
+    model = peftkit.adapt(conv_net(2), spec(), adapter_name="plain")
+    model.add_adapter("dora", spec(use_dora=True))
+    noisy(model, "plain", seed=1)
+    noisy(model, "dora", seed=2)
+    model.set_active("stack(plain, dora)")
+    before = run(model, batch(2))
+    with pytest.raises(peftkit.MergeError, match="'dora' cannot be merged after 'plain'"):
+        model.merge_adapter(["plain", "dora"])
+    assert model.merged_adapters == [] and torch.equal(run(model, batch(2)), before)
+    model.set_active("stack(dora, plain)")
+    unmerged = run(model, batch(2))
+    model.merge_adapter(["dora", "plain"])
+    model.set_active(None)
+    torch.testing.assert_close(run(model, batch(2)), unmerged, atol=1e-4, rtol=1e-4)

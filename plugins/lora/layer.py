@@ -55,6 +55,15 @@ class LoraFactors(LayerAdapter):
         """DoRA's norms of W + s * (B A), one per output channel (detached)."""
         raise NotImplementedError
 
+    @property
+    def merge_reads_weight(self) -> bool:  # type: ignore[override]
+        return self.use_dora
+
+    def base_changed(self) -> None:
+        # A merge writes weight.data, which does not move weight._version: drop norms computed from it.
+        self.__dict__["_norm_cache"] = None
+        self.__dict__["_w_sq_cache"] = None
+
     def merge(self, base: nn.Module) -> None:
         if self.use_dora:
             self._merged_norm = self._weight_norm(base).clone()
