@@ -165,7 +165,7 @@ def adaptable_targets(model: "nn.Module", config: "AdapterConfig", arch: "Archit
         if accepts(module):
             kept.append(name)
         elif isinstance(config.target_modules, list) and name_matches(name, config.target_modules):
-            raise ConfigError(f"{method}: target {name!r} is a {type(base_of(module)).__name__}; {label} adapts "
+            raise ConfigError(f"{method}: target {name!r} is {_article(type(base_of(module)).__name__)}; {label} adapts "
                               f"{kinds}. Leave it out of target_modules (or add it to exclude_modules)")
     if not kept:
         raise ConfigError(f"{method}: target_modules={config.target_modules!r} matched no layer {label} adapts "
@@ -216,3 +216,8 @@ def find_point(model: "nn.Module", arch: "ArchitectureSpec | None", point: str, 
         raise TargetError(f"insertion point {point!r} ({pattern}) matched no module of this "
                           f"{model_type!r} model; candidates: {', '.join(_sample_linear_names(model))}")
     return found
+
+
+def _article(noun: str) -> str:
+    """``noun`` with "a" or "an" before it ("an Embedding", "a Conv3d")."""
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"

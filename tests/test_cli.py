@@ -49,6 +49,8 @@ def test_methods_name_shows_one_methods_options(capsys):
     assert options["reduction_factor"]["default"] == 16 and options["non_linearity"]["default"] == "relu"
     assert run(["methods", "lroa"]) == 1
     assert "Did you mean 'lora'?" in capsys.readouterr().err
+    assert run(["methods", "union", "--json"]) == 0  # a union's parts choose their modules: not its options
+    assert {o["name"] for o in json.loads(capsys.readouterr().out)["options"]} == {"parts", "modules_to_save"}
 
 
 def test_plugins_json_lists_builtins(capsys):

@@ -302,7 +302,7 @@ def test_shorthand_and_json_round_trip(spec):
     ("lokr[rank_pattern={'q_proj':0}]", "rank_pattern"),
     ("lokr[init_weights=\"gaussian\"]", "init_weights"),
     ("lokr[lora_alpha=3]", "unknown key 'lora_alpha'"),
-    ("lokr[target_modules=['embed_tokens']]", "'model.embed_tokens' is a Embedding; LoKr adapts Linear"),
+    ("lokr[target_modules=['embed_tokens']]", "'model.embed_tokens' is an Embedding; LoKr adapts Linear"),
 ])
 def test_bad_values_raise_config_error_naming_the_key(spec, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):

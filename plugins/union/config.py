@@ -66,6 +66,11 @@ class UnionConfig(AdapterConfig):
                               f"(union[modules_to_save=[...]] or AdaptedModel.add_adapter(..., config)) instead")
         return {"method": method.name, **config.to_dict()}
 
+    @classmethod
+    def option_details(cls) -> list[dict[str, Any]]:
+        """A union's own options (its parts choose their modules), for ``peftkit methods union``."""
+        return [o for o in super().option_details() if o["name"] not in _PER_PART_FIELDS]
+
     def part_configs(self) -> list[tuple[Any, AdapterConfig]]:
         """(method, config) for each part, in order."""
         from peftkit.core.plugins import get_registry
