@@ -47,8 +47,7 @@ def describe_folder(path: str | Path) -> dict[str, Any]:
         raise AdapterLoadError(f"{config_path} is not valid JSON: {exc}") from None
     own = data.get("peftkit") or {}
     weights = path / "adapter_model.safetensors"
-    params = _tensor_elements(weights)
-    tensors = len([k for k in safetensors_header(weights) if k != "__metadata__"]) if weights.is_file() else 0
+    params, tensors = _tensor_counts(weights)
     size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     fmt = _file_format(own)
     return {
@@ -89,23 +88,24 @@ def describe_composition(path: str | Path) -> dict[str, Any]:
         "adapters": adapters,
         "fusions": fusions,
         "parameters": sum(a["parameters"] for a in adapters.values()) + sum(
-            _tensor_elements(path / str(sub) / "fusion_model.safetensors") for sub in (data.get("fusions") or {}).values()),
+            _tensor_counts(path / str(sub) / "fusion_model.safetensors")[0] for sub in (data.get("fusions") or {}).values()),
         "size_bytes": sum(p.stat().st_size for p in path.rglob("*") if p.is_file()),
     }
 
 
-def _tensor_elements(path: Path) -> int:
-    """How many numbers a safetensors file holds (0 when there is no file)."""
+def _tensor_counts(path: Path) -> tuple[int, int]:
+    """(numbers, tensors) a safetensors file holds, from its header ((0, 0) when there is no file)."""
     if not path.is_file():
-        return 0
-    total = 0
+        return 0, 0
+    numbers = tensors = 0
     for key, value in safetensors_header(path).items():
         if key != "__metadata__":
             n = 1
             for dim in value["shape"]:
                 n *= dim
-            total += n
-    return total
+            numbers += n
+            tensors += 1
+    return numbers, tensors
 
 
 def _not_an_adapter(path: Path) -> str:

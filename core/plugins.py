@@ -42,9 +42,13 @@ ENTRY_POINT_GROUP = hookspecs.PROJECT_NAME
 #: without its distribution metadata (normally they come from entry points).
 _BUILTIN_FALLBACK = {
     "lora": "peftkit.plugins.lora",
+    "prefix_tuning": "peftkit.plugins.prefix_tuning",
+    "prompt_tuning": "peftkit.plugins.prompt_tuning",
     "bottleneck": "peftkit.plugins.bottleneck",
     "bitfit": "peftkit.plugins.bitfit",
+    "union": "peftkit.plugins.union",
     "ia3": "peftkit.plugins.ia3",
+    "lokr": "peftkit.plugins.lokr",
     "builtin_architectures": "peftkit.core.architectures",
     "builtin_merges": "peftkit.core.merge_strategies",
     "builtin_hub_backends": "peftkit.hub_client.backends",

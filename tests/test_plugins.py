@@ -413,3 +413,14 @@ def test_use_plugin_refuses_a_name_that_is_loaded():
             pass
     _lora_is_intact()
     assert "test_bias" not in get_registry().methods
+
+
+def test_the_source_tree_fallback_lists_every_builtin_entry_point():
+    """Without distribution metadata peftkit loads its built-ins from a list: it must match pyproject's."""
+    import importlib.metadata
+
+    from peftkit.core.plugins import _BUILTIN_FALLBACK
+
+    declared = {ep.name: ep.value for ep in importlib.metadata.entry_points(group="peftkit")
+                if ep.value.startswith("peftkit.")}
+    assert declared == _BUILTIN_FALLBACK

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from peftkit.core.base_layers import is_conv1d, linear_features
 from peftkit.core.layer import LayerAdapter
 
 #: Std of the deltas when init_weights is False (a non-identity start).
@@ -23,10 +24,8 @@ def bias_shape(base: nn.Module) -> tuple[int, ...]:
     bias = getattr(base, "bias", None)
     if isinstance(bias, torch.Tensor):
         return tuple(bias.shape)
-    if isinstance(base, nn.Linear):
-        return (base.out_features,)
-    if type(base).__name__ == "Conv1D":
-        return (base.weight.shape[1],)
+    if isinstance(base, nn.Linear) or is_conv1d(base):
+        return (linear_features(base)[1],)
     raise TypeError(f"{type(base).__name__} has no bias and cannot be given one")
 
 

@@ -220,10 +220,10 @@ def _pair_input(output: str, inputs: list[str], arch: "ArchitectureSpec | None")
 def _out_features(module: "nn.Module", name: str) -> int:
     import torch.nn as nn
 
-    if isinstance(module, nn.Linear):
-        return module.out_features
-    if type(module).__name__ == "Conv1D":
-        return module.weight.shape[1]
+    from peftkit.core.base_layers import is_conv1d, linear_features
+
+    if isinstance(module, nn.Linear) or is_conv1d(module):
+        return linear_features(module)[1]
     raise ConfigError(f"bottleneck adapters go on the output of Linear or Conv1D layers; {name!r} is a "
                       f"{type(module).__name__}")
 
@@ -231,10 +231,10 @@ def _out_features(module: "nn.Module", name: str) -> int:
 def _in_features(module: "nn.Module", name: str) -> int:
     import torch.nn as nn
 
-    if isinstance(module, nn.Linear):
-        return module.in_features
-    if type(module).__name__ == "Conv1D":
-        return module.weight.shape[0]
+    from peftkit.core.base_layers import is_conv1d, linear_features
+
+    if isinstance(module, nn.Linear) or is_conv1d(module):
+        return linear_features(module)[0]
     raise ConfigError(f"cannot tell the input size of {name!r} ({type(module).__name__})")
 
 

@@ -69,7 +69,9 @@ class IA3Method(Method):
             raise ConfigError(f"ia3: target_modules={config.target_modules!r} matched no Linear or Conv1D layer "
                               f"({', '.join(names[:5])} ...)")
         # PEFT expects fan_in_fan_out=True for Conv1D targets (GPT-2); keep the file truthful.
-        config.fan_in_fan_out = any(type(_base(model, s.name)).__name__ == "Conv1D" for s in sites)
+        from peftkit.core.base_layers import is_conv1d
+
+        config.fan_in_fan_out = any(is_conv1d(_base(model, s.name)) for s in sites)
         return sites
 
     def create_layer_adapter(self, site: Site, base_layer: "nn.Module", config: AdapterConfig,
