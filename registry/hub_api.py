@@ -61,6 +61,9 @@ class Request:
     principal: Principal | None = None
     body: IO[bytes] | None = None
     auth_error: str | None = None  # set when a bearer token was sent but not recognised
+    # The client's address as the server saw it (or as a trusted proxy said);
+    # None where unknown (in-process tests). Used for per-client accounting.
+    client_address: str | None = None
 
     @property
     def segments(self) -> list[str]:
