@@ -28,6 +28,22 @@ def test_every_package_folder_is_listed_in_pyproject():
     assert found - listed == set(), "add these to [tool.setuptools] packages in pyproject.toml"
 
 
+
+def test_project_metadata_builds_without_deprecation_warnings():
+    """The license is an SPDX string (a TOML table makes every install print a deprecation warning)."""
+    import warnings
+
+    from setuptools.config.pyprojecttoml import apply_configuration
+    from setuptools.dist import Distribution
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dist = apply_configuration(Distribution(), ROOT / "pyproject.toml")
+    assert [str(w.message).splitlines()[0] for w in caught] == []
+    assert dist.metadata.license_expression == "Apache-2.0"
+    assert "LICENSE" in dist.metadata.license_files
+
+
 @pytest.mark.slow
 def test_wheel_installs_and_runs_in_a_fresh_venv(tmp_path):
     src = tmp_path / "src"
