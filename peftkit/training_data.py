@@ -99,11 +99,15 @@ def _read_json(path: Path) -> Iterator[Record]:
     for number, text in lines:
         if not text.strip():
             continue
+        line = text.rstrip("\r\n")  # else an unclosed object is reported at column 1 of the next line
         try:
-            value = json.loads(text)
+            value = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DataError(f"{path}, line {number}: malformed JSON ({exc.msg} at column {exc.colno}); each "
-                            f"line must be one JSON object, e.g. {{\"text\": \"...\", \"label\": \"pos\"}}") from None
+            unclosed = ": the line ends before the object is closed, a missing '}'?" \
+                if exc.pos >= len(line.rstrip()) else ""
+            raise DataError(f"{path}, line {number}: malformed JSON ({exc.msg} at column {exc.colno}{unclosed}); "
+                            f"each line must be one JSON object, e.g. {{\"text\": \"...\", \"label\": \"pos\"}}"
+                            ) from None
         if not isinstance(value, dict):
             raise DataError(f"{path}, line {number}: expected a JSON object, found {_json_type(value)}")
         yield Record(str(path), number, value)

@@ -34,6 +34,14 @@ def test_jsonl_records_keep_their_line_numbers_and_skip_blank_lines(tmp_path):
     assert records[1].where == f"{path}, line 3"
 
 
+
+def test_unclosed_jsonl_object_reports_its_own_line_and_column(tmp_path):
+    path = write(tmp_path / "d.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": 0\n{"text": "c", "label": 1}\n')
+    message = error_of(path)
+    assert f"{path}, line 2: malformed JSON (Expecting ',' delimiter at column 25: the line ends before the " \
+           "object is closed, a missing '}'?)" in message
+
+
 def test_malformed_json_names_file_and_line(tmp_path):
     path = write(tmp_path / "d.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": }\n')
     message = error_of(path)
