@@ -48,7 +48,7 @@ def describe_folder(path: str | Path) -> dict[str, Any]:
     own = data.get("peftkit") or {}
     weights = path / "adapter_model.safetensors"
     params, tensors = _tensor_counts(weights)
-    size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    size, checkpoints, checkpoint_bytes = _sizes(path)
     fmt = _file_format(own)
     return {
         "path": str(path),
@@ -66,7 +66,28 @@ def describe_folder(path: str | Path) -> dict[str, Any]:
         "parameters": params,
         "tensors": tensors,
         "size_bytes": size,
+        "checkpoints": checkpoints,
+        "checkpoints_size_bytes": checkpoint_bytes,
     }
+
+
+def _sizes(path: Path) -> tuple[int, int, int]:
+    """(bytes of the adapter's own files, number of training checkpoints, their bytes).
+
+    A ``peftkit train`` (or ``transformers.Trainer``) output folder holds resumable checkpoints
+    (``checkpoints/checkpoint-N/`` or ``checkpoint-N/``) beside the adapter: they are counted apart,
+    so the adapter's own size is what loading it reads.
+    """
+    own = kept = 0
+    for file in path.rglob("*"):
+        if file.is_file():
+            parts = file.relative_to(path).parts
+            if len(parts) > 1 and (parts[0] == "checkpoints" or parts[0].startswith("checkpoint-")):
+                kept += file.stat().st_size
+            else:
+                own += file.stat().st_size
+    found = [d for d in [*path.glob("checkpoint-*"), *path.glob("checkpoints/checkpoint-*")] if d.is_dir()]
+    return own, len(found), kept
 
 
 def describe_composition(path: str | Path) -> dict[str, Any]:

@@ -109,8 +109,8 @@ _add_plugins_subcommands()
 @click.argument("path", type=click.Path(exists=True, file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def info_command(path: str, as_json: bool) -> None:
-    """Describe a saved adapter folder (method, base model, targets, parameters, size), or a composition
-    folder (its composition, member adapters and fusions)."""
+    """Describe a saved adapter folder (method, base model, targets, parameters, size; a training run's
+    checkpoints are counted apart), or a composition folder (its composition, member adapters and fusions)."""
     from pathlib import Path
 
     from peftkit.core.inspect_folder import describe_composition, describe_folder
@@ -137,6 +137,9 @@ def info_command(path: str, as_json: bool) -> None:
                        ("parameters", f"{info['parameters']:,}"), ("tensors", info["tensors"]),
                        ("size on disk", _human_bytes(info["size_bytes"]))]:
         click.echo(f"{key:>13}: {value}")
+    if info["checkpoints"]:
+        click.echo(f"{'checkpoints':>13}: {info['checkpoints']} ({_human_bytes(info['checkpoints_size_bytes'])}; "
+                   f"a training run's, not part of the adapter)")
 
 
 def _show_composition(info: dict[str, Any], as_json: bool) -> None:

@@ -83,6 +83,22 @@ def test_info_describes_a_folder(tmp_path, capsys):
     assert "parts: lora (q_proj) | par_bn" in capsys.readouterr().out
 
 
+
+def test_info_counts_training_checkpoints_apart_from_the_adapter(tmp_path, capsys):
+    model = peftkit.adapt(build_tiny("llama"), "lora[r=4]")
+    model.save_adapter(tmp_path / "run")
+    own = sum(p.stat().st_size for p in (tmp_path / "run").iterdir())
+    for step in (1, 2):  # what `peftkit train` leaves beside the adapter
+        model.save_adapter(tmp_path / "run" / "checkpoints" / f"checkpoint-{step}")
+    assert run(["info", str(tmp_path / "run"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["size_bytes"] == own
+    assert info["checkpoints"] == 2 and info["checkpoints_size_bytes"] == 2 * own
+    assert run(["info", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "checkpoints: 2 (" in out and "not part of the adapter" in out
+
+
 def test_errors_exit_nonzero_with_a_message(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert run(["info", str(tmp_path / "empty")]) == 1
