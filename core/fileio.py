@@ -3,17 +3,85 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
+
+#: Names tried before giving up on a unique temporary name (each has 48 random bits).
+_NAME_ATTEMPTS = 100
+_FILE_FLAGS = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0))
+T = TypeVar("T")
+
+
+def _unique(parent: Path, prefix: str, suffix: str, create: Callable[[Path], T]) -> tuple[Path, T]:
+    for _ in range(_NAME_ATTEMPTS):
+        candidate = parent / f"{prefix}{secrets.token_hex(6)}{suffix}"
+        try:
+            return candidate, create(candidate)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary name in {parent} ({prefix}*{suffix} all taken)")
+
+
+def create_temp_file(parent: str | os.PathLike, prefix: str, suffix: str = "") -> tuple[int, Path]:
+    """A new, empty file in ``parent``, open for writing: ``(fd, path)``.
+
+    Unlike ``tempfile.mkstemp`` (always ``0o600``) it gets the mode a plain
+    ``open(path, "w")`` would (``0o666`` less the umask, default ACLs applied),
+    so a file renamed into place from it is as readable as any other file
+    the user writes. Private files (tokens) chmod it themselves.
+    """
+    path, fd = _unique(Path(parent), prefix, suffix, lambda p: os.open(p, _FILE_FLAGS, 0o666))
+    return fd, path
+
+
+def create_temp_folder(parent: str | os.PathLike, prefix: str, suffix: str = "") -> Path:
+    """A new, empty folder in ``parent`` with the mode ``mkdir`` gives (``0o777`` less the umask),
+    not ``tempfile.mkdtemp``'s owner-only ``0o700``."""
+    path, _ = _unique(Path(parent), prefix, suffix, lambda p: os.mkdir(p, 0o777))
+    return path
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the system reports it (Linux:
+    ``/proc/self/status``). Elsewhere it is read once, by setting and restoring it, and remembered:
+    ``os.umask`` changes the whole process, so toggling it on every call could race other threads."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return _umask_read_once()
+
+
+@functools.lru_cache(maxsize=1)
+def _umask_read_once() -> int:
+    umask = os.umask(0o077)
+    os.umask(umask)
+    return umask
+
+
+def apply_normal_modes(root: str | os.PathLike) -> None:
+    """Give ``root``, the folders under it ``0o777`` and its files ``0o666``, less the umask: the
+    permissions a plain write gives. For folders other libraries wrote (safetensors 0.8 writes
+    owner-only files), so a saved model is as readable as the user's other files."""
+    umask = current_umask()
+    root = Path(root)
+    for path in [root, *root.rglob("*")]:
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and an atomic rename."""
+    """Write ``data`` to ``path`` through a temporary file and an atomic rename.
+    The file gets the permissions a plain write would (see :func:`create_temp_file`)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = create_temp_file(path.parent, f".{path.name}.", ".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -33,10 +101,11 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 @contextlib.contextmanager
 def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; on success it replaces ``path``
-    in one rename (the old folder is removed afterwards), on failure it is deleted."""
+    in one rename (the old folder is removed afterwards), on failure it is deleted.
+    The folder gets the permissions a plain ``mkdir`` would (see :func:`create_temp_folder`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = create_temp_folder(path.parent, f".{path.name}.", ".tmp")
     try:
         yield tmp
     except BaseException:
@@ -44,7 +113,7 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
         raise
     old = None
     if path.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+        old = create_temp_folder(path.parent, f".{path.name}.", ".old")
         os.rmdir(old)
         os.replace(path, old)
     try:

@@ -265,12 +265,18 @@ def whoami(hub: str | None = None, *, token: str | None = None) -> str | None:
 
 
 def copy_snapshot(folder: Path, dest: str | Path) -> Path:
-    """Copy a pulled folder to ``dest`` (replaced whole, atomically)."""
+    """Copy a pulled folder to ``dest`` (replaced whole, atomically). Files and folders get the
+    permissions a plain write would, not the cache's (an older cache kept them owner-only)."""
     from peftkit.core.fileio import atomic_folder
 
     dest = Path(dest).expanduser()
     with atomic_folder(dest) as tmp:
-        shutil.copytree(folder, tmp, dirs_exist_ok=True)
+        for source in sorted(folder.rglob("*")):
+            target = tmp / source.relative_to(folder)
+            if source.is_dir():
+                target.mkdir(exist_ok=True)
+            else:
+                shutil.copyfile(source, target)
     return dest
 
 

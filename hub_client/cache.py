@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 from urllib.parse import quote
 
-from peftkit.core.fileio import write_text_atomic
+from peftkit.core.fileio import create_temp_folder, write_text_atomic
 from peftkit.registry.names import is_commit_sha
 from peftkit.registry.paths import peftkit_home
 
@@ -97,7 +97,7 @@ class PullCache:
         tmp_root = self.root / hub_key / ".tmp"
         tmp_root.mkdir(parents=True, exist_ok=True)
         self._clear_stale(tmp_root)
-        tmp = Path(tempfile.mkdtemp(prefix="pull-", dir=tmp_root))
+        tmp = create_temp_folder(tmp_root, "pull-")  # becomes the snapshot: as readable as the user's own files
         try:
             yield tmp
         finally:

@@ -557,7 +557,7 @@ def save_composed(base_model: Any, spec: Any, out: str | Path, hub: "str | HubBa
     base's tokenizer when it has one), when every member's method can merge
     and the composition is one adapter or a stack.
     """
-    from peftkit.core.fileio import atomic_folder
+    from peftkit.core.fileio import apply_normal_modes, atomic_folder
 
     model, the_plan = load_with_plan(base_model, spec, hub, adapters=adapters, token=token, progress=progress,
                                      **model_kwargs)
@@ -580,6 +580,7 @@ def save_composed(base_model: Any, spec: Any, out: str | Path, hub: "str | HubBa
         merged.save_pretrained(str(tmp))
         if isinstance(base_model, (str, Path)):
             _save_tokenizer(str(base_model), tmp)
+        apply_normal_modes(tmp)  # transformers' weights files come out owner-only
     return f"Wrote the base model with {', '.join(names)} merged in to {out} ({sources})"
 
 

@@ -8,6 +8,7 @@ CLI adding a token while the server runs, wait for the database lock).
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -131,6 +132,16 @@ def _fts5_available() -> bool:
         conn.close()
 
 
+def create_private(path: Path) -> None:
+    """Create the database file readable by its owner only (``0o600``), whatever the umask: it
+    holds the access tokens' hashes. SQLite gives its ``-wal`` and ``-shm`` files the same mode.
+    An existing file is left as it is."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+
+
 class Database:
     """A pool of connections to one SQLite file."""
 
@@ -143,6 +154,7 @@ class Database:
         self._pool_lock = threading.Lock()
         self.write_lock = threading.RLock()
         self._closed = False
+        create_private(self.path)
         self.fts5 = _fts5_available()
         # executescript() runs in autocommit; every statement is idempotent.
         with self.write_lock, self.connection() as conn:
@@ -212,6 +224,7 @@ class Database:
         """Online, consistent copy of the database (sqlite's backup API)."""
         dest = Path(dest)
         with self.connection() as conn:
+            create_private(dest)
             target = sqlite3.connect(dest)
             try:
                 conn.backup(target)
