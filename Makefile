@@ -18,7 +18,7 @@ $(BIN)/python:
 # is installed for real (its entry point), as a user would: tests use it.
 $(VENV)/.installed: pyproject.toml examples/peftkit-loha/pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q -e ".[test,registry]"
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e examples/peftkit-loha
 	touch $@
 

@@ -32,7 +32,7 @@ from .errors import (
 )
 from .hub_api import ApiConfig, HubApi
 from .paths import default_data_dir
-from .server import RunningServer, serve, start_server
+from .server import RunningServer, ServerOptions, serve, start_server
 from .store import DEFAULT_BRANCH, CommitInfo, FileEntry, RegistryStore, RepoInfo
 
 __all__ = [
@@ -61,6 +61,7 @@ __all__ = [
     "RepoNotFound",
     "RevisionNotFound",
     "RunningServer",
+    "ServerOptions",
     "StagedBlob",
     "TokenInfo",
     "Unauthorized",

@@ -87,19 +87,48 @@ def registry_group() -> None:
 )
 @click.option(
     "--public-url", default=None,
-    help="URL clients reach the server at, when it differs from the Host header (e.g. behind a proxy).",
+    help="URL clients reach the server at; links in replies use it. Set it behind a proxy or when clients "
+    "use a host name (else links use the address the client connected to).",
 )
+@click.option(
+    "--workers", default=1, show_default=True, type=click.IntRange(1, 64),
+    help="Server processes sharing the port and the data folder (more serve more reads at once).",
+)
+@click.option(
+    "--trusted-proxy", "trusted_proxies", multiple=True, metavar="IP[/BITS]",
+    help="A reverse proxy whose X-Forwarded-For/-Proto headers are believed (repeatable); "
+    "without it those headers are ignored.",
+)
+@click.option("--header-timeout", default=20.0, show_default=True, type=click.FloatRange(0.1, None),
+              help="Seconds a client has, from connecting, to send a request's headers.")
+@click.option("--body-timeout", default=30.0, show_default=True, type=click.FloatRange(0.1, None),
+              help="Longest pause, in seconds, while a request body arrives or a client reads a reply.")
+@click.option("--request-timeout", default=900.0, show_default=True, type=click.FloatRange(0.1, None),
+              help="Seconds a client has to send a whole request body.")
+@click.option("--keep-alive-timeout", default=60.0, show_default=True, type=click.FloatRange(0.1, None),
+              help="Idle keep-alive connections are closed after this many seconds.")
 @click.option("--quiet", is_flag=True, help="Do not log each request to stderr.")
 @_friendly_errors
 def serve_command(
-    host: str, port: int, data_dir: Path | None, max_upload_mb: int, public_url: str | None, quiet: bool
+    host: str, port: int, data_dir: Path | None, max_upload_mb: int, public_url: str | None, workers: int,
+    trusted_proxies: tuple[str, ...], header_timeout: float, body_timeout: float, request_timeout: float,
+    keep_alive_timeout: float, quiet: bool,
 ) -> None:
-    """Serve the registry over HTTP until Ctrl-C."""
+    """Serve the registry over HTTP until Ctrl-C (needs `pip install 'peftkit[registry]'`)."""
     from .hub_api import ApiConfig
-    from .server import serve
+    from .origin import ProxyTrust
+    from .server import MissingServerDependencies, ServerOptions, serve
 
     data = data_dir or default_data_dir()
     config = ApiConfig(max_upload_bytes=max_upload_mb * 1024 * 1024, public_url=public_url)
+    try:
+        ProxyTrust.parse(trusted_proxies)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--trusted-proxy") from None
+    options = ServerOptions(
+        header_timeout_s=header_timeout, body_read_timeout_s=body_timeout, request_timeout_s=request_timeout,
+        keep_alive_s=keep_alive_timeout, trusted_proxies=trusted_proxies,
+    )
 
     def ready(url: str) -> None:
         click.echo(f"peftkit registry serving {data} at {url} (Ctrl-C to stop)")
@@ -109,8 +138,9 @@ def serve_command(
         sys.stderr.write(line + "\n")
 
     try:
-        serve(data, host=host, port=port, config=config, log=None if quiet else log, ready=ready)
-    except OSError as exc:
+        serve(data, host=host, port=port, config=config, log=None if quiet else log, ready=ready,
+              options=options, workers=workers)
+    except (OSError, MissingServerDependencies) as exc:
         raise click.ClickException(str(exc)) from None
 
 

@@ -155,6 +155,29 @@ class HubApi:
             return self.config.max_upload_bytes
         return min(self.config.max_json_bytes, self.config.max_upload_bytes)
 
+    def refuse_early(self, req: Request) -> None:
+        """Refuse a write from its method, path and principal alone, before any body byte is read.
+
+        The server calls this first, so an unauthenticated or unauthorized
+        upload costs nothing. It raises what :meth:`dispatch` would (401, 403,
+        or 404 for a private repo the caller cannot see); dispatch still makes
+        every check itself. Every method but GET/HEAD under ``/api/`` counts as
+        a write except the read-only POSTs (``paths-info``, ``validate-yaml``).
+        """
+        s = req.segments
+        if req.method in ("GET", "HEAD") or not s or s[0] != "api" or s == ["api", "validate-yaml"]:
+            return
+        if len(s) >= 5 and s[1] == "models":
+            if s[4] == "paths-info":
+                return
+            actions = {"commit": "committing", "preupload": "uploading", "branch": "changing branches",
+                       "settings": "changing repo settings"}
+            self._writable(req, self._repo_id(s[2], s[3]), actions.get(s[4], "changing a repo"))
+            return
+        actions = {"create": "creating a repo", "delete": "deleting a repo"}
+        principal = self._require_principal(req, actions.get(s[-1], "this request"))
+        principal.check_write(principal.user)  # a read-only token: 403 before the body
+
     def dispatch(self, req: Request) -> Response:
         try:
             return self._route(req)

@@ -1,0 +1,324 @@
+"""The registry as an ASGI application: HTTP framing, auth before the body, spooling, streaming files.
+
+Plain ASGI (no web framework): routing and the API live in the sans-IO
+:class:`~peftkit.registry.hub_api.HubApi`; this layer only turns an ASGI
+request into a :class:`Request` and a :class:`Response` back into ASGI
+messages, with the protections a public listener needs:
+
+1. framing is checked from the headers (one ``Content-Length``, not with
+   ``Transfer-Encoding``) and the caller is authenticated and authorized for a
+   write from the method, path and token alone (:meth:`HubApi.refuse_early`),
+   so a refused request costs no body bytes;
+2. the body is spooled (to memory up to a small size, then to an anonymous
+   file in the blob store's tmp folder), bounded by the route's size limit, a
+   per-read timeout and a whole-request deadline; a client that goes away
+   mid-body leaves nothing behind;
+3. ``HubApi.dispatch`` runs in a worker thread (it blocks on SQLite and disk);
+4. files stream out in chunks (with ``Range``), never whole in memory, each
+   write bounded by the same stall timeout.
+"""
+
+from __future__ import annotations
+
+import collections
+import sys
+import tempfile
+import threading
+import traceback
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from email.message import Message
+from typing import IO, Any
+from urllib.parse import parse_qs
+
+import anyio
+
+from .accounts import parse_bearer
+from .content_safety import hardening_headers
+from .errors import BadRequest, PayloadTooLarge, RegistryError, Unauthorized
+from .hub_api import HubApi, Request, Response, error_response
+from .origin import ProxyTrust, base_url
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+LogFn = Callable[[str], None]
+
+_CHUNK = 256 * 1024
+# A refused body this small is read and dropped by the server so the client,
+# still sending, sees the answer; a larger one closes the connection instead.
+_DRAIN_LIMIT = 64 * 1024 * 1024
+_SMALL_FILE = 256 * 1024  # read in the dispatch thread and sent in one message
+
+
+@dataclass(frozen=True)
+class BodyLimits:
+    """How long a client may take to send its request body."""
+
+    read_timeout_s: float = 30.0  # longest wait for the next piece of a body (or for a response write)
+    request_timeout_s: float = 900.0  # whole body of one request
+    spool_in_memory: int = 256 * 1024  # larger bodies go to an anonymous file in the blob tmp folder
+
+
+class ClientGone(Exception):
+    """The client disconnected, or stalled past a timeout: nothing to answer."""
+
+
+class BodyTimeout(ClientGone):
+    """The client stopped sending its body (or took longer than the request deadline): answer 408 and close."""
+
+
+def escape_log(text: str) -> str:
+    """One printable line: control and non-ASCII characters become ``\\xNN``-style escapes."""
+    return "".join(
+        c if " " <= c <= "~" else c.encode("unicode_escape").decode("ascii") if c != "\n" else "\\n" for c in text
+    )
+
+
+def header_value(value: str) -> bytes:
+    """Headers are one latin-1 line without control characters; file names and messages may be neither."""
+    text = " ".join(str(value).split())
+    return escape_log(text).encode("ascii")
+
+
+def _headers_message(raw: list[tuple[bytes, bytes]]) -> Message:
+    msg = Message()
+    for name, value in raw:
+        msg[name.decode("latin-1")] = value.decode("latin-1")
+    return msg
+
+
+def _framing_error(raw: list[tuple[bytes, bytes]]) -> BadRequest | None:
+    """Request smuggling guards: the body's length must be stated once, one way."""
+    lengths = {v.strip() for k, v in raw if k == b"content-length"}
+    chunked = any(k == b"transfer-encoding" for k, _ in raw)
+    if chunked and lengths:
+        return BadRequest("a request may not carry both Transfer-Encoding and Content-Length")
+    if len(lengths) > 1:
+        return BadRequest("conflicting Content-Length headers")
+    for value in lengths:
+        if not value.isdigit() or len(value) > 18:
+            return BadRequest(f"Content-Length {value.decode('latin-1')!r} is not a byte count")
+    return None
+
+
+def _too_large(length: int | None, limit: int) -> PayloadTooLarge:
+    got = f"{length / 2**20:.1f} MiB" if length is not None else "more"
+    return PayloadTooLarge(
+        f"request body is {got}, over this server's limit of {limit / 2**20:.1f} MiB; "
+        "split the upload into several commits or restart the server with a larger --max-upload-mb"
+    )
+
+
+class RegistryApp:
+    """ASGI callable serving a :class:`HubApi`."""
+
+    def __init__(
+        self,
+        api: HubApi,
+        *,
+        body_limits: BodyLimits | None = None,
+        proxies: ProxyTrust | None = None,
+        log: LogFn | None = None,
+        threads: int = 40,
+    ) -> None:
+        self.api = api
+        self.body_limits = body_limits or BodyLimits()
+        self.proxies = proxies or ProxyTrust()
+        self.log = log
+        self.threads = threads
+        self.stats: collections.Counter[str] = collections.Counter()
+        self._stats_lock = threading.Lock()
+        self._limiter: anyio.CapacityLimiter | None = None
+
+    def count(self, key: str) -> None:
+        with self._stats_lock:
+            self.stats[key] += 1
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        if self._limiter is None:
+            self._limiter = anyio.CapacityLimiter(self.threads)
+        try:
+            await self._handle(scope, receive, send)
+        except ClientGone:
+            pass
+
+    # ------------------------------------------------------------ requests
+    async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        method = scope["method"]
+        raw_path = scope.get("raw_path") or scope["path"].encode("utf-8")
+        path = raw_path.decode("latin-1")
+        raw_headers = list(scope.get("headers") or [])
+        headers = _headers_message(raw_headers)
+        peer = (scope.get("client") or (None,))[0]
+        route = "resolve" if "/resolve/" in path and not path.startswith("/api/") else "api"
+        self.count(f"{method} {route}")
+        local = scope.get("server")
+        query = scope.get("query_string", b"").decode("latin-1")
+        req = Request(
+            method=method,
+            path=path,
+            query=parse_qs(query, keep_blank_values=True),
+            headers=headers,
+            base_url=base_url(
+                public_url=self.api.config.public_url,
+                scheme=self.proxies.scheme(peer, headers, scope.get("scheme", "http")),
+                local=(local[0], local[1]) if local and local[1] is not None else None,
+                host_header=headers.get("Host"),
+            ),
+            client_address=self.proxies.client_address(peer, headers),
+        )
+        body: IO[bytes] | None = None
+        declared = headers.get("Content-Length")
+        has_body = "Transfer-Encoding" in headers or (declared is not None and declared.strip() not in ("", "0"))
+        try:
+            early = _framing_error(raw_headers)
+            if isinstance(early, RegistryError):
+                early = error_response(early)
+            else:
+                early = await anyio.to_thread.run_sync(self._authenticate_and_check, req, limiter=self._limiter)
+            limit = self.api.body_limit(method, path)
+            if early is None and declared is not None and int(declared) > limit:
+                early = error_response(_too_large(int(declared), limit))
+            if early is not None:
+                # Refused from the headers alone: nothing of the body is read.
+                small = declared is not None and int(declared) <= _DRAIN_LIMIT
+                if has_body and (not small or "100-continue" in (headers.get("Expect") or "").lower()):
+                    early.close = True
+                await self._send(send, req, early, route, query)
+                return
+            if has_body:
+                body = await self._spool(receive, limit)
+                req.body = body
+            resp = await anyio.to_thread.run_sync(self._dispatch, req, limiter=self._limiter)
+        except RegistryError as exc:
+            resp = error_response(exc)
+            resp.close = True  # the body was not (fully) read
+        except BodyTimeout:
+            resp = error_response(RegistryError(
+                f"the request body did not arrive in time (each part within {self.body_limits.read_timeout_s:g} s, "
+                f"all of it within {self.body_limits.request_timeout_s:g} s)", status=408, code="RequestTimeout"))
+            resp.close = True
+        finally:
+            if body is not None:
+                body.close()
+        await self._send(send, req, resp, route, query)
+
+    def _authenticate_and_check(self, req: Request) -> Response | None:
+        """Who the caller is, and whether a write is refused before its body is read."""
+        secret = parse_bearer(req.headers.get("Authorization"))
+        if secret is not None:
+            try:
+                req.principal = self.api.store.accounts.authenticate(secret)
+            except Unauthorized as exc:
+                # An unknown token (revoked, or a huggingface.co token the
+                # client sends by habit) reads like no token: public repos
+                # stay readable; anything needing auth reports this.
+                req.auth_error = exc.message
+        try:
+            self.api.refuse_early(req)
+        except RegistryError as exc:
+            return error_response(exc)
+        return None
+
+    def _dispatch(self, req: Request) -> Response:
+        try:
+            resp = self.api.dispatch(req)
+        except RegistryError as exc:
+            return error_response(exc)
+        except Exception:  # a bug: log it, answer 500, keep serving
+            sys.stderr.write(traceback.format_exc())
+            return error_response(RegistryError("internal server error; see the registry server's log"))
+        if resp.file is not None and resp.file_range is not None and req.method != "HEAD":
+            start, end = resp.file_range
+            if end - start + 1 <= _SMALL_FILE:
+                with open(resp.file, "rb") as f:
+                    f.seek(start)
+                    resp.body = f.read(end - start + 1)
+                resp.file = None
+                resp.file_range = None
+        return resp
+
+    async def _receive(self, receive: Receive, timeout: float) -> MutableMapping[str, Any]:
+        with anyio.move_on_after(timeout) as scope:
+            message = await receive()
+        if scope.cancelled_caught:
+            raise BodyTimeout
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        return message
+
+    async def _spool(self, receive: Receive, limit: int) -> IO[bytes]:
+        limits = self.body_limits
+        spool = tempfile.SpooledTemporaryFile(max_size=limits.spool_in_memory, dir=self.api.store.blobs.tmp_dir)
+        deadline = anyio.current_time() + limits.request_timeout_s
+        total = 0
+        try:
+            while True:
+                left = deadline - anyio.current_time()
+                if left <= 0:
+                    raise BodyTimeout
+                message = await self._receive(receive, min(limits.read_timeout_s, left))
+                chunk = message.get("body", b"")
+                total += len(chunk)
+                if total > limit:
+                    raise _too_large(None, limit)
+                if chunk:
+                    spool.write(chunk)
+                if not message.get("more_body", False):
+                    break
+        except BaseException:
+            spool.close()
+            raise
+        spool.seek(0)
+        return spool
+
+    # ----------------------------------------------------------- responses
+    async def _send(self, send: Send, req: Request, resp: Response, route: str, query: str) -> None:
+        out = [(b"server", b"peftkit-registry/1")]
+        for name, value in [*resp.headers, *hardening_headers(route == "resolve")]:
+            out.append((name.lower().encode("ascii"), header_value(value)))
+        if resp.file is None:
+            out.append((b"content-length", str(len(resp.body)).encode("ascii")))
+        if resp.close:
+            out.append((b"connection", b"close"))
+        if self.log is not None:
+            size = len(resp.body) if resp.file is None else (
+                resp.file_range[1] - resp.file_range[0] + 1 if resp.file_range else 0)
+            target = f"{req.path}?{query}" if query else req.path
+            self.log(escape_log(f'{req.client_address or "-"} - "{req.method} {target}" {resp.status} {size}'))
+        timeout = self.body_limits.read_timeout_s
+        with anyio.move_on_after(timeout) as stalled:
+            await send({"type": "http.response.start", "status": resp.status, "headers": out})
+        if stalled.cancelled_caught:
+            raise ClientGone
+        if resp.file is None or req.method == "HEAD" or resp.file_range is None:
+            with anyio.move_on_after(timeout) as stalled:
+                await send({"type": "http.response.body", "body": b"" if req.method == "HEAD" else resp.body})
+            if stalled.cancelled_caught:
+                raise ClientGone
+            return
+        start, end = resp.file_range
+        async with await anyio.open_file(resp.file, "rb") as f:
+            await f.seek(start)
+            remaining = end - start + 1
+            while remaining > 0:
+                chunk = await f.read(min(_CHUNK, remaining))
+                if not chunk:
+                    raise ClientGone  # the blob shrank under us: cut the response short
+                remaining -= len(chunk)
+                with anyio.move_on_after(timeout) as stalled:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": remaining > 0})
+                if stalled.cancelled_caught:
+                    raise ClientGone
+
