@@ -41,3 +41,7 @@ class IntegrityError(HubError):
 
 class InvalidRepoRef(HubError, ValueError):
     """A repo reference (``namespace/name[@revision]``) or hub address is malformed."""
+
+
+class BaseModelWarning(UserWarning):
+    """A pushed adapter records no base model, or only a local folder: nobody finds it by base model."""

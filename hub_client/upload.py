@@ -26,7 +26,7 @@ from typing import Any
 from peftkit.core.card import card_metadata, read_card_metadata, render_card
 from peftkit.registry.cards import TASK_TYPE_TO_PIPELINE, split_front_matter
 
-from .errors import HubError
+from .errors import BaseModelWarning, HubError
 
 CONFIG = "adapter_config.json"
 COMPOSITION = "composition.json"
@@ -181,11 +181,11 @@ def _resolve_base(recorded: str | None, given: str | None, where: str) -> tuple[
         return given, recorded != given
     if not recorded:
         warnings.warn(f"{where} records no base model, so nobody can find it by base model; pass "
-                      f"base_model='org/name' (--base-model)", stacklevel=4)
+                      f"base_model='org/name' (--base-model)", BaseModelWarning, stacklevel=4)
     elif looks_local(recorded):
         warnings.warn(f"{where} records its base model as the local folder {recorded!r}, which nobody else can "
                       f"find; pass base_model='org/name' (--base-model) to publish the hub id instead",
-                      stacklevel=4)
+                      BaseModelWarning, stacklevel=4)
     return recorded, False
 
 

@@ -95,9 +95,11 @@ def _labels(_ctx: click.Context, _param: click.Parameter, value: str | None) -> 
                    "[default: $PEFTKIT_HUB, else the embedded local hub].")
 @click.option("--private/--public", default=None, help="Visibility of a new repo [default: public].")
 @click.option("--base-model", default=None, metavar="ID",
-              help="Hub id of the base model, recorded on push when MODEL is a local folder.")
+              help="Hub id of the base model, recorded in the adapter (and on push) when MODEL is a local folder.")
 @click.option("--report-to", default="none", help="Experiment trackers for the Trainer (tensorboard, wandb, ...).")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no notes; errors only.")
+@click.option("--quiet", "-q", is_flag=True,
+              help="No progress bar, notes or library warnings: errors, peftkit's warnings, and one line "
+                   "saying where the adapter went.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result (train_results.json) as JSON.")
 def train_command(model: str, method: str, data: str, eval_data: str | None, task: str, out: str, as_json: bool,
                   **options: Any) -> None:
@@ -121,14 +123,18 @@ def train_command(model: str, method: str, data: str, eval_data: str | None, tas
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2, default=str))
         return
-    if options["quiet"]:
+    where = [f"adapter: {result.output_dir}"]
+    if result.pushed:
+        pushed = result.pushed
+        where.append(f"pushed: {pushed['repo_id']} ({pushed.get('url') or pushed['hub']}, commit {pushed['commit']})")
+    if options["quiet"]:  # no notes and no progress, but still where the result went
+        click.echo("; ".join(where))
         return
     shown = {k: v for k, v in result.metrics.items() if k in _RESULT_KEYS}
     steps = f"{result.global_step} step" + ("" if result.global_step == 1 else "s")
     click.echo(f"trained {steps}; " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
-    click.echo(f"adapter: {result.output_dir}")
-    if result.pushed:
-        click.echo(f"pushed: {result.pushed['repo_id']} ({result.pushed['hub']}, commit {result.pushed['commit']})")
+    for line in where:
+        click.echo(line)
 
 
 commands = [train_command]

@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -32,6 +33,8 @@ from typing import Any, Iterator, Sequence
 from peftkit.core.config import AdapterConfig
 from peftkit.core.errors import PeftkitError
 from peftkit.core.method import parse_spec
+from peftkit.hub_client.errors import BaseModelWarning
+from peftkit.hub_client.upload import looks_local
 from peftkit.training_data import CLASSIFICATION_TASKS, LABELS_FILE, TASKS, Fields, LabelMap, load_examples
 
 RESULTS_FILE = "train_results.json"
@@ -255,6 +258,7 @@ def make_plan(model: Any, method: str | AdapterConfig, data: Any, eval_data: Any
         _check_checkpoint_matches(resume_from, method_obj.name, config, labels)
     if opts.push is not None:
         _check_push_target(opts.push, opts.hub)
+    _check_base_model(model, opts)
     return TrainPlan(model=model, method=method_obj, config=config, spec=method, task=task, out=out,
                      checkpoint_dir=checkpoint_dir, resume_from=resume_from, opts=opts, data=str(data),
                      eval_data=str(eval_data) if eval_data is not None else None, train_examples=train_examples,
@@ -275,6 +279,31 @@ def _check_push_target(repo_id: str, hub: str | None) -> None:
             raise HubAuthError(missing_token_message(backend.address, f"--push {repo_id}"))
 
 
+def recorded_base_model(model: Any, opts: TrainOptions) -> str | None:
+    """The base model id the adapter records: ``opts.base_model`` when ``model`` is a local folder, else
+    the model's own name (a hub id, a local path, or None for a model object without one)."""
+    if isinstance(model, (str, os.PathLike)):
+        name: str | None = os.fspath(model)
+    else:
+        name = getattr(getattr(model, "config", None), "name_or_path", None) or None
+    return opts.base_model if opts.base_model and (not name or looks_local(name)) else name
+
+
+def _check_base_model(model: Any, opts: TrainOptions) -> None:
+    """The recorded base model decides who finds the adapter (``peftkit hub search --base-model``): say now,
+    before training rather than at the push, when it would be only a local folder or nothing."""
+    recorded = recorded_base_model(model, opts)
+    if opts.base_model and recorded != opts.base_model:
+        raise PeftkitError(f"base_model {opts.base_model!r} differs from the hub id being trained ({recorded!r}); "
+                           f"drop --base-model: a hub id is recorded as it is")
+    if not is_main_process() or (recorded and not looks_local(recorded)):
+        return
+    what = f"the local folder {recorded!r}" if recorded else "no base model"
+    warnings.warn(f"the adapter will record {what} as its base model, so nobody finds it by base model "
+                  f"(peftkit hub search --base-model); pass --base-model ORG/NAME (base_model= in Python), "
+                  f"the hub id of the model you train on", BaseModelWarning, stacklevel=4)
+
+
 def push_adapter(out: Path, opts: TrainOptions, task_tag: str, dataset: str, metrics: dict[str, float]) -> dict:
     """Publish the adapter in ``out`` as ``opts.push`` with the hub client; returns the push result.
 
@@ -284,8 +313,10 @@ def push_adapter(out: Path, opts: TrainOptions, task_tag: str, dataset: str, met
     from peftkit.hub_client import push
 
     try:
-        result = push(out, opts.push, hub=opts.hub, private=opts.private, task=task_tag, dataset=dataset,
-                      metrics=metrics, base_model=opts.base_model, progress=not opts.quiet)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", BaseModelWarning)  # said when the run started
+            result = push(out, opts.push, hub=opts.hub, private=opts.private, task=task_tag, dataset=dataset,
+                          metrics=metrics, base_model=opts.base_model, progress=not opts.quiet)
     except PeftkitError as exc:
         raise PeftkitError(f"the adapter is trained and saved in {out}, but pushing it to {opts.push} failed: "
                            f"{exc}") from None

@@ -45,6 +45,8 @@ def _run(plan: TrainPlan, tokenizer: Any, callbacks: list[TrainerCallback]) -> T
     set_seed(opts.seed)  # before the model: a new task head and the adapter start the same in every run
     tok = _load_tokenizer(tokenizer, plan.model, task)
     base, fresh = _load_model(plan.model, task, labels, opts.dtype, opts.quantize)
+    if opts.base_model and isinstance(plan.model, (str, os.PathLike)):
+        base.config.name_or_path = opts.base_model  # the saved adapter records the hub id, not the local folder
     _align_pad_token(tok, base)
     max_length = _effective_max_length(opts.max_length, tok, base)
     train_set = _encode(task, tok, plan.train_examples, max_length, labels, base, plan.data, say)

@@ -127,6 +127,12 @@ def test_push_publishes_the_adapter_and_labels_to_the_hub(tmp_path, bert_folder,
     assert code == 0, captured.err
     results = json.loads((out / "train_results.json").read_text())
     assert results["pushed"]["repo_id"] == "alice/toy-sentiment" and len(results["pushed"]["commit"]) == 40
+    # --quiet still says where the adapter went, in one line
+    assert captured.out == (f"adapter: {out}; pushed: alice/toy-sentiment ({results['pushed']['hub']}, "
+                            f"commit {results['pushed']['commit']})\n")
+    assert captured.err == ""
+    # --base-model is recorded in the saved folder too, so a later `peftkit hub push OUT` publishes it
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny/bert"
     assert (out / "checkpoints" / "checkpoint-2").is_dir()  # kept locally, never published
 
     folder = peftkit.hub.pull("alice/toy-sentiment", hub=hub, cache_dir=tmp_path / "cache", progress=False)
@@ -169,18 +175,44 @@ def test_json_stdout_is_json_alone_and_warnings_are_one_line(tmp_path, bert_fold
     assert code == 0, captured.err
     assert json.loads(captured.out)["pushed"]["repo_id"] == "alice/x"
     assert "'train_loss'" in captured.err  # the Trainer's own log line, on stderr
-    assert "Warning: " in captured.err and "records its base model as the local folder" in captured.err
+    assert "Warning: the adapter will record the local folder" in captured.err
+    assert captured.err.count("--base-model ORG/NAME") == 1  # said when the run starts, not again at the push
     assert "UserWarning" not in captured.err
 
 
-def test_quiet_run_from_a_fresh_process_prints_nothing(tmp_path, bert_folder):
-    """--quiet: errors only, also for what libraries say while the Trainer is imported (bitsandbytes,
-    pulled in through peft, notes a missing optional CPU kernel on some machines)."""
+def test_quiet_run_from_a_fresh_process_prints_only_where_the_adapter_went(tmp_path, bert_folder):
+    """--quiet: errors and the result line only, also for what libraries say while the Trainer is imported
+    (bitsandbytes, pulled in through peft, notes a missing optional CPU kernel on some machines)."""
     data = write_jsonl(tmp_path / "train.jsonl", rows_for("seq-cls", 4))
     proc = subprocess.run([sys.executable, "-m", "peftkit", "train", str(bert_folder), "--task", "seq-cls",
                            "--data", str(data), "--out", str(tmp_path / "o"), "--max-steps", "1", "--save-steps", "0",
-                           "--quiet"], capture_output=True, text=True, timeout=300,
+                           "--quiet", "--base-model", "tiny/bert"], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == "" and proc.stderr == ""
+    assert proc.stdout == f"adapter: {tmp_path / 'o'}\n" and proc.stderr == ""
     assert (tmp_path / "o" / "adapter_model.safetensors").is_file()
+
+
+def test_a_local_base_model_is_pointed_out_when_the_run_starts(tmp_path, bert_folder, capsys):
+    """A local model folder would be recorded as the base model, which `hub search --base-model` never
+    matches: the run says so (and how to pass --base-model) before training, not at the push."""
+    data = write_jsonl(tmp_path / "train.jsonl", rows_for("seq-cls", 4))
+    code = run(["train", str(bert_folder), "--task", "seq-cls", "--data", str(data), "--out", str(tmp_path / "o"),
+                "--max-steps", "1", "--save-steps", "0"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    warning = err.index(f"Warning: the adapter will record the local folder {str(bert_folder)!r} as its base model")
+    assert "pass --base-model ORG/NAME" in err
+    assert warning < err.index("peftkit train: seq-cls")  # before the model loads and training starts
+    code = run(["train", str(bert_folder), "--task", "seq-cls", "--data", str(data), "--out", str(tmp_path / "p"),
+                "--max-steps", "1", "--save-steps", "0", "--base-model", "tiny/bert"])
+    assert code == 0 and "Warning" not in capsys.readouterr().err
+
+
+def test_base_model_other_than_the_hub_id_trained_fails_before_loading(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "train.jsonl", rows_for("seq-cls", 4))
+    code = run(["train", "tiny/bert", "--task", "seq-cls", "--data", str(data), "--out", str(tmp_path / "o"),
+                "--base-model", "tiny/other"])
+    err = capsys.readouterr().err
+    assert code == 1 and "base_model 'tiny/other' differs from the hub id being trained ('tiny/bert')" in err
+    assert not (tmp_path / "o").exists()
