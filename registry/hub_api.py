@@ -14,7 +14,6 @@ process and keeps each module to one job. Who may do what:
 from __future__ import annotations
 
 import json
-import mimetypes
 from dataclasses import dataclass, field
 from email.message import Message
 from pathlib import Path
@@ -23,6 +22,7 @@ from urllib.parse import parse_qs, quote, unquote, urlencode
 
 from .accounts import Principal
 from .cards import DOWNLOAD_COUNTING_FILES, validate_card
+from .content_safety import file_headers
 from .errors import (
     BadRequest,
     EntryNotFound,
@@ -40,6 +40,7 @@ from .serialize import commit_json, model_json, refs_json, tree_json
 from .store import RegistryStore, RepoInfo
 
 JSON_TYPE = "application/json"
+_MAX_QUERY_INT = 2**31 - 1  # offsets and limits beyond this are nonsense (and overflow SQLite's integers)
 
 
 @dataclass
@@ -298,6 +299,8 @@ class HubApi:
             raise BadRequest(f"query parameter '{name}' must be an integer, got {value!r}") from None
         if number < 0:
             raise BadRequest(f"query parameter '{name}' must not be negative, got {number}")
+        if number > _MAX_QUERY_INT:
+            raise BadRequest(f"query parameter '{name}' must be at most {_MAX_QUERY_INT}, got {value[:20]}...")
         return number
 
     # ---------------------------------------------------------- accounts
@@ -359,13 +362,17 @@ class HubApi:
     def settings(self, req: Request, repo_id: str) -> Response:
         info = self._writable(req, repo_id, "changing repo settings")
         data = req.json("repo settings")
-        private = data.get("private")
-        if data.get("visibility") in ("private", "public"):
-            private = data["visibility"] == "private"
-        if data.get("gated"):
+        private, visibility = data.get("private"), data.get("visibility")
+        if private is not None and not isinstance(private, bool):
+            raise MalformedPayload(f"repo settings: 'private' must be true or false, got {private!r}")
+        if visibility is not None:
+            if visibility not in ("private", "public"):
+                raise BadRequest(f"visibility must be 'private' or 'public', got {visibility!r}")
+            private = visibility == "private"
+        if data.get("gated") not in (None, False):
             raise BadRequest("gated repos are not supported by this registry; use a private repo")
         if private is not None:
-            self.store.set_private(info.repo_id, bool(private))
+            self.store.set_private(info.repo_id, private)
         return Response.json({})
 
     def validate_yaml(self, req: Request) -> Response:
@@ -489,7 +496,6 @@ class HubApi:
         info = self._visible_info(req, repo_id)
         sha, entry = self.store.file_entry(info.repo_id, path, revision)
         blob = self.store.blobs.path(entry.sha256)
-        content_type = mimetypes.guess_type(path)[0] or "application/octet-stream"
         if is_commit_sha(validate_revision(revision)) and not info.private:
             cache = "public, max-age=31536000, immutable"
         else:
@@ -498,7 +504,7 @@ class HubApi:
             ("X-Repo-Commit", sha),
             ("ETag", f'"{entry.oid}"'),
             ("Accept-Ranges", "bytes"),
-            ("Content-Type", content_type),
+            *file_headers(path),  # active content (html, svg, js, ...) goes out inert
             ("Cache-Control", cache),
         ]
         if req.method == "HEAD" and not is_commit_sha(validate_revision(revision)):

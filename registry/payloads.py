@@ -47,7 +47,7 @@ def decode_base64(value: Any, what: str) -> bytes:
 def parse_json_object(raw: bytes, what: str) -> dict[str, Any]:
     try:
         data = json.loads(raw.decode("utf-8")) if raw.strip() else None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise MalformedPayload(f"{what}: body is not valid JSON ({exc})") from None
     if not isinstance(data, dict):
         raise MalformedPayload(f"{what}: body must be a JSON object")
@@ -83,7 +83,7 @@ def parse_commit(body: IO[bytes], stage: Callable[[bytes], StagedBlob], discard:
                 continue
             try:
                 item = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
                 raise MalformedPayload(f"commit payload line {lineno} is not valid JSON ({exc.__class__.__name__})") from None
             if not isinstance(item, dict) or not isinstance(item.get("value"), dict) or "key" not in item:
                 raise MalformedPayload(f"commit payload line {lineno} must be an object {{\"key\": ..., \"value\": {{...}}}}")

@@ -1,0 +1,375 @@
+"""The registry's HTTP stack against hostile clients: a real server on 127.0.0.1, raw sockets and huggingface_hub.
+
+Every limit here is set short (ServerOptions) so the tests finish in seconds;
+nothing asserts a timing: "at once" means "before a timeout far longer than
+the server needs", and waits poll a condition with a generous deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.registry_conftest_helpers import hf_online, running_registry  # noqa: F401
+
+from peftkit.registry import ApiConfig, RegistryStore, RunningServer, ServerOptions, start_server
+from peftkit.registry.asgi_app import escape_log
+
+pytest.importorskip("uvicorn")
+
+COMMITS_AT_START = 2  # the repo's creation and the fixture's commit
+FAST = ServerOptions(header_timeout_s=1.0, body_read_timeout_s=1.0, request_timeout_s=3.0, keep_alive_s=5.0)
+
+
+@pytest.fixture
+def hub(tmp_path: Path) -> Iterator[tuple[RegistryStore, RunningServer, dict[str, str], list[str]]]:
+    """A store with users alice (write), bob (write), carol (read-only) and alice/model; served with FAST limits."""
+    store = RegistryStore(tmp_path / "reg", fsync=False)
+    tokens = {}
+    for user, write in (("alice", True), ("bob", True), ("carol", False)):
+        store.accounts.add_user(user)
+        tokens[user] = store.accounts.create_token(user, write=write)[1]
+    store.create_repo("alice/model")
+    store.commit("alice/model", {"README.md": b"hello", "adapter_config.json": b'{"peft_type": "LORA"}'})
+    assert len(store.list_commits("alice/model")) == COMMITS_AT_START
+    log: list[str] = []
+    server = start_server(store, log=log.append, options=FAST)
+    try:
+        yield store, server, tokens, log
+    finally:
+        server.close()
+        store.close()
+
+
+def _port(server: RunningServer) -> int:
+    return int(server.url.rsplit(":", 1)[1])
+
+
+def _connect(server: RunningServer, timeout: float = 10.0) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", _port(server)), timeout=timeout)
+
+
+def _read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP response from ``sock`` (status, lower-cased headers, body)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"connection closed after {data!r}")
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    length = int(headers.get("content-length", "0"))
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        rest += chunk
+    return int(lines[0].split()[1]), headers, rest[:length]
+
+
+def _request(server: RunningServer, head: str, body: bytes = b"") -> tuple[int, dict[str, str], bytes]:
+    with _connect(server) as sock:
+        sock.sendall(head.encode("latin-1") + body)
+        return _read_response(sock)
+
+
+def _closed_by_server(sock: socket.socket, timeout: float = 10.0) -> bool:
+    """Whether the server closes ``sock`` (reads until EOF, ignoring any final error reply)."""
+    sock.settimeout(timeout)
+    try:
+        while sock.recv(65536):
+            pass
+        return True
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except socket.timeout:
+        return False
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+def _spool_files(store: RegistryStore) -> list[str]:
+    """Files in the blob tmp folder, and open descriptors of this process on (deleted) files there."""
+    tmp = str(store.blobs.tmp_dir)
+    found = [p.name for p in store.blobs.tmp_dir.iterdir()]
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(tmp):
+            found.append(target)
+    return found
+
+
+def _ok(server: RunningServer) -> bool:
+    status, _, body = _request(server, "GET /api/models/alice/model HTTP/1.1\r\nHost: x\r\n\r\n")
+    return status == 200 and json.loads(body)["id"] == "alice/model"
+
+
+# ------------------------------------------------------------ auth before body
+@pytest.mark.parametrize(
+    ("user", "method", "path", "status"),
+    [
+        (None, "POST", "/api/models/alice/model/commit/main", 401),
+        ("bob", "POST", "/api/models/alice/model/commit/main", 403),  # not bob's namespace
+        ("carol", "POST", "/api/models/carol/x/preupload/main", 404),  # no such repo: same as dispatch
+        ("carol", "POST", "/api/repos/create", 403),  # read-only token
+        (None, "PUT", "/api/models/alice/model/settings", 401),
+        ("bob", "DELETE", "/api/repos/delete", None),  # allowed from the headers: the body names the repo
+    ],
+)
+def test_write_refused_from_headers_before_any_body(hub, user, method, path, status) -> None:
+    store, server, tokens, _ = hub
+    auth = f"Authorization: Bearer {tokens[user]}\r\n" if user else ""
+    length = 10_000_000_000 if status else 100  # (a body this large would be refused for its size)
+    head = f"{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: {length}\r\n\r\n"
+    with _connect(server) as sock:
+        sock.sendall(head.encode())
+        if status is None:  # the server waits for the body (then drops us at the body timeout)
+            sock.settimeout(0.3)
+            with pytest.raises(socket.timeout):
+                sock.recv(1)
+            return
+        got, headers, _ = _read_response(sock)  # no body was sent: an answer means none was awaited
+        assert got == status
+        assert headers["connection"] == "close"  # the 10 GB that would follow are not read
+        assert _closed_by_server(sock)
+    assert _spool_files(store) == []
+    assert _ok(server)
+
+
+def test_oversized_body_refused_from_content_length(hub) -> None:
+    store, server, tokens, _ = hub
+    head = (f"POST /api/models/alice/model/commit/main HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: Bearer {tokens['alice']}\r\nContent-Length: 10000000000\r\n\r\n")
+    status, headers, body = _request(server, head)
+    assert status == 413 and "--max-upload-mb" in json.loads(body)["error"]
+    assert _spool_files(store) == []
+
+
+# ------------------------------------------------------------- connections
+def test_idle_and_slowloris_connections_do_not_block_others_and_are_dropped(hub) -> None:
+    store, server, tokens, _ = hub
+    idle = [_connect(server) for _ in range(1000)]
+    slow = []
+    for i in range(20):
+        s = _connect(server)
+        s.sendall(b"GET /api/models/alice/model HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        slow.append(s)
+    try:
+        for round_ in range(3):  # keep trickling header bytes while others are served
+            for s in slow:
+                s.sendall(b"a")
+            assert _ok(server)
+        # Every idle and slowloris connection is dropped at the header deadline.
+        assert all(_closed_by_server(s) for s in slow)
+        assert all(_closed_by_server(s) for s in idle)
+        assert _ok(server)
+    finally:
+        for s in idle + slow:
+            s.close()
+
+
+def test_oversized_headers_get_431(hub) -> None:
+    _, server, _, _ = hub
+    with _connect(server) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        try:
+            for _ in range(200):
+                sock.sendall(b"X-Pad: " + b"a" * 1000 + b"\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        try:
+            status, _, _ = _read_response(sock)
+            assert status == 431
+        except (ConnectionError, ConnectionResetError):
+            pass  # reset while we were still sending: the connection was dropped all the same
+    assert _ok(server)
+
+
+def test_stalled_and_trickled_bodies_get_408_and_leave_nothing(hub) -> None:
+    store, server, tokens, _ = hub
+    head = (f"POST /api/models/alice/model/commit/main HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: Bearer {tokens['alice']}\r\nContent-Type: application/x-ndjson\r\n"
+            f"Content-Length: 1000000\r\n\r\n")
+    with _connect(server) as sock:  # stalls after a few bytes: the per-read timeout
+        sock.sendall(head.encode() + b'{"key": "header", ')
+        status, headers, body = _read_response(sock)
+        assert status == 408 and headers["connection"] == "close"
+    with _connect(server) as sock:  # keeps sending, too slowly: the whole-request deadline
+        sock.sendall(head.encode())
+        sock.settimeout(0.3)
+        status = None
+        for _ in range(100):
+            try:
+                sock.sendall(b"x")
+                status, _, _ = _read_response(sock)
+                break
+            except socket.timeout:
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        assert status == 408
+    assert _wait_for(lambda: _spool_files(store) == [])
+    assert len(store.list_commits("alice/model")) == COMMITS_AT_START
+
+
+def test_aborted_upload_is_spooled_to_disk_and_removed_at_once(hub) -> None:
+    store, server, tokens, _ = hub
+    head = (f"POST /api/models/alice/model/commit/main HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: Bearer {tokens['alice']}\r\nContent-Type: application/x-ndjson\r\n"
+            f"Content-Length: {8 * 1024 * 1024}\r\n\r\n")
+    sock = _connect(server)
+    sock.sendall(head.encode() + b"x" * (2 * 1024 * 1024))
+    # Past a small in-memory buffer the body goes to an anonymous file in the blob tmp folder...
+    assert _wait_for(lambda: _spool_files(store) != [])
+    sock.close()  # ...and the client goes away mid-body: the spool goes with it.
+    assert _wait_for(lambda: _spool_files(store) == [])
+    assert len(store.list_commits("alice/model")) == COMMITS_AT_START
+    assert _ok(server)
+
+
+# ------------------------------------------------------------ content safety
+def test_uploaded_active_content_is_served_inert(hub, hf_online) -> None:  # noqa: F811
+    from huggingface_hub import HfApi
+
+    store, server, tokens, _ = hub
+    api = HfApi(endpoint=server.url, token=tokens["alice"])
+    script = b"<script>alert(document.cookie)</script>"
+    api.upload_file(path_or_fileobj=b"<html><body>" + script + b"</body></html>", path_in_repo="x.html",
+                    repo_id="alice/model")
+    api.upload_file(path_or_fileobj=b'<svg xmlns="http://www.w3.org/2000/svg">' + script + b"</svg>",
+                    path_in_repo="img/x.svg", repo_id="alice/model")
+    for name in ("x.html", "img/x.svg"):
+        status, headers, body = _request(server, f"GET /alice/model/resolve/main/{name} HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status == 200 and script in body
+        assert headers["content-type"] == "text/plain; charset=utf-8"
+        assert headers["content-disposition"].startswith("attachment")
+        assert headers["x-content-type-options"] == "nosniff"
+        assert headers["content-security-policy"] == "default-src 'none'; sandbox"
+    status, headers, _ = _request(server, "GET /alice/model/resolve/main/adapter_config.json HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status == 200 and headers["content-type"] == "application/json"
+    assert headers["x-content-type-options"] == "nosniff" and "sandbox" in headers["content-security-policy"]
+    for head in ("HEAD /alice/model/resolve/main/x.html", "GET /alice/model/resolve/main/missing.html"):
+        status, headers, _ = _request(server, f"{head} HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status in (307, 404) and headers["content-security-policy"] == "default-src 'none'; sandbox"
+
+
+# ------------------------------------------------------------------ proxies
+def test_forged_host_and_forwarded_headers_do_not_steer_links(hub) -> None:
+    store, server, tokens, log = hub
+    for i in range(3):
+        store.create_repo(f"alice/m{i}")
+    forged = "Host: evil.example\r\nX-Forwarded-Host: evil.example\r\nX-Forwarded-Proto: https\r\n"
+    status, headers, _ = _request(server, f"GET /api/models?limit=2&author=alice HTTP/1.1\r\n{forged}\r\n")
+    assert status == 200 and headers["link"].startswith(f"<{server.url}/api/models?")  # the address we reached
+    status, headers, _ = _request(server, f"HEAD /alice/model/resolve/main/README.md HTTP/1.1\r\n{forged}\r\n")
+    assert status == 307 and headers["location"].startswith("/alice/model/resolve/")
+    auth = f"Authorization: Bearer {tokens['alice']}\r\n"
+    body = json.dumps({"name": "made"}).encode()
+    status, _, reply = _request(
+        server, f"POST /api/repos/create HTTP/1.1\r\n{forged}{auth}Content-Length: {len(body)}\r\n\r\n", body)
+    assert status == 200 and json.loads(reply)["url"] == f"{server.url}/alice/made"
+    # The address actually reached, or localhost on a loopback connection, is accepted as the Host.
+    port = _port(server)
+    status, headers, _ = _request(server, f"GET /api/models?limit=2&author=alice HTTP/1.1\r\nHost: localhost:{port}\r\n\r\n")
+    assert headers["link"].startswith(f"<http://localhost:{port}/api/models?")
+    # X-Forwarded-For is not believed from an untrusted peer.
+    _request(server, "GET /api/health HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 203.0.113.9\r\n\r\n")
+    assert _wait_for(lambda: any('"GET /api/health"' in line for line in log))
+    assert [line.split()[0] for line in log if '"GET /api/health"' in line] == ["127.0.0.1"]
+
+
+def test_public_url_and_trusted_proxy(tmp_path: Path) -> None:
+    store = RegistryStore(tmp_path / "reg", fsync=False)
+    store.create_repo("alice/model")
+    store.commit("alice/model", {"README.md": b"hi"})
+    log: list[str] = []
+    options = ServerOptions(trusted_proxies=("127.0.0.1",))
+    config = ApiConfig(public_url="https://hub.example.com", list_page_size=1)
+    try:
+        with start_server(store, config=config, log=log.append, options=options) as server:
+            store.create_repo("alice/other")
+            head = "Host: evil.example\r\nX-Forwarded-For: 198.51.100.1, 203.0.113.9\r\n"
+            status, headers, _ = _request(server, f"GET /api/models HTTP/1.1\r\n{head}\r\n")
+            assert headers["link"].startswith("<https://hub.example.com/api/models?")
+            status, headers, _ = _request(server, f"HEAD /alice/model/resolve/main/README.md HTTP/1.1\r\n{head}\r\n")
+            assert headers["location"].startswith("https://hub.example.com/alice/model/resolve/")
+            assert _wait_for(lambda: len(log) >= 2)
+            assert {line.split()[0] for line in log} == {"203.0.113.9"}  # the right-most untrusted hop
+    finally:
+        store.close()
+
+
+# ----------------------------------------------------------- strict parsing
+def test_ambiguous_framing_is_refused(hub) -> None:
+    store, server, tokens, _ = hub
+    auth = f"Authorization: Bearer {tokens['alice']}\r\n"
+    body = b'{"name": "framed"}'
+    for framing in (f"Content-Length: {len(body)}\r\nContent-Length: 3\r\n",
+                    f"Content-Length: {len(body)}\r\nTransfer-Encoding: chunked\r\n",
+                    "Content-Length: -5\r\n", "Content-Length: 1e3\r\n"):
+        status, _, _ = _request(server, f"POST /api/repos/create HTTP/1.1\r\nHost: x\r\n{auth}{framing}\r\n", body)
+        assert status == 400, framing
+    assert not store.repo_exists("alice/framed")
+
+
+def test_malformed_values_get_4xx_and_write_nothing(hub) -> None:
+    store, server, tokens, _ = hub
+    auth = f"Authorization: Bearer {tokens['alice']}\r\n"
+
+    def post(method: str, path: str, body: bytes) -> tuple[int, bytes]:
+        status, _, reply = _request(
+            server, f"{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: {len(body)}\r\n\r\n", body)
+        return status, reply
+
+    deep = b"[" * 100_000 + b"]" * 100_000
+    status, reply = post("POST", "/api/repos/create", b'{"name": "deep", "x": ' + deep + b"}")
+    assert status == 400 and "JSON" in json.loads(reply)["error"]
+    status, reply = post("POST", "/api/models/alice/model/commit/main", b'{"key": "header", "value": ' + deep + b"}\n")
+    assert status == 400
+    status, _ = post("PUT", "/api/models/alice/model/settings", b'{"private": "false"}')
+    assert status == 400 and store.repo_info("alice/model").private is False
+    status, _ = post("POST", "/api/repos/create", b'{"name": "strict", "private": "false"}')
+    assert status == 400 and not store.repo_exists("alice/strict")
+    for query in ("offset=99999999999999999999999", "limit=1" + "0" * 40, "offset=" + "9" * 5000):
+        status, _, reply = _request(server, f"GET /api/models?{query} HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status == 400 and "query parameter" in json.loads(reply)["error"], query
+    status, _, _ = _request(server, "GET /alice/model/resolve/main/README.md HTTP/1.1\r\nHost: x\r\n"
+                                    "Range: bytes=99999999999999999999999-\r\n\r\n")
+    assert status == 416
+    assert len(store.list_commits("alice/model")) == COMMITS_AT_START and _ok(server)
+
+
+# ------------------------------------------------------------------- logging
+def test_access_log_escapes_control_characters(hub) -> None:
+    _, server, _, log = hub
+    with _connect(server) as sock:
+        sock.sendall(b"GET /api/models/alice/\xc3\xa9\x7f\xff HTTP/1.1\r\nHost: x\r\n\r\n")
+        try:
+            _read_response(sock)
+        except ConnectionError:
+            pass
+    _request(server, "GET /api/models/alice/model?q=%1b[2J HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert _wait_for(lambda: any("q=%1b" in line for line in log))
+    assert all(ch >= " " and ch <= "~" for line in log for ch in line)
+    assert escape_log("a\x1b[2Jb\r\n\x00é") == "a\\x1b[2Jb\\r\\n\\x00\\xe9"
