@@ -403,6 +403,26 @@ def trained_leaves(node: Node | None) -> list[str]:
     return list(dict.fromkeys(walk(node))) if node is not None else []
 
 
+def head_leaf(node: Node | None, has_head: Any) -> str | None:
+    """The adapter whose task head (``modules_to_save`` copy) ``node`` runs, or None for the model's own.
+
+    A stack's head is that of its last part that has one (AdapterHub uses the last adapter's
+    head too: ``stack(lang, task)`` predicts with ``task``'s); an average, a fuse and a row split
+    (when it runs unsplit) use their first member's that has one. ``has_head(name)`` says
+    whether an adapter keeps its own head.
+    """
+    if node is None:
+        return None
+    if isinstance(node, str):
+        return node if node != BASE_MODEL and has_head(node) else None
+    children = reversed(node.children) if isinstance(node, Stack) else node.children
+    for child in children:
+        found = head_leaf(child, has_head)
+        if found is not None:
+            return found
+    return None
+
+
 # -- rules, checked before any forward ------------------------------------------------
 
 #: For each block, the kinds of blocks it may hold (names are always allowed).

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 from . import composition
 from .composition import BASE_MODEL, Block, Node
 from .errors import AdapterError, CompositionError
+from .heads import check_rows
 
 if TYPE_CHECKING:  # pragma: no cover
     import os
@@ -225,6 +226,7 @@ class CompositionMixin:
         if batch_size is not None and len(entries) != batch_size:
             raise CompositionError(f"adapter_names has {len(entries)} entries for a batch of {batch_size} rows; "
                                    f"give one name per row")
+        check_rows(entries, self._head_of, self._labels_of_head, "adapter_names")
         return entries
 
     @contextlib.contextmanager

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from .composition import BASE_MODEL, Average, Block, Node, Stack, run_node
+from .composition import BASE_MODEL, Average, Block, Node, Stack, head_leaf, run_node
 from .errors import CompositionError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -386,12 +386,10 @@ def run_copies(plan: RowPlan, module: Any, active_names: Sequence[str], args: tu
     def choose(slot: int) -> Any:
         if slot < 0:
             return module.original_module
-        node = plan.nodes[slot]
-        names = [node] if isinstance(node, str) else list(dict.fromkeys(node.leaves()))
-        for name in (*names, *active_names):
-            if name in module.copies:
-                return module.copies[name]
-        return module.original_module
+        owner = head_leaf(plan.nodes[slot], module.copies.__contains__)
+        if owner is None:
+            owner = next((name for name in active_names if name in module.copies), None)
+        return module.copies[owner] if owner is not None else module.original_module
 
     chosen = [(choose(slot), sel) for slot, sel in dev.groups]
     if len({id(m) for m, _ in chosen}) == 1:
@@ -407,6 +405,12 @@ def run_copies(plan: RowPlan, module: Any, active_names: Sequence[str], args: tu
             raise CompositionError(f"{type(sub).__name__} returns {type(out).__name__}; only modules that "
                                    f"return one tensor can be saved per adapter and split by rows")
         pieces.append(out)
+    if len({tuple(p.shape[1:]) for p in pieces}) > 1:
+        sizes = ", ".join(f"{plan.nodes[slot] if slot >= 0 else BASE_MODEL}: {tuple(p.shape[1:])}"
+                          for (slot, _), p in zip(dev.groups, pieces))
+        raise CompositionError(f"the rows' task heads give outputs of different sizes ({sizes}), e.g. classifiers "
+                               f"with different numbers of labels, which one batch cannot hold; run the rows of "
+                               f"each adapter in a batch of their own (set_active)")
     out = torch.cat(pieces)
     return out if dev.in_order else out.index_select(0, dev.inverse)
 

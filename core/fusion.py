@@ -269,6 +269,7 @@ def add_fusion(model: "AdaptedModel", fuse: Fuse | str, config: FuseConfig | dic
         raise CompositionError(f"a fusion named {name!r} already exists; delete_fusion({name!r}) first or give "
                                f"this one another name (Fuse(..., name='...'))")
     composition.check_supported(node, {n: r.method for n, r in model._records.items()})
+    model.check_heads(node)
     model_level = [n for n in composition.adapter_leaves(node) if model._records[n].model_adapter]
     if model_level:
         raise CompositionError(f"adapter {model_level[0]!r} changes the model's inputs and has no output at a "

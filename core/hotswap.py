@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 
 from .errors import AdapterError, AdapterLoadError, PeftkitError, PluginError
+from .labels import read_labels
 
 if TYPE_CHECKING:  # pragma: no cover
     from .layer import LayerAdapter, TunerLayer
@@ -80,6 +81,7 @@ def hotswap_adapter(model: "AdaptedModel", path: str | Path, name: str) -> "Adap
         raise refused(f"{name!r} is merged into the base weights (at {merged[0]})", "unmerge_adapter() first")
     config = config_from_data(method, data, where)
     tensors = read_weights(Path(path))
+    labels = read_labels(Path(path))
     incoming = _build(model, method, config, where)
     _compare_structure(model, record, incoming, refused)
     head_copies = _check_file(model, name, incoming, tensors, where, refused)
@@ -95,6 +97,10 @@ def hotswap_adapter(model: "AdaptedModel", path: str | Path, name: str) -> "Adap
     with torch.no_grad():  # everything fits: now, and only now, the model changes
         for copy in copies:
             copy()
+    before = model.adapter_labels(name)
+    record.labels = labels if labels is not None and before is not None and len(labels) == len(before) else None
+    if model.adapter_labels(name) != before and name in model.active_adapters:
+        model.set_active(model.active_composition)  # the config names the swapped-in head's labels
     return record
 
 

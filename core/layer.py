@@ -18,6 +18,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from .composition import head_leaf
 from .errors import CompositionError, MergeError
 
 
@@ -315,8 +316,9 @@ class TunerLayer(nn.Module):
 class ModulesToSave(nn.Module):
     """One trainable copy of a module per adapter; the original stays frozen.
 
-    The active adapter's copy runs (the first active one that has a copy);
-    with none, the original runs.
+    The copy of the adapter that the active composition takes its head from
+    runs (:func:`~peftkit.core.composition.head_leaf`: a stack's last part
+    that has one); with none, the original runs.
     """
 
     def __init__(self, original: nn.Module, state: Any) -> None:
@@ -332,9 +334,9 @@ class ModulesToSave(nn.Module):
     def current(self) -> nn.Module:
         state = self._state
         if not state.disabled:
-            for name in state.active_names:
-                if name in self.copies:
-                    return self.copies[name]
+            owner = head_leaf(state.active, self.copies.__contains__)
+            if owner is not None:
+                return self.copies[owner]
         return self.original_module
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:

@@ -34,6 +34,7 @@ v = v_identity + strategy([v_i - v_identity], weights).
 
 from __future__ import annotations
 
+import copy
 import inspect
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -396,23 +397,34 @@ def _write_factors(model: "AdaptedModel", name: str, merged: dict[str, tuple[tor
 
 def _fill_modules_to_save(model: "AdaptedModel", name: str, records: list["AdapterRecord"], weights: list[float],
                           choice: str | None) -> None:
+    from .heads import describe_labels
     from .layer import ModulesToSave
 
     member_names = [r.name for r in records]
     if choice is not None and choice != "average" and choice not in member_names:
         raise MergeError(f"modules_to_save={choice!r}: give 'average' or one of the merged adapters "
                          f"({', '.join(member_names)})")
-    for module_name, module in model.base_model.named_modules():
+    labels = {n: model.adapter_labels(n) for n in member_names}
+    for module_name, module in list(model.base_model.named_modules()):
         if not isinstance(module, ModulesToSave) or name not in module.copies:
             continue
         holders = [(n, w) for n, w in zip(member_names, weights) if n in module.copies]
         if not holders:
             continue  # the new adapter's copy starts from the original module
-        target = module.copies[name]
         if choice is None and len(holders) > 1:
             raise MergeError(f"adapters {', '.join(n for n, _ in holders)} each keep their own copy of "
                              f"{module_name!r}; pass modules_to_save='average' or the name of the adapter "
                              f"whose copy the merged adapter keeps")
+        source = choice if choice in dict(holders) else holders[0][0]
+        named = {n: labels[n] for n, _ in holders if labels[n] is not None}
+        if choice == "average" and len({tuple(v) for v in named.values()}) > 1:
+            raise MergeError(f"modules_to_save='average': the classification heads predict different labels "
+                             f"({describe_labels(named)}) and cannot be averaged; pass the name of the adapter "
+                             f"whose head the merged adapter keeps")
+        target = copy.deepcopy(module.copies[source])  # its shape: a head may have other labels than the model's
+        target.requires_grad_(False)
+        module.copies[name] = target
+        model.adapter_record(name).labels = labels[source]
         if choice == "average":
             total = sum(w for _, w in holders)
             if abs(total) < 1e-12:
@@ -421,6 +433,3 @@ def _fill_modules_to_save(model: "AdaptedModel", name: str, records: list["Adapt
             merged = {k: sum(s[k] * w for s, w in states) if s0.is_floating_point() else s0
                       for k, s0 in states[0][0].items()}
             target.load_state_dict(merged)
-        else:
-            source = choice if choice in dict(holders) else holders[0][0]
-            target.load_state_dict(module.copies[source].state_dict())

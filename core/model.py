@@ -15,12 +15,13 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.nn as nn
 
-from . import composition
+from . import composition, heads
 from .architectures import ArchitectureSpec, architecture_for
 from .composition import BASE_MODEL, Node, Routing
 from .composition_api import CompositionMixin
 from .config import AdapterConfig
 from .errors import AdapterError, CompositionError, MergeError, TargetError
+from .labels import config_labels, set_config_labels
 from .layer import (LayerAdapter, ModelAdapter, ModulesToSave, TunerLayer, merge_order_message,
                     name_taken_by_torch)
 from .method import Method, Site, parse_spec
@@ -60,6 +61,8 @@ class AdapterRecord:
     sites: list[Site] = field(default_factory=list)
     model_adapter: bool = False
     modules_to_save: list[str] = field(default_factory=list)
+    #: The label names of its own classification head as saved with it (labels.json); see adapter_labels().
+    labels: list[str] | None = None
 
 
 class AdaptedModel(CompositionMixin, nn.Module):
@@ -74,6 +77,8 @@ class AdaptedModel(CompositionMixin, nn.Module):
         self._records: dict[str, AdapterRecord] = {}
         self._model_adapters = nn.ModuleDict()
         self._hook_handle: Any = None
+        #: The config's label names while an adapter's head (with other labels) is shown there.
+        self._labels_before: list[str] | None = None
         for param in model.parameters():
             param.requires_grad_(False)
         #: Whether the base model holds quantized layers (they need care when training starts).
@@ -269,6 +274,7 @@ class AdaptedModel(CompositionMixin, nn.Module):
             remaining = [n for n in state.active_names if n != name]
             state.active = composition.as_node(remaining) if remaining else None
             state.active_names = tuple(remaining)
+        self._show_labels(None if state.disabled else state.active)
 
     # -- activation ----------------------------------------------------------------
 
@@ -288,16 +294,66 @@ class AdaptedModel(CompositionMixin, nn.Module):
         state = self._peftkit_state
         if not adapters or (len(adapters) == 1 and adapters[0] is None):
             state.active, state.active_names = None, ()
+            self._show_labels(None)
             return
         node = composition.as_node(adapters[0] if len(adapters) == 1 else list(adapters))
         self.check_composition(node)
         state.active, state.active_names = node, tuple(composition.adapter_leaves(node))
+        self._show_labels(node)
 
     set_adapter = set_active  # PEFT's spelling
 
     def check_composition(self, node: Node) -> None:
         composition.check_supported(node, {n: r.method for n, r in self._records.items()})
         self._check_composition_extras(node)  # input-rewriting adapters, fusions (composition_api.py)
+        self.check_heads(node)
+
+    def check_heads(self, node: Node) -> None:
+        """Refuse ``node`` when it averages or fuses classification heads that predict different labels,
+        or runs heads with different numbers of labels side by side in one batch (parallel, batch_split)."""
+        heads.check_heads(node, self._head_of, self._labels_of_head)
+
+    # -- classification labels ---------------------------------------------------------
+
+    @property
+    def base_labels(self) -> list[str] | None:
+        """The label names of the base model's own head, as its config had them before an adapter's
+        labels were shown there (None when the model is no classifier)."""
+        if not heads.is_classifier(self.base_model):
+            return None
+        return self._labels_before if self._labels_before is not None else config_labels(self.base_model.config)
+
+    def adapter_labels(self, name: str) -> list[str] | None:
+        """The label names, in id order, that adapter ``name``'s own classification head predicts (from
+        its labels.json, else the model config's, else ``LABEL_0``...); None when it keeps no such head.
+
+        The model config's ``id2label`` / ``label2id`` always describe the head that runs: they follow
+        set_active() (a stack predicts with its last adapter's head)."""
+        record = self.adapter_record(name)
+        base = self.base_labels
+        return heads.adapter_labels(self.base_model, name, record.labels, base) if base is not None else None
+
+    def _head_of(self, node: Node | None) -> str | None:
+        return composition.head_leaf(node, lambda n: self.adapter_labels(n) is not None)
+
+    def _labels_of_head(self, owner: str | None) -> list[str] | None:
+        return self.adapter_labels(owner) if owner is not None else self.base_labels
+
+    def _show_labels(self, node: Node | None) -> None:
+        """Put the labels of the head that ``node`` runs into the model config (the base's when none)."""
+        if not heads.is_classifier(self.base_model):
+            return
+        owner = self._head_of(node)
+        config = self.base_model.config
+        if owner is None:
+            if self._labels_before is not None:
+                set_config_labels(config, self._labels_before)
+                self._labels_before = None
+            return
+        labels = self.adapter_labels(owner)
+        if self._labels_before is None:
+            self._labels_before = config_labels(config)
+        set_config_labels(config, labels)  # type: ignore[arg-type]
 
     @contextlib.contextmanager
     def disable_adapters(self) -> Iterator[None]:
@@ -305,10 +361,12 @@ class AdaptedModel(CompositionMixin, nn.Module):
         state = self._peftkit_state
         previous = state.disabled
         state.disabled = True
+        self._show_labels(None)
         try:
             yield
         finally:
             state.disabled = previous
+            self._show_labels(None if previous else state.active)
 
     # -- training ------------------------------------------------------------------
 
@@ -428,17 +486,22 @@ class AdaptedModel(CompositionMixin, nn.Module):
     def merge_and_unload(self, adapter_names: Sequence[str] | None = None) -> nn.Module:
         """Merge adapters into the base weights and return the bare base model.
 
-        The active adapter's modules_to_save copies replace the originals. The
-        AdaptedModel must not be used afterwards.
+        The modules_to_save copies of the last of ``adapter_names`` that has them (as a
+        stack of them would run) replace the originals, and a classifier's config gets
+        that head's labels. The AdaptedModel must not be used afterwards.
         """
         names = list(adapter_names) if adapter_names is not None else self.active_adapters
         self.merge_adapter(names)
+        node = composition.as_node(names) if names else None  # heads as in a stack: the last one's
+        self._show_labels(node)  # the merged model's config names the labels of the head it keeps
+        self._labels_before = None
         model = self.base_model
         for module_name, module in list(model.named_modules()):
             if isinstance(module, TunerLayer):
                 _unwrap_layer(model, module_name, module)
             elif isinstance(module, ModulesToSave):
-                chosen = next((module.copies[n] for n in names if n in module.copies), module.original_module)
+                owner = composition.head_leaf(node, module.copies.__contains__)
+                chosen = module.copies[owner] if owner is not None else module.original_module
                 _set_submodule(model, module_name, chosen)
         if self._hook_handle is not None:
             self._hook_handle.remove()

@@ -20,6 +20,8 @@ import torch
 from .card import card_metadata, render_card
 from .errors import AdapterLoadError, ConfigError, PeftkitError, PluginError
 from .fileio import atomic_folder, write_bytes_atomic, write_text_atomic
+from .heads import fit_heads
+from .labels import LABELS_FILE, is_default, labels_text, read_labels
 from .layer import ModulesToSave, TunerLayer
 from .plugins import get_registry, major_version, unknown_method_message
 
@@ -146,6 +148,9 @@ def _write_adapter(model: "AdaptedModel", name: str, folder: Path, card: dict[st
     # Weights first, config last: a folder with a config is a complete folder.
     write_bytes_atomic(folder / WEIGHTS_NAME, save(tensors, metadata={"format": "pt"}))
     write_text_atomic(folder / CARD_NAME, text)
+    labels = model.adapter_labels(name)
+    if labels is not None and not is_default(labels):
+        write_text_atomic(folder / LABELS_FILE, labels_text(labels))
     write_text_atomic(folder / CONFIG_NAME, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
@@ -288,6 +293,7 @@ def load_adapter(model: "AdaptedModel", path: str | os.PathLike, name: str) -> A
     _check_base(model, data, where)
     config = config_from_data(method, data, where)
     tensors = read_weights(path)
+    labels = read_labels(path)
     model._check_new_name(name)
     try:
         record = model.add_adapter(name, config, default_head=False)
@@ -296,11 +302,27 @@ def load_adapter(model: "AdaptedModel", path: str | os.PathLike, name: str) -> A
     except PeftkitError as exc:
         raise AdapterLoadError(f"{where}: cannot place this adapter on the model: {exc}") from None
     try:
+        record.labels = _fit_head(model, name, tensors, labels, where)
         _copy_into(model, name, tensors, where)
     except BaseException:
         model._remove(name)
         raise
     return record
+
+
+def _fit_head(model: "AdaptedModel", name: str, tensors: dict[str, torch.Tensor], labels: list[str] | None,
+              where: str) -> list[str] | None:
+    """Size adapter ``name``'s classification head for the saved one's labels; the names it keeps."""
+    base = model.base_labels
+    if base is None:
+        return None
+    size = fit_heads(model.base_model, name, len(base), head_tensors(model, name), tensors)
+    if size is None:
+        return None
+    if labels is not None and len(labels) != size:
+        raise AdapterLoadError(f"{where}: {LABELS_FILE} names {len(labels)} labels ({', '.join(labels)}) but the "
+                               f"adapter's classification head predicts {size}; fix {LABELS_FILE} or delete it")
+    return labels
 
 
 def _copy_into(model: "AdaptedModel", name: str, tensors: dict[str, torch.Tensor], where: str) -> None:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 from peftkit.core.errors import PeftkitError
+from peftkit.core.labels import LABELS_FILE, labels_document  # noqa: F401 - LABELS_FILE re-exported
 
 #: The tasks ``peftkit train`` knows, by their CLI names.
 TASKS = ("causal-lm", "seq-cls", "token-cls", "seq2seq")
@@ -34,7 +35,6 @@ PIPELINE_TAGS = {"causal-lm": "text-generation", "seq-cls": "text-classification
                  "token-cls": "token-classification", "seq2seq": "text2text-generation"}
 JSON_SUFFIXES = (".jsonl", ".ndjson", ".json")
 CSV_SUFFIXES = {".csv": ",", ".tsv": "\t"}
-LABELS_FILE = "labels.json"
 
 
 class DataError(PeftkitError, ValueError):
@@ -371,8 +371,7 @@ class LabelMap:
                                     f"{', '.join(self.names)}); fix the label, or list every label with --labels")
 
     def to_json(self) -> dict[str, Any]:
-        return {"labels": list(self.names), "label2id": dict(self._ids),
-                "id2label": {str(i): n for i, n in enumerate(self.names)}}
+        return labels_document(self.names)
 
     def config_kwargs(self) -> dict[str, Any]:
         """What a transformers classification model needs: num_labels, id2label, label2id."""

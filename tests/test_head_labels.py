@@ -1,0 +1,227 @@
+"""Classifier adapters bring their own labels: the head's size and names come from the adapter.
+
+A 4-label adapter loads onto a base whose head has 2 (from a folder, a hub, a
+composition), the model config names the labels of the head that runs, a
+merged model's config.json carries them, and combining heads that predict
+different labels is refused. Tiny BERTs built from configs; the real MiniLM
+runs in tests/test_first_day_walkthrough.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import peftkit
+from peftkit.core.composition import Average, BatchSplit, Fuse, Parallel, Stack
+from peftkit.core.errors import AdapterLoadError, CompositionError, MergeError
+from tests.hub_helpers import hub_env  # noqa: F401 - fixture
+
+TOPICS = ["food", "sports", "tech", "travel"]
+MOODS = ["negative", "positive"]
+BASE_ID = "peftkit-tests/tiny-bert-classifier"
+
+
+def tiny(labels: list[str] | None = None, task: str = "seq") -> torch.nn.Module:
+    """A tiny BERT classifier; the same seed gives the same encoder whatever the labels."""
+    from transformers import BertConfig, BertForSequenceClassification, BertForTokenClassification
+
+    kwargs = {} if labels is None else {"id2label": dict(enumerate(labels)),
+                                        "label2id": {n: i for i, n in enumerate(labels)}}
+    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                        vocab_size=128, max_position_embeddings=64, **kwargs)
+    torch.manual_seed(0)
+    cls = BertForSequenceClassification if task == "seq" else BertForTokenClassification
+    model = cls(config).eval()
+    model.config._name_or_path = BASE_ID
+    return model
+
+
+def batch() -> dict[str, torch.Tensor]:
+    ids = torch.randint(3, 128, (4, 7), generator=torch.Generator().manual_seed(1))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def trained(name: str, labels: list[str], seed: int, task: str = "seq") -> peftkit.AdaptedModel:
+    """An adapter with random (non-zero) weights and head, on a model built for its labels."""
+    model = peftkit.adapt(tiny(labels, task), "lora[r=2]", name)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.adapter_parameters(name):
+            param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+    return model.eval()
+
+
+def logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch()).logits
+
+
+@pytest.fixture
+def folders(tmp_path: Path) -> dict[str, Path]:
+    out = {}
+    for name, labels, seed in (("topic", TOPICS, 1), ("sentiment", MOODS, 2)):
+        out[name] = tmp_path / name
+        trained(name, labels, seed).save_adapter(str(out[name]), name)
+    return out
+
+
+def test_an_adapter_brings_its_head_size_and_label_names(folders: dict[str, Path]) -> None:
+    assert json.loads((folders["topic"] / "labels.json").read_text())["id2label"] == dict(
+        (str(i), n) for i, n in enumerate(TOPICS))
+    expected = logits(trained("topic", TOPICS, 1))
+    base = tiny()  # 2 labels, LABEL_0 and LABEL_1
+    model = peftkit.AdaptedModel.from_pretrained(base, str(folders["topic"]), "topic")
+    assert torch.allclose(logits(model), expected, atol=1e-6)
+    assert base.config.id2label == dict(enumerate(TOPICS)) and base.config.label2id["travel"] == 3
+    assert base.config.num_labels == 4 and model.adapter_labels("topic") == TOPICS
+    model.set_active(None)  # the model's own head runs again, with its own labels
+    assert base.config.id2label == {0: "LABEL_0", 1: "LABEL_1"} and logits(model).shape[-1] == 2
+    with model.disable_adapters():
+        model.set_active("topic")
+    model.set_active("topic")
+    with model.disable_adapters():
+        assert base.config.num_labels == 2
+    assert base.config.num_labels == 4
+
+
+def test_a_stack_predicts_with_its_last_adapters_head(folders: dict[str, Path]) -> None:
+    model = peftkit.AdaptedModel(tiny())
+    model.load_adapter(str(folders["sentiment"]), "sentiment", activate=False)
+    model.load_adapter(str(folders["topic"]), "topic", activate=False)
+    model.set_active(Stack("sentiment", "topic"))
+    assert logits(model).shape[-1] == 4 and model.config.id2label == dict(enumerate(TOPICS))
+    model.set_active(Stack("topic", "sentiment"))
+    assert logits(model).shape[-1] == 2 and model.config.id2label == dict(enumerate(MOODS))
+    model.delete_adapter("sentiment")
+    assert model.active_adapters == ["topic"] and model.config.id2label == dict(enumerate(TOPICS))
+
+
+def test_heads_with_different_labels_are_not_averaged_fused_or_batched_together(folders: dict[str, Path]) -> None:
+    model = peftkit.AdaptedModel(tiny())
+    for name in ("sentiment", "topic"):
+        model.load_adapter(str(folders[name]), name, activate=False)
+    with pytest.raises(CompositionError, match=r"predict different labels \(sentiment: 2 labels \(negative, "
+                                               r"positive\); topic: 4 labels .*use stack"):
+        model.set_active(Average("sentiment", "topic"))
+    with pytest.raises(CompositionError, match="predict different labels"):
+        model.add_fusion(Fuse("sentiment", "topic", name="both"))
+    with pytest.raises(CompositionError, match=r"parallel\(\) runs sentiment, topic in one batch.*numbers of labels"):
+        model.set_active(Parallel("sentiment", "topic"))
+    with pytest.raises(CompositionError, match="batch_split"):
+        model.set_active(BatchSplit("sentiment", "topic", sizes=[2, 2]))
+    with pytest.raises(CompositionError, match="adapter_names runs"):
+        model(**batch(), adapter_names=["sentiment", "topic", "topic", "sentiment"])
+    with pytest.raises(MergeError, match=r"predict different labels \(sentiment: 2 labels"):
+        model.merge_adapters(["sentiment", "topic"], name="both", strategy="linear", modules_to_save="average")
+    assert set(model.adapters) == {"sentiment", "topic"} and model.active_adapters == []
+    # Weight-space merging keeps the head of the member named, with its labels.
+    model.merge_adapters(["sentiment", "topic"], name="both", strategy="linear", modules_to_save="topic")
+    model.set_active("both")
+    assert model.adapter_labels("both") == TOPICS and logits(model).shape[-1] == 4
+
+
+def test_heads_with_the_same_labels_combine(folders: dict[str, Path], tmp_path: Path) -> None:
+    trained("other", TOPICS, 3).save_adapter(str(tmp_path / "other"), "other")
+    model = peftkit.AdaptedModel(tiny())
+    model.load_adapter(str(folders["topic"]), "topic", activate=False)
+    model.load_adapter(str(tmp_path / "other"), "other", activate=False)
+    model.set_active(Average("topic", "other"))
+    assert logits(model).shape[-1] == 4 and model.config.id2label == dict(enumerate(TOPICS))
+    model.set_active(Parallel("topic", "other"))
+    assert [p.shape[-1] for p in model.split_parallel(logits(model))] == [4, 4]
+
+
+def test_a_composition_folder_keeps_each_members_labels(folders: dict[str, Path], tmp_path: Path) -> None:
+    model = peftkit.AdaptedModel(tiny())
+    for name in ("sentiment", "topic"):
+        model.load_adapter(str(folders[name]), name, activate=False)
+    model.set_active(Stack("sentiment", "topic"))
+    expected = logits(model)
+    model.save_composition(str(tmp_path / "both"))
+    for name, labels in (("sentiment", MOODS), ("topic", TOPICS)):
+        assert json.loads((tmp_path / "both" / "adapters" / name / "labels.json").read_text())["labels"] == labels
+    loaded = peftkit.AdaptedModel.load_composition(tiny(), str(tmp_path / "both"))
+    assert torch.allclose(logits(loaded), expected, atol=1e-6)
+    assert loaded.config.id2label == dict(enumerate(TOPICS)) and loaded.adapter_labels("sentiment") == MOODS
+
+
+def test_merge_and_unload_keeps_the_head_and_its_labels(folders: dict[str, Path], tmp_path: Path) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    model = peftkit.AdaptedModel.from_pretrained(tiny(), str(folders["topic"]), "topic")
+    expected = logits(model)
+    merged = model.merge_and_unload()
+    merged.save_pretrained(str(tmp_path / "merged"))
+    again = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "merged")).eval()
+    assert again.config.id2label == dict(enumerate(TOPICS))
+    assert torch.allclose(logits(again), expected, atol=1e-5)
+
+
+def test_token_classification_adapters_bring_their_tags(tmp_path: Path) -> None:
+    tags = ["O", "B-PER", "I-PER", "B-LOC", "B-ORG"]
+    source = trained("ner", tags, 4, task="token")
+    source.save_adapter(str(tmp_path / "ner"), "ner")
+    model = peftkit.AdaptedModel.from_pretrained(tiny(task="token"), str(tmp_path / "ner"), "ner")
+    assert logits(model).shape == (4, 7, 5) and torch.allclose(logits(model), logits(source), atol=1e-6)
+    assert model.config.id2label == dict(enumerate(tags))
+
+
+def test_default_labels_write_no_labels_file_and_load_by_size(tmp_path: Path) -> None:
+    model = trained("plain", ["LABEL_0", "LABEL_1", "LABEL_2"], 5)
+    model.save_adapter(str(tmp_path / "plain"), "plain")
+    assert not (tmp_path / "plain" / "labels.json").exists()
+    loaded = peftkit.AdaptedModel.from_pretrained(tiny(), str(tmp_path / "plain"), "plain")
+    assert loaded.config.num_labels == 3 and loaded.adapter_labels("plain") == ["LABEL_0", "LABEL_1", "LABEL_2"]
+
+
+def test_a_labels_file_that_does_not_fit_the_head_is_refused(folders: dict[str, Path]) -> None:
+    (folders["topic"] / "labels.json").write_text(json.dumps({"labels": ["a", "b"]}))
+    base = tiny()
+    with pytest.raises(AdapterLoadError, match=r"labels.json names 2 labels \(a, b\) but the adapter's "
+                                               r"classification head predicts 4"):
+        peftkit.AdaptedModel.from_pretrained(base, str(folders["topic"]), "topic")
+    assert base.config.num_labels == 2 and isinstance(base.classifier, torch.nn.Linear)
+    (folders["topic"] / "labels.json").write_text("{not json")
+    with pytest.raises(AdapterLoadError, match="labels.json is not valid JSON"):
+        peftkit.AdaptedModel.from_pretrained(base, str(folders["topic"]), "topic")
+
+
+# -- from a hub ---------------------------------------------------------------------------------------------
+
+
+def test_hub_load_stack_and_compose_bring_each_adapters_labels(folders: dict[str, Path], tmp_path: Path,
+                                                               hub_env: Path) -> None:  # noqa: F811
+    from transformers import AutoModelForSequenceClassification
+
+    from peftkit.hub_client.compose import save_composed
+
+    hub = f"local:{tmp_path / 'hub'}"
+    for name in ("sentiment", "topic"):
+        peftkit.hub.push(folders[name], f"alice/{name}", hub=hub, progress=False)
+    base_dir = tmp_path / "base"
+    tiny().save_pretrained(str(base_dir))
+
+    model = peftkit.load(str(base_dir), "alice/topic", hub=hub, progress=False)
+    assert model.config.id2label == dict(enumerate(TOPICS))
+    assert torch.allclose(logits(model), logits(trained("topic", TOPICS, 1)), atol=1e-6)
+
+    both = peftkit.load(str(base_dir), "stack(alice/sentiment, alice/topic)", hub=hub, progress=False)
+    assert logits(both).shape[-1] == 4 and both.config.id2label == dict(enumerate(TOPICS))
+    expected = logits(both)
+    with pytest.raises(CompositionError, match="predict different labels"):
+        peftkit.load(str(base_dir), "average(alice/sentiment, alice/topic)", hub=hub, progress=False)
+
+    save_composed(str(base_dir), "stack(alice/sentiment, alice/topic)", tmp_path / "composed", hub=hub,
+                  progress=False)
+    assert json.loads((tmp_path / "composed" / "adapters" / "topic" / "labels.json").read_text())["labels"] == TOPICS
+    save_composed(str(base_dir), "stack(alice/sentiment, alice/topic)", tmp_path / "merged", hub=hub, merge=True,
+                  progress=False)
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["id2label"] == {
+        str(i): n for i, n in enumerate(TOPICS)}
+    merged = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "merged")).eval()
+    assert merged.config.id2label == dict(enumerate(TOPICS))
+    assert torch.allclose(logits(merged), expected, atol=1e-5)
