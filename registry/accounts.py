@@ -19,7 +19,7 @@ from typing import Callable
 
 from .db import Database
 from .errors import AccountExists, BadRequest, Forbidden, NotFound, Unauthorized
-from .names import validate_name
+from .names import validate_account_name, validate_name
 
 TOKEN_PREFIX = "pkr_"
 _LAST_USED_RESOLUTION_S = 60.0
@@ -107,7 +107,7 @@ class Accounts:
         return row["kind"] if row else None
 
     def add_user(self, name: str) -> None:
-        validate_name(name, "user name")
+        validate_account_name(name, "user name")
         with self.db.write() as conn:
             kind = self._kind(conn, name)
             if kind is not None:
@@ -119,16 +119,24 @@ class Accounts:
         validate_name(name, "organization name")
         with self.db.write() as conn:
             kind = self._kind(conn, name)
+            if kind is None:  # a new organization: reserved names are refused (existing ones keep working)
+                validate_account_name(name, "organization name")
             if kind == "user":
                 raise AccountExists(f"'{name}' is a user; organizations and users share one namespace")
+            canonical = []  # as the accounts spell them: membership is matched exactly
             for member in members:
-                if self._kind(conn, member) != "user":
+                row = conn.execute("SELECT name, kind FROM accounts WHERE name = ?", (member,)).fetchone()
+                if row is None or row["kind"] != "user":
                     raise NotFound(
-                        f"no user named '{member}'; create it first with `peftkit registry user add {member}`"
+                        f"no user named '{member}'; create it first with `peftkit registry user add {member}`, "
+                        "then add it to the organization"
                     )
+                canonical.append(row["name"])
             if kind is None:
                 conn.execute("INSERT INTO accounts(name, kind, created_at) VALUES (?, 'org', ?)", (name, time.time()))
-            for member in members:
+            else:
+                name = conn.execute("SELECT name FROM accounts WHERE name = ?", (name,)).fetchone()["name"]
+            for member in canonical:
                 conn.execute("INSERT OR IGNORE INTO org_members(org, user) VALUES (?, ?)", (name, member))
 
     def remove_member(self, org: str, user: str) -> None:

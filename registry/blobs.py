@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import secrets
 import shutil
 import tempfile
 import time
@@ -67,13 +68,19 @@ class BlobStore:
         self.fsync = fsync
         self.blob_dir.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self._blob_dir_name = os.fspath(self.blob_dir)
+        self._tmp_dir_name = os.fspath(self.tmp_dir)
 
     # -- addressing -------------------------------------------------------
     def path(self, sha256: str) -> Path:
         return self.blob_dir / sha256[:2] / sha256[2:4] / sha256
 
+    def _name(self, sha256: str) -> str:
+        """:meth:`path` as a plain string: the per-file hot paths avoid pathlib's overhead."""
+        return os.path.join(self._blob_dir_name, sha256[:2], sha256[2:4], sha256)
+
     def exists(self, sha256: str) -> bool:
-        return self.path(sha256).is_file()
+        return os.path.isfile(self._name(sha256))
 
     # -- staging (no lock held) --------------------------------------------
     @contextlib.contextmanager
@@ -93,9 +100,21 @@ class BlobStore:
             raise
 
     def _write_tmp(self, data: bytes) -> Path:
-        with self._staging_file() as (f, tmp):
-            f.write(data)
-        return tmp
+        # Raw os calls: a commit of thousands of small files stages each one here.
+        name = os.path.join(self._tmp_dir_name, f"stage-{secrets.token_hex(10)}")
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            if self.fsync:
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            os.unlink(name)
+            raise
+        os.close(fd)
+        return Path(name)
 
     def _copy_tmp(self, source: Path) -> tuple[Path, str]:
         sha = hashlib.sha256()
@@ -105,11 +124,25 @@ class BlobStore:
                 out.write(chunk)
         return tmp, sha.hexdigest()
 
+    def _make_folder(self, sha256: str) -> None:
+        """Create the blob's folder now, outside the commit's lock, so publishing is a bare rename.
+
+        Folders are never removed, so it is still there when the blob is published.
+        """
+        folder = os.path.dirname(self._name(sha256))
+        try:
+            os.mkdir(folder)
+        except FileExistsError:
+            pass
+        except FileNotFoundError:
+            os.makedirs(folder, exist_ok=True)
+
     def stage_bytes(self, data: bytes) -> StagedBlob:
         sha = hashlib.sha256(data).hexdigest()
         oid = git_blob_oid(data)
         if self.exists(sha):
             return StagedBlob(sha, oid, len(data), None, bytes(data))
+        self._make_folder(sha)
         return StagedBlob(sha, oid, len(data), self._write_tmp(data))
 
     def stage_file(self, source: str | os.PathLike[str]) -> StagedBlob:
@@ -121,6 +154,7 @@ class BlobStore:
         if copied_sha != sha:
             tmp.unlink(missing_ok=True)
             raise OSError(f"{source} changed while it was being staged; try again")
+        self._make_folder(sha)
         return StagedBlob(sha, oid, size, tmp)
 
     def discard(self, staged: StagedBlob) -> None:
@@ -129,27 +163,31 @@ class BlobStore:
             staged.tmp_path = None
 
     # -- publishing (called under the store's write lock) -----------------
-    def publish(self, staged: StagedBlob) -> Path:
-        final = self.path(staged.sha256)
-        if final.is_file():
+    def publish(self, staged: StagedBlob) -> None:
+        # Plain os.path on strings: a commit of many small files publishes them
+        # all while holding the write lock, so this is the hot path.
+        final_name = self._name(staged.sha256)
+        if os.path.isfile(final_name):
             self.discard(staged)
-            return final
-        final.parent.mkdir(parents=True, exist_ok=True)
+            return
         tmp = staged.tmp_path
         if tmp is None:
             # The blob existed at staging time but was garbage-collected since.
             if isinstance(staged.source, bytes):
                 tmp = self._write_tmp(staged.source)
             elif isinstance(staged.source, Path):
-                tmp, sha = self._copy_tmp(staged.source)
-                if sha != staged.sha256:
+                tmp, copied = self._copy_tmp(staged.source)
+                if copied != staged.sha256:
                     tmp.unlink(missing_ok=True)
                     raise OSError(f"{staged.source} changed since it was staged; try again")
             else:  # pragma: no cover - defensive
                 raise RuntimeError(f"blob {staged.sha256} has no content to publish")
-        os.replace(tmp, final)
+        try:
+            os.replace(tmp, final_name)
+        except FileNotFoundError:  # the blob's folder does not exist yet
+            os.makedirs(os.path.dirname(final_name), exist_ok=True)
+            os.replace(tmp, final_name)
         staged.tmp_path = None
-        return final
 
     # -- maintenance ------------------------------------------------------
     def delete(self, sha256: str) -> None:

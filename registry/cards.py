@@ -39,6 +39,12 @@ DOWNLOAD_COUNTING_FILES = frozenset(
 
 MAX_INDEXED_BODY_CHARS = 20_000
 
+# YAML front matter is attacker-controlled: bounded in size and nesting, and
+# aliases (``*name``, which let a few bytes expand into gigabytes: "billion
+# laughs") are refused, so parsing costs linear time and memory in what was sent.
+MAX_FRONT_MATTER_BYTES = 128 * 1024
+MAX_FRONT_MATTER_DEPTH = 32
+
 _FRONT_MATTER_RE = re.compile(r"\A---[ \t]*\r?\n(.*?)(?:\r?\n)?^---[ \t]*$", re.DOTALL | re.MULTILINE)
 
 
@@ -58,13 +64,24 @@ def split_front_matter(text: str) -> tuple[dict[str, Any], str]:
         return {}, text
     block = match.group(1)
     body = text[match.end() :].lstrip("\r\n")
+    size = len(block.encode("utf-8"))
+    if size > MAX_FRONT_MATTER_BYTES:
+        raise CardError(
+            f"README.md front matter is {size} bytes; at most {MAX_FRONT_MATTER_BYTES} are accepted: "
+            "move long content (tables, eval results) into the card's body below the closing '---'"
+        )
     import yaml  # lazily: only cards need it, and server start-up stays fast
 
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when built with it: ~10x faster
     try:
+        _check_bounded(yaml, block, loader)
         data = yaml.load(block, Loader=loader) if block.strip() else {}  # noqa: S506 - a safe loader
+    except CardError:
+        raise
     except yaml.YAMLError as exc:
         raise CardError(f"README.md front matter is not valid YAML: {exc}") from None
+    except (ValueError, OverflowError, RecursionError) as exc:  # e.g. an integer of 5,000 digits
+        raise CardError(f"README.md front matter has a value that cannot be read: {exc}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -72,6 +89,25 @@ def split_front_matter(text: str) -> tuple[dict[str, Any], str]:
             f"README.md front matter must be a YAML mapping (key: value lines), got {type(data).__name__}"
         )
     return _jsonable(data), body
+
+
+def _check_bounded(yaml: Any, block: str, loader: Any) -> None:
+    """Refuse aliases and deep nesting, from the parser's events (one linear pass, nothing built)."""
+    depth = 0
+    for event in yaml.parse(block, Loader=loader):
+        if isinstance(event, yaml.AliasEvent):
+            raise CardError(
+                f"README.md front matter uses the YAML alias '*{event.anchor}'; aliases (and '<<' merges) are "
+                "not accepted: write the value out in full"
+            )
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > MAX_FRONT_MATTER_DEPTH:
+                raise CardError(
+                    f"README.md front matter nests deeper than {MAX_FRONT_MATTER_DEPTH} levels; flatten it"
+                )
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
 
 
 def _jsonable(value: Any) -> Any:
@@ -212,10 +248,15 @@ def extract_metadata(readme: bytes | None, adapter_config: bytes | None) -> Repo
             config = {}
     peftkit_cfg = config.get("peftkit") if isinstance(config.get("peftkit"), dict) else {}
 
-    meta.library_name = card.get("library_name") if isinstance(card.get("library_name"), str) else None
+    card_library = card.get("library_name") if isinstance(card.get("library_name"), str) else None
+    meta.library_name = card_library
     meta.is_adapter = bool(config) or meta.library_name in ("peft", "peftkit")
-    if meta.library_name is None and config:
-        meta.library_name = "peft" if config.get("peft_type") else "peftkit"
+    if config and config.get("peft_type") and meta.library_name not in ("peft", "peftkit"):
+        # The files are a PEFT adapter whatever a generic card says: transformers'
+        # push_to_hub rewrites PEFT's card with `library_name: transformers`.
+        meta.library_name = "peft"
+    elif meta.library_name is None and config:
+        meta.library_name = "peftkit"
 
     base_models = _as_list(card.get("base_model"))
     cfg_base = config.get("base_model_name_or_path")
@@ -256,6 +297,8 @@ def extract_metadata(readme: bytes | None, adapter_config: bytes | None) -> Repo
     tags = list(card_tags)
     if meta.library_name:
         tags.append(meta.library_name)
+    if card_library and card_library != meta.library_name:
+        tags.append(card_library)  # still found by the library the card names
     tags += meta.methods
     if meta.pipeline_tag:
         tags.append(meta.pipeline_tag)

@@ -42,6 +42,34 @@ CREATE TABLE IF NOT EXISTS refs (
     PRIMARY KEY (repo, name)
 );
 
+-- Tags: named, fixed pointers to a commit (refs/tags/<name>). Unlike a
+-- branch, no commit moves a tag; a tag and a branch never share a name.
+CREATE TABLE IF NOT EXISTS tags (
+    repo       INTEGER NOT NULL REFERENCES repos(id) ON DELETE CASCADE,
+    name       TEXT NOT NULL,
+    commit_sha TEXT NOT NULL,
+    message    TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL,
+    PRIMARY KEY (repo, name)
+);
+
+-- Old names of moved repos: reads of the old name are redirected to the new
+-- one until a repo is created under the old name again.
+CREATE TABLE IF NOT EXISTS repo_redirects (
+    old_id TEXT PRIMARY KEY COLLATE NOCASE,
+    repo   INTEGER NOT NULL REFERENCES repos(id) ON DELETE CASCADE
+);
+
+-- Which clients (a hash of their address) already counted a download of a
+-- repo today: each counts once per repo per UTC day. Past days are pruned.
+CREATE TABLE IF NOT EXISTS download_clients (
+    day    INTEGER NOT NULL,
+    repo   INTEGER NOT NULL REFERENCES repos(id) ON DELETE CASCADE,
+    client TEXT NOT NULL,
+    PRIMARY KEY (day, repo, client)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS download_clients_repo ON download_clients(repo);
+
 CREATE TABLE IF NOT EXISTS commits (
     sha         TEXT PRIMARY KEY,
     repo        INTEGER NOT NULL REFERENCES repos(id) ON DELETE CASCADE,
@@ -53,6 +81,7 @@ CREATE TABLE IF NOT EXISTS commits (
     created_at  REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS commits_repo ON commits(repo, created_at DESC);
+CREATE INDEX IF NOT EXISTS commits_tree ON commits(tree);
 
 -- Flat trees, shared by every commit with the same content.
 CREATE TABLE IF NOT EXISTS tree_entries (

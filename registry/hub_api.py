@@ -23,6 +23,7 @@ from urllib.parse import parse_qs, quote, unquote, urlencode
 from .accounts import Principal
 from .cards import DOWNLOAD_COUNTING_FILES, validate_card
 from .content_safety import file_headers
+from .folders import files_by_folder
 from .errors import (
     BadRequest,
     EntryNotFound,
@@ -36,7 +37,7 @@ from .errors import (
 )
 from .names import is_commit_sha, split_repo_id, validate_path, validate_revision
 from .payloads import parse_commit, parse_json_object, parse_preupload
-from .serialize import commit_json, model_json, refs_json, tree_json
+from .serialize import commit_json, file_item, folder_item, model_json, refs_json, tree_json
 from .store import RegistryStore, RepoInfo
 
 JSON_TYPE = "application/json"
@@ -49,6 +50,8 @@ class ApiConfig:
     max_json_bytes: int = 16 * 1024 * 1024
     list_page_size: int = 100
     tree_page_size: int = 1000
+    # Files (additions plus deletions) one commit may carry; more get a 413 saying how to split.
+    max_commit_files: int = 20_000
     public_url: str | None = None  # e.g. https://hub.example.com when behind a proxy
 
 
@@ -103,6 +106,16 @@ class Response:
             if k.lower() == name.lower():
                 return v
         return None
+
+
+class RepoMoved(RegistryError):
+    """The repo was moved: a redirect to ``location``, the same request under its new name."""
+
+    status = 307
+
+    def __init__(self, message: str, *, location: str) -> None:
+        super().__init__(message)
+        self.location = location
 
 
 def error_response(exc: RegistryError, body_extra: dict[str, Any] | None = None) -> Response:
@@ -182,6 +195,10 @@ class HubApi:
     def dispatch(self, req: Request) -> Response:
         try:
             return self._route(req)
+        except RepoMoved as exc:
+            response = error_response(exc)
+            response.headers.append(("Location", exc.location))
+            return response
         except RepoExists as exc:
             return error_response(exc, {"url": self._repo_url(req, exc.repo_id)})
         except RegistryError as exc:
@@ -200,10 +217,16 @@ class HubApi:
                 return self.create_repo(req)
             if rest == ["repos", "delete"] and m == "DELETE":
                 return self.delete_repo(req)
+            if rest == ["repos", "move"] and m == "POST":
+                return self.move_repo(req)
             if rest == ["validate-yaml"] and m == "POST":
                 return self.validate_yaml(req)
             if rest == ["health"] and m == "GET":
                 return Response.json({"status": "ok"})
+            if rest == ["agent-harnesses"] and m == "GET":
+                # The `hf` CLI asks for the Hub's list of AI-agent harnesses on every run
+                # (cached for a day once answered); this registry knows none.
+                return Response.json({"standardEnvVars": [], "harnesses": {}})
             if rest == ["models"] and m == "GET":
                 return self.list_models(req)
             if rest and rest[0] in ("datasets", "spaces", "kernels", "buckets"):
@@ -231,6 +254,10 @@ class HubApi:
                     return self.branch(req, repo_id, unquote("/".join(tail[1:])))
                 if tail == ["settings"] and m == "PUT":
                     return self.settings(req, repo_id)
+                if len(tail) >= 2 and tail[0] == "tag" and m in ("POST", "DELETE"):
+                    return self.tag(req, repo_id, unquote("/".join(tail[1:])))
+                if len(tail) >= 2 and tail[0] == "super-squash" and m == "POST":
+                    return self.super_squash(req, repo_id, unquote("/".join(tail[1:])))
         elif len(s) >= 5 and s[2] == "resolve" and m in ("GET", "HEAD"):
             return self.resolve(req, self._repo_id(s[0], s[1]), unquote(s[3]), unquote("/".join(s[4:])))
         raise NotFound(f"no such endpoint: {m} /{'/'.join(s)}")
@@ -248,17 +275,45 @@ class HubApi:
     def _repo_url(self, req: Request, repo_id: str) -> str:
         return f"{self._base(req)}/{repo_id}"
 
+    @staticmethod
+    def _can_see(req: Request, info: RepoInfo) -> bool:
+        return not info.private or (req.principal is not None and req.principal.can_read(info.namespace))
+
     def _visible_info(self, req: Request, repo_id: str, revision: str | None = None) -> RepoInfo:
-        """Repo info, or 404 RepoNotFound when it is private and not the caller's."""
+        """Repo info, or 404 RepoNotFound when it is private and not the caller's (or 307 to a moved repo)."""
         try:
             info = self.store.repo_info(repo_id, None)
         except RepoNotFound:
+            self._follow_move(req, repo_id)
             raise RepoNotFound(f"repository '{repo_id}' not found") from None
-        if info.private and (req.principal is None or not req.principal.can_read(info.namespace)):
+        if not self._can_see(req, info):
             raise RepoNotFound(f"repository '{repo_id}' not found")
         if revision is not None:
             info = self.store.repo_info(info.repo_id, revision)
         return info
+
+    def _follow_move(self, req: Request, repo_id: str) -> None:
+        """For a repo moved away from ``repo_id``: reads get a same-host 307 to the new name (clients follow
+        it), writes a 404 naming the new name. Returns quietly when nothing visible to the caller moved."""
+        target = self.store.redirect_of(repo_id)
+        if target is None:
+            return
+        try:
+            if not self._can_see(req, self.store.repo_info(target)):
+                return
+        except RepoNotFound:
+            return
+        if req.method not in ("GET", "HEAD"):
+            raise RepoNotFound(f"repository '{repo_id}' was moved to '{target}'; use the new name")
+        segs = list(req.segments)
+        at = 2 if segs and segs[0] == "api" else 0
+        segs[at : at + 2] = [quote(part, safe="") for part in target.split("/")]
+        location = "/" + "/".join(segs)
+        if req.query:
+            location += "?" + urlencode([(k, v) for k, values in req.query.items() for v in values])
+        if self.config.public_url:  # served under a path prefix: make it absolute
+            location = self.config.public_url.rstrip("/") + location
+        raise RepoMoved(f"repository '{repo_id}' was moved to '{target}'", location=location)
 
     @staticmethod
     def _require_principal(req: Request, action: str) -> Principal:
@@ -466,21 +521,19 @@ class HubApi:
         if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
             raise MalformedPayload("paths-info: send one or more 'paths' form fields")
         _, files = self.store.snapshot(info.repo_id, revision)
+        wanted = list(dict.fromkeys(validate_path(path.strip("/")) for path in paths))  # each folder hashed once
+        folders = files_by_folder(files) if any(p not in files for p in wanted) else {}
         out: list[dict[str, Any]] = []
-        for path in paths:
-            path = validate_path(path.strip("/"))
+        for path in wanted:
             if path in files:
-                entry = files[path]
-                out.append({"type": "file", "oid": entry.oid, "size": entry.size, "path": path})
-            elif any(p.startswith(path + "/") for p in files):
-                folder = [e for e in tree_json(files, path.rsplit("/", 1)[0] if "/" in path else "", False)
-                          if e["path"] == path]
-                out.extend(folder)
+                out.append(file_item(files[path]))
+            elif path in folders:
+                out.append(folder_item(path, files, folders[path]))
         return Response.json(out)
 
     def refs(self, req: Request, repo_id: str) -> Response:
         info = self._visible_info(req, repo_id)
-        return Response.json(refs_json(self.store.list_branches(info.repo_id)))
+        return Response.json(refs_json(self.store.list_branches(info.repo_id), self.store.list_tags(info.repo_id)))
 
     def commits(self, req: Request, repo_id: str, revision: str) -> Response:
         info = self._visible_info(req, repo_id)
@@ -518,7 +571,7 @@ class HubApi:
             return Response(307, [*headers, ("Location", pinned), ("X-Linked-Size", str(entry.size))])
         byte_range = parse_range(req.headers.get("Range"), entry.size)
         if req.method == "GET" and path in DOWNLOAD_COUNTING_FILES and (byte_range is None or byte_range[0] == 0):
-            self.store.record_download(info.repo_id)
+            self.store.record_download(info.repo_id, client=req.client_address)  # once per client per day
         if byte_range is None:
             headers.append(("Content-Length", str(entry.size)))
             return Response(200, headers, file=blob, file_range=(0, entry.size - 1) if entry.size else None)
@@ -531,7 +584,7 @@ class HubApi:
         info = self._writable(req, repo_id, "uploading")
         if req.flag("create_pr"):
             raise BadRequest("pull requests are not supported by this registry; commit to a branch instead")
-        files = parse_preupload(req.json("preupload"))
+        files = parse_preupload(req.json("preupload"), max_files=self.config.max_commit_files)
         _, current = self.store.snapshot(info.repo_id, revision)
         out = []
         for entry in files:
@@ -555,7 +608,9 @@ class HubApi:
         self.store.resolve_revision(info.repo_id, revision)  # unknown branch: 404 before any staging
         if req.body is None:
             raise MalformedPayload("commit request has no body")
-        payload = parse_commit(req.body, self.store.stage, self.store.blobs.discard)
+        payload = parse_commit(
+            req.body, self.store.stage, self.store.blobs.discard, max_files=self.config.max_commit_files
+        )
         sha = self.store.commit(
             info.repo_id,
             payload.files,
@@ -573,6 +628,42 @@ class HubApi:
             "hookOutput": "",
             "pullRequestUrl": None,
         })
+
+    def tag(self, req: Request, repo_id: str, name: str) -> Response:
+        """POST .../tag/<revision> {"tag", "message"} tags a revision; DELETE .../tag/<tag> removes a tag."""
+        info = self._writable(req, repo_id, "changing tags")
+        if req.method == "DELETE":
+            self.store.delete_tag(info.repo_id, name)
+            return Response.json({})
+        data = req.json("create tag")
+        tag, message = data.get("tag"), data.get("message") or ""
+        if not isinstance(tag, str) or not isinstance(message, str):
+            raise MalformedPayload("create tag: 'tag' must be the tag name and 'message' a string")
+        sha = self.store.create_tag(info.repo_id, tag, revision=name, message=message)
+        return Response.json({"name": tag, "ref": f"refs/tags/{tag}", "targetCommit": sha})
+
+    def super_squash(self, req: Request, repo_id: str, branch: str) -> Response:
+        info = self._writable(req, repo_id, "squashing history")
+        message = req.json("super-squash", allow_empty=True).get("message") or ""
+        if not isinstance(message, str):
+            raise MalformedPayload("super-squash: 'message' must be a string")
+        sha = self.store.super_squash(info.repo_id, branch, message=message, author=req.principal.user if req.principal else "")
+        return Response.json({"commitId": sha})
+
+    def move_repo(self, req: Request) -> Response:
+        """POST /api/repos/move {"fromRepo", "toRepo", "type"}: rename, or move to another namespace."""
+        principal = self._require_principal(req, "moving a repo")
+        data = req.json("move repo")
+        source, target, repo_type = data.get("fromRepo"), data.get("toRepo"), data.get("type") or "model"
+        if not isinstance(source, str) or not isinstance(target, str):
+            raise MalformedPayload("move repo: 'fromRepo' and 'toRepo' must be repo ids ('namespace/name')")
+        if repo_type != "model":
+            raise BadRequest(f"this registry serves model repos only, not {repo_type!r}")
+        namespace, _ = split_repo_id(target)
+        info = self._writable(req, source, "moving a repo")
+        principal.check_write(namespace, self.store.accounts.kind)
+        moved = self.store.move_repo(info.repo_id, target)
+        return Response.json({"url": self._repo_url(req, moved.repo_id), "name": moved.repo_id, "id": moved.repo_id})
 
     def branch(self, req: Request, repo_id: str, branch: str) -> Response:
         info = self._writable(req, repo_id, "changing branches")

@@ -41,6 +41,29 @@ def validate_name(name: str, what: str = "name") -> str:
     return name
 
 
+# Account names that collide with the server's own URLs (``/api/...``) or with
+# the Hub's site paths that clients and browsers may use (``/models``,
+# ``/settings`` ...): a user or organization with one of these names would have
+# repo URLs that route elsewhere. Compared case-insensitively.
+RESERVED_ACCOUNT_NAMES = frozenset({
+    "api", "models", "datasets", "spaces", "kernels", "buckets", "collections", "docs", "organizations",
+    "resolve", "static", "assets", "settings", "login", "logout", "join", "new", "new-dataset", "new-space",
+    "search", "health", "admin", "auth", "oauth", "papers", "blog", "pricing", "enterprise", "notifications",
+    "huggingface", "hf", "peftkit", "registry", "metrics", "robots.txt", "favicon.ico",
+})
+
+
+def validate_account_name(name: str, what: str = "user name") -> str:
+    """A new user or organization name: a valid name that is not reserved."""
+    validate_name(name, what)
+    if name.lower() in RESERVED_ACCOUNT_NAMES:
+        raise InvalidRepoId(
+            f"{what} {name!r} is reserved: it collides with the registry's URLs (/{name.lower()}/...); "
+            f"pick another name (reserved: {', '.join(sorted(RESERVED_ACCOUNT_NAMES))})"
+        )
+    return name
+
+
 def split_repo_id(repo_id: str) -> tuple[str, str]:
     """Split ``namespace/name`` and validate both halves."""
     if not isinstance(repo_id, str) or repo_id.count("/") != 1:
@@ -109,15 +132,34 @@ def validate_branch(name: str) -> str:
     return name
 
 
+TAG_PREFIX = "refs/tags/"
+
+
 def validate_revision(revision: str) -> str:
-    """A revision is a branch name or a full 40-hex commit sha."""
+    """A revision is a branch or tag name, ``refs/heads/<branch>``, ``refs/tags/<tag>`` or a 40-hex commit sha.
+
+    ``refs/heads/`` is dropped (a bare name means a branch first); ``refs/tags/`` is kept.
+    """
     if isinstance(revision, str) and is_commit_sha(revision):
         return revision
     if isinstance(revision, str) and revision.startswith("refs/heads/"):
         revision = revision[len("refs/heads/") :]
     try:
+        if isinstance(revision, str) and revision.startswith(TAG_PREFIX):
+            return TAG_PREFIX + validate_branch(revision[len(TAG_PREFIX) :])
         return validate_branch(revision)
     except InvalidRevision:
         raise InvalidRevision(
-            f"invalid revision {revision!r}: give a branch name such as 'main' or a full 40-hex commit sha"
+            f"invalid revision {revision!r}: give a branch or tag name such as 'main' or 'v1.0', "
+            "or a full 40-hex commit sha"
+        ) from None
+
+
+def validate_tag(name: str) -> str:
+    """A tag name follows the branch name rules (it shares their namespace of revisions)."""
+    try:
+        return validate_branch(name)
+    except InvalidRevision:
+        raise InvalidRevision(
+            f"invalid tag name {name!r}: use letters, digits, '-', '_', '.' and '/', not a 40-hex string, no '..'"
         ) from None

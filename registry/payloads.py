@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from .blobs import StagedBlob
-from .errors import MalformedPayload
+from .errors import MalformedPayload, PayloadTooLarge
 from .names import is_commit_sha, validate_folder, validate_path
 
 
@@ -54,11 +54,13 @@ def parse_json_object(raw: bytes, what: str) -> dict[str, Any]:
     return data
 
 
-def parse_preupload(data: dict[str, Any]) -> list[dict[str, Any]]:
+def parse_preupload(data: dict[str, Any], *, max_files: int | None = None) -> list[dict[str, Any]]:
     """Validate a preupload request; returns its ``files`` entries."""
     files = data.get("files")
     if not isinstance(files, list):
         raise MalformedPayload("preupload: 'files' must be a list of {path, sample, size}")
+    if max_files is not None and len(files) > max_files:
+        raise too_many_files(len(files), max_files, "preupload")
     for i, entry in enumerate(files):
         if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
             raise MalformedPayload(f"preupload: files[{i}] must be an object with a string 'path'")
@@ -71,16 +73,39 @@ def parse_preupload(data: dict[str, Any]) -> list[dict[str, Any]]:
     return files
 
 
-def parse_commit(body: IO[bytes], stage: Callable[[bytes], StagedBlob], discard: Callable[[StagedBlob], None]) -> CommitPayload:
-    """Parse an NDJSON commit body, staging file contents as they come."""
+def too_many_files(count: int | None, max_files: int, what: str) -> PayloadTooLarge:
+    """The 413 for a commit (or preupload) naming more files than one commit may carry (``count`` if known)."""
+    return PayloadTooLarge(
+        f"{what} names {count if count is not None else f'more than {max_files}'} files; this registry takes "
+        f"at most {max_files} files (additions plus deletions) per commit: split the upload into several "
+        "commits of fewer files (e.g. one upload_folder call per sub-folder, or HfApi.upload_large_folder)"
+    )
+
+
+def parse_commit(
+    body: IO[bytes],
+    stage: Callable[[bytes], StagedBlob],
+    discard: Callable[[StagedBlob], None],
+    *,
+    max_files: int | None = None,
+) -> CommitPayload:
+    """Parse an NDJSON commit body, staging file contents as they come.
+
+    ``max_files`` caps additions plus deletions: the body is refused (413) on
+    the first operation past it, before anything is committed.
+    """
     payload = CommitPayload()
     seen_header = False
     lineno = 0
+    operations = 0
     try:
         for raw in body:
             lineno += 1
             if not raw.strip():
                 continue
+            operations += 1
+            if max_files is not None and operations > max_files + 1:  # + the header line
+                raise too_many_files(None, max_files, "the commit")
             try:
                 item = json.loads(raw.decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:

@@ -49,33 +49,36 @@ def model_json(
     return data
 
 
+def file_item(entry: FileEntry) -> dict[str, Any]:
+    return {"type": "file", "oid": entry.oid, "size": entry.size, "path": entry.path}
+
+
+def folder_item(folder: str, files: dict[str, FileEntry], under: list[str]) -> dict[str, Any]:
+    """A folder entry; its oid covers every file ``under`` it (at any depth)."""
+    return {"type": "directory", "oid": folder_oid(folder, [(p, files[p].oid) for p in under]), "size": 0, "path": folder}
+
+
 def tree_json(files: dict[str, FileEntry], prefix: str, recursive: bool) -> list[dict[str, Any]]:
-    """Entries of the tree API under ``prefix`` ('' for the root), folders included."""
+    """Entries of the tree API under ``prefix`` ('' for the root), folders included.
+
+    One pass over the files groups them by folder (O(files x depth)); no
+    folder rescans the whole tree.
+    """
     base = prefix.rstrip("/") + "/" if prefix else ""
-    folders: dict[str, list[tuple[str, str]]] = {}
-    out_files = []
+    under_folder: dict[str, list[str]] = {}
+    out: list[dict[str, Any]] = []
     for path, entry in files.items():
         if not path.startswith(base):
             continue
         rel = path[len(base) :]
         parts = rel.split("/")
-        for depth in range(1, len(parts)):
-            folder = base + "/".join(parts[:depth])
-            folders.setdefault(folder, []).append((path, entry.oid))
-            if not recursive:
-                break
+        depth = len(parts) if recursive else min(len(parts), 2)
+        for i in range(1, depth):
+            under_folder.setdefault(base + "/".join(parts[:i]), []).append(path)
         if recursive or len(parts) == 1:
-            out_files.append({"type": "file", "oid": entry.oid, "size": entry.size, "path": path})
-    out = [
-        {"type": "directory", "oid": folder_oid(folder, content), "size": 0, "path": folder}
-        for folder, content in folders.items()
-    ]
-    if not recursive:
-        # Folder oids must cover their whole content, not only the first level.
-        for item in out:
-            sub = item["path"] + "/"
-            item["oid"] = folder_oid(item["path"], [(p, e.oid) for p, e in files.items() if p.startswith(sub)])
-    return sorted(out + out_files, key=lambda item: item["path"])
+            out.append(file_item(entry))
+    out += [folder_item(folder, files, under) for folder, under in under_folder.items()]
+    return sorted(out, key=lambda item: item["path"])
 
 
 def commit_json(commit: CommitInfo) -> dict[str, Any]:
@@ -89,10 +92,10 @@ def commit_json(commit: CommitInfo) -> dict[str, Any]:
     }
 
 
-def refs_json(branches: dict[str, str]) -> dict[str, Any]:
+def refs_json(branches: dict[str, str], tags: dict[str, str] | None = None) -> dict[str, Any]:
     return {
         "branches": [{"name": n, "ref": f"refs/heads/{n}", "targetCommit": sha} for n, sha in branches.items()],
         "converts": [],
-        "tags": [],
+        "tags": [{"name": n, "ref": f"refs/tags/{n}", "targetCommit": sha} for n, sha in (tags or {}).items()],
         "pullRequests": [],
     }

@@ -32,6 +32,7 @@ private repos.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -47,8 +48,10 @@ from .accounts import Accounts
 from .blobs import BlobStore, StagedBlob
 from .cards import RepoMetadata, extract_metadata, normalize_task
 from .db import Database
+from .folders import clash, folder_set, under_any
 from .errors import (
     BadRequest,
+    Conflict,
     EntryNotFound,
     InvalidPath,
     InvalidRevision,
@@ -58,7 +61,16 @@ from .errors import (
     RevisionNotFound,
 )
 from .hashing import commit_oid, tree_oid
-from .names import is_commit_sha, split_repo_id, validate_branch, validate_folder, validate_path, validate_revision
+from .names import (
+    TAG_PREFIX,
+    is_commit_sha,
+    split_repo_id,
+    validate_branch,
+    validate_folder,
+    validate_path,
+    validate_revision,
+    validate_tag,
+)
 
 DEFAULT_BRANCH = "main"
 MAX_SEARCH_LIMIT = 1000
@@ -188,7 +200,13 @@ class RegistryStore:
             raise RevisionNotFound(f"revision '{branch}' not found in '{repo['repo_id']}'")
         return row["commit_sha"]
 
+    @staticmethod
+    def _tag_target(conn: sqlite3.Connection, repo: sqlite3.Row, tag: str) -> str | None:
+        row = conn.execute("SELECT commit_sha FROM tags WHERE repo = ? AND name = ?", (repo["id"], tag)).fetchone()
+        return row["commit_sha"] if row else None
+
     def _resolve(self, conn: sqlite3.Connection, repo: sqlite3.Row, revision: str) -> str:
+        """A commit sha, ``refs/tags/<tag>``, or a name: a branch, else a tag (they never share a name)."""
         revision = validate_revision(revision)
         if is_commit_sha(revision):
             row = conn.execute(
@@ -198,9 +216,27 @@ class RegistryStore:
                 # A 40-hex branch name is refused at creation, so this is an unknown commit.
                 raise RevisionNotFound(f"revision '{revision}' not found in '{repo['repo_id']}'")
             return revision
-        if revision.startswith("refs/heads/"):
-            revision = revision[len("refs/heads/") :]
-        return self._branch_head(conn, repo, revision)
+        if revision.startswith(TAG_PREFIX):
+            sha = self._tag_target(conn, repo, revision[len(TAG_PREFIX) :])
+            if sha is None:
+                raise RevisionNotFound(f"revision '{revision}' not found in '{repo['repo_id']}'")
+            return sha
+        row = conn.execute("SELECT commit_sha FROM refs WHERE repo = ? AND name = ?", (repo["id"], revision)).fetchone()
+        sha = row["commit_sha"] if row else self._tag_target(conn, repo, revision)
+        if sha is None:
+            raise RevisionNotFound(f"revision '{revision}' not found in '{repo['repo_id']}'")
+        return sha
+
+    def _commit_branch(self, conn: sqlite3.Connection, repo: sqlite3.Row, branch: str) -> str:
+        """The head of ``branch``, which a commit will move; a tag or an unknown name is refused."""
+        tag = branch[len(TAG_PREFIX) :] if branch.startswith(TAG_PREFIX) else branch
+        row = conn.execute("SELECT commit_sha FROM refs WHERE repo = ? AND name = ?", (repo["id"], branch)).fetchone()
+        if row is None and self._tag_target(conn, repo, tag) is not None:
+            raise InvalidRevision(
+                f"'{tag}' is a tag of '{repo['repo_id']}', and tags do not move: commit to a branch such as "
+                f"'{DEFAULT_BRANCH}', then tag the new commit"
+            )
+        return self._branch_head(conn, repo, branch)
 
     @staticmethod
     def _tree_of(conn: sqlite3.Connection, commit_sha: str) -> str:
@@ -268,6 +304,7 @@ class RegistryStore:
                     " VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (repo_id, namespace, name, int(private), owner, now, now),
                 )
+                conn.execute("DELETE FROM repo_redirects WHERE old_id = ?", (repo_id,))
                 repo = self._repo_row(conn, repo_id)
                 tree = tree_oid(())
                 sha = commit_oid(
@@ -301,23 +338,10 @@ class RegistryStore:
                     return
                 raise RepoNotFound(f"repository '{repo_id}' not found")
             trees = [r["tree"] for r in conn.execute("SELECT DISTINCT tree FROM commits WHERE repo = ?", (row["id"],))]
-            blobs = {
-                r["sha256"]
-                for tree in trees
-                for r in conn.execute("SELECT sha256 FROM tree_entries WHERE tree = ?", (tree,))
-            }
             conn.execute("DELETE FROM repo_search WHERE rowid = ?", (row["id"],))
             conn.execute("DELETE FROM repos WHERE id = ?", (row["id"],))  # cascades
-            for tree in trees:
-                if conn.execute("SELECT 1 FROM commits WHERE tree = ? LIMIT 1", (tree,)).fetchone() is None:
-                    conn.execute("DELETE FROM tree_entries WHERE tree = ?", (tree,))
-        # Unlink only once the deletion is committed, and inside a write
-        # transaction: blobs are published only by write transactions, so no
-        # writer (in this process or another) can start using one meanwhile.
-        with self.db.write() as conn:
-            for sha in blobs:
-                if not self._blob_referenced(conn, sha):
-                    self.blobs.delete(sha)
+            blobs = self._drop_unused_trees(conn, trees)
+        self._delete_unreferenced_blobs(blobs)
 
     @staticmethod
     def _blob_referenced(conn: sqlite3.Connection, sha256: str) -> bool:
@@ -356,6 +380,8 @@ class RegistryStore:
         with self.db.write() as conn:
             repo = self._repo_row(conn, repo_id)
             sha = self._resolve(conn, repo, revision)
+            if self._tag_target(conn, repo, branch) is not None:
+                raise Conflict(f"'{branch}' is already a tag of '{repo_id}'; pick another branch name")
             exists = conn.execute("SELECT 1 FROM refs WHERE repo = ? AND name = ?", (repo["id"], branch)).fetchone()
             if exists:
                 if exist_ok:
@@ -371,6 +397,152 @@ class RegistryStore:
             repo = self._repo_row(conn, repo_id)
             self._branch_head(conn, repo, branch)
             conn.execute("DELETE FROM refs WHERE repo = ? AND name = ?", (repo["id"], branch))
+
+    # ------------------------------------------------------------------ tags
+    def list_tags(self, repo_id: str) -> dict[str, str]:
+        """Tag name -> commit sha, sorted by name."""
+        with self.db.read() as conn:
+            repo = self._repo_row(conn, repo_id)
+            rows = conn.execute("SELECT name, commit_sha FROM tags WHERE repo = ? ORDER BY name", (repo["id"],))
+            return {r["name"]: r["commit_sha"] for r in rows}
+
+    def create_tag(
+        self, repo_id: str, tag: str, *, revision: str = DEFAULT_BRANCH, message: str = "", exist_ok: bool = False
+    ) -> str:
+        """Tag the commit ``revision`` points to (a branch head, a tag, a sha); returns that commit sha.
+
+        An existing tag is :class:`Conflict` (409) unless ``exist_ok``; a tag
+        never takes the name of a branch.
+        """
+        validate_tag(tag)
+        with self.db.write() as conn:
+            repo = self._repo_row(conn, repo_id)
+            sha = self._resolve(conn, repo, revision)
+            existing = self._tag_target(conn, repo, tag)
+            if existing is not None:
+                if exist_ok:
+                    return existing
+                raise Conflict(f"tag '{tag}' already exists in '{repo['repo_id']}' (at {existing}); delete it first")
+            if conn.execute("SELECT 1 FROM refs WHERE repo = ? AND name = ?", (repo["id"], tag)).fetchone():
+                raise Conflict(f"'{tag}' is a branch of '{repo['repo_id']}'; a tag needs a name no branch has")
+            conn.execute(
+                "INSERT INTO tags(repo, name, commit_sha, message, created_at) VALUES (?, ?, ?, ?, ?)",
+                (repo["id"], tag, sha, message or "", time.time()),
+            )
+            return sha
+
+    def delete_tag(self, repo_id: str, tag: str) -> None:
+        if tag.startswith(TAG_PREFIX):
+            tag = tag[len(TAG_PREFIX) :]
+        with self.db.write() as conn:
+            repo = self._repo_row(conn, repo_id)
+            if conn.execute("DELETE FROM tags WHERE repo = ? AND name = ?", (repo["id"], tag)).rowcount == 0:
+                raise RevisionNotFound(f"tag '{tag}' not found in '{repo['repo_id']}'")
+
+    # ------------------------------------------------------------- renaming
+    def move_repo(self, from_id: str, to_id: str) -> RepoInfo:
+        """Rename ``from_id`` to ``to_id`` (another name, another namespace, or both).
+
+        History, branches and tags move with it. Reads of the old name are
+        redirected (see :meth:`redirect_of`) until a repo is created there.
+        """
+        namespace, name = split_repo_id(to_id)
+        with self.db.write() as conn:
+            repo = self._repo_row(conn, from_id)
+            clash = conn.execute("SELECT id, repo_id FROM repos WHERE repo_id = ?", (to_id,)).fetchone()
+            if clash is not None and clash["id"] != repo["id"]:
+                raise RepoExists(f"repository '{clash['repo_id']}' already exists; pick another name",
+                                 repo_id=clash["repo_id"])
+            conn.execute(
+                "UPDATE repos SET repo_id = ?, namespace = ?, name = ?, last_modified = ? WHERE id = ?",
+                (to_id, namespace, name, time.time(), repo["id"]),
+            )
+            conn.execute("DELETE FROM repo_redirects WHERE old_id = ?", (to_id,))
+            if repo["repo_id"].lower() != to_id.lower():
+                conn.execute(
+                    "INSERT OR REPLACE INTO repo_redirects(old_id, repo) VALUES (?, ?)", (repo["repo_id"], repo["id"])
+                )
+            conn.execute(
+                "UPDATE repo_search SET repo_words = ? WHERE rowid = ?",
+                (self._repo_words(self._repo_row(conn, to_id)), repo["id"]),
+            )
+        return self.repo_info(to_id)
+
+    def redirect_of(self, repo_id: str) -> str | None:
+        """The current id of a repo once called ``repo_id`` (moved since), or None."""
+        with self.db.read() as conn:
+            row = conn.execute(
+                "SELECT r.repo_id FROM repo_redirects d JOIN repos r ON r.id = d.repo WHERE d.old_id = ?", (repo_id,)
+            ).fetchone()
+            return row["repo_id"] if row else None
+
+    # ------------------------------------------------------------- squashing
+    def super_squash(self, repo_id: str, branch: str = DEFAULT_BRANCH, *, message: str = "", author: str = "") -> str:
+        """Replace the history of ``branch`` by one commit holding its current files; returns its sha.
+
+        Commits no branch or tag reaches any more are deleted, and so are the
+        blobs only they held (the space is freed). Irreversible.
+        """
+        branch = validate_branch(branch[len("refs/heads/") :] if branch.startswith("refs/heads/") else branch)
+        with self.db.write() as conn:
+            repo = self._repo_row(conn, repo_id)
+            head = self._commit_branch(conn, repo, branch)
+            tree = self._tree_of(conn, head)
+            now = time.time()
+            message = message or f"Super-squash branch '{branch}'"
+            sha = commit_oid(
+                repo_id=repo["repo_id"], tree=tree, parent=None, author=author, timestamp=now,
+                message=message, description="",
+            )
+            conn.execute(
+                "INSERT INTO commits(sha, repo, parent, tree, message, description, author, created_at)"
+                " VALUES (?, ?, NULL, ?, ?, '', ?, ?)",
+                (sha, repo["id"], tree, message, author, now),
+            )
+            conn.execute("UPDATE refs SET commit_sha = ? WHERE repo = ? AND name = ?", (sha, repo["id"], branch))
+            conn.execute("UPDATE repos SET last_modified = ? WHERE id = ?", (now, repo["id"]))
+            blobs = self._drop_unreachable_commits(conn, repo["id"])
+        self._delete_unreferenced_blobs(blobs)
+        return sha
+
+    def _drop_unreachable_commits(self, conn: sqlite3.Connection, repo: int) -> set[str]:
+        """Delete the repo's commits no branch or tag reaches, and trees no commit uses; returns their blobs."""
+        parent_of = {r["sha"]: r["parent"] for r in conn.execute("SELECT sha, parent FROM commits WHERE repo = ?", (repo,))}
+        todo = [r[0] for r in conn.execute(
+            "SELECT commit_sha FROM refs WHERE repo = ? UNION SELECT commit_sha FROM tags WHERE repo = ?", (repo, repo)
+        )]
+        reachable: set[str] = set()
+        while todo:
+            sha = todo.pop()
+            if sha in reachable or sha not in parent_of:
+                continue
+            reachable.add(sha)
+            if parent_of[sha]:
+                todo.append(parent_of[sha])
+        doomed = [sha for sha in parent_of if sha not in reachable]
+        trees = {r["tree"] for sha in doomed for r in conn.execute("SELECT tree FROM commits WHERE sha = ?", (sha,))}
+        conn.executemany("DELETE FROM commits WHERE sha = ?", [(sha,) for sha in doomed])
+        return self._drop_unused_trees(conn, trees)
+
+    def _drop_unused_trees(self, conn: sqlite3.Connection, trees: Iterable[str]) -> set[str]:
+        """Delete the entries of ``trees`` no commit uses any more; returns the blobs they named."""
+        blobs: set[str] = set()
+        for tree in trees:
+            if conn.execute("SELECT 1 FROM commits WHERE tree = ? LIMIT 1", (tree,)).fetchone() is None:
+                blobs.update(r["sha256"] for r in conn.execute("SELECT sha256 FROM tree_entries WHERE tree = ?", (tree,)))
+                conn.execute("DELETE FROM tree_entries WHERE tree = ?", (tree,))
+        return blobs
+
+    def _delete_unreferenced_blobs(self, blobs: set[str]) -> None:
+        # Unlink only once the deletion is committed, and inside a write
+        # transaction: blobs are published only by write transactions, so no
+        # writer (in this process or another) can start using one meanwhile.
+        if not blobs:
+            return
+        with self.db.write() as conn:
+            for sha in blobs:
+                if not self._blob_referenced(conn, sha):
+                    self.blobs.delete(sha)
 
     def get_commit(self, repo_id: str, sha: str) -> CommitInfo:
         with self.db.read() as conn:
@@ -497,8 +669,8 @@ class RegistryStore:
         if parent is not None and not is_commit_sha(parent):
             raise BadRequest(f"parent commit {parent!r} is not a 40-hex commit sha")
         message = message or "Update files"
-        with self.db.connection() as conn:  # fail fast before staging any content
-            self._repo_row(conn, repo_id)
+        with self.db.read() as conn:  # fail fast before staging any content
+            self._commit_branch(conn, self._repo_row(conn, repo_id), branch)
 
         staged: dict[str, StagedBlob] = {}
         try:
@@ -507,7 +679,7 @@ class RegistryStore:
             self._checkpoint("staged")
             with self.db.write() as conn:
                 repo = self._repo_row(conn, repo_id)
-                head = self._branch_head(conn, repo, branch)
+                head = self._commit_branch(conn, repo, branch)
                 if parent is not None and parent != head:
                     raise ParentCommitMismatch(
                         f"branch '{branch}' of '{repo_id}' moved: its head is {head}, not the parent commit "
@@ -551,33 +723,30 @@ class RegistryStore:
 
     @staticmethod
     def _apply_deletions(entries: dict[str, FileEntry], deletions: list[str], repo_id: str, head: str) -> None:
+        folders = [p.rstrip("/") for p in deletions if p.endswith("/")]
         for path in deletions:
-            if path.endswith("/"):
-                prefix = path.rstrip("/") + "/"
-                doomed = [p for p in entries if p.startswith(prefix)]
-                if not doomed:
-                    raise EntryNotFound(f"folder '{path}' not found in '{repo_id}'; nothing to delete", commit=head)
-                for p in doomed:
-                    del entries[p]
-            else:
+            if not path.endswith("/"):
                 if path not in entries:
                     raise EntryNotFound(
                         f"A file with this name doesn't exist: '{path}' in '{repo_id}'", commit=head
                     )
                 del entries[path]
+        if folders:
+            existing = folder_set(entries)
+            for folder in folders:
+                if folder not in existing:
+                    raise EntryNotFound(f"folder '{folder}/' not found in '{repo_id}'; nothing to delete", commit=head)
+            for p in under_any(list(entries), folders):
+                del entries[p]
 
     @staticmethod
     def _check_no_file_folder_clash(entries: Mapping[str, FileEntry], added: Mapping[str, Any]) -> None:
-        paths = set(entries) | set(added)
-        for path in added:
-            parts = path.split("/")
-            for i in range(1, len(parts)):
-                prefix = "/".join(parts[:i])
-                if prefix in paths:
-                    raise InvalidPath(f"cannot add '{path}': '{prefix}' is a file, not a folder")
-            folder = path + "/"
-            if any(p.startswith(folder) for p in paths):
-                raise InvalidPath(f"cannot add file '{path}': a folder with that name exists")
+        found = clash(entries, added)
+        if found is not None:
+            path, file_folder = found
+            if file_folder is not None:
+                raise InvalidPath(f"cannot add '{path}': '{file_folder}' is a file, not a folder")
+            raise InvalidPath(f"cannot add file '{path}': a folder with that name exists")
 
     # ----------------------------------------------------------------- index
     def _index(self, conn: sqlite3.Connection, repo: sqlite3.Row, md: RepoMetadata) -> None:
@@ -593,12 +762,17 @@ class RegistryStore:
         conn.executemany(
             "INSERT OR IGNORE INTO facets(kind, value, repo) VALUES (?, ?, ?)", [(k, v, rid) for k, v in md.facets()]
         )
-        words = " ".join(
-            {repo["repo_id"], repo["namespace"], repo["name"], re.sub(r"[-_.]+", " ", repo["name"])}
-        )
         conn.execute("DELETE FROM repo_search WHERE rowid = ?", (rid,))
         conn.execute(
-            "INSERT INTO repo_search(rowid, repo_words, body) VALUES (?, ?, ?)", (rid, words, md.search_text())
+            "INSERT INTO repo_search(rowid, repo_words, body) VALUES (?, ?, ?)",
+            (rid, self._repo_words(repo), md.search_text()),
+        )
+
+    @staticmethod
+    def _repo_words(repo: sqlite3.Row) -> str:
+        """What free-text search matches a repo's name against."""
+        return " ".join(
+            sorted({repo["repo_id"], repo["namespace"], repo["name"], re.sub(r"[-_.]+", " ", repo["name"])})
         )
 
     def reindex(self) -> int:
@@ -745,10 +919,27 @@ class RegistryStore:
             for r in rows
         ]
 
-    def record_download(self, repo_id: str, count: int = 1) -> None:
-        """Count ``count`` downloads of the repo (sorting by downloads uses this)."""
+    def record_download(self, repo_id: str, count: int = 1, *, client: str | None = None) -> bool:
+        """Count ``count`` downloads of the repo (sorting by downloads uses this); returns whether it counted.
+
+        With ``client`` (the client's address) a client counts at most once
+        per repo per UTC day, so nobody can inflate the count by repeating
+        requests. Only a hash of the address is kept, and only for the day.
+        """
         with self.db.write() as conn:
-            conn.execute("UPDATE repos SET downloads = downloads + ? WHERE repo_id = ?", (count, repo_id))
+            if client is not None:
+                day = int(time.time() // 86400)
+                conn.execute("DELETE FROM download_clients WHERE day < ?", (day,))
+                key = hashlib.sha256(client.encode("utf-8", "replace")).hexdigest()[:32]
+                cur = conn.execute(
+                    "INSERT OR IGNORE INTO download_clients(day, repo, client)"
+                    " SELECT ?, id, ? FROM repos WHERE repo_id = ?",
+                    (day, key, repo_id),
+                )
+                if cur.rowcount == 0:
+                    return False
+            cur = conn.execute("UPDATE repos SET downloads = downloads + ? WHERE repo_id = ?", (count, repo_id))
+            return cur.rowcount > 0
 
     # ----------------------------------------------------------- maintenance
     def gc(self, *, tmp_older_than_s: float = 3600.0) -> int:
