@@ -45,7 +45,8 @@ class StagedBlob:
     source: bytes | Path | None = field(default=None, repr=False)
 
 
-def _sha256_and_oid_of_file(path: Path) -> tuple[str, str, int]:
+def sha256_and_oid_of_file(path: Path) -> tuple[str, str, int]:
+    """(sha256, git blob oid, size) of a file in one read; OSError if it changes size meanwhile."""
     size = path.stat().st_size
     sha = hashlib.sha256()
     oid = git_blob_hasher(size)
@@ -147,7 +148,7 @@ class BlobStore:
 
     def stage_file(self, source: str | os.PathLike[str]) -> StagedBlob:
         source = Path(source)
-        sha, oid, size = _sha256_and_oid_of_file(source)
+        sha, oid, size = sha256_and_oid_of_file(source)
         if self.exists(sha):
             return StagedBlob(sha, oid, size, None, source)
         tmp, copied_sha = self._copy_tmp(source)

@@ -258,15 +258,38 @@ def gc_command(store: RegistryStore) -> None:
 
 
 @registry_group.command("fsck")
-@_with_store
-def fsck_command(store: RegistryStore) -> None:
-    """Check that every committed file's blob exists and matches its sha256."""
-    problems = store.fsck()
-    for p in problems:
-        click.echo(p, err=True)
-    if problems:
-        raise click.ClickException(f"{len(problems)} problem(s) found")
-    click.echo("ok: every committed blob is present and intact")
+@_data_option
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.pass_context
+def fsck_command(ctx: click.Context, data_dir: Path | None, as_json: bool) -> None:
+    """Verify the registry: database integrity, every branch, tag and commit, and every blob re-hashed.
+
+    Read-only and safe while the server runs. Exit status: 0 when everything
+    is intact, 1 when problems were found (each is listed), 2 on a usage
+    error such as a folder that holds no registry.
+    """
+    from .fsck import fsck
+
+    root = data_dir or default_data_dir()
+    if not (root / "registry.db").is_file():
+        raise click.UsageError(f"{root} holds no registry (no registry.db); pass the data folder with --data DIR")
+    report = fsck(root)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        for problem in report.problems:
+            click.echo(problem)
+        if report.problem_count > len(report.problems):
+            click.echo(f"... and {report.problem_count - len(report.problems)} more")
+        mb = report.bytes_hashed / 1e6
+        click.echo(
+            f"checked {report.repos} repo(s), {report.commits} commit(s), {report.trees} tree(s), "
+            f"{report.blobs} blob(s) ({mb:.1f} MB re-hashed); {report.orphan_blobs} unreferenced blob(s)"
+            + (" (`peftkit registry gc` removes them)" if report.orphan_blobs else "")
+        )
+        click.echo("ok: the registry is intact" if report.ok else f"{report.problem_count} problem(s) found",
+                   err=not report.ok)
+    ctx.exit(0 if report.ok else 1)
 
 
 #: Picked up by peftkit's main CLI (peftkit/cli.py COMMAND_MODULES).

@@ -49,6 +49,7 @@ from .blobs import BlobStore, StagedBlob
 from .cards import RepoMetadata, extract_metadata, normalize_task
 from .db import Database
 from .folders import clash, folder_set, under_any
+from .fsck import fsck as check_registry
 from .errors import (
     BadRequest,
     Conflict,
@@ -966,19 +967,5 @@ class RegistryStore:
         return sorted(sha for sha in self.blobs.iter_all() if sha not in referenced)
 
     def fsck(self) -> list[str]:
-        """Check every referenced blob exists and matches its hash; returns the problems found."""
-        problems = []
-        with self.db.read() as conn:
-            rows = conn.execute("SELECT DISTINCT sha256, size FROM tree_entries").fetchall()
-            dangling = conn.execute(
-                "SELECT r.repo_id, refs.name FROM refs JOIN repos r ON r.id = refs.repo"
-                " LEFT JOIN commits c ON c.sha = refs.commit_sha WHERE c.sha IS NULL"
-            ).fetchall()
-        for r in rows:
-            path = self.blobs.path(r["sha256"])
-            if not path.is_file():
-                problems.append(f"missing blob {r['sha256']}")
-            elif path.stat().st_size != r["size"] or not self.blobs.verify(r["sha256"]):
-                problems.append(f"corrupt blob {r['sha256']}")
-        problems += [f"branch {d['name']} of {d['repo_id']} points to a missing commit" for d in dangling]
-        return problems
+        """Verify database, history and every blob (see :mod:`peftkit.registry.fsck`); returns the problems."""
+        return check_registry(self.root).problems

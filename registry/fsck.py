@@ -1,0 +1,160 @@
+"""``peftkit registry fsck``: verify a registry data folder end to end.
+
+Checks, in order:
+
+* the database: SQLite's ``PRAGMA integrity_check`` and ``foreign_key_check``;
+* history: every branch and tag points to a commit of its own repo, every
+  commit's parent and tree exist, and every tree's id matches its entries;
+* content: every blob a tree references exists, has the recorded size, and
+  re-hashes to its sha256 address and its git oid.
+
+Blobs on disk that nothing references are counted, not reported as problems
+(an interrupted upload leaves them; ``registry gc`` removes them). Nothing is
+changed: fsck only reads, and is safe while the server runs.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .blobs import sha256_and_oid_of_file
+from .hashing import tree_oid
+
+_MAX_LISTED = 1000  # problems listed in full; the count is always exact
+
+
+@dataclass
+class FsckReport:
+    """What fsck checked and found; ``ok`` when no problem was found."""
+
+    repos: int = 0
+    commits: int = 0
+    trees: int = 0
+    blobs: int = 0
+    bytes_hashed: int = 0
+    orphan_blobs: int = 0
+    problem_count: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.problem_count == 0
+
+    def add(self, problem: str) -> None:
+        self.problem_count += 1
+        if len(self.problems) < _MAX_LISTED:
+            self.problems.append(problem)
+
+    def to_json(self) -> dict:
+        return {"ok": self.ok, **asdict(self)}
+
+
+def check_database(conn: sqlite3.Connection, report: FsckReport) -> None:
+    for (message,) in conn.execute("PRAGMA integrity_check").fetchall():
+        if message != "ok":
+            report.add(f"database integrity: {message}")
+    for row in conn.execute("PRAGMA foreign_key_check").fetchall():
+        report.add(f"database: row {row[1]} of table {row[0]} refers to a missing row of {row[2]}")
+
+
+def check_history(conn: sqlite3.Connection, report: FsckReport) -> None:
+    repos = {r["id"]: r["repo_id"] for r in conn.execute("SELECT id, repo_id FROM repos")}
+    report.repos = len(repos)
+    commits = {r["sha"]: (r["repo"], r["parent"], r["tree"]) for r in conn.execute("SELECT sha, repo, parent, tree FROM commits")}
+    report.commits = len(commits)
+    for kind, table in (("branch", "refs"), ("tag", "tags")):
+        for r in conn.execute(f"SELECT repo, name, commit_sha FROM {table}"):  # noqa: S608 - fixed names
+            repo_id = repos.get(r["repo"], f"#{r['repo']}")
+            target = commits.get(r["commit_sha"])
+            if target is None:
+                report.add(f"{kind} '{r['name']}' of {repo_id} points to missing commit {r['commit_sha']}")
+            elif target[0] != r["repo"]:
+                report.add(f"{kind} '{r['name']}' of {repo_id} points to commit {r['commit_sha']} of another repo")
+    for r in conn.execute("SELECT r.repo_id FROM repos r LEFT JOIN refs ON refs.repo = r.id AND refs.name = 'main'"
+                          " WHERE refs.repo IS NULL"):
+        report.add(f"{r['repo_id']} has no 'main' branch")
+    trees_with_entries = {r[0] for r in conn.execute("SELECT DISTINCT tree FROM tree_entries")}
+    empty_tree = tree_oid(())
+    for sha, (repo, parent, tree) in commits.items():
+        repo_id = repos.get(repo, f"#{repo}")
+        if parent is not None and parent not in commits:
+            report.add(f"commit {sha} of {repo_id} has a missing parent {parent}")
+        if tree != empty_tree and tree not in trees_with_entries:
+            report.add(f"commit {sha} of {repo_id} has a missing tree {tree}")
+
+    # One ordered pass over every entry: recompute each tree's id from its entries.
+    current: str | None = None
+    pairs: list[tuple[str, str]] = []
+
+    def finish() -> None:
+        if current is not None:
+            report.trees += 1
+            if tree_oid(pairs) != current:
+                report.add(f"tree {current} does not match its entries (a file's path or oid was altered)")
+
+    for r in conn.execute("SELECT tree, path, oid FROM tree_entries ORDER BY tree, path"):
+        if r["tree"] != current:
+            finish()
+            current, pairs = r["tree"], []
+        pairs.append((r["path"], r["oid"]))
+    finish()
+
+
+def check_blobs(conn: sqlite3.Connection, blob_dir: Path, report: FsckReport) -> None:
+    referenced: dict[str, tuple[int, str]] = {}
+    for r in conn.execute("SELECT sha256, size, oid FROM tree_entries"):
+        seen = referenced.setdefault(r["sha256"], (r["size"], r["oid"]))
+        if seen != (r["size"], r["oid"]):
+            report.add(f"blob {r['sha256']} is recorded with two sizes or oids")
+    for sha, (size, oid) in sorted(referenced.items()):
+        report.blobs += 1
+        path = os.path.join(blob_dir, sha[:2], sha[2:4], sha)
+        try:
+            actual_size = os.stat(path).st_size
+        except FileNotFoundError:
+            report.add(f"missing blob {sha} ({size} bytes)")
+            continue
+        if actual_size != size:
+            report.add(f"corrupt blob {sha}: {actual_size} bytes on disk, {size} recorded")
+            continue
+        try:
+            got_sha, got_oid, read = sha256_and_oid_of_file(Path(path))
+        except OSError as exc:  # unreadable, or changed size while read
+            report.add(f"blob {sha} cannot be read: {exc}")
+            continue
+        report.bytes_hashed += read
+        if got_sha != sha:
+            report.add(f"corrupt blob {sha}: its content hashes to {got_sha}")
+        elif got_oid != oid:
+            report.add(f"blob {sha} is recorded with git oid {oid}, its content has {got_oid}")
+    if blob_dir.is_dir():
+        for first in blob_dir.iterdir():
+            for second in first.iterdir() if first.is_dir() else ():
+                for blob in second.iterdir() if second.is_dir() else ():
+                    if blob.name not in referenced:
+                        report.orphan_blobs += 1
+
+
+def fsck(root: Path) -> FsckReport:
+    """Check the registry in ``root`` (read-only). A database SQLite cannot read is reported, not raised."""
+    report = FsckReport()
+    uri = f"file:{Path(root, 'registry.db').as_posix()}?mode=ro"
+    try:
+        conn = sqlite3.connect(uri, uri=True)
+    except sqlite3.Error as exc:
+        report.add(f"database cannot be opened: {exc}")
+        return report
+    conn.row_factory = sqlite3.Row
+    try:
+        conn.execute("BEGIN")  # one consistent snapshot for every check
+        check_database(conn, report)
+        check_history(conn, report)
+        check_blobs(conn, Path(root, "blobs"), report)
+    except sqlite3.DatabaseError as exc:
+        report.add(f"database cannot be read: {exc}")
+    finally:
+        conn.close()
+    return report

@@ -1,0 +1,97 @@
+"""`peftkit registry fsck` on a real data folder filled through the server by huggingface_hub, then damaged."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from tests.registry_conftest_helpers import hf_online, running_registry, write_adapter_folder  # noqa: F401
+
+from peftkit.registry import RegistryStore
+from peftkit.registry.cli import registry_group
+
+huggingface_hub = pytest.importorskip("huggingface_hub")
+from huggingface_hub import HfApi  # noqa: E402
+
+
+def _fsck(data: Path, *extra: str):
+    result = CliRunner().invoke(registry_group, ["fsck", "--data", str(data), *extra], catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+@pytest.fixture
+def data(tmp_path: Path, hf_online) -> Path:  # noqa: F811
+    root = tmp_path / "reg"
+    with running_registry(root, users={"alice": True}) as (store, server, tokens):
+        api = HfApi(endpoint=server.url, token=tokens["alice"])
+        for name in ("one", "two"):
+            api.create_repo(f"alice/{name}")
+            api.upload_folder(folder_path=write_adapter_folder(tmp_path / name, weights=name.encode() * 100),
+                              repo_id=f"alice/{name}")
+        api.create_tag("alice/one", tag="v1")
+        code, out = _fsck(root, "--json")  # read-only: fine while the server runs
+        report = json.loads(out)
+        assert code == 0 and report["ok"] and report["problems"] == []
+        assert report["repos"] == 2 and report["blobs"] == 4 and report["bytes_hashed"] > 0
+    return root
+
+
+def _blob(data: Path, repo_id: str, path: str) -> tuple[str, Path]:
+    with RegistryStore(data) as store:
+        sha = store.file_entry(repo_id, path)[1].sha256
+        return sha, store.blobs.path(sha)
+
+
+def test_clean_registry_and_usage_errors(data: Path, tmp_path: Path) -> None:
+    code, out = _fsck(data)
+    assert code == 0 and "ok: the registry is intact" in out and "checked 2 repo(s)" in out
+    code, out = _fsck(tmp_path / "nothing-here")
+    assert code == 2 and "holds no registry" in out
+    assert not (tmp_path / "nothing-here").exists()  # fsck creates nothing
+    code, _ = _fsck(data, "--no-such-flag")
+    assert code == 2
+
+
+def test_corrupt_and_missing_blobs(data: Path) -> None:
+    sha, path = _blob(data, "alice/one", "adapter_model.safetensors")
+    raw = bytearray(path.read_bytes())
+    raw[10] ^= 0xFF  # same size, other content
+    path.chmod(0o644)
+    path.write_bytes(bytes(raw))
+    gone_sha, gone = _blob(data, "alice/two", "adapter_model.safetensors")
+    gone.unlink()
+    code, out = _fsck(data)
+    assert code == 1
+    assert f"corrupt blob {sha}" in out and f"missing blob {gone_sha}" in out and "2 problem(s) found" in out
+    report = json.loads(_fsck(data, "--json")[1])
+    assert not report["ok"] and report["problem_count"] == 2
+
+
+def test_damaged_database_rows(data: Path) -> None:
+    conn = sqlite3.connect(data / "registry.db")
+    with conn:
+        conn.execute("UPDATE tree_entries SET oid = ? WHERE path = 'README.md'", ("0" * 40,))
+        conn.execute("UPDATE tags SET commit_sha = ?", ("f" * 40,))
+    conn.close()
+    code, out = _fsck(data)
+    assert code == 1
+    assert "tag 'v1' of alice/one points to missing commit" in out
+    assert "does not match its entries" in out and "recorded with git oid 0000" in out
+
+
+def test_corrupt_database_file(data: Path) -> None:
+    db = data / "registry.db"
+    conn = sqlite3.connect(db)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    page = conn.execute("PRAGMA page_size").fetchone()[0]
+    conn.close()
+    raw = bytearray(db.read_bytes())
+    for offset in range(2 * page, len(raw) - page, page):  # scribble over every page but the header
+        raw[offset + 8 : offset + 64] = b"\xa5" * 56
+    db.write_bytes(bytes(raw))
+    code, out = _fsck(data)
+    assert code == 1 and "database" in out
