@@ -178,29 +178,18 @@ class RegistryApp:
             ),
             client_address=self.proxies.client_address(peer, headers),
         )
-        body: IO[bytes] | None = None
         declared = headers.get("Content-Length")
         has_body = "Transfer-Encoding" in headers or (declared is not None and declared.strip() not in ("", "0"))
         try:
-            early = _framing_error(raw_headers)
-            if isinstance(early, RegistryError):
-                early = error_response(early)
+            framing = _framing_error(raw_headers)
+            if framing is not None:
+                raise framing
+            if not has_body:  # one trip to a worker thread: authenticate, check, answer
+                resp = await anyio.to_thread.run_sync(self._answer, req, limiter=self._limiter)
             else:
-                early = await anyio.to_thread.run_sync(self._authenticate_and_check, req, limiter=self._limiter)
-            limit = self.api.body_limit(method, path)
-            if early is None and declared is not None and int(declared) > limit:
-                early = error_response(_too_large(int(declared), limit))
-            if early is not None:
-                # Refused from the headers alone: nothing of the body is read.
-                small = declared is not None and int(declared) <= _DRAIN_LIMIT
-                if has_body and (not small or "100-continue" in (headers.get("Expect") or "").lower()):
-                    early.close = True
-                await self._send(send, req, early, route, query)
-                return
-            if has_body:
-                body = await self._spool(receive, limit)
-                req.body = body
-            resp = await anyio.to_thread.run_sync(self._dispatch, req, limiter=self._limiter)
+                resp = await self._answer_with_body(send, receive, req, declared, route, query)
+                if resp is None:
+                    return
         except RegistryError as exc:
             resp = error_response(exc)
             resp.close = True  # the body was not (fully) read
@@ -209,10 +198,37 @@ class RegistryApp:
                 f"the request body did not arrive in time (each part within {self.body_limits.read_timeout_s:g} s, "
                 f"all of it within {self.body_limits.request_timeout_s:g} s)", status=408, code="RequestTimeout"))
             resp.close = True
-        finally:
-            if body is not None:
-                body.close()
         await self._send(send, req, resp, route, query)
+
+    async def _answer_with_body(
+        self, send: Send, receive: Receive, req: Request, declared: str | None, route: str, query: str
+    ) -> Response | None:
+        """Check from the headers, then spool the body and dispatch; None when a refusal was already sent."""
+        if "Authorization" in req.headers:
+            early = await anyio.to_thread.run_sync(self._authenticate_and_check, req, limiter=self._limiter)
+        else:  # no token: refuse_early decides without the database
+            early = self._authenticate_and_check(req)
+        limit = self.api.body_limit(req.method, req.path)
+        if early is None and declared is not None and int(declared) > limit:
+            early = error_response(_too_large(int(declared), limit))
+        if early is not None:
+            # Refused from the headers alone: nothing of the body is read. A
+            # small rest is dropped by the server as it comes (the client,
+            # still sending, then sees the answer); a large one closes.
+            small = declared is not None and int(declared) <= _DRAIN_LIMIT
+            if not small or "100-continue" in (req.headers.get("Expect") or "").lower():
+                early.close = True
+            await self._send(send, req, early, route, query)
+            return None
+        body = await self._spool(receive, limit)
+        try:
+            req.body = body
+            return await anyio.to_thread.run_sync(self._dispatch, req, limiter=self._limiter)
+        finally:
+            body.close()
+
+    def _answer(self, req: Request) -> Response:
+        return self._authenticate_and_check(req) or self._dispatch(req)
 
     def _authenticate_and_check(self, req: Request) -> Response | None:
         """Who the caller is, and whether a write is refused before its body is read."""

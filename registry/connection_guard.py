@@ -10,6 +10,8 @@ limit. :func:`guarded_protocol` returns uvicorn's httptools protocol with:
   connection is closed (with ``408`` when part of a request was received);
 * a cap on the bytes of the request line plus headers: past it ``431`` and close.
 
+The protocol also sets TCP_NODELAY on each connection (see connection_made).
+
 Request bodies are bounded by the application (:mod:`asgi_app`), which reads
 them with its own per-read timeout and per-request deadline; uvicorn already
 stops reading a connection while 64 KiB of its body wait unread.
@@ -18,6 +20,7 @@ stops reading a connection while 64 KiB of its body wait unread.
 from __future__ import annotations
 
 import asyncio
+import socket
 from dataclasses import dataclass
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -47,6 +50,13 @@ def guarded_protocol(limits: HeaderLimits) -> type[asyncio.Protocol]:
             self.reading_headers = True
             self.request_started = False
             super().connection_made(transport)
+            # uvicorn writes a response's headers and body separately: without
+            # TCP_NODELAY, Nagle's algorithm and the client's delayed ACK add
+            # ~40 ms to every small reply. (asyncio sets it only on sockets
+            # created with proto=IPPROTO_TCP, which a passed-in socket may lack.)
+            sock = transport.get_extra_info("socket")
+            if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.arm_header_deadline()
 
         def arm_header_deadline(self) -> None:
