@@ -313,16 +313,16 @@ class RegistryApp:
                 resp.file_range[1] - resp.file_range[0] + 1 if resp.file_range else 0)
             target = f"{req.path}?{query}" if query else req.path
             self.log(escape_log(f'{req.client_address or "-"} - "{req.method} {target}" {resp.status} {size}'))
+        # A client that stops reading makes send() wait: each wait is bounded.
         timeout = self.body_limits.read_timeout_s
+        whole = resp.file is None or req.method == "HEAD" or resp.file_range is None
         with anyio.move_on_after(timeout) as stalled:
             await send({"type": "http.response.start", "status": resp.status, "headers": out})
+            if whole:
+                await send({"type": "http.response.body", "body": b"" if req.method == "HEAD" else resp.body})
         if stalled.cancelled_caught:
             raise ClientGone
-        if resp.file is None or req.method == "HEAD" or resp.file_range is None:
-            with anyio.move_on_after(timeout) as stalled:
-                await send({"type": "http.response.body", "body": b"" if req.method == "HEAD" else resp.body})
-            if stalled.cancelled_caught:
-                raise ClientGone
+        if whole:
             return
         start, end = resp.file_range
         async with await anyio.open_file(resp.file, "rb") as f:

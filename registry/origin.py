@@ -13,6 +13,7 @@ never is (set ``--public-url`` behind a proxy).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -50,6 +51,8 @@ class ProxyTrust:
         return cls(tuple(networks))
 
     def trusts(self, address: str | None) -> bool:
+        if not self.networks:
+            return False
         ip = _ip(address) if address else None
         return ip is not None and any(ip in net for net in self.networks)
 
@@ -73,6 +76,7 @@ class ProxyTrust:
         return default
 
 
+@functools.lru_cache(maxsize=1024)  # a few distinct (address, Host) pairs in practice; bounded if not
 def base_url(*, public_url: str | None, scheme: str, local: tuple[str, int] | None, host_header: str | None) -> str:
     """The URL prefix for links in responses (see the module docstring)."""
     if public_url:
