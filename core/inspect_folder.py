@@ -9,6 +9,7 @@ from typing import Any
 
 from .errors import AdapterLoadError
 from .fileio import read_folder_json
+from .own_metadata import read_own_metadata
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                 "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
@@ -45,7 +46,7 @@ def describe_folder(path: str | Path) -> dict[str, Any]:
         data = json.loads(config_path.read_text())
     except json.JSONDecodeError as exc:
         raise AdapterLoadError(f"{config_path} is not valid JSON: {exc}") from None
-    own = data.get("peftkit") or {}
+    own = read_own_metadata(path, data)
     weights = path / "adapter_model.safetensors"
     params, tensors = _tensor_counts(weights)
     size, checkpoints, checkpoint_bytes = _sizes(path)

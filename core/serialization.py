@@ -3,8 +3,8 @@
 A folder holds ``adapter_config.json``, ``adapter_model.safetensors`` and a
 ``README.md`` card. For methods that Hugging Face PEFT also has, keys and
 config are PEFT's, so each library loads what the other saves. peftkit's own
-fields live under the ``peftkit`` key of the config. Weights are read with
-safetensors only; pickle files are refused.
+record lives where PEFT does not read it (see :mod:`.own_metadata`). Weights
+are read with safetensors only; pickle files are refused.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from .fileio import atomic_folder, write_bytes_atomic, write_text_atomic
 from .heads import fit_heads
 from .labels import LABELS_FILE, is_default, labels_text, read_labels
 from .layer import ModulesToSave, TunerLayer
+from .own_metadata import OWN_METADATA_NAME, split_own_metadata, with_own_metadata
+from .peft_embeddings import embedding_base_tensors, load_embedding_base_tensors, take_embedding_base_tensors
 from .plugins import get_registry, major_version, unknown_method_message
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -107,6 +109,8 @@ def config_file_data(model: "AdaptedModel", name: str) -> dict[str, Any]:
     record = model.adapter_record(name)
     method = record.method
     data = method.config_to_file(record.config)
+    if "fan_in_fan_out" in data:  # PEFT's flag for layers that store their weight (in, out): GPT-2's Conv1D
+        data["fan_in_fan_out"] = _stores_weights_in_out(model, name)
     data.setdefault("base_model_name_or_path", base_model_id(model))
     data.setdefault("task_type", task_type_of(model))
     data.setdefault("inference_mode", True)
@@ -120,6 +124,13 @@ def config_file_data(model: "AdaptedModel", name: str) -> dict[str, Any]:
         "config": record.config.to_dict(),
     }
     return data
+
+
+def _stores_weights_in_out(model: "AdaptedModel", name: str) -> bool:
+    from .base_layers import is_conv1d
+
+    return any(is_conv1d(module.base_layer) for module in model.base_model.modules()
+               if isinstance(module, TunerLayer) and name in module.adapters)
 
 
 def _version() -> str | None:
@@ -137,7 +148,10 @@ def _write_adapter(model: "AdaptedModel", name: str, folder: Path, card: dict[st
 
     record = model.adapter_record(name)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_tensors(model, name).items()}
-    data = config_file_data(model, name)
+    peft_format = record.method.peft_type is not None
+    data, own = split_own_metadata(config_file_data(model, name), peft_format)
+    # PEFT's default save_embedding_layers="auto": the base embeddings go along when they are targeted.
+    base = embedding_base_tensors(model, data.get("target_modules"), KEY_PREFIX) if peft_format else {}
     meta = card_metadata(method=record.method.name, base_model=data.get("base_model_name_or_path"),
                          peft_format=record.method.peft_type is not None, task=card.get("task"),
                          dataset=card.get("dataset"), metrics=card.get("metrics"), tags=card.get("tags"),
@@ -146,8 +160,13 @@ def _write_adapter(model: "AdaptedModel", name: str, folder: Path, card: dict[st
                        description=card.get("description"),
                        parameters=sum(t.numel() for t in tensors.values()), metrics=card.get("metrics"))
     # Weights first, config last: a folder with a config is a complete folder.
-    write_bytes_atomic(folder / WEIGHTS_NAME, save(tensors, metadata={"format": "pt"}))
+    base = {k: v.detach().to("cpu").contiguous() for k, v in base.items()}
+    write_bytes_atomic(folder / WEIGHTS_NAME, save({**tensors, **base}, metadata={"format": "pt"}))
     write_text_atomic(folder / CARD_NAME, text)
+    if own is not None:
+        write_text_atomic(folder / OWN_METADATA_NAME, json.dumps(own, indent=2, sort_keys=True) + "\n")
+    else:
+        (folder / OWN_METADATA_NAME).unlink(missing_ok=True)  # a record from an earlier save would be stale
     labels = model.adapter_labels(name)
     if labels is not None and not is_default(labels):
         write_text_atomic(folder / LABELS_FILE, labels_text(labels))
@@ -202,7 +221,7 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
                                f"save or download the adapter again") from None
     if not isinstance(data, dict):
         raise AdapterLoadError(f"{config_path} must hold a JSON object, not {type(data).__name__}")
-    return data
+    return with_own_metadata(path, data)
 
 
 def method_for(data: dict[str, Any], where: str) -> Any:
@@ -326,6 +345,7 @@ def _fit_head(model: "AdaptedModel", name: str, tensors: dict[str, torch.Tensor]
 
 
 def _copy_into(model: "AdaptedModel", name: str, tensors: dict[str, torch.Tensor], where: str) -> None:
+    embedding_base = take_embedding_base_tensors(model, tensors, KEY_PREFIX, where)  # PEFT's, see there
     own = adapter_tensors(model, name)
     check_weights(own, tensors, where)
     # A model-level adapter loads its own tensors: what it saves may be computed (prefix
@@ -338,6 +358,7 @@ def _copy_into(model: "AdaptedModel", name: str, tensors: dict[str, torch.Tensor
                 target.copy_(tensors[key].to(device=target.device, dtype=target.dtype))
     if model_adapter is not None:
         model_adapter.load_tensors({key: tensors[key] for key in model_keys})
+    load_embedding_base_tensors(model, embedding_base)
 
 
 def check_weights(own: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], where: str) -> None:

@@ -154,8 +154,14 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _method_of(config: dict[str, Any]) -> str | None:
-    own = config.get("peftkit") if isinstance(config.get("peftkit"), dict) else {}
+def _method_of(config: dict[str, Any], folder: Path) -> str | None:
+    from peftkit.core.errors import AdapterLoadError
+    from peftkit.core.own_metadata import read_own_metadata
+
+    try:
+        own = read_own_metadata(folder, config)  # peftkit.json, or the config's "peftkit" key
+    except AdapterLoadError as exc:
+        raise HubError(str(exc)) from None
     method = own.get("method") or config.get("peft_type")
     return str(method).lower() if method else None
 
@@ -263,7 +269,7 @@ def _adapter_upload(folder: Path, files: dict[str, Path], repo_id: str, workdir:
                     options: CardOptions) -> Upload:
     where = str(folder)
     config = _read_json(folder / CONFIG)
-    method = _method_of(config)
+    method = _method_of(config, folder)
     if method is None:
         raise HubError(f"{folder / CONFIG} names no method ('peftkit.method' or 'peft_type'); is it an adapter?")
     if "adapter_model.safetensors" not in files:
@@ -303,7 +309,7 @@ def _composition_upload(folder: Path, files: dict[str, Path], repo_id: str, work
         if not (sub_folder / CONFIG).is_file():
             raise HubError(f"{folder / COMPOSITION} lists adapter {name!r} in {sub!r}, which has no {CONFIG}; "
                            f"save the composition again")
-        method = _method_of(_read_json(sub_folder / CONFIG))
+        method = _method_of(_read_json(sub_folder / CONFIG), sub_folder)
         if method and method not in methods:
             methods.append(method)
         parameters += _parameters(sub_folder, "adapter_model.safetensors") or 0

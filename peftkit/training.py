@@ -33,6 +33,7 @@ from typing import Any, Iterator, Sequence
 from peftkit.core.config import AdapterConfig
 from peftkit.core.errors import PeftkitError
 from peftkit.core.method import parse_spec
+from peftkit.core.own_metadata import read_own_metadata
 from peftkit.hub_client.errors import BaseModelWarning
 from peftkit.hub_client.upload import looks_local
 from peftkit.training_data import CLASSIFICATION_TASKS, LABELS_FILE, TASKS, Fields, LabelMap, load_examples
@@ -410,7 +411,7 @@ def _check_checkpoint_matches(checkpoint: Path, method: str, config: AdapterConf
         saved = json.loads((checkpoint / "adapter_config.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise PeftkitError(f"checkpoint {checkpoint} has no readable adapter_config.json ({exc})") from None
-    own = saved.get("peftkit") or {}
+    own = read_own_metadata(checkpoint, saved)
     saved_config = own.get("config") or {}
     # Unset (None) options are filled in from the model when the adapter is added, the same way again.
     current = {k: v for k, v in json.loads(json.dumps(config.to_dict())).items() if v is not None}

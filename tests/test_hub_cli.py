@@ -70,7 +70,7 @@ def test_push_search_json_info_pull(hub_env: Path, folders: dict[str, Path], cap
     code, out, err = _cli(capsys, "hub", "pull", "alice/lang", "--hub", h, "--out", str(hub_env / "copy"))
     assert code == 0 and out.strip() == str(hub_env / "copy") and pushed["commit"] in err
     assert sorted(p.name for p in (hub_env / "copy").iterdir()) == ["README.md", "adapter_config.json",
-                                                                     "adapter_model.safetensors"]
+                                                                     "adapter_model.safetensors", "peftkit.json"]
 
     code, _, err = _cli(capsys, "hub", "pull", "alice/lang@nope", "--hub", h)
     assert code == 1 and "revision 'nope' not found" in err and "Traceback" not in err

@@ -306,7 +306,8 @@ def test_checks_run_before_the_model_is_touched(hub_env: Path, folders: dict[str
     fancy = tmp_path / "fancy"
     fancy.mkdir()
     config = json.loads((folders["lang"] / "adapter_config.json").read_text())
-    config["peftkit"].update(method="fancy", plugin="peftkit-fancy", plugin_version="2.1.0")
+    own = json.loads((folders["lang"] / "peftkit.json").read_text())  # written in the older layout, in the config:
+    config["peftkit"] = dict(own, method="fancy", plugin="peftkit-fancy", plugin_version="2.1.0")
     (fancy / "adapter_config.json").write_text(json.dumps(config))
     (fancy / "adapter_model.safetensors").write_bytes((folders["lang"] / "adapter_model.safetensors").read_bytes())
     hub.push(fancy, "alice/fancy", hub=h, progress=False)

@@ -43,7 +43,7 @@ def test_push_to_a_registry_shows_bytes_sent(hub_env: Path, folders: dict[str, P
         err = capsys.readouterr().err
         shown = [line for line in re.split(r"[\r\n]", err) if "Uploading" in line]
         final = shown[-1]
-        assert "Uploading 4 files to alice/big" in final and "100%" in final, err
+        assert "Uploading 5 files to alice/big" in final and "100%" in final, err  # with peftkit.json
         sent, total = re.search(r"([\d.]+)M/([\d.]+)M", final).groups()  # the commit body: base64 + JSON
         assert sent == total and float(total) >= 1.9, final  # 1.5 MiB of file data is ~2 MiB as base64
         # The bar shows that total from its first line on (it never starts at the files' 1.5 MiB).
@@ -74,7 +74,7 @@ def test_a_training_output_folder_is_pushed_without_its_run_state(any_hub: HubUn
     hub.push(out, "alice/run", hub=any_hub.address, progress=False)
     pulled = hub.pull("alice/run", hub=any_hub.address, progress=False)
     assert sorted(p.name for p in pulled.iterdir()) == ["README.md", "adapter_config.json",
-                                                        "adapter_model.safetensors", "labels.json"]
+                                                        "adapter_model.safetensors", "labels.json", "peftkit.json"]
 
     (out / "optimizer.pt").write_bytes(b"a pickle outside the run's folders is still refused")
     with pytest.raises(HubError, match=r"pickle files \(optimizer.pt\)"):

@@ -73,7 +73,8 @@ def test_save_load_merge_round_trip(tmp_path):
     model.save_adapter(tmp_path / "loha")
     config = json.loads((tmp_path / "loha" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LOHA" and config["target_modules"] == ["q_proj", "v_proj"]
-    assert (config["peftkit"]["plugin"], config["peftkit"]["plugin_version"]) == ("peftkit-loha", "1.0.0")
+    own = json.loads((tmp_path / "loha" / "peftkit.json").read_text())  # PEFT's format: the record apart
+    assert "peftkit" not in config and (own["plugin"], own["plugin_version"]) == ("peftkit-loha", "1.0.0")
 
     loaded = AdaptedModel.from_pretrained(build_tiny("llama"), str(tmp_path / "loha"))
     assert torch.allclose(_out(loaded), expected, atol=1e-6)
@@ -149,9 +150,9 @@ def test_peft_file_loads_in_peftkit(tmp_path):
 def test_adapter_from_a_newer_major_plugin_version_is_refused(tmp_path):
     model = peftkit.adapt(build_tiny("llama"), "loha[r=2]")
     model.save_adapter(tmp_path / "a")
-    path = tmp_path / "a" / "adapter_config.json"
+    path = tmp_path / "a" / "peftkit.json"
     data = json.loads(path.read_text())
-    data["peftkit"]["plugin_version"] = "2.1.0"
+    data["plugin_version"] = "2.1.0"
     path.write_text(json.dumps(data))
     fresh = AdaptedModel(build_tiny("llama"))
     with pytest.raises(AdapterLoadError) as error:
@@ -159,7 +160,7 @@ def test_adapter_from_a_newer_major_plugin_version_is_refused(tmp_path):
     assert "made by peftkit-loha 2.1.0, but 1.0.0 is installed" in str(error.value)
     assert "pip install -U 'peftkit-loha>=2'" in str(error.value)
     assert fresh.adapters == {}
-    data["peftkit"]["plugin_version"] = "1.7.3"  # a newer minor version of the same major loads
+    data["plugin_version"] = "1.7.3"  # a newer minor version of the same major loads
     path.write_text(json.dumps(data))
     fresh.load_adapter(str(tmp_path / "a"))
     assert fresh.adapter_record("default").method.name == "loha"

@@ -44,7 +44,8 @@ def _same(model, snap):
 def test_round_trip_is_bit_identical(tmp_path, arch):
     model = _trained(arch)
     model.save_adapter(tmp_path / "a")
-    assert sorted(os.listdir(tmp_path / "a")) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "a")) == ["README.md", "adapter_config.json", "adapter_model.safetensors",
+                                                 "peftkit.json"]
     loaded = peftkit.from_pretrained(build_tiny(arch), str(tmp_path / "a"))
     original = {k: v for k, v in adapter_tensors(model, "default").items()}
     again = adapter_tensors(loaded, "default")
@@ -62,8 +63,9 @@ def test_card_front_matter(tmp_path):
     assert meta["library_name"] == "peft"
     assert "lora" in meta["tags"] and "peftkit" in meta["tags"]
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
-    assert config["peft_type"] == "LORA" and config["peftkit"]["method"] == "lora"
-    assert config["peftkit"]["base_model"]["model_type"] == "llama"
+    own = json.loads((tmp_path / "a" / "peftkit.json").read_text())  # where PEFT does not read it
+    assert config["peft_type"] == "LORA" and "peftkit" not in config and own["method"] == "lora"
+    assert own["base_model"]["model_type"] == "llama"
 
 
 def test_card_names_base_model_tag(tmp_path):
@@ -141,10 +143,10 @@ def test_refuses_another_architecture(saved):
 
 
 def test_refuses_unknown_method_naming_the_plugin(target, saved):
-    config = json.loads((saved / "adapter_config.json").read_text())
-    config["peftkit"]["method"] = "vera_plus"
-    config["peftkit"]["plugin"] = "peftkit-vera-plus"
-    (saved / "adapter_config.json").write_text(json.dumps(config))
+    own = json.loads((saved / "peftkit.json").read_text())
+    own["method"] = "vera_plus"
+    own["plugin"] = "peftkit-vera-plus"
+    (saved / "peftkit.json").write_text(json.dumps(own))
     _refused(target, saved, "pip install .?peftkit-vera-plus")
 
 

@@ -12,6 +12,7 @@ import torch
 import peftkit
 from peftkit.core.card import read_card_metadata
 from peftkit.core.errors import PeftkitError
+from peftkit.core.own_metadata import read_own_metadata
 from tests.tiny_models import minilm_path
 from tests.train_helpers import (TASK_MODELS, model_folder, rows_for, sentiment_rows, torch_threads, word_tokenizer,
                                  write_jsonl)
@@ -121,7 +122,8 @@ def test_any_installed_method_trains(tmp_path, folders, spec):
     result = peftkit.train(str(folders["causal-lm"]), spec, data, task="causal-lm", out=out, eval_data=data,
                            max_steps=2, lr=1e-2, save_steps=0, quiet=True)
     assert result.method == spec.split("[")[0] and result.trainable_parameters > 0
-    assert json.loads((out / "adapter_config.json").read_text())["peftkit"]["method"] == result.method
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert read_own_metadata(out, config)["method"] == result.method
     assert "loss" in result.metrics
 
 

@@ -1,0 +1,104 @@
+"""The base embedding weights PEFT puts in an adapter file.
+
+PEFT's ``save_pretrained`` (``save_embedding_layers="auto"``, its default)
+also writes the *base* weights of the model's input and output embeddings
+when the adapter's ``target_modules`` names ``embed_tokens`` or ``lm_head``,
+keyed ``base_model.model.<module>.base_layer.weight`` (a vocabulary may have
+been resized or new tokens trained). Loading such a file puts those weights
+into the model, replacing its own. peftkit writes them under the same
+condition and loads them the same way.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any, Iterator
+
+import torch
+import torch.nn as nn
+
+from .errors import AdapterLoadError, PeftkitError
+from .layer import TunerLayer
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .model import AdaptedModel
+
+#: The module names PEFT's "auto" rule looks for in target_modules.
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
+_BASE_INFIX = ".base_layer."
+
+
+def targets_embeddings(target_modules: Any, model: nn.Module) -> bool:
+    """PEFT's test: a list naming ``embed_tokens`` or ``lm_head``, or a regex matching such a module."""
+    if isinstance(target_modules, str):
+        if target_modules == "all-linear":
+            return False
+        suffix = re.compile(rf"(.*\.)?({'|'.join(EMBEDDING_LAYER_NAMES)})$")
+        return any(suffix.match(key) and re.fullmatch(target_modules, key) for key, _ in model.named_modules())
+    return bool(target_modules) and any(name in target_modules for name in EMBEDDING_LAYER_NAMES)
+
+
+def _wrapped_embeddings(base_model: nn.Module) -> Iterator[tuple[str, TunerLayer]]:
+    """``(module path, layer)`` of the input and output embeddings that carry adapters."""
+    wanted = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            layer = getattr(base_model, getter)() if hasattr(base_model, getter) else None
+        except (AttributeError, NotImplementedError):
+            layer = None
+        if isinstance(layer, TunerLayer) and isinstance(layer.base_layer, (nn.Linear, nn.Embedding)):
+            wanted.append(layer)
+    for path, module in base_model.named_modules():
+        if isinstance(module, TunerLayer) and any(module is layer for layer in wanted):
+            yield path, module
+
+
+def embedding_base_tensors(model: "AdaptedModel", target_modules: Any, key_prefix: str) -> dict[str, torch.Tensor]:
+    """The base embedding tensors PEFT would save beside an adapter with ``target_modules``."""
+    if not targets_embeddings(target_modules, model.base_model):
+        return {}
+    out: dict[str, torch.Tensor] = {}
+    for path, layer in _wrapped_embeddings(model.base_model):
+        if layer.merged:
+            raise PeftkitError(f"{path} has {', '.join(layer.merged)} merged into its weight, which the adapter "
+                               f"file would carry as the base embedding (as PEFT saves it); unmerge first "
+                               f"(model.unmerge_adapter()) and save again")
+        for key, tensor in layer.base_layer.state_dict().items():
+            out[f"{key_prefix}{path}{_BASE_INFIX}{key}"] = tensor
+    return out
+
+
+def take_embedding_base_tensors(model: "AdaptedModel", tensors: dict[str, torch.Tensor], key_prefix: str,
+                                where: str) -> dict[tuple[str, str], torch.Tensor]:
+    """Remove from ``tensors`` the base embedding weights a PEFT file may carry and return them as
+    ``{(module path, tensor name): tensor}``, checked against the model's; the model is not changed."""
+    layers = dict(_wrapped_embeddings(model.base_model))
+    taken: dict[tuple[str, str], torch.Tensor] = {}
+    for file_key in [k for k in tensors if k.startswith(key_prefix) and _BASE_INFIX in k]:
+        path, _, key = file_key[len(key_prefix):].rpartition(_BASE_INFIX)
+        if path not in layers:
+            continue  # not an embedding: left for the unexpected-key check
+        own = layers[path].base_layer.state_dict().get(key)
+        if own is None:
+            continue
+        if tuple(own.shape) != tuple(tensors[file_key].shape):
+            raise AdapterLoadError(
+                f"{where}: the file carries the base weights of {path} with shape {tuple(tensors[file_key].shape)}, "
+                f"but the model's are {tuple(own.shape)}; the vocabulary was resized when the adapter was trained: "
+                f"resize the model's embeddings (model.resize_token_embeddings({tensors[file_key].shape[0]})) first")
+        if layers[path].merged:
+            raise AdapterLoadError(f"{where}: the file replaces the base weights of {path}, which has "
+                                   f"{', '.join(layers[path].merged)} merged in; unmerge first")
+        taken[(path, key)] = tensors.pop(file_key)
+    return taken
+
+
+def load_embedding_base_tensors(model: "AdaptedModel", taken: dict[tuple[str, str], torch.Tensor]) -> None:
+    """Copy the weights from :func:`take_embedding_base_tensors` into the model's embeddings, as PEFT does."""
+    with torch.no_grad():
+        for (path, key), tensor in taken.items():
+            layer = model.base_model.get_submodule(path)
+            target = layer.base_layer.state_dict(keep_vars=True)[key]
+            target.copy_(tensor.to(device=target.device, dtype=target.dtype))
+            for adapter in layer.adapters.values():
+                adapter.base_changed()  # e.g. DoRA's cached weight norms
