@@ -9,7 +9,6 @@ from Python, JSON, or the shorthand ``lora[r=8,alpha=16]``.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import re
 import types
@@ -17,6 +16,7 @@ import typing
 from typing import Any, ClassVar, Literal, Union
 
 from .errors import ConfigError
+from .suggestions import option_suggestion
 
 
 @dataclasses.dataclass
@@ -95,11 +95,11 @@ class AdapterConfig:
         allowed = cls.field_names()
         unknown = sorted(k for k in data if k not in allowed)
         if unknown:
-            hints = [f"{close[0]!r}" + (f" for {key!r}" if len(unknown) > 1 else "") for key in unknown
-                     if (close := difflib.get_close_matches(key, allowed, n=1))]
+            hints = [(f"{key!r}: " if len(unknown) > 1 else "") + hint for key in unknown
+                     if (hint := option_suggestion(key, allowed))]
             raise ConfigError(
                 f"unknown {'key' if len(unknown) == 1 else 'keys'} {', '.join(map(repr, unknown))} for method "
-                f"{cls.method!r}" + (f" (did you mean {', '.join(hints)}?)" if hints else "")
+                f"{cls.method!r}" + (f" ({'; '.join(hints)})" if hints else "")
                 + f"; allowed keys: {', '.join(allowed)}")
         return cls(**data)
 

@@ -16,7 +16,6 @@ Nothing here imports torch.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import importlib
 import inspect
 import os
@@ -34,6 +33,7 @@ from .architectures import ArchitectureSpec
 from .config import AdapterConfig
 from .errors import PluginError
 from .method import Method
+from .suggestions import method_by_any_case, method_suggestion
 
 BUILTIN_DISTRIBUTION = "peftkit"
 ENTRY_POINT_GROUP = hookspecs.PROJECT_NAME
@@ -368,10 +368,13 @@ class Registry:
     # -- queries -------------------------------------------------------------
 
     def get_method(self, name: str) -> Any:
-        try:
-            return self.methods[name]
-        except KeyError:
-            raise PluginError(unknown_method_message(name, self)) from None
+        """The method ``name``; case does not matter (``LoRA``, ``IA3``) when it picks one method."""
+        method = self.methods.get(name)
+        if method is None:
+            method = self.methods.get(method_by_any_case(name, self.methods) or "")
+        if method is None:
+            raise PluginError(unknown_method_message(name, self))
+        return method
 
 
 def unknown_method_message(name: str, registry: Registry, distribution: str | None = None,
@@ -397,9 +400,9 @@ def unknown_method_message(name: str, registry: Registry, distribution: str | No
         pin = f"{distribution}>={major}" if major > 0 else distribution
         msg += f" This adapter was made with the plugin {made_by}: install it (pip install '{pin}')"
     else:
-        close = difflib.get_close_matches(name, list(registry.methods), n=1)
-        if close:
-            msg += f" Did you mean {close[0]!r}? Otherwise, to use {name!r},"
+        suggestion = method_suggestion(name, registry.methods)
+        if suggestion:
+            msg += f" {suggestion} Otherwise, to use {name!r},"
         else:
             msg += f" To use {name!r},"
         msg += " install the plugin distribution that provides it (see docs/plugins.md)"

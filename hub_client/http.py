@@ -27,6 +27,7 @@ from .backend import AdapterInfo, HubBackend, PushResult, RemoteFile, SearchQuer
 from .errors import (HubAuthError, HubError, HubUnreachable, OfflineError, RepoNotFound,
                      RevisionNotFound)
 from .metadata import as_list, base_model_from, method_from_tags
+from .near_names import with_near_names
 from .upload_progress import upload_bar
 
 HF_DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -224,7 +225,8 @@ class HttpBackend(HubBackend):
                 f"`peftkit hub info {repo_id} --hub {self.address}` lists its branches", token))
         if isinstance(exc, hf_errors.RepositoryNotFoundError) or (status == 404 and repo_id and not server_message):
             hint = "" if token else " (if it is private, log in first: `peftkit hub login`)"
-            return RepoNotFound(redact(f"{where}: repo {repo_id} not found on {self.address}{hint}", token))
+            return with_near_names(RepoNotFound(redact(f"{where}: repo {repo_id} not found on {self.address}{hint}",
+                                                       token)), self, repo_id)
         if status == 401:
             if not token:
                 return HubAuthError(missing_token_message(self.address, where))

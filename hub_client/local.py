@@ -21,6 +21,7 @@ from peftkit.registry.paths import peftkit_home
 
 from .backend import AdapterInfo, HubBackend, PushResult, RemoteFile, SearchQuery, already_holds
 from .errors import HubError, InvalidRepoRef, RepoNotFound, RevisionNotFound
+from .near_names import with_near_names
 
 
 def default_local_dir() -> Path:
@@ -135,7 +136,7 @@ class LocalBackend(HubBackend):
         try:
             self.store.delete_repo(repo_id, missing_ok=missing_ok)
         except registry_errors.RegistryError as exc:
-            raise translate(exc, f"deleting {repo_id} on {self.address}") from None
+            raise with_near_names(translate(exc, f"deleting {repo_id} on {self.address}"), self, repo_id) from None
 
     # -- read ----------------------------------------------------------------------------------
 
@@ -147,7 +148,7 @@ class LocalBackend(HubBackend):
             raise RevisionNotFound(f"revision {revision!r} not found in {repo_id} on {self.address}; its "
                                    f"branches: {branches} (or give a commit sha)") from None
         except registry_errors.RegistryError as exc:
-            raise translate(exc, f"{repo_id}@{revision} on {self.address}") from None
+            raise with_near_names(translate(exc, f"{repo_id}@{revision} on {self.address}"), self, repo_id) from None
 
     def list_files(self, repo_id: str, commit: str) -> list[RemoteFile]:
         try:
@@ -188,7 +189,7 @@ class LocalBackend(HubBackend):
             files = self.store.list_files(repo_id, repo.sha)
             branches = self.store.list_branches(repo_id)
         except registry_errors.RegistryError as exc:
-            raise translate(exc, where) from None
+            raise with_near_names(translate(exc, where), self, repo_id) from None
         info = info_from_store(repo, self.address)
         info.files = [RemoteFile(e.path, e.size, e.oid, e.sha256) for e in files]
         info.branches = branches

@@ -211,11 +211,12 @@ def _hint_unknown_method(method: str) -> None:
     the search itself ran and is not an error.
     """
     from peftkit.core.plugins import get_registry, unknown_method_message
+    from peftkit.core.suggestions import method_by_any_case
 
     registry = get_registry()
-    if method.lower() in registry.methods:
+    if method_by_any_case(method, registry.methods):
         return
-    click.echo(f"Hint: {unknown_method_message(method.lower(), registry)}", err=True)
+    click.echo(f"Hint: {unknown_method_message(method, registry)}", err=True)
 
 
 @hub_group.command("info")

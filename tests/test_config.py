@@ -76,6 +76,48 @@ def test_unknown_method_names_the_installed_ones():
         parse_spec("lroa[r=2]")
 
 
+
+def test_method_names_match_in_any_case():
+    for spec, name in (("LoRA[r=4]", "lora"), ("IA3", "ia3"), ("LoKr", "lokr"), ("Seq-BN", "seq_bn")):
+        method, config = parse_spec(spec)
+        assert method.name == name and config.method == name
+
+
+@pytest.mark.parametrize("spec, hint", [
+    ("DoRA", "DoRA is LoRA with weight decomposition: lora[use_dora=true]."),
+    ("QLoRA", "peftkit train --quantize 4bit"),
+    ("pfeiffer", "AdapterHub's Pfeiffer adapter is seq_bn."),
+    ("houlsby[reduction_factor=8]", "AdapterHub's Houlsby adapter is double_seq_bn."),
+    ("LoraConfig", "Did you mean 'lora'?"),
+    ("PrefixTuning", "Did you mean 'prefix_tuning'?"),
+])
+def test_method_names_of_peft_and_adapterhub_suggest_peftkits(spec, hint):
+    with pytest.raises(PluginError) as err:
+        parse_spec(spec)
+    assert hint in str(err.value)
+
+
+@pytest.mark.parametrize("spec, hint", [
+    ("lora[rank=8]", "(write 'r' (peftkit's name for it))"),
+    ("lora[lora_r=8]", "(write 'r' (peftkit's name for it))"),
+    ("lokr[lora_alpha=16]", "(write 'alpha' (peftkit's name for it))"),
+    ("seq_bn[reduction=16]", "(write 'reduction_factor' (peftkit's name for it))"),
+    ("prefix_tuning[prefix_length=10]", "(write 'num_virtual_tokens' (peftkit's name for it))"),
+    ("prompt_tuning[prompt_length=10]", "(write 'num_virtual_tokens' (peftkit's name for it))"),
+    ("lora[attn_matrices=[q,v]]", "(write 'target_modules' (peftkit's name for it))"),
+    ('lora[bias="none"]', "add bitfit to the spec, e.g. 'lora[r=8]|bitfit'"),
+    ("lora[R=8]", "(did you mean 'r'?)"),
+])
+def test_option_names_of_peft_and_adapterhub_suggest_peftkits(spec, hint):
+    with pytest.raises(ConfigError) as err:
+        parse_spec(spec)
+    assert hint in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        parse_spec('lora[rank=8,task_type="SEQ_CLS"]')
+    assert ("('rank': write 'r' (peftkit's name for it); 'task_type': peftkit takes the task from the model"
+            in str(err.value))
+
+
 def test_json_round_trip_and_shorthand_round_trip():
     config = LoraConfig(r=4, alpha=8, target_modules=["q_proj"], rank_pattern={"v_proj": 2}, use_dora=True)
     again = LoraConfig.from_json(config.to_json())

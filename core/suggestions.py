@@ -1,0 +1,105 @@
+"""Names users bring from Hugging Face PEFT and AdapterHub, mapped to peftkit's, for error messages.
+
+A spec such as ``LoRA``, ``DoRA`` or ``lora[rank=8]`` is what a reader of
+PEFT's or AdapterHub's documentation types first. Method names differing
+only in case are accepted (:func:`method_by_any_case`); the other names here
+are never accepted silently, only suggested, so a spec keeps one spelling.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from typing import Collection
+
+#: Method names of other libraries (lower case, letters and digits only) -> (peftkit method, how to say it).
+FOREIGN_METHODS: dict[str, tuple[str, str]] = {
+    "dora": ("lora", "DoRA is LoRA with weight decomposition: lora[use_dora=true]"),
+    "rslora": ("lora", "rsLoRA is LoRA with rank-stabilized scaling: lora[use_rslora=true]"),
+    "qlora": ("lora", "QLoRA is LoRA on a 4-bit base model: peftkit train --quantize 4bit, or "
+                      "peftkit.adapt(a model loaded with BitsAndBytesConfig(load_in_4bit=True), 'lora')"),
+    "pfeiffer": ("seq_bn", "AdapterHub's Pfeiffer adapter is seq_bn"),
+    "houlsby": ("double_seq_bn", "AdapterHub's Houlsby adapter is double_seq_bn"),
+    "parallel": ("par_bn", "AdapterHub's parallel adapter is par_bn"),
+    "adapter": ("seq_bn", "a bottleneck adapter is seq_bn (Pfeiffer), double_seq_bn (Houlsby) or par_bn (parallel)"),
+    "bottleneck": ("seq_bn", "a bottleneck adapter is seq_bn (Pfeiffer), double_seq_bn (Houlsby) or par_bn "
+                             "(parallel)"),
+    "prefix": ("prefix_tuning", "prefix tuning is prefix_tuning"),
+    "prompt": ("prompt_tuning", "prompt tuning is prompt_tuning"),
+    "mamadapter": ("mam", "the mix-and-match adapter is mam"),
+}
+
+#: Option names of other libraries -> peftkit's candidates (the first the method has is suggested), or a
+#: sentence when peftkit has no such option.
+FOREIGN_OPTIONS: dict[str, tuple[str, ...] | str] = {
+    "rank": ("r",),
+    "lora_r": ("r",),
+    "lora_rank": ("r",),
+    "lora_alpha": ("alpha",),
+    "lora_dropout": ("dropout",),
+    "init_lora_weights": ("init_weights",),
+    "reduction": ("reduction_factor",),
+    "adapter_reduction_factor": ("reduction_factor",),
+    "prefix_length": ("num_virtual_tokens",),
+    "prompt_length": ("num_virtual_tokens",),
+    "n_tokens": ("num_virtual_tokens",),
+    "virtual_tokens": ("num_virtual_tokens",),
+    "attn_matrices": ("target_modules",),
+    "target_module": ("target_modules",),
+    "targets": ("target_modules",),
+    "modules": ("target_modules",),
+    "target_layers": ("layers_to_transform",),
+    "layers": ("layers_to_transform",),
+    "activation": ("non_linearity",),
+    "activation_function": ("non_linearity",),
+    "hidden_act": ("non_linearity",),
+    "adapter_residual_before_ln": ("residual_before_ln",),
+    "task_type": "peftkit takes the task from the model (its class and head); leave task_type out",
+    "bias": "peftkit trains biases with a method of its own: add bitfit to the spec, e.g. 'lora[r=8]|bitfit'",
+    "fan_in_fan_out": "peftkit reads each layer's weight layout from its type (GPT-2's Conv1D too); leave "
+                      "fan_in_fan_out out",
+    "inference_mode": "leave inference_mode out: call model.eval(), or load the adapter with peftkit.load",
+    "base_model_name_or_path": "the base model is recorded from the model when the adapter is saved; leave it out",
+}
+
+
+def _squash(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def method_by_any_case(name: str, known: Collection[str]) -> str | None:
+    """The installed method ``name`` names when case (and ``-`` for ``_``) is ignored: ``LoRA`` -> ``lora``.
+    None when no method, or more than one, matches that way."""
+    wanted = name.lower().replace("-", "_")
+    found = [k for k in known if k.lower() == wanted]
+    return found[0] if len(found) == 1 else None
+
+
+def method_suggestion(name: str, known: Collection[str]) -> str | None:
+    """What to write instead of the unknown method ``name``: a sentence, or None when nothing is close.
+
+    Tries the names of PEFT and AdapterHub (``DoRA``, ``Pfeiffer``), class-like spellings
+    (``LoraConfig``, ``PrefixTuning``), then close spellings (``lroa``)."""
+    squashed = _squash(name)
+    for candidate in (squashed, squashed.removesuffix("config")):
+        if candidate in FOREIGN_METHODS and FOREIGN_METHODS[candidate][0] in known:
+            return FOREIGN_METHODS[candidate][1] + "."
+        same = [k for k in known if _squash(k) == candidate]
+        if len(same) == 1:
+            return f"Did you mean {same[0]!r}?"
+    close = difflib.get_close_matches(name.lower(), list(known), n=1)
+    return f"Did you mean {close[0]!r}?" if close else None
+
+
+def option_suggestion(key: str, allowed: Collection[str]) -> str | None:
+    """What to write instead of the unknown option ``key`` of a method whose options are ``allowed``."""
+    foreign = FOREIGN_OPTIONS.get(key.lower())
+    if isinstance(foreign, str):
+        return foreign
+    if foreign is not None:
+        named = next((name for name in foreign if name in allowed), None)
+        if named is not None:
+            return f"write {named!r} (peftkit's name for it)"
+    by_case = [name for name in allowed if name.lower() == key.lower()]
+    close = by_case or difflib.get_close_matches(key, list(allowed), n=1)
+    return f"did you mean {close[0]!r}?" if close else None
