@@ -109,6 +109,15 @@ def test_train_push_search_and_pull(day: dict[str, Any]) -> None:
         assert json.loads((folder / "labels.json").read_text())["labels"] == labels
 
 
+def test_a_training_output_loads_with_its_labels_as_docs_train_md_shows(day: dict[str, Any]) -> None:
+    import peftkit
+    from transformers import AutoModelForSequenceClassification
+
+    base = AutoModelForSequenceClassification.from_pretrained(day["minilm"])  # any number of labels
+    model = peftkit.AdaptedModel.from_pretrained(base, str(day["root"] / "out" / "topic"))
+    assert model.config.id2label == dict(enumerate(TOPICS)) and model.adapter_labels("default") == TOPICS
+
+
 def test_loading_from_the_hub_gives_the_adapters_labels(day: dict[str, Any]) -> None:
     topic, stacked = day["loaded"]["alice/topic"], day["loaded"][STACK]
     assert topic.config.id2label == dict(enumerate(TOPICS)) and topic.config.label2id["tech"] == 2
