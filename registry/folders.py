@@ -25,15 +25,6 @@ def folder_set(paths: Iterable[str]) -> set[str]:
     return out
 
 
-def files_by_folder(paths: Iterable[str]) -> dict[str, list[str]]:
-    """Each folder -> every file under it (at any depth), in the order given."""
-    out: dict[str, list[str]] = {}
-    for path in paths:
-        for folder in ancestors(path):
-            out.setdefault(folder, []).append(path)
-    return out
-
-
 def clash(existing: Iterable[str], added: Iterable[str]) -> tuple[str, str | None] | None:
     """A file that would also be a folder once ``added`` joins ``existing``.
 

@@ -1,7 +1,9 @@
 """The Hub HTTP API subset, as plain functions of a request (no sockets here).
 
-``HubApi.dispatch(request) -> response`` routes one request. The socket side
-lives in :mod:`server`; keeping the two apart lets tests drive the API in
+``HubApi.dispatch(request) -> response`` routes one request, and
+``HubApi.refuse_early(request)`` refuses a write from its headers alone before
+the server reads its body. The HTTP side lives in :mod:`asgi_app` (served by
+:mod:`server`); keeping the two apart lets tests drive the API in
 process and keeps each module to one job. Who may do what:
 
 * public repos: anyone reads, no token needed;
@@ -21,9 +23,9 @@ from typing import IO, Any
 from urllib.parse import parse_qs, quote, unquote, urlencode
 
 from .accounts import Principal
+from .blobs import StagedBlob
 from .cards import DOWNLOAD_COUNTING_FILES, validate_card
 from .content_safety import file_headers
-from .folders import files_by_folder
 from .errors import (
     BadRequest,
     EntryNotFound,
@@ -520,15 +522,9 @@ class HubApi:
             paths = [paths]
         if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
             raise MalformedPayload("paths-info: send one or more 'paths' form fields")
-        _, files = self.store.snapshot(info.repo_id, revision)
-        wanted = list(dict.fromkeys(validate_path(path.strip("/")) for path in paths))  # each folder hashed once
-        folders = files_by_folder(files) if any(p not in files for p in wanted) else {}
-        out: list[dict[str, Any]] = []
-        for path in wanted:
-            if path in files:
-                out.append(file_item(files[path]))
-            elif path in folders:
-                out.append(folder_item(path, files, folders[path]))
+        _, files, folders = self.store.path_entries(info.repo_id, [p.strip("/") for p in paths], revision)
+        out = [file_item(entry) for entry in files.values()]
+        out += [folder_item(path, under) for path, under in folders.items()]
         return Response.json(out)
 
     def refs(self, req: Request, repo_id: str) -> Response:
@@ -585,7 +581,7 @@ class HubApi:
         if req.flag("create_pr"):
             raise BadRequest("pull requests are not supported by this registry; commit to a branch instead")
         files = parse_preupload(req.json("preupload"), max_files=self.config.max_commit_files)
-        _, current = self.store.snapshot(info.repo_id, revision)
+        _, current, _ = self.store.path_entries(info.repo_id, [entry["path"] for entry in files], revision)
         out = []
         for entry in files:
             item: dict[str, Any] = {"path": entry["path"], "uploadMode": "regular", "shouldIgnore": False}
@@ -605,12 +601,18 @@ class HubApi:
                 f"commit body must be NDJSON (Content-Type: application/x-ndjson), got {content_type!r}"
             )
         revision = validate_revision(revision)
-        self.store.resolve_revision(info.repo_id, revision)  # unknown branch: 404 before any staging
+        self.store.branch_head(info.repo_id, revision)  # unknown branch or a tag: refused before any staging
         if req.body is None:
             raise MalformedPayload("commit request has no body")
         payload = parse_commit(
-            req.body, self.store.stage, self.store.blobs.discard, max_files=self.config.max_commit_files
+            req.body, self._stage_unsynced, self.store.blobs.discard, max_files=self.config.max_commit_files
         )
+        try:
+            self.store.blobs.sync_staged(payload.files.values())  # one flush for all the files
+        except BaseException:
+            for blob in payload.files.values():
+                self.store.blobs.discard(blob)
+            raise
         sha = self.store.commit(
             info.repo_id,
             payload.files,
@@ -664,6 +666,9 @@ class HubApi:
         principal.check_write(namespace, self.store.accounts.kind)
         moved = self.store.move_repo(info.repo_id, target)
         return Response.json({"url": self._repo_url(req, moved.repo_id), "name": moved.repo_id, "id": moved.repo_id})
+
+    def _stage_unsynced(self, content: bytes) -> StagedBlob:
+        return self.store.stage(content, sync=False)
 
     def branch(self, req: Request, repo_id: str, branch: str) -> Response:
         info = self._writable(req, repo_id, "changing branches")

@@ -53,9 +53,9 @@ def file_item(entry: FileEntry) -> dict[str, Any]:
     return {"type": "file", "oid": entry.oid, "size": entry.size, "path": entry.path}
 
 
-def folder_item(folder: str, files: dict[str, FileEntry], under: list[str]) -> dict[str, Any]:
+def folder_item(folder: str, under: list[FileEntry]) -> dict[str, Any]:
     """A folder entry; its oid covers every file ``under`` it (at any depth)."""
-    return {"type": "directory", "oid": folder_oid(folder, [(p, files[p].oid) for p in under]), "size": 0, "path": folder}
+    return {"type": "directory", "oid": folder_oid(folder, [(e.path, e.oid) for e in under]), "size": 0, "path": folder}
 
 
 def tree_json(files: dict[str, FileEntry], prefix: str, recursive: bool) -> list[dict[str, Any]]:
@@ -65,7 +65,7 @@ def tree_json(files: dict[str, FileEntry], prefix: str, recursive: bool) -> list
     folder rescans the whole tree.
     """
     base = prefix.rstrip("/") + "/" if prefix else ""
-    under_folder: dict[str, list[str]] = {}
+    under_folder: dict[str, list[FileEntry]] = {}
     out: list[dict[str, Any]] = []
     for path, entry in files.items():
         if not path.startswith(base):
@@ -74,10 +74,10 @@ def tree_json(files: dict[str, FileEntry], prefix: str, recursive: bool) -> list
         parts = rel.split("/")
         depth = len(parts) if recursive else min(len(parts), 2)
         for i in range(1, depth):
-            under_folder.setdefault(base + "/".join(parts[:i]), []).append(path)
+            under_folder.setdefault(base + "/".join(parts[:i]), []).append(entry)
         if recursive or len(parts) == 1:
             out.append(file_item(entry))
-    out += [folder_item(folder, files, under) for folder, under in under_folder.items()]
+    out += [folder_item(folder, under) for folder, under in under_folder.items()]
     return sorted(out, key=lambda item: item["path"])
 
 

@@ -369,6 +369,13 @@ class RegistryStore:
         with self.db.read() as conn:
             return self._resolve(conn, self._repo_row(conn, repo_id), revision)
 
+    def branch_head(self, repo_id: str, branch: str = DEFAULT_BRANCH) -> str:
+        """The head of ``branch``, which a commit would move: a tag, a sha or an unknown name is refused."""
+        if is_commit_sha(branch):
+            raise InvalidRevision(f"cannot commit to commit '{branch}': commits go to a branch such as 'main'")
+        with self.db.read() as conn:
+            return self._commit_branch(conn, self._repo_row(conn, repo_id), validate_revision(branch))
+
     def list_branches(self, repo_id: str) -> dict[str, str]:
         with self.db.read() as conn:
             repo = self._repo_row(conn, repo_id)
@@ -588,6 +595,43 @@ class RegistryStore:
             sha = self._resolve(conn, repo, revision)
             return sha, self._entries(conn, self._tree_of(conn, sha))
 
+    def path_entries(
+        self, repo_id: str, paths: Iterable[str], revision: str = DEFAULT_BRANCH
+    ) -> tuple[str, dict[str, FileEntry], dict[str, list[FileEntry]]]:
+        """``(commit_sha, files, folders)`` for the given paths, read in one transaction.
+
+        ``files`` maps each path that is a file to its entry; ``folders`` maps
+        each path that is a folder to every file under it. Paths that are
+        neither are left out. Index lookups only: the cost grows with the
+        paths asked and the files under the folders asked, not the repo's size.
+        """
+        wanted = list(dict.fromkeys(validate_path(p) for p in paths))
+        files: dict[str, FileEntry] = {}
+        folders: dict[str, list[FileEntry]] = {}
+        with self.db.read() as conn:
+            repo = self._repo_row(conn, repo_id)
+            sha = self._resolve(conn, repo, revision)
+            tree = self._tree_of(conn, sha)
+            for i in range(0, len(wanted), 500):
+                chunk = wanted[i : i + 500]
+                rows = conn.execute(
+                    f"SELECT path, size, sha256, oid FROM tree_entries WHERE tree = ? AND path IN ({','.join('?' * len(chunk))})",  # noqa: S608
+                    (tree, *chunk),
+                )
+                files.update((r["path"], FileEntry(r["path"], r["size"], r["sha256"], r["oid"])) for r in rows)
+            for path in wanted:
+                if path in files:
+                    continue
+                # Everything under 'a/b/' sorts between 'a/b/' and 'a/b0' ('0' follows '/'): a range scan.
+                rows = conn.execute(
+                    "SELECT path, size, sha256, oid FROM tree_entries WHERE tree = ? AND path >= ? AND path < ?"
+                    " ORDER BY path",
+                    (tree, path + "/", path + "0"),
+                ).fetchall()
+                if rows:
+                    folders[path] = [FileEntry(r["path"], r["size"], r["sha256"], r["oid"]) for r in rows]
+        return sha, files, folders
+
     def file_entry(self, repo_id: str, path: str, revision: str = DEFAULT_BRANCH) -> tuple[str, FileEntry]:
         """``(commit_sha, entry)`` for one file; :class:`EntryNotFound` carries the commit when missing."""
         validate_path(path)
@@ -625,14 +669,18 @@ class RegistryStore:
         return sha
 
     # --------------------------------------------------------------- commits
-    def stage(self, content: FileContent) -> StagedBlob:
-        """Hash and stage content (bytes, text, or a path to a local file) for a later commit."""
+    def stage(self, content: FileContent, *, sync: bool | None = None) -> StagedBlob:
+        """Hash and stage content (bytes, text, or a path to a local file) for a later commit.
+
+        ``sync=False`` (bytes and text only) leaves flushing to
+        ``self.blobs.sync_staged(...)``, which the caller must run before the commit.
+        """
         if isinstance(content, StagedBlob):
             return content
         if isinstance(content, str):
             content = content.encode("utf-8")
         if isinstance(content, (bytes, bytearray, memoryview)):
-            return self.blobs.stage_bytes(bytes(content))
+            return self.blobs.stage_bytes(bytes(content), sync=sync)
         if isinstance(content, os.PathLike):
             return self.blobs.stage_file(content)
         raise TypeError(f"file content must be bytes, str, a path or a StagedBlob, not {type(content).__name__}")

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 
 from tests.registry_conftest_helpers import hf_online, running_registry  # noqa: F401
 
-from peftkit.registry import ApiConfig
+from peftkit.registry import ApiConfig, RegistryStore, start_server
 from peftkit.registry.cards import MAX_FRONT_MATTER_BYTES
 from peftkit.registry.cli import registry_group
 from peftkit.registry.hub_api import HubApi, Request
@@ -213,3 +213,49 @@ def test_download_counts_once_per_client_per_day(reg, tmp_path: Path) -> None:
     assert [fetch("203.0.113.7") for _ in range(5)] == [1, 1, 1, 1, 1]
     assert fetch("198.51.100.2") == 2
     assert fetch(None) == 3 and fetch(None) == 4  # unknown address: every download counts
+
+
+def test_a_big_commit_in_flight_does_not_hold_other_writers(reg) -> None:
+    store, server, tokens = reg
+    api = HfApi(endpoint=server.url, token=tokens["alice"])
+    api.create_repo("alice/big")
+    api.create_repo("alice/small")
+    body = _ndjson_commit({f"f{i}.txt": b"%d" % i for i in range(5000)})
+    parts = urlsplit(server.url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    try:
+        conn.putrequest("POST", "/api/models/alice/big/commit/main")
+        for name, value in (("Content-Type", "application/x-ndjson"), ("Content-Length", str(len(body))),
+                            ("Authorization", f"Bearer {tokens['alice']}")):
+            conn.putheader(name, value)
+        conn.endheaders()
+        conn.send(body[: len(body) // 2])  # half of the files sent, the rest still to come
+        # Meanwhile other writers commit, to another repo and to the same one.
+        api.upload_file(path_or_fileobj=b"quick", path_in_repo="q.txt", repo_id="alice/small")
+        api.upload_file(path_or_fileobj=b"first", path_in_repo="first.txt", repo_id="alice/big")
+        assert store.read_file("alice/small", "q.txt") == b"quick"
+        conn.send(body[len(body) // 2 :])
+        resp = conn.getresponse()
+        assert resp.status == 200, resp.read()
+        resp.read()
+    finally:
+        conn.close()
+    assert len(store.list_files("alice/big")) == 5001  # both commits landed, the big one on top
+
+
+def test_bulk_commit_with_fsync_on(tmp_path: Path) -> None:
+    # A durable store (as `registry serve` opens it) flushes a commit's staged files at once.
+    store = RegistryStore(tmp_path / "durable")
+    store.accounts.add_user("alice")
+    token = store.accounts.create_token("alice", write=True)[1]
+    store.create_repo("alice/durable")
+    files = {f"f{i}.txt": b"durable %d" % i for i in range(40)}
+    with start_server(store) as server:
+        status, _, body = _request(
+            server.url, "POST", "/api/models/alice/durable/commit/main", _ndjson_commit(files),
+            {"Content-Type": "application/x-ndjson", "Authorization": f"Bearer {token}"},
+        )
+    assert status == 200, body
+    assert {e.path: store.read_file("alice/durable", e.path) for e in store.list_files("alice/durable")} == files
+    assert store.fsck() == [] and list((store.root / "tmp").iterdir()) == []
+    store.close()
