@@ -14,9 +14,20 @@ What it does:
    model, method, task, tags, author and sort queries; p50 and p99.
 3. Throughput against ``peftkit registry serve`` running as its own process:
    16 clients pulling (huggingface_hub ``hf_hub_download`` of a 1 MiB weights
-   file, forced, so every pull transfers it) while 4 clients push (``upload_file``
-   of 64 KiB, one commit each) to the same repo; then raw keep-alive GETs to
-   show what the server does without the client library's overhead.
+   file, forced, so every pull transfers it, each checked against the bytes
+   pushed) while 4 clients push (``upload_file`` of 16 KiB, one commit each) to
+   the same repo; then raw keep-alive GETs to show what the server does without
+   the client library's overhead.
+4. The HTTP stack (``--stack``): requests/s and p50/p99 latency of 16
+   keep-alive raw clients on a small ``resolve`` and on ``model_info``; the
+   same with 1,000 idle connections held open; then 16 huggingface_hub readers
+   and 4 writers for ``--mixed-seconds`` (30 s) counting errors, lost commits
+   (a commit the server acknowledged that is not in the history afterwards)
+   and corrupt downloads (bytes that differ from what was pushed). ``--workers
+   N`` starts the server with N processes. ``--stack-only`` skips 1-3.
+
+To measure another checkout's server (e.g. before a change), point
+``--server-pythonpath`` at a folder holding its ``peftkit/registry``.
 
 Client and server share the machine, so on a small box the figures are bounded
 by the client process too; the report prints the CPU count.
@@ -180,11 +191,12 @@ def run_threads(workers: list[tuple[Callable[[int], None], int]]) -> float:
     return time.perf_counter() - t0
 
 
-def start_server(data: Path) -> tuple[subprocess.Popen, str]:
+def start_server(data: Path, workers: int = 1, pythonpath: str | None = None) -> tuple[subprocess.Popen, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [pythonpath, *sys.path] if p)
+    extra = ["--workers", str(workers)] if workers > 1 else []
     proc = subprocess.Popen(
-        [sys.executable, "-m", "peftkit.registry", "serve", "--port", "0", "--quiet", "--data", str(data)],
+        [sys.executable, "-m", "peftkit.registry", "serve", "--port", "0", "--quiet", "--data", str(data), *extra],
         stdout=subprocess.PIPE, text=True, env=env,
     )
     line = proc.stdout.readline() if proc.stdout else ""
@@ -192,54 +204,6 @@ def start_server(data: Path) -> tuple[subprocess.Popen, str]:
         proc.kill()
         raise SystemExit(f"server did not start: {line!r}")
     return proc, line.split(" at ", 1)[1].split()[0]
-
-
-def bench_throughput(url: str, token: str, tmp: Path, duration: float, pullers: int, pushers: int) -> dict:
-    from huggingface_hub import HfApi, hf_hub_download
-
-    repo = "bench/busy"
-    deadline = time.monotonic() + duration
-    counts = {"pulls": 0, "pushes": 0, "errors": 0}
-    lock = threading.Lock()
-    push_latency: list[float] = []
-
-    def pull(i: int) -> None:
-        cache = tmp / f"pull-cache-{i}"
-        while time.monotonic() < deadline:
-            try:
-                hf_hub_download(repo, "adapter_model.safetensors", endpoint=url, cache_dir=cache,
-                                token=False, force_download=True)
-                with lock:
-                    counts["pulls"] += 1
-            except Exception:  # noqa: BLE001 - counted
-                with lock:
-                    counts["errors"] += 1
-
-    def push(i: int) -> None:
-        api = HfApi(endpoint=url, token=token)
-        step = 0
-        while time.monotonic() < deadline:
-            t0 = time.perf_counter()
-            try:
-                api.upload_file(path_or_fileobj=os.urandom(64 * 1024), path_in_repo=f"pushes/{i}.bin",
-                                repo_id=repo, commit_message=f"push {i}.{step}")
-                with lock:
-                    counts["pushes"] += 1
-                    push_latency.append(time.perf_counter() - t0)
-            except Exception:  # noqa: BLE001 - counted
-                with lock:
-                    counts["errors"] += 1
-            step += 1
-
-    elapsed = run_threads([(pull, pullers), (push, pushers)])
-    return {
-        "seconds": elapsed,
-        "pulls_per_s": counts["pulls"] / elapsed,
-        "pushes_per_s": counts["pushes"] / elapsed,
-        "pulled_mib_per_s": counts["pulls"] / elapsed,  # 1 MiB per pull
-        "push_p50_ms": percentile(push_latency, 50) * 1e3 if push_latency else None,
-        "errors": counts["errors"],
-    }
 
 
 def bench_raw_pulls(url: str, duration: float, clients: int) -> dict:
@@ -260,6 +224,163 @@ def bench_raw_pulls(url: str, duration: float, clients: int) -> dict:
     return {"seconds": elapsed, "pulls_per_s": sum(counts) / elapsed, "mib_per_s": sum(counts) / elapsed}
 
 
+def keepalive_load(url: str, path: str, clients: int, seconds: float) -> dict:
+    """``clients`` raw keep-alive connections GETting ``path`` for ``seconds``: requests/s, p50/p99, errors."""
+    parts = urlsplit(url)
+    deadline = time.monotonic() + seconds
+    latencies: list[list[float]] = [[] for _ in range(clients)]
+    errors = [0] * clients
+
+    def run(i: int) -> None:
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+        while time.monotonic() < deadline:
+            t0 = time.perf_counter()
+            try:
+                conn.request("GET", path)
+                resp = conn.getresponse()
+                resp.read()
+                if resp.status != 200:
+                    errors[i] += 1
+            except OSError:
+                errors[i] += 1
+                conn.close()
+                conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+                continue
+            latencies[i].append(time.perf_counter() - t0)
+        conn.close()
+
+    elapsed = run_threads([(run, clients)])
+    every = [t for ts in latencies for t in ts]
+    return {"requests_per_s": len(every) / elapsed, "p50_ms": percentile(every, 50) * 1e3,
+            "p99_ms": percentile(every, 99) * 1e3, "errors": sum(errors), "requests": len(every)}
+
+
+def open_idle_connections(url: str, count: int) -> list:
+    """``count`` connected sockets that never send a byte (each one a file descriptor on both sides)."""
+    import resource
+    import socket
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    parts = urlsplit(url)
+    socks = []
+    for _ in range(count):
+        s = socket.create_connection((parts.hostname, parts.port), timeout=10)
+        socks.append(s)
+    return socks
+
+
+def still_open(socks: list) -> int:
+    """How many of ``socks`` the server has not closed."""
+    import select
+
+    readable, _, _ = select.select(socks, [], [], 0) if len(socks) < 1000 else (_poll_readable(socks), None, None)
+    closed = 0
+    for s in readable:
+        try:
+            if s.recv(1, 0x40) == b"":  # MSG_DONTWAIT: b'' means the peer closed it
+                closed += 1
+        except OSError:
+            closed += 1
+    return len(socks) - closed
+
+
+def _poll_readable(socks: list) -> list:
+    import select
+
+    poller = select.poll()
+    by_fd = {s.fileno(): s for s in socks}
+    for fd in by_fd:
+        poller.register(fd, select.POLLIN)
+    return [by_fd[fd] for fd, _ in poller.poll(0)]
+
+
+def bench_mixed(url: str, token: str, tmp: Path, seconds: float, readers: int, writers: int) -> dict:
+    """huggingface_hub readers (checked against the bytes pushed) and writers; lost commits and corrupt reads."""
+    import hashlib
+
+    from huggingface_hub import HfApi, hf_hub_download
+
+    repo = "bench/mixed"
+    api = HfApi(endpoint=url, token=token)
+    api.create_repo(repo, exist_ok=True)
+    weights = os.urandom(1024 * 1024)
+    api.upload_file(path_or_fileobj=weights, path_in_repo="adapter_model.safetensors", repo_id=repo)
+    want = hashlib.sha256(weights).hexdigest()
+    deadline = time.monotonic() + seconds
+    counts = {"reads": 0, "writes": 0, "errors": 0, "corrupt": 0}
+    acknowledged: list[str] = []
+    lock = threading.Lock()
+
+    def read(i: int) -> None:
+        cache = tmp / f"mixed-cache-{i}"
+        while time.monotonic() < deadline:
+            try:
+                path = hf_hub_download(repo, "adapter_model.safetensors", endpoint=url, cache_dir=cache,
+                                       token=False, force_download=True)
+                ok = hashlib.sha256(Path(path).read_bytes()).hexdigest() == want
+                with lock:
+                    counts["reads"] += 1
+                    counts["corrupt"] += not ok
+            except Exception:  # noqa: BLE001 - counted
+                with lock:
+                    counts["errors"] += 1
+
+    def write(i: int) -> None:
+        writer = HfApi(endpoint=url, token=token)
+        step = 0
+        while time.monotonic() < deadline:
+            try:
+                info = writer.upload_file(path_or_fileobj=os.urandom(16 * 1024), path_in_repo=f"w/{i}/{step}.bin",
+                                          repo_id=repo, commit_message=f"write {i}.{step}")
+                with lock:
+                    counts["writes"] += 1
+                    acknowledged.append(info.oid)
+            except Exception:  # noqa: BLE001 - counted
+                with lock:
+                    counts["errors"] += 1
+            step += 1
+
+    elapsed = run_threads([(read, readers), (write, writers)])
+    history = {c.commit_id for c in api.list_repo_commits(repo)}
+    files = set(api.list_repo_files(repo))
+    lost = sum(1 for oid in acknowledged if oid not in history)
+    missing_files = counts["writes"] - sum(1 for f in files if f.startswith("w/"))
+    return {"seconds": elapsed, "reads_per_s": counts["reads"] / elapsed, "writes_per_s": counts["writes"] / elapsed,
+            "errors": counts["errors"], "lost_commits": lost + max(0, missing_files), "corrupt_downloads": counts["corrupt"]}
+
+
+def bench_stack(url: str, token: str, tmp: Path, *, clients: int, seconds: float, idle: int, mixed_seconds: float,
+                readers: int, writers: int) -> dict:
+    paths = {"resolve": "/bench/busy/resolve/main/adapter_config.json", "model_info": "/api/models/bench/busy"}
+    out: dict = {}
+    for name, path in paths.items():
+        keepalive_load(url, path, clients, 1.0)  # warm up
+        out[name] = keepalive_load(url, path, clients, seconds)
+        print(f"  {clients} keep-alive clients, {name}: {out[name]['requests_per_s']:.0f} req/s, "
+              f"p50 {out[name]['p50_ms']:.1f} ms, p99 {out[name]['p99_ms']:.1f} ms, errors {out[name]['errors']}",
+              flush=True)
+    socks = open_idle_connections(url, idle)
+    try:
+        for name, path in paths.items():
+            key = f"{name}_with_{idle}_idle"
+            out[key] = keepalive_load(url, path, clients, seconds)
+            print(f"  ... with {idle} idle connections open, {name}: {out[key]['requests_per_s']:.0f} req/s, "
+                  f"p50 {out[key]['p50_ms']:.1f} ms, p99 {out[key]['p99_ms']:.1f} ms, errors {out[key]['errors']}",
+                  flush=True)
+        out["idle_still_open"] = still_open(socks)
+    finally:
+        for s in socks:
+            s.close()
+    out["mixed"] = bench_mixed(url, token, tmp, mixed_seconds, readers, writers)
+    m = out["mixed"]
+    print(f"  {readers} huggingface_hub readers + {writers} writers, {m['seconds']:.0f}s: {m['reads_per_s']:.1f} "
+          f"reads/s (1 MiB), {m['writes_per_s']:.1f} commits/s; errors {m['errors']}, lost commits "
+          f"{m['lost_commits']}, corrupt downloads {m['corrupt_downloads']}", flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--adapters", type=int, default=10_000)
@@ -270,7 +391,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=None, help="data folder (default: a temporary one)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("--stack", action="store_true", help="also measure the HTTP stack (section 4)")
+    parser.add_argument("--stack-only", action="store_true", help="only section 4 (implies --adapters 0)")
+    parser.add_argument("--workers", type=int, default=1, help="server processes")
+    parser.add_argument("--clients", type=int, default=16, help="keep-alive clients in section 4")
+    parser.add_argument("--stack-seconds", type=float, default=5.0, help="seconds per keep-alive measurement")
+    parser.add_argument("--idle", type=int, default=1000, help="idle connections held open in section 4")
+    parser.add_argument("--mixed-seconds", type=float, default=30.0)
+    parser.add_argument("--server-pythonpath", default=None, help="serve from this peftkit checkout instead")
     args = parser.parse_args(argv)
+    if args.stack_only:
+        args.stack, args.adapters = True, 0
 
     os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -287,12 +418,13 @@ def main(argv: list[str] | None = None) -> int:
 
     # Bulk import without fsync: this measures indexing, not the disk's flush latency.
     with RegistryStore(data, fsync=False) as store:
-        vocab, secs = index_adapters(store, args.adapters, rng)
-        report["index"] = {"seconds": secs, "adapters_per_s": args.adapters / secs}
-        print(f"indexed {args.adapters} adapters in {secs:.1f}s ({args.adapters / secs:.0f}/s)", flush=True)
-        queries = query_mix(rng, vocab, args.queries)
-        store.search("warmup", visible_to=())
-        report["search_store"] = bench_search(store, queries)
+        if not args.stack_only:
+            vocab, secs = index_adapters(store, args.adapters, rng)
+            report["index"] = {"seconds": secs, "adapters_per_s": args.adapters / secs}
+            print(f"indexed {args.adapters} adapters in {secs:.1f}s ({args.adapters / secs:.0f}/s)", flush=True)
+            queries = query_mix(rng, vocab, args.queries)
+            store.search("warmup", visible_to=())
+            report["search_store"] = bench_search(store, queries)
         store.accounts.add_user("bench")  # the throughput repo lives in this user's namespace
         token = store.accounts.create_token("bench", write=True)[1]
         store.create_repo("bench/busy")
@@ -302,10 +434,19 @@ def main(argv: list[str] | None = None) -> int:
             "adapter_model.safetensors": os.urandom(1024 * 1024),
         })
 
-    proc, url = start_server(data)
+    proc, url = start_server(data, args.workers, args.server_pythonpath)
     try:
+        if args.stack:
+            print(f"HTTP stack, server with {args.workers} worker(s), {report['cpus']} CPUs:", flush=True)
+            report["stack"] = bench_stack(url, token, tmp, clients=args.clients, seconds=args.stack_seconds,
+                                          idle=args.idle, mixed_seconds=args.mixed_seconds,
+                                          readers=args.pullers, writers=args.pushers)
+        if args.stack_only:
+            if args.json:
+                args.json.write_text(json.dumps(report, indent=2))
+            return 0
         report["search_http"] = bench_http_search(url, queries)
-        report["throughput"] = bench_throughput(url, token, tmp, args.duration, args.pullers, args.pushers)
+        report["throughput"] = bench_mixed(url, token, tmp, args.duration, args.pullers, args.pushers)
         report["raw_pulls"] = bench_raw_pulls(url, min(args.duration, 5.0), args.pullers)
     finally:
         proc.terminate()
@@ -320,8 +461,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"    {kind:<18} store p50 {s['by_kind_p50_ms'][kind]:6.2f} p99 {s['by_kind_p99_ms'][kind]:6.2f} ms"
               f" | http p50 {h['by_kind_p50_ms'][kind]:6.2f} p99 {h['by_kind_p99_ms'][kind]:6.2f} ms")
     print(f"{args.pullers} pullers + {args.pushers} pushers via huggingface_hub, {t['seconds']:.1f}s: "
-          f"{t['pulls_per_s']:.1f} pulls/s (1 MiB each), {t['pushes_per_s']:.1f} pushes/s "
-          f"(push p50 {t['push_p50_ms'] or 0:.1f} ms), errors {t['errors']}")
+          f"{t['reads_per_s']:.1f} pulls/s (1 MiB each), {t['writes_per_s']:.1f} pushes/s, errors {t['errors']}, "
+          f"lost commits {t['lost_commits']}, corrupt downloads {t['corrupt_downloads']}")
     print(f"{args.pullers} raw keep-alive HTTP clients, {r['seconds']:.1f}s: {r['pulls_per_s']:.1f} pulls/s "
           f"({r['mib_per_s']:.0f} MiB/s)")
     if args.json:

@@ -4,7 +4,9 @@
   blobs, SQLite metadata, FTS5 search). peftkit's embedded hub uses it
   in-process.
 * :func:`start_server` / :func:`serve` — the same store over the subset of the
-  Hugging Face Hub HTTP API that ``huggingface_hub`` (and so PEFT) uses.
+  Hugging Face Hub HTTP API that ``huggingface_hub`` (and so PEFT) uses,
+  served by uvicorn (the ``registry`` extra; imported only when a server
+  starts) with the limits in :class:`ServerOptions`.
 * ``peftkit registry ...`` — the CLI (:mod:`peftkit.registry.cli`).
 
 Nothing here imports torch or transformers.

@@ -248,6 +248,28 @@ def test_aborted_upload_is_spooled_to_disk_and_removed_at_once(hub) -> None:
     assert _ok(server)
 
 
+def test_refused_commit_leaves_no_staged_upload(hub) -> None:
+    import base64
+
+    store, server, tokens, _ = hub
+    head = store.resolve_revision("alice/model")
+    content = base64.b64encode(os.urandom(512 * 1024)).decode()
+    file_line = {"key": "file", "value": {"path": "big.bin", "content": content, "encoding": "base64"}}
+    bodies = [  # each stages big.bin, then is refused
+        [{"key": "header", "value": {"summary": "x"}}, file_line, "not json"],
+        [{"key": "header", "value": {"summary": "x", "parentCommit": "0" * 40}}, file_line],
+    ]
+    for lines in bodies:
+        body = b"".join((line if isinstance(line, str) else json.dumps(line)).encode() + b"\n" for line in lines)
+        status, _, _ = _request(server, (
+            f"POST /api/models/alice/model/commit/main HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: Bearer {tokens['alice']}\r\nContent-Type: application/x-ndjson\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"), body)
+        assert status in (400, 412)
+        assert _spool_files(store) == []  # at once: the reply comes after the clean-up
+    assert store.resolve_revision("alice/model") == head
+
+
 # ------------------------------------------------------------ content safety
 def test_uploaded_active_content_is_served_inert(hub, hf_online) -> None:  # noqa: F811
     from huggingface_hub import HfApi

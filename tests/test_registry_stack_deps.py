@@ -40,6 +40,12 @@ def test_serve_without_the_registry_extra_says_what_to_install(tmp_path: Path) -
     assert "Traceback" not in out.stderr
 
 
+def _python(code: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter that imports peftkit like this one."""
+    return subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True,
+                          timeout=120)
+
+
 def test_peftkit_and_its_help_import_no_server_libraries() -> None:
     code = (
         "import sys, peftkit, peftkit.registry, peftkit.registry.server, peftkit.registry.cli\n"
@@ -48,7 +54,18 @@ def test_peftkit_and_its_help_import_no_server_libraries() -> None:
         "    assert run(args) == 0, args\n"
         "print(sorted(m for m in ('uvicorn', 'httptools', 'starlette', 'torch') if m in sys.modules))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True,
-                         timeout=120)
+    out = _python(code)
     assert out.returncode == 0, out.stderr
     assert "--trusted-proxy" in out.stdout and out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_serving_raises_the_open_file_limit_to_the_hard_limit() -> None:
+    out = _python(
+        "import resource\n"
+        "from peftkit.registry.server import raise_open_file_limit\n"
+        "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))\n"
+        "raise_open_file_limit()\n"
+        "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0] == hard)\n"
+    )
+    assert out.stdout.strip() == "True", out.stderr
