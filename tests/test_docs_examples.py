@@ -43,3 +43,19 @@ def test_train_md_example_is_found_by_base_model_after_its_push(tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "Warning" not in result.stderr  # the base model is a hub id, not the local folder
     assert "alice/sentiment" in result.stdout.split(f"adapter: {tmp_path / 'sentiment'}", 1)[1]  # found
+
+
+@pytest.mark.slow
+def test_guide_trainer_example_trains_evaluates_and_saves(tmp_path):
+    """docs/guide.md's Trainer example runs as written (its `out/` folders land in a scratch folder)."""
+    import json
+
+    script = code_block(DOCS / "guide.md", "python", "A complete run with `transformers.Trainer`")
+    assert "DataCollatorWithPadding" in script and "tokenizer(" in script
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=docs_env(tmp_path),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "'eval_loss'" in result.stdout  # label_names makes evaluation report a loss
+    saved = tmp_path / "out" / "sentiment"
+    assert json.loads((saved / "adapter_config.json").read_text())["r"] == 8
+    assert (saved / "adapter_model.safetensors").is_file()
