@@ -33,6 +33,7 @@ private repos.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import os
 import re
@@ -96,6 +97,18 @@ _SORT_ALIASES = {
     "name": "name",
     "id": "name",
 }
+
+
+def _client_key(address: str) -> str:
+    """Who a download is counted for: the IPv4 address, or the /64 network of an IPv6 one (a
+    single host commonly holds a whole /64, so counting its addresses apart would let it inflate counts)."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is None:
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip.ipv4_mapped or ip) if isinstance(ip, ipaddress.IPv6Address) else str(ip)
 
 
 def _dt(ts: float) -> datetime:
@@ -979,7 +992,7 @@ class RegistryStore:
             if client is not None:
                 day = int(time.time() // 86400)
                 conn.execute("DELETE FROM download_clients WHERE day < ?", (day,))
-                key = hashlib.sha256(client.encode("utf-8", "replace")).hexdigest()[:32]
+                key = hashlib.sha256(_client_key(client).encode("utf-8", "replace")).hexdigest()[:32]
                 cur = conn.execute(
                     "INSERT OR IGNORE INTO download_clients(day, repo, client)"
                     " SELECT ?, id, ? FROM repos WHERE repo_id = ?",

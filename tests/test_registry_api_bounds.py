@@ -212,7 +212,8 @@ def test_download_counts_once_per_client_per_day(reg, tmp_path: Path) -> None:
 
     assert [fetch("203.0.113.7") for _ in range(5)] == [1, 1, 1, 1, 1]
     assert fetch("198.51.100.2") == 2
-    assert fetch(None) == 3 and fetch(None) == 4  # unknown address: every download counts
+    assert [fetch("2001:db8:1:2::7"), fetch("2001:db8:1:2::8"), fetch("2001:db8:1:3::7")] == [3, 3, 4]  # per /64
+    assert fetch(None) == 5 and fetch(None) == 6  # unknown address: every download counts
 
 
 def test_a_big_commit_in_flight_does_not_hold_other_writers(reg) -> None:

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -76,11 +77,11 @@ def test_tags_are_revisions_everywhere(reg, tmp_path: Path) -> None:
         api.delete_tag("alice/tagged", tag="v1.0")
 
 
-@pytest.mark.skipif(shutil.which("hf", path=os.path.dirname(os.sys.executable)) is None, reason="no hf CLI")
+@pytest.mark.skipif(shutil.which("hf", path=os.path.dirname(sys.executable)) is None, reason="no hf CLI")
 def test_hf_cli_tags_and_probes(reg, tmp_path: Path) -> None:
     store, server, tokens = reg
     _api(server, tokens).create_repo("alice/cli")
-    hf = shutil.which("hf", path=os.path.dirname(os.sys.executable))
+    hf = shutil.which("hf", path=os.path.dirname(sys.executable))
     env = subprocess_env(hf_home=tmp_path / "hf", endpoint=server.url, HF_TOKEN=tokens["alice"])
 
     def run(*args: str) -> str:
