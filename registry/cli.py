@@ -257,6 +257,14 @@ def gc_command(store: RegistryStore) -> None:
     click.echo(f"removed {removed} unreferenced blob(s)")
 
 
+@registry_group.command("reindex")
+@_with_store
+def reindex_command(store: RegistryStore) -> None:
+    """Rebuild the search index from every repo's files (after an upgrade changes what is indexed)."""
+    count = store.reindex()
+    click.echo(f"reindexed {count} repo(s)")
+
+
 @registry_group.command("fsck")
 @_data_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")

@@ -95,3 +95,14 @@ def test_corrupt_database_file(data: Path) -> None:
     db.write_bytes(bytes(raw))
     code, out = _fsck(data)
     assert code == 1 and "database" in out
+
+
+def test_reindex_picks_up_new_indexing_rules(data: Path) -> None:
+    with RegistryStore(data) as store:  # as an older peftkit indexed it: the card's library only
+        with store.db.write() as conn:
+            conn.execute("DELETE FROM facets WHERE kind = 'library'")
+        assert store.search(library="peft") == []
+    result = CliRunner().invoke(registry_group, ["reindex", "--data", str(data)], catch_exceptions=False)
+    assert result.exit_code == 0 and "reindexed 2 repo(s)" in result.output
+    with RegistryStore(data) as store:
+        assert sorted(r.repo_id for r in store.search(library="peft")) == ["alice/one", "alice/two"]
