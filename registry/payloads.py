@@ -78,7 +78,8 @@ def too_many_files(count: int | None, max_files: int, what: str) -> PayloadTooLa
     return PayloadTooLarge(
         f"{what} names {count if count is not None else f'more than {max_files}'} files; this registry takes "
         f"at most {max_files} files (additions plus deletions) per commit: split the upload into several "
-        "commits of fewer files (e.g. one upload_folder call per sub-folder, or HfApi.upload_large_folder)"
+        f"commits of at most {max_files} files each (for example one upload_folder call per sub-folder, or "
+        "several with allow_patterns)"
     )
 
 
