@@ -357,7 +357,7 @@ def check_base_config(name_or_path: str, members: Sequence[Member], model_kwargs
 
     from peftkit.core.serialization import _check_base
 
-    options = {k: model_kwargs[k] for k in ("revision", "trust_remote_code", "token", "cache_dir")
+    options = {k: model_kwargs[k] for k in ("revision", "trust_remote_code", "token", "cache_dir", "local_files_only")
                if k in model_kwargs}
     try:
         config = AutoConfig.from_pretrained(name_or_path, **options)
@@ -521,6 +521,10 @@ def load_with_plan(base_model: Any, spec: Any, hub: "str | HubBackend | None" = 
             backend.close()
     members = list(the_plan.members.values())
     if isinstance(base_model, (str, Path)):
+        from peftkit.core.model_source import model_source_options
+
+        model_kwargs = {**model_source_options(str(base_model), "the base model",  # fails fast offline
+                                               cache_dir=model_kwargs.get("cache_dir")), **model_kwargs}
         check_base_config(str(base_model), members, model_kwargs)  # before loading weights into a wrong class
         datas = [d for m in members for _, d, _ in _adapter_datas(m)]
         with transformers_progress(progress):
@@ -563,6 +567,7 @@ def save_composed(base_model: Any, spec: Any, out: str | Path, hub: "str | HubBa
                                      **model_kwargs)
     node = model.active_composition
     sources = ", ".join(f"{name} <- {m.source}" for name, m in the_plan.members.items())
+    sources += _labels_note(model)
     out = Path(out)
     if not merge:
         model.save_composition(str(out), node)
@@ -582,6 +587,17 @@ def save_composed(base_model: Any, spec: Any, out: str | Path, hub: "str | HubBa
             _save_tokenizer(str(base_model), tmp)
         apply_normal_modes(tmp)  # transformers' weights files come out owner-only
     return f"Wrote the base model with {', '.join(names)} merged in to {out} ({sources})"
+
+
+def _labels_note(model: "AdaptedModel") -> str:
+    """``; labels: a, b, ...`` for a classifier: the labels of the head that the composition predicts with."""
+    from peftkit.core.heads import is_classifier
+    from peftkit.core.labels import config_labels
+
+    if not is_classifier(model.base_model):
+        return ""
+    labels = config_labels(model.base_model.config) or []
+    return f"; labels: {', '.join(labels[:8])}{', ...' if len(labels) > 8 else ''}"
 
 
 def _save_tokenizer(name_or_path: str, folder: Path) -> None:

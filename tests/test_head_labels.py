@@ -215,8 +215,9 @@ def test_hub_load_stack_and_compose_bring_each_adapters_labels(folders: dict[str
     with pytest.raises(CompositionError, match="predict different labels"):
         peftkit.load(str(base_dir), "average(alice/sentiment, alice/topic)", hub=hub, progress=False)
 
-    save_composed(str(base_dir), "stack(alice/sentiment, alice/topic)", tmp_path / "composed", hub=hub,
-                  progress=False)
+    summary = save_composed(str(base_dir), "stack(alice/sentiment, alice/topic)", tmp_path / "composed", hub=hub,
+                            progress=False)
+    assert summary.endswith("; labels: food, sports, tech, travel)")
     assert json.loads((tmp_path / "composed" / "adapters" / "topic" / "labels.json").read_text())["labels"] == TOPICS
     save_composed(str(base_dir), "stack(alice/sentiment, alice/topic)", tmp_path / "merged", hub=hub, merge=True,
                   progress=False)
