@@ -304,7 +304,7 @@ class RegistryApp:
         out = [(b"server", b"peftkit-registry/1")]
         for name, value in [*resp.headers, *hardening_headers(route == "resolve")]:
             out.append((name.lower().encode("ascii"), header_value(value)))
-        if resp.file is None:
+        if resp.file is None and resp.header("Content-Length") is None:
             out.append((b"content-length", str(len(resp.body)).encode("ascii")))
         if resp.close:
             out.append((b"connection", b"close"))

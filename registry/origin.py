@@ -76,24 +76,30 @@ class ProxyTrust:
         return default
 
 
-@functools.lru_cache(maxsize=1024)  # a few distinct (address, Host) pairs in practice; bounded if not
 def base_url(*, public_url: str | None, scheme: str, local: tuple[str, int] | None, host_header: str | None) -> str:
     """The URL prefix for links in responses (see the module docstring)."""
     if public_url:
         return public_url.rstrip("/")
-    if local is None:
-        return f"{scheme}://{host_header or 'localhost'}"
-    local_host, local_port = local[0], int(local[1])
+    if local is None:  # not a TCP connection (never the case with this server)
+        return f"{scheme}://localhost"
+    if host_header is not None and len(host_header) > 300:
+        host_header = None  # no real host name is this long
+    return _checked_base(scheme, local[0], int(local[1]), host_header)
+
+
+@functools.lru_cache(maxsize=1024)  # a few distinct (address, Host) pairs in practice; bounded in size
+def _checked_base(scheme: str, local_host: str, local_port: int, host_header: str | None) -> str:
     if host_header:
         try:
             parts = urlsplit("//" + host_header.strip())
             name, port = parts.hostname or "", parts.port
+            clean = not (parts.path or parts.query or parts.fragment or parts.username or parts.password)
         except ValueError:
-            name, port = "", None
-        if name and (port or (443 if scheme == "https" else 80)) == local_port:
+            name, port, clean = "", None, False
+        if clean and name and (port or (443 if scheme == "https" else 80)) == local_port:
             local_ip, named_ip = _ip(local_host), _ip(name)
-            if named_ip is not None and named_ip == local_ip:
-                return f"{scheme}://{host_header.strip()}"
-            if name == "localhost" and local_ip is not None and local_ip.is_loopback:
-                return f"{scheme}://{host_header.strip()}"
+            if (named_ip is not None and named_ip == local_ip) or (
+                name == "localhost" and local_ip is not None and local_ip.is_loopback
+            ):
+                return f"{scheme}://{_host_part(name)}" + (f":{port}" if port else "")
     return f"{scheme}://{_host_part(local_host)}:{local_port}"

@@ -321,6 +321,25 @@ def test_forged_host_and_forwarded_headers_do_not_steer_links(hub) -> None:
     assert [line.split()[0] for line in log if '"GET /api/health"' in line] == ["127.0.0.1"]
 
 
+@pytest.mark.parametrize(
+    ("host", "expected"),
+    [
+        ("127.0.0.1:8080", "http://127.0.0.1:8080"),
+        ("LocalHost:8080", "http://localhost:8080"),
+        (None, "http://127.0.0.1:8080"),
+        ("evil.example:8080", "http://127.0.0.1:8080"),
+        ("127.0.0.1:8080/evil", "http://127.0.0.1:8080"),
+        ("127.0.0.1:8080@evil.example", "http://127.0.0.1:8080"),
+        ("127.0.0.1:9999", "http://127.0.0.1:8080"),
+        ("x" * 5000, "http://127.0.0.1:8080"),
+    ],
+)
+def test_links_use_the_host_header_only_when_it_names_the_connection(host, expected) -> None:
+    from peftkit.registry.origin import base_url
+
+    assert base_url(public_url=None, scheme="http", local=("127.0.0.1", 8080), host_header=host) == expected
+
+
 def test_public_url_and_trusted_proxy(tmp_path: Path) -> None:
     store = RegistryStore(tmp_path / "reg", fsync=False)
     store.create_repo("alice/model")
