@@ -226,3 +226,30 @@ def test_hub_load_stack_and_compose_bring_each_adapters_labels(folders: dict[str
     merged = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "merged")).eval()
     assert merged.config.id2label == dict(enumerate(TOPICS))
     assert torch.allclose(logits(merged), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["roberta", "gpt2"])
+def test_heads_of_other_shapes_resize_too(arch: str, tmp_path: Path) -> None:
+    """RoBERTa's head ends in classifier.out_proj after a dense layer; GPT-2's score has no bias."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification, RobertaConfig, RobertaForSequenceClassification
+
+    def build(labels: list[str] | None) -> torch.nn.Module:
+        torch.manual_seed(0)
+        kw = {} if labels is None else {"id2label": dict(enumerate(labels)), "label2id": {n: i for i, n in
+                                                                                          enumerate(labels)}}
+        if arch == "roberta":
+            return RobertaForSequenceClassification(RobertaConfig(
+                hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=128,
+                max_position_embeddings=130, pad_token_id=1, **kw)).eval()
+        return GPT2ForSequenceClassification(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=128,
+                                                        n_positions=64, pad_token_id=0, bos_token_id=1,
+                                                        eos_token_id=2, **kw)).eval()
+
+    source = peftkit.adapt(build(TOPICS), "lora[r=2]", "topic")
+    with torch.no_grad():
+        for param in source.adapter_parameters("topic"):
+            param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(6)) * 0.2)
+    source.save_adapter(str(tmp_path / "topic"), "topic")
+    loaded = peftkit.AdaptedModel.from_pretrained(build(None), str(tmp_path / "topic"), "topic")
+    assert torch.allclose(logits(loaded), logits(source.eval()), atol=1e-5)
+    assert loaded.config.id2label == dict(enumerate(TOPICS))
