@@ -8,7 +8,9 @@ limit. :func:`guarded_protocol` returns uvicorn's httptools protocol with:
 * a deadline from the moment a connection opens (or the next request's first
   byte arrives) until that request's headers are complete: past it the
   connection is closed (with ``408`` when part of a request was received);
-* a cap on the bytes of the request line plus headers: past it ``431`` and close.
+* a cap on the bytes of the request line plus headers: past it ``431`` and close;
+* the same deadline for the rest of a body the application answered without
+  reading (a refusal), which uvicorn otherwise drops for as long as it trickles.
 
 Small replies go out in one packet: TCP_NODELAY on each connection (uvicorn
 writes a response's headers and body separately; with Nagle's algorithm and
@@ -54,6 +56,7 @@ def guarded_protocol(limits: HeaderLimits) -> type[asyncio.Protocol]:
             self.header_bytes = 0
             self.reading_headers = True
             self.request_started = False
+            self.message_complete = True  # no request body pending
             super().connection_made(transport)
             # uvicorn writes a response's headers and body separately: without
             # TCP_NODELAY, Nagle's algorithm and the client's delayed ACK add
@@ -101,6 +104,7 @@ def guarded_protocol(limits: HeaderLimits) -> type[asyncio.Protocol]:
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
+            self.message_complete = False
             self.reading_headers = True
             self.request_started = True
             self.header_bytes = 0
@@ -113,9 +117,21 @@ def guarded_protocol(limits: HeaderLimits) -> type[asyncio.Protocol]:
                 self.cork(True)
             super().on_headers_complete()
 
+        def on_message_complete(self) -> None:
+            self.message_complete = True
+            super().on_message_complete()
+
         def on_response_complete(self) -> None:
             self.cork(False)
             super().on_response_complete()
+            if not self.message_complete and not self.transport.is_closing():
+                # Answered before its body was read (a refusal): uvicorn drops
+                # the rest as it comes, which must not take forever either.
+                self.loop.call_later(self.header_limits.timeout_s, self.drain_deadline_passed)
+
+        def drain_deadline_passed(self) -> None:
+            if not self.message_complete and not self.transport.is_closing():
+                self.transport.close()
 
         def connection_lost(self, exc: Exception | None) -> None:
             self.disarm_header_deadline()
