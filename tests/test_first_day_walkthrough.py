@@ -62,6 +62,7 @@ def day(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
              "--lr", "3e-3", "--base-model", BASE_ID)
     topic_data = _subset("topic_train.jsonl", 3, root / "topic.jsonl")
     mood_data = _subset("sentiment_train.jsonl", 4, root / "sentiment.jsonl")
+    mood_eval = _subset("sentiment_eval.jsonl", 2, root / "sentiment_eval.jsonl")
     steps: dict[str, tuple[int, str]] = {}
     old_umask = os.umask(UMASK)
     with pytest.MonkeyPatch.context() as env:
@@ -70,7 +71,7 @@ def day(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         try:
             steps["train topic"] = _cli(*train, "--data", str(topic_data), "--out", str(root / "out" / "topic"),
                                         "--push", "alice/topic")
-            steps["train sentiment"] = _cli(*train, "--data", str(mood_data), "--out",
+            steps["train sentiment"] = _cli(*train, "--data", str(mood_data), "--eval", str(mood_eval), "--out",
                                             str(root / "out" / "sentiment"))
             steps["push sentiment"] = _cli("hub", "push", str(root / "out" / "sentiment"), "alice/sentiment",
                                            "--task", "text-classification", "-q")
@@ -98,7 +99,7 @@ def _ok(day: dict[str, Any], step: str) -> str:
 def test_train_push_search_and_pull(day: dict[str, Any]) -> None:
     root = day["root"]
     assert "pushed: alice/topic" in _ok(day, "train topic")
-    _ok(day, "train sentiment")
+    assert "accuracy" in _ok(day, "train sentiment")  # evaluated on --eval
     _ok(day, "push sentiment")
     hits = {hit["repo_id"]: hit for hit in json.loads(_ok(day, "search"))}
     assert set(hits) == {"alice/topic", "alice/sentiment"}
