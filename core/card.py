@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from .errors import ConfigError
+
 
 def card_metadata(*, method: str, base_model: str | None, peft_format: bool, task: str | None = None,
                   dataset: str | list[str] | None = None, metrics: dict[str, float] | None = None,
@@ -51,6 +53,8 @@ def render_card(meta: dict[str, Any], *, method: str, adapter_name: str, repo_id
                 description: str | None = None, parameters: int | None = None,
                 metrics: dict[str, float] | None = None) -> str:
     front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)
+    if yaml.safe_load(front) != meta:  # PyYAML folds U+0085/U+2028 written raw in quotes: escape them all
+        front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=False)
     base = meta.get("base_model") or "<base model>"
     where = repo_id or "path/to/this/adapter"
     lines = [
@@ -84,5 +88,10 @@ def read_card_metadata(text: str) -> dict[str, Any]:
     end = text.find("\n---", 3)
     if end < 0:
         return {}
-    data = yaml.safe_load(text[3:end])
+    try:
+        data = yaml.safe_load(text[3:end])
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"the card's YAML front matter (between the '---' lines of README.md) cannot be read: "
+                          f"{' '.join(str(exc).split())}; fix it, or delete README.md to have a new card written"
+                          ) from None
     return data if isinstance(data, dict) else {}

@@ -21,7 +21,7 @@ import re
 from typing import TYPE_CHECKING, Any, Iterator, Sequence, Union
 
 from .errors import CompositionError
-from .shorthand import parse_value, split_top_level
+from .shorthand import MAX_NESTING, parse_value, split_top_level
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -328,8 +328,11 @@ def parse(text: str) -> Node:
         raise CompositionError(f"{kind}(): {exc}") from None
 
 
-def from_json(data: Any) -> Node:
+def from_json(data: Any, _depth: int = 0) -> Node:
     """The inverse of :func:`to_json`."""
+    if _depth > MAX_NESTING:  # refused before Python's recursion limit is reached
+        raise CompositionError(f"the composition nests blocks more than {MAX_NESTING} deep; at most {MAX_DEPTH} "
+                               f"are allowed")
     if isinstance(data, str):
         name = data.strip()
         if not _LEAF.match(name):
@@ -338,7 +341,7 @@ def from_json(data: Any) -> Node:
     if not isinstance(data, dict) or "block" not in data:
         raise CompositionError(f"a composition in JSON is an adapter name or an object with 'block' "
                                f"and 'children', got {data!r}")
-    cls = BLOCK_TYPES.get(data["block"])
+    cls = BLOCK_TYPES.get(data["block"]) if isinstance(data["block"], str) else None  # a list is unhashable
     if cls is None:
         raise CompositionError(f"unknown composition block {data['block']!r}; known: {', '.join(BLOCK_TYPES)}")
     children = data.get("children")
@@ -346,7 +349,7 @@ def from_json(data: Any) -> Node:
         raise CompositionError(f"{data['block']}: 'children' must be a list, got {children!r}")
     options = {k: v for k, v in data.items() if k not in ("block", "children")}
     try:
-        return cls(*[from_json(c) for c in children], **options)
+        return cls(*[from_json(c, _depth + 1) for c in children], **options)
     except TypeError as exc:
         raise CompositionError(f"{data['block']}(): {exc}") from None
 

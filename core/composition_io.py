@@ -85,7 +85,11 @@ def read_composition(path: str | os.PathLike) -> dict[str, Any]:
     own = data.get("peftkit_composition") if isinstance(data, dict) else None
     if not isinstance(own, dict):
         raise AdapterLoadError(f"{config} is not a peftkit composition file (no 'peftkit_composition' key)")
-    if own.get("format_version", 0) > COMPOSITION_FORMAT_VERSION:
+    version = own.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise AdapterLoadError(f"{config}: format_version must be a whole number, got {version!r}; "
+                               f"save the composition again")
+    if version > COMPOSITION_FORMAT_VERSION:
         raise AdapterLoadError(f"{config} has composition format {own.get('format_version')}, newer than this "
                                f"peftkit reads ({COMPOSITION_FORMAT_VERSION}); upgrade peftkit")
     try:

@@ -140,5 +140,5 @@ def read_folder_json(folder: str | os.PathLike, name: str, what: str) -> object:
         raise AdapterLoadError(f"{str(folder)!r} is not a {what} folder: it has no {name}")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
         raise AdapterLoadError(f"{path} is not valid JSON ({exc}); save the {what} again") from None

@@ -471,7 +471,11 @@ def read_fusion_config(path: str | os.PathLike) -> dict[str, Any]:
     own = data.get("peftkit_fusion") if isinstance(data, dict) else None
     if not isinstance(own, dict) or not isinstance(data.get("fuse"), dict):
         raise AdapterLoadError(f"{config_path} is not a peftkit fusion config (no 'peftkit_fusion'/'fuse' keys)")
-    if own.get("format_version", 0) > FUSION_FORMAT_VERSION:
+    version = own.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise AdapterLoadError(f"{config_path}: format_version must be a whole number, got {version!r}; "
+                               f"save the fusion again")
+    if version > FUSION_FORMAT_VERSION:
         raise AdapterLoadError(f"{config_path} has fusion format {own.get('format_version')}, newer than this "
                                f"peftkit reads ({FUSION_FORMAT_VERSION}); upgrade peftkit")
     return data

@@ -15,6 +15,9 @@ from .errors import ConfigError
 
 _NAME = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_\-]*)\s*(?:\[(.*)\])?\s*$", re.S)
 _PY_LITERALS = {"True": True, "False": False, "None": None}
+#: How deeply brackets may nest in a spec or a composition string (deeper text is refused
+#: before any recursive parsing, which would otherwise end in a RecursionError).
+MAX_NESTING = 32
 
 
 def parse_shorthand(spec: str) -> tuple[str, dict[str, Any]]:
@@ -66,15 +69,22 @@ def parse_value(raw: str, spec: str = "") -> Any:
 
 def split_top_level(text: str, sep: str) -> list[str]:
     """Split on ``sep`` outside brackets, braces, parentheses and quotes."""
-    parts, depth, quote, start = [], 0, "", 0
+    parts, depth, quote, start, escaped = [], 0, "", 0, False
     for i, ch in enumerate(text):
-        if quote:
-            if ch == quote and text[i - 1] != "\\":
+        if quote:  # inside quotes a backslash escapes the next character, a backslash too
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == quote:
                 quote = ""
         elif ch in "\"'":
             quote = ch
         elif ch in "[{(":
             depth += 1
+            if depth > MAX_NESTING:
+                raise ConfigError(f"brackets nest more than {MAX_NESTING} deep in {text[:60]!r}...; "
+                                  f"flatten the value")
         elif ch in "]})":
             depth -= 1
         elif ch == sep and depth == 0:
