@@ -36,3 +36,7 @@ class CompositionError(PeftkitError, ValueError):
 
 class MergeError(PeftkitError, ValueError):
     """Adapters cannot be merged (in weight space or into the base model)."""
+
+
+class ModelSourceError(PeftkitError, ConnectionError):
+    """A model or tokenizer given by hub id cannot be fetched: offline, or the hub cannot be reached."""

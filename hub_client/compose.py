@@ -605,7 +605,9 @@ def _save_tokenizer(name_or_path: str, folder: Path) -> None:
     try:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        from peftkit.core.model_source import model_source_options
+
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **model_source_options(name_or_path, "the tokenizer"))
     except Exception:  # noqa: BLE001 - a model without a tokenizer (tests, vision) is fine
         return
     tokenizer.save_pretrained(str(folder))

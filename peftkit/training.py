@@ -33,6 +33,7 @@ from typing import Any, Iterator, Sequence
 from peftkit.core.config import AdapterConfig
 from peftkit.core.errors import PeftkitError
 from peftkit.core.method import parse_spec
+from peftkit.core.model_source import model_source_options
 from peftkit.core.own_metadata import read_own_metadata
 from peftkit.hub_client.errors import BaseModelWarning
 from peftkit.hub_client.upload import looks_local
@@ -177,6 +178,9 @@ def train(model: Any, method: str | AdapterConfig, data: str | os.PathLike, *,
     any model is loaded.
     """
     plan = make_plan(model, method, data, eval_data, task, Path(out), _options(options))
+    for source, what in ((model, "the model"), (tokenizer, "the tokenizer")):
+        if isinstance(source, (str, os.PathLike)):
+            model_source_options(source, what)  # offline or unreachable: fail now, before the slow imports
     with _bitsandbytes_notes_hidden(not plan.opts.quantize):
         from peftkit.training_run import run
 

@@ -21,6 +21,7 @@ from peftkit.adapter_trainer import AdapterTrainer, argmax_predictions, classifi
     save_adapter_files, token_loss
 from peftkit.core.errors import PeftkitError
 from peftkit.core.fileio import write_text_atomic
+from peftkit.core.model_source import model_source_options
 from peftkit.core.model import AdaptedModel
 from peftkit.training import RESULTS_FILE, TrainOptions, TrainPlan, TrainResult, is_main_process, push_adapter
 from peftkit.training_data import (CLASSIFICATION_TASKS, LABELS_FILE, PIPELINE_TAGS, DataError, Encoded, LabelMap,
@@ -151,11 +152,12 @@ def _load_tokenizer(tokenizer: Any, model: Any, task: str) -> Any:
             source = getattr(getattr(source, "config", None), "_name_or_path", None)
             if not source:
                 raise PeftkitError("the model object names no folder to load a tokenizer from; pass tokenizer=")
+        options = model_source_options(str(source), "the tokenizer")  # fails fast offline
         try:
-            tok = AutoTokenizer.from_pretrained(str(source))
+            tok = AutoTokenizer.from_pretrained(str(source), **options)
             if task == "token-cls" and getattr(tok, "add_prefix_space", None) is False:
                 # Byte-level BPE (GPT-2, RoBERTa) needs add_prefix_space=True for words given one by one.
-                tok = AutoTokenizer.from_pretrained(str(source), add_prefix_space=True)
+                tok = AutoTokenizer.from_pretrained(str(source), add_prefix_space=True, **options)
         except (OSError, ValueError) as exc:
             raise PeftkitError(f"cannot load a tokenizer from {str(source)!r}: {exc}") from None
     tok.padding_side = "right"
@@ -185,6 +187,7 @@ def _load_model(model: Any, task: str, labels: LabelMap | None, dtype: str,
         kwargs.update(_quantized_loading(quantize, dtype))
     if labels is not None:
         kwargs["ignore_mismatched_sizes"] = True  # a head for other labels is replaced, and trained with the adapter
+    kwargs.update(model_source_options(str(model), "the model"))
     verbosity = hf_logging.get_verbosity()
     if labels is not None:
         hf_logging.set_verbosity_error()  # a new head is expected here: _report_fresh_weights says what is new

@@ -137,7 +137,7 @@ def test_push_publishes_the_adapter_and_labels_to_the_hub(tmp_path, bert_folder,
 
     folder = peftkit.hub.pull("alice/toy-sentiment", hub=hub, cache_dir=tmp_path / "cache", progress=False)
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", "adapter_config.json",
-                                                        "adapter_model.safetensors", "labels.json"]
+                                                        "adapter_model.safetensors", "labels.json", "peftkit.json"]
     [hit] = peftkit.hub.search(hub=hub, base_model="tiny/bert", task="text-classification")
     assert hit.repo_id == "alice/toy-sentiment"
     card = (folder / "README.md").read_text()

@@ -155,7 +155,10 @@ def initial_prompt(model: nn.Module, init: str, rows: int, *, text: str | None =
 def _text_token_ids(text: str, rows: int, tokenizer_name_or_path: str, kwargs: dict[str, Any]) -> torch.Tensor:
     from transformers import AutoTokenizer
 
+    from peftkit.core.model_source import model_source_options
+
     kwargs = {k: v for k, v in kwargs.items() if k != "trust_remote_code"}  # never run a checkpoint's code
+    kwargs = {**model_source_options(tokenizer_name_or_path, "the tokenizer"), **kwargs}  # fails fast offline
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_name_or_path, **kwargs)
     except (OSError, ValueError) as exc:
