@@ -6,8 +6,11 @@ Sources, in the order the Hub and PEFT use them:
   ``base_model`` (a string or a list), ``tags``, ``pipeline_tag``, ``datasets``,
   ``license``, ``language``.
 * ``adapter_config.json`` (PEFT's format): ``peft_type`` -> method (lower-cased),
-  ``base_model_name_or_path``, ``task_type``; and peftkit's own ``peftkit`` key
-  with ``method``/``task`` when present (its method wins over ``peft_type``).
+  ``base_model_name_or_path``, ``task_type``; and peftkit's own record, with
+  ``method``/``task``, when present (its method wins over ``peft_type``): the
+  config's ``peftkit`` key, else ``peftkit.json`` (:data:`PEFTKIT_RECORD_FILE`,
+  where peftkit keeps it for methods in PEFT's format, which warns about keys
+  it does not know).
 
 From those we derive the tags ``list_models(filter=...)`` matches, the way the
 Hub does: the card's tags, the library (``peft``), the method (``lora``), the
@@ -38,6 +41,9 @@ DOWNLOAD_COUNTING_FILES = frozenset(
 )
 
 MAX_INDEXED_BODY_CHARS = 20_000
+
+#: peftkit's own record of an adapter in PEFT's format, beside its adapter_config.json.
+PEFTKIT_RECORD_FILE = "peftkit.json"
 
 # YAML front matter is attacker-controlled: bounded in size and nesting, and
 # aliases (``*name``, which let a few bytes expand into gigabytes: "billion
@@ -108,6 +114,17 @@ def _check_bounded(yaml: Any, block: str, loader: Any) -> None:
                 )
         elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
             depth -= 1
+
+
+def _json_object(raw: bytes | None) -> dict[str, Any]:
+    """A JSON file's object, or ``{}`` when it is missing, broken or not an object."""
+    if raw is None:
+        return {}
+    try:
+        loaded = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
 
 
 def _jsonable(value: Any) -> Any:
@@ -221,8 +238,10 @@ class RepoMetadata:
         }
 
 
-def extract_metadata(readme: bytes | None, adapter_config: bytes | None) -> RepoMetadata:
-    """Build the index entry from the card and the adapter config (either may be missing or broken).
+def extract_metadata(readme: bytes | None, adapter_config: bytes | None,
+                     peftkit_record: bytes | None = None) -> RepoMetadata:
+    """Build the index entry from the card, the adapter config and peftkit's record (any may be
+    missing or broken).
 
     A broken card never blocks a commit (the client validates YAML before
     uploading); it is indexed as if it had no front matter and the error kept.
@@ -238,15 +257,8 @@ def extract_metadata(readme: bytes | None, adapter_config: bytes | None) -> Repo
             meta.body = text
     meta.card = card
 
-    config: dict[str, Any] = {}
-    if adapter_config is not None:
-        try:
-            loaded = json.loads(adapter_config.decode("utf-8"))
-            if isinstance(loaded, dict):
-                config = loaded
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            config = {}
-    peftkit_cfg = config.get("peftkit") if isinstance(config.get("peftkit"), dict) else {}
+    config = _json_object(adapter_config)
+    peftkit_cfg = config.get("peftkit") if isinstance(config.get("peftkit"), dict) else _json_object(peftkit_record)
 
     card_library = card.get("library_name") if isinstance(card.get("library_name"), str) else None
     meta.library_name = card_library

@@ -47,7 +47,7 @@ from typing import Any, Union
 
 from .accounts import Accounts
 from .blobs import BlobStore, StagedBlob
-from .cards import RepoMetadata, extract_metadata, normalize_task
+from .cards import PEFTKIT_RECORD_FILE, RepoMetadata, extract_metadata, normalize_task
 from .db import Database
 from .folders import clash, folder_set, under_any
 from .fsck import fsck as check_registry
@@ -291,7 +291,8 @@ class RegistryStore:
             return f.read(_MAX_INDEXED_FILE_BYTES)
 
     def _metadata_for(self, entries: Mapping[str, FileEntry]) -> RepoMetadata:
-        return extract_metadata(self._read_small(entries.get("README.md")), self._read_small(entries.get("adapter_config.json")))
+        return extract_metadata(self._read_small(entries.get("README.md")), self._read_small(entries.get("adapter_config.json")),
+                                self._read_small(entries.get(PEFTKIT_RECORD_FILE)))
 
     # ----------------------------------------------------------------- repos
     def create_repo(
