@@ -171,7 +171,7 @@ class RegistryStore:
         loss (not a process crash) may then lose the newest blobs.
         """
         self.root = Path(os.path.expanduser(os.fspath(root)))
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)  # a new data folder: its owner's only
         self.blobs = BlobStore(self.root, fsync=fsync)
         self.db = Database(self.root / "registry.db")
         self.accounts = Accounts(self.db)

@@ -107,6 +107,7 @@ def test_registry_database_and_blobs_stay_private(tmp_path: Path, umask: int) ->
         assert database and blobs
         assert {p.name: oct(_mode(p)) for p in database + blobs} == {p.name: "0o600" for p in database + blobs}
         assert _mode(tmp_path / "backup.db") == 0o600
+        assert _mode(tmp_path / "registry") == 0o700
     finally:
         store.close()
 
