@@ -224,9 +224,29 @@ def bench_raw_pulls(url: str, duration: float, clients: int) -> dict:
     return {"seconds": elapsed, "pulls_per_s": sum(counts) / elapsed, "mib_per_s": sum(counts) / elapsed}
 
 
-def keepalive_load(url: str, path: str, clients: int, seconds: float) -> dict:
-    """``clients`` raw keep-alive connections GETting ``path`` for ``seconds``: requests/s, p50/p99, errors."""
+def server_cpu_seconds(pid: int | None) -> float | None:
+    """CPU time (user + system) of process ``pid`` and its children so far (Linux /proc), or None."""
+    if pid is None or not os.path.isdir("/proc"):
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(entry) == pid or int(fields[1]) == pid:
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def keepalive_load(url: str, path: str, clients: int, seconds: float, server_pid: int | None = None) -> dict:
+    """``clients`` raw keep-alive connections GETting ``path`` for ``seconds``: requests/s, p50/p99, errors,
+    and the server's CPU milliseconds per request (when its pid is given)."""
     parts = urlsplit(url)
+    cpu0 = server_cpu_seconds(server_pid)
     deadline = time.monotonic() + seconds
     latencies: list[list[float]] = [[] for _ in range(clients)]
     errors = [0] * clients
@@ -251,8 +271,11 @@ def keepalive_load(url: str, path: str, clients: int, seconds: float) -> dict:
 
     elapsed = run_threads([(run, clients)])
     every = [t for ts in latencies for t in ts]
+    cpu1 = server_cpu_seconds(server_pid)
+    cpu_ms = (cpu1 - cpu0) * 1e3 / len(every) if cpu0 is not None and cpu1 is not None and every else None
     return {"requests_per_s": len(every) / elapsed, "p50_ms": percentile(every, 50) * 1e3,
-            "p99_ms": percentile(every, 99) * 1e3, "errors": sum(errors), "requests": len(every)}
+            "p99_ms": percentile(every, 99) * 1e3, "errors": sum(errors), "requests": len(every),
+            "server_cpu_ms_per_request": cpu_ms}
 
 
 def open_idle_connections(url: str, count: int) -> list:
@@ -351,24 +374,26 @@ def bench_mixed(url: str, token: str, tmp: Path, seconds: float, readers: int, w
             "errors": counts["errors"], "lost_commits": lost + max(0, missing_files), "corrupt_downloads": counts["corrupt"]}
 
 
+def _load_line(result: dict) -> str:
+    cpu = result["server_cpu_ms_per_request"]
+    return (f"{result['requests_per_s']:.0f} req/s, p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms, "
+            f"errors {result['errors']}" + (f", server CPU {cpu:.2f} ms/request" if cpu is not None else ""))
+
+
 def bench_stack(url: str, token: str, tmp: Path, *, clients: int, seconds: float, idle: int, mixed_seconds: float,
-                readers: int, writers: int) -> dict:
+                readers: int, writers: int, server_pid: int | None = None) -> dict:
     paths = {"resolve": "/bench/busy/resolve/main/adapter_config.json", "model_info": "/api/models/bench/busy"}
     out: dict = {}
     for name, path in paths.items():
         keepalive_load(url, path, clients, 1.0)  # warm up
-        out[name] = keepalive_load(url, path, clients, seconds)
-        print(f"  {clients} keep-alive clients, {name}: {out[name]['requests_per_s']:.0f} req/s, "
-              f"p50 {out[name]['p50_ms']:.1f} ms, p99 {out[name]['p99_ms']:.1f} ms, errors {out[name]['errors']}",
-              flush=True)
+        out[name] = keepalive_load(url, path, clients, seconds, server_pid)
+        print(f"  {clients} keep-alive clients, {name}: {_load_line(out[name])}", flush=True)
     socks = open_idle_connections(url, idle)
     try:
         for name, path in paths.items():
             key = f"{name}_with_{idle}_idle"
-            out[key] = keepalive_load(url, path, clients, seconds)
-            print(f"  ... with {idle} idle connections open, {name}: {out[key]['requests_per_s']:.0f} req/s, "
-                  f"p50 {out[key]['p50_ms']:.1f} ms, p99 {out[key]['p99_ms']:.1f} ms, errors {out[key]['errors']}",
-                  flush=True)
+            out[key] = keepalive_load(url, path, clients, seconds, server_pid)
+            print(f"  ... with {idle} idle connections open, {name}: {_load_line(out[key])}", flush=True)
         out["idle_still_open"] = still_open(socks)
     finally:
         for s in socks:
@@ -440,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"HTTP stack, server with {args.workers} worker(s), {report['cpus']} CPUs:", flush=True)
             report["stack"] = bench_stack(url, token, tmp, clients=args.clients, seconds=args.stack_seconds,
                                           idle=args.idle, mixed_seconds=args.mixed_seconds,
-                                          readers=args.pullers, writers=args.pushers)
+                                          readers=args.pullers, writers=args.pushers, server_pid=proc.pid)
         if args.stack_only:
             if args.json:
                 args.json.write_text(json.dumps(report, indent=2))

@@ -102,6 +102,12 @@ def _framing_error(raw: list[tuple[bytes, bytes]]) -> BadRequest | None:
     return None
 
 
+def _internal_error() -> Response:
+    """Log the exception being handled (a bug) and answer 500; the server keeps serving."""
+    sys.stderr.write(traceback.format_exc())
+    return error_response(RegistryError("internal server error; see the registry server's log"))
+
+
 def _too_large(length: int | None, limit: int) -> PayloadTooLarge:
     got = f"{length / 2**20:.1f} MiB" if length is not None else "more"
     return PayloadTooLarge(
@@ -232,6 +238,12 @@ class RegistryApp:
 
     def _authenticate_and_check(self, req: Request) -> Response | None:
         """Who the caller is, and whether a write is refused before its body is read."""
+        try:
+            return self._check_headers(req)
+        except Exception:  # a bug: log it, answer 500, keep serving
+            return _internal_error()
+
+    def _check_headers(self, req: Request) -> Response | None:
         secret = parse_bearer(req.headers.get("Authorization"))
         if secret is not None:
             try:
@@ -253,8 +265,7 @@ class RegistryApp:
         except RegistryError as exc:
             return error_response(exc)
         except Exception:  # a bug: log it, answer 500, keep serving
-            sys.stderr.write(traceback.format_exc())
-            return error_response(RegistryError("internal server error; see the registry server's log"))
+            return _internal_error()
         if resp.file is not None and resp.file_range is not None and req.method != "HEAD":
             start, end = resp.file_range
             if end - start + 1 <= _SMALL_FILE:
