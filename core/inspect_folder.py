@@ -9,6 +9,7 @@ from typing import Any
 
 from .errors import AdapterLoadError
 from .fileio import read_folder_json
+from .labels import read_labels
 from .own_metadata import read_own_metadata
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
@@ -62,6 +63,7 @@ def describe_folder(path: str | Path) -> dict[str, Any]:
         "parts": [{"method": part.get("method"), "target_modules": part.get("target_modules")}
                   for part in data["parts"] if isinstance(part, dict)] if isinstance(data.get("parts"), list) else None,
         "task_type": data.get("task_type"),
+        "labels": read_labels(path),  # a classifier's label names (labels.json), else None
         "plugin": own.get("plugin"),
         "plugin_version": own.get("plugin_version"),
         "parameters": params,

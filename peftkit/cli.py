@@ -132,6 +132,8 @@ def info_command(path: str, as_json: bool) -> None:
                                                        else "") for p in info["parts"]))]
     else:
         rows += [("targets", _targets(info["target_modules"]))]
+    if info["labels"]:
+        rows += [("labels", ", ".join(f"{i}: {name}" for i, name in enumerate(info["labels"])))]
     for key, value in [*rows,
                        ("plugin", f"{info['plugin'] or '-'} {info['plugin_version'] or ''}".strip()),
                        ("parameters", f"{info['parameters']:,}"), ("tensors", info["tensors"]),

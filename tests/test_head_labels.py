@@ -253,3 +253,12 @@ def test_heads_of_other_shapes_resize_too(arch: str, tmp_path: Path) -> None:
     loaded = peftkit.AdaptedModel.from_pretrained(build(None), str(tmp_path / "topic"), "topic")
     assert torch.allclose(logits(loaded), logits(source.eval()), atol=1e-5)
     assert loaded.config.id2label == dict(enumerate(TOPICS))
+
+
+def test_info_shows_a_classifiers_labels(folders: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    from peftkit.cli import run
+
+    assert run(["info", str(folders["topic"]), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["labels"] == TOPICS
+    assert run(["info", str(folders["topic"])]) == 0
+    assert "       labels: 0: food, 1: sports, 2: tech, 3: travel\n" in capsys.readouterr().out
