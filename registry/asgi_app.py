@@ -13,14 +13,17 @@ messages, with the protections a public listener needs:
    file in the blob store's tmp folder), bounded by the route's size limit, a
    per-read timeout and a whole-request deadline; a client that goes away
    mid-body leaves nothing behind;
-3. ``HubApi.dispatch`` runs in a worker thread (it blocks on SQLite and disk);
+3. ``HubApi.dispatch`` runs in a worker thread (it blocks on SQLite and disk),
+   at most ``threads`` at once;
 4. files stream out in chunks (with ``Range``), never whole in memory, each
    write bounded by the same stall timeout.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import concurrent.futures
 import sys
 import tempfile
 import threading
@@ -135,7 +138,16 @@ class RegistryApp:
         self.threads = threads
         self.stats: collections.Counter[str] = collections.Counter()
         self._stats_lock = threading.Lock()
-        self._limiter: anyio.CapacityLimiter | None = None
+        # The blocking work (SQLite, disk) runs here; a plain executor costs
+        # less per request than anyio's worker threads.
+        self.executor = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="peftkit-registry")
+
+    def close(self) -> None:
+        """Let the worker threads go once their current requests end."""
+        self.executor.shutdown(wait=False)
+
+    async def _in_thread(self, func: Callable[[Request], Any], req: Request) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, func, req)
 
     def count(self, key: str) -> None:
         with self._stats_lock:
@@ -152,8 +164,6 @@ class RegistryApp:
                     return
         if scope["type"] != "http":
             return
-        if self._limiter is None:
-            self._limiter = anyio.CapacityLimiter(self.threads)
         try:
             await self._handle(scope, receive, send)
         except ClientGone:
@@ -191,7 +201,7 @@ class RegistryApp:
             if framing is not None:
                 raise framing
             if not has_body:  # one trip to a worker thread: authenticate, check, answer
-                resp = await anyio.to_thread.run_sync(self._answer, req, limiter=self._limiter)
+                resp = await self._in_thread(self._answer, req)
             else:
                 resp = await self._answer_with_body(send, receive, req, declared, route, query)
                 if resp is None:
@@ -211,7 +221,7 @@ class RegistryApp:
     ) -> Response | None:
         """Check from the headers, then spool the body and dispatch; None when a refusal was already sent."""
         if "Authorization" in req.headers:
-            early = await anyio.to_thread.run_sync(self._authenticate_and_check, req, limiter=self._limiter)
+            early = await self._in_thread(self._authenticate_and_check, req)
         else:  # no token: refuse_early decides without the database
             early = self._authenticate_and_check(req)
         limit = self.api.body_limit(req.method, req.path)
@@ -229,7 +239,7 @@ class RegistryApp:
         body = await self._spool(receive, limit)
         try:
             req.body = body
-            return await anyio.to_thread.run_sync(self._dispatch, req, limiter=self._limiter)
+            return await self._in_thread(self._dispatch, req)
         finally:
             body.close()
 
