@@ -73,6 +73,8 @@ class BodyTimeout(ClientGone):
 
 def escape_log(text: str) -> str:
     """One printable line: control and non-ASCII characters become ``\\xNN``-style escapes."""
+    if text.isascii() and text.isprintable():
+        return text  # the common case, without a loop in Python
     return "".join(
         c if " " <= c <= "~" else c.encode("unicode_escape").decode("ascii") if c != "\n" else "\\n" for c in text
     )
@@ -80,8 +82,10 @@ def escape_log(text: str) -> str:
 
 def header_value(value: str) -> bytes:
     """Headers are one latin-1 line without control characters; file names and messages may be neither."""
-    text = " ".join(str(value).split())
-    return escape_log(text).encode("ascii")
+    text = str(value)
+    if not (text.isascii() and text.isprintable()):
+        text = escape_log(" ".join(text.split()))
+    return text.encode("ascii")
 
 
 def _headers_message(raw: list[tuple[bytes, bytes]]) -> Message:
