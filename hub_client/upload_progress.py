@@ -1,7 +1,7 @@
 """A byte progress bar for a push, which huggingface_hub sends as one request.
 
 A peftkit registry takes every file inside the commit request (NDJSON with
-base64 contents, see HUB_PROTOCOL.md), and huggingface_hub shows no progress
+base64 contents, see docs/architecture.md), and huggingface_hub shows no progress
 for that request. To show the bytes as they leave, a request hook on
 huggingface_hub's shared HTTP client swaps the body of the commit request for
 a stream that hands it to the socket in chunks and advances a bar. The hook

@@ -1,6 +1,6 @@
 """Parsing of the Hub's upload payloads: ``preupload`` JSON and the NDJSON commit.
 
-The commit body is one JSON object per line (see HUB_PROTOCOL.md)::
+The commit body is one JSON object per line (see docs/architecture.md, "The hub protocol")::
 
     {"key": "header", "value": {"summary": ..., "description": ..., "parentCommit": ...}}
     {"key": "file", "value": {"path": ..., "content": <base64>, "encoding": "base64"}}

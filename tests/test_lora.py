@@ -1,4 +1,4 @@
-"""LoRA and DoRA: the invariants of ANCHORS.md on tiny models of several architectures."""
+"""LoRA and DoRA on tiny models of several architectures: PEFT parity, identity at init, merges."""
 
 from __future__ import annotations
 
