@@ -249,7 +249,7 @@ def serve(
             sock.listen(2048)
             if ready is not None:
                 ready(_url(sock))
-            server.run(sockets=[sock])
+            _run_until_signal(server, sock)
             return
         store.close()
         spec = _WorkerSpec(str(data_dir), config, options, log is not None)
@@ -257,6 +257,26 @@ def serve(
     finally:
         sock.close()
         store.close()
+
+
+class _Stopped(Exception):
+    """SIGTERM arrived: leave quietly (exit status 0, as with Ctrl-C)."""
+
+
+def _raise_stopped(signum: int, frame: object) -> None:
+    raise _Stopped
+
+
+def _run_until_signal(server: "uvicorn.Server", sock: socket.socket) -> None:
+    """Serve until SIGINT/SIGTERM. uvicorn shuts down gracefully, then re-raises the signal
+    to the handler that was there before it: ours, which ends the run without a traceback."""
+    previous = signal.signal(signal.SIGTERM, _raise_stopped)
+    try:
+        server.run(sockets=[sock])
+    except (KeyboardInterrupt, _Stopped):
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _supervise(spec: _WorkerSpec, sock: socket.socket, workers: int, ready: Callable[[str], None] | None) -> None:

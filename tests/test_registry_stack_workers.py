@@ -117,3 +117,10 @@ def test_two_workers_lose_no_commit_and_one_parent_race_winner(tmp_path: Path, h
     assert proc.returncode == 0
     with RegistryStore(data) as store:
         assert store.fsck() == []
+
+
+def test_one_process_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    proc, url, _ = start_cli_server(tmp_path / "reg")
+    stop_process(proc)  # SIGTERM, as systemd sends
+    assert proc.returncode == 0
+    assert "Traceback" not in (proc.stderr.read() if proc.stderr else "")
