@@ -88,7 +88,7 @@ def test_train_output_follows_the_umask(tmp_path: Path, umask: int) -> None:
     data = write_jsonl(tmp_path / "train.jsonl", rows_for("seq-cls", 8))
     with torch_threads(1):
         peftkit.train(str(base), "lora[r=2]", data, task="seq-cls", out=tmp_path / "out", max_steps=2,
-                      save_steps=1, quiet=True)
+                      save_steps=1, quiet=True, base_model="tiny/bert")
     assert (tmp_path / "out" / "checkpoints").is_dir()
     assert_normal_modes(tmp_path / "out", umask)
 
