@@ -57,6 +57,7 @@ def guarded_protocol(limits: HeaderLimits) -> type[asyncio.Protocol]:
             self.reading_headers = True
             self.request_started = False
             self.message_complete = True  # no request body pending
+            self.drain_timer: asyncio.TimerHandle | None = None
             super().connection_made(transport)
             # uvicorn writes a response's headers and body separately: without
             # TCP_NODELAY, Nagle's algorithm and the client's delayed ACK add
@@ -119,6 +120,9 @@ def guarded_protocol(limits: HeaderLimits) -> type[asyncio.Protocol]:
 
         def on_message_complete(self) -> None:
             self.message_complete = True
+            if self.drain_timer is not None:
+                self.drain_timer.cancel()
+                self.drain_timer = None
             super().on_message_complete()
 
         def on_response_complete(self) -> None:
@@ -127,14 +131,17 @@ def guarded_protocol(limits: HeaderLimits) -> type[asyncio.Protocol]:
             if not self.message_complete and not self.transport.is_closing():
                 # Answered before its body was read (a refusal): uvicorn drops
                 # the rest as it comes, which must not take forever either.
-                self.loop.call_later(self.header_limits.timeout_s, self.drain_deadline_passed)
+                self.drain_timer = self.loop.call_later(self.header_limits.timeout_s, self.drain_deadline_passed)
 
         def drain_deadline_passed(self) -> None:
+            self.drain_timer = None
             if not self.message_complete and not self.transport.is_closing():
                 self.transport.close()
 
         def connection_lost(self, exc: Exception | None) -> None:
             self.disarm_header_deadline()
+            if self.drain_timer is not None:
+                self.drain_timer.cancel()
             super().connection_lost(exc)
 
     return GuardedHttpToolsProtocol
