@@ -61,7 +61,8 @@ class _Incoming:
 
 def hotswap_adapter(model: "AdaptedModel", path: str | Path, name: str) -> "AdapterRecord":
     """Copy the weights of the adapter saved at ``path`` into loaded adapter ``name``, in place."""
-    from .serialization import _check_base, config_from_data, method_for, read_config, read_weights
+    from .peft_embeddings import load_embedding_base_tensors, take_embedding_base_tensors
+    from .serialization import KEY_PREFIX, _check_base, config_from_data, method_for, read_config, read_weights
 
     record = model.adapter_record(name)
     where = str(path)
@@ -81,6 +82,7 @@ def hotswap_adapter(model: "AdaptedModel", path: str | Path, name: str) -> "Adap
         raise refused(f"{name!r} is merged into the base weights (at {merged[0]})", "unmerge_adapter() first")
     config = config_from_data(method, data, where)
     tensors = read_weights(Path(path))
+    embedding_base = take_embedding_base_tensors(model, tensors, KEY_PREFIX, where)  # PEFT's: loaded as a load does
     labels = read_labels(Path(path))
     incoming = _build(model, method, config, where)
     _compare_structure(model, record, incoming, refused)
@@ -97,6 +99,7 @@ def hotswap_adapter(model: "AdaptedModel", path: str | Path, name: str) -> "Adap
     with torch.no_grad():  # everything fits: now, and only now, the model changes
         for copy in copies:
             copy()
+    load_embedding_base_tensors(model, embedding_base)
     before = model.adapter_labels(name)
     record.labels = labels if labels is not None and before is not None and len(labels) == len(before) else None
     if model.adapter_labels(name) != before and name in model.active_adapters:

@@ -215,3 +215,18 @@ def test_base_embeddings_of_another_vocabulary_size_are_refused_with_the_fix(tmp
     with pytest.raises(peftkit.AdapterLoadError, match=r"resize_token_embeddings\(128\)"):
         peftkit.from_pretrained(bigger, str(tmp_path))
     assert not any(".lora_" in name for name, _ in bigger.named_parameters())
+
+
+def test_an_adapter_with_base_embeddings_hot_swaps_them_in_as_a_load_does(tmp_path):
+    spec = 'lora[r=4,init_weights=false,target_modules=["embed_tokens","q_proj"]]'
+    donor = peftkit.adapt(build_tiny("llama"), spec).eval()
+    with torch.no_grad():
+        donor.base_model.model.embed_tokens.base_layer.weight.mul_(1.5)
+    donor.save_adapter(tmp_path / "a")
+    served = peftkit.adapt(build_tiny("llama"), spec.replace("init_weights=false", "init_weights=true")).eval()
+    served.hotswap_adapter(str(tmp_path / "a"), "default")
+    fresh = peftkit.from_pretrained(build_tiny("llama"), str(tmp_path / "a"))
+    torch.testing.assert_close(served.base_model.model.embed_tokens.base_layer.weight,
+                               donor.base_model.model.embed_tokens.base_layer.weight)
+    torch.testing.assert_close(_out(served, "llama"), _out(fresh, "llama"))
+    torch.testing.assert_close(_out(served, "llama"), _out(donor, "llama"))
