@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 from peftkit.core import composition
 from peftkit.core.composition import BASE_MODEL, Block, Node
 from peftkit.core.errors import CompositionError
+from peftkit.registry.cards import TASK_TYPE_TO_AUTO_CLASS
 
 from .backend import HubBackend
 from .errors import HubError
@@ -54,14 +55,7 @@ _NAME_CHARS = re.compile(r"[^A-Za-z0-9_\-]+")
 _PLACEHOLDER = "__hubref{}__"
 
 #: PEFT's task_type -> the transformers Auto class for the base model.
-_AUTO_CLASSES = {
-    "CAUSAL_LM": "AutoModelForCausalLM",
-    "SEQ_CLS": "AutoModelForSequenceClassification",
-    "TOKEN_CLS": "AutoModelForTokenClassification",
-    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
-    "QUESTION_ANS": "AutoModelForQuestionAnswering",
-    "FEATURE_EXTRACTION": "AutoModel",
-}
+_AUTO_CLASSES = TASK_TYPE_TO_AUTO_CLASS
 
 
 @dataclass

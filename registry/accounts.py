@@ -227,10 +227,28 @@ class Accounts:
         if row["last_used"] is None or now - row["last_used"] > _LAST_USED_RESOLUTION_S:
             with self.db.write() as conn:
                 conn.execute("UPDATE tokens SET last_used = ? WHERE id = ?", (now, row["id"]))
+        return self._principal(row)
+
+    def principal_of_token(self, token_id: str) -> Principal | None:
+        """The principal of a token by its id, or None when it does not exist or is revoked
+        (a web session keeps the id of the token its user signed in with)."""
+        with self.db.connection() as conn:
+            row = conn.execute(
+                "SELECT id, user, name, write FROM tokens WHERE id = ? AND revoked_at IS NULL", (token_id,)
+            ).fetchone()
+        return self._principal(row) if row is not None else None
+
+    def _principal(self, row) -> Principal:
         return Principal(
             user=row["user"], write=bool(row["write"]), orgs=self.orgs_of(row["user"]),
             token_id=row["id"], token_name=row["name"],
         )
+
+    def members_of(self, org: str) -> list[str]:
+        """The members of organization ``org`` (empty for a user or an unknown name)."""
+        with self.db.connection() as conn:
+            rows = conn.execute("SELECT user FROM org_members WHERE org = ? ORDER BY user", (org,)).fetchall()
+        return [r["user"] for r in rows]
 
 
 def parse_bearer(header: str | None) -> str | None:

@@ -35,6 +35,16 @@ TASK_TYPE_TO_PIPELINE = {
     "FEATURE_EXTRACTION": "feature-extraction",
 }
 
+# PEFT task types -> the transformers Auto class that loads the base model.
+TASK_TYPE_TO_AUTO_CLASS = {
+    "CAUSAL_LM": "AutoModelForCausalLM",
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
+    "FEATURE_EXTRACTION": "AutoModel",
+}
+
 # Files whose GET counts as one download of the repo (the Hub counts config files too).
 DOWNLOAD_COUNTING_FILES = frozenset(
     {"adapter_config.json", "config.json", "fusion_config.json", "composition.json"}

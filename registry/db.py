@@ -134,6 +134,17 @@ CREATE TABLE IF NOT EXISTS tokens (
     last_used   REAL,
     revoked_at  REAL
 );
+
+-- Browser sign-ins to the web pages (registry/web): the sha256 of the session
+-- cookie's secret, and the token the user signed in with (revoking it, or
+-- signing out, ends the session).
+CREATE TABLE IF NOT EXISTS web_sessions (
+    secret_hash TEXT PRIMARY KEY,
+    token_id    TEXT NOT NULL REFERENCES tokens(id) ON DELETE CASCADE,
+    created_at  REAL NOT NULL,
+    expires_at  REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS web_sessions_expiry ON web_sessions(expires_at);
 """
 
 _FTS_SCHEMA = """

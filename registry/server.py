@@ -64,10 +64,13 @@ class ServerOptions:
 def _require_server_libraries() -> None:
     try:
         import httptools  # noqa: F401
+        import jinja2  # noqa: F401  (the web pages)
+        import markdown_it  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError as exc:
         raise MissingServerDependencies(
-            f"the registry server needs uvicorn and httptools ({exc.name or exc} is missing): {INSTALL_HINT}"
+            f"the registry server needs uvicorn, httptools, jinja2 and markdown-it-py ({exc.name or exc} is "
+            f"missing): {INSTALL_HINT}"
         ) from None
 
 
@@ -115,9 +118,10 @@ def _build(
     from .asgi_app import BodyLimits, RegistryApp
     from .connection_guard import HeaderLimits, guarded_protocol
     from .origin import ProxyTrust
+    from .web import WebSite
 
     app = RegistryApp(
-        HubApi(store, config),
+        WebSite(HubApi(store, config)),  # the web pages, in front of the Hub API
         body_limits=BodyLimits(read_timeout_s=options.body_read_timeout_s, request_timeout_s=options.request_timeout_s),
         proxies=ProxyTrust.parse(options.trusted_proxies),
         log=log,

@@ -160,6 +160,17 @@ class RepoInfo:
     card: dict[str, Any] = field(default_factory=dict)
 
 
+_FACET_KINDS = ("base_model", "method", "task", "dataset", "license", "tag", "author")
+
+
+@dataclass(frozen=True)
+class SearchFacets:
+    """What :meth:`RegistryStore.search_facets` counts: all hits, and ``{kind: [(value, hits), ...]}``."""
+
+    total: int
+    counts: dict[str, list[tuple[str, int]]]
+
+
 class RegistryStore:
     """Adapter repos on local disk. See the module docstring for the guarantees."""
 
@@ -855,44 +866,21 @@ class RegistryStore:
         return len(ids)
 
     # ---------------------------------------------------------------- search
-    def search(
+    def _search_where(
         self,
-        text: str | None = None,
+        text: str | None,
         *,
-        base_model: str | None = None,
-        method: str | None = None,
-        task: str | None = None,
-        tags: Iterable[str] = (),
-        author: str | None = None,
-        library: str | None = None,
-        sort: str = "downloads",
-        limit: int = 20,
-        offset: int = 0,
-        visible_to: Collection[str] | None = None,
-    ) -> list[RepoInfo]:
-        """Find repos. All given filters must match.
-
-        * ``text``: words matched (as prefixes) against the repo id, card body,
-          tags, base model, method, task and datasets; or a substring of the id.
-        * ``base_model``: the card's ``base_model`` or the adapter config's
-          ``base_model_name_or_path``; ``method``: e.g. ``lora``; ``task``: a
-          pipeline tag or PEFT task type (``CAUSAL_LM`` == ``text-generation``);
-          ``tags``: every tag must be present (e.g. ``base_model:adapter:<id>``);
-          ``author``: the namespace; ``library``: e.g. ``peft``.
-        * ``sort``: ``downloads`` (default), ``recent`` (last modified),
-          ``created``, ``relevance`` (text rank) or ``name``.
-        * ``visible_to``: namespaces whose private repos may be returned;
-          ``None`` returns every repo (trusted, in-process use).
-        """
-        sort_key = _SORT_ALIASES.get(sort)
-        if sort_key is None:
-            raise BadRequest(f"unknown sort {sort!r}; use one of: downloads, recent, created, relevance, name")
-        if not isinstance(limit, int) or limit < 1:
-            raise BadRequest(f"limit must be a positive integer, got {limit!r}")
-        if not isinstance(offset, int) or offset < 0:
-            raise BadRequest(f"offset must be a non-negative integer, got {offset!r}")
-        limit = min(limit, MAX_SEARCH_LIMIT)
-
+        base_model: str | None,
+        method: str | None,
+        task: str | None,
+        tags: Iterable[str],
+        author: str | None,
+        library: str | None,
+        visible_to: Collection[str] | None,
+        relevance: bool = False,
+    ) -> tuple[list[str], list[Any], str, list[Any]]:
+        """The WHERE clauses (over ``repos r``) and parameters of a search, shared by :meth:`search` and
+        :meth:`search_facets`; with ``relevance``, a join ranking the text matches (and its parameters)."""
         where: list[str] = []
         params: list[Any] = []
         joins = ""
@@ -936,7 +924,7 @@ class RegistryStore:
                     " OR r.repo_id LIKE ? ESCAPE '\\')"
                 )
                 params += [match, like]
-                if sort_key == "relevance":
+                if relevance:
                     joins = (
                         " LEFT JOIN (SELECT rowid AS rid, bm25(repo_search) AS rank FROM repo_search"
                         " WHERE repo_search MATCH ?) rel ON rel.rid = r.id"
@@ -956,6 +944,50 @@ class RegistryStore:
             else:
                 where.append("r.repo_id LIKE ? ESCAPE '\\'")
                 params.append(like)
+
+        return where, params, joins, order_params
+
+    def search(
+        self,
+        text: str | None = None,
+        *,
+        base_model: str | None = None,
+        method: str | None = None,
+        task: str | None = None,
+        tags: Iterable[str] = (),
+        author: str | None = None,
+        library: str | None = None,
+        sort: str = "downloads",
+        limit: int = 20,
+        offset: int = 0,
+        visible_to: Collection[str] | None = None,
+    ) -> list[RepoInfo]:
+        """Find repos. All given filters must match.
+
+        * ``text``: words matched (as prefixes) against the repo id, card body,
+          tags, base model, method, task and datasets; or a substring of the id.
+        * ``base_model``: the card's ``base_model`` or the adapter config's
+          ``base_model_name_or_path``; ``method``: e.g. ``lora``; ``task``: a
+          pipeline tag or PEFT task type (``CAUSAL_LM`` == ``text-generation``);
+          ``tags``: every tag must be present (e.g. ``base_model:adapter:<id>``);
+          ``author``: the namespace; ``library``: e.g. ``peft``.
+        * ``sort``: ``downloads`` (default), ``recent`` (last modified),
+          ``created``, ``relevance`` (text rank) or ``name``.
+        * ``visible_to``: namespaces whose private repos may be returned;
+          ``None`` returns every repo (trusted, in-process use).
+        """
+        sort_key = _SORT_ALIASES.get(sort)
+        if sort_key is None:
+            raise BadRequest(f"unknown sort {sort!r}; use one of: downloads, recent, created, relevance, name")
+        if not isinstance(limit, int) or limit < 1:
+            raise BadRequest(f"limit must be a positive integer, got {limit!r}")
+        if not isinstance(offset, int) or offset < 0:
+            raise BadRequest(f"offset must be a non-negative integer, got {offset!r}")
+        limit = min(limit, MAX_SEARCH_LIMIT)
+        where, params, joins, order_params = self._search_where(
+            text, base_model=base_model, method=method, task=task, tags=tags, author=author, library=library,
+            visible_to=visible_to, relevance=sort_key == "relevance",
+        )
 
         order = {
             "downloads": "r.downloads DESC, r.last_modified DESC, r.id DESC",
@@ -981,6 +1013,43 @@ class RegistryStore:
             )
             for r in rows
         ]
+
+    def search_facets(self, text: str | None = None, *, per_kind: int = 10, **filters: Any) -> SearchFacets:
+        """How many repos a :meth:`search` with these filters (its keyword arguments ``base_model``,
+        ``method``, ``task``, ``tags``, ``author``, ``library``, ``visible_to``) finds, and the most frequent values among them
+        of each facet (``base_model``, ``method``, ``task``, ``dataset``, ``license``, ``tag``, ``author``),
+        at most ``per_kind`` of each, most frequent first. Tags with a ``:`` (derived ones such as
+        ``base_model:...``) are not counted as tags; ``license:<l>`` tags are counted as licenses."""
+        unknown = set(filters) - {"base_model", "method", "task", "tags", "author", "library", "visible_to"}
+        if unknown:
+            raise TypeError(f"search_facets() got unexpected filters: {', '.join(sorted(unknown))}")
+        where, params, _, _ = self._search_where(
+            text, **{"base_model": None, "method": None, "task": None, "tags": (), "author": None, "library": None,
+                     "visible_to": None, **filters},
+        )
+        hits = "WITH hits AS MATERIALIZED (SELECT r.id, r.namespace FROM repos r" + (
+            " WHERE " + " AND ".join(where) if where else "") + ")"
+        facet_kind = (
+            "CASE WHEN f.kind != 'tag' THEN f.kind WHEN f.value LIKE 'license:%' THEN 'license'"
+            " WHEN instr(f.value, ':') = 0 THEN 'tag' END"
+        )
+        counts_sql = (
+            f"{hits} SELECT kind, value, n FROM ("
+            f" SELECT kind, value, n, row_number() OVER (PARTITION BY kind ORDER BY n DESC, value) AS rank FROM ("
+            f"  SELECT {facet_kind} AS kind, f.value AS value, count(*) AS n FROM facets f JOIN hits ON hits.id = f.repo"
+            "   WHERE f.kind IN ('base_model', 'method', 'task', 'dataset', 'tag') GROUP BY 1, 2)"
+            " WHERE kind IS NOT NULL) WHERE rank <= ? ORDER BY kind, n DESC, value"
+        )
+        authors_sql = f"{hits} SELECT namespace, count(*) AS n FROM hits GROUP BY namespace ORDER BY n DESC, namespace LIMIT ?"
+        total_sql = f"{hits} SELECT count(*) FROM hits"
+        counts: dict[str, list[tuple[str, int]]] = {k: [] for k in _FACET_KINDS}
+        with self.db.read() as conn:
+            (total,) = conn.execute(total_sql, params).fetchone()
+            for row in conn.execute(counts_sql, [*params, per_kind]):
+                value = row["value"][len("license:") :] if row["kind"] == "license" else row["value"]
+                counts[row["kind"]].append((value, row["n"]))
+            counts["author"] = [(r["namespace"], r["n"]) for r in conn.execute(authors_sql, [*params, per_kind])]
+        return SearchFacets(total=total, counts=counts)
 
     def record_download(self, repo_id: str, count: int = 1, *, client: str | None = None) -> bool:
         """Count ``count`` downloads of the repo (sorting by downloads uses this); returns whether it counted.

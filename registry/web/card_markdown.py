@@ -1,0 +1,111 @@
+"""A model card's Markdown as inert HTML.
+
+Cards are written by anyone with a write token, and read by everyone, so:
+
+* raw HTML in the Markdown is shown as text, never rendered (markdown-it-py
+  with ``html`` off);
+* links keep only ``http``, ``https``, ``mailto`` and relative targets (no
+  ``javascript:``, ``data:``, ``vbscript:``...); a refused link is shown as
+  its text; every link gets ``rel="nofollow noopener"``;
+* relative links and images point at the repo's files at the shown commit
+  (``/ns/name/resolve/<sha>/<path>``); images from other sites are shown as
+  links (the pages' CSP loads images from this site only, and readers are not
+  tracked by a card's remote images);
+* headings move one level down (the page's ``<h1>`` is the repo's name);
+* a card is rendered from at most :data:`MAX_CARD_BYTES` (the rest is cut
+  with a note), and results are cached by the README's content hash.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+import threading
+from collections import OrderedDict
+from typing import Any
+from urllib.parse import quote
+
+from markdown_it import MarkdownIt
+from markdown_it.common.utils import escapeHtml
+
+MAX_CARD_BYTES = 256 * 1024
+_CACHE_ENTRIES = 256
+_SCHEME_RE = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*):")
+_ALLOWED_SCHEMES = frozenset({"http", "https", "mailto"})
+_REL = "nofollow noopener"
+
+
+def link_allowed(url: str) -> bool:
+    """Only http(s), mailto and scheme-less (relative) URLs; checked on markdown-it's normalized URL."""
+    match = _SCHEME_RE.match(url.strip())
+    return match is None or match.group(1).lower() in _ALLOWED_SCHEMES
+
+
+def _repo_file_url(url: str, files_base: str) -> str:
+    """A relative URL (``plots/loss.png``, ``./README.md#usage``) as a link to that file of the repo."""
+    if not url or url.startswith(("#", "/", "?")) or _SCHEME_RE.match(url):
+        return url
+    path, hash_, fragment = url.partition("#")
+    path = path.split("?", 1)[0]
+    normal = posixpath.normpath(path)
+    if normal.startswith("..") or normal in (".", ""):
+        return "#"
+    return f"{files_base}/{quote(normal)}" + (hash_ + fragment if hash_ else "")
+
+
+def _build() -> MarkdownIt:
+    md = MarkdownIt("commonmark", {"html": False, "linkify": False, "typographer": False})
+    md.enable(["table", "strikethrough"])
+    md.validateLink = link_allowed  # type: ignore[method-assign]
+
+    def link_open(renderer: Any, tokens: list[Any], idx: int, options: Any, env: dict[str, Any]) -> str:
+        token = tokens[idx]
+        token.attrSet("href", _repo_file_url(str(token.attrGet("href") or ""), env["files_base"]))
+        token.attrSet("rel", _REL)
+        return renderer.renderToken(tokens, idx, options, env)
+
+    def image(renderer: Any, tokens: list[Any], idx: int, options: Any, env: dict[str, Any]) -> str:
+        token = tokens[idx]
+        src = str(token.attrGet("src") or "")
+        alt = renderer.renderInlineAsText(token.children or [], options, env)
+        if _SCHEME_RE.match(src) or src.startswith("//"):  # another site: a link, not a request
+            return f'<a href="{escapeHtml(src)}" rel="{_REL}">{escapeHtml(alt or src)}</a>'
+        url = _repo_file_url(src, env["files_base"])
+        return f'<img src="{escapeHtml(url)}" alt="{escapeHtml(alt)}" loading="lazy">'
+
+    def heading(renderer: Any, tokens: list[Any], idx: int, options: Any, env: dict[str, Any]) -> str:
+        token = tokens[idx]  # one level down: the page's own <h1> is the repo name
+        token.tag = f"h{min(6, int(token.tag[1]) + 1)}"
+        return renderer.renderToken(tokens, idx, options, env)
+
+    md.add_render_rule("heading_open", heading)
+    md.add_render_rule("heading_close", heading)
+    md.add_render_rule("link_open", link_open)
+    md.add_render_rule("image", image)
+    return md
+
+
+class CardRenderer:
+    """Renders card bodies, caching by (content hash, link base)."""
+
+    def __init__(self) -> None:
+        self._md = _build()
+        self._cache: OrderedDict[tuple[str, str], str] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def render(self, body: str, *, files_base: str, cache_key: str | None = None) -> str:
+        """``body`` (Markdown) as safe HTML; relative links resolve under ``files_base``."""
+        key = (cache_key, files_base) if cache_key else None
+        if key is not None:
+            with self._lock:
+                hit = self._cache.get(key)
+                if hit is not None:
+                    self._cache.move_to_end(key)
+                    return hit
+        html = self._md.render(body, {"files_base": files_base})
+        if key is not None:
+            with self._lock:
+                self._cache[key] = html
+                while len(self._cache) > _CACHE_ENTRIES:
+                    self._cache.popitem(last=False)
+        return html

@@ -1,0 +1,56 @@
+"""Jinja2 templates of the pages (package data next to this module), autoescaped, with small formatting filters."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import jinja2
+
+HERE = Path(__file__).parent
+STYLESHEET = HERE / "static" / "style.css"
+
+
+def human_size(size: int | None) -> str:
+    if size is None:
+        return "?"
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{size} B"
+
+
+def human_count(number: int | None) -> str:
+    if number is None:
+        return "?"
+    for limit, suffix in ((10**9, "B"), (10**6, "M"), (10**3, "k")):
+        if number >= limit:
+            return f"{number / limit:.1f}{suffix}".replace(".0", "")
+    return str(number)
+
+
+def when(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M UTC")
+
+
+class Templates:
+    def __init__(self) -> None:
+        self.env = jinja2.Environment(
+            loader=jinja2.FileSystemLoader(HERE / "templates"),
+            autoescape=True,  # every template is HTML
+            undefined=jinja2.StrictUndefined,
+            trim_blocks=True,
+            lstrip_blocks=True,
+        )
+        self.env.filters.update(size=human_size, count=human_count, when=when, seg=lambda v: quote(str(v), safe=""),
+                                path=lambda v: quote(str(v)))
+        self.stylesheet = STYLESHEET.read_bytes()
+        self.stylesheet_version = hashlib.sha256(self.stylesheet).hexdigest()[:12]
+
+    def render(self, name: str, **context: Any) -> bytes:
+        return self.env.get_template(name).render(**context).encode("utf-8")
