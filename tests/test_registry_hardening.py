@@ -177,6 +177,23 @@ def test_refused_small_body_cannot_hold_the_connection(hub) -> None:
     assert _ok(server)
 
 
+def test_connection_stays_usable_after_a_refusal(hub) -> None:
+    store, server, tokens, _ = hub
+    body = json.dumps({"name": "kept"}).encode()
+    with _connect(server) as sock:
+        sock.sendall(f"POST /api/repos/create HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode())
+        assert _read_response(sock)[0] == 401  # answered before the body...
+        sock.sendall(body)  # ...which then arrives and is dropped
+        # The next request on the same connection sends its body slowly, past the header deadline.
+        sock.sendall((f"POST /api/repos/create HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tokens['alice']}\r\n"
+                      f"Content-Length: {len(body)}\r\n\r\n").encode())
+        for i in range(0, len(body), 4):
+            time.sleep(0.3)
+            sock.sendall(body[i:i + 4])
+        status, _, reply = _read_response(sock)
+        assert status == 200 and json.loads(reply)["name"] == "alice/kept"
+
+
 def test_oversized_body_refused_from_content_length(hub) -> None:
     store, server, tokens, _ = hub
     head = (f"POST /api/models/alice/model/commit/main HTTP/1.1\r\nHost: x\r\n"
