@@ -12,6 +12,9 @@ from .fileio import read_folder_json
 from .labels import read_labels
 from .own_metadata import read_own_metadata
 
+#: In the keys of the base model's own weights that PEFT saves beside an adapter on embed_tokens or
+#: lm_head (see peft_embeddings): not the adapter's parameters.
+BASE_WEIGHT_INFIX = ".base_layer."
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                 "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
@@ -123,7 +126,7 @@ def _tensor_counts(path: Path) -> tuple[int, int]:
         return 0, 0
     numbers = tensors = 0
     for key, value in safetensors_header(path).items():
-        if key != "__metadata__":
+        if key != "__metadata__" and BASE_WEIGHT_INFIX not in key:
             n = 1
             for dim in value["shape"]:
                 n *= dim

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from .errors import AdapterLoadError, PeftkitError
+from .inspect_folder import BASE_WEIGHT_INFIX
 from .layer import TunerLayer
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -25,7 +26,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: The module names PEFT's "auto" rule looks for in target_modules.
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
-_BASE_INFIX = ".base_layer."
 
 
 def targets_embeddings(target_modules: Any, model: nn.Module) -> bool:
@@ -64,7 +64,7 @@ def embedding_base_tensors(model: "AdaptedModel", target_modules: Any, key_prefi
                                f"file would carry as the base embedding (as PEFT saves it); unmerge first "
                                f"(model.unmerge_adapter()) and save again")
         for key, tensor in layer.base_layer.state_dict().items():
-            out[f"{key_prefix}{path}{_BASE_INFIX}{key}"] = tensor
+            out[f"{key_prefix}{path}{BASE_WEIGHT_INFIX}{key}"] = tensor
     return out
 
 
@@ -74,8 +74,8 @@ def take_embedding_base_tensors(model: "AdaptedModel", tensors: dict[str, torch.
     ``{(module path, tensor name): tensor}``, checked against the model's; the model is not changed."""
     layers = dict(_wrapped_embeddings(model.base_model))
     taken: dict[tuple[str, str], torch.Tensor] = {}
-    for file_key in [k for k in tensors if k.startswith(key_prefix) and _BASE_INFIX in k]:
-        path, _, key = file_key[len(key_prefix):].rpartition(_BASE_INFIX)
+    for file_key in [k for k in tensors if k.startswith(key_prefix) and BASE_WEIGHT_INFIX in k]:
+        path, _, key = file_key[len(key_prefix):].rpartition(BASE_WEIGHT_INFIX)
         if path not in layers:
             continue  # not an embedding: left for the unexpected-key check
         own = layers[path].base_layer.state_dict().get(key)

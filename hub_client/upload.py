@@ -245,7 +245,7 @@ def _write_card(workdir: Path, meta: dict[str, Any], old_body: str, **render: An
 
 
 def _parameters(folder: Path, weights: str) -> int | None:
-    from peftkit.core.inspect_folder import safetensors_header
+    from peftkit.core.inspect_folder import BASE_WEIGHT_INFIX, safetensors_header
 
     path = folder / weights
     if not path.is_file():
@@ -256,7 +256,7 @@ def _parameters(folder: Path, weights: str) -> int | None:
         raise HubError(f"{path} is not a valid safetensors file ({exc}); save the adapter again") from None
     total = 0
     for key, value in header.items():
-        if key == "__metadata__":
+        if key == "__metadata__" or BASE_WEIGHT_INFIX in key:  # the base embeddings PEFT saves alongside
             continue
         count = 1
         for dim in value.get("shape", []):

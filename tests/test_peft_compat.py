@@ -199,6 +199,12 @@ def test_peftkit_saves_the_base_embeddings_when_peft_would_and_peft_loads_them(t
                                ours.base_model.model.embed_tokens.base_layer.weight)
     torch.testing.assert_close(_out(again, "llama"), _out(theirs, "llama"), atol=1e-5, rtol=1e-5)
 
+    from peftkit.core.inspect_folder import describe_folder  # peftkit info: the adapter's own parameters
+
+    own = sum(t.numel() for k, t in _tensors(tmp_path / "ours").items() if ".base_layer." not in k)
+    assert describe_folder(tmp_path / "ours")["parameters"] == own
+    assert own == sum(p.numel() for p in ours.adapter_parameters("default"))
+
     only_attention = peftkit.adapt(build_tiny("llama"), 'lora[r=4,target_modules=["q_proj"]]')
     only_attention.save_adapter(tmp_path / "plain")
     assert not any(".base_layer." in key for key in _tensors(tmp_path / "plain"))
