@@ -65,8 +65,10 @@ DEFAULT_ARCHITECTURES: tuple[str, ...] = ("llama", "gpt2", "bert", "t5")
 #: Blocks whose behaviour the suite checks when a method claims them.
 BLOCK_CHECKS = ("stack", "average", "batch_split", "parallel", "fuse")
 #: The checks, in the order they run; each takes one architecture.
-CHECKS: tuple[str, ...] = ("inject", "identity", "train_step", "save_load", "hotswap", "merge", "config",
-                           "parameter_count", *(f"block_{b}" for b in BLOCK_CHECKS))
+CHECKS: tuple[str, ...] = ("inject", "identity", "deterministic", "train_step", "save_load", "hotswap", "merge",
+                           "config", "parameter_count", *(f"block_{b}" for b in BLOCK_CHECKS))
+#: What a config's dropout options are set to by the ``deterministic`` check (eval mode must ignore them).
+EVAL_DROPOUT = 0.5
 #: Largest output difference allowed where an output must equal the base model's (identity at init).
 IDENTITY_ATOL = 1e-5
 
@@ -443,6 +445,38 @@ def _check_identity(case: _Case) -> None:
             f"right after injection; declare identity_at_init = True")
 
 
+def _check_deterministic(case: _Case) -> None:
+    """In eval mode the forward is deterministic: two forwards (under different torch seeds) are
+    bit-identical, and with every dropout option of the config set to 0.5 the output equals the
+    spec's output for the same weights (dropout acts in training only)."""
+    import dataclasses
+
+    import torch
+
+    model = case.adapted()
+    torch.manual_seed(case.options.seed + 1)
+    first = case.output(model, "default")
+    torch.manual_seed(case.options.seed + 2)
+    second = case.output(model)
+    assert torch.equal(first, second), (f"{case.where}: two eval-mode forwards differ (max diff "
+                                        f"{_max_diff(first, second):.3g}); is something random outside training?")
+    dropouts = {f.name: EVAL_DROPOUT for f in dataclasses.fields(case.config)
+                if "dropout" in f.name and type(getattr(case.config, f.name)) is float}
+    if not dropouts:
+        return
+    try:
+        with_dropout = case.config.replace(**dropouts)
+    except ConfigError:  # the method does not take 0.5 there: nothing more to compare
+        return
+    model.add_adapter("dropout", with_dropout)
+    _copy_parameters(model, "default", "dropout", case.where)
+    model.eval()
+    torch.manual_seed(case.options.seed + 3)
+    case.close(case.output(model, "dropout"), first,
+               f"eval-mode output with {', '.join(f'{k}={v}' for k, v in dropouts.items())} vs without "
+               f"(same weights): dropout must act in training only")
+
+
 def _check_train_step(case: _Case) -> None:
     """One optimizer step after train_adapter('default') changes that adapter's parameters and
     nothing else: not the base model, not a second adapter of the same method."""
@@ -552,6 +586,8 @@ def _check_hotswap(case: _Case) -> None:
 def _check_merge(case: _Case) -> None:
     """When the method claims merging: merged == unmerged == merge_and_unload (within the tolerance),
     and unmerging restores the base weights. Otherwise merging must be refused with MergeError."""
+    import torch
+
     from peftkit.core.layer import ModulesToSave, TunerLayer
 
     model = case.adapted()
@@ -568,7 +604,15 @@ def _check_merge(case: _Case) -> None:
     unmerged = case.output(model)
     model.merge_adapter(["default"])
     assert model.merged_adapters == ["default"], f"{case.where}: merge_adapter() merged {model.merged_adapters}"
-    case.close(case.output(model), unmerged, "merged vs unmerged output")
+    merged = case.output(model)
+    case.close(merged, unmerged, "merged vs unmerged output")
+    merged_weights = {n: p.detach().clone() for n, p in model.base_model.named_parameters() if n in weights}
+    model.merge_adapter(["default"])  # already merged: must change nothing (never add the change twice)
+    changed = [n for n, p in model.base_model.named_parameters() if n in weights and
+               not torch.equal(p.detach(), merged_weights[n])]
+    assert not changed, f"{case.where}: merging an already merged adapter again changed base weights {changed[:3]}"
+    assert torch.equal(case.output(model), merged), f"{case.where}: a second merge_adapter() changed the output"
+    assert model.merged_adapters == ["default"], f"{case.where}: after a second merge: {model.merged_adapters}"
     model.unmerge_adapter()
     case.close(case.output(model), unmerged, "output after unmerge vs before merge")
     for name, param in model.base_model.named_parameters():
@@ -636,8 +680,9 @@ def _claims(case: _Case, block: str) -> None:
 
 
 def _check_block_stack(case: _Case) -> None:
-    """stack(a) equals a; stack(a, b) runs and differs from a alone; with an adapter c at its
-    (identity) init, stack(a, c) and stack(c, a) equal a alone."""
+    """stack(a) equals a; stack(a, b) differs from a alone and, at every site where both adapters are
+    additive, equals the hand sum h + delta_a + delta_b of the adapters' own delta(); with an adapter
+    c at its (identity) init, stack(a, c) and stack(c, a) equal a alone."""
     import torch
 
     from peftkit.core.composition import Stack
@@ -646,14 +691,57 @@ def _check_block_stack(case: _Case) -> None:
     model = case.adapted("a", "b")
     out_a = case.output(model, "a")
     case.close(case.output(model, Stack("a")), out_a, "stack(a) vs a")
-    both = case.output(model, Stack("a", "b"))
+    with _site_io(model, ("a", "b")) as seen:
+        both = case.output(model, Stack("a", "b"))
     assert torch.isfinite(both).all(), f"{case.where}: stack(a, b) gives NaN or inf"
     assert _differs(both, out_a), f"{case.where}: stack(a, b) equals a alone: b had no effect"
-    if not case.identity:
-        return
-    model.add_adapter("c", case.spec)
-    case.close(case.output(model, Stack("a", "c")), out_a, "stack(a, c) with c at its identity init vs a")
-    case.close(case.output(model, Stack("c", "a")), out_a, "stack(c, a) with c at its identity init vs a")
+    if case.identity:
+        model.add_adapter("c", case.spec)
+        case.close(case.output(model, Stack("a", "c")), out_a, "stack(a, c) with c at its identity init vs a")
+        case.close(case.output(model, Stack("c", "a")), out_a, "stack(c, a) with c at its identity init vs a")
+    _check_stack_sums(case, model, seen)
+
+
+@contextlib.contextmanager
+def _site_io(model: "AdaptedModel", adapters: Sequence[str]) -> Iterator[dict[str, tuple[Any, Any, dict]]]:
+    """Record each site's input, output and the input each of ``adapters`` read there (another
+    module's input for a Site with ``input_from``) during the forwards run inside the block."""
+    from peftkit.core.layer import TunerLayer
+
+    seen: dict[str, tuple[Any, Any, dict]] = {}
+    handles = []
+    for name, module in model.base_model.named_modules():
+        if isinstance(module, TunerLayer):
+            def record(layer: Any, args: tuple, output: Any, name: str = name) -> None:
+                if args:
+                    read = {a: layer.input_of(a, args[0]) for a in adapters if a in layer.adapters}
+                    seen[name] = (args[0], output[0] if isinstance(output, tuple) else output, read)
+            handles.append(module.register_forward_hook(record))
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _check_stack_sums(case: _Case, model: "AdaptedModel", seen: dict[str, tuple[Any, Any, dict]]) -> None:
+    """At each site of stack(a, b) where both adapters are additive, the output is
+    h + delta_a(x, h) + delta_b(x, h + delta_a(x, h)) with h the base layer's output: each
+    adapter's delta() taken by hand, on the output of the one before."""
+    import torch
+
+    with torch.no_grad():
+        for site, (x, actual, read) in seen.items():
+            layer = model.base_model.get_submodule(site)
+            parts = [layer.adapters[n] for n in ("a", "b") if n in layer.adapters]
+            if len(parts) != 2 or not all(p.additive for p in parts) or not isinstance(x, torch.Tensor):
+                continue
+            base_out = layer.base_layer(x)
+            h = base_out[0] if isinstance(base_out, tuple) else base_out
+            for name, adapter in zip(("a", "b"), parts):
+                h = h + adapter.delta(read[name], h, layer.base_layer)
+            case.close(actual.float(), h.float(), f"stack(a, b) at site {site} vs the hand sum "
+                                                  f"h + delta_a + delta_b of the adapters' delta()")
 
 
 def _check_block_average(case: _Case) -> None:
@@ -746,6 +834,7 @@ def _max_diff(a: "torch.Tensor", b: "torch.Tensor") -> float:
 _CHECK_FUNCTIONS: dict[str, Callable[[_Case], None]] = {
     "inject": _check_inject,
     "identity": _check_identity,
+    "deterministic": _check_deterministic,
     "train_step": _check_train_step,
     "save_load": _check_save_load,
     "hotswap": _check_hotswap,

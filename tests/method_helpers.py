@@ -160,3 +160,16 @@ def check_greedy_generate(model: peftkit.AdaptedModel, name: str) -> None:
     with model.disable_adapters():
         plain = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, **extra)
     assert not torch.equal(generated, plain)
+
+
+def method_plugin(method: Any) -> Any:
+    """A plugin object that registers ``method`` (for ``peftkit.use_plugin`` in a test)."""
+
+    class Plugin:
+        PEFTKIT_PLUGIN_API = 1
+
+        @peftkit.hookimpl
+        def peftkit_register_methods(self, register: Any) -> None:
+            register(method)
+
+    return Plugin()

@@ -14,7 +14,7 @@ import peftkit
 from peftkit.testing import build_tiny, make_conformance_class, output_tensor, sample_inputs
 from peftkit_loha import LohaConfig
 
-# One test per check (inject, identity, train_step, save_load, merge, config,
+# One test per check (inject, identity, deterministic, train_step, save_load, merge, config,
 # parameter_count, and each composition block) on tiny llama, gpt2, bert and t5.
 TestLohaConformance = make_conformance_class("loha[r=4]")
 
