@@ -313,6 +313,13 @@ class TunerLayer(nn.Module):
         return f"adapters={list(self.adapters)}, merged={self.merged}"
 
 
+def adapters_at(module: nn.Module) -> dict[str, LayerAdapter]:
+    """The layer adapters at ``module`` by adapter name (a copy): those of a :class:`TunerLayer`
+    (its ``.adapters``), none for a module peftkit has not wrapped. ``base_of(module)`` gives the
+    wrapped original module (a TunerLayer's ``.base_layer``)."""
+    return dict(module.adapters) if isinstance(module, TunerLayer) else {}
+
+
 class ModulesToSave(nn.Module):
     """One trainable copy of a module per adapter; the original stays frozen.
 

@@ -292,21 +292,29 @@ def merge_adapters(model: "AdaptedModel", adapters: Sequence[str], weights: Sequ
 def _check_mergeable(record: "AdapterRecord") -> None:
     config = record.config
     needed = ("r", "alpha", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern")
-    if not all(hasattr(config, f) for f in needed):
+    if not record.method.merge_low_rank or not all(hasattr(config, f) for f in needed):
         raise MergeError(f"adapter {record.name!r} uses method {record.method.name!r}, whose parameters do not "
-                         f"add up in weight space (merging works for lora, and elementwise for "
-                         f"{', '.join(sorted(ELEMENTWISE_METHODS))}); compose it instead: average(...) or fuse(...)")
+                         f"add up in weight space (merging works for {_mergeable_methods()}); compose it "
+                         f"instead: average(...) or fuse(...)")
+
+
+def _mergeable_methods() -> str:
+    """The loaded methods that weight-space merging serves, for messages: "lora, and elementwise for ia3"."""
+    from .plugins import get_registry
+
+    methods = get_registry().methods.values()
+    low_rank = sorted(m.name for m in methods if m.merge_low_rank)
+    elementwise = sorted(m.name for m in methods if m.merge_elementwise)
+    text = ", ".join(low_rank) or "no loaded method"
+    return text + (f", and elementwise for {', '.join(elementwise)}" if elementwise else "")
 
 
 # -- elementwise methods (IA3 scaling vectors, BitFit bias deltas) ----------------------------------------
 
-#: Methods whose parameters are per-channel values with a meaningful sum: the merged value is
-#: identity + strategy(value_i - identity). A plugin's Method can opt in with ``merge_elementwise = True``.
-ELEMENTWISE_METHODS = frozenset({"ia3", "bitfit"})
-
-
 def _elementwise(record: "AdapterRecord") -> bool:
-    return bool(getattr(record.method, "merge_elementwise", record.method.name in ELEMENTWISE_METHODS))
+    """Whether the method's parameters are per-channel values with a meaningful sum (``Method.merge_elementwise``):
+    the merged value is identity + strategy(value_i - identity)."""
+    return bool(record.method.merge_elementwise)
 
 
 def _merge_elementwise(model: "AdaptedModel", names: list[str], records: list["AdapterRecord"],

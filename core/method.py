@@ -61,6 +61,22 @@ class Method:
     #: Whether the adapter output equals the base output right after injection.
     identity_at_init: ClassVar[bool] = True
 
+    # -- optional capabilities (the core asks these, never a method's name) -------
+
+    #: Weight-space merging (``merge_adapters``) combines this method's adapters elementwise:
+    #: their tensors are per-channel values around an identity (IA3's scales around 1, BitFit's
+    #: biases around 0), merged as identity + strategy(value_i - identity).
+    merge_elementwise: ClassVar[bool] = False
+    #: Weight-space merging combines this method's adapters through their low-rank factors
+    #: (each layer adapter's ``low_rank()``) into a new adapter of the same method; its config
+    #: must then have LoRA's rank fields (``r``, ``alpha``, ``use_rslora``, ``use_dora``,
+    #: ``rank_pattern``, ``alpha_pattern``).
+    merge_low_rank: ClassVar[bool] = False
+    #: This method makes one adapter of several methods' specs joined with ``|``
+    #: (``"prefix_tuning|par_bn"``); its config takes them as ``parts=[...]``. The first loaded
+    #: method that declares it serves such specs.
+    joins_specs: ClassVar[bool] = False
+
     # Filled in by the plugin manager.
     plugin_name: str | None = None
     distribution: str | None = None
@@ -150,8 +166,17 @@ def parse_spec(spec: str | AdapterConfig, registry: Any = None) -> tuple[Any, Ad
                           f"not {type(spec).__name__}")
     parts = split_top_level(spec, "|")
     if len(parts) > 1:  # "prefix_tuning[...]|par_bn[...]": several methods as one adapter
-        method = registry.get_method("union")
+        method = joining_method(registry, spec)
         return method, method.make_config(parts=[part.strip() for part in parts])
     name, values = parse_shorthand(spec)
     method = registry.get_method(name)
     return method, method.make_config(**values)
+
+
+def joining_method(registry: Any, spec: str) -> Any:
+    """The method that serves ``a|b`` specs: the first loaded one declaring ``joins_specs``."""
+    for method in registry.methods.values():
+        if type(method).joins_specs:
+            return method
+    raise ConfigError(f"{spec!r} joins several methods with '|', which needs a method that makes one adapter of "
+                      f"several (the built-in 'union'); none is loaded: check `peftkit plugins`")

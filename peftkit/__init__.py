@@ -13,10 +13,10 @@ Quick start::
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from peftkit.core.hookspecs import PLUGIN_API_VERSION, hookimpl
+from peftkit.core.lazy_names import lazy_attributes
 
 __version__ = "0.1.0"
 
@@ -87,17 +87,7 @@ _LAZY: dict[str, str] = {
 __all__ = ["PLUGIN_API_VERSION", "hookimpl", "__version__", *_LAZY]
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'peftkit' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, __all__)
 
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from peftkit.core.config import AdapterConfig
+from peftkit.plugin_api import AdapterConfig
 
 
 @dataclass

@@ -10,8 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from peftkit.core.base_layers import is_conv1d, linear_features
-from peftkit.core.layer import LayerAdapter
+from peftkit.plugin_api import is_conv1d, LayerAdapter, linear_features
 
 #: Std of the deltas when init_weights is False (a non-identity start).
 RANDOM_STD = 0.02

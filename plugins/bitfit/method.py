@@ -4,16 +4,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from peftkit.core.config import AdapterConfig
-from peftkit.core.errors import ConfigError
-from peftkit.core.method import ALL_BLOCKS, Method, Site
+from peftkit.plugin_api import ALL_BLOCKS, AdapterConfig, ConfigError, Method, Site
 
 from .config import BitFitConfig
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch.nn as nn
 
-    from peftkit.core.architectures import ArchitectureSpec
+    from peftkit.plugin_api import ArchitectureSpec
 
 #: ``peft_type`` written to adapter_config.json (PEFT has no BitFit method).
 FILE_TYPE = "BITFIT"
@@ -43,10 +41,11 @@ class BitFitMethod(Method):
     config_class = BitFitConfig
     description = "BitFit: train bias terms only (as per-adapter deltas); mergeable"
     can_merge = True
+    merge_elementwise = True
     supported_blocks = ALL_BLOCKS
 
     def sites(self, model: "nn.Module", config: AdapterConfig, arch: "ArchitectureSpec | None") -> list[Site]:
-        from peftkit.core.targets import base_of, find_targets, output_head_names
+        from peftkit.plugin_api import base_of, find_targets, output_head_names
 
         assert isinstance(config, BitFitConfig)
         explicit = isinstance(config.target_modules, list)
@@ -91,7 +90,7 @@ class BitFitMethod(Method):
     def expected_parameter_count(self, model: "nn.Module", config: AdapterConfig, sites: list[Site]) -> int:
         import math
 
-        from peftkit.core.targets import base_of
+        from peftkit.plugin_api import base_of
 
         from .layer import bias_shape
 

@@ -16,8 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Union
 
-from peftkit.core.config import AdapterConfig
-from peftkit.core.errors import ConfigError
+from peftkit.plugin_api import AdapterConfig, ConfigError
 
 #: Activation names accepted by ``non_linearity`` (``swish`` is ``silu``,
 #: ``gelu_new`` is the tanh approximation GPT-2 uses).

@@ -12,16 +12,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from peftkit.core.config import AdapterConfig
-from peftkit.core.errors import ConfigError, TargetError
-from peftkit.core.method import ALL_BLOCKS, Method, Site
+from peftkit.plugin_api import ALL_BLOCKS, AdapterConfig, ConfigError, Method, Site, TargetError
 
 from .config import BottleneckConfig, DoubleSeqBnConfig, ParBnConfig, SeqBnConfig, SequentialBottleneckConfig
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch.nn as nn
 
-    from peftkit.core.architectures import ArchitectureSpec
+    from peftkit.plugin_api import ArchitectureSpec
 
 #: ``peft_type`` written to adapter_config.json (PEFT has no bottleneck adapters;
 #: the method itself is named under the file's ``peftkit.method`` key).
@@ -40,7 +38,7 @@ class BottleneckMethod(Method):
     # -- sites -----------------------------------------------------------------
 
     def sites(self, model: "nn.Module", config: AdapterConfig, arch: "ArchitectureSpec | None") -> list[Site]:
-        from peftkit.core.targets import find_targets, is_linear_like, layer_index, name_matches
+        from peftkit.plugin_api import find_targets, is_linear_like, layer_index, name_matches
 
         assert isinstance(config, BottleneckConfig)
         if config.target_modules is not None:
@@ -100,8 +98,7 @@ class BottleneckMethod(Method):
     def adapter_shape(self, site: Site, base_layer: "nn.Module", config: BottleneckConfig,
                       model: "nn.Module") -> tuple[int, int, int]:
         """(input size, bottleneck size, output size) of the adapter at ``site``."""
-        from peftkit.core.architectures import architecture_for
-        from peftkit.core.targets import layer_index
+        from peftkit.plugin_api import architecture_for, layer_index
 
         out_f = _out_features(base_layer, site.name)
         if not self.parallel:
@@ -119,7 +116,7 @@ class BottleneckMethod(Method):
         return in_f, bottleneck, out_f
 
     def expected_parameter_count(self, model: "nn.Module", config: AdapterConfig, sites: list[Site]) -> int:
-        from peftkit.core.targets import base_of
+        from peftkit.plugin_api import base_of
 
         assert isinstance(config, BottleneckConfig)
         total = 0
@@ -173,7 +170,7 @@ class ParBnMethod(BottleneckMethod):
 
 def _find_point(model: "nn.Module", arch: "ArchitectureSpec | None", point: str, method: str,
                 config: BottleneckConfig) -> list[str]:
-    from peftkit.core.targets import find_point
+    from peftkit.plugin_api import find_point
 
     if point == "cross_attention_output" and (arch is None or point not in arch.points):
         model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
@@ -193,7 +190,7 @@ def _find_point(model: "nn.Module", arch: "ArchitectureSpec | None", point: str,
 def _pair_input(output: str, inputs: list[str], arch: "ArchitectureSpec | None") -> str:
     """The ffn_input module of the same block as ``output``: the one sharing the
     longest dotted prefix with it, in the same layer."""
-    from peftkit.core.targets import layer_index
+    from peftkit.plugin_api import layer_index
 
     parts = output.split(".")
 
@@ -220,7 +217,7 @@ def _pair_input(output: str, inputs: list[str], arch: "ArchitectureSpec | None")
 def _out_features(module: "nn.Module", name: str) -> int:
     import torch.nn as nn
 
-    from peftkit.core.base_layers import is_conv1d, linear_features
+    from peftkit.plugin_api import is_conv1d, linear_features
 
     if isinstance(module, nn.Linear) or is_conv1d(module):
         return linear_features(module)[1]
@@ -231,7 +228,7 @@ def _out_features(module: "nn.Module", name: str) -> int:
 def _in_features(module: "nn.Module", name: str) -> int:
     import torch.nn as nn
 
-    from peftkit.core.base_layers import is_conv1d, linear_features
+    from peftkit.plugin_api import is_conv1d, linear_features
 
     if isinstance(module, nn.Linear) or is_conv1d(module):
         return linear_features(module)[0]
@@ -240,7 +237,7 @@ def _in_features(module: "nn.Module", name: str) -> int:
 
 def _block_in_features(block: "nn.Module", name: str) -> int:
     """Input size of a feed-forward block: that of its first Linear/Conv1D layer."""
-    from peftkit.core.targets import base_of, is_linear_like, iter_candidate_modules
+    from peftkit.plugin_api import base_of, is_linear_like, iter_candidate_modules
 
     for _, module in iter_candidate_modules(block):
         if is_linear_like(module):

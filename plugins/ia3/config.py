@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Union
 
-from peftkit.core.config import AdapterConfig
-from peftkit.core.errors import ConfigError
+from peftkit.plugin_api import AdapterConfig, ConfigError
 
 
 @dataclass

@@ -18,9 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from peftkit.core.errors import MergeError
-from peftkit.core.base_layers import is_conv1d, linear_features, quantization_of, weight_out_in
-from peftkit.core.layer import LayerAdapter
+from peftkit.plugin_api import is_conv1d, LayerAdapter, linear_features, MergeError, quantization_of, weight_out_in
 
 
 class IA3Vector(LayerAdapter):

@@ -5,17 +5,14 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any
 
-from peftkit.core.config import AdapterConfig
-from peftkit.core.errors import ConfigError
-from peftkit.core.peft_format import read_peft_fields
-from peftkit.core.method import ALL_BLOCKS, Method, Site
+from peftkit.plugin_api import ALL_BLOCKS, AdapterConfig, ConfigError, Method, read_peft_fields, Site
 
 from .config import IA3Config
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch.nn as nn
 
-    from peftkit.core.architectures import ArchitectureSpec
+    from peftkit.plugin_api import ArchitectureSpec
 
 #: Architecture-table key of the default feed-forward targets.
 FEEDFORWARD_KEY = "ia3_feedforward"
@@ -42,12 +39,13 @@ class IA3Method(Method):
     config_class = IA3Config
     description = "(IA)^3: learned vectors rescaling activations; mergeable; PEFT format"
     can_merge = True
+    merge_elementwise = True
     peft_type = "IA3"
     supported_blocks = ALL_BLOCKS
     aliases = {"init_weights": "init_ia3_weights"}
 
     def sites(self, model: "nn.Module", config: AdapterConfig, arch: "ArchitectureSpec | None") -> list[Site]:
-        from peftkit.core.targets import find_targets, is_linear_like
+        from peftkit.plugin_api import find_targets, is_linear_like
 
         assert isinstance(config, IA3Config)
         names = find_targets(model, config, arch, method=self.name)
@@ -69,14 +67,14 @@ class IA3Method(Method):
             raise ConfigError(f"ia3: target_modules={config.target_modules!r} matched no Linear or Conv1D layer "
                               f"({', '.join(names[:5])} ...)")
         # PEFT expects fan_in_fan_out=True for Conv1D targets (GPT-2); keep the file truthful.
-        from peftkit.core.base_layers import is_conv1d
+        from peftkit.plugin_api import is_conv1d
 
         config.fan_in_fan_out = any(is_conv1d(_base(model, s.name)) for s in sites)
         return sites
 
     def create_layer_adapter(self, site: Site, base_layer: "nn.Module", config: AdapterConfig,
                              model: "nn.Module") -> "nn.Module":
-        from peftkit.core.base_layers import adapter_dtype
+        from peftkit.plugin_api import adapter_dtype
 
         from .layer import IA3Vector
 
@@ -86,7 +84,7 @@ class IA3Method(Method):
                          dtype=dtype)
 
     def expected_parameter_count(self, model: "nn.Module", config: AdapterConfig, sites: list[Site]) -> int:
-        from peftkit.core.base_layers import linear_features
+        from peftkit.plugin_api import linear_features
 
         total = 0
         for site in sites:
@@ -112,6 +110,6 @@ class IA3Method(Method):
 
 
 def _base(model: "nn.Module", name: str) -> "nn.Module":
-    from peftkit.core.targets import base_of
+    from peftkit.plugin_api import base_of
 
     return base_of(model.get_submodule(name))

@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal, Union
 
-from peftkit.core.config import AdapterConfig
-from peftkit.core.errors import ConfigError
+from peftkit.plugin_api import AdapterConfig, ConfigError
 
 
 @dataclass

@@ -26,8 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from peftkit.core.base_layers import adapter_dtype, is_conv1d
-from peftkit.core.layer import LayerAdapter
+from peftkit.plugin_api import adapter_dtype, is_conv1d, LayerAdapter
 
 from .shapes import LokrShapes
 

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from peftkit.core.config import AdapterConfig
-from peftkit.core.method import Method, Site
-from peftkit.core.peft_format import read_peft_fields, write_peft_fields
-from peftkit.core.targets import pattern_value
+from peftkit.plugin_api import AdapterConfig, Method, pattern_value, read_peft_fields, Site, write_peft_fields
 
 from .config import LokrConfig
 from .shapes import LokrShapes
@@ -15,7 +12,7 @@ from .shapes import LokrShapes
 if TYPE_CHECKING:  # pragma: no cover
     import torch.nn as nn
 
-    from peftkit.core.architectures import ArchitectureSpec
+    from peftkit.plugin_api import ArchitectureSpec
 
 #: PEFT's LoKrConfig fields, all named as ours.
 _PEFT_FIELDS = {name: name for name in (
@@ -29,7 +26,7 @@ _ADAPTED = "Linear, transformers' Conv1D, and torch's Conv1d and Conv2d layers"
 def _adaptable(module: "nn.Module") -> bool:
     import torch.nn as nn
 
-    from peftkit.core.targets import base_of, is_linear_like
+    from peftkit.plugin_api import base_of, is_linear_like
 
     return is_linear_like(module) or isinstance(base_of(module), (nn.Conv1d, nn.Conv2d))
 
@@ -42,7 +39,7 @@ class LokrMethod(Method):
     peft_type = "LOKR"
 
     def sites(self, model: "nn.Module", config: AdapterConfig, arch: "ArchitectureSpec | None") -> list[Site]:
-        from peftkit.core.targets import adaptable_targets
+        from peftkit.plugin_api import adaptable_targets
 
         # PEFT's LoKr defaults are LoRA's, unless a plugin registered LoKr defaults for the family.
         if config.target_modules is None and arch is not None and arch.default_targets(self.name) is None:
@@ -64,7 +61,7 @@ class LokrMethod(Method):
                          init_weights=config.init_weights)
 
     def expected_parameter_count(self, model: "nn.Module", config: AdapterConfig, sites: list[Site]) -> int:
-        from peftkit.core.targets import base_of
+        from peftkit.plugin_api import base_of
 
         assert isinstance(config, LokrConfig)
         return sum(_shapes(s.name, base_of(model.get_submodule(s.name)), config).parameter_count() for s in sites)
@@ -87,8 +84,7 @@ class LokrMethod(Method):
 
 def _shapes(name: str, base: "nn.Module", config: LokrConfig) -> LokrShapes:
     """PEFT's factor plan for the layer ``base`` at site ``name``."""
-    from peftkit.core.base_layers import linear_features
-    from peftkit.core.targets import is_linear_like
+    from peftkit.plugin_api import is_linear_like, linear_features
 
     if is_linear_like(base):
         in_features, out_features = linear_features(base)

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from peftkit.core.errors import ConfigError, MergeError
+from peftkit.plugin_api import ConfigError, MergeError
 
 from .layer import LoraFactors
 

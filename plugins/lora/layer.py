@@ -16,8 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from peftkit.core.base_layers import adapter_dtype, is_conv1d, linear_features, weight_out_in
-from peftkit.core.layer import LayerAdapter
+from peftkit.plugin_api import adapter_dtype, is_conv1d, LayerAdapter, linear_features, weight_out_in
 
 
 class LoraFactors(LayerAdapter):
@@ -78,7 +77,7 @@ class LoraFactors(LayerAdapter):
     def hotswap_plan(self, new: LayerAdapter) -> Callable[[], None]:
         """Plain LoRA swaps through low_rank() (other ranks too); DoRA and convolution LoRAs use B only as
         ``scale * B``, so another alpha folds into B as well, at the same rank."""
-        from peftkit.core.hotswap import scaled_swap_plan, swap_plan
+        from peftkit.plugin_api import scaled_swap_plan, swap_plan
 
         if self.low_rank() is not None:
             return swap_plan(self, new)

@@ -5,11 +5,8 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
-from peftkit.core.config import AdapterConfig
-from peftkit.core.errors import ConfigError
-from peftkit.core.method import Method, Site
-from peftkit.core.peft_format import read_peft_fields, write_peft_fields
-from peftkit.core.targets import pattern_value
+from peftkit.plugin_api import (AdapterConfig, ConfigError, Method, pattern_value, read_peft_fields, Site,
+                                write_peft_fields)
 
 from .config import LoraConfig
 
@@ -37,11 +34,12 @@ class LoraMethod(Method):
     config_class = LoraConfig
     description = "Low-rank adaptation (LoRA), with rsLoRA and DoRA; mergeable; PEFT format"
     can_merge = True
+    merge_low_rank = True
     peft_type = "LORA"
     aliases = {"lora_alpha": "alpha", "lora_dropout": "dropout", "init_lora_weights": "init_weights"}
 
     def sites(self, model: "nn.Module", config: AdapterConfig, arch: Any) -> list[Site]:
-        from peftkit.core.targets import adaptable_targets, is_conv, is_embedding, is_linear_like
+        from peftkit.plugin_api import adaptable_targets, is_conv, is_embedding, is_linear_like
 
         names = adaptable_targets(model, config, arch, self.name, label="LoRA", kinds=_ADAPTED,
                                   accepts=lambda m: is_linear_like(m) or is_embedding(m) or is_conv(m))
@@ -56,10 +54,10 @@ class LoraMethod(Method):
         r = pattern_value(site.name, config.rank_pattern, config.r)
         alpha = pattern_value(site.name, config.alpha_pattern, config.alpha)
         scale = alpha / (r ** 0.5) if config.use_rslora else alpha / r
-        from peftkit.core.targets import is_conv, is_embedding
+        from peftkit.plugin_api import is_conv, is_embedding
 
         if config.use_dora:
-            from peftkit.core.base_layers import quantization_of
+            from peftkit.plugin_api import quantization_of
 
             quantized = quantization_of(base_layer)
             if quantized:
@@ -77,8 +75,7 @@ class LoraMethod(Method):
         return LoraLinear(base_layer, r, scale, config.dropout, config.init_weights, config.use_dora)
 
     def expected_parameter_count(self, model: "nn.Module", config: AdapterConfig, sites: list[Site]) -> int:
-        from peftkit.core.base_layers import linear_features
-        from peftkit.core.targets import base_of, is_conv, is_embedding
+        from peftkit.plugin_api import base_of, is_conv, is_embedding, linear_features
 
         assert isinstance(config, LoraConfig)
         total = 0

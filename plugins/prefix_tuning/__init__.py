@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from peftkit.core.hookspecs import PLUGIN_API_VERSION, hookimpl
+from peftkit.plugin_api import PLUGIN_API_VERSION, hookimpl
 
 from .config import PrefixTuningConfig
 

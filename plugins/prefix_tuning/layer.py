@@ -24,10 +24,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from peftkit.core.errors import PeftkitError
-from peftkit.core.layer import ModelAdapter
-from peftkit.core.model_inputs import (batch_size, bind_arguments, cache_argument, check_growing_cache,
-                                       extend_mask, note_prefix, pop_cache, starts_sequence)
+from peftkit.plugin_api import (batch_size, bind_arguments, cache_argument, check_growing_cache, extend_mask,
+                                ModelAdapter, note_prefix, PeftkitError, pop_cache, starts_sequence)
 
 TENSOR_KEY = "prompt_embeddings"
 

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from peftkit.core.config import AdapterConfig
-from peftkit.core.errors import ConfigError
-from peftkit.core.peft_format import read_peft_fields
-from peftkit.core.method import Site
-from peftkit.plugins.virtual_tokens import VirtualTokenMethod, on_model_device
+from peftkit.plugin_api import (AdapterConfig, ConfigError, on_model_device, read_peft_fields, Site,
+                                VirtualTokenMethod)
 
 from .config import PrefixTuningConfig
 
@@ -31,7 +28,7 @@ class PrefixTuningMethod(VirtualTokenMethod):
     peft_type = "PREFIX_TUNING"
 
     def create_model_adapter(self, model: "nn.Module", config: AdapterConfig, arch: Any) -> "nn.Module":
-        from peftkit.core.model_inputs import cache_argument, text_config
+        from peftkit.plugin_api import cache_argument, text_config
 
         from .layer import PrefixTuning
 
@@ -91,7 +88,7 @@ def _first(config: Any, *names: str) -> Any:
 
 def prefix_geometry(model: "nn.Module", config: PrefixTuningConfig) -> "PrefixGeometry":
     """The prefix shape this model needs; explicit config values must agree with it."""
-    from peftkit.core.model_inputs import text_config
+    from peftkit.plugin_api import text_config
 
     from .layer import PrefixGeometry
 

@@ -5,10 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Optional
 
-from peftkit.core.config import AdapterConfig
-from peftkit.core.errors import ConfigError
-from peftkit.plugins.virtual_tokens import (check_num_transformer_submodules, check_num_virtual_tokens,
-                                            refuse_layer_selection)
+from peftkit.plugin_api import (AdapterConfig, check_num_transformer_submodules, check_num_virtual_tokens,
+                                ConfigError, refuse_layer_selection)
 
 
 @dataclass

@@ -21,10 +21,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from peftkit.core.errors import ConfigError, PeftkitError
-from peftkit.core.layer import ModelAdapter
-from peftkit.core.model_inputs import (CACHE_ARGUMENTS, bind_arguments, check_growing_cache, extend_mask,
-                                       starts_sequence)
+from peftkit.plugin_api import (CACHE_ARGUMENTS, bind_arguments, check_growing_cache, ConfigError, extend_mask,
+                                ModelAdapter, PeftkitError, starts_sequence)
 
 TENSOR_KEY = "prompt_embeddings"
 IGNORE_INDEX = -100
@@ -155,7 +153,7 @@ def initial_prompt(model: nn.Module, init: str, rows: int, *, text: str | None =
 def _text_token_ids(text: str, rows: int, tokenizer_name_or_path: str, kwargs: dict[str, Any]) -> torch.Tensor:
     from transformers import AutoTokenizer
 
-    from peftkit.core.model_source import model_source_options
+    from peftkit.plugin_api import model_source_options
 
     kwargs = {k: v for k, v in kwargs.items() if k != "trust_remote_code"}  # never run a checkpoint's code
     kwargs = {**model_source_options(tokenizer_name_or_path, "the tokenizer"), **kwargs}  # fails fast offline

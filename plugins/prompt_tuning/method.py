@@ -4,11 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from peftkit.core.config import AdapterConfig
-from peftkit.core.errors import ConfigError
-from peftkit.core.peft_format import read_peft_fields
-from peftkit.core.method import Site
-from peftkit.plugins.virtual_tokens import VirtualTokenMethod, on_model_device
+from peftkit.plugin_api import (AdapterConfig, ConfigError, on_model_device, read_peft_fields, Site,
+                                VirtualTokenMethod)
 
 from .config import PromptTuningConfig
 

@@ -6,8 +6,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union
 
-from peftkit.core.config import AdapterConfig
-from peftkit.core.errors import ConfigError
+from peftkit.plugin_api import AdapterConfig, ConfigError
 
 #: Fields of the union itself that would be ambiguous: each part chooses its own modules.
 _PER_PART_FIELDS = ("target_modules", "exclude_modules", "layers_to_transform")
@@ -44,7 +43,7 @@ class UnionConfig(AdapterConfig):
         self.parts = normalized
 
     def _normalized(self, part: Any) -> dict[str, Any]:
-        from peftkit.core.method import parse_spec
+        from peftkit.plugin_api import parse_spec
 
         if isinstance(part, str):
             method, config = parse_spec(part)
@@ -54,7 +53,7 @@ class UnionConfig(AdapterConfig):
             if not isinstance(name, str):
                 raise ConfigError(f"union config: part {part!r} names no method; give {{'method': 'lora', ...}} "
                                   f"or a spec string such as 'lora[r=8]'")
-            from peftkit.core.plugins import get_registry
+            from peftkit.plugin_api import get_registry
 
             method = get_registry().get_method(name)
             config = method.make_config(**values)
@@ -73,7 +72,7 @@ class UnionConfig(AdapterConfig):
 
     def part_configs(self) -> list[tuple[Any, AdapterConfig]]:
         """(method, config) for each part, in order."""
-        from peftkit.core.plugins import get_registry
+        from peftkit.plugin_api import get_registry
 
         registry = get_registry()
         out = []

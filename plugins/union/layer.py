@@ -7,7 +7,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from peftkit.core.layer import LayerAdapter, ModelAdapter
+from peftkit.plugin_api import LayerAdapter, ModelAdapter
 
 
 def _prefixed(parts: nn.ModuleDict) -> dict[str, torch.Tensor]:

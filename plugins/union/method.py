@@ -5,16 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from peftkit.core.config import AdapterConfig
-from peftkit.core.errors import ConfigError, TargetError
-from peftkit.core.method import ALL_BLOCKS, Method, Site
+from peftkit.plugin_api import ALL_BLOCKS, AdapterConfig, ConfigError, Method, Site, TargetError
 
 from .config import MamConfig, UnionConfig
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch.nn as nn
 
-    from peftkit.core.architectures import ArchitectureSpec
+    from peftkit.plugin_api import ArchitectureSpec
 
 
 @dataclass(frozen=True)
@@ -33,6 +31,7 @@ class UnionMethod(Method):
     # by keeping them as separate adapters), and the core's rules for input-rewriting parts (prefix or
     # prompt tuning) apply to the whole union.
     can_merge = False
+    joins_specs = True  # serves "prefix_tuning|par_bn" specs
     supported_blocks = ALL_BLOCKS
     identity_at_init = False  # a prefix part starts random; pass identity_at_init to peftkit.testing per spec
 
@@ -100,13 +99,12 @@ class UnionMethod(Method):
         return {"peft_type": self.name.upper(), "parts": parts, "modules_to_save": config.modules_to_save}
 
     def config_from_file(self, data: dict[str, Any]) -> AdapterConfig:
-        from peftkit.core.plugins import get_registry
+        from peftkit.plugin_api import get_registry
 
         raw_parts = data.get("parts")
         if not isinstance(raw_parts, list) or not all(isinstance(p, dict) and "method" in p for p in raw_parts):
             raise ConfigError(f"{self.name} adapter_config.json: 'parts' must be a list of objects with a 'method'")
-        from peftkit.core.errors import PluginError
-        from peftkit.core.plugins import unknown_method_message
+        from peftkit.plugin_api import PluginError, unknown_method_message
 
         registry = get_registry()
         parts = []
@@ -138,5 +136,6 @@ class UnionMethod(Method):
 class MamMethod(UnionMethod):
     name = "mam"
     config_class = MamConfig
+    joins_specs = False  # a preset: "a|b" specs make a union
     description = "Mix-and-match adapter: prefix tuning + a parallel bottleneck adapter, as one adapter (union)"
     supported_blocks = frozenset({"stack"})  # its prefix changes the model's inputs (see prefix tuning)

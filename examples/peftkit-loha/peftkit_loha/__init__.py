@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from peftkit import hookimpl
+from peftkit.plugin_api import hookimpl
 
 from .config import LohaConfig
 

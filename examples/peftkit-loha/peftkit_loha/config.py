@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from peftkit import AdapterConfig, ConfigError
+from peftkit.plugin_api import AdapterConfig, ConfigError
 
 
 @dataclass

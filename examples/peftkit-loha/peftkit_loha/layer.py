@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from peftkit import LayerAdapter
+from peftkit.plugin_api import LayerAdapter
 
 
 def _is_conv1d(base: nn.Module) -> bool:

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from peftkit import AdapterConfig, ConfigError, Method, Site
-from peftkit.core.targets import base_of, is_linear_like, pattern_value
+from peftkit.plugin_api import AdapterConfig, base_of, ConfigError, is_linear_like, Method, pattern_value, Site
 
 from .config import LohaConfig
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch.nn as nn
 
-    from peftkit import ArchitectureSpec
+    from peftkit.plugin_api import ArchitectureSpec
 
 #: PEFT's LoHaConfig fields that are ours too, under the same names.
 _PEFT_FIELDS = ("r", "alpha", "rank_dropout", "module_dropout", "init_weights", "rank_pattern", "alpha_pattern",

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from peftkit.core.config import AdapterConfig
-from peftkit.core.errors import ConfigError
-from peftkit.core.method import Method, Site
+from .config import AdapterConfig
+from .errors import ConfigError
+from .method import Method, Site
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch.nn as nn
