@@ -26,7 +26,7 @@ from peftkit.plugins.lora.config import LoraConfig
 BOUNDED = settings(max_examples=100, deadline=None, database=None,
                    suppress_health_check=[HealthCheck.too_slow])
 
-# -- the method shorthand ------------------------------------------------------------------------------------------------
+# -- the method shorthand ----------------------------------------------------------------------------------------------
 
 _IDENT_START = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_"
 _IDENT = st.text(_IDENT_START, min_size=1, max_size=1).flatmap(
@@ -110,7 +110,7 @@ def test_any_spec_text_is_a_config_or_a_peftkit_error(text):
     assert config.method == method.name
 
 
-# -- the composition grammar ---------------------------------------------------------------------------------------------
+# -- the composition grammar -------------------------------------------------------------------------------------------
 
 _ADAPTER = st.from_regex(r"[A-Za-z0-9_\-]{1,12}", fullmatch=True)
 

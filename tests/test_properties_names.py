@@ -39,7 +39,7 @@ _ANY_TEXT = st.one_of(st.text(_NEAR, max_size=40), st.text(max_size=40))
 _NOT_TEXT = st.one_of(st.none(), st.integers(), st.binary(max_size=4), st.lists(st.text(max_size=3), max_size=2))
 
 
-# -- hub references ------------------------------------------------------------------------------------------------------
+# -- hub references ----------------------------------------------------------------------------------------------------
 
 
 @BOUNDED
@@ -80,7 +80,7 @@ def test_a_reference_that_is_not_text_is_refused(value):
     raise AssertionError(f"parse_ref({value!r}) did not refuse")
 
 
-# -- the registry's names ------------------------------------------------------------------------------------------------
+# -- the registry's names ----------------------------------------------------------------------------------------------
 
 
 @BOUNDED
@@ -148,7 +148,7 @@ def test_any_revision_is_accepted_idempotently_or_refused_with_invalid_revision(
     assert ".." not in accepted and "//" not in accepted
 
 
-# -- model-card front matter ---------------------------------------------------------------------------------------------
+# -- model-card front matter -------------------------------------------------------------------------------------------
 
 _CARD_TEXT = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=20).filter(str.strip)
 
@@ -176,8 +176,8 @@ def test_card_front_matter_round_trips(method, base_model, task, dataset, tags, 
 
 _YAML_NEAR = st.sampled_from(list("ab:-[]{}&*!|>'\"#%@`,? \n\t0.\\\ufeff"))
 _YAML_TEXT = st.one_of(st.text(_YAML_NEAR, max_size=60), st.text(max_size=40),
-                       st.lists(st.sampled_from(["<<: ", "---", "a: ", "- ", "  ", "\n", "&x ", "*x", "!!python/name:x"]),
-                                max_size=12).map("".join))
+                       st.lists(st.sampled_from(["<<: ", "---", "a: ", "- ", "  ", "\n", "&x ", "*x",
+                                                 "!!python/name:x"]), max_size=12).map("".join))
 
 
 @BOUNDED

@@ -19,7 +19,7 @@ import torch
 import peftkit
 from peftkit.core.base_layers import linear_features, quantization_of
 from peftkit.core.errors import ConfigError, MergeError
-from tests.method_helpers import output_of, randomize
+from tests.method_helpers import greedy_without_cache, output_of, randomize
 from tests.tiny_models import VOCAB, sample_inputs
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is in the test extra: pip install -e .[test]")
@@ -190,8 +190,16 @@ def test_inference_in_eval_mode_runs_bitsandbytes_cpu_kernel_close_to_the_refere
     _copy_adapters(q_model, f_model)
     q_model.eval(), f_model.eval()
     torch.testing.assert_close(output_of(q_model, "llama"), output_of(f_model, "llama"), rtol=0.05, atol=0.02)
-    generated = q_model.generate(**sample_inputs("llama"), max_new_tokens=3, do_sample=False)
-    assert generated.shape[1] == sample_inputs("llama")["input_ids"].shape[1] + 3
+    inputs = sample_inputs("llama")
+    generated = q_model.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    # the cached generate() decodes what full forwards of the quantized model decode, token for token
+    full_forwards = greedy_without_cache(q_model, "llama", inputs["input_ids"], inputs["attention_mask"], 3)
+    assert torch.equal(generated, full_forwards)
+    with q_model.disable_adapters():
+        assert not torch.equal(q_model.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=0), generated)
+    q_model.train(), f_model.train()  # where bitsandbytes computes the dequantized product exactly
+    assert torch.equal(q_model.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=0),
+                       f_model.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=0))
 
 
 def test_train_quantize_4bit_is_qlora_in_one_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

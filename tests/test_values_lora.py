@@ -29,7 +29,7 @@ def _logits(model, **inputs):
         return output_tensor(model(**inputs)).float()
 
 
-# -- half precision ------------------------------------------------------------------------------------------------------
+# -- half precision ----------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -55,7 +55,7 @@ def test_half_precision_lora_equals_a_float32_hand_computation(dtype):
         f"more than half-precision rounding ({tolerance:.3g})")
 
 
-# -- dropout in eval mode ------------------------------------------------------------------------------------------------
+# -- dropout in eval mode ----------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("spec, hand", [
@@ -88,7 +88,7 @@ def test_dropout_is_the_identity_in_eval_mode(spec, hand):
     assert not torch.allclose(seen["out"], expected, atol=1e-3)
 
 
-# -- merging twice -------------------------------------------------------------------------------------------------------
+# -- merging twice -----------------------------------------------------------------------------------------------------
 
 
 def test_merging_an_already_merged_adapter_is_a_no_op():
@@ -121,7 +121,7 @@ def test_unmerging_twice_restores_the_base_once():
     torch.testing.assert_close(weight, original, atol=1e-6, rtol=0)
 
 
-# -- DoRA's gradients against PEFT's ---------------------------------------------------------------------------------------
+# -- DoRA's gradients against PEFT's -----------------------------------------------------------------------------------
 
 
 def test_dora_gradients_equal_pefts_with_the_norm_a_constant(tmp_path):
@@ -152,7 +152,7 @@ def test_dora_gradients_equal_pefts_with_the_norm_a_constant(tmp_path):
     assert compared == 18
 
 
-# -- Embedding LoRA against PEFT, both ways -------------------------------------------------------------------------------
+# -- Embedding LoRA against PEFT, both ways ----------------------------------------------------------------------------
 
 
 def _embedding_hand(model: peftkit.AdaptedModel, ids: torch.Tensor, scale: float) -> torch.Tensor:
@@ -190,7 +190,7 @@ def test_embedding_lora_saved_by_peftkit_gives_the_same_logits_in_peft(tmp_path)
     torch.testing.assert_close(_logits(theirs, **inputs), expected, atol=1e-5, rtol=1e-5)
 
 
-# -- routing under beam search -----------------------------------------------------------------------------------------------
+# -- routing under beam search -----------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("arch", ["llama", "t5"])
