@@ -44,7 +44,7 @@ def save_composition(model: "AdaptedModel", path: str | os.PathLike, node: Node 
                      **card: Any) -> None:
     """Write ``node`` (default: the active composition) with its adapters and fusions under ``path``."""
     from .fusion import save_fusion
-    from .serialization import _version, _write_adapter, base_model_id, base_model_info
+    from .serialization import base_model_id, base_model_info, peftkit_version, write_adapter
 
     if node is None:
         node = model.active_composition
@@ -56,7 +56,7 @@ def save_composition(model: "AdaptedModel", path: str | os.PathLike, node: Node 
     fusion_names = list(dict.fromkeys(b.fusion_name for b in composition.fuse_blocks(node)))
     adapters = composition.adapter_leaves(node)
     data = {
-        "peftkit_composition": {"format_version": COMPOSITION_FORMAT_VERSION, "peftkit_version": _version()},
+        "peftkit_composition": {"format_version": COMPOSITION_FORMAT_VERSION, "peftkit_version": peftkit_version()},
         "composition": composition.to_json(node),
         "composition_string": str(node),
         "adapters": {name: f"adapters/{name}" for name in adapters},
@@ -71,7 +71,7 @@ def save_composition(model: "AdaptedModel", path: str | os.PathLike, node: Node 
         for name in adapters:
             folder = tmp / "adapters" / name
             folder.mkdir(parents=True)
-            _write_adapter(model, name, folder, card)
+            write_adapter(model, name, folder, card)
         for name in fusion_names:
             save_fusion(model, name, tmp / "fusions" / name)
         write_text_atomic(tmp / COMPOSITION_NAME, json.dumps(data, indent=2, sort_keys=True) + "\n")

@@ -37,7 +37,6 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from . import composition
 from .composition import Fuse, Node
@@ -429,7 +428,7 @@ def save_fusion(model: "AdaptedModel", name: str, path: str | os.PathLike) -> No
     """Write fusion ``name`` as a folder (fusion_config.json + fusion_model.safetensors)."""
     from safetensors.torch import save
 
-    from .serialization import _version, base_model_id, base_model_info
+    from .serialization import base_model_id, base_model_info, peftkit_version
 
     record = fusion_record(model, name)
     tensors: dict[str, torch.Tensor] = {}
@@ -440,7 +439,7 @@ def save_fusion(model: "AdaptedModel", name: str, path: str | os.PathLike) -> No
         sites[site] = {"dim": fusion.dim, "members": [str(record.node.children[i]) for i in fusion.member_index],
                        "member_index": fusion.member_index}
     data = {
-        "peftkit_fusion": {"format_version": FUSION_FORMAT_VERSION, "peftkit_version": _version()},
+        "peftkit_fusion": {"format_version": FUSION_FORMAT_VERSION, "peftkit_version": peftkit_version()},
         "name": name,
         "fuse": record.node.to_json(),
         "composition": str(record.node),
@@ -499,7 +498,7 @@ def load_fusion(model: "AdaptedModel", path: str | os.PathLike, name: str | None
 
     ``name`` renames the fusion. On any error the model is left as it was.
     """
-    from .serialization import _check_base
+    from .serialization import check_base_model
 
     path = Path(path)
     where = str(path)
@@ -516,8 +515,8 @@ def load_fusion(model: "AdaptedModel", path: str | os.PathLike, name: str | None
     if missing:
         raise AdapterLoadError(f"{where}: fusion {node.fusion_name!r} fuses adapters {', '.join(map(repr, missing))},"
                                f" which are not on this model; load them first (or use load_composition())")
-    _check_base(model, {"peftkit": {"base_model": data.get("base_model") or {}},
-                        "base_model_name_or_path": data.get("base_model_name_or_path")}, where)
+    check_base_model(model, {"peftkit": {"base_model": data.get("base_model") or {}},
+                             "base_model_name_or_path": data.get("base_model_name_or_path")}, where)
     try:
         config = FuseConfig.from_dict(data.get("config") or {})
     except ConfigError as exc:

@@ -62,13 +62,13 @@ class _Incoming:
 def hotswap_adapter(model: "AdaptedModel", path: str | Path, name: str) -> "AdapterRecord":
     """Copy the weights of the adapter saved at ``path`` into loaded adapter ``name``, in place."""
     from .peft_embeddings import load_embedding_base_tensors, take_embedding_base_tensors
-    from .serialization import KEY_PREFIX, _check_base, config_from_data, method_for, read_config, read_weights
+    from .serialization import KEY_PREFIX, check_base_model, config_from_data, method_for, read_config, read_weights
 
     record = model.adapter_record(name)
     where = str(path)
     data = read_config(Path(path))
     method = method_for(data, where)
-    _check_base(model, data, where)
+    check_base_model(model, data, where)
 
     def refused(what: str, fix: str | None = LOAD_SEPARATELY) -> AdapterLoadError:
         return AdapterLoadError(f"{where}: cannot hot-swap it into adapter {name!r}: {what}"

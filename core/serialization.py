@@ -119,7 +119,7 @@ def config_file_data(model: "AdaptedModel", name: str) -> dict[str, Any]:
         "method": method.name,
         "plugin": method.distribution,
         "plugin_version": method.distribution_version,
-        "peftkit_version": _version(),
+        "peftkit_version": peftkit_version(),
         "base_model": base_model_info(model),
         "config": record.config.to_dict(),
     }
@@ -133,7 +133,8 @@ def _stores_weights_in_out(model: "AdaptedModel", name: str) -> bool:
                if isinstance(module, TunerLayer) and name in module.adapters)
 
 
-def _version() -> str | None:
+def peftkit_version() -> str | None:
+    """The installed peftkit's version, recorded in the files it writes (None from a bare source tree)."""
     try:
         return metadata.version("peftkit")
     except metadata.PackageNotFoundError:
@@ -143,7 +144,8 @@ def _version() -> str | None:
 # -- save ------------------------------------------------------------------------------
 
 
-def _write_adapter(model: "AdaptedModel", name: str, folder: Path, card: dict[str, Any]) -> None:
+def write_adapter(model: "AdaptedModel", name: str, folder: Path, card: dict[str, Any]) -> None:
+    """Write adapter ``name``'s config, weights and model card into ``folder`` (which exists)."""
     from safetensors.torch import save
 
     record = model.adapter_record(name)
@@ -181,10 +183,10 @@ def save_adapter(model: "AdaptedModel", name: str, path: str | os.PathLike, **ca
     if path.exists() and not path.is_dir():
         raise PeftkitError(f"cannot save adapter to {str(path)!r}: it is a file, not a folder")
     if path.exists():
-        _write_adapter(model, name, path, card)
+        write_adapter(model, name, path, card)
         return
     with atomic_folder(path) as tmp:
-        _write_adapter(model, name, tmp, card)
+        write_adapter(model, name, tmp, card)
 
 
 def save_pretrained(model: "AdaptedModel", path: str | os.PathLike, adapter_names: Sequence[str] | None = None,
@@ -194,11 +196,11 @@ def save_pretrained(model: "AdaptedModel", path: str | os.PathLike, adapter_name
         raise PeftkitError("there is no adapter to save; add one first")
     root = "default" if "default" in names else names[0]
     with atomic_folder(path) as tmp:
-        _write_adapter(model, root, tmp, card)
+        write_adapter(model, root, tmp, card)
         for name in names:
             if name != root:
                 (tmp / name).mkdir()
-                _write_adapter(model, name, tmp / name, card)
+                write_adapter(model, name, tmp / name, card)
 
 
 # -- load ------------------------------------------------------------------------------
@@ -258,7 +260,8 @@ def _check_plugin_version(method: Any, own: dict[str, Any], where: str) -> None:
             f"'{method.distribution}>={major_version(saved)}'")
 
 
-def _check_base(model: "AdaptedModel", data: dict[str, Any], where: str) -> None:
+def check_base_model(model: "AdaptedModel", data: dict[str, Any], where: str) -> None:
+    """Refuse (AdapterLoadError) an adapter config ``data`` saved for another base model than ``model``'s."""
     own = data.get("peftkit") if isinstance(data.get("peftkit"), dict) else {}
     saved = own.get("base_model") or {}
     current = base_model_info(model)
@@ -309,7 +312,7 @@ def load_adapter(model: "AdaptedModel", path: str | os.PathLike, name: str) -> A
     where = str(path)
     data = read_config(path)
     method = method_for(data, where)
-    _check_base(model, data, where)
+    check_base_model(model, data, where)
     config = config_from_data(method, data, where)
     tensors = read_weights(path)
     labels = read_labels(path)

@@ -126,14 +126,15 @@ def pull(ref: str, hub: str | HubBackend | None = None, *, revision: str | None 
     """
     backend = open_hub(hub, token=token)
     try:
-        return _pull(backend, parse_ref(ref, revision), cache_dir=cache_dir, progress=progress).path
+        return pull_snapshot(backend, parse_ref(ref, revision), cache_dir=cache_dir, progress=progress).path
     finally:
         if not isinstance(hub, HubBackend):
             backend.close()
 
 
-def _pull(backend: HubBackend, ref: RepoRef, *, cache_dir: str | Path | None = None,
-          progress: bool = True) -> Pulled:
+def pull_snapshot(backend: HubBackend, ref: RepoRef, *, cache_dir: str | Path | None = None,
+                  progress: bool = True) -> Pulled:
+    """``ref``'s files from ``backend`` in the pull cache (downloaded unless already cached), and where."""
     cache = PullCache(cache_dir)
     revision = ref.revision or "main"
     where = f"{ref.repo_id}@{revision} on {backend.address}"

@@ -282,10 +282,10 @@ def _base_module(model: Any) -> Any:
 def check_members(model: Any, members: Sequence[Member], node: Node) -> None:
     """Every check that can run before the model changes (see the module docstring)."""
     from peftkit.core.model import AdaptedModel
-    from peftkit.core.serialization import _check_base, base_model_id, method_for
+    from peftkit.core.serialization import base_model_id, check_base_model, method_for
 
     existing = dict(model._records) if isinstance(model, AdaptedModel) else {}
-    shim = types.SimpleNamespace(base_model=_base_module(model))  # what _check_base reads, without wrapping
+    shim = types.SimpleNamespace(base_model=_base_module(model))  # what check_base_model reads, without wrapping
     method_of: dict[str, Any] = {name: record.method for name, record in existing.items()}
     owner: dict[str, str] = {}
     for member in members:
@@ -296,12 +296,12 @@ def check_members(model: Any, members: Sequence[Member], node: Node) -> None:
                                f"load the composition repo alone, or on a model without {name!r}")
             method_of[name] = method_for(data, where)  # names the plugin to install when missing
             owner[name] = member.source
-            _check_base(shim, data, where)  # type: ignore[arg-type]
+            check_base_model(shim, data, where)  # type: ignore[arg-type]
             _warn_other_base(data.get("base_model_name_or_path"), base_model_id(shim), where)  # type: ignore[arg-type]
         if member.kind == "fusion":
             data = member.data
-            _check_base(shim, {"peftkit": {"base_model": data.get("base_model") or {}},  # type: ignore[arg-type]
-                               "base_model_name_or_path": data.get("base_model_name_or_path")}, member.source)
+            check_base_model(shim, {"peftkit": {"base_model": data.get("base_model") or {}},  # type: ignore[arg-type]
+                                    "base_model_name_or_path": data.get("base_model_name_or_path")}, member.source)
     for member in members:
         if member.kind == "fusion":
             needed = [n for n in composition.adapter_leaves(member.node) if n not in method_of]
@@ -349,7 +349,7 @@ def check_base_config(name_or_path: str, members: Sequence[Member], model_kwargs
     (transformers would otherwise load them into the adapters' model class and warn about random weights)."""
     from transformers import AutoConfig
 
-    from peftkit.core.serialization import _check_base
+    from peftkit.core.serialization import check_base_model
 
     options = {k: model_kwargs[k] for k in ("revision", "trust_remote_code", "token", "cache_dir", "local_files_only")
                if k in model_kwargs}
@@ -360,7 +360,7 @@ def check_base_config(name_or_path: str, members: Sequence[Member], model_kwargs
     shim = types.SimpleNamespace(base_model=types.SimpleNamespace(config=config))
     for member in members:
         for _, data, where in _adapter_datas(member):
-            _check_base(shim, data, where)  # type: ignore[arg-type]
+            check_base_model(shim, data, where)  # type: ignore[arg-type]
 
 
 @contextlib.contextmanager
@@ -497,7 +497,7 @@ def load_with_plan(base_model: Any, spec: Any, hub: "str | HubBackend | None" = 
                    **model_kwargs: Any) -> tuple["AdaptedModel", Plan]:
     from peftkit.core.model import AdaptedModel
 
-    from .api import _pull
+    from .api import pull_snapshot
     from .resolve import open_hub
 
     existing = list(base_model.adapters) if isinstance(base_model, AdaptedModel) else []
@@ -507,7 +507,7 @@ def load_with_plan(base_model: Any, spec: Any, hub: "str | HubBackend | None" = 
     backend = open_hub(hub, token=token)
     try:
         for member in the_plan.members.values():
-            pulled = _pull(backend, member.ref, cache_dir=cache_dir, progress=progress)
+            pulled = pull_snapshot(backend, member.ref, cache_dir=cache_dir, progress=progress)
             member.path, member.commit = pulled.path, pulled.commit
             _classify(member)
     finally:

@@ -10,15 +10,15 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 #: PEFT's method tags, known even when no peftkit plugin provides them.
-_PEFT_METHODS = ("lora", "ia3", "prefix_tuning", "prompt_tuning", "p_tuning", "adalora", "loha", "lokr", "oft",
-                 "boft", "vera", "fourierft", "ln_tuning", "poly", "hra", "bone", "xlora")
+PEFT_METHODS = ("lora", "ia3", "prefix_tuning", "prompt_tuning", "p_tuning", "adalora", "loha", "lokr", "oft",
+                "boft", "vera", "fourierft", "ln_tuning", "poly", "hra", "bone", "xlora")
 
 
 def known_methods() -> set[str]:
     """Method names a tag may name: installed peftkit methods, their PEFT types, and PEFT's own."""
     from peftkit.core.plugins import get_registry
 
-    names = set(_PEFT_METHODS)
+    names = set(PEFT_METHODS)
     for name, method in get_registry().methods.items():
         names.add(name.lower())
         if method.peft_type:

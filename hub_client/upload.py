@@ -170,12 +170,12 @@ def _peft_format(config: dict[str, Any], method: str) -> bool:
     """Whether Hugging Face PEFT can load the folder (the card's library_name is then ``peft``)."""
     from peftkit.core.plugins import get_registry
 
-    from .metadata import _PEFT_METHODS
+    from .metadata import PEFT_METHODS
 
     installed = get_registry().methods.get(method)
     if installed is not None:
         return installed.peft_type is not None
-    return str(config.get("peft_type") or "").lower() in _PEFT_METHODS
+    return str(config.get("peft_type") or "").lower() in PEFT_METHODS
 
 
 def _resolve_base(recorded: str | None, given: str | None, where: str) -> tuple[str | None, bool]:

@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from peftkit.cli_output import echo_json, format_table
 from peftkit.core.errors import PeftkitError
 
 
@@ -23,17 +24,6 @@ class PeftkitGroup(click.Group):
             return super().invoke(ctx)
         except PeftkitError as exc:
             raise click.ClickException(str(exc)) from None
-
-
-def _echo_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
-
-
-def _table(rows: list[list[str]], headers: list[str]) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)] if rows else [len(h) for h in headers]
-    lines = ["  ".join(str(h).ljust(w) for h, w in zip(headers, widths))]
-    lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in rows]
-    return "\n".join(line.rstrip() for line in lines)
 
 
 @click.group(cls=PeftkitGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -57,16 +47,16 @@ def methods_command(name: str | None, as_json: bool) -> None:
         return
     methods = list_methods()
     if as_json:
-        _echo_json(methods)
+        echo_json(methods)
         return
     rows = [[m["name"], m["distribution"] or "-", "yes" if m["can_merge"] else "no",
              "yes" if m["peft_format"] else "no", m["description"]] for m in methods]
-    click.echo(_table(rows, ["METHOD", "PLUGIN", "MERGE", "PEFT", "DESCRIPTION"]))
+    click.echo(format_table(rows, ["METHOD", "PLUGIN", "MERGE", "PEFT", "DESCRIPTION"]))
 
 
 def _show_method(info: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        _echo_json(info)
+        echo_json(info)
         return
     click.echo(f"{info['name']}: {info['description']}")
     click.echo(f"plugin: {info['distribution'] or '-'} {info['version'] or ''}".rstrip()
@@ -76,7 +66,7 @@ def _show_method(info: dict[str, Any], as_json: bool) -> None:
     if info["aliases"]:
         click.echo("aliases: " + ", ".join(f"{k} = {v}" for k, v in info["aliases"].items()))
     rows = [[o["name"], o["type"], json.dumps(o["default"])] for o in info["options"]]
-    click.echo("\n" + _table(rows, ["OPTION", "TYPE", "DEFAULT"]))
+    click.echo("\n" + format_table(rows, ["OPTION", "TYPE", "DEFAULT"]))
 
 
 @main.group("plugins", invoke_without_command=True)
@@ -120,7 +110,7 @@ def info_command(path: str, as_json: bool) -> None:
         return
     info = describe_folder(path)
     if as_json:
-        _echo_json(info)
+        echo_json(info)
         return
     def _targets(targets: Any) -> str:
         return ", ".join(targets) if isinstance(targets, list) else targets or "-"
@@ -146,7 +136,7 @@ def info_command(path: str, as_json: bool) -> None:
 
 def _show_composition(info: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        _echo_json(info)
+        echo_json(info)
         return
     members = ", ".join(f"{name} ({a['method']}, {a['parameters']:,} parameters)" for name, a in info["adapters"].items())
     for key, value in [("path", info["path"]), ("kind", "composition"), ("composition", info["composition"] or "-"),
@@ -170,7 +160,7 @@ def _human_bytes(n: int) -> str:
 COMMAND_MODULES: list[str] = ["peftkit.registry.cli", "peftkit.cli_train", "peftkit.cli_hub"]
 
 
-def _add_builtin_commands() -> None:
+def add_builtin_commands() -> None:
     import importlib
 
     for module_name in COMMAND_MODULES:
@@ -186,7 +176,7 @@ def _add_plugin_commands() -> None:
 
 
 def run(argv: list[str] | None = None) -> int:
-    _add_builtin_commands()
+    add_builtin_commands()
     _add_plugin_commands()
     try:
         main.main(args=argv, prog_name="peftkit", standalone_mode=False)

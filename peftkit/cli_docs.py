@@ -26,9 +26,9 @@ def _walk(command: click.Command, path: list[str]) -> list[tuple[list[str], clic
 
 
 def render() -> str:
-    from peftkit.cli import _add_builtin_commands, main
+    from peftkit.cli import add_builtin_commands, main
 
-    _add_builtin_commands()
+    add_builtin_commands()
     parts = [HEADER]
     for path, command in _walk(main, ["peftkit"]):
         ctx = click.Context(command, info_name=" ".join(path), terminal_width=100, max_content_width=100,

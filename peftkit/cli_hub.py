@@ -8,12 +8,13 @@ a token is never printed.
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 import warnings
 from typing import Any, Iterator
 
 import click
+
+from peftkit.cli_output import echo_json, format_table
 
 _HUB_HELP = ("Hub: 'local' (the embedded hub, default), 'local:/folder', a registry URL http://host:port, or "
              "'hf' (the Hugging Face Hub). Default: $PEFTKIT_HUB, else local.")
@@ -42,18 +43,8 @@ def _token(token_file: str | None) -> str | None:
     return read_token_file(token_file)
 
 
-def _echo_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, default=str))
-
-
 def _short_date(value: Any) -> str:
     return value.strftime("%Y-%m-%d %H:%M") if value is not None and hasattr(value, "strftime") else "-"
-
-
-def _table(rows: list[list[str]], headers: list[str]) -> str:
-    from peftkit.cli import _table as table
-
-    return table(rows, headers)
 
 
 @contextlib.contextmanager
@@ -126,7 +117,7 @@ def push_command(folder: str, repo_id: str, hub: str | None, revision: str, priv
                   base_model=base_model, description=description, license=license_,
                   language=list(language) or None, token=_token(token_file), progress=not quiet)
     if as_json:
-        _echo_json(result.to_json())
+        echo_json(result.to_json())
         return
     if not result.changed:
         click.echo(f"{result.repo_id} is already up to date at {result.revision} on {result.hub} "
@@ -151,19 +142,19 @@ def pull_command(ref: str, hub: str | None, revision: str | None, out: str | Non
 
     Offline (PEFTKIT_OFFLINE=1 or HF_HUB_OFFLINE=1) it is served from the cache.
     """
-    from peftkit.hub_client.api import _pull, copy_snapshot
+    from peftkit.hub_client.api import copy_snapshot, pull_snapshot
     from peftkit.hub_client.resolve import open_hub, parse_ref
 
     backend = open_hub(hub, token=_token(token_file))
     try:
-        pulled = _pull(backend, parse_ref(ref, revision), progress=not quiet)
+        pulled = pull_snapshot(backend, parse_ref(ref, revision), progress=not quiet)
     finally:
         backend.close()
     path = copy_snapshot(pulled.path, out) if out else pulled.path
     if as_json:
-        _echo_json({"repo_id": pulled.repo_id, "revision": pulled.revision, "commit": pulled.commit,
-                    "hub": pulled.hub, "path": str(path), "cache_path": str(pulled.path),
-                    "from_cache": pulled.from_cache})
+        echo_json({"repo_id": pulled.repo_id, "revision": pulled.revision, "commit": pulled.commit,
+                   "hub": pulled.hub, "path": str(path), "cache_path": str(pulled.path),
+                   "from_cache": pulled.from_cache})
         return
     if not quiet:
         note = " (from the cache)" if pulled.from_cache else ""
@@ -193,11 +184,11 @@ def search_command(text: str | None, hub: str | None, base_model: str | None, me
     hits = search(text, hub, base_model=base_model, method=method, task=task, tags=list(tag), author=author,
                   dataset=dataset, sort=sort, limit=limit, token=_token(token_file))
     if as_json:
-        _echo_json([h.to_json() for h in hits])
+        echo_json([h.to_json() for h in hits])
     elif hits:
         rows = [[h.repo_id + (" (private)" if h.private else ""), h.method or "-", h.base_model or "-",
                  h.task or "-", str(h.downloads), _short_date(h.last_modified)] for h in hits]
-        click.echo(_table(rows, ["REPO", "METHOD", "BASE MODEL", "TASK", "DOWNLOADS", "UPDATED"]))
+        click.echo(format_table(rows, ["REPO", "METHOD", "BASE MODEL", "TASK", "DOWNLOADS", "UPDATED"]))
     else:
         click.echo("No adapter matches.", err=True)
     if not hits and method:
@@ -230,7 +221,7 @@ def info_command(ref: str, hub: str | None, token_file: str | None, as_json: boo
 
     data = info(ref, hub, token=_token(token_file))
     if as_json:
-        _echo_json(data.to_json())
+        echo_json(data.to_json())
         return
     fields = [("repo", data.repo_id), ("hub", data.hub), ("commit", data.sha or "-"),
               ("visibility", "private" if data.private else "public"), ("method", data.method or "-"),

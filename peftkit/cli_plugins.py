@@ -20,20 +20,9 @@ from typing import Any
 import click
 
 from peftkit.api import list_methods
+from peftkit.cli_output import echo_json, format_table
 from peftkit.core.plugins import (BUILTIN_DISTRIBUTION, ENTRY_POINT_GROUP, PluginRecord, Registry,
                                   get_registry, normalize_distribution)
-
-
-def _echo_json(data: Any) -> None:
-    from peftkit.cli import _echo_json as echo_json  # peftkit.cli imports this module: import late
-
-    echo_json(data)
-
-
-def _table(rows: list[list[str]], headers: list[str]) -> str:
-    from peftkit.cli import _table as table
-
-    return table(rows, headers)
 
 
 def _short_hook(hook: str) -> str:
@@ -78,12 +67,12 @@ def show_plugins(as_json: bool, verbose: bool) -> None:
     registry = get_registry()
     rows = plugin_rows(registry, verbose)
     if as_json:
-        _echo_json(rows)
+        echo_json(rows)
         return
     table = [[r["name"], r["distribution"] or "-", r["version"] or "-",
               str(r["api_version"]) if r["api_version"] is not None else "-", r["status"],
               ",".join(r["methods"]) or "-", ",".join(_short_hook(h) for h in r["hooks"]) or "-"] for r in rows]
-    click.echo(_table(table, ["PLUGIN", "DISTRIBUTION", "VERSION", "API", "STATUS", "METHODS", "HOOKS"]))
+    click.echo(format_table(table, ["PLUGIN", "DISTRIBUTION", "VERSION", "API", "STATUS", "METHODS", "HOOKS"]))
     broken = [r for r in rows if r["status"] == "broken"]
     for r in broken:
         for error in r["errors"]:
@@ -142,7 +131,7 @@ def inspect_command(name: str, as_json: bool, verbose: bool) -> None:
                                    f"Install one with `peftkit plugins install NAME`")
     described = [describe(r, verbose) for r in records]
     if as_json:
-        _echo_json(described if len(described) > 1 else described[0])
+        echo_json(described if len(described) > 1 else described[0])
         return
     for i, d in enumerate(described):
         if i:

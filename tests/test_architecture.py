@@ -1,0 +1,308 @@
+"""The import rules of docs/architecture.md, read from the source with ``ast``.
+
+Every import counts: at module level, inside functions, relative or absolute,
+and (except for the cycle check) under ``if TYPE_CHECKING:``. The folders are
+mapped to their import names by pyproject.toml's ``package-dir``, as setuptools
+maps them; the example plugin (examples/peftkit-loha) is checked as a plugin.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE_PLUGIN = ("peftkit_loha", ROOT / "examples" / "peftkit-loha" / "peftkit_loha")
+#: What a plugin may import besides the plugin API and its own package.
+PLUGIN_THIRD_PARTY = ("torch", "transformers", "safetensors")
+PLUGIN_API = "peftkit.plugin_api"
+
+
+@dataclass
+class Module:
+    name: str
+    path: Path
+    is_package: bool
+    #: (imported module, imported names or None, line, under TYPE_CHECKING)
+    imports: list[tuple[str, tuple[str, ...] | None, int, bool]] = field(default_factory=list)
+    #: (module alias target, attribute, line): ``alias._name`` where alias is an imported peftkit module
+    attributes: list[tuple[str, str, int]] = field(default_factory=list)
+
+
+def package_roots() -> dict[str, Path]:
+    """Import name -> folder, from pyproject.toml's package-dir mapping (plus the example plugin)."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    roots = {name: ROOT / folder for name, folder in config["package-dir"].items()}
+    roots[EXAMPLE_PLUGIN[0]] = EXAMPLE_PLUGIN[1]
+    return roots
+
+
+def module_files() -> dict[str, tuple[Path, bool]]:
+    """Module name -> (file, is a package's __init__), for every module of every mapped package."""
+    roots = package_roots()
+    out: dict[str, tuple[Path, bool]] = {}
+    for package, folder in roots.items():
+        for path in sorted(folder.rglob("*.py")):
+            rel = path.relative_to(folder).with_suffix("")
+            parts = [package, *rel.parts]
+            sub = ".".join(parts[:-1]) if rel.name == "__init__" else ".".join(parts)
+            if any(p in ("__pycache__",) for p in rel.parts):
+                continue
+            # A sub-folder mapped to its own package (registry/web) is read under that name only.
+            owner = max((p for p in roots if sub == p or sub.startswith(p + ".")), key=len)
+            if owner != package:
+                continue
+            out[sub] = (path, rel.name == "__init__")
+    return out
+
+
+def _type_checking_lines(tree: ast.AST) -> set[int]:
+    lines: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            for child in node.body:
+                lines.update(range(child.lineno, (child.end_lineno or child.lineno) + 1))
+    return lines
+
+
+def read_module(name: str, path: Path, is_package: bool, known: set[str]) -> Module:
+    module = Module(name, path, is_package)
+    tree = ast.parse(path.read_text(), str(path))
+    guarded = _type_checking_lines(tree)
+    package = name if is_package else name.rpartition(".")[0]
+    aliases: dict[str, str] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                module.imports.append((alias.name, None, node.lineno, node.lineno in guarded))
+                if alias.asname and alias.name in known:
+                    aliases[alias.asname] = alias.name
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                source = ".".join(base + ([node.module] if node.module else []))
+            else:
+                source = node.module or ""
+            names = tuple(a.name for a in node.names)
+            plain = []
+            for alias in node.names:
+                sub = f"{source}.{alias.name}"
+                if sub in known:  # "from . import hookspecs": the submodule is what is imported
+                    module.imports.append((sub, None, node.lineno, node.lineno in guarded))
+                    aliases[alias.asname or alias.name] = sub
+                else:
+                    plain.append(alias.name)
+            if plain or not names:
+                module.imports.append((source, tuple(plain), node.lineno, node.lineno in guarded))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases:
+            module.attributes.append((aliases[node.value.id], node.attr, node.lineno))
+    return module
+
+
+@pytest.fixture(scope="module")
+def modules() -> dict[str, Module]:
+    files = module_files()
+    known = set(files)
+    return {name: read_module(name, path, is_package, known) for name, (path, is_package) in files.items()}
+
+
+def _part(name: str) -> str:
+    """The architecture part a peftkit module belongs to: core, plugins, hub_client, registry or face."""
+    if name == PLUGIN_API:
+        return "plugin_api"
+    if name == EXAMPLE_PLUGIN[0] or name.startswith(EXAMPLE_PLUGIN[0] + "."):
+        return "plugins"
+    for part in ("core", "plugins", "hub_client", "registry"):
+        prefix = f"peftkit.{part}"
+        if name == prefix or name.startswith(prefix + "."):
+            return part
+    return "face" if name == "peftkit" or name.startswith("peftkit.") else "outside"
+
+
+def _top(name: str) -> str:
+    return name.split(".", 1)[0]
+
+
+def _where(module: Module, line: int) -> str:
+    return f"{module.path.relative_to(ROOT)}:{line}"
+
+
+def _violations(modules: dict[str, Module], part: str, refused) -> list[str]:
+    return [f"{_where(m, line)} imports {target}" for m in modules.values() if _part(m.name) == part
+            for target, _, line, _ in m.imports if refused(m, target)]
+
+
+def test_the_parts_are_found(modules):
+    parts = {_part(name) for name in modules}
+    assert parts == {"face", "plugin_api", "core", "plugins", "hub_client", "registry"}
+    assert {"peftkit.core.plugins", "peftkit.plugins.lora.method", "peftkit.registry.hub_api",
+            "peftkit.hub_client.api", "peftkit_loha.method"} <= set(modules)
+    # Function-level and relative imports are read: core.method imports the registry inside parse_spec.
+    assert any(t == "peftkit.core.plugins" for t, *_ in modules["peftkit.core.method"].imports)
+
+
+def test_core_never_imports_hub_client_registry_or_the_face(modules):
+    assert _violations(modules, "core", lambda m, t: _part(t) in ("hub_client", "registry", "face", "plugin_api",
+                                                                  "plugins")) == []
+
+
+def test_registry_never_imports_torch_or_the_rest_of_peftkit(modules):
+    heavy = ("torch", "transformers", "safetensors", "peft")
+    assert _violations(modules, "registry", lambda m, t: _top(t) in heavy
+                       or _part(t) in ("core", "plugins", "face", "plugin_api", "hub_client")) == []
+
+
+def _plugin_package(name: str) -> str:
+    """A plugin's own package: peftkit.plugins.lora for peftkit.plugins.lora.layer, peftkit_loha for its modules."""
+    parts = name.split(".")
+    return parts[0] if parts[0] == EXAMPLE_PLUGIN[0] else ".".join(parts[:3])
+
+
+def test_plugins_import_only_the_plugin_api(modules):
+    def refused(m: Module, target: str) -> bool:
+        if target == PLUGIN_API or target == "__future__":
+            return False
+        own = _plugin_package(m.name)
+        if target == own or target.startswith(own + "."):
+            return False
+        return not (_top(target) in PLUGIN_THIRD_PARTY or _top(target) in sys.stdlib_module_names)
+
+    assert _violations(modules, "plugins", refused) == []
+
+
+def test_the_plugin_api_imports_only_the_core(modules):
+    api = modules[PLUGIN_API]
+    outside = [t for t, *_ in api.imports if _top(t) == "peftkit" and _part(t) != "core"]
+    assert outside == []
+
+
+def test_every_name_of_the_plugin_api_loads():
+    import peftkit.plugin_api as plugin_api
+
+    missing = [name for name in plugin_api.__all__ if not hasattr(plugin_api, name)]
+    assert missing == []
+    with pytest.raises(AttributeError, match="the plugin API is listed in docs/plugins.md"):
+        plugin_api.TunerLayerr  # noqa: B018
+
+
+def builtin_method_names(modules: dict[str, Module]) -> set[str]:
+    """The ``name = "..."`` of every Method subclass in the built-in plugins."""
+    names = set()
+    for m in modules.values():
+        if m.name.startswith("peftkit.plugins."):
+            for node in ast.walk(ast.parse(m.path.read_text())):
+                if isinstance(node, ast.ClassDef):
+                    for stmt in node.body:
+                        if isinstance(stmt, ast.Assign) and [ast.unparse(t) for t in stmt.targets] == ["name"] \
+                                and isinstance(stmt.value, ast.Constant):
+                            names.add(stmt.value.value)
+    return names
+
+
+def test_the_core_names_no_plugin(modules):
+    """No method-name check in the core (``method.name in ELEMENTWISE_METHODS``, ``get_method("union")``):
+    what differs between methods is a capability declared on Method or LayerAdapter."""
+    names = builtin_method_names(modules)
+    assert {"lora", "ia3", "bitfit", "union", "seq_bn"} <= names
+
+    def named(node: ast.AST) -> bool:
+        return any(isinstance(n, ast.Constant) and n.value in names for n in ast.walk(node))
+
+    found = []
+    for m in modules.values():
+        if _part(m.name) != "core":
+            continue
+        for node in ast.walk(ast.parse(m.path.read_text())):
+            if isinstance(node, ast.Compare) and named(node):
+                found.append(f"{_where(m, node.lineno)}: {ast.unparse(node)}")
+            elif isinstance(node, ast.Call) and ast.unparse(node.func).split(".")[-1] in (
+                    "get_method", "frozenset", "set") and any(named(a) for a in node.args):
+                found.append(f"{_where(m, node.lineno)}: {ast.unparse(node)}")
+    assert found == []
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def test_no_module_uses_another_modules_underscore_names(modules):
+    found = []
+    for m in modules.values():
+        for target, names, line, _ in m.imports:
+            if target != m.name and target in modules:
+                found += [f"{_where(m, line)} imports {target}.{n}" for n in names or () if _private(n)]
+        for target, attr, line in m.attributes:
+            if target != m.name and _private(attr):
+                found.append(f"{_where(m, line)} uses {target}.{attr}")
+    assert found == []
+
+
+def import_graph(modules: dict[str, Module]) -> dict[str, set[str]]:
+    """Module -> the peftkit modules it imports at run time (TYPE_CHECKING imports left out)."""
+    return {name: {t for t, _, _, guarded in m.imports if t in modules and t != name and not guarded}
+            for name, m in modules.items()}
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in sorted(graph[node]):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                top = stack.pop()
+                on_stack.discard(top)
+                component.append(top)
+                if top == node:
+                    break
+            if len(component) > 1:
+                out.append(sorted(component))
+
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 10_000))
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return sorted(out)
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_no_plugin_is_in_an_import_cycle(modules):
+    """Import cycles inside the core, the face and the hub client are known debt (docs/architecture.md);
+    plugins and the plugin API are in none."""
+    cycles = import_cycles(import_graph(modules))
+    assert [c for c in cycles if any(_part(n) in ("plugins", "plugin_api") for n in c)] == []
+
+
+def test_the_cli_modules_are_in_no_import_cycle(modules):
+    """peftkit.cli and the command modules share their output helpers through peftkit.cli_output."""
+    cycles = import_cycles(import_graph(modules))
+    assert [c for c in cycles if any(n.startswith("peftkit.cli") for n in c)] == []
+
+
+if __name__ == "__main__":  # python tests/test_architecture.py: print today's import cycles
+    found = {name: read_module(name, path, pkg, set(module_files())) for name, (path, pkg) in module_files().items()}
+    for cycle in import_cycles(import_graph(found)):
+        print(" <-> ".join(cycle))
