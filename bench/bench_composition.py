@@ -152,9 +152,9 @@ def bench_sites(ours: Any, theirs: Any, rounds: int) -> dict[str, Any]:
             assert torch.allclose(peft_layer(x, adapter_names=names), _routed(ours, layer, x, names), atol=1e-4)
             # The routing of a forward is built once and serves every site: build it outside the timing.
             with ours._routing(names, BATCH):
-                times = alternate({"base": lambda: layer.base_layer(x),
-                                   "peft": lambda: peft_layer(x, adapter_names=names),
-                                   "peftkit": lambda: layer(x)}, rounds)
+                times = alternate({"base": lambda layer=layer, x=x: layer.base_layer(x),
+                                   "peft": lambda peft_layer=peft_layer, x=x: peft_layer(x, adapter_names=names),
+                                   "peftkit": lambda layer=layer, x=x: layer(x)}, rounds)
         row = summary(times, "base")
         row["overhead_ratio"] = round(row["peftkit"]["overhead_s"] / row["peft"]["overhead_s"], 3) \
             if row["peft"]["overhead_s"] > 0 else None
@@ -233,11 +233,11 @@ def bench_merging(ours: Any, theirs: Any, rounds: int) -> dict[str, Any]:
     weights = [0.4, 0.3, 0.2, 0.1]
     result: dict[str, Any] = {}
     for ours_name, peft_name, options in MERGES:
-        def run_ours() -> None:
+        def run_ours(ours_name: str = ours_name, options: dict[str, Any] = options) -> None:
             ours.merge_adapters(members, weights, "m", ours_name, **options)
             ours.delete_adapter("m")
 
-        def run_peft() -> None:
+        def run_peft(peft_name: str = peft_name, options: dict[str, Any] = options) -> None:
             theirs.add_weighted_adapter(members, weights, "m", combination_type=peft_name, **options)
             theirs.delete_adapter("m")
 

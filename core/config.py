@@ -170,44 +170,59 @@ def _check(value: Any, tp: Any) -> tuple[bool, Any]:
         return True, value
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            ok, coerced = _check(value, arg)
-            if ok:
-                return True, coerced
-        return False, value
+        return _check_union(value, tp)
     if origin is Literal:
         return value in typing.get_args(tp), value
     if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            return False, value
-        (item_tp, *_) = typing.get_args(tp) or (Any,)
-        out = []
-        for item in value:
-            ok, coerced = _check(item, item_tp)
-            if not ok:
-                return False, value
-            out.append(coerced)
-        return True, out
+        return _check_sequence(value, tp)
     if origin is dict:
-        if not isinstance(value, dict):
+        return _check_mapping(value, tp)
+    return _check_plain(value, tp)
+
+
+def _check_union(value: Any, tp: Any) -> tuple[bool, Any]:
+    for arg in typing.get_args(tp):
+        ok, coerced = _check(value, arg)
+        if ok:
+            return True, coerced
+    return False, value
+
+
+def _check_sequence(value: Any, tp: Any) -> tuple[bool, Any]:
+    if not isinstance(value, (list, tuple)):
+        return False, value
+    (item_tp, *_) = typing.get_args(tp) or (Any,)
+    out = []
+    for item in value:
+        ok, coerced = _check(item, item_tp)
+        if not ok:
             return False, value
-        key_tp, val_tp = typing.get_args(tp) or (Any, Any)
-        out_d = {}
-        for k, v in value.items():
-            ok_k, k2 = _check(k, key_tp)
-            if not ok_k and key_tp is int and isinstance(k, str) and k.lstrip("-").isdigit():
-                ok_k, k2 = True, int(k)  # JSON object keys are strings
-            ok_v, v2 = _check(v, val_tp)
-            if not (ok_k and ok_v):
-                return False, value
-            out_d[k2] = v2
-        return True, out_d
+        out.append(coerced)
+    return True, out
+
+
+def _check_mapping(value: Any, tp: Any) -> tuple[bool, Any]:
+    if not isinstance(value, dict):
+        return False, value
+    key_tp, val_tp = typing.get_args(tp) or (Any, Any)
+    out_d = {}
+    for k, v in value.items():
+        ok_k, k2 = _check(k, key_tp)
+        if not ok_k and key_tp is int and isinstance(k, str) and k.lstrip("-").isdigit():
+            ok_k, k2 = True, int(k)  # JSON object keys are strings
+        ok_v, v2 = _check(v, val_tp)
+        if not (ok_k and ok_v):
+            return False, value
+        out_d[k2] = v2
+    return True, out_d
+
+
+def _check_plain(value: Any, tp: Any) -> tuple[bool, Any]:
+    """A type hint that is not generic: None, float (ints widen), int (bools refused), a class."""
     if tp is type(None):
         return value is None, value
     if tp is float:
-        if isinstance(value, bool):
-            return False, value
-        if isinstance(value, (int, float)):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
             return True, float(value)
         return False, value
     if tp is int:

@@ -198,6 +198,39 @@ def _padded(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, 
 # -- the API ------------------------------------------------------------------------------------------------
 
 
+def _members(model: "AdaptedModel", names: list[str], weights: Sequence[float] | None
+             ) -> tuple[list["AdapterRecord"], list[float]]:
+    """The records of the adapters to merge and one weight each, refusing what cannot be merged together."""
+    if not names:
+        raise MergeError("merge_adapters() needs at least one adapter name")
+    if len(set(names)) != len(names):
+        raise MergeError(f"merge_adapters(): an adapter is listed twice in {names}")
+    records = [model.adapter_record(n) for n in names]
+    weights = [1.0] * len(names) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(names):
+        raise MergeError(f"merge_adapters(): {len(names)} adapters but {len(weights)} weights; give one per adapter")
+    methods = {r.method.name for r in records}
+    if len(methods) != 1:
+        raise MergeError(f"merge_adapters(): adapters of different methods ({', '.join(sorted(methods))}) cannot be "
+                         f"merged in weight space; compose them instead (e.g. average(...))")
+    return records, weights
+
+
+def _strategy_options(strategy: str, kind: str, fn: Callable[..., Any] | None, density: float | None,
+                      majority_sign_method: str) -> dict[str, Any]:
+    """The options handed to a dense strategy, checked."""
+    options: dict[str, Any] = {"majority_sign_method": majority_sign_method}
+    if majority_sign_method not in ("total", "frequency"):
+        raise MergeError(f"majority_sign_method must be 'total' or 'frequency', not {majority_sign_method!r}")
+    if density is not None:
+        if not isinstance(density, (int, float)) or isinstance(density, bool) or not 0.0 <= density <= 1.0:
+            raise MergeError(f"density must be a number in [0, 1], got {density!r}")
+        options["density"] = float(density)
+    elif kind == "dense" and fn is not None and _needs(fn, "density"):
+        raise MergeError(f"strategy {strategy!r} needs density=<fraction of entries to keep>, e.g. density=0.5")
+    return options
+
+
 def merge_adapters(model: "AdaptedModel", adapters: Sequence[str], weights: Sequence[float] | None = None,
                    name: str = "merged", strategy: str = "svd", *, density: float | None = None,
                    rank: int | None = None, majority_sign_method: str = "total", seed: int | None = 0,
@@ -215,29 +248,10 @@ def merge_adapters(model: "AdaptedModel", adapters: Sequence[str], weights: Sequ
     left as it was.
     """
     names = list(adapters) if not isinstance(adapters, str) else [adapters]
-    if not names:
-        raise MergeError("merge_adapters() needs at least one adapter name")
-    if len(set(names)) != len(names):
-        raise MergeError(f"merge_adapters(): an adapter is listed twice in {names}")
-    records = [model.adapter_record(n) for n in names]
-    weights = [1.0] * len(names) if weights is None else [float(w) for w in weights]
-    if len(weights) != len(names):
-        raise MergeError(f"merge_adapters(): {len(names)} adapters but {len(weights)} weights; give one per adapter")
-    methods = {r.method.name for r in records}
-    if len(methods) != 1:
-        raise MergeError(f"merge_adapters(): adapters of different methods ({', '.join(sorted(methods))}) cannot be "
-                         f"merged in weight space; compose them instead (e.g. average(...))")
+    records, weights = _members(model, names, weights)
     model._check_new_name(name)
     kind, fn = _resolve(strategy)
-    options: dict[str, Any] = {"majority_sign_method": majority_sign_method}
-    if majority_sign_method not in ("total", "frequency"):
-        raise MergeError(f"majority_sign_method must be 'total' or 'frequency', not {majority_sign_method!r}")
-    if density is not None:
-        if not isinstance(density, (int, float)) or isinstance(density, bool) or not 0.0 <= density <= 1.0:
-            raise MergeError(f"density must be a number in [0, 1], got {density!r}")
-        options["density"] = float(density)
-    elif kind == "dense" and fn is not None and _needs(fn, "density"):
-        raise MergeError(f"strategy {strategy!r} needs density=<fraction of entries to keep>, e.g. density=0.5")
+    options = _strategy_options(strategy, kind, fn, density, majority_sign_method)
     if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0):
         raise MergeError(f"rank must be a positive integer, got {rank!r}")
     for record in records:

@@ -20,10 +20,9 @@ from .architectures import ArchitectureSpec, architecture_for
 from .composition import BASE_MODEL, Node, Routing
 from .composition_api import CompositionMixin
 from .config import AdapterConfig
-from .errors import AdapterError, CompositionError, MergeError, TargetError
+from .errors import AdapterError, MergeError, TargetError
 from .labels import config_labels, set_config_labels
-from .layer import (LayerAdapter, ModelAdapter, ModulesToSave, TunerLayer, merge_order_message,
-                    name_taken_by_torch)
+from .layer import LayerAdapter, ModulesToSave, TunerLayer, merge_order_message, name_taken_by_torch
 from .method import Method, Site, parse_spec
 from .state import AdapterState
 from .targets import name_matches

@@ -204,7 +204,7 @@ class HubBackend(abc.ABC):
         """The user the token belongs to (``None`` when the hub has no accounts)."""
         return None
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional: a backend holding nothing has nothing to close)
         """Release resources (database handles, sessions)."""
 
     def __enter__(self) -> "HubBackend":

@@ -130,9 +130,9 @@ def test_failed_push_leaves_the_hub_as_it_was(any_hub: HubUnderTest, folders: di
         hub.info("alice/new", hub=h)
 
 
-def _history(any_hub: HubUnderTest, repo_id: str) -> list[str]:
+def _history(under_test: HubUnderTest, repo_id: str) -> list[str]:
     """Every commit of ``repo_id``'s main branch, read from the store itself (not through the client)."""
-    store = any_hub.store or RegistryStore(Path(any_hub.address.removeprefix("local:")))
+    store = under_test.store or RegistryStore(Path(under_test.address.removeprefix("local:")))
     return [c.sha for c in store.list_commits(repo_id)]
 
 

@@ -87,10 +87,10 @@ def test_peft_and_adapterhub_names_say_what_to_use_instead():
     with pytest.raises(AttributeError, match=r"AdaptedModel has no 'disable_adapter' .*model\.disable_adapters\(\)"):
         model.disable_adapter()
     with pytest.raises(AttributeError, match=r"'peft_config' .* use model\.adapters"):
-        model.peft_config
+        _ = model.peft_config
     assert not hasattr(model, "add_adapter_fusion")  # still an AttributeError, so hasattr() stays False
     with pytest.raises(AttributeError, match="no attribute 'not_a_thing'"):
-        model.not_a_thing
+        _ = model.not_a_thing
     assert model.config.model_type == "llama"  # everything else still comes from the wrapped model
 
 

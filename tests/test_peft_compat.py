@@ -211,7 +211,7 @@ def test_peftkit_saves_the_base_embeddings_when_peft_would_and_peft_loads_them(t
 
 
 def test_base_embeddings_of_another_vocabulary_size_are_refused_with_the_fix(tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     peft_model = get_peft_model(build_tiny("llama"), LoraConfig(r=4, target_modules=["embed_tokens"]))
     peft_model.save_pretrained(tmp_path)

@@ -208,12 +208,12 @@ def test_idle_and_slowloris_connections_do_not_block_others_and_are_dropped(hub)
     store, server, tokens, _ = hub
     idle = [_connect(server) for _ in range(1000)]
     slow = []
-    for i in range(20):
+    for _ in range(20):
         s = _connect(server)
         s.sendall(b"GET /api/models/alice/model HTTP/1.1\r\nHost: x\r\nX-Slow: ")
         slow.append(s)
     try:
-        for round_ in range(3):  # keep trickling header bytes while others are served
+        for _round in range(3):  # keep trickling header bytes while others are served
             for s in slow:
                 s.sendall(b"a")
             assert _ok(server)

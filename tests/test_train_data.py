@@ -18,9 +18,9 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
-def error_of(path: Path, task: str = "seq-cls", fields: Fields = Fields()) -> str:
+def error_of(path: Path, task: str = "seq-cls", fields: Fields | None = None) -> str:
     with pytest.raises(DataError) as info:
-        load_examples(path, task, fields)
+        load_examples(path, task, fields or Fields())
     return str(info.value)
 
 
