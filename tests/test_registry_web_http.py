@@ -256,3 +256,28 @@ def test_server_secret_is_private(site):
     secret = store.root / "web_secret"
     assert secret.stat().st_mode & 0o777 == 0o600
     assert len(bytes.fromhex(secret.read_text().strip())) == 32
+
+
+def test_facet_counts_match_the_searches_they_link_to(site, monkeypatch):
+    store = site[0]
+    summary = store.search_facets(visible_to=())
+    public = len(store.search(visible_to=(), limit=100))
+    assert summary.total == summary.counted == public >= 5
+    filters = {"base_model": "base_model", "method": "method", "task": "task", "author": "author"}
+    checked = 0
+    for kind, values in summary.counts.items():
+        for value, count in values:
+            if kind in filters:
+                hits = store.search(visible_to=(), limit=100, **{filters[kind]: value})
+            elif kind in ("dataset", "license"):
+                hits = store.search(visible_to=(), limit=100, tags=[f"{kind}:{value}"])
+            else:
+                hits = store.search(visible_to=(), limit=100, tags=[value])
+            assert len(hits) == count, (kind, value)
+            checked += 1
+    assert checked >= 12
+    # Counting is bounded: in a big registry only the most downloaded matches are counted, and the page says so.
+    small = store.search_facets(visible_to=(), sample=2)
+    assert small.total == public and small.counted == 2 and sum(n for _, n in small.counts["author"]) == 2
+    monkeypatch.setattr("peftkit.registry.web.site.FACET_SAMPLE", 2)
+    assert f"Counted in the 2 most downloaded of the {public} matches." in _client(site).get("/")[2]

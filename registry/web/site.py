@@ -38,7 +38,7 @@ from ..names import is_commit_sha, split_repo_id, validate_name, validate_path, 
 from ..store import DEFAULT_BRANCH, FileEntry, RepoInfo
 from .card_markdown import MAX_CARD_BYTES, CardRenderer
 from .facts import FactsReader
-from .query import FILTERS, MAX_PAGE, PAGE_SIZE, SORTS, SearchQuery, parse_query
+from .query import FILTERS, MAX_PAGE, PAGE_SIZE, SORTS, parse_query
 from .sessions import (
     CSRF_COOKIE,
     SESSION_COOKIE,
@@ -57,6 +57,8 @@ PAGE_CSP = (
     "frame-ancestors 'none'; base-uri 'none'"
 )
 MAX_FORM_BYTES = 16 * 1024
+# Facet values are counted in this many most downloaded matches at most: bounded cost at any registry size.
+FACET_SAMPLE = 1000
 MAX_FILES_SHOWN = 300
 MAX_COMMITS_SHOWN = 20
 MAX_REFS_SHOWN = 50
@@ -225,8 +227,9 @@ class WebSite:
         )
         results = self.store.search(query.text or None, sort=query.sort, limit=PAGE_SIZE, offset=query.offset,
                                     **search_args)
-        summary = self.store.search_facets(query.text or None, per_kind=10, **search_args)
+        summary = self.store.search_facets(query.text or None, per_kind=10, sample=FACET_SAMPLE, **search_args)
         return self._html(req, visitor, "search.html", query=query, results=results, total=summary.total,
+                          counted=summary.counted,
                           facets=self._facets(summary.counts), facet_labels=_FACET_LABELS, sorts=SORTS,
                           pages=min(MAX_PAGE, max(1, -(-summary.total // PAGE_SIZE))))
 
@@ -248,7 +251,7 @@ class WebSite:
         visible = visitor.namespaces
         repos = self.store.search(author=namespace, sort=query.sort, limit=PAGE_SIZE, offset=query.offset,
                                   visible_to=visible)
-        summary = self.store.search_facets(author=namespace, visible_to=visible, per_kind=1)
+        summary = self.store.search_facets(author=namespace, visible_to=visible, per_kind=1, sample=1)
         if kind is None and summary.total == 0:
             raise NotFound(f"no user or organization named '{namespace}' on this registry")
         members = self.store.accounts.members_of(namespace) if kind == "org" else []
