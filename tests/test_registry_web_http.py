@@ -203,7 +203,7 @@ def test_forms_without_a_matching_csrf_token_or_from_another_site_are_refused(si
 
 def test_sign_in_only_returns_to_this_site(site):
     _, _, tokens = site
-    for target in ("https://evil.example/", "//evil.example/x", "/\\evil.example"):
+    for target in ("https://evil.example/", "//evil.example/x", "/\\evil.example", "/login?next=/x"):
         status, headers, _ = _client(site).sign_in(tokens["bob"], target)
         assert status == 303 and headers["Location"] == "/"
 

@@ -356,7 +356,7 @@ class WebSite:
         """Where to go after signing in: a path on this site, never another host."""
         if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
             return f"{self.root}/"
-        if any(ord(c) < 32 for c in target) or len(target) > 2000:
+        if any(ord(c) < 32 for c in target) or len(target) > 2000 or target.startswith(f"{self.root}/login"):
             return f"{self.root}/"
         return target
 
