@@ -241,3 +241,30 @@ def test_any_composition_file_is_read_or_refused_with_adapter_load_error(tmp_pat
         assert str(exc)
         return
     assert read["node"] == composition.from_json(node)
+
+
+class _Claims:
+    """What check_supported reads of a method: its name and the blocks it claims."""
+
+    def __init__(self, name: str, blocks: frozenset[str]) -> None:
+        self.name, self.supported_blocks = name, blocks
+
+
+@BOUNDED
+@given(node=_NODE, data=st.data())
+def test_checking_any_composition_against_any_claims_passes_or_says_why(node, data):
+    blocks = st.frozensets(st.sampled_from(sorted(composition.BLOCK_TYPES)))
+    names = composition.adapter_leaves(node)
+    on_model = data.draw(st.lists(st.sampled_from(names), unique=True)) if names else []
+    method_of = {n: _Claims(f"m_{n}", data.draw(blocks)) for n in on_model}
+    try:
+        composition.check_supported(node, method_of)
+    except CompositionError as exc:
+        assert str(exc)
+        return
+    assert set(names) <= set(method_of)  # passing means every adapter is on the model
+    for block in node.blocks() if isinstance(node, composition.Block) else ():
+        assert block.depth() <= composition.MAX_DEPTH
+        for leaf in block.leaves():
+            if leaf != composition.BASE_MODEL:
+                assert block.kind in method_of[leaf].supported_blocks
