@@ -1,4 +1,4 @@
-"""Model families: default target modules per method and insertion points.
+"""Model families: insertion points, and the default target modules methods add per family.
 
 This module is itself a plugin (entry point ``builtin_architectures``): other
 plugins add families, or extend one with defaults for their own method, via
@@ -23,8 +23,9 @@ class ArchitectureSpec:
 
     Attributes:
       model_type: transformers' ``config.model_type`` ("llama", "bert", ...).
-      defaults: method name -> default ``target_modules`` (suffix list). The
-        key ``"ia3_feedforward"`` lists IA3's feed-forward targets.
+      defaults: method name -> default ``target_modules`` (suffix list). Each
+        method's plugin registers its own (LoRA's and IA3's plugins do), so the
+        core's table below holds only insertion points.
       points: insertion point name -> regex over module names. The built-in
         points are ``attention`` (self-attention modules), ``attention_output``
         (attention output projection), ``ffn_input`` (module whose input is
@@ -56,11 +57,6 @@ class ArchitectureSpec:
 def _decoder(model_type: str) -> ArchitectureSpec:
     return ArchitectureSpec(
         model_type,
-        defaults={
-            "lora": ("q_proj", "v_proj"),
-            "ia3": ("k_proj", "v_proj", "down_proj"),
-            "ia3_feedforward": ("down_proj",),
-        },
         points={
             "attention": r".*\.layers\.\d+\.self_attn",
             "attention_output": r".*\.layers\.\d+\.self_attn\.o_proj",
@@ -73,11 +69,6 @@ def _decoder(model_type: str) -> ArchitectureSpec:
 def _bert_like(model_type: str) -> ArchitectureSpec:
     return ArchitectureSpec(
         model_type,
-        defaults={
-            "lora": ("query", "value"),
-            "ia3": ("key", "value", "intermediate.dense"),
-            "ia3_feedforward": ("intermediate.dense",),
-        },
         points={
             "attention": r".*\.layer\.\d+\.attention\.self",
             "attention_output": r".*\.layer\.\d+\.attention\.output\.dense",
@@ -92,7 +83,6 @@ BUILTIN_ARCHITECTURES: list[ArchitectureSpec] = [
     *(_bert_like(t) for t in ("bert", "roberta", "xlm-roberta", "electra")),
     ArchitectureSpec(
         "gpt2",
-        defaults={"lora": ("c_attn",), "ia3": ("c_attn", "mlp.c_proj"), "ia3_feedforward": ("mlp.c_proj",)},
         points={
             "attention": r".*\.h\.\d+\.attn",
             "attention_output": r".*\.h\.\d+\.attn\.c_proj",
@@ -102,7 +92,6 @@ BUILTIN_ARCHITECTURES: list[ArchitectureSpec] = [
     ),
     ArchitectureSpec(
         "t5",
-        defaults={"lora": ("q", "v"), "ia3": ("k", "v", "wo"), "ia3_feedforward": ("wo",)},
         points={
             "attention": r".*\.block\.\d+\.layer\.0\.SelfAttention",
             "attention_output": r".*\.block\.\d+\.layer\.0\.SelfAttention\.o",
@@ -115,8 +104,6 @@ BUILTIN_ARCHITECTURES: list[ArchitectureSpec] = [
     ),
     ArchitectureSpec(
         "vit",
-        defaults={"lora": ("query", "value"), "ia3": ("key", "value", "output.dense"),
-                  "ia3_feedforward": ("output.dense",)},
         points={
             "attention": r".*\.layer\.\d+\.attention\.attention",
             "attention_output": r".*\.layer\.\d+\.attention\.output\.dense",

@@ -72,6 +72,10 @@ class Method:
     #: must then have LoRA's rank fields (``r``, ``alpha``, ``use_rslora``, ``use_dora``,
     #: ``rank_pattern``, ``alpha_pattern``).
     merge_low_rank: ClassVar[bool] = False
+    #: Names other libraries use for this method (PEFT's, AdapterHub's) -> the sentence telling the user
+    #: what to write instead: ``{"dora": "DoRA is LoRA with weight decomposition: lora[use_dora=true]"}``.
+    #: Suggested when a spec names an unknown method (case and punctuation ignored), never accepted.
+    known_as: ClassVar[dict[str, str]] = {}
     #: This method makes one adapter of several methods' specs joined with ``|``
     #: (``"prefix_tuning|par_bn"``); its config takes them as ``parts=[...]``. The first loaded
     #: method that declares it serves such specs.

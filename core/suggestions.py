@@ -10,24 +10,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from typing import Collection
-
-#: Method names of other libraries (lower case, letters and digits only) -> (peftkit method, how to say it).
-FOREIGN_METHODS: dict[str, tuple[str, str]] = {
-    "dora": ("lora", "DoRA is LoRA with weight decomposition: lora[use_dora=true]"),
-    "rslora": ("lora", "rsLoRA is LoRA with rank-stabilized scaling: lora[use_rslora=true]"),
-    "qlora": ("lora", "QLoRA is LoRA on a 4-bit base model: peftkit train --quantize 4bit, or "
-                      "peftkit.adapt(a model loaded with BitsAndBytesConfig(load_in_4bit=True), 'lora')"),
-    "pfeiffer": ("seq_bn", "AdapterHub's Pfeiffer adapter is seq_bn"),
-    "houlsby": ("double_seq_bn", "AdapterHub's Houlsby adapter is double_seq_bn"),
-    "parallel": ("par_bn", "AdapterHub's parallel adapter is par_bn"),
-    "adapter": ("seq_bn", "a bottleneck adapter is seq_bn (Pfeiffer), double_seq_bn (Houlsby) or par_bn (parallel)"),
-    "bottleneck": ("seq_bn", "a bottleneck adapter is seq_bn (Pfeiffer), double_seq_bn (Houlsby) or par_bn "
-                             "(parallel)"),
-    "prefix": ("prefix_tuning", "prefix tuning is prefix_tuning"),
-    "prompt": ("prompt_tuning", "prompt tuning is prompt_tuning"),
-    "mamadapter": ("mam", "the mix-and-match adapter is mam"),
-}
+from typing import Any, Collection, Mapping
 
 #: Option names of other libraries -> peftkit's candidates (the first the method has is suggested), or a
 #: sentence when peftkit has no such option.
@@ -75,15 +58,19 @@ def method_by_any_case(name: str, known: Collection[str]) -> str | None:
     return found[0] if len(found) == 1 else None
 
 
-def method_suggestion(name: str, known: Collection[str]) -> str | None:
+def method_suggestion(name: str, methods: Mapping[str, Any]) -> str | None:
     """What to write instead of the unknown method ``name``: a sentence, or None when nothing is close.
 
-    Tries the names of PEFT and AdapterHub (``DoRA``, ``Pfeiffer``), class-like spellings
+    ``methods`` maps the installed method names to their Method objects. Tries the names other libraries
+    use, which each method declares in its ``known_as`` (``DoRA``, ``Pfeiffer``), class-like spellings
     (``LoraConfig``, ``PrefixTuning``), then close spellings (``lroa``)."""
+    known = list(methods)
+    foreign = {_squash(alias): text for method in methods.values()
+               for alias, text in (getattr(method, "known_as", None) or {}).items()}
     squashed = _squash(name)
     for candidate in (squashed, squashed.removesuffix("config")):
-        if candidate in FOREIGN_METHODS and FOREIGN_METHODS[candidate][0] in known:
-            return FOREIGN_METHODS[candidate][1] + "."
+        if candidate in foreign:
+            return foreign[candidate] + "."
         same = [k for k in known if _squash(k) == candidate]
         if len(same) == 1:
             return f"Did you mean {same[0]!r}?"

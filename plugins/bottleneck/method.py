@@ -136,6 +136,11 @@ class BottleneckMethod(Method):
 class SeqBnMethod(BottleneckMethod):
     name = "seq_bn"
     config_class = SeqBnConfig
+    known_as = {
+        "pfeiffer": "AdapterHub's Pfeiffer adapter is seq_bn",
+        "adapter": "a bottleneck adapter is seq_bn (Pfeiffer), double_seq_bn (Houlsby) or par_bn (parallel)",
+        "bottleneck": "a bottleneck adapter is seq_bn (Pfeiffer), double_seq_bn (Houlsby) or par_bn (parallel)",
+    }
     description = "Sequential bottleneck adapter after each feed-forward block (Pfeiffer)"
     points = ("ffn_output",)
 
@@ -143,6 +148,7 @@ class SeqBnMethod(BottleneckMethod):
 class DoubleSeqBnMethod(BottleneckMethod):
     name = "double_seq_bn"
     config_class = DoubleSeqBnConfig
+    known_as = {"houlsby": "AdapterHub's Houlsby adapter is double_seq_bn"}
     description = "Sequential bottleneck adapters after attention and feed-forward blocks (Houlsby)"
     points = ("attention_output", "ffn_output")
 
@@ -154,6 +160,7 @@ class DoubleSeqBnMethod(BottleneckMethod):
 class ParBnMethod(BottleneckMethod):
     name = "par_bn"
     config_class = ParBnConfig
+    known_as = {"parallel": "AdapterHub's parallel adapter is par_bn"}
     description = "Parallel bottleneck adapter beside each feed-forward block, scaled (He et al.)"
     points = ("ffn_output",)
     parallel = True

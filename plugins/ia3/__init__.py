@@ -22,3 +22,14 @@ def peftkit_register_methods(register: Callable[[Any], None]) -> None:
     from .method import IA3Method
 
     register(IA3Method())
+
+
+@hookimpl
+def peftkit_register_architectures(register: Callable[[Any], None]) -> None:
+    """IA3's default targets and feed-forward modules, added to each family's spec."""
+    from peftkit.plugin_api import ArchitectureSpec
+
+    from .defaults import DEFAULT_TARGETS, FEEDFORWARD_KEY
+
+    for model_type, (targets, feedforward) in DEFAULT_TARGETS.items():
+        register(ArchitectureSpec(model_type, defaults={"ia3": targets, FEEDFORWARD_KEY: feedforward}))

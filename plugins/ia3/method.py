@@ -8,14 +8,13 @@ from typing import TYPE_CHECKING, Any
 from peftkit.plugin_api import ALL_BLOCKS, AdapterConfig, ConfigError, Method, read_peft_fields, Site
 
 from .config import IA3Config
+from .defaults import FEEDFORWARD_KEY
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch.nn as nn
 
     from peftkit.plugin_api import ArchitectureSpec
 
-#: Architecture-table key of the default feed-forward targets.
-FEEDFORWARD_KEY = "ia3_feedforward"
 #: Role of a site whose input (not output) is scaled.
 FEEDFORWARD = "feedforward"
 

@@ -18,3 +18,14 @@ def peftkit_register_methods(register: Callable[[Any], None]) -> None:
     from .method import LoraMethod
 
     register(LoraMethod())
+
+
+@hookimpl
+def peftkit_register_architectures(register: Callable[[Any], None]) -> None:
+    """LoRA's default targets, added to each family's spec (the core's table has the insertion points)."""
+    from peftkit.plugin_api import ArchitectureSpec
+
+    from .defaults import DEFAULT_TARGETS
+
+    for model_type, targets in DEFAULT_TARGETS.items():
+        register(ArchitectureSpec(model_type, defaults={"lora": targets}))

@@ -37,6 +37,12 @@ class LoraMethod(Method):
     merge_low_rank = True
     peft_type = "LORA"
     aliases = {"lora_alpha": "alpha", "lora_dropout": "dropout", "init_lora_weights": "init_weights"}
+    known_as = {
+        "dora": "DoRA is LoRA with weight decomposition: lora[use_dora=true]",
+        "rslora": "rsLoRA is LoRA with rank-stabilized scaling: lora[use_rslora=true]",
+        "qlora": "QLoRA is LoRA on a 4-bit base model: peftkit train --quantize 4bit, or "
+                 "peftkit.adapt(a model loaded with BitsAndBytesConfig(load_in_4bit=True), 'lora')",
+    }
 
     def sites(self, model: "nn.Module", config: AdapterConfig, arch: Any) -> list[Site]:
         from peftkit.plugin_api import adaptable_targets, is_conv, is_embedding, is_linear_like

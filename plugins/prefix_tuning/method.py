@@ -24,6 +24,7 @@ _PEFT_IGNORED = {"peft_type", "inference_mode"}
 class PrefixTuningMethod(VirtualTokenMethod):
     name = "prefix_tuning"
     config_class = PrefixTuningConfig
+    known_as = {"prefix": "prefix tuning is prefix_tuning"}
     description = "Prefix tuning: learned key/value prefixes in every attention layer (optional MLP); PEFT format"
     peft_type = "PREFIX_TUNING"
 

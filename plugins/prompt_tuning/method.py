@@ -27,6 +27,7 @@ _PEFT_IGNORED = {"peft_type", "inference_mode", "num_layers", "num_attention_hea
 class PromptTuningMethod(VirtualTokenMethod):
     name = "prompt_tuning"
     config_class = PromptTuningConfig
+    known_as = {"prompt": "prompt tuning is prompt_tuning"}
     description = "Prompt tuning: a learned soft prompt prepended to the input embeddings; PEFT format"
     peft_type = "PROMPT_TUNING"
     aliases = {**VirtualTokenMethod.aliases, "prompt_tuning_init": "init", "prompt_tuning_init_text": "init_text"}

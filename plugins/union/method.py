@@ -136,6 +136,7 @@ class UnionMethod(Method):
 class MamMethod(UnionMethod):
     name = "mam"
     config_class = MamConfig
+    known_as = {"mamadapter": "the mix-and-match adapter is mam"}
     joins_specs = False  # a preset: "a|b" specs make a union
     description = "Mix-and-match adapter: prefix tuning + a parallel bottleneck adapter, as one adapter (union)"
     supported_blocks = frozenset({"stack"})  # its prefix changes the model's inputs (see prefix tuning)
