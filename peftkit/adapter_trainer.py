@@ -22,7 +22,7 @@ from transformers import Trainer
 from peftkit.core.errors import PeftkitError
 from peftkit.core.fileio import write_bytes_atomic, write_text_atomic
 from peftkit.core.model import AdaptedModel
-from peftkit.training import TRAINABLE_STATE_FILE
+from peftkit.training_plan import TRAINABLE_STATE_FILE
 from peftkit.training_data import LABELS_FILE, LabelMap
 
 

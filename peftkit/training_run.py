@@ -23,7 +23,7 @@ from peftkit.core.errors import PeftkitError
 from peftkit.core.fileio import write_text_atomic
 from peftkit.core.model_source import model_source_options
 from peftkit.core.model import AdaptedModel
-from peftkit.training import RESULTS_FILE, TrainOptions, TrainPlan, TrainResult, is_main_process, push_adapter
+from peftkit.training_plan import RESULTS_FILE, TrainOptions, TrainPlan, TrainResult, is_main_process, push_adapter
 from peftkit.training_data import (CLASSIFICATION_TASKS, LABELS_FILE, PIPELINE_TAGS, DataError, Encoded, LabelMap,
                                    data_collator, encode)
 

@@ -1,0 +1,384 @@
+"""Checking a ``peftkit train`` run before anything heavy loads: options, method, output folder,
+checkpoint to resume, hub target and data, into a :class:`TrainPlan`.
+
+Imports no torch, so mistakes fail fast. :mod:`peftkit.training` holds the entry point
+(``peftkit.train``), :mod:`peftkit.training_run` runs a plan, :mod:`peftkit.adapter_trainer` holds
+the Trainer subclass, :mod:`peftkit.training_data` the data side and :mod:`peftkit.cli_train` the command.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from peftkit.core.config import AdapterConfig
+from peftkit.core.errors import PeftkitError
+from peftkit.core.method import parse_spec
+from peftkit.core.own_metadata import read_own_metadata
+from peftkit.hub_client.errors import BaseModelWarning
+from peftkit.hub_client.upload import looks_local
+from peftkit.training_data import CLASSIFICATION_TASKS, LABELS_FILE, TASKS, Fields, LabelMap, load_examples
+
+RESULTS_FILE = "train_results.json"
+#: Every trainable tensor of the run, by parameter name. The adapter folder of a
+#: checkpoint is the portable result; this file restores training exactly, also
+#: for methods whose trained form differs from the saved one (prefix tuning's MLP).
+TRAINABLE_STATE_FILE = "trainable_state.safetensors"
+CHECKPOINT_PREFIX = "checkpoint-"
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+#: How ``quantize`` loads the base model (bitsandbytes): None keeps it unquantized.
+QUANTIZE = (None, "4bit", "8bit")
+
+
+@dataclass
+class TrainOptions:
+    """Everything about a run besides model, method and data. The CLI flags have the same names."""
+
+    # data
+    text_field: str | None = None
+    text_pair_field: str | None = None
+    label_field: str = "label"
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    tokens_field: str = "tokens"
+    tags_field: str = "tags"
+    labels: list[str] | None = None
+    max_length: int = 512
+    # optimization
+    epochs: float = 3.0
+    max_steps: int | None = None
+    lr: float = 2e-4
+    batch_size: int = 8
+    eval_batch_size: int | None = None
+    grad_accum: int = 1
+    warmup_steps: float = 0.0
+    weight_decay: float = 0.0
+    lr_scheduler: str = "linear"
+    seed: int = 42
+    bf16: bool = False
+    cpu: bool = False
+    gradient_checkpointing: bool = False
+    dtype: str = "float32"
+    quantize: str | None = None  # "4bit" (NF4, QLoRA) or "8bit": load the base model quantized with bitsandbytes
+    # evaluation, logging, checkpoints
+    eval_steps: int | None = None
+    logging_steps: int = 10
+    save_steps: int = 500
+    save_total_limit: int | None = 2
+    checkpoint_dir: str | None = None
+    resume: str | bool | None = None
+    overwrite: bool = False
+    quiet: bool = False
+    report_to: str = "none"
+    # what is recorded, and where it is published
+    adapter_name: str = "default"
+    dataset_name: str | None = None
+    push: str | None = None
+    hub: str | None = None
+    private: bool | None = None
+    base_model: str | None = None
+
+    def check(self) -> None:
+        positive = {"max_length": self.max_length, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
+                    "logging_steps": self.logging_steps}
+        for name, value in positive.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise PeftkitError(f"{name} must be a whole number >= 1, not {value!r}")
+        for name in ("max_steps", "eval_steps", "eval_batch_size"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise PeftkitError(f"{name} must be a whole number >= 1 (or unset), not {value!r}")
+        if self.save_steps < 0:
+            raise PeftkitError(f"save_steps must be >= 0 (0 saves no checkpoints), not {self.save_steps!r}")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            raise PeftkitError(f"save_total_limit must be >= 1 (or unset to keep all), not {self.save_total_limit}")
+        if not self.lr > 0:
+            raise PeftkitError(f"lr must be > 0, not {self.lr!r}")
+        if self.max_steps is None and not self.epochs > 0:
+            raise PeftkitError(f"epochs must be > 0 (or give max_steps), not {self.epochs!r}")
+        if self.warmup_steps < 0 or self.weight_decay < 0:
+            raise PeftkitError("warmup_steps and weight_decay must be >= 0")
+        if self.dtype not in DTYPES:
+            raise PeftkitError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        if self.quantize not in QUANTIZE:
+            raise PeftkitError(f"quantize must be one of {', '.join(q for q in QUANTIZE if q)} (or unset), "
+                               f"not {self.quantize!r}")
+        if self.quantize:
+            import importlib.util
+
+            if importlib.util.find_spec("bitsandbytes") is None:
+                raise PeftkitError(f"quantize={self.quantize!r} loads the base model with bitsandbytes, which is not "
+                                   f"installed: pip install bitsandbytes")
+
+    def fields(self) -> Fields:
+        return Fields(text=self.text_field, text_pair=self.text_pair_field, label=self.label_field,
+                      prompt=self.prompt_field, completion=self.completion_field, tokens=self.tokens_field,
+                      tags=self.tags_field)
+
+
+@dataclass
+class TrainResult:
+    """What a run produced. ``to_dict()`` is what ``train_results.json`` holds."""
+
+    output_dir: str
+    task: str
+    method: str
+    metrics: dict[str, float]
+    train_metrics: dict[str, float]
+    eval_metrics: dict[str, float]
+    labels: list[str] | None
+    global_step: int
+    trainable_parameters: int
+    total_parameters: int
+    train_examples: int
+    eval_examples: int
+    resumed_from: str | None = None
+    skipped: list[str] = field(default_factory=list)
+    log_history: list[dict[str, Any]] = field(default_factory=list)
+    run: dict[str, Any] = field(default_factory=dict)
+    pushed: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def train_options(options: dict[str, Any]) -> TrainOptions:
+    """The options of a run, checked: unknown names and bad values are refused with the fix."""
+    names = {f.name for f in dataclasses.fields(TrainOptions)}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        raise PeftkitError(f"unknown training option(s) {', '.join(map(repr, unknown))}; options: "
+                           f"{', '.join(sorted(names))}")
+    opts = TrainOptions(**options)
+    opts.check()
+    return opts
+
+
+@dataclass
+class TrainPlan:
+    """A checked run: everything that can be validated before a model is loaded."""
+
+    model: Any
+    method: Any
+    config: AdapterConfig
+    spec: Any
+    task: str
+    out: Path
+    checkpoint_dir: Path
+    resume_from: Path | None
+    opts: TrainOptions
+    data: str
+    eval_data: str | None
+    train_examples: list
+    eval_examples: list
+    labels: LabelMap | None
+
+
+def make_plan(model: Any, method: str | AdapterConfig, data: Any, eval_data: Any, task: str, out: Path,
+              opts: TrainOptions) -> TrainPlan:
+    """Check a run without loading a model (or torch): options, method, output folder,
+    checkpoint to resume, push target, and every record of the data."""
+    if task not in TASKS:
+        raise PeftkitError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    adapted_module = sys.modules.get("peftkit.core.model")  # loaded if the caller holds an AdaptedModel
+    if adapted_module is not None and isinstance(model, adapted_module.AdaptedModel):
+        raise PeftkitError("pass the base model: train() adds the adapter itself (it got an AdaptedModel)")
+    _check_model_source(model)
+    if opts.quantize and not isinstance(model, (str, os.PathLike)):
+        raise PeftkitError(f"quantize={opts.quantize!r} applies when train() loads the model from a folder or hub id; "
+                           f"a model object is used as it is (quantize it when you load it)")
+    method_obj, config = parse_spec(method)
+    checkpoint_dir = Path(opts.checkpoint_dir) if opts.checkpoint_dir else out / "checkpoints"
+    resume_from = _resolve_resume(opts.resume, checkpoint_dir)
+    if resume_from is None:
+        _check_output_dir(out, checkpoint_dir, opts.overwrite)
+    # Data before the model: a bad file fails here, in well under a second, naming the line.
+    train_examples = load_examples(data, task, opts.fields())
+    eval_examples = load_examples(eval_data, task, opts.fields()) if eval_data is not None else []
+    labels: LabelMap | None = None
+    if task in CLASSIFICATION_TASKS:
+        labels = LabelMap.build(train_examples, opts.labels)
+        if eval_examples:
+            labels.check(eval_examples, f"the training data ({data})")
+    if resume_from is not None:
+        _check_checkpoint_matches(resume_from, method_obj.name, config, labels)
+    if opts.push is not None:
+        _check_push_target(opts.push, opts.hub)
+    _check_base_model(model, opts)
+    return TrainPlan(model=model, method=method_obj, config=config, spec=method, task=task, out=out,
+                     checkpoint_dir=checkpoint_dir, resume_from=resume_from, opts=opts, data=str(data),
+                     eval_data=str(eval_data) if eval_data is not None else None, train_examples=train_examples,
+                     eval_examples=eval_examples, labels=labels)
+
+
+def _check_push_target(repo_id: str, hub: str | None) -> None:
+    """A misspelt repo id or hub address, or a remote hub without a token, fails now, not after training."""
+    from peftkit.hub_client import open_hub, parse_ref
+    from peftkit.hub_client.auth import missing_token_message
+    from peftkit.hub_client.errors import HubAuthError
+
+    ref = parse_ref(repo_id)
+    if ref.revision is not None:
+        raise PeftkitError(f"--push {repo_id!r}: name the repo without '@{ref.revision}' (a push goes to main)")
+    with open_hub(hub) as backend:
+        if backend.remote and not getattr(backend, "token", None):
+            raise HubAuthError(missing_token_message(backend.address, f"--push {repo_id}"))
+
+
+def recorded_base_model(model: Any, opts: TrainOptions) -> str | None:
+    """The base model id the adapter records: ``opts.base_model`` when ``model`` is a local folder, else
+    the model's own name (a hub id, a local path, or None for a model object without one)."""
+    if isinstance(model, (str, os.PathLike)):
+        name: str | None = os.fspath(model)
+    else:
+        name = getattr(getattr(model, "config", None), "name_or_path", None) or None
+    return opts.base_model if opts.base_model and (not name or looks_local(name)) else name
+
+
+def _check_base_model(model: Any, opts: TrainOptions) -> None:
+    """The recorded base model decides who finds the adapter (``peftkit hub search --base-model``): say now,
+    before training rather than at the push, when it would be only a local folder or nothing."""
+    recorded = recorded_base_model(model, opts)
+    if opts.base_model and recorded != opts.base_model:
+        raise PeftkitError(f"base_model {opts.base_model!r} differs from the hub id being trained ({recorded!r}); "
+                           f"drop --base-model: a hub id is recorded as it is")
+    if not is_main_process() or (recorded and not looks_local(recorded)):
+        return
+    what = f"the local folder {recorded!r}" if recorded else "no base model"
+    warnings.warn(f"the adapter will record {what} as its base model, so nobody finds it by base model "
+                  f"(peftkit hub search --base-model); pass --base-model ORG/NAME (base_model= in Python), "
+                  f"the hub id of the model you train on", BaseModelWarning, stacklevel=4)
+
+
+def push_adapter(out: Path, opts: TrainOptions, task_tag: str, dataset: str, metrics: dict[str, float]) -> dict:
+    """Publish the adapter in ``out`` as ``opts.push`` with the hub client; returns the push result.
+
+    The push leaves the run's checkpoints and ``train_results.json`` (which
+    records local paths) behind, as any push of a training output folder does.
+    """
+    from peftkit.hub_client import push
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", BaseModelWarning)  # said when the run started
+            result = push(out, opts.push, hub=opts.hub, private=opts.private, task=task_tag, dataset=dataset,
+                          metrics=metrics, base_model=opts.base_model, progress=not opts.quiet)
+    except PeftkitError as exc:
+        raise PeftkitError(f"the adapter is trained and saved in {out}, but pushing it to {opts.push} failed: "
+                           f"{exc}") from None
+    return result.to_json()
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
+
+
+def _check_model_source(model: Any) -> None:
+    """A model string is a local folder, or else must look like a hub id (``org/name``)."""
+    if not isinstance(model, (str, os.PathLike)):
+        return
+    path = Path(model)
+    if path.exists():
+        if not path.is_dir():
+            raise PeftkitError(f"model {str(model)!r} is a file; give a transformers model folder or a hub id")
+        return
+    if not _HUB_ID.match(str(model)):
+        raise PeftkitError(f"model folder {str(model)!r} does not exist (and it is not a hub id like org/name)")
+
+
+def _resolve_resume(resume: str | bool | None, checkpoint_dir: Path) -> Path | None:
+    if resume is None or resume is False:
+        return None
+    if resume is True or resume == "latest":
+        found = _latest_checkpoint(checkpoint_dir)
+        if found is None:
+            raise PeftkitError(f"nothing to resume: no {CHECKPOINT_PREFIX}N folder in {checkpoint_dir}; "
+                               f"name one with --resume DIR, or start without --resume")
+        return found
+    path = Path(resume)
+    if not (path / "trainer_state.json").is_file() or not (path / TRAINABLE_STATE_FILE).is_file():
+        latest = _latest_checkpoint(path) if path.is_dir() else None
+        if latest is not None:
+            return latest  # a checkpoints folder: take its newest checkpoint
+        raise PeftkitError(f"{str(path)!r} is not a peftkit training checkpoint (it needs trainer_state.json and "
+                           f"{TRAINABLE_STATE_FILE}); give a {CHECKPOINT_PREFIX}N folder written by peftkit train")
+    return path
+
+
+def _latest_checkpoint(folder: Path) -> Path | None:
+    if not folder.is_dir():
+        return None
+    steps = []
+    for child in folder.iterdir():
+        suffix = child.name[len(CHECKPOINT_PREFIX):]
+        if child.name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit() and \
+                (child / "trainer_state.json").is_file() and (child / TRAINABLE_STATE_FILE).is_file():
+            steps.append((int(suffix), child))
+    return max(steps)[1] if steps else None
+
+
+def _check_output_dir(out: Path, checkpoint_dir: Path, overwrite: bool) -> None:
+    """Refuse to mix a new run into an old one; with ``overwrite``, drop the old checkpoints."""
+    if out.exists() and not out.is_dir():
+        raise PeftkitError(f"--out {str(out)!r} is a file; give a folder")
+    leftovers = [p for p in out.iterdir() if not (p == checkpoint_dir and not any(p.iterdir()))] \
+        if out.is_dir() else []
+    used = bool(leftovers) or _latest_checkpoint(checkpoint_dir) is not None
+    if not used:
+        return
+    if not overwrite:
+        raise PeftkitError(f"{str(out)!r} already holds files from an earlier run; continue it with --resume, "
+                           f"replace it with --overwrite, or choose another --out")
+    if is_main_process() and checkpoint_dir.is_dir():
+        for child in checkpoint_dir.iterdir():
+            if child.is_dir() and child.name.startswith(CHECKPOINT_PREFIX):
+                shutil.rmtree(child)
+
+
+def is_main_process() -> bool:
+    """True unless torchrun / accelerate launch started this process as another than rank 0."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _fits(run: Any, saved: Any) -> bool:
+    """Whether a checkpoint's option value is what this run asks for: options this run leaves unset
+    (None) were filled in from the model, also inside nested values (a union's parts)."""
+    if run is None:
+        return True
+    if isinstance(run, dict) and isinstance(saved, dict):
+        return all(_fits(value, saved[key]) for key, value in run.items() if key in saved)
+    if isinstance(run, list) and isinstance(saved, list):
+        return len(run) == len(saved) and all(_fits(a, b) for a, b in zip(run, saved))
+    return run == saved
+
+
+def _check_checkpoint_matches(checkpoint: Path, method: str, config: AdapterConfig, labels: LabelMap | None) -> None:
+    try:
+        saved = json.loads((checkpoint / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise PeftkitError(f"checkpoint {checkpoint} has no readable adapter_config.json ({exc})") from None
+    own = read_own_metadata(checkpoint, saved)
+    saved_config = own.get("config") or {}
+    # Unset (None) options are filled in from the model when the adapter is added, the same way again.
+    current = {k: v for k, v in json.loads(json.dumps(config.to_dict())).items() if v is not None}
+    diff = sorted(k for k in current if k in saved_config and not _fits(current[k], saved_config[k]))
+    if own.get("method") != method or diff:
+        what = ", ".join(f"{k}={saved_config[k]!r} (this run: {current[k]!r})" for k in diff)
+        raise PeftkitError(f"checkpoint {checkpoint} was trained with method {own.get('method')!r}"
+                           + (f" and {what}" if what else f", this run asks for {method!r}")
+                           + "; resume with the --method the checkpoint was trained with")
+    labels_file = checkpoint / LABELS_FILE
+    if labels is not None and labels_file.is_file():
+        saved_labels = json.loads(labels_file.read_text(encoding="utf-8")).get("labels")
+        if saved_labels != labels.names:
+            raise PeftkitError(f"checkpoint {checkpoint} was trained with labels {saved_labels}, but this data has "
+                               f"{labels.names}; resume with the same data (or --labels)")
+
+
