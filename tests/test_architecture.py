@@ -227,6 +227,14 @@ def test_the_core_names_no_plugin(modules):
     assert found == []
 
 
+def test_every_name_of_the_plugin_api_is_documented():
+    import peftkit.plugin_api as plugin_api
+
+    text = (ROOT / "docs" / "plugins.md").read_text()
+    section = text[text.index("## The plugin API"):]
+    assert [name for name in plugin_api.__all__ if f"`{name}" not in section] == []
+
+
 def _private(name: str) -> bool:
     return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
 
