@@ -137,16 +137,16 @@ class Accounts:
             else:
                 name = conn.execute("SELECT name FROM accounts WHERE name = ?", (name,)).fetchone()["name"]
             for member in canonical:
-                conn.execute("INSERT OR IGNORE INTO org_members(org, user) VALUES (?, ?)", (name, member))
+                conn.execute("INSERT INTO org_members(org, \"user\") VALUES (?, ?) ON CONFLICT DO NOTHING", (name, member))
 
     def remove_member(self, org: str, user: str) -> None:
         with self.db.write() as conn:
-            conn.execute("DELETE FROM org_members WHERE org = ? AND user = ?", (org, user))
+            conn.execute("DELETE FROM org_members WHERE org = ? AND \"user\" = ?", (org, user))
 
     def list_accounts(self) -> list[dict]:
         with self.db.read() as conn:
             rows = conn.execute("SELECT name, kind, created_at FROM accounts ORDER BY kind DESC, name").fetchall()
-            members = conn.execute("SELECT org, user FROM org_members ORDER BY user").fetchall()
+            members = conn.execute("SELECT org, \"user\" FROM org_members ORDER BY \"user\"").fetchall()
         by_org: dict[str, list[str]] = {}
         for m in members:
             by_org.setdefault(m["org"].lower(), []).append(m["user"])
@@ -162,7 +162,7 @@ class Accounts:
 
     def orgs_of(self, user: str) -> frozenset[str]:
         with self.db.connection() as conn:
-            rows = conn.execute("SELECT org FROM org_members WHERE user = ?", (user,)).fetchall()
+            rows = conn.execute("SELECT org FROM org_members WHERE \"user\" = ?", (user,)).fetchall()
         return frozenset(r["org"] for r in rows)
 
     # -- tokens -------------------------------------------------------------
@@ -177,7 +177,7 @@ class Accounts:
             row = conn.execute("SELECT name FROM accounts WHERE name = ?", (user,)).fetchone()
             user = row["name"]
             conn.execute(
-                "INSERT INTO tokens(id, user, name, write, secret_hash, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO tokens(id, \"user\", name, write, secret_hash, created_at) VALUES (?, ?, ?, ?, ?, ?)",
                 (token_id, user, name, int(write), _hash(secret), now),
             )
         return TokenInfo(token_id, user, name, write, _dt(now), None, False), secret
@@ -186,7 +186,7 @@ class Accounts:
         sql = "SELECT * FROM tokens"
         where, params = [], []
         if user is not None:
-            where.append("user = ?")
+            where.append('"user" = ?')
             params.append(user)
         if not include_revoked:
             where.append("revoked_at IS NULL")
@@ -218,7 +218,7 @@ class Accounts:
         digest = _hash(secret)
         with self.db.connection() as conn:
             row = conn.execute(
-                "SELECT id, user, name, write, secret_hash, last_used, revoked_at FROM tokens WHERE secret_hash = ?",
+                "SELECT id, \"user\", name, write, secret_hash, last_used, revoked_at FROM tokens WHERE secret_hash = ?",
                 (digest,),
             ).fetchone()
         if row is None or row["revoked_at"] is not None or not hmac.compare_digest(row["secret_hash"], digest):
@@ -234,7 +234,7 @@ class Accounts:
         (a web session keeps the id of the token its user signed in with)."""
         with self.db.connection() as conn:
             row = conn.execute(
-                "SELECT id, user, name, write FROM tokens WHERE id = ? AND revoked_at IS NULL", (token_id,)
+                "SELECT id, \"user\", name, write FROM tokens WHERE id = ? AND revoked_at IS NULL", (token_id,)
             ).fetchone()
         return self._principal(row) if row is not None else None
 
@@ -247,7 +247,7 @@ class Accounts:
     def members_of(self, org: str) -> list[str]:
         """The members of organization ``org`` (empty for a user or an unknown name)."""
         with self.db.connection() as conn:
-            rows = conn.execute("SELECT user FROM org_members WHERE org = ? ORDER BY user", (org,)).fetchall()
+            rows = conn.execute("SELECT \"user\" FROM org_members WHERE org = ? ORDER BY \"user\"", (org,)).fetchall()
         return [r["user"] for r in rows]
 
 

@@ -35,6 +35,32 @@ def _data_option(func: F) -> F:
     )(func)
 
 
+def _database_options(func: F) -> F:
+    """--database and --blobs: where the metadata and the blobs live when not in the data folder."""
+    func = click.option(
+        "--database", default=None, envvar="PEFTKIT_REGISTRY_DATABASE", metavar="URL",
+        help="Keep the metadata in PostgreSQL (postgresql://user@host:5432/db; or set "
+        "PEFTKIT_REGISTRY_DATABASE, which keeps a password off the command line) instead of the data "
+        "folder's registry.db. Several servers, on several hosts, may share one.",
+    )(func)
+    return click.option(
+        "--blobs", "blobs_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+        help="Folder for the file contents (its blobs/ and tmp/) [default: the data folder]; servers sharing "
+        "a --database must share it (e.g. a shared filesystem path).",
+    )(func)
+
+
+def _checked_database(database: str | None) -> str | None:
+    from .database_url import check_database_url
+
+    if database is None:
+        return None
+    try:
+        return check_database_url(database)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--database") from None
+
+
 def _friendly_errors(func: F) -> F:
     """Turn store errors into a clear message and a non-zero exit."""
 
@@ -48,10 +74,13 @@ def _friendly_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _open_store(data_dir: Path | None):
+def _open_store(data_dir: Path | None, database: str | None = None, blobs_dir: Path | None = None):
     from .store import RegistryStore
 
-    return RegistryStore(data_dir or default_data_dir())
+    try:
+        return RegistryStore(data_dir or default_data_dir(), database=_checked_database(database), blobs=blobs_dir)
+    except RuntimeError as exc:  # an unreachable or newer database
+        raise click.ClickException(str(exc)) from None
 
 
 def _with_store(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -59,10 +88,12 @@ def _with_store(func: Callable[..., Any]) -> Callable[..., Any]:
     argument (closed when it returns) and reports store errors as a clear message."""
 
     @_data_option
+    @_database_options
     @_friendly_errors
     @functools.wraps(func)
-    def wrapper(*args: Any, data_dir: Path | None, **kwargs: Any) -> Any:
-        with _open_store(data_dir) as store:
+    def wrapper(*args: Any, data_dir: Path | None, database: str | None, blobs_dir: Path | None,
+                **kwargs: Any) -> Any:
+        with _open_store(data_dir, database, blobs_dir) as store:
             return func(store, *args, **kwargs)
 
     return wrapper
@@ -108,18 +139,22 @@ def registry_group() -> None:
 @click.option("--keep-alive-timeout", default=60.0, show_default=True, type=click.FloatRange(0.1, None),
               help="Idle keep-alive connections are closed after this many seconds.")
 @click.option("--quiet", is_flag=True, help="Do not log each request to stderr.")
+@_database_options
 @_friendly_errors
 def serve_command(
     host: str, port: int, data_dir: Path | None, max_upload_mb: int, public_url: str | None, workers: int,
     trusted_proxies: tuple[str, ...], header_timeout: float, body_timeout: float, request_timeout: float,
-    keep_alive_timeout: float, quiet: bool,
+    keep_alive_timeout: float, quiet: bool, database: str | None, blobs_dir: Path | None,
 ) -> None:
     """Serve the registry over HTTP until Ctrl-C (needs `pip install 'peftkit[registry]'`)."""
     from .hub_api import ApiConfig
     from .origin import ProxyTrust
     from .server import MissingServerDependencies, ServerOptions, serve
 
+    from .pg_db import redact
+
     data = data_dir or default_data_dir()
+    database = _checked_database(database)
     config = ApiConfig(max_upload_bytes=max_upload_mb * 1024 * 1024, public_url=public_url)
     try:
         ProxyTrust.parse(trusted_proxies)
@@ -131,7 +166,8 @@ def serve_command(
     )
 
     def ready(url: str) -> None:
-        click.echo(f"peftkit registry serving {data} at {url} (Ctrl-C to stop)")
+        where = f"{redact(database)} with blobs in {blobs_dir or data}" if database else str(data)
+        click.echo(f"peftkit registry serving {where} at {url} (Ctrl-C to stop)")
         sys.stdout.flush()
 
     def log(line: str) -> None:
@@ -139,8 +175,8 @@ def serve_command(
 
     try:
         serve(data, host=host, port=port, config=config, log=None if quiet else log, ready=ready,
-              options=options, workers=workers)
-    except (OSError, MissingServerDependencies) as exc:
+              options=options, workers=workers, database=database, blobs=blobs_dir)
+    except (OSError, MissingServerDependencies, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from None
 
 
@@ -267,21 +303,40 @@ def reindex_command(store: RegistryStore) -> None:
 
 @registry_group.command("fsck")
 @_data_option
+@_database_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.pass_context
-def fsck_command(ctx: click.Context, data_dir: Path | None, as_json: bool) -> None:
+def fsck_command(
+    ctx: click.Context, data_dir: Path | None, database: str | None, blobs_dir: Path | None, as_json: bool
+) -> None:
     """Verify the registry: database integrity, every branch, tag and commit, and every blob re-hashed.
 
     Read-only and safe while the server runs. Exit status: 0 when everything
     is intact, 1 when problems were found (each is listed), 2 on a usage
     error such as a folder that holds no registry.
     """
-    from .fsck import fsck
+    from .fsck import fsck, fsck_database
 
     root = data_dir or default_data_dir()
-    if not (root / "registry.db").is_file():
-        raise click.UsageError(f"{root} holds no registry (no registry.db); pass the data folder with --data DIR")
-    report = fsck(root)
+    if database is not None:
+        with _open_store(root, database, blobs_dir) as store:
+            report = fsck_database(store.db, store.blobs.blob_dir)
+    else:
+        if not (root / "registry.db").is_file():
+            raise click.UsageError(f"{root} holds no registry (no registry.db); pass the data folder with --data DIR")
+        report = fsck(root) if blobs_dir is None else _fsck_sqlite_with_blobs(root, blobs_dir)
+    _print_fsck(report, as_json)
+    ctx.exit(0 if report.ok else 1)
+
+
+def _fsck_sqlite_with_blobs(root: Path, blobs_dir: Path):
+    from .fsck import fsck_database
+
+    with _open_store(root, None, blobs_dir) as store:
+        return fsck_database(store.db, store.blobs.blob_dir)
+
+
+def _print_fsck(report: Any, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
     else:
@@ -297,6 +352,42 @@ def fsck_command(ctx: click.Context, data_dir: Path | None, as_json: bool) -> No
         )
         click.echo("ok: the registry is intact" if report.ok else f"{report.problem_count} problem(s) found",
                    err=not report.ok)
+
+
+@registry_group.command("migrate")
+@_data_option
+@click.option("--to", "target", required=True, envvar="PEFTKIT_REGISTRY_DATABASE", metavar="URL",
+              help="The new, empty PostgreSQL database (postgresql://user@host:5432/db).")
+@click.option("--json", "as_json", is_flag=True, help="Print what was copied, and fsck's report, as JSON.")
+@click.pass_context
+def migrate_command(ctx: click.Context, data_dir: Path | None, target: str, as_json: bool) -> None:
+    """Copy the data folder's SQLite metadata to PostgreSQL, then check the copy with fsck.
+
+    Every row is copied in one transaction and compared with the original before it commits;
+    the blobs stay in the data folder (serve with --blobs DIR, or move that folder to the shared
+    path). Exit status: 0 when copied and fsck finds the PostgreSQL registry intact, 1 otherwise.
+    Stop writing to the registry while it runs: commits made meanwhile are not copied.
+    """
+    from .fsck import fsck_database
+    from .migrate import MigrationError, migrate_to_postgres
+    from .pg_db import redact
+
+    root = data_dir or default_data_dir()
+    target = _checked_database(target) or target
+    try:
+        copied = migrate_to_postgres(root, target)
+    except (MigrationError, RuntimeError) as exc:
+        raise click.ClickException(str(exc)) from None
+    with _open_store(root, target, None) as store:
+        report = fsck_database(store.db, store.blobs.blob_dir)
+    if as_json:
+        click.echo(json.dumps({"rows": copied.rows, "fsck": report.to_json()}, indent=2))
+    else:
+        click.echo(f"copied {copied.total} row(s) to {redact(target)}: "
+                   + ", ".join(f"{n} {table}" for table, n in copied.rows.items() if n))
+        _print_fsck(report, False)
+        if report.ok:
+            click.echo(f"serve it with: peftkit registry serve --database URL --blobs {root}")
     ctx.exit(0 if report.ok else 1)
 
 

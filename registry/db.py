@@ -185,6 +185,8 @@ def create_private(path: Path) -> None:
 class Database:
     """A pool of connections to one SQLite file."""
 
+    kind = "sqlite"
+
     def __init__(self, path: Path, *, busy_timeout_s: float = 60.0, synchronous: str = "NORMAL") -> None:
         self.path = Path(path)
         self.busy_timeout_s = busy_timeout_s

@@ -2,7 +2,8 @@
 
 Checks, in order:
 
-* the database: SQLite's ``PRAGMA integrity_check`` and ``foreign_key_check``;
+* the database: SQLite's ``PRAGMA integrity_check`` and ``foreign_key_check``
+  (PostgreSQL enforces both itself: :func:`fsck_database` reads it in one snapshot);
 * history: every branch and tag points to a commit of its own repo, every
   commit's parent and tree exist, and every tree's id matches its entries;
 * content: every blob a tree references exists, has the recorded size, and
@@ -19,6 +20,7 @@ import os
 import sqlite3
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .blobs import sha256_and_oid_of_file
 from .hashing import tree_oid
@@ -136,6 +138,22 @@ def check_blobs(conn: sqlite3.Connection, blob_dir: Path, report: FsckReport) ->
                 for blob in second.iterdir() if second.is_dir() else ():
                     if blob.name not in referenced:
                         report.orphan_blobs += 1
+
+
+def fsck_database(db: Any, blob_dir: Path) -> FsckReport:
+    """Check the registry whose metadata is in the open database ``db`` (SQLite or PostgreSQL) and
+    whose blobs are in ``blob_dir``, in one read-only snapshot. PostgreSQL enforces its own
+    integrity and foreign keys, so only SQLite's are checked explicitly."""
+    report = FsckReport()
+    try:
+        with db.read() as conn:
+            if db.kind == "sqlite":
+                check_database(conn, report)
+            check_history(conn, report)
+            check_blobs(conn, Path(blob_dir), report)
+    except Exception as exc:  # noqa: BLE001 - any driver's error is a finding, not a crash
+        report.add(f"database cannot be read: {exc}")
+    return report
 
 
 def fsck(root: Path) -> FsckReport:

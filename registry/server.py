@@ -204,6 +204,8 @@ class _WorkerSpec:
     config: ApiConfig | None
     options: ServerOptions
     log: bool
+    database: str | None = None
+    blobs: str | None = None
 
 
 def _stderr_log(line: str) -> None:
@@ -213,7 +215,7 @@ def _stderr_log(line: str) -> None:
 def _run_worker(spec: _WorkerSpec, sock: socket.socket) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops workers with SIGTERM
     raise_open_file_limit()
-    store = RegistryStore(Path(spec.data_dir))
+    store = RegistryStore(Path(spec.data_dir), database=spec.database, blobs=spec.blobs)
     try:
         server, _ = _build(store, spec.config, spec.options, _stderr_log if spec.log else None)
         server.run(sockets=[sock])
@@ -231,13 +233,19 @@ def serve(
     ready: Callable[[str], None] | None = None,
     options: ServerOptions | None = None,
     workers: int = 1,
+    database: str | None = None,
+    blobs: str | os.PathLike[str] | None = None,
 ) -> None:
-    """Serve the registry in ``data_dir`` until interrupted (Ctrl-C or SIGTERM)."""
+    """Serve the registry in ``data_dir`` until interrupted (Ctrl-C or SIGTERM).
+
+    ``database`` (a ``postgresql://`` URL) and ``blobs`` (a folder) are passed to
+    :class:`RegistryStore`: several servers sharing both serve one registry."""
     _require_server_libraries()
     options = options or ServerOptions()
     raise_open_file_limit()
     logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
-    store = RegistryStore(Path(data_dir))  # creates/upgrades the schema once, before any worker
+    # Creates/upgrades the schema once, before any worker.
+    store = RegistryStore(Path(data_dir), database=database, blobs=blobs)
     try:
         sock = bind_socket(host, port)
     except OSError:
@@ -252,7 +260,8 @@ def serve(
             _run_until_signal(server, sock)
             return
         store.close()
-        spec = _WorkerSpec(str(data_dir), config, options, log is not None)
+        spec = _WorkerSpec(str(data_dir), config, options, log is not None, database,
+                           None if blobs is None else os.fspath(blobs))
         _supervise(spec, sock, workers, ready)
     finally:
         sock.close()

@@ -48,9 +48,10 @@ from typing import Any, Union
 from .accounts import Accounts
 from .blobs import BlobStore, StagedBlob
 from .cards import PEFTKIT_RECORD_FILE, RepoMetadata, extract_metadata, normalize_task
-from .db import Database
+from .database_url import open_database
+from .pg_schema import document_of, tsquery_of
 from .folders import clash, folder_set, under_any
-from .fsck import fsck as check_registry
+from .fsck import fsck_database
 from .errors import (
     BadRequest,
     Conflict,
@@ -176,17 +177,31 @@ class SearchFacets:
 class RegistryStore:
     """Adapter repos on local disk. See the module docstring for the guarantees."""
 
-    def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        fsync: bool = True,
+        database: str | None = None,
+        blobs: str | os.PathLike[str] | None = None,
+    ) -> None:
         """Open (creating if needed) the store in ``root``.
 
         ``fsync=False`` skips flushing blob files to the disk before their
         commit is recorded: faster for bulk imports and tests, but a power
         loss (not a process crash) may then lose the newest blobs.
+
+        ``database``: a ``postgresql://`` URL to keep the metadata in
+        PostgreSQL (several servers, on several hosts, may share it) instead
+        of ``root/registry.db``. ``blobs``: the folder holding ``blobs/`` and
+        ``tmp/`` (default ``root``); servers sharing a database must share it.
         """
         self.root = Path(os.path.expanduser(os.fspath(root)))
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)  # a new data folder: its owner's only
-        self.blobs = BlobStore(self.root, fsync=fsync)
-        self.db = Database(self.root / "registry.db")
+        blob_root = Path(os.path.expanduser(os.fspath(blobs))) if blobs is not None else self.root
+        blob_root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.blobs = BlobStore(blob_root, fsync=fsync)
+        self.db = open_database(database, self.root)
         self.accounts = Accounts(self.db)
         self.blobs.cleanup_tmp()
 
@@ -327,7 +342,7 @@ class RegistryStore:
                         repo_id=existing["repo_id"],
                     )
             else:
-                cur = conn.execute(
+                conn.execute(
                     "INSERT INTO repos(repo_id, namespace, name, private, owner, created_at, last_modified)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (repo_id, namespace, name, int(private), owner, now, now),
@@ -342,9 +357,9 @@ class RegistryStore:
                 conn.execute(
                     "INSERT INTO commits(sha, repo, parent, tree, message, description, author, created_at)"
                     " VALUES (?, ?, NULL, ?, 'initial commit', '', ?, ?)",
-                    (sha, cur.lastrowid, tree, owner or "", now),
+                    (sha, repo["id"], tree, owner or "", now),
                 )
-                conn.execute("INSERT INTO refs(repo, name, commit_sha) VALUES (?, ?, ?)", (cur.lastrowid, DEFAULT_BRANCH, sha))
+                conn.execute("INSERT INTO refs(repo, name, commit_sha) VALUES (?, ?, ?)", (repo["id"], DEFAULT_BRANCH, sha))
                 self._index(conn, repo, RepoMetadata())
         return self.repo_info(repo_id)
 
@@ -495,12 +510,18 @@ class RegistryStore:
             conn.execute("DELETE FROM repo_redirects WHERE old_id = ?", (to_id,))
             if repo["repo_id"].lower() != to_id.lower():
                 conn.execute(
-                    "INSERT OR REPLACE INTO repo_redirects(old_id, repo) VALUES (?, ?)", (repo["repo_id"], repo["id"])
+                    "INSERT INTO repo_redirects(old_id, repo) VALUES (?, ?)"
+                    " ON CONFLICT(old_id) DO UPDATE SET old_id = excluded.old_id, repo = excluded.repo",
+                    (repo["repo_id"], repo["id"]),
                 )
-            conn.execute(
-                "UPDATE repo_search SET repo_words = ? WHERE rowid = ?",
-                (self._repo_words(self._repo_row(conn, to_id)), repo["id"]),
-            )
+            words = self._repo_words(self._repo_row(conn, to_id))
+            if self.db.kind == "postgresql":
+                conn.execute(
+                    "UPDATE repo_search SET repo_words = ?, doc = to_tsvector('simple', ?) WHERE rowid = ?",
+                    (words, document_of(words, self._search_body(conn, repo["id"])), repo["id"]),
+                )
+            else:
+                conn.execute("UPDATE repo_search SET repo_words = ? WHERE rowid = ?", (words, repo["id"]))
         return self.repo_info(to_id)
 
     def redirect_of(self, repo_id: str) -> str | None:
@@ -601,7 +622,7 @@ class RegistryStore:
             start = self._resolve(conn, repo, revision)
             rows = conn.execute(
                 "WITH RECURSIVE chain(sha, depth) AS ("
-                "  SELECT ?, 0"
+                "  SELECT sha, 0 FROM commits WHERE sha = ?"
                 "  UNION ALL"
                 "  SELECT c.parent, chain.depth + 1 FROM commits c JOIN chain ON c.sha = chain.sha"
                 "  WHERE c.parent IS NOT NULL AND (? < 0 OR chain.depth + 1 < ?)"
@@ -836,13 +857,23 @@ class RegistryStore:
         )
         conn.execute("DELETE FROM facets WHERE repo = ?", (rid,))
         conn.executemany(
-            "INSERT OR IGNORE INTO facets(kind, value, repo) VALUES (?, ?, ?)", [(k, v, rid) for k, v in md.facets()]
+            "INSERT INTO facets(kind, value, repo) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+            [(k, v, rid) for k, v in md.facets()],
         )
         conn.execute("DELETE FROM repo_search WHERE rowid = ?", (rid,))
-        conn.execute(
-            "INSERT INTO repo_search(rowid, repo_words, body) VALUES (?, ?, ?)",
-            (rid, self._repo_words(repo), md.search_text()),
-        )
+        words, body = self._repo_words(repo), md.search_text()
+        if self.db.kind == "postgresql":
+            conn.execute(
+                "INSERT INTO repo_search(rowid, repo_words, body, doc) VALUES (?, ?, ?, to_tsvector('simple', ?))",
+                (rid, words, body, document_of(words, body)),
+            )
+        else:
+            conn.execute("INSERT INTO repo_search(rowid, repo_words, body) VALUES (?, ?, ?)", (rid, words, body))
+
+    @staticmethod
+    def _search_body(conn: Any, rid: int) -> str:
+        row = conn.execute("SELECT body FROM repo_search WHERE rowid = ?", (rid,)).fetchone()
+        return row["body"] if row else ""
 
     @staticmethod
     def _repo_words(repo: sqlite3.Row) -> str:
@@ -916,38 +947,63 @@ class RegistryStore:
             facet("tag", [tag])
 
         if text is not None and text.strip():
-            text = text.strip()
-            words = re.findall(r"\w+", text)
-            like = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-            if self.fts5 and words:
-                match = " AND ".join(f'"{w}"*' for w in words)
-                where.append(
-                    "(r.id IN (SELECT rowid FROM repo_search WHERE repo_search MATCH ?)"
-                    " OR r.repo_id LIKE ? ESCAPE '\\')"
-                )
-                params += [match, like]
-                if relevance:
-                    joins = (
-                        " LEFT JOIN (SELECT rowid AS rid, bm25(repo_search) AS rank FROM repo_search"
-                        " WHERE repo_search MATCH ?) rel ON rel.rid = r.id"
-                    )
-                    order_params.append(match)
-            elif words:
-                clauses = []
-                for w in words:
-                    wl = "%" + w.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-                    clauses.append(
-                        "(r.id IN (SELECT rowid FROM repo_search WHERE repo_words LIKE ? ESCAPE '\\'"
-                        " OR body LIKE ? ESCAPE '\\'))"
-                    )
-                    params += [wl, wl]
-                where.append("(" + " AND ".join(clauses) + " OR r.repo_id LIKE ? ESCAPE '\\')")
-                params.append(like)
-            else:
-                where.append("r.repo_id LIKE ? ESCAPE '\\'")
-                params.append(like)
+            clause, text_params, joins, order_params = self._text_where(text.strip(), relevance)
+            where.append(clause)
+            params += text_params
 
         return where, params, joins, order_params
+
+    def _text_where(self, text: str, relevance: bool) -> tuple[str, list[Any], str, list[Any]]:
+        """The WHERE clause (over ``repos r``) matching free ``text``, its parameters, and with
+        ``relevance`` a join ranking the matches (and its parameters): PostgreSQL's full-text search,
+        SQLite's FTS5, or LIKE where the sqlite3 build lacks FTS5."""
+        where: list[str] = []
+        params: list[Any] = []
+        joins = ""
+        order_params: list[Any] = []
+        words = re.findall(r"\w+", text)
+        like = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        query = tsquery_of(text) if self.db.kind == "postgresql" else None
+        if query is not None:
+            where.append(
+                "(r.id IN (SELECT rowid FROM repo_search WHERE doc @@ to_tsquery('simple', ?))"
+                " OR r.repo_id LIKE ? ESCAPE '\\')"
+            )
+            params += [query, like]
+            if relevance:
+                joins = (
+                    " LEFT JOIN (SELECT rowid AS rid, -ts_rank(doc, to_tsquery('simple', ?)) AS rank"
+                    " FROM repo_search WHERE doc @@ to_tsquery('simple', ?)) rel ON rel.rid = r.id"
+                )
+                order_params += [query, query]
+        elif self.fts5 and words:
+            match = " AND ".join(f'"{w}"*' for w in words)
+            where.append(
+                "(r.id IN (SELECT rowid FROM repo_search WHERE repo_search MATCH ?)"
+                " OR r.repo_id LIKE ? ESCAPE '\\')"
+            )
+            params += [match, like]
+            if relevance:
+                joins = (
+                    " LEFT JOIN (SELECT rowid AS rid, bm25(repo_search) AS rank FROM repo_search"
+                    " WHERE repo_search MATCH ?) rel ON rel.rid = r.id"
+                )
+                order_params.append(match)
+        elif words:
+            clauses = []
+            for w in words:
+                wl = "%" + w.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+                clauses.append(
+                    "(r.id IN (SELECT rowid FROM repo_search WHERE repo_words LIKE ? ESCAPE '\\'"
+                    " OR body LIKE ? ESCAPE '\\'))"
+                )
+                params += [wl, wl]
+            where.append("(" + " AND ".join(clauses) + " OR r.repo_id LIKE ? ESCAPE '\\')")
+            params.append(like)
+        else:
+            where.append("r.repo_id LIKE ? ESCAPE '\\'")
+            params.append(like)
+        return where[0], params, joins, order_params
 
     def search(
         self,
@@ -1093,8 +1149,8 @@ class RegistryStore:
                 conn.execute("DELETE FROM download_clients WHERE day < ?", (day,))
                 key = hashlib.sha256(_client_key(client).encode("utf-8", "replace")).hexdigest()[:32]
                 cur = conn.execute(
-                    "INSERT OR IGNORE INTO download_clients(day, repo, client)"
-                    " SELECT ?, id, ? FROM repos WHERE repo_id = ?",
+                    "INSERT INTO download_clients(day, repo, client)"
+                    " SELECT ?, id, ? FROM repos WHERE repo_id = ? ON CONFLICT DO NOTHING",
                     (day, key, repo_id),
                 )
                 if cur.rowcount == 0:
@@ -1128,4 +1184,4 @@ class RegistryStore:
 
     def fsck(self) -> list[str]:
         """Verify database, history and every blob (see :mod:`peftkit.registry.fsck`); returns the problems."""
-        return check_registry(self.root).problems
+        return fsck_database(self.db, self.blobs.blob_dir).problems

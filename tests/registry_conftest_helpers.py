@@ -157,3 +157,35 @@ def stop_process(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def race_on_parent(urls: list[str], token: str, repo_id: str, parent: str, clients: int = 6) -> list[object]:
+    """``clients`` commits on the same ``parent`` at once, spread over ``urls`` in turn; returns each
+    one's outcome: ``"won"`` or the HTTP status it got (412 when another one won)."""
+    import threading
+
+    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    barrier = threading.Barrier(clients)
+    outcomes: list[object] = []
+    lock = threading.Lock()
+
+    def race(i: int) -> None:
+        client = HfApi(endpoint=urls[i % len(urls)], token=token)
+        barrier.wait()
+        try:
+            client.create_commit(repo_id, [CommitOperationAdd(f"race/{i}.txt", f"{i}".encode())],
+                                 commit_message=f"race {i}", parent_commit=parent)
+            result: object = "won"
+        except HfHubHTTPError as exc:
+            result = exc.response.status_code
+        with lock:
+            outcomes.append(result)
+
+    threads = [threading.Thread(target=race, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return outcomes

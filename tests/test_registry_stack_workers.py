@@ -10,14 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.registry_conftest_helpers import hf_online, start_cli_server, stop_process  # noqa: F401
+from tests.registry_conftest_helpers import hf_online, race_on_parent, start_cli_server, stop_process  # noqa: F401
 
 from peftkit.registry import RegistryStore
 
 huggingface_hub = pytest.importorskip("huggingface_hub")
 pytest.importorskip("uvicorn")
-from huggingface_hub import CommitOperationAdd, HfApi  # noqa: E402
-from huggingface_hub.errors import HfHubHTTPError  # noqa: E402
+from huggingface_hub import HfApi  # noqa: E402
 
 
 def _workers(parent: int) -> set[int]:
@@ -81,26 +80,7 @@ def test_two_workers_lose_no_commit_and_one_parent_race_winner(tmp_path: Path, h
 
         # Several commits on the same parent at once: exactly one wins, the others get 412.
         head = api.list_repo_commits("alice/busy")[0].commit_id
-        barrier = threading.Barrier(6)
-        outcomes: list[object] = []
-
-        def race(i: int) -> None:
-            client = HfApi(endpoint=url, token=token)
-            barrier.wait()
-            try:
-                client.create_commit("alice/busy", [CommitOperationAdd(f"race/{i}.txt", f"{i}".encode())],
-                                     commit_message=f"race {i}", parent_commit=head)
-                result: object = "won"
-            except HfHubHTTPError as exc:
-                result = exc.response.status_code
-            with lock:
-                outcomes.append(result)
-
-        threads = [threading.Thread(target=race, args=(i,)) for i in range(6)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        outcomes = race_on_parent([url], token, "alice/busy", head)
         assert sorted(outcomes, key=str) == sorted(["won"] + [412] * 5, key=str)
         assert len([f for f in api.list_repo_files("alice/busy") if f.startswith("race/")]) == 1
 
