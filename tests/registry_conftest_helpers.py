@@ -64,14 +64,16 @@ def subprocess_env(*, hf_home: Path | None = None, endpoint: str | None = None, 
 
 @contextmanager
 def running_registry(
-    root: Path, *, config: ApiConfig | None = None, users: dict[str, bool] | None = None
+    root: Path, *, config: ApiConfig | None = None, users: dict[str, bool] | None = None,
+    database: str | None = None,
 ) -> Iterator[tuple[RegistryStore, RunningServer, dict[str, str]]]:
-    """A store in ``root`` served on 127.0.0.1:<free port> from a thread.
+    """A store in ``root`` (its metadata in ``database`` when given) served on 127.0.0.1:<free port>
+    from a thread.
 
     ``users`` maps user names to whether their token may write; yields
     ``(store, server, {user: token})``.
     """
-    store = RegistryStore(root, fsync=False)
+    store = RegistryStore(root, fsync=False, database=database)
     tokens: dict[str, str] = {}
     for user, write in (users or {}).items():
         store.accounts.add_user(user)

@@ -7,6 +7,8 @@ folder, sharing only `--database postgresql://...` and `--blobs DIR`; huggingfac
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -101,11 +103,12 @@ def test_two_servers_share_one_database_and_blob_folder(tmp_path: Path, pg_url: 
         proc_b, url_b, _ = start_cli_server(tmp_path / "host-b", *common)
         try:
             _push_pull_race_and_load(tmp_path, url_a, url_b, token)
+            _kill_one_mid_commit(proc_a, url_a, url_b, token)
         finally:
             stop_process(proc_b)
     finally:
         stop_process(proc_a)
-    assert proc_a.returncode == 0 and proc_b.returncode == 0
+    assert proc_a.returncode == -signal.SIGKILL and proc_b.returncode == 0
     with RegistryStore(tmp_path / "admin", database=pg_url, blobs=shared) as store:
         assert store.fsck() == []
     assert not (tmp_path / "host-a" / "registry.db").exists() and not (tmp_path / "host-a" / "blobs").exists()
@@ -171,3 +174,33 @@ def _push_pull_race_and_load(tmp_path: Path, url_a: str, url_b: str, token: str)
     history = {c.commit_id for c in api_a.list_repo_commits("alice/shared")}
     assert acknowledged and set(acknowledged) <= history
     assert {c.commit_id for c in api_b.list_repo_commits("alice/shared")} == history
+
+
+def _kill_one_mid_commit(proc_a, url_a: str, url_b: str, token: str) -> None:
+    """kill -9 of a server while a client commits through it: the other one keeps serving, and every
+    commit the killed one acknowledged is there."""
+    acknowledged: list[str] = []
+    client = HfApi(endpoint=url_a, token=token)
+
+    def writer() -> None:
+        step = 0
+        while True:
+            try:
+                info = client.upload_file(path_or_fileobj=b"k" * 100_000 + str(step).encode(),
+                                          path_in_repo=f"kill/{step}.bin", repo_id="alice/shared")
+            except Exception:  # noqa: BLE001 - the server is gone
+                return
+            acknowledged.append(info.oid)
+            step += 1
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    while not acknowledged and thread.is_alive():
+        time.sleep(0.01)
+    os.kill(proc_a.pid, signal.SIGKILL)
+    thread.join()
+    proc_a.wait()
+    api_b = HfApi(endpoint=url_b, token=token)
+    assert set(acknowledged) <= {c.commit_id for c in api_b.list_repo_commits("alice/shared")}
+    after = api_b.upload_file(path_or_fileobj=b"after", path_in_repo="after-kill.txt", repo_id="alice/shared").oid
+    assert api_b.model_info("alice/shared").sha == after
