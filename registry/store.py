@@ -201,6 +201,8 @@ class RegistryStore:
         blob_root = Path(os.path.expanduser(os.fspath(blobs))) if blobs is not None else self.root
         blob_root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.blobs = BlobStore(blob_root, fsync=fsync)
+        #: The folder every server of this registry shares (the blob folder): the web pages' secret lives there.
+        self.shared_dir = blob_root
         self.db = open_database(database, self.root)
         self.accounts = Accounts(self.db)
         self.blobs.cleanup_tmp()

@@ -24,6 +24,7 @@ from tests.registry_conftest_helpers import (  # noqa: F401 - hf_online is a fix
     write_adapter_folder,
 )
 from tests.registry_pg_helpers import pg_server, pg_url  # noqa: F401 - fixtures
+from tests.registry_web_helpers import WebClient
 
 from peftkit.registry import RegistryStore
 from peftkit.registry.cli import registry_group
@@ -126,6 +127,15 @@ def _push_pull_race_and_load(tmp_path: Path, url_a: str, url_b: str, token: str)
         assert (pulled / name).read_bytes() == (folder / name).read_bytes()
     assert api_b.model_info("alice/shared").sha == pushed
     assert [m.id for m in api_b.list_models(search="shared hosts")] == ["alice/shared"]
+
+    # The web pages' form tokens are signed with one secret (in the shared blob folder): a sign-in
+    # form served by one server is accepted by the other.
+    browser = WebClient(url_a)
+    csrf = browser.csrf()
+    at_b = WebClient(url_b, cookies=dict(browser.cookies))
+    status, _, page = at_b.request("POST", "/login", form={"csrf": csrf, "token": token, "next": "/"},
+                                   headers={"Origin": url_b})
+    assert status == 303, page
 
     # Commits on one parent through both servers at once: exactly one wins, the others get 412.
     head = api_b.list_repo_commits("alice/shared")[0].commit_id

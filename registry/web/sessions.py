@@ -10,7 +10,8 @@
   HMAC, with a server secret, of a random per-browser cookie. A POST whose
   cookie and token do not match, or whose ``Origin`` names another site, is
   refused before anything else is looked at.
-* The server secret is 32 random bytes in ``web_secret`` in the data folder,
+* The server secret is 32 random bytes in ``web_secret`` in the data folder (in the
+  ``--blobs`` folder when one is given, which every server of the registry shares),
   created readable by its owner only (``0o600``) and shared by every worker.
 """
 

@@ -97,7 +97,7 @@ class WebSite:
         self.config = api.config
         self.options = options or WebOptions()
         self.sessions = WebSessions(
-            self.store.db, self.store.accounts, load_server_secret(self.store.root), ttl_s=self.options.session_ttl_s
+            self.store.db, self.store.accounts, load_server_secret(self.store.shared_dir), ttl_s=self.options.session_ttl_s
         )
         self.templates = Templates()
         self.cards = CardRenderer()
