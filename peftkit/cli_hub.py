@@ -14,6 +14,7 @@ from typing import Any, Iterator
 
 import click
 
+from peftkit.cli_auto_compose import auto_options, check_auto_options, run_auto
 from peftkit.cli_output import echo_json, format_table
 
 _HUB_HELP = ("Hub: 'local' (the embedded hub, default), 'local:/folder', a registry URL http://host:port, or "
@@ -310,9 +311,10 @@ def whoami_command(hub: str | None, token_file: str | None) -> None:
 
 @click.command("compose")
 @click.argument("base")
-@click.argument("spec")
+@click.argument("spec", required=False)
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False),
-              help="Folder to write: a composition folder, or with --merge a merged model.")
+              help="Folder to write: a composition folder (with --auto: the learned LoRA adapter), or with "
+                   "--merge a merged model.")
 @_hub_option
 @click.option("--merge", is_flag=True,
               help="Merge the adapters into the base weights and save a plain transformers model "
@@ -322,19 +324,31 @@ def whoami_command(hub: str | None, token_file: str | None) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace OUT when it exists.")
 @_token_option
 @_quiet_option
-def compose_command(base: str, spec: str, out: str, hub: str | None, merge: bool, adapter_names: tuple[str, ...],
-                    overwrite: bool, token_file: str | None, quiet: bool) -> None:
+@auto_options
+def compose_command(base: str, spec: str | None, out: str, hub: str | None, merge: bool,
+                    adapter_names: tuple[str, ...], overwrite: bool, token_file: str | None, quiet: bool,
+                    auto: bool, **auto_settings: Any) -> None:
     """Load hub adapters onto BASE composed as SPEC and save the result.
 
     BASE is a model folder or hub id transformers can load. SPEC is a hub id
-    or a composition such as 'stack(alice/lang-de, alice/ner@v2)'.
+    or a composition such as 'stack(alice/lang-de, alice/ner@v2)'. With
+    --auto, learn the combination instead: the weights of a linear merge of
+    the --candidates (or a hub --search's hits), searched on --examples, and
+    save the learned LoRA adapter.
     """
     from pathlib import Path
 
     from peftkit.hub_client.compose import save_composed
 
+    check_auto_options(auto, spec, auto_settings)
     if Path(out).exists() and any(Path(out).iterdir()) and not overwrite:
         raise click.ClickException(f"{out} exists and is not empty; pass --overwrite to replace it")
+    if auto:
+        if adapter_names:
+            raise click.UsageError("--adapter names members of SPEC; with --auto use --candidates")
+        with plain_warnings():
+            run_auto(base, out, hub=hub, merge=merge, token=_token(token_file), quiet=quiet, options=auto_settings)
+        return
     mapping = {}
     for item in adapter_names:
         name, sep, ref = item.partition("=")

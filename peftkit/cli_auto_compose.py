@@ -1,0 +1,95 @@
+"""``peftkit compose BASE --auto ...``: the options of automatic composition and what the command prints.
+
+The options are added to ``peftkit compose`` (peftkit.cli_hub) by :func:`auto_options`; the work is
+:func:`peftkit.auto_compose.auto_compose`. Imports no torch until the command runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import click
+
+from peftkit.cli_output import echo_json
+
+#: The option names (as click passes them) that only mean something with --auto.
+AUTO_ONLY = ("examples", "eval_file", "candidates", "search", "max_candidates", "budget", "l1", "seed", "push",
+             "as_json")
+
+
+def auto_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Add the ``--auto`` options to a click command (in the order ``--help`` lists them)."""
+    options = [
+        click.option("--auto", is_flag=True,
+                     help="Learn how to combine candidate LoRA adapters from a few examples (gradient-free "
+                          "search over the weights of a linear merge) instead of composing SPEC."),
+        click.option("--examples", type=click.Path(exists=True, dir_okay=False), default=None,
+                     help="With --auto: JSONL/CSV examples of the new task (text + label, or prompt + completion)."),
+        click.option("--eval", "eval_file", type=click.Path(exists=True, dir_okay=False), default=None,
+                     help="With --auto: held-out examples to report on (default: hold out 30% of --examples)."),
+        click.option("--candidates", default=None, metavar="'A, B, ...'",
+                     help="With --auto: the adapters to combine (hub ids or adapter folders, comma-separated)."),
+        click.option("--search", default=None, metavar="'KEY=VALUE ...'",
+                     help="With --auto: find candidates by a hub search for BASE (keys: text, base_model, method, "
+                          "task, tag, author, dataset; bare words are free text)."),
+        click.option("--max-candidates", type=click.IntRange(min=1), default=8, show_default=True,
+                     help="With --auto: try at most this many candidates."),
+        click.option("--budget", type=click.IntRange(min=1), default=40, show_default=True,
+                     help="With --auto: how many weight vectors the search scores."),
+        click.option("--l1", type=click.FloatRange(min=0), default=0.05, show_default=True,
+                     help="With --auto: penalty on the mean absolute weight."),
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="With --auto: seed of the held-out split and the search."),
+        click.option("--push", default=None, metavar="REPO_ID",
+                     help="With --auto: push the learned adapter to the hub as REPO_ID."),
+        click.option("--json", "as_json", is_flag=True, help="With --auto: print the report as JSON."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def check_auto_options(auto: bool, spec: str | None, given: dict[str, Any]) -> None:
+    """A usage error for SPEC with --auto, no SPEC without it, or --auto options without --auto."""
+    if auto:
+        if spec is not None:
+            raise click.UsageError("--auto learns the composition itself: give BASE and --candidates or --search, "
+                                   "not SPEC")
+        if not given.get("examples"):
+            raise click.UsageError("--auto needs --examples FILE (a few examples of the new task)")
+        if (given.get("candidates") is None) == (given.get("search") is None):
+            raise click.UsageError("--auto needs exactly one of --candidates 'a, b' or --search 'KEY=VALUE ...'")
+        return
+    if spec is None:
+        raise click.UsageError("missing argument 'SPEC' (or pass --auto to learn a combination)")
+    defaults = {"max_candidates": 8, "budget": 40, "l1": 0.05, "seed": 0, "as_json": False}
+    extra = [k for k in AUTO_ONLY if given.get(k) not in (None, defaults.get(k))]
+    if extra:
+        raise click.UsageError(f"--{extra[0].replace('_', '-').replace('as-json', 'json').replace('eval-file', 'eval')}"
+                               f" only works with --auto")
+
+
+def run_auto(base: str, out: str, *, hub: str | None, merge: bool, token: str | None, quiet: bool,
+             options: dict[str, Any]) -> None:
+    """Run automatic composition and print its report (a table, or JSON with --json)."""
+    from peftkit.learned_composition import auto_compose
+    from peftkit.auto_compose_report import format_report
+
+    candidates = None
+    if options.get("candidates") is not None:
+        candidates = [c.strip() for c in options["candidates"].split(",") if c.strip()]
+        if not candidates:
+            raise click.BadParameter("name at least one adapter", param_hint="--candidates")
+    result = auto_compose(base, candidates, search=options.get("search"), examples=options["examples"],
+                          eval_examples=options.get("eval_file"), hub=hub, token=token,
+                          max_candidates=options["max_candidates"], budget=options["budget"], l1=options["l1"],
+                          seed=options["seed"], out=out, merge=merge, push=options.get("push"),
+                          progress=not quiet and not options["as_json"])
+    if options["as_json"]:
+        for cand in result.left_out:
+            click.echo(f"left out {cand.source}: {cand.left_out}", err=True)
+        echo_json(result.to_json())
+        return
+    click.echo(format_report(result))
+    what = "the base model with the learned combination merged in" if merge else "the learned adapter"
+    click.echo(f"Wrote {what} to {out}" + (f"; pushed it as {options['push']}" if result.pushed else ""))
