@@ -24,6 +24,10 @@ from typing import Any
 
 from .pg_schema import SCHEMA, SCHEMA_VERSION, translate
 
+#: Connections one process keeps at most: size PostgreSQL's ``max_connections`` to this times the
+#: number of server processes (plus the CLI's). A thread wanting more waits for one to be handed back.
+MAX_CONNECTIONS = 16
+
 # Any fixed 64-bit number: the lock every registry write takes.
 _WRITE_LOCK_KEY = 0x7065_6674_6B69_7431
 
@@ -93,9 +97,14 @@ class PostgresDatabase:
     kind = "postgresql"
     fts5 = False  # free text uses PostgreSQL's full-text search, not SQLite's FTS5
 
-    def __init__(self, url: str, *, connect_timeout_s: float = 10.0) -> None:
+    def __init__(
+        self, url: str, *, connect_timeout_s: float = 10.0, max_connections: int = MAX_CONNECTIONS,
+        wait_timeout_s: float = 60.0,
+    ) -> None:
         self.url = url
         self.connect_timeout_s = connect_timeout_s
+        self.wait_timeout_s = wait_timeout_s
+        self._slots = threading.BoundedSemaphore(max_connections)
         self._pool: list[PgConnection] = []
         self._all: list[PgConnection] = []
         self._pool_lock = threading.Lock()
@@ -127,13 +136,22 @@ class PostgresDatabase:
         return PgConnection(raw)
 
     def _take(self) -> PgConnection:
-        """A pooled connection, or a new one when every pooled one is in use."""
+        """A pooled connection, or a new one while fewer than ``max_connections`` are open."""
         if self._closed:
             raise RuntimeError("the registry store is closed")
-        with self._pool_lock:
-            if self._pool:
-                return self._pool.pop()
-        fresh = self._connect()
+        if not self._slots.acquire(timeout=self.wait_timeout_s):
+            raise RuntimeError(
+                f"every connection to the registry database was busy for {self.wait_timeout_s:.0f} s; "
+                "is the database overloaded?"
+            )
+        try:
+            with self._pool_lock:
+                if self._pool:
+                    return self._pool.pop()
+            fresh = self._connect()
+        except BaseException:
+            self._slots.release()
+            raise
         with self._pool_lock:
             self._all.append(fresh)
         return fresh
@@ -156,6 +174,7 @@ class PostgresDatabase:
                     self._pool.append(conn)
                 else:
                     self._all.remove(conn)
+            self._slots.release()
             if not healthy:
                 _close_quietly(conn)
 

@@ -62,3 +62,19 @@ def test_facets_downloads_accounts_and_sessions(tmp_path: Path, pg_url: str) -> 
         s.accounts.revoke_token(info.id)
         assert sessions.principal(cookie) is None
         assert s.fsck() == []
+
+
+def test_connections_per_process_are_bounded(pg_url: str) -> None:  # noqa: F811
+    from peftkit.registry.pg_db import PostgresDatabase
+
+    db = PostgresDatabase(pg_url, max_connections=2, wait_timeout_s=0.2)
+    try:
+        with db.read() as first, db.connection() as second:
+            assert first.execute("SELECT 1").fetchone()[0] == 1 and second is not first
+            with pytest.raises(RuntimeError, match="every connection to the registry database was busy"):
+                with db.connection():
+                    pass
+        with db.write() as conn:  # handed back: usable again
+            assert conn.execute("SELECT count(*) FROM repos").fetchone()[0] == 0
+    finally:
+        db.close()
