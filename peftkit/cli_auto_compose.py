@@ -1,7 +1,7 @@
 """``peftkit compose BASE --auto ...``: the options of automatic composition and what the command prints.
 
 The options are added to ``peftkit compose`` (peftkit.cli_hub) by :func:`auto_options`; the work is
-:func:`peftkit.auto_compose.auto_compose`. Imports no torch until the command runs.
+:func:`peftkit.learned_composition.auto_compose`. Imports no torch until the command runs.
 """
 
 from __future__ import annotations

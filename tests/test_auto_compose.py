@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import peftkit
+from peftkit.auto_compose_report import format_report
 from tests.hub_helpers import hub_env  # noqa: F401 - fixture
 from tests.tiny_models import VOCAB
 from tests.train_helpers import sentiment_rows, torch_threads, word_tokenizer, write_jsonl
@@ -199,6 +200,9 @@ def test_python_api_with_named_candidates_holds_out_part_of_the_examples(world: 
     assert [r.kind for r in result.rows] == ["single", "single", "single", "uniform", "learned"]
     uniform = next(r for r in result.rows if r.kind == "uniform")
     assert result.learned.accuracy > uniform.accuracy and result.learned.loss < uniform.loss
+    table = format_report(result)
+    assert "learned combination" in table and "uniform average" in table and "ACCURACY" in table
+    assert "left out alice/scaler: ia3 has no low-rank weight change" in table
     # merge=True: the base model with the learned combination folded in, as a plain transformers model.
     loss, accuracy = held_out_score(tmp_path / "merged", None, world["heldout"])
     assert (tmp_path / "merged" / "tokenizer.json").is_file() and (tmp_path / "merged" / "auto_compose.json").is_file()
