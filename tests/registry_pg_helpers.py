@@ -8,29 +8,36 @@ creates. One server per test session; each test gets its own fresh database.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import tempfile
-from collections.abc import Iterator
 
 import pytest
 
 _counter = itertools.count()
 
 
+@functools.cache
+def _shared_server() -> object:
+    """The session's one PostgreSQL server, whichever test module asks first (each module that
+    imports the fixture gets its own fixture definition; they all share this server). pgserver
+    stops it and deletes its folder when the test process exits."""
+    import pgserver
+
+    return pgserver.get_server(tempfile.mkdtemp(prefix="peftkit-pg-"), cleanup_mode="delete")
+
+
 @pytest.fixture(scope="session")
-def pg_server() -> Iterator[object]:
+def pg_server() -> object:
     try:
-        import pgserver
+        import pgserver  # noqa: F401 - the packaged PostgreSQL
         import psycopg  # noqa: F401 - the driver the registry uses
     except ImportError as exc:  # pragma: no cover - the test extra installs both
         pytest.skip(f"PostgreSQL tests need the test and registry extras (pgserver, psycopg): {exc}")
-    folder = tempfile.mkdtemp(prefix="peftkit-pg-")
     try:
-        server = pgserver.get_server(folder, cleanup_mode="delete")
+        return _shared_server()
     except Exception as exc:  # noqa: BLE001 - the packaged PostgreSQL cannot run on this machine at all
         pytest.skip(f"the packaged PostgreSQL (pgserver) cannot run on this machine: {exc}")
-    yield server
-    server.cleanup()
 
 
 @pytest.fixture
