@@ -42,7 +42,7 @@ def test_two_process_data_parallel_run_trains_and_saves_once(tmp_path):
     assert proc.stdout.count("trained 4 steps") == 1
     assert proc.stderr.count("saved the adapter to") == 1
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors",
-                                                     "checkpoints", "labels.json", "train_results.json"]
+                                                     "checkpoints", "labels.json", "peftkit.json", "train_results.json"]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
     assert {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in (out / "checkpoints" / "checkpoint-4").iterdir()}
 
