@@ -163,6 +163,7 @@ _NOCASE_REWRITES = (
     (re.compile(r"FROM accounts WHERE name = \?"), "FROM accounts WHERE lower(name) = lower(?)"),
     (re.compile(r"ON CONFLICT\(old_id\)"), "ON CONFLICT (lower(old_id))"),
     (re.compile(r"ORDER BY r\.repo_id ASC"), "ORDER BY lower(r.repo_id) ASC"),
+    (re.compile(r"ORDER BY kind DESC, name\b"), "ORDER BY kind DESC, lower(name)"),
 )
 _VALUE_IN = re.compile(r"\bvalue IN \(([?,]+)\)")
 

@@ -37,3 +37,18 @@ def store(tmp_path: Path, pg_url: str):  # noqa: F811 - this module's backend
     assert s.db.kind == "postgresql" and not (tmp_path / "reg" / "registry.db").exists()
     yield s
     s.close()
+
+
+def test_statements_keep_sqlite_nocase_semantics_on_postgresql() -> None:
+    from peftkit.registry.pg_schema import search_words, translate
+
+    # Comparisons of NOCASE columns are lowered; assignments are not.
+    assert translate("UPDATE repos SET repo_id = ?, namespace = ? WHERE repo_id = ?") == (
+        "UPDATE repos SET repo_id = %s, namespace = %s WHERE lower(repo_id) = lower(%s)"
+    )
+    assert translate("SELECT 1 FROM facets WHERE kind = ? AND value IN (?,?)") == (
+        "SELECT 1 FROM facets WHERE kind = %s AND lower(value) IN (lower(%s),lower(%s))"
+    )
+    assert translate("SELECT '100%' || ?") == "SELECT '100%%' || %s"
+    # Words split as SQLite FTS5's unicode61 tokenizer with remove_diacritics does.
+    assert search_words("Café_au-lait Llama-3.2") == ["cafe", "au", "lait", "llama", "3", "2"]
