@@ -52,12 +52,13 @@ def _progress_bar(total: int, progress: bool, desc: str) -> object:
 
 
 def search_weights(objective: Callable[[list[float]], float], start: Sequence[float], *, budget: int,
-                   sigma: float = 0.5, bound: float = BOUND, seed: int = 0, progress: bool = True,
-                   desc: str = "searching weights") -> SearchResult:
+                   also: Sequence[Sequence[float]] = (), sigma: float = 0.5, bound: float = BOUND, seed: int = 0,
+                   progress: bool = True, desc: str = "searching weights") -> SearchResult:
     """Minimise ``objective`` over weight vectors in [-bound, bound]^k within ``budget`` evaluations.
 
-    ``start`` is evaluated first, so the result is never worse than it on the objective. With one
-    weight (CMA-ES needs at least two dimensions) a grid over [-bound, bound] is tried instead.
+    ``start`` and then the points ``also`` (as many as the budget allows) are evaluated first, so the
+    result is never worse than any of them on the objective; CMA-ES then searches from ``start``. With
+    one weight (CMA-ES needs at least two dimensions) a grid over [-bound, bound] is tried instead.
     """
     if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
         raise SearchError(f"the search budget must be a positive number of evaluations, got {budget!r}")
@@ -80,10 +81,14 @@ def search_weights(objective: Callable[[list[float]], float], start: Sequence[fl
 
     try:
         evaluate(start)
+        for point in list(also)[:budget - 1]:
+            evaluate(point)
         if len(start) == 1:
-            steps = max(budget - 1, 1)
-            for i in range(min(budget - 1, steps)):
+            steps = max(budget - best.evaluations, 1)
+            for i in range(budget - best.evaluations):
                 evaluate([-bound + 2 * bound * (i + 1) / (steps + 1)])
+            return best
+        if best.evaluations >= budget:
             return best
         cma = _optimizer()
         strategy = cma.CMAEvolutionStrategy(  # type: ignore[attr-defined]

@@ -9,13 +9,15 @@
    deltas add up), a base model they do not fit, or, for a classifier, a head whose labels differ
    from the other members' or do not cover the examples' labels.
 2. **Search**: CMA-ES (:mod:`peftkit.core.weight_search`) over one weight per member, in [-1.5, 1.5],
-   minimising the loss on the search split plus ``l1`` times the mean absolute weight; every
-   evaluation rebuilds the weighted merge in place (:class:`peftkit.core.merge_search.WeightedMerge`).
+   from the uniform average (each member alone is scored too, so the result is never worse on the
+   search examples than the best member alone), minimising the loss on the search split plus ``l1``
+   times the mean absolute weight; every evaluation rebuilds the weighted merge in place (:class:`peftkit.core.merge_search.WeightedMerge`).
 3. **Report**: on held-out examples (a split of the examples, or ``eval_examples``), each candidate
    alone, the uniform average and the learned combination: loss, accuracy (classification) and time.
 4. **Save**: the learned combination as one LoRA adapter folder (the exact weighted sum,
    :func:`peftkit.merge_adapters` with ``linear``) whose card and ``auto_compose.json`` record the
-   members (with hub revisions), the weights, the number of examples and the metrics; ``push`` publishes it.
+   members (with hub revisions), the weights, the number of examples and the metrics; ``push`` publishes it;
+   with ``merge`` the folder is instead the base model with the combination folded in.
 
 Gradient-based mixing (AdapterFusion-style) and fresh heads for new label sets are not part of this step.
 """
@@ -386,8 +388,9 @@ def _search(prep: _Prepared, *, budget: int, l1: float, seed: int, progress: boo
 
     started = time.perf_counter()
     try:
-        found = search_weights(objective, uniform, budget=budget, seed=seed, progress=progress,
-                               desc=f"weighing {len(names)} adapters")
+        alone = [[1.0 if j == i else 0.0 for j in range(len(names))] for i in range(len(names))]
+        found = search_weights(objective, uniform, also=alone if len(names) > 1 else (), budget=budget, seed=seed,
+                               progress=progress, desc=f"weighing {len(names)} adapters")
         search_seconds = time.perf_counter() - started
         score, seconds = _timed_score(merge, found.weights, prep.held_batches, classification)
     finally:
