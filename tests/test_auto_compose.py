@@ -212,6 +212,15 @@ def test_python_api_with_named_candidates_holds_out_part_of_the_examples(world: 
     assert accuracy >= result.learned.accuracy - 0.1  # all 48 examples here, 12 held out in the report
 
 
+def test_a_search_given_as_keywords_is_capped_at_max_candidates(world: dict[str, Path], hub: str) -> None:
+    with torch_threads(1):
+        result = peftkit.auto_compose(str(world["base"]), search={"base_model": BASE_ID, "method": "lora"},
+                                      examples=world["few"], hub=hub, max_candidates=2, budget=3, progress=False)
+    tried = result.members + result.left_out
+    assert len(tried) == 2 and all(c.source.startswith("alice/") and c.revision for c in tried)
+    assert result.evaluations == 3
+
+
 def test_bad_requests_fail_with_a_clear_message(world: dict[str, Path], hub: str, tmp_path: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     from peftkit.learned_composition import AutoComposeError
