@@ -1,0 +1,167 @@
+"""The OFT module for one Linear or GPT-2 Conv1D layer.
+
+The layer runs on a rotated input: ``y = W (R x) + b`` with R block-diagonal,
+each block the Cayley transform ``(I - Q)(I + Q)^-1`` of a skew-symmetric Q
+whose upper triangle is trained (PEFT's ``oft_R.weight``, one row per block).
+Row vectors are rotated as ``x @ R_i`` block by block, PEFT's convention, so
+the same tensors give the same outputs in both libraries; merging replaces W
+with ``W R^T`` (PEFT's merge), unmerging multiplies back by the inverse.
+
+Alone at its site the adapter hands the TunerLayer the rotated input
+(:meth:`base_input`): the base layer then runs once, as in PEFT. Inside a
+composition its output change is ``W (R - I) x``, additive in the output.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from peftkit.plugin_api import adapter_dtype, is_conv1d, LayerAdapter, MergeError, weight_out_in
+
+from .blocks import OftBlocks
+
+
+class OftLayer(LayerAdapter):
+    def __init__(self, base: nn.Module, blocks: OftBlocks, *, coft: bool = False, eps: float = 6e-5,
+                 use_cayley_neumann: bool = True, num_cayley_neumann_terms: int = 5,
+                 module_dropout: float = 0.0, init_weights: bool = True) -> None:
+        super().__init__()
+        self.blocks = blocks
+        self.coft, self.eps = coft, float(eps)
+        self.use_cayley_neumann, self.neumann_terms = use_cayley_neumann, num_cayley_neumann_terms
+        self.module_dropout = module_dropout
+        factory = {"dtype": adapter_dtype(base), "device": base.weight.device}
+        self.weight = nn.Parameter(torch.zeros(blocks.stored, blocks.entries, **factory))
+        if not init_weights:
+            with torch.no_grad():
+                self.weight.normal_(0.0, 0.1)
+        rows, cols = torch.triu_indices(blocks.size, blocks.size, 1, device=base.weight.device)
+        self.register_buffer("rows", rows, persistent=False)
+        self.register_buffer("cols", cols, persistent=False)
+
+    # -- the rotation ----------------------------------------------------------------
+
+    def _skew(self, vec: torch.Tensor) -> torch.Tensor:
+        size = self.blocks.size
+        upper = vec.new_zeros(vec.shape[0], size, size)
+        upper[:, self.rows, self.cols] = vec
+        return upper - upper.transpose(-2, -1)
+
+    def _constrain(self) -> None:
+        """COFT: pull each block's skew-symmetric matrix back to norm eps / sqrt(blocks) when it is larger
+        (in place, as PEFT does before every use)."""
+        with torch.no_grad():
+            skew = self._skew(self.weight)
+            limit = self.eps / (skew.shape[0] ** 0.5)
+            norms = torch.linalg.matrix_norm(skew).reshape(-1, 1, 1)
+            scaled = torch.where(norms <= limit, skew, skew * (limit / norms))
+            self.weight.copy_(scaled[:, self.rows, self.cols])
+
+    def rotations(self) -> torch.Tensor:
+        """The trained rotations, (stored, size, size)."""
+        if self.coft:
+            self._constrain()
+        q = self._skew(self.weight)
+        eye = torch.eye(self.blocks.size, device=q.device, dtype=q.dtype)
+        if not self.use_cayley_neumann:
+            # R (I + Q) = I - Q
+            return torch.linalg.solve(eye + q, (eye - q).expand_as(q), left=False)
+        # PEFT's truncated Neumann series with n terms (a rotation of the opposite sense to the exact form): I + 2Q (n = 2), and for n >= 3
+        # I + 2Q + 2Q^2 + ... + 2Q^(m-1) + Q^m with m = max(n, 4) - 1 (PEFT gives 3 and 4 terms alike).
+        rotation = eye.expand_as(q).clone()
+        if self.neumann_terms == 1:
+            return rotation
+        if self.neumann_terms == 2:
+            return rotation + 2 * q
+        power = q
+        for _ in range(1, max(self.neumann_terms, 4) - 1):
+            rotation = rotation + 2 * power
+            power = torch.bmm(power, q)
+        return rotation + power
+
+    def _rotations_for_use(self) -> torch.Tensor:
+        rotations = self.rotations()
+        if self.blocks.shared:
+            rotations = rotations.expand(self.blocks.count, -1, -1)
+        if self.training and self.module_dropout and self.blocks.count > 1:
+            dropped = torch.randperm(self.blocks.count, device=rotations.device)
+            dropped = dropped[:int(self.module_dropout * self.blocks.count)]
+            eye = torch.eye(self.blocks.size, device=rotations.device, dtype=rotations.dtype)
+            rotations = rotations.clone()
+            rotations[dropped] = eye
+        return rotations
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """x with each block of its last dimension multiplied by its rotation (row vectors: x_i @ R_i)."""
+        rotations = self._rotations_for_use()
+        shape = x.shape
+        x_blocks = x.to(rotations.dtype).reshape(-1, self.blocks.count, self.blocks.size)
+        rotated = torch.einsum("nbi,bij->nbj", x_blocks, rotations)
+        return rotated.reshape(shape)
+
+    # -- forward -------------------------------------------------------------------
+
+    def base_input(self, x: torch.Tensor) -> torch.Tensor | None:
+        return self.rotate(x).to(x.dtype)
+
+    def delta(self, x: torch.Tensor, h: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        weight = weight_out_in(base)
+        shifted = (self.rotate(x) - x.to(self.weight.dtype)).to(weight.dtype)
+        return F.linear(shifted, weight).to(h.dtype)
+
+    # -- merging -------------------------------------------------------------------
+
+    #: Merging multiplies the weight it finds, so an OFT adapter is merged first into its layer.
+    merge_reads_weight = True
+
+    def block_matrix(self) -> torch.Tensor:
+        """R as one (in, in) block-diagonal matrix."""
+        rotations = self.rotations()
+        if self.blocks.shared:
+            rotations = rotations.expand(self.blocks.count, -1, -1)
+        return torch.block_diag(*rotations.unbind(0))
+
+    def _apply_on_right(self, base: nn.Module, rotations: torch.Tensor) -> None:
+        """W (out, in) <- W with each column block multiplied on the right by rotations[i]^T."""
+        weight = base.weight
+        w = weight_out_in(base).to(rotations.dtype)
+        out_features = w.shape[0]
+        w_blocks = w.reshape(out_features, self.blocks.count, self.blocks.size)
+        new = torch.einsum("obj,bij->obi", w_blocks, rotations).reshape(out_features, -1)
+        weight.data = (new.t() if is_conv1d(base) else new).to(weight.dtype).contiguous()
+
+    def merge(self, base: nn.Module) -> None:
+        with torch.no_grad():
+            rotations = self.rotations().float()
+            if not torch.isfinite(rotations).all():
+                raise MergeError("an oft rotation holds NaN or infinite values; it cannot be merged")
+            if self.blocks.shared:
+                rotations = rotations.expand(self.blocks.count, -1, -1)
+            self._apply_on_right(base, rotations)
+
+    def unmerge(self, base: nn.Module) -> None:
+        with torch.no_grad():
+            rotations = torch.linalg.inv(self.rotations().float())
+            if self.blocks.shared:
+                rotations = rotations.expand(self.blocks.count, -1, -1)
+            self._apply_on_right(base, rotations)
+
+    def delta_weight(self, base: nn.Module) -> torch.Tensor:
+        """The change merging makes to ``base.weight`` as it is now, in the layout the layer stores."""
+        w = weight_out_in(base)
+        rotation = self.block_matrix().to(w.dtype)
+        delta = w @ rotation.t() - w
+        return delta.t() if is_conv1d(base) else delta
+
+    # -- files -------------------------------------------------------------------
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"oft_R.weight": self.weight}
+
+    def extra_repr(self) -> str:
+        b = self.blocks
+        kind = "cayley-neumann" if self.use_cayley_neumann else "cayley"
+        return (f"blocks={b.count}x{b.size}{' shared' if b.shared else ''}, {kind}"
+                f"{f', coft eps={self.eps:g}' if self.coft else ''}")

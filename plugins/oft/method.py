@@ -1,0 +1,87 @@
+"""The OFT method: which layers it adapts, their rotation blocks, and PEFT's adapter_config.json (torch-free)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from peftkit.plugin_api import AdapterConfig, Method, read_peft_fields, Site, write_peft_fields
+
+from .blocks import OftBlocks
+from .config import OftConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch.nn as nn
+
+    from peftkit.plugin_api import ArchitectureSpec
+
+#: PEFT's OFTConfig fields, all named as ours.
+_PEFT_FIELDS = {name: name for name in (
+    "r", "oft_block_size", "module_dropout", "coft", "eps", "block_share", "use_cayley_neumann",
+    "num_cayley_neumann_terms", "init_weights", "target_modules", "exclude_modules", "layers_to_transform",
+    "modules_to_save")}
+#: The layer types OFT adapts (for error messages).
+_ADAPTED = "Linear and transformers' Conv1D layers"
+
+
+def _adaptable(module: "nn.Module") -> bool:
+    from peftkit.plugin_api import is_linear_like
+
+    return is_linear_like(module)
+
+
+class OftMethod(Method):
+    name = "oft"
+    config_class = OftConfig
+    description = "Orthogonal fine-tuning (block-diagonal Cayley rotations, COFT); mergeable; PEFT format"
+    can_merge = True
+    peft_type = "OFT"
+
+    def sites(self, model: "nn.Module", config: AdapterConfig, arch: "ArchitectureSpec | None") -> list[Site]:
+        from peftkit.plugin_api import adaptable_targets
+
+        # PEFT's OFT defaults are LoRA's, unless a plugin registered OFT defaults for the family.
+        if config.target_modules is None and arch is not None and arch.default_targets(self.name) is None:
+            lora_defaults = arch.default_targets("lora")
+            if lora_defaults is not None:
+                config.target_modules = list(lora_defaults)
+        names = adaptable_targets(model, config, arch, self.name, accepts=_adaptable, label="OFT", kinds=_ADAPTED)
+        return [Site(name) for name in names]
+
+    def create_layer_adapter(self, site: Site, base_layer: "nn.Module", config: AdapterConfig,
+                             model: "nn.Module") -> "nn.Module":
+        from .layer import OftLayer
+
+        assert isinstance(config, OftConfig)
+        return OftLayer(base_layer, _blocks(base_layer, config), coft=config.coft, eps=config.eps,
+                        use_cayley_neumann=config.use_cayley_neumann,
+                        num_cayley_neumann_terms=config.num_cayley_neumann_terms,
+                        module_dropout=config.module_dropout, init_weights=config.init_weights)
+
+    def expected_parameter_count(self, model: "nn.Module", config: AdapterConfig, sites: list[Site]) -> int:
+        from peftkit.plugin_api import base_of
+
+        assert isinstance(config, OftConfig)
+        return sum(_blocks(base_of(model.get_submodule(s.name)), config).parameter_count() for s in sites)
+
+    def config_with_rank(self, config: AdapterConfig, rank: int) -> None:
+        """None: OFT has no rank to pad; its adapters hot-swap at equal block shapes."""
+        return None
+
+    # -- PEFT's adapter_config.json ---------------------------------------------------
+
+    def config_to_file(self, config: AdapterConfig) -> dict[str, Any]:
+        assert isinstance(config, OftConfig)
+        return write_peft_fields("OFT", config.to_dict(), _PEFT_FIELDS, layers_pattern=None, bias="none",
+                                 fan_in_fan_out=False)
+
+    def config_from_file(self, data: dict[str, Any]) -> AdapterConfig:
+        values = read_peft_fields(data, self.name, _PEFT_FIELDS,
+                                  fixed={"layers_pattern": None, "bias": "none"}, ignored={"fan_in_fan_out"})
+        return OftConfig.from_dict(values)
+
+
+def _blocks(base: "nn.Module", config: OftConfig) -> OftBlocks:
+    from peftkit.plugin_api import linear_features
+
+    in_features, _ = linear_features(base)
+    return OftBlocks.plan(in_features, config.r, config.oft_block_size, config.block_share)
