@@ -1,72 +1,19 @@
-"""LoKr: peftkit vs Hugging Face peft, side by side in one process.
+"""LoKr: peftkit vs Hugging Face peft, side by side in one process (bench_vs_peft.py with LoKr's spec).
 
-The Llama of bench_lora.py (hidden 512, 4 layers, intermediate 1376, vocab
-8000), seq 128, batch 4, fp32, 2 threads; LoKr r=8 on all linear layers,
-the same (random) weights in both libraries. PEFT builds the dense
-kron(w1, w2) of every layer in every forward; peftkit applies the two factors
-to the input instead (docs/methods/lokr.md). Reports medians and the ratio
-peftkit/peft (lower is better), and the largest logit difference.
+LoKr r=8 on all linear layers of bench_lora.py's Llama. PEFT builds the
+dense kron(w1, w2) of every layer in every forward; peftkit applies the two
+factors to the input instead (docs/methods/lokr.md).
 
 Run: .venv/bin/python bench/bench_lokr.py [--repeats 7]
 """
 
 from __future__ import annotations
 
-import argparse
-import copy
 import os
 import sys
-import tempfile
-
-import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_lora import build_base  # noqa: E402
-from timing import interleaved, lm_forward, lm_train_step, table  # noqa: E402
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--repeats", type=int, default=7)
-    args = parser.parse_args()
-    torch.set_num_threads(2)
-    import peft
-
-    import peftkit
-
-    base = build_base()
-    ids = torch.randint(0, 8000, (4, 128))
-    ours = peftkit.adapt(copy.deepcopy(base), "lokr[r=8,alpha=16,init_weights=false,target_modules=all-linear]")
-    folder = tempfile.mkdtemp()
-    ours.save_adapter(folder)
-    peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(base), folder, is_trainable=True)
-    with torch.no_grad():
-        difference = (ours(input_ids=ids).logits - peft_model(input_ids=ids).logits).abs().max().item()
-
-    for model in (ours, peft_model):
-        model.train()
-    train = interleaved({"peftkit": lm_train_step(ours, ids), "peft": lm_train_step(peft_model, ids)},
-                        repeats=args.repeats)
-    for model in (ours, peft_model, base):
-        model.eval()
-    unmerged = interleaved({"peftkit": lm_forward(ours, ids), "peft": lm_forward(peft_model, ids),
-                            "base": lm_forward(base, ids)}, repeats=args.repeats)
-    ours.merge_adapter()
-    peft_model.merge_adapter()
-    merged = interleaved({"peftkit": lm_forward(ours, ids), "peft": lm_forward(peft_model, ids)},
-                         repeats=args.repeats)
-
-    ms = lambda s: f"{s * 1000:.1f} ms"  # noqa: E731
-    rows = [[label, ms(times["peftkit"]), ms(times["peft"]), f"{times['peftkit'] / times['peft']:.3f}"]
-            for label, times in (("train step (fwd+bwd)", train), ("unmerged forward", unmerged),
-                                 ("merged forward", merged))]
-    rows.insert(2, ["  overhead vs base forward", f"{unmerged['peftkit'] / unmerged['base'] - 1:+.1%}",
-                    f"{unmerged['peft'] / unmerged['base'] - 1:+.1%}", ""])
-    print(f"torch {torch.__version__}, peft {peft.__version__}, threads {torch.get_num_threads()}, "
-          f"repeats {args.repeats} (medians); base forward {ms(unmerged['base'])}; "
-          f"largest logit difference {difference:.2g}; trainable parameters {ours.trainable_parameters()[0]:,}")
-    print(table(rows, ["measure", "peftkit", "peft", "ratio peftkit/peft"]))
-
+from bench_vs_peft import main  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    main("lokr[r=8,alpha=16,init_weights=false,target_modules=all-linear]")

@@ -173,3 +173,26 @@ def method_plugin(method: Any) -> Any:
             register(method)
 
     return Plugin()
+
+
+def quantized_linear_and_twin(bits: int, in_features: int = 64, out_features: int = 96
+                              ) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """A one-layer net whose Linear is bitsandbytes-quantized (``bits`` 4 or 8, on CPU), and its float
+    twin holding the dequantized weight: in training mode bitsandbytes computes on CPU exactly the
+    product with the dequantized weight, so an adapter must give the same output on both."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as BF
+
+    torch.manual_seed(0)
+    twin = torch.nn.Sequential(torch.nn.Linear(in_features, out_features))
+    if bits == 4:
+        layer = bnb.nn.Linear4bit(in_features, out_features, compute_dtype=torch.float32, quant_type="nf4")
+    else:
+        layer = bnb.nn.Linear8bitLt(in_features, out_features, has_fp16_weights=False)
+    layer.load_state_dict(twin[0].state_dict())
+    quantized = torch.nn.Sequential(layer.to("cpu"))  # .to() quantizes the weight
+    weight = quantized[0].weight
+    with torch.no_grad():
+        twin[0].weight.copy_(BF.dequantize_4bit(weight.data, weight.quant_state) if bits == 4
+                             else weight.data.float() * weight.SCB.unsqueeze(1) / 127)
+    return quantized, twin

@@ -17,8 +17,9 @@ from peftkit.core.errors import AdapterError, ConfigError
 from peftkit.plugins.lokr.config import LokrConfig
 from peftkit.plugins.lokr.layer import kron
 from peftkit.plugins.lokr.shapes import LokrShapes, factorization
-from tests.method_helpers import (adapter_modules, changed_by_a_train_step, merge_keeps_output, output_of, randomize,
-                                  save_and_reload, switch_outputs, two_adapters, unload_keeps_output)
+from tests.method_helpers import (adapter_modules, changed_by_a_train_step, merge_keeps_output, output_of,
+                                  quantized_linear_and_twin, randomize, save_and_reload, switch_outputs, two_adapters,
+                                  unload_keeps_output)
 from tests.tiny_models import build_tiny
 
 # The conformance suite runs lokr[r=4] on llama, gpt2, bert and t5: tests/test_conformance.py (BUILTIN_SPECS).
@@ -334,22 +335,8 @@ def test_lokr_adapters_have_no_rank_to_pad_for_hotswapping():
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_a_quantized_layer_gives_what_its_dequantized_twin_gives(bits):
-    """In training mode bitsandbytes computes on CPU exactly the product with the dequantized weight."""
-    bnb = pytest.importorskip("bitsandbytes")
-    import bitsandbytes.functional as BF
-
-    torch.manual_seed(0)
-    twin = nn.Sequential(nn.Linear(64, 96))
-    if bits == 4:
-        layer = bnb.nn.Linear4bit(64, 96, compute_dtype=torch.float32, quant_type="nf4")
-    else:
-        layer = bnb.nn.Linear8bitLt(64, 96, has_fp16_weights=False)
-    layer.load_state_dict(twin[0].state_dict())
-    quantized = nn.Sequential(layer.to("cpu"))  # .to() quantizes the weight
-    weight = quantized[0].weight
-    with torch.no_grad():
-        twin[0].weight.copy_(BF.dequantize_4bit(weight.data, weight.quant_state) if bits == 4
-                             else weight.data.float() * weight.SCB.unsqueeze(1) / 127)
+    pytest.importorskip("bitsandbytes")
+    quantized, twin = quantized_linear_and_twin(bits)
     spec = "lokr[r=2,decompose_both=true,init_weights=false,target_modules=['0']]"
     ours, reference = peftkit.adapt(quantized, spec).train(), peftkit.adapt(twin, spec).train()
     with torch.no_grad():

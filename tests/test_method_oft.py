@@ -14,7 +14,8 @@ import peftkit
 from peftkit.core.errors import ConfigError
 from peftkit.plugins.oft.blocks import nearest_divisor, OftBlocks
 from peftkit.plugins.oft.config import OftConfig
-from tests.method_helpers import adapter_modules, changed_by_a_train_step, merge_keeps_output, output_of, randomize
+from tests.method_helpers import (adapter_modules, changed_by_a_train_step, merge_keeps_output, output_of,
+                                  quantized_linear_and_twin, randomize)
 from tests.tiny_models import build_tiny
 
 # The conformance suite runs oft[oft_block_size=8] on llama, gpt2, bert and t5: tests/test_conformance.py.
@@ -113,6 +114,29 @@ def test_merge_unmerge_and_unload(arch):
     merge_keeps_output(model, arch)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_quantized_layer_gives_what_its_dequantized_twin_gives(bits):
+    pytest.importorskip("bitsandbytes")
+    quantized, twin = quantized_linear_and_twin(bits)
+    spec = "oft[oft_block_size=16,init_weights=false,target_modules=['0']]"
+    ours, reference = peftkit.adapt(quantized, spec).train(), peftkit.adapt(twin, spec).train()
+    for model in (ours, reference):
+        model.add_adapter("other", spec)
+    with torch.no_grad():
+        for name in ("default", "other"):
+            for a, b in zip(ours.adapter_parameters(name), reference.adapter_parameters(name), strict=True):
+                assert a.dtype == torch.float32
+                b.copy_(a)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(ours(x), reference(x), atol=1e-4 if bits == 8 else 1e-5, rtol=1e-4)
+    stack = peftkit.Stack("default", "other")  # each adapter's change runs through the quantized layer
+    ours.set_active(stack)
+    reference.set_active(stack)
+    torch.testing.assert_close(ours(x), reference(x), atol=1e-4 if bits == 8 else 1e-5, rtol=1e-4)
+    with pytest.raises(peftkit.MergeError, match="quantized"):
+        ours.merge_adapter(["default"])
+
+
 def test_merging_after_another_adapter_at_the_same_layer_is_refused():
     model = peftkit.adapt(build_tiny("llama"), "lora[r=2]", adapter_name="lora")
     model.add_adapter("rot", "oft[oft_block_size=8,init_weights=false]")
@@ -199,3 +223,21 @@ def test_peftkit_saved_oft_loads_in_peft_with_identical_logits(tmp_path, arch, o
     peft_model.merge_adapter()
     model.merge_adapter()
     torch.testing.assert_close(output_of(peft_model, arch), output_of(model, arch), atol=1e-5, rtol=1e-5)
+
+
+def test_a_file_from_peft_before_0_14_is_refused_with_the_reason():
+    method = peftkit.get_method("oft")
+    data = method.config_to_file(method.make_config(target_modules=["q_proj"]))
+    del data["oft_block_size"]
+    with pytest.raises(ConfigError, match="written by PEFT before 0.14"):
+        method.config_from_file(data)
+
+
+def test_peft_loads_a_peftkit_file_without_the_old_parametrization_warning(tmp_path):
+    from peft import PeftModel
+
+    peftkit.adapt(build_tiny("llama"), "oft[oft_block_size=8]").save_adapter(str(tmp_path))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        PeftModel.from_pretrained(build_tiny("llama"), str(tmp_path))
+    assert not [w for w in caught if "cayley-neumann" in str(w.message)]

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from peftkit.plugin_api import adapter_dtype, is_conv1d, LayerAdapter, MergeError, weight_out_in
+from peftkit.plugin_api import adapter_dtype, is_conv1d, LayerAdapter, MergeError, quantization_of, weight_out_in
 
 from .blocks import OftBlocks
 
@@ -32,6 +32,8 @@ class OftLayer(LayerAdapter):
         self.coft, self.eps = coft, float(eps)
         self.use_cayley_neumann, self.neumann_terms = use_cayley_neumann, num_cayley_neumann_terms
         self.module_dropout = module_dropout
+        # A quantized layer's weight cannot be read as a matrix: the delta then runs the layer itself.
+        self.quantized = quantization_of(base) is not None
         factory = {"dtype": adapter_dtype(base), "device": base.weight.device}
         self.weight = nn.Parameter(torch.zeros(blocks.stored, blocks.entries, **factory))
         if not init_weights:
@@ -107,9 +109,13 @@ class OftLayer(LayerAdapter):
         return self.rotate(x).to(x.dtype)
 
     def delta(self, x: torch.Tensor, h: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        shifted = self.rotate(x) - x.to(self.weight.dtype)
+        if self.quantized:  # W (R x - x) through the layer itself, without its bias
+            bias = getattr(base, "bias", None)
+            out = base(shifted.to(x.dtype))
+            return (out - bias if bias is not None else out).to(h.dtype)
         weight = weight_out_in(base)
-        shifted = (self.rotate(x) - x.to(self.weight.dtype)).to(weight.dtype)
-        return F.linear(shifted, weight).to(h.dtype)
+        return F.linear(shifted.to(weight.dtype), weight).to(h.dtype)
 
     # -- merging -------------------------------------------------------------------
 
@@ -133,6 +139,9 @@ class OftLayer(LayerAdapter):
         weight.data = (new.t() if is_conv1d(base) else new).to(weight.dtype).contiguous()
 
     def merge(self, base: nn.Module) -> None:
+        if self.quantized:
+            raise MergeError("an oft adapter on a quantized layer cannot be merged: the rotated weight would have "
+                             "to be quantized again; keep it unmerged, or load the base in float to merge")
         with torch.no_grad():
             rotations = self.rotations().float()
             if not torch.isfinite(rotations).all():

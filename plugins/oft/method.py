@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from peftkit.plugin_api import AdapterConfig, Method, read_peft_fields, Site, write_peft_fields
+from peftkit.plugin_api import AdapterConfig, ConfigError, Method, read_peft_fields, Site, write_peft_fields
 
 from .blocks import OftBlocks
 from .config import OftConfig
@@ -19,6 +19,9 @@ _PEFT_FIELDS = {name: name for name in (
     "r", "oft_block_size", "module_dropout", "coft", "eps", "block_share", "use_cayley_neumann",
     "num_cayley_neumann_terms", "init_weights", "target_modules", "exclude_modules", "layers_to_transform",
     "modules_to_save")}
+#: The oldest PEFT whose Cayley-Neumann series is the one computed here (PEFT 0.18 changed it, and warns
+#: on loading a file without a ``peft_version`` at least this one).
+_FORMAT_PEFT_VERSION = "0.18.0"
 #: The layer types OFT adapts (for error messages).
 _ADAPTED = "Linear and transformers' Conv1D layers"
 
@@ -72,11 +75,15 @@ class OftMethod(Method):
     def config_to_file(self, config: AdapterConfig) -> dict[str, Any]:
         assert isinstance(config, OftConfig)
         return write_peft_fields("OFT", config.to_dict(), _PEFT_FIELDS, layers_pattern=None, bias="none",
-                                 fan_in_fan_out=False)
+                                 fan_in_fan_out=False, peft_version=_FORMAT_PEFT_VERSION)
 
     def config_from_file(self, data: dict[str, Any]) -> AdapterConfig:
+        if "oft_block_size" not in data:
+            raise ConfigError("this OFT adapter was written by PEFT before 0.14, whose OFT weights have another "
+                              "layout (PEFT 0.14 and later cannot load it either); retrain it with a current "
+                              "PEFT or with peftkit")
         values = read_peft_fields(data, self.name, _PEFT_FIELDS,
-                                  fixed={"layers_pattern": None, "bias": "none"}, ignored={"fan_in_fan_out"})
+                                  fixed={"layers_pattern": None, "bias": "none"}, ignored={"fan_in_fan_out", "peft_version"})
         return OftConfig.from_dict(values)
 
 
