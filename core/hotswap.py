@@ -36,6 +36,7 @@ import torch.nn as nn
 
 from .errors import AdapterError, AdapterLoadError, PeftkitError, PluginError
 from .labels import read_labels
+from .targets import base_of
 
 if TYPE_CHECKING:  # pragma: no cover
     from .layer import LayerAdapter, TunerLayer
@@ -85,6 +86,7 @@ def hotswap_adapter(model: "AdaptedModel", path: str | Path, name: str) -> "Adap
     embedding_base = take_embedding_base_tensors(model, tensors, KEY_PREFIX, where)  # PEFT's: loaded as a load does
     labels = read_labels(Path(path))
     incoming = _build(model, method, config, where)
+    _undo_creation(model, incoming)
     _compare_structure(model, record, incoming, refused)
     head_copies = _check_file(model, name, incoming, tensors, where, refused)
     with torch.no_grad():
@@ -129,6 +131,13 @@ def _build(model: "AdaptedModel", method: "Method", config: Any, where: str) -> 
         raise AdapterLoadError(f"{where}: cannot place this adapter on the model: {exc}") from None
     return _Incoming(heads=heads, sites={s.name: s.input_from for s in sites if s.name in layers},
                      layers=layers, model_adapter=model_adapter)
+
+
+def _undo_creation(model: "AdaptedModel", incoming: _Incoming) -> None:
+    """The folder's modules are built only to hold its weights: undo what creating them changed in the
+    base layers (LoRA's PiSSA/OLoRA init moves part of the weight into the factors)."""
+    for site, layer in incoming.layers.items():
+        layer.removed(base_of(model.base_model.get_submodule(site)))
 
 
 @contextlib.contextmanager

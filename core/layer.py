@@ -58,6 +58,11 @@ class LayerAdapter(nn.Module):
         """Called after the base layer's weight changed in place (an adapter merged or unmerged at this
         layer): drop anything computed from it. Nothing to drop by default."""
 
+    def removed(self, base: nn.Module) -> None:
+        """Called when this (unmerged) adapter leaves its layer (``delete_adapter``, ``unload``): undo any
+        change it made to ``base`` when it was created (LoRA's PiSSA/OLoRA init moves part of the weight
+        into the adapter and puts it back here). Nothing to undo by default."""
+
     def base_input(self, x: torch.Tensor) -> torch.Tensor | None:
         """For an adapter that, alone at its site, equals the base module run on a changed input
         (IA3 on a feed-forward layer: ``W (x * l) + b``): that input. The TunerLayer then runs the
@@ -256,7 +261,10 @@ class TunerLayer(nn.Module):
 
     def remove_adapter(self, name: str) -> None:
         """Drop adapter ``name``, and the capture of its source when no adapter here reads it any more."""
-        del self.adapters[name]
+        adapter = self.adapters.pop(name)
+        if name not in self.merged:
+            adapter.removed(self.base_layer)
+            self._base_changed()
         source = self.input_sources.pop(name, None)
         if source is not None and source not in self.input_sources.values():
             handle = self._capture_handles.pop(source, None)

@@ -60,6 +60,8 @@ _LAZY: dict[str, str] = {
     "DataError": "peftkit.training_data",
     # configs of built-in methods
     "LoraConfig": "peftkit.plugins.lora.config",
+    "save_as_lora": "peftkit.plugins.lora.convert",
+    "lora_plus_optimizer": "peftkit.lora_plus",
     "PrefixTuningConfig": "peftkit.plugins.prefix_tuning.config",
     "PromptTuningConfig": "peftkit.plugins.prompt_tuning.config",
     "SeqBnConfig": "peftkit.plugins.bottleneck.config",
@@ -114,6 +116,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from peftkit.training import TrainOptions, TrainResult, train  # noqa: F401
     from peftkit.training_data import DataError  # noqa: F401
     from peftkit.plugins.lora.config import LoraConfig  # noqa: F401
+    from peftkit.plugins.lora.convert import save_as_lora  # noqa: F401
+    from peftkit.lora_plus import lora_plus_optimizer  # noqa: F401
     from peftkit.plugins.prefix_tuning.config import PrefixTuningConfig  # noqa: F401
     from peftkit.plugins.prompt_tuning.config import PromptTuningConfig  # noqa: F401
     from peftkit.plugins.bitfit.config import BitFitConfig  # noqa: F401

@@ -57,6 +57,8 @@ def _labels(_ctx: click.Context, _param: click.Parameter, value: str | None) -> 
 @click.option("--max-steps", type=click.IntRange(min=1), default=None,
               help="Stop after this many optimizer steps (overrides --epochs).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-4, help="Peak learning rate.")
+@click.option("--lora-plus-ratio", type=click.FloatRange(min=0, min_open=True), default=None, metavar="R",
+              help="LoRA+: LoRA's B factors learn at lr * R (the paper uses 2 to 16).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, help="Examples per device per step.")
 @click.option("--eval-batch-size", type=click.IntRange(min=1), default=None,
               help="Evaluation batch size [default: --batch-size].")

@@ -62,6 +62,7 @@ class TrainOptions:
     warmup_steps: float = 0.0
     weight_decay: float = 0.0
     lr_scheduler: str = "linear"
+    lora_plus_ratio: float | None = None  # LoRA+: LoRA's B factors train at lr * ratio (peftkit.lora_plus)
     seed: int = 42
     bf16: bool = False
     cpu: bool = False
@@ -102,6 +103,9 @@ class TrainOptions:
             raise PeftkitError(f"save_total_limit must be >= 1 (or unset to keep all), not {self.save_total_limit}")
         if not self.lr > 0:
             raise PeftkitError(f"lr must be > 0, not {self.lr!r}")
+        if self.lora_plus_ratio is not None and not self.lora_plus_ratio > 0:
+            raise PeftkitError(f"lora_plus_ratio must be > 0 (B's lr is lr * ratio; LoRA+ uses 2 to 16), "
+                               f"not {self.lora_plus_ratio!r}")
         if self.max_steps is None and not self.epochs > 0:
             raise PeftkitError(f"epochs must be > 0 (or give max_steps), not {self.epochs!r}")
         if self.warmup_steps < 0 or self.weight_decay < 0:

@@ -68,7 +68,8 @@ def _run(plan: TrainPlan, tokenizer: Any, callbacks: list[TrainerCallback]) -> T
         processing_class=tok, compute_loss_func=token_loss(task),
         compute_metrics=classification_metrics(task) if task in CLASSIFICATION_TASKS else None,
         preprocess_logits_for_metrics=argmax_predictions if task in CLASSIFICATION_TASKS else None,
-        callbacks=callbacks, adapter_name=opts.adapter_name, card=card, labels=labels)
+        callbacks=callbacks, adapter_name=opts.adapter_name, card=card, labels=labels,
+        optimizers=(_lora_plus(adapted, opts), None))
     if opts.quiet:
         trainer.remove_callback(PrinterCallback)
     main = trainer.is_world_process_zero()
@@ -326,6 +327,15 @@ def _training_arguments(opts: TrainOptions, checkpoint_dir: Path, task: str, has
         return TrainingArguments(**kwargs)
     except ValueError as exc:  # e.g. bf16 on hardware without it, an unknown scheduler name
         raise PeftkitError(f"invalid training options: {exc}") from None
+
+
+def _lora_plus(adapted: AdaptedModel, opts: TrainOptions) -> Any:
+    """The LoRA+ optimizer for --lora-plus-ratio, else None (the Trainer's AdamW)."""
+    if opts.lora_plus_ratio is None:
+        return None
+    from peftkit.lora_plus import lora_plus_optimizer
+
+    return lora_plus_optimizer(adapted, lr=opts.lr, ratio=opts.lora_plus_ratio, weight_decay=opts.weight_decay)
 
 
 def _has_accelerator() -> bool:

@@ -1,4 +1,4 @@
-"""LoRA (with rsLoRA and DoRA) as a peftkit plugin."""
+"""LoRA (with rsLoRA, DoRA, PiSSA and OLoRA) as a peftkit plugin."""
 
 from __future__ import annotations
 

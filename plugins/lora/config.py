@@ -4,9 +4,23 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal, Union
+from typing import ClassVar, Union
 
 from peftkit.plugin_api import AdapterConfig, ConfigError
+
+#: init_weights values that rewrite the base weight (PEFT's names); N is the number of subspace iterations.
+_PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
+
+
+def is_residual_init(init: object) -> bool:
+    """Whether LoRA's ``init`` (PiSSA, fast PiSSA, OLoRA) moves part of the base weight into the factors."""
+    return init in ("pissa", "olora") or (isinstance(init, str) and _PISSA_NITER.fullmatch(init) is not None)
+
+
+def pissa_iterations(init: str) -> int | None:
+    """N of "pissa_niter_N" (the randomized SVD), None for another init."""
+    match = _PISSA_NITER.fullmatch(init)
+    return int(match.group(1)) if match else None
 
 
 @dataclass
@@ -17,7 +31,10 @@ class LoraConfig(AdapterConfig):
     LoRA input. use_rslora: scale by alpha / sqrt(r) (arXiv 2312.03732).
     use_dora: weight-decomposed LoRA (arXiv 2402.09353). init_weights: True
     (B = 0, so the model starts equal to the base), "gaussian", or False
-    (B random too; for tests). rank_pattern / alpha_pattern: per-module
+    (B random too; for tests); "pissa", "pissa_niter_N" (fast randomized SVD, N iterations) or "olora"
+    start the factors at the principal part of each base weight and leave the rest in the base weight
+    (PEFT's init_lora_weights; linear layers only; save_as_lora() saves the result for the original
+    base). rank_pattern / alpha_pattern: per-module
     overrides, keys are regexes matched against the end of module names.
     """
 
@@ -28,7 +45,7 @@ class LoraConfig(AdapterConfig):
     dropout: float = 0.0
     use_rslora: bool = False
     use_dora: bool = False
-    init_weights: Union[bool, Literal["gaussian"]] = True
+    init_weights: Union[bool, str] = True
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
 
@@ -37,6 +54,14 @@ class LoraConfig(AdapterConfig):
             raise ConfigError(f"lora config: r={self.r} must be a positive integer")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"lora config: dropout={self.dropout} must be in [0, 1)")
+        if isinstance(self.init_weights, str) and self.init_weights != "gaussian" \
+                and not is_residual_init(self.init_weights):
+            raise ConfigError(f"lora config: init_weights={self.init_weights!r} is not known; use true, false, "
+                              f"\"gaussian\", \"pissa\", \"pissa_niter_N\" (N a whole number, e.g. "
+                              f"pissa_niter_4) or \"olora\"")
+        if is_residual_init(self.init_weights) and self.use_dora:
+            raise ConfigError(f"lora config: init_weights={self.init_weights!r} cannot be combined with "
+                              f"use_dora=true; use one of them")
         for key, rank in self.rank_pattern.items():
             if rank <= 0:
                 raise ConfigError(f"lora config: rank_pattern[{key!r}]={rank} must be positive")

@@ -16,7 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from peftkit.plugin_api import adapter_dtype, is_conv1d, LayerAdapter, linear_features, weight_out_in
+from peftkit.plugin_api import (adapter_dtype, ConfigError, is_conv1d, LayerAdapter, linear_features,
+                                quantization_of, weight_out_in)
 
 
 class LoraFactors(LayerAdapter):
@@ -94,6 +95,44 @@ class LoraLinear(LoraFactors):
         self._norm_cache: tuple[tuple[int, ...], torch.Tensor] | None = None
         self._w_sq_cache: tuple[tuple[int, int], torch.Tensor] | None = None
         self._set_factors(base, (r, in_f), (out_f, r), dropout, init)
+        if isinstance(init, str) and init != "gaussian":
+            self._init_from_base(base, init)
+
+    def _init_from_base(self, base: nn.Module, init: str) -> None:
+        """PiSSA / OLoRA: the factors take the principal part of the base weight (``residual_split``) and
+        the base weight keeps the rest, so the model's output does not change. The initial factors stay
+        (not saved) for :func:`~.convert.save_as_lora`, which expresses the trained change against the
+        original weight."""
+        from .residual import residual_split
+
+        if quantization_of(base):
+            raise ConfigError(f"lora: init_weights={init!r} rewrites the base weight, which is quantized "
+                              f"({quantization_of(base)}); initialise on the unquantized model")
+        weight = base.weight
+        if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ConfigError(f"lora: init_weights={init!r} needs a float32/float16/bfloat16 base weight, "
+                              f"not {weight.dtype}")
+        with torch.no_grad():
+            w = weight_out_in(base).to(torch.float32)
+            a, b = residual_split(w, self.r, self.scale, init)
+            residual = (w - self.scale * (b @ a)).to(weight.dtype)
+            weight.data = (residual.t() if is_conv1d(base) else residual).contiguous()
+            self.lora_A.data = a.to(self.lora_A.dtype).contiguous()
+            self.lora_B.data = b.to(self.lora_B.dtype).contiguous()
+        self.register_buffer("initial_lora_A", self.lora_A.detach().clone(), persistent=False)
+        self.register_buffer("initial_lora_B", self.lora_B.detach().clone(), persistent=False)
+        self.base_changed()
+
+    def removed(self, base: nn.Module) -> None:
+        """Deleting a PiSSA/OLoRA adapter gives the base weight back its principal part (within float
+        rounding), so the model is the original one again."""
+        initial_a = getattr(self, "initial_lora_A", None)
+        if initial_a is None:
+            return
+        with torch.no_grad():
+            part = self.scale * (self.initial_lora_B.float() @ initial_a.float())
+            weight = base.weight
+            weight.data = (weight.data.float() + (part.t() if is_conv1d(base) else part)).to(weight.dtype)
 
     # -- forward -------------------------------------------------------------------
 

@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Any
 from peftkit.plugin_api import (AdapterConfig, ConfigError, Method, pattern_value, read_peft_fields, Site,
                                 write_peft_fields)
 
-from .config import LoraConfig
+from .adapterhub import LoraAdapterHub
+from .config import is_residual_init, LoraConfig
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch.nn as nn
@@ -32,14 +33,19 @@ _ADAPTED = "Linear, transformers' Conv1D, Embedding and torch's Conv1d/Conv2d/Co
 class LoraMethod(Method):
     name = "lora"
     config_class = LoraConfig
-    description = "Low-rank adaptation (LoRA), with rsLoRA and DoRA; mergeable; PEFT format"
+    description = "Low-rank adaptation (LoRA), with rsLoRA, DoRA, PiSSA/OLoRA init and LoRA+; mergeable; PEFT format"
     can_merge = True
     merge_low_rank = True
     peft_type = "LORA"
+    adapterhub = LoraAdapterHub()
     aliases = {"lora_alpha": "alpha", "lora_dropout": "dropout", "init_lora_weights": "init_weights"}
     known_as = {
         "dora": "DoRA is LoRA with weight decomposition: lora[use_dora=true]",
         "rslora": "rsLoRA is LoRA with rank-stabilized scaling: lora[use_rslora=true]",
+        "pissa": "PiSSA is LoRA initialised from the weight's SVD: lora[init_weights=pissa] (fast: pissa_niter_4)",
+        "olora": "OLoRA is LoRA initialised from the weight's QR decomposition: lora[init_weights=olora]",
+        "loraplus": "LoRA+ is LoRA trained with a larger lr for B: peftkit train --lora-plus-ratio 16, "
+                    "or peftkit.lora_plus_optimizer",
         "qlora": "QLoRA is LoRA on a 4-bit base model: peftkit train --quantize 4bit, or "
                  "peftkit.adapt(a model loaded with BitsAndBytesConfig(load_in_4bit=True), 'lora')",
     }
@@ -60,7 +66,7 @@ class LoraMethod(Method):
         r = pattern_value(site.name, config.rank_pattern, config.r)
         alpha = pattern_value(site.name, config.alpha_pattern, config.alpha)
         scale = alpha / (r ** 0.5) if config.use_rslora else alpha / r
-        from peftkit.plugin_api import is_conv, is_embedding
+        from peftkit.plugin_api import is_conv, is_embedding, is_linear_like
 
         if config.use_dora:
             from peftkit.plugin_api import quantization_of
@@ -70,6 +76,11 @@ class LoraMethod(Method):
                 raise ConfigError(f"lora: DoRA rescales the base weight's rows, but {site.name} is quantized "
                                   f"({quantized}); use plain LoRA on a quantized model (QLoRA), or DoRA on an "
                                   f"unquantized one")
+        if is_residual_init(config.init_weights) and not (is_linear_like(base_layer) and not is_embedding(base_layer)
+                                                          and not is_conv(base_layer)):
+            raise ConfigError(f"lora: init_weights={config.init_weights!r} applies to linear layers only, and "
+                              f"{site.name} is a {type(base_layer).__name__}; exclude it (exclude_modules) or "
+                              f"use another init")
         if is_embedding(base_layer):
             if config.use_dora:
                 raise ConfigError(f"lora: DoRA is not available for Embedding layers ({site.name}); "
@@ -109,6 +120,7 @@ class LoraMethod(Method):
 
     def config_from_file(self, data: dict[str, Any]) -> AdapterConfig:
         values = read_peft_fields(data, self.name, _FROM_PEFT, fixed=_PEFT_DEFAULTS, ignored=_PEFT_IGNORED)
-        if values.get("init_weights") not in (True, False, "gaussian"):
+        init = values.get("init_weights")
+        if init not in (True, False, "gaussian") and not is_residual_init(init):
             values["init_weights"] = True  # PEFT's other init schemes only matter before training
         return LoraConfig.from_dict(values)
