@@ -55,6 +55,10 @@ class _Incoming:
     sites: dict[str, str | None]  # site -> the module whose input its adapter reads (None: its own)
     layers: dict[str, "LayerAdapter"]
     model_adapter: nn.Module | None
+    #: Its adapter-wide tensors (Method.create_shared_state), with the folder's saved ones loaded.
+    shared: nn.Module | None = None
+    #: Shared-tensor name -> its key in the weights file (those the method saves).
+    shared_keys: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 # -- hot-swapping -----------------------------------------------------------------------
@@ -98,6 +102,7 @@ def hotswap_adapter(model: "AdaptedModel", path: str | Path, name: str) -> "Adap
     if incoming.model_adapter is not None:
         copies.append(_plan(model._model_adapters[name], incoming.model_adapter, "in its model-level adapter",
                             refused))
+    copies.append(_shared_plan(name, model.shared_state(name), incoming.shared, refused))
     with torch.no_grad():  # everything fits: now, and only now, the model changes
         for copy in copies:
             copy()
@@ -120,17 +125,19 @@ def _build(model: "AdaptedModel", method: "Method", config: Any, where: str) -> 
             model_adapter = method.create_model_adapter(model.base_model, config, model.architecture)
             heads = model._resolve_modules_to_save(config, default_head=False)
             sites = model._adapted_sites(method, config, heads)
+            shared = model._new_shared_state(method, config, sites)
             layers = {}
             for site in sites:
-                adapter = model._new_layer_adapter(method, config, site)
+                adapter = model._new_layer_adapter(method, config, site, shared)
                 if adapter is not None:
                     layers[site.name] = adapter
     except PluginError:
         raise
     except PeftkitError as exc:
         raise AdapterLoadError(f"{where}: cannot place this adapter on the model: {exc}") from None
+    shared_keys = method.shared_state_file_keys(config, list(shared.tensors())) if shared is not None else {}
     return _Incoming(heads=heads, sites={s.name: s.input_from for s in sites if s.name in layers},
-                     layers=layers, model_adapter=model_adapter)
+                     layers=layers, model_adapter=model_adapter, shared=shared, shared_keys=shared_keys)
 
 
 def _undo_creation(model: "AdaptedModel", incoming: _Incoming) -> None:
@@ -195,6 +202,9 @@ def _check_file(model: "AdaptedModel", name: str, incoming: _Incoming, tensors: 
         expected.update({site_key(site, key): t for key, t in layer.tensors().items()})
     if incoming.model_adapter is not None:
         expected.update(incoming.model_adapter.tensors())
+    if incoming.shared is not None:
+        shared = incoming.shared.tensors()
+        expected.update({key: shared[tensor_name] for tensor_name, key in incoming.shared_keys.items()})
     check_weights(expected, tensors, where)
 
     def copy_heads() -> None:
@@ -211,6 +221,33 @@ def _load(incoming: _Incoming, tensors: dict[str, torch.Tensor]) -> None:
     if incoming.model_adapter is not None:
         adapter = incoming.model_adapter
         adapter.load_tensors({key: tensors[key] for key in adapter.tensors()})
+    if incoming.shared is not None:  # those not saved were drawn again from the folder's config
+        shared = incoming.shared.tensors()
+        for tensor_name, key in incoming.shared_keys.items():
+            shared[tensor_name].copy_(tensors[key])
+
+
+def _shared_plan(name: str, slot: nn.Module | None, new: nn.Module | None,
+                 refused: Callable[..., AdapterLoadError]) -> Callable[[], None]:
+    """Copy the folder's adapter-wide tensors into adapter ``name``'s, in place, when they have the same names
+    and shapes (the same parameter and buffer objects stay, read by every site)."""
+    if slot is None and new is None:
+        return lambda: None
+    if slot is None or new is None:
+        holder = "the folder's adapter" if slot is None else repr(name)
+        raise refused(f"{holder} has adapter-wide tensors (its method's shared state) and the other does not")
+    ours, theirs = slot.tensors(), new.tensors()
+    if set(ours) != set(theirs):
+        raise refused(f"the adapter-wide tensors differ: {sorted(theirs)} in the folder, {sorted(ours)} in {name!r}")
+    for key, tensor in ours.items():
+        if tuple(tensor.shape) != tuple(theirs[key].shape):
+            raise refused(f"its adapter-wide tensor {key} is {tuple(theirs[key].shape)} in the folder and "
+                          f"{tuple(tensor.shape)} in {name!r} (another r, or other target modules)")
+
+    def copy() -> None:
+        for key, tensor in ours.items():
+            tensor.copy_(theirs[key])
+    return copy
 
 
 def _plan(slot: nn.Module, new: nn.Module, where: str, refused: Callable[..., AdapterLoadError]

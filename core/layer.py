@@ -54,6 +54,19 @@ class LayerAdapter(nn.Module):
     #: first merged into its layer, or its merged result would include the earlier adapters' changes.
     merge_reads_weight: bool = False
 
+    @property
+    def shared(self) -> "nn.Module | None":
+        """The adapter-wide tensors of this adapter (``Method.create_shared_state``) as attributes
+        (``self.shared.vera_A``), the same module for every site of the adapter; None for a method
+        without them. Read them here at each use rather than keeping them: ``model.to(...)``
+        replaces the tensors."""
+        return self.__dict__.get("_peftkit_shared")
+
+    def bind_shared(self, shared: nn.Module | None) -> None:
+        """Called by the core right after ``create_layer_adapter``; not a submodule, so the
+        tensors are saved, moved and counted once per adapter rather than once per site."""
+        self.__dict__["_peftkit_shared"] = shared
+
     def base_changed(self) -> None:
         """Called after the base layer's weight changed in place (an adapter merged or unmerged at this
         layer): drop anything computed from it. Nothing to drop by default."""

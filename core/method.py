@@ -18,6 +18,7 @@ from .errors import ConfigError
 from .shorthand import parse_shorthand, split_top_level
 
 if TYPE_CHECKING:  # pragma: no cover
+    import torch
     import torch.nn as nn
 
     from .architectures import ArchitectureSpec
@@ -114,6 +115,25 @@ class Method:
                              model: "nn.Module") -> "nn.Module | None":
         """Create the adapter module for one site (a peftkit.core.layer.LayerAdapter)."""
         raise NotImplementedError(f"method {self.name!r} does not adapt layers")
+
+    def create_shared_state(self, model: "nn.Module", config: AdapterConfig,
+                            sites: list[Site]) -> "dict[str, torch.Tensor]":
+        """Tensors created once per adapter that all its layer adapters share (VeRA's frozen random
+        projections, sized for the largest of ``sites``). Called after the sites are known and before
+        any layer adapter is created. An ``nn.Parameter`` trains with the adapter; any other tensor is
+        frozen. The core keeps them once per adapter, moves them with the model (the same storage
+        for every site after ``model.to(...)``), and saves them under :meth:`shared_state_file_keys`.
+        Each layer adapter reads them through ``LayerAdapter.shared`` at each use. The default: none.
+
+        Make them deterministic from the config (a seed field, never torch's global random
+        generator) when the method allows saving without them: a load then recreates them."""
+        return {}
+
+    def shared_state_file_keys(self, config: AdapterConfig, names: list[str]) -> dict[str, str]:
+        """Shared-tensor name -> its key in the weights file (the whole key). Names left out are
+        not saved; a load recreates them with :meth:`create_shared_state`. The default saves each
+        as ``peftkit_shared.<name>``."""
+        return {name: f"peftkit_shared.{name}" for name in names}
 
     def create_model_adapter(self, model: "nn.Module", config: AdapterConfig,
                              arch: "ArchitectureSpec | None") -> "nn.Module | None":

@@ -24,6 +24,7 @@ from .errors import AdapterError, MergeError, TargetError
 from .labels import config_labels, set_config_labels
 from .layer import LayerAdapter, ModulesToSave, TunerLayer, merge_order_message, name_taken_by_torch
 from .method import Method, Site, parse_spec
+from .shared_state import SharedState
 from .state import AdapterState
 from .targets import name_matches
 
@@ -75,6 +76,8 @@ class AdaptedModel(CompositionMixin, nn.Module):
         self._peftkit_state = AdapterState()
         self._records: dict[str, AdapterRecord] = {}
         self._model_adapters = nn.ModuleDict()
+        #: Adapter name -> its adapter-wide tensors (Method.create_shared_state), held once here.
+        self._shared_states = nn.ModuleDict()
         self._hook_handle: Any = None
         #: The config's label names while an adapter's head (with other labels) is shown there.
         self._labels_before: list[str] | None = None
@@ -178,8 +181,9 @@ class AdaptedModel(CompositionMixin, nn.Module):
             self._ensure_input_hook()
         record.modules_to_save = self._resolve_modules_to_save(config, default_head)
         record.sites = self._adapted_sites(method, config, record.modules_to_save)
+        self._create_shared_state(record)
         for site in record.sites:
-            adapter = self._new_layer_adapter(method, config, site)
+            adapter = self._new_layer_adapter(method, config, site, self.shared_state(record.name))
             if adapter is None:
                 continue
             current = model.get_submodule(site.name)
@@ -211,9 +215,32 @@ class AdaptedModel(CompositionMixin, nn.Module):
                               f"would adapt nothing; target modules outside it (set target_modules)")
         return kept
 
-    def _new_layer_adapter(self, method: Method, config: AdapterConfig, site: Site) -> LayerAdapter | None:
+    def _create_shared_state(self, record: AdapterRecord) -> None:
+        """Keep the method's adapter-wide tensors for ``record`` (if any)."""
+        shared = self._new_shared_state(record.method, record.config, record.sites)
+        if shared is not None:
+            self._shared_states[record.name] = shared
+
+    def _new_shared_state(self, method: Method, config: AdapterConfig, sites: list[Site]) -> SharedState | None:
+        """The method's adapter-wide tensors for ``sites`` (None when it has none), on the first site's
+        device, not yet placed in the model."""
+        tensors = method.create_shared_state(self.base_model, config, sites)
+        if not tensors:
+            return None
+        shared = SharedState(method.name, tensors)
+        if sites:
+            first = self.base_model.get_submodule(sites[0].name)
+            _match_device(shared, first.base_layer if isinstance(first, TunerLayer) else first)
+        return shared
+
+    def shared_state(self, name: str) -> SharedState | None:
+        """Adapter ``name``'s adapter-wide tensors (``Method.create_shared_state``), or None."""
+        return self._shared_states[name] if name in self._shared_states else None
+
+    def _new_layer_adapter(self, method: Method, config: AdapterConfig, site: Site,
+                           shared: SharedState | None = None) -> LayerAdapter | None:
         """The method's module for ``site`` (None where it makes none), on the base layer's device,
-        not yet placed in the model."""
+        bound to the adapter's ``shared`` state, not yet placed in the model."""
         current = self.base_model.get_submodule(site.name)
         base = current.base_layer if isinstance(current, TunerLayer) else current
         adapter = method.create_layer_adapter(site, base, config, self.base_model)
@@ -223,6 +250,7 @@ class AdaptedModel(CompositionMixin, nn.Module):
             raise TypeError(f"method {method.name!r} returned {type(adapter).__name__} for site "
                             f"{site.name!r}; create_layer_adapter must return a LayerAdapter")
         _match_device(adapter, base)
+        adapter.bind_shared(shared)
         return adapter
 
     def _resolve_modules_to_save(self, config: AdapterConfig, default_head: bool = True) -> list[str]:
@@ -268,6 +296,8 @@ class AdaptedModel(CompositionMixin, nn.Module):
                     _set_submodule(model, module_name, module.original_module)
         if name in self._model_adapters:
             del self._model_adapters[name]
+        if name in self._shared_states:
+            del self._shared_states[name]
         state = self._peftkit_state
         if record is not None and name in state.active_names:
             remaining = [n for n in state.active_names if n != name]
@@ -386,6 +416,8 @@ class AdaptedModel(CompositionMixin, nn.Module):
                     yield p
         if name in self._model_adapters:
             yield from self._model_adapters[name].parameters()
+        if name in self._shared_states:
+            yield from self._shared_states[name].parameters()
 
     def train_adapter(self, *adapters: str | composition.Block | Sequence[str]) -> None:
         """Activate these adapters and make only their parameters trainable

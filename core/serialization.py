@@ -56,6 +56,7 @@ def adapter_tensors(model: "AdaptedModel", name: str) -> dict[str, torch.Tensor]
             for key, tensor in module.adapters[name].tensors().items():
                 out[site_key(module_name, key)] = tensor
     out.update(head_tensors(model, name))
+    out.update(shared_tensors(model, name))
     if name in model._model_adapters:
         out.update(model._model_adapters[name].tensors())
     return out
@@ -64,6 +65,18 @@ def adapter_tensors(model: "AdaptedModel", name: str) -> dict[str, torch.Tensor]
 def site_key(site: str, key: str) -> str:
     """The file key of a layer adapter's tensor ``key`` (relative to its site) at ``site``."""
     return f"{KEY_PREFIX}{site}.{key}"
+
+
+def shared_tensors(model: "AdaptedModel", name: str) -> dict[str, torch.Tensor]:
+    """The live adapter-wide tensors of adapter ``name`` that its method saves, keyed as in its file
+    (``Method.shared_state_file_keys``); once per adapter however many sites share them."""
+    shared = model.shared_state(name)
+    if shared is None:
+        return {}
+    record = model.adapter_record(name)
+    tensors = shared.tensors()
+    keys = record.method.shared_state_file_keys(record.config, list(tensors))
+    return {key: tensors[tensor_name] for tensor_name, key in keys.items()}
 
 
 def head_tensors(model: "AdaptedModel", name: str) -> dict[str, torch.Tensor]:

@@ -35,7 +35,9 @@ _LAZY: dict[str, str] = {
     "ModelAdapter": "peftkit.core.layer",
     "TunerLayer": "peftkit.core.layer",
     "adapters_at": "peftkit.core.layer",
+    "SharedState": "peftkit.core.shared_state",
     "VirtualTokenMethod": "peftkit.core.virtual_tokens",
+    "AdapterHubFormat": "peftkit.core.adapterhub_format",
     # errors
     "PeftkitError": "peftkit.core.errors",
     "ConfigError": "peftkit.core.errors",
@@ -103,6 +105,7 @@ __getattr__, __dir__ = lazy_attributes(__name__, _LAZY, __all__, "; the plugin A
 
 
 if TYPE_CHECKING:  # pragma: no cover
+    from peftkit.core.adapterhub_format import AdapterHubFormat  # noqa: F401
     from peftkit.core.architectures import ArchitectureSpec, architecture_for  # noqa: F401
     from peftkit.core.base_layers import (adapter_dtype, is_conv1d, linear_features,  # noqa: F401
                                           quantization_of, weight_out_in)
@@ -112,6 +115,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from peftkit.core.hotswap import scaled_swap_plan, swap_plan  # noqa: F401
     from peftkit.core.layer import LayerAdapter, ModelAdapter, TunerLayer, adapters_at  # noqa: F401
     from peftkit.core.method import ALL_BLOCKS, Method, Site, parse_spec  # noqa: F401
+    from peftkit.core.shared_state import SharedState  # noqa: F401
     from peftkit.core.model_inputs import (CACHE_ARGUMENTS, batch_size, bind_arguments,  # noqa: F401
                                            cache_argument, check_growing_cache, extend_mask, note_prefix,
                                            pop_cache, starts_sequence, text_config)

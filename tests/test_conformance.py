@@ -36,6 +36,7 @@ BUILTIN_SPECS = {
     "prefix_tuning": "prefix_tuning[num_virtual_tokens=4]",
     "prompt_tuning": "prompt_tuning[num_virtual_tokens=4]",
     "lokr": "lokr[r=4]",
+    "vera": "vera[r=8]",
     "oft": "oft[oft_block_size=8]",
 }
 

@@ -1,0 +1,25 @@
+"""VeRA (vector-based random matrix adaptation) as a peftkit plugin, in Hugging Face PEFT's file format.
+
+This module is the entry point and stays torch-free; the layer module lives in
+``layer.py`` and the projections in ``projections.py``, imported only when an
+adapter is created.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from peftkit.plugin_api import PLUGIN_API_VERSION, hookimpl
+
+from .config import VeraConfig
+
+PEFTKIT_PLUGIN_API = PLUGIN_API_VERSION
+
+__all__ = ["VeraConfig"]
+
+
+@hookimpl
+def peftkit_register_methods(register: Callable[[Any], None]) -> None:
+    from .method import VeraMethod
+
+    register(VeraMethod())
