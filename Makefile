@@ -8,7 +8,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast lint venv bench clean
+.PHONY: demo test test-fast lint venv adapters-venv bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,8 +38,25 @@ test-fast: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(BIN)/python -m ruff check .
 
+# A second virtualenv with AdapterHub's `adapters` library (it pins its own transformers),
+# used by tests/test_adapterhub_*.py to check peftkit's AdapterHub format against the real
+# library. Rebuilt when ADAPTERS_REQ changes (the stamp file records it).
+ADAPTERS_REQ ?= adapters==1.3.0
+ADAPTERS_VENV ?= .venv-adapters
+ADAPTERS_STAMP := $(ADAPTERS_VENV)/.installed-$(subst =,-,$(ADAPTERS_REQ))
+
+$(ADAPTERS_STAMP):
+	rm -rf $(ADAPTERS_VENV)
+	$(PYTHON) -m venv $(ADAPTERS_VENV)
+	$(ADAPTERS_VENV)/bin/python -m pip install -q --upgrade pip
+	$(ADAPTERS_VENV)/bin/python -m pip install -q "$(TORCH)"
+	$(ADAPTERS_VENV)/bin/python -m pip install -q "$(ADAPTERS_REQ)" safetensors
+	touch $@
+
+adapters-venv: $(ADAPTERS_STAMP)
+
 bench: $(VENV)/.installed
 	$(BIN)/python bench/bench_lora.py
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info
+	rm -rf $(VENV) $(ADAPTERS_VENV) build dist *.egg-info

@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
     import torch.nn as nn
 
+    from .adapterhub_format import AdapterHubFormat
     from .architectures import ArchitectureSpec
 
 #: Composition blocks a method may declare support for.
@@ -57,6 +58,8 @@ class Method:
     supported_blocks: ClassVar[frozenset[str]] = ALL_BLOCKS
     #: PEFT's ``peft_type`` when Hugging Face PEFT has the same method and file format.
     peft_type: ClassVar[str | None] = None
+    #: How the method reads and writes AdapterHub's format (``adapters`` library), or None.
+    adapterhub: ClassVar["AdapterHubFormat | None"] = None
     #: Shorthand aliases: {"alpha": "lora_alpha"} lets users write either.
     aliases: ClassVar[dict[str, str]] = {}
     #: Whether the adapter output equals the base output right after injection.

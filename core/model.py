@@ -595,11 +595,13 @@ class AdaptedModel(CompositionMixin, nn.Module):
 
     # -- files -------------------------------------------------------------------------
 
-    def save_adapter(self, path: str, adapter_name: str = "default", **card: Any) -> None:
-        """Save one adapter as a folder (PEFT's format for methods PEFT has)."""
+    def save_adapter(self, path: str, adapter_name: str = "default", *, format: str = "peftkit",
+                     **card: Any) -> None:
+        """Save one adapter as a folder (PEFT's format for methods PEFT has; ``format="adapters"``:
+        AdapterHub's, see docs/format.md)."""
         from .serialization import save_adapter
 
-        save_adapter(self, adapter_name, path, **card)
+        save_adapter(self, adapter_name, path, format=format, **card)
 
     def save_pretrained(self, path: str, adapter_names: Sequence[str] | None = None, **card: Any) -> None:
         """PEFT's layout: the adapter named "default" (or the first) at ``path``,

@@ -9,6 +9,7 @@ are read with safetensors only; pickle files are refused.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from importlib import metadata
@@ -17,6 +18,11 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
+from .adapterhub_format import (adapterhub_config_data, adapterhub_file_tensors, adapterhub_tensors,
+                                claiming_method, config_json, is_adapterhub_config, read_adapterhub_weights)
+from .adapterhub_format import CONFIG_NAME as ADAPTERHUB_CONFIG_NAME
+from .adapterhub_format import PICKLE_WEIGHTS_NAME as ADAPTERHUB_PICKLE_NAME
+from .adapterhub_format import SAFE_WEIGHTS_NAME as ADAPTERHUB_WEIGHTS_NAME
 from .card import card_metadata, render_card
 from .errors import AdapterLoadError, ConfigError, PeftkitError, PluginError
 from .fileio import atomic_folder, write_bytes_atomic, write_text_atomic
@@ -188,18 +194,62 @@ def write_adapter(model: "AdaptedModel", name: str, folder: Path, card: dict[str
     write_text_atomic(folder / CONFIG_NAME, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def save_adapter(model: "AdaptedModel", name: str, path: str | os.PathLike, **card: Any) -> None:
+#: Folder formats save_adapter writes: peftkit's (PEFT's for the methods PEFT has) and AdapterHub's.
+SAVE_FORMATS = ("peftkit", "adapters")
+
+
+def write_adapterhub_adapter(model: "AdaptedModel", name: str, folder: Path) -> None:
+    """Write adapter ``name`` as AdapterHub's ``adapters`` library saves it (see :mod:`.adapterhub_format`):
+    ``adapter_config.json``, ``adapter.safetensors`` and, for ``adapters``' default loader,
+    ``pytorch_adapter.bin`` (the same tensors; written, never read back unchecked)."""
+    from safetensors.torch import save
+
+    record = model.adapter_record(name)
+    if record.model_adapter or head_tensors(model, name):
+        raise PeftkitError(f"cannot save adapter {name!r} in AdapterHub's format: its task heads or model-level "
+                           f"parts are not written in that format yet; save it in peftkit's format instead")
+    config = getattr(model.base_model, "config", None)
+    data = adapterhub_config_data(record.method, record.config, name, getattr(config, "model_type", None),
+                                  type(model.base_model).__name__, getattr(config, "hidden_size", None),
+                                  base_model_id(model))
+    site_tensors = {site: {k: v.detach().to("cpu").contiguous() for k, v in layer.adapters[name].tensors().items()}
+                    for site, layer in _layers_with(model, name)}
+    tensors = adapterhub_file_tensors(record.method.adapterhub, site_tensors, name, data["config"])
+    write_bytes_atomic(folder / ADAPTERHUB_WEIGHTS_NAME, save(tensors, metadata={"format": "pt"}))
+    buffer = io.BytesIO()
+    torch.save(tensors, buffer)
+    write_bytes_atomic(folder / ADAPTERHUB_PICKLE_NAME, buffer.getvalue())
+    write_text_atomic(folder / ADAPTERHUB_CONFIG_NAME, config_json(data))
+
+
+def _layers_with(model: "AdaptedModel", name: str) -> list[tuple[str, TunerLayer]]:
+    return [(site, module) for site, module in model.base_model.named_modules()
+            if isinstance(module, TunerLayer) and name in module.adapters]
+
+
+def save_adapter(model: "AdaptedModel", name: str, path: str | os.PathLike, format: str = "peftkit",
+                 **card: Any) -> None:
     """Save one adapter. A new folder appears whole or not at all; in an
-    existing folder each file is replaced atomically."""
+    existing folder each file is replaced atomically. ``format="adapters"``
+    writes AdapterHub's format instead of peftkit's."""
     path = Path(path)
     model.adapter_record(name)
+    if format not in SAVE_FORMATS:
+        raise PeftkitError(f"unknown adapter folder format {format!r}; choose one of {', '.join(SAVE_FORMATS)}")
     if path.exists() and not path.is_dir():
         raise PeftkitError(f"cannot save adapter to {str(path)!r}: it is a file, not a folder")
+
+    def write(folder: Path) -> None:
+        if format == "adapters":
+            write_adapterhub_adapter(model, name, folder)
+        else:
+            write_adapter(model, name, folder, card)
+
     if path.exists():
-        write_adapter(model, name, path, card)
+        write(path)
         return
     with atomic_folder(path) as tmp:
-        write_adapter(model, name, tmp, card)
+        write(tmp)
 
 
 def save_pretrained(model: "AdaptedModel", path: str | os.PathLike, adapter_names: Sequence[str] | None = None,
@@ -324,10 +374,15 @@ def load_adapter(model: "AdaptedModel", path: str | os.PathLike, name: str) -> A
     path = Path(path)
     where = str(path)
     data = read_config(path)
-    method = method_for(data, where)
-    check_base_model(model, data, where)
-    config = config_from_data(method, data, where)
-    tensors = read_weights(path)
+    adapterhub = is_adapterhub_config(data)
+    if adapterhub:
+        method, config = _adapterhub_method_config(data, where)
+        tensors = read_adapterhub_weights(path)
+    else:
+        method = method_for(data, where)
+        check_base_model(model, data, where)
+        config = config_from_data(method, data, where)
+        tensors = read_weights(path)
     labels = read_labels(path)
     model._check_new_name(name)
     try:
@@ -337,12 +392,25 @@ def load_adapter(model: "AdaptedModel", path: str | os.PathLike, name: str) -> A
     except PeftkitError as exc:
         raise AdapterLoadError(f"{where}: cannot place this adapter on the model: {exc}") from None
     try:
+        if adapterhub:
+            sites = [site for site, _ in _layers_with(model, name)]
+            tensors = adapterhub_tensors(method.adapterhub, tensors, sites, data, KEY_PREFIX, where)
         record.labels = _fit_head(model, name, tensors, labels, where)
         _copy_into(model, name, tensors, where)
     except BaseException:
         model._remove(name)
         raise
     return record
+
+
+def _adapterhub_method_config(data: dict[str, Any], where: str) -> tuple[Any, Any]:
+    """The installed method and its config for an AdapterHub ``adapter_config.json``."""
+    method, values = claiming_method(get_registry().methods.values(), data, where)
+    try:
+        return method, method.config_class.from_dict(values)
+    except (ConfigError, TypeError) as exc:
+        raise AdapterLoadError(f"{where}: this AdapterHub adapter's options do not make a valid {method.name} "
+                               f"adapter: {exc}") from None
 
 
 def _fit_head(model: "AdaptedModel", name: str, tensors: dict[str, torch.Tensor], labels: list[str] | None,

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from peftkit.plugin_api import ALL_BLOCKS, AdapterConfig, ConfigError, Method, Site, TargetError
 
+from .adapterhub import BottleneckAdapterHub
 from .config import BottleneckConfig, DoubleSeqBnConfig, ParBnConfig, SeqBnConfig, SequentialBottleneckConfig
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -142,6 +143,7 @@ class SeqBnMethod(BottleneckMethod):
         "bottleneck": "a bottleneck adapter is seq_bn (Pfeiffer), double_seq_bn (Houlsby) or par_bn (parallel)",
     }
     description = "Sequential bottleneck adapter after each feed-forward block (Pfeiffer)"
+    adapterhub = BottleneckAdapterHub(mh_adapter=False, parallel=False)
     points = ("ffn_output",)
 
 
@@ -150,6 +152,7 @@ class DoubleSeqBnMethod(BottleneckMethod):
     config_class = DoubleSeqBnConfig
     known_as = {"houlsby": "AdapterHub's Houlsby adapter is double_seq_bn"}
     description = "Sequential bottleneck adapters after attention and feed-forward blocks (Houlsby)"
+    adapterhub = BottleneckAdapterHub(mh_adapter=True, parallel=False)
     points = ("attention_output", "ffn_output")
 
     def _points(self, config: BottleneckConfig) -> tuple[str, ...]:
@@ -162,6 +165,7 @@ class ParBnMethod(BottleneckMethod):
     config_class = ParBnConfig
     known_as = {"parallel": "AdapterHub's parallel adapter is par_bn"}
     description = "Parallel bottleneck adapter beside each feed-forward block, scaled (He et al.)"
+    adapterhub = BottleneckAdapterHub(mh_adapter=False, parallel=True)
     points = ("ffn_output",)
     parallel = True
 

@@ -1,0 +1,191 @@
+"""AdapterHub's folder format (the ``adapters`` library, formerly adapter-transformers), both ways.
+
+A folder ``adapters`` saves holds ``adapter_config.json`` with the method's options under
+``"config"`` (plus ``name``, ``model_type``, ``model_class``, ``hidden_size``, ``version``) and
+the weights in ``adapter.safetensors`` or ``pytorch_adapter.bin``, keyed by the module the
+adapter hangs on: ``<module>.adapters.<name>.adapter_down.0.weight`` (bottleneck) or
+``<module>.loras.<name>.lora_A`` (LoRA).
+
+The core knows the folder and the key layout; each method translates its own options and
+tensor names through an :class:`AdapterHubFormat` set as ``Method.adapterhub`` (plugins do
+this; see docs/plugins.md). The load and save flows are in :mod:`.serialization`.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from .errors import AdapterLoadError, ConfigError, PeftkitError
+
+CONFIG_NAME = "adapter_config.json"
+SAFE_WEIGHTS_NAME = "adapter.safetensors"
+PICKLE_WEIGHTS_NAME = "pytorch_adapter.bin"
+#: The ``version`` written into saved configs: the release the format was checked against.
+WRITTEN_VERSION = "adapters.1.3.0"
+#: Model families whose module names peftkit has checked against ``adapters`` for saving.
+SUPPORTED_MODEL_TYPES = ("bert", "roberta")
+
+
+class AdapterHubFormat:
+    """How one method reads and writes AdapterHub's format (an instance is ``Method.adapterhub``).
+
+    Tensors of the method's layer adapter at site ``S`` are saved by ``adapters`` under
+    ``<M>.<module_dict>.<name>.<rest>``, where ``M`` is ``S`` itself (``on_site``) or its parent
+    module. The hooks raise ConfigError naming an option they cannot translate; the core adds
+    the folder's path.
+    """
+
+    #: The ModuleDict holding the method's modules in ``adapters``' keys ("adapters", "loras").
+    module_dict: str = "adapters"
+    #: Whether ``adapters`` hangs the tensors on the adapted layer itself (LoRA: True) or on
+    #: the module around it (bottleneck adapters on BERT's ``output``: False).
+    on_site: bool = False
+
+    def claims(self, options: Mapping[str, Any]) -> bool:
+        """Whether an AdapterHub config's options (its ``"config"`` dict) describe this method."""
+        return False
+
+    def config_values(self, options: Mapping[str, Any], model_type: str | None) -> dict[str, Any]:
+        """This method's config values for the options."""
+        raise NotImplementedError
+
+    def options(self, config: Any, model_type: str | None) -> dict[str, Any]:
+        """AdapterHub's full options dict for ``config``."""
+        raise NotImplementedError
+
+    def key_in(self, rest: str, options: Mapping[str, Any]) -> str | None:
+        """Our tensor key (relative to the site) for AdapterHub's ``rest``; None: a duplicate to skip."""
+        return rest
+
+    def keys_out(self, key: str, options: Mapping[str, Any]) -> list[str]:
+        """AdapterHub's keys (relative to the adapter) for our tensor ``key``; several: saved as copies."""
+        return [key]
+
+    @staticmethod
+    def refuse_changed(options: Mapping[str, Any], required: Mapping[str, Any], kind: str) -> None:
+        """ConfigError for the first option in ``required`` present at another value."""
+        for key, value in required.items():
+            if key in options and options[key] != value:
+                raise ConfigError(f"AdapterHub {kind} option {key}={options[key]!r} is not supported by peftkit "
+                                  f"(only {key}={value!r}); see docs/format.md, AdapterHub format")
+
+
+def is_adapterhub_config(data: Mapping[str, Any]) -> bool:
+    """Whether an ``adapter_config.json``'s content is AdapterHub's (not PEFT's or peftkit's)."""
+    return (isinstance(data.get("config"), dict) and "peft_type" not in data and "peftkit" not in data
+            and ("version" in data or "model_class" in data))
+
+
+# -- load ------------------------------------------------------------------------------
+
+
+def claiming_method(methods: Iterable[Any], data: Mapping[str, Any], where: str) -> tuple[Any, dict[str, Any]]:
+    """``(method, config values)`` of the installed method that reads this AdapterHub config."""
+    options = data["config"]
+    methods = list(methods)
+    found = [m for m in methods if m.adapterhub is not None and m.adapterhub.claims(options)]
+    if not found:
+        readers = ", ".join(sorted(m.name for m in methods if m.adapterhub is not None)) or "none"
+        raise AdapterLoadError(f"{where}: no installed peftkit method reads this AdapterHub adapter "
+                               f"(architecture={options.get('architecture')!r}; methods that read AdapterHub "
+                               f"folders: {readers}); see docs/format.md, AdapterHub format")
+    method = found[0]
+    try:
+        return method, method.adapterhub.config_values(options, data.get("model_type"))
+    except ConfigError as exc:
+        raise AdapterLoadError(f"{where}: {exc}") from None
+
+
+def read_adapterhub_weights(folder: Path) -> dict[str, Any]:
+    """The tensors of an AdapterHub folder: ``adapter.safetensors``, else ``pytorch_adapter.bin`` read with
+    ``torch.load(weights_only=True)``, which refuses anything but tensors and plain containers."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_bytes
+
+    safe, pickled = folder / SAFE_WEIGHTS_NAME, folder / PICKLE_WEIGHTS_NAME
+    try:
+        if safe.is_file():
+            return dict(load_bytes(safe.read_bytes()))
+        if pickled.is_file():
+            state = torch.load(pickled, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+                raise AdapterLoadError(f"{pickled} does not hold a flat dict of tensors")
+            return dict(state)
+    except (SafetensorError, RuntimeError, ValueError, OSError, EOFError, pickle.UnpicklingError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise AdapterLoadError(f"{folder}: the AdapterHub weights file is damaged or holds more than tensors "
+                               f"({type(exc).__name__}: {first}); save or download the adapter again") from None
+    raise AdapterLoadError(f"{folder} has an AdapterHub {CONFIG_NAME} but neither {SAFE_WEIGHTS_NAME} nor "
+                           f"{PICKLE_WEIGHTS_NAME}; the folder is incomplete")
+
+
+def _same_module(ours: str, theirs: str) -> bool:
+    """Module paths naming the same module up to a wrapper's prefix (``bert.`` and the like)."""
+    return ours == theirs or ours.endswith("." + theirs) or theirs.endswith("." + ours)
+
+
+def adapterhub_tensors(fmt: AdapterHubFormat, tensors: Mapping[str, Any], sites: list[str],
+                       data: Mapping[str, Any], key_prefix: str, where: str) -> dict[str, Any]:
+    """AdapterHub's tensors keyed as peftkit's (``<key_prefix><site>.<key>``) for the new adapter's ``sites``.
+
+    A tensor whose module has no site keeps its key, so the weights check names it as unexpected."""
+    marker = f".{fmt.module_dict}.{data.get('name')}."
+    modules = {site: site if fmt.on_site else site.rpartition(".")[0] for site in sites}
+    out: dict[str, Any] = {}
+    for key, tensor in tensors.items():
+        module, found, rest = key.partition(marker)
+        if not found:
+            raise AdapterLoadError(f"{where}: weight {key!r} is not one of adapter {data.get('name')!r} named in "
+                                   f"{CONFIG_NAME}; the folder mixes adapters")
+        ours = fmt.key_in(rest, data["config"])
+        if ours is None:
+            continue
+        matches = [site for site, m in modules.items() if _same_module(m, module)]
+        if len(matches) > 1:
+            raise AdapterLoadError(f"{where}: weight {key!r} fits several peftkit sites ({', '.join(matches)})")
+        out[f"{key_prefix}{matches[0]}.{ours}" if matches else key] = tensor
+    return out
+
+
+# -- save ------------------------------------------------------------------------------
+
+
+def adapterhub_config_data(method: Any, config: Any, name: str, model_type: str | None, model_class: str,
+                           hidden_size: int | None, model_name: str | None) -> dict[str, Any]:
+    """AdapterHub's ``adapter_config.json`` content, or PeftkitError naming what the format cannot hold."""
+    def refuse(what: str) -> PeftkitError:
+        return PeftkitError(f"cannot save adapter {name!r} in AdapterHub's format: {what}; save it in peftkit's "
+                            f"format instead (format='peftkit')")
+
+    if method.adapterhub is None:
+        raise refuse(f"method {method.name!r} has no AdapterHub translation")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise refuse(f"model type {model_type!r} is not one peftkit has checked against adapters "
+                     f"({', '.join(SUPPORTED_MODEL_TYPES)})")
+    try:
+        options = method.adapterhub.options(config, model_type)
+    except ConfigError as exc:
+        raise refuse(str(exc)) from None
+    return {"config": options, "hidden_size": hidden_size, "model_class": model_class,
+            "model_name": model_name or "", "model_type": model_type, "name": name, "version": WRITTEN_VERSION}
+
+
+def adapterhub_file_tensors(fmt: AdapterHubFormat, site_tensors: Mapping[str, Mapping[str, Any]], name: str,
+                            options: Mapping[str, Any]) -> dict[str, Any]:
+    """Tensors keyed as ``adapters`` saves them, from ``{site: {our key: tensor}}``."""
+    out: dict[str, Any] = {}
+    for site, tensors in site_tensors.items():
+        module = site if fmt.on_site else site.rpartition(".")[0]
+        for key, tensor in tensors.items():
+            for i, theirs in enumerate(fmt.keys_out(key, options)):
+                out[f"{module}.{fmt.module_dict}.{name}.{theirs}"] = tensor if i == 0 else tensor.clone()
+    return out
+
+
+def config_json(data: Mapping[str, Any]) -> str:
+    """The text of an AdapterHub ``adapter_config.json`` (sorted keys, as ``adapters`` writes it)."""
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"

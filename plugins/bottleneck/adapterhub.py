@@ -1,0 +1,117 @@
+"""AdapterHub's bottleneck adapters (``adapters``' BnConfig) as seq_bn, double_seq_bn and par_bn.
+
+``adapters`` computes the same function as peftkit's adapters when the model's own residual
+and LayerNorm come after the adapter (``original_ln_before=false``, ``original_ln_after=true``):
+its Houlsby and parallel configs, and Pfeiffer configs saved that way. Its default Pfeiffer
+(``original_ln_before=true``) feeds the adapter the block's output after the model's LayerNorm,
+which peftkit's seq_bn does not compute yet: refused by name.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from peftkit.plugin_api import AdapterHubFormat, ConfigError
+
+#: Every option of ``adapters``' BnConfig with its default, as ``adapters`` 1.3 writes it.
+BN_DEFAULTS: dict[str, Any] = {
+    "adapter_residual_before_ln": False, "cross_adapter": False, "dropout": 0.0, "factorized_phm_W": True,
+    "factorized_phm_rule": False, "hypercomplex_nonlinearity": "glorot-uniform", "init_weights": "bert",
+    "init_weights_seed": None, "inv_adapter": None, "inv_adapter_reduction_factor": None, "is_parallel": False,
+    "learn_phm": True, "leave_out": [], "ln_after": False, "ln_before": False, "mh_adapter": False,
+    "non_linearity": "relu", "original_ln_after": True, "original_ln_before": False, "output_adapter": True,
+    "phm_bias": True, "phm_c_init": "normal", "phm_dim": 4, "phm_init_range": 0.0001, "phm_layer": False,
+    "phm_rank": 1, "reduction_factor": 16, "residual_before_ln": True, "scaling": 1.0, "shared_W_phm": False,
+    "shared_phm_rule": True, "stochastic_depth": 0.0, "use_gating": False,
+}
+#: Options that must keep one value for peftkit to compute the same function.
+REQUIRED = {"original_ln_after": True, "ln_after": False, "phm_layer": False, "use_gating": False,
+            "inv_adapter": None, "cross_adapter": False}
+#: Their activation names (transformers' ACT2FN) -> ours.
+ACTIVATIONS_IN = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_new", "swish": "swish", "silu": "silu",
+                  "tanh": "tanh", "sigmoid": "sigmoid", "leakyrelu": "leaky_relu"}
+ACTIVATIONS_OUT = {ours: theirs for theirs, ours in ACTIVATIONS_IN.items()}
+
+
+class BottleneckAdapterHub(AdapterHubFormat):
+    """One placement of AdapterHub's bottleneck adapter: (mh_adapter, is_parallel)."""
+
+    module_dict = "adapters"
+    on_site = False
+
+    def __init__(self, mh_adapter: bool, parallel: bool) -> None:
+        self.mh_adapter, self.parallel = mh_adapter, parallel
+
+    def claims(self, options: Mapping[str, Any]) -> bool:
+        return (options.get("architecture") in (None, "bottleneck")
+                and bool(options.get("mh_adapter")) == self.mh_adapter
+                and bool(options.get("is_parallel")) == self.parallel
+                and bool(options.get("output_adapter", True)))
+
+    def config_values(self, options: Mapping[str, Any], model_type: str | None) -> dict[str, Any]:
+        if options.get("original_ln_before"):
+            raise ConfigError("AdapterHub bottleneck option original_ln_before=true (the adapter reads the block's "
+                              "output after the model's own residual and LayerNorm, as in its default "
+                              "Pfeiffer/SeqBnConfig) is not supported by peftkit yet; peftkit's seq_bn equals "
+                              "SeqBnConfig(original_ln_before=False)")
+        self.refuse_changed(options, REQUIRED, "bottleneck")
+        scaling = options.get("scaling", 1.0)
+        if scaling != "learned" and (isinstance(scaling, bool) or not isinstance(scaling, (int, float))):
+            raise ConfigError(f"AdapterHub bottleneck option scaling={scaling!r} is not supported by peftkit "
+                              f"(a number or 'learned')")
+        activation = str(options.get("non_linearity", "relu")).lower()
+        if activation not in ACTIVATIONS_IN:
+            raise ConfigError(f"AdapterHub non_linearity={activation!r} is not supported by peftkit "
+                              f"({', '.join(sorted(ACTIVATIONS_IN))})")
+        values: dict[str, Any] = {
+            "reduction_factor": options.get("reduction_factor", 16), "non_linearity": ACTIVATIONS_IN[activation],
+            "scaling": scaling, "dropout": float(options.get("dropout", 0.0)),
+            "ln_before": bool(options.get("ln_before")), "leave_out": list(options.get("leave_out") or []),
+        }
+        return values
+
+    def options(self, config: Any, model_type: str | None) -> dict[str, Any]:
+        for field in ("target_modules", "exclude_modules", "layers_to_transform"):
+            if getattr(config, field, None) not in (None, [], ""):
+                raise ConfigError(f"{field} is set; AdapterHub places bottleneck adapters only at its fixed points")
+        if getattr(config, "residual", True) is False:
+            raise ConfigError("residual=false; AdapterHub's adapters always keep their skip connection")
+        if config.ln_before and getattr(config, "residual_before_ln", True) is False:
+            raise ConfigError("residual_before_ln=false; AdapterHub's skip connection carries the adapter's input")
+        if getattr(config, "cross_attention", False):
+            raise ConfigError("cross_attention=true has no AdapterHub equivalent")
+        factor = config.reduction_factor  # adapters looks layers up as str(layer_idx)
+        return {**BN_DEFAULTS,
+                "reduction_factor": {str(k): v for k, v in factor.items()} if isinstance(factor, dict) else factor,
+                "non_linearity": ACTIVATIONS_OUT[config.non_linearity],
+                "scaling": config.scaling if config.scaling == "learned" else float(config.scaling),
+                "dropout": config.dropout, "ln_before": config.ln_before, "leave_out": list(config.leave_out),
+                "mh_adapter": self.mh_adapter, "is_parallel": self.parallel,
+                "init_weights": "mam_adapter" if self.parallel else "bert"}
+
+    # adapters' down projection is a Sequential: [LayerNorm (ln_before)], Linear, activation;
+    # its LayerNorm is also registered as adapter_norm_before, so torch.save writes it twice.
+
+    def key_in(self, rest: str, options: Mapping[str, Any]) -> str | None:
+        ln_before = bool(options.get("ln_before"))
+        if rest == "scaling":
+            return "adapter_scaling"
+        if rest.startswith("adapter_norm_before."):
+            return "adapter_norm." + rest.split(".", 1)[1]
+        head, _, leaf = rest.rpartition(".")
+        if head == "adapter_down.0":
+            return None if ln_before else "adapter_down." + leaf
+        if head == "adapter_down.1" and ln_before:
+            return "adapter_down." + leaf
+        return rest
+
+    def keys_out(self, key: str, options: Mapping[str, Any]) -> list[str]:
+        ln_before = bool(options.get("ln_before"))
+        head, _, leaf = key.partition(".")
+        if key == "adapter_scaling":
+            return ["scaling"]
+        if head == "adapter_norm":
+            return [f"adapter_norm_before.{leaf}", f"adapter_down.0.{leaf}"]
+        if head == "adapter_down":
+            return [f"adapter_down.{1 if ln_before else 0}.{leaf}"]
+        return [key]

@@ -1,0 +1,97 @@
+"""Run in the second virtualenv (``make adapters-venv``): adapters saved by AdapterHub's ``adapters``.
+
+Usage: python make_fixtures.py OUT_FOLDER
+
+For each case, OUT_FOLDER/<case>/ holds ``model.json`` (the base model's config values),
+``base.safetensors`` (its weights: both libraries start from the same numbers), ``adapter/``
+(the folder ``adapters`` saved) and ``expected.safetensors`` (input ids and the adapted model's
+last hidden state). Adapter weights are drawn at random so that every tensor matters.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+import adapters
+from adapters import DoubleSeqBnConfig, LoRAConfig, ParBnConfig, SeqBnConfig
+
+MODELS = {
+    "bert": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                 vocab_size=100, max_position_embeddings=128),
+    "roberta": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                    vocab_size=100, max_position_embeddings=130, pad_token_id=1),
+}
+
+#: case name -> (model type, adapters config, save with safetensors)
+CASES = {
+    "bert_double_seq_bn": ("bert", lambda: DoubleSeqBnConfig(reduction_factor=4), True),
+    "bert_double_seq_bn_ln_learned_bin": (
+        "bert", lambda: DoubleSeqBnConfig(reduction_factor=4, ln_before=True, scaling="learned",
+                                          non_linearity="gelu"), False),
+    "bert_seq_bn": ("bert", lambda: SeqBnConfig(original_ln_before=False, non_linearity="tanh",
+                                                reduction_factor={"0": 4, "default": 8}), True),
+    "bert_seq_bn_leave_out": ("bert", lambda: SeqBnConfig(original_ln_before=False, leave_out=[1]), True),
+    "bert_par_bn": ("bert", lambda: ParBnConfig(reduction_factor=2), True),
+    "bert_lora": ("bert", lambda: LoRAConfig(r=4, alpha=8), True),
+    "bert_pfeiffer": ("bert", lambda: SeqBnConfig(), True),
+    "roberta_double_seq_bn": ("roberta", lambda: DoubleSeqBnConfig(reduction_factor=8), True),
+    "roberta_lora": ("roberta", lambda: LoRAConfig(r=2, alpha=16, attn_matrices=["q", "k", "v"]), True),
+}
+
+
+def build_base(model_type: str) -> torch.nn.Module:
+    from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
+
+    config_class, model_class = {"bert": (BertConfig, BertModel), "roberta": (RobertaConfig, RobertaModel)}[
+        model_type]
+    torch.manual_seed(0)
+    return model_class(config_class(**MODELS[model_type])).eval()
+
+
+def randomize(model: torch.nn.Module, name: str) -> None:
+    gen = torch.Generator().manual_seed(1)
+    markers = (f".adapters.{name}.", f".loras.{name}.")
+    with torch.no_grad():
+        for key, param in model.named_parameters():
+            if not any(m in key for m in markers):
+                continue
+            noise = torch.randn(param.shape, generator=gen)
+            if key.endswith(".scaling"):
+                param.fill_(1.5)
+            elif param.dim() == 1 and "norm" in key and key.endswith(".weight"):
+                param.copy_(1 + 0.1 * noise)
+            else:
+                param.copy_(0.2 * noise)
+
+
+def make_case(out: Path, case: str) -> None:
+    model_type, make_config, safetensors = CASES[case]
+    folder = out / case
+    folder.mkdir(parents=True)
+    model = build_base(model_type)
+    (folder / "model.json").write_text(json.dumps({"model_type": model_type, "config": MODELS[model_type]}))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "base.safetensors"))
+    adapters.init(model)
+    model.add_adapter("task", config=make_config())
+    randomize(model, "task")
+    model.set_active_adapters("task")
+    model.save_adapter(str(folder / "adapter"), "task", use_safetensors=safetensors)
+    ids = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        hidden = model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+    save_file({"input_ids": ids, "output": hidden.contiguous()}, str(folder / "expected.safetensors"))
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    for case in CASES:
+        make_case(out, case)
+
+
+if __name__ == "__main__":
+    main()

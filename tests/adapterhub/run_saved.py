@@ -1,0 +1,46 @@
+"""Run in the second virtualenv: load with ``adapters`` folders peftkit saved in AdapterHub's format.
+
+Usage: python run_saved.py JOBS_JSON
+
+JOBS_JSON lists ``{"case": CASE_FOLDER, "adapter": ADAPTER_FOLDER, "out": OUT_FILE}``. CASE_FOLDER
+is one make_fixtures.py wrote (base weights, inputs); OUT_FILE receives the adapted model's last
+hidden state on those inputs (safetensors, key ``output``). Exits non-zero when ``adapters``
+leaves any weight of a folder unloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+import adapters
+from make_fixtures import build_base
+
+
+def run(case: Path, adapter: str, out: str) -> None:
+    model_type = json.loads((case / "model.json").read_text())["model_type"]
+    model = build_base(model_type)
+    model.load_state_dict(load_file(str(case / "base.safetensors")))
+    adapters.init(model)
+    info: dict = {}
+    name = model.load_adapter(adapter, loading_info=info)
+    if info.get("missing_keys") or info.get("unexpected_keys"):
+        raise SystemExit(f"{adapter}: adapters did not load every weight: {info}")
+    model.set_active_adapters(name)
+    ids = load_file(str(case / "expected.safetensors"))["input_ids"]
+    with torch.no_grad():
+        hidden = model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+    save_file({"output": hidden.contiguous()}, out)
+
+
+def main() -> None:
+    for job in json.loads(Path(sys.argv[1]).read_text()):
+        run(Path(job["case"]), job["adapter"], job["out"])
+
+
+if __name__ == "__main__":
+    main()

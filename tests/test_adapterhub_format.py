@@ -1,0 +1,151 @@
+"""AdapterHub's format against the real ``adapters`` 1.3.0, both ways.
+
+``adapters`` pins its own transformers, so it lives in a second virtualenv that
+``make adapters-venv`` builds (pip reaches the package index; minutes the first time,
+a no-op after). Scripts in tests/adapterhub/ run there: one saves adapters and
+reference outputs (cached under the venv, keyed by the script's hash), the other
+loads what peftkit saved and computes the outputs peftkit's must match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import peftkit
+from peftkit.core.errors import AdapterLoadError, PeftkitError
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = Path(__file__).parent / "adapterhub"
+VENV = ROOT / ".venv-adapters"
+PYTHON = VENV / "bin" / "python"
+ATOL = 1e-5
+
+LOADED = ["bert_double_seq_bn", "bert_double_seq_bn_ln_learned_bin", "bert_seq_bn", "bert_seq_bn_leave_out",
+          "bert_par_bn", "bert_lora", "roberta_double_seq_bn", "roberta_lora"]
+
+
+def _run(args: list[str], timeout: int) -> None:
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        pytest.fail(f"{' '.join(args)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def fixtures() -> Path:
+    """Folder of the cases make_fixtures.py wrote with the real ``adapters``."""
+    _run(["make", "adapters-venv"], timeout=1800)  # a no-op once built
+    stamps = sorted(p.name for p in VENV.glob(".installed-*"))
+    key = hashlib.sha256((SCRIPTS / "make_fixtures.py").read_bytes() + "".join(stamps).encode()).hexdigest()[:16]
+    folder = VENV / "fixtures" / key
+    if not folder.is_dir():
+        partial = folder.with_name(key + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        _run([str(PYTHON), str(SCRIPTS / "make_fixtures.py"), str(partial)], timeout=600)
+        partial.rename(folder)
+    return folder
+
+
+def _base(case: Path) -> torch.nn.Module:
+    from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
+
+    spec = json.loads((case / "model.json").read_text())
+    config_class, model_class = {"bert": (BertConfig, BertModel), "roberta": (RobertaConfig, RobertaModel)}[
+        spec["model_type"]]
+    model = model_class(config_class(**spec["config"]))
+    model.load_state_dict(load_file(str(case / "base.safetensors")))
+    return model.eval()
+
+
+def _hidden(model: torch.nn.Module, case: Path) -> torch.Tensor:
+    ids = load_file(str(case / "expected.safetensors"))["input_ids"]
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+
+
+def _expected(case: Path) -> torch.Tensor:
+    return load_file(str(case / "expected.safetensors"))["output"]
+
+
+@pytest.mark.parametrize("name", LOADED)
+def test_adapters_folder_loads_with_the_same_outputs(fixtures: Path, name: str) -> None:
+    case = fixtures / name
+    base_out = _hidden(_base(case), case)
+    model = peftkit.from_pretrained(_base(case), str(case / "adapter"))
+    ours = _hidden(model, case)
+    assert not torch.allclose(base_out, _expected(case), atol=1e-3)  # the adapter changes the outputs
+    torch.testing.assert_close(ours, _expected(case), atol=ATOL, rtol=0)
+
+
+def test_pfeiffer_with_the_model_layernorm_first_is_refused_by_name(fixtures: Path) -> None:
+    case = fixtures / "bert_pfeiffer"
+    with pytest.raises(AdapterLoadError, match="original_ln_before=true"):
+        peftkit.from_pretrained(_base(case), str(case / "adapter"))
+
+
+def test_saved_in_adapters_format_loads_in_adapters_with_the_same_outputs(fixtures: Path, tmp_path: Path) -> None:
+    """Both kinds of source: folders adapters saved (re-saved by peftkit), and adapters made in peftkit."""
+    jobs, ours = [], {}
+    for name in LOADED:
+        case = fixtures / name
+        model = peftkit.from_pretrained(_base(case), str(case / "adapter"))
+        model.save_adapter(str(tmp_path / name), format="adapters")
+        jobs.append({"case": str(case), "adapter": str(tmp_path / name), "out": str(tmp_path / f"{name}.out")})
+        ours[name] = _expected(case)
+    made = {"made_double_seq_bn": ("bert_double_seq_bn", "double_seq_bn[reduction_factor=8,init_weights=false,"
+                                                          "ln_before=true,non_linearity=gelu_new]"),
+            "made_par_bn": ("roberta_double_seq_bn", "par_bn[init_weights=false,scaling=learned]"),
+            "made_lora": ("bert_lora", "lora[r=4,alpha=16,target_modules=[query,key],init_weights=false]")}
+    for name, (source, spec) in made.items():
+        case = fixtures / source
+        torch.manual_seed(3)
+        model = peftkit.adapt(_base(case), spec, trainable=False)
+        ours[name] = _hidden(model, case)
+        model.save_adapter(str(tmp_path / name), format="adapters")
+        again = peftkit.from_pretrained(_base(case), str(tmp_path / name))  # and back into peftkit
+        torch.testing.assert_close(_hidden(again, case), ours[name], atol=ATOL, rtol=0)
+        jobs.append({"case": str(case), "adapter": str(tmp_path / name), "out": str(tmp_path / f"{name}.out")})
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    _run([str(PYTHON), str(SCRIPTS / "run_saved.py"), str(tmp_path / "jobs.json")], timeout=600)
+    for job in jobs:
+        name = Path(job["adapter"]).name
+        torch.testing.assert_close(load_file(job["out"])["output"], ours[name], atol=ATOL, rtol=0,
+                                   msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_adapters_format_refuses_what_it_cannot_hold(fixtures: Path, tmp_path: Path) -> None:
+    case = fixtures / "bert_lora"
+    model = peftkit.adapt(_base(case), "lora[target_modules=[dense]]", trainable=False)
+    with pytest.raises(PeftkitError, match="target_modules"):
+        model.save_adapter(str(tmp_path / "x"), format="adapters")
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(PeftkitError, match="unknown adapter folder format"):
+        model.save_adapter(str(tmp_path / "y"), format="adapterhub")
+
+
+class _Payload:
+    def __reduce__(self):  # what a hostile pytorch_adapter.bin would run on unrestricted unpickling
+        return (os.mkdir, (str(_Payload.target),))
+
+
+def test_pickled_code_in_pytorch_adapter_bin_is_never_run(fixtures: Path, tmp_path: Path) -> None:
+    source = fixtures / "bert_double_seq_bn_ln_learned_bin" / "adapter"
+    folder = tmp_path / "hostile"
+    shutil.copytree(source, folder)
+    _Payload.target = tmp_path / "ran"
+    (folder / "pytorch_adapter.bin").write_bytes(pickle.dumps({"x": _Payload()}))
+    with pytest.raises(AdapterLoadError, match="damaged or holds more than tensors"):
+        peftkit.from_pretrained(_base(fixtures / "bert_double_seq_bn_ln_learned_bin"), str(folder))
+    assert not _Payload.target.exists()
+
