@@ -151,13 +151,22 @@ def find_targets(model: "nn.Module", config: "AdapterConfig", arch: "Architectur
 
 
 def adaptable_targets(model: "nn.Module", config: "AdapterConfig", arch: "ArchitectureSpec | None", method: str,
-                      *, accepts: Callable[["nn.Module"], bool], label: str, kinds: str) -> list[str]:
+                      *, accepts: Callable[["nn.Module"], bool], label: str, kinds: str,
+                      defaults_of: str | None = None) -> list[str]:
     """:func:`find_targets`, keeping the modules ``accepts`` takes (a method adapting some layer types).
 
     A module that ``target_modules`` names in a list but ``accepts`` refuses is an error, as is
     keeping none; a regex or "all-linear" may match other modules, which are left out. ``label``
     names the method in messages ("LoRA") and ``kinds`` what it adapts ("Linear and Embedding layers").
+    ``defaults_of="lora"``: when the config names no targets and the model family registers none for
+    ``method``, take that method's defaults (as PEFT does for LoKr, VeRA, ...); they are written into
+    ``config.target_modules`` so that the saved config names them.
     """
+    if defaults_of is not None and config.target_modules is None and arch is not None \
+            and arch.default_targets(method) is None:
+        other = arch.default_targets(defaults_of)
+        if other is not None:
+            config.target_modules = list(other)
     names = find_targets(model, config, arch, method=method)
     kept = []
     for name in names:

@@ -95,6 +95,7 @@ def test_identity_at_init_and_only_the_vectors_train():
     model = peftkit.adapt(build_tiny("llama"), "vera[r=4]")
     model.set_active("default")
     torch.testing.assert_close(output_of(model, "llama"), output_of(build_tiny("llama"), "llama"))
+    assert sorted(model.adapters["default"].target_modules) == ["q_proj", "v_proj"]  # LoRA's, as PEFT's default
     model.train_adapter("default")
     trainable = {n.rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"vera_lambda_b", "vera_lambda_d"}

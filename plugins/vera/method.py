@@ -32,13 +32,9 @@ class VeraMethod(Method):
     def sites(self, model: "nn.Module", config: AdapterConfig, arch: "ArchitectureSpec | None") -> list[Site]:
         from peftkit.plugin_api import adaptable_targets, is_linear_like
 
-        # PEFT's VeRA defaults are LoRA's, unless a plugin registered VeRA defaults for the family.
-        if config.target_modules is None and arch is not None and arch.default_targets(self.name) is None:
-            lora_defaults = arch.default_targets("lora")
-            if lora_defaults is not None:
-                config.target_modules = list(lora_defaults)
         names = adaptable_targets(model, config, arch, self.name, accepts=is_linear_like, label="VeRA",
-                                  kinds="Linear and transformers' Conv1D layers")
+                                  kinds="Linear and transformers' Conv1D layers",
+                                  defaults_of="lora")  # PEFT's VeRA defaults are LoRA's
         return [Site(name) for name in names]
 
     def create_shared_state(self, model: "nn.Module", config: AdapterConfig,
