@@ -9,7 +9,6 @@ are read with safetensors only; pickle files are refused.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from importlib import metadata
@@ -21,7 +20,6 @@ import torch
 from .adapterhub_format import (adapterhub_config_data, adapterhub_file_tensors, adapterhub_tensors,
                                 claiming_method, config_json, is_adapterhub_config, read_adapterhub_weights)
 from .adapterhub_format import CONFIG_NAME as ADAPTERHUB_CONFIG_NAME
-from .adapterhub_format import PICKLE_WEIGHTS_NAME as ADAPTERHUB_PICKLE_NAME
 from .adapterhub_format import SAFE_WEIGHTS_NAME as ADAPTERHUB_WEIGHTS_NAME
 from .card import card_metadata, render_card
 from .errors import AdapterLoadError, ConfigError, PeftkitError, PluginError
@@ -199,9 +197,9 @@ SAVE_FORMATS = ("peftkit", "adapters")
 
 
 def write_adapterhub_adapter(model: "AdaptedModel", name: str, folder: Path) -> None:
-    """Write adapter ``name`` as AdapterHub's ``adapters`` library saves it (see :mod:`.adapterhub_format`):
-    ``adapter_config.json``, ``adapter.safetensors`` and, for ``adapters``' default loader,
-    ``pytorch_adapter.bin`` (the same tensors; written, never read back unchecked)."""
+    """Write adapter ``name`` as AdapterHub's ``adapters`` library saves it with ``use_safetensors=True``
+    (see :mod:`.adapterhub_format`): ``adapter_config.json`` and ``adapter.safetensors``. No pickle file:
+    peftkit publishes none (``adapters`` reads the folder with ``load_adapter(path, use_safetensors=True)``)."""
     from safetensors.torch import save
 
     record = model.adapter_record(name)
@@ -216,9 +214,6 @@ def write_adapterhub_adapter(model: "AdaptedModel", name: str, folder: Path) -> 
                     for site, layer in _layers_with(model, name)}
     tensors = adapterhub_file_tensors(record.method.adapterhub, site_tensors, name, data["config"])
     write_bytes_atomic(folder / ADAPTERHUB_WEIGHTS_NAME, save(tensors, metadata={"format": "pt"}))
-    buffer = io.BytesIO()
-    torch.save(tensors, buffer)
-    write_bytes_atomic(folder / ADAPTERHUB_PICKLE_NAME, buffer.getvalue())
     write_text_atomic(folder / ADAPTERHUB_CONFIG_NAME, config_json(data))
 
 

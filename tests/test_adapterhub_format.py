@@ -113,6 +113,7 @@ def test_saved_in_adapters_format_loads_in_adapters_with_the_same_outputs(fixtur
         model = peftkit.adapt(_base(case), spec, trainable=False)
         ours[name] = _hidden(model, case)
         model.save_adapter(str(tmp_path / name), format="adapters")
+        assert sorted(p.name for p in (tmp_path / name).iterdir()) == ["adapter.safetensors", "adapter_config.json"]
         again = peftkit.from_pretrained(_base(case), str(tmp_path / name))  # and back into peftkit
         torch.testing.assert_close(_hidden(again, case), ours[name], atol=ATOL, rtol=0)
         jobs.append({"case": str(case), "adapter": str(tmp_path / name), "out": str(tmp_path / f"{name}.out")})

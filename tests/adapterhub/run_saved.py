@@ -27,7 +27,7 @@ def run(case: Path, adapter: str, out: str) -> None:
     model.load_state_dict(load_file(str(case / "base.safetensors")))
     adapters.init(model)
     info: dict = {}
-    name = model.load_adapter(adapter, loading_info=info)
+    name = model.load_adapter(adapter, loading_info=info, use_safetensors=True)  # peftkit writes no pickle
     if info.get("missing_keys") or info.get("unexpected_keys"):
         raise SystemExit(f"{adapter}: adapters did not load every weight: {info}")
     model.set_active_adapters(name)
