@@ -120,6 +120,8 @@ class _BrokenLinear(LoraLinear):
             return base(x) + self.delta(x, h, base)
         if self.defect == "forward_not_delta":  # says additive, but forward is not h + delta
             return h + 2 * self.delta(x, h, base)
+        if self.defect == "global_rng":  # adds an unsaved offset drawn from torch's global generator
+            return super().forward(x, h, base) + self.offset
         return super().forward(x, h, base)
 
     def low_rank(self, forward: bool = False) -> None:
@@ -154,6 +156,8 @@ class _BrokenLora(LoraMethod):
             adapter.stolen = base_layer.weight  # registers the base weight as the adapter's own parameter
         if self.defect == "tamper":
             base_layer.weight.data.mul_(1.5)
+        if self.defect == "global_rng":
+            adapter.register_buffer("offset", torch.randn(base_layer.out_features) * 0.1, persistent=False)
         return adapter
 
     def expected_parameter_count(self, model: Any, config: Any, sites: list) -> int:
@@ -188,6 +192,7 @@ def _broken(defect: str, **attributes: Any) -> tuple[Any, str]:
     ("none", {"identity_at_init": False}, "identity", r"declares identity_at_init=False, but the output equals"),
     ("merge", {}, "merge", r"merged vs unmerged output: outputs differ by up to"),
     ("save", {}, "save_load", r"the loaded adapter's output is not bit-identical"),
+    ("global_rng", {"identity_at_init": False}, "save_load", r"global random generator was moved before the load"),
     ("leak", {}, "train_step", r"the adapter owns base-model parameters \['model.layers.0.self_attn.q_proj.weight'"),
     ("tamper", {}, "inject", r"adding and deleting the adapter changed base tensors"),
     ("ignores_h", {}, "block_stack", r"stack\(a, c\) with c at its identity init vs a"),
