@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 #: Learning rate of the "head only" row (the classification head alone: a linear probe).
 HEAD_LR = 1e-2
 #: Runs that `peft` has too (same method, same PEFT-format config).
-PEFT_METHODS = frozenset({"lora", "dora", "ia3", "prefix_tuning", "prompt_tuning", "lokr"})
+PEFT_METHODS = frozenset({"lora", "dora", "ia3", "prefix_tuning", "prompt_tuning", "lokr", "oft"})
 
 
 @dataclasses.dataclass(eq=False)

@@ -42,12 +42,8 @@ class OftMethod(Method):
     def sites(self, model: "nn.Module", config: AdapterConfig, arch: "ArchitectureSpec | None") -> list[Site]:
         from peftkit.plugin_api import adaptable_targets
 
-        # PEFT's OFT defaults are LoRA's, unless a plugin registered OFT defaults for the family.
-        if config.target_modules is None and arch is not None and arch.default_targets(self.name) is None:
-            lora_defaults = arch.default_targets("lora")
-            if lora_defaults is not None:
-                config.target_modules = list(lora_defaults)
-        names = adaptable_targets(model, config, arch, self.name, accepts=_adaptable, label="OFT", kinds=_ADAPTED)
+        names = adaptable_targets(model, config, arch, self.name, accepts=_adaptable, label="OFT", kinds=_ADAPTED,
+                                  defaults_of="lora")  # PEFT's OFT defaults are LoRA's
         return [Site(name) for name in names]
 
     def create_layer_adapter(self, site: Site, base_layer: "nn.Module", config: AdapterConfig,
