@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from peftkit.core.adapterhub_format import SAFE_WEIGHTS_NAME as ADAPTERHUB_WEIGHTS
+from peftkit.core.adapterhub_format import is_adapterhub_config
 from peftkit.core.card import card_metadata, read_card_metadata, render_card
 from peftkit.registry.cards import TASK_TYPE_TO_PIPELINE, split_front_matter
 
@@ -154,6 +156,10 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+#: The card's library_name of AdapterHub's repos on the Hugging Face Hub.
+ADAPTERHUB_LIBRARY = "adapter-transformers"
+
+
 def _method_of(config: dict[str, Any], folder: Path) -> str | None:
     from peftkit.core.errors import AdapterLoadError
     from peftkit.core.own_metadata import read_own_metadata
@@ -164,6 +170,19 @@ def _method_of(config: dict[str, Any], folder: Path) -> str | None:
         raise HubError(str(exc)) from None
     method = own.get("method") or config.get("peft_type")
     return str(method).lower() if method else None
+
+
+def _adapterhub_method_of(config: dict[str, Any], where: str) -> str:
+    """The peftkit method that reads an AdapterHub folder's config (HubError when none does)."""
+    from peftkit.core.adapterhub_format import claiming_method
+    from peftkit.core.errors import AdapterLoadError
+    from peftkit.core.plugins import get_registry
+
+    try:
+        method, _ = claiming_method(get_registry().methods.values(), config, where)
+    except AdapterLoadError as exc:
+        raise HubError(str(exc)) from None
+    return method.name
 
 
 def _peft_format(config: dict[str, Any], method: str) -> bool:
@@ -269,15 +288,18 @@ def _adapter_upload(folder: Path, files: dict[str, Path], repo_id: str, workdir:
                     options: CardOptions) -> Upload:
     where = str(folder)
     config = _read_json(folder / CONFIG)
-    method = _method_of(config, folder)
+    adapterhub = is_adapterhub_config(config)
+    method = _adapterhub_method_of(config, where) if adapterhub else _method_of(config, folder)
     if method is None:
         raise HubError(f"{folder / CONFIG} names no method ('peftkit.method' or 'peft_type'); is it an adapter?")
-    if "adapter_model.safetensors" not in files:
-        raise HubError(f"{folder} has no adapter_model.safetensors; save the adapter again")
-    parameters = _parameters(folder, "adapter_model.safetensors")
-    base, rewrite = _resolve_base(config.get("base_model_name_or_path"), options.base_model, where)
+    weights, base_key = ((ADAPTERHUB_WEIGHTS, "model_name") if adapterhub
+                         else ("adapter_model.safetensors", "base_model_name_or_path"))
+    if weights not in files:
+        raise HubError(f"{folder} has no {weights}; save the adapter again")
+    parameters = _parameters(folder, weights)
+    base, rewrite = _resolve_base(config.get(base_key) or None, options.base_model, where)
     if rewrite:
-        config = dict(config, base_model_name_or_path=base)
+        config = dict(config, **{base_key: base})
         patched = workdir / CONFIG
         patched.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         files[CONFIG] = patched
@@ -287,6 +309,8 @@ def _adapter_upload(folder: Path, files: dict[str, Path], repo_id: str, workdir:
     meta = card_metadata(method=method, base_model=base, peft_format=_peft_format(config, method), task=task,
                          dataset=options.dataset, metrics=options.metrics, tags=options.tags,
                          license=options.license, language=options.language)
+    if adapterhub:  # as AdapterHub's repos on the Hugging Face Hub describe themselves
+        meta = {**meta, "library_name": ADAPTERHUB_LIBRARY, "tags": [*meta["tags"], "adapters"]}
     meta = _merged_meta(meta, old_meta, options)
     files[CARD] = _write_card(workdir, meta, old_body, method=method, adapter_name=repo_id.split("/")[-1],
                               repo_id=repo_id, description=options.description, parameters=parameters,

@@ -23,6 +23,8 @@ from safetensors.torch import load_file
 
 import peftkit
 from peftkit.core.errors import AdapterLoadError, PeftkitError
+from peftkit.hub_client import api as hub
+from tests.hub_helpers import hub_env  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
@@ -150,3 +152,16 @@ def test_pickled_code_in_pytorch_adapter_bin_is_never_run(fixtures: Path, tmp_pa
         peftkit.from_pretrained(_base(fixtures / "bert_double_seq_bn_ln_learned_bin"), str(folder))
     assert not _Payload.target.exists()
 
+
+
+def test_adapters_folder_is_pushed_and_pulled_with_an_adapterhub_card(fixtures: Path,
+                                                                      hub_env: Path) -> None:  # noqa: F811
+    case = fixtures / "bert_lora"
+    address = f"local:{hub_env / 'local-hub'}"
+    hub.push(str(case / "adapter"), "alice/bert-lora", hub=address, base_model="org/tiny-bert", progress=False)
+    folder = hub.pull("alice/bert-lora", hub=address, progress=False)
+    card = (folder / "README.md").read_text()
+    assert "library_name: adapter-transformers" in card and "- adapters" in card
+    assert json.loads((folder / "adapter_config.json").read_text())["model_name"] == "org/tiny-bert"
+    model = peftkit.from_pretrained(_base(case), str(folder))
+    torch.testing.assert_close(_hidden(model, case), _expected(case), atol=ATOL, rtol=0)
