@@ -70,6 +70,7 @@ _LAZY: dict[str, str] = {
     "BitFitConfig": "peftkit.plugins.bitfit.config",
     "IA3Config": "peftkit.plugins.ia3.config",
     "LokrConfig": "peftkit.plugins.lokr.config",
+    "OftConfig": "peftkit.plugins.oft.config",
     "VeraConfig": "peftkit.plugins.vera.config",
     "UnionConfig": "peftkit.plugins.union.config",
     "MamConfig": "peftkit.plugins.union.config",
@@ -125,5 +126,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from peftkit.plugins.bottleneck.config import DoubleSeqBnConfig, ParBnConfig, SeqBnConfig  # noqa: F401
     from peftkit.plugins.ia3.config import IA3Config  # noqa: F401
     from peftkit.plugins.lokr.config import LokrConfig  # noqa: F401
+    from peftkit.plugins.oft.config import OftConfig  # noqa: F401
     from peftkit.plugins.vera.config import VeraConfig  # noqa: F401
     from peftkit.plugins.union.config import MamConfig, UnionConfig  # noqa: F401

@@ -48,6 +48,7 @@ def test_the_built_in_plugin_registers_oft_without_importing_torch():
             "assert (method.distribution, method.peft_type, method.can_merge) == ('peftkit', 'OFT', True); "
             "assert 'torch' not in sys.modules, 'loading the oft plugin imported torch'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    assert peftkit.OftConfig is OftConfig
 
 
 def test_block_correction_equals_peft_for_every_width_and_request():
