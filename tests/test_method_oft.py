@@ -103,8 +103,10 @@ def test_module_dropout_sets_blocks_to_identity_in_training_only():
     assert int(kept.sum()) == module.blocks.count // 2
 
 
-def test_train_step_changes_only_oft_rotations():
-    changed = changed_by_a_train_step("llama", "oft[oft_block_size=8]")
+@pytest.mark.parametrize("options", ["", ",coft=true,eps=0.01", ",block_share=true,module_dropout=0.5",
+                                     ",use_cayley_neumann=false"])
+def test_train_step_changes_only_oft_rotations(options):
+    changed = changed_by_a_train_step("llama", f"oft[oft_block_size=8{options}]")
     assert changed == {f"base_model.model.layers.{i}.self_attn.{p}_proj.adapters.a.weight"
                        for i in (0, 1) for p in ("q", "v")}, changed
 
