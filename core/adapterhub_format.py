@@ -92,7 +92,10 @@ def claiming_method(methods: Iterable[Any], data: Mapping[str, Any], where: str)
         raise AdapterLoadError(f"{where}: no installed peftkit method reads this AdapterHub adapter "
                                f"(architecture={options.get('architecture')!r}; methods that read AdapterHub "
                                f"folders: {readers}); see docs/format.md, AdapterHub format")
-    method = found[0]
+    # A subclass inherits its parent's translation (a LoRA variant would claim LoRA's folders):
+    # the class that declares one itself reads them.
+    own = [m for m in found if "adapterhub" in type(m).__dict__]
+    method = (own or found)[0]
     try:
         return method, method.adapterhub.config_values(options, data.get("model_type"))
     except ConfigError as exc:

@@ -165,3 +165,16 @@ def test_adapters_folder_is_pushed_and_pulled_with_an_adapterhub_card(fixtures: 
     assert json.loads((folder / "adapter_config.json").read_text())["model_name"] == "org/tiny-bert"
     model = peftkit.from_pretrained(_base(case), str(folder))
     torch.testing.assert_close(_hidden(model, case), _expected(case), atol=ATOL, rtol=0)
+
+
+def test_a_subclass_of_lora_does_not_take_lora_folders_from_lora() -> None:
+    from peftkit.core.adapterhub_format import claiming_method
+    from peftkit.core.plugins import get_registry
+
+    lora = get_registry().methods["lora"]
+    variant = type("LoraVariant", (type(lora),), {"name": "lora_variant"})()
+    data = {"config": {"architecture": "lora", "attn_matrices": ["q"], "r": 2}, "model_type": "roberta"}
+    method, values = claiming_method([variant, lora], data, "here")
+    assert method is lora and values["target_modules"] == ["query"] and values["r"] == 2
+    with pytest.raises(AdapterLoadError, match="here: no installed peftkit method reads"):
+        claiming_method([lora], {"config": {"architecture": "prefix_tuning"}}, "here")
