@@ -35,7 +35,7 @@ PYTHON = VENV / "bin" / "python"
 ATOL = 1e-5
 
 LOADED = ["bert_double_seq_bn", "bert_double_seq_bn_ln_learned_bin", "bert_seq_bn", "bert_seq_bn_leave_out",
-          "bert_par_bn", "bert_lora", "roberta_double_seq_bn", "roberta_lora"]
+          "bert_par_bn", "bert_lora", "bert_ia3", "roberta_ia3_qv", "roberta_double_seq_bn", "roberta_lora"]
 
 
 def _run(args: list[str], timeout: int) -> None:
@@ -108,7 +108,9 @@ def test_saved_in_adapters_format_loads_in_adapters_with_the_same_outputs(fixtur
     made = {"made_double_seq_bn": ("bert_double_seq_bn", "double_seq_bn[reduction_factor=8,init_weights=false,"
                                                           "ln_before=true,non_linearity=gelu_new]"),
             "made_par_bn": ("roberta_double_seq_bn", "par_bn[init_weights=false,scaling=learned]"),
-            "made_lora": ("bert_lora", "lora[r=4,alpha=16,target_modules=[query,key],init_weights=false]")}
+            "made_lora": ("bert_lora", "lora[r=4,alpha=16,target_modules=[query,key],init_weights=false]"),
+            "made_ia3": ("bert_ia3", "ia3[target_modules=[value,intermediate.dense],feedforward_modules=[],"
+                                     "init_ia3_weights=false]")}
     for name, (source, spec) in made.items():
         case = fixtures / source
         torch.manual_seed(3)

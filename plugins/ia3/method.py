@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from peftkit.plugin_api import ALL_BLOCKS, AdapterConfig, ConfigError, Method, read_peft_fields, Site
 
+from .adapterhub import IA3AdapterHub
 from .config import IA3Config
 from .defaults import FEEDFORWARD_KEY
 
@@ -40,6 +41,7 @@ class IA3Method(Method):
     can_merge = True
     merge_elementwise = True
     peft_type = "IA3"
+    adapterhub = IA3AdapterHub()
     supported_blocks = ALL_BLOCKS
     aliases = {"init_weights": "init_ia3_weights"}
 

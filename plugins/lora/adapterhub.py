@@ -30,7 +30,7 @@ class LoraAdapterHub(AdapterHubFormat):
     on_site = True
 
     def claims(self, options: Mapping[str, Any]) -> bool:
-        return options.get("architecture") == "lora"
+        return options.get("architecture") == "lora" and options.get("composition_mode", "add") == "add"
 
     def config_values(self, options: Mapping[str, Any], model_type: str | None) -> dict[str, Any]:
         self.refuse_changed(options, REQUIRED, "LoRA")

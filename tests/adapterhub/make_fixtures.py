@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 import adapters
-from adapters import DoubleSeqBnConfig, LoRAConfig, ParBnConfig, SeqBnConfig
+from adapters import DoubleSeqBnConfig, IA3Config, LoRAConfig, ParBnConfig, SeqBnConfig
 
 MODELS = {
     "bert": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
@@ -39,6 +39,8 @@ CASES = {
     "bert_par_bn": ("bert", lambda: ParBnConfig(reduction_factor=2), True),
     "bert_lora": ("bert", lambda: LoRAConfig(r=4, alpha=8), True),
     "bert_pfeiffer": ("bert", lambda: SeqBnConfig(), True),
+    "bert_ia3": ("bert", lambda: IA3Config(), True),
+    "roberta_ia3_qv": ("roberta", lambda: IA3Config(attn_matrices=["q", "v"], intermediate_lora=False), True),
     "roberta_double_seq_bn": ("roberta", lambda: DoubleSeqBnConfig(reduction_factor=8), True),
     "roberta_lora": ("roberta", lambda: LoRAConfig(r=2, alpha=16, attn_matrices=["q", "k", "v"]), True),
 }
