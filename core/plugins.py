@@ -50,6 +50,7 @@ _BUILTIN_FALLBACK = {
     "ia3": "peftkit.plugins.ia3",
     "lokr": "peftkit.plugins.lokr",
     "vera": "peftkit.plugins.vera",
+    "oft": "peftkit.plugins.oft",
     "builtin_architectures": "peftkit.core.architectures",
     "builtin_merges": "peftkit.core.merge_strategies",
     "builtin_hub_backends": "peftkit.hub_client.backends",
