@@ -135,3 +135,16 @@ def test_hotswap_between_pissa_adapters_keeps_the_residual_base(tmp_path):
     model = peftkit.from_pretrained(build_tiny("llama"), str(tmp_path / "1"))
     model.hotswap_adapter(str(tmp_path / "2"))
     torch.testing.assert_close(output_of(model, "llama"), expected, atol=1e-5, rtol=0)
+
+
+def test_peft_converted_pissa_adapter_loads_in_peftkit_on_the_original_base(tmp_path):
+    initial = _peft_model("pissa")
+    initial.save_pretrained(str(tmp_path / "initial"))  # PEFT's conversion reads the adapter as initialised
+    with torch.no_grad():
+        for name, param in initial.named_parameters():
+            if "lora_" in name:
+                param.add_(0.05)
+    initial.save_pretrained(str(tmp_path / "plain"),
+                            path_initial_model_for_weight_conversion=str(tmp_path / "initial"))
+    ours = peftkit.from_pretrained(build_tiny("llama"), str(tmp_path / "plain"))
+    torch.testing.assert_close(output_of(ours, "llama"), output_of(initial, "llama"), atol=1e-5, rtol=0)
