@@ -59,7 +59,6 @@ SENTIMENT_RUNS: dict[str, DemoRun] = {
     "mam": DemoRun("mam", 3e-4),  # a union: prefix tuning (through its MLP) + par_bn, one learning rate
     "lokr": DemoRun("lokr", 3e-2),
     "vera": DemoRun("vera", 1e-1),  # only the scaling vectors train, lambda_b from zero: 1e-2 learns nothing in 24 steps
-    "vera": DemoRun("vera", 1e-2),  # trains only the per-layer scaling vectors: a larger rate
     "oft": DemoRun("oft", 1e-2),
 }
 
