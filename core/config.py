@@ -13,10 +13,25 @@ import json
 import re
 import types
 import typing
-from typing import Any, ClassVar, Literal, Union
+from typing import Any, Callable, ClassVar, Literal, Union
 
 from .errors import ConfigError
 from .suggestions import option_suggestion
+
+
+def option(default: Any = dataclasses.MISSING, *, help: str,  # noqa: A002 - the word users know
+           default_factory: Callable[[], Any] | Any = dataclasses.MISSING) -> Any:
+    """A config field with a one-line help text, shown by ``peftkit methods NAME`` and the method docs.
+
+    Use it in a config dataclass instead of a plain default: ``r: int = option(8, help="rank")``, or
+    ``option(default_factory=dict, help=...)`` for a mutable default.
+    """
+    if not help.strip() or "\n" in help:
+        raise ValueError("option help must be one non-empty line")
+    metadata = {"help": help.strip()}
+    if default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 @dataclasses.dataclass
@@ -35,10 +50,15 @@ class AdapterConfig:
 
     method: ClassVar[str] = ""
 
-    target_modules: Union[list[str], str, None] = None
-    exclude_modules: Union[list[str], str, None] = None
-    layers_to_transform: Union[list[int], int, None] = None
-    modules_to_save: Union[list[str], None] = None
+    target_modules: Union[list[str], str, None] = option(
+        None, help='modules to adapt: names or dotted suffixes (list), a regex, or "all-linear"; '
+                   "null takes the architecture's default")
+    exclude_modules: Union[list[str], str, None] = option(
+        None, help="modules never adapted: names (list) or a regex")
+    layers_to_transform: Union[list[int], int, None] = option(
+        None, help="adapt only these transformer layer indices (null: every layer)")
+    modules_to_save: Union[list[str], None] = option(
+        None, help="extra modules (e.g. a classification head) trained and saved with the adapter, one copy each")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -51,10 +71,23 @@ class AdapterConfig:
 
     @classmethod
     def option_details(cls) -> list[dict[str, Any]]:
-        """Each option's name, type (in words) and default, for ``peftkit methods NAME``."""
+        """Each option's name, type (in words), default and help, for ``peftkit methods NAME``."""
         hints = typing.get_type_hints(cls)
-        return [{"name": f.name, "type": _type_name(hints[f.name]), "default": _plain(_default(f))}
-                for f in dataclasses.fields(cls)]
+        return [{"name": f.name, "type": _type_name(hints[f.name]), "default": _plain(_default(f)),
+                 "help": cls.option_help(f.name)} for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def option_help(cls, name: str) -> str:
+        """The one-line help of option ``name`` ("" when none is given).
+
+        A subclass that redeclares a field only to change its default keeps the help of the
+        nearest base class that gives one.
+        """
+        for klass in cls.__mro__:
+            found = getattr(klass, "__dataclass_fields__", {}).get(name)
+            if found is not None and found.metadata.get("help"):
+                return str(found.metadata["help"])
+        return ""
 
     def validate(self) -> None:
         """Check every field against its type hint (and coerce int -> float)."""

@@ -38,7 +38,7 @@ def main() -> None:
 def methods_command(name: str | None, as_json: bool) -> None:
     """List the installed tuning methods; with NAME, one method's options.
 
-    Each option is shown with its type and default, e.g. `peftkit methods lora`.
+    Each option is shown with its type, default and help, e.g. `peftkit methods lora`.
     """
     from peftkit.api import describe_method, list_methods
 
@@ -65,8 +65,8 @@ def _show_method(info: dict[str, Any], as_json: bool) -> None:
     click.echo(f"blocks: {', '.join(info['blocks'])}")
     if info["aliases"]:
         click.echo("aliases: " + ", ".join(f"{k} = {v}" for k, v in info["aliases"].items()))
-    rows = [[o["name"], o["type"], json.dumps(o["default"])] for o in info["options"]]
-    click.echo("\n" + format_table(rows, ["OPTION", "TYPE", "DEFAULT"]))
+    rows = [[o["name"], o["type"], json.dumps(o["default"]), o.get("help", "")] for o in info["options"]]
+    click.echo("\n" + format_table(rows, ["OPTION", "TYPE", "DEFAULT", "HELP"]))
 
 
 @main.group("plugins", invoke_without_command=True)

@@ -31,6 +31,7 @@ _LAZY: dict[str, str] = {
     "Site": "peftkit.core.method",
     "ALL_BLOCKS": "peftkit.core.method",
     "AdapterConfig": "peftkit.core.config",
+    "option": "peftkit.core.config",
     "LayerAdapter": "peftkit.core.layer",
     "ModelAdapter": "peftkit.core.layer",
     "TunerLayer": "peftkit.core.layer",
@@ -109,7 +110,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from peftkit.core.architectures import ArchitectureSpec, architecture_for  # noqa: F401
     from peftkit.core.base_layers import (adapter_dtype, is_conv1d, linear_features,  # noqa: F401
                                           quantization_of, weight_out_in)
-    from peftkit.core.config import AdapterConfig  # noqa: F401
+    from peftkit.core.config import AdapterConfig, option  # noqa: F401
     from peftkit.core.errors import (AdapterLoadError, ConfigError, MergeError, PeftkitError,  # noqa: F401
                                      PluginError, TargetError)
     from peftkit.core.hotswap import scaled_swap_plan, swap_plan  # noqa: F401

@@ -43,10 +43,12 @@ def test_methods_name_shows_one_methods_options(capsys):
     out = capsys.readouterr().out
     assert out.startswith("lora: ") and "lora_alpha = alpha" in out
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("r ", "use_dora "))}
-    assert rows["r"][1:] == ["int", "8"] and rows["use_dora"][1:] == ["bool", "false"]
+    assert rows["r"][1:4] == ["int", "8", "rank"] and rows["use_dora"][1:4] == ["bool", "false", "weight-decomposed"]
+    assert "HELP" in out.split("\n\n")[-1].splitlines()[0]
     assert run(["methods", "seq_bn", "--json"]) == 0
     options = {o["name"]: o for o in json.loads(capsys.readouterr().out)["options"]}
     assert options["reduction_factor"]["default"] == 16 and options["non_linearity"]["default"] == "relu"
+    assert options["non_linearity"]["help"] == "activation between the down and up projections"
     assert run(["methods", "lroa"]) == 1
     assert "Did you mean 'lora'?" in capsys.readouterr().err
     assert run(["methods", "union", "--json"]) == 0  # a union's parts choose their modules: not its options

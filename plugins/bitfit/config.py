@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from peftkit.plugin_api import AdapterConfig
+from peftkit.plugin_api import AdapterConfig, option
 
 
 @dataclass
@@ -30,5 +30,7 @@ class BitFitConfig(AdapterConfig):
 
     method: ClassVar[str] = "bitfit"
 
-    add_missing: bool = False
-    init_weights: bool = True
+    add_missing: bool = option(
+        False, help='give Linear/Conv1D layers without a bias a zero-initialized trainable one (merging then adds a bias to the base layer)')
+    init_weights: bool = option(
+        True, help='true starts every bias delta at zero (the model equals the base); false draws them at random (for tests)')

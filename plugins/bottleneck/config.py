@@ -13,10 +13,10 @@ Three methods share one option set:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Union
 
-from peftkit.plugin_api import AdapterConfig, ConfigError
+from peftkit.plugin_api import AdapterConfig, option, ConfigError
 
 #: Activation names accepted by ``non_linearity`` (``swish`` is ``silu``,
 #: ``gelu_new`` is the tanh approximation GPT-2 uses).
@@ -50,13 +50,16 @@ class BottleneckConfig(AdapterConfig):
 
     method: ClassVar[str] = ""
 
-    reduction_factor: ReductionFactor = 16
-    non_linearity: str = "relu"
-    scaling: Union[float, Literal["learned"]] = 1.0
-    dropout: float = 0.0
-    ln_before: bool = False
-    leave_out: list[int] = field(default_factory=list)
-    init_weights: bool = True
+    reduction_factor: ReductionFactor = option(
+        16, help='hidden size / bottleneck size: a number, or a map from layer index to factor with an optional "default"')
+    non_linearity: str = option("relu", help='activation between the down and up projections')
+    scaling: Union[float, Literal["learned"]] = option(
+        1.0, help='factor on the adapter branch\'s output: a number, or "learned" (one trained scalar per module)')
+    dropout: float = option(0.0, help="dropout on the adapter branch's output, in [0, 1)")
+    ln_before: bool = option(False, help="a LayerNorm of the adapter's own on its input, before the down projection")
+    leave_out: list[int] = option(default_factory=list, help='layer indices that get no adapter')
+    init_weights: bool = option(
+        True, help='true zero-initializes the up projection (starts equal to the base); false draws it at random (for tests)')
 
     def check(self) -> None:
         self.reduction_factor = _checked_reduction(self.method, self.reduction_factor)
@@ -102,8 +105,9 @@ class SequentialBottleneckConfig(BottleneckConfig):
       (True) or the adapter's LayerNorm of h (False; not identity at init).
     """
 
-    residual: bool = True
-    residual_before_ln: bool = True
+    residual: bool = option(True, help="add the adapter's own skip connection (false: the branch replaces the output)")
+    residual_before_ln: bool = option(
+        True, help='with ln_before, the skip connection carries the input (true) or its LayerNorm (false)')
 
 
 @dataclass
@@ -124,7 +128,8 @@ class DoubleSeqBnConfig(SequentialBottleneckConfig):
     method: ClassVar[str] = "double_seq_bn"
 
     non_linearity: str = "swish"
-    cross_attention: bool = False
+    cross_attention: bool = option(
+        False, help="encoder-decoder models also get an adapter after the decoder's cross-attention output")
 
 
 @dataclass

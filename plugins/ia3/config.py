@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Union
 
-from peftkit.plugin_api import AdapterConfig, ConfigError
+from peftkit.plugin_api import AdapterConfig, option, ConfigError
 
 
 @dataclass
@@ -30,9 +30,11 @@ class IA3Config(AdapterConfig):
 
     method: ClassVar[str] = "ia3"
 
-    feedforward_modules: Union[list[str], str, None] = None
-    fan_in_fan_out: bool = False
-    init_ia3_weights: bool = True
+    feedforward_modules: Union[list[str], str, None] = option(
+        None, help="targets whose input (not output) is scaled: names (matched at the end) or a regex, a subset of target_modules; null takes the architecture's default")
+    fan_in_fan_out: bool = option(
+        False, help="written for PEFT's sake; peftkit reads the weight layout from the layer and sets it when saving")
+    init_ia3_weights: bool = option(True, help="true starts the vectors at one (the model equals the base); false draws them from a standard normal (for tests)")
 
     def check(self) -> None:
         ff, targets = self.feedforward_modules, self.target_modules

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar, Literal, Union
 
-from peftkit.plugin_api import AdapterConfig, ConfigError
+from peftkit.plugin_api import AdapterConfig, option, ConfigError
 
 
 @dataclass
@@ -31,17 +31,23 @@ class LokrConfig(AdapterConfig):
 
     method: ClassVar[str] = "lokr"
 
-    r: int = 8
-    alpha: float = 8
-    rank_dropout: float = 0.0
-    module_dropout: float = 0.0
-    use_effective_conv2d: bool = False
-    decompose_both: bool = False
-    decompose_factor: int = -1
-    rank_dropout_scale: bool = False
-    init_weights: Union[bool, Literal["lycoris"]] = True
-    rank_pattern: dict[str, int] = field(default_factory=dict)
-    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    r: int = option(
+        8, help='rank of the decomposed factors (a factor stays full when r is at least half its larger side)')
+    alpha: float = option(8, help='scaling numerator: the update is scaled by alpha / r')
+    rank_dropout: float = option(0.0, help='during training, drop output rows of the update with this probability')
+    module_dropout: float = option(0.0, help="during training, skip a layer's whole update with this probability")
+    use_effective_conv2d: bool = option(
+        False, help='on convolutions with a kernel larger than 1, decompose w2 as a Tucker (CP) product with an (r, r, *kernel) core')
+    decompose_both: bool = option(False, help='decompose w1 into two rank-r factors too')
+    decompose_factor: int = option(
+        -1, help='split each layer dimension into a factor near this number and the rest (-1: near the square root)')
+    rank_dropout_scale: bool = option(False, help='with rank_dropout, rescale the kept rows by 1 / (kept share)')
+    init_weights: Union[bool, Literal["lycoris"]] = option(
+        True, help='true starts w1 at zero, "lycoris" starts w2 at zero, false draws everything at random (for tests)')
+    rank_pattern: dict[str, int] = option(
+        default_factory=dict, help='per-module rank overrides: regex keys matched at the end of module names')
+    alpha_pattern: dict[str, float] = option(
+        default_factory=dict, help='per-module alpha overrides: regex keys matched at the end of module names')
 
     def check(self) -> None:
         if self.r <= 0:

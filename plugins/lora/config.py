@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar, Union
 
-from peftkit.plugin_api import AdapterConfig, ConfigError
+from peftkit.plugin_api import AdapterConfig, option, ConfigError
 
 #: init_weights values that rewrite the base weight (PEFT's names); N is the number of subspace iterations.
 _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
@@ -40,14 +40,17 @@ class LoraConfig(AdapterConfig):
 
     method: ClassVar[str] = "lora"
 
-    r: int = 8
-    alpha: float = 8
-    dropout: float = 0.0
-    use_rslora: bool = False
-    use_dora: bool = False
-    init_weights: Union[bool, str] = True
-    rank_pattern: dict[str, int] = field(default_factory=dict)
-    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    r: int = option(8, help='rank of the update B A')
+    alpha: float = option(8, help='scaling numerator: the update is scaled by alpha / r (PEFT: lora_alpha)')
+    dropout: float = option(0.0, help="dropout on the LoRA branch's input, in [0, 1)")
+    use_rslora: bool = option(False, help='scale by alpha / sqrt(r) instead of alpha / r (rank-stabilized LoRA)')
+    use_dora: bool = option(False, help='weight-decomposed LoRA: a trained magnitude per output row (DoRA)')
+    init_weights: Union[bool, str] = option(
+        True, help='true (B = 0: starts equal to the base), "gaussian", false (random; for tests), "pissa", "pissa_niter_N" or "olora"')
+    rank_pattern: dict[str, int] = option(
+        default_factory=dict, help='per-module rank overrides: regex keys matched at the end of module names')
+    alpha_pattern: dict[str, float] = option(
+        default_factory=dict, help='per-module alpha overrides: regex keys matched at the end of module names')
 
     def check(self) -> None:
         if self.r <= 0:

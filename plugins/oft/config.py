@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from peftkit.plugin_api import AdapterConfig, ConfigError
+from peftkit.plugin_api import AdapterConfig, option, ConfigError
 
 
 @dataclass
@@ -29,15 +29,17 @@ class OftConfig(AdapterConfig):
 
     method: ClassVar[str] = "oft"
 
-    r: int = 0
-    oft_block_size: int = 32
-    module_dropout: float = 0.0
-    coft: bool = False
-    eps: float = 6e-5
-    block_share: bool = False
-    use_cayley_neumann: bool = True
-    num_cayley_neumann_terms: int = 5
-    init_weights: bool = True
+    r: int = option(0, help='number of rotation blocks per layer (set this or oft_block_size, the other to 0)')
+    oft_block_size: int = option(32, help='size of each rotation block (set this or r, the other to 0)')
+    module_dropout: float = option(0.0, help='during training, set this share of the blocks to the identity')
+    coft: bool = option(False, help="constrained OFT: keep each block's skew-symmetric matrix within norm eps of zero")
+    eps: float = option(6e-5, help="with coft, the norm bound of each block's skew-symmetric matrix")
+    block_share: bool = option(False, help='one rotation shared by all blocks of a layer')
+    use_cayley_neumann: bool = option(
+        True, help="approximate the Cayley transform's inverse by a Neumann series (faster, nearly orthogonal)")
+    num_cayley_neumann_terms: int = option(5, help='number of Neumann series terms with use_cayley_neumann')
+    init_weights: bool = option(
+        True, help='true starts at the identity rotation; false from a random rotation (for tests)')
 
     def check(self) -> None:
         if self.r < 0 or self.oft_block_size < 0 or (self.r == 0) == (self.oft_block_size == 0):

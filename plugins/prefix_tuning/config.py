@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal, Optional
 
-from peftkit.plugin_api import (AdapterConfig, check_num_transformer_submodules, check_num_virtual_tokens,
+from peftkit.plugin_api import (AdapterConfig, option, check_num_transformer_submodules, check_num_virtual_tokens,
                                 ConfigError, refuse_layer_selection)
 
 
@@ -28,14 +28,19 @@ class PrefixTuningConfig(AdapterConfig):
 
     method: ClassVar[str] = "prefix_tuning"
 
-    num_virtual_tokens: int = 20
-    prefix_projection: bool = False
-    encoder_hidden_size: Optional[int] = None
-    init_weights: Optional[Literal["zero"]] = None
-    num_layers: Optional[int] = None
-    token_dim: Optional[int] = None
-    num_attention_heads: Optional[int] = None
-    num_transformer_submodules: Optional[int] = None
+    num_virtual_tokens: int = option(20, help='length of the prefix each attention layer attends to')
+    prefix_projection: bool = option(
+        False, help='train through a reparametrization MLP (embedding, Linear, tanh, Linear); its output is saved')
+    encoder_hidden_size: Optional[int] = option(
+        None, help='hidden width of the prefix_projection MLP (null: token_dim)')
+    init_weights: Optional[Literal["zero"]] = option(
+        None, help='null: random normal (PEFT\'s default); "zero": the prefix (or the MLP\'s last layer) starts at zero')
+    num_layers: Optional[int] = option(None, help='number of layers that get a prefix (null: read from the model)')
+    token_dim: Optional[int] = option(
+        None, help='key/value heads x head dim of each prefix token (null: read from the model)')
+    num_attention_heads: Optional[int] = option(None, help='key/value heads of the prefix (null: read from the model)')
+    num_transformer_submodules: Optional[int] = option(
+        None, help='2 for encoder-decoder models, else 1 (null: read from the model)')
 
     def check(self) -> None:
         check_num_virtual_tokens(self)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Optional
 
-from peftkit.plugin_api import (AdapterConfig, check_num_transformer_submodules, check_num_virtual_tokens,
+from peftkit.plugin_api import (AdapterConfig, option, check_num_transformer_submodules, check_num_virtual_tokens,
                                 ConfigError, refuse_layer_selection)
 
 
@@ -28,13 +28,19 @@ class PromptTuningConfig(AdapterConfig):
 
     method: ClassVar[str] = "prompt_tuning"
 
-    num_virtual_tokens: int = 20
-    init: Literal["random", "sample_vocab", "text"] = "random"
-    init_text: Optional[str] = None
-    tokenizer_name_or_path: Optional[str] = None
-    tokenizer_kwargs: Optional[dict[str, Any]] = None
-    token_dim: Optional[int] = None
-    num_transformer_submodules: Optional[int] = None
+    num_virtual_tokens: int = option(20, help='length of the soft prompt')
+    init: Literal["random", "sample_vocab", "text"] = option(
+        "random", help='"random" (N(0, 1)), "sample_vocab" (embeddings of random tokens) or "text" (embeddings of init_text)')
+    init_text: Optional[str] = option(
+        None, help='with init="text", the text whose token embeddings start the prompt (cut or repeated)')
+    tokenizer_name_or_path: Optional[str] = option(
+        None, help='with init="text", the tokenizer to read init_text with (no remote code runs)')
+    tokenizer_kwargs: Optional[dict[str, Any]] = option(
+        None, help='with init="text", extra arguments for AutoTokenizer.from_pretrained')
+    token_dim: Optional[int] = option(
+        None, help="width of each prompt token, the model's hidden size (null: read from the model)")
+    num_transformer_submodules: Optional[int] = option(
+        None, help='2 for encoder-decoder models, else 1 (null: read from the model)')
 
     def check(self) -> None:
         check_num_virtual_tokens(self)

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union
 
-from peftkit.plugin_api import AdapterConfig, ConfigError
+from peftkit.plugin_api import AdapterConfig, option, ConfigError
 
 #: Fields of the union itself that would be ambiguous: each part chooses its own modules.
 _PER_PART_FIELDS = ("target_modules", "exclude_modules", "layers_to_transform")
@@ -24,7 +24,8 @@ class UnionConfig(AdapterConfig):
 
     method: ClassVar[str] = "union"
 
-    parts: list[Union[str, dict[str, Any]]] = field(default_factory=list)
+    parts: list[Union[str, dict[str, Any]]] = option(
+        default_factory=list, help='the member methods, each a spec string (e.g. "prefix_tuning[num_virtual_tokens=30]") or a mapping with "method"')
 
     def check(self) -> None:
         for key in _PER_PART_FIELDS:

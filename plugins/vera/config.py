@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from peftkit.plugin_api import AdapterConfig, ConfigError
+from peftkit.plugin_api import AdapterConfig, option, ConfigError
 
 
 @dataclass
@@ -31,12 +31,14 @@ class VeraConfig(AdapterConfig):
 
     method: ClassVar[str] = "vera"
 
-    r: int = 256
-    projection_prng_key: int = 0
-    save_projection: bool = True
-    vera_dropout: float = 0.0
-    d_initial: float = 0.1
-    init_weights: bool = True
+    r: int = option(256, help='inner size of the shared random projections (costs only r parameters per layer)')
+    projection_prng_key: int = option(0, help='seed the shared projections are drawn from')
+    save_projection: bool = option(
+        True, help='save the projections in the weights file (without them a load redraws them from the seed)')
+    vera_dropout: float = option(0.0, help='dropout on the layer input of the update, in [0, 1)')
+    d_initial: float = option(0.1, help='starting value of every lambda_d entry (lambda_b starts at zero)')
+    init_weights: bool = option(
+        True, help='true starts as the identity; false starts lambda_b at one and lambda_d random (for tests)')
 
     def check(self) -> None:
         if self.r <= 0:

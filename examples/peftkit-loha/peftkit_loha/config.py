@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
-from peftkit.plugin_api import AdapterConfig, ConfigError
+from peftkit.plugin_api import AdapterConfig, option, ConfigError
 
 
 @dataclass
@@ -24,13 +24,17 @@ class LohaConfig(AdapterConfig):
 
     method: ClassVar[str] = "loha"
 
-    r: int = 8
-    alpha: float = 8
-    rank_dropout: float = 0.0
-    module_dropout: float = 0.0
-    init_weights: bool = True
-    rank_pattern: dict[str, int] = field(default_factory=dict)
-    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    r: int = option(8, help="rank of each of the two factors (the update's rank can reach r**2)")
+    alpha: float = option(8, help='scaling numerator: the update is scaled by alpha / r')
+    rank_dropout: float = option(
+        0.0, help='during training, drop rows of the update with this probability (survivors rescaled)')
+    module_dropout: float = option(0.0, help="during training, skip a layer's whole update with this probability")
+    init_weights: bool = option(
+        True, help='true starts B2 at zero (the model equals the base); false draws every factor at random (for tests)')
+    rank_pattern: dict[str, int] = option(
+        default_factory=dict, help='per-module rank overrides: regex keys matched at the end of module names')
+    alpha_pattern: dict[str, float] = option(
+        default_factory=dict, help='per-module alpha overrides: regex keys matched at the end of module names')
 
     def check(self) -> None:
         if self.r <= 0:
