@@ -30,6 +30,14 @@ rescales every row of W and is not low rank, so no LoRA holds it.
 
 IA3 and BitFit adapters merge elementwise (see :func:`_merge_elementwise`):
 v = v_identity + strategy([v_i - v_identity], weights).
+
+Any other mix (LoKr, VeRA, OFT, LoHa, ..., or methods mixed together) merges
+densely (see :func:`_merge_dense`): each member's dense change at a site is
+its layer adapter's ``delta_weight(base)`` (methods declaring
+``Method.merge_dense``); the strategy combines them and a truncated SVD
+stores the result as a LoRA of rank ``rank`` (default: full rank, exact).
+The new record's ``merge_report`` gives, per site, the fraction of the
+merged change's energy (squared Frobenius norm) the rank keeps.
 """
 
 from __future__ import annotations
@@ -209,10 +217,6 @@ def _members(model: "AdaptedModel", names: list[str], weights: Sequence[float] |
     weights = [1.0] * len(names) if weights is None else [float(w) for w in weights]
     if len(weights) != len(names):
         raise MergeError(f"merge_adapters(): {len(names)} adapters but {len(weights)} weights; give one per adapter")
-    methods = {r.method.name for r in records}
-    if len(methods) != 1:
-        raise MergeError(f"merge_adapters(): adapters of different methods ({', '.join(sorted(methods))}) cannot be "
-                         f"merged in weight space; compose them instead (e.g. average(...))")
     return records, weights
 
 
@@ -258,14 +262,16 @@ def merge_adapters(model: "AdaptedModel", adapters: Sequence[str], weights: Sequ
         if record.model_adapter:
             raise MergeError(f"adapter {record.name!r} changes the model's inputs and has no layer weights to "
                              f"merge; compose it instead, e.g. stack({record.name}, ...)")
-    if _elementwise(records[0]):
+    if len({r.method.name for r in records}) == 1 and _elementwise(records[0]):
         return _merge_elementwise(model, names, records, weights, name, strategy, kind, fn, options, seed,
                                   modules_to_save)
-    for record in records:
-        _check_mergeable(record)
     if len(names) == 1 and kind == "dense":
         kind, fn = "svd", None  # one adapter: there is nothing to trim against (PEFT does the same)
 
+    if not all(r.method.merge_low_rank for r in records):
+        return _merge_dense(model, names, records, weights, name, kind, fn, rank, options, seed, modules_to_save)
+    for record in records:
+        _check_mergeable(record)
     sites = _member_factors(model, names)
     if not sites:
         raise MergeError(f"adapters {names} act at no layer; nothing to merge")
@@ -293,6 +299,13 @@ def merge_adapters(model: "AdaptedModel", adapters: Sequence[str], weights: Sequ
             merged[site] = _padded(a_new, b_new, rank)
 
     config = _merged_config(records[0], rank, [site for site, _, _ in sites], records, modules_to_save)
+    return _add_merged(model, name, config, merged, records, weights, modules_to_save)
+
+
+def _add_merged(model: "AdaptedModel", name: str, config: Any, merged: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                records: list["AdapterRecord"], weights: list[float], modules_to_save: str | None
+                ) -> "AdapterRecord":
+    """Add the new LoRA adapter ``name`` holding the merged factors; on any error the model is left as it was."""
     record = model.add_adapter(name, config)
     try:
         _write_factors(model, name, merged)
@@ -300,6 +313,99 @@ def merge_adapters(model: "AdaptedModel", adapters: Sequence[str], weights: Sequ
     except BaseException:
         model._remove(name)
         raise
+    return record
+
+
+# -- dense weight changes (any method whose layer adapters give delta_weight) ---------------------------
+
+def _dense_refusal(record: "AdapterRecord", records: list["AdapterRecord"], why: str) -> MergeError:
+    methods = sorted({r.method.name for r in records})
+    mix = f"adapters of different methods ({', '.join(methods)}) merge through their dense weight changes, " \
+        if len(methods) > 1 else ""
+    return MergeError(f"{mix}adapter {record.name!r} (method {record.method.name!r}) {why}, so it cannot become "
+                      f"part of a LoRA; compose it instead: average(...) or fuse(...)")
+
+
+def _member_dense_deltas(model: "AdaptedModel", names: list[str], records: list["AdapterRecord"]
+                         ) -> list[tuple[str, dict[str, torch.Tensor]]]:
+    """[(site, {adapter: dense weight change as an (out, in * kernel) float matrix})] where a member acts."""
+    from .base_layers import is_conv1d
+
+    by_name = dict(zip(names, records))
+    out = []
+    for site, layer in model._tuner_layers():
+        found: dict[str, torch.Tensor] = {}
+        for name in names:
+            if name not in layer.adapters:
+                continue
+            try:
+                delta = layer.adapters[name].delta_weight(layer.base_layer).detach()
+            except (MergeError, NotImplementedError) as exc:
+                raise _dense_refusal(by_name[name], records, f"gives no weight change at {site} ({exc})") from exc
+            if is_conv1d(layer.base_layer):
+                delta = delta.t()
+            work = torch.float32 if delta.dtype in (torch.float16, torch.bfloat16) else delta.dtype
+            found[name] = delta.flatten(1).to(work)
+        if found:
+            out.append((site, found))
+    return out
+
+
+def _low_rank_target() -> Any:
+    """The loaded method that holds a dense merge's result: the first declaring ``merge_low_rank``."""
+    from .plugins import get_registry
+
+    for method in get_registry().methods.values():
+        if method.merge_low_rank:
+            return method
+    raise MergeError("a dense merge is stored as a low-rank adapter, but no loaded method declares merge_low_rank "
+                     "(load the lora plugin)")
+
+
+def _merge_dense(model: "AdaptedModel", names: list[str], records: list["AdapterRecord"], weights: list[float],
+                 name: str, kind: str, fn: Callable[..., Any] | None, rank: int | None, options: dict[str, Any],
+                 seed: int | None, modules_to_save: str | None) -> "AdapterRecord":
+    """strategy([delta_weight_i], weights) per site, stored as a LoRA of rank ``rank`` (truncated SVD)."""
+    from .plugins import get_registry
+
+    for record in records:
+        if not record.method.merge_dense:
+            raise _dense_refusal(record, records, "declares that its delta_weight is not its whole effect")
+        if getattr(record.config, "use_dora", False):
+            raise _dense_refusal(record, records, "uses DoRA, whose weight change depends on the base weights")
+    target = _low_rank_target()
+    if kind != "dense":
+        if kind == "cat":
+            raise MergeError("strategy 'cat' concatenates low-rank factors; these adapters have none. Use "
+                             "strategy='linear' (exact at full rank) or 'svd' with rank=<r>")
+        fn = get_registry().merge_strategies["linear"]
+    sites = _member_dense_deltas(model, names, records)
+    if not sites:
+        raise MergeError(f"adapters {names} act at no layer; nothing to merge")
+    full = max(min(d.shape) for _, found in sites for d in found.values())
+    rank = full if rank is None else rank
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=next(iter(sites[0][1].values())).device)
+        generator.manual_seed(int(seed))
+    options = {**options, "generator": generator}
+    merged: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    report: dict[str, float] = {}
+    assert fn is not None
+    with torch.no_grad():
+        for site, found in sites:
+            members = [n for n in names if n in found]
+            combined = fn([found[n] for n in members], [weights[names.index(n)] for n in members], **options)
+            a_new, b_new = _truncated(combined, rank)
+            total = float(combined.double().square().sum())
+            kept = float((b_new.double() @ a_new.double()).square().sum())
+            report[site] = 1.0 if total == 0 else min(1.0, kept / total)
+            merged[site] = _padded(a_new, b_new, rank)
+    heads = sorted({m for r in records for m in r.modules_to_save})
+    config = target.make_config(r=rank, alpha=float(rank), target_modules=[site for site, _ in sites],
+                                modules_to_save=heads or None)
+    record = _add_merged(model, name, config, merged, records, weights, modules_to_save)
+    record.merge_report = {"rank": rank, "energy_kept": report}
     return record
 
 

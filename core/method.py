@@ -76,6 +76,12 @@ class Method:
     #: must then have LoRA's rank fields (``r``, ``alpha``, ``use_rslora``, ``use_dora``,
     #: ``rank_pattern``, ``alpha_pattern``).
     merge_low_rank: ClassVar[bool] = False
+    #: Weight-space merging may read this method's whole weight change at a site as the dense
+    #: matrix its layer adapters' ``delta_weight(base)`` gives, combine those matrices with any
+    #: strategy and store the result as a LoRA of the asked rank (truncated SVD). Used when the
+    #: members are not all ``merge_low_rank`` methods; a layer adapter without ``delta_weight``
+    #: is refused. Set False when ``delta_weight`` is not the adapter's whole effect.
+    merge_dense: ClassVar[bool] = True
     #: Names other libraries use for this method (PEFT's, AdapterHub's) -> the sentence telling the user
     #: what to write instead: ``{"dora": "DoRA is LoRA with weight decomposition: lora[use_dora=true]"}``.
     #: Suggested when a spec names an unknown method (case and punctuation ignored), never accepted.

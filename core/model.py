@@ -63,6 +63,8 @@ class AdapterRecord:
     modules_to_save: list[str] = field(default_factory=list)
     #: The label names of its own classification head as saved with it (labels.json); see adapter_labels().
     labels: list[str] | None = None
+    #: What merge_adapters() measured while making it (a dense merge: {"rank", "energy_kept": {site: fraction}}).
+    merge_report: dict | None = None
 
 
 class AdaptedModel(CompositionMixin, nn.Module):

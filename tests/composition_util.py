@@ -41,3 +41,21 @@ def copy_adapter(model: peftkit.AdaptedModel, source: str, target: str, scale_b:
                 a_dst, b_dst, _ = layer.adapters[target].low_rank()
                 a_dst.copy_(a_src)
                 b_dst.copy_(b_src * scale_b)
+
+
+def assert_saves_and_loads(model: peftkit.AdaptedModel, name: str, folder, atol: float = 1e-5) -> None:
+    """Adapter ``name`` saved to ``folder`` gives the same logits loaded here and in the real peft (tiny Llama)."""
+    import warnings
+
+    from peft import PeftModel
+
+    batch = inputs()
+    expected = logits(model, batch, name)
+    model.save_adapter(folder, name)
+    loaded = peftkit.AdaptedModel.from_pretrained(build_tiny("llama"), str(folder))
+    assert torch.allclose(logits(loaded, batch), expected, atol=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = PeftModel.from_pretrained(build_tiny("llama"), str(folder)).eval()
+    with torch.no_grad():
+        assert torch.allclose(peft_model(**batch).logits, expected, atol=atol)

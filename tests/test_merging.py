@@ -11,7 +11,7 @@ import torch
 import peftkit
 from peftkit import Average, MergeError
 from peftkit.core import merge_strategies as ms
-from tests.composition_util import inputs, logits
+from tests.composition_util import assert_saves_and_loads, inputs, logits
 from tests.tiny_models import build_tiny
 
 TARGETS = '["q_proj","v_proj","down_proj"]'
@@ -127,20 +127,9 @@ def test_merged_linear_lora_equals_the_output_average():
 
 
 def test_merged_adapter_saves_and_loads(tmp_path):
-    from peft import PeftModel
-
     model = _model()
     model.merge_adapters(["a", "b"], [1.0, 1.0], name="m", strategy="ties", density=0.5)
-    batch = inputs()
-    expected = logits(model, batch, "m")
-    model.save_adapter(tmp_path / "m", "m")
-    loaded = peftkit.AdaptedModel.from_pretrained(build_tiny("llama"), str(tmp_path / "m"))
-    assert torch.allclose(logits(loaded, batch), expected, atol=1e-6)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        peft_model = PeftModel.from_pretrained(build_tiny("llama"), str(tmp_path / "m")).eval()
-    with torch.no_grad():
-        assert torch.allclose(peft_model(**batch).logits, expected, atol=1e-5)
+    assert_saves_and_loads(model, "m", tmp_path / "m")
 
 
 # -- against PEFT on the same saved adapters ------------------------------------------------------------

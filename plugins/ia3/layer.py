@@ -77,6 +77,14 @@ class IA3Vector(LayerAdapter):
             return None
         return self.ia3_l.detach().reshape(bias.shape)
 
+    def delta_weight(self, base: nn.Module) -> torch.Tensor:
+        """W * (l - 1) in ``base.weight``'s layout: the whole change unless l also scales a bias."""
+        if self._bias_factor(base) is not None:
+            raise MergeError("this ia3 vector also scales the layer's bias, which a weight change cannot hold")
+        if self.quantized:
+            raise MergeError("the layer's weight is quantized and cannot be read as a matrix")
+        return base.weight.detach() * (self._factor(base) - 1)
+
     def merge(self, base: nn.Module) -> None:
         factor, bias_factor = self._factor(base), self._bias_factor(base)
         weight = base.weight
