@@ -135,10 +135,35 @@ class Block:
 
 
 class Stack(Block):
-    """Apply children in sequence, each on the previous one's output."""
+    """Apply children in sequence, each on the previous one's output.
+
+    ``head`` names the member whose task head (``modules_to_save`` copy, e.g. a classifier)
+    predicts; without it, the last member that has one does (see :func:`head_leaf`).
+    """
 
     kind = "stack"
-    __slots__ = ()
+    __slots__ = ("head",)
+
+    head: str | None
+
+    def _set_options(self, head: str | None = None, **unknown: Any) -> None:  # type: ignore[override]
+        if unknown:
+            raise CompositionError(f"stack() takes no options other than head=NAME, got {', '.join(unknown)}")
+        if head is not None:
+            if isinstance(head, int) and not isinstance(head, bool):
+                head = str(head)  # head=7 in the string form: an adapter named "7"
+            if not isinstance(head, str) or not _LEAF.match(head.strip()):
+                raise CompositionError(f"stack() head={head!r} is not an adapter name; name the member whose "
+                                       f"task head predicts, e.g. stack(lang, task, head=task)")
+            head = head.strip()
+            members = list(dict.fromkeys(n for n in self.leaves() if n != BASE_MODEL))
+            if head not in members:
+                raise CompositionError(f"stack() head={head!r} is not a member of the stack; choose one of "
+                                       f"{', '.join(members) or 'its adapters'}")
+        object.__setattr__(self, "head", head)
+
+    def options(self) -> dict[str, Any]:
+        return {"head": self.head}
 
     def run(self, layer: "TunerLayer", x: "torch.Tensor", h: "torch.Tensor") -> "torch.Tensor":
         from . import composition_exec as executor
@@ -409,15 +434,18 @@ def trained_leaves(node: Node | None) -> list[str]:
 def head_leaf(node: Node | None, has_head: Any) -> str | None:
     """The adapter whose task head (``modules_to_save`` copy) ``node`` runs, or None for the model's own.
 
-    A stack's head is that of its last part that has one (AdapterHub uses the last adapter's
-    head too: ``stack(lang, task)`` predicts with ``task``'s); an average, a fuse and a row split
-    (when it runs unsplit) use their first member's that has one. ``has_head(name)`` says
-    whether an adapter keeps its own head.
+    A stack with ``head=NAME`` uses NAME's head (the model's own where NAME keeps no copy of
+    this module). Without it, a stack's head is that of its last part that has one (AdapterHub
+    uses the last adapter's head too: ``stack(lang, task)`` predicts with ``task``'s); an
+    average, a fuse and a row split (when it runs unsplit) use their first member's that has
+    one. ``has_head(name)`` says whether an adapter keeps its own head.
     """
     if node is None:
         return None
     if isinstance(node, str):
         return node if node != BASE_MODEL and has_head(node) else None
+    if isinstance(node, Stack) and node.head is not None:
+        return node.head if has_head(node.head) else None
     children = reversed(node.children) if isinstance(node, Stack) else node.children
     for child in children:
         found = head_leaf(child, has_head)
@@ -427,6 +455,18 @@ def head_leaf(node: Node | None, has_head: Any) -> str | None:
 
 
 # -- rules, checked before any forward ------------------------------------------------
+
+
+def check_stack_heads(node: Node, has_head: Any) -> None:
+    """Refuse a ``stack(..., head=NAME)`` whose NAME keeps no task head (``has_head(NAME)`` false)."""
+    if not isinstance(node, Block):
+        return
+    for block in node.blocks():
+        if isinstance(block, Stack) and block.head is not None and not has_head(block.head):
+            raise CompositionError(
+                f"{block}: adapter {block.head!r} keeps no task head (its modules_to_save is empty), so it "
+                f"cannot be the stack's head; name a member trained with a head (modules_to_save, e.g. a "
+                f"classifier), or leave head= out to keep the base model's head")
 
 #: For each block, the kinds of blocks it may hold (names are always allowed).
 ALLOWED_CHILDREN: dict[str, frozenset[str]] = {

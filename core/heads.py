@@ -7,7 +7,7 @@ rebuilt with 4 outputs from the file's weights. The label names live in the
 adapter's ``labels.json`` (:mod:`peftkit.core.labels`).
 
 Heads are combined as :func:`~peftkit.core.composition.head_leaf` says (a
-stack predicts with its last part's head). Blocks that mix their members'
+stack predicts with its ``head=`` member's head, else its last part's). Blocks that mix their members'
 outputs (average, fuse) need members whose heads predict the same labels;
 blocks that run members side by side in one batch (parallel, batch_split,
 per-row routing) need heads with the same number of outputs. Anything else is

@@ -345,7 +345,7 @@ class ModulesToSave(nn.Module):
     """One trainable copy of a module per adapter; the original stays frozen.
 
     The copy of the adapter that the active composition takes its head from
-    runs (:func:`~peftkit.core.composition.head_leaf`: a stack's last part
+    runs (:func:`~peftkit.core.composition.head_leaf`: a stack's ``head=`` member, else its last part
     that has one); with none, the original runs.
     """
 

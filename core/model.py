@@ -337,6 +337,7 @@ class AdaptedModel(CompositionMixin, nn.Module):
     def check_composition(self, node: Node) -> None:
         composition.check_supported(node, {n: r.method for n, r in self._records.items()})
         self._check_composition_extras(node)  # input-rewriting adapters, fusions (composition_api.py)
+        composition.check_stack_heads(node, lambda n: bool(self._records[n].modules_to_save))
         self.check_heads(node)
 
     def check_heads(self, node: Node) -> None:

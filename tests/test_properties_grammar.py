@@ -115,11 +115,18 @@ def test_any_spec_text_is_a_config_or_a_peftkit_error(text):
 _ADAPTER = st.from_regex(r"[A-Za-z0-9_\-]{1,12}", fullmatch=True)
 
 
+def _members(children: list) -> list[st.SearchStrategy]:
+    """A strategy drawing one adapter of ``children`` (a stack's possible head), or none when it has none."""
+    names = [n for n in dict.fromkeys(composition.leaves(Stack(*children))) if n != composition.BASE_MODEL]
+    return [st.sampled_from(names)] if names else []
+
+
 def _blocks(children: st.SearchStrategy) -> st.SearchStrategy:
     kids = st.lists(children, min_size=1, max_size=3)
     weights = st.floats(-4, 4, allow_nan=False).filter(lambda w: abs(w) > 1e-3)
     return st.one_of(
         kids.map(lambda c: Stack(*c)),
+        kids.flatmap(lambda c: st.one_of(st.none(), *_members(c)).map(lambda h: Stack(*c, head=h))),
         kids.flatmap(lambda c: st.one_of(st.none(), st.lists(weights, min_size=len(c), max_size=len(c)))
                      .filter(lambda w: w is None or abs(sum(w)) > 1e-6)
                      .map(lambda w: Average(*c, weights=w))),
@@ -146,7 +153,7 @@ def test_a_composition_prints_and_parses_back_equal(node):
             assert math.isclose(sum(block.normalized_weights()), 1.0, rel_tol=1e-9, abs_tol=1e-9)
 
 
-_COMPOSITION_ALPHABET = st.sampled_from(list("stackavergfusbp_lid(),= \"[]0123456789.-ab"))
+_COMPOSITION_ALPHABET = st.sampled_from(list("stackavergfusbp_lidh(),= \"[]0123456789.-ab"))
 _COMPOSITION_TEXT = st.one_of(st.text(_COMPOSITION_ALPHABET, max_size=50), st.text(max_size=30))
 
 
@@ -189,7 +196,7 @@ def test_a_damaged_composition_is_read_or_refused_with_composition_error(node, d
 
 _JSON_ANY = st.recursive(_SCALAR, lambda inner: st.one_of(
     st.lists(inner, max_size=3),
-    st.dictionaries(st.sampled_from(["block", "children", "weights", "name", "sizes", "x"]), inner, max_size=4)),
+    st.dictionaries(st.sampled_from(["block", "children", "weights", "name", "sizes", "head", "x"]), inner, max_size=4)),
     max_leaves=10)
 
 
