@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -239,11 +239,13 @@ def merge_adapters(model: "AdaptedModel", adapters: Sequence[str], weights: Sequ
                    name: str = "merged", strategy: str = "svd", *, density: float | None = None,
                    rank: int | None = None, majority_sign_method: str = "total", seed: int | None = 0,
                    modules_to_save: str | None = None) -> "AdapterRecord":
-    """Merge LoRA adapters in weight space into a new adapter ``name`` (see the module doc).
+    """Merge adapters in weight space into a new adapter ``name`` (see the module doc): LoRA factors, IA3/BitFit
+    values elementwise, any other method (or a mix) through its dense weight changes into a LoRA.
 
     weights: one per adapter (default 1.0 each; negative subtracts).
     density: fraction of entries kept by ties / dare_* / magnitude_prune.
-    rank: rank of the new adapter (defaults: cat/linear sum of ranks, others the largest rank).
+    rank: rank of the new adapter (defaults: cat/linear sum of ranks, others the largest rank; a dense merge:
+      full rank, exact; its record's ``merge_report`` gives the energy a smaller rank keeps per site).
     seed: seeds DARE's random drop (None: torch's global generator, as PEFT).
     modules_to_save: when several members keep their own copy of a module (a task head):
       "average" (weighted average of the copies) or the name of the member whose copy to keep.
@@ -327,12 +329,12 @@ def _dense_refusal(record: "AdapterRecord", records: list["AdapterRecord"], why:
 
 
 def _member_dense_deltas(model: "AdaptedModel", names: list[str], records: list["AdapterRecord"]
-                         ) -> list[tuple[str, dict[str, torch.Tensor]]]:
-    """[(site, {adapter: dense weight change as an (out, in * kernel) float matrix})] where a member acts."""
+                         ) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+    """(site, {adapter: dense weight change as an (out, in * kernel) float matrix}) where a member acts, one site
+    at a time (only one site's dense matrices are held at once)."""
     from .base_layers import is_conv1d
 
     by_name = dict(zip(names, records))
-    out = []
     for site, layer in model._tuner_layers():
         found: dict[str, torch.Tensor] = {}
         for name in names:
@@ -347,8 +349,7 @@ def _member_dense_deltas(model: "AdaptedModel", names: list[str], records: list[
             work = torch.float32 if delta.dtype in (torch.float16, torch.bfloat16) else delta.dtype
             found[name] = delta.flatten(1).to(work)
         if found:
-            out.append((site, found))
-    return out
+            yield site, found
 
 
 def _low_rank_target() -> Any:
@@ -379,30 +380,31 @@ def _merge_dense(model: "AdaptedModel", names: list[str], records: list["Adapter
             raise MergeError("strategy 'cat' concatenates low-rank factors; these adapters have none. Use "
                              "strategy='linear' (exact at full rank) or 'svd' with rank=<r>")
         fn = get_registry().merge_strategies["linear"]
-    sites = _member_dense_deltas(model, names, records)
-    if not sites:
-        raise MergeError(f"adapters {names} act at no layer; nothing to merge")
-    full = max(min(d.shape) for _, found in sites for d in found.values())
-    rank = full if rank is None else rank
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=next(iter(sites[0][1].values())).device)
-        generator.manual_seed(int(seed))
-    options = {**options, "generator": generator}
     merged: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     report: dict[str, float] = {}
     assert fn is not None
     with torch.no_grad():
-        for site, found in sites:
+        for site, found in _member_dense_deltas(model, names, records):
+            if "generator" not in options:
+                generator = None
+                if seed is not None:
+                    generator = torch.Generator(device=next(iter(found.values())).device)
+                    generator.manual_seed(int(seed))
+                options = {**options, "generator": generator}
             members = [n for n in names if n in found]
             combined = fn([found[n] for n in members], [weights[names.index(n)] for n in members], **options)
-            a_new, b_new = _truncated(combined, rank)
+            a_new, b_new = _truncated(combined, min(combined.shape) if rank is None else rank)
             total = float(combined.double().square().sum())
             kept = float((b_new.double() @ a_new.double()).square().sum())
             report[site] = 1.0 if total == 0 else min(1.0, kept / total)
-            merged[site] = _padded(a_new, b_new, rank)
+            merged[site] = (a_new, b_new)
+    if not merged:
+        raise MergeError(f"adapters {names} act at no layer; nothing to merge")
+    if rank is None:  # full rank: exact everywhere
+        rank = max(a.shape[0] for a, _ in merged.values())
+    merged = {site: _padded(a, b, rank) for site, (a, b) in merged.items()}
     heads = sorted({m for r in records for m in r.modules_to_save})
-    config = target.make_config(r=rank, alpha=float(rank), target_modules=[site for site, _ in sites],
+    config = target.make_config(r=rank, alpha=float(rank), target_modules=list(merged),
                                 modules_to_save=heads or None)
     record = _add_merged(model, name, config, merged, records, weights, modules_to_save)
     record.merge_report = {"rank": rank, "energy_kept": report}

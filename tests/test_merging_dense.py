@@ -136,3 +136,16 @@ def test_one_adapter_merged_at_full_rank_gives_its_own_outputs(name):
     model.merge_adapters([name], [1.0], name="m", strategy="linear")
     batch = inputs()
     assert torch.allclose(logits(model, batch, "m"), logits(model, batch, name), atol=1e-5)
+
+
+def test_gpt2_conv1d_layers_merge_in_out_by_in_layout_and_biased_ia3_is_refused():
+    model = peftkit.AdaptedModel(build_tiny("gpt2"))
+    torch.manual_seed(4)
+    model.add_adapter("kr", "lokr[r=2,init_weights=false]")  # c_attn stores its weight as (in 32, out 96)
+    model.eval().merge_adapters(["kr"], [1.0], name="m", strategy="linear")
+    batch = inputs(model="gpt2")
+    assert torch.allclose(logits(model, batch, "m"), logits(model, batch, "kr"), atol=1e-5)
+    model.add_adapter("ia", "ia3[init_weights=false]")
+    with pytest.raises(MergeError, match="'ia'.*also scales the layer's bias.*compose it instead"):
+        model.merge_adapters(["kr", "ia"], [1, 1], "m2", "linear")
+    assert "m2" not in model.adapters
