@@ -105,7 +105,10 @@ class CompositionMixin:
 
     def merge_adapters(self: "AdaptedModel", adapters: Sequence[str], weights: Sequence[float] | None = None,
                        name: str = "merged", strategy: str = "svd", **options: Any) -> "AdapterRecord":
-        """Merge LoRA adapters in weight space into a new adapter (see peftkit.core.merging).
+        """Merge adapters in weight space into a new adapter (see peftkit.core.merging): LoRA factors,
+        IA3/BitFit values elementwise, other methods (LoKr, VeRA, OFT, ...) or a mix through their dense
+        weight changes into a LoRA of rank ``rank`` (default full; ``record.merge_report`` says what a
+        smaller rank keeps).
 
         Strategies: cat, linear, svd, ties, dare_linear, dare_ties, magnitude_prune (also with
         PEFT's ``_svd`` suffix) and any a plugin registers. Options: density, rank,
