@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .errors import ModelSourceError
+from .offline import offline_setting
 
 #: The variables that turn offline mode on for the Hugging Face libraries, or for peftkit as a whole.
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "PEFTKIT_OFFLINE")
@@ -41,7 +42,7 @@ def model_source_options(name_or_path: str | os.PathLike, what: str = "the model
     name = os.fspath(name_or_path)
     if Path(name).expanduser().exists() or not _is_hub_id(name):
         return {}
-    offline = _offline_setting()
+    offline = offline_setting(OFFLINE_VARIABLES)
     problem = f"offline mode is on ({offline})" if offline else None
     endpoint = _endpoint()
     if problem is None:
@@ -67,14 +68,6 @@ def _is_hub_id(name: str) -> bool:
     except HFValidationError:
         return False
     return True
-
-
-def _offline_setting() -> str | None:
-    for variable in OFFLINE_VARIABLES:
-        value = os.environ.get(variable, "").strip()
-        if value.lower() in ("1", "true", "yes", "on"):
-            return f"{variable}={value}"
-    return None
 
 
 def _endpoint() -> str:

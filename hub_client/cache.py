@@ -26,6 +26,7 @@ from typing import Iterator, Sequence
 from urllib.parse import quote
 
 from peftkit.core.fileio import create_temp_folder, write_text_atomic
+from peftkit.core.offline import offline_setting as core_offline_setting
 from peftkit.registry.names import is_commit_sha
 from peftkit.registry.paths import peftkit_home
 
@@ -40,19 +41,18 @@ def default_cache_dir() -> Path:
     return peftkit_home() / "hub-cache"
 
 
+#: The variables that put the hub client offline.
+OFFLINE_VARIABLES = ("PEFTKIT_OFFLINE", "HF_HUB_OFFLINE")
+
+
 def offline_mode() -> bool:
     """``PEFTKIT_OFFLINE`` or ``HF_HUB_OFFLINE`` set to a true value (1, true, yes, on)."""
-    return any(os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-               for name in ("PEFTKIT_OFFLINE", "HF_HUB_OFFLINE"))
+    return offline_setting() is not None
 
 
 def offline_setting() -> str | None:
     """The variable that turns offline mode on, as set (``"PEFTKIT_OFFLINE=1"``); ``None`` when online."""
-    for name in ("PEFTKIT_OFFLINE", "HF_HUB_OFFLINE"):
-        value = os.environ.get(name, "").strip()
-        if value.lower() in ("1", "true", "yes", "on"):
-            return f"{name}={value}"
-    return None
+    return core_offline_setting(OFFLINE_VARIABLES)
 
 
 class PullCache:

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .training_data import PIPELINE_TAGS
+
 if TYPE_CHECKING:  # pragma: no cover
     from peftkit.core.model import AdaptedModel
 
@@ -20,8 +22,6 @@ if TYPE_CHECKING:  # pragma: no cover
 RECORD_FILE = "auto_compose.json"
 #: The name of the merged adapter in the folder's config and card.
 MERGED_NAME = "combined"
-#: Hub pipeline tags of the tasks automatic composition scores.
-PIPELINE = {"seq-cls": "text-classification", "token-cls": "token-classification", "causal-lm": "text-generation"}
 
 
 @dataclass
@@ -147,7 +147,7 @@ def save_result(model: "AdaptedModel", result: AutoComposeResult, out: Path, *, 
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp))
         else:
-            model.save_adapter(str(tmp), name, task=PIPELINE.get(result.task), metrics=metrics(result),
+            model.save_adapter(str(tmp), name, task=PIPELINE_TAGS.get(result.task), metrics=metrics(result),
                                description=card_description(result))
         (tmp / RECORD_FILE).write_text(record_json(result), encoding="utf-8")
         apply_normal_modes(tmp)
@@ -160,7 +160,7 @@ def push_result(result: AutoComposeResult, repo_id: str, *, hub: Any = None, tok
 
     if result.out is None:
         raise ValueError("push_result needs a saved result (out)")
-    pushed = push(result.out, repo_id, hub=hub, token=token, task=PIPELINE.get(result.task),
+    pushed = push(result.out, repo_id, hub=hub, token=token, task=PIPELINE_TAGS.get(result.task),
                   base_model=result.base_model,
                   metrics=metrics(result), description=card_description(result), progress=progress)
     return {"repo_id": repo_id, "commit": getattr(pushed, "commit", None) or str(pushed)}
