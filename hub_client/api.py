@@ -10,36 +10,23 @@ Imports neither torch nor huggingface_hub until a function needs them.
 
 from __future__ import annotations
 
-import shutil
 import tempfile
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from peftkit.hub_rules.names import is_commit_sha
+
 from .backend import AdapterInfo, HubBackend, PushResult, SearchQuery
-from .cache import PullCache, offline_mode, offline_setting, verify_files
+from .cache import offline_setting
 from .compose import load, save_composed
-from .errors import HubAuthError, HubError, IntegrityError, OfflineError
-from .resolve import RepoRef, hub_address, open_hub, parse_ref
+from .errors import HubAuthError, HubError, OfflineError
+from .resolve import hub_address, open_hub, parse_ref
+from .snapshot import pull_snapshot
 from .upload import CardOptions, prepare
 
-__all__ = ["push", "pull", "search", "info", "delete", "login", "logout", "whoami", "load", "save_composed",
-           "Pulled"]
+__all__ = ["push", "pull", "search", "info", "delete", "login", "logout", "whoami", "load", "save_composed"]
 
 SORTS = ("downloads", "recent")
-
-
-@dataclass(frozen=True)
-class Pulled:
-    """A pulled repo: the cached folder and the commit it holds."""
-
-    path: Path
-    repo_id: str
-    revision: str
-    commit: str
-    hub: str
-    from_cache: bool
 
 
 def push(model_or_folder: Any, repo_id: str, *, hub: str | HubBackend | None = None,
@@ -96,8 +83,6 @@ def refuse_offline(backend: HubBackend, doing: str, verb: str) -> None:
 
 
 def _check_branch(revision: str) -> None:
-    from peftkit.registry.names import is_commit_sha
-
     if not isinstance(revision, str) or not revision.strip():
         raise HubError("revision is empty; push to a branch such as 'main'")
     if is_commit_sha(revision):
@@ -130,38 +115,6 @@ def pull(ref: str, hub: str | HubBackend | None = None, *, revision: str | None 
     finally:
         if not isinstance(hub, HubBackend):
             backend.close()
-
-
-def pull_snapshot(backend: HubBackend, ref: RepoRef, *, cache_dir: str | Path | None = None,
-                  progress: bool = True) -> Pulled:
-    """``ref``'s files from ``backend`` in the pull cache (downloaded unless already cached), and where."""
-    cache = PullCache(cache_dir)
-    revision = ref.revision or "main"
-    where = f"{ref.repo_id}@{revision} on {backend.address}"
-    if backend.remote and offline_mode():
-        hit = cache.lookup(backend.key, ref.repo_id, revision)
-        if hit is None:
-            raise OfflineError(
-                f"{where} is not in the download cache ({cache.root}) and offline mode is on "
-                f"(PEFTKIT_OFFLINE or HF_HUB_OFFLINE); pull it once while online, or unset those variables")
-        return Pulled(hit[1], ref.repo_id, revision, hit[0], backend.address, True)
-    commit = backend.resolve(ref.repo_id, revision)
-    files = backend.list_files(ref.repo_id, commit)
-    folder = cache.snapshot_dir(backend.key, ref.repo_id, commit)
-    if folder.is_dir():
-        try:
-            verify_files(folder, files, where, remove_extra=False)
-        except IntegrityError as exc:
-            warnings.warn(f"the cached copy is damaged ({exc}); downloading it again", stacklevel=3)
-        else:
-            cache.record_ref(backend.key, ref.repo_id, revision, commit)
-            return Pulled(folder, ref.repo_id, revision, commit, backend.address, True)
-    with cache.staging(backend.key) as staging:
-        backend.download(ref.repo_id, commit, files, staging, progress=progress)
-        verify_files(staging, files, where)
-        folder = cache.install(staging, backend.key, ref.repo_id, commit, replace=folder.is_dir())
-    cache.record_ref(backend.key, ref.repo_id, revision, commit)
-    return Pulled(folder, ref.repo_id, revision, commit, backend.address, False)
 
 
 def search(text: str | None = None, hub: str | HubBackend | None = None, *, base_model: str | None = None,
@@ -265,24 +218,8 @@ def whoami(hub: str | None = None, *, token: str | None = None) -> str | None:
         backend.close()
 
 
-def copy_snapshot(folder: Path, dest: str | Path) -> Path:
-    """Copy a pulled folder to ``dest`` (replaced whole, atomically). Files and folders get the
-    permissions a plain write would, not the cache's (an older cache kept them owner-only)."""
-    from peftkit.core.fileio import atomic_folder
-
-    dest = Path(dest).expanduser()
-    with atomic_folder(dest) as tmp:
-        for source in sorted(folder.rglob("*")):
-            target = tmp / source.relative_to(folder)
-            if source.is_dir():
-                target.mkdir(exist_ok=True)
-            else:
-                shutil.copyfile(source, target)
-    return dest
-
-
 def describe_hub(hub: str | None = None) -> str:
     return hub_address(hub)
 
 
-__all__ += ["copy_snapshot", "describe_hub", "refuse_offline", "SORTS"]
+__all__ += ["describe_hub", "refuse_offline", "SORTS"]

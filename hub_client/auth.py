@@ -22,7 +22,7 @@ import stat
 import tempfile
 from pathlib import Path
 
-from peftkit.registry.paths import peftkit_home
+from peftkit.hub_rules.home import peftkit_home
 
 from .errors import HubAuthError
 

@@ -19,6 +19,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import AbstractSet, Any, Callable, Mapping, Sequence
 
+from peftkit.hub_rules.cards import ADAPTER_OF_TAG_PREFIX
+
 #: Called with the number of bytes just transferred (drives progress bars).
 ProgressCallback = Callable[[int], None]
 
@@ -111,7 +113,7 @@ class SearchQuery:
         """The Hub's tag conventions for these filters (``list_models(filter=...)``)."""
         tags = []
         if self.base_model:
-            tags.append(f"base_model:adapter:{self.base_model}")
+            tags.append(f"{ADAPTER_OF_TAG_PREFIX}{self.base_model}")
         if self.method:
             tags.append(self.method.lower())
         if self.dataset:

@@ -27,8 +27,8 @@ from urllib.parse import quote
 
 from peftkit.core.fileio import create_temp_folder, write_text_atomic
 from peftkit.core.offline import offline_setting as core_offline_setting
-from peftkit.registry.names import is_commit_sha
-from peftkit.registry.paths import peftkit_home
+from peftkit.hub_rules.home import peftkit_home
+from peftkit.hub_rules.names import is_commit_sha
 
 from .backend import RemoteFile
 from .errors import IntegrityError

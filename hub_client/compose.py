@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 from peftkit.core import composition
 from peftkit.core.composition import BASE_MODEL, Block, Node
 from peftkit.core.errors import CompositionError
-from peftkit.registry.cards import TASK_TYPE_TO_AUTO_CLASS
+from peftkit.hub_rules.cards import TASK_TYPE_TO_AUTO_CLASS
 
 from .backend import HubBackend
 from .errors import HubError
@@ -284,7 +284,7 @@ def check_members(model: Any, members: Sequence[Member], node: Node) -> None:
     from peftkit.core.model import AdaptedModel
     from peftkit.core.serialization import base_model_id, check_base_model, method_for
 
-    existing = dict(model._records) if isinstance(model, AdaptedModel) else {}
+    existing = model.adapter_records if isinstance(model, AdaptedModel) else {}
     shim = types.SimpleNamespace(base_model=_base_module(model))  # what check_base_model reads, without wrapping
     method_of: dict[str, Any] = {name: record.method for name, record in existing.items()}
     owner: dict[str, str] = {}
@@ -414,7 +414,7 @@ def apply(model: Any, plan_: Plan, *, trainable: bool = False) -> "AdaptedModel"
     fresh = not isinstance(model, AdaptedModel)
     flags = [(p, p.requires_grad) for p in model.parameters()]
     adapted = AdaptedModel(model) if fresh else model
-    state = adapted._peftkit_state
+    state = adapted.adapter_state
     previous = (state.active, state.active_names)
     added_adapters: list[str] = []
     added_fusions: list[str] = []
@@ -497,8 +497,8 @@ def load_with_plan(base_model: Any, spec: Any, hub: "str | HubBackend | None" = 
                    **model_kwargs: Any) -> tuple["AdaptedModel", Plan]:
     from peftkit.core.model import AdaptedModel
 
-    from .api import pull_snapshot
     from .resolve import open_hub
+    from .snapshot import pull_snapshot
 
     existing = list(base_model.adapters) if isinstance(base_model, AdaptedModel) else []
     the_plan = plan(spec, adapters=adapters, existing=existing)

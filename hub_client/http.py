@@ -22,11 +22,13 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 from urllib.parse import urlsplit
 
+from peftkit.hub_rules.cards import as_list
+
 from .auth import missing_token_message, redact, resolve_token
 from .backend import AdapterInfo, HubBackend, PushResult, RemoteFile, SearchQuery, already_holds
 from .errors import (HubAuthError, HubError, HubUnreachable, OfflineError, RepoNotFound,
                      RevisionNotFound)
-from .metadata import as_list, base_model_from, method_from_tags
+from .metadata import base_model_from, method_from_tags
 from .near_names import with_near_names
 from .upload_progress import upload_bar
 

@@ -4,6 +4,9 @@ No server and no token: the store lives in ``$PEFTKIT_HOME/hub`` (else
 ``~/.cache/peftkit/hub``), or in the folder of a ``local:/path`` /
 ``file:///path`` hub address. Search, revisions, private flags and download
 counts behave as on a registry server, because it is the same store.
+
+The one module of the hub client that imports the registry, and only its store
+(:mod:`peftkit.registry.store`, :mod:`peftkit.registry.errors`), never its server.
 """
 
 from __future__ import annotations
@@ -13,11 +16,11 @@ import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from peftkit.registry import RegistryStore
+from peftkit.hub_rules.cards import DOWNLOAD_COUNTING_FILES
+from peftkit.hub_rules.home import peftkit_home
+from peftkit.hub_rules.names import is_commit_sha
 from peftkit.registry import errors as registry_errors
-from peftkit.registry.cards import DOWNLOAD_COUNTING_FILES
-from peftkit.registry.names import is_commit_sha
-from peftkit.registry.paths import peftkit_home
+from peftkit.registry.store import RegistryStore
 
 from .backend import AdapterInfo, HubBackend, PushResult, RemoteFile, SearchQuery, already_holds
 from .errors import HubError, InvalidRepoRef, RepoNotFound, RevisionNotFound

@@ -1,13 +1,15 @@
 """Reading adapter metadata out of a hub's tags and card data.
 
 The conventions are the Hub's (and so the registry's, see
-``peftkit.registry.cards``): ``base_model`` in the card, tags
+``peftkit.hub_rules.cards``): ``base_model`` in the card, tags
 ``base_model:adapter:<id>`` and the method name, ``pipeline_tag`` for the task.
 """
 
 from __future__ import annotations
 
 from typing import Any, Iterable
+
+from peftkit.hub_rules.cards import ADAPTER_OF_TAG_PREFIX, as_list
 
 #: PEFT's method tags, known even when no peftkit plugin provides them.
 PEFT_METHODS = ("lora", "ia3", "prefix_tuning", "prompt_tuning", "p_tuning", "adalora", "loha", "lokr", "oft",
@@ -31,19 +33,9 @@ def method_from_tags(tags: Iterable[str]) -> str | None:
     return next((t for t in tags if t.lower() in known), None)
 
 
-def as_list(value: Any) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [value] if value.strip() else []
-    if isinstance(value, (list, tuple)):
-        return [str(v) for v in value if v is not None and str(v).strip()]
-    return [str(value)]
-
-
 def base_model_from(card: dict[str, Any], tags: Iterable[str]) -> str | None:
     bases = as_list(card.get("base_model"))
     if bases:
         return bases[0]
-    prefix = "base_model:adapter:"
+    prefix = ADAPTER_OF_TAG_PREFIX
     return next((t[len(prefix):] for t in tags if t.startswith(prefix)), None)

@@ -27,13 +27,14 @@ import re
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
+from peftkit.hub_rules.names import repo_id_problem, revision_problem
+
 from .backend import HubBackend
 from .errors import InvalidRepoRef
 
 LOCAL_NAMES = frozenset({"local", "embedded"})
 HF_NAMES = frozenset({"hf", "huggingface", "hf.co", "huggingface.co"})
 _SCHEME = re.compile(r"^([a-z][a-z0-9+.-]*)://", re.I)
-_REVISION = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_./-]*$")
 
 
 @dataclass(frozen=True)
@@ -57,24 +58,21 @@ class RepoRef:
 
 def parse_ref(text: str, revision: str | None = None) -> RepoRef:
     """Parse ``alice/ner`` or ``alice/ner@v2``; ``revision`` overrides an absent ``@``."""
-    from peftkit.registry import errors as registry_errors
-    from peftkit.registry.names import split_repo_id
-
     if not isinstance(text, str) or not text.strip():
         raise InvalidRepoRef("a repo reference is empty; write it as namespace/name[@revision], e.g. alice/ner@v2")
     text = text.strip()
     repo_id, sep, rev = text.partition("@")
     if sep and not rev:
         raise InvalidRepoRef(f"{text!r} ends with '@': name a branch or commit after it, e.g. {repo_id}@main")
-    try:
-        split_repo_id(repo_id)
-    except registry_errors.RegistryError as exc:
-        raise InvalidRepoRef(exc.message) from None
+    problem = repo_id_problem(repo_id)
+    if problem:
+        raise InvalidRepoRef(problem)
     if sep and revision is not None and revision != rev:
         raise InvalidRepoRef(f"{text!r} names revision {rev!r} but revision={revision!r} was passed too; give one")
     rev = rev if sep else revision
-    if rev is not None and (not _REVISION.match(rev) or ".." in rev or len(rev) > 200):
-        raise InvalidRepoRef(f"invalid revision {rev!r} in {text!r}: use a branch name or a 40-hex commit sha")
+    problem = None if rev is None else revision_problem(rev)
+    if problem:
+        raise InvalidRepoRef(f"{problem} (in {text!r})")
     return RepoRef(repo_id, rev or None)
 
 

@@ -26,7 +26,7 @@ from typing import Any
 from peftkit.core.adapterhub_format import SAFE_WEIGHTS_NAME as ADAPTERHUB_WEIGHTS
 from peftkit.core.adapterhub_format import is_adapterhub_config
 from peftkit.core.card import card_metadata, read_card_metadata, render_card
-from peftkit.registry.cards import TASK_TYPE_TO_PIPELINE, split_front_matter
+from peftkit.hub_rules.cards import ADAPTER_OF_TAG_PREFIX, TASK_TYPE_TO_PIPELINE, split_front_matter
 
 from .errors import BaseModelWarning, HubError
 
@@ -241,7 +241,7 @@ def _merged_meta(new: dict[str, Any], old: dict[str, Any], options: CardOptions)
     tags = list(meta.get("tags") or [])
     for tag in old_tags:
         tag = str(tag)
-        if tag.startswith("base_model:adapter:") and new.get("base_model"):
+        if tag.startswith(ADAPTER_OF_TAG_PREFIX) and new.get("base_model"):
             continue  # the base model recorded now replaces the old one
         if tag.startswith("task:") and options.task:
             continue

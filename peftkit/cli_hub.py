@@ -143,8 +143,8 @@ def pull_command(ref: str, hub: str | None, revision: str | None, out: str | Non
 
     Offline (PEFTKIT_OFFLINE=1 or HF_HUB_OFFLINE=1) it is served from the cache.
     """
-    from peftkit.hub_client.api import copy_snapshot, pull_snapshot
     from peftkit.hub_client.resolve import open_hub, parse_ref
+    from peftkit.hub_client.snapshot import copy_snapshot, pull_snapshot
 
     backend = open_hub(hub, token=_token(token_file))
     try:

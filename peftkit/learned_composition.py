@@ -99,10 +99,10 @@ def _searched(search: Mapping[str, Any], base: Any, hub: Any, token: str | None,
 
 def _fetch(refs: Sequence[str], hub: Any, token: str | None, progress: bool) -> list[Candidate]:
     """Each candidate's folder: a local adapter folder as it is, a hub id pulled into the cache."""
-    from peftkit.hub_client.api import pull_snapshot
     from peftkit.hub_client.backend import HubBackend
     from peftkit.hub_client.compose import member_names
     from peftkit.hub_client.resolve import open_hub, parse_ref
+    from peftkit.hub_client.snapshot import pull_snapshot
 
     local = [r for r in refs if Path(r).is_dir()]
     remote = [parse_ref(r) for r in refs if r not in local]

@@ -12,30 +12,22 @@
 Nothing here imports torch or transformers.
 """
 
-from .accounts import Accounts, Principal, TokenInfo
-from .blobs import StagedBlob
-from .errors import (
-    BadRequest,
-    Conflict,
-    EntryNotFound,
-    Forbidden,
-    InvalidPath,
-    InvalidRepoId,
-    InvalidRevision,
-    MalformedPayload,
-    NotFound,
-    ParentCommitMismatch,
-    PayloadTooLarge,
-    RegistryError,
-    RepoExists,
-    RepoNotFound,
-    RevisionNotFound,
-    Unauthorized,
-)
-from .hub_api import ApiConfig, HubApi
-from .paths import default_data_dir
-from .server import RunningServer, ServerOptions, serve, start_server
-from .store import DEFAULT_BRANCH, CommitInfo, FileEntry, RegistryStore, RepoInfo
+import importlib
+from typing import Any
+
+# Names load on first use, so importing one module (the embedded hub imports
+# only the store) does not import the HTTP server with it.
+_WHERE = {
+    **dict.fromkeys(("Accounts", "Principal", "TokenInfo"), "accounts"),
+    "StagedBlob": "blobs",
+    **dict.fromkeys(("BadRequest", "Conflict", "EntryNotFound", "Forbidden", "InvalidPath", "InvalidRepoId",
+                     "InvalidRevision", "MalformedPayload", "NotFound", "ParentCommitMismatch", "PayloadTooLarge",
+                     "RegistryError", "RepoExists", "RepoNotFound", "RevisionNotFound", "Unauthorized"), "errors"),
+    **dict.fromkeys(("ApiConfig", "HubApi"), "hub_api"),
+    "default_data_dir": "paths",
+    **dict.fromkeys(("RunningServer", "ServerOptions", "serve", "start_server"), "server"),
+    **dict.fromkeys(("DEFAULT_BRANCH", "CommitInfo", "FileEntry", "RegistryStore", "RepoInfo"), "store"),
+}
 
 __all__ = [
     "Accounts",
@@ -71,3 +63,10 @@ __all__ = [
     "serve",
     "start_server",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'peftkit.registry' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"peftkit.registry.{module}"), name)

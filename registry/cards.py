@@ -8,7 +8,7 @@ Sources, in the order the Hub and PEFT use them:
 * ``adapter_config.json`` (PEFT's format): ``peft_type`` -> method (lower-cased),
   ``base_model_name_or_path``, ``task_type``; and peftkit's own record, with
   ``method``/``task``, when present (its method wins over ``peft_type``): the
-  config's ``peftkit`` key, else ``peftkit.json`` (:data:`PEFTKIT_RECORD_FILE`,
+  config's ``peftkit`` key, else ``peftkit.json`` (``PEFTKIT_RECORD_FILE`` of :mod:`peftkit.hub_rules.cards`,
   where peftkit keeps it for methods in PEFT's format, which warns about keys
   it does not know).
 
@@ -21,109 +21,18 @@ task (``text-generation``), ``base_model:<id>`` and ``base_model:adapter:<id>``,
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
-# PEFT task types -> the Hub's pipeline tags.
-TASK_TYPE_TO_PIPELINE = {
-    "CAUSAL_LM": "text-generation",
-    "SEQ_2_SEQ_LM": "text2text-generation",
-    "SEQ_CLS": "text-classification",
-    "TOKEN_CLS": "token-classification",
-    "QUESTION_ANS": "question-answering",
-    "FEATURE_EXTRACTION": "feature-extraction",
-}
-
-# PEFT task types -> the transformers Auto class that loads the base model.
-TASK_TYPE_TO_AUTO_CLASS = {
-    "CAUSAL_LM": "AutoModelForCausalLM",
-    "SEQ_CLS": "AutoModelForSequenceClassification",
-    "TOKEN_CLS": "AutoModelForTokenClassification",
-    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
-    "QUESTION_ANS": "AutoModelForQuestionAnswering",
-    "FEATURE_EXTRACTION": "AutoModel",
-}
-
-# Files whose GET counts as one download of the repo (the Hub counts config files too).
-DOWNLOAD_COUNTING_FILES = frozenset(
-    {"adapter_config.json", "config.json", "fusion_config.json", "composition.json"}
+from peftkit.hub_rules.cards import (
+    ADAPTER_OF_TAG_PREFIX,
+    CardError,
+    TASK_TYPE_TO_PIPELINE,
+    as_list,
+    split_front_matter,
 )
 
 MAX_INDEXED_BODY_CHARS = 20_000
-
-#: peftkit's own record of an adapter in PEFT's format, beside its adapter_config.json.
-PEFTKIT_RECORD_FILE = "peftkit.json"
-
-# YAML front matter is attacker-controlled: bounded in size and nesting, and
-# aliases (``*name``, which let a few bytes expand into gigabytes: "billion
-# laughs") are refused, so parsing costs linear time and memory in what was sent.
-MAX_FRONT_MATTER_BYTES = 128 * 1024
-MAX_FRONT_MATTER_DEPTH = 32
-
-_FRONT_MATTER_RE = re.compile(r"\A---[ \t]*\r?\n(.*?)(?:\r?\n)?^---[ \t]*$", re.DOTALL | re.MULTILINE)
-
-
-class CardError(ValueError):
-    """The README's front matter is not valid YAML or not a mapping."""
-
-
-def split_front_matter(text: str) -> tuple[dict[str, Any], str]:
-    """Return ``(metadata, body)``; metadata is ``{}`` when there is no front matter.
-
-    Raises :class:`CardError` naming the problem when the block exists but
-    does not parse to a mapping.
-    """
-    text = text.lstrip("\ufeff")
-    match = _FRONT_MATTER_RE.match(text)
-    if not match:
-        return {}, text
-    block = match.group(1)
-    body = text[match.end() :].lstrip("\r\n")
-    size = len(block.encode("utf-8"))
-    if size > MAX_FRONT_MATTER_BYTES:
-        raise CardError(
-            f"README.md front matter is {size} bytes; at most {MAX_FRONT_MATTER_BYTES} are accepted: "
-            "move long content (tables, eval results) into the card's body below the closing '---'"
-        )
-    import yaml  # lazily: only cards need it, and server start-up stays fast
-
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when built with it: ~10x faster
-    try:
-        _check_bounded(yaml, block, loader)
-        data = yaml.load(block, Loader=loader) if block.strip() else {}  # noqa: S506 - a safe loader
-    except CardError:
-        raise
-    except yaml.YAMLError as exc:
-        raise CardError(f"README.md front matter is not valid YAML: {exc}") from None
-    except (ValueError, OverflowError, RecursionError) as exc:  # e.g. an integer of 5,000 digits
-        raise CardError(f"README.md front matter has a value that cannot be read: {exc}") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise CardError(
-            f"README.md front matter must be a YAML mapping (key: value lines), got {type(data).__name__}"
-        )
-    return _jsonable(data), body
-
-
-def _check_bounded(yaml: Any, block: str, loader: Any) -> None:
-    """Refuse aliases and deep nesting, from the parser's events (one linear pass, nothing built)."""
-    depth = 0
-    for event in yaml.parse(block, Loader=loader):
-        if isinstance(event, yaml.AliasEvent):
-            raise CardError(
-                f"README.md front matter uses the YAML alias '*{event.anchor}'; aliases (and '<<' merges) are "
-                "not accepted: write the value out in full"
-            )
-        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
-            depth += 1
-            if depth > MAX_FRONT_MATTER_DEPTH:
-                raise CardError(
-                    f"README.md front matter nests deeper than {MAX_FRONT_MATTER_DEPTH} levels; flatten it"
-                )
-        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
-            depth -= 1
 
 
 def _json_object(raw: bytes | None) -> dict[str, Any]:
@@ -135,17 +44,6 @@ def _json_object(raw: bytes | None) -> dict[str, Any]:
     except (UnicodeDecodeError, json.JSONDecodeError):
         return {}
     return loaded if isinstance(loaded, dict) else {}
-
-
-def _jsonable(value: Any) -> Any:
-    """YAML can yield dates and other objects; keep what JSON can carry."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    return str(value)
 
 
 def validate_card(text: str) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
@@ -168,16 +66,6 @@ def validate_card(text: str) -> tuple[list[dict[str, str]], list[dict[str, str]]
         if value is not None and not isinstance(value, str):
             errors.append({"message": f"'{key}' must be a string"})
     return errors, warnings
-
-
-def _as_list(value: Any) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [value] if value.strip() else []
-    if isinstance(value, list):
-        return [str(v) for v in value if v is not None and str(v).strip()]
-    return [str(value)]
 
 
 def _looks_like_hub_id(name: str) -> bool:
@@ -280,14 +168,14 @@ def extract_metadata(readme: bytes | None, adapter_config: bytes | None,
     elif meta.library_name is None and config:
         meta.library_name = "peftkit"
 
-    base_models = _as_list(card.get("base_model"))
+    base_models = as_list(card.get("base_model"))
     cfg_base = config.get("base_model_name_or_path")
     if not base_models and isinstance(cfg_base, str) and _looks_like_hub_id(cfg_base):
         base_models = [cfg_base]
-    card_tags = _as_list(card.get("tags"))
+    card_tags = as_list(card.get("tags"))
     for tag in card_tags:  # a card may carry only the tag form
-        if tag.startswith("base_model:adapter:"):
-            base_models.append(tag[len("base_model:adapter:") :])
+        if tag.startswith(ADAPTER_OF_TAG_PREFIX):
+            base_models.append(tag[len(ADAPTER_OF_TAG_PREFIX) :])
     meta.base_models = _dedupe(base_models)
 
     # peftkit's own method name is authoritative: a peftkit method saved in
@@ -314,7 +202,7 @@ def extract_metadata(readme: bytes | None, adapter_config: bytes | None,
     meta.tasks = _dedupe(tasks)
     meta.pipeline_tag = pipeline_tag
 
-    meta.datasets = _dedupe(_as_list(card.get("datasets")))
+    meta.datasets = _dedupe(as_list(card.get("datasets")))
 
     tags = list(card_tags)
     if meta.library_name:
@@ -327,11 +215,11 @@ def extract_metadata(readme: bytes | None, adapter_config: bytes | None,
     for base in meta.base_models:
         tags.append(f"base_model:{base}")
         if meta.is_adapter:
-            tags.append(f"base_model:adapter:{base}")
+            tags.append(f"{ADAPTER_OF_TAG_PREFIX}{base}")
     tags += [f"dataset:{d}" for d in meta.datasets]
-    for lic in _as_list(card.get("license")):
+    for lic in as_list(card.get("license")):
         tags.append(f"license:{lic}")
-    tags += _as_list(card.get("language"))
+    tags += as_list(card.get("language"))
     meta.tags = _dedupe(tags)
     return meta
 

@@ -22,9 +22,12 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import parse_qs, quote, unquote, urlencode
 
+from peftkit.hub_rules.cards import DOWNLOAD_COUNTING_FILES
+from peftkit.hub_rules.names import is_commit_sha
+
 from .accounts import Principal
 from .blobs import StagedBlob
-from .cards import DOWNLOAD_COUNTING_FILES, validate_card
+from .cards import validate_card
 from .content_safety import file_headers
 from .errors import (
     BadRequest,
@@ -37,7 +40,7 @@ from .errors import (
     RepoNotFound,
     Unauthorized,
 )
-from .names import is_commit_sha, split_repo_id, validate_path, validate_revision
+from .names import split_repo_id, validate_path, validate_revision
 from .payloads import parse_commit, parse_json_object, parse_preupload
 from .serialize import commit_json, file_item, folder_item, model_json, refs_json, tree_json
 from .store import RegistryStore, RepoInfo

@@ -9,35 +9,26 @@ from __future__ import annotations
 
 import re
 
+from peftkit.hub_rules.names import (
+    branch_problem,
+    is_commit_sha,
+    name_problem,
+    repo_id_problem,
+    revision_problem,
+)
+
 from .errors import InvalidPath, InvalidRepoId, InvalidRevision
 
-MAX_NAME_LENGTH = 96
 MAX_PATH_LENGTH = 1024
-MAX_BRANCH_LENGTH = 200
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?$")
-_COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
-_BRANCH_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_./-]*$")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
-
-NAME_RULES = (
-    "letters, digits, '-', '_' and '.', starting and ending with a letter, digit or '_', "
-    f"no '--' or '..', at most {MAX_NAME_LENGTH} characters"
-)
 
 
 def validate_name(name: str, what: str = "name") -> str:
     """Check one half of a repo id (or a user/org name) and return it."""
-    if not isinstance(name, str) or not name:
-        raise InvalidRepoId(f"{what} is empty; use {NAME_RULES}")
-    if (
-        len(name) > MAX_NAME_LENGTH
-        or not _NAME_RE.match(name)
-        or "--" in name
-        or ".." in name
-        or name.endswith(".git")
-    ):
-        raise InvalidRepoId(f"invalid {what} {name!r}: use {NAME_RULES}")
+    problem = name_problem(name, what)
+    if problem:
+        raise InvalidRepoId(problem)
     return name
 
 
@@ -66,13 +57,10 @@ def validate_account_name(name: str, what: str = "user name") -> str:
 
 def split_repo_id(repo_id: str) -> tuple[str, str]:
     """Split ``namespace/name`` and validate both halves."""
-    if not isinstance(repo_id, str) or repo_id.count("/") != 1:
-        raise InvalidRepoId(
-            f"invalid repo id {repo_id!r}: expected 'namespace/name' (for example 'alice/lora-sentiment')"
-        )
+    problem = repo_id_problem(repo_id)
+    if problem:
+        raise InvalidRepoId(problem)
     namespace, name = repo_id.split("/")
-    validate_name(namespace, "namespace")
-    validate_name(name, "repo name")
     return namespace, name
 
 
@@ -110,29 +98,11 @@ def validate_folder(path: str) -> str:
     return stripped
 
 
-def is_commit_sha(revision: str) -> bool:
-    return bool(_COMMIT_RE.match(revision))
-
-
 def validate_branch(name: str) -> str:
-    if (
-        not isinstance(name, str)
-        or not name
-        or len(name) > MAX_BRANCH_LENGTH
-        or not _BRANCH_RE.match(name)
-        or ".." in name
-        or "//" in name
-        or name.endswith(("/", ".", ".lock"))
-        or is_commit_sha(name)
-    ):
-        raise InvalidRevision(
-            f"invalid branch name {name!r}: use letters, digits, '-', '_', '.' and '/', "
-            "not a 40-hex string, no '..'"
-        )
+    problem = branch_problem(name)
+    if problem:
+        raise InvalidRevision(problem)
     return name
-
-
-TAG_PREFIX = "refs/tags/"
 
 
 def validate_revision(revision: str) -> str:
@@ -140,26 +110,17 @@ def validate_revision(revision: str) -> str:
 
     ``refs/heads/`` is dropped (a bare name means a branch first); ``refs/tags/`` is kept.
     """
-    if isinstance(revision, str) and is_commit_sha(revision):
-        return revision
-    if isinstance(revision, str) and revision.startswith("refs/heads/"):
-        revision = revision[len("refs/heads/") :]
-    try:
-        if isinstance(revision, str) and revision.startswith(TAG_PREFIX):
-            return TAG_PREFIX + validate_branch(revision[len(TAG_PREFIX) :])
-        return validate_branch(revision)
-    except InvalidRevision:
-        raise InvalidRevision(
-            f"invalid revision {revision!r}: give a branch or tag name such as 'main' or 'v1.0', "
-            "or a full 40-hex commit sha"
-        ) from None
+    problem = revision_problem(revision)
+    if problem:
+        raise InvalidRevision(problem)
+    if not is_commit_sha(revision) and revision.startswith("refs/heads/"):
+        return revision[len("refs/heads/") :]
+    return revision
 
 
 def validate_tag(name: str) -> str:
     """A tag name follows the branch name rules (it shares their namespace of revisions)."""
-    try:
-        return validate_branch(name)
-    except InvalidRevision:
-        raise InvalidRevision(
-            f"invalid tag name {name!r}: use letters, digits, '-', '_', '.' and '/', not a 40-hex string, no '..'"
-        ) from None
+    problem = branch_problem(name, "tag name")
+    if problem:
+        raise InvalidRevision(problem)
+    return name

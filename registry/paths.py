@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-
-def peftkit_home() -> Path:
-    """``$PEFTKIT_HOME``, else ``~/.cache/peftkit``."""
-    home = os.environ.get("PEFTKIT_HOME")
-    return Path(home).expanduser() if home else Path.home() / ".cache" / "peftkit"
+from peftkit.hub_rules.home import peftkit_home
 
 
 def default_data_dir() -> Path:

@@ -21,9 +21,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from peftkit.hub_rules.names import is_commit_sha
+
 from .blobs import StagedBlob
 from .errors import MalformedPayload, PayloadTooLarge
-from .names import is_commit_sha, validate_folder, validate_path
+from .names import validate_folder, validate_path
 
 
 @dataclass

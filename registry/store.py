@@ -45,9 +45,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Union
 
+from peftkit.hub_rules.cards import PEFTKIT_RECORD_FILE
+from peftkit.hub_rules.names import TAG_PREFIX, is_commit_sha
+
 from .accounts import Accounts
 from .blobs import BlobStore, StagedBlob
-from .cards import PEFTKIT_RECORD_FILE, RepoMetadata, extract_metadata, normalize_task
+from .cards import RepoMetadata, extract_metadata, normalize_task
 from .database_url import open_database
 from .pg_schema import document_of, tsquery_of
 from .folders import clash, folder_set, under_any
@@ -65,8 +68,6 @@ from .errors import (
 )
 from .hashing import commit_oid, tree_oid
 from .names import (
-    TAG_PREFIX,
-    is_commit_sha,
     split_repo_id,
     validate_branch,
     validate_folder,

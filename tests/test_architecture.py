@@ -113,12 +113,12 @@ def modules() -> dict[str, Module]:
 
 
 def _part(name: str) -> str:
-    """The architecture part a peftkit module belongs to: core, plugins, hub_client, registry or face."""
+    """The architecture part a peftkit module belongs to: core, plugins, hub_client, hub_rules, registry or face."""
     if name == PLUGIN_API:
         return "plugin_api"
     if name == EXAMPLE_PLUGIN[0] or name.startswith(EXAMPLE_PLUGIN[0] + "."):
         return "plugins"
-    for part in ("core", "plugins", "hub_client", "registry"):
+    for part in ("core", "plugins", "hub_client", "hub_rules", "registry"):
         prefix = f"peftkit.{part}"
         if name == prefix or name.startswith(prefix + "."):
             return part
@@ -140,7 +140,7 @@ def _violations(modules: dict[str, Module], part: str, refused) -> list[str]:
 
 def test_the_parts_are_found(modules):
     parts = {_part(name) for name in modules}
-    assert parts == {"face", "plugin_api", "core", "plugins", "hub_client", "registry"}
+    assert parts == {"face", "plugin_api", "core", "plugins", "hub_client", "hub_rules", "registry"}
     assert {"peftkit.core.plugins", "peftkit.plugins.lora.method", "peftkit.registry.hub_api",
             "peftkit.hub_client.api", "peftkit_loha.method"} <= set(modules)
     # Function-level and relative imports are read: core.method imports the registry inside parse_spec.
@@ -148,14 +148,47 @@ def test_the_parts_are_found(modules):
 
 
 def test_core_never_imports_hub_client_registry_or_the_face(modules):
-    assert _violations(modules, "core", lambda m, t: _part(t) in ("hub_client", "registry", "face", "plugin_api",
-                                                                  "plugins")) == []
+    assert _violations(modules, "core", lambda m, t: _part(t) in ("hub_client", "hub_rules", "registry", "face",
+                                                                  "plugin_api", "plugins")) == []
 
 
 def test_registry_never_imports_torch_or_the_rest_of_peftkit(modules):
     heavy = ("torch", "transformers", "safetensors", "peft")
     assert _violations(modules, "registry", lambda m, t: _top(t) in heavy
                        or _part(t) in ("core", "plugins", "face", "plugin_api", "hub_client")) == []
+
+
+#: The one hub client module that may import the registry, and what of it: the embedded hub is a registry
+#: store used in-process. Nothing else of the hub client imports the registry (never its server).
+EMBEDDED_HUB = ("peftkit.hub_client.local", {"peftkit.registry.store", "peftkit.registry.errors"})
+
+
+def test_the_hub_client_imports_only_the_registry_store(modules):
+    def refused(m: Module, target: str) -> bool:
+        if _part(target) != "registry":
+            return False
+        return m.name != EMBEDDED_HUB[0] or target not in EMBEDDED_HUB[1]
+
+    assert _violations(modules, "hub_client", refused) == []
+
+
+def test_the_hub_rules_import_nothing_of_peftkit(modules):
+    """What the hub client and the registry share (name rules, card fields, the data folder) depends on neither."""
+    def refused(m: Module, target: str) -> bool:
+        return not (_part(target) == "hub_rules" or _top(target) == "yaml" or _top(target) in sys.stdlib_module_names)
+
+    assert _violations(modules, "hub_rules", refused) == []
+
+
+def test_the_architecture_test_catches_a_hub_client_importing_the_registry(modules):
+    fake = Module("peftkit.hub_client.fake", ROOT / "hub_client" / "fake.py", False,
+                  imports=[("peftkit.registry.names", ("is_commit_sha",), 1, False)])
+    local = Module(EMBEDDED_HUB[0], ROOT / "hub_client" / "local.py", False,
+                   imports=[("peftkit.registry", ("RegistryStore",), 1, False)])
+    with pytest.raises(AssertionError):
+        test_the_hub_client_imports_only_the_registry_store({"peftkit.hub_client.fake": fake})
+    with pytest.raises(AssertionError):  # the package's __init__ would import the server too
+        test_the_hub_client_imports_only_the_registry_store({EMBEDDED_HUB[0]: local})
 
 
 def _plugin_package(name: str) -> str:
@@ -310,6 +343,12 @@ def test_the_cli_and_training_modules_are_in_no_import_cycle(modules):
     cycles = import_cycles(import_graph(modules))
     face = ("peftkit.cli", "peftkit.training", "peftkit.adapter_trainer")
     assert [c for c in cycles if any(n.startswith(face) for n in c)] == []
+
+
+def test_the_hub_client_and_its_shared_rules_are_in_no_import_cycle(modules):
+    """hub_client.api and hub_client.compose both use hub_client.snapshot (a pull into the cache)."""
+    cycles = import_cycles(import_graph(modules))
+    assert [c for c in cycles if any(_part(n) in ("hub_client", "hub_rules") for n in c)] == []
 
 
 if __name__ == "__main__":  # python tests/test_architecture.py: print today's import cycles

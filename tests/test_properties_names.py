@@ -20,8 +20,10 @@ from peftkit.core.card import card_metadata, read_card_metadata, render_card
 from peftkit.core.errors import ConfigError
 from peftkit.hub_client.errors import InvalidRepoRef
 from peftkit.hub_client.resolve import RepoRef, parse_ref
+from peftkit.hub_rules.cards import CardError, split_front_matter
+from peftkit.hub_rules.names import MAX_NAME_LENGTH, is_commit_sha
 from peftkit.registry import names
-from peftkit.registry.cards import CardError, extract_metadata, split_front_matter, validate_card
+from peftkit.registry.cards import extract_metadata, validate_card
 from peftkit.registry.errors import InvalidPath, InvalidRepoId, InvalidRevision
 
 BOUNDED = settings(max_examples=100, deadline=None, database=None,
@@ -31,7 +33,7 @@ _NAME = st.from_regex(r"[A-Za-z0-9_]([A-Za-z0-9_.\-]{0,20}[A-Za-z0-9_])?", fullm
     lambda n: "--" not in n and ".." not in n and not n.endswith(".git"))
 _BRANCH = st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,10}(/[A-Za-z0-9_][A-Za-z0-9_.\-]{0,10}){0,2}",
                         fullmatch=True).filter(
-    lambda b: ".." not in b and not b.endswith((".", ".lock")) and not names.is_commit_sha(b))
+    lambda b: ".." not in b and not b.endswith((".", ".lock")) and not is_commit_sha(b))
 _SHA = st.text("0123456789abcdef", min_size=40, max_size=40)
 # Text near the grammar's alphabet reaches the edge cases; arbitrary unicode checks the rest.
 _NEAR = st.sampled_from(list("ab_-./@:\\ 0f9\x00\n~%Gé"))
@@ -67,6 +69,8 @@ def test_any_repo_reference_is_read_or_refused_with_invalid_repo_ref(text, revis
         assert str(exc)
         return
     namespace, name = names.split_repo_id(ref.repo_id)  # what parse_ref accepts the registry accepts too
+    if ref.revision is not None:
+        names.validate_revision(ref.revision)  # one rule for revisions too (peftkit.hub_rules.names)
     assert parse_ref(str(ref)) == ref
 
 
@@ -105,7 +109,7 @@ def test_any_name_is_accepted_as_is_or_refused_with_invalid_repo_id(text):
             assert exc.status == 400 and exc.message
             continue
         for part in text.split("/"):
-            assert 0 < len(part) <= names.MAX_NAME_LENGTH
+            assert 0 < len(part) <= MAX_NAME_LENGTH
             assert "--" not in part and ".." not in part and not part.startswith((".", "-"))
             assert all(c.isascii() and (c.isalnum() or c in "_.-") for c in part)
 

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from tests.registry_conftest_helpers import hf_online, running_registry  # noqa: F401
 
 from peftkit.registry import ApiConfig, RegistryStore, start_server
-from peftkit.registry.cards import MAX_FRONT_MATTER_BYTES
+from peftkit.hub_rules.cards import MAX_FRONT_MATTER_BYTES
 from peftkit.registry.cli import registry_group
 from peftkit.registry.hub_api import HubApi, Request
 

@@ -30,11 +30,13 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
+from peftkit.hub_rules.cards import CardError, split_front_matter
+from peftkit.hub_rules.names import is_commit_sha
+
 from ..accounts import Principal
-from ..cards import CardError, split_front_matter
 from ..errors import BadRequest, NotFound, RegistryError, RepoNotFound, Unauthorized
 from ..hub_api import HubApi, Request, Response
-from ..names import is_commit_sha, split_repo_id, validate_name, validate_path, validate_revision
+from ..names import split_repo_id, validate_name, validate_path, validate_revision
 from ..store import DEFAULT_BRANCH, FileEntry, RepoInfo
 from .card_markdown import MAX_CARD_BYTES, CardRenderer
 from .facts import FactsReader

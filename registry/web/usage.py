@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..cards import TASK_TYPE_TO_AUTO_CLASS
+from peftkit.hub_rules.cards import TASK_TYPE_TO_AUTO_CLASS
+
 
 @dataclass(frozen=True)
 class Snippet:
