@@ -35,7 +35,9 @@ PYTHON = VENV / "bin" / "python"
 ATOL = 1e-5
 
 LOADED = ["bert_double_seq_bn", "bert_double_seq_bn_ln_learned_bin", "bert_seq_bn", "bert_seq_bn_leave_out",
-          "bert_par_bn", "bert_lora", "bert_ia3", "roberta_ia3_qv", "roberta_double_seq_bn", "roberta_lora"]
+          "bert_par_bn", "bert_lora", "bert_ia3", "roberta_ia3_qv", "roberta_double_seq_bn", "roberta_lora",
+          "bert_pfeiffer", "bert_pfeiffer_post_add_ln_before", "bert_pfeiffer_normed_ln_after",
+          "bert_seq_bn_ln_after", "roberta_double_seq_bn_original_ln", "bert_par_bn_ln_after"]
 
 
 def _run(args: list[str], timeout: int) -> None:
@@ -90,10 +92,15 @@ def test_adapters_folder_loads_with_the_same_outputs(fixtures: Path, name: str) 
     torch.testing.assert_close(ours, _expected(case), atol=ATOL, rtol=0)
 
 
-def test_pfeiffer_with_the_model_layernorm_first_is_refused_by_name(fixtures: Path) -> None:
+def test_skipping_the_model_layernorm_after_the_adapter_is_refused_by_name(fixtures: Path, tmp_path: Path) -> None:
     case = fixtures / "bert_pfeiffer"
-    with pytest.raises(AdapterLoadError, match="original_ln_before=true"):
-        peftkit.from_pretrained(_base(case), str(case / "adapter"))
+    folder = tmp_path / "adapter_plus"
+    shutil.copytree(case / "adapter", folder)
+    data = json.loads((folder / "adapter_config.json").read_text())
+    data["config"]["original_ln_after"] = False  # as AdapterPlusConfig saves it
+    (folder / "adapter_config.json").write_text(json.dumps(data))
+    with pytest.raises(AdapterLoadError, match="original_ln_after=false"):
+        peftkit.from_pretrained(_base(case), str(folder))
 
 
 def test_saved_in_adapters_format_loads_in_adapters_with_the_same_outputs(fixtures: Path, tmp_path: Path) -> None:
@@ -108,6 +115,8 @@ def test_saved_in_adapters_format_loads_in_adapters_with_the_same_outputs(fixtur
     made = {"made_double_seq_bn": ("bert_double_seq_bn", "double_seq_bn[reduction_factor=8,init_weights=false,"
                                                           "ln_before=true,non_linearity=gelu_new]"),
             "made_par_bn": ("roberta_double_seq_bn", "par_bn[init_weights=false,scaling=learned]"),
+            "made_pfeiffer": ("bert_pfeiffer", "seq_bn[init_weights=false,original_ln_before=true,ln_after=true,"
+                                               "original_ln_residual=sum,ln_after_includes_residual=true]"),
             "made_lora": ("bert_lora", "lora[r=4,alpha=16,target_modules=[query,key],init_weights=false]"),
             "made_ia3": ("bert_ia3", "ia3[target_modules=[value,intermediate.dense],feedforward_modules=[],"
                                      "init_ia3_weights=false]")}

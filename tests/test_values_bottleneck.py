@@ -103,3 +103,52 @@ def test_parallel_bottleneck_reads_the_block_input_and_adds_to_its_output(option
     z = _layer_norm(source, t["adapter_norm.weight"], t["adapter_norm.bias"]) if "ln_before" in options else source
     expected = h + _branch(t, z, "relu", 0.25 if "scaling" in options else 4.0)  # par_bn's default scaling: 4
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def _model_norm_of(site: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+    model = build_tiny("bert")
+    norm = model.get_submodule(site.rpartition(".")[0] + ".LayerNorm")
+    return norm.weight.detach(), norm.bias.detach(), norm.eps
+
+
+@pytest.mark.parametrize("options, formula", [
+    ("original_ln_before=true", "h + s*f(LNm(h + r))"),
+    ("original_ln_before=true,original_ln_residual=sum", "h + r + s*f(LNm(h + r))"),
+    ("original_ln_before=true,original_ln_residual=normed", "LNm(h + r) + s*f(LNm(h + r))"),
+    ("original_ln_before=true,ln_before=true", "h + s*f(LN(LNm(h + r)))"),
+    ("ln_after=true", "h + LNa(s*f(h))"),
+    ("ln_after=true,ln_after_includes_residual=true", "LNa(h + s*f(h))"),
+    ("original_ln_before=true,ln_after=true,ln_after_includes_residual=true", "LNa(h + s*f(LNm(h + r)))"),
+])
+def test_layernorm_placements_equal_their_formula(options, formula):
+    """AdapterHub's placements around the model's own LayerNorm (LNm, after the site, with the block's
+    residual input r) and the adapter's LayerNorm after the branch (LNa)."""
+    t, r, h, out = _site_values(f"seq_bn[reduction_factor=4,{options}]")
+    if "original_ln_before" in options:
+        assert r.shape == h.shape and not torch.equal(r, h)  # r: the feed-forward block's input
+    weight, bias, eps = _model_norm_of(SITE)  # the base weights are not trained: as built
+    z = skip = h
+    if "original_ln_before" in options:
+        z = _layer_norm(h + r, weight, bias, eps)
+        skip = {"sum": h + r, "normed": z}.get(options.rpartition("original_ln_residual=")[2].split(",")[0], h)
+    if ",ln_before=true" in "," + options:
+        z = _layer_norm(z, t["adapter_norm.weight"], t["adapter_norm.bias"])
+    branch = _branch(t, z, "relu", 1.0)
+    if "ln_after=true" not in options:
+        expected = skip + branch
+    elif "includes_residual" in options:
+        expected = _layer_norm(skip + branch, t["adapter_norm_after.weight"], t["adapter_norm_after.bias"])
+    else:
+        expected = skip + _layer_norm(branch, t["adapter_norm_after.weight"], t["adapter_norm_after.bias"])
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5, msg=f"{options}: not {formula}")
+
+
+def test_layernorm_placement_options_are_refused_where_they_do_nothing():
+    for spec, words in [("seq_bn[original_ln_residual=sum]", "without original_ln_before"),
+                        ("seq_bn[ln_after_includes_residual=true]", "without ln_after=true"),
+                        ("seq_bn[original_ln_residual=both]", "original_ln_residual='both'"),
+                        ("seq_bn[original_ln_before=true,target_modules=[dense]]", "not target_modules")]:
+        with pytest.raises(peftkit.ConfigError, match=words):
+            peftkit.adapt(build_tiny("bert"), spec)
+    with pytest.raises(peftkit.ConfigError, match="needs the model's LayerNorm"):
+        peftkit.adapt(build_tiny("llama"), "seq_bn[original_ln_before=true]")

@@ -1,10 +1,11 @@
 """AdapterHub's bottleneck adapters (``adapters``' BnConfig) as seq_bn, double_seq_bn and par_bn.
 
-``adapters`` computes the same function as peftkit's adapters when the model's own residual
-and LayerNorm come after the adapter (``original_ln_before=false``, ``original_ln_after=true``):
-its Houlsby and parallel configs, and Pfeiffer configs saved that way. Its default Pfeiffer
-(``original_ln_before=true``) feeds the adapter the block's output after the model's LayerNorm,
-which peftkit's seq_bn does not compute yet: refused by name.
+Every placement ``adapters`` has around the model's own residual and LayerNorm maps onto
+options of peftkit's sequential adapters: ``original_ln_before`` (its default Pfeiffer config),
+``residual_before_ln`` (true, "post_add", false: our ``original_ln_residual`` output, sum,
+normed), ``ln_before``, ``ln_after`` with ``adapter_residual_before_ln`` (our
+``ln_after_includes_residual``). ``original_ln_after=false`` (AdapterPlus) skips the model's
+LayerNorm, which an adapter on the projection cannot do: refused by name.
 """
 
 from __future__ import annotations
@@ -25,8 +26,11 @@ BN_DEFAULTS: dict[str, Any] = {
     "shared_phm_rule": True, "stochastic_depth": 0.0, "use_gating": False,
 }
 #: Options that must keep one value for peftkit to compute the same function.
-REQUIRED = {"original_ln_after": True, "ln_after": False, "phm_layer": False, "use_gating": False,
+REQUIRED = {"original_ln_after": True, "phm_layer": False, "use_gating": False,
             "inv_adapter": None, "cross_adapter": False}
+#: ``adapters``' residual_before_ln (read only with original_ln_before) <-> our original_ln_residual.
+RESIDUALS_IN = {True: "output", "post_add": "sum", False: "normed"}
+RESIDUALS_OUT = {ours: theirs for theirs, ours in RESIDUALS_IN.items()}
 #: Their activation names (transformers' ACT2FN) -> ours.
 ACTIVATIONS_IN = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_new", "swish": "swish", "silu": "silu",
                   "tanh": "tanh", "sigmoid": "sigmoid", "leakyrelu": "leaky_relu"}
@@ -49,11 +53,10 @@ class BottleneckAdapterHub(AdapterHubFormat):
                 and bool(options.get("output_adapter", True)))
 
     def config_values(self, options: Mapping[str, Any], model_type: str | None) -> dict[str, Any]:
-        if options.get("original_ln_before"):
-            raise ConfigError("AdapterHub bottleneck option original_ln_before=true (the adapter reads the block's "
-                              "output after the model's own residual and LayerNorm, as in its default "
-                              "Pfeiffer/SeqBnConfig) is not supported by peftkit yet; peftkit's seq_bn equals "
-                              "SeqBnConfig(original_ln_before=False)")
+        if options.get("original_ln_after") is False:
+            raise ConfigError("AdapterHub bottleneck option original_ln_after=false (the block's output skips the "
+                              "model's own residual and LayerNorm, as in AdapterPlusConfig) is not supported by "
+                              "peftkit; only original_ln_after=true")
         self.refuse_changed(options, REQUIRED, "bottleneck")
         scaling = options.get("scaling", 1.0)
         if scaling != "learned" and (isinstance(scaling, bool) or not isinstance(scaling, (int, float))):
@@ -67,7 +70,17 @@ class BottleneckAdapterHub(AdapterHubFormat):
             "reduction_factor": options.get("reduction_factor", 16), "non_linearity": ACTIVATIONS_IN[activation],
             "scaling": scaling, "dropout": float(options.get("dropout", 0.0)),
             "ln_before": bool(options.get("ln_before")), "leave_out": list(options.get("leave_out") or []),
+            "ln_after": bool(options.get("ln_after")),
         }
+        if not self.parallel:  # adapters' parallel adapter reads neither option
+            values["ln_after_includes_residual"] = values["ln_after"] and bool(
+                options.get("adapter_residual_before_ln"))
+            if options.get("original_ln_before"):
+                residual = options.get("residual_before_ln", True)
+                if residual not in RESIDUALS_IN:
+                    raise ConfigError(f"AdapterHub bottleneck option residual_before_ln={residual!r} is not "
+                                      f"supported by peftkit (true, 'post_add' or false)")
+                values.update(original_ln_before=True, original_ln_residual=RESIDUALS_IN[residual])
         return values
 
     def options(self, config: Any, model_type: str | None) -> dict[str, Any]:
@@ -87,7 +100,10 @@ class BottleneckAdapterHub(AdapterHubFormat):
                 "scaling": config.scaling if config.scaling == "learned" else float(config.scaling),
                 "dropout": config.dropout, "ln_before": config.ln_before, "leave_out": list(config.leave_out),
                 "mh_adapter": self.mh_adapter, "is_parallel": self.parallel,
-                "init_weights": "mam_adapter" if self.parallel else "bert"}
+                "init_weights": "mam_adapter" if self.parallel else "bert", "ln_after": config.ln_after,
+                "adapter_residual_before_ln": getattr(config, "ln_after_includes_residual", False),
+                "original_ln_before": getattr(config, "original_ln_before", False),
+                "residual_before_ln": RESIDUALS_OUT[getattr(config, "original_ln_residual", "output")]}
 
     # adapters' down projection is a Sequential: [LayerNorm (ln_before)], Linear, activation;
     # its LayerNorm is also registered as adapter_norm_before, so torch.save writes it twice.

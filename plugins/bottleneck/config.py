@@ -22,6 +22,9 @@ from peftkit.plugin_api import AdapterConfig, option, ConfigError
 #: ``gelu_new`` is the tanh approximation GPT-2 uses).
 NON_LINEARITIES = ("relu", "gelu", "gelu_new", "silu", "swish", "tanh", "sigmoid", "leaky_relu", "identity")
 
+#: Values of ``original_ln_residual``: what the skip connection carries with original_ln_before.
+ORIGINAL_LN_RESIDUALS = ("output", "sum", "normed")
+
 #: Key of the per-layer reduction map used for layers it does not list.
 DEFAULT_KEY = "default"
 
@@ -41,6 +44,8 @@ class BottleneckConfig(AdapterConfig):
     dropout: dropout on the adapter branch's output, in [0, 1).
     ln_before: a LayerNorm of the adapter's own on its input, before the down projection.
     leave_out: layer indices that get no adapter (layers_to_transform is the positive form).
+    ln_after: a LayerNorm of the adapter's own on the branch's output (sequential
+      adapters: see ln_after_includes_residual).
     init_weights: True zero-initializes the up projection, so the adapted model
       starts equal to the base model; False draws it at random (for tests).
     target_modules: None uses the architecture's insertion points; a list, a
@@ -60,6 +65,7 @@ class BottleneckConfig(AdapterConfig):
     leave_out: list[int] = option(default_factory=list, help='layer indices that get no adapter')
     init_weights: bool = option(
         True, help='true zero-initializes the up projection (starts equal to the base); false draws it at random (for tests)')
+    ln_after: bool = option(False, help="a LayerNorm of the adapter's own on the adapter branch's output")
 
     def check(self) -> None:
         self.reduction_factor = _checked_reduction(self.method, self.reduction_factor)
@@ -72,10 +78,14 @@ class BottleneckConfig(AdapterConfig):
             raise ConfigError(f"{self.method} config: dropout={self.dropout} must be in [0, 1)")
         if isinstance(self.scaling, float) and self.scaling != self.scaling:
             raise ConfigError(f"{self.method} config: scaling must be a number or 'learned', not NaN")
+        self.check_placement()
         bad = [i for i in self.leave_out if i < 0]
         if bad:
             raise ConfigError(f"{self.method} config: leave_out={self.leave_out} lists negative layer "
                               f"indices {bad}; give 0-based layer indices")
+
+    def check_placement(self) -> None:
+        """Refuse placement options set where they have no effect."""
 
     def reduction_for(self, layer: int | None, site: str) -> float:
         """The reduction factor of the layer holding ``site``."""
@@ -103,11 +113,43 @@ class SequentialBottleneckConfig(BottleneckConfig):
       branch replaces h; the model then no longer starts equal to the base).
     residual_before_ln: with ln_before, whether the skip connection carries h
       (True) or the adapter's LayerNorm of h (False; not identity at init).
+    original_ln_before: the adapter reads ``LN(h + r)`` instead of h, where r is
+      the block's residual input and LN the model's own LayerNorm after the
+      projection (AdapterHub's Pfeiffer placement); the model then still adds r
+      and applies LN to the adapter's output. Needs a post-LayerNorm model
+      (BERT-like) and the architecture's insertion points.
+    original_ln_residual: with original_ln_before, what the skip connection
+      carries: ``"output"`` h, ``"sum"`` h + r, ``"normed"`` LN(h + r)
+      (AdapterHub's residual_before_ln true, "post_add", false).
+    ln_after_includes_residual: with ln_after, the LayerNorm normalizes the
+      branch plus the skip connection (True) or the branch alone (False).
     """
 
     residual: bool = option(True, help="add the adapter's own skip connection (false: the branch replaces the output)")
     residual_before_ln: bool = option(
         True, help='with ln_before, the skip connection carries the input (true) or its LayerNorm (false)')
+    original_ln_before: bool = option(
+        False, help="the adapter reads LN(h + r): the block's output after the model's own residual and LayerNorm "
+                    "(AdapterHub's Pfeiffer placement)")
+    original_ln_residual: Literal["output", "sum", "normed"] = option(
+        "output", help='with original_ln_before, the skip connection carries the projection\'s output h ("output"), '
+                       'h + r ("sum") or LN(h + r) ("normed")')
+    ln_after_includes_residual: bool = option(
+        False, help="with ln_after, the LayerNorm normalizes the branch plus the skip connection (false: the branch alone)")
+
+    def check_placement(self) -> None:
+        if self.original_ln_residual not in ORIGINAL_LN_RESIDUALS:
+            raise ConfigError(f"{self.method} config: original_ln_residual={self.original_ln_residual!r} is not "
+                              f"one of {', '.join(ORIGINAL_LN_RESIDUALS)}")
+        if self.original_ln_residual != "output" and not self.original_ln_before:
+            raise ConfigError(f"{self.method} config: original_ln_residual={self.original_ln_residual!r} has no "
+                              f"effect without original_ln_before=true; set both or neither")
+        if self.ln_after_includes_residual and not self.ln_after:
+            raise ConfigError(f"{self.method} config: ln_after_includes_residual=true has no effect without "
+                              f"ln_after=true; set both or neither")
+        if self.original_ln_before and self.target_modules is not None:
+            raise ConfigError(f"{self.method} config: original_ln_before=true needs the architecture's insertion "
+                              f"points (the block's residual and LayerNorm), not target_modules; drop one of them")
 
 
 @dataclass

@@ -8,6 +8,11 @@ Parallel (beside a feed-forward block, reading its input x)::
 
     out = h + scaling * up(act(down(LN?(x))))
 
+With ``original_ln_before`` a sequential adapter reads ``LN_model(h + r)`` (r: the
+block's residual input, captured as the input of another module) and its skip
+connection carries h, h + r or that; ``ln_after`` adds a LayerNorm of the adapter's
+own on the branch (or on branch + skip).
+
 The up projection starts at zero, so the adapted model starts equal to the base.
 """
 
@@ -50,9 +55,17 @@ class BottleneckAdapter(LayerAdapter):
 
     def __init__(self, in_features: int, out_features: int, bottleneck: int, *, non_linearity: str,
                  scaling: float | str, dropout: float, ln_before: bool, parallel: bool, residual: bool = True,
-                 residual_before_ln: bool = True, init_weights: bool = True,
+                 residual_before_ln: bool = True, init_weights: bool = True, ln_after: bool = False,
+                 ln_after_includes_residual: bool = False, model_norm: nn.Module | None = None,
+                 original_ln_residual: str = "output",
                  dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> None:
+        """``model_norm`` (the model's own LayerNorm after the site) turns on original_ln_before:
+        then ``forward``'s x must be the block's residual input."""
         super().__init__()
+        # The model's module, not a submodule: it is neither saved nor counted with the adapter.
+        self.__dict__["_model_norm"] = model_norm
+        self.original_ln_residual = original_ln_residual
+        self.ln_after_includes_residual = ln_after_includes_residual
         self.in_features, self.out_features, self.bottleneck = in_features, out_features, bottleneck
         self.parallel, self.residual, self.residual_before_ln = parallel, residual, residual_before_ln
         self.non_linearity = non_linearity
@@ -61,6 +74,7 @@ class BottleneckAdapter(LayerAdapter):
         self.adapter_norm = nn.LayerNorm(in_features, **factory) if ln_before else None
         self.adapter_down = nn.Linear(in_features, bottleneck, **factory)
         self.adapter_up = nn.Linear(bottleneck, out_features, **factory)
+        self.adapter_norm_after = nn.LayerNorm(out_features, **factory) if ln_after else None
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
         self.adapter_scaling: nn.Parameter | None = None
         self.scaling = 1.0
@@ -77,7 +91,8 @@ class BottleneckAdapter(LayerAdapter):
                 nn.init.normal_(self.adapter_up.weight, std=RANDOM_UP_STD)
             nn.init.zeros_(self.adapter_up.bias)
         # out = h + branch exactly when the skip connection carries h itself.
-        self.additive = parallel or (residual and (residual_before_ln or not ln_before))
+        self.additive = (parallel and not ln_after) or (
+            residual and (residual_before_ln or not ln_before) and not ln_after and model_norm is None)
 
     # -- forward -----------------------------------------------------------------
 
@@ -86,6 +101,11 @@ class BottleneckAdapter(LayerAdapter):
         up = self.adapter_up(down)
         up = up * self.adapter_scaling if self.adapter_scaling is not None else up * self.scaling
         return self.dropout(up) if self.dropout is not None else up
+
+    @property
+    def model_norm(self) -> nn.Module | None:
+        """The model's LayerNorm the adapter reads through (original_ln_before), else None."""
+        return self.__dict__["_model_norm"]
 
     def delta(self, x: torch.Tensor, h: torch.Tensor, base: nn.Module) -> torch.Tensor:
         if not self.additive:
@@ -99,11 +119,25 @@ class BottleneckAdapter(LayerAdapter):
     def forward(self, x: torch.Tensor, h: torch.Tensor, base: nn.Module) -> torch.Tensor:
         if self.additive:
             return h + self.delta(x, h, base)
-        z = h.to(self.adapter_down.weight.dtype)
+        dtype = self.adapter_down.weight.dtype
+        z = skip = (x if self.parallel else h).to(dtype)
+        norm = self.model_norm
+        if norm is not None:
+            summed = h + x  # x: the block's residual input
+            z = norm(summed).to(dtype)
+            skip = {"output": h, "sum": summed, "normed": z}[self.original_ln_residual].to(dtype)
         normed = self.adapter_norm(z) if self.adapter_norm is not None else z
+        if not self.residual_before_ln:
+            skip = normed
         out = self._branch(normed)
-        if self.residual:
-            out = out + (z if self.residual_before_ln else normed)
+        if self.parallel:
+            return h + self.adapter_norm_after(out).to(h.dtype)
+        if self.adapter_norm_after is None:
+            return (out + skip if self.residual else out).to(h.dtype)
+        if self.ln_after_includes_residual:
+            out = self.adapter_norm_after(out + skip if self.residual else out)
+        else:
+            out = self.adapter_norm_after(out) + (skip if self.residual else 0)
         return out.to(h.dtype)
 
     # -- files -------------------------------------------------------------------

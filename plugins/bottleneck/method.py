@@ -22,6 +22,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from peftkit.plugin_api import ArchitectureSpec
 
+#: Insertion point -> the point whose module's input is the block's residual input there
+#: (what original_ln_before adds before the model's LayerNorm).
+RESIDUAL_SOURCES = {"ffn_output": "ffn_input", "attention_output": "attention"}
+
 #: ``peft_type`` written to adapter_config.json (PEFT has no bottleneck adapters;
 #: the method itself is named under the file's ``peftkit.method`` key).
 FILE_TYPE = "BOTTLENECK"
@@ -65,9 +69,18 @@ class BottleneckMethod(Method):
     def _point_sites(self, model: "nn.Module", config: BottleneckConfig,
                      arch: "ArchitectureSpec | None") -> list[Site]:
         sites: list[Site] = []
+        original_ln = isinstance(config, SequentialBottleneckConfig) and config.original_ln_before
         for point in self._points(config):
-            for name in _find_point(model, arch, point, self.name, config):
-                sites.append(Site(name, role=point))
+            names = _find_point(model, arch, point, self.name, config)
+            if not original_ln:
+                sites.extend(Site(name, role=point) for name in names)
+                continue
+            if point not in RESIDUAL_SOURCES:
+                raise ConfigError(f"{self.name} config: original_ln_before=true is not supported at the "
+                                  f"{point!r} point; set original_ln_before=false")
+            sources = _find_point(model, arch, RESIDUAL_SOURCES[point], self.name, config)
+            sites.extend(Site(name, input_from=_pair_input(name, sources, arch, RESIDUAL_SOURCES[point], self.name),
+                              role=point) for name in names)
         order = {name: i for i, (name, _) in enumerate(model.named_modules())}
         return sorted(sites, key=lambda s: order.get(s.name, 0))
 
@@ -88,13 +101,17 @@ class BottleneckMethod(Method):
         dtype = weight.dtype if weight is not None and weight.dtype in (torch.float32, torch.float64) \
             else torch.float32
         sequential = isinstance(config, SequentialBottleneckConfig)
+        original_ln = sequential and config.original_ln_before
         return BottleneckAdapter(
             in_f, out_f, bottleneck, non_linearity=config.non_linearity, scaling=config.scaling,
             dropout=config.dropout, ln_before=config.ln_before, parallel=self.parallel,
             residual=config.residual if sequential else True,
             residual_before_ln=config.residual_before_ln if sequential else True,
-            init_weights=config.init_weights, dtype=dtype,
-            device=weight.device if weight is not None else None)
+            init_weights=config.init_weights, ln_after=config.ln_after,
+            ln_after_includes_residual=sequential and config.ln_after_includes_residual,
+            model_norm=_model_norm(model, site.name, self.name) if original_ln else None,
+            original_ln_residual=config.original_ln_residual if sequential else "output",
+            dtype=dtype, device=weight.device if weight is not None else None)
 
     def adapter_shape(self, site: Site, base_layer: "nn.Module", config: BottleneckConfig,
                       model: "nn.Module") -> tuple[int, int, int]:
@@ -125,6 +142,7 @@ class BottleneckMethod(Method):
             in_f, b, out_f = self.adapter_shape(site, base_of(model.get_submodule(site.name)), config, model)
             total += in_f * b + b + b * out_f + out_f
             total += 2 * in_f if config.ln_before else 0
+            total += 2 * out_f if config.ln_after else 0
             total += 1 if config.scaling == "learned" else 0
         return total
 
@@ -173,7 +191,8 @@ class ParBnMethod(BottleneckMethod):
                      arch: "ArchitectureSpec | None") -> list[Site]:
         outputs = _find_point(model, arch, "ffn_output", self.name, config)
         inputs = _find_point(model, arch, "ffn_input", self.name, config)
-        return [Site(name, input_from=_pair_input(name, inputs, arch), role="ffn_output") for name in outputs]
+        return [Site(name, input_from=_pair_input(name, inputs, arch, "ffn_input", self.name), role="ffn_output")
+                for name in outputs]
 
 
 # -- helpers ---------------------------------------------------------------------
@@ -198,9 +217,9 @@ def _find_point(model: "nn.Module", arch: "ArchitectureSpec | None", point: str,
                           f"{method}[target_modules=[...]]") from None
 
 
-def _pair_input(output: str, inputs: list[str], arch: "ArchitectureSpec | None") -> str:
-    """The ffn_input module of the same block as ``output``: the one sharing the
-    longest dotted prefix with it, in the same layer."""
+def _pair_input(output: str, inputs: list[str], arch: "ArchitectureSpec | None", point: str, method: str) -> str:
+    """The ``point`` module (in ``inputs``) of the same block as ``output``: the one sharing
+    the longest dotted prefix with it, in the same layer."""
     from peftkit.plugin_api import layer_index
 
     parts = output.split(".")
@@ -220,9 +239,24 @@ def _pair_input(output: str, inputs: list[str], arch: "ArchitectureSpec | None")
         chosen = [c for c in candidates if shared(c) == best]
         if len(chosen) == 1 and best > 0:
             return chosen[0]
-    raise TargetError(f"par_bn: cannot tell which 'ffn_input' module feeds {output!r} "
-                      f"(candidates: {', '.join(inputs[:6])}); check the architecture's insertion points, "
-                      f"or pass target_modules to put each parallel adapter beside one Linear layer")
+    raise TargetError(f"{method}: cannot tell which {point!r} module's input goes with {output!r} "
+                      f"(candidates: {', '.join(inputs[:6])}); check the architecture's insertion points"
+                      + (", or pass target_modules to put each parallel adapter beside one Linear layer"
+                         if point == "ffn_input" and method == "par_bn" else ""))
+
+
+def _model_norm(model: "nn.Module", site: str, method: str) -> "nn.Module":
+    """The model's own LayerNorm applied after ``site`` (post-LN blocks such as BERT's keep it beside the
+    output projection), for original_ln_before."""
+    import torch.nn as nn
+
+    parent = site.rpartition(".")[0]
+    norms = [child for child in model.get_submodule(parent).children() if isinstance(child, nn.LayerNorm)]
+    if len(norms) != 1:
+        raise ConfigError(f"{method} config: original_ln_before=true needs the model's LayerNorm after {site!r} "
+                          f"(one LayerNorm beside it, as in BERT-like post-LayerNorm blocks); {parent!r} has "
+                          f"{len(norms)}; set original_ln_before=false")
+    return norms[0]
 
 
 def _out_features(module: "nn.Module", name: str) -> int:
