@@ -6,26 +6,23 @@ lookup for about a minute before reporting "couldn't connect". Offline
 mode fails faster, but in the same words. :func:`model_source_options`
 checks first: a copy in the Hugging Face cache is used without asking the
 hub; without one, an unreachable hub or offline mode is one error naming
-the id and the fix. A hub that is merely slow is left to transformers.
+the id and the fix (the probe is :func:`peftkit.core.reachability.unreachable`,
+the hub client's too). A hub that is merely slow is left to transformers.
 Torch-free.
 """
 
 from __future__ import annotations
 
 import os
-import socket
-import threading
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from .errors import ModelSourceError
 from .offline import offline_setting
+from .reachability import unreachable
 
 #: The variables that turn offline mode on for the Hugging Face libraries, or for peftkit as a whole.
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "PEFTKIT_OFFLINE")
-#: How long the reachability probe may take (name lookup and connect); past it, transformers decides.
-PROBE_SECONDS = 5.0
 #: Files of which one is in every cached model or tokenizer.
 _CACHE_MARKERS = ("config.json", "tokenizer_config.json")
 
@@ -46,7 +43,7 @@ def model_source_options(name_or_path: str | os.PathLike, what: str = "the model
     problem = f"offline mode is on ({offline})" if offline else None
     endpoint = _endpoint()
     if problem is None:
-        reason = _unreachable(endpoint)
+        reason = unreachable(endpoint)
         problem = f"{endpoint} cannot be reached ({reason})" if reason else None
     if problem is None:
         return {}
@@ -87,33 +84,3 @@ def _cached(name: str, cache_dir: str | None) -> bool:
 
     return any(isinstance(try_to_load_from_cache(name, marker, cache_dir=cache_dir), str)
                for marker in _CACHE_MARKERS)
-
-
-def _unreachable(endpoint: str) -> str | None:
-    """Why nothing can connect to ``endpoint`` (through its proxy, if one is set): a refused
-    connection, a name that does not resolve, no route; ``None`` when it answers or is only slow."""
-    import urllib.request
-
-    parts = urlsplit(endpoint)
-    host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
-    proxy = urllib.request.getproxies().get(parts.scheme)
-    if proxy and not urllib.request.proxy_bypass(host):
-        proxied = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
-        host, port = proxied.hostname or "", proxied.port or 80
-    found: list[str | None] = []
-
-    def probe() -> None:
-        try:
-            socket.create_connection((host, port), timeout=PROBE_SECONDS).close()
-            found.append(None)
-        except socket.gaierror as exc:
-            found.append(f"the name {host!r} does not resolve: {exc.strerror or exc}")
-        except (ConnectionRefusedError, ConnectionResetError):
-            found.append(f"connection to {host}:{port} refused")
-        except OSError as exc:  # no route, network down; a timeout is only slow
-            found.append(None if isinstance(exc, TimeoutError) else f"{host}:{port}: {exc.strerror or exc}")
-
-    thread = threading.Thread(target=probe, name="peftkit-hub-probe", daemon=True)  # name lookups ignore timeouts
-    thread.start()
-    thread.join(PROBE_SECONDS + 1)
-    return found[0] if found else None

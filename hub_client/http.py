@@ -17,11 +17,11 @@ import hashlib
 import os
 import re
 import shutil
-import socket
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 from urllib.parse import urlsplit
 
+from peftkit.core.reachability import unreachable
 from peftkit.hub_rules.cards import as_list
 
 from .auth import missing_token_message, redact, resolve_token
@@ -153,26 +153,18 @@ class HttpBackend(HubBackend):
         return token
 
     def _probe(self) -> None:
-        """Fail fast when nothing listens at the endpoint (huggingface_hub would retry for ~25 s).
+        """Fail fast when nothing can answer at the endpoint (huggingface_hub would retry for ~25 s).
 
-        One TCP connection per backend object; skipped behind a proxy, where
-        only the proxy knows whether the hub is reachable.
+        One probe per backend object, the same one model loading uses
+        (:func:`peftkit.core.reachability.unreachable`, through a proxy when one is set).
         """
         if self._probed:
             return
         self._probed = True
-        if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy",
-                                           "ALL_PROXY", "all_proxy")):
-            return
-        parts = urlsplit(self.endpoint)
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        try:
-            with socket.create_connection((parts.hostname or "localhost", port), timeout=10):
-                pass
-        except OSError as exc:
-            reason = exc.strerror or str(exc) or type(exc).__name__
+        reason = unreachable(self.endpoint)
+        if reason:
             raise HubUnreachable(f"cannot reach hub at {self.endpoint}: {reason}. Is the server running and the "
-                                 f"address right? (--hub / PEFTKIT_HUB)") from None
+                                 f"address right? (--hub / PEFTKIT_HUB)")
 
     def _api(self) -> Any:
         from huggingface_hub import HfApi
