@@ -21,7 +21,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 import torch.nn as nn
 
-from .composition import Average, BatchSplit, Block, Fuse, Node, Parallel
+from .composition import Average, BatchSplit, Block, Fuse, Node, Parallel, Stack
 from .errors import CompositionError
 from .labels import default_names
 from .layer import ModulesToSave
@@ -117,8 +117,8 @@ def check_heads(node: Node, head_of: Callable[[Node], str | None],
     that head's label names (None when the model is no classifier)."""
     if not isinstance(node, Block):
         return
-    for block in node.blocks():
-        if isinstance(block, (Average, Fuse)):
+    for block, heads_run in blocks_with_heads(node):
+        if isinstance(block, (Average, Fuse)) and heads_run:
             owners = [o for o in dict.fromkeys(head_of(c) for c in block.children) if o is not None]
             named = {o: labels_of(o) for o in owners}
             if len({tuple(v) for v in named.values() if v is not None}) > 1:
@@ -129,6 +129,18 @@ def check_heads(node: Node, head_of: Callable[[Node], str | None],
                     f"with the last adapter's head), or run each adapter on its own")
         elif isinstance(block, (Parallel, BatchSplit)):
             check_rows(list(block.children), head_of, labels_of, f"{block.kind}()")
+
+
+def blocks_with_heads(node: Block, heads_run: bool = True) -> Iterator[tuple[Block, bool]]:
+    """Every block of ``node`` and whether its members' heads may run: not inside a part of a stack whose
+    ``head=`` names an adapter outside that part (``stack(average(a, b), h, head=h)`` predicts with h's head,
+    so a's and b's heads need not agree)."""
+    yield node, heads_run
+    for child in node.children:
+        if not isinstance(child, Block):
+            continue
+        runs = heads_run and not (isinstance(node, Stack) and node.head is not None and node.head not in child.leaves())
+        yield from blocks_with_heads(child, runs)
 
 
 def check_rows(nodes: Sequence[Node], head_of: Callable[[Node], str | None],

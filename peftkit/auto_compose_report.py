@@ -1,9 +1,10 @@
-"""What automatic composition reports and writes: the result, its table, the merged adapter and its card.
+"""What automatic composition reports and writes: the result, its table, the saved combination and its card.
 
-The merged adapter is the exact weighted sum of the members' weight changes (``merge_adapters`` with
-``linear``), saved as an ordinary LoRA folder. Its model card (README.md) and ``auto_compose.json``
-record the members (hub id and commit, or folder), the learned weights, the number of examples and
-the held-out metrics of every row of the report.
+The ``weights`` strategy's combination is the exact weighted sum of the members' weight changes
+(``merge_adapters`` with ``linear``), saved as an ordinary LoRA folder; ``mixture`` and ``fusion``
+are saved as a composition folder (``save_composition``: the members, the fusion, the fresh head's
+adapter). The model card (README.md) and ``auto_compose.json`` record the members (hub id and commit,
+or folder), the learned weights, the number of examples and the held-out metrics of every row.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class Row:
     loss: float
     accuracy: float | None
     seconds: float
+    strategy: str | None = None  # for a learned row: weights, mixture or fusion
 
 
 @dataclass
@@ -66,10 +68,19 @@ class AutoComposeResult:
     out: str | None = None
     pushed: dict[str, Any] | None = None
     settings: dict[str, Any] = field(default_factory=dict)
+    #: The strategy whose combination is saved (``weights`` holds its weights); the first one asked for.
+    strategy: str = "weights"
+    #: Every learned combination's weights by strategy (a fusion's: each member's mean attention share).
+    combinations: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: The labels of the fresh head trained with every row (None: the members' own heads predict).
+    fresh_head_labels: list[str] | None = None
+    #: The training loss at the end of each gradient-trained strategy.
+    train_losses: dict[str, float] = field(default_factory=dict)
 
     @property
     def learned(self) -> Row:
-        return next(r for r in self.rows if r.kind == "learned")
+        """The held-out row of the saved combination."""
+        return next(r for r in self.rows if r.kind == "learned" and r.strategy == self.strategy)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -82,10 +93,16 @@ def format_report(result: AutoComposeResult) -> str:
 
     rows = [[r.name, r.kind, f"{r.loss:.4f}", "-" if r.accuracy is None else f"{r.accuracy:.3f}",
              f"{r.seconds:.2f}"] for r in result.rows]
-    lines = [f"held-out: {result.heldout_examples} examples; search: {result.search_examples} examples, "
-             f"{result.evaluations} evaluations, {result.seconds_per_evaluation * 1000:.0f} ms each", "",
-             format_table(rows, ["COMBINATION", "KIND", "LOSS", "ACCURACY", "SECONDS"]), "",
-             "weights: " + ", ".join(f"{name} {w:+.3f}" for name, w in result.weights.items())]
+    trained = f"{result.search_examples} examples"
+    if result.evaluations:
+        trained += f", {result.evaluations} evaluations, {result.seconds_per_evaluation * 1000:.0f} ms each"
+    lines = [f"held-out: {result.heldout_examples} examples; learned on {trained}", "",
+             format_table(rows, ["COMBINATION", "KIND", "LOSS", "ACCURACY", "SECONDS"]), ""]
+    for strategy, weights in result.combinations.items():
+        what = "attention" if strategy == "fusion" else "weights"
+        lines.append(f"{strategy} {what}: " + ", ".join(f"{name} {w:+.3f}" for name, w in weights.items()))
+    if result.fresh_head_labels:
+        lines.append(f"fresh head for labels: {', '.join(result.fresh_head_labels)}")
     lines += [f"left out {c.source}: {c.left_out}" for c in result.left_out]
     return "\n".join(lines)
 
@@ -96,10 +113,22 @@ def _member_source(candidate: Candidate) -> str:
 
 def card_description(result: AutoComposeResult) -> str:
     """The card's body text: how it was made, members with revisions and weights, examples, metrics."""
-    lines = [f"A weighted linear merge of {len(result.members)} LoRA adapters, weights learned by peftkit's "
-             f"automatic composition (CMA-ES, {result.evaluations} evaluations) on {result.search_examples} "
-             f"examples and reported on {result.heldout_examples} held-out examples.", "",
-             "| member | weight |", "| --- | --- |"]
+    count = len(result.members)
+    steps = result.settings.get("steps")
+    how = {"weights": f"A weighted linear merge of {count} LoRA adapters, weights learned by peftkit's automatic "
+                      f"composition (CMA-ES, {result.evaluations} evaluations)",
+           "mixture": f"A learned mixture of the outputs of {count} adapters (one weight per adapter, "
+                      f"trained by gradient for {steps} steps with the adapters frozen) by peftkit's automatic "
+                      f"composition",
+           "fusion": f"An AdapterFusion over {count} adapters (trained by gradient for {steps} steps with the "
+                     f"adapters frozen) by peftkit's automatic composition"}[result.strategy]
+    column = "mean attention" if result.strategy == "fusion" else "weight"
+    lines = [f"{how}, learned on {result.search_examples} examples and reported on {result.heldout_examples} "
+             f"held-out examples.", ""]
+    if result.fresh_head_labels:
+        lines += [f"A fresh classification head for the labels {', '.join(result.fresh_head_labels)} was trained "
+                  f"with it (adapter `fresh_head`).", ""]
+    lines += [f"| member | {column} |", "| --- | --- |"]
     lines += [f"| `{_member_source(c)}` | {result.weights[c.name]:+.4f} |" for c in result.members]
     lines += ["", "| held-out | loss | accuracy |", "| --- | --- | --- |"]
     lines += [f"| {r.name} | {r.loss:.4f} | {'-' if r.accuracy is None else f'{r.accuracy:.3f}'} |"
@@ -129,10 +158,30 @@ def record_json(result: AutoComposeResult) -> str:
 
 
 def save_result(model: "AdaptedModel", result: AutoComposeResult, out: Path, *, tokenizer: Any = None,
-                merge: bool = False) -> None:
-    """Write the learned combination to ``out``: a LoRA adapter folder (the exact weighted merge) with its
-    card and record; with ``merge``, the base model with it folded in (a plain transformers model)."""
+                merge: bool = False, node: Any = None) -> None:
+    """Write the learned combination to ``out``: for the weights strategy a LoRA adapter folder (the exact
+    weighted merge; with ``merge``, the base model with it folded in, a plain transformers model), else the
+    composition ``node`` as a composition folder; each with its card and record."""
     from peftkit.core.fileio import apply_normal_modes, atomic_folder
+
+    with atomic_folder(out) as tmp:
+        if result.strategy != "weights":
+            _save_composition(model, result, node, tmp, out.name)
+        else:
+            name = _merged(model, result)
+            if merge:
+                model.merge_and_unload([name]).save_pretrained(str(tmp))
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(str(tmp))
+            else:
+                model.save_adapter(str(tmp), name, task=PIPELINE_TAGS.get(result.task), metrics=metrics(result),
+                                   description=card_description(result))
+        (tmp / RECORD_FILE).write_text(record_json(result), encoding="utf-8")
+        apply_normal_modes(tmp)
+
+
+def _merged(model: "AdaptedModel", result: AutoComposeResult) -> str:
+    """Put the weights strategy's merge on ``model`` as one adapter (with the head the search scored)."""
     from peftkit.core.merge_search import average_heads
     from peftkit.core.merging import merge_adapters
 
@@ -140,17 +189,29 @@ def save_result(model: "AdaptedModel", result: AutoComposeResult, out: Path, *, 
     name = MERGED_NAME if MERGED_NAME not in model.adapters else MERGED_NAME + "_learned"
     merge_adapters(model, names, [result.weights[n] for n in names], name=name, strategy="linear",
                    modules_to_save=names[0])
-    average_heads(model, names, [result.weights[n] for n in names], name)  # the head the search scored
-    with atomic_folder(out) as tmp:
-        if merge:
-            model.merge_and_unload([name]).save_pretrained(str(tmp))
-            if tokenizer is not None:
-                tokenizer.save_pretrained(str(tmp))
-        else:
-            model.save_adapter(str(tmp), name, task=PIPELINE_TAGS.get(result.task), metrics=metrics(result),
-                               description=card_description(result))
-        (tmp / RECORD_FILE).write_text(record_json(result), encoding="utf-8")
-        apply_normal_modes(tmp)
+    average_heads(model, names, [result.weights[n] for n in names], name)
+    return name
+
+
+def _save_composition(model: "AdaptedModel", result: AutoComposeResult, node: Any, folder: Path, name: str
+                      ) -> None:
+    """The composition folder's files in ``folder`` (written by save_composition beside, then moved in),
+    and a README.md card describing the combination."""
+    import shutil
+
+    from peftkit.core.card import card_metadata, render_card
+
+    staging = folder / ".composition"
+    model.save_composition(str(staging), node)
+    for item in staging.iterdir():
+        shutil.move(str(item), str(folder / item.name))
+    staging.rmdir()
+    task = PIPELINE_TAGS.get(result.task)
+    meta = card_metadata(method=result.strategy, base_model=result.base_model, peft_format=False, task=task,
+                         metrics=metrics(result), tags=["composition", "auto-compose"])
+    card = render_card(meta, method=result.strategy, adapter_name=name, metrics=metrics(result),
+                       description=card_description(result) + f"\n\nComposition: `{node}`")
+    (folder / "README.md").write_text(card, encoding="utf-8")
 
 
 def push_result(result: AutoComposeResult, repo_id: str, *, hub: Any = None, token: str | None = None,

@@ -332,9 +332,9 @@ def compose_command(base: str, spec: str | None, out: str, hub: str | None, merg
 
     BASE is a model folder or hub id transformers can load. SPEC is a hub id
     or a composition such as 'stack(alice/lang-de, alice/ner@v2)'. With
-    --auto, learn the combination instead: the weights of a linear merge of
-    the --candidates (or a hub --search's hits), searched on --examples, and
-    save the learned LoRA adapter.
+    --auto, learn the combination instead from --examples: the weights of a
+    linear merge of the --candidates (or a hub --search's hits), mixing
+    weights over their outputs, or a fusion (--strategy), and save it.
     """
     from pathlib import Path
 

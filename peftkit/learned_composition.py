@@ -1,36 +1,37 @@
-"""Automatic composition: learn how to combine existing LoRA adapters for a new task from a few examples.
+"""Automatic composition: learn how to combine existing adapters for a new task from a few examples.
 
 ``peftkit.auto_compose(base, candidates=[...] | search={...}, examples="few.jsonl", out="combined")``
-(and ``peftkit compose BASE --auto``) works as LoraHub (Huang et al. 2023):
+(and ``peftkit compose BASE --auto``):
 
 1. **Candidates**: hub ids (``alice/sentiment@v2``) or adapter folders, or a hub search for the base
    model (capped at ``max_candidates``). Each is loaded onto one copy of the base model; members
-   that cannot take part are left out with a reason: no low-rank weight change (only LoRA's weight
-   deltas add up), a base model they do not fit, or, for a classifier, a head whose labels differ
-   from the other members' or do not cover the examples' labels.
-2. **Search**: CMA-ES (:mod:`peftkit.core.weight_search`) over one weight per member, in [-1.5, 1.5],
-   from the uniform average (each member alone is scored too, so the result is never worse on the
-   search examples than the best member alone), minimising the loss on the search split plus ``l1``
-   times the mean absolute weight; every evaluation rebuilds the weighted merge in place (:class:`peftkit.core.merge_search.WeightedMerge`).
-3. **Report**: on held-out examples (a split of the examples, or ``eval_examples``), each candidate
-   alone, the uniform average and the learned combination: loss, accuracy (classification) and time.
-4. **Save**: the learned combination as one LoRA adapter folder (the exact weighted sum,
-   :func:`peftkit.merge_adapters` with ``linear``) whose card and ``auto_compose.json`` record the
-   members (with hub revisions), the weights, the number of examples and the metrics; ``push`` publishes it;
-   with ``merge`` the folder is instead the base model with the combination folded in.
-
-Gradient-based mixing (AdapterFusion-style) and fresh heads for new label sets are not part of this step.
+   that cannot take part in every strategy asked for are left out with a reason (the weights strategy
+   needs LoRA weight changes; mixture and fusion take any adapter with an output at a layer; none takes
+   an adapter that changes the model's inputs), as are those that do not fit the base model.
+2. **Heads** (classifiers): when some member's head predicts the examples' labels, members whose heads
+   predict another label list are left out and the members' heads predict; otherwise (or with
+   ``head="fresh"``) a fresh head for the examples' labels is trained with every row of the report
+   (:mod:`peftkit.learned_mixture`), and the members may come from any label set.
+3. **Strategies** (:mod:`peftkit.auto_compose_strategies`): ``weights`` (LoraHub, Huang et al. 2023:
+   CMA-ES over one merge weight per member, :mod:`peftkit.core.weight_search`), ``mixture`` (one mixing
+   weight per member over the members' outputs, trained by gradient) and ``fusion`` (AdapterFusion,
+   trained by gradient), the members frozen throughout.
+4. **Report**: on held-out examples (a split of the examples, or ``eval_examples``), each candidate
+   alone, the uniform average and each learned combination: loss, accuracy (classification) and time.
+5. **Save**: the first strategy's combination with a card and ``auto_compose.json`` recording the
+   members (with hub revisions), the weights, the number of examples and the metrics: for weights one
+   LoRA adapter folder (the exact weighted sum; with ``merge`` the base model with it folded in), for
+   mixture and fusion a composition folder; ``push`` publishes it.
 """
 
 from __future__ import annotations
 
 import random
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from peftkit.auto_compose_report import AutoComposeResult, Candidate, Row, push_result, save_result
+from peftkit.auto_compose_report import AutoComposeResult, Candidate, push_result, save_result
+from peftkit.auto_compose_strategies import Prepared, Settings, compare
 from peftkit.core.errors import PeftkitError
 from peftkit.training_data import DataError
 
@@ -41,8 +42,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: Keys of a hub search (``--search 'task=text-classification author=alice'``); bare words are free text.
 SEARCH_KEYS = ("text", "base_model", "method", "task", "tag", "author", "dataset")
-#: The adapter name the search works on while it runs.
-WORK_NAME = "auto_compose"
+#: Which head a classifier's combination predicts with: the members' own (same labels), a fresh head
+#: trained for the examples' labels, or (auto) a fresh one only when no member's head predicts them.
+HEADS = ("auto", "members", "fresh")
 
 
 class AutoComposeError(PeftkitError, ValueError):
@@ -130,20 +132,25 @@ def _datas(candidates: Sequence[Candidate]) -> list[dict[str, Any]]:
     return datas
 
 
-def _ineligible(model: "AdaptedModel", name: str) -> str | None:
-    """Why adapter ``name`` cannot be part of a weighted merge of weight changes (None: it can)."""
+def _ineligible(model: "AdaptedModel", name: str, strategies: Sequence[str]) -> str | None:
+    """Why adapter ``name`` cannot take part in every strategy asked for (None: it can)."""
     record = model.adapter_record(name)
+    method = record.method
     if record.model_adapter:
-        return f"{record.method.name} changes the model's inputs and has no weight change to weigh"
-    if not record.method.merge_low_rank:
-        return f"{record.method.name} has no low-rank weight change (weight-space search needs LoRA adapters)"
-    if getattr(record.config, "use_dora", False):
-        return "DoRA's change rescales whole rows of W and is not a low-rank weight change"
+        return f"{method.name} changes the model's inputs and has no output at a layer to weigh, mix or fuse"
+    if "weights" in strategies:
+        other = " (--strategy mixture or fusion takes it)"
+        if not method.merge_low_rank:
+            return f"{method.name} has no low-rank weight change (weight-space search needs LoRA adapters){other}"
+        if getattr(record.config, "use_dora", False):
+            return f"DoRA's change rescales whole rows of W and is not a low-rank weight change{other}"
+    for strategy, block in (("mixture", "average"), ("fusion", "fuse")):
+        if strategy in strategies and block not in method.supported_blocks:
+            return f"{method.name} cannot take part in {block}() (it supports {', '.join(sorted(method.supported_blocks))})"
     return None
 
 
-def _load_members(model: "AdaptedModel", candidates: list[Candidate], needed_labels: set[str] | None,
-                  classification: bool) -> list[Candidate]:
+def _load_members(model: "AdaptedModel", candidates: list[Candidate], strategies: Sequence[str]) -> list[Candidate]:
     """Load every candidate; leave out (with a reason) those that cannot take part. Returns those kept."""
     from peftkit.core.serialization import CONFIG_NAME
 
@@ -157,15 +164,21 @@ def _load_members(model: "AdaptedModel", candidates: list[Candidate], needed_lab
         except PeftkitError as exc:
             cand.left_out = f"does not load on this base model: {exc}"
             continue
-        cand.left_out = _ineligible(model, cand.name)
+        cand.left_out = _ineligible(model, cand.name, strategies)
         if cand.left_out is None:
             kept.append(cand)
-    if classification:
-        kept = _same_labels(model, kept, needed_labels or set())
+    return kept
+
+
+def _drop_left_out(model: "AdaptedModel", candidates: list[Candidate]) -> None:
     for cand in candidates:
         if cand.left_out is not None and cand.name in model.adapters:
             model.delete_adapter(cand.name)
-    return kept
+
+
+def _covers(model: "AdaptedModel", kept: list[Candidate], needed: set[str]) -> bool:
+    """Whether some member's head predicts every label of the examples."""
+    return any(needed <= set(model.adapter_labels(c.name) or model.base_labels or ()) for c in kept)
 
 
 def _same_labels(model: "AdaptedModel", kept: list[Candidate], needed: set[str]) -> list[Candidate]:
@@ -261,43 +274,42 @@ def _tokenizer(base: Any, tokenizer: Any) -> Any:
 # -- the whole run -------------------------------------------------------------------------------
 
 
-def _timed_score(merge: Any, weights: list[float], batches: list[dict[str, Any]], classification: bool
-                 ) -> tuple[Any, float]:
-    start = time.perf_counter()
-    score = merge.score(weights, batches, classification=classification)
-    return score, time.perf_counter() - start
+def _strategies(strategy: str | Sequence[str]) -> list[str]:
+    from peftkit.auto_compose_strategies import STRATEGIES
+
+    asked = [p.strip() for p in strategy.split(",")] if isinstance(strategy, str) else [str(p) for p in strategy]
+    asked = list(dict.fromkeys(p for p in asked if p))
+    unknown = [p for p in asked if p not in STRATEGIES]
+    if not asked or unknown:
+        raise AutoComposeError(f"strategy must be one or more of {', '.join(STRATEGIES)} (comma-separated), got "
+                               f"{strategy!r}")
+    return asked
 
 
-def _check_options(candidates: Any, search: Any, max_candidates: Any, push: Any, out: Any, merge: bool) -> None:
+def _check_options(candidates: Any, search: Any, max_candidates: Any, push: Any, out: Any, merge: bool,
+                   strategies: list[str], head: str, steps: Any, lr: Any) -> None:
     if (candidates is None) == (search is None):
         raise AutoComposeError("give either candidates (adapter ids or folders) or a hub search, not both or neither")
-    if not isinstance(max_candidates, int) or isinstance(max_candidates, bool) or max_candidates < 1:
-        raise AutoComposeError(f"max_candidates must be a positive integer, got {max_candidates!r}")
+    for name, value in (("max_candidates", max_candidates), ("steps", steps)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise AutoComposeError(f"{name} must be a positive integer, got {value!r}")
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0:
+        raise AutoComposeError(f"lr must be a number > 0, got {lr!r}")
+    if head not in HEADS:
+        raise AutoComposeError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
     if push and out is None:
-        raise AutoComposeError("push needs out: the merged adapter is written there first")
+        raise AutoComposeError("push needs out: the learned combination is written there first")
     if push and merge:
         raise AutoComposeError("push publishes an adapter; with merge the folder is a whole model: drop one")
-
-
-@dataclass
-class _Prepared:
-    """The model with the kept members on it, and the examples as batches."""
-
-    model: "AdaptedModel"
-    task: str
-    candidates: list[Candidate]
-    kept: list[Candidate]
-    tokenizer: Any
-    search_batches: list[dict[str, Any]]
-    held_batches: list[dict[str, Any]]
-    search_count: int
-    held_count: int
+    if merge and strategies[0] != "weights":
+        raise AutoComposeError(f"merge folds a weight change into the base model; the {strategies[0]} strategy's "
+                               f"combination is a composition: drop merge, or put weights first in the strategies")
 
 
 def _prepare(base: Any, refs: list[str], examples: Any, eval_examples: Any, *, hub: Any, token: str | None,
              tokenizer: Any, holdout: float, seed: int, max_length: int, batch_size: int, text_field: str | None,
-             progress: bool) -> _Prepared:
-    from peftkit.training_data import CLASSIFICATION_TASKS, Fields, read_records, to_examples
+             strategies: list[str], head: str, progress: bool) -> Prepared:
+    from peftkit.training_data import CLASSIFICATION_TASKS, Fields, LabelMap, read_records, to_examples
 
     records = read_records(examples)  # a bad file fails before any model loads
     eval_records = read_records(eval_examples) if eval_examples is not None else None
@@ -308,27 +320,60 @@ def _prepare(base: Any, refs: list[str], examples: Any, eval_examples: Any, *, h
     fields = Fields(text=text_field)
     train_ex = to_examples(task, records, fields)
     held_ex = to_examples(task, eval_records, fields) if eval_records is not None else None
-    needed = {lab for ex in train_ex + (held_ex or []) for lab in _labels_of(ex)} if classification else None
-    kept = _load_members(model, cands, needed, classification)
+    kept = _load_members(model, cands, strategies)
+    fresh: list[str] | None = None
+    if classification:
+        needed = {lab for ex in train_ex + (held_ex or []) for lab in _labels_of(ex)}
+        if head == "fresh" or (head == "auto" and kept and not _covers(model, kept, needed)):
+            fresh = LabelMap.build(train_ex + (held_ex or [])).names
+            if "weights" in strategies:
+                raise AutoComposeError(
+                    f"the examples' labels ({', '.join(fresh[:8])}) need a fresh classification head (no member's "
+                    f"head predicts them all), which the weights strategy's gradient-free search cannot train: use "
+                    f"--strategy mixture or fusion (or --head members with members whose heads predict them)")
+            if len(model.base_labels or ()) != len(fresh):
+                model = _with_labels(base, model, cands, fresh, strategies, progress)
+                kept = [c for c in cands if c.left_out is None]
+        else:
+            kept = _same_labels(model, kept, needed)
+    _drop_left_out(model, cands)
     if not kept:
         reasons = "; ".join(f"{c.source}: {c.left_out}" for c in cands)
-        raise AutoComposeError(f"no candidate can take part in a weighted merge ({reasons})")
-    labels = list(model.adapter_labels(kept[0].name) or model.base_labels() or []) if classification else None
+        raise AutoComposeError(f"no candidate can take part in {' or '.join(strategies)} ({reasons})")
+    labels = fresh or (list(model.adapter_labels(kept[0].name) or model.base_labels or []) if classification
+                       else None)
     search_ex, held = _split(train_ex, held_ex, holdout, seed)
     tok = _tokenizer(base, tokenizer)
-    return _Prepared(model, task, cands, kept, tok,
-                     _batches(task, tok, search_ex, labels, model, max_length, batch_size),
-                     _batches(task, tok, held, labels, model, max_length, batch_size), len(search_ex), len(held))
+    return Prepared(model, task, cands, kept, tok,
+                    _batches(task, tok, search_ex, labels, model, max_length, batch_size),
+                    _batches(task, tok, held, labels, model, max_length, batch_size), len(search_ex), len(held),
+                    fresh)
+
+
+def _with_labels(base: Any, model: "AdaptedModel", cands: list[Candidate], labels: list[str],
+                 strategies: list[str], progress: bool) -> "AdaptedModel":
+    """The base model again, its head sized for ``labels`` (the fresh head copies it), members loaded again."""
+    if not isinstance(base, (str, Path)):
+        raise AutoComposeError(f"the fresh head predicts {len(labels)} labels ({', '.join(labels[:8])}) but the base "
+                               f"model object's head has {len(model.base_labels or ())}; pass the model's folder or "
+                               f"hub id, or a model loaded with num_labels={len(labels)}")
+    del model
+    for cand in cands:
+        cand.left_out = None
+    fresh = _base_model(base, cands, progress, labels=labels)
+    _load_members(fresh, cands, strategies)
+    return fresh
 
 
 def auto_compose(base: "str | nn.Module", candidates: Sequence[str] | None = None, *,
                  search: Mapping[str, Any] | str | None = None, examples: str | Path,
                  eval_examples: str | Path | None = None, hub: Any = None, token: str | None = None,
-                 tokenizer: Any = None, max_candidates: int = 8, budget: int = 40, l1: float = 0.05,
+                 tokenizer: Any = None, strategy: str | Sequence[str] = "weights", head: str = "auto",
+                 max_candidates: int = 8, budget: int = 40, l1: float = 0.05, steps: int = 100, lr: float = 0.01,
                  holdout: float = 0.3, seed: int = 0, max_length: int = 128, batch_size: int = 32,
                  text_field: str | None = None, out: str | Path | None = None, merge: bool = False,
                  push: str | None = None, progress: bool = True) -> AutoComposeResult:
-    """Learn weights for a linear merge of LoRA ``candidates`` (or a hub ``search``'s hits) on ``examples``.
+    """Learn how to combine ``candidates`` (or a hub ``search``'s hits) for the task of ``examples``.
 
     ``base``: a model folder or hub id (the class comes from the candidates' saved model class), or a
     model object (then pass ``tokenizer``). ``candidates``: hub ids (``alice/a@v2``) or adapter folders;
@@ -336,12 +381,19 @@ def auto_compose(base: "str | nn.Module", candidates: Sequence[str] | None = Non
     base model unless ``base_model`` is given; at most ``max_candidates`` are tried.
     ``examples`` / ``eval_examples``: JSONL or CSV files as for ``peftkit train`` (``text`` + ``label`` for a
     classifier, ``prompt`` + ``completion``, or ``text`` with ``text_field="text"``, for a causal LM). Without
-    ``eval_examples``, a ``holdout`` share of the examples is held out for the report. ``budget``: how
-    many weight vectors the search scores; ``l1``: the penalty on the mean absolute weight.
-    ``out``: write the merged adapter there (with ``merge``: the base model with it folded in);
-    ``push``: publish the adapter as that hub repo. See the module doc for every step.
+    ``eval_examples``, a ``holdout`` share of the examples is held out for the report.
+    ``strategy``: ``weights`` (CMA-ES over a linear merge of LoRA weight changes; ``budget`` evaluations),
+    ``mixture`` (mixing weights over the members' outputs) or ``fusion`` (AdapterFusion), the last two
+    trained by gradient for ``steps`` Adam steps at ``lr`` with the members frozen; several (a list or
+    ``"mixture,fusion"``) are all learned and reported, the first is saved. ``l1``: the penalty on the mean
+    absolute weight (weights, mixture). ``head``: ``auto`` trains a fresh classification head when no
+    member's head predicts the examples' labels, ``fresh`` always, ``members`` never.
+    ``out``: write the first strategy's combination there (a LoRA folder for weights, with ``merge`` the
+    base model with it folded in; a composition folder for mixture and fusion); ``push``: publish it as
+    that hub repo. See the module doc for every step.
     """
-    _check_options(candidates, search, max_candidates, push, out, merge)
+    strategies = _strategies(strategy)
+    _check_options(candidates, search, max_candidates, push, out, merge, strategies, head, steps, lr)
     if isinstance(search, str):
         search = parse_search(search)
     refs = list(candidates) if candidates is not None else _searched(search or {}, base, hub, token, max_candidates)
@@ -349,60 +401,19 @@ def auto_compose(base: "str | nn.Module", candidates: Sequence[str] | None = Non
         raise AutoComposeError("no candidate adapters given")
     prep = _prepare(base, list(dict.fromkeys(refs))[:max_candidates], examples, eval_examples, hub=hub,
                     token=token, tokenizer=tokenizer, holdout=holdout, seed=seed, max_length=max_length,
-                    batch_size=batch_size, text_field=text_field, progress=progress)
-    result = _search(prep, budget=budget, l1=l1, seed=seed, progress=progress)
+                    batch_size=batch_size, text_field=text_field, strategies=strategies, head=head,
+                    progress=progress)
+    result, saved = compare(prep, Settings(strategies, budget, l1, steps, lr, seed, progress))
     result.base_model = _hub_base_id(base, prep.kept)
-    result.settings.update({"budget": budget, "l1": l1, "holdout": holdout if eval_examples is None else None,
-                            "seed": seed, "max_candidates": max_candidates})
+    result.settings.update({"strategies": strategies, "budget": budget, "l1": l1, "steps": steps, "lr": lr,
+                            "holdout": holdout if eval_examples is None else None, "seed": seed,
+                            "max_candidates": max_candidates})
     if out is not None:
-        save_result(prep.model, result, Path(out), tokenizer=prep.tokenizer, merge=merge)
+        save_result(prep.model, result, Path(out), tokenizer=prep.tokenizer, merge=merge, node=saved.node)
         result.out = str(out)
         if push:
             result.pushed = push_result(result, push, hub=hub, token=token, progress=progress)
     return result
-
-
-def _search(prep: _Prepared, *, budget: int, l1: float, seed: int, progress: bool) -> AutoComposeResult:
-    """Score each member alone and the uniform average on the held-out batches, search the weights on the
-    search batches, and score the learned combination."""
-    from peftkit.core.merge_search import WeightedMerge, score_batches
-    from peftkit.core.weight_search import BOUND, search_weights
-    from peftkit.training_data import CLASSIFICATION_TASKS
-
-    model, classification = prep.model, prep.task in CLASSIFICATION_TASKS
-    names = [c.name for c in prep.kept]
-    rows: list[Row] = []
-    for name in names:
-        start = time.perf_counter()
-        model.set_active(name)
-        score = score_batches(model, prep.held_batches, classification=classification)
-        rows.append(Row("single", name, {name: 1.0}, score.loss, score.accuracy, time.perf_counter() - start))
-    merge = WeightedMerge(model, names, WORK_NAME if WORK_NAME not in model.adapters else WORK_NAME + "_work")
-    uniform = [1.0 / len(names)] * len(names)
-    score, seconds = _timed_score(merge, uniform, prep.held_batches, classification)
-    rows.append(Row("uniform", "uniform average", dict(zip(names, uniform)), score.loss, score.accuracy, seconds))
-
-    def objective(weights: list[float]) -> float:
-        loss = merge.score(weights, prep.search_batches, classification=classification).loss
-        return loss + l1 * sum(abs(w) for w in weights) / len(weights)
-
-    started = time.perf_counter()
-    try:
-        alone = [[1.0 if j == i else 0.0 for j in range(len(names))] for i in range(len(names))]
-        found = search_weights(objective, uniform, also=alone if len(names) > 1 else (), budget=budget, seed=seed,
-                               progress=progress, desc=f"weighing {len(names)} adapters")
-        search_seconds = time.perf_counter() - started
-        score, seconds = _timed_score(merge, found.weights, prep.held_batches, classification)
-    finally:
-        merge.remove()
-    weights = dict(zip(names, found.weights))
-    rows.append(Row("learned", "learned combination", weights, score.loss, score.accuracy, search_seconds + seconds))
-    return AutoComposeResult(
-        task=prep.task, members=prep.kept, left_out=[c for c in prep.candidates if c.left_out is not None],
-        weights=weights, rows=rows, examples=prep.search_count + prep.held_count,
-        search_examples=prep.search_count, heldout_examples=prep.held_count, evaluations=found.evaluations,
-        seconds_per_evaluation=search_seconds / max(found.evaluations, 1), search_seconds=search_seconds,
-        settings={"strategy": "cma-es", "bound": BOUND})
 
 
 def _hub_base_id(base: Any, kept: list[Candidate]) -> str | None:
@@ -421,7 +432,9 @@ def _labels_of(example: Any) -> list[str]:
     return [label] if label is not None else list(getattr(example, "tags", []) or [])
 
 
-def _base_model(base: Any, cands: list[Candidate], progress: bool) -> "AdaptedModel":
+def _base_model(base: Any, cands: list[Candidate], progress: bool, labels: list[str] | None = None
+                ) -> "AdaptedModel":
+    """The base model with no adapter; with ``labels``, its classification head sized (and named) for them."""
     from peftkit.core.model import AdaptedModel
 
     if isinstance(base, AdaptedModel):
@@ -431,9 +444,12 @@ def _base_model(base: Any, cands: list[Candidate], progress: bool) -> "AdaptedMo
         from peftkit.core.model_source import model_source_options
         from peftkit.hub_client.compose import load_base_model, transformers_progress
 
+        options = model_source_options(str(base), "the base model")
+        if labels is not None:
+            options.update(num_labels=len(labels), id2label=dict(enumerate(labels)),
+                           label2id={n: i for i, n in enumerate(labels)}, ignore_mismatched_sizes=True)
         with transformers_progress(progress):
-            module = load_base_model(str(base), _datas(cands), **model_source_options(str(base), "the base model"))
+            module = load_base_model(str(base), _datas(cands), **options)
     else:
         module = base
     return AdaptedModel(module)
-

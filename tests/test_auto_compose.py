@@ -164,7 +164,7 @@ def test_cli_searches_the_hub_learns_a_combination_better_than_the_uniform_avera
     assert all(len(m["revision"]) == 40 for m in result["members"])
     # On held-out data the learned combination beats the uniform average and every member alone.
     by_name = rows(result)
-    learned, uniform = by_name["learned combination"], by_name["uniform average"]
+    learned, uniform = by_name["learned weights"], by_name["uniform average"]
     singles = [by_name[name] for name in MEMBERS]
     assert learned["loss"] < uniform["loss"] and learned["accuracy"] > uniform["accuracy"]
     assert learned["accuracy"] >= max(s["accuracy"] for s in singles)
@@ -204,7 +204,7 @@ def test_python_api_with_named_candidates_holds_out_part_of_the_examples(world: 
     uniform = next(r for r in result.rows if r.kind == "uniform")
     assert result.learned.accuracy > uniform.accuracy and result.learned.loss < uniform.loss
     table = format_report(result)
-    assert "learned combination" in table and "uniform average" in table and "ACCURACY" in table
+    assert "learned weights" in table and "uniform average" in table and "ACCURACY" in table
     assert "left out alice/scaler: ia3 has no low-rank weight change" in table
     # merge=True: the base model with the learned combination folded in, as a plain transformers model.
     loss, accuracy = held_out_score(tmp_path / "merged", None, world["heldout"])

@@ -1,0 +1,135 @@
+"""Automatic composition's gradient-trained strategies (mixture, fusion) and fresh heads, end to end.
+
+The world of tests/test_auto_compose.py: a tiny BERT sentiment classifier, a LoRA ``t`` trained on
+the task (its encoder change carries it), ``noise`` (a loud random LoRA with t's head), an IA3
+adapter ``scaler`` (no low-rank change, but an output at a layer: mixture and fusion take it), and
+``topics`` (a LoRA whose head predicts three other labels). Here ``t`` is the answer: the learned
+mixture must find it (weight near 1 on t, near 0 on noise), where the uniform average drowns it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import peftkit
+from tests.test_auto_compose import MOODS, bert, world  # noqa: F401 - world is a fixture
+from tests.train_helpers import sentiment_rows, torch_threads, word_tokenizer, write_jsonl
+
+CHEERS = {"neg": "boo", "pos": "yay"}
+
+
+def rows(result: Any) -> dict[str, Any]:
+    return {row.name: row for row in result.rows}
+
+
+def loaded_score(base: Path, folder: Path, examples: Path, labels: list[str]) -> tuple[float, float, list[str]]:
+    """Held-out loss and accuracy of a saved composition folder loaded the ordinary way, and the labels the
+    loaded model's config names."""
+    from transformers import AutoModelForSequenceClassification
+
+    from peftkit.core.merge_search import score_batches
+
+    model = peftkit.load_composition(AutoModelForSequenceClassification.from_pretrained(base), str(folder))
+    data = [json.loads(line) for line in examples.read_text().splitlines()]
+    batch = dict(word_tokenizer("bert")([r["text"] for r in data], padding=True, return_tensors="pt"))
+    batch["labels"] = torch.tensor([labels.index(r["label"]) for r in data])
+    score = score_batches(model, [batch], classification=True)
+    config = model.base_model.config
+    return score.loss, score.accuracy, [config.id2label[i] for i in range(len(config.id2label))]
+
+
+def test_the_learned_mixture_finds_the_member_that_is_the_answer_and_saves_a_composition(
+        world: dict[str, Path], tmp_path: Path) -> None:  # noqa: F811 - the fixture imported above
+    from peftkit.auto_compose_report import format_report
+
+    prompt = peftkit.adapt(bert(MOODS), "prompt_tuning[num_virtual_tokens=2]", "prompt")
+    prompt.save_adapter(str(tmp_path / "prompt"), "prompt")
+    out = tmp_path / "mixed"
+    with torch_threads(1):
+        result = peftkit.auto_compose(
+            str(world["base"]), [str(world[n]) for n in ("t", "noise", "scaler", "topics")] + [str(tmp_path / "prompt")],
+            examples=world["few"], eval_examples=world["heldout"], strategy="mixture,fusion", steps=60, lr=0.05,
+            l1=0.01, out=out, progress=False)
+    # IA3 takes part in a mixture and a fusion; a prompt (no output at a layer) and other labels do not.
+    assert [c.name for c in result.members] == ["t", "noise", "scaler"]
+    reasons = {c.name: c.left_out for c in result.left_out}
+    assert "changes the model's inputs" in reasons["prompt"] and "food, sports, tech" in reasons["topics"]
+    by_name = rows(result)
+    assert [r.kind for r in result.rows] == ["single"] * 3 + ["uniform", "learned", "learned"]
+    mixture, fusion, uniform = by_name["learned mixture"], by_name["learned fusion"], by_name["uniform average"]
+    # The value check: t alone is the answer; the mixture puts its weight there and beats the uniform average.
+    weights = result.combinations["mixture"]
+    assert weights["t"] > 0.6 and abs(weights["noise"]) < 0.15, weights
+    assert mixture.loss < uniform.loss and mixture.accuracy >= uniform.accuracy
+    assert mixture.loss <= by_name["t"].loss + 0.05 and mixture.accuracy >= by_name["t"].accuracy - 0.05
+    assert fusion.accuracy is not None and sum(result.combinations["fusion"].values()) == pytest.approx(1.0)
+    assert result.weights == weights and result.strategy == "mixture" and result.learned is mixture
+    assert all(r.seconds > 0 for r in result.rows if r.kind == "learned")
+    table = format_report(result)
+    assert "learned mixture" in table and "learned fusion" in table and "mixture weights: t +" in table
+    # The folder is a composition: loaded the ordinary way it scores what the report said.
+    data = json.loads((out / "composition.json").read_text())
+    assert data["composition_string"].startswith("average(t, noise, scaler, __base__, weights=[")
+    loss, accuracy, _ = loaded_score(world["base"], out, world["heldout"], MOODS)
+    assert loss == pytest.approx(mixture.loss, abs=1e-4) and accuracy == mixture.accuracy
+    record = json.loads((out / "auto_compose.json").read_text())
+    assert record["weights"] == weights and record["examples"] == 96 and record["strategy"] == "mixture"
+    card = (out / "README.md").read_text()
+    assert "learned mixture of the outputs of 3 adapters" in card and "on 48 examples" in card
+    assert f"| `{world['t']}` | {weights['t']:+.4f} |" in card and "heldout_accuracy" in card
+
+
+def test_a_new_label_set_gets_a_fresh_head_trained_with_the_combination(
+        world: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+    from peftkit.cli import run
+
+    files = {}
+    for split, seed in (("few", 1), ("heldout", 2)):
+        data = [{"text": r["text"], "label": CHEERS[r["label"]]} for r in sentiment_rows(48, seed=seed)]
+        files[split] = write_jsonl(tmp_path / f"{split}.jsonl", data)
+    out = tmp_path / "fresh"
+    with torch_threads(1):
+        code = run(["compose", str(world["base"]), "--auto", "--examples", str(files["few"]), "--eval",
+                    str(files["heldout"]), "--candidates", f"{world['t']}, {world['topics']}",
+                    "--strategy", "mixture", "--steps", "80", "--lr", "0.05", "--out", str(out), "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    result = json.loads(captured.out)
+    # No member predicts boo / yay: a fresh head is trained, so members of any label set take part.
+    assert result["fresh_head_labels"] == ["boo", "yay"] and result["left_out"] == []
+    by_name = {row["name"]: row for row in result["rows"]}
+    assert set(by_name) == {"t", "topics", "uniform average", "learned mixture"}
+    learned = by_name["learned mixture"]
+    assert learned["loss"] < by_name["uniform average"]["loss"] and learned["accuracy"] >= 0.75
+    assert learned["accuracy"] >= by_name["uniform average"]["accuracy"]
+    assert learned["weights"]["t"] > 0.6 and abs(learned["weights"]["topics"]) < 0.1  # t carries the task
+    assert by_name["t"]["accuracy"] > by_name["topics"]["accuracy"]  # every row trained the same fresh head
+    loss, accuracy, labels = loaded_score(world["base"], out, files["heldout"], ["boo", "yay"])
+    assert labels == ["boo", "yay"] and accuracy == learned["accuracy"] and loss == pytest.approx(learned["loss"],
+                                                                                                abs=1e-4)
+    assert json.loads((out / "adapters" / "fresh_head" / "labels.json").read_text())["labels"] == ["boo", "yay"]
+    assert "fresh classification head for the labels boo, yay" in (out / "README.md").read_text()
+
+
+def test_the_weights_strategy_cannot_train_a_head_and_other_refusals(world: dict[str, Path], tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+    from peftkit.cli import run
+    from peftkit.learned_composition import AutoComposeError
+
+    data = [{"text": r["text"], "label": CHEERS[r["label"]]} for r in sentiment_rows(8, seed=1)]
+    few = write_jsonl(tmp_path / "few.jsonl", data)
+    with torch_threads(1):
+        with pytest.raises(AutoComposeError, match="fresh classification head .* use --strategy mixture or fusion"):
+            peftkit.auto_compose(str(world["base"]), [str(world["t"])], examples=few, progress=False)
+    with pytest.raises(AutoComposeError, match="strategy must be one or more of weights, mixture, fusion"):
+        peftkit.auto_compose(str(world["base"]), [str(world["t"])], examples=few, strategy="magic")
+    with pytest.raises(AutoComposeError, match="merge folds a weight change"):
+        peftkit.auto_compose(str(world["base"]), [str(world["t"])], examples=few, strategy="fusion", merge=True,
+                             out=tmp_path / "o")
+    assert run(["compose", str(world["base"]), "alice/t", "--strategy", "mixture", "--out", str(tmp_path / "o")]) == 2
+    assert "--strategy only works with --auto" in capsys.readouterr().err
