@@ -249,11 +249,14 @@ def train_fusion(model: "AdaptedModel", names: Sequence[str], batches: Sequence[
     """An AdapterFusion over ``names`` (and the fresh head) trained on ``batches``; its weights are each
     member's mean attention over the examples' tokens and sites."""
     started = time.perf_counter()
-    fuse = Fuse(*names, name=FUSION_NAME)
+    # With a fresh head each member is fused as stack(member, fresh_head, head=fresh_head): the same change
+    # (the fresh head's adapter is the identity), and a head every member agrees on, so that members whose
+    # own heads predict different labels can be fused (a fusion over them predicts with the fresh head).
+    members = [with_head(n, FRESH_HEAD) for n in names] if head else list(names)
+    node = Fuse(*members, name=FUSION_NAME)
     if FUSION_NAME in model.fusions:
         model.delete_fusion(FUSION_NAME)
-    model.add_fusion(fuse)
-    node = with_head(fuse, FRESH_HEAD if head else None)
+    model.add_fusion(node)
     model.set_active(node)
     _freeze(model)
     params = [p for p in model.fusion_parameters(FUSION_NAME)]
@@ -263,7 +266,8 @@ def train_fusion(model: "AdaptedModel", names: Sequence[str], batches: Sequence[
     loss = train_steps(model, params, batches, steps=steps, lr=lr, penalty=model.fusion_regularization_loss,
                        progress=progress, desc=f"fusing {len(names)} adapters")
     seconds = time.perf_counter() - started
-    return Trained(node, attention_shares(model, names, batches), seconds, steps, loss)
+    shares = attention_shares(model, [str(m) for m in members], batches)
+    return Trained(node, {name: shares[str(m)] for name, m in zip(names, members)}, seconds, steps, loss)
 
 
 def attention_shares(model: "AdaptedModel", names: Sequence[str], batches: Sequence[dict[str, Any]]

@@ -96,14 +96,16 @@ def test_a_new_label_set_gets_a_fresh_head_trained_with_the_combination(
     with torch_threads(1):
         code = run(["compose", str(world["base"]), "--auto", "--examples", str(files["few"]), "--eval",
                     str(files["heldout"]), "--candidates", f"{world['t']}, {world['topics']}",
-                    "--strategy", "mixture", "--steps", "80", "--lr", "0.05", "--out", str(out), "--json"])
+                    "--strategy", "mixture,fusion", "--steps", "80", "--lr", "0.05", "--out", str(out), "--json"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     result = json.loads(captured.out)
     # No member predicts boo / yay: a fresh head is trained, so members of any label set take part.
     assert result["fresh_head_labels"] == ["boo", "yay"] and result["left_out"] == []
     by_name = {row["name"]: row for row in result["rows"]}
-    assert set(by_name) == {"t", "topics", "uniform average", "learned mixture"}
+    assert set(by_name) == {"t", "topics", "uniform average", "learned mixture", "learned fusion"}
+    # The fusion fuses t and topics although their own heads predict different labels: the fresh head predicts.
+    assert by_name["learned fusion"]["accuracy"] >= 0.6 and set(result["combinations"]["fusion"]) == {"t", "topics"}
     learned = by_name["learned mixture"]
     assert learned["loss"] < by_name["uniform average"]["loss"] and learned["accuracy"] >= 0.75
     assert learned["accuracy"] >= by_name["uniform average"]["accuracy"]

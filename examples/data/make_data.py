@@ -64,6 +64,19 @@ ROUTINE = ["Could you update the logo on our invoices", "Please add a dark theme
 URGENT_TAILS = [", please help now!", ", this is critical.", " and we are losing sales.", ", urgent!", "."]
 ROUTINE_TAILS = [" when you have time.", ", no rush.", ", thanks!", " at some point.", "."]
 
+# Short reviews of places and things, for automatic composition (opinion as in sentiment, domains as in
+# topic, new labels): would the writer recommend it? The held-out split also uses words the train split lacks.
+REVIEW_THINGS = {"food": ["the noodle bar", "this bakery", "the taco truck", "the corner cafe", "that pizza place"],
+                 "travel": ["the harbour hotel", "this hostel", "the night train", "the city tour", "that beach resort"],
+                 "tech": ["this laptop", "the new phone", "the budget headphones", "this smart watch", "the router"]}
+REVIEW_GOOD = ["fantastic", "excellent", "lovely", "great value", "a real treat", "spotless", "friendly", "reliable"]
+REVIEW_BAD = ["a disaster", "overpriced", "filthy", "rude", "a waste of money", "broken after a week", "noisy",
+              "disappointing"]
+REVIEW_GOOD_HELD = ["superb", "outstanding", "a delight"]
+REVIEW_BAD_HELD = ["dreadful", "a rip-off", "miserable"]
+REVIEW_FRAMES = ["Honestly, {thing} was {word}.", "We tried {thing}: {word}.", "{Thing} turned out {word}.",
+                 "My verdict on {thing}? {Word}.", "{Thing} is {word}, would say the same again."]
+
 NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
 
 
@@ -130,6 +143,20 @@ def urgency(rng: random.Random, n: int) -> list[dict]:
     return rows
 
 
+def reviews(rng: random.Random, n: int, held_out: bool) -> list[dict]:
+    rows = []
+    for i in range(n):
+        label = "recommend" if i % 2 == 0 else "avoid"
+        words = REVIEW_GOOD if label == "recommend" else REVIEW_BAD
+        if held_out:
+            words = words + (REVIEW_GOOD_HELD if label == "recommend" else REVIEW_BAD_HELD)
+        thing, word = rng.choice(REVIEW_THINGS[rng.choice(sorted(REVIEW_THINGS))]), rng.choice(words)
+        text = rng.choice(REVIEW_FRAMES).format(thing=thing, Thing=thing[0].upper() + thing[1:], word=word,
+                                                Word=word[0].upper() + word[1:])
+        rows.append({"text": text, "label": label})
+    return rows
+
+
 def write_jsonl(name: str, rows: list[dict]) -> None:
     (HERE / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
@@ -151,6 +178,9 @@ def main() -> None:
     urgency_rng = random.Random(20241128)  # its own stream: the files above stay as they were
     write_jsonl("urgency_train.jsonl", urgency(urgency_rng, 160))
     write_jsonl("urgency_eval.jsonl", urgency(urgency_rng, 40))
+    review_rng = random.Random(20261202)  # its own stream too
+    write_jsonl("reviews_train.jsonl", reviews(review_rng, 64, held_out=False))
+    write_jsonl("reviews_eval.jsonl", reviews(review_rng, 80, held_out=True))
 
 
 if __name__ == "__main__":
