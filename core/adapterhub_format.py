@@ -102,14 +102,16 @@ def claiming_method(methods: Iterable[Any], data: Mapping[str, Any], where: str)
         raise AdapterLoadError(f"{where}: {exc}") from None
 
 
-def read_adapterhub_weights(folder: Path) -> dict[str, Any]:
+def read_adapterhub_weights(folder: Path, safe_name: str = SAFE_WEIGHTS_NAME,
+                            pickle_name: str = PICKLE_WEIGHTS_NAME) -> dict[str, Any]:
     """The tensors of an AdapterHub folder: ``adapter.safetensors``, else ``pytorch_adapter.bin`` read with
-    ``torch.load(weights_only=True)``, which refuses anything but tensors and plain containers."""
+    ``torch.load(weights_only=True)``, which refuses anything but tensors and plain containers (the head's
+    files with the names given)."""
     import torch
     from safetensors import SafetensorError
     from safetensors.torch import load as load_bytes
 
-    safe, pickled = folder / SAFE_WEIGHTS_NAME, folder / PICKLE_WEIGHTS_NAME
+    safe, pickled = folder / safe_name, folder / pickle_name
     try:
         if safe.is_file():
             return dict(load_bytes(safe.read_bytes()))
@@ -122,8 +124,8 @@ def read_adapterhub_weights(folder: Path) -> dict[str, Any]:
         first = str(exc).splitlines()[0] if str(exc) else ""
         raise AdapterLoadError(f"{folder}: the AdapterHub weights file is damaged or holds more than tensors "
                                f"({type(exc).__name__}: {first}); save or download the adapter again") from None
-    raise AdapterLoadError(f"{folder} has an AdapterHub {CONFIG_NAME} but neither {SAFE_WEIGHTS_NAME} nor "
-                           f"{PICKLE_WEIGHTS_NAME}; the folder is incomplete")
+    raise AdapterLoadError(f"{folder} has an AdapterHub {CONFIG_NAME} but neither {safe_name} nor "
+                           f"{pickle_name}; the folder is incomplete")
 
 
 def _same_module(ours: str, theirs: str) -> bool:

@@ -24,6 +24,8 @@ from .adapterhub_format import SAFE_WEIGHTS_NAME as ADAPTERHUB_WEIGHTS_NAME
 from .card import card_metadata, render_card
 from .errors import AdapterLoadError, ConfigError, PeftkitError, PluginError
 from .fileio import atomic_folder, write_bytes_atomic, write_text_atomic
+from .adapterhub_heads import (HEAD_CONFIG_NAME, SAFE_HEAD_WEIGHTS_NAME, adapter_head_tensors, flex_head_files,
+                               load_head)
 from .heads import fit_heads
 from .labels import LABELS_FILE, is_default, labels_text, read_labels
 from .layer import ModulesToSave, TunerLayer
@@ -203,9 +205,10 @@ def write_adapterhub_adapter(model: "AdaptedModel", name: str, folder: Path) -> 
     from safetensors.torch import save
 
     record = model.adapter_record(name)
-    if record.model_adapter or head_tensors(model, name):
-        raise PeftkitError(f"cannot save adapter {name!r} in AdapterHub's format: its task heads or model-level "
-                           f"parts are not written in that format yet; save it in peftkit's format instead")
+    if record.model_adapter:
+        raise PeftkitError(f"cannot save adapter {name!r} in AdapterHub's format: its model-level parts are not "
+                           f"written in that format yet; save it in peftkit's format instead")
+    head = adapter_head_tensors(model.base_model, name)
     config = getattr(model.base_model, "config", None)
     data = adapterhub_config_data(record.method, record.config, name, getattr(config, "model_type", None),
                                   type(model.base_model).__name__, getattr(config, "hidden_size", None),
@@ -213,6 +216,11 @@ def write_adapterhub_adapter(model: "AdaptedModel", name: str, folder: Path) -> 
     site_tensors = {site: {k: v.detach().to("cpu").contiguous() for k, v in layer.adapters[name].tensors().items()}
                     for site, layer in _layers_with(model, name)}
     tensors = adapterhub_file_tensors(record.method.adapterhub, site_tensors, name, data["config"])
+    if head:
+        head_data, head_file = flex_head_files(model.base_model, name, head, model.adapter_labels(name),
+                                               base_model_id(model))
+        write_bytes_atomic(folder / SAFE_HEAD_WEIGHTS_NAME, save(head_file, metadata={"format": "pt"}))
+        write_text_atomic(folder / HEAD_CONFIG_NAME, config_json(head_data))
     write_bytes_atomic(folder / ADAPTERHUB_WEIGHTS_NAME, save(tensors, metadata={"format": "pt"}))
     write_text_atomic(folder / ADAPTERHUB_CONFIG_NAME, config_json(data))
 
@@ -370,15 +378,19 @@ def load_adapter(model: "AdaptedModel", path: str | os.PathLike, name: str) -> A
     where = str(path)
     data = read_config(path)
     adapterhub = is_adapterhub_config(data)
+    head = None
     if adapterhub:
         method, config = _adapterhub_method_config(data, where)
         tensors = read_adapterhub_weights(path)
+        head = load_head(model.base_model, path, where)
+        if head is not None:
+            config.modules_to_save = head.modules
     else:
         method = method_for(data, where)
         check_base_model(model, data, where)
         config = config_from_data(method, data, where)
         tensors = read_weights(path)
-    labels = read_labels(path)
+    labels = read_labels(path) or (head.labels if head is not None else None)
     model._check_new_name(name)
     try:
         record = model.add_adapter(name, config, default_head=False)
@@ -390,6 +402,7 @@ def load_adapter(model: "AdaptedModel", path: str | os.PathLike, name: str) -> A
         if adapterhub:
             sites = [site for site, _ in _layers_with(model, name)]
             tensors = adapterhub_tensors(method.adapterhub, tensors, sites, data, KEY_PREFIX, where)
+            tensors.update({KEY_PREFIX + key: tensor for key, tensor in (head.tensors if head else {}).items()})
         record.labels = _fit_head(model, name, tensors, labels, where)
         _copy_into(model, name, tensors, where)
     except BaseException:

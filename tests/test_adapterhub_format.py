@@ -23,6 +23,8 @@ from safetensors.torch import load_file
 
 import peftkit
 from peftkit.core.errors import AdapterLoadError, PeftkitError
+from peftkit.core.layer import ModulesToSave
+from peftkit.testing import randomize
 from peftkit.hub_client import api as hub
 from tests.hub_helpers import hub_env  # noqa: F401
 
@@ -62,24 +64,59 @@ def fixtures() -> Path:
 
 
 def _base(case: Path) -> torch.nn.Module:
-    from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
+    """The case's base model: the bare body, or with ``task`` in model.json transformers' task model
+    (two labels, as a user would start) whose body holds the case's weights."""
+    import transformers
 
     spec = json.loads((case / "model.json").read_text())
-    config_class, model_class = {"bert": (BertConfig, BertModel), "roberta": (RobertaConfig, RobertaModel)}[
-        spec["model_type"]]
-    model = model_class(config_class(**spec["config"]))
-    model.load_state_dict(load_file(str(case / "base.safetensors")))
+    family = {"bert": "Bert", "roberta": "Roberta"}[spec["model_type"]]
+    config = getattr(transformers, f"{family}Config")(**spec["config"])
+    task = {None: "Model", "seq_cls": "ForSequenceClassification", "token_cls": "ForTokenClassification"}[
+        spec.get("task")]
+    model = getattr(transformers, f"{family}{task}")(config)
+    body = load_file(str(case / "base.safetensors"))
+    if not hasattr(model.base_model, "pooler") or model.base_model.pooler is None:  # task models without one
+        body = {k: v for k, v in body.items() if not k.startswith("pooler.")}
+    model.base_model.load_state_dict(body)
     return model.eval()
 
 
 def _hidden(model: torch.nn.Module, case: Path) -> torch.Tensor:
+    """The last hidden state, or a task model's logits."""
     ids = load_file(str(case / "expected.safetensors"))["input_ids"]
     with torch.no_grad():
-        return model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
 def _expected(case: Path) -> torch.Tensor:
     return load_file(str(case / "expected.safetensors"))["output"]
+
+
+HEADS = {"bert_head_seq_cls": ["neg", "neu", "pos"], "bert_head_seq_cls_pooler": ["neg", "neu", "pos"],
+         "roberta_head_seq_cls": ["neg", "neu", "pos"], "bert_head_tagging": ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"],
+         "roberta_head_tagging": ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"],
+         "bert_head_static_seq_cls": ["LABEL_0", "LABEL_1", "LABEL_2"]}
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_adapters_folder_with_a_head_loads_with_the_same_logits_and_labels(fixtures: Path, name: str) -> None:
+    case = fixtures / name
+    model = peftkit.from_pretrained(_base(case), str(case / "adapter"))
+    torch.testing.assert_close(_hidden(model, case), _expected(case), atol=ATOL, rtol=0)
+    assert model.adapter_labels("default") == HEADS[name]
+
+
+def test_a_head_the_model_cannot_hold_is_left_out_with_a_warning(fixtures: Path) -> None:
+    case = fixtures / "bert_head_seq_cls"
+    bare = _base(fixtures / "bert_seq_bn")  # a BertModel, no head
+    with pytest.warns(UserWarning, match="prediction head is not loaded.*ForSequenceClassification"):
+        model = peftkit.from_pretrained(bare, str(case / "adapter"))
+    assert model.adapter_labels("default") is None
+    import transformers
+    tagger = transformers.BertForTokenClassification(bare.config)
+    with pytest.raises(AdapterLoadError, match="'classification' head needs .*ForSequenceClassification"):
+        peftkit.from_pretrained(tagger, str(case / "adapter"))
 
 
 @pytest.mark.parametrize("name", LOADED)
@@ -106,7 +143,7 @@ def test_skipping_the_model_layernorm_after_the_adapter_is_refused_by_name(fixtu
 def test_saved_in_adapters_format_loads_in_adapters_with_the_same_outputs(fixtures: Path, tmp_path: Path) -> None:
     """Both kinds of source: folders adapters saved (re-saved by peftkit), and adapters made in peftkit."""
     jobs, ours = [], {}
-    for name in LOADED:
+    for name in LOADED + sorted(HEADS):
         case = fixtures / name
         model = peftkit.from_pretrained(_base(case), str(case / "adapter"))
         model.save_adapter(str(tmp_path / name), format="adapters")
@@ -120,15 +157,29 @@ def test_saved_in_adapters_format_loads_in_adapters_with_the_same_outputs(fixtur
             "made_lora": ("bert_lora", "lora[r=4,alpha=16,target_modules=[query,key],init_weights=false]"),
             "made_ia3": ("bert_ia3", "ia3[target_modules=[value,intermediate.dense],feedforward_modules=[],"
                                      "init_ia3_weights=false]")}
+    made["made_lora_head"] = ("bert_head_seq_cls", "lora[r=4,init_weights=false]")
+    made["made_seq_bn_tagger"] = ("roberta_head_tagging", "seq_bn[init_weights=false,original_ln_before=true]")
     for name, (source, spec) in made.items():
         case = fixtures / source
         torch.manual_seed(3)
-        model = peftkit.adapt(_base(case), spec, trainable=False)
+        base = _base(case)
+        base.config.id2label = {0: "bad", 1: "good"}
+        model = peftkit.adapt(base, spec, trainable=False)
+        randomize(model, "default", seed=5, scale=0.3)
+        for module in model.base_model.modules():  # the head copies too
+            if isinstance(module, ModulesToSave):
+                with torch.no_grad():
+                    for param in module.copies["default"].parameters():
+                        param.add_(0.3 * torch.randn(param.shape))
         ours[name] = _hidden(model, case)
         model.save_adapter(str(tmp_path / name), format="adapters")
-        assert sorted(p.name for p in (tmp_path / name).iterdir()) == ["adapter.safetensors", "adapter_config.json"]
+        files = ["adapter.safetensors", "adapter_config.json"]
+        if "task" in json.loads((case / "model.json").read_text()):
+            files = sorted(files + ["head_config.json", "model_head.safetensors"])
+        assert sorted(p.name for p in (tmp_path / name).iterdir()) == files
         again = peftkit.from_pretrained(_base(case), str(tmp_path / name))  # and back into peftkit
         torch.testing.assert_close(_hidden(again, case), ours[name], atol=ATOL, rtol=0)
+        assert again.adapter_labels("default") == model.adapter_labels("default")
         jobs.append({"case": str(case), "adapter": str(tmp_path / name), "out": str(tmp_path / f"{name}.out")})
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))
     _run([str(PYTHON), str(SCRIPTS / "run_saved.py"), str(tmp_path / "jobs.json")], timeout=600)

@@ -2,10 +2,12 @@
 
 Usage: python make_fixtures.py OUT_FOLDER
 
-For each case, OUT_FOLDER/<case>/ holds ``model.json`` (the base model's config values),
-``base.safetensors`` (its weights: both libraries start from the same numbers), ``adapter/``
-(the folder ``adapters`` saved) and ``expected.safetensors`` (input ids and the adapted model's
-last hidden state). Adapter weights are drawn at random so that every tensor matters.
+For each case, OUT_FOLDER/<case>/ holds ``model.json`` (the base model's config values, and
+with a prediction head its ``task``: ``seq_cls`` or ``token_cls``), ``base.safetensors`` (the
+weights of the model's body: both libraries start from the same numbers), ``adapter/`` (the
+folder ``adapters`` saved) and ``expected.safetensors`` (input ids and the adapted model's last
+hidden state, or with a head its logits). Adapter and head weights are drawn at random so that
+every tensor matters.
 """
 
 from __future__ import annotations
@@ -54,6 +56,23 @@ CASES = {
 }
 
 
+LABELS = {0: "neg", 1: "neu", 2: "pos"}
+TAGS = {0: "O", 1: "B-PER", 2: "I-PER", 3: "B-LOC", 4: "I-LOC"}
+
+#: case name -> (model type, adapters config, head: "flex" classification/tagging keyword arguments
+#: on the AdapterModel class, or "static" for transformers' ForSequenceClassification class)
+HEAD_CASES = {
+    "bert_head_seq_cls": ("bert", lambda: SeqBnConfig(), ("classification", {"num_labels": 3, "id2label": LABELS})),
+    "bert_head_seq_cls_pooler": ("bert", lambda: LoRAConfig(r=4), (
+        "classification", {"num_labels": 3, "id2label": LABELS, "layers": 1, "use_pooler": True})),
+    "roberta_head_seq_cls": ("roberta", lambda: DoubleSeqBnConfig(reduction_factor=8), (
+        "classification", {"num_labels": 3, "id2label": LABELS})),
+    "bert_head_tagging": ("bert", lambda: LoRAConfig(r=4), ("tagging", {"num_labels": 5, "id2label": TAGS})),
+    "roberta_head_tagging": ("roberta", lambda: SeqBnConfig(), ("tagging", {"num_labels": 5, "id2label": TAGS})),
+    "bert_head_static_seq_cls": ("bert", lambda: SeqBnConfig(), ("static", {"num_labels": 3, "id2label": LABELS})),
+}
+
+
 def build_base(model_type: str) -> torch.nn.Module:
     from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
 
@@ -65,7 +84,7 @@ def build_base(model_type: str) -> torch.nn.Module:
 
 def randomize(model: torch.nn.Module, name: str) -> None:
     gen = torch.Generator().manual_seed(1)
-    markers = (f".adapters.{name}.", f".loras.{name}.")
+    markers = (f".adapters.{name}.", f".loras.{name}.", f"heads.{name}.", "classifier.")
     with torch.no_grad():
         for key, param in model.named_parameters():
             if not any(m in key for m in markers):
@@ -97,10 +116,60 @@ def make_case(out: Path, case: str) -> None:
     save_file({"input_ids": ids, "output": hidden.contiguous()}, str(folder / "expected.safetensors"))
 
 
+def build_with_head(model_type: str, kind: str, kwargs: dict, body: torch.nn.Module) -> torch.nn.Module:
+    """A model with a prediction head whose body holds ``body``'s weights."""
+    from transformers import BertConfig, BertForSequenceClassification, RobertaConfig
+
+    from adapters import BertAdapterModel, RobertaAdapterModel
+
+    if kind == "static":
+        model = BertForSequenceClassification(BertConfig(**MODELS[model_type], num_labels=kwargs["num_labels"],
+                                                         id2label=kwargs["id2label"]))
+        model.bert.load_state_dict(body.state_dict())
+        adapters.init(model)
+        return model.eval()
+    config_class, model_class = {"bert": (BertConfig, BertAdapterModel),
+                                 "roberta": (RobertaConfig, RobertaAdapterModel)}[model_type]
+    model = model_class(config_class(**MODELS[model_type]))
+    result = model.base_model.load_state_dict(body.state_dict(), strict=False)
+    assert not result.unexpected_keys and all(k.startswith("prompt_tuning.") for k in result.missing_keys), result
+    return model.eval()
+
+
+def add_head(model: torch.nn.Module, kind: str, kwargs: dict, name: str) -> None:
+    if kind == "classification":
+        model.add_classification_head(name, **kwargs)
+    elif kind == "tagging":
+        model.add_tagging_head(name, **kwargs)
+
+
+def make_head_case(out: Path, case: str) -> None:
+    model_type, make_config, (kind, kwargs) = HEAD_CASES[case]
+    folder = out / case
+    folder.mkdir(parents=True)
+    body = build_base(model_type)
+    task = "token_cls" if kind == "tagging" else "seq_cls"
+    (folder / "model.json").write_text(json.dumps({"model_type": model_type, "config": MODELS[model_type],
+                                                   "task": task}))
+    save_file({k: v.contiguous() for k, v in body.state_dict().items()}, str(folder / "base.safetensors"))
+    model = build_with_head(model_type, kind, kwargs, body)
+    model.add_adapter("task", config=make_config())
+    add_head(model, kind, kwargs, "task")
+    randomize(model, "task")
+    model.set_active_adapters("task")
+    model.save_adapter(str(folder / "adapter"), "task", with_head=True, use_safetensors=True)
+    ids = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    save_file({"input_ids": ids, "output": logits.contiguous()}, str(folder / "expected.safetensors"))
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     for case in CASES:
         make_case(out, case)
+    for case in HEAD_CASES:
+        make_head_case(out, case)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@ Usage: python run_saved.py JOBS_JSON
 
 JOBS_JSON lists ``{"case": CASE_FOLDER, "adapter": ADAPTER_FOLDER, "out": OUT_FILE}``. CASE_FOLDER
 is one make_fixtures.py wrote (base weights, inputs); OUT_FILE receives the adapted model's last
-hidden state on those inputs (safetensors, key ``output``). Exits non-zero when ``adapters``
-leaves any weight of a folder unloaded.
+hidden state on those inputs, or with a head in the folder (``head_config.json``) the logits of the
+``...AdapterModel`` class that loaded it (safetensors, key ``output``). Exits non-zero when
+``adapters`` leaves any weight of a folder unloaded.
 """
 
 from __future__ import annotations
@@ -18,23 +19,30 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import adapters
-from make_fixtures import build_base
+from make_fixtures import build_base, build_with_head
 
 
 def run(case: Path, adapter: str, out: str) -> None:
     model_type = json.loads((case / "model.json").read_text())["model_type"]
     model = build_base(model_type)
     model.load_state_dict(load_file(str(case / "base.safetensors")))
-    adapters.init(model)
+    head = (Path(adapter) / "head_config.json").is_file()
+    if head:
+        model = build_with_head(model_type, "flex", {}, model)
+    else:
+        adapters.init(model)
     info: dict = {}
     name = model.load_adapter(adapter, loading_info=info, use_safetensors=True)  # peftkit writes no pickle
     if info.get("missing_keys") or info.get("unexpected_keys"):
         raise SystemExit(f"{adapter}: adapters did not load every weight: {info}")
+    if head and name not in model.heads:
+        raise SystemExit(f"{adapter}: adapters did not load the head")
     model.set_active_adapters(name)
     ids = load_file(str(case / "expected.safetensors"))["input_ids"]
     with torch.no_grad():
-        hidden = model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
-    save_file({"output": hidden.contiguous()}, out)
+        output = model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    result = output.logits if head else output.last_hidden_state
+    save_file({"output": result.contiguous()}, out)
 
 
 def main() -> None:

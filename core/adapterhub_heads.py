@@ -1,0 +1,283 @@
+"""AdapterHub's prediction heads (``head_config.json`` + head weights) onto transformers' task models, both ways.
+
+``adapters`` saves a head beside an adapter in two forms:
+
+- a *flex* head of its ``...AdapterModel`` classes: ``head_config.json``'s ``"config"`` gives
+  ``head_type``, ``layers``, ``activation_function``, ``use_pooler`` and ``label2id``; the
+  weights are ``heads.<name>.<i>.weight``, ``i`` counting the head's Dropout/Linear/activation
+  modules (two layers: 1 and 4; one layer: 1);
+- a *static* head of a transformers task class (``"config": null``, ``model_class`` such as
+  ``BertForSequenceClassification``): the task model's own head tensors (``classifier.weight``).
+
+peftkit keeps a head as the adapter's copy of the task model's modules (``modules_to_save``), so a
+head loads when its function is exactly the task model's: a two-layer tanh classification head on
+the first token is BERT's pooler + classifier or RoBERTa's classifier; a one-layer head reading the
+pooled output is BERT's classifier; a one-layer tagging head is the token classifier.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch.nn as nn
+
+from .adapterhub_format import WRITTEN_VERSION, read_adapterhub_weights
+from .errors import AdapterLoadError, PeftkitError
+from .layer import ModulesToSave
+
+HEAD_CONFIG_NAME = "head_config.json"
+SAFE_HEAD_WEIGHTS_NAME = "model_head.safetensors"
+PICKLE_HEAD_WEIGHTS_NAME = "pytorch_model_head.bin"
+#: transformers task-class suffix -> AdapterHub's flex head type.
+HEAD_TYPES = {"ForSequenceClassification": "classification", "ForTokenClassification": "tagging"}
+
+
+@dataclass
+class HeadLayout:
+    """Where one AdapterHub head's Linear layers live in a transformers task model.
+
+    ``modules`` maps AdapterHub's key prefix (``heads.task.1``, ``classifier``) to our module's
+    path in the task model; ``config`` is the flex head's config (None for a static head)."""
+
+    modules: dict[str, str]
+    config: dict[str, Any] | None
+
+
+def has_head(folder: Path) -> bool:
+    return (folder / HEAD_CONFIG_NAME).is_file()
+
+
+def read_head_config(folder: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((folder / HEAD_CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterLoadError(f"{folder / HEAD_CONFIG_NAME} is not readable JSON ({exc}); download the adapter "
+                               f"again or delete the file to load the adapter without its head") from None
+    if not isinstance(data, dict) or not isinstance(data.get("config"), (dict, type(None))):
+        raise AdapterLoadError(f"{folder / HEAD_CONFIG_NAME} is not an AdapterHub head config (no \"config\" "
+                               f"object or null)")
+    return data
+
+
+def _task_kind(model: nn.Module) -> str | None:
+    """"classification", "tagging" or None from the task model's class name."""
+    cls = type(model).__name__
+    return next((kind for suffix, kind in HEAD_TYPES.items() if cls.endswith(suffix)), None)
+
+
+def _original(model: nn.Module, path: str) -> nn.Module | None:
+    """The model's own module at ``path``, seen through adapters' head copies (ModulesToSave)."""
+    module = model
+    for part in path.split(".") if path else []:
+        if isinstance(module, ModulesToSave):
+            module = module.original_module
+        module = getattr(module, part, None)
+        if not isinstance(module, nn.Module):
+            return None
+    return module.original_module if isinstance(module, ModulesToSave) else module
+
+
+def _linear(model: nn.Module, path: str) -> bool:
+    return isinstance(_original(model, path), nn.Linear)
+
+
+def _pooler_dense(model: nn.Module) -> str | None:
+    """BERT's pooler projection (``bert.pooler.dense``: tanh of it on the first token), if the model has one."""
+    prefix = getattr(model, "base_model_prefix", "")
+    pooler = _original(model, f"{prefix}.pooler") if prefix else None
+    if pooler is not None and isinstance(getattr(pooler, "activation", None), nn.Tanh) and _linear(pooler, "dense"):
+        return f"{prefix}.pooler.dense"
+    return None
+
+
+def flex_layout(model: nn.Module, head_config: Mapping[str, Any], name: str) -> dict[str, str] | str:
+    """AdapterHub key prefix -> our module for a flex head on ``model``; a str says why it does not fit."""
+    kind, layers = head_config.get("head_type"), head_config.get("layers", 1)
+    wanted = _task_kind(model)
+    if kind != wanted:
+        return (f"a {kind!r} head needs a transformers model whose class ends with "
+                f"{next((s for s, k in HEAD_TYPES.items() if k == kind), 'one peftkit knows')}")
+    if head_config.get("bias", True) is not True:
+        return "bias=false (transformers' heads have a bias)"
+    tanh = str(head_config.get("activation_function")).lower() == "tanh"
+    pooled = bool(head_config.get("use_pooler"))
+    pooler = _pooler_dense(model)
+    if kind == "tagging" and layers == 1 and _linear(model, "classifier"):
+        return {f"heads.{name}.1": "classifier"}
+    if kind == "classification" and layers == 1 and pooled and pooler and _linear(model, "classifier"):
+        return {f"heads.{name}.1": "classifier"}
+    if kind == "classification" and layers == 2 and tanh and not pooled:
+        if _linear(model, "classifier.dense") and _linear(model, "classifier.out_proj"):  # RoBERTa's
+            return {f"heads.{name}.1": "classifier.dense", f"heads.{name}.4": "classifier.out_proj"}
+        if pooler and _linear(model, "classifier"):  # BERT's pooler is that first layer
+            return {f"heads.{name}.1": pooler, f"heads.{name}.4": "classifier"}
+    return (f"layers={layers}, activation_function={head_config.get('activation_function')!r}, "
+            f"use_pooler={pooled} computes other than {type(model).__name__}'s head")
+
+
+def head_layout(model: nn.Module, data: Mapping[str, Any], where: str) -> HeadLayout | None:
+    """The layout of a saved head on ``model``; None when ``model`` has no head of that kind (the caller
+    loads the adapter without it). A head of the right kind that computes otherwise is refused."""
+    config = data.get("config")
+    if config is None:  # static: the task model's own head, for the same class
+        if data.get("model_class") != type(model).__name__:
+            return None
+        return HeadLayout({}, None)
+    if _task_kind(model) is None:
+        return None
+    layout = flex_layout(model, config, str(data.get("name")))
+    if isinstance(layout, str):
+        raise AdapterLoadError(f"{where}: the AdapterHub {config.get('head_type')!r} head cannot load into "
+                               f"{type(model).__name__}: {layout}; load the adapter onto the base model "
+                               f"without a head, or delete {HEAD_CONFIG_NAME} to leave the head out")
+    return HeadLayout(layout, config)
+
+
+def head_labels(data: Mapping[str, Any]) -> list[str] | None:
+    """Label names by id from the head config's ``label2id`` (flex: in ``"config"``; static: top level)."""
+    table = (data.get("config") or {}).get("label2id") or data.get("label2id")
+    if not isinstance(table, dict) or not table:
+        return None
+    by_id = {int(i): str(label) for label, i in table.items()}
+    if sorted(by_id) != list(range(len(by_id))):
+        return None
+    return [by_id[i] for i in range(len(by_id))]
+
+
+def our_head_tensors(layout: HeadLayout, tensors: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The head's tensors keyed by our module path (``classifier.weight``)."""
+    if layout.config is None:
+        return dict(tensors)
+    out = {}
+    for key, tensor in tensors.items():
+        prefix, _, leaf = key.rpartition(".")
+        if prefix not in layout.modules:
+            raise AdapterLoadError(f"{where}: head weight {key!r} is not one of the head's layers "
+                                   f"({', '.join(sorted(layout.modules))})")
+        out[f"{layout.modules[prefix]}.{leaf}"] = tensor
+    return out
+
+
+def static_modules(model: nn.Module, tensors: Mapping[str, Any], where: str) -> list[str]:
+    """The task model's modules a static head's tensors belong to (``classifier``)."""
+    modules = sorted({key.rpartition(".")[0] for key in tensors})
+    wrong = [m for m in modules if not m or not _linear(model, m)]
+    if wrong:
+        raise AdapterLoadError(f"{where}: static head weights name no Linear layer of {type(model).__name__}: "
+                               f"{', '.join(wrong[:3])}")
+    return modules
+
+
+@dataclass
+class LoadedHead:
+    """A saved head made ready for peftkit: the task model's modules the adapter keeps copies of
+    (``modules_to_save``), their tensors keyed by module path, and the label names if saved."""
+
+    modules: list[str]
+    tensors: dict[str, Any]
+    labels: list[str] | None
+
+
+def load_head(model: nn.Module, folder: Path, where: str) -> LoadedHead | None:
+    """The head saved in ``folder`` for ``model``; None when there is none, or (with a warning) when
+    ``model`` has no head of that kind."""
+    if not has_head(folder):
+        return None
+    data = read_head_config(folder)
+    layout = head_layout(model, data, where)
+    if layout is None:
+        wanted = data.get("model_class") if data.get("config") is None else \
+            next((s for s, k in HEAD_TYPES.items() if k == data["config"].get("head_type")), None)
+        warnings.warn(f"{where}: the adapter's AdapterHub prediction head is not loaded: {type(model).__name__} "
+                      f"has no head of its kind ({wanted or data['config'].get('head_type')}); load it onto "
+                      f"such a model to get the head", stacklevel=3)
+        return None
+    tensors = read_adapterhub_weights(folder, SAFE_HEAD_WEIGHTS_NAME, PICKLE_HEAD_WEIGHTS_NAME)
+    ours = our_head_tensors(layout, tensors, where)
+    modules = sorted(layout.modules.values()) if layout.config is not None else static_modules(model, ours, where)
+    return LoadedHead(modules, ours, head_labels(data))
+
+
+# -- save ------------------------------------------------------------------------------
+
+
+def _saved_layout(model: nn.Module, name: str) -> tuple[dict[str, Any], dict[str, str]] | None:
+    """The flex head config (without labels) and layout peftkit writes for ``model``'s head, if it has one.
+
+    BERT's classification head is written as two layers on the first token (pooler + classifier), so it
+    does not depend on the pooler of the model it is loaded into."""
+    kind = _task_kind(model)
+    if kind is None:
+        return None
+    for layers in (2, 1):
+        config: dict[str, Any] = {"activation_function": "tanh", "dropout_prob": None, "head_type": kind,
+                                  "layers": layers}
+        if kind == "classification":
+            config.update(bias=True, use_pooler=False)
+        layout = flex_layout(model, config, name)
+        if not isinstance(layout, str):
+            return config, layout
+    return None
+
+
+def head_modules(model: nn.Module, name: str) -> list[str]:
+    """Our modules the flex head peftkit writes for ``model`` reads (empty when ``model`` has no such head)."""
+    found = _saved_layout(model, name)
+    return list(found[1].values()) if found else []
+
+
+def flex_head_files(model: nn.Module, name: str, tensors: Mapping[str, Any], labels: list[str] | None,
+                    model_name: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(head_config.json content, head tensors keyed as adapters saves them)`` from our head tensors
+    (``{module path.leaf: tensor}`` for every module of :func:`head_modules`)."""
+    found = _saved_layout(model, name)
+    if found is None:
+        raise PeftkitError(f"cannot save adapter {name!r}'s head in AdapterHub's format: {type(model).__name__} "
+                           f"has no head AdapterHub's classification or tagging heads compute; save it in "
+                           f"peftkit's format instead (format='peftkit')")
+    config, layout = found
+    last = layout[max(layout, key=lambda k: int(k.rpartition(".")[2]))]
+    config = {**config, "num_labels": int(tensors[f"{last}.weight"].shape[0]),
+              "label2id": {label: i for i, label in enumerate(labels)} if labels else None}
+    out = {f"{prefix}.{leaf}": tensors[f"{module}.{leaf}"] for prefix, module in layout.items()
+           for leaf in ("weight", "bias")}
+    model_config = getattr(model, "config", None)
+    model_type = getattr(model_config, "model_type", None)
+    family = {"bert": "Bert", "roberta": "Roberta"}.get(model_type or "", "")
+    data = {"config": config, "hidden_size": getattr(model_config, "hidden_size", None),
+            "model_class": f"{family}AdapterModel", "model_name": model_name or "", "model_type": model_type,
+            "name": name, "version": WRITTEN_VERSION}
+    return data, out
+
+
+def adapter_head_tensors(model: nn.Module, name: str) -> dict[str, Any]:
+    """``{module path.leaf: tensor}`` of every module of :func:`head_modules`: adapter ``name``'s copy where
+    it keeps one, else the model's own module (BERT's pooler when only the classifier is the adapter's).
+    Empty when the adapter keeps no copy; PeftkitError when it keeps copies of other modules."""
+    wrappers = {n: m for n, m in model.named_modules() if isinstance(m, ModulesToSave)}
+    owned = [n for n, m in wrappers.items() if name in m.copies]
+    if not owned:
+        return {}
+    modules = head_modules(model, name)
+    inside = [n for n in owned if not any(p == n or p.startswith(n + ".") for p in modules)]
+    if inside or not modules:
+        raise PeftkitError(f"cannot save adapter {name!r} in AdapterHub's format: it keeps its own copy of "
+                           f"{', '.join(inside or owned)}, which AdapterHub's classification and tagging heads "
+                           f"do not hold; save it in peftkit's format instead (format='peftkit')")
+    out: dict[str, Any] = {}
+    for path in modules:
+        owner = next((n for n in wrappers if path == n or path.startswith(n + ".")), None)
+        if owner is None:
+            module = model.get_submodule(path)
+        else:
+            wrapper = wrappers[owner]
+            inner = wrapper.copies[name] if name in wrapper.copies else wrapper.original_module
+            rest = path[len(owner) + 1:]
+            module = inner.get_submodule(rest) if rest else inner
+        for leaf, tensor in module.state_dict().items():
+            out[f"{path}.{leaf}"] = tensor.detach().to("cpu").contiguous()
+    return out
