@@ -15,8 +15,9 @@ examples, with every member frozen:
 A classifier whose examples use labels no member's head predicts gets a **fresh head**: an adapter
 (:data:`FRESH_HEAD`) that keeps a new classification head for those labels and is the identity at the
 layers (a rank-1 LoRA at one site whose B factor starts at zero and stays frozen), trained together
-with the combination. The composition then reads ``stack(COMBINATION, fresh_head, head=fresh_head)``:
-the members' own heads never run, so they may predict any labels.
+with the combination. A mixture then reads ``stack(average(...), fresh_head, head=fresh_head)``, a fusion
+``fuse(stack(a, fresh_head, head=fresh_head), ...)`` (the same changes, and one head all members agree
+on): the members' own heads never run, so they may predict any labels.
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ import torch.nn as nn
 
 from peftkit.core.composition import BASE_MODEL, Average, Fuse, Node, Stack
 from peftkit.core.composition_exec import node_delta
+from peftkit.core.errors import CompositionError
 from peftkit.core.heads import label_heads, label_layer
-from peftkit.core.layer import ModulesToSave, TunerLayer
+from peftkit.core.layer import TunerLayer
 from peftkit.core.merge_search import Score, score_batches
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -108,7 +110,7 @@ class FreshHead:
         self.model, self.labels = model, list(labels)
         wrappers = list(label_heads(model.base_model, FRESH_HEAD, len(base_labels)))
         if not wrappers:
-            raise ValueError("the base model keeps no classification head to give a fresh copy of")
+            raise CompositionError("the base model keeps no classification head to give a fresh copy of")
         generator = torch.Generator().manual_seed(seed)
         std = float(getattr(model.base_model.config, "initializer_range", 0.02) or 0.02)
         for wrapper in wrappers:
@@ -150,7 +152,7 @@ def last_site(model: "AdaptedModel", names: Sequence[str]) -> str:
         if isinstance(module, TunerLayer) and any(n in module.adapters for n in names):
             found = module_name
     if found is None:
-        raise ValueError(f"none of the adapters {', '.join(names)} acts at a layer")
+        raise CompositionError(f"none of the adapters {', '.join(names)} acts at a layer")
     return found
 
 

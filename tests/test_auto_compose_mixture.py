@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import peftkit
+from tests.hub_helpers import hub_env  # noqa: F401 - fixture
 from tests.test_auto_compose import MOODS, bert, world  # noqa: F401 - world is a fixture
 from tests.train_helpers import sentiment_rows, torch_threads, word_tokenizer, write_jsonl
 
@@ -85,18 +86,20 @@ def test_the_learned_mixture_finds_the_member_that_is_the_answer_and_saves_a_com
 
 
 def test_a_new_label_set_gets_a_fresh_head_trained_with_the_combination(
-        world: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+        world: dict[str, Path], hub_env: Path, tmp_path: Path,  # noqa: F811 - fixtures imported above
+        capsys: pytest.CaptureFixture[str]) -> None:
     from peftkit.cli import run
 
     files = {}
     for split, seed in (("few", 1), ("heldout", 2)):
         data = [{"text": r["text"], "label": CHEERS[r["label"]]} for r in sentiment_rows(48, seed=seed)]
         files[split] = write_jsonl(tmp_path / f"{split}.jsonl", data)
-    out = tmp_path / "fresh"
+    out, hub = tmp_path / "fresh", f"local:{hub_env / 'hub'}"
     with torch_threads(1):
         code = run(["compose", str(world["base"]), "--auto", "--examples", str(files["few"]), "--eval",
                     str(files["heldout"]), "--candidates", f"{world['t']}, {world['topics']}",
-                    "--strategy", "mixture,fusion", "--steps", "80", "--lr", "0.05", "--out", str(out), "--json"])
+                    "--strategy", "mixture,fusion", "--steps", "80", "--lr", "0.05", "--out", str(out), "--json",
+                    "--hub", hub, "--push", "alice/cheers"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     result = json.loads(captured.out)
@@ -116,10 +119,34 @@ def test_a_new_label_set_gets_a_fresh_head_trained_with_the_combination(
                                                                                                 abs=1e-4)
     assert json.loads((out / "adapters" / "fresh_head" / "labels.json").read_text())["labels"] == ["boo", "yay"]
     assert "fresh classification head for the labels boo, yay" in (out / "README.md").read_text()
+    # Pushed as a composition repo whose card says how it was made; it loads from the hub.
+    pulled = Path(peftkit.hub.pull("alice/cheers", hub=hub, progress=False))
+    card = (pulled / "README.md").read_text()
+    assert "learned mixture of the outputs of 2 adapters" in card and f"{learned['weights']['t']:+.4f}" in card
+    assert json.loads((pulled / "auto_compose.json").read_text())["fresh_head_labels"] == ["boo", "yay"]
+    assert loaded_score(world["base"], pulled, files["heldout"], ["boo", "yay"])[1] == learned["accuracy"]
 
 
-def test_the_weights_strategy_cannot_train_a_head_and_other_refusals(world: dict[str, Path], tmp_path: Path,
-                                                                     capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+def test_a_named_head_lets_a_stack_average_members_whose_heads_differ(tmp_path: Path) -> None:
+    """What a saved fresh-head mixture relies on: inside stack(..., head=h), averaged members' heads never run."""
+    from peftkit.core.errors import CompositionError
+
+    model = peftkit.adapt(bert(MOODS), "lora[r=2]", "two")
+    three = peftkit.adapt(bert(["a", "b", "c"]), "lora[r=2]", "three")
+    folder = tmp_path / "three"
+    three.save_adapter(str(folder), "three")
+    model.load_adapter(str(folder), "three", activate=False)
+    model.add_adapter("h", "lora[r=2]")
+    with pytest.raises(CompositionError, match="predict different labels"):
+        model.set_active("average(two, three)")
+    model.set_active('stack(average(two, three), h, head=h)')
+    assert model.base_model.config.id2label == {0: "neg", 1: "pos"}  # h's head (a copy of the base's)
+    with pytest.raises(CompositionError, match="predict different labels"):
+        model.set_active('stack(average(two, three), h, head=two)')  # two's head runs: the average is checked
+
+
+def test_the_weights_strategy_cannot_train_a_head_and_other_refusals(
+        world: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
     from peftkit.cli import run
     from peftkit.learned_composition import AutoComposeError
 
