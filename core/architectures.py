@@ -118,14 +118,3 @@ BUILTIN_ARCHITECTURES: list[ArchitectureSpec] = [
 def peftkit_register_architectures(register: Callable[[Any], None]) -> None:
     for spec in BUILTIN_ARCHITECTURES:
         register(spec)
-
-
-def architecture_for(model: Any) -> ArchitectureSpec | None:
-    """The registered spec for a model's ``config.model_type``, if any."""
-    from .plugins import get_registry
-
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type is None:
-        return None
-    return get_registry().architectures.get(model_type)

@@ -10,23 +10,20 @@ round-trip into one another::
 A leaf is an adapter name (or ``"__base__"``, the bare base model). The
 semantics and the math of each block are in docs/composition.md; the rules a
 composition must follow are checked by :func:`check_supported` before any
-forward pass. This module imports no torch at import time; the executors
-(:func:`run_node`, :mod:`peftkit.core.composition_exec`) run at every TunerLayer.
+forward pass. Blocks are plain data: this module holds them, their grammar and
+their rules, imports no torch at import time, and knows nothing of layers.
+What a block does at a layer is :mod:`peftkit.core.composition_exec`, which
+dispatches on the block's type (:func:`~peftkit.core.composition_exec.run_node`).
 """
 
 from __future__ import annotations
 
 import json
 import re
-from typing import TYPE_CHECKING, Any, Iterator, Sequence, Union
+from typing import Any, Iterator, Sequence, Union
 
 from .errors import CompositionError
 from .shorthand import MAX_NESTING, parse_value, split_top_level
-
-if TYPE_CHECKING:  # pragma: no cover
-    import torch
-
-    from .layer import TunerLayer
 
 #: The row marker for "no adapter" in per-example routing (PEFT's spelling).
 #: As a leaf of a block it is the identity (the site's output passes unchanged).
@@ -128,11 +125,6 @@ class Block:
     def depth(self) -> int:
         return 1 + max((c.depth() for c in self.children if isinstance(c, Block)), default=0)
 
-    # -- execution -------------------------------------------------------------
-
-    def run(self, layer: "TunerLayer", x: "torch.Tensor", h: "torch.Tensor") -> "torch.Tensor":
-        raise CompositionError(f"block {self.kind!r} cannot run at a layer")
-
 
 class Stack(Block):
     """Apply children in sequence, each on the previous one's output.
@@ -164,11 +156,6 @@ class Stack(Block):
 
     def options(self) -> dict[str, Any]:
         return {"head": self.head}
-
-    def run(self, layer: "TunerLayer", x: "torch.Tensor", h: "torch.Tensor") -> "torch.Tensor":
-        from . import composition_exec as executor
-
-        return executor.run_stack(self, layer, x, h)
 
 
 class Average(Block):
@@ -206,11 +193,6 @@ class Average(Block):
         total = sum(self.weights)
         return tuple(w / total for w in self.weights)
 
-    def run(self, layer: "TunerLayer", x: "torch.Tensor", h: "torch.Tensor") -> "torch.Tensor":
-        from . import composition_exec as executor
-
-        return executor.run_average(self, layer, x, h)
-
 
 class Fuse(Block):
     """AdapterFusion: a trained attention over the children's outputs at each site.
@@ -240,11 +222,6 @@ class Fuse(Block):
     def members(self) -> tuple[Node, ...]:
         return self.children
 
-    def run(self, layer: "TunerLayer", x: "torch.Tensor", h: "torch.Tensor") -> "torch.Tensor":
-        from .fusion import run_fuse
-
-        return run_fuse(self, layer, x, h)
-
 
 class BatchSplit(Block):
     """Rows of the batch go to the children in consecutive chunks of ``sizes``."""
@@ -266,11 +243,6 @@ class BatchSplit(Block):
     def options(self) -> dict[str, Any]:
         return {"sizes": list(self.sizes)}
 
-    def run(self, layer: "TunerLayer", x: "torch.Tensor", h: "torch.Tensor") -> "torch.Tensor":
-        from . import composition_exec as executor
-
-        return executor.run_rows(layer._state.plan_for(self, h.shape[0]), layer, x, h)
-
 
 class Parallel(Block):
     """One input, one output per child, in one forward pass.
@@ -284,19 +256,8 @@ class Parallel(Block):
     kind = "parallel"
     __slots__ = ()
 
-    def run(self, layer: "TunerLayer", x: "torch.Tensor", h: "torch.Tensor") -> "torch.Tensor":
-        from . import composition_exec as executor
-
-        return executor.run_rows(layer._state.plan_for(self, h.shape[0]), layer, x, h)
-
 
 BLOCK_TYPES: dict[str, type[Block]] = {cls.kind: cls for cls in (Stack, Average, Fuse, BatchSplit, Parallel)}
-
-
-def register_block(cls: type[Block]) -> type[Block]:
-    """Make a block type known to parse() and from_json()."""
-    BLOCK_TYPES[cls.kind] = cls
-    return cls
 
 
 # -- parsing --------------------------------------------------------------------
@@ -542,23 +503,7 @@ def _check_block(block: Block, method_of: dict[str, Any], ancestors: tuple[Block
                         f"(in {path[0]}); {_what_works(method)}")
 
 
-# -- running a node at one site -------------------------------------------------------
-
-
-def run_node(node: Node, layer: "TunerLayer", x: "torch.Tensor", h: "torch.Tensor") -> "torch.Tensor":
-    """The output of ``node`` at one site, given the site input ``x`` and current output ``h``.
-
-    An adapter whose site reads another module's input (``Site.input_from``) gets that
-    input instead of ``x`` (``TunerLayer.input_of``); row splits select its rows too.
-    """
-    if isinstance(node, str):
-        if node == BASE_MODEL or node in layer.merged:
-            return h  # the identity / already folded into the base weights
-        adapter = layer.adapters[node] if node in layer.adapters else None
-        if adapter is None:
-            return h  # this adapter does not touch this site
-        return adapter(layer.input_of(node, x) if layer.input_sources else x, h, layer.base_layer)
-    return node.run(layer, x, h)
+# -- outputs of a parallel() forward ---------------------------------------------------
 
 
 def split_parallel(output: Any, n: int) -> list[Any]:
@@ -603,26 +548,3 @@ def _split_value(value: Any, n: int) -> list[Any]:
         columns = [_split_value(v, n) for v in value]
         return [tuple(col[i] for col in columns) for i in range(n)]
     return [value] * n
-
-
-class Routing:
-    """Per-example adapter routing for one forward: each row's adapter name
-    (or ``"__base__"``, or a composition that the row runs)."""
-
-    def __init__(self, entries: Sequence[Node], device: Any = None) -> None:
-        from .composition_exec import RowPlan
-
-        self.names = list(entries)
-        self.plan = RowPlan.from_entries(self.names)
-
-    @classmethod
-    def build(cls, entries: Sequence[Node], device: Any = None) -> "Routing":
-        return cls(entries, device)
-
-    def run(self, layer: "TunerLayer", x: "torch.Tensor", h: "torch.Tensor") -> "torch.Tensor":
-        from .composition_exec import run_rows
-
-        return run_rows(self.plan.for_rows(h.shape[0]), layer, x, h)
-
-    def __repr__(self) -> str:
-        return f"Routing({self.names!r})"

@@ -52,7 +52,7 @@ class CompositionMixin:
     @property
     def fusions(self: "AdaptedModel") -> dict[str, composition.Fuse]:
         """Fusion name -> its fuse() block."""
-        return {name: record.node for name, record in self._peftkit_state.fusions.items()}
+        return {name: record.node for name, record in self.adapter_state.fusions.items()}
 
     def fusion_parameters(self: "AdaptedModel", name: str) -> Iterator["nn.Parameter"]:
         from .fusion import fusion_parameters
@@ -137,7 +137,7 @@ class CompositionMixin:
 
     def split_parallel(self: "AdaptedModel", output: Any) -> list[Any]:
         """Split the output of a forward under an active ``parallel()`` into one output per child."""
-        node = self._peftkit_state.active
+        node = self.adapter_state.active
         if not isinstance(node, composition.Parallel):
             raise CompositionError(f"split_parallel() needs an active parallel() composition, not {node}")
         return composition.split_parallel(output, len(node.children))
@@ -158,7 +158,19 @@ class CompositionMixin:
         AdaptedModel) and activate the saved composition. On error the model is left as it was."""
         from .composition_io import load_composition
 
-        return load_composition(model, path, activate=activate)
+        if isinstance(model, cls):
+            load_composition(model, path, activate=activate)
+            return model
+        flags = [(p, p.requires_grad) for p in model.parameters()]  # wrapping freezes the base model
+        adapted = cls(model)
+        try:
+            load_composition(adapted, path, activate=activate)
+        except BaseException:
+            for param, flag in flags:
+                param.requires_grad_(flag)
+            raise
+        adapted.eval()
+        return adapted
 
     # -- hooks used by model.py ------------------------------------------------------------------------
 
@@ -167,14 +179,14 @@ class CompositionMixin:
         from .fusion import check_fusions
 
         def model_level(n: str) -> bool:
-            return n != BASE_MODEL and self._records[n].model_adapter
+            return n != BASE_MODEL and self.adapter_record(n).model_adapter
 
         if isinstance(node, Block):
             direct = set(node.children) if isinstance(node, composition.Stack) else set()
             for leaf in composition.adapter_leaves(node):
                 if model_level(leaf) and leaf not in direct:
                     raise CompositionError(
-                        f"adapter {leaf!r} (method {self._records[leaf].method.name!r}) changes the model's "
+                        f"adapter {leaf!r} (method {self.adapter_record(leaf).method.name!r}) changes the model's "
                         f"inputs, so it acts on the whole model: it can only be activated alone or as a direct "
                         f"member of the outermost stack(), e.g. stack({leaf}, ...), not inside {node}")
         check_fusions(self, node)
@@ -202,24 +214,24 @@ class CompositionMixin:
             key = entry if isinstance(entry, (str, Block)) else repr(entry)
             node = parsed.get(key)
             if node is None:
-                if isinstance(entry, str) and (entry == BASE_MODEL or entry in self._records):
+                if isinstance(entry, str) and (entry == BASE_MODEL or entry in self.adapters):
                     node = entry
-                    method = self._records[entry].method if entry != BASE_MODEL else None
+                    method = self.adapter_record(entry).method if entry != BASE_MODEL else None
                     if method is not None and "batch_split" not in method.supported_blocks \
-                            and not self._records[entry].model_adapter:
+                            and not self.adapter_record(entry).model_adapter:
                         raise CompositionError(f"adapter {entry!r} (method {method.name!r}) cannot be routed per "
                                                f"row (its method does not support batch_split); "
                                                f"{method.name} supports: {', '.join(sorted(method.supported_blocks))}")
                 elif isinstance(entry, str) and "(" not in entry:
                     raise AdapterError(f"adapter_names lists {entry!r}, not on this model; adapters: "
-                                       f"{', '.join(self._records) or 'none'} (and {BASE_MODEL!r} for none)")
+                                       f"{', '.join(self.adapters) or 'none'} (and {BASE_MODEL!r} for none)")
                 else:
                     node = composition.as_node(entry)
                     if isinstance(node, (composition.Parallel, composition.BatchSplit)):
                         raise CompositionError(f"a row of adapter_names cannot be {node.kind}(); rows are "
                                                f"already split by adapter_names")
                     self.check_composition(node)
-                if node != BASE_MODEL and any(self._records[n].model_adapter
+                if node != BASE_MODEL and any(self.adapter_record(n).model_adapter
                                               for n in composition.adapter_leaves(node)):
                     raise CompositionError(f"adapter_names: {node} changes the model's inputs (prefix or prompt "
                                            f"tuning, alone or in a union), so it cannot be routed per example; run "
@@ -238,7 +250,7 @@ class CompositionMixin:
         """Check row counts of batch_split() and, under parallel(), replicate the batch once per child."""
         import torch
 
-        state = self._peftkit_state
+        state = self.adapter_state
         state.parallel_copies = None  # drops one kept for a recomputing backward (below)
         node = state.active
         if state.routing is not None or state.disabled or not isinstance(node, Block):

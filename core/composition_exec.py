@@ -1,5 +1,12 @@
 """Running composition blocks at one site (the torch side of peftkit.core.composition).
 
+The blocks are plain data; :func:`run_node` dispatches on the block's type
+(:data:`RUNNERS`) to the function that runs it here. A TunerLayer reaches this
+module through the :class:`~peftkit.core.state.AdapterState` it is handed, so
+imports go one way only: this module and the layers import the blocks, the
+state imports this module, and neither this module nor the layers import the
+other or the state.
+
 Two speed paths matter here, both for adapters whose change at a site is an
 exact low-rank product, ``delta(x) = scale * (x A^T) B^T`` (LoRA without
 DoRA or active dropout; a LayerAdapter says so through ``low_rank(forward=True)``):
@@ -31,13 +38,35 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from .composition import BASE_MODEL, Average, Block, Node, Stack, head_leaf, run_node
+from .composition import BASE_MODEL, Average, BatchSplit, Block, Fuse, Node, Parallel, Stack, head_leaf
 from .errors import CompositionError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .layer import TunerLayer
 
 Factors = tuple[torch.Tensor, torch.Tensor, float]
+
+
+# -- dispatch -------------------------------------------------------------------------------
+
+
+def run_node(node: Node, layer: "TunerLayer", x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """The output of ``node`` at one site, given the site input ``x`` and current output ``h``.
+
+    An adapter whose site reads another module's input (``Site.input_from``) gets that
+    input instead of ``x`` (``TunerLayer.input_of``); row splits select its rows too.
+    """
+    if isinstance(node, str):
+        if node == BASE_MODEL or node in layer.merged:
+            return h  # the identity / already folded into the base weights
+        adapter = layer.adapters[node] if node in layer.adapters else None
+        if adapter is None:
+            return h  # this adapter does not touch this site
+        return adapter(layer.input_of(node, x) if layer.input_sources else x, h, layer.base_layer)
+    runner = RUNNERS.get(type(node))
+    if runner is None:
+        raise CompositionError(f"block {node.kind!r} cannot run at a layer")
+    return runner(node, layer, x, h)
 
 
 # -- helpers --------------------------------------------------------------------------------
@@ -80,7 +109,7 @@ def node_delta(node: Node, layer: "TunerLayer", x: torch.Tensor, h: torch.Tensor
         if adapter.additive:
             return adapter.delta(x, h, layer.base_layer)
         return adapter(x, h, layer.base_layer) - h
-    return node.run(layer, x, h) - h
+    return run_node(node, layer, x, h) - h
 
 
 def _cache(layer: "TunerLayer") -> dict[Any, Any]:
@@ -176,6 +205,31 @@ def run_average(block: Average, layer: "TunerLayer", x: torch.Tensor, h: torch.T
         delta = node_delta(child, layer, x, h)
         if delta is not None:
             out = out + delta * w
+    return out
+
+
+# -- fuse ---------------------------------------------------------------------------------------
+
+
+def run_fuse(node: Fuse, layer: "TunerLayer", x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """AdapterFusion at one site: the site's fusion layer (``layer.fusions``, made by
+    :func:`peftkit.core.fusion.add_fusion`) attends over the members' contributions."""
+    name = node.fusion_name
+    fusion = layer.fusions[name] if name in layer.fusions else None
+    if fusion is None:
+        if node_acts(node, layer):
+            raise CompositionError(f"fusion {name!r} has no weights at a site where its members act; "
+                                   f"add it with model.add_fusion({node}) or load it with model.load_fusion()")
+        return h
+    refuse_merged(node, layer, "fuse()")
+    contributions = []
+    for index in fusion.member_index:
+        delta = node_delta(node.children[index], layer, x, h)
+        contributions.append(delta if delta is not None else torch.zeros_like(h))
+    out, probs = fusion(h, contributions)
+    capture = layer.adapter_state.capture
+    if capture is not None:
+        capture.record(name, fusion.site, [str(node.children[i]) for i in fusion.member_index], probs.detach())
     return out
 
 
@@ -368,6 +422,31 @@ def _rows_batched(dev: _DevicePlan, layer: "TunerLayer", x: torch.Tensor, h: tor
     return torch.baddbmm(h3, xa, b_rows).view(h.shape)
 
 
+def run_split(block: BatchSplit | Parallel, layer: "TunerLayer", x: Any, h: torch.Tensor) -> torch.Tensor:
+    """A batch_split() or parallel() block: each group of rows runs its child (the plan is the
+    model's, :meth:`~peftkit.core.state.AdapterState.plan_for`)."""
+    return run_rows(layer.adapter_state.plan_for(block, h.shape[0]), layer, x, h)
+
+
+class Routing:
+    """Per-example adapter routing for one forward: each row's adapter name
+    (or ``"__base__"``, or a composition that the row runs)."""
+
+    def __init__(self, entries: Sequence[Node], device: Any = None) -> None:
+        self.names = list(entries)
+        self.plan = RowPlan.from_entries(self.names)
+
+    @classmethod
+    def build(cls, entries: Sequence[Node], device: Any = None) -> "Routing":
+        return cls(entries, device)
+
+    def run(self, layer: "TunerLayer", x: Any, h: torch.Tensor) -> torch.Tensor:
+        return run_rows(self.plan.for_rows(h.shape[0]), layer, x, h)
+
+    def __repr__(self) -> str:
+        return f"Routing({self.names!r})"
+
+
 # -- modules_to_save copies under a row split -------------------------------------------------------
 
 
@@ -417,3 +496,8 @@ def run_copies(plan: RowPlan, module: Any, active_names: Sequence[str], args: tu
 
 def is_row_split(node: Node | None) -> bool:
     return isinstance(node, Block) and node.kind in ("batch_split", "parallel")
+
+
+#: Block type -> the function that runs it at one site (``run(block, layer, x, h)``).
+RUNNERS: dict[type[Block], Any] = {Stack: run_stack, Average: run_average, Fuse: run_fuse,
+                                   BatchSplit: run_split, Parallel: run_split}

@@ -32,8 +32,6 @@ from .errors import AdapterLoadError, CompositionError, PeftkitError
 from .fileio import atomic_folder, read_folder_json, write_text_atomic
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch.nn as nn
-
     from .model import AdaptedModel
 
 COMPOSITION_NAME = "composition.json"
@@ -115,18 +113,16 @@ def _inside(root: Path, relative: str, where: str) -> Path:
     return target
 
 
-def load_composition(model: "nn.Module", path: str | os.PathLike, *, activate: bool = True) -> "AdaptedModel":
-    from .model import AdaptedModel
-
+def load_composition(adapted: "AdaptedModel", path: str | os.PathLike, *, activate: bool = True) -> None:
+    """Put the composition folder's adapters and fusions on ``adapted`` under their saved names and
+    activate its composition (``activate``). On any error ``adapted`` is left as it was.
+    ``AdaptedModel.load_composition`` wraps a bare base model first."""
     path = Path(path)
     where = str(path / COMPOSITION_NAME)
     data = read_composition(path)
     node: Node = data["node"]
     adapters: dict[str, str] = data.get("adapters", {})
     fusions: dict[str, str] = data.get("fusions", {})
-    fresh = not isinstance(model, AdaptedModel)
-    flags = [(p, p.requires_grad) for p in model.parameters()] if fresh else []
-    adapted = AdaptedModel(model) if fresh else model
     taken = [n for n in adapters if n in adapted.adapters]
     if taken:
         raise AdapterLoadError(f"{where}: the model already has adapters named {', '.join(map(repr, taken))}; "
@@ -136,7 +132,8 @@ def load_composition(model: "nn.Module", path: str | os.PathLike, *, activate: b
         raise AdapterLoadError(f"{where}: the model already has fusions named {', '.join(map(repr, taken))}")
     loaded_adapters: list[str] = []
     loaded_fusions: list[str] = []
-    previous = (adapted._peftkit_state.active, adapted._peftkit_state.active_names)
+    state = adapted.adapter_state
+    previous = (state.active, state.active_names)
     try:
         for name, folder in adapters.items():
             adapted.load_adapter(str(_inside(path, folder, where)), name, activate=False)
@@ -147,15 +144,9 @@ def load_composition(model: "nn.Module", path: str | os.PathLike, *, activate: b
         if activate:
             adapted.set_active(node)
     except BaseException:
-        state = adapted._peftkit_state
         state.active, state.active_names = previous
         for name in reversed(loaded_fusions):
             adapted.delete_fusion(name)
         for name in reversed(loaded_adapters):
-            adapted._remove(name)
-        for param, flag in flags:
-            param.requires_grad_(flag)
+            adapted.delete_adapter(name)
         raise
-    if fresh:
-        adapted.eval()
-    return adapted

@@ -40,7 +40,7 @@ import torch.nn as nn
 
 from . import composition
 from .composition import Fuse, Node
-from .composition_exec import node_acts, node_delta, refuse_merged
+from .composition_exec import node_acts
 from .errors import AdapterLoadError, CompositionError, ConfigError, PeftkitError
 from .fileio import atomic_folder, read_folder_json, write_bytes_atomic, write_text_atomic
 from .layer import name_taken_by_torch
@@ -198,26 +198,6 @@ class FusionCapture:
         return self.calls[-1] if self.calls else {}
 
 
-def run_fuse(node: Fuse, layer: "TunerLayer", x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    name = node.fusion_name
-    fusion = layer.fusions[name] if name in layer.fusions else None
-    if fusion is None:
-        if node_acts(node, layer):
-            raise CompositionError(f"fusion {name!r} has no weights at a site where its members act; "
-                                   f"add it with model.add_fusion({node}) or load it with model.load_fusion()")
-        return h
-    refuse_merged(node, layer, "fuse()")
-    contributions = []
-    for index in fusion.member_index:
-        delta = node_delta(node.children[index], layer, x, h)
-        contributions.append(delta if delta is not None else torch.zeros_like(h))
-    out, probs = fusion(h, contributions)
-    capture = layer._state.capture
-    if capture is not None:
-        capture.record(name, fusion.site, [str(node.children[i]) for i in fusion.member_index], probs.detach())
-    return out
-
-
 # -- managing fusions on a model ------------------------------------------------------------------------
 
 
@@ -245,7 +225,7 @@ def site_output_dim(layer: "TunerLayer") -> int | None:
 
 def as_fuse(model: "AdaptedModel", fuse: Fuse | str) -> Fuse:
     """A Fuse block from a block, its string form, or the name of a fusion on the model."""
-    state = model._peftkit_state
+    state = model.adapter_state
     if isinstance(fuse, str) and fuse in state.fusions:
         return state.fusions[fuse].node
     node = composition.as_node(fuse)
@@ -259,7 +239,7 @@ def add_fusion(model: "AdaptedModel", fuse: Fuse | str, config: FuseConfig | dic
     node = composition.as_node(fuse)
     if not isinstance(node, Fuse):
         raise CompositionError(f"add_fusion() takes a fuse() block, e.g. Fuse('a', 'b', name='ab'); got {node}")
-    state = model._peftkit_state
+    state = model.adapter_state
     name = node.fusion_name
     if name_taken_by_torch(name):
         raise CompositionError(f"fusion name {name!r} is taken by torch (every nn.Module has an attribute "
@@ -267,9 +247,9 @@ def add_fusion(model: "AdaptedModel", fuse: Fuse | str, config: FuseConfig | dic
     if name in state.fusions:
         raise CompositionError(f"a fusion named {name!r} already exists; delete_fusion({name!r}) first or give "
                                f"this one another name (Fuse(..., name='...'))")
-    composition.check_supported(node, {n: r.method for n, r in model._records.items()})
+    composition.check_supported(node, {n: r.method for n, r in model.adapter_records.items()})
     model.check_heads(node)
-    model_level = [n for n in composition.adapter_leaves(node) if model._records[n].model_adapter]
+    model_level = [n for n in composition.adapter_leaves(node) if model.adapter_record(n).model_adapter]
     if model_level:
         raise CompositionError(f"adapter {model_level[0]!r} changes the model's inputs and has no output at a "
                                f"layer to fuse; fuse adapters that act at layers")
@@ -277,7 +257,7 @@ def add_fusion(model: "AdaptedModel", fuse: Fuse | str, config: FuseConfig | dic
     created: list[TunerLayer] = []
     sites: dict[str, list[int]] = {}
     try:
-        for site, layer in model._tuner_layers():
+        for site, layer in model.tuner_layers():
             index = [i for i, child in enumerate(node.children) if node_acts(child, layer)]
             if not index:
                 continue
@@ -305,15 +285,15 @@ def add_fusion(model: "AdaptedModel", fuse: Fuse | str, config: FuseConfig | dic
 
 def fusion_record(model: "AdaptedModel", name: str) -> FusionRecord:
     try:
-        return model._peftkit_state.fusions[name]
+        return model.adapter_state.fusions[name]
     except KeyError:
-        known = ", ".join(model._peftkit_state.fusions) or "none"
+        known = ", ".join(model.adapter_state.fusions) or "none"
         raise CompositionError(f"no fusion named {name!r} on this model; fusions: {known}") from None
 
 
 def fusion_layers(model: "AdaptedModel", name: str) -> Iterator[tuple[str, FusionLayer]]:
     fusion_record(model, name)
-    for site, layer in model._tuner_layers():
+    for site, layer in model.tuner_layers():
         if name in layer.fusions:
             yield site, layer.fusions[name]
 
@@ -325,8 +305,8 @@ def fusion_parameters(model: "AdaptedModel", name: str) -> Iterator[nn.Parameter
 
 def delete_fusion(model: "AdaptedModel", name: str) -> None:
     fusion_record(model, name)
-    state = model._peftkit_state
-    for _, layer in model._tuner_layers():
+    state = model.adapter_state
+    for _, layer in model.tuner_layers():
         if name in layer.fusions:
             del layer.fusions[name]
     del state.fusions[name]
@@ -336,7 +316,7 @@ def delete_fusion(model: "AdaptedModel", name: str) -> None:
 
 def check_fusions(model: "AdaptedModel", node: Node) -> None:
     """Every fuse() in ``node`` must name a fusion on the model with the same members."""
-    fusions = model._peftkit_state.fusions
+    fusions = model.adapter_state.fusions
     for block in composition.fuse_blocks(node):
         record = fusions.get(block.fusion_name)
         if record is None:
@@ -350,7 +330,7 @@ def check_fusions(model: "AdaptedModel", node: Node) -> None:
 def fused_members(model: "AdaptedModel") -> dict[str, list[str]]:
     """Adapter name -> fusions it is a member of."""
     out: dict[str, list[str]] = {}
-    for name, record in model._peftkit_state.fusions.items():
+    for name, record in model.adapter_state.fusions.items():
         for leaf in composition.adapter_leaves(record.node):
             out.setdefault(leaf, []).append(name)
     return out
@@ -361,10 +341,10 @@ def train_fusion(model: "AdaptedModel", fuse: Fuse | str | None = None, *, unfre
     (and the fused adapters too with ``unfreeze_adapters=True``). Like train_adapter(), it does
     not switch train/eval mode: call ``model.train()`` (transformers' Trainer does)."""
     if fuse is not None:
-        node = as_fuse(model, fuse) if isinstance(fuse, str) and fuse in model._peftkit_state.fusions \
+        node = as_fuse(model, fuse) if isinstance(fuse, str) and fuse in model.adapter_state.fusions \
             else composition.as_node(fuse)
         model.set_active(node)
-    active = model._peftkit_state.active
+    active = model.adapter_state.active
     blocks = composition.fuse_blocks(active)
     if not blocks:
         raise CompositionError(f"the active composition {active} holds no fuse(); pass one, e.g. "
@@ -391,7 +371,7 @@ def unfreeze_fusions(model: "AdaptedModel", node: Node | None) -> int:
 
 def regularization_loss(model: "AdaptedModel", name: str | None = None) -> torch.Tensor:
     """sum over fusions (all, or ``name``) of regularization * sum_sites ||W_v - I||^2."""
-    names = [name] if name is not None else list(model._peftkit_state.fusions)
+    names = [name] if name is not None else list(model.adapter_state.fusions)
     total: torch.Tensor | None = None
     for fusion_name in names:
         factor = fusion_record(model, fusion_name).config.regularization
@@ -411,7 +391,7 @@ def set_temperature(model: "AdaptedModel", name: str, temperature: float) -> Non
 
 @contextlib.contextmanager
 def capture(model: "AdaptedModel") -> Iterator[FusionCapture]:
-    state = model._peftkit_state
+    state = model.adapter_state
     previous = state.capture
     collector = FusionCapture()
     state.capture = collector
@@ -511,7 +491,7 @@ def load_fusion(model: "AdaptedModel", path: str | os.PathLike, name: str | None
         raise AdapterLoadError(f"{where}: 'fuse' is {node}, not a fuse() block")
     if name is not None:
         node = Fuse(*node.children, name=name)
-    missing = [n for n in composition.adapter_leaves(node) if n not in model._records]
+    missing = [n for n in composition.adapter_leaves(node) if n not in model.adapters]
     if missing:
         raise AdapterLoadError(f"{where}: fusion {node.fusion_name!r} fuses adapters {', '.join(map(repr, missing))},"
                                f" which are not on this model; load them first (or use load_composition())")

@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from .composition import head_leaf
 from .errors import CompositionError, MergeError
+from .swap_plan import swap_plan
 
 
 def name_taken_by_torch(name: str) -> bool:
@@ -128,12 +129,10 @@ class LayerAdapter(nn.Module):
         that copies them. Raise ``AdapterLoadError`` naming the first difference otherwise; change
         nothing before the returned function runs (every site is checked before any is copied).
 
-        The default (:func:`peftkit.core.hotswap.swap_plan`) copies ``tensors()`` when both modules
+        The default (:func:`peftkit.core.swap_plan.swap_plan`) copies ``tensors()`` when both modules
         have the same settings and shapes, and for low-rank adapters (``low_rank()``) also takes a
         lower rank (zero-padded) and another scale (folded into B). Override it for state that
         ``tensors()`` does not hold."""
-        from .hotswap import swap_plan
-
         return swap_plan(self, new)
 
 
@@ -168,8 +167,6 @@ class ModelAdapter(nn.Module):
 
     def hotswap_plan(self, new: "ModelAdapter") -> Callable[[], None]:
         """As :meth:`LayerAdapter.hotswap_plan`, for the model-level adapter."""
-        from .hotswap import swap_plan
-
         return swap_plan(self, new)
 
 
@@ -209,7 +206,7 @@ class TunerLayer(nn.Module):
         #: on that module (one hook per source, removed when no adapter here reads it).
         self.captured: dict[str, Any] = {}
         self._capture_handles: dict[str, Any] = {}
-        object.__setattr__(self, "_state", state)  # shared, not a submodule
+        object.__setattr__(self, "adapter_state", state)  # shared, not a submodule
 
     @property
     def weight(self) -> torch.Tensor:  # transformers sometimes reads .weight of linear layers
@@ -220,7 +217,7 @@ class TunerLayer(nn.Module):
         return getattr(self.base_layer, "bias", None)
 
     def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
-        state = self._state
+        state = self.adapter_state
         plan = state.current
         if plan is None or state.disabled or not self.adapters:
             return self.base_layer(x, *args, **kwargs)
@@ -353,14 +350,14 @@ class ModulesToSave(nn.Module):
         super().__init__()
         self.original_module = original
         self.copies = nn.ModuleDict()
-        object.__setattr__(self, "_state", state)
+        object.__setattr__(self, "adapter_state", state)  # shared, not a submodule
 
     def add(self, name: str) -> None:
         if name not in self.copies:
             self.copies[name] = copy.deepcopy(self.original_module)
 
     def current(self) -> nn.Module:
-        state = self._state
+        state = self.adapter_state
         if not state.disabled:
             owner = head_leaf(state.active, self.copies.__contains__)
             if owner is not None:
@@ -368,7 +365,7 @@ class ModulesToSave(nn.Module):
         return self.original_module
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        split = self._state.run_copies(self, args, kwargs)  # rows routed to different adapters
+        split = self.adapter_state.run_copies(self, args, kwargs)  # rows routed to different adapters
         if split is not None:
             return split
         return self.current()(*args, **kwargs)

@@ -107,7 +107,7 @@ def _live_factors(adapter: Any) -> tuple[torch.Tensor, torch.Tensor, float] | No
 def _member_factors(model: "AdaptedModel", names: Sequence[str]) -> list[tuple[str, "TunerLayer", dict]]:
     """[(site, layer, {adapter: (A, B, scale)})] for every site where a member acts, A and B as matrices."""
     out = []
-    for site, layer in model._tuner_layers():
+    for site, layer in model.tuner_layers():
         found: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
         for name in names:
             if name not in layer.adapters:
@@ -255,7 +255,7 @@ def merge_adapters(model: "AdaptedModel", adapters: Sequence[str], weights: Sequ
     """
     names = list(adapters) if not isinstance(adapters, str) else [adapters]
     records, weights = _members(model, names, weights)
-    model._check_new_name(name)
+    model.check_adapter_name(name)
     kind, fn = _resolve(strategy)
     options = _strategy_options(strategy, kind, fn, density, majority_sign_method)
     if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0):
@@ -313,7 +313,7 @@ def _add_merged(model: "AdaptedModel", name: str, config: Any, merged: dict[str,
         _write_factors(model, name, merged)
         _fill_modules_to_save(model, name, records, weights, modules_to_save)
     except BaseException:
-        model._remove(name)
+        model.delete_adapter(name)
         raise
     return record
 
@@ -335,7 +335,7 @@ def _member_dense_deltas(model: "AdaptedModel", names: list[str], records: list[
     from .base_layers import is_conv1d
 
     by_name = dict(zip(names, records))
-    for site, layer in model._tuner_layers():
+    for site, layer in model.tuner_layers():
         found: dict[str, torch.Tensor] = {}
         for name in names:
             if name not in layer.adapters:
@@ -475,7 +475,7 @@ def _merge_elementwise(model: "AdaptedModel", names: list[str], records: list["A
     record = model.add_adapter(name, config)
     try:
         with torch.no_grad():
-            for _, layer in model._tuner_layers():
+            for _, layer in model.tuner_layers():
                 if name not in layer.adapters:
                     continue
                 members = [layer.adapters[n].tensors() for n in names]
@@ -486,7 +486,7 @@ def _merge_elementwise(model: "AdaptedModel", names: list[str], records: list["A
                     target.copy_(identity + fn(deltas, list(weights), **options))
         _fill_modules_to_save(model, name, records, weights, modules_to_save)
     except BaseException:
-        model._remove(name)
+        model.delete_adapter(name)
         raise
     return record
 
@@ -503,7 +503,7 @@ def _merged_config(first: "AdapterRecord", rank: int, sites: list[str], records:
 def _write_factors(model: "AdaptedModel", name: str, merged: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
     written = set()
     with torch.no_grad():
-        for site, layer in model._tuner_layers():
+        for site, layer in model.tuner_layers():
             if name not in layer.adapters:
                 continue
             if site not in merged:

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from .config import AdapterConfig
 from .errors import ConfigError
-from .shorthand import parse_shorthand, split_top_level
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -185,31 +184,3 @@ class Method:
 
     def __repr__(self) -> str:
         return f"<method {self.name}>"
-
-
-def parse_spec(spec: str | AdapterConfig, registry: Any = None) -> tuple[Any, AdapterConfig]:
-    """Resolve a shorthand spec (or a config object) to (method, config)."""
-    from .plugins import get_registry
-
-    registry = registry or get_registry()
-    if isinstance(spec, AdapterConfig):
-        return registry.get_method(spec.method), spec
-    if not isinstance(spec, str):
-        raise ConfigError(f"an adapter spec must be a string like 'lora[r=8]' or a config object, "
-                          f"not {type(spec).__name__}")
-    parts = split_top_level(spec, "|")
-    if len(parts) > 1:  # "prefix_tuning[...]|par_bn[...]": several methods as one adapter
-        method = joining_method(registry, spec)
-        return method, method.make_config(parts=[part.strip() for part in parts])
-    name, values = parse_shorthand(spec)
-    method = registry.get_method(name)
-    return method, method.make_config(**values)
-
-
-def joining_method(registry: Any, spec: str) -> Any:
-    """The method that serves ``a|b`` specs: the first loaded one declaring ``joins_specs``."""
-    for method in registry.methods.values():
-        if type(method).joins_specs:
-            return method
-    raise ConfigError(f"{spec!r} joins several methods with '|', which needs a method that makes one adapter of "
-                      f"several (the built-in 'union'); none is loaded: check `peftkit plugins`")

@@ -16,14 +16,16 @@ import torch
 import torch.nn as nn
 
 from . import composition, heads
-from .architectures import ArchitectureSpec, architecture_for
-from .composition import BASE_MODEL, Node, Routing
+from .architectures import ArchitectureSpec
+from .composition import BASE_MODEL, Node
 from .composition_api import CompositionMixin
+from .composition_exec import Routing
 from .config import AdapterConfig
 from .errors import AdapterError, MergeError, TargetError
 from .labels import config_labels, set_config_labels
-from .layer import LayerAdapter, ModulesToSave, TunerLayer, merge_order_message, name_taken_by_torch
-from .method import Method, Site, parse_spec
+from .layer import LayerAdapter, ModelAdapter, ModulesToSave, TunerLayer, merge_order_message, name_taken_by_torch
+from .method import Method, Site
+from .plugins import architecture_for, parse_spec
 from .shared_state import SharedState
 from .state import AdapterState
 from .targets import name_matches
@@ -75,7 +77,9 @@ class AdaptedModel(CompositionMixin, nn.Module):
         if isinstance(model, AdaptedModel):
             raise AdapterError("this model is already adapted; call add_adapter() on it instead")
         self.base_model = model
-        self._peftkit_state = AdapterState()
+        #: Which composition runs now, shared with every TunerLayer and ModulesToSave of the model
+        #: (their ``adapter_state``): switching adapters changes this object, not the layers.
+        self.adapter_state = AdapterState()
         self._records: dict[str, AdapterRecord] = {}
         self._model_adapters = nn.ModuleDict()
         #: Adapter name -> its adapter-wide tensors (Method.create_shared_state), held once here.
@@ -133,6 +137,12 @@ class AdaptedModel(CompositionMixin, nn.Module):
         """Adapter name -> config, in the order they were added."""
         return {name: rec.config for name, rec in self._records.items()}
 
+    @property
+    def adapter_records(self) -> dict[str, AdapterRecord]:
+        """Adapter name -> its record (method, config, sites, heads), in the order they were added;
+        a new dict (the records themselves are the model's)."""
+        return dict(self._records)
+
     def adapter_record(self, name: str) -> AdapterRecord:
         try:
             return self._records[name]
@@ -150,7 +160,7 @@ class AdaptedModel(CompositionMixin, nn.Module):
         ``modules_to_save`` unless the config names it (loading uses this:
         the file says what was saved).
         """
-        self._check_new_name(name)
+        self.check_adapter_name(name)
         method, config = parse_spec(spec)
         config = config.replace()  # our own copy: defaults get filled in below
         record = AdapterRecord(name=name, method=method, config=config)
@@ -162,7 +172,8 @@ class AdaptedModel(CompositionMixin, nn.Module):
             raise
         return record
 
-    def _check_new_name(self, name: str) -> None:
+    def check_adapter_name(self, name: str) -> None:
+        """Refuse (AdapterError) ``name`` for a new adapter: malformed, taken by torch, or already used."""
         if not isinstance(name, str) or not _ADAPTER_NAME.match(name) or name == BASE_MODEL:
             raise AdapterError(f"adapter name {name!r} is invalid; use letters, digits, '_' and '-' "
                                f"(at most 128), and not {BASE_MODEL!r}")
@@ -181,18 +192,18 @@ class AdaptedModel(CompositionMixin, nn.Module):
             self._model_adapters[record.name] = model_adapter
             record.model_adapter = True
             self._ensure_input_hook()
-        record.modules_to_save = self._resolve_modules_to_save(config, default_head)
-        record.sites = self._adapted_sites(method, config, record.modules_to_save)
+        record.modules_to_save = self.resolve_modules_to_save(config, default_head)
+        record.sites = self.adapted_sites(method, config, record.modules_to_save)
         self._create_shared_state(record)
         for site in record.sites:
-            adapter = self._new_layer_adapter(method, config, site, self.shared_state(record.name))
+            adapter = self.new_layer_adapter(method, config, site, self.shared_state(record.name))
             if adapter is None:
                 continue
             current = model.get_submodule(site.name)
             layer = current if isinstance(current, TunerLayer) else None
             base = layer.base_layer if layer is not None else current
             if layer is None:
-                layer = TunerLayer(base, self._peftkit_state)
+                layer = TunerLayer(base, self.adapter_state)
                 _set_submodule(model, site.name, layer)
             layer.add_adapter(record.name, adapter, site.input_from)  # each adapter reads its own site's input
             if site.input_from is not None:
@@ -200,13 +211,13 @@ class AdaptedModel(CompositionMixin, nn.Module):
         for module_name in record.modules_to_save:
             current = model.get_submodule(module_name)
             if not isinstance(current, ModulesToSave):
-                current = ModulesToSave(current, self._peftkit_state)
+                current = ModulesToSave(current, self.adapter_state)
                 _set_submodule(model, module_name, current)
             current.add(record.name)
         for param in self.adapter_parameters(record.name):
             param.requires_grad_(False)
 
-    def _adapted_sites(self, method: Method, config: AdapterConfig, modules_to_save: list[str]) -> list[Site]:
+    def adapted_sites(self, method: Method, config: AdapterConfig, modules_to_save: list[str]) -> list[Site]:
         """The method's sites for ``config``, less those inside modules trained whole (a task head)."""
         saved_prefixes = tuple(m + "." for m in modules_to_save)
         sites = method.sites(self.base_model, config, self.architecture)
@@ -219,11 +230,11 @@ class AdaptedModel(CompositionMixin, nn.Module):
 
     def _create_shared_state(self, record: AdapterRecord) -> None:
         """Keep the method's adapter-wide tensors for ``record`` (if any)."""
-        shared = self._new_shared_state(record.method, record.config, record.sites)
+        shared = self.new_shared_state(record.method, record.config, record.sites)
         if shared is not None:
             self._shared_states[record.name] = shared
 
-    def _new_shared_state(self, method: Method, config: AdapterConfig, sites: list[Site]) -> SharedState | None:
+    def new_shared_state(self, method: Method, config: AdapterConfig, sites: list[Site]) -> SharedState | None:
         """The method's adapter-wide tensors for ``sites`` (None when it has none), on the first site's
         device, not yet placed in the model."""
         tensors = method.create_shared_state(self.base_model, config, sites)
@@ -239,8 +250,13 @@ class AdaptedModel(CompositionMixin, nn.Module):
         """Adapter ``name``'s adapter-wide tensors (``Method.create_shared_state``), or None."""
         return self._shared_states[name] if name in self._shared_states else None
 
-    def _new_layer_adapter(self, method: Method, config: AdapterConfig, site: Site,
-                           shared: SharedState | None = None) -> LayerAdapter | None:
+    def model_adapter(self, name: str) -> ModelAdapter | None:
+        """Adapter ``name``'s model-level part (``Method.create_model_adapter``: a soft prompt, a
+        prefix), or None for an adapter that acts at layers only."""
+        return self._model_adapters[name] if name in self._model_adapters else None
+
+    def new_layer_adapter(self, method: Method, config: AdapterConfig, site: Site,
+                          shared: SharedState | None = None) -> LayerAdapter | None:
         """The method's module for ``site`` (None where it makes none), on the base layer's device,
         bound to the adapter's ``shared`` state, not yet placed in the model."""
         current = self.base_model.get_submodule(site.name)
@@ -255,7 +271,9 @@ class AdaptedModel(CompositionMixin, nn.Module):
         adapter.bind_shared(shared)
         return adapter
 
-    def _resolve_modules_to_save(self, config: AdapterConfig, default_head: bool = True) -> list[str]:
+    def resolve_modules_to_save(self, config: AdapterConfig, default_head: bool = True) -> list[str]:
+        """The modules ``config`` trains whole (``modules_to_save``, matched against the base model's
+        names); with ``default_head``, a task model's head when the config names none (written into it)."""
         names = list(config.modules_to_save or [])
         if not names and default_head and type(self.base_model).__name__.endswith(_HEAD_SUFFIXES):
             names = [n for n in ("classifier", "score", "qa_outputs") if _has_submodule(self.base_model, n)]
@@ -300,7 +318,7 @@ class AdaptedModel(CompositionMixin, nn.Module):
             del self._model_adapters[name]
         if name in self._shared_states:
             del self._shared_states[name]
-        state = self._peftkit_state
+        state = self.adapter_state
         if record is not None and name in state.active_names:
             remaining = [n for n in state.active_names if n != name]
             state.active = composition.as_node(remaining) if remaining else None
@@ -311,18 +329,18 @@ class AdaptedModel(CompositionMixin, nn.Module):
 
     @property
     def active_adapters(self) -> list[str]:
-        return list(self._peftkit_state.active_names)
+        return list(self.adapter_state.active_names)
 
     @property
     def active_composition(self) -> Node | None:
-        return self._peftkit_state.active
+        return self.adapter_state.active
 
     def set_active(self, *adapters: str | composition.Block | Sequence[str] | None) -> None:
         """Activate one adapter, several (applied as a Stack), or a composition block.
 
         ``set_active(None)`` deactivates all.
         """
-        state = self._peftkit_state
+        state = self.adapter_state
         if not adapters or (len(adapters) == 1 and adapters[0] is None):
             state.active, state.active_names = None, ()
             self._show_labels(None)
@@ -390,7 +408,7 @@ class AdaptedModel(CompositionMixin, nn.Module):
     @contextlib.contextmanager
     def disable_adapters(self) -> Iterator[None]:
         """Run the bare base model inside the block (merged adapters stay in the weights)."""
-        state = self._peftkit_state
+        state = self.adapter_state
         previous = state.disabled
         state.disabled = True
         self._show_labels(None)
@@ -432,7 +450,7 @@ class AdaptedModel(CompositionMixin, nn.Module):
         """
         if adapters:
             self.set_active(*adapters)
-        active = self._peftkit_state.active
+        active = self.adapter_state.active
         names = composition.trained_leaves(active)
         if not names and not composition.fuse_blocks(active):
             raise AdapterError("no adapter to train: name one, e.g. train_adapter('default')")
@@ -462,7 +480,8 @@ class AdaptedModel(CompositionMixin, nn.Module):
 
     # -- merging ---------------------------------------------------------------------
 
-    def _tuner_layers(self) -> Iterator[tuple[str, TunerLayer]]:
+    def tuner_layers(self) -> Iterator[tuple[str, TunerLayer]]:
+        """(site name, TunerLayer) for every module of the base model that peftkit wraps."""
         for name, module in self.base_model.named_modules():
             if isinstance(module, TunerLayer):
                 yield name, module
@@ -479,9 +498,9 @@ class AdaptedModel(CompositionMixin, nn.Module):
         for module_name, module in self.base_model.named_modules(remove_duplicate=False):
             for param in module.parameters(recurse=False):
                 owners.setdefault(id(param), []).append(module_name)
-        order = {id(layer): list(layer.merged) for _, layer in self._tuner_layers()}  # merged so far, per layer
+        order = {id(layer): list(layer.merged) for _, layer in self.tuner_layers()}  # merged so far, per layer
         for name in names:  # refusals before any weight changes
-            for site, layer in self._tuner_layers():
+            for site, layer in self.tuner_layers():
                 layer.check_mergeable(name)
                 before = order[id(layer)]
                 if name in layer.adapters and name not in before:
@@ -498,7 +517,7 @@ class AdaptedModel(CompositionMixin, nn.Module):
         with torch.no_grad():
             try:
                 for name in names:
-                    for _, layer in self._tuner_layers():
+                    for _, layer in self.tuner_layers():
                         if name in layer.adapters and name not in layer.merged:
                             layer.merge(name)
                             done.append((layer, name))
@@ -509,13 +528,13 @@ class AdaptedModel(CompositionMixin, nn.Module):
 
     def unmerge_adapter(self) -> None:
         with torch.no_grad():
-            for _, layer in self._tuner_layers():
+            for _, layer in self.tuner_layers():
                 for name in list(reversed(layer.merged)):
                     layer.unmerge(name)
 
     @property
     def merged_adapters(self) -> list[str]:
-        return sorted({n for _, layer in self._tuner_layers() for n in layer.merged})
+        return sorted({n for _, layer in self.tuner_layers() for n in layer.merged})
 
     def merge_and_unload(self, adapter_names: Sequence[str] | None = None) -> nn.Module:
         """Merge adapters into the base weights and return the bare base model.
@@ -547,7 +566,7 @@ class AdaptedModel(CompositionMixin, nn.Module):
 
     @contextlib.contextmanager
     def _routing(self, adapter_names: Sequence[str] | None, batch_size: int | None) -> Iterator[None]:
-        state = self._peftkit_state
+        state = self.adapter_state
         if adapter_names is None:
             state.routing = None  # drops one kept for a recomputing backward (below)
             yield
@@ -576,7 +595,7 @@ class AdaptedModel(CompositionMixin, nn.Module):
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         batch = _batch_size(args, kwargs)
         with self._routing(adapter_names, batch), self._composition_inputs(args, kwargs, batch) as (args, kwargs):
-            state = self._peftkit_state
+            state = self.adapter_state
             if not state.disabled:
                 for name in state.active_names:
                     if name in self._model_adapters:
@@ -588,7 +607,7 @@ class AdaptedModel(CompositionMixin, nn.Module):
             self._hook_handle = self.base_model.register_forward_pre_hook(self._prepare_inputs, with_kwargs=True)
 
     def _prepare_inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        state = self._peftkit_state
+        state = self.adapter_state
         if state.disabled or not self._model_adapters:
             return None
         for name in state.active_names:
@@ -628,7 +647,7 @@ class AdaptedModel(CompositionMixin, nn.Module):
             from .serialization import load_adapter
 
             record = load_adapter(self, path, adapter_name)
-        if activate and not (hotswap and adapter_name in self._peftkit_state.active_names):
+        if activate and not (hotswap and adapter_name in self.adapter_state.active_names):
             self.set_active(adapter_name)
         if trainable:
             for param in self.adapter_parameters(adapter_name):
@@ -667,7 +686,7 @@ class AdaptedModel(CompositionMixin, nn.Module):
         return adapted
 
     def extra_repr(self) -> str:
-        return f"adapters={list(self._records)}, active={self._peftkit_state.active}"
+        return f"adapters={list(self._records)}, active={self.adapter_state.active}"
 
 
 def _batch_size(args: tuple, kwargs: dict) -> int | None:

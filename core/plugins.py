@@ -31,8 +31,9 @@ import pluggy
 from . import hookspecs
 from .architectures import ArchitectureSpec
 from .config import AdapterConfig
-from .errors import PluginError
+from .errors import ConfigError, PluginError
 from .method import Method
+from .shorthand import parse_shorthand, split_top_level
 from .suggestions import method_by_any_case, method_suggestion
 
 BUILTIN_DISTRIBUTION = "peftkit"
@@ -546,3 +547,39 @@ def use_plugin(obj: Any, name: str | None = None) -> Iterator[PluginRecord]:
 
 def get_method(name: str) -> Any:
     return get_registry().get_method(name)
+
+
+def architecture_for(model: Any) -> ArchitectureSpec | None:
+    """The registered spec for a model's ``config.model_type``, if any."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type is None:
+        return None
+    return get_registry().architectures.get(model_type)
+
+
+def parse_spec(spec: str | AdapterConfig, registry: Any = None) -> tuple[Any, AdapterConfig]:
+    """Resolve a shorthand spec (or a config object) to (method, config), with the loaded
+    plugins' methods (or those of ``registry``)."""
+    registry = registry or get_registry()
+    if isinstance(spec, AdapterConfig):
+        return registry.get_method(spec.method), spec
+    if not isinstance(spec, str):
+        raise ConfigError(f"an adapter spec must be a string like 'lora[r=8]' or a config object, "
+                          f"not {type(spec).__name__}")
+    parts = split_top_level(spec, "|")
+    if len(parts) > 1:  # "prefix_tuning[...]|par_bn[...]": several methods as one adapter
+        method = joining_method(registry, spec)
+        return method, method.make_config(parts=[part.strip() for part in parts])
+    name, values = parse_shorthand(spec)
+    method = registry.get_method(name)
+    return method, method.make_config(**values)
+
+
+def joining_method(registry: Any, spec: str) -> Any:
+    """The method that serves ``a|b`` specs: the first loaded one declaring ``joins_specs``."""
+    for method in registry.methods.values():
+        if type(method).joins_specs:
+            return method
+    raise ConfigError(f"{spec!r} joins several methods with '|', which needs a method that makes one adapter of "
+                      f"several (the built-in 'union'); none is loaded: check `peftkit plugins`")

@@ -63,8 +63,9 @@ def adapter_tensors(model: "AdaptedModel", name: str) -> dict[str, torch.Tensor]
                 out[site_key(module_name, key)] = tensor
     out.update(head_tensors(model, name))
     out.update(shared_tensors(model, name))
-    if name in model._model_adapters:
-        out.update(model._model_adapters[name].tensors())
+    model_adapter = model.model_adapter(name)
+    if model_adapter is not None:
+        out.update(model_adapter.tensors())
     return out
 
 
@@ -391,7 +392,7 @@ def load_adapter(model: "AdaptedModel", path: str | os.PathLike, name: str) -> A
         config = config_from_data(method, data, where)
         tensors = read_weights(path)
     labels = read_labels(path) or (head.labels if head is not None else None)
-    model._check_new_name(name)
+    model.check_adapter_name(name)
     try:
         record = model.add_adapter(name, config, default_head=False)
     except PluginError:
@@ -406,7 +407,7 @@ def load_adapter(model: "AdaptedModel", path: str | os.PathLike, name: str) -> A
         record.labels = _fit_head(model, name, tensors, labels, where)
         _copy_into(model, name, tensors, where)
     except BaseException:
-        model._remove(name)
+        model.delete_adapter(name)
         raise
     return record
 
@@ -442,7 +443,7 @@ def _copy_into(model: "AdaptedModel", name: str, tensors: dict[str, torch.Tensor
     check_weights(own, tensors, where)
     # A model-level adapter loads its own tensors: what it saves may be computed (prefix
     # tuning's MLP output), so it may have to change form to hold them.
-    model_adapter = model._model_adapters[name] if name in model._model_adapters else None
+    model_adapter = model.model_adapter(name)
     model_keys = set(model_adapter.tensors()) if model_adapter is not None else set()
     with torch.no_grad():
         for key, target in own.items():

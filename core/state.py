@@ -5,13 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .composition import BatchSplit, Block, Node, Parallel, Routing, Stack, run_node
+from .composition import BatchSplit, Block, Node, Parallel, Stack
+from .composition_exec import RowPlan, Routing, run_copies, run_node
 from .errors import CompositionError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from .composition_exec import RowPlan
     from .fusion import FuseConfig
     from .layer import TunerLayer
 
@@ -42,7 +42,7 @@ class AdapterState:
         self.capture: Any = None
         #: While AdaptedModel runs a parallel() forward: the number of copies of the batch.
         self.parallel_copies: int | None = None
-        self._plans: dict[tuple[int, int], tuple[Block, "RowPlan"]] = {}
+        self._plans: dict[tuple[int, int], tuple[Block, RowPlan]] = {}
 
     @property
     def current(self) -> Node | Routing | None:
@@ -56,10 +56,8 @@ class AdapterState:
 
     # -- row splits --------------------------------------------------------------------
 
-    def plan_for(self, block: Block, rows: int) -> "RowPlan":
+    def plan_for(self, block: Block, rows: int) -> RowPlan:
         """The row plan of a batch_split() or parallel() block for a batch of ``rows`` rows."""
-        from .composition_exec import RowPlan
-
         key = (id(block), rows)
         hit = self._plans.get(key)
         if hit is not None and hit[0] is block:
@@ -101,8 +99,6 @@ class AdapterState:
         """Under a row split, run a ModulesToSave wrapper per group of rows (None otherwise)."""
         if self.disabled:
             return None
-        from .composition_exec import run_copies
-
         if self.routing is not None:
             return run_copies(self.routing.plan, module, self.active_names, args, kwargs)
         block = self.row_split()

@@ -51,7 +51,7 @@ _LAZY: dict[str, str] = {
     "merge_adapters": "peftkit.core.merging",
     "auto_compose": "peftkit.learned_composition",
     "save_composition": "peftkit.core.composition_io",
-    "load_composition": "peftkit.core.composition_io",
+    "load_composition": "peftkit.api",
     "parse_composition": "peftkit.api",
     # training (peftkit train)
     "train": "peftkit.training",
@@ -96,7 +96,7 @@ __getattr__, __dir__ = lazy_attributes(__name__, _LAZY, __all__)
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from peftkit.api import adapt, from_pretrained, list_methods, parse_composition  # noqa: F401
+    from peftkit.api import adapt, from_pretrained, list_methods, load_composition, parse_composition  # noqa: F401
     from peftkit.learned_composition import auto_compose  # noqa: F401
     from peftkit.hub_client import api as hub  # noqa: F401
     from peftkit.hub_client.api import load  # noqa: F401
@@ -104,7 +104,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from peftkit.core.architectures import ArchitectureSpec  # noqa: F401
     from peftkit.core.composition import (BASE_MODEL, Average, BatchSplit, Fuse, Parallel,  # noqa: F401
                                           Stack, split_parallel)
-    from peftkit.core.composition_io import load_composition, save_composition  # noqa: F401
+    from peftkit.core.composition_io import save_composition  # noqa: F401
     from peftkit.core.fusion import FuseConfig  # noqa: F401
     from peftkit.core.merging import merge_adapters  # noqa: F401
     from peftkit.core.config import AdapterConfig  # noqa: F401

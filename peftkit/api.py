@@ -40,6 +40,14 @@ def from_pretrained(model: "nn.Module", path: str, adapter_name: str = "default"
     return AdaptedModel.from_pretrained(model, path, adapter_name, trainable=trainable)
 
 
+def load_composition(model: "nn.Module", path: str, *, activate: bool = True) -> "AdaptedModel":
+    """Load a folder written by ``save_composition()`` onto ``model`` (a base model, wrapped, or an
+    AdaptedModel) and activate its composition: ``AdaptedModel.load_composition``."""
+    from peftkit.core.model import AdaptedModel
+
+    return AdaptedModel.load_composition(model, path, activate=activate)
+
+
 def list_methods() -> list[dict[str, Any]]:
     """Installed tuning methods, as plain dicts (what ``peftkit methods --json`` prints)."""
     registry = get_registry()

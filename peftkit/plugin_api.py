@@ -48,7 +48,7 @@ _LAZY: dict[str, str] = {
     "AdapterLoadError": "peftkit.core.errors",
     # model families and finding sites
     "ArchitectureSpec": "peftkit.core.architectures",
-    "architecture_for": "peftkit.core.architectures",
+    "architecture_for": "peftkit.core.plugins",
     "base_of": "peftkit.core.targets",
     "is_linear_like": "peftkit.core.targets",
     "is_conv": "peftkit.core.targets",
@@ -71,8 +71,8 @@ _LAZY: dict[str, str] = {
     "read_peft_fields": "peftkit.core.peft_format",
     "write_peft_fields": "peftkit.core.peft_format",
     # hot-swapping a layer adapter's weights
-    "swap_plan": "peftkit.core.hotswap",
-    "scaled_swap_plan": "peftkit.core.hotswap",
+    "swap_plan": "peftkit.core.swap_plan",
+    "scaled_swap_plan": "peftkit.core.swap_plan",
     # a model's forward arguments (model-level adapters: prompts, prefixes)
     "CACHE_ARGUMENTS": "peftkit.core.model_inputs",
     "batch_size": "peftkit.core.model_inputs",
@@ -94,7 +94,7 @@ _LAZY: dict[str, str] = {
     # other methods (a method made of other methods' parts)
     "get_registry": "peftkit.core.plugins",
     "get_method": "peftkit.core.plugins",
-    "parse_spec": "peftkit.core.method",
+    "parse_spec": "peftkit.core.plugins",
     "unknown_method_message": "peftkit.core.plugins",
 }
 
@@ -107,22 +107,23 @@ __getattr__, __dir__ = lazy_attributes(__name__, _LAZY, __all__, "; the plugin A
 
 if TYPE_CHECKING:  # pragma: no cover
     from peftkit.core.adapterhub_format import AdapterHubFormat  # noqa: F401
-    from peftkit.core.architectures import ArchitectureSpec, architecture_for  # noqa: F401
+    from peftkit.core.architectures import ArchitectureSpec  # noqa: F401
     from peftkit.core.base_layers import (adapter_dtype, is_conv1d, linear_features,  # noqa: F401
                                           quantization_of, weight_out_in)
     from peftkit.core.config import AdapterConfig, option  # noqa: F401
     from peftkit.core.errors import (AdapterLoadError, ConfigError, MergeError, PeftkitError,  # noqa: F401
                                      PluginError, TargetError)
-    from peftkit.core.hotswap import scaled_swap_plan, swap_plan  # noqa: F401
+    from peftkit.core.swap_plan import scaled_swap_plan, swap_plan  # noqa: F401
     from peftkit.core.layer import LayerAdapter, ModelAdapter, TunerLayer, adapters_at  # noqa: F401
-    from peftkit.core.method import ALL_BLOCKS, Method, Site, parse_spec  # noqa: F401
+    from peftkit.core.method import ALL_BLOCKS, Method, Site  # noqa: F401
     from peftkit.core.shared_state import SharedState  # noqa: F401
     from peftkit.core.model_inputs import (CACHE_ARGUMENTS, batch_size, bind_arguments,  # noqa: F401
                                            cache_argument, check_growing_cache, extend_mask, note_prefix,
                                            pop_cache, starts_sequence, text_config)
     from peftkit.core.model_source import model_source_options  # noqa: F401
     from peftkit.core.peft_format import read_peft_fields, write_peft_fields  # noqa: F401
-    from peftkit.core.plugins import get_method, get_registry, unknown_method_message  # noqa: F401
+    from peftkit.core.plugins import (architecture_for, get_method, get_registry, parse_spec,  # noqa: F401
+                                      unknown_method_message)
     from peftkit.core.targets import (adaptable_targets, base_of, find_point, find_targets,  # noqa: F401
                                       is_conv, is_embedding, is_linear_like, iter_candidate_modules,
                                       layer_index, name_matches, output_head_names, pattern_value)

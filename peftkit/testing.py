@@ -258,7 +258,7 @@ def _spec_text(spec: str | AdapterConfig) -> str:
 
 def _resolve(spec: str | AdapterConfig) -> None:
     """Fail at once, with peftkit's message, on a spec naming no installed method or a bad option."""
-    from peftkit.core.method import parse_spec
+    from peftkit.core.plugins import parse_spec
 
     parse_spec(spec)
 
@@ -289,7 +289,7 @@ class _Case:
     """A spec, a tiny architecture and options, with helpers that build adapted models."""
 
     def __init__(self, spec: str | AdapterConfig, tiny: TinyModel, options: _Options) -> None:
-        from peftkit.core.method import parse_spec
+        from peftkit.core.plugins import parse_spec
 
         self.spec = spec
         self.tiny = tiny
@@ -640,7 +640,7 @@ def _check_config(case: _Case) -> None:
     (when the method fills in values), and its file form is JSON that reads back."""
     import json
 
-    from peftkit.core.method import parse_spec
+    from peftkit.core.plugins import parse_spec
 
     method, config = case.method, case.config
     record_config = case.adapted(randomized=False).adapter_record("default").config

@@ -21,7 +21,7 @@ from typing import Any
 
 from peftkit.core.config import AdapterConfig
 from peftkit.core.errors import PeftkitError
-from peftkit.core.method import parse_spec
+from peftkit.core.plugins import parse_spec
 from peftkit.core.own_metadata import read_own_metadata
 from peftkit.hub_client.errors import BaseModelWarning
 from peftkit.hub_client.upload import looks_local

@@ -35,7 +35,7 @@ def inputs(batch: int = 4, seq: int = 6, model: str = "llama", seed: int = 1) ->
 def copy_adapter(model: peftkit.AdaptedModel, source: str, target: str, scale_b: float = 1.0) -> None:
     """Give ``target`` the weights of ``source`` (LoRA), with B scaled by ``scale_b``."""
     with torch.no_grad():
-        for _, layer in model._tuner_layers():
+        for _, layer in model.tuner_layers():
             if source in layer.adapters:
                 a_src, b_src, _ = layer.adapters[source].low_rank()
                 a_dst, b_dst, _ = layer.adapters[target].low_rank()

@@ -76,7 +76,7 @@ def test_merging_on_cuda_matches_cpu():
     model.merge_adapters(["a", "b"], [1, 1], "d", "dare_ties", density=0.5, seed=1)
     cpu = _model(torch.float32).to("cpu")
     cpu.merge_adapters(["a", "b"], [0.6, 0.4], "m", "svd", rank=6)
-    for (site, layer), (_, cpu_layer) in zip(model._tuner_layers(), cpu._tuner_layers()):
+    for (site, layer), (_, cpu_layer) in zip(model.tuner_layers(), cpu.tuner_layers()):
         if "m" in layer.adapters:
             a, b, _ = layer.adapters["m"].low_rank()
             ca, cb, _ = cpu_layer.adapters["m"].low_rank()

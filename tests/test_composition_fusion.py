@@ -9,7 +9,7 @@ import torch
 
 import peftkit
 from peftkit import AdapterLoadError, Average, CompositionError, Fuse, FuseConfig, Stack
-from peftkit.core.composition import run_node
+from peftkit.core.composition_exec import run_node
 from peftkit.core.fusion import fusion_layers
 from tests.composition_util import inputs, logits, lora_model
 from tests.tiny_models import build_tiny
@@ -48,7 +48,7 @@ def test_site_math(model, residual):
     """out = h + sum_n p_n W_v z_n (or W_v h + ...) with p = softmax((W_q h + b_q) . W_k z_n / T)."""
     model.add_fusion(Fuse("a", "bn", name="f"), temperature=2.0, residual=residual)
     _randomize(fusion_layers(model, "f"))
-    site, layer = next((s, layer) for s, layer in model._tuner_layers()
+    site, layer = next((s, layer) for s, layer in model.tuner_layers()
                        if "bn" in layer.adapters and "f" in layer.fusions)
     fusion = layer.fusions["f"]
     torch.manual_seed(0)
@@ -103,7 +103,7 @@ def test_fusion_weights_can_be_captured(model):
         with torch.no_grad():
             model(**batch)
     weights = cap.weights["f"]
-    assert set(weights) == set(model._peftkit_state.fusions["f"].sites)
+    assert set(weights) == set(model.adapter_state.fusions["f"].sites)
     both = [w for w in weights.values() if w.members == ["a", "bn"]]
     assert both and all(w.weights.shape == (2, 6, 2) for w in both)
     for w in weights.values():
@@ -115,7 +115,7 @@ def test_fusion_weights_can_be_captured(model):
             model(**batch)
     assert cap2.weights["f"][next(s for s, w in weights.items() if w.members == ["a", "bn"])].weights.max(-1) \
         .values.mean() < spread
-    assert model._peftkit_state.capture is None
+    assert model.adapter_state.capture is None
 
 
 def test_regularization_pulls_value_to_identity(model):
@@ -133,7 +133,7 @@ def test_fusion_over_other_methods_and_sites_where_one_member_acts(model):
     """seq_bn acts only after the MLP; LoRA everywhere: sites with one member use it alone."""
     batch = inputs()
     model.add_fusion(Fuse("a", "bn", name="f"))
-    record = model._peftkit_state.fusions["f"]
+    record = model.adapter_state.fusions["f"]
     assert any(idx == [0] for idx in record.sites.values()) and any(idx == [0, 1] for idx in record.sites.values())
     out = logits(model, batch, Fuse("a", "bn", name="f"))
     assert out.shape == (4, 6, 128) and torch.isfinite(out).all()
@@ -171,7 +171,7 @@ def test_loading_a_fusion_checks_members_and_leaves_no_trace(model, tmp_path):
         narrow.add_adapter(name, 'lora[r=4,target_modules=["q_proj"]]')
     with pytest.raises(AdapterLoadError, match="other sites"):
         narrow.load_fusion(tmp_path / "ab")
-    assert narrow.fusions == {} and not any(layer.fusions for _, layer in narrow._tuner_layers())
+    assert narrow.fusions == {} and not any(layer.fusions for _, layer in narrow.tuner_layers())
     with pytest.raises(AdapterLoadError, match="no fusion_config.json"):
         model.load_fusion(tmp_path)
 
@@ -181,7 +181,7 @@ def test_fusion_errors(model):
         model.add_fusion(Stack("a", "b"))
     with pytest.raises(CompositionError, match="fusion name 'half' is taken by torch"):
         model.add_fusion(Fuse("a", "b", name="half"))
-    assert "half" not in model._peftkit_state.fusions
+    assert "half" not in model.adapter_state.fusions
     model.add_fusion(Fuse("a", "b"))
     with pytest.raises(CompositionError, match="already exists"):
         model.add_fusion(Fuse("a", "b"))

@@ -45,7 +45,7 @@ def test_round_trip(saved):
     loaded = AdaptedModel.load_composition(build_tiny("llama"), path)
     assert loaded.active_composition == node
     assert sorted(loaded.adapters) == ["lang", "ner", "pos"]
-    assert loaded._peftkit_state.fusions["ner_pos"].config.temperature == 3.0
+    assert loaded.adapter_state.fusions["ner_pos"].config.temperature == 3.0
     assert torch.allclose(logits(loaded, batch), expected, atol=ATOL)
     also = peftkit.load_composition(build_tiny("llama"), path)
     assert torch.allclose(logits(also, batch), expected, atol=ATOL)

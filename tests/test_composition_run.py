@@ -8,7 +8,7 @@ import torch
 
 import peftkit
 from peftkit import Average, BatchSplit, CompositionError, Fuse, Parallel, Stack
-from peftkit.core.composition import run_node
+from peftkit.core.composition_exec import run_node
 from tests.composition_util import copy_adapter, inputs, logits, lora_model
 from tests.tiny_models import build_tiny, sample_inputs
 
@@ -75,7 +75,7 @@ def test_stack_of_loras_equals_both_merged_into_the_base():
 
 def test_site_semantics_of_stack_and_average(model):
     """At one site: stack feeds each adapter the previous output; average mixes outputs."""
-    site, layer = next((s, layer) for s, layer in model._tuner_layers() if "bn" in layer.adapters)
+    site, layer = next((s, layer) for s, layer in model.tuner_layers() if "bn" in layer.adapters)
     torch.manual_seed(0)
     x = torch.randn(2, 3, layer.adapters["a"].in_features)
     h = layer.base_layer(x)

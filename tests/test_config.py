@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from peftkit.core.errors import ConfigError, PluginError
-from peftkit.core.method import parse_spec
+from peftkit.core.plugins import parse_spec
 from peftkit.core.shorthand import parse_shorthand
 from peftkit.plugins.lora.config import LoraConfig
 

@@ -15,7 +15,7 @@ import torch
 
 import peftkit
 from peftkit.core.errors import ConfigError
-from peftkit.core.method import parse_spec
+from peftkit.core.plugins import parse_spec
 from peftkit.plugins.lora.config import LoraConfig
 from peftkit.plugins.lora.layer import LoraLinear
 from peftkit.plugins.lora.method import LoraMethod

@@ -71,7 +71,7 @@ def noisy(model: peftkit.AdaptedModel, name: str = "default", seed: int = 0) -> 
 def weight_edited(net: nn.Module, model: peftkit.AdaptedModel, weights: dict[str, float]) -> nn.Module:
     """``net`` with sum_i w_i * (adapter i's weight change) added to each conv weight, by hand."""
     with torch.no_grad():
-        for site, layer in model._tuner_layers():
+        for site, layer in model.tuner_layers():
             target = net.get_submodule(site)
             for name, w in weights.items():
                 target.weight += w * layer.adapters[name].delta_weight(layer.base_layer)

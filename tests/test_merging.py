@@ -30,7 +30,7 @@ def _model(spec_a: str = f"lora[r=4,alpha=8,init_weights=false,target_modules={T
 def deltas(model, name) -> dict[str, torch.Tensor]:
     """Site -> scale * B @ A of adapter ``name``, read from its live parameters."""
     out = {}
-    for site, layer in model._tuner_layers():
+    for site, layer in model.tuner_layers():
         if name in layer.adapters:
             a, b, s = layer.adapters[name].low_rank()
             out[site] = (b @ a) * s
@@ -225,7 +225,7 @@ def test_ia3_merges_elementwise_like_peft(tmp_path):
     model.merge_adapters(["a", "b"], [0.25, 0.75], "m", "linear")
     peft_model = _peft_pair(model, tmp_path)
     peft_model.add_weighted_adapter(["a", "b"], [0.25, 0.75], "m")
-    ours = {s: layer.adapters["m"].ia3_l for s, layer in model._tuner_layers() if "m" in layer.adapters}
+    ours = {s: layer.adapters["m"].ia3_l for s, layer in model.tuner_layers() if "m" in layer.adapters}
     theirs = {n.removeprefix("base_model.model."): m.ia3_l["m"] for n, m in peft_model.named_modules()
               if hasattr(m, "ia3_l") and "m" in m.ia3_l}
     assert ours.keys() == theirs.keys()

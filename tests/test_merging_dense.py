@@ -26,7 +26,7 @@ def _model(names=("kr", "ve", "ot", "ha")) -> peftkit.AdaptedModel:
         torch.manual_seed(seed)
         model.add_adapter(name, SPECS[name])
         with torch.no_grad():  # trained-looking values (VeRA's lambda_b and LoHa's B start at zero)
-            for _, layer in model._tuner_layers():
+            for _, layer in model.tuner_layers():
                 if name in layer.adapters:
                     for param in layer.adapters[name].parameters():
                         if param.requires_grad:
@@ -37,7 +37,7 @@ def _model(names=("kr", "ve", "ot", "ha")) -> peftkit.AdaptedModel:
 def dense(model, name) -> dict[str, torch.Tensor]:
     """Site -> the adapter's weight change, (out, in), by hand from the layer adapter."""
     out = {}
-    for site, layer in model._tuner_layers():
+    for site, layer in model.tuner_layers():
         if name in layer.adapters:
             adapter = layer.adapters[name]
             if adapter.low_rank() is not None:

@@ -10,7 +10,7 @@ import torch
 
 import peftkit
 from peftkit import AdaptedModel, CompositionError, ConfigError
-from peftkit.core.method import parse_spec
+from peftkit.core.plugins import parse_spec
 from tests.composition_util import logits
 from tests.method_helpers import check_greedy_generate, greedy_without_cache
 from tests.tiny_models import build_tiny, sample_inputs
@@ -90,7 +90,7 @@ def test_gqa_prefix_uses_key_value_heads() -> None:
     config = model.adapters["default"]
     # tiny llama: hidden 32, 4 query heads, 2 key/value heads -> head_dim 8, token_dim 2 * 8
     assert (config.num_layers, config.num_attention_heads, config.token_dim) == (2, 2, 16)
-    assert model._model_adapters["default"].prompt_embeddings.shape == (3, 2 * 2 * 16)
+    assert model.model_adapter("default").prompt_embeddings.shape == (3, 2 * 2 * 16)
 
 
 def test_padding_is_masked_in_an_encoder() -> None:
@@ -139,7 +139,7 @@ def test_train_step_changes_only_the_adapter() -> None:
 
 def test_eject_keeps_outputs_and_drops_the_mlp() -> None:
     model = peftkit.adapt(build_tiny("llama"), "prefix_tuning[num_virtual_tokens=3,prefix_projection=true]")
-    adapter = model._model_adapters["default"]
+    adapter = model.model_adapter("default")
     inputs = sample_inputs("llama")
     before = logits(model, inputs)
     adapter.eject()
@@ -154,14 +154,14 @@ def test_save_load_round_trip_is_bit_identical(tmp_path) -> None:
     inputs = _padded_inputs("gpt2")
     expected = logits(model, inputs)
     model.save_adapter(tmp_path / "a")
-    assert model._model_adapters["default"].reparametrized  # saving writes the MLP's output, keeps the MLP
+    assert model.model_adapter("default").reparametrized  # saving writes the MLP's output, keeps the MLP
     from safetensors.torch import load_file
 
     saved = load_file(tmp_path / "a" / "adapter_model.safetensors")
     assert list(saved) == ["prompt_embeddings"] and saved["prompt_embeddings"].shape == (4, 2 * 2 * 32)
     loaded = peftkit.from_pretrained(build_tiny("gpt2"), str(tmp_path / "a"))
-    assert not loaded._model_adapters["default"].reparametrized
-    assert torch.equal(loaded._model_adapters["default"].prompt_embeddings, saved["prompt_embeddings"])
+    assert not loaded.model_adapter("default").reparametrized
+    assert torch.equal(loaded.model_adapter("default").prompt_embeddings, saved["prompt_embeddings"])
     assert torch.allclose(logits(loaded, inputs), expected, atol=1e-6)
     loaded.save_adapter(tmp_path / "b")
     again = peftkit.from_pretrained(build_tiny("gpt2"), str(tmp_path / "b"))

@@ -9,7 +9,7 @@ import torch
 
 import peftkit
 from peftkit import AdaptedModel, CompositionError, ConfigError
-from peftkit.core.method import parse_spec
+from peftkit.core.plugins import parse_spec
 from tests.composition_util import logits
 from tests.method_helpers import check_greedy_generate, greedy_without_cache
 from tests.tiny_models import build_tiny, sample_inputs
@@ -18,7 +18,7 @@ P = 4
 
 
 def _prompt(model, name: str = "default") -> torch.Tensor:
-    return model._model_adapters[name].prompt_embeddings
+    return model.model_adapter(name).prompt_embeddings
 
 
 # -- the method and its config -------------------------------------------------------------

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 import peftkit
 from peftkit import ConfigError, Stack, TargetError
 from peftkit.core.composition import CompositionError
-from peftkit.core.method import parse_spec
+from peftkit.core.plugins import parse_spec
 from peftkit.plugins.union import MamConfig, UnionConfig
 from tests.method_helpers import output_of, randomize
 from tests.tiny_models import build_tiny, sample_inputs

@@ -10,7 +10,7 @@ import pytest
 
 import peftkit
 from peftkit.core.errors import ConfigError, PluginError
-from peftkit.core.method import parse_spec
+from peftkit.core.plugins import parse_spec
 from peftkit.core.plugins import Registry, get_registry
 from peftkit.plugin_api import AdapterConfig, Method, hookimpl
 

@@ -103,7 +103,7 @@ def test_hook_peftkit_register_merge_strategies(tiny_llama):
     with peftkit.use_plugin(MergePlugin(), name="merge-plugin") as record:
         assert record.errors == [] and record.merge_strategies == ["consensus"]
         model.merge_adapters(["a", "b"], [0.5, 2.0], name="merged", strategy="consensus", rank=32)
-    for _, layer in model._tuner_layers():
+    for _, layer in model.tuner_layers():
         a, b, merged = (layer.adapters[n].delta_weight(layer.base_layer) for n in ("a", "b", "merged"))
         expected = _consensus([a, b], [0.5, 2.0])
         assert 0 < int((expected == 0).sum()) < expected.numel()  # the strategy did something

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from peftkit.core import composition
 from peftkit.core.composition import Average, BatchSplit, Fuse, Parallel, Stack
 from peftkit.core.errors import CompositionError, ConfigError, PeftkitError
-from peftkit.core.method import parse_spec
+from peftkit.core.plugins import parse_spec
 from peftkit.core.shorthand import parse_shorthand
 from peftkit.plugins.lora.config import LoraConfig
 
