@@ -1,0 +1,63 @@
+"""peftkit.hub_rules: the rules the hub client and the registry share, applied the same way on both sides,
+and the embedded hub working without any of the registry's server code."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from peftkit.hub_client.errors import InvalidRepoRef
+from peftkit.hub_client.resolve import parse_ref
+from peftkit.registry import errors as registry_errors
+from peftkit.registry import names as registry_names
+
+BAD_REPO_IDS = ["alice", "a/b/c", "alice/--x", "alice/x..y", "alice/x.git", "-alice/x", "alice/" + "x" * 97]
+BAD_REVISIONS = ["x..y", "a//b", "main/", "v1.lock", "-x", "refs/tags/", "a b"]
+
+
+@pytest.mark.parametrize("repo_id", BAD_REPO_IDS)
+def test_a_bad_repo_id_is_refused_in_the_same_words_by_client_and_registry(repo_id: str) -> None:
+    with pytest.raises(registry_errors.InvalidRepoId) as refused:
+        registry_names.split_repo_id(repo_id)
+    with pytest.raises(InvalidRepoRef) as client:
+        parse_ref(repo_id)
+    assert str(client.value) == refused.value.message
+
+
+@pytest.mark.parametrize("revision", BAD_REVISIONS)
+def test_a_bad_revision_is_refused_by_client_and_registry(revision: str) -> None:
+    with pytest.raises(registry_errors.InvalidRevision) as refused:
+        registry_names.validate_revision(revision)
+    with pytest.raises(InvalidRepoRef) as client:
+        parse_ref(f"alice/ner@{revision}")
+    assert str(client.value).startswith(refused.value.message)
+
+
+def test_revisions_both_sides_accept() -> None:
+    for revision in ("main", "v1.0", "feature/x", "refs/tags/v1", "a" * 40):
+        assert parse_ref(f"alice/ner@{revision}").revision == revision
+        registry_names.validate_revision(revision)
+
+
+_EMBEDDED = """
+import sys
+from peftkit.hub_client.backend import SearchQuery
+from peftkit.hub_client.local import LocalBackend
+backend = LocalBackend(sys.argv[1])
+assert backend.search(SearchQuery()) == []
+backend.close()
+print(" ".join(sorted(m for m in sys.modules if m.startswith("peftkit.registry"))))
+"""
+
+
+def test_the_embedded_hub_loads_no_registry_server_code(tmp_path) -> None:
+    done = subprocess.run([sys.executable, "-c", _EMBEDDED, str(tmp_path / "hub")], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    loaded = set(done.stdout.split())
+    assert "peftkit.registry.store" in loaded
+    server_side = {"peftkit.registry.hub_api", "peftkit.registry.server", "peftkit.registry.asgi_app",
+                   "peftkit.registry.cli", "peftkit.registry.web"}
+    assert loaded & server_side == set()
