@@ -38,6 +38,19 @@ def weight_out_in(module: nn.Module) -> torch.Tensor:
     return module.weight.t() if is_conv1d(module) else module.weight
 
 
+def plain_linear(module: nn.Module) -> bool:
+    """Whether ``module`` computes exactly ``x W^T + b`` with frozen float tensors: a torch Linear or
+    transformers Conv1D itself (not a subclass: quantized layers subclass Linear) whose weight and bias
+    take no gradient. An adapter alone at such a layer may compute its output itself or add to it
+    in place (``LayerAdapter.forward_alone``)."""
+    if type(module) is not nn.Linear and not is_conv1d(module):
+        return False
+    weight, bias = module.weight, getattr(module, "bias", None)
+    if not isinstance(weight, torch.Tensor) or not weight.dtype.is_floating_point or weight.requires_grad:
+        return False
+    return bias is None or not bias.requires_grad
+
+
 def quantization_of(module: nn.Module) -> str | None:
     """How ``module``'s weight is quantized ("4-bit (bitsandbytes)", ...), or None for a float weight."""
     weight = getattr(module, "weight", None)

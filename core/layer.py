@@ -84,6 +84,15 @@ class LayerAdapter(nn.Module):
         product instead of two). None (the default) for every other adapter."""
         return None
 
+    def forward_alone(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor | None:
+        """For an adapter active alone at its site (unmerged, reading the site's own input): the site's
+        whole output, the base module's work included, or None (the default) to let the TunerLayer
+        run the base module and then ``forward(x, h, base)``. Lets a method fuse its work with the
+        base product (LoRA adds its update into the base output in place and keeps one autograd node
+        per layer). Asked only when ``base`` is called with ``x`` alone and has no forward hooks
+        (which this path would skip); the result must equal the unfused one up to float rounding."""
+        return None
+
     def low_rank(self, forward: bool = False) -> tuple[torch.Tensor, torch.Tensor, float] | None:
         """``(A, B, scale)`` (A: r x in, B: out x r, the live parameters) when this adapter's
         weight change is exactly ``scale * B @ A`` in (out, in) layout; None otherwise.
@@ -223,7 +232,13 @@ class TunerLayer(nn.Module):
             return self.base_layer(x, *args, **kwargs)
         if type(plan) is str and plan in self.adapters and plan not in self.merged \
                 and plan not in self.input_sources:
-            changed = self.adapters[plan].base_input(x)  # one adapter alone: maybe the base on a new input
+            adapter = self.adapters[plan]
+            base = self.base_layer
+            if not args and not kwargs and not base._forward_hooks and not base._forward_pre_hooks:
+                whole = adapter.forward_alone(x, base)  # one adapter alone: maybe fused with the base
+                if whole is not None:
+                    return whole
+            changed = adapter.base_input(x)  # or the base on a new input
             if changed is not None:
                 return self.base_layer(changed, *args, **kwargs)
         h = self.base_layer(x, *args, **kwargs)

@@ -65,6 +65,7 @@ _LAZY: dict[str, str] = {
     "is_conv1d": "peftkit.core.base_layers",
     "linear_features": "peftkit.core.base_layers",
     "weight_out_in": "peftkit.core.base_layers",
+    "plain_linear": "peftkit.core.base_layers",
     "quantization_of": "peftkit.core.base_layers",
     "adapter_dtype": "peftkit.core.base_layers",
     # PEFT's adapter_config.json fields
@@ -109,7 +110,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from peftkit.core.adapterhub_format import AdapterHubFormat  # noqa: F401
     from peftkit.core.architectures import ArchitectureSpec  # noqa: F401
     from peftkit.core.base_layers import (adapter_dtype, is_conv1d, linear_features,  # noqa: F401
-                                          quantization_of, weight_out_in)
+                                          plain_linear, quantization_of, weight_out_in)
     from peftkit.core.config import AdapterConfig, option  # noqa: F401
     from peftkit.core.errors import (AdapterLoadError, ConfigError, MergeError, PeftkitError,  # noqa: F401
                                      PluginError, TargetError)

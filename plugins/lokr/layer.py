@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from peftkit.plugin_api import adapter_dtype, is_conv1d, LayerAdapter
+from peftkit.plugin_api import adapter_dtype, is_conv1d, LayerAdapter, plain_linear
 
 from .shapes import LokrShapes
 
@@ -97,8 +97,20 @@ class LokrLayer(LayerAdapter):
             out = out * self._row_mask(out, channel_dim=-1 - len(self.shapes.kernel))
         return out.to(h.dtype)
 
-    def _linear_delta(self, x: torch.Tensor) -> torch.Tensor:
-        """s * kron(w1, w2) x, computed as s * w1 X w2^T with X = x as (in_m, in_n), in the cheaper order.
+    def forward_alone(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor | None:
+        """Alone on a plain linear layer (and no dropout drawing): the update is added into the base
+        output in place, the last product accumulating into it (no (tokens, out) temporary)."""
+        if self.is_conv or not plain_linear(base) or (self.training and (self.module_dropout or self.rank_dropout)):
+            return None
+        if x.dim() < 2 or x.dtype != base.weight.dtype or x.dtype != next(self.parameters()).dtype:
+            return None
+        h = base(x)
+        self._linear_delta(x, into=h)
+        return h
+
+    def _linear_delta(self, x: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
+        """s * kron(w1, w2) x, computed as s * w1 X w2^T with X = x as (in_m, in_n), in the cheaper order;
+        added in place into ``into`` (the base output, contiguous) when given.
 
         Only 2-d matrix products run (the reshapes copy where needed): ``torch.matmul`` on batched
         operands picks another kernel depending on whether a factor requires grad, which would
@@ -109,12 +121,16 @@ class LokrLayer(LayerAdapter):
             # w1 first: rows (token, q) -> (token, q, i), then rows (token, i) -> (token, i, p)
             t = x.reshape(-1, s.in_m, s.in_n).transpose(1, 2).reshape(-1, s.in_m)
             t = F.linear(t, w1).view(-1, s.in_n, s.out_l).transpose(1, 2).reshape(-1, s.in_n)
+            if into is not None:
+                return into.view(-1, s.out_k).addmm_(t, w2.t())
             out = F.linear(t, w2)
         else:
             # w2 first: rows (token, j) -> (token, j, p), then rows (token, p) -> (token, p, i)
             t = F.linear(x.reshape(-1, s.in_n), w2)
             t = t.view(-1, s.in_m, s.out_k).transpose(1, 2).reshape(-1, s.in_m)
             out = F.linear(t, w1).view(-1, s.out_k, s.out_l).transpose(1, 2)
+            if into is not None:
+                return into.view(-1, s.out_l, s.out_k).add_(out)
         return out.reshape(*x.shape[:-1], s.out_l * s.out_k)
 
     def _row_mask(self, out: torch.Tensor, channel_dim: int) -> torch.Tensor:

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from peftkit.plugin_api import (adapter_dtype, ConfigError, is_conv1d, LayerAdapter, linear_features,
                                 quantization_of, weight_out_in)
 
+from .fused import fusable, fused_lora
+
 
 class LoraFactors(LayerAdapter):
     """What LoRA's modules on linear and convolution layers share: the factors ``lora_A`` / ``lora_B``
@@ -140,6 +142,17 @@ class LoraLinear(LoraFactors):
         if self.dropout is not None:
             x = self.dropout(x)
         return x if x.dtype == self.lora_A.dtype else x.to(self.lora_A.dtype)
+
+    def forward_alone(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor | None:
+        """The layer's output with this adapter, fused with the base product (fused.py), when the
+        base is a plain linear layer; None otherwise (the unfused forward runs)."""
+        if not fusable(base, x, self.lora_A):
+            return None
+        lora_x = self.dropout(x) if self.dropout is not None and self.training else None
+        if not self.use_dora:
+            return fused_lora(x, lora_x, self.lora_A, self.lora_B, base, self.scale)
+        return fused_lora(x, lora_x, self.lora_A, self.lora_B, base, self.scale,
+                          self.lora_magnitude_vector, self._weight_norm(base))
 
     def delta(self, x: torch.Tensor, h: torch.Tensor, base: nn.Module) -> torch.Tensor:
         if self.use_dora:

@@ -1,0 +1,136 @@
+"""LoRA and DoRA on a plain linear layer as one fused operation (the layer's whole output).
+
+When a LoRA adapter is alone at its site, the TunerLayer asks it for the site's
+whole output (``LayerAdapter.forward_alone``). Computing the base product here
+too, instead of receiving it, lets the update be added into the base output in
+place (no second (tokens, out) tensor), and in training lets one autograd node
+hold the layer:
+
+- forward saves only what backward needs: the input, ``x A^T`` (tokens x r)
+  and, for DoRA, the pre-scaling output;
+- backward computes the input gradient as ``g W + (s g B) A`` with the second
+  product accumulated into the first (no separate sum of two input gradients),
+  and folds the LoRA scale into the (tokens x r) intermediate instead of a
+  (tokens x out) tensor.
+
+Values and gradients equal the unfused forward (``LoraLinear.forward``) up to
+float rounding. The fused path is taken only for a float nn.Linear or GPT-2
+Conv1D whose weight and bias are frozen, with input, weight and factors of one
+dtype and autocast off; everything else takes the unfused path.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from peftkit.plugin_api import is_conv1d, plain_linear
+
+
+def fusable(base: nn.Module, x: torch.Tensor, factor: torch.Tensor) -> bool:
+    """Whether the fused path computes ``base`` + the adapter on ``x`` exactly as the unfused one."""
+    if not plain_linear(base):
+        return False
+    weight = base.weight
+    if x.dim() < 2 or x.dtype != weight.dtype or factor.dtype != weight.dtype or x.device != weight.device:
+        return False
+    return not torch.is_autocast_enabled(x.device.type)
+
+
+def _base_product(x2: torch.Tensor, base: nn.Module, with_bias: bool) -> torch.Tensor:
+    """``x2 W^T (+ b)`` for a (tokens, in) input, in a new contiguous (tokens, out) tensor."""
+    bias = getattr(base, "bias", None) if with_bias else None
+    if is_conv1d(base):  # weight stored (in, out)
+        return torch.addmm(bias, x2, base.weight) if bias is not None else torch.mm(x2, base.weight)
+    return F.linear(x2, base.weight, bias)
+
+
+def _input_grad(g: torch.Tensor, weight: torch.Tensor, conv1d: bool, g_xa: torch.Tensor, lora_a: torch.Tensor,
+                same_input: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The gradients of the base input and of the LoRA input: ``g W`` and ``g_xa A``, the second
+    accumulated into the first when both inputs are the same tensor."""
+    grad_x = torch.mm(g, weight.t()) if conv1d else torch.mm(g, weight)
+    if same_input:
+        grad_x.addmm_(g_xa, lora_a)
+        return grad_x, None
+    return grad_x, torch.mm(g_xa, lora_a)
+
+
+class _LoraFn(torch.autograd.Function):
+    """y = x W^T + b + s (x_d A^T) B^T, x_d the LoRA input (x, or x after dropout)."""
+
+    @staticmethod
+    def forward(ctx: Any, x2: torch.Tensor, x2_lora: torch.Tensor | None, lora_a: torch.Tensor,
+                lora_b: torch.Tensor, base: nn.Module, scale: float) -> torch.Tensor:
+        lora_in = x2 if x2_lora is None else x2_lora
+        out = _base_product(x2, base, with_bias=True)
+        xa = torch.mm(lora_in, lora_a.t())
+        out.addmm_(xa, lora_b.t(), alpha=scale)
+        ctx.save_for_backward(lora_in, xa, lora_a, lora_b, base.weight)
+        ctx.conv1d, ctx.scale, ctx.same_input = is_conv1d(base), scale, x2_lora is None
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        lora_in, xa, lora_a, lora_b, weight = ctx.saved_tensors
+        g = g.contiguous()
+        g_xa = torch.mm(g, lora_b).mul_(ctx.scale)
+        grad_a = torch.mm(g_xa.t(), lora_in) if ctx.needs_input_grad[2] else None
+        grad_b = torch.mm(g.t(), xa).mul_(ctx.scale) if ctx.needs_input_grad[3] else None
+        grad_x = grad_x_lora = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            grad_x, grad_x_lora = _input_grad(g, weight, ctx.conv1d, g_xa, lora_a, ctx.same_input)
+        return grad_x, grad_x_lora, grad_a, grad_b, None, None
+
+
+class _DoraFn(torch.autograd.Function):
+    """y = (m / n) * (x W^T + s (x_d A^T) B^T) + b, the norms n detached (DoRA's rule)."""
+
+    @staticmethod
+    def forward(ctx: Any, x2: torch.Tensor, x2_lora: torch.Tensor | None, lora_a: torch.Tensor,
+                lora_b: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor, base: nn.Module,
+                scale: float) -> torch.Tensor:
+        lora_in = x2 if x2_lora is None else x2_lora
+        unscaled = _base_product(x2, base, with_bias=False)
+        xa = torch.mm(lora_in, lora_a.t())
+        unscaled.addmm_(xa, lora_b.t(), alpha=scale)
+        mag_scale = (magnitude / norm).to(unscaled.dtype)
+        out = unscaled * mag_scale
+        bias = getattr(base, "bias", None)
+        if bias is not None:
+            out.add_(bias)
+        ctx.save_for_backward(lora_in, xa, unscaled, mag_scale, norm, lora_a, lora_b, base.weight)
+        ctx.conv1d, ctx.scale, ctx.same_input = is_conv1d(base), scale, x2_lora is None
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        lora_in, xa, unscaled, mag_scale, norm, lora_a, lora_b, weight = ctx.saved_tensors
+        grad_m = (g * unscaled).sum(0).div_(norm).to(norm.dtype) if ctx.needs_input_grad[4] else None
+        g = g * mag_scale
+        g_xa = torch.mm(g, lora_b).mul_(ctx.scale)
+        grad_a = torch.mm(g_xa.t(), lora_in) if ctx.needs_input_grad[2] else None
+        grad_b = torch.mm(g.t(), xa).mul_(ctx.scale) if ctx.needs_input_grad[3] else None
+        grad_x = grad_x_lora = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            grad_x, grad_x_lora = _input_grad(g, weight, ctx.conv1d, g_xa, lora_a, ctx.same_input)
+        return grad_x, grad_x_lora, grad_a, grad_b, grad_m, None, None, None
+
+
+def fused_lora(x: torch.Tensor, lora_x: torch.Tensor | None, lora_a: torch.Tensor, lora_b: torch.Tensor,
+               base: nn.Module, scale: float, magnitude: torch.Tensor | None = None,
+               norm: torch.Tensor | None = None) -> torch.Tensor:
+    """The whole output of linear layer ``base`` with a LoRA (DoRA when ``magnitude`` and its detached
+    ``norm`` are given) on input ``x``; ``lora_x`` is the LoRA's own input when it differs from ``x``
+    (dropout), else None. The caller checked :func:`fusable`."""
+    features = x.shape[-1]
+    x2 = x.reshape(-1, features)
+    lora_x2 = None if lora_x is None else lora_x.reshape(-1, features)
+    if magnitude is None:
+        out = _LoraFn.apply(x2, lora_x2, lora_a, lora_b, base, scale)
+    else:
+        out = _DoraFn.apply(x2, lora_x2, lora_a, lora_b, magnitude, norm, base, scale)
+    return out.view(*x.shape[:-1], out.shape[-1])

@@ -1,0 +1,193 @@
+"""The fast paths of the built-in methods against the plain formula: values and gradients.
+
+Each case builds a real layer adapter on a real base layer, runs the path a
+model takes (``TunerLayer``, which asks ``forward_alone`` when the adapter is
+alone) and compares it with the method's formula written out with plain torch
+operations on the same tensors: outputs and the gradients of the input and of
+every trained tensor, in float32 and bfloat16, dropout on and off, merged and
+unmerged. A test also checks that the fast path is the one that ran.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import peftkit
+from tests.tiny_models import build_tiny, sample_inputs
+
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def _conv1d(in_f: int, out_f: int) -> nn.Module:
+    from transformers.pytorch_utils import Conv1D
+
+    layer = Conv1D(out_f, in_f)
+    nn.init.normal_(layer.weight, std=0.2)
+    nn.init.normal_(layer.bias, std=0.2)
+    return layer
+
+
+def _base(kind: str, dtype: torch.dtype) -> nn.Module:
+    torch.manual_seed(1)
+    if kind == "conv1d":
+        layer = _conv1d(24, 20)
+    else:
+        layer = nn.Linear(24, 20, bias=kind == "linear_bias")
+    return layer.to(dtype).requires_grad_(False)
+
+
+def _wrapped(kind: str, dtype: torch.dtype, dora: bool, dropout: float) -> nn.Module:
+    """A one-layer model with a LoRA (DoRA) adapter on the layer, factors random (init_weights=false)."""
+    model = nn.Sequential()
+    model.add_module("proj", _base(kind, dtype))
+    spec = f"lora[r=4,alpha=8,dropout={dropout},init_weights=false,use_dora={str(dora).lower()},target_modules=proj]"
+    torch.manual_seed(2)
+    return peftkit.adapt(model, spec).to(dtype)  # bfloat16 factors too (else they train in float32)
+
+
+def _lora_formula(layer: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The LoRA/DoRA output written out: W x + b + s B A (x * mask), DoRA rescaling the rows of
+    W + s B A by m / ||W + s B A|| (norm detached) before the bias."""
+    base = layer.base_layer
+    adapter = layer.adapters["default"]
+    weight = base.weight.t() if type(base).__name__ == "Conv1D" else base.weight
+    bias = base.bias
+    lora_in = x if mask is None else x * mask
+    update = (lora_in @ adapter.lora_A.t()) @ adapter.lora_B.t() * adapter.scale
+    if not adapter.use_dora:
+        out = x @ weight.t() + update
+        return out if bias is None else out + bias
+    dense = weight + adapter.scale * adapter.lora_B @ adapter.lora_A
+    norm = dense.norm(dim=1).detach()
+    out = (adapter.lora_magnitude_vector / norm) * (x @ weight.t() + update)
+    return out if bias is None else out + bias
+
+
+def _node_under_view(out: torch.Tensor) -> str:
+    node = out.grad_fn
+    if type(node).__name__ == "ViewBackward0":
+        node = node.next_functions[0][0]
+    return type(node).__name__
+
+
+def _grads(out: torch.Tensor, tensors: list[torch.Tensor], seed_grad: torch.Tensor) -> list[torch.Tensor]:
+    return list(torch.autograd.grad(out, tensors, seed_grad))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dora", [False, True])
+@pytest.mark.parametrize("kind", ["linear", "linear_bias", "conv1d"])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_lora_fused_matches_formula(kind: str, dora: bool, dtype: torch.dtype, dropout: float) -> None:
+    model = _wrapped(kind, dtype, dora, dropout)
+    model.train()
+    layer = model.base_model.proj
+    adapter = layer.adapters["default"]
+    trained = [adapter.lora_A, adapter.lora_B] + ([adapter.lora_magnitude_vector] if dora else [])
+    x = torch.randn(3, 5, 24, dtype=dtype, requires_grad=True)
+    seed_grad = torch.randn(3, 5, 20, dtype=dtype)
+
+    torch.manual_seed(7)
+    out = layer(x)
+    assert _node_under_view(out) in ("_LoraFnBackward", "_DoraFnBackward")  # the fused path ran
+    got = [out.detach()] + _grads(out, [x] + trained, seed_grad)
+
+    mask = None
+    if dropout:  # the same draw as the adapter's dropout, from the same seed
+        torch.manual_seed(7)
+        mask = F.dropout(torch.ones_like(x), dropout, training=True)
+    expected_out = _lora_formula(layer, x, mask)
+    expected = [expected_out.detach()] + _grads(expected_out, [x] + trained, seed_grad)
+    for name, a, b in zip(["output", "x", "lora_A", "lora_B", "magnitude"], got, expected):
+        scale = b.abs().max().float().clamp_min(1.0)
+        assert (a.float() - b.float()).abs().max() <= TOLERANCE[dtype] * scale * 10, name
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_lora_fused_inference_and_merged(dora: bool) -> None:
+    model = _wrapped("linear_bias", torch.float32, dora, 0.1)
+    model.eval()
+    layer = model.base_model.proj
+    x = torch.randn(2, 7, 24)
+    with torch.inference_mode():
+        fused = layer(x)
+        expected = _lora_formula(layer, x, None)
+        model.merge_adapter()
+        merged = layer(x)
+    assert torch.allclose(fused, expected, atol=1e-5)
+    assert torch.allclose(merged, expected, atol=1e-5)
+
+
+def test_lora_unfused_when_base_has_hook_or_trains() -> None:
+    """A forward hook on the base layer still runs, and a trained base weight gets its gradient."""
+    model = _wrapped("linear", torch.float32, False, 0.0)
+    layer = model.base_model.proj
+    calls = []
+    handle = layer.base_layer.register_forward_hook(lambda *a: calls.append(1))
+    layer(torch.randn(2, 24))
+    handle.remove()
+    assert calls == [1]
+    layer.base_layer.weight.requires_grad_(True)
+    x = torch.randn(2, 3, 24)
+    layer(x).sum().backward()
+    assert layer.base_layer.weight.grad is not None
+    expected = _lora_formula(layer, x, None)
+    assert torch.allclose(layer(x), expected, atol=1e-5)
+
+
+def test_lora_model_step_equals_unfused() -> None:
+    """A training step of a whole model: the same loss and adapter gradients with the fused path as
+    with the fused path switched off (a no-op forward hook on every base layer)."""
+    base = build_tiny("llama")
+    inputs = sample_inputs("llama")
+    losses, grads = [], []
+    for hooked in (False, True):
+        torch.manual_seed(5)
+        model = peftkit.adapt(copy.deepcopy(base), "lora[r=4,alpha=8,init_weights=false,use_dora=true]")
+        model.train()
+        if hooked:
+            for module in model.modules():
+                if hasattr(module, "base_layer") and isinstance(module.base_layer, nn.Linear):
+                    module.base_layer.register_forward_hook(lambda *a: None)
+        torch.manual_seed(0)
+        loss = model(**inputs, labels=inputs["input_ids"]).loss
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append([p.grad.clone() for p in model.adapter_parameters("default")])
+    assert torch.allclose(losses[0], losses[1], atol=1e-6)
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(24, 20), (64, 16), (16, 64)])
+@pytest.mark.parametrize("training", [False, True])
+def test_lokr_in_place_matches_formula(shape: tuple[int, int], dtype: torch.dtype, training: bool) -> None:
+    """LoKr alone on a linear layer adds its two small products into the base output in place:
+    the same values and gradients as x (W + s kron(w1, w2))^T + b, either product order."""
+    in_f, out_f = shape
+    model = nn.Sequential()
+    torch.manual_seed(1)
+    model.add_module("proj", nn.Linear(in_f, out_f))
+    torch.manual_seed(2)
+    adapted = peftkit.adapt(model, "lokr[r=2,alpha=4,init_weights=false,target_modules=proj]").to(dtype)
+    adapted.train(training)
+    layer = adapted.base_model.proj
+    adapter = layer.adapters["default"]
+    x = torch.randn(3, 5, in_f, dtype=dtype, requires_grad=True)
+    assert adapter.forward_alone(x, layer.base_layer) is not None  # the in-place path is the one taken
+    out = layer(x)
+    trained = [p for p in adapter.parameters()]
+    seed_grad = torch.randn_like(out)
+    got = [out.detach()] + _grads(out, [x] + trained, seed_grad)
+    base = layer.base_layer
+    expected_out = x @ (base.weight + adapter.delta_out_in()).t() + base.bias
+    expected = [expected_out.detach()] + _grads(expected_out, [x] + trained, seed_grad)
+    for a, b in zip(got, expected):
+        scale = b.abs().max().float().clamp_min(1.0)
+        assert (a.float() - b.float()).abs().max() <= TOLERANCE[dtype] * scale * 10
