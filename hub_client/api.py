@@ -35,8 +35,12 @@ def push(model_or_folder: Any, repo_id: str, *, hub: str | HubBackend | None = N
          metrics: dict[str, float] | None = None, tags: Sequence[str] | None = None,
          base_model: str | None = None, description: str | None = None, license: str | None = None,
          language: str | Sequence[str] | None = None, token: str | None = None,
-         progress: bool = True) -> PushResult:
+         progress: bool = True, format: str | None = None) -> PushResult:
     """Publish an adapter (a saved folder, or ``adapter_name`` of an adapted model) as ``repo_id``.
+
+    ``format="adapters"`` publishes it in AdapterHub's folder format (a live model's adapter is saved
+    so; a folder in peftkit's format is loaded onto its base model and saved so), ``"peftkit"`` the
+    other way; None pushes a folder as it is and a live model's adapter in peftkit's format.
 
     Writes the model card (base model, method, task, dataset, metrics, tags,
     usage), sets the visibility (``private``: ``None`` keeps an existing
@@ -58,7 +62,8 @@ def push(model_or_folder: Any, repo_id: str, *, hub: str | HubBackend | None = N
     try:
         refuse_offline(backend, f"pushing {ref.repo_id} to", "push")
         with tempfile.TemporaryDirectory(prefix="peftkit-push-") as tmp:
-            upload = prepare(model_or_folder, ref.repo_id, Path(tmp), adapter_name=adapter_name, options=options)
+            upload = prepare(model_or_folder, ref.repo_id, Path(tmp), adapter_name=adapter_name, options=options,
+                             format=format)
             return backend.push(ref.repo_id, upload.files, private=private,
                                 commit_message=commit_message or upload.default_message, revision=revision,
                                 progress=progress)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -28,6 +29,7 @@ from peftkit.core.adapterhub_format import is_adapterhub_config
 from peftkit.core.card import card_metadata, read_card_metadata, render_card
 from peftkit.hub_rules.cards import ADAPTER_OF_TAG_PREFIX, TASK_TYPE_TO_PIPELINE, split_front_matter
 
+from .convert import PUSH_FORMATS, converted
 from .errors import BaseModelWarning, HubError
 
 CONFIG = "adapter_config.json"
@@ -70,6 +72,12 @@ def looks_local(name: str | None) -> bool:
     return name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1 or os.path.isdir(name)
 
 
+def adapter_name_for(repo_id: str) -> str:
+    """The adapter name a converted folder records: the repo's name in peftkit's adapter-name alphabet."""
+    name = re.sub(r"[^A-Za-z0-9_-]", "_", repo_id.rpartition("/")[2]).strip("_-")
+    return name[:64] or "adapter"
+
+
 def is_live_model(source: Any) -> bool:
     return hasattr(source, "save_adapter") and hasattr(source, "adapters") and not isinstance(source, (str, Path))
 
@@ -88,18 +96,27 @@ def pick_adapter(model: Any, adapter_name: str | None) -> str:
                    f"adapter_name=... (--adapter on the command line)")
 
 
-def prepare(source: Any, repo_id: str, workdir: Path, *, adapter_name: str | None, options: CardOptions) -> Upload:
-    """Collect the files to upload for ``source`` and write their card into ``workdir``."""
+def prepare(source: Any, repo_id: str, workdir: Path, *, adapter_name: str | None, options: CardOptions,
+            format: str | None = None) -> Upload:
+    """Collect the files to upload for ``source`` and write their card into ``workdir``. ``format``
+    ("peftkit" or "adapters"; None: as the folder is saved) converts an adapter (see :mod:`.convert`)."""
+    if format is not None and format not in PUSH_FORMATS:
+        raise HubError(f"unknown folder format {format!r}; choose one of {', '.join(PUSH_FORMATS)}")
     if is_live_model(source):
         name = pick_adapter(source, adapter_name)
         folder = workdir / "adapter"
-        source.save_adapter(str(folder), name)
+        source.save_adapter(str(folder), name, format=format or "peftkit")
     else:
         if adapter_name is not None:
             raise HubError("adapter_name applies to a live model; a folder is pushed as it is")
         folder = Path(os.fspath(source)).expanduser()
         if not folder.is_dir():
             raise HubError(f"{str(folder)!r} is not a folder; push a saved adapter folder or an adapted model")
+        if format is not None:
+            if not (folder / CONFIG).is_file():
+                raise HubError(f"format={format!r} converts an adapter folder; {folder} has no {CONFIG}")
+            folder = converted(folder, _read_json(folder / CONFIG), format, workdir, options.base_model,
+                               adapter_name_for(repo_id))
     files = _collect(folder)
     if (folder / CONFIG).is_file():
         return _adapter_upload(folder, files, repo_id, workdir, options)

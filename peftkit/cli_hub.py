@@ -94,13 +94,17 @@ def hub_group() -> None:
 @click.option("--description", default=None, help="Text for the model card.")
 @click.option("--license", "license_", default=None, help="License id, e.g. apache-2.0.")
 @click.option("--language", multiple=True, help="Language code (repeatable).")
+@click.option("--format", "folder_format", type=click.Choice(["peftkit", "adapters"]), default=None,
+              help="Publish the adapter in this folder format: 'adapters' (AdapterHub's) converts a folder saved "
+                   "in peftkit's format, loading it on its base model. Default: as saved.")
 @_token_option
 @_quiet_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def push_command(folder: str, repo_id: str, hub: str | None, revision: str, private: bool | None,
                  message: str | None, task: str | None, dataset: tuple[str, ...], metric: tuple[str, ...],
                  tag: tuple[str, ...], base_model: str | None, description: str | None, license_: str | None,
-                 language: tuple[str, ...], token_file: str | None, quiet: bool, as_json: bool) -> None:
+                 language: tuple[str, ...], folder_format: str | None, token_file: str | None, quiet: bool,
+                 as_json: bool) -> None:
     """Publish the adapter (or composition, or fusion) saved in FOLDER as REPO_ID (namespace/name)."""
     from peftkit.hub_client.api import push
 
@@ -116,7 +120,8 @@ def push_command(folder: str, repo_id: str, hub: str | None, revision: str, priv
     result = push(folder, repo_id, hub=hub, private=private, commit_message=message, revision=revision,
                   task=task, dataset=list(dataset) or None, metrics=metrics or None, tags=list(tag),
                   base_model=base_model, description=description, license=license_,
-                  language=list(language) or None, token=_token(token_file), progress=not quiet)
+                  language=list(language) or None, token=_token(token_file), progress=not quiet,
+                  format=folder_format)
     if as_json:
         echo_json(result.to_json())
         return
