@@ -112,12 +112,22 @@ def node_delta(node: Node, layer: "TunerLayer", x: torch.Tensor, h: torch.Tensor
     return run_node(node, layer, x, h) - h
 
 
+#: Where a layer keeps the products of its adapters' factors (in its ``__dict__``: not a submodule).
+CACHE_KEY = "_peftkit_cache"
+
+
 def _cache(layer: "TunerLayer") -> dict[Any, Any]:
-    cache = layer.__dict__.get("_peftkit_cache")
+    cache = layer.__dict__.get(CACHE_KEY)
     if cache is None:
         cache = {}
-        layer.__dict__["_peftkit_cache"] = cache
+        layer.__dict__[CACHE_KEY] = cache
     return cache
+
+
+def forget_products(layer: "TunerLayer") -> None:
+    """Drop the products of factors kept for ``layer`` (after its adapter modules were replaced:
+    a kept product is keyed by the factors' identity and version, not by the module)."""
+    layer.__dict__.pop(CACHE_KEY, None)
 
 
 def _key(items: Sequence[tuple[str, Factors, float]]) -> tuple:

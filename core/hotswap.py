@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import torch
 import torch.nn as nn
 
+from .composition_exec import forget_products
 from .errors import AdapterError, AdapterLoadError, PeftkitError, PluginError
 from .labels import read_labels
 from .swap_plan import LOAD_SEPARATELY, low_rank_of
@@ -285,7 +286,7 @@ def prepare_for_hotswap(model: "AdaptedModel", target_rank: int, adapter_names: 
             copy()
     for layer, name, module, _ in swaps:
         layer.adapters[name] = module
-        layer.__dict__.pop("_peftkit_cache", None)  # products of the old factors (composition_exec)
+        forget_products(layer)  # products of the old factors
     for name, config in configs.items():
         model.adapter_record(name).config = config
 
