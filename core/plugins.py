@@ -52,6 +52,7 @@ _BUILTIN_FALLBACK = {
     "lokr": "peftkit.plugins.lokr",
     "vera": "peftkit.plugins.vera",
     "oft": "peftkit.plugins.oft",
+    "adalora": "peftkit.plugins.adalora",
     "builtin_architectures": "peftkit.core.architectures",
     "builtin_merges": "peftkit.core.merge_strategies",
     "builtin_hub_backends": "peftkit.hub_client.backends",

@@ -58,6 +58,7 @@ _LAZY: dict[str, str] = {
     "TrainOptions": "peftkit.training",
     "TrainResult": "peftkit.training",
     "DataError": "peftkit.training_data",
+    "training_callbacks": "peftkit.training_hooks",
     # configs of built-in methods
     "LoraConfig": "peftkit.plugins.lora.config",
     "save_as_lora": "peftkit.plugins.lora.convert",
@@ -72,6 +73,7 @@ _LAZY: dict[str, str] = {
     "LokrConfig": "peftkit.plugins.lokr.config",
     "OftConfig": "peftkit.plugins.oft.config",
     "VeraConfig": "peftkit.plugins.vera.config",
+    "AdaloraConfig": "peftkit.plugins.adalora.config",
     "UnionConfig": "peftkit.plugins.union.config",
     "MamConfig": "peftkit.plugins.union.config",
     # errors
@@ -117,6 +119,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from peftkit.core.shorthand import parse_shorthand  # noqa: F401
     from peftkit.training import TrainOptions, TrainResult, train  # noqa: F401
     from peftkit.training_data import DataError  # noqa: F401
+    from peftkit.training_hooks import training_callbacks  # noqa: F401
     from peftkit.plugins.lora.config import LoraConfig  # noqa: F401
     from peftkit.plugins.lora.convert import save_as_lora  # noqa: F401
     from peftkit.lora_plus import lora_plus_optimizer  # noqa: F401
@@ -128,4 +131,5 @@ if TYPE_CHECKING:  # pragma: no cover
     from peftkit.plugins.lokr.config import LokrConfig  # noqa: F401
     from peftkit.plugins.oft.config import OftConfig  # noqa: F401
     from peftkit.plugins.vera.config import VeraConfig  # noqa: F401
+    from peftkit.plugins.adalora.config import AdaloraConfig  # noqa: F401
     from peftkit.plugins.union.config import MamConfig, UnionConfig  # noqa: F401

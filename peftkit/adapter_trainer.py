@@ -21,7 +21,9 @@ from transformers import Trainer
 
 from peftkit.core.errors import PeftkitError
 from peftkit.core.fileio import write_bytes_atomic, write_text_atomic
+from peftkit.core.method_training import training_loss
 from peftkit.core.model import AdaptedModel
+from peftkit.training_hooks import training_callbacks
 from peftkit.training_plan import TRAINABLE_STATE_FILE
 from peftkit.training_data import LABELS_FILE, LabelMap
 
@@ -47,6 +49,25 @@ class AdapterTrainer(Trainer):
         # The loss is compute_loss_func's (token_loss), normalized by the Trainer's count of
         # label tokens over all micro-batches and processes; the model never sees that count.
         self.model_accepts_loss_kwargs = False
+        for callback in training_callbacks(self.adapted(), [adapter_name]):  # the method's (AdaLoRA's allocation)
+            self.add_callback(callback)
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        """The Trainer's loss plus the training adapters' loss terms (a method's regularizer,
+        ``training_loss`` in docs/plugins.md). With ``compute_loss_func`` the model sees no labels and
+        returns no loss, so the terms are added here, scaled like it for gradient accumulation;
+        without, the model's own loss carries them (``LossTermCallback``)."""
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                      num_items_in_batch=num_items_in_batch)
+        term = training_loss(self.adapted(model)) if self.compute_loss_func is not None else None
+        if term is None:
+            return result
+        term = term / getattr(self, "current_gradient_accumulation_steps", 1)
+        if return_outputs:
+            loss, outputs = result
+            return loss + term.to(loss.dtype), outputs
+        return result + term.to(result.dtype)
 
     def adapted(self, model: nn.Module | None = None) -> AdaptedModel:
         unwrapped = self.accelerator.unwrap_model(model if model is not None else self.model)

@@ -36,6 +36,7 @@ _LAZY: dict[str, str] = {
     "ModelAdapter": "peftkit.core.layer",
     "TunerLayer": "peftkit.core.layer",
     "adapters_at": "peftkit.core.layer",
+    "layer_adapters_of": "peftkit.core.method_training",
     "SharedState": "peftkit.core.shared_state",
     "VirtualTokenMethod": "peftkit.core.virtual_tokens",
     "AdapterHubFormat": "peftkit.core.adapterhub_format",
@@ -117,6 +118,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from peftkit.core.swap_plan import scaled_swap_plan, swap_plan  # noqa: F401
     from peftkit.core.layer import LayerAdapter, ModelAdapter, TunerLayer, adapters_at  # noqa: F401
     from peftkit.core.method import ALL_BLOCKS, Method, Site  # noqa: F401
+    from peftkit.core.method_training import layer_adapters_of  # noqa: F401
     from peftkit.core.shared_state import SharedState  # noqa: F401
     from peftkit.core.model_inputs import (CACHE_ARGUMENTS, batch_size, bind_arguments,  # noqa: F401
                                            cache_argument, check_growing_cache, extend_mask, note_prefix,

@@ -38,6 +38,7 @@ BUILTIN_SPECS = {
     "lokr": "lokr[r=4]",
     "vera": "vera[r=8]",
     "oft": "oft[oft_block_size=8]",
+    "adalora": "adalora[init_r=4]",
 }
 
 for _key, _spec in BUILTIN_SPECS.items():
