@@ -10,6 +10,7 @@ trainable state into the live parameters before the optimizer state is loaded.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -24,6 +25,7 @@ from peftkit.core.fileio import write_bytes_atomic, write_text_atomic
 from peftkit.core.method_training import training_loss
 from peftkit.core.model import AdaptedModel
 from peftkit.training_hooks import training_callbacks
+from peftkit.training_fsdp import average_gradients
 from peftkit.training_plan import TRAINABLE_STATE_FILE
 from peftkit.training_data import LABELS_FILE, LabelMap
 
@@ -38,11 +40,16 @@ class AdapterTrainer(Trainer):
     """
 
     def __init__(self, *args: Any, adapter_name: str, card: dict[str, Any], labels: LabelMap | None,
-                 **kwargs: Any) -> None:
+                 sharded: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
-            raise PeftkitError("peftkit train supports data-parallel runs (accelerate launch / torchrun, DDP); "
-                               "FSDP and DeepSpeed are not supported yet: launch without them")
+            raise PeftkitError("peftkit train runs data-parallel (DDP) or sharded with its own FSDP2 (--fsdp, or "
+                               "accelerate launch with an FSDP config); DeepSpeed is not supported: launch without it")
+        if sharded:
+            # The base is sharded (peftkit.training_fsdp) and the adapter whole: accelerate must not wrap the
+            # model in DDP (evaluation_mode skips only the wrapping), and the adapter's gradients are averaged here.
+            self.accelerator.prepare_model = functools.partial(self.accelerator.prepare_model, evaluation_mode=True)
+            average_gradients(self.adapted(), lambda: self.accelerator.sync_gradients)
         self.adapter_name = adapter_name
         self.card = card
         self.labels = labels

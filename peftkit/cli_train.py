@@ -72,6 +72,9 @@ def _labels(_ctx: click.Context, _param: click.Parameter, value: str | None) -> 
 @click.option("--bf16", is_flag=True, help="bfloat16 mixed precision (autocast).")
 @click.option("--cpu", is_flag=True, help="Train on the CPU even when a GPU is present.")
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations to save memory.")
+@click.option("--fsdp", is_flag=True,
+              help="Shard the base model over the processes (FSDP2, one unit per transformer block; the adapter "
+                   "stays whole). Launch with torchrun or accelerate launch.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16", "auto"]), default="float32",
               help="dtype the base model is loaded in (auto: as saved).")
 @click.option("--quantize", type=click.Choice(["4bit", "8bit"]), default=None,
@@ -112,6 +115,7 @@ def train_command(model: str, method: str, data: str, eval_data: str | None, tas
       peftkit train ./bert --task seq-cls --data train.jsonl --eval dev.jsonl --out out/sentiment
       peftkit train ./llama --method 'lora[r=16]' --task causal-lm --data sft.jsonl --out out/sft
       torchrun --nproc_per_node 4 -m peftkit train ./llama --task causal-lm --data sft.jsonl --out out/sft
+      torchrun --nproc_per_node 8 -m peftkit train ./llama --fsdp --bf16 --task causal-lm --data sft.jsonl --out out/sft
     """
     from peftkit.cli_hub import plain_warnings
     from peftkit.training import is_main_process, train

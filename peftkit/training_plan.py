@@ -67,6 +67,7 @@ class TrainOptions:
     bf16: bool = False
     cpu: bool = False
     gradient_checkpointing: bool = False
+    fsdp: bool = False  # shard the base model over the processes with FSDP2 (peftkit.training_fsdp)
     dtype: str = "float32"
     quantize: str | None = None  # "4bit" (NF4, QLoRA) or "8bit": load the base model quantized with bitsandbytes
     # evaluation, logging, checkpoints
@@ -115,6 +116,9 @@ class TrainOptions:
         if self.quantize not in QUANTIZE:
             raise PeftkitError(f"quantize must be one of {', '.join(q for q in QUANTIZE if q)} (or unset), "
                                f"not {self.quantize!r}")
+        if self.fsdp and self.quantize:
+            raise PeftkitError(f"fsdp and quantize={self.quantize!r} do not go together: FSDP2 shards float weights, "
+                               f"not bitsandbytes' quantized ones; drop one of them")
         if self.quantize:
             import importlib.util
 
@@ -200,6 +204,7 @@ def make_plan(model: Any, method: str | AdapterConfig, data: Any, eval_data: Any
         raise PeftkitError(f"quantize={opts.quantize!r} applies when train() loads the model from a folder or hub id; "
                            f"a model object is used as it is (quantize it when you load it)")
     method_obj, config = parse_spec(method)
+    _check_fsdp(opts)
     checkpoint_dir = Path(opts.checkpoint_dir) if opts.checkpoint_dir else out / "checkpoints"
     resume_from = _resolve_resume(opts.resume, checkpoint_dir)
     if resume_from is None:
@@ -221,6 +226,30 @@ def make_plan(model: Any, method: str | AdapterConfig, data: Any, eval_data: Any
                      checkpoint_dir=checkpoint_dir, resume_from=resume_from, opts=opts, data=str(data),
                      eval_data=str(eval_data) if eval_data is not None else None, train_examples=train_examples,
                      eval_examples=eval_examples, labels=labels)
+
+
+#: What ``accelerate launch`` sets in the environment for a config with ``distributed_type: FSDP``.
+ACCELERATE_FSDP_VARIABLE = "ACCELERATE_USE_FSDP"
+
+
+def accelerate_fsdp_launch() -> bool:
+    """Whether ``accelerate launch`` started this process with an FSDP config."""
+    return os.environ.get(ACCELERATE_FSDP_VARIABLE, "false").lower() == "true"
+
+
+def _check_fsdp(opts: TrainOptions) -> None:
+    """``accelerate launch`` with an FSDP config means --fsdp; a sharded run needs several processes;
+    DeepSpeed is refused here, before anything loads (the Trainer would find it only after the model)."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        raise PeftkitError("peftkit train does not run under DeepSpeed (accelerate launch with a DeepSpeed config); "
+                           "to shard the base model, launch with an FSDP config (examples/accelerate/fsdp.yaml) "
+                           "or torchrun ... peftkit train --fsdp")
+    if accelerate_fsdp_launch():
+        opts.fsdp = True
+        opts.check()
+    if opts.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        raise PeftkitError("fsdp shards the base model over several processes, and this is a single one; launch "
+                           "the command with torchrun --nproc_per_node N (N >= 2) or accelerate launch, or drop --fsdp")
 
 
 def _check_push_target(repo_id: str, hub: str | None) -> None:

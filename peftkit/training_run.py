@@ -23,6 +23,7 @@ from peftkit.core.errors import PeftkitError
 from peftkit.core.fileio import write_text_atomic
 from peftkit.core.model_source import model_source_options
 from peftkit.core.model import AdaptedModel
+from peftkit.training_fsdp import shard_base, take_over_accelerate_fsdp
 from peftkit.training_plan import RESULTS_FILE, TrainOptions, TrainPlan, TrainResult, is_main_process, push_adapter
 from peftkit.training_data import (CLASSIFICATION_TASKS, LABELS_FILE, PIPELINE_TAGS, DataError, Encoded, LabelMap,
                                    data_collator, encode)
@@ -61,14 +62,22 @@ def _run(plan: TrainPlan, tokenizer: Any, callbacks: list[TrainerCallback]) -> T
     card = {"task": PIPELINE_TAGS[task], "dataset": dataset_name,
             "description": _card_description(plan.method.name, adapted, task, dataset_name,
                                              len(train_set.features), labels)}
+    note = take_over_accelerate_fsdp()  # before the Trainer makes accelerate's state
+    if note:
+        say(note)
     args = _training_arguments(opts, plan.checkpoint_dir, task, eval_set is not None)
+    if opts.fsdp:
+        precision = getattr(args, "mixed_precision", "bf16" if args.bf16 else "no")  # transformers >= 5 has it
+        units = shard_base(adapted, args.device, mixed_precision=precision)
+        say(f"FSDP2: the base model is sharded over {args.world_size} processes in {units} units; "
+            f"the adapter is kept whole on each")
     trainer = AdapterTrainer(
         model=adapted, args=args, train_dataset=train_set.features,
         eval_dataset=eval_set.features if eval_set is not None else None, data_collator=data_collator(task, tok, base),
         processing_class=tok, compute_loss_func=token_loss(task),
         compute_metrics=classification_metrics(task) if task in CLASSIFICATION_TASKS else None,
         preprocess_logits_for_metrics=argmax_predictions if task in CLASSIFICATION_TASKS else None,
-        callbacks=callbacks, adapter_name=opts.adapter_name, card=card, labels=labels,
+        callbacks=callbacks, adapter_name=opts.adapter_name, card=card, labels=labels, sharded=opts.fsdp,
         optimizers=(_lora_plus(adapted, opts), None))
     if opts.quiet:
         trainer.remove_callback(PrinterCallback)
