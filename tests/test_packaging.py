@@ -74,6 +74,11 @@ def test_wheel_installs_and_runs_in_a_fresh_venv(tmp_path):
     methods = subprocess.run([cli, "methods", "--json"], capture_output=True, text=True, check=True, env=env,
                              cwd=tmp_path).stdout
     assert '"lora"' in methods
+    # The hub client and the registry, with the rules they share (peftkit.hub_rules), are in the wheel.
+    hub = subprocess.run([python, "-c", "import peftkit.hub_rules.names, peftkit.hub_client.local, "
+                          "peftkit.registry.hub_api; print(peftkit.hub_rules.names.is_commit_sha('a' * 40))"],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert hub.returncode == 0 and hub.stdout.strip() == "True", hub.stderr
     code = ("import peftkit, torch; from transformers import LlamaConfig, LlamaForCausalLM; "
             "m = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, "
             "num_attention_heads=2, num_key_value_heads=2, vocab_size=32)); "
