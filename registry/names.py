@@ -3,6 +3,10 @@
 Everything that comes from a client and ends up in a file name, a URL or a SQL
 parameter goes through here first. We reject rather than normalise: a path like
 ``a/../b`` is an error naming the path, never silently rewritten.
+
+The rules for repo ids and revisions are the ones the hub client checks too
+(:mod:`peftkit.hub_rules.names`); here they are raised as the registry's
+400 errors. File paths and reserved account names are the registry's own.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import re
 
 from peftkit.hub_rules.names import (
+    HEADS_PREFIX,
     branch_problem,
     is_commit_sha,
     name_problem,
@@ -113,8 +118,8 @@ def validate_revision(revision: str) -> str:
     problem = revision_problem(revision)
     if problem:
         raise InvalidRevision(problem)
-    if not is_commit_sha(revision) and revision.startswith("refs/heads/"):
-        return revision[len("refs/heads/") :]
+    if not is_commit_sha(revision) and revision.startswith(HEADS_PREFIX):
+        return revision[len(HEADS_PREFIX) :]
     return revision
 
 
