@@ -12,7 +12,10 @@ PEFT's (``lokr_w1``, ``lokr_w2_a``, ...).
 On linear layers the unmerged forward never builds the dense (out, in)
 update, as PEFT does: since kron(w1, w2) x = vec(w1 X w2^T) for x reshaped
 to X (in_m, in_n), it runs two small matrix products per token, many times
-fewer operations (and no out * in temporary in the backward pass). The
+fewer operations (and no out * in temporary in the backward pass). When w2
+is itself a rank-r product (the usual case) w2's two factors are applied
+separately, so the copies between the products move rank-sized intermediates,
+and the last product adds the base output in the same kernel. The
 result equals PEFT's up to float rounding. Convolutions use the dense kernel,
 run by the base layer's own convolution (same stride, padding, padding mode,
 dilation and groups), so unmerged and merged outputs agree.
@@ -26,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from peftkit.plugin_api import adapter_dtype, is_conv1d, LayerAdapter, plain_linear
+from peftkit.plugin_api import adapter_dtype, is_conv1d, LayerAdapter
 
 from .shapes import LokrShapes
 
@@ -97,41 +100,57 @@ class LokrLayer(LayerAdapter):
             out = out * self._row_mask(out, channel_dim=-1 - len(self.shapes.kernel))
         return out.to(h.dtype)
 
-    def forward_alone(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor | None:
-        """Alone on a plain linear layer (and no dropout drawing): the update is added into the base
-        output in place, the last product accumulating into it (no (tokens, out) temporary)."""
-        if self.is_conv or not plain_linear(base) or (self.training and (self.module_dropout or self.rank_dropout)):
-            return None
-        if x.dim() < 2 or x.dtype != base.weight.dtype or x.dtype != next(self.parameters()).dtype:
-            return None
-        h = base(x)
-        self._linear_delta(x, into=h)
-        return h
+    def forward(self, x: torch.Tensor, h: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        """h + delta; on a linear layer (no dropout drawing, one dtype) the update's last product
+        adds h in the same kernel, or h is added to the update read in its transposed layout, so
+        no separate (tokens, out) update tensor is written."""
+        dtype = next(self.parameters()).dtype
+        if self.is_conv or (self.training and (self.module_dropout or self.rank_dropout)) \
+                or not (x.dtype == h.dtype == dtype) or not h.is_contiguous() or x.shape[:-1] != h.shape[:-1]:
+            return h + self.delta(x, h, base)
+        return self._linear_delta(x, add_to=h)
 
-    def _linear_delta(self, x: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
-        """s * kron(w1, w2) x, computed as s * w1 X w2^T with X = x as (in_m, in_n), in the cheaper order;
-        added in place into ``into`` (the base output, contiguous) when given.
+    def _linear_delta(self, x: torch.Tensor, add_to: torch.Tensor | None = None) -> torch.Tensor:
+        """s * kron(w1, w2) x, computed as s * w1 X w2^T with X = x as (in_m, in_n), in the cheaper order
+        (matrix products plus copies for the reshapes); ``add_to + `` that when given (contiguous).
 
         Only 2-d matrix products run (the reshapes copy where needed): ``torch.matmul`` on batched
         operands picks another kernel depending on whether a factor requires grad, which would
         make a frozen copy of an adapter round differently from the trained one."""
         s = self.shapes
-        w1, w2 = self._w1() * self.scale, self._w2()
+        w1 = self._w1() * self.scale
+        if not s.full_w2 and self.lokr_w2_b.shape[0] < s.in_n:
+            return self._low_rank_w2_delta(x, w1, add_to)
+        w2 = self._w2()
         if s.out_l * s.in_n * (s.in_m + s.out_k) <= s.in_m * s.out_k * (s.in_n + s.out_l):
             # w1 first: rows (token, q) -> (token, q, i), then rows (token, i) -> (token, i, p)
             t = x.reshape(-1, s.in_m, s.in_n).transpose(1, 2).reshape(-1, s.in_m)
             t = F.linear(t, w1).view(-1, s.in_n, s.out_l).transpose(1, 2).reshape(-1, s.in_n)
-            if into is not None:
-                return into.view(-1, s.out_k).addmm_(t, w2.t())
+            if add_to is not None:
+                return torch.addmm(add_to.view(-1, s.out_k), t, w2.t()).view(add_to.shape)
             out = F.linear(t, w2)
         else:
             # w2 first: rows (token, j) -> (token, j, p), then rows (token, p) -> (token, p, i)
             t = F.linear(x.reshape(-1, s.in_n), w2)
             t = t.view(-1, s.in_m, s.out_k).transpose(1, 2).reshape(-1, s.in_m)
             out = F.linear(t, w1).view(-1, s.out_k, s.out_l).transpose(1, 2)
-            if into is not None:
-                return into.view(-1, s.out_l, s.out_k).add_(out)
+            if add_to is not None:
+                return (add_to.view(-1, s.out_l, s.out_k) + out).view(add_to.shape)
         return out.reshape(*x.shape[:-1], s.out_l * s.out_k)
+
+    def _low_rank_w2_delta(self, x: torch.Tensor, w1: torch.Tensor, add_to: torch.Tensor | None) -> torch.Tensor:
+        """The update when w2 = w2_a w2_b (rank r): w1 (X w2_b^T) w2_a^T, three products whose
+        intermediates have r columns where X has in_n, so the reshapes between them copy tensors
+        in_n / r times smaller than the input, and the last product writes (or adds into ``add_to``)
+        the output in its final layout."""
+        s = self.shapes
+        r = self.lokr_w2_b.shape[0]
+        z = F.linear(x.reshape(-1, s.in_n), self.lokr_w2_b)  # rows (token, i): X w2_b^T
+        z = z.view(-1, s.in_m, r).transpose(1, 2).reshape(-1, s.in_m)  # rows (token, k)
+        u = F.linear(z, w1).view(-1, r, s.out_l).transpose(1, 2).reshape(-1, r)  # rows (token, p)
+        if add_to is not None:
+            return torch.addmm(add_to.view(-1, s.out_k), u, self.lokr_w2_a.t()).view(add_to.shape)
+        return F.linear(u, self.lokr_w2_a).view(*x.shape[:-1], s.out_l * s.out_k)
 
     def _row_mask(self, out: torch.Tensor, channel_dim: int) -> torch.Tensor:
         """PEFT's rank dropout: each output row of the update kept with probability 1 - rank_dropout
