@@ -8,7 +8,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast lint venv adapters-venv bench clean
+.PHONY: demo test test-fast lint venv adapters-venv bench mutate clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,18 @@ adapters-venv: $(ADAPTERS_STAMP)
 
 bench: $(VENV)/.installed
 	$(BIN)/python bench/bench_lora.py
+
+# Mutation testing (not part of CI; see docs/testing.md): mutmut over the modules of
+# bench/mutation_map.toml, one at a time, each with its mapped tests; report in docs/mutation.md.
+#   make mutate MUTATE_ARGS="plugins/lora/layer.py --max-children 2"
+MUTATE_ARGS ?=
+
+$(VENV)/.installed-mutate: pyproject.toml $(VENV)/.installed
+	$(BIN)/python -m pip install -q -e ".[mutate]"
+	touch $@
+
+mutate: $(VENV)/.installed-mutate
+	$(BIN)/python bench/mutate.py $(MUTATE_ARGS)
 
 clean:
 	rm -rf $(VENV) $(ADAPTERS_VENV) build dist *.egg-info

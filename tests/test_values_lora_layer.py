@@ -1,0 +1,213 @@
+"""LoRA / DoRA layer modules against hand formulas, on bare torch layers (no model): forward and delta
+in every dtype path, DoRA with and without a bias, DoRA's merge/unmerge keeping a half-precision
+weight's dtype, low_rank's forms, and Embedding LoRA honouring the table's padding, max_norm and
+gradient options. Written to kill the mutants `make mutate` found alive (docs/mutation.md)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from peftkit.plugins.lora.layer import LoraEmbedding, LoraLinear
+
+IN, OUT, R, SCALE = 6, 5, 3, 1.5
+
+
+def _linear(bias: bool = True, dtype: torch.dtype = torch.float32) -> nn.Linear:
+    torch.manual_seed(0)
+    return nn.Linear(IN, OUT, bias=bias).to(dtype)
+
+
+def _lora(base: nn.Module, *, dora: bool = False, dropout: float = 0.0) -> LoraLinear:
+    torch.manual_seed(1)
+    lora = LoraLinear(base, R, SCALE, dropout, False, dora)  # init=False: random B, so the adapter changes outputs
+    if dora:
+        with torch.no_grad():  # a magnitude away from the initial norms, so it matters
+            lora.lora_magnitude_vector.mul_(torch.linspace(0.5, 1.5, OUT, dtype=lora.lora_magnitude_vector.dtype))
+    return lora
+
+
+def _dense(lora: LoraLinear) -> torch.Tensor:
+    return SCALE * lora.lora_B.detach().double() @ lora.lora_A.detach().double()
+
+
+def _dora_hand(lora: LoraLinear, base: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """m * (W + sBA) x / ||W + sBA||_row + b, in float64."""
+    w = base.weight.detach().double()
+    merged = w + _dense(lora)
+    norm = merged.norm(dim=1)
+    out = (lora.lora_magnitude_vector.detach().double() / norm) * (x.double() @ merged.T)
+    if base.bias is not None:
+        out = out + base.bias.detach().double()
+    return out
+
+
+def _x(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    torch.manual_seed(2)
+    return torch.randn(*shape, IN).to(dtype)
+
+
+@pytest.mark.parametrize("shape", [(2, 4), (4,)], ids=["batched", "one-vector"])
+def test_lora_forward_is_h_plus_scaled_bax(shape):
+    base = _linear()
+    lora = _lora(base)
+    x = _x(*shape)
+    h = base(x)
+    expected = h.double() + x.double() @ _dense(lora).T
+    with torch.no_grad():
+        out = lora(x, h, base)
+        delta = lora.delta(x, h, base)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(delta.double(), expected - h.double(), atol=1e-5, rtol=1e-5)
+
+
+def test_lora_output_and_delta_take_the_base_outputs_dtype():
+    base = _linear(dtype=torch.bfloat16)
+    lora = _lora(base)
+    assert lora.lora_A.dtype == torch.float32
+    x = _x(2, 4, dtype=torch.bfloat16)
+    h = base(x)
+    with torch.no_grad():
+        out, delta = lora(x, h, base), lora.delta(x, h, base)
+    assert out.dtype == delta.dtype == torch.bfloat16
+    expected = x.double() @ _dense(lora).T
+    torch.testing.assert_close(delta.double(), expected, atol=0.02, rtol=0.02)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_dora_forward_and_delta_equal_the_dense_formula(bias):
+    base = _linear(bias=bias)
+    lora = _lora(base, dora=True)
+    x = _x(2, 4)
+    h = base(x)
+    with torch.no_grad():
+        out, delta = lora(x, h, base), lora.delta(x, h, base)
+    expected = _dora_hand(lora, base, x)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(delta.double(), expected - h.double(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lora.delta_weight(base).double(),
+                               (lora.lora_magnitude_vector.detach().double() / (base.weight.double() + _dense(lora))
+                                .norm(dim=1)).unsqueeze(1) * (base.weight.double() + _dense(lora))
+                               - base.weight.double(), atol=1e-5, rtol=1e-5)
+
+
+def test_dora_keeps_a_half_precision_base_in_its_dtype_through_forward_merge_and_unmerge():
+    base = _linear(dtype=torch.bfloat16)
+    lora = _lora(base, dora=True)
+    original = base.weight.detach().clone()
+    x = _x(2, 4, dtype=torch.bfloat16)
+    h = base(x)
+    with torch.no_grad():
+        out = lora(x, h, base)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), _dora_hand(lora, base, x), atol=0.05, rtol=0.02)
+    lora.merge(base)
+    assert base.weight.dtype == torch.bfloat16
+    merged = _dora_hand(lora, _bias_free(base, original), torch.eye(IN)).T  # m/n * (W + sBA)
+    torch.testing.assert_close(base.weight.double(), merged, atol=0.03, rtol=0.02)
+    lora.unmerge(base)
+    assert base.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(base.weight.double(), original.double(), atol=0.03, rtol=0.02)
+
+
+def _bias_free(base: nn.Linear, weight: torch.Tensor) -> nn.Linear:
+    """A bias-free float copy of ``base`` with ``weight``: its DoRA output on the identity is W'^T."""
+    copy = nn.Linear(IN, OUT, bias=False)
+    copy.weight.data = weight.float().clone()
+    return copy
+
+
+def test_dora_unmerge_restores_the_weight_with_the_merge_time_norm():
+    base = _linear()
+    lora = _lora(base, dora=True)
+    original = base.weight.detach().clone()
+    lora.merge(base)
+    merged = _dora_hand(lora, _bias_free(base, original), torch.eye(IN)).T
+    torch.testing.assert_close(base.weight.double(), merged, atol=1e-5, rtol=1e-5)
+    lora.unmerge(base)
+    torch.testing.assert_close(base.weight, original, atol=1e-5, rtol=1e-5)
+
+
+def test_low_rank_forms():
+    base = _linear()
+    plain = _lora(base, dropout=0.5)
+    a, b, scale = plain.low_rank()
+    assert a is plain.lora_A and b is plain.lora_B and scale == SCALE
+    plain.train()
+    assert plain.low_rank(forward=True) is None  # dropout on the input: no batched form while training
+    assert plain.low_rank() is not None  # the weight change itself does not depend on dropout
+    plain.eval()
+    assert plain.low_rank(forward=True) is not None
+    assert _lora(base, dora=True).low_rank() is None
+
+
+# -- Embedding -------------------------------------------------------------------------------------------------------
+
+
+def _embedding(dtype: torch.dtype = torch.float32, **options) -> tuple[nn.Embedding, LoraEmbedding]:
+    torch.manual_seed(3)
+    base = nn.Embedding(10, 4, **options).to(dtype)
+    lora = LoraEmbedding(base, R, SCALE, False)
+    return base, lora
+
+
+def test_embedding_delta_and_weight_are_scaled_rows_of_a_transposed_times_b():
+    base, lora = _embedding()
+    ids = torch.tensor([[1, 4, 4, 9]])
+    a, b = lora.lora_embedding_A.detach(), lora.lora_embedding_B.detach()
+    h = base(ids).double()
+    with torch.no_grad():
+        delta = lora.delta(ids, h, base)
+    assert delta.dtype == torch.float64
+    torch.testing.assert_close(delta, SCALE * (a.T[ids] @ b.T).double())
+    torch.testing.assert_close(lora.delta_weight(base), SCALE * (b @ a).T)
+    low_a, low_b, scale = lora.low_rank()
+    assert low_a is lora.lora_embedding_A and low_b is lora.lora_embedding_B and scale == SCALE
+    assert lora.low_rank(forward=True) is None
+
+
+def test_embedding_factors_take_a_float64_tables_dtype():
+    _, lora = _embedding(torch.float64)
+    assert lora.lora_embedding_A.dtype == lora.lora_embedding_B.dtype == torch.float64
+
+
+def test_embedding_delta_follows_the_tables_padding_and_gradient_options():
+    base, lora = _embedding(padding_idx=0, scale_grad_by_freq=True)
+    ids = torch.tensor([[0, 2, 2, 2, 5]])
+    lora.delta(ids, base(ids), base).sum().backward()
+    grad = lora.lora_embedding_A.grad  # (r, vocab): column i is token i's
+    b = lora.lora_embedding_B.detach()
+    one_use = SCALE * b.sum(dim=0)  # d(sum of delta)/d(A[:, i]) for one occurrence of token i
+    torch.testing.assert_close(grad[:, 0], torch.zeros(R))  # padding: no gradient
+    torch.testing.assert_close(grad[:, 2], one_use)  # three uses, scaled by 1/3 (scale_grad_by_freq)
+    torch.testing.assert_close(grad[:, 5], one_use)
+
+
+def test_embedding_delta_renormalizes_rows_like_the_tables_max_norm():
+    base, lora = _embedding(max_norm=0.5, norm_type=1.0)
+    with torch.no_grad():
+        lora.lora_embedding_A.normal_(0, 1.0)  # rows of A^T with 1-norms well above 0.5
+    a_t = lora.lora_embedding_A.detach().T.clone()
+    ids = torch.tensor([[3, 7]])
+    expected_rows = a_t[ids] * (0.5 / a_t[ids].abs().sum(dim=-1, keepdim=True)).clamp(max=1.0)
+    with torch.no_grad():
+        delta = lora.delta(ids, torch.zeros(1, 2, 4), base)
+    torch.testing.assert_close(delta, SCALE * expected_rows @ lora.lora_embedding_B.detach().T, atol=1e-5, rtol=1e-4)
+
+
+# -- hot-swap --------------------------------------------------------------------------------------------------------
+
+
+def test_hotswap_into_lora_and_dora_gives_the_new_adapters_weight_change():
+    base = _linear()
+    for dora in (False, True):
+        slot = _lora(base, dora=dora)
+        torch.manual_seed(4)
+        new = LoraLinear(base, R if dora else R - 1, 2 * SCALE, 0.0, False, dora)  # another alpha (and rank)
+        expected = new.delta_weight(base).detach().clone()
+        assert not torch.allclose(slot.delta_weight(base), expected)
+        with torch.no_grad():
+            slot.hotswap_plan(new)()
+        assert slot.scale == SCALE  # the slot keeps its scale; the new one is folded into B
+        torch.testing.assert_close(slot.delta_weight(base).detach(), expected, atol=1e-6, rtol=1e-5)
