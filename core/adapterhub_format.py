@@ -26,7 +26,7 @@ PICKLE_WEIGHTS_NAME = "pytorch_adapter.bin"
 #: The ``version`` written into saved configs: the release the format was checked against.
 WRITTEN_VERSION = "adapters.1.3.0"
 #: Model families whose module names peftkit has checked against ``adapters`` for saving.
-SUPPORTED_MODEL_TYPES = ("bert", "roberta")
+SUPPORTED_MODEL_TYPES = ("bert", "roberta", "llama", "gpt2")
 
 
 class AdapterHubFormat:
@@ -47,6 +47,12 @@ class AdapterHubFormat:
     def claims(self, options: Mapping[str, Any]) -> bool:
         """Whether an AdapterHub config's options (its ``"config"`` dict) describe this method."""
         return False
+
+    def module_for(self, site: str, model_type: str | None) -> str:
+        """The module path ``adapters`` keys the tensors of the adapter at ``site`` under: the site
+        (``on_site``) or its parent by default; a method whose module differs per model family
+        (bottleneck adapters on a decoder layer) overrides this."""
+        return site if self.on_site else site.rpartition(".")[0]
 
     def config_values(self, options: Mapping[str, Any], model_type: str | None) -> dict[str, Any]:
         """This method's config values for the options."""
@@ -139,7 +145,7 @@ def adapterhub_tensors(fmt: AdapterHubFormat, tensors: Mapping[str, Any], sites:
 
     A tensor whose module has no site keeps its key, so the weights check names it as unexpected."""
     marker = f".{fmt.module_dict}.{data.get('name')}."
-    modules = {site: site if fmt.on_site else site.rpartition(".")[0] for site in sites}
+    modules = {site: fmt.module_for(site, data.get("model_type")) for site in sites}
     out: dict[str, Any] = {}
     for key, tensor in tensors.items():
         module, found, rest = key.partition(marker)
@@ -180,11 +186,11 @@ def adapterhub_config_data(method: Any, config: Any, name: str, model_type: str 
 
 
 def adapterhub_file_tensors(fmt: AdapterHubFormat, site_tensors: Mapping[str, Mapping[str, Any]], name: str,
-                            options: Mapping[str, Any]) -> dict[str, Any]:
+                            options: Mapping[str, Any], model_type: str | None = None) -> dict[str, Any]:
     """Tensors keyed as ``adapters`` saves them, from ``{site: {our key: tensor}}``."""
     out: dict[str, Any] = {}
     for site, tensors in site_tensors.items():
-        module = site if fmt.on_site else site.rpartition(".")[0]
+        module = fmt.module_for(site, model_type)
         for key, tensor in tensors.items():
             for i, theirs in enumerate(fmt.keys_out(key, options)):
                 out[f"{module}.{fmt.module_dict}.{name}.{theirs}"] = tensor if i == 0 else tensor.clone()

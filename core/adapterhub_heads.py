@@ -254,20 +254,39 @@ def flex_head_files(model: nn.Module, name: str, tensors: Mapping[str, Any], lab
     return data, out
 
 
-def adapter_head_tensors(model: nn.Module, name: str) -> dict[str, Any]:
-    """``{module path.leaf: tensor}`` of every module of :func:`head_modules`: adapter ``name``'s copy where
-    it keeps one, else the model's own module (BERT's pooler when only the classifier is the adapter's).
-    Empty when the adapter keeps no copy; PeftkitError when it keeps copies of other modules."""
+def head_files(model: nn.Module, name: str, labels: list[str] | None,
+               model_name: str | None) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """``(head_config.json content, head tensors)`` for adapter ``name``'s own head copies (None: it keeps none).
+
+    Copies that make AdapterHub's classification or tagging head are written as its flex head (BERT's pooler
+    taken from the model when the adapter keeps only the classifier); other copies outside the model's body
+    (a causal LM's ``lm_head``) as a static head of the model's class, as ``adapters`` saves one."""
     wrappers = {n: m for n, m in model.named_modules() if isinstance(m, ModulesToSave)}
     owned = [n for n, m in wrappers.items() if name in m.copies]
     if not owned:
-        return {}
+        return None
     modules = head_modules(model, name)
-    inside = [n for n in owned if not any(p == n or p.startswith(n + ".") for p in modules)]
-    if inside or not modules:
+    if modules and all(any(p == n or p.startswith(n + ".") for p in modules) for n in owned):
+        return flex_head_files(model, name, _module_tensors(model, name, modules, wrappers), labels, model_name)
+    prefix = getattr(model, "base_model_prefix", "")
+    inside = [n for n in owned if prefix and (n == prefix or n.startswith(prefix + "."))]
+    if inside:
         raise PeftkitError(f"cannot save adapter {name!r} in AdapterHub's format: it keeps its own copy of "
-                           f"{', '.join(inside or owned)}, which AdapterHub's classification and tagging heads "
-                           f"do not hold; save it in peftkit's format instead (format='peftkit')")
+                           f"{', '.join(inside)}, inside the model's body, which AdapterHub's heads do not hold; "
+                           f"save it in peftkit's format instead (format='peftkit')")
+    config = getattr(model, "config", None)
+    data = {"config": None, "hidden_size": getattr(config, "hidden_size", None),
+            "label2id": {label: i for i, label in enumerate(labels)} if labels else None,
+            "model_class": type(model).__name__, "model_name": model_name or "",
+            "model_type": getattr(config, "model_type", None), "name": None,
+            "num_labels": len(labels) if labels else getattr(config, "num_labels", None), "version": WRITTEN_VERSION}
+    return data, _module_tensors(model, name, owned, wrappers)
+
+
+def _module_tensors(model: nn.Module, name: str, modules: list[str],
+                    wrappers: dict[str, ModulesToSave]) -> dict[str, Any]:
+    """``{module path.leaf: tensor}`` of ``modules``: adapter ``name``'s copy where it keeps one, else the
+    model's own module."""
     out: dict[str, Any] = {}
     for path in modules:
         owner = next((n for n in wrappers if path == n or path.startswith(n + ".")), None)

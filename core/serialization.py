@@ -24,8 +24,7 @@ from .adapterhub_format import SAFE_WEIGHTS_NAME as ADAPTERHUB_WEIGHTS_NAME
 from .card import card_metadata, render_card
 from .errors import AdapterLoadError, ConfigError, PeftkitError, PluginError
 from .fileio import atomic_folder, write_bytes_atomic, write_text_atomic
-from .adapterhub_heads import (HEAD_CONFIG_NAME, SAFE_HEAD_WEIGHTS_NAME, adapter_head_tensors, flex_head_files,
-                               load_head)
+from .adapterhub_heads import HEAD_CONFIG_NAME, SAFE_HEAD_WEIGHTS_NAME, head_files, load_head
 from .heads import fit_heads
 from .labels import LABELS_FILE, is_default, labels_text, read_labels
 from .layer import ModulesToSave, TunerLayer
@@ -209,17 +208,16 @@ def write_adapterhub_adapter(model: "AdaptedModel", name: str, folder: Path) -> 
     if record.model_adapter:
         raise PeftkitError(f"cannot save adapter {name!r} in AdapterHub's format: its model-level parts are not "
                            f"written in that format yet; save it in peftkit's format instead")
-    head = adapter_head_tensors(model.base_model, name)
+    head = head_files(model.base_model, name, model.adapter_labels(name), base_model_id(model))
     config = getattr(model.base_model, "config", None)
     data = adapterhub_config_data(record.method, record.config, name, getattr(config, "model_type", None),
                                   type(model.base_model).__name__, getattr(config, "hidden_size", None),
                                   base_model_id(model))
     site_tensors = {site: {k: v.detach().to("cpu").contiguous() for k, v in layer.adapters[name].tensors().items()}
                     for site, layer in _layers_with(model, name)}
-    tensors = adapterhub_file_tensors(record.method.adapterhub, site_tensors, name, data["config"])
-    if head:
-        head_data, head_file = flex_head_files(model.base_model, name, head, model.adapter_labels(name),
-                                               base_model_id(model))
+    tensors = adapterhub_file_tensors(record.method.adapterhub, site_tensors, name, data["config"], data["model_type"])
+    if head is not None:
+        head_data, head_file = head
         write_bytes_atomic(folder / SAFE_HEAD_WEIGHTS_NAME, save(head_file, metadata={"format": "pt"}))
         write_text_atomic(folder / HEAD_CONFIG_NAME, config_json(head_data))
     write_bytes_atomic(folder / ADAPTERHUB_WEIGHTS_NAME, save(tensors, metadata={"format": "pt"}))

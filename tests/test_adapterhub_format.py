@@ -39,7 +39,8 @@ ATOL = 1e-5
 LOADED = ["bert_double_seq_bn", "bert_double_seq_bn_ln_learned_bin", "bert_seq_bn", "bert_seq_bn_leave_out",
           "bert_par_bn", "bert_lora", "bert_ia3", "roberta_ia3_qv", "roberta_double_seq_bn", "roberta_lora",
           "bert_pfeiffer", "bert_pfeiffer_post_add_ln_before", "bert_pfeiffer_normed_ln_after",
-          "bert_seq_bn_ln_after", "roberta_double_seq_bn_original_ln", "bert_par_bn_ln_after"]
+          "bert_seq_bn_ln_after", "roberta_double_seq_bn_original_ln", "bert_par_bn_ln_after",
+          "llama_seq_bn", "llama_double_seq_bn", "llama_lora", "gpt2_double_seq_bn"]
 
 
 def _run(args: list[str], timeout: int) -> None:
@@ -69,12 +70,16 @@ def _base(case: Path) -> torch.nn.Module:
     import transformers
 
     spec = json.loads((case / "model.json").read_text())
-    family = {"bert": "Bert", "roberta": "Roberta"}[spec["model_type"]]
+    family = {"bert": "Bert", "roberta": "Roberta", "llama": "Llama", "gpt2": "GPT2"}[spec["model_type"]]
     config = getattr(transformers, f"{family}Config")(**spec["config"])
-    task = {None: "Model", "seq_cls": "ForSequenceClassification", "token_cls": "ForTokenClassification"}[
-        spec.get("task")]
+    task = {None: "Model", "seq_cls": "ForSequenceClassification", "token_cls": "ForTokenClassification",
+            "causal_lm": "LMHeadModel" if family == "GPT2" else "ForCausalLM"}[spec.get("task")]
     model = getattr(transformers, f"{family}{task}")(config)
     body = load_file(str(case / "base.safetensors"))
+    if spec.get("task") == "causal_lm":  # the whole model's weights (a tied lm_head follows its embedding)
+        result = model.load_state_dict(body, strict=False)
+        assert not result.unexpected_keys and set(result.missing_keys) <= {"lm_head.weight"}
+        return model.eval()
     if not hasattr(model.base_model, "pooler") or model.base_model.pooler is None:  # task models without one
         body = {k: v for k, v in body.items() if not k.startswith("pooler.")}
     model.base_model.load_state_dict(body)
@@ -105,6 +110,15 @@ def test_adapters_folder_with_a_head_loads_with_the_same_logits_and_labels(fixtu
     model = peftkit.from_pretrained(_base(case), str(case / "adapter"))
     torch.testing.assert_close(_hidden(model, case), _expected(case), atol=ATOL, rtol=0)
     assert model.adapter_labels("default") == HEADS[name]
+
+
+def test_a_causal_lm_output_layer_saved_as_a_static_head_is_the_adapters_own(fixtures: Path) -> None:
+    case = fixtures / "llama_lora"
+    base = _base(case)
+    model = peftkit.from_pretrained(_base(case), str(case / "adapter"))
+    assert model.adapter_record("default").modules_to_save == ["lm_head"]
+    copy = model.base_model.lm_head.copies["default"].weight
+    assert not torch.allclose(copy, base.lm_head.weight)  # drawn at random in adapters: it matters
 
 
 def test_a_head_the_model_cannot_hold_is_left_out_with_a_warning(fixtures: Path) -> None:
@@ -158,6 +172,8 @@ def test_saved_in_adapters_format_loads_in_adapters_with_the_same_outputs(fixtur
             "made_ia3": ("bert_ia3", "ia3[target_modules=[value,intermediate.dense],feedforward_modules=[],"
                                      "init_ia3_weights=false]")}
     made["made_lora_head"] = ("bert_head_seq_cls", "lora[r=4,init_weights=false]")
+    made["made_llama_lora"] = ("llama_lora", "lora[r=2,alpha=4,target_modules=[q_proj,v_proj],init_weights=false]")
+    made["made_gpt2_seq_bn"] = ("gpt2_double_seq_bn", "seq_bn[reduction_factor=4,init_weights=false,ln_before=true]")
     made["made_seq_bn_tagger"] = ("roberta_head_tagging", "seq_bn[init_weights=false,original_ln_before=true]")
     for name, (source, spec) in made.items():
         case = fixtures / source
@@ -174,7 +190,7 @@ def test_saved_in_adapters_format_loads_in_adapters_with_the_same_outputs(fixtur
         ours[name] = _hidden(model, case)
         model.save_adapter(str(tmp_path / name), format="adapters")
         files = ["adapter.safetensors", "adapter_config.json"]
-        if "task" in json.loads((case / "model.json").read_text()):
+        if json.loads((case / "model.json").read_text()).get("task") in ("seq_cls", "token_cls"):
             files = sorted(files + ["head_config.json", "model_head.safetensors"])
         assert sorted(p.name for p in (tmp_path / name).iterdir()) == files
         again = peftkit.from_pretrained(_base(case), str(tmp_path / name))  # and back into peftkit
@@ -187,6 +203,25 @@ def test_saved_in_adapters_format_loads_in_adapters_with_the_same_outputs(fixtur
         name = Path(job["adapter"]).name
         torch.testing.assert_close(load_file(job["out"])["output"], ours[name], atol=ATOL, rtol=0,
                                    msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("source, change, words", [
+    ("llama_seq_bn", {"original_ln_before": True}, "original_ln_before=true on model_type='llama'"),
+    ("llama_seq_bn", {"is_parallel": True}, "parallel adapter on model_type='llama'"),
+    ("llama_lora", {"attn_matrices": ["q", "o"]}, "attn_matrices=\\['q', 'o'\\] on model_type='llama'"),
+])
+def test_decoder_placements_peftkit_does_not_compute_are_refused(fixtures: Path, tmp_path: Path, source: str,
+                                                                 change: dict, words: str) -> None:
+    folder = tmp_path / "changed"
+    shutil.copytree(fixtures / source / "adapter", folder)
+    data = json.loads((folder / "adapter_config.json").read_text())
+    data["config"].update(change)
+    (folder / "adapter_config.json").write_text(json.dumps(data))
+    with pytest.raises(AdapterLoadError, match=words):
+        peftkit.from_pretrained(_base(fixtures / source), str(folder))
+    model = peftkit.adapt(_base(fixtures / source), "par_bn")
+    with pytest.raises(PeftkitError, match="parallel adapter on model_type="):
+        model.save_adapter(str(tmp_path / "par"), format="adapters")
 
 
 def test_adapters_format_refuses_what_it_cannot_hold(fixtures: Path, tmp_path: Path) -> None:

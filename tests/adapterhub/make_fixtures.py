@@ -6,7 +6,7 @@ For each case, OUT_FOLDER/<case>/ holds ``model.json`` (the base model's config 
 with a prediction head its ``task``: ``seq_cls`` or ``token_cls``), ``base.safetensors`` (the
 weights of the model's body: both libraries start from the same numbers), ``adapter/`` (the
 folder ``adapters`` saved) and ``expected.safetensors`` (input ids and the adapted model's last
-hidden state, or with a head its logits). Adapter and head weights are drawn at random so that
+hidden state, or with a head (and for decoders, used with their LM head) its logits). Adapter and head weights are drawn at random so that
 every tensor matters.
 """
 
@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import adapters
 from adapters import DoubleSeqBnConfig, IA3Config, LoRAConfig, ParBnConfig, SeqBnConfig
@@ -27,7 +27,14 @@ MODELS = {
                  vocab_size=100, max_position_embeddings=128),
     "roberta": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                     vocab_size=100, max_position_embeddings=130, pad_token_id=1),
+    "llama": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=64, vocab_size=100, max_position_embeddings=128),
+    "gpt2": dict(n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=128),
 }
+#: model type -> the prefix of its transformers classes (``BertModel``, ``BertConfig``).
+FAMILIES = {"bert": "Bert", "roberta": "Roberta", "llama": "Llama", "gpt2": "GPT2"}
+#: Decoders are used with their language-model head, as one uses them (outputs: logits).
+LM_CLASSES = {"llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel"}
 
 #: case name -> (model type, adapters config, save with safetensors)
 CASES = {
@@ -53,6 +60,10 @@ CASES = {
     "roberta_ia3_qv": ("roberta", lambda: IA3Config(attn_matrices=["q", "v"], intermediate_lora=False), True),
     "roberta_double_seq_bn": ("roberta", lambda: DoubleSeqBnConfig(reduction_factor=8), True),
     "roberta_lora": ("roberta", lambda: LoRAConfig(r=2, alpha=16, attn_matrices=["q", "k", "v"]), True),
+    "llama_seq_bn": ("llama", lambda: SeqBnConfig(original_ln_before=False, reduction_factor=4), True),
+    "llama_double_seq_bn": ("llama", lambda: DoubleSeqBnConfig(reduction_factor=4), True),
+    "llama_lora": ("llama", lambda: LoRAConfig(r=4, alpha=8, attn_matrices=["q", "k", "v"]), True),
+    "gpt2_double_seq_bn": ("gpt2", lambda: DoubleSeqBnConfig(reduction_factor=4, non_linearity="gelu_new"), True),
 }
 
 
@@ -74,17 +85,36 @@ HEAD_CASES = {
 
 
 def build_base(model_type: str) -> torch.nn.Module:
-    from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
+    import transformers
 
-    config_class, model_class = {"bert": (BertConfig, BertModel), "roberta": (RobertaConfig, RobertaModel)}[
-        model_type]
+    family = FAMILIES[model_type]
     torch.manual_seed(0)
-    return model_class(config_class(**MODELS[model_type])).eval()
+    config = getattr(transformers, f"{family}Config")(**MODELS[model_type])
+    return getattr(transformers, LM_CLASSES.get(model_type, f"{family}Model"))(config).eval()
+
+
+def base_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights for base.safetensors: a tied output layer (GPT-2's lm_head) is left out."""
+    tied = getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "lm_head")
+    return {k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+
+
+def load_base(model: torch.nn.Module, path: str) -> None:
+    """Load base.safetensors into ``model`` (a tied output layer follows its embedding)."""
+    result = model.load_state_dict(load_file(path), strict=False)
+    assert not result.unexpected_keys and set(result.missing_keys) <= {"lm_head.weight"}, result
+
+
+def output_of(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    return (out.logits if hasattr(out, "logits") else out.last_hidden_state).contiguous()
 
 
 def randomize(model: torch.nn.Module, name: str) -> None:
     gen = torch.Generator().manual_seed(1)
-    markers = (f".adapters.{name}.", f".loras.{name}.", f"heads.{name}.", "classifier.")
+    # lm_head: adapters saves a causal LM's output layer as a static head (GPT-2's is tied: not listed here)
+    markers = (f".adapters.{name}.", f".loras.{name}.", f"heads.{name}.", "classifier.", "lm_head.")
     with torch.no_grad():
         for key, param in model.named_parameters():
             if not any(m in key for m in markers):
@@ -103,17 +133,18 @@ def make_case(out: Path, case: str) -> None:
     folder = out / case
     folder.mkdir(parents=True)
     model = build_base(model_type)
-    (folder / "model.json").write_text(json.dumps({"model_type": model_type, "config": MODELS[model_type]}))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "base.safetensors"))
+    spec = {"model_type": model_type, "config": MODELS[model_type]}
+    if model_type in LM_CLASSES:
+        spec["task"] = "causal_lm"
+    (folder / "model.json").write_text(json.dumps(spec))
+    save_file(base_weights(model), str(folder / "base.safetensors"))
     adapters.init(model)
     model.add_adapter("task", config=make_config())
     randomize(model, "task")
     model.set_active_adapters("task")
     model.save_adapter(str(folder / "adapter"), "task", use_safetensors=safetensors)
     ids = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        hidden = model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
-    save_file({"input_ids": ids, "output": hidden.contiguous()}, str(folder / "expected.safetensors"))
+    save_file({"input_ids": ids, "output": output_of(model, ids)}, str(folder / "expected.safetensors"))
 
 
 def build_with_head(model_type: str, kind: str, kwargs: dict, body: torch.nn.Module) -> torch.nn.Module:
