@@ -24,8 +24,8 @@ from peftkit.core.errors import PeftkitError
 from peftkit.core.fileio import write_bytes_atomic, write_text_atomic
 from peftkit.core.method_training import training_loss
 from peftkit.core.model import AdaptedModel
-from peftkit.training_hooks import training_callbacks
 from peftkit.training_fsdp import average_gradients
+from peftkit.training_hooks import training_callbacks
 from peftkit.training_plan import TRAINABLE_STATE_FILE
 from peftkit.training_data import LABELS_FILE, LabelMap
 

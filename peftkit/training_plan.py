@@ -116,9 +116,6 @@ class TrainOptions:
         if self.quantize not in QUANTIZE:
             raise PeftkitError(f"quantize must be one of {', '.join(q for q in QUANTIZE if q)} (or unset), "
                                f"not {self.quantize!r}")
-        if self.fsdp and self.quantize:
-            raise PeftkitError(f"fsdp and quantize={self.quantize!r} do not go together: FSDP2 shards float weights, "
-                               f"not bitsandbytes' quantized ones; drop one of them")
         if self.quantize:
             import importlib.util
 
@@ -246,7 +243,9 @@ def _check_fsdp(opts: TrainOptions) -> None:
                            "or torchrun ... peftkit train --fsdp")
     if accelerate_fsdp_launch():
         opts.fsdp = True
-        opts.check()
+    if opts.fsdp and opts.quantize:
+        raise PeftkitError(f"fsdp and quantize={opts.quantize!r} do not go together: FSDP2 shards float weights, "
+                           f"not bitsandbytes' quantized ones; drop one of them")
     if opts.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
         raise PeftkitError("fsdp shards the base model over several processes, and this is a single one; launch "
                            "the command with torchrun --nproc_per_node N (N >= 2) or accelerate launch, or drop --fsdp")

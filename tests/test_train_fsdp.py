@@ -111,7 +111,8 @@ def test_cli_fsdp_run_is_sharded_and_saves_what_one_process_saves(llama, tmp_pat
 @pytest.mark.slow
 def test_methods_resume_mixed_precision_and_composition_on_a_sharded_model(llama, tmp_path):
     """One launch of two processes: DoRA, a bottleneck adapter and prefix tuning sharded; a LoRA run
-    resumed from a sharded checkpoint; a bf16 run; then composition and routing on a sharded model."""
+    resumed from a sharded checkpoint; a bf16 run; gradient accumulation; then composition and routing
+    on a sharded model."""
     model, data = llama
     methods = {"dora": "lora[r=4,use_dora=true]", "seq_bn": "seq_bn[reduction_factor=4]",
                "prefix": "prefix_tuning[num_virtual_tokens=4]"}
@@ -122,7 +123,9 @@ def test_methods_resume_mixed_precision_and_composition_on_a_sharded_model(llama
     runs += [{"method": "lora[r=4]", "out": str(first), "options": {**sharded, "save_steps": 2}},
              {"method": "lora[r=4]", "out": str(tmp_path / "resumed"),
               "options": {**sharded, "resume": str(first / "checkpoints" / "checkpoint-2")}},
-             {"method": "lora[r=4]", "out": str(tmp_path / "fsdp-bf16"), "options": {**sharded, "bf16": True}}]
+             {"method": "lora[r=4]", "out": str(tmp_path / "fsdp-bf16"), "options": {**sharded, "bf16": True}},
+             {"method": "lora[r=4]", "out": str(tmp_path / "fsdp-accum"),
+              "options": {**sharded, "batch_size": 2, "grad_accum": 2}}]
     spec = {"model": str(model), "data": str(data), "runs": runs, "composition": str(tmp_path / "composition.json")}
     (tmp_path / "runs.json").write_text(json.dumps(spec))
     _launch(_torchrun("-m", "tests.fsdp_runs", str(tmp_path / "runs.json")), ROOT)
@@ -135,10 +138,16 @@ def test_methods_resume_mixed_precision_and_composition_on_a_sharded_model(llama
     assert json.loads((tmp_path / "resumed" / "train_results.json").read_text())["resumed_from"].endswith(
         "checkpoint-2")
     assert_same_adapter(tmp_path / "single-lora", tmp_path / "resumed")
+    # Two micro-batches of 2 per process and step: the gradients are averaged once, at the step.
+    assert_same_adapter(tmp_path / "single-lora", tmp_path / "fsdp-accum")
     # bf16: the sharded units gather and compute in bfloat16, the single process autocasts float32 weights:
-    # the same adapter to bfloat16's precision, saved in float32 like it.
+    # the same losses to bfloat16's precision, and the same adapter, saved in float32 like it, to about
+    # one Adam step (lr 1e-2: a gradient near zero may take either sign).
     _single(model, data, "lora[r=4]", tmp_path / "single-bf16", save_steps=0, bf16=True)
     assert_same_adapter(tmp_path / "single-bf16", tmp_path / "fsdp-bf16", atol=2e-2)
+    losses = [[entry["loss"] for entry in json.loads((tmp_path / run / "train_results.json").read_text())
+               ["log_history"] if "loss" in entry] for run in ("single-bf16", "fsdp-bf16")]
+    assert len(losses[0]) == 3 and losses[1] == pytest.approx(losses[0], rel=1e-3)
     # Composition blocks and per-row routing give the outputs they give before sharding.
     distances = json.loads((tmp_path / "composition.json").read_text())
     assert sorted(distances) == ["average", "batch_split", "parallel", "routing", "stack"]
@@ -176,9 +185,11 @@ def test_fsdp_in_a_single_process_is_refused_before_loading(llama, tmp_path, cap
     assert not (tmp_path / "out").exists()
 
 
-def test_fsdp_with_quantize_is_refused():
+def test_fsdp_with_quantize_is_refused(llama, tmp_path):
+    model, data = llama
     with pytest.raises(peftkit.PeftkitError, match="fsdp and quantize='4bit' do not go together"):
-        peftkit.TrainOptions(fsdp=True, quantize="4bit").check()
+        peftkit.train(str(model), "lora", str(data), task="causal-lm", out=str(tmp_path / "out"), fsdp=True,
+                      quantize="4bit")
 
 
 def test_a_deepspeed_launch_is_refused_before_loading(llama, tmp_path, monkeypatch):
