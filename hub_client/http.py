@@ -22,6 +22,7 @@ from typing import Any, Iterator, Mapping, Sequence
 from urllib.parse import urlsplit
 
 from peftkit.core.reachability import unreachable
+from peftkit.hub_rules import adapterhub
 from peftkit.hub_rules.cards import as_list
 
 from .auth import missing_token_message, redact, resolve_token
@@ -358,7 +359,8 @@ class HttpBackend(HubBackend):
             private=bool(getattr(model, "private", False)),
             base_model=base_model_from(card, tags),
             method=method_from_tags(tags + as_list(card.get("tags"))),
-            task=getattr(model, "pipeline_tag", None) or card.get("pipeline_tag"),
+            task=getattr(model, "pipeline_tag", None) or card.get("pipeline_tag")
+            or next(iter(adapterhub.tasks_from_tags(tags)), None),  # AdapterHub's repos: adapterhub:<task>/...
             library_name=getattr(model, "library_name", None) or card.get("library_name"),
             tags=tags,
             datasets=as_list(card.get("datasets")),

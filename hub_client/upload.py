@@ -27,6 +27,7 @@ from typing import Any
 from peftkit.core.adapterhub_format import SAFE_WEIGHTS_NAME as ADAPTERHUB_WEIGHTS
 from peftkit.core.adapterhub_format import is_adapterhub_config
 from peftkit.core.card import card_metadata, read_card_metadata, render_card
+from peftkit.hub_rules.adapterhub import LIBRARY as ADAPTERHUB_LIBRARY
 from peftkit.hub_rules.cards import ADAPTER_OF_TAG_PREFIX, TASK_TYPE_TO_PIPELINE, split_front_matter
 
 from .convert import PUSH_FORMATS, converted
@@ -173,8 +174,6 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-#: The card's library_name of AdapterHub's repos on the Hugging Face Hub.
-ADAPTERHUB_LIBRARY = "adapter-transformers"
 
 
 def _method_of(config: dict[str, Any], folder: Path) -> str | None:

@@ -11,6 +11,9 @@ Sources, in the order the Hub and PEFT use them:
   config's ``peftkit`` key, else ``peftkit.json`` (``PEFTKIT_RECORD_FILE`` of :mod:`peftkit.hub_rules.cards`,
   where peftkit keeps it for methods in PEFT's format, which warns about keys
   it does not know).
+* an AdapterHub ``adapter_config.json`` and card (:mod:`peftkit.hub_rules.adapterhub`):
+  library ``adapter-transformers``, ``model_name`` -> base model, the method its options
+  describe, ``adapterhub:<task>/...`` tags -> task.
 
 From those we derive the tags ``list_models(filter=...)`` matches, the way the
 Hub does: the card's tags, the library (``peft``), the method (``lora``), the
@@ -24,6 +27,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from peftkit.hub_rules import adapterhub
 from peftkit.hub_rules.cards import (
     ADAPTER_OF_TAG_PREFIX,
     CardError,
@@ -159,8 +163,12 @@ def extract_metadata(readme: bytes | None, adapter_config: bytes | None,
     peftkit_cfg = config.get("peftkit") if isinstance(config.get("peftkit"), dict) else _json_object(peftkit_record)
 
     card_library = card.get("library_name") if isinstance(card.get("library_name"), str) else None
+    card_tags = as_list(card.get("tags"))
+    is_adapterhub = adapterhub.is_adapterhub_config(config)
+    if card_library is None and (is_adapterhub or adapterhub.LIBRARY_TAGS & {t.lower() for t in card_tags}):
+        card_library = adapterhub.LIBRARY  # as the Hub names the library of AdapterHub's repos
     meta.library_name = card_library
-    meta.is_adapter = bool(config) or meta.library_name in ("peft", "peftkit")
+    meta.is_adapter = bool(config) or meta.library_name in ("peft", "peftkit", adapterhub.LIBRARY)
     if config and config.get("peft_type") and meta.library_name not in ("peft", "peftkit"):
         # The files are a PEFT adapter whatever a generic card says: transformers'
         # push_to_hub rewrites PEFT's card with `library_name: transformers`.
@@ -169,10 +177,9 @@ def extract_metadata(readme: bytes | None, adapter_config: bytes | None,
         meta.library_name = "peftkit"
 
     base_models = as_list(card.get("base_model"))
-    cfg_base = config.get("base_model_name_or_path")
+    cfg_base = config.get("model_name" if is_adapterhub else "base_model_name_or_path")
     if not base_models and isinstance(cfg_base, str) and _looks_like_hub_id(cfg_base):
         base_models = [cfg_base]
-    card_tags = as_list(card.get("tags"))
     for tag in card_tags:  # a card may carry only the tag form
         if tag.startswith(ADAPTER_OF_TAG_PREFIX):
             base_models.append(tag[len(ADAPTER_OF_TAG_PREFIX) :])
@@ -185,6 +192,8 @@ def extract_metadata(readme: bytes | None, adapter_config: bytes | None,
         meta.methods = [own_method.lower()]
     elif isinstance(peft_type, str) and peft_type:
         meta.methods = [peft_type.lower()]
+    elif is_adapterhub and adapterhub.method_of(config["config"]):
+        meta.methods = [str(adapterhub.method_of(config["config"]))]
 
     tasks: list[str] = []
     pipeline_tag = card.get("pipeline_tag") if isinstance(card.get("pipeline_tag"), str) else None
@@ -192,6 +201,7 @@ def extract_metadata(readme: bytes | None, adapter_config: bytes | None,
         tasks.append(peftkit_cfg["task"])
     if pipeline_tag:
         tasks.append(pipeline_tag)
+    tasks += adapterhub.tasks_from_tags(card_tags)
     task_type = config.get("task_type")
     if isinstance(task_type, str) and task_type:
         mapped = TASK_TYPE_TO_PIPELINE.get(task_type.upper())

@@ -18,6 +18,7 @@ from peftkit.cli import run
 from peftkit.core.adapterhub_format import is_adapterhub_config
 from peftkit.hub_client import api as hub
 from peftkit.hub_client.errors import HubError
+from peftkit.hub_client.resolve import open_hub
 from peftkit.testing import randomize
 from tests.hub_helpers import HubUnderTest, any_hub, hub_env  # noqa: F401
 from tests.tiny_models import build_tiny, output_tensor, sample_inputs
@@ -100,3 +101,49 @@ def test_push_format_is_checked_before_anything_is_sent(saved, hub_env: Path, ca
     assert run(["hub", "push", str(folder), "alice/x", "--hub", address, "--format", "hf"]) == 2
     assert "'hf' is not one of 'peftkit', 'adapters'" in capsys.readouterr().err
     assert hub.search(hub=address) == []
+
+
+#: The card ``adapters``' push_adapter_to_hub writes (its template, filled in as it fills it).
+ADAPTERS_CARD = """---
+tags:
+- adapter-transformers
+- bert
+- adapterhub:sentiment/sst-2
+datasets:
+- glue
+---
+
+# Adapter `alice/bert-sst2` for org/tiny-bert
+
+An [adapter](https://adapterhub.ml) for the `org/tiny-bert` model that was trained on the glue dataset and \
+includes a prediction head for classification.
+"""
+
+
+def test_a_repo_published_as_adapters_publishes_it_is_found_by_its_fields_and_loads(
+        saved, any_hub: HubUnderTest) -> None:  # noqa: F811
+    """Files and card exactly as ``adapters`` uploads them (no base_model in the card, no method tag):
+    the hub indexes the library, base model (config's model_name), method (from the config) and task
+    (``adapterhub:`` tag); pull and load give the adapter's logits."""
+    base, folder, logits = saved
+    model = peftkit.from_pretrained(_model(base), str(folder), adapter_name="bert-sst2")
+    out = folder.parent / "as_adapters"
+    model.save_adapter(str(out), "bert-sst2", format="adapters")
+    config = json.loads((out / "adapter_config.json").read_text())
+    (out / "adapter_config.json").write_text(json.dumps({**config, "model_name": "org/tiny-bert"}))
+    (out / "README.md").write_text(ADAPTERS_CARD)
+    backend = open_hub(any_hub.address, token=any_hub.token)
+    backend.push("alice/bert-sst2", {p.name: p for p in out.iterdir()}, private=None,
+                 commit_message="Upload adapter", revision="main", progress=False)
+    found = {h.repo_id: h for h in hub.search(hub=any_hub.address, base_model="org/tiny-bert")}
+    assert set(found) == {"alice/bert-sst2"}
+    hit = found["alice/bert-sst2"]
+    assert hit.method == "seq_bn" and hit.task == "sentiment" and hit.library_name == "adapter-transformers"
+    for query in ({"method": "seq_bn"}, {"task": "sentiment"}, {"tags": ["adapterhub:sentiment/sst-2"]},
+                  {"tags": ["adapter-transformers"]}, {"dataset": "glue"}, {"text": "sst-2"}):
+        assert [h.repo_id for h in hub.search(hub=any_hub.address, **query)] == ["alice/bert-sst2"], query
+    assert hub.search(hub=any_hub.address, method="lora") == []
+    pulled = hub.pull("alice/bert-sst2", hub=any_hub.address, progress=False)
+    ours, labels = _loaded_logits(base, pulled)
+    torch.testing.assert_close(ours, logits, atol=1e-5, rtol=0)
+    assert labels == ["neg", "neu", "pos"]
