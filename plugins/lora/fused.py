@@ -59,6 +59,40 @@ def _input_grad(g: torch.Tensor, weight: torch.Tensor, conv1d: bool, g_xa: torch
     return grad_x, torch.mm(g_xa, lora_a)
 
 
+def _lora_sum(x2: torch.Tensor, lora_in: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+              base: nn.Module, scale: float, with_bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``x2 W^T (+ b) + s (lora_in A^T) B^T``, ``lora_in A^T``): the update added into the base product
+    in place."""
+    out = _base_product(x2, base, with_bias)
+    xa = torch.mm(lora_in, lora_a.t())
+    out.addmm_(xa, lora_b.t(), alpha=scale)
+    return out, xa
+
+
+def _dora_output(unscaled: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor,
+                 base: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``(m / n) * unscaled + b``, ``m / n``)."""
+    mag_scale = (magnitude / norm).to(unscaled.dtype)
+    out = unscaled * mag_scale
+    bias = getattr(base, "bias", None)
+    if bias is not None:
+        out.add_(bias)
+    return out, mag_scale
+
+
+def _lora_grads(ctx: Any, g: torch.Tensor, lora_in: torch.Tensor, xa: torch.Tensor, lora_a: torch.Tensor,
+                lora_b: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """Gradients of (x2, x2_lora, A, B) for the output gradient ``g`` of ``x2 W^T + s (lora_in A^T) B^T``;
+    the scale is applied to (tokens x r) and (out x r) tensors only."""
+    g_xa = torch.mm(g, lora_b).mul_(ctx.scale)
+    grad_a = torch.mm(g_xa.t(), lora_in) if ctx.needs_input_grad[2] else None
+    grad_b = torch.mm(g.t(), xa).mul_(ctx.scale) if ctx.needs_input_grad[3] else None
+    grad_x = grad_x_lora = None
+    if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+        grad_x, grad_x_lora = _input_grad(g, weight, ctx.conv1d, g_xa, lora_a, ctx.same_input)
+    return grad_x, grad_x_lora, grad_a, grad_b
+
+
 class _LoraFn(torch.autograd.Function):
     """y = x W^T + b + s (x_d A^T) B^T, x_d the LoRA input (x, or x after dropout)."""
 
@@ -66,9 +100,7 @@ class _LoraFn(torch.autograd.Function):
     def forward(ctx: Any, x2: torch.Tensor, x2_lora: torch.Tensor | None, lora_a: torch.Tensor,
                 lora_b: torch.Tensor, base: nn.Module, scale: float) -> torch.Tensor:
         lora_in = x2 if x2_lora is None else x2_lora
-        out = _base_product(x2, base, with_bias=True)
-        xa = torch.mm(lora_in, lora_a.t())
-        out.addmm_(xa, lora_b.t(), alpha=scale)
+        out, xa = _lora_sum(x2, lora_in, lora_a, lora_b, base, scale, with_bias=True)
         ctx.save_for_backward(lora_in, xa, lora_a, lora_b, base.weight)
         ctx.conv1d, ctx.scale, ctx.same_input = is_conv1d(base), scale, x2_lora is None
         return out
@@ -76,14 +108,7 @@ class _LoraFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         lora_in, xa, lora_a, lora_b, weight = ctx.saved_tensors
-        g = g.contiguous()
-        g_xa = torch.mm(g, lora_b).mul_(ctx.scale)
-        grad_a = torch.mm(g_xa.t(), lora_in) if ctx.needs_input_grad[2] else None
-        grad_b = torch.mm(g.t(), xa).mul_(ctx.scale) if ctx.needs_input_grad[3] else None
-        grad_x = grad_x_lora = None
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            grad_x, grad_x_lora = _input_grad(g, weight, ctx.conv1d, g_xa, lora_a, ctx.same_input)
-        return grad_x, grad_x_lora, grad_a, grad_b, None, None
+        return (*_lora_grads(ctx, g.contiguous(), lora_in, xa, lora_a, lora_b, weight), None, None)
 
 
 class _DoraFn(torch.autograd.Function):
@@ -94,14 +119,8 @@ class _DoraFn(torch.autograd.Function):
                 lora_b: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor, base: nn.Module,
                 scale: float) -> torch.Tensor:
         lora_in = x2 if x2_lora is None else x2_lora
-        unscaled = _base_product(x2, base, with_bias=False)
-        xa = torch.mm(lora_in, lora_a.t())
-        unscaled.addmm_(xa, lora_b.t(), alpha=scale)
-        mag_scale = (magnitude / norm).to(unscaled.dtype)
-        out = unscaled * mag_scale
-        bias = getattr(base, "bias", None)
-        if bias is not None:
-            out.add_(bias)
+        unscaled, xa = _lora_sum(x2, lora_in, lora_a, lora_b, base, scale, with_bias=False)
+        out, mag_scale = _dora_output(unscaled, magnitude, norm, base)
         ctx.save_for_backward(lora_in, xa, unscaled, mag_scale, norm, lora_a, lora_b, base.weight)
         ctx.conv1d, ctx.scale, ctx.same_input = is_conv1d(base), scale, x2_lora is None
         return out
@@ -110,14 +129,8 @@ class _DoraFn(torch.autograd.Function):
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         lora_in, xa, unscaled, mag_scale, norm, lora_a, lora_b, weight = ctx.saved_tensors
         grad_m = (g * unscaled).sum(0).div_(norm).to(norm.dtype) if ctx.needs_input_grad[4] else None
-        g = g * mag_scale
-        g_xa = torch.mm(g, lora_b).mul_(ctx.scale)
-        grad_a = torch.mm(g_xa.t(), lora_in) if ctx.needs_input_grad[2] else None
-        grad_b = torch.mm(g.t(), xa).mul_(ctx.scale) if ctx.needs_input_grad[3] else None
-        grad_x = grad_x_lora = None
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            grad_x, grad_x_lora = _input_grad(g, weight, ctx.conv1d, g_xa, lora_a, ctx.same_input)
-        return grad_x, grad_x_lora, grad_a, grad_b, grad_m, None, None, None
+        grads = _lora_grads(ctx, g * mag_scale, lora_in, xa, lora_a, lora_b, weight)
+        return (*grads, grad_m, None, None, None)
 
 
 def fused_lora(x: torch.Tensor, lora_x: torch.Tensor | None, lora_a: torch.Tensor, lora_b: torch.Tensor,
@@ -129,7 +142,12 @@ def fused_lora(x: torch.Tensor, lora_x: torch.Tensor | None, lora_a: torch.Tenso
     features = x.shape[-1]
     x2 = x.reshape(-1, features)
     lora_x2 = None if lora_x is None else lora_x.reshape(-1, features)
-    if magnitude is None:
+    if not torch.is_grad_enabled():  # inference: the same products, without an autograd node
+        lora_in = x2 if lora_x2 is None else lora_x2
+        out, _ = _lora_sum(x2, lora_in, lora_a, lora_b, base, scale, with_bias=magnitude is None)
+        if magnitude is not None:
+            out, _ = _dora_output(out, magnitude, norm, base)
+    elif magnitude is None:
         out = _LoraFn.apply(x2, lora_x2, lora_a, lora_b, base, scale)
     else:
         out = _DoraFn.apply(x2, lora_x2, lora_a, lora_b, magnitude, norm, base, scale)
