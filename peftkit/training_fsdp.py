@@ -60,7 +60,6 @@ def shard_base(adapted: AdaptedModel, device: torch.device, *, mixed_precision: 
     if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() < 2:
         raise PeftkitError("--fsdp shards the base model over several processes; launch the command with "
                            "torchrun --nproc_per_node N (N >= 2) or accelerate launch")
-    adapted.to(device)
     whole = kept_whole(adapted)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
@@ -73,6 +72,9 @@ def shard_base(adapted: AdaptedModel, device: torch.device, *, mixed_precision: 
     # The root unit is the AdaptedModel, not the base: fully_shard renames the class of what it wraps
     # (FSDPLlamaForCausalLM), and the saved adapter records the base model's class.
     fully_shard(adapted, mesh=mesh, mp_policy=policy, ignored_params={p for p in adapted.parameters() if p in whole})
+    # fully_shard moved each unit to the device as it sharded it (on a GPU, one unit is whole there at a
+    # time, never the whole base); now the parts kept whole follow.
+    adapted.to(device)
     _broadcast_from_main(p for p in adapted.parameters() if p in whole)
     return len(blocks) + 1
 
@@ -100,9 +102,3 @@ def average_gradients(adapted: AdaptedModel, at_step: Callable[[], bool]) -> Non
             param.register_post_accumulate_grad_hook(average)
             param._peftkit_grad_averaged = True
 
-
-def is_sharded(model: nn.Module) -> bool:
-    """Whether FSDP2 manages any part of ``model``."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return any(isinstance(m, FSDPModule) for m in model.modules())
