@@ -93,6 +93,16 @@ class LayerAdapter(nn.Module):
         (which this path would skip); the result must equal the unfused one up to float rounding."""
         return None
 
+    #: Set by adapters that change the base module's parameters instead of its output (LoRA on
+    #: ``nn.Parameter``s such as stacked MoE experts): active alone at their site, the TunerLayer
+    #: calls :meth:`call_base` instead of running the base module and ``forward``.
+    changes_parameters: bool = False
+
+    def call_base(self, base: nn.Module, x: Any, args: tuple, kwargs: dict) -> Any:
+        """For ``changes_parameters`` adapters: ``base(x, *args, **kwargs)`` computed with the adapted
+        parameters (the base module may take any arguments, e.g. an experts block's routing)."""
+        raise NotImplementedError
+
     def low_rank(self, forward: bool = False) -> tuple[torch.Tensor, torch.Tensor, float] | None:
         """``(A, B, scale)`` (A: r x in, B: out x r, the live parameters) when this adapter's
         weight change is exactly ``scale * B @ A`` in (out, in) layout; None otherwise.
@@ -234,6 +244,8 @@ class TunerLayer(nn.Module):
                 and plan not in self.input_sources:
             adapter = self.adapters[plan]
             base = self.base_layer
+            if adapter.changes_parameters:
+                return adapter.call_base(base, x, args, kwargs)
             if not args and not kwargs and not base._forward_hooks and not base._forward_pre_hooks:
                 whole = adapter.forward_alone(x, base)  # one adapter alone: maybe fused with the base
                 if whole is not None:

@@ -35,7 +35,8 @@ class LoraConfig(AdapterConfig):
     start the factors at the principal part of each base weight and leave the rest in the base weight
     (PEFT's init_lora_weights; linear layers only; save_as_lora() saves the result for the original
     base). rank_pattern / alpha_pattern: per-module
-    overrides, keys are regexes matched against the end of module names.
+    overrides, keys are regexes matched against the end of module names (parameter names for
+    target_parameters). target_parameters: nn.Parameters to adapt (MoE expert stacks), see parameters.py.
     """
 
     method: ClassVar[str] = "lora"
@@ -51,6 +52,9 @@ class LoraConfig(AdapterConfig):
         default_factory=dict, help='per-module rank overrides: regex keys matched at the end of module names')
     alpha_pattern: dict[str, float] = option(
         default_factory=dict, help='per-module alpha overrides: regex keys matched at the end of module names')
+    target_parameters: Union[list[str], None] = option(
+        None, help='nn.Parameters to adapt, e.g. MoE experts: ["experts.gate_up_proj", "experts.down_proj"] '
+                   '(full names or dotted suffixes; PEFT\'s target_parameters)')
 
     def check(self) -> None:
         if self.r <= 0:
@@ -65,6 +69,9 @@ class LoraConfig(AdapterConfig):
         if is_residual_init(self.init_weights) and self.use_dora:
             raise ConfigError(f"lora config: init_weights={self.init_weights!r} cannot be combined with "
                               f"use_dora=true; use one of them")
+        if self.target_parameters is not None and not all(self.target_parameters):
+            raise ConfigError(f"lora config: target_parameters={self.target_parameters!r} holds an empty name; "
+                              f"name parameters, e.g. [\"experts.gate_up_proj\", \"experts.down_proj\"]")
         for key, rank in self.rank_pattern.items():
             if rank <= 0:
                 raise ConfigError(f"lora config: rank_pattern[{key!r}]={rank} must be positive")

@@ -10,6 +10,7 @@ from peftkit.plugin_api import (AdapterConfig, ConfigError, Method, pattern_valu
 
 from .adapterhub import LoraAdapterHub
 from .config import is_residual_init, LoraConfig
+from .parameters import ParameterSite
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch.nn as nn
@@ -19,11 +20,11 @@ _FROM_PEFT = {"r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "use_r
               "use_dora": "use_dora", "init_lora_weights": "init_weights", "rank_pattern": "rank_pattern",
               "alpha_pattern": "alpha_pattern", "target_modules": "target_modules",
               "exclude_modules": "exclude_modules", "layers_to_transform": "layers_to_transform",
-              "modules_to_save": "modules_to_save"}
+              "modules_to_save": "modules_to_save", "target_parameters": "target_parameters"}
 #: PEFT fields we read but that need no setting of ours, or that must keep their default.
 _PEFT_DEFAULTS: dict[str, Any] = {"bias": "none", "lora_bias": False, "use_qalora": False,
                                   "layer_replication": None, "layers_pattern": None, "loftq_config": {},
-                                  "target_parameters": None, "trainable_token_indices": None}
+                                  "trainable_token_indices": None}
 _PEFT_IGNORED = {"fan_in_fan_out", "megatron_core", "megatron_config", "qalora_group_size", "peft_type",
                  "ensure_weight_tying"}
 #: The layer types LoRA adapts (for error messages).
@@ -53,9 +54,28 @@ class LoraMethod(Method):
     def sites(self, model: "nn.Module", config: AdapterConfig, arch: Any) -> list[Site]:
         from peftkit.plugin_api import adaptable_targets, is_conv, is_embedding, is_linear_like
 
+        assert isinstance(config, LoraConfig)
+        if config.target_parameters:
+            return self._module_and_parameter_sites(model, config, arch)
         names = adaptable_targets(model, config, arch, self.name, label="LoRA", kinds=_ADAPTED,
                                   accepts=lambda m: is_linear_like(m) or is_embedding(m) or is_conv(m))
         return [Site(name) for name in names]
+
+    def _module_and_parameter_sites(self, model: "nn.Module", config: LoraConfig, arch: Any) -> list[Site]:
+        """With target_parameters: the modules holding them, plus target_modules' layers when it names
+        any (None or [] adapts parameters only, as in PEFT)."""
+        from .parameters import parameter_sites
+
+        held = parameter_sites(model, config, arch)
+        if not config.target_modules:
+            config.target_modules = []
+            return list(held)
+        layers = self.sites(model, config.replace(target_parameters=None), arch)
+        both = {s.name for s in layers} & {s.name for s in held}
+        if both:
+            raise ConfigError(f"lora: {sorted(both)[0]} is targeted both as a module (target_modules) and through "
+                              f"its parameters (target_parameters); name it in one of them")
+        return layers + list(held)
 
     def create_layer_adapter(self, site: Site, base_layer: "nn.Module", config: AdapterConfig,
                              model: "nn.Module") -> "nn.Module":
@@ -63,6 +83,8 @@ class LoraMethod(Method):
         from .layer import LoraEmbedding, LoraLinear
 
         assert isinstance(config, LoraConfig)
+        if isinstance(site, ParameterSite):
+            return _parameter_adapter(site, base_layer, config)
         r = pattern_value(site.name, config.rank_pattern, config.r)
         alpha = pattern_value(site.name, config.alpha_pattern, config.alpha)
         scale = alpha / (r ** 0.5) if config.use_rslora else alpha / r
@@ -98,6 +120,10 @@ class LoraMethod(Method):
         total = 0
         for site in sites:
             base = base_of(model.get_submodule(site.name))
+            if isinstance(site, ParameterSite):
+                total += sum(_parameter_count(getattr(base, p), pattern_value(f"{site.name}.{p}", config.rank_pattern,
+                                                                              config.r)) for p in site.parameters)
+                continue
             r = pattern_value(site.name, config.rank_pattern, config.r)
             if is_embedding(base):
                 total += r * (base.num_embeddings + base.embedding_dim)
@@ -124,3 +150,24 @@ class LoraMethod(Method):
         if init not in (True, False, "gaussian") and not is_residual_init(init):
             values["init_weights"] = True  # PEFT's other init schemes only matter before training
         return LoraConfig.from_dict(values)
+
+
+def _parameter_adapter(site: ParameterSite, base: "nn.Module", config: LoraConfig) -> "nn.Module":
+    """LoRA on the parameters of ``site`` (rank_pattern / alpha_pattern keys match the parameter names)."""
+    from .parameters import check_parameter_config, LoraParameters
+
+    check_parameter_config(config, site.name)
+    ranks, scales = [], []
+    for name in site.parameters:
+        full = f"{site.name}.{name}"
+        r = pattern_value(full, config.rank_pattern, config.r)
+        alpha = pattern_value(full, config.alpha_pattern, config.alpha)
+        ranks.append(r)
+        scales.append(alpha / (r ** 0.5) if config.use_rslora else alpha / r)
+    return LoraParameters(base, site.parameters, ranks, scales, config.init_weights)
+
+
+def _parameter_count(param: Any, r: int) -> int:
+    """LoRA's factors on a 2-D (out, in) or 3-D (experts, a, b) parameter: r per expert on each side."""
+    experts = param.shape[0] if param.dim() == 3 else 1
+    return r * experts * sum(param.shape[-2:])
