@@ -44,6 +44,10 @@ BUILTIN_SPECS = {
 for _key, _spec in BUILTIN_SPECS.items():
     globals()[f"TestConformance_{_key}"] = make_conformance_class(_spec)
 
+#: AdapterHub's Pfeiffer placement reads the model's own LayerNorm after the site: post-LayerNorm models only.
+TestConformance_seq_bn_original_ln = make_conformance_class(
+    "seq_bn[original_ln_before=true,ln_after=true]", architectures=("bert",))
+
 #: Unions, with whether the output equals the base right after injection (a prefix part starts random).
 UNION_SPECS = {
     "union": ("lora[r=4]|seq_bn[reduction_factor=4]", True),
