@@ -224,6 +224,18 @@ def test_decoder_placements_peftkit_does_not_compute_are_refused(fixtures: Path,
         model.save_adapter(str(tmp_path / "par"), format="adapters")
 
 
+@pytest.mark.parametrize("name, architecture", [("bert_prefix_tuning", "prefix_tuning"),
+                                                ("bert_prompt_tuning", "prompt_tuning")])
+def test_adapterhub_prefix_and_prompt_tuning_are_refused_by_name(fixtures: Path, name: str,
+                                                                 architecture: str) -> None:
+    """adapters puts its prefix after the token positions and its prompt after BERT's embedding LayerNorm;
+    peftkit's (PEFT's) prefix and prompt tuning compute otherwise, so no method claims these folders."""
+    case = fixtures / name
+    with pytest.raises(AdapterLoadError, match=f"no installed peftkit method reads this AdapterHub adapter "
+                                               f"\\(architecture='{architecture}'"):
+        peftkit.from_pretrained(_base(case), str(case / "adapter"))
+
+
 def test_adapters_format_refuses_what_it_cannot_hold(fixtures: Path, tmp_path: Path) -> None:
     case = fixtures / "bert_lora"
     model = peftkit.adapt(_base(case), "lora[target_modules=[dense]]", trainable=False)

@@ -20,7 +20,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import adapters
-from adapters import DoubleSeqBnConfig, IA3Config, LoRAConfig, ParBnConfig, SeqBnConfig
+from adapters import (DoubleSeqBnConfig, IA3Config, LoRAConfig, ParBnConfig, PrefixTuningConfig, PromptTuningConfig,
+                      SeqBnConfig)
 
 MODELS = {
     "bert": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
@@ -64,6 +65,9 @@ CASES = {
     "llama_double_seq_bn": ("llama", lambda: DoubleSeqBnConfig(reduction_factor=4), True),
     "llama_lora": ("llama", lambda: LoRAConfig(r=4, alpha=8, attn_matrices=["q", "k", "v"]), True),
     "gpt2_double_seq_bn": ("gpt2", lambda: DoubleSeqBnConfig(reduction_factor=4, non_linearity="gelu_new"), True),
+    # no peftkit method computes these (see docs/format.md): kept to check the refusal
+    "bert_prefix_tuning": ("bert", lambda: PrefixTuningConfig(prefix_length=4), False),  # shared tensors
+    "bert_prompt_tuning": ("bert", lambda: PromptTuningConfig(prompt_length=4), True),
 }
 
 
