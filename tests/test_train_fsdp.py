@@ -87,11 +87,12 @@ def assert_same_adapter(single: Path, sharded: Path, atol: float = ATOL) -> None
 @pytest.mark.slow
 def test_cli_fsdp_run_is_sharded_and_saves_what_one_process_saves(llama, tmp_path):
     model, data = llama
+    dev = write_jsonl(tmp_path / "dev.jsonl", rows_for("causal-lm", 6, seed=3))
     out = tmp_path / "sharded"
     proc = _launch(_torchrun("-m", "peftkit", "train", str(model), "--fsdp", "--task", "causal-lm", "--method",
-                             "lora[r=4]", "--data", str(data), "--out", str(out), "--max-steps", "3",
-                             "--batch-size", "4", "--lr", "1e-2", "--logging-steps", "1", "--save-steps", "2",
-                             "--base-model", BASE_ID), tmp_path)
+                             "lora[r=4]", "--data", str(data), "--eval", str(dev), "--eval-batch-size", "1",
+                             "--out", str(out), "--max-steps", "3", "--batch-size", "4", "--lr", "1e-2",
+                             "--logging-steps", "1", "--save-steps", "2", "--base-model", BASE_ID), tmp_path)
     # The main process reports once, and says the base is sharded.
     assert proc.stderr.count("FSDP2: the base model is sharded over 2 processes in 3 units") == 1
     assert proc.stderr.count("saved the adapter to") == 1 and proc.stdout.count("trained 3 steps") == 1
@@ -99,8 +100,12 @@ def test_cli_fsdp_run_is_sharded_and_saves_what_one_process_saves(llama, tmp_pat
     assert results["run"]["world_size"] == 2 and results["run"]["options"]["fsdp"] is True
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-3"]
 
-    _single(model, data, "lora[r=4]", tmp_path / "single", save_steps=0)
+    _single(model, data, "lora[r=4]", tmp_path / "single", save_steps=0, eval_data=str(dev), eval_batch_size=1)
     assert_same_adapter(tmp_path / "single", out)
+    # Evaluation runs on the sharded model too, each process on its part of the data (one example per
+    # batch, so the mean over examples is the single process's whatever the split).
+    single = json.loads((tmp_path / "single" / "train_results.json").read_text())
+    assert results["eval_metrics"]["eval_loss"] == pytest.approx(single["eval_metrics"]["eval_loss"], rel=1e-5)
     # The trained adapter loads on the plain (unsharded) model, as any adapter does.
     from transformers import AutoModelForCausalLM
 
