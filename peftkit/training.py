@@ -1,8 +1,9 @@
 """``peftkit.train``: fine-tune one adapter on a local dataset with ``transformers.Trainer``.
 
 The run goes through the Trainer, so ``accelerate launch`` and ``torchrun``
-start data-parallel runs of the same code unchanged; only the main process
-writes files. The output folder::
+start data-parallel runs of the same code unchanged, or sharded ones with
+``fsdp=True`` (:mod:`peftkit.training_fsdp`); only the main process writes
+files. The output folder::
 
     OUT/adapter_config.json, adapter_model.safetensors, README.md   the adapter (PEFT's format where PEFT has the method)
     OUT/labels.json                                                  classification: label names in id order
