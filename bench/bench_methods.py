@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 #: Learning rate of the "head only" row (the classification head alone: a linear probe).
 HEAD_LR = 1e-2
 #: Runs that `peft` has too (same method, same PEFT-format config).
-PEFT_METHODS = frozenset({"lora", "dora", "ia3", "prefix_tuning", "prompt_tuning", "lokr", "oft"})
+PEFT_METHODS = frozenset({"lora", "dora", "ia3", "prefix_tuning", "prompt_tuning", "lokr", "oft", "adalora"})
 
 
 @dataclasses.dataclass(eq=False)
@@ -99,7 +99,10 @@ def run(name: str, library: str, spec: str, lr: float, model: Any, save: Callabl
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     torch.manual_seed(seed)
-    result = train_classifier(model, task, tokenizer, lr=lr, epochs=epochs, seed=seed)
+    # PEFT's AdaLoRA allocates its ranks only when the loop calls it after each optimizer step
+    # (peftkit's methods get their training callbacks from train_classifier itself).
+    after_step = getattr(model.base_model, "update_and_allocate", None) if library == "peft" else None
+    result = train_classifier(model, task, tokenizer, lr=lr, epochs=epochs, seed=seed, after_step=after_step)
     with tempfile.TemporaryDirectory() as tmp:
         size = save(Path(tmp))
     row = Row(name, library, spec, lr, result.accuracy, trainable, size, result.seconds, result.steps)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch.nn as nn
@@ -173,15 +173,48 @@ def evaluate(model: "nn.Module", task: TextTask, tokenizer: Any, *, batch_size: 
     return correct / len(task.test)
 
 
+class _TrainerEvents:
+    """A peftkit model's training callbacks, called as ``transformers.Trainer`` calls them."""
+
+    def __init__(self, model: Any, max_steps: int) -> None:
+        self.callbacks: list[Any] = []
+        if hasattr(model, "adapter_record"):  # a peftkit AdaptedModel
+            from transformers import TrainerControl, TrainerState
+
+            from peftkit.training_hooks import training_callbacks
+
+            self.callbacks = training_callbacks(model)
+            self.state, self.control = TrainerState(max_steps=max_steps), TrainerControl()
+
+    def _call(self, event: str) -> None:
+        for callback in self.callbacks:
+            getattr(callback, event)(None, self.state, self.control)
+
+    def begin(self) -> None:
+        self._call("on_train_begin")
+
+    def optimizer_step(self, step: int) -> None:
+        if self.callbacks:
+            self.state.global_step = step
+            self._call("on_optimizer_step")
+
+    def end(self) -> None:
+        self._call("on_train_end")
+
+
 def train_classifier(model: "nn.Module", task: TextTask, tokenizer: Any, *, lr: float, epochs: int = 3,
                      batch_size: int = 32, max_length: int = 32, seed: int = 0, weight_decay: float = 0.0,
-                     warmup_steps: int = 2) -> TrainResult:
+                     warmup_steps: int = 2, after_step: Callable[[int], None] | None = None) -> TrainResult:
     """Train every parameter of ``model`` that requires a gradient with AdamW (linear warmup,
     then linear decay to 0) on ``task.train``; return held-out accuracy and training time.
 
     ``model`` takes ``input_ids``, ``attention_mask`` and ``labels`` and returns ``.loss``
     and ``.logits`` (a transformers sequence-classification model, peftkit- or
-    PEFT-adapted). The same seed gives the same batches for every model.
+    PEFT-adapted). The same seed gives the same batches for every model. A peftkit model's
+    methods get their training callbacks (``peftkit.training_callbacks``: AdaLoRA's rank
+    allocation and regularizer) at the points ``transformers.Trainer`` calls them;
+    ``after_step(step)`` runs after each optimizer step, before the gradients are cleared
+    (PEFT's AdaLoRA: ``model.base_model.update_and_allocate``).
     """
     import torch
 
@@ -206,17 +239,23 @@ def train_classifier(model: "nn.Module", task: TextTask, tokenizer: Any, *, lr: 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     torch.manual_seed(seed)  # dropout masks
     losses: list[float] = []
+    events = _TrainerEvents(model, total)
     start = time.perf_counter()
     model.train()
     device = _device(model)
+    events.begin()
     for batches in epochs_batches:
         for batch in batches:
             loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
             loss.backward()
             optimizer.step()
+            events.optimizer_step(len(losses))
+            if after_step is not None:
+                after_step(len(losses))
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
+    events.end()
     seconds = time.perf_counter() - start
     accuracy = evaluate(model, task, tokenizer, max_length=max_length)
     return TrainResult(accuracy=accuracy, seconds=seconds, steps=total, losses=losses)

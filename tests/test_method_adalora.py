@@ -282,3 +282,40 @@ def test_peftkit_train_adds_the_regularizer_to_its_loss(tmp_path):
     term = peftkit.get_method("adalora").training_loss(model, "default").item()
     assert 3.5 < term < 4.0
     assert losses[2.0] - losses[0.0] == pytest.approx(term, abs=0.02)
+
+
+def test_a_plain_transformers_trainer_allocates_with_training_callbacks(tmp_path):
+    """transformers.Trainer with peftkit.training_callbacks(model): the ranks fall to the target and the
+    regularizer joins the loss the model returns."""
+    from transformers import Trainer, TrainingArguments
+
+    model = peftkit.adapt(build_tiny("gpt2"), "adalora[init_r=4,target_r=1,tfinal=1,total_step=4]")
+    model.train_adapter("default")
+    rows = [{**{k: v[0] for k, v in sample_inputs("gpt2", batch=1, seed=i).items()},
+             "labels": sample_inputs("gpt2", batch=1, seed=i)["input_ids"][0]} for i in range(8)]
+    args = TrainingArguments(str(tmp_path / "run"), max_steps=4, per_device_train_batch_size=2, learning_rate=1e-2,
+                             report_to="none", save_strategy="no", remove_unused_columns=False, use_cpu=True,
+                             logging_steps=1, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=rows, callbacks=peftkit.training_callbacks(model))
+    trainer.train()
+    pattern = model.adapter_record("default").config.rank_pattern
+    assert pattern and [sum(flags) for flags in pattern.values()] == [1, 1]  # gpt2: c_attn in 2 layers
+    assert [m.r for m in adapter_modules(model).values()] == [1, 1]
+    # the first logged loss carries the regularizer: 0.5 * mean(||Q Q^T - I||, ||P^T P - I||) = 0.5 * sqrt(4) for
+    # factors near zero, on top of the cross-entropy of a random tiny LM, near ln(128) = 4.85
+    assert trainer.state.log_history[0]["loss"] > 4.85 + 0.75
+
+
+def test_the_demo_training_loop_drives_the_allocation():
+    """peftkit.testing.train_classifier calls a peftkit model's training callbacks as the Trainer does."""
+    from peftkit.testing import train_classifier
+    from peftkit.testing_task import TextTask
+    from tests.train_helpers import rows_for, word_tokenizer
+
+    rows = [(r["text"], int(r["label"] == "pos")) for r in rows_for("seq-cls", 16)]
+    task = TextTask("toy", ("neg", "pos"), rows, rows[:4])
+    model = peftkit.adapt(build_tiny("bert"), "adalora[init_r=4,target_r=2,tfinal=1]")
+    result = train_classifier(model, task, word_tokenizer("bert"), lr=1e-2, epochs=1, batch_size=4)
+    config = model.adapter_record("default").config
+    assert result.steps == config.total_step == 4
+    assert sum(m.r for m in adapter_modules(model).values()) == 2 * len(config.rank_pattern) == 8
