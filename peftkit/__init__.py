@@ -62,6 +62,7 @@ _LAZY: dict[str, str] = {
     # configs of built-in methods
     "LoraConfig": "peftkit.plugins.lora.config",
     "save_as_lora": "peftkit.plugins.lora.convert",
+    "initialize_eva": "peftkit.plugins.lora.eva",
     "lora_plus_optimizer": "peftkit.lora_plus",
     "PrefixTuningConfig": "peftkit.plugins.prefix_tuning.config",
     "PromptTuningConfig": "peftkit.plugins.prompt_tuning.config",
@@ -123,6 +124,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from peftkit.plugins.lora.config import LoraConfig  # noqa: F401
     from peftkit.plugins.lora.convert import save_as_lora  # noqa: F401
     from peftkit.lora_plus import lora_plus_optimizer  # noqa: F401
+    from peftkit.plugins.lora.eva import initialize_eva  # noqa: F401
     from peftkit.plugins.prefix_tuning.config import PrefixTuningConfig  # noqa: F401
     from peftkit.plugins.prompt_tuning.config import PromptTuningConfig  # noqa: F401
     from peftkit.plugins.bitfit.config import BitFitConfig  # noqa: F401

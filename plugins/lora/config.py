@@ -34,7 +34,9 @@ class LoraConfig(AdapterConfig):
     (B random too; for tests); "pissa", "pissa_niter_N" (fast randomized SVD, N iterations) or "olora"
     start the factors at the principal part of each base weight and leave the rest in the base weight
     (PEFT's init_lora_weights; linear layers only; save_as_lora() saves the result for the original
-    base). rank_pattern / alpha_pattern: per-module
+    base). "eva" starts A at the top right singular vectors of each layer's inputs over a few
+    batches (peftkit.initialize_eva; ``peftkit train`` takes them from the training data), eva_*:
+    PEFT's EvaConfig. rank_pattern / alpha_pattern: per-module
     overrides, keys are regexes matched against the end of module names (parameter names for
     target_parameters). target_parameters: nn.Parameters to adapt (MoE expert stacks), see parameters.py.
     """
@@ -47,11 +49,19 @@ class LoraConfig(AdapterConfig):
     use_rslora: bool = option(False, help='scale by alpha / sqrt(r) instead of alpha / r (rank-stabilized LoRA)')
     use_dora: bool = option(False, help='weight-decomposed LoRA: a trained magnitude per output row (DoRA)')
     init_weights: Union[bool, str] = option(
-        True, help='true (B = 0: starts equal to the base), "gaussian", false (random; for tests), "pissa", "pissa_niter_N" or "olora"')
+        True, help='true (B = 0: starts equal to the base), "gaussian", false (random; for tests), "pissa", '
+                   '"pissa_niter_N", "olora" or "eva" (A from the SVD of layer inputs: peftkit.initialize_eva)')
     rank_pattern: dict[str, int] = option(
         default_factory=dict, help='per-module rank overrides: regex keys matched at the end of module names')
     alpha_pattern: dict[str, float] = option(
         default_factory=dict, help='per-module alpha overrides: regex keys matched at the end of module names')
+    eva_rho: float = option(2.0, help='EVA: a layer may take up to r * eva_rho ranks when the budget is redistributed (>= 1; 1: no redistribution)')
+    eva_tau: float = option(0.99, help='EVA: the SVD stops when its components move less than this (cosine similarity of consecutive batches, in [0, 1])')
+    eva_use_label_mask: bool = option(True, help='EVA: leave out positions whose label is eva_label_mask_value')
+    eva_label_mask_value: int = option(-100, help='EVA: the label value of positions left out')
+    eva_whiten: bool = option(False, help="EVA: divide A's rows by the square roots of their singular values")
+    eva_adjust_scaling_factors: bool = option(
+        True, help='EVA: scale alpha with a layer\'s new rank, so every layer keeps the scale alpha / r')
     target_parameters: Union[list[str], None] = option(
         None, help='nn.Parameters to adapt, e.g. MoE experts: ["experts.gate_up_proj", "experts.down_proj"] '
                    '(full names or dotted suffixes; PEFT\'s target_parameters)')
@@ -61,11 +71,15 @@ class LoraConfig(AdapterConfig):
             raise ConfigError(f"lora config: r={self.r} must be a positive integer")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"lora config: dropout={self.dropout} must be in [0, 1)")
-        if isinstance(self.init_weights, str) and self.init_weights != "gaussian" \
+        if isinstance(self.init_weights, str) and self.init_weights not in ("gaussian", "eva") \
                 and not is_residual_init(self.init_weights):
             raise ConfigError(f"lora config: init_weights={self.init_weights!r} is not known; use true, false, "
                               f"\"gaussian\", \"pissa\", \"pissa_niter_N\" (N a whole number, e.g. "
-                              f"pissa_niter_4) or \"olora\"")
+                              f"pissa_niter_4), \"olora\" or \"eva\"")
+        if self.eva_rho < 1.0:
+            raise ConfigError(f"lora config: eva_rho={self.eva_rho} must be >= 1 (1: every layer keeps rank r)")
+        if not 0.0 <= self.eva_tau <= 1.0:
+            raise ConfigError(f"lora config: eva_tau={self.eva_tau} must be in [0, 1]")
         if is_residual_init(self.init_weights) and self.use_dora:
             raise ConfigError(f"lora config: init_weights={self.init_weights!r} cannot be combined with "
                               f"use_dora=true; use one of them")

@@ -27,6 +27,10 @@ _PEFT_DEFAULTS: dict[str, Any] = {"bias": "none", "lora_bias": False, "use_qalor
                                   "trainable_token_indices": None}
 _PEFT_IGNORED = {"fan_in_fan_out", "megatron_core", "megatron_config", "qalora_group_size", "peft_type",
                  "ensure_weight_tying"}
+#: PEFT's EvaConfig fields (adapter_config.json's "eva_config") -> ours.
+_EVA_FIELDS = {"rho": "eva_rho", "tau": "eva_tau", "use_label_mask": "eva_use_label_mask",
+               "label_mask_value": "eva_label_mask_value", "whiten": "eva_whiten",
+               "adjust_scaling_factors": "eva_adjust_scaling_factors"}
 #: The layer types LoRA adapts (for error messages).
 _ADAPTED = "Linear, transformers' Conv1D, Embedding and torch's Conv1d/Conv2d/Conv3d layers"
 
@@ -34,17 +38,21 @@ _ADAPTED = "Linear, transformers' Conv1D, Embedding and torch's Conv1d/Conv2d/Co
 class LoraMethod(Method):
     name = "lora"
     config_class = LoraConfig
-    description = "Low-rank adaptation (LoRA), with rsLoRA, DoRA, PiSSA/OLoRA init and LoRA+; mergeable; PEFT format"
+    description = ("Low-rank adaptation (LoRA), with rsLoRA, DoRA, PiSSA/OLoRA/EVA init, LoRA+ and MoE expert "
+                   "parameters; mergeable; PEFT format")
     can_merge = True
     merge_low_rank = True
     peft_type = "LORA"
     adapterhub = LoraAdapterHub()
-    aliases = {"lora_alpha": "alpha", "lora_dropout": "dropout", "init_lora_weights": "init_weights"}
+    aliases = {"lora_alpha": "alpha", "lora_dropout": "dropout", "init_lora_weights": "init_weights",
+               "init": "init_weights"}
     known_as = {
         "dora": "DoRA is LoRA with weight decomposition: lora[use_dora=true]",
         "rslora": "rsLoRA is LoRA with rank-stabilized scaling: lora[use_rslora=true]",
         "pissa": "PiSSA is LoRA initialised from the weight's SVD: lora[init_weights=pissa] (fast: pissa_niter_4)",
         "olora": "OLoRA is LoRA initialised from the weight's QR decomposition: lora[init_weights=olora]",
+        "eva": "EVA is LoRA initialised from the SVD of layer inputs: lora[init=eva] (peftkit train runs it on "
+               "the training data; in Python peftkit.initialize_eva)",
         "loraplus": "LoRA+ is LoRA trained with a larger lr for B: peftkit train --lora-plus-ratio 16, "
                     "or peftkit.lora_plus_optimizer",
         "qlora": "QLoRA is LoRA on a 4-bit base model: peftkit train --quantize 4bit, or "
@@ -104,14 +112,18 @@ class LoraMethod(Method):
                               f"{site.name} is a {type(base_layer).__name__}; exclude it (exclude_modules) or "
                               f"use another init")
         if is_embedding(base_layer):
+            init = True if config.init_weights == "eva" else config.init_weights
             if config.use_dora:
                 raise ConfigError(f"lora: DoRA is not available for Embedding layers ({site.name}); "
                                   f"exclude it or set use_dora=false")
-            return LoraEmbedding(base_layer, r, scale, config.init_weights)
+            return LoraEmbedding(base_layer, r, scale, init)
         if is_conv(base_layer):
             check_conv_site(site.name, base_layer, r, config.use_dora)
-            return LoraConv(base_layer, r, scale, config.dropout, config.init_weights, config.use_dora)
-        return LoraLinear(base_layer, r, scale, config.dropout, config.init_weights, config.use_dora)
+            init = True if config.init_weights == "eva" else config.init_weights
+            return LoraConv(base_layer, r, scale, config.dropout, init, config.use_dora)
+        # EVA's A comes later from data (initialize_eva); until then the layer has the default init.
+        init = True if config.init_weights == "eva" else config.init_weights
+        return LoraLinear(base_layer, r, scale, config.dropout, init, config.use_dora)
 
     def expected_parameter_count(self, model: "nn.Module", config: AdapterConfig, sites: list[Site]) -> int:
         from peftkit.plugin_api import base_of, is_conv, is_embedding, linear_features
@@ -137,17 +149,32 @@ class LoraMethod(Method):
             total += r * (in_f + out_f) + (out_f if config.use_dora else 0)
         return total
 
+    def training_callbacks(self, model: Any, adapter_name: str) -> list[Any]:
+        """EVA (init_weights="eva") runs on the first training batches when training begins."""
+        from .eva import eva_pending
+
+        if not eva_pending(model, adapter_name):
+            return []
+        from .eva_training import EvaCallback
+
+        return [EvaCallback(model, adapter_name)]
+
     # -- PEFT's adapter_config.json ---------------------------------------------------
 
     def config_to_file(self, config: AdapterConfig) -> dict[str, Any]:
         assert isinstance(config, LoraConfig)
-        return write_peft_fields("LORA", config.to_dict(), _FROM_PEFT, bias="none", fan_in_fan_out=False,
-                                 layers_pattern=None)
+        ours = config.to_dict()
+        eva = {peft: ours[mine] for peft, mine in _EVA_FIELDS.items()} if config.init_weights == "eva" else None
+        return write_peft_fields("LORA", ours, _FROM_PEFT, bias="none", fan_in_fan_out=False,
+                                 layers_pattern=None, eva_config=eva)
 
     def config_from_file(self, data: dict[str, Any]) -> AdapterConfig:
+        data = dict(data)
+        eva = data.pop("eva_config", None) or {}
         values = read_peft_fields(data, self.name, _FROM_PEFT, fixed=_PEFT_DEFAULTS, ignored=_PEFT_IGNORED)
+        values.update(read_peft_fields(eva, f"{self.name} (eva_config)", _EVA_FIELDS))
         init = values.get("init_weights")
-        if init not in (True, False, "gaussian") and not is_residual_init(init):
+        if init not in (True, False, "gaussian", "eva") and not is_residual_init(init):
             values["init_weights"] = True  # PEFT's other init schemes only matter before training
         return LoraConfig.from_dict(values)
 

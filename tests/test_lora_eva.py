@@ -1,0 +1,137 @@
+"""EVA initialisation (lora[init=eva], peftkit.initialize_eva) against the real `peft`'s
+initialize_lora_eva_weights: same ranks, same A (exact SVD on both sides), files both ways, and EVA run
+by a Trainer on the training batches."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import peftkit
+from peftkit.core.errors import ConfigError
+from tests.tiny_models import build_tiny
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
+
+
+def _batches(count: int = 4, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Language-modeling batches with padding and masked labels (both left out of EVA's SVD)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        ids = torch.randint(1, 128, (2, 12), generator=gen)
+        mask = torch.ones_like(ids)
+        mask[1, 9:] = 0
+        labels = ids.clone()
+        labels[:, :3] = -100
+        out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return out
+
+
+def _peft_eva(monkeypatch, batches, rho: float = 2.0, tau: float = 0.9):
+    """peft's EVA with its incremental PCA on the exact SVD (peftkit's setting), not the randomized one."""
+    import peft.tuners.lora.eva as peft_eva
+    from peft import EvaConfig, LoraConfig, get_peft_model, initialize_lora_eva_weights
+    from peft.utils.incremental_pca import IncrementalPCA
+
+    def exact(*args, **kwargs):  # peft's SVDHook asks for lowrank=True
+        return IncrementalPCA(*args, **{**kwargs, "lowrank": False})
+
+    monkeypatch.setattr(peft_eva, "IncrementalPCA", exact)
+    model = get_peft_model(build_tiny("llama"), LoraConfig(
+        r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="eva",
+        eva_config=EvaConfig(rho=rho, tau=tau)))
+    initialize_lora_eva_weights(model, batches, show_progress_bar=False)
+    return model
+
+
+def _ours(batches, rho: float = 2.0, tau: float = 0.9) -> peftkit.AdaptedModel:
+    model = peftkit.adapt(build_tiny("llama"), f"lora[r=4,alpha=8,init=eva,eva_rho={rho},eva_tau={tau},"
+                                               f"target_modules=[{','.join(TARGETS)}]]")
+    peftkit.initialize_eva(model, batches)
+    return model
+
+
+def test_same_ranks_and_factors_as_peft(monkeypatch):
+    batches = _batches()
+    theirs = _peft_eva(monkeypatch, batches)
+    ours = _ours(batches)
+    config, peft_config = ours.adapters["default"], theirs.peft_config["default"]
+    assert config.rank_pattern == peft_config.rank_pattern and config.rank_pattern  # the budget moved
+    assert config.alpha_pattern == pytest.approx(peft_config.alpha_pattern)
+    params = dict(theirs.named_parameters())
+    sites = 0
+    for name, module in ours.base_model.named_modules():
+        layer = peftkit.plugin_api.adapters_at(module).get("default")
+        if layer is None:
+            continue
+        sites += 1
+        theirs_a = params[f"base_model.model.{name}.lora_A.default.weight"]
+        torch.testing.assert_close(layer.lora_A, theirs_a, atol=1e-3, rtol=0)  # unit rows
+        assert not layer.lora_B.any()
+        assert layer.scale == pytest.approx(theirs.base_model.get_submodule(f"model.{name}").scaling["default"])
+    assert sites == len([n for n, _ in theirs.named_modules() if n.endswith(".lora_A")])
+
+
+def test_model_starts_equal_to_the_base_and_the_saved_file_loads_in_peft(tmp_path):
+    from peft import PeftModel
+
+    batches = _batches()
+    base_logits = build_tiny("llama")(input_ids=batches[0]["input_ids"]).logits
+    ours = _ours(batches)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=batches[0]["input_ids"]).logits, base_logits)
+        for param in ours.adapter_parameters("default"):
+            param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(2)) * 0.1)
+        expected = ours(input_ids=batches[0]["input_ids"]).logits
+    ours.save_adapter(str(tmp_path))
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["init_lora_weights"] == "eva" and saved["eva_config"]["rho"] == 2.0 and saved["rank_pattern"]
+    theirs = PeftModel.from_pretrained(build_tiny("llama"), str(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(input_ids=batches[0]["input_ids"]).logits, expected, atol=1e-5, rtol=0)
+    again = peftkit.from_pretrained(build_tiny("llama"), str(tmp_path))
+    assert again.adapters["default"].rank_pattern == ours.adapters["default"].rank_pattern
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=batches[0]["input_ids"]).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_trainer_runs_eva_on_the_training_batches_before_the_first_step(tmp_path):
+    from torch.utils.data import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    batches = _batches(count=4)
+    rows = [{k: v[i] for k, v in b.items()} for b in batches for i in range(2)]
+
+    class Rows(Dataset):
+        def __len__(self) -> int:
+            return len(rows)
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            return rows[i]
+
+    model = peftkit.adapt(build_tiny("llama"), "lora[r=4,init=eva,eva_tau=0.9,target_modules=[q_proj,v_proj]]")
+    before = {id(p) for p in model.adapter_parameters("default")}
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, report_to=[],
+                             save_strategy="no", use_cpu=True, learning_rate=1e-3,
+                             remove_unused_columns=False)
+    Trainer(model=model, args=args, train_dataset=Rows(), callbacks=peftkit.training_callbacks(model)).train()
+    layers = peftkit.plugin_api.layer_adapters_of(model, "default")
+    assert all(getattr(layer, "eva_initialized", False) for layer in layers.values())
+    assert {id(p) for p in model.adapter_parameters("default")} <= before  # resized in place
+    assert peftkit.training_callbacks(model) == []  # done: not run again
+
+
+def test_errors():
+    model = peftkit.adapt(build_tiny("llama"), "lora[r=4,target_modules=[q_proj]]")
+    with pytest.raises(ConfigError, match="not a LoRA created with init_weights=\"eva\""):
+        peftkit.initialize_eva(model, _batches())
+    model = peftkit.adapt(build_tiny("llama"), "lora[r=4,init=eva,target_modules=[q_proj]]")
+    with pytest.raises(ConfigError, match="no batches given"):
+        peftkit.initialize_eva(model, [])
+    with pytest.raises(ConfigError, match="did not converge within 2 batches"):
+        peftkit.initialize_eva(model, _batches(), max_batches=2)
+    with pytest.raises(ConfigError, match="eva_rho=0.5 must be >= 1"):
+        peftkit.LoraConfig(init_weights="eva", eva_rho=0.5)
