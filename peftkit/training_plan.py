@@ -201,7 +201,7 @@ def make_plan(model: Any, method: str | AdapterConfig, data: Any, eval_data: Any
         raise PeftkitError(f"quantize={opts.quantize!r} applies when train() loads the model from a folder or hub id; "
                            f"a model object is used as it is (quantize it when you load it)")
     method_obj, config = parse_spec(method)
-    _check_fsdp(opts)
+    _check_fsdp(opts, config)
     checkpoint_dir = Path(opts.checkpoint_dir) if opts.checkpoint_dir else out / "checkpoints"
     resume_from = _resolve_resume(opts.resume, checkpoint_dir)
     if resume_from is None:
@@ -234,7 +234,7 @@ def accelerate_fsdp_launch() -> bool:
     return os.environ.get(ACCELERATE_FSDP_VARIABLE, "false").lower() == "true"
 
 
-def _check_fsdp(opts: TrainOptions) -> None:
+def _check_fsdp(opts: TrainOptions, config: AdapterConfig) -> None:
     """``accelerate launch`` with an FSDP config means --fsdp; a sharded run needs several processes;
     DeepSpeed is refused here, before anything loads (the Trainer would find it only after the model)."""
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
@@ -246,6 +246,10 @@ def _check_fsdp(opts: TrainOptions) -> None:
     if opts.fsdp and opts.quantize:
         raise PeftkitError(f"fsdp and quantize={opts.quantize!r} do not go together: FSDP2 shards float weights, "
                            f"not bitsandbytes' quantized ones; drop one of them")
+    if opts.fsdp and getattr(config, "init_weights", None) == "eva":
+        raise PeftkitError("fsdp and init_weights='eva' do not go together: EVA initialises the adapter from each "
+                           "process's own batches, for as many batches as each needs, where the processes of a "
+                           "sharded run must run every forward pass together; choose another init_weights")
     if opts.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
         raise PeftkitError("fsdp shards the base model over several processes, and this is a single one; launch "
                            "the command with torchrun --nproc_per_node N (N >= 2) or accelerate launch, or drop --fsdp")

@@ -203,3 +203,10 @@ def test_a_deepspeed_launch_is_refused_before_loading(llama, tmp_path, monkeypat
     with pytest.raises(peftkit.PeftkitError, match="does not run under DeepSpeed .*--fsdp"):
         peftkit.train(str(model), "lora", str(data), task="causal-lm", out=str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_eva_initialisation_with_fsdp_is_refused(llama, tmp_path):
+    model, data = llama
+    with pytest.raises(peftkit.PeftkitError, match="fsdp and init_weights='eva' do not go together"):
+        peftkit.train(str(model), "lora[init_weights=eva]", str(data), task="causal-lm", out=str(tmp_path / "out"),
+                      fsdp=True)
