@@ -40,7 +40,8 @@ LOADED = ["bert_double_seq_bn", "bert_double_seq_bn_ln_learned_bin", "bert_seq_b
           "bert_par_bn", "bert_lora", "bert_ia3", "roberta_ia3_qv", "roberta_double_seq_bn", "roberta_lora",
           "bert_pfeiffer", "bert_pfeiffer_post_add_ln_before", "bert_pfeiffer_normed_ln_after",
           "bert_seq_bn_ln_after", "roberta_double_seq_bn_original_ln", "bert_par_bn_ln_after",
-          "llama_seq_bn", "llama_double_seq_bn", "llama_lora", "gpt2_double_seq_bn"]
+          "llama_seq_bn", "llama_double_seq_bn", "llama_lora", "gpt2_double_seq_bn", "llama_pfeiffer",
+          "gpt2_double_seq_bn_original_ln"]
 
 
 def _run(args: list[str], timeout: int) -> None:
@@ -206,7 +207,6 @@ def test_saved_in_adapters_format_loads_in_adapters_with_the_same_outputs(fixtur
 
 
 @pytest.mark.parametrize("source, change, words", [
-    ("llama_seq_bn", {"original_ln_before": True}, "original_ln_before=true on model_type='llama'"),
     ("llama_seq_bn", {"is_parallel": True}, "parallel adapter on model_type='llama'"),
     ("llama_lora", {"attn_matrices": ["q", "o"]}, "attn_matrices=\\['q', 'o'\\] on model_type='llama'"),
 ])

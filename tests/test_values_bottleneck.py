@@ -150,5 +150,30 @@ def test_layernorm_placement_options_are_refused_where_they_do_nothing():
                         ("seq_bn[original_ln_before=true,target_modules=[dense]]", "not target_modules")]:
         with pytest.raises(peftkit.ConfigError, match=words):
             peftkit.adapt(build_tiny("bert"), spec)
-    with pytest.raises(peftkit.ConfigError, match="needs the model's LayerNorm"):
-        peftkit.adapt(build_tiny("llama"), "seq_bn[original_ln_before=true]")
+    with pytest.raises(peftkit.ConfigError, match="needs the block's residual input at 'ffn_output'.*'mistral'"):
+        peftkit.adapt(build_tiny("mistral"), "seq_bn[original_ln_before=true]")
+
+
+@pytest.mark.parametrize("residual", ["output", "sum", "normed"])
+def test_original_ln_before_on_a_pre_layernorm_decoder_reads_h_plus_the_residual(residual):
+    """GPT-2's block has no LayerNorm after the projection: the adapter reads h + r, r the residual stream
+    (the input of ln_2), and the model adds r to what it returns."""
+    site = "transformer.h.1.mlp.c_proj"
+    spec = f"seq_bn[reduction_factor=4,original_ln_before=true,original_ln_residual={residual}]"
+    model = peftkit.adapt(build_tiny("gpt2"), spec)
+    randomize(model, "default", seed=7, scale=0.3)
+    layer = model.base_model.get_submodule(site)
+    seen: dict[str, torch.Tensor] = {}
+    layer.register_forward_hook(lambda m, args, out: seen.update(out=out))
+    layer.base_layer.register_forward_hook(lambda m, args, out: seen.update(h=out))
+    model.base_model.get_submodule("transformer.h.1.ln_2").register_forward_pre_hook(
+        lambda m, args: seen.update(r=args[0]))
+    model.eval()
+    with torch.no_grad():
+        model(**sample_inputs("gpt2"))
+    t = {k: v.detach() for k, v in layer.adapters["default"].state_dict().items()}
+    h, r = seen["h"], seen["r"]
+    skip = {"output": h, "sum": h + r, "normed": h + r}[residual]
+    expected = skip + _branch(t, h + r, "relu", 1.0)
+    assert (expected - h).abs().max() > 1e-3
+    torch.testing.assert_close(seen["out"], expected, atol=1e-5, rtol=1e-5)

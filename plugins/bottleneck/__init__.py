@@ -24,3 +24,11 @@ def peftkit_register_methods(register: Callable[[Any], None]) -> None:
     register(SeqBnMethod())
     register(DoubleSeqBnMethod())
     register(ParBnMethod())
+
+
+@hookimpl
+def peftkit_register_architectures(register: Callable[[Any], None]) -> None:
+    from .residual_points import residual_point_specs
+
+    for spec in residual_point_specs():
+        register(spec)

@@ -62,18 +62,15 @@ class BottleneckAdapterHub(AdapterHubFormat):
         renamed = DECODER_MODULES.get(model_type or "", {}).get(block)
         return f"{layer}.{renamed}" if renamed else parent
 
-    def _refuse_decoder_placement(self, model_type: str | None, original_ln_before: bool) -> None:
-        """``adapters`` gives decoder layers' adapters no LayerNorm and its parallel adapter the residual before the
-        layer's LayerNorm: placements peftkit's points do not compute there."""
+    def _refuse_decoder_placement(self, model_type: str | None) -> None:
+        """``adapters``' parallel adapter on a decoder layer reads the residual before the layer's LayerNorm,
+        which peftkit's par_bn (reading the feed-forward block's input) does not."""
         if model_type in DECODER_MODULES and self.parallel:
             raise ConfigError(f"AdapterHub's parallel adapter on model_type={model_type!r} reads the residual "
                               f"before the layer's LayerNorm, which peftkit's par_bn does not; not supported")
-        if model_type in DECODER_MODULES and original_ln_before:
-            raise ConfigError(f"AdapterHub bottleneck option original_ln_before=true on model_type={model_type!r} "
-                              f"(a pre-LayerNorm decoder) is not supported by peftkit; only on BERT-like models")
 
     def config_values(self, options: Mapping[str, Any], model_type: str | None) -> dict[str, Any]:
-        self._refuse_decoder_placement(model_type, bool(options.get("original_ln_before")))
+        self._refuse_decoder_placement(model_type)
         if options.get("original_ln_after") is False:
             raise ConfigError("AdapterHub bottleneck option original_ln_after=false (the block's output skips the "
                               "model's own residual and LayerNorm, as in AdapterPlusConfig) is not supported by "
@@ -114,7 +111,7 @@ class BottleneckAdapterHub(AdapterHubFormat):
             raise ConfigError("residual_before_ln=false; AdapterHub's skip connection carries the adapter's input")
         if getattr(config, "cross_attention", False):
             raise ConfigError("cross_attention=true has no AdapterHub equivalent")
-        self._refuse_decoder_placement(model_type, getattr(config, "original_ln_before", False))
+        self._refuse_decoder_placement(model_type)
         factor = config.reduction_factor  # adapters looks layers up as str(layer_idx)
         return {**BN_DEFAULTS,
                 "reduction_factor": {str(k): v for k, v in factor.items()} if isinstance(factor, dict) else factor,

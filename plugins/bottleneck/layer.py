@@ -9,7 +9,8 @@ Parallel (beside a feed-forward block, reading its input x)::
     out = h + scaling * up(act(down(LN?(x))))
 
 With ``original_ln_before`` a sequential adapter reads ``LN_model(h + r)`` (r: the
-block's residual input, captured as the input of another module) and its skip
+block's residual input, captured as the input of another module; ``h + r`` on a pre-LayerNorm
+decoder block, which has no LayerNorm there) and its skip
 connection carries h, h + r or that; ``ln_after`` adds a LayerNorm of the adapter's
 own on the branch (or on branch + skip).
 
@@ -56,12 +57,13 @@ class BottleneckAdapter(LayerAdapter):
     def __init__(self, in_features: int, out_features: int, bottleneck: int, *, non_linearity: str,
                  scaling: float | str, dropout: float, ln_before: bool, parallel: bool, residual: bool = True,
                  residual_before_ln: bool = True, init_weights: bool = True, ln_after: bool = False,
-                 ln_after_includes_residual: bool = False, model_norm: nn.Module | None = None,
-                 original_ln_residual: str = "output",
+                 ln_after_includes_residual: bool = False, original_ln_before: bool = False,
+                 model_norm: nn.Module | None = None, original_ln_residual: str = "output",
                  dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> None:
-        """``model_norm`` (the model's own LayerNorm after the site) turns on original_ln_before:
-        then ``forward``'s x must be the block's residual input."""
+        """With ``original_ln_before``, ``forward``'s x must be the block's residual input r, and
+        ``model_norm`` is the model's own LayerNorm after the site (None on a pre-LayerNorm block)."""
         super().__init__()
+        self.original_ln_before = original_ln_before
         # The model's module, not a submodule: it is neither saved nor counted with the adapter.
         self.__dict__["_model_norm"] = model_norm
         self.original_ln_residual = original_ln_residual
@@ -92,7 +94,7 @@ class BottleneckAdapter(LayerAdapter):
             nn.init.zeros_(self.adapter_up.bias)
         # out = h + branch exactly when the skip connection carries h itself.
         self.additive = (parallel and not ln_after) or (
-            residual and (residual_before_ln or not ln_before) and not ln_after and model_norm is None)
+            residual and (residual_before_ln or not ln_before) and not ln_after and not original_ln_before)
 
     # -- forward -----------------------------------------------------------------
 
@@ -104,7 +106,7 @@ class BottleneckAdapter(LayerAdapter):
 
     @property
     def model_norm(self) -> nn.Module | None:
-        """The model's LayerNorm the adapter reads through (original_ln_before), else None."""
+        """The model's LayerNorm the adapter reads through (original_ln_before on a post-LN block), else None."""
         return self.__dict__["_model_norm"]
 
     def delta(self, x: torch.Tensor, h: torch.Tensor, base: nn.Module) -> torch.Tensor:
@@ -122,9 +124,9 @@ class BottleneckAdapter(LayerAdapter):
         dtype = self.adapter_down.weight.dtype
         z = skip = (x if self.parallel else h).to(dtype)
         norm = self.model_norm
-        if norm is not None:
+        if self.original_ln_before and not self.parallel:
             summed = h + x  # x: the block's residual input
-            z = norm(summed).to(dtype)
+            z = (norm(summed) if norm is not None else summed).to(dtype)
             skip = {"output": h, "sum": summed, "normed": z}[self.original_ln_residual].to(dtype)
         normed = self.adapter_norm(z) if self.adapter_norm is not None else z
         if not self.residual_before_ln:

@@ -16,15 +16,12 @@ from peftkit.plugin_api import ALL_BLOCKS, AdapterConfig, ConfigError, Method, S
 
 from .adapterhub import BottleneckAdapterHub
 from .config import BottleneckConfig, DoubleSeqBnConfig, ParBnConfig, SeqBnConfig, SequentialBottleneckConfig
+from .residual_points import RESIDUAL_POINTS, residual_point_specs
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch.nn as nn
 
     from peftkit.plugin_api import ArchitectureSpec
-
-#: Insertion point -> the point whose module's input is the block's residual input there
-#: (what original_ln_before adds before the model's LayerNorm).
-RESIDUAL_SOURCES = {"ffn_output": "ffn_input", "attention_output": "attention"}
 
 #: ``peft_type`` written to adapter_config.json (PEFT has no bottleneck adapters;
 #: the method itself is named under the file's ``peftkit.method`` key).
@@ -75,12 +72,16 @@ class BottleneckMethod(Method):
             if not original_ln:
                 sites.extend(Site(name, role=point) for name in names)
                 continue
-            if point not in RESIDUAL_SOURCES:
-                raise ConfigError(f"{self.name} config: original_ln_before=true is not supported at the "
-                                  f"{point!r} point; set original_ln_before=false")
-            sources = _find_point(model, arch, RESIDUAL_SOURCES[point], self.name, config)
-            sites.extend(Site(name, input_from=_pair_input(name, sources, arch, RESIDUAL_SOURCES[point], self.name),
-                              role=point) for name in names)
+            source = RESIDUAL_POINTS.get(point)
+            if source is None or arch is None or source not in arch.points:
+                model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+                raise ConfigError(f"{self.name} config: original_ln_before=true needs the block's residual input "
+                                  f"at {point!r}, which peftkit knows for model types "
+                                  f"{', '.join(m.model_type for m in residual_point_specs())}, not "
+                                  f"{model_type!r}; set original_ln_before=false")
+            sources = _find_point(model, arch, source, self.name, config)
+            sites.extend(Site(name, input_from=_pair_input(name, sources, arch, source, self.name), role=point)
+                         for name in names)
         order = {name: i for i, (name, _) in enumerate(model.named_modules())}
         return sorted(sites, key=lambda s: order.get(s.name, 0))
 
@@ -109,6 +110,7 @@ class BottleneckMethod(Method):
             residual_before_ln=config.residual_before_ln if sequential else True,
             init_weights=config.init_weights, ln_after=config.ln_after,
             ln_after_includes_residual=sequential and config.ln_after_includes_residual,
+            original_ln_before=original_ln,
             model_norm=_model_norm(model, site.name, self.name) if original_ln else None,
             original_ln_residual=config.original_ln_residual if sequential else "output",
             dtype=dtype, device=weight.device if weight is not None else None)
@@ -245,18 +247,18 @@ def _pair_input(output: str, inputs: list[str], arch: "ArchitectureSpec | None",
                          if point == "ffn_input" and method == "par_bn" else ""))
 
 
-def _model_norm(model: "nn.Module", site: str, method: str) -> "nn.Module":
-    """The model's own LayerNorm applied after ``site`` (post-LN blocks such as BERT's keep it beside the
-    output projection), for original_ln_before."""
+def _model_norm(model: "nn.Module", site: str, method: str) -> "nn.Module | None":
+    """The model's own LayerNorm applied after ``site``, for original_ln_before: post-LN blocks such as
+    BERT's keep it beside the output projection; None for a pre-LN block (a decoder's), which has none
+    there (the adapter then reads h + r as it is)."""
     import torch.nn as nn
 
     parent = site.rpartition(".")[0]
     norms = [child for child in model.get_submodule(parent).children() if isinstance(child, nn.LayerNorm)]
-    if len(norms) != 1:
-        raise ConfigError(f"{method} config: original_ln_before=true needs the model's LayerNorm after {site!r} "
-                          f"(one LayerNorm beside it, as in BERT-like post-LayerNorm blocks); {parent!r} has "
-                          f"{len(norms)}; set original_ln_before=false")
-    return norms[0]
+    if len(norms) > 1:
+        raise ConfigError(f"{method} config: original_ln_before=true: cannot tell which LayerNorm of {parent!r} "
+                          f"follows {site!r} ({len(norms)} beside it); set original_ln_before=false")
+    return norms[0] if norms else None
 
 
 def _out_features(module: "nn.Module", name: str) -> int:

@@ -65,6 +65,9 @@ CASES = {
     "llama_double_seq_bn": ("llama", lambda: DoubleSeqBnConfig(reduction_factor=4), True),
     "llama_lora": ("llama", lambda: LoRAConfig(r=4, alpha=8, attn_matrices=["q", "k", "v"]), True),
     "gpt2_double_seq_bn": ("gpt2", lambda: DoubleSeqBnConfig(reduction_factor=4, non_linearity="gelu_new"), True),
+    "llama_pfeiffer": ("llama", lambda: SeqBnConfig(reduction_factor=4), True),
+    "gpt2_double_seq_bn_original_ln": ("gpt2", lambda: DoubleSeqBnConfig(reduction_factor=4, original_ln_before=True,
+                                                                         residual_before_ln=False), True),
     # no peftkit method computes these (see docs/format.md): kept to check the refusal
     "bert_prefix_tuning": ("bert", lambda: PrefixTuningConfig(prefix_length=4), False),  # shared tensors
     "bert_prompt_tuning": ("bert", lambda: PromptTuningConfig(prompt_length=4), True),
