@@ -73,6 +73,7 @@ _LAZY: dict[str, str] = {
     "IA3Config": "peftkit.plugins.ia3.config",
     "LokrConfig": "peftkit.plugins.lokr.config",
     "OftConfig": "peftkit.plugins.oft.config",
+    "BoftConfig": "peftkit.plugins.boft.config",
     "VeraConfig": "peftkit.plugins.vera.config",
     "AdaloraConfig": "peftkit.plugins.adalora.config",
     "UnionConfig": "peftkit.plugins.union.config",
@@ -132,6 +133,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from peftkit.plugins.ia3.config import IA3Config  # noqa: F401
     from peftkit.plugins.lokr.config import LokrConfig  # noqa: F401
     from peftkit.plugins.oft.config import OftConfig  # noqa: F401
+    from peftkit.plugins.boft.config import BoftConfig  # noqa: F401
     from peftkit.plugins.vera.config import VeraConfig  # noqa: F401
     from peftkit.plugins.adalora.config import AdaloraConfig  # noqa: F401
     from peftkit.plugins.union.config import MamConfig, UnionConfig  # noqa: F401

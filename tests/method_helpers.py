@@ -196,3 +196,72 @@ def quantized_linear_and_twin(bits: int, in_features: int = 64, out_features: in
         twin[0].weight.copy_(BF.dequantize_4bit(weight.data, weight.quant_state) if bits == 4
                              else weight.data.float() * weight.SCB.unsqueeze(1) / 127)
     return quantized, twin
+
+
+def quantized_matches_twin(bits: int, spec: str) -> None:
+    """Adapters "default" and "other" of ``spec`` (targeting module '0', random init) on a bitsandbytes
+    ``bits``-bit Linear and on its dequantized twin, with equal tensors, give the same output alone and
+    stacked (each change then runs through the quantized layer); merging into the quantized layer is
+    refused."""
+    quantized, twin = quantized_linear_and_twin(bits)
+    ours, reference = peftkit.adapt(quantized, spec).train(), peftkit.adapt(twin, spec).train()
+    for model in (ours, reference):
+        model.add_adapter("other", spec)
+    with torch.no_grad():
+        for name in ("default", "other"):
+            for a, b in zip(ours.adapter_parameters(name), reference.adapter_parameters(name), strict=True):
+                assert a.dtype == torch.float32
+                b.copy_(a)
+    x = torch.randn(3, 64)
+    tolerance = dict(atol=1e-4 if bits == 8 else 1e-5, rtol=1e-4)
+    torch.testing.assert_close(ours(x), reference(x), **tolerance)
+    stack = peftkit.Stack("default", "other")
+    ours.set_active(stack)
+    reference.set_active(stack)
+    torch.testing.assert_close(ours(x), reference(x), **tolerance)
+    try:
+        ours.merge_adapter(["default"])
+    except peftkit.MergeError as error:
+        assert "quantized" in str(error)
+    else:
+        raise AssertionError("merging into a quantized layer must be refused")
+
+
+def peft_file_loads_alike(peft_model: Any, arch: str, folder: Path) -> peftkit.AdaptedModel:
+    """Saves ``peft_model`` (a PEFT model on tiny ``arch``, moved away from its init, in eval mode) to
+    ``folder`` and loads it onto a fresh model with peftkit; asserts the same logits unmerged, merged
+    in both libraries, and unmerged again. Returns peftkit's model (unmerged)."""
+    expected = output_of(peft_model, arch)
+    assert not torch.allclose(expected, output_of(build_tiny(arch), arch), atol=1e-4)
+    peft_model.save_pretrained(str(folder))
+    model = peftkit.from_pretrained(build_tiny(arch), str(folder))
+    torch.testing.assert_close(output_of(model, arch), expected, atol=2e-6, rtol=1e-5)
+    peft_model.merge_adapter()
+    model.merge_adapter()
+    torch.testing.assert_close(output_of(model, arch), output_of(peft_model, arch), atol=1e-5, rtol=1e-5)
+    peft_model.unmerge_adapter()
+    model.unmerge_adapter()
+    torch.testing.assert_close(output_of(model, arch), expected, atol=1e-5, rtol=1e-5)
+    return model
+
+
+def peftkit_file_loads_alike(model: peftkit.AdaptedModel, arch: str, folder: Path) -> Any:
+    """Saves peftkit's ``model`` (on tiny ``arch``, moved away from its init) to ``folder`` and loads it
+    with PEFT onto a fresh model; asserts the same logits unmerged and merged in both libraries.
+    Returns PEFT's model (merged)."""
+    import warnings
+
+    from peft import PeftModel
+
+    model.eval()
+    expected = output_of(model, arch)
+    assert not torch.allclose(expected, output_of(build_tiny(arch), arch), atol=1e-4)
+    model.save_adapter(str(folder))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT notes the extra "peftkit" key
+        peft_model = PeftModel.from_pretrained(build_tiny(arch), str(folder)).eval()
+    torch.testing.assert_close(output_of(peft_model, arch), expected, atol=2e-6, rtol=1e-5)
+    peft_model.merge_adapter()
+    model.merge_adapter()
+    torch.testing.assert_close(output_of(peft_model, arch), output_of(model, arch), atol=1e-5, rtol=1e-5)
+    return peft_model

@@ -38,6 +38,7 @@ BUILTIN_SPECS = {
     "lokr": "lokr[r=4]",
     "vera": "vera[r=8]",
     "oft": "oft[oft_block_size=8]",
+    "boft": "boft[boft_block_size=4,boft_n_butterfly_factor=2]",
     "adalora": "adalora[init_r=4]",
 }
 

@@ -1,4 +1,4 @@
-"""The OFT module for one Linear or GPT-2 Conv1D layer.
+"""The OFT module for one Linear, GPT-2 Conv1D or Conv2d layer.
 
 The layer runs on a rotated input: ``y = W (R x) + b`` with R block-diagonal,
 each block the Cayley transform ``(I - Q)(I + Q)^-1`` of a skew-symmetric Q
@@ -10,6 +10,11 @@ with ``W R^T`` (PEFT's merge), unmerging multiplies back by the inverse.
 Alone at its site the adapter hands the TunerLayer the rotated input
 (:meth:`base_input`): the base layer then runs once, as in PEFT. Inside a
 composition its output change is ``W (R - I) x``, additive in the output.
+
+On a Conv2d the rotation acts on each output channel's flattened filter
+(in_channels * kh * kw values, PEFT's layout), and the layer runs with the
+rotated weight ``W R^T``: the convolution of the rotated filters, which is
+also what merging writes (see docs/methods/oft.md for PEFT's unmerged form).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ class OftLayer(LayerAdapter):
         self.module_dropout = module_dropout
         # A quantized layer's weight cannot be read as a matrix: the delta then runs the layer itself.
         self.quantized = quantization_of(base) is not None
+        self.conv = isinstance(base, nn.Conv2d)
         factory = {"dtype": adapter_dtype(base), "device": base.weight.device}
         self.weight = nn.Parameter(torch.zeros(blocks.stored, blocks.entries, **factory))
         if not init_weights:
@@ -106,9 +112,19 @@ class OftLayer(LayerAdapter):
     # -- forward -------------------------------------------------------------------
 
     def base_input(self, x: torch.Tensor) -> torch.Tensor | None:
-        return self.rotate(x).to(x.dtype)
+        return None if self.conv else self.rotate(x).to(x.dtype)
+
+    def forward_alone(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor | None:
+        """On a Conv2d: the convolution with the rotated filters (bias kept); None on other layers."""
+        if not self.conv:
+            return None
+        weight = self._rotated_filters(base, self._rotations_for_use())
+        return base._conv_forward(x.to(weight.dtype), weight, base.bias).to(x.dtype)
 
     def delta(self, x: torch.Tensor, h: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        if self.conv:
+            change = self._rotated_filters(base, self._rotations_for_use()) - base.weight.to(self.weight.dtype)
+            return base._conv_forward(x.to(change.dtype), change, None).to(h.dtype)
         shifted = self.rotate(x) - x.to(self.weight.dtype)
         if self.quantized:  # W (R x - x) through the layer itself, without its bias
             bias = getattr(base, "bias", None)
@@ -129,14 +145,25 @@ class OftLayer(LayerAdapter):
             rotations = rotations.expand(self.blocks.count, -1, -1)
         return torch.block_diag(*rotations.unbind(0))
 
+    def _rotated(self, w: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+        """``w`` (out, in) with each column block multiplied on the right by rotations[i]^T."""
+        w_blocks = w.to(rotations.dtype).reshape(w.shape[0], self.blocks.count, self.blocks.size)
+        return torch.einsum("obj,bij->obi", w_blocks, rotations).reshape(w.shape)
+
+    def _rotated_filters(self, base: nn.Module, rotations: torch.Tensor) -> torch.Tensor:
+        """A Conv2d's weight with each output channel's flattened filter rotated, in the layer's shape."""
+        weight = base.weight
+        return self._rotated(weight.reshape(weight.shape[0], -1), rotations).reshape(weight.shape)
+
     def _apply_on_right(self, base: nn.Module, rotations: torch.Tensor) -> None:
         """W (out, in) <- W with each column block multiplied on the right by rotations[i]^T."""
         weight = base.weight
-        w = weight_out_in(base).to(rotations.dtype)
-        out_features = w.shape[0]
-        w_blocks = w.reshape(out_features, self.blocks.count, self.blocks.size)
-        new = torch.einsum("obj,bij->obi", w_blocks, rotations).reshape(out_features, -1)
-        weight.data = (new.t() if is_conv1d(base) else new).to(weight.dtype).contiguous()
+        if self.conv:
+            new = self._rotated_filters(base, rotations)
+        else:
+            new = self._rotated(weight_out_in(base), rotations)
+            new = new.t() if is_conv1d(base) else new
+        weight.data = new.to(weight.dtype).contiguous()
 
     def merge(self, base: nn.Module) -> None:
         if self.quantized:
@@ -159,6 +186,10 @@ class OftLayer(LayerAdapter):
 
     def delta_weight(self, base: nn.Module) -> torch.Tensor:
         """The change merging makes to ``base.weight`` as it is now, in the layout the layer stores."""
+        if self.conv:
+            weight = base.weight
+            w = weight.reshape(weight.shape[0], -1)
+            return (w @ self.block_matrix().to(w.dtype).t() - w).reshape(weight.shape)
         w = weight_out_in(base)
         rotation = self.block_matrix().to(w.dtype)
         delta = w @ rotation.t() - w

@@ -23,13 +23,28 @@ _PEFT_FIELDS = {name: name for name in (
 #: on loading a file without a ``peft_version`` at least this one).
 _FORMAT_PEFT_VERSION = "0.18.0"
 #: The layer types OFT adapts (for error messages).
-_ADAPTED = "Linear and transformers' Conv1D layers"
+_ADAPTED = "Linear, transformers' Conv1D and torch's Conv2d layers"
 
 
 def _adaptable(module: "nn.Module") -> bool:
-    from peftkit.plugin_api import is_linear_like
+    import torch.nn as nn
 
-    return is_linear_like(module)
+    from peftkit.plugin_api import base_of, is_linear_like
+
+    return is_linear_like(module) or isinstance(base_of(module), nn.Conv2d)
+
+
+def _check_conv(name: str, base: "nn.Module") -> None:
+    """Refuse the convolutions PEFT's OFT cannot hold (so that every file peftkit writes loads in PEFT)."""
+    import torch.nn as nn
+
+    if not isinstance(base, nn.Conv2d):
+        return
+    kernel, dilation = tuple(base.kernel_size), tuple(base.dilation)
+    if base.groups != 1 or kernel[0] != kernel[1] or dilation != (1, 1):
+        raise ConfigError(f"oft: {name!r} is a Conv2d with groups={base.groups}, kernel_size={kernel}, "
+                          f"dilation={dilation}; OFT (PEFT's format) adapts a Conv2d only with groups=1, a square "
+                          f"kernel and dilation 1. Leave it out of target_modules (or add it to exclude_modules)")
 
 
 class OftMethod(Method):
@@ -42,8 +57,12 @@ class OftMethod(Method):
     def sites(self, model: "nn.Module", config: AdapterConfig, arch: "ArchitectureSpec | None") -> list[Site]:
         from peftkit.plugin_api import adaptable_targets
 
+        from peftkit.plugin_api import base_of
+
         names = adaptable_targets(model, config, arch, self.name, accepts=_adaptable, label="OFT", kinds=_ADAPTED,
                                   defaults_of="lora")  # PEFT's OFT defaults are LoRA's
+        for name in names:
+            _check_conv(name, base_of(model.get_submodule(name)))
         return [Site(name) for name in names]
 
     def create_layer_adapter(self, site: Site, base_layer: "nn.Module", config: AdapterConfig,
@@ -84,7 +103,12 @@ class OftMethod(Method):
 
 
 def _blocks(base: "nn.Module", config: OftConfig) -> OftBlocks:
-    from peftkit.plugin_api import linear_features
+    """The rotation blocks over a linear layer's input features, or over a Conv2d's flattened filter
+    (in_channels * kh * kw values)."""
+    from peftkit.plugin_api import is_linear_like, linear_features
 
-    in_features, _ = linear_features(base)
+    if is_linear_like(base):
+        in_features, _ = linear_features(base)
+    else:
+        in_features = base.in_channels * base.kernel_size[0] * base.kernel_size[1]
     return OftBlocks.plan(in_features, config.r, config.oft_block_size, config.block_share)
