@@ -92,6 +92,7 @@ def _peft_load_complaints(folder, arch, caplog):
     ("llama", "lora[r=4,use_dora=true,init_weights=false]"),
     ("gpt2", "lora[r=4,init_weights=false]"),
     ("llama", "lokr[r=4,init_weights=false]"),
+    ("gpt2", "adalora[init_r=4,total_step=10,init_weights=false]"),
     ("llama", "ia3[init_ia3_weights=false]"),
     ("gpt2", "ia3[init_ia3_weights=false]"),
     ("llama", "prefix_tuning[num_virtual_tokens=4]"),

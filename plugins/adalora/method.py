@@ -98,7 +98,7 @@ class AdaloraMethod(Method):
 
         config = model.adapter_record(adapter_name).config
         layers = [m for m in layer_adapters_of(model, adapter_name).values() if isinstance(m, AdaloraLayer)]
-        if not layers:
+        if not layers or config.orth_reg_weight == 0:
             return None
         total = sum(layer.orthogonality() for layer in layers)
         return config.orth_reg_weight * total / (2 * len(layers))
