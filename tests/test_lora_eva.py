@@ -135,3 +135,24 @@ def test_errors():
         peftkit.initialize_eva(model, _batches(), max_batches=2)
     with pytest.raises(ConfigError, match="eva_rho=0.5 must be >= 1"):
         peftkit.LoraConfig(init_weights="eva", eva_rho=0.5)
+
+
+@pytest.mark.slow  # a training run; EVA needs ~90 small batches to converge on the tiny GPT-2
+def test_peftkit_train_runs_eva_on_the_training_data(tmp_path):
+    from safetensors.torch import load_file
+
+    from tests.train_helpers import model_folder, rows_for, TASK_MODELS, write_jsonl
+
+    folder = model_folder(tmp_path / "model", *TASK_MODELS["causal-lm"])
+    data = write_jsonl(tmp_path / "train.jsonl", rows_for("causal-lm", 16))
+    out = tmp_path / "out"
+    peftkit.train(str(folder), "lora[r=4,init=eva,eva_tau=0.9]", data, task="causal-lm", out=out, max_steps=1,
+                  lr=1e-7, save_steps=0, quiet=True)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["init_lora_weights"] == "eva" and config["eva_config"]["tau"] == 0.9
+    weights = load_file(out / "adapter_model.safetensors")
+    a_keys = [k for k in weights if k.endswith("lora_A.weight")]
+    assert a_keys
+    for key in a_keys:  # EVA's rows are orthonormal singular vectors (a Kaiming init is not)
+        a = weights[key].float()
+        torch.testing.assert_close(a @ a.t(), torch.eye(a.shape[0]), atol=1e-3, rtol=0)
