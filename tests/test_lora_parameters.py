@@ -10,6 +10,7 @@ import torch
 
 import peftkit
 from peftkit.core.errors import ConfigError
+from peftkit.testing import CHECKS, make_conformance_class, TinyModel
 
 TARGETS = ["experts.gate_up_proj", "experts.down_proj"]
 SPEC = "lora[r=2,alpha=4,target_parameters=[experts.gate_up_proj,experts.down_proj],init_weights=false]"
@@ -117,3 +118,17 @@ def test_with_target_modules_too_and_composition_refused():
     model.set_active(peftkit.Stack(["default", "other"]))
     with pytest.raises(ConfigError, match="runs alone"):
         _logits(model)
+
+
+def _mixtral_inputs(batch: int, seed: int) -> dict[str, torch.Tensor]:
+    ids = torch.randint(1, 128, (batch, 8), generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+#: The conformance suite on the tiny Mixtral, every check but the composition blocks (such an adapter
+#: runs alone at its module; test_with_target_modules_too_and_composition_refused covers the refusal) and
+#: "deterministic", which sets dropout, refused on parameters (test_rank_pattern_per_parameter_and_errors).
+TestConformance_lora_parameters = make_conformance_class(
+    "lora[r=2,target_parameters=[experts.gate_up_proj,experts.down_proj]]",
+    architectures=(TinyModel("mixtral", _mixtral, _mixtral_inputs),),
+    checks=[c for c in CHECKS if not c.startswith("block_") and c != "deterministic"])
