@@ -192,3 +192,41 @@ def test_lokr_fused_sum_matches_formula(shape: tuple[int, int], r: int, dtype: t
     for a, b in zip(got, expected):
         scale = b.abs().max().float().clamp_min(1.0)
         assert (a.float() - b.float()).abs().max() <= TOLERANCE[dtype] * scale * 10
+    if dtype == torch.float32:
+        with torch.no_grad():
+            adapted.merge_adapter()
+            assert torch.allclose(layer(x), expected_out, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("feedforward", [False, True])
+def test_ia3_alone_matches_formula(feedforward: bool, dtype: torch.dtype) -> None:
+    """IA3 alone at its layer (a feed-forward vector runs the layer once on x * l): the same values and
+    gradients as (W x + b) * l or W (x * l) + b, unmerged and merged."""
+    model = nn.Sequential()
+    torch.manual_seed(1)
+    model.add_module("proj", nn.Linear(24, 20))
+    feedforward_modules = "[proj]" if feedforward else "[]"
+    torch.manual_seed(2)
+    adapted = peftkit.adapt(model, f"ia3[init_weights=false,target_modules=[proj],"
+                                   f"feedforward_modules={feedforward_modules}]").to(dtype)
+    adapted.train()
+    layer = adapted.base_model.proj
+    vector = layer.adapters["default"].ia3_l
+    x = torch.randn(3, 5, 24, dtype=dtype, requires_grad=True)
+    out = layer(x)
+    seed_grad = torch.randn_like(out)
+    got = [out.detach()] + _grads(out, [x, vector], seed_grad)
+    base = layer.base_layer
+    if feedforward:
+        expected_out = (x * vector.flatten()) @ base.weight.t() + base.bias
+    else:
+        expected_out = (x @ base.weight.t() + base.bias) * vector.flatten()
+    expected = [expected_out.detach()] + _grads(expected_out, [x, vector], seed_grad)
+    for a, b in zip(got, expected):
+        scale = b.abs().max().float().clamp_min(1.0)
+        assert (a.float() - b.float()).abs().max() <= TOLERANCE[dtype] * scale * 10
+    if feedforward and dtype == torch.float32:
+        with torch.no_grad():
+            adapted.merge_adapter()
+            assert torch.allclose(layer(x), expected_out, atol=1e-5)
