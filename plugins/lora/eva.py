@@ -80,8 +80,10 @@ class _Inputs:
         self.mask: torch.Tensor | None = None
         self.rows: torch.Tensor | None = None
 
-    def __call__(self, _module: "nn.Module", args: tuple, _output: Any) -> None:
-        x = args[0]
+    def __call__(self, _module: "nn.Module", args: tuple, kwargs: dict, _output: Any) -> None:
+        x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+        if x is None:
+            return
         if self.mask is not None and x.dim() == 3 and x.shape[:2] == self.mask.shape:
             x = x[self.mask]
         self.rows = x.reshape(-1, x.shape[-1])
@@ -204,7 +206,7 @@ def _run_with_hooks(model: Any, bases: dict[str, Any], hooks: dict[str, _Inputs]
     handles = []
     for site, hook in hooks.items():
         hook.mask, hook.rows = mask, None
-        handles.append(bases[site].register_forward_hook(hook))
+        handles.append(bases[site].register_forward_hook(hook, with_kwargs=True))
     try:
         run(model, batch)
     finally:
