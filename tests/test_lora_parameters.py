@@ -17,6 +17,8 @@ SPEC = "lora[r=2,alpha=4,target_parameters=[experts.gate_up_proj,experts.down_pr
 
 
 def _mixtral(seed: int = 0):
+    """A tiny Mixtral: experts.gate_up_proj (experts, 2 * intermediate, hidden), down_proj (experts, hidden,
+    intermediate)."""
     from transformers import MixtralConfig, MixtralForCausalLM
 
     torch.manual_seed(seed)
@@ -24,6 +26,25 @@ def _mixtral(seed: int = 0):
                            num_key_value_heads=2, vocab_size=128, num_local_experts=4, num_experts_per_tok=2,
                            max_position_embeddings=64, pad_token_id=0)
     return MixtralForCausalLM(config).eval()
+
+
+def _gpt_oss(seed: int = 0):
+    """A tiny GPT-OSS: its experts store weights transposed, (experts, in, out) (``is_transposed``)."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    torch.manual_seed(seed)
+    config = GptOssConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=8, vocab_size=128, num_local_experts=4,
+                          num_experts_per_tok=2, max_position_embeddings=64, pad_token_id=0)
+    model = GptOssForCausalLM(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 3:
+                param.normal_(0, 0.1)
+    return model
+
+
+MOE_MODELS = {"mixtral": _mixtral, "gpt_oss": _gpt_oss}
 
 
 def _ids() -> torch.Tensor:
@@ -43,12 +64,14 @@ def _peft(base, **extra):
     return get_peft_model(base, config)
 
 
-def test_peft_file_loads_in_peftkit_with_the_same_logits(tmp_path):
-    theirs = _peft(_mixtral())
+@pytest.mark.parametrize("kind", sorted(MOE_MODELS))
+def test_peft_file_loads_in_peftkit_with_the_same_logits(tmp_path, kind):
+    build = MOE_MODELS[kind]
+    theirs = _peft(build())
     expected = _logits(theirs)
-    assert not torch.allclose(expected, _logits(_mixtral()), atol=1e-4)  # the adapter changes the output
+    assert not torch.allclose(expected, _logits(build()), atol=1e-4)  # the adapter changes the output
     theirs.save_pretrained(tmp_path)
-    ours = peftkit.from_pretrained(_mixtral(), str(tmp_path))
+    ours = peftkit.from_pretrained(build(), str(tmp_path))
     torch.testing.assert_close(_logits(ours), expected, atol=1e-5, rtol=0)
     ours.merge_adapter()
     torch.testing.assert_close(_logits(ours), expected, atol=1e-5, rtol=0)
@@ -56,16 +79,18 @@ def test_peft_file_loads_in_peftkit_with_the_same_logits(tmp_path):
     torch.testing.assert_close(_logits(ours), expected, atol=1e-5, rtol=0)
 
 
-def test_peftkit_file_loads_in_peft_with_the_same_logits(tmp_path):
+@pytest.mark.parametrize("kind", sorted(MOE_MODELS))
+def test_peftkit_file_loads_in_peft_with_the_same_logits(tmp_path, kind):
     from peft import PeftModel
 
-    ours = peftkit.adapt(_mixtral(), SPEC)
+    build = MOE_MODELS[kind]
+    ours = peftkit.adapt(build(), SPEC)
     expected = _logits(ours)
-    assert not torch.allclose(expected, _logits(_mixtral()), atol=1e-4)
+    assert not torch.allclose(expected, _logits(build()), atol=1e-4)
     ours.save_adapter(str(tmp_path))
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     assert saved["target_parameters"] == TARGETS and saved["target_modules"] == []
-    theirs = PeftModel.from_pretrained(_mixtral(), str(tmp_path))
+    theirs = PeftModel.from_pretrained(build(), str(tmp_path))
     torch.testing.assert_close(_logits(theirs), expected, atol=1e-5, rtol=0)
     merged = theirs.merge_and_unload()
     torch.testing.assert_close(_logits(merged), expected, atol=1e-5, rtol=0)
