@@ -211,3 +211,87 @@ def test_hotswap_into_lora_and_dora_gives_the_new_adapters_weight_change():
             slot.hotswap_plan(new)()
         assert slot.scale == SCALE  # the slot keeps its scale; the new one is folded into B
         torch.testing.assert_close(slot.delta_weight(base).detach(), expected, atol=1e-6, rtol=1e-5)
+
+
+# -- PiSSA removal, repr, embedding init -----------------------------------------------------------------------------
+
+
+def test_removing_a_plain_lora_leaves_the_weight_alone():
+    base = _linear()
+    original = base.weight.detach().clone()
+    _lora(base).removed(base)
+    assert torch.equal(base.weight, original)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_removing_a_pissa_lora_gives_back_the_original_weight_in_its_dtype(dtype):
+    base = _linear(dtype=dtype)
+    original = base.weight.detach().clone()
+    lora = LoraLinear(base, R, SCALE, 0.0, "pissa", False)
+    residual = original.double() - _dense(lora)
+    torch.testing.assert_close(base.weight.double(), residual, atol=0.02 if dtype == torch.bfloat16 else 1e-5,
+                               rtol=0.02 if dtype == torch.bfloat16 else 1e-5)
+    lora.removed(base)
+    assert base.weight.dtype == dtype
+    torch.testing.assert_close(base.weight, original, atol=0.03 if dtype == torch.bfloat16 else 1e-5, rtol=0.02)
+
+
+def test_removing_a_pissa_lora_on_a_gpt2_conv1d_gives_back_its_in_out_weight():
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    base = Conv1D(OUT, IN)  # weight (in, out)
+    base.weight.data.normal_()
+    original = base.weight.detach().clone()
+    lora = LoraLinear(base, R, SCALE, 0.0, "pissa", False)
+    torch.testing.assert_close(base.weight.double(), (original.double().T - _dense(lora)).T, atol=1e-5, rtol=1e-5)
+    lora.removed(base)
+    torch.testing.assert_close(base.weight, original, atol=1e-5, rtol=1e-5)
+
+
+def test_linear_repr_names_sizes_rank_scale_and_dora():
+    base = _linear()
+    assert _lora(base).extra_repr() == "in=6, out=5, r=3, scale=1.5"
+    assert _lora(base, dora=True).extra_repr() == "in=6, out=5, r=3, scale=1.5, dora"
+
+
+def test_embedding_init_a_zero_by_default_gaussian_std_0_1_for_init_false():
+    torch.manual_seed(5)
+    base = nn.Embedding(2000, 4)
+    default = LoraEmbedding(base, 8, SCALE, True)
+    assert torch.count_nonzero(default.lora_embedding_A) == 0  # identity at init
+    assert abs(default.lora_embedding_B.std().item() - 1.0) < 0.3  # B ~ N(0, 1), as PEFT
+    random = LoraEmbedding(base, 8, SCALE, False)
+    assert abs(random.lora_embedding_A.std().item() - 0.1) < 0.005  # 16000 draws: std within 5%
+
+
+def test_dora_norm_cache_follows_every_change_of_w_a_and_b():
+    base = _linear()
+    lora = _lora(base, dora=True)
+    x = _x(2, 4)
+    changes = [lambda: lora.lora_A.mul_(1.5), lambda: lora.lora_B.add_(0.3), lambda: base.weight.mul_(0.5),
+               lambda: setattr(base, "weight", nn.Parameter(base.weight.detach() + 0.2))]
+    for change in [lambda: None, *changes]:
+        with torch.no_grad():
+            change()
+            h = base(x)
+            torch.testing.assert_close(lora(x, h, base).double(), _dora_hand(lora, base, x), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(lora(x, h, base).double(), _dora_hand(lora, base, x), atol=1e-5, rtol=1e-5)
+    h = base(x)  # with gradients: computed afresh, same values
+    torch.testing.assert_close(lora(x, h, base).double(), _dora_hand(lora, base, x), atol=1e-5, rtol=1e-5)
+
+
+def test_dora_forward_after_merge_and_unmerge_uses_the_restored_weight():
+    base = _linear()
+    lora = _lora(base, dora=True)
+    x = _x(2, 4)
+    with torch.no_grad():
+        h = base(x)
+        before = lora(x, h, base)
+        lora.merge(base)
+        lora.base_changed()
+        lora.unmerge(base)
+        lora.base_changed()
+        h = base(x)
+        torch.testing.assert_close(lora(x, h, base), before, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lora(x, h, base).double(), _dora_hand(lora, base, x), atol=1e-5, rtol=1e-5)

@@ -1,0 +1,155 @@
+"""Reading adapter folders (core/serialization.py), check by check with the exact outcome: the weights
+file against the keys and shapes the model expects, pickles refused, damaged files, config files that
+are no adapter config, the method a config names, another base model refused, and the core's own
+fields kept out of the method's config. Written for `make mutate` (docs/mutation.md)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import peftkit
+from peftkit.core import serialization as ser
+from peftkit.core.errors import AdapterLoadError
+
+from .tiny_models import build_tiny
+
+
+def _keys(n: int, prefix: str) -> dict[str, torch.Tensor]:
+    return {f"{prefix}{i}": torch.zeros(2, 3) for i in range(n)}
+
+
+def test_site_key_prefixes_peft_model_path():
+    assert ser.site_key("model.layers.0.q_proj", "lora_A.weight") == "base_model.model.model.layers.0.q_proj.lora_A.weight"
+
+
+def test_check_weights_accepts_the_same_keys_and_shapes():
+    ser.check_weights(_keys(3, "k"), _keys(3, "k"), "here")
+
+
+def test_check_weights_names_missing_and_unexpected_keys_five_at_most():
+    with pytest.raises(AdapterLoadError) as refused:
+        ser.check_weights(_keys(7, "m"), {**_keys(1, "m"), **_keys(2, "x")}, "here")
+    assert str(refused.value) == (
+        "here: the weights do not fit this model and config: missing keys (6): m1, m2, m3, m4, m5 ...; "
+        "unexpected keys (2): x0, x1. Was it saved for another base model or with other target modules?")
+    with pytest.raises(AdapterLoadError) as refused:
+        ser.check_weights(_keys(5, "m"), {}, "here")
+    assert str(refused.value) == ("here: the weights do not fit this model and config: missing keys (5): "
+                                  "m0, m1, m2, m3, m4. Was it saved for another base model or with other "
+                                  "target modules?")
+    with pytest.raises(AdapterLoadError) as refused:
+        ser.check_weights({}, _keys(6, "u"), "here")
+    assert str(refused.value) == ("here: the weights do not fit this model and config: unexpected keys (6): "
+                                  "u0, u1, u2, u3, u4 .... Was it saved for another base model or with other "
+                                  "target modules?")
+
+
+def test_check_weights_names_shape_mismatches_three_at_most():
+    own = _keys(4, "k")
+    file = {k: torch.zeros(3, 2) for k in own}
+    with pytest.raises(AdapterLoadError) as refused:
+        ser.check_weights(own, file, "here")
+    assert str(refused.value) == (
+        "here: shape mismatch in 4 tensors (k0: file (3, 2) vs model (2, 3); k1: file (3, 2) vs model (2, 3); "
+        "k2: file (3, 2) vs model (2, 3)); the adapter was made for a model of another size or with another config")
+
+
+@pytest.mark.parametrize("pickle_name", ser.PICKLE_NAMES)
+def test_read_weights_refuses_pickles_by_name(tmp_path, pickle_name):
+    (tmp_path / pickle_name).write_bytes(b"not read")
+    with pytest.raises(AdapterLoadError) as refused:
+        ser.read_weights(tmp_path)
+    assert str(refused.value).startswith(f"{tmp_path} holds weights only as {pickle_name}, a pickle file, which "
+                                         f"peftkit never loads")
+    assert "safetensors.torch.save_file(state_dict, 'adapter_model.safetensors')" in str(refused.value)
+
+
+def test_read_weights_missing_truncated_and_good(tmp_path):
+    with pytest.raises(AdapterLoadError) as refused:
+        ser.read_weights(tmp_path)
+    assert str(refused.value) == (f"{tmp_path} has no adapter_model.safetensors; the folder is incomplete — save "
+                                  f"or download the adapter again")
+    tensors = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.ones(1, dtype=torch.float64)}
+    save_file(tensors, tmp_path / ser.WEIGHTS_NAME)
+    read = ser.read_weights(tmp_path)
+    assert set(read) == {"a", "b"} and torch.equal(read["a"], tensors["a"]) and read["b"].dtype == torch.float64
+    data = (tmp_path / ser.WEIGHTS_NAME).read_bytes()
+    (tmp_path / ser.WEIGHTS_NAME).write_bytes(data[: len(data) - 5])
+    with pytest.raises(AdapterLoadError, match=r"adapter_model.safetensors is truncated or corrupted \("):
+        ser.read_weights(tmp_path)
+
+
+def test_read_config_refusals(tmp_path):
+    with pytest.raises(AdapterLoadError) as refused:
+        ser.read_config(tmp_path / "nowhere")
+    assert str(refused.value) == (f"{str(tmp_path / 'nowhere')!r} is not an adapter folder (it does not exist or "
+                                  f"is a file)")
+    with pytest.raises(AdapterLoadError) as refused:
+        ser.read_config(tmp_path)
+    assert str(refused.value) == (f"{str(tmp_path)!r} has no adapter_config.json (it holds: nothing); save "
+                                  f"adapters with save_adapter() or PEFT's save_pretrained()")
+    (tmp_path / "b.txt").write_text("x")
+    (tmp_path / "a.txt").write_text("x")
+    with pytest.raises(AdapterLoadError, match=r"\(it holds: a.txt, b.txt\)"):
+        ser.read_config(tmp_path)
+    config = tmp_path / ser.CONFIG_NAME
+    config.write_text("{broken")
+    with pytest.raises(AdapterLoadError, match=r"adapter_config.json is not valid JSON \(.*\); the file is damaged"):
+        ser.read_config(tmp_path)
+    config.write_bytes(b"\xff\xfe{}")
+    with pytest.raises(AdapterLoadError, match="is not valid JSON"):
+        ser.read_config(tmp_path)
+    config.write_text("[1, 2]")
+    with pytest.raises(AdapterLoadError) as refused:
+        ser.read_config(tmp_path)
+    assert str(refused.value) == f"{config} must hold a JSON object, not list"
+    config.write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+    assert ser.read_config(tmp_path)["r"] == 4
+
+
+def test_method_for_reads_peftkit_method_then_peft_type():
+    assert ser.method_for({"peftkit": {"method": "lora"}, "peft_type": "IA3"}, "w").name == "lora"
+    assert ser.method_for({"peftkit": "not a dict", "peft_type": "IA3"}, "w").name == "ia3"
+    assert ser.method_for({"peft_type": "LORA"}, "w").name == "lora"
+    with pytest.raises(AdapterLoadError) as refused:
+        ser.method_for({"r": 4}, "w")
+    assert str(refused.value) == ("w: the config names no method (neither 'peftkit.method' nor 'peft_type'); is "
+                                  "this an adapter folder?")
+    with pytest.raises(AdapterLoadError, match="^w: PEFT method 'NOPE' is not supported by the installed peftkit "
+                                               r"methods \(.*lora.*\); install a plugin that provides it$"):
+        ser.method_for({"peft_type": "NOPE"}, "w")
+    with pytest.raises(AdapterLoadError, match="^w: "):
+        ser.method_for({"peftkit": {"method": "nope"}}, "w")
+
+
+def test_check_base_model_refuses_another_size_and_names_it():
+    model = peftkit.adapt(build_tiny("llama"), "lora[r=2]")
+    info = ser.base_model_info(model)
+    assert info["model_type"] == "llama" and info["hidden_size"] == 32
+    ser.check_base_model(model, {"peftkit": {"base_model": dict(info)}}, "w")
+    ser.check_base_model(model, {"peftkit": {"base_model": {"d_model": 7}}}, "w")  # a key this model lacks
+    ser.check_base_model(model, {"peftkit": "odd", "r": 1}, "w")
+    for key, value in (("hidden_size", 64), ("model_type", "gpt2"), ("num_hidden_layers", 9)):
+        data = {"peftkit": {"base_model": {**info, key: value}}, "base_model_name_or_path": "org/base"}
+        with pytest.raises(AdapterLoadError) as refused:
+            ser.check_base_model(model, data, "w")
+        assert str(refused.value) == (f"w: this adapter was made for a model with {key}={value!r} (org/base), but "
+                                      f"this model has {key}={info[key]!r}; load it on the base model it was "
+                                      f"trained for")
+    with pytest.raises(AdapterLoadError, match=r"\(unknown base\)"):
+        ser.check_base_model(model, {"peftkit": {"base_model": {"hidden_size": 1}}}, "w")
+
+
+def test_config_from_data_leaves_the_core_fields_aside():
+    method = peftkit.get_method("lora")
+    data = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "peftkit": {"x": 1},
+            "base_model_name_or_path": "b", "task_type": "CAUSAL_LM", "inference_mode": True, "peft_version": "1",
+            "revision": None, "auto_mapping": None}
+    config = ser.config_from_data(method, data, "w")
+    assert (config.r, config.alpha) == (4, 8)
+    with pytest.raises(AdapterLoadError, match="^w: adapter_config.json does not describe a valid lora adapter: "):
+        ser.config_from_data(method, {"peft_type": "LORA", "r": "four"}, "w")
