@@ -156,3 +156,65 @@ def test_peftkit_train_runs_eva_on_the_training_data(tmp_path):
     for key in a_keys:  # EVA's rows are orthonormal singular vectors (a Kaiming init is not)
         a = weights[key].float()
         torch.testing.assert_close(a @ a.t(), torch.eye(a.shape[0]), atol=1e-3, rtol=0)
+
+
+class _TwoLayers(torch.nn.Module):
+    """``low`` reads inputs spread over 4 directions of distinct variance, ``iso`` isotropic ones: EVA gives
+    ``low`` the whole budget and ``iso`` rank 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.low, self.iso = torch.nn.Linear(16, 8), torch.nn.Linear(16, 8)
+        basis = torch.linalg.qr(torch.randn(16, 4))[0]
+        self.register_buffer("spread", basis.t() * torch.tensor([4.0, 3.0, 2.5, 2.0])[:, None])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.low(x[:, :4] @ self.spread) + self.iso(x)
+
+
+def _rows(count: int = 6) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(4)
+    return [{"x": torch.randn(512, 16, generator=gen)} for _ in range(count)]
+
+
+def test_a_layer_left_at_rank_0_loses_its_adapter_as_in_peft(monkeypatch, tmp_path):
+    from peft import EvaConfig, LoraConfig, get_peft_model, initialize_lora_eva_weights
+
+    ours = peftkit.adapt(_TwoLayers(), "lora[r=2,alpha=4,init=eva,target_modules=[low,iso]]")
+    x = _rows()[0]["x"]
+    expected = _TwoLayers()(x)
+    ranks = peftkit.initialize_eva(ours, _rows(), forward=lambda model, batch: model(batch["x"]))
+    assert ranks == {"low": 4, "iso": 0}
+    config = ours.adapters["default"]
+    assert config.target_modules == ["low"] and config.rank_pattern == {"low": 4} and config.alpha_pattern == {"low": 8}
+    assert set(peftkit.plugin_api.layer_adapters_of(ours, "default")) == {"low"}
+    torch.testing.assert_close(ours(x), expected)
+
+    import peft.tuners.lora.eva as peft_eva
+    from peft.utils.incremental_pca import IncrementalPCA
+
+    monkeypatch.setattr(peft_eva, "IncrementalPCA",
+                        lambda *args, **kwargs: IncrementalPCA(*args, **{**kwargs, "lowrank": False}))
+    theirs = get_peft_model(_TwoLayers(), LoraConfig(r=2, lora_alpha=4, target_modules=["low", "iso"],
+                                                     init_lora_weights="eva", eva_config=EvaConfig()))
+    initialize_lora_eva_weights(theirs, _rows(), forward_fn=lambda model, batch: model(batch["x"]),
+                                prepare_model_inputs_fn=None, prepare_layer_inputs_fn=None, show_progress_bar=False)
+    assert theirs.peft_config["default"].rank_pattern == {"low": 4}
+    assert not hasattr(theirs.base_model.model.iso, "lora_A")
+    layer = peftkit.plugin_api.layer_adapters_of(ours, "default")["low"]
+    torch.testing.assert_close(layer.lora_A, theirs.base_model.model.low.lora_A["default"].weight, atol=1e-4, rtol=0)
+
+    ours.save_adapter(str(tmp_path))
+    again = peftkit.from_pretrained(_TwoLayers(), str(tmp_path))
+    assert set(peftkit.plugin_api.layer_adapters_of(again, "default")) == {"low"}
+
+
+def test_eva_with_dora_starts_equal_to_the_base():
+    batches = _batches()
+    expected = build_tiny("llama")(input_ids=batches[0]["input_ids"]).logits
+    model = peftkit.adapt(build_tiny("llama"), "lora[r=4,init=eva,use_dora=true,eva_tau=0.9,target_modules=[q_proj]]")
+    model(input_ids=batches[0]["input_ids"])  # DoRA's norms cached from the placeholder A
+    peftkit.initialize_eva(model, batches)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=batches[0]["input_ids"]).logits, expected)
