@@ -18,7 +18,7 @@ from tests.method_helpers import (adapter_modules, changed_by_a_train_step, merg
                                   peft_file_loads_alike, peftkit_file_loads_alike, quantized_matches_twin,
                                   randomize)
 from tests.tiny_models import build_tiny
-from tests.tiny_vision import BLOCK_CONVS, image_logits, SHORTCUT, tiny_resnet
+from tests.tiny_vision import BLOCK_CONVS, image_logits, logits_through_deltas, SHORTCUT, tiny_resnet
 
 # The conformance suite runs oft[oft_block_size=8] on llama, gpt2, bert and t5: tests/test_conformance.py.
 
@@ -257,3 +257,11 @@ def test_conv2d_identity_at_init_and_unsupported_convolutions_refused():
                        (torch.nn.Conv2d(4, 4, 3, dilation=2), r"dilation=\(2, 2\)")):
         with pytest.raises(ConfigError, match=f"'0' is a Conv2d with .*{what}"):
             peftkit.adapt(torch.nn.Sequential(conv), OftConfig(oft_block_size=4, target_modules=["0"]))
+
+
+def test_conv2d_change_inside_a_composition_equals_the_layer_alone():
+    model = peftkit.adapt(tiny_resnet(), OftConfig(oft_block_size=4, init_weights=False,
+                                                   target_modules=BLOCK_CONVS + SHORTCUT)).eval()
+    alone = image_logits(model)
+    assert not torch.allclose(alone, image_logits(tiny_resnet()), atol=1e-4)
+    torch.testing.assert_close(logits_through_deltas(model), alone, atol=1e-5, rtol=1e-5)

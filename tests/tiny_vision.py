@@ -27,3 +27,18 @@ def image_logits(model: Any) -> torch.Tensor:
     images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         return model(pixel_values=images).logits
+
+
+def logits_through_deltas(model: Any) -> torch.Tensor:
+    """:func:`image_logits` with a no-op forward hook on every adapted layer's base: the layer then runs
+    its base and adds the adapter's ``delta`` (the path compositions take) instead of the adapter's
+    fused ``forward_alone``."""
+    from peftkit.core.layer import TunerLayer
+
+    handles = [m.base_layer.register_forward_hook(lambda *_: None) for m in model.modules()
+               if isinstance(m, TunerLayer)]
+    try:
+        return image_logits(model)
+    finally:
+        for handle in handles:
+            handle.remove()
