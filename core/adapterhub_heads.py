@@ -33,7 +33,10 @@ HEAD_CONFIG_NAME = "head_config.json"
 SAFE_HEAD_WEIGHTS_NAME = "model_head.safetensors"
 PICKLE_HEAD_WEIGHTS_NAME = "pytorch_model_head.bin"
 #: transformers task-class suffix -> AdapterHub's flex head type.
-HEAD_TYPES = {"ForSequenceClassification": "classification", "ForTokenClassification": "tagging"}
+HEAD_TYPES = {"ForSequenceClassification": "classification", "ForTokenClassification": "tagging",
+              "ForCausalLM": "causal_lm", "LMHeadModel": "causal_lm"}
+#: model_type -> the prefix of ``adapters``' flex-head model class (``BertAdapterModel``).
+ADAPTER_MODEL_FAMILIES = {"bert": "Bert", "roberta": "Roberta", "llama": "Llama", "gpt2": "GPT2"}
 
 
 @dataclass
@@ -64,7 +67,7 @@ def read_head_config(folder: Path) -> dict[str, Any]:
 
 
 def _task_kind(model: nn.Module) -> str | None:
-    """"classification", "tagging" or None from the task model's class name."""
+    """"classification", "tagging", "causal_lm" or None from the task model's class name."""
     cls = type(model).__name__
     return next((kind for suffix, kind in HEAD_TYPES.items() if cls.endswith(suffix)), None)
 
@@ -101,6 +104,12 @@ def flex_layout(model: nn.Module, head_config: Mapping[str, Any], name: str) -> 
     if kind != wanted:
         return (f"a {kind!r} head needs a transformers model whose class ends with "
                 f"{next((s for s, k in HEAD_TYPES.items() if k == kind), 'one peftkit knows')}")
+    if kind == "causal_lm":  # one bias-free Linear onto the vocabulary: the model's own lm_head
+        lm_head = _original(model, "lm_head")
+        if layers == 1 and not head_config.get("bias") and isinstance(lm_head, nn.Linear) and lm_head.bias is None:
+            return {f"heads.{name}.0": "lm_head"}
+        return (f"layers={layers}, bias={head_config.get('bias')!r} computes other than "
+                f"{type(model).__name__}'s lm_head")
     if head_config.get("bias", True) is not True:
         return "bias=false (transformers' heads have a bias)"
     tanh = str(head_config.get("activation_function")).lower() == "tanh"
@@ -213,11 +222,17 @@ def _saved_layout(model: nn.Module, name: str) -> tuple[dict[str, Any], dict[str
     kind = _task_kind(model)
     if kind is None:
         return None
+    model_config = getattr(model, "config", None)
     for layers in (2, 1):
         config: dict[str, Any] = {"activation_function": "tanh", "dropout_prob": None, "head_type": kind,
                                   "layers": layers}
         if kind == "classification":
             config.update(bias=True, use_pooler=False)
+        if kind == "causal_lm":  # CausalLMHead's options, as adapters writes them
+            hidden = getattr(model_config, "hidden_size", None) or getattr(model_config, "n_embd", None)
+            config.update(activation_function=None, bias=False, layer_norm=False, shift_labels=True,
+                          vocab_size=getattr(model_config, "vocab_size", None),
+                          embedding_size=getattr(model_config, "embedding_size", hidden))
         layout = flex_layout(model, config, name)
         if not isinstance(layout, str):
             return config, layout
@@ -241,13 +256,14 @@ def flex_head_files(model: nn.Module, name: str, tensors: Mapping[str, Any], lab
                            f"peftkit's format instead (format='peftkit')")
     config, layout = found
     last = layout[max(layout, key=lambda k: int(k.rpartition(".")[2]))]
-    config = {**config, "num_labels": int(tensors[f"{last}.weight"].shape[0]),
-              "label2id": {label: i for i, label in enumerate(labels)} if labels else None}
-    out = {f"{prefix}.{leaf}": tensors[f"{module}.{leaf}"] for prefix, module in layout.items()
-           for leaf in ("weight", "bias")}
+    config = {**config, "label2id": {label: i for i, label in enumerate(labels)} if labels else None}
+    if config["head_type"] != "causal_lm":
+        config["num_labels"] = int(tensors[f"{last}.weight"].shape[0])
+    out = {f"{prefix}.{key[len(module) + 1:]}": tensor for prefix, module in layout.items()
+           for key, tensor in tensors.items() if key.startswith(module + ".")}
     model_config = getattr(model, "config", None)
     model_type = getattr(model_config, "model_type", None)
-    family = {"bert": "Bert", "roberta": "Roberta"}.get(model_type or "", "")
+    family = ADAPTER_MODEL_FAMILIES.get(model_type or "", "")
     data = {"config": config, "hidden_size": getattr(model_config, "hidden_size", None),
             "model_class": f"{family}AdapterModel", "model_name": model_name or "", "model_type": model_type,
             "name": name, "version": WRITTEN_VERSION}

@@ -102,7 +102,7 @@ def _expected(case: Path) -> torch.Tensor:
 HEADS = {"bert_head_seq_cls": ["neg", "neu", "pos"], "bert_head_seq_cls_pooler": ["neg", "neu", "pos"],
          "roberta_head_seq_cls": ["neg", "neu", "pos"], "bert_head_tagging": ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"],
          "roberta_head_tagging": ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"],
-         "bert_head_static_seq_cls": ["LABEL_0", "LABEL_1", "LABEL_2"]}
+         "bert_head_static_seq_cls": ["LABEL_0", "LABEL_1", "LABEL_2"], "llama_head_causal_lm": None}
 
 
 @pytest.mark.parametrize("name", sorted(HEADS))
@@ -120,6 +120,17 @@ def test_a_causal_lm_output_layer_saved_as_a_static_head_is_the_adapters_own(fix
     assert model.adapter_record("default").modules_to_save == ["lm_head"]
     copy = model.base_model.lm_head.copies["default"].weight
     assert not torch.allclose(copy, base.lm_head.weight)  # drawn at random in adapters: it matters
+
+
+def test_add_causal_lm_heads_default_two_layers_are_refused_by_name(fixtures: Path, tmp_path: Path) -> None:
+    case = fixtures / "llama_head_causal_lm"
+    folder = tmp_path / "two_layers"
+    shutil.copytree(case / "adapter", folder)
+    data = json.loads((folder / "head_config.json").read_text())
+    data["config"].update(layers=2, bias=True, layer_norm=True, activation_function="gelu")
+    (folder / "head_config.json").write_text(json.dumps(data))
+    with pytest.raises(AdapterLoadError, match="'causal_lm' head cannot load into LlamaForCausalLM: layers=2"):
+        peftkit.from_pretrained(_base(case), str(folder))
 
 
 def test_a_head_the_model_cannot_hold_is_left_out_with_a_warning(fixtures: Path) -> None:

@@ -88,6 +88,7 @@ HEAD_CASES = {
     "bert_head_tagging": ("bert", lambda: LoRAConfig(r=4), ("tagging", {"num_labels": 5, "id2label": TAGS})),
     "roberta_head_tagging": ("roberta", lambda: SeqBnConfig(), ("tagging", {"num_labels": 5, "id2label": TAGS})),
     "bert_head_static_seq_cls": ("bert", lambda: SeqBnConfig(), ("static", {"num_labels": 3, "id2label": LABELS})),
+    "llama_head_causal_lm": ("llama", lambda: LoRAConfig(r=4), ("causal_lm", {})),
 }
 
 
@@ -156,20 +157,20 @@ def make_case(out: Path, case: str) -> None:
 
 def build_with_head(model_type: str, kind: str, kwargs: dict, body: torch.nn.Module) -> torch.nn.Module:
     """A model with a prediction head whose body holds ``body``'s weights."""
-    from transformers import BertConfig, BertForSequenceClassification, RobertaConfig
+    import transformers
+    from transformers import BertConfig, BertForSequenceClassification
 
-    from adapters import BertAdapterModel, RobertaAdapterModel
+    import adapters as library
 
     if kind == "static":
         model = BertForSequenceClassification(BertConfig(**MODELS[model_type], num_labels=kwargs["num_labels"],
                                                          id2label=kwargs["id2label"]))
-        model.bert.load_state_dict(body.state_dict())
+        model.bert.load_state_dict(body.base_model.state_dict())
         adapters.init(model)
         return model.eval()
-    config_class, model_class = {"bert": (BertConfig, BertAdapterModel),
-                                 "roberta": (RobertaConfig, RobertaAdapterModel)}[model_type]
-    model = model_class(config_class(**MODELS[model_type]))
-    result = model.base_model.load_state_dict(body.state_dict(), strict=False)
+    config = getattr(transformers, f"{FAMILIES[model_type]}Config")(**MODELS[model_type])
+    model = getattr(library, f"{FAMILIES[model_type]}AdapterModel")(config)
+    result = model.base_model.load_state_dict(body.base_model.state_dict(), strict=False)
     assert not result.unexpected_keys and all(k.startswith("prompt_tuning.") for k in result.missing_keys), result
     return model.eval()
 
@@ -179,6 +180,10 @@ def add_head(model: torch.nn.Module, kind: str, kwargs: dict, name: str) -> None
         model.add_classification_head(name, **kwargs)
     elif kind == "tagging":
         model.add_tagging_head(name, **kwargs)
+    elif kind == "causal_lm":  # as adapters converts a ForCausalLM's lm_head (add_causal_lm_head adds 2 layers)
+        from adapters.heads import CausalLMHead
+
+        model.add_prediction_head(CausalLMHead(model, name, layers=1, bias=False, **kwargs))
 
 
 def make_head_case(out: Path, case: str) -> None:
@@ -186,10 +191,10 @@ def make_head_case(out: Path, case: str) -> None:
     folder = out / case
     folder.mkdir(parents=True)
     body = build_base(model_type)
-    task = "token_cls" if kind == "tagging" else "seq_cls"
+    task = {"tagging": "token_cls", "causal_lm": "causal_lm"}.get(kind, "seq_cls")
     (folder / "model.json").write_text(json.dumps({"model_type": model_type, "config": MODELS[model_type],
                                                    "task": task}))
-    save_file({k: v.contiguous() for k, v in body.state_dict().items()}, str(folder / "base.safetensors"))
+    save_file(base_weights(body), str(folder / "base.safetensors"))
     model = build_with_head(model_type, kind, kwargs, body)
     model.add_adapter("task", config=make_config())
     add_head(model, kind, kwargs, "task")
