@@ -8,7 +8,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast lint venv adapters-venv bench mutate clean
+.PHONY: demo test test-fast lint venv adapters-venv bench bench-perf mutate clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,10 @@ adapters-venv: $(ADAPTERS_STAMP)
 
 bench: $(VENV)/.installed
 	$(BIN)/python bench/bench_lora.py
+
+# Every built-in method's step, forward and memory next to peft; writes docs/performance.md
+bench-perf: $(VENV)/.installed
+	$(BIN)/python bench/perf_table.py
 
 # Mutation testing (not part of CI; see docs/testing.md): mutmut over the modules of
 # bench/mutation_map.toml, one at a time, each with its mapped tests; report in docs/mutation.md.
