@@ -318,8 +318,8 @@ def whoami_command(hub: str | None, token_file: str | None) -> None:
 @click.argument("base")
 @click.argument("spec", required=False)
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False),
-              help="Folder to write: a composition folder (with --auto: the learned LoRA adapter), or with "
-                   "--merge a merged model.")
+              help="Folder to write: a composition folder (with --auto: the learned combination, a LoRA "
+                   "adapter for --strategy weights, else a composition folder), or with --merge a merged model.")
 @_hub_option
 @click.option("--merge", is_flag=True,
               help="Merge the adapters into the base weights and save a plain transformers model "
