@@ -220,6 +220,9 @@ def write_adapterhub_adapter(model: "AdaptedModel", name: str, folder: Path) -> 
         head_data, head_file = head
         write_bytes_atomic(folder / SAFE_HEAD_WEIGHTS_NAME, save(head_file, metadata={"format": "pt"}))
         write_text_atomic(folder / HEAD_CONFIG_NAME, config_json(head_data))
+    else:  # a head from an earlier save into this folder would load with this adapter
+        (folder / HEAD_CONFIG_NAME).unlink(missing_ok=True)
+        (folder / SAFE_HEAD_WEIGHTS_NAME).unlink(missing_ok=True)
     write_bytes_atomic(folder / ADAPTERHUB_WEIGHTS_NAME, save(tensors, metadata={"format": "pt"}))
     write_text_atomic(folder / ADAPTERHUB_CONFIG_NAME, config_json(data))
 

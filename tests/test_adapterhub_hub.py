@@ -147,3 +147,16 @@ def test_a_repo_published_as_adapters_publishes_it_is_found_by_its_fields_and_lo
     ours, labels = _loaded_logits(base, pulled)
     torch.testing.assert_close(ours, logits, atol=1e-5, rtol=0)
     assert labels == ["neg", "neu", "pos"]
+
+
+def test_saving_without_a_head_over_a_folder_with_one_leaves_no_stale_head(saved, tmp_path: Path) -> None:
+    base, folder, _ = saved
+    model = peftkit.from_pretrained(_model(base), str(folder))
+    out = tmp_path / "out"
+    model.save_adapter(str(out), format="adapters")
+    assert (out / "head_config.json").is_file()
+    from transformers import BertModel
+
+    bare = peftkit.adapt(BertModel.from_pretrained(base).eval(), "seq_bn[reduction_factor=4]")
+    bare.save_adapter(str(out), format="adapters")  # the same folder, now without a head
+    assert sorted(p.name for p in out.iterdir()) == ["adapter.safetensors", "adapter_config.json"]
