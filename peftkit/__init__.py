@@ -124,8 +124,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from peftkit.training_hooks import training_callbacks  # noqa: F401
     from peftkit.plugins.lora.config import LoraConfig  # noqa: F401
     from peftkit.plugins.lora.convert import save_as_lora  # noqa: F401
-    from peftkit.lora_plus import lora_plus_optimizer  # noqa: F401
     from peftkit.plugins.lora.eva import initialize_eva  # noqa: F401
+    from peftkit.lora_plus import lora_plus_optimizer  # noqa: F401
     from peftkit.plugins.prefix_tuning.config import PrefixTuningConfig  # noqa: F401
     from peftkit.plugins.prompt_tuning.config import PromptTuningConfig  # noqa: F401
     from peftkit.plugins.bitfit.config import BitFitConfig  # noqa: F401
