@@ -167,14 +167,16 @@ def test_lora_model_step_equals_unfused() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape, r", [((24, 20), 8), ((64, 16), 8), ((24, 20), 2), ((256, 96), 2)])
 @pytest.mark.parametrize("training", [False, True])
-def test_lokr_fused_sum_matches_formula(shape: tuple[int, int], r: int, dtype: torch.dtype, training: bool) -> None:
+@pytest.mark.parametrize("conv1d", [False, True])
+def test_lokr_fused_sum_matches_formula(shape: tuple[int, int], r: int, dtype: torch.dtype, training: bool,
+                                        conv1d: bool) -> None:
     """LoKr on a linear layer applies its factors to the input and adds the base output in its last
     product: the same values and gradients as x (W + s kron(w1, w2))^T + b, for a full and a
     rank-r w2 (r=8 makes w2 full on these small layers: both product orders; r=2 keeps it low-rank)."""
     in_f, out_f = shape
     model = nn.Sequential()
     torch.manual_seed(1)
-    model.add_module("proj", nn.Linear(in_f, out_f))
+    model.add_module("proj", _conv1d(in_f, out_f) if conv1d else nn.Linear(in_f, out_f))
     torch.manual_seed(2)
     adapted = peftkit.adapt(model, f"lokr[r={r},alpha=4,init_weights=false,target_modules=proj]").to(dtype)
     adapted.train(training)
@@ -182,12 +184,15 @@ def test_lokr_fused_sum_matches_formula(shape: tuple[int, int], r: int, dtype: t
     adapter = layer.adapters["default"]
     x = torch.randn(3, 5, in_f, dtype=dtype, requires_grad=True)
     out = layer(x)
-    assert type(out.grad_fn).__name__ == "ViewBackward0"  # the fused sum ran (h + delta ends in AddBackward0)
+    assert type(out.grad_fn).__name__ == "ViewBackward0"  # a fused path ran (h + delta ends in AddBackward0)
+    if not adapter.shapes.full_w2:  # rank-r w2: the whole layer is one node
+        assert _node_under_view(out) == "_LokrFnBackward"
     trained = [p for p in adapter.parameters()]
     seed_grad = torch.randn_like(out)
     got = [out.detach()] + _grads(out, [x] + trained, seed_grad)
     base = layer.base_layer
-    expected_out = x @ (base.weight + adapter.delta_out_in()).t() + base.bias
+    weight = base.weight.t() if conv1d else base.weight
+    expected_out = x @ (weight + adapter.delta_out_in()).t() + base.bias
     expected = [expected_out.detach()] + _grads(expected_out, [x] + trained, seed_grad)
     for a, b in zip(got, expected):
         scale = b.abs().max().float().clamp_min(1.0)

@@ -29,8 +29,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from peftkit.plugin_api import adapter_dtype, is_conv1d, LayerAdapter
+from peftkit.plugin_api import adapter_dtype, is_conv1d, LayerAdapter, plain_linear
 
+from .fused import fused_lokr
 from .shapes import LokrShapes
 
 #: Which parameters start at zero (the update is then zero) for each init_weights value.
@@ -99,6 +100,20 @@ class LokrLayer(LayerAdapter):
             # output channels: the last dimension of a linear output, (N, C, *spatial) for a convolution
             out = out * self._row_mask(out, channel_dim=-1 - len(self.shapes.kernel))
         return out.to(h.dtype)
+
+    def forward_alone(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor | None:
+        """Alone on a plain linear layer with a rank-r w2 (no dropout drawing, one dtype, no autocast):
+        the layer's output as one fused operation (fused.py); None otherwise."""
+        s = self.shapes
+        if self.is_conv or s.full_w2 or self.lokr_w2_b.shape[0] >= s.in_n or not plain_linear(base):
+            return None
+        if self.training and (self.module_dropout or self.rank_dropout):
+            return None
+        dtype = self.lokr_w2_b.dtype
+        if x.dim() < 2 or x.dtype != dtype or base.weight.dtype != dtype or x.device != base.weight.device \
+                or torch.is_autocast_enabled(x.device.type):
+            return None
+        return fused_lokr(x, self._w1() * self.scale, self.lokr_w2_a, self.lokr_w2_b, base, s.in_m)
 
     def forward(self, x: torch.Tensor, h: torch.Tensor, base: nn.Module) -> torch.Tensor:
         """h + delta; on a linear layer (no dropout drawing, one dtype) the update's last product
