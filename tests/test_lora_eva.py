@@ -133,6 +133,9 @@ def test_errors():
         peftkit.initialize_eva(model, [])
     with pytest.raises(ConfigError, match="did not converge within 2 batches"):
         peftkit.initialize_eva(model, _batches(), max_batches=2)
+    model.merge_adapter()
+    with pytest.raises(ConfigError, match="unmerge it"):
+        peftkit.initialize_eva(model, _batches())
     with pytest.raises(ConfigError, match="eva_rho=0.5 must be >= 1"):
         peftkit.LoraConfig(init_weights="eva", eva_rho=0.5)
 

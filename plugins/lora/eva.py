@@ -53,6 +53,9 @@ def initialize_eva(model: Any, batches: Iterable[Mapping[str, Any]], adapter_nam
         raise ConfigError(f"initialize_eva: adapter {adapter_name!r} has no linear layer EVA can initialise "
                           f"(EVA sets LoRA's A on Linear layers; embeddings, convolutions and parameters keep "
                           f"the ordinary init)")
+    if any(adapter_name in getattr(model.base_model.get_submodule(site), "merged", ()) for site in layers):
+        raise ConfigError(f"initialize_eva: adapter {adapter_name!r} is merged into the base weights; unmerge it "
+                          f"(model.unmerge_adapter()) before EVA sets its factors")
     run = forward or (lambda m, batch: m(**batch))
     training = model.training
     model.eval()
