@@ -221,3 +221,15 @@ def test_eva_with_dora_starts_equal_to_the_base():
     peftkit.initialize_eva(model, batches)
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=batches[0]["input_ids"]).logits, expected)
+
+
+def test_eva_sets_linear_layers_and_leaves_expert_parameters_at_the_default_init():
+    from tests.test_lora_parameters import _mixtral
+
+    ids = torch.randint(1, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}] * 3
+    model = peftkit.adapt(_mixtral(), "lora[r=2,init=eva,eva_rho=1,target_modules=[q_proj],"
+                                      "target_parameters=[experts.down_proj]]")
+    ranks = peftkit.initialize_eva(model, batches)
+    assert set(ranks) == {"model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"}
+    assert set(ranks.values()) == {2}  # rho 1: no redistribution

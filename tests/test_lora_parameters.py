@@ -127,6 +127,8 @@ def test_rank_pattern_per_parameter_and_errors():
     assert [f.r for f in layer.factors] == [2, 3]
     with pytest.raises(ConfigError, match="matched no parameter.*model.layers.N.mlp.experts.gate_up_proj"):
         peftkit.adapt(_mixtral(), "lora[target_parameters=[experts.nothing]]")
+    with pytest.raises(ConfigError, match="init_weights true, false"):
+        peftkit.adapt(_mixtral(), "lora[target_parameters=[experts.down_proj],init_weights=olora]")
     with pytest.raises(ConfigError, match="dropout=0"):
         peftkit.adapt(_mixtral(), "lora[target_parameters=[experts.down_proj],dropout=0.1]")
     with pytest.raises(ConfigError, match="wrong type"):

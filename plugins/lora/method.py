@@ -191,7 +191,8 @@ def _parameter_adapter(site: ParameterSite, base: "nn.Module", config: LoraConfi
         alpha = pattern_value(full, config.alpha_pattern, config.alpha)
         ranks.append(r)
         scales.append(alpha / (r ** 0.5) if config.use_rslora else alpha / r)
-    return LoraParameters(base, site.parameters, ranks, scales, config.init_weights)
+    init = True if config.init_weights == "eva" else config.init_weights  # EVA sets Linear layers only
+    return LoraParameters(base, site.parameters, ranks, scales, init)
 
 
 def _parameter_count(param: Any, r: int) -> int:

@@ -78,8 +78,8 @@ def check_parameter_config(config: "LoraConfig", site: str) -> None:
     """Refuse what LoRA on a parameter cannot do (PEFT refuses the same)."""
     refused = [(config.dropout, "dropout=0 (dropout cannot act on a weight)"),
                (config.use_dora, "use_dora=false"),
-               (isinstance(config.init_weights, str) and config.init_weights not in ("gaussian",),
-                "init_weights true, false or \"gaussian\"")]
+               (isinstance(config.init_weights, str) and config.init_weights not in ("gaussian", "eva"),
+                "init_weights true, false, \"gaussian\" or \"eva\" (EVA leaves parameters at the default init)")]
     for value, fix in refused:
         if value:
             raise ConfigError(f"lora: {site} is adapted through target_parameters, which needs {fix}; "
