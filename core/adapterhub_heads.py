@@ -151,7 +151,10 @@ def head_labels(data: Mapping[str, Any]) -> list[str] | None:
     table = (data.get("config") or {}).get("label2id") or data.get("label2id")
     if not isinstance(table, dict) or not table:
         return None
-    by_id = {int(i): str(label) for label, i in table.items()}
+    try:
+        by_id = {int(i): str(label) for label, i in table.items()}
+    except (TypeError, ValueError):  # ids that are no numbers: the names are left out, not the head
+        return None
     if sorted(by_id) != list(range(len(by_id))):
         return None
     return [by_id[i] for i in range(len(by_id))]
@@ -199,10 +202,11 @@ def load_head(model: nn.Module, folder: Path, where: str) -> LoadedHead | None:
     data = read_head_config(folder)
     layout = head_layout(model, data, where)
     if layout is None:
-        wanted = data.get("model_class") if data.get("config") is None else \
-            next((s for s, k in HEAD_TYPES.items() if k == data["config"].get("head_type")), None)
+        config = data.get("config") or {}
+        wanted = (next((s for s, k in HEAD_TYPES.items() if k == config.get("head_type")), None) if config
+                  else data.get("model_class"))
         warnings.warn(f"{where}: the adapter's AdapterHub prediction head is not loaded: {type(model).__name__} "
-                      f"has no head of its kind ({wanted or data['config'].get('head_type')}); load it onto "
+                      f"has no head of its kind ({wanted or config.get('head_type') or 'unknown'}); load it onto "
                       f"such a model to get the head", stacklevel=3)
         return None
     tensors = read_adapterhub_weights(folder, SAFE_HEAD_WEIGHTS_NAME, PICKLE_HEAD_WEIGHTS_NAME)

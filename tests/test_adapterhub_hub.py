@@ -160,3 +160,16 @@ def test_saving_without_a_head_over_a_folder_with_one_leaves_no_stale_head(saved
     bare = peftkit.adapt(BertModel.from_pretrained(base).eval(), "seq_bn[reduction_factor=4]")
     bare.save_adapter(str(out), format="adapters")  # the same folder, now without a head
     assert sorted(p.name for p in out.iterdir()) == ["adapter.safetensors", "adapter_config.json"]
+
+
+def test_a_head_config_with_odd_label_ids_loads_the_head_without_names(saved, tmp_path: Path) -> None:
+    base, folder, logits = saved
+    model = peftkit.from_pretrained(_model(base), str(folder))
+    out = tmp_path / "odd"
+    model.save_adapter(str(out), format="adapters")
+    data = json.loads((out / "head_config.json").read_text())
+    data["config"]["label2id"] = {"neg": "zero", "neu": 1, "pos": 2}
+    (out / "head_config.json").write_text(json.dumps(data))
+    ours, labels = _loaded_logits(base, out)
+    torch.testing.assert_close(ours, logits, atol=1e-5, rtol=0)
+    assert labels == ["neg", "neu", "pos"]  # the base model's names, as the sizes agree
