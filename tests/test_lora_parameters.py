@@ -159,3 +159,14 @@ TestConformance_lora_parameters = make_conformance_class(
     "lora[r=2,target_parameters=[experts.gate_up_proj,experts.down_proj]]",
     architectures=(TinyModel("mixtral", _mixtral, _mixtral_inputs),),
     checks=[c for c in CHECKS if not c.startswith("block_") and c != "deterministic"])
+
+
+def test_loading_the_lora_method_imports_no_torch():
+    """peftkit methods stays fast: LoRA's parameter sites live in a torch-free module."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom peftkit.core.plugins import get_method\nget_method('lora')\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "False"

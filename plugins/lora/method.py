@@ -10,7 +10,7 @@ from peftkit.plugin_api import (AdapterConfig, ConfigError, Method, pattern_valu
 
 from .adapterhub import LoraAdapterHub
 from .config import is_residual_init, LoraConfig
-from .parameters import ParameterSite
+from .sites import ParameterSite
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch.nn as nn

@@ -13,25 +13,18 @@ the one before ``base_layer.lora_A.weight``, and so on.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
 from torch.func import functional_call
 
-from peftkit.plugin_api import (base_of, ConfigError, iter_candidate_modules, LayerAdapter, layer_index, name_matches,
-                                Site)
+from peftkit.plugin_api import base_of, ConfigError, iter_candidate_modules, LayerAdapter, layer_index, name_matches
+
+from .sites import ParameterSite
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import LoraConfig
-
-
-@dataclass(frozen=True)
-class ParameterSite(Site):
-    """A module whose parameters ``parameters`` (names on the module, in its order) LoRA adapts."""
-
-    parameters: tuple[str, ...] = ()
 
 
 def parameter_sites(model: nn.Module, config: "LoraConfig", arch: Any) -> list[ParameterSite]:
