@@ -286,24 +286,30 @@ def test_peftkit_train_adds_the_regularizer_to_its_loss(tmp_path):
 
 def test_a_plain_transformers_trainer_allocates_with_training_callbacks(tmp_path):
     """transformers.Trainer with peftkit.training_callbacks(model): the ranks fall to the target and the
-    regularizer joins the loss the model returns."""
+    regularizer joins the loss the model returns (two runs from the same seed, with and without it)."""
     from transformers import Trainer, TrainingArguments
 
-    model = peftkit.adapt(build_tiny("gpt2"), "adalora[init_r=4,target_r=1,tfinal=1,total_step=4]")
-    model.train_adapter("default")
     rows = [{**{k: v[0] for k, v in sample_inputs("gpt2", batch=1, seed=i).items()},
              "labels": sample_inputs("gpt2", batch=1, seed=i)["input_ids"][0]} for i in range(8)]
-    args = TrainingArguments(str(tmp_path / "run"), max_steps=4, per_device_train_batch_size=2, learning_rate=1e-2,
-                             report_to="none", save_strategy="no", remove_unused_columns=False, use_cpu=True,
-                             logging_steps=1, disable_tqdm=True)
-    trainer = Trainer(model=model, args=args, train_dataset=rows, callbacks=peftkit.training_callbacks(model))
-    trainer.train()
-    pattern = model.adapter_record("default").config.rank_pattern
-    assert pattern and [sum(flags) for flags in pattern.values()] == [1, 1]  # gpt2: c_attn in 2 layers
-    assert [m.r for m in adapter_modules(model).values()] == [1, 1]
-    # the first logged loss carries the regularizer: 0.5 * mean(||Q Q^T - I||, ||P^T P - I||) = 0.5 * sqrt(4) for
-    # factors near zero, on top of the cross-entropy of a random tiny LM, near ln(128) = 4.85
-    assert trainer.state.log_history[0]["loss"] > 4.85 + 0.75
+    first_loss, term = {}, None
+    for weight in (0.5, 0.0):
+        spec = f"adalora[init_r=4,target_r=1,tfinal=1,total_step=4,orth_reg_weight={weight}]"
+        model = peftkit.adapt(build_tiny("gpt2"), spec)
+        model.train_adapter("default")
+        if weight:
+            term = peftkit.get_method("adalora").training_loss(model.train(), "default").item()
+        args = TrainingArguments(str(tmp_path / "run"), max_steps=4, per_device_train_batch_size=2,
+                                 learning_rate=1e-2, report_to="none", save_strategy="no",
+                                 remove_unused_columns=False, use_cpu=True, logging_steps=1, disable_tqdm=True)
+        trainer = Trainer(model=model, args=args, train_dataset=rows, callbacks=peftkit.training_callbacks(model))
+        trainer.train()
+        first_loss[weight] = trainer.state.log_history[0]["loss"]
+        pattern = model.adapter_record("default").config.rank_pattern
+        kept = [sum(flags) for flags in pattern.values()]
+        assert len(kept) == 2 and sum(kept) == 2  # gpt2: c_attn in 2 layers, target_r=1 each on average
+        assert [m.r for m in adapter_modules(model).values()] == kept
+    assert 0.9 < term < 1.0  # 0.5 * mean(||Q Q^T - I||, ||P^T P - I||), near 0.5 * sqrt(4) for small factors
+    assert first_loss[0.5] - first_loss[0.0] == pytest.approx(term, abs=1e-4)
 
 
 def test_the_demo_training_loop_drives_the_allocation():
@@ -319,3 +325,39 @@ def test_the_demo_training_loop_drives_the_allocation():
     config = model.adapter_record("default").config
     assert result.steps == config.total_step == 4
     assert sum(m.r for m in adapter_modules(model).values()) == 2 * len(config.rank_pattern) == 8
+
+
+def test_conv2d_and_linear_layers_load_from_peft_with_the_same_outputs(tmp_path):
+    import torch.nn as nn
+    from peft import AdaLoraConfig, get_peft_model
+
+    class ConvNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+    def net() -> ConvNet:
+        torch.manual_seed(0)
+        return ConvNet().eval()
+
+    x = torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = get_peft_model(net(), AdaLoraConfig(init_r=3, target_modules=["conv", "fc"], total_step=5,
+                                                     init_lora_weights=False)).eval()
+    with torch.no_grad():
+        expected = theirs(x)
+    theirs.save_pretrained(tmp_path)
+    ours = peftkit.from_pretrained(net(), str(tmp_path)).eval()
+    assert adapter_modules(ours)["conv"].lora_A.shape == (3, 3 * 9)
+    with torch.no_grad():  # all-random factors give outputs in the hundreds: compare relative to them
+        torch.testing.assert_close(ours(x), expected, atol=1e-5, rtol=1e-6)
+        ours.merge_adapter()
+        torch.testing.assert_close(ours(x), expected, atol=1e-5, rtol=1e-6)
+    grouped = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
+    with pytest.raises(ConfigError, match="grouped Conv2d"):
+        peftkit.adapt(grouped, "adalora[target_modules=['0']]")
