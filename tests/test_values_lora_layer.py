@@ -295,3 +295,52 @@ def test_dora_forward_after_merge_and_unmerge_uses_the_restored_weight():
         h = base(x)
         torch.testing.assert_close(lora(x, h, base), before, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(lora(x, h, base).double(), _dora_hand(lora, base, x), atol=1e-5, rtol=1e-5)
+
+
+# -- factor initialisation -------------------------------------------------------------------------------------------
+
+
+def test_factors_take_a_float64_bases_dtype_and_dropout_only_when_positive():
+    base = _linear(dtype=torch.float64)
+    lora = LoraLinear(base, R, SCALE, 0.0, True, True)
+    assert lora.lora_A.dtype == lora.lora_B.dtype == lora.lora_magnitude_vector.dtype == torch.float64
+    assert lora.dropout is None
+    assert isinstance(LoraLinear(base, R, SCALE, 0.25, True, False).dropout, nn.Dropout)
+    assert LoraLinear(base, R, SCALE, 0.25, True, False).dropout.p == 0.25
+
+
+def test_default_init_is_kaiming_uniform_a_with_zero_b():
+    torch.manual_seed(6)
+    base = nn.Linear(3000, 4)
+    lora = LoraLinear(base, 8, SCALE, 0.0, True, False)
+    bound = 1 / 3000 ** 0.5  # kaiming_uniform_(a=sqrt(5)) on fan_in 3000: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    assert lora.lora_A.abs().max() <= bound and lora.lora_A.abs().max() > 0.99 * bound
+    assert torch.count_nonzero(lora.lora_B) == 0
+
+
+def test_gaussian_init_draws_a_with_std_one_over_r_and_leaves_the_base_alone():
+    torch.manual_seed(7)
+    base = nn.Linear(2000, 4)
+    original = base.weight.detach().clone()
+    lora = LoraLinear(base, 8, SCALE, 0.0, "gaussian", False)
+    assert abs(lora.lora_A.std().item() - 1 / 8) < 0.005
+    assert torch.equal(base.weight, original) and torch.count_nonzero(lora.lora_B) == 0
+    assert not hasattr(lora, "initial_lora_A")
+
+
+def test_init_false_draws_b_with_std_0_1():
+    torch.manual_seed(8)
+    lora = LoraLinear(nn.Linear(4, 4000), 8, SCALE, 0.0, False, False)
+    assert abs(lora.lora_B.std().item() - 0.1) < 0.005
+
+
+def test_pissa_keeps_its_initial_factors_out_of_the_state_dict_and_refuses_float64():
+    base = _linear()
+    lora = LoraLinear(base, R, SCALE, 0.0, "pissa", False)
+    assert lora.lora_A.dtype == lora.lora_B.dtype == torch.float32
+    assert torch.equal(lora.initial_lora_A, lora.lora_A) and torch.equal(lora.initial_lora_B, lora.lora_B)
+    assert set(lora.state_dict()) == {"lora_A", "lora_B"}
+    with pytest.raises(Exception) as refused:
+        LoraLinear(_linear(dtype=torch.float64), R, SCALE, 0.0, "pissa", False)
+    assert str(refused.value) == ("lora: init_weights='pissa' needs a float32/float16/bfloat16 base weight, "
+                                  "not torch.float64")

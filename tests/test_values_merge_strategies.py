@@ -109,3 +109,22 @@ def test_the_plugin_registers_each_strategy_under_its_name():
     ms.peftkit_register_merge_strategies(registered.__setitem__)
     assert registered == {"linear": ms.linear, "magnitude_prune": ms.magnitude_prune, "ties": ms.ties,
                           "dare_linear": ms.dare_linear, "dare_ties": ms.dare_ties}
+
+
+def test_frequency_election_can_elect_minus():
+    d1, d2, d3 = torch.tensor([1.0, -2.0]), torch.tensor([-3.0, -1.0]), torch.tensor([2.0, -1.0])
+    # signs per column: (+, -, +) -> +; (-, -, -) -> -. Agreeing: d1, d3 | all three.
+    merged = ms.ties([d1, d2, d3], [1.0, 1.0, 1.0], density=1.0, majority_sign_method="frequency")
+    torch.testing.assert_close(merged, torch.tensor([1.5, -4.0 / 3]))
+
+
+def test_float64_task_vectors_are_weighted_in_float64():
+    d1, d2 = torch.tensor([1.0, 3.0], dtype=torch.float64), torch.tensor([2.0, -1.0], dtype=torch.float64)
+    merged = ms.ties([d1, d2], [0.1, 0.7], density=1.0)
+    assert merged.dtype == torch.float64
+    assert merged[0].item() == (0.1 * 1.0 + 0.7 * 2.0) / 2 and merged[1].item() == 0.1 * 3.0
+
+
+def test_kth_largest_of_values_below_one_on_the_bucket_path():
+    values = torch.linspace(0.01, 0.99, 99)
+    assert ms.kth_largest(values, 10, bins=4) == values.sort(descending=True).values[9]
