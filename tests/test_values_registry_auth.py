@@ -177,3 +177,26 @@ def test_parse_bearer(header, secret):
 def test_parse_bearer_refuses_other_forms(header):
     with pytest.raises(BadRequest, match="^Authorization header must be 'Bearer <token>'$"):
         parse_bearer(header)
+
+
+def test_account_name_refusals_say_what_kind_of_name(accounts):
+    with pytest.raises(Exception, match="^invalid user name 'bad name!'"):
+        accounts.add_user("bad name!")
+    with pytest.raises(Exception, match="^invalid organization name 'bad name!'"):
+        accounts.add_org("bad name!")
+    with pytest.raises(Exception, match="^user name 'api' is reserved"):
+        accounts.add_user("api")
+    with pytest.raises(Exception, match="^organization name 'api' is reserved"):
+        accounts.add_org("api")
+    with pytest.raises(NotFound) as refused:
+        accounts.add_org("beta", ["carol"])
+    assert str(refused.value) == ("no user named 'carol'; create it first with `peftkit registry user add carol`, "
+                                  "then add it to the organization")
+
+
+def test_listed_tokens_and_accounts_carry_their_values(accounts):
+    info, _ = accounts.create_token("alice", write=True, name="w")
+    (listed,) = accounts.list_tokens("Alice")
+    assert listed == info  # id, user, name, write, created_at, last_used, revoked
+    accounts.add_org("Empty")
+    assert {a["name"]: a.get("members") for a in accounts.list_accounts()}["Empty"] == []
