@@ -53,6 +53,7 @@ _BUILTIN_FALLBACK = {
     "vera": "peftkit.plugins.vera",
     "oft": "peftkit.plugins.oft",
     "adalora": "peftkit.plugins.adalora",
+    "boft": "peftkit.plugins.boft",
     "builtin_architectures": "peftkit.core.architectures",
     "builtin_merges": "peftkit.core.merge_strategies",
     "builtin_hub_backends": "peftkit.hub_client.backends",
