@@ -273,7 +273,7 @@ def run_module(target: Target, args: argparse.Namespace) -> dict:
             describe(mutant, work, env, source_lines)
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "source": (work / SOURCE_NOTE).read_text(),
+        "source": (work / SOURCE_NOTE).read_text().strip(),
         "seconds": round(seconds),
         "mutants": [{"name": m.name, "status": m.status, "line": m.line, "before": m.before, "after": m.after}
                     for m in mutants],
@@ -322,7 +322,7 @@ def load_results(targets: list[Target], equivalent: dict[tuple[str, str], str]) 
             continue
         mutants = [Mutant(**m) for m in record["mutants"]]
         kept = {key: reason for (path, key), reason in equivalent.items() if path == target.path}
-        results.append(ModuleResult(target, mutants, record["seconds"], kept, record["date"], record["source"]))
+        results.append(ModuleResult(target, mutants, record["seconds"], kept, record["date"], record["source"].strip()))
     return results
 
 
@@ -336,7 +336,7 @@ def markdown(results: list[ModuleResult], not_run: list[Target]) -> str:
         "Score: killed / (mutants - equivalent); *killed* includes timeouts. *No tests*: no mapped test",
         "reached the function (counted as not killed). Equivalent mutants: `bench/mutation_equivalent.txt`.",
         "",
-        "| module | functions | mutants | killed | survived | no tests | equivalent | score | minutes | run |",
+        "| module | functions | mutants | killed | survived | no tests | equivalent | score | minutes (last run) | run |",
         "| --- | --- | --: | --: | --: | --: | --: | --: | --: | --- |",
     ]
     for r in results:
