@@ -25,13 +25,17 @@ whose SVD U S V^T gives sum_i w_i D_i = (Q_p U) S (Q_q V)^T. That is
 O((out + in) R^2) instead of a dense SVD's O(out * in * min(out, in)).
 New factors are B = U_k sqrt(S_k), A = sqrt(S_k) V_k^T.
 
-DoRA adapters are refused: their change m / ||W + sBA|| * (W + sBA) - W
-rescales every row of W and is not low rank, so no LoRA holds it.
+DoRA adapters merge densely (below): their change at a site,
+m / ||W + sBA||_row * (W + sBA) - W, rescales every row of W and is not low
+rank, so it is computed from the base weight at hand (the layer adapter's
+``delta_weight(base)``, the code a DoRA merge into the base uses). A DoRA
+member on a quantized base is refused: its packed weight gives no W to
+rescale.
 
 IA3 and BitFit adapters merge elementwise (see :func:`_merge_elementwise`):
 v = v_identity + strategy([v_i - v_identity], weights).
 
-Any other mix (LoKr, VeRA, OFT, LoHa, ..., or methods mixed together) merges
+Any other mix (LoKr, VeRA, OFT, LoHa, DoRA, ..., or methods mixed together) merges
 densely (see :func:`_merge_dense`): each member's dense change at a site is
 its layer adapter's ``delta_weight(base)`` (methods declaring
 ``Method.merge_dense``); the strategy combines them and a truncated SVD
@@ -115,12 +119,6 @@ def _member_factors(model: "AdaptedModel", names: Sequence[str]) -> list[tuple[s
             fac = _live_factors(layer.adapters[name])
             if fac is None:
                 record = model.adapter_record(name)
-                if getattr(record.config, "use_dora", False):
-                    raise MergeError(
-                        f"adapter {name!r} uses DoRA: its weight change m/||W + sBA|| * (W + sBA) - W rescales "
-                        f"every row of W and is not low rank, so it cannot become part of a new LoRA adapter "
-                        f"(PEFT silently drops the trained magnitudes here). Merge it into the base weights "
-                        f"with merge_adapter([{name!r}]) instead")
                 raise MergeError(f"adapter {name!r} (method {record.method.name!r}) has no low-rank weight change "
                                  f"at {site}; weight-space merging works for LoRA adapters")
             found[name] = (fac[0].flatten(1), fac[1].flatten(1), fac[2])
@@ -240,7 +238,8 @@ def merge_adapters(model: "AdaptedModel", adapters: Sequence[str], weights: Sequ
                    rank: int | None = None, majority_sign_method: str = "total", seed: int | None = 0,
                    modules_to_save: str | None = None) -> "AdapterRecord":
     """Merge adapters in weight space into a new adapter ``name`` (see the module doc): LoRA factors, IA3/BitFit
-    values elementwise, any other method (or a mix) through its dense weight changes into a LoRA.
+    values elementwise, any other method (or a mix, or DoRA, whose change depends on the base weight) through
+    its dense weight changes into a LoRA.
 
     weights: one per adapter (default 1.0 each; negative subtracts).
     density: fraction of entries kept by ties / dare_* / magnitude_prune.
@@ -270,7 +269,7 @@ def merge_adapters(model: "AdaptedModel", adapters: Sequence[str], weights: Sequ
     if len(names) == 1 and kind == "dense":
         kind, fn = "svd", None  # one adapter: there is nothing to trim against (PEFT does the same)
 
-    if not all(r.method.merge_low_rank for r in records):
+    if not all(r.method.merge_low_rank and not _uses_dora(r) for r in records):
         return _merge_dense(model, names, records, weights, name, kind, fn, rank, options, seed, modules_to_save)
     for record in records:
         _check_mergeable(record)
@@ -328,11 +327,16 @@ def _dense_refusal(record: "AdapterRecord", records: list["AdapterRecord"], why:
                       f"part of a LoRA; compose it instead: average(...) or fuse(...)")
 
 
+def _uses_dora(record: "AdapterRecord") -> bool:
+    """Whether the adapter is a DoRA: its weight change rescales the base weight's rows (no low-rank factors)."""
+    return bool(getattr(record.config, "use_dora", False))
+
+
 def _member_dense_deltas(model: "AdaptedModel", names: list[str], records: list["AdapterRecord"]
                          ) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
     """(site, {adapter: dense weight change as an (out, in * kernel) float matrix}) where a member acts, one site
     at a time (only one site's dense matrices are held at once)."""
-    from .base_layers import is_conv1d
+    from .base_layers import is_conv1d, quantization_of
 
     by_name = dict(zip(names, records))
     for site, layer in model.tuner_layers():
@@ -340,6 +344,15 @@ def _member_dense_deltas(model: "AdaptedModel", names: list[str], records: list[
         for name in names:
             if name not in layer.adapters:
                 continue
+            quantized = quantization_of(layer.base_layer)
+            if quantized and layer.adapters[name].merge_reads_weight:
+                raise _dense_refusal(by_name[name], records,
+                                     f"changes {site} by rescaling its base weight, which is quantized ({quantized}) "
+                                     f"and gives no dense weight to rescale")
+            if layer.merged and layer.adapters[name].merge_reads_weight:
+                raise MergeError(f"adapter {name!r}'s weight change at {site} is computed from the base weight, "
+                                 f"which holds merged adapter(s) {', '.join(layer.merged)}; unmerge them first "
+                                 f"(model.unmerge_adapter())")
             try:
                 delta = layer.adapters[name].delta_weight(layer.base_layer).detach()
             except (MergeError, NotImplementedError) as exc:
@@ -372,8 +385,6 @@ def _merge_dense(model: "AdaptedModel", names: list[str], records: list["Adapter
     for record in records:
         if not record.method.merge_dense:
             raise _dense_refusal(record, records, "declares that its delta_weight is not its whole effect")
-        if getattr(record.config, "use_dora", False):
-            raise _dense_refusal(record, records, "uses DoRA, whose weight change depends on the base weights")
     target = _low_rank_target()
     if kind != "dense":
         if kind == "cat":

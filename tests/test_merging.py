@@ -207,11 +207,12 @@ def test_rslora_merges_correctly_where_peft_scales_it_wrong(tmp_path):
     assert_close_deltas(_peft_deltas(peft_model, "m"), {k: v * rank ** 0.5 for k, v in ours.items()}, atol=1e-4)
 
 
-def test_dora_is_refused_and_nothing_changes():
+def test_dora_adapters_merge_through_their_dense_changes_into_a_plain_lora():
+    """DoRA's change is not low rank: it takes the dense path (values: tests/test_merging_dense.py)."""
     model = _model(f"lora[r=4,use_dora=true,init_weights=false,target_modules={TARGETS}]")
-    with pytest.raises(MergeError, match="DoRA.*not low rank.*merge_adapter"):
-        model.merge_adapters(["a", "b"], [1, 1], "m", "svd")
-    assert list(model.adapters) == ["a", "b"]
+    record = model.merge_adapters(["a", "b"], [1, 1], "m", "svd", rank=4)
+    assert not record.config.use_dora and record.config.r == 4
+    assert set(record.merge_report["energy_kept"]) == {s for s, layer in model.tuner_layers() if "a" in layer.adapters}
 
 
 # -- elementwise methods ----------------------------------------------------------------------------

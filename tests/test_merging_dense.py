@@ -149,3 +149,72 @@ def test_gpt2_conv1d_layers_merge_in_out_by_in_layout_and_biased_ia3_is_refused(
     with pytest.raises(MergeError, match="'ia'.*also scales the layer's bias.*compose it instead"):
         model.merge_adapters(["kr", "ia"], [1, 1], "m2", "linear")
     assert "m2" not in model.adapters
+
+
+# -- DoRA: its change depends on the base weight, so it merges densely -----------------------------------------------
+
+DORA = f"lora[r=4,alpha=8,use_dora=true,init_weights=false,target_modules={TARGETS}]"
+LORA = f"lora[r=4,alpha=8,init_weights=false,target_modules={TARGETS}]"
+
+
+def _dora_model(specs: dict[str, str]) -> peftkit.AdaptedModel:
+    """Adapters with random factors; DoRA magnitudes moved off the initial row norms (else m / n = 1)."""
+    model = peftkit.AdaptedModel(build_tiny("llama"))
+    for seed, (name, spec) in enumerate(specs.items()):
+        torch.manual_seed(10 + seed)
+        model.add_adapter(name, spec)
+        with torch.no_grad():
+            for _, layer in model.tuner_layers():
+                magnitude = layer.adapters[name].tensors().get("lora_magnitude_vector") \
+                    if name in layer.adapters else None
+                if magnitude is not None:
+                    magnitude.mul_(1 + 0.3 * torch.randn_like(magnitude))
+    return model.eval()
+
+
+def _dora_by_hand(layer, name: str) -> torch.Tensor:
+    """m / ||W + s B A||_row * (W + s B A) - W, from the layer's tensors and its base weight."""
+    tensors, adapter = layer.adapters[name].tensors(), layer.adapters[name]
+    w = layer.base_layer.weight.detach()
+    directed = w + adapter.scale * tensors["lora_B.weight"] @ tensors["lora_A.weight"]
+    row_norm = torch.linalg.norm(directed, dim=1, keepdim=True)
+    return (tensors["lora_magnitude_vector"].unsqueeze(1) / row_norm * directed - w).detach()
+
+
+def test_one_dora_adapter_merged_linearly_at_full_rank_gives_the_dora_models_logits(tmp_path):
+    model = _dora_model({"d": DORA})
+    record = model.merge_adapters(["d"], [1.0], name="m", strategy="linear")
+    assert not record.config.use_dora and record.config.r == 32  # a plain LoRA, full rank of the 32 x 32 layers
+    batch = inputs()
+    model.set_active(None)
+    base = logits(model, batch)
+    expected = logits(model, batch, "d")
+    assert (expected - base).abs().max() > 1e-3  # the DoRA adapter changes the outputs
+    assert torch.allclose(logits(model, batch, "m"), expected, atol=1e-5)
+    assert_saves_and_loads(model, "m", tmp_path / "m")
+
+
+@pytest.mark.parametrize("strategy", ["linear", "ties"])
+def test_dora_mixed_with_lora_merges_the_hand_computed_dora_change(strategy):
+    model = _dora_model({"d": DORA, "l": LORA})
+    weights = [0.7, -0.4]
+    sites = {site: layer for site, layer in model.tuner_layers() if "d" in layer.adapters}
+    parts = {"d": {s: _dora_by_hand(layer, "d") for s, layer in sites.items()}, "l": dense(model, "l")}
+    options = {"density": 0.5} if strategy == "ties" else {}
+    model.merge_adapters(["d", "l"], weights, name="m", strategy=strategy, **options)
+    got = dense(model, "m")
+    assert got.keys() == sites.keys() and len(got) == 4
+    for site in got:
+        members = [parts["d"][site], parts["l"][site]]
+        expected = ms.ties(members, weights, density=0.5) if strategy == "ties" else \
+            sum(w * d for w, d in zip(weights, members))
+        assert torch.allclose(got[site], expected, atol=1e-5), site
+
+
+def test_dora_over_a_weight_holding_merged_adapters_is_refused_and_nothing_changes():
+    model = _dora_model({"d": DORA, "l": LORA})
+    model.set_active("l")
+    model.merge_adapter()
+    with pytest.raises(MergeError, match=r"'d'.*computed from the base weight.*merged adapter\(s\) l.*unmerge"):
+        model.merge_adapters(["d", "l"], [1, 1], "m", "linear")
+    assert "m" not in model.adapters
