@@ -172,114 +172,124 @@ class CompositionMixin:
         adapted.eval()
         return adapted
 
-    # -- hooks used by model.py ------------------------------------------------------------------------
+# -- rules model.py applies (functions of the model, so both modules use public names) --------------------
 
-    def _check_composition_extras(self: "AdaptedModel", node: Node) -> None:
-        """Rules needing the model: input-rewriting adapters only in a top-level stack; fusions exist."""
-        from .fusion import check_fusions
+def head_of(model: "AdaptedModel", node: Node | None) -> str | None:
+    """The adapter whose classification head runs for ``node`` (None: the base model's head)."""
+    return composition.head_leaf(node, lambda n: model.adapter_labels(n) is not None)
 
-        def model_level(n: str) -> bool:
-            return n != BASE_MODEL and self.adapter_record(n).model_adapter
 
-        if isinstance(node, Block):
-            direct = set(node.children) if isinstance(node, composition.Stack) else set()
-            for leaf in composition.adapter_leaves(node):
-                if model_level(leaf) and leaf not in direct:
-                    raise CompositionError(
-                        f"adapter {leaf!r} (method {self.adapter_record(leaf).method.name!r}) changes the model's "
-                        f"inputs, so it acts on the whole model: it can only be activated alone or as a direct "
-                        f"member of the outermost stack(), e.g. stack({leaf}, ...), not inside {node}")
-        check_fusions(self, node)
+def labels_of_head(model: "AdaptedModel", owner: str | None) -> list[str] | None:
+    """The labels of ``owner``'s head (the base model's when ``owner`` is None)."""
+    return model.adapter_labels(owner) if owner is not None else model.base_labels
 
-    def _refuse_if_fused(self: "AdaptedModel", name: str) -> None:
-        from .fusion import fused_members
 
-        fusions = fused_members(self).get(name)
-        if fusions:
-            raise AdapterError(f"adapter {name!r} is fused in {', '.join(map(repr, fusions))}; "
-                               f"delete_fusion({fusions[0]!r}) first")
+def check_composition_extras(model: "AdaptedModel", node: Node) -> None:
+    """Rules needing the model: input-rewriting adapters only in a top-level stack; fusions exist."""
+    from .fusion import check_fusions
 
-    def _unfreeze_fusions(self: "AdaptedModel", node: Node | None) -> int:
-        from .fusion import unfreeze_fusions
+    def model_level(n: str) -> bool:
+        return n != BASE_MODEL and model.adapter_record(n).model_adapter
 
-        return unfreeze_fusions(self, node)
+    if isinstance(node, Block):
+        direct = set(node.children) if isinstance(node, composition.Stack) else set()
+        for leaf in composition.adapter_leaves(node):
+            if model_level(leaf) and leaf not in direct:
+                raise CompositionError(
+                    f"adapter {leaf!r} (method {model.adapter_record(leaf).method.name!r}) changes the model's "
+                    f"inputs, so it acts on the whole model: it can only be activated alone or as a direct "
+                    f"member of the outermost stack(), e.g. stack({leaf}, ...), not inside {node}")
+    check_fusions(model, node)
 
-    def _routing_entries(self: "AdaptedModel", adapter_names: Sequence[Any], batch_size: int | None) -> list[Node]:
-        """Check ``adapter_names=`` (one adapter name, ``"__base__"`` or composition per row)."""
-        if isinstance(adapter_names, str):
-            raise CompositionError("adapter_names must be a list with one entry per row, not a string")
-        entries: list[Node] = []
-        parsed: dict[Any, Node] = {}
-        for entry in adapter_names:
-            key = entry if isinstance(entry, (str, Block)) else repr(entry)
-            node = parsed.get(key)
-            if node is None:
-                if isinstance(entry, str) and (entry == BASE_MODEL or entry in self.adapters):
-                    node = entry
-                    method = self.adapter_record(entry).method if entry != BASE_MODEL else None
-                    if method is not None and "batch_split" not in method.supported_blocks \
-                            and not self.adapter_record(entry).model_adapter:
-                        raise CompositionError(f"adapter {entry!r} (method {method.name!r}) cannot be routed per "
-                                               f"row (its method does not support batch_split); "
-                                               f"{method.name} supports: {', '.join(sorted(method.supported_blocks))}")
-                elif isinstance(entry, str) and "(" not in entry:
-                    raise AdapterError(f"adapter_names lists {entry!r}, not on this model; adapters: "
-                                       f"{', '.join(self.adapters) or 'none'} (and {BASE_MODEL!r} for none)")
-                else:
-                    node = composition.as_node(entry)
-                    if isinstance(node, (composition.Parallel, composition.BatchSplit)):
-                        raise CompositionError(f"a row of adapter_names cannot be {node.kind}(); rows are "
-                                               f"already split by adapter_names")
-                    self.check_composition(node)
-                if node != BASE_MODEL and any(self.adapter_record(n).model_adapter
-                                              for n in composition.adapter_leaves(node)):
-                    raise CompositionError(f"adapter_names: {node} changes the model's inputs (prefix or prompt "
-                                           f"tuning, alone or in a union), so it cannot be routed per example; run "
-                                           f"its rows as a batch of their own after set_active({str(node)!r})")
-                parsed[key] = node
-            entries.append(node)
-        if batch_size is not None and len(entries) != batch_size:
-            raise CompositionError(f"adapter_names has {len(entries)} entries for a batch of {batch_size} rows; "
-                                   f"give one name per row")
-        check_rows(entries, self._head_of, self._labels_of_head, "adapter_names")
-        return entries
+def refuse_if_fused(model: "AdaptedModel", name: str) -> None:
+    from .fusion import fused_members
 
-    @contextlib.contextmanager
-    def _composition_inputs(self: "AdaptedModel", args: tuple, kwargs: dict, batch_size: int | None
-                            ) -> Iterator[tuple[tuple, dict]]:
-        """Check row counts of batch_split() and, under parallel(), replicate the batch once per child."""
-        import torch
+    fusions = fused_members(model).get(name)
+    if fusions:
+        raise AdapterError(f"adapter {name!r} is fused in {', '.join(map(repr, fusions))}; "
+                           f"delete_fusion({fusions[0]!r}) first")
 
-        state = self.adapter_state
-        state.parallel_copies = None  # drops one kept for a recomputing backward (below)
-        node = state.active
-        if state.routing is not None or state.disabled or not isinstance(node, Block):
-            yield args, kwargs
-            return
-        if batch_size is not None:
-            for block in node.blocks():
-                if isinstance(block, composition.BatchSplit) and sum(block.sizes) != batch_size:
-                    raise CompositionError(f"{block} splits {sum(block.sizes)} rows but the batch has "
-                                           f"{batch_size}; give sizes that add up to the batch size")
-        if not isinstance(node, composition.Parallel):
-            yield args, kwargs
-            return
-        if batch_size is None:
-            raise CompositionError("parallel(): cannot find the batch in the inputs (input_ids, inputs_embeds "
-                                   "or a first positional tensor) to replicate it")
-        if kwargs.get("past_key_values") is not None:
-            raise CompositionError("parallel() replicates the batch and cannot extend a given past_key_values "
-                                   "cache; use model.generate(), which replicates once before decoding")
-        copies = len(node.children)
-        args, kwargs = replicate_rows(args, kwargs, batch_size, copies)
-        state.parallel_copies = copies
-        try:
-            yield args, kwargs
-        finally:
-            if not torch.is_grad_enabled():
-                # With gradients, keep it until the next forward: activation checkpointing
-                # recomputes layers during backward(), under the same parallel() split.
-                state.parallel_copies = None
+def unfreeze_model_fusions(model: "AdaptedModel", node: Node | None) -> int:
+    from .fusion import unfreeze_fusions
+
+    return unfreeze_fusions(model, node)
+
+def routing_entries(model: "AdaptedModel", adapter_names: Sequence[Any], batch_size: int | None) -> list[Node]:
+    """Check ``adapter_names=`` (one adapter name, ``"__base__"`` or composition per row)."""
+    if isinstance(adapter_names, str):
+        raise CompositionError("adapter_names must be a list with one entry per row, not a string")
+    entries: list[Node] = []
+    parsed: dict[Any, Node] = {}
+    for entry in adapter_names:
+        key = entry if isinstance(entry, (str, Block)) else repr(entry)
+        node = parsed.get(key)
+        if node is None:
+            if isinstance(entry, str) and (entry == BASE_MODEL or entry in model.adapters):
+                node = entry
+                method = model.adapter_record(entry).method if entry != BASE_MODEL else None
+                if method is not None and "batch_split" not in method.supported_blocks \
+                        and not model.adapter_record(entry).model_adapter:
+                    raise CompositionError(f"adapter {entry!r} (method {method.name!r}) cannot be routed per "
+                                           f"row (its method does not support batch_split); "
+                                           f"{method.name} supports: {', '.join(sorted(method.supported_blocks))}")
+            elif isinstance(entry, str) and "(" not in entry:
+                raise AdapterError(f"adapter_names lists {entry!r}, not on this model; adapters: "
+                                   f"{', '.join(model.adapters) or 'none'} (and {BASE_MODEL!r} for none)")
+            else:
+                node = composition.as_node(entry)
+                if isinstance(node, (composition.Parallel, composition.BatchSplit)):
+                    raise CompositionError(f"a row of adapter_names cannot be {node.kind}(); rows are "
+                                           f"already split by adapter_names")
+                model.check_composition(node)
+            if node != BASE_MODEL and any(model.adapter_record(n).model_adapter
+                                          for n in composition.adapter_leaves(node)):
+                raise CompositionError(f"adapter_names: {node} changes the model's inputs (prefix or prompt "
+                                       f"tuning, alone or in a union), so it cannot be routed per example; run "
+                                       f"its rows as a batch of their own after set_active({str(node)!r})")
+            parsed[key] = node
+        entries.append(node)
+    if batch_size is not None and len(entries) != batch_size:
+        raise CompositionError(f"adapter_names has {len(entries)} entries for a batch of {batch_size} rows; "
+                               f"give one name per row")
+    check_rows(entries, lambda n: head_of(model, n), lambda o: labels_of_head(model, o), "adapter_names")
+    return entries
+
+@contextlib.contextmanager
+def composition_inputs(model: "AdaptedModel", args: tuple, kwargs: dict, batch_size: int | None
+                        ) -> Iterator[tuple[tuple, dict]]:
+    """Check row counts of batch_split() and, under parallel(), replicate the batch once per child."""
+    import torch
+
+    state = model.adapter_state
+    state.parallel_copies = None  # drops one kept for a recomputing backward (below)
+    node = state.active
+    if state.routing is not None or state.disabled or not isinstance(node, Block):
+        yield args, kwargs
+        return
+    if batch_size is not None:
+        for block in node.blocks():
+            if isinstance(block, composition.BatchSplit) and sum(block.sizes) != batch_size:
+                raise CompositionError(f"{block} splits {sum(block.sizes)} rows but the batch has "
+                                       f"{batch_size}; give sizes that add up to the batch size")
+    if not isinstance(node, composition.Parallel):
+        yield args, kwargs
+        return
+    if batch_size is None:
+        raise CompositionError("parallel(): cannot find the batch in the inputs (input_ids, inputs_embeds "
+                               "or a first positional tensor) to replicate it")
+    if kwargs.get("past_key_values") is not None:
+        raise CompositionError("parallel() replicates the batch and cannot extend a given past_key_values "
+                               "cache; use model.generate(), which replicates once before decoding")
+    copies = len(node.children)
+    args, kwargs = replicate_rows(args, kwargs, batch_size, copies)
+    state.parallel_copies = copies
+    try:
+        yield args, kwargs
+    finally:
+        if not torch.is_grad_enabled():
+            # With gradients, keep it until the next forward: activation checkpointing
+            # recomputes layers during backward(), under the same parallel() split.
+            state.parallel_copies = None
 
 
 def replicate_rows(args: tuple, kwargs: dict, batch_size: int, copies: int) -> tuple[tuple, dict]:

@@ -174,6 +174,19 @@ class Method:
             return None
         return config.replace(r=rank, **({"rank_pattern": {}} if "rank_pattern" in fields else {}))
 
+    # -- training hooks (docs/plugins.md, "Training hooks") ---------------------------
+
+    def training_loss(self, model: "nn.Module", adapter_name: str) -> "torch.Tensor | None":
+        """A term added to the training loss while ``adapter_name`` trains (AdaLoRA's orthogonality
+        regularizer), or None. The default adds nothing, and a method that keeps it costs nothing."""
+        return None
+
+    def training_callbacks(self, model: "nn.Module", adapter_name: str) -> list[Any]:
+        """``transformers.TrainerCallback`` objects ``adapter_name`` needs while it trains (AdaLoRA's rank
+        allocation after each optimizer step). ``peftkit train``, ``AdapterTrainer`` and
+        ``peftkit.training_callbacks(model)`` add them. The default needs none."""
+        return []
+
     # -- introspection -----------------------------------------------------------
 
     def expected_parameter_count(self, model: "nn.Module", config: AdapterConfig,

@@ -1,26 +1,24 @@
 """What a method adds to training, collected for the adapters of an AdaptedModel.
 
-A method may define two optional hooks (docs/plugins.md, "Training hooks"):
+Method declares two hooks with defaults that add nothing (docs/plugins.md, "Training hooks"):
 
 * ``training_loss(model, adapter_name) -> Tensor | None``: a term added to the training loss
   while that adapter trains (AdaLoRA's orthogonality regularizer);
 * ``training_callbacks(model, adapter_name) -> list``: ``transformers.TrainerCallback`` objects
   the adapter needs while it trains (AdaLoRA's rank allocation after each optimizer step).
 
-Methods without them cost nothing here.
+Methods that keep the defaults cost nothing here.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
 
 from .layer import LayerAdapter, adapters_at
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .method import Method
+from .method import Method
 
 
 def layer_adapters_of(model: Any, adapter_name: str) -> dict[str, LayerAdapter]:
@@ -34,8 +32,8 @@ def layer_adapters_of(model: Any, adapter_name: str) -> dict[str, LayerAdapter]:
     return found
 
 
-def _adds_loss(method: "Method") -> bool:
-    return callable(getattr(method, "training_loss", None))
+def _adds_loss(method: Method) -> bool:
+    return type(method).training_loss is not Method.training_loss
 
 
 def adds_training_loss(model: Any) -> bool:
@@ -81,7 +79,5 @@ def training_callbacks(model: Any, adapter_names: Sequence[str] | None = None) -
         name for name in model.adapters if any(p.requires_grad for p in model.adapter_parameters(name))]
     callbacks: list[Any] = []
     for name in names:
-        hook = getattr(model.adapter_record(name).method, "training_callbacks", None)
-        if callable(hook):
-            callbacks.extend(hook(model, name))
+        callbacks.extend(model.adapter_record(name).method.training_callbacks(model, name))
     return callbacks

@@ -18,6 +18,7 @@ import torch.nn as nn
 from . import composition, heads
 from .architectures import ArchitectureSpec
 from .composition import BASE_MODEL, Node
+from . import composition_api
 from .composition_api import CompositionMixin
 from .composition_exec import Routing
 from .config import AdapterConfig
@@ -294,7 +295,7 @@ class AdaptedModel(CompositionMixin, nn.Module):
     def delete_adapter(self, name: str) -> None:
         """Remove an adapter; the model is left as if it had never been added."""
         record = self.adapter_record(name)
-        self._refuse_if_fused(name)
+        composition_api.refuse_if_fused(self, name)
         for site in record.sites:
             layer = self.base_model.get_submodule(site.name)
             if isinstance(layer, TunerLayer) and name in layer.merged:
@@ -354,14 +355,15 @@ class AdaptedModel(CompositionMixin, nn.Module):
 
     def check_composition(self, node: Node) -> None:
         composition.check_supported(node, {n: r.method for n, r in self._records.items()})
-        self._check_composition_extras(node)  # input-rewriting adapters, fusions (composition_api.py)
+        composition_api.check_composition_extras(self, node)  # input-rewriting adapters, fusions (composition_api.py)
         composition.check_stack_heads(node, lambda n: bool(self._records[n].modules_to_save))
         self.check_heads(node)
 
     def check_heads(self, node: Node) -> None:
         """Refuse ``node`` when it averages or fuses classification heads that predict different labels,
         or runs heads with different numbers of labels side by side in one batch (parallel, batch_split)."""
-        heads.check_heads(node, self._head_of, self._labels_of_head)
+        heads.check_heads(node, lambda n: composition_api.head_of(self, n),
+                          lambda o: composition_api.labels_of_head(self, o))
 
     # -- classification labels ---------------------------------------------------------
 
@@ -383,17 +385,11 @@ class AdaptedModel(CompositionMixin, nn.Module):
         base = self.base_labels
         return heads.adapter_labels(self.base_model, name, record.labels, base) if base is not None else None
 
-    def _head_of(self, node: Node | None) -> str | None:
-        return composition.head_leaf(node, lambda n: self.adapter_labels(n) is not None)
-
-    def _labels_of_head(self, owner: str | None) -> list[str] | None:
-        return self.adapter_labels(owner) if owner is not None else self.base_labels
-
     def _show_labels(self, node: Node | None) -> None:
         """Put the labels of the head that ``node`` runs into the model config (the base's when none)."""
         if not heads.is_classifier(self.base_model):
             return
-        owner = self._head_of(node)
+        owner = composition_api.head_of(self, node)
         config = self.base_model.config
         if owner is None:
             if self._labels_before is not None:
@@ -459,7 +455,7 @@ class AdaptedModel(CompositionMixin, nn.Module):
         for name in names:
             for param in self.adapter_parameters(name):
                 param.requires_grad_(True)
-        self._unfreeze_fusions(active)
+        composition_api.unfreeze_model_fusions(self, active)
 
     def trainable_parameters(self) -> tuple[int, int]:
         """(trainable, total) parameter counts; total counts the base model once."""
@@ -571,7 +567,7 @@ class AdaptedModel(CompositionMixin, nn.Module):
             state.routing = None  # drops one kept for a recomputing backward (below)
             yield
             return
-        entries = self._routing_entries(adapter_names, batch_size)  # checked in composition_api.py
+        entries = composition_api.routing_entries(self, adapter_names, batch_size)  # checked in composition_api.py
         state.routing = Routing.build(entries, self.device)
         try:
             yield
@@ -589,12 +585,12 @@ class AdaptedModel(CompositionMixin, nn.Module):
 
     def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         batch = _batch_size(args, kwargs)
-        with self._routing(adapter_names, batch), self._composition_inputs(args, kwargs, batch) as (args, kwargs):
+        with self._routing(adapter_names, batch), composition_api.composition_inputs(self, args, kwargs, batch) as (args, kwargs):
             return self.base_model(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         batch = _batch_size(args, kwargs)
-        with self._routing(adapter_names, batch), self._composition_inputs(args, kwargs, batch) as (args, kwargs):
+        with self._routing(adapter_names, batch), composition_api.composition_inputs(self, args, kwargs, batch) as (args, kwargs):
             state = self.adapter_state
             if not state.disabled:
                 for name in state.active_names:
