@@ -124,17 +124,8 @@ def test_unmerging_twice_restores_the_base_once():
 # -- DoRA's gradients against PEFT's -----------------------------------------------------------------------------------
 
 
-def test_dora_gradients_equal_pefts_with_the_norm_a_constant(tmp_path):
-    targets = ["q_proj", "v_proj", "down_proj"]
-    theirs = get_peft_model(build_tiny("llama"), LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=True,
-                                                            init_lora_weights=False, task_type="CAUSAL_LM"))
-    theirs.save_pretrained(tmp_path)
-    ours = peftkit.from_pretrained(build_tiny("llama"), str(tmp_path))
-    ours.train_adapter("default")
-    inputs = sample_inputs("llama")
-    for model in (theirs, ours):
-        model.train()
-        output_tensor(model(**inputs)).float().pow(2).mean().backward()
+def _assert_dora_grads_equal(ours, theirs) -> None:
+    """Every DoRA tensor's gradient at the q/v/down projections of a tiny Llama: peftkit's equals PEFT's."""
     compared = 0
     for site in [f"model.layers.{i}.{p}" for i in range(2) for p in ("self_attn.q_proj", "self_attn.v_proj",
                                                                      "mlp.down_proj")]:
@@ -150,6 +141,50 @@ def test_dora_gradients_equal_pefts_with_the_norm_a_constant(tmp_path):
                                        msg=lambda m, site=site, key=key: f"{site} {key}: {m}")
             compared += 1
     assert compared == 18
+
+
+def test_dora_gradients_equal_pefts_with_the_norm_a_constant(tmp_path):
+    targets = ["q_proj", "v_proj", "down_proj"]
+    theirs = get_peft_model(build_tiny("llama"), LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=True,
+                                                            init_lora_weights=False, task_type="CAUSAL_LM"))
+    theirs.save_pretrained(tmp_path)
+    ours = peftkit.from_pretrained(build_tiny("llama"), str(tmp_path))
+    ours.train_adapter("default")
+    inputs = sample_inputs("llama")
+    for model in (theirs, ours):
+        model.train()
+        output_tensor(model(**inputs)).float().pow(2).mean().backward()
+    _assert_dora_grads_equal(ours, theirs)
+
+
+def test_dora_with_dropout_in_training_equals_pefts_output_and_gradients(tmp_path):
+    """PEFT puts the dropped-out input through the whole DoRA term (W x_d too); both draw one mask per site
+    in the same order, so the same seed gives the same masks."""
+    targets = ["q_proj", "v_proj", "down_proj"]
+    theirs = get_peft_model(build_tiny("llama"), LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=True,
+                                                            lora_dropout=0.3, init_lora_weights=False,
+                                                            task_type="CAUSAL_LM"))
+    with torch.no_grad():  # magnitudes off the initial row norms, so that m / n - 1 is not 0
+        for name, param in theirs.named_parameters():
+            if "lora_magnitude_vector" in name:
+                param.mul_(1 + 0.3 * torch.randn_like(param))
+    theirs.save_pretrained(tmp_path)
+    ours = peftkit.from_pretrained(build_tiny("llama"), str(tmp_path))
+    ours.train_adapter("default")
+    inputs = sample_inputs("llama")
+    outputs = []
+    for model in (theirs, ours):
+        model.train()
+        torch.manual_seed(5)
+        out = output_tensor(model(**inputs)).float()
+        out.pow(2).mean().backward()
+        outputs.append(out.detach())
+    torch.manual_seed(5)
+    ours.eval()
+    with torch.no_grad():
+        assert (output_tensor(ours(**inputs)) - outputs[1]).abs().max() > 1e-3  # dropout acted
+    torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=1e-4)
+    _assert_dora_grads_equal(ours, theirs)
 
 
 # -- Embedding LoRA against PEFT, both ways ----------------------------------------------------------------------------

@@ -16,7 +16,9 @@ hold the layer:
 Values and gradients equal the unfused forward (``LoraLinear.forward``) up to
 float rounding. The fused path is taken only for a float nn.Linear or GPT-2
 Conv1D whose weight and bias are frozen, with input, weight and factors of one
-dtype and autocast off; everything else takes the unfused path.
+dtype and autocast off; everything else takes the unfused path, and so does
+DoRA with dropout in training (PEFT then puts the dropped-out input through W
+too: ``LoraLinear.forward``).
 """
 
 from __future__ import annotations

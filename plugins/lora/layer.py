@@ -146,9 +146,9 @@ class LoraLinear(LoraFactors):
     def forward_alone(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor | None:
         """The layer's output with this adapter, fused with the base product (fused.py), when the
         base is a plain linear layer; None otherwise (the unfused forward runs)."""
-        if not fusable(base, x, self.lora_A):
-            return None
-        lora_x = self.dropout(x) if self.dropout is not None and self.training else None
+        if not fusable(base, x, self.lora_A) or (self.use_dora and self._dropout_active()):
+            return None  # DoRA with dropout in training puts the dropped-out input through W too (forward)
+        lora_x = self.dropout(x) if self._dropout_active() else None
         if not self.use_dora:
             return fused_lora(x, lora_x, self.lora_A, self.lora_B, base, self.scale)
         return fused_lora(x, lora_x, self.lora_A, self.lora_B, base, self.scale,
@@ -160,7 +160,12 @@ class LoraLinear(LoraFactors):
         out = F.linear(F.linear(self._lora_input(x), self.lora_A), self.lora_B) * self.scale
         return out.to(h.dtype)
 
+    def _dropout_active(self) -> bool:
+        return self.dropout is not None and self.training
+
     def forward(self, x: torch.Tensor, h: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        if self.use_dora and self._dropout_active():
+            return self._dora_dropped(x, h, base)
         xa = F.linear(self._lora_input(x), self.lora_A)
         if self.use_dora:
             return self._dora(xa, h, base)
@@ -174,12 +179,25 @@ class LoraLinear(LoraFactors):
     def _dora(self, xa: torch.Tensor, h: torch.Tensor, base: nn.Module) -> torch.Tensor:
         # W' = m * (W + sBA) / ||W + sBA||_row  =>  y = (m/n) * (h - b + s*B A x) + b
         # The norm is treated as a constant (detached), as the DoRA paper does.
-        mag_scale = (self.lora_magnitude_vector / self._weight_norm(base)).to(h.dtype)
+        mag_scale = self._magnitude_scale(base).to(h.dtype)
         lora = (F.linear(xa, self.lora_B) * self.scale).to(h.dtype)
         bias = getattr(base, "bias", None)
         if bias is None:
             return mag_scale * (h + lora)
         return mag_scale * (h - bias + lora) + bias
+
+    def _magnitude_scale(self, base: nn.Module) -> torch.Tensor:
+        """m / ||W + sBA||_row, the norms detached (DoRA's rule)."""
+        return self.lora_magnitude_vector / self._weight_norm(base)
+
+    def _dora_dropped(self, x: torch.Tensor, h: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        """DoRA in training with dropout, as PEFT computes it: the dropped-out input x_d goes through the
+        whole DoRA term, y = h + (m/n - 1) * W x_d + (m/n) * s * B A x_d (h the base output on x)."""
+        dropped = self._lora_input(x)
+        mag_scale = self._magnitude_scale(base).to(dropped.dtype)
+        dropped_base = F.linear(dropped, weight_out_in(base).to(dropped.dtype))
+        lora = F.linear(F.linear(dropped, self.lora_A), self.lora_B) * self.scale
+        return h + ((mag_scale - 1) * dropped_base + mag_scale * lora).to(h.dtype)
 
     def _weight_norm(self, base: nn.Module) -> torch.Tensor:
         """Row norms of W + s*B@A without forming the dense matrix:
@@ -234,7 +252,7 @@ class LoraLinear(LoraFactors):
 
     def low_rank(self, forward: bool = False) -> tuple[torch.Tensor, torch.Tensor, float] | None:
         """(A, B, scale): the weight change is scale * B @ A, except with DoRA (which rescales rows)."""
-        if self.use_dora or (forward and self.dropout is not None and self.training):
+        if self.use_dora or (forward and self._dropout_active()):
             return None
         return self.lora_A, self.lora_B, self.scale
 
