@@ -59,6 +59,15 @@ class AdapterTrainer(Trainer):
         for callback in training_callbacks(self.adapted(), [adapter_name]):  # the method's (AdaLoRA's allocation)
             self.add_callback(callback)
 
+    def _prepare_for_training(self, max_steps: Any, train_dataloader: Any, resume_from_checkpoint: Any) -> Any:
+        """The callbacks' ``before_wrapping(train_dataloader)`` (docs/plugins.md) first: DDP (made here)
+        fixes the parameters' shapes, and EVA resizes LoRA's factors from the training batches."""
+        for callback in self.callback_handler.callbacks:
+            before_wrapping = getattr(callback, "before_wrapping", None)
+            if callable(before_wrapping):
+                before_wrapping(train_dataloader)
+        return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
         """The Trainer's loss plus the training adapters' loss terms (a method's regularizer,

@@ -23,6 +23,7 @@ import torch
 
 from peftkit.plugin_api import base_of, ConfigError, layer_adapters_of, pattern_value
 
+from .eva_sync import EvaSync
 from .incremental_pca import IncrementalPCA
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -120,60 +121,105 @@ def _components(model: Any, layers: dict[str, Any], batches: Iterable[Mapping[st
                 run: Callable[[Any, Mapping[str, Any]], Any], max_batches: int) -> dict[str, torch.Tensor]:
     """Site -> its EVA rows of A (rank x in), the rank as redistributed."""
     device = next(model.base_model.parameters()).device
+    sync = EvaSync()
     batch_iter = iter(batches)
     first = next(batch_iter, None)
+    failure = None
     if first is None:
-        raise ConfigError("initialize_eva: no batches given; pass a few batches of model inputs "
-                          "(dicts with input_ids and attention_mask, e.g. a DataLoader)")
-    if not isinstance(first, Mapping):
-        raise ConfigError(f"initialize_eva: a batch must be a dict of model inputs (input_ids, attention_mask, "
-                          f"...), not {type(first).__name__}")
+        failure = ("initialize_eva: no batches given; pass a few batches of model inputs "
+                   "(dicts with input_ids and attention_mask, e.g. a DataLoader)")
+    elif not isinstance(first, Mapping):
+        failure = (f"initialize_eva: a batch must be a dict of model inputs (input_ids, attention_mask, "
+                   f"...), not {type(first).__name__}")
+    _raise_first(sync, failure)
     cycled = itertools.cycle(itertools.chain([first], batch_iter))
     bases = {site: base_of(model.base_model.get_submodule(site)) for site in layers}
-    ranks = {site: pattern_value(site, config.rank_pattern, config.r) for site in layers}
-    budget = sum(ranks.values())
-    most = {site: round(r * config.eva_rho) for site, r in ranks.items()}
-
     hooks = {site: _Inputs() for site in layers}
-    owner_of = _shared_inputs(model, bases, hooks, _on_device(first, device), config, run)
-    for site, owner in owner_of.items():
-        most[owner] = max(most[owner], most[site])
-    for site, owner in owner_of.items():
-        most[site] = most[owner]
-    owners = [site for site in layers if owner_of[site] == site]
-    svds = {site: IncrementalPCA(most[site]) for site in owners}
-    converged = {site: torch.zeros(most[site], dtype=torch.bool) for site in owners}
-    done = dict.fromkeys(owners, False)
-    rank_of = dict(most)
-
+    # Under torchrun every process runs the model on its own batches, and the main process alone fits the
+    # SVDs on the gathered inputs and decides (eva_sync.py); the others follow what it shares.
+    fit = _Fit(layers, config, max_batches) if sync.leader else None
+    if fit is not None:
+        try:
+            fit.start(_shared_inputs(model, bases, hooks, _on_device(first, device), config, run))
+        except ConfigError as error:
+            failure = str(error)
+    _raise_first(sync, failure)
     for count, batch in enumerate(cycled):
-        for site in owners:
-            now = bool(torch.all(converged[site][:rank_of[site]]))
-            done[site] = now  # a layer asked for more components than have converged runs again
-        if all(done.values()):
+        step = sync.share(fit.next_step(count) if fit is not None else None)
+        if isinstance(step, str):
+            raise ConfigError(step)
+        if step is None:
             break
-        if count >= max_batches:
-            waiting = [s for s in owners if not done[s]]
-            raise ConfigError(f"initialize_eva: the SVD of {len(waiting)} layer(s) (e.g. {waiting[0]}) did not "
-                              f"converge within {max_batches} batches; lower eva_tau (now {config.eva_tau}), "
-                              f"give more or larger batches, or lower eva_rho")
         batch = _on_device(batch, device)
-        active = {s: hooks[s] for s in owners if not done[s]}
+        active = {s: hooks[s] for s in step}
         _run_with_hooks(model, bases, active, batch, _position_mask(batch, config), run)
-        for site, hook in active.items():
-            if hook.rows is not None:
-                _fit_step(svds[site], hook.rows, converged, site, config.eva_tau)
-        if all(svd.components is not None for svd in svds.values()):
-            rank_of = _distribute(svds, owner_of, most, budget)
-    out = {}
-    for site in layers:
-        svd = svds[owner_of[site]]
-        assert svd.components is not None and svd.singular_values is not None
-        rows = svd.components[:rank_of[site]].clone()
-        if config.eva_whiten:
-            rows /= svd.singular_values[:rank_of[site]].sqrt().reshape(-1, 1)
-        out[site] = rows
-    return out
+        rows = sync.gather_rows({site: hook.rows for site, hook in active.items()})
+        if fit is not None:
+            fit.step(rows)
+    return sync.share({site: rows.cpu() for site, rows in fit.rows().items()} if fit is not None else None)
+
+
+def _raise_first(sync: EvaSync, failure: str | None) -> None:
+    """Raise a process's error on every process (none waits for the others forever)."""
+    failure = sync.first_failure(failure)
+    if failure is not None:
+        raise ConfigError(failure)
+
+
+class _Fit:
+    """The incremental SVDs of the layers' inputs and the rank budget handed out over them."""
+
+    def __init__(self, layers: dict[str, Any], config: "LoraConfig", max_batches: int) -> None:
+        self.layers = layers
+        self.config = config
+        self.max_batches = max_batches
+        ranks = {site: pattern_value(site, config.rank_pattern, config.r) for site in layers}
+        self.budget = sum(ranks.values())
+        self.most = {site: round(r * config.eva_rho) for site, r in ranks.items()}
+
+    def start(self, owner_of: dict[str, str]) -> None:
+        most = self.most
+        for site, owner in owner_of.items():
+            most[owner] = max(most[owner], most[site])
+        for site, owner in owner_of.items():
+            most[site] = most[owner]
+        self.owner_of = owner_of
+        self.owners = [site for site in self.layers if owner_of[site] == site]
+        self.svds = {site: IncrementalPCA(most[site]) for site in self.owners}
+        self.converged = {site: torch.zeros(most[site], dtype=torch.bool) for site in self.owners}
+        self.rank_of = dict(most)
+
+    def next_step(self, count: int) -> list[str] | str | None:
+        """The layers still to fit on the next batch; None when all converged, an error message when
+        they did not within max_batches."""
+        # a layer asked for more components than have converged runs again
+        waiting = [s for s in self.owners if not bool(torch.all(self.converged[s][:self.rank_of[s]]))]
+        if not waiting:
+            return None
+        if count >= self.max_batches:
+            return (f"initialize_eva: the SVD of {len(waiting)} layer(s) (e.g. {waiting[0]}) did not converge "
+                    f"within {self.max_batches} batches; lower eva_tau (now {self.config.eva_tau}), give more or "
+                    f"larger batches, or lower eva_rho")
+        return waiting
+
+    def step(self, rows: dict[str, torch.Tensor | None]) -> None:
+        for site, found in rows.items():
+            if found is not None:
+                _fit_step(self.svds[site], found, self.converged, site, self.config.eva_tau)
+        if all(svd.components is not None for svd in self.svds.values()):
+            self.rank_of = _distribute(self.svds, self.owner_of, self.most, self.budget)
+
+    def rows(self) -> dict[str, torch.Tensor]:
+        """Site -> its EVA rows of A (rank x in), the rank as redistributed."""
+        out = {}
+        for site in self.layers:
+            svd = self.svds[self.owner_of[site]]
+            assert svd.components is not None and svd.singular_values is not None
+            rows = svd.components[:self.rank_of[site]].clone()
+            if self.config.eva_whiten:
+                rows /= svd.singular_values[:self.rank_of[site]].sqrt().reshape(-1, 1)
+            out[site] = rows
+        return out
 
 
 def _shared_inputs(model: Any, bases: dict[str, Any], hooks: dict[str, _Inputs], batch: Mapping[str, Any],
