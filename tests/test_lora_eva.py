@@ -234,3 +234,41 @@ def test_eva_sets_linear_layers_and_leaves_expert_parameters_at_the_default_init
     ranks = peftkit.initialize_eva(model, batches)
     assert set(ranks) == {"model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"}
     assert set(ranks.values()) == {2}  # rho 1: no redistribution
+
+
+def _eva_in_one_of_two_processes(rank: int, port: int, folder: str) -> None:
+    """One process of a 2-process gloo group: EVA on every other batch, A of each site saved."""
+    from safetensors.torch import save_file
+
+    from peftkit.plugin_api import layer_adapters_of
+
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        model = _ours(_batches()[rank::2])
+        layers = layer_adapters_of(model, "default")
+        save_file({site: layer.lora_A.detach().contiguous() for site, layer in layers.items()},
+                  f"{folder}/{rank}.safetensors")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow  # two processes start and import torch: ~20 s on the shared machine
+def test_data_parallel_eva_fits_the_inputs_of_every_process(tmp_path):
+    """Two processes, each with half the batches, end with the factors one process finds on batches
+    holding both halves (the main process fits the SVD on the gathered inputs and shares the result)."""
+    from safetensors.torch import load_file
+
+    from peftkit.plugin_api import layer_adapters_of
+    from tests.train_helpers import free_port
+
+    torch.multiprocessing.spawn(_eva_in_one_of_two_processes, args=(free_port(), str(tmp_path)), nprocs=2)
+    first, second = (load_file(str(tmp_path / f"{rank}.safetensors")) for rank in (0, 1))
+    batches = _batches()
+    together = [{k: torch.cat([a[k], b[k]]) for k in a} for a, b in zip(batches[0::2], batches[1::2])]
+    layers = layer_adapters_of(_ours(together), "default")
+    assert sorted(first) == sorted(second) == sorted(layers)
+    assert len({layer.lora_A.shape[0] for layer in layers.values()}) > 1  # the budget moved
+    for site, layer in layers.items():
+        torch.testing.assert_close(first[site], second[site], atol=0, rtol=0)
+        torch.testing.assert_close(first[site], layer.lora_A.detach(), atol=1e-4, rtol=0)
