@@ -336,11 +336,16 @@ def test_merge_adapters_truncates_to_the_best_low_rank_kernel():
     assert torch.isfinite(run(model, batch(2))).all()
 
 
-def test_merge_adapters_refuses_dora_members():
-    model = peftkit.adapt(conv_net(2), spec(use_dora=True), adapter_name="a")
+def test_merge_adapters_merges_a_dora_member_through_its_dense_change():
+    """DoRA's change rescales the kernel per output channel: merged densely (full rank) it is exact."""
+    model = noisy(peftkit.adapt(conv_net(2), spec(use_dora=True), adapter_name="a"), "a")
     model.add_adapter("b", spec())
-    with pytest.raises(MergeError, match="adapter 'a' uses DoRA"):
-        model.merge_adapters(["a", "b"], name="m")
+    x = batch(2)
+    expected = run(model, x)
+    record = model.merge_adapters(["a", "b"], [1.0, 0.0], name="m", strategy="linear")
+    assert not record.config.use_dora
+    model.set_active("m")
+    torch.testing.assert_close(run(model, x), expected, atol=1e-5, rtol=1e-5)
 
 
 # -- against the real peft ------------------------------------------------------------------------------------------

@@ -124,11 +124,15 @@ def test_unmerging_twice_restores_the_base_once():
 # -- DoRA's gradients against PEFT's -----------------------------------------------------------------------------------
 
 
-def _assert_dora_grads_equal(ours, theirs) -> None:
-    """Every DoRA tensor's gradient at the q/v/down projections of a tiny Llama: peftkit's equals PEFT's."""
+LLAMA_DORA_SITES = [f"model.layers.{i}.{p}" for i in range(2)
+                    for p in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")]
+
+
+def _assert_dora_grads_equal(ours, theirs, sites: list[str] = LLAMA_DORA_SITES) -> None:
+    """Every DoRA tensor's gradient at ``sites`` (default: the q/v/down projections of a tiny Llama): peftkit's
+    equals PEFT's."""
     compared = 0
-    for site in [f"model.layers.{i}.{p}" for i in range(2) for p in ("self_attn.q_proj", "self_attn.v_proj",
-                                                                     "mlp.down_proj")]:
+    for site in sites:
         mine = ours.base_model.get_submodule(site).adapters["default"].tensors()
         peft_layer = theirs.base_model.model.get_submodule(site)
         peft_params = {"lora_A.weight": peft_layer.lora_A["default"].weight,
@@ -137,10 +141,10 @@ def _assert_dora_grads_equal(ours, theirs) -> None:
         for key, param in peft_params.items():
             assert param.grad is not None and mine[key].grad is not None, f"{site} {key}: no gradient"
             assert param.grad.abs().max() > 0
-            torch.testing.assert_close(mine[key].grad, param.grad, atol=1e-6, rtol=1e-4,
+            torch.testing.assert_close(mine[key].grad.reshape(param.grad.shape), param.grad, atol=1e-6, rtol=1e-4,
                                        msg=lambda m, site=site, key=key: f"{site} {key}: {m}")
             compared += 1
-    assert compared == 18
+    assert compared == 3 * len(sites)
 
 
 def test_dora_gradients_equal_pefts_with_the_norm_a_constant(tmp_path):
@@ -185,6 +189,31 @@ def test_dora_with_dropout_in_training_equals_pefts_output_and_gradients(tmp_pat
         assert (output_tensor(ours(**inputs)) - outputs[1]).abs().max() > 1e-3  # dropout acted
     torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=1e-4)
     _assert_dora_grads_equal(ours, theirs)
+
+
+def test_dora_on_convolutions_with_dropout_in_training_equals_pefts_output_and_gradients(tmp_path):
+    from tests.test_lora_conv import batch, conv_net, CONVS
+
+    theirs = get_peft_model(conv_net(2), LoraConfig(r=4, lora_alpha=8, target_modules=CONVS, use_dora=True,
+                                                    lora_dropout=0.3, init_lora_weights=False))
+    with torch.no_grad():  # magnitudes off the initial norms, so that m / n - 1 is not 0
+        for name, param in theirs.named_parameters():
+            if "lora_magnitude_vector" in name:
+                param.mul_(1 + 0.3 * torch.randn_like(param))
+    theirs.save_pretrained(tmp_path)
+    ours = peftkit.AdaptedModel(conv_net(2))
+    ours.load_adapter(str(tmp_path), "default")
+    ours.train_adapter("default")
+    x = batch(2)
+    outputs = []
+    for model in (theirs, ours):
+        model.train()
+        torch.manual_seed(5)
+        out = model(x)
+        out.pow(2).mean().backward()
+        outputs.append(out.detach())
+    torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=1e-4)
+    _assert_dora_grads_equal(ours, theirs, CONVS)
 
 
 # -- Embedding LoRA against PEFT, both ways ----------------------------------------------------------------------------

@@ -60,11 +60,7 @@ class LoraConv(LoraFactors):
     # -- forward -------------------------------------------------------------------
 
     def _lora(self, x: torch.Tensor) -> torch.Tensor:
-        """s * B(A(dropout(x))), in the adapter's dtype."""
-        if self.dropout is not None:
-            x = self.dropout(x)
-        if x.dtype != self.lora_A.dtype:
-            x = x.to(self.lora_A.dtype)
+        """s * B(A(x)) for the LoRA input x (``_lora_input``: after dropout), in the adapter's dtype."""
         conv = _CONV[self.dims]
         after_a = conv(x, self.lora_A, None, self.stride, self.padding)
         scaled_b = self.lora_B if self.scale == 1.0 else self.lora_B * self.scale  # B is tiny; the output is not
@@ -73,21 +69,35 @@ class LoraConv(LoraFactors):
     def delta(self, x: torch.Tensor, h: torch.Tensor, base: nn.Module) -> torch.Tensor:
         if self.use_dora:
             return self.forward(x, h, base) - h
-        return self._lora(x).to(h.dtype)
+        return self._lora(self._lora_input(x)).to(h.dtype)
 
     def forward(self, x: torch.Tensor, h: torch.Tensor, base: nn.Module) -> torch.Tensor:
-        lora = self._lora(x).to(h.dtype)
+        if self.use_dora and self._dropout_active():
+            return self._dora_dropped(x, h, base)
+        lora = self._lora(self._lora_input(x)).to(h.dtype)
         if not self.use_dora:
             return h + lora
         # W' = m * (W + s*delta) / ||W + s*delta||  =>  y = (m/n) * (h - b + lora) + b, per output channel;
         # the norm is a constant (detached), as the DoRA paper and PEFT do.
-        magnitude = self.lora_magnitude_vector.flatten()
-        mag_scale = self._per_channel(magnitude / self._weight_norm(base)).to(h.dtype)
+        mag_scale = self._magnitude_scale(base).to(h.dtype)
         bias = getattr(base, "bias", None)
         if bias is None:
             return mag_scale * (h + lora)
         bias = self._per_channel(bias).to(h.dtype)
         return mag_scale * (h - bias + lora) + bias
+
+    def _magnitude_scale(self, base: nn.Module) -> torch.Tensor:
+        """m / ||W + s*delta|| per output channel (norms detached), shaped to broadcast over the output."""
+        return self._per_channel(self.lora_magnitude_vector.flatten() / self._weight_norm(base))
+
+    def _dora_dropped(self, x: torch.Tensor, h: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        """DoRA in training with dropout, as PEFT computes it: y = h + (m/n - 1) * conv(x_d, W) + (m/n) * lora(x_d),
+        x_d the dropped-out input, h the base output on x."""
+        dropped = self._lora_input(x)
+        mag_scale = self._magnitude_scale(base).to(dropped.dtype)
+        dropped_base = _CONV[self.dims](dropped, base.weight.to(dropped.dtype), None, base.stride, base.padding,
+                                        base.dilation, base.groups)
+        return h + ((mag_scale - 1) * dropped_base + mag_scale * self._lora(dropped)).to(h.dtype)
 
     def _per_channel(self, values: torch.Tensor) -> torch.Tensor:
         """``values`` (one per output channel) shaped to broadcast over (N, out, *spatial) and (out, *spatial)."""

@@ -57,6 +57,17 @@ class LoraFactors(LayerAdapter):
         """DoRA's norms of W + s * (B A), one per output channel (detached)."""
         raise NotImplementedError
 
+    def _lora_input(self, x: torch.Tensor) -> torch.Tensor:
+        """dropout(x) in the factors' dtype: what the factors see."""
+        if self.dropout is not None:
+            x = self.dropout(x)
+        return x if x.dtype == self.lora_A.dtype else x.to(self.lora_A.dtype)
+
+    def _dropout_active(self) -> bool:
+        """Whether dropout draws a mask now (training, dropout > 0): DoRA then follows PEFT, whose whole
+        DoRA term (the base product too) runs on the dropped-out input."""
+        return self.dropout is not None and self.training
+
     @property
     def merge_reads_weight(self) -> bool:  # type: ignore[override]
         return self.use_dora
@@ -138,11 +149,6 @@ class LoraLinear(LoraFactors):
 
     # -- forward -------------------------------------------------------------------
 
-    def _lora_input(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dropout is not None:
-            x = self.dropout(x)
-        return x if x.dtype == self.lora_A.dtype else x.to(self.lora_A.dtype)
-
     def forward_alone(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor | None:
         """The layer's output with this adapter, fused with the base product (fused.py), when the
         base is a plain linear layer; None otherwise (the unfused forward runs)."""
@@ -159,9 +165,6 @@ class LoraLinear(LoraFactors):
             return self.forward(x, h, base) - h
         out = F.linear(F.linear(self._lora_input(x), self.lora_A), self.lora_B) * self.scale
         return out.to(h.dtype)
-
-    def _dropout_active(self) -> bool:
-        return self.dropout is not None and self.training
 
     def forward(self, x: torch.Tensor, h: torch.Tensor, base: nn.Module) -> torch.Tensor:
         if self.use_dora and self._dropout_active():
