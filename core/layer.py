@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Any, Callable
 
 import torch
@@ -202,6 +203,19 @@ class _InputCapture:
         self.captured[self.source] = args[0] if args else None
 
 
+def _defined_in(cls: type, name: str) -> type:
+    return next(klass for klass in cls.__mro__ if name in vars(klass))
+
+
+@functools.cache
+def shortcut_is_current(cls: type, shortcut: str) -> bool:
+    """Whether ``cls``'s ``shortcut`` (``forward_alone`` or ``base_input``) was written together with
+    its ``forward`` and ``delta``: a subclass that overrides either of those but not the shortcut
+    would be short-cut past its own code, so the TunerLayer then takes the plain path."""
+    owner = _defined_in(cls, shortcut)
+    return all(issubclass(owner, _defined_in(cls, name)) for name in ("forward", "delta"))
+
+
 def merge_order_message(name: str, earlier: str) -> str:
     return (f"adapter {name!r} cannot be merged after {earlier!r} into the same layer: its merge reads the "
             f"weight it merges into (DoRA's row norms), which would then include {earlier!r}'s change; merge "
@@ -246,12 +260,14 @@ class TunerLayer(nn.Module):
             base = self.base_layer
             if adapter.changes_parameters:
                 return adapter.call_base(base, x, args, kwargs)
-            if not args and not kwargs and not base._forward_hooks and not base._forward_pre_hooks:
+            kind = type(adapter)
+            if not args and not kwargs and not base._forward_hooks and not base._forward_pre_hooks \
+                    and shortcut_is_current(kind, "forward_alone"):
                 whole = adapter.forward_alone(x, base)  # one adapter alone: maybe fused with the base
                 if whole is not None:
                     return whole
-            changed = adapter.base_input(x)  # or the base on a new input
-            if changed is not None:
+            changed = adapter.base_input(x) if shortcut_is_current(kind, "base_input") else None
+            if changed is not None:  # or the base on a new input
                 return self.base_layer(changed, *args, **kwargs)
         h = self.base_layer(x, *args, **kwargs)
         if isinstance(h, tuple):
