@@ -172,6 +172,17 @@ def test_embedding_factors_take_a_float64_tables_dtype():
     assert lora.lora_embedding_A.dtype == lora.lora_embedding_B.dtype == torch.float64
 
 
+def test_embedding_lora_on_a_sparse_table_trains_with_the_dense_tables_gradient():
+    ids = torch.tensor([[1, 4, 4, 9]])
+    grads = []
+    for sparse in (True, False):
+        base, lora = _embedding(sparse=sparse)
+        lora.delta(ids, base(ids), base).pow(2).sum().backward()
+        grads.append(lora.lora_embedding_A.grad)
+    assert not grads[0].is_sparse
+    torch.testing.assert_close(grads[0], grads[1])
+
+
 def test_embedding_delta_follows_the_tables_padding_and_gradient_options():
     base, lora = _embedding(padding_idx=0, scale_grad_by_freq=True)
     ids = torch.tensor([[0, 2, 2, 2, 5]])

@@ -279,9 +279,11 @@ class LoraEmbedding(LayerAdapter):
             nn.init.normal_(self.lora_embedding_A, std=0.1)
 
     def delta(self, x: torch.Tensor, h: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        # Dense gradient even for a sparse=True table: the lookup reads A transposed, a view that
+        # cannot take a sparse gradient, and A (r x vocab) is small.
         after_a = F.embedding(x, self.lora_embedding_A.t(), padding_idx=base.padding_idx,
                               max_norm=base.max_norm, norm_type=base.norm_type,
-                              scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse)
+                              scale_grad_by_freq=base.scale_grad_by_freq)
         return (F.linear(after_a, self.lora_embedding_B) * self.scale).to(h.dtype)
 
     def delta_weight(self, base: nn.Module) -> torch.Tensor:
