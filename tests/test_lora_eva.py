@@ -245,12 +245,31 @@ def _eva_in_one_of_two_processes(rank: int, port: int, folder: str) -> None:
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
+        _plain_trainer_hook_refuses_after_wrapping(folder, rank)
         model = _ours(_batches()[rank::2])
         layers = layer_adapters_of(model, "default")
         save_file({site: layer.lora_A.detach().contiguous() for site, layer in layers.items()},
                   f"{folder}/{rank}.safetensors")
     finally:
         torch.distributed.destroy_process_group()
+
+
+def _plain_trainer_hook_refuses_after_wrapping(folder: str, rank: int) -> None:
+    """A plain Trainer calls on_train_begin after wrapping the model in DDP: EVA's callback refuses there
+    (naming the fix) instead of resizing factors DDP holds; the adapter is left untouched."""
+    model = peftkit.adapt(build_tiny("llama"), "lora[r=4,init=eva,target_modules=[q_proj]]")
+    (callback,) = peftkit.training_callbacks(model)
+    before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    try:
+        callback.on_train_begin(None, None, None, train_dataloader=_batches()[rank::2])
+    except ConfigError as error:
+        message = str(error)
+    else:
+        message = "no error"
+    after = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    unchanged = before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    with open(f"{folder}/refusal-{rank}.txt", "w") as out:
+        out.write(f"{unchanged}\n{message}")
 
 
 @pytest.mark.slow  # two processes start and import torch: ~20 s on the shared machine
@@ -263,6 +282,10 @@ def test_data_parallel_eva_fits_the_inputs_of_every_process(tmp_path):
     from tests.train_helpers import free_port
 
     torch.multiprocessing.spawn(_eva_in_one_of_two_processes, args=(free_port(), str(tmp_path)), nprocs=2)
+    for rank in (0, 1):  # a plain Trainer's hook, after DDP wrapping, refused with the fix
+        unchanged, message = (tmp_path / f"refusal-{rank}.txt").read_text().split("\n", 1)
+        assert unchanged == "True"
+        assert "call peftkit.initialize_eva(model, batches) in every process before trainer.train()" in message
     first, second = (load_file(str(tmp_path / f"{rank}.safetensors")) for rank in (0, 1))
     batches = _batches()
     together = [{k: torch.cat([a[k], b[k]]) for k in a} for a, b in zip(batches[0::2], batches[1::2])]

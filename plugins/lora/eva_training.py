@@ -11,9 +11,17 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from peftkit.plugin_api import ConfigError
+
 from .eva import eva_layers, eva_pending, initialize_eva
 
 log = logging.getLogger(__name__)
+
+
+def _data_parallel() -> bool:
+    """Whether this process is one of several in a torch.distributed group."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
 
 
 class EvaCallback(TrainerCallback):
@@ -32,6 +40,14 @@ class EvaCallback(TrainerCallback):
         self.initialize(train_dataloader)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if eva_pending(self.model, self.adapter_name) and _data_parallel():
+            # A plain Trainer wrapped the model in DDP before this hook: resizing factors now would leave
+            # DDP's buckets on the old shapes (a wrong or failing first backward), so stop with the fix.
+            raise ConfigError(
+                f"lora: EVA of adapter {self.adapter_name!r} would run after transformers.Trainer wrapped the "
+                "model for data-parallel training, and EVA resizes the factors DDP holds; call "
+                "peftkit.initialize_eva(model, batches) in every process before trainer.train(), or train with "
+                "`peftkit train` (which runs EVA before wrapping)")
         self.initialize(kwargs.get("train_dataloader"))
 
     def initialize(self, batches: Any) -> None:
