@@ -167,7 +167,7 @@ class LocalBackend(HubBackend):
             for remote in files:
                 target = dest / remote.path
                 target.parent.mkdir(parents=True, exist_ok=True)
-                with open(store.blob_path(repo_id, remote.path, commit), "rb") as src, open(target, "wb") as out:
+                with store.open_file(repo_id, remote.path, commit) as src, open(target, "wb") as out:
                     while chunk := src.read(1 << 20):
                         out.write(chunk)
         except registry_errors.RegistryError as exc:

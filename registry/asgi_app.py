@@ -283,7 +283,7 @@ class RegistryApp:
         if resp.file is not None and resp.file_range is not None and req.method != "HEAD":
             start, end = resp.file_range
             if end - start + 1 <= _SMALL_FILE:
-                with open(resp.file, "rb") as f:
+                with resp.file() as f:
                     f.seek(start)
                     resp.body = f.read(end - start + 1)
                 resp.file = None
@@ -350,7 +350,7 @@ class RegistryApp:
         if whole:
             return
         start, end = resp.file_range
-        async with await anyio.open_file(resp.file, "rb") as f:
+        async with anyio.wrap_file(await anyio.to_thread.run_sync(resp.file)) as f:
             await f.seek(start)
             remaining = end - start + 1
             while remaining > 0:

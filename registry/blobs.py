@@ -15,19 +15,19 @@ between the two steps leaves behind.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
 from .hashing import git_blob_hasher, git_blob_oid
+from .secret_file import load_or_create_secret_file
 
 _CHUNK = 1 << 20
 
@@ -48,17 +48,61 @@ class StagedBlob:
 def sha256_and_oid_of_file(path: Path) -> tuple[str, str, int]:
     """(sha256, git blob oid, size) of a file in one read; OSError if it changes size meanwhile."""
     size = path.stat().st_size
+    with open(path, "rb") as f:
+        return sha256_and_oid_of_stream(f, size, str(path))
+
+
+def sha256_and_oid_of_stream(f: BinaryIO, size: int, name: str) -> tuple[str, str, int]:
+    """(sha256, git blob oid, size) of the ``size`` bytes ``f`` holds, read once in chunks;
+    OSError naming ``name`` if it holds another number of bytes."""
     sha = hashlib.sha256()
     oid = git_blob_hasher(size)
     read = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            sha.update(chunk)
-            oid.update(chunk)
-            read += len(chunk)
+    while chunk := f.read(_CHUNK):
+        sha.update(chunk)
+        oid.update(chunk)
+        read += len(chunk)
     if read != size:
-        raise OSError(f"{path} changed size while it was being read ({size} -> {read} bytes)")
+        raise OSError(f"{name} changed size while it was being read ({size} -> {read} bytes)")
     return sha.hexdigest(), oid.hexdigest(), size
+
+
+def sha256_of_stream(f: BinaryIO) -> str:
+    """The sha256 of everything ``f`` holds from where it is, read in chunks."""
+    h = hashlib.sha256()
+    while chunk := f.read(_CHUNK):
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def hashes_to_its_name(open_blob: Callable[[str], BinaryIO], sha256: str) -> bool:
+    """Whether the blob ``open_blob(sha256)`` reads is there and its content hashes to ``sha256``."""
+    try:
+        with open_blob(sha256) as f:
+            return sha256_of_stream(f) == sha256
+    except FileNotFoundError:
+        return False
+
+
+def remove_stale_entries(folder: Path, older_than_s: float) -> int:
+    """Remove the files and folders in ``folder`` not modified for ``older_than_s`` seconds; returns how many."""
+    removed = 0
+    cutoff = time.time() - older_than_s
+    try:
+        entries = list(folder.iterdir())
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        try:
+            if entry.stat().st_mtime < cutoff:
+                if entry.is_dir():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+                removed += 1
+        except FileNotFoundError:
+            continue
+    return removed
 
 
 _FSYNC_EACH_UP_TO = 16  # more staged files than this are flushed with one syncfs where available
@@ -79,14 +123,60 @@ def _syncfs(folder: str) -> bool:
         os.close(fd)
 
 
+def write_staging_file(folder: str, data: bytes, *, fsync: bool) -> Path:
+    """A new file in ``folder`` holding ``data`` (fsync'd if asked); nothing is left behind on failure."""
+    # Raw os calls: a commit of thousands of small files stages each one here.
+    name = os.path.join(folder, f"stage-{secrets.token_hex(10)}")
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        if fsync:
+            os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(name)
+        raise
+    os.close(fd)
+    return Path(name)
+
+
+def copy_to_staging_file(folder: Path, source: Path, *, fsync: bool) -> tuple[Path, str]:
+    """Copy ``source`` into a new file in ``folder`` (fsync'd if asked); returns it and the sha256 of
+    what was copied (compare it with the source's to detect a change meanwhile). Removed on failure."""
+    sha = hashlib.sha256()
+    fd, name = tempfile.mkstemp(prefix="stage-", dir=folder)
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
+            while chunk := src.read(_CHUNK):
+                sha.update(chunk)
+                out.write(chunk)
+            if fsync:
+                out.flush()
+                os.fsync(out.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp, sha.hexdigest()
+
+
+
 class BlobStore:
-    def __init__(self, root: Path, *, fsync: bool = True) -> None:
+    """Blobs in a folder (local, or a shared filesystem path every server mounts): a :class:`BlobStorage`.
+
+    ``create=False`` opens an existing folder without creating anything (for read-only checks).
+    """
+
+    def __init__(self, root: Path, *, fsync: bool = True, create: bool = True) -> None:
         self.root = Path(root)
         self.blob_dir = self.root / "blobs"
         self.tmp_dir = self.root / "tmp"
         self.fsync = fsync
-        self.blob_dir.mkdir(parents=True, exist_ok=True)
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        if create:
+            self.blob_dir.mkdir(parents=True, exist_ok=True)
+            self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self._blob_dir_name = os.fspath(self.blob_dir)
         self._tmp_dir_name = os.fspath(self.tmp_dir)
 
@@ -101,47 +191,27 @@ class BlobStore:
     def exists(self, sha256: str) -> bool:
         return os.path.isfile(self._name(sha256))
 
-    # -- staging (no lock held) --------------------------------------------
-    @contextlib.contextmanager
-    def _staging_file(self) -> Iterator[tuple[BinaryIO, Path]]:
-        """A new file in tmp/, open for writing: on disk (fsync'd if asked) when the
-        block ends, removed when the block fails."""
-        fd, name = tempfile.mkstemp(prefix="stage-", dir=self.tmp_dir)
-        tmp = Path(name)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                yield f, tmp
-                if self.fsync:
-                    f.flush()
-                    os.fsync(f.fileno())
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+    def describe(self) -> str:
+        return str(self.root)
 
-    def _write_tmp(self, data: bytes, *, sync: bool | None = None) -> Path:
-        # Raw os calls: a commit of thousands of small files stages each one here.
-        name = os.path.join(self._tmp_dir_name, f"stage-{secrets.token_hex(10)}")
-        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+    def shared_secret(self, name: str) -> bytes:
+        return load_or_create_secret_file(self.root / name)
+
+    def size(self, sha256: str) -> int | None:
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            if self.fsync if sync is None else sync:
-                os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            os.unlink(name)
-            raise
-        os.close(fd)
-        return Path(name)
+            return os.stat(self._name(sha256)).st_size
+        except FileNotFoundError:
+            return None
+
+    def open(self, sha256: str) -> BinaryIO:
+        return open(self._name(sha256), "rb")  # noqa: SIM115 - the caller closes it
+
+    # -- staging (no lock held) --------------------------------------------
+    def _write_tmp(self, data: bytes, *, sync: bool | None = None) -> Path:
+        return write_staging_file(self._tmp_dir_name, data, fsync=self.fsync if sync is None else sync)
 
     def _copy_tmp(self, source: Path) -> tuple[Path, str]:
-        sha = hashlib.sha256()
-        with self._staging_file() as (out, tmp), open(source, "rb") as src:
-            while chunk := src.read(_CHUNK):
-                sha.update(chunk)
-                out.write(chunk)
-        return tmp, sha.hexdigest()
+        return copy_to_staging_file(self.tmp_dir, source, fsync=self.fsync)
 
     def _make_folder(self, sha256: str) -> None:
         """Create the blob's folder now, outside the commit's lock, so publishing is a bare rename.
@@ -234,6 +304,8 @@ class BlobStore:
         self.path(sha256).unlink(missing_ok=True)
 
     def iter_all(self) -> Iterator[str]:
+        if not self.blob_dir.is_dir():
+            return
         for first in self.blob_dir.iterdir():
             if not first.is_dir():
                 continue
@@ -245,27 +317,8 @@ class BlobStore:
 
     def verify(self, sha256: str) -> bool:
         """Re-hash a blob and compare with its name (detects on-disk corruption)."""
-        path = self.path(sha256)
-        if not path.is_file():
-            return False
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(_CHUNK):
-                h.update(chunk)
-        return h.hexdigest() == sha256
+        return hashes_to_its_name(self.open, sha256)
 
     def cleanup_tmp(self, older_than_s: float = 3600.0) -> int:
         """Remove staging files left by crashed writers. Young files may belong to a live writer."""
-        removed = 0
-        cutoff = time.time() - older_than_s
-        for entry in self.tmp_dir.iterdir():
-            try:
-                if entry.stat().st_mtime < cutoff:
-                    if entry.is_dir():
-                        shutil.rmtree(entry, ignore_errors=True)
-                    else:
-                        entry.unlink(missing_ok=True)
-                    removed += 1
-            except FileNotFoundError:
-                continue
-        return removed
+        return remove_stale_entries(self.tmp_dir, older_than_s)

@@ -43,11 +43,29 @@ def _database_options(func: F) -> F:
         "PEFTKIT_REGISTRY_DATABASE, which keeps a password off the command line) instead of the data "
         "folder's registry.db. Several servers, on several hosts, may share one.",
     )(func)
-    return click.option(
-        "--blobs", "blobs_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-        help="Folder for the file contents (its blobs/ and tmp/) [default: the data folder]; servers sharing "
-        "a --database must share it (e.g. a shared filesystem path).",
+    return _blobs_option(
+        "Where the file contents live [default: the data folder]: a folder (its blobs/ and tmp/), or "
+        "S3-compatible object storage as s3://BUCKET/PREFIX (credentials and endpoint from the standard "
+        "AWS_* settings). Servers sharing a --database must share it (a shared filesystem path or one bucket)."
     )(func)
+
+
+def _blobs_option(help_text: str) -> Callable[[F], F]:
+    return click.option(
+        "--blobs", "blobs_dir", default=None, metavar="DIR|URL", callback=_checked_blobs,
+        help=help_text,
+    )
+
+
+def _checked_blobs(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    from .blob_location import check_blob_location
+
+    if value is None:
+        return None
+    try:
+        return check_blob_location(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 def _checked_database(database: str | None) -> str | None:
@@ -74,12 +92,12 @@ def _friendly_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _open_store(data_dir: Path | None, database: str | None = None, blobs_dir: Path | None = None):
+def _open_store(data_dir: Path | None, database: str | None = None, blobs_dir: str | None = None):
     from .store import RegistryStore
 
     try:
         return RegistryStore(data_dir or default_data_dir(), database=_checked_database(database), blobs=blobs_dir)
-    except RuntimeError as exc:  # an unreachable or newer database
+    except RuntimeError as exc:  # an unreachable or newer database, an unusable bucket
         raise click.ClickException(str(exc)) from None
 
 
@@ -91,7 +109,7 @@ def _with_store(func: Callable[..., Any]) -> Callable[..., Any]:
     @_database_options
     @_friendly_errors
     @functools.wraps(func)
-    def wrapper(*args: Any, data_dir: Path | None, database: str | None, blobs_dir: Path | None,
+    def wrapper(*args: Any, data_dir: Path | None, database: str | None, blobs_dir: str | None,
                 **kwargs: Any) -> Any:
         with _open_store(data_dir, database, blobs_dir) as store:
             return func(store, *args, **kwargs)
@@ -144,7 +162,7 @@ def registry_group() -> None:
 def serve_command(
     host: str, port: int, data_dir: Path | None, max_upload_mb: int, public_url: str | None, workers: int,
     trusted_proxies: tuple[str, ...], header_timeout: float, body_timeout: float, request_timeout: float,
-    keep_alive_timeout: float, quiet: bool, database: str | None, blobs_dir: Path | None,
+    keep_alive_timeout: float, quiet: bool, database: str | None, blobs_dir: str | None,
 ) -> None:
     """Serve the registry over HTTP until Ctrl-C (needs `pip install 'peftkit[registry]'`)."""
     from .hub_api import ApiConfig
@@ -166,7 +184,10 @@ def serve_command(
     )
 
     def ready(url: str) -> None:
-        where = f"{redact(database)} with blobs in {blobs_dir or data}" if database else str(data)
+        if database is None and blobs_dir is None:
+            where = str(data)
+        else:
+            where = f"{redact(database) if database else data} with blobs in {blobs_dir or data}"
         click.echo(f"peftkit registry serving {where} at {url} (Ctrl-C to stop)")
         sys.stdout.flush()
 
@@ -307,7 +328,7 @@ def reindex_command(store: RegistryStore) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.pass_context
 def fsck_command(
-    ctx: click.Context, data_dir: Path | None, database: str | None, blobs_dir: Path | None, as_json: bool
+    ctx: click.Context, data_dir: Path | None, database: str | None, blobs_dir: str | None, as_json: bool
 ) -> None:
     """Verify the registry: database integrity, every branch, tag and commit, and every blob re-hashed.
 
@@ -320,7 +341,7 @@ def fsck_command(
     root = data_dir or default_data_dir()
     if database is not None:
         with _open_store(root, database, blobs_dir) as store:
-            report = fsck_database(store.db, store.blobs.blob_dir)
+            report = fsck_database(store.db, store.blobs)
     else:
         if not (root / "registry.db").is_file():
             raise click.UsageError(f"{root} holds no registry (no registry.db); pass the data folder with --data DIR")
@@ -333,7 +354,7 @@ def _fsck_sqlite_with_blobs(root: Path, blobs_dir: Path):
     from .fsck import fsck_database
 
     with _open_store(root, None, blobs_dir) as store:
-        return fsck_database(store.db, store.blobs.blob_dir)
+        return fsck_database(store.db, store.blobs)
 
 
 def _print_fsck(report: Any, as_json: bool) -> None:
@@ -358,36 +379,58 @@ def _print_fsck(report: Any, as_json: bool) -> None:
 @_data_option
 @click.option("--to", "target", required=True, envvar="PEFTKIT_REGISTRY_DATABASE", metavar="URL",
               help="The new, empty PostgreSQL database (postgresql://user@host:5432/db).")
+@_blobs_option(
+    "Also copy the data folder's blobs into this store (a shared folder, or s3://BUCKET/PREFIX with the "
+    "standard AWS_* settings), skipping those already there, before the metadata; fsck then checks it. "
+    "[default: the blobs stay in the data folder]"
+)
 @click.option("--json", "as_json", is_flag=True, help="Print what was copied, and fsck's report, as JSON.")
 @click.pass_context
-def migrate_command(ctx: click.Context, data_dir: Path | None, target: str, as_json: bool) -> None:
+def migrate_command(ctx: click.Context, data_dir: Path | None, target: str, blobs_dir: str | None,
+                    as_json: bool) -> None:
     """Copy the data folder's SQLite metadata to PostgreSQL, then check the copy with fsck.
 
-    Every row is copied in one transaction and compared with the original before it commits;
-    the blobs stay in the data folder (serve with --blobs DIR, or move that folder to the shared
-    path). Exit status: 0 when copied and fsck finds the PostgreSQL registry intact, 1 otherwise.
-    Stop writing to the registry while it runs: commits made meanwhile are not copied.
+    Every row is copied in one transaction and compared with the original before it commits.
+    The blobs stay in the data folder (serve with --blobs DIR, or move that folder to the shared
+    path), or with --blobs are copied first to that folder or S3 bucket (re-running finishes an
+    interrupted copy). Exit status: 0 when copied and fsck finds the PostgreSQL registry intact,
+    1 otherwise. Stop writing to the registry while it runs: commits made meanwhile are not copied.
     """
+    from .blob_copy import BlobCopyError, copy_blobs
+    from .blobs import BlobStore
     from .fsck import fsck_database
     from .migrate import MigrationError, migrate_to_postgres
     from .pg_db import redact
 
     root = data_dir or default_data_dir()
     target = _checked_database(target) or target
+    blobs_copied = None
     try:
+        if blobs_dir is not None and (root / "registry.db").is_file():  # else migrate_to_postgres says so
+            from .blob_location import open_blob_storage
+
+            blobs_copied = copy_blobs(BlobStore(root, create=False), open_blob_storage(blobs_dir, root))
         copied = migrate_to_postgres(root, target)
-    except (MigrationError, RuntimeError) as exc:
+    except (MigrationError, BlobCopyError, RuntimeError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
-    with _open_store(root, target, None) as store:
-        report = fsck_database(store.db, store.blobs.blob_dir)
+    with _open_store(root, target, blobs_dir) as store:
+        report = fsck_database(store.db, store.blobs)
+        blobs_where = store.blobs.describe()
     if as_json:
-        click.echo(json.dumps({"rows": copied.rows, "fsck": report.to_json()}, indent=2))
+        out: dict[str, Any] = {"rows": copied.rows, "fsck": report.to_json()}
+        if blobs_copied is not None:
+            out["blobs"] = {"copied": blobs_copied.copied, "already_there": blobs_copied.already_there,
+                            "bytes_copied": blobs_copied.bytes_copied}
+        click.echo(json.dumps(out, indent=2))
     else:
+        if blobs_copied is not None:
+            click.echo(f"copied {blobs_copied.copied} blob(s) ({blobs_copied.bytes_copied / 1e6:.1f} MB) to "
+                       f"{blobs_where}; {blobs_copied.already_there} were already there")
         click.echo(f"copied {copied.total} row(s) to {redact(target)}: "
                    + ", ".join(f"{n} {table}" for table, n in copied.rows.items() if n))
         _print_fsck(report, False)
         if report.ok:
-            click.echo(f"serve it with: peftkit registry serve --database URL --blobs {root}")
+            click.echo(f"serve it with: peftkit registry serve --database URL --blobs {blobs_where}")
     ctx.exit(0 if report.ok else 1)
 
 

@@ -16,13 +16,13 @@ changed: fsck only reads, and is safe while the server runs.
 
 from __future__ import annotations
 
-import os
 import sqlite3
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .blobs import sha256_and_oid_of_file
+from .blob_storage import BlobStorage
+from .blobs import BlobStore, sha256_and_oid_of_stream
 from .hashing import tree_oid
 
 _MAX_LISTED = 1000  # problems listed in full; the count is always exact
@@ -105,7 +105,7 @@ def check_history(conn: sqlite3.Connection, report: FsckReport) -> None:
     finish()
 
 
-def check_blobs(conn: sqlite3.Connection, blob_dir: Path, report: FsckReport) -> None:
+def check_blobs(conn: sqlite3.Connection, blobs: BlobStorage, report: FsckReport) -> None:
     referenced: dict[str, tuple[int, str]] = {}
     for r in conn.execute("SELECT sha256, size, oid FROM tree_entries"):
         seen = referenced.setdefault(r["sha256"], (r["size"], r["oid"]))
@@ -113,18 +113,17 @@ def check_blobs(conn: sqlite3.Connection, blob_dir: Path, report: FsckReport) ->
             report.add(f"blob {r['sha256']} is recorded with two sizes or oids")
     for sha, (size, oid) in sorted(referenced.items()):
         report.blobs += 1
-        path = os.path.join(blob_dir, sha[:2], sha[2:4], sha)
         try:
-            actual_size = os.stat(path).st_size
-        except FileNotFoundError:
-            report.add(f"missing blob {sha} ({size} bytes)")
-            continue
-        if actual_size != size:
-            report.add(f"corrupt blob {sha}: {actual_size} bytes on disk, {size} recorded")
-            continue
-        try:
-            got_sha, got_oid, read = sha256_and_oid_of_file(Path(path))
-        except OSError as exc:  # unreadable, or changed size while read
+            actual_size = blobs.size(sha)
+            if actual_size is None:
+                report.add(f"missing blob {sha} ({size} bytes)")
+                continue
+            if actual_size != size:
+                report.add(f"corrupt blob {sha}: {actual_size} bytes stored, {size} recorded")
+                continue
+            with blobs.open(sha) as f:
+                got_sha, got_oid, read = sha256_and_oid_of_stream(f, size, f"blob {sha}")
+        except Exception as exc:  # noqa: BLE001 - unreadable (a disk or S3 error), or changed size while read
             report.add(f"blob {sha} cannot be read: {exc}")
             continue
         report.bytes_hashed += read
@@ -132,17 +131,12 @@ def check_blobs(conn: sqlite3.Connection, blob_dir: Path, report: FsckReport) ->
             report.add(f"corrupt blob {sha}: its content hashes to {got_sha}")
         elif got_oid != oid:
             report.add(f"blob {sha} is recorded with git oid {oid}, its content has {got_oid}")
-    if blob_dir.is_dir():
-        for first in blob_dir.iterdir():
-            for second in first.iterdir() if first.is_dir() else ():
-                for blob in second.iterdir() if second.is_dir() else ():
-                    if blob.name not in referenced:
-                        report.orphan_blobs += 1
+    report.orphan_blobs += sum(1 for sha in blobs.iter_all() if sha not in referenced)
 
 
-def fsck_database(db: Any, blob_dir: Path) -> FsckReport:
+def fsck_database(db: Any, blobs: BlobStorage) -> FsckReport:
     """Check the registry whose metadata is in the open database ``db`` (SQLite or PostgreSQL) and
-    whose blobs are in ``blob_dir``, in one read-only snapshot. PostgreSQL enforces its own
+    whose blobs are in ``blobs`` (a folder or S3), in one read-only snapshot. PostgreSQL enforces its own
     integrity and foreign keys, so only SQLite's are checked explicitly."""
     report = FsckReport()
     try:
@@ -150,7 +144,7 @@ def fsck_database(db: Any, blob_dir: Path) -> FsckReport:
             if db.kind == "sqlite":
                 check_database(conn, report)
             check_history(conn, report)
-            check_blobs(conn, Path(blob_dir), report)
+            check_blobs(conn, blobs, report)
     except Exception as exc:  # noqa: BLE001 - any driver's error is a finding, not a crash
         report.add(f"database cannot be read: {exc}")
     return report
@@ -170,7 +164,7 @@ def fsck(root: Path) -> FsckReport:
         conn.execute("BEGIN")  # one consistent snapshot for every check
         check_database(conn, report)
         check_history(conn, report)
-        check_blobs(conn, Path(root, "blobs"), report)
+        check_blobs(conn, BlobStore(Path(root), create=False), report)
     except sqlite3.DatabaseError as exc:
         report.add(f"database cannot be read: {exc}")
     finally:

@@ -15,11 +15,12 @@ process and keeps each module to one job. Who may do what:
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.message import Message
-from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, BinaryIO
 from urllib.parse import parse_qs, quote, unquote, urlencode
 
 from peftkit.hub_rules.cards import DOWNLOAD_COUNTING_FILES
@@ -97,7 +98,7 @@ class Response:
     status: int = 200
     headers: list[tuple[str, str]] = field(default_factory=list)
     body: bytes = b""
-    file: Path | None = None  # streamed instead of body
+    file: Callable[[], BinaryIO] | None = None  # opens the content streamed instead of body
     file_range: tuple[int, int] | None = None  # inclusive byte range of ``file``
     close: bool = False
 
@@ -547,7 +548,7 @@ class HubApi:
     def resolve(self, req: Request, repo_id: str, revision: str, path: str) -> Response:
         info = self._visible_info(req, repo_id)
         sha, entry = self.store.file_entry(info.repo_id, path, revision)
-        blob = self.store.blobs.path(entry.sha256)
+        blob = functools.partial(self.store.blobs.open, entry.sha256)
         if is_commit_sha(validate_revision(revision)) and not info.private:
             cache = "public, max-age=31536000, immutable"
         else:

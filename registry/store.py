@@ -43,12 +43,14 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, BinaryIO, Union
 
 from peftkit.hub_rules.cards import PEFTKIT_RECORD_FILE
 from peftkit.hub_rules.names import TAG_PREFIX, is_commit_sha
 
 from .accounts import Accounts
+from .blob_location import open_blob_storage
+from .blob_storage import BlobStorage
 from .blobs import BlobStore, StagedBlob
 from .cards import RepoMetadata, extract_metadata, normalize_task
 from .database_url import open_database
@@ -195,15 +197,14 @@ class RegistryStore:
         ``database``: a ``postgresql://`` URL to keep the metadata in
         PostgreSQL (several servers, on several hosts, may share it) instead
         of ``root/registry.db``. ``blobs``: the folder holding ``blobs/`` and
-        ``tmp/`` (default ``root``); servers sharing a database must share it.
+        ``tmp/`` (default ``root``), or ``s3://bucket/prefix`` for S3-compatible
+        object storage (staged through ``root/tmp``); servers sharing a database
+        must share it. A bucket that cannot be reached raises at once.
         """
         self.root = Path(os.path.expanduser(os.fspath(root)))
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)  # a new data folder: its owner's only
-        blob_root = Path(os.path.expanduser(os.fspath(blobs))) if blobs is not None else self.root
-        blob_root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.blobs = BlobStore(blob_root, fsync=fsync)
-        #: The folder every server of this registry shares (the blob folder): the web pages' secret lives there.
-        self.shared_dir = blob_root
+        #: What every server of this registry shares besides the database (the web pages' secret too).
+        self.blobs: BlobStorage = open_blob_storage(blobs, self.root, fsync=fsync)
         self.db = open_database(database, self.root)
         self.accounts = Accounts(self.db)
         self.blobs.cleanup_tmp()
@@ -318,7 +319,7 @@ class RegistryStore:
     def _read_small(self, entry: FileEntry | None) -> bytes | None:
         if entry is None:
             return None
-        with open(self.blobs.path(entry.sha256), "rb") as f:
+        with self.blobs.open(entry.sha256) as f:
             return f.read(_MAX_INDEXED_FILE_BYTES)
 
     def _metadata_for(self, entries: Mapping[str, FileEntry]) -> RepoMetadata:
@@ -698,12 +699,23 @@ class RegistryStore:
         return sha, FileEntry(row["path"], row["size"], row["sha256"], row["oid"])
 
     def blob_path(self, repo_id: str, path: str, revision: str = DEFAULT_BRANCH) -> Path:
-        """Path of the immutable blob holding ``path`` at ``revision``. Never write to it."""
+        """Path of the immutable blob holding ``path`` at ``revision``, with blobs in a folder. Never write to it.
+
+        With blobs in S3 there is no such path: :meth:`open_file` reads any store.
+        """
+        if not isinstance(self.blobs, BlobStore):
+            raise TypeError(f"blobs in {self.blobs.describe()} have no local path; use RegistryStore.open_file")
         _, entry = self.file_entry(repo_id, path, revision)
         return self.blobs.path(entry.sha256)
 
+    def open_file(self, repo_id: str, path: str, revision: str = DEFAULT_BRANCH) -> BinaryIO:
+        """The content of ``path`` at ``revision``, open for reading (seekable, streamed); the caller closes it."""
+        _, entry = self.file_entry(repo_id, path, revision)
+        return self.blobs.open(entry.sha256)
+
     def read_file(self, repo_id: str, path: str, revision: str = DEFAULT_BRANCH) -> bytes:
-        return self.blob_path(repo_id, path, revision).read_bytes()
+        with self.open_file(repo_id, path, revision) as f:
+            return f.read()
 
     def export_snapshot(self, repo_id: str, dest: str | os.PathLike[str], revision: str = DEFAULT_BRANCH) -> str:
         """Write the files at ``revision`` into ``dest`` (each file atomically); returns the commit sha."""
@@ -713,7 +725,7 @@ class RegistryStore:
             target = dest / entry.path
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-            with open(self.blobs.path(entry.sha256), "rb") as src, open(tmp, "wb") as out:
+            with self.blobs.open(entry.sha256) as src, open(tmp, "wb") as out:
                 while chunk := src.read(1 << 20):
                     out.write(chunk)
             os.replace(tmp, target)
@@ -1187,4 +1199,4 @@ class RegistryStore:
 
     def fsck(self) -> list[str]:
         """Verify database, history and every blob (see :mod:`peftkit.registry.fsck`); returns the problems."""
-        return fsck_database(self.db, self.blobs.blob_dir).problems
+        return fsck_database(self.db, self.blobs).problems

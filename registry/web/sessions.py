@@ -10,21 +10,19 @@
   HMAC, with a server secret, of a random per-browser cookie. A POST whose
   cookie and token do not match, or whose ``Origin`` names another site, is
   refused before anything else is looked at.
-* The server secret is 32 random bytes in ``web_secret`` in the data folder (in the
-  ``--blobs`` folder when one is given, which every server of the registry shares),
-  created readable by its owner only (``0o600``) and shared by every worker.
+* The server secret is 32 random bytes named ``web_secret`` beside the blobs (in the data
+  folder, the ``--blobs`` folder when one is given, or the ``--blobs s3://`` prefix), which
+  every server and worker of the registry shares: ``BlobStorage.shared_secret``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import secrets
 import time
 from dataclasses import dataclass
 from http.cookies import CookieError, SimpleCookie
-from pathlib import Path
 from urllib.parse import urlsplit
 
 from ..accounts import Accounts, Principal
@@ -34,29 +32,6 @@ SESSION_COOKIE = "peftkit_session"
 CSRF_COOKIE = "peftkit_csrf"
 SECRET_FILE = "web_secret"
 MAX_COOKIE_HEADER = 8 * 1024  # longer Cookie headers are ignored (bounded parsing)
-
-
-def load_server_secret(data_dir: Path) -> bytes:
-    """The data folder's web secret, created (``0o600``, atomically, once for all workers) when missing."""
-    path = Path(data_dir) / SECRET_FILE
-    try:
-        return bytes.fromhex(path.read_text().strip())
-    except FileNotFoundError:
-        pass
-    tmp = path.with_name(f".{SECRET_FILE}.{os.getpid()}.{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_hex(32) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, path)  # fails if another worker won the race: then use theirs
-        except FileExistsError:
-            pass
-    finally:
-        tmp.unlink(missing_ok=True)
-    return bytes.fromhex(path.read_text().strip())
 
 
 def parse_cookies(header: str | None) -> dict[str, str]:

@@ -43,10 +43,10 @@ from .facts import FactsReader
 from .query import FILTERS, MAX_PAGE, PAGE_SIZE, SORTS, parse_query
 from .sessions import (
     CSRF_COOKIE,
+    SECRET_FILE,
     SESSION_COOKIE,
     CookieSettings,
     WebSessions,
-    load_server_secret,
     new_browser_id,
     parse_cookies,
     same_origin,
@@ -99,7 +99,7 @@ class WebSite:
         self.config = api.config
         self.options = options or WebOptions()
         self.sessions = WebSessions(
-            self.store.db, self.store.accounts, load_server_secret(self.store.shared_dir), ttl_s=self.options.session_ttl_s
+            self.store.db, self.store.accounts, self.store.blobs.shared_secret(SECRET_FILE), ttl_s=self.options.session_ttl_s
         )
         self.templates = Templates()
         self.cards = CardRenderer()
@@ -346,7 +346,7 @@ class WebSite:
         return meta, body, note
 
     def _read_head(self, entry: FileEntry, size: int) -> bytes:
-        with open(self.store.blobs.path(entry.sha256), "rb") as f:
+        with self.store.blobs.open(entry.sha256) as f:
             return f.read(size)
 
     # -------------------------------------------------------------------- sign-in
