@@ -161,9 +161,13 @@ def stop_process(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def race_on_parent(urls: list[str], token: str, repo_id: str, parent: str, clients: int = 6) -> list[object]:
+def race_on_parent(urls: list[str], token: str, repo_id: str, parent: str, clients: int = 6,
+                   folder: str = "race") -> list[object]:
     """``clients`` commits on the same ``parent`` at once, spread over ``urls`` in turn; returns each
-    one's outcome: ``"won"`` or the HTTP status it got (412 when another one won)."""
+    one's outcome: ``"won"`` or the HTTP status it got (412 when another one won).
+
+    Each commit adds ``folder/<i>.txt``; race again on a repo with a new ``folder``: huggingface_hub
+    skips a commit whose files are already there, unchanged, and reports it as made."""
     import threading
 
     from huggingface_hub import CommitOperationAdd, HfApi
@@ -177,7 +181,7 @@ def race_on_parent(urls: list[str], token: str, repo_id: str, parent: str, clien
         client = HfApi(endpoint=urls[i % len(urls)], token=token)
         barrier.wait()
         try:
-            client.create_commit(repo_id, [CommitOperationAdd(f"race/{i}.txt", f"{i}".encode())],
+            client.create_commit(repo_id, [CommitOperationAdd(f"{folder}/{i}.txt", f"{i}".encode())],
                                  commit_message=f"race {i}", parent_commit=parent)
             result: object = "won"
         except HfHubHTTPError as exc:
@@ -191,3 +195,39 @@ def race_on_parent(urls: list[str], token: str, repo_id: str, parent: str, clien
     for t in threads:
         t.join()
     return outcomes
+
+
+def kill_one_mid_commit(proc_a: subprocess.Popen, url_a: str, url_b: str, token: str,
+                        repo_id: str = "alice/shared") -> None:
+    """kill -9 of the server ``proc_a`` (at ``url_a``) while a client commits to ``repo_id`` through
+    it: the server at ``url_b`` keeps serving, and every commit the killed one acknowledged is there."""
+    import signal
+    import threading
+
+    from huggingface_hub import HfApi
+
+    acknowledged: list[str] = []
+    client = HfApi(endpoint=url_a, token=token)
+
+    def writer() -> None:
+        step = 0
+        while True:
+            try:
+                info = client.upload_file(path_or_fileobj=b"k" * 100_000 + str(step).encode(),
+                                          path_in_repo=f"kill/{step}.bin", repo_id=repo_id)
+            except Exception:  # noqa: BLE001 - the server is gone
+                return
+            acknowledged.append(info.oid)
+            step += 1
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    while not acknowledged and thread.is_alive():
+        thread.join(0.01)
+    os.kill(proc_a.pid, signal.SIGKILL)
+    thread.join()
+    proc_a.wait()
+    api_b = HfApi(endpoint=url_b, token=token)
+    assert acknowledged and set(acknowledged) <= {c.commit_id for c in api_b.list_repo_commits(repo_id)}
+    after = api_b.upload_file(path_or_fileobj=b"after", path_in_repo="after-kill.txt", repo_id=repo_id).oid
+    assert api_b.model_info(repo_id).sha == after

@@ -7,7 +7,6 @@ folder, sharing only `--database postgresql://...` and `--blobs DIR`; huggingfac
 from __future__ import annotations
 
 import json
-import os
 import signal
 import threading
 import time
@@ -18,6 +17,7 @@ from click.testing import CliRunner
 
 from tests.registry_conftest_helpers import (  # noqa: F401 - hf_online is a fixture
     hf_online,
+    kill_one_mid_commit,
     race_on_parent,
     start_cli_server,
     stop_process,
@@ -104,7 +104,7 @@ def test_two_servers_share_one_database_and_blob_folder(tmp_path: Path, pg_url: 
         proc_b, url_b, _ = start_cli_server(tmp_path / "host-b", *common)
         try:
             _push_pull_race_and_load(tmp_path, url_a, url_b, token)
-            _kill_one_mid_commit(proc_a, url_a, url_b, token)
+            kill_one_mid_commit(proc_a, url_a, url_b, token)
         finally:
             stop_process(proc_b)
     finally:
@@ -184,33 +184,3 @@ def _push_pull_race_and_load(tmp_path: Path, url_a: str, url_b: str, token: str)
     history = {c.commit_id for c in api_a.list_repo_commits("alice/shared")}
     assert acknowledged and set(acknowledged) <= history
     assert {c.commit_id for c in api_b.list_repo_commits("alice/shared")} == history
-
-
-def _kill_one_mid_commit(proc_a, url_a: str, url_b: str, token: str) -> None:
-    """kill -9 of a server while a client commits through it: the other one keeps serving, and every
-    commit the killed one acknowledged is there."""
-    acknowledged: list[str] = []
-    client = HfApi(endpoint=url_a, token=token)
-
-    def writer() -> None:
-        step = 0
-        while True:
-            try:
-                info = client.upload_file(path_or_fileobj=b"k" * 100_000 + str(step).encode(),
-                                          path_in_repo=f"kill/{step}.bin", repo_id="alice/shared")
-            except Exception:  # noqa: BLE001 - the server is gone
-                return
-            acknowledged.append(info.oid)
-            step += 1
-
-    thread = threading.Thread(target=writer)
-    thread.start()
-    while not acknowledged and thread.is_alive():
-        time.sleep(0.01)
-    os.kill(proc_a.pid, signal.SIGKILL)
-    thread.join()
-    proc_a.wait()
-    api_b = HfApi(endpoint=url_b, token=token)
-    assert set(acknowledged) <= {c.commit_id for c in api_b.list_repo_commits("alice/shared")}
-    after = api_b.upload_file(path_or_fileobj=b"after", path_in_repo="after-kill.txt", repo_id="alice/shared").oid
-    assert api_b.model_info("alice/shared").sha == after
