@@ -1,4 +1,5 @@
-"""A PostgreSQL server for the registry's PostgreSQL tests (imported by tests/test_registry_pg_*.py).
+"""A PostgreSQL server for the registry's PostgreSQL tests (imported by tests/test_registry_pg_*.py,
+and by bench/bench_registry_cluster.py through :func:`start_postgres` and :func:`create_database`).
 
 The server comes from the ``pgserver`` package (PostgreSQL's own binaries in a wheel, in the
 test extra) and listens on a unix socket in a temporary folder. PostgreSQL refuses to run as
@@ -11,20 +12,35 @@ from __future__ import annotations
 import functools
 import itertools
 import tempfile
+from pathlib import Path
 
 import pytest
 
 _counter = itertools.count()
 
 
+def start_postgres(folder: str | Path) -> object:
+    """A PostgreSQL server (pgserver's ``PostgresServer``) with its data in ``folder``; pgserver
+    stops it and deletes the folder when this process exits (or on its ``cleanup()``)."""
+    import pgserver
+
+    return pgserver.get_server(folder, cleanup_mode="delete")
+
+
+def create_database(server: object, name: str) -> str:
+    """Create the empty database ``name`` on ``server``; returns its ``postgresql://`` URL."""
+    import psycopg
+
+    with psycopg.connect(server.get_uri(), autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return server.get_uri(name)
+
+
 @functools.cache
 def _shared_server() -> object:
     """The session's one PostgreSQL server, whichever test module asks first (each module that
-    imports the fixture gets its own fixture definition; they all share this server). pgserver
-    stops it and deletes its folder when the test process exits."""
-    import pgserver
-
-    return pgserver.get_server(tempfile.mkdtemp(prefix="peftkit-pg-"), cleanup_mode="delete")
+    imports the fixture gets its own fixture definition; they all share this server)."""
+    return start_postgres(tempfile.mkdtemp(prefix="peftkit-pg-"))
 
 
 @pytest.fixture(scope="session")
@@ -43,9 +59,4 @@ def pg_server() -> object:
 @pytest.fixture
 def pg_url(pg_server) -> str:
     """The URL of a new, empty database on the session's server."""
-    import psycopg
-
-    name = f"reg_{next(_counter)}"
-    with psycopg.connect(pg_server.get_uri(), autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    return pg_server.get_uri(name)
+    return create_database(pg_server, f"reg_{next(_counter)}")
