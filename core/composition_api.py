@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch.nn as nn
 
     from .fusion import FuseConfig, FusionCapture
+    from .learned_average import LearnedAverage
     from .model import AdaptedModel, AdapterRecord
     from .state import FusionRecord
 
@@ -100,6 +101,33 @@ class CompositionMixin:
         if activate:
             self.set_active(record.node)
         return record
+
+    # -- learned average() weights ------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def learn_average(self: "AdaptedModel", block: "composition.Average | str", *, rest: str | None = None
+                      ) -> Iterator["LearnedAverage"]:
+        """While open, the ``average()`` block ``block`` (wherever it runs: activate a composition holding
+        it) takes its weights from the yielded module's parameters, which gradients reach; train them with
+        any optimizer, then ``learned.block()`` is the block with the trained weights as numbers, which runs
+        the same outputs once saved. ``rest=`` names a child (e.g. ``"__base__"``) whose weight is ``1 - sum``
+        of the others, so that the weights are used as they are (``h + sum_i w_i delta_i``); without it the
+        weights are normalized to sum to 1, as the block's own. The members stay as they are (frozen or not)."""
+        from .learned_average import LearnedAverage
+
+        node = composition.as_node(block)
+        if not isinstance(node, composition.Average):
+            raise CompositionError(f"learn_average() takes an average() block, e.g. Average('a', 'b'); got {node}")
+        composition.check_supported(node, {n: r.method for n, r in self.adapter_records.items()})
+        state = self.adapter_state
+        if node in state.learned_averages:
+            raise CompositionError(f"the weights of {node} are already being learned (learn_average is open)")
+        learned = LearnedAverage(node, rest=rest, device=self.device)
+        state.learned_averages[node] = learned
+        try:
+            yield learned
+        finally:
+            del state.learned_averages[node]
 
     # -- weight-space merging -----------------------------------------------------------------
 

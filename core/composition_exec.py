@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from .composition import BASE_MODEL, Average, BatchSplit, Block, Fuse, Node, Parallel, Stack, head_leaf
 from .errors import CompositionError
+from .learned_average import run_weights
 
 if TYPE_CHECKING:  # pragma: no cover
     from .layer import TunerLayer
@@ -203,7 +204,9 @@ def run_stack(block: Stack, layer: "TunerLayer", x: torch.Tensor, h: torch.Tenso
 
 def run_average(block: Average, layer: "TunerLayer", x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     refuse_merged(block, layer, "average()")
-    weights = block.normalized_weights()
+    learned = layer.adapter_state.learned_averages.get(block)
+    # Weights being learned (model.learn_average): a tensor while gradients are recorded, else numbers.
+    weights = block.normalized_weights() if learned is None else run_weights(learned)
     terms = _low_rank_terms(block.children, weights, layer, skip_merged=False)
     if terms is not None:
         if len(terms) == 1 and terms[0][2] != 1.0:

@@ -29,7 +29,7 @@ from .method import Method, Site
 from .plugins import architecture_for, parse_spec
 from .shared_state import SharedState
 from .state import AdapterState
-from .targets import name_matches
+from .targets import NO_LAYERS, name_matches
 
 _ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_\-]{1,128}$")
 #: Model classes whose task head is trained and saved with the adapter by default.
@@ -221,6 +221,10 @@ class AdaptedModel(CompositionMixin, nn.Module):
     def adapted_sites(self, method: Method, config: AdapterConfig, modules_to_save: list[str]) -> list[Site]:
         """The method's sites for ``config``, less those inside modules trained whole (a task head)."""
         saved_prefixes = tuple(m + "." for m in modules_to_save)
+        if config.target_modules == NO_LAYERS and not modules_to_save:
+            raise TargetError(f"target_modules={NO_LAYERS!r} adapts no layer, and modules_to_save names no module "
+                              f"to train whole, so the adapter would change nothing; name the task head in "
+                              f"modules_to_save (e.g. modules_to_save=[classifier]) or target some layers")
         sites = method.sites(self.base_model, config, self.architecture)
         kept = [s for s in sites if s.name not in modules_to_save and not s.name.startswith(saved_prefixes)]
         if sites and not kept:  # every target is inside a head trained whole: the adapter would adapt nothing

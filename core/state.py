@@ -38,6 +38,8 @@ class AdapterState:
         self.routing: Routing | None = None
         #: Fusions on the model by name (their weights live in TunerLayer.fusions).
         self.fusions: dict[str, FusionRecord] = {}
+        #: average() blocks whose weights are being learned (``model.learn_average``): block -> LearnedAverage.
+        self.learned_averages: dict[Any, Any] = {}
         #: While a fusion-weights capture is open: the object collecting them.
         self.capture: Any = None
         #: While AdaptedModel runs a parallel() forward: the number of copies of the batch.

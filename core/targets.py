@@ -18,6 +18,9 @@ if TYPE_CHECKING:  # pragma: no cover
 V = TypeVar("V")
 
 ALL_LINEAR = "all-linear"
+#: ``target_modules`` of an adapter that adapts no layer: a head-only adapter, whose only trained part is
+#: what ``modules_to_save`` names (a task head). PEFT's own name for it, so PEFT loads such a folder too.
+NO_LAYERS = "dummy-target-modules"
 #: Output heads never adapted by "all-linear" (train them via modules_to_save).
 HEAD_NAMES = frozenset({"lm_head", "classifier", "score", "qa_outputs", "decoder"})
 
@@ -114,6 +117,8 @@ def find_targets(model: "nn.Module", config: "AdapterConfig", arch: "Architectur
     Raises TargetError listing candidate names when nothing matches.
     """
     targets = config.target_modules
+    if targets == NO_LAYERS:
+        return []
     if targets is None:
         default = arch.default_targets(method) if arch is not None else None
         if default is None:
@@ -168,6 +173,8 @@ def adaptable_targets(model: "nn.Module", config: "AdapterConfig", arch: "Archit
         if other is not None:
             config.target_modules = list(other)
     names = find_targets(model, config, arch, method=method)
+    if config.target_modules == NO_LAYERS:
+        return []
     kept = []
     for name in names:
         module = model.get_submodule(name)

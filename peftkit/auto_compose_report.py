@@ -160,28 +160,30 @@ def record_json(result: AutoComposeResult) -> str:
 def save_result(model: "AdaptedModel", result: AutoComposeResult, out: Path, *, tokenizer: Any = None,
                 merge: bool = False, node: Any = None) -> None:
     """Write the learned combination to ``out``: for the weights strategy a LoRA adapter folder (the exact
-    weighted merge; with ``merge``, the base model with it folded in, a plain transformers model), else the
-    composition ``node`` as a composition folder; each with its card and record."""
+    weighted merge), for mixture and fusion the composition ``node`` as a composition folder; each with its
+    card and record. With ``merge`` (weights, or a mixture of LoRA members), the base model with the
+    weighted merge folded in, and a fresh head as its head: a plain transformers model."""
     from peftkit.core.fileio import apply_normal_modes, atomic_folder
 
     with atomic_folder(out) as tmp:
-        if result.strategy != "weights":
+        if merge:
+            model.merge_and_unload(_merged_stack(model, result)).save_pretrained(str(tmp))
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+        elif result.strategy != "weights":
             _save_composition(model, result, node, tmp, out.name)
         else:
-            name = _merged(model, result)
-            if merge:
-                model.merge_and_unload([name]).save_pretrained(str(tmp))
-                if tokenizer is not None:
-                    tokenizer.save_pretrained(str(tmp))
-            else:
-                model.save_adapter(str(tmp), name, task=PIPELINE_TAGS.get(result.task), metrics=metrics(result),
-                                   description=card_description(result))
+            model.save_adapter(str(tmp), _merged(model, result), task=PIPELINE_TAGS.get(result.task),
+                               metrics=metrics(result), description=card_description(result))
         (tmp / RECORD_FILE).write_text(record_json(result), encoding="utf-8")
         apply_normal_modes(tmp)
 
 
 def _merged(model: "AdaptedModel", result: AutoComposeResult) -> str:
-    """Put the weights strategy's merge on ``model`` as one adapter (with the head the search scored)."""
+    """Put the learned weights' merge on ``model`` as one adapter: the exact weighted sum of the members'
+    weight changes (what the weights strategy scored, and what a mixture of LoRA members computes), with
+    the head that predicted: for weights the members' heads averaged as the search scored them, for a
+    mixture its first member's (an average() predicts with it)."""
     from peftkit.core.merge_search import average_heads
     from peftkit.core.merging import merge_adapters
 
@@ -189,8 +191,17 @@ def _merged(model: "AdaptedModel", result: AutoComposeResult) -> str:
     name = MERGED_NAME if MERGED_NAME not in model.adapters else MERGED_NAME + "_learned"
     merge_adapters(model, names, [result.weights[n] for n in names], name=name, strategy="linear",
                    modules_to_save=names[0])
-    average_heads(model, names, [result.weights[n] for n in names], name)
+    if result.strategy == "weights":
+        average_heads(model, names, [result.weights[n] for n in names], name)
     return name
+
+
+def _merged_stack(model: "AdaptedModel", result: AutoComposeResult) -> list[str]:
+    """The adapters ``merge_and_unload`` folds in for ``merge``: the weighted merge, then the fresh head's
+    head-only adapter (whose head, as the last of a stack's, becomes the model's, labels and all)."""
+    from peftkit.learned_mixture import FRESH_HEAD
+
+    return [_merged(model, result)] + ([FRESH_HEAD] if result.fresh_head_labels else [])
 
 
 def _save_composition(model: "AdaptedModel", result: AutoComposeResult, node: Any, folder: Path, name: str

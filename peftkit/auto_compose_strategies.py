@@ -74,12 +74,12 @@ class Saved:
 def compare(prep: Prepared, settings: Settings) -> tuple[AutoComposeResult, Saved]:
     """Score every row of the report (see the module doc) and learn each strategy's combination."""
     from peftkit.core.composition import Average
-    from peftkit.learned_mixture import FRESH_HEAD, FreshHead, last_site, score_node, train_head_only, with_head
+    from peftkit.learned_mixture import FRESH_HEAD, FreshHead, score_node, train_head_only, with_head
     from peftkit.training_data import CLASSIFICATION_TASKS
 
     model, classification = prep.model, prep.task in CLASSIFICATION_TASKS
     names = [c.name for c in prep.kept]
-    head = FreshHead(model, prep.fresh_labels, last_site(model, names), settings.seed) if prep.fresh_labels else None
+    head = FreshHead(model, prep.fresh_labels, settings.seed) if prep.fresh_labels else None
     head_name = FRESH_HEAD if head is not None else None
     rows: list[Row] = []
 
@@ -184,7 +184,7 @@ def _train(prep: Prepared, names: list[str], classification: bool, settings: Set
                                 lr=settings.lr, l1=settings.l1, progress=settings.progress)
     else:
         trained = train_fusion(prep.model, names, prep.search_batches, head=head, steps=settings.steps,
-                               lr=settings.lr, progress=settings.progress)
+                               lr=settings.lr, seed=settings.seed, progress=settings.progress)
     start = time.perf_counter()
     score = score_node(prep.model, trained.node, prep.held_batches, classification=classification)
     result.rows.append(Row("learned", ROW_NAMES[strategy], trained.weights, score.loss, score.accuracy,

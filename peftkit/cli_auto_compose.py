@@ -105,7 +105,7 @@ def run_auto(base: str, out: str, *, hub: str | None, merge: bool, token: str | 
         echo_json(result.to_json())
         return
     click.echo(format_report(result))
-    what = {"weights": "the base model with the learned combination merged in" if merge else "the learned adapter",
-            "mixture": "the learned mixture (a composition folder)",
-            "fusion": "the learned fusion (a composition folder)"}[result.strategy]
+    what = "the base model with the learned combination merged in" if merge else \
+        {"weights": "the learned adapter", "mixture": "the learned mixture (a composition folder)",
+         "fusion": "the learned fusion (a composition folder)"}[result.strategy]
     click.echo(f"Wrote {what} to {out}" + (f"; pushed it as {options['push']}" if result.pushed else ""))

@@ -132,14 +132,16 @@ def _datas(candidates: Sequence[Candidate]) -> list[dict[str, Any]]:
     return datas
 
 
-def _ineligible(model: "AdaptedModel", name: str, strategies: Sequence[str]) -> str | None:
-    """Why adapter ``name`` cannot take part in every strategy asked for (None: it can)."""
+def _ineligible(model: "AdaptedModel", name: str, strategies: Sequence[str], merge: bool = False) -> str | None:
+    """Why adapter ``name`` cannot take part in every strategy asked for, or with ``merge`` be folded into
+    the base weights with its weight (None: it can)."""
     record = model.adapter_record(name)
     method = record.method
     if record.model_adapter:
         return f"{method.name} changes the model's inputs and has no output at a layer to weigh, mix or fuse"
-    if "weights" in strategies:
-        other = " (--strategy mixture or fusion takes it)"
+    if "weights" in strategies or merge:
+        other = " (--strategy mixture or fusion takes it)" if "weights" in strategies else \
+            " (--merge folds the mixture into the weights as one LoRA; without --merge the mixture takes it)"
         if not method.merge_low_rank:
             return f"{method.name} has no low-rank weight change (weight-space search needs LoRA adapters){other}"
         if getattr(record.config, "use_dora", False):
@@ -150,7 +152,8 @@ def _ineligible(model: "AdaptedModel", name: str, strategies: Sequence[str]) -> 
     return None
 
 
-def _load_members(model: "AdaptedModel", candidates: list[Candidate], strategies: Sequence[str]) -> list[Candidate]:
+def _load_members(model: "AdaptedModel", candidates: list[Candidate], strategies: Sequence[str], merge: bool
+                  ) -> list[Candidate]:
     """Load every candidate; leave out (with a reason) those that cannot take part. Returns those kept."""
     from peftkit.core.serialization import CONFIG_NAME
 
@@ -164,7 +167,7 @@ def _load_members(model: "AdaptedModel", candidates: list[Candidate], strategies
         except PeftkitError as exc:
             cand.left_out = f"does not load on this base model: {exc}"
             continue
-        cand.left_out = _ineligible(model, cand.name, strategies)
+        cand.left_out = _ineligible(model, cand.name, strategies, merge)
         if cand.left_out is None:
             kept.append(cand)
     return kept
@@ -301,14 +304,15 @@ def _check_options(candidates: Any, search: Any, max_candidates: Any, push: Any,
         raise AutoComposeError("push needs out: the learned combination is written there first")
     if push and merge:
         raise AutoComposeError("push publishes an adapter; with merge the folder is a whole model: drop one")
-    if merge and strategies[0] != "weights":
-        raise AutoComposeError(f"merge folds a weight change into the base model; the {strategies[0]} strategy's "
-                               f"combination is a composition: drop merge, or put weights first in the strategies")
+    if merge and strategies[0] == "fusion":
+        raise AutoComposeError("merge folds a weight change into the base model; the fusion strategy's combination "
+                               "attends over the members at run time: drop merge, or put weights or mixture first in "
+                               "the strategies")
 
 
 def _prepare(base: Any, refs: list[str], examples: Any, eval_examples: Any, *, hub: Any, token: str | None,
              tokenizer: Any, holdout: float, seed: int, max_length: int, batch_size: int, text_field: str | None,
-             strategies: list[str], head: str, progress: bool) -> Prepared:
+             strategies: list[str], head: str, merge: bool, progress: bool) -> Prepared:
     from peftkit.training_data import CLASSIFICATION_TASKS, Fields, LabelMap, read_records, to_examples
 
     records = read_records(examples)  # a bad file fails before any model loads
@@ -320,7 +324,7 @@ def _prepare(base: Any, refs: list[str], examples: Any, eval_examples: Any, *, h
     fields = Fields(text=text_field)
     train_ex = to_examples(task, records, fields)
     held_ex = to_examples(task, eval_records, fields) if eval_records is not None else None
-    kept = _load_members(model, cands, strategies)
+    kept = _load_members(model, cands, strategies, merge)
     fresh: list[str] | None = None
     if classification:
         needed = {lab for ex in train_ex + (held_ex or []) for lab in _labels_of(ex)}
@@ -332,7 +336,7 @@ def _prepare(base: Any, refs: list[str], examples: Any, eval_examples: Any, *, h
                     f"head predicts them all), which the weights strategy's gradient-free search cannot train: use "
                     f"--strategy mixture or fusion (or --head members with members whose heads predict them)")
             if len(model.base_labels or ()) != len(fresh):
-                model = _with_labels(base, model, cands, fresh, strategies, progress)
+                model = _with_labels(base, model, cands, fresh, strategies, merge, progress)
                 kept = [c for c in cands if c.left_out is None]
         else:
             kept = _same_labels(model, kept, needed)
@@ -351,7 +355,7 @@ def _prepare(base: Any, refs: list[str], examples: Any, eval_examples: Any, *, h
 
 
 def _with_labels(base: Any, model: "AdaptedModel", cands: list[Candidate], labels: list[str],
-                 strategies: list[str], progress: bool) -> "AdaptedModel":
+                 strategies: list[str], merge: bool, progress: bool) -> "AdaptedModel":
     """The base model again, its head sized for ``labels`` (the fresh head copies it), members loaded again."""
     if not isinstance(base, (str, Path)):
         raise AutoComposeError(f"the fresh head predicts {len(labels)} labels ({', '.join(labels[:8])}) but the base "
@@ -361,7 +365,7 @@ def _with_labels(base: Any, model: "AdaptedModel", cands: list[Candidate], label
     for cand in cands:
         cand.left_out = None
     fresh = _base_model(base, cands, progress, labels=labels)
-    _load_members(fresh, cands, strategies)
+    _load_members(fresh, cands, strategies, merge)
     return fresh
 
 
@@ -401,7 +405,7 @@ def auto_compose(base: "str | nn.Module", candidates: Sequence[str] | None = Non
         raise AutoComposeError("no candidate adapters given")
     prep = _prepare(base, list(dict.fromkeys(refs))[:max_candidates], examples, eval_examples, hub=hub,
                     token=token, tokenizer=tokenizer, holdout=holdout, seed=seed, max_length=max_length,
-                    batch_size=batch_size, text_field=text_field, strategies=strategies, head=head,
+                    batch_size=batch_size, text_field=text_field, strategies=strategies, head=head, merge=merge,
                     progress=progress)
     result, saved = compare(prep, Settings(strategies, budget, l1, steps, lr, seed, progress))
     result.base_model = _hub_base_id(base, prep.kept)

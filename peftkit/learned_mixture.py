@@ -6,90 +6,47 @@ examples, with every member frozen:
 - **mixture**: one weight per member, ``out = h + sum_i w_i delta_i`` at every site (``delta_i`` member
   i's change to the site's output ``h``), trained from the uniform average with an L1 penalty on the
   mean absolute weight. Any method with an output at a layer can take part (LoRA, IA3, bottleneck
-  adapters, ...). The result is an ordinary ``average()`` block: with ``__base__`` (the identity) as an
-  extra member carrying ``1 - sum_i w_i``, ``average(a, b, __base__, weights=[w_a, w_b, 1 - w_a - w_b])``
-  is exactly ``h + w_a delta_a + w_b delta_b`` for any weights.
+  adapters, ...). It trains through the block it is saved as: ``average(a, b, __base__)`` whose weights
+  are learned in place (``model.learn_average(block, rest="__base__")``: ``__base__``, the identity,
+  carries ``1 - w_a - w_b``, so the block is exactly ``h + w_a delta_a + w_b delta_b`` for any weights),
+  and the saved ``average(a, b, __base__, weights=[w_a, w_b, 1 - w_a - w_b])`` runs the same code.
 - **fusion**: AdapterFusion's attention over the members (:mod:`peftkit.core.fusion`), trained with its
   value regularizer.
 
-A classifier whose examples use labels no member's head predicts gets a **fresh head**: an adapter
-(:data:`FRESH_HEAD`) that keeps a new classification head for those labels and is the identity at the
-layers (a rank-1 LoRA at one site whose B factor starts at zero and stays frozen), trained together
-with the combination. A mixture then reads ``stack(average(...), fresh_head, head=fresh_head)``, a fusion
-``fuse(stack(a, fresh_head, head=fresh_head), ...)`` (the same changes, and one head all members agree
-on): the members' own heads never run, so they may predict any labels.
+A classifier whose examples use labels no member's head predicts gets a **fresh head**: a head-only
+adapter (:data:`FRESH_HEAD`: ``target_modules="dummy-target-modules"``, PEFT's name for an adapter that
+adapts no layer, and the task head in ``modules_to_save``, with a new last linear layer for those labels),
+trained together with the combination. A mixture then reads ``stack(average(...), fresh_head,
+head=fresh_head)``, a fusion ``fuse(stack(a, fresh_head, head=fresh_head), ...)`` (the same changes, and
+one head all members agree on): the members' own heads never run, so they may predict any labels. The
+fresh head's folder is an ordinary adapter folder (PEFT loads it), and merging the composition folds it
+in as the model's head, with its labels in the merged config.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
 
 from peftkit.core.composition import BASE_MODEL, Average, Fuse, Node, Stack
-from peftkit.core.composition_exec import node_delta
 from peftkit.core.errors import CompositionError
 from peftkit.core.heads import label_heads, label_layer
-from peftkit.core.layer import TunerLayer
 from peftkit.core.merge_search import Score, score_batches
+from peftkit.core.targets import NO_LAYERS
 
 if TYPE_CHECKING:  # pragma: no cover
     from peftkit.core.model import AdaptedModel
 
-#: The adapter that carries a fresh classification head.
+#: The head-only adapter that carries a fresh classification head.
 FRESH_HEAD = "fresh_head"
 #: The fusion's name on the model and in the saved composition.
 FUSION_NAME = "auto_fusion"
 #: Mixing weights are kept in [-BOUND, BOUND], as the weight search's are.
 BOUND = 1.5
-
-
-@contextlib.contextmanager
-def mixing(model: "AdaptedModel", names: Sequence[str], mix: torch.Tensor) -> Iterator[None]:
-    """While open, every site where a member acts outputs ``h + sum_i mix[i] delta_i`` on top of what the
-    active composition gives there (keep one that is the identity at the layers: :func:`carrier`).
-
-    Forward hooks on the sites rather than a block: the weights are one live tensor that gradients
-    reach, and the trained weights become a plain :func:`mixture_block` to save."""
-
-    def hook(layer: nn.Module, args: tuple, output: Any) -> Any:
-        h = output[0] if isinstance(output, tuple) else output
-        out = h
-        for i, name in enumerate(names):
-            delta = node_delta(name, layer, args[0], h)  # type: ignore[arg-type]
-            if delta is not None:
-                out = out + mix[i].to(delta.dtype) * delta
-        return (out,) + tuple(output[1:]) if isinstance(output, tuple) else out
-
-    handles = [module.register_forward_hook(hook) for module in model.base_model.modules()
-               if isinstance(module, TunerLayer) and any(n in module.adapters for n in names)]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def carrier(names: Sequence[str], head: str | None) -> Node:
-    """A composition that is the identity at every site and predicts with the head the mixture will use:
-    the fresh head's adapter, else ``average(first member, __base__, weights=[0, 1])`` (an average predicts
-    with its first member's head)."""
-    return head if head is not None else Average(names[0], BASE_MODEL, weights=[0.0, 1.0])
-
-
-def mixture_block(names: Sequence[str], weights: Sequence[float]) -> Average:
-    """The saved form of mixing weights: ``average()`` of the members, plus ``__base__`` with ``1 - sum w``
-    when the weights do not sum to 1 (the module doc), so that the block is exactly ``h + sum_i w_i delta_i``."""
-    weights = [float(w) for w in weights]
-    rest = 1.0 - sum(weights)
-    if abs(rest) < 1e-9:
-        return Average(*names, weights=weights)
-    return Average(*names, BASE_MODEL, weights=[*weights, rest])
 
 
 def with_head(node: Node, head: str | None) -> Node:
@@ -101,12 +58,12 @@ def with_head(node: Node, head: str | None) -> Node:
 
 
 class FreshHead:
-    """Adapter :data:`FRESH_HEAD` on ``model``: a new head for ``labels``, reset to the same start before
-    each training (so that every row of the report trains its head from the same weights)."""
+    """Head-only adapter :data:`FRESH_HEAD` on ``model``: a new head for ``labels``, reset to the same start
+    before each training (so that every row of the report trains its head from the same weights)."""
 
-    def __init__(self, model: "AdaptedModel", labels: Sequence[str], site: str, seed: int) -> None:
+    def __init__(self, model: "AdaptedModel", labels: Sequence[str], seed: int) -> None:
         base_labels = model.base_labels or []
-        model.add_adapter(FRESH_HEAD, f"lora[r=1,target_modules={json.dumps([site])}]")
+        model.add_adapter(FRESH_HEAD, f"lora[target_modules={NO_LAYERS}]")  # the task head: modules_to_save
         self.model, self.labels = model, list(labels)
         wrappers = list(label_heads(model.base_model, FRESH_HEAD, len(base_labels)))
         if not wrappers:
@@ -143,17 +100,6 @@ class FreshHead:
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for head in self.heads for p in head.parameters()]
-
-
-def last_site(model: "AdaptedModel", names: Sequence[str]) -> str:
-    """The last module (in model order) where one of ``names`` acts: where the fresh head's identity LoRA sits."""
-    found = None
-    for module_name, module in model.base_model.named_modules():
-        if isinstance(module, TunerLayer) and any(n in module.adapters for n in names):
-            found = module_name
-    if found is None:
-        raise CompositionError(f"none of the adapters {', '.join(names)} acts at a layer")
-    return found
 
 
 # -- training --------------------------------------------------------------------------------------
@@ -223,42 +169,43 @@ def train_head_only(model: "AdaptedModel", node: Node, head: FreshHead, batches:
 
 def train_mixture(model: "AdaptedModel", names: Sequence[str], batches: Sequence[dict[str, Any]], *,
                   head: FreshHead | None, steps: int, lr: float, l1: float, progress: bool) -> Trained:
-    """Mixing weights (and the fresh head) trained on ``batches`` from the uniform average."""
+    """Mixing weights (and the fresh head) trained on ``batches`` from the uniform average, through the
+    block they are saved as (``average(*names, __base__)`` with learned weights; the module doc)."""
     started = time.perf_counter()
-    mix = torch.full((len(names),), 1.0 / len(names), device=model.device)
     head_name = FRESH_HEAD if head else None
-    model.set_active(carrier(names, head_name))
+    block = Average(*names, BASE_MODEL, weights=[1.0 / len(names)] * len(names) + [0.0])
+    model.set_active(with_head(block, head_name))
     _freeze(model)
-    params = [mix] + (head.parameters() if head else [])
     if head:
         head.reset()
-
-    def clamp() -> None:
-        with torch.no_grad():
-            mix.clamp_(-BOUND, BOUND)
-
-    with mixing(model, names, mix):
-        loss = train_steps(model, params, batches, steps=steps, lr=lr, penalty=lambda: l1 * mix.abs().mean(),
-                           after_step=clamp, progress=progress, desc=f"mixing {len(names)} adapters")
-    weights = [float(w) for w in mix.detach().cpu()]
-    node = with_head(mixture_block(names, weights), head_name)
+    with model.learn_average(block, rest=BASE_MODEL) as learned:
+        params = list(learned.parameters()) + (head.parameters() if head else [])
+        loss = train_steps(model, params, batches, steps=steps, lr=lr, penalty=lambda: l1 * learned.free.abs().mean(),
+                           after_step=lambda: learned.clamp_(BOUND), progress=progress,
+                           desc=f"mixing {len(names)} adapters")
+        # __base__ is left out when the members' weights already sum to 1 (it then adds nothing).
+        saved = learned.block(drop_rest_below=1e-9)
+        weights = [float(w) for w in learned.free.detach().cpu()]
+    node = with_head(saved, head_name)
     model.set_active(node)
     return Trained(node, dict(zip(names, weights)), time.perf_counter() - started, steps, loss)
 
 
 def train_fusion(model: "AdaptedModel", names: Sequence[str], batches: Sequence[dict[str, Any]], *,
-                 head: FreshHead | None, steps: int, lr: float, progress: bool) -> Trained:
-    """An AdapterFusion over ``names`` (and the fresh head) trained on ``batches``; its weights are each
-    member's mean attention over the examples' tokens and sites."""
+                 head: FreshHead | None, steps: int, lr: float, seed: int, progress: bool) -> Trained:
+    """An AdapterFusion over ``names`` (and the fresh head) trained on ``batches``, its query weights drawn
+    from ``seed``; its weights are each member's mean attention over the examples' tokens and sites."""
     started = time.perf_counter()
     # With a fresh head each member is fused as stack(member, fresh_head, head=fresh_head): the same change
-    # (the fresh head's adapter is the identity), and a head every member agrees on, so that members whose
+    # (the fresh head's adapter adapts no layer), and a head every member agrees on, so that members whose
     # own heads predict different labels can be fused (a fusion over them predicts with the fresh head).
     members = [with_head(n, FRESH_HEAD) for n in names] if head else list(names)
     node = Fuse(*members, name=FUSION_NAME)
     if FUSION_NAME in model.fusions:
         model.delete_fusion(FUSION_NAME)
-    model.add_fusion(node)
+    with torch.random.fork_rng(devices=[]):  # the same start every run, whatever ran before
+        torch.manual_seed(seed)
+        model.add_fusion(node)
     model.set_active(node)
     _freeze(model)
     params = [p for p in model.fusion_parameters(FUSION_NAME)]

@@ -162,3 +162,47 @@ def test_the_weights_strategy_cannot_train_a_head_and_other_refusals(
                              out=tmp_path / "o")
     assert run(["compose", str(world["base"]), "alice/t", "--strategy", "mixture", "--out", str(tmp_path / "o")]) == 2
     assert "--strategy only works with --auto" in capsys.readouterr().err
+
+
+def test_a_mixture_with_a_fresh_head_merges_into_a_plain_transformers_model_with_its_labels(
+        world: dict[str, Path], tmp_path: Path) -> None:  # noqa: F811 - the fixture imported above
+    """--merge folds a mixture of LoRA members into the weights (the exact weighted sum) and the fresh head's
+    head-only adapter in as the model's head: transformers alone predicts what the composition predicted."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from peftkit.core.merge_search import score_batches
+
+    files = {}
+    for split, seed in (("few", 1), ("heldout", 2)):
+        data = [{"text": r["text"], "label": CHEERS[r["label"]]} for r in sentiment_rows(24, seed=seed)]
+        files[split] = write_jsonl(tmp_path / f"{split}.jsonl", data)
+    candidates = [str(world[n]) for n in ("t", "noise", "scaler")]
+    with torch_threads(1):
+        mixed = peftkit.auto_compose(str(world["base"]), candidates, examples=files["few"],
+                                     eval_examples=files["heldout"], strategy="mixture", steps=30, lr=0.05,
+                                     out=tmp_path / "mixed", progress=False)
+        merged = peftkit.auto_compose(str(world["base"]), candidates, examples=files["few"],
+                                      eval_examples=files["heldout"], strategy="mixture", steps=30, lr=0.05,
+                                      out=tmp_path / "merged", merge=True, progress=False)
+    # Without --merge the IA3 member takes part in the mixture; with it, only members with a low-rank change.
+    assert set(mixed.weights) == {"t", "noise", "scaler"} and mixed.left_out == []
+    assert [c.name for c in merged.left_out] == ["scaler"] and "--merge folds the mixture" in merged.left_out[0].left_out
+    assert merged.fresh_head_labels == ["boo", "yay"] and set(merged.weights) == {"t", "noise"}
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
+    assert model.config.id2label == {0: "boo", 1: "yay"}
+    data = [json.loads(line) for line in files["heldout"].read_text().splitlines()]
+    batch = dict(word_tokenizer("bert")([r["text"] for r in data], padding=True, return_tensors="pt"))
+    batch["labels"] = torch.tensor([["boo", "yay"].index(r["label"]) for r in data])
+    score = score_batches(model, [batch], classification=True)
+    assert score.loss == pytest.approx(merged.learned.loss, abs=1e-4) and score.accuracy == merged.learned.accuracy
+    # The unmerged composition keeps the fresh head as a head-only adapter folder that peft loads too.
+    head = tmp_path / "mixed" / "adapters" / "fresh_head"
+    assert json.loads((head / "adapter_config.json").read_text())["target_modules"] == "dummy-target-modules"
+    peft_model = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(world["base"]),
+                                           str(head)).eval()
+    fresh = peftkit.AdaptedModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(world["base"]),
+                                                 str(head), "fresh_head")
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(**inputs).logits, fresh(**inputs).logits)
