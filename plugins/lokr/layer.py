@@ -14,8 +14,9 @@ update, as PEFT does: since kron(w1, w2) x = vec(w1 X w2^T) for x reshaped
 to X (in_m, in_n), it runs two small matrix products per token, many times
 fewer operations (and no out * in temporary in the backward pass). When w2
 is itself a rank-r product (the usual case) w2's two factors are applied
-separately, so the copies between the products move rank-sized intermediates,
-and the last product adds the base output in the same kernel. The
+separately, as products of views with rank-major intermediates (fused.py: no
+copies between them), and the last product adds the base output in the same
+kernel. The
 result equals PEFT's up to float rounding. Convolutions use the dense kernel,
 run by the base layer's own convolution (same stride, padding, padding mode,
 dilation and groups), so unmerged and merged outputs agree.
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 
 from peftkit.plugin_api import adapter_dtype, is_conv1d, LayerAdapter, plain_linear
 
-from .fused import fused_lokr
+from .fused import fused_lokr, rank_major_products
 from .shapes import LokrShapes
 
 #: Which parameters start at zero (the update is then zero) for each init_weights value.
@@ -154,18 +155,15 @@ class LokrLayer(LayerAdapter):
         return out.reshape(*x.shape[:-1], s.out_l * s.out_k)
 
     def _low_rank_w2_delta(self, x: torch.Tensor, w1: torch.Tensor, add_to: torch.Tensor | None) -> torch.Tensor:
-        """The update when w2 = w2_a w2_b (rank r): w1 (X w2_b^T) w2_a^T, three products whose
-        intermediates have r columns where X has in_n, so the reshapes between them copy tensors
-        in_n / r times smaller than the input, and the last product writes (or adds into ``add_to``)
-        the output in its final layout."""
+        """The update when w2 = w2_a w2_b (rank r): w1 (X w2_b^T) w2_a^T, three products of views
+        with rank-major intermediates (fused.py's :func:`rank_major_products`, no copies between
+        them); the last product writes (or adds into ``add_to``) the output in its final layout."""
         s = self.shapes
-        r = self.lokr_w2_b.shape[0]
-        z = F.linear(x.reshape(-1, s.in_n), self.lokr_w2_b)  # rows (token, i): X w2_b^T
-        z = z.view(-1, s.in_m, r).transpose(1, 2).reshape(-1, s.in_m)  # rows (token, k)
-        u = F.linear(z, w1).view(-1, r, s.out_l).transpose(1, 2).reshape(-1, r)  # rows (token, p)
+        _, u_t = rank_major_products(x.reshape(-1, x.shape[-1]), w1, self.lokr_w2_b, s.in_m)
+        u = u_t.view(self.lokr_w2_b.shape[0], -1).t()  # (tokens * out_l, r)
         if add_to is not None:
             return torch.addmm(add_to.view(-1, s.out_k), u, self.lokr_w2_a.t()).view(add_to.shape)
-        return F.linear(u, self.lokr_w2_a).view(*x.shape[:-1], s.out_l * s.out_k)
+        return torch.mm(u, self.lokr_w2_a.t()).view(*x.shape[:-1], s.out_l * s.out_k)
 
     def _row_mask(self, out: torch.Tensor, channel_dim: int) -> torch.Tensor:
         """PEFT's rank dropout: each output row of the update kept with probability 1 - rank_dropout
