@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 if TYPE_CHECKING:  # pragma: no cover
+    import torch
     import torch.nn as nn
 
 LABELS = ("negative", "positive")
@@ -208,7 +209,8 @@ class _TrainerEvents:
 
 def train_classifier(model: "nn.Module", task: TextTask, tokenizer: Any, *, lr: float, epochs: int = 3,
                      batch_size: int = 32, max_length: int = 32, seed: int = 0, weight_decay: float = 0.0,
-                     warmup_steps: int = 2, after_step: Callable[[int], None] | None = None) -> TrainResult:
+                     warmup_steps: int = 2, after_step: Callable[[int], None] | None = None,
+                     optimizer: "torch.optim.Optimizer | None" = None) -> TrainResult:
     """Train every parameter of ``model`` that requires a gradient with AdamW (linear warmup,
     then linear decay to 0) on ``task.train``; return held-out accuracy and training time.
 
@@ -218,14 +220,17 @@ def train_classifier(model: "nn.Module", task: TextTask, tokenizer: Any, *, lr: 
     methods get their training callbacks (``peftkit.training_callbacks``: AdaLoRA's rank
     allocation and regularizer) at the points ``transformers.Trainer`` calls them;
     ``after_step(step)`` runs after each optimizer step, before the gradients are cleared
-    (PEFT's AdaLoRA: ``model.base_model.update_and_allocate``).
+    (PEFT's AdaLoRA: ``model.base_model.update_and_allocate``). ``optimizer`` replaces the default
+    AdamW over the trainable parameters (e.g. LoRA+'s parameter groups; ``lr`` and ``weight_decay``
+    then come from it); the schedule scales each of its groups' learning rates.
     """
     import torch
 
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("train_classifier: the model has no trainable parameter")
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if optimizer is None:
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     rng = random.Random(seed)
     epochs_batches = []
     for _ in range(epochs):

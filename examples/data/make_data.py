@@ -2,8 +2,8 @@
 
     python examples/data/make_data.py
 
-Every sentence is composed here from small word lists; nothing is copied from
-an existing corpus. See README.md in this folder.
+Every sentence is composed here (the support_* files by peftkit.testing_intents) from
+small word lists; nothing is copied from an existing corpus. See README.md in this folder.
 """
 
 from __future__ import annotations
@@ -157,6 +157,17 @@ def reviews(rng: random.Random, n: int, held_out: bool) -> list[dict]:
     return rows
 
 
+def support_files() -> None:
+    """The support-message task family (peftkit.testing_intents, which holds its word lists): intents
+    (8 classes) and departments (4 classes), the default splits of support_task()."""
+    from peftkit.testing_intents import support_task
+
+    for labels in ("intent", "department"):
+        task = support_task(labels=labels)
+        for split, rows in (("train", task.train), ("eval", task.test)):
+            write_jsonl(f"support_{labels}_{split}.jsonl", [{"text": t, "label": task.labels[y]} for t, y in rows])
+
+
 def write_jsonl(name: str, rows: list[dict]) -> None:
     (HERE / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
@@ -181,6 +192,7 @@ def main() -> None:
     review_rng = random.Random(20261202)  # its own stream too
     write_jsonl("reviews_train.jsonl", reviews(review_rng, 64, held_out=False))
     write_jsonl("reviews_eval.jsonl", reviews(review_rng, 80, held_out=True))
+    support_files()
 
 
 if __name__ == "__main__":
