@@ -54,6 +54,7 @@ _BUILTIN_FALLBACK = {
     "oft": "peftkit.plugins.oft",
     "adalora": "peftkit.plugins.adalora",
     "boft": "peftkit.plugins.boft",
+    "reft": "peftkit.plugins.reft",
     "builtin_architectures": "peftkit.core.architectures",
     "builtin_merges": "peftkit.core.merge_strategies",
     "builtin_hub_backends": "peftkit.hub_client.backends",

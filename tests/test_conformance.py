@@ -40,6 +40,10 @@ BUILTIN_SPECS = {
     "oft": "oft[oft_block_size=8]",
     "boft": "boft[boft_block_size=4,boft_n_butterfly_factor=2]",
     "adalora": "adalora[init_r=4]",
+    "reft": "reft[prefix_positions=2,suffix_positions=2,r=2]",
+    "loreft": "loreft",
+    "noreft": "noreft[suffix_positions=1,non_linearity=gelu]",
+    "direft": "direft[tied_weights=true,suffix_positions=1]",
 }
 
 for _key, _spec in BUILTIN_SPECS.items():

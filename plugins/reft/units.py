@@ -1,0 +1,97 @@
+"""One ReFT intervention on hidden states: ``h + R^T (act(W h + b) - R h)``.
+
+``R`` (r x hidden) is a plain matrix, or with ``orthogonality`` a matrix with orthonormal rows
+held in the form ``adapters`` (through ``torch.nn.utils.parametrizations.orthogonal``) saves:
+``projection.parametrizations.weight.original`` (r x hidden) and
+``projection.parametrizations.weight.0.base`` (hidden x hidden, orthogonal). The rows are those
+of ``(base @ Q)^T``, with Q the product of the Householder reflections that the entries of
+``original`` below its diagonal define, each column signed by ``original``'s diagonal. With the
+same tensors, R is the one torch's parametrization gives (tested), except that a diagonal entry
+is read by its sign rather than truncated to an integer: weight decay, which shrinks the
+diagonal (it gets no gradient), cannot turn R's rows into zeros here.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils import parametrize
+
+
+class HouseholderFrame(nn.Module):
+    """The parametrization ``original`` (r x n) -> R (r x n) with orthonormal rows, given ``base`` (n x n)."""
+
+    def __init__(self, base: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("base", base)
+
+    def forward(self, original: torch.Tensor) -> torch.Tensor:
+        tall = original.mT  # n x r: column j holds reflector j below its diagonal, a sign on it
+        reflectors = tall.tril(diagonal=-1)
+        tau = 2.0 / (1.0 + (reflectors * reflectors).sum(dim=-2))
+        frame = torch.linalg.householder_product(reflectors, tau)
+        signs = torch.where(tall.diagonal() < 0, -1.0, 1.0).to(frame.dtype)
+        return (self.base @ (frame * signs)).mT
+
+
+def orthonormal_projection(width: int, r: int, dtype: torch.dtype, frame_seed: int) -> nn.Linear:
+    """A bias-free Linear (width -> r) whose weight has orthonormal rows, held as ``adapters`` holds it.
+
+    ``base`` is a random orthogonal matrix drawn from ``frame_seed``, not from torch's global generator:
+    ``base`` is a buffer, not a parameter, and two adapters of one config must compute the same
+    function when given the same parameters (``original`` alone moves R within the frame)."""
+    if r >= width:
+        raise ValueError(f"an orthonormal projection needs r={r} below the hidden size {width}")
+    generator = torch.Generator().manual_seed(frame_seed)
+    gaussian = torch.randn(width, width, generator=generator, dtype=torch.float64)
+    q, upper = torch.linalg.qr(gaussian)
+    q = q * torch.sign(torch.diagonal(upper))  # a uniformly random orthogonal matrix
+    projection = nn.Linear(width, r, bias=False, dtype=dtype)
+    with torch.no_grad():  # Householder reflectors of zero and a diagonal of -1: R is base's first r columns
+        projection.weight.zero_()
+        projection.weight.diagonal().fill_(-1.0)
+    parametrize.register_parametrization(projection, "weight", HouseholderFrame(q.to(dtype)), unsafe=True)
+    return projection
+
+
+class ReftUnit(nn.Module):
+    """``h + R^T (act(W h + b) - R h)`` (without ``- R h`` when not ``subtract_projection``), then dropout,
+    on the hidden states of the positions it is given (rows, positions, width)."""
+
+    def __init__(self, width: int, r: int, *, orthogonal: bool, subtract_projection: bool,
+                 activation: str | None, dropout: float, dtype: torch.dtype,
+                 generator: torch.Generator | None = None, frame_seed: int = 0) -> None:
+        super().__init__()
+        self.learned_source = nn.Linear(width, r, bias=True, dtype=dtype)
+        bound = 1.0 / width ** 0.5  # nn.Linear's own initialization, drawn from the generator
+        with torch.no_grad():
+            self.learned_source.weight.uniform_(-bound, bound, generator=generator)
+            self.learned_source.bias.uniform_(-bound, bound, generator=generator)
+        if orthogonal:
+            self.projection = orthonormal_projection(width, r, dtype, frame_seed)
+        else:
+            self.projection = nn.Linear(width, r, bias=False, dtype=dtype)
+            with torch.no_grad():
+                self.projection.weight.uniform_(-bound, bound, generator=generator)
+        self.orthogonal, self.subtract_projection = orthogonal, subtract_projection
+        self.activation = activation
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        rows = self.projection.weight  # computed once per call when orthogonal
+        source = activate(self.learned_source(states), self.activation)
+        if self.subtract_projection:
+            source = source - F.linear(states, rows)
+        return self.dropout(states + source @ rows)
+
+
+def activate(x: torch.Tensor, name: str | None) -> torch.Tensor:
+    """transformers' activation ``name`` (as ``adapters`` looks it up), torch's leaky_relu for "leakyrelu"."""
+    if name is None:
+        return x
+    if name.lower() == "leakyrelu":
+        return F.leaky_relu(x)
+    from transformers.activations import get_activation
+
+    return get_activation(name.lower())(x)
