@@ -7,7 +7,9 @@ Layout: ``<prefix>/blobs/<sha256[:2]>/<sha256>``. S3 has no rename, so the two s
    host's ``tmp/``), then upload it under its final key: one PUT, or a multipart upload for
    big blobs, streamed from that file. S3 makes an object visible only once its PUT (or
    CompleteMultipartUpload) succeeds, so a key never holds part of a blob, and its name is
-   the sha256 of what was uploaded, so whoever writes it writes the same bytes.
+   the sha256 of what was uploaded, so whoever writes it writes the same bytes. Staged with
+   ``sync=False`` (as the HTTP commit path stages each file), the uploads wait for
+   ``sync_staged``, which runs a whole commit's together.
 2. *publish* (inside the commit's write transaction, cheap): one HEAD checks the object is
    still there. ``registry gc`` may have removed it since staging (it was unreferenced until
    this commit); then it is uploaded again from the staging file, still under the lock.
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import io
 import os
+from concurrent.futures import ThreadPoolExecutor
 import re
 import time
 from collections.abc import Iterable, Iterator
@@ -44,6 +47,7 @@ from .secret_file import new_secret_hex
 
 _READ_BUFFER = 1 << 20
 _MULTIPART_THRESHOLD = 64 << 20  # bigger blobs go up in parts of this size
+_PARALLEL_UPLOADS = 16  # a commit's small files go up this many at a time
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -244,11 +248,14 @@ class S3BlobStore:
             raise
 
     def stage_bytes(self, data: bytes, *, sync: bool | None = None) -> StagedBlob:
-        """Hash ``data`` and upload it. ``sync`` is ignored: an object is durable once its upload returns."""
+        """Hash ``data`` and upload it. ``sync=False`` only writes the staging file and leaves the
+        upload to :meth:`sync_staged`, which uploads a whole commit's files at once."""
         import hashlib
 
         sha = hashlib.sha256(data).hexdigest()
         oid = git_blob_oid(data)
+        if sync is False:
+            return StagedBlob(sha, oid, len(data), write_staging_file(self._tmp_dir_name, data, fsync=False))
         if self.exists(sha):
             return StagedBlob(sha, oid, len(data), None, bytes(data))
         tmp = write_staging_file(self._tmp_dir_name, data, fsync=False)
@@ -273,7 +280,19 @@ class S3BlobStore:
         return tmp
 
     def sync_staged(self, staged: Iterable[StagedBlob]) -> None:
-        """Nothing to do: staging already uploaded each blob, and S3 acknowledges an upload once it is durable."""
+        """Upload the blobs staged with ``sync=False`` that the bucket lacks, several at once (S3
+        acknowledges an upload once it is durable). Blobs staged otherwise are already there."""
+        pending = [b for b in staged if b.tmp_path is not None]
+        if not pending:
+            return
+
+        def upload(blob: StagedBlob) -> None:
+            if not self.exists(blob.sha256):
+                self._upload(blob.tmp_path, blob.sha256)  # type: ignore[arg-type]
+
+        with ThreadPoolExecutor(max_workers=min(_PARALLEL_UPLOADS, len(pending))) as pool:
+            for done in [pool.submit(upload, blob) for blob in pending]:
+                done.result()  # the first failure, once all have finished
 
     def discard(self, staged: StagedBlob) -> None:
         # The uploaded object stays: another commit may have staged the same content and

@@ -17,11 +17,13 @@ Guarantees:
 
 * Commits are immutable and content-addressed; a branch (``main``) is a
   pointer to a commit. Revisions are branch names or full 40-hex commit shas.
-* A commit is atomic: file content is staged to temporary files first, then
-  one SQLite transaction publishes the blobs (``os.replace``), writes the tree
-  and the commit and moves the branch. A crash at any point leaves the branch
-  at its previous commit; at worst an unreferenced blob stays on disk, which no
-  read can reach and :meth:`RegistryStore.gc` deletes.
+* A commit is atomic: file content is staged first (see
+  :mod:`peftkit.registry.blob_storage`: a temporary file, or with S3 an
+  upload under its final key), then one database transaction publishes the
+  blobs (``os.replace``; with S3 a check that the object is there), writes the
+  tree and the commit and moves the branch. A crash at any point leaves the
+  branch at its previous commit; at worst an unreferenced blob stays behind,
+  which no read can reach and :meth:`RegistryStore.gc` deletes.
 * Safe for many threads in one process and several processes on one folder
   (SQLite WAL; writers are serialised).
 

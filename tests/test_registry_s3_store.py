@@ -156,6 +156,19 @@ def test_big_blobs_go_up_in_parts_and_unfinished_uploads_are_aborted(s3_blobs: s
     store.client.abort_multipart_upload(Bucket=bucket, Key="elsewhere/not-ours", UploadId=outside["UploadId"])
 
 
+def test_a_commits_files_staged_unsynced_go_up_together(s3_blobs: str, tmp_path: Path) -> None:  # noqa: F811
+    store = open_blob_storage(s3_blobs, tmp_path)
+    store.publish(store.stage_bytes(b"file 0"))
+    staged = [store.stage_bytes(f"file {i}".encode(), sync=False) for i in range(20)]
+    assert [store.exists(b.sha256) for b in staged] == [True] + [False] * 19  # not uploaded yet
+    store.sync_staged(staged)
+    assert all(store.exists(b.sha256) for b in staged)
+    for blob in staged:
+        store.publish(blob)
+    assert sorted(store.iter_all()) == sorted(b.sha256 for b in staged)
+    assert not any(store.tmp_dir.iterdir())
+
+
 def test_keys_are_content_addressed_under_the_prefix(s3_blobs: str, tmp_path: Path) -> None:  # noqa: F811
     store = open_blob_storage(s3_blobs, tmp_path)
     staged = store.stage_bytes(b"addressed")
