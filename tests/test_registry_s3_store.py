@@ -15,6 +15,7 @@ import pytest
 
 from tests.registry_s3_helpers import moto_endpoint, s3_blobs  # noqa: F401 - fixtures
 
+from peftkit.registry.blob_copy import BlobCopyError, copy_blobs
 from peftkit.registry.blob_location import open_blob_storage, parse_s3_url
 from peftkit.registry.blob_storage import BlobStorage
 from peftkit.registry.blobs import BlobStore
@@ -37,6 +38,7 @@ def _overwrite(store: BlobStorage) -> Callable[[str, bytes], None]:
 
 
 def test_published_blob_reads_back_streamed_and_by_range(store: BlobStorage) -> None:
+    assert isinstance(store, BlobStorage)  # every method of the interface is there
     data = bytes(range(256)) * 4096 + b"tail"  # 1 MiB + 4: more than one read buffer
     staged = store.stage_bytes(data, sync=False)
     sha = hashlib.sha256(data).hexdigest()
@@ -131,6 +133,27 @@ def test_shared_secret_is_created_once_and_the_same_for_every_opener(store: Blob
         store.describe(), tmp_path / "another-host")
     assert other.shared_secret("web_secret") == secret
     assert store.shared_secret("another") != secret
+
+
+def test_copying_a_folders_blobs_is_idempotent_and_refuses_corrupt_ones(store: BlobStorage, tmp_path: Path) -> None:
+    source = BlobStore(tmp_path / "source", fsync=False)
+    shas = []
+    for content in (b"one", b"two", b"three" * 1000):
+        staged = source.stage_bytes(content)
+        source.publish(staged)
+        shas.append(staged.sha256)
+    store.publish(store.stage_bytes(b"two"))
+    report = copy_blobs(source, store)
+    assert (report.copied, report.already_there, report.bytes_copied) == (2, 1, 3 + 5000)
+    assert sorted(store.iter_all()) == sorted(shas) and all(store.verify(sha) for sha in shas)
+    assert copy_blobs(source, store).copied == 0  # run again: nothing left to copy
+
+    rotten = source.stage_bytes(b"four")
+    source.publish(rotten)
+    source.path(rotten.sha256).write_bytes(b"f0ur")
+    with pytest.raises(BlobCopyError, match=f"blob {rotten.sha256} in .* is corrupt"):
+        copy_blobs(source, store)
+    assert not store.exists(rotten.sha256)
 
 
 # ------------------------------------------------------------------- S3 only
