@@ -25,6 +25,7 @@ Credentials, region and endpoint come from boto3's standard sources: ``AWS_ACCES
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -168,13 +169,18 @@ class S3BlobStore:
             return self._read_secret(key)
         except FileNotFoundError:
             pass
+        body = (new_secret_hex() + "\n").encode()
         try:
-            self.client.put_object(Bucket=self.bucket, Key=key, Body=(new_secret_hex() + "\n").encode(),
-                                   IfNoneMatch="*")
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=body, IfNoneMatch="*")
         except ClientError as exc:
             code = str(exc.response.get("Error", {}).get("Code"))
-            if code not in ("412", "PreconditionFailed", "409", "ConditionalRequestConflict"):
-                raise  # another server stored it first otherwise: read theirs
+            if code in ("501", "NotImplemented"):
+                # A server without conditional writes: a plain PUT (servers starting at the
+                # same instant may then keep different secrets until they restart).
+                self.client.put_object(Bucket=self.bucket, Key=key, Body=body)
+            elif code not in ("412", "PreconditionFailed", "409", "ConditionalRequestConflict"):
+                raise
+            # else another server stored it first: read theirs
         return self._read_secret(key)
 
     def _read_secret(self, key: str) -> bytes:
@@ -202,6 +208,8 @@ class S3BlobStore:
             code = str(exc.response.get("Error", {}).get("Code"))
             if _missing(exc):
                 why = f"bucket '{self.bucket}' does not exist at {endpoint}; create it, or fix --blobs"
+            elif code in ("301", "PermanentRedirect", "AuthorizationHeaderMalformed"):
+                why = f"bucket '{self.bucket}' is in another region than {self.client.meta.region_name}; set AWS_REGION"
             elif code in ("403", "AccessDenied", "Forbidden"):
                 why = (f"access to bucket '{self.bucket}' at {endpoint} was denied; check AWS_ACCESS_KEY_ID / "
                        "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)")
@@ -250,8 +258,6 @@ class S3BlobStore:
     def stage_bytes(self, data: bytes, *, sync: bool | None = None) -> StagedBlob:
         """Hash ``data`` and upload it. ``sync=False`` only writes the staging file and leaves the
         upload to :meth:`sync_staged`, which uploads a whole commit's files at once."""
-        import hashlib
-
         sha = hashlib.sha256(data).hexdigest()
         oid = git_blob_oid(data)
         if sync is False:
