@@ -62,6 +62,13 @@ class AdapterHubFormat:
         """AdapterHub's full options dict for ``config``."""
         raise NotImplementedError
 
+    def shared_key(self, tensor_name: str, adapter: str) -> str | None:
+        """``adapters``' key, below the model's body (``bert.`` in a task model), of the method's
+        adapter-wide tensor ``tensor_name`` (``Method.create_shared_state``), for adapter ``adapter``:
+        Compacter's ``shared_parameters.<adapter>.phm_rule``. None: the format has no place for it
+        (saving refuses it)."""
+        return None
+
     def key_in(self, rest: str, options: Mapping[str, Any]) -> str | None:
         """Our tensor key (relative to the site) for AdapterHub's ``rest``; None: a duplicate to skip."""
         return rest
@@ -140,14 +147,24 @@ def _same_module(ours: str, theirs: str) -> bool:
 
 
 def adapterhub_tensors(fmt: AdapterHubFormat, tensors: Mapping[str, Any], sites: list[str],
-                       data: Mapping[str, Any], key_prefix: str, where: str) -> dict[str, Any]:
-    """AdapterHub's tensors keyed as peftkit's (``<key_prefix><site>.<key>``) for the new adapter's ``sites``.
+                       data: Mapping[str, Any], key_prefix: str, where: str,
+                       shared: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """AdapterHub's tensors keyed as peftkit's (``<key_prefix><site>.<key>``) for the new adapter's ``sites``,
+    and its adapter-wide tensors keyed by ``shared`` (our tensor name -> our file key; see
+    :meth:`AdapterHubFormat.shared_key`).
 
     A tensor whose module has no site keeps its key, so the weights check names it as unexpected."""
     marker = f".{fmt.module_dict}.{data.get('name')}."
     modules = {site: fmt.module_for(site, data.get("model_type")) for site in sites}
+    theirs_shared = {fmt.shared_key(name, str(data.get("name"))): ours for name, ours in (shared or {}).items()}
+    theirs_shared.pop(None, None)
     out: dict[str, Any] = {}
     for key, tensor in tensors.items():
+        ours_shared = next((ours for theirs, ours in theirs_shared.items()
+                            if key == theirs or key.endswith("." + str(theirs))), None)
+        if ours_shared is not None:
+            out[ours_shared] = tensor
+            continue
         module, found, rest = key.partition(marker)
         if not found:
             raise AdapterLoadError(f"{where}: weight {key!r} is not one of adapter {data.get('name')!r} named in "
@@ -186,9 +203,17 @@ def adapterhub_config_data(method: Any, config: Any, name: str, model_type: str 
 
 
 def adapterhub_file_tensors(fmt: AdapterHubFormat, site_tensors: Mapping[str, Mapping[str, Any]], name: str,
-                            options: Mapping[str, Any], model_type: str | None = None) -> dict[str, Any]:
-    """Tensors keyed as ``adapters`` saves them, from ``{site: {our key: tensor}}``."""
+                            options: Mapping[str, Any], model_type: str | None = None,
+                            shared: Mapping[str, Any] | None = None, body_prefix: str = "") -> dict[str, Any]:
+    """Tensors keyed as ``adapters`` saves them, from ``{site: {our key: tensor}}`` and the adapter-wide
+    ``shared`` tensors (by their names; keyed below ``body_prefix``, the model's body in a task model)."""
     out: dict[str, Any] = {}
+    for tensor_name, tensor in (shared or {}).items():
+        theirs = fmt.shared_key(tensor_name, name)
+        if theirs is None:
+            raise PeftkitError(f"cannot save adapter {name!r} in AdapterHub's format: its adapter-wide tensor "
+                               f"{tensor_name!r} has no place there; save it in peftkit's format instead")
+        out[body_prefix + theirs] = tensor
     for site, tensors in site_tensors.items():
         module = fmt.module_for(site, model_type)
         for key, tensor in tensors.items():

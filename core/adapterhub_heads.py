@@ -12,7 +12,12 @@
 peftkit keeps a head as the adapter's copy of the task model's modules (``modules_to_save``), so a
 head loads when its function is exactly the task model's: a two-layer tanh classification head on
 the first token is BERT's pooler + classifier or RoBERTa's classifier; a one-layer head reading the
-pooled output is BERT's classifier; a one-layer tagging head is the token classifier.
+pooled output is BERT's classifier; a one-layer tagging head is the token classifier; a masked-LM
+head (``add_masked_lm_head``: Linear, GELU, LayerNorm, Linear onto the vocabulary) is BERT's
+``cls.predictions`` or RoBERTa's ``lm_head``.
+
+A masked-LM head equal to the model's own (the frozen pretrained head a MAD-X language adapter is
+trained with), flex or static, needs no copy: it is not loaded, and the model's own computes it.
 """
 
 from __future__ import annotations
@@ -23,18 +28,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+import torch
 import torch.nn as nn
 
 from .adapterhub_format import WRITTEN_VERSION, read_adapterhub_weights
 from .errors import AdapterLoadError, PeftkitError
-from .layer import ModulesToSave
+from .layer import ModulesToSave, TunerLayer
 
 HEAD_CONFIG_NAME = "head_config.json"
 SAFE_HEAD_WEIGHTS_NAME = "model_head.safetensors"
 PICKLE_HEAD_WEIGHTS_NAME = "pytorch_model_head.bin"
 #: transformers task-class suffix -> AdapterHub's flex head type.
 HEAD_TYPES = {"ForSequenceClassification": "classification", "ForTokenClassification": "tagging",
-              "ForCausalLM": "causal_lm", "LMHeadModel": "causal_lm"}
+              "ForCausalLM": "causal_lm", "LMHeadModel": "causal_lm", "ForMaskedLM": "masked_lm"}
+#: A masked-LM head's modules in transformers' masked-LM classes: (dense, LayerNorm, decoder), by the
+#: indices ``adapters`` gives them (its GELU is index 1).
+MASKED_LM_MODULES = (("cls.predictions.transform.dense", "cls.predictions.transform.LayerNorm", "cls.predictions.decoder"),
+                     ("lm_head.dense", "lm_head.layer_norm", "lm_head.decoder"))
+MASKED_LM_INDICES = (0, 2, 3)
 #: model_type -> the prefix of ``adapters``' flex-head model class (``BertAdapterModel``).
 ADAPTER_MODEL_FAMILIES = {"bert": "Bert", "roberta": "Roberta", "llama": "Llama", "gpt2": "GPT2"}
 
@@ -72,16 +83,34 @@ def _task_kind(model: nn.Module) -> str | None:
     return next((kind for suffix, kind in HEAD_TYPES.items() if cls.endswith(suffix)), None)
 
 
+def _unwrapped(module: nn.Module) -> nn.Module:
+    while isinstance(module, (ModulesToSave, TunerLayer)):
+        module = module.original_module if isinstance(module, ModulesToSave) else module.base_layer
+    return module
+
+
 def _original(model: nn.Module, path: str) -> nn.Module | None:
-    """The model's own module at ``path``, seen through adapters' head copies (ModulesToSave)."""
+    """The model's own module at ``path``, seen through adapters' head copies (ModulesToSave) and
+    adapted layers (TunerLayer)."""
     module = model
     for part in path.split(".") if path else []:
-        if isinstance(module, ModulesToSave):
-            module = module.original_module
-        module = getattr(module, part, None)
+        module = getattr(_unwrapped(module), part, None)
         if not isinstance(module, nn.Module):
             return None
-    return module.original_module if isinstance(module, ModulesToSave) else module
+    return _unwrapped(module)
+
+
+def _masked_lm_layout(model: nn.Module, head_config: Mapping[str, Any], name: str) -> dict[str, str] | str:
+    layers, activation = head_config.get("layers"), str(head_config.get("activation_function")).lower()
+    model_activation = str(getattr(getattr(model, "config", None), "hidden_act", "gelu")).lower()
+    if layers != 2 or activation != model_activation or not head_config.get("layer_norm") \
+            or head_config.get("bias") is False:
+        return (f"layers={layers}, activation_function={head_config.get('activation_function')!r}, "
+                f"layer_norm={head_config.get('layer_norm')!r} computes other than {type(model).__name__}'s head")
+    for dense, norm, decoder in MASKED_LM_MODULES:
+        if _linear(model, dense) and isinstance(_original(model, norm), nn.LayerNorm) and _linear(model, decoder):
+            return {f"heads.{name}.{i}": path for i, path in zip(MASKED_LM_INDICES, (dense, norm, decoder))}
+    return f"{type(model).__name__} has no masked-LM head peftkit knows (BERT's or RoBERTa's)"
 
 
 def _linear(model: nn.Module, path: str) -> bool:
@@ -104,6 +133,8 @@ def flex_layout(model: nn.Module, head_config: Mapping[str, Any], name: str) -> 
     if kind != wanted:
         return (f"a {kind!r} head needs a transformers model whose class ends with "
                 f"{next((s for s, k in HEAD_TYPES.items() if k == kind), 'one peftkit knows')}")
+    if kind == "masked_lm":
+        return _masked_lm_layout(model, head_config, name)
     if kind == "causal_lm":  # one bias-free Linear onto the vocabulary: the model's own lm_head
         lm_head = _original(model, "lm_head")
         if layers == 1 and not head_config.get("bias") and isinstance(lm_head, nn.Linear) and lm_head.bias is None:
@@ -211,8 +242,22 @@ def load_head(model: nn.Module, folder: Path, where: str) -> LoadedHead | None:
         return None
     tensors = read_adapterhub_weights(folder, SAFE_HEAD_WEIGHTS_NAME, PICKLE_HEAD_WEIGHTS_NAME)
     ours = our_head_tensors(layout, tensors, where)
+    if _task_kind(model) == "masked_lm" and _is_models_own(model, ours):
+        return None
     modules = sorted(layout.modules.values()) if layout.config is not None else static_modules(model, ours, where)
     return LoadedHead(modules, ours, head_labels(data))
+
+
+def _is_models_own(model: nn.Module, tensors: Mapping[str, Any]) -> bool:
+    """Whether every head tensor (``{module path.leaf: tensor}``) equals the model's own."""
+    for key, tensor in tensors.items():
+        path, _, leaf = key.rpartition(".")
+        module = _original(model, path)
+        own = getattr(module, leaf, None) if module is not None else None
+        if not isinstance(own, torch.Tensor) or own.shape != tensor.shape \
+                or not torch.equal(own.detach().cpu(), tensor.to(own.dtype)):
+            return False
+    return True
 
 
 # -- save ------------------------------------------------------------------------------
@@ -227,6 +272,13 @@ def _saved_layout(model: nn.Module, name: str) -> tuple[dict[str, Any], dict[str
     if kind is None:
         return None
     model_config = getattr(model, "config", None)
+    if kind == "masked_lm":  # BertStyleMaskedLMHead's options, as adapters writes them
+        hidden = getattr(model_config, "hidden_size", None)
+        config = {"activation_function": getattr(model_config, "hidden_act", "gelu"), "bias": True,
+                  "embedding_size": getattr(model_config, "embedding_size", hidden), "head_type": kind, "layers": 2,
+                  "layer_norm": True, "shift_labels": False, "vocab_size": getattr(model_config, "vocab_size", None)}
+        layout = flex_layout(model, config, name)
+        return None if isinstance(layout, str) else (config, layout)
     for layers in (2, 1):
         config: dict[str, Any] = {"activation_function": "tanh", "dropout_prob": None, "head_type": kind,
                                   "layers": layers}
@@ -261,7 +313,7 @@ def flex_head_files(model: nn.Module, name: str, tensors: Mapping[str, Any], lab
     config, layout = found
     last = layout[max(layout, key=lambda k: int(k.rpartition(".")[2]))]
     config = {**config, "label2id": {label: i for i, label in enumerate(labels)} if labels else None}
-    if config["head_type"] != "causal_lm":
+    if config["head_type"] not in ("causal_lm", "masked_lm"):
         config["num_labels"] = int(tensors[f"{last}.weight"].shape[0])
     out = {f"{prefix}.{key[len(module) + 1:]}": tensor for prefix, module in layout.items()
            for key, tensor in tensors.items() if key.startswith(module + ".")}

@@ -215,7 +215,11 @@ def write_adapterhub_adapter(model: "AdaptedModel", name: str, folder: Path) -> 
                                   base_model_id(model))
     site_tensors = {site: {k: v.detach().to("cpu").contiguous() for k, v in layer.adapters[name].tensors().items()}
                     for site, layer in _layers_with(model, name)}
-    tensors = adapterhub_file_tensors(record.method.adapterhub, site_tensors, name, data["config"], data["model_type"])
+    shared_state = model.shared_state(name)
+    shared = {key: tensor.detach().to("cpu").contiguous()
+              for key, tensor in (shared_state.tensors().items() if shared_state is not None else ())}
+    tensors = adapterhub_file_tensors(record.method.adapterhub, site_tensors, name, data["config"], data["model_type"],
+                                      shared=shared, body_prefix=_body_prefix(model.base_model))
     if head is not None:
         head_data, head_file = head
         write_bytes_atomic(folder / SAFE_HEAD_WEIGHTS_NAME, save(head_file, metadata={"format": "pt"}))
@@ -225,6 +229,12 @@ def write_adapterhub_adapter(model: "AdaptedModel", name: str, folder: Path) -> 
         (folder / SAFE_HEAD_WEIGHTS_NAME).unlink(missing_ok=True)
     write_bytes_atomic(folder / ADAPTERHUB_WEIGHTS_NAME, save(tensors, metadata={"format": "pt"}))
     write_text_atomic(folder / ADAPTERHUB_CONFIG_NAME, config_json(data))
+
+
+def _body_prefix(model: torch.nn.Module) -> str:
+    """``"bert."`` for a task model whose body is ``model.bert`` (transformers' ``base_model``), else ``""``."""
+    body = getattr(model, "base_model", model)
+    return next((f"{n}." for n, m in model.named_children() if m is body), "")
 
 
 def _layers_with(model: "AdaptedModel", name: str) -> list[tuple[str, TunerLayer]]:
@@ -403,7 +413,10 @@ def load_adapter(model: "AdaptedModel", path: str | os.PathLike, name: str) -> A
     try:
         if adapterhub:
             sites = [site for site, _ in _layers_with(model, name)]
-            tensors = adapterhub_tensors(method.adapterhub, tensors, sites, data, KEY_PREFIX, where)
+            shared_state = model.shared_state(name)
+            shared = (record.method.shared_state_file_keys(record.config, list(shared_state.tensors()))
+                      if shared_state is not None else {})
+            tensors = adapterhub_tensors(method.adapterhub, tensors, sites, data, KEY_PREFIX, where, shared)
             tensors.update({KEY_PREFIX + key: tensor for key, tensor in (head.tensors if head else {}).items()})
         record.labels = _fit_head(model, name, tensors, labels, where)
         _copy_into(model, name, tensors, where)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 #: Which page documents which methods (a page may hold several methods of one family).
 PAGES: dict[str, tuple[str, ...]] = {
-    "adalora.md": ("adalora",), "bitfit.md": ("bitfit",), "boft.md": ("boft",), "bottleneck.md": ("seq_bn", "double_seq_bn", "par_bn"), "ia3.md": ("ia3",),
+    "adalora.md": ("adalora",), "bitfit.md": ("bitfit",), "boft.md": ("boft",), "bottleneck.md": ("seq_bn", "double_seq_bn", "par_bn", "compacter", "compacterpp", "seq_bn_inv", "double_seq_bn_inv"), "ia3.md": ("ia3",),
     "lokr.md": ("lokr",), "lora.md": ("lora",), "oft.md": ("oft",), "prefix_tuning.md": ("prefix_tuning",),
     "prompt_tuning.md": ("prompt_tuning",), "union.md": ("union", "mam"), "vera.md": ("vera",),
     "reft.md": ("reft", "loreft", "noreft", "direft"),

@@ -40,6 +40,11 @@ BUILTIN_SPECS = {
     "oft": "oft[oft_block_size=8]",
     "boft": "boft[boft_block_size=4,boft_n_butterfly_factor=2]",
     "adalora": "adalora[init_r=4]",
+    "compacter": "compacter[reduction_factor=4]",
+    "compacterpp": "compacterpp[reduction_factor=4]",
+    "seq_bn_phm_shared": "seq_bn[phm_layer=true,reduction_factor=4,shared_W_phm=true,factorized_phm_rule=true]",
+    "seq_bn_inv": "seq_bn_inv",  # t5: no embedding output point known, a reasoned skip
+    "double_seq_bn_inv": "double_seq_bn_inv[reduction_factor=8]",
     "reft": "reft[prefix_positions=2,suffix_positions=2,r=2]",
     "loreft": "loreft",
     "noreft": "noreft[suffix_positions=1,non_linearity=gelu]",

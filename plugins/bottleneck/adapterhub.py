@@ -6,6 +6,11 @@ options of peftkit's sequential adapters: ``original_ln_before`` (its default Pf
 normed), ``ln_before``, ``ln_after`` with ``adapter_residual_before_ln`` (our
 ``ln_after_includes_residual``). ``original_ln_after=false`` (AdapterPlus) skips the model's
 LayerNorm, which an adapter on the projection cannot do: refused by name.
+
+Compacter's PHM options (``phm_layer`` and the rest) and the invertible adapter (``inv_adapter``,
+``inv_adapter_reduction_factor``) have the same names here. Their adapter-wide tensors are keyed
+by ``adapters`` below the model's body: ``shared_parameters.<name>.phm_rule`` and
+``invertible_adapters.<name>.F.0.weight`` (see :meth:`BottleneckAdapterHub.shared_key`).
 """
 
 from __future__ import annotations
@@ -26,8 +31,11 @@ BN_DEFAULTS: dict[str, Any] = {
     "shared_phm_rule": True, "stochastic_depth": 0.0, "use_gating": False,
 }
 #: Options that must keep one value for peftkit to compute the same function.
-REQUIRED = {"original_ln_after": True, "phm_layer": False, "use_gating": False,
-            "inv_adapter": None, "cross_adapter": False}
+REQUIRED = {"original_ln_after": True, "use_gating": False, "cross_adapter": False}
+#: Compacter's options, the same in both libraries.
+PHM_OPTIONS = ("phm_layer", "phm_dim", "shared_phm_rule", "factorized_phm_rule", "learn_phm", "shared_W_phm",
+               "factorized_phm_W", "phm_rank", "phm_bias", "hypercomplex_nonlinearity", "phm_c_init",
+               "phm_init_range")
 #: ``adapters``' residual_before_ln (read only with original_ln_before) <-> our original_ln_residual.
 RESIDUALS_IN = {True: "output", "post_add": "sum", False: "normed"}
 RESIDUALS_OUT = {ours: theirs for theirs, ours in RESIDUALS_IN.items()}
@@ -42,19 +50,26 @@ DECODER_MODULES = {"llama": {"self_attn": "attention_adapters", "mlp": "output_a
 
 
 class BottleneckAdapterHub(AdapterHubFormat):
-    """One placement of AdapterHub's bottleneck adapter: (mh_adapter, is_parallel)."""
+    """One placement of AdapterHub's bottleneck adapter: (mh_adapter, is_parallel), claiming the folders
+    with PHM layers or not (``phm``) and with an invertible adapter or not (``inv``); None: either."""
 
     module_dict = "adapters"
     on_site = False
 
-    def __init__(self, mh_adapter: bool, parallel: bool) -> None:
-        self.mh_adapter, self.parallel = mh_adapter, parallel
+    def __init__(self, mh_adapter: bool, parallel: bool, phm: bool | None = False, inv: bool | None = False) -> None:
+        self.mh_adapter, self.parallel, self.phm, self.inv = mh_adapter, parallel, phm, inv
+        if phm:  # a PHM folder is Compacter's, with or without an invertible adapter
+            self.inv = None
+        if parallel:  # peftkit has no parallel presets: par_bn reads them all
+            self.phm = self.inv = None
 
     def claims(self, options: Mapping[str, Any]) -> bool:
         return (options.get("architecture") in (None, "bottleneck")
                 and bool(options.get("mh_adapter")) == self.mh_adapter
                 and bool(options.get("is_parallel")) == self.parallel
-                and bool(options.get("output_adapter", True)))
+                and bool(options.get("output_adapter", True))
+                and self.phm in (None, bool(options.get("phm_layer")))
+                and self.inv in (None, bool(options.get("inv_adapter"))))
 
     def module_for(self, site: str, model_type: str | None) -> str:
         parent = site.rpartition(".")[0]
@@ -89,7 +104,12 @@ class BottleneckAdapterHub(AdapterHubFormat):
             "scaling": scaling, "dropout": float(options.get("dropout", 0.0)),
             "ln_before": bool(options.get("ln_before")), "leave_out": list(options.get("leave_out") or []),
             "ln_after": bool(options.get("ln_after")),
+            **{key: options[key] for key in PHM_OPTIONS if key in options},
         }
+        if options.get("inv_adapter"):
+            values["inv_adapter"] = options["inv_adapter"]
+            if options.get("inv_adapter_reduction_factor") is not None:
+                values["inv_adapter_reduction_factor"] = options["inv_adapter_reduction_factor"]
         if not self.parallel:  # adapters' parallel adapter reads neither option
             values["ln_after_includes_residual"] = values["ln_after"] and bool(
                 options.get("adapter_residual_before_ln"))
@@ -111,6 +131,9 @@ class BottleneckAdapterHub(AdapterHubFormat):
             raise ConfigError("residual_before_ln=false; AdapterHub's skip connection carries the adapter's input")
         if getattr(config, "cross_attention", False):
             raise ConfigError("cross_attention=true has no AdapterHub equivalent")
+        if config.phm_layer and config.shared_W_phm and not config.factorized_phm_W:
+            raise ConfigError("shared_W_phm=true with factorized_phm_W=false; adapters 1.3 fails to create "
+                              "such shared weights (set factorized_phm_W=true)")
         self._refuse_decoder_placement(model_type)
         factor = config.reduction_factor  # adapters looks layers up as str(layer_idx)
         return {**BN_DEFAULTS,
@@ -122,7 +145,17 @@ class BottleneckAdapterHub(AdapterHubFormat):
                 "init_weights": "mam_adapter" if self.parallel else "bert", "ln_after": config.ln_after,
                 "adapter_residual_before_ln": getattr(config, "ln_after_includes_residual", False),
                 "original_ln_before": getattr(config, "original_ln_before", False),
-                "residual_before_ln": RESIDUALS_OUT[getattr(config, "original_ln_residual", "output")]}
+                "residual_before_ln": RESIDUALS_OUT[getattr(config, "original_ln_residual", "output")],
+                **{key: getattr(config, key) for key in PHM_OPTIONS},
+                "inv_adapter": config.inv_adapter,
+                "inv_adapter_reduction_factor": config.inv_adapter_reduction_factor if config.inv_adapter else None}
+
+    def shared_key(self, tensor_name: str, adapter: str) -> str | None:
+        """``adapters``' key, below the model's body, of the adapter-wide tensor ``tensor_name``."""
+        if tensor_name.startswith("inv_"):
+            _, net, index, leaf = tensor_name.split("_")
+            return f"invertible_adapters.{adapter}.{net}.{index}.{leaf}"
+        return f"shared_parameters.{adapter}.{tensor_name}"
 
     # adapters' down projection is a Sequential: [LayerNorm (ln_before)], Linear, activation;
     # its LayerNorm is also registered as adapter_norm_before, so torch.save writes it twice.

@@ -9,12 +9,20 @@ Three methods share one option set:
   projection (optionally one after the decoder's cross-attention too);
 - ``par_bn`` (He et al., arXiv 2110.04366): one parallel to each feed-forward
   block, reading the block's input and adding to its output.
+
+Every one can make its projections parameterized hypercomplex multiplications
+(``phm_layer``: Compacter, Karimi Mahabadi et al., arXiv 2106.04647) and add an
+invertible adapter on the embedding output, inverted before the LM head
+(``inv_adapter``: MAD-X, Pfeiffer et al., arXiv 2005.00052). ``compacter``,
+``compacterpp``, ``seq_bn_inv`` and ``double_seq_bn_inv`` are presets of those
+options (AdapterHub's CompacterConfig, CompacterPlusPlusConfig, SeqBnInvConfig,
+DoubleSeqBnInvConfig).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Union
+from typing import Any, ClassVar, Literal, Optional, Union
 
 from peftkit.plugin_api import AdapterConfig, option, ConfigError
 
@@ -24,6 +32,13 @@ NON_LINEARITIES = ("relu", "gelu", "gelu_new", "silu", "swish", "tanh", "sigmoid
 
 #: Values of ``original_ln_residual``: what the skip connection carries with original_ln_before.
 ORIGINAL_LN_RESIDUALS = ("output", "sum", "normed")
+
+#: Values of ``hypercomplex_nonlinearity``: how the PHM weight factors are drawn.
+PHM_W_INITS = ("glorot-uniform", "glorot-normal", "normal", "phm")
+#: Values of ``phm_c_init``: how the PHM rule matrices are drawn.
+PHM_C_INITS = ("normal", "uniform")
+#: Values of ``inv_adapter`` (None: no invertible adapter).
+INV_ADAPTERS = ("nice",)
 
 #: Key of the per-layer reduction map used for layers it does not list.
 DEFAULT_KEY = "default"
@@ -66,6 +81,26 @@ class BottleneckConfig(AdapterConfig):
     init_weights: bool = option(
         True, help='true zero-initializes the up projection (starts equal to the base); false draws it at random (for tests)')
     ln_after: bool = option(False, help="a LayerNorm of the adapter's own on the adapter branch's output")
+    phm_layer: bool = option(
+        False, help="the down and up projections are parameterized hypercomplex multiplications (Compacter)")
+    phm_dim: int = option(4, help="with phm_layer, the number n of Kronecker products summed (divides sizes)")
+    shared_phm_rule: bool = option(True, help="with phm_layer, one set of rule matrices for every projection")
+    factorized_phm_rule: bool = option(False, help="with phm_layer, each rule matrix is an outer product (rank 1)")
+    learn_phm: bool = option(True, help="with phm_layer, the rule matrices train (false: frozen at their init)")
+    shared_W_phm: bool = option(
+        False, help="with phm_layer, one down and one up weight factor for every layer (needs one reduction factor)")
+    factorized_phm_W: bool = option(True, help="with phm_layer, each weight factor is a product of rank phm_rank")
+    phm_rank: int = option(1, help="with phm_layer and factorized_phm_W, the rank of each weight factor")
+    phm_bias: bool = option(True, help="with phm_layer, the projections have a bias")
+    hypercomplex_nonlinearity: str = option(
+        "glorot-uniform", help='with phm_layer, how weight factors are drawn: glorot-uniform, glorot-normal, '
+                               'normal (std phm_init_range) or phm')
+    phm_c_init: str = option("normal", help='with phm_layer, how rule matrices are drawn: normal or uniform')
+    phm_init_range: float = option(0.0001, help="with phm_layer, std of the normal draws")
+    inv_adapter: Optional[str] = option(
+        None, help='an invertible adapter on the embedding output, inverted before the LM head: "nice" (MAD-X)')
+    inv_adapter_reduction_factor: float = option(
+        2.0, help="with inv_adapter, half the hidden size / the coupling networks' bottleneck size")
 
     def check(self) -> None:
         self.reduction_factor = _checked_reduction(self.method, self.reduction_factor)
@@ -79,6 +114,8 @@ class BottleneckConfig(AdapterConfig):
         if isinstance(self.scaling, float) and self.scaling != self.scaling:
             raise ConfigError(f"{self.method} config: scaling must be a number or 'learned', not NaN")
         self.check_placement()
+        self.check_phm()
+        self.check_invertible()
         bad = [i for i in self.leave_out if i < 0]
         if bad:
             raise ConfigError(f"{self.method} config: leave_out={self.leave_out} lists negative layer "
@@ -86,6 +123,34 @@ class BottleneckConfig(AdapterConfig):
 
     def check_placement(self) -> None:
         """Refuse placement options set where they have no effect."""
+
+    def check_phm(self) -> None:
+        if self.hypercomplex_nonlinearity not in PHM_W_INITS:
+            raise ConfigError(f"{self.method} config: hypercomplex_nonlinearity={self.hypercomplex_nonlinearity!r} "
+                              f"is not one of {', '.join(PHM_W_INITS)}")
+        if self.phm_c_init not in PHM_C_INITS:
+            raise ConfigError(f"{self.method} config: phm_c_init={self.phm_c_init!r} is not one of "
+                              f"{', '.join(PHM_C_INITS)}")
+        for name in ("phm_dim", "phm_rank"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{self.method} config: {name}={value!r} must be a positive integer")
+        if self.phm_init_range <= 0:
+            raise ConfigError(f"{self.method} config: phm_init_range={self.phm_init_range} must be positive")
+        if self.phm_layer and self.shared_W_phm and isinstance(self.reduction_factor, dict):
+            raise ConfigError(f"{self.method} config: shared_W_phm=true shares one weight factor between all "
+                              f"layers, so it needs one reduction_factor, not the per-layer map "
+                              f"{self.reduction_factor}; give a number or set shared_W_phm=false")
+
+    def check_invertible(self) -> None:
+        if self.inv_adapter is not None and self.inv_adapter not in INV_ADAPTERS:
+            hint = (" (AdapterHub's GLOW coupling block is not supported: in adapters 1.3 it splits and joins "
+                    "a (batch, sequence, hidden) input along different axes)" if self.inv_adapter == "glow" else "")
+            raise ConfigError(f"{self.method} config: inv_adapter={self.inv_adapter!r} is not supported; choose "
+                              f"{' or '.join(repr(v) for v in INV_ADAPTERS)}, or none{hint}")
+        if self.inv_adapter_reduction_factor <= 0:
+            raise ConfigError(f"{self.method} config: inv_adapter_reduction_factor={self.inv_adapter_reduction_factor}"
+                              f" must be a positive number")
 
     def reduction_for(self, layer: int | None, site: str) -> float:
         """The reduction factor of the layer holding ``site``."""
@@ -172,6 +237,46 @@ class DoubleSeqBnConfig(SequentialBottleneckConfig):
     non_linearity: str = "swish"
     cross_attention: bool = option(
         False, help="encoder-decoder models also get an adapter after the decoder's cross-attention output")
+
+
+@dataclass
+class CompacterPlusPlusConfig(SeqBnConfig):
+    """Compacter++: seq_bn with PHM projections, reduction factor 32 and GELU (arXiv 2106.04647)."""
+
+    method: ClassVar[str] = "compacterpp"
+
+    phm_layer: bool = True
+    reduction_factor: ReductionFactor = 32
+    non_linearity: str = "gelu"
+
+
+@dataclass
+class CompacterConfig(DoubleSeqBnConfig):
+    """Compacter: double_seq_bn with PHM projections, reduction factor 32 and GELU (arXiv 2106.04647)."""
+
+    method: ClassVar[str] = "compacter"
+
+    phm_layer: bool = True
+    reduction_factor: ReductionFactor = 32
+    non_linearity: str = "gelu"
+
+
+@dataclass
+class SeqBnInvConfig(SeqBnConfig):
+    """MAD-X language adapter: seq_bn plus a NICE invertible adapter on the embedding output."""
+
+    method: ClassVar[str] = "seq_bn_inv"
+
+    inv_adapter: Optional[str] = "nice"
+
+
+@dataclass
+class DoubleSeqBnInvConfig(DoubleSeqBnConfig):
+    """double_seq_bn plus a NICE invertible adapter on the embedding output."""
+
+    method: ClassVar[str] = "double_seq_bn_inv"
+
+    inv_adapter: Optional[str] = "nice"
 
 
 @dataclass

@@ -14,13 +14,15 @@ decoder block, which has no LayerNorm there) and its skip
 connection carries h, h + r or that; ``ln_after`` adds a LayerNorm of the adapter's
 own on the branch (or on branch + skip).
 
-The up projection starts at zero, so the adapted model starts equal to the base.
+The up projection starts at zero, so the adapted model starts equal to the base. With a
+``phm`` config the projections are PHM layers (``phm.py``: Compacter), reading the adapter-wide
+rule matrices (and weight factors) from ``LayerAdapter.shared``.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -28,7 +30,9 @@ import torch.nn.functional as F
 
 from peftkit.plugin_api import LayerAdapter
 
-_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+from .phm import PHMLinear
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu,
     "gelu": F.gelu,
     "gelu_new": lambda t: F.gelu(t, approximate="tanh"),
@@ -59,9 +63,10 @@ class BottleneckAdapter(LayerAdapter):
                  residual_before_ln: bool = True, init_weights: bool = True, ln_after: bool = False,
                  ln_after_includes_residual: bool = False, original_ln_before: bool = False,
                  model_norm: nn.Module | None = None, original_ln_residual: str = "output",
-                 dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> None:
+                 phm: Any = None, dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> None:
         """With ``original_ln_before``, ``forward``'s x must be the block's residual input r, and
-        ``model_norm`` is the model's own LayerNorm after the site (None on a pre-LayerNorm block)."""
+        ``model_norm`` is the model's own LayerNorm after the site (None on a pre-LayerNorm block).
+        ``phm``: the config whose PHM options make the projections PHM layers (None: Linear layers)."""
         super().__init__()
         self.original_ln_before = original_ln_before
         # The model's module, not a submodule: it is neither saved nor counted with the adapter.
@@ -71,11 +76,17 @@ class BottleneckAdapter(LayerAdapter):
         self.in_features, self.out_features, self.bottleneck = in_features, out_features, bottleneck
         self.parallel, self.residual, self.residual_before_ln = parallel, residual, residual_before_ln
         self.non_linearity = non_linearity
-        self._act = _ACTIVATIONS[non_linearity]
+        self._act = ACTIVATIONS[non_linearity]
         factory = {"dtype": dtype, "device": device}
         self.adapter_norm = nn.LayerNorm(in_features, **factory) if ln_before else None
-        self.adapter_down = nn.Linear(in_features, bottleneck, **factory)
-        self.adapter_up = nn.Linear(bottleneck, out_features, **factory)
+        self.adapter_down: nn.Module
+        self.adapter_up: nn.Module
+        if phm is not None:
+            self.adapter_down = PHMLinear(in_features, bottleneck, "down", phm, zero=False, **factory)
+            self.adapter_up = PHMLinear(bottleneck, out_features, "up", phm, zero=init_weights, **factory)
+        else:
+            self.adapter_down = nn.Linear(in_features, bottleneck, **factory)
+            self.adapter_up = nn.Linear(bottleneck, out_features, **factory)
         self.adapter_norm_after = nn.LayerNorm(out_features, **factory) if ln_after else None
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
         self.adapter_scaling: nn.Parameter | None = None
@@ -84,6 +95,13 @@ class BottleneckAdapter(LayerAdapter):
             self.adapter_scaling = nn.Parameter(torch.ones(1, **factory))
         else:
             self.scaling = float(scaling)
+        if phm is None:
+            self._init_linear(init_weights)
+        # out = h + branch exactly when the skip connection carries h itself.
+        self.additive = (parallel and not ln_after) or (
+            residual and (residual_before_ln or not ln_before) and not ln_after and not original_ln_before)
+
+    def _init_linear(self, init_weights: bool) -> None:
         with torch.no_grad():
             nn.init.kaiming_uniform_(self.adapter_down.weight, a=math.sqrt(5))
             nn.init.zeros_(self.adapter_down.bias)
@@ -92,15 +110,23 @@ class BottleneckAdapter(LayerAdapter):
             else:
                 nn.init.normal_(self.adapter_up.weight, std=RANDOM_UP_STD)
             nn.init.zeros_(self.adapter_up.bias)
-        # out = h + branch exactly when the skip connection carries h itself.
-        self.additive = (parallel and not ln_after) or (
-            residual and (residual_before_ln or not ln_before) and not ln_after and not original_ln_before)
 
     # -- forward -----------------------------------------------------------------
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the branch computes in: its projections' (they follow ``model.to(...)``)."""
+        for param in self.adapter_down.parameters():
+            return param.dtype
+        shared = self.shared  # a PHM down projection without a bias, its factors all shared
+        return next(iter(shared.tensors().values())).dtype if shared is not None else torch.float32
+
+    def _project(self, layer: nn.Module, z: torch.Tensor) -> torch.Tensor:
+        return layer(z, self.shared) if isinstance(layer, PHMLinear) else layer(z)
+
     def _branch(self, z: torch.Tensor) -> torch.Tensor:
-        down = self._act(self.adapter_down(z))
-        up = self.adapter_up(down)
+        down = self._act(self._project(self.adapter_down, z))
+        up = self._project(self.adapter_up, down)
         up = up * self.adapter_scaling if self.adapter_scaling is not None else up * self.scaling
         return self.dropout(up) if self.dropout is not None else up
 
@@ -113,7 +139,7 @@ class BottleneckAdapter(LayerAdapter):
         if not self.additive:
             return self.forward(x, h, base) - h
         source = x if self.parallel else h
-        z = source.to(self.adapter_down.weight.dtype)
+        z = source.to(self.compute_dtype)
         if self.adapter_norm is not None:
             z = self.adapter_norm(z)
         return self._branch(z).to(h.dtype)
@@ -121,7 +147,7 @@ class BottleneckAdapter(LayerAdapter):
     def forward(self, x: torch.Tensor, h: torch.Tensor, base: nn.Module) -> torch.Tensor:
         if self.additive:
             return h + self.delta(x, h, base)
-        dtype = self.adapter_down.weight.dtype
+        dtype = self.compute_dtype
         z = skip = (x if self.parallel else h).to(dtype)
         norm = self.model_norm
         if self.original_ln_before and not self.parallel:

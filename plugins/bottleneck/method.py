@@ -6,19 +6,29 @@ double_seq_bn (+ ``cross_attention_output`` with cross_attention=true), and
 ``ffn_output`` reading the input of ``ffn_input`` for par_bn. A model family
 without those points can be declared by a plugin, or adapted by naming the
 modules in ``target_modules``.
+
+With ``inv_adapter`` the adapter also has two sites for its invertible adapter: the embedding
+output (point ``embedding_output``, registered by this plugin) and the model's output embeddings
+(``get_output_embeddings()``, the LM head's output layer) when it has one. With ``phm_layer``
+(Compacter) the projections are PHM layers; their shared rule matrices and weight factors, and the
+invertible adapter's block, are the adapter's shared state.
 """
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from peftkit.plugin_api import ALL_BLOCKS, AdapterConfig, ConfigError, Method, Site, TargetError
 
 from .adapterhub import BottleneckAdapterHub
-from .config import BottleneckConfig, DoubleSeqBnConfig, ParBnConfig, SeqBnConfig, SequentialBottleneckConfig
+from .config import (BottleneckConfig, CompacterConfig, CompacterPlusPlusConfig, DoubleSeqBnConfig,
+                     DoubleSeqBnInvConfig, ParBnConfig, SeqBnConfig, SeqBnInvConfig, SequentialBottleneckConfig)
+from .embedding_points import EMBEDDING_POINT, embedding_model_types
 from .residual_points import RESIDUAL_POINTS, residual_point_specs
 
 if TYPE_CHECKING:  # pragma: no cover
+    import torch
     import torch.nn as nn
 
     from peftkit.plugin_api import ArchitectureSpec
@@ -61,6 +71,8 @@ class BottleneckMethod(Method):
             raise ConfigError(f"{self.name}: no site is left to adapt (leave_out={config.leave_out}, "
                               f"exclude_modules={config.exclude_modules!r}, "
                               f"layers_to_transform={config.layers_to_transform!r})")
+        if config.inv_adapter is not None:
+            sites += _invertible_sites(model, arch, self.name, config.modules_to_save or [])
         return sites
 
     def _point_sites(self, model: "nn.Module", config: BottleneckConfig,
@@ -94,9 +106,13 @@ class BottleneckMethod(Method):
                              model: "nn.Module") -> "nn.Module":
         import torch
 
-        from .layer import BottleneckAdapter
+        from .invertible import EMBEDDING_ROLE, OUTPUT_ROLE, InvertibleAdapter
+        from .layer import ACTIVATIONS, BottleneckAdapter
 
         assert isinstance(config, BottleneckConfig)
+        if site.role in (EMBEDDING_ROLE, OUTPUT_ROLE):
+            return InvertibleAdapter(site.role == OUTPUT_ROLE, _embedding_size(model),
+                                     ACTIVATIONS[config.non_linearity])
         in_f, bottleneck, out_f = self.adapter_shape(site, base_layer, config, model)
         weight = getattr(base_layer, "weight", None)
         dtype = weight.dtype if weight is not None and weight.dtype in (torch.float32, torch.float64) \
@@ -113,7 +129,34 @@ class BottleneckMethod(Method):
             original_ln_before=original_ln,
             model_norm=_model_norm(model, site.name, self.name) if original_ln else None,
             original_ln_residual=config.original_ln_residual if sequential else "output",
-            dtype=dtype, device=weight.device if weight is not None else None)
+            phm=config if config.phm_layer else None, dtype=dtype, device=weight.device if weight is not None else None)
+
+    def create_shared_state(self, model: "nn.Module", config: AdapterConfig,
+                            sites: list[Site]) -> "dict[str, torch.Tensor]":
+        from .invertible import nice_tensors
+        from .phm import shared_phm_tensors
+
+        assert isinstance(config, BottleneckConfig)
+        factory = _factory(model)
+        out: dict[str, Any] = {}
+        if config.phm_layer and (config.shared_phm_rule or config.shared_W_phm):
+            in_f, bottleneck = self._shared_phm_shape(model, config, sites)
+            out.update(shared_phm_tensors(config, in_f, bottleneck, zero_up=config.init_weights, factory=factory))
+        if config.inv_adapter is not None:
+            out.update(nice_tensors(_embedding_size(model), config.inv_adapter_reduction_factor,
+                                    identity=config.init_weights, factory=factory))
+        return out
+
+    def _shared_phm_shape(self, model: "nn.Module", config: BottleneckConfig, sites: list[Site]) -> tuple[int, int]:
+        """(input size, bottleneck size) of every PHM adapter; with shared_W_phm they must all agree."""
+        from peftkit.plugin_api import base_of
+
+        shapes = {self.adapter_shape(s, base_of(model.get_submodule(s.name)), config, model)[:2]
+                  for s in _bottleneck_sites(sites)}
+        if config.shared_W_phm and len(shapes) > 1:
+            raise ConfigError(f"{self.name} config: shared_W_phm=true needs every adapter to have the same input "
+                              f"and bottleneck sizes, but they are {sorted(shapes)}; set shared_W_phm=false")
+        return next(iter(shapes))
 
     def adapter_shape(self, site: Site, base_layer: "nn.Module", config: BottleneckConfig,
                       model: "nn.Module") -> tuple[int, int, int]:
@@ -133,19 +176,36 @@ class BottleneckMethod(Method):
         if bottleneck < 1:
             raise ConfigError(f"{self.name} config: reduction_factor={factor} leaves no bottleneck for hidden "
                               f"size {hidden} at {site.name!r}; use a factor of at most {hidden}")
+        if config.phm_layer:
+            wrong = [f"{what} {size}" for what, size in (("input size", in_f), ("bottleneck size", bottleneck),
+                                                        ("output size", out_f)) if size % config.phm_dim]
+            if wrong:
+                raise ConfigError(f"{self.name} config: phm_dim={config.phm_dim} must divide every PHM layer's "
+                                  f"sizes, but at {site.name!r} the {', '.join(wrong)} is not a multiple of it; "
+                                  f"choose another phm_dim or reduction_factor")
         return in_f, bottleneck, out_f
 
     def expected_parameter_count(self, model: "nn.Module", config: AdapterConfig, sites: list[Site]) -> int:
         from peftkit.plugin_api import base_of
 
+        from .invertible import nice_shapes
+
         assert isinstance(config, BottleneckConfig)
         total = 0
-        for site in sites:
+        for site in _bottleneck_sites(sites):
             in_f, b, out_f = self.adapter_shape(site, base_of(model.get_submodule(site.name)), config, model)
-            total += in_f * b + b + b * out_f + out_f
+            total += _phm_count(config, in_f, b, out_f) if config.phm_layer else in_f * b + b + b * out_f + out_f
             total += 2 * in_f if config.ln_before else 0
             total += 2 * out_f if config.ln_after else 0
             total += 1 if config.scaling == "learned" else 0
+        if config.phm_layer and config.shared_phm_rule and config.learn_phm:
+            total += _rule_size(config)
+        if config.phm_layer and config.shared_W_phm:
+            in_f, b = self._shared_phm_shape(model, config, sites)
+            total += 2 * _w_size(config, in_f, b)
+        if config.inv_adapter is not None:
+            total += sum(math.prod(shape) for shape in nice_shapes(_embedding_size(model),
+                                                                   config.inv_adapter_reduction_factor).values())
         return total
 
     # -- files -----------------------------------------------------------------
@@ -197,7 +257,125 @@ class ParBnMethod(BottleneckMethod):
                 for name in outputs]
 
 
+class CompacterMethod(DoubleSeqBnMethod):
+    name = "compacter"
+    config_class = CompacterConfig
+    known_as = {}
+    description = "Compacter: Houlsby placement with PHM (hypercomplex) projections, reduction 32, GELU"
+    adapterhub = BottleneckAdapterHub(mh_adapter=True, parallel=False, phm=True)
+
+
+class CompacterPlusPlusMethod(SeqBnMethod):
+    name = "compacterpp"
+    config_class = CompacterPlusPlusConfig
+    known_as = {"compacterplusplus": "Compacter++ is compacterpp (a name cannot hold '+')",
+                "compacter_pp": "Compacter++ is compacterpp"}
+    description = "Compacter++: Pfeiffer placement with PHM (hypercomplex) projections, reduction 32, GELU"
+    adapterhub = BottleneckAdapterHub(mh_adapter=False, parallel=False, phm=True)
+
+
+class SeqBnInvMethod(SeqBnMethod):
+    name = "seq_bn_inv"
+    config_class = SeqBnInvConfig
+    known_as = {"pfeifferinv": "AdapterHub's pfeiffer+inv is seq_bn_inv",
+                "madx": "a MAD-X language adapter is seq_bn_inv (see docs/methods/bottleneck.md, MAD-X)"}
+    description = "MAD-X language adapter: seq_bn plus an invertible (NICE) adapter on the embeddings"
+    adapterhub = BottleneckAdapterHub(mh_adapter=False, parallel=False, inv=True)
+
+
+class DoubleSeqBnInvMethod(DoubleSeqBnMethod):
+    name = "double_seq_bn_inv"
+    config_class = DoubleSeqBnInvConfig
+    known_as = {"houlsbyinv": "AdapterHub's houlsby+inv is double_seq_bn_inv"}
+    description = "double_seq_bn plus an invertible (NICE) adapter on the embeddings"
+    adapterhub = BottleneckAdapterHub(mh_adapter=True, parallel=False, inv=True)
+
+
 # -- helpers ---------------------------------------------------------------------
+
+
+def _bottleneck_sites(sites: list[Site]) -> list[Site]:
+    """The sites holding bottleneck adapters (not the invertible adapter's)."""
+    from .invertible import EMBEDDING_ROLE, OUTPUT_ROLE
+
+    return [s for s in sites if s.role not in (EMBEDDING_ROLE, OUTPUT_ROLE)]
+
+
+def _rule_size(config: BottleneckConfig) -> int:
+    n = config.phm_dim
+    return 2 * n * n if config.factorized_phm_rule else n ** 3
+
+
+def _w_size(config: BottleneckConfig, in_f: int, out_f: int) -> int:
+    n = config.phm_dim
+    if config.factorized_phm_W:
+        return n * (in_f // n) * config.phm_rank + n * config.phm_rank * (out_f // n)
+    return n * (in_f // n) * (out_f // n)
+
+
+def _phm_count(config: BottleneckConfig, in_f: int, b: int, out_f: int) -> int:
+    """Trainable parameters of one adapter's two PHM projections (shared tensors not counted)."""
+    total = (b + out_f) if config.phm_bias else 0
+    if not config.shared_W_phm:
+        total += _w_size(config, in_f, b) + _w_size(config, b, out_f)
+    if not config.shared_phm_rule and config.learn_phm:
+        total += 2 * _rule_size(config)
+    return total
+
+
+def _embedding_size(model: "nn.Module") -> int:
+    config = getattr(model, "config", None)
+    for key in ("embedding_size", "hidden_size", "n_embd", "d_model"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    raise ConfigError("invertible adapters need the model's hidden size (config.hidden_size); this model's "
+                      "config has none")
+
+
+def _factory(model: "nn.Module") -> dict[str, Any]:
+    import torch
+
+    param = next(model.parameters(), None)
+    dtype = param.dtype if param is not None and param.dtype in (torch.float32, torch.float64) else torch.float32
+    return {"dtype": dtype, "device": param.device if param is not None else None}
+
+
+def _invertible_sites(model: "nn.Module", arch: "ArchitectureSpec | None", method: str,
+                      modules_to_save: list[str]) -> list[Site]:
+    """The invertible adapter's sites: the embedding output, and the output embeddings' input if any
+    (refused inside a module the adapter keeps its own copy of: the inverse would be left out)."""
+    from peftkit.plugin_api import find_point
+
+    from .invertible import EMBEDDING_ROLE, OUTPUT_ROLE
+
+    model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    if arch is None or EMBEDDING_POINT not in arch.points:
+        raise ConfigError(f"{method} config: inv_adapter needs the model's embedding output, which peftkit knows "
+                          f"for model types {', '.join(embedding_model_types())}, not {model_type!r}; set "
+                          f"inv_adapter=none, or declare the point {EMBEDDING_POINT!r} in a plugin's ArchitectureSpec")
+    found = find_point(model, arch, EMBEDDING_POINT, method)
+    if len(found) != 1:
+        raise ConfigError(f"{method} config: inv_adapter needs one embedding output, but the point "
+                          f"{EMBEDDING_POINT!r} matches {len(found)} modules ({', '.join(found[:4])})")
+    sites = [Site(found[0], role=EMBEDDING_ROLE)]
+    getter = getattr(model, "get_output_embeddings", None)
+    output = getter() if callable(getter) else None
+    if output is not None:
+        name = next((n for n, m in model.named_modules() if m is output), None)
+        size = getattr(output, "in_features", None)
+        if name and size is not None and size != _embedding_size(model):
+            raise ConfigError(f"{method} config: the output layer {name!r} reads {size} features, not the "
+                              f"hidden size {_embedding_size(model)} the invertible adapter inverts")
+        inside = [m for m in modules_to_save if name and (name == m or name.startswith(m + "."))]
+        if inside:
+            raise ConfigError(f"{method} config: the invertible adapter's inverse goes on the input of {name!r}, "
+                              f"inside {inside[0]!r}, which this adapter keeps its own copy of (modules_to_save); "
+                              f"keep the model's own LM head (a trained head and an invertible adapter in one "
+                              f"adapter are not supported)")
+        if name:
+            sites.append(Site(name, role=OUTPUT_ROLE))
+    return sites
 
 
 def _find_point(model: "nn.Module", arch: "ArchitectureSpec | None", point: str, method: str,

@@ -1,0 +1,173 @@
+"""Compacter and MAD-X's invertible adapters in AdapterHub's format, against the real ``adapters`` 1.3.0, both ways.
+
+tests/adapterhub/make_bottleneck_fixtures.py runs in ``.venv-adapters`` (``make adapters-venv``): it saves
+Compacter, Compacter++ and invertible (seq_bn_inv, double_seq_bn_inv) adapters with their outputs, a MAD-X
+stack (language adapter under a task adapter) among them, cached under the venv keyed by the scripts' hash.
+Its ``run`` mode loads what peftkit saved and computes the outputs peftkit's must match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import peftkit
+from peftkit.core.errors import AdapterLoadError
+from peftkit.testing import randomize
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = Path(__file__).parent / "adapterhub"
+SCRIPT = SCRIPTS / "make_bottleneck_fixtures.py"
+VENV = ROOT / ".venv-adapters"
+PYTHON = VENV / "bin" / "python"
+ATOL = 1e-5
+SINGLE = ["bert_compacter", "bert_compacterpp_factorized", "roberta_compacter_own_rules", "bert_compacter_shared_w",
+          "bert_seq_bn_inv_mlm", "roberta_double_seq_bn_inv_mlm"]
+
+
+def _run_script(args: list[str], timeout: int) -> None:
+    done = subprocess.run(args, cwd=SCRIPTS, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        pytest.fail(f"{' '.join(args)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def cases() -> Path:
+    """Folder of the cases make_bottleneck_fixtures.py wrote with the real ``adapters``."""
+    _run_script(["make", "-C", str(ROOT), "adapters-venv"], timeout=1800)  # a no-op once built
+    stamps = "".join(sorted(p.name for p in VENV.glob(".installed-*")))
+    content = SCRIPT.read_bytes() + (SCRIPTS / "make_fixtures.py").read_bytes() + stamps.encode()
+    folder = VENV / "fixtures" / f"bottleneck-{hashlib.sha256(content).hexdigest()[:16]}"
+    if not folder.is_dir():
+        partial = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        _run_script([str(PYTHON), str(SCRIPT), str(partial)], timeout=600)
+        partial.rename(folder)
+    return folder
+
+
+def _base(case: Path) -> torch.nn.Module:
+    """The case's transformers task model with the weights both libraries start from."""
+    import transformers
+
+    spec = json.loads((case / "model.json").read_text())
+    family = {"bert": "Bert", "roberta": "Roberta"}[spec["model_type"]]
+    model = getattr(transformers, spec["class"])(getattr(transformers, f"{family}Config")(**spec["config"]))
+    model.load_state_dict(load_file(str(case / "base.safetensors")))
+    return model.eval()
+
+
+def _logits(model: torch.nn.Module, case: Path) -> torch.Tensor:
+    ids = load_file(str(case / "expected.safetensors"))["input_ids"]
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+
+
+def _expected(case: Path) -> torch.Tensor:
+    return load_file(str(case / "expected.safetensors"))["output"]
+
+
+def _madx(case: Path) -> peftkit.AdaptedModel:
+    model = peftkit.from_pretrained(_base(case), str(case / "lang"), adapter_name="lang")
+    model.load_adapter(str(case / "task"), "task")
+    model.set_active("stack(lang, task)")
+    return model
+
+
+@pytest.mark.parametrize("name", SINGLE)
+def test_adapters_folder_loads_with_the_same_logits(cases: Path, name: str) -> None:
+    case = cases / name
+    model = peftkit.from_pretrained(_base(case), str(case / "adapter"))
+    torch.testing.assert_close(_logits(model, case), _expected(case), atol=ATOL, rtol=0)
+    with model.disable_adapters():  # the adapter matters (the masked-LM head is the model's own)
+        assert not torch.allclose(_logits(model, case), _expected(case), atol=1e-3)
+    config = model.adapter_record("default").config
+    assert config.phm_layer == ("compacter" in name) and (config.inv_adapter == "nice") == ("inv" in name)
+
+
+def test_the_madx_stack_of_language_and_task_adapter_computes_as_adapters(cases: Path) -> None:
+    case = cases / "bert_madx_stack"
+    model = _madx(case)
+    assert model.adapter_record("lang").method.name == "seq_bn_inv"
+    torch.testing.assert_close(_logits(model, case), _expected(case), atol=ATOL, rtol=0)
+    # the inverse before the LM head is the language adapter's (the first of the stack), not left out
+    decoder = model.base_model.cls.predictions.decoder
+    assert list(decoder.adapters) == ["lang"]
+
+
+def test_a_trained_masked_lm_head_with_an_invertible_adapter_is_refused_by_name(cases: Path, tmp_path: Path) -> None:
+    case = cases / "bert_seq_bn_inv_mlm"
+    folder = tmp_path / "trained_head"
+    shutil.copytree(case / "adapter", folder)
+    from safetensors.torch import save_file
+    head = load_file(str(folder / "model_head.safetensors"))
+    save_file({k: v + 0.5 for k, v in head.items()}, str(folder / "model_head.safetensors"))
+    with pytest.raises(AdapterLoadError, match="inverse goes on the input of 'cls.predictions.decoder'"):
+        peftkit.from_pretrained(_base(case), str(folder))
+
+
+def test_glow_invertible_adapters_are_refused_by_name(cases: Path, tmp_path: Path) -> None:
+    case = cases / "bert_seq_bn_inv_mlm"
+    folder = tmp_path / "glow"
+    shutil.copytree(case / "adapter", folder)
+    data = json.loads((folder / "adapter_config.json").read_text())
+    data["config"]["inv_adapter"] = "glow"
+    (folder / "adapter_config.json").write_text(json.dumps(data))
+    with pytest.raises(AdapterLoadError, match="inv_adapter='glow' is not supported.*GLOW"):
+        peftkit.from_pretrained(_base(case), str(folder))
+
+
+#: peftkit-made adapters: name -> (case whose model and inputs it uses, spec)
+MADE = {
+    "compacter": ("bert_compacter", "compacter[reduction_factor=4,init_weights=false]"),
+    "compacterpp_own_rules": ("roberta_compacter_own_rules",
+                              "compacterpp[reduction_factor=4,shared_phm_rule=false,factorized_phm_rule=true,"
+                              "init_weights=false,original_ln_before=true]"),
+    "seq_bn_phm_shared_w": ("bert_compacter_shared_w", "seq_bn[phm_layer=true,reduction_factor=4,shared_W_phm=true,"
+                                                       "phm_rank=2,init_weights=false]"),
+    "seq_bn_inv": ("bert_seq_bn_inv_mlm", "seq_bn_inv[reduction_factor=4,init_weights=false,non_linearity=gelu]"),
+}
+
+
+def test_saved_in_adapters_format_loads_in_adapters_with_the_same_logits(cases: Path, tmp_path: Path) -> None:
+    """Folders adapters saved (re-saved by peftkit), adapters made in peftkit, and the MAD-X stack."""
+    jobs, ours = [], {}
+    for name in SINGLE:
+        case = cases / name
+        model = peftkit.from_pretrained(_base(case), str(case / "adapter"))
+        model.save_adapter(str(tmp_path / name / "default"), format="adapters")
+        jobs.append({"case": str(case), "adapters": [str(tmp_path / name / "default")], "out": str(tmp_path / name)
+                     + ".out"})
+        ours[name] = _expected(case)
+    madx = _madx(cases / "bert_madx_stack")
+    for adapter in ("lang", "task"):
+        madx.save_adapter(str(tmp_path / "madx" / adapter), adapter, format="adapters")
+    jobs.append({"case": str(cases / "bert_madx_stack"), "adapters": [str(tmp_path / "madx" / a) for a in
+                                                                       ("lang", "task")], "out": str(tmp_path / "madx.out")})
+    ours["madx"] = _expected(cases / "bert_madx_stack")
+    for name, (source, spec) in MADE.items():
+        case = cases / source
+        torch.manual_seed(3)
+        model = peftkit.adapt(_base(case), spec, trainable=False)
+        randomize(model, "default", seed=5, scale=0.3)
+        ours[name] = _logits(model, case)
+        folder = tmp_path / name / "default"
+        model.save_adapter(str(folder), format="adapters")
+        again = peftkit.from_pretrained(_base(case), str(folder))  # and back into peftkit
+        torch.testing.assert_close(_logits(again, case), ours[name], atol=ATOL, rtol=0)
+        jobs.append({"case": str(case), "adapters": [str(folder)], "out": str(tmp_path / name) + ".out"})
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    _run_script([str(PYTHON), str(SCRIPT), "run", str(tmp_path / "jobs.json")], timeout=600)
+    for job in jobs:
+        name = Path(job["out"]).stem
+        torch.testing.assert_close(load_file(job["out"])["output"], ours[name], atol=ATOL, rtol=0,
+                                   msg=lambda m, n=name: f"{n}: {m}")
