@@ -63,3 +63,29 @@ def test_a_fusion_site_with_one_acting_member_adds_that_members_value_projected_
         value = layer.fusions["f"].value.weight
     # one member: softmax over one key is 1, whatever the query and key say
     torch.testing.assert_close(seen["out"], h + z @ value.T, atol=1e-5, rtol=1e-5)
+
+
+def test_a_fusion_layer_attends_as_the_paper_writes_it_with_explicit_keys():
+    """FusionLayer scores with (W_k^T q) . z_n, never building the keys: the same as q . (W_k z_n) per member."""
+    from peftkit.core.fusion import FuseConfig, FusionLayer
+
+    torch.manual_seed(5)
+    for residual in (True, False):
+        config = FuseConfig(temperature=0.7, query_key_dim=6, residual=residual)
+        layer = FusionLayer(8, [0, 1, 2], config, "site")
+        with torch.no_grad():
+            for param in layer.parameters():
+                param.copy_(torch.randn_like(param) * 0.5)
+        h = torch.randn(2, 5, 8)
+        contributions = [torch.randn(2, 5, 8) for _ in range(3)]
+        out, probs = layer(h, contributions)
+        query = h @ layer.query.weight.T + layer.query.bias
+        scores = torch.stack([(query * (z @ layer.key.weight.T)).sum(-1) for z in contributions], dim=-1)
+        expected_probs = torch.softmax(scores / 0.7, dim=-1)
+        mixed = sum(expected_probs[..., i:i + 1] * z for i, z in enumerate(contributions))
+        expected = h + mixed @ layer.value.weight.T if residual else (h + mixed) @ layer.value.weight.T
+        torch.testing.assert_close(probs, expected_probs, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+        assert probs.std() > 0.05  # the members are weighed differently: the scores are checked, not a uniform mix
+        eye = torch.eye(8)
+        torch.testing.assert_close(layer.value_distance(), (layer.value.weight - eye).pow(2).sum())
