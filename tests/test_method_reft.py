@@ -153,6 +153,8 @@ def test_orthogonal_frame_is_torchs_parametrization_and_survives_weight_decay() 
     model = adapted("llama", "loreft[r=2]")
     model.train_adapter("default")
     model.train()
+    original_before = {m.units["0"].projection: m.units["0"].projection.parametrizations.weight.original.detach()
+                       .clone() for m in adapter_modules(model).values()}
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=0.05, weight_decay=0.5)
     for _ in range(5):
@@ -162,6 +164,10 @@ def test_orthogonal_frame_is_torchs_parametrization_and_survives_weight_decay() 
     for module in adapter_modules(model).values():
         rows = module.units["0"].projection.weight.detach()
         torch.testing.assert_close(rows @ rows.T, torch.eye(2), atol=1e-5, rtol=0)
+        # and the step ended with the diagonal back at -1, which torch's reading (adapters') agrees with
+        projection = module.units["0"].projection
+        assert torch.equal(projection.parametrizations.weight.original.diagonal(), -torch.ones(2))
+        assert bool((projection.parametrizations.weight.original != original_before[projection]).any())
 
 
 def test_stack_applies_interventions_in_order_and_average_averages_their_changes() -> None:

@@ -7,9 +7,10 @@ the tensor names peftkit's layer uses, so the tensors pass unchanged. Two differ
   prefix or suffix positions are 0; peftkit makes only those that act. An unused unit's tensors
   are skipped on loading and written as copies of the used one on saving.
 - ``subtract_projection`` is a class attribute of ``adapters``' configs, not a field: ``adapters``
-  1.3.0 does not write it, and reads a folder without it as ``subtract_projection=True``. peftkit
-  reads such a folder the same way, so a DiReFT adapter saved by ``adapters`` loads (in both
-  libraries) with the projection subtracted. peftkit writes the key, which ``adapters`` reads.
+  1.3.0 does not write it, and reads every folder as ``subtract_projection=True`` (a key in the
+  file is dropped too). peftkit reads a folder the same way, so a DiReFT adapter saved by
+  ``adapters`` loads (in both libraries) with the projection subtracted, and refuses to save a
+  DiReFT adapter in this format, which ``adapters`` would read as another function.
 """
 
 from __future__ import annotations
@@ -50,12 +51,16 @@ class ReftAdapterHub(AdapterHubFormat):
                               f"({', '.join(NON_LINEARITIES)} or null)")
         values = {key: options.get(key, REFT_DEFAULTS[key]) for key in PASSED}
         values["non_linearity"] = activation
-        values["subtract_projection"] = bool(options.get("subtract_projection", True))  # adapters' reading
+        values["subtract_projection"] = True  # what adapters 1.3.0 computes from any saved folder
         return values
 
     def options(self, config: Any, model_type: str | None) -> dict[str, Any]:
+        if not config.subtract_projection:
+            raise ConfigError("subtract_projection=false (DiReFT): adapters 1.3.0 reads every saved ReFT adapter "
+                              "with subtract_projection=true (its configs do not keep the option), so it would "
+                              "compute another function")
         return {**REFT_DEFAULTS, **{key: getattr(config, key) for key in PASSED},
-                "non_linearity": config.non_linearity, "subtract_projection": config.subtract_projection}
+                "non_linearity": config.non_linearity}
 
     def key_in(self, rest: str, options: Mapping[str, Any]) -> str | None:
         index = unit_of(rest)

@@ -8,10 +8,14 @@ of ``(base @ Q)^T``, with Q the product of the Householder reflections that the 
 ``original`` below its diagonal define, each column signed by ``original``'s diagonal. With the
 same tensors, R is the one torch's parametrization gives (tested), except that a diagonal entry
 is read by its sign rather than truncated to an integer: weight decay, which shrinks the
-diagonal (it gets no gradient), cannot turn R's rows into zeros here.
+diagonal (it gets no gradient), cannot turn R's rows into zeros here. After every optimizer
+step the diagonal is also set back to its signs (:func:`restore_signs`), so that a saved file
+computes the same R in ``adapters``, which truncates.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.nn as nn
@@ -52,7 +56,34 @@ def orthonormal_projection(width: int, r: int, dtype: torch.dtype, frame_seed: i
         projection.weight.zero_()
         projection.weight.diagonal().fill_(-1.0)
     parametrize.register_parametrization(projection, "weight", HouseholderFrame(q.to(dtype)), unsafe=True)
+    keep_signs(projection)
     return projection
+
+
+#: The ``original`` parameters whose diagonals :func:`restore_signs` keeps at +-1.
+SIGNED: "weakref.WeakSet[torch.nn.Parameter]" = weakref.WeakSet()
+_HOOK: list = []
+
+
+def keep_signs(projection: nn.Module) -> None:
+    """Have every optimizer step end with :func:`restore_signs` (one hook for all optimizers)."""
+    SIGNED.add(projection.parametrizations.weight.original)
+    if not _HOOK:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        _HOOK.append(register_optimizer_step_post_hook(restore_signs))
+
+
+def restore_signs(*_: object) -> None:
+    """Set the diagonals of the orthogonal parametrizations' ``original`` back to +-1 (their signs).
+
+    The diagonal gets no gradient, but weight decay shrinks it; peftkit reads it by its sign and
+    ``adapters`` (torch's parametrization) by its integer part, which would then be 0."""
+    with torch.no_grad():
+        for original in list(SIGNED):
+            diagonal = original.diagonal()
+            if not bool(((diagonal == 1) | (diagonal == -1)).all()):
+                diagonal.copy_(torch.where(diagonal < 0, -1.0, 1.0).to(diagonal.dtype))
 
 
 class ReftUnit(nn.Module):
