@@ -30,12 +30,18 @@ from collections.abc import Callable, Iterator
 import pytest
 
 # The child: start moto's threaded server on port 0, print the port it got, serve until stdin closes.
+# After the port line its output goes to /dev/null: nobody reads the pipes then, and a full pipe
+# would block the server's request log, and with it every request.
 _SERVER = """
-import sys
+import os, sys
 from moto.server import ThreadedMotoServer
 server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
 server.start()
 print(server.get_host_and_port()[1], flush=True)
+sys.stderr.flush()
+devnull = os.open(os.devnull, os.O_WRONLY)
+os.dup2(devnull, 1)
+os.dup2(devnull, 2)
 sys.stdin.read()
 server.stop()
 """
