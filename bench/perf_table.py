@@ -3,25 +3,34 @@
 The Llama of bench_lora.py (hidden 512, 4 layers, intermediate 1376, vocab 8000),
 seq 128, batch 4, fp32, 2 threads. For each method the adapter (random weights,
 not the identity) is saved by peftkit and loaded by peft, so both run the same
-weights; their logits are compared. Timings are medians of interleaved rounds
-(peftkit, peft and the frozen base take turns, so load changes on the machine
-hit all alike), reported as multiples of the frozen base:
+weights; their logits are compared. Times are taken in paired rounds
+(timing.paired_ratios): each round times the frozen base, peftkit and peft back
+to back in a shuffled order and takes the ratios within the round; the table
+gives the median of the per-round ratios and half the width of its 95%
+bootstrap interval (``1.081 ± 0.012``), so a load burst moves one round, not
+the figure, and the spread says what is noise. Rounds run for a time budget per
+method (``--budget``), after a warm-up until two calls agree, with the garbage
+collector off while a round runs. Ratios are multiples of the frozen base:
 
 - step: a training step (forward + backward) over a frozen-base forward+backward
   that computes input gradients only (the least any adapter's step can cost);
 - fwd: an unmerged inference forward over the base model's forward;
 - merged: the forward with the adapter merged into the weights (mergeable methods);
-- floor: the step's matrix-multiply FLOPs over the frozen base's (torch's
-  FlopCounterMode, the fewer of peftkit's and peft's): the step ratio if every
-  added operation ran as fast as the base's own products.
+- floor: the matrix-multiply FLOPs over the frozen base's (torch's FlopCounterMode,
+  the fewer of peftkit's and peft's), for the step and for the forward (1 for a
+  merged forward): the ratio if every added operation ran as fast as the base's
+  own products. A ratio below its floor is flagged: it is noise or a measurement
+  artefact, not a result.
 
 Memory: the activations autograd keeps for backward during the forward (distinct
 storages, model weights not counted) and the peak of memory allocated during a
 training step above what was allocated before it (torch.profiler's memory events).
 
-Writes docs/performance.md with the machine, versions, load and command.
+Writes docs/performance.md with the machine, versions, load and command. On a
+busy machine, ``--threads 1 --clock cpu`` times CPU time instead of wall time
+(time spent waiting for a core then does not count).
 
-Run: .venv/bin/python bench/perf_table.py [--repeats 7] [--only lora_r8,dora_r8] [--output docs/performance.md]
+Run: .venv/bin/python bench/perf_table.py [--budget 55] [--only lora_r8,dora_r8] [--output docs/performance.md]
 """
 
 from __future__ import annotations
@@ -34,6 +43,8 @@ import platform
 import shlex
 import sys
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -41,7 +52,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_lora import build_base  # noqa: E402
-from timing import interleaved, lm_forward, lm_train_step  # noqa: E402
+from timing import CLOCKS, lm_forward, lm_train_step, paired_ratios, Ratio  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BATCH, SEQ, VOCAB = 4, 128, 8000
@@ -99,6 +110,7 @@ def peak_step_bytes(step: Callable[..., None]) -> int:
 
 
 def step_flops(step: Callable[..., None]) -> int:
+    """Matrix-multiply FLOPs of one call of ``step`` (a training step or an inference forward)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
@@ -124,8 +136,24 @@ def peft_model(base: Any, folder: str) -> Any:
     return model
 
 
-def measure(key: str, base: Any, ids: torch.Tensor, frozen: Any, repeats: int) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Timing:
+    """How the rounds are run: seconds of rounds per method (split between the training step, the
+    forward and the merged forward), the clock (timing.CLOCKS) and the least seconds per timed unit."""
 
+    budget_s: float
+    clock: str
+    unit_s: float
+
+    def ratios(self, fns: dict[str, Callable[[], object]], share: float) -> tuple[dict[str, Ratio], float]:
+        return paired_ratios(fns, "base", self.budget_s * share, clock=self.clock, unit_s=self.unit_s)
+
+
+#: The budget's shares: training step, unmerged forward, merged forward.
+SHARES = {"train": 0.5, "forward": 0.25, "merged": 0.25}
+
+
+def measure(key: str, base: Any, ids: torch.Tensor, frozen: Any, timing: Timing) -> dict[str, Any]:
     import peftkit
 
     label, spec = METHODS[key]
@@ -143,7 +171,7 @@ def measure(key: str, base: Any, ids: torch.Tensor, frozen: Any, repeats: int) -
         model.train()
     steps = {"peftkit": lm_train_step(ours, ids), "peft": lm_train_step(theirs, ids),
              "base": lm_train_step(frozen, ids)}
-    train = interleaved(steps, repeats=repeats)
+    train, base_step = timing.ratios(steps, SHARES["train"])
     flops = {name: step_flops(step) for name, step in steps.items()}
     saved = {name: saved_activation_bytes(step, weight_pointers(model))
              for (name, step), model in zip(steps.items(), (ours, theirs, frozen))}
@@ -151,28 +179,39 @@ def measure(key: str, base: Any, ids: torch.Tensor, frozen: Any, repeats: int) -
 
     for model in (ours, theirs, base):
         model.eval()
-    forward = interleaved({"peftkit": lm_forward(ours, ids), "peft": lm_forward(theirs, ids),
-                           "base": lm_forward(base, ids)}, repeats=repeats)
-    merged: dict[str, float] = {}
+    forwards = {"peftkit": lm_forward(ours, ids), "peft": lm_forward(theirs, ids), "base": lm_forward(base, ids)}
+    forward, base_forward = timing.ratios(forwards, SHARES["forward"])
+    forward_flops = {name: step_flops(run) for name, run in forwards.items()}
+    merged: dict[str, Ratio] = {}
     if key not in ("prefix", "prompt"):  # the methods that merge into weights
         ours.merge_adapter()
         theirs.merge_adapter()
-        merged = interleaved({"peftkit": lm_forward(ours, ids), "peft": lm_forward(theirs, ids),
-                              "base": lm_forward(base, ids)}, repeats=repeats)
+        merged, _ = timing.ratios(forwards, SHARES["merged"])
     return {"key": key, "label": label, "spec": spec, "difference": difference, "train": train,
-            "forward": forward, "merged": merged, "floor": min(flops["peftkit"], flops["peft"]) / flops["base"],
-            "saved": saved, "peak": peak}
+            "forward": forward, "merged": merged,
+            "floor": min(flops["peftkit"], flops["peft"]) / flops["base"],
+            "forward_floor": min(forward_flops["peftkit"], forward_flops["peft"]) / forward_flops["base"],
+            "saved": saved, "peak": peak, "base_step_s": base_step, "base_forward_s": base_forward}
 
 
-def _ratio(times: dict[str, float], name: str) -> str:
-    return f"{times[name] / times['base']:.3f}" if times else "-"
+#: The mark of a ratio below its floor.
+BELOW_FLOOR = "↓"
+
+
+def _ratio(ratios: dict[str, Ratio], name: str, floor: float) -> str:
+    """``median ± spread`` of ``name``'s ratio, flagged when the median is below ``floor``."""
+    if not ratios:
+        return "-"
+    ratio = ratios[name]
+    return ratio.text(3) + (f" {BELOW_FLOOR}" if ratio.median < floor else "")
 
 
 def _mib(value: int) -> str:
     return f"{value / 2**20:.1f}"
 
 
-def render(results: list[dict[str, Any]], repeats: int, command: str, loads: tuple[float, float]) -> str:
+def render(results: list[dict[str, Any]], timing: Timing, command: str, loads: tuple[float, float],
+           wall_s: float) -> str:
     import peft
     import transformers
 
@@ -185,13 +224,14 @@ def render(results: list[dict[str, Any]], repeats: int, command: str, loads: tup
     except OSError:
         pass
     busy = max(loads) > torch.get_num_threads()
+    clock = "wall time" if timing.clock == "wall" else "CPU time of the process"
     lines = [
         "# Performance",
         "",
         "Every built-in method's training step and inference forward next to Hugging Face `peft`,",
         "measured in one process by `bench/perf_table.py` (written by it; do not edit by hand).",
         "",
-        f"- Command: `{command}`",
+        f"- Command: `{command}` ({wall_s / 60:.1f} min)",
         f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
         f"- Machine: {cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}; "
         f"{torch.get_num_threads()} torch threads",
@@ -199,27 +239,33 @@ def render(results: list[dict[str, Any]], repeats: int, command: str, loads: tup
         f"{transformers.__version__}, peft {peft.__version__}, peftkit {peftkit.__version__}",
         f"- Model: Llama from a config (hidden 512, 4 layers, intermediate 1376, vocab {VOCAB}), "
         f"batch {BATCH}, sequence {SEQ}, float32",
-        f"- Timings: medians of {repeats} interleaved rounds (peftkit, peft and the base model take turns)",
+        f"- Timings ({clock}): paired rounds, {timing.budget_s:g} s of them per method; each round times the "
+        "base model, peftkit and peft back to back in a shuffled order and takes the ratios within the round. "
+        "A figure is the median of the per-round ratios ± half the width of its 95% bootstrap interval",
         f"- Load average at start / end: {loads[0]:.2f} / {loads[1]:.2f}"
         + (" — the machine was busy with other work during this run, so these figures are noisier than "
            "on a quiet machine; rerun the command on a quiet one for the reference table" if busy else ""),
         "",
         "Columns: *step* is a training step (forward + backward) over a frozen-base forward+backward that",
         "computes input gradients only; *fwd* an unmerged inference forward over the base forward;",
-        "*merged* the forward with the adapter merged into the weights over the base forward; *floor* the",
-        "step's matrix-multiply FLOPs over the frozen base's (the step ratio if every added operation ran",
-        "as fast as the base's products; the fewer of the two libraries' FLOPs). A floor below 1 means the",
-        "adapted model needs no gradient for the first layer's input, which the frozen base computes;",
-        "prompt tuning lengthens the sequence, so its floor is above 1. Lower is better everywhere.",
+        "*merged* the forward with the adapter merged into the weights over the base forward. The *floor*",
+        "columns give the matrix-multiply FLOPs over the frozen base's (the ratio if every added operation",
+        "ran as fast as the base's products; the fewer of the two libraries' FLOPs); a merged forward's",
+        "floor is 1. A step floor below 1 means the adapted model needs no gradient for the first layer's",
+        "input, which the frozen base computes; prompt tuning lengthens the sequence, so its floors are",
+        f"above 1. {BELOW_FLOOR} marks a ratio below its floor: that is noise (or a kernel that happened to run",
+        "faster), not a result. Lower is better everywhere.",
         "",
-        "| method | peftkit step | peft step | floor | peftkit fwd | peft fwd | peftkit merged | peft merged "
-        "| logits max diff |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | peftkit step | peft step | step floor | peftkit fwd | peft fwd | fwd floor | peftkit merged "
+        "| peft merged | logits max diff |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        lines.append(f"| {r['label']} | {_ratio(r['train'], 'peftkit')} | {_ratio(r['train'], 'peft')} "
-                     f"| {r['floor']:.3f} | {_ratio(r['forward'], 'peftkit')} | {_ratio(r['forward'], 'peft')} "
-                     f"| {_ratio(r['merged'], 'peftkit')} | {_ratio(r['merged'], 'peft')} "
+        train, forward, merged = r["train"], r["forward"], r["merged"]
+        lines.append(f"| {r['label']} | {_ratio(train, 'peftkit', r['floor'])} | {_ratio(train, 'peft', r['floor'])} "
+                     f"| {r['floor']:.3f} | {_ratio(forward, 'peftkit', r['forward_floor'])} "
+                     f"| {_ratio(forward, 'peft', r['forward_floor'])} | {r['forward_floor']:.3f} "
+                     f"| {_ratio(merged, 'peftkit', 1.0)} | {_ratio(merged, 'peft', 1.0)} "
                      f"| {r['difference']:.1e} |")
     lines += [
         "",
@@ -233,9 +279,12 @@ def render(results: list[dict[str, Any]], repeats: int, command: str, loads: tup
         s, p = r["saved"], r["peak"]
         lines.append(f"| {r['label']} | {_mib(s['peftkit'])} | {_mib(s['peft'])} | {_mib(s['base'])} "
                      f"| {_mib(p['peftkit'])} | {_mib(p['peft'])} | {_mib(p['base'])} |")
-    lines += ["", "Absolute times of the base model: "
-              + ", ".join(f"{r['label']}: step {r['train']['base'] * 1000:.0f} ms, fwd "
-                          f"{r['forward']['base'] * 1000:.0f} ms" for r in results[:1]) + ".", ""]
+    lines += ["", "Medians of the base model's time per call and the rounds behind each figure (step / fwd / "
+              "merged):", ""]
+    lines += [f"- {r['label']}: step {r['base_step_s'] * 1000:.0f} ms, fwd {r['base_forward_s'] * 1000:.0f} ms; "
+              f"{' / '.join(str(r[part]['base'].rounds) if r[part] else '-' for part in SHARES)} rounds"
+              for r in results]
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -253,9 +302,15 @@ def measured_arguments(argv: list[str]) -> list[str]:
 
 
 def main() -> None:
+    started = time.perf_counter()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--budget", type=float, default=55.0,
+                        help="seconds of timed rounds per method (default 55: about 9 minutes in all)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="wall time (default) or the process's CPU time (a busy machine, --threads 1)")
+    parser.add_argument("--unit", type=float, default=0.25,
+                        help="least seconds per timed unit: a function is called this long back to back")
     parser.add_argument("--only", default="", help=f"comma-separated keys of {', '.join(METHODS)}")
     parser.add_argument("--output", default=str(ROOT / "docs" / "performance.md"),
                         help="the Markdown file to write ('-' prints it only)")
@@ -264,11 +319,15 @@ def main() -> None:
     unknown = [k for k in keys if k not in METHODS]
     if unknown:
         parser.error(f"unknown method key(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    if args.budget <= 0 or args.unit <= 0:
+        parser.error("--budget and --unit take a positive number of seconds")
     torch.set_num_threads(args.threads)
+    torch.set_num_interop_threads(1)
     from transformers import logging
 
     logging.set_verbosity_error()
     loads = os.getloadavg()[0]
+    timing = Timing(args.budget, args.clock, args.unit)
     base = build_base()
     ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
     frozen = copy.deepcopy(base)
@@ -277,14 +336,12 @@ def main() -> None:
     frozen.train()
     results = []
     for key in keys:
-        results.append(measure(key, base, ids, frozen, args.repeats))
-        print(f"measured {key}", file=sys.stderr)
+        results.append(measure(key, base, ids, frozen, timing))
+        print(f"measured {key} ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
     command = "python bench/perf_table.py " + " ".join(shlex.quote(a) for a in measured_arguments(sys.argv[1:]))
-    text = render(results, args.repeats, command.strip(), (loads, os.getloadavg()[0]))
-    if args.output == "-":
-        print(text)
-        return
-    Path(args.output).write_text(text)
+    text = render(results, timing, command.strip(), (loads, os.getloadavg()[0]), time.perf_counter() - started)
+    if args.output != "-":
+        Path(args.output).write_text(text)
     print(text)
 
 
