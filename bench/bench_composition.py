@@ -21,6 +21,15 @@ same folders, so both libraries run identical weights.
   several active adapters, its equivalent of stack).
 - merging: 4 adapters, every strategy, ``merge_adapters`` against PEFT's
   ``add_weighted_adapter``.
+- guard: the two figures a speed change must not make worse, as multiples of
+  the bare base model's forward in paired rounds (timing.paired_ratios): the
+  routed batch above (peftkit only) and the forward with adapter a0 merged.
+  ``--against REV`` measures them for the committed code of git revision REV
+  too (``git archive`` into a temporary folder laid out as the installed
+  package, run in a subprocess), alternating with the current checkout, so a
+  change is compared with the code before it::
+
+      .venv/bin/python bench/bench_composition.py --against HEAD~3 --threads 1 --clock cpu
 
 Timings alternate between the contenders round by round and report the median
 (and min) over rounds; "overhead" subtracts the bare base model's median.
@@ -31,18 +40,25 @@ from __future__ import annotations
 
 import argparse
 import copy
+import io
 import json
+import os
 import statistics
+import subprocess
 import sys
+import tarfile
 import tempfile
 import time
+import tomllib
 import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(1, str(ROOT / "bench"))
 
 warnings.filterwarnings("ignore")
 
@@ -59,8 +75,9 @@ def build_base() -> Any:
     return LlamaForCausalLM(config).eval()
 
 
-def build_pair(base: Any, folder: Path) -> tuple[Any, Any]:
-    """peftkit and PEFT models holding the same N_ADAPTERS adapters (a0..a7)."""
+def build_pair(base: Any, folder: Path, with_peft: bool = True) -> tuple[Any, Any]:
+    """peftkit and PEFT models holding the same N_ADAPTERS adapters (a0..a7); PEFT's None unless
+    ``with_peft``."""
     import peftkit
     from peft import PeftModel
 
@@ -73,6 +90,8 @@ def build_pair(base: Any, folder: Path) -> tuple[Any, Any]:
                 p.mul_(0.2)
         ours.save_adapter(str(folder / f"a{i}"), f"a{i}")
     ours.eval()
+    if not with_peft:
+        return ours, None
     theirs = PeftModel.from_pretrained(copy.deepcopy(base), str(folder / "a0"), adapter_name="a0")
     for i in range(1, N_ADAPTERS):
         theirs.load_adapter(str(folder / f"a{i}"), adapter_name=f"a{i}")
@@ -248,17 +267,107 @@ def bench_merging(ours: Any, theirs: Any, rounds: int) -> dict[str, Any]:
     return result
 
 
+def bench_guard(ours: Any, budget_s: float, clock: str) -> dict[str, Any]:
+    """The routed batch (row i -> adapter i % 8) and the forward with a0 merged, each over the bare
+    base forward in paired rounds; leaves a0 unmerged."""
+    from timing import paired_ratios
+
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
+    names = [f"a{i % N_ADAPTERS}" for i in range(BATCH)]
+
+    def base() -> None:
+        with torch.no_grad(), ours.disable_adapters():
+            ours(input_ids=ids)
+
+    def routed() -> None:
+        with torch.no_grad():
+            ours(input_ids=ids, adapter_names=names)
+
+    def merged_forward() -> None:
+        with torch.no_grad():
+            ours(input_ids=ids)
+
+    result: dict[str, Any] = {}
+    ratios, base_s = paired_ratios({"base": base, "routed": routed}, "base", budget_s / 2, clock=clock)
+    result["routed_over_base"] = ratios["routed"].__dict__
+    ours.set_active("a0")
+    ours.merge_adapter(["a0"])
+    try:
+        ratios, _ = paired_ratios({"base": base, "merged": merged_forward}, "base", budget_s / 2, clock=clock)
+    finally:
+        ours.unmerge_adapter()
+    result["merged_over_base"] = ratios["merged"].__dict__
+    result["base_forward_s"] = round(base_s, 4)
+    result["peftkit"] = str(Path(sys.modules["peftkit"].__file__).parent.resolve())
+    return result
+
+
+def package_tree(revision: str, folder: Path) -> Path:
+    """Revision ``revision`` of this repository, laid out under ``folder`` as the installed package
+    (pyproject.toml's package-dir: ``peftkit.core`` from ``core/``...), for ``sys.path``."""
+    source = folder / "source"
+    source.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", revision], check=True, capture_output=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(source, filter="data")
+    package_dirs = tomllib.loads((source / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    tree = folder / "tree"
+    for package, directory in sorted(package_dirs.items()):
+        target = tree.joinpath(*package.split("."))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists():
+            target.symlink_to(source / directory, target_is_directory=True)
+    return tree
+
+
+def _guard_in(tree: Path | None, budget_s: float, threads: int, clock: str) -> dict[str, Any]:
+    """bench_guard in a subprocess whose peftkit is the one under ``tree`` (None: this checkout's)."""
+    code = ("import sys, runpy; tree = sys.argv[1]\n"
+            "if tree: sys.path.insert(0, tree)\n"
+            "import peftkit; print('peftkit from', peftkit.__file__, file=sys.stderr)\n"
+            "sys.argv = sys.argv[2:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+    command = [sys.executable, "-c", code, str(tree or ""), __file__, "--only", "guard", "--budget", str(budget_s),
+               "--threads", str(threads), "--clock", clock, "--json-only"]
+    done = subprocess.run(command, check=True, capture_output=True, text=True, env={**os.environ})
+    return json.loads(done.stdout)["guard"]
+
+
+def compare_with(revision: str, passes: int, budget_s: float, threads: int, clock: str) -> dict[str, Any]:
+    """The guard figures of ``revision`` and of this checkout, measured in alternating subprocesses
+    (``passes`` each), and the medians over the passes."""
+    runs: dict[str, list[dict[str, Any]]] = {revision: [], "checkout": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = package_tree(revision, Path(tmp))
+        for _ in range(passes):
+            runs[revision].append(_guard_in(tree, budget_s, threads, clock))
+            runs["checkout"].append(_guard_in(None, budget_s, threads, clock))
+    summary = {name: {key: round(statistics.median(run[key]["median"] for run in results), 4)
+                      for key in ("routed_over_base", "merged_over_base")} for name, results in runs.items()}
+    return {"passes": runs, "medians": summary}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--only", choices=["routing", "sites", "blocks", "merging"], action="append")
+    parser.add_argument("--only", choices=["routing", "sites", "blocks", "merging", "guard"], action="append")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--budget", type=float, default=60.0, help="seconds of paired rounds for the guard part")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="the guard part's clock")
+    parser.add_argument("--against", metavar="REV", help="compare the guard figures with git revision REV's code")
+    parser.add_argument("--passes", type=int, default=2, help="alternating subprocesses per side for --against")
+    parser.add_argument("--json-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.against:
+        print(json.dumps(compare_with(args.against, args.passes, args.budget, args.threads, args.clock), indent=1))
+        return
     torch.set_num_threads(args.threads)
-    parts = args.only or ["routing", "sites", "blocks", "merging"]
+    parts = args.only or ["routing", "sites", "blocks", "merging", "guard"]
     base = build_base()
     with tempfile.TemporaryDirectory() as tmp:
-        ours, theirs = build_pair(base, Path(tmp))
+        ours, theirs = build_pair(base, Path(tmp), with_peft=parts != ["guard"])
+    if args.json_only:
+        print(json.dumps({"guard": bench_guard(ours, args.budget, args.clock)}))
+        return
     report: dict[str, Any] = {"torch": torch.__version__, "threads": torch.get_num_threads(), "rounds": args.rounds}
     if "routing" in parts:
         report["routing_32_rows_8_adapters"] = bench_routing(ours, theirs, args.rounds)
@@ -272,6 +381,9 @@ def main() -> None:
     if "merging" in parts:
         report["merging_4_adapters"] = bench_merging(ours, theirs, max(3, args.rounds // 2))
         print(json.dumps({"merging": report["merging_4_adapters"]}, indent=1), flush=True)
+    if "guard" in parts:
+        report["guard"] = bench_guard(ours, args.budget, args.clock)
+        print(json.dumps({"guard": report["guard"]}, indent=1), flush=True)
     print(json.dumps(report, indent=1))
 
 
