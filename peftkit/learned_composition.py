@@ -10,8 +10,8 @@
    an adapter that changes the model's inputs), as are those that do not fit the base model.
 2. **Heads** (classifiers): when some member's head predicts the examples' labels, members whose heads
    predict another label list are left out and the members' heads predict; otherwise (or with
-   ``head="fresh"``) a fresh head for the examples' labels is trained with every row of the report
-   (:mod:`peftkit.learned_mixture`), and the members may come from any label set.
+   ``head="fresh"``) a fresh head for the examples' labels (a head-only adapter) is trained with every
+   row of the report (:mod:`peftkit.learned_mixture`), and the members may come from any label set.
 3. **Strategies** (:mod:`peftkit.auto_compose_strategies`): ``weights`` (LoraHub, Huang et al. 2023:
    CMA-ES over one merge weight per member, :mod:`peftkit.core.weight_search`), ``mixture`` (one mixing
    weight per member over the members' outputs, trained by gradient) and ``fusion`` (AdapterFusion,
@@ -20,8 +20,9 @@
    alone, the uniform average and each learned combination: loss, accuracy (classification) and time.
 5. **Save**: the first strategy's combination with a card and ``auto_compose.json`` recording the
    members (with hub revisions), the weights, the number of examples and the metrics: for weights one
-   LoRA adapter folder (the exact weighted sum; with ``merge`` the base model with it folded in), for
-   mixture and fusion a composition folder; ``push`` publishes it.
+   LoRA adapter folder (the exact weighted sum), for mixture and fusion a composition folder; ``push``
+   publishes it. With ``merge`` (weights, or a mixture of LoRA members) the base model with the weighted
+   sum folded in and a fresh head as its head, a plain transformers model.
 """
 
 from __future__ import annotations
@@ -392,9 +393,9 @@ def auto_compose(base: "str | nn.Module", candidates: Sequence[str] | None = Non
     ``"mixture,fusion"``) are all learned and reported, the first is saved. ``l1``: the penalty on the mean
     absolute weight (weights, mixture). ``head``: ``auto`` trains a fresh classification head when no
     member's head predicts the examples' labels, ``fresh`` always, ``members`` never.
-    ``out``: write the first strategy's combination there (a LoRA folder for weights, with ``merge`` the
-    base model with it folded in; a composition folder for mixture and fusion); ``push``: publish it as
-    that hub repo. See the module doc for every step.
+    ``out``: write the first strategy's combination there (a LoRA folder for weights, a composition folder
+    for mixture and fusion; with ``merge``, weights or mixture first, the base model with it folded in and
+    a fresh head as its head); ``push``: publish it as that hub repo. See the module doc for every step.
     """
     strategies = _strategies(strategy)
     _check_options(candidates, search, max_candidates, push, out, merge, strategies, head, steps, lr)

@@ -125,6 +125,10 @@ def test_a_new_label_set_gets_a_fresh_head_trained_with_the_combination(
     assert "learned mixture of the outputs of 2 adapters" in card and f"{learned['weights']['t']:+.4f}" in card
     assert json.loads((pulled / "auto_compose.json").read_text())["fresh_head_labels"] == ["boo", "yay"]
     assert loaded_score(world["base"], pulled, files["heldout"], ["boo", "yay"])[1] == learned["accuracy"]
+    # The plain hub load: the composition repo stands for its composition, the fresh head predicting.
+    model = peftkit.load(str(world["base"]), "alice/cheers", hub=hub, progress=False)
+    assert model.active_composition == peftkit.load_composition(bert(MOODS), str(out)).active_composition
+    assert model.base_model.config.id2label == {0: "boo", 1: "yay"}
 
 
 def test_a_named_head_lets_a_stack_average_members_whose_heads_differ(tmp_path: Path) -> None:
