@@ -176,6 +176,11 @@ def adapterhub_tensors(fmt: AdapterHubFormat, tensors: Mapping[str, Any], sites:
         if len(matches) > 1:
             raise AdapterLoadError(f"{where}: weight {key!r} fits several peftkit sites ({', '.join(matches)})")
         out[f"{key_prefix}{matches[0]}.{ours}" if matches else key] = tensor
+    missing = [theirs for theirs, ours in theirs_shared.items() if ours not in out]
+    if missing:
+        raise AdapterLoadError(f"{where}: the folder lacks the adapter-wide tensor {missing[0]!r}; adapters 1.3 "
+                               f"leaves such tensors out when it saves from a bare model (BertModel): save the "
+                               f"adapter there from a task model or an ...AdapterModel")
     return out
 
 

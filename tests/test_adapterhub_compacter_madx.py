@@ -30,8 +30,10 @@ SCRIPT = SCRIPTS / "make_bottleneck_fixtures.py"
 VENV = ROOT / ".venv-adapters"
 PYTHON = VENV / "bin" / "python"
 ATOL = 1e-5
-SINGLE = ["bert_compacter", "bert_compacterpp_factorized", "roberta_compacter_own_rules", "bert_compacter_shared_w",
-          "bert_seq_bn_inv_mlm", "roberta_double_seq_bn_inv_mlm"]
+#: cases of one adapter; all but the decoder's are also saved by peftkit and loaded by adapters
+SAVED = ["bert_compacter", "bert_compacterpp_factorized", "roberta_compacter_own_rules", "bert_compacter_shared_w",
+         "bert_seq_bn_inv_mlm", "roberta_double_seq_bn_inv_mlm", "roberta_seq_bn_trained_mlm_head"]
+SINGLE = SAVED + ["llama_compacter"]
 
 
 def _run_script(args: list[str], timeout: int) -> None:
@@ -60,7 +62,7 @@ def _base(case: Path) -> torch.nn.Module:
     import transformers
 
     spec = json.loads((case / "model.json").read_text())
-    family = {"bert": "Bert", "roberta": "Roberta"}[spec["model_type"]]
+    family = {"bert": "Bert", "roberta": "Roberta", "llama": "Llama"}[spec["model_type"]]
     model = getattr(transformers, spec["class"])(getattr(transformers, f"{family}Config")(**spec["config"]))
     model.load_state_dict(load_file(str(case / "base.safetensors")))
     return model.eval()
@@ -88,8 +90,11 @@ def test_adapters_folder_loads_with_the_same_logits(cases: Path, name: str) -> N
     case = cases / name
     model = peftkit.from_pretrained(_base(case), str(case / "adapter"))
     torch.testing.assert_close(_logits(model, case), _expected(case), atol=ATOL, rtol=0)
-    with model.disable_adapters():  # the adapter matters (the masked-LM head is the model's own)
+    with model.disable_adapters():  # the adapter matters
         assert not torch.allclose(_logits(model, case), _expected(case), atol=1e-3)
+    if name == "roberta_seq_bn_trained_mlm_head":  # a masked-LM head of its own is the adapter's copy
+        assert model.adapter_record("default").modules_to_save == ["lm_head.decoder", "lm_head.dense",
+                                                                   "lm_head.layer_norm"]
     config = model.adapter_record("default").config
     assert config.phm_layer == ("compacter" in name) and (config.inv_adapter == "nice") == ("inv" in name)
 
@@ -113,6 +118,12 @@ def test_a_trained_masked_lm_head_with_an_invertible_adapter_is_refused_by_name(
     save_file({k: v + 0.5 for k, v in head.items()}, str(folder / "model_head.safetensors"))
     with pytest.raises(AdapterLoadError, match="inverse goes on the input of 'cls.predictions.decoder'"):
         peftkit.from_pretrained(_base(case), str(folder))
+
+
+def test_a_bare_models_compacter_folder_without_its_shared_rules_is_refused_by_name(cases: Path) -> None:
+    case = cases / "bert_compacter_bare"
+    with pytest.raises(AdapterLoadError, match="lacks the adapter-wide tensor 'shared_parameters.task.phm_rule'"):
+        peftkit.from_pretrained(_base(case), str(case / "adapter"))
 
 
 def test_glow_invertible_adapters_are_refused_by_name(cases: Path, tmp_path: Path) -> None:
@@ -141,7 +152,7 @@ MADE = {
 def test_saved_in_adapters_format_loads_in_adapters_with_the_same_logits(cases: Path, tmp_path: Path) -> None:
     """Folders adapters saved (re-saved by peftkit), adapters made in peftkit, and the MAD-X stack."""
     jobs, ours = [], {}
-    for name in SINGLE:
+    for name in SAVED:
         case = cases / name
         model = peftkit.from_pretrained(_base(case), str(case / "adapter"))
         model.save_adapter(str(tmp_path / name / "default"), format="adapters")

@@ -27,7 +27,8 @@ from adapters.composition import Stack
 from make_fixtures import FAMILIES, MODELS, output_of
 
 #: model class suffix -> the task name written to model.json
-TASKS = {"ForSequenceClassification": "seq_cls", "ForMaskedLM": "masked_lm"}
+TASKS = {"ForSequenceClassification": "seq_cls", "ForMaskedLM": "masked_lm", "ForCausalLM": "causal_lm",
+         "Model": None}
 
 #: case -> (model type, transformers class suffix, {adapter name: adapters config}, active setup). A masked-LM
 #: case runs adapters' ...AdapterModel with a masked-LM head holding the masked-LM model's own (pretrained)
@@ -47,7 +48,15 @@ CASES = {
         reduction_factor=4, non_linearity="gelu", inv_adapter_reduction_factor=4)}, "task"),
     "bert_madx_stack": ("bert", "ForMaskedLM", {"lang": lambda: SeqBnInvConfig(reduction_factor=4),
                                                 "task": lambda: SeqBnConfig(reduction_factor=8)}, ("lang", "task")),
+    # a masked-LM head of its own (drawn at random): loaded as the adapter's copy of the model's head
+    "roberta_seq_bn_trained_mlm_head": ("roberta", "ForMaskedLM", {"task": lambda: SeqBnConfig(reduction_factor=4)},
+                                        "task"),
+    "llama_compacter": ("llama", "ForCausalLM", {"task": lambda: CompacterConfig(reduction_factor=4)}, "task"),
+    # a bare model: adapters leaves the shared rule matrices out of the file (kept to check the refusal)
+    "bert_compacter_bare": ("bert", "Model", {"task": lambda: CompacterConfig(reduction_factor=4)}, "task"),
 }
+#: masked-LM cases whose head is drawn at random instead of holding the model's own
+TRAINED_HEADS = ("roberta_seq_bn_trained_mlm_head",)
 
 #: adapters' module dicts holding an adapter's tensors, and a classification head (saved with the adapter as
 #: its static head): all drawn at random, so that every tensor matters.
@@ -110,6 +119,12 @@ def make_case(out: Path, case: str) -> None:
     for seed, (name, make_config) in enumerate(configs.items(), start=1):
         model.add_adapter(name, config=make_config())
         draw(model, name, seed)
+        if case in TRAINED_HEADS:
+            with torch.no_grad():
+                for param in model.heads[name].parameters():
+                    if param is model.get_input_embeddings().weight:  # the decoder is tied to the embeddings
+                        continue
+                    param.add_(0.3 * torch.randn(param.shape, generator=torch.Generator().manual_seed(seed)))
         target = folder / "adapter" if len(configs) == 1 else folder / name
         model.save_adapter(str(target), name, with_head=name == last, use_safetensors=True)
     model.set_active_adapters(Stack(*active) if isinstance(active, tuple) else active)
@@ -141,9 +156,9 @@ def run(job: dict) -> None:
     pretrained = build(model_type, suffix)
     pretrained.load_state_dict(load_file(str(case / "base.safetensors")))
     names = [Path(folder).name for folder in job["adapters"]]
-    if suffix == "ForMaskedLM":
-        model = masked_lm_adapter_model(model_type, pretrained, names[-1])
-    else:  # peftkit writes a classification head as adapters' flex head
+    if suffix == "ForMaskedLM" and not (Path(job["adapters"][-1]) / "head_config.json").is_file():
+        model = masked_lm_adapter_model(model_type, pretrained, names[-1])  # the model's own head
+    else:  # peftkit writes a classification or masked-LM head of the adapter's own as adapters' flex head
         import adapters as library
 
         model = getattr(library, f"{FAMILIES[model_type]}AdapterModel")(pretrained.config)
