@@ -78,12 +78,13 @@ def _timed(fn: Callable[[], object], calls: int, clock: Callable[[], float] = ti
     return (clock() - start) / calls
 
 
-def warm_up(fn: Callable[[], object], tolerance: float = 0.05, most: int = 8) -> float:
+def warm_up(fn: Callable[[], object], tolerance: float = 0.05, most: int = 8,
+            clock: Callable[[], float] = time.perf_counter) -> float:
     """Call ``fn`` until two consecutive calls take times within ``tolerance`` of each other (caches,
     allocator pools and lazily built kernels settled), at most ``most`` times; the last time."""
-    previous = _timed(fn, 1)
+    previous = _timed(fn, 1, clock)
     for _ in range(most - 1):
-        current = _timed(fn, 1)
+        current = _timed(fn, 1, clock)
         if abs(current - previous) <= tolerance * min(current, previous):
             return current
         previous = current
@@ -92,7 +93,7 @@ def warm_up(fn: Callable[[], object], tolerance: float = 0.05, most: int = 8) ->
 
 def paired_ratios(fns: dict[str, Callable[[], object]], reference: str, budget_s: float, *,
                   unit_s: float = 0.25, min_rounds: int = 5, max_rounds: int = 200, target_spread: float = 0.005,
-                  clock: str = "wall", seed: int = 0) -> tuple[dict[str, Ratio], float]:
+                  clock: str | Callable[[], float] = "wall", seed: int = 0) -> tuple[dict[str, Ratio], float]:
     """Each function's time over ``reference``'s, as :class:`Ratio` s, and the reference's median
     seconds per call.
 
@@ -101,10 +102,13 @@ def paired_ratios(fns: dict[str, Callable[[], object]], reference: str, budget_s
     median of the per-round ratios discards it. A timed unit is as many calls as make ``unit_s``
     seconds (at least one). The garbage collector is off while a round runs. Rounds continue until
     ``budget_s`` seconds have passed (at least ``min_rounds``, at most ``max_rounds``) or every
-    interval is narrower than ``2 * target_spread``. ``clock``: a key of :data:`CLOCKS`."""
+    interval is narrower than ``2 * target_spread``. ``clock``: a key of :data:`CLOCKS`, or a
+    function returning seconds."""
     names = list(fns)
-    read = CLOCKS[clock]
-    calls = {name: max(1, round(unit_s / warm_up(fn))) for name, fn in fns.items()}
+    if reference not in fns:
+        raise ValueError(f"the reference {reference!r} is not one of the timed functions ({', '.join(names)})")
+    read = CLOCKS[clock] if isinstance(clock, str) else clock
+    calls = {name: max(1, round(unit_s / max(warm_up(fn, clock=read), 1e-9))) for name, fn in fns.items()}
     rng = random.Random(seed)
     samples: dict[str, list[float]] = {name: [] for name in names}
     reference_times: list[float] = []
