@@ -272,9 +272,12 @@ def test_models_without_one_list_of_layers_and_bad_masks_are_refused() -> None:
         peftkit.adapt(build_tiny("t5"), "reft")
     model = adapted("bert", "reft")
     with pytest.raises(PeftkitError, match="2-D"):
-        model(input_ids=IDS, attention_mask=RIGHT_PADDED[:, None, None, :])
+        model(input_ids=IDS, attention_mask=RIGHT_PADDED[:, None, None, :].float())
+    with model.disable_adapters():  # the mask is read whatever is active, but refused only when ReFT runs
+        model(input_ids=IDS, attention_mask=RIGHT_PADDED[:, None, None, :].float())
+    model(input_ids=IDS)
+    module = next(iter(adapter_modules(model).values()))
     with pytest.raises(PeftkitError, match="cannot run inside a row split|outside the model's forward"):
-        site, module = next(iter(adapter_modules(model).items()))
         module(torch.zeros(1, 3, 32), torch.zeros(1, 3, 32), None)
 
 
@@ -285,3 +288,24 @@ def test_presets_are_reft_with_adapters_defaults() -> None:
         assert (config.orthogonality, config.subtract_projection) == (orthogonality, subtract)
         assert (config.layers, config.prefix_positions, config.suffix_positions, config.r, config.dropout) == (
             "all", 3, 0, 1, 0.05)
+
+
+@pytest.mark.slow
+def test_loreft_learns_the_minilm_sentiment_task() -> None:
+    """docs/methods/reft.md's figure: LoReFT's defaults (r=1 at the first 3 tokens of every layer, 4,614
+    parameters) under a frozen random head, as tests/test_learning.py runs the other methods."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from peftkit.testing import sentiment_task, train_classifier
+    from tests.tiny_models import minilm_path
+
+    torch.manual_seed(0)
+    base = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2).eval()
+    torch.manual_seed(0)
+    model = peftkit.AdaptedModel(base)
+    model.add_adapter("default", "loreft", default_head=False)
+    model.train_adapter("default")
+    assert model.trainable_parameters()[0] == 4614
+    result = train_classifier(model, sentiment_task(), AutoTokenizer.from_pretrained(minilm_path()), lr=3e-2,
+                              epochs=3, seed=0)
+    assert result.accuracy >= 0.9, f"held-out accuracy {result.accuracy:.3f} (chance 0.5)"

@@ -39,6 +39,7 @@ class ForwardBatch:
         self.lengths: torch.Tensor | None = None  # (rows,) number of real tokens
         self.shape: tuple[int, int] | None = None  # (rows, length) of the forward's tokens, when known
         self.continuing = False                    # the forward continues a KV cache
+        self.problem: str | None = None            # why this forward's mask cannot be read
         self.interventions: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
         self.indices: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
         self.model = model  # a cycle through the model's __dict__: copy.deepcopy(model) copies both together
@@ -56,15 +57,18 @@ class ForwardBatch:
             else None
         mask = values.get("attention_mask")
         self.starts = self.lengths = None
+        self.problem = None  # raised when an intervention runs: the hook runs whichever adapters are active
         if mask is None or self.continuing:
             return
         if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
             shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-            raise PeftkitError(f"ReFT reads each row's real tokens from a 2-D (batch, length) attention_mask; "
-                               f"got {shape}. Pass the tokenizer's padding mask")
+            self.problem = (f"ReFT reads each row's real tokens from a 2-D (batch, length) attention_mask; "
+                            f"got {shape}. Pass the tokenizer's padding mask")
+            return
         if self.shape is not None and tuple(mask.shape) != self.shape:
-            raise PeftkitError(f"attention_mask has shape {tuple(mask.shape)} but the tokens {self.shape}; ReFT "
-                               f"needs one mask entry per token")
+            self.problem = (f"attention_mask has shape {tuple(mask.shape)} but the tokens {self.shape}; ReFT "
+                            f"needs one mask entry per token")
+            return
         real = mask == 1
         self.starts = real.long().argmax(dim=1)  # the first 1 of each row, as adapters reads it
         self.lengths = real.sum(dim=1)
@@ -76,6 +80,8 @@ class ForwardBatch:
                   ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(prefix index (rows, p), suffix index (rows, s))`` into ``hidden`` (rows, length, width),
         where a skipped position holds ``length`` (a slot past the end); None: intervene nowhere."""
+        if self.problem is not None:
+            raise PeftkitError(self.problem)
         if self.continuing:
             return None
         rows, length = int(hidden.shape[0]), int(hidden.shape[1])
