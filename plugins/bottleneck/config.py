@@ -147,7 +147,7 @@ class BottleneckConfig(AdapterConfig):
             hint = (" (AdapterHub's GLOW coupling block is not supported: in adapters 1.3 it splits and joins "
                     "a (batch, sequence, hidden) input along different axes)" if self.inv_adapter == "glow" else "")
             raise ConfigError(f"{self.method} config: inv_adapter={self.inv_adapter!r} is not supported; choose "
-                              f"{' or '.join(repr(v) for v in INV_ADAPTERS)}, or none{hint}")
+                              f"{' or '.join(repr(v) for v in INV_ADAPTERS)}, or null (none){hint}")
         if self.inv_adapter_reduction_factor <= 0:
             raise ConfigError(f"{self.method} config: inv_adapter_reduction_factor={self.inv_adapter_reduction_factor}"
                               f" must be a positive number")

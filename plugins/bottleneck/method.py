@@ -353,7 +353,7 @@ def _invertible_sites(model: "nn.Module", arch: "ArchitectureSpec | None", metho
     if arch is None or EMBEDDING_POINT not in arch.points:
         raise ConfigError(f"{method} config: inv_adapter needs the model's embedding output, which peftkit knows "
                           f"for model types {', '.join(embedding_model_types())}, not {model_type!r}; set "
-                          f"inv_adapter=none, or declare the point {EMBEDDING_POINT!r} in a plugin's ArchitectureSpec")
+                          f"inv_adapter=null, or declare the point {EMBEDDING_POINT!r} in a plugin's ArchitectureSpec")
     found = find_point(model, arch, EMBEDDING_POINT, method)
     if len(found) != 1:
         raise ConfigError(f"{method} config: inv_adapter needs one embedding output, but the point "
