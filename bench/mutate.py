@@ -46,6 +46,26 @@ RESULTS_FILE = REPO / "bench" / "mutation_results.json"
 DEFAULT_REPORT = REPO / "docs" / "mutation.md"
 DEFAULT_WORK = REPO / "build" / "mutate"
 SOURCE_NOTE = "source.txt"  # in the scratch folder: where the package copy came from
+# Imported once by the scratch folder's root conftest.py, so mutmut's fork server holds them and
+# no mutant's worker pays for them: the first tiny transformers model a test builds imports the
+# modeling stack (torch._dynamo, scipy, ...), 5-15 s on a loaded 2-core machine, and peft is as
+# slow. Imports only: the fork server must not run torch (not fork-safe after it has run).
+PRELOAD = [
+    "transformers.modeling_utils", "transformers.masking_utils",
+    "transformers.models.llama.modeling_llama", "transformers.models.mistral.modeling_mistral",
+    "transformers.models.qwen2.modeling_qwen2", "transformers.models.gpt2.modeling_gpt2",
+    "transformers.models.bert.modeling_bert", "transformers.models.roberta.modeling_roberta",
+    "transformers.models.t5.modeling_t5", "peft", "safetensors.torch",
+]
+# mutmut stops a mutant after (estimated test time + 1 s) * multiplier CPU seconds, or half that
+# in wall time; its default (15) turns a busy shared machine into false "timeout" kills.
+TIMEOUT_MULTIPLIER = 60
+# Statements not mutated (mutmut's do_not_mutate_patterns: a match excludes the whole statement).
+# The wording of an error message or warning is not a value users' results depend on, and its
+# mutants (a message turned into "XX..." or None) were a third of all mutants and most of the
+# run time. The condition that decides whether the error is raised is still mutated.
+NOT_MUTATED = [r"^\s*raise \w+\(",
+               r"^\s*warnings\.warn\(", r"^\s*(logger|log|_log|LOG)\.(debug|info|warning|error)\("]
 KILLED = {"killed", "timeout", "caught by type check", "segfault"}
 
 
@@ -176,14 +196,51 @@ def lay_out(work: Path, dirs: dict[str, str], rev: str | None) -> None:
     shutil.copytree(REPO / "tests", work / "tests", ignore=ignore)
     if rev:
         shutil.rmtree(source)
+    write_preload(work)
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", rev or "HEAD"],
                           capture_output=True, text=True, check=False).stdout.strip()
     (work / SOURCE_NOTE).write_text(f"commit {head}" if rev else f"working tree at {head}")
 
 
+def write_preload(work: Path) -> None:
+    """The scratch folder's root conftest.py. mutmut's fork server runs it once (while collecting);
+    every mutant's worker is forked from there, so what it imports is paid once, not per mutant:
+    PRELOAD and every module of the (mutated) package, which a test otherwise imports lazily (the
+    mutated module alone is thousands of lines to compile). gc.freeze() then keeps that heap out
+    of the workers' garbage collections (pytest's own collect calls took seconds per mutant)."""
+    lines = [
+        '"""Written by bench/mutate.py (write_preload): imports for mutmut\'s fork server."""',
+        "",
+        "import gc",
+        "import importlib",
+        "import pkgutil",
+        "",
+        "",
+        "def _load(name):",
+        "    try:",
+        "        return importlib.import_module(name)",
+        "    except Exception:  # an optional dependency missing: the tests that need it say so",
+        "        return None",
+        "",
+        "",
+        "import tests.conftest  # noqa: E402,F401  (first: it sets HF_HOME etc. before anything imports the hub)",
+        "",
+        f"for _name in {PRELOAD!r}:",
+        "    _load(_name)",
+        "_package = _load('peftkit')",
+        "if _package is not None:",
+        "    for _info in pkgutil.walk_packages(_package.__path__, 'peftkit.'):",
+        "        if not _info.name.endswith('__main__'):",
+        "            _load(_info.name)",
+        "gc.freeze()",
+        "",
+    ]
+    (work / "conftest.py").write_text("\n".join(lines))
+
+
 def mutmut_config(target: Target, mutated: str, project: dict) -> str:
     def toml_list(items: list[str]) -> str:
-        return "[" + ", ".join(f'"{item}"' for item in items) + "]"
+        return "[" + ", ".join(json.dumps(item) for item in items) + "]"  # a JSON string is a TOML string
 
     pytest_options = project["tool"]["pytest"]["ini_options"]
     return "\n".join([
@@ -195,6 +252,9 @@ def mutmut_config(target: Target, mutated: str, project: dict) -> str:
         # torch is not fork-safe after it has run: fork workers from a clean server.
         'process_isolation = "forkserver"',
         "use_git_change_detection = false",
+        f"timeout_multiplier = {TIMEOUT_MULTIPLIER}",
+        'also_copy = ["conftest.py"]',  # write_preload's
+        f"do_not_mutate_patterns = {toml_list(NOT_MUTATED)}",
         "",
         "[tool.pytest.ini_options]",
         f"filterwarnings = {toml_list(pytest_options.get('filterwarnings', []))}",
@@ -241,10 +301,14 @@ def line_in_function(lines: list[str], function: str, text: str) -> int:
 
 def run_module(target: Target, args: argparse.Namespace) -> dict:
     """Runs mutmut on one module; returns its record for bench/mutation_results.json."""
+    if args.tests:  # --again --tests: the survivors meet only the tests added for them
+        target = Target(target.path, list(args.tests), target.functions)
     dirs = package_dirs(args.rev)
     mutated = import_path_of(target.path, dirs)
     work = Path(args.work) / re.sub(r"[^A-Za-z0-9]+", "_", target.path)
-    env = {k: v for k, v in os.environ.items() if k not in {"PYTHONPATH", "MUTANT_UNDER_TEST"}}
+    # Bytecode is cached (in the scratch folder): a worker then loads, not compiles, what it imports.
+    env = {k: v for k, v in os.environ.items()
+           if k not in {"PYTHONPATH", "MUTANT_UNDER_TEST", "PYTHONDONTWRITEBYTECODE"}}
     env.setdefault("OMP_NUM_THREADS", "1")
     module = mutated[:-3].replace("/", ".")
     patterns = [f"{module}.*{glob}__mutmut_*" for glob in target.functions]
@@ -253,6 +317,7 @@ def run_module(target: Target, args: argparse.Namespace) -> dict:
         before = selected(mutmut_statuses(work, env), patterns)
         shutil.copytree(REPO / "tests", work / "tests", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
                         dirs_exist_ok=True)
+        write_preload(work)
     else:
         lay_out(work, dirs, args.rev)
     (work / "pyproject.toml").write_text(mutmut_config(target, mutated, pyproject(args.rev)))
@@ -376,6 +441,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--again", action="store_true",
                         help="keep the package copy of the last run and test only the mutants it did not kill, "
                              "with the current tests (after adding tests, or to finish an interrupted run)")
+    parser.add_argument("--tests", nargs="+", metavar="TEST",
+                        help="with --again: retest the survivors with these test files only (the ones added for "
+                             "them; a kill stands, so the mapped tests need not run again)")
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite the report from the kept results (after marking equivalent mutants)")
     parser.add_argument("--list", action="store_true", help="print the map and exit")
@@ -383,6 +451,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `kill` stops mutmut's workers too
     targets = load_map()
+    if args.tests and not args.again:
+        parser.error("--tests only goes with --again (a first run takes the mapped tests)")
     if args.list:
         for t in targets:
             print(f"{t.path}: {' '.join(t.tests)}" + (f"  [functions: {', '.join(t.functions)}]" if t.functions else ""))
