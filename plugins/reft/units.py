@@ -74,16 +74,23 @@ def keep_signs(projection: nn.Module) -> None:
         _HOOK.append(register_optimizer_step_post_hook(restore_signs))
 
 
-def restore_signs(*_: object) -> None:
-    """Set the diagonals of the orthogonal parametrizations' ``original`` back to +-1 (their signs).
+def restore_signs(optimizer: torch.optim.Optimizer, *_: object) -> None:
+    """Set the diagonals of the orthogonal parametrizations' ``original`` that ``optimizer`` just stepped
+    back to +-1 (their signs).
 
     The diagonal gets no gradient, but weight decay shrinks it; peftkit reads it by its sign and
     ``adapters`` (torch's parametrization) by its integer part, which would then be 0."""
+    signed = {id(p) for p in SIGNED}
+    if not signed:
+        return
     with torch.no_grad():
-        for original in list(SIGNED):
-            diagonal = original.diagonal()
-            if not bool(((diagonal == 1) | (diagonal == -1)).all()):
-                diagonal.copy_(torch.where(diagonal < 0, -1.0, 1.0).to(diagonal.dtype))
+        for group in optimizer.param_groups:
+            for original in group["params"]:
+                if id(original) not in signed:
+                    continue
+                diagonal = original.diagonal()
+                if not bool(((diagonal == 1) | (diagonal == -1)).all()):
+                    diagonal.copy_(torch.where(diagonal < 0, -1.0, 1.0).to(diagonal.dtype))
 
 
 class ReftUnit(nn.Module):
