@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 
+from .composition import BASE_MODEL, Average, Stack, head_leaf
 from .errors import MergeError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -574,3 +575,51 @@ def _fill_modules_to_save(model: "AdaptedModel", name: str, records: list["Adapt
             merged = {k: sum(s[k] * w for s, w in states) if s0.is_floating_point() else s0
                       for k, s0 in states[0][0].items()}
             target.load_state_dict(merged)
+
+
+# -- merging a composition ------------------------------------------------------------------------------
+
+
+#: The name an average() folded into one adapter gets (with a number when taken).
+FOLDED_AVERAGE = "merged_average"
+
+
+def merge_order(model: "AdaptedModel", node: Any) -> list[str]:
+    """The adapters that ``merge_and_unload`` folds into the base weights to merge composition ``node``, in order:
+    one adapter, a ``stack()``'s adapters, and an ``average()`` of adapters whose changes are low-rank weight
+    changes (LoRA without DoRA) first merged into one new adapter on ``model``: the exact weighted sum of their
+    changes (``linear``, with the block's normalized weights; ``__base__`` adds nothing), keeping the head the
+    average predicts with (its first member's). ``merge_and_unload`` keeps the last one's head, so a stack's
+    ``head=`` must name the last adapter with a head. Anything else mixes outputs at run time (MergeError)."""
+    if isinstance(node, str):
+        return [] if node == BASE_MODEL else [node]
+    if isinstance(node, Stack):
+        names = [name for child in node.children for name in merge_order(model, child)]
+        last = next((n for n in reversed(names) if model.adapter_record(n).modules_to_save), None)
+        if node.head is not None and node.head != last:
+            raise MergeError(f"{node} predicts with {node.head}'s head, but merged adapters keep the last one's "
+                             f"({last}); put {node.head} last in the stack, or save it without merging")
+        return names
+    if isinstance(node, Average) and all(isinstance(child, str) for child in node.children):
+        return [_fold_average(model, node)]
+    raise MergeError(f"{node} cannot be merged into the base weights: only one adapter, a stack() of adapters or "
+                     f"an average() of LoRA adapters is the same model once merged ({node.kind}() mixes outputs "
+                     f"at run time); save it without merging")
+
+
+def _fold_average(model: "AdaptedModel", block: Any) -> str:
+    pairs = [(c, w) for c, w in zip(block.children, block.normalized_weights()) if c != BASE_MODEL]
+    for member, _ in pairs:
+        record = model.adapter_record(member)
+        if not record.method.merge_low_rank or getattr(record.config, "use_dora", False):
+            raise MergeError(f"{block}: {member} ({record.method.name}) has no low-rank weight change, so the average "
+                             f"is not one weight change for any weights (only LoRA changes, without DoRA, add up "
+                             f"exactly); save it without merging")
+    name, number = FOLDED_AVERAGE, 1
+    while name in model.adapters:
+        number += 1
+        name = f"{FOLDED_AVERAGE}_{number}"
+    owner = head_leaf(block, lambda n: bool(model.adapter_record(n).modules_to_save))
+    merge_adapters(model, [m for m, _ in pairs], [w for _, w in pairs], name=name, strategy="linear",
+                   modules_to_save=owner)
+    return name

@@ -281,7 +281,9 @@ def _base_module(model: Any) -> Any:
 
 def check_members(model: Any, members: Sequence[Member], node: Node) -> None:
     """Every check that can run before the model changes (see the module docstring)."""
+    from peftkit.core.adapterhub_format import claiming_method, is_adapterhub_config
     from peftkit.core.model import AdaptedModel
+    from peftkit.core.plugins import get_registry
     from peftkit.core.serialization import base_model_id, check_base_model, method_for
 
     existing = model.adapter_records if isinstance(model, AdaptedModel) else {}
@@ -294,8 +296,11 @@ def check_members(model: Any, members: Sequence[Member], node: Node) -> None:
                 other = owner.get(name, "the model")
                 raise HubError(f"{member.source} brings an adapter named {name!r}, which {other} already uses; "
                                f"load the composition repo alone, or on a model without {name!r}")
-            method_of[name] = method_for(data, where)  # names the plugin to install when missing
             owner[name] = member.source
+            if is_adapterhub_config(data):  # AdapterHub's folder: its method by its options, no base-model record
+                method_of[name] = claiming_method(get_registry().methods.values(), data, where)[0]
+                continue
+            method_of[name] = method_for(data, where)  # names the plugin to install when missing
             check_base_model(shim, data, where)  # type: ignore[arg-type]
             _warn_other_base(data.get("base_model_name_or_path"), base_model_id(shim), where)  # type: ignore[arg-type]
         if member.kind == "fusion":
@@ -533,16 +538,6 @@ def load_with_plan(base_model: Any, spec: Any, hub: "str | HubBackend | None" = 
 # -- writing a composed setup --------------------------------------------------------------------
 
 
-def _merge_order(node: Node) -> list[str]:
-    """The adapters of a stack (or one adapter) in the order merging must fold them in."""
-    if isinstance(node, str):
-        return [] if node == BASE_MODEL else [node]
-    if isinstance(node, composition.Stack):
-        return [name for child in node.children for name in _merge_order(child)]
-    raise HubError(f"{node} cannot be merged into the base weights: only one adapter or a stack() of adapters is "
-                   f"the same model once merged ({node.kind}() mixes outputs at run time); save it without --merge")
-
-
 def save_composed(base_model: Any, spec: Any, out: str | Path, hub: "str | HubBackend | None" = None, *,
                   merge: bool = False, adapters: Mapping[str, str] | None = None, token: str | None = None,
                   progress: bool = True, **model_kwargs: Any) -> str:
@@ -553,9 +548,12 @@ def save_composed(base_model: Any, spec: Any, out: str | Path, hub: "str | HubBa
     ``AdaptedModel.load_composition``. With ``merge``: the adapters folded
     into the base weights and saved as a plain transformers model (with the
     base's tokenizer when it has one), when every member's method can merge
-    and the composition is one adapter or a stack.
+    and the composition is one adapter, a stack, or holds averages of LoRA adapters (each folded into one
+    adapter first, exactly).
     """
+    from peftkit.core.errors import MergeError
     from peftkit.core.fileio import apply_normal_modes, atomic_folder
+    from peftkit.core.merging import merge_order
 
     model, the_plan = load_with_plan(base_model, spec, hub, adapters=adapters, token=token, progress=progress,
                                      **model_kwargs)
@@ -566,7 +564,10 @@ def save_composed(base_model: Any, spec: Any, out: str | Path, hub: "str | HubBa
     if not merge:
         model.save_composition(str(out), node)
         return f"Wrote the composition {node} to {out} ({sources})"
-    names = _merge_order(node)
+    try:  # one adapter, a stack, an average() of LoRA adapters folded into one (core.merging.merge_order)
+        names = merge_order(model, node)
+    except MergeError as exc:
+        raise HubError(str(exc)) from None
     refuse = [f"{n} ({model.adapter_record(n).method.name})" for n in names
               if not model.adapter_record(n).method.can_merge]
     if refuse:

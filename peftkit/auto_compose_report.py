@@ -167,7 +167,7 @@ def save_result(model: "AdaptedModel", result: AutoComposeResult, out: Path, *, 
 
     with atomic_folder(out) as tmp:
         if merge:
-            model.merge_and_unload(_merged_stack(model, result)).save_pretrained(str(tmp))
+            model.merge_and_unload(_merged_stack(model, result, node)).save_pretrained(str(tmp))
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp))
         elif result.strategy != "weights":
@@ -180,10 +180,7 @@ def save_result(model: "AdaptedModel", result: AutoComposeResult, out: Path, *, 
 
 
 def _merged(model: "AdaptedModel", result: AutoComposeResult) -> str:
-    """Put the learned weights' merge on ``model`` as one adapter: the exact weighted sum of the members'
-    weight changes (what the weights strategy scored, and what a mixture of LoRA members computes), with
-    the head that predicted: for weights the members' heads averaged as the search scored them, for a
-    mixture its first member's (an average() predicts with it)."""
+    """Put the weights strategy's merge on ``model`` as one adapter (with the head the search scored)."""
     from peftkit.core.merge_search import average_heads
     from peftkit.core.merging import merge_adapters
 
@@ -191,17 +188,18 @@ def _merged(model: "AdaptedModel", result: AutoComposeResult) -> str:
     name = MERGED_NAME if MERGED_NAME not in model.adapters else MERGED_NAME + "_learned"
     merge_adapters(model, names, [result.weights[n] for n in names], name=name, strategy="linear",
                    modules_to_save=names[0])
-    if result.strategy == "weights":
-        average_heads(model, names, [result.weights[n] for n in names], name)
+    average_heads(model, names, [result.weights[n] for n in names], name)
     return name
 
 
-def _merged_stack(model: "AdaptedModel", result: AutoComposeResult) -> list[str]:
-    """The adapters ``merge_and_unload`` folds in for ``merge``: the weighted merge, then the fresh head's
-    head-only adapter (whose head, as the last of a stack's, becomes the model's, labels and all)."""
-    from peftkit.learned_mixture import FRESH_HEAD
+def _merged_stack(model: "AdaptedModel", result: AutoComposeResult, node: Any) -> list[str]:
+    """The adapters ``merge_and_unload`` folds in for ``merge``: the weights strategy's merge, or the saved
+    composition's adapters as ``peftkit compose --merge`` folds them (``merge_order``: a mixture's average()
+    becomes the exact weighted sum of its LoRA members, and a fresh head's head-only adapter, stacked
+    last, gives the model its head and labels)."""
+    from peftkit.core.merging import merge_order
 
-    return [_merged(model, result)] + ([FRESH_HEAD] if result.fresh_head_labels else [])
+    return [_merged(model, result)] if result.strategy == "weights" else merge_order(model, node)
 
 
 def _save_composition(model: "AdaptedModel", result: AutoComposeResult, node: Any, folder: Path, name: str

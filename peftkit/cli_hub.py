@@ -323,8 +323,8 @@ def whoami_command(hub: str | None, token_file: str | None) -> None:
 @_hub_option
 @click.option("--merge", is_flag=True,
               help="Merge the adapters into the base weights and save a plain transformers model "
-                   "(every member must be mergeable and the composition a stack; with --auto: --strategy "
-                   "weights or a mixture of LoRA members, a fresh head becoming the model's head).")
+                   "(every member must be mergeable and the composition a stack, where an average() of LoRA "
+                   "adapters is folded into one first; with --auto: --strategy weights or mixture).")
 @click.option("--adapter", "adapter_names", multiple=True, metavar="NAME=REPO",
               help="Load REPO under NAME (repeatable); SPEC may then use NAME.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT when it exists.")

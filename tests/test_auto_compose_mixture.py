@@ -44,6 +44,22 @@ def loaded_score(base: Path, folder: Path, examples: Path, labels: list[str]) ->
     return score.loss, score.accuracy, [config.id2label[i] for i in range(len(config.id2label))]
 
 
+def merged_score(folder: Path, examples: Path, labels: list[str]) -> tuple[float, float]:
+    """Held-out loss and accuracy of a merged model folder loaded by transformers alone, which must name the
+    examples' labels."""
+    from transformers import AutoModelForSequenceClassification
+
+    from peftkit.core.merge_search import score_batches
+
+    model = AutoModelForSequenceClassification.from_pretrained(folder)
+    assert model.config.id2label == dict(enumerate(labels))
+    data = [json.loads(line) for line in examples.read_text().splitlines()]
+    batch = dict(word_tokenizer("bert")([r["text"] for r in data], padding=True, return_tensors="pt"))
+    batch["labels"] = torch.tensor([labels.index(r["label"]) for r in data])
+    score = score_batches(model, [batch], classification=True)
+    return score.loss, score.accuracy
+
+
 def test_the_learned_mixture_finds_the_member_that_is_the_answer_and_saves_a_composition(
         world: dict[str, Path], tmp_path: Path) -> None:  # noqa: F811 - the fixture imported above
     from peftkit.auto_compose_report import format_report
@@ -129,6 +145,13 @@ def test_a_new_label_set_gets_a_fresh_head_trained_with_the_combination(
     model = peftkit.load(str(world["base"]), "alice/cheers", hub=hub, progress=False)
     assert model.active_composition == peftkit.load_composition(bert(MOODS), str(out)).active_composition
     assert model.base_model.config.id2label == {0: "boo", 1: "yay"}
+    # peftkit compose --merge folds the pushed mixture (its average of LoRA members) and the fresh head into a
+    # plain transformers model that predicts what the composition did, with the labels.
+    merged = tmp_path / "merged"
+    assert run(["compose", str(world["base"]), "alice/cheers", "--out", str(merged), "--merge", "--hub", hub,
+                "-q"]) == 0
+    assert merged_score(merged, files["heldout"], ["boo", "yay"]) == pytest.approx((learned["loss"],
+                                                                                    learned["accuracy"]), abs=1e-4)
 
 
 def test_a_named_head_lets_a_stack_average_members_whose_heads_differ(tmp_path: Path) -> None:
@@ -175,8 +198,6 @@ def test_a_mixture_with_a_fresh_head_merges_into_a_plain_transformers_model_with
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
-    from peftkit.core.merge_search import score_batches
-
     files = {}
     for split, seed in (("few", 1), ("heldout", 2)):
         data = [{"text": r["text"], "label": CHEERS[r["label"]]} for r in sentiment_rows(24, seed=seed)]
@@ -193,13 +214,8 @@ def test_a_mixture_with_a_fresh_head_merges_into_a_plain_transformers_model_with
     assert set(mixed.weights) == {"t", "noise", "scaler"} and mixed.left_out == []
     assert [c.name for c in merged.left_out] == ["scaler"] and "--merge folds the mixture" in merged.left_out[0].left_out
     assert merged.fresh_head_labels == ["boo", "yay"] and set(merged.weights) == {"t", "noise"}
-    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
-    assert model.config.id2label == {0: "boo", 1: "yay"}
-    data = [json.loads(line) for line in files["heldout"].read_text().splitlines()]
-    batch = dict(word_tokenizer("bert")([r["text"] for r in data], padding=True, return_tensors="pt"))
-    batch["labels"] = torch.tensor([["boo", "yay"].index(r["label"]) for r in data])
-    score = score_batches(model, [batch], classification=True)
-    assert score.loss == pytest.approx(merged.learned.loss, abs=1e-4) and score.accuracy == merged.learned.accuracy
+    assert merged_score(tmp_path / "merged", files["heldout"], ["boo", "yay"]) == pytest.approx(
+        (merged.learned.loss, merged.learned.accuracy), abs=1e-4)
     # The unmerged composition keeps the fresh head as a head-only adapter folder that peft loads too.
     head = tmp_path / "mixed" / "adapters" / "fresh_head"
     assert json.loads((head / "adapter_config.json").read_text())["target_modules"] == "dummy-target-modules"
@@ -207,6 +223,6 @@ def test_a_mixture_with_a_fresh_head_merges_into_a_plain_transformers_model_with
                                            str(head)).eval()
     fresh = peftkit.AdaptedModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(world["base"]),
                                                  str(head), "fresh_head")
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs = dict(word_tokenizer("bert")(["so good", "awful day"], padding=True, return_tensors="pt"))
     with torch.no_grad():
         torch.testing.assert_close(peft_model(**inputs).logits, fresh(**inputs).logits)

@@ -135,3 +135,25 @@ def test_a_head_only_adapter_adapts_no_layer_and_loads_in_peft(tmp_path: Path) -
         torch.testing.assert_close(merged(**batch).logits, expected)
     with pytest.raises(TargetError, match="adapts no layer, and modules_to_save names no module"):
         peftkit.adapt(build_tiny("llama"), "lora[target_modules=dummy-target-modules]")
+
+
+def test_merge_order_folds_an_average_of_lora_adapters_exactly_and_refuses_what_is_no_weight_change() -> None:
+    from peftkit.core.composition import as_node
+    from peftkit.core.errors import MergeError
+    from peftkit.core.merging import merge_order
+
+    model = _members()
+    batch = inputs()
+    block = as_node("average(a, b, __base__, weights=[0.7, -0.2, 0.5])")
+    model.set_active(block)
+    expected = _out(model, batch, grad=False)
+    names = merge_order(model, as_node(f"stack({block})"))
+    assert names == ["merged_average"]
+    model.set_active("merged_average")
+    torch.testing.assert_close(_out(model, batch, grad=False), expected, atol=1e-5, rtol=1e-4)
+    with pytest.raises(MergeError, match="c \\(ia3\\) has no low-rank weight change"):
+        merge_order(model, as_node("average(a, c)"))
+    with pytest.raises(MergeError, match="mixes outputs at run time"):
+        merge_order(model, as_node('fuse(a, b, name="f")'))
+    with pytest.raises(MergeError, match="predicts with a's head"):
+        merge_order(model, as_node("stack(a, b, head=a)"))
