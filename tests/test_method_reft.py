@@ -309,3 +309,24 @@ def test_loreft_learns_the_minilm_sentiment_task() -> None:
     result = train_classifier(model, sentiment_task(), AutoTokenizer.from_pretrained(minilm_path()), lr=3e-2,
                               epochs=3, seed=0)
     assert result.accuracy >= 0.9, f"held-out accuracy {result.accuracy:.3f} (chance 0.5)"
+
+
+def test_activation_checkpointing_and_deepcopy_keep_the_positions() -> None:
+    """Recomputed layers (activation checkpointing, in backward) use the forward's positions; a deep copy
+    of the model reads its own mask (its copy of the mask reader goes with it)."""
+    model = peftkit.adapt(build_tiny("llama"), "loreft[prefix_positions=2,suffix_positions=2,r=2,dropout=0.0]")
+
+    def gradients(checkpointing: bool) -> dict[str, torch.Tensor]:
+        copied = copy.deepcopy(model)
+        if checkpointing:
+            copied.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        copied.train_adapter("default")
+        copied.train()
+        copied(input_ids=IDS, attention_mask=LEFT_PADDED, use_cache=False).logits.pow(2).mean().backward()
+        return {n: p.grad for n, p in copied.named_parameters() if p.grad is not None}
+
+    plain, checkpointed = gradients(False), gradients(True)
+    assert plain.keys() == checkpointed.keys() and len(plain) == 12
+    for name, grad in plain.items():
+        assert torch.equal(grad, checkpointed[name]), name
+    assert model.base_model.__dict__[BATCH_KEY].shape is None  # the original never ran: the copies read their own
