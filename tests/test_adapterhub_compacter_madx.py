@@ -20,7 +20,9 @@ from safetensors.torch import load_file
 
 import peftkit
 from peftkit.core.errors import AdapterLoadError
+from peftkit.hub_client import api as hub
 from peftkit.testing import randomize
+from tests.hub_helpers import hub_env  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
@@ -107,6 +109,26 @@ def test_the_madx_stack_of_language_and_task_adapter_computes_as_adapters(cases:
     # the inverse before the LM head is the language adapter's (the first of the stack), not left out
     decoder = model.base_model.cls.predictions.decoder
     assert list(decoder.adapters) == ["lang"]
+
+
+def test_madx_adapters_pushed_to_a_hub_compose_at_load_time_and_swap_the_language(
+        cases: Path, hub_env: Path) -> None:  # noqa: F811
+    """AdapterHub folders of a language and a task adapter, pushed as they are, load as
+    ``stack(alice/lang-en, alice/task)``; pulling another language's adapter under the task swaps it."""
+    case = cases / "bert_madx_stack"
+    address = f"local:{hub_env / 'local-hub'}"
+    for repo, folder in (("alice/lang-en", "lang"), ("alice/task", "task")):
+        hub.push(str(case / folder), repo, hub=address, base_model="org/tiny-bert", progress=False)
+    model = peftkit.load(_base(case), "stack(alice/lang-en, alice/task)", hub=address, progress=False)
+    torch.testing.assert_close(_logits(model, case), _expected(case), atol=ATOL, rtol=0)
+    other = peftkit.adapt(_base(case), "seq_bn_inv[reduction_factor=4,init_weights=false]", adapter_name="x")
+    randomize(other, "x", seed=7, scale=0.3)
+    other.save_adapter(str(hub_env / "lang_de"), "x", format="adapters")  # a second language adapter
+    hub.push(str(hub_env / "lang_de"), "alice/lang-de", hub=address, base_model="org/tiny-bert", progress=False)
+    swapped = peftkit.load(_base(case), "stack(alice/lang-de, alice/task)", hub=address, progress=False)
+    assert not torch.allclose(_logits(swapped, case), _expected(case), atol=1e-3)
+    names = list(swapped.adapter_records)
+    assert len(names) == 2 and swapped.adapter_record(names[0]).method.name == "seq_bn_inv"
 
 
 def test_a_trained_masked_lm_head_with_an_invertible_adapter_is_refused_by_name(cases: Path, tmp_path: Path) -> None:
