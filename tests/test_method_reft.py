@@ -330,3 +330,20 @@ def test_activation_checkpointing_and_deepcopy_keep_the_positions() -> None:
     for name, grad in plain.items():
         assert torch.equal(grad, checkpointed[name]), name
     assert model.base_model.__dict__[BATCH_KEY].shape is None  # the original never ran: the copies read their own
+
+
+def test_a_soft_prompt_added_first_counts_as_tokens_added_later_is_refused() -> None:
+    prompt_first = peftkit.AdaptedModel(build_tiny("llama"))
+    prompt_first.add_adapter("p", "prompt_tuning[num_virtual_tokens=3]")
+    prompt_first.add_adapter("r", "loreft[suffix_positions=1]")
+    prompt_first.set_active(Stack("p", "r"))
+    with torch.no_grad():
+        assert prompt_first(input_ids=IDS, attention_mask=LEFT_PADDED).logits.shape == (2, 10, 128)
+    batch = prompt_first.base_model.__dict__[BATCH_KEY]
+    assert batch.shape == (2, 10) and batch.lengths.tolist() == [10, 7]  # the 3 virtual tokens count
+    reft_first = peftkit.AdaptedModel(build_tiny("llama"))
+    reft_first.add_adapter("r", "loreft[suffix_positions=1]")
+    reft_first.add_adapter("p", "prompt_tuning[num_virtual_tokens=3]")
+    reft_first.set_active(Stack("p", "r"))
+    with pytest.raises(PeftkitError, match="added to the model before the first ReFT adapter"):
+        reft_first(input_ids=IDS, attention_mask=LEFT_PADDED)

@@ -89,7 +89,8 @@ class ForwardBatch:
             raise PeftkitError(f"a ReFT intervention got hidden states for {rows} rows of {length} tokens, but the "
                                f"model's forward had {self.shape[0]} rows of {self.shape[1]}; ReFT cannot run "
                                f"inside a row split (parallel, batch_split, adapter_names) or on a layer called "
-                               f"outside the model's forward")
+                               f"outside the model's forward, and a soft prompt or prefix stacked with it must "
+                               f"be added to the model before the first ReFT adapter (its tokens then count)")
         key = (prefix, suffix, rows, length, hidden.device)
         found = self.indices.get(key)
         if found is None:
