@@ -257,7 +257,50 @@ class Parallel(Block):
     __slots__ = ()
 
 
-BLOCK_TYPES: dict[str, type[Block]] = {cls.kind: cls for cls in (Stack, Average, Fuse, BatchSplit, Parallel)}
+class Split(Block):
+    """Tokens go to the children in consecutive spans of the sequence (AdapterHub's ``Split``).
+
+    ``splits`` gives each child's number of tokens, in order, and must add up to the sequence
+    length of every forward (``split(a, b, splits=[4, 6])``: tokens 0-3 run ``a``, 4-9 run ``b``);
+    one integer gives every child that many tokens. At each site the children run on their span
+    of the site's input and output only, so only methods whose output at a token depends on that
+    token alone take part (``Method.supported_blocks`` lists ``split``).
+    """
+
+    kind = "split"
+    __slots__ = ("splits",)
+
+    splits: tuple[int, ...]
+
+    def _set_options(self, splits: Sequence[int] | int | None = None) -> None:  # type: ignore[override]
+        n = len(self.children)
+        if isinstance(splits, int) and not isinstance(splits, bool):
+            splits = [splits] * n  # AdapterHub's shorthand: every child gets that many tokens
+        if splits is None or isinstance(splits, (str, bytes)) or not isinstance(splits, Sequence) \
+                or len(splits) != n:
+            raise CompositionError(f"split() needs splits=[...] with one token count per adapter ({n} adapters, "
+                                   f"adding up to the sequence length), e.g. split(a, b, splits=[4, 6]), got "
+                                   f"{splits!r}")
+        if any((not isinstance(s, int)) or isinstance(s, bool) or s < 0 for s in splits):
+            raise CompositionError(f"split() splits must be non-negative integers, got {list(splits)}")
+        if sum(splits) == 0:
+            raise CompositionError("split() splits add up to 0 tokens; give each adapter its number of tokens")
+        object.__setattr__(self, "splits", tuple(splits))
+
+    def options(self) -> dict[str, Any]:
+        return {"splits": list(self.splits)}
+
+    def spans(self) -> list[tuple[int, int]]:
+        """Each child's ``(start, stop)`` token positions."""
+        out, start = [], 0
+        for length in self.splits:
+            out.append((start, start + length))
+            start += length
+        return out
+
+
+BLOCK_TYPES: dict[str, type[Block]] = {cls.kind: cls for cls in (Stack, Average, Fuse, BatchSplit, Parallel,
+                                                                   Split)}
 
 
 # -- parsing --------------------------------------------------------------------
@@ -431,11 +474,12 @@ def check_stack_heads(node: Node, has_head: Any) -> None:
 
 #: For each block, the kinds of blocks it may hold (names are always allowed).
 ALLOWED_CHILDREN: dict[str, frozenset[str]] = {
-    "stack": frozenset({"stack", "average", "fuse", "batch_split"}),
-    "average": frozenset({"stack", "average", "fuse"}),
+    "stack": frozenset({"stack", "average", "fuse", "batch_split", "split"}),
+    "average": frozenset({"stack", "average", "fuse", "split"}),
     "fuse": frozenset({"stack"}),
-    "batch_split": frozenset({"stack", "average", "fuse", "batch_split"}),
+    "batch_split": frozenset({"stack", "average", "fuse", "batch_split", "split"}),
     "parallel": frozenset({"stack", "average", "fuse", "batch_split"}),
+    "split": frozenset({"stack", "average", "batch_split", "split"}),  # AdapterHub's nesting rules for Split
 }
 
 
@@ -498,9 +542,13 @@ def _check_block(block: Block, method_of: dict[str, Any], ancestors: tuple[Block
             method = method_of[child]
             for outer in path:
                 if outer.kind not in method.supported_blocks:
+                    why = (" (split() runs each adapter on its span of tokens only, so it takes methods whose "
+                           "output at a token depends on that token alone: e.g. LoRA, IA3, bottleneck adapters; "
+                           "not prefix or prompt tuning, which add tokens every position attends to)"
+                           if outer.kind == "split" else "")
                     raise CompositionError(
                         f"adapter {child!r} (method {method.name!r}) cannot take part in {outer.kind}() "
-                        f"(in {path[0]}); {_what_works(method)}")
+                        f"(in {path[0]}){why}; {_what_works(method)}")
 
 
 # -- outputs of a parallel() forward ---------------------------------------------------

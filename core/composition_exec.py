@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from .composition import BASE_MODEL, Average, BatchSplit, Block, Fuse, Node, Parallel, Stack, head_leaf
+from .composition import BASE_MODEL, Average, BatchSplit, Block, Fuse, Node, Parallel, Split, Stack, head_leaf
 from .errors import CompositionError
 from .learned_average import run_weights
 
@@ -441,6 +441,47 @@ def run_split(block: BatchSplit | Parallel, layer: "TunerLayer", x: Any, h: torc
     return run_rows(layer.adapter_state.plan_for(block, h.shape[0]), layer, x, h)
 
 
+# -- spans of tokens ---------------------------------------------------------------------------
+
+
+def run_token_split(block: Split, layer: "TunerLayer", x: Any, h: torch.Tensor) -> torch.Tensor:
+    """A split() block: each child runs on its span of the sequence (dimension 1 of the site's
+    input and output, and of any input an adapter reads instead); spans whose child does not act
+    here keep ``h``. As in AdapterHub, every forward must hold exactly ``sum(splits)`` tokens."""
+    if not node_acts(block, layer):
+        return h
+    refuse_merged(block, layer, "split()")
+    total = sum(block.splits)
+    if h.dim() < 3:
+        raise CompositionError(
+            f"{block}: a layer's output has shape {tuple(h.shape)}, which holds no tokens (a pooler or a "
+            f"classifier, fed by one token or the pooled sequence), so it cannot be cut into spans; leave that "
+            f"module out of the adapters in the split (target_modules) to use split()")
+    full = dict(layer.captured) if layer.input_sources else {}
+    for what, value in (("output", h), ("input", x), *((f"input of {k!r}", v) for k, v in full.items())):
+        if isinstance(value, torch.Tensor) and (value.dim() < 2 or value.shape[1] != total):
+            raise CompositionError(
+                f"{block} cuts sequences of {total} tokens, but a layer's {what} has shape {tuple(value.shape)} "
+                f"(tokens on dimension 1); give inputs of exactly {total} tokens (pad or truncate them), as "
+                f"AdapterHub's Split requires. Generating token by token with a cache cannot use split()")
+    pieces = []
+    try:
+        for child, (start, stop) in zip(block.children, block.spans()):
+            hs = h[:, start:stop]
+            if stop == start or not node_acts(child, layer):
+                pieces.append(hs)
+                continue
+            if full:  # the same span of every captured input (in the hooks' own dict)
+                layer.captured.update({k: v[:, start:stop] if isinstance(v, torch.Tensor) else v
+                                       for k, v in full.items()})
+            xs = x[:, start:stop] if isinstance(x, torch.Tensor) else x
+            pieces.append(run_node(child, layer, xs, hs))
+    finally:
+        if full:
+            layer.captured.update(full)
+    return torch.cat(pieces, dim=1)
+
+
 class Routing:
     """Per-example adapter routing for one forward: each row's adapter name
     (or ``"__base__"``, or a composition that the row runs)."""
@@ -513,4 +554,4 @@ def is_row_split(node: Node | None) -> bool:
 
 #: Block type -> the function that runs it at one site (``run(block, layer, x, h)``).
 RUNNERS: dict[type[Block], Any] = {Stack: run_stack, Average: run_average, Fuse: run_fuse,
-                                   BatchSplit: run_split, Parallel: run_split}
+                                   BatchSplit: run_split, Parallel: run_split, Split: run_token_split}

@@ -24,7 +24,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .architectures import ArchitectureSpec
 
 #: Composition blocks a method may declare support for.
-ALL_BLOCKS = frozenset({"stack", "fuse", "average", "parallel", "batch_split"})
+#: ``split`` (spans of tokens) suits only methods whose output at a token depends on that token alone.
+ALL_BLOCKS = frozenset({"stack", "fuse", "average", "parallel", "batch_split", "split"})
 
 
 @dataclass(frozen=True)

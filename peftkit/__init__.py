@@ -46,6 +46,7 @@ _LAZY: dict[str, str] = {
     "BASE_MODEL": "peftkit.core.composition",
     "Fuse": "peftkit.core.composition",
     "Parallel": "peftkit.core.composition",
+    "Split": "peftkit.core.composition",
     "split_parallel": "peftkit.core.composition",
     "FuseConfig": "peftkit.core.fusion",
     "merge_adapters": "peftkit.core.merging",
@@ -107,7 +108,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from peftkit.hub_client.errors import HubError  # noqa: F401
     from peftkit.core.architectures import ArchitectureSpec  # noqa: F401
     from peftkit.core.composition import (BASE_MODEL, Average, BatchSplit, Fuse, Parallel,  # noqa: F401
-                                          Stack, split_parallel)
+                                          Split, Stack, split_parallel)
     from peftkit.core.composition_io import save_composition  # noqa: F401
     from peftkit.core.fusion import FuseConfig  # noqa: F401
     from peftkit.core.merging import merge_adapters  # noqa: F401

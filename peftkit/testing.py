@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 from peftkit.core.config import AdapterConfig
-from peftkit.core.errors import ConfigError, MergeError, TargetError
+from peftkit.core.errors import CompositionError, ConfigError, MergeError, TargetError
 from peftkit.testing_models import TINY_MODELS, TinyModel, build_tiny, output_tensor, sample_inputs, tiny_model
 from peftkit.testing_task import SENTIMENT_RUNS, DemoRun, TextTask, TrainResult, sentiment_task, train_classifier
 
@@ -63,7 +63,7 @@ __all__ = ["CHECKS", "DEFAULT_ARCHITECTURES", "SENTIMENT_RUNS", "CheckResult", "
 #: Architectures checked unless told otherwise (names of :data:`TINY_MODELS`).
 DEFAULT_ARCHITECTURES: tuple[str, ...] = ("llama", "gpt2", "bert", "t5")
 #: Blocks whose behaviour the suite checks when a method claims them.
-BLOCK_CHECKS = ("stack", "average", "batch_split", "parallel", "fuse")
+BLOCK_CHECKS = ("stack", "average", "batch_split", "parallel", "fuse", "split")
 #: The checks, in the order they run; each takes one architecture.
 CHECKS: tuple[str, ...] = ("inject", "identity", "deterministic", "train_step", "save_load", "hotswap", "merge",
                            "config", "parameter_count", *(f"block_{b}" for b in BLOCK_CHECKS))
@@ -790,6 +790,35 @@ def _check_block_batch_split(case: _Case) -> None:
     case.close(routed[1:], out_a[1:], 'adapter_names=["b", "a"] row 1 vs a')
 
 
+def _check_block_split(case: _Case) -> None:
+    """split(a, a, splits=[k, T-k]) equals a (the method's output at a token depends on that token
+    alone, which claiming split() means); split(a, b) differs from a and from b alone."""
+    from peftkit.core.composition import Split
+
+    _claims(case, "split")
+    inputs = case.inputs()
+    tokens = inputs["input_ids"].shape[1]
+    other = inputs.get("decoder_input_ids")
+    if other is not None and other.shape[1] != tokens:
+        raise CheckSkipped(f"{case.tiny.name}'s decoder reads {other.shape[1]} tokens and its encoder {tokens}: "
+                           f"one split() cannot cut both")
+    model = case.adapted("a", "b")
+    out_a, out_b = case.output(model, "a"), case.output(model, "b")
+    assert _differs(out_a, out_b), f"{case.where}: adapters a and b give the same output"
+    first = tokens // 2
+    try:
+        twice = case.output(model, Split("a", "a", splits=[first, tokens - first]))
+    except CompositionError as exc:
+        if "holds no tokens" not in str(exc):
+            raise
+        raise CheckSkipped(f"{case.method.name} adapts a module of {case.tiny.name} whose output holds no "
+                           f"tokens, where split() is refused: {exc}") from None
+    case.close(twice, out_a, "split(a, a) vs a (a method claiming split() must act on each token alone)")
+    mixed = case.output(model, Split("a", "b", splits=[first, tokens - first]))
+    assert _differs(mixed, out_a) and _differs(mixed, out_b), (
+        f"{case.where}: split(a, b) equals one of its adapters alone: a span had no effect")
+
+
 def _check_block_parallel(case: _Case) -> None:
     """parallel(a, b) gives, in one forward, the outputs of a and b run separately."""
     from peftkit.core.composition import Parallel, split_parallel
@@ -856,4 +885,5 @@ _CHECK_FUNCTIONS: dict[str, Callable[[_Case], None]] = {
     "block_batch_split": _check_block_batch_split,
     "block_parallel": _check_block_parallel,
     "block_fuse": _check_block_fuse,
+    "block_split": _check_block_split,
 }

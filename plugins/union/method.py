@@ -32,7 +32,8 @@ class UnionMethod(Method):
     # prompt tuning) apply to the whole union.
     can_merge = False
     joins_specs = True  # serves "prefix_tuning|par_bn" specs
-    supported_blocks = ALL_BLOCKS
+    # not split(): a prefix part adds tokens that every position attends to
+    supported_blocks = ALL_BLOCKS - {"split"}
     identity_at_init = False  # a prefix part starts random; pass identity_at_init to peftkit.testing per spec
 
     # -- injection -------------------------------------------------------------------------------
