@@ -116,13 +116,14 @@ def test_direft_tied_with_an_activation_and_chosen_layers() -> None:
 
 
 def test_positions_of_short_rows_overlap_and_padding() -> None:
-    starts, lengths = torch.tensor([0, 2, 0, 4]), torch.tensor([6, 3, 1, 0])
-    first, last = position_index(starts, lengths, 4, 6, prefix=2, suffix=2, device=torch.device("cpu"))
+    real = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 0], [1, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0],
+                         [1, 1, 0, 0, 1, 1]]).bool()  # the last row: a soft prompt before left padding
+    first, last = position_index(real, 5, 6, prefix=2, suffix=2, device=torch.device("cpu"))
     # 6 marks a skipped position (past the end); a row of one real token has one prefix and one
     # suffix position (the same token: the suffix's result is kept), an all-padding row none.
-    assert first.tolist() == [[0, 1], [2, 3], [0, 6], [6, 6]]
-    assert last.tolist() == [[4, 5], [3, 4], [6, 0], [6, 6]]
-    first, last = position_index(None, None, 1, 3, prefix=5, suffix=0, device=torch.device("cpu"))
+    assert first.tolist() == [[0, 1], [2, 3], [0, 6], [6, 6], [0, 1]]
+    assert last.tolist() == [[4, 5], [3, 4], [6, 0], [6, 6], [4, 5]]
+    first, last = position_index(None, 1, 3, prefix=5, suffix=0, device=torch.device("cpu"))
     assert first.tolist() == [[0, 1, 2]] and last.shape == (1, 0)
 
 
@@ -340,7 +341,9 @@ def test_a_soft_prompt_added_first_counts_as_tokens_added_later_is_refused() -> 
     with torch.no_grad():
         assert prompt_first(input_ids=IDS, attention_mask=LEFT_PADDED).logits.shape == (2, 10, 128)
     batch = prompt_first.base_model.__dict__[BATCH_KEY]
-    assert batch.shape == (2, 10) and batch.lengths.tolist() == [10, 7]  # the 3 virtual tokens count
+    assert batch.shape == (2, 10) and batch.real.sum(dim=1).tolist() == [10, 7]  # the 3 virtual tokens count
+    first, last = batch.positions(torch.zeros(2, 10, 32), 4, 1)  # the mask has a gap in the second row
+    assert first.tolist() == [[0, 1, 2, 3], [0, 1, 2, 6]] and last.tolist() == [[9], [9]]
     reft_first = peftkit.AdaptedModel(build_tiny("llama"))
     reft_first.add_adapter("r", "loreft[suffix_positions=1]")
     reft_first.add_adapter("p", "prompt_tuning[num_virtual_tokens=3]")

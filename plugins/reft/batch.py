@@ -2,7 +2,10 @@
 
 ``adapters`` reads each row's first real token and its number of real tokens from the
 attention mask the model is called with (left or right padding alike), and intervenes on the
-first ``prefix_positions`` and the last ``suffix_positions`` of them. peftkit does the same:
+first ``prefix_positions`` and the last ``suffix_positions`` of them. peftkit intervenes on the
+first and last positions where the mask is 1: the same positions for any padding, and the
+right ones for a mask with a gap (a soft prompt put before left padding), where counting from
+the first real token would not be:
 a :class:`ForwardBatch` per base model reads the mask in a forward pre-hook on the model (kept
 until the next forward, so that activation checkpointing recomputes a layer with the same
 positions) and every ReFT intervention on that model asks it for its position indices.
@@ -35,8 +38,7 @@ class ForwardBatch:
     """The rows of the base model's current forward, as its ReFT interventions need them."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.starts: torch.Tensor | None = None   # (rows,) index of each row's first real token
-        self.lengths: torch.Tensor | None = None  # (rows,) number of real tokens
+        self.real: torch.Tensor | None = None     # (rows, length) bool: the mask's real tokens
         self.shape: tuple[int, int] | None = None  # (rows, length) of the forward's tokens, when known
         self.continuing = False                    # the forward continues a KV cache
         self.problem: str | None = None            # why this forward's mask cannot be read
@@ -56,7 +58,7 @@ class ForwardBatch:
         self.shape = (int(tokens.shape[0]), int(tokens.shape[1])) if tokens is not None and tokens.dim() >= 2 \
             else None
         mask = values.get("attention_mask")
-        self.starts = self.lengths = None
+        self.real = None
         self.problem = None  # raised when an intervention runs: the hook runs whichever adapters are active
         if mask is None or self.continuing:
             return
@@ -69,9 +71,7 @@ class ForwardBatch:
             self.problem = (f"attention_mask has shape {tuple(mask.shape)} but the tokens {self.shape}; ReFT "
                             f"needs one mask entry per token")
             return
-        real = mask == 1
-        self.starts = real.long().argmax(dim=1)  # the first 1 of each row, as adapters reads it
-        self.lengths = real.sum(dim=1)
+        self.real = mask == 1
         self.shape = (int(mask.shape[0]), int(mask.shape[1]))
 
     # -- what interventions ask ------------------------------------------------------------------
@@ -94,7 +94,7 @@ class ForwardBatch:
         key = (prefix, suffix, rows, length, hidden.device)
         found = self.indices.get(key)
         if found is None:
-            found = position_index(self.starts, self.lengths, rows, length, prefix, suffix, hidden.device)
+            found = position_index(self.real, rows, length, prefix, suffix, hidden.device)
             self.indices[key] = found
         return found
 
@@ -130,19 +130,19 @@ def continues_cache(values: dict[str, Any]) -> bool:
     return isinstance(position, torch.Tensor) and position.numel() > 0 and int(position.reshape(-1)[0]) > 0
 
 
-def position_index(starts: torch.Tensor | None, lengths: torch.Tensor | None, rows: int, length: int,
-                   prefix: int, suffix: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Index tensors for the first ``prefix`` and last ``suffix`` real tokens of each row (``length``
-    where a row has fewer real tokens, or where the position lies outside the sequence)."""
-    if starts is None or lengths is None:
-        starts = torch.zeros(rows, dtype=torch.long, device=device)
-        lengths = torch.full((rows,), length, dtype=torch.long, device=device)
-    starts, lengths = starts.to(device=device, dtype=torch.long), lengths.to(device=device, dtype=torch.long)
+def position_index(real: torch.Tensor | None, rows: int, length: int, prefix: int, suffix: int,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index tensors (rows, p) and (rows, s), in increasing order, of the first ``prefix`` and the last
+    ``suffix`` real tokens of each row (``real``: a bool mask, None: every token); ``length`` where a
+    row has fewer real tokens."""
+    real = torch.ones(rows, length, dtype=torch.bool, device=device) if real is None else real.to(device)
+    positions = torch.arange(length, device=device).expand(rows, length)
+    count = real.sum(dim=1, keepdim=True)
     p, s = min(prefix, length), min(suffix, length)
-    offsets = torch.arange(p, device=device)
-    first = starts[:, None] + offsets
-    first = torch.where(offsets[None, :] < lengths[:, None], first, length)
-    back = torch.arange(s, 0, -1, device=device)  # s, ..., 1 tokens from the end
-    last = (starts + lengths)[:, None] - back
-    last = torch.where(back[None, :] <= lengths[:, None], last, length)
-    return first.clamp(0, length), last.clamp(0, length)
+    # real positions first, in order; then the others
+    ahead = torch.where(real, positions, positions + length).argsort(dim=1, stable=True)[:, :p]
+    first = torch.where(torch.arange(p, device=device) < count, ahead, length)
+    # real positions from the last one back; then the others
+    behind = torch.where(real, positions, -1).argsort(dim=1, descending=True, stable=True)[:, :s]
+    last = torch.where(torch.arange(s, device=device) < count, behind, length).flip(1)
+    return first, last
