@@ -73,9 +73,34 @@ class AdapterHubFormat:
         """Our tensor key (relative to the site) for AdapterHub's ``rest``; None: a duplicate to skip."""
         return rest
 
+    def tensor_in(self, key: str, tensor: Any, options: Mapping[str, Any], model_type: str | None) -> Any:
+        """Our tensor for AdapterHub's ``tensor``, which goes to our ``key`` (after :meth:`key_in`): the same
+        by default; a layout that differs (GPT-2's fused LoRA) is rebuilt here, exactly."""
+        return tensor
+
+    def tensor_out(self, key: str, tensor: Any, options: Mapping[str, Any], model_type: str | None) -> Any:
+        """AdapterHub's tensor for our tensor ``key`` (the inverse of :meth:`tensor_in`); raises
+        ConfigError naming what the format cannot hold."""
+        return tensor
+
     def keys_out(self, key: str, options: Mapping[str, Any]) -> list[str]:
         """AdapterHub's keys (relative to the adapter) for our tensor ``key``; several: saved as copies."""
         return [key]
+
+    def model_tensors_in(self, tensors: Mapping[str, Any], name: str,
+                         options: Mapping[str, Any]) -> tuple[dict[str, Any], set[str]]:
+        """For a method with a model-level part (``Method.create_model_adapter``): that part's tensors, keyed
+        as its ``tensors()`` keys them, taken from the folder's ``tensors`` (all of them, keyed as
+        ``adapters`` saved them) of adapter ``name``, and the file keys used up (copies included), which
+        the per-site translation then leaves aside. The default takes nothing."""
+        return {}, set()
+
+    def model_tensors_out(self, model: Any, tensors: Mapping[str, Any], name: str,
+                          options: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The file tensors, keyed as ``adapters`` saves them on ``model`` (the base model, body prefix
+        included), of the model-level part's ``tensors`` (its ``tensors()``). None: the format has no place
+        for them (saving refuses the adapter). Raises ConfigError naming what does not fit."""
+        return None
 
     @staticmethod
     def refuse_changed(options: Mapping[str, Any], required: Mapping[str, Any], kind: str) -> None:
@@ -172,6 +197,10 @@ def adapterhub_tensors(fmt: AdapterHubFormat, tensors: Mapping[str, Any], sites:
         ours = fmt.key_in(rest, data["config"])
         if ours is None:
             continue
+        try:
+            tensor = fmt.tensor_in(ours, tensor, data["config"], data.get("model_type"))
+        except ConfigError as exc:
+            raise AdapterLoadError(f"{where}: weight {key!r}: {exc}") from None
         matches = [site for site, m in modules.items() if _same_module(m, module)]
         if len(matches) > 1:
             raise AdapterLoadError(f"{where}: weight {key!r} fits several peftkit sites ({', '.join(matches)})")
@@ -222,6 +251,11 @@ def adapterhub_file_tensors(fmt: AdapterHubFormat, site_tensors: Mapping[str, Ma
     for site, tensors in site_tensors.items():
         module = fmt.module_for(site, model_type)
         for key, tensor in tensors.items():
+            try:
+                tensor = fmt.tensor_out(key, tensor, options, model_type)
+            except ConfigError as exc:
+                raise PeftkitError(f"cannot save adapter {name!r} in AdapterHub's format: at {site}: {exc}; save "
+                                   f"it in peftkit's format instead (format='peftkit')") from None
             for i, theirs in enumerate(fmt.keys_out(key, options)):
                 out[f"{module}.{fmt.module_dict}.{name}.{theirs}"] = tensor if i == 0 else tensor.clone()
     return out

@@ -110,6 +110,11 @@ def starts_sequence(cache: Any) -> bool:
     return cached_length(cache) == getattr(cache, "_peftkit_prefix_length", 0)
 
 
+def real_length(cache: Any) -> int:
+    """How many real positions ``cache`` holds: its length less the prefixes noted in it (0 for None)."""
+    return cached_length(cache) - getattr(cache, "_peftkit_prefix_length", 0) if cache is not None else 0
+
+
 def extend_mask(mask: torch.Tensor | None, count: int, what: str = "attention_mask") -> torch.Tensor | None:
     """Prepend ``count`` attended positions (ones) to a 2-D ``(batch, length)`` mask."""
     if mask is None:

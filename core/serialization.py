@@ -85,12 +85,16 @@ def shared_tensors(model: "AdaptedModel", name: str) -> dict[str, torch.Tensor]:
     return {key: tensors[tensor_name] for tensor_name, key in keys.items()}
 
 
+def head_key_prefix(record: Any) -> str:
+    """The file-key prefix of an adapter's modules_to_save copies. PEFT wraps a model one level less for
+    prompt learning (soft prompts, prefixes): their copies are keyed base_model.<module>, not
+    base_model.model.<module>."""
+    return "base_model." if record.model_adapter else KEY_PREFIX
+
+
 def head_tensors(model: "AdaptedModel", name: str) -> dict[str, torch.Tensor]:
     """The live tensors of adapter ``name``'s modules_to_save copies (task heads), keyed as in its file."""
-    record = model.adapter_record(name)
-    # PEFT wraps a model one level less for prompt learning (soft prompts, prefixes):
-    # their modules_to_save are keyed base_model.<module>, not base_model.model.<module>.
-    saved_prefix = "base_model." if record.model_adapter else KEY_PREFIX
+    saved_prefix = head_key_prefix(model.adapter_record(name))
     out: dict[str, torch.Tensor] = {}
     for module_name, module in model.base_model.named_modules():
         if isinstance(module, ModulesToSave) and name in module.copies:
@@ -205,9 +209,6 @@ def write_adapterhub_adapter(model: "AdaptedModel", name: str, folder: Path) -> 
     from safetensors.torch import save
 
     record = model.adapter_record(name)
-    if record.model_adapter:
-        raise PeftkitError(f"cannot save adapter {name!r} in AdapterHub's format: its model-level parts are not "
-                           f"written in that format yet; save it in peftkit's format instead")
     head = head_files(model.base_model, name, model.adapter_labels(name), base_model_id(model))
     config = getattr(model.base_model, "config", None)
     data = adapterhub_config_data(record.method, record.config, name, getattr(config, "model_type", None),
@@ -220,6 +221,7 @@ def write_adapterhub_adapter(model: "AdaptedModel", name: str, folder: Path) -> 
               for key, tensor in (shared_state.tensors().items() if shared_state is not None else ())}
     tensors = adapterhub_file_tensors(record.method.adapterhub, site_tensors, name, data["config"], data["model_type"],
                                       shared=shared, body_prefix=_body_prefix(model.base_model))
+    tensors.update(_adapterhub_model_tensors(model, name, data["config"]))
     if head is not None:
         head_data, head_file = head
         write_bytes_atomic(folder / SAFE_HEAD_WEIGHTS_NAME, save(head_file, metadata={"format": "pt"}))
@@ -229,6 +231,26 @@ def write_adapterhub_adapter(model: "AdaptedModel", name: str, folder: Path) -> 
         (folder / SAFE_HEAD_WEIGHTS_NAME).unlink(missing_ok=True)
     write_bytes_atomic(folder / ADAPTERHUB_WEIGHTS_NAME, save(tensors, metadata={"format": "pt"}))
     write_text_atomic(folder / ADAPTERHUB_CONFIG_NAME, config_json(data))
+
+
+def _adapterhub_model_tensors(model: "AdaptedModel", name: str, options: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The file tensors of adapter ``name``'s model-level part (prefix tuning's prefix), or PeftkitError when
+    the format has no place for them."""
+    record = model.adapter_record(name)
+    model_adapter = model.model_adapter(name)
+    if model_adapter is None:
+        return {}
+    own = {k: v.detach().to("cpu").contiguous() for k, v in model_adapter.tensors().items()}
+    try:
+        out = record.method.adapterhub.model_tensors_out(model.base_model, own, name, options)
+    except ConfigError as exc:
+        out, why = None, str(exc)
+    else:
+        why = "its model-level parts have no place in that format"
+    if out is None:
+        raise PeftkitError(f"cannot save adapter {name!r} in AdapterHub's format: {why}; save it in peftkit's "
+                           f"format instead")
+    return out
 
 
 def _body_prefix(model: torch.nn.Module) -> str:
@@ -416,14 +438,27 @@ def load_adapter(model: "AdaptedModel", path: str | os.PathLike, name: str) -> A
             shared_state = model.shared_state(name)
             shared = (record.method.shared_state_file_keys(record.config, list(shared_state.tensors()))
                       if shared_state is not None else {})
-            tensors = adapterhub_tensors(method.adapterhub, tensors, sites, data, KEY_PREFIX, where, shared)
-            tensors.update({KEY_PREFIX + key: tensor for key, tensor in (head.tensors if head else {}).items()})
+            model_level, used = _adapterhub_model_level(method.adapterhub, tensors, data, where)
+            tensors = adapterhub_tensors(method.adapterhub, {k: v for k, v in tensors.items() if k not in used},
+                                         sites, data, KEY_PREFIX, where, shared)
+            tensors.update(model_level)
+            tensors.update({head_key_prefix(record) + key: tensor
+                            for key, tensor in (head.tensors if head else {}).items()})
         record.labels = _fit_head(model, name, tensors, labels, where)
         _copy_into(model, name, tensors, where)
     except BaseException:
         model.delete_adapter(name)
         raise
     return record
+
+
+def _adapterhub_model_level(fmt: Any, tensors: dict[str, torch.Tensor], data: dict[str, Any],
+                            where: str) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """The model-level part's tensors of an AdapterHub folder and the file keys they used."""
+    try:
+        return fmt.model_tensors_in(tensors, str(data.get("name")), data["config"])
+    except ConfigError as exc:
+        raise AdapterLoadError(f"{where}: {exc}") from None
 
 
 def _adapterhub_method_config(data: dict[str, Any], where: str) -> tuple[Any, Any]:

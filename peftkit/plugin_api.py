@@ -84,6 +84,7 @@ _LAZY: dict[str, str] = {
     "extend_mask": "peftkit.core.model_inputs",
     "note_prefix": "peftkit.core.model_inputs",
     "pop_cache": "peftkit.core.model_inputs",
+    "real_length": "peftkit.core.model_inputs",
     "starts_sequence": "peftkit.core.model_inputs",
     "text_config": "peftkit.core.model_inputs",
     "model_source_options": "peftkit.core.model_source",
@@ -122,7 +123,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from peftkit.core.shared_state import SharedState  # noqa: F401
     from peftkit.core.model_inputs import (CACHE_ARGUMENTS, batch_size, bind_arguments,  # noqa: F401
                                            cache_argument, check_growing_cache, extend_mask, note_prefix,
-                                           pop_cache, starts_sequence, text_config)
+                                           pop_cache, real_length, starts_sequence, text_config)
     from peftkit.core.model_source import model_source_options  # noqa: F401
     from peftkit.core.peft_format import read_peft_fields, write_peft_fields  # noqa: F401
     from peftkit.core.plugins import (architecture_for, get_method, get_registry, parse_spec,  # noqa: F401

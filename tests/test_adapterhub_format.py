@@ -235,12 +235,10 @@ def test_decoder_placements_peftkit_does_not_compute_are_refused(fixtures: Path,
         model.save_adapter(str(tmp_path / "par"), format="adapters")
 
 
-@pytest.mark.parametrize("name, architecture", [("bert_prefix_tuning", "prefix_tuning"),
-                                                ("bert_prompt_tuning", "prompt_tuning")])
-def test_adapterhub_prefix_and_prompt_tuning_are_refused_by_name(fixtures: Path, name: str,
-                                                                 architecture: str) -> None:
-    """adapters puts its prefix after the token positions and its prompt after BERT's embedding LayerNorm;
-    peftkit's (PEFT's) prefix and prompt tuning compute otherwise, so no method claims these folders."""
+@pytest.mark.parametrize("name, architecture", [("bert_prompt_tuning", "prompt_tuning")])
+def test_adapterhub_prompt_tuning_is_refused_by_name(fixtures: Path, name: str, architecture: str) -> None:
+    """adapters puts its prompt after BERT's embedding LayerNorm; peftkit's (PEFT's) prompt tuning computes
+    otherwise, so no method claims these folders (prefix tuning: tests/test_adapterhub_prefix.py)."""
     case = fixtures / name
     with pytest.raises(AdapterLoadError, match=f"no installed peftkit method reads this AdapterHub adapter "
                                                f"\\(architecture='{architecture}'"):

@@ -24,6 +24,10 @@ class PrefixTuningConfig(AdapterConfig):
       the prefix's geometry (layers; key/value heads x head dim; key/value
       heads; 2 for encoder-decoder models). None: read from the model when the
       adapter is added (and written to the file, as PEFT does).
+    token_positions: where the real tokens sit: "after_prefix" (PEFT's
+      placement: the prefix takes positions 0..P-1 and the tokens P..P+n-1)
+      or "from_zero" (AdapterHub's ``adapters``: the tokens keep 0..n-1 and
+      the prefix has no position; loaded AdapterHub folders get it).
     """
 
     method: ClassVar[str] = "prefix_tuning"
@@ -41,6 +45,9 @@ class PrefixTuningConfig(AdapterConfig):
     num_attention_heads: Optional[int] = option(None, help='key/value heads of the prefix (null: read from the model)')
     num_transformer_submodules: Optional[int] = option(
         None, help='2 for encoder-decoder models, else 1 (null: read from the model)')
+    token_positions: Literal["after_prefix", "from_zero"] = option(
+        "after_prefix", help='"after_prefix": the real tokens start at position P (PEFT); "from_zero": they keep '
+                             '0..n-1 and the prefix has no position (AdapterHub\'s adapters)')
 
     def check(self) -> None:
         check_num_virtual_tokens(self)
@@ -54,4 +61,10 @@ class PrefixTuningConfig(AdapterConfig):
                 and self.token_dim % self.num_attention_heads:
             raise ConfigError(f"prefix_tuning config: token_dim={self.token_dim} is not a multiple of "
                               f"num_attention_heads={self.num_attention_heads}")
+        if self.token_positions not in ("after_prefix", "from_zero"):
+            raise ConfigError(f"prefix_tuning config: token_positions={self.token_positions!r} is not one of "
+                              f"'after_prefix' (PEFT's placement) or 'from_zero' (AdapterHub's)")
+        if self.token_positions == "from_zero" and self.num_transformer_submodules == 2:
+            raise ConfigError("prefix_tuning config: token_positions='from_zero' is for encoder-only and "
+                              "decoder-only models; leave it at 'after_prefix' on an encoder-decoder model")
         refuse_layer_selection(self, "prefix tuning adds a prefix to every attention layer")

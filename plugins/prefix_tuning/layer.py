@@ -13,7 +13,10 @@ position ids move by P. Stacked prefix adapters append their prefixes in
 stack order. A cache that already holds real positions (later generation
 steps, or a cache the caller carries over) already holds the prefix and is left
 as it is. As in PEFT, the prefix takes positions 0..P-1 and the real tokens
-start at position P.
+start at position P; with ``token_positions="from_zero"`` (AdapterHub's
+``adapters``, which joins the prefix to the keys and values inside attention)
+the real tokens keep positions 0..n-1 instead: explicit position ids that
+leave the cached prefix out are passed on.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from peftkit.plugin_api import (batch_size, bind_arguments, cache_argument, check_growing_cache, extend_mask,
-                                ModelAdapter, note_prefix, PeftkitError, pop_cache, starts_sequence)
+                                ModelAdapter, note_prefix, PeftkitError, pop_cache, real_length, starts_sequence)
 
 TENSOR_KEY = "prompt_embeddings"
 
@@ -59,9 +62,11 @@ class PrefixTuning(ModelAdapter):
 
     def __init__(self, geometry: PrefixGeometry, *, prefix_projection: bool = False,
                  encoder_hidden_size: int | None = None, init_weights: str | None = None,
-                 is_encoder_decoder: bool = False, cache_config: Any = None) -> None:
+                 is_encoder_decoder: bool = False, cache_config: Any = None,
+                 token_positions: str = "after_prefix") -> None:
         super().__init__()
         self.geometry = geometry
+        self.token_positions = token_positions
         self.is_encoder_decoder = is_encoder_decoder
         object.__setattr__(self, "_cache_config", cache_config)  # a transformers config, not a module
         p, d = geometry.num_virtual_tokens, geometry.token_dim
@@ -161,7 +166,10 @@ class PrefixTuning(ModelAdapter):
             if starts_sequence(cache):  # empty, or only prefixes of adapters stacked before this one
                 cache = self._fill(cache, batch, model, encoder_decoder=False)
             kwargs["attention_mask"] = extend_mask(kwargs.get("attention_mask"), count)
-            if kwargs.get("position_ids") is not None:
+            if self.token_positions == "from_zero":
+                if kwargs.get("position_ids") is None:
+                    kwargs["position_ids"] = positions_from_zero(model, kwargs, real_length(cache))
+            elif kwargs.get("position_ids") is not None:
                 kwargs["position_ids"] = kwargs["position_ids"] + count
         kwargs[key] = cache
         return (), kwargs
@@ -204,6 +212,25 @@ class PrefixTuning(ModelAdapter):
         mode = "reparametrized" if self.reparametrized else "flat"
         return (f"virtual_tokens={g.num_virtual_tokens}, layers={g.num_layers}, kv_heads={g.num_heads}, "
                 f"head_dim={g.head_dim}, {mode}")
+
+
+def positions_from_zero(model: nn.Module, kwargs: dict, start: int) -> torch.Tensor:
+    """Position ids of the real tokens counted from ``start`` (the real tokens already cached), as the model
+    numbers them without a prefix: RoBERTa-like embeddings (a ``padding_idx`` and transformers'
+    ``create_position_ids_from_input_ids``) number the non-padding tokens after ``padding_idx``, the others
+    ``start..start+n-1``."""
+    ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
+    embeddings = getattr(getattr(model, "base_model", model), "embeddings", None)
+    padding_idx = getattr(embeddings, "padding_idx", None)
+    if padding_idx is not None and hasattr(embeddings, "create_position_ids_from_input_ids"):
+        if ids is not None:
+            return embeddings.create_position_ids_from_input_ids(ids, padding_idx, start)
+        length = embeds.shape[1]
+        first = padding_idx + 1 + start
+        return torch.arange(first, first + length, device=embeds.device).expand(embeds.shape[0], -1)
+    reference = ids if ids is not None else embeds
+    batch, length = reference.shape[0], reference.shape[1]
+    return torch.arange(start, start + length, device=reference.device).expand(batch, -1)
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:

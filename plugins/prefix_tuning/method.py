@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 from peftkit.plugin_api import (AdapterConfig, ConfigError, on_model_device, read_peft_fields, Site,
                                 VirtualTokenMethod)
 
+from .adapterhub import PrefixTuningAdapterHub
 from .config import PrefixTuningConfig
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -27,6 +28,7 @@ class PrefixTuningMethod(VirtualTokenMethod):
     known_as = {"prefix": "prefix tuning is prefix_tuning"}
     description = "Prefix tuning: learned key/value prefixes in every attention layer (optional MLP); PEFT format"
     peft_type = "PREFIX_TUNING"
+    adapterhub = PrefixTuningAdapterHub()
 
     def create_model_adapter(self, model: "nn.Module", config: AdapterConfig, arch: Any) -> "nn.Module":
         from peftkit.plugin_api import cache_argument, text_config
@@ -49,7 +51,7 @@ class PrefixTuningMethod(VirtualTokenMethod):
         adapter = PrefixTuning(geometry, prefix_projection=config.prefix_projection,
                                encoder_hidden_size=config.encoder_hidden_size, init_weights=config.init_weights,
                                is_encoder_decoder=geometry.num_transformer_submodules == 2,
-                               cache_config=text_config(model))
+                               cache_config=text_config(model), token_positions=config.token_positions)
         return on_model_device(adapter, model)
 
     def expected_parameter_count(self, model: "nn.Module", config: AdapterConfig, sites: list[Site]) -> int:
@@ -70,10 +72,13 @@ class PrefixTuningMethod(VirtualTokenMethod):
             data[key] = ours[key]
         if data["encoder_hidden_size"] is None:
             data["encoder_hidden_size"] = config.token_dim  # PEFT fills it in the same way
+        if config.token_positions != "after_prefix":  # PEFT has no such field: written only when needed
+            data["token_positions"] = config.token_positions
         return data
 
     def config_from_file(self, data: dict[str, Any]) -> AdapterConfig:
-        values = read_peft_fields(data, self.name, {key: key for key in _PEFT_FIELDS}, ignored=_PEFT_IGNORED)
+        fields = {key: key for key in (*_PEFT_FIELDS, "token_positions")}
+        values = read_peft_fields(data, self.name, fields, ignored=_PEFT_IGNORED)
         if not values.get("prefix_projection"):
             values.pop("encoder_hidden_size", None)  # PEFT writes token_dim here even without the MLP
         return PrefixTuningConfig.from_dict(values)
