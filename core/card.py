@@ -37,12 +37,15 @@ def card_metadata(*, method: str, base_model: str | None, peft_format: bool, tas
         meta["license"] = license
     if language:
         meta["language"] = language
-    if metrics:
+    if metrics and dataset:
+        # The Hub's evaluation-results format needs a dataset in every result: without one
+        # huggingface_hub drops the whole model-index ("Invalid model-index") and huggingface.co
+        # refuses the card, so metrics without a dataset stay in the card's Results table only.
         meta["model-index"] = [{
             "name": base_model or method,
             "results": [{
                 "task": {"type": task or "unknown"},
-                **({"dataset": {"name": meta["datasets"][0], "type": meta["datasets"][0]}} if dataset else {}),
+                "dataset": {"name": meta["datasets"][0], "type": meta["datasets"][0]},
                 "metrics": [{"type": k, "name": k, "value": float(v)} for k, v in metrics.items()],
             }],
         }]

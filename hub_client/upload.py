@@ -242,6 +242,16 @@ def _existing_card(folder: Path) -> tuple[dict[str, Any], str]:
     return meta, body
 
 
+def _card_datasets(meta: dict[str, Any]) -> list[str] | None:
+    """The datasets a folder's card already names (e.g. ``peftkit train``'s), so that metrics pushed
+    without ``--dataset`` are still recorded against one in the model-index."""
+    datasets = meta.get("datasets")
+    datasets = [datasets] if isinstance(datasets, str) else datasets
+    if isinstance(datasets, list) and datasets and all(isinstance(d, str) and d for d in datasets):
+        return datasets
+    return None
+
+
 def _merged_meta(new: dict[str, Any], old: dict[str, Any], options: CardOptions) -> dict[str, Any]:
     """``new`` (from this push) wins; the old card's other keys and tags are kept."""
     meta = dict(new)
@@ -323,8 +333,8 @@ def _adapter_upload(folder: Path, files: dict[str, Path], repo_id: str, workdir:
     task = options.task or old_meta.get("pipeline_tag") or TASK_TYPE_TO_PIPELINE.get(
         str(config.get("task_type") or "").upper())
     meta = card_metadata(method=method, base_model=base, peft_format=_peft_format(config, method), task=task,
-                         dataset=options.dataset, metrics=options.metrics, tags=options.tags,
-                         license=options.license, language=options.language)
+                         dataset=options.dataset or _card_datasets(old_meta), metrics=options.metrics,
+                         tags=options.tags, license=options.license, language=options.language)
     if adapterhub:  # as AdapterHub's repos on the Hugging Face Hub describe themselves
         meta = {**meta, "library_name": ADAPTERHUB_LIBRARY, "tags": [*meta["tags"], "adapters"]}
     meta = _merged_meta(meta, old_meta, options)

@@ -243,3 +243,28 @@ def test_push_and_search_of_a_folder_import_no_torch(hub_env: Path, folders: dic
                             env={**os.environ, "PEFTKIT_HOME": str(hub_env / "home")})
     assert result.returncode == 0, result.stderr
     assert '"repo_id": "alice/summ"' in result.stdout
+
+
+def test_pushed_metrics_make_a_model_index_huggingface_hub_reads(hub_env: Path, folders: dict[str, Path],  # noqa: F811
+                                                                capsys, tmp_path: Path) -> None:
+    """The Hub's model-index needs a dataset in every result (huggingface_hub drops the whole index,
+    huggingface.co refuses the card): --metric without --dataset takes the folder card's datasets,
+    and with none at all the metrics stay out of the front matter (the Results table keeps them)."""
+    import shutil
+
+    from huggingface_hub import ModelCard
+
+    h = f"local:{hub_env / 'hub'}"
+    trained = tmp_path / "trained"
+    shutil.copytree(folders["lang"], trained)
+    (trained / "README.md").write_text("---\nlibrary_name: peft\ndatasets:\n- reviews.jsonl\n---\n\n# lang\n")
+    for folder, repo, dataset in ((trained, "alice/with-card", "reviews.jsonl"), (folders["lang"], "alice/bare", None)):
+        assert _cli(capsys, "hub", "push", str(folder), repo, "--hub", h, "--metric", "accuracy=0.5", "-q")[0] == 0
+        code, out, _ = _cli(capsys, "hub", "pull", repo, "--hub", h, "--out", str(tmp_path / repo))
+        card = ModelCard.load(tmp_path / repo / "README.md", ignore_metadata_errors=False)
+        if dataset:
+            (result,) = card.data.eval_results
+            assert (result.dataset_name, result.metric_type, result.metric_value) == (dataset, "accuracy", 0.5)
+        else:
+            assert card.data.eval_results is None and "model-index" not in card.content.split("---")[1]
+            assert "| accuracy | 0.5 |" in card.text
