@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import peftkit
 from peftkit.core import serialization as ser
@@ -41,6 +41,8 @@ def test_check_weights_names_missing_and_unexpected_keys_five_at_most():
     assert str(refused.value) == ("here: the weights do not fit this model and config: missing keys (5): "
                                   "m0, m1, m2, m3, m4. Was it saved for another base model or with other "
                                   "target modules?")
+    with pytest.raises(AdapterLoadError, match=r"unexpected keys \(5\): u0, u1, u2, u3, u4\. Was"):
+        ser.check_weights({}, _keys(5, "u"), "here")  # exactly five: no " ..."
     with pytest.raises(AdapterLoadError) as refused:
         ser.check_weights({}, _keys(6, "u"), "here")
     assert str(refused.value) == ("here: the weights do not fit this model and config: unexpected keys (6): "
@@ -153,3 +155,67 @@ def test_config_from_data_leaves_the_core_fields_aside():
     assert (config.r, config.alpha) == (4, 8)
     with pytest.raises(AdapterLoadError, match="^w: adapter_config.json does not describe a valid lora adapter: "):
         ser.config_from_data(method, {"peft_type": "LORA", "r": "four"}, "w")
+
+
+def test_a_peft_config_with_revision_and_auto_mapping_loads_as_saved(tmp_path):
+    """PEFT writes ``revision`` and ``auto_mapping`` into adapter_config.json; they are not method options."""
+    torch.manual_seed(0)
+    model = peftkit.adapt(build_tiny("llama"), "lora[r=2,init_weights=false]")
+    model.save_adapter(str(tmp_path / "a"))
+    config_file = tmp_path / "a" / "adapter_config.json"
+    data = json.loads(config_file.read_text())
+    data.update(revision="main", auto_mapping={"base_model_class": "LlamaForCausalLM",
+                                               "parent_library": "transformers.models.llama.modeling_llama"})
+    config_file.write_text(json.dumps(data))
+    loaded = peftkit.from_pretrained(build_tiny("llama"), str(tmp_path / "a"))
+    ids = torch.tensor([[1, 5, 9, 2]])
+    assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_a_refused_weights_file_is_named_by_its_folder(tmp_path):
+    model = peftkit.adapt(build_tiny("llama"), "lora[r=2]")
+    folder = tmp_path / "a"
+    model.save_adapter(str(folder))
+    tensors = load_file(folder / "adapter_model.safetensors")
+    save_file({**tensors, "base_model.model.extra.weight": torch.zeros(1)}, folder / "adapter_model.safetensors")
+    with pytest.raises(AdapterLoadError) as refused:
+        peftkit.from_pretrained(build_tiny("llama"), str(folder))
+    assert str(refused.value).startswith(f"{folder}: the weights do not fit this model and config: unexpected keys")
+
+
+def test_an_adapters_format_folder_with_a_head_loads_back_with_the_same_logits(tmp_path):
+    """AdapterHub's layout (adapter.safetensors + model_head.safetensors) read back by peftkit's loader."""
+    torch.manual_seed(0)
+    model = peftkit.adapt(build_tiny("bert"), 'lora[r=2,init_weights=false,target_modules=["query","value"]]')
+    with torch.no_grad():  # the head copy and the factors: values that only the files can bring back
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param))
+    model.save_adapter(str(tmp_path / "a"), format="adapters")
+    loaded = peftkit.AdaptedModel(build_tiny("bert"))
+    loaded.load_adapter(str(tmp_path / "a"), "default")
+    ids = torch.tensor([[1, 5, 9, 2]])
+    assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert "classifier" in loaded.adapter_record("default").config.modules_to_save  # AdapterHub adds the pooler
+    assert loaded.adapter_labels("default") == model.adapter_labels("default")
+
+
+def test_the_model_card_carries_every_field_given_to_save_adapter(tmp_path):
+    import yaml
+
+    model = peftkit.adapt(build_tiny("llama"), "lora[r=2]")
+    model.save_adapter(str(tmp_path / "a"), task="text-generation", dataset="imdb", metrics={"accuracy": 0.91},
+                       tags=["demo-tag"], license="mit", language="fr", repo_id="org/thing",
+                       description="A one-line description.")
+    _, front, body = (tmp_path / "a" / "README.md").read_text().split("---\n", 2)
+    assert yaml.safe_load(front) == {
+        "library_name": "peft", "tags": ["lora", "peftkit", "task:text-generation", "demo-tag"],
+        "pipeline_tag": "text-generation", "datasets": ["imdb"], "license": "mit", "language": "fr",
+        "model-index": [{"name": "lora", "results": [{
+            "task": {"type": "text-generation"}, "dataset": {"name": "imdb", "type": "imdb"},
+            "metrics": [{"type": "accuracy", "name": "accuracy", "value": 0.91}]}]}]}
+    lines = body.splitlines()
+    for line in ("# org/thing", "A one-line description.", "- method: `lora`", "- dataset: imdb",
+                 f"- trainable parameters: {model.trainable_parameters()[0]}", "| accuracy | 0.91 |",
+                 'model = peftkit.load("<base model>", "org/thing")'):
+        assert line in lines, line
