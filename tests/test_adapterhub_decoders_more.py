@@ -63,7 +63,12 @@ def _logits(model: torch.nn.Module, case: Path) -> torch.Tensor:
         return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
 
 
-CASES = ["gpt2_lora", "gpt2_lora_qkv", "gpt2_lora_k"]
+def _tiny_gpt2(layers: int) -> peftkit.AdaptedModel:
+    config = transformers.GPT2Config(n_embd=32, n_layer=layers, n_head=4, vocab_size=50)
+    return peftkit.AdaptedModel(transformers.GPT2LMHeadModel(config))
+
+
+CASES = ["gpt2_lora", "gpt2_lora_qkv", "gpt2_lora_k", "gpt2_par_bn", "llama_par_bn"]
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -110,8 +115,21 @@ def test_a_gpt2_lora_that_mixes_q_k_and_v_is_refused_when_saved_in_adapters_form
 
 
 def test_a_gpt2_lora_whose_rank_is_no_multiple_of_3_is_refused_by_name(tmp_path: Path) -> None:
-    base = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=50))
-    model = peftkit.AdaptedModel(base)
+    model = _tiny_gpt2(1)
     model.add_adapter("default", "lora[r=4,target_modules=[\"c_attn\"]]")
     with pytest.raises(PeftkitError, match=r"r a multiple of 3"):
         model.save_adapter(str(tmp_path / "out"), "default", format="adapters")
+
+
+def test_par_bn_reading_the_block_input_is_refused_on_a_decoder_by_the_option_name(tmp_path: Path) -> None:
+    model = _tiny_gpt2(1)
+    model.add_adapter("default", "par_bn")
+    with pytest.raises(PeftkitError, match=r"use par_bn\[read_residual=true\]"):
+        model.save_adapter(str(tmp_path / "out"), "default", format="adapters")
+
+
+def test_read_residual_reads_the_input_of_ln_2_on_gpt2() -> None:
+    model = _tiny_gpt2(2)
+    model.add_adapter("default", "par_bn[read_residual=true]")
+    layer = model.base_model.transformer.h[1].mlp.c_proj
+    assert layer.input_sources == {"default": "transformer.h.1.ln_2"}

@@ -30,6 +30,7 @@ BUILTIN_SPECS = {
     "seq_bn": "seq_bn",
     "double_seq_bn": "double_seq_bn",
     "par_bn": "par_bn",
+    "par_bn_read_residual": "par_bn[read_residual=true]",  # t5: no residual point known, a reasoned skip
     "bitfit": "bitfit",
     "bitfit_add_missing": "bitfit[add_missing=true]",
     "ia3": "ia3",

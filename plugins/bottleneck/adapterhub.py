@@ -77,15 +77,15 @@ class BottleneckAdapterHub(AdapterHubFormat):
         renamed = DECODER_MODULES.get(model_type or "", {}).get(block)
         return f"{layer}.{renamed}" if renamed else parent
 
-    def _refuse_decoder_placement(self, model_type: str | None) -> None:
-        """``adapters``' parallel adapter on a decoder layer reads the residual before the layer's LayerNorm,
-        which peftkit's par_bn (reading the feed-forward block's input) does not."""
-        if model_type in DECODER_MODULES and self.parallel:
+    def _check_decoder_placement(self, config: Any, model_type: str | None) -> None:
+        """``adapters``' parallel adapter on a decoder layer reads the residual stream before the layer's
+        LayerNorm: peftkit's par_bn with read_residual=true."""
+        if model_type in DECODER_MODULES and self.parallel and not getattr(config, "read_residual", False):
             raise ConfigError(f"AdapterHub's parallel adapter on model_type={model_type!r} reads the residual "
-                              f"before the layer's LayerNorm, which peftkit's par_bn does not; not supported")
+                              f"stream before the layer's LayerNorm; par_bn reading the feed-forward block's input "
+                              f"has no equivalent there: use par_bn[read_residual=true]")
 
     def config_values(self, options: Mapping[str, Any], model_type: str | None) -> dict[str, Any]:
-        self._refuse_decoder_placement(model_type)
         if options.get("original_ln_after") is False:
             raise ConfigError("AdapterHub bottleneck option original_ln_after=false (the block's output skips the "
                               "model's own residual and LayerNorm, as in AdapterPlusConfig) is not supported by "
@@ -110,6 +110,8 @@ class BottleneckAdapterHub(AdapterHubFormat):
             values["inv_adapter"] = options["inv_adapter"]
             if options.get("inv_adapter_reduction_factor") is not None:
                 values["inv_adapter_reduction_factor"] = options["inv_adapter_reduction_factor"]
+        if self.parallel and model_type in DECODER_MODULES:
+            values["read_residual"] = True  # adapters' parallel adapter there reads the residual stream
         if not self.parallel:  # adapters' parallel adapter reads neither option
             values["ln_after_includes_residual"] = values["ln_after"] and bool(
                 options.get("adapter_residual_before_ln"))
@@ -134,7 +136,7 @@ class BottleneckAdapterHub(AdapterHubFormat):
         if config.phm_layer and config.shared_W_phm and not config.factorized_phm_W:
             raise ConfigError("shared_W_phm=true with factorized_phm_W=false; adapters 1.3 fails to create "
                               "such shared weights (set factorized_phm_W=true)")
-        self._refuse_decoder_placement(model_type)
+        self._check_decoder_placement(config, model_type)
         factor = config.reduction_factor  # adapters looks layers up as str(layer_idx)
         return {**BN_DEFAULTS,
                 "reduction_factor": {str(k): v for k, v in factor.items()} if isinstance(factor, dict) else factor,

@@ -281,12 +281,26 @@ class DoubleSeqBnInvConfig(DoubleSeqBnConfig):
 
 @dataclass
 class ParBnConfig(BottleneckConfig):
-    """Parallel adapter: ``ffn(x) + scaling * up(act(down(x)))`` with x the feed-forward block's input."""
+    """Parallel adapter: ``ffn(x) + scaling * up(act(down(x)))`` with x the feed-forward block's input.
+
+    read_residual: the adapter reads the feed-forward block's residual input r instead: on a
+      pre-LayerNorm decoder (Llama, GPT-2) the residual stream before the block's LayerNorm, as
+      AdapterHub's parallel adapter does there (on BERT-like models r is the block's input
+      anyway). Needs the architecture's insertion points, not target_modules.
+    """
 
     method: ClassVar[str] = "par_bn"
 
     reduction_factor: ReductionFactor = 2
     scaling: Union[float, Literal["learned"]] = 4.0
+    read_residual: bool = option(
+        False, help="read the feed-forward block's residual input (a pre-LN decoder's residual stream, before its "
+                    "LayerNorm: AdapterHub's placement there) instead of the block's input")
+
+    def check_placement(self) -> None:
+        if self.read_residual and self.target_modules is not None:
+            raise ConfigError(f"{self.method} config: read_residual=true needs the architecture's insertion points "
+                              f"(the block's residual input), not target_modules; drop one of them")
 
 
 def _checked_reduction(method: str, value: Any) -> Any:

@@ -164,8 +164,8 @@ class BottleneckMethod(Method):
         from peftkit.plugin_api import architecture_for, layer_index
 
         out_f = _out_features(base_layer, site.name)
-        if not self.parallel:
-            in_f = out_f
+        if not self.parallel or getattr(config, "read_residual", False):
+            in_f = out_f  # the residual stream has the block's output size
         elif site.input_from is not None:
             in_f = _block_in_features(model.get_submodule(site.input_from), site.input_from)
         else:
@@ -252,8 +252,9 @@ class ParBnMethod(BottleneckMethod):
     def _point_sites(self, model: "nn.Module", config: BottleneckConfig,
                      arch: "ArchitectureSpec | None") -> list[Site]:
         outputs = _find_point(model, arch, "ffn_output", self.name, config)
-        inputs = _find_point(model, arch, "ffn_input", self.name, config)
-        return [Site(name, input_from=_pair_input(name, inputs, arch, "ffn_input", self.name), role="ffn_output")
+        point = RESIDUAL_POINTS["ffn_output"] if getattr(config, "read_residual", False) else "ffn_input"
+        inputs = _find_point(model, arch, point, self.name, config)
+        return [Site(name, input_from=_pair_input(name, inputs, arch, point, self.name), role="ffn_output")
                 for name in outputs]
 
 
