@@ -336,8 +336,12 @@ def main() -> None:
     frozen.train()
     results = []
     for key in keys:
-        results.append(measure(key, base, ids, frozen, timing))
-        print(f"measured {key} ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
+        r = measure(key, base, ids, frozen, timing)
+        results.append(r)
+        print(f"measured {key} ({time.perf_counter() - started:.0f} s): step peftkit "
+              f"{_ratio(r['train'], 'peftkit', r['floor'])}, peft {_ratio(r['train'], 'peft', r['floor'])}; "
+              f"fwd peftkit {_ratio(r['forward'], 'peftkit', r['forward_floor'])}, "
+              f"peft {_ratio(r['forward'], 'peft', r['forward_floor'])}", file=sys.stderr, flush=True)
     command = "python bench/perf_table.py " + " ".join(shlex.quote(a) for a in measured_arguments(sys.argv[1:]))
     text = render(results, timing, command.strip(), (loads, os.getloadavg()[0]), time.perf_counter() - started)
     if args.output != "-":
