@@ -136,7 +136,7 @@ def test_gradients_reach_each_adapter_from_its_own_tokens() -> None:
 def fixtures() -> Path:
     if not (VENV / "bin" / "python").is_file():
         subprocess.run(["make", "adapters-venv"], cwd=ROOT, check=True, timeout=1800)
-    key = hashlib.sha256(SCRIPT.read_bytes()).hexdigest()[:16]
+    key = hashlib.sha256(SCRIPT.read_bytes() + (SCRIPT.parent / "make_fixtures.py").read_bytes()).hexdigest()[:16]
     folder = VENV / "fixtures" / f"split-{key}"
     if not folder.is_dir():
         partial = folder.with_name(folder.name + ".partial")

@@ -394,6 +394,8 @@ def _find_point(model: "nn.Module", arch: "ArchitectureSpec | None", point: str,
         if point == "cross_attention_output":
             raise ConfigError(f"{method} config: cross_attention=true, but this model has no "
                               f"cross-attention ({exc}); set cross_attention=false") from None
+        if point in RESIDUAL_POINTS.values():  # read_residual / original_ln_before refuse target_modules
+            raise
         raise TargetError(f"{exc}. Or name the modules whose outputs get an adapter: "
                           f"{method}[target_modules=[...]]") from None
 
