@@ -452,6 +452,10 @@ def run_token_split(block: Split, layer: "TunerLayer", x: Any, h: torch.Tensor) 
         return h
     refuse_merged(block, layer, "split()")
     total = sum(block.splits)
+    if isinstance(layer.base_layer, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
+        raise CompositionError(f"{block}: a convolution's output has channels, not tokens, on dimension 1, so it "
+                               f"cannot be cut into spans of tokens; leave convolution layers out of the adapters "
+                               f"in the split (target_modules) to use split()")
     if h.dim() < 3:
         raise CompositionError(
             f"{block}: a layer's output has shape {tuple(h.shape)}, which holds no tokens (a pooler or a "

@@ -117,6 +117,16 @@ def test_a_forward_of_another_length_is_refused_with_how_to_fix_it() -> None:
         model(input_ids=torch.ones(1, 5, dtype=torch.long))
 
 
+def test_a_convolution_site_is_refused_not_cut_along_its_channels() -> None:
+    base = torch.nn.Sequential(torch.nn.Conv1d(4, 4, 1))
+    model = peftkit.AdaptedModel(base)
+    for name in ("a", "b"):
+        model.add_adapter(name, 'lora[r=2,target_modules=["0"]]')
+    model.set_active(as_node("split(a, b, splits=[2, 2])"))
+    with pytest.raises(CompositionError, match="convolution's output has channels, not tokens"):
+        model(torch.randn(1, 4, 3))
+
+
 def test_gradients_reach_each_adapter_from_its_own_tokens() -> None:
     model = _model()
     model.train_adapter(as_node("split(a, b, splits=[4, 4])"))
