@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from peftkit.core.composition import Node, parse
 from peftkit.core.config import AdapterConfig
+from peftkit.core.errors import ConfigError
 from peftkit.core.plugins import get_registry
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -37,6 +38,8 @@ def from_pretrained(model: "nn.Module", path: str, adapter_name: str = "default"
     """Load a saved adapter folder onto ``model`` (PEFT's ``PeftModel.from_pretrained``)."""
     from peftkit.core.model import AdaptedModel
 
+    _require_model_object(model, "from_pretrained", path)
+
     return AdaptedModel.from_pretrained(model, path, adapter_name, trainable=trainable)
 
 
@@ -45,7 +48,19 @@ def load_composition(model: "nn.Module", path: str, *, activate: bool = True) ->
     AdaptedModel) and activate its composition: ``AdaptedModel.load_composition``."""
     from peftkit.core.model import AdaptedModel
 
+    _require_model_object(model, "load_composition", path)
+
     return AdaptedModel.load_composition(model, path, activate=activate)
+
+
+def _require_model_object(model: Any, call: str, path: str) -> None:
+    """A model folder or hub id where a model object belongs is a clear error, not an
+    AttributeError from deep inside (peftkit.load takes either, these two do not)."""
+    if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
+        raise ConfigError(
+            f"peftkit.{call}() takes a model object, not {str(model)!r}: load the base model first "
+            f"(e.g. transformers' AutoModelForSequenceClassification.from_pretrained({str(model)!r})) and pass it, "
+            f"or use peftkit.load({str(model)!r}, 'ns/repo') for adapters on a hub; {path!r} was not read")
 
 
 def list_methods() -> list[dict[str, Any]]:

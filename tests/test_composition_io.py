@@ -96,3 +96,14 @@ def test_save_needs_a_composition(tmp_path):
         model.save_composition(tmp_path / "x")
     model.save_composition(tmp_path / "x", "a")
     assert json.loads((tmp_path / "x" / "composition.json").read_text())["composition"] == "a"
+
+
+@pytest.mark.parametrize("call", ["load_composition", "from_pretrained"])
+def test_a_model_path_where_a_model_object_belongs_is_a_clear_error(call: str, tmp_path) -> None:
+    """Docs write ``peftkit.load_composition(base, folder)``; a user passing the base model's folder
+    (as peftkit.load takes it) gets an error naming what to do, not an AttributeError."""
+    with pytest.raises(peftkit.ConfigError, match=r"takes a model object.*from_pretrained\('models/minilm'\).*"
+                                                  r"peftkit\.load\('models/minilm'"):
+        getattr(peftkit, call)("models/minilm", str(tmp_path))
+    with pytest.raises(peftkit.ConfigError, match="takes a model object"):
+        getattr(peftkit, call)(tmp_path, str(tmp_path))
