@@ -219,3 +219,14 @@ def test_the_model_card_carries_every_field_given_to_save_adapter(tmp_path):
                  f"- trainable parameters: {model.trainable_parameters()[0]}", "| accuracy | 0.91 |",
                  'model = peftkit.load("<base model>", "org/thing")'):
         assert line in lines, line
+
+
+def test_an_adapters_labels_are_saved_and_loaded_back(tmp_path):
+    base = build_tiny("bert")
+    base.config.id2label, base.config.label2id = {0: "neg", 1: "neu", 2: "pos"}, {"neg": 0, "neu": 1, "pos": 2}
+    model = peftkit.adapt(base, 'lora[r=2,target_modules=["query"]]')
+    model.save_adapter(str(tmp_path / "a"))
+    assert json.loads((tmp_path / "a" / "labels.json").read_text())["labels"] == ["neg", "neu", "pos"]
+    loaded = peftkit.AdaptedModel(build_tiny("bert"))  # its own labels: LABEL_0..2
+    loaded.load_adapter(str(tmp_path / "a"), "x")
+    assert loaded.adapter_labels("x") == ["neg", "neu", "pos"]
