@@ -30,7 +30,7 @@ Writes docs/performance.md with the machine, versions, load and command. On a
 busy machine, ``--threads 1 --clock cpu`` times CPU time instead of wall time
 (time spent waiting for a core then does not count).
 
-Run: .venv/bin/python bench/perf_table.py [--budget 55] [--only lora_r8,dora_r8] [--output docs/performance.md]
+Run: .venv/bin/python bench/perf_table.py [--budget 45] [--only lora_r8,dora_r8] [--output docs/performance.md]
 """
 
 from __future__ import annotations
@@ -304,8 +304,8 @@ def measured_arguments(argv: list[str]) -> list[str]:
 def main() -> None:
     started = time.perf_counter()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--budget", type=float, default=55.0,
-                        help="seconds of timed rounds per method (default 55: about 9 minutes in all)")
+    parser.add_argument("--budget", type=float, default=45.0,
+                        help="seconds of timed rounds per method (default 45: about 8 minutes in all, quiet 2 cores)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="wall time (default) or the process's CPU time (a busy machine, --threads 1)")
