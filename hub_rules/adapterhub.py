@@ -41,6 +41,8 @@ def method_of(options: Mapping[str, Any]) -> str | None:
         return "ia3" if options.get("composition_mode") == "scale" else "lora"
     if architecture in ("prefix_tuning", "prompt_tuning"):
         return str(architecture)
+    if architecture == "reft":  # LoReFT, NoReFT and DiReFT alike: presets of peftkit's reft
+        return "reft"
     return None
 
 

@@ -173,3 +173,18 @@ def test_a_head_config_with_odd_label_ids_loads_the_head_without_names(saved, tm
     ours, labels = _loaded_logits(base, out)
     torch.testing.assert_close(ours, logits, atol=1e-5, rtol=0)
     assert labels == ["neg", "neu", "pos"]  # the base model's names, as the sizes agree
+
+
+def test_a_reft_folder_as_adapters_publishes_it_is_found_by_method_reft(tmp_path: Path) -> None:
+    """AdapterHub's ReFT configs (architecture "reft", any preset) are indexed as peftkit's ``reft``
+    (the index named no method for them, so ``hub search --method reft`` missed them)."""
+    from peftkit.registry import RegistryStore
+
+    store = RegistryStore(tmp_path / "reg")
+    store.create_repo("alice/reft-sst2", owner="alice")
+    config = {"version": "1.3.0", "model_class": "BertForSequenceClassification", "model_name": "org/tiny-bert",
+              "config": {"architecture": "reft", "orthogonality": True, "r": 1, "prefix_positions": 3,
+                         "suffix_positions": 0, "layers": "all", "tied_weights": False}}
+    store.commit("alice/reft-sst2", {"adapter_config.json": json.dumps(config), "README.md": ADAPTERS_CARD})
+    assert [r.repo_id for r in store.search(method="reft")] == ["alice/reft-sst2"]
+    assert list(store.repo_info("alice/reft-sst2").methods) == ["reft"]
