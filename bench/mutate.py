@@ -328,6 +328,11 @@ def run_module(target: Target, args: argparse.Namespace) -> dict:
     before: dict[str, str] = {}
     if args.again and (work / "mutants").is_dir():
         before = selected(mutmut_statuses(work, env), patterns)
+        # mutmut forgets the verdicts of the mutants an --again run did not retest: the kills kept in
+        # bench/mutation_results.json (from the runs on this same package copy) stand.
+        records = json.loads(RESULTS_FILE.read_text()) if RESULTS_FILE.exists() else {}
+        kept = {m["name"]: m["status"] for m in records.get(target.path, {}).get("mutants", [])}
+        before = {name: (kept[name] if kept.get(name) in KILLED else status) for name, status in before.items()}
         shutil.copytree(REPO / "tests", work / "tests", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
                         dirs_exist_ok=True)
         write_preload(work)
