@@ -37,15 +37,16 @@ def card_metadata(*, method: str, base_model: str | None, peft_format: bool, tas
         meta["license"] = license
     if language:
         meta["language"] = language
-    if metrics and dataset:
+    if metrics:
         # The Hub's evaluation-results format needs a dataset in every result: without one
         # huggingface_hub drops the whole model-index ("Invalid model-index") and huggingface.co
-        # refuses the card, so metrics without a dataset stay in the card's Results table only.
+        # refuses the card, so metrics given without a dataset say so ("unspecified").
+        named = meta["datasets"][0] if dataset else "unspecified"
         meta["model-index"] = [{
             "name": base_model or method,
             "results": [{
                 "task": {"type": task or "unknown"},
-                "dataset": {"name": meta["datasets"][0], "type": meta["datasets"][0]},
+                "dataset": {"name": named, "type": named},
                 "metrics": [{"type": k, "name": k, "value": float(v)} for k, v in metrics.items()],
             }],
         }]
