@@ -69,3 +69,14 @@ def test_a_bfloat16_base_keeps_float32_vectors_and_returns_its_own_dtype():
     assert got.dtype == torch.bfloat16
     expected = _by_hand(layer, x)
     assert torch.allclose(got.double(), expected, atol=2e-2 * float(expected.abs().max()))
+
+
+def test_a_float64_base_gets_float64_vectors_and_an_exact_update():
+    torch.manual_seed(0)
+    model = peftkit.adapt(build_tiny("llama").double(), SPEC.format(",init_weights=false"))
+    layer = _layers(model)[0]
+    adapter = layer.adapters["default"]
+    assert adapter.vera_lambda_b.dtype == adapter.vera_lambda_d.dtype == torch.float64
+    x = torch.randn(3, adapter.in_features, dtype=torch.float64)
+    got = adapter.delta(x, layer.base_layer(x), layer.base_layer)
+    assert got.dtype == torch.float64 and torch.allclose(got, _by_hand(layer, x), atol=1e-12)
