@@ -20,6 +20,9 @@ def _sites() -> tuple[peftkit.AdaptedModel, dict[str, object]]:
     layers = {site: layer for site, layer in model.tuner_layers()}
     output = next(layer for site, layer in layers.items() if site.endswith("query"))
     feedforward = next(layer for site, layer in layers.items() if site.endswith("intermediate.dense"))
+    with torch.no_grad():  # BERT starts with zero biases, which would hide what happens to them
+        for layer in (output, feedforward):
+            layer.base_layer.bias.normal_()
     return model, {"output": output, "feedforward": feedforward}
 
 
