@@ -8,10 +8,8 @@ Its ``run`` mode loads what peftkit saved and computes the outputs peftkit's mus
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -19,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 import peftkit
+from tests.adapterhub_venv import cached_fixtures, run_in_venv
 from peftkit.core.errors import AdapterLoadError
 from peftkit.hub_client import api as hub
 from peftkit.testing import randomize
@@ -26,11 +25,6 @@ from tests.hub_helpers import hub_env  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = Path(__file__).parent / "adapterhub"
-SCRIPT = SCRIPTS / "make_bottleneck_fixtures.py"
-VENV = ROOT / ".venv-adapters"
-PYTHON = VENV / "bin" / "python"
 ATOL = 1e-5
 #: cases of one adapter; all but the decoder's are also saved by peftkit and loaded by adapters
 SAVED = ["bert_compacter", "bert_compacterpp_factorized", "roberta_compacter_own_rules", "bert_compacter_shared_w",
@@ -38,25 +32,11 @@ SAVED = ["bert_compacter", "bert_compacterpp_factorized", "roberta_compacter_own
 SINGLE = SAVED + ["llama_compacter"]
 
 
-def _run_script(args: list[str], timeout: int) -> None:
-    done = subprocess.run(args, cwd=SCRIPTS, capture_output=True, text=True, timeout=timeout)
-    if done.returncode != 0:
-        pytest.fail(f"{' '.join(args)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-
 
 @pytest.fixture(scope="module")
 def cases() -> Path:
     """Folder of the cases make_bottleneck_fixtures.py wrote with the real ``adapters``."""
-    _run_script(["make", "-C", str(ROOT), "adapters-venv"], timeout=1800)  # a no-op once built
-    stamps = "".join(sorted(p.name for p in VENV.glob(".installed-*")))
-    content = SCRIPT.read_bytes() + (SCRIPTS / "make_fixtures.py").read_bytes() + stamps.encode()
-    folder = VENV / "fixtures" / f"bottleneck-{hashlib.sha256(content).hexdigest()[:16]}"
-    if not folder.is_dir():
-        partial = folder.with_name(folder.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        _run_script([str(PYTHON), str(SCRIPT), str(partial)], timeout=600)
-        partial.rename(folder)
-    return folder
+    return cached_fixtures('bottleneck-', 'make_bottleneck_fixtures.py', 'make_fixtures.py')
 
 
 def _base(case: Path) -> torch.nn.Module:
@@ -199,7 +179,7 @@ def test_saved_in_adapters_format_loads_in_adapters_with_the_same_logits(cases: 
         torch.testing.assert_close(_logits(again, case), ours[name], atol=ATOL, rtol=0)
         jobs.append({"case": str(case), "adapters": [str(folder)], "out": str(tmp_path / name) + ".out"})
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))
-    _run_script([str(PYTHON), str(SCRIPT), "run", str(tmp_path / "jobs.json")], timeout=600)
+    run_in_venv(["make_bottleneck_fixtures.py", "run", str(tmp_path / "jobs.json")])
     for job in jobs:
         name = Path(job["out"]).stem
         torch.testing.assert_close(load_file(job["out"])["output"], ours[name], atol=ATOL, rtol=0,

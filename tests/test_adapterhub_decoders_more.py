@@ -4,10 +4,7 @@ and saved back so that ``adapters`` gives them again. Fixtures: tests/adapterhub
 
 from __future__ import annotations
 
-import hashlib
 import json
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -16,35 +13,18 @@ import transformers
 from safetensors.torch import load_file
 
 import peftkit
+from tests.adapterhub_venv import cached_fixtures, run_in_venv
 from peftkit.core.errors import PeftkitError
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = Path(__file__).parent / "adapterhub"
-VENV = ROOT / ".venv-adapters"
 ATOL = 1e-5
 
-
-def _python_run(args: list[str]) -> None:
-    done = subprocess.run([str(VENV / "bin" / "python"), *args], cwd=SCRIPTS, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")
 def fixtures() -> Path:
-    if not (VENV / "bin" / "python").is_file():
-        subprocess.run(["make", "adapters-venv"], cwd=ROOT, check=True, timeout=1800)
-    digest = hashlib.sha256((SCRIPTS / "make_decoder_fixtures.py").read_bytes()
-                            + (SCRIPTS / "make_fixtures.py").read_bytes()).hexdigest()[:16]
-    folder = VENV / "fixtures" / f"decoders-{digest}"
-    if not folder.is_dir():
-        partial = folder.with_name(folder.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        _python_run(["make_decoder_fixtures.py", str(partial)])
-        partial.rename(folder)
-    return folder
+    return cached_fixtures('decoders-', 'make_decoder_fixtures.py', 'make_fixtures.py')
 
 
 def _base(case: Path) -> torch.nn.Module:
@@ -86,7 +66,7 @@ def test_loads_with_adapters_logits_and_saves_back_to_the_same(fixtures: Path, t
     torch.testing.assert_close(_logits(again, case), expected, atol=ATOL, rtol=0)
     jobs = tmp_path / "jobs.json"
     jobs.write_text(json.dumps([{"case": str(case), "adapter": str(saved), "out": str(tmp_path / "out.safetensors")}]))
-    _python_run(["run_saved.py", str(jobs)])
+    run_in_venv(["run_saved.py", str(jobs)])
     torch.testing.assert_close(load_file(str(tmp_path / "out.safetensors"))["output"], expected, atol=ATOL, rtol=0)
 
 

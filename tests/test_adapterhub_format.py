@@ -9,12 +9,10 @@ loads what peftkit saved and computes the outputs peftkit's must match.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -22,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 import peftkit
+from tests.adapterhub_venv import cached_fixtures, run_in_venv
 from peftkit.core.errors import AdapterLoadError, PeftkitError
 from peftkit.core.layer import ModulesToSave
 from peftkit.testing import randomize
@@ -30,10 +29,6 @@ from tests.hub_helpers import hub_env  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = Path(__file__).parent / "adapterhub"
-VENV = ROOT / ".venv-adapters"
-PYTHON = VENV / "bin" / "python"
 ATOL = 1e-5
 
 LOADED = ["bert_double_seq_bn", "bert_double_seq_bn_ln_learned_bin", "bert_seq_bn", "bert_seq_bn_leave_out",
@@ -44,25 +39,11 @@ LOADED = ["bert_double_seq_bn", "bert_double_seq_bn_ln_learned_bin", "bert_seq_b
           "gpt2_double_seq_bn_original_ln"]
 
 
-def _run(args: list[str], timeout: int) -> None:
-    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    if done.returncode != 0:
-        pytest.fail(f"{' '.join(args)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-
 
 @pytest.fixture(scope="module")
 def fixtures() -> Path:
     """Folder of the cases make_fixtures.py wrote with the real ``adapters``."""
-    _run(["make", "adapters-venv"], timeout=1800)  # a no-op once built
-    stamps = sorted(p.name for p in VENV.glob(".installed-*"))
-    key = hashlib.sha256((SCRIPTS / "make_fixtures.py").read_bytes() + "".join(stamps).encode()).hexdigest()[:16]
-    folder = VENV / "fixtures" / key
-    if not folder.is_dir():
-        partial = folder.with_name(key + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        _run([str(PYTHON), str(SCRIPTS / "make_fixtures.py"), str(partial)], timeout=600)
-        partial.rename(folder)
-    return folder
+    return cached_fixtures('', 'make_fixtures.py')
 
 
 def _base(case: Path) -> torch.nn.Module:
@@ -210,7 +191,7 @@ def test_saved_in_adapters_format_loads_in_adapters_with_the_same_outputs(fixtur
         assert again.adapter_labels("default") == model.adapter_labels("default")
         jobs.append({"case": str(case), "adapter": str(tmp_path / name), "out": str(tmp_path / f"{name}.out")})
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))
-    _run([str(PYTHON), str(SCRIPTS / "run_saved.py"), str(tmp_path / "jobs.json")], timeout=600)
+    run_in_venv(["run_saved.py", str(tmp_path / "jobs.json")])
     for job in jobs:
         name = Path(job["adapter"]).name
         torch.testing.assert_close(load_file(job["out"])["output"], ours[name], atol=ATOL, rtol=0,

@@ -8,10 +8,8 @@ saved. peftkit reads them as ``prefix_tuning[token_positions=from_zero]``: the t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -19,16 +17,12 @@ import torch
 from safetensors.torch import load_file
 
 import peftkit
+from tests.adapterhub_venv import cached_fixtures, run_in_venv
 from peftkit.core.errors import AdapterLoadError, PeftkitError
-from tests.test_adapterhub_reft import base_of, output, run_script  # the same case layout and batches
+from tests.test_adapterhub_reft import base_of, output  # the same case layout and batches
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = Path(__file__).parent / "adapterhub"
-SCRIPT = SCRIPTS / "make_prefix_fixtures.py"
-VENV = ROOT / ".venv-adapters"
-PYTHON = VENV / "bin" / "python"
 ATOL = 1e-5
 CASES = ["bert_prefix_mlp", "bert_prefix_flat", "bert_prefix_ejected", "roberta_prefix_flat", "llama_prefix_flat",
          "llama_prefix_mlp"]
@@ -36,17 +30,7 @@ CASES = ["bert_prefix_mlp", "bert_prefix_flat", "bert_prefix_ejected", "roberta_
 
 @pytest.fixture(scope="module")
 def prefix_fixtures() -> Path:
-    subprocess.run(["make", "adapters-venv"], cwd=ROOT, check=True, capture_output=True, timeout=1800)
-    stamps = "".join(sorted(p.name for p in VENV.glob(".installed-*")))
-    source = b"".join((SCRIPTS / name).read_bytes() for name in (SCRIPT.name, "make_fixtures.py", "make_reft_fixtures.py"))
-    source += stamps.encode()
-    folder = VENV / "fixtures" / ("prefix-" + hashlib.sha256(source).hexdigest()[:16])
-    if not folder.is_dir():
-        partial = folder.with_name(folder.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        run_script([str(PYTHON), str(SCRIPT), str(partial)], timeout=600)
-        partial.rename(folder)
-    return folder
+    return cached_fixtures('prefix-', 'make_prefix_fixtures.py', 'make_fixtures.py', 'make_reft_fixtures.py')
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -95,7 +79,7 @@ def test_peftkit_saves_prefix_tuning_in_adapters_format_that_adapters_computes_a
     options = json.loads((tmp_path / "llama_made_reparametrized" / "adapter_config.json").read_text())["config"]
     assert options["flat"] is True and options["prefix_length"] == 3  # the MLP's output is saved
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))
-    run_script([str(PYTHON), str(SCRIPT), "--run", str(tmp_path / "jobs.json")], timeout=600)
+    run_in_venv(["make_prefix_fixtures.py", "--run", str(tmp_path / "jobs.json")])
     for label in SAVED:
         theirs = load_file(str(tmp_path / f"{label}.safetensors"))["output"]
         torch.testing.assert_close(theirs, ours[label], atol=ATOL, rtol=0, msg=lambda m, label=label: f"{label}: {m}")

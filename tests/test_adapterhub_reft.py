@@ -7,10 +7,7 @@ the venv, keyed by the scripts' hashes), and with ``--run`` loads the folders pe
 
 from __future__ import annotations
 
-import hashlib
 import json
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -19,38 +16,20 @@ import transformers
 from safetensors.torch import load_file
 
 import peftkit
+from tests.adapterhub_venv import cached_fixtures, run_in_venv
 from tests.method_helpers import adapter_modules
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = Path(__file__).parent / "adapterhub"
-SCRIPT = SCRIPTS / "make_reft_fixtures.py"
-VENV = ROOT / ".venv-adapters"
-PYTHON = VENV / "bin" / "python"
 ATOL = 1e-5
 CASES = ["bert_loreft", "roberta_noreft_tied_tanh", "llama_loreft_layer1", "llama_direft", "gpt2_loreft_relu"]
 FAMILIES = {"bert": "Bert", "roberta": "Roberta", "llama": "Llama", "gpt2": "GPT2"}
 
 
-def run_script(args: list[str], timeout: int) -> None:
-    done = subprocess.run(args, cwd=SCRIPTS, capture_output=True, text=True, timeout=timeout)
-    if done.returncode != 0:
-        pytest.fail(f"{' '.join(args)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-
 
 @pytest.fixture(scope="module")
 def reft_fixtures() -> Path:
-    subprocess.run(["make", "adapters-venv"], cwd=ROOT, check=True, capture_output=True, timeout=1800)
-    stamps = "".join(sorted(p.name for p in VENV.glob(".installed-*")))
-    source = SCRIPT.read_bytes() + (SCRIPTS / "make_fixtures.py").read_bytes() + stamps.encode()
-    folder = VENV / "fixtures" / ("reft-" + hashlib.sha256(source).hexdigest()[:16])
-    if not folder.is_dir():
-        partial = folder.with_name(folder.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        run_script([str(PYTHON), str(SCRIPT), str(partial)], timeout=600)
-        partial.rename(folder)
-    return folder
+    return cached_fixtures('reft-', 'make_reft_fixtures.py', 'make_fixtures.py')
 
 
 def base_of(case: Path) -> torch.nn.Module:
@@ -157,7 +136,7 @@ def test_peftkit_saves_reft_in_adapters_format_that_adapters_computes_alike(reft
     options = json.loads((tmp_path / "llama_noreft" / "adapter_config.json").read_text())["config"]
     assert options["orthogonality"] is False and options["architecture"] == "reft"
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))
-    run_script([str(PYTHON), str(SCRIPT), "--run", str(tmp_path / "jobs.json")], timeout=600)
+    run_in_venv(["make_reft_fixtures.py", "--run", str(tmp_path / "jobs.json")])
     for label in SAVED:
         theirs = load_file(str(tmp_path / f"{label}.safetensors"))["output"]
         torch.testing.assert_close(theirs, ours[label], atol=ATOL, rtol=0, msg=lambda m, label=label: f"{label}: {m}")

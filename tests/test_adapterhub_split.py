@@ -3,10 +3,7 @@ outputs against the real ``adapters`` 1.3.0 on BERT with bottleneck adapters it 
 
 from __future__ import annotations
 
-import hashlib
 import json
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,13 +12,11 @@ import transformers
 from safetensors.torch import load_file
 
 import peftkit
+from tests.adapterhub_venv import cached_fixtures
 from peftkit.core.composition import Split, Stack, as_node, from_json, parse
 from peftkit.core.errors import CompositionError
 from peftkit.testing import build_tiny, output_tensor, randomize, sample_inputs, tiny_model
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = Path(__file__).parent / "adapterhub" / "make_split_fixtures.py"
-VENV = ROOT / ".venv-adapters"
 
 
 # -- the block as data ------------------------------------------------------------------------------
@@ -144,18 +139,7 @@ def test_gradients_reach_each_adapter_from_its_own_tokens() -> None:
 
 @pytest.fixture(scope="module")
 def fixtures() -> Path:
-    if not (VENV / "bin" / "python").is_file():
-        subprocess.run(["make", "adapters-venv"], cwd=ROOT, check=True, timeout=1800)
-    key = hashlib.sha256(SCRIPT.read_bytes() + (SCRIPT.parent / "make_fixtures.py").read_bytes()).hexdigest()[:16]
-    folder = VENV / "fixtures" / f"split-{key}"
-    if not folder.is_dir():
-        partial = folder.with_name(folder.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        done = subprocess.run([str(VENV / "bin" / "python"), str(SCRIPT), str(partial)], cwd=SCRIPT.parent,
-                              capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
-        partial.rename(folder)
-    return folder
+    return cached_fixtures('split-', 'make_split_fixtures.py', 'make_fixtures.py')
 
 
 @pytest.mark.slow
