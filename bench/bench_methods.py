@@ -84,6 +84,12 @@ RUNS: dict[str, BenchRun] = {
     "prefix_tuning": BenchRun("prefix_tuning", 5e-2),
     "prompt_tuning": BenchRun('prompt_tuning[init="sample_vocab"]', 1e-2, train_head=True),
     "mam": BenchRun("mam", 3e-3, peft=False),  # a union: prefix tuning (through its MLP) + par_bn
+    # AdapterHub's methods (adapters has them, peft does not); rates not probed: seq_bn's for Compacter,
+    # whose default rule init (std 1e-4) barely moves in a short run, hence phm_c_init=uniform
+    # (docs/methods/bottleneck.md), and the rate of docs/methods/reft.md's MiniLM check for LoReFT.
+    "compacter": BenchRun("compacter[phm_c_init=uniform]", 9e-3, peft=False),
+    "compacterpp": BenchRun("compacterpp[phm_c_init=uniform]", 9e-3, peft=False),
+    "loreft": BenchRun("loreft", 3e-2, peft=False),
 }
 
 
@@ -418,8 +424,8 @@ def render(saved: dict[str, Any], threads: int) -> str:
         "",
         *table_lines(rows, saved["total"]),
         "",
-        "Train time is the wall-clock time of the training loop (mean over seeds), on a machine shared",
-        "with other helpers' builds and tests (busy: see the load below): read it as rough. Step time is",
+        "Train time is the wall-clock time of the training loop (mean over seeds); the machine's load is",
+        "given below: read it as rough. Step time is",
         f"the median of {saved.get('step_repeats', 3)} forward+backward passes on one batch of {BATCH} messages,",
         "measured after training on the first seed run, round-robin between a method's peftkit and `peft`",
         "models in the same process so that load changes hit both alike: the ratio in a *peft* row",
@@ -432,11 +438,11 @@ def render(saved: dict[str, Any], threads: int) -> str:
         ".venv/bin/python bench/bench_methods.py --seeds 0,1,2 --threads 1    # writes docs/methods.md",
         "```",
         "",
-        "(one thread per process: on a busy 2-core machine two threads wait on each other; the run was",
-        "split into three processes with --only and --rows, then joined with --render-only --merge).",
+        "(one thread per process: on a busy 2-core machine two threads wait on each other; a long run can",
+        "be split over processes with --only and --rows, then joined with --render-only --merge).",
         "",
-        f"Measured {saved['date']} on {platform.machine()} Linux, {os.cpu_count()} CPU cores shared with other "
-        f"work (load average {load[0]:.1f} at the start, {load[1]:.1f} at the end), torch {torch.__version__} "
+        f"Measured {saved['date']} on {platform.machine()} Linux, {os.cpu_count()} CPU cores "
+        f"(load average {load[0]:.1f} at the start, {load[1]:.1f} at the end), torch {torch.__version__} "
         f"with {saved.get('threads', threads)} thread(s) per process, transformers {_version('transformers')}."
         + (f" {saved['note']}" if saved.get("note") else ""),
         "",
