@@ -88,9 +88,17 @@ def test_two_workers_lose_no_commit_and_one_parent_race_winner(tmp_path: Path, h
         victim = min(_workers(proc.pid))
         os.kill(victim, signal.SIGKILL)
         deadline = time.monotonic() + 60
+        resets = []
         while (victim in _workers(proc.pid) or len(_workers(proc.pid)) < 2) and time.monotonic() < deadline:
-            assert api.model_info("alice/busy").id == "alice/busy"
+            try:
+                assert api.model_info("alice/busy").id == "alice/busy"
+            except Exception as exc:  # noqa: BLE001 - checked below
+                # A kept-alive connection the killed worker held is reset (the kernel closes its socket);
+                # the client's next request opens a new one, which a live worker answers.
+                resets.append(exc)
+                assert len(resets) <= 2 and type(exc).__name__ in {"ReadError", "RemoteProtocolError"}, resets
             time.sleep(0.1)
+        assert api.model_info("alice/busy").id == "alice/busy"
         assert victim not in _workers(proc.pid) and len(_workers(proc.pid)) == 2
     finally:
         stop_process(proc)
