@@ -15,16 +15,15 @@ that helpers adding cases there do not edit one file (nor invalidate its cached 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import adapters
 from adapters import PrefixTuningConfig
-from make_fixtures import MODELS, base_weights, build_base, load_base
-from make_reft_fixtures import output
+from make_fixtures import MODELS, base_weights, build_base
+from make_reft_fixtures import main as run_fixtures, output
 
 #: case -> (model type, adapters config, eject the MLP before saving)
 CASES = {
@@ -87,32 +86,14 @@ def make_case(out: Path, case: str) -> None:
               str(folder / "expected.safetensors"))
 
 
-def run(case: Path, adapter: str, out: str) -> None:
-    """Load a folder peftkit saved with ``adapters`` and write its output on the case's batch."""
-    model_type = json.loads((case / "model.json").read_text())["model_type"]
-    model = build_base(model_type)
-    load_base(model, str(case / "base.safetensors"))
+def eager_decoders(model: torch.nn.Module, model_type: str) -> None:
+    """Decoders run eager attention, as in make_case."""
     if model_type in DECODERS:
-        model.set_attn_implementation("eager")  # see make_case
-    adapters.init(model)
-    info: dict = {}
-    name = model.load_adapter(adapter, loading_info=info, use_safetensors=True)
-    if info.get("missing_keys") or info.get("unexpected_keys"):
-        raise SystemExit(f"{adapter}: adapters did not load every weight: {info}")
-    model.set_active_adapters(name)
-    model.eval()
-    expected = load_file(str(case / "expected.safetensors"))
-    save_file({"output": output(model, expected["input_ids"], expected["attention_mask"])}, out)
+        model.set_attn_implementation("eager")
 
 
 def main() -> None:
-    if sys.argv[1] == "--run":
-        for job in json.loads(Path(sys.argv[2]).read_text()):
-            run(Path(job["case"]), job["adapter"], job["out"])
-        return
-    out = Path(sys.argv[1])
-    for case in CASES:
-        make_case(out, case)
+    run_fixtures(CASES, make_case, eager_decoders)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Callable, Iterable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -102,10 +103,14 @@ def make_case(out: Path, case: str) -> None:
     save_file(tensors, str(folder / "expected.safetensors"))
 
 
-def run(case: Path, adapter: str, out: str) -> None:
-    """Load a folder peftkit saved with ``adapters`` and write its output on the case's batch."""
-    model = build_base(json.loads((case / "model.json").read_text())["model_type"])
+def run(case: Path, adapter: str, out: str, prepare: Callable[[torch.nn.Module, str], None] | None = None) -> None:
+    """Load a folder peftkit saved with ``adapters`` and write its output on the case's batch;
+    ``prepare(model, model_type)`` runs on the base model first (e.g. to choose its attention)."""
+    model_type = json.loads((case / "model.json").read_text())["model_type"]
+    model = build_base(model_type)
     load_base(model, str(case / "base.safetensors"))
+    if prepare is not None:
+        prepare(model, model_type)
     adapters.init(model)
     info: dict = {}
     name = model.load_adapter(adapter, loading_info=info, use_safetensors=True)
@@ -117,14 +122,16 @@ def run(case: Path, adapter: str, out: str) -> None:
     save_file({"output": output(model, expected["input_ids"], expected["attention_mask"])}, out)
 
 
-def main() -> None:
+def main(cases: Iterable[str] = CASES, make: Callable[[Path, str], None] = make_case,
+         prepare: Callable[[torch.nn.Module, str], None] | None = None) -> None:
+    """``script OUT`` writes every case under OUT; ``script --run JOBS`` runs the saved folders JOBS lists."""
     if sys.argv[1] == "--run":
         for job in json.loads(Path(sys.argv[2]).read_text()):
-            run(Path(job["case"]), job["adapter"], job["out"])
+            run(Path(job["case"]), job["adapter"], job["out"], prepare)
         return
     out = Path(sys.argv[1])
-    for case in CASES:
-        make_case(out, case)
+    for case in cases:
+        make(out, case)
 
 
 if __name__ == "__main__":
