@@ -20,6 +20,7 @@ from .errors import NotFound, RegistryError
 from .paths import default_data_dir
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .accounts import Accounts
     from .store import RegistryStore
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -35,14 +36,19 @@ def _data_option(func: F) -> F:
     )(func)
 
 
-def _database_options(func: F) -> F:
-    """--database and --blobs: where the metadata and the blobs live when not in the data folder."""
-    func = click.option(
+def _database_option(func: F) -> F:
+    """--database: where the metadata (repos, users, tokens) lives when not in the data folder."""
+    return click.option(
         "--database", default=None, envvar="PEFTKIT_REGISTRY_DATABASE", metavar="URL",
         help="Keep the metadata in PostgreSQL (postgresql://user@host:5432/db; or set "
         "PEFTKIT_REGISTRY_DATABASE, which keeps a password off the command line) instead of the data "
         "folder's registry.db. Several servers, on several hosts, may share one.",
     )(func)
+
+
+def _database_options(func: F) -> F:
+    """--database and --blobs: where the metadata and the blobs live when not in the data folder."""
+    func = _database_option(func)
     return _blobs_option(
         "Where the file contents live [default: the data folder]: a folder (its blobs/ and tmp/), or "
         "S3-compatible object storage as s3://BUCKET/PREFIX (credentials and endpoint from the standard "
@@ -113,6 +119,35 @@ def _with_store(func: Callable[..., Any]) -> Callable[..., Any]:
                 **kwargs: Any) -> Any:
         with _open_store(data_dir, database, blobs_dir) as store:
             return func(store, *args, **kwargs)
+
+    return wrapper
+
+
+def _with_accounts(func: Callable[..., Any]) -> Callable[..., Any]:
+    """A command on users, organizations or tokens: it takes --data and --database and gets the
+    registry's accounts as its first argument. Accounts live in the database alone, so the blob
+    store is never opened (nor, with --database, the data folder created)."""
+
+    @_data_option
+    @_database_option
+    @_friendly_errors
+    @functools.wraps(func)
+    def wrapper(*args: Any, data_dir: Path | None, database: str | None, **kwargs: Any) -> Any:
+        from .accounts import Accounts
+        from .database_url import open_database
+
+        checked = _checked_database(database)
+        root = data_dir or default_data_dir()
+        if checked is None:  # SQLite in the data folder, created as `serve` creates it
+            root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            db = open_database(checked, root)
+        except RuntimeError as exc:  # an unreachable or newer database
+            raise click.ClickException(str(exc)) from None
+        try:
+            return func(Accounts(db), *args, **kwargs)
+        finally:
+            db.close()
 
     return wrapper
 
@@ -211,10 +246,10 @@ def token_group() -> None:
 @click.argument("user")
 @click.option("--write/--read-only", default=False, show_default=True, help="Allow pushes and repo changes.")
 @click.option("--name", default="", help="A label to recognise the token by in `token list`.")
-@_with_store
-def token_create(store: RegistryStore, user: str, write: bool, name: str) -> None:
+@_with_accounts
+def token_create(accounts: Accounts, user: str, write: bool, name: str) -> None:
     """Create a token for USER and print its secret (shown only this once)."""
-    info, secret = store.accounts.create_token(user, write=write, name=name)
+    info, secret = accounts.create_token(user, write=write, name=name)
     click.echo(
         f"created {'write' if write else 'read-only'} token {info.id} for {info.user}; "
         "store the secret now, it is not shown again:",
@@ -227,12 +262,12 @@ def token_create(store: RegistryStore, user: str, write: bool, name: str) -> Non
 @click.option("--user", default=None, help="Only this user's tokens.")
 @click.option("--all", "include_revoked", is_flag=True, help="Include revoked tokens.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@_with_store
-def token_list(store: RegistryStore, user: str | None, include_revoked: bool, as_json: bool) -> None:
+@_with_accounts
+def token_list(accounts: Accounts, user: str | None, include_revoked: bool, as_json: bool) -> None:
     """List tokens (never their secrets)."""
-    if user is not None and store.accounts.kind(user) != "user":
+    if user is not None and accounts.kind(user) != "user":
         raise NotFound(f"no user named '{user}'; `peftkit registry user list` shows the users")
-    tokens = store.accounts.list_tokens(user, include_revoked=include_revoked)
+    tokens = accounts.list_tokens(user, include_revoked=include_revoked)
     if as_json:
         click.echo(json.dumps([t.to_json() for t in tokens], indent=2))
         return
@@ -250,10 +285,10 @@ def token_list(store: RegistryStore, user: str | None, include_revoked: bool, as
 
 @token_group.command("revoke")
 @click.argument("token_id")
-@_with_store
-def token_revoke(store: RegistryStore, token_id: str) -> None:
+@_with_accounts
+def token_revoke(accounts: Accounts, token_id: str) -> None:
     """Revoke the token with id TOKEN_ID (see `token list`)."""
-    store.accounts.revoke_token(token_id)
+    accounts.revoke_token(token_id)
     click.echo(f"revoked token {token_id}")
 
 
@@ -265,26 +300,26 @@ def user_group() -> None:
 
 @user_group.command("add")
 @click.argument("name")
-@_with_store
-def user_add(store: RegistryStore, name: str) -> None:
+@_with_accounts
+def user_add(accounts: Accounts, name: str) -> None:
     """Create user NAME (their namespace is NAME/...)."""
-    store.accounts.add_user(name)
+    accounts.add_user(name)
     click.echo(f"created user {name}; give them a token with `peftkit registry token create {name} --write`")
 
 
 @user_group.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@_with_store
-def user_list(store: RegistryStore, as_json: bool) -> None:
+@_with_accounts
+def user_list(accounts: Accounts, as_json: bool) -> None:
     """List users and organizations."""
-    accounts = store.accounts.list_accounts()
+    listed = accounts.list_accounts()
     if as_json:
-        click.echo(json.dumps(accounts, indent=2))
+        click.echo(json.dumps(listed, indent=2))
         return
-    if not accounts:
+    if not listed:
         click.echo("no users yet; create one with `peftkit registry user add NAME`", err=True)
         return
-    for a in accounts:
+    for a in listed:
         members = f"  members: {', '.join(a['members']) or '-'}" if a["kind"] == "org" else ""
         click.echo(f"{a['kind']:<4}  {a['name']}{members}")
 
@@ -297,10 +332,10 @@ def org_group() -> None:
 @org_group.command("add")
 @click.argument("name")
 @click.option("--member", "members", multiple=True, help="A user to add (repeat for several).")
-@_with_store
-def org_add(store: RegistryStore, name: str, members: tuple[str, ...]) -> None:
+@_with_accounts
+def org_add(accounts: Accounts, name: str, members: tuple[str, ...]) -> None:
     """Create organization NAME, or add members to it if it exists."""
-    store.accounts.add_org(name, list(members))
+    accounts.add_org(name, list(members))
     suffix = f" with members {', '.join(members)}" if members else ""
     click.echo(f"organization {name} ready{suffix}")
 

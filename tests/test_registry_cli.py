@@ -25,6 +25,8 @@ def test_users_orgs_tokens(tmp_path: Path) -> None:
     data = str(tmp_path / "reg")
     empty = _run("user", "list", "--data", data)
     assert empty.exit_code == 0 and "peftkit registry user add NAME" in empty.stderr  # not a silent nothing
+    # accounts live in registry.db alone: no blob store (blobs/, tmp/) is opened for them
+    assert sorted(p.name for p in (tmp_path / "reg").iterdir()) == ["registry.db"]
     assert _run("user", "add", "alice", "--data", data).exit_code == 0
     assert _run("user", "add", "bob", "--data", data).exit_code == 0
     dup = _run("user", "add", "alice", "--data", data)

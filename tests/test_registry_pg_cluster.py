@@ -184,3 +184,22 @@ def _push_pull_race_and_load(tmp_path: Path, url_a: str, url_b: str, token: str)
     history = {c.commit_id for c in api_a.list_repo_commits("alice/shared")}
     assert acknowledged and set(acknowledged) <= history
     assert {c.commit_id for c in api_b.list_repo_commits("alice/shared")} == history
+
+
+def test_account_commands_on_a_database_touch_no_data_or_blob_folder(tmp_path: Path, pg_url: str) -> None:  # noqa: F811
+    """Users and tokens live in the database alone: with --database, `user add/list` and `token
+    create/list` work without a data folder and create none (nor blob folders)."""
+    runner = CliRunner()
+    data = tmp_path / "never-created"
+    common = ["--data", str(data), "--database", pg_url]
+    assert runner.invoke(registry_group, ["user", "add", "carol", *common]).exit_code == 0
+    result = runner.invoke(registry_group, ["token", "create", "carol", "--write", *common])
+    assert result.exit_code == 0, result.output
+    secret = result.stdout.strip().splitlines()[-1]
+    listed = runner.invoke(registry_group, ["user", "list", "--json", *common])
+    assert {"kind": "user", "name": "carol"}.items() <= next(
+        a for a in json.loads(listed.stdout) if a["name"] == "carol").items()
+    assert not data.exists()
+    with RegistryStore(tmp_path / "host", database=pg_url, blobs=tmp_path / "blobs") as store:
+        principal = store.accounts.authenticate(secret)
+        assert principal.user == "carol" and principal.write
