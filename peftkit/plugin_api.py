@@ -38,6 +38,7 @@ _LAZY: dict[str, str] = {
     "adapters_at": "peftkit.core.layer",
     "layer_adapters_of": "peftkit.core.method_training",
     "SharedState": "peftkit.core.shared_state",
+    "SequenceGate": "peftkit.core.gates",
     "VirtualTokenMethod": "peftkit.core.virtual_tokens",
     "AdapterHubFormat": "peftkit.core.adapterhub_format",
     # errors
@@ -114,6 +115,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from peftkit.core.base_layers import (adapter_dtype, is_conv1d, linear_features,  # noqa: F401
                                           plain_linear, quantization_of, weight_out_in)
     from peftkit.core.config import AdapterConfig, option  # noqa: F401
+    from peftkit.core.gates import SequenceGate  # noqa: F401
     from peftkit.core.errors import (AdapterLoadError, ConfigError, MergeError, PeftkitError,  # noqa: F401
                                      PluginError, TargetError)
     from peftkit.core.swap_plan import scaled_swap_plan, swap_plan  # noqa: F401

@@ -63,6 +63,8 @@ class BottleneckConfig(AdapterConfig):
       adapters: see ln_after_includes_residual).
     init_weights: True zero-initializes the up projection, so the adapted model
       starts equal to the base model; False draws it at random (for tests).
+    use_gating: UniPELT's gate: the branch's output is multiplied by the mean over the
+      sequence of sigmoid(W x + b) on the adapter's input, one value per example.
     target_modules: None uses the architecture's insertion points; a list, a
       regex or "all-linear" puts an adapter on the output of each matching
       Linear/Conv1D layer instead (for models peftkit has no table for).
@@ -101,6 +103,9 @@ class BottleneckConfig(AdapterConfig):
         None, help='an invertible adapter on the embedding output, inverted before the LM head: "nice" (MAD-X)')
     inv_adapter_reduction_factor: float = option(
         2.0, help="with inv_adapter, half the hidden size / the coupling networks' bottleneck size")
+    use_gating: bool = option(
+        False, help="a learned gate (sequence mean of sigmoid(W x + b), per example) scales the branch's output "
+                    "(AdapterHub's UniPELT)")
 
     def check(self) -> None:
         self.reduction_factor = _checked_reduction(self.method, self.reduction_factor)

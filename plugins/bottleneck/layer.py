@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from peftkit.plugin_api import LayerAdapter
 
+from .gating import gate_for, gated
 from .phm import PHMLinear
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -63,10 +64,12 @@ class BottleneckAdapter(LayerAdapter):
                  residual_before_ln: bool = True, init_weights: bool = True, ln_after: bool = False,
                  ln_after_includes_residual: bool = False, original_ln_before: bool = False,
                  model_norm: nn.Module | None = None, original_ln_residual: str = "output",
-                 phm: Any = None, dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> None:
+                 phm: Any = None, use_gating: bool = False, dtype: torch.dtype = torch.float32,
+                 device: torch.device | None = None) -> None:
         """With ``original_ln_before``, ``forward``'s x must be the block's residual input r, and
         ``model_norm`` is the model's own LayerNorm after the site (None on a pre-LayerNorm block).
-        ``phm``: the config whose PHM options make the projections PHM layers (None: Linear layers)."""
+        ``phm``: the config whose PHM options make the projections PHM layers (None: Linear layers).
+        ``use_gating``: UniPELT's gate (``gate.weight``, ``gate.bias``) scales the branch per example."""
         super().__init__()
         self.original_ln_before = original_ln_before
         # The model's module, not a submodule: it is neither saved nor counted with the adapter.
@@ -97,6 +100,7 @@ class BottleneckAdapter(LayerAdapter):
             self.scaling = float(scaling)
         if phm is None:
             self._init_linear(init_weights)
+        self.gate = gate_for(in_features, use_gating, factory)
         # out = h + branch exactly when the skip connection carries h itself.
         self.additive = (parallel and not ln_after) or (
             residual and (residual_before_ln or not ln_before) and not ln_after and not original_ln_before)
@@ -140,9 +144,8 @@ class BottleneckAdapter(LayerAdapter):
             return self.forward(x, h, base) - h
         source = x if self.parallel else h
         z = source.to(self.compute_dtype)
-        if self.adapter_norm is not None:
-            z = self.adapter_norm(z)
-        return self._branch(z).to(h.dtype)
+        normed = self.adapter_norm(z) if self.adapter_norm is not None else z
+        return gated(self.gate, self._branch(normed), z).to(h.dtype)
 
     def forward(self, x: torch.Tensor, h: torch.Tensor, base: nn.Module) -> torch.Tensor:
         if self.additive:
@@ -157,7 +160,7 @@ class BottleneckAdapter(LayerAdapter):
         normed = self.adapter_norm(z) if self.adapter_norm is not None else z
         if not self.residual_before_ln:
             skip = normed
-        out = self._branch(normed)
+        out = gated(self.gate, self._branch(normed), z)
         if self.parallel:
             return h + self.adapter_norm_after(out).to(h.dtype)
         if self.adapter_norm_after is None:

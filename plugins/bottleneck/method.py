@@ -129,7 +129,8 @@ class BottleneckMethod(Method):
             original_ln_before=original_ln,
             model_norm=_model_norm(model, site.name, self.name) if original_ln else None,
             original_ln_residual=config.original_ln_residual if sequential else "output",
-            phm=config if config.phm_layer else None, dtype=dtype, device=weight.device if weight is not None else None)
+            phm=config if config.phm_layer else None, use_gating=config.use_gating, dtype=dtype,
+            device=weight.device if weight is not None else None)
 
     def create_shared_state(self, model: "nn.Module", config: AdapterConfig,
                             sites: list[Site]) -> "dict[str, torch.Tensor]":
@@ -198,6 +199,7 @@ class BottleneckMethod(Method):
             total += 2 * in_f if config.ln_before else 0
             total += 2 * out_f if config.ln_after else 0
             total += 1 if config.scaling == "learned" else 0
+            total += in_f + 1 if config.use_gating else 0
         if config.phm_layer and config.shared_phm_rule and config.learn_phm:
             total += _rule_size(config)
         if config.phm_layer and config.shared_W_phm:
