@@ -92,7 +92,7 @@ def _labels(_ctx: click.Context, _param: click.Parameter, value: str | None) -> 
               help="Continue from a checkpoint: the newest in the checkpoint folder, or the checkpoint-N folder DIR.")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier run's files in OUT (its checkpoints too).")
 @click.option("--adapter-name", default="default", help="Name of the adapter inside the model.")
-@click.option("--dataset-name", default=None, help="Dataset name for the model card [default: the data file name].")
+@click.option("--dataset-name", default=None, help="The dataset on a hub the data comes from (e.g. imdb), recorded in the model card's `datasets` [default: none; the card names the local file in its text].")
 @click.option("--push", default=None, metavar="REPO_ID",
               help="After training, publish the adapter (with labels.json) as namespace/name on the hub.")
 @click.option("--hub", default=None, metavar="HUB",

@@ -294,7 +294,7 @@ def _check_base_model(model: Any, opts: TrainOptions) -> None:
                   f"the hub id of the model you train on", BaseModelWarning, stacklevel=4)
 
 
-def push_adapter(out: Path, opts: TrainOptions, task_tag: str, dataset: str, metrics: dict[str, float]) -> dict:
+def push_adapter(out: Path, opts: TrainOptions, task_tag: str, dataset: str | None, metrics: dict[str, float]) -> dict:
     """Publish the adapter in ``out`` as ``opts.push`` with the hub client; returns the push result.
 
     The push leaves the run's checkpoints and ``train_results.json`` (which

@@ -58,10 +58,12 @@ def _run(plan: TrainPlan, tokenizer: Any, callbacks: list[TrainerCallback]) -> T
     adapted = adapt(base, plan.config, opts.adapter_name)
     _report_fresh_weights(fresh, adapted.adapter_record(opts.adapter_name).modules_to_save, say)
     trainable, total = adapted.trainable_parameters()
-    dataset_name = opts.dataset_name or Path(plan.data).name
+    # The card's `datasets` names a dataset on a hub (what --dataset-name is for); a local file's name
+    # there would read as a hub dataset id that does not exist, so it goes in the description only.
+    dataset_name = opts.dataset_name
     card = {"task": PIPELINE_TAGS[task], "dataset": dataset_name,
             "description": _card_description(plan.method.name, adapted, task, dataset_name,
-                                             len(train_set.features), labels)}
+                                             Path(plan.data).name, len(train_set.features), labels)}
     note = take_over_accelerate_fsdp()  # before the Trainer makes accelerate's state
     if note:
         say(note)
@@ -401,13 +403,14 @@ def _json_default(value: Any) -> Any:
     return str(value) if isinstance(value, Path) else repr(value)
 
 
-def _card_description(method: str, adapted: AdaptedModel, task: str, dataset: str, examples: int,
-                      labels: LabelMap | None) -> str:
+def _card_description(method: str, adapted: AdaptedModel, task: str, dataset: str | None, data_file: str,
+                      examples: int, labels: LabelMap | None) -> str:
     from peftkit.core.serialization import base_model_id
 
     base = base_model_id(adapted) or type(adapted.base_model).__name__
+    source = f"the dataset `{dataset}` (local file `{data_file}`)" if dataset else f"the local file `{data_file}`"
     text = (f"A {method} adapter for `{base}`, trained with `peftkit train` for {PIPELINE_TAGS[task]} on "
-            f"`{dataset}` ({examples} examples).")
+            f"{source} ({examples} examples).")
     if labels is not None:
         text += (" Labels (id: name): " + ", ".join(f"{i}: {n}" for i, n in enumerate(labels.names))
                  + f"; `{LABELS_FILE}` holds the same mapping.")

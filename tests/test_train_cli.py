@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from peftkit.cli import run
+from peftkit.core.card import read_card_metadata
 from tests.train_helpers import model_folder, rows_for, torch_threads, write_jsonl
 
 
@@ -40,7 +41,9 @@ def test_train_command_trains_and_reports(tmp_path, bert_folder, capsys):
     assert f"adapter: {out}" in captured.out
     assert "peftkit train: seq-cls, lora adapter 'default'" in captured.err  # the run's notes go to stderr
     assert json.loads((out / "labels.json").read_text())["labels"] == ["pos", "neg"]
-    assert "toy-sentiment" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert read_card_metadata(card)["datasets"] == ["toy-sentiment"]  # --dataset-name names a hub dataset
+    assert "the dataset `toy-sentiment` (local file `train.jsonl`)" in card
 
 
 def test_json_output_and_quiet(tmp_path, bert_folder, capsys):
