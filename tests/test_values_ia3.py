@@ -9,6 +9,7 @@ import torch
 
 import peftkit
 from peftkit import MergeError
+from tests.method_helpers import quantized_matches_twin
 from tests.tiny_models import build_tiny
 
 SPEC = 'ia3[init_ia3_weights=false,target_modules=["query","intermediate.dense"],feedforward_modules=["intermediate.dense"]]'
@@ -73,3 +74,98 @@ def test_merge_scales_weight_and_bias_and_unmerge_restores_them_even_where_a_sca
         w, b = originals[kind]
         assert torch.allclose(layer.base_layer.weight, w, atol=1e-5), kind
         assert torch.allclose(layer.base_layer.bias, b, atol=1e-5), kind
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_feedforward_scaling_on_a_quantized_layer_equals_its_float_twin(bits):
+    """A quantized layer's feed-forward delta runs the layer itself and takes its (random) bias off:
+    alone and stacked, the same as on the float twin holding the dequantized weight."""
+    quantized_matches_twin(bits, "ia3[init_ia3_weights=false,target_modules=['0'],feedforward_modules=['0']]")
+
+
+def test_a_bfloat16_base_keeps_its_dtype_through_forward_delta_merge_and_unmerge():
+    """Float32 vectors on a bfloat16 layer: outputs, deltas and the merged weight and bias stay bfloat16,
+    with the values of the float32 formula rounded once."""
+    torch.manual_seed(0)
+    model = peftkit.adapt(build_tiny("bert").to(torch.bfloat16), SPEC)
+    layers = {site: layer for site, layer in model.tuner_layers()}
+    sites = {"output": next(v for k, v in layers.items() if k.endswith("query")),
+             "feedforward": next(v for k, v in layers.items() if k.endswith("intermediate.dense"))}
+    originals = {}
+    for kind, layer in sites.items():
+        adapter, base = layer.adapters["default"], layer.base_layer
+        with torch.no_grad():
+            base.bias.normal_()
+        assert adapter.ia3_l.dtype == torch.float32
+        l = adapter.ia3_l.detach().flatten().double()
+        w, b = base.weight.detach().double(), base.bias.detach().double()
+        x = torch.randn(3, w.shape[1]).to(torch.bfloat16)
+        h = base(x)
+        expected = (x.double() @ w.t() + b) * l if kind == "output" else (x.double() * l) @ w.t() + b
+        tolerance = 3e-2 * float(expected.abs().max())
+        got, delta = adapter.forward(x, h, base), adapter.delta(x, h, base)
+        assert got.dtype == delta.dtype == torch.bfloat16, kind
+        assert torch.allclose(got.double(), expected, atol=tolerance), kind
+        assert torch.allclose((h.double() + delta.double()), expected, atol=tolerance), kind
+        if kind == "feedforward":
+            scaled = adapter.base_input(x)
+            assert scaled.dtype == torch.bfloat16
+            assert torch.equal(scaled, (x.float() * l.float()).to(torch.bfloat16))
+        originals[kind] = (base.weight.detach().clone(), base.bias.detach().clone())
+    model.merge_adapter(["default"])
+    for kind, layer in sites.items():
+        base, l = layer.base_layer, layer.adapters["default"].ia3_l.detach()
+        w, b = originals[kind]
+        assert base.weight.dtype == base.bias.dtype == torch.bfloat16, kind
+        assert torch.equal(base.weight, (w.float() * l).to(torch.bfloat16)), kind
+        expected_bias = (b.float() * l.flatten()).to(torch.bfloat16) if kind == "output" else b
+        assert torch.equal(base.bias, expected_bias), kind
+    model.unmerge_adapter()
+    for kind, layer in sites.items():
+        base, l = layer.base_layer, layer.adapters["default"].ia3_l.detach()
+        w, b = originals[kind]
+        assert base.weight.dtype == base.bias.dtype == torch.bfloat16, kind
+        merged_w = (w.float() * l).to(torch.bfloat16)
+        assert torch.equal(base.weight, (merged_w.float() / l).to(torch.bfloat16)), kind
+        if kind == "output":
+            merged_b = (b.float() * l.flatten()).to(torch.bfloat16)
+            assert torch.equal(base.bias, (merged_b.float() / l.flatten()).to(torch.bfloat16))
+        else:
+            assert torch.equal(base.bias, b)
+
+
+def test_an_all_zero_output_vector_merges_to_zero_and_unmerges_to_the_original_weight_and_bias():
+    model, sites = _sites()
+    layer = sites["output"]
+    base = layer.base_layer
+    with torch.no_grad():
+        layer.adapters["default"].ia3_l.zero_()
+    w, b = base.weight.detach().clone(), base.bias.detach().clone()
+    model.merge_adapter(["default"])
+    assert torch.equal(base.weight, torch.zeros_like(w)) and torch.equal(base.bias, torch.zeros_like(b))
+    model.unmerge_adapter()
+    assert torch.equal(base.weight, w) and torch.equal(base.bias, b)
+
+
+def test_the_printed_module_names_shape_and_what_is_scaled():
+    _, sites = _sites()
+    assert sites["output"].adapters["default"].extra_repr() == "shape=(32, 1), scales=output"
+    assert sites["feedforward"].adapters["default"].extra_repr() == "shape=(1, 32), scales=input"
+
+
+def test_feedforward_delta_on_a_bias_free_quantized_layer_is_w_times_x_scaled_by_l_minus_one():
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as BF
+
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear4bit(64, 96, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    layer.load_state_dict(torch.nn.Linear(64, 96, bias=False).state_dict())
+    spec = "ia3[init_ia3_weights=false,target_modules=['0'],feedforward_modules=['0']]"
+    model = peftkit.adapt(torch.nn.Sequential(layer.to("cpu")), spec).train()  # .to() quantizes the weight
+    site = dict(model.tuner_layers())["0"]
+    adapter, base = site.adapters["default"], site.base_layer
+    weight = BF.dequantize_4bit(base.weight.data, base.weight.quant_state).double()
+    l = adapter.ia3_l.detach().flatten().double()
+    x = torch.randn(3, 64)
+    delta = adapter.delta(x, base(x), base)
+    assert torch.allclose(delta.double(), (x.double() * (l - 1)) @ weight.t(), atol=1e-4)
