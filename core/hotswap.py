@@ -65,7 +65,8 @@ class _Incoming:
 def hotswap_adapter(model: "AdaptedModel", path: str | Path, name: str) -> "AdapterRecord":
     """Copy the weights of the adapter saved at ``path`` into loaded adapter ``name``, in place."""
     from .peft_embeddings import load_embedding_base_tensors, take_embedding_base_tensors
-    from .serialization import KEY_PREFIX, check_base_model, config_from_data, method_for, read_config, read_weights
+    from .serialization import (KEY_PREFIX, check_base_model, config_from_data, live_layout, method_for, read_config,
+                                read_weights)
 
     record = model.adapter_record(name)
     where = str(path)
@@ -89,6 +90,7 @@ def hotswap_adapter(model: "AdaptedModel", path: str | Path, name: str) -> "Adap
     labels = read_labels(Path(path))
     incoming = _build(model, method, config, where)
     _undo_creation(model, incoming)
+    tensors = live_layout(incoming.layers, tensors, where)  # a module that saves less rebuilds the rest
     _compare_structure(model, record, incoming, refused)
     head_copies = _check_file(model, name, incoming, tensors, where, refused)
     with torch.no_grad():

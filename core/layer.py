@@ -133,9 +133,25 @@ class LayerAdapter(nn.Module):
     # -- files -----------------------------------------------------------------
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """Tensors saved for this adapter at this site, keyed by their file
-        name relative to the site (PEFT's names for PEFT-format methods)."""
+        """The live tensors of this adapter at this site, keyed by their file
+        name relative to the site (PEFT's names for PEFT-format methods).
+        Loading copies a file's tensors into these; AdapterHub's format,
+        hot-swapping and merging read them."""
         return dict(self.state_dict(keep_vars=True))
+
+    def file_tensors(self) -> dict[str, torch.Tensor]:
+        """What peftkit's own format saves for this adapter at this site: ``tensors()`` by
+        default. A module that holds more than determines its function (ReFT's orthogonal
+        frame: a hidden x hidden matrix that only fixes r rows) saves less here and
+        rebuilds its ``tensors()`` from it in :meth:`tensors_from_file`."""
+        return self.tensors()
+
+    def tensors_from_file(self, saved: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The inverse of :meth:`file_tensors`: ``saved`` (a file's tensors of this site, keys
+        relative to it) keyed and shaped as ``tensors()``, for loading. Keys it does not know
+        pass unchanged (the weights check then names them). Must not change the module; raise
+        PeftkitError naming what is wrong with the file. The identity by default."""
+        return saved
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         own = self.tensors()

@@ -53,12 +53,15 @@ _TASK_TYPES = (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_
 # -- what is saved ------------------------------------------------------------------
 
 
-def adapter_tensors(model: "AdaptedModel", name: str) -> dict[str, torch.Tensor]:
-    """The live tensors of adapter ``name``, keyed as in its weights file."""
+def adapter_tensors(model: "AdaptedModel", name: str, live: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of adapter ``name``, keyed as in its weights file: what peftkit's format saves (each
+    layer adapter's ``file_tensors()``) or, ``live``, the modules' own tensors (``tensors()``), which a
+    file's tensors are copied into once :func:`live_layout` has rebuilt them."""
     out: dict[str, torch.Tensor] = {}
     for module_name, module in model.base_model.named_modules():
         if isinstance(module, TunerLayer) and name in module.adapters:
-            for key, tensor in module.adapters[name].tensors().items():
+            adapter = module.adapters[name]
+            for key, tensor in (adapter.tensors() if live else adapter.file_tensors()).items():
                 out[site_key(module_name, key)] = tensor
     out.update(head_tensors(model, name))
     out.update(shared_tensors(model, name))
@@ -488,7 +491,8 @@ def _fit_head(model: "AdaptedModel", name: str, tensors: dict[str, torch.Tensor]
 
 def _copy_into(model: "AdaptedModel", name: str, tensors: dict[str, torch.Tensor], where: str) -> None:
     embedding_base = take_embedding_base_tensors(model, tensors, KEY_PREFIX, where)  # PEFT's, see there
-    own = adapter_tensors(model, name)
+    tensors = live_layout({site: layer.adapters[name] for site, layer in _layers_with(model, name)}, tensors, where)
+    own = adapter_tensors(model, name, live=True)
     check_weights(own, tensors, where)
     # A model-level adapter loads its own tensors: what it saves may be computed (prefix
     # tuning's MLP output), so it may have to change form to hold them.
@@ -501,6 +505,29 @@ def _copy_into(model: "AdaptedModel", name: str, tensors: dict[str, torch.Tensor
     if model_adapter is not None:
         model_adapter.load_tensors({key: tensors[key] for key in model_keys})
     load_embedding_base_tensors(model, embedding_base)
+
+
+def live_layout(layers: dict[str, Any], tensors: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    """A weights file's ``tensors`` with those of each site in ``layers`` (site -> its LayerAdapter) passed
+    through the adapter's ``tensors_from_file()``: keyed and shaped as its ``tensors()``. A key goes to the
+    innermost site it lies under; keys under no site pass unchanged."""
+    prefixes = {f"{KEY_PREFIX}{site}.": adapter for site, adapter in layers.items()}
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        dots = [i for i, char in enumerate(key) if char == "."]
+        prefix = next((key[:i + 1] for i in reversed(dots) if key[:i + 1] in prefixes), None)
+        if prefix is None:
+            out[key] = tensor
+        else:
+            grouped.setdefault(prefix, {})[key[len(prefix):]] = tensor
+    for prefix, saved in grouped.items():
+        try:
+            rebuilt = prefixes[prefix].tensors_from_file(saved)
+        except PeftkitError as exc:
+            raise AdapterLoadError(f"{where}: the tensors at {prefix[len(KEY_PREFIX):-1]}: {exc}") from None
+        out.update({prefix + key: tensor for key, tensor in rebuilt.items()})
+    return out
 
 
 def check_weights(own: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], where: str) -> None:

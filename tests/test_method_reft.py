@@ -350,3 +350,81 @@ def test_a_soft_prompt_added_first_counts_as_tokens_added_later_is_refused() -> 
     reft_first.set_active(Stack("p", "r"))
     with pytest.raises(PeftkitError, match="added to the model before the first ReFT adapter"):
         reft_first(input_ids=IDS, attention_mask=LEFT_PADDED)
+
+
+def old_layout_file(model: peftkit.AdaptedModel, folder: Any) -> None:
+    """Rewrite a saved folder's weights as peftkit wrote them before R was saved compactly: the frame
+    ``adapters`` keeps (``...original`` and the hidden x hidden ``...0.base``) in place of R."""
+    from safetensors.torch import save_file
+
+    from peftkit.core.serialization import adapter_tensors
+
+    live = adapter_tensors(model, "default", live=True)
+    save_file({k: v.detach().contiguous() for k, v in live.items()}, str(folder / "adapter_model.safetensors"))
+
+
+def test_own_format_saves_r_itself_and_loads_it_to_the_same_outputs_and_training(tmp_path: Any) -> None:
+    """peftkit's format saves R (r x hidden), not the hidden x hidden frame: a file of the trained numbers
+    only; loading rebuilds a frame giving R bit for bit, from which training moves R, orthonormal."""
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=32, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=4)).eval()
+    model = peftkit.AdaptedModel(copy.deepcopy(base))
+    model.add_adapter("default", "loreft[r=2,suffix_positions=1]")
+    randomize(model, "default", std=0.3, seed=3)
+    model.set_active("default")
+    model.eval()
+    model.save_adapter(str(tmp_path / "new"), "default")
+    model.save_adapter(str(tmp_path / "old"), "default")
+    old_layout_file(model, tmp_path / "old")
+    saved = load_file(str(tmp_path / "new" / "adapter_model.safetensors"))
+    assert not [k for k in saved if "parametrizations" in k]
+    trained = sum(p.numel() for p in model.adapter_parameters("default"))
+    assert sum(t.numel() for t in saved.values()) == trained == 2 * 2 * (2 * 2 * 128 + 2)
+    new_size = (tmp_path / "new" / "adapter_model.safetensors").stat().st_size
+    old_size = (tmp_path / "old" / "adapter_model.safetensors").stat().st_size
+    assert new_size < 0.05 * old_size, (new_size, old_size)
+
+    with torch.no_grad():
+        expected = model(input_ids=IDS, attention_mask=LEFT_PADDED).logits
+    for kind in ("new", "old"):  # files with the frame (peftkit's before R was saved alone) still load
+        loaded = peftkit.AdaptedModel(copy.deepcopy(base))
+        loaded.load_adapter(str(tmp_path / kind), "default")
+        loaded.eval()
+        with torch.no_grad():
+            assert torch.equal(loaded(input_ids=IDS, attention_mask=LEFT_PADDED).logits, expected), kind
+    new_loaded = peftkit.AdaptedModel(copy.deepcopy(base))
+    new_loaded.load_adapter(str(tmp_path / "new"), "default")
+    modules = adapter_modules(new_loaded)
+    before = {site: m.units["1"].projection.weight.detach().clone() for site, m in modules.items()}
+    new_loaded.train_adapter("default")
+    new_loaded.train()
+    optimizer = torch.optim.AdamW([p for p in new_loaded.parameters() if p.requires_grad], lr=0.05)
+    new_loaded(input_ids=IDS, attention_mask=LEFT_PADDED).logits.pow(2).mean().backward()
+    original = modules["model.layers.0"].units["1"].projection.parametrizations.weight.original
+    assert original.grad is not None and bool(original.grad.abs().sum() > 0)
+    optimizer.step()
+    for site, module in modules.items():
+        rows = module.units["1"].projection.weight.detach()
+        assert not torch.allclose(rows, before[site], atol=1e-4), site
+        torch.testing.assert_close(rows @ rows.T, torch.eye(2), atol=1e-5, rtol=0)
+
+
+def test_a_saved_r_that_is_not_orthonormal_or_of_another_shape_is_refused(tmp_path: Any) -> None:
+    from safetensors.torch import load_file, save_file
+
+    model = adapted("bert", "loreft[r=2]")
+    model.save_adapter(str(tmp_path), "default")
+    weights = tmp_path / "adapter_model.safetensors"
+    saved = load_file(str(weights))
+    key = "base_model.model.bert.encoder.layer.1.units.0.projection.weight"
+    for value, message in ((saved[key] * 1.1, "R's rows are not orthonormal"),
+                           (saved[key][:1], r"is \(1, 32\) in the file and \(2, 32\)")):
+        save_file({**saved, key: value.contiguous()}, str(weights))
+        fresh = peftkit.AdaptedModel(build_tiny("bert"))
+        with pytest.raises(peftkit.AdapterLoadError, match=f"bert.encoder.layer.1.*{message}"):
+            fresh.load_adapter(str(tmp_path), "default")
+        assert not fresh.adapters and not adapter_modules(fresh)  # nothing half-loaded

@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from peftkit.plugin_api import LayerAdapter
+from peftkit.plugin_api import ConfigError, LayerAdapter
 
 from .batch import ForwardBatch
-from .units import ReftUnit
+from .units import BASE_KEY, ORIGINAL_KEY, ROWS_KEY, ReftUnit, frame_for_rows
 
 #: Unit index -> which positions it acts on when weights are not tied (``adapters``' numbering).
 PREFIX, SUFFIX = 0, 1
@@ -68,6 +68,42 @@ class ReftIntervention(LayerAdapter):
 
     def delta(self, x: torch.Tensor, h: torch.Tensor, base: nn.Module) -> torch.Tensor:
         return self.forward(x, h, base) - h
+
+    # -- peftkit's own files: R itself in place of its orthogonal frame ----------------------------
+
+    def file_tensors(self) -> dict[str, torch.Tensor]:
+        """``tensors()``, but an orthonormal R is saved as its rows ``units.<i>.projection.weight`` (r x hidden)
+        instead of the frame ``adapters`` keeps (``...original`` and the hidden x hidden ``...0.base``, which
+        is not trained): what R is, in a file a small fraction of the size."""
+        out = {}
+        for key, tensor in self.tensors().items():
+            unit, _, rest = key.partition(".")[2].partition(".")
+            if rest == BASE_KEY:
+                continue
+            if rest == ORIGINAL_KEY:
+                key, tensor = f"units.{unit}.{ROWS_KEY}", self.units[unit].projection.weight.detach()
+            out[key] = tensor
+        return out
+
+    def tensors_from_file(self, saved: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """An orthonormal unit's saved rows R become the frame that gives exactly R (:func:`frame_for_rows`);
+        a file with the frame itself (saved by peftkit before 2026-12, or by ``adapters``) passes unchanged."""
+        out = dict(saved)
+        for index, unit in self.units.items():
+            key = f"units.{index}.{ROWS_KEY}"
+            if not unit.orthogonal or key not in out:
+                continue
+            rows = out.pop(key)
+            expected = tuple(unit.projection.parametrizations.weight.original.shape)
+            if tuple(rows.shape) != expected:
+                raise ConfigError(f"{key} is {tuple(rows.shape)} in the file and {expected} (r x hidden) in this "
+                                  f"adapter; the file was saved for another r or model")
+            try:
+                original, frame = frame_for_rows(rows)
+            except ValueError as exc:
+                raise ConfigError(f"{key}: {exc}") from None
+            out[f"units.{index}.{ORIGINAL_KEY}"], out[f"units.{index}.{BASE_KEY}"] = original, frame
+        return out
 
     def removed(self, base: nn.Module) -> None:
         self.batch.detach(self)

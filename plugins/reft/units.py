@@ -60,6 +60,39 @@ def orthonormal_projection(width: int, r: int, dtype: torch.dtype, frame_seed: i
     return projection
 
 
+#: Keys, relative to a unit, of the orthonormal projection's parametrization (``adapters``' names) and of
+#: the rows R it gives, which is what peftkit's own format saves in their place.
+ORIGINAL_KEY = "projection.parametrizations.weight.original"
+BASE_KEY = "projection.parametrizations.weight.0.base"
+ROWS_KEY = "projection.weight"
+#: How far from orthonormal saved rows may be (float32 rounding of a trained R is ~1e-6).
+ORTHONORMAL_TOLERANCE = 1e-4
+
+
+def frame_for_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(original, base)`` for which :class:`HouseholderFrame` gives exactly ``rows`` (r x n, orthonormal).
+
+    ``base`` is an orthogonal completion of ``rows^T`` whose first r columns are ``rows^T`` itself, and
+    ``original`` holds reflectors of zero with a diagonal of -1 (as a new adapter's): each zero reflector
+    flips its column and the diagonal's sign flips it back, so R is ``base``'s first r columns, bit for bit.
+    Training then moves R from there as from a new adapter's frame. Raises ValueError for rows that are not
+    orthonormal (``r`` below ``n``)."""
+    if rows.dim() != 2 or rows.shape[0] >= rows.shape[1]:
+        raise ValueError(f"an orthonormal R is r x hidden with r below hidden; got shape {tuple(rows.shape)}")
+    r, width = rows.shape
+    wide = rows.detach().to(torch.float64)
+    error = float((wide @ wide.mT - torch.eye(r, dtype=torch.float64)).abs().max())
+    if not error <= ORTHONORMAL_TOLERANCE:  # NaN too
+        raise ValueError(f"R's rows are not orthonormal (|R R^T - I| up to {error:.3g}, allowed "
+                         f"{ORTHONORMAL_TOLERANCE:g}): the file is damaged or was not saved with orthogonality=true")
+    complete, _ = torch.linalg.qr(wide.mT, mode="complete")  # columns r.. span the complement of R's rows
+    base = complete.to(rows.dtype)
+    base[:, :r] = rows.detach().mT
+    original = torch.zeros(r, width, dtype=rows.dtype)
+    original.diagonal().fill_(-1.0)
+    return original, base
+
+
 #: The ``original`` parameters whose diagonals :func:`restore_signs` keeps at +-1.
 SIGNED: "weakref.WeakSet[torch.nn.Parameter]" = weakref.WeakSet()
 _HOOK: list = []
