@@ -79,6 +79,7 @@ _LAZY: dict[str, str] = {
     "AdaloraConfig": "peftkit.plugins.adalora.config",
     "UnionConfig": "peftkit.plugins.union.config",
     "MamConfig": "peftkit.plugins.union.config",
+    "UniPeltConfig": "peftkit.plugins.union.config",
     # errors
     "PeftkitError": "peftkit.core.errors",
     "ConfigError": "peftkit.core.errors",
@@ -137,4 +138,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from peftkit.plugins.boft.config import BoftConfig  # noqa: F401
     from peftkit.plugins.vera.config import VeraConfig  # noqa: F401
     from peftkit.plugins.adalora.config import AdaloraConfig  # noqa: F401
-    from peftkit.plugins.union.config import MamConfig, UnionConfig  # noqa: F401
+    from peftkit.plugins.union.config import MamConfig, UnionConfig, UniPeltConfig  # noqa: F401

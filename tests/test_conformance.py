@@ -63,6 +63,7 @@ TestConformance_seq_bn_original_ln = make_conformance_class(
 UNION_SPECS = {
     "union": ("lora[r=4]|seq_bn[reduction_factor=4]", True),
     "mam": ("mam", False),
+    "unipelt": ("unipelt", False),
 }
 for _key, (_spec, _identity) in UNION_SPECS.items():
     globals()[f"TestConformance_{_key}"] = make_conformance_class(_spec, identity_at_init=_identity)

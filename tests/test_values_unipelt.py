@@ -65,3 +65,51 @@ def test_bottleneck_gate_scales_the_branch_by_the_gate_on_the_adapter_input(opti
     assert gate.shape == (h.shape[0], 1) and (gate - 0.5).abs().max() > 1e-3
     expected = h + gate[:, :, None] * branch
     torch.testing.assert_close(seen["out"], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_gate_replaces_the_scale_by_the_gate_on_the_layer_input():
+    """lora[use_gating=true]: out = W0 x + b0 + g(x) * (x A^T B^T), with no alpha / r (adapters' rule)."""
+    t, seen = _seen_at("lora[r=4,alpha=64,use_gating=true,target_modules=[\"query\"]]", LORA_SITE)
+    x, h = seen["x"], seen["h"]
+    gate = _gate(x, t["gate.weight"], t["gate.bias"])
+    assert gate.shape == (x.shape[0], 1) and (gate - 0.5).abs().max() > 1e-3
+    expected = h + gate[:, :, None] * (x @ t["lora_A.weight"].T @ t["lora_B.weight"].T)
+    torch.testing.assert_close(seen["out"], expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_prefix_gate_scales_the_prefix_keys_and_values_in_attention(shared):
+    """prefix_tuning[use_gating=true] at BERT's layer 1: attention over [g_k * Pk; K] and [g_v * Pv; V], with
+    g read from the attention's input (one gate for both, or g_k and g_v with shared_gating=false)."""
+    model = peftkit.adapt(build_tiny("bert"), f"prefix_tuning[num_virtual_tokens=3,use_gating=true,"
+                                              f"shared_gating={str(shared).lower()}]")
+    randomize(model, "default", seed=5, scale=0.5)
+    attention = model.base_model.get_submodule("bert.encoder.layer.1.attention.self")
+    seen: dict[str, torch.Tensor] = {}
+    attention.register_forward_hook(lambda m, args, kwargs, out: seen.update(x=args[0] if args else
+                                    kwargs["hidden_states"], out=out[0]), with_kwargs=True)
+    inputs = sample_inputs("bert")
+    inputs["attention_mask"][1, -2:] = 0  # padding: masked for attention, still in the gate's mean
+    model.eval()
+    with torch.no_grad():
+        model(**inputs)
+    t = {k: v.detach() for k, v in model.model_adapter("default").tensors().items()}
+    x, heads = seen["x"], 4
+    batch, length, hidden = x.shape
+    head_dim = hidden // heads
+    prefix = t["prompt_embeddings"].view(3, 2 * 2, heads, head_dim)  # (P, layers * 2, heads, head_dim)
+    gate = _gate(x, t["prefix_gates.1.weight"], t["prefix_gates.1.bias"])
+    assert gate.shape == (batch, 1 if shared else 2) and (gate - 0.5).abs().max() > 1e-3
+    pk = prefix[:, 2].permute(1, 0, 2)[None] * gate[:, 0, None, None, None]   # layer 1's key block
+    pv = prefix[:, 3].permute(1, 0, 2)[None] * gate[:, -1, None, None, None]  # and value block
+
+    def heads_of(name: str) -> torch.Tensor:
+        linear = attention.get_submodule(name)
+        return (x @ linear.weight.detach().T + linear.bias.detach()).view(batch, length, heads, head_dim).transpose(1, 2)
+
+    keys, values = torch.cat([pk, heads_of("key")], 2), torch.cat([pv, heads_of("value")], 2)
+    scores = heads_of("query") @ keys.transpose(-1, -2) / head_dim ** 0.5
+    attended = torch.cat([torch.ones(batch, 3), inputs["attention_mask"].float()], 1)
+    scores = scores + (1 - attended)[:, None, None, :] * -1e9
+    expected = (torch.softmax(scores, -1) @ values).transpose(1, 2).reshape(batch, length, hidden)
+    torch.testing.assert_close(seen["out"], expected, atol=1e-5, rtol=1e-5)

@@ -39,6 +39,8 @@ class LoraConfig(AdapterConfig):
     PEFT's EvaConfig. rank_pattern / alpha_pattern: per-module
     overrides, keys are regexes matched against the end of module names (parameter names for
     target_parameters). target_parameters: nn.Parameters to adapt (MoE expert stacks), see parameters.py.
+    use_gating: UniPELT's gate (AdapterHub's LoRAConfig.use_gating): the update B A x is scaled by the
+      mean over the sequence of sigmoid(W x + b), one value per example, instead of alpha / r.
     """
 
     method: ClassVar[str] = "lora"
@@ -62,6 +64,9 @@ class LoraConfig(AdapterConfig):
     eva_whiten: bool = option(False, help="EVA: divide A's rows by the square roots of their singular values")
     eva_adjust_scaling_factors: bool = option(
         True, help='EVA: scale alpha with a layer\'s new rank, so every layer keeps the scale alpha / r')
+    use_gating: bool = option(
+        False, help="a learned gate (sequence mean of sigmoid(W x + b) on the layer's input, per example) replaces "
+                    "alpha / r (AdapterHub's UniPELT); linear layers only, not mergeable")
     target_parameters: Union[list[str], None] = option(
         None, help='nn.Parameters to adapt, e.g. MoE experts: ["experts.gate_up_proj", "experts.down_proj"] '
                    '(full names or dotted suffixes; PEFT\'s target_parameters)')
@@ -83,6 +88,13 @@ class LoraConfig(AdapterConfig):
         if is_residual_init(self.init_weights) and self.use_dora:
             raise ConfigError(f"lora config: init_weights={self.init_weights!r} cannot be combined with "
                               f"use_dora=true; use one of them")
+        if self.use_gating:
+            clash = [name for name, on in (("use_dora", self.use_dora), ("init_weights", is_residual_init(
+                self.init_weights) or self.init_weights == "eva"), ("target_parameters", bool(self.target_parameters)))
+                if on]
+            if clash:
+                raise ConfigError(f"lora config: use_gating=true cannot be combined with {clash[0]}="
+                                  f"{getattr(self, clash[0])!r}; a gated LoRA is a plain LoRA on linear layers")
         if self.target_parameters is not None and not all(self.target_parameters):
             raise ConfigError(f"lora config: target_parameters={self.target_parameters!r} holds an empty name; "
                               f"name parameters, e.g. [\"experts.gate_up_proj\", \"experts.down_proj\"]")

@@ -111,6 +111,8 @@ class LoraMethod(Method):
             raise ConfigError(f"lora: init_weights={config.init_weights!r} applies to linear layers only, and "
                               f"{site.name} is a {type(base_layer).__name__}; exclude it (exclude_modules) or "
                               f"use another init")
+        if config.use_gating:
+            return _gated_adapter(site.name, base_layer, r, scale, config)
         if is_embedding(base_layer):
             init = True if config.init_weights == "eva" else config.init_weights
             if config.use_dora:
@@ -147,6 +149,7 @@ class LoraMethod(Method):
                 continue
             in_f, out_f = linear_features(base)
             total += r * (in_f + out_f) + (out_f if config.use_dora else 0)
+            total += in_f + 1 if config.use_gating else 0
         return total
 
     def training_callbacks(self, model: Any, adapter_name: str) -> list[Any]:
@@ -165,18 +168,35 @@ class LoraMethod(Method):
         assert isinstance(config, LoraConfig)
         ours = config.to_dict()
         eva = {peft: ours[mine] for peft, mine in _EVA_FIELDS.items()} if config.init_weights == "eva" else None
+        # PEFT has no gates: use_gating is written only when set (PEFT then refuses the file, as it should).
+        gating = {"use_gating": True} if config.use_gating else {}
         return write_peft_fields("LORA", ours, _FROM_PEFT, bias="none", fan_in_fan_out=False,
-                                 layers_pattern=None, eva_config=eva)
+                                 layers_pattern=None, eva_config=eva, **gating)
 
     def config_from_file(self, data: dict[str, Any]) -> AdapterConfig:
         data = dict(data)
         eva = data.pop("eva_config", None) or {}
+        gating = bool(data.pop("use_gating", False))
         values = read_peft_fields(data, self.name, _FROM_PEFT, fixed=_PEFT_DEFAULTS, ignored=_PEFT_IGNORED)
+        if gating:
+            values["use_gating"] = True
         values.update(read_peft_fields(eva, f"{self.name} (eva_config)", _EVA_FIELDS))
         init = values.get("init_weights")
         if init not in (True, False, "gaussian", "eva") and not is_residual_init(init):
             values["init_weights"] = True  # PEFT's other init schemes only matter before training
         return LoraConfig.from_dict(values)
+
+
+def _gated_adapter(site: str, base: "nn.Module", r: int, scale: float, config: LoraConfig) -> "nn.Module":
+    """UniPELT's gated LoRA at a linear layer (gating.py)."""
+    from peftkit.plugin_api import is_conv, is_embedding
+
+    from .gating import GatedLoraLinear
+
+    if is_embedding(base) or is_conv(base):
+        raise ConfigError(f"lora: use_gating=true gates linear layers only, and {site} is a {type(base).__name__}; "
+                          f"exclude it (exclude_modules) or set use_gating=false")
+    return GatedLoraLinear(base, r, scale, config.dropout, config.init_weights)
 
 
 def _parameter_adapter(site: ParameterSite, base: "nn.Module", config: LoraConfig) -> "nn.Module":

@@ -28,6 +28,9 @@ class PrefixTuningConfig(AdapterConfig):
       placement: the prefix takes positions 0..P-1 and the tokens P..P+n-1)
       or "from_zero" (AdapterHub's ``adapters``: the tokens keep 0..n-1 and
       the prefix has no position; loaded AdapterHub folders get it).
+    use_gating: UniPELT's gate (AdapterHub's PrefixTuningConfig.use_gating): in each attention
+      layer the prefix keys and values are multiplied by the mean over the sequence of
+      sigmoid(W x + b) on the attention's input x (shared_gating=false: one gate each).
     """
 
     method: ClassVar[str] = "prefix_tuning"
@@ -49,6 +52,12 @@ class PrefixTuningConfig(AdapterConfig):
         "after_prefix", help='"after_prefix": the real tokens start at position P (PEFT); "from_zero": they keep '
                              '0..n-1 and the prefix has no position (AdapterHub\'s adapters)')
 
+    use_gating: bool = option(
+        False, help="a learned gate per attention layer (sequence mean of sigmoid(W x + b) on the attention's "
+                    "input, per example) scales the prefix's keys and values (AdapterHub's UniPELT)")
+    shared_gating: bool = option(
+        True, help="with use_gating, one gate for the keys and values (false: one each)")
+
     def check(self) -> None:
         check_num_virtual_tokens(self)
         for key in ("encoder_hidden_size", "num_layers", "token_dim", "num_attention_heads"):
@@ -68,3 +77,6 @@ class PrefixTuningConfig(AdapterConfig):
             raise ConfigError("prefix_tuning config: token_positions='from_zero' is for encoder-only and "
                               "decoder-only models; leave it at 'after_prefix' on an encoder-decoder model")
         refuse_layer_selection(self, "prefix tuning adds a prefix to every attention layer")
+        if self.use_gating and self.num_transformer_submodules == 2:
+            raise ConfigError("prefix_tuning config: use_gating=true is for encoder-only and decoder-only models "
+                              "(as in AdapterHub's adapters); set use_gating=false on an encoder-decoder model")

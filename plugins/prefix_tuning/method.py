@@ -48,19 +48,31 @@ class PrefixTuningMethod(VirtualTokenMethod):
         config.num_transformer_submodules = geometry.num_transformer_submodules
         if config.prefix_projection and config.encoder_hidden_size is None:
             config.encoder_hidden_size = geometry.token_dim
-        adapter = PrefixTuning(geometry, prefix_projection=config.prefix_projection,
-                               encoder_hidden_size=config.encoder_hidden_size, init_weights=config.init_weights,
-                               is_encoder_decoder=geometry.num_transformer_submodules == 2,
-                               cache_config=text_config(model), token_positions=config.token_positions)
-        return on_model_device(adapter, model)
+        options = dict(prefix_projection=config.prefix_projection, encoder_hidden_size=config.encoder_hidden_size,
+                       init_weights=config.init_weights, is_encoder_decoder=geometry.num_transformer_submodules == 2,
+                       cache_config=text_config(model), token_positions=config.token_positions)
+        if not config.use_gating:
+            return on_model_device(PrefixTuning(geometry, **options), model)
+        from .gating import GatedPrefixTuning
+
+        if geometry.num_transformer_submodules == 2:
+            raise ConfigError(f"prefix_tuning: use_gating=true is for encoder-only and decoder-only models (as in "
+                              f"AdapterHub's adapters), and {type(model).__name__} is an encoder-decoder model; set "
+                              f"use_gating=false")
+        gated = GatedPrefixTuning(geometry, hidden_size=_hidden_size(model), shared_gating=config.shared_gating,
+                                  **options)
+        gated.attach(model)
+        return on_model_device(gated, model)
 
     def expected_parameter_count(self, model: "nn.Module", config: AdapterConfig, sites: list[Site]) -> int:
         assert isinstance(config, PrefixTuningConfig)
         g = prefix_geometry(model, config)
+        gates = g.num_layers * (_hidden_size(model) + 1) * (1 if config.shared_gating else 2) \
+            if config.use_gating else 0
         if not config.prefix_projection:
-            return g.num_virtual_tokens * g.width
+            return g.num_virtual_tokens * g.width + gates
         hidden = config.encoder_hidden_size or g.token_dim
-        return (g.num_virtual_tokens * g.token_dim + (g.token_dim + 1) * hidden + (hidden + 1) * g.width)
+        return (g.num_virtual_tokens * g.token_dim + (g.token_dim + 1) * hidden + (hidden + 1) * g.width + gates)
 
     # -- PEFT's adapter_config.json ---------------------------------------------------------
 
@@ -74,14 +86,27 @@ class PrefixTuningMethod(VirtualTokenMethod):
             data["encoder_hidden_size"] = config.token_dim  # PEFT fills it in the same way
         if config.token_positions != "after_prefix":  # PEFT has no such field: written only when needed
             data["token_positions"] = config.token_positions
+        if config.use_gating:  # nor gates: written only when set (PEFT then refuses the file, as it should)
+            data.update(use_gating=True, shared_gating=config.shared_gating)
         return data
 
     def config_from_file(self, data: dict[str, Any]) -> AdapterConfig:
-        fields = {key: key for key in (*_PEFT_FIELDS, "token_positions")}
+        fields = {key: key for key in (*_PEFT_FIELDS, "token_positions", "use_gating", "shared_gating")}
         values = read_peft_fields(data, self.name, fields, ignored=_PEFT_IGNORED)
         if not values.get("prefix_projection"):
             values.pop("encoder_hidden_size", None)  # PEFT writes token_dim here even without the MLP
         return PrefixTuningConfig.from_dict(values)
+
+
+def _hidden_size(model: "nn.Module") -> int:
+    """The width of the attention's input, which a prefix gate reads (the model's hidden size)."""
+    from peftkit.plugin_api import text_config
+
+    hidden = _first(text_config(model), "hidden_size", "n_embd", "d_model")
+    if not hidden:
+        raise ConfigError(f"prefix_tuning use_gating=true: cannot read the hidden size of {type(model).__name__} "
+                          f"from its config")
+    return int(hidden)
 
 
 def _first(config: Any, *names: str) -> Any:

@@ -111,3 +111,23 @@ class MamConfig(UnionConfig):
     method: ClassVar[str] = "mam"
 
     parts: list[Union[str, dict[str, Any]]] = field(default_factory=_mam_parts)
+
+
+def _unipelt_parts() -> list[Union[str, dict[str, Any]]]:
+    # AdapterHub's UniPELTConfig: PrefixTuningConfig(prefix_length=10) (its MLP of width 512, tokens kept at
+    # positions 0..n-1), SeqBnConfig(reduction_factor=16) (the Pfeiffer placement) and LoRAConfig(r=8, alpha=2)
+    # on the query and value projections, each with use_gating=True.
+    return ["prefix_tuning[num_virtual_tokens=10,prefix_projection=true,encoder_hidden_size=512,"
+            "token_positions=from_zero,use_gating=true]",
+            "seq_bn[reduction_factor=16,original_ln_before=true,use_gating=true]",
+            "lora[r=8,alpha=2,use_gating=true]"]
+
+
+@dataclass
+class UniPeltConfig(UnionConfig):
+    """UniPELT (Mao et al. 2022, arXiv 2110.07577): gated prefix tuning, a gated sequential bottleneck adapter
+    and a gated LoRA, with AdapterHub's defaults; ``parts`` may override them."""
+
+    method: ClassVar[str] = "unipelt"
+
+    parts: list[Union[str, dict[str, Any]]] = field(default_factory=_unipelt_parts)

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from peftkit.plugin_api import ALL_BLOCKS, AdapterConfig, ConfigError, Method, Site, TargetError
 
-from .config import MamConfig, UnionConfig
+from .config import MamConfig, UnionConfig, UniPeltConfig
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch.nn as nn
@@ -140,4 +140,14 @@ class MamMethod(UnionMethod):
     known_as = {"mamadapter": "the mix-and-match adapter is mam"}
     joins_specs = False  # a preset: "a|b" specs make a union
     description = "Mix-and-match adapter: prefix tuning + a parallel bottleneck adapter, as one adapter (union)"
+    supported_blocks = frozenset({"stack"})  # its prefix changes the model's inputs (see prefix tuning)
+
+
+class UniPeltMethod(UnionMethod):
+    name = "unipelt"
+    config_class = UniPeltConfig
+    known_as = {"unipeltconfig": "AdapterHub's UniPELTConfig is unipelt"}
+    joins_specs = False  # a preset: "a|b" specs make a union
+    description = ("UniPELT: gated prefix tuning + a gated bottleneck adapter + a gated LoRA, as one adapter "
+                   "(union)")
     supported_blocks = frozenset({"stack"})  # its prefix changes the model's inputs (see prefix tuning)
