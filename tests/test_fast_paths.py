@@ -209,6 +209,34 @@ def test_lokr_fused_sum_matches_formula(shape: tuple[int, int], r: int, dtype: t
             assert torch.allclose(layer(x), expected_out, atol=1e-5)
 
 
+@pytest.mark.parametrize("conv1d, bias", [(False, False), (False, True), (True, True)])
+def test_lokr_fused_inference_matches_training_path(conv1d: bool, bias: bool) -> None:
+    """With gradients off, the fused LoKr layer (rank-r w2) runs its products without an autograd node:
+    the same values as the training path bit for bit, and as x (W + s kron(w1, w2))^T + b."""
+    model = nn.Sequential()
+    torch.manual_seed(1)
+    model.add_module("proj", _conv1d(96, 256) if conv1d else nn.Linear(96, 256, bias=bias))
+    torch.manual_seed(2)
+    adapted = peftkit.adapt(model, "lokr[r=2,alpha=4,init_weights=false,target_modules=proj]")
+    adapted.eval()
+    layer = adapted.base_model.proj
+    adapter = layer.adapters["default"]
+    assert not adapter.shapes.full_w2
+    x = torch.randn(3, 5, 96)
+    with_grad = layer(x)
+    assert _node_under_view(with_grad) == "_LokrFnBackward"
+    with torch.no_grad():
+        without = layer(x)
+        weight = layer.base_layer.weight.t() if conv1d else layer.base_layer.weight
+        expected = x @ (weight + adapter.delta_out_in()).t()
+        if layer.base_layer.bias is not None:
+            expected = expected + layer.base_layer.bias
+    with torch.inference_mode():
+        inferred = layer(x)
+    assert without.grad_fn is None and without.shape == (3, 5, 256)
+    assert torch.equal(without, with_grad.detach()) and torch.equal(inferred, without)
+    assert torch.allclose(without, expected, atol=1e-5)
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("feedforward", [False, True])
 def test_ia3_alone_matches_formula(feedforward: bool, dtype: torch.dtype) -> None:

@@ -13,7 +13,8 @@ In training one autograd node holds the layer: backward runs the same
 rank-major products in reverse, the input gradient ``g W + (LoKr's input
 gradient)`` is accumulated by the last product instead of summing two
 (tokens, in) tensors, and no autograd bookkeeping runs for the views between
-the products. Values and gradients equal the unfused forward up to float
+the products. In inference (gradients off) the same products run without an
+autograd node. Values and gradients equal the unfused forward up to float
 rounding (tests/test_fast_paths.py).
 """
 
@@ -38,22 +39,29 @@ def rank_major_products(x2: torch.Tensor, w1s: torch.Tensor, w2_b: torch.Tensor,
     return z_t, u_t
 
 
+def _lokr_sum(x2: torch.Tensor, w1s: torch.Tensor, w2_a: torch.Tensor, w2_b: torch.Tensor, base: nn.Module,
+              in_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(``x2 W^T + b + kron(w1s, w2_a w2_b) x2``, ``z_t``, ``u_t``): the update's last product adds into the
+    base product in place (``z_t``, ``u_t``: :func:`rank_major_products`' intermediates)."""
+    weight, bias = base.weight, getattr(base, "bias", None)
+    if is_conv1d(base):  # weight stored (in, out)
+        out = torch.addmm(bias, x2, weight) if bias is not None else torch.mm(x2, weight)
+    else:
+        out = F.linear(x2, weight, bias)
+    z_t, u_t = rank_major_products(x2, w1s, w2_b, in_m)
+    out.view(-1, w2_a.shape[0]).addmm_(u_t.view(w2_b.shape[0], -1).t(), w2_a.t())
+    return out, z_t, u_t
+
+
 class _LokrFn(torch.autograd.Function):
     """y = x W^T + b + kron(w1s, w2_a w2_b) x, w1s = s * w1; x as (tokens, in_m * in_n)."""
 
     @staticmethod
     def forward(ctx: Any, x2: torch.Tensor, w1s: torch.Tensor, w2_a: torch.Tensor, w2_b: torch.Tensor,
                 base: nn.Module, in_m: int) -> torch.Tensor:
-        weight, bias = base.weight, getattr(base, "bias", None)
-        conv1d = is_conv1d(base)
-        if conv1d:
-            out = torch.addmm(bias, x2, weight) if bias is not None else torch.mm(x2, weight)
-        else:
-            out = F.linear(x2, weight, bias)
-        z_t, u_t = rank_major_products(x2, w1s, w2_b, in_m)
-        out.view(-1, w2_a.shape[0]).addmm_(u_t.view(w2_b.shape[0], -1).t(), w2_a.t())
-        ctx.save_for_backward(x2, z_t, u_t, w1s, w2_a, w2_b, weight)
-        ctx.conv1d, ctx.in_m = conv1d, in_m
+        out, z_t, u_t = _lokr_sum(x2, w1s, w2_a, w2_b, base, in_m)
+        ctx.save_for_backward(x2, z_t, u_t, w1s, w2_a, w2_b, base.weight)
+        ctx.conv1d, ctx.in_m = is_conv1d(base), in_m
         return out
 
     @staticmethod
@@ -78,5 +86,8 @@ def fused_lokr(x: torch.Tensor, w1s: torch.Tensor, w2_a: torch.Tensor, w2_b: tor
                in_m: int) -> torch.Tensor:
     """The whole output of linear layer ``base`` with LoKr's update (w1 already scaled) on input ``x``."""
     x2 = x.reshape(-1, x.shape[-1])
-    out = _LokrFn.apply(x2, w1s, w2_a, w2_b, base, in_m)
+    if torch.is_grad_enabled():
+        out = _LokrFn.apply(x2, w1s, w2_a, w2_b, base, in_m)
+    else:  # inference: the same products, without an autograd node
+        out, _, _ = _lokr_sum(x2, w1s, w2_a, w2_b, base, in_m)
     return out.view(*x.shape[:-1], out.shape[-1])
