@@ -30,8 +30,11 @@ class ArchitectureSpec:
         points are ``attention`` (self-attention modules), ``attention_output``
         (attention output projection), ``ffn_input`` (module whose input is
         the feed-forward block's input), ``ffn_output`` (feed-forward output
-        projection), and for encoder-decoder models ``cross_attention_output``
-        (the decoder's cross-attention output projection).
+        projection), for encoder-decoder models ``cross_attention_output``
+        (the decoder's cross-attention output projection), and for the BERT
+        family ``embedding_output`` (the last module of the embedding block,
+        whose output is the hidden states the first layer reads; see
+        core/output_points.py).
       layer_pattern: regex whose group 1 is the transformer layer index.
     """
 
@@ -74,6 +77,7 @@ def _bert_like(model_type: str) -> ArchitectureSpec:
             "attention_output": r".*\.layer\.\d+\.attention\.output\.dense",
             "ffn_input": r".*\.layer\.\d+\.intermediate",
             "ffn_output": r".*\.layer\.\d+\.output\.dense",
+            "embedding_output": r"(?:.*\.)?embeddings\.dropout",
         },
     )
 

@@ -26,6 +26,7 @@ from .errors import AdapterError, MergeError, TargetError
 from .labels import config_labels, set_config_labels
 from .layer import LayerAdapter, ModelAdapter, ModulesToSave, TunerLayer, merge_order_message, name_taken_by_torch
 from .method import Method, Site
+from .output_points import PointOutputHooks
 from .plugins import architecture_for, parse_spec
 from .shared_state import SharedState
 from .state import AdapterState
@@ -86,6 +87,8 @@ class AdaptedModel(CompositionMixin, nn.Module):
         #: Adapter name -> its adapter-wide tensors (Method.create_shared_state), held once here.
         self._shared_states = nn.ModuleDict()
         self._hook_handle: Any = None
+        #: Hooks on the modules whose output model-level adapters rewrite (core/output_points.py).
+        self._point_hooks = PointOutputHooks()
         #: The config's label names while an adapter's head (with other labels) is shown there.
         self._labels_before: list[str] | None = None
         for param in model.parameters():
@@ -193,6 +196,8 @@ class AdaptedModel(CompositionMixin, nn.Module):
             self._model_adapters[record.name] = model_adapter
             record.model_adapter = True
             self._ensure_input_hook()
+            self._point_hooks.attach(model, arch, model_adapter, method.name, self.adapter_state,
+                                     self._model_adapters)
         record.modules_to_save = self.resolve_modules_to_save(config, default_head)
         record.sites = self.adapted_sites(method, config, record.modules_to_save)
         self._create_shared_state(record)
@@ -559,6 +564,7 @@ class AdaptedModel(CompositionMixin, nn.Module):
         if self._hook_handle is not None:
             self._hook_handle.remove()
             self._hook_handle = None
+        self._point_hooks.remove()
         self._records.clear()
         return model
 

@@ -34,6 +34,8 @@ _LAZY: dict[str, str] = {
     "option": "peftkit.core.config",
     "LayerAdapter": "peftkit.core.layer",
     "ModelAdapter": "peftkit.core.layer",
+    "PointOutputAdapter": "peftkit.core.output_points",
+    "EMBEDDING_OUTPUT": "peftkit.core.output_points",
     "TunerLayer": "peftkit.core.layer",
     "adapters_at": "peftkit.core.layer",
     "layer_adapters_of": "peftkit.core.method_training",
@@ -122,6 +124,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from peftkit.core.layer import LayerAdapter, ModelAdapter, TunerLayer, adapters_at  # noqa: F401
     from peftkit.core.method import ALL_BLOCKS, Method, Site  # noqa: F401
     from peftkit.core.method_training import layer_adapters_of  # noqa: F401
+    from peftkit.core.output_points import EMBEDDING_OUTPUT, PointOutputAdapter  # noqa: F401
     from peftkit.core.shared_state import SharedState  # noqa: F401
     from peftkit.core.model_inputs import (CACHE_ARGUMENTS, batch_size, bind_arguments,  # noqa: F401
                                            cache_argument, check_growing_cache, extend_mask, note_prefix,
