@@ -9,9 +9,11 @@ changed script or a rebuilt venv makes new fixtures.
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 
@@ -42,4 +44,46 @@ def cached_fixtures(prefix: str, script: str, *also: str) -> Path:
         shutil.rmtree(partial, ignore_errors=True)
         run_in_venv([script, str(partial)])
         partial.rename(folder)
+    return folder
+
+
+def saved_both_ways(fixtures: Path, saved: dict[str, tuple[str, str | None]], base_of: Callable[[Path], Any],
+                    shuffle: Callable[[Any, int], None], output: Callable[[Any, dict], Any], tmp_path: Path,
+                    atol: float) -> tuple[Path, dict[str, Any]]:
+    """Save adapters in AdapterHub's format for a venv script's ``--run`` and check that peftkit reads each back.
+
+    ``saved`` maps a label to (the fixture case whose base model (``base_of(case)``) and batch are used, the
+    spec peftkit adapts it with, or None for the case's own folder loaded); ``shuffle(model, seed)`` moves the
+    weights away from where they start. Returns the jobs file (``{"case", "adapter", "out"}`` per label, the
+    folder saved under ``tmp_path/<label>``) and peftkit's outputs on each case's batch, by label."""
+    import torch
+    from safetensors.torch import load_file
+
+    import peftkit
+
+    jobs, ours = [], {}
+    for label, (name, spec) in saved.items():
+        case = fixtures / name
+        model = (peftkit.from_pretrained(base_of(case), str(case / "adapter")) if spec is None
+                 else peftkit.adapt(base_of(case), spec))
+        shuffle(model, len(jobs))
+        model.eval()
+        folder = tmp_path / label
+        model.save_adapter(str(folder), format="adapters")
+        expected = load_file(str(case / "expected.safetensors"))
+        ours[label] = output(model, expected)
+        jobs.append({"case": str(case), "adapter": str(folder), "out": str(tmp_path / f"{label}.safetensors")})
+        again = peftkit.from_pretrained(base_of(case), str(folder))  # and peftkit reads its own file back
+        torch.testing.assert_close(output(again, expected), ours[label], atol=atol, rtol=0)
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    return tmp_path / "jobs.json", ours
+
+
+def with_changed_options(adapter: Path, tmp_path: Path, change: dict[str, Any]) -> Path:
+    """A copy of an AdapterHub adapter folder whose ``adapter_config.json`` has ``change`` in its options."""
+    folder = tmp_path / "changed"
+    shutil.copytree(adapter, folder)
+    data = json.loads((folder / "adapter_config.json").read_text())
+    data["config"].update(change)
+    (folder / "adapter_config.json").write_text(json.dumps(data))
     return folder

@@ -215,14 +215,13 @@ def test_decoder_placements_peftkit_does_not_compute_are_refused(fixtures: Path,
         model.save_adapter(str(tmp_path / "par"), format="adapters")
 
 
-@pytest.mark.parametrize("name, architecture", [("bert_prompt_tuning", "prompt_tuning")])
-def test_adapterhub_prompt_tuning_is_refused_by_name(fixtures: Path, name: str, architecture: str) -> None:
-    """adapters puts its prompt after BERT's embedding LayerNorm; peftkit's (PEFT's) prompt tuning computes
-    otherwise, so no method claims these folders (prefix tuning: tests/test_adapterhub_prefix.py)."""
-    case = fixtures / name
-    with pytest.raises(AdapterLoadError, match=f"no installed peftkit method reads this AdapterHub adapter "
-                                               f"\\(architecture='{architecture}'"):
-        peftkit.from_pretrained(_base(case), str(case / "adapter"))
+def test_adapterhub_prompt_tuning_loads_after_the_embedding_block(fixtures: Path) -> None:
+    """adapters puts its prompt after BERT's embedding LayerNorm: peftkit's prompt_tuning[placement=embedding_output]
+    (more cases, padded batches, heads and saving: tests/test_adapterhub_prompt.py)."""
+    case = fixtures / "bert_prompt_tuning"
+    model = peftkit.from_pretrained(_base(case), str(case / "adapter"))
+    assert model.adapter_record("default").config.placement == "embedding_output"
+    torch.testing.assert_close(_hidden(model, case), _expected(case), atol=ATOL, rtol=0)
 
 
 def test_adapters_format_refuses_what_it_cannot_hold(fixtures: Path, tmp_path: Path) -> None:

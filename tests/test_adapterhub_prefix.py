@@ -9,7 +9,6 @@ saved. peftkit reads them as ``prefix_tuning[token_positions=from_zero]``: the t
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import peftkit
-from tests.adapterhub_venv import cached_fixtures, run_in_venv
+from tests.adapterhub_venv import cached_fixtures, run_in_venv, saved_both_ways, with_changed_options
 from peftkit.core.errors import AdapterLoadError, PeftkitError
 from tests.test_adapterhub_reft import base_of, output  # the same case layout and batches
 
@@ -62,24 +61,10 @@ SAVED = {
 
 def test_peftkit_saves_prefix_tuning_in_adapters_format_that_adapters_computes_alike(prefix_fixtures: Path,
                                                                                       tmp_path: Path) -> None:
-    jobs, ours = [], {}
-    for label, (name, spec) in SAVED.items():
-        case = prefix_fixtures / name
-        model = (peftkit.from_pretrained(base_of(case), str(case / "adapter")) if spec is None
-                 else peftkit.adapt(base_of(case), spec))
-        shuffle(model, seed=len(jobs))
-        model.eval()
-        folder = tmp_path / label
-        model.save_adapter(str(folder), format="adapters")
-        expected = load_file(str(case / "expected.safetensors"))
-        ours[label] = output(model, expected)
-        jobs.append({"case": str(case), "adapter": str(folder), "out": str(tmp_path / f"{label}.safetensors")})
-        again = peftkit.from_pretrained(base_of(case), str(folder))  # and peftkit reads its own file back
-        torch.testing.assert_close(output(again, expected), ours[label], atol=ATOL, rtol=0)
+    jobs, ours = saved_both_ways(prefix_fixtures, SAVED, base_of, shuffle, output, tmp_path, ATOL)
     options = json.loads((tmp_path / "llama_made_reparametrized" / "adapter_config.json").read_text())["config"]
     assert options["flat"] is True and options["prefix_length"] == 3  # the MLP's output is saved
-    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
-    run_in_venv(["make_prefix_fixtures.py", "--run", str(tmp_path / "jobs.json")])
+    run_in_venv(["make_prefix_fixtures.py", "--run", str(jobs)])
     for label in SAVED:
         theirs = load_file(str(tmp_path / f"{label}.safetensors"))["output"]
         torch.testing.assert_close(theirs, ours[label], atol=ATOL, rtol=0, msg=lambda m, label=label: f"{label}: {m}")
@@ -96,11 +81,7 @@ def test_peft_placement_is_refused_by_its_option_name(prefix_fixtures: Path, tmp
 def test_adapters_prefix_options_peftkit_lacks_are_refused_by_name(prefix_fixtures: Path, tmp_path: Path,
                                                                    option: str, value: object) -> None:
     case = prefix_fixtures / "bert_prefix_flat"
-    folder = tmp_path / "changed"
-    shutil.copytree(case / "adapter", folder)
-    data = json.loads((folder / "adapter_config.json").read_text())
-    data["config"][option] = value
-    (folder / "adapter_config.json").write_text(json.dumps(data))
+    folder = with_changed_options(case / "adapter", tmp_path, {option: value})
     with pytest.raises(AdapterLoadError, match=f"AdapterHub prefix tuning option {option}="):
         peftkit.from_pretrained(base_of(case), str(folder))
 

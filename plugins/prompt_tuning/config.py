@@ -13,6 +13,13 @@ from peftkit.plugin_api import (AdapterConfig, option, check_num_transformer_sub
 class PromptTuningConfig(AdapterConfig):
     """A learned soft prompt prepended to the input embeddings (arXiv 2104.08691).
 
+    placement: where the prompt joins the sequence: "input_embeddings" (PEFT's:
+      in front of the token embeddings, so the embedding block adds position
+      embeddings and LayerNorm to it too) or "embedding_output" (AdapterHub's:
+      after the embedding block, raw, in front of what the first layer reads;
+      the tokens keep positions 0..L-1). combine: with "embedding_output",
+      "prefix" (in front) or "prefix_after_bos" (after the first token).
+
     num_virtual_tokens: length P of the soft prompt.
     init: "random" (N(0, 1), PEFT's RANDOM), "sample_vocab" (embeddings of
       random vocabulary tokens) or "text" (embeddings of ``init_text``'s
@@ -41,6 +48,12 @@ class PromptTuningConfig(AdapterConfig):
         None, help="width of each prompt token, the model's hidden size (null: read from the model)")
     num_transformer_submodules: Optional[int] = option(
         None, help='2 for encoder-decoder models, else 1 (null: read from the model)')
+    placement: Literal["input_embeddings", "embedding_output"] = option(
+        "input_embeddings", help='"input_embeddings" (PEFT: before the embedding block adds positions and '
+                                 'LayerNorm) or "embedding_output" (AdapterHub: after the embedding block)')
+    combine: Literal["prefix", "prefix_after_bos"] = option(
+        "prefix", help='"prefix" (prompt first) or, with placement="embedding_output", "prefix_after_bos" '
+                       '(after the first token, as AdapterHub\'s combine)')
 
     def check(self) -> None:
         check_num_virtual_tokens(self)
@@ -56,4 +69,17 @@ class PromptTuningConfig(AdapterConfig):
         if self.token_dim is not None and self.token_dim <= 0:
             raise ConfigError(f"prompt_tuning config: token_dim={self.token_dim} must be a positive integer")
         check_num_transformer_submodules(self)
+        if self.placement not in ("input_embeddings", "embedding_output"):
+            raise ConfigError(f"prompt_tuning config: placement={self.placement!r} is not one of "
+                              f"'input_embeddings' (PEFT's) or 'embedding_output' (AdapterHub's)")
+        if self.combine not in ("prefix", "prefix_after_bos"):
+            raise ConfigError(f"prompt_tuning config: combine={self.combine!r} is not one of 'prefix' or "
+                              f"'prefix_after_bos'")
+        if self.combine == "prefix_after_bos" and self.placement != "embedding_output":
+            raise ConfigError("prompt_tuning config: combine='prefix_after_bos' needs placement='embedding_output' "
+                              "(PEFT's placement puts the prompt first)")
+        if self.placement == "embedding_output" and self.num_transformer_submodules == 2:
+            raise ConfigError("prompt_tuning config: placement='embedding_output' is for encoder or decoder models, "
+                              "not encoder-decoder ones (num_transformer_submodules=2); use "
+                              "placement='input_embeddings'")
         refuse_layer_selection(self, "prompt tuning prepends a soft prompt to the input embeddings")

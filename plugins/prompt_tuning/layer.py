@@ -12,6 +12,13 @@ too (as with PEFT): a causal LM returns logits of length P + L.
 Encoder-decoder models (T5) get the prompt in front of the encoder input;
 ``generate()`` runs their encoder itself, so :meth:`PromptTuning.prepare_generate`
 hands it the prompted embeddings up front.
+
+With ``placement="embedding_output"`` (AdapterHub's) the token ids go through the
+whole embedding block unchanged (positions 0..L-1, token types, LayerNorm) and the
+prompt joins its output (the point ``embedding_output``, through
+:meth:`PromptTuning.point_output`), in front or after the first token
+(``combine="prefix_after_bos"``); the forward hook only widens the attention mask
+and token-level labels at the same place.
 """
 
 from __future__ import annotations
@@ -21,21 +28,27 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from peftkit.plugin_api import (CACHE_ARGUMENTS, bind_arguments, check_growing_cache, ConfigError, extend_mask,
-                                ModelAdapter, PeftkitError, starts_sequence)
+from peftkit.plugin_api import (CACHE_ARGUMENTS, bind_arguments, check_growing_cache, ConfigError,
+                                EMBEDDING_OUTPUT, extend_mask, PeftkitError, PointOutputAdapter, starts_sequence)
 
 TENSOR_KEY = "prompt_embeddings"
 IGNORE_INDEX = -100
 
 
-class PromptTuning(ModelAdapter):
-    """One soft prompt: ``prompt_embeddings`` of shape (P * submodules, hidden); the first P rows are used."""
+class PromptTuning(PointOutputAdapter):
+    """One soft prompt: ``prompt_embeddings`` of shape (P * submodules, hidden); the first P rows are used.
+
+    ``after_embeddings``: join the embedding block's output (AdapterHub's placement) rather than the
+    input embeddings; ``after_bos``: there, after the first token rather than in front."""
 
     def __init__(self, num_virtual_tokens: int, token_dim: int, *, num_transformer_submodules: int = 1,
-                 init_weight: torch.Tensor | None = None, is_encoder_decoder: bool = False) -> None:
+                 init_weight: torch.Tensor | None = None, is_encoder_decoder: bool = False,
+                 after_embeddings: bool = False, after_bos: bool = False) -> None:
         super().__init__()
         self.num_virtual_tokens = num_virtual_tokens
         self.is_encoder_decoder = is_encoder_decoder
+        self.after_embeddings = after_embeddings
+        self.after_bos = after_bos
         rows = num_virtual_tokens * num_transformer_submodules
         if init_weight is None:
             init_weight = torch.randn(rows, token_dim)  # N(0, 1), like nn.Embedding and PEFT's RANDOM
@@ -52,6 +65,9 @@ class PromptTuning(ModelAdapter):
 
     def prepare(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         kwargs = bind_arguments(model, args, kwargs)
+        if self.after_embeddings:
+            self._widen_for_embedding_output(kwargs)
+            return (), kwargs
         if self.is_encoder_decoder:
             if kwargs.get("encoder_outputs") is None:
                 self._prepend_prompt(model, kwargs, pad_labels=False)
@@ -122,9 +138,46 @@ class PromptTuning(ModelAdapter):
             pad = labels.new_full((labels.shape[0], count, *labels.shape[2:]), IGNORE_INDEX)
             kwargs["labels"] = torch.cat([pad, labels], dim=1)
 
+    # -- placement="embedding_output" ------------------------------------------------------
+
+    def output_points(self) -> tuple[str, ...]:
+        return (EMBEDDING_OUTPUT,) if self.after_embeddings else ()
+
+    def point_output(self, point: str, output: torch.Tensor) -> torch.Tensor:
+        """The embedding block's output (batch, L, hidden) with the prompt joined: (batch, P + L, hidden)."""
+        if not isinstance(output, torch.Tensor) or output.dim() != 3:
+            raise PeftkitError(f"prompt tuning (placement='embedding_output'): the module at the point {point!r} "
+                               f"returned {type(output).__name__}, not (batch, length, hidden) hidden states; "
+                               f"declare the point on the module whose output the first layer reads")
+        return self._joined(self.prompt(output.shape[0], output.dtype), output)
+
+    def _joined(self, head: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+        """``head`` (batch, P, ...) put into ``tensor`` (batch, L, ...) where the prompt goes."""
+        if self.after_bos:
+            return torch.cat([tensor[:, :1], head, tensor[:, 1:]], dim=1)
+        return torch.cat([head, tensor], dim=1)
+
+    def _widen_for_embedding_output(self, kwargs: dict) -> None:
+        """The attention mask and token-level labels, widened where the prompt joins; token ids, token
+        types and positions stay as they are (the embedding block reads them for the L tokens). Only
+        encoders get this placement (``method.check_encoder``): no KV cache to continue from."""
+        count = self.num_virtual_tokens
+        source = next((kwargs[k] for k in ("input_ids", "inputs_embeds") if kwargs.get(k) is not None), None)
+        length = source.shape[1] if isinstance(source, torch.Tensor) and source.dim() >= 2 else None
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            extend_mask(mask, count)  # refuses what is not a 2-D padding mask
+            kwargs["attention_mask"] = self._joined(mask.new_ones(mask.shape[0], count), mask)
+        labels = kwargs.get("labels")
+        if isinstance(labels, torch.Tensor) and labels.dim() >= 2 and labels.shape[1] == length:
+            kwargs["labels"] = self._joined(labels.new_full((labels.shape[0], count, *labels.shape[2:]),
+                                                            IGNORE_INDEX), labels)
+
     def extra_repr(self) -> str:
         rows, dim = self.prompt_embeddings.shape
-        return f"virtual_tokens={self.num_virtual_tokens}, hidden={dim}, rows={rows}"
+        where = (", placement=embedding_output" + (", after the first token" if self.after_bos else "")
+                 if self.after_embeddings else "")
+        return f"virtual_tokens={self.num_virtual_tokens}, hidden={dim}, rows={rows}{where}"
 
 
 # -- initial prompts -----------------------------------------------------------------------

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 from peftkit.plugin_api import (AdapterConfig, ConfigError, on_model_device, read_peft_fields, Site,
                                 VirtualTokenMethod)
 
+from .adapterhub import PromptTuningAdapterHub
 from .config import PromptTuningConfig
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -20,6 +21,8 @@ _FROM_PEFT = {"num_virtual_tokens": "num_virtual_tokens", "prompt_tuning_init": 
               "prompt_tuning_init_text": "init_text", "tokenizer_name_or_path": "tokenizer_name_or_path",
               "tokenizer_kwargs": "tokenizer_kwargs", "token_dim": "token_dim",
               "num_transformer_submodules": "num_transformer_submodules", "modules_to_save": "modules_to_save"}
+#: Our fields PEFT lacks, with the defaults that mean PEFT's behaviour (a file leaves them out then).
+_PEFTKIT_ONLY = {"placement": "input_embeddings", "combine": "prefix"}
 #: PEFT fields that prompt tuning does not use (the geometry of attention) or the core handles.
 _PEFT_IGNORED = {"peft_type", "inference_mode", "num_layers", "num_attention_heads"}
 
@@ -28,7 +31,9 @@ class PromptTuningMethod(VirtualTokenMethod):
     name = "prompt_tuning"
     config_class = PromptTuningConfig
     known_as = {"prompt": "prompt tuning is prompt_tuning"}
-    description = "Prompt tuning: a learned soft prompt prepended to the input embeddings; PEFT format"
+    description = ("Prompt tuning: a learned soft prompt prepended to the input embeddings (or, as AdapterHub, to "
+                   "the embedding output); PEFT and AdapterHub formats")
+    adapterhub = PromptTuningAdapterHub()
     peft_type = "PROMPT_TUNING"
     aliases = {**VirtualTokenMethod.aliases, "prompt_tuning_init": "init", "prompt_tuning_init_text": "init_text"}
 
@@ -48,8 +53,12 @@ class PromptTuningMethod(VirtualTokenMethod):
         init = initial_prompt(model, config.init, rows, text=config.init_text,
                               tokenizer_name_or_path=config.tokenizer_name_or_path,
                               tokenizer_kwargs=config.tokenizer_kwargs)
+        if config.placement == "embedding_output":
+            check_encoder(model)
         adapter = PromptTuning(config.num_virtual_tokens, token_dim, num_transformer_submodules=submodules,
-                               init_weight=init, is_encoder_decoder=submodules == 2)
+                               init_weight=init, is_encoder_decoder=submodules == 2,
+                               after_embeddings=config.placement == "embedding_output",
+                               after_bos=config.combine == "prefix_after_bos")
         return on_model_device(adapter, model)
 
     def expected_parameter_count(self, model: "nn.Module", config: AdapterConfig, sites: list[Site]) -> int:
@@ -66,10 +75,14 @@ class PromptTuningMethod(VirtualTokenMethod):
         for peft_key, our_key in _FROM_PEFT.items():
             data[peft_key] = ours[our_key]
         data["prompt_tuning_init"] = _INIT_TO_PEFT[config.init]
+        for key, default in _PEFTKIT_ONLY.items():  # PEFT has no such fields: written only when needed
+            if ours[key] != default:
+                data[key] = ours[key]
         return data
 
     def config_from_file(self, data: dict[str, Any]) -> AdapterConfig:
-        values = read_peft_fields(data, self.name, _FROM_PEFT, ignored=_PEFT_IGNORED)
+        values = read_peft_fields(data, self.name, {**_FROM_PEFT, **{k: k for k in _PEFTKIT_ONLY}},
+                                  ignored=_PEFT_IGNORED)
         init = values.get("init")
         if isinstance(init, str):
             values["init"] = _INIT_FROM_PEFT.get(init, init)
@@ -78,6 +91,22 @@ class PromptTuningMethod(VirtualTokenMethod):
         for key in ("init_text", "tokenizer_name_or_path", "tokenizer_kwargs"):
             values.pop(key, None)
         return PromptTuningConfig.from_dict(values)
+
+
+def check_encoder(model: "nn.Module") -> None:
+    """Refuse placement="embedding_output" on a model that is not an encoder: a decoder's later generation
+    steps would get the prompt again (and GPT-2 reshapes its hidden states to the input's length), and an
+    encoder-decoder's decoder embeds its own tokens. Encoders: the families transformers has a masked-LM
+    model for, used without causal attention."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if (model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES or getattr(config, "is_encoder_decoder", False)
+            or getattr(config, "is_decoder", False)):
+        raise ConfigError(f"prompt_tuning: placement='embedding_output' (AdapterHub's) is for encoder models "
+                          f"(BERT, RoBERTa, ...), not {type(model).__name__} (model_type={model_type!r}); use "
+                          f"placement='input_embeddings'")
 
 
 def prompt_geometry(model: "nn.Module", config: PromptTuningConfig) -> tuple[int, int]:
