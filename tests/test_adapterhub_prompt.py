@@ -163,10 +163,11 @@ def tiny_bert_classifier() -> torch.nn.Module:
     return transformers.BertForTokenClassification(config).eval()
 
 
-def test_the_prompt_joins_the_embedding_output_raw_and_widens_mask_and_token_labels() -> None:
+@pytest.mark.parametrize("combine, first", [("prefix", 0), ("prefix_after_bos", 1)])
+def test_the_prompt_joins_the_embedding_output_raw_and_widens_mask_and_token_labels(combine: str, first: int) -> None:
+    """``first``: how many tokens come before the prompt."""
     base = tiny_bert_classifier()
-    model = peftkit.adapt(base, "prompt_tuning[num_virtual_tokens=2,placement=embedding_output,"
-                                "combine=prefix_after_bos]")
+    model = peftkit.adapt(base, f"prompt_tuning[num_virtual_tokens=2,placement=embedding_output,combine={combine}]")
     seen: dict[str, torch.Tensor] = {}
     layer = base.bert.encoder.layer[0]
     handle = layer.register_forward_pre_hook(lambda _m, args: seen.update(hidden=args[0]))
@@ -180,15 +181,40 @@ def test_the_prompt_joins_the_embedding_output_raw_and_widens_mask_and_token_lab
         out = model(input_ids=ids, attention_mask=mask, labels=labels)
     handle.remove()
     prompt = model.model_adapter("default").prompt_embeddings
-    torch.testing.assert_close(seen["hidden"], torch.cat([embedded[:, :1], prompt.expand(2, -1, -1), embedded[:, 1:]], 1))
+    joined = torch.cat([embedded[:, :first], prompt.expand(2, -1, -1), embedded[:, first:]], 1)
+    torch.testing.assert_close(seen["hidden"], joined)
     assert out.logits.shape == (2, 8, 5)
     # The loss leaves out the prompt's rows (and, as BertForTokenClassification does, nothing else).
-    rows = torch.cat([out.logits[:, :1], out.logits[:, 3:]], 1)
+    rows = torch.cat([out.logits[:, :first], out.logits[:, first + 2:]], 1)
     torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(rows.reshape(-1, 5), labels.reshape(-1)))
-    # The padded row equals its sentence alone: the widened mask masks the padding after the prompt.
+    # The padded row equals its sentence alone: the widened mask masks the padding, and only it.
     with torch.no_grad():
-        alone = model(input_ids=ids[1:, :4]).logits
+        alone = model(input_ids=ids[1:, :4]).logits  # no mask: every position attended
+        embeds = model(inputs_embeds=base.bert.embeddings.word_embeddings(ids[1:, :4])).logits
     torch.testing.assert_close(out.logits[1, :6], alone[0], atol=ATOL, rtol=0)
+    torch.testing.assert_close(embeds, alone, atol=ATOL, rtol=0)
+
+
+def test_sequence_labels_stay_and_what_cannot_be_widened_is_refused() -> None:
+    torch.manual_seed(0)
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                                     vocab_size=100, max_position_embeddings=64, num_labels=3)
+    model = peftkit.adapt(transformers.BertForSequenceClassification(config).eval(),
+                          "prompt_tuning[num_virtual_tokens=4,placement=embedding_output]")
+    ids = torch.randint(3, 100, (2, 5), generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([0, 2])
+    with torch.no_grad():
+        out = model(input_ids=ids, labels=labels)
+    torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(out.logits, labels))
+    with pytest.raises(PeftkitError, match=r"attention_mask must be a 2-D \(batch, length\) tensor"):
+        model(input_ids=ids, attention_mask=torch.ones(2, 1, 5, 5))
+    adapter = model.model_adapter("default")
+    with pytest.raises(PeftkitError, match="the module at the point 'embedding_output' returned Tensor, not"):
+        adapter.point_output("embedding_output", torch.zeros(2, 32))
+    assert repr(adapter).endswith("(virtual_tokens=4, hidden=32, rows=4, placement=embedding_output)")
+    after_bos = peftkit.adapt(transformers.BertModel(config), "prompt_tuning[num_virtual_tokens=1,"
+                                                              "placement=embedding_output,combine=prefix_after_bos]")
+    assert "placement=embedding_output, after the first token)" in repr(after_bos.model_adapter("default"))
 
 
 def test_embedding_output_prompt_trains_saves_in_peftkit_format_and_unloads(tmp_path: Path) -> None:

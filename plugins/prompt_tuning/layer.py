@@ -166,8 +166,8 @@ class PromptTuning(PointOutputAdapter):
         length = source.shape[1] if isinstance(source, torch.Tensor) and source.dim() >= 2 else None
         mask = kwargs.get("attention_mask")
         if mask is not None:
-            extend_mask(mask, count)  # refuses what is not a 2-D padding mask
-            kwargs["attention_mask"] = self._joined(mask.new_ones(mask.shape[0], count), mask)
+            widened = extend_mask(mask, count)  # P ones in front; refuses what is not a 2-D padding mask
+            kwargs["attention_mask"] = self._joined(widened[:, :count], mask) if self.after_bos else widened
         labels = kwargs.get("labels")
         if isinstance(labels, torch.Tensor) and labels.dim() >= 2 and labels.shape[1] == length:
             kwargs["labels"] = self._joined(labels.new_full((labels.shape[0], count, *labels.shape[2:]),
