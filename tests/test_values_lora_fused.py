@@ -1,0 +1,186 @@
+"""The fused LoRA / DoRA layer (plugins/lora/fused.py) against hand formulas in float64, on bare torch
+layers: the output and every gradient (input, LoRA input under dropout, A, B, DoRA's magnitude) for
+nn.Linear and GPT-2's Conv1D with and without a bias, only the gradients autograd asks for, the
+inference path without an autograd node, and when ``fusable`` lets a layer in. Fast enough for
+``make mutate`` (bench/mutation_map.toml)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from peftkit.plugins.lora.fused import fusable, fused_lora
+
+IN, OUT, R, SCALE = 6, 5, 3, 1.5
+D = torch.float64
+
+
+def _base(conv1d: bool = False, bias: bool = True) -> nn.Module:
+    torch.manual_seed(0)
+    if conv1d:
+        from transformers.pytorch_utils import Conv1D
+
+        layer = Conv1D(OUT, IN).to(D)
+        nn.init.normal_(layer.weight)
+        if bias:
+            nn.init.normal_(layer.bias)
+        else:
+            layer.bias = None
+    else:
+        layer = nn.Linear(IN, OUT, bias=bias).to(D)
+    return layer.requires_grad_(False)
+
+
+def _weight_out_in(base: nn.Module) -> torch.Tensor:
+    return base.weight.t() if type(base).__name__ == "Conv1D" else base.weight
+
+
+def _factors() -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(1)
+    return torch.randn(R, IN, dtype=D, requires_grad=True), torch.randn(OUT, R, dtype=D, requires_grad=True)
+
+
+def _magnitude() -> torch.Tensor:
+    return torch.linspace(0.5, 2.0, OUT, dtype=D).requires_grad_(True)
+
+
+def _grads(out: torch.Tensor, inputs: list[torch.Tensor], seed: torch.Tensor) -> list[torch.Tensor]:
+    return list(torch.autograd.grad(out, inputs, seed))
+
+
+def _lora_hand(x, lora_x, a, b, base):
+    """x W^T + b + s (x_d A^T) B^T."""
+    out = x @ _weight_out_in(base).t() + SCALE * (lora_x @ a.t()) @ b.t()
+    return out if base.bias is None else out + base.bias
+
+
+def _dora_hand(x, lora_x, a, b, magnitude, base):
+    """(m / n) * (x W^T + s (x_d A^T) B^T) + b, n = ||W + s B A||_row detached."""
+    w = _weight_out_in(base)
+    norm = (w + SCALE * b @ a).norm(dim=1).detach()
+    out = (magnitude / norm) * (x @ w.t() + SCALE * (lora_x @ a.t()) @ b.t())
+    return (out if base.bias is None else out + base.bias), norm
+
+
+@pytest.mark.parametrize("conv1d, bias", [(False, True), (False, False), (True, True), (True, False)])
+def test_lora_output_and_every_gradient_equal_the_formula(conv1d: bool, bias: bool) -> None:
+    base = _base(conv1d, bias)
+    a, b = _factors()
+    x = torch.randn(2, 4, IN, dtype=D, requires_grad=True)
+    out = fused_lora(x, None, a, b, base, SCALE)
+    assert out.shape == (2, 4, OUT)
+    expected = _lora_hand(x, x, a, b, base)
+    seed = torch.randn_like(expected)
+    torch.testing.assert_close(out, expected)
+    for got, want in zip(_grads(out, [x, a, b], seed), _grads(expected, [x, a, b], seed)):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("conv1d", [False, True])
+def test_lora_with_its_own_input_gives_each_input_its_gradient(conv1d: bool) -> None:
+    """Dropout: the LoRA reads x_d, the base x; x and x_d each get their own gradient."""
+    base = _base(conv1d)
+    a, b = _factors()
+    x = torch.randn(3, IN, dtype=D, requires_grad=True)
+    x_d = torch.randn(3, IN, dtype=D, requires_grad=True)
+    out = fused_lora(x, x_d, a, b, base, SCALE)
+    expected = _lora_hand(x, x_d, a, b, base)
+    seed = torch.randn_like(expected)
+    torch.testing.assert_close(out, expected)
+    for got, want in zip(_grads(out, [x, x_d, a, b], seed), _grads(expected, [x, x_d, a, b], seed)):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("trained", ["a", "b", "x"])
+def test_lora_computes_only_the_gradients_asked_for_and_those_right(trained: str) -> None:
+    base = _base()
+    a, b = _factors()
+    x = torch.randn(4, IN, dtype=D, requires_grad=True)
+    leaves = {"a": a, "b": b, "x": x}
+    for name, leaf in leaves.items():
+        leaf.requires_grad_(name == trained)
+    out = fused_lora(x, None, a, b, base, SCALE)
+    seed = torch.randn(4, OUT, dtype=D)
+    out.backward(seed)
+    for name, leaf in leaves.items():
+        assert (leaf.grad is not None) == (name == trained)
+    leaf = leaves[trained]
+    want = _grads(_lora_hand(x, x, a, b, base), [leaf], seed)[0]
+    torch.testing.assert_close(leaf.grad, want)
+
+
+@pytest.mark.parametrize("conv1d, bias", [(False, True), (False, False), (True, True)])
+def test_dora_output_and_every_gradient_equal_the_formula_with_detached_norms(conv1d: bool, bias: bool) -> None:
+    base = _base(conv1d, bias)
+    a, b = _factors()
+    magnitude = _magnitude()
+    x = torch.randn(2, 3, IN, dtype=D, requires_grad=True)
+    expected, norm = _dora_hand(x, x, a, b, magnitude, base)
+    out = fused_lora(x, None, a, b, base, SCALE, magnitude, norm)
+    assert out.shape == (2, 3, OUT)
+    seed = torch.randn_like(expected)
+    torch.testing.assert_close(out, expected)
+    leaves = [x, a, b, magnitude]
+    for got, want in zip(_grads(out, leaves, seed), _grads(expected, leaves, seed)):
+        torch.testing.assert_close(got, want)
+
+
+def test_dora_with_its_own_input_and_a_frozen_magnitude() -> None:
+    base = _base()
+    a, b = _factors()
+    magnitude = _magnitude().requires_grad_(False)
+    x = torch.randn(3, IN, dtype=D, requires_grad=True)
+    x_d = torch.randn(3, IN, dtype=D, requires_grad=True)
+    expected, norm = _dora_hand(x, x_d, a, b, magnitude, base)
+    out = fused_lora(x, x_d, a, b, base, SCALE, magnitude, norm)
+    seed = torch.randn_like(expected)
+    torch.testing.assert_close(out, expected)
+    leaves = [x, x_d, a, b]
+    for got, want in zip(_grads(out, leaves, seed), _grads(expected, leaves, seed)):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+@pytest.mark.parametrize("conv1d, bias", [(False, True), (False, False), (True, True)])
+@pytest.mark.parametrize("own_input", [False, True])
+def test_inference_runs_the_same_formula_without_an_autograd_node(dora: bool, conv1d: bool, bias: bool,
+                                                                 own_input: bool) -> None:
+    base = _base(conv1d, bias)
+    a, b = _factors()
+    magnitude = _magnitude()
+    x = torch.randn(2, 3, IN, dtype=D)
+    x_d = torch.randn(2, 3, IN, dtype=D) if own_input else None
+    with torch.no_grad():
+        lora_in = x if x_d is None else x_d
+        if dora:
+            expected, norm = _dora_hand(x, lora_in, a, b, magnitude, base)
+            out = fused_lora(x, x_d, a, b, base, SCALE, magnitude, norm)
+        else:
+            expected = _lora_hand(x, lora_in, a, b, base)
+            out = fused_lora(x, x_d, a, b, base, SCALE)
+    assert out.grad_fn is None and out.shape == (2, 3, OUT)
+    torch.testing.assert_close(out, expected)
+
+
+def test_fusable_takes_a_frozen_float_linear_or_conv1d_on_a_matching_input() -> None:
+    a, _ = _factors()
+    x = torch.randn(2, IN, dtype=D)
+    assert fusable(_base(), x, a)
+    assert fusable(_base(conv1d=True), x, a)
+    assert fusable(_base(bias=False), x, a)
+
+
+def test_fusable_refuses_what_the_fused_path_would_compute_differently() -> None:
+    a, _ = _factors()
+    x = torch.randn(2, IN, dtype=D)
+    base = _base()
+    assert not fusable(base, torch.randn(IN, dtype=D), a)  # a 1-d input
+    assert not fusable(base, x.float(), a)  # input dtype differs from the weight's
+    assert not fusable(base, x, a.detach().float())  # factor dtype differs
+    trained = _base().requires_grad_(True)
+    assert not fusable(trained, x, a)  # a trained weight is not a plain linear layer
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not fusable(base, x, a)
+    quantized_like = type("Quantized", (nn.Linear,), {})(IN, OUT).to(D).requires_grad_(False)
+    assert not fusable(quantized_like, x, a)  # a subclass of Linear may compute something else
