@@ -1,0 +1,104 @@
+"""The fused LoKr layer with a rank-r w2 (plugins/lokr/fused.py) against the Kronecker formula in float64,
+on bare torch layers: the rank-major intermediates entry by entry, the output and every gradient (input,
+w1, w2's two factors) for nn.Linear and GPT-2's Conv1D with and without a bias, only the gradients
+autograd asks for, and the inference path without an autograd node. Fast enough for ``make mutate``
+(bench/mutation_map.toml)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from peftkit.plugins.lokr.fused import fused_lokr, rank_major_products
+
+OUT_L, OUT_K, IN_M, IN_N, R = 2, 5, 3, 4, 2
+IN, OUT = IN_M * IN_N, OUT_L * OUT_K
+D = torch.float64
+
+
+def _base(conv1d: bool = False, bias: bool = True) -> nn.Module:
+    torch.manual_seed(0)
+    if conv1d:
+        from transformers.pytorch_utils import Conv1D
+
+        layer = Conv1D(OUT, IN).to(D)
+        nn.init.normal_(layer.weight)
+        if bias:
+            nn.init.normal_(layer.bias)
+        else:
+            layer.bias = None
+    else:
+        layer = nn.Linear(IN, OUT, bias=bias).to(D)
+    return layer.requires_grad_(False)
+
+
+def _factors() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w1s (out_l, in_m), w2_a (out_k, r), w2_b (r, in_n), all trained."""
+    torch.manual_seed(1)
+    return (torch.randn(OUT_L, IN_M, dtype=D, requires_grad=True),
+            torch.randn(OUT_K, R, dtype=D, requires_grad=True),
+            torch.randn(R, IN_N, dtype=D, requires_grad=True))
+
+
+def _hand(x: torch.Tensor, base: nn.Module, w1s, w2_a, w2_b) -> torch.Tensor:
+    """x (W + kron(w1s, w2_a w2_b))^T + b."""
+    weight = base.weight.t() if type(base).__name__ == "Conv1D" else base.weight
+    out = x @ (weight + torch.kron(w1s, w2_a @ w2_b)).t()
+    return out if base.bias is None else out + base.bias
+
+
+def test_rank_major_products_hold_x_w2b_and_w1s_times_it_rank_first() -> None:
+    w1s, _, w2_b = _factors()
+    x2 = torch.randn(3, IN, dtype=D)
+    z_t, u_t = rank_major_products(x2, w1s, w2_b, IN_M)
+    tokens = x2.reshape(3, IN_M, IN_N)
+    z = tokens @ w2_b.t()  # (tokens, in_m, r): X w2_b^T per token
+    assert z_t.shape == (R, 3 * IN_M)
+    torch.testing.assert_close(z_t, z.permute(2, 0, 1).reshape(R, -1))
+    u = w1s @ z  # (tokens, out_l, r)
+    assert u_t.shape == (R * 3, OUT_L)
+    torch.testing.assert_close(u_t, u.permute(2, 0, 1).reshape(R * 3, OUT_L))
+
+
+@pytest.mark.parametrize("conv1d, bias", [(False, True), (False, False), (True, True), (True, False)])
+def test_output_and_every_gradient_equal_the_kronecker_formula(conv1d: bool, bias: bool) -> None:
+    base = _base(conv1d, bias)
+    w1s, w2_a, w2_b = _factors()
+    x = torch.randn(2, 3, IN, dtype=D, requires_grad=True)
+    out = fused_lokr(x, w1s, w2_a, w2_b, base, IN_M)
+    assert out.shape == (2, 3, OUT)
+    expected = _hand(x, base, w1s, w2_a, w2_b)
+    torch.testing.assert_close(out, expected)
+    seed = torch.randn_like(expected)
+    leaves = [x, w1s, w2_a, w2_b]
+    for got, want in zip(torch.autograd.grad(out, leaves, seed), torch.autograd.grad(expected, leaves, seed)):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("trained", ["x", "w1s", "w2_a", "w2_b"])
+def test_only_the_gradients_asked_for_are_computed_and_right(trained: str) -> None:
+    base = _base()
+    w1s, w2_a, w2_b = _factors()
+    x = torch.randn(4, IN, dtype=D)
+    leaves = {"x": x, "w1s": w1s, "w2_a": w2_a, "w2_b": w2_b}
+    for name, leaf in leaves.items():
+        leaf.requires_grad_(name == trained)
+    seed = torch.randn(4, OUT, dtype=D)
+    fused_lokr(x, w1s, w2_a, w2_b, base, IN_M).backward(seed)
+    for name, leaf in leaves.items():
+        assert (leaf.grad is not None) == (name == trained)
+    leaf = leaves[trained]
+    torch.testing.assert_close(leaf.grad, torch.autograd.grad(_hand(x, base, w1s, w2_a, w2_b), [leaf], seed)[0])
+
+
+@pytest.mark.parametrize("conv1d, bias", [(False, True), (False, False), (True, True), (True, False)])
+def test_inference_runs_the_same_formula_without_an_autograd_node(conv1d: bool, bias: bool) -> None:
+    base = _base(conv1d, bias)
+    w1s, w2_a, w2_b = _factors()
+    x = torch.randn(2, 3, IN, dtype=D)
+    with torch.no_grad():
+        out = fused_lokr(x, w1s, w2_a, w2_b, base, IN_M)
+        expected = _hand(x, base, w1s, w2_a, w2_b)
+    assert out.grad_fn is None and out.shape == (2, 3, OUT)
+    torch.testing.assert_close(out, expected)
