@@ -84,6 +84,7 @@ RUNS: dict[str, BenchRun] = {
     "prefix_tuning": BenchRun("prefix_tuning", 5e-2),
     "prompt_tuning": BenchRun('prompt_tuning[init="sample_vocab"]', 1e-2, train_head=True),
     "mam": BenchRun("mam", 3e-3, peft=False),  # a union: prefix tuning (through its MLP) + par_bn
+    "unipelt": BenchRun("unipelt", 3e-3, peft=False),  # gated prefix (MLP) + seq_bn + LoRA; mam's rate
     # AdapterHub's methods (adapters has them, peft does not). Compacter's default rule init (std 1e-4)
     # barely moves in a short run, hence phm_c_init=uniform (docs/methods/bottleneck.md). Probed on seed 0
     # like the rest (bench rates 3e-3, 9e-3, 3e-2, 9e-2): compacter 0.19, 0.25, 0.23, 0.125; compacterpp 0.18,
@@ -164,6 +165,24 @@ def peft_model(base: Any, config_data: dict[str, Any], train_head: bool) -> Any:
     return model
 
 
+def copy_initial_weights(ours: Any, theirs: Any) -> None:
+    """Give the `peft` model peftkit's adapter weights, through the PEFT-format folder peftkit writes."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ours.save_adapter(tmp)
+        tensors = load_file(str(Path(tmp) / "adapter_model.safetensors"))
+    own = get_peft_model_state_dict(theirs)  # peft's keys: its adapter and its copy of the (untrained) head
+    unknown = sorted(set(tensors) - set(own))
+    if unknown:
+        raise RuntimeError(f"peftkit's weights do not fit the peft model: {unknown[:3]}")
+    set_peft_model_state_dict(theirs, {**own, **tensors})
+    now = get_peft_model_state_dict(theirs)
+    if any(not torch.equal(now[k], v) for k, v in tensors.items()):
+        raise RuntimeError("the peft model did not take peftkit's initial weights")
+
+
 @dataclasses.dataclass
 class Candidate:
     """One model to train: its row label, library, spec, learning rate, how to save it, and the
@@ -180,8 +199,10 @@ class Candidate:
     error: str = ""  # the library could not even build the model
 
 
-def candidates(name: str, base: Any, seed: int, with_peft: bool) -> list[Candidate]:
-    """The models of one run name: "head", "full", or a method (peftkit, then `peft` if it has it)."""
+def candidates(name: str, base: Any, seed: int, with_peft: bool, same_init: bool = False) -> list[Candidate]:
+    """The models of one run name: "head", "full", or a method (peftkit, then `peft` if it has it).
+    ``same_init``: only the `peft` model, named "NAME (same init)", starting from peftkit's initial
+    weights for this seed instead of drawing its own (a paired comparison of the two libraries)."""
     from safetensors.torch import save_file
 
     if name == "head":
@@ -230,32 +251,41 @@ def candidates(name: str, base: Any, seed: int, with_peft: bool) -> list[Candida
 
     out = [Candidate(label, "peftkit", spec, run.lr, ours, save_ours, eva_ours if eva else None,
                      plus_ours if run.lora_plus_ratio else None)]
+    if same_init:
+        out, label = [], f"{label} (same init)"
     if with_peft and run.peft:
         torch.manual_seed(seed)
-        try:
-            theirs = peft_model(base, config_data, run.train_head)
-        except Exception as exc:  # reported in the table as that library's failure
-            return [*out, Candidate(label, "peft", spec, run.lr, None, lambda folder: 0,
-                                    error=f"{type(exc).__name__}: {exc}".splitlines()[0])]
-
-        def save_theirs(folder: Path) -> int:
-            theirs.save_pretrained(str(folder))
-            return folder_bytes(folder, ("adapter_model.safetensors",))
-
-        def eva_theirs(batches: list[dict[str, Any]]) -> None:
-            from peft import initialize_lora_eva_weights
-
-            initialize_lora_eva_weights(theirs, batches, show_progress_bar=False)
-
-        def plus_theirs() -> Any:
-            from peft.optimizers import create_loraplus_optimizer
-
-            return create_loraplus_optimizer(theirs, torch.optim.AdamW, lr=run.lr,
-                                             loraplus_lr_ratio=run.lora_plus_ratio)
-
-        out.append(Candidate(label, "peft", spec, run.lr, theirs, save_theirs, eva_theirs if eva else None,
-                             plus_theirs if run.lora_plus_ratio else None))
+        out.append(peft_candidate(run, label, spec, base, config_data, ours if same_init else None, eva))
     return out
+
+
+def peft_candidate(run: BenchRun, label: str, spec: str, base: Any, config_data: dict[str, Any],
+                   init_from: Any, eva: bool) -> Candidate:
+    """The `peft` model of a run (starting from ``init_from``'s adapter weights when given)."""
+    try:
+        theirs = peft_model(base, config_data, run.train_head)
+        if init_from is not None:
+            copy_initial_weights(init_from, theirs)
+    except Exception as exc:  # reported in the table as that library's failure
+        return Candidate(label, "peft", spec, run.lr, None, lambda folder: 0,
+                         error=f"{type(exc).__name__}: {exc}".splitlines()[0])
+
+    def save_theirs(folder: Path) -> int:
+        theirs.save_pretrained(str(folder))
+        return folder_bytes(folder, ("adapter_model.safetensors",))
+
+    def eva_theirs(batches: list[dict[str, Any]]) -> None:
+        from peft import initialize_lora_eva_weights
+
+        initialize_lora_eva_weights(theirs, batches, show_progress_bar=False)
+
+    def plus_theirs() -> Any:
+        from peft.optimizers import create_loraplus_optimizer
+
+        return create_loraplus_optimizer(theirs, torch.optim.AdamW, lr=run.lr, loraplus_lr_ratio=run.lora_plus_ratio)
+
+    return Candidate(label, "peft", spec, run.lr, theirs, save_theirs, eva_theirs if eva else None,
+                     plus_theirs if run.lora_plus_ratio else None)
 
 
 def input_batches(task: Any, tokenizer: Any) -> list[dict[str, Any]]:
@@ -366,6 +396,21 @@ def table_lines(rows: list[Row], total: int) -> list[str]:
     return lines
 
 
+def same_init_lines(rows: list[Row]) -> list[str]:
+    """The paragraph on *(same init)* rows, when the run has them."""
+    names = sorted({r.name.removesuffix(" (same init)") for r in rows if r.name.endswith(" (same init)")})
+    if not names:
+        return []
+    return [
+        "",
+        "A method with a random initialization (LoRA's A, LoKr, VeRA, ...) draws it in each library with",
+        "the same seed but not the same numbers, so its peftkit and peft rows are also two samples of the",
+        f"initialization. Rows *(same init)* ({', '.join(names)}) train `peft` from peftkit's initial",
+        "weights (copied through the PEFT-format folder peftkit saves): there the two libraries differ only",
+        "in their code, and their accuracies match up to float rounding in a few steps.",
+    ]
+
+
 def render(saved: dict[str, Any], threads: int) -> str:
     from peftkit.testing_intents import INTENTS, support_task
 
@@ -422,6 +467,7 @@ def render(saved: dict[str, Any], threads: int) -> str:
         "adapter's weights file (`adapter_model.safetensors`; `peft`'s also holds a copy of the head, which",
         "its `SEQ_CLS` task type always saves), the head's weights for *head only*, and the whole model's",
         "`model.safetensors` for *full*. A *fails* row gives the error the library raised.",
+        *same_init_lines(rows),
         "",
         *table_lines(rows, saved["total"]),
         "",
@@ -471,6 +517,8 @@ def main() -> None:
                         help="where the measured rows are kept (JSON); runs found there are not run again")
     parser.add_argument("--render-only", action="store_true", help="rewrite the doc from --rows; train nothing")
     parser.add_argument("--note", default=None, help="a sentence on the machine's state, kept with the rows")
+    parser.add_argument("--same-init", default="", help="comma-separated run names: also train `peft` from "
+                        "peftkit's initial weights (rows 'NAME (same init)'), so the two differ only by library")
     parser.add_argument("--merge", default="", help="comma-separated rows files of other parts (e.g. run in "
                         "parallel with other --rows and --only): their runs are added to --rows")
     args = parser.parse_args()
@@ -516,17 +564,23 @@ def measure(args: argparse.Namespace, saved: dict[str, Any], rows_file: Path) ->
     if unknown:
         raise SystemExit(f"--only: unknown run names {unknown}; known: head, {', '.join(RUNS)}")
     seeds = [int(s) for s in args.seeds.split(",") if s]
-    done = {(r["name"].split(" ")[0], r["library"], r["seed"]) for r in saved["rows"]}
+    same_init = [n for n in args.same_init.split(",") if n]
+    unknown = [n for n in same_init if n not in RUNS or not RUNS[n].peft]
+    if unknown:
+        raise SystemExit(f"--same-init: {unknown} are not runs peft has; known: "
+                         f"{', '.join(n for n, r in RUNS.items() if r.peft and r.spec)}")
+    done = {(r["name"], r["library"], r["seed"]) for r in saved["rows"]}
     enc = tokenizer([text for text, _ in task.train[:BATCH]], padding=True, truncation=True, max_length=MAX_LENGTH,
                     return_tensors="pt")
     batch = {**enc, "labels": torch.tensor([label for _, label in task.train[:BATCH]])}
     saved["step_repeats"], saved["threads"] = args.step_repeats, args.threads
     for seed in seeds:
         base = load_base(seed, len(task.labels))
-        for name in wanted:
+        for name in [*wanted, *(f"{n} (same init)" for n in same_init)]:
             pairs = {}
-            for c in candidates(name, base, seed, not args.no_peft):
-                if (c.name.split(" ")[0], c.library, seed) in done:
+            run_name = name.removesuffix(" (same init)")
+            for c in candidates(run_name, base, seed, not args.no_peft, same_init=run_name != name):
+                if (c.name, c.library, seed) in done:
                     continue
                 try:
                     if c.error:
@@ -539,7 +593,7 @@ def measure(args: argparse.Namespace, saved: dict[str, Any], rows_file: Path) ->
                 else:
                     pairs[row] = c.model
                 saved["rows"].append(dataclasses.asdict(row))
-            timed = any(r["step_ms"] for r in saved["rows"] if r["name"].split(" ")[0] == name)
+            timed = run_name != name or any(r["step_ms"] for r in saved["rows"] if r["name"].split(" ")[0] == name)
             if pairs and not timed:
                 time_steps(pairs, batch, args.step_repeats)
                 for row in pairs:  # the rows were stored before their step times were known
