@@ -175,7 +175,7 @@ def method_plugin(method: Any) -> Any:
     return Plugin()
 
 
-def quantized_linear_and_twin(bits: int, in_features: int = 64, out_features: int = 96
+def quantized_linear_and_twin(bits: int, in_features: int = 64, out_features: int = 96, bias: bool = True
                               ) -> tuple[torch.nn.Module, torch.nn.Module]:
     """A one-layer net whose Linear is bitsandbytes-quantized (``bits`` 4 or 8, on CPU), and its float
     twin holding the dequantized weight: in training mode bitsandbytes computes on CPU exactly the
@@ -184,11 +184,12 @@ def quantized_linear_and_twin(bits: int, in_features: int = 64, out_features: in
     import bitsandbytes.functional as BF
 
     torch.manual_seed(0)
-    twin = torch.nn.Sequential(torch.nn.Linear(in_features, out_features))
+    twin = torch.nn.Sequential(torch.nn.Linear(in_features, out_features, bias=bias))
     if bits == 4:
-        layer = bnb.nn.Linear4bit(in_features, out_features, compute_dtype=torch.float32, quant_type="nf4")
+        layer = bnb.nn.Linear4bit(in_features, out_features, bias=bias, compute_dtype=torch.float32,
+                                  quant_type="nf4")
     else:
-        layer = bnb.nn.Linear8bitLt(in_features, out_features, has_fp16_weights=False)
+        layer = bnb.nn.Linear8bitLt(in_features, out_features, bias=bias, has_fp16_weights=False)
     layer.load_state_dict(twin[0].state_dict())
     quantized = torch.nn.Sequential(layer.to("cpu"))  # .to() quantizes the weight
     weight = quantized[0].weight
@@ -198,12 +199,12 @@ def quantized_linear_and_twin(bits: int, in_features: int = 64, out_features: in
     return quantized, twin
 
 
-def quantized_matches_twin(bits: int, spec: str) -> None:
+def quantized_matches_twin(bits: int, spec: str, bias: bool = True) -> None:
     """Adapters "default" and "other" of ``spec`` (targeting module '0', random init) on a bitsandbytes
-    ``bits``-bit Linear and on its dequantized twin, with equal tensors, give the same output alone and
-    stacked (each change then runs through the quantized layer); merging into the quantized layer is
-    refused."""
-    quantized, twin = quantized_linear_and_twin(bits)
+    ``bits``-bit Linear (with or without a bias) and on its dequantized twin, with equal tensors, give the
+    same output alone and stacked (each change then runs through the quantized layer); merging into the
+    quantized layer is refused."""
+    quantized, twin = quantized_linear_and_twin(bits, bias=bias)
     ours, reference = peftkit.adapt(quantized, spec).train(), peftkit.adapt(twin, spec).train()
     for model in (ours, reference):
         model.add_adapter("other", spec)

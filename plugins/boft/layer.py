@@ -122,7 +122,8 @@ class BoftLayer(LayerAdapter):
         blocks = self._blocks_for_use()
         if self.conv:
             weight = self._adapted_weight(base, blocks)
-            return base._conv_forward(x.to(weight.dtype), weight, base.bias).to(x.dtype)
+            bias = base.bias.to(weight.dtype) if base.bias is not None else None  # a half layer's bias
+            return base._conv_forward(x.to(weight.dtype), weight, bias).to(x.dtype)
         out = base(self.rotate(x, blocks).to(x.dtype))
         bias = getattr(base, "bias", None)
         scale = self.boft_s.reshape(-1)

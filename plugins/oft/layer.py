@@ -119,7 +119,8 @@ class OftLayer(LayerAdapter):
         if not self.conv:
             return None
         weight = self._rotated_filters(base, self._rotations_for_use())
-        return base._conv_forward(x.to(weight.dtype), weight, base.bias).to(x.dtype)
+        bias = base.bias.to(weight.dtype) if base.bias is not None else None  # a half layer's bias
+        return base._conv_forward(x.to(weight.dtype), weight, bias).to(x.dtype)
 
     def delta(self, x: torch.Tensor, h: torch.Tensor, base: nn.Module) -> torch.Tensor:
         if self.conv:

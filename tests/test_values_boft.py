@@ -1,0 +1,113 @@
+"""BOFT layer values that tests/test_method_boft.py leaves unchecked (found by `make mutate`): the layer
+alone and the change a composition adds (delta) against s * W (x M) by hand, in float32 and bfloat16; the
+weight change merge_adapters reads (delta_weight) equals what merging writes, on Linear, GPT-2 Conv1D and
+Conv2d layers, with one and with two butterfly factors; a bfloat16 merge and unmerge; a bias-free
+quantized layer; the printed description."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import peftkit
+from peftkit.plugins.boft.config import BoftConfig
+from tests.method_helpers import quantized_matches_twin
+from tests.tiny_models import build_tiny
+
+
+def _sites(model: peftkit.AdaptedModel) -> list:
+    return [layer for _, layer in model.tuner_layers()]
+
+
+def _delta_weight_is_what_merging_adds(model: peftkit.AdaptedModel) -> None:
+    layers = _sites(model)
+    before = [layer.base_layer.weight.detach().clone() for layer in layers]
+    deltas = [layer.adapters["default"].delta_weight(layer.base_layer).detach() for layer in layers]
+    model.merge_adapter(["default"])
+    for layer, w, dw in zip(layers, before, deltas, strict=True):
+        assert dw.shape == w.shape and dw.abs().max() > 1e-3  # a real rotation and scale
+        torch.testing.assert_close(layer.base_layer.weight.detach(), w + dw, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch,options", [("llama", ""), ("gpt2", ",boft_n_butterfly_factor=2")])
+def test_delta_weight_is_what_merging_adds(arch, options):
+    torch.manual_seed(0)
+    _delta_weight_is_what_merging_adds(peftkit.adapt(build_tiny(arch), f"boft[init_weights=false{options}]"))
+
+
+def test_a_conv2d_delta_weight_is_what_merging_adds():
+    torch.manual_seed(0)
+    model = peftkit.adapt(torch.nn.Sequential(torch.nn.Conv2d(8, 6, 3)),  # filters of 8 * 3 * 3 = 72
+                          BoftConfig(boft_block_size=4, boft_n_butterfly_factor=2, init_weights=False,
+                                     target_modules=["0"]))
+    _delta_weight_is_what_merging_adds(model)
+
+
+def test_the_printed_module_names_factors_blocks_and_features():
+    model = peftkit.adapt(build_tiny("llama"), "boft[boft_block_size=4,boft_n_butterfly_factor=2]")
+    assert _sites(model)[0].adapters["default"].extra_repr() == "factors=2, blocks=8x4, features=32"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_layer_alone_and_its_change_follow_s_times_w_of_the_rotated_input(dtype):
+    """Alone: s * (W (x M)) + b; inside a composition it adds s * (W (x M)) - W x (row vectors)."""
+    torch.manual_seed(0)
+    model = peftkit.adapt(build_tiny("bert").to(dtype), "boft[boft_block_size=4,boft_n_butterfly_factor=2,"
+                                                        "init_weights=false]")
+    layer = _sites(model)[0]
+    adapter, base = layer.adapters["default"], layer.base_layer
+    with torch.no_grad():  # BERT starts with zero biases
+        base.bias.normal_()
+    x = torch.randn(3, 32).to(dtype)
+    h = base(x)
+    m, s = adapter.matrix().detach().double(), adapter.boft_s.detach().double().reshape(-1)
+    w, b = base.weight.double(), base.bias.double()
+    change = ((x.double() @ m) @ w.t()) * s - x.double() @ w.t()
+    alone = ((x.double() @ m) @ w.t()) * s + b
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-2 * float(alone.abs().max())
+    delta = adapter.delta(x, h, base)
+    assert delta.dtype == dtype and torch.allclose(delta.double(), change, atol=tolerance)
+    out = adapter.forward_alone(x, base)
+    assert out.dtype == dtype and torch.allclose(out.double(), alone, atol=tolerance)
+    assert torch.allclose(layer(x).double(), alone, atol=tolerance)
+
+
+def test_a_bfloat16_layer_merges_to_s_times_w_m_transposed_and_unmerges_back():
+    torch.manual_seed(0)
+    model = peftkit.adapt(build_tiny("llama").to(torch.bfloat16), "boft[boft_block_size=4,init_weights=false]")
+    layer = _sites(model)[0]
+    adapter, base = layer.adapters["default"], layer.base_layer
+    w = base.weight.detach().clone()
+    m, s = adapter.matrix().detach().double(), adapter.boft_s.detach().double().reshape(-1, 1)
+    model.merge_adapter(["default"])
+    assert base.weight.dtype == torch.bfloat16
+    expected = (w.double() @ m.t()) * s
+    assert torch.allclose(base.weight.double(), expected, atol=1e-2 * float(expected.abs().max()))
+    model.unmerge_adapter()
+    assert base.weight.dtype == torch.bfloat16
+    assert torch.allclose(base.weight.double(), w.double(), atol=2e-2 * float(w.abs().max()))
+
+
+def test_a_bfloat16_conv2d_runs_its_rotated_scaled_filters():
+    torch.manual_seed(0)
+    model = peftkit.adapt(torch.nn.Sequential(torch.nn.Conv2d(8, 6, 3)).to(torch.bfloat16),
+                          BoftConfig(boft_block_size=4, init_weights=False, target_modules=["0"]))
+    layer = _sites(model)[0]
+    adapter, base = layer.adapters["default"], layer.base_layer
+    x = torch.randn(2, 8, 5, 5).to(torch.bfloat16)
+    w = base.weight.detach().double().reshape(6, -1)
+    m, s = adapter.matrix().detach().double(), adapter.boft_s.detach().double().reshape(-1, 1)
+    adapted = ((w @ m.t()) * s).reshape(base.weight.shape)
+    alone = torch.nn.functional.conv2d(x.double(), adapted, base.bias.double())
+    change = torch.nn.functional.conv2d(x.double(), adapted - w.reshape(base.weight.shape))
+    tolerance = 3e-2 * float(alone.abs().max())
+    out, delta = adapter.forward_alone(x, base), adapter.delta(x, base(x), base)
+    assert out.dtype == delta.dtype == torch.bfloat16
+    assert torch.allclose(out.double(), alone, atol=tolerance)
+    assert torch.allclose(delta.double(), change, atol=tolerance)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_bias_free_quantized_layer_gives_what_its_dequantized_twin_gives(bits):
+    quantized_matches_twin(bits, "boft[boft_block_size=8,boft_n_butterfly_factor=2,init_weights=false,"
+                                 "target_modules=['0']]", bias=False)
