@@ -12,15 +12,18 @@ stays clearly below 1.0 (docs/methods.md), so the task separates methods that th
 task of :mod:`peftkit.testing_task` cannot.
 
 The same messages also carry a coarser label (``labels="department"``: which team handles it, four
-classes), and :func:`few_shot` takes a balanced handful of training rows, for few-shot experiments
-on a related task. Every sentence is composed here from the word lists below (nothing taken from an
+classes) and another one that cuts across the teams (``labels="action"``: what the agent does about
+it, three classes), and :func:`few_shot` takes a balanced handful of training rows, for few-shot
+experiments on a related task. :func:`action_few_shot_task` is the few-shot task of automatic
+composition (bench/bench_auto_compose.py), whose members learn :func:`intents_of` subsets of the
+departments. Every sentence is composed here from the word lists below (nothing taken from an
 existing corpus); ``examples/data/make_data.py`` writes the default splits as JSONL files.
 """
 
 from __future__ import annotations
 
 import random
-from typing import Literal
+from typing import Iterable, Literal
 
 from peftkit.testing_task import TextTask
 
@@ -31,6 +34,13 @@ INTENTS = ("refund", "delivery_delay", "account_access", "cancel_subscription", 
 DEPARTMENTS = {"refund": "billing", "double_charge": "billing", "cancel_subscription": "billing",
                "delivery_delay": "shipping", "change_address": "shipping",
                "damaged_item": "returns", "wrong_item": "returns", "account_access": "account"}
+#: What the agent does about each intent: the ``action`` task's labels (three classes). They cut across the
+#: departments (billing pays back but also ends subscriptions, shipping chases parcels but also updates
+#: addresses), so no department and no subset of the intents tells them apart alone.
+ACTIONS = {"refund": "pay_back", "double_charge": "pay_back",
+           "delivery_delay": "ship_goods", "damaged_item": "ship_goods", "wrong_item": "ship_goods",
+           "account_access": "update_account", "cancel_subscription": "update_account",
+           "change_address": "update_account"}
 #: Fraction of training rows whose label is replaced by another one (held-out rows stay clean).
 LABEL_NOISE = 0.05
 
@@ -174,16 +184,19 @@ def _messages(n: int, held_out: bool, rng: random.Random, noise: float, noise_rn
 
 
 def support_task(n_train: int = 320, n_test: int = 160, seed: int = 0, *,
-                 labels: Literal["intent", "department"] = "intent", noise: float = LABEL_NOISE) -> TextTask:
-    """Customer messages labelled with their intent (8 balanced classes, chance 1/8) or with the
-    department that handles them (``labels="department"``: billing, shipping, returns, account).
+                 labels: Literal["intent", "department", "action"] = "intent", noise: float = LABEL_NOISE
+                 ) -> TextTask:
+    """Customer messages labelled with their intent (8 balanced classes, chance 1/8), with the
+    department that handles them (``labels="department"``: billing, shipping, returns, account) or with
+    what the agent does (``labels="action"``: pay_back, ship_goods, update_account; :data:`ACTIONS`).
 
     The held-out split shares no request phrasing, product, opener or closing with the training
     split and has more distractor clauses; ``noise`` of the training labels (default 5%) are flipped
     to another intent before any relabelling. The same ``seed`` gives the same rows; the held-out
     split does not depend on ``n_train``."""
-    if labels not in ("intent", "department"):
-        raise ValueError(f"support_task: labels={labels!r}; use 'intent' (8 classes) or 'department' (4 classes)")
+    if labels not in ("intent", "department", "action"):
+        raise ValueError(f"support_task: labels={labels!r}; use 'intent' (8 classes), 'department' (4 classes) "
+                         f"or 'action' (3 classes)")
     if not 0 <= noise < 1:
         raise ValueError(f"support_task: noise={noise!r} must be a fraction in [0, 1)")
     train = _messages(n_train, False, random.Random(f"support-train-{seed}"), noise,
@@ -191,9 +204,10 @@ def support_task(n_train: int = 320, n_test: int = 160, seed: int = 0, *,
     test = _messages(n_test, True, random.Random(f"support-held-out-{seed}"), 0.0, random.Random(0))
     if labels == "intent":
         return TextTask("support_intent", INTENTS, train, test)
-    names = tuple(sorted(set(DEPARTMENTS.values())))
-    index = {i: names.index(DEPARTMENTS[intent]) for i, intent in enumerate(INTENTS)}
-    return TextTask("support_department", names, [(t, index[y]) for t, y in train], [(t, index[y]) for t, y in test])
+    coarser = DEPARTMENTS if labels == "department" else ACTIONS
+    names = tuple(sorted(set(coarser.values())))
+    index = {i: names.index(coarser[intent]) for i, intent in enumerate(INTENTS)}
+    return TextTask(f"support_{labels}", names, [(t, index[y]) for t, y in train], [(t, index[y]) for t, y in test])
 
 
 def few_shot(task: TextTask, n: int, seed: int = 0) -> TextTask:
@@ -202,6 +216,13 @@ def few_shot(task: TextTask, n: int, seed: int = 0) -> TextTask:
     if not 0 < n <= len(task.train):
         raise ValueError(f"few_shot: n={n} must be between 1 and the {len(task.train)} training rows")
     rng = random.Random(f"few-shot-{seed}")
+    chosen = _labels_in_turns(task, n, rng)
+    rng.shuffle(chosen)
+    return TextTask(f"{task.name}_{n}shot", task.labels, chosen, task.test)
+
+
+def _labels_in_turns(task: TextTask, n: int, rng: random.Random) -> list[tuple[str, int]]:
+    """``n`` training rows, the labels taking turns (within a label, in a random order drawn from ``rng``)."""
     pools = [[row for row in task.train if row[1] == label] for label in range(len(task.labels))]
     for pool in pools:
         rng.shuffle(pool)
@@ -210,8 +231,40 @@ def few_shot(task: TextTask, n: int, seed: int = 0) -> TextTask:
         for pool in pools:
             if pool and len(chosen) < n:
                 chosen.append(pool.pop())
-    rng.shuffle(chosen)
-    return TextTask(f"{task.name}_{n}shot", task.labels, chosen, task.test)
+    return chosen
+
+
+def action_few_shot_task(n: int = 64, seed: int = 1) -> TextTask:
+    """The few-shot task of automatic composition: ``labels="action"`` (pay_back, ship_goods,
+    update_account) on the messages of ``support_task(seed=seed)`` (seed 1: other messages than the
+    default split that members train on), ``n`` clean training rows (no label noise: a hand-checked
+    handful) and the 160 paraphrased held-out rows. The training rows come with the labels taking turns,
+    so that every prefix (the first 8 or 16 of 64) is as balanced as its length allows: one file serves
+    every few-shot size."""
+    task = support_task(seed=seed, labels="action", noise=0.0)
+    if not 0 < n <= len(task.train):
+        raise ValueError(f"action_few_shot_task: n={n} must be between 1 and the {len(task.train)} training rows")
+    chosen = _labels_in_turns(task, n, random.Random(f"action-few-shot-{seed}"))
+    return TextTask(f"support_action_{n}shot", task.labels, chosen, task.test)
+
+
+def intents_of(task: TextTask, departments: Iterable[str]) -> TextTask:
+    """The rows of an intent ``task`` whose intent one of ``departments`` handles, labelled with those
+    intents only (in :data:`INTENTS` order): a member that knows part of the family, e.g.
+    ``intents_of(support_task(), ["billing", "shipping"])`` (5 intents)."""
+    if task.labels != INTENTS:
+        raise ValueError(f"intents_of: {task.name} is not labelled with the intents (labels='intent')")
+    wanted = set(departments)
+    unknown = wanted - set(DEPARTMENTS.values())
+    if unknown or not wanted:
+        raise ValueError(f"intents_of: departments {sorted(unknown) or '(none)'}; choose from "
+                         f"{', '.join(sorted(set(DEPARTMENTS.values())))}")
+    kept = tuple(intent for intent in INTENTS if DEPARTMENTS[intent] in wanted)
+
+    def keep(rows: list[tuple[str, int]]) -> list[tuple[str, int]]:
+        return [(text, kept.index(INTENTS[y])) for text, y in rows if INTENTS[y] in kept]
+
+    return TextTask(f"support_intent_{'_'.join(sorted(wanted))}", kept, keep(task.train), keep(task.test))
 
 
 def vocabulary(rows: list[tuple[str, int]]) -> set[str]:

@@ -159,11 +159,13 @@ def reviews(rng: random.Random, n: int, held_out: bool) -> list[dict]:
 
 def support_files() -> None:
     """The support-message task family (peftkit.testing_intents, which holds its word lists): intents
-    (8 classes) and departments (4 classes), the default splits of support_task()."""
-    from peftkit.testing_intents import support_task
+    (8 classes) and departments (4 classes), the default splits of support_task(); and the few-shot
+    action task of automatic composition (3 classes, 64 training rows), action_few_shot_task()."""
+    from peftkit.testing_intents import action_few_shot_task, support_task
 
-    for labels in ("intent", "department"):
-        task = support_task(labels=labels)
+    tasks = {labels: support_task(labels=labels) for labels in ("intent", "department")}
+    tasks["action"] = action_few_shot_task()
+    for labels, task in tasks.items():
         for split, rows in (("train", task.train), ("eval", task.test)):
             write_jsonl(f"support_{labels}_{split}.jsonl", [{"text": t, "label": task.labels[y]} for t, y in rows])
 
