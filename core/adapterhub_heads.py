@@ -16,8 +16,9 @@ pooled output is BERT's classifier; a one-layer tagging head is the token classi
 head (``add_masked_lm_head``: Linear, GELU, LayerNorm, Linear onto the vocabulary) is BERT's
 ``cls.predictions`` or RoBERTa's ``lm_head``.
 
-A masked-LM head equal to the model's own (the frozen pretrained head a MAD-X language adapter is
-trained with), flex or static, needs no copy: it is not loaded, and the model's own computes it.
+A masked-LM or causal-LM head equal to the model's own (the frozen pretrained head a MAD-X language
+adapter is trained with), flex or static, needs no copy: it is not loaded, and the model's own computes
+it (and takes the invertible adapter's inverse on its input).
 """
 
 from __future__ import annotations
@@ -242,7 +243,7 @@ def load_head(model: nn.Module, folder: Path, where: str) -> LoadedHead | None:
         return None
     tensors = read_adapterhub_weights(folder, SAFE_HEAD_WEIGHTS_NAME, PICKLE_HEAD_WEIGHTS_NAME)
     ours = our_head_tensors(layout, tensors, where)
-    if _task_kind(model) == "masked_lm" and _is_models_own(model, ours):
+    if _task_kind(model) in ("masked_lm", "causal_lm") and _is_models_own(model, ours):
         return None
     modules = sorted(layout.modules.values()) if layout.config is not None else static_modules(model, ours, where)
     return LoadedHead(modules, ours, head_labels(data))

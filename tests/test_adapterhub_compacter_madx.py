@@ -4,6 +4,8 @@ tests/adapterhub/make_bottleneck_fixtures.py runs in ``.venv-adapters`` (``make 
 Compacter, Compacter++ and invertible (seq_bn_inv, double_seq_bn_inv) adapters with their outputs, a MAD-X
 stack (language adapter under a task adapter) among them, cached under the venv keyed by the scripts' hash.
 Its ``run`` mode loads what peftkit saved and computes the outputs peftkit's must match.
+tests/adapterhub/make_madx_decoder_fixtures.py does the same for invertible adapters on Llama and GPT-2
+(``adapters``' flex models with a causal-LM head that is the LM's own ``lm_head``).
 """
 
 from __future__ import annotations
@@ -39,12 +41,19 @@ def cases() -> Path:
     return cached_fixtures('bottleneck-', 'make_bottleneck_fixtures.py', 'make_fixtures.py')
 
 
+@pytest.fixture(scope="module")
+def decoder_cases() -> Path:
+    """Folder of the Llama and GPT-2 invertible-adapter cases make_madx_decoder_fixtures.py wrote."""
+    return cached_fixtures('madx-decoder-', 'make_madx_decoder_fixtures.py', 'make_bottleneck_fixtures.py',
+                           'make_fixtures.py')
+
+
 def _base(case: Path) -> torch.nn.Module:
     """The case's transformers task model with the weights both libraries start from."""
     import transformers
 
     spec = json.loads((case / "model.json").read_text())
-    family = {"bert": "Bert", "roberta": "Roberta", "llama": "Llama"}[spec["model_type"]]
+    family = {"bert": "Bert", "roberta": "Roberta", "llama": "Llama", "gpt2": "GPT2"}[spec["model_type"]]
     model = getattr(transformers, spec["class"])(getattr(transformers, f"{family}Config")(**spec["config"]))
     model.load_state_dict(load_file(str(case / "base.safetensors")))
     return model.eval()
@@ -153,21 +162,29 @@ MADE = {
 
 def test_saved_in_adapters_format_loads_in_adapters_with_the_same_logits(cases: Path, tmp_path: Path) -> None:
     """Folders adapters saved (re-saved by peftkit), adapters made in peftkit, and the MAD-X stack."""
+    _adapters_computes_alike(cases, SAVED, "bert_madx_stack", MADE, "make_bottleneck_fixtures.py", tmp_path)
+
+
+def _adapters_computes_alike(cases: Path, singles: list[str], madx_case: str, made: dict[str, tuple[str, str]],
+                             script: str, tmp_path: Path) -> None:
+    """Save in adapters' format the ``singles`` cases' folders as peftkit loads them, the two adapters of the
+    MAD-X stack ``madx_case`` and adapters made in peftkit (``made``: name -> (case, spec), which also load back
+    into peftkit alike); ``script``'s run mode loads them in ``adapters``, which must compute the same logits."""
     jobs, ours = [], {}
-    for name in SAVED:
+    for name in singles:
         case = cases / name
         model = peftkit.from_pretrained(_base(case), str(case / "adapter"))
         model.save_adapter(str(tmp_path / name / "default"), format="adapters")
         jobs.append({"case": str(case), "adapters": [str(tmp_path / name / "default")], "out": str(tmp_path / name)
                      + ".out"})
         ours[name] = _expected(case)
-    madx = _madx(cases / "bert_madx_stack")
+    madx = _madx(cases / madx_case)
     for adapter in ("lang", "task"):
         madx.save_adapter(str(tmp_path / "madx" / adapter), adapter, format="adapters")
-    jobs.append({"case": str(cases / "bert_madx_stack"), "adapters": [str(tmp_path / "madx" / a) for a in
-                                                                       ("lang", "task")], "out": str(tmp_path / "madx.out")})
-    ours["madx"] = _expected(cases / "bert_madx_stack")
-    for name, (source, spec) in MADE.items():
+    jobs.append({"case": str(cases / madx_case), "adapters": [str(tmp_path / "madx" / a) for a in ("lang", "task")],
+                 "out": str(tmp_path / "madx.out")})
+    ours["madx"] = _expected(cases / madx_case)
+    for name, (source, spec) in made.items():
         case = cases / source
         torch.manual_seed(3)
         model = peftkit.adapt(_base(case), spec, trainable=False)
@@ -179,8 +196,49 @@ def test_saved_in_adapters_format_loads_in_adapters_with_the_same_logits(cases: 
         torch.testing.assert_close(_logits(again, case), ours[name], atol=ATOL, rtol=0)
         jobs.append({"case": str(case), "adapters": [str(folder)], "out": str(tmp_path / name) + ".out"})
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))
-    run_in_venv(["make_bottleneck_fixtures.py", "run", str(tmp_path / "jobs.json")])
+    run_in_venv([script, "run", str(tmp_path / "jobs.json")])
     for job in jobs:
         name = Path(job["out"]).stem
         torch.testing.assert_close(load_file(job["out"])["output"], ours[name], atol=ATOL, rtol=0,
                                    msg=lambda m, n=name: f"{n}: {m}")
+
+
+#: Llama and GPT-2 cases of one adapter (make_madx_decoder_fixtures.py)
+DECODER_SINGLE = ["llama_seq_bn_inv", "llama_double_seq_bn_inv", "gpt2_seq_bn_inv", "gpt2_double_seq_bn_inv"]
+#: peftkit-made invertible adapters on decoders: name -> (case whose model and inputs it uses, spec)
+DECODER_MADE = {
+    "llama_made": ("llama_seq_bn_inv", "seq_bn_inv[reduction_factor=4,init_weights=false,non_linearity=gelu]"),
+    "gpt2_made": ("gpt2_double_seq_bn_inv", "double_seq_bn_inv[reduction_factor=4,init_weights=false,"
+                                            "inv_adapter_reduction_factor=4]"),
+}
+
+
+@pytest.mark.parametrize("name", DECODER_SINGLE)
+def test_decoder_invertible_adapters_from_adapters_load_with_the_same_logits(decoder_cases: Path, name: str) -> None:
+    """The block on the embedding output (Llama's embed_tokens, GPT-2's transformer.drop) and its inverse on
+    lm_head's input; the folder's causal-LM head is the model's own, so it is not loaded as a copy."""
+    case = decoder_cases / name
+    model = peftkit.from_pretrained(_base(case), str(case / "adapter"))
+    torch.testing.assert_close(_logits(model, case), _expected(case), atol=ATOL, rtol=0)
+    record = model.adapter_record("default")
+    assert record.config.inv_adapter == "nice" and record.modules_to_save == []
+    assert list(model.base_model.lm_head.adapters) == ["default"]
+    embedding = "model.embed_tokens" if name.startswith("llama") else "transformer.drop"
+    assert list(model.base_model.get_submodule(embedding).adapters) == ["default"]
+    with model.disable_adapters():  # the adapter matters
+        assert not torch.allclose(_logits(model, case), _expected(case), atol=1e-3)
+
+
+def test_a_decoder_madx_stack_computes_as_adapters(decoder_cases: Path) -> None:
+    model = _madx(decoder_cases / "llama_madx_stack")
+    torch.testing.assert_close(_logits(model, decoder_cases / "llama_madx_stack"),
+                               _expected(decoder_cases / "llama_madx_stack"), atol=ATOL, rtol=0)
+    assert list(model.base_model.lm_head.adapters) == ["lang"]
+
+
+def test_decoder_invertible_adapters_saved_in_adapters_format_load_in_adapters_alike(decoder_cases: Path,
+                                                                                       tmp_path: Path) -> None:
+    """adapters' folders re-saved by peftkit, peftkit-made ones, and the MAD-X stack, loaded by adapters into
+    LlamaAdapterModel / GPT2AdapterModel with the LM's own head: the same logits."""
+    _adapters_computes_alike(decoder_cases, DECODER_SINGLE, "llama_madx_stack", DECODER_MADE,
+                             "make_madx_decoder_fixtures.py", tmp_path)

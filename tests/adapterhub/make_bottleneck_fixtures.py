@@ -111,15 +111,23 @@ def make_case(out: Path, case: str) -> None:
                                                    "task": TASKS[suffix], "class": FAMILIES[model_type] + suffix}))
     # clones: tied tensors (the MLM decoder and the word embeddings) cannot share storage in the file
     save_file({k: v.clone().contiguous() for k, v in model.state_dict().items()}, str(folder / "base.safetensors"))
-    last = list(configs)[-1]
     if suffix == "ForMaskedLM":
-        model = masked_lm_adapter_model(model_type, model, last)
+        model = masked_lm_adapter_model(model_type, model, list(configs)[-1])
     else:
         adapters.init(model)
+    save_adapters(model, folder, configs, active, trained_heads=case in TRAINED_HEADS)
+
+
+def save_adapters(model: torch.nn.Module, folder: Path, configs: dict, active: str | tuple[str, ...],
+                  trained_heads: bool = False) -> None:
+    """Add the adapters of ``configs`` (name -> config maker) to ``model``, drawn at random (seeds 1, 2, ...; with
+    ``trained_heads`` their heads too), save each (the last with its head) into ``folder/adapter`` (one adapter)
+    or ``folder/<name>``, activate ``active`` (a tuple: a Stack) and write ``expected.safetensors``."""
+    last = list(configs)[-1]
     for seed, (name, make_config) in enumerate(configs.items(), start=1):
         model.add_adapter(name, config=make_config())
         draw(model, name, seed)
-        if case in TRAINED_HEADS:
+        if trained_heads:
             with torch.no_grad():
                 for param in model.heads[name].parameters():
                     if param is model.get_input_embeddings().weight:  # the decoder is tied to the embeddings
@@ -167,13 +175,22 @@ def run(job: dict) -> None:
         assert not result.unexpected_keys and all(k.startswith(("pooler.", "prompt_tuning.")) for k in
                                                    result.missing_keys), result
         model.eval()
+    load_and_run(model, job)
+
+
+def load_and_run(model: torch.nn.Module, job: dict) -> None:
+    """Load the job's folders into ``model`` (every weight, or exit), stack them in order and write the output
+    on the case's inputs to ``job["out"]``."""
+    from safetensors.torch import load_file
+
+    names = [Path(folder).name for folder in job["adapters"]]
     for folder, name in zip(job["adapters"], names):
         info: dict = {}
         model.load_adapter(folder, load_as=name, loading_info=info, use_safetensors=True)
         if info.get("missing_keys") or info.get("unexpected_keys"):
             raise SystemExit(f"{folder}: adapters did not load every weight: {info}")
     model.set_active_adapters(Stack(*names) if len(names) > 1 else names[0])
-    ids = load_file(str(case / "expected.safetensors"))["input_ids"]
+    ids = load_file(str(Path(job["case"]) / "expected.safetensors"))["input_ids"]
     save_file({"output": output_of(model, ids)}, job["out"])
 
 
