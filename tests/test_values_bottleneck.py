@@ -40,10 +40,10 @@ def _layer_norm(t: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: 
     return (t - mean) / torch.sqrt(var + eps) * weight + bias
 
 
-def _site_values(spec: str) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+def _site_values(spec: str, base=None) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
     """(the adapter's tensors, the site's own input, the base layer's output h, the site's output)
-    in one forward of BERT with the adapter active and its weights moved off their init."""
-    model = peftkit.adapt(build_tiny("bert"), spec)
+    in one forward of BERT (or ``base``) with the adapter active and its weights moved off their init."""
+    model = peftkit.adapt(base if base is not None else build_tiny("bert"), spec)
     randomize(model, "default", seed=7, scale=0.3)
     layer = model.base_model.get_submodule(SITE)
     adapter = layer.adapters["default"]
@@ -177,3 +177,73 @@ def test_original_ln_before_on_a_pre_layernorm_decoder_reads_h_plus_the_residual
     expected = skip + _branch(t, h + r, "relu", 1.0)
     assert (expected - h).abs().max() > 1e-3
     torch.testing.assert_close(seen["out"], expected, atol=1e-5, rtol=1e-5)
+
+
+def _adapter_at_site(spec: str, model=None):
+    model = peftkit.adapt(model if model is not None else build_tiny("bert"), spec)
+    return model, model.base_model.get_submodule(SITE).adapters["default"]
+
+
+@pytest.mark.parametrize("init_weights", [True, False])
+def test_initial_weights_are_drawn_as_adapterhub_draws_them(init_weights):
+    """down: Kaiming-uniform with a = sqrt(5) (bound 1 / sqrt(in)), zero bias; up: zero (identity start) or
+    N(0, 0.02) with init_weights=false, zero bias; a learned scaling starts at 1."""
+    torch.manual_seed(0)
+    spec = f"seq_bn[reduction_factor=2,scaling=\"learned\",init_weights={str(init_weights).lower()}]"
+    _, adapter = _adapter_at_site(spec)
+    down, up = adapter.adapter_down.weight.detach(), adapter.adapter_up.weight.detach()
+    assert down.shape == (16, 32) and up.shape == (32, 16)
+    bound = 1 / math.sqrt(32)
+    assert down.abs().max() <= bound and down.abs().max() > 0.9 * bound
+    assert torch.count_nonzero(adapter.adapter_down.bias) == 0 and torch.count_nonzero(adapter.adapter_up.bias) == 0
+    if init_weights:
+        assert torch.count_nonzero(up) == 0
+    else:
+        assert 0.017 < float(up.std()) < 0.023 and abs(float(up.mean())) < 0.004
+    assert torch.equal(adapter.adapter_scaling.detach(), torch.ones(1))
+
+
+def test_dropout_drops_the_branch_in_training_with_inverted_scaling():
+    """out = h + dropout(s * f(h)): each branch entry is 0 or scaled by 1 / (1 - p), p = 0.5."""
+    model, adapter = _adapter_at_site("seq_bn[reduction_factor=4,dropout=0.5]")
+    randomize(model, "default", seed=3, scale=0.5)
+    h = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(0))
+    adapter.eval()
+    branch = adapter(h, h, None) - h
+    adapter.train()
+    dropped = adapter(h, h, None) - h
+    kept = dropped != 0
+    assert 0.3 < float(kept.float().mean()) < 0.7
+    torch.testing.assert_close(dropped[kept], 2 * branch[kept])
+
+
+def test_a_float64_base_gets_a_float64_adapter_with_exact_values():
+    spec = "seq_bn[reduction_factor=4,ln_before=true,init_weights=false]"
+    _, adapter = _adapter_at_site(spec, build_tiny("bert").double())
+    assert {p.dtype for p in adapter.parameters()} == {torch.float64} and adapter.compute_dtype == torch.float64
+    t, _, h, out = _site_values(spec, build_tiny("bert").double())
+    assert h.dtype == torch.float64
+    ln = _layer_norm(h, t["adapter_norm.weight"], t["adapter_norm.bias"])
+    torch.testing.assert_close(out, h + _branch(t, ln, "relu", 1.0), atol=1e-12, rtol=1e-12)
+
+
+def test_the_repr_names_placement_sizes_activation_and_scaling():
+    _, sequential = _adapter_at_site("seq_bn[reduction_factor=4,non_linearity=gelu,scaling=0.5]")
+    assert sequential.extra_repr() == "sequential, in=32, bottleneck=8, out=32, act=gelu, scaling=0.5"
+    _, parallel = _adapter_at_site("par_bn[reduction_factor=2,scaling=\"learned\"]")
+    assert parallel.extra_repr() == "parallel, in=32, bottleneck=16, out=32, act=relu, scaling=learned"
+
+
+@pytest.mark.parametrize("spec", ["seq_bn[reduction_factor=4,use_gating=true]",
+                                  "seq_bn[reduction_factor=4,use_gating=true,ln_before=true]",
+                                  "par_bn[reduction_factor=4,use_gating=true,scaling=0.5]"])
+def test_a_gate_on_an_additive_adapter_scales_its_branch_by_the_gate_on_the_adapter_input(spec):
+    """out = h + g(z) * s * f(LN?(z)), z the adapter's input (h, or the block input for par_bn), with
+    g(z) = the sequence mean of sigmoid(z W^T + b) (UniPELT, as AdapterHub computes it)."""
+    t, source, h, out = _site_values(spec)
+    z = source if spec.startswith("par_bn") else h
+    normed = _layer_norm(z, t["adapter_norm.weight"], t["adapter_norm.bias"]) if "ln_before" in spec else z
+    gate = (1 / (1 + torch.exp(-(z @ t["gate.weight"].T + t["gate.bias"])))).mean(dim=1)
+    assert (gate - 0.5).abs().max() > 1e-3
+    expected = h + gate[:, :, None] * _branch(t, normed, "relu", 0.5 if "scaling" in spec else 1.0)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
