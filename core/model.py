@@ -214,6 +214,7 @@ class AdaptedModel(CompositionMixin, nn.Module):
             layer.add_adapter(record.name, adapter, site.input_from)  # each adapter reads its own site's input
             if site.input_from is not None:
                 _capture_input(model, site.input_from, layer)
+        self._point_hooks.follow(model)  # a point's module may be wrapped now
         for module_name in record.modules_to_save:
             current = model.get_submodule(module_name)
             if not isinstance(current, ModulesToSave):
@@ -324,6 +325,7 @@ class AdaptedModel(CompositionMixin, nn.Module):
                 del module.copies[name]
                 if len(module.copies) == 0:
                     _set_submodule(model, module_name, module.original_module)
+        self._point_hooks.follow(model)  # a point's module may be unwrapped now
         if name in self._model_adapters:
             del self._model_adapters[name]
         if name in self._shared_states:

@@ -67,10 +67,16 @@ class _PointHook:
 
 
 class PointOutputHooks:
-    """The point hooks of one model: at most one per point, kept until :meth:`remove`."""
+    """The point hooks of one model: at most one per point, kept until :meth:`remove`.
+
+    A hook sits on whatever module is at the point's path *now*: when peftkit wraps that module (an
+    invertible adapter's TunerLayer at the same point) or unwraps it, :meth:`follow` moves the hook to the
+    outermost module, so the point's output is rewritten after every layer adapter there has run, whatever
+    order the adapters were added in (AdapterHub's order: invertible adapter, then prompt)."""
 
     def __init__(self) -> None:
-        self._handles: dict[str, "RemovableHandle"] = {}
+        #: point -> (module path, the hooked module, the hook, its handle)
+        self._hooks: dict[str, tuple[str, nn.Module, _PointHook, "RemovableHandle"]] = {}
 
     def attach(self, model: nn.Module, arch: "ArchitectureSpec | None", adapter: ModelAdapter, method: str,
                state: "AdapterState", adapters: nn.ModuleDict) -> None:
@@ -79,17 +85,25 @@ class PointOutputHooks:
         if not isinstance(adapter, PointOutputAdapter):
             return
         for point in adapter.output_points():
-            if point in self._handles:
+            if point in self._hooks:
                 continue
             found = find_point(model, arch, point, method)
             if len(found) != 1:
                 raise ConfigError(f"method {method!r} rewrites the output of the point {point!r}, which must match "
                                   f"one module, but matches {len(found)} ({', '.join(found[:4])})")
-            module = model.get_submodule(found[0])
-            self._handles[point] = module.register_forward_hook(_PointHook(point, state, adapters))
+            module, hook = model.get_submodule(found[0]), _PointHook(point, state, adapters)
+            self._hooks[point] = (found[0], module, hook, module.register_forward_hook(hook))
+
+    def follow(self, model: nn.Module) -> None:
+        """Move each hook to the module now at its path (after layers were wrapped or unwrapped there)."""
+        for point, (path, module, hook, handle) in list(self._hooks.items()):
+            current = model.get_submodule(path)
+            if current is not module:
+                handle.remove()
+                self._hooks[point] = (path, current, hook, current.register_forward_hook(hook))
 
     def remove(self) -> None:
         """Take every hook off the model (``unload``)."""
-        for handle in self._handles.values():
+        for *_, handle in self._hooks.values():
             handle.remove()
-        self._handles.clear()
+        self._hooks.clear()

@@ -12,6 +12,7 @@ so padded cases run adapters with eager attention, which peftkit matches with ei
 from __future__ import annotations
 
 import json
+from copy import deepcopy
 from pathlib import Path
 
 import pytest
@@ -255,3 +256,40 @@ def test_placement_options_that_do_not_fit_are_refused_by_name() -> None:
     for name in ("gpt2", "t5"):
         with pytest.raises(ConfigError, match=f"placement='embedding_output' .* is for encoder models .*{name}"):
             peftkit.adapt(build_tiny(name), "prompt_tuning[placement=embedding_output]")
+
+
+def test_with_an_invertible_adapter_at_the_same_point_the_prompt_joins_after_it_in_either_adding_order() -> None:
+    """AdapterHub's order after the embedding block: the invertible adapter, then the prompt. The point's hook
+    follows the module there as peftkit wraps and unwraps it; a deep copy keeps its own hook."""
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                                     vocab_size=100, max_position_embeddings=64)
+    ids = torch.randint(3, 100, (2, 5), generator=torch.Generator().manual_seed(1))
+    specs = {"lang": "seq_bn_inv[reduction_factor=4]",
+             "prompt": "prompt_tuning[num_virtual_tokens=2,placement=embedding_output]"}
+    outputs = []
+    for first, second in (("lang", "prompt"), ("prompt", "lang")):
+        torch.manual_seed(0)
+        model = peftkit.adapt(transformers.BertModel(config).eval(), specs[first], adapter_name=first, trainable=False)
+        model.add_adapter(second, specs[second])
+        for seed, name in enumerate(("lang", "prompt")):
+            gen = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                for param in model.adapter_parameters(name):
+                    param.copy_(0.3 * torch.randn(param.shape, generator=gen))
+        model.set_active("stack(lang, prompt)")
+        with torch.no_grad():
+            outputs.append(model(input_ids=ids).last_hidden_state)
+            embedded = model.base_model.embeddings(input_ids=ids)
+            with model.disable_adapters():
+                plain = model.base_model.embeddings(input_ids=ids)
+        prompt = model.model_adapter("prompt").prompt_embeddings
+        assert torch.equal(embedded[:, :2], prompt.expand(2, -1, -1))  # the prompt itself is left as it is
+        assert not torch.allclose(embedded[:, 2:], plain)  # the invertible adapter changed the tokens' rows
+        copy = deepcopy(model)
+        with torch.no_grad():
+            torch.testing.assert_close(copy(input_ids=ids).last_hidden_state, outputs[-1])
+        model.delete_adapter("lang")  # unwraps the point's module: the hook moves back onto it
+        model.set_active("prompt")
+        with torch.no_grad():
+            assert model(input_ids=ids).last_hidden_state.shape == (2, 7, 32)
+    torch.testing.assert_close(outputs[0], outputs[1])
