@@ -22,7 +22,6 @@ from safetensors.torch import load_file
 
 import peftkit
 from peftkit.core.errors import AdapterLoadError, ConfigError, PeftkitError
-from peftkit.testing import make_conformance_class
 from peftkit.testing_models import build_tiny
 from tests.adapterhub_venv import cached_fixtures, run_in_venv, saved_both_ways, with_changed_options
 
@@ -151,10 +150,6 @@ def test_adapters_prompt_folders_peftkit_cannot_compute_are_refused_by_name(prom
 
 
 # -- the placement on its own (no adapters venv) ---------------------------------------------------------------
-
-#: The conformance suite on the encoder among its tiny models (decoders and T5 are refused, a reasoned skip).
-TestConformance_prompt_tuning_embedding_output = make_conformance_class(
-    "prompt_tuning[num_virtual_tokens=3,placement=embedding_output,combine=prefix_after_bos]", architectures=("bert",))
 
 
 def tiny_bert_classifier() -> torch.nn.Module:

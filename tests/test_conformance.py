@@ -59,6 +59,10 @@ for _key, _spec in BUILTIN_SPECS.items():
 TestConformance_seq_bn_original_ln = make_conformance_class(
     "seq_bn[original_ln_before=true,ln_after=true]", architectures=("bert",))
 
+#: AdapterHub's prompt placement, after the embedding block: encoders only (decoders and T5 are refused by name).
+TestConformance_prompt_tuning_embedding_output = make_conformance_class(
+    "prompt_tuning[num_virtual_tokens=3,placement=embedding_output,combine=prefix_after_bos]", architectures=("bert",))
+
 #: Unions, with whether the output equals the base right after injection (a prefix part starts random).
 UNION_SPECS = {
     "union": ("lora[r=4]|seq_bn[reduction_factor=4]", True),
