@@ -552,10 +552,6 @@ def run_copies(plan: RowPlan, module: Any, active_names: Sequence[str], args: tu
     return out if dev.in_order else out.index_select(0, dev.inverse)
 
 
-def is_row_split(node: Node | None) -> bool:
-    return isinstance(node, Block) and node.kind in ("batch_split", "parallel")
-
-
 #: Block type -> the function that runs it at one site (``run(block, layer, x, h)``).
 RUNNERS: dict[type[Block], Any] = {Stack: run_stack, Average: run_average, Fuse: run_fuse,
                                    BatchSplit: run_split, Parallel: run_split, Split: run_token_split}
