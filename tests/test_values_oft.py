@@ -109,3 +109,55 @@ def test_a_bfloat16_conv2d_alone_and_inside_a_composition_runs_its_rotated_filte
 @pytest.mark.parametrize("bits", [4, 8])
 def test_a_bias_free_quantized_layer_gives_what_its_dequantized_twin_gives(bits):
     quantized_matches_twin(bits, "oft[oft_block_size=16,init_weights=false,target_modules=['0']]", bias=False)
+
+
+def _skew(upper: torch.Tensor, size: int) -> torch.Tensor:
+    """Q - Q^T per row of ``upper`` (the entries above the diagonal, row by row: PEFT's oft_R layout)."""
+    q = torch.zeros(upper.shape[0], size, size, dtype=upper.dtype)
+    rows, cols = torch.triu_indices(size, size, 1)
+    q[:, rows, cols] = upper
+    return q - q.transpose(1, 2)
+
+
+def test_a_non_identity_init_draws_the_upper_triangles_with_std_0_1():
+    torch.manual_seed(0)
+    model = peftkit.adapt(build_tiny("llama"), "oft[oft_block_size=8,init_weights=false]")
+    entries = torch.cat([layer.adapters["default"].weight.detach().flatten() for layer in _sites(model)])
+    assert entries.numel() > 400
+    assert abs(float(entries.std()) - 0.1) < 0.02 and abs(float(entries.mean())) < 0.02
+
+
+@pytest.mark.parametrize("terms", [1, 2, 3, 5])
+def test_the_truncated_neumann_series_of_each_length(terms):
+    """PEFT's series: I (1 term), I + 2Q (2), then I + 2Q + ... + 2Q^(m-1) + Q^m with m = max(n, 4) - 1."""
+    torch.manual_seed(0)
+    model = peftkit.adapt(build_tiny("llama"), f"oft[oft_block_size=8,init_weights=false,"
+                                               f"num_cayley_neumann_terms={terms}]")
+    adapter = _sites(model)[0].adapters["default"]
+    q = _skew(adapter.weight.detach().double(), 8)
+    eye = torch.eye(8, dtype=torch.float64).expand_as(q)
+    if terms == 1:
+        expected = eye
+    elif terms == 2:
+        expected = eye + 2 * q
+    else:
+        m = max(terms, 4) - 1
+        expected = eye + sum(2 * torch.linalg.matrix_power(q, k) for k in range(1, m)) + torch.linalg.matrix_power(q, m)
+    torch.testing.assert_close(adapter.rotations().detach().double(), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_module_dropout_over_two_blocks_sets_one_to_the_identity_in_training():
+    torch.manual_seed(0)
+    model = peftkit.adapt(build_tiny("llama"), "oft[oft_block_size=16,module_dropout=0.5,init_weights=false]")
+    adapter = _sites(model)[0].adapters["default"]
+    assert adapter.blocks.count == 2
+    x = torch.randn(3, 32)
+    adapter.train()
+    kept = (adapter.rotate(x).reshape(3, 2, 16) == x.reshape(3, 2, 16)).all(-1).all(0)
+    assert int(kept.sum()) == 1
+
+
+def test_the_module_state_holds_only_the_trained_rotations():
+    """The triangle indices are derived buffers: a checkpoint of the model holds the rotations alone."""
+    model = peftkit.adapt(build_tiny("llama"), "oft[oft_block_size=8]")
+    assert set(_sites(model)[0].adapters["default"].state_dict()) == {"weight"}
