@@ -111,3 +111,20 @@ def test_a_bfloat16_conv2d_runs_its_rotated_scaled_filters():
 def test_a_bias_free_quantized_layer_gives_what_its_dequantized_twin_gives(bits):
     quantized_matches_twin(bits, "boft[boft_block_size=8,boft_n_butterfly_factor=2,init_weights=false,"
                                  "target_modules=['0']]", bias=False)
+
+
+def test_a_non_identity_init_draws_rotations_with_std_0_1_and_scales_around_1():
+    torch.manual_seed(0)
+    model = peftkit.adapt(build_tiny("llama"), "boft[boft_block_size=4,init_weights=false]")
+    adapters = [layer.adapters["default"] for layer in _sites(model)]
+    r = torch.cat([a.boft_R.detach().flatten() for a in adapters])
+    s = torch.cat([a.boft_s.detach().flatten() for a in adapters])
+    assert r.numel() > 400 and s.numel() >= 96
+    assert abs(float(r.std()) - 0.1) < 0.02 and abs(float(r.mean())) < 0.02
+    assert abs(float(s.std()) - 0.1) < 0.03 and abs(float(s.mean()) - 1.0) < 0.03
+
+
+def test_the_module_state_holds_only_the_trained_tensors():
+    """The permutations are derived buffers: a checkpoint of the model holds boft_R and boft_s alone."""
+    model = peftkit.adapt(build_tiny("llama"), "boft[boft_block_size=4,boft_n_butterfly_factor=2]")
+    assert set(_sites(model)[0].adapters["default"].state_dict()) == {"boft_R", "boft_s"}

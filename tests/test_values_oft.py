@@ -161,3 +161,13 @@ def test_the_module_state_holds_only_the_trained_rotations():
     """The triangle indices are derived buffers: a checkpoint of the model holds the rotations alone."""
     model = peftkit.adapt(build_tiny("llama"), "oft[oft_block_size=8]")
     assert set(_sites(model)[0].adapters["default"].state_dict()) == {"weight"}
+
+
+def test_a_float64_layer_with_a_one_term_series_is_exactly_the_identity():
+    """One Neumann term is R = I: a float64 model's output must not be rounded through float32."""
+    torch.manual_seed(0)
+    base = build_tiny("llama").double()
+    ids = torch.randint(0, 100, (2, 5))
+    expected = base(input_ids=ids).logits
+    model = peftkit.adapt(base, "oft[oft_block_size=8,init_weights=false,num_cayley_neumann_terms=1]")
+    assert torch.equal(model(input_ids=ids).logits, expected)
