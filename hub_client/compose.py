@@ -538,10 +538,45 @@ def load_with_plan(base_model: Any, spec: Any, hub: "str | HubBackend | None" = 
 # -- writing a composed setup --------------------------------------------------------------------
 
 
+@dataclass
+class ComposedFolder:
+    """What :func:`compose_to_folder` wrote: ``peftkit compose``'s summary line and its ``--json`` report."""
+
+    out: str
+    composition: str
+    members: list[dict[str, Any]]  # each hub member: name, repo_id, revision asked for, commit pulled, kind
+    adapters: dict[str, str]  # every adapter on the model -> its method
+    labels: list[str] | None  # a classifier's labels (of the head the composition predicts with)
+    merged: list[str] | None = None  # with merge: the adapters folded into the base weights, in order
+
+    def summary(self) -> str:
+        sources = ", ".join(f"{m['name']} <- {m['repo_id']}@{m['commit'] or m['revision'] or 'main'}"
+                            for m in self.members)
+        if self.labels is not None:
+            sources += f"; labels: {', '.join(self.labels[:8])}{', ...' if len(self.labels) > 8 else ''}"
+        if self.merged is None:
+            return f"Wrote the composition {self.composition} to {self.out} ({sources})"
+        return f"Wrote the base model with {', '.join(self.merged)} merged in to {self.out} ({sources})"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"out": self.out, "composition": self.composition, "merged": self.merged is not None,
+                "merged_adapters": self.merged, "members": self.members, "adapters": self.adapters,
+                "labels": self.labels}
+
+
 def save_composed(base_model: Any, spec: Any, out: str | Path, hub: "str | HubBackend | None" = None, *,
                   merge: bool = False, adapters: Mapping[str, str] | None = None, token: str | None = None,
                   progress: bool = True, **model_kwargs: Any) -> str:
-    """Load ``spec`` onto ``base_model`` from the hub and write it to ``out``; returns a summary line.
+    """Load ``spec`` onto ``base_model`` from the hub and write it to ``out``; returns a summary line
+    (:func:`compose_to_folder`, which this calls, returns the same as a report)."""
+    return compose_to_folder(base_model, spec, out, hub, merge=merge, adapters=adapters, token=token,
+                             progress=progress, **model_kwargs).summary()
+
+
+def compose_to_folder(base_model: Any, spec: Any, out: str | Path, hub: "str | HubBackend | None" = None, *,
+                      merge: bool = False, adapters: Mapping[str, str] | None = None, token: str | None = None,
+                      progress: bool = True, **model_kwargs: Any) -> ComposedFolder:
+    """Load ``spec`` onto ``base_model`` from the hub and write it to ``out``; returns what it wrote.
 
     Without ``merge``: a composition folder (``save_composition``: the adapters,
     fusion weights and the composition), loadable offline with
@@ -549,7 +584,8 @@ def save_composed(base_model: Any, spec: Any, out: str | Path, hub: "str | HubBa
     into the base weights and saved as a plain transformers model (with the
     base's tokenizer when it has one), when every member's method can merge
     and the composition is one adapter, a stack, or holds averages of LoRA adapters (each folded into one
-    adapter first, exactly).
+    adapter first, exactly). A member that cannot take part fails the whole call (nothing is written):
+    unlike ``auto_compose``, nothing is left out.
     """
     from peftkit.core.errors import MergeError
     from peftkit.core.fileio import apply_normal_modes, atomic_folder
@@ -558,12 +594,15 @@ def save_composed(base_model: Any, spec: Any, out: str | Path, hub: "str | HubBa
     model, the_plan = load_with_plan(base_model, spec, hub, adapters=adapters, token=token, progress=progress,
                                      **model_kwargs)
     node = model.active_composition
-    sources = ", ".join(f"{name} <- {m.source}" for name, m in the_plan.members.items())
-    sources += _labels_note(model)
     out = Path(out)
+    report = ComposedFolder(
+        str(out), str(node),
+        [{"name": name, "repo_id": m.ref.repo_id, "revision": m.ref.revision, "commit": m.commit, "kind": m.kind}
+         for name, m in the_plan.members.items()],
+        {name: record.method.name for name, record in model.adapter_records.items()}, _labels(model))
     if not merge:
         model.save_composition(str(out), node)
-        return f"Wrote the composition {node} to {out} ({sources})"
+        return report
     try:  # one adapter, a stack, an average() of LoRA adapters folded into one (core.merging.merge_order)
         names = merge_order(model, node)
     except MergeError as exc:
@@ -581,18 +620,18 @@ def save_composed(base_model: Any, spec: Any, out: str | Path, hub: "str | HubBa
         if isinstance(base_model, (str, Path)):
             _save_tokenizer(str(base_model), tmp)
         apply_normal_modes(tmp)  # transformers' weights files come out owner-only
-    return f"Wrote the base model with {', '.join(names)} merged in to {out} ({sources})"
+    report.merged = list(names)
+    return report
 
 
-def _labels_note(model: "AdaptedModel") -> str:
-    """``; labels: a, b, ...`` for a classifier: the labels of the head that the composition predicts with."""
+def _labels(model: "AdaptedModel") -> list[str] | None:
+    """A classifier's labels: those of the head that the composition predicts with (None: not a classifier)."""
     from peftkit.core.heads import is_classifier
     from peftkit.core.labels import config_labels
 
     if not is_classifier(model.base_model):
-        return ""
-    labels = config_labels(model.base_model.config) or []
-    return f"; labels: {', '.join(labels[:8])}{', ...' if len(labels) > 8 else ''}"
+        return None
+    return list(config_labels(model.base_model.config) or [])
 
 
 def _save_tokenizer(name_or_path: str, folder: Path) -> None:

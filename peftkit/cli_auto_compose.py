@@ -14,10 +14,10 @@ from peftkit.cli_output import echo_json
 
 #: The option names (as click passes them) that only mean something with --auto.
 AUTO_ONLY = ("examples", "eval_file", "candidates", "search", "strategy", "head", "max_candidates", "budget", "l1",
-             "steps", "lr", "seed", "push", "as_json")
+             "steps", "lr", "seed", "push")
 #: Their defaults (an option at its default was not given).
 AUTO_DEFAULTS = {"strategy": "weights", "head": "auto", "max_candidates": 8, "budget": 40, "l1": 0.05, "steps": 100,
-                 "lr": 0.01, "seed": 0, "as_json": False}
+                 "lr": 0.01, "seed": 0}
 
 
 def auto_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -56,7 +56,9 @@ def auto_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      help="With --auto: seed of the held-out split and the search."),
         click.option("--push", default=None, metavar="REPO_ID",
                      help="With --auto: push the learned adapter to the hub as REPO_ID."),
-        click.option("--json", "as_json", is_flag=True, help="With --auto: print the report as JSON."),
+        click.option("--json", "as_json", is_flag=True,
+                     help="Print the report as JSON: what was composed (members with the revisions asked for and "
+                          "the commits pulled, adapters and methods, labels), or with --auto the whole result."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -78,7 +80,7 @@ def check_auto_options(auto: bool, spec: str | None, given: dict[str, Any]) -> N
         raise click.UsageError("missing argument 'SPEC' (or pass --auto to learn a combination)")
     extra = [k for k in AUTO_ONLY if given.get(k) not in (None, AUTO_DEFAULTS.get(k))]
     if extra:
-        raise click.UsageError(f"--{extra[0].replace('_', '-').replace('as-json', 'json').replace('eval-file', 'eval')}"
+        raise click.UsageError(f"--{extra[0].replace('_', '-').replace('eval-file', 'eval')}"
                                f" only works with --auto")
 
 

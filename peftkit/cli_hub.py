@@ -344,7 +344,7 @@ def compose_command(base: str, spec: str | None, out: str, hub: str | None, merg
     """
     from pathlib import Path
 
-    from peftkit.hub_client.compose import save_composed
+    from peftkit.hub_client.compose import compose_to_folder
 
     check_auto_options(auto, spec, auto_settings)
     if Path(out).exists() and any(Path(out).iterdir()) and not overwrite:
@@ -362,9 +362,12 @@ def compose_command(base: str, spec: str | None, out: str, hub: str | None, merg
             raise click.BadParameter(f"{item!r}: write NAME=namespace/repo[@revision]", param_hint="--adapter")
         mapping[name.strip()] = ref.strip()
     with plain_warnings():
-        summary = save_composed(base, spec, out, hub=hub, merge=merge, adapters=mapping or None,
-                                token=_token(token_file), progress=not quiet)
-    click.echo(summary)
+        report = compose_to_folder(base, spec, out, hub=hub, merge=merge, adapters=mapping or None,
+                                   token=_token(token_file), progress=not quiet and not auto_settings["as_json"])
+    if auto_settings["as_json"]:
+        echo_json(report.to_json())
+    else:
+        click.echo(report.summary())
 
 
 commands = [hub_group, compose_command]

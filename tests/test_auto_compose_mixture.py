@@ -152,6 +152,23 @@ def test_a_new_label_set_gets_a_fresh_head_trained_with_the_combination(
                 "-q"]) == 0
     assert merged_score(merged, files["heldout"], ["boo", "yay"]) == pytest.approx((learned["loss"],
                                                                                     learned["accuracy"]), abs=1e-4)
+    # compose (without --auto) reports what it composed as JSON: the member with the commit it pulled, the
+    # adapters it brought with their methods, the labels, what --merge folded in (the fresh head last).
+    capsys.readouterr()
+    assert run(["compose", str(world["base"]), "alice/cheers", "--out", str(tmp_path / "m2"), "--merge", "--hub",
+                hub, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    [member] = report["members"]
+    assert member["repo_id"] == "alice/cheers" and member["revision"] is None and member["kind"] == "composition"
+    assert len(member["commit"]) == 40 and report["merged"] and report["merged_adapters"][-1] == "fresh_head"
+    assert report["adapters"] == {"t": "lora", "topics": "lora", "fresh_head": "lora"}
+    assert report["labels"] == ["boo", "yay"] and report["out"] == str(tmp_path / "m2")
+    assert run(["compose", str(world["base"]), f"alice/cheers@{member['commit']}", "--out", str(tmp_path / "c"),
+                "--hub", hub, "--json"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert plain["members"] == [{**member, "revision": member["commit"]}] and not plain["merged"]
+    assert plain["merged_adapters"] is None and plain["composition"] == str(model.active_composition)
+    assert (tmp_path / "c" / "composition.json").is_file()
 
 
 def test_a_named_head_lets_a_stack_average_members_whose_heads_differ(tmp_path: Path) -> None:
