@@ -85,21 +85,33 @@ def test_a_bfloat16_layer_merges_to_its_weight_times_the_rotation_in_bfloat16():
     assert torch.allclose(merged.double(), w.double() @ r.t(), atol=1e-2 * float(w.abs().max()))
 
 
-def test_a_bfloat16_conv2d_alone_and_inside_a_composition_runs_its_rotated_filters():
+def _bfloat16_conv2d() -> tuple[peftkit.AdaptedModel, object, torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """A bfloat16 Conv2d (with a bias) under a random OFT: the model, adapter, base layer, its weight and
+    the change the rotation makes to it, both in float64."""
     torch.manual_seed(0)
     model = peftkit.adapt(torch.nn.Sequential(torch.nn.Conv2d(4, 6, 3)).to(torch.bfloat16),
                           OftConfig(oft_block_size=4, init_weights=False, target_modules=["0"]))
     layer = _sites(model)[0]
     adapter, base = layer.adapters["default"], layer.base_layer
-    x = torch.randn(2, 4, 5, 5).to(torch.bfloat16)
     w = base.weight.detach().double()
     r = adapter.block_matrix().detach().double()
     change = ((w.reshape(6, -1) @ r.t()) - w.reshape(6, -1)).reshape(w.shape)
+    return model, adapter, base, w, change
+
+
+def test_a_bfloat16_conv2d_change_inside_a_composition_is_the_rotated_filters_less_the_filters():
+    _, adapter, base, _, change = _bfloat16_conv2d()
+    x = torch.randn(2, 4, 5, 5).to(torch.bfloat16)
     expected = torch.nn.functional.conv2d(x.double(), change)
     delta = adapter.delta(x, base(x), base)
     assert delta.dtype == torch.bfloat16
     assert torch.allclose(delta.double(), expected, atol=3e-2 * float(expected.abs().max()))
-    # alone: the convolution with the rotated filters and the (bfloat16) bias; this raised a dtype error before
+
+
+def test_a_bfloat16_conv2d_alone_runs_its_rotated_filters_and_its_bias():
+    """Regression: the rotated filters are float32 and the bias was passed in bfloat16 (a dtype error)."""
+    model, _, base, w, change = _bfloat16_conv2d()
+    x = torch.randn(2, 4, 5, 5).to(torch.bfloat16)
     alone = torch.nn.functional.conv2d(x.double(), w + change, base.bias.double())
     out = model(x)
     assert out.dtype == torch.bfloat16
