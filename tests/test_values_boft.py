@@ -128,3 +128,50 @@ def test_the_module_state_holds_only_the_trained_tensors():
     """The permutations are derived buffers: a checkpoint of the model holds boft_R and boft_s alone."""
     model = peftkit.adapt(build_tiny("llama"), "boft[boft_block_size=4,boft_n_butterfly_factor=2]")
     assert set(_sites(model)[0].adapters["default"].state_dict()) == {"boft_R", "boft_s"}
+
+
+def test_merging_in_training_mode_leaves_dropout_out():
+    """Dropout acts on forward passes only: M, the merged weight and the unmerge use every block."""
+    torch.manual_seed(0)
+    model = peftkit.adapt(build_tiny("llama"), "boft[boft_block_size=4,boft_dropout=0.5,init_weights=false]")
+    layer = _sites(model)[0]
+    adapter, base = layer.adapters["default"], layer.base_layer
+    model.eval()
+    m = adapter.matrix().detach().clone()
+    model.train()
+    torch.testing.assert_close(adapter.matrix().detach(), m, atol=0, rtol=0)
+    w = base.weight.detach().clone()
+    s = adapter.boft_s.detach().reshape(-1, 1)
+    model.merge_adapter(["default"])
+    torch.testing.assert_close(base.weight.detach(), (w @ m.t()) * s, atol=1e-6, rtol=1e-5)
+    model.unmerge_adapter()
+    torch.testing.assert_close(base.weight.detach(), w, atol=1e-5, rtol=1e-5)
+
+
+def test_a_bfloat16_bias_free_layer_alone_and_its_delta_weight_keep_bfloat16():
+    torch.manual_seed(0)
+    model = peftkit.adapt(build_tiny("llama").to(torch.bfloat16), "boft[boft_block_size=4,init_weights=false]")
+    layer = _sites(model)[0]
+    adapter, base = layer.adapters["default"], layer.base_layer
+    assert base.bias is None
+    x = torch.randn(3, 32).to(torch.bfloat16)
+    m, s = adapter.matrix().detach().double(), adapter.boft_s.detach().double().reshape(-1)
+    expected = ((x.double() @ m) @ base.weight.double().t()) * s
+    out = adapter.forward_alone(x, base)
+    assert out.dtype == torch.bfloat16
+    assert torch.allclose(out.double(), expected, atol=3e-2 * float(expected.abs().max()))
+    dw = adapter.delta_weight(base)
+    assert dw.dtype == torch.bfloat16
+    expected_dw = (base.weight.double() @ m.t()) * s.reshape(-1, 1) - base.weight.double()
+    assert torch.allclose(dw.double(), expected_dw, atol=2e-2 * float(base.weight.double().abs().max()))
+
+
+def test_a_scale_holding_nan_is_not_merged():
+    model = peftkit.adapt(build_tiny("llama"), "boft[boft_block_size=4]")
+    layer = _sites(model)[0]
+    with torch.no_grad():
+        layer.adapters["default"].boft_s[0] = float("nan")
+    w = layer.base_layer.weight.detach().clone()
+    with pytest.raises(peftkit.MergeError, match="NaN or infinite"):
+        model.merge_adapter(["default"])
+    assert torch.equal(layer.base_layer.weight, w)
