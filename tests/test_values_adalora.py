@@ -129,6 +129,9 @@ def test_keep_shrinks_to_the_flagged_triplets_and_records_them_against_the_initi
     torch.testing.assert_close(adapter.delta(x, base(x), base).double(), expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="keep\\(\\) got 3 flags for 2 triplets"):
         adapter.keep(torch.tensor([True, True, False]))
+    adapter.lora_B.requires_grad_(False)  # a frozen factor stays frozen
+    adapter.keep(torch.tensor([True, False]))
+    assert not adapter.lora_B.requires_grad and adapter.lora_A.requires_grad and adapter.kept == [True] + [False] * 3
 
 
 def test_a_rank_pattern_builds_the_kept_triplets_only():
