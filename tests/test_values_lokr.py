@@ -102,3 +102,32 @@ def test_inference_runs_the_same_formula_without_an_autograd_node(conv1d: bool, 
         expected = _hand(x, base, w1s, w2_a, w2_b)
     assert out.grad_fn is None and out.shape == (2, 3, OUT)
     torch.testing.assert_close(out, expected)
+
+
+def _backward_products(trained: set[str]) -> int:
+    """Matrix-product FLOPs of the fused backward on 7 tokens when only ``trained`` take gradients:
+    g's products through w2_a and w1 (always: every gradient needs them), then one product per
+    gradient asked for (the input's: g W; its LoKr part is accumulated by addmm_, not counted)."""
+    t = 7
+    through = 2 * R * OUT_K * t * OUT_L + 2 * R * t * OUT_L * IN_M  # g_u_t, g_z_t
+    own = {"w2_a": 2 * R * t * OUT_L * OUT_K, "w1s": 2 * OUT_L * R * t * IN_M, "w2_b": 2 * R * t * IN_M * IN_N,
+           "x": 2 * t * OUT * IN}
+    return through + sum(own[name] for name in trained)
+
+
+@pytest.mark.parametrize("trained", [{"x"}, {"w1s"}, {"w2_a"}, {"w2_b"}, {"x", "w1s", "w2_a", "w2_b"}])
+def test_backward_runs_only_the_products_of_the_gradients_asked_for(trained: set[str]) -> None:
+    """A gradient autograd does not ask for is not computed (it would be thrown away): counted as the
+    backward's matrix-product FLOPs, not timed."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    base = _base()
+    w1s, w2_a, w2_b = _factors()
+    x = torch.randn(7, IN, dtype=D)
+    for name, leaf in {"x": x, "w1s": w1s, "w2_a": w2_a, "w2_b": w2_b}.items():
+        leaf.requires_grad_(name in trained)
+    out = fused_lokr(x, w1s, w2_a, w2_b, base, IN_M)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out.backward(torch.randn_like(out))
+    assert counter.get_total_flops() == _backward_products(trained)

@@ -184,3 +184,55 @@ def test_fusable_refuses_what_the_fused_path_would_compute_differently() -> None
         assert not fusable(base, x, a)
     quantized_like = type("Quantized", (nn.Linear,), {})(IN, OUT).to(D).requires_grad_(False)
     assert not fusable(quantized_like, x, a)  # a subclass of Linear may compute something else
+
+
+def _backward_products(trained: set[str], tokens: int) -> int:
+    """Matrix-product FLOPs of the fused backward when only ``trained`` take gradients: (s g B)^T always
+    (every gradient needs it), then one product per gradient asked for; the input's g W (its LoRA part is
+    accumulated by addmm_ into it, not counted), and x_d's own (s g B) A when the LoRA has its own input."""
+    through = 2 * R * OUT * tokens
+    own = {"a": 2 * R * tokens * IN, "b": 2 * R * tokens * OUT, "x": 2 * tokens * OUT * IN,
+           "x_d": 2 * tokens * R * IN}
+    return through + sum(own[name] for name in trained)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+@pytest.mark.parametrize("trained", [{"a"}, {"b"}, {"x"}, {"x_d"}, {"a", "b", "x"}, {"a", "b", "x", "x_d"}])
+def test_backward_runs_only_the_products_of_the_gradients_asked_for(trained: set[str], dora: bool) -> None:
+    """A gradient autograd does not ask for is not computed (it would be thrown away): counted as the
+    backward's matrix-product FLOPs, not timed."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    base = _base()
+    a, b = _factors()
+    x = torch.randn(7, IN, dtype=D)
+    x_d = torch.randn(7, IN, dtype=D) if "x_d" in trained else None
+    for name, leaf in {"a": a, "b": b, "x": x, "x_d": x_d}.items():
+        if leaf is not None:
+            leaf.requires_grad_(name in trained)
+    if dora:
+        _, norm = _dora_hand(x, x if x_d is None else x_d, a, b, _magnitude(), base)
+        out = fused_lora(x, x_d, a, b, base, SCALE, _magnitude().detach(), norm)
+    else:
+        out = fused_lora(x, x_d, a, b, base, SCALE)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out.backward(torch.randn_like(out))
+    assert counter.get_total_flops() == _backward_products(trained, 7)
+
+
+@pytest.mark.parametrize("magnitude_trained", [False, True])
+def test_dora_backward_sums_the_magnitudes_gradient_only_when_asked(magnitude_trained: bool) -> None:
+    """DoRA's magnitude gradient (a sum over tokens) runs only when the magnitude takes a gradient."""
+    from torch.profiler import profile, ProfilerActivity
+
+    base = _base()
+    a, b = _factors()
+    magnitude = _magnitude().requires_grad_(magnitude_trained)
+    x = torch.randn(4, IN, dtype=D)
+    _, norm = _dora_hand(x, x, a, b, magnitude, base)
+    out = fused_lora(x, None, a, b, base, SCALE, magnitude, norm)
+    with profile(activities=[ProfilerActivity.CPU]) as run:
+        out.backward(torch.randn_like(out))
+    assert sum(event.name == "aten::sum" for event in run.events()) == int(magnitude_trained)
+    assert (magnitude.grad is not None) == magnitude_trained

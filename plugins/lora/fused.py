@@ -57,15 +57,19 @@ def _base_product(x2: torch.Tensor, base: nn.Module, with_bias: bool) -> torch.T
     return F.linear(x2, base.weight, bias)
 
 
-def _input_grad(g: torch.Tensor, weight: torch.Tensor, conv1d: bool, g_xa_t: torch.Tensor,
-                lora_a: torch.Tensor, same_input: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The gradients of the base input and of the LoRA input: ``g W`` and ``g_xa A`` (``g_xa_t``: g_xa
-    rank-major), the second accumulated into the first when both inputs are the same tensor."""
-    grad_x = torch.mm(g, weight.t()) if conv1d else torch.mm(g, weight)
-    if same_input:
-        grad_x.addmm_(g_xa_t.t(), lora_a)
-        return grad_x, None
-    return grad_x, torch.mm(g_xa_t.t(), lora_a)
+def _input_grad(ctx: Any, g: torch.Tensor, weight: torch.Tensor, g_xa_t: torch.Tensor,
+                lora_a: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The gradients of the base input and of the LoRA input that autograd asks for: ``g W`` and
+    ``g_xa A`` (``g_xa_t``: g_xa rank-major), the second accumulated into the first when both inputs
+    are the same tensor."""
+    grad_x = grad_x_lora = None
+    if ctx.needs_input_grad[0]:
+        grad_x = torch.mm(g, weight.t()) if ctx.conv1d else torch.mm(g, weight)
+        if ctx.same_input:
+            grad_x.addmm_(g_xa_t.t(), lora_a)
+    if ctx.needs_input_grad[1]:
+        grad_x_lora = torch.mm(g_xa_t.t(), lora_a)
+    return grad_x, grad_x_lora
 
 
 def _lora_sum(x2: torch.Tensor, lora_in: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
@@ -97,10 +101,7 @@ def _lora_grads(ctx: Any, g: torch.Tensor, lora_in: torch.Tensor, xa_t: torch.Te
     g_xa_t = torch.mm(lora_b.t(), g.t()).mul_(ctx.scale)  # (s g B)^T
     grad_a = torch.mm(g_xa_t, lora_in) if ctx.needs_input_grad[2] else None
     grad_b = torch.mm(xa_t, g).mul_(ctx.scale).t() if ctx.needs_input_grad[3] else None
-    grad_x = grad_x_lora = None
-    if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-        grad_x, grad_x_lora = _input_grad(g, weight, ctx.conv1d, g_xa_t, lora_a, ctx.same_input)
-    return grad_x, grad_x_lora, grad_a, grad_b
+    return (*_input_grad(ctx, g, weight, g_xa_t, lora_a), grad_a, grad_b)
 
 
 class _LoraFn(torch.autograd.Function):
