@@ -48,6 +48,12 @@ class AdapterHubFormat:
         """Whether an AdapterHub config's options (its ``"config"`` dict) describe this method."""
         return False
 
+    def parts(self, options: Mapping[str, Any]) -> list[tuple[str, "AdapterHubFormat", Mapping[str, Any]]]:
+        """For a method made of other methods' parts (AdapterHub's ``ConfigUnion``): per part, the prefix of its
+        tensors' keys at a site (its method's name: ``lora`` in ``lora.lora_A.weight``), its format and its
+        options; the site tensors are translated part by part. ``[]`` (the default): a method of its own."""
+        return []
+
     def module_for(self, site: str, model_type: str | None) -> str:
         """The module path ``adapters`` keys the tensors of the adapter at ``site`` under: the site
         (``on_site``) or its parent by default; a method whose module differs per model family
@@ -173,12 +179,16 @@ def _same_module(ours: str, theirs: str) -> bool:
 
 def adapterhub_tensors(fmt: AdapterHubFormat, tensors: Mapping[str, Any], sites: list[str],
                        data: Mapping[str, Any], key_prefix: str, where: str,
-                       shared: Mapping[str, str] | None = None) -> dict[str, Any]:
+                       shared: Mapping[str, str] | None = None, part: str = "") -> dict[str, Any]:
     """AdapterHub's tensors keyed as peftkit's (``<key_prefix><site>.<key>``) for the new adapter's ``sites``,
     and its adapter-wide tensors keyed by ``shared`` (our tensor name -> our file key; see
-    :meth:`AdapterHubFormat.shared_key`).
+    :meth:`AdapterHubFormat.shared_key`); ``part`` goes before our key (``"lora."`` for a union's part).
 
-    A tensor whose module has no site keeps its key, so the weights check names it as unexpected."""
+    A tensor whose module has no site keeps its key, so the weights check names it as unexpected. A union's
+    format (:meth:`AdapterHubFormat.parts`) translates the tensors of each part with that part's format."""
+    parts = fmt.parts(data["config"])
+    if parts:
+        return _part_tensors(parts, tensors, sites, data, key_prefix, where, shared)
     marker = f".{fmt.module_dict}.{data.get('name')}."
     modules = {site: fmt.module_for(site, data.get("model_type")) for site in sites}
     theirs_shared = {fmt.shared_key(name, str(data.get("name"))): ours for name, ours in (shared or {}).items()}
@@ -204,12 +214,36 @@ def adapterhub_tensors(fmt: AdapterHubFormat, tensors: Mapping[str, Any], sites:
         matches = [site for site, m in modules.items() if _same_module(m, module)]
         if len(matches) > 1:
             raise AdapterLoadError(f"{where}: weight {key!r} fits several peftkit sites ({', '.join(matches)})")
-        out[f"{key_prefix}{matches[0]}.{ours}" if matches else key] = tensor
+        out[f"{key_prefix}{matches[0]}.{part}{ours}" if matches else key] = tensor
     missing = [theirs for theirs, ours in theirs_shared.items() if ours not in out]
     if missing:
         raise AdapterLoadError(f"{where}: the folder lacks the adapter-wide tensor {missing[0]!r}; adapters 1.3 "
                                f"leaves such tensors out when it saves from a bare model (BertModel): save the "
                                f"adapter there from a task model or an ...AdapterModel")
+    return out
+
+
+def _part_tensors(parts: list[tuple[str, AdapterHubFormat, Mapping[str, Any]]], tensors: Mapping[str, Any],
+                  sites: list[str], data: Mapping[str, Any], key_prefix: str, where: str,
+                  shared: Mapping[str, str] | None) -> dict[str, Any]:
+    """:func:`adapterhub_tensors` for a union: each part's tensors (found by its ``module_dict``) with its format."""
+    if shared:
+        raise AdapterLoadError(f"{where}: a union of AdapterHub adapters with adapter-wide tensors "
+                               f"({', '.join(shared)}) is not supported by peftkit")
+    dicts = [fmt.module_dict for _, fmt, _ in parts]
+    if len(set(dicts)) < len(dicts):
+        raise AdapterLoadError(f"{where}: two parts of this union keep their tensors under the same name "
+                               f"({', '.join(dicts)}); peftkit cannot tell them apart")
+    out: dict[str, Any] = {}
+    left = dict(tensors)
+    for prefix, fmt, options in parts:
+        marker = f".{fmt.module_dict}.{data.get('name')}."
+        own = {key: left.pop(key) for key in [k for k in left if marker in k]}
+        out.update(adapterhub_tensors(fmt, own, sites, {**data, "config": options}, key_prefix, where,
+                                      part=f"{prefix}."))
+    if left:
+        raise AdapterLoadError(f"{where}: weight {next(iter(left))!r} belongs to no part of the union in "
+                               f"{CONFIG_NAME}")
     return out
 
 
@@ -240,7 +274,20 @@ def adapterhub_file_tensors(fmt: AdapterHubFormat, site_tensors: Mapping[str, Ma
                             options: Mapping[str, Any], model_type: str | None = None,
                             shared: Mapping[str, Any] | None = None, body_prefix: str = "") -> dict[str, Any]:
     """Tensors keyed as ``adapters`` saves them, from ``{site: {our key: tensor}}`` and the adapter-wide
-    ``shared`` tensors (by their names; keyed below ``body_prefix``, the model's body in a task model)."""
+    ``shared`` tensors (by their names; keyed below ``body_prefix``, the model's body in a task model).
+    A union's site tensors (``<part>.<key>``) are written part by part with each part's format."""
+    parts = fmt.parts(options)
+    if parts:
+        if shared:
+            raise PeftkitError(f"cannot save adapter {name!r} in AdapterHub's format: a union with adapter-wide "
+                               f"tensors ({', '.join(shared)}) has no place there; save it in peftkit's format")
+        out_parts: dict[str, Any] = {}
+        for prefix, part_fmt, part_options in parts:
+            own = {site: {key[len(prefix) + 1:]: t for key, t in tensors.items() if key.startswith(prefix + ".")}
+                   for site, tensors in site_tensors.items()}
+            out_parts.update(adapterhub_file_tensors(part_fmt, {s: t for s, t in own.items() if t}, name,
+                                                     part_options, model_type))
+        return out_parts
     out: dict[str, Any] = {}
     for tensor_name, tensor in (shared or {}).items():
         theirs = fmt.shared_key(tensor_name, name)

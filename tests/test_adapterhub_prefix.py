@@ -77,7 +77,7 @@ def test_peft_placement_is_refused_by_its_option_name(prefix_fixtures: Path, tmp
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("option, value", [("use_gating", True), ("leave_out", [1]), ("dropout", 0.1)])
+@pytest.mark.parametrize("option, value", [("leave_out", [1]), ("dropout", 0.1)])
 def test_adapters_prefix_options_peftkit_lacks_are_refused_by_name(prefix_fixtures: Path, tmp_path: Path,
                                                                    option: str, value: object) -> None:
     case = prefix_fixtures / "bert_prefix_flat"

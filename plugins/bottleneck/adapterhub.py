@@ -4,7 +4,7 @@ Every placement ``adapters`` has around the model's own residual and LayerNorm m
 options of peftkit's sequential adapters: ``original_ln_before`` (its default Pfeiffer config),
 ``residual_before_ln`` (true, "post_add", false: our ``original_ln_residual`` output, sum,
 normed), ``ln_before``, ``ln_after`` with ``adapter_residual_before_ln`` (our
-``ln_after_includes_residual``). ``original_ln_after=false`` (AdapterPlus) skips the model's
+``ln_after_includes_residual``), and UniPELT's gate ``use_gating`` (``gate.weight`` / ``gate.bias``). ``original_ln_after=false`` (AdapterPlus) skips the model's
 LayerNorm, which an adapter on the projection cannot do: refused by name.
 
 Compacter's PHM options (``phm_layer`` and the rest) and the invertible adapter (``inv_adapter``,
@@ -31,7 +31,7 @@ BN_DEFAULTS: dict[str, Any] = {
     "shared_phm_rule": True, "stochastic_depth": 0.0, "use_gating": False,
 }
 #: Options that must keep one value for peftkit to compute the same function.
-REQUIRED = {"original_ln_after": True, "use_gating": False, "cross_adapter": False}
+REQUIRED = {"original_ln_after": True, "cross_adapter": False}
 #: Compacter's options, the same in both libraries.
 PHM_OPTIONS = ("phm_layer", "phm_dim", "shared_phm_rule", "factorized_phm_rule", "learn_phm", "shared_W_phm",
                "factorized_phm_W", "phm_rank", "phm_bias", "hypercomplex_nonlinearity", "phm_c_init",
@@ -103,7 +103,7 @@ class BottleneckAdapterHub(AdapterHubFormat):
             "reduction_factor": options.get("reduction_factor", 16), "non_linearity": ACTIVATIONS_IN[activation],
             "scaling": scaling, "dropout": float(options.get("dropout", 0.0)),
             "ln_before": bool(options.get("ln_before")), "leave_out": list(options.get("leave_out") or []),
-            "ln_after": bool(options.get("ln_after")),
+            "ln_after": bool(options.get("ln_after")), "use_gating": bool(options.get("use_gating")),
             **{key: options[key] for key in PHM_OPTIONS if key in options},
         }
         if options.get("inv_adapter"):
@@ -143,6 +143,7 @@ class BottleneckAdapterHub(AdapterHubFormat):
                 "non_linearity": ACTIVATIONS_OUT[config.non_linearity],
                 "scaling": config.scaling if config.scaling == "learned" else float(config.scaling),
                 "dropout": config.dropout, "ln_before": config.ln_before, "leave_out": list(config.leave_out),
+                "use_gating": config.use_gating,
                 "mh_adapter": self.mh_adapter, "is_parallel": self.parallel,
                 "init_weights": "mam_adapter" if self.parallel else "bert", "ln_after": config.ln_after,
                 "adapter_residual_before_ln": getattr(config, "ln_after_includes_residual", False),

@@ -2,7 +2,8 @@
 
 ``adapters`` computes ``W x + (alpha / r) * B A x`` like peftkit, with ``lora_A`` (r, in) and
 ``lora_B`` (out, r) saved as bare parameters on the adapted layer. Its other placements
-(intermediate_lora, output_lora), IA3 (composition_mode="scale"), gating and VeRA are refused.
+(intermediate_lora, output_lora), IA3 (composition_mode="scale") and VeRA are refused. UniPELT's gate
+(``use_gating``: ``gate.weight`` / ``gate.bias`` beside the factors) maps to ours, except on GPT-2's fused layer.
 
 GPT-2's q, k and v come from one fused layer, ``c_attn`` (out = 3d). There ``adapters`` keeps one
 rank-r pair per matrix named in ``attn_matrices`` (n of them): ``lora_A`` (n r, in) and ``lora_B``
@@ -27,7 +28,7 @@ LORA_DEFAULTS: dict[str, Any] = {
     "use_gating": False, "vera_b": None, "vera_d": None,
 }
 REQUIRED = {"selfattn_lora": True, "intermediate_lora": False, "output_lora": False, "composition_mode": "add",
-            "use_gating": False, "use_dora": False, "vera_b": None, "vera_d": None, "leave_out": []}
+            "use_dora": False, "vera_b": None, "vera_d": None, "leave_out": []}
 #: Per model type: ``attn_matrices`` letter -> the self-attention projection's module name.
 _BERT_MATRICES = {"q": "query", "k": "key", "v": "value"}
 MATRICES_BY_TYPE = {"bert": _BERT_MATRICES, "roberta": _BERT_MATRICES, "xlm-roberta": _BERT_MATRICES,
@@ -46,6 +47,12 @@ def _fused_matrices(options: Mapping[str, Any]) -> list[str]:
     return [m for m in FUSED_ORDER if m in matrices]
 
 
+def _refuse_fused_gating(use_gating: bool) -> None:
+    if use_gating:
+        raise ConfigError("AdapterHub LoRA option use_gating=true on GPT-2's fused c_attn (one gate per q/k/v "
+                          "third) is not supported by peftkit; gated LoRA maps on separate projections only")
+
+
 def _number(value: float) -> int | float:
     return int(value) if float(value).is_integer() else float(value)
 
@@ -60,6 +67,7 @@ class LoraAdapterHub(AdapterHubFormat):
     def config_values(self, options: Mapping[str, Any], model_type: str | None) -> dict[str, Any]:
         self.refuse_changed(options, REQUIRED, "LoRA")
         if model_type in FUSED_BY_TYPE:
+            _refuse_fused_gating(bool(options.get("use_gating")))
             _fused_matrices(options)
             r = int(options.get("r", 8))
             return {"r": 3 * r, "alpha": _number(3 * options.get("alpha", 8)),
@@ -70,26 +78,31 @@ class LoraAdapterHub(AdapterHubFormat):
             raise ConfigError(f"AdapterHub LoRA with attn_matrices={matrices} on model_type={model_type!r} is not "
                               f"supported by peftkit yet (q, k, v on {', '.join(MATRICES_BY_TYPE)})")
         return {"r": int(options.get("r", 8)), "alpha": options.get("alpha", 8),
-                "dropout": float(options.get("dropout", 0.0)), "target_modules": [table[m] for m in matrices]}
+                "dropout": float(options.get("dropout", 0.0)), "target_modules": [table[m] for m in matrices],
+                "use_gating": bool(options.get("use_gating"))}
 
     def options(self, config: Any, model_type: str | None) -> dict[str, Any]:
         self._refuse_options(config)
         if model_type in FUSED_BY_TYPE:
             fused = FUSED_BY_TYPE[model_type]
+            _refuse_fused_gating(config.use_gating)
             if config.target_modules not in ([fused], fused) or config.r % 3:
                 raise ConfigError(f"target_modules={config.target_modules!r} with r={config.r}; AdapterHub's LoRA on "
                                   f"{model_type} adapts the fused {fused} only, with one rank per q, k and v (r a "
                                   f"multiple of 3)")
             return {**LORA_DEFAULTS, "r": config.r // 3, "alpha": _number(config.alpha / 3), "dropout": config.dropout,
                     "attn_matrices": list(FUSED_ORDER)}
-        targets = config.target_modules if isinstance(config.target_modules, list) else None
         table = MATRICES_BY_TYPE.get(model_type or "", {})
+        targets = config.target_modules if isinstance(config.target_modules, list) else None
+        if config.target_modules is None and table:  # peftkit's default there: the query and value projections
+            targets = [table["q"], table["v"]]
         if not targets or any(t not in table.values() for t in targets):
             names = "/".join(table.values()) or f"none on model_type={model_type!r}"
             raise ConfigError(f"target_modules={config.target_modules!r}; AdapterHub's LoRA adapts the "
                               f"self-attention projections {names} only")
         return {**LORA_DEFAULTS, "r": config.r, "alpha": config.alpha, "dropout": config.dropout,
-                "attn_matrices": [m for m, module in table.items() if module in targets]}
+                "attn_matrices": [m for m, module in table.items() if module in targets],
+                "use_gating": config.use_gating}
 
     @staticmethod
     def _refuse_options(config: Any) -> None:

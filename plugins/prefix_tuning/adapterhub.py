@@ -8,7 +8,9 @@ the flat ``control_trans`` of ``P * layers * 2 * kv_heads * head_dim`` numbers, 
 ``control_trans(wte)``: Linear, non-linearity, Linear, which peftkit computes once at load (as
 ``adapters``' ``eject_prefix_tuning`` does), so the adapter loads flat. It joins the prefix to the keys and
 values inside attention while the tokens keep positions 0..n-1: peftkit's ``token_positions="from_zero"``.
-Gating, ``leave_out``, prefix dropout and encoder-decoder models are refused by name.
+UniPELT's gates (``use_gating``) are ``<attention>.prefix_tuning.prefix_gates.<name>.weight`` / ``.bias``, one
+per attention layer: ours ``prefix_gates.<layer>``. ``leave_out``, prefix dropout and encoder-decoder models
+are refused by name.
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ PREFIX_DEFAULTS: dict[str, Any] = {
     "prefix_length": 30, "shared_gating": True, "use_gating": False,
 }
 #: Options peftkit computes only at these values.
-REQUIRED = {"leave_out": [], "use_gating": False, "dropout": 0.0}
+REQUIRED = {"leave_out": [], "dropout": 0.0}
 #: The pool module on the model's body, and its copy's name under each attention module.
 POOL = "prefix_tuning"
 POOL_COPY = "prefix_tuning.pool"
+#: The gates' ModuleDict under each attention module's prefix layer.
+GATES = "prefix_tuning.prefix_gates"
 #: ``adapters``' location key of a self-attention prefix.
 LOCATION = "self_prefix"
 #: Child names of the attention modules ``adapters`` gives a prefix layer (BERT family, Llama).
@@ -53,14 +57,19 @@ class PrefixTuningAdapterHub(AdapterHubFormat):
 
     def config_values(self, options: Mapping[str, Any], model_type: str | None) -> dict[str, Any]:
         self.refuse_changed(options, REQUIRED, "prefix tuning")
-        return {"num_virtual_tokens": int(options.get("prefix_length", 30)), "token_positions": "from_zero"}
+        values: dict[str, Any] = {"num_virtual_tokens": int(options.get("prefix_length", 30)),
+                                  "token_positions": "from_zero"}
+        if options.get("use_gating"):
+            values.update(use_gating=True, shared_gating=bool(options.get("shared_gating", True)))
+        return values
 
     def options(self, config: Any, model_type: str | None) -> dict[str, Any]:
         if config.token_positions != "from_zero":
             raise ConfigError(f"token_positions={config.token_positions!r}: AdapterHub's prefix keeps the tokens at "
                               f"positions 0..n-1 (token_positions='from_zero'), where this adapter moves them "
                               f"after its prefix")
-        return {**PREFIX_DEFAULTS, "flat": True, "prefix_length": config.num_virtual_tokens}
+        return {**PREFIX_DEFAULTS, "flat": True, "prefix_length": config.num_virtual_tokens,
+                "use_gating": config.use_gating, "shared_gating": config.shared_gating}
 
     def model_tensors_in(self, tensors: Mapping[str, Any], name: str,
                          options: Mapping[str, Any]) -> tuple[dict[str, Any], set[str]]:
@@ -83,7 +92,28 @@ class PrefixTuningAdapterHub(AdapterHubFormat):
         if flat.numel() % prefix_length:
             raise ConfigError(f"the prefix of adapter {name!r} has {flat.numel()} numbers, not a multiple of "
                               f"prefix_length={prefix_length}")
-        return {"prompt_embeddings": flat.reshape(prefix_length, -1)}, used
+        gates, gate_keys = self._gates_in(tensors, name) if options.get("use_gating") else ({}, set())
+        return {"prompt_embeddings": flat.reshape(prefix_length, -1), **gates}, used | gate_keys
+
+    @staticmethod
+    def _gates_in(tensors: Mapping[str, Any], name: str) -> tuple[dict[str, Any], set[str]]:
+        """``prefix_gates.<layer>.<leaf>`` from the keys ``<attention>.prefix_tuning.prefix_gates.<name>.<leaf>``,
+        the layer being the one number in the attention module's path."""
+        marker = f"{GATES}.{name}."
+        gates, used = {}, set()
+        for key in tensors:
+            module, found, leaf = key.partition(f".{marker}")
+            if not found:
+                continue
+            numbers = [part for part in module.split(".") if part.isdigit()]
+            if len(numbers) != 1:
+                raise ConfigError(f"the prefix gate {key!r} is under a module whose layer is not one number")
+            gates[f"prefix_gates.{int(numbers[0])}.{leaf}"] = tensors[key]
+            used.add(key)
+        if not gates:
+            raise ConfigError(f"the folder's prefix of adapter {name!r} has use_gating=true but no gate "
+                              f"(no key with {marker!r})")
+        return gates, used
 
     @staticmethod
     def _mlp_output(pool: Mapping[str, Any], non_linearity: str) -> Any:
@@ -108,4 +138,8 @@ class PrefixTuningAdapterHub(AdapterHubFormat):
         rest = f"{self.module_dict}.{name}.{LOCATION}.control_trans"
         out = {f"{prefix}{POOL}.{rest}": flat}
         out.update({f"{site}.{POOL_COPY}.{rest}": flat.clone() for site in attention})
+        gates = {key.removeprefix("prefix_gates."): t for key, t in tensors.items() if key.startswith("prefix_gates.")}
+        for key, tensor in gates.items():  # "<layer>.<leaf>": the layer's attention module, in model order
+            layer, _, leaf = key.partition(".")
+            out[f"{attention[int(layer)]}.{GATES}.{name}.{leaf}"] = tensor
         return out

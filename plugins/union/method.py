@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from peftkit.plugin_api import ALL_BLOCKS, AdapterConfig, ConfigError, Method, Site, TargetError
 
+from .adapterhub import UnionAdapterHub
 from .config import MamConfig, UnionConfig, UniPeltConfig
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -35,6 +36,7 @@ class UnionMethod(Method):
     # not split(): a prefix part adds tokens that every position attends to
     supported_blocks = ALL_BLOCKS - {"split"}
     identity_at_init = False  # a prefix part starts random; pass identity_at_init to peftkit.testing per spec
+    adapterhub = UnionAdapterHub()  # AdapterHub's ConfigUnion (UniPELTConfig, MAMConfig): its parts' translations
 
     # -- injection -------------------------------------------------------------------------------
 

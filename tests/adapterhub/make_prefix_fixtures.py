@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import save_file
@@ -60,6 +61,13 @@ def randomize_prefix(model: torch.nn.Module, name: str) -> None:
 
 def make_case(out: Path, case: str) -> None:
     model_type, make_config, eject = CASES[case]
+    write_case(out, case, model_type, make_config, randomize_prefix, eject)
+
+
+def write_case(out: Path, case: str, model_type: str, make_config: Callable[[], Any],
+               randomize: Callable[[torch.nn.Module, str], None], eject: bool = False) -> None:
+    """Write case ``case``: the base model, adapter "task" of ``make_config()`` with weights drawn by
+    ``randomize(model, "task")`` (its MLP ejected first if ``eject``), saved by adapters, and its output."""
     folder = out / case
     folder.mkdir(parents=True)
     model = build_base(model_type)
@@ -74,7 +82,7 @@ def make_case(out: Path, case: str) -> None:
         model.set_attn_implementation("eager")
     adapters.init(model)
     model.add_adapter("task", config=make_config())
-    randomize_prefix(model, "task")
+    randomize(model, "task")
     if eject:
         model.eject_prefix_tuning("task")
     model.set_active_adapters("task")
