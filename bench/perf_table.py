@@ -153,6 +153,18 @@ class Timing:
 SHARES = {"train": 0.5, "forward": 0.25, "merged": 0.25}
 
 
+def models_and_input() -> tuple[Any, torch.Tensor, Any]:
+    """(the Llama, the batch of token ids, the frozen base: a copy taking no parameter gradients
+    that computes its input's gradient, in training mode), the same in every run."""
+    base = build_base()
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+    frozen = copy.deepcopy(base)
+    frozen.requires_grad_(False)
+    frozen.enable_input_require_grads()
+    frozen.train()
+    return base, ids, frozen
+
+
 def measure(key: str, base: Any, ids: torch.Tensor, frozen: Any, timing: Timing) -> dict[str, Any]:
     import peftkit
 
@@ -328,12 +340,7 @@ def main() -> None:
     logging.set_verbosity_error()
     loads = os.getloadavg()[0]
     timing = Timing(args.budget, args.clock, args.unit)
-    base = build_base()
-    ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
-    frozen = copy.deepcopy(base)
-    frozen.requires_grad_(False)
-    frozen.enable_input_require_grads()
-    frozen.train()
+    base, ids, frozen = models_and_input()
     results = []
     for key in keys:
         r = measure(key, base, ids, frozen, timing)

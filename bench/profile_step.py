@@ -27,8 +27,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_lora import build_base  # noqa: E402
-from perf_table import BATCH, METHODS, SEQ, VOCAB  # noqa: E402
+from perf_table import BATCH, METHODS, models_and_input, SEQ  # noqa: E402
 from timing import lm_train_step, paired_ratios, table  # noqa: E402
 
 #: (in, out) of the Llama's adapted linear layers, and how many of each a decoder layer has.
@@ -123,12 +122,7 @@ def main() -> None:
     import peftkit
 
     logging.set_verbosity_error()
-    base = build_base()
-    ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
-    frozen = copy.deepcopy(base)
-    frozen.requires_grad_(False)
-    frozen.enable_input_require_grads()
-    frozen.train()
+    base, ids, frozen = models_and_input()
     rows = [["frozen base", *map(str, step_counts(frozen, ids).values())]]
     for key in keys:
         torch.manual_seed(0)
