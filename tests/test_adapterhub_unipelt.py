@@ -2,7 +2,7 @@
 
 tests/adapterhub/make_unipelt_fixtures.py runs in ``.venv-adapters`` (``make adapters-venv``): it saves
 ``UniPELTConfig`` adapters (its defaults on BERT, smaller ones on RoBERTa and Llama, one with a gate each for
-the prefix's keys and values) and a gated LoRA and seq_bn alone, every tensor drawn at random, with their
+the prefix's keys and values), a gated LoRA and seq_bn alone and a ``MAMConfig`` (another union), every tensor drawn at random, with their
 outputs on a padded batch (cached under the venv, keyed by the scripts' hashes); with ``--run`` it loads the
 folders peftkit saved. A UniPELT folder loads as a union of gated prefix_tuning, seq_bn and lora.
 """
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 
 ATOL = 1e-5
 CASES = ["bert_unipelt", "roberta_unipelt_small", "bert_unipelt_two_prefix_gates", "llama_unipelt_small",
-         "bert_lora_gated", "bert_seq_bn_gated"]
+         "bert_lora_gated", "bert_seq_bn_gated", "bert_mam"]
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,10 @@ def test_adapters_gated_folder_loads_with_the_same_outputs(unipelt_fixtures: Pat
     model = peftkit.from_pretrained(base_of(case), str(case / "adapter"))
     config = model.adapter_record("default").config
     parts = config.parts if hasattr(config, "parts") else [{"method": config.method, **config.to_dict()}]
-    assert all(part["use_gating"] for part in parts)
+    if name == "bert_mam":  # adapters' MAMConfig: a union of prefix tuning and a parallel adapter, no gates
+        assert [(p["method"], p["use_gating"]) for p in parts] == [("prefix_tuning", False), ("par_bn", False)]
+    else:
+        assert all(part["use_gating"] for part in parts)
     if "unipelt" in name:
         assert [p["method"] for p in parts] == ["prefix_tuning", "seq_bn", "lora"]
         assert parts[0]["shared_gating"] is ("two_prefix_gates" not in name)

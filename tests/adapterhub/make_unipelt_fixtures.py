@@ -1,4 +1,4 @@
-"""Run in the second virtualenv: UniPELT and gated adapters of AdapterHub's ``adapters``, both ways.
+"""Run in the second virtualenv: UniPELT, gated adapters and MAM of AdapterHub's ``adapters``, both ways.
 
 Usage: python make_unipelt_fixtures.py OUT_FOLDER     (write the cases)
        python make_unipelt_fixtures.py --run JOBS_JSON (load folders peftkit saved; as run_saved.py)
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from adapters import LoRAConfig, PrefixTuningConfig, SeqBnConfig, UniPELTConfig
+from adapters import LoRAConfig, MAMConfig, PrefixTuningConfig, SeqBnConfig, UniPELTConfig
 from make_prefix_fixtures import eager_decoders, write_case
 from make_reft_fixtures import main as run_fixtures
 
@@ -34,6 +34,7 @@ CASES = {
     "llama_unipelt_small": ("llama", small_unipelt),
     "bert_lora_gated": ("bert", lambda: LoRAConfig(r=2, alpha=4, use_gating=True)),
     "bert_seq_bn_gated": ("bert", lambda: SeqBnConfig(reduction_factor=4, use_gating=True)),
+    "bert_mam": ("bert", MAMConfig),  # another ConfigUnion, without gates
 }
 
 
