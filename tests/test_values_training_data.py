@@ -116,6 +116,7 @@ def test_a_compact_json_array_with_nested_lists_gives_every_record_and_its_line(
     ("[", r"line 1: malformed JSON \("),
     ('[{"text": "a", "label": "b"}', r"line 1: malformed JSON \(expected ',' or '\]' after an object\)"),
     ('[{"text": "a", "label": "b"}, X]', r"line 1: malformed JSON \("),
+    ('[{"text": "a", "label": "b"} X]', r"line 1: malformed JSON \(expected ',' or '\]' after an object\)"),
     ('[{"text": "a", "label": "b"}]x', r"line 1: unexpected text after the closing '\]'"),
 ])
 def test_json_arrays_that_hold_nothing_or_are_malformed_are_refused_by_line(tmp_path, text, message):
