@@ -84,7 +84,9 @@ RUNS: dict[str, BenchRun] = {
     "prefix_tuning": BenchRun("prefix_tuning", 5e-2),
     "prompt_tuning": BenchRun('prompt_tuning[init="sample_vocab"]', 1e-2, train_head=True),
     "mam": BenchRun("mam", 3e-3, peft=False),  # a union: prefix tuning (through its MLP) + par_bn
-    "unipelt": BenchRun("unipelt", 3e-3, peft=False),  # gated prefix (MLP) + seq_bn + LoRA; mam's rate
+    # UniPELT (gated prefix through its MLP + gated seq_bn + gated LoRA), probed on seed 0 on a busy machine:
+    # 1e-3 0.19, 3e-3 0.22, 1e-2 0.125.
+    "unipelt": BenchRun("unipelt", 3e-3, peft=False),
     # AdapterHub's methods (adapters has them, peft does not). Compacter's default rule init (std 1e-4)
     # barely moves in a short run, hence phm_c_init=uniform (docs/methods/bottleneck.md). Probed on seed 0
     # like the rest (bench rates 3e-3, 9e-3, 3e-2, 9e-2): compacter 0.19, 0.25, 0.23, 0.125; compacterpp 0.18,
