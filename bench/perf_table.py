@@ -266,7 +266,8 @@ def render(results: list[dict[str, Any]], timing: Timing, command: str, loads: t
         "floor is 1. A step floor below 1 means the adapted model needs no gradient for the first layer's",
         "input, which the frozen base computes; prompt tuning lengthens the sequence, so its floors are",
         f"above 1. {BELOW_FLOOR} marks a ratio below its floor: that is noise (or a kernel that happened to run",
-        "faster), not a result. Lower is better everywhere.",
+        "faster), not a result. Lower is better everywhere. `bench/profile_step.py` breaks a method's time",
+        "beyond the base down (counts per step; each layer shape against its bare base layer).",
         "",
         "| method | peftkit step | peft step | step floor | peftkit fwd | peft fwd | fwd floor | peftkit merged "
         "| peft merged | logits max diff |",
