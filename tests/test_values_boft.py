@@ -175,3 +175,18 @@ def test_a_scale_holding_nan_is_not_merged():
     with pytest.raises(peftkit.MergeError, match="NaN or infinite"):
         model.merge_adapter(["default"])
     assert torch.equal(layer.base_layer.weight, w)
+
+
+def test_a_float64_layer_merges_and_unmerges():
+    torch.manual_seed(0)
+    model = peftkit.adapt(build_tiny("llama").double(), "boft[boft_block_size=4,boft_dropout=0.5,init_weights=false]")
+    layer = _sites(model)[0]
+    adapter, base = layer.adapters["default"], layer.base_layer
+    w = base.weight.detach().clone()
+    m, s = adapter.matrix().detach(), adapter.boft_s.detach().reshape(-1, 1)
+    model.train()  # dropout never reaches a merge
+    model.merge_adapter(["default"])
+    assert base.weight.dtype == torch.float64
+    torch.testing.assert_close(base.weight.detach(), (w @ m.t()) * s, atol=1e-6, rtol=1e-5)
+    model.unmerge_adapter()
+    torch.testing.assert_close(base.weight.detach(), w, atol=1e-6, rtol=1e-5)
