@@ -39,10 +39,10 @@ def test_the_update_is_scaled_p_diag_e_q_and_delta_weight_is_in_the_layers_layou
         torch.testing.assert_close(adapter.delta_weight(base).double(), expected, atol=1e-6, rtol=1e-5)
 
 
-def test_alpha_zero_scales_by_the_rank_over_init_r():
-    torch.manual_seed(0)
-    model = peftkit.adapt(build_tiny("llama"), "adalora[init_r=4,target_r=2,alpha=0]")
-    assert all(a.scale == pytest.approx(4 / (4 + EPS), rel=1e-12) for a, _ in _adapters(model))
+@pytest.mark.parametrize("alpha,numerator", [(0, 4), (0.5, 0.5), (1, 1)])
+def test_a_positive_alpha_is_the_numerator_and_zero_takes_the_rank(alpha, numerator):
+    model = peftkit.adapt(build_tiny("llama"), f"adalora[init_r=4,target_r=2,alpha={alpha}]")
+    assert all(a.scale == pytest.approx(numerator / (4 + EPS), rel=1e-12) for a, _ in _adapters(model))
 
 
 def test_a_conv2d_update_is_the_kernel_of_the_scaled_product():
