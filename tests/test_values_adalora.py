@@ -47,10 +47,11 @@ def test_a_positive_alpha_is_the_numerator_and_zero_takes_the_rank(alpha, numera
 
 def test_a_conv2d_update_is_the_kernel_of_the_scaled_product():
     torch.manual_seed(0)
-    model = peftkit.adapt(torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3)),
+    model = peftkit.adapt(torch.nn.Sequential(torch.nn.Conv2d(3, 5, (3, 2))),  # kh != kw
                           AdaloraConfig(init_r=4, target_r=2, init_weights=False, target_modules=["0"]))
     adapter, base = _adapters(model)[0]
-    kernel = _update(adapter).reshape(5, 3, 3, 3)
+    assert adapter.in_features == 3 * 3 * 2
+    kernel = _update(adapter).reshape(5, 3, 3, 2)
     x = torch.randn(2, 3, 6, 6)
     delta = adapter.delta(x, base(x), base)
     torch.testing.assert_close(delta.double(), torch.nn.functional.conv2d(x.double(), kernel), atol=1e-5, rtol=1e-5)
