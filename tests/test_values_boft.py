@@ -190,3 +190,13 @@ def test_a_float64_layer_merges_and_unmerges():
     torch.testing.assert_close(base.weight.detach(), (w @ m.t()) * s, atol=1e-6, rtol=1e-5)
     model.unmerge_adapter()
     torch.testing.assert_close(base.weight.detach(), w, atol=1e-6, rtol=1e-5)
+
+
+def test_a_block_count_plan_needs_a_multiple_of_2_to_the_extra_factors_and_at_most_log2_of_it():
+    from peftkit.plugins.boft.butterfly import Butterfly
+
+    fits = Butterfly.plan(32, 0, 4, 3, "q")  # 2 extra factors, 4 = 2^2 blocks: exactly enough
+    assert fits == Butterfly(features=32, block_size=8, block_num=4, factors=3)
+    assert fits.rotation_parameter_count() == 3 * 4 * 8 * 8
+    with pytest.raises(peftkit.PeftkitError, match=r"boft_block_num=6 must be a multiple of 2\^2"):
+        Butterfly.plan(48, 0, 6, 3, "q")  # even, but not a multiple of 4
