@@ -46,13 +46,15 @@ def test_each_slice_of_a_weight_factor_is_drawn_on_its_own(how):
 def test_rule_matrices_are_drawn_with_phm_init_range_when_shared_and_0_01_per_layer(how):
     torch.manual_seed(0)
     config = _config(phm_dim=8, phm_c_init=how, phm_init_range=0.3, shared_phm_rule=False)
-    own = PHMLinear(64, 64, "down", config, zero=False, **FLOAT64).phm_rule.detach()
+    layer = PHMLinear(64, 64, "down", config, zero=False, **FLOAT64)
+    assert isinstance(layer.phm_rule, torch.nn.Parameter)  # learn_phm (the default): the rule trains
+    own = layer.phm_rule.detach()
     shared = shared_phm_tensors(_config(phm_dim=8, phm_c_init=how, phm_init_range=0.3), 64, 16, zero_up=False,
                                 factory=FLOAT64)["phm_rule"].detach()
     assert own.shape == shared.shape == (8, 8, 8)
     for rule, scale in ((own, 0.01), (shared, 0.3 if how == "normal" else 1.0)):
-        if how == "uniform":
-            assert rule.abs().max() <= scale and rule.abs().max() > 0.95 * scale
+        if how == "uniform":  # over [-scale, scale]: both ends reached
+            assert rule.abs().max() <= scale and rule.max() > 0.95 * scale and rule.min() < -0.95 * scale
         else:
             assert abs(float(rule.std()) / scale - 1) < 0.1
 
@@ -68,7 +70,7 @@ def test_the_up_projection_starts_at_zero_through_one_factor_and_the_rest_is_dra
     assert torch.count_nonzero(getattr(down, zero_name)) == getattr(down, zero_name).numel()
     if drawn_name:
         assert torch.count_nonzero(getattr(up, drawn_name)) == getattr(up, drawn_name).numel()
-    assert torch.count_nonzero(up.b) == 0 and up.b.shape == (16,)
+    assert torch.count_nonzero(up.b) == 0 and up.b.shape == (16,) and up.b.dtype == torch.float64
     shared = shared_phm_tensors(_config(phm_dim=2, factorized_phm_W=factorized, shared_W_phm=True), 16, 8,
                                 zero_up=True, factory=FLOAT64)
     shapes = {name: tuple(t.shape) for name, t in shared.items()}
@@ -81,6 +83,10 @@ def test_the_up_projection_starts_at_zero_through_one_factor_and_the_rest_is_dra
         assert shapes == {"phm_rule": (2, 2, 2), "W_down": (2, 8, 4), "W_up": (2, 4, 8)}
         assert torch.count_nonzero(shared["W_up"]) == 0 and torch.count_nonzero(shared["W_down"]) == 64
     assert all(isinstance(t, torch.nn.Parameter) for t in shared.values())
+    drawn = shared_phm_tensors(_config(phm_dim=2, factorized_phm_W=False, shared_W_phm=True, phm_init_range=0.05,
+                                       hypercomplex_nonlinearity="normal"), 128, 128, zero_up=False, factory=FLOAT64)
+    for part in drawn["W_down"].detach():  # shared weight factors follow hypercomplex_nonlinearity too
+        assert abs(float(part.std()) / 0.05 - 1) < 0.1
 
 
 def test_frozen_rules_are_buffers_and_a_bias_free_layer_is_its_kronecker_sum():
@@ -100,6 +106,8 @@ def test_frozen_rules_are_buffers_and_a_bias_free_layer_is_its_kronecker_sum():
     x = torch.randn(3, 8, dtype=torch.float64)
     torch.testing.assert_close(layer(x, None), x @ sum(torch.kron(rule[i], weight[i]) for i in range(2)))
     assert layer.extra_repr() == "in=8, out=6, n=2"
+    narrow = x.float()  # the layer reads its tensors in the input's dtype
+    torch.testing.assert_close(layer(narrow, None), (x @ sum(torch.kron(rule[i], weight[i]) for i in range(2))).float())
 
 
 def test_a_compacter_without_biases_computes_in_its_shared_factors_dtype():
@@ -131,7 +139,10 @@ def test_nice_shapes_split_an_odd_hidden_size_and_the_identity_init_zeroes_the_o
                 assert torch.count_nonzero(tensor) == 0, name
             else:
                 assert abs(float(tensor.detach().std()) / 0.02 - 1) < 0.1, name
+                assert abs(float(tensor.detach().mean())) < 0.005, name
     assert adapterhub_name("inv_G_2_bias") == "G.2.bias"
+    # the bottleneck is size // factor in floating point, as adapters computes it (16 // 0.1 is 159.0)
+    assert nice_shapes(32, 0.1)["inv_F_0_weight"] == (159, 16)
 
 
 def test_inside_a_composition_the_blocks_add_their_change_to_the_output():
@@ -158,6 +169,23 @@ def test_inside_a_composition_the_blocks_add_their_change_to_the_output():
         torch.testing.assert_close(inverse.delta(x, base(x), base), base(uncoupled) - base(x))
         torch.testing.assert_close(inverse(x, base(x), base), base(uncoupled), atol=1e-5, rtol=1e-5)
         assert inverse.base_input(x) is not None and forward.base_input(x) is None
+        # float32 block tensors are read in the input's dtype
+        torch.testing.assert_close(forward.couple(x.double()), coupled.double(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(inverse.uncouple(x.double()), uncoupled.double(), atol=1e-5, rtol=1e-5)
     assert (forward.additive, inverse.additive) == (False, True)
     assert forward.out_features == 32 and forward.tensors() == {} and inverse.tensors() == {}
     assert (forward.extra_repr(), inverse.extra_repr()) == ("NICE, hidden=32", "inverse NICE, hidden=32")
+
+
+@pytest.mark.parametrize("init_weights", [True, False])
+def test_a_compacter_starts_with_a_drawn_down_projection_and_a_zero_up_factor(init_weights):
+    """Compacter's per-layer weight factors: the down projection (in -> bottleneck) drawn, the up projection's
+    right factor zero with init_weights (the adapter starts as the identity), drawn without it."""
+    torch.manual_seed(0)
+    model = peftkit.adapt(_bert_mlm(), f"compacter[reduction_factor=4,init_weights={str(init_weights).lower()}]")
+    adapter = model.base_model.bert.encoder.layer[1].output.dense.adapters["default"]
+    down, up = adapter.adapter_down, adapter.adapter_up
+    assert (down.in_features, down.out_features, up.in_features, up.out_features) == (32, 8, 8, 32)
+    assert down.W_left.shape == (4, 8, 1) and down.W_right.shape == (4, 1, 2) and up.W_right.shape == (4, 1, 8)
+    assert torch.count_nonzero(down.W_right) == down.W_right.numel()
+    assert (torch.count_nonzero(up.W_right) == 0) == init_weights
