@@ -22,7 +22,7 @@ Members are trained once and kept in build/auto_compose_members/, keyed by their
 Each task's table goes to build/auto_compose_<task>.md and, unless --no-doc, into docs/composition.md
 between its markers.
 
-Run: .venv/bin/python bench/bench_auto_compose.py [--task reviews support] [--sizes 8 16 64] [--steps 60]
+Run: .venv/bin/python bench/bench_auto_compose.py [--task reviews support] [--sizes 8 16 64] [--steps 40]
 """
 
 from __future__ import annotations
@@ -222,7 +222,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", nargs="+", choices=sorted(TASKS), default=["reviews", "support"])
     parser.add_argument("--sizes", type=int, nargs="+", default=[8, 16, 64])
-    parser.add_argument("--steps", type=int, default=60, help="training steps of every head, mixture, fusion, LoRA")
+    parser.add_argument("--steps", type=int, default=40, help="training steps of every head, mixture, fusion, LoRA")
     parser.add_argument("--lr", type=float, default=0.05, help="auto_compose's learning rate")
     parser.add_argument("--lora-lr", type=float, default=0.01, help="the fresh LoRA's learning rate")
     parser.add_argument("--member-epochs", type=float, default=3.0)
