@@ -47,7 +47,8 @@ def test_a_commit_records_its_parent_author_description_and_the_default_message(
     first = store.resolve_revision(REPO)
     sha = store.commit(REPO, {"a.txt": "héllo"}, message="", description="why", author="alice")
     info = store.get_commit(REPO, sha)
-    assert (info.parent, info.message, info.description, info.author) == (first, "Update files", "why", "alice")
+    assert (info.sha, info.repo_id, info.parent, info.message, info.description, info.author) == (
+        sha, REPO, first, "Update files", "why", "alice")
     assert store.read_file(REPO, "a.txt") == "héllo".encode()
     assert info.created_at > store.get_commit(REPO, first).created_at
     again = store.commit(REPO, {"b.txt": b"x"}, message="second")
@@ -142,3 +143,37 @@ def test_only_commits_to_main_change_what_search_shows(store):
     store.commit(REPO, {"README.md": card.replace(b"base-a", b"base-b")}, revision="dev")
     assert [r.repo_id for r in store.search(base_model="org/base-a")] == [REPO]
     assert store.search(base_model="org/base-b") == []
+
+
+def test_a_commit_id_is_the_hash_of_everything_the_commit_records(store):
+    from peftkit.registry.hashing import commit_oid
+
+    first = store.commit(REPO, {"a": b"1"})
+    for sha in (first, store.commit(REPO, {"b": b"2"}, message="m", description="d", author="alice")):
+        info = store.get_commit(REPO, sha)
+        assert sha == commit_oid(repo_id=REPO, tree=info.tree, parent=info.parent, author=info.author,
+                                 timestamp=info.created_at.timestamp(), message=info.message,
+                                 description=info.description)
+    info = store.get_commit(REPO, first)
+    assert (info.message, info.description, info.author) == ("Update files", "", "")
+
+
+def test_commit_times_stay_ordered_when_the_clock_stands_still(store, monkeypatch):
+    import peftkit.registry.store as store_module
+
+    store.commit(REPO, {"a": b"0"})
+    frozen = store.get_commit(REPO, store.resolve_revision(REPO)).created_at.timestamp() + 5.0
+    monkeypatch.setattr(store_module.time, "time", lambda: frozen)
+    one = store.get_commit(REPO, store.commit(REPO, {"a": b"1"})).created_at.timestamp()
+    two = store.get_commit(REPO, store.commit(REPO, {"a": b"2"})).created_at.timestamp()
+    assert one == pytest.approx(frozen, abs=2e-6)
+    assert 0 < two - one < 1e-5  # a microsecond later, not a second
+
+
+def test_a_missing_deletion_names_the_head_it_was_looked_up_in_and_folder_names_keep_their_letters(store):
+    head = store.commit(REPO, {"dX/a": b"1", "d/b": b"2"})
+    with pytest.raises(EntryNotFound) as info:
+        store.commit(REPO, deletions=["nope"])
+    assert info.value.commit == head
+    store.commit(REPO, deletions=["dX/"])
+    assert _files(store) == {"d/b": b"2"}
