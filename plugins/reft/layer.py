@@ -32,7 +32,8 @@ class ReftIntervention(LayerAdapter):
                  activation: str | None, dropout: float, dtype: torch.dtype, seed: int | None = None) -> None:
         super().__init__()
         self.prefix_positions, self.suffix_positions = prefix_positions, suffix_positions
-        self.tied = unit_indices == (0,) and prefix_positions > 0 and suffix_positions > 0
+        # one unit serves the suffix too (tied_weights; prefix_positions may be 0: then it is the suffix's)
+        self.tied = unit_indices == (0,) and suffix_positions > 0
         units = {}
         for index in unit_indices:
             generator = torch.Generator().manual_seed(seed) if seed is not None else None
