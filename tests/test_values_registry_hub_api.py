@@ -147,3 +147,52 @@ def test_read_only_posts_need_no_token_and_private_repos_are_visible_to_their_or
     assert client.call("POST", "/api/models/team/secret/paths-info/main", body=paths).status in (401, 404)
     assert client.call("GET", "/api/models/team/secret", token=tokens["alice"]).status == 200
     assert client.call("GET", "/api/models/team/secret", token=tokens["bob"]).status == 404
+
+
+@pytest.fixture(scope="module")
+def endpoint_only(tmp_path_factory: pytest.TempPathFactory):
+    """A registry without the server's early refusal (each endpoint's own checks answer) and with a limit
+    of 2 files per commit or preupload."""
+    from peftkit.registry.hub_api import ApiConfig, HubApi
+
+    root: Path = tmp_path_factory.mktemp("hub-api-endpoint-only")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(HubApi, "refuse_early", lambda self, req: None)
+        with running_registry(root, config=ApiConfig(max_commit_files=2), users={"alice": True}) as (
+                store, server, tokens):
+            yield store, Client(server.url), tokens
+
+
+def test_each_endpoint_names_what_needs_a_token_and_what_it_could_not_read(endpoint_only):
+    store, client, tokens = endpoint_only
+    store.create_repo("alice/own")
+    store.commit("alice/own", {"a": b"1"})
+    reply = client.call("DELETE", "/api/repos/delete", body=json.dumps({"name": "own"}).encode())
+    assert reply.status == 401 and "deleting a repo needs a token with write access" in reply.json()["error"]
+    reply = client.call("POST", "/api/models/alice/own/preupload/main", body=b'{"files": []}')
+    assert reply.status == 401 and "uploading needs a token with write access" in reply.json()["error"]
+    for path, method, what in (("/api/repos/delete", "DELETE", "delete repo"),
+                               ("/api/models/alice/own/preupload/main", "POST", "preupload")):
+        reply = client.call(method, path, token=tokens["alice"], body=b"{not json")
+        assert reply.status == 400 and reply.json()["error"].startswith(f"{what}:"), reply.body
+    for body in ({"name": 5, "organization": "alice"}, {"name": "own", "organization": 5}):
+        reply = client.call("DELETE", "/api/repos/delete", token=tokens["alice"], body=json.dumps(body).encode())
+        assert reply.status == 400, reply.body
+    assert store.repo_exists("alice/own")
+    files = [{"path": f"f{i}", "size": 1, "sample": ""} for i in range(3)]
+    reply = client.call("POST", "/api/models/alice/own/preupload/main", token=tokens["alice"],
+                        body=json.dumps({"files": files}).encode())
+    assert reply.status == 413, reply.body
+
+
+def test_preupload_answers_for_the_branch_it_names(endpoint_only):
+    store, client, tokens = endpoint_only
+    store.create_repo("alice/branchy")
+    store.commit("alice/branchy", {"a": b"main"})
+    store.create_branch("alice/branchy", "dev")
+    dev = store.commit("alice/branchy", {"a": b"dev"}, revision="dev")
+    reply = client.call("POST", "/api/models/alice/branchy/preupload/dev", token=tokens["alice"],
+                        body=json.dumps({"files": [{"path": "a", "size": 3, "sample": ""}]}).encode())
+    (entry,) = [f for f in store.list_files("alice/branchy", "dev") if f.path == "a"]
+    assert reply.json() == {"commitOid": dev, "files": [
+        {"path": "a", "uploadMode": "regular", "shouldIgnore": False, "oid": entry.oid}]}
