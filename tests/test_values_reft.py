@@ -114,3 +114,40 @@ def test_the_seed_draws_every_layer_alike_and_another_seed_differently():
         assert all(torch.equal(a[k], b[k]) for k in a)
         assert all(not torch.equal(a[k], c[k]) for k in a if k.endswith(("weight", "bias", "base")))
     assert all(torch.equal(first[0][k], first[1][k]) for k in first[0])  # every layer starts equal
+
+
+def test_units_draw_like_nn_linear_and_positive_frame_signs_are_read_and_restored():
+    """W, b and a plain R: uniform in [-1/sqrt(width), 1/sqrt(width)] from the generator. The orthogonal
+    frame reads each diagonal entry of ``original`` by its sign, +1 as well as -1 (torch's parametrization
+    gives the same R there), and an optimizer step sets a decayed diagonal back to those signs."""
+    from torch.nn.utils.parametrizations import orthogonal
+
+    from peftkit.plugins.reft.units import HouseholderFrame, ReftUnit
+
+    unit = ReftUnit(64, 16, orthogonal=False, subtract_projection=True, activation=None, dropout=0.0,
+                    dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    bound = 1 / 64 ** 0.5
+    for tensor in (unit.learned_source.weight, unit.learned_source.bias, unit.projection.weight):
+        values = tensor.detach()
+        assert values.abs().max() <= bound and values.max() > 0.8 * bound and values.min() < -0.8 * bound
+    assert unit.projection.bias is None
+
+    reference = orthogonal(torch.nn.Linear(16, 3, bias=False))
+    with torch.no_grad():
+        original = reference.parametrizations.weight.original
+        original.copy_(torch.randn(3, 16, generator=torch.Generator().manual_seed(1)).tril(diagonal=-1))
+        original.diagonal().copy_(torch.tensor([1.0, -1.0, 1.0]))
+        frame = HouseholderFrame(reference.parametrizations.weight[0].base.detach().clone())
+        torch.testing.assert_close(frame(original.detach()), reference.weight.detach(), atol=1e-6, rtol=0)
+        decayed = original.detach().clone()
+        decayed.diagonal().mul_(0.5)
+        torch.testing.assert_close(frame(decayed), frame(original.detach()), atol=0, rtol=0)
+
+    model = peftkit.adapt(build_tiny("llama"), "loreft[r=2]")
+    projection = next(iter(adapter_modules(model).values())).units["0"].projection
+    signed = projection.parametrizations.weight.original
+    with torch.no_grad():
+        signed.diagonal().copy_(torch.tensor([0.7, -0.4]))
+    signed.grad = torch.zeros_like(signed)
+    torch.optim.SGD([signed], lr=0.1).step()
+    assert signed.diagonal().tolist() == [1.0, -1.0]
