@@ -196,3 +196,28 @@ def test_preupload_answers_for_the_branch_it_names(endpoint_only):
     (entry,) = [f for f in store.list_files("alice/branchy", "dev") if f.path == "a"]
     assert reply.json() == {"commitOid": dev, "files": [
         {"path": "a", "uploadMode": "regular", "shouldIgnore": False, "oid": entry.oid}]}
+
+
+def test_settings_and_super_squash_read_their_bodies_and_name_their_action(endpoint_only):
+    store, client, tokens = endpoint_only
+    store.create_repo("alice/sq", private=True)
+    store.commit("alice/sq", {"a": b"1"})
+    main = store.commit("alice/sq", {"a": b"2"})
+    store.create_branch("alice/sq", "dev")
+    store.commit("alice/sq", {"b": b"3"}, revision="dev")
+    put = json.dumps({"visibility": "public"}).encode()
+    assert client.call("PUT", "/api/models/alice/sq/settings", token=tokens["alice"], body=put).status == 200
+    assert not store.repo_info("alice/sq").private
+    for method, path, action, what in (("PUT", "settings", "changing repo settings", "repo settings"),
+                                       ("POST", "super-squash/dev", "squashing history", "super-squash")):
+        reply = client.call(method, f"/api/models/alice/sq/{path}", body=b"{}")
+        assert reply.status == 401 and f"{action} needs a token with write access" in reply.json()["error"]
+        reply = client.call(method, f"/api/models/alice/sq/{path}", token=tokens["alice"], body=b"[1")
+        assert reply.status == 400 and reply.json()["error"].startswith(f"{what}:"), reply.body
+    reply = client.call("POST", "/api/models/alice/sq/super-squash/dev", token=tokens["alice"], body=b"")
+    squashed = store.branch_head("alice/sq", "dev")
+    assert reply.status == 200 and reply.json() == {"commitId": squashed}
+    info = store.get_commit("alice/sq", squashed)
+    assert (info.message, info.author, info.parent) == ("Super-squash branch 'dev'", "alice", None)
+    assert store.resolve_revision("alice/sq") == main  # main is left as it was
+    assert store.read_file("alice/sq", "b", "dev") == b"3"
