@@ -41,6 +41,7 @@ def _formula(unit, h: torch.Tensor, *, subtract: bool, act=lambda t: t) -> torch
     ("loreft[prefix_positions=2,r=2]", True, None, True),
     ("noreft[prefix_positions=2,r=2]", True, None, False),
     ("direft[prefix_positions=2,r=2,non_linearity=tanh]", False, torch.tanh, False),
+    ("direft[prefix_positions=2,r=2,non_linearity=leakyrelu]", False, torch.nn.functional.leaky_relu, False),
 ])
 def test_each_preset_equals_its_formula_at_the_first_real_tokens(spec, subtract, act, orthogonal):
     module, h, out = _site(spec)
