@@ -221,3 +221,25 @@ def test_settings_and_super_squash_read_their_bodies_and_name_their_action(endpo
     assert (info.message, info.author, info.parent) == ("Super-squash branch 'dev'", "alice", None)
     assert store.resolve_revision("alice/sq") == main  # main is left as it was
     assert store.read_file("alice/sq", "b", "dev") == b"3"
+
+
+def test_a_commit_over_http_writes_its_files_on_its_branch_after_its_parent(endpoint_only):
+    store, client, tokens = endpoint_only
+    store.create_repo("alice/http")
+    store.create_branch("alice/http", "dev")
+    head = store.branch_head("alice/http", "dev")
+    body = b"\n".join([json.dumps({"key": "header", "value": {"summary": "s", "description": "d",
+                                                              "parentCommit": head}}).encode(),
+                       json.dumps({"key": "file", "value": {"path": "a.txt", "content": "aGk=",
+                                                            "encoding": "base64"}}).encode()]) + b"\n"
+    reply = client.call("POST", "/api/models/alice/http/commit/dev", token=tokens["alice"], body=body,
+                        content_type="application/ndjson")
+    assert reply.status == 200, reply.body
+    sha = store.branch_head("alice/http", "dev")
+    info = store.get_commit("alice/http", sha)
+    assert (info.parent, info.message, info.description, info.author) == (head, "s", "d", "alice")
+    assert store.read_file("alice/http", "a.txt", "dev") == b"hi"
+    assert store.list_files("alice/http") == []  # main is untouched
+    stale = client.call("POST", "/api/models/alice/http/commit/dev", token=tokens["alice"], body=body,
+                        content_type="application/x-ndjson")
+    assert stale.status == 412 and store.branch_head("alice/http", "dev") == sha
