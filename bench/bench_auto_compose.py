@@ -158,6 +158,7 @@ def run_task(task: Task, args: argparse.Namespace) -> None:
             few.write_text("\n".join(train_rows[:size]) + "\n")
             result = peftkit.auto_compose(base, [str(f) for f in folders.values()], examples=few,
                                           eval_examples=task.eval, strategy=strategies, steps=args.steps, lr=args.lr,
+                                          fusion_lr=args.fusion_lr,
                                           seed=0, batch_size=args.batch_size, progress=False)
             by_name = {r.name: r for r in result.rows}
             singles = [r for r in result.rows if r.kind == "single"]
@@ -193,7 +194,7 @@ def write_table(task: Task, table: list[list[str]], args: argparse.Namespace, me
              f"with any member training). Held-out accuracy on "
              f"{task.what}, with the wall-clock seconds each took to learn and score (the fresh LoRA: to train); "
              f"every learned part trains {args.steps} steps on batches of {args.batch_size} at lr {args.lr:g} "
-             f"(the fresh LoRA at {args.lora_lr:g}). Members: LoRA r=8, {args.member_epochs:g} epochs at lr "
+             f"(the fusion at {args.fusion_lr:g}, the fresh LoRA at {args.lora_lr:g}). Members: LoRA r=8, {args.member_epochs:g} epochs at lr "
              f"{args.member_lr:g} (trained once, not counted: {trained}).", "",
              "| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
     lines += ["| " + " | ".join(row) + " |" for row in table]
@@ -213,7 +214,7 @@ def write_table(task: Task, table: list[list[str]], args: argparse.Namespace, me
 
 def command(args: argparse.Namespace) -> str:
     return (f".venv/bin/python bench/bench_auto_compose.py --task {' '.join(args.task)} --sizes "
-            f"{' '.join(map(str, args.sizes))} --steps {args.steps} --lr {args.lr:g} --lora-lr {args.lora_lr:g} "
+            f"{' '.join(map(str, args.sizes))} --steps {args.steps} --lr {args.lr:g} --fusion-lr {args.fusion_lr:g} --lora-lr {args.lora_lr:g} "
             f"--strategies {args.strategies} --batch-size {args.batch_size} --member-epochs {args.member_epochs:g} "
             f"--member-lr {args.member_lr:g} --threads {args.threads}")
 
@@ -224,6 +225,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[8, 16, 64])
     parser.add_argument("--steps", type=int, default=40, help="training steps of every head, mixture, fusion, LoRA")
     parser.add_argument("--lr", type=float, default=0.05, help="auto_compose's learning rate")
+    parser.add_argument("--fusion-lr", type=float, default=1e-3, help="auto_compose's fusion_lr")
     parser.add_argument("--lora-lr", type=float, default=0.01, help="the fresh LoRA's learning rate")
     parser.add_argument("--member-epochs", type=float, default=3.0)
     parser.add_argument("--member-lr", type=float, default=1e-2)

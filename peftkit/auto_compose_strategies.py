@@ -61,6 +61,7 @@ class Settings:
     lr: float
     seed: int
     progress: bool
+    fusion_lr: float = 1e-3  # a fusion's d x d projections (and its fresh head) diverge at a mixture's lr
 
 
 @dataclass
@@ -184,7 +185,7 @@ def _train(prep: Prepared, names: list[str], classification: bool, settings: Set
                                 lr=settings.lr, l1=settings.l1, progress=settings.progress)
     else:
         trained = train_fusion(prep.model, names, prep.search_batches, head=head, steps=settings.steps,
-                               lr=settings.lr, seed=settings.seed, progress=settings.progress)
+                               lr=settings.fusion_lr, seed=settings.seed, progress=settings.progress)
     start = time.perf_counter()
     score = score_node(prep.model, trained.node, prep.held_batches, classification=classification)
     result.rows.append(Row("learned", ROW_NAMES[strategy], trained.weights, score.loss, score.accuracy,

@@ -14,10 +14,10 @@ from peftkit.cli_output import echo_json
 
 #: The option names (as click passes them) that only mean something with --auto.
 AUTO_ONLY = ("examples", "eval_file", "candidates", "search", "strategy", "head", "max_candidates", "budget", "l1",
-             "steps", "lr", "seed", "push")
+             "steps", "lr", "fusion_lr", "seed", "push")
 #: Their defaults (an option at its default was not given).
 AUTO_DEFAULTS = {"strategy": "weights", "head": "auto", "max_candidates": 8, "budget": 40, "l1": 0.05, "steps": 100,
-                 "lr": 0.01, "seed": 0}
+                 "lr": 0.01, "fusion_lr": 1e-3, "seed": 0}
 
 
 def auto_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -51,7 +51,10 @@ def auto_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--steps", type=click.IntRange(min=1), default=100, show_default=True,
                      help="With --auto: training steps of the mixture, the fusion and a fresh head."),
         click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.01, show_default=True,
-                     help="With --auto: learning rate (Adam) of the mixture, the fusion and a fresh head."),
+                     help="With --auto: learning rate (Adam) of the mixture and a fresh head."),
+        click.option("--fusion-lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
+                     help="With --auto: learning rate (Adam) of a fusion and its fresh head (its d x d "
+                     "projections diverge at a mixture's rate)."),
         click.option("--seed", type=int, default=0, show_default=True,
                      help="With --auto: seed of the held-out split and the search."),
         click.option("--push", default=None, metavar="REPO_ID",
@@ -99,6 +102,7 @@ def run_auto(base: str, out: str, *, hub: str | None, merge: bool, token: str | 
                           eval_examples=options.get("eval_file"), hub=hub, token=token,
                           strategy=options["strategy"], head=options["head"], max_candidates=options["max_candidates"],
                           budget=options["budget"], l1=options["l1"], steps=options["steps"], lr=options["lr"],
+                          fusion_lr=options["fusion_lr"],
                           seed=options["seed"], out=out, merge=merge, push=options.get("push"),
                           progress=not quiet and not options["as_json"])
     if options["as_json"]:

@@ -290,6 +290,11 @@ def _strategies(strategy: str | Sequence[str]) -> list[str]:
     return asked
 
 
+def _check_rate(name: str, value: Any) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+        raise AutoComposeError(f"{name} must be a number > 0, got {value!r}")
+
+
 def _check_options(candidates: Any, search: Any, max_candidates: Any, push: Any, out: Any, merge: bool,
                    strategies: list[str], head: str, steps: Any, lr: Any) -> None:
     if (candidates is None) == (search is None):
@@ -297,8 +302,7 @@ def _check_options(candidates: Any, search: Any, max_candidates: Any, push: Any,
     for name, value in (("max_candidates", max_candidates), ("steps", steps)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise AutoComposeError(f"{name} must be a positive integer, got {value!r}")
-    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0:
-        raise AutoComposeError(f"lr must be a number > 0, got {lr!r}")
+    _check_rate("lr", lr)
     if head not in HEADS:
         raise AutoComposeError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
     if push and out is None:
@@ -375,6 +379,7 @@ def auto_compose(base: "str | nn.Module", candidates: Sequence[str] | None = Non
                  eval_examples: str | Path | None = None, hub: Any = None, token: str | None = None,
                  tokenizer: Any = None, strategy: str | Sequence[str] = "weights", head: str = "auto",
                  max_candidates: int = 8, budget: int = 40, l1: float = 0.05, steps: int = 100, lr: float = 0.01,
+                 fusion_lr: float = 1e-3,
                  holdout: float = 0.3, seed: int = 0, max_length: int = 128, batch_size: int = 32,
                  text_field: str | None = None, out: str | Path | None = None, merge: bool = False,
                  push: str | None = None, progress: bool = True) -> AutoComposeResult:
@@ -389,7 +394,8 @@ def auto_compose(base: "str | nn.Module", candidates: Sequence[str] | None = Non
     ``eval_examples``, a ``holdout`` share of the examples is held out for the report.
     ``strategy``: ``weights`` (CMA-ES over a linear merge of LoRA weight changes; ``budget`` evaluations),
     ``mixture`` (mixing weights over the members' outputs) or ``fusion`` (AdapterFusion), the last two
-    trained by gradient for ``steps`` Adam steps at ``lr`` with the members frozen; several (a list or
+    trained by gradient for ``steps`` Adam steps with the members frozen, at ``lr`` (a mixture's few weights,
+    a fresh head) or ``fusion_lr`` (a fusion's d x d projections, which diverge at a mixture's rate); several (a list or
     ``"mixture,fusion"``) are all learned and reported, the first is saved. ``l1``: the penalty on the mean
     absolute weight (weights, mixture). ``head``: ``auto`` trains a fresh classification head when no
     member's head predicts the examples' labels, ``fresh`` always, ``members`` never.
@@ -399,6 +405,7 @@ def auto_compose(base: "str | nn.Module", candidates: Sequence[str] | None = Non
     """
     strategies = _strategies(strategy)
     _check_options(candidates, search, max_candidates, push, out, merge, strategies, head, steps, lr)
+    _check_rate("fusion_lr", fusion_lr)
     if isinstance(search, str):
         search = parse_search(search)
     refs = list(candidates) if candidates is not None else _searched(search or {}, base, hub, token, max_candidates)
@@ -408,9 +415,10 @@ def auto_compose(base: "str | nn.Module", candidates: Sequence[str] | None = Non
                     token=token, tokenizer=tokenizer, holdout=holdout, seed=seed, max_length=max_length,
                     batch_size=batch_size, text_field=text_field, strategies=strategies, head=head, merge=merge,
                     progress=progress)
-    result, saved = compare(prep, Settings(strategies, budget, l1, steps, lr, seed, progress))
+    result, saved = compare(prep, Settings(strategies, budget, l1, steps, lr, seed, progress, fusion_lr))
     result.base_model = _hub_base_id(base, prep.kept)
     result.settings.update({"strategies": strategies, "budget": budget, "l1": l1, "steps": steps, "lr": lr,
+                            "fusion_lr": fusion_lr,
                             "holdout": holdout if eval_examples is None else None, "seed": seed,
                             "max_candidates": max_candidates})
     if out is not None:

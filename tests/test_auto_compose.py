@@ -232,6 +232,8 @@ def test_bad_requests_fail_with_a_clear_message(world: dict[str, Path], hub: str
         peftkit.auto_compose(str(world["base"]), ["alice/scaler"], examples=world["few"], hub=hub, progress=False)
     with pytest.raises(AutoComposeError, match="base_model=ORG/NAME"):
         peftkit.auto_compose(str(world["base"]), search="task=text-classification", examples=world["few"], hub=hub)
+    with pytest.raises(AutoComposeError, match="fusion_lr must be a number > 0, got 0"):
+        peftkit.auto_compose(str(world["base"]), ["alice/plus"], examples=world["few"], hub=hub, fusion_lr=0)
     base, few = str(world["base"]), str(world["few"])
     for argv, message in [
         (["compose", base, "--out", str(tmp_path / "o")], "missing argument 'SPEC'"),

@@ -101,6 +101,21 @@ def test_the_learned_mixture_finds_the_member_that_is_the_answer_and_saves_a_com
     assert f"| `{world['t']}` | {weights['t']:+.4f} |" in card and "heldout_accuracy" in card
 
 
+def test_the_fusion_trains_at_fusion_lr_and_the_mixture_at_lr(world: dict[str, Path]) -> None:  # noqa: F811
+    """A fusion's d x d projections take their own rate: changing fusion_lr changes the fusion alone."""
+    runs = []
+    with torch_threads(1):
+        for fusion_lr in (1e-3, 3e-2):
+            runs.append(peftkit.auto_compose(
+                str(world["base"]), [str(world[n]) for n in ("t", "noise")], examples=world["few"],
+                eval_examples=world["heldout"], strategy="mixture,fusion", steps=4, lr=0.05, fusion_lr=fusion_lr,
+                progress=False))
+    slow, fast = runs
+    assert slow.combinations["mixture"] == fast.combinations["mixture"]
+    assert slow.combinations["fusion"] != fast.combinations["fusion"]
+    assert (slow.settings["fusion_lr"], fast.settings["fusion_lr"]) == (1e-3, 3e-2)
+
+
 def test_a_new_label_set_gets_a_fresh_head_trained_with_the_combination(
         world: dict[str, Path], hub_env: Path, tmp_path: Path,  # noqa: F811 - fixtures imported above
         capsys: pytest.CaptureFixture[str]) -> None:
