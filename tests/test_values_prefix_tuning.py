@@ -265,3 +265,30 @@ def test_t5_batch_comes_from_whichever_decoder_input_is_given_and_a_cache_is_con
     torch.testing.assert_close(from_embeds, full, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(from_labels, with_ids, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(rest, full[:, 2:], atol=1e-5, rtol=1e-5)
+
+
+def test_bart_prefix_has_the_decoder_layer_count_and_goes_to_its_self_attention():
+    """BART's decoder text config from transformers says decoder_layers=12 whatever the model has; the
+    prefix reads the model's own (2 here): a forward used to fail with an IndexError in the cache."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = BartConfig(vocab_size=100, d_model=32, encoder_layers=3, decoder_layers=2, encoder_attention_heads=4,
+                        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64)
+    model = peftkit.adapt(BartForConditionalGeneration(config), f"prefix_tuning[num_virtual_tokens={P}]")
+    randomize(model, "default", seed=4, scale=0.5)
+    model.eval()
+    assert model.model_adapter("default").geometry.num_layers == 2
+    ids = torch.randint(3, 100, (2, 5))
+    decoder_ids = torch.randint(3, 100, (2, 4))
+    with torch.no_grad():
+        adapted = model(input_ids=ids, decoder_input_ids=decoder_ids).logits
+        with model.disable_adapters():
+            blocks = _blocks(_prefix(model), 2, 4)  # decoder layer i reads block 2i mod 2 (PEFT's layout)
+            self_cache = DynamicCache()
+            for layer in range(2):
+                self_cache.update(*(t.unsqueeze(0).expand(2, -1, -1, -1) for t in blocks[0]), layer)
+            expected = model.base_model(input_ids=ids, decoder_input_ids=decoder_ids,
+                                        decoder_attention_mask=_ones_before(torch.ones_like(decoder_ids), P),
+                                        past_key_values=EncoderDecoderCache(self_cache, DynamicCache())).logits
+    torch.testing.assert_close(adapted, expected, atol=1e-5, rtol=1e-5)

@@ -31,7 +31,7 @@ class PrefixTuningMethod(VirtualTokenMethod):
     adapterhub = PrefixTuningAdapterHub()
 
     def create_model_adapter(self, model: "nn.Module", config: AdapterConfig, arch: Any) -> "nn.Module":
-        from peftkit.plugin_api import cache_argument, text_config
+        from peftkit.plugin_api import cache_argument
 
         from .layer import PrefixTuning
 
@@ -50,7 +50,7 @@ class PrefixTuningMethod(VirtualTokenMethod):
             config.encoder_hidden_size = geometry.token_dim
         options = dict(prefix_projection=config.prefix_projection, encoder_hidden_size=config.encoder_hidden_size,
                        init_weights=config.init_weights, is_encoder_decoder=geometry.num_transformer_submodules == 2,
-                       cache_config=text_config(model), token_positions=config.token_positions)
+                       cache_config=geometry_config(model), token_positions=config.token_positions)
         if not config.use_gating:
             return on_model_device(PrefixTuning(geometry, **options), model)
         from .gating import GatedPrefixTuning
@@ -117,13 +117,23 @@ def _first(config: Any, *names: str) -> Any:
     return None
 
 
+def geometry_config(model: "nn.Module") -> Any:
+    """The config that describes the attention the prefix joins (and sizes its cache, as the model's own
+    decoder does). An encoder-decoder model's own config: transformers' decoder text config of BART-like
+    models is rebuilt from defaults for the decoder fields (decoder_layers=12 whatever the model has)."""
+    from peftkit.plugin_api import text_config
+
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return model.config
+    return text_config(model)
+
+
 def prefix_geometry(model: "nn.Module", config: PrefixTuningConfig) -> "PrefixGeometry":
     """The prefix shape this model needs; explicit config values must agree with it."""
-    from peftkit.plugin_api import text_config
 
     from .layer import PrefixGeometry
 
-    model_config = text_config(model)
+    model_config = geometry_config(model)
     if model_config is None:
         raise ConfigError(f"prefix_tuning needs a transformers model (with a .config); "
                           f"{type(model).__name__} has none")
@@ -132,7 +142,8 @@ def prefix_geometry(model: "nn.Module", config: PrefixTuningConfig) -> "PrefixGe
         layers = _first(model_config, "num_decoder_layers", "decoder_layers", "num_hidden_layers", "num_layers")
     else:
         layers = _first(model_config, "num_hidden_layers", "num_layers", "n_layer")
-    heads = _first(model_config, "num_attention_heads", "n_head", "num_heads", "decoder_attention_heads")
+    heads = _first(model_config, "decoder_attention_heads", "num_attention_heads", "n_head", "num_heads") \
+        if encoder_decoder else _first(model_config, "num_attention_heads", "n_head", "num_heads")
     kv_heads = _first(model_config, "num_key_value_heads") or heads
     hidden = _first(model_config, "hidden_size", "n_embd", "d_model")
     head_dim = _first(model_config, "head_dim", "d_kv")
