@@ -94,6 +94,12 @@ RUNS: dict[str, BenchRun] = {
     "compacter": BenchRun("compacter[phm_c_init=uniform]", 9e-3, peft=False),
     "compacterpp": BenchRun("compacterpp[phm_c_init=uniform]", 3e-2, peft=False),
     "loreft": BenchRun("loreft", 3e-2, peft=False),
+    # MAD-X's language adapter (seq_bn plus the invertible NICE block on the embeddings; a classifier has no
+    # output embeddings, so the inverse does not run) at seq_bn's rate, and prompt tuning placed as AdapterHub
+    # places it (after the embedding block) at prompt tuning's rate; neither probed.
+    "seq_bn_inv": BenchRun("seq_bn_inv", 9e-3, peft=False),
+    "prompt_tuning_ah": BenchRun('prompt_tuning[init="sample_vocab",placement=embedding_output]', 1e-2,
+                                 train_head=True, peft=False),
 }
 
 
@@ -408,8 +414,11 @@ def same_init_lines(rows: list[Row]) -> list[str]:
         "A method with a random initialization (LoRA's A, LoKr, VeRA, ...) draws it in each library with",
         "the same seed but not the same numbers, so its peftkit and peft rows are also two samples of the",
         f"initialization. Rows *(same init)* ({', '.join(names)}) train `peft` from peftkit's initial",
-        "weights (copied through the PEFT-format folder peftkit saves): there the two libraries differ only",
-        "in their code, and their accuracies match up to float rounding in a few steps.",
+        "weights (copied through the PEFT-format folder peftkit saves). LoRA, rsLoRA and DoRA then give the",
+        "same accuracy seed by seed, and LoRA+ too but for float rounding in one seed: the gaps between",
+        "their plain rows were the initialization's. `peft`'s LoKr already draws peftkit's initial weights;",
+        "its rows differ by BERT's dropout masks, because the two libraries take numbers from the random",
+        "stream in a different order during training (with dropout off, one step's gradients agree to 1e-5).",
     ]
 
 
