@@ -1,0 +1,192 @@
+"""Where prompt tuning puts its soft prompt, checked value by value against a hand construction: the
+later generation steps of a decoder (mask widened by P ones, positions moved by P), the encoder input
+``generate()`` gets for T5 (prompt in front of the embedded ids, mask from the pad token), and the
+``embedding_output`` placement (prompt joined to the embedding block's output, in front or after the
+first token, with the mask and labels widened at the same place)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache, StaticCache
+
+from peftkit.plugin_api import PeftkitError
+from plugins.prompt_tuning.layer import IGNORE_INDEX, PromptTuning
+
+from .tiny_models import build_tiny
+
+P = 3
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return build_tiny("llama").eval()
+
+
+@pytest.fixture(scope="module")
+def t5():
+    return build_tiny("t5").eval()
+
+
+def _prompt(hidden: int, **options) -> PromptTuning:
+    torch.manual_seed(0)
+    return PromptTuning(P, hidden, init_weight=torch.randn(P, hidden), **options)
+
+
+def _ones(batch: int) -> torch.Tensor:
+    return torch.ones(batch, P, dtype=torch.long)
+
+
+def _cache_of_length(length: int) -> DynamicCache:
+    cache = DynamicCache()
+    cache.update(torch.zeros(2, 1, length, 2), torch.zeros(2, 1, length, 2), 0)
+    return cache
+
+
+def test_defaults_are_a_plain_decoder_prompt_of_p_rows():
+    module = PromptTuning(P, 4)
+    assert tuple(module.prompt_embeddings.shape) == (P, 4)
+    assert (module.is_encoder_decoder, module.after_embeddings, module.after_bos) == (False, False, False)
+    assert module.output_points() == ()
+    assert module.extra_repr() == f"virtual_tokens={P}, hidden=4, rows={P}"
+
+
+def test_the_prompt_takes_the_dtype_asked_for():
+    module = _prompt(4)
+    half = module.prompt(2, torch.float16)
+    assert half.dtype == torch.float16
+    assert torch.equal(half, module.prompt_embeddings.detach().to(torch.float16).expand(2, -1, -1))
+
+
+def test_a_later_step_widens_the_mask_and_moves_the_positions(llama):
+    module = _prompt(llama.config.hidden_size)
+    ids = torch.tensor([[5, 6], [7, 8]])
+    mask = torch.tensor([[0, 1, 1, 1, 1, 1, 1, 1, 1, 1], [1] * 10])
+    positions = torch.tensor([[7, 8], [7, 8]])
+    args, kwargs = module.prepare(llama, (ids,), dict(attention_mask=mask, position_ids=positions,
+                                                      past_key_values=_cache_of_length(P + 8)))
+    assert args == ()
+    assert torch.equal(kwargs["input_ids"], ids)  # only the new tokens: the prompt is in the cache
+    assert kwargs.get("inputs_embeds") is None
+    assert torch.equal(kwargs["attention_mask"], torch.cat([_ones(2), mask], dim=1))
+    assert torch.equal(kwargs["position_ids"], positions + P)
+
+
+def test_a_forward_without_cache_use_starts_afresh_even_with_a_cache(llama):
+    module = _prompt(llama.config.hidden_size)
+    ids = torch.tensor([[5, 6, 9]])
+    mask = torch.tensor([[1, 1, 1]])
+    _, kwargs = module.prepare(llama, (), dict(input_ids=ids, attention_mask=mask, use_cache=False,
+                                               past_key_values=_cache_of_length(4)))
+    embedded = llama.get_input_embeddings()(ids)
+    assert kwargs["input_ids"] is None
+    torch.testing.assert_close(kwargs["inputs_embeds"], torch.cat([module.prompt(1, embedded.dtype), embedded], 1))
+    assert torch.equal(kwargs["attention_mask"], torch.cat([_ones(1), mask], dim=1))
+
+
+def test_a_static_cache_is_refused(llama):
+    module = _prompt(llama.config.hidden_size)
+    cache = StaticCache(config=llama.config, max_cache_len=16)
+    with pytest.raises(PeftkitError, match=f"{P} virtual tokens"):
+        module.prepare(llama, (), dict(input_ids=torch.tensor([[5, 6]]), past_key_values=cache))
+
+
+def test_the_encoder_input_gets_the_prompt_but_decoder_labels_stay(t5):
+    module = _prompt(t5.config.d_model, is_encoder_decoder=True)
+    ids = torch.tensor([[5, 6, 7]])
+    labels = torch.tensor([[8, 9, 10]])  # same length as the input: still the decoder's, not padded
+    _, kwargs = module.prepare(t5, (), dict(input_ids=ids, labels=labels))
+    embedded = t5.get_input_embeddings()(ids)
+    torch.testing.assert_close(kwargs["inputs_embeds"], torch.cat([module.prompt(1, embedded.dtype), embedded], 1))
+    assert torch.equal(kwargs["labels"], labels)
+    encoded = object()
+    _, later = module.prepare(t5, (), dict(encoder_outputs=encoded, decoder_input_ids=labels))
+    assert later["encoder_outputs"] is encoded and "inputs_embeds" not in later
+
+
+@pytest.mark.parametrize("how", ["positional", "inputs", "input_ids"])
+def test_generate_gets_the_prompted_encoder_input_and_a_mask_from_the_pad_token(t5, how):
+    module = _prompt(t5.config.d_model, is_encoder_decoder=True)
+    ids = torch.tensor([[0, 5, 6], [7, 8, 9]])  # pad id 0 (T5's) in the first row
+    args, kwargs = {"positional": ((ids,), {}), "inputs": ((), {"inputs": ids}),
+                    "input_ids": ((), {"input_ids": ids})}[how]
+    kwargs["max_new_tokens"] = 2
+    given = dict(kwargs)
+    new_args, new_kwargs = module.prepare_generate(t5, args, kwargs)
+    embedded = t5.get_input_embeddings()(ids)
+    assert new_args == ()
+    assert "inputs" not in new_kwargs and new_kwargs["input_ids"] is None
+    assert new_kwargs["max_new_tokens"] == 2
+    torch.testing.assert_close(new_kwargs["inputs_embeds"], torch.cat([module.prompt(2, embedded.dtype), embedded], 1))
+    assert torch.equal(new_kwargs["attention_mask"], torch.cat([_ones(2), (ids != 0).long()], dim=1))
+    assert kwargs.keys() == given.keys() and "inputs_embeds" not in kwargs  # the caller's dict is left alone
+
+
+def test_generate_keeps_a_given_mask_and_counts_all_ones_without_a_pad_token(t5):
+    module = _prompt(t5.config.d_model, is_encoder_decoder=True)
+    ids = torch.tensor([[0, 5, 6]])
+    mask = torch.tensor([[0, 0, 1]])
+    _, kwargs = module.prepare_generate(t5, (ids,), dict(attention_mask=mask))
+    assert torch.equal(kwargs["attention_mask"], torch.cat([_ones(1), mask], dim=1))
+    saved = t5.generation_config.pad_token_id
+    t5.generation_config.pad_token_id = None
+    try:
+        _, kwargs = module.prepare_generate(t5, (ids,), {})
+    finally:
+        t5.generation_config.pad_token_id = saved
+    assert torch.equal(kwargs["attention_mask"], torch.ones(1, P + 3, dtype=torch.long))
+
+
+def test_generate_refuses_ambiguous_inputs_and_given_encoder_outputs(t5):
+    module = _prompt(t5.config.d_model, is_encoder_decoder=True)
+    ids = torch.tensor([[5, 6]])
+    with pytest.raises(PeftkitError, match="first argument"):
+        module.prepare_generate(t5, (ids, ids), {})
+    with pytest.raises(PeftkitError, match="first argument"):
+        module.prepare_generate(t5, (ids,), {"inputs": ids})
+    with pytest.raises(PeftkitError, match="encoder_outputs"):
+        module.prepare_generate(t5, (), {"input_ids": ids, "encoder_outputs": (torch.zeros(1, 2, 4),)})
+
+
+def test_generate_on_a_decoder_is_left_alone(llama):
+    module = _prompt(llama.config.hidden_size)
+    args, kwargs = (torch.tensor([[5]]),), {"max_new_tokens": 1}
+    assert module.prepare_generate(llama, args, kwargs) == (args, kwargs)
+
+
+@pytest.mark.parametrize("after_bos", [False, True])
+def test_embedding_output_joins_the_prompt_and_widens_mask_and_labels_at_the_same_place(llama, after_bos):
+    module = _prompt(4, after_embeddings=True, after_bos=after_bos)
+    ids = torch.tensor([[2, 5, 6], [2, 7, 0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    labels = torch.tensor([[-100, 5, 6], [-100, 7, -100]])
+    _, kwargs = module.prepare(llama, (ids,), dict(attention_mask=mask, labels=labels))
+    assert torch.equal(kwargs["input_ids"], ids)  # the embedding block reads the L tokens unchanged
+    hidden = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4)
+    joined = module.point_output("embedding_output", hidden)
+    head = module.prompt(2, torch.float32)
+    pad = torch.full((2, P), IGNORE_INDEX)
+    if after_bos:
+        expected = torch.cat([hidden[:, :1], head, hidden[:, 1:]], 1)
+        expected_mask = torch.cat([mask[:, :1], _ones(2), mask[:, 1:]], 1)
+        expected_labels = torch.cat([labels[:, :1], pad, labels[:, 1:]], 1)
+    else:
+        expected = torch.cat([head, hidden], 1)
+        expected_mask = torch.cat([_ones(2), mask], 1)
+        expected_labels = torch.cat([pad, labels], 1)
+    assert torch.equal(joined, expected)
+    assert torch.equal(kwargs["attention_mask"], expected_mask)
+    assert torch.equal(kwargs["labels"], expected_labels)
+    assert module.output_points() == ("embedding_output",)
+    where = ", placement=embedding_output" + (", after the first token" if after_bos else "")
+    assert module.extra_repr() == f"virtual_tokens={P}, hidden=4, rows={P}{where}"
+
+
+def test_embedding_output_leaves_sequence_level_labels_and_refuses_other_outputs(llama):
+    module = _prompt(4, after_embeddings=True)
+    ids = torch.tensor([[2, 5, 6], [2, 7, 0]])
+    labels = torch.tensor([1, 0])  # one label a sequence: nothing to widen
+    _, kwargs = module.prepare(llama, (), dict(input_ids=ids, labels=labels))
+    assert torch.equal(kwargs["labels"], labels) and kwargs.get("attention_mask") is None
+    with pytest.raises(PeftkitError, match="embedding_output"):
+        module.point_output("embedding_output", torch.zeros(2, 3))
