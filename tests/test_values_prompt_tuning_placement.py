@@ -11,7 +11,7 @@ import torch
 from transformers import DynamicCache, StaticCache
 
 from peftkit.plugin_api import PeftkitError
-from plugins.prompt_tuning.layer import IGNORE_INDEX, PromptTuning
+from peftkit.plugins.prompt_tuning.layer import IGNORE_INDEX, PromptTuning
 
 from .tiny_models import build_tiny
 
@@ -190,3 +190,42 @@ def test_embedding_output_leaves_sequence_level_labels_and_refuses_other_outputs
     assert torch.equal(kwargs["labels"], labels) and kwargs.get("attention_mask") is None
     with pytest.raises(PeftkitError, match="embedding_output"):
         module.point_output("embedding_output", torch.zeros(2, 3))
+
+
+def test_the_first_step_shifts_given_positions_token_types_and_labels(llama):
+    module = _prompt(llama.config.hidden_size)
+    embeds = torch.randn(2, 4, llama.config.hidden_size, dtype=torch.float16)  # given embeddings, half precision
+    mask = torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]])
+    positions = torch.tensor([[0, 1, 2, 3], [0, 0, 1, 2]], dtype=torch.int32)
+    token_types = torch.tensor([[0, 0, 1, 1], [0, 1, 1, 1]])
+    labels = torch.arange(2 * 4 * 2).reshape(2, 4, 2)  # token-level labels with a trailing dimension
+    _, kwargs = module.prepare(llama, (), dict(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                                               token_type_ids=token_types, labels=labels))
+    assert kwargs["inputs_embeds"].dtype == torch.float16
+    assert torch.equal(kwargs["inputs_embeds"], torch.cat([module.prompt(2, torch.float16), embeds], 1))
+    assert torch.equal(kwargs["attention_mask"], torch.cat([_ones(2), mask], 1))
+    assert kwargs["position_ids"].dtype == torch.int32
+    head = torch.arange(P, dtype=torch.int32).expand(2, P)
+    assert torch.equal(kwargs["position_ids"], torch.cat([head, positions + P], 1))
+    assert torch.equal(kwargs["token_type_ids"], torch.cat([torch.zeros(2, P, dtype=torch.long), token_types], 1))
+    assert torch.equal(kwargs["labels"], torch.cat([torch.full((2, P, 2), IGNORE_INDEX), labels], 1))
+
+
+def test_sample_vocab_draws_from_the_whole_vocabulary_including_id_0():
+    from peftkit.plugins.prompt_tuning.layer import initial_prompt
+
+    class TwoWords(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = torch.nn.Embedding(2, 3)
+
+        def get_input_embeddings(self):
+            return self.table
+
+    model = TwoWords()
+    torch.manual_seed(0)
+    rows = initial_prompt(model, "sample_vocab", 64)
+    table = model.table.weight.detach()
+    assert all(any(torch.equal(row, table[i]) for i in (0, 1)) for row in rows)
+    assert any(torch.equal(row, table[0]) for row in rows)  # 64 draws from {0, 1}: id 0 appears
+    assert initial_prompt(model, "random", 4) is None
