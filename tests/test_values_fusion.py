@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from peftkit import AdapterLoadError, ConfigError, Fuse, FuseConfig
-from peftkit.core.fusion import (FUSION_FORMAT_VERSION, FusionCapture, FusionLayer, fusion_layers,
+from peftkit import AdapterLoadError, CompositionError, ConfigError, Fuse, FuseConfig, Stack
+from peftkit.core.fusion import (FUSION_FORMAT_VERSION, FusionCapture, FusionLayer, as_fuse, fusion_layers,
                                  read_fusion_config, site_output_dim)
 from tests.composition_util import lora_model
 
@@ -265,3 +265,64 @@ def test_weights_that_do_not_match_the_layers_are_refused_naming_the_keys(saved)
     model.load_fusion(folder)
     for site, fusion in fusion_layers(model, "f"):
         assert all(torch.equal(a, b) for a, b in zip(fusion.parameters(), expected[site]))
+
+
+def _two_fusions():
+    model = lora_model(("a", "b", "c"))
+    model.add_fusion(Fuse("a", "b", name="f"), regularization=0.5)
+    model.add_fusion(Fuse("b", "c", name="g"), regularization=0.25)
+    with torch.no_grad():
+        for name, shift in (("f", 0.1), ("g", 0.3)):
+            for _, fusion in fusion_layers(model, name):
+                fusion.value.weight.add_(shift)
+    return model
+
+
+def test_regularization_loss_is_each_fusions_factor_times_its_distances():
+    model = _two_fusions()
+    per_site = {name: sum(fusion.value_distance() for _, fusion in fusion_layers(model, name)) for name in "fg"}
+    assert model.fusion_regularization_loss("f").item() == pytest.approx(0.5 * per_site["f"].item(), rel=1e-5)
+    assert model.fusion_regularization_loss("g").item() == pytest.approx(0.25 * per_site["g"].item(), rel=1e-5)
+    total = 0.5 * per_site["f"].item() + 0.25 * per_site["g"].item()
+    assert model.fusion_regularization_loss().item() == pytest.approx(total, rel=1e-5)
+    bare = lora_model(("a",))
+    zero = bare.fusion_regularization_loss()
+    assert zero.shape == () and zero.item() == 0.0 and zero.device == bare.device
+
+
+def test_an_unknown_fusion_is_named_with_the_known_ones():
+    model = _two_fusions()
+    with pytest.raises(CompositionError) as info:
+        model.fusion_regularization_loss("h")
+    assert str(info.value) == "no fusion named 'h' on this model; fusions: f, g"
+    with pytest.raises(CompositionError) as info:
+        lora_model(("a",)).fusion_regularization_loss("h")
+    assert str(info.value) == "no fusion named 'h' on this model; fusions: none"
+
+
+def test_fusions_used_in_a_composition_must_exist_with_the_same_members():
+    model = _two_fusions()
+    with pytest.raises(CompositionError, match="needs fusion weights named 'x'"):
+        model.set_active(Stack("c", Fuse("a", "b", name="x")))
+    with pytest.raises(CompositionError, match="fusion 'f' fuses fuse"):
+        model.set_active(Fuse("b", "a", name="f"))
+
+
+def test_as_fuse_takes_a_fusion_name_a_fuse_string_or_a_block():
+    model = _two_fusions()
+    assert as_fuse(model, "f") == Fuse("a", "b", name="f")
+    assert as_fuse(model, 'fuse(b, c, name="g")') == Fuse("b", "c", name="g")
+    assert as_fuse(model, Fuse("b", "c", name="g")) == Fuse("b", "c", name="g")
+    with pytest.raises(CompositionError, match="is not a fuse"):
+        as_fuse(model, "stack(a, b)")
+
+
+def test_train_fusion_by_name_or_string_activates_that_fusion_and_trains_only_it():
+    model = _two_fusions()
+    model.train_fusion("g")
+    assert model.active_composition == Fuse("b", "c", name="g")
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert trainable == {id(p) for p in model.fusion_parameters("g")}
+    model.train_fusion('fuse(a, b, name="f")')
+    assert model.active_composition == Fuse("a", "b", name="f")
+    assert {id(p) for p in model.parameters() if p.requires_grad} == {id(p) for p in model.fusion_parameters("f")}
