@@ -326,3 +326,45 @@ def test_train_fusion_by_name_or_string_activates_that_fusion_and_trains_only_it
     model.train_fusion('fuse(a, b, name="f")')
     assert model.active_composition == Fuse("a", "b", name="f")
     assert {id(p) for p in model.parameters() if p.requires_grad} == {id(p) for p in model.fusion_parameters("f")}
+
+
+class _WithOwnWidth(nn.Module):
+    """A site module that states its own output width and holds a narrower inner layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out_features = 7
+        self.inner = nn.Linear(3, 4)
+
+
+def test_output_width_prefers_the_sites_own_attribute_and_the_last_normalized_dim():
+    assert site_output_dim(_site(_WithOwnWidth())) == 7
+    assert site_output_dim(_site(nn.LayerNorm((2, 3, 5)))) == 5
+    adapters = {"x": types.SimpleNamespace(), "a": types.SimpleNamespace(out_features=11)}
+    assert site_output_dim(_site(_Bare(), adapters)) == 11
+
+
+def test_a_folder_without_a_readable_fusion_config_is_refused_saying_so(tmp_path):
+    with pytest.raises(AdapterLoadError) as info:
+        read_fusion_config(tmp_path)
+    assert str(info.value) == f"{str(tmp_path)!r} is not a fusion folder: it has no fusion_config.json"
+    (tmp_path / "fusion_config.json").write_text("{")
+    with pytest.raises(AdapterLoadError, match="is not valid JSON .*; save the fusion again$"):
+        read_fusion_config(tmp_path)
+
+
+def test_a_fusion_saved_for_other_sites_names_the_sites_that_differ(saved):
+    from tests.tiny_models import build_tiny
+
+    import peftkit
+
+    _, folder = saved
+    narrow = peftkit.AdaptedModel(build_tiny("llama"))
+    for name in ("a", "b"):
+        narrow.add_adapter(name, 'lora[r=4,target_modules=["q_proj"]]')
+    saved_sites = sorted(json.loads((folder / "fusion_config.json").read_text())["sites"])
+    differing = [s for s in saved_sites if not s.endswith("q_proj")][:5]
+    with pytest.raises(AdapterLoadError) as info:
+        narrow.load_fusion(folder)
+    assert f"(differing: {', '.join(differing)}); load the same member adapters" in str(info.value)
+
