@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import DynamicCache, StaticCache
 
-from peftkit.plugin_api import PeftkitError
+from peftkit.plugin_api import ConfigError, PeftkitError
 from peftkit.plugins.prompt_tuning.layer import IGNORE_INDEX, PromptTuning
 
 from .tiny_models import build_tiny
@@ -111,12 +111,14 @@ def test_generate_gets_the_prompted_encoder_input_and_a_mask_from_the_pad_token(
     args, kwargs = {"positional": ((ids,), {}), "inputs": ((), {"inputs": ids}),
                     "input_ids": ((), {"input_ids": ids})}[how]
     kwargs["max_new_tokens"] = 2
+    labels = torch.tensor([[4, 1, 0], [5, 1, 0]])  # the decoder's target, as long as the input here: not padded
+    kwargs["labels"] = labels
     given = dict(kwargs)
     new_args, new_kwargs = module.prepare_generate(t5, args, kwargs)
     embedded = t5.get_input_embeddings()(ids)
     assert new_args == ()
     assert "inputs" not in new_kwargs and new_kwargs["input_ids"] is None
-    assert new_kwargs["max_new_tokens"] == 2
+    assert new_kwargs["max_new_tokens"] == 2 and torch.equal(new_kwargs["labels"], labels)
     torch.testing.assert_close(new_kwargs["inputs_embeds"], torch.cat([module.prompt(2, embedded.dtype), embedded], 1))
     assert torch.equal(new_kwargs["attention_mask"], torch.cat([_ones(2), (ids != 0).long()], dim=1))
     assert kwargs.keys() == given.keys() and "inputs_embeds" not in kwargs  # the caller's dict is left alone
@@ -134,6 +136,13 @@ def test_generate_keeps_a_given_mask_and_counts_all_ones_without_a_pad_token(t5)
         _, kwargs = module.prepare_generate(t5, (ids,), {})
     finally:
         t5.generation_config.pad_token_id = saved
+    assert torch.equal(kwargs["attention_mask"], torch.ones(1, P + 3, dtype=torch.long))
+    saved = t5.generation_config
+    del t5.generation_config  # a model without any generation config: every token counts
+    try:
+        _, kwargs = module.prepare_generate(t5, (ids,), {})
+    finally:
+        t5.generation_config = saved
     assert torch.equal(kwargs["attention_mask"], torch.ones(1, P + 3, dtype=torch.long))
 
 
@@ -158,7 +167,7 @@ def test_generate_on_a_decoder_is_left_alone(llama):
 def test_embedding_output_joins_the_prompt_and_widens_mask_and_labels_at_the_same_place(llama, after_bos):
     module = _prompt(4, after_embeddings=True, after_bos=after_bos)
     ids = torch.tensor([[2, 5, 6], [2, 7, 0]])
-    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    mask = torch.tensor([[0, 1, 1], [1, 1, 0]])  # a 0 first: "after the first token" differs from "in front"
     labels = torch.tensor([[-100, 5, 6], [-100, 7, -100]])
     _, kwargs = module.prepare(llama, (ids,), dict(attention_mask=mask, labels=labels))
     assert torch.equal(kwargs["input_ids"], ids)  # the embedding block reads the L tokens unchanged
@@ -175,6 +184,7 @@ def test_embedding_output_joins_the_prompt_and_widens_mask_and_labels_at_the_sam
         expected_mask = torch.cat([_ones(2), mask], 1)
         expected_labels = torch.cat([pad, labels], 1)
     assert torch.equal(joined, expected)
+    assert module.point_output("embedding_output", hidden.half()).dtype == torch.float16
     assert torch.equal(kwargs["attention_mask"], expected_mask)
     assert torch.equal(kwargs["labels"], expected_labels)
     assert module.output_points() == ("embedding_output",)
@@ -229,3 +239,39 @@ def test_sample_vocab_draws_from_the_whole_vocabulary_including_id_0():
     assert all(any(torch.equal(row, table[i]) for i in (0, 1)) for row in rows)
     assert any(torch.equal(row, table[0]) for row in rows)  # 64 draws from {0, 1}: id 0 appears
     assert initial_prompt(model, "random", 4) is None
+
+
+def test_embedding_output_finds_the_length_in_inputs_embeds_and_labels_with_trailing_dimensions(llama):
+    module = _prompt(4, after_embeddings=True)
+    labels = torch.arange(2 * 3 * 2).reshape(2, 3, 2)
+    _, kwargs = module.prepare(llama, (), dict(inputs_embeds=torch.zeros(2, 3, 4), labels=labels))
+    assert torch.equal(kwargs["labels"], torch.cat([torch.full((2, P, 2), IGNORE_INDEX), labels], 1))
+    mask = torch.tensor([[1, 0]])
+    _, kwargs = module.prepare(llama, (), dict(attention_mask=mask, labels=labels))  # no length to compare with
+    assert torch.equal(kwargs["attention_mask"], torch.cat([_ones(1), mask], 1))
+    assert torch.equal(kwargs["labels"], labels)
+    flat = torch.tensor([5, 6, 7])  # ids without a batch dimension: no length either
+    _, kwargs = module.prepare(llama, (), dict(input_ids=flat, labels=labels))
+    assert torch.equal(kwargs["labels"], labels)
+
+
+class _Words(torch.nn.Module):
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.table = torch.nn.Embedding(vocab, 3)
+
+    def get_input_embeddings(self):
+        return self.table
+
+
+def test_text_init_repeats_the_tokens_of_the_text_and_refuses_ids_past_the_vocabulary():
+    from peftkit.plugins.prompt_tuning.layer import initial_prompt
+
+    from .tiny_models import minilm_path
+
+    model = _Words(103)
+    rows = initial_prompt(model, "text", 5, text=None, tokenizer_name_or_path=minilm_path())
+    ids = torch.tensor([101, 102, 101, 102, 101])  # no text: [CLS] [SEP], repeated to 5 rows
+    assert torch.equal(rows, model.table.weight.detach()[ids])
+    with pytest.raises(ConfigError, match="102"):  # id 102 needs 103 entries
+        initial_prompt(_Words(102), "text", 2, text="", tokenizer_name_or_path=minilm_path())
