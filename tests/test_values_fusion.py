@@ -16,7 +16,7 @@ from transformers.pytorch_utils import Conv1D
 
 from peftkit import AdapterLoadError, CompositionError, ConfigError, Fuse, FuseConfig, Stack
 from peftkit.core.fusion import (FUSION_FORMAT_VERSION, FusionCapture, FusionLayer, as_fuse, fusion_layers,
-                                 read_fusion_config, site_output_dim)
+                                 read_fusion_config, site_output_dim, train_fusion)
 from tests.composition_util import lora_model
 
 
@@ -368,3 +368,27 @@ def test_a_fusion_saved_for_other_sites_names_the_sites_that_differ(saved):
         narrow.load_fusion(folder)
     assert f"(differing: {', '.join(differing)}); load the same member adapters" in str(info.value)
 
+
+
+def test_train_fusion_keeps_member_adapters_frozen_unless_asked_and_takes_any_composition():
+    model = _two_fusions()
+    train_fusion(model, "f")  # the function's own default, not only the model method's
+    assert {id(p) for p in model.parameters() if p.requires_grad} == {id(p) for p in model.fusion_parameters("f")}
+    model.train_fusion('stack(c, fuse(a, b, name="f"))')
+    assert model.active_composition == Stack("c", Fuse("a", "b", name="f"))
+    assert {id(p) for p in model.parameters() if p.requires_grad} == {id(p) for p in model.fusion_parameters("f")}
+
+
+def test_a_fusion_sits_only_at_the_sites_its_members_act_at_even_after_other_sites():
+    from tests.tiny_models import build_tiny
+
+    import peftkit
+
+    model = peftkit.AdaptedModel(build_tiny("llama"))
+    model.add_adapter("c", 'lora[r=4,target_modules=["q_proj"]]')
+    for name in ("a", "b"):
+        model.add_adapter(name, 'lora[r=4,target_modules=["down_proj"]]')
+    record = model.add_fusion(Fuse("a", "b", name="f"))
+    down = [site for site, layer in model.tuner_layers() if site.endswith("down_proj")]
+    assert len(down) >= 2 and sorted(record.sites) == sorted(down)
+    assert all(index == [0, 1] for index in record.sites.values())
