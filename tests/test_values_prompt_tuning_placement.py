@@ -275,3 +275,44 @@ def test_text_init_repeats_the_tokens_of_the_text_and_refuses_ids_past_the_vocab
     assert torch.equal(rows, model.table.weight.detach()[ids])
     with pytest.raises(ConfigError, match="102"):  # id 102 needs 103 entries
         initial_prompt(_Words(102), "text", 2, text="", tokenizer_name_or_path=minilm_path())
+
+
+def test_text_init_never_runs_a_tokenizer_folders_own_code_but_passes_other_options(tmp_path):
+    import json
+    import shutil
+
+    from peftkit.plugins.prompt_tuning.layer import initial_prompt
+    from transformers import AutoTokenizer
+
+    from .tiny_models import minilm_path
+
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json", "config.json"):
+        shutil.copy(f"{minilm_path()}/{name}", tmp_path / name)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["auto_map"] = {"AutoTokenizer": [None, "marker.MarkerTokenizer"]}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "marker.py").write_text("from transformers import BertTokenizerFast\n\n\n"
+                                        "class MarkerTokenizer(BertTokenizerFast):\n"
+                                        "    def __call__(self, text, **kwargs):\n"
+                                        "        return {'input_ids': [7, 7, 7]}\n")
+    model = _Words(30522)
+    table = model.table.weight.detach()
+    rows = initial_prompt(model, "text", 3, text="hi", tokenizer_name_or_path=str(tmp_path),
+                          tokenizer_kwargs={"trust_remote_code": True})
+    assert torch.equal(rows, table[torch.tensor([101, 7632, 102])])  # the folder's marker code did not run
+    cased = AutoTokenizer.from_pretrained(minilm_path(), do_lower_case=False)("HI")["input_ids"]
+    assert cased != [101, 7632, 102]  # the option changes the tokens, so passing it on is visible
+    rows = initial_prompt(model, "text", len(cased), text="HI", tokenizer_name_or_path=minilm_path(),
+                          tokenizer_kwargs={"do_lower_case": False, "trust_remote_code": True})
+    assert torch.equal(rows, table[torch.tensor(cased)])
+
+
+def test_text_init_from_an_uncached_hub_id_fails_fast_offline(monkeypatch):
+    from peftkit.core.errors import ModelSourceError
+    from peftkit.plugins.prompt_tuning.layer import initial_prompt
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelSourceError, match="nobody-here/no-tokenizer"):
+        initial_prompt(_Words(8), "text", 2, text="a", tokenizer_name_or_path="nobody-here/no-tokenizer")
+    with pytest.raises(ConfigError, match="tokenizer ''"):  # none given: named as empty, not made up
+        initial_prompt(_Words(8), "text", 2, text="a", tokenizer_name_or_path=None)
