@@ -266,3 +266,22 @@ def peftkit_file_loads_alike(model: peftkit.AdaptedModel, arch: str, folder: Pat
     model.merge_adapter()
     torch.testing.assert_close(output_of(peft_model, arch), output_of(model, arch), atol=1e-5, rtol=1e-5)
     return peft_model
+
+
+def frozen_layer(in_features: int, out_features: int, *, conv1d: bool = False, bias: bool = True,
+                 dtype: torch.dtype = torch.float64) -> torch.nn.Module:
+    """A frozen base layer drawn from seed 0: ``nn.Linear`` or GPT-2's ``Conv1D`` (weight and bias
+    drawn from a normal, as Conv1D's own init leaves the bias at zero), with or without a bias."""
+    torch.manual_seed(0)
+    if conv1d:
+        from transformers.pytorch_utils import Conv1D
+
+        layer = Conv1D(out_features, in_features).to(dtype)
+        torch.nn.init.normal_(layer.weight)
+        if bias:
+            torch.nn.init.normal_(layer.bias)
+        else:
+            layer.bias = None
+    else:
+        layer = torch.nn.Linear(in_features, out_features, bias=bias).to(dtype)
+    return layer.requires_grad_(False)

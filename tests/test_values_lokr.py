@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from peftkit.plugins.lokr.fused import fused_lokr, rank_major_products
+from tests.method_helpers import frozen_layer
 
 OUT_L, OUT_K, IN_M, IN_N, R = 2, 5, 3, 4, 2
 IN, OUT = IN_M * IN_N, OUT_L * OUT_K
@@ -18,19 +19,7 @@ D = torch.float64
 
 
 def _base(conv1d: bool = False, bias: bool = True) -> nn.Module:
-    torch.manual_seed(0)
-    if conv1d:
-        from transformers.pytorch_utils import Conv1D
-
-        layer = Conv1D(OUT, IN).to(D)
-        nn.init.normal_(layer.weight)
-        if bias:
-            nn.init.normal_(layer.bias)
-        else:
-            layer.bias = None
-    else:
-        layer = nn.Linear(IN, OUT, bias=bias).to(D)
-    return layer.requires_grad_(False)
+    return frozen_layer(IN, OUT, conv1d=conv1d, bias=bias, dtype=D)
 
 
 def _factors() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

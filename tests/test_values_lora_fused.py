@@ -11,25 +11,14 @@ import torch
 import torch.nn as nn
 
 from peftkit.plugins.lora.fused import fusable, fused_lora
+from tests.method_helpers import frozen_layer
 
 IN, OUT, R, SCALE = 6, 5, 3, 1.5
 D = torch.float64
 
 
 def _base(conv1d: bool = False, bias: bool = True) -> nn.Module:
-    torch.manual_seed(0)
-    if conv1d:
-        from transformers.pytorch_utils import Conv1D
-
-        layer = Conv1D(OUT, IN).to(D)
-        nn.init.normal_(layer.weight)
-        if bias:
-            nn.init.normal_(layer.bias)
-        else:
-            layer.bias = None
-    else:
-        layer = nn.Linear(IN, OUT, bias=bias).to(D)
-    return layer.requires_grad_(False)
+    return frozen_layer(IN, OUT, conv1d=conv1d, bias=bias, dtype=D)
 
 
 def _weight_out_in(base: nn.Module) -> torch.Tensor:
