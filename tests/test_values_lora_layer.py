@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from peftkit.core.errors import ConfigError
 from peftkit.plugins.lora.layer import LoraEmbedding, LoraLinear
 
 IN, OUT, R, SCALE = 6, 5, 3, 1.5
@@ -355,3 +356,20 @@ def test_pissa_keeps_its_initial_factors_out_of_the_state_dict_and_refuses_float
         LoraLinear(_linear(dtype=torch.float64), R, SCALE, 0.0, "pissa", False)
     assert str(refused.value) == ("lora: init_weights='pissa' needs a float32/float16/bfloat16 base weight, "
                                   "not torch.float64")
+
+
+@pytest.mark.parametrize("bits, init, named", [(8, "pissa", "8-bit (bitsandbytes)"),
+                                               (4, "olora", "4-bit (bitsandbytes)")])
+def test_pissa_and_olora_refuse_a_quantized_base_by_its_quantization_and_leave_it_alone(bits, init, named):
+    """PiSSA / OLoRA rewrite the base weight; a bitsandbytes 4/8-bit weight (on CPU) is refused by name,
+    before the dtype check (which would only say "not torch.uint8"), and keeps its bytes."""
+    from tests.method_helpers import quantized_linear_and_twin
+
+    quantized, _ = quantized_linear_and_twin(bits, in_features=16, out_features=8)
+    base = quantized[0]
+    before = base.weight.data.clone()
+    with pytest.raises(ConfigError) as refused:
+        LoraLinear(base, R, SCALE, 0.0, init, False)
+    assert str(refused.value) == (f"lora: init_weights={init!r} rewrites the base weight, which is quantized "
+                                  f"({named}); initialise on the unquantized model")
+    assert torch.equal(base.weight.data, before)
