@@ -89,7 +89,7 @@ class LokrLayer(LayerAdapter):
     # -- forward -------------------------------------------------------------------
 
     def delta(self, x: torch.Tensor, h: torch.Tensor, base: nn.Module) -> torch.Tensor:
-        if self.training and self.module_dropout and torch.rand(()) < self.module_dropout:
+        if self.training and self.module_dropout and torch.rand(()) <= self.module_dropout:
             return torch.zeros_like(h)
         dtype = next(self.parameters()).dtype
         x = x if x.dtype == dtype else x.to(dtype)
