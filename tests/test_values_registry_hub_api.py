@@ -5,6 +5,7 @@ authorisation of every endpoint is tests/test_registry_authz_matrix.py's."""
 
 from __future__ import annotations
 
+import http.client
 import json
 from pathlib import Path
 
@@ -243,3 +244,192 @@ def test_a_commit_over_http_writes_its_files_on_its_branch_after_its_parent(endp
     stale = client.call("POST", "/api/models/alice/http/commit/dev", token=tokens["alice"], body=body,
                         content_type="application/x-ndjson")
     assert stale.status == 412 and store.branch_head("alice/http", "dev") == sha
+
+
+def _raw_call(client: Client, method: str, path: str, token: str, body: bytes) -> tuple[int, object]:
+    """A request with no Content-Type header at all (Client.call always sends one)."""
+    conn = http.client.HTTPConnection(client.host, client.port, timeout=30)
+    try:
+        conn.request(method, path, body=body, headers={"Authorization": f"Bearer {token}"})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def _tmp_files(store) -> set[str]:
+    return {p.name for p in store.blobs.tmp_dir.iterdir()}
+
+
+def test_create_records_its_caller_as_owner_and_checks_the_namespace_it_names(registry):
+    store, client, tokens, _ = registry
+    assert _create(client, tokens["alice"], name="team/owned").status == 200
+    info = store.repo_info("team/owned")
+    assert info.owner == "alice"
+    assert store.get_commit("team/owned", info.sha).author == "alice"
+    nested = _create(client, tokens["alice"], name="team/a/b")
+    assert nested.status == 400 and "team/a/b" in nested.json()["error"], nested.body
+    fix = "push to 'bob/...' or to an organization they are a member of"
+    for body, message in (
+        ({"name": "alice/x"}, f"user 'bob' may not write to 'alice', another user's namespace: {fix}"),
+        ({"name": "x", "organization": "team"},
+         "user 'bob' may not write to 'team', an organization's namespace: an administrator adds them with "
+         "`peftkit registry org add team --member bob`, or push to 'bob/...'"),
+        ({"name": "nobody/x"}, f"user 'bob' may not write to 'nobody', a namespace: {fix}"),
+    ):
+        reply = _create(client, tokens["bob"], **body)
+        assert (reply.status, reply.json()) == (403, {"error": message})
+    reply = client.call("POST", "/api/repos/create", token=tokens["alice"], body=b"{x")
+    assert reply.status == 400 and reply.json()["error"].startswith("create repo: body is not valid JSON")
+    assert not store.repo_exists("alice/x") and not store.repo_exists("team/x")
+
+
+def test_deletes_and_settings_answer_an_empty_object_and_gated_false_is_accepted(registry):
+    store, client, tokens, _ = registry
+    assert _create(client, tokens["alice"], name="gone").status == 200
+    store.commit("alice/gone", {"a": b"1"})
+    assert store.create_branch("alice/gone", "dev") and store.create_tag("alice/gone", "v1")
+    for method, path, body in (("PUT", "settings", b'{"gated": false}'), ("DELETE", "branch/dev", b""),
+                               ("DELETE", "tag/v1", b"")):
+        reply = client.call(method, f"/api/models/alice/gone/{path}", token=tokens["alice"], body=body)
+        assert (reply.status, reply.json()) == (200, {}), path
+    assert set(store.list_branches("alice/gone")) == {"main"} and store.list_tags("alice/gone") == {}
+    reply = client.call("DELETE", "/api/repos/delete", token=tokens["alice"], body=b'{"name": "gone"}')
+    assert (reply.status, reply.json()) == (200, {}) and not store.repo_exists("alice/gone")
+
+
+def test_a_commit_without_content_type_is_ndjson_and_a_refused_one_leaves_no_staged_file(registry):
+    store, client, tokens, _ = registry
+    assert _create(client, tokens["alice"], name="bare").status == 200
+    before = _tmp_files(store)
+    status, reply = _raw_call(client, "POST", "/api/models/alice/bare/commit/main", tokens["alice"],
+                              ndjson_commit({"a.txt": b"plain"}))
+    assert status == 200 and reply["commitOid"] == store.resolve_revision("alice/bare")
+    assert store.read_file("alice/bare", "a.txt") == b"plain"
+    head = store.resolve_revision("alice/bare")
+    bad_line = ndjson_commit({"b.txt": b"staged", "c.txt": b"staged too"}) + b"{not json\n"
+    for revision, body, expected in (("nope", ndjson_commit({"b.txt": b"x"}), 404), ("main", bad_line, 400)):
+        status, reply = _raw_call(client, "POST", f"/api/models/alice/bare/commit/{revision}", tokens["alice"], body)
+        assert status == expected, reply
+    assert _tmp_files(store) == before  # nothing staged is left behind
+    assert store.resolve_revision("alice/bare") == head and store.orphan_blobs() == []
+
+
+def test_tags_keep_their_message_and_refs_payloads_are_checked(registry):
+    store, client, tokens, _ = registry
+    assert _create(client, tokens["alice"], name="tagged").status == 200
+    head = store.commit("alice/tagged", {"a": b"1"})
+    for tag, body in (("v1", b'{"tag": "v1", "message": "the first"}'), ("v2", b'{"tag": "v2"}')):
+        reply = client.call("POST", "/api/models/alice/tagged/tag/main", token=tokens["alice"], body=body)
+        assert reply.json() == {"name": tag, "ref": f"refs/tags/{tag}", "targetCommit": head}
+    with store.db.read() as conn:
+        rows = conn.execute("SELECT name, message FROM tags ORDER BY name").fetchall()
+    assert [tuple(r) for r in rows if r[0] in ("v1", "v2")] == [("v1", "the first"), ("v2", "")]
+    for path, body, message in (
+        ("tag/main", b'{"tag": "v3", "message": 5}', "create tag: 'tag' must be the tag name and 'message' a string"),
+        ("tag/main", b"[", "create tag: body is not valid JSON"),
+        ("branch/b1", b"{x", "create branch: body is not valid JSON"),
+    ):
+        reply = client.call("POST", f"/api/models/alice/tagged/{path}", token=tokens["alice"], body=body)
+        assert reply.status == 400 and reply.json()["error"].startswith(message), reply.body
+    assert set(store.list_tags("alice/tagged")) == {"v1", "v2"} and set(store.list_branches("alice/tagged")) == {"main"}
+
+
+def test_move_checks_its_payload_and_the_target_namespace(registry):
+    store, client, tokens, _ = registry
+    assert _create(client, tokens["alice"], name="mover").status == 200
+    store.accounts.add_org("others", members=["bob"])
+    fix = "push to 'alice/...' or to an organization they are a member of"
+    for body, status, message in (
+        ({"fromRepo": "alice/mover", "toRepo": 5}, 400,
+         "move repo: 'fromRepo' and 'toRepo' must be repo ids ('namespace/name')"),
+        ({"fromRepo": 5, "toRepo": "alice/moved"}, 400,
+         "move repo: 'fromRepo' and 'toRepo' must be repo ids ('namespace/name')"),
+        ({"fromRepo": "alice/mover", "toRepo": "bob/mover"}, 403,
+         f"user 'alice' may not write to 'bob', another user's namespace: {fix}"),
+        ({"fromRepo": "alice/mover", "toRepo": "others/mover"}, 403,
+         "user 'alice' may not write to 'others', an organization's namespace: an administrator adds them with "
+         "`peftkit registry org add others --member alice`, or push to 'alice/...'"),
+    ):
+        reply = client.call("POST", "/api/repos/move", token=tokens["alice"], body=json.dumps(body).encode())
+        assert (reply.status, reply.json()) == (status, {"error": message})
+    reply = client.call("POST", "/api/repos/move", token=tokens["alice"], body=b"{x")
+    assert reply.status == 400 and reply.json()["error"].startswith("move repo: body is not valid JSON")
+    assert store.repo_exists("alice/mover") and not store.repo_exists("bob/mover")
+
+
+def test_model_info_at_a_revision_describes_that_commit(registry):
+    store, client, tokens, _ = registry
+    assert _create(client, tokens["alice"], name="history").status == 200
+    first = store.commit("alice/history", {"a": b"1"})
+    second = store.commit("alice/history", {"b": b"2"})
+    at_first = client.call("GET", f"/api/models/alice/history/revision/{first}").json()
+    assert at_first["sha"] == first and [s["rfilename"] for s in at_first["siblings"]] == ["a"]
+    assert client.call("GET", "/api/models/alice/history/revision/main").json()["sha"] == second
+
+
+@pytest.mark.parametrize(("method", "path", "action"), [
+    ("POST", "/api/repos/create", "creating a repo"),
+    ("POST", "/api/models/alice/own/commit/main", "committing"),
+    ("POST", "/api/models/alice/own/tag/main", "changing tags"),
+    ("POST", "/api/models/alice/own/branch/b2", "changing branches"),
+    ("POST", "/api/repos/move", "moving a repo"),
+])
+def test_each_endpoint_without_the_early_refusal_names_its_action_in_the_401(endpoint_only, method, path, action):
+    store, client, _ = endpoint_only
+    if not store.repo_exists("alice/own"):
+        store.create_repo("alice/own")
+    reply = client.call(method, path, body=b"{}")
+    assert (reply.status, reply.json()) == (401, {"error": (
+        f"{action} needs a token with write access: create one with `peftkit registry token create USER --write` "
+        "and pass it as 'Authorization: Bearer <token>'")})
+
+
+def test_a_commit_past_the_file_limit_is_refused_and_leaves_no_staged_file(endpoint_only):
+    store, client, tokens = endpoint_only
+    store.create_repo("alice/many")
+    head = store.resolve_revision("alice/many")
+    before = _tmp_files(store)
+    reply = client.call("POST", "/api/models/alice/many/commit/main", token=tokens["alice"],
+                        body=ndjson_commit({f"f{i}": bytes([i]) for i in range(3)}), content_type="application/x-ndjson")
+    assert reply.status == 413 and "at most 2 files" in reply.json()["error"], reply.body
+    assert _tmp_files(store) == before and store.resolve_revision("alice/many") == head
+
+
+def test_a_commit_on_a_syncing_store_flushes_its_staged_files_and_a_failed_flush_discards_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """In process, on a store that syncs to disk (the served test stores do not)."""
+    from email.message import Message
+    from io import BytesIO
+
+    from peftkit.registry import RegistryStore
+    from peftkit.registry.hub_api import HubApi, Request
+
+    store = RegistryStore(tmp_path, fsync=True)
+    try:
+        store.accounts.add_user("alice")
+        principal = store.accounts.authenticate(store.accounts.create_token("alice", write=True, name="t")[1])
+        store.create_repo("alice/sync")
+        api = HubApi(store)
+
+        def commit(files: dict[str, bytes]):
+            return api.dispatch(Request("POST", "/api/models/alice/sync/commit/main", {}, Message(), "http://h",
+                                        principal=principal, body=BytesIO(ndjson_commit(files))))
+
+        flushed: list[int] = []
+        real_sync = store.blobs.sync_staged
+        monkeypatch.setattr(store.blobs, "sync_staged",
+                            lambda staged: real_sync(flushed.extend(b.size for b in staged) or list(staged)))
+        assert commit({"a.txt": b"abc", "b.txt": b"defgh"}).status == 200
+        assert sorted(flushed) == [3, 5] and store.read_file("alice/sync", "b.txt") == b"defgh"
+        head = store.resolve_revision("alice/sync")
+
+        def disk_full(staged):
+            raise OSError("disk full")
+
+        monkeypatch.setattr(store.blobs, "sync_staged", disk_full)
+        with pytest.raises(OSError, match="disk full"):
+            commit({"c.txt": b"never"})
+        assert _tmp_files(store) == set() and store.resolve_revision("alice/sync") == head
+    finally:
+        store.close()
