@@ -109,9 +109,11 @@ def target():
 
 
 def _refused(target, path, match):
+    """The load is refused with ``match`` in a message that names the folder, and changes nothing."""
     snap = _snapshot(target)
-    with pytest.raises(AdapterLoadError, match=match):
+    with pytest.raises(AdapterLoadError, match=match) as refused:
         target.load_adapter(str(path), "new")
+    assert str(path) in str(refused.value)
     _same(target, snap)
 
 
@@ -140,6 +142,14 @@ def test_refuses_missing_and_unexpected_keys(target, saved):
 def test_refuses_another_architecture(saved):
     other = peftkit.adapt(build_tiny("gpt2"), "lora[r=2]", adapter_name="existing")
     _refused(other, saved, "model_type='llama'")
+
+
+def test_refuses_a_file_from_a_newer_major_plugin_version(target, saved):
+    own = json.loads((saved / "peftkit.json").read_text())
+    assert own["plugin"] == "peftkit"
+    own["plugin_version"] = "999.0.0"
+    (saved / "peftkit.json").write_text(json.dumps(own))
+    _refused(target, saved, "made by peftkit 999.0.0, but .* is installed")
 
 
 def test_refuses_unknown_method_naming_the_plugin(target, saved):

@@ -180,6 +180,36 @@ def test_members_at_different_layers_each_count_where_they_act():
         assert torch.allclose(_delta(got[site]), weight * _delta(parts[owner][site]), atol=1e-6), site
 
 
+def test_an_svd_merge_above_the_members_combined_rank_pads_with_zero_directions():
+    """Two rank-2 LoRAs merged at rank 6: 4 directions carry the exact sum, then 2 zero rows of A and zero
+    columns of B (B is out x 4 with out = 32, so the padding must follow B's rows, not its rank)."""
+    model = peftkit.AdaptedModel(build_tiny("llama"))
+    for seed, name in enumerate("ab"):
+        torch.manual_seed(seed + 3)
+        model.add_adapter(name, 'lora[r=2,alpha=4,init_weights=false,target_modules=["q_proj","up_proj"]]')
+    parts = {n: _factors(model, n) for n in "ab"}
+    record = model.merge_adapters(["a", "b"], [1.0, -0.5], name="m", strategy="svd", rank=6)
+    got = _factors(model, "m")
+    assert record.config.r == 6 and got.keys() == parts["a"].keys()
+    for site, (a_new, b_new, scale) in got.items():
+        assert scale == 1.0 and a_new.shape[0] == b_new.shape[1] == 6
+        assert not a_new[4:].any() and not b_new[:, 4:].any(), site
+        expected = _delta(parts["a"][site]) - 0.5 * _delta(parts["b"][site])
+        assert torch.allclose(_delta((a_new, b_new, 1.0)), expected, atol=1e-5), site
+
+
+def test_a_lora_with_no_fixed_factors_is_refused_by_name_and_site_leaving_no_adapter():
+    """A gated LoRA (its change depends on the input) has no low-rank weight change to merge."""
+    model = peftkit.AdaptedModel(build_tiny("llama"))
+    model.add_adapter("plain", 'lora[r=2,target_modules=["q_proj"]]')
+    model.add_adapter("gated", 'lora[r=2,use_gating=true,target_modules=["q_proj"]]')
+    with pytest.raises(MergeError) as refused:
+        model.merge_adapters(["plain", "gated"], name="m", strategy="svd")
+    assert str(refused.value) == ("adapter 'gated' (method 'lora') has no low-rank weight change at "
+                                  "model.layers.0.self_attn.q_proj; weight-space merging works for LoRA adapters")
+    assert list(model.adapters) == ["plain", "gated"]
+
+
 # -- heads (modules_to_save) ------------------------------------------------------------------------
 
 
@@ -188,14 +218,18 @@ def _heads(model: peftkit.AdaptedModel) -> ModulesToSave:
     return module
 
 
-@pytest.mark.parametrize("spec", [
-    'lokr[r=2,init_weights=false,target_modules=["query","value"],modules_to_save=["classifier"]]',
-    'ia3[init_ia3_weights=false,target_modules=["query","value"],feedforward_modules=[],'
-    'modules_to_save=["classifier"]]',
+@pytest.mark.parametrize("arch, spec, head", [
+    ("bert", 'lokr[r=2,init_weights=false,target_modules=["query","value"],modules_to_save=["classifier"]]',
+     "classifier"),
+    ("bert", 'ia3[init_ia3_weights=false,target_modules=["query","value"],feedforward_modules=[],'
+     'modules_to_save=["classifier"]]', "classifier"),
+    # Not a classification model's default head: only the members' modules_to_save can bring lm_head along.
+    ("llama", 'lokr[r=2,init_weights=false,target_modules=["q_proj","v_proj"],modules_to_save=["lm_head"]]',
+     "lm_head"),
 ])
-def test_a_merge_keeps_the_members_heads_averaged_with_their_weights(spec):
+def test_a_merge_keeps_the_members_heads_averaged_with_their_weights(arch, spec, head):
     """A dense (LoKr) or elementwise (IA3) merge: the new adapter lists the head and holds the weighted average."""
-    model = peftkit.AdaptedModel(build_tiny("bert"))
+    model = peftkit.AdaptedModel(build_tiny(arch))
     for seed, name in enumerate("ab"):
         torch.manual_seed(seed)
         model.add_adapter(name, spec)
@@ -205,7 +239,8 @@ def test_a_merge_keeps_the_members_heads_averaged_with_their_weights(spec):
             for param in heads.copies[name].parameters():
                 param.copy_(torch.randn_like(param))
     record = model.merge_adapters(["a", "b"], [0.25, 0.5], name="m", strategy="linear", modules_to_save="average")
-    assert list(record.config.modules_to_save) == ["classifier"]
+    assert list(record.config.modules_to_save) == [head] and record.modules_to_save == [head]
+    assert set(heads.copies) == {"a", "b", "m"}
     for key, value in heads.copies["m"].state_dict().items():
         expected = (heads.copies["a"].state_dict()[key] * 0.25 + heads.copies["b"].state_dict()[key] * 0.5) / 0.75
         assert torch.allclose(value, expected, atol=1e-6), key

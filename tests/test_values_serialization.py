@@ -230,3 +230,220 @@ def test_an_adapters_labels_are_saved_and_loaded_back(tmp_path):
     loaded = peftkit.AdaptedModel(build_tiny("bert"))  # its own labels: LABEL_0..2
     loaded.load_adapter(str(tmp_path / "a"), "x")
     assert loaded.adapter_labels("x") == ["neg", "neu", "pos"]
+
+
+# -- saving: what goes into the folder -------------------------------------------------------------------
+
+
+def test_the_weights_file_is_marked_as_pytorch_tensors_and_the_card_names_the_adapter(tmp_path):
+    """transformers and PEFT read safetensors metadata {"format": "pt"}; without a repo_id the card's title
+    is the adapter's name."""
+    from safetensors import safe_open
+
+    model = peftkit.adapt(build_tiny("llama"), "lora[r=2]", adapter_name="tuned")
+    model.save_adapter(str(tmp_path / "a"), adapter_name="tuned")
+    with safe_open(str(tmp_path / "a" / ser.WEIGHTS_NAME), framework="pt") as weights:
+        assert weights.metadata() == {"format": "pt"}
+    assert "# tuned" in (tmp_path / "a" / ser.CARD_NAME).read_text().splitlines()
+
+
+def test_a_save_in_peftkits_own_format_drops_a_stale_peftkit_json(tmp_path):
+    """A method PEFT lacks keeps its record in adapter_config.json: saving it where a PEFT-format adapter
+    was saved removes that one's peftkit.json (which would otherwise be read with the new config)."""
+    folder = tmp_path / "a"
+    peftkit.adapt(build_tiny("bert"), 'lora[r=2,target_modules=["query"]]').save_adapter(str(folder))
+    assert (folder / "peftkit.json").is_file()
+    bottleneck = peftkit.adapt(build_tiny("bert"), "seq_bn[reduction_factor=4,init_weights=false]")
+    bottleneck.save_adapter(str(folder))
+    assert not (folder / "peftkit.json").exists()
+    bottleneck.save_adapter(str(tmp_path / "fresh"))  # nothing to remove: no error
+    assert sorted(p.name for p in (tmp_path / "fresh").iterdir()) == [ser.CARD_NAME, ser.CONFIG_NAME,
+                                                                      ser.WEIGHTS_NAME]
+    loaded = peftkit.AdaptedModel(build_tiny("bert"))
+    assert loaded.load_adapter(str(folder), "x").method.name == "seq_bn"
+
+
+@pytest.mark.parametrize("fmt, file", [("peftkit", ser.WEIGHTS_NAME), ("adapters", "adapter.safetensors")])
+def test_adapter_wide_tensors_are_saved_once_and_loaded_back(tmp_path, fmt, file):
+    """Compacter's shared PHM rule (one parameter for every site), moved off its init, in both formats."""
+    from .method_helpers import output_of, randomize
+
+    model = peftkit.adapt(build_tiny("bert"), "compacter[reduction_factor=4,init_weights=false]").eval()
+    shared = model.shared_state("default").tensors()["phm_rule"]
+    before = shared.detach().clone()
+    randomize(model, seed=3)
+    assert not torch.equal(shared, before)  # the noise reached it
+    model.save_adapter(str(tmp_path / "a"), format=fmt)
+    saved = load_file(tmp_path / "a" / file)
+    key = "peftkit_shared.phm_rule" if fmt == "peftkit" else "bert.shared_parameters.default.phm_rule"
+    assert torch.equal(saved[key], shared)
+    loaded = peftkit.AdaptedModel(build_tiny("bert"))
+    loaded.load_adapter(str(tmp_path / "a"), "default")
+    loaded.eval()
+    assert torch.equal(loaded.shared_state("default").tensors()["phm_rule"], shared)
+    assert torch.equal(output_of(loaded, "bert"), output_of(model, "bert"))
+
+
+# -- loading: the base model's size --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch, key", [("t5", "d_model"), ("gpt2", "n_embd")])
+def test_check_base_model_compares_d_model_and_n_embd(arch, key):
+    model = peftkit.adapt(build_tiny(arch), "lora[r=2]")
+    info = ser.base_model_info(model)
+    assert key in info
+    data = {"peftkit": {"base_model": {key: info[key] + 1}}}
+    with pytest.raises(AdapterLoadError) as refused:
+        ser.check_base_model(model, data, "w")
+    assert str(refused.value).startswith(f"w: this adapter was made for a model with {key}={info[key] + 1}")
+
+
+# -- loading an AdapterHub folder -------------------------------------------------------------------------
+
+
+def _labelled_bert():
+    base = build_tiny("bert")
+    base.config.id2label, base.config.label2id = {0: "neg", 1: "neu", 2: "pos"}, {"neg": 0, "neu": 1, "pos": 2}
+    return base
+
+
+def _adapterhub_folder(tmp_path):
+    """A LoRA with its classification head (labels neg/neu/pos) saved in AdapterHub's format."""
+    model = peftkit.adapt(_labelled_bert(), 'lora[r=2,init_weights=false,target_modules=["query","value"]]')
+    folder = tmp_path / "hub"
+    model.save_adapter(str(folder), format="adapters")
+    return model, folder
+
+
+def test_an_adapterhub_heads_labels_are_the_adapters_when_there_is_no_labels_file(tmp_path):
+    _, folder = _adapterhub_folder(tmp_path)
+    assert not (folder / "labels.json").exists()
+    loaded = peftkit.AdaptedModel(build_tiny("bert"))  # its own labels: LABEL_0..2
+    loaded.load_adapter(str(folder), "x")
+    assert loaded.adapter_labels("x") == ["neg", "neu", "pos"]
+
+
+def test_an_adapterhub_folder_without_a_head_loads_with_the_same_output(tmp_path):
+    from .method_helpers import output_of, randomize
+
+    model = peftkit.adapt(build_tiny("llama"), 'lora[r=2,target_modules=["q_proj","v_proj"]]').eval()
+    randomize(model)
+    model.save_adapter(str(tmp_path / "hub"), format="adapters")
+    assert not (tmp_path / "hub" / "head_config.json").exists()
+    loaded = peftkit.AdaptedModel(build_tiny("llama"))
+    loaded.load_adapter(str(tmp_path / "hub"), "default")
+    loaded.eval()
+    assert torch.equal(output_of(loaded, "llama"), output_of(model, "llama"))
+
+
+def _refusal(model, folder) -> str:
+    names = list(model.adapters)
+    with pytest.raises(AdapterLoadError) as refused:
+        model.load_adapter(str(folder), "x")
+    assert list(model.adapters) == names
+    return str(refused.value)
+
+
+def test_adapterhub_refusals_name_the_folder(tmp_path):
+    _, folder = _adapterhub_folder(tmp_path)
+    target = peftkit.AdaptedModel(build_tiny("bert"))
+    config = json.loads((folder / "adapter_config.json").read_text())
+    weights = load_file(folder / "adapter.safetensors")
+    head = load_file(folder / "model_head.safetensors")
+
+    save_file({**weights, "bert.encoder.layer.0.attention.self.query.loras.other.lora_A": torch.zeros(2, 32)},
+              folder / "adapter.safetensors")
+    assert _refusal(target, folder).startswith(f"{folder}: weight 'bert.encoder.layer.0.attention.self.query."
+                                               f"loras.other.lora_A' is not one of adapter 'default' named in")
+    save_file(weights, folder / "adapter.safetensors")
+
+    save_file({**head, "heads.default.9.weight": torch.zeros(3, 32)}, folder / "model_head.safetensors")
+    assert _refusal(target, folder).startswith(f"{folder}: head weight 'heads.default.9.weight' is not one of")
+    save_file(head, folder / "model_head.safetensors")
+
+    (folder / "labels.json").write_text(json.dumps({"labels": ["a", "b"]}))
+    assert _refusal(target, folder).startswith(f"{folder}: labels.json names 2 labels (a, b) but the adapter's "
+                                               f"classification head predicts 3")
+    (folder / "labels.json").unlink()
+
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "config": {**config["config"],
+                                                                                 "architecture": "nope"}}))
+    assert _refusal(target, folder).startswith(f"{folder}: no installed peftkit method reads this AdapterHub "
+                                               f"adapter (architecture='nope'; ")
+
+
+def test_a_peft_file_with_base_embeddings_of_another_vocabulary_is_refused_naming_the_folder(tmp_path):
+    model = peftkit.adapt(build_tiny("llama"), 'lora[r=2,target_modules=["embed_tokens","q_proj"]]')
+    model.save_adapter(str(tmp_path / "a"))
+    tensors = load_file(tmp_path / "a" / ser.WEIGHTS_NAME)
+    (key,) = [k for k in tensors if "base_layer" in k]
+    tensors[key] = torch.zeros(tensors[key].shape[0] + 1, tensors[key].shape[1])
+    save_file(tensors, tmp_path / "a" / ser.WEIGHTS_NAME)
+    message = _refusal(peftkit.AdaptedModel(build_tiny("llama")), tmp_path / "a")
+    assert message.startswith(f"{tmp_path / 'a'}: the file carries the base weights of model.embed_tokens")
+
+
+def test_a_loaded_adapter_gets_no_default_head_its_config_does_not_name(tmp_path):
+    """Loading never adds a task model's head: an adapter saved without one loads without one."""
+    from .method_helpers import output_of, randomize
+
+    model = peftkit.AdaptedModel(build_tiny("bert"))
+    model.add_adapter("default", 'lora[r=2,target_modules=["query"]]', default_head=False)
+    model.set_active("default")
+    randomize(model)
+    model.eval()
+    model.save_adapter(str(tmp_path / "a"))
+    loaded = peftkit.AdaptedModel(build_tiny("bert"))
+    record = loaded.load_adapter(str(tmp_path / "a"), "default")
+    assert record.modules_to_save == [] and not record.config.modules_to_save
+    loaded.eval()
+    assert torch.equal(output_of(loaded, "bert"), output_of(model, "bert"))
+
+
+def test_only_peft_format_files_carry_the_base_embeddings(tmp_path):
+    """PEFT saves a targeted embedding's base weight beside the adapter (save_embedding_layers="auto");
+    peftkit's own format (a method PEFT lacks, here a LoRA registered without a peft_type) has no reader
+    that needs it, so it stays out."""
+    import dataclasses
+
+    from peftkit.plugins.lora.config import LoraConfig
+    from peftkit.plugins.lora.method import LoraMethod
+
+    from .method_helpers import method_plugin
+
+    @dataclasses.dataclass
+    class OwnLoraConfig(LoraConfig):
+        method = "own_lora"
+
+    class OwnLora(LoraMethod):
+        name = "own_lora"
+        config_class = OwnLoraConfig
+        peft_type = None
+
+    targets = '[r=2,target_modules=["embed_tokens","q_proj"]]'
+    base_key = "base_model.model.model.embed_tokens.base_layer.weight"
+    peftkit.adapt(build_tiny("llama"), "lora" + targets).save_adapter(str(tmp_path / "peft"))
+    assert base_key in load_file(tmp_path / "peft" / ser.WEIGHTS_NAME)
+    with peftkit.use_plugin(method_plugin(OwnLora()), "own_lora_plugin") as loaded:
+        assert not loaded.errors
+        peftkit.adapt(build_tiny("llama"), "own_lora" + targets).save_adapter(str(tmp_path / "own"))
+        keys = set(load_file(tmp_path / "own" / ser.WEIGHTS_NAME))
+    assert keys == set(load_file(tmp_path / "peft" / ser.WEIGHTS_NAME)) - {base_key}
+
+
+def test_an_adapterhub_load_asks_the_method_for_its_shared_keys_with_the_adapters_config(tmp_path, monkeypatch):
+    """Method.shared_state_file_keys(config, names) gets the loaded adapter's own config and shared names."""
+    model = peftkit.adapt(build_tiny("bert"), "compacter[reduction_factor=4,init_weights=false]")
+    model.save_adapter(str(tmp_path / "hub"), format="adapters")
+    loaded = peftkit.AdaptedModel(build_tiny("bert"))
+    method = peftkit.get_method("compacter")
+    calls = []
+    real = method.shared_state_file_keys
+
+    def spy(config, names):
+        calls.append((config, list(names)))
+        return real(config, names)
+
+    monkeypatch.setattr(method, "shared_state_file_keys", spy)
+    record = loaded.load_adapter(str(tmp_path / "hub"), "x")
+    assert calls and all(config is record.config and names == ["phm_rule"] for config, names in calls)
