@@ -142,9 +142,12 @@ def _build(model: "AdaptedModel", method: "Method", config: Any, where: str) -> 
 
 def _undo_creation(model: "AdaptedModel", incoming: _Incoming) -> None:
     """The folder's modules are built only to hold its weights: undo what creating them changed in the
-    base layers (LoRA's PiSSA/OLoRA init moves part of the weight into the factors)."""
+    base layers (LoRA's PiSSA/OLoRA init moves part of the weight into the factors) and in the model (a
+    gated prefix's hooks)."""
     for site, layer in incoming.layers.items():
         layer.removed(base_of(model.base_model.get_submodule(site)))
+    if incoming.model_adapter is not None:
+        incoming.model_adapter.removed(model.base_model)
 
 
 @contextlib.contextmanager

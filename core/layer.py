@@ -192,6 +192,11 @@ class ModelAdapter(nn.Module):
     def finish(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         return output
 
+    def removed(self, model: nn.Module) -> None:
+        """Called when this adapter leaves ``model`` (``delete_adapter``, ``merge_and_unload``), or when it was
+        built only to hold a folder's weights (``hotswap_adapter``): undo what its creation changed in
+        ``model`` (a gated prefix takes its hooks off the attention modules). Nothing to undo by default."""
+
     def tensors(self) -> dict[str, torch.Tensor]:
         return dict(self.state_dict(keep_vars=True))
 

@@ -327,7 +327,10 @@ class AdaptedModel(CompositionMixin, nn.Module):
                     _set_submodule(model, module_name, module.original_module)
         self._point_hooks.follow(model)  # a point's module may be unwrapped now
         if name in self._model_adapters:
+            self._model_adapters[name].removed(model)
             del self._model_adapters[name]
+            if not self._model_adapters:
+                self._remove_input_hook()
         if name in self._shared_states:
             del self._shared_states[name]
         state = self.adapter_state
@@ -563,9 +566,9 @@ class AdaptedModel(CompositionMixin, nn.Module):
                 owner = composition.head_leaf(node, module.copies.__contains__)
                 chosen = module.copies[owner] if owner is not None else module.original_module
                 _set_submodule(model, module_name, chosen)
-        if self._hook_handle is not None:
-            self._hook_handle.remove()
-            self._hook_handle = None
+        for adapter in self._model_adapters.values():
+            adapter.removed(model)
+        self._remove_input_hook()
         self._point_hooks.remove()
         self._records.clear()
         return model
@@ -613,6 +616,11 @@ class AdaptedModel(CompositionMixin, nn.Module):
     def _ensure_input_hook(self) -> None:
         if self._hook_handle is None:
             self._hook_handle = self.base_model.register_forward_pre_hook(self._prepare_inputs, with_kwargs=True)
+
+    def _remove_input_hook(self) -> None:
+        if self._hook_handle is not None:
+            self._hook_handle.remove()
+            self._hook_handle = None
 
     def _prepare_inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         state = self.adapter_state

@@ -4,9 +4,10 @@ In every attention layer a gate reads the attention's input x (the hidden states
 projections read): ``g = mean_t sigmoid(W x_t + b)``, one value per example (two with
 ``shared_gating=false``: one for the keys, one for the values), and the layer's prefix keys and
 values are multiplied by it before attention. So the gate needs a point inside attention: the
-prefix is still written into the KV cache before the forward (layer.py), and a forward pre-hook on
-each attention module, which sees the input and the cache, replaces that layer's prefix positions in
-the cache by the gated prefix just before the attention appends its own keys and values. The
+prefix is still written into the KV cache before the forward (layer.py), and the adapter's forward
+pre-hook on each attention module, which sees the input and the cache, replaces that layer's prefix
+positions in the cache by the gated prefix just before the attention appends its own keys and values
+(the hooks leave with the adapter: :meth:`GatedPrefixTuning.removed`). The
 rewrite starts from the ungated prefix each time, so at every generation step the prefix is gated
 by that step's input (with a KV cache, the new tokens alone: cached and uncached decoding differ,
 as in ``adapters``). Gated prefixes are registered on the cache they were written into, so the
@@ -20,6 +21,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.utils.hooks import RemovableHandle
 
 from peftkit.plugin_api import cache_argument, ConfigError, real_length, SequenceGate
 
@@ -33,10 +35,9 @@ ATTENTION_CHILDREN = (("key", "value"), ("k_proj", "v_proj"), ("c_attn",))
 
 @dataclass
 class GatedPrefixEntry:
-    """One gated prefix in a cache: its adapter, where its positions start, and its ungated (key, value)
-    per layer for the current forward."""
+    """One gated prefix in a cache: where its positions start, and its ungated (key, value) per layer for the
+    current forward."""
 
-    adapter: "GatedPrefixTuning"
     offset: int
     key_values: list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -48,18 +49,26 @@ class GatedPrefixTuning(PrefixTuning):
         super().__init__(geometry, **options)
         outputs = 1 if shared_gating else 2
         self.prefix_gates = nn.ModuleList(SequenceGate(hidden_size, outputs) for _ in range(geometry.num_layers))
+        self._gate_handles: list[RemovableHandle] = []  # the hooks attach() puts on the model
 
     def attach(self, model: nn.Module) -> None:
-        """Put the gate hook on every attention module of ``model`` (once per module)."""
+        """Put this adapter's gate hook on every attention module of ``model`` (taken off by :meth:`removed`)."""
         modules = attention_modules(model)
         if len(modules) != self.geometry.num_layers:
             raise ConfigError(f"prefix_tuning use_gating=true: found {len(modules)} attention modules with a "
                               f"layer_idx and key/value projections in {type(model).__name__}, but the prefix has "
                               f"{self.geometry.num_layers} layers; gated prefixes need one attention module per "
                               f"layer (use_gating=false works on any model)")
-        for module in modules:
-            if not any(isinstance(hook, PrefixGateHook) for hook in module._forward_pre_hooks.values()):
-                module.register_forward_pre_hook(PrefixGateHook(), with_kwargs=True)
+        # Private: the handles are not a setting (hot-swapping compares public attributes). A deep copy of
+        # the model copies them with the hooks dicts they point into, so the copy removes its own hooks.
+        self._gate_handles = [module.register_forward_pre_hook(PrefixGateHook(self), with_kwargs=True)
+                             for module in modules]
+
+    def removed(self, model: nn.Module) -> None:
+        """Take this adapter's gate hooks off the attention modules (the adapter leaves the model)."""
+        for handle in self._gate_handles:
+            handle.remove()
+        self._gate_handles = []
 
     def prepare(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         args, kwargs = super().prepare(model, args, kwargs)
@@ -70,7 +79,7 @@ class GatedPrefixTuning(PrefixTuning):
         # Written just now: this prefix is the last one noted in the cache; later steps keep their offset.
         offset = previous.offset if previous is not None else \
             target.get_seq_length() - real_length(target) - self.geometry.num_virtual_tokens
-        entries[id(self)] = GatedPrefixEntry(self, offset, self.key_values(batch, target.layers[0].keys.dtype))
+        entries[id(self)] = GatedPrefixEntry(offset, self.key_values(batch, target.layers[0].keys.dtype))
         return args, kwargs
 
     def gate_layer(self, entry: GatedPrefixEntry, layer_cache: Any, layer: int, hidden: torch.Tensor) -> None:
@@ -102,21 +111,24 @@ class GatedPrefixTuning(PrefixTuning):
 
 
 class PrefixGateHook:
-    """The forward pre-hook on one attention module: gates every gated prefix registered on the cache
-    that this forward passes (an object, not a closure, so that a deep copy of the model works)."""
+    """One gated prefix's forward pre-hook on one attention module: gates that prefix when it is registered
+    on the cache this forward passes (an object, not a closure, so that a deep copy of the model gives the
+    copy's hook the copy's adapter). Each adapter has its own hooks, so that deleting it removes them."""
+
+    def __init__(self, adapter: GatedPrefixTuning) -> None:
+        self.adapter = adapter
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         cache = next((v for v in (*args, *kwargs.values()) if hasattr(v, "layers") and hasattr(v, "update")), None)
         if cache is None:
             return None
         target = self_attention_cache(cache)
-        entries = getattr(target, GATES_ATTRIBUTE, None)
-        if not entries:
+        entry = getattr(target, GATES_ATTRIBUTE, {}).get(id(self.adapter))
+        if entry is None:
             return None
         hidden = args[0] if args else kwargs["hidden_states"]
         layer = module.layer_idx
-        for entry in entries.values():
-            entry.adapter.gate_layer(entry, target.layers[layer], layer, hidden)
+        self.adapter.gate_layer(entry, target.layers[layer], layer, hidden)
         return None
 
 

@@ -77,6 +77,10 @@ class UnionModelAdapter(ModelAdapter):
             output = part.finish(model, args, kwargs, output)
         return output
 
+    def removed(self, model: nn.Module) -> None:
+        for part in self.parts.values():
+            part.removed(model)
+
     def tensors(self) -> dict[str, torch.Tensor]:
         return _prefixed(self.parts)
 
