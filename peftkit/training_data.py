@@ -103,8 +103,9 @@ def _read_json(path: Path) -> Iterator[Record]:
         try:
             value = json.loads(line)
         except json.JSONDecodeError as exc:
+            # JSON's own whitespace only: after a form feed (which str.rstrip() would drop) the object is closed
             unclosed = ": the line ends before the object is closed, a missing '}'?" \
-                if exc.pos >= len(line.rstrip()) else ""
+                if exc.pos >= len(line.rstrip(" \t")) else ""
             raise DataError(f"{path}, line {number}: malformed JSON ({exc.msg} at column {exc.colno}{unclosed}); "
                             f"each line must be one JSON object, e.g. {{\"text\": \"...\", \"label\": \"pos\"}}"
                             ) from None

@@ -228,6 +228,29 @@ def quantized_matches_twin(bits: int, spec: str, bias: bool = True) -> None:
         raise AssertionError("merging into a quantized layer must be refused")
 
 
+def four_bit_site(spec: str) -> tuple[Any, torch.nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
+    """(adapter "default" of ``spec`` targeting module '0', the 4-bit layer, what that layer computes) for a
+    bitsandbytes NF4 Linear (64 -> 96, with a bias, float32 compute dtype) in training mode.
+
+    On CPU such a layer computes ``F.linear(v.float(), W, b)`` with the dequantized W and returns it in
+    ``v``'s own dtype (checked here for bfloat16 and float64 inputs): an input the adapter hands over in
+    another dtype is rounded before or after the product, so the returned function tells exactly which."""
+    import torch.nn.functional as F
+
+    quantized, twin = quantized_linear_and_twin(4)
+    model = peftkit.adapt(quantized, spec).train()
+    site = dict(model.tuner_layers())["0"]
+    weight, bias = twin[0].weight.detach(), twin[0].bias.detach()
+
+    def computes(v: torch.Tensor) -> torch.Tensor:
+        return F.linear(v.float(), weight, bias).to(v.dtype)
+
+    for dtype in (torch.bfloat16, torch.float64):
+        v = torch.randn(2, 64, dtype=dtype)
+        assert torch.equal(site.base_layer(v).detach(), computes(v))
+    return site.adapters["default"], site.base_layer, computes
+
+
 def peft_file_loads_alike(peft_model: Any, arch: str, folder: Path) -> peftkit.AdaptedModel:
     """Saves ``peft_model`` (a PEFT model on tiny ``arch``, moved away from its init, in eval mode) to
     ``folder`` and loads it onto a fresh model with peftkit; asserts the same logits unmerged, merged

@@ -11,7 +11,7 @@ import torch
 
 import peftkit
 from peftkit.plugins.boft.config import BoftConfig
-from tests.method_helpers import quantized_matches_twin
+from tests.method_helpers import four_bit_site, quantized_matches_twin
 from tests.tiny_models import build_tiny
 
 
@@ -200,3 +200,20 @@ def test_a_block_count_plan_needs_a_multiple_of_2_to_the_extra_factors_and_at_mo
     assert fits.rotation_parameter_count() == 3 * 4 * 8 * 8
     with pytest.raises(peftkit.PeftkitError, match=r"boft_block_num=6 must be a multiple of 2\^2"):
         Butterfly.plan(48, 0, 6, 3, "q")  # even, but not a multiple of 4
+
+
+def test_a_bfloat16_input_to_a_4bit_layer_gets_s_times_the_turned_output_less_the_plain_one_in_bfloat16():
+    """Inside a composition: the layer itself on the rotated input (float32, handed over in the input's
+    bfloat16) and on the plain input, each less the bias in float32, s times the first less the second,
+    returned in bfloat16."""
+    adapter, base, computes = four_bit_site("boft[boft_block_size=8,boft_n_butterfly_factor=2,init_weights=false,"
+                                            "target_modules=['0']]")
+    x = torch.randn(3, 64).bfloat16()
+    bias, scale = base.bias.detach(), adapter.boft_s.detach().reshape(-1)
+    with torch.no_grad():
+        rotated = adapter.rotate(x)
+        delta = adapter.delta(x, computes(x), base)
+    assert rotated.dtype == torch.float32 and float((rotated - x.float()).abs().max()) > 0.1
+    assert delta.dtype == torch.bfloat16
+    turned, plain = computes(rotated.bfloat16()) - bias, computes(x) - bias
+    assert torch.equal(delta, (turned * scale - plain).bfloat16())

@@ -318,3 +318,63 @@ def test_split_spans_of_embeddings_and_of_adapters_reading_another_modules_input
     assert branch.abs().mean() > 1e-3
     torch.testing.assert_close(seen["out"], expected, atol=1e-5, rtol=1e-5)
     assert source not in down.captured or down.captured[source].shape[1] == 5  # the full input is put back
+
+
+def test_row_and_token_splits_hand_each_group_its_part_of_captured_tensors_and_other_values_as_they_are():
+    """Captured inputs of a layer (one per module an adapter reads): a tensor is cut like the output, by rows
+    (a 1-D tensor too: its rows) or by token span (the tensors with tokens); a value that is not a tensor (None: its module ran with
+    keywords only) passes as it is; afterwards every entry is put back whole. A 0-D tensor has no rows."""
+    from peftkit import BatchSplit
+
+    model = lora_model(("a",))
+    torch.manual_seed(13)
+    model.add_adapter("pbn", "par_bn[init_weights=false,reduction_factor=4]")
+    down = model.base_model.get_submodule("model.layers.0.mlp.down_proj")
+    (source,) = down.input_sources.values()
+    x, src = torch.randn(2, 5, 64), torch.randn(2, 5, 32)
+    per_row = torch.tensor([4.0, 6.0])
+    with torch.no_grad():
+        hd = down.base_layer(x)
+        down.captured.update({source: src, "keywords.only": None, "per.row": per_row})
+        try:
+            by_rows = run_node(BatchSplit("pbn", "a", sizes=[1, 1]), down, x, hd)
+            assert down.captured[source] is src and down.captured["per.row"] is per_row
+            assert down.captured["keywords.only"] is None
+            del down.captured["per.row"]  # a token split needs tokens on dimension 1 (tested elsewhere)
+            by_tokens = run_node(Split("pbn", "a", splits=[2, 3]), down, x, hd)
+            assert down.captured[source] is src and down.captured["keywords.only"] is None
+            down.captured["per.row"] = torch.tensor(4.0)  # 0-D: no rows to hand out
+            with pytest.raises(CompositionError, match=r"'per.row'.* leading dimension \(\) but the layer's output"):
+                run_node(BatchSplit("pbn", "a", sizes=[1, 1]), down, x, hd)
+        finally:
+            down.captured.clear()
+        bn = down.adapters["pbn"]
+        rows = torch.cat([hd[:1] + _branch(bn, src[:1]), hd[1:] + _delta(down, "a", x[1:])])
+        tokens = torch.cat([hd[:, :2] + _branch(bn, src[:, :2]), hd[:, 2:] + _delta(down, "a", x[:, 2:])], dim=1)
+    assert (rows - hd).abs().mean() > 1e-3
+    torch.testing.assert_close(by_rows, rows, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(by_tokens, tokens, atol=1e-5, rtol=1e-5)
+
+
+def test_an_average_takes_a_union_of_dora_and_a_normalizing_bottleneck_as_its_output_less_h():
+    """A union that is not additive (its bottleneck normalizes h + branch) adds its output less h; its DoRA
+    part reads the base layer's weight, so the site's base layer must reach the union there."""
+    model = lora_model(("a",))
+    torch.manual_seed(17)
+    model.add_adapter("u", 'lora[r=2,use_dora=true,init_weights=false,target_modules=["down_proj"]]'
+                           '|seq_bn[ln_after=true,init_weights=false,reduction_factor=4]')
+    down = model.base_model.get_submodule("model.layers.0.mlp.down_proj")
+    union = down.adapters["u"]
+    assert not union.additive and list(union.parts) == ["lora", "seq_bn"]
+    x = torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        union.parts["lora"].lora_magnitude_vector.mul_(1.5)
+        h = down.base_layer(x)
+        dora, bottleneck = union.parts["lora"], union.parts["seq_bn"]
+        weight = down.base_layer.weight
+        combined = weight + dora.scale * dora.lora_B @ dora.lora_A
+        after_dora = h + x @ ((dora.lora_magnitude_vector / combined.norm(dim=1))[:, None] * combined).T - x @ weight.T
+        chained = bottleneck(x, after_dora, down.base_layer)
+        assert (after_dora - h).abs().mean() > 1e-3 and (chained - after_dora).abs().mean() > 1e-2
+        out = run_node(Average("a", "u", weights=[1.0, 3.0]), down, x, h)
+    torch.testing.assert_close(out, h + 0.25 * _delta(down, "a", x) + 0.75 * (chained - h), atol=1e-5, rtol=1e-5)

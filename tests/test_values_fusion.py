@@ -392,3 +392,53 @@ def test_a_fusion_sits_only_at_the_sites_its_members_act_at_even_after_other_sit
     down = [site for site, layer in model.tuner_layers() if site.endswith("down_proj")]
     assert len(down) >= 2 and sorted(record.sites) == sorted(down)
     assert all(index == [0, 1] for index in record.sites.values())
+
+
+def test_an_empty_normalized_shape_is_not_a_width_and_the_adapters_width_is_taken():
+    bare = _Bare()
+    bare.normalized_shape = ()
+    assert site_output_dim(_site(bare, {"a": types.SimpleNamespace(out_features=11)})) == 11
+
+
+def test_a_union_that_changes_the_models_inputs_is_refused_in_a_fusion():
+    """A union with a prefix part allows fuse() as a block but has no output at a layer for its prefix part."""
+    model = lora_model(("a",))
+    model.add_adapter("u", "prefix_tuning[num_virtual_tokens=2]|par_bn[reduction_factor=4]")
+    with pytest.raises(CompositionError, match="adapter 'u' changes the model's inputs and has no output at a layer"):
+        model.add_fusion(Fuse("a", "u", name="f"))
+    assert "f" not in model.adapter_state.fusions
+    assert not any("f" in layer.fusions for _, layer in model.tuner_layers())
+
+
+def test_a_site_whose_layer_holds_no_parameters_gets_a_float32_fusion():
+    """The fusion's dtype and device come from the base layer's first parameter; a layer holding its weight as
+    a buffer (as some quantization libraries do) has none: float32 on the default device, whatever the buffer's."""
+    model = lora_model(("a", "b"))
+    site, layer = next((s, l) for s, l in model.tuner_layers() if s.endswith("q_proj"))
+    base = layer.base_layer
+    weight = base.weight.detach().double()
+    del base.weight
+    base.register_buffer("weight", weight)
+    assert next(base.parameters(), None) is None
+    record = model.add_fusion(Fuse("a", "b", name="f"))
+    assert site in record.sites
+    fusion = layer.fusions["f"]
+    assert {(p.dtype, p.device.type) for p in fusion.parameters()} == {(torch.float32, "cpu")}
+    others = [l.fusions["f"] for s, l in model.tuner_layers() if s != site and "f" in l.fusions]
+    assert others and all(p.dtype == torch.float32 for other in others for p in other.parameters())
+
+
+def test_a_fusion_that_fails_at_a_later_site_is_removed_from_the_sites_it_was_placed_at(monkeypatch):
+    import peftkit.core.fusion as fusion_module
+
+    model = lora_model(("a", "b"))
+    sites = [site for site, _ in model.tuner_layers()]
+    layers = dict(model.tuner_layers())
+    unknown = sites[2]
+    real = fusion_module.site_output_dim
+    monkeypatch.setattr(fusion_module, "site_output_dim",
+                        lambda layer: None if layer is layers[unknown] else real(layer))
+    with pytest.raises(CompositionError, match=f"cannot tell the output width of site '{unknown}'"):
+        model.add_fusion(Fuse("a", "b", name="f"))
+    assert not any("f" in layer.fusions for layer in layers.values())
+    assert "f" not in model.adapter_state.fusions

@@ -9,7 +9,7 @@ import torch
 
 import peftkit
 from peftkit import MergeError
-from tests.method_helpers import quantized_matches_twin
+from tests.method_helpers import four_bit_site, quantized_matches_twin
 from tests.tiny_models import build_tiny
 
 SPEC = 'ia3[init_ia3_weights=false,target_modules=["query","intermediate.dense"],feedforward_modules=["intermediate.dense"]]'
@@ -169,3 +169,22 @@ def test_feedforward_delta_on_a_bias_free_quantized_layer_is_w_times_x_scaled_by
     x = torch.randn(3, 64)
     delta = adapter.delta(x, base(x), base)
     assert torch.allclose(delta.double(), (x.double() * (l - 1)) @ weight.t(), atol=1e-4)
+
+
+def test_on_a_4bit_layer_the_scaled_input_is_computed_in_float32_and_handed_over_in_the_inputs_dtype():
+    """Feed-forward IA3 on a quantized layer: x * l (alone) and x * (l - 1) (the change a composition adds)
+    are computed in the vector's float32 from x rounded to float32, then handed to the layer in x's dtype
+    (the layer rounds a bfloat16 input no further; a float64 one it computes in float32 again)."""
+    adapter, base, computes = four_bit_site("ia3[init_ia3_weights=false,target_modules=['0'],"
+                                            "feedforward_modules=['0']]")
+    l = adapter.ia3_l.detach().flatten()
+    bias = base.bias.detach()
+    for dtype in (torch.bfloat16, torch.float64):
+        x = torch.randn(3, 64, dtype=torch.float64).to(dtype)
+        h = computes(x)
+        with torch.no_grad():
+            scaled = adapter.base_input(x)
+            delta = adapter.delta(x, h, base)
+        assert scaled.dtype == delta.dtype == dtype
+        assert torch.equal(scaled, (x.float() * l).to(dtype))
+        assert torch.equal(delta, (computes((x.float() * (l - 1)).to(dtype)) - bias).to(dtype))

@@ -10,7 +10,7 @@ import torch
 
 import peftkit
 from peftkit.plugins.oft.config import OftConfig
-from tests.method_helpers import quantized_matches_twin
+from tests.method_helpers import four_bit_site, quantized_matches_twin
 from tests.tiny_models import build_tiny
 
 
@@ -189,3 +189,16 @@ def test_a_float64_layer_with_a_one_term_series_is_exactly_the_identity():
     layer = _sites(model)[0]
     x = torch.randn(3, 32, dtype=torch.float64)  # not representable in float32
     assert torch.equal(layer(x), layer.base_layer(x))
+
+
+def test_a_bfloat16_input_to_a_4bit_layer_gets_its_change_as_the_layer_computes_a_bfloat16_input():
+    """Inside a composition the rotated input less the input (float32) goes through the quantized layer
+    itself in the input's dtype, bfloat16; the layer's bias comes off in float32, then bfloat16 again."""
+    adapter, base, computes = four_bit_site("oft[oft_block_size=16,init_weights=false,target_modules=['0']]")
+    x = torch.randn(3, 64).bfloat16()
+    with torch.no_grad():
+        shifted = adapter.rotate(x) - x.float()
+        delta = adapter.delta(x, computes(x), base)
+    assert shifted.dtype == torch.float32 and float(shifted.abs().max()) > 0.1
+    assert delta.dtype == torch.bfloat16
+    assert torch.equal(delta, (computes(shifted.bfloat16()) - base.bias.detach()).bfloat16())

@@ -292,3 +292,32 @@ def test_bart_prefix_has_the_decoder_layer_count_and_goes_to_its_self_attention(
                                         decoder_attention_mask=_ones_before(torch.ones_like(decoder_ids), P),
                                         past_key_values=EncoderDecoderCache(self_cache, DynamicCache())).logits
     torch.testing.assert_close(adapted, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_from_zero_positions_count_from_the_start_unless_embeddings_number_by_padding_idx_themselves():
+    """An embeddings module with a ``padding_idx`` but without transformers' RoBERTa numbering function
+    (``create_position_ids_from_input_ids``) gets plain positions start..start+n-1, as does one with the
+    function but no ``padding_idx``; with both, the real tokens are numbered after ``padding_idx``."""
+    from peftkit.plugins.prefix_tuning.layer import positions_from_zero
+
+    ids = torch.tensor([[5, 6, 1, 7], [8, 9, 10, 11]])
+    plain = torch.tensor([[3, 4, 5, 6], [3, 4, 5, 6]])
+
+    def model_with(**embedding_attributes) -> torch.nn.Module:
+        model = torch.nn.Module()
+        model.embeddings = torch.nn.Module()
+        for name, value in embedding_attributes.items():
+            setattr(model.embeddings, name, value)
+        return model
+
+    def numbering(input_ids, padding_idx, start):  # RoBERTa's: cumulative count of non-padding tokens
+        mask = input_ids.ne(padding_idx).int()
+        return (torch.cumsum(mask, dim=1) + start) * mask + padding_idx
+
+    assert torch.equal(positions_from_zero(model_with(padding_idx=1), {"input_ids": ids}, 3), plain)
+    assert torch.equal(positions_from_zero(model_with(padding_idx=None, create_position_ids_from_input_ids=numbering),
+                                           {"input_ids": ids}, 3), plain)
+    both = model_with(padding_idx=1, create_position_ids_from_input_ids=numbering)
+    assert torch.equal(positions_from_zero(both, {"input_ids": ids}, 3), torch.tensor([[5, 6, 1, 7], [5, 6, 7, 8]]))
+    embeds = torch.zeros(2, 4, 8)
+    assert torch.equal(positions_from_zero(both, {"inputs_embeds": embeds}, 3), torch.tensor([[5, 6, 7, 8]] * 2))

@@ -136,7 +136,8 @@ def test_units_draw_like_nn_linear_and_positive_frame_signs_are_read_and_restore
     reference = orthogonal(torch.nn.Linear(16, 3, bias=False))
     with torch.no_grad():
         original = reference.parametrizations.weight.original
-        original.copy_(torch.randn(3, 16, generator=torch.Generator().manual_seed(1)).tril(diagonal=-1))
+        # the reflectors: below the diagonal of original^T (16 x 3), i.e. above original's own
+        original.copy_(torch.randn(3, 16, generator=torch.Generator().manual_seed(1)).triu(diagonal=1))
         original.diagonal().copy_(torch.tensor([1.0, -1.0, 1.0]))
         frame = HouseholderFrame(reference.parametrizations.weight[0].base.detach().clone())
         torch.testing.assert_close(frame(original.detach()), reference.weight.detach(), atol=1e-6, rtol=0)
@@ -152,3 +153,150 @@ def test_units_draw_like_nn_linear_and_positive_frame_signs_are_read_and_restore
     signed.grad = torch.zeros_like(signed)
     torch.optim.SGD([signed], lr=0.1).step()
     assert signed.diagonal().tolist() == [1.0, -1.0]
+
+
+def _householder_rows(original: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """R by hand in float64: column j of original^T below its diagonal is reflector a_j, v_j = e_j + a_j,
+    Q = (I - 2 v_0 v_0^T / |v_0|^2) ... (I - 2 v_{r-1} v_{r-1}^T / |v_{r-1}|^2) restricted to its first r
+    columns, each column j multiplied by the sign of original[j, j] (0 counts as +); R = (base Q)^T."""
+    tall = original.detach().double().mT
+    n, r = tall.shape
+    q = torch.eye(n, dtype=torch.float64)
+    for j in range(r):
+        v = torch.zeros(n, dtype=torch.float64)
+        v[j] = 1.0
+        v[j + 1:] = tall[j + 1:, j]
+        q = q @ (torch.eye(n, dtype=torch.float64) - 2.0 * torch.outer(v, v) / (v @ v))
+    signs = torch.tensor([-1.0 if float(tall[j, j]) < 0 else 1.0 for j in range(r)], dtype=torch.float64)
+    return (base.double() @ (q[:, :r] * signs)).mT
+
+
+def test_the_frame_is_the_product_of_its_householder_reflections_and_a_zero_diagonal_reads_as_plus():
+    """Every reflector entry counts, the first below the diagonal too; a diagonal entry of exactly 0 (weight
+    decay's limit) reads as +1, and an optimizer step that sets the diagonal to its signs (orthonormal_projection registered it)
+    leaves R as it was."""
+    from peftkit.plugins.reft.units import HouseholderFrame, orthonormal_projection
+
+    generator = torch.Generator().manual_seed(4)
+    base, _ = torch.linalg.qr(torch.randn(6, 6, generator=generator, dtype=torch.float64))
+    original = torch.randn(3, 6, generator=generator, dtype=torch.float64).triu(diagonal=1)
+    original.diagonal().copy_(torch.tensor([0.0, -0.25, 0.5], dtype=torch.float64))
+    rows = HouseholderFrame(base)(original)
+    torch.testing.assert_close(rows, _householder_rows(original, base), atol=1e-12, rtol=0)
+    torch.testing.assert_close(rows @ rows.mT, torch.eye(3, dtype=torch.float64), atol=1e-12, rtol=0)
+
+    projection = orthonormal_projection(6, 3, torch.float64, frame_seed=0)
+    signed = projection.parametrizations.weight.original
+    with torch.no_grad():
+        signed.copy_(original)
+    before = projection.weight.detach().clone()
+    torch.testing.assert_close(before, _householder_rows(original, projection.parametrizations.weight[0].base),
+                               atol=1e-12, rtol=0)
+    signed.grad = torch.zeros_like(signed)
+    torch.optim.SGD([signed], lr=0.1).step()
+    assert signed.diagonal().tolist() == [1.0, -1.0, 1.0]
+    assert torch.equal(projection.weight.detach(), before)
+
+
+def test_a_new_orthonormal_projection_is_its_seeded_frames_first_columns_as_torch_reads_it():
+    """base: the seed's float64 Gaussian, QR'd, columns signed by R's diagonal (a uniformly random orthogonal
+    matrix), cast to the unit's dtype; original: zero reflectors and a diagonal of exactly -1, so that torch's
+    own parametrization (``adapters``, which truncates the diagonal to an integer) gives the same R."""
+    from torch.nn.utils.parametrizations import orthogonal
+
+    from peftkit.plugins.reft.units import orthonormal_projection
+
+    projection = orthonormal_projection(8, 3, torch.float32, frame_seed=11)
+    gaussian = torch.randn(8, 8, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    q, upper = torch.linalg.qr(gaussian)
+    expected_base = (q * torch.sign(torch.diagonal(upper))).float()
+    parametrization = projection.parametrizations.weight
+    assert torch.equal(parametrization[0].base, expected_base)
+    expected_original = torch.zeros(3, 8)
+    expected_original.diagonal().fill_(-1.0)
+    assert torch.equal(parametrization.original.detach(), expected_original)
+    assert torch.equal(projection.weight.detach(), expected_base[:, :3].mT)
+
+    reference = orthogonal(torch.nn.Linear(8, 3, bias=False))
+    with torch.no_grad():
+        reference.parametrizations.weight.original.copy_(parametrization.original)
+        reference.parametrizations.weight[0].base.copy_(parametrization[0].base)
+    torch.testing.assert_close(reference.weight.detach(), projection.weight.detach(), atol=1e-6, rtol=0)
+
+
+def test_r_must_be_below_the_width_for_a_projection_and_for_saved_rows():
+    from peftkit.plugins.reft.units import frame_for_rows, orthonormal_projection
+
+    for width, r in ((4, 4), (4, 5)):
+        with pytest.raises(ValueError, match=f"r={r} below the hidden size {width}"):
+            orthonormal_projection(width, r, torch.float32, frame_seed=0)
+    for rows in (torch.eye(4), torch.eye(5)[:4, :4].repeat(2, 1), torch.ones(3), torch.ones(1, 2, 3)):
+        with pytest.raises(ValueError, match="r x hidden with r below hidden"):
+            frame_for_rows(rows)
+
+
+def test_saved_rows_give_a_frame_that_reproduces_them_in_their_dtype_and_torchs_reading():
+    """frame_for_rows: ``base`` in the rows' dtype, its first r columns the rows themselves, the rest
+    orthonormal to them; ``original`` zero reflectors and a diagonal of -1 in that dtype. Rows exact in
+    bfloat16 (entries +-1/2) keep bfloat16 (the orthogonal completion is computed in float64)."""
+    from torch.nn.utils.parametrizations import orthogonal
+
+    from peftkit.plugins.reft.units import HouseholderFrame, frame_for_rows
+
+    hadamard = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, -1.0, 1.0, -1.0], [1.0, 1.0, -1.0, -1.0]]) / 2
+    for dtype in (torch.bfloat16, torch.float32, torch.float64):
+        rows = hadamard.to(dtype)
+        original, base = frame_for_rows(rows)
+        assert original.dtype == base.dtype == dtype
+        expected_original = torch.zeros(3, 4, dtype=dtype)
+        expected_original.diagonal().fill_(-1.0)
+        assert torch.equal(original, expected_original)
+        assert torch.equal(base[:, :3], rows.mT)
+        wide = base.double()
+        torch.testing.assert_close(wide.mT @ wide, torch.eye(4, dtype=torch.float64),
+                                   atol=1e-2 if dtype == torch.bfloat16 else 1e-6, rtol=0)
+        if dtype != torch.bfloat16:  # torch has no bfloat16 Householder product on CPU
+            assert torch.equal(HouseholderFrame(base)(original), rows)
+
+    rows = torch.linalg.qr(torch.randn(7, 7, generator=torch.Generator().manual_seed(2)))[0][:2]
+    original, base = frame_for_rows(rows)
+    reference = orthogonal(torch.nn.Linear(7, 2, bias=False))
+    with torch.no_grad():
+        reference.parametrizations.weight.original.copy_(original)
+        reference.parametrizations.weight[0].base.copy_(base)
+    torch.testing.assert_close(reference.weight.detach(), rows, atol=1e-6, rtol=0)
+
+
+def test_saved_rows_off_orthonormal_by_exactly_the_tolerance_pass_and_beyond_it_are_refused():
+    """|R R^T - I| is compared in float64 with ``<=``: rows [e_0, t e_0 + e_1] are off by t (the
+    off-diagonal; the diagonal's t^2 is smaller)."""
+    from peftkit.plugins.reft.units import ORTHONORMAL_TOLERANCE, frame_for_rows
+
+    def rows(t: float) -> torch.Tensor:
+        return torch.tensor([[1.0, 0.0, 0.0, 0.0], [t, 1.0, 0.0, 0.0]], dtype=torch.float64)
+
+    original, base = frame_for_rows(rows(ORTHONORMAL_TOLERANCE))
+    assert torch.equal(base[:, :2], rows(ORTHONORMAL_TOLERANCE).mT)
+    for t in (2 * ORTHONORMAL_TOLERANCE, float("nan")):
+        with pytest.raises(ValueError, match="not orthonormal"):
+            frame_for_rows(rows(t))
+
+
+def test_a_plain_projection_is_drawn_from_the_units_generator_not_the_global_one():
+    from peftkit.plugins.reft.units import ReftUnit
+
+    def unit(global_seed: int) -> ReftUnit:
+        torch.manual_seed(global_seed)
+        return ReftUnit(16, 4, orthogonal=False, subtract_projection=True, activation=None, dropout=0.0,
+                        dtype=torch.float32, generator=torch.Generator().manual_seed(5))
+
+    generator = torch.Generator().manual_seed(5)
+    bound = 1 / 16 ** 0.5
+    weight = torch.empty(4, 16).uniform_(-bound, bound, generator=generator)
+    bias = torch.empty(4).uniform_(-bound, bound, generator=generator)
+    rows = torch.empty(4, 16).uniform_(-bound, bound, generator=generator)
+    for global_seed in (0, 1):
+        drawn = unit(global_seed)
+        assert torch.equal(drawn.learned_source.weight.detach(), weight)
+        assert torch.equal(drawn.learned_source.bias.detach(), bias)
+        assert torch.equal(drawn.projection.weight.detach(), rows)

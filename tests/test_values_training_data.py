@@ -306,3 +306,18 @@ def test_jsonl_byte_order_mark_indented_arrays_and_malformed_lines(tmp_path):
     with pytest.raises(DataError) as info:
         read_records(_write(tmp_path, "d.jsonl", '{"text": "a" "label": 1}\n'))
     assert "(Expecting ',' delimiter at column 14); each line must be one JSON object" in str(info.value)
+
+
+def test_only_the_files_first_bytes_are_a_byte_order_mark_and_a_jsonl_line_is_strict_json(tmp_path):
+    """U+FEFF at the start of a later line is text (a zero-width no-break space), kept in the cell; a line
+    ends at its newline only, so a form feed after the object is extra data, as JSON has it (and the object is
+    closed: no hint of a missing '}')."""
+    from peftkit.training_data import read_records
+
+    path = tmp_path / "bom.csv"
+    path.write_bytes("\ufefftext,label\n\ufeffa,pos\n".encode())
+    assert [(r.line, r.values) for r in read_records(path)] == [(2, {"text": "\ufeffa", "label": "pos"})]
+    with pytest.raises(DataError, match=r"d.jsonl, line 2: malformed JSON \(Extra data at column 11\); each line"):
+        read_records(_write(tmp_path, "d.jsonl", '{"a": "b"}\n{"a": "c"}\x0c\n'))
+    with pytest.raises(DataError, match=r"line 1: malformed JSON \(Expecting ',' delimiter at column 14: the line ends"):
+        read_records(_write(tmp_path, "d.jsonl", '{"a": "b" \t  \n'))
