@@ -158,7 +158,8 @@ class BoftLayer(LayerAdapter):
             raise MergeError("a boft adapter on a quantized layer cannot be merged: the rotated weight would have "
                              "to be quantized again; keep it unmerged, or load the base in float to merge")
         with torch.no_grad():
-            blocks = self.blocks().float()
+            # In float64 on a float64 base, float32 on any other (the adapter's own precision).
+            blocks = self.blocks().to(adapter_dtype(base))
             if not (torch.isfinite(blocks).all() and torch.isfinite(self.boft_s).all()):
                 raise MergeError("a boft rotation or scale holds NaN or infinite values; it cannot be merged")
             weight = base.weight
@@ -166,9 +167,10 @@ class BoftLayer(LayerAdapter):
 
     def unmerge(self, base: nn.Module) -> None:
         with torch.no_grad():
-            blocks = self.blocks().float()
-            w = self._weight_matrix(base).float()
-            restored = (w @ self.matrix(blocks)) / self._scale_column().float()
+            dtype = adapter_dtype(base)
+            blocks = self.blocks().to(dtype)
+            w = self._weight_matrix(base).to(dtype)
+            restored = (w @ self.matrix(blocks)) / self._scale_column().to(dtype)
             weight = base.weight
             weight.data = self._to_layout(base, restored).to(weight.dtype).contiguous()
 

@@ -171,7 +171,8 @@ class OftLayer(LayerAdapter):
             raise MergeError("an oft adapter on a quantized layer cannot be merged: the rotated weight would have "
                              "to be quantized again; keep it unmerged, or load the base in float to merge")
         with torch.no_grad():
-            rotations = self.rotations().float()
+            # In float64 on a float64 base, float32 on any other (the adapter's own precision).
+            rotations = self.rotations().to(adapter_dtype(base))
             if not torch.isfinite(rotations).all():
                 raise MergeError("an oft rotation holds NaN or infinite values; it cannot be merged")
             if self.blocks.shared:
@@ -180,7 +181,7 @@ class OftLayer(LayerAdapter):
 
     def unmerge(self, base: nn.Module) -> None:
         with torch.no_grad():
-            rotations = torch.linalg.inv(self.rotations().float())
+            rotations = torch.linalg.inv(self.rotations().to(adapter_dtype(base)))
             if self.blocks.shared:
                 rotations = rotations.expand(self.blocks.count, -1, -1)
             self._apply_on_right(base, rotations)
