@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn as nn
 
@@ -71,11 +69,6 @@ class UnionModelAdapter(ModelAdapter):
         for part in self.parts.values():
             args, kwargs = part.prepare_generate(model, args, kwargs)
         return args, kwargs
-
-    def finish(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        for part in reversed(list(self.parts.values())):
-            output = part.finish(model, args, kwargs, output)
-        return output
 
     def removed(self, model: nn.Module) -> None:
         for part in self.parts.values():
