@@ -222,6 +222,39 @@ def test_an_output_in_another_layout_gets_the_update_added(in_features: int, out
         torch.testing.assert_close(lokr.forward(x, h, layer.base_layer), h + _update(lokr, x))
 
 
+T = 16  # tokens
+
+
+def _products(run) -> int:
+    """Matrix-product FLOPs of ``run()`` (counted, not timed)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        run()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("in_features, out_features, options, flops", [
+    # full w2, w1 applied first: (tokens * in_n, in_m) w1^T then (tokens * out_l, in_n) w2^T,
+    # 2 T out_l in_n (in_m + out_k) = 2 T 4 8 (8 + 8), cheaper than w2 first, 2 T in_m out_k (in_n + out_l) = 2 T 8 8 12
+    (64, 32, "r=8", 2 * T * 4 * 8 * (8 + 8)),
+    # full w2, w2 applied first: 2 T in_m out_k (in_n + out_l) = 2 T 4 8 (8 + 8), cheaper than 2 T 8 8 (4 + 8)
+    (32, 64, "r=8", 2 * T * 4 * 8 * (8 + 8)),
+    # rank-r w2 with r < in_n: X w2_b^T, w1 by that, then by w2_a^T: 2 T r (in_n in_m + in_m out_l + out_l out_k)
+    (24, 20, "r=2", 2 * T * 2 * (6 * 4 + 4 * 4 + 4 * 5)),
+    # rank-r w2 with r = in_n (2 of 256 = 16 x 16 by 4 = 2 x 2): w2 = w2_a w2_b (2 out_k r in_n) then both orders
+    # cost 2 T 16 2 (2 + 16); the three rank-r products would cost more per token, 2 T 2 (4 + 32 + 256)
+    (4, 256, "r=2", 2 * 16 * 2 * 2 + 2 * T * 16 * 2 * (2 + 16)),
+])
+def test_the_update_runs_its_cheapest_products(in_features: int, out_features: int, options: str, flops: int) -> None:
+    """The unfused update's matrix products: a rank-r w2 applied factor by factor when r < in_n, else w2
+    formed and the cheaper order of s w1 X w2^T (both orders give the same value: test_an_output_in_another_layout_gets_the_update_added)."""
+    _, lokr = _linear(in_features, out_features, options)
+    x = torch.randn(T, in_features, dtype=D)
+    assert _products(lambda: lokr._linear_delta(x)) == flops
+
+
 # -- printed form ----------------------------------------------------------------------------------------------------
 
 
