@@ -308,3 +308,23 @@ def frozen_layer(in_features: int, out_features: int, *, conv1d: bool = False, b
     else:
         layer = torch.nn.Linear(in_features, out_features, bias=bias).to(dtype)
     return layer.requires_grad_(False)
+
+
+def seen_at_site(model: peftkit.AdaptedModel, site: str, arch: str = "bert", name: str = "default"
+                 ) -> dict[str, torch.Tensor]:
+    """What the TunerLayer at ``site`` saw in one forward of ``model`` (eval mode, no gradients) on
+    ``sample_inputs(arch)``: its input ``x``, the base layer's output ``h``, its output ``out``, and
+    ``source``, the input adapter ``name`` reads (``x``, or the captured input of its source module)."""
+    layer = model.base_model.get_submodule(site)
+    seen: dict[str, torch.Tensor] = {}
+    handles = [layer.register_forward_hook(lambda m, args, out: seen.update(x=args[0], out=out)),
+               layer.base_layer.register_forward_hook(lambda m, args, out: seen.update(h=out))]
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(**sample_inputs(arch))
+    finally:
+        for handle in handles:
+            handle.remove()
+    seen["source"] = layer.input_of(name, seen["x"])
+    return seen

@@ -17,6 +17,7 @@ import torch
 import peftkit
 from peftkit.testing import randomize
 
+from .method_helpers import seen_at_site
 from .tiny_models import build_tiny, sample_inputs
 
 SITE = "bert.encoder.layer.1.output.dense"
@@ -51,13 +52,8 @@ def _site_run(base, spec: str):
     with torch.no_grad():
         if getattr(adapter, "adapter_scaling", None) is not None:
             adapter.adapter_scaling.fill_(0.7)
-    seen: dict[str, torch.Tensor] = {}
-    layer.register_forward_hook(lambda m, args, out: seen.update(x=args[0], out=out))
-    layer.base_layer.register_forward_hook(lambda m, args, out: seen.update(h=out))
-    model.eval()
-    with torch.no_grad():
-        model(**sample_inputs("bert"))
-    return layer, adapter, layer.input_of("default", seen["x"]), seen["h"], seen["out"]
+    seen = seen_at_site(model, SITE)
+    return layer, adapter, seen["source"], seen["h"], seen["out"]
 
 
 def _site_values(spec: str, base=None) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:

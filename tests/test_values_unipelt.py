@@ -17,6 +17,7 @@ import torch
 import peftkit
 from peftkit.testing import randomize
 
+from .method_helpers import seen_at_site
 from .tiny_models import build_tiny, sample_inputs
 
 BN_SITE = "bert.encoder.layer.1.output.dense"
@@ -39,15 +40,8 @@ def _seen_at(spec: str, site: str, seed: int = 7) -> tuple[dict[str, torch.Tenso
     its output out and, for par_bn/original_ln_before, the input the adapter reads) with weights off init."""
     model = peftkit.adapt(build_tiny("bert"), spec)
     randomize(model, "default", seed=seed, scale=0.3)
-    layer = model.base_model.get_submodule(site)
-    seen: dict[str, torch.Tensor] = {}
-    layer.register_forward_hook(lambda m, args, out: seen.update(x=args[0], out=out))
-    layer.base_layer.register_forward_hook(lambda m, args, out: seen.update(h=out))
-    model.eval()
-    with torch.no_grad():
-        model(**sample_inputs("bert"))
-        seen["source"] = layer.input_of("default", seen["x"])
-    adapter = layer.adapters["default"]
+    seen = seen_at_site(model, site)
+    adapter = model.base_model.get_submodule(site).adapters["default"]
     return {k: v.detach() for k, v in adapter.tensors().items()}, seen
 
 
