@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from peftkit.plugins.lokr.fused import fused_lokr, rank_major_products
+from peftkit.plugins.lokr.fused import dense_is_cheaper, fused_lokr, rank_major_products
 from tests.method_helpers import frozen_layer
 
 OUT_L, OUT_K, IN_M, IN_N, R = 2, 5, 3, 4, 2
@@ -50,14 +50,17 @@ def test_rank_major_products_hold_x_w2b_and_w1s_times_it_rank_first() -> None:
     torch.testing.assert_close(u_t, u.permute(2, 0, 1).reshape(R * 3, OUT_L))
 
 
+@pytest.mark.parametrize("scale", [1.0, 0.3])
 @pytest.mark.parametrize("conv1d, bias", [(False, True), (False, False), (True, True), (True, False)])
-def test_output_and_every_gradient_equal_the_kronecker_formula(conv1d: bool, bias: bool) -> None:
+def test_output_and_every_gradient_equal_the_kronecker_formula(conv1d: bool, bias: bool, scale: float) -> None:
+    """The scale multiplies the update (w1's gradient included): x (W + s kron(w1, w2_a w2_b))^T + b."""
     base = _base(conv1d, bias)
     w1s, w2_a, w2_b = _factors()
     x = torch.randn(2, 3, IN, dtype=D, requires_grad=True)
-    out = fused_lokr(x, w1s, w2_a, w2_b, base, IN_M)
+    out = fused_lokr(x, w1s, w2_a, w2_b, base, IN_M, scale) if scale != 1.0 else fused_lokr(x, w1s, w2_a, w2_b,
+                                                                                             base, IN_M)
     assert out.shape == (2, 3, OUT)
-    expected = _hand(x, base, w1s, w2_a, w2_b)
+    expected = _hand(x, base, w1s * scale, w2_a, w2_b)
     torch.testing.assert_close(out, expected)
     seed = torch.randn_like(expected)
     leaves = [x, w1s, w2_a, w2_b]
@@ -81,27 +84,69 @@ def test_only_the_gradients_asked_for_are_computed_and_right(trained: str) -> No
     torch.testing.assert_close(leaf.grad, torch.autograd.grad(_hand(x, base, w1s, w2_a, w2_b), [leaf], seed)[0])
 
 
+@pytest.mark.parametrize("tokens", [1, 6])  # the products, and the update added to a copy of W
 @pytest.mark.parametrize("conv1d, bias", [(False, True), (False, False), (True, True), (True, False)])
-def test_inference_runs_the_same_formula_without_an_autograd_node(conv1d: bool, bias: bool) -> None:
+def test_inference_runs_the_same_formula_without_an_autograd_node(conv1d: bool, bias: bool, tokens: int) -> None:
     base = _base(conv1d, bias)
     w1s, w2_a, w2_b = _factors()
-    x = torch.randn(2, 3, IN, dtype=D)
+    x = torch.randn(tokens, 1, IN, dtype=D)
+    weight_before = base.weight.clone()
     with torch.no_grad():
-        out = fused_lokr(x, w1s, w2_a, w2_b, base, IN_M)
-        expected = _hand(x, base, w1s, w2_a, w2_b)
-    assert out.grad_fn is None and out.shape == (2, 3, OUT)
+        out = fused_lokr(x, w1s, w2_a, w2_b, base, IN_M, 0.3)
+        expected = _hand(x, base, w1s * 0.3, w2_a, w2_b)
+    assert out.grad_fn is None and out.shape == (tokens, 1, OUT)
     torch.testing.assert_close(out, expected)
+    assert torch.equal(base.weight, weight_before)  # the copy took the update, not W
+
+
+def test_dense_is_cheaper_when_the_products_move_more_memory_than_a_weight_pass() -> None:
+    """2 out in floats (the weight read and its copy written) against tokens (in + 2 out + 2 r (in_m + out_l)):
+    out_l=1, out_k=4, in_m=1, in_n=4, r=1 gives 32 against 16 a token."""
+    assert not dense_is_cheaper(2, 1, 4, 1, 4, 1)  # 32 == 32: the products
+    assert dense_is_cheaper(3, 1, 4, 1, 4, 1)
+    assert dense_is_cheaper(512, 16, 32, 16, 32, 8)  # the perf table's 512x512 layer, 512 tokens
+    assert not dense_is_cheaper(128, 16, 32, 16, 32, 8)
+    # one token exactly at the crossover on factors of different sizes (any other count tips it), two above
+    for out_l, out_k, in_m, in_n, r in [(1, 2, 3, 4, 4), (3, 2, 1, 4, 4), (2, 5, 1, 2, 3), (6, 1, 3, 2, 3)]:
+        assert 2 * out_l * out_k * in_m * in_n == in_m * in_n + 2 * out_l * out_k + 2 * r * (in_m + out_l)
+        assert not dense_is_cheaper(1, out_l, out_k, in_m, in_n, r)
+        assert dense_is_cheaper(2, out_l, out_k, in_m, in_n, r)
+
+
+@pytest.mark.parametrize("tokens, dtype, dense", [(1, D, False), (6, D, True), (6, torch.float32, True),
+                                                  (6, torch.bfloat16, False)])
+def test_inference_takes_the_dense_form_only_when_cheaper_and_in_32_or_64_bits(tokens: int, dtype: torch.dtype,
+                                                                                dense: bool) -> None:
+    """Which form ran, told by its matrix-product FLOPs (addmm_ is not counted): the dense form is one product
+    over W's copy plus w2_a w2_b; the products' are X w2_b^T and w1 times it (the last adds in place). In
+    16 bits the copy of W would round a small update away, so the products run."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    assert dense_is_cheaper(6, OUT_L, OUT_K, IN_M, IN_N, R) and not dense_is_cheaper(1, OUT_L, OUT_K, IN_M, IN_N, R)
+    base = frozen_layer(IN, OUT, bias=False, dtype=dtype)
+    w1s, w2_a, w2_b = (t.detach().to(dtype) for t in _factors())
+    x = torch.randn(tokens, IN, dtype=dtype)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        fused_lokr(x, w1s, w2_a, w2_b, base, IN_M)
+    base_flops = 2 * tokens * OUT * IN
+    if dense:
+        assert counter.get_total_flops() == base_flops + 2 * OUT_K * R * IN_N
+    else:
+        assert counter.get_total_flops() == base_flops + 2 * R * tokens * IN_M * IN_N + 2 * R * tokens * IN_M * OUT_L
 
 
 def _backward_products(trained: set[str]) -> int:
     """Matrix-product FLOPs of the fused backward on 7 tokens when only ``trained`` take gradients:
-    g's products through w2_a and w1 (always: every gradient needs them), then one product per
-    gradient asked for (the input's: g W; its LoKr part is accumulated by addmm_, not counted)."""
+    g's product through w2_a when w1's, w2_b's or the input's gradient is asked for, the next one through
+    w1 when w2_b's or the input's is, then one product per gradient asked for (the input's: g W; its LoKr
+    part is accumulated by addmm_, not counted)."""
     t = 7
-    through = 2 * R * OUT_K * t * OUT_L + 2 * R * t * OUT_L * IN_M  # g_u_t, g_z_t
+    g_u_t = 2 * R * OUT_K * t * OUT_L if trained & {"x", "w1s", "w2_b"} else 0
+    g_z_t = 2 * R * t * OUT_L * IN_M if trained & {"x", "w2_b"} else 0
     own = {"w2_a": 2 * R * t * OUT_L * OUT_K, "w1s": 2 * OUT_L * R * t * IN_M, "w2_b": 2 * R * t * IN_M * IN_N,
            "x": 2 * t * OUT * IN}
-    return through + sum(own[name] for name in trained)
+    return g_u_t + g_z_t + sum(own[name] for name in trained)
 
 
 @pytest.mark.parametrize("trained", [{"x"}, {"w1s"}, {"w2_a"}, {"w2_b"}, {"x", "w1s", "w2_a", "w2_b"}])

@@ -1,21 +1,27 @@
 """LoKr with a rank-r w2 on a plain linear layer as one fused operation (the layer's whole output).
 
 The update ``s kron(w1, w2_a w2_b) x`` is, per token with its input X as an
-(in_m, in_n) matrix, ``w1s (X w2_b^T) w2_a^T`` (w1s = s w1): three products
-whose intermediates have r columns. They are computed rank-major
+(in_m, in_n) matrix, ``s w1 (X w2_b^T) w2_a^T``: three products whose
+intermediates have r columns. They are computed rank-major
 (:func:`rank_major_products`): the intermediates are laid out (r, tokens, ...)
 and every product is a plain 2-d product of views, so no copy runs between
 them, and every product whose output has an r-sized side has r rows, which CPU
 BLAS runs several times faster than the same product with r columns. The last
-product adds into the base output in place.
+product adds into the base output in place, the scale s riding on it as the
+product's multiplier (no separate scaled copy of w1, no autograd node for it).
 
 In training one autograd node holds the layer: backward runs the same
 rank-major products in reverse, the input gradient ``g W + (LoKr's input
 gradient)`` is accumulated by the last product instead of summing two
-(tokens, in) tensors, and no autograd bookkeeping runs for the views between
-the products. In inference (gradients off) the same products run without an
-autograd node. Values and gradients equal the unfused forward up to float
-rounding (tests/test_fast_paths.py).
+(tokens, in) tensors, no autograd bookkeeping runs for the views between the
+products, and an intermediate gradient is computed only when a gradient asked
+for needs it. In inference (gradients off) no autograd node is made, and when
+the input has so many tokens that the products' passes over the (tokens, in)
+and (tokens, out) tensors move more memory than one pass over the weight
+(:func:`dense_is_cheaper`), the update is added to a temporary copy of the
+weight instead, and the layer is one product. Values and gradients equal the
+unfused forward up to float rounding (tests/test_values_lokr.py,
+tests/test_fast_paths.py).
 """
 
 from __future__ import annotations
@@ -29,65 +35,106 @@ import torch.nn.functional as F
 from peftkit.plugin_api import is_conv1d
 
 
-def rank_major_products(x2: torch.Tensor, w1s: torch.Tensor, w2_b: torch.Tensor,
+def rank_major_products(x2: torch.Tensor, w1: torch.Tensor, w2_b: torch.Tensor,
                         in_m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """For x2 (tokens, in_m * in_n): ``z_t`` = the X w2_b^T of every token as (r, tokens * in_m)
-    (entry [k, (t, i)]) and ``u_t`` = w1s (X w2_b^T) as (r * tokens, out_l) (entry [(k, t), p]).
+    (entry [k, (t, i)]) and ``u_t`` = w1 (X w2_b^T) as (r * tokens, out_l) (entry [(k, t), p]).
     ``u_t.view(r, -1).t()`` is then the (tokens * out_l, r) left factor of the last product."""
     z_t = torch.mm(w2_b, x2.reshape(-1, w2_b.shape[1]).t())
-    u_t = torch.mm(z_t.view(-1, in_m), w1s.t())
+    u_t = torch.mm(z_t.view(-1, in_m), w1.t())
     return z_t, u_t
 
 
-def _lokr_sum(x2: torch.Tensor, w1s: torch.Tensor, w2_a: torch.Tensor, w2_b: torch.Tensor, base: nn.Module,
-              in_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(``x2 W^T + b + kron(w1s, w2_a w2_b) x2``, ``z_t``, ``u_t``): the update's last product adds into the
-    base product in place (``z_t``, ``u_t``: :func:`rank_major_products`' intermediates)."""
-    weight, bias = base.weight, getattr(base, "bias", None)
-    if is_conv1d(base):  # weight stored (in, out)
-        out = torch.addmm(bias, x2, weight) if bias is not None else torch.mm(x2, weight)
-    else:
-        out = F.linear(x2, weight, bias)
-    z_t, u_t = rank_major_products(x2, w1s, w2_b, in_m)
-    out.view(-1, w2_a.shape[0]).addmm_(u_t.view(w2_b.shape[0], -1).t(), w2_a.t())
+def dense_is_cheaper(tokens: int, out_l: int, out_k: int, in_m: int, in_n: int, r: int) -> bool:
+    """Whether adding ``s kron(w1, w2)`` to a temporary copy of the weight moves less memory than the three
+    products: the copy reads and writes the weight once (2 out in floats; the base product then reads the
+    copy instead of the weight), the products read the input once, read and write the output once and
+    write and read both rank-sized intermediates (tokens (in + 2 out + 2 r (in_m + out_l)) floats). On CPU
+    the measured crossover follows this count (512 tokens on 512x512: dense about 2x cheaper; 128: 2x
+    dearer)."""
+    weight_pass = 2 * out_l * out_k * in_m * in_n
+    product_passes = tokens * (in_m * in_n + 2 * out_l * out_k + 2 * r * (in_m + out_l))
+    return weight_pass < product_passes
+
+
+def _base_product(x2: torch.Tensor, weight: torch.Tensor, base: nn.Module) -> torch.Tensor:
+    """``x2 W^T + b`` for ``weight`` in ``base``'s stored layout (GPT-2's Conv1D: (in, out))."""
+    bias = getattr(base, "bias", None)
+    if is_conv1d(base):
+        return torch.addmm(bias, x2, weight) if bias is not None else torch.mm(x2, weight)
+    return F.linear(x2, weight, bias)
+
+
+def _lokr_sum(x2: torch.Tensor, w1: torch.Tensor, w2_a: torch.Tensor, w2_b: torch.Tensor, base: nn.Module,
+              in_m: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(``x2 W^T + b + s kron(w1, w2_a w2_b) x2``, ``z_t``, ``u_t``): the update's last product adds into the
+    base product in place, scaled by s (``z_t``, ``u_t``: :func:`rank_major_products`' intermediates)."""
+    out = _base_product(x2, base.weight, base)
+    z_t, u_t = rank_major_products(x2, w1, w2_b, in_m)
+    out.view(-1, w2_a.shape[0]).addmm_(u_t.view(w2_b.shape[0], -1).t(), w2_a.t(), alpha=scale)
     return out, z_t, u_t
 
 
+def _dense_sum(x2: torch.Tensor, w1: torch.Tensor, w2_a: torch.Tensor, w2_b: torch.Tensor, base: nn.Module,
+               in_m: int, scale: float) -> torch.Tensor:
+    """``x2 (W + s kron(w1, w2_a w2_b))^T + b``: the update added to a temporary copy of W in one pass
+    (a broadcast product of w1 and w2, written in W's stored layout), then one product."""
+    out_l, out_k, in_n = w1.shape[0], w2_a.shape[0], w2_b.shape[1]
+    weight = base.weight
+    out_in = weight.t() if is_conv1d(base) else weight
+    blocks = out_in.reshape(out_l, out_k, in_m, in_n)  # [p, q, i, j] = W[(p, q), (i, j)], a view
+    w2 = torch.mm(w2_a, w2_b)
+    merged = torch.addcmul(blocks, w1[:, None, :, None], w2[None, :, None, :], value=scale)
+    merged = merged.reshape(out_in.shape)
+    return _base_product(x2, merged.t() if is_conv1d(base) else merged, base)
+
+
 class _LokrFn(torch.autograd.Function):
-    """y = x W^T + b + kron(w1s, w2_a w2_b) x, w1s = s * w1; x as (tokens, in_m * in_n)."""
+    """y = x W^T + b + s kron(w1, w2_a w2_b) x; x as (tokens, in_m * in_n)."""
 
     @staticmethod
-    def forward(ctx: Any, x2: torch.Tensor, w1s: torch.Tensor, w2_a: torch.Tensor, w2_b: torch.Tensor,
-                base: nn.Module, in_m: int) -> torch.Tensor:
-        out, z_t, u_t = _lokr_sum(x2, w1s, w2_a, w2_b, base, in_m)
-        ctx.save_for_backward(x2, z_t, u_t, w1s, w2_a, w2_b, base.weight)
-        ctx.conv1d, ctx.in_m = is_conv1d(base), in_m
+    def forward(ctx: Any, x2: torch.Tensor, w1: torch.Tensor, w2_a: torch.Tensor, w2_b: torch.Tensor,
+                base: nn.Module, in_m: int, scale: float) -> torch.Tensor:
+        out, z_t, u_t = _lokr_sum(x2, w1, w2_a, w2_b, base, in_m, scale)
+        ctx.save_for_backward(x2, z_t, u_t, w1, w2_a, w2_b, base.weight)
+        ctx.conv1d, ctx.in_m, ctx.scale = is_conv1d(base), in_m, scale
         return out
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x2, z_t, u_t, w1s, w2_a, w2_b, weight = ctx.saved_tensors
-        r, out_l, in_n = w2_b.shape[0], w1s.shape[0], w2_b.shape[1]
+        x2, z_t, u_t, w1, w2_a, w2_b, weight = ctx.saved_tensors
+        need_x, need_w1, need_w2_a, need_w2_b = ctx.needs_input_grad[:4]
+        r, out_l, in_n = w2_b.shape[0], w1.shape[0], w2_b.shape[1]
         g = g.contiguous()
         g_rows = g.view(-1, w2_a.shape[0])  # (tokens * out_l, out_k)
-        grad_w2_a = torch.mm(u_t.view(r, -1), g_rows).t() if ctx.needs_input_grad[2] else None
-        g_u_t = torch.mm(w2_a.t(), g_rows.t()).view(-1, out_l)  # [(k, t), p], as u_t
-        grad_w1s = torch.mm(g_u_t.t(), z_t.view(-1, ctx.in_m)) if ctx.needs_input_grad[1] else None
-        g_z_t = torch.mm(g_u_t, w1s).view(r, -1)  # [k, (t, i)], as z_t
-        grad_w2_b = torch.mm(g_z_t, x2.view(-1, in_n)) if ctx.needs_input_grad[3] else None
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.mm(g, weight.t()) if ctx.conv1d else torch.mm(g, weight)
-            grad_x.view(-1, in_n).addmm_(g_z_t.t(), w2_b)
-        return grad_x, grad_w1s, grad_w2_a, grad_w2_b, None, None
+        grad_w1 = grad_w2_a = grad_w2_b = grad_x = None
+        if need_w2_a:
+            grad_w2_a = torch.mm(u_t.view(r, -1), g_rows).mul_(ctx.scale).t()
+        if need_x or need_w1 or need_w2_b:
+            # the gradient of u (s w2_a^T g), [(k, t), p] as u_t; s is applied to the small w2_a
+            g_u_t = torch.mm(w2_a.t() * ctx.scale, g_rows.t()).view(-1, out_l)
+            if need_w1:
+                grad_w1 = torch.mm(g_u_t.t(), z_t.view(-1, ctx.in_m))
+            if need_x or need_w2_b:
+                g_z_t = torch.mm(g_u_t, w1).view(r, -1)  # [k, (t, i)], as z_t
+                if need_w2_b:
+                    grad_w2_b = torch.mm(g_z_t, x2.view(-1, in_n))
+                if need_x:
+                    grad_x = torch.mm(g, weight.t()) if ctx.conv1d else torch.mm(g, weight)
+                    grad_x.view(-1, in_n).addmm_(g_z_t.t(), w2_b)
+        return grad_x, grad_w1, grad_w2_a, grad_w2_b, None, None, None
 
 
-def fused_lokr(x: torch.Tensor, w1s: torch.Tensor, w2_a: torch.Tensor, w2_b: torch.Tensor, base: nn.Module,
-               in_m: int) -> torch.Tensor:
-    """The whole output of linear layer ``base`` with LoKr's update (w1 already scaled) on input ``x``."""
+def fused_lokr(x: torch.Tensor, w1: torch.Tensor, w2_a: torch.Tensor, w2_b: torch.Tensor, base: nn.Module,
+               in_m: int, scale: float = 1.0) -> torch.Tensor:
+    """The whole output of linear layer ``base`` with LoKr's update ``scale * kron(w1, w2_a w2_b)`` on ``x``."""
     x2 = x.reshape(-1, x.shape[-1])
     if torch.is_grad_enabled():
-        out = _LokrFn.apply(x2, w1s, w2_a, w2_b, base, in_m)
+        out = _LokrFn.apply(x2, w1, w2_a, w2_b, base, in_m, scale)
+    elif x2.element_size() >= 4 and dense_is_cheaper(x2.shape[0], w1.shape[0], w2_a.shape[0], in_m,
+                                                     w2_b.shape[1], w2_b.shape[0]):
+        # float32/64 only: in a 16-bit weight copy a small update would be rounded away
+        out = _dense_sum(x2, w1, w2_a, w2_b, base, in_m, scale)
     else:  # inference: the same products, without an autograd node
-        out, _, _ = _lokr_sum(x2, w1s, w2_a, w2_b, base, in_m)
+        out, _, _ = _lokr_sum(x2, w1, w2_a, w2_b, base, in_m, scale)
     return out.view(*x.shape[:-1], out.shape[-1])

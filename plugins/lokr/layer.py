@@ -114,7 +114,7 @@ class LokrLayer(LayerAdapter):
         if x.dim() < 2 or x.dtype != dtype or base.weight.dtype != dtype or x.device != base.weight.device \
                 or torch.is_autocast_enabled(x.device.type):
             return None
-        return fused_lokr(x, self._w1() * self.scale, self.lokr_w2_a, self.lokr_w2_b, base, s.in_m)
+        return fused_lokr(x, self._w1(), self.lokr_w2_a, self.lokr_w2_b, base, s.in_m, self.scale)
 
     def forward(self, x: torch.Tensor, h: torch.Tensor, base: nn.Module) -> torch.Tensor:
         """h + delta; on a linear layer (no dropout drawing, one dtype) the update's last product
