@@ -442,3 +442,15 @@ def test_a_fusion_that_fails_at_a_later_site_is_removed_from_the_sites_it_was_pl
         model.add_fusion(Fuse("a", "b", name="f"))
     assert not any("f" in layer.fusions for layer in layers.values())
     assert "f" not in model.adapter_state.fusions
+
+
+def test_a_fusion_is_made_on_the_device_of_its_sites_layer():
+    """Each site's fusion gets the device of that site's base layer: a layer on the meta device (a model
+    built there to be loaded later) gets a meta fusion, the other sites CPU ones."""
+    model = lora_model(("a", "b"))
+    site, layer = next((s, l) for s, l in model.tuner_layers() if s.endswith("q_proj"))
+    layer.base_layer.to("meta")
+    model.add_fusion(Fuse("a", "b", name="f"))
+    assert {(p.device.type, p.dtype) for p in layer.fusions["f"].parameters()} == {("meta", torch.float32)}
+    others = [l.fusions["f"] for s, l in model.tuner_layers() if s != site and "f" in l.fusions]
+    assert others and {p.device.type for other in others for p in other.parameters()} == {"cpu"}
