@@ -36,13 +36,16 @@ MODEL_WRITES = [
     ("DELETE", "tag/v0", "changing a repo"),
     ("POST", "super-squash/main", "changing a repo"),
 ]
-# Writes that name their repo in the body: (method, path, action named in the 401).
-REPO_WRITES = [
+# Writes that name their repo in the body, and writes to no endpoint (still refused without a token):
+# (method, path, action named in the 401).
+OTHER_WRITES = [
     ("POST", "/api/repos/create", "creating a repo"),
     ("DELETE", "/api/repos/delete", "deleting a repo"),
     ("POST", "/api/repos/move", "this request"),
+    ("POST", "/api/models/alice/pub", "this request"),
+    ("DELETE", "/api/models", "this request"),
 ]
-ALL_WRITES = [(m, f"/api/models/alice/pub/{tail}", action) for m, tail, action in MODEL_WRITES] + REPO_WRITES
+ALL_WRITES = [(m, f"/api/models/alice/pub/{tail}", action) for m, tail, action in MODEL_WRITES] + OTHER_WRITES
 REPOS = ["alice/pub", "alice/priv", "alice/new", "team/shared"]
 
 

@@ -115,7 +115,8 @@ def test_tags_branches_squash_and_move_answer_and_write_what_they_say(registry):
     reply = call("POST", "/api/models/alice/refs/branch/old", token=tokens["alice"],
                  body=json.dumps({"startingPoint": first}).encode())
     assert reply.status == 200 and store.branch_head("alice/refs", "old") == first
-    assert call("POST", "/api/models/alice/refs/branch/new", token=tokens["alice"], body=b"").status == 200
+    reply = call("POST", "/api/models/alice/refs/branch/new", token=tokens["alice"], body=b"")
+    assert (reply.status, reply.json()) == (200, {})
     assert store.branch_head("alice/refs", "new") == second  # no starting point: main
     assert call("POST", "/api/models/alice/refs/branch/bad", token=tokens["alice"],
                 body=b'{"startingPoint": 1}').status == 400
@@ -267,8 +268,10 @@ def test_create_records_its_caller_as_owner_and_checks_the_namespace_it_names(re
     info = store.repo_info("team/owned")
     assert info.owner == "alice"
     assert store.get_commit("team/owned", info.sha).author == "alice"
-    nested = _create(client, tokens["alice"], name="team/a/b")
-    assert nested.status == 400 and "team/a/b" in nested.json()["error"], nested.body
+    for name, built in (("team/a/b", "team/a/b"), ("//x", "alice//x")):  # split at the first '/' only
+        nested = _create(client, tokens["alice"], name=name)
+        assert (nested.status, nested.json()) == (400, {"error": (
+            f"invalid repo id '{built}': expected 'namespace/name' (for example 'alice/lora-sentiment')")})
     fix = "push to 'bob/...' or to an organization they are a member of"
     for body, message in (
         ({"name": "alice/x"}, f"user 'bob' may not write to 'alice', another user's namespace: {fix}"),
