@@ -171,11 +171,6 @@ class BottleneckAdapter(LayerAdapter):
             out = self.adapter_norm_after(out) + (skip if self.residual else 0)
         return out.to(h.dtype)
 
-    # -- files -------------------------------------------------------------------
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return dict(self.state_dict(keep_vars=True))
-
     def extra_repr(self) -> str:
         kind = "parallel" if self.parallel else "sequential"
         scaling = "learned" if self.adapter_scaling is not None else f"{self.scaling:g}"
