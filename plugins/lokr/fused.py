@@ -6,20 +6,24 @@ intermediates have r columns. They are computed rank-major
 (:func:`rank_major_products`): the intermediates are laid out (r, tokens, ...)
 and every product is a plain 2-d product of views, so no copy runs between
 them, and every product whose output has an r-sized side has r rows, which CPU
-BLAS runs several times faster than the same product with r columns. The last
-product adds into the base output in place, the scale s riding on it as the
-product's multiplier (no separate scaled copy of w1, no autograd node for it).
+BLAS runs several times faster than the same product with r columns. The
+update and the base product share one output tensor: the update's last product
+writes it and the base GEMM accumulates onto it (beta = 1), which reads it
+while computing, so no separate pass over the (tokens, out) output runs (with
+a bias, the base product comes first and the last product adds into it in
+place). The scale s rides on a small factor or the product's multiplier (no
+scaled copy of w1 with its own autograd node).
 
 In training one autograd node holds the layer: backward runs the same
 rank-major products in reverse, the input gradient ``g W + (LoKr's input
-gradient)`` is accumulated by the last product instead of summing two
-(tokens, in) tensors, no autograd bookkeeping runs for the views between the
-products, and an intermediate gradient is computed only when a gradient asked
-for needs it. In inference (gradients off) no autograd node is made, and when
-the input has so many tokens that the products' passes over the (tokens, in)
-and (tokens, out) tensors move more memory than one pass over the weight
-(:func:`dense_is_cheaper`), the update is added to a temporary copy of the
-weight instead, and the layer is one product. Values and gradients equal the
+gradient)`` is one tensor the same way (LoKr's part written first, g W
+accumulated onto it by its GEMM), no autograd bookkeeping runs for the views
+between the products, and an intermediate gradient is computed only when a
+gradient asked for needs it. In inference (gradients off) no autograd node
+is made, and when the input has so many tokens that the products' passes over
+the (tokens, in) and (tokens, out) tensors move more memory than one pass over
+the weight (:func:`dense_is_cheaper`), the update is added to a temporary copy
+of the weight instead, and the layer is one product. Values and gradients equal the
 unfused forward up to float rounding (tests/test_values_lokr.py,
 tests/test_fast_paths.py).
 """
@@ -67,11 +71,19 @@ def _base_product(x2: torch.Tensor, weight: torch.Tensor, base: nn.Module) -> to
 
 def _lokr_sum(x2: torch.Tensor, w1: torch.Tensor, w2_a: torch.Tensor, w2_b: torch.Tensor, base: nn.Module,
               in_m: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(``x2 W^T + b + s kron(w1, w2_a w2_b) x2``, ``z_t``, ``u_t``): the update's last product adds into the
-    base product in place, scaled by s (``z_t``, ``u_t``: :func:`rank_major_products`' intermediates)."""
-    out = _base_product(x2, base.weight, base)
+    """(``x2 W^T + b + s kron(w1, w2_a w2_b) x2``, ``z_t``, ``u_t``: :func:`rank_major_products`'
+    intermediates). Without a bias the update's last product writes the output and the base product adds
+    onto it (the base GEMM reads the output while it computes: no separate pass over it); with a bias the
+    update's last product adds into the base product in place."""
     z_t, u_t = rank_major_products(x2, w1, w2_b, in_m)
-    out.view(-1, w2_a.shape[0]).addmm_(u_t.view(w2_b.shape[0], -1).t(), w2_a.t(), alpha=scale)
+    update_rows = u_t.view(w2_b.shape[0], -1).t()  # (tokens * out_l, r)
+    weight = base.weight
+    if getattr(base, "bias", None) is None:
+        out = torch.mm(update_rows, w2_a.t() * scale).view(x2.shape[0], -1)
+        out.addmm_(x2, weight if is_conv1d(base) else weight.t())
+    else:
+        out = _base_product(x2, weight, base)
+        out.view(-1, w2_a.shape[0]).addmm_(update_rows, w2_a.t(), alpha=scale)
     return out, z_t, u_t
 
 
@@ -119,9 +131,9 @@ class _LokrFn(torch.autograd.Function):
                 g_z_t = torch.mm(g_u_t, w1).view(r, -1)  # [k, (t, i)], as z_t
                 if need_w2_b:
                     grad_w2_b = torch.mm(g_z_t, x2.view(-1, in_n))
-                if need_x:
-                    grad_x = torch.mm(g, weight.t()) if ctx.conv1d else torch.mm(g, weight)
-                    grad_x.view(-1, in_n).addmm_(g_z_t.t(), w2_b)
+                if need_x:  # LoKr's part first; g W adds onto it inside its GEMM (no separate pass)
+                    grad_x = torch.mm(g_z_t.t(), w2_b).view(g.shape[0], -1)
+                    grad_x.addmm_(g, weight.t() if ctx.conv1d else weight)
         return grad_x, grad_w1, grad_w2_a, grad_w2_b, None, None, None
 
 
