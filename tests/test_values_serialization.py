@@ -447,3 +447,50 @@ def test_an_adapterhub_load_asks_the_method_for_its_shared_keys_with_the_adapter
     monkeypatch.setattr(method, "shared_state_file_keys", spy)
     record = loaded.load_adapter(str(tmp_path / "hub"), "x")
     assert calls and all(config is record.config and names == ["phm_rule"] for config, names in calls)
+
+
+# -- layouts that differ between the file and the model ---------------------------------------------------
+
+
+def test_a_reft_rotation_is_saved_as_its_rows_and_loads_back_to_the_same_outputs(tmp_path):
+    """ReFT's file_tensors() (R's rows, r x hidden) are what is saved; the load rebuilds the live frame
+    (tensors_from_file) before comparing with the model's own tensors. A bad R is refused naming folder and site."""
+    from .method_helpers import output_of, randomize
+
+    model = peftkit.adapt(build_tiny("bert"), "loreft[r=2]").eval()
+    randomize(model, seed=5)
+    model.save_adapter(str(tmp_path / "a"))
+    saved = load_file(tmp_path / "a" / ser.WEIGHTS_NAME)
+    site = "base_model.model.bert.encoder.layer.1.units.0."
+    assert {k[len(site):]: tuple(v.shape) for k, v in saved.items() if k.startswith(site)} == {
+        "learned_source.weight": (2, 32), "learned_source.bias": (2,), "projection.weight": (2, 32)}
+    live = ser.adapter_tensors(model, "default", live=True)
+    assert tuple(live[site + "projection.parametrizations.weight.0.base"].shape) == (32, 32)
+    loaded = peftkit.AdaptedModel(build_tiny("bert"))
+    loaded.load_adapter(str(tmp_path / "a"), "default")
+    loaded.eval()
+    assert torch.equal(output_of(loaded, "bert"), output_of(model, "bert"))
+    save_file({**saved, site + "projection.weight": saved[site + "projection.weight"][:1].contiguous()},
+              tmp_path / "a" / ser.WEIGHTS_NAME)
+    assert _refusal(peftkit.AdaptedModel(build_tiny("bert")), tmp_path / "a") == (
+        f"{tmp_path / 'a'}: the tensors at bert.encoder.layer.1: units.0.projection.weight is (1, 32) in the file "
+        f"and (2, 32) (r x hidden) in this adapter; the file was saved for another r or model")
+
+
+def test_an_adapterhub_prefix_loads_back_and_a_missing_one_is_refused_naming_the_folder(tmp_path):
+    """Prefix tuning's model-level prefix in AdapterHub's folder (adapters' flat layout)."""
+    from .method_helpers import output_of, randomize
+
+    spec = "prefix_tuning[num_virtual_tokens=3,token_positions=from_zero]"
+    model = peftkit.adapt(build_tiny("bert"), spec).eval()
+    randomize(model, seed=6)
+    folder = tmp_path / "hub"
+    model.save_adapter(str(folder), format="adapters")
+    loaded = peftkit.AdaptedModel(build_tiny("bert"))
+    loaded.load_adapter(str(folder), "default")
+    loaded.eval()
+    assert torch.equal(output_of(loaded, "bert"), output_of(model, "bert"))
+    weights = load_file(folder / "adapter.safetensors")
+    save_file({k: v for k, v in weights.items() if "prefix" not in k}, folder / "adapter.safetensors")
+    assert _refusal(peftkit.AdaptedModel(build_tiny("bert")), folder).startswith(
+        f"{folder}: the folder has no prefix of adapter 'default'")
