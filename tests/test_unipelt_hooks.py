@@ -10,7 +10,9 @@ import pytest
 import torch
 
 import peftkit
+from peftkit.plugin_api import ModelAdapter
 from peftkit.plugins.prefix_tuning.gating import attention_modules
+from peftkit.plugins.union.layer import UnionModelAdapter
 
 from .method_helpers import output_of, randomize
 from .tiny_models import build_tiny
@@ -96,3 +98,19 @@ def test_hotswap_leaves_one_gate_hook_per_attention_module(tmp_path):
     assert torch.equal(output_of(target, "llama"), expected)
     target.delete_adapter("default")
     assert _hooked(target.base_model) == {}
+
+
+def test_a_union_passes_the_removal_on_to_each_model_level_part():
+    """UnionModelAdapter.removed hands every part the model it leaves (a part may need it to undo its changes)."""
+    class Recorder(ModelAdapter):
+        def __init__(self) -> None:
+            super().__init__()
+            self.left: list[torch.nn.Module] = []
+
+        def removed(self, model: torch.nn.Module) -> None:
+            self.left.append(model)
+
+    parts = {"first": Recorder(), "second": Recorder()}
+    model = build_tiny("llama")
+    UnionModelAdapter(parts).removed(model)
+    assert [part.left for part in parts.values()] == [[model], [model]]
