@@ -48,3 +48,19 @@ def test_a_half_precision_model_merges_through_float32(spec):
         merged[dtype] = model.merge_and_unload().state_dict()
     for name, weight in merged[torch.bfloat16].items():
         assert torch.equal(weight, merged[torch.float32][name].to(torch.bfloat16)), name
+
+
+def test_an_oft_adapter_cast_to_bfloat16_unmerges_through_float32():
+    """A model cast to bfloat16 after adapting (its OFT adapter too) merges and unmerges: the inverse rotation is
+    taken in float32 (torch has no bfloat16 inverse on the CPU), and unmerging gives the weights back to within
+    bfloat16 rounding."""
+    model = peftkit.adapt(build_tiny("llama"), SPECS[0])
+    randomize(model, seed=4, std=0.2)
+    model.to(torch.bfloat16)
+    before = {name: p.detach().clone() for name, p in model.base_model.named_parameters()}
+    model.merge_adapter()
+    merged = dict(model.base_model.named_parameters())
+    assert any(not torch.equal(merged[name], before[name]) for name in before)
+    model.unmerge_adapter()
+    for name, p in model.base_model.named_parameters():
+        torch.testing.assert_close(p, before[name], atol=2 ** -10, rtol=2 ** -7)
