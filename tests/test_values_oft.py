@@ -202,3 +202,54 @@ def test_a_bfloat16_input_to_a_4bit_layer_gets_its_change_as_the_layer_computes_
     assert shifted.dtype == torch.float32 and float(shifted.abs().max()) > 0.1
     assert delta.dtype == torch.bfloat16
     assert torch.equal(delta, (computes(shifted.bfloat16()) - base.bias.detach()).bfloat16())
+
+
+def _linear_site(dtype: torch.dtype = torch.float32) -> tuple[peftkit.AdaptedModel, object, torch.nn.Module]:
+    torch.manual_seed(0)
+    model = peftkit.adapt(torch.nn.Sequential(torch.nn.Linear(32, 16).to(dtype)),
+                          OftConfig(oft_block_size=8, init_weights=False, target_modules=["0"]))
+    layer = _sites(model)[0]
+    return model, layer.adapters["default"], layer.base_layer
+
+
+def test_a_float64_layer_merges_and_unmerges_in_float64():
+    """W R^T and back with R^-1, both in float64: not rounded through float32 on the way."""
+    model, adapter, base = _linear_site(torch.float64)
+    assert adapter.block_matrix().dtype == torch.float64
+    w = base.weight.detach().clone()
+    r = adapter.block_matrix().detach()
+    model.merge_adapter(["default"])
+    torch.testing.assert_close(base.weight.detach(), w @ r.t(), atol=1e-13, rtol=0)
+    model.unmerge_adapter()
+    torch.testing.assert_close(base.weight.detach(), w, atol=1e-13, rtol=0)
+
+
+def test_a_float32_adapter_on_a_base_cast_to_float64_later_merges_in_the_bases_float64():
+    """The merge computes in the precision the base layer calls for (float64), not the adapter's float32: W is
+    not rounded to float32 (R is taken from the float32 rotations exactly)."""
+    model, adapter, base = _linear_site()
+    base.double()
+    assert {p.dtype for p in adapter.parameters()} == {torch.float32}
+    w = base.weight.detach().clone()
+    r = adapter.block_matrix().detach().double()
+    model.merge_adapter(["default"])
+    assert base.weight.dtype == torch.float64
+    torch.testing.assert_close(base.weight.detach(), w @ r.t(), atol=1e-13, rtol=0)
+    model.unmerge_adapter()
+    torch.testing.assert_close(base.weight.detach(), w, atol=1e-6, rtol=0)
+
+
+def test_a_model_cast_to_bfloat16_after_adapting_merges_and_unmerges_through_float32():
+    """model.to(bfloat16) casts the rotations' parameters too; merging rotates W in float32 and unmerging
+    inverts the rotations in float32 (torch has no bfloat16 inverse on CPU), back to W within bfloat16 rounding."""
+    model, adapter, base = _linear_site()
+    model.to(torch.bfloat16)
+    assert {p.dtype for p in adapter.parameters()} == {torch.bfloat16}
+    w = base.weight.detach().clone()
+    r = adapter.block_matrix().detach().double()
+    model.merge_adapter(["default"])
+    assert base.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(base.weight.detach().double(), w.double() @ r.t(), atol=1e-2, rtol=0)
+    model.unmerge_adapter()
+    assert base.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(base.weight.detach().double(), w.double(), atol=2e-2 * float(w.abs().max()), rtol=0)
