@@ -373,3 +373,29 @@ def test_pissa_and_olora_refuse_a_quantized_base_by_its_quantization_and_leave_i
     assert str(refused.value) == (f"lora: init_weights={init!r} rewrites the base weight, which is quantized "
                                   f"({named}); initialise on the unquantized model")
     assert torch.equal(base.weight.data, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_training_dropout_sends_the_dropped_input_through_the_lora_or_the_whole_dora_term(dora, dtype):
+    """Dropout active (training, p > 0): plain LoRA gives h + s B A x_d; DoRA, as PEFT, gives
+    h + (m/n - 1) W x_d + (m/n) s B A x_d, with x_d the dropped-out input. The output keeps h's dtype."""
+    base = _linear(dtype=dtype)
+    lora = _lora(base, dora=dora, dropout=0.5).train()
+    x = _x(2, 4, dtype=dtype)
+    h = base(x)
+    torch.manual_seed(9)
+    with torch.no_grad():
+        out = lora(x, h, base)
+    torch.manual_seed(9)
+    x_d = nn.functional.dropout(x, 0.5, training=True).double()  # the same mask: same shape, dtype and seed
+    assert out.dtype == dtype and x_d.count_nonzero() < x.count_nonzero()
+    change = x_d @ _dense(lora).T
+    if dora:
+        w = base.weight.detach().double()
+        m_over_n = lora.lora_magnitude_vector.detach().double() / (w + _dense(lora)).norm(dim=1)
+        expected = h.double() + (m_over_n - 1) * (x_d @ w.T) + m_over_n * change
+    else:
+        expected = h.double() + change
+    tol = 1e-5 if dtype == torch.float32 else 0.03
+    torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
