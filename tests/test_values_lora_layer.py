@@ -399,3 +399,21 @@ def test_training_dropout_sends_the_dropped_input_through_the_lora_or_the_whole_
         expected = h.double() + change
     tol = 1e-5 if dtype == torch.float32 else 0.03
     torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
+
+
+def test_forward_alone_with_training_dropout_fuses_only_plain_lora_and_uses_the_dropped_input():
+    """At a frozen Linear the fused path (forward_alone) gives h + s B A x_d with the dropout mask it drew,
+    with and without autograd; DoRA with active dropout is left to the unfused forward (None)."""
+    base = _linear().requires_grad_(False)
+    x = _x(2, 4)
+    h = base(x)
+    lora = _lora(base, dropout=0.5).train()
+    for grad in (False, True):
+        torch.manual_seed(9)
+        with torch.set_grad_enabled(grad):
+            alone = lora.forward_alone(x, base)
+        torch.manual_seed(9)
+        x_d = nn.functional.dropout(x, 0.5, training=True).double()
+        assert alone is not None and x_d.count_nonzero() < x.count_nonzero()
+        torch.testing.assert_close(alone.detach().double(), h.double() + x_d @ _dense(lora).T, atol=1e-5, rtol=1e-5)
+    assert _lora(base, dora=True, dropout=0.5).train().forward_alone(x, base) is None
