@@ -8,8 +8,9 @@ and every product is a plain 2-d product of views, so no copy runs between
 them, and every product whose output has an r-sized side has r rows, which CPU
 BLAS runs several times faster than the same product with r columns. The
 update and the base product share one output tensor: the update's last product
-writes it and the base GEMM accumulates onto it (beta = 1), which reads it
-while computing, so no separate pass over the (tokens, out) output runs (with
+writes it and the base GEMM accumulates onto it (beta = 1, written as
+``addmm(out=)``, which FLOP counters see, not ``addmm_``), which reads it while
+computing, so no separate pass over the (tokens, out) output runs (with
 a bias, the base product comes first and the last product adds into it in
 place). The scale s rides on a small factor or the product's multiplier (no
 scaled copy of w1 with its own autograd node).
@@ -80,7 +81,7 @@ def _lokr_sum(x2: torch.Tensor, w1: torch.Tensor, w2_a: torch.Tensor, w2_b: torc
     weight = base.weight
     if getattr(base, "bias", None) is None:
         out = torch.mm(update_rows, w2_a.t() * scale).view(x2.shape[0], -1)
-        out.addmm_(x2, weight if is_conv1d(base) else weight.t())
+        torch.addmm(out, x2, weight if is_conv1d(base) else weight.t(), out=out)  # in place, counted as a product
     else:
         out = _base_product(x2, weight, base)
         out.view(-1, w2_a.shape[0]).addmm_(update_rows, w2_a.t(), alpha=scale)
@@ -133,7 +134,7 @@ class _LokrFn(torch.autograd.Function):
                     grad_w2_b = torch.mm(g_z_t, x2.view(-1, in_n))
                 if need_x:  # LoKr's part first; g W adds onto it inside its GEMM (no separate pass)
                     grad_x = torch.mm(g_z_t.t(), w2_b).view(g.shape[0], -1)
-                    grad_x.addmm_(g, weight.t() if ctx.conv1d else weight)
+                    torch.addmm(grad_x, g, weight.t() if ctx.conv1d else weight, out=grad_x)
         return grad_x, grad_w1, grad_w2_a, grad_w2_b, None, None, None
 
 
