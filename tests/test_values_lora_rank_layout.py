@@ -1,0 +1,60 @@
+"""The fused LoRA / DoRA layer (plugins/lora/fused.py) on both sides of ``TOKEN_MAJOR_FROM_RANK``, where
+its rank-sized products change layout (rank-major below, token-major from it on): the output and every
+gradient (input, LoRA input under dropout, A, B, DoRA's magnitude) against hand formulas in float64, on
+nn.Linear and GPT-2's Conv1D, in training and inference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peftkit.plugins.lora.fused import fused_lora, TOKEN_MAJOR_FROM_RANK
+from tests.method_helpers import frozen_layer
+
+IN, OUT, SCALE = 40, 24, 0.75
+D = torch.float64
+RANKS = [TOKEN_MAJOR_FROM_RANK - 1, TOKEN_MAJOR_FROM_RANK, TOKEN_MAJOR_FROM_RANK + 5]
+
+
+def _weight_out_in(base: torch.nn.Module) -> torch.Tensor:
+    return base.weight.t() if type(base).__name__ == "Conv1D" else base.weight
+
+
+def _hand(x, x_d, a, b, base, magnitude=None):
+    """x W^T + s (x_d A^T) B^T, rows rescaled by m / ||W + s B A|| (detached) for DoRA, plus the bias."""
+    w = _weight_out_in(base)
+    out = x @ w.t() + SCALE * (x_d @ a.t()) @ b.t()
+    if magnitude is not None:
+        out = (magnitude / (w + SCALE * b @ a).norm(dim=1).detach()) * out
+    return out if base.bias is None else out + base.bias
+
+
+@pytest.mark.parametrize("r", RANKS)
+@pytest.mark.parametrize("conv1d", [False, True])
+@pytest.mark.parametrize("dora", [False, True])
+@pytest.mark.parametrize("own_input", [False, True])
+def test_every_gradient_equals_the_formula_on_both_sides_of_the_layout_switch(r: int, conv1d: bool, dora: bool,
+                                                                              own_input: bool) -> None:
+    base = frozen_layer(IN, OUT, conv1d=conv1d, dtype=D)
+    torch.manual_seed(r)
+    a = torch.randn(r, IN, dtype=D, requires_grad=True)
+    b = torch.randn(OUT, r, dtype=D, requires_grad=True)
+    x = torch.randn(2, 9, IN, dtype=D, requires_grad=True)
+    x_d = torch.randn(2, 9, IN, dtype=D, requires_grad=True) if own_input else None
+    inputs = [x, a, b] + ([x_d] if own_input else [])
+    magnitude = norm = None
+    if dora:
+        magnitude = torch.linspace(0.5, 2.0, OUT, dtype=D).requires_grad_(True)
+        norm = (_weight_out_in(base) + SCALE * b @ a).norm(dim=1).detach()
+        inputs.append(magnitude)
+    out = fused_lora(x, x_d, a, b, base, SCALE, magnitude, norm)
+    expected = _hand(x, x if x_d is None else x_d, a, b, base, magnitude)
+    assert out.shape == (2, 9, OUT)
+    torch.testing.assert_close(out, expected)
+    seed = torch.randn_like(expected)
+    for got, want in zip(torch.autograd.grad(out, inputs, seed), torch.autograd.grad(expected, inputs, seed)):
+        torch.testing.assert_close(got, want)
+    with torch.no_grad():
+        inferred = fused_lora(x, x_d, a, b, base, SCALE, magnitude, norm)
+    assert inferred.grad_fn is None
+    torch.testing.assert_close(inferred, expected.detach())
