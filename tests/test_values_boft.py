@@ -187,9 +187,9 @@ def test_a_float64_layer_merges_and_unmerges():
     model.train()  # dropout never reaches a merge
     model.merge_adapter(["default"])
     assert base.weight.dtype == torch.float64
-    torch.testing.assert_close(base.weight.detach(), (w @ m.t()) * s, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(base.weight.detach(), (w @ m.t()) * s, atol=1e-13, rtol=0)  # not via float32
     model.unmerge_adapter()
-    torch.testing.assert_close(base.weight.detach(), w, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(base.weight.detach(), w, atol=1e-13, rtol=0)
 
 
 def test_a_block_count_plan_needs_a_multiple_of_2_to_the_extra_factors_and_at_most_log2_of_it():
@@ -217,3 +217,44 @@ def test_a_bfloat16_input_to_a_4bit_layer_gets_s_times_the_turned_output_less_th
     assert delta.dtype == torch.bfloat16
     turned, plain = computes(rotated.bfloat16()) - bias, computes(x) - bias
     assert torch.equal(delta, (turned * scale - plain).bfloat16())
+
+
+def _linear_site() -> tuple[peftkit.AdaptedModel, object, torch.nn.Module]:
+    torch.manual_seed(0)
+    model = peftkit.adapt(torch.nn.Sequential(torch.nn.Linear(16, 8)),
+                          BoftConfig(boft_block_size=4, init_weights=False, target_modules=["0"]))
+    layer = _sites(model)[0]
+    return model, layer.adapters["default"], layer.base_layer
+
+
+def test_a_float32_adapter_on_a_base_cast_to_float64_later_merges_and_unmerges_in_float64():
+    """Merging and unmerging compute in the precision the base layer calls for (float64), with M and s taken
+    exactly from the float32 adapter: W is not rounded to float32 on the way."""
+    model, adapter, base = _linear_site()
+    base.double()
+    assert {p.dtype for p in adapter.parameters()} == {torch.float32}
+    w = base.weight.detach().clone()
+    m, s = adapter.matrix().detach().double(), adapter.boft_s.detach().double().reshape(-1, 1)
+    model.merge_adapter(["default"])
+    assert base.weight.dtype == torch.float64
+    merged = base.weight.detach().clone()
+    torch.testing.assert_close(merged, (w @ m.t()) * s, atol=1e-13, rtol=0)
+    model.unmerge_adapter()  # M^T undoes M up to the float32 rounding of the blocks: check the formula itself
+    torch.testing.assert_close(base.weight.detach(), (merged @ m) / s, atol=1e-13, rtol=0)
+    torch.testing.assert_close(base.weight.detach(), w, atol=1e-6, rtol=0)
+
+
+def test_a_float64_adapter_on_a_base_cast_to_float32_later_unmerges_in_float32():
+    """On a float32 base, unmerging rotates back and divides by s in float32: s is rounded to float32 first."""
+    model, adapter, base = _linear_site()
+    adapter.double()
+    with torch.no_grad():  # scales that float32 cannot hold
+        adapter.boft_s.copy_(0.5 + torch.rand(adapter.boft_s.shape, dtype=torch.float64,
+                                              generator=torch.Generator().manual_seed(1)))
+    model.merge_adapter(["default"])
+    merged = base.weight.detach().clone()
+    assert merged.dtype == torch.float32
+    m = adapter.matrix(adapter.blocks().float()).detach()
+    s = adapter.boft_s.detach().float().reshape(-1, 1)
+    model.unmerge_adapter()
+    assert torch.equal(base.weight.detach(), (merged @ m) / s)
