@@ -58,3 +58,20 @@ def test_every_gradient_equals_the_formula_on_both_sides_of_the_layout_switch(r:
         inferred = fused_lora(x, x_d, a, b, base, SCALE, magnitude, norm)
     assert inferred.grad_fn is None
     torch.testing.assert_close(inferred, expected.detach())
+
+
+@pytest.mark.parametrize("r", RANKS)
+def test_the_saved_rank_intermediate_is_laid_out_by_the_rank_alone(r: int):
+    """Below the switch ``A x^T`` is computed as written (a contiguous (r, tokens) tensor); from it on it is
+    the transposed view of ``x A^T``. The layout is the switch's whole effect (values are equal), so it is
+    checked on the tensor the layer saves for backward; the layer is wider than the switch rank, so only
+    the rank decides."""
+    base = frozen_layer(IN, OUT, dtype=D)
+    x = torch.randn(7, IN, dtype=D)
+    a = torch.randn(r, IN, dtype=D, requires_grad=True)
+    b = torch.randn(OUT, r, dtype=D, requires_grad=True)
+    out = fused_lora(x, None, a, b, base, SCALE)
+    node = out.grad_fn.next_functions[0][0]  # the layer's own node, under the final reshape
+    xa_t = next(t for t in node.saved_tensors if t.shape == (r, 7))
+    torch.testing.assert_close(xa_t, a.detach() @ x.t(), rtol=0, atol=1e-12)
+    assert xa_t.is_contiguous() is (r < TOKEN_MAJOR_FROM_RANK)
