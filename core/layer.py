@@ -177,7 +177,7 @@ class ModelAdapter(nn.Module):
 
     ``prepare(args, kwargs)`` is called before every forward of the base model
     (generate() included) while the adapter is active, and returns new
-    ``(args, kwargs)``; ``finish(output)`` may rewrite the output.
+    ``(args, kwargs)``.
     """
 
     def prepare(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -188,9 +188,6 @@ class ModelAdapter(nn.Module):
         starts; for inputs that generate() consumes without a forward of the whole
         model (an encoder-decoder model runs its encoder directly)."""
         return args, kwargs
-
-    def finish(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        return output
 
     def removed(self, model: nn.Module) -> None:
         """Called when this adapter leaves ``model`` (``delete_adapter``, ``merge_and_unload``), or when it was
