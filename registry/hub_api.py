@@ -182,7 +182,8 @@ class HubApi:
         upload costs nothing. It raises what :meth:`dispatch` would (401, 403,
         or 404 for a private repo the caller cannot see); dispatch still makes
         every check itself. Every method but GET/HEAD under ``/api/`` counts as
-        a write except the read-only POSTs (``paths-info``, ``validate-yaml``).
+        a write except the read-only POSTs (``paths-info``, ``validate-yaml``). The 401 without a token
+        names the action as the endpoint's own check does ("moving a repo", "changing tags", ...).
         """
         s = req.segments
         if req.method in ("GET", "HEAD") or not s or s[0] != "api" or s == ["api", "validate-yaml"]:
@@ -191,11 +192,13 @@ class HubApi:
             if s[4] == "paths-info":
                 return
             actions = {"commit": "committing", "preupload": "uploading", "branch": "changing branches",
-                       "settings": "changing repo settings"}
+                       "settings": "changing repo settings", "tag": "changing tags",
+                       "super-squash": "squashing history"}
             self._writable(req, self._repo_id(s[2], s[3]), actions.get(s[4], "changing a repo"))
             return
-        actions = {"create": "creating a repo", "delete": "deleting a repo"}
-        principal = self._require_principal(req, actions.get(s[-1], "this request"))
+        # The endpoints that name their repo in the body; only a path that is no endpoint is "this request".
+        actions = {"repos/create": "creating a repo", "repos/delete": "deleting a repo", "repos/move": "moving a repo"}
+        principal = self._require_principal(req, actions.get("/".join(s[1:]), "this request"))
         principal.check_write(principal.user)  # a read-only token: 403 before the body
 
     def dispatch(self, req: Request) -> Response:

@@ -32,18 +32,21 @@ MODEL_WRITES = [
     ("POST", "branch/dev", "changing branches"),
     ("DELETE", "branch/dev", "changing branches"),
     ("PUT", "settings", "changing repo settings"),
-    ("POST", "tag/main", "changing a repo"),
-    ("DELETE", "tag/v0", "changing a repo"),
-    ("POST", "super-squash/main", "changing a repo"),
+    ("POST", "tag/main", "changing tags"),
+    ("DELETE", "tag/v0", "changing tags"),
+    ("POST", "super-squash/main", "squashing history"),
 ]
 # Writes that name their repo in the body, and writes to no endpoint (still refused without a token):
 # (method, path, action named in the 401).
 OTHER_WRITES = [
     ("POST", "/api/repos/create", "creating a repo"),
     ("DELETE", "/api/repos/delete", "deleting a repo"),
-    ("POST", "/api/repos/move", "this request"),
+    ("POST", "/api/repos/move", "moving a repo"),
     ("POST", "/api/models/alice/pub", "this request"),
     ("DELETE", "/api/models", "this request"),
+    ("POST", "/api/models/create", "this request"),  # not /api/repos/create: no endpoint
+    ("DELETE", "/api/delete", "this request"),
+    ("POST", "/api/models/alice/pub/rename", "changing a repo"),  # under a repo, but no endpoint
 ]
 ALL_WRITES = [(m, f"/api/models/alice/pub/{tail}", action) for m, tail, action in MODEL_WRITES] + OTHER_WRITES
 REPOS = ["alice/pub", "alice/priv", "alice/new", "team/shared"]

@@ -377,6 +377,12 @@ def test_model_info_at_a_revision_describes_that_commit(registry):
     ("POST", "/api/models/alice/own/tag/main", "changing tags"),
     ("POST", "/api/models/alice/own/branch/b2", "changing branches"),
     ("POST", "/api/repos/move", "moving a repo"),
+    ("DELETE", "/api/repos/delete", "deleting a repo"),
+    ("POST", "/api/models/alice/own/preupload/main", "uploading"),
+    ("PUT", "/api/models/alice/own/settings", "changing repo settings"),
+    ("DELETE", "/api/models/alice/own/tag/v0", "changing tags"),
+    ("DELETE", "/api/models/alice/own/branch/b2", "changing branches"),
+    ("POST", "/api/models/alice/own/super-squash/main", "squashing history"),
 ])
 def test_each_endpoint_without_the_early_refusal_names_its_action_in_the_401(endpoint_only, method, path, action):
     store, client, _ = endpoint_only
