@@ -7,6 +7,7 @@ check for its own method.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Callable
 
@@ -328,3 +329,35 @@ def seen_at_site(model: peftkit.AdaptedModel, site: str, arch: str = "bert", nam
             handle.remove()
     seen["source"] = layer.input_of(name, seen["x"])
     return seen
+
+
+
+def llama_logits(model: Any, dtype: torch.dtype) -> torch.Tensor:
+    """The logits of a tiny Llama on ``sample_inputs("llama")`` (token ids: no input dtype to follow)."""
+    return output_tensor(model(**sample_inputs("llama")))
+
+
+def cast_after_adapting_matches_float32(model: peftkit.AdaptedModel, dtype: torch.dtype,
+                                        run: Callable[[Any, torch.dtype], torch.Tensor] = llama_logits) -> None:
+    """``model``, adapted in float32, cast to ``dtype`` with ``model.to``: its output (``run(model, dtype)``),
+    the gradients of the trained tensors and the merged weights equal a float32 twin's holding the same
+    (rounded) values, within the half type's precision (relative to each tensor's largest value)."""
+    half = model.to(dtype)
+    twin = copy.deepcopy(half).float()
+    assert all(p.dtype == dtype for p in half.adapter_parameters("default"))
+    relative = 3e-2 if dtype == torch.bfloat16 else 4e-3
+
+    def close(got: torch.Tensor, want: torch.Tensor) -> None:
+        assert got.dtype == dtype and want.abs().max() > 0
+        torch.testing.assert_close(got.float(), want, atol=relative * float(want.abs().max()), rtol=0)
+
+    outputs = [run(half, dtype), run(twin, torch.float32)]
+    close(outputs[0].detach(), outputs[1].detach())
+    for out in outputs:  # a sum, not a mean: float16 gradients of a mean of a tiny model's logits are subnormal
+        out.float().pow(2).sum().backward()
+    for p, q in zip(half.adapter_parameters("default"), twin.adapter_parameters("default"), strict=True):
+        close(p.grad, q.grad)
+    for m in (half, twin):
+        m.merge_adapter(["default"])
+    for (_, a), (_, b) in zip(half.tuner_layers(), twin.tuner_layers(), strict=True):
+        close(a.base_layer.weight.detach(), b.base_layer.weight.detach())

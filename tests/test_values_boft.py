@@ -11,7 +11,7 @@ import torch
 
 import peftkit
 from peftkit.plugins.boft.config import BoftConfig
-from tests.method_helpers import four_bit_site, quantized_matches_twin
+from tests.method_helpers import cast_after_adapting_matches_float32, four_bit_site, quantized_matches_twin
 from tests.tiny_models import build_tiny
 
 
@@ -258,3 +258,20 @@ def test_a_float64_adapter_on_a_base_cast_to_float32_later_unmerges_in_float32()
     s = adapter.boft_s.detach().float().reshape(-1, 1)
     model.unmerge_adapter()
     assert torch.equal(base.weight.detach(), (merged @ m) / s)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_model_cast_to_half_precision_after_adapting_runs_trains_and_merges_like_float32(dtype):
+    """Regression: model.to(bfloat16) after adapting cast boft_R too, and torch has no half-precision solve on
+    the CPU; the blocks are now computed in float32 (as on a model adapted in half precision)."""
+    torch.manual_seed(0)
+    model = peftkit.adapt(build_tiny("llama"), "boft[boft_block_size=4,boft_n_butterfly_factor=2,init_weights=false]")
+    cast_after_adapting_matches_float32(model, dtype)
+
+
+def test_a_conv2d_cast_to_bfloat16_after_adapting_runs_trains_and_merges_like_float32():
+    torch.manual_seed(0)
+    model = peftkit.adapt(torch.nn.Sequential(torch.nn.Conv2d(8, 6, 3)),
+                          BoftConfig(boft_block_size=4, init_weights=False, target_modules=["0"]))
+    x = torch.randn(2, 8, 5, 5)
+    cast_after_adapting_matches_float32(model, torch.bfloat16, lambda m, dtype: m(x.to(dtype)))

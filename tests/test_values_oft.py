@@ -10,7 +10,7 @@ import torch
 
 import peftkit
 from peftkit.plugins.oft.config import OftConfig
-from tests.method_helpers import four_bit_site, quantized_matches_twin
+from tests.method_helpers import cast_after_adapting_matches_float32, four_bit_site, quantized_matches_twin
 from tests.tiny_models import build_tiny
 
 
@@ -253,3 +253,24 @@ def test_a_model_cast_to_bfloat16_after_adapting_merges_and_unmerges_through_flo
     model.unmerge_adapter()
     assert base.weight.dtype == torch.bfloat16
     torch.testing.assert_close(base.weight.detach().double(), w.double(), atol=2e-2 * float(w.abs().max()), rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("options", ["use_cayley_neumann=false", "use_cayley_neumann=false,coft=true,eps=0.5",
+                                     "use_cayley_neumann=true"])
+def test_a_model_cast_to_half_precision_after_adapting_runs_trains_and_merges_like_float32(options, dtype):
+    """Regression: model.to(bfloat16) after adapting cast oft_R too, and torch has no half-precision solve on
+    the CPU (the exact Cayley form); the rotations are now computed in float32 (as on a model adapted in half
+    precision)."""
+    torch.manual_seed(0)
+    model = peftkit.adapt(build_tiny("llama"), f"oft[oft_block_size=4,{options},init_weights=false]")
+    cast_after_adapting_matches_float32(model, dtype)
+
+
+def test_a_conv2d_cast_to_bfloat16_after_adapting_runs_trains_and_merges_like_float32():
+    torch.manual_seed(0)
+    model = peftkit.adapt(torch.nn.Sequential(torch.nn.Conv2d(4, 6, 3)),
+                          OftConfig(oft_block_size=4, use_cayley_neumann=False, init_weights=False,
+                                    target_modules=["0"]))
+    x = torch.randn(2, 4, 5, 5)
+    cast_after_adapting_matches_float32(model, torch.bfloat16, lambda m, dtype: m(x.to(dtype)))

@@ -55,8 +55,12 @@ class BoftLayer(LayerAdapter):
 
     def blocks(self) -> torch.Tensor:
         """The orthogonal blocks, (factors, block_num, size, size): Cayley transforms of each trained
-        matrix's skew-symmetric part."""
-        r = self.boft_R
+        matrix's skew-symmetric part.
+
+        In float32 when the parameters are half precision (a model cast with ``model.to(torch.bfloat16)``
+        after adapting): torch has no half-precision solve on the CPU, and float32 is the precision an
+        adapter made on a half model trains and runs in anyway (``adapter_dtype``)."""
+        r = self.boft_R.to(torch.promote_types(self.boft_R.dtype, torch.float32))
         skew = 0.5 * (r - r.transpose(-2, -1))
         eye = torch.eye(r.shape[-1], device=r.device, dtype=r.dtype).expand_as(skew)
         return torch.linalg.solve(eye + skew, eye - skew, left=False)  # B (I + S) = I - S
@@ -90,8 +94,9 @@ class BoftLayer(LayerAdapter):
 
     def matrix(self, blocks: torch.Tensor | None = None) -> torch.Tensor:
         """M as one (features, features) matrix (the rows of the identity, rotated)."""
-        eye = torch.eye(self.butterfly.features, device=self.boft_R.device, dtype=self.boft_R.dtype)
-        return self.rotate(eye, self.blocks() if blocks is None else blocks)
+        blocks = self.blocks() if blocks is None else blocks
+        eye = torch.eye(self.butterfly.features, device=blocks.device, dtype=blocks.dtype)
+        return self.rotate(eye, blocks)
 
     def _scale_column(self) -> torch.Tensor:
         """s as an (out, 1) column."""

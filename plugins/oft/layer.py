@@ -68,10 +68,14 @@ class OftLayer(LayerAdapter):
             self.weight.copy_(scaled[:, self.rows, self.cols])
 
     def rotations(self) -> torch.Tensor:
-        """The trained rotations, (stored, size, size)."""
+        """The trained rotations, (stored, size, size).
+
+        In float32 when the parameters are half precision (a model cast with ``model.to(torch.bfloat16)``
+        after adapting): torch has no half-precision solve on the CPU, and float32 is the precision an
+        adapter made on a half model trains and runs in anyway (``adapter_dtype``)."""
         if self.coft:
             self._constrain()
-        q = self._skew(self.weight)
+        q = self._skew(self.weight.to(torch.promote_types(self.weight.dtype, torch.float32)))
         eye = torch.eye(self.blocks.size, device=q.device, dtype=q.dtype)
         if not self.use_cayley_neumann:
             # R (I + Q) = I - Q
@@ -124,9 +128,11 @@ class OftLayer(LayerAdapter):
 
     def delta(self, x: torch.Tensor, h: torch.Tensor, base: nn.Module) -> torch.Tensor:
         if self.conv:
-            change = self._rotated_filters(base, self._rotations_for_use()) - base.weight.to(self.weight.dtype)
+            filters = self._rotated_filters(base, self._rotations_for_use())
+            change = filters - base.weight.to(filters.dtype)
             return base._conv_forward(x.to(change.dtype), change, None).to(h.dtype)
-        shifted = self.rotate(x) - x.to(self.weight.dtype)
+        rotated = self.rotate(x)
+        shifted = rotated - x.to(rotated.dtype)
         if self.quantized:  # W (R x - x) through the layer itself, without its bias
             bias = getattr(base, "bias", None)
             out = base(shifted.to(x.dtype))
