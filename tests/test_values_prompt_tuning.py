@@ -39,3 +39,34 @@ def test_prompt_tuning_equals_the_base_model_on_the_prompt_then_the_input(arch):
     torch.testing.assert_close(adapted, expected, atol=1e-5, rtol=1e-5)
     if adapted.shape == plain.shape:
         assert not torch.allclose(adapted, plain, atol=1e-3)
+
+
+@pytest.mark.parametrize("arch", ["llama", "t5"])
+def test_the_prompt_gradient_is_the_batch_sum_of_the_gradients_at_the_prompt_positions(arch):
+    """A training step against a hand computation: the base model run on a per-row copy of the prompt
+    (a leaf of shape (batch, P, hidden)) in front of the embedded input; the prompt's gradient is that
+    leaf's gradient summed over the batch. T5's parameter has 2P rows (PEFT's geometry), of which the
+    forward reads the first P: the other P get a zero gradient."""
+    model = peftkit.adapt(build_tiny(arch), f"prompt_tuning[num_virtual_tokens={P}]")
+    randomize(model, "default", seed=3, scale=0.5)
+    model.eval()  # no dropout (T5 has some): both runs must see the same network
+    [prompt] = [p for n, p in model.named_parameters() if n.endswith("prompt_embeddings")]
+    inputs = sample_inputs(arch)
+    labels = inputs["decoder_input_ids"] if arch == "t5" else inputs["input_ids"]
+    base = model.base_model
+    embedded = base.get_input_embeddings()(inputs["input_ids"]).detach()
+    batch = embedded.shape[0]
+    head = prompt.detach()[:P].expand(batch, -1, -1).clone().requires_grad_(True)
+    by_hand = {k: v for k, v in inputs.items() if k != "input_ids"}
+    by_hand["inputs_embeds"] = torch.cat([head, embedded], dim=1)
+    by_hand["attention_mask"] = torch.cat([torch.ones(batch, P, dtype=torch.long), inputs["attention_mask"]], 1)
+    by_hand["labels"] = (labels if arch == "t5" else
+                         torch.cat([torch.full((batch, P), -100, dtype=labels.dtype), labels], dim=1))
+    with model.disable_adapters():
+        base(**by_hand).loss.backward()
+    model(**inputs, labels=labels).loss.backward()
+    expected = torch.zeros_like(prompt)
+    expected[:P] = head.grad.sum(0)
+    assert prompt.shape[0] == (2 * P if arch == "t5" else P)
+    assert head.grad.abs().sum() > 0
+    torch.testing.assert_close(prompt.grad, expected, atol=1e-6, rtol=1e-5)

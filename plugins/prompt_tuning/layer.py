@@ -58,8 +58,14 @@ class PromptTuning(PointOutputAdapter):
         self.prompt_embeddings = nn.Parameter(init_weight.detach().clone().float())
 
     def prompt(self, batch: int, dtype: torch.dtype) -> torch.Tensor:
-        """The prompt for a batch: (batch, P, hidden)."""
-        return self.prompt_embeddings[: self.num_virtual_tokens].to(dtype).unsqueeze(0).expand(batch, -1, -1)
+        """The prompt for a batch: (batch, P, hidden), a view of the parameter (no copy unless ``dtype``
+        differs). The parameter is used as it is when it has exactly P rows: a slice would add an
+        autograd node whose backward fills a zero gradient of the whole parameter and copies into it,
+        and ``expand`` adds the batch dimension itself (no ``unsqueeze`` node)."""
+        rows = self.prompt_embeddings
+        if rows.shape[0] != self.num_virtual_tokens:  # encoder-decoder: the first P of 2P rows
+            rows = rows[: self.num_virtual_tokens]
+        return rows.to(dtype).expand(batch, -1, -1)
 
     # -- the forward hook ----------------------------------------------------------------
 
