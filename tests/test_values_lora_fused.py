@@ -225,3 +225,54 @@ def test_dora_backward_sums_the_magnitudes_gradient_only_when_asked(magnitude_tr
         out.backward(torch.randn_like(out))
     assert sum(event.name == "aten::sum" for event in run.events()) == int(magnitude_trained)
     assert (magnitude.grad is not None) == magnitude_trained
+
+
+def _new_output_sized_tensors(run, rows: int) -> int:
+    """How many (rows, OUT) tensors ``run()`` allocates: results of ops whose storage none of the op's
+    arguments (an ``out=`` included) holds; the fused DoRA writes over its buffers where it can."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        fresh = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            held = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                    if isinstance(t, torch.Tensor)}
+            for t in torch.utils._pytree.tree_leaves(result):
+                if isinstance(t, torch.Tensor) and tuple(t.shape) == (rows, OUT) \
+                        and t.untyped_storage().data_ptr() not in held:
+                    Count.fresh += 1
+            return result
+
+    with Count():
+        run()
+    return Count.fresh
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_dora_inference_scales_the_base_product_in_place(bias: bool) -> None:
+    """Without autograd the magnitude scaling (and bias) is written over the (tokens, out) product:
+    one tensor of that size in all, the values the formula's (float64)."""
+    base = _base(bias=bias)
+    a, b = _factors()
+    x = torch.randn(7, IN, dtype=D)
+    magnitude = _magnitude()
+    expected, norm = _dora_hand(x, x, a, b, magnitude, base)
+    with torch.no_grad():
+        assert _new_output_sized_tensors(lambda: fused_lora(x, None, a, b, base, SCALE, magnitude, norm), 7) == 1
+        torch.testing.assert_close(fused_lora(x, None, a, b, base, SCALE, magnitude, norm), expected,
+                                   rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("magnitude_trained", [False, True])
+def test_dora_backward_allocates_one_output_sized_tensor(magnitude_trained: bool) -> None:
+    """The backward's ``g * (m / n)`` reuses the buffer of the magnitude gradient's products ``g * u``."""
+    base = _base()
+    a, b = _factors()
+    magnitude = _magnitude().requires_grad_(magnitude_trained)
+    x = torch.randn(7, IN, dtype=D, requires_grad=True)
+    _, norm = _dora_hand(x, x, a, b, magnitude, base)
+    out = fused_lora(x, None, a, b, base, SCALE, magnitude, norm)
+    seed = torch.randn_like(out)
+    assert _new_output_sized_tensors(lambda: out.backward(seed), 7) == 1

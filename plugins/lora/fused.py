@@ -11,7 +11,9 @@ hold the layer:
 - backward computes the input gradient as ``g W + (s g B) A`` with the second
   product accumulated into the first (no separate sum of two input gradients),
   and folds the LoRA scale into the (r x tokens) intermediate instead of a
-  (tokens x out) tensor.
+  (tokens x out) tensor;
+- DoRA's ``(m / n) * u + b`` is one multiply-add pass, written over ``u`` at inference, and its
+  backward allocates one (tokens x out) tensor (the magnitude gradient's products, then ``g m / n``).
 
 The rank-sized intermediates are kept rank-major, (r, tokens), and every
 product that has r as its output's short side is computed as its transpose
@@ -102,15 +104,17 @@ def _lora_sum(x2: torch.Tensor, lora_in: torch.Tensor, lora_a: torch.Tensor, lor
     return out, xa_t
 
 
-def _dora_output(unscaled: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor,
-                 base: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """(``(m / n) * unscaled + b``, ``m / n``)."""
+def _dora_output(unscaled: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor, base: nn.Module,
+                 in_place: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``(m / n) * unscaled + b``, ``m / n``) in one pass over (tokens, out) (a fused multiply-add with a
+    bias), written over ``unscaled`` when ``in_place`` (inference: nothing else reads it), else into a new
+    tensor (training saves ``unscaled`` for the magnitude's gradient)."""
     mag_scale = (magnitude / norm).to(unscaled.dtype)
-    out = unscaled * mag_scale
     bias = getattr(base, "bias", None)
-    if bias is not None:
-        out.add_(bias)
-    return out, mag_scale
+    into = unscaled if in_place else None
+    if bias is None:
+        return torch.mul(unscaled, mag_scale, out=into), mag_scale
+    return torch.addcmul(bias, unscaled, mag_scale, out=into), mag_scale
 
 
 def _lora_grads(ctx: Any, g: torch.Tensor, lora_in: torch.Tensor, xa_t: torch.Tensor, lora_a: torch.Tensor,
@@ -151,7 +155,7 @@ class _DoraFn(torch.autograd.Function):
                 scale: float) -> torch.Tensor:
         lora_in = x2 if x2_lora is None else x2_lora
         unscaled, xa_t = _lora_sum(x2, lora_in, lora_a, lora_b, base, scale, with_bias=False)
-        out, mag_scale = _dora_output(unscaled, magnitude, norm, base)
+        out, mag_scale = _dora_output(unscaled, magnitude, norm, base, in_place=False)
         ctx.save_for_backward(lora_in, xa_t, unscaled, mag_scale, norm, lora_a, lora_b, base.weight)
         ctx.conv1d, ctx.scale, ctx.same_input = is_conv1d(base), scale, x2_lora is None
         return out
@@ -159,8 +163,13 @@ class _DoraFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         lora_in, xa_t, unscaled, mag_scale, norm, lora_a, lora_b, weight = ctx.saved_tensors
-        grad_m = (g * unscaled).sum(0).div_(norm).to(norm.dtype) if ctx.needs_input_grad[4] else None
-        grads = _lora_grads(ctx, g * mag_scale, lora_in, xa_t, lora_a, lora_b, weight)
+        grad_m = products = None
+        if ctx.needs_input_grad[4]:
+            products = torch.mul(g, unscaled)
+            grad_m = products.sum(0).div_(norm).to(norm.dtype)
+        # g * (m / n) reuses the (tokens, out) buffer of the products once they are summed: one
+        # allocation of that size per backward instead of two.
+        grads = _lora_grads(ctx, torch.mul(g, mag_scale, out=products), lora_in, xa_t, lora_a, lora_b, weight)
         return (*grads, grad_m, None, None, None)
 
 
@@ -177,7 +186,7 @@ def fused_lora(x: torch.Tensor, lora_x: torch.Tensor | None, lora_a: torch.Tenso
         lora_in = x2 if lora_x2 is None else lora_x2
         out, _ = _lora_sum(x2, lora_in, lora_a, lora_b, base, scale, with_bias=magnitude is None)
         if magnitude is not None:
-            out, _ = _dora_output(out, magnitude, norm, base)
+            out, _ = _dora_output(out, magnitude, norm, base, in_place=True)
     elif magnitude is None:
         out = _LoraFn.apply(x2, lora_x2, lora_a, lora_b, base, scale)
     else:
