@@ -89,7 +89,6 @@ def hotswap_adapter(model: "AdaptedModel", path: str | Path, name: str) -> "Adap
     embedding_base = take_embedding_base_tensors(model, tensors, KEY_PREFIX, where)  # PEFT's: loaded as a load does
     labels = read_labels(Path(path))
     incoming = _build(model, method, config, where)
-    _undo_creation(model, incoming)
     tensors = live_layout(incoming.layers, tensors, where)  # a module that saves less rebuilds the rest
     _compare_structure(model, record, incoming, refused)
     head_copies = _check_file(model, name, incoming, tensors, where, refused)
@@ -119,25 +118,32 @@ def _merged_sites(model: "AdaptedModel", name: str) -> list[str]:
 
 
 def _build(model: "AdaptedModel", method: "Method", config: Any, where: str) -> _Incoming:
-    """The folder's modules, made by its method as load_adapter makes them, but not placed in the model."""
+    """The folder's modules, made by its method as load_adapter makes them, but not placed in the model.
+
+    Whatever creating them changed in the model is undone before this returns or raises: after a failure
+    part-way (a site the method refuses, a plugin's error) as after success, so a refused swap leaves no
+    hook of a half-built model-level adapter and no base weight a layer's init moved."""
+    incoming = _Incoming(heads=[], sites={}, layers={}, model_adapter=None)
     try:
         with _rng_kept(model):  # a swap while serving must not move the sampling random stream
-            model_adapter = method.create_model_adapter(model.base_model, config, model.architecture)
-            heads = model.resolve_modules_to_save(config, default_head=False)
-            sites = model.adapted_sites(method, config, heads)
-            shared = model.new_shared_state(method, config, sites)
-            layers = {}
+            incoming.model_adapter = method.create_model_adapter(model.base_model, config, model.architecture)
+            incoming.heads = model.resolve_modules_to_save(config, default_head=False)
+            sites = model.adapted_sites(method, config, incoming.heads)
+            incoming.shared = model.new_shared_state(method, config, sites)
             for site in sites:
-                adapter = model.new_layer_adapter(method, config, site, shared)
+                adapter = model.new_layer_adapter(method, config, site, incoming.shared)
                 if adapter is not None:
-                    layers[site.name] = adapter
+                    incoming.layers[site.name] = adapter
+                    incoming.sites[site.name] = site.input_from
+        if incoming.shared is not None:
+            incoming.shared_keys = method.shared_state_file_keys(config, list(incoming.shared.tensors()))
     except PluginError:
         raise
     except PeftkitError as exc:
         raise AdapterLoadError(f"{where}: cannot place this adapter on the model: {exc}") from None
-    shared_keys = method.shared_state_file_keys(config, list(shared.tensors())) if shared is not None else {}
-    return _Incoming(heads=heads, sites={s.name: s.input_from for s in sites if s.name in layers},
-                     layers=layers, model_adapter=model_adapter, shared=shared, shared_keys=shared_keys)
+    finally:
+        _undo_creation(model, incoming)
+    return incoming
 
 
 def _undo_creation(model: "AdaptedModel", incoming: _Incoming) -> None:

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import peftkit
-from peftkit.core.errors import AdapterError, AdapterLoadError
+from peftkit.core.errors import AdapterError, AdapterLoadError, ConfigError
+from peftkit.core.model import AdaptedModel
 from tests.method_helpers import adapter_modules, output_of, randomize
 from tests.tiny_models import build_tiny, output_tensor, sample_inputs
 
@@ -291,3 +292,71 @@ def test_dora_of_another_alpha_is_rescaled_into_b(tmp_path, slot_spec, file_spec
     torch.testing.assert_close(output_of(model, "llama"), second_out, atol=1e-5, rtol=1e-5)
     assert [id(p) for p in model.parameters()] == params
     assert [m.scale for m in adapter_modules(model).values()] == scales  # the compiled constant stays
+
+
+# -- a swap that fails part-way ---------------------------------------------------------------------
+
+def _hooks(model: torch.nn.Module) -> dict[str, list[int]]:
+    """Module name -> the ids of its forward hooks and forward pre-hooks, for every module that holds any."""
+    held = {name: [*m._forward_pre_hooks, *m._forward_hooks] for name, m in model.named_modules()}
+    return {name: ids for name, ids in held.items() if ids}
+
+
+@pytest.mark.parametrize("arch, spec, failing, calls", [
+    ("llama", "prefix_tuning[num_virtual_tokens=2,use_gating=true]", "adapted_sites", 0),  # its gate hooks are on
+    ("bert", "unipelt", "new_layer_adapter", 1),  # the gated prefix's hooks and one site's adapter are made
+])
+@pytest.mark.parametrize("error", [ConfigError("no such site"), RuntimeError("out of memory")])
+def test_a_swap_failing_while_the_folder_is_built_leaves_the_model_exactly_as_it_was(
+        tmp_path, monkeypatch, arch, spec, failing, calls, error):
+    """Regression: the failure skipped undoing what the folder's half-built model-level adapter had changed in
+    the model (a gated prefix's forward pre-hooks stayed on every attention module)."""
+    first, _ = _saved(tmp_path / "a", spec, seed=1, arch=arch)
+    other, _ = _saved(tmp_path / "b", spec, seed=2, arch=arch)
+    model = _loaded(first, arch).eval()
+    before, hooks, output = _snapshot(model), _hooks(model.base_model), output_of(model, arch)
+    seen = _fail_after(monkeypatch, failing, calls, error)
+    expected = AdapterLoadError if isinstance(error, ConfigError) else RuntimeError
+    with pytest.raises(expected, match="no such site" if expected is AdapterLoadError else "out of memory"):
+        model.hotswap_adapter(other)
+    assert len(seen) == calls + 1  # it failed part-way, where the test says
+    monkeypatch.undo()
+    _assert_unchanged(model, before)
+    assert _hooks(model.base_model) == hooks
+    assert list(model.adapters) == ["default"]
+    assert torch.equal(output_of(model, arch), output)
+
+
+def test_a_swap_failing_after_a_pissa_site_was_built_gives_the_base_weight_back(tmp_path, monkeypatch):
+    """The folder's first LoRA module, PiSSA-initialized, moved the principal part of its base weight into its
+    factors; the failure at the next site gives it back (within float rounding, as deleting such an adapter
+    does: LoraLinear.removed)."""
+    spec = "lora[r=4,init_lora_weights=pissa]"
+    first, _ = _saved(tmp_path / "a", spec, seed=1)
+    other, _ = _saved(tmp_path / "b", spec, seed=2)
+    model = _loaded(first).eval()
+    weights = {name: p.detach().clone() for name, p in model.base_model.named_parameters()}
+    _fail_after(monkeypatch, "new_layer_adapter", 1, ConfigError("no such site"))
+    with pytest.raises(AdapterLoadError, match="no such site"):
+        model.hotswap_adapter(other)
+    monkeypatch.undo()
+    after = dict(model.base_model.named_parameters())
+    assert after.keys() == weights.keys()
+    for name, weight in weights.items():
+        torch.testing.assert_close(after[name].detach(), weight, atol=1e-6, rtol=0)
+
+
+def _fail_after(monkeypatch: pytest.MonkeyPatch, method: str, calls: int, error: Exception) -> list[tuple]:
+    """Make ``AdaptedModel.<method>`` raise ``error`` once it has been called ``calls`` times; returns the list
+    its calls' arguments are noted in."""
+    real = getattr(AdaptedModel, method)
+    seen = []
+
+    def fails_after_some_calls(self, *args, **kwargs):
+        seen.append(args)
+        if len(seen) > calls:
+            raise error
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(AdaptedModel, method, fails_after_some_calls)
+    return seen
