@@ -235,8 +235,8 @@ def test_a_float32_adapter_on_a_base_cast_to_float64_later_merges_in_the_bases_f
     model.merge_adapter(["default"])
     assert base.weight.dtype == torch.float64
     torch.testing.assert_close(base.weight.detach(), w @ r.t(), atol=1e-13, rtol=0)
-    model.unmerge_adapter()
-    torch.testing.assert_close(base.weight.detach(), w, atol=1e-6, rtol=0)
+    model.unmerge_adapter()  # the rotations inverted in float64 too: float32 would miss by about 1e-7
+    torch.testing.assert_close(base.weight.detach(), w, atol=1e-12, rtol=0)
 
 
 def test_a_model_cast_to_bfloat16_after_adapting_merges_and_unmerges_through_float32():

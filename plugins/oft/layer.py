@@ -128,8 +128,7 @@ class OftLayer(LayerAdapter):
 
     def delta(self, x: torch.Tensor, h: torch.Tensor, base: nn.Module) -> torch.Tensor:
         if self.conv:
-            filters = self._rotated_filters(base, self._rotations_for_use())
-            change = filters - base.weight.to(filters.dtype)
+            change = self._rotated_filters(base, self._rotations_for_use()) - base.weight  # a half weight promotes
             return base._conv_forward(x.to(change.dtype), change, None).to(h.dtype)
         rotated = self.rotate(x)
         shifted = rotated - x.to(rotated.dtype)
