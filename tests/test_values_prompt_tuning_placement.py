@@ -58,6 +58,19 @@ def test_the_prompt_takes_the_dtype_asked_for():
     assert torch.equal(half, module.prompt_embeddings.detach().to(torch.float16).expand(2, -1, -1))
 
 
+@pytest.mark.parametrize("submodules", [1, 2])
+def test_the_prompt_is_the_first_p_rows_repeated_over_the_batch(submodules):
+    """Rows are told apart from the hidden size: here hidden == P, and an encoder-decoder's parameter has
+    2P rows, of which the forward reads the first P."""
+    torch.manual_seed(0)
+    weight = torch.randn(P * submodules, P)
+    module = PromptTuning(P, P, num_transformer_submodules=submodules, init_weight=weight)
+    prompt = module.prompt(2, torch.float32)
+    assert prompt.shape == (2, P, P)
+    for row in prompt:
+        assert torch.equal(row, weight[:P])
+
+
 def test_a_later_step_widens_the_mask_and_moves_the_positions(llama):
     module = _prompt(llama.config.hidden_size)
     ids = torch.tensor([[5, 6], [7, 8]])
