@@ -331,7 +331,6 @@ def seen_at_site(model: peftkit.AdaptedModel, site: str, arch: str = "bert", nam
     return seen
 
 
-
 def llama_logits(model: Any, dtype: torch.dtype) -> torch.Tensor:
     """The logits of a tiny Llama on ``sample_inputs("llama")`` (token ids: no input dtype to follow)."""
     return output_tensor(model(**sample_inputs("llama")))
