@@ -124,6 +124,18 @@ def test_parts_reading_different_inputs_at_one_module_are_refused_and_leave_the_
     assert model.adapters == {} and torch.equal(output_of(model, "llama"), before)
 
 
+def test_a_refused_union_takes_off_the_hooks_its_parts_had_put_on() -> None:
+    """The gated prefix hooks every attention module when made; the refusal that follows removes them."""
+    model = peftkit.AdaptedModel(build_tiny("llama"))
+    attention = [m for name, m in model.named_modules() if name.endswith("self_attn")]
+    assert attention and all(not m._forward_pre_hooks for m in attention)
+    with pytest.raises(ConfigError, match="prefix_tuning and prompt_tuning both change the model's inputs"):
+        model.add_adapter("u", "prefix_tuning[num_virtual_tokens=2,use_gating=true]|prompt_tuning[num_virtual_tokens=2]")
+    assert model.adapters == {} and all(not m._forward_pre_hooks for m in attention)
+    model.add_adapter("g", "prefix_tuning[num_virtual_tokens=2,use_gating=true]|par_bn")  # made, it does hook them
+    assert all(len(m._forward_pre_hooks) == 1 for m in attention)
+
+
 def test_training_a_union_trains_every_part_and_nothing_else() -> None:
     model = peftkit.adapt(build_tiny("llama"), WITH_PREFIX, adapter_name="u")
     model.add_adapter("other", "lora[r=2]")

@@ -77,14 +77,19 @@ class UnionMethod(Method):
 
         assert isinstance(config, UnionConfig)
         made, filled = {}, []
-        for method, part in config.part_configs():
-            adapter = method.create_model_adapter(model, part, arch)
-            if adapter is not None:
-                made[method.name] = adapter
-            filled.append({"method": method.name, **part.to_dict()})  # methods may fill fields in (prefix geometry)
-        if len(made) > 1:
-            raise ConfigError(f"union: {' and '.join(made)} both change the model's inputs; a union holds at most "
-                              f"one such part (add the other as its own adapter and stack them)")
+        try:
+            for method, part in config.part_configs():
+                adapter = method.create_model_adapter(model, part, arch)
+                if adapter is not None:
+                    made[method.name] = adapter
+                filled.append({"method": method.name, **part.to_dict()})  # methods may fill fields in (prefix geometry)
+            if len(made) > 1:
+                raise ConfigError(f"union: {' and '.join(made)} both change the model's inputs; a union holds at "
+                                  f"most one such part (add the other as its own adapter and stack them)")
+        except BaseException:
+            for adapter in made.values():  # parts made before the refusal may have hooked the model (gated prefix)
+                adapter.removed(model)
+            raise
         config.parts = filled  # type: ignore[assignment]  # the record's own copy: saved as completed
         return UnionModelAdapter(made) if made else None
 
