@@ -5,7 +5,8 @@ Three views, for the methods of perf_table.py (``--only lora_r8,lokr_r8``):
 - counts per training step of perf_table's Llama (deterministic, load does not
   matter): autograd nodes, top-level aten calls, matrix products, copies;
 - per adapted layer shape of that Llama (q/o 512x512, gate/up 512x1376, down
-  1376x512), tokens 512: the adapted layer alone against its bare base layer,
+  1376x512), tokens 512, for the all-linear methods (LoRA, DoRA, LoKr): the
+  adapted layer alone against its bare base layer,
   step (forward + backward, input gradient only for the base) and inference
   forward, in CPU time of paired rounds (timing.paired_ratios);
 - the fixed cost per adapted layer on a tiny layer (64x64, 4 tokens), where the
@@ -131,8 +132,15 @@ def main() -> None:
     print(f"Counts per training step (batch {BATCH}, sequence {SEQ}):")
     print(table(rows, ["model", "autograd nodes", "aten calls (work)", "matrix products", "copies"]))
 
+    # The layer view puts the spec on every linear layer of one shape; IA3 (its own targets, some scaling the
+    # input) and prompt or prefix tuning (no layers adapted) are measured on the whole model alone.
+    layer_keys = [key for key in keys if "target_modules=all-linear" in METHODS[key][1]]
+    if len(layer_keys) < len(keys):
+        print(f"\n(no layer view for {', '.join(k for k in keys if k not in layer_keys)}: not all-linear methods)")
+    if not layer_keys:
+        return
     rows = []
-    for key in keys:
+    for key in layer_keys:
         for (in_f, out_f), per_layer in SHAPES.items():
             step, forward, base_s = layer_ratios(METHODS[key][1], in_f, out_f, BATCH * SEQ, args.budget)
             rows.append([METHODS[key][0], f"{in_f}x{out_f} (x{per_layer})", f"{base_s * 1e3:.2f} ms", f"{step:.3f}",
