@@ -1,14 +1,17 @@
 """The fused LoRA / DoRA layer (plugins/lora/fused.py) on both sides of ``TOKEN_MAJOR_FROM_RANK``, where
-its rank-sized products change layout (rank-major below, token-major from it on): the output and every
-gradient (input, LoRA input under dropout, A, B, DoRA's magnitude) against hand formulas in float64, on
-nn.Linear and GPT-2's Conv1D, in training and inference."""
+its rank-sized products change layout (rank-major below, token-major from it on), with and without the
+rank-major products split into two halves of the tokens: the output and every gradient (input, LoRA input
+under dropout, A, B, DoRA's magnitude) against hand formulas in float64, on nn.Linear and GPT-2's Conv1D,
+in training and inference."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch.profiler import profile, ProfilerActivity
 
-from peftkit.plugins.lora.fused import fused_lora, TOKEN_MAJOR_FROM_RANK
+from peftkit.plugins.lora import fused
+from peftkit.plugins.lora.fused import fused_lora, SPLIT_FROM_TOKENS, TOKEN_MAJOR_FROM_RANK
 from tests.method_helpers import frozen_layer
 
 IN, OUT, SCALE = 40, 24, 0.75
@@ -29,12 +32,24 @@ def _hand(x, x_d, a, b, base, magnitude=None):
     return out if base.bias is None else out + base.bias
 
 
+@pytest.fixture
+def two_threads():
+    """Two torch threads for the test (the split needs more than one), the count restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("r", RANKS)
 @pytest.mark.parametrize("conv1d", [False, True])
 @pytest.mark.parametrize("dora", [False, True])
 @pytest.mark.parametrize("own_input", [False, True])
 def test_every_gradient_equals_the_formula_on_both_sides_of_the_layout_switch(r: int, conv1d: bool, dora: bool,
-                                                                              own_input: bool) -> None:
+                                                                              own_input: bool, split: bool,
+                                                                              monkeypatch, two_threads) -> None:
+    monkeypatch.setattr(fused, "SPLIT_FROM_TOKENS", 2 if split else 10**9)  # 18 tokens below
     base = frozen_layer(IN, OUT, conv1d=conv1d, dtype=D)
     torch.manual_seed(r)
     a = torch.randn(r, IN, dtype=D, requires_grad=True)
@@ -75,3 +90,33 @@ def test_the_saved_rank_intermediate_is_laid_out_by_the_rank_alone(r: int):
     xa_t = next(t for t in node.saved_tensors if t.shape == (r, 7))
     torch.testing.assert_close(xa_t, a.detach() @ x.t(), rtol=0, atol=1e-12)
     assert xa_t.is_contiguous() is (r < TOKEN_MAJOR_FROM_RANK)
+
+
+def _batched_products(r: int, tokens: int) -> int:
+    """How many batched products (aten::bmm) one training step of a fused LoRA layer runs."""
+    base = frozen_layer(IN, OUT, dtype=D)
+    a = torch.randn(r, IN, dtype=D, requires_grad=True)
+    b = torch.randn(OUT, r, dtype=D, requires_grad=True)
+    x = torch.randn(tokens, IN, dtype=D, requires_grad=True)
+    with profile(activities=[ProfilerActivity.CPU]) as run:
+        fused_lora(x, None, a, b, base, SCALE).sum().backward()
+    return sum(event.name == "aten::bmm" for event in run.events())
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_rank_major_products_split_the_tokens_in_halves_only_where_they_should(threads: int) -> None:
+    """All four rank-major products of a step (A x^T, B^T g^T, the sums over tokens for A's and B's gradients)
+    are split from SPLIT_FROM_TOKENS tokens on, for an even count, below the layout switch, with several
+    threads; nowhere else."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        below = TOKEN_MAJOR_FROM_RANK - 1
+        split = 4 if threads > 1 else 0
+        assert _batched_products(below, SPLIT_FROM_TOKENS) == split
+        assert _batched_products(below, SPLIT_FROM_TOKENS + 2) == split
+        assert _batched_products(below, SPLIT_FROM_TOKENS - 2) == 0
+        assert _batched_products(below, SPLIT_FROM_TOKENS + 1) == 0  # odd: no halves
+        assert _batched_products(TOKEN_MAJOR_FROM_RANK, SPLIT_FROM_TOKENS) == 0
+    finally:
+        torch.set_num_threads(before)
