@@ -60,13 +60,17 @@ def quantization_of(module: nn.Module) -> str | None:
     return _KNOWN.get(name, f"{name} with {str(weight.dtype).replace('torch.', '')} weights")
 
 
+def adapter_precision(dtype: torch.dtype) -> torch.dtype:
+    """The dtype adapters train and compute in beside tensors of ``dtype``: float32 and float64 stay,
+    anything else (half precision, quantized storage) becomes float32, as PEFT does."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
 def adapter_dtype(module: nn.Module) -> torch.dtype:
-    """The dtype of an adapter's parameters on ``module``: the weight's when it is float32/float64,
-    float32 otherwise (half-precision and quantized bases train adapters in float32, as PEFT does)."""
+    """The dtype of an adapter's parameters on ``module``: :func:`adapter_precision` of its weight's
+    (float32 for a module without a weight)."""
     weight = getattr(module, "weight", None)
-    if isinstance(weight, torch.Tensor) and weight.dtype in (torch.float32, torch.float64):
-        return weight.dtype
-    return torch.float32
+    return adapter_precision(weight.dtype) if isinstance(weight, torch.Tensor) else torch.float32
 
 
 def packed_for_cpu_inference(model: nn.Module) -> list[nn.Module]:

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from peftkit.plugin_api import adapter_dtype, is_conv1d, LayerAdapter, MergeError, quantization_of, weight_out_in
+from peftkit.plugin_api import adapter_dtype, adapter_precision, is_conv1d, LayerAdapter, MergeError, quantization_of, weight_out_in
 
 from .butterfly import Butterfly
 
@@ -59,8 +59,8 @@ class BoftLayer(LayerAdapter):
 
         In float32 when the parameters are half precision (a model cast with ``model.to(torch.bfloat16)``
         after adapting): torch has no half-precision solve on the CPU, and float32 is the precision an
-        adapter made on a half model trains and runs in anyway (``adapter_dtype``)."""
-        r = self.boft_R.to(torch.promote_types(self.boft_R.dtype, torch.float32))
+        adapter made on a half model trains and runs in anyway (``adapter_precision``)."""
+        r = self.boft_R.to(adapter_precision(self.boft_R.dtype))
         skew = 0.5 * (r - r.transpose(-2, -1))
         eye = torch.eye(r.shape[-1], device=r.device, dtype=r.dtype).expand_as(skew)
         return torch.linalg.solve(eye + skew, eye - skew, left=False)  # B (I + S) = I - S

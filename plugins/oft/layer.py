@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from peftkit.plugin_api import adapter_dtype, is_conv1d, LayerAdapter, MergeError, quantization_of, weight_out_in
+from peftkit.plugin_api import adapter_dtype, adapter_precision, is_conv1d, LayerAdapter, MergeError, quantization_of, weight_out_in
 
 from .blocks import OftBlocks
 
@@ -72,10 +72,10 @@ class OftLayer(LayerAdapter):
 
         In float32 when the parameters are half precision (a model cast with ``model.to(torch.bfloat16)``
         after adapting): torch has no half-precision solve on the CPU, and float32 is the precision an
-        adapter made on a half model trains and runs in anyway (``adapter_dtype``)."""
+        adapter made on a half model trains and runs in anyway (``adapter_precision``)."""
         if self.coft:
             self._constrain()
-        q = self._skew(self.weight.to(torch.promote_types(self.weight.dtype, torch.float32)))
+        q = self._skew(self.weight.to(adapter_precision(self.weight.dtype)))
         eye = torch.eye(self.blocks.size, device=q.device, dtype=q.dtype)
         if not self.use_cayley_neumann:
             # R (I + Q) = I - Q
