@@ -48,6 +48,14 @@ from .store import RegistryStore, RepoInfo
 
 JSON_TYPE = "application/json"
 _MAX_QUERY_INT = 2**31 - 1  # offsets and limits beyond this are nonsense (and overflow SQLite's integers)
+#: What each write is called in its 401/403 messages ("committing needs a token with write access"), for the writes
+#: under /api/models/{org}/{name}/<endpoint>/..., by endpoint, and for those naming their repo in the
+#: body, by path. HubApi.refuse_early (before the body is read) and each endpoint's own check say the same.
+REPO_WRITE_ACTIONS = {"commit": "committing", "preupload": "uploading", "branch": "changing branches",
+                      "settings": "changing repo settings", "tag": "changing tags",
+                      "super-squash": "squashing history"}
+BODY_WRITE_ACTIONS = {"repos/create": "creating a repo", "repos/delete": "deleting a repo",
+                      "repos/move": "moving a repo"}
 
 
 @dataclass
@@ -191,14 +199,10 @@ class HubApi:
         if len(s) >= 5 and s[1] == "models":
             if s[4] == "paths-info":
                 return
-            actions = {"commit": "committing", "preupload": "uploading", "branch": "changing branches",
-                       "settings": "changing repo settings", "tag": "changing tags",
-                       "super-squash": "squashing history"}
-            self._writable(req, self._repo_id(s[2], s[3]), actions.get(s[4], "changing a repo"))
+            self._writable(req, self._repo_id(s[2], s[3]), REPO_WRITE_ACTIONS.get(s[4], "changing a repo"))
             return
         # The endpoints that name their repo in the body; only a path that is no endpoint is "this request".
-        actions = {"repos/create": "creating a repo", "repos/delete": "deleting a repo", "repos/move": "moving a repo"}
-        principal = self._require_principal(req, actions.get("/".join(s[1:]), "this request"))
+        principal = self._require_principal(req, BODY_WRITE_ACTIONS.get("/".join(s[1:]), "this request"))
         principal.check_write(principal.user)  # a read-only token: 403 before the body
 
     def dispatch(self, req: Request) -> Response:
@@ -386,7 +390,7 @@ class HubApi:
 
     # ------------------------------------------------------------- repos
     def create_repo(self, req: Request) -> Response:
-        principal = self._require_principal(req, "creating a repo")
+        principal = self._require_principal(req, BODY_WRITE_ACTIONS["repos/create"])
         data = req.json("create repo")
         name, org = data.get("name"), data.get("organization")
         repo_type = data.get("type") or "model"
@@ -412,19 +416,19 @@ class HubApi:
         return Response.json({"url": self._repo_url(req, info.repo_id), "name": info.repo_id, "id": info.repo_id})
 
     def delete_repo(self, req: Request) -> Response:
-        principal = self._require_principal(req, "deleting a repo")
+        principal = self._require_principal(req, BODY_WRITE_ACTIONS["repos/delete"])
         data = req.json("delete repo")
         name, org = data.get("name"), data.get("organization")
         if not isinstance(name, str) or (org is not None and not isinstance(org, str)):
             raise MalformedPayload("delete repo: 'name' must be a string and 'organization' a string or null")
         repo_id = f"{org or principal.user}/{name}"
         split_repo_id(repo_id)
-        info = self._writable(req, repo_id, "deleting a repo")
+        info = self._writable(req, repo_id, BODY_WRITE_ACTIONS["repos/delete"])
         self.store.delete_repo(info.repo_id)
         return Response.json({})
 
     def settings(self, req: Request, repo_id: str) -> Response:
-        info = self._writable(req, repo_id, "changing repo settings")
+        info = self._writable(req, repo_id, REPO_WRITE_ACTIONS["settings"])
         data = req.json("repo settings")
         private, visibility = data.get("private"), data.get("visibility")
         if private is not None and not isinstance(private, bool):
@@ -584,7 +588,7 @@ class HubApi:
 
     # ------------------------------------------------------------- write
     def preupload(self, req: Request, repo_id: str, revision: str) -> Response:
-        info = self._writable(req, repo_id, "uploading")
+        info = self._writable(req, repo_id, REPO_WRITE_ACTIONS["preupload"])
         if req.flag("create_pr"):
             raise BadRequest("pull requests are not supported by this registry; commit to a branch instead")
         files = parse_preupload(req.json("preupload"), max_files=self.config.max_commit_files)
@@ -599,7 +603,7 @@ class HubApi:
         return Response.json({"files": out, "commitOid": self.store.resolve_revision(info.repo_id, revision)})
 
     def commit(self, req: Request, repo_id: str, revision: str) -> Response:
-        info = self._writable(req, repo_id, "committing")
+        info = self._writable(req, repo_id, REPO_WRITE_ACTIONS["commit"])
         if req.flag("create_pr"):
             raise BadRequest("pull requests are not supported by this registry; commit to a branch instead")
         content_type = (req.headers.get("Content-Type") or "").split(";")[0].strip().lower()
@@ -640,7 +644,7 @@ class HubApi:
 
     def tag(self, req: Request, repo_id: str, name: str) -> Response:
         """POST .../tag/<revision> {"tag", "message"} tags a revision; DELETE .../tag/<tag> removes a tag."""
-        info = self._writable(req, repo_id, "changing tags")
+        info = self._writable(req, repo_id, REPO_WRITE_ACTIONS["tag"])
         if req.method == "DELETE":
             self.store.delete_tag(info.repo_id, name)
             return Response.json({})
@@ -652,7 +656,7 @@ class HubApi:
         return Response.json({"name": tag, "ref": f"refs/tags/{tag}", "targetCommit": sha})
 
     def super_squash(self, req: Request, repo_id: str, branch: str) -> Response:
-        info = self._writable(req, repo_id, "squashing history")
+        info = self._writable(req, repo_id, REPO_WRITE_ACTIONS["super-squash"])
         message = req.json("super-squash", allow_empty=True).get("message") or ""
         if not isinstance(message, str):
             raise MalformedPayload("super-squash: 'message' must be a string")
@@ -661,7 +665,7 @@ class HubApi:
 
     def move_repo(self, req: Request) -> Response:
         """POST /api/repos/move {"fromRepo", "toRepo", "type"}: rename, or move to another namespace."""
-        principal = self._require_principal(req, "moving a repo")
+        principal = self._require_principal(req, BODY_WRITE_ACTIONS["repos/move"])
         data = req.json("move repo")
         source, target, repo_type = data.get("fromRepo"), data.get("toRepo"), data.get("type") or "model"
         if not isinstance(source, str) or not isinstance(target, str):
@@ -669,7 +673,7 @@ class HubApi:
         if repo_type != "model":
             raise BadRequest(f"this registry serves model repos only, not {repo_type!r}")
         namespace, _ = split_repo_id(target)
-        info = self._writable(req, source, "moving a repo")
+        info = self._writable(req, source, BODY_WRITE_ACTIONS["repos/move"])
         principal.check_write(namespace, self.store.accounts.kind)
         moved = self.store.move_repo(info.repo_id, target)
         return Response.json({"url": self._repo_url(req, moved.repo_id), "name": moved.repo_id, "id": moved.repo_id})
@@ -678,7 +682,7 @@ class HubApi:
         return self.store.stage(content, sync=False)
 
     def branch(self, req: Request, repo_id: str, branch: str) -> Response:
-        info = self._writable(req, repo_id, "changing branches")
+        info = self._writable(req, repo_id, REPO_WRITE_ACTIONS["branch"])
         if req.method == "DELETE":
             self.store.delete_branch(info.repo_id, branch)
             return Response.json({})
