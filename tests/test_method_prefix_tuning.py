@@ -275,6 +275,26 @@ def test_peft_loads_what_peftkit_saves(tmp_path, name: str) -> None:
     assert torch.allclose(logits(peft_model, inputs), expected, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["llama", "t5"])
+def test_the_prefix_gradient_equals_peft(tmp_path, name: str) -> None:
+    """The gradient reaching the prefix table equals PEFT's on the same loss: each layer's key and value
+    entry gets its own share (T5: PEFT's layout, where decoder layer i reads block 2i mod the layer count)."""
+    peft_model = _peft_prefix_model(name, projection=False)
+    peft_model.save_pretrained(tmp_path)
+    ours = peftkit.from_pretrained(build_tiny(name), str(tmp_path))
+    ours.train_adapter("default")
+    ours.eval()  # no dropout on either side
+    inputs = _padded_inputs(name)
+    torch.manual_seed(0)
+    seed = torch.randn_like(logits(ours, inputs))
+    (peft_model(**inputs).logits * seed).sum().backward()
+    (ours(**inputs).logits * seed).sum().backward()
+    expected = peft_model.prompt_encoder["default"].embedding.weight.grad
+    (got,) = [p.grad for p in ours.adapter_parameters("default")]
+    assert expected.abs().max() > 0
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+
 def test_generate_matches_peft_forward_step_by_step(tmp_path) -> None:
     """Anchors positions and masks during generation to PEFT's forward (PEFT's own generate()
     with transformers 5 does not reproduce its forward, so its forward is the reference)."""

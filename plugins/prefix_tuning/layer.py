@@ -118,13 +118,16 @@ class PrefixTuning(ModelAdapter):
         """Per layer, the (key, value) prefix, each (batch, kv_heads, P, head_dim)."""
         g = self.geometry
         flat = self.flat().to(dtype)
-        per_layer = flat.view(g.num_virtual_tokens, g.num_layers * 2, g.num_heads, g.head_dim).permute(1, 2, 0, 3)
+        # One unbind, not an index per entry: its backward stacks the gradients once, where each index's
+        # backward writes its own zero tensor of the whole prefix (quadratic in the layer count).
+        entries = flat.view(g.num_virtual_tokens, g.num_layers * 2, g.num_heads, g.head_dim) \
+            .permute(1, 2, 0, 3).unbind(0)
         shape = (batch, g.num_heads, g.num_virtual_tokens, g.head_dim)
         out = []
         for layer in range(g.num_layers):
             block = self._block_of(layer)
-            out.append((per_layer[2 * block].unsqueeze(0).expand(shape),
-                        per_layer[2 * block + 1].unsqueeze(0).expand(shape)))
+            out.append((entries[2 * block].unsqueeze(0).expand(shape),
+                        entries[2 * block + 1].unsqueeze(0).expand(shape)))
         return out
 
     def _block_of(self, layer: int) -> int:
