@@ -120,3 +120,22 @@ def test_the_rank_major_products_split_the_tokens_in_halves_only_where_they_shou
         assert _batched_products(TOKEN_MAJOR_FROM_RANK, SPLIT_FROM_TOKENS) == 0
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_compiled_layer_traces_as_one_graph_where_eager_would_split(two_threads) -> None:
+    """Under torch.compile the split is off (asking for the thread count breaks the graph): the fused layer
+    compiles with fullgraph=True at a token count where eager splits, with the eager values and gradients."""
+    base = frozen_layer(IN, OUT, dtype=torch.float32)
+    a = torch.randn(TOKEN_MAJOR_FROM_RANK - 1, IN, requires_grad=True)
+    b = torch.randn(OUT, TOKEN_MAJOR_FROM_RANK - 1, requires_grad=True)
+    x = torch.randn(SPLIT_FROM_TOKENS, IN, requires_grad=True)
+
+    def layer(x, a, b):
+        return fused_lora(x, None, a, b, base, SCALE)
+
+    eager = layer(x, a, b)
+    eager_grads = torch.autograd.grad(eager.sum(), (x, a, b))
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")(x, a, b)
+    torch.testing.assert_close(compiled, eager)
+    for got, want in zip(torch.autograd.grad(compiled.sum(), (x, a, b)), eager_grads):
+        torch.testing.assert_close(got, want)

@@ -85,10 +85,12 @@ def _base_product(x2: torch.Tensor, base: nn.Module, with_bias: bool) -> torch.T
 def _split_in_halves(rank: int, tokens_operand: torch.Tensor) -> bool:
     """Whether a rank-major product reading ``tokens_operand`` (tokens, k) runs as two halves of the
     tokens in one batched product (module docstring): below ``TOKEN_MAJOR_FROM_RANK``, on the CPU with
-    more than one torch thread, from ``SPLIT_FROM_TOKENS`` tokens on, for an even token count."""
+    more than one torch thread, from ``SPLIT_FROM_TOKENS`` tokens on, for an even token count; never
+    under torch.compile (its kernels are its own, and asking for the thread count would break the graph)."""
     tokens = tokens_operand.shape[0]
     return rank < TOKEN_MAJOR_FROM_RANK and tokens >= SPLIT_FROM_TOKENS and tokens % 2 == 0 \
-        and tokens_operand.device.type == "cpu" and torch.get_num_threads() > 1
+        and tokens_operand.device.type == "cpu" and not torch.compiler.is_compiling() \
+        and torch.get_num_threads() > 1
 
 
 def _rank_major(factor: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
