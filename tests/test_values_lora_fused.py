@@ -177,12 +177,13 @@ def test_fusable_refuses_what_the_fused_path_would_compute_differently() -> None
 
 def _backward_products(trained: set[str], tokens: int) -> int:
     """Matrix-product FLOPs of the fused backward when only ``trained`` take gradients: (s g B)^T always
-    (every gradient needs it), then one product per gradient asked for; the input's g W (its LoRA part is
-    accumulated by addmm_ into it, not counted), and x_d's own (s g B) A when the LoRA has its own input."""
+    (every gradient needs it), then one product per gradient asked for; the input's g W, plus its LoRA part
+    (s g B) A when the LoRA reads the same input, and x_d's own (s g B) A when the LoRA has its own input."""
     through = 2 * R * OUT * tokens
-    own = {"a": 2 * R * tokens * IN, "b": 2 * R * tokens * OUT, "x": 2 * tokens * OUT * IN,
-           "x_d": 2 * tokens * R * IN}
-    return through + sum(own[name] for name in trained)
+    lora_part = 2 * tokens * R * IN
+    own = {"a": 2 * R * tokens * IN, "b": 2 * R * tokens * OUT, "x": 2 * tokens * OUT * IN, "x_d": lora_part}
+    same_input = "x_d" not in trained
+    return through + sum(own[name] for name in trained) + (lora_part if "x" in trained and same_input else 0)
 
 
 @pytest.mark.parametrize("dora", [False, True])
@@ -276,3 +277,24 @@ def test_dora_backward_allocates_one_output_sized_tensor(magnitude_trained: bool
     out = fused_lora(x, None, a, b, base, SCALE, magnitude, norm)
     seed = torch.randn_like(out)
     assert _new_output_sized_tensors(lambda: out.backward(seed), 7) == 1
+
+
+@pytest.mark.parametrize("grad", [True, False])
+@pytest.mark.parametrize("conv1d, bias", [(False, True), (False, False), (True, True)])
+def test_forward_writes_the_update_then_accumulates_the_base_product_onto_it(conv1d: bool, bias: bool,
+                                                                            grad: bool) -> None:
+    """The update's product (with the bias) writes the one (tokens, out) tensor and the base product is
+    accumulated onto it by a GEMM that FLOP counters see (perf_table's floor columns count it): the
+    forward's matrix-product FLOPs are the base's plus both LoRA products, in training and inference."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    base = _base(conv1d, bias)
+    a, b = _factors()
+    x = torch.randn(7, IN, dtype=D, requires_grad=grad)
+    counter = FlopCounterMode(display=False)
+    with torch.set_grad_enabled(grad), counter:
+        out = fused_lora(x, None, a, b, base, SCALE)
+    assert counter.get_total_flops() == 2 * 7 * IN * OUT + 2 * 7 * R * IN + 2 * 7 * R * OUT
+    with torch.set_grad_enabled(grad):
+        assert _new_output_sized_tensors(lambda: fused_lora(x, None, a, b, base, SCALE), 7) == 1
+    torch.testing.assert_close(out, _lora_hand(x, x, a, b, base), rtol=1e-12, atol=1e-12)

@@ -2,16 +2,19 @@
 
 When a LoRA adapter is alone at its site, the TunerLayer asks it for the site's
 whole output (``LayerAdapter.forward_alone``). Computing the base product here
-too, instead of receiving it, lets the update be added into the base output in
-place (no second (tokens, out) tensor), and in training lets one autograd node
-hold the layer:
+too, instead of receiving it, lets the update and the base product share one
+output tensor: the update's product (with the bias) writes it and the base GEMM
+accumulates onto it (beta = 1, written ``addmm(out=)`` so FLOP counters see it),
+reading it while it computes, so no separate pass over the (tokens, out) output
+runs (0-5% off one layer's step at 512-2048 tokens, paired medians); in training one autograd
+node holds the layer:
 
 - forward saves only what backward needs: the input, ``A x^T`` (r x tokens)
   and, for DoRA, the pre-scaling output;
-- backward computes the input gradient as ``g W + (s g B) A`` with the second
-  product accumulated into the first (no separate sum of two input gradients),
-  and folds the LoRA scale into the (r x tokens) intermediate instead of a
-  (tokens x out) tensor;
+- backward computes the input gradient ``g W + (s g B) A`` the same way (the
+  LoRA part written first, ``g W`` accumulated onto it by its GEMM: no separate
+  sum of two input gradients), and folds the LoRA scale into the (r x tokens)
+  intermediate instead of a (tokens x out) tensor;
 - DoRA's ``(m / n) * u + b`` is one multiply-add pass, written over ``u`` at inference, and its
   backward allocates one (tokens x out) tensor (the magnitude gradient's products, then ``g m / n``).
 
@@ -51,7 +54,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from peftkit.plugin_api import is_conv1d, plain_linear
 
@@ -72,14 +74,6 @@ def fusable(base: nn.Module, x: torch.Tensor, factor: torch.Tensor) -> bool:
     if x.dim() < 2 or x.dtype != weight.dtype or factor.dtype != weight.dtype or x.device != weight.device:
         return False
     return not torch.is_autocast_enabled(x.device.type)
-
-
-def _base_product(x2: torch.Tensor, base: nn.Module, with_bias: bool) -> torch.Tensor:
-    """``x2 W^T (+ b)`` for a (tokens, in) input, in a new contiguous (tokens, out) tensor."""
-    bias = getattr(base, "bias", None) if with_bias else None
-    if is_conv1d(base):  # weight stored (in, out)
-        return torch.addmm(bias, x2, base.weight) if bias is not None else torch.mm(x2, base.weight)
-    return F.linear(x2, base.weight, bias)
 
 
 def _split_in_halves(rank: int, tokens_operand: torch.Tensor) -> bool:
@@ -125,9 +119,12 @@ def _input_grad(ctx: Any, g: torch.Tensor, weight: torch.Tensor, g_xa_t: torch.T
     are the same tensor."""
     grad_x = grad_x_lora = None
     if ctx.needs_input_grad[0]:
-        grad_x = torch.mm(g, weight.t()) if ctx.conv1d else torch.mm(g, weight)
-        if ctx.same_input:
-            grad_x.addmm_(g_xa_t.t(), lora_a)
+        weight_in_out = weight.t() if ctx.conv1d else weight
+        if ctx.same_input:  # the LoRA part first; g W adds onto it inside its GEMM (no separate pass)
+            grad_x = torch.mm(g_xa_t.t(), lora_a)
+            torch.addmm(grad_x, g, weight_in_out, out=grad_x)
+        else:
+            grad_x = torch.mm(g, weight_in_out)
     if ctx.needs_input_grad[1]:
         grad_x_lora = torch.mm(g_xa_t.t(), lora_a)
     return grad_x, grad_x_lora
@@ -135,11 +132,17 @@ def _input_grad(ctx: Any, g: torch.Tensor, weight: torch.Tensor, g_xa_t: torch.T
 
 def _lora_sum(x2: torch.Tensor, lora_in: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
               base: nn.Module, scale: float, with_bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(``x2 W^T (+ b) + s (lora_in A^T) B^T``, ``A lora_in^T``): the update added into the base product
-    in place; the rank-sized intermediate is rank-major (r, tokens)."""
-    out = _base_product(x2, base, with_bias)
+    """(``x2 W^T (+ b) + s (lora_in A^T) B^T``, ``A lora_in^T``): the update's product (with the bias) writes
+    the output and the base GEMM accumulates onto it, reading it while it computes (no separate pass over
+    the (tokens, out) output); the rank-sized intermediate is rank-major (r, tokens)."""
     xa_t = _rank_major(lora_a, lora_in)
-    out.addmm_(xa_t.t(), lora_b.t(), alpha=scale)
+    bias = getattr(base, "bias", None) if with_bias else None
+    if bias is None:  # s rides on a scaled copy of the small (out, r) factor
+        out = torch.mm(xa_t.t(), lora_b.t() * scale)
+    else:
+        out = torch.addmm(bias, xa_t.t(), lora_b.t(), alpha=scale)
+    weight = base.weight
+    torch.addmm(out, x2, weight if is_conv1d(base) else weight.t(), out=out)  # in place, counted as a product
     return out, xa_t
 
 
