@@ -42,7 +42,9 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _GENERATED_MARK = "made with peftkit"
 #: A training run's own state, never published (see :func:`stays_local`).
 _RUN_FOLDERS = frozenset({"checkpoints", "runs"})
-_RUN_FILES = frozenset({"train_results.json", "trainer_state.json", "training_args.bin"})
+#: ``trainable_state.safetensors``: the resume state AdapterTrainer writes beside a saved adapter.
+_RUN_FILES = frozenset({"train_results.json", "trainer_state.json", "training_args.bin",
+                        "trainable_state.safetensors"})
 
 
 @dataclass

@@ -54,12 +54,13 @@ _LAZY: dict[str, str] = {
     "save_composition": "peftkit.core.composition_io",
     "load_composition": "peftkit.api",
     "parse_composition": "peftkit.api",
-    # training (peftkit train)
+    # training (peftkit train, transformers.Trainer)
     "train": "peftkit.training",
     "TrainOptions": "peftkit.training",
     "TrainResult": "peftkit.training",
     "DataError": "peftkit.training_data",
     "training_callbacks": "peftkit.training_hooks",
+    "AdapterTrainer": "peftkit.adapter_trainer",
     # configs of built-in methods
     "LoraConfig": "peftkit.plugins.lora.config",
     "save_as_lora": "peftkit.plugins.lora.convert",
@@ -124,6 +125,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from peftkit.training import TrainOptions, TrainResult, train  # noqa: F401
     from peftkit.training_data import DataError  # noqa: F401
     from peftkit.training_hooks import training_callbacks  # noqa: F401
+    from peftkit.adapter_trainer import AdapterTrainer  # noqa: F401
     from peftkit.plugins.lora.config import LoraConfig  # noqa: F401
     from peftkit.plugins.lora.convert import save_as_lora  # noqa: F401
     from peftkit.plugins.lora.eva import initialize_eva  # noqa: F401

@@ -1,24 +1,36 @@
-"""The Trainer subclass of ``peftkit train``, its checkpoints, loss and metrics.
+"""``AdapterTrainer``: the ``transformers.Trainer`` for an AdaptedModel (``peftkit train`` runs it too),
+its checkpoints, loss and metrics.
 
 Checkpoints are adapter folders: ``_save`` (called for every checkpoint and by
-``save_model``) writes the adapter (safetensors), ``labels.json`` and
-``trainable_state.safetensors``; the Trainer adds its optimizer, scheduler and
+``save_model``) writes the adapters that train (safetensors, config, card;
+``labels.json`` under ``peftkit train``) and ``trainable_state.safetensors``,
+never the base model's weights; the Trainer adds its optimizer, scheduler and
 RNG states and ``trainer_state.json`` beside them (it reads those back with
-``torch.load(weights_only=True)``, which runs no code). Resuming copies the
-trainable state into the live parameters before the optimizer state is loaded.
+``torch.load(weights_only=True)``, which runs no code). Resuming, and loading
+the best checkpoint at the end, copy the trainable state into the live
+parameters (before the optimizer state is loaded, when resuming).
+
+transformers treats a PEFT ``PeftModel`` specially: it reads the dataset
+columns, label names and loss layout from the base model's ``forward``, and
+saves only the adapter. It cannot recognize an AdaptedModel, whose
+``forward(**kwargs)`` names nothing, so this subclass does the same from the
+base model itself.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 from transformers import Trainer
+from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+from transformers.utils import can_return_loss, find_labels
 
 from peftkit.core.errors import PeftkitError
 from peftkit.core.fileio import write_bytes_atomic, write_text_atomic
@@ -31,7 +43,17 @@ from peftkit.training_data import LABELS_FILE, LabelMap
 
 
 class AdapterTrainer(Trainer):
-    """A Trainer whose checkpoints are adapter folders (see the module docstring).
+    """``transformers.Trainer`` for an :class:`~peftkit.AdaptedModel`, as it is for a PEFT model: checkpoints
+    hold the adapters that train, not the base model; resuming and ``load_best_model_at_end`` restore them;
+    ``remove_unused_columns`` and ``label_names`` work without setting (read from the base model's
+    ``forward``); the methods' callbacks and loss terms are added (AdaLoRA's rank allocation and
+    regularizer, EVA's initialisation), once even when ``callbacks=`` passes them too.
+
+    ``adapter_names``: the adapters to train and save (default: every adapter with a trainable parameter,
+    e.g. after ``model.train_adapter(name)``); one is saved at a checkpoint's root, several in a sub-folder
+    each. ``card``: model-card fields written with each saved adapter (``task=``, ``dataset=``, ...).
+    ``labels`` and ``sharded`` are ``peftkit train``'s (the label map written as ``labels.json``; the base
+    model sharded by its FSDP2).
 
     ``_load_from_checkpoint`` runs before the optimizer exists (transformers
     5: ``Trainer.train`` loads the model, then ``_prepare_for_training`` makes
@@ -39,25 +61,57 @@ class AdapterTrainer(Trainer):
     state fits the same parameter objects.
     """
 
-    def __init__(self, *args: Any, adapter_name: str, card: dict[str, Any], labels: LabelMap | None,
-                 sharded: bool = False, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, adapter_names: Sequence[str] | None = None, card: dict[str, Any] | None = None,
+                 labels: LabelMap | None = None, sharded: bool = False, **kwargs: Any) -> None:
+        model = kwargs.get("model", args[0] if args else None)
+        if not isinstance(model, AdaptedModel):
+            given = "no model (model_init is not supported)" if model is None else type(model).__name__
+            raise PeftkitError(f"AdapterTrainer trains an AdaptedModel: pass model=peftkit.adapt(...), not "
+                               f"{given}; for another model use transformers.Trainer")
+        names = _training_adapters(model, adapter_names)
         super().__init__(*args, **kwargs)
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
-            raise PeftkitError("peftkit train runs data-parallel (DDP) or sharded with its own FSDP2 (--fsdp, or "
-                               "accelerate launch with an FSDP config); DeepSpeed is not supported: launch without it")
+            raise PeftkitError("AdapterTrainer and peftkit train run in one process or data-parallel (DDP); "
+                               "accelerate's FSDP and DeepSpeed are not supported: launch without them "
+                               "(peftkit train --fsdp shards the base model with FSDP2)")
         if sharded:
             # The base is sharded (peftkit.training_fsdp) and the adapter whole: accelerate must not wrap the
             # model in DDP (evaluation_mode skips only the wrapping), and the adapter's gradients are averaged here.
             self.accelerator.prepare_model = functools.partial(self.accelerator.prepare_model, evaluation_mode=True)
             average_gradients(self.adapted(), lambda: self.accelerator.sync_gradients)
-        self.adapter_name = adapter_name
-        self.card = card
+        self.adapter_names = names
+        self.card = dict(card or {})
         self.labels = labels
-        # The loss is compute_loss_func's (token_loss), normalized by the Trainer's count of
-        # label tokens over all micro-batches and processes; the model never sees that count.
-        self.model_accepts_loss_kwargs = False
-        for callback in training_callbacks(self.adapted(), [adapter_name]):  # the method's (AdaLoRA's allocation)
-            self.add_callback(callback)
+        self._inspect_base_model()
+        if self.compute_loss_func is not None:
+            # The loss is compute_loss_func's (peftkit train's token_loss), normalized by the Trainer's count
+            # of label tokens over all micro-batches and processes; the model never sees that count.
+            self.model_accepts_loss_kwargs = False
+        given = {_callback_key(callback) for callback in self.callback_handler.callbacks}
+        for callback in training_callbacks(self.adapted(), names):  # the methods' (AdaLoRA's allocation)
+            if _callback_key(callback) not in given:
+                self.add_callback(callback)
+
+    def _inspect_base_model(self) -> None:
+        """What the Trainer reads from the model class, read from the base model's (as for a PeftModel)."""
+        base = self.adapted().base_model
+        if hasattr(base, "accepts_loss_kwargs"):  # whether forward takes num_items_in_batch
+            self.model_accepts_loss_kwargs = base.accepts_loss_kwargs
+        else:
+            self.model_accepts_loss_kwargs = any(parameter.kind == inspect.Parameter.VAR_KEYWORD
+                                                 for parameter in inspect.signature(base.forward).parameters.values())
+        if self.args.label_names is None:
+            self.label_names = find_labels(type(base))
+        self.can_return_loss = can_return_loss(type(base))
+        if hasattr(self, "_loss_shifts_labels"):  # a causal LM's label count skips each row's first token
+            self._loss_shifts_labels = LOSS_MAPPING.get(getattr(base, "loss_type", None)) is ForCausalLMLoss \
+                and not getattr(getattr(base, "config", None), "is_encoder_decoder", False)
+
+    def _set_signature_columns_if_needed(self) -> None:
+        """The dataset columns kept: the base model's ``forward`` arguments and the label columns."""
+        if self._signature_columns is None:
+            arguments = inspect.signature(self.adapted().base_model.forward).parameters
+            self._signature_columns = [*arguments, *sorted({"label", "label_ids", *self.label_names})]
 
     def _prepare_for_training(self, max_steps: Any, train_dataloader: Any, resume_from_checkpoint: Any) -> Any:
         """The callbacks' ``before_wrapping(train_dataloader)`` (docs/plugins.md) first: DDP (made here)
@@ -95,11 +149,39 @@ class AdapterTrainer(Trainer):
         if not self.args.should_save:
             return
         folder = Path(output_dir if output_dir is not None else self.args.output_dir)
-        save_adapter_files(self.adapted(), self.adapter_name, folder, self.card, self.labels)
+        single = len(self.adapter_names) == 1
+        for name in self.adapter_names:
+            save_adapter_files(self.adapted(), name, folder if single else folder / name, self.card, self.labels)
         write_trainable_state(self.adapted(), folder / TRAINABLE_STATE_FILE)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         load_trainable_state(self.adapted(model), Path(resume_from_checkpoint) / TRAINABLE_STATE_FILE)
+
+    def _load_best_model(self) -> None:
+        """``load_best_model_at_end``: the best checkpoint's trainable state, copied in place."""
+        load_trainable_state(self.adapted(), Path(self.state.best_model_checkpoint) / TRAINABLE_STATE_FILE)
+
+
+def _training_adapters(model: AdaptedModel, adapter_names: Sequence[str] | None) -> list[str]:
+    """The adapters an AdapterTrainer trains and saves: ``adapter_names``, else those with a trainable
+    parameter; an unknown name or none at all is refused with the fix."""
+    if adapter_names is not None:
+        names = list(adapter_names)
+        unknown = [name for name in names if name not in model.adapters]
+        if unknown or not names:
+            raise PeftkitError(f"AdapterTrainer: adapter_names={names!r} must name adapters of the model "
+                               f"({', '.join(model.adapters) or 'it has none'})")
+        return names
+    names = [name for name in model.adapters if any(p.requires_grad for p in model.adapter_parameters(name))]
+    if not names:
+        raise PeftkitError("AdapterTrainer: no adapter of the model has a trainable parameter; call "
+                           "model.train_adapter(name) before making the trainer (or pass adapter_names=[...])")
+    return names
+
+
+def _callback_key(callback: Any) -> tuple[type, Any]:
+    """Callbacks of one kind for one adapter (or for the whole model) are one callback."""
+    return type(callback), getattr(callback, "adapter_name", None)
 
 
 def save_adapter_files(adapted: AdaptedModel, adapter_name: str, folder: Path, card: dict[str, Any],

@@ -79,7 +79,7 @@ def _run(plan: TrainPlan, tokenizer: Any, callbacks: list[TrainerCallback]) -> T
         processing_class=tok, compute_loss_func=token_loss(task),
         compute_metrics=classification_metrics(task) if task in CLASSIFICATION_TASKS else None,
         preprocess_logits_for_metrics=argmax_predictions if task in CLASSIFICATION_TASKS else None,
-        callbacks=callbacks, adapter_name=opts.adapter_name, card=card, labels=labels, sharded=opts.fsdp,
+        callbacks=callbacks, adapter_names=[opts.adapter_name], card=card, labels=labels, sharded=opts.fsdp,
         optimizers=(_lora_plus(adapted, opts), None))
     if opts.quiet:
         trainer.remove_callback(PrinterCallback)
@@ -388,7 +388,7 @@ def _is_number(value: Any) -> bool:
 
 def _save_final(trainer: AdapterTrainer, out: Path, card: dict[str, Any], metrics: dict[str, float],
                 labels: LabelMap | None, result: TrainResult) -> None:
-    save_adapter_files(trainer.adapted(), trainer.adapter_name, out, card, labels, metrics)
+    save_adapter_files(trainer.adapted(), trainer.adapter_names[0], out, card, labels, metrics)
     if labels is None:
         with contextlib.suppress(FileNotFoundError):
             (out / LABELS_FILE).unlink()  # left by an earlier classification run (--overwrite)

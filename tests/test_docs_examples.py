@@ -47,15 +47,21 @@ def test_train_md_example_is_found_by_base_model_after_its_push(tmp_path):
 
 @pytest.mark.slow
 def test_guide_trainer_example_trains_evaluates_and_saves(tmp_path):
-    """docs/guide.md's Trainer example runs as written (its `out/` folders land in a scratch folder)."""
+    """docs/guide.md's AdapterTrainer example runs as written (its `out/` folders land in a scratch folder):
+    evaluation reports a loss with the Trainer's default columns and label names, and the checkpoints are
+    adapter folders of the size the guide gives."""
     import json
 
-    script = code_block(DOCS / "guide.md", "python", "A complete run with `transformers.Trainer`")
+    script = code_block(DOCS / "guide.md", "python", "A complete run with `peftkit.AdapterTrainer`")
     assert "DataCollatorWithPadding" in script and "tokenizer(" in script
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=docs_env(tmp_path),
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    assert "'eval_loss'" in result.stdout  # label_names makes evaluation report a loss
+    assert "'eval_loss'" in result.stdout  # label names read from the base model
+    checkpoint = tmp_path / "out" / "sentiment-run" / "checkpoint-2"
+    files = {path.name: path.stat().st_size for path in checkpoint.iterdir()}
+    assert "adapter_model.safetensors" in files and "model.safetensors" not in files
+    assert 1.0e6 < sum(files.values()) < 1.6e6  # "here 1.2 MB" in the guide
     saved = tmp_path / "out" / "sentiment"
     assert json.loads((saved / "adapter_config.json").read_text())["r"] == 8
     assert (saved / "adapter_model.safetensors").is_file()

@@ -70,6 +70,7 @@ def test_a_training_output_folder_is_pushed_without_its_run_state(any_hub: HubUn
         (checkpoint / "trainer_state.json").write_text("{}")
     (out / "trainer_state.json").write_text('{"best_model_checkpoint": "/home/me/run/checkpoint-4"}')
     (out / "training_args.bin").write_bytes(b"pickle, never published")
+    (out / "trainable_state.safetensors").write_bytes(b"AdapterTrainer's resume state, never published")
 
     hub.push(out, "alice/run", hub=any_hub.address, progress=False)
     pulled = hub.pull("alice/run", hub=any_hub.address, progress=False)
