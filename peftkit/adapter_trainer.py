@@ -50,8 +50,9 @@ class AdapterTrainer(Trainer):
     regularizer, EVA's initialisation), once even when ``callbacks=`` passes them too.
 
     ``adapter_names``: the adapters to train and save (default: every adapter with a trainable parameter,
-    e.g. after ``model.train_adapter(name)``); one is saved at a checkpoint's root, several in a sub-folder
-    each. ``card``: model-card fields written with each saved adapter (``task=``, ``dataset=``, ...).
+    e.g. after ``model.train_adapter(name)``); the fusions that train (``model.train_fusion``) are saved too.
+    One part is saved at a checkpoint's root; several, an adapter in a sub-folder each and a fusion in
+    ``fusions/<name>``. ``card``: model-card fields written with each saved adapter (``task=``, ``dataset=``, ...).
     ``labels`` and ``sharded`` are ``peftkit train``'s (the label map written as ``labels.json``; the base
     model sharded by its FSDP2).
 
@@ -69,6 +70,11 @@ class AdapterTrainer(Trainer):
             raise PeftkitError(f"AdapterTrainer trains an AdaptedModel: pass model=peftkit.adapt(...), not "
                                f"{given}; for another model use transformers.Trainer")
         names = _training_adapters(model, adapter_names)
+        fusions = [name for name in model.fusions if any(p.requires_grad for p in model.fusion_parameters(name))]
+        if not names and not fusions:
+            raise PeftkitError("AdapterTrainer: nothing of the model trains (no adapter or fusion has a trainable "
+                               "parameter); call model.train_adapter(name) or model.train_fusion(Fuse(...)) "
+                               "before making the trainer (or pass adapter_names=[...])")
         super().__init__(*args, **kwargs)
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
             raise PeftkitError("AdapterTrainer and peftkit train run in one process or data-parallel (DDP); "
@@ -80,6 +86,7 @@ class AdapterTrainer(Trainer):
             self.accelerator.prepare_model = functools.partial(self.accelerator.prepare_model, evaluation_mode=True)
             average_gradients(self.adapted(), lambda: self.accelerator.sync_gradients)
         self.adapter_names = names
+        self.fusion_names = fusions
         self.card = dict(card or {})
         self.labels = labels
         self._inspect_base_model()
@@ -149,9 +156,11 @@ class AdapterTrainer(Trainer):
         if not self.args.should_save:
             return
         folder = Path(output_dir if output_dir is not None else self.args.output_dir)
-        single = len(self.adapter_names) == 1
+        single = len(self.adapter_names) + len(self.fusion_names) == 1
         for name in self.adapter_names:
             save_adapter_files(self.adapted(), name, folder if single else folder / name, self.card, self.labels)
+        for name in self.fusion_names:
+            self.adapted().save_fusion(folder if single else folder / FUSIONS_FOLDER / name, name)
         write_trainable_state(self.adapted(), folder / TRAINABLE_STATE_FILE)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
@@ -162,20 +171,20 @@ class AdapterTrainer(Trainer):
         load_trainable_state(self.adapted(), Path(self.state.best_model_checkpoint) / TRAINABLE_STATE_FILE)
 
 
+#: Where a checkpoint of several parts holds the fusions that train (one folder each, by name).
+FUSIONS_FOLDER = "fusions"
+
+
 def _training_adapters(model: AdaptedModel, adapter_names: Sequence[str] | None) -> list[str]:
     """The adapters an AdapterTrainer trains and saves: ``adapter_names``, else those with a trainable
-    parameter; an unknown name or none at all is refused with the fix."""
-    if adapter_names is not None:
-        names = list(adapter_names)
-        unknown = [name for name in names if name not in model.adapters]
-        if unknown or not names:
-            raise PeftkitError(f"AdapterTrainer: adapter_names={names!r} must name adapters of the model "
-                               f"({', '.join(model.adapters) or 'it has none'})")
-        return names
-    names = [name for name in model.adapters if any(p.requires_grad for p in model.adapter_parameters(name))]
-    if not names:
-        raise PeftkitError("AdapterTrainer: no adapter of the model has a trainable parameter; call "
-                           "model.train_adapter(name) before making the trainer (or pass adapter_names=[...])")
+    parameter; an unknown name is refused with the fix."""
+    if adapter_names is None:
+        return [name for name in model.adapters if any(p.requires_grad for p in model.adapter_parameters(name))]
+    names = list(adapter_names)
+    unknown = [name for name in names if name not in model.adapters]
+    if unknown or not names:
+        raise PeftkitError(f"AdapterTrainer: adapter_names={names!r} must name adapters of the model "
+                           f"({', '.join(model.adapters) or 'it has none'})")
     return names
 
 

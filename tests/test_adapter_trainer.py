@@ -179,3 +179,46 @@ def test_several_training_adapters_are_saved_one_folder_each(tmp_path: Path) -> 
         fresh = peftkit.adapt(build_tiny("bert"), "lora[r=1]", "unused")
         fresh.load_adapter(str(tmp_path / "out" / name), name)
         assert fresh.adapters[name].r == rank
+
+
+def _fusion_model() -> peftkit.AdaptedModel:
+    torch.manual_seed(0)
+    model = peftkit.AdaptedModel(build_tiny("bert"))
+    model.add_adapter("ner", "lora[r=4,init_weights=false]")
+    model.add_adapter("pos", "ia3")
+    model.add_fusion(peftkit.Fuse("ner", "pos"))
+    return model
+
+
+def test_a_training_fusion_is_checkpointed_and_resumed(tmp_path: Path) -> None:
+    """AdapterHub's flow: members frozen, the fusion trains; its checkpoints hold the fusion (at the root when
+    it is the one part that trains), and with a training adapter beside it, each part in its own folder."""
+    rows = _classification_rows()
+    model = _fusion_model()
+    model.train_fusion(peftkit.Fuse("ner", "pos"))
+    trainer = peftkit.AdapterTrainer(model=model, args=_args(tmp_path / "run"), train_dataset=rows)
+    assert (trainer.adapter_names, trainer.fusion_names) == ([], ["ner_pos"])
+    trainer.train()
+    checkpoint = tmp_path / "run" / "checkpoint-4"
+    assert (checkpoint / "fusion_config.json").is_file() and not (checkpoint / "adapter_config.json").exists()
+    fresh = _fusion_model()
+    fresh.delete_fusion("ner_pos")
+    fresh.load_fusion(str(checkpoint))
+    for (name, trained), (_, loaded) in zip(model.named_parameters(), fresh.named_parameters()):
+        torch.testing.assert_close(loaded, trained, msg=name)
+
+    resumed = _fusion_model()
+    resumed.train_fusion(peftkit.Fuse("ner", "pos"))
+    peftkit.AdapterTrainer(model=resumed, args=_args(tmp_path / "run"), train_dataset=rows).train(
+        resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    for (name, whole), (_, again) in zip(model.named_parameters(), resumed.named_parameters()):
+        torch.testing.assert_close(again, whole, msg=name)
+
+    both = _fusion_model()
+    both.train_fusion(peftkit.Fuse("ner", "pos"))  # and a member trains beside the fusion
+    for parameter in both.adapter_parameters("ner"):
+        parameter.requires_grad_(True)
+    trainer = peftkit.AdapterTrainer(model=both, args=_args(tmp_path / "both", save_strategy="no"))
+    trainer.save_model(str(tmp_path / "both" / "out"))
+    assert (tmp_path / "both" / "out" / "ner" / "adapter_config.json").is_file()
+    assert (tmp_path / "both" / "out" / "fusions" / "ner_pos" / "fusion_config.json").is_file()
