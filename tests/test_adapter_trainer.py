@@ -222,3 +222,31 @@ def test_a_training_fusion_is_checkpointed_and_resumed(tmp_path: Path) -> None:
     trainer.save_model(str(tmp_path / "both" / "out"))
     assert (tmp_path / "both" / "out" / "ner" / "adapter_config.json").is_file()
     assert (tmp_path / "both" / "out" / "fusions" / "ner_pos" / "fusion_config.json").is_file()
+
+
+def test_combined_with_seq2seq_trainer_it_generates_in_evaluation(tmp_path: Path) -> None:
+    """docs/guide.md: ``class AdapterSeq2SeqTrainer(peftkit.AdapterTrainer, Seq2SeqTrainer)`` keeps both: the
+    adapter-only checkpoints and generation in predict (the adapted model's generate)."""
+    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
+    from transformers.data.data_collator import default_data_collator
+
+    class AdapterSeq2SeqTrainer(peftkit.AdapterTrainer, Seq2SeqTrainer):
+        pass
+
+    model = peftkit.adapt(build_tiny("t5"), "lora[r=4,target_modules=all-linear]")
+    model.train_adapter("default")
+    gen = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": torch.randint(3, VOCAB, (7,), generator=gen).tolist(),
+             "labels": torch.randint(3, VOCAB, (4,), generator=gen).tolist()} for _ in range(8)]
+    args = Seq2SeqTrainingArguments(str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=4,
+                                    report_to="none", use_cpu=True, disable_tqdm=True, save_steps=2,
+                                    predict_with_generate=True)
+    trainer = AdapterSeq2SeqTrainer(model=model, args=args, train_dataset=rows, data_collator=default_data_collator)
+    trainer.train()
+    names = {path.name for path in (tmp_path / "run" / "checkpoint-2").iterdir()}
+    assert "adapter_model.safetensors" in names and "model.safetensors" not in names
+    predictions = trainer.predict(rows).predictions
+    model.eval()
+    with torch.no_grad():
+        expected = model.generate(input_ids=torch.tensor([rows[0]["input_ids"]]))
+    assert predictions[0][: expected.shape[1]].tolist() == expected[0].tolist()
