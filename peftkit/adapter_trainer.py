@@ -11,10 +11,9 @@ the best checkpoint at the end, copy the trainable state into the live
 parameters (before the optimizer state is loaded, when resuming).
 
 transformers treats a PEFT ``PeftModel`` specially: it reads the dataset
-columns, label names and loss layout from the base model's ``forward``, and
-saves only the adapter. It cannot recognize an AdaptedModel, whose
-``forward(**kwargs)`` names nothing, so this subclass does the same from the
-base model itself.
+columns and label names from the base model's class, and saves only the
+adapter. It cannot recognize an AdaptedModel, whose ``forward(**kwargs)``
+names nothing, so this subclass does the same from the base model itself.
 """
 
 from __future__ import annotations
@@ -29,7 +28,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 from transformers import Trainer
-from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
 from transformers.utils import can_return_loss, find_labels
 
 from peftkit.core.errors import PeftkitError
@@ -100,19 +98,13 @@ class AdapterTrainer(Trainer):
                 self.add_callback(callback)
 
     def _inspect_base_model(self) -> None:
-        """What the Trainer reads from the model class, read from the base model's (as for a PeftModel)."""
+        """What the Trainer reads from the model's class, read from the base model's (as for a PeftModel).
+        What it reads from the model object (``loss_type``, ``config``, ``accepts_loss_kwargs``) the
+        AdaptedModel already answers from the base model."""
         base = self.adapted().base_model
-        if hasattr(base, "accepts_loss_kwargs"):  # whether forward takes num_items_in_batch
-            self.model_accepts_loss_kwargs = base.accepts_loss_kwargs
-        else:
-            self.model_accepts_loss_kwargs = any(parameter.kind == inspect.Parameter.VAR_KEYWORD
-                                                 for parameter in inspect.signature(base.forward).parameters.values())
         if self.args.label_names is None:
             self.label_names = find_labels(type(base))
         self.can_return_loss = can_return_loss(type(base))
-        if hasattr(self, "_loss_shifts_labels"):  # a causal LM's label count skips each row's first token
-            self._loss_shifts_labels = LOSS_MAPPING.get(getattr(base, "loss_type", None)) is ForCausalLMLoss \
-                and not getattr(getattr(base, "config", None), "is_encoder_decoder", False)
 
     def _set_signature_columns_if_needed(self) -> None:
         """The dataset columns kept: the base model's ``forward`` arguments and the label columns."""

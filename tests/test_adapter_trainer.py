@@ -120,10 +120,11 @@ def test_columns_and_label_names_come_from_the_base_model(tmp_path: Path) -> Non
 
 def test_a_causal_lm_loss_is_the_mean_over_the_shifted_label_tokens(tmp_path: Path) -> None:
     """The Trainer counts the label tokens of all micro-batches of a step (num_items_in_batch) and the model
-    divides its summed loss by that count; for a causal LM each row's first token is no target. With both read
-    from the base model, the logged loss of a step (learning rate 0, two micro-batches of different target
-    counts in any order) is the model's own mean token loss over the whole batch, not a mean of the
-    micro-batches' means."""
+    divides its summed loss by that count; for a causal LM each row's first token is no target. The Trainer
+    asks the model object for its loss type, config and loss kwargs, which the AdaptedModel answers from the
+    base model: the logged loss of a step (learning rate 0, two micro-batches of different target counts in
+    any order) is the model's own mean token loss over the whole batch, not a mean of the micro-batches'
+    means."""
     gen = torch.Generator().manual_seed(5)
     ids = torch.randint(3, VOCAB, (4, 6), generator=gen)
     labels = ids.clone()
