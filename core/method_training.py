@@ -71,12 +71,16 @@ def with_training_loss(model: nn.Module, output: Any) -> Any:
     return output
 
 
+def training_adapter_names(model: Any) -> list[str]:
+    """The adapters of ``model`` (an AdaptedModel) with a trainable parameter: those that train."""
+    return [name for name in model.adapters if any(p.requires_grad for p in model.adapter_parameters(name))]
+
+
 def training_callbacks(model: Any, adapter_names: Sequence[str] | None = None) -> list[Any]:
     """The ``TrainerCallback`` objects the methods of ``adapter_names`` (default: every adapter of
     ``model`` with a trainable parameter) need while training ``model`` (an AdaptedModel). Pass them
     to ``transformers.Trainer(callbacks=...)``; ``peftkit train`` and ``AdapterTrainer`` add them."""
-    names = list(adapter_names) if adapter_names is not None else [
-        name for name in model.adapters if any(p.requires_grad for p in model.adapter_parameters(name))]
+    names = list(adapter_names) if adapter_names is not None else training_adapter_names(model)
     callbacks: list[Any] = []
     for name in names:
         callbacks.extend(model.adapter_record(name).method.training_callbacks(model, name))

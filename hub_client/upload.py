@@ -42,9 +42,11 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _GENERATED_MARK = "made with peftkit"
 #: A training run's own state, never published (see :func:`stays_local`).
 _RUN_FOLDERS = frozenset({"checkpoints", "runs"})
-#: ``trainable_state.safetensors``: the resume state AdapterTrainer writes beside a saved adapter.
-_RUN_FILES = frozenset({"train_results.json", "trainer_state.json", "training_args.bin",
-                        "trainable_state.safetensors"})
+#: The resume state a training run (peftkit train, AdapterTrainer) writes beside its adapter: every trainable
+#: tensor by parameter name. The adapter folder is the portable result; this file restores training exactly,
+#: also for methods whose trained form differs from the saved one (prefix tuning's MLP).
+TRAINABLE_STATE_FILE = "trainable_state.safetensors"
+_RUN_FILES = frozenset({"train_results.json", "trainer_state.json", "training_args.bin", TRAINABLE_STATE_FILE})
 
 
 @dataclass

@@ -32,12 +32,16 @@ from transformers.utils import can_return_loss, find_labels
 
 from peftkit.core.errors import PeftkitError
 from peftkit.core.fileio import write_bytes_atomic, write_text_atomic
-from peftkit.core.method_training import training_loss
+from peftkit.core.method_training import training_adapter_names, training_loss
 from peftkit.core.model import AdaptedModel
 from peftkit.training_fsdp import average_gradients
 from peftkit.training_hooks import training_callbacks
 from peftkit.training_plan import TRAINABLE_STATE_FILE
 from peftkit.training_data import LABELS_FILE, LabelMap
+
+
+#: Where a checkpoint of several parts holds the fusions that train (one folder each, by name).
+FUSIONS_FOLDER = "fusions"
 
 
 class AdapterTrainer(Trainer):
@@ -148,12 +152,13 @@ class AdapterTrainer(Trainer):
         if not self.args.should_save:
             return
         folder = Path(output_dir if output_dir is not None else self.args.output_dir)
+        adapted = self.adapted()
         single = len(self.adapter_names) + len(self.fusion_names) == 1
         for name in self.adapter_names:
-            save_adapter_files(self.adapted(), name, folder if single else folder / name, self.card, self.labels)
+            save_adapter_files(adapted, name, folder if single else folder / name, self.card, self.labels)
         for name in self.fusion_names:
-            self.adapted().save_fusion(folder if single else folder / FUSIONS_FOLDER / name, name)
-        write_trainable_state(self.adapted(), folder / TRAINABLE_STATE_FILE)
+            adapted.save_fusion(folder if single else folder / FUSIONS_FOLDER / name, name)
+        write_trainable_state(adapted, folder / TRAINABLE_STATE_FILE)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         load_trainable_state(self.adapted(model), Path(resume_from_checkpoint) / TRAINABLE_STATE_FILE)
@@ -163,15 +168,11 @@ class AdapterTrainer(Trainer):
         load_trainable_state(self.adapted(), Path(self.state.best_model_checkpoint) / TRAINABLE_STATE_FILE)
 
 
-#: Where a checkpoint of several parts holds the fusions that train (one folder each, by name).
-FUSIONS_FOLDER = "fusions"
-
-
 def _training_adapters(model: AdaptedModel, adapter_names: Sequence[str] | None) -> list[str]:
     """The adapters an AdapterTrainer trains and saves: ``adapter_names``, else those with a trainable
     parameter; an unknown name is refused with the fix."""
     if adapter_names is None:
-        return [name for name in model.adapters if any(p.requires_grad for p in model.adapter_parameters(name))]
+        return training_adapter_names(model)
     names = list(adapter_names)
     unknown = [name for name in names if name not in model.adapters]
     if unknown or not names:

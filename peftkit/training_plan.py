@@ -24,14 +24,10 @@ from peftkit.core.errors import PeftkitError
 from peftkit.core.plugins import parse_spec
 from peftkit.core.own_metadata import read_own_metadata
 from peftkit.hub_client.errors import BaseModelWarning
-from peftkit.hub_client.upload import looks_local
+from peftkit.hub_client.upload import TRAINABLE_STATE_FILE, looks_local
 from peftkit.training_data import CLASSIFICATION_TASKS, LABELS_FILE, TASKS, Fields, LabelMap, load_examples
 
 RESULTS_FILE = "train_results.json"
-#: Every trainable tensor of the run, by parameter name. The adapter folder of a
-#: checkpoint is the portable result; this file restores training exactly, also
-#: for methods whose trained form differs from the saved one (prefix tuning's MLP).
-TRAINABLE_STATE_FILE = "trainable_state.safetensors"
 CHECKPOINT_PREFIX = "checkpoint-"
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 #: How ``quantize`` loads the base model (bitsandbytes): None keeps it unquantized.

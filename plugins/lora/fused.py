@@ -55,7 +55,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from peftkit.plugin_api import is_conv1d, plain_linear
+from peftkit.plugin_api import is_conv1d, plain_linear, weight_out_in
 
 
 #: The rank from which ``_rank_major`` computes its product token-major (module docstring): 2-thread
@@ -141,8 +141,7 @@ def _lora_sum(x2: torch.Tensor, lora_in: torch.Tensor, lora_a: torch.Tensor, lor
         out = torch.mm(xa_t.t(), lora_b.t() * scale)
     else:
         out = torch.addmm(bias, xa_t.t(), lora_b.t(), alpha=scale)
-    weight = base.weight
-    torch.addmm(out, x2, weight if is_conv1d(base) else weight.t(), out=out)  # in place, counted as a product
+    torch.addmm(out, x2, weight_out_in(base).t(), out=out)  # in place, counted as a product
     return out, xa_t
 
 
