@@ -86,6 +86,10 @@ class AutoComposeResult:
         return asdict(self)
 
 
+#: How the report names each strategy's learned numbers (the weights strategy's are a merge's weights).
+_WEIGHTS_LABELS = {"weights": "merge weights", "mixture": "mixture weights", "fusion": "fusion attention"}
+
+
 def format_report(result: AutoComposeResult) -> str:
     """The held-out table (one row per candidate, the uniform average, the learned combination), the
     learned weights, and the members left out with why."""
@@ -99,8 +103,7 @@ def format_report(result: AutoComposeResult) -> str:
     lines = [f"held-out: {result.heldout_examples} examples; learned on {trained}", "",
              format_table(rows, ["COMBINATION", "KIND", "LOSS", "ACCURACY", "SECONDS"]), ""]
     for strategy, weights in result.combinations.items():
-        what = "attention" if strategy == "fusion" else "weights"
-        lines.append(f"{strategy} {what}: " + ", ".join(f"{name} {w:+.3f}" for name, w in weights.items()))
+        lines.append(f"{_WEIGHTS_LABELS.get(strategy, strategy + ' weights')}: " + ", ".join(f"{name} {w:+.3f}" for name, w in weights.items()))
     if result.fresh_head_labels:
         lines.append(f"fresh head for labels: {', '.join(result.fresh_head_labels)}")
     lines += [f"left out {c.source}: {c.left_out}" for c in result.left_out]
@@ -217,7 +220,7 @@ def _save_composition(model: "AdaptedModel", result: AutoComposeResult, node: An
     staging.rmdir()
     task = PIPELINE_TAGS.get(result.task)
     meta = card_metadata(method=result.strategy, base_model=result.base_model, peft_format=False, task=task,
-                         metrics=metrics(result), tags=["composition", "auto-compose"])
+                         metrics=metrics(result), tags=["composition", "auto-compose"], name=name)
     card = render_card(meta, method=result.strategy, adapter_name=name, metrics=metrics(result),
                        description=card_description(result) + f"\n\nComposition: `{node}`")
     (folder / "README.md").write_text(card, encoding="utf-8")

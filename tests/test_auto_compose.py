@@ -205,6 +205,7 @@ def test_python_api_with_named_candidates_holds_out_part_of_the_examples(world: 
     assert result.learned.accuracy > uniform.accuracy and result.learned.loss < uniform.loss
     table = format_report(result)
     assert "learned weights" in table and "uniform average" in table and "ACCURACY" in table
+    assert "\nmerge weights: " in table and "weights weights" not in table
     assert "left out alice/scaler: ia3 has no low-rank weight change" in table
     # merge=True: the base model with the learned combination folded in, as a plain transformers model.
     loss, accuracy = held_out_score(tmp_path / "merged", None, world["heldout"])

@@ -89,6 +89,7 @@ def test_the_learned_mixture_finds_the_member_that_is_the_answer_and_saves_a_com
     assert all(r.seconds > 0 for r in result.rows if r.kind == "learned")
     table = format_report(result)
     assert "learned mixture" in table and "learned fusion" in table and "mixture weights: t +" in table
+    assert "\nfusion attention: " in table
     # The folder is a composition: loaded the ordinary way it scores what the report said.
     data = json.loads((out / "composition.json").read_text())
     assert data["composition_string"].startswith("average(t, noise, scaler, __base__, weights=[")
