@@ -19,7 +19,9 @@ from .errors import ConfigError
 def card_metadata(*, method: str, base_model: str | None, peft_format: bool, task: str | None = None,
                   dataset: str | list[str] | None = None, metrics: dict[str, float] | None = None,
                   tags: list[str] | None = None, license: str | None = None,
-                  language: str | list[str] | None = None) -> dict[str, Any]:
+                  language: str | list[str] | None = None, name: str | None = None) -> dict[str, Any]:
+    """A model card's front matter in the Hub's conventions. ``name`` is what the evaluation results
+    (``model-index``) are results of: the repo id or the adapter's name, never the base model's."""
     meta: dict[str, Any] = {"library_name": "peft" if peft_format else "peftkit"}
     if base_model:
         meta["base_model"] = base_model
@@ -43,7 +45,7 @@ def card_metadata(*, method: str, base_model: str | None, peft_format: bool, tas
         # refuses the card, so metrics given without a dataset say so ("unspecified").
         named = meta["datasets"][0] if dataset else "unspecified"
         meta["model-index"] = [{
-            "name": base_model or method,
+            "name": name or method,
             "results": [{
                 "task": {"type": task or "unknown"},
                 "dataset": {"name": named, "type": named},

@@ -27,6 +27,13 @@ OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "PEFTKIT_OFFLINE"
 _CACHE_MARKERS = ("config.json", "tokenizer_config.json")
 
 
+def looks_local(name: str | None) -> bool:
+    """Whether a base model name is a local folder rather than a hub id (``org/name``)."""
+    if not name:
+        return False
+    return name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1 or Path(name).exists()
+
+
 def model_source_options(name_or_path: str | os.PathLike, what: str = "the model", *,
                          cache_dir: str | None = None) -> dict[str, Any]:
     """Extra ``from_pretrained`` options for loading ``name_or_path``: ``{}`` normally,

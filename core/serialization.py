@@ -183,7 +183,8 @@ def write_adapter(model: "AdaptedModel", name: str, folder: Path, card: dict[str
     meta = card_metadata(method=record.method.name, base_model=data.get("base_model_name_or_path"),
                          peft_format=record.method.peft_type is not None, task=card.get("task"),
                          dataset=card.get("dataset"), metrics=card.get("metrics"), tags=card.get("tags"),
-                         license=card.get("license"), language=card.get("language"))
+                         license=card.get("license"), language=card.get("language"),
+                         name=card.get("repo_id") or name)
     text = render_card(meta, method=record.method.name, adapter_name=name, repo_id=card.get("repo_id"),
                        description=card.get("description"),
                        parameters=sum(t.numel() for t in tensors.values()), metrics=card.get("metrics"))

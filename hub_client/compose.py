@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 from peftkit.core import composition
 from peftkit.core.composition import BASE_MODEL, Block, Node
 from peftkit.core.errors import CompositionError
+from peftkit.core.model_source import looks_local
 from peftkit.hub_rules.cards import TASK_TYPE_TO_AUTO_CLASS
 
 from .backend import HubBackend
@@ -404,7 +405,18 @@ def load_base_model(name_or_path: str, datas: Sequence[dict[str, Any]], **kwargs
         warnings.warn(f"the base model {name_or_path!r} has no weights for {', '.join(sorted(fresh)[:5])}"
                       f"{' ...' if len(fresh) > 5 else ''}, and no adapter provides them: they are random",
                       stacklevel=3)
+    hub_id = members_hub_base(datas)
+    if hub_id and looks_local(name_or_path):
+        model.config.name_or_path = hub_id  # what a saved or pushed composition records, not the local folder
     return model.eval()
+
+
+def members_hub_base(datas: Sequence[dict[str, Any]]) -> str | None:
+    """The one hub id (not a local folder) that the members' configs record as their base model, if they
+    agree on one; None when none records one or they name different ones."""
+    recorded = {d.get("base_model_name_or_path") for d in datas}
+    hub_ids = {r for r in recorded if isinstance(r, str) and r and not looks_local(r)}
+    return hub_ids.pop() if len(hub_ids) == 1 else None
 
 
 # -- loading -------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from typing import Any
 from peftkit.core.adapterhub_format import SAFE_WEIGHTS_NAME as ADAPTERHUB_WEIGHTS
 from peftkit.core.adapterhub_format import is_adapterhub_config
 from peftkit.core.card import card_metadata, read_card_metadata, render_card
+from peftkit.core.model_source import looks_local
 from peftkit.hub_rules.adapterhub import LIBRARY as ADAPTERHUB_LIBRARY
 from peftkit.hub_rules.cards import ADAPTER_OF_TAG_PREFIX, TASK_TYPE_TO_PIPELINE, split_front_matter
 
@@ -68,13 +69,6 @@ class CardOptions:
     description: str | None = None
     license: str | None = None
     language: str | list[str] | None = None
-
-
-def looks_local(name: str | None) -> bool:
-    """Whether a base model name is a local folder rather than a hub id."""
-    if not name:
-        return False
-    return name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1 or os.path.isdir(name)
 
 
 def adapter_name_for(repo_id: str) -> str:
@@ -338,7 +332,7 @@ def _adapter_upload(folder: Path, files: dict[str, Path], repo_id: str, workdir:
         str(config.get("task_type") or "").upper())
     meta = card_metadata(method=method, base_model=base, peft_format=_peft_format(config, method), task=task,
                          dataset=options.dataset or _card_datasets(old_meta), metrics=options.metrics,
-                         tags=options.tags, license=options.license, language=options.language)
+                         tags=options.tags, license=options.license, language=options.language, name=repo_id)
     if adapterhub:  # as AdapterHub's repos on the Hugging Face Hub describe themselves
         meta = {**meta, "library_name": ADAPTERHUB_LIBRARY, "tags": [*meta["tags"], "adapters"]}
     meta = _merged_meta(meta, old_meta, options)
@@ -373,7 +367,7 @@ def _composition_upload(folder: Path, files: dict[str, Path], repo_id: str, work
     extra = [m for m in methods[1:]] + ["composition"] + list(options.tags or [])
     meta = card_metadata(method=label, base_model=base, peft_format=False, task=options.task,
                          dataset=options.dataset, metrics=options.metrics, tags=extra, license=options.license,
-                         language=options.language)
+                         language=options.language, name=repo_id)
     meta = _merged_meta(meta, old_meta, options)
     spec = data.get("composition_string") or str(data["node"])
     description = options.description or (
@@ -394,7 +388,7 @@ def _fusion_upload(folder: Path, files: dict[str, Path], repo_id: str, workdir: 
     old_meta, old_body = _existing_card(folder)
     meta = card_metadata(method="fusion", base_model=base, peft_format=False, task=options.task,
                          dataset=options.dataset, metrics=options.metrics, tags=options.tags,
-                         license=options.license, language=options.language)
+                         license=options.license, language=options.language, name=repo_id)
     meta = _merged_meta(meta, old_meta, options)
     spec = data.get("composition") or "fuse(...)"
     description = options.description or (

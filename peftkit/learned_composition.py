@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 from peftkit.auto_compose_report import AutoComposeResult, Candidate, push_result, save_result
 from peftkit.auto_compose_strategies import Prepared, Settings, compare
 from peftkit.core.errors import PeftkitError
+from peftkit.core.model_source import looks_local
 from peftkit.training_data import DataError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -76,10 +77,6 @@ def parse_search(text: str) -> dict[str, Any]:
     return out
 
 
-def _looks_local(text: str) -> bool:
-    return text.startswith((".", "/", "~")) or Path(text).exists()
-
-
 def _searched(search: Mapping[str, Any], base: Any, hub: Any, token: str | None, limit: int) -> list[str]:
     from peftkit.hub_client.api import search as hub_search
 
@@ -89,7 +86,7 @@ def _searched(search: Mapping[str, Any], base: Any, hub: Any, token: str | None,
         raise AutoComposeError(f"search: unknown key(s) {', '.join(unknown)}; use {', '.join(SEARCH_KEYS)}")
     if not query.get("base_model"):
         base_id = base if isinstance(base, str) else getattr(getattr(base, "config", None), "_name_or_path", None)
-        if not base_id or _looks_local(str(base_id)):
+        if not base_id or looks_local(str(base_id)):
             raise AutoComposeError("the search needs the base model's hub id: the base is a local folder, so give "
                                    "base_model=ORG/NAME in the search")
         query["base_model"] = str(base_id)
@@ -430,14 +427,12 @@ def auto_compose(base: "str | nn.Module", candidates: Sequence[str] | None = Non
 
 
 def _hub_base_id(base: Any, kept: list[Candidate]) -> str | None:
-    """The base model's hub id, for the card: BASE when it is one, else what the members recorded."""
-    if isinstance(base, str) and not _looks_local(base):
+    """The base model's hub id, for the card: BASE when it is one, else the one the members record."""
+    from peftkit.hub_client.compose import members_hub_base
+
+    if isinstance(base, str) and not looks_local(base):
         return base
-    for data in _datas(kept):
-        recorded = data.get("base_model_name_or_path")
-        if isinstance(recorded, str) and recorded and not _looks_local(recorded):
-            return recorded
-    return None
+    return members_hub_base(_datas(kept))
 
 
 def _labels_of(example: Any) -> list[str]:

@@ -21,10 +21,11 @@ from typing import Any
 
 from peftkit.core.config import AdapterConfig
 from peftkit.core.errors import PeftkitError
+from peftkit.core.model_source import looks_local
 from peftkit.core.plugins import parse_spec
 from peftkit.core.own_metadata import read_own_metadata
 from peftkit.hub_client.errors import BaseModelWarning
-from peftkit.hub_client.upload import TRAINABLE_STATE_FILE, looks_local
+from peftkit.hub_client.upload import TRAINABLE_STATE_FILE
 from peftkit.training_data import CLASSIFICATION_TASKS, LABELS_FILE, TASKS, Fields, LabelMap, load_examples
 
 RESULTS_FILE = "train_results.json"

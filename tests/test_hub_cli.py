@@ -94,6 +94,8 @@ def test_compose_writes_a_composition_or_a_merged_model(hub_env: Path, folders: 
                              "--hub", h, "-q")
     assert code == 0, err
     assert "lang <- alice/lang@" in stdout and (out / "composition.json").is_file()
+    # BASE is a local folder: the composition records the hub id its members were made for, not the folder.
+    assert json.loads((out / "composition.json").read_text())["base_model_name_or_path"] == BASE_ID
     composed = peftkit.AdaptedModel.load_composition(tiny_base(), out)
     reference = peftkit.load(tiny_base(), "stack(alice/lang, alice/ner)", hub=h, progress=False)
     assert composed.active_composition == Stack("lang", "ner")
@@ -265,3 +267,4 @@ def test_pushed_metrics_make_a_model_index_huggingface_hub_reads(hub_env: Path, 
         (result,) = card.data.eval_results
         assert (result.dataset_name, result.metric_type, result.metric_value) == (dataset or "unspecified",
                                                                                  "accuracy", 0.5)
+        assert card.data.model_name == repo  # the results are the repo's, not the base model's

@@ -14,7 +14,7 @@ from peftkit.core.composition import Stack
 from peftkit.core.errors import CompositionError
 from peftkit.hub_client import auth, cache
 from peftkit.hub_client.backend import HubBackend, RemoteFile
-from peftkit.hub_client.compose import member_names, plan
+from peftkit.hub_client.compose import member_names, members_hub_base, plan
 from peftkit.hub_client.errors import HubAuthError, IntegrityError, InvalidRepoRef
 from peftkit.hub_client.http import HttpBackend
 from peftkit.hub_client.local import LocalBackend
@@ -111,6 +111,17 @@ def test_member_names_prefer_the_repo_name_and_resolve_collisions() -> None:
     names = member_names(refs, taken={"lang-de"})
     assert [names[r] for r in refs] == ["alice__ner", "alice__lang-de", "bob__ner", "carol__pos__v1",
                                         "carol__pos__v2", "my_adapter"]
+
+
+def test_members_hub_base_is_the_one_hub_id_the_members_agree_on() -> None:
+    """A base model loaded from a local folder records this id (hub_client/compose.load_base_model)."""
+    def config(base):
+        return {"base_model_name_or_path": base}
+
+    assert members_hub_base([config("org/base"), config("org/base"), config(None)]) == "org/base"
+    assert members_hub_base([config("org/base"), config("/home/me/base"), config("./base")]) == "org/base"
+    assert members_hub_base([config("org/base"), config("org/other")]) is None  # they disagree: no guess
+    assert members_hub_base([config("/home/me/base"), config(None), {}]) is None
 
 
 def test_plan_parses_strings_lists_json_and_blocks() -> None:

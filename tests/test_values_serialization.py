@@ -211,7 +211,7 @@ def test_the_model_card_carries_every_field_given_to_save_adapter(tmp_path):
     assert yaml.safe_load(front) == {
         "library_name": "peft", "tags": ["lora", "peftkit", "task:text-generation", "demo-tag"],
         "pipeline_tag": "text-generation", "datasets": ["imdb"], "license": "mit", "language": "fr",
-        "model-index": [{"name": "lora", "results": [{
+        "model-index": [{"name": "org/thing", "results": [{
             "task": {"type": "text-generation"}, "dataset": {"name": "imdb", "type": "imdb"},
             "metrics": [{"type": "accuracy", "name": "accuracy", "value": 0.91}]}]}]}
     lines = body.splitlines()
