@@ -100,6 +100,31 @@ def test_a_stack_predicts_with_its_last_adapters_head(folders: dict[str, Path]) 
     assert model.active_adapters == ["topic"] and model.config.id2label == dict(enumerate(TOPICS))
 
 
+def test_a_pipeline_on_the_base_model_runs_the_active_adapters_and_names_their_labels(
+        folders: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
+    """composition.md: a transformers pipeline takes ``model.base_model`` (the adapters run inside its
+    modules); it predicts what the adapted model does, with the labels of the head that runs, and
+    transformers logs nothing about an unknown model class (it does for the AdaptedModel itself)."""
+    import logging
+
+    from transformers import BertTokenizer, pipeline
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(123)]
+    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(words)})
+    model = peftkit.AdaptedModel(tiny())
+    model.load_adapter(str(folders["sentiment"]), "sentiment", activate=False)
+    model.load_adapter(str(folders["topic"]), "topic", activate=False)
+    texts = ["w1 w7 w30", "w99 w3 w3 w12"]
+    caplog.set_level(logging.WARNING, logger="transformers")
+    classify = pipeline("text-classification", model=model.base_model, tokenizer=tokenizer)
+    for active, labels in (("topic", TOPICS), ("sentiment", MOODS), (Stack("sentiment", "topic"), TOPICS)):
+        model.set_active(active)
+        with torch.no_grad():
+            expected = model(**tokenizer(texts, return_tensors="pt", padding=True)).logits.argmax(-1)
+        assert [r["label"] for r in classify(texts)] == [labels[i] for i in expected]
+    assert "not supported" not in caplog.text
+
+
 def test_heads_with_different_labels_are_not_averaged_fused_or_batched_together(folders: dict[str, Path]) -> None:
     model = peftkit.AdaptedModel(tiny())
     for name in ("sentiment", "topic"):
