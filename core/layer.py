@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import copy
-import functools
 from typing import Any, Callable
 
 import torch
@@ -225,13 +224,22 @@ def _defined_in(cls: type, name: str) -> type:
     return next(klass for klass in cls.__mro__ if name in vars(klass))
 
 
-@functools.cache
+#: (LayerAdapter class, shortcut) -> :func:`shortcut_is_current`'s answer. A plain dict rather than
+#: functools.cache: torch.compile warns about every cache-wrapped call it traces.
+_CURRENT_SHORTCUTS: dict[tuple[type, str], bool] = {}
+
+
 def shortcut_is_current(cls: type, shortcut: str) -> bool:
     """Whether ``cls``'s ``shortcut`` (``forward_alone`` or ``base_input``) was written together with
     its ``forward`` and ``delta``: a subclass that overrides either of those but not the shortcut
     would be short-cut past its own code, so the TunerLayer then takes the plain path."""
-    owner = _defined_in(cls, shortcut)
-    return all(issubclass(owner, _defined_in(cls, name)) for name in ("forward", "delta"))
+    key = (cls, shortcut)
+    current = _CURRENT_SHORTCUTS.get(key)
+    if current is None:
+        owner = _defined_in(cls, shortcut)
+        current = _CURRENT_SHORTCUTS[key] = all(issubclass(owner, _defined_in(cls, name))
+                                                for name in ("forward", "delta"))
+    return current
 
 
 def merge_order_message(name: str, earlier: str) -> str:
