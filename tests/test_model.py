@@ -194,3 +194,18 @@ def test_targets_only_inside_the_task_head_are_refused_and_leave_the_model_as_it
     assert list(model.adapters) == []
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
+
+
+def test_load_adapter_activates_the_loaded_adapter_unless_told_not_to(tmp_path):
+    """Unlike PEFT's and AdapterHub's load_adapter (docs/migrating.md): the loaded adapter becomes the
+    active one; ``activate=False`` keeps the active setup as it was."""
+    saved = peftkit.adapt(build_tiny("llama"), "lora[r=2]", "b")
+    _randomize(saved, "b", 3)
+    saved.save_adapter(str(tmp_path / "b"), "b")
+    model = peftkit.adapt(build_tiny("llama"), "lora[r=2]", "a")
+    model.set_active("a")
+    model.load_adapter(str(tmp_path / "b"), "b", activate=False)
+    assert model.active_adapters == ["a"]
+    model.load_adapter(str(tmp_path / "b"), "b2")
+    assert model.active_adapters == ["b2"]
+    torch.testing.assert_close(_out(model), _out(saved))
