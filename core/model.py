@@ -555,8 +555,24 @@ class AdaptedModel(CompositionMixin, nn.Module):
         """
         names = list(adapter_names) if adapter_names is not None else self.active_adapters
         self.merge_adapter(names)
-        node = composition.as_node(names) if names else None  # heads as in a stack: the last one's
-        self._show_labels(node)  # the merged model's config names the labels of the head it keeps
+        return self._unwrapped(composition.as_node(names) if names else None)  # heads as a stack's: the last one's
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter without merging it and return the bare base model (PEFT's ``unload``):
+        its original modules, task head and labels, as before it was adapted. Refused while an adapter
+        is merged into the weights (``unmerge_adapter()`` first, or ``merge_and_unload()`` to keep it).
+        The AdaptedModel must not be used afterwards."""
+        merged = self.merged_adapters
+        if merged:
+            raise MergeError(f"adapter(s) {', '.join(map(repr, merged))} are merged into the base weights, which "
+                             f"unload() would keep changed; unmerge_adapter() first, or merge_and_unload() to "
+                             f"keep them in the weights")
+        return self._unwrapped(None)
+
+    def _unwrapped(self, node: Node | None) -> nn.Module:
+        """The base model with every peftkit module and hook taken out, keeping the task head (and, in
+        the config, the labels) that ``node`` predicts with: the base model's own for None."""
+        self._show_labels(node)
         self._labels_before = None
         model = self.base_model
         for module_name, module in list(model.named_modules()):

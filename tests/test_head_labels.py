@@ -186,6 +186,27 @@ def test_merge_and_unload_keeps_the_head_and_its_labels(folders: dict[str, Path]
     assert torch.allclose(logits(again), expected, atol=1e-5)
 
 
+def test_unload_gives_back_the_base_model_its_modules_head_and_labels(folders: dict[str, Path]) -> None:
+    """PEFT's unload(): every adapter removed without merging; refused (nothing changed) while one is merged."""
+    from peftkit.core.layer import ModulesToSave, TunerLayer
+
+    base = tiny()
+    expected = logits(base)
+    original = {name: type(module) for name, module in base.named_modules()}
+    model = peftkit.AdaptedModel.from_pretrained(base, str(folders["topic"]), "topic")
+    model.load_adapter(str(folders["sentiment"]), "sentiment")
+    model.merge_adapter(["sentiment"])
+    with pytest.raises(MergeError, match=r"'sentiment' are merged.*unmerge_adapter\(\) first"):
+        model.unload()
+    assert model.merged_adapters == ["sentiment"] and model.config.id2label == dict(enumerate(MOODS))
+    model.unmerge_adapter()
+    bare = model.unload()
+    assert bare is base and {name: type(module) for name, module in bare.named_modules()} == original
+    assert not any(isinstance(m, (TunerLayer, ModulesToSave)) for m in bare.modules())
+    assert bare.config.id2label == {0: "LABEL_0", 1: "LABEL_1"} and bare.config.num_labels == 2
+    torch.testing.assert_close(logits(bare), expected)
+
+
 def test_token_classification_adapters_bring_their_tags(tmp_path: Path) -> None:
     tags = ["O", "B-PER", "I-PER", "B-LOC", "B-ORG"]
     source = trained("ner", tags, 4, task="token")

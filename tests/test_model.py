@@ -209,3 +209,16 @@ def test_load_adapter_activates_the_loaded_adapter_unless_told_not_to(tmp_path):
     model.load_adapter(str(tmp_path / "b"), "b2")
     assert model.active_adapters == ["b2"]
     torch.testing.assert_close(_out(model), _out(saved))
+
+
+@pytest.mark.parametrize("spec", ["prompt_tuning[num_virtual_tokens=3]", "seq_bn", "lora[r=2]"])
+def test_unload_removes_layer_and_input_adapters_without_merging(spec):
+    base = build_tiny("llama")
+    expected = _out(base)
+    model = peftkit.adapt(base, spec)
+    _randomize(model, "default", 1)
+    adapted = _out(model)  # prompt tuning: longer by its virtual tokens
+    assert adapted.shape != expected.shape or not torch.allclose(adapted, expected)
+    bare = model.unload()
+    assert bare is base and not any(isinstance(m, TunerLayer) for m in bare.modules())
+    torch.testing.assert_close(_out(bare), expected)
