@@ -8,7 +8,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast lint venv adapters-venv bench bench-perf mutate clean
+.PHONY: demo test test-fast lint venv adapters-venv bench bench-perf bench-perf-gpu mutate clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,10 @@ bench: $(VENV)/.installed
 # Every built-in method's step, forward and memory next to peft; writes docs/performance.md
 bench-perf: $(VENV)/.installed
 	$(BIN)/python bench/perf_table.py
+
+# The same table on a GPU in bfloat16 at a size that keeps it busy; writes docs/performance-gpu.md
+bench-perf-gpu: $(VENV)/.installed
+	$(BIN)/python bench/perf_table.py --device cuda --dtype bfloat16 --size large --budget 20
 
 # Mutation testing (not part of CI; see docs/testing.md): mutmut over the modules of
 # bench/mutation_map.toml, one at a time, each with its mapped tests; report in docs/mutation.md.

@@ -22,12 +22,16 @@ sys.path.insert(0, os.path.dirname(__file__))
 from timing import interleaved, lm_forward, lm_train_step, table  # noqa: E402
 
 
-def build_base():
+def build_base(hidden: int = 512, intermediate: int = 1376, layers: int = 4, heads: int = 8, vocab: int = 8000,
+               positions: int = 256):
+    """The benchmarks' Llama from a config (seeded: the same weights every call); the defaults are the
+    CPU size, perf_table.py's --size large the GPU one."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
-                         num_key_value_heads=8, vocab_size=8000, max_position_embeddings=256)
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=heads, vocab_size=vocab,
+                         max_position_embeddings=positions)
     return LlamaForCausalLM(config).eval()
 
 

@@ -30,7 +30,14 @@ Writes docs/performance.md with the machine, versions, load and command. On a
 busy machine, ``--threads 1 --clock cpu`` times CPU time instead of wall time
 (time spent waiting for a core then does not count).
 
+On a GPU, ``--device cuda --dtype bfloat16 --size large`` measures the same
+table at a size that keeps the GPU busy (hidden 2048, 8 layers, intermediate
+5504, vocab 32000, batch 8, sequence 512) and writes docs/performance-gpu.md:
+every timed call ends with ``torch.cuda.synchronize()``, and the peak is
+``torch.cuda.max_memory_allocated`` above the level before the step.
+
 Run: .venv/bin/python bench/perf_table.py [--budget 45] [--only lora_r8,dora_r8] [--output docs/performance.md]
+     .venv/bin/python bench/perf_table.py --device cuda --dtype bfloat16 --size large [--budget 20]
 """
 
 from __future__ import annotations
@@ -55,7 +62,37 @@ from bench_lora import build_base  # noqa: E402
 from timing import CLOCKS, lm_forward, lm_train_step, paired_ratios, Ratio  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-BATCH, SEQ, VOCAB = 4, 128, 8000
+
+
+@dataclass(frozen=True)
+class Size:
+    """The Llama (built from a config) and the batch of token ids a table measures."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    vocab: int
+    batch: int
+    seq: int
+
+    def describe(self) -> str:
+        return (f"hidden {self.hidden}, {self.layers} layers, intermediate {self.intermediate}, vocab {self.vocab}), "
+                f"batch {self.batch}, sequence {self.seq}")
+
+
+#: small: the CPU table (2 cores); large: the GPU table (bf16, a size that keeps the GPU busy).
+SIZES = {"small": Size(512, 1376, 4, 8, 8000, 4, 128), "large": Size(2048, 5504, 8, 16, 32000, 8, 512)}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Where and at what size the table is measured."""
+
+    device: str
+    dtype: torch.dtype
+    size: Size
 
 #: key -> (label in the table, peftkit spec; init_weights=false where the identity would be trivial)
 METHODS: dict[str, tuple[str, str]] = {
@@ -86,12 +123,21 @@ def saved_activation_bytes(step: Callable[..., None], weights: set[int]) -> int:
     return sum(seen.values())
 
 
-def peak_step_bytes(step: Callable[..., None]) -> int:
-    """The peak of bytes allocated during one training step above the level before it (the
-    allocation events torch.profiler records with profile_memory=True)."""
+def peak_step_bytes(step: Callable[..., None], device: str = "cpu") -> int:
+    """The peak of bytes allocated during one training step above the level before it: on the CPU from
+    the allocation events torch.profiler records with profile_memory=True, on a GPU from CUDA's
+    allocator statistics."""
     import json
 
     from torch.profiler import ProfilerActivity, profile
+
+    if device != "cpu":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
@@ -144,20 +190,30 @@ class Timing:
     budget_s: float
     clock: str
     unit_s: float
+    device: str = "cpu"
 
     def ratios(self, fns: dict[str, Callable[[], object]], share: float) -> tuple[dict[str, Ratio], float]:
-        return paired_ratios(fns, "base", self.budget_s * share, clock=self.clock, unit_s=self.unit_s)
+        return paired_ratios(fns, "base", self.budget_s * share, clock=self.read, unit_s=self.unit_s)
+
+    def read(self) -> float:
+        """The clock's seconds; on a GPU once the work queued so far has run (kernels run asynchronously)."""
+        if self.device != "cpu":
+            torch.cuda.synchronize()
+        return CLOCKS[self.clock]()
 
 
 #: The budget's shares: training step, unmerged forward, merged forward.
 SHARES = {"train": 0.5, "forward": 0.25, "merged": 0.25}
 
 
-def models_and_input() -> tuple[Any, torch.Tensor, Any]:
+def models_and_input(setup: Setup) -> tuple[Any, torch.Tensor, Any]:
     """(the Llama, the batch of token ids, the frozen base: a copy taking no parameter gradients
     that computes its input's gradient, in training mode), the same in every run."""
-    base = build_base()
-    ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+    size = setup.size
+    base = build_base(hidden=size.hidden, intermediate=size.intermediate, layers=size.layers, heads=size.heads,
+                      vocab=size.vocab, positions=max(256, size.seq)).to(device=setup.device, dtype=setup.dtype)
+    ids = torch.randint(0, size.vocab, (size.batch, size.seq), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(setup.device)
     frozen = copy.deepcopy(base)
     frozen.requires_grad_(False)
     frozen.enable_input_require_grads()
@@ -187,7 +243,7 @@ def measure(key: str, base: Any, ids: torch.Tensor, frozen: Any, timing: Timing)
     flops = {name: step_flops(step) for name, step in steps.items()}
     saved = {name: saved_activation_bytes(step, weight_pointers(model))
              for (name, step), model in zip(steps.items(), (ours, theirs, frozen))}
-    peak = {name: peak_step_bytes(step) for name, step in steps.items()}
+    peak = {name: peak_step_bytes(step, timing.device) for name, step in steps.items()}
 
     for model in (ours, theirs, base):
         model.eval()
@@ -222,35 +278,42 @@ def _mib(value: int) -> str:
     return f"{value / 2**20:.1f}"
 
 
-def render(results: list[dict[str, Any]], timing: Timing, command: str, loads: tuple[float, float],
-           wall_s: float) -> str:
-    import peft
-    import transformers
-
-    import peftkit
-
+def machine(device: str) -> str:
+    """The CPU's model name and core count, and on a GPU its name and CUDA version too."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as info:
             cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
     except OSError:
         pass
-    busy = max(loads) > torch.get_num_threads()
+    host = f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
+    if device == "cpu":
+        return f"{host}; {torch.get_num_threads()} torch threads"
+    return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda}) on {host}"
+
+
+def render(results: list[dict[str, Any]], timing: Timing, setup: Setup, command: str, loads: tuple[float, float],
+           wall_s: float) -> str:
+    import peft
+    import transformers
+
+    import peftkit
+
+    busy = setup.device == "cpu" and max(loads) > torch.get_num_threads()
     clock = "wall time" if timing.clock == "wall" else "CPU time of the process"
     lines = [
-        "# Performance",
+        "# Performance" + ("" if setup.device == "cpu" else " on a GPU"),
         "",
         "Every built-in method's training step and inference forward next to Hugging Face `peft`,",
         "measured in one process by `bench/perf_table.py` (written by it; do not edit by hand).",
         "",
         f"- Command: `{command}` ({wall_s / 60:.1f} min)",
         f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
-        f"- Machine: {cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}; "
-        f"{torch.get_num_threads()} torch threads",
+        f"- Machine: {machine(setup.device)}",
         f"- Versions: Python {platform.python_version()}, torch {torch.__version__}, transformers "
         f"{transformers.__version__}, peft {peft.__version__}, peftkit {peftkit.__version__}",
-        f"- Model: Llama from a config (hidden 512, 4 layers, intermediate 1376, vocab {VOCAB}), "
-        f"batch {BATCH}, sequence {SEQ}, float32",
+        f"- Model: Llama from a config ({setup.size.describe()}, {str(setup.dtype).removeprefix('torch.')}"
+        f"{'' if setup.device == 'cpu' else ', on the GPU'}",
         f"- Timings ({clock}): paired rounds, {timing.budget_s:g} s of them per method; each round times the "
         "base model, peftkit and peft back to back in a shuffled order and takes the ratios within the round. "
         "A figure is the median of the per-round ratios ± half the width of its 95% bootstrap interval",
@@ -325,9 +388,21 @@ def main() -> None:
     parser.add_argument("--unit", type=float, default=0.25,
                         help="least seconds per timed unit: a function is called this long back to back")
     parser.add_argument("--only", default="", help=f"comma-separated keys of {', '.join(METHODS)}")
-    parser.add_argument("--output", default=str(ROOT / "docs" / "performance.md"),
-                        help="the Markdown file to write ('-' prints it only)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                        help="the model's dtype (the GPU table: bfloat16)")
+    parser.add_argument("--size", choices=sorted(SIZES), default="small",
+                        help="small: hidden 512 x 4 layers, batch 4 x 128 (the CPU table); large: hidden 2048 x "
+                             "8 layers, batch 8 x 512 (the GPU table)")
+    parser.add_argument("--output", default=None,
+                        help="the Markdown file to write ('-' prints it only; default docs/performance.md, "
+                             "with --device cuda docs/performance-gpu.md)")
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no GPU here (torch.cuda.is_available() is False)")
+    if args.device == "cuda" and args.clock == "cpu":
+        parser.error("--clock cpu times the host process, not the GPU; use the wall clock with --device cuda")
+    output = args.output or str(ROOT / "docs" / ("performance.md" if args.device == "cpu" else "performance-gpu.md"))
     keys = [k for k in args.only.split(",") if k] or list(METHODS)
     unknown = [k for k in keys if k not in METHODS]
     if unknown:
@@ -340,8 +415,9 @@ def main() -> None:
 
     logging.set_verbosity_error()
     loads = os.getloadavg()[0]
-    timing = Timing(args.budget, args.clock, args.unit)
-    base, ids, frozen = models_and_input()
+    timing = Timing(args.budget, args.clock, args.unit, args.device)
+    setup = Setup(args.device, DTYPES[args.dtype], SIZES[args.size])
+    base, ids, frozen = models_and_input(setup)
     results = []
     for key in keys:
         r = measure(key, base, ids, frozen, timing)
@@ -351,9 +427,10 @@ def main() -> None:
               f"fwd peftkit {_ratio(r['forward'], 'peftkit', r['forward_floor'])}, "
               f"peft {_ratio(r['forward'], 'peft', r['forward_floor'])}", file=sys.stderr, flush=True)
     command = "python bench/perf_table.py " + " ".join(shlex.quote(a) for a in measured_arguments(sys.argv[1:]))
-    text = render(results, timing, command.strip(), (loads, os.getloadavg()[0]), time.perf_counter() - started)
-    if args.output != "-":
-        Path(args.output).write_text(text)
+    text = render(results, timing, setup, command.strip(), (loads, os.getloadavg()[0]),
+                  time.perf_counter() - started)
+    if output != "-":
+        Path(output).write_text(text)
     print(text)
 
 
