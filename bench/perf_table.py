@@ -278,6 +278,30 @@ def _mib(value: int) -> str:
     return f"{value / 2**20:.1f}"
 
 
+@dataclass(frozen=True)
+class Conditions:
+    """What else the machine did while the table was measured."""
+
+    loads: tuple[float, float]  # load average at the start and at the end
+    steal: float | None  # share of the CPUs' time the hypervisor gave to other machines (/proc/stat); None: unknown
+
+
+def cpu_times() -> tuple[int, int] | None:
+    """(steal, total) clock ticks of all CPUs so far, from Linux's /proc/stat; None elsewhere."""
+    try:
+        with open("/proc/stat") as stat:
+            ticks = [int(v) for v in stat.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+    except (OSError, ValueError):
+        return None
+    return (ticks[7] if len(ticks) == 8 else 0), sum(ticks)
+
+
+def steal_share(start: tuple[int, int] | None, end: tuple[int, int] | None) -> float | None:
+    if start is None or end is None or end[1] <= start[1]:
+        return None
+    return (end[0] - start[0]) / (end[1] - start[1])
+
+
 def machine(device: str) -> str:
     """The CPU's model name and core count, and on a GPU its name and CUDA version too."""
     cpu = platform.processor() or platform.machine()
@@ -292,14 +316,15 @@ def machine(device: str) -> str:
     return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda}) on {host}"
 
 
-def render(results: list[dict[str, Any]], timing: Timing, setup: Setup, command: str, loads: tuple[float, float],
+def render(results: list[dict[str, Any]], timing: Timing, setup: Setup, command: str, conditions: Conditions,
            wall_s: float) -> str:
     import peft
     import transformers
 
     import peftkit
 
-    busy = setup.device == "cpu" and max(loads) > torch.get_num_threads()
+    loads, steal = conditions.loads, conditions.steal
+    busy = setup.device == "cpu" and (max(loads) > torch.get_num_threads() or (steal or 0) > 0.05)
     clock = "wall time" if timing.clock == "wall" else "CPU time of the process"
     lines = [
         "# Performance" + ("" if setup.device == "cpu" else " on a GPU"),
@@ -318,6 +343,7 @@ def render(results: list[dict[str, Any]], timing: Timing, setup: Setup, command:
         "base model, peftkit and peft back to back in a shuffled order and takes the ratios within the round. "
         "A figure is the median of the per-round ratios ± half the width of its 95% bootstrap interval",
         f"- Load average at start / end: {loads[0]:.2f} / {loads[1]:.2f}"
+        + ("" if steal is None else f"; CPU time taken by other virtual machines (steal): {steal:.1%}")
         + (" — the machine was busy with other work during this run, so these figures are noisier than "
            "on a quiet machine; rerun the command on a quiet one for the reference table" if busy else ""),
         "",
@@ -414,7 +440,7 @@ def main() -> None:
     from transformers import logging
 
     logging.set_verbosity_error()
-    loads = os.getloadavg()[0]
+    loads, ticks = os.getloadavg()[0], cpu_times()
     timing = Timing(args.budget, args.clock, args.unit, args.device)
     setup = Setup(args.device, DTYPES[args.dtype], SIZES[args.size])
     base, ids, frozen = models_and_input(setup)
@@ -427,8 +453,8 @@ def main() -> None:
               f"fwd peftkit {_ratio(r['forward'], 'peftkit', r['forward_floor'])}, "
               f"peft {_ratio(r['forward'], 'peft', r['forward_floor'])}", file=sys.stderr, flush=True)
     command = "python bench/perf_table.py " + " ".join(shlex.quote(a) for a in measured_arguments(sys.argv[1:]))
-    text = render(results, timing, setup, command.strip(), (loads, os.getloadavg()[0]),
-                  time.perf_counter() - started)
+    conditions = Conditions((loads, os.getloadavg()[0]), steal_share(ticks, cpu_times()))
+    text = render(results, timing, setup, command.strip(), conditions, time.perf_counter() - started)
     if output != "-":
         Path(output).write_text(text)
     print(text)
