@@ -103,7 +103,8 @@ def format_report(result: AutoComposeResult) -> str:
     lines = [f"held-out: {result.heldout_examples} examples; learned on {trained}", "",
              format_table(rows, ["COMBINATION", "KIND", "LOSS", "ACCURACY", "SECONDS"]), ""]
     for strategy, weights in result.combinations.items():
-        lines.append(f"{_WEIGHTS_LABELS.get(strategy, strategy + ' weights')}: " + ", ".join(f"{name} {w:+.3f}" for name, w in weights.items()))
+        label = _WEIGHTS_LABELS.get(strategy, f"{strategy} weights")
+        lines.append(f"{label}: " + ", ".join(f"{name} {w:+.3f}" for name, w in weights.items()))
     if result.fresh_head_labels:
         lines.append(f"fresh head for labels: {', '.join(result.fresh_head_labels)}")
     lines += [f"left out {c.source}: {c.left_out}" for c in result.left_out]
