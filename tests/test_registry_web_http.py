@@ -206,6 +206,12 @@ def test_sign_in_only_returns_to_this_site(site):
     for target in ("https://evil.example/", "//evil.example/x", "/\\evil.example", "/login?next=/x"):
         status, headers, _ = _client(site).sign_in(tokens["bob"], target)
         assert status == 303 and headers["Location"] == "/"
+    # Non-ASCII and DEL used to reach the Location header escaped as "\\xe9", which a browser reads as
+    # "//xe9.evil.example/...": another host. Now they are percent-encoded, a path of this site.
+    for target, location in (("/\u00e9.evil.example/phish", "/%C3%A9.evil.example/phish"),
+                             ("/\x7f/evil.example", "/%7F/evil.example"), ("/alice?sort=name", "/alice?sort=name")):
+        status, headers, _ = _client(site).sign_in(tokens["bob"], target)
+        assert status == 303 and headers["Location"] == location
 
 
 def test_queries_are_bounded(site):

@@ -69,6 +69,8 @@ _FACET_LABELS = {**FILTERS, "tag": "Tags"}
 # PEFT's task types, which the index keeps beside the pipeline tag they map to: not shown twice.
 _HIDDEN_TASKS = frozenset({"causal_lm", "seq_2_seq_lm", "seq_cls", "token_cls", "question_ans", "feature_extraction"})
 _LIBRARY_TAGS = frozenset({"peft", "peftkit", "transformers"})
+# What a return address keeps as it is (with letters and digits); everything else is percent-encoded.
+_URL_PATH_SAFE = "/?&=#%:@!$'()*+,;~-._"
 
 
 @dataclass(frozen=True)
@@ -355,12 +357,15 @@ class WebSite:
                           next=self._next(req.arg("next")))
 
     def _next(self, target: str | None) -> str:
-        """Where to go after signing in: a path on this site, never another host."""
+        """Where to go after signing in: a path on this site, never another host.
+
+        The path is percent-encoded down to URL characters: a header carries ASCII only, and the server
+        escapes anything else as ``\\xNN``, which a browser reads as ``//xNN...``, another host."""
         if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
             return f"{self.root}/"
         if any(ord(c) < 32 for c in target) or len(target) > 2000 or target.startswith(f"{self.root}/login"):
             return f"{self.root}/"
-        return target
+        return quote(target, safe=_URL_PATH_SAFE)
 
     def _form(self, req: Request, visitor: _Visitor) -> dict[str, str]:
         """The POSTed form, after the CSRF and Origin checks (403 when either fails)."""
