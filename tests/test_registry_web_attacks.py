@@ -58,3 +58,53 @@ def test_usage_snippets_never_carry_an_authors_base_model_text_into_code(site):
     # a Hub model id is quoted as it is
     status, _, page = web.get("/alice/sentiment-lora")
     assert status == 200 and f'peftkit.load("{LLAMA}", ' in _snippets(page)[0]
+
+
+def _push_card(server, token: str, repo_id: str, card: str, *, commits: int = 1) -> list[str]:
+    """Push ``card`` as README.md to a new repo, then ``commits - 1`` commits that change another file;
+    returns the commit ids, oldest first."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    api = HfApi(endpoint=server.url, token=token)
+    api.create_repo(repo_id)
+    shas = []
+    for i in range(commits):
+        files = {"notes.txt": f"commit {i}".encode()} | ({"README.md": card.encode()} if i == 0 else {})
+        info = api.create_commit(repo_id, operations=[CommitOperationAdd(p, c) for p, c in files.items()],
+                                 commit_message=f"commit {i}")
+        shas.append(info.oid)
+    return shas
+
+
+def test_a_heavy_card_is_rendered_once_for_all_its_commits_and_concurrent_readers(site):
+    """A card of 64 KiB of '[' costs over a second to render. It used to be cached per commit (so each of a
+    repo's commits, and every reader arriving before the first render ended, rendered it again)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    store, server = site
+    cards = server.app.api.cards
+    token = store.accounts.create_token("bob", write=True)[1]
+    card = "[a plot](plots/loss.png)\n\n" + "[" * 64 * 1024
+    shas = _push_card(server, token, "bob/heavy-card", card, commits=3)
+    before = cards.renders
+    pages = [f"/bob/heavy-card/commit/{sha}" for sha in shas] * 2 + ["/bob/heavy-card"] * 2
+    with ThreadPoolExecutor(len(pages)) as pool:
+        answers = list(pool.map(lambda path: WebClient(server.url).get(path), pages))
+    assert [status for status, _, _ in answers] == [200] * len(pages)
+    assert cards.renders - before == 1
+    for path, (_, _, page) in zip(pages, answers):
+        sha = path.rsplit("/", 1)[-1] if "/commit/" in path else shas[-1]
+        assert f'<a href="/bob/heavy-card/resolve/{sha}/plots/loss.png" rel="nofollow noopener">' in page
+
+
+def test_the_card_cache_is_bounded_in_characters():
+    from peftkit.registry.web.card_markdown import CardRenderer
+
+    cards = CardRenderer(cache_chars=200_000)
+    for i in range(8):  # each card's HTML is ~10x its Markdown: ~70,000 characters
+        html = cards.render(f"card {i} " + "[a](b) " * 1000, files_base="/ns/name/resolve/x", cache_key=f"k{i}")
+        assert html.count('href="/ns/name/resolve/x/b"') == 1000
+        assert cards.cached_chars <= 200_000
+    assert cards.renders == 8
+    cards.render("card 7", files_base="/other", cache_key="k7")  # the newest is kept, whatever the base
+    assert cards.renders == 8

@@ -13,13 +13,20 @@ Cards are written by anyone with a write token, and read by everyone, so:
   tracked by a card's remote images);
 * headings move one level down (the page's ``<h1>`` is the repo's name);
 * a card is rendered from at most :data:`MAX_CARD_BYTES` (the rest is cut
-  with a note), and results are cached by the README's content hash.
+  with a note). Rendering is pure Python and a hostile card costs seconds
+  (256 KiB of ``[`` takes ~6 s on a 2-core machine), so each card is rendered
+  once per content: the cache is keyed by the README's hash alone (links point
+  at a placeholder that each page fills with its commit's file URL, so a repo's
+  commits share one render), concurrent requests for one card wait for a single
+  render, and the cache is bounded in characters (:data:`MAX_CACHE_CHARS`) as
+  well as entries, since a card's HTML can be ten times its Markdown.
 """
 
 from __future__ import annotations
 
 import posixpath
 import re
+import secrets
 import threading
 from collections import OrderedDict
 from typing import Any
@@ -30,6 +37,8 @@ from markdown_it.common.utils import escapeHtml
 
 MAX_CARD_BYTES = 256 * 1024
 _CACHE_ENTRIES = 256
+MAX_CACHE_CHARS = 32 * 1024 * 1024  # rendered HTML kept, over all cached cards
+_RENDER_GATES = 64  # locks, by card, that make concurrent requests for one card wait for a single render
 _SCHEME_RE = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*):")
 _ALLOWED_SCHEMES = frozenset({"http", "https", "mailto"})
 _REL = "nofollow noopener"
@@ -86,26 +95,51 @@ def _build() -> MarkdownIt:
 
 
 class CardRenderer:
-    """Renders card bodies, caching by (content hash, link base)."""
+    """Renders card bodies, caching by content (see the module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, cache_chars: int = MAX_CACHE_CHARS) -> None:
         self._md = _build()
-        self._cache: OrderedDict[tuple[str, str], str] = OrderedDict()
+        self._cache_chars = cache_chars
+        self._cache: OrderedDict[str, str] = OrderedDict()
         self._lock = threading.Lock()
+        self._gates = [threading.Lock() for _ in range(_RENDER_GATES)]
+        # Stands for the repo's file URL in cached HTML; random, so no card can write it by design.
+        self._files_base = f"/peftkit-card-files-{secrets.token_hex(12)}"
+        self.renders = 0  # cards rendered (not served from the cache) since start
+        self.cached_chars = 0
 
     def render(self, body: str, *, files_base: str, cache_key: str | None = None) -> str:
-        """``body`` (Markdown) as safe HTML; relative links resolve under ``files_base``."""
-        key = (cache_key, files_base) if cache_key else None
-        if key is not None:
-            with self._lock:
-                hit = self._cache.get(key)
-                if hit is not None:
-                    self._cache.move_to_end(key)
-                    return hit
-        html = self._md.render(body, {"files_base": files_base})
-        if key is not None:
-            with self._lock:
-                self._cache[key] = html
-                while len(self._cache) > _CACHE_ENTRIES:
-                    self._cache.popitem(last=False)
-        return html
+        """``body`` (Markdown) as safe HTML; relative links resolve under ``files_base``.
+
+        ``cache_key`` (the README's content hash) names ``body``: one render serves every commit and page."""
+        if cache_key is None:
+            return self._render(body, files_base)
+        html = self._cached(cache_key)
+        if html is None:
+            with self._gates[hash(cache_key) % _RENDER_GATES]:
+                html = self._cached(cache_key)
+                if html is None:
+                    html = self._render(body, self._files_base)
+                    self._keep(cache_key, html)
+        return html.replace(self._files_base, escapeHtml(files_base))
+
+    def _render(self, body: str, files_base: str) -> str:
+        with self._lock:
+            self.renders += 1
+        return self._md.render(body, {"files_base": files_base})
+
+    def _cached(self, key: str) -> str | None:
+        with self._lock:
+            html = self._cache.get(key)
+            if html is not None:
+                self._cache.move_to_end(key)
+            return html
+
+    def _keep(self, key: str, html: str) -> None:
+        if len(html) > self._cache_chars:
+            return
+        with self._lock:
+            self._cache[key] = html
+            self.cached_chars += len(html)
+            while len(self._cache) > _CACHE_ENTRIES or self.cached_chars > self._cache_chars:
+                self.cached_chars -= len(self._cache.popitem(last=False)[1])
