@@ -39,7 +39,8 @@ PHONE = {"width": 390, "height": 844}
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("web-browser")
-    with filled_registry(tmp, {"alice": False, "bob": False}) as (_, server, tokens):
+    with filled_registry(tmp, {"alice": False, "bob": False}) as (store, server, tokens):
+        tokens["bob_push"] = store.accounts.create_token("bob", write=True, name="browser-push")[1]
         yield server.url, tokens, tmp
 
 
@@ -199,3 +200,29 @@ def test_a_form_posted_from_another_site_is_refused(registry, page):
         evil.shutdown()
     page.goto(url + "/")
     assert page.get_by_role("button", name="Sign out").is_visible()  # still signed in
+
+
+def test_long_facts_and_many_files_fit_a_phone_and_the_facts_panel(registry, page, shots):
+    """Long values used to widen the page past a phone's screen (a metric's many digits, the note naming the
+    API URL that lists more than 300 files), and the facts panel gave each value a sliver of its width."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    url, tokens, _ = registry
+    card = ("---\nbase_model: sentence-transformers/all-MiniLM-L6-v2\ndatasets:\n- a-rather-long-dataset-name\n"
+            "model-index:\n- name: m\n  results:\n  - dataset: {name: unspecified, type: unspecified}\n"
+            "    metrics:\n    - {type: train_loss, value: 0.6893651485443115}\n---\n\nA long-facts adapter.\n")
+    files = {f"shards/{i:04d}.bin": b"x" for i in range(305)} | {"README.md": card.encode()}
+    api = HfApi(endpoint=url, token=tokens["bob_push"])
+    api.create_repo("bob/long-facts", private=True)  # private: the other tests' result lists stay as they are
+    api.create_commit("bob/long-facts", operations=[CommitOperationAdd(p, c) for p, c in files.items()],
+                      commit_message="many files")
+    page.goto(url + "/login?next=/bob/long-facts")
+    page.get_by_label("Token").fill(tokens["bob"])
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url(url + "/bob/long-facts")
+    assert "0.6893651485443115" in page.locator("table.metrics").inner_text()
+    assert "6 more files" in page.locator("#files-title + table + .note").inner_text()
+    panel = page.locator("aside.facts > dl").evaluate("dl => dl.clientWidth")
+    values = page.locator("aside.facts > dl > dd").evaluate_all("dds => dds.map(dd => dd.clientWidth)")
+    assert values and min(values) >= 0.9 * panel, (panel, values)  # each value has the panel's width
+    _shoot(page, shots, "long-facts")  # asserts that nothing is wider than a phone's screen
