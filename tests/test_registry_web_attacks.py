@@ -108,3 +108,21 @@ def test_the_card_cache_is_bounded_in_characters():
     assert cards.renders == 8
     cards.render("card 7", files_base="/other", cache_key="k7")  # the newest is kept, whatever the base
     assert cards.renders == 8
+
+
+def test_signing_in_again_and_again_keeps_a_bounded_number_of_sessions(site):
+    """Every sign-in used to add a database row for 7 days, so one token could fill the database."""
+    from peftkit.registry.web.sessions import MAX_SESSIONS_PER_TOKEN
+
+    store, server = site
+    token = store.accounts.create_token("alice", write=False, name="many-browsers")[1]
+    browsers = [WebClient(server.url) for _ in range(MAX_SESSIONS_PER_TOKEN + 5)]
+    for web in browsers:
+        assert web.sign_in(token)[0] == 303
+
+    def signed_in(web: WebClient) -> bool:
+        return 'action="/logout"' in web.get("/")[2]
+
+    assert [signed_in(web) for web in browsers] == [False] * 5 + [True] * MAX_SESSIONS_PER_TOKEN
+    with store.db.connection() as conn:
+        assert conn.execute("SELECT COUNT(*) FROM web_sessions").fetchone()[0] <= MAX_SESSIONS_PER_TOKEN

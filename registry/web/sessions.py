@@ -4,6 +4,8 @@
   ``Secure`` when the registry's URL is https). The database keeps only its
   sha256, the id of the token the user signed in with and an expiry; signing
   out deletes the row, and revoking the token ends every session made with it.
+  A token has at most :data:`MAX_SESSIONS_PER_TOKEN` sessions: the oldest
+  ends when one more browser signs in with it.
   A session only lets the pages (and browser downloads from ``/resolve/``)
   show what that user may read; it never authorizes a write.
 * Every state-changing form (sign-in and sign-out) carries a CSRF token: an
@@ -32,6 +34,7 @@ SESSION_COOKIE = "peftkit_session"
 CSRF_COOKIE = "peftkit_csrf"
 SECRET_FILE = "web_secret"
 MAX_COOKIE_HEADER = 8 * 1024  # longer Cookie headers are ignored (bounded parsing)
+MAX_SESSIONS_PER_TOKEN = 20  # browsers signed in with one token at a time; a new sign-in ends the oldest
 
 
 def parse_cookies(header: str | None) -> dict[str, str]:
@@ -85,6 +88,11 @@ class WebSessions:
         now = time.time()
         with self.db.write() as conn:
             conn.execute("DELETE FROM web_sessions WHERE expires_at < ?", (now,))
+            conn.execute(  # a token's oldest sessions end, so signing in again and again cannot fill the database
+                "DELETE FROM web_sessions WHERE token_id = ? AND secret_hash NOT IN (SELECT secret_hash FROM "
+                "web_sessions WHERE token_id = ? ORDER BY created_at DESC LIMIT ?)",
+                (principal.token_id, principal.token_id, MAX_SESSIONS_PER_TOKEN - 1),
+            )
             conn.execute(
                 "INSERT INTO web_sessions(secret_hash, token_id, created_at, expires_at) VALUES (?, ?, ?, ?)",
                 (_digest(value), principal.token_id, now, now + self.ttl_s),
