@@ -226,3 +226,19 @@ def test_long_facts_and_many_files_fit_a_phone_and_the_facts_panel(registry, pag
     values = page.locator("aside.facts > dl > dd").evaluate_all("dds => dds.map(dd => dd.clientWidth)")
     assert values and min(values) >= 0.9 * panel, (panel, values)  # each value has the panel's width
     _shoot(page, shots, "long-facts")  # asserts that nothing is wider than a phone's screen
+
+
+def test_pages_load_without_a_failed_request_or_console_error(registry, page):
+    """The browser used to ask for /favicon.ico on every page: a 404 (a console error, and an account lookup)."""
+    url, _, _ = registry
+    failed: list[str] = []
+    page.on("response", lambda r: r.status >= 400 and failed.append(f"{r.status} {r.url}"))
+    page.on("requestfailed", lambda r: failed.append(f"failed {r.url}"))
+    page.on("console", lambda m: m.type == "error" and failed.append(f"console: {m.text}"))
+    for path in ("/", "/?q=lora&sort=recent", "/alice", "/alice/sentiment-lora", "/login"):
+        page.goto(url + path)
+        page.wait_for_load_state("networkidle")
+    assert failed == []
+    icon = page.locator('link[rel="icon"]').get_attribute("href")
+    response = page.request.get(url + icon)
+    assert response.status == 200 and response.headers["content-type"] == "image/svg+xml"

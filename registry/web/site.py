@@ -25,6 +25,7 @@ takes a cookie for anything else.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -51,7 +52,7 @@ from .sessions import (
     parse_cookies,
     same_origin,
 )
-from .templates import Templates
+from .templates import FAVICON_SVG, Templates
 from .usage import snippets
 
 PAGE_CSP = (
@@ -212,14 +213,19 @@ class WebSite:
                           message=" ".join(exc.message.split()))
 
     def static(self, req: Request, visitor: _Visitor) -> Response:
-        if req.segments[1] != "style.css":
+        files = {
+            "style.css": ("text/css; charset=utf-8", self.templates.stylesheet),
+            "favicon.svg": ("image/svg+xml", FAVICON_SVG),
+        }
+        if req.segments[1] not in files:
             raise NotFound("no such file; the stylesheet is /static/style.css")
+        content_type, body = files[req.segments[1]]
         return Response(200, [
-            ("Content-Type", "text/css; charset=utf-8"),
+            ("Content-Type", content_type),
             ("Cache-Control", "public, max-age=86400"),
-            ("ETag", f'"{self.templates.stylesheet_version}"'),
+            ("ETag", f'"{hashlib.sha256(body).hexdigest()[:12]}"'),
             ("Content-Security-Policy", PAGE_CSP),
-        ], self.templates.stylesheet)
+        ], body)
 
     # ---------------------------------------------------------------------- search
     def search_page(self, req: Request, visitor: _Visitor) -> Response:
