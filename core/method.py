@@ -153,13 +153,18 @@ class Method:
     # -- files -----------------------------------------------------------------
 
     def config_to_file(self, config: AdapterConfig) -> dict[str, Any]:
-        """The method's part of ``adapter_config.json``. PEFT-format methods
-        override this to write PEFT's field names; the core adds base-model
-        fields and the ``peftkit`` key."""
+        """The method's part of ``adapter_config.json``. PEFT-format methods (a ``peft_type``)
+        override this and :meth:`config_from_file` to write and read PEFT's field names
+        (``read_peft_fields``/``write_peft_fields`` of the plugin API); the core adds base-model
+        fields, and its record goes to ``peftkit.json`` (under the ``peftkit`` key when there is
+        no ``peft_type``)."""
         return {"peft_type": self.peft_type or self.name.upper(), **config.to_dict()}
 
     def config_from_file(self, data: dict[str, Any]) -> AdapterConfig:
-        """Inverse of :meth:`config_to_file`; ``data`` lacks the core's fields."""
+        """Inverse of :meth:`config_to_file`; ``data`` lacks the core's fields (``task_type``,
+        ``base_model_name_or_path``, ...) but keeps ``peft_type`` and, for a folder PEFT wrote,
+        PEFT's generic fields (``bias``, ``fan_in_fan_out``, ``layers_pattern``), which this
+        default refuses."""
         data = {k: v for k, v in data.items() if k != "peft_type"}
         return self.config_class.from_dict(data)
 
