@@ -5,7 +5,8 @@ it injects into real architectures and can be removed without a trace, it
 leaves the model unchanged at init when it says so, a training step changes
 its own parameters only, its files round-trip bit for bit, merging (when it
 claims to merge) gives the same outputs, its config round-trips through JSON
-and the shorthand, its parameter count matches its own formula, and the
+and the shorthand (and through Hugging Face PEFT when it declares a
+``peft_type``), its parameter count matches its own formula, and the
 composition blocks it claims behave as defined. This module checks all of
 that on tiny transformers models (hidden size 32, 2 layers; no downloads).
 
@@ -66,7 +67,7 @@ DEFAULT_ARCHITECTURES: tuple[str, ...] = ("llama", "gpt2", "bert", "t5")
 BLOCK_CHECKS = ("stack", "average", "batch_split", "parallel", "fuse", "split")
 #: The checks, in the order they run; each takes one architecture.
 CHECKS: tuple[str, ...] = ("inject", "identity", "deterministic", "train_step", "save_load", "hotswap", "merge",
-                           "config", "parameter_count", *(f"block_{b}" for b in BLOCK_CHECKS))
+                           "config", "peft_config", "parameter_count", *(f"block_{b}" for b in BLOCK_CHECKS))
 #: What a config's dropout options are set to by the ``deterministic`` check (eval mode must ignore them).
 EVAL_DROPOUT = 0.5
 #: The seed torch's global random generator is set to just before the save_load check loads an adapter.
@@ -661,6 +662,59 @@ def _check_config(case: _Case) -> None:
             f"{case.where}: config_from_file() returned {type(read).__name__}, not {method.config_class.__name__}")
 
 
+def _check_peft_config(case: _Case) -> None:
+    """A method declaring a ``peft_type`` promises PEFT's file format: Hugging Face PEFT reads the
+    adapter_config.json peftkit saves, and the one PEFT writes back (PEFT's own fields: ``bias``,
+    ``fan_in_fan_out``, ``layers_pattern``, ..., and no peftkit.json) loads in peftkit as the same adapter:
+    the same sites and a bit-identical output. Skipped when the method declares no ``peft_type``, the
+    ``peft`` package is not installed, or it does not know that type."""
+    import shutil
+
+    import torch
+
+    from peftkit.core.model import AdaptedModel
+    from peftkit.core.serialization import CONFIG_NAME, WEIGHTS_NAME
+
+    method = case.method
+    if method.peft_type is None:
+        raise CheckSkipped(f"{method.name} declares no peft_type: it writes no PEFT-format folders")
+    try:
+        from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+    except ImportError:
+        raise CheckSkipped(f"{method.name} declares peft_type {method.peft_type!r}, but the peft package is not "
+                           f"installed: pip install peft to check that PEFT's files load") from None
+    peft_config_class = PEFT_TYPE_TO_CONFIG_MAPPING.get(method.peft_type)
+    if peft_config_class is None:
+        raise CheckSkipped(f"the installed peft has no peft_type {method.peft_type!r}")
+    model = case.adapted()
+    expected = case.output(model, "default")
+    with tempfile.TemporaryDirectory(prefix="peftkit-conformance-") as tmp:
+        ours, theirs = Path(tmp) / "peftkit", Path(tmp) / "peft"
+        model.save_adapter(str(ours), "default")
+        try:
+            peft_config = peft_config_class.from_pretrained(str(ours))
+        except Exception as exc:  # PEFT's own validation, whatever it raises
+            raise AssertionError(f"{case.where}: PEFT cannot read the {CONFIG_NAME} peftkit saved "
+                                 f"({type(exc).__name__}: {exc}); config_to_file() must write PEFT's fields") from None
+        peft_config.save_pretrained(str(theirs))
+        shutil.copyfile(ours / WEIGHTS_NAME, theirs / WEIGHTS_NAME)
+        try:
+            loaded = AdaptedModel.from_pretrained(case.base(), str(theirs))
+        except Exception as exc:
+            raise AssertionError(f"{case.where}: the {CONFIG_NAME} PEFT writes for this adapter does not load in "
+                                 f"peftkit ({type(exc).__name__}: {exc}); config_from_file() must read PEFT's "
+                                 f"fields (read_peft_fields of the plugin API: fixed= and ignored=)") from None
+        sites, loaded_sites = ({site.name for site in m.adapter_record("default").sites} for m in (model, loaded))
+        assert loaded_sites == sites, (
+            f"{case.where}: through PEFT's {CONFIG_NAME} the adapter lands on other sites: missing "
+            f"{sorted(sites - loaded_sites)[:3]}, extra {sorted(loaded_sites - sites)[:3]}")
+        out = case.output(loaded)
+        assert torch.equal(out, expected), (
+            f"{case.where}: through PEFT's {CONFIG_NAME} the adapter's output changed (max diff "
+            f"{_max_diff(out, expected):.3g}): a setting config_to_file() writes is lost or misread on the way "
+            f"(PEFT drops fields it does not know; config_from_file() must map PEFT's names back)")
+
+
 def _check_parameter_count(case: _Case) -> None:
     """The adapter's own parameters number exactly ``method.expected_parameter_count()``, and the
     trainable count is that plus its modules_to_save copies."""
@@ -879,6 +933,7 @@ _CHECK_FUNCTIONS: dict[str, Callable[[_Case], None]] = {
     "hotswap": _check_hotswap,
     "merge": _check_merge,
     "config": _check_config,
+    "peft_config": _check_peft_config,
     "parameter_count": _check_parameter_count,
     "block_stack": _check_block_stack,
     "block_average": _check_block_average,
