@@ -287,3 +287,18 @@ def test_facet_counts_match_the_searches_they_link_to(site, monkeypatch):
     assert small.total == public and small.counted == 2 and sum(n for _, n in small.counts["author"]) == 2
     monkeypatch.setattr("peftkit.registry.web.site.FACET_SAMPLE", 2)
     assert f"Counted in the 2 most downloaded of the {public} matches." in _client(site).get("/")[2]
+
+
+def test_hub_file_links_lead_to_the_file(site):
+    """/{ns}/{name}/blob/{rev}/{path}, the Hugging Face Hub's link to a file, used to answer a JSON 404."""
+    web = _client(site)
+    status, headers, _ = web.get("/alice/sentiment-lora/blob/main/adapter_config.json")
+    assert status == 307 and headers["Location"] == "/alice/sentiment-lora/resolve/main/adapter_config.json"
+    status, _, body = web.get(headers["Location"])
+    assert status == 200 and '"peft_type"' in body
+    # the file's own rules apply: a private repo's file stays hidden from others
+    status, headers, _ = web.get("/acme/secret-lora/blob/main/README.md")
+    assert status == 307 and web.get(headers["Location"])[0] == 404
+    status, headers, _ = web.get("/alice/sentiment-lora/blob/main/%C3%A9%5C/x")
+    assert status == 307 and headers["Location"] == "/alice/sentiment-lora/resolve/main/%C3%A9%5C/x"
+    assert web.get("/alice/no..such/blob/main/x")[0] == 400

@@ -10,6 +10,7 @@ the :class:`~peftkit.registry.hub_api.HubApi` unchanged (it has the same
 ``GET /{ns}/{name}``                      an adapter page (main)
 ``GET /{ns}/{name}/tree/{rev}[/{dir}]``   the page at a branch, tag or commit (a composition member's folder)
 ``GET /{ns}/{name}/commit/{sha}``         the page at a commit (the ``commitUrl`` a commit returns)
+``GET /{ns}/{name}/blob/{rev}/{path}``    the Hub's file link: redirected to ``/resolve/``
 ``GET, POST /login``, ``POST /logout``    sign-in with a token (session cookie), sign-out
 ``GET /static/style.css``                 the stylesheet
 ========================================  ===============================================
@@ -155,6 +156,8 @@ class WebSite:
             return self.account_page
         if len(s) == 2 or (len(s) >= 4 and s[2] == "tree") or (len(s) == 4 and s[2] == "commit"):
             return self.repo_page
+        if len(s) >= 5 and s[2] == "blob":
+            return self.blob
         return None
 
     # ------------------------------------------------------------------- responses
@@ -337,6 +340,14 @@ class WebSite:
                            peft_loads=facts.format is not None and facts.format.startswith("PEFT"),
                            task_type=facts.task_type, private=info.private) if not folder else [],
         )
+
+    def blob(self, req: Request, visitor: _Visitor) -> Response:
+        """``/{ns}/{name}/blob/{rev}/{path}``, the Hugging Face Hub's file links: the file itself, at
+        ``/resolve/`` (which checks who may read it and serves it inert)."""
+        s = req.segments
+        split_repo_id(f"{unquote(s[0])}/{unquote(s[1])}")
+        rest = quote("/".join(s[3:]), safe=_URL_PATH_SAFE)
+        return self._redirect(f"{self.root}/{s[0]}/{s[1]}/resolve/{rest}", 307)
 
     def _card(self, entry: FileEntry | None) -> tuple[dict[str, Any], str, str | None]:
         """(front matter, Markdown body, a problem to show) of README.md; at most MAX_CARD_BYTES are read."""
