@@ -14,7 +14,9 @@ from __future__ import annotations
 import re
 
 from peftkit.hub_rules.names import (
+    BRANCH_RULES,
     HEADS_PREFIX,
+    NAME_RULES,
     branch_problem,
     is_commit_sha,
     name_problem,
@@ -25,13 +27,26 @@ from peftkit.hub_rules.names import (
 from .errors import InvalidPath, InvalidRepoId, InvalidRevision
 
 MAX_PATH_LENGTH = 1024
+# Folders a new file may lie in. Listing a folder costs its files times their depth (each folder's oid covers
+# every file under it), so a commit of files 500 folders deep made every recursive listing of the repo cost
+# minutes; real repos nest a few folders.
+MAX_PATH_DEPTH = 32
 
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 
+def _control_problem(value: object, what: str, rules: str) -> str | None:
+    """A control character in a name. The shared rules' patterns end in ``$``, which also matches before a
+    final line break, so ``'alice/lora\\n'`` would pass them and make a second repo (or branch, or account)
+    that looks exactly like ``'alice/lora'``."""
+    if isinstance(value, str) and _CONTROL_RE.search(value):
+        return f"invalid {what} {value!r}: it contains a control character (line break, tab, NUL, ...); use {rules}"
+    return None
+
+
 def validate_name(name: str, what: str = "name") -> str:
     """Check one half of a repo id (or a user/org name) and return it."""
-    problem = name_problem(name, what)
+    problem = _control_problem(name, what, NAME_RULES) or name_problem(name, what)
     if problem:
         raise InvalidRepoId(problem)
     return name
@@ -62,7 +77,7 @@ def validate_account_name(name: str, what: str = "user name") -> str:
 
 def split_repo_id(repo_id: str) -> tuple[str, str]:
     """Split ``namespace/name`` and validate both halves."""
-    problem = repo_id_problem(repo_id)
+    problem = _control_problem(repo_id, "repo id", NAME_RULES) or repo_id_problem(repo_id)
     if problem:
         raise InvalidRepoId(problem)
     namespace, name = repo_id.split("/")
@@ -96,6 +111,19 @@ def validate_path(path: str) -> str:
     return path
 
 
+def validate_new_path(path: str) -> str:
+    """A path a commit adds a file at: a valid path (:func:`validate_path`) at most :data:`MAX_PATH_DEPTH`
+    folders deep. Reads take any valid path, so files committed before the limit stay readable."""
+    validate_path(path)
+    depth = path.count("/")
+    if depth > MAX_PATH_DEPTH:
+        raise InvalidPath(
+            f"file path {path[:80]!r}{'...' if len(path) > 80 else ''} lies {depth} folders deep; this registry "
+            f"takes files at most {MAX_PATH_DEPTH} folders deep: flatten the folder layout"
+        )
+    return path
+
+
 def validate_folder(path: str) -> str:
     """A folder prefix for folder deletions: like a path, with an optional trailing '/'."""
     stripped = path.rstrip("/") if isinstance(path, str) else path
@@ -104,7 +132,7 @@ def validate_folder(path: str) -> str:
 
 
 def validate_branch(name: str) -> str:
-    problem = branch_problem(name)
+    problem = _control_problem(name, "branch name", BRANCH_RULES) or branch_problem(name)
     if problem:
         raise InvalidRevision(problem)
     return name
@@ -115,7 +143,7 @@ def validate_revision(revision: str) -> str:
 
     ``refs/heads/`` is dropped (a bare name means a branch first); ``refs/tags/`` is kept.
     """
-    problem = revision_problem(revision)
+    problem = _control_problem(revision, "revision", BRANCH_RULES) or revision_problem(revision)
     if problem:
         raise InvalidRevision(problem)
     if not is_commit_sha(revision) and revision.startswith(HEADS_PREFIX):
@@ -125,7 +153,7 @@ def validate_revision(revision: str) -> str:
 
 def validate_tag(name: str) -> str:
     """A tag name follows the branch name rules (it shares their namespace of revisions)."""
-    problem = branch_problem(name, "tag name")
+    problem = _control_problem(name, "tag name", BRANCH_RULES) or branch_problem(name, "tag name")
     if problem:
         raise InvalidRevision(problem)
     return name
