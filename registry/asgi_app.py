@@ -115,12 +115,14 @@ def _internal_error() -> Response:
     return error_response(RegistryError("internal server error; see the registry server's log"))
 
 
-def _too_large(length: int | None, limit: int) -> PayloadTooLarge:
+def _too_large(length: int | None, limit: int, path: str) -> PayloadTooLarge:
     got = f"{length / 2**20:.1f} MiB" if length is not None else "more"
-    return PayloadTooLarge(
-        f"request body is {got}, over this server's limit of {limit / 2**20:.1f} MiB; "
-        "split the upload into several commits or restart the server with a larger --max-upload-mb"
-    )
+    if "/commit/" in path:
+        fix = "split the upload into several commits or restart the server with a larger --max-upload-mb"
+    else:  # small JSON requests (paths-info, validate-yaml, settings, ...): the fix is a smaller request
+        fix = "send less in one request (for paths-info, fewer paths per request)"
+    return PayloadTooLarge(f"request body is {got}, over this server's limit of {limit / 2**20:.1f} MiB for "
+                           f"this request; {fix}")
 
 
 class RegistryApp:
@@ -230,7 +232,7 @@ class RegistryApp:
             early = self._authenticate_and_check(req)
         limit = self.api.body_limit(req.method, req.path)
         if early is None and declared is not None and int(declared) > limit:
-            early = error_response(_too_large(int(declared), limit))
+            early = error_response(_too_large(int(declared), limit, req.path))
         if early is not None:
             # Refused from the headers alone: nothing of the body is read. A
             # small rest is dropped by the server as it comes (the client,
@@ -240,7 +242,7 @@ class RegistryApp:
                 early.close = True
             await self._send(send, req, early, route, query)
             return None
-        body = await self._spool(receive, limit)
+        body = await self._spool(receive, limit, req.path)
         try:
             req.body = body
             return await self._in_thread(self._dispatch, req)
@@ -299,7 +301,7 @@ class RegistryApp:
             raise ClientGone
         return message
 
-    async def _spool(self, receive: Receive, limit: int) -> IO[bytes]:
+    async def _spool(self, receive: Receive, limit: int, path: str) -> IO[bytes]:
         limits = self.body_limits
         spool = tempfile.SpooledTemporaryFile(max_size=limits.spool_in_memory, dir=self.api.store.blobs.tmp_dir)
         deadline = anyio.current_time() + limits.request_timeout_s
@@ -313,7 +315,7 @@ class RegistryApp:
                 chunk = message.get("body", b"")
                 total += len(chunk)
                 if total > limit:
-                    raise _too_large(None, limit)
+                    raise _too_large(None, limit, path)
                 if chunk:
                     spool.write(chunk)
                 if not message.get("more_body", False):

@@ -35,6 +35,7 @@ from .errors import (
     EntryNotFound,
     MalformedPayload,
     NotFound,
+    PayloadTooLarge,
     RangeNotSatisfiable,
     RegistryError,
     RepoExists,
@@ -66,6 +67,9 @@ class ApiConfig:
     tree_page_size: int = 1000
     # Files (additions plus deletions) one commit may carry; more get a 413 saying how to split.
     max_commit_files: int = 20_000
+    # The POSTs anyone may send without a token (paths-info, validate-yaml) are small: a parsed JSON body
+    # takes ~30 times its size in memory, so their bodies are capped well below max_json_bytes.
+    max_read_post_bytes: int = 2 * 1024 * 1024
     public_url: str | None = None  # e.g. https://hub.example.com when behind a proxy
 
 
@@ -181,6 +185,9 @@ class HubApi:
         segs = path.strip("/").split("/")
         if method == "POST" and len(segs) >= 6 and segs[:2] == ["api", "models"] and segs[4] == "commit":
             return self.config.max_upload_bytes
+        if segs == ["api", "validate-yaml"] or (len(segs) >= 6 and segs[:2] == ["api", "models"]
+                                                and segs[4] == "paths-info"):
+            return min(self.config.max_read_post_bytes, self.config.max_upload_bytes)
         return min(self.config.max_json_bytes, self.config.max_upload_bytes)
 
     def refuse_early(self, req: Request) -> None:
@@ -533,6 +540,11 @@ class HubApi:
             paths = [paths]
         if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
             raise MalformedPayload("paths-info: send one or more 'paths' form fields")
+        if len(paths) > self.config.max_commit_files:  # as many as one commit may carry
+            raise PayloadTooLarge(
+                f"paths-info asks about {len(paths)} paths; this registry answers at most "
+                f"{self.config.max_commit_files} per request: split them into several requests"
+            )
         _, files, folders = self.store.path_entries(info.repo_id, [p.strip("/") for p in paths], revision)
         out = [file_item(entry) for entry in files.values()]
         out += [folder_item(path, under) for path, under in folders.items()]
