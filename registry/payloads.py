@@ -25,7 +25,7 @@ from peftkit.hub_rules.names import is_commit_sha
 
 from .blobs import StagedBlob
 from .errors import MalformedPayload, PayloadTooLarge
-from .names import validate_folder, validate_path
+from .names import validate_folder, validate_new_path, validate_path
 
 
 @dataclass
@@ -66,7 +66,7 @@ def parse_preupload(data: dict[str, Any], *, max_files: int | None = None) -> li
     for i, entry in enumerate(files):
         if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
             raise MalformedPayload(f"preupload: files[{i}] must be an object with a string 'path'")
-        validate_path(entry["path"])
+        validate_new_path(entry["path"])
         if "sample" in entry:
             decode_base64(entry["sample"], f"preupload: sample of '{entry['path']}'")
         size = entry.get("size")
@@ -132,7 +132,7 @@ def parse_commit(
                 path = value.get("path")
                 if not isinstance(path, str):
                     raise MalformedPayload(f"commit payload line {lineno}: file without a string 'path'")
-                validate_path(path)
+                validate_new_path(path)
                 encoding = value.get("encoding", "base64")
                 if encoding != "base64":
                     raise MalformedPayload(f"file '{path}': unsupported encoding {encoding!r}; use 'base64'")

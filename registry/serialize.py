@@ -9,6 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from .folders import ancestors
 from .hashing import folder_oid
 from .store import CommitInfo, FileEntry, RepoInfo
 
@@ -71,11 +72,13 @@ def tree_json(files: dict[str, FileEntry], prefix: str, recursive: bool) -> list
         if not path.startswith(base):
             continue
         rel = path[len(base) :]
-        parts = rel.split("/")
-        depth = len(parts) if recursive else min(len(parts), 2)
-        for i in range(1, depth):
-            under_folder.setdefault(base + "/".join(parts[:i]), []).append(entry)
-        if recursive or len(parts) == 1:
+        if recursive:
+            for folder in ancestors(rel):
+                under_folder.setdefault(base + folder, []).append(entry)
+            out.append(file_item(entry))
+        elif "/" in rel:
+            under_folder.setdefault(base + rel[: rel.index("/")], []).append(entry)
+        else:
             out.append(file_item(entry))
     out += [folder_item(folder, under) for folder, under in under_folder.items()]
     return sorted(out, key=lambda item: item["path"])

@@ -57,7 +57,7 @@ from .blobs import BlobStore, StagedBlob
 from .cards import RepoMetadata, extract_metadata, normalize_task
 from .database_url import open_database
 from .pg_schema import document_of, tsquery_of
-from .folders import clash, folder_set, under_any
+from .folders import ancestors, clash, folder_set, under_any
 from .fsck import fsck_database
 from .errors import (
     BadRequest,
@@ -75,6 +75,7 @@ from .names import (
     split_repo_id,
     validate_branch,
     validate_folder,
+    validate_new_path,
     validate_path,
     validate_revision,
     validate_tag,
@@ -82,6 +83,10 @@ from .names import (
 
 DEFAULT_BRANCH = "main"
 MAX_SEARCH_LIMIT = 1000
+# A search's text and tag filters are bounded: each tag is one more clause of the query (SQLite refuses
+# expressions over 1,000 deep) and the text becomes a LIKE pattern (SQLite refuses those over 50,000 bytes).
+MAX_SEARCH_TEXT = 1000
+MAX_SEARCH_TAGS = 32
 _MAX_INDEXED_FILE_BYTES = 1 << 20
 
 FileContent = Union[bytes, bytearray, memoryview, str, os.PathLike, StagedBlob]
@@ -673,18 +678,22 @@ class RegistryStore:
                     (tree, *chunk),
                 )
                 files.update((r["path"], FileEntry(r["path"], r["size"], r["sha256"], r["oid"])) for r in rows)
-            for path in wanted:
-                if path in files:
-                    continue
+            asked = {path for path in wanted if path not in files}
+            for path in asked:
+                if any(folder in asked for folder in ancestors(path)):
+                    continue  # inside another asked folder: filled from that folder's rows, not read again
                 # Everything under 'a/b/' sorts between 'a/b/' and 'a/b0' ('0' follows '/'): a range scan.
                 rows = conn.execute(
                     "SELECT path, size, sha256, oid FROM tree_entries WHERE tree = ? AND path >= ? AND path < ?"
                     " ORDER BY path",
                     (tree, path + "/", path + "0"),
-                ).fetchall()
-                if rows:
-                    folders[path] = [FileEntry(r["path"], r["size"], r["sha256"], r["oid"]) for r in rows]
-        return sha, files, folders
+                )
+                for r in rows:
+                    entry = FileEntry(r["path"], r["size"], r["sha256"], r["oid"])
+                    for folder in ancestors(entry.path):
+                        if folder in asked:
+                            folders.setdefault(folder, []).append(entry)
+        return sha, files, {path: folders[path] for path in wanted if path in folders}
 
     def file_entry(self, repo_id: str, path: str, revision: str = DEFAULT_BRANCH) -> tuple[str, FileEntry]:
         """``(commit_sha, entry)`` for one file; :class:`EntryNotFound` carries the commit when missing."""
@@ -774,7 +783,7 @@ class RegistryStore:
         deletions = list(deletions)
         split_repo_id(repo_id)
         for path in files:
-            validate_path(path)
+            validate_new_path(path)
         for path in deletions:
             (validate_folder if path.endswith("/") else validate_path)(path)
         if is_commit_sha(revision):
@@ -931,6 +940,13 @@ class RegistryStore:
     ) -> tuple[list[str], list[Any], str, list[Any]]:
         """The WHERE clauses (over ``repos r``) and parameters of a search, shared by :meth:`search` and
         :meth:`search_facets`; with ``relevance``, a join ranking the text matches (and its parameters)."""
+        tags = list(tags)
+        if len(tags) > MAX_SEARCH_TAGS:
+            raise BadRequest(f"the search combines {len(tags)} tags (filter values); at most {MAX_SEARCH_TAGS} "
+                             "can be combined: remove some")
+        if text is not None and len(text) > MAX_SEARCH_TEXT:
+            raise BadRequest(f"the search text is {len(text)} characters long; at most {MAX_SEARCH_TEXT} are "
+                             "searched: shorten it")
         where: list[str] = []
         params: list[Any] = []
         joins = ""

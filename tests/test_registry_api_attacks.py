@@ -1,0 +1,114 @@
+"""Attacks on the registry's HTTP API found in an audit, each on a real server driven by raw HTTP.
+
+* names that end in a line break (``'alice/lora\\n'``, branch ``'main\\n'``): the shared name patterns end in
+  ``$``, which matches before a final ``\\n``, so they made a second repo, branch or tag that looks exactly
+  like the first.
+* the POSTs anyone may send without a token (``paths-info``, ``validate-yaml``) took 16 MiB bodies, and a
+  parsed JSON body takes ~30 times its size (a 15 MiB list of ``{}`` held ~400 MiB per request); and
+  ``paths-info`` took any number of paths (a million cost 8 s of a worker).
+* ``/api/models`` with 500 ``filter`` values or a 60,000-character ``search`` was a 500 (SQLite refuses
+  expressions over 1,000 deep and LIKE patterns over 50,000 bytes): now a 400 naming the bound.
+* files 500 folders deep: one commit of 20,000 of them held the registry's write lock for a minute
+  (folder checks cost depth x length per file), and each recursive listing of the repo took 80 s and
+  each ``paths-info`` of its nested folders 3 minutes and 10 GiB; a commit now takes files at most
+  32 folders deep, and the folder checks and ``paths-info`` cost the length of the paths.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+import requests
+
+from tests.registry_conftest_helpers import running_registry
+
+
+def _request(url: str, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
+    """(status, parsed JSON reply) of one request from a real HTTP client."""
+    reply = requests.request(method, url + path, data=body, headers=headers, timeout=120, allow_redirects=False)
+    return reply.status_code, reply.json()
+
+
+@pytest.fixture
+def registry(tmp_path: Path):
+    with running_registry(tmp_path / "reg", users={"alice": True}) as (store, server, tokens):
+        store.create_repo("alice/lora", owner="alice")
+        store.commit("alice/lora", {"adapter_config.json": b"{}"})
+        yield store, server.url, {"Authorization": f"Bearer {tokens['alice']}", "Content-Type": "application/json"}
+
+
+def test_names_ending_in_a_line_break_are_refused(registry) -> None:
+    store, url, auth = registry
+    status, body = _request(url, "POST", "/api/repos/create", json.dumps({"name": "lora\n"}).encode(), auth)
+    assert status == 400 and "control character" in body["error"]
+    status, body = _request(url, "GET", "/api/models/alice/lora%0A")
+    assert status == 400 and "control character" in body["error"]
+    for what, path, data in [
+        ("branch", "/api/models/alice/lora/branch/" + quote("main\n", safe=""), {}),
+        ("tag", "/api/models/alice/lora/tag/main", {"tag": "v1\n"}),
+    ]:
+        status, body = _request(url, "POST", path, json.dumps(data).encode(), auth)
+        assert status == 400 and "control character" in body["error"], what
+    assert [info.repo_id for info in store.search()] == ["alice/lora"]
+    assert list(store.list_branches("alice/lora")) == ["main"] and store.list_tags("alice/lora") == {}
+
+
+def test_anonymous_posts_are_small_and_paths_info_is_bounded(registry) -> None:
+    store, url, _ = registry
+    body = json.dumps({"paths": [{}] * (3 * 1024 * 1024 // 3)}).encode()  # 3 MiB of empty objects
+    for path in ["/api/models/alice/lora/paths-info/main", "/api/validate-yaml"]:
+        status, reply = _request(url, "POST", path, body, {"Content-Type": "application/json"})
+        assert status == 413 and "send less in one request" in reply["error"], path
+    paths = "&".join(f"paths=p{i}" for i in range(20_001)).encode()
+    status, reply = _request(url, "POST", "/api/models/alice/lora/paths-info/main", paths,
+                                {"Content-Type": "application/x-www-form-urlencoded"})
+    assert status == 413 and "at most 20000 per request" in reply["error"]
+    status, reply = _request(url, "POST", "/api/models/alice/lora/paths-info/main", paths[:-1000],
+                                {"Content-Type": "application/x-www-form-urlencoded"})
+    assert status == 200 and reply == []
+
+
+def test_searches_with_unbounded_filters_or_text_get_a_400(registry) -> None:
+    _, url, _ = registry
+    many = "&".join(f"filter=tag{i}" for i in range(500))
+    status, body = _request(url, "GET", f"/api/models?{many}")
+    assert status == 400 and "at most 32 can be combined" in body["error"]
+    status, body = _request(url, "GET", "/api/models?search=" + "a" * 60_000)
+    assert status == 400 and "at most 1000 are searched" in body["error"]
+    status, body = _request(url, "GET", "/api/models?search=lora&" + "&".join(f"filter=t{i}" for i in range(32)))
+    assert status == 200 and body == []
+
+
+def _commit(url: str, auth: dict, files: dict[str, bytes]):
+    lines = [{"key": "header", "value": {"summary": "deep"}}]
+    lines += [{"key": "file", "value": {"path": p, "content": base64.b64encode(c).decode()}} for p, c in files.items()]
+    body = "\n".join(json.dumps(line) for line in lines).encode()
+    return _request(url, "POST", "/api/models/alice/lora/commit/main", body,
+                    {**auth, "Content-Type": "application/x-ndjson"})
+
+
+def test_files_too_deep_are_refused_and_nested_folders_are_listed_once(registry) -> None:
+    store, url, auth = registry
+    head = store.resolve_revision("alice/lora")
+    status, body = _commit(url, auth, {"/".join(["d"] * 33) + "/f": b"x"})
+    assert status == 400 and "at most 32 folders deep" in body["error"]
+    assert store.resolve_revision("alice/lora") == head  # nothing committed
+    folders = ["/".join([f"d{k}" for k in range(depth)]) for depth in range(1, 33)]
+    files = {f"{folders[-1]}/f{i}": b"%d" % i for i in range(300)} | {f"{folders[3]}/g": b"g"}
+    status, body = _commit(url, auth, files)
+    assert status == 200, body
+    asked = "&".join(f"paths={quote(p)}" for p in [*folders, "nothing/here", f"{folders[3]}/g"]).encode()
+    status, body = _request(url, "POST", "/api/models/alice/lora/paths-info/main", asked,
+                               {"Content-Type": "application/x-www-form-urlencoded"})
+    assert status == 200, body
+    listed = body
+    assert [e["path"] for e in listed] == [f"{folders[3]}/g", *folders]
+    assert all(e["type"] == "directory" for e in listed[1:]) and len({e["oid"] for e in listed}) == 33
+    status, body = _request(url, "GET", "/api/models/alice/lora/tree/main?recursive=true")
+    tree = {e["path"]: e for e in body}
+    assert set(tree) == {"adapter_config.json", *files, *folders}
+    assert all(tree[f]["oid"] == e["oid"] for f, e in zip(folders, listed[1:]))  # paths-info and tree agree
