@@ -302,3 +302,14 @@ def test_hub_file_links_lead_to_the_file(site):
     status, headers, _ = web.get("/alice/sentiment-lora/blob/main/%C3%A9%5C/x")
     assert status == 307 and headers["Location"] == "/alice/sentiment-lora/resolve/main/%C3%A9%5C/x"
     assert web.get("/alice/no..such/blob/main/x")[0] == 400
+
+
+def test_a_page_past_the_last_says_so_and_links_to_the_last(site):
+    """Past the last page used to say 'No adapter matches' under '5 adapters', with 'Page 9 of 1' and a
+    'Previous' link to page 8, just as empty."""
+    web = _client(site)
+    for path, last in (("/?q=lora&page=9", "/?q=lora"), ("/alice?sort=name&page=9", "/alice?sort=name")):
+        status, _, page = web.get(path)
+        assert status == 200 and result_ids(page) == []
+        assert "Page 9 is past the last page." in page and f'<a href="{last.replace("&", "&amp;")}">Go to page 1' in page
+        assert "No adapter" not in page and "of 1</span>" not in page and 'rel="prev"' not in page
