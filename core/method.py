@@ -114,8 +114,10 @@ class Method:
     # -- injection -------------------------------------------------------------
 
     def sites(self, model: "nn.Module", config: AdapterConfig, arch: "ArchitectureSpec | None") -> list[Site]:
-        """The modules to adapt. The default matches ``config.target_modules``
-        (or the architecture's default for this method) against linear-like layers."""
+        """The modules to adapt. The default matches ``config.target_modules`` (or the
+        architecture's default for this method) against the model: ``"all-linear"`` keeps linear
+        layers only, but a module a name list or regex selects is returned whatever its type
+        (``adaptable_targets`` of the plugin API keeps only the types a method accepts)."""
         from .targets import find_targets
 
         return [Site(name) for name in find_targets(model, config, arch, method=self.name)]
