@@ -126,3 +126,15 @@ def test_signing_in_again_and_again_keeps_a_bounded_number_of_sessions(site):
     assert [signed_in(web) for web in browsers] == [False] * 5 + [True] * MAX_SESSIONS_PER_TOKEN
     with store.db.connection() as conn:
         assert conn.execute("SELECT COUNT(*) FROM web_sessions").fetchone()[0] <= MAX_SESSIONS_PER_TOKEN
+
+
+def test_an_image_outside_the_repo_is_shown_as_its_text(site):
+    """'![up](../../x.png)' used to become <img src="#">: the browser fetched the page itself as an image."""
+    store, server = site
+    token = store.accounts.create_token("bob", write=True)[1]
+    _push_card(server, token, "bob/escaping-image", "![up above](../../x.png) ![anchor](#top) ![query](?a=1) ![fine](plot.png)\n")
+    status, _, page = WebClient(server.url).get("/bob/escaping-image")
+    card = page.split('class="card"', 1)[1].split("</section>", 1)[0]
+    assert status == 200 and "up above" in card and "anchor" in card and "query" in card
+    assert re.findall(r'<img src="([^"]*)"', card) == [re.search(r'/bob/escaping-image/resolve/[0-9a-f]{40}/plot.png',
+                                                                  card).group(0)]

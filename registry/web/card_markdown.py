@@ -80,6 +80,8 @@ def _build() -> MarkdownIt:
         if _SCHEME_RE.match(src) or src.startswith("//"):  # another site: a link, not a request
             return f'<a href="{escapeHtml(src)}" rel="{_REL}">{escapeHtml(alt or src)}</a>'
         url = _repo_file_url(src, env["files_base"])
+        if not url or url.startswith(("#", "?")):  # outside the repo ('../x'), or this page ('#top', '?a'): no image
+            return escapeHtml(alt)
         return f'<img src="{escapeHtml(url)}" alt="{escapeHtml(alt)}" loading="lazy">'
 
     def heading(renderer: Any, tokens: list[Any], idx: int, options: Any, env: dict[str, Any]) -> str:
