@@ -138,3 +138,19 @@ def test_an_image_outside_the_repo_is_shown_as_its_text(site):
     assert status == 200 and "up above" in card and "anchor" in card and "query" in card
     assert re.findall(r'<img src="([^"]*)"', card) == [re.search(r'/bob/escaping-image/resolve/[0-9a-f]{40}/plot.png',
                                                                   card).group(0)]
+
+
+def test_the_history_shows_each_commit_messages_first_line_only(site):
+    """The history printed whole commit messages: 20 commits of 1 MB each made a 20 MB page."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    store, server = site
+    api = HfApi(endpoint=server.url, token=store.accounts.create_token("bob", write=True)[1])
+    api.create_repo("bob/long-messages")
+    for i in range(3):
+        api.create_commit("bob/long-messages", operations=[CommitOperationAdd(f"f{i}.txt", b"x")],
+                          commit_message=f"Change {i} " + "M" * 100_000, commit_description="D" * 100_000)
+    status, _, page = WebClient(server.url).get("/bob/long-messages")
+    history = page.split('id="history-title"', 1)[1].split("</section>", 1)[0]
+    assert status == 200 and len(page) < 20_000 and "DDD" not in page
+    assert [len(m) for m in re.findall(r"Change \d M+…", history)] == [200] * 3

@@ -12,6 +12,7 @@ import jinja2
 
 HERE = Path(__file__).parent
 STYLESHEET = HERE / "static" / "style.css"
+MAX_SUMMARY_CHARS = 200
 # The tab icon, a "p" on the link colour. Every page names it, or browsers ask for /favicon.ico, a 404
 # (an error in the console, and an account lookup on the server) on every page.
 FAVICON_SVG = (
@@ -40,6 +41,13 @@ def human_count(number: int | None) -> str:
     return str(number)
 
 
+def summary(message: str, limit: int = MAX_SUMMARY_CHARS) -> str:
+    """A commit message's first line, at most ``limit`` characters: the page lists 20, and the API takes
+    messages of any length."""
+    line = message.strip().split("\n", 1)[0].strip()
+    return line if len(line) <= limit else line[: limit - 1].rstrip() + "…"
+
+
 def when(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%d %H:%M UTC")
 
@@ -53,7 +61,8 @@ class Templates:
             trim_blocks=True,
             lstrip_blocks=True,
         )
-        self.env.filters.update(size=human_size, count=human_count, when=when, seg=lambda v: quote(str(v), safe=""),
+        self.env.filters.update(size=human_size, count=human_count, when=when, summary=summary,
+                                seg=lambda v: quote(str(v), safe=""),
                                 path=lambda v: quote(str(v)))
         self.stylesheet = STYLESHEET.read_bytes()
         self.stylesheet_version = hashlib.sha256(self.stylesheet).hexdigest()[:12]
