@@ -72,7 +72,8 @@ def fill_registry(url: str, tokens: dict[str, str], tmp: Path, store) -> None:
         (alice, "alice/sentiment-lora", False, dict(
             tags=("movies",), body="Sentiment of movie reviews. Positive or negative.",
             extra_card="license: mit\ndatasets:\n- sst2\npipeline_tag: text-classification\nmodel-index:\n- name: s\n"
-                       "  results:\n  - dataset: {name: sst2, type: sst2}\n    metrics:\n    - {type: accuracy, value: 0.91}\n",
+                       "  results:\n  - dataset: {name: sst2, type: sst2}\n"
+                       "    metrics:\n    - {type: accuracy, value: 0.91}\n",
             task_type="SEQ_CLS")),
         (alice, "alice/ner-ia3", False, dict(method="IA3", task_type="TOKEN_CLS", body="Named entities.")),
         (bob, "bob/qwen-prefix", False, dict(base_model=QWEN, method="PREFIX_TUNING", body="Prefix for chat.")),

@@ -132,7 +132,8 @@ def test_an_image_outside_the_repo_is_shown_as_its_text(site):
     """'![up](../../x.png)' used to become <img src="#">: the browser fetched the page itself as an image."""
     store, server = site
     token = store.accounts.create_token("bob", write=True)[1]
-    _push_card(server, token, "bob/escaping-image", "![up above](../../x.png) ![anchor](#top) ![query](?a=1) ![fine](plot.png)\n")
+    card = "![up above](../../x.png) ![anchor](#top) ![query](?a=1) ![fine](plot.png)\n"
+    _push_card(server, token, "bob/escaping-image", card)
     status, _, page = WebClient(server.url).get("/bob/escaping-image")
     card = page.split('class="card"', 1)[1].split("</section>", 1)[0]
     assert status == 200 and "up above" in card and "anchor" in card and "query" in card
@@ -154,3 +155,31 @@ def test_the_history_shows_each_commit_messages_first_line_only(site):
     history = page.split('id="history-title"', 1)[1].split("</section>", 1)[0]
     assert status == 200 and len(page) < 20_000 and "DDD" not in page
     assert [len(m) for m in re.findall(r"Change \d M+…", history)] == [200] * 3
+
+
+def test_the_facts_panel_shows_names_not_megabytes(site):
+    """adapter_config.json (up to 1 MiB) and the front matter (128 KiB) went whole into the facts panel:
+    64 target modules of 10 KB each, thousands of datasets, a 10 KB license, a 100 KB base model (three times
+    on the search page too: as a facet and in the results)."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    store, server = site
+    api = HfApi(endpoint=server.url, token=store.accounts.create_token("bob", write=True)[1])
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 8, "base_model_name_or_path": "b" * 100_000,
+              "target_modules": [f"m{i}" + "q" * 10_000 for i in range(64)]}
+    card = "---\n" + json.dumps({"license": "l" * 10_000,
+                                 "datasets": [f"d{i}" for i in range(3000)]}) + "\n---\n\nBig facts.\n"
+    api.create_repo("bob/big-facts")
+    api.create_commit("bob/big-facts", commit_message="big", operations=[
+        CommitOperationAdd("adapter_config.json", json.dumps(config).encode()),
+        CommitOperationAdd("README.md", card.encode())])
+    status, _, page = WebClient(server.url).get("/bob/big-facts")
+    facts = page.split('class="facts"', 1)[1]
+    assert status == 200 and len(page) < 60_000, len(page)
+    assert ">" + "l" * 200 + "<" in facts and "d19<" in facts and "d20<" not in facts
+    assert "m63" + "q" * 197 + "," not in facts and "m0" + "q" * 198 + "," in facts
+    assert "bbbbbbbbbb" not in page and "BASE_MODEL_ID" in page
+    # the search index keeps the 100 KB base model: the search pages (its facets, its results) show a bounded part
+    for path in ("/", "/?q=big", "/bob"):
+        status, _, page = WebClient(server.url).get(path)
+        assert status == 200 and "bob/big-facts" in page and page.count("b" * 100) == 0, path

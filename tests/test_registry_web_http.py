@@ -129,7 +129,8 @@ def test_a_composition_lists_its_members_as_links(site):
     status, _, member = web.get(link)
     assert status == 200 and "folder <code>adapters/ner/</code>" in member
     assert '<dt>Method</dt><dd><a href="/?method=ia3">ia3</a>' in member
-    assert "download>adapters/ner/adapter_config.json</a>" in member and "adapters/lang/" not in member.split("Files", 1)[1]
+    assert "download>adapters/ner/adapter_config.json</a>" in member
+    assert "adapters/lang/" not in member.split("Files", 1)[1]
 
 
 def test_sign_in_shows_private_repos_to_members_only_and_sign_out_ends_it(site):
@@ -223,7 +224,8 @@ def test_queries_are_bounded(site):
     assert web.get("/?page=501")[0] == 400 and web.get("/?page=-1")[0] == 400
     assert web.get("/?sort=bogus")[0] == 400
     big = b"token=" + b"a" * 20000
-    status, _, _ = web.request("POST", "/login", body=big, headers={"Content-Type": "application/x-www-form-urlencoded"})
+    status, _, _ = web.request("POST", "/login", body=big,
+                               headers={"Content-Type": "application/x-www-form-urlencoded"})
     assert status == 413
 
 
@@ -249,7 +251,8 @@ def test_cookies_are_secure_behind_https(tmp_path: Path):
         csrf_cookie = headers["Set-Cookie"]
         assert "Secure" in csrf_cookie and "Path=/hub" in csrf_cookie and "HttpOnly" in csrf_cookie
         csrf = re.search(r'name="csrf" value="([0-9a-f]+)"', page).group(1)
-        status, headers, _ = web.request("POST", "/login", form={"csrf": csrf, "token": tokens["alice"], "next": "/hub/"},
+        form = {"csrf": csrf, "token": tokens["alice"], "next": "/hub/"}
+        status, headers, _ = web.request("POST", "/login", form=form,
                                          headers={"Origin": "https://hub.example.com"})
         assert status == 303 and headers["Location"] == "/hub/"
         session = [c for c in headers.get_all("Set-Cookie") if c.startswith("peftkit_session=")][0]
@@ -311,5 +314,6 @@ def test_a_page_past_the_last_says_so_and_links_to_the_last(site):
     for path, last in (("/?q=lora&page=9", "/?q=lora"), ("/alice?sort=name&page=9", "/alice?sort=name")):
         status, _, page = web.get(path)
         assert status == 200 and result_ids(page) == []
-        assert "Page 9 is past the last page." in page and f'<a href="{last.replace("&", "&amp;")}">Go to page 1' in page
+        assert "Page 9 is past the last page." in page
+        assert f'<a href="{last.replace("&", "&amp;")}">Go to page 1' in page
         assert "No adapter" not in page and "of 1</span>" not in page and 'rel="prev"' not in page

@@ -26,6 +26,9 @@ MAX_SAFETENSORS_HEADER = 4 << 20
 MAX_OPTIONS = 24
 MAX_METRICS = 40
 MAX_MEMBERS = 100
+MAX_LIST = 20  # licenses, datasets, base models
+MAX_TARGETS = 64
+MAX_VALUE_CHARS = 200
 
 CONFIG = "adapter_config.json"
 OWN_RECORD = "peftkit.json"
@@ -84,16 +87,20 @@ def _scalar(value: Any) -> str | None:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float, str)) and str(value) != "":
-        return str(value)[:200]
+        return str(value)[:MAX_VALUE_CHARS]
     return None
 
 
-def _strings(value: Any) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list):
-        return [str(v) for v in value if isinstance(v, (str, int, float))]
-    return []
+def short_name(value: Any) -> str | None:
+    """A name (a base model id) as it is, or None when it is no string or too long to be one."""
+    return value if isinstance(value, str) and 0 < len(value) <= MAX_VALUE_CHARS else None
+
+
+def _strings(value: Any, limit: int = MAX_LIST) -> list[str]:
+    """A string or a list of them, as at most ``limit`` values of at most :data:`MAX_VALUE_CHARS` each: the
+    files may hold a megabyte of them, the panel shows names."""
+    values = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+    return [str(v)[:MAX_VALUE_CHARS] for v in values if isinstance(v, (str, int, float))][:limit]
 
 
 def parameter_count(header: bytes) -> int | None:
@@ -169,7 +176,7 @@ class FactsReader:
         facts = Facts(size=sum(e.size for e in here.values()))
         if not folder:
             facts.licenses = _strings(card.get("license"))
-            facts.datasets = _strings(card.get("datasets"))[:20]
+            facts.datasets = _strings(card.get("datasets"))
             facts.metrics = card_metrics(card)
         if CONFIG in here:
             self._adapter(facts, here)
@@ -178,8 +185,8 @@ class FactsReader:
         elif FUSION in here:
             self._fusion(facts, here)
         if not facts.base_model and not folder:
-            bases = _strings(card.get("base_model"))
-            facts.base_model = bases[0] if bases else None
+            bases = card.get("base_model")
+            facts.base_model = short_name(bases[0] if isinstance(bases, list) and bases else bases)
         return facts
 
     def _adapter(self, facts: Facts, files: Mapping[str, FileEntry]) -> None:
@@ -205,13 +212,14 @@ class FactsReader:
                 facts.options.append((key, shown))
         facts.options = facts.options[:MAX_OPTIONS]
         targets = config.get("target_modules", options.get("target_modules"))
-        facts.target_modules = _strings(targets)[:64]
+        facts.target_modules = _strings(targets, MAX_TARGETS)
         base = config.get("base_model_name_or_path")
-        facts.base_model = base if isinstance(base, str) and base else None
+        facts.base_model = short_name(base)
         arch = record.get("base_model") if isinstance(record.get("base_model"), dict) else {}
         if arch:
             parts = [_scalar(arch.get(k)) for k in ("class", "model_type")]
-            sizes = [f"{k.replace('_', ' ')} {arch[k]}" for k in ("hidden_size", "num_hidden_layers") if _scalar(arch.get(k))]
+            sizes = [f"{k.replace('_', ' ')} {arch[k]}" for k in ("hidden_size", "num_hidden_layers")
+                     if _scalar(arch.get(k))]
             facts.architecture = ", ".join([p for p in parts if p] + sizes) or None
         task_type = config.get("task_type")
         facts.task_type = task_type if isinstance(task_type, str) else None
@@ -227,9 +235,9 @@ class FactsReader:
                 if isinstance(folder, str) and len(facts.members) < MAX_MEMBERS:
                     folder = folder.strip("/")
                     inside = any(p.startswith(folder + "/") for p in files)
-                    facts.members.append(Member(str(name), kind, folder if inside else None))
+                    facts.members.append(Member(str(name)[:MAX_VALUE_CHARS], kind, folder if inside else None))
         base = data.get("base_model_name_or_path")
-        facts.base_model = base if isinstance(base, str) and base else None
+        facts.base_model = short_name(base)
 
     def _fusion(self, facts: Facts, files: Mapping[str, FileEntry]) -> None:
         data = self._json(files, FUSION)
@@ -237,7 +245,8 @@ class FactsReader:
         facts.composition = _scalar(data.get("composition"))
         fuse = data.get("fuse") if isinstance(data.get("fuse"), dict) else {}
         children = fuse.get("children") if isinstance(fuse.get("children"), list) else []
-        facts.members = [Member(str(c), "adapter", None) for c in children if isinstance(c, str)][:MAX_MEMBERS]
+        names = [c[:MAX_VALUE_CHARS] for c in children if isinstance(c, str)][:MAX_MEMBERS]
+        facts.members = [Member(name, "adapter", None) for name in names]
         base = data.get("base_model_name_or_path")
-        facts.base_model = base if isinstance(base, str) and base else None
+        facts.base_model = short_name(base)
         facts.parameters = self._parameters(files.get("fusion_model.safetensors"))

@@ -41,8 +41,8 @@ from ..hub_api import HubApi, Request, Response
 from ..names import split_repo_id, validate_name, validate_path, validate_revision
 from ..store import DEFAULT_BRANCH, FileEntry, RepoInfo
 from .card_markdown import MAX_CARD_BYTES, CardRenderer
-from .facts import FactsReader
-from .query import FILTERS, MAX_PAGE, PAGE_SIZE, SORTS, parse_query
+from .facts import FactsReader, short_name
+from .query import FILTERS, MAX_PAGE, MAX_VALUE_CHARS, PAGE_SIZE, SORTS, parse_query
 from .sessions import (
     CSRF_COOKIE,
     SECRET_FILE,
@@ -103,7 +103,8 @@ class WebSite:
         self.config = api.config
         self.options = options or WebOptions()
         self.sessions = WebSessions(
-            self.store.db, self.store.accounts, self.store.blobs.shared_secret(SECRET_FILE), ttl_s=self.options.session_ttl_s
+            self.store.db, self.store.accounts, self.store.blobs.shared_secret(SECRET_FILE),
+            ttl_s=self.options.session_ttl_s,
         )
         self.templates = Templates()
         self.cards = CardRenderer()
@@ -199,7 +200,7 @@ class WebSite:
             ("Vary", "Cookie"),
         ]
 
-    def _redirect(self, location: str, status: int = 303, cookies: list[str] = ()) -> Response:  # type: ignore[assignment]
+    def _redirect(self, location: str, status: int = 303, cookies: tuple[str, ...] | list[str] = ()) -> Response:
         headers = [*self._page_headers(None), ("Location", location)]
         headers += [("Set-Cookie", c) for c in cookies]
         return Response(status, headers, b"")
@@ -248,6 +249,8 @@ class WebSite:
 
     @staticmethod
     def _facets(counts: dict[str, list[tuple[str, int]]]) -> list[tuple[str, list[tuple[str, int]]]]:
+        # A value longer than a filter may be cannot be searched for (and a card may set one of 100 KB).
+        counts = {kind: [(v, n) for v, n in values if len(v) <= MAX_VALUE_CHARS] for kind, values in counts.items()}
         hidden_tags = _LIBRARY_TAGS | {v.lower() for kind in ("method", "task") for v, _ in counts.get(kind, [])}
         shown = {
             **counts,
@@ -320,7 +323,7 @@ class WebSite:
         card_html = self.cards.render(body, files_base=files_base, cache_key=files["README.md"].sha256) \
             if "README.md" in files and not folder else ""
         facts = self.facts.facts(files, card, folder)
-        base_model = (info.base_models[0] if info.base_models and not folder else None) or facts.base_model
+        base_model = (short_name(info.base_models[0]) if info.base_models and not folder else None) or facts.base_model
         others = []
         if base_model:
             others = [r for r in self.store.search(base_model=base_model, limit=6, visible_to=visitor.namespaces)
