@@ -183,3 +183,23 @@ def test_the_facts_panel_shows_names_not_megabytes(site):
     for path in ("/", "/?q=big", "/bob"):
         status, _, page = WebClient(server.url).get(path)
         assert status == 200 and "bob/big-facts" in page and page.count("b" * 100) == 0, path
+
+
+def test_a_composition_member_in_a_folder_with_url_characters_links_to_that_folder(site):
+    """A member folder named 'adapters/n#1 x' was put into the link unencoded: the '#' cut the path short."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    store, server = site
+    api = HfApi(endpoint=server.url, token=store.accounts.create_token("bob", write=True)[1])
+    folder = "adapters/n#1 x?"
+    composition = {"composition": {"block": "stack", "children": ["n"]}, "composition_string": "stack(n)",
+                   "adapters": {"n": folder}, "fusions": {}, "base_model_name_or_path": LLAMA}
+    api.create_repo("bob/odd-member")
+    api.create_commit("bob/odd-member", commit_message="odd", operations=[
+        CommitOperationAdd("composition.json", json.dumps(composition).encode()),
+        CommitOperationAdd(f"{folder}/adapter_config.json", json.dumps({"peft_type": "IA3", "r": 8}).encode())])
+    web = WebClient(server.url)
+    status, _, page = web.get("/bob/odd-member")
+    link = html.unescape(re.search(r'<ul class="members">\s*<li><a href="([^"]+)"', page).group(1))
+    status, _, member = web.get(link)
+    assert status == 200 and f"folder <code>{html.escape(folder)}/</code>" in member and "?method=ia3" in member
