@@ -9,6 +9,7 @@ from __future__ import annotations
 import html
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -203,3 +204,22 @@ def test_a_composition_member_in_a_folder_with_url_characters_links_to_that_fold
     link = html.unescape(re.search(r'<ul class="members">\s*<li><a href="([^"]+)"', page).group(1))
     status, _, member = web.get(link)
     assert status == 200 and f"folder <code>{html.escape(folder)}/</code>" in member and "?method=ia3" in member
+
+
+def test_a_card_is_rendered_up_to_a_bounded_amount_of_markup(site):
+    """256 KiB of '[' (within the byte limit) took ~6 s of the server's CPU to render, for any anonymous reader
+    of a new card; the card is now cut at 40,000 marks (~1 s at worst), with a note."""
+    from peftkit.registry.web.card_markdown import MAX_CARD_MARKS
+
+    store, server = site
+    token = store.accounts.create_token("bob", write=True)[1]
+    _push_card(server, token, "bob/markup-bomb", "Intro.\n\n" + "[" * 200_000)
+    status, _, page = WebClient(server.url).get("/bob/markup-bomb")
+    card = page.split('class="card"', 1)[1].split("</section>", 1)[0]
+    assert status == 200 and "Intro." in card and card.count("[") <= MAX_CARD_MARKS
+    assert "The card has more Markdown markup than a page renders" in page
+    # real documentation of the same size is rendered whole
+    docs = "".join(path.read_text() for path in sorted((Path(__file__).parents[1] / "docs").glob("*.md")))[:200_000]
+    _push_card(server, token, "bob/long-docs", docs)
+    status, _, page = WebClient(server.url).get("/bob/long-docs")
+    assert status == 200 and "more Markdown markup" not in page

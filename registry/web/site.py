@@ -40,7 +40,7 @@ from ..errors import BadRequest, NotFound, RegistryError, RepoNotFound, Unauthor
 from ..hub_api import HubApi, Request, Response
 from ..names import split_repo_id, validate_name, validate_path, validate_revision
 from ..store import DEFAULT_BRANCH, FileEntry, RepoInfo
-from .card_markdown import MAX_CARD_BYTES, CardRenderer
+from .card_markdown import MAX_CARD_BYTES, MAX_CARD_MARKS, CardRenderer, marks_cut
 from .facts import FactsReader, short_name
 from .query import FILTERS, MAX_PAGE, MAX_VALUE_CHARS, PAGE_SIZE, SORTS, parse_query
 from .sessions import (
@@ -364,7 +364,13 @@ class WebSite:
         try:
             meta, body = split_front_matter(text)
         except CardError as exc:
-            return {}, text, str(exc)
+            meta, body, note = {}, text, str(exc)
+        cut = marks_cut(body)
+        if cut is not None:
+            body = body[:cut]
+            note = (f"{note} " if note else "") + (f"The card has more Markdown markup than a page renders "
+                                                   f"(over {MAX_CARD_MARKS:,} marks); only its first "
+                                                   f"{len(body):,} characters are shown.")
         return meta, body, note
 
     def _read_head(self, entry: FileEntry, size: int) -> bytes:
