@@ -31,7 +31,7 @@ BASE_MODEL = "__base__"
 #: How deeply blocks may nest (``stack(a, fuse(b, c))`` has depth 2).
 MAX_DEPTH = 5
 
-_LEAF = re.compile(r"^[A-Za-z0-9_\-]{1,128}$")
+_LEAF = re.compile(r"[A-Za-z0-9_\-]{1,128}")
 
 Node = Union[str, "Block"]
 
@@ -53,7 +53,7 @@ class Block:
         for child in children:
             if isinstance(child, str):
                 child = child.strip()
-                if not _LEAF.match(child):
+                if not _LEAF.fullmatch(child):
                     raise CompositionError(f"{self.kind}(): {child!r} is not an adapter name (letters, digits, "
                                            f"'_' and '-') nor a block")
             elif not isinstance(child, Block):
@@ -144,7 +144,7 @@ class Stack(Block):
         if head is not None:
             if isinstance(head, int) and not isinstance(head, bool):
                 head = str(head)  # head=7 in the string form: an adapter named "7"
-            if not isinstance(head, str) or not _LEAF.match(head.strip()):
+            if not isinstance(head, str) or not _LEAF.fullmatch(head.strip()):
                 raise CompositionError(f"stack() head={head!r} is not an adapter name; name the member whose "
                                        f"task head predicts, e.g. stack(lang, task, head=task)")
             head = head.strip()
@@ -207,7 +207,7 @@ class Fuse(Block):
     name: str | None
 
     def _set_options(self, name: str | None = None) -> None:  # type: ignore[override]
-        if name is not None and (not isinstance(name, str) or not _LEAF.match(name)):
+        if name is not None and (not isinstance(name, str) or not _LEAF.fullmatch(name)):
             raise CompositionError(f"fuse() name {name!r} is invalid; use letters, digits, '_' and '-'")
         object.__setattr__(self, "name", name)
 
@@ -320,7 +320,7 @@ def parse(text: str) -> Node:
         raise CompositionError(f"unbalanced parentheses in composition {text!r}")
     match = _CALL.match(text)
     if not match:
-        if not _LEAF.match(text):
+        if not _LEAF.fullmatch(text):
             raise CompositionError(f"cannot parse composition {text!r}: it is not an adapter name (letters, "
                                    f"digits, '_' and '-') nor a block such as stack(a, b), "
                                    f"fuse(a, b, name=\"ab\") or average(a, b, weights=[0.5, 0.5]); "
@@ -364,7 +364,7 @@ def from_json(data: Any, _depth: int = 0) -> Node:
                                f"are allowed")
     if isinstance(data, str):
         name = data.strip()
-        if not _LEAF.match(name):
+        if not _LEAF.fullmatch(name):
             raise CompositionError(f"{data!r} is not an adapter name")
         return name
     if not isinstance(data, dict) or "block" not in data:

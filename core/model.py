@@ -32,7 +32,7 @@ from .shared_state import SharedState
 from .state import AdapterState
 from .targets import NO_LAYERS, name_matches
 
-_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_\-]{1,128}$")
+_ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]{1,128}")
 #: Model classes whose task head is trained and saved with the adapter by default.
 _HEAD_SUFFIXES = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering",
                   "ForMultipleChoice", "ForImageClassification")
@@ -178,7 +178,7 @@ class AdaptedModel(CompositionMixin, nn.Module):
 
     def check_adapter_name(self, name: str) -> None:
         """Refuse (AdapterError) ``name`` for a new adapter: malformed, taken by torch, or already used."""
-        if not isinstance(name, str) or not _ADAPTER_NAME.match(name) or name == BASE_MODEL:
+        if not isinstance(name, str) or not _ADAPTER_NAME.fullmatch(name) or name == BASE_MODEL:
             raise AdapterError(f"adapter name {name!r} is invalid; use letters, digits, '_' and '-' "
                                f"(at most 128), and not {BASE_MODEL!r}")
         if name_taken_by_torch(name):

@@ -22,16 +22,28 @@ NAME_RULES = (
 )
 BRANCH_RULES = "letters, digits, '-', '_', '.' and '/', not a 40-hex string, no '..'"
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?$")
-_COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
-_BRANCH_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_./-]*$")
+_NAME_RE = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?")
+_COMMIT_RE = re.compile(r"[0-9a-f]{40}")
+_BRANCH_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_./-]*")
+CONTROL_CHARACTER_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def control_problem(value: object, what: str, rules: str) -> str | None:
+    """A control character in a name, said as such: ``'alice/lora\\n'`` would look exactly like
+    ``'alice/lora'`` in every listing, so a name with a line break, tab or NUL gets this sentence rather
+    than the general rules'."""
+    if isinstance(value, str) and CONTROL_CHARACTER_RE.search(value):
+        return f"invalid {what} {value!r}: it contains a control character (line break, tab, NUL, ...); use {rules}"
+    return None
 
 
 def name_problem(name: object, what: str = "name") -> str | None:
     """What is wrong with one half of a repo id (or a user/organization name)."""
     if not isinstance(name, str) or not name:
         return f"{what} is empty; use {NAME_RULES}"
-    if (len(name) > MAX_NAME_LENGTH or not _NAME_RE.match(name) or "--" in name or ".." in name
+    if problem := control_problem(name, what, NAME_RULES):
+        return problem
+    if (len(name) > MAX_NAME_LENGTH or not _NAME_RE.fullmatch(name) or "--" in name or ".." in name
             or name.endswith(".git")):
         return f"invalid {what} {name!r}: use {NAME_RULES}"
     return None
@@ -39,6 +51,8 @@ def name_problem(name: object, what: str = "name") -> str | None:
 
 def repo_id_problem(repo_id: object) -> str | None:
     """What is wrong with ``namespace/name``."""
+    if problem := control_problem(repo_id, "repo id", NAME_RULES):
+        return problem
     if not isinstance(repo_id, str) or repo_id.count("/") != 1:
         return f"invalid repo id {repo_id!r}: expected 'namespace/name' (for example 'alice/lora-sentiment')"
     namespace, name = repo_id.split("/")
@@ -47,12 +61,14 @@ def repo_id_problem(repo_id: object) -> str | None:
 
 def is_commit_sha(revision: object) -> bool:
     """A full 40-hex (lower-case) commit id."""
-    return isinstance(revision, str) and bool(_COMMIT_RE.match(revision))
+    return isinstance(revision, str) and bool(_COMMIT_RE.fullmatch(revision))
 
 
 def branch_problem(name: object, what: str = "branch name") -> str | None:
     """What is wrong with a branch or tag name (they share one namespace of revisions)."""
-    if (not isinstance(name, str) or not name or len(name) > MAX_BRANCH_LENGTH or not _BRANCH_RE.match(name)
+    if problem := control_problem(name, what, BRANCH_RULES):
+        return problem
+    if (not isinstance(name, str) or not name or len(name) > MAX_BRANCH_LENGTH or not _BRANCH_RE.fullmatch(name)
             or ".." in name or "//" in name or name.endswith(("/", ".", ".lock")) or is_commit_sha(name)):
         return f"invalid {what} {name!r}: use {BRANCH_RULES}"
     return None
@@ -63,6 +79,8 @@ def revision_problem(revision: object) -> str | None:
     or a 40-hex commit sha."""
     if is_commit_sha(revision):
         return None
+    if problem := control_problem(revision, "revision", BRANCH_RULES):
+        return problem
     name = revision
     if isinstance(name, str) and name.startswith((HEADS_PREFIX, TAG_PREFIX)):
         name = name.split("/", 2)[2]

@@ -310,7 +310,7 @@ def push_adapter(out: Path, opts: TrainOptions, task_tag: str, dataset: str | No
     return result.to_json()
 
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?")
 
 
 def _check_model_source(model: Any) -> None:
@@ -322,7 +322,7 @@ def _check_model_source(model: Any) -> None:
         if not path.is_dir():
             raise PeftkitError(f"model {str(model)!r} is a file; give a transformers model folder or a hub id")
         return
-    if not _HUB_ID.match(str(model)):
+    if not _HUB_ID.fullmatch(str(model)):
         raise PeftkitError(f"model folder {str(model)!r} does not exist (and it is not a hub id like org/name)")
 
 

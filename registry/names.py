@@ -11,12 +11,10 @@ The rules for repo ids and revisions are the ones the hub client checks too
 
 from __future__ import annotations
 
-import re
 
 from peftkit.hub_rules.names import (
-    BRANCH_RULES,
+    CONTROL_CHARACTER_RE,
     HEADS_PREFIX,
-    NAME_RULES,
     branch_problem,
     is_commit_sha,
     name_problem,
@@ -32,21 +30,10 @@ MAX_PATH_LENGTH = 1024
 # minutes; real repos nest a few folders.
 MAX_PATH_DEPTH = 32
 
-_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
-
-
-def _control_problem(value: object, what: str, rules: str) -> str | None:
-    """A control character in a name. The shared rules' patterns end in ``$``, which also matches before a
-    final line break, so ``'alice/lora\\n'`` would pass them and make a second repo (or branch, or account)
-    that looks exactly like ``'alice/lora'``."""
-    if isinstance(value, str) and _CONTROL_RE.search(value):
-        return f"invalid {what} {value!r}: it contains a control character (line break, tab, NUL, ...); use {rules}"
-    return None
-
 
 def validate_name(name: str, what: str = "name") -> str:
     """Check one half of a repo id (or a user/org name) and return it."""
-    problem = _control_problem(name, what, NAME_RULES) or name_problem(name, what)
+    problem = name_problem(name, what)
     if problem:
         raise InvalidRepoId(problem)
     return name
@@ -77,7 +64,7 @@ def validate_account_name(name: str, what: str = "user name") -> str:
 
 def split_repo_id(repo_id: str) -> tuple[str, str]:
     """Split ``namespace/name`` and validate both halves."""
-    problem = _control_problem(repo_id, "repo id", NAME_RULES) or repo_id_problem(repo_id)
+    problem = repo_id_problem(repo_id)
     if problem:
         raise InvalidRepoId(problem)
     namespace, name = repo_id.split("/")
@@ -95,7 +82,7 @@ def validate_path(path: str) -> str:
         raise InvalidPath("file path is empty; give a relative path such as 'adapter_config.json'")
     if len(path) > MAX_PATH_LENGTH:
         raise InvalidPath(f"file path is longer than {MAX_PATH_LENGTH} characters: {path[:80]!r}...")
-    if _CONTROL_RE.search(path):
+    if CONTROL_CHARACTER_RE.search(path):
         raise InvalidPath(f"file path {path!r} contains control characters")
     if "\\" in path:
         raise InvalidPath(f"file path {path!r} contains a backslash; use '/' to separate folders")
@@ -132,7 +119,7 @@ def validate_folder(path: str) -> str:
 
 
 def validate_branch(name: str) -> str:
-    problem = _control_problem(name, "branch name", BRANCH_RULES) or branch_problem(name)
+    problem = branch_problem(name)
     if problem:
         raise InvalidRevision(problem)
     return name
@@ -143,7 +130,7 @@ def validate_revision(revision: str) -> str:
 
     ``refs/heads/`` is dropped (a bare name means a branch first); ``refs/tags/`` is kept.
     """
-    problem = _control_problem(revision, "revision", BRANCH_RULES) or revision_problem(revision)
+    problem = revision_problem(revision)
     if problem:
         raise InvalidRevision(problem)
     if not is_commit_sha(revision) and revision.startswith(HEADS_PREFIX):
@@ -153,7 +140,7 @@ def validate_revision(revision: str) -> str:
 
 def validate_tag(name: str) -> str:
     """A tag name follows the branch name rules (it shares their namespace of revisions)."""
-    problem = _control_problem(name, "tag name", BRANCH_RULES) or branch_problem(name, "tag name")
+    problem = branch_problem(name, "tag name")
     if problem:
         raise InvalidRevision(problem)
     return name

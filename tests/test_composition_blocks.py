@@ -67,6 +67,7 @@ def test_fuse_default_name_joins_members():
     ("stack(a, b, weights=[1, 2])", "takes no options"),
     ("average(weights=[1], a)", "comes after an option"),
     ('fuse(a, b, name="bad name")', "invalid"),
+    ('fuse(a, b, name="ab\n")', "invalid"),
 ])
 def test_malformed_compositions_name_the_problem(text, fragment):
     with pytest.raises(CompositionError, match=fragment):

@@ -10,11 +10,13 @@ import pytest
 
 from peftkit.hub_client.errors import InvalidRepoRef
 from peftkit.hub_client.resolve import parse_ref
+from peftkit.hub_rules.names import branch_problem, is_commit_sha, name_problem, repo_id_problem, revision_problem
 from peftkit.registry import errors as registry_errors
 from peftkit.registry import names as registry_names
 
-BAD_REPO_IDS = ["alice", "a/b/c", "alice/--x", "alice/x..y", "alice/x.git", "-alice/x", "alice/" + "x" * 97]
-BAD_REVISIONS = ["x..y", "a//b", "main/", "v1.lock", "-x", "refs/tags/", "a b"]
+BAD_REPO_IDS = ["alice", "a/b/c", "alice\n/ner", "alice/n\tr", "alice/--x", "alice/x..y",
+                "alice/x.git", "-alice/x", "alice/" + "x" * 97]
+BAD_REVISIONS = ["ma\nin", "x..y", "a//b", "main/", "v1.lock", "-x", "refs/tags/", "a b"]
 
 
 @pytest.mark.parametrize("repo_id", BAD_REPO_IDS)
@@ -33,6 +35,16 @@ def test_a_bad_revision_is_refused_by_client_and_registry(revision: str) -> None
     with pytest.raises(InvalidRepoRef) as client:
         parse_ref(f"alice/ner@{revision}")
     assert str(client.value).startswith(refused.value.message)
+
+
+def test_a_name_ending_in_a_line_break_is_refused_by_the_shared_rules() -> None:
+    """Patterns ending in ``$`` also match before a final line break; 'alice/ner\\n' would name a second repo
+    that lists exactly like 'alice/ner'. (The client strips what a user types, so it never sends one.)"""
+    assert "control character" in repo_id_problem("alice/ner\n")
+    assert "control character" in name_problem("ner\n")
+    assert "control character" in branch_problem("main\n")
+    assert "control character" in revision_problem("main\n")
+    assert is_commit_sha("a" * 40) and not is_commit_sha("a" * 40 + "\n")
 
 
 def test_revisions_both_sides_accept() -> None:

@@ -53,7 +53,7 @@ def test_adapter_names_are_checked():
     model = peftkit.adapt(build_tiny("llama"), "lora[r=2]")
     with pytest.raises(AdapterError, match="already exists"):
         model.add_adapter("default", "lora")
-    for bad in ("a.b", "", "__base__", "x y"):
+    for bad in ("a.b", "", "__base__", "x y", "x\n"):  # "x\n": a pattern ending in $ would take it
         with pytest.raises(AdapterError, match="invalid"):
             model.add_adapter(bad, "lora")
     for taken in ("to", "half", "train", "forward"):  # nn.ModuleDict attributes cannot key adapters
