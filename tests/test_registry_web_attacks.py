@@ -223,3 +223,19 @@ def test_a_card_is_rendered_up_to_a_bounded_amount_of_markup(site):
     _push_card(server, token, "bob/long-docs", docs)
     status, _, page = WebClient(server.url).get("/bob/long-docs")
     assert status == 200 and "more Markdown markup" not in page
+
+
+def test_a_commits_card_and_files_are_read_once_not_on_every_view(site):
+    """Every view of an adapter page read README.md and parsed its front matter (up to 128 KiB of YAML:
+    ~0.1 s) and adapter_config.json again; commits never change, so a page's facts are kept by commit."""
+    store, server = site
+    web = server.app.api
+    token = store.accounts.create_token("bob", write=True)[1]
+    front = "datasets:\n" + "".join(f"- dataset-{i}\n" for i in range(8000))
+    (sha,) = _push_card(server, token, "bob/big-front-matter", f"---\n{front}---\n\nMany datasets.\n")
+    before = web.cards_read
+    pages = ["/bob/big-front-matter"] * 4 + [f"/bob/big-front-matter/commit/{sha}", "/bob/big-front-matter/tree/main"]
+    for path in pages:
+        status, _, page = WebClient(server.url).get(path)
+        assert status == 200 and "Many datasets." in page and ">dataset-19<" in page
+    assert web.cards_read - before == 1

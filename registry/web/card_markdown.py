@@ -145,6 +145,11 @@ class CardRenderer:
                     self._keep(cache_key, html)
         return html.replace(self._files_base, escapeHtml(files_base))
 
+    def cached(self, cache_key: str, files_base: str) -> str | None:
+        """The card rendered before under ``cache_key``, with its links under ``files_base``; None if not kept."""
+        html = self._cached(cache_key)
+        return html.replace(self._files_base, escapeHtml(files_base)) if html is not None else None
+
     def _render(self, body: str, files_base: str) -> str:
         with self._lock:
             self.renders += 1

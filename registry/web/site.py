@@ -27,6 +27,8 @@ takes a cookie for anything else.
 from __future__ import annotations
 
 import hashlib
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -41,7 +43,7 @@ from ..hub_api import HubApi, Request, Response
 from ..names import split_repo_id, validate_name, validate_path, validate_revision
 from ..store import DEFAULT_BRANCH, FileEntry, RepoInfo
 from .card_markdown import MAX_CARD_BYTES, MAX_CARD_MARKS, CardRenderer, marks_cut
-from .facts import FactsReader, short_name
+from .facts import Facts, FactsReader, short_name
 from .query import FILTERS, MAX_PAGE, MAX_VALUE_CHARS, PAGE_SIZE, SORTS, parse_query
 from .sessions import (
     CSRF_COOKIE,
@@ -66,6 +68,7 @@ FACET_SAMPLE = 1000
 MAX_FILES_SHOWN = 300
 MAX_COMMITS_SHOWN = 20
 MAX_REFS_SHOWN = 50
+MAX_CONTENT_KEPT = 256  # (commit, folder) pages whose facts are kept: bounded, ~70 KB each at most
 _FACET_LIST = ("base_model", "method", "task", "dataset", "license", "author", "tag")
 _FACET_LABELS = {**FILTERS, "tag": "Tags"}
 # PEFT's task types, which the index keeps beside the pipeline tag they map to: not shown twice.
@@ -109,6 +112,9 @@ class WebSite:
         self.templates = Templates()
         self.cards = CardRenderer()
         self.facts = FactsReader(self._read_head)
+        self._content_cache: OrderedDict[tuple[str, str], tuple[Facts, str | None]] = OrderedDict()
+        self._content_lock = threading.Lock()
+        self.cards_read = 0  # README.md files read and parsed (a page's facts are kept by commit)
         self.root = urlsplit(self.config.public_url).path.rstrip("/") if self.config.public_url else ""
 
     # ------------------------------------------------------------- the HubApi interface
@@ -318,11 +324,8 @@ class WebSite:
         sha, files = self.store.snapshot(info.repo_id, revision or DEFAULT_BRANCH)
         if folder and not any(p.startswith(folder + "/") for p in files):
             raise NotFound(f"no folder '{folder}' in '{info.repo_id}' at {revision}")
-        card, body, card_error = self._card(files.get("README.md"))
         files_base = f"{self.root}/{quote(info.repo_id)}/resolve/{sha}"
-        card_html = self.cards.render(body, files_base=files_base, cache_key=files["README.md"].sha256) \
-            if "README.md" in files and not folder else ""
-        facts = self.facts.facts(files, card, folder)
+        facts, card_html, card_error = self._content(sha, files, folder, files_base)
         base_model = (short_name(info.base_models[0]) if info.base_models and not folder else None) or facts.base_model
         others = []
         if base_model:
@@ -352,10 +355,32 @@ class WebSite:
         rest = quote("/".join(s[3:]), safe=_URL_PATH_SAFE)
         return self._redirect(f"{self.root}/{s[0]}/{s[1]}/resolve/{rest}", 307)
 
+    def _content(self, sha: str, files: dict[str, FileEntry], folder: str,
+                 files_base: str) -> tuple[Facts, str, str | None]:
+        """(facts, card HTML, a note about the card) of a commit's folder. Commits never change, so the facts
+        and the note are kept by (commit, folder): the files behind them (a card's front matter, up to 128 KiB
+        of YAML, and a 1 MiB adapter_config.json) are read and parsed once, not on every view."""
+        readme = files.get("README.md") if not folder else None
+        with self._content_lock:
+            kept = self._content_cache.get((sha, folder))
+        if kept is not None:
+            card_html = self.cards.cached(readme.sha256, files_base) if readme is not None else ""
+            if card_html is not None:
+                return kept[0], card_html, kept[1]
+        card, body, note = self._card(files.get("README.md"))
+        facts = self.facts.facts(files, card, folder)
+        card_html = self.cards.render(body, files_base=files_base, cache_key=readme.sha256) if readme else ""
+        with self._content_lock:
+            self._content_cache[(sha, folder)] = (facts, note)
+            while len(self._content_cache) > MAX_CONTENT_KEPT:
+                self._content_cache.popitem(last=False)
+        return facts, card_html, note
+
     def _card(self, entry: FileEntry | None) -> tuple[dict[str, Any], str, str | None]:
         """(front matter, Markdown body, a problem to show) of README.md; at most MAX_CARD_BYTES are read."""
         if entry is None:
             return {}, "", None
+        self.cards_read += 1
         raw = self._read_head(entry, MAX_CARD_BYTES)
         text = raw.decode("utf-8", errors="replace")
         note = None
