@@ -204,11 +204,12 @@ def test_a_form_posted_from_another_site_is_refused(registry, page):
 
 def test_long_facts_and_many_files_fit_a_phone_and_the_facts_panel(registry, page, shots):
     """Long values used to widen the page past a phone's screen (a metric's many digits, the note naming the
-    API URL that lists more than 300 files), and the facts panel gave each value a sliver of its width."""
+    API URL that lists more than 300 files, a long base model in a search result), and the facts panel gave
+    each value a sliver of its width."""
     from huggingface_hub import CommitOperationAdd, HfApi
 
     url, tokens, _ = registry
-    card = ("---\nbase_model: sentence-transformers/all-MiniLM-L6-v2\ndatasets:\n- a-rather-long-dataset-name\n"
+    card = ("---\nbase_model: org/" + "b" * 140 + "\ndatasets:\n- a-rather-long-dataset-name\n"
             "model-index:\n- name: m\n  results:\n  - dataset: {name: unspecified, type: unspecified}\n"
             "    metrics:\n    - {type: train_loss, value: 0.6893651485443115}\n---\n\nA long-facts adapter.\n")
     files = {f"shards/{i:04d}.bin": b"x" for i in range(305)} | {"README.md": card.encode()}
@@ -226,6 +227,9 @@ def test_long_facts_and_many_files_fit_a_phone_and_the_facts_panel(registry, pag
     values = page.locator("aside.facts > dl > dd").evaluate_all("dds => dds.map(dd => dd.clientWidth)")
     assert values and min(values) >= 0.9 * panel, (panel, values)  # each value has the panel's width
     _shoot(page, shots, "long-facts")  # asserts that nothing is wider than a phone's screen
+    page.goto(url + "/?q=long-facts")  # the result line names the long base model
+    assert _results(page) == ["bob/long-facts"]
+    _shoot(page, shots, "long-facts-result")
 
 
 def test_pages_load_without_a_failed_request_or_console_error(registry, page):
