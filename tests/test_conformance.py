@@ -53,10 +53,7 @@ BUILTIN_SPECS = {
 }
 
 #: Built-in specs whose PEFT-format folders PEFT does not read back as the same adapter (found by peft_config).
-PEFT_FORMAT_DEFECTS = {
-    "adalora": "peftkit writes total_step=null when it is not given; PEFT refuses to read such a config "
-               "(AdaLoRA does not work when `total_step` is None)",
-}
+PEFT_FORMAT_DEFECTS: dict[str, str] = {}
 
 for _key, _spec in BUILTIN_SPECS.items():
     globals()[f"TestConformance_{_key}"] = make_conformance_class(_spec)

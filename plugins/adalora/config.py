@@ -7,6 +7,12 @@ from typing import ClassVar, Optional
 
 from peftkit.plugin_api import AdapterConfig, ConfigError, option
 
+#: ``total_step`` written to PEFT's file for an adapter whose schedule is not known (total_step null: never
+#: trained, or trained by a loop that ran no rank allocation). PEFT refuses null; it reads total_step only in
+#: ``update_and_allocate`` (training), never at inference, so any value it accepts leaves its outputs as they
+#: are. This one is no real schedule (2**31 - 1 steps), and peftkit reads it back as null.
+UNKNOWN_TOTAL_STEP = 2**31 - 1
+
 
 @dataclass
 class AdaloraConfig(AdapterConfig):
@@ -67,6 +73,13 @@ class AdaloraConfig(AdapterConfig):
             raise ConfigError(f"adalora config: dropout={self.dropout} must be in [0, 1)")
         if self.total_step is not None:
             check_schedule(self, self.total_step)
+            if self.total_step >= UNKNOWN_TOTAL_STEP:
+                raise ConfigError(f"adalora config: total_step={self.total_step} is not a schedule peftkit can save "
+                                  f"(from {UNKNOWN_TOTAL_STEP} on, a file's total_step means 'not known'); "
+                                  f"leave total_step null for that")
+        if self.tinit + self.tfinal >= UNKNOWN_TOTAL_STEP:
+            raise ConfigError(f"adalora config: tinit={self.tinit} and tfinal={self.tfinal} add up to "
+                              f"{UNKNOWN_TOTAL_STEP} steps or more; lower them")
         for key, flags in (self.rank_pattern or {}).items():
             if len(flags) != self.init_r:
                 raise ConfigError(f"adalora config: rank_pattern[{key!r}] has {len(flags)} flags but init_r="

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from peftkit.plugin_api import AdapterConfig, Method, read_peft_fields, Site, write_peft_fields
 
-from .config import AdaloraConfig
+from .config import AdaloraConfig, UNKNOWN_TOTAL_STEP
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -111,10 +111,18 @@ class AdaloraMethod(Method):
     # -- PEFT's adapter_config.json ---------------------------------------------------
 
     def config_to_file(self, config: AdapterConfig) -> dict[str, Any]:
+        """PEFT's fields; a schedule not known (total_step null) is written as UNKNOWN_TOTAL_STEP, since PEFT
+        refuses null (and reads total_step only while training)."""
         assert isinstance(config, AdaloraConfig)
-        return write_peft_fields("ADALORA", config.to_dict(), _FROM_PEFT, bias="none", fan_in_fan_out=False,
+        data = write_peft_fields("ADALORA", config.to_dict(), _FROM_PEFT, bias="none", fan_in_fan_out=False,
                                  layers_pattern=None)
+        if data["total_step"] is None:
+            data["total_step"] = UNKNOWN_TOTAL_STEP
+        return data
 
     def config_from_file(self, data: dict[str, Any]) -> AdapterConfig:
         values = read_peft_fields(data, self.name, _FROM_PEFT, fixed=_PEFT_DEFAULTS, ignored=_PEFT_IGNORED)
+        total_step = values.get("total_step")
+        if isinstance(total_step, int) and total_step >= UNKNOWN_TOTAL_STEP:
+            values["total_step"] = None  # "not known": training takes the run's steps, as for a config's null
         return AdaloraConfig.from_dict(values)
