@@ -75,8 +75,9 @@ TestConformance_seq_bn_original_ln = make_conformance_class(
 #: AdapterHub's prompt placement, after the embedding block: encoders only (decoders and T5 are refused by name).
 TestConformance_prompt_tuning_embedding_output = _known_peft_format_defect(make_conformance_class(
     "prompt_tuning[num_virtual_tokens=3,placement=embedding_output,combine=prefix_after_bos]", architectures=("bert",)),
-    "the folder says peft_type PROMPT_TUNING, but PEFT has no placement or combine field: PEFT drops them, "
-    "and the folder it writes back is a prompt at the input embeddings, another adapter")
+    "PEFT cannot express this prompt (no placement or combine field), so it is saved with peft_type "
+    "PROMPT_TUNING_EMBEDDING_OUTPUT, which PEFT refuses as it should (tests/test_prompt_tuning_peft_files.py); the "
+    "peft_config check expects every config of a method with a peft_type to load in PEFT: it has no per-config skip")
 
 #: Unions, with whether the output equals the base right after injection (a prefix part starts random).
 UNION_SPECS = {

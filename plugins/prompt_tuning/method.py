@@ -25,6 +25,10 @@ _FROM_PEFT = {"num_virtual_tokens": "num_virtual_tokens", "prompt_tuning_init": 
 _PEFTKIT_ONLY = {"placement": "input_embeddings", "combine": "prefix"}
 #: PEFT fields that prompt tuning does not use (the geometry of attention) or the core handles.
 _PEFT_IGNORED = {"peft_type", "inference_mode", "num_layers", "num_attention_heads"}
+#: ``peft_type`` of a prompt PEFT's PROMPT_TUNING cannot express (placement="embedding_output", AdapterHub's): a
+#: type PEFT does not have, so PEFT refuses the folder rather than drop placement and combine (fields it does not
+#: know, dropped with a warning) and compute a prompt at the input embeddings, another adapter.
+NOT_PEFT_TYPE = "PROMPT_TUNING_EMBEDDING_OUTPUT"
 
 
 class PromptTuningMethod(VirtualTokenMethod):
@@ -71,7 +75,8 @@ class PromptTuningMethod(VirtualTokenMethod):
     def config_to_file(self, config: AdapterConfig) -> dict[str, Any]:
         assert isinstance(config, PromptTuningConfig)
         ours = config.to_dict()
-        data: dict[str, Any] = {"peft_type": "PROMPT_TUNING", "num_layers": None, "num_attention_heads": None}
+        peft_type = self.peft_type if in_peft_format(config) else NOT_PEFT_TYPE
+        data: dict[str, Any] = {"peft_type": peft_type, "num_layers": None, "num_attention_heads": None}
         for peft_key, our_key in _FROM_PEFT.items():
             data[peft_key] = ours[our_key]
         data["prompt_tuning_init"] = _INIT_TO_PEFT[config.init]
@@ -83,6 +88,10 @@ class PromptTuningMethod(VirtualTokenMethod):
     def config_from_file(self, data: dict[str, Any]) -> AdapterConfig:
         values = read_peft_fields(data, self.name, {**_FROM_PEFT, **{k: k for k in _PEFTKIT_ONLY}},
                                   ignored=_PEFT_IGNORED)
+        if data.get("peft_type") == NOT_PEFT_TYPE and values.get("placement") != "embedding_output":
+            raise ConfigError(f"peft_type {NOT_PEFT_TYPE!r} is a prompt at the embedding output, but the file says "
+                              f"placement={values.get('placement', 'input_embeddings')!r}; the file is damaged or "
+                              f"was edited: save the adapter again")
         init = values.get("init")
         if isinstance(init, str):
             values["init"] = _INIT_FROM_PEFT.get(init, init)
@@ -91,6 +100,12 @@ class PromptTuningMethod(VirtualTokenMethod):
         for key in ("init_text", "tokenizer_name_or_path", "tokenizer_kwargs"):
             values.pop(key, None)
         return PromptTuningConfig.from_dict(values)
+
+
+def in_peft_format(config: PromptTuningConfig) -> bool:
+    """Whether PEFT's PROMPT_TUNING computes this prompt: only at the input embeddings, in front (PEFT has no
+    placement or combine field)."""
+    return all(getattr(config, key) == default for key, default in _PEFTKIT_ONLY.items())
 
 
 def check_encoder(model: "nn.Module") -> None:
