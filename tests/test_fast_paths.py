@@ -21,6 +21,8 @@ import peftkit
 from tests.tiny_models import build_tiny, sample_inputs
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+#: A bfloat16 model adapted as it is: the factors stay float32 (adapter_precision), PEFT's default too.
+MIXED = "bfloat16 layer, float32 factors"
 
 
 def _conv1d(in_f: int, out_f: int) -> nn.Module:
@@ -41,12 +43,15 @@ def _base(kind: str, dtype: torch.dtype) -> nn.Module:
     return layer.to(dtype).requires_grad_(False)
 
 
-def _wrapped(kind: str, dtype: torch.dtype, dora: bool, dropout: float) -> nn.Module:
-    """A one-layer model with a LoRA (DoRA) adapter on the layer, factors random (init_weights=false)."""
+def _wrapped(kind: str, dtype: torch.dtype | str, dora: bool, dropout: float) -> nn.Module:
+    """A one-layer model with a LoRA (DoRA) adapter on the layer, factors random (init_weights=false);
+    for ``MIXED`` a bfloat16 layer with the float32 factors adapting it gives."""
     model = nn.Sequential()
-    model.add_module("proj", _base(kind, dtype))
+    model.add_module("proj", _base(kind, torch.bfloat16 if dtype == MIXED else dtype))
     spec = f"lora[r=4,alpha=8,dropout={dropout},init_weights=false,use_dora={str(dora).lower()},target_modules=proj]"
     torch.manual_seed(2)
+    if dtype == MIXED:
+        return peftkit.adapt(model, spec)
     return peftkit.adapt(model, spec).to(dtype)  # bfloat16 factors too (else they train in float32)
 
 
@@ -58,6 +63,10 @@ def _lora_formula(layer: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) 
     adapter = layer.adapters["default"]
     weight = base.weight.t() if type(base).__name__ == "Conv1D" else base.weight
     bias = base.bias
+    if weight.dtype != adapter.lora_A.dtype:  # float32 factors on a bfloat16 layer: all in float32
+        weight, x = weight.float(), x.float()
+        bias = None if bias is None else bias.float()
+        mask = None if mask is None else mask.float()
     lora_in = x if mask is None else x * mask
     update = (lora_in @ adapter.lora_A.t()) @ adapter.lora_B.t() * adapter.scale
     if not adapter.use_dora:
@@ -84,16 +93,17 @@ def _grads(out: torch.Tensor, tensors: list[torch.Tensor], seed_grad: torch.Tens
     return list(torch.autograd.grad(out, tensors, seed_grad))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, MIXED])
 @pytest.mark.parametrize("dora", [False, True])
 @pytest.mark.parametrize("kind", ["linear", "linear_bias", "conv1d"])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_lora_fused_matches_formula(kind: str, dora: bool, dtype: torch.dtype, dropout: float) -> None:
+def test_lora_fused_matches_formula(kind: str, dora: bool, dtype: torch.dtype | str, dropout: float) -> None:
     model = _wrapped(kind, dtype, dora, dropout)
     model.train()
     layer = model.base_model.proj
     adapter = layer.adapters["default"]
     trained = [adapter.lora_A, adapter.lora_B] + ([adapter.lora_magnitude_vector] if dora else [])
+    dtype = torch.bfloat16 if dtype == MIXED else dtype  # the input's and output's
     x = torch.randn(3, 5, 24, dtype=dtype, requires_grad=True)
     seed_grad = torch.randn(3, 5, 20, dtype=dtype)
 

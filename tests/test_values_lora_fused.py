@@ -298,3 +298,84 @@ def test_forward_writes_the_update_then_accumulates_the_base_product_onto_it(con
     with torch.set_grad_enabled(grad):
         assert _new_output_sized_tensors(lambda: fused_lora(x, None, a, b, base, SCALE), 7) == 1
     torch.testing.assert_close(out, _lora_hand(x, x, a, b, base), rtol=1e-12, atol=1e-12)
+
+
+# -- float32 factors on a half-precision layer (PEFT keeps a bfloat16 model's LoRA factors in float32) --------
+
+def _mixed_case(layer_dtype: torch.dtype, conv1d: bool, bias: bool, tokens: int):
+    base = frozen_layer(IN, OUT, conv1d=conv1d, bias=bias, dtype=layer_dtype)
+    torch.manual_seed(1)
+    a = torch.randn(R, IN, requires_grad=True)
+    b = torch.randn(OUT, R, requires_grad=True)
+    magnitude = torch.linspace(0.5, 2.0, OUT).requires_grad_(True)
+    x = torch.randn(tokens, IN).to(layer_dtype).requires_grad_(True)
+    return base, a, b, magnitude, x
+
+
+def _in_float64(base: nn.Module) -> nn.Module:
+    exact = frozen_layer(IN, OUT, conv1d=type(base).__name__ == "Conv1D", bias=base.bias is not None)
+    with torch.no_grad():
+        exact.weight.copy_(base.weight)
+        if base.bias is not None:
+            exact.bias.copy_(base.bias)
+    return exact
+
+
+@pytest.mark.parametrize("layer_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dora", [False, True])
+@pytest.mark.parametrize("conv1d, bias", [(False, True), (False, False), (True, True)])
+@pytest.mark.parametrize("tokens", [6, 512])  # 512: the two-halves products (_split_in_halves) too
+def test_float32_factors_on_a_half_precision_layer_compute_the_factors_in_float32(
+        layer_dtype: torch.dtype, dora: bool, conv1d: bool, bias: bool, tokens: int) -> None:
+    """The output and the input's gradient are the formula rounded to the layer's dtype; the factors' (and
+    the magnitude's) gradients are float32 products of the exact half-precision values, as PEFT's float32
+    branch computes them: they match the float64 formula to float32 precision, not just half precision."""
+    base, a, b, magnitude, x = _mixed_case(layer_dtype, conv1d, bias, tokens)
+    exact_base = _in_float64(base)
+    x64, a64, b64, m64 = (t.detach().double().requires_grad_(True) for t in (x, a, b, magnitude))
+    if dora:
+        expected, norm64 = _dora_hand(x64, x64, a64, b64, m64, exact_base)
+        out = fused_lora(x, None, a, b, base, SCALE, magnitude, norm64.float())
+        leaves, leaves64 = [x, a, b, magnitude], [x64, a64, b64, m64]
+    else:
+        expected = _lora_hand(x64, x64, a64, b64, exact_base)
+        out = fused_lora(x, None, a, b, base, SCALE)
+        leaves, leaves64 = [x, a, b], [x64, a64, b64]
+    assert out.dtype == layer_dtype
+    half_ulp = 2.0 ** -8 if layer_dtype == torch.bfloat16 else 2.0 ** -11
+    scale_of = float(expected.detach().abs().max())
+    torch.testing.assert_close(out.double(), expected, rtol=2 * half_ulp, atol=2 * half_ulp * scale_of)
+    seed = torch.randn(expected.shape).to(layer_dtype)
+    got = _grads(out, leaves, seed)
+    want = _grads(expected, leaves64, seed.double())
+    assert got[0].dtype == layer_dtype and all(g.dtype == torch.float32 for g in got[1:])
+    torch.testing.assert_close(got[0].double(), want[0], rtol=4 * half_ulp,
+                               atol=4 * half_ulp * float(want[0].abs().max()))
+    factor_rtol = 4 * half_ulp if dora else 1e-5  # DoRA's g * (m / n) is taken in the layer's dtype first
+    for got_factor, want_factor in zip(got[1:], want[1:]):
+        torch.testing.assert_close(got_factor.double(), want_factor, rtol=factor_rtol,
+                                   atol=factor_rtol * float(want_factor.abs().max()))
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_float32_factors_on_a_bfloat16_layer_keep_the_input_not_a_float32_copy(dora: bool) -> None:
+    """The unfused path (and PEFT) keep a float32 copy of each adapted layer's input for backward (twice the
+    input's memory); the fused path keeps the bfloat16 input itself, which the layer before keeps anyway."""
+    base, a, b, magnitude, x = _mixed_case(torch.bfloat16, False, True, 512)
+    norm = torch.ones(OUT)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        fused_lora(x, None, a, b, base, SCALE, *((magnitude, norm) if dora else ()))
+    input_sized = [t for t in saved if t.numel() == x.numel()]
+    assert input_sized and all(t.dtype == torch.bfloat16 for t in input_sized)
+    assert any(t.data_ptr() == x.data_ptr() for t in input_sized)
+
+
+def test_fusable_takes_float32_factors_on_a_half_precision_layer_only() -> None:
+    a = torch.randn(R, IN)
+    for layer_dtype in (torch.bfloat16, torch.float16):
+        base = frozen_layer(IN, OUT, dtype=layer_dtype)
+        assert fusable(base, torch.randn(2, IN).to(layer_dtype), a)
+        assert not fusable(base, torch.randn(2, IN), a)  # a float32 input on a half-precision layer
+        assert not fusable(base, torch.randn(2, IN).to(layer_dtype), a.double())
+    assert not fusable(frozen_layer(IN, OUT, dtype=torch.float32), torch.randn(2, IN), a.to(torch.bfloat16))

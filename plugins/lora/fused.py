@@ -40,12 +40,20 @@ tokens; with 1 thread the split costs 10% and is off). The halves of a sum over 
 afterwards: the same sum in another order. From ``SPLIT_FROM_TOKENS`` tokens on, for an even count
 (:func:`_split_in_halves`).
 
+Float32 factors on a bfloat16 or float16 layer (what adapting a half-precision model gives, PEFT's
+default too): the factors' products run in float32, as PEFT's float32 branch does, on a float32 copy of
+the input made when a product needs it and freed after it; the half-precision input itself is what
+backward keeps. The unfused path (and PEFT) keeps that float32 copy for backward instead, twice the
+input's memory at every adapted layer (a bfloat16 Llama's training step: 31% less memory kept for
+backward with LoRA r8, bench/perf_table.py --dtype bfloat16). The float32 update is added to the
+half-precision base product in one rounding.
+
 Values and gradients equal the unfused forward (``LoraLinear.forward``) up to
 float rounding. The fused path is taken only for a float nn.Linear or GPT-2
-Conv1D whose weight and bias are frozen, with input, weight and factors of one
-dtype and autocast off; everything else takes the unfused path, and so does
-DoRA with dropout in training (PEFT then puts the dropped-out input through W
-too: ``LoraLinear.forward``).
+Conv1D whose weight and bias are frozen, with input and weight of one dtype, the
+factors of that dtype or float32 on a half-precision layer, and autocast off;
+everything else takes the unfused path, and so does DoRA with dropout in
+training (PEFT then puts the dropped-out input through W too: ``LoraLinear.forward``).
 """
 
 from __future__ import annotations
@@ -67,13 +75,22 @@ SPLIT_FROM_TOKENS = 256
 
 
 def fusable(base: nn.Module, x: torch.Tensor, factor: torch.Tensor) -> bool:
-    """Whether the fused path computes ``base`` + the adapter on ``x`` exactly as the unfused one."""
+    """Whether the fused path computes ``base`` + the adapter on ``x`` exactly as the unfused one: input and
+    weight of one dtype, and the factors of that dtype too or float32 on a half-precision layer (the mixed
+    case, module docstring)."""
     if not plain_linear(base):
         return False
     weight = base.weight
-    if x.dim() < 2 or x.dtype != weight.dtype or factor.dtype != weight.dtype or x.device != weight.device:
+    if x.dim() < 2 or x.dtype != weight.dtype or x.device != weight.device:
+        return False
+    if factor.dtype != weight.dtype and not _mixed(weight.dtype, factor.dtype):
         return False
     return not torch.is_autocast_enabled(x.device.type)
+
+
+def _mixed(layer_dtype: torch.dtype, factor_dtype: torch.dtype) -> bool:
+    """float32 factors on a bfloat16 or float16 layer: the factors' products run in float32 (PEFT's rule)."""
+    return factor_dtype == torch.float32 and layer_dtype in (torch.bfloat16, torch.float16)
 
 
 def _split_in_halves(rank: int, tokens_operand: torch.Tensor) -> bool:
@@ -116,17 +133,21 @@ def _input_grad(ctx: Any, g: torch.Tensor, weight: torch.Tensor, g_xa_t: torch.T
                 lora_a: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The gradients of the base input and of the LoRA input that autograd asks for: ``g W`` and
     ``g_xa A`` (``g_xa_t``: g_xa rank-major), the second accumulated into the first when both inputs
-    are the same tensor."""
+    are the same tensor. With float32 factors on a half-precision layer, ``g_xa A`` is computed in
+    float32 and added to ``g W`` (half precision) in one rounding."""
     grad_x = grad_x_lora = None
+    mixed = g.dtype != lora_a.dtype
     if ctx.needs_input_grad[0]:
         weight_in_out = weight.t() if ctx.conv1d else weight
-        if ctx.same_input:  # the LoRA part first; g W adds onto it inside its GEMM (no separate pass)
+        if ctx.same_input and mixed:
+            grad_x = torch.mm(g, weight_in_out).add_(torch.mm(g_xa_t.t(), lora_a))
+        elif ctx.same_input:  # the LoRA part first; g W adds onto it inside its GEMM (no separate pass)
             grad_x = torch.mm(g_xa_t.t(), lora_a)
             torch.addmm(grad_x, g, weight_in_out, out=grad_x)
         else:
             grad_x = torch.mm(g, weight_in_out)
     if ctx.needs_input_grad[1]:
-        grad_x_lora = torch.mm(g_xa_t.t(), lora_a)
+        grad_x_lora = torch.mm(g_xa_t.t(), lora_a).to(g.dtype)
     return grad_x, grad_x_lora
 
 
@@ -134,9 +155,14 @@ def _lora_sum(x2: torch.Tensor, lora_in: torch.Tensor, lora_a: torch.Tensor, lor
               base: nn.Module, scale: float, with_bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(``x2 W^T (+ b) + s (lora_in A^T) B^T``, ``A lora_in^T``): the update's product (with the bias) writes
     the output and the base GEMM accumulates onto it, reading it while it computes (no separate pass over
-    the (tokens, out) output); the rank-sized intermediate is rank-major (r, tokens)."""
-    xa_t = _rank_major(lora_a, lora_in)
+    the (tokens, out) output); the rank-sized intermediate is rank-major (r, tokens). With float32 factors
+    on a half-precision layer, the factors' products run in float32 on a float32 copy of the input (freed
+    on return) and their sum is added to the base product in one rounding."""
+    xa_t = _rank_major(lora_a, lora_in.to(lora_a.dtype))
     bias = getattr(base, "bias", None) if with_bias else None
+    if x2.dtype != lora_a.dtype:
+        out = torch.mm(x2, weight_out_in(base).t()) if bias is None else torch.addmm(bias, x2, weight_out_in(base).t())
+        return out.add_(torch.mm(xa_t.t(), lora_b.t()), alpha=scale), xa_t
     if bias is None:  # s rides on a scaled copy of the small (out, r) factor
         out = torch.mm(xa_t.t(), lora_b.t() * scale)
     else:
@@ -162,10 +188,12 @@ def _lora_grads(ctx: Any, g: torch.Tensor, lora_in: torch.Tensor, xa_t: torch.Te
                 lora_b: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     """Gradients of (x2, x2_lora, A, B) for the output gradient ``g`` of ``x2 W^T + s (lora_in A^T) B^T``
     (``xa_t`` = A lora_in^T); the scale is applied to (r x tokens) and (r x out) tensors only, and the
-    products with an r-sized side are computed in the faster layout for r (module docstring)."""
-    g_xa_t = _rank_major(lora_b.t(), g).mul_(ctx.scale)  # (s g B)^T
-    grad_a = _token_sum(g_xa_t, lora_in) if ctx.needs_input_grad[2] else None
-    grad_b = _token_sum(xa_t, g).mul_(ctx.scale).t() if ctx.needs_input_grad[3] else None
+    products with an r-sized side are computed in the faster layout for r (module docstring). The factors'
+    products run in the factors' dtype (float32 copies of ``g`` and ``lora_in`` in the mixed case)."""
+    g_factors = g.to(lora_b.dtype)
+    g_xa_t = _rank_major(lora_b.t(), g_factors).mul_(ctx.scale)  # (s g B)^T
+    grad_a = _token_sum(g_xa_t, lora_in.to(lora_a.dtype)) if ctx.needs_input_grad[2] else None
+    grad_b = _token_sum(xa_t, g_factors).mul_(ctx.scale).t() if ctx.needs_input_grad[3] else None
     return (*_input_grad(ctx, g, weight, g_xa_t, lora_a), grad_a, grad_b)
 
 
@@ -207,7 +235,7 @@ class _DoraFn(torch.autograd.Function):
         grad_m = products = None
         if ctx.needs_input_grad[4]:
             products = torch.mul(g, unscaled)
-            grad_m = products.sum(0).div_(norm).to(norm.dtype)
+            grad_m = products.sum(0, dtype=norm.dtype).div_(norm)
         # g * (m / n) reuses the (tokens, out) buffer of the products once they are summed: one
         # allocation of that size per backward instead of two.
         grads = _lora_grads(ctx, torch.mul(g, mag_scale, out=products), lora_in, xa_t, lora_a, lora_b, weight)
