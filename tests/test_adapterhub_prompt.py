@@ -234,7 +234,8 @@ def test_embedding_output_prompt_trains_saves_in_peftkit_format_and_unloads(tmp_
         ours = model(input_ids=ids).logits
     model.save_adapter(str(tmp_path / "own"))
     data = json.loads((tmp_path / "own" / "adapter_config.json").read_text())
-    assert data["peft_type"] == "PROMPT_TUNING" and data["placement"] == "embedding_output" and "combine" not in data
+    assert data["peft_type"] == "PROMPT_TUNING_EMBEDDING_OUTPUT"  # PEFT has no placement: it must not load it
+    assert data["placement"] == "embedding_output" and "combine" not in data
     again = peftkit.from_pretrained(tiny_bert_classifier(), str(tmp_path / "own"))
     assert again.adapter_record("default").config.placement == "embedding_output"
     with torch.no_grad():
