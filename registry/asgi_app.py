@@ -39,6 +39,7 @@ import anyio
 from .accounts import parse_bearer
 from .content_safety import hardening_headers
 from .errors import BadRequest, PayloadTooLarge, RegistryError, Unauthorized
+from .http_headers import escape_log, header_value
 from .hub_api import HubApi, Request, Response, error_response
 from .origin import ProxyTrust, base_url
 
@@ -69,23 +70,6 @@ class ClientGone(Exception):
 
 class BodyTimeout(ClientGone):
     """The client stopped sending its body (or took longer than the request deadline): answer 408 and close."""
-
-
-def escape_log(text: str) -> str:
-    """One printable line: control and non-ASCII characters become ``\\xNN``-style escapes."""
-    if text.isascii() and text.isprintable():
-        return text  # the common case, without a loop in Python
-    return "".join(
-        c if " " <= c <= "~" else c.encode("unicode_escape").decode("ascii") if c != "\n" else "\\n" for c in text
-    )
-
-
-def header_value(value: str) -> bytes:
-    """Headers are one latin-1 line without control characters; file names and messages may be neither."""
-    text = str(value)
-    if not (text.isascii() and text.isprintable()):
-        text = escape_log(" ".join(text.split()))
-    return text.encode("ascii")
 
 
 def _headers_message(raw: list[tuple[bytes, bytes]]) -> Message:
@@ -330,7 +314,7 @@ class RegistryApp:
     async def _send(self, send: Send, req: Request, resp: Response, route: str, query: str) -> None:
         out = [(b"server", b"peftkit-registry/1")]
         for name, value in [*resp.headers, *hardening_headers(route == "resolve")]:
-            out.append((name.lower().encode("ascii"), header_value(value)))
+            out.append((name.lower().encode("ascii"), header_value(name, value)))
         if resp.file is None and resp.header("Content-Length") is None:
             out.append((b"content-length", str(len(resp.body)).encode("ascii")))
         if resp.close:

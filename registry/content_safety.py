@@ -12,7 +12,8 @@ plug-ins even if something slipped through.
 from __future__ import annotations
 
 import mimetypes
-from urllib.parse import quote
+
+from .http_headers import attachment
 
 #: Sent on every ``/resolve/`` response.
 RESOLVE_CSP = "default-src 'none'; sandbox"
@@ -28,20 +29,14 @@ _INERT_TYPES = frozenset({
 })
 
 
-def _attachment(path: str) -> str:
-    name = path.rsplit("/", 1)[-1]
-    ascii_name = "".join(c if c.isalnum() or c in "._-" else "_" for c in name) or "download"
-    return f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(name, safe='')}"
-
-
 def file_headers(path: str) -> list[tuple[str, str]]:
     """``Content-Type`` (and ``Content-Disposition`` for active types) for serving repo file ``path``."""
     guessed = mimetypes.guess_type(path, strict=False)[0] or "application/octet-stream"
     if guessed in _INERT_TYPES:
         return [("Content-Type", guessed)]
     if guessed.startswith("text/"):
-        return [("Content-Type", "text/plain; charset=utf-8"), ("Content-Disposition", _attachment(path))]
-    return [("Content-Type", "text/plain; charset=utf-8"), ("Content-Disposition", _attachment(path))] if any(
+        return [("Content-Type", "text/plain; charset=utf-8"), ("Content-Disposition", attachment(path))]
+    return [("Content-Type", "text/plain; charset=utf-8"), ("Content-Disposition", attachment(path))] if any(
         word in guessed for word in ("html", "xml", "script", "svg", "pdf", "flash", "css")
     ) else [("Content-Type", "application/octet-stream")]
 

@@ -12,14 +12,19 @@
   (folder checks cost depth x length per file), and each recursive listing of the repo took 80 s and
   each ``paths-info`` of its nested folders 3 minutes and 10 GiB; a commit now takes files at most
   32 folders deep, and the folder checks and ``paths-info`` cost the length of the paths.
+* header values built from request or stored data: a raw backslash in a moved repo's path went into its
+  ``Location`` as it was (browsers read ``\\`` in a URL as ``/``), and a file name with non-ASCII letters went
+  into ``Content-Disposition``'s quoted ``filename`` as a ``\\xNN`` escape. URL headers are now
+  percent-encoded and file names written as RFC 6266 says.
 """
 
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import pytest
 import requests
@@ -112,3 +117,58 @@ def test_files_too_deep_are_refused_and_nested_folders_are_listed_once(registry)
     tree = {e["path"]: e for e in body}
     assert set(tree) == {"adapter_config.json", *files, *folders}
     assert all(tree[f]["oid"] == e["oid"] for f, e in zip(folders, listed[1:]))  # paths-info and tree agree
+
+
+def _raw_get(url: str, target: str) -> tuple[int, http.client.HTTPMessage]:
+    """(status, headers) of a GET of ``target`` sent as it is: http.client, unlike requests, does not
+    percent-encode a backslash in the path."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    try:
+        conn.request("GET", target)
+        reply = conn.getresponse()
+        reply.read()
+        return reply.status, reply.headers
+    finally:
+        conn.close()
+
+
+def _no_backslash_or_control(value: str) -> bool:
+    return "\\" not in value and value.isascii() and value.isprintable()
+
+
+def test_header_values_from_request_and_stored_data_are_escaped_for_their_header(tmp_path: Path) -> None:
+    from peftkit.registry import ApiConfig
+
+    svg, odd, other = "café.svg", "dé/x y\u0085.txt", "dé/z.txt"
+    with running_registry(tmp_path / "reg", config=ApiConfig(tree_page_size=1)) as (store, server, _):
+        store.create_repo("alice/old", owner="alice")
+        store.commit("alice/old", {svg: b"<svg/>", odd: b"1", other: b"2"})
+        store.move_repo("alice/old", "alice/new")
+        url = server.url
+        # Redirects of a moved repo (API, /resolve/ and web page) keep the path, percent-encoded.
+        for target, expected in [
+            ("/alice/old/resolve/main/\\evil.example/x", "/alice/new/resolve/main/%5Cevil.example/x"),
+            ("/api/models/alice/old/tree/main/\\x?q=%C3%A9%0D%0A%5C", "/api/models/alice/new/tree/main/%5Cx?q="),
+            ('/alice/old/tree/main/x"<y>', "/alice/new/tree/main/x%22%3Cy%3E"),
+        ]:
+            status, headers = _raw_get(url, target)
+            assert status == 307 and headers["Location"].startswith(expected), (target, headers["Location"])
+            assert _no_backslash_or_control(headers["Location"]), headers["Location"]
+        assert _raw_get(url, "/api/models/alice/old?q=%C3%A9%0D%0A%5C")[1]["Location"] == (
+            "/api/models/alice/new?q=%C3%A9%0D%0A%5C")
+        # HEAD of a branch redirects to its commit: a name with a non-ASCII letter, a space and a C1 control.
+        reply = requests.head(f"{url}/alice/new/resolve/main/{quote(odd)}", timeout=60)
+        assert reply.status_code == 307 and reply.headers["Location"].endswith("/d%C3%A9/x%20y%C2%85.txt")
+        # An active file is an attachment: an ASCII name, and the exact one as RFC 5987's filename*.
+        reply = requests.get(f"{url}/alice/new/resolve/main/{quote(svg)}", timeout=60)
+        assert reply.status_code == 200
+        assert reply.headers["Content-Disposition"] == (
+            "attachment; filename=\"caf_.svg\"; filename*=UTF-8''caf%C3%A9.svg")
+        # The pagination Link of a listing under a non-ASCII folder, asked with a non-ASCII query.
+        asked = quote("é\\")  # a non-ASCII letter and a backslash
+        reply = requests.get(f"{url}/api/models/alice/new/tree/main/{quote('dé')}?x={asked}", timeout=60)
+        assert reply.status_code == 200 and len(reply.json()) == 1
+        link = reply.headers["Link"]
+        assert _no_backslash_or_control(link) and "/tree/main/d%C3%A9?" in link and "x=%C3%A9%5C" in link
+        assert requests.get(reply.links["next"]["url"], timeout=60).json()[0]["path"] == other
