@@ -18,24 +18,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from peftkit.plugin_api import LayerAdapter
-
-
-def _is_conv1d(base: nn.Module) -> bool:
-    return type(base).__name__ == "Conv1D"  # transformers' GPT-2 layer stores weight as (in, out)
+from peftkit.plugin_api import adapter_dtype, is_conv1d, LayerAdapter, linear_features
 
 
 class LohaLinear(LayerAdapter):
     def __init__(self, base: nn.Module, *, r: int, alpha: float, rank_dropout: float = 0.0,
                  module_dropout: float = 0.0, init_weights: bool = True) -> None:
         super().__init__()
-        weight = base.weight.t() if _is_conv1d(base) else base.weight
-        out_features, in_features = weight.shape
+        in_features, out_features = linear_features(base)  # GPT-2's Conv1D stores its weight (in, out)
         self.r, self.scale = r, alpha / r
         self.rank_dropout, self.module_dropout = rank_dropout, module_dropout
         self.in_features, self.out_features = in_features, out_features
-        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
-        factory = {"dtype": dtype, "device": weight.device}
+        # float32 beside a half-precision layer, as PEFT keeps adapters (adapter_dtype)
+        factory = {"dtype": adapter_dtype(base), "device": base.weight.device}
         self.hada_w1_a = nn.Parameter(torch.empty(out_features, r, **factory))
         self.hada_w1_b = nn.Parameter(torch.empty(r, in_features, **factory))
         self.hada_w2_a = nn.Parameter(torch.empty(out_features, r, **factory))
@@ -61,7 +56,7 @@ class LohaLinear(LayerAdapter):
     def delta_weight(self, base: nn.Module) -> torch.Tensor:
         """The change to ``base.weight``, in the layout the layer stores."""
         delta = self.delta_out_in()
-        return delta.t() if _is_conv1d(base) else delta
+        return delta.t() if is_conv1d(base) else delta
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"hada_w1_a": self.hada_w1_a, "hada_w1_b": self.hada_w1_b,

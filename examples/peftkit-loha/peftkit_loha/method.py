@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from peftkit.plugin_api import AdapterConfig, base_of, ConfigError, is_linear_like, Method, pattern_value, Site
+from peftkit.plugin_api import (adaptable_targets, AdapterConfig, ConfigError, is_linear_like, Method,
+                                pattern_value, Site)
 
 from .config import LohaConfig
 
@@ -29,19 +30,11 @@ class LohaMethod(Method):
 
     def sites(self, model: "nn.Module", config: AdapterConfig,
               arch: "ArchitectureSpec | None") -> list[Site]:
-        # Like PEFT, LoHa adapts the layers LoRA adapts by default, unless a
-        # plugin registered LoHa defaults for the family.
-        if config.target_modules is None and arch is not None and arch.default_targets(self.name) is None:
-            lora_defaults = arch.default_targets("lora")
-            if lora_defaults is not None:
-                config.target_modules = list(lora_defaults)
-        sites = super().sites(model, config, arch)
-        wrong = [s.name for s in sites if not is_linear_like(model.get_submodule(s.name))]
-        if wrong:
-            kind = type(base_of(model.get_submodule(wrong[0]))).__name__
-            raise ConfigError(f"loha adapts Linear and Conv1D layers; {wrong[0]!r} is of type {kind}. "
-                              f"Exclude it (exclude_modules) or list other target_modules")
-        return sites
+        # Like PEFT, LoHa adapts the layers LoRA adapts by default, unless a plugin registered LoHa defaults
+        # for the family; a target_modules list naming another kind of layer is refused with the reason.
+        names = adaptable_targets(model, config, arch, self.name, accepts=is_linear_like, label="LoHa",
+                                  kinds="Linear and Conv1D layers", defaults_of="lora")
+        return [Site(name) for name in names]
 
     def create_layer_adapter(self, site: Site, base_layer: "nn.Module", config: AdapterConfig,
                              model: "nn.Module") -> "nn.Module":
@@ -54,12 +47,14 @@ class LohaMethod(Method):
                           module_dropout=config.module_dropout, init_weights=config.init_weights)
 
     def expected_parameter_count(self, model: "nn.Module", config: AdapterConfig, sites: list[Site]) -> int:
+        from peftkit.plugin_api import linear_features  # imports torch: not at this module's import
+
         assert isinstance(config, LohaConfig)
         total = 0
         for site in sites:
-            weight = base_of(model.get_submodule(site.name)).weight
+            in_features, out_features = linear_features(model.get_submodule(site.name))
             r = pattern_value(site.name, config.rank_pattern, config.r)
-            total += 2 * r * (weight.shape[0] + weight.shape[1])  # two (out, r) + (r, in) pairs
+            total += 2 * r * (out_features + in_features)  # two (out, r) + (r, in) pairs
         return total
 
     # -- PEFT's adapter_config.json -------------------------------------------------

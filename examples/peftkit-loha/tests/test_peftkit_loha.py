@@ -54,6 +54,6 @@ def test_config_checks():
         LohaConfig(r=0)
     with pytest.raises(peftkit.ConfigError, match="rank_dropout=1.5 must be in"):
         peftkit.adapt(build_tiny("llama"), "loha[rank_dropout=1.5]")
-    with pytest.raises(peftkit.ConfigError, match="loha adapts Linear and Conv1D layers; "
-                                                  "'model.embed_tokens' is of type Embedding"):
+    with pytest.raises(peftkit.ConfigError, match="loha: target 'model.embed_tokens' is an Embedding; "
+                                                  "LoHa adapts Linear and Conv1D layers"):
         peftkit.adapt(build_tiny("llama"), "loha[target_modules=['embed_tokens']]")
