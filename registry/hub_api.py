@@ -42,6 +42,7 @@ from .errors import (
     RepoNotFound,
     Unauthorized,
 )
+from .messages import check_description, check_summary
 from .names import split_repo_id, validate_path, validate_revision
 from .payloads import parse_commit, parse_json_object, parse_preupload
 from .serialize import commit_json, file_item, folder_item, model_json, refs_json, tree_json
@@ -664,6 +665,7 @@ class HubApi:
         tag, message = data.get("tag"), data.get("message") or ""
         if not isinstance(tag, str) or not isinstance(message, str):
             raise MalformedPayload("create tag: 'tag' must be the tag name and 'message' a string")
+        check_description(message, "tag message")
         sha = self.store.create_tag(info.repo_id, tag, revision=name, message=message)
         return Response.json({"name": tag, "ref": f"refs/tags/{tag}", "targetCommit": sha})
 
@@ -672,6 +674,7 @@ class HubApi:
         message = req.json("super-squash", allow_empty=True).get("message") or ""
         if not isinstance(message, str):
             raise MalformedPayload("super-squash: 'message' must be a string")
+        check_summary(message, "super-squash message")
         sha = self.store.super_squash(info.repo_id, branch, message=message, author=req.principal.user if req.principal else "")
         return Response.json({"commitId": sha})
 

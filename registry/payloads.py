@@ -25,6 +25,7 @@ from peftkit.hub_rules.names import is_commit_sha
 
 from .blobs import StagedBlob
 from .errors import MalformedPayload, PayloadTooLarge
+from .messages import check_description, check_summary
 from .names import validate_folder, validate_new_path, validate_path
 
 
@@ -125,6 +126,8 @@ def parse_commit(
                 parent = value.get("parentCommit")
                 if not isinstance(summary, str) or not isinstance(description, str):
                     raise MalformedPayload("commit header: 'summary' and 'description' must be strings")
+                check_summary(summary)
+                check_description(description)
                 if parent is not None and (not isinstance(parent, str) or not is_commit_sha(parent)):
                     raise MalformedPayload(f"commit header: parentCommit {parent!r} is not a 40-hex commit sha")
                 payload.summary, payload.description, payload.parent = summary, description, parent

@@ -16,6 +16,9 @@
   ``Location`` as it was (browsers read ``\\`` in a URL as ``/``), and a file name with non-ASCII letters went
   into ``Content-Disposition``'s quoted ``filename`` as a ``\\xNN`` escape. URL headers are now
   percent-encoded and file names written as RFC 6266 says.
+* commit summaries and descriptions, tag and squash messages of any length (1 MB was accepted, and every
+  history listing sent it again): now at most 1,000 characters for a summary or squash message and 65,536
+  for a description or tag message, else a 400 naming the bound and nothing written.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from urllib.parse import quote, urlsplit
 import pytest
 import requests
 
-from tests.registry_conftest_helpers import running_registry
+from tests.registry_conftest_helpers import hf_online, running_registry  # noqa: F401
 
 
 def _request(url: str, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
@@ -172,3 +175,32 @@ def test_header_values_from_request_and_stored_data_are_escaped_for_their_header
         link = reply.headers["Link"]
         assert _no_backslash_or_control(link) and "/tree/main/d%C3%A9?" in link and "x=%C3%A9%5C" in link
         assert requests.get(reply.links["next"]["url"], timeout=60).json()[0]["path"] == other
+
+
+def test_commit_and_tag_messages_are_bounded(registry, hf_online) -> None:  # noqa: F811
+    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    store, url, auth = registry
+    api = HfApi(endpoint=url, token=auth["Authorization"].split()[1])
+    head, tags = store.resolve_revision("alice/lora"), store.list_tags("alice/lora")
+
+    def commit(summary: str, description: str = "") -> None:
+        api.create_commit("alice/lora", operations=[CommitOperationAdd("f.txt", summary[:9].encode())],
+                          commit_message=summary, commit_description=description)
+
+    for summary, description, bound in [("s" * 1_001, "", "at most 1,000"), ("s", "d" * 65_537, "at most 65,536"),
+                                        ("s" * 1_000_000, "d" * 1_000_000, "at most 1,000")]:
+        with pytest.raises(HfHubHTTPError, match=bound) as refused:
+            commit(summary, description)
+        assert refused.value.response.status_code == 400
+    with pytest.raises(HfHubHTTPError, match="the tag message is 65,537 characters long; .* at most 65,536"):
+        api.create_tag("alice/lora", tag="v1", tag_message="t" * 65_537)
+    with pytest.raises(HfHubHTTPError, match="the super-squash message is 1,001 characters long; .* at most 1,000"):
+        api.super_squash_history("alice/lora", commit_message="q" * 1_001)
+    assert store.resolve_revision("alice/lora") == head and store.list_tags("alice/lora") == tags  # nothing written
+    commit("s" * 1_000, "d" * 65_536)  # the bounds themselves are accepted
+    api.create_tag("alice/lora", tag="v1", tag_message="t" * 65_536)
+    api.super_squash_history("alice/lora", commit_message="q" * 1_000)
+    history = store.list_commits("alice/lora")
+    assert len(history) == 1 and history[0].message == "q" * 1_000
