@@ -143,7 +143,9 @@ def test_an_image_outside_the_repo_is_shown_as_its_text(site):
 
 
 def test_the_history_shows_each_commit_messages_first_line_only(site):
-    """The history printed whole commit messages: 20 commits of 1 MB each made a 20 MB page."""
+    """The history printed whole commit messages: 20 commits of 1 MB each made a 20 MB page. The API now takes
+    summaries of at most 1,000 characters and descriptions of 65,536 (older commits may hold more); at those
+    bounds the history still shows each summary's first 200 characters and no description."""
     from huggingface_hub import CommitOperationAdd, HfApi
 
     store, server = site
@@ -151,7 +153,7 @@ def test_the_history_shows_each_commit_messages_first_line_only(site):
     api.create_repo("bob/long-messages")
     for i in range(3):
         api.create_commit("bob/long-messages", operations=[CommitOperationAdd(f"f{i}.txt", b"x")],
-                          commit_message=f"Change {i} " + "M" * 100_000, commit_description="D" * 100_000)
+                          commit_message=f"Change {i} " + "M" * 990, commit_description="D" * 65_536)
     status, _, page = WebClient(server.url).get("/bob/long-messages")
     history = page.split('id="history-title"', 1)[1].split("</section>", 1)[0]
     assert status == 200 and len(page) < 20_000 and "DDD" not in page
