@@ -19,11 +19,20 @@ From those we derive the tags ``list_models(filter=...)`` matches, the way the
 Hub does: the card's tags, the library (``peft``), the method (``lora``), the
 task (``text-generation``), ``base_model:<id>`` and ``base_model:adapter:<id>``,
 ``dataset:<id>`` and ``license:<id>``.
+
+The card is the author's and a commit never fails for it, but the index keeps
+only values that can be names (:func:`indexable`): at most
+:data:`MAX_FACET_CHARS` characters (a hub id is at most 96 + 1 + 96) without a
+control character or line break, and at most :data:`MAX_FACET_VALUES` of each
+kind. Anything else (100 KB of base model, a tag with a line break, 30,000
+tags) is left out of the facets, the tags and the search text; the card keeps it.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +46,28 @@ from peftkit.hub_rules.cards import (
 )
 
 MAX_INDEXED_BODY_CHARS = 20_000
+#: The longest value indexed (a base model, tag, dataset, library, task, ...): longer than any hub id
+#: (two names of at most 96 characters) and the longest filter the web pages' search takes.
+MAX_FACET_CHARS = 200
+#: The most values of one kind (tags, base models, datasets, licenses, languages) indexed for a repo;
+#: a many-language card names ~200 languages.
+MAX_FACET_VALUES = 256
+# C0 and C1 control characters (line breaks, tabs, NUL, NEL, ...) and the Unicode line and paragraph separators.
+_NOT_IN_A_NAME = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def indexable(value: object) -> str | None:
+    """``value`` when it can be indexed as a facet value: a string of 1 to :data:`MAX_FACET_CHARS`
+    characters, not blank, without a control character or line break; else None."""
+    if not isinstance(value, str) or not value.strip() or len(value) > MAX_FACET_CHARS:
+        return None
+    return None if _NOT_IN_A_NAME.search(value) else value
+
+
+def _indexable_list(values: Iterable[object]) -> list[str]:
+    """The :func:`indexable` ones of ``values``, at most :data:`MAX_FACET_VALUES`."""
+    out = [v for v in map(indexable, values) if v is not None]
+    return out[:MAX_FACET_VALUES]
 
 
 def _json_object(raw: bytes | None) -> dict[str, Any]:
@@ -162,8 +193,8 @@ def extract_metadata(readme: bytes | None, adapter_config: bytes | None,
     config = _json_object(adapter_config)
     peftkit_cfg = config.get("peftkit") if isinstance(config.get("peftkit"), dict) else _json_object(peftkit_record)
 
-    card_library = card.get("library_name") if isinstance(card.get("library_name"), str) else None
-    card_tags = as_list(card.get("tags"))
+    card_library = indexable(card.get("library_name"))
+    card_tags = _indexable_list(as_list(card.get("tags")))
     is_adapterhub = adapterhub.is_adapterhub_config(config)
     if card_library is None and (is_adapterhub or adapterhub.LIBRARY_TAGS & {t.lower() for t in card_tags}):
         card_library = adapterhub.LIBRARY  # as the Hub names the library of AdapterHub's repos
@@ -176,34 +207,35 @@ def extract_metadata(readme: bytes | None, adapter_config: bytes | None,
     elif meta.library_name is None and config:
         meta.library_name = "peftkit"
 
-    base_models = as_list(card.get("base_model"))
-    cfg_base = config.get("model_name" if is_adapterhub else "base_model_name_or_path")
-    if not base_models and isinstance(cfg_base, str) and _looks_like_hub_id(cfg_base):
+    base_models = _indexable_list(as_list(card.get("base_model")))
+    cfg_base = indexable(config.get("model_name" if is_adapterhub else "base_model_name_or_path"))
+    if not base_models and cfg_base is not None and _looks_like_hub_id(cfg_base):
         base_models = [cfg_base]
     for tag in card_tags:  # a card may carry only the tag form
         if tag.startswith(ADAPTER_OF_TAG_PREFIX):
             base_models.append(tag[len(ADAPTER_OF_TAG_PREFIX) :])
-    meta.base_models = _dedupe(base_models)
+    meta.base_models = _dedupe(base_models)[:MAX_FACET_VALUES]
 
     # peftkit's own method name is authoritative: a peftkit method saved in
     # PEFT's format also carries PEFT's peft_type, which may be coarser.
-    own_method, peft_type = peftkit_cfg.get("method"), config.get("peft_type")
-    if isinstance(own_method, str) and own_method:
+    own_method, peft_type = indexable(peftkit_cfg.get("method")), indexable(config.get("peft_type"))
+    if own_method:
         meta.methods = [own_method.lower()]
-    elif isinstance(peft_type, str) and peft_type:
+    elif peft_type:
         meta.methods = [peft_type.lower()]
     elif is_adapterhub and adapterhub.method_of(config["config"]):
         meta.methods = [str(adapterhub.method_of(config["config"]))]
 
     tasks: list[str] = []
-    pipeline_tag = card.get("pipeline_tag") if isinstance(card.get("pipeline_tag"), str) else None
-    if isinstance(peftkit_cfg.get("task"), str) and peftkit_cfg["task"]:
-        tasks.append(peftkit_cfg["task"])
+    pipeline_tag = indexable(card.get("pipeline_tag"))
+    own_task = indexable(peftkit_cfg.get("task"))
+    if own_task:
+        tasks.append(own_task)
     if pipeline_tag:
         tasks.append(pipeline_tag)
     tasks += adapterhub.tasks_from_tags(card_tags)
-    task_type = config.get("task_type")
-    if isinstance(task_type, str) and task_type:
+    task_type = indexable(config.get("task_type"))
+    if task_type:
         mapped = TASK_TYPE_TO_PIPELINE.get(task_type.upper())
         if mapped:
             tasks.append(mapped)
@@ -212,7 +244,7 @@ def extract_metadata(readme: bytes | None, adapter_config: bytes | None,
     meta.tasks = _dedupe(tasks)
     meta.pipeline_tag = pipeline_tag
 
-    meta.datasets = _dedupe(as_list(card.get("datasets")))
+    meta.datasets = _dedupe(_indexable_list(as_list(card.get("datasets"))))
 
     tags = list(card_tags)
     if meta.library_name:
@@ -227,9 +259,9 @@ def extract_metadata(readme: bytes | None, adapter_config: bytes | None,
         if meta.is_adapter:
             tags.append(f"{ADAPTER_OF_TAG_PREFIX}{base}")
     tags += [f"dataset:{d}" for d in meta.datasets]
-    for lic in as_list(card.get("license")):
+    for lic in _indexable_list(as_list(card.get("license"))):
         tags.append(f"license:{lic}")
-    tags += as_list(card.get("language"))
+    tags += _indexable_list(as_list(card.get("language")))
     meta.tags = _dedupe(tags)
     return meta
 

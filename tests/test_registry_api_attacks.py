@@ -19,6 +19,9 @@
 * commit summaries and descriptions, tag and squash messages of any length (1 MB was accepted, and every
   history listing sent it again): now at most 1,000 characters for a summary or squash message and 65,536
   for a description or tag message, else a 400 naming the bound and nothing written.
+* the search index kept any card or config value: a 100 KB base model, a pipeline tag with a line break and
+  HTML, 1,000 datasets, a 1,000-character method went into the facets, tags and every search result. The
+  commit still lands and the card keeps them, but only values that can be names are indexed.
 """
 
 from __future__ import annotations
@@ -204,3 +207,35 @@ def test_commit_and_tag_messages_are_bounded(registry, hf_online) -> None:  # no
     api.super_squash_history("alice/lora", commit_message="q" * 1_000)
     history = store.list_commits("alice/lora")
     assert len(history) == 1 and history[0].message == "q" * 1_000
+
+
+def test_the_search_index_keeps_only_values_that_can_be_names(registry, hf_online) -> None:  # noqa: F811
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    store, url, auth = registry
+    api = HfApi(endpoint=url, token=auth["Authorization"].split()[1])
+    real = "meta-llama/Llama-3.2-1B"
+    front = {"base_model": ["b" * 100_000, real, "two\nlines"], "pipeline_tag": "text-generation\n<b>bold</b>",
+             "library_name": "l" * 201, "tags": ["fine-tag", "t" * 201, "tab\there", "nel\u0085", "c++", "日本語"],
+             "datasets": [f"d{i}" for i in range(1000)], "license": "x" * 1_000, "language": ["en", "fr\r"]}
+    config = {"peft_type": "L" * 1000, "task_type": "CAUSAL_LM", "base_model_name_or_path": "c" * 300, "r": 8}
+    api.create_repo("alice/odd-card")
+    card = "---\n" + json.dumps(front) + "\n---\n\nAn odd card.\n"
+    api.create_commit("alice/odd-card", commit_message="odd", operations=[  # the commit lands
+        CommitOperationAdd("README.md", card.encode()), CommitOperationAdd("adapter_config.json",
+                                                                           json.dumps(config).encode())])
+    info = api.model_info("alice/odd-card")
+    assert info.card_data["base_model"][0] == "b" * 100_000  # the card is the author's, kept whole
+    assert info.pipeline_tag == "text-generation" and info.library_name == "peft"  # the config's task, PEFT files
+    assert all(len(tag) <= 250 and tag.isprintable() for tag in info.tags), [t[:40] for t in info.tags]
+    assert {"fine-tag", "c++", "日本語", "en", f"base_model:adapter:{real}", "dataset:d0"} <= set(info.tags)
+    assert not any(t.startswith(("license:", "text-generation\n")) or t.startswith("l" * 50) for t in info.tags)
+    indexed = store.repo_info("alice/odd-card")
+    assert indexed.base_models == (real,) and indexed.methods == () and len(indexed.datasets) == 256
+    # Search by a real base model still finds it; the long values find nothing.
+    for query in [{"base_model": real}, {"filter": f"base_model:adapter:{real}"}, {"filter": "fine-tag"}]:
+        reply = requests.get(f"{url}/api/models", params=query, timeout=60)
+        assert [m["id"] for m in reply.json()] == ["alice/odd-card"], query
+    assert [m.id for m in api.list_models(filter=f"base_model:adapter:{real}")] == ["alice/odd-card"]
+    for query in [{"base_model": "b" * 200}, {"filter": "t" * 201}, {"filter": "license:" + "x" * 100}]:
+        assert requests.get(f"{url}/api/models", params=query, timeout=60).json() == [], query
