@@ -39,6 +39,7 @@ import anyio
 from .accounts import parse_bearer
 from .content_safety import hardening_headers
 from .errors import BadRequest, PayloadTooLarge, RegistryError, Unauthorized
+from .host_allowlist import HostAllowlist
 from .http_headers import escape_log, header_value
 from .hub_api import HubApi, Request, Response, error_response
 from .origin import ProxyTrust, base_url
@@ -118,12 +119,14 @@ class RegistryApp:
         *,
         body_limits: BodyLimits | None = None,
         proxies: ProxyTrust | None = None,
+        hosts: HostAllowlist | None = None,
         log: LogFn | None = None,
         threads: int = 40,
     ) -> None:
         self.api = api
         self.body_limits = body_limits or BodyLimits()
         self.proxies = proxies or ProxyTrust()
+        self.hosts = hosts if hosts is not None else HostAllowlist.build(api.config.public_url)
         self.log = log
         self.threads = threads
         self.stats: collections.Counter[str] = collections.Counter()
@@ -168,9 +171,18 @@ class RegistryApp:
         headers = _headers_message(raw_headers)
         peer = (scope.get("client") or (None,))[0]
         route = "resolve" if "/resolve/" in path and not path.startswith("/api/") else "api"
-        self.count(f"{method} {route}")
         local = scope.get("server")
         query = scope.get("query_string", b"").decode("latin-1")
+        # DNS rebinding: a request naming a host this server is not known by is refused before any work.
+        misdirected = self.hosts.refusal(headers.get_all("Host") or [], local[0] if local else None)
+        if misdirected is not None:
+            req = Request(method=method, path=path, query={}, headers=headers, base_url="",
+                          client_address=self.proxies.client_address(peer, headers))
+            resp = error_response(misdirected)
+            resp.close = True
+            await self._send(send, req, resp, route, query)
+            return
+        self.count(f"{method} {route}")
         req = Request(
             method=method,
             path=path,

@@ -183,6 +183,12 @@ def registry_group() -> None:
     help="A reverse proxy whose X-Forwarded-For/-Proto headers are believed (repeatable); "
     "without it those headers are ignored.",
 )
+@click.option(
+    "--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
+    help="A host name clients reach the server by, besides --public-url's (repeatable; .example.com for a "
+    "domain and its subdomains). Requests naming another host get 421 (DNS rebinding) when this or "
+    "--public-url is given, or on loopback.",
+)
 @click.option("--header-timeout", default=20.0, show_default=True, type=click.FloatRange(0.1, None),
               help="Seconds a client has, from connecting, to send a request's headers.")
 @click.option("--body-timeout", default=30.0, show_default=True, type=click.FloatRange(0.1, None),
@@ -196,10 +202,11 @@ def registry_group() -> None:
 @_friendly_errors
 def serve_command(
     host: str, port: int, data_dir: Path | None, max_upload_mb: int, public_url: str | None, workers: int,
-    trusted_proxies: tuple[str, ...], header_timeout: float, body_timeout: float, request_timeout: float,
-    keep_alive_timeout: float, quiet: bool, database: str | None, blobs_dir: str | None,
+    trusted_proxies: tuple[str, ...], allowed_hosts: tuple[str, ...], header_timeout: float, body_timeout: float,
+    request_timeout: float, keep_alive_timeout: float, quiet: bool, database: str | None, blobs_dir: str | None,
 ) -> None:
     """Serve the registry over HTTP until Ctrl-C (needs `pip install 'peftkit[registry]'`)."""
+    from .host_allowlist import allowed_host_problem
     from .hub_api import ApiConfig
     from .origin import ProxyTrust
     from .server import MissingServerDependencies, ServerOptions, serve
@@ -213,9 +220,12 @@ def serve_command(
         ProxyTrust.parse(trusted_proxies)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--trusted-proxy") from None
+    for name in allowed_hosts:
+        if problem := allowed_host_problem(name):
+            raise click.BadParameter(problem, param_hint="--allowed-host")
     options = ServerOptions(
         header_timeout_s=header_timeout, body_read_timeout_s=body_timeout, request_timeout_s=request_timeout,
-        keep_alive_s=keep_alive_timeout, trusted_proxies=trusted_proxies,
+        keep_alive_s=keep_alive_timeout, trusted_proxies=trusted_proxies, allowed_hosts=allowed_hosts,
     )
 
     def ready(url: str) -> None:

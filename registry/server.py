@@ -59,6 +59,8 @@ class ServerOptions:
     keep_alive_s: float = 60.0  # an idle keep-alive connection is closed after this
     threads: int = 40  # requests handled at once (each blocks a thread on SQLite or disk)
     trusted_proxies: tuple[str, ...] = field(default=())
+    # Host names clients use besides --public-url's (see host_allowlist): ".example.com" for a domain, "*" for any.
+    allowed_hosts: tuple[str, ...] = field(default=())
 
 
 def _require_server_libraries() -> None:
@@ -117,13 +119,16 @@ def _build(
 
     from .asgi_app import BodyLimits, RegistryApp
     from .connection_guard import HeaderLimits, guarded_protocol
+    from .host_allowlist import HostAllowlist
     from .origin import ProxyTrust
     from .web import WebSite
 
+    api = HubApi(store, config)
     app = RegistryApp(
-        WebSite(HubApi(store, config)),  # the web pages, in front of the Hub API
+        WebSite(api),  # the web pages, in front of the Hub API
         body_limits=BodyLimits(read_timeout_s=options.body_read_timeout_s, request_timeout_s=options.request_timeout_s),
         proxies=ProxyTrust.parse(options.trusted_proxies),
+        hosts=HostAllowlist.build(api.config.public_url, options.allowed_hosts),
         log=log,
         threads=options.threads,
     )

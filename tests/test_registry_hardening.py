@@ -121,7 +121,7 @@ def _spool_files(store: RegistryStore) -> list[str]:
 
 
 def _ok(server: RunningServer) -> bool:
-    status, _, body = _request(server, "GET /api/models/alice/model HTTP/1.1\r\nHost: x\r\n\r\n")
+    status, _, body = _request(server, "GET /api/models/alice/model HTTP/1.1\r\nHost: localhost\r\n\r\n")
     return status == 200 and json.loads(body)["id"] == "alice/model"
 
 
@@ -141,7 +141,7 @@ def test_write_refused_from_headers_before_any_body(hub, user, method, path, sta
     store, server, tokens, _ = hub
     auth = f"Authorization: Bearer {tokens[user]}\r\n" if user else ""
     length = 10_000_000_000 if status else 100  # (a body this large would be refused for its size)
-    head = f"{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: {length}\r\n\r\n"
+    head = f"{method} {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Length: {length}\r\n\r\n"
     with _connect(server) as sock:
         sock.sendall(head.encode())
         if status is None:  # the server waits for the body (then drops us at the body timeout)
@@ -160,7 +160,7 @@ def test_write_refused_from_headers_before_any_body(hub, user, method, path, sta
 def test_refused_small_body_cannot_hold_the_connection(hub) -> None:
     _, server, _, _ = hub
     with _connect(server) as sock:
-        sock.sendall(b"POST /api/repos/create HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"name\"")
+        sock.sendall(b"POST /api/repos/create HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1000\r\n\r\n{\"name\"")
         status, headers, _ = _read_response(sock)
         assert status == 401 and headers.get("connection") != "close"  # the small rest would be dropped...
         closed = False
@@ -181,11 +181,11 @@ def test_connection_stays_usable_after_a_refusal(hub) -> None:
     store, server, tokens, _ = hub
     body = json.dumps({"name": "kept"}).encode()
     with _connect(server) as sock:
-        sock.sendall(f"POST /api/repos/create HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode())
+        sock.sendall(f"POST /api/repos/create HTTP/1.1\r\nHost: localhost\r\nContent-Length: {len(body)}\r\n\r\n".encode())
         assert _read_response(sock)[0] == 401  # answered before the body...
         sock.sendall(body)  # ...which then arrives and is dropped
         # The next request on the same connection sends its body slowly, past the header deadline.
-        sock.sendall((f"POST /api/repos/create HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tokens['alice']}\r\n"
+        sock.sendall((f"POST /api/repos/create HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {tokens['alice']}\r\n"
                       f"Content-Length: {len(body)}\r\n\r\n").encode())
         for i in range(0, len(body), 4):
             time.sleep(0.3)
@@ -196,7 +196,7 @@ def test_connection_stays_usable_after_a_refusal(hub) -> None:
 
 def test_oversized_body_refused_from_content_length(hub) -> None:
     store, server, tokens, _ = hub
-    head = (f"POST /api/models/alice/model/commit/main HTTP/1.1\r\nHost: x\r\n"
+    head = (f"POST /api/models/alice/model/commit/main HTTP/1.1\r\nHost: localhost\r\n"
             f"Authorization: Bearer {tokens['alice']}\r\nContent-Length: 10000000000\r\n\r\n")
     status, headers, body = _request(server, head)
     assert status == 413 and "--max-upload-mb" in json.loads(body)["error"]
@@ -210,7 +210,7 @@ def test_idle_and_slowloris_connections_do_not_block_others_and_are_dropped(hub)
     slow = []
     for _ in range(20):
         s = _connect(server)
-        s.sendall(b"GET /api/models/alice/model HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        s.sendall(b"GET /api/models/alice/model HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
         slow.append(s)
     try:
         for _round in range(3):  # keep trickling header bytes while others are served
@@ -229,7 +229,7 @@ def test_idle_and_slowloris_connections_do_not_block_others_and_are_dropped(hub)
 def test_oversized_headers_get_431(hub) -> None:
     _, server, _, _ = hub
     with _connect(server) as sock:
-        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n")
         try:
             for _ in range(200):
                 sock.sendall(b"X-Pad: " + b"a" * 1000 + b"\r\n")
@@ -245,7 +245,7 @@ def test_oversized_headers_get_431(hub) -> None:
 
 def test_stalled_and_trickled_bodies_get_408_and_leave_nothing(hub) -> None:
     store, server, tokens, _ = hub
-    head = (f"POST /api/models/alice/model/commit/main HTTP/1.1\r\nHost: x\r\n"
+    head = (f"POST /api/models/alice/model/commit/main HTTP/1.1\r\nHost: localhost\r\n"
             f"Authorization: Bearer {tokens['alice']}\r\nContent-Type: application/x-ndjson\r\n"
             f"Content-Length: 1000000\r\n\r\n")
     with _connect(server) as sock:  # stalls after a few bytes: the per-read timeout
@@ -272,7 +272,7 @@ def test_stalled_and_trickled_bodies_get_408_and_leave_nothing(hub) -> None:
 
 def test_aborted_upload_is_spooled_to_disk_and_removed_at_once(hub) -> None:
     store, server, tokens, _ = hub
-    head = (f"POST /api/models/alice/model/commit/main HTTP/1.1\r\nHost: x\r\n"
+    head = (f"POST /api/models/alice/model/commit/main HTTP/1.1\r\nHost: localhost\r\n"
             f"Authorization: Bearer {tokens['alice']}\r\nContent-Type: application/x-ndjson\r\n"
             f"Content-Length: {8 * 1024 * 1024}\r\n\r\n")
     sock = _connect(server)
@@ -299,7 +299,7 @@ def test_refused_commit_leaves_no_staged_upload(hub) -> None:
     for lines in bodies:
         body = b"".join((line if isinstance(line, str) else json.dumps(line)).encode() + b"\n" for line in lines)
         status, _, _ = _request(server, (
-            f"POST /api/models/alice/model/commit/main HTTP/1.1\r\nHost: x\r\n"
+            f"POST /api/models/alice/model/commit/main HTTP/1.1\r\nHost: localhost\r\n"
             f"Authorization: Bearer {tokens['alice']}\r\nContent-Type: application/x-ndjson\r\n"
             f"Content-Length: {len(body)}\r\n\r\n"), body)
         assert status in (400, 412)
@@ -319,17 +319,17 @@ def test_uploaded_active_content_is_served_inert(hub, hf_online) -> None:  # noq
     api.upload_file(path_or_fileobj=b'<svg xmlns="http://www.w3.org/2000/svg">' + script + b"</svg>",
                     path_in_repo="img/x.svg", repo_id="alice/model")
     for name in ("x.html", "img/x.svg"):
-        status, headers, body = _request(server, f"GET /alice/model/resolve/main/{name} HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, headers, body = _request(server, f"GET /alice/model/resolve/main/{name} HTTP/1.1\r\nHost: localhost\r\n\r\n")
         assert status == 200 and script in body
         assert headers["content-type"] == "text/plain; charset=utf-8"
         assert headers["content-disposition"].startswith("attachment")
         assert headers["x-content-type-options"] == "nosniff"
         assert headers["content-security-policy"] == "default-src 'none'; sandbox"
-    status, headers, _ = _request(server, "GET /alice/model/resolve/main/adapter_config.json HTTP/1.1\r\nHost: x\r\n\r\n")
+    status, headers, _ = _request(server, "GET /alice/model/resolve/main/adapter_config.json HTTP/1.1\r\nHost: localhost\r\n\r\n")
     assert status == 200 and headers["content-type"] == "application/json"
     assert headers["x-content-type-options"] == "nosniff" and "sandbox" in headers["content-security-policy"]
     for head in ("HEAD /alice/model/resolve/main/x.html", "GET /alice/model/resolve/main/missing.html"):
-        status, headers, _ = _request(server, f"{head} HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, headers, _ = _request(server, f"{head} HTTP/1.1\r\nHost: localhost\r\n\r\n")
         assert status in (307, 404) and headers["content-security-policy"] == "default-src 'none'; sandbox"
 
 
@@ -338,7 +338,8 @@ def test_forged_host_and_forwarded_headers_do_not_steer_links(hub) -> None:
     store, server, tokens, log = hub
     for i in range(3):
         store.create_repo(f"alice/m{i}")
-    forged = "Host: evil.example\r\nX-Forwarded-Host: evil.example\r\nX-Forwarded-Proto: https\r\n"
+    # An address that is not the one reached (a name that is not this server's gets a 421, see below).
+    forged = "Host: 203.0.113.7\r\nX-Forwarded-Host: evil.example\r\nX-Forwarded-Proto: https\r\n"
     status, headers, _ = _request(server, f"GET /api/models?limit=2&author=alice HTTP/1.1\r\n{forged}\r\n")
     assert status == 200 and headers["link"].startswith(f"<{server.url}/api/models?")  # the address we reached
     status, headers, _ = _request(server, f"HEAD /alice/model/resolve/main/README.md HTTP/1.1\r\n{forged}\r\n")
@@ -353,7 +354,7 @@ def test_forged_host_and_forwarded_headers_do_not_steer_links(hub) -> None:
     status, headers, _ = _request(server, f"GET /api/models?limit=2&author=alice HTTP/1.1\r\nHost: localhost:{port}\r\n\r\n")
     assert headers["link"].startswith(f"<http://localhost:{port}/api/models?")
     # X-Forwarded-For is not believed from an untrusted peer.
-    _request(server, "GET /api/health HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 203.0.113.9\r\n\r\n")
+    _request(server, "GET /api/health HTTP/1.1\r\nHost: localhost\r\nX-Forwarded-For: 203.0.113.9\r\n\r\n")
     assert _wait_for(lambda: any('"GET /api/health"' in line for line in log))
     assert [line.split()[0] for line in log if '"GET /api/health"' in line] == ["127.0.0.1"]
 
@@ -387,7 +388,7 @@ def test_public_url_and_trusted_proxy(tmp_path: Path) -> None:
     try:
         with start_server(store, config=config, log=log.append, options=options) as server:
             store.create_repo("alice/other")
-            head = "Host: evil.example\r\nX-Forwarded-For: 198.51.100.1, 203.0.113.9\r\n"
+            head = "Host: hub.example.com\r\nX-Forwarded-For: 198.51.100.1, 203.0.113.9\r\n"
             status, headers, _ = _request(server, f"GET /api/models HTTP/1.1\r\n{head}\r\n")
             assert headers["link"].startswith("<https://hub.example.com/api/models?")
             status, headers, _ = _request(server, f"HEAD /alice/model/resolve/main/README.md HTTP/1.1\r\n{head}\r\n")
@@ -398,6 +399,101 @@ def test_public_url_and_trusted_proxy(tmp_path: Path) -> None:
         store.close()
 
 
+# ------------------------------------------------------------ DNS rebinding
+def _host_status(server: RunningServer, host: str | None, method: str = "GET", path: str = "/api/models") -> int:
+    """The status of a request naming ``host`` (None: an HTTP/1.0 request without Host)."""
+    if host is None:
+        return _request(server, f"{method} {path} HTTP/1.0\r\n\r\n")[0]
+    return _request(server, f"{method} {path} HTTP/1.1\r\nHost: {host}\r\n\r\n")[0]
+
+
+def test_requests_naming_another_host_are_refused(hub, hf_online) -> None:  # noqa: F811
+    """DNS rebinding: a page on evil.example points its name at the registry's address, and the browser
+    sends the page's requests there with Host: evil.example and lets the page read the answers."""
+    from huggingface_hub import HfApi, hf_hub_download
+
+    store, server, tokens, _ = hub
+    port = _port(server)
+    # A server on loopback answers localhost and addresses only (no --public-url needed).
+    status, headers, reply = _request(server, f"GET /api/models HTTP/1.1\r\nHost: evil.example:{port}\r\n\r\n")
+    assert status == 421 and headers["x-error-code"] == "MisdirectedRequest" and headers["connection"] == "close"
+    assert "'evil.example:" in json.loads(reply)["error"] and "--allowed-host" in json.loads(reply)["error"]
+    for host in (f"rebind.evil.example:{port}", "localhost.evil.example", "evil.example."):
+        assert _host_status(server, host) == 421, host
+        assert _host_status(server, host, path="/alice/model/resolve/main/README.md") == 421, host
+    assert _request(server, "GET / HTTP/1.1\r\nHost: evil.example\r\nAccept: text/html\r\n\r\n")[0] == 421
+    body = json.dumps({"name": "rebound"}).encode()
+    status, _, _ = _request(server, f"POST /api/repos/create HTTP/1.1\r\nHost: evil.example\r\n"
+                                    f"Authorization: Bearer {tokens['alice']}\r\nContent-Length: {len(body)}\r\n\r\n",
+                            body)
+    assert status == 421 and not store.repo_exists("alice/rebound")
+    two = "GET /api/models HTTP/1.1\r\nHost: localhost\r\nHost: evil.example\r\n\r\n"
+    assert _request(server, two)[0] == 400
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", "LOCALHOST", f"app.localhost:{port}", "[::1]",
+                 "10.0.0.7", None):
+        assert _host_status(server, host) == 200, host
+    # huggingface_hub (127.0.0.1 and localhost) keeps working: an upload, a HEAD redirect and a download.
+    for endpoint in (server.url, f"http://localhost:{port}"):
+        api = HfApi(endpoint=endpoint, token=tokens["alice"])
+        api.upload_file(path_or_fileobj=endpoint.encode(), path_in_repo="where.txt", repo_id="alice/model")
+        hf_download = hf_hub_download("alice/model", "where.txt", endpoint=endpoint, token=tokens["alice"],
+                                             cache_dir=str(store.root.parent / "hf-cache"), force_download=True)
+        assert Path(hf_download).read_bytes() == endpoint.encode(), endpoint
+
+
+def test_public_url_and_allowed_hosts_name_the_hosts_answered(tmp_path: Path) -> None:
+    store = RegistryStore(tmp_path / "reg", fsync=False)
+    store.create_repo("alice/model")
+    store.commit("alice/model", {"README.md": b"hi"})
+    config = ApiConfig(public_url="https://hub.example.com/hub")
+    options = ServerOptions(allowed_hosts=("registry.internal", ".corp.example"))
+    try:
+        with start_server(store, config=config, options=options) as server:
+            port = _port(server)
+            for host in ("hub.example.com", "HUB.example.com:443", "hub.example.com.", "registry.internal:8080",
+                         "corp.example", "a.b.corp.example", f"127.0.0.1:{port}", f"localhost:{port}", "[::1]:1",
+                         "198.51.100.4", None):
+                assert _host_status(server, host) == 200, host
+            for host in ("evil.example", "hub.example.com.evil.example", "evilcorp.example", "registry.internal.x",
+                         "hub.example.co"):
+                status, headers, reply = _request(server, f"GET /api/models HTTP/1.1\r\nHost: {host}\r\n\r\n")
+                assert status == 421, host
+                assert "it answers to hub.example.com, registry.internal, *.corp.example, localhost" in (
+                    json.loads(reply)["error"])
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize(
+    ("public_url", "allowed", "local", "host", "answered"),
+    [
+        # On a network interface without --public-url / --allowed-host, the names are unknown: any is answered.
+        (None, (), "192.0.2.10", "gpu-box.internal:8080", True),
+        (None, (), "192.0.2.10", "evil.example", True),
+        (None, ("hub.lan",), "192.0.2.10", "evil.example", False),
+        ("http://hub.lan:8080", (), "192.0.2.10", "hub.lan:8080", True),
+        ("http://hub.lan:8080", (), "192.0.2.10", "evil.example", False),
+        (None, ("*",), "127.0.0.1", "evil.example", True),
+        (None, (), "127.0.0.1", "evil.example", False),
+        (None, (), "::ffff:127.0.0.1", "evil.example", False),
+        (None, (), "::1", "localhost", True),
+    ],
+)
+def test_which_hosts_are_answered_where(public_url, allowed, local, host, answered) -> None:
+    from peftkit.registry.host_allowlist import HostAllowlist
+
+    refusal = HostAllowlist.build(public_url, allowed).refusal([host], local)
+    assert (refusal is None) == answered and (refusal is None or refusal.status == 421)
+
+
+def test_allowed_host_values_are_checked() -> None:
+    from peftkit.registry.host_allowlist import HostAllowlist
+
+    for value in ("http://hub.lan", "hub.lan:8080", "hub.lan/x", "", ".", "a b"):
+        with pytest.raises(ValueError, match="is not a host name"):
+            HostAllowlist.build(None, [value])
+
+
 # ----------------------------------------------------------- strict parsing
 def test_ambiguous_framing_is_refused(hub) -> None:
     store, server, tokens, _ = hub
@@ -406,7 +502,7 @@ def test_ambiguous_framing_is_refused(hub) -> None:
     for framing in (f"Content-Length: {len(body)}\r\nContent-Length: 3\r\n",
                     f"Content-Length: {len(body)}\r\nTransfer-Encoding: chunked\r\n",
                     "Content-Length: -5\r\n", "Content-Length: 1e3\r\n"):
-        status, _, _ = _request(server, f"POST /api/repos/create HTTP/1.1\r\nHost: x\r\n{auth}{framing}\r\n", body)
+        status, _, _ = _request(server, f"POST /api/repos/create HTTP/1.1\r\nHost: localhost\r\n{auth}{framing}\r\n", body)
         assert status == 400, framing
     assert not store.repo_exists("alice/framed")
 
@@ -417,7 +513,7 @@ def test_malformed_values_get_4xx_and_write_nothing(hub) -> None:
 
     def post(method: str, path: str, body: bytes) -> tuple[int, bytes]:
         status, _, reply = _request(
-            server, f"{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: {len(body)}\r\n\r\n", body)
+            server, f"{method} {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Length: {len(body)}\r\n\r\n", body)
         return status, reply
 
     deep = b"[" * 100_000 + b"]" * 100_000
@@ -430,9 +526,9 @@ def test_malformed_values_get_4xx_and_write_nothing(hub) -> None:
     status, _ = post("POST", "/api/repos/create", b'{"name": "strict", "private": "false"}')
     assert status == 400 and not store.repo_exists("alice/strict")
     for query in ("offset=99999999999999999999999", "limit=1" + "0" * 40, "offset=" + "9" * 5000):
-        status, _, reply = _request(server, f"GET /api/models?{query} HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, _, reply = _request(server, f"GET /api/models?{query} HTTP/1.1\r\nHost: localhost\r\n\r\n")
         assert status == 400 and "query parameter" in json.loads(reply)["error"], query
-    status, _, _ = _request(server, "GET /alice/model/resolve/main/README.md HTTP/1.1\r\nHost: x\r\n"
+    status, _, _ = _request(server, "GET /alice/model/resolve/main/README.md HTTP/1.1\r\nHost: localhost\r\n"
                                     "Range: bytes=99999999999999999999999-\r\n\r\n")
     assert status == 416
     assert len(store.list_commits("alice/model")) == COMMITS_AT_START and _ok(server)
@@ -442,12 +538,12 @@ def test_malformed_values_get_4xx_and_write_nothing(hub) -> None:
 def test_access_log_escapes_control_characters(hub) -> None:
     _, server, _, log = hub
     with _connect(server) as sock:
-        sock.sendall(b"GET /api/models/alice/\xc3\xa9\x7f\xff HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.sendall(b"GET /api/models/alice/\xc3\xa9\x7f\xff HTTP/1.1\r\nHost: localhost\r\n\r\n")
         try:
             _read_response(sock)
         except ConnectionError:
             pass
-    _request(server, "GET /api/models/alice/model?q=%1b[2J HTTP/1.1\r\nHost: x\r\n\r\n")
+    _request(server, "GET /api/models/alice/model?q=%1b[2J HTTP/1.1\r\nHost: localhost\r\n\r\n")
     assert _wait_for(lambda: any("q=%1b" in line for line in log))
     assert all(ch >= " " and ch <= "~" for line in log for ch in line)
     assert escape_log("a\x1b[2Jb\r\n\x00é") == "a\\x1b[2Jb\\r\\n\\x00\\xe9"
