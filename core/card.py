@@ -20,8 +20,11 @@ def card_metadata(*, method: str, base_model: str | None, peft_format: bool, tas
                   dataset: str | list[str] | None = None, metrics: dict[str, float] | None = None,
                   tags: list[str] | None = None, license: str | None = None,
                   language: str | list[str] | None = None, name: str | None = None) -> dict[str, Any]:
-    """A model card's front matter in the Hub's conventions. ``name`` is what the evaluation results
-    (``model-index``) are results of: the repo id or the adapter's name, never the base model's."""
+    """A model card's front matter in the Hub's conventions. ``peft_format``: whether Hugging Face PEFT
+    loads the folder (``file_in_peft_format`` of its ``adapter_config.json``, decided per folder, not per
+    method): ``library_name: peft`` and a ``PeftModel`` usage snippet then, else ``peftkit``. ``name`` is what
+    the evaluation results (``model-index``) are results of: the repo id or the adapter's name, never the base
+    model's."""
     meta: dict[str, Any] = {"library_name": "peft" if peft_format else "peftkit"}
     if base_model:
         meta["base_model"] = base_model

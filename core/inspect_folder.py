@@ -11,6 +11,7 @@ from .errors import AdapterLoadError
 from .fileio import read_folder_json
 from .labels import read_labels
 from .own_metadata import read_own_metadata
+from .peft_format import file_in_peft_format, method_name_of_folder
 
 #: In the keys of the base model's own weights that PEFT saves beside an adapter on embed_tokens or
 #: lm_head (see peft_embeddings): not the adapter's parameters.
@@ -54,10 +55,10 @@ def describe_folder(path: str | Path) -> dict[str, Any]:
     weights = path / "adapter_model.safetensors"
     params, tensors = _tensor_counts(weights)
     size, checkpoints, checkpoint_bytes = _sizes(path)
-    fmt = _file_format(own)
+    fmt = _file_format(data)
     return {
         "path": str(path),
-        "method": own.get("method") or str(data.get("peft_type", "?")).lower(),
+        "method": method_name_of_folder(data, own) or "?",
         "format": fmt,
         "base_model": data.get("base_model_name_or_path"),
         "base_model_type": (own.get("base_model") or {}).get("model_type"),
@@ -162,12 +163,8 @@ def _not_an_adapter(path: Path) -> str:
             f"PEFT's save_pretrained()")
 
 
-def _file_format(own: dict[str, Any]) -> str:
-    """"peft" when Hugging Face PEFT can load the folder (written by PEFT, or by peftkit for a method in
-    PEFT's format), else "peftkit"."""
-    if not own:
-        return "peft"
-    from .plugins import get_registry
-
-    method = get_registry().methods.get(own.get("method"))
-    return "peft" if method is not None and method.peft_type else "peftkit"
+def _file_format(config: dict[str, Any]) -> str:
+    """"peft" when Hugging Face PEFT loads the folder as the adapter it is (its ``peft_type`` is one PEFT has),
+    else "peftkit": a method PEFT lacks, or a config PEFT's type cannot express, saved under a type PEFT
+    does not have (``PROMPT_TUNING_EMBEDDING_OUTPUT``)."""
+    return "peft" if file_in_peft_format(config) else "peftkit"

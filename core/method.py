@@ -56,8 +56,13 @@ class Method:
     can_merge: ClassVar[bool] = False
     #: Composition blocks it takes part in (see peftkit.core.composition).
     supported_blocks: ClassVar[frozenset[str]] = ALL_BLOCKS
-    #: PEFT's ``peft_type`` when Hugging Face PEFT has the same method and file format.
+    #: PEFT's ``peft_type`` when Hugging Face PEFT has the same method and file format. A config PEFT's type
+    #: cannot express is not in PEFT's format: see :meth:`peft_type_of`.
     peft_type: ClassVar[str | None] = None
+    #: The ``peft_type`` values, all types PEFT does not have, that :meth:`config_to_file` writes for configs not
+    #: in PEFT's format (``PROMPT_TUNING_EMBEDDING_OUTPUT``): PEFT refuses such a folder, and peftkit loads one
+    #: naming them with this method, also without its record (``peftkit.json``).
+    extra_file_types: ClassVar[frozenset[str]] = frozenset()
     #: How the method reads and writes AdapterHub's format (``adapters`` library), or None.
     adapterhub: ClassVar["AdapterHubFormat | None"] = None
     #: Shorthand aliases: {"alpha": "lora_alpha"} lets users write either.
@@ -154,13 +159,22 @@ class Method:
 
     # -- files -----------------------------------------------------------------
 
+    def peft_type_of(self, config: AdapterConfig) -> str | None:
+        """PEFT's ``peft_type`` under which PEFT loads ``config``'s folder as the same adapter, or None when
+        PEFT's format cannot express this config. PEFT drops a field it does not know with only a warning,
+        so a setting PEFT lacks (a gate, another placement) would load as another adapter: such a config
+        must be written under a type PEFT does not have (one of :attr:`extra_file_types`). The default:
+        :attr:`peft_type`, for every config."""
+        return self.peft_type
+
     def config_to_file(self, config: AdapterConfig) -> dict[str, Any]:
         """The method's part of ``adapter_config.json``. PEFT-format methods (a ``peft_type``)
         override this and :meth:`config_from_file` to write and read PEFT's field names
-        (``read_peft_fields``/``write_peft_fields`` of the plugin API); the core adds base-model
-        fields, and its record goes to ``peftkit.json`` (under the ``peftkit`` key when there is
-        no ``peft_type``)."""
-        return {"peft_type": self.peft_type or self.name.upper(), **config.to_dict()}
+        (``read_peft_fields``/``write_peft_fields`` of the plugin API), and write
+        :meth:`peft_type_of` as the ``peft_type`` (a type of :attr:`extra_file_types` when it is
+        None); the core adds base-model fields, and its record goes to ``peftkit.json`` (under the
+        ``peftkit`` key when there is no ``peft_type``)."""
+        return {"peft_type": self.peft_type_of(config) or self.name.upper(), **config.to_dict()}
 
     def config_from_file(self, data: dict[str, Any]) -> AdapterConfig:
         """Inverse of :meth:`config_to_file`; ``data`` lacks the core's fields (``task_type``,

@@ -30,6 +30,7 @@ from .labels import LABELS_FILE, is_default, labels_text, read_labels
 from .layer import ModulesToSave, TunerLayer
 from .own_metadata import OWN_METADATA_NAME, split_own_metadata, with_own_metadata
 from .peft_embeddings import embedding_base_tensors, load_embedding_base_tensors, take_embedding_base_tensors
+from .peft_format import file_in_peft_format, method_reading
 from .plugins import get_registry, major_version, unknown_method_message
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -176,12 +177,14 @@ def write_adapter(model: "AdaptedModel", name: str, folder: Path, card: dict[str
 
     record = model.adapter_record(name)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_tensors(model, name).items()}
-    peft_format = record.method.peft_type is not None
-    data, own = split_own_metadata(config_file_data(model, name), peft_format)
+    # A method in PEFT's format keeps PEFT's layout for every config (the record in peftkit.json, the base
+    # embeddings); whether PEFT loads this folder is what its peft_type says (the card's library_name).
+    peft_layout = record.method.peft_type is not None
+    data, own = split_own_metadata(config_file_data(model, name), peft_layout)
     # PEFT's default save_embedding_layers="auto": the base embeddings go along when they are targeted.
-    base = embedding_base_tensors(model, data.get("target_modules"), KEY_PREFIX) if peft_format else {}
+    base = embedding_base_tensors(model, data.get("target_modules"), KEY_PREFIX) if peft_layout else {}
     meta = card_metadata(method=record.method.name, base_model=data.get("base_model_name_or_path"),
-                         peft_format=record.method.peft_type is not None, task=card.get("task"),
+                         peft_format=file_in_peft_format(data), task=card.get("task"),
                          dataset=card.get("dataset"), metrics=card.get("metrics"), tags=card.get("tags"),
                          license=card.get("license"), language=card.get("language"),
                          name=card.get("repo_id") or name)
@@ -339,12 +342,12 @@ def method_for(data: dict[str, Any], where: str) -> Any:
         if peft_type is None:
             raise AdapterLoadError(f"{where}: the config names no method (neither 'peftkit.method' nor "
                                    f"'peft_type'); is this an adapter folder?")
-        matches = [m for m in registry.methods.values() if m.peft_type == peft_type]
-        if not matches:
+        method = method_reading(registry.methods.values(), peft_type)
+        if method is None:
             raise AdapterLoadError(f"{where}: PEFT method {peft_type!r} is not supported by the installed "
                                    f"peftkit methods ({', '.join(sorted(registry.methods))}); install a "
                                    f"plugin that provides it")
-        return matches[0]
+        return method
     if name not in registry.methods:
         raise AdapterLoadError(f"{where}: " + unknown_method_message(name, registry, own.get("plugin"),
                                                                        own.get("plugin_version")))

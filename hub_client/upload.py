@@ -28,6 +28,7 @@ from peftkit.core.adapterhub_format import SAFE_WEIGHTS_NAME as ADAPTERHUB_WEIGH
 from peftkit.core.adapterhub_format import is_adapterhub_config
 from peftkit.core.card import card_metadata, read_card_metadata, render_card
 from peftkit.core.model_source import looks_local
+from peftkit.core.peft_format import file_in_peft_format, method_name_of_folder
 from peftkit.hub_rules.adapterhub import LIBRARY as ADAPTERHUB_LIBRARY
 from peftkit.hub_rules.cards import ADAPTER_OF_TAG_PREFIX, TASK_TYPE_TO_PIPELINE, split_front_matter
 
@@ -182,8 +183,8 @@ def _method_of(config: dict[str, Any], folder: Path) -> str | None:
         own = read_own_metadata(folder, config)  # peftkit.json, or the config's "peftkit" key
     except AdapterLoadError as exc:
         raise HubError(str(exc)) from None
-    method = own.get("method") or config.get("peft_type")
-    return str(method).lower() if method else None
+    method = method_name_of_folder(config, own)
+    return method.lower() if method else None
 
 
 def _adapterhub_method_of(config: dict[str, Any], where: str) -> str:
@@ -197,18 +198,6 @@ def _adapterhub_method_of(config: dict[str, Any], where: str) -> str:
     except AdapterLoadError as exc:
         raise HubError(str(exc)) from None
     return method.name
-
-
-def _peft_format(config: dict[str, Any], method: str) -> bool:
-    """Whether Hugging Face PEFT can load the folder (the card's library_name is then ``peft``)."""
-    from peftkit.core.plugins import get_registry
-
-    from .metadata import PEFT_METHODS
-
-    installed = get_registry().methods.get(method)
-    if installed is not None:
-        return installed.peft_type is not None
-    return str(config.get("peft_type") or "").lower() in PEFT_METHODS
 
 
 def _resolve_base(recorded: str | None, given: str | None, where: str) -> tuple[str | None, bool]:
@@ -330,7 +319,7 @@ def _adapter_upload(folder: Path, files: dict[str, Path], repo_id: str, workdir:
     old_meta, old_body = _existing_card(folder)
     task = options.task or old_meta.get("pipeline_tag") or TASK_TYPE_TO_PIPELINE.get(
         str(config.get("task_type") or "").upper())
-    meta = card_metadata(method=method, base_model=base, peft_format=_peft_format(config, method), task=task,
+    meta = card_metadata(method=method, base_model=base, peft_format=file_in_peft_format(config), task=task,
                          dataset=options.dataset or _card_datasets(old_meta), metrics=options.metrics,
                          tags=options.tags, license=options.license, language=options.language, name=repo_id)
     if adapterhub:  # as AdapterHub's repos on the Hugging Face Hub describe themselves

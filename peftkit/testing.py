@@ -663,11 +663,60 @@ def _check_config(case: _Case) -> None:
 
 
 def _check_peft_config(case: _Case) -> None:
-    """A method declaring a ``peft_type`` promises PEFT's file format: Hugging Face PEFT reads the
-    adapter_config.json peftkit saves, and the one PEFT writes back (PEFT's own fields: ``bias``,
-    ``fan_in_fan_out``, ``layers_pattern``, ..., and no peftkit.json) loads in peftkit as the same adapter:
-    the same sites and a bit-identical output. Skipped when the method declares no ``peft_type``, the
-    ``peft`` package is not installed, or it does not know that type."""
+    """A config in PEFT's format (``method.peft_type_of(config)``, by default the method's ``peft_type``)
+    promises that Hugging Face PEFT reads the adapter_config.json peftkit saves, and the one PEFT writes back
+    (PEFT's own fields: ``bias``, ``fan_in_fan_out``, ``layers_pattern``, ..., and no peftkit.json) loads in
+    peftkit as the same adapter: the same sites and a bit-identical output. A config not in PEFT's format (a
+    method without ``peft_type``, or a setting PEFT has no field for) must say a ``peft_type`` PEFT does not
+    have, so that PEFT refuses its folder rather than load another adapter: checked, then skipped with the
+    reason. Skipped too when the ``peft`` package is not installed, or it does not know the type."""
+    import json
+
+    from peftkit.core.serialization import CONFIG_NAME
+
+    try:
+        from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING as peft_types
+    except ImportError:
+        peft_types = {}
+    method = case.method
+    model = case.adapted()
+    peft_type = method.peft_type_of(model.adapter_record("default").config)
+    with tempfile.TemporaryDirectory(prefix="peftkit-conformance-") as tmp:
+        ours = Path(tmp) / "peftkit"
+        model.save_adapter(str(ours), "default")
+        written = json.loads((ours / CONFIG_NAME).read_text()).get("peft_type")
+        if peft_type is None:
+            _check_refused_by_peft(case, written, peft_types)
+        assert written == peft_type, (
+            f"{case.where}: {method.name}.peft_type_of() says {peft_type!r}, but the {CONFIG_NAME} peftkit saved "
+            f"says peft_type {written!r}; config_to_file() must write peft_type_of(config)")
+        if not peft_types:
+            raise CheckSkipped(f"{case.where} is in PEFT's format ({peft_type}), but the peft package is not "
+                               f"installed: pip install peft to check that PEFT's files load")
+        if peft_type not in peft_types:
+            raise CheckSkipped(f"the installed peft has no peft_type {peft_type!r}")
+        _check_peft_round_trip(case, model, ours, peft_types[peft_type])
+
+
+def _check_refused_by_peft(case: _Case, written: Any, peft_types: Any) -> None:
+    """A config not in PEFT's format: its folder's ``peft_type`` must be one PEFT does not have; then skip."""
+    from peftkit.core.peft_format import PEFT_TYPES
+    from peftkit.core.serialization import CONFIG_NAME
+
+    method = case.method
+    assert written not in {*PEFT_TYPES, *peft_types}, (
+        f"{case.where}: the config is not in PEFT's format ({method.name}.peft_type_of() is None), but its "
+        f"{CONFIG_NAME} says peft_type {written!r}, a type PEFT has: PEFT would load the folder as its own "
+        f"{written} adapter, another adapter. Write a type PEFT does not have and list it in the method's "
+        f"extra_file_types")
+    why = (f"{method.name} declares no peft_type" if method.peft_type is None else
+           f"this {method.name} config has a setting PEFT's {method.peft_type} has no field for")
+    raise CheckSkipped(f"not in PEFT's format ({why}): its folder says peft_type {written!r}, a type PEFT does "
+                       f"not have, so PEFT refuses it")
+
+
+def _check_peft_round_trip(case: _Case, model: "AdaptedModel", ours: Path, peft_config_class: Any) -> None:
+    """PEFT reads the folder ``ours``, writes its config back, and peftkit loads that as the same adapter."""
     import shutil
 
     import torch
@@ -675,44 +724,32 @@ def _check_peft_config(case: _Case) -> None:
     from peftkit.core.model import AdaptedModel
     from peftkit.core.serialization import CONFIG_NAME, WEIGHTS_NAME
 
-    method = case.method
-    if method.peft_type is None:
-        raise CheckSkipped(f"{method.name} declares no peft_type: it writes no PEFT-format folders")
-    try:
-        from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-    except ImportError:
-        raise CheckSkipped(f"{method.name} declares peft_type {method.peft_type!r}, but the peft package is not "
-                           f"installed: pip install peft to check that PEFT's files load") from None
-    peft_config_class = PEFT_TYPE_TO_CONFIG_MAPPING.get(method.peft_type)
-    if peft_config_class is None:
-        raise CheckSkipped(f"the installed peft has no peft_type {method.peft_type!r}")
-    model = case.adapted()
     expected = case.output(model, "default")
-    with tempfile.TemporaryDirectory(prefix="peftkit-conformance-") as tmp:
-        ours, theirs = Path(tmp) / "peftkit", Path(tmp) / "peft"
-        model.save_adapter(str(ours), "default")
-        try:
-            peft_config = peft_config_class.from_pretrained(str(ours))
-        except Exception as exc:  # PEFT's own validation, whatever it raises
-            raise AssertionError(f"{case.where}: PEFT cannot read the {CONFIG_NAME} peftkit saved "
-                                 f"({type(exc).__name__}: {exc}); config_to_file() must write PEFT's fields") from None
-        peft_config.save_pretrained(str(theirs))
-        shutil.copyfile(ours / WEIGHTS_NAME, theirs / WEIGHTS_NAME)
-        try:
-            loaded = AdaptedModel.from_pretrained(case.base(), str(theirs))
-        except Exception as exc:
-            raise AssertionError(f"{case.where}: the {CONFIG_NAME} PEFT writes for this adapter does not load in "
-                                 f"peftkit ({type(exc).__name__}: {exc}); config_from_file() must read PEFT's "
-                                 f"fields (read_peft_fields of the plugin API: fixed= and ignored=)") from None
-        sites, loaded_sites = ({site.name for site in m.adapter_record("default").sites} for m in (model, loaded))
-        assert loaded_sites == sites, (
-            f"{case.where}: through PEFT's {CONFIG_NAME} the adapter lands on other sites: missing "
-            f"{sorted(sites - loaded_sites)[:3]}, extra {sorted(loaded_sites - sites)[:3]}")
-        out = case.output(loaded)
-        assert torch.equal(out, expected), (
-            f"{case.where}: through PEFT's {CONFIG_NAME} the adapter's output changed (max diff "
-            f"{_max_diff(out, expected):.3g}): a setting config_to_file() writes is lost or misread on the way "
-            f"(PEFT drops fields it does not know; config_from_file() must map PEFT's names back)")
+    theirs = ours.parent / "peft"
+    try:
+        peft_config = peft_config_class.from_pretrained(str(ours))
+    except Exception as exc:  # PEFT's own validation, whatever it raises
+        raise AssertionError(f"{case.where}: PEFT cannot read the {CONFIG_NAME} peftkit saved "
+                             f"({type(exc).__name__}: {exc}); config_to_file() must write PEFT's fields") from None
+    peft_config.save_pretrained(str(theirs))
+    shutil.copyfile(ours / WEIGHTS_NAME, theirs / WEIGHTS_NAME)
+    try:
+        loaded = AdaptedModel.from_pretrained(case.base(), str(theirs))
+    except Exception as exc:
+        raise AssertionError(f"{case.where}: the {CONFIG_NAME} PEFT writes for this adapter does not load in "
+                             f"peftkit ({type(exc).__name__}: {exc}); config_from_file() must read PEFT's "
+                             f"fields (read_peft_fields of the plugin API: fixed= and ignored=), or, for a "
+                             f"setting PEFT has no field for, peft_type_of() must say None") from None
+    sites, loaded_sites = ({site.name for site in m.adapter_record("default").sites} for m in (model, loaded))
+    assert loaded_sites == sites, (
+        f"{case.where}: through PEFT's {CONFIG_NAME} the adapter lands on other sites: missing "
+        f"{sorted(sites - loaded_sites)[:3]}, extra {sorted(loaded_sites - sites)[:3]}")
+    out = case.output(loaded)
+    assert torch.equal(out, expected), (
+        f"{case.where}: through PEFT's {CONFIG_NAME} the adapter's output changed (max diff "
+        f"{_max_diff(out, expected):.3g}): a setting config_to_file() writes is lost or misread on the way "
+        f"(PEFT drops fields it does not know; config_from_file() must map PEFT's names back, or peft_type_of() "
+        f"must say None for a setting PEFT has no field for)")
 
 
 def _check_parameter_count(case: _Case) -> None:

@@ -73,11 +73,9 @@ TestConformance_seq_bn_original_ln = make_conformance_class(
     "seq_bn[original_ln_before=true,ln_after=true]", architectures=("bert",))
 
 #: AdapterHub's prompt placement, after the embedding block: encoders only (decoders and T5 are refused by name).
-TestConformance_prompt_tuning_embedding_output = _known_peft_format_defect(make_conformance_class(
-    "prompt_tuning[num_virtual_tokens=3,placement=embedding_output,combine=prefix_after_bos]", architectures=("bert",)),
-    "PEFT cannot express this prompt (no placement or combine field), so it is saved with peft_type "
-    "PROMPT_TUNING_EMBEDDING_OUTPUT, which PEFT refuses as it should (tests/test_prompt_tuning_peft_files.py); the "
-    "peft_config check expects every config of a method with a peft_type to load in PEFT: it has no per-config skip")
+#: PEFT cannot express it (no placement or combine field): saved as PROMPT_TUNING_EMBEDDING_OUTPUT, peft_config skips.
+TestConformance_prompt_tuning_embedding_output = make_conformance_class(
+    "prompt_tuning[num_virtual_tokens=3,placement=embedding_output,combine=prefix_after_bos]", architectures=("bert",))
 
 #: Unions, with whether the output equals the base right after injection (a prefix part starts random).
 UNION_SPECS = {
@@ -262,6 +260,27 @@ def test_the_suite_catches_a_method_whose_peft_files_do_not_round_trip(defect, p
             check_method(spec, architectures=("llama",), checks=["peft_config"])
 
 
+@pytest.mark.parametrize("defect, attributes, message", [
+    # says the config is not in PEFT's format, but writes PEFT's LORA: PEFT would load it as plain LoRA
+    ("claims_lora", {"peft_type": "LORA", "peft_type_of": lambda self, config: None,
+                     "config_to_file": lambda self, config: {"peft_type": "LORA", **config.to_dict()}},
+     r"not in PEFT's format \(broken_claims_lora.peft_type_of\(\) is None\), but its adapter_config.json says "
+     r"peft_type 'LORA', a type PEFT has"),
+    # a method without a peft_type whose own type is one PEFT has (HRA)
+    ("hra", {"config_to_file": lambda self, config: {"peft_type": "HRA", **config.to_dict()}},
+     r"says peft_type 'HRA', a type PEFT has: PEFT would load the folder as its own HRA adapter"),
+    # peft_type_of and the file disagree
+    ("other_type", {"peft_type": "LORA"},
+     r"peft_type_of\(\) says 'LORA', but the adapter_config.json peftkit saved says peft_type 'BROKEN_OTHER_TYPE'"),
+])
+def test_the_suite_catches_a_folder_that_claims_the_wrong_peft_type(defect, attributes, message):
+    plugin, spec = _broken(defect, **attributes)
+    with peftkit.use_plugin(plugin, name=f"broken-{defect}") as record:
+        assert not record.errors, record.errors
+        with pytest.raises(AssertionError, match=message):
+            check_method(spec, architectures=("llama",), checks=["peft_config"])
+
+
 def test_a_sound_method_built_the_same_way_passes():
     """The broken methods above differ from a passing one only in their defect."""
     plugin, spec = _broken("none")
@@ -269,4 +288,5 @@ def test_a_sound_method_built_the_same_way_passes():
         report = check_method(spec, architectures=("llama",))
     assert not report.failed and len(report.passed) == len(CHECKS) - 1
     assert [(r.check, r.message) for r in report.skipped] == [
-        ("peft_config", "broken_none declares no peft_type: it writes no PEFT-format folders")]
+        ("peft_config", "not in PEFT's format (broken_none declares no peft_type): its folder says peft_type "
+                        "'BROKEN_NONE', a type PEFT does not have, so PEFT refuses it")]

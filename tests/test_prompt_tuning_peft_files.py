@@ -77,3 +77,15 @@ def test_a_file_whose_type_and_placement_disagree_is_refused_by_name(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps(data))
     with pytest.raises(AdapterLoadError, match=f"{NOT_PEFT_TYPE}.*placement='input_embeddings'"):
         peftkit.from_pretrained(build_tiny("bert"), str(tmp_path))
+
+
+@pytest.mark.parametrize("spec", EMBEDDING_OUTPUT)
+def test_a_folder_copied_without_peftkit_json_loads_by_its_type(spec, tmp_path):
+    """Only adapter_config.json and the weights: the type maps to prompt tuning (its extra_file_types), and the
+    file's placement and combine give the same prompt."""
+    model, _ = _saved(spec, tmp_path)
+    (tmp_path / "peftkit.json").unlink()
+    again = peftkit.from_pretrained(build_tiny("bert"), str(tmp_path)).eval()
+    assert again.adapter_record("default").method.name == "prompt_tuning"
+    assert again.adapter_record("default").config == model.adapter_record("default").config
+    assert torch.equal(output_of(again, "bert"), output_of(model, "bert"))

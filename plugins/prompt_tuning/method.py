@@ -39,6 +39,7 @@ class PromptTuningMethod(VirtualTokenMethod):
                    "the embedding output); PEFT and AdapterHub formats")
     adapterhub = PromptTuningAdapterHub()
     peft_type = "PROMPT_TUNING"
+    extra_file_types = frozenset({NOT_PEFT_TYPE})
     aliases = {**VirtualTokenMethod.aliases, "prompt_tuning_init": "init", "prompt_tuning_init_text": "init_text"}
 
     def make_config(self, **values: Any) -> AdapterConfig:
@@ -72,10 +73,17 @@ class PromptTuningMethod(VirtualTokenMethod):
 
     # -- PEFT's adapter_config.json ---------------------------------------------------------
 
+    def peft_type_of(self, config: AdapterConfig) -> str | None:
+        """PROMPT_TUNING for a prompt at the input embeddings, in front; None for another placement or
+        combine, which PEFT has no field for."""
+        assert isinstance(config, PromptTuningConfig)
+        return self.peft_type if all(getattr(config, key) == default for key, default in _PEFTKIT_ONLY.items()) \
+            else None
+
     def config_to_file(self, config: AdapterConfig) -> dict[str, Any]:
         assert isinstance(config, PromptTuningConfig)
         ours = config.to_dict()
-        peft_type = self.peft_type if in_peft_format(config) else NOT_PEFT_TYPE
+        peft_type = self.peft_type_of(config) or NOT_PEFT_TYPE
         data: dict[str, Any] = {"peft_type": peft_type, "num_layers": None, "num_attention_heads": None}
         for peft_key, our_key in _FROM_PEFT.items():
             data[peft_key] = ours[our_key]
@@ -100,12 +108,6 @@ class PromptTuningMethod(VirtualTokenMethod):
         for key in ("init_text", "tokenizer_name_or_path", "tokenizer_kwargs"):
             values.pop(key, None)
         return PromptTuningConfig.from_dict(values)
-
-
-def in_peft_format(config: PromptTuningConfig) -> bool:
-    """Whether PEFT's PROMPT_TUNING computes this prompt: only at the input embeddings, in front (PEFT has no
-    placement or combine field)."""
-    return all(getattr(config, key) == default for key, default in _PEFTKIT_ONLY.items())
 
 
 def check_encoder(model: "nn.Module") -> None:
