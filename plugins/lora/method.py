@@ -31,6 +31,10 @@ _PEFT_IGNORED = {"fan_in_fan_out", "megatron_core", "megatron_config", "qalora_g
 _EVA_FIELDS = {"rho": "eva_rho", "tau": "eva_tau", "use_label_mask": "eva_use_label_mask",
                "label_mask_value": "eva_label_mask_value", "whiten": "eva_whiten",
                "adjust_scaling_factors": "eva_adjust_scaling_factors"}
+#: ``peft_type`` of a gated LoRA (UniPELT's, use_gating=true): a type PEFT does not have, so PEFT refuses the folder.
+#: PEFT 0.21 has no gates: it drops use_gating with only a warning and would load plain LoRA, its gate weights
+#: unexpected keys (the folder it writes back does not load in peftkit either).
+GATED_TYPE = "LORA_GATED"
 #: The layer types LoRA adapts (for error messages).
 _ADAPTED = "Linear, transformers' Conv1D, Embedding and torch's Conv1d/Conv2d/Conv3d layers"
 
@@ -43,6 +47,7 @@ class LoraMethod(Method):
     can_merge = True
     merge_low_rank = True
     peft_type = "LORA"
+    extra_file_types = frozenset({GATED_TYPE})
     adapterhub = LoraAdapterHub()
     aliases = {"lora_alpha": "alpha", "lora_dropout": "dropout", "init_lora_weights": "init_weights",
                "init": "init_weights"}
@@ -164,19 +169,27 @@ class LoraMethod(Method):
 
     # -- PEFT's adapter_config.json ---------------------------------------------------
 
+    def peft_type_of(self, config: AdapterConfig) -> str | None:
+        """LORA, but None for a gated LoRA (use_gating=true): PEFT has no gates."""
+        assert isinstance(config, LoraConfig)
+        return None if config.use_gating else self.peft_type
+
     def config_to_file(self, config: AdapterConfig) -> dict[str, Any]:
         assert isinstance(config, LoraConfig)
         ours = config.to_dict()
         eva = {peft: ours[mine] for peft, mine in _EVA_FIELDS.items()} if config.init_weights == "eva" else None
-        # PEFT has no gates: use_gating is written only when set (PEFT then refuses the file, as it should).
+        # PEFT has no gates: use_gating is written only when set, under a type PEFT does not have.
         gating = {"use_gating": True} if config.use_gating else {}
-        return write_peft_fields("LORA", ours, _FROM_PEFT, bias="none", fan_in_fan_out=False,
-                                 layers_pattern=None, eva_config=eva, **gating)
+        return write_peft_fields(self.peft_type_of(config) or GATED_TYPE, ours, _FROM_PEFT, bias="none",
+                                 fan_in_fan_out=False, layers_pattern=None, eva_config=eva, **gating)
 
     def config_from_file(self, data: dict[str, Any]) -> AdapterConfig:
         data = dict(data)
         eva = data.pop("eva_config", None) or {}
         gating = bool(data.pop("use_gating", False))
+        if data.get("peft_type") == GATED_TYPE and not gating:  # earlier versions wrote LORA with use_gating
+            raise ConfigError(f"peft_type {GATED_TYPE!r} is a gated LoRA, but the file has no use_gating=true; the "
+                              f"file is damaged or was edited: save the adapter again")
         values = read_peft_fields(data, self.name, _FROM_PEFT, fixed=_PEFT_DEFAULTS, ignored=_PEFT_IGNORED)
         if gating:
             values["use_gating"] = True

@@ -20,6 +20,11 @@ _PEFT_FIELDS = ("num_virtual_tokens", "prefix_projection", "encoder_hidden_size"
                 "token_dim", "num_attention_heads", "num_transformer_submodules", "modules_to_save")
 #: PEFT fields with no meaning for peftkit (the core handles the base-model fields).
 _PEFT_IGNORED = {"peft_type", "inference_mode"}
+#: ``peft_type`` of prefixes PEFT's PREFIX_TUNING cannot express: types PEFT does not have, so PEFT refuses the folder.
+#: PEFT 0.21 drops the fields it does not know with only a warning, and would load another adapter: a prefix at
+#: PEFT's positions without gates (an output 0.03 apart for from_zero), and the gate weights as unexpected keys.
+GATED_TYPE = "PREFIX_TUNING_GATED"  # use_gating=true (UniPELT's gates), either token_positions
+FROM_ZERO_TYPE = "PREFIX_TUNING_FROM_ZERO"  # token_positions="from_zero" (AdapterHub's), no gates
 
 
 class PrefixTuningMethod(VirtualTokenMethod):
@@ -28,6 +33,7 @@ class PrefixTuningMethod(VirtualTokenMethod):
     known_as = {"prefix": "prefix tuning is prefix_tuning"}
     description = "Prefix tuning: learned key/value prefixes in every attention layer (optional MLP); PEFT format"
     peft_type = "PREFIX_TUNING"
+    extra_file_types = frozenset({GATED_TYPE, FROM_ZERO_TYPE})
     adapterhub = PrefixTuningAdapterHub()
 
     def create_model_adapter(self, model: "nn.Module", config: AdapterConfig, arch: Any) -> "nn.Module":
@@ -76,9 +82,15 @@ class PrefixTuningMethod(VirtualTokenMethod):
 
     # -- PEFT's adapter_config.json ---------------------------------------------------------
 
+    def peft_type_of(self, config: AdapterConfig) -> str | None:
+        """PREFIX_TUNING for PEFT's prefix; None with gates or token_positions="from_zero" (PEFT has neither)."""
+        assert isinstance(config, PrefixTuningConfig)
+        return None if config.use_gating or config.token_positions != "after_prefix" else self.peft_type
+
     def config_to_file(self, config: AdapterConfig) -> dict[str, Any]:
         assert isinstance(config, PrefixTuningConfig)
-        data: dict[str, Any] = {"peft_type": "PREFIX_TUNING"}
+        own_type = GATED_TYPE if config.use_gating else FROM_ZERO_TYPE
+        data: dict[str, Any] = {"peft_type": self.peft_type_of(config) or own_type}
         ours = config.to_dict()
         for key in _PEFT_FIELDS:
             data[key] = ours[key]
@@ -86,7 +98,7 @@ class PrefixTuningMethod(VirtualTokenMethod):
             data["encoder_hidden_size"] = config.token_dim  # PEFT fills it in the same way
         if config.token_positions != "after_prefix":  # PEFT has no such field: written only when needed
             data["token_positions"] = config.token_positions
-        if config.use_gating:  # nor gates: written only when set (PEFT then refuses the file, as it should)
+        if config.use_gating:  # nor gates
             data.update(use_gating=True, shared_gating=config.shared_gating)
         return data
 
@@ -95,6 +107,13 @@ class PrefixTuningMethod(VirtualTokenMethod):
         values = read_peft_fields(data, self.name, fields, ignored=_PEFT_IGNORED)
         if not values.get("prefix_projection"):
             values.pop("encoder_hidden_size", None)  # PEFT writes token_dim here even without the MLP
+        # Folders of earlier versions say PREFIX_TUNING with these fields: read as saved.
+        gated, positions = bool(values.get("use_gating")), values.get("token_positions", "after_prefix")
+        if (data.get("peft_type") == GATED_TYPE and not gated) or \
+                (data.get("peft_type") == FROM_ZERO_TYPE and (gated or positions != "from_zero")):
+            raise ConfigError(f"peft_type {data.get('peft_type')!r} does not fit the file's use_gating={gated} and "
+                              f"token_positions={positions!r}; the file is damaged or was edited: save the adapter "
+                              f"again")
         return PrefixTuningConfig.from_dict(values)
 
 
