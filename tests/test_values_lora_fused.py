@@ -302,18 +302,22 @@ def test_forward_writes_the_update_then_accumulates_the_base_product_onto_it(con
 
 # -- float32 factors on a half-precision layer (PEFT keeps a bfloat16 model's LoRA factors in float32) --------
 
-def _mixed_case(layer_dtype: torch.dtype, conv1d: bool, bias: bool, tokens: int):
-    base = frozen_layer(IN, OUT, conv1d=conv1d, bias=bias, dtype=layer_dtype)
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))
+
+
+def _mixed_case(layer_dtype: torch.dtype, conv1d: bool, bias: bool, tokens: int, device: str = "cpu"):
+    base = frozen_layer(IN, OUT, conv1d=conv1d, bias=bias, dtype=layer_dtype).to(device)
     torch.manual_seed(1)
-    a = torch.randn(R, IN, requires_grad=True)
-    b = torch.randn(OUT, R, requires_grad=True)
-    magnitude = torch.linspace(0.5, 2.0, OUT).requires_grad_(True)
-    x = torch.randn(tokens, IN).to(layer_dtype).requires_grad_(True)
+    a = torch.randn(R, IN, device=device, requires_grad=True)
+    b = torch.randn(OUT, R, device=device, requires_grad=True)
+    magnitude = torch.linspace(0.5, 2.0, OUT, device=device).requires_grad_(True)
+    x = torch.randn(tokens, IN, device=device).to(layer_dtype).requires_grad_(True)
     return base, a, b, magnitude, x
 
 
 def _in_float64(base: nn.Module) -> nn.Module:
     exact = frozen_layer(IN, OUT, conv1d=type(base).__name__ == "Conv1D", bias=base.bias is not None)
+    exact = exact.to(base.weight.device)
     with torch.no_grad():
         exact.weight.copy_(base.weight)
         if base.bias is not None:
@@ -325,12 +329,13 @@ def _in_float64(base: nn.Module) -> nn.Module:
 @pytest.mark.parametrize("dora", [False, True])
 @pytest.mark.parametrize("conv1d, bias", [(False, True), (False, False), (True, True)])
 @pytest.mark.parametrize("tokens", [6, 512])  # 512: the two-halves products (_split_in_halves) too
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 def test_float32_factors_on_a_half_precision_layer_compute_the_factors_in_float32(
-        layer_dtype: torch.dtype, dora: bool, conv1d: bool, bias: bool, tokens: int) -> None:
+        layer_dtype: torch.dtype, dora: bool, conv1d: bool, bias: bool, tokens: int, device: str) -> None:
     """The output and the input's gradient are the formula rounded to the layer's dtype; the factors' (and
     the magnitude's) gradients are float32 products of the exact half-precision values, as PEFT's float32
     branch computes them: they match the float64 formula to float32 precision, not just half precision."""
-    base, a, b, magnitude, x = _mixed_case(layer_dtype, conv1d, bias, tokens)
+    base, a, b, magnitude, x = _mixed_case(layer_dtype, conv1d, bias, tokens, device)
     exact_base = _in_float64(base)
     x64, a64, b64, m64 = (t.detach().double().requires_grad_(True) for t in (x, a, b, magnitude))
     if dora:
@@ -345,7 +350,7 @@ def test_float32_factors_on_a_half_precision_layer_compute_the_factors_in_float3
     half_ulp = 2.0 ** -8 if layer_dtype == torch.bfloat16 else 2.0 ** -11
     scale_of = float(expected.detach().abs().max())
     torch.testing.assert_close(out.double(), expected, rtol=2 * half_ulp, atol=2 * half_ulp * scale_of)
-    seed = torch.randn(expected.shape).to(layer_dtype)
+    seed = torch.randn(expected.shape, device=device).to(layer_dtype)
     got = _grads(out, leaves, seed)
     want = _grads(expected, leaves64, seed.double())
     assert got[0].dtype == layer_dtype and all(g.dtype == torch.float32 for g in got[1:])
