@@ -45,7 +45,15 @@ from .errors import (
 from .messages import check_description, check_summary
 from .names import split_repo_id, validate_path, validate_revision
 from .payloads import parse_commit, parse_json_object, parse_preupload
-from .serialize import commit_json, file_item, folder_item, model_json, refs_json, tree_json
+from .serialize import (
+    commit_json,
+    file_item,
+    folder_item,
+    json_array_within,
+    model_json,
+    refs_json,
+    tree_json,
+)
 from .store import RegistryStore, RepoInfo
 
 JSON_TYPE = "application/json"
@@ -65,6 +73,10 @@ class ApiConfig:
     max_upload_bytes: int = 512 * 1024 * 1024
     max_json_bytes: int = 16 * 1024 * 1024
     list_page_size: int = 100
+    # A search page that carries each result's card (cardData=1) or card and file list (full=1) ends at the
+    # result that takes it past this many bytes of JSON (a card's front matter alone may be 128 KiB, so 100
+    # of them were ~12 MiB); the Link header gives the rest, and model_info still sends one repo in full.
+    list_details_bytes: int = 1024 * 1024
     tree_page_size: int = 1000
     # Files (additions plus deletions) one commit may carry; more get a 413 saying how to split.
     max_commit_files: int = 20_000
@@ -505,12 +517,18 @@ class HubApi:
         has_more = len(results) > page
         results = results[:page]
         full = req.flag("full")
-        card = req.flag("cardData") or full
-        items = []
-        for info in results:
-            files = list(self.store.snapshot(info.repo_id, info.sha)[1].values()) if full else None
-            items.append(model_json(info, files=files, card_data=card))
-        return Response.json(items, headers=self._paginate(req, "/api/models", page, offset, has_more))
+        if not (full or req.flag("cardData")):
+            items = [model_json(info, card_data=False) for info in results]
+            return Response.json(items, headers=self._paginate(req, "/api/models", page, offset, has_more))
+
+        def detailed():
+            for info in results:
+                files = list(self.store.snapshot(info.repo_id, info.sha)[1].values()) if full else None
+                yield model_json(info, files=files, card_data=True)
+
+        body, count = json_array_within(detailed(), self.config.list_details_bytes)
+        links = self._paginate(req, "/api/models", count, offset, has_more or count < len(results))
+        return Response(200, [("Content-Type", JSON_TYPE), *links], body)
 
     def tree(self, req: Request, repo_id: str, revision: str, path: str) -> Response:
         info = self._visible_info(req, repo_id)

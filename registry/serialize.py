@@ -6,6 +6,8 @@ Field names follow what ``huggingface_hub`` 2.4 parses (``ModelInfo``,
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
@@ -48,6 +50,23 @@ def model_json(
         data["siblings"] = [{"rfilename": f.path, "size": f.size, "blobId": f.oid} for f in files]
         data["usedStorage"] = sum(f.size for f in files)
     return data
+
+
+def json_array_within(items: Iterable[Any], budget_bytes: int) -> tuple[bytes, int]:
+    """A compact JSON array of the first ``items`` that fit in ``budget_bytes`` (always at least one, so a
+    client paging through them moves on), and how many it holds.
+
+    ``items`` is consumed lazily: those past the budget are never built.
+    """
+    parts: list[bytes] = []
+    size = 2
+    for item in items:
+        part = json.dumps(item, separators=(",", ":")).encode("utf-8")
+        if parts and size + 1 + len(part) > budget_bytes:
+            break
+        parts.append(part)
+        size += len(part) + (1 if len(parts) > 1 else 0)
+    return b"[" + b",".join(parts) + b"]", len(parts)
 
 
 def file_item(entry: FileEntry) -> dict[str, Any]:
