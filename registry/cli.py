@@ -371,10 +371,7 @@ def reindex_command(store: RegistryStore) -> None:
 @_data_option
 @_database_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@click.pass_context
-def fsck_command(
-    ctx: click.Context, data_dir: Path | None, database: str | None, blobs_dir: str | None, as_json: bool
-) -> None:
+def fsck_command(data_dir: Path | None, database: str | None, blobs_dir: str | None, as_json: bool) -> None:
     """Verify the registry: database integrity, every branch, tag and commit, and every blob re-hashed.
 
     Read-only and safe while the server runs. Exit status: 0 when everything
@@ -392,7 +389,17 @@ def fsck_command(
             raise click.UsageError(f"{root} holds no registry (no registry.db); pass the data folder with --data DIR")
         report = fsck(root) if blobs_dir is None else _fsck_sqlite_with_blobs(root, blobs_dir)
     _print_fsck(report, as_json)
-    ctx.exit(0 if report.ok else 1)
+    _exit_unless(report.ok)
+
+
+def _exit_unless(ok: bool) -> None:
+    """Exit with status 1 unless ``ok``.
+
+    ``sys.exit``, not ``ctx.exit``: the ``peftkit`` command runs click with ``standalone_mode=False``, where
+    click hands ``ctx.exit``'s status back as a return value, which the entry point dropped (exit 0).
+    """
+    if not ok:
+        sys.exit(1)
 
 
 def _fsck_sqlite_with_blobs(root: Path, blobs_dir: Path):
@@ -430,9 +437,7 @@ def _print_fsck(report: Any, as_json: bool) -> None:
     "[default: the blobs stay in the data folder]"
 )
 @click.option("--json", "as_json", is_flag=True, help="Print what was copied, and fsck's report, as JSON.")
-@click.pass_context
-def migrate_command(ctx: click.Context, data_dir: Path | None, target: str, blobs_dir: str | None,
-                    as_json: bool) -> None:
+def migrate_command(data_dir: Path | None, target: str, blobs_dir: str | None, as_json: bool) -> None:
     """Copy the data folder's SQLite metadata to PostgreSQL, then check the copy with fsck.
 
     Every row is copied in one transaction and compared with the original before it commits.
@@ -476,7 +481,7 @@ def migrate_command(ctx: click.Context, data_dir: Path | None, target: str, blob
         _print_fsck(report, False)
         if report.ok:
             click.echo(f"serve it with: peftkit registry serve --database URL --blobs {blobs_where}")
-    ctx.exit(0 if report.ok else 1)
+    _exit_unless(report.ok)
 
 
 #: Picked up by peftkit's main CLI (peftkit/cli.py COMMAND_MODULES).

@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-from tests.registry_conftest_helpers import hf_online, running_registry, write_adapter_folder  # noqa: F401
+from tests.registry_conftest_helpers import (  # noqa: F401
+    hf_online,
+    running_registry,
+    subprocess_env,
+    write_adapter_folder,
+)
+from tests.registry_pg_helpers import pg_server, pg_url  # noqa: F401
 
 from peftkit.registry import RegistryStore
 from peftkit.registry.cli import registry_group
@@ -106,3 +114,25 @@ def test_reindex_picks_up_new_indexing_rules(data: Path) -> None:
     assert result.exit_code == 0 and "reindexed 2 repo(s)" in result.output
     with RegistryStore(data) as store:
         assert sorted(r.repo_id for r in store.search(library="peft")) == ["alice/one", "alice/two"]
+
+
+def _peftkit(*args: str) -> subprocess.CompletedProcess:
+    """The installed ``peftkit`` command, as a user or a cron job runs it (its exit status is the point)."""
+    script = Path(sys.executable).with_name("peftkit")
+    if not script.is_file():
+        pytest.skip(f"no peftkit console script next to {sys.executable}")
+    return subprocess.run([str(script), *args], env=subprocess_env(), capture_output=True, text=True, timeout=300)
+
+
+def test_the_peftkit_command_exits_1_when_fsck_or_migrate_finds_problems(data: Path, pg_url: str) -> None:  # noqa: F811
+    """``peftkit registry fsck`` printed "1 problem(s) found" and exited 0 (so did a migration whose
+    check failed): the ``peftkit`` entry point dropped click's ``ctx.exit(1)`` status."""
+    assert _peftkit("registry", "fsck", "--data", str(data)).returncode == 0
+    gone_sha, gone = _blob(data, "alice/two", "adapter_model.safetensors")
+    gone.unlink()
+    run = _peftkit("registry", "fsck", "--data", str(data))
+    assert run.returncode == 1 and f"missing blob {gone_sha}" in run.stdout, run
+    run = _peftkit("registry", "fsck", "--data", str(data), "--json")
+    assert run.returncode == 1 and not json.loads(run.stdout)["ok"]
+    run = _peftkit("registry", "migrate", "--data", str(data), "--to", pg_url)
+    assert run.returncode == 1 and f"missing blob {gone_sha}" in run.stdout and "serve it with" not in run.stdout
