@@ -180,11 +180,11 @@ def test_lora_model_step_equals_unfused() -> None:
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, MIXED])
 @pytest.mark.parametrize("shape, r", [((24, 20), 8), ((64, 16), 8), ((24, 20), 2), ((256, 96), 2)])
 @pytest.mark.parametrize("training", [False, True])
 @pytest.mark.parametrize("conv1d", [False, True])
-def test_lokr_fused_sum_matches_formula(shape: tuple[int, int], r: int, dtype: torch.dtype, training: bool,
+def test_lokr_fused_sum_matches_formula(shape: tuple[int, int], r: int, dtype: torch.dtype | str, training: bool,
                                         conv1d: bool) -> None:
     """LoKr on a linear layer applies its factors to the input and adds the base output in its last
     product: the same values and gradients as x (W + s kron(w1, w2))^T + b, for a full and a
@@ -194,13 +194,20 @@ def test_lokr_fused_sum_matches_formula(shape: tuple[int, int], r: int, dtype: t
     torch.manual_seed(1)
     model.add_module("proj", _conv1d(in_f, out_f) if conv1d else nn.Linear(in_f, out_f))
     torch.manual_seed(2)
-    adapted = peftkit.adapt(model, f"lokr[r={r},alpha=4,init_weights=false,target_modules=proj]").to(dtype)
+    spec = f"lokr[r={r},alpha=4,init_weights=false,target_modules=proj]"
+    mixed = dtype == MIXED
+    if mixed:  # a bfloat16 layer adapted as it is: float32 factors
+        adapted, dtype = peftkit.adapt(model.to(torch.bfloat16), spec), torch.bfloat16
+        assert all(p.dtype == torch.float32 for p in adapted.base_model.proj.adapters["default"].parameters())
+    else:
+        adapted = peftkit.adapt(model, spec).to(dtype)
     adapted.train(training)
     layer = adapted.base_model.proj
     adapter = layer.adapters["default"]
     x = torch.randn(3, 5, in_f, dtype=dtype, requires_grad=True)
     out = layer(x)
-    assert type(out.grad_fn).__name__ == "ViewBackward0"  # a fused path ran (h + delta ends in AddBackward0)
+    if not (mixed and adapter.shapes.full_w2):  # a full w2 with float32 factors adds its update to h
+        assert type(out.grad_fn).__name__ == "ViewBackward0"  # a fused path ran (h + delta ends in AddBackward0)
     if not adapter.shapes.full_w2:  # rank-r w2: the whole layer is one node
         assert _node_under_view(out) == "_LokrFnBackward"
     trained = [p for p in adapter.parameters()]
@@ -208,7 +215,11 @@ def test_lokr_fused_sum_matches_formula(shape: tuple[int, int], r: int, dtype: t
     got = [out.detach()] + _grads(out, [x] + trained, seed_grad)
     base = layer.base_layer
     weight = base.weight.t() if conv1d else base.weight
-    expected_out = x @ (weight + adapter.delta_out_in()).t() + base.bias
+    delta = adapter.delta_out_in()
+    if delta.dtype != weight.dtype:  # float32 factors: the formula in float32
+        expected_out = x.float() @ (weight.float() + delta).t() + base.bias.float()
+    else:
+        expected_out = x @ (weight + delta).t() + base.bias
     expected = [expected_out.detach()] + _grads(expected_out, [x] + trained, seed_grad)
     for a, b in zip(got, expected):
         scale = b.abs().max().float().clamp_min(1.0)

@@ -174,3 +174,52 @@ def test_backward_runs_only_the_products_of_the_gradients_asked_for(trained: set
     with counter:
         out.backward(torch.randn_like(out))
     assert counter.get_total_flops() == _backward_products(trained)
+
+
+# -- float32 factors on a half-precision layer (adapting a bfloat16 model keeps them float32, as PEFT does) ---
+
+@pytest.mark.parametrize("layer_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("conv1d, bias", [(False, True), (False, False), (True, True)])
+@pytest.mark.parametrize("grad", [True, False])
+def test_float32_factors_on_a_half_precision_layer_compute_the_update_in_float32(
+        layer_dtype: torch.dtype, conv1d: bool, bias: bool, grad: bool) -> None:
+    """The output and the input's gradient are the formula rounded to the layer's dtype; the factors'
+    gradients are float32 products of the exact half-precision values: float32 precision, not half."""
+    base = frozen_layer(IN, OUT, conv1d=conv1d, bias=bias, dtype=layer_dtype)
+    w1s, w2_a, w2_b = (t.detach().float().requires_grad_(True) for t in _factors())
+    x = torch.randn(2, 3, IN).to(layer_dtype).requires_grad_(True)
+    exact = frozen_layer(IN, OUT, conv1d=conv1d, bias=bias)
+    with torch.no_grad():
+        exact.weight.copy_(base.weight)
+        if bias:
+            exact.bias.copy_(base.bias)
+    leaves64 = [t.detach().double().requires_grad_(True) for t in (x, w1s, w2_a, w2_b)]
+    expected = _hand(leaves64[0], exact, leaves64[1] * 0.3, *leaves64[2:])
+    with torch.set_grad_enabled(grad):
+        out = fused_lokr(x, w1s, w2_a, w2_b, base, IN_M, 0.3)
+    assert out.dtype == layer_dtype and (out.grad_fn is not None) == grad
+    half_ulp = 2.0 ** -8 if layer_dtype == torch.bfloat16 else 2.0 ** -11
+    size = float(expected.detach().abs().max())
+    torch.testing.assert_close(out.detach().double(), expected.detach(), rtol=2 * half_ulp, atol=2 * half_ulp * size)
+    if not grad:
+        return
+    seed = torch.randn(expected.shape).to(layer_dtype)
+    got = torch.autograd.grad(out, [x, w1s, w2_a, w2_b], seed)
+    want = torch.autograd.grad(expected, leaves64, seed.double())
+    assert got[0].dtype == layer_dtype and all(g.dtype == torch.float32 for g in got[1:])
+    torch.testing.assert_close(got[0].double(), want[0], rtol=4 * half_ulp,
+                               atol=4 * half_ulp * float(want[0].abs().max()))
+    for got_factor, want_factor in zip(got[1:], want[1:]):
+        torch.testing.assert_close(got_factor.double(), want_factor, rtol=1e-5,
+                                   atol=1e-5 * float(want_factor.abs().max()))
+
+
+def test_float32_factors_on_a_bfloat16_layer_keep_the_input_not_a_float32_copy() -> None:
+    base = frozen_layer(IN, OUT, dtype=torch.bfloat16)
+    w1s, w2_a, w2_b = (t.detach().float().requires_grad_(True) for t in _factors())
+    x = torch.randn(64, IN).to(torch.bfloat16).requires_grad_(True)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        fused_lokr(x, w1s, w2_a, w2_b, base, IN_M)
+    input_sized = [t for t in saved if t.numel() == x.numel()]
+    assert input_sized and all(t.dtype == torch.bfloat16 and t.data_ptr() == x.data_ptr() for t in input_sized)

@@ -27,6 +27,11 @@ the weight (:func:`dense_is_cheaper`), the update is added to a temporary copy
 of the weight instead, and the layer is one product. Values and gradients equal the
 unfused forward up to float rounding (tests/test_values_lokr.py,
 tests/test_fast_paths.py).
+
+Float32 factors on a bfloat16 or float16 layer (what adapting a half-precision model gives, PEFT's default
+too): the factors' products run in float32 on a float32 copy of the input made when a product needs it and
+freed after it, so backward keeps the half-precision input itself, not a float32 copy (the unfused path's
+and PEFT's); the float32 update is added to the half-precision base product in one rounding.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ def rank_major_products(x2: torch.Tensor, w1: torch.Tensor, w2_b: torch.Tensor,
     """For x2 (tokens, in_m * in_n): ``z_t`` = the X w2_b^T of every token as (r, tokens * in_m)
     (entry [k, (t, i)]) and ``u_t`` = w1 (X w2_b^T) as (r * tokens, out_l) (entry [(k, t), p]).
     ``u_t.view(r, -1).t()`` is then the (tokens * out_l, r) left factor of the last product."""
-    z_t = torch.mm(w2_b, x2.reshape(-1, w2_b.shape[1]).t())
+    z_t = torch.mm(w2_b, x2.reshape(-1, w2_b.shape[1]).to(w2_b.dtype).t())
     u_t = torch.mm(z_t.view(-1, in_m), w1.t())
     return z_t, u_t
 
@@ -75,11 +80,15 @@ def _lokr_sum(x2: torch.Tensor, w1: torch.Tensor, w2_a: torch.Tensor, w2_b: torc
     """(``x2 W^T + b + s kron(w1, w2_a w2_b) x2``, ``z_t``, ``u_t``: :func:`rank_major_products`'
     intermediates). Without a bias the update's last product writes the output and the base product adds
     onto it (the base GEMM reads the output while it computes: no separate pass over it); with a bias the
-    update's last product adds into the base product in place."""
+    update's last product adds into the base product in place. With float32 factors on a half-precision
+    layer the factors' products run in float32 and their sum is added to the base product in one rounding."""
     z_t, u_t = rank_major_products(x2, w1, w2_b, in_m)
     update_rows = u_t.view(w2_b.shape[0], -1).t()  # (tokens * out_l, r)
     weight = base.weight
-    if getattr(base, "bias", None) is None:
+    if x2.dtype != w2_b.dtype:
+        out = _base_product(x2, weight, base)
+        out.view(-1, w2_a.shape[0]).add_(torch.mm(update_rows, w2_a.t()), alpha=scale)
+    elif getattr(base, "bias", None) is None:
         out = torch.mm(update_rows, w2_a.t() * scale).view(x2.shape[0], -1)
         torch.addmm(out, x2, weight if is_conv1d(base) else weight.t(), out=out)  # in place, counted as a product
     else:
@@ -119,7 +128,7 @@ class _LokrFn(torch.autograd.Function):
         need_x, need_w1, need_w2_a, need_w2_b = ctx.needs_input_grad[:4]
         r, out_l, in_n = w2_b.shape[0], w1.shape[0], w2_b.shape[1]
         g = g.contiguous()
-        g_rows = g.view(-1, w2_a.shape[0])  # (tokens * out_l, out_k)
+        g_rows = g.view(-1, w2_a.shape[0]).to(w2_a.dtype)  # (tokens * out_l, out_k), in the factors' dtype
         grad_w1 = grad_w2_a = grad_w2_b = grad_x = None
         if need_w2_a:
             grad_w2_a = torch.mm(u_t.view(r, -1), g_rows).mul_(ctx.scale).t()
@@ -131,8 +140,11 @@ class _LokrFn(torch.autograd.Function):
             if need_x or need_w2_b:
                 g_z_t = torch.mm(g_u_t, w1).view(r, -1)  # [k, (t, i)], as z_t
                 if need_w2_b:
-                    grad_w2_b = torch.mm(g_z_t, x2.view(-1, in_n))
-                if need_x:  # LoKr's part first; g W adds onto it inside its GEMM (no separate pass)
+                    grad_w2_b = torch.mm(g_z_t, x2.view(-1, in_n).to(w2_b.dtype))
+                if need_x and g.dtype != w2_b.dtype:  # float32 factors: their part added in one rounding
+                    grad_x = torch.mm(g, weight.t() if ctx.conv1d else weight)
+                    grad_x.add_(torch.mm(g_z_t.t(), w2_b).view(g.shape[0], -1))
+                elif need_x:  # LoKr's part first; g W adds onto it inside its GEMM (no separate pass)
                     grad_x = torch.mm(g_z_t.t(), w2_b).view(g.shape[0], -1)
                     torch.addmm(grad_x, g, weight.t() if ctx.conv1d else weight, out=grad_x)
         return grad_x, grad_w1, grad_w2_a, grad_w2_b, None, None, None

@@ -63,7 +63,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from peftkit.plugin_api import is_conv1d, plain_linear, weight_out_in
+from peftkit.plugin_api import adapter_precision, is_conv1d, plain_linear, weight_out_in
 
 
 #: The rank from which ``_rank_major`` computes its product token-major (module docstring): 2-thread
@@ -76,21 +76,16 @@ SPLIT_FROM_TOKENS = 256
 
 def fusable(base: nn.Module, x: torch.Tensor, factor: torch.Tensor) -> bool:
     """Whether the fused path computes ``base`` + the adapter on ``x`` exactly as the unfused one: input and
-    weight of one dtype, and the factors of that dtype too or float32 on a half-precision layer (the mixed
-    case, module docstring)."""
+    weight of one dtype, and the factors of that dtype or of the precision adapters compute in beside it
+    (``adapter_precision``: float32 factors on a half-precision layer, module docstring)."""
     if not plain_linear(base):
         return False
     weight = base.weight
     if x.dim() < 2 or x.dtype != weight.dtype or x.device != weight.device:
         return False
-    if factor.dtype != weight.dtype and not _mixed(weight.dtype, factor.dtype):
+    if factor.dtype not in (weight.dtype, adapter_precision(weight.dtype)):
         return False
     return not torch.is_autocast_enabled(x.device.type)
-
-
-def _mixed(layer_dtype: torch.dtype, factor_dtype: torch.dtype) -> bool:
-    """float32 factors on a bfloat16 or float16 layer: the factors' products run in float32 (PEFT's rule)."""
-    return factor_dtype == torch.float32 and layer_dtype in (torch.bfloat16, torch.float16)
 
 
 def _split_in_halves(rank: int, tokens_operand: torch.Tensor) -> bool:
