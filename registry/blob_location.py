@@ -5,9 +5,13 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .blob_storage import BlobStorage
 from .blobs import BlobStore
+
+if TYPE_CHECKING:
+    from .database_url import AnyDatabase
 
 S3_SCHEME = "s3://"
 # S3's rules for bucket names (3-63 lowercase letters, digits, dots and hyphens; a letter or digit at each end).
@@ -38,7 +42,38 @@ def check_blob_location(location: str) -> str:
         parse_s3_url(location)
     elif "://" in location:
         raise ValueError(f"unsupported blob store {location!r}: pass a folder or s3://BUCKET/PREFIX")
+    elif location.lower().startswith("s3:"):  # a mistyped URL would otherwise become a local folder 's3:'
+        raise ValueError(f"{location!r} is not an S3 URL: write s3://BUCKET/PREFIX (two slashes)")
     return location
+
+
+def refuse_blob_folder_without_blobs(
+    location: str | os.PathLike[str] | None, data_dir: Path, db: AnyDatabase, *, shared_database: bool
+) -> None:
+    """Refuse a blob folder that holds no ``blobs/`` when the database already refers to files.
+
+    Opening it would create it empty: a host whose shared filesystem is not mounted (an empty mount
+    point, or a mistyped path), or a command given ``--database`` without the servers' ``--blobs``
+    (so the data folder), would then see every file as missing, and a server would keep new uploads
+    on its own disk, out of the other servers' reach. A new registry's folder is still created.
+    """
+    if is_s3_url(location) or (location is None and not shared_database):
+        return
+    folder = Path(os.path.expanduser(os.fspath(location))) if location is not None else data_dir
+    if (folder / "blobs").is_dir():
+        return
+    with db.read() as conn:
+        holds_files = conn.execute("SELECT 1 FROM tree_entries LIMIT 1").fetchone() is not None
+    if not holds_files:
+        return
+    if location is None:
+        fix = "pass --blobs with the shared folder or s3://BUCKET/PREFIX the servers use"
+    else:
+        fix = "mount the shared folder (or fix the --blobs path) and start again"
+    raise RuntimeError(
+        f"the blob folder {folder} holds no blobs/, but this registry's database already refers to files: "
+        f"{fix}; an empty blob folder would answer every file as missing"
+    )
 
 
 def open_blob_storage(location: str | os.PathLike[str] | None, data_dir: Path, *, fsync: bool = True) -> BlobStorage:

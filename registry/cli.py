@@ -363,7 +363,13 @@ def gc_command(store: RegistryStore) -> None:
 @_with_store
 def reindex_command(store: RegistryStore) -> None:
     """Rebuild the search index from every repo's files (after an upgrade changes what is indexed)."""
-    count = store.reindex()
+    try:
+        count = store.reindex()
+    except FileNotFoundError as exc:
+        raise click.ClickException(
+            f"{exc}. Repos before it were reindexed. Pass the --blobs the servers use (the shared folder or "
+            "s3://BUCKET/PREFIX); `peftkit registry fsck` lists every missing file"
+        ) from None
     click.echo(f"reindexed {count} repo(s)")
 
 

@@ -51,7 +51,7 @@ from peftkit.hub_rules.cards import PEFTKIT_RECORD_FILE
 from peftkit.hub_rules.names import TAG_PREFIX, is_commit_sha
 
 from .accounts import Accounts
-from .blob_location import open_blob_storage
+from .blob_location import open_blob_storage, refuse_blob_folder_without_blobs
 from .blob_storage import BlobStorage
 from .blobs import BlobStore, StagedBlob
 from .cards import RepoMetadata, extract_metadata, normalize_task
@@ -210,9 +210,14 @@ class RegistryStore:
         """
         self.root = Path(os.path.expanduser(os.fspath(root)))
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)  # a new data folder: its owner's only
-        #: What every server of this registry shares besides the database (the web pages' secret too).
-        self.blobs: BlobStorage = open_blob_storage(blobs, self.root, fsync=fsync)
         self.db = open_database(database, self.root)
+        try:
+            refuse_blob_folder_without_blobs(blobs, self.root, self.db, shared_database=database is not None)
+            #: What every server of this registry shares besides the database (the web pages' secret too).
+            self.blobs: BlobStorage = open_blob_storage(blobs, self.root, fsync=fsync)
+        except BaseException:
+            self.db.close()
+            raise
         self.accounts = Accounts(self.db)
         self.blobs.cleanup_tmp()
 
@@ -917,7 +922,12 @@ class RegistryStore:
                 _, entries = self.snapshot(repo_id)
             except RepoNotFound:
                 continue
-            md = self._metadata_for(entries)
+            try:
+                md = self._metadata_for(entries)
+            except FileNotFoundError as exc:
+                raise FileNotFoundError(
+                    f"cannot reindex {repo_id}: its card or config is missing from {self.blobs.describe()} ({exc})"
+                ) from exc
             with self.db.write() as conn:
                 row = conn.execute("SELECT * FROM repos WHERE repo_id = ?", (repo_id,)).fetchone()
                 if row is not None:

@@ -136,3 +136,12 @@ def test_the_peftkit_command_exits_1_when_fsck_or_migrate_finds_problems(data: P
     assert run.returncode == 1 and not json.loads(run.stdout)["ok"]
     run = _peftkit("registry", "migrate", "--data", str(data), "--to", pg_url)
     assert run.returncode == 1 and f"missing blob {gone_sha}" in run.stdout and "serve it with" not in run.stdout
+
+
+def test_reindex_names_a_missing_file_instead_of_a_traceback(data: Path) -> None:
+    """reindex stopped with a FileNotFoundError traceback at the first missing card or config."""
+    _, gone = _blob(data, "alice/two", "README.md")
+    gone.unlink()
+    result = CliRunner().invoke(registry_group, ["reindex", "--data", str(data)])
+    assert result.exit_code == 1 and not isinstance(result.exception, FileNotFoundError), result.exception
+    assert "cannot reindex alice/" in result.output and "peftkit registry fsck" in result.output

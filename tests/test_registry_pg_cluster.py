@@ -203,3 +203,43 @@ def test_account_commands_on_a_database_touch_no_data_or_blob_folder(tmp_path: P
     with RegistryStore(tmp_path / "host", database=pg_url, blobs=tmp_path / "blobs") as store:
         principal = store.accounts.authenticate(secret)
         assert principal.user == "carol" and principal.write
+
+
+def test_a_host_whose_shared_blob_folder_is_missing_is_refused(tmp_path: Path, pg_url: str, hf_online) -> None:  # noqa: F811
+    """A server (or gc, reindex, fsck) given a --blobs folder that does not exist, on a database that already
+    refers to files, created it empty: a host whose shared filesystem was not mounted served every file as
+    missing and kept new uploads on its own disk, out of the other servers' reach. Now refused, nothing made."""
+    shared = tmp_path / "shared-blobs"
+    with RegistryStore(tmp_path / "admin", database=pg_url, blobs=shared) as store:
+        store.accounts.add_user("alice")
+        token = store.accounts.create_token("alice", write=True)[1]
+    proc_a, url_a, _ = start_cli_server(tmp_path / "host-a", "--database", pg_url, "--blobs", str(shared))
+    try:
+        api = HfApi(endpoint=url_a, token=token)
+        api.create_repo("alice/shared")
+        api.upload_folder(repo_id="alice/shared", folder_path=write_adapter_folder(tmp_path / "adapter"))
+    finally:
+        stop_process(proc_a)
+    unmounted = tmp_path / "mnt" / "shared-blobs"
+    empty_mount_point = tmp_path / "empty-mount-point"
+    empty_mount_point.mkdir()
+    for blobs in (unmounted, empty_mount_point):
+        with pytest.raises(AssertionError, match="holds no blobs/.*mount the shared folder"):
+            proc_b, _, _ = start_cli_server(tmp_path / "host-b", "--database", pg_url, "--blobs", str(blobs))
+            stop_process(proc_b)  # only when the old code served it
+    runner = CliRunner()
+    for command in ("gc", "reindex", "fsck"):
+        result = runner.invoke(registry_group, [command, "--data", str(tmp_path / "host-b"), "--database", pg_url,
+                                                "--blobs", str(unmounted)])
+        assert result.exit_code == 1 and "mount the shared folder" in result.output, (command, result.output)
+        # --database without the servers' --blobs: the data folder holds none of the registry's files.
+        result = runner.invoke(registry_group, [command, "--data", str(tmp_path / "admin-2"), "--database", pg_url])
+        assert result.exit_code == 1 and "pass --blobs" in result.output, (command, result.output)
+    assert not (tmp_path / "mnt").exists() and list(empty_mount_point.iterdir()) == []
+    result = runner.invoke(registry_group, ["gc", "--database", pg_url, "--blobs", "s3:/bucket/prefix"])
+    assert result.exit_code == 2 and "write s3://BUCKET/PREFIX" in result.output
+    assert not Path("s3:").exists()
+    # A new registry's folder is still created by its first server.
+    fresh = tmp_path / "new-registry-blobs"
+    with RegistryStore(tmp_path / "new", blobs=fresh) as store:
+        assert fresh.is_dir() and store.fsck() == []
