@@ -355,7 +355,12 @@ def org_add(accounts: Accounts, name: str, members: tuple[str, ...]) -> None:
 @_with_store
 def gc_command(store: RegistryStore) -> None:
     """Delete blobs no commit references (left by interrupted uploads)."""
-    removed = store.gc()
+    from .store import BlobStoreMismatch
+
+    try:
+        removed = store.gc()
+    except BlobStoreMismatch as exc:
+        raise click.ClickException(str(exc)) from None
     click.echo(f"removed {removed} unreferenced blob(s)")
 
 

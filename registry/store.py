@@ -184,6 +184,10 @@ class SearchFacets:
     counted: int
 
 
+class BlobStoreMismatch(RuntimeError):
+    """The blob store lacks files the database refers to: ``gc`` would judge the wrong files unreferenced."""
+
+
 class RegistryStore:
     """Adapter repos on local disk. See the module docstring for the guarantees."""
 
@@ -1202,17 +1206,30 @@ class RegistryStore:
             return cur.rowcount > 0
 
     # ----------------------------------------------------------- maintenance
-    def gc(self, *, tmp_older_than_s: float = 3600.0) -> int:
+    def gc(self, *, tmp_older_than_s: float = 3600.0, allow_missing: bool = False) -> int:
         """Delete blobs no commit references (left by crashed commits) and stale staging files.
 
-        Returns the number of blobs deleted. Safe while the server runs.
+        Returns the number of blobs deleted. Safe while the server runs. Raises BlobStoreMismatch, deleting
+        nothing, when the blob store lacks files the database refers to (another registry's store?), unless
+        ``allow_missing`` (its own store, where fsck found files lost).
         """
         removed = 0
         # A write transaction excludes every writer, in any process, for the
         # scan: none can publish a blob we are about to judge unreferenced.
         with self.db.write() as conn:
             referenced = {r[0] for r in conn.execute("SELECT DISTINCT sha256 FROM tree_entries")}
-            for sha in list(self.blobs.iter_all()):
+            present = list(self.blobs.iter_all())
+            missing = referenced.difference(present)
+            # Under the lock every committed blob is there, unless this is another registry's store.
+            if missing and not allow_missing:
+                raise BlobStoreMismatch(
+                    f"gc deleted nothing: {len(missing)} of the {len(referenced)} files this registry's database "
+                    f"refers to are not in {self.blobs.describe()} (e.g. blob {min(missing)}). If --blobs (or "
+                    "--database) names another registry's store, gc would delete that registry's files: pass the "
+                    "pair the servers use. If files were lost (`peftkit registry fsck` lists them), restore them "
+                    "from a backup or delete the repos that hold them, then run gc again"
+                )
+            for sha in present:
                 if sha not in referenced:
                     self.blobs.delete(sha)
                     removed += 1

@@ -18,6 +18,7 @@ from tests.registry_conftest_helpers import (  # noqa: F401
     write_adapter_folder,
 )
 from tests.registry_pg_helpers import pg_server, pg_url  # noqa: F401
+from tests.registry_s3_helpers import moto_endpoint, s3_blobs  # noqa: F401
 
 from peftkit.registry import RegistryStore
 from peftkit.registry.cli import registry_group
@@ -145,3 +146,40 @@ def test_reindex_names_a_missing_file_instead_of_a_traceback(data: Path) -> None
     result = CliRunner().invoke(registry_group, ["reindex", "--data", str(data)])
     assert result.exit_code == 1 and not isinstance(result.exception, FileNotFoundError), result.exception
     assert "cannot reindex alice/" in result.output and "peftkit registry fsck" in result.output
+
+
+def _other_registry(root: Path, blobs: str | None = None) -> set[str]:
+    """A second registry (its own files, one shared with ``data``'s); returns its blobs' sha256s."""
+    with RegistryStore(root, fsync=False, blobs=blobs) as store:
+        store.create_repo("bob/own", owner="bob")
+        store.commit("bob/own", {"weights.bin": b"bob's own weights" * 50, "adapter_config.json": b"{}"})
+        return {entry.sha256 for entry in store.list_files("bob/own")}
+
+
+def test_gc_against_another_registrys_blob_store_deletes_nothing(data: Path, tmp_path: Path) -> None:
+    """``gc --data A --blobs B`` (or a --database and --blobs that do not belong together) deleted every
+    blob of B that A's database did not refer to: the other registry's files."""
+    other = tmp_path / "other"
+    kept = _other_registry(other)
+    result = CliRunner().invoke(registry_group, ["gc", "--data", str(data), "--blobs", str(other)])
+    assert result.exit_code == 1 and "gc deleted nothing" in result.output and "pass the pair" in result.output
+    assert "restore them from a backup" in result.output
+    with RegistryStore(other) as store:
+        assert {sha for sha in store.blobs.iter_all()} >= kept and store.fsck() == []
+    code, out = _fsck(data)
+    assert code == 0, out
+    result = CliRunner().invoke(registry_group, ["gc", "--data", str(data)])  # its own store: gc works
+    assert result.exit_code == 0 and "removed 0 unreferenced blob(s)" in result.output
+    _, gone = _blob(data, "alice/two", "adapter_model.safetensors")
+    gone.unlink()  # a file lost: gc refuses until it is restored, unless told its own store lost it
+    assert CliRunner().invoke(registry_group, ["gc", "--data", str(data)]).exit_code == 1
+    with RegistryStore(data) as store:
+        assert store.gc(allow_missing=True) == 0
+
+
+def test_gc_against_another_registrys_bucket_deletes_nothing(data: Path, tmp_path: Path, s3_blobs: str) -> None:  # noqa: F811
+    kept = _other_registry(tmp_path / "other-s3", blobs=s3_blobs)
+    result = CliRunner().invoke(registry_group, ["gc", "--data", str(data), "--blobs", s3_blobs])
+    assert result.exit_code == 1 and "gc deleted nothing" in result.output
+    with RegistryStore(tmp_path / "other-s3", blobs=s3_blobs) as store:
+        assert set(store.blobs.iter_all()) >= kept and store.fsck() == []

@@ -116,6 +116,10 @@ def test_fsck_and_gc_check_and_clean_the_bucket(tmp_path: Path, s3_blobs: str) -
     assert "1 unreferenced blob(s)" in result.output and "2 problem(s) found" in result.output
 
     result = runner.invoke(registry_group, ["gc", "--data", str(data), "--blobs", s3_blobs])
+    assert result.exit_code == 1 and "gc deleted nothing" in result.output  # b.txt is missing
+    assert key(stray) in _bucket_keys(s3_blobs)
+    client.put_object(Bucket=bucket, Key=key(entries["b.txt"]), Body=b"bee")  # restored from a backup
+    result = runner.invoke(registry_group, ["gc", "--data", str(data), "--blobs", s3_blobs])
     assert result.exit_code == 0 and "removed 1 unreferenced blob(s)" in result.output
     assert key(stray) not in _bucket_keys(s3_blobs) and key(entries["c.txt"]) in _bucket_keys(s3_blobs)
 
