@@ -152,7 +152,9 @@ def _with_accounts(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-@click.group("registry")
+# The same help options as the peftkit command's: click keeps a command's help option once made, so a
+# registry_group run on its own first (python -m peftkit.registry, tests) must not make a different one.
+@click.group("registry", context_settings={"help_option_names": ["-h", "--help"]})
 def registry_group() -> None:
     """Self-hosted adapter registry: a Hugging Face Hub-compatible server.
 

@@ -115,3 +115,10 @@ def test_serve_process(tmp_path: Path) -> None:
     finally:
         stop_process(proc)
 
+
+
+def test_registry_commands_have_the_peftkit_help_options_when_run_on_their_own() -> None:
+    """Run on its own (python -m peftkit.registry, or a test's CliRunner) the group made '--help' only, and
+    click keeps a command's help option once made: docs/cli.md then rendered differently after such a test."""
+    result = CliRunner().invoke(registry_group, ["fsck", "-h"])
+    assert result.exit_code == 0 and "-h, --help" in result.output
