@@ -179,7 +179,9 @@ def run(argv: list[str] | None = None) -> int:
     add_builtin_commands()
     _add_plugin_commands()
     try:
-        main.main(args=argv, prog_name="peftkit", standalone_mode=False)
+        # Without standalone mode, click returns ctx.exit(code)'s code instead of raising: a command that
+        # ends with ctx.exit(1) must still exit 1 (no command returns an int for any other reason).
+        result = main.main(args=argv, prog_name="peftkit", standalone_mode=False)
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.ClickException as exc:
@@ -188,7 +190,7 @@ def run(argv: list[str] | None = None) -> int:
     except click.exceptions.Abort:
         click.echo("Aborted!", err=True)
         return 1
-    return 0
+    return result if isinstance(result, int) and not isinstance(result, bool) else 0
 
 
 def entry() -> None:

@@ -133,3 +133,23 @@ def test_info_describes_a_composition_folder(tmp_path, capsys):
     (tmp_path / "broken" / "composition.json").write_text("[1, 2]")
     assert run(["info", str(tmp_path / "broken")]) == 1
     assert "must hold a JSON object" in capsys.readouterr().err
+
+
+def test_a_command_ending_with_ctx_exit_gives_that_exit_status() -> None:
+    """click without standalone mode returns ctx.exit(n)'s n rather than raising: run() used to drop it, so
+    `peftkit registry fsck` exited 0 on problems, and so would any plugin command ending with ctx.exit(1)."""
+    import click
+
+    from peftkit.cli import main
+
+    @main.command("exit-with")
+    @click.argument("code", type=int)
+    @click.pass_context
+    def exit_with(ctx: click.Context, code: int) -> None:
+        ctx.exit(code)
+
+    try:
+        assert run(["exit-with", "3"]) == 3
+        assert run(["exit-with", "0"]) == 0
+    finally:
+        main.commands.pop("exit-with")
