@@ -177,7 +177,8 @@ def test_gc_against_another_registrys_blob_store_deletes_nothing(data: Path, tmp
         assert store.gc(allow_missing=True) == 0
 
 
-def test_gc_against_another_registrys_bucket_deletes_nothing(data: Path, tmp_path: Path, s3_blobs: str) -> None:  # noqa: F811
+def test_gc_against_another_registrys_bucket_deletes_nothing(data: Path, tmp_path: Path,
+                                                            s3_blobs: str) -> None:  # noqa: F811
     kept = _other_registry(tmp_path / "other-s3", blobs=s3_blobs)
     result = CliRunner().invoke(registry_group, ["gc", "--data", str(data), "--blobs", s3_blobs])
     assert result.exit_code == 1 and "gc deleted nothing" in result.output

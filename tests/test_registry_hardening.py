@@ -181,11 +181,13 @@ def test_connection_stays_usable_after_a_refusal(hub) -> None:
     store, server, tokens, _ = hub
     body = json.dumps({"name": "kept"}).encode()
     with _connect(server) as sock:
-        sock.sendall(f"POST /api/repos/create HTTP/1.1\r\nHost: localhost\r\nContent-Length: {len(body)}\r\n\r\n".encode())
+        sock.sendall("POST /api/repos/create HTTP/1.1\r\n"
+                     f"Host: localhost\r\nContent-Length: {len(body)}\r\n\r\n".encode())
         assert _read_response(sock)[0] == 401  # answered before the body...
         sock.sendall(body)  # ...which then arrives and is dropped
         # The next request on the same connection sends its body slowly, past the header deadline.
-        sock.sendall((f"POST /api/repos/create HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {tokens['alice']}\r\n"
+        sock.sendall(("POST /api/repos/create HTTP/1.1\r\n"
+                      f"Host: localhost\r\nAuthorization: Bearer {tokens['alice']}\r\n"
                       f"Content-Length: {len(body)}\r\n\r\n").encode())
         for i in range(0, len(body), 4):
             time.sleep(0.3)
@@ -319,13 +321,15 @@ def test_uploaded_active_content_is_served_inert(hub, hf_online) -> None:  # noq
     api.upload_file(path_or_fileobj=b'<svg xmlns="http://www.w3.org/2000/svg">' + script + b"</svg>",
                     path_in_repo="img/x.svg", repo_id="alice/model")
     for name in ("x.html", "img/x.svg"):
-        status, headers, body = _request(server, f"GET /alice/model/resolve/main/{name} HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        status, headers, body = _request(server, f"GET /alice/model/resolve/main/{name} HTTP/1.1\r\n"
+                                                 "Host: localhost\r\n\r\n")
         assert status == 200 and script in body
         assert headers["content-type"] == "text/plain; charset=utf-8"
         assert headers["content-disposition"].startswith("attachment")
         assert headers["x-content-type-options"] == "nosniff"
         assert headers["content-security-policy"] == "default-src 'none'; sandbox"
-    status, headers, _ = _request(server, "GET /alice/model/resolve/main/adapter_config.json HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    status, headers, _ = _request(server, "GET /alice/model/resolve/main/adapter_config.json HTTP/1.1\r\n"
+                                          "Host: localhost\r\n\r\n")
     assert status == 200 and headers["content-type"] == "application/json"
     assert headers["x-content-type-options"] == "nosniff" and "sandbox" in headers["content-security-policy"]
     for head in ("HEAD /alice/model/resolve/main/x.html", "GET /alice/model/resolve/main/missing.html"):
@@ -351,7 +355,8 @@ def test_forged_host_and_forwarded_headers_do_not_steer_links(hub) -> None:
     assert status == 200 and json.loads(reply)["url"] == f"{server.url}/alice/made"
     # The address actually reached, or localhost on a loopback connection, is accepted as the Host.
     port = _port(server)
-    status, headers, _ = _request(server, f"GET /api/models?limit=2&author=alice HTTP/1.1\r\nHost: localhost:{port}\r\n\r\n")
+    status, headers, _ = _request(server, "GET /api/models?limit=2&author=alice HTTP/1.1\r\n"
+                                          f"Host: localhost:{port}\r\n\r\n")
     assert headers["link"].startswith(f"<http://localhost:{port}/api/models?")
     # X-Forwarded-For is not believed from an untrusted peer.
     _request(server, "GET /api/health HTTP/1.1\r\nHost: localhost\r\nX-Forwarded-For: 203.0.113.9\r\n\r\n")
@@ -502,7 +507,8 @@ def test_ambiguous_framing_is_refused(hub) -> None:
     for framing in (f"Content-Length: {len(body)}\r\nContent-Length: 3\r\n",
                     f"Content-Length: {len(body)}\r\nTransfer-Encoding: chunked\r\n",
                     "Content-Length: -5\r\n", "Content-Length: 1e3\r\n"):
-        status, _, _ = _request(server, f"POST /api/repos/create HTTP/1.1\r\nHost: localhost\r\n{auth}{framing}\r\n", body)
+        status, _, _ = _request(server, "POST /api/repos/create HTTP/1.1\r\n"
+                                        f"Host: localhost\r\n{auth}{framing}\r\n", body)
         assert status == 400, framing
     assert not store.repo_exists("alice/framed")
 

@@ -205,7 +205,8 @@ def test_account_commands_on_a_database_touch_no_data_or_blob_folder(tmp_path: P
         assert principal.user == "carol" and principal.write
 
 
-def test_a_host_whose_shared_blob_folder_is_missing_is_refused(tmp_path: Path, pg_url: str, hf_online) -> None:  # noqa: F811
+def test_a_host_whose_shared_blob_folder_is_missing_is_refused(tmp_path: Path, pg_url: str,  # noqa: F811
+                                                               hf_online) -> None:  # noqa: F811
     """A server (or gc, reindex, fsck) given a --blobs folder that does not exist, on a database that already
     refers to files, created it empty: a host whose shared filesystem was not mounted served every file as
     missing and kept new uploads on its own disk, out of the other servers' reach. Now refused, nothing made."""
