@@ -303,17 +303,26 @@ class BlobStore:
     def delete(self, sha256: str) -> None:
         self.path(sha256).unlink(missing_ok=True)
 
-    def iter_all(self) -> Iterator[str]:
+    def _blob_entries(self) -> Iterator[os.DirEntry[str]]:
         if not self.blob_dir.is_dir():
             return
-        for first in self.blob_dir.iterdir():
+        for first in os.scandir(self.blob_dir):
             if not first.is_dir():
                 continue
-            for second in first.iterdir():
-                if not second.is_dir():
-                    continue
-                for blob in second.iterdir():
-                    yield blob.name
+            for second in os.scandir(first.path):
+                if second.is_dir():
+                    yield from os.scandir(second.path)
+
+    def iter_all(self) -> Iterator[str]:
+        for blob in self._blob_entries():
+            yield blob.name
+
+    def iter_ages(self) -> Iterator[tuple[str, float]]:
+        for blob in self._blob_entries():
+            try:
+                yield blob.name, blob.stat().st_mtime
+            except FileNotFoundError:  # deleted since the folder was read
+                continue
 
     def verify(self, sha256: str) -> bool:
         """Re-hash a blob and compare with its name (detects on-disk corruption)."""

@@ -332,13 +332,22 @@ class S3BlobStore:
     def delete(self, sha256: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self.key(sha256))
 
-    def iter_all(self) -> Iterator[str]:
+    def _blob_objects(self) -> Iterator[tuple[str, Any]]:
+        """``(sha256, listing item)`` of every object under the blob prefix named like a blob."""
         pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self._blob_prefix)
         for page in pages:
             for item in page.get("Contents", ()):
                 name = item["Key"].rsplit("/", 1)[-1]
                 if _SHA256.fullmatch(name) and item["Key"] == self.key(name):
-                    yield name
+                    yield name, item
+
+    def iter_all(self) -> Iterator[str]:
+        for name, _ in self._blob_objects():
+            yield name
+
+    def iter_ages(self) -> Iterator[tuple[str, float]]:
+        for name, item in self._blob_objects():
+            yield name, item["LastModified"].timestamp()
 
     def verify(self, sha256: str) -> bool:
         return hashes_to_its_name(self.open, sha256)

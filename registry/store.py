@@ -1206,40 +1206,69 @@ class RegistryStore:
             return cur.rowcount > 0
 
     # ----------------------------------------------------------- maintenance
-    def gc(self, *, tmp_older_than_s: float = 3600.0, allow_missing: bool = False) -> int:
+    def gc(self, *, tmp_older_than_s: float = 3600.0, min_age_s: float = 0.0, allow_missing: bool = False) -> int:
         """Delete blobs no commit references (left by crashed commits) and stale staging files.
 
-        Returns the number of blobs deleted. Safe while the server runs. Raises BlobStoreMismatch, deleting
-        nothing, when the blob store lacks files the database refers to (another registry's store?), unless
-        ``allow_missing`` (its own store, where fsck found files lost).
+        Returns the number of blobs deleted. Safe while the server runs, and it holds the write lock
+        every server shares only for the deletions, not for listing the blob store (minutes for a big
+        bucket). Only blobs written ``min_age_s`` seconds before the listing started are candidates.
+        Raises BlobStoreMismatch, deleting nothing, when the blob store lacks files the database refers
+        to (another registry's store?), unless ``allow_missing`` (its own store, where fsck found files lost).
         """
+        with self.db.read() as conn:
+            referenced_before = self._referenced_blobs(conn)
+        started = time.time()
+        listed: set[str] = set()
+        candidates: list[str] = []
+        for sha, written in self.blobs.iter_ages():  # no lock held: commits go on meanwhile
+            listed.add(sha)
+            if written < started - min_age_s:
+                candidates.append(sha)
+        if not allow_missing:
+            self._refuse_missing_blobs(referenced_before, listed)
         removed = 0
-        # A write transaction excludes every writer, in any process, for the
-        # scan: none can publish a blob we are about to judge unreferenced.
+        # A write transaction excludes every writer, in any process: none can publish (and so start
+        # using) a blob while gc judges it. A blob committed since the listing is referenced here; a
+        # commit that publishes a blob deleted here finds it gone and writes it again.
         with self.db.write() as conn:
-            referenced = {r[0] for r in conn.execute("SELECT DISTINCT sha256 FROM tree_entries")}
-            present = list(self.blobs.iter_all())
-            missing = referenced.difference(present)
-            # Under the lock every committed blob is there, unless this is another registry's store.
-            if missing and not allow_missing:
-                raise BlobStoreMismatch(
-                    f"gc deleted nothing: {len(missing)} of the {len(referenced)} files this registry's database "
-                    f"refers to are not in {self.blobs.describe()} (e.g. blob {min(missing)}). If --blobs (or "
-                    "--database) names another registry's store, gc would delete that registry's files: pass the "
-                    "pair the servers use. If files were lost (`peftkit registry fsck` lists them), restore them "
-                    "from a backup or delete the repos that hold them, then run gc again"
-                )
-            for sha in present:
+            referenced = self._referenced_blobs(conn)
+            for sha in candidates:
                 if sha not in referenced:
                     self.blobs.delete(sha)
                     removed += 1
         self.blobs.cleanup_tmp(tmp_older_than_s)
         return removed
 
+    @staticmethod
+    def _referenced_blobs(conn: sqlite3.Connection) -> set[str]:
+        return {r[0] for r in conn.execute("SELECT DISTINCT sha256 FROM tree_entries")}
+
+    def _refuse_missing_blobs(self, referenced_before: set[str], listed: set[str]) -> None:
+        """BlobStoreMismatch when blobs committed before the listing started are not in the store.
+
+        Every one of them was published before the listing, so it is listed unless it was deleted
+        meanwhile, which happens only once nothing refers to it: those still referenced now, and
+        still absent (a later commit may have written one again), are missing.
+        """
+        unlisted = referenced_before.difference(listed)
+        if not unlisted:
+            return
+        with self.db.read() as conn:
+            referenced = self._referenced_blobs(conn)
+        missing = [sha for sha in sorted(unlisted & referenced) if not self.blobs.exists(sha)]
+        if missing:
+            raise BlobStoreMismatch(
+                f"gc deleted nothing: {len(missing)} of the {len(referenced)} files this registry's database "
+                f"refers to are not in {self.blobs.describe()} (e.g. blob {missing[0]}). If --blobs (or "
+                "--database) names another registry's store, gc would delete that registry's files: pass the "
+                "pair the servers use. If files were lost (`peftkit registry fsck` lists them), restore them "
+                "from a backup or delete the repos that hold them, then run gc again"
+            )
+
     def orphan_blobs(self) -> list[str]:
         """Blobs on disk that no commit references (invisible to every read)."""
         with self.db.read() as conn:
-            referenced = {r[0] for r in conn.execute("SELECT DISTINCT sha256 FROM tree_entries")}
+            referenced = self._referenced_blobs(conn)
         return sorted(sha for sha in self.blobs.iter_all() if sha not in referenced)
 
     def fsck(self) -> list[str]:
