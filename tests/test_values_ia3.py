@@ -188,3 +188,24 @@ def test_on_a_4bit_layer_the_scaled_input_is_computed_in_float32_and_handed_over
         assert scaled.dtype == delta.dtype == dtype
         assert torch.equal(scaled, (x.float() * l).to(dtype))
         assert torch.equal(delta, (computes((x.float() * (l - 1)).to(dtype)) - bias).to(dtype))
+
+
+def test_a_bfloat16_feedforward_vector_keeps_the_input_not_a_float32_copy_for_its_gradient():
+    """x * l with a float32 l computes in float32 by type promotion; autograd then keeps the bfloat16 x for
+    l's gradient, where multiplying a float32 copy of x (PEFT's way) keeps that copy: twice x's memory."""
+    torch.manual_seed(0)
+    model = peftkit.adapt(build_tiny("bert").to(torch.bfloat16), SPEC)
+    layer = next(v for k, v in model.tuner_layers() if k.endswith("intermediate.dense"))
+    adapter = layer.adapters["default"]
+    x = torch.randn(64, layer.base_layer.in_features).to(torch.bfloat16).requires_grad_(True)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = layer(x)
+    input_sized = [t for t in saved if t.numel() == x.numel()]
+    assert input_sized and all(t.dtype == torch.bfloat16 for t in input_sized)
+    seed = torch.randn(out.shape).to(torch.bfloat16)
+    (grad_l,) = torch.autograd.grad(out, [adapter.ia3_l], seed)
+    weight = layer.base_layer.weight.double()
+    expected = ((seed.double() @ weight) * x.detach().double()).sum(0)  # d/dl of (x * l) W^T, in float64
+    assert grad_l.dtype == torch.float32
+    torch.testing.assert_close(grad_l.flatten().double(), expected, rtol=2e-2, atol=2e-2 * float(expected.abs().max()))

@@ -18,7 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from peftkit.plugin_api import is_conv1d, LayerAdapter, linear_features, MergeError, quantization_of, weight_out_in
+from peftkit.plugin_api import (adapter_precision, is_conv1d, LayerAdapter, linear_features, MergeError,
+                                quantization_of, weight_out_in)
 
 
 class IA3Vector(LayerAdapter):
@@ -45,10 +46,10 @@ class IA3Vector(LayerAdapter):
         if self.feedforward:
             if self.quantized:  # W (x (l - 1)) through the layer itself, without its bias
                 bias = getattr(base, "bias", None)
-                out = base((x.to(scale.dtype) * (scale - 1)).to(x.dtype))
+                out = base((_promotable(x, scale) * (scale - 1)).to(x.dtype))
                 return (out - bias if bias is not None else out).to(h.dtype)
             weight = weight_out_in(base)
-            shifted = (x.to(scale.dtype) * (scale - 1)).to(weight.dtype)
+            shifted = (_promotable(x, scale) * (scale - 1)).to(weight.dtype)
             return F.linear(shifted, weight).to(h.dtype)
         return (h * (scale - 1)).to(h.dtype)
 
@@ -57,7 +58,7 @@ class IA3Vector(LayerAdapter):
         if not self.feedforward:
             return None
         scale = self.ia3_l.flatten()
-        return (x.to(scale.dtype) * scale).to(x.dtype)
+        return (_promotable(x, scale) * scale).to(x.dtype)
 
     def forward(self, x: torch.Tensor, h: torch.Tensor, base: nn.Module) -> torch.Tensor:
         if self.feedforward:
@@ -127,3 +128,12 @@ def _divide(values: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """values / factor, leaving entries with a zero factor at 0 (restored from the backup)."""
     safe = torch.where(factor == 0, torch.ones_like(factor), factor)
     return torch.div(values, safe).to(values.dtype)
+
+
+def _promotable(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x`` ready to be multiplied by the vector ``scale`` in the vector's precision. A half-precision ``x``
+    is used as it is: ``x * l`` with a float32 ``l`` computes in float32 by type promotion, the same values
+    as a float32 copy of ``x`` gives, but autograd then keeps ``x`` itself for ``l``'s gradient rather than
+    the copy (which PEFT keeps: twice the input's memory per layer). Any other dtype (float64) is converted
+    to the vector's, as before."""
+    return x if adapter_precision(x.dtype) == scale.dtype else x.to(scale.dtype)
