@@ -26,7 +26,6 @@ takes a cookie for anything else.
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -39,6 +38,7 @@ from peftkit.hub_rules.names import is_commit_sha
 
 from ..accounts import Principal
 from ..errors import BadRequest, NotFound, RegistryError, RepoNotFound, Unauthorized
+from ..http_headers import url_value
 from ..hub_api import HubApi, Request, Response
 from ..names import split_repo_id, validate_name, validate_path, validate_revision
 from ..store import DEFAULT_BRANCH, FileEntry, RepoInfo
@@ -55,7 +55,7 @@ from .sessions import (
     parse_cookies,
     same_origin,
 )
-from .templates import FAVICON_SVG, Templates
+from .templates import Templates
 from .usage import snippets
 
 PAGE_CSP = (
@@ -223,17 +223,13 @@ class WebSite:
                           message=" ".join(exc.message.split()))
 
     def static(self, req: Request, visitor: _Visitor) -> Response:
-        files = {
-            "style.css": ("text/css; charset=utf-8", self.templates.stylesheet),
-            "favicon.svg": ("image/svg+xml", FAVICON_SVG),
-        }
-        if req.segments[1] not in files:
+        if req.segments[1] not in self.templates.static_files:
             raise NotFound("no such file; the stylesheet is /static/style.css")
-        content_type, body = files[req.segments[1]]
+        content_type, body, version = self.templates.static_files[req.segments[1]]
         return Response(200, [
             ("Content-Type", content_type),
             ("Cache-Control", "public, max-age=86400"),
-            ("ETag", f'"{hashlib.sha256(body).hexdigest()[:12]}"'),
+            ("ETag", f'"{version}"'),
             ("Content-Security-Policy", PAGE_CSP),
         ], body)
 
@@ -416,7 +412,7 @@ class WebSite:
             return f"{self.root}/"
         if any(ord(c) < 32 for c in target) or len(target) > 2000 or target.startswith(f"{self.root}/login"):
             return f"{self.root}/"
-        return quote(target, safe=_URL_PATH_SAFE)
+        return url_value(target)
 
     def _form(self, req: Request, visitor: _Visitor) -> dict[str, str]:
         """The POSTed form, after the CSRF and Origin checks (403 when either fails)."""

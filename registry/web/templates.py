@@ -65,7 +65,17 @@ class Templates:
                                 seg=lambda v: quote(str(v), safe=""),
                                 path=lambda v: quote(str(v)))
         self.stylesheet = STYLESHEET.read_bytes()
-        self.stylesheet_version = hashlib.sha256(self.stylesheet).hexdigest()[:12]
+        self.stylesheet_version = _version(self.stylesheet)
+        #: What /static/ serves: name -> (content type, bytes, version for the ETag), hashed once here.
+        self.static_files = {
+            "style.css": ("text/css; charset=utf-8", self.stylesheet, self.stylesheet_version),
+            "favicon.svg": ("image/svg+xml", FAVICON_SVG, _version(FAVICON_SVG)),
+        }
 
     def render(self, name: str, **context: Any) -> bytes:
         return self.env.get_template(name).render(**context).encode("utf-8")
+
+
+def _version(content: bytes) -> str:
+    """A short content hash: the stylesheet's URL and the static files' ETags change with their content."""
+    return hashlib.sha256(content).hexdigest()[:12]
