@@ -74,8 +74,6 @@ _FACET_LABELS = {**FILTERS, "tag": "Tags"}
 # PEFT's task types, which the index keeps beside the pipeline tag they map to: not shown twice.
 _HIDDEN_TASKS = frozenset({"causal_lm", "seq_2_seq_lm", "seq_cls", "token_cls", "question_ans", "feature_extraction"})
 _LIBRARY_TAGS = frozenset({"peft", "peftkit", "transformers"})
-# What a return address keeps as it is (with letters and digits); everything else is percent-encoded.
-_URL_PATH_SAFE = "/?&=#%:@!$'()*+,;~-._"
 
 
 @dataclass(frozen=True)
@@ -348,7 +346,7 @@ class WebSite:
         ``/resolve/`` (which checks who may read it and serves it inert)."""
         s = req.segments
         split_repo_id(f"{unquote(s[0])}/{unquote(s[1])}")
-        rest = quote("/".join(s[3:]), safe=_URL_PATH_SAFE)
+        rest = url_value("/".join(s[3:]))  # the request's own (still percent-encoded) path, kept a path
         return self._redirect(f"{self.root}/{s[0]}/{s[1]}/resolve/{rest}", 307)
 
     def _content(self, sha: str, files: dict[str, FileEntry], folder: str,
