@@ -61,12 +61,16 @@ def train(model: Any, method: str | AdapterConfig, data: str | os.PathLike, *,
 def _bitsandbytes_notes_hidden(hide: bool) -> Iterator[None]:
     """Hide bitsandbytes' warnings while a run that quantizes nothing imports it: transformers' Trainer
     imports peft when it is installed, peft imports bitsandbytes, and on some CPUs that logs a note about
-    an optional 4-bit kernel ("Failed to load CPU gemm_4bit_forward ...") that has nothing to do with the run."""
-    logger = logging.getLogger("bitsandbytes")
-    level = logger.level
+    an optional 4-bit kernel ("Failed to load CPU gemm_4bit_forward ...") that has nothing to do with the run.
+    bitsandbytes fetches that kernel through the ``kernels`` package (a dependency of transformers 5.25),
+    which logs its own note offline ("Skipping publisher trust check ..."): hidden too."""
+    loggers = [logging.getLogger(name) for name in ("bitsandbytes", "kernels")]
+    levels = [logger.level for logger in loggers]
     if hide:
-        logger.setLevel(logging.ERROR)
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
