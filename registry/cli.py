@@ -21,6 +21,7 @@ from .paths import default_data_dir
 
 if TYPE_CHECKING:  # pragma: no cover
     from .accounts import Accounts
+    from .quotas import Quotas
     from .store import RegistryStore
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -123,33 +124,74 @@ def _with_store(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _with_accounts(func: Callable[..., Any]) -> Callable[..., Any]:
-    """A command on users, organizations or tokens: it takes --data and --database and gets the
-    registry's accounts as its first argument. Accounts live in the database alone, so the blob
-    store is never opened (nor, with --database, the data folder created)."""
+def _on_database(build: Callable[[Any], Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A command on what lives in the database alone (accounts, tokens, quotas): it takes --data and
+    --database and gets ``build(database)`` as its first argument. The blob store is never opened
+    (nor, with --database, the data folder created)."""
 
-    @_data_option
-    @_database_option
-    @_friendly_errors
-    @functools.wraps(func)
-    def wrapper(*args: Any, data_dir: Path | None, database: str | None, **kwargs: Any) -> Any:
-        from .accounts import Accounts
-        from .database_url import open_database
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        @_data_option
+        @_database_option
+        @_friendly_errors
+        @functools.wraps(func)
+        def wrapper(*args: Any, data_dir: Path | None, database: str | None, **kwargs: Any) -> Any:
+            from .database_url import open_database
 
-        checked = _checked_database(database)
-        root = data_dir or default_data_dir()
-        if checked is None:  # SQLite in the data folder, created as `serve` creates it
-            root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        try:
-            db = open_database(checked, root)
-        except RuntimeError as exc:  # an unreachable or newer database
-            raise click.ClickException(str(exc)) from None
-        try:
-            return func(Accounts(db), *args, **kwargs)
-        finally:
-            db.close()
+            checked = _checked_database(database)
+            root = data_dir or default_data_dir()
+            if checked is None:  # SQLite in the data folder, created as `serve` creates it
+                root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            try:
+                db = open_database(checked, root)
+            except RuntimeError as exc:  # an unreachable or newer database
+                raise click.ClickException(str(exc)) from None
+            try:
+                return func(build(db), *args, **kwargs)
+            finally:
+                db.close()
 
-    return wrapper
+        return wrapper
+
+    return decorate
+
+
+def _accounts_of(db: Any) -> Accounts:
+    from .accounts import Accounts
+
+    return Accounts(db)
+
+
+def _quotas_of(db: Any, default_bytes: int | None = None) -> Quotas:
+    from .quotas import Quotas
+
+    return Quotas(db, default_bytes)
+
+
+#: A command on users, organizations or tokens: gets the registry's accounts first.
+_with_accounts = _on_database(_accounts_of)
+#: A command on storage quotas: gets the registry's quotas first.
+_with_quotas = _on_database(_quotas_of)
+
+
+def _size_argument(ctx: click.Context, param: click.Parameter, value: str) -> int:
+    from .quotas import parse_size
+
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _gigabytes(value: float | None) -> int | None:
+    """--namespace-quota-gb's GB (10**9 bytes) as bytes, exactly as written."""
+    from decimal import Decimal
+
+    return None if value is None else int(Decimal(str(value)) * 10**9)
+
+
+def _namespace_quota_option(help_text: str) -> Callable[[F], F]:
+    return click.option("--namespace-quota-gb", "namespace_quota_gb", default=None, metavar="GB",
+                        type=click.FloatRange(0, None), help=help_text)
 
 
 # The same help options as the peftkit command's: click keeps a command's help option once made, so a
@@ -200,12 +242,17 @@ def registry_group() -> None:
 @click.option("--keep-alive-timeout", default=60.0, show_default=True, type=click.FloatRange(0.1, None),
               help="Idle keep-alive connections are closed after this many seconds.")
 @click.option("--quiet", is_flag=True, help="Do not log each request to stderr.")
+@_namespace_quota_option(
+    "Storage each user or organization may hold, in GB (10^9 bytes; 0.5 for 500 MB), unless `peftkit "
+    "registry quota set` gave it its own limit. Commits that would go over it get HTTP 413. [default: no limit]"
+)
 @_database_options
 @_friendly_errors
 def serve_command(
     host: str, port: int, data_dir: Path | None, max_upload_mb: int, public_url: str | None, workers: int,
     trusted_proxies: tuple[str, ...], allowed_hosts: tuple[str, ...], header_timeout: float, body_timeout: float,
-    request_timeout: float, keep_alive_timeout: float, quiet: bool, database: str | None, blobs_dir: str | None,
+    request_timeout: float, keep_alive_timeout: float, quiet: bool, namespace_quota_gb: float | None,
+    database: str | None, blobs_dir: str | None,
 ) -> None:
     """Serve the registry over HTTP until Ctrl-C (needs `pip install 'peftkit[registry]'`)."""
     from .host_allowlist import allowed_host_problem
@@ -243,7 +290,8 @@ def serve_command(
 
     try:
         serve(data, host=host, port=port, config=config, log=None if quiet else log, ready=ready,
-              options=options, workers=workers, database=database, blobs=blobs_dir)
+              options=options, workers=workers, database=database, blobs=blobs_dir,
+              namespace_quota=_gigabytes(namespace_quota_gb))
     except (OSError, MissingServerDependencies, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -350,6 +398,90 @@ def org_add(accounts: Accounts, name: str, members: tuple[str, ...]) -> None:
     accounts.add_org(name, list(members))
     suffix = f" with members {', '.join(members)}" if members else ""
     click.echo(f"organization {name} ready{suffix}")
+
+
+# ------------------------------------------------------------ quotas
+@registry_group.group("quota")
+def quota_group() -> None:
+    """Storage quotas of users and organizations: usage, limits.
+
+    A namespace's usage is the sum of its repos' sizes; a repo's size is the sum of the distinct
+    files its commits hold (all branches, tags and history). A namespace's own limit (`quota set`)
+    beats the server's default (`serve --namespace-quota-gb`). Exit status: 0 on success, 1 for a
+    namespace the registry does not know, 2 on a usage error such as a size it cannot read.
+    """
+
+
+def _known_namespace(quotas: Quotas, namespace: str) -> str:
+    known = quotas.known(namespace)
+    if known is None:
+        raise NotFound(f"no user, organization or repo namespace named '{namespace}'; "
+                       "`peftkit registry quota show` lists them")
+    return known
+
+
+@quota_group.command("set")
+@click.argument("namespace")
+@click.argument("size", callback=_size_argument)
+@_with_quotas
+def quota_set(quotas: Quotas, namespace: str, size: int) -> None:
+    """Limit what NAMESPACE stores to SIZE (such as 500MB, 2GB or 1.5GiB), over the server's default.
+
+    Applies at once, on every server sharing the database. A limit below the current usage refuses
+    every commit that adds files until enough is deleted.
+    """
+    from .quotas import format_size
+
+    namespace = _known_namespace(quotas, namespace)
+    quotas.set(namespace, size)
+    (usage,) = quotas.usage([namespace])
+    click.echo(f"quota of {namespace}: {format_size(size)} ({size} bytes); it stores {format_size(usage.used_bytes)}")
+
+
+@quota_group.command("clear")
+@click.argument("namespace")
+@_with_quotas
+def quota_clear(quotas: Quotas, namespace: str) -> None:
+    """Remove NAMESPACE's own limit: the server's default (--namespace-quota-gb) applies again."""
+    namespace = _known_namespace(quotas, namespace)
+    if quotas.clear(namespace):
+        click.echo(f"cleared the quota of {namespace}; the server's default applies")
+    else:
+        click.echo(f"{namespace} had no quota of its own; nothing to clear")
+
+
+@quota_group.command("show")
+@click.argument("namespace", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_namespace_quota_option(
+    "The server's --namespace-quota-gb, to show the limit that applies where a namespace has none of its own."
+)
+@_with_quotas
+def quota_show(quotas: Quotas, namespace: str | None, as_json: bool, namespace_quota_gb: float | None) -> None:
+    """Usage and limit of NAMESPACE, or of every user, organization and namespace with repos.
+
+    JSON: a list of {namespace, used_bytes, quota_bytes (null: no limit), source ("namespace": its
+    own, "default": --namespace-quota-gb, "none")}.
+    """
+    from .quotas import format_size
+
+    quotas.default_bytes = _gigabytes(namespace_quota_gb)
+    usages = quotas.usage(None if namespace is None else [_known_namespace(quotas, namespace)])
+    if as_json:
+        click.echo(json.dumps([u.to_json() for u in usages], indent=2))
+        return
+    if not usages:
+        click.echo("no users or repos yet", err=True)
+        return
+    for u in usages:
+        if u.quota_bytes is None:
+            limit = "no limit of its own (the server's --namespace-quota-gb applies, if it has one)"
+        else:
+            share = f"{100 * u.used_bytes / u.quota_bytes:.0f}%" if u.quota_bytes else "-"
+            over = ", over quota" if u.used_bytes > u.quota_bytes else ""
+            whose = "its own" if u.source == "namespace" else "the server's default"
+            limit = f"of {format_size(u.quota_bytes)} ({share}{over}; {whose})"
+        click.echo(f"{u.namespace:<24} {format_size(u.used_bytes):>12}  {limit}")
 
 
 # ------------------------------------------------------------ maintenance

@@ -15,7 +15,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+from .quotas import recount_all
+
+# 2: storage accounting (repo_blobs, repo_storage) and quotas (namespace_quotas); a registry of
+# version 1 is counted once when first opened (see peftkit.registry.quotas).
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS repos (
@@ -145,6 +149,26 @@ CREATE TABLE IF NOT EXISTS web_sessions (
     expires_at  REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS web_sessions_expiry ON web_sessions(expires_at);
+
+-- Storage accounting (registry/quotas.py): the distinct blobs each repo's commits hold, and their bytes.
+CREATE TABLE IF NOT EXISTS repo_blobs (
+    repo   INTEGER NOT NULL REFERENCES repos(id) ON DELETE CASCADE,
+    sha256 TEXT NOT NULL,
+    size   INTEGER NOT NULL,
+    PRIMARY KEY (repo, sha256)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS repo_blobs_size ON repo_blobs(repo, size);
+CREATE TABLE IF NOT EXISTS repo_storage (
+    repo  INTEGER PRIMARY KEY REFERENCES repos(id) ON DELETE CASCADE,
+    bytes INTEGER NOT NULL
+);
+
+-- Per-namespace storage limits set by `peftkit registry quota set` (over the server's default).
+CREATE TABLE IF NOT EXISTS namespace_quotas (
+    namespace   TEXT PRIMARY KEY COLLATE NOCASE,
+    quota_bytes INTEGER NOT NULL,
+    set_at      REAL NOT NULL
+);
 """
 
 _FTS_SCHEMA = """
@@ -203,13 +227,27 @@ class Database:
             conn.executescript(_SCHEMA)
             conn.executescript(_FTS_SCHEMA if self.fts5 else _FALLBACK_SEARCH_SCHEMA)
             (version,) = conn.execute("PRAGMA user_version").fetchone()
-            if version == 0:
-                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            elif version > SCHEMA_VERSION:
+            if version > SCHEMA_VERSION:
                 raise RuntimeError(
                     f"{self.path} was written by a newer peftkit (schema {version} > {SCHEMA_VERSION}); "
                     "upgrade peftkit to open it"
                 )
+            if version < SCHEMA_VERSION:
+                self._upgrade(conn)
+
+    @staticmethod
+    def _upgrade(conn: sqlite3.Connection) -> None:
+        """Bring a registry of an older schema (or a new, empty one) to this one, in one transaction."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            (version,) = conn.execute("PRAGMA user_version").fetchone()  # another process may have done it
+            if version < 2:
+                recount_all(conn)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except BaseException:
+            conn.rollback()
+            raise
+        conn.commit()
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(

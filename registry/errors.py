@@ -123,6 +123,15 @@ class PayloadTooLarge(RegistryError):
     status = 413
 
 
+class QuotaExceeded(RegistryError):
+    """A write that would take a namespace over its storage quota (see :mod:`peftkit.registry.quotas`).
+
+    413, not 403: huggingface_hub words a 403 as "make sure your token has the correct permissions",
+    which sends the user after the wrong fix; a 413 shows the server's message as it is."""
+
+    status = 413
+
+
 class RangeNotSatisfiable(RegistryError):
     """A ``Range`` header outside the file."""
 

@@ -7,7 +7,9 @@ Checks, in order:
 * history: every branch and tag points to a commit of its own repo, every
   commit's parent and tree exist, and every tree's id matches its entries;
 * content: every blob a tree references exists, has the recorded size, and
-  re-hashes to its sha256 address and its git oid.
+  re-hashes to its sha256 address and its git oid;
+* storage accounting: each repo's counted bytes and files (what quotas use, see
+  :mod:`peftkit.registry.quotas`) equal a recount from its commits.
 
 Blobs on disk that nothing references are counted, not reported as problems
 (an interrupted upload leaves them; ``registry gc`` removes them). Nothing is
@@ -134,6 +136,31 @@ def check_blobs(conn: sqlite3.Connection, blobs: BlobStorage, report: FsckReport
     report.orphan_blobs += sum(1 for sha in blobs.iter_all() if sha not in referenced)
 
 
+def check_storage(conn: sqlite3.Connection, report: FsckReport) -> None:
+    """Each repo's maintained counters (repo_storage, repo_blobs) against a recount from its commits."""
+    actual: dict[int, tuple[int, int]] = {
+        r[0]: (int(r[1]), int(r[2])) for r in conn.execute(
+            "SELECT repo, COALESCE(SUM(size), 0), COUNT(*) FROM (SELECT c.repo AS repo, te.sha256, MAX(te.size) AS size"
+            " FROM commits c JOIN tree_entries te ON te.tree = c.tree GROUP BY c.repo, te.sha256) held GROUP BY repo"
+        )
+    }
+    counted_files = {r[0]: int(r[1]) for r in conn.execute("SELECT repo, COUNT(*) FROM repo_blobs GROUP BY repo")}
+    counted_bytes = {r[0]: int(r[1]) for r in conn.execute("SELECT repo, bytes FROM repo_storage")}
+    for r in conn.execute("SELECT id, repo_id FROM repos"):
+        size, files = actual.get(r[0], (0, 0))
+        if r[0] not in counted_bytes:
+            report.add(f"{r[1]} has no storage count (quotas would not count it)")
+        elif (counted_bytes[r[0]], counted_files.get(r[0], 0)) != (size, files):
+            report.add(f"{r[1]} is counted as storing {counted_bytes[r[0]]} bytes in {counted_files.get(r[0], 0)} "
+                       f"file(s); its commits hold {size} bytes in {files}")
+
+
+def _has_storage_counts(conn: sqlite3.Connection) -> bool:
+    """Whether a SQLite file fsck opened read-only has the counters (a registry of before quotas has them
+    once any other command opened it)."""
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'repo_storage'").fetchone() is not None
+
+
 def fsck_database(db: Any, blobs: BlobStorage) -> FsckReport:
     """Check the registry whose metadata is in the open database ``db`` (SQLite or PostgreSQL) and
     whose blobs are in ``blobs`` (a folder or S3), in one read-only snapshot. PostgreSQL enforces its own
@@ -145,6 +172,7 @@ def fsck_database(db: Any, blobs: BlobStorage) -> FsckReport:
                 check_database(conn, report)
             check_history(conn, report)
             check_blobs(conn, blobs, report)
+            check_storage(conn, report)
     except Exception as exc:  # noqa: BLE001 - any driver's error is a finding, not a crash
         report.add(f"database cannot be read: {exc}")
     return report
@@ -165,6 +193,8 @@ def fsck(root: Path) -> FsckReport:
         check_database(conn, report)
         check_history(conn, report)
         check_blobs(conn, BlobStore(Path(root), create=False), report)
+        if _has_storage_counts(conn):
+            check_storage(conn, report)
     except sqlite3.DatabaseError as exc:
         report.add(f"database cannot be read: {exc}")
     finally:

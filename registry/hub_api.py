@@ -624,6 +624,8 @@ class HubApi:
             raise BadRequest("pull requests are not supported by this registry; commit to a branch instead")
         files = parse_preupload(req.json("preupload"), max_files=self.config.max_commit_files)
         _, current, _ = self.store.path_entries(info.repo_id, [entry["path"] for entry in files], revision)
+        # An upload whose files cannot fit the namespace's quota is refused before the client sends a byte.
+        self.store.quotas.check_announced(info.repo_id, [entry.get("size") or 0 for entry in files])
         out = []
         for entry in files:
             item: dict[str, Any] = {"path": entry["path"], "uploadMode": "regular", "shouldIgnore": False}

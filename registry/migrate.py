@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .db import Database
 from .pg_db import PgConnection, PostgresDatabase
 from .pg_schema import TABLES, document_of
 
@@ -84,6 +85,7 @@ def migrate_to_postgres(data_dir: Path, url: str) -> MigrationReport:
     path = Path(data_dir) / "registry.db"
     if not path.is_file():
         raise MigrationError(f"{data_dir} holds no registry (no registry.db); pass the data folder with --data DIR")
+    Database(path).close()  # a registry of an older schema is upgraded first (its storage counted)
     src = sqlite3.connect(f"file:{path.as_posix()}?mode=ro", uri=True)
     target = PostgresDatabase(url)
     report = MigrationReport()

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from .pg_schema import SCHEMA, SCHEMA_VERSION, translate
+from .quotas import recount_all
 
 #: Connections one process keeps at most: size PostgreSQL's ``max_connections`` to this times the
 #: number of server processes (plus the CLI's). A thread wanting more waits for one to be handed back.
@@ -128,6 +129,9 @@ class PostgresDatabase:
                     f"{redact(url)} was written by a newer peftkit (schema {row[0]} > {SCHEMA_VERSION}); "
                     "upgrade peftkit to open it"
                 )
+            elif row[0] < SCHEMA_VERSION:  # a registry made before quotas: count what each repo stores
+                recount_all(conn)
+                conn.execute("UPDATE registry_schema SET version = ?", (SCHEMA_VERSION,))
 
     def _connect(self) -> PgConnection:
         psycopg = _psycopg()

@@ -18,7 +18,7 @@ import functools
 import re
 import unicodedata
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # as registry/db.py's
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS registry_schema (version INTEGER NOT NULL);
@@ -148,12 +148,32 @@ CREATE TABLE IF NOT EXISTS repo_search (
     doc        tsvector NOT NULL
 );
 CREATE INDEX IF NOT EXISTS repo_search_doc ON repo_search USING GIN (doc);
+
+CREATE TABLE IF NOT EXISTS repo_blobs (
+    repo   BIGINT NOT NULL REFERENCES repos(id) ON DELETE CASCADE,
+    sha256 TEXT COLLATE "C" NOT NULL,
+    size   BIGINT NOT NULL,
+    PRIMARY KEY (repo, sha256)
+);
+-- What an upload announces (sizes) is checked against the sizes a repo holds (quotas.check_announced).
+CREATE INDEX IF NOT EXISTS repo_blobs_size ON repo_blobs (repo, size);
+CREATE TABLE IF NOT EXISTS repo_storage (
+    repo  BIGINT PRIMARY KEY REFERENCES repos(id) ON DELETE CASCADE,
+    bytes BIGINT NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS namespace_quotas (
+    namespace   TEXT COLLATE "C" NOT NULL,
+    quota_bytes BIGINT NOT NULL,
+    set_at      DOUBLE PRECISION NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS namespace_quotas_namespace ON namespace_quotas (lower(namespace));
 """
 
 #: Tables in an order where every row's references are copied before it (``registry migrate``).
 TABLES = (
     "repos", "refs", "tags", "repo_redirects", "download_clients", "commits", "tree_entries", "repo_meta",
-    "facets", "accounts", "org_members", "tokens", "web_sessions",
+    "facets", "accounts", "org_members", "tokens", "web_sessions", "repo_blobs", "repo_storage", "namespace_quotas",
 )
 
 # The store's comparisons of SQLite NOCASE columns, made case-insensitive the same way.

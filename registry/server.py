@@ -211,6 +211,7 @@ class _WorkerSpec:
     log: bool
     database: str | None = None
     blobs: str | None = None
+    namespace_quota: int | None = None
 
 
 def _stderr_log(line: str) -> None:
@@ -220,7 +221,8 @@ def _stderr_log(line: str) -> None:
 def _run_worker(spec: _WorkerSpec, sock: socket.socket) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops workers with SIGTERM
     raise_open_file_limit()
-    store = RegistryStore(Path(spec.data_dir), database=spec.database, blobs=spec.blobs)
+    store = RegistryStore(Path(spec.data_dir), database=spec.database, blobs=spec.blobs,
+                          namespace_quota=spec.namespace_quota)
     try:
         server, _ = _build(store, spec.config, spec.options, _stderr_log if spec.log else None)
         server.run(sockets=[sock])
@@ -240,17 +242,19 @@ def serve(
     workers: int = 1,
     database: str | None = None,
     blobs: str | os.PathLike[str] | None = None,
+    namespace_quota: int | None = None,
 ) -> None:
     """Serve the registry in ``data_dir`` until interrupted (Ctrl-C or SIGTERM).
 
-    ``database`` (a ``postgresql://`` URL) and ``blobs`` (a folder) are passed to
-    :class:`RegistryStore`: several servers sharing both serve one registry."""
+    ``database`` (a ``postgresql://`` URL), ``blobs`` (a folder) and ``namespace_quota`` (bytes each
+    namespace may store by default) are passed to :class:`RegistryStore`: several servers sharing
+    both serve one registry."""
     _require_server_libraries()
     options = options or ServerOptions()
     raise_open_file_limit()
     logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
     # Creates/upgrades the schema once, before any worker.
-    store = RegistryStore(Path(data_dir), database=database, blobs=blobs)
+    store = RegistryStore(Path(data_dir), database=database, blobs=blobs, namespace_quota=namespace_quota)
     try:
         sock = bind_socket(host, port)
     except OSError:
@@ -266,7 +270,7 @@ def serve(
             return
         store.close()
         spec = _WorkerSpec(str(data_dir), config, options, log is not None, database,
-                           None if blobs is None else os.fspath(blobs))
+                           None if blobs is None else os.fspath(blobs), namespace_quota)
         _supervise(spec, sock, workers, ready)
     finally:
         sock.close()

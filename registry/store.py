@@ -57,6 +57,7 @@ from .blobs import BlobStore, StagedBlob
 from .cards import RepoMetadata, extract_metadata, normalize_task
 from .database_url import open_database
 from .pg_schema import document_of, tsquery_of
+from .quotas import Quotas, add_blobs, new_blobs, recount_repo, repo_bytes, start_repo
 from .folders import ancestors, clash, folder_set, under_any
 from .fsck import fsck_database
 from .errors import (
@@ -198,6 +199,7 @@ class RegistryStore:
         fsync: bool = True,
         database: str | None = None,
         blobs: str | os.PathLike[str] | None = None,
+        namespace_quota: int | None = None,
     ) -> None:
         """Open (creating if needed) the store in ``root``.
 
@@ -211,6 +213,9 @@ class RegistryStore:
         ``tmp/`` (default ``root``), or ``s3://bucket/prefix`` for S3-compatible
         object storage (staged through ``root/tmp``); servers sharing a database
         must share it. A bucket that cannot be reached raises at once.
+
+        ``namespace_quota``: the bytes each namespace may store unless ``quotas.set`` gave it its own
+        limit (None: no limit); see :mod:`peftkit.registry.quotas` for what counts.
         """
         self.root = Path(os.path.expanduser(os.fspath(root)))
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)  # a new data folder: its owner's only
@@ -223,6 +228,8 @@ class RegistryStore:
             self.db.close()
             raise
         self.accounts = Accounts(self.db)
+        #: Storage limits per namespace; a commit or move over one raises QuotaExceeded (413).
+        self.quotas = Quotas(self.db, namespace_quota)
         self.blobs.cleanup_tmp()
 
     def close(self) -> None:
@@ -380,6 +387,7 @@ class RegistryStore:
                     (sha, repo["id"], tree, owner or "", now),
                 )
                 conn.execute("INSERT INTO refs(repo, name, commit_sha) VALUES (?, ?, ?)", (repo["id"], DEFAULT_BRANCH, sha))
+                start_repo(conn, repo["id"])
                 self._index(conn, repo, RepoMetadata())
         return self.repo_info(repo_id)
 
@@ -523,6 +531,8 @@ class RegistryStore:
             if clash is not None and clash["id"] != repo["id"]:
                 raise RepoExists(f"repository '{clash['repo_id']}' already exists; pick another name",
                                  repo_id=clash["repo_id"])
+            if repo["namespace"].lower() != namespace.lower():  # its files start counting there
+                self.quotas.check(conn, namespace, repo_bytes(conn, repo["id"]), f"moving '{repo['repo_id']}' adds")
             conn.execute(
                 "UPDATE repos SET repo_id = ?, namespace = ?, name = ?, last_modified = ? WHERE id = ?",
                 (to_id, namespace, name, time.time(), repo["id"]),
@@ -578,6 +588,7 @@ class RegistryStore:
             conn.execute("UPDATE refs SET commit_sha = ? WHERE repo = ? AND name = ?", (sha, repo["id"], branch))
             conn.execute("UPDATE repos SET last_modified = ? WHERE id = ?", (now, repo["id"]))
             blobs = self._drop_unreachable_commits(conn, repo["id"])
+            recount_repo(conn, repo["id"])  # the dropped commits' files count no more
         self._delete_unreferenced_blobs(blobs)
         return sha
 
@@ -823,6 +834,10 @@ class RegistryStore:
                 self._check_no_file_folder_clash(entries, staged)
                 for path, blob in staged.items():
                     entries[path] = FileEntry(path, blob.size, blob.sha256, blob.oid)
+                # Only staged files can be new to the repo (the others are its head's). Checked inside this
+                # transaction, which excludes every other writer: concurrent commits cannot overshoot.
+                added = new_blobs(conn, repo["id"], {blob.sha256: blob.size for blob in staged.values()})
+                self.quotas.check(conn, repo["namespace"], sum(added.values()))
                 for blob in staged.values():
                     self.blobs.publish(blob)
                 self._checkpoint("published")
@@ -845,6 +860,7 @@ class RegistryStore:
                 )
                 conn.execute("UPDATE refs SET commit_sha = ? WHERE repo = ? AND name = ?", (sha, repo["id"], branch))
                 conn.execute("UPDATE repos SET last_modified = ? WHERE id = ?", (now, repo["id"]))
+                add_blobs(conn, repo["id"], added)
                 if branch == DEFAULT_BRANCH:
                     self._index(conn, repo, self._metadata_for(entries))
                 self._checkpoint("before_commit")
