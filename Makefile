@@ -8,7 +8,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast lint venv adapters-venv bench bench-perf bench-perf-gpu mutate clean
+.PHONY: demo test test-fast lint venv adapters-venv bench bench-perf bench-perf-autocast bench-perf-gpu mutate clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,10 @@ bench: $(VENV)/.installed
 # Every built-in method's step, forward and memory next to peft; writes docs/performance.md
 bench-perf: $(VENV)/.installed
 	$(BIN)/python bench/perf_table.py
+
+# The same table for a float32 model under bfloat16 autocast; writes docs/performance-autocast.md
+bench-perf-autocast: $(VENV)/.installed
+	$(BIN)/python bench/perf_table.py --autocast bfloat16
 
 # The same table on a GPU in bfloat16 at a size that keeps it busy; writes docs/performance-gpu.md
 bench-perf-gpu: $(VENV)/.installed

@@ -36,7 +36,11 @@ table at a size that keeps the GPU busy (hidden 2048, 8 layers, intermediate
 every timed call ends with ``torch.cuda.synchronize()``, and the peak is
 ``torch.cuda.max_memory_allocated`` above the level before the step.
 
+``--autocast bfloat16`` measures the float32 model trained and run under ``torch.autocast`` (mixed
+precision as a Trainer with ``bf16=True`` runs it) and writes docs/performance-autocast.md on the CPU.
+
 Run: .venv/bin/python bench/perf_table.py [--budget 45] [--only lora_r8,dora_r8] [--output docs/performance.md]
+     .venv/bin/python bench/perf_table.py --autocast bfloat16
      .venv/bin/python bench/perf_table.py --device cuda --dtype bfloat16 --size large [--budget 20]
 """
 
@@ -83,16 +87,34 @@ class Size:
 
 #: small: the CPU table (2 cores); large: the GPU table (bf16, a size that keeps the GPU busy).
 SIZES = {"small": Size(512, 1376, 4, 8, 8000, 4, 128), "large": Size(2048, 5504, 8, 16, 32000, 8, 512)}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
 class Setup:
-    """Where and at what size the table is measured."""
+    """Where and at what size the table is measured; ``autocast``: the dtype every step and forward runs
+    under ``torch.autocast`` in (a float32 model trained as a Trainer with ``bf16=True`` trains it), or None."""
 
     device: str
     dtype: torch.dtype
     size: Size
+    autocast: torch.dtype | None = None
+
+    def describe(self) -> str:
+        text = f"{self.size.describe()}, {str(self.dtype).removeprefix('torch.')}"
+        if self.autocast is not None:
+            text += f" under {str(self.autocast).removeprefix('torch.')} autocast"
+        return text + ("" if self.device == "cpu" else ", on the GPU")
+
+    def run(self, fn: Callable[..., None]) -> Callable[..., None]:
+        """``fn`` run under this setup's autocast (``fn`` itself without one)."""
+        if self.autocast is None:
+            return fn
+
+        def under_autocast(*args: Any, **kwargs: Any) -> None:
+            with torch.autocast(self.device, dtype=self.autocast):
+                fn(*args, **kwargs)
+        return under_autocast
 
 #: key -> (label in the table, peftkit spec; init_weights=false where the identity would be trivial)
 METHODS: dict[str, tuple[str, str]] = {
@@ -221,7 +243,7 @@ def models_and_input(setup: Setup) -> tuple[Any, torch.Tensor, Any]:
     return base, ids, frozen
 
 
-def measure(key: str, base: Any, ids: torch.Tensor, frozen: Any, timing: Timing) -> dict[str, Any]:
+def measure(key: str, base: Any, ids: torch.Tensor, frozen: Any, timing: Timing, setup: Setup) -> dict[str, Any]:
     import peftkit
 
     label, spec = METHODS[key]
@@ -232,13 +254,14 @@ def measure(key: str, base: Any, ids: torch.Tensor, frozen: Any, timing: Timing)
     theirs = peft_model(base, folder)
     ours.eval()
     theirs.eval()
-    with torch.no_grad():
-        difference = (ours(input_ids=ids).logits - theirs(input_ids=ids).logits).abs().max().item()
+    with torch.no_grad(), torch.autocast(setup.device, dtype=setup.autocast or torch.bfloat16,
+                                         enabled=setup.autocast is not None):
+        difference = (ours(input_ids=ids).logits.float() - theirs(input_ids=ids).logits.float()).abs().max().item()
 
     for model in (ours, theirs):
         model.train()
-    steps = {"peftkit": lm_train_step(ours, ids), "peft": lm_train_step(theirs, ids),
-             "base": lm_train_step(frozen, ids)}
+    steps = {"peftkit": setup.run(lm_train_step(ours, ids)), "peft": setup.run(lm_train_step(theirs, ids)),
+             "base": setup.run(lm_train_step(frozen, ids))}
     train, base_step = timing.ratios(steps, SHARES["train"])
     flops = {name: step_flops(step) for name, step in steps.items()}
     saved = {name: saved_activation_bytes(step, weight_pointers(model))
@@ -247,7 +270,8 @@ def measure(key: str, base: Any, ids: torch.Tensor, frozen: Any, timing: Timing)
 
     for model in (ours, theirs, base):
         model.eval()
-    forwards = {"peftkit": lm_forward(ours, ids), "peft": lm_forward(theirs, ids), "base": lm_forward(base, ids)}
+    forwards = {"peftkit": setup.run(lm_forward(ours, ids)), "peft": setup.run(lm_forward(theirs, ids)),
+                "base": setup.run(lm_forward(base, ids))}
     forward, base_forward = timing.ratios(forwards, SHARES["forward"])
     forward_flops = {name: step_flops(run) for name, run in forwards.items()}
     merged: dict[str, Ratio] = {}
@@ -337,8 +361,7 @@ def render(results: list[dict[str, Any]], timing: Timing, setup: Setup, command:
         f"- Machine: {machine(setup.device)}",
         f"- Versions: Python {platform.python_version()}, torch {torch.__version__}, transformers "
         f"{transformers.__version__}, peft {peft.__version__}, peftkit {peftkit.__version__}",
-        f"- Model: Llama from a config ({setup.size.describe()}, {str(setup.dtype).removeprefix('torch.')}"
-        f"{'' if setup.device == 'cpu' else ', on the GPU'}",
+        f"- Model: Llama from a config ({setup.describe()}",
         f"- Timings ({clock}): paired rounds, {timing.budget_s:g} s of them per method; each round times the "
         "base model, peftkit and peft back to back in a shuffled order and takes the ratios within the round. "
         "A figure is the median of the per-round ratios ± half the width of its 95% bootstrap interval",
@@ -417,18 +440,24 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                         help="the model's dtype (the GPU table: bfloat16)")
+    parser.add_argument("--autocast", choices=sorted(DTYPES.keys() - {"float32"}), default=None,
+                        help="run every step and forward under torch.autocast in this dtype (with the default "
+                             "--dtype float32: mixed-precision training as a Trainer with bf16=True runs it)")
     parser.add_argument("--size", choices=sorted(SIZES), default="small",
                         help="small: hidden 512 x 4 layers, batch 4 x 128 (the CPU table); large: hidden 2048 x "
                              "8 layers, batch 8 x 512 (the GPU table)")
     parser.add_argument("--output", default=None,
                         help="the Markdown file to write ('-' prints it only; default docs/performance.md, "
-                             "with --device cuda docs/performance-gpu.md)")
+                             "with --device cuda docs/performance-gpu.md, with --autocast on the CPU "
+                             "docs/performance-autocast.md)")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no GPU here (torch.cuda.is_available() is False)")
     if args.device == "cuda" and args.clock == "cpu":
         parser.error("--clock cpu times the host process, not the GPU; use the wall clock with --device cuda")
-    output = args.output or str(ROOT / "docs" / ("performance.md" if args.device == "cpu" else "performance-gpu.md"))
+    default_name = "performance-gpu.md" if args.device != "cpu" else \
+        "performance-autocast.md" if args.autocast else "performance.md"
+    output = args.output or str(ROOT / "docs" / default_name)
     keys = [k for k in args.only.split(",") if k] or list(METHODS)
     unknown = [k for k in keys if k not in METHODS]
     if unknown:
@@ -442,11 +471,11 @@ def main() -> None:
     logging.set_verbosity_error()
     loads, ticks = os.getloadavg()[0], cpu_times()
     timing = Timing(args.budget, args.clock, args.unit, args.device)
-    setup = Setup(args.device, DTYPES[args.dtype], SIZES[args.size])
+    setup = Setup(args.device, DTYPES[args.dtype], SIZES[args.size], args.autocast and DTYPES[args.autocast])
     base, ids, frozen = models_and_input(setup)
     results = []
     for key in keys:
-        r = measure(key, base, ids, frozen, timing)
+        r = measure(key, base, ids, frozen, timing, setup)
         results.append(r)
         print(f"measured {key} ({time.perf_counter() - started:.0f} s): step peftkit "
               f"{_ratio(r['train'], 'peftkit', r['floor'])}, peft {_ratio(r['train'], 'peft', r['floor'])}; "

@@ -51,6 +51,42 @@ def plain_linear(module: nn.Module) -> bool:
     return bias is None or not bias.requires_grad
 
 
+#: The dtypes autocast casts to its lower precision for a matrix product (it leaves float64 as it is).
+AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def fusable_linear(base: nn.Module, x: torch.Tensor, factor: torch.Tensor) -> bool:
+    """Whether an adapter with parameter ``factor`` alone at ``base`` may compute the layer's whole output on
+    ``x`` itself (``LayerAdapter.forward_alone``, one fused operation) and get what the unfused layer gets:
+    ``base`` is a :func:`plain_linear` layer on ``x``'s device and ``x`` has at least 2 dimensions, and
+
+    - with autocast off on ``x``'s device: ``x`` has the weight's dtype and ``factor`` has it too or is
+      :func:`adapter_precision` of it (float32 factors on a half-precision layer: their products then run
+      in float32, as the unfused layer runs them);
+    - under autocast: ``x``, the weight and ``factor`` are tensors autocast casts (float32, float16,
+      bfloat16); the fused operation then computes in autocast's dtype
+      (``torch.get_autocast_dtype``), as autocast runs the unfused layer's products.
+    """
+    if not plain_linear(base):
+        return False
+    weight = base.weight
+    if x.dim() < 2 or x.device != weight.device:
+        return False
+    if torch.is_autocast_enabled(x.device.type):
+        return all(t.dtype in AUTOCAST_CASTS for t in (x, weight, factor))
+    return x.dtype == weight.dtype and factor.dtype in (weight.dtype, adapter_precision(weight.dtype))
+
+
+def accumulating_gemm_is_fast(tensor: torch.Tensor) -> bool:
+    """Whether a matrix product of ``tensor``'s dtype and device that adds onto an existing output (``addmm``
+    with beta = 1 into it) costs about what a product writing a new output costs, so a fused path may let
+    the base product accumulate onto the update's: true in float32/float64 and on GPUs; false for bfloat16
+    and float16 on the CPU, where such a product runs 5-10% slower than ``mm`` (2 threads, 512 tokens,
+    512-1376 wide layers; measured against computing the base product first and adding a low-rank update
+    into it in place, which is then the faster order)."""
+    return tensor.element_size() >= 4 or tensor.device.type != "cpu"
+
+
 def quantization_of(module: nn.Module) -> str | None:
     """How ``module``'s weight is quantized ("4-bit (bitsandbytes)", ...), or None for a float weight."""
     weight = getattr(module, "weight", None)

@@ -70,6 +70,8 @@ _LAZY: dict[str, str] = {
     "linear_features": "peftkit.core.base_layers",
     "weight_out_in": "peftkit.core.base_layers",
     "plain_linear": "peftkit.core.base_layers",
+    "fusable_linear": "peftkit.core.base_layers",
+    "accumulating_gemm_is_fast": "peftkit.core.base_layers",
     "quantization_of": "peftkit.core.base_layers",
     "adapter_dtype": "peftkit.core.base_layers",
     "adapter_precision": "peftkit.core.base_layers",
@@ -115,8 +117,9 @@ __getattr__, __dir__ = lazy_attributes(__name__, _LAZY, __all__, "; the plugin A
 if TYPE_CHECKING:  # pragma: no cover
     from peftkit.core.adapterhub_format import AdapterHubFormat  # noqa: F401
     from peftkit.core.architectures import ArchitectureSpec  # noqa: F401
-    from peftkit.core.base_layers import (adapter_dtype, adapter_precision, is_conv1d,  # noqa: F401
-                                          linear_features, plain_linear, quantization_of, weight_out_in)
+    from peftkit.core.base_layers import (accumulating_gemm_is_fast, adapter_dtype,  # noqa: F401
+                                          adapter_precision, fusable_linear, is_conv1d, linear_features, plain_linear, quantization_of,
+                                          weight_out_in)
     from peftkit.core.config import AdapterConfig, option  # noqa: F401
     from peftkit.core.gates import SequenceGate  # noqa: F401
     from peftkit.core.errors import (AdapterLoadError, ConfigError, MergeError, PeftkitError,  # noqa: F401

@@ -1,7 +1,7 @@
 """The fused LoRA / DoRA layer (plugins/lora/fused.py) against hand formulas in float64, on bare torch
 layers: the output and every gradient (input, LoRA input under dropout, A, B, DoRA's magnitude) for
 nn.Linear and GPT-2's Conv1D with and without a bias, only the gradients autograd asks for, the
-inference path without an autograd node, and when ``fusable`` lets a layer in. Fast enough for
+inference path without an autograd node, and when ``fusable_linear`` lets a layer in. Fast enough for
 ``make mutate`` (bench/mutation_map.toml)."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from peftkit.plugins.lora.fused import fusable, fused_lora
+from peftkit.plugin_api import fusable_linear
+from peftkit.plugins.lora.fused import fused_lora
 from tests.method_helpers import frozen_layer
 
 IN, OUT, R, SCALE = 6, 5, 3, 1.5
@@ -155,24 +156,24 @@ def test_inference_runs_the_same_formula_without_an_autograd_node(dora: bool, co
 def test_fusable_takes_a_frozen_float_linear_or_conv1d_on_a_matching_input() -> None:
     a, _ = _factors()
     x = torch.randn(2, IN, dtype=D)
-    assert fusable(_base(), x, a)
-    assert fusable(_base(conv1d=True), x, a)
-    assert fusable(_base(bias=False), x, a)
+    assert fusable_linear(_base(), x, a)
+    assert fusable_linear(_base(conv1d=True), x, a)
+    assert fusable_linear(_base(bias=False), x, a)
 
 
 def test_fusable_refuses_what_the_fused_path_would_compute_differently() -> None:
     a, _ = _factors()
     x = torch.randn(2, IN, dtype=D)
     base = _base()
-    assert not fusable(base, torch.randn(IN, dtype=D), a)  # a 1-d input
-    assert not fusable(base, x.float(), a)  # input dtype differs from the weight's
-    assert not fusable(base, x, a.detach().float())  # factor dtype differs
+    assert not fusable_linear(base, torch.randn(IN, dtype=D), a)  # a 1-d input
+    assert not fusable_linear(base, x.float(), a)  # input dtype differs from the weight's
+    assert not fusable_linear(base, x, a.detach().float())  # factor dtype differs
     trained = _base().requires_grad_(True)
-    assert not fusable(trained, x, a)  # a trained weight is not a plain linear layer
+    assert not fusable_linear(trained, x, a)  # a trained weight is not a plain linear layer
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not fusable(base, x, a)
+        assert not fusable_linear(base, x, a)
     quantized_like = type("Quantized", (nn.Linear,), {})(IN, OUT).to(D).requires_grad_(False)
-    assert not fusable(quantized_like, x, a)  # a subclass of Linear may compute something else
+    assert not fusable_linear(quantized_like, x, a)  # a subclass of Linear may compute something else
 
 
 def _backward_products(trained: set[str], tokens: int) -> int:
@@ -380,7 +381,7 @@ def test_fusable_takes_float32_factors_on_a_half_precision_layer_only() -> None:
     a = torch.randn(R, IN)
     for layer_dtype in (torch.bfloat16, torch.float16):
         base = frozen_layer(IN, OUT, dtype=layer_dtype)
-        assert fusable(base, torch.randn(2, IN).to(layer_dtype), a)
-        assert not fusable(base, torch.randn(2, IN), a)  # a float32 input on a half-precision layer
-        assert not fusable(base, torch.randn(2, IN).to(layer_dtype), a.double())
-    assert not fusable(frozen_layer(IN, OUT, dtype=torch.float32), torch.randn(2, IN), a.to(torch.bfloat16))
+        assert fusable_linear(base, torch.randn(2, IN).to(layer_dtype), a)
+        assert not fusable_linear(base, torch.randn(2, IN), a)  # a float32 input on a half-precision layer
+        assert not fusable_linear(base, torch.randn(2, IN).to(layer_dtype), a.double())
+    assert not fusable_linear(frozen_layer(IN, OUT, dtype=torch.float32), torch.randn(2, IN), a.to(torch.bfloat16))

@@ -32,6 +32,10 @@ Float32 factors on a bfloat16 or float16 layer (what adapting a half-precision m
 too): the factors' products run in float32 on a float32 copy of the input made when a product needs it and
 freed after it, so backward keeps the half-precision input itself, not a float32 copy (the unfused path's
 and PEFT's); the float32 update is added to the half-precision base product in one rounding.
+
+Under ``torch.autocast`` the fused path computes in autocast's dtype (the input and factors cast to it
+before the node, the products run with autocast off), and the frozen float32 weight is cast inside the
+node and again in backward instead of keeping the copy alive, as autocast's own linear does.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from peftkit.plugin_api import is_conv1d
+from peftkit.plugin_api import accumulating_gemm_is_fast, weight_out_in
 
 
 def rank_major_products(x2: torch.Tensor, w1: torch.Tensor, w2_b: torch.Tensor,
@@ -67,59 +71,55 @@ def dense_is_cheaper(tokens: int, out_l: int, out_k: int, in_m: int, in_n: int, 
     return weight_pass < product_passes
 
 
-def _base_product(x2: torch.Tensor, weight: torch.Tensor, base: nn.Module) -> torch.Tensor:
-    """``x2 W^T + b`` for ``weight`` in ``base``'s stored layout (GPT-2's Conv1D: (in, out))."""
-    bias = getattr(base, "bias", None)
-    if is_conv1d(base):
-        return torch.addmm(bias, x2, weight) if bias is not None else torch.mm(x2, weight)
-    return F.linear(x2, weight, bias)
+def _in_dtype(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if tensor is None else tensor.to(dtype)
 
 
-def _lokr_sum(x2: torch.Tensor, w1: torch.Tensor, w2_a: torch.Tensor, w2_b: torch.Tensor, base: nn.Module,
-              in_m: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _lokr_sum(x2: torch.Tensor, w1: torch.Tensor, w2_a: torch.Tensor, w2_b: torch.Tensor, weight: torch.Tensor,
+              bias: torch.Tensor | None, in_m: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(``x2 W^T + b + s kron(w1, w2_a w2_b) x2``, ``z_t``, ``u_t``: :func:`rank_major_products`'
-    intermediates). Without a bias the update's last product writes the output and the base product adds
-    onto it (the base GEMM reads the output while it computes: no separate pass over it); with a bias the
+    intermediates), for W (``weight``, (out, in)) and ``bias`` in x2's dtype. Without a bias the update's
+    last product writes the output and the base product adds onto it (the base GEMM reads the output while
+    it computes: no separate pass over it); with a bias the
     update's last product adds into the base product in place. With float32 factors on a half-precision
     layer the factors' products run in float32 and their sum is added to the base product in one rounding."""
     z_t, u_t = rank_major_products(x2, w1, w2_b, in_m)
     update_rows = u_t.view(w2_b.shape[0], -1).t()  # (tokens * out_l, r)
-    weight = base.weight
     if x2.dtype != w2_b.dtype:
-        out = _base_product(x2, weight, base)
+        out = F.linear(x2, weight, bias)
         out.view(-1, w2_a.shape[0]).add_(torch.mm(update_rows, w2_a.t()), alpha=scale)
-    elif getattr(base, "bias", None) is None:
+    elif bias is None and accumulating_gemm_is_fast(x2):
         out = torch.mm(update_rows, w2_a.t() * scale).view(x2.shape[0], -1)
-        torch.addmm(out, x2, weight if is_conv1d(base) else weight.t(), out=out)  # in place, counted as a product
-    else:
-        out = _base_product(x2, weight, base)
-        out.view(-1, w2_a.shape[0]).addmm_(update_rows, w2_a.t(), alpha=scale)
+        torch.addmm(out, x2, weight.t(), out=out)  # in place, counted as a product
+    else:  # with a bias, or where the base product is the faster first (accumulating_gemm_is_fast)
+        out = F.linear(x2, weight, bias)
+        rows = out.view(-1, w2_a.shape[0])
+        torch.addmm(rows, update_rows, w2_a.t(), alpha=scale, out=rows)  # in place, counted as a product
     return out, z_t, u_t
 
 
-def _dense_sum(x2: torch.Tensor, w1: torch.Tensor, w2_a: torch.Tensor, w2_b: torch.Tensor, base: nn.Module,
-               in_m: int, scale: float) -> torch.Tensor:
+def _dense_sum(x2: torch.Tensor, w1: torch.Tensor, w2_a: torch.Tensor, w2_b: torch.Tensor, weight: torch.Tensor,
+               bias: torch.Tensor | None, in_m: int, scale: float) -> torch.Tensor:
     """``x2 (W + s kron(w1, w2_a w2_b))^T + b``: the update added to a temporary copy of W in one pass
-    (a broadcast product of w1 and w2, written in W's stored layout), then one product."""
+    (a broadcast product of w1 and w2, written in the layout of ``weight``, W as (out, in)), then one
+    product."""
     out_l, out_k, in_n = w1.shape[0], w2_a.shape[0], w2_b.shape[1]
-    weight = base.weight
-    out_in = weight.t() if is_conv1d(base) else weight
-    blocks = out_in.reshape(out_l, out_k, in_m, in_n)  # [p, q, i, j] = W[(p, q), (i, j)], a view
+    blocks = weight.reshape(out_l, out_k, in_m, in_n)  # [p, q, i, j] = W[(p, q), (i, j)], a view
     w2 = torch.mm(w2_a, w2_b)
     merged = torch.addcmul(blocks, w1[:, None, :, None], w2[None, :, None, :], value=scale)
-    merged = merged.reshape(out_in.shape)
-    return _base_product(x2, merged.t() if is_conv1d(base) else merged, base)
+    return F.linear(x2, merged.reshape(weight.shape), bias)
 
 
 class _LokrFn(torch.autograd.Function):
-    """y = x W^T + b + s kron(w1, w2_a w2_b) x; x as (tokens, in_m * in_n)."""
+    """y = x W^T + b + s kron(w1, w2_a w2_b) x; x as (tokens, in_m * in_n), W as (out, in). W and b are cast to
+    x's dtype where they differ (autocast), and backward casts W again instead of keeping the copy."""
 
     @staticmethod
     def forward(ctx: Any, x2: torch.Tensor, w1: torch.Tensor, w2_a: torch.Tensor, w2_b: torch.Tensor,
-                base: nn.Module, in_m: int, scale: float) -> torch.Tensor:
-        out, z_t, u_t = _lokr_sum(x2, w1, w2_a, w2_b, base, in_m, scale)
-        ctx.save_for_backward(x2, z_t, u_t, w1, w2_a, w2_b, base.weight)
-        ctx.conv1d, ctx.in_m, ctx.scale = is_conv1d(base), in_m, scale
+                weight: torch.Tensor, bias: torch.Tensor | None, in_m: int, scale: float) -> torch.Tensor:
+        out, z_t, u_t = _lokr_sum(x2, w1, w2_a, w2_b, weight.to(x2.dtype), _in_dtype(bias, x2.dtype), in_m, scale)
+        ctx.save_for_backward(x2, z_t, u_t, w1, w2_a, w2_b, weight)
+        ctx.in_m, ctx.scale = in_m, scale
         return out
 
     @staticmethod
@@ -142,24 +142,42 @@ class _LokrFn(torch.autograd.Function):
                 if need_w2_b:
                     grad_w2_b = torch.mm(g_z_t, x2.view(-1, in_n).to(w2_b.dtype))
                 if need_x and g.dtype != w2_b.dtype:  # float32 factors: their part added in one rounding
-                    grad_x = torch.mm(g, weight.t() if ctx.conv1d else weight)
+                    grad_x = torch.mm(g, weight.to(g.dtype))
                     grad_x.add_(torch.mm(g_z_t.t(), w2_b).view(g.shape[0], -1))
+                elif need_x and not accumulating_gemm_is_fast(g):  # g W first, LoKr's part added into it
+                    grad_x = torch.mm(g, weight.to(g.dtype))
+                    rows = grad_x.view(-1, in_n)
+                    torch.addmm(rows, g_z_t.t(), w2_b, out=rows)
                 elif need_x:  # LoKr's part first; g W adds onto it inside its GEMM (no separate pass)
                     grad_x = torch.mm(g_z_t.t(), w2_b).view(g.shape[0], -1)
-                    torch.addmm(grad_x, g, weight.t() if ctx.conv1d else weight, out=grad_x)
-        return grad_x, grad_w1, grad_w2_a, grad_w2_b, None, None, None
+                    torch.addmm(grad_x, g, weight.to(g.dtype), out=grad_x)
+        return grad_x, grad_w1, grad_w2_a, grad_w2_b, None, None, None, None
 
 
 def fused_lokr(x: torch.Tensor, w1: torch.Tensor, w2_a: torch.Tensor, w2_b: torch.Tensor, base: nn.Module,
                in_m: int, scale: float = 1.0) -> torch.Tensor:
-    """The whole output of linear layer ``base`` with LoKr's update ``scale * kron(w1, w2_a w2_b)`` on ``x``."""
+    """The whole output of linear layer ``base`` with LoKr's update ``scale * kron(w1, w2_a w2_b)`` on ``x``.
+    Under autocast the input and factors are cast to autocast's dtype (the factors' gradients flow back to
+    them in their own dtype) and the products run in it with autocast off; the frozen weight is cast
+    inside (module docstring)."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        compute = torch.get_autocast_dtype(device)
+        with torch.autocast(device, enabled=False):
+            return _fused_lokr(x.to(compute), w1.to(compute), w2_a.to(compute), w2_b.to(compute), base, in_m, scale)
+    return _fused_lokr(x, w1, w2_a, w2_b, base, in_m, scale)
+
+
+def _fused_lokr(x: torch.Tensor, w1: torch.Tensor, w2_a: torch.Tensor, w2_b: torch.Tensor, base: nn.Module,
+                in_m: int, scale: float) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1])
+    weight, bias = weight_out_in(base), getattr(base, "bias", None)
     if torch.is_grad_enabled():
-        out = _LokrFn.apply(x2, w1, w2_a, w2_b, base, in_m, scale)
+        out = _LokrFn.apply(x2, w1, w2_a, w2_b, weight, bias, in_m, scale)
     elif x2.element_size() >= 4 and dense_is_cheaper(x2.shape[0], w1.shape[0], w2_a.shape[0], in_m,
                                                      w2_b.shape[1], w2_b.shape[0]):
         # float32/64 only: in a 16-bit weight copy a small update would be rounded away
-        out = _dense_sum(x2, w1, w2_a, w2_b, base, in_m, scale)
+        out = _dense_sum(x2, w1, w2_a, w2_b, weight.to(x2.dtype), _in_dtype(bias, x2.dtype), in_m, scale)
     else:  # inference: the same products, without an autograd node
-        out, _, _ = _lokr_sum(x2, w1, w2_a, w2_b, base, in_m, scale)
+        out, _, _ = _lokr_sum(x2, w1, w2_a, w2_b, weight.to(x2.dtype), _in_dtype(bias, x2.dtype), in_m, scale)
     return out.view(*x.shape[:-1], out.shape[-1])

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from peftkit.plugin_api import adapter_dtype, adapter_precision, is_conv1d, LayerAdapter, plain_linear
+from peftkit.plugin_api import adapter_dtype, fusable_linear, is_conv1d, LayerAdapter
 
 from .fused import fused_lokr, rank_major_products
 from .shapes import LokrShapes
@@ -103,18 +103,15 @@ class LokrLayer(LayerAdapter):
         return out.to(h.dtype)
 
     def forward_alone(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor | None:
-        """Alone on a plain linear layer with a rank-r w2 (no dropout drawing, input and weight of one dtype,
-        no autocast):
-        the layer's output as one fused operation (fused.py); None otherwise."""
+        """Alone on a plain linear layer with a rank-r w2 (no dropout drawing; input, weight and factors of
+        dtypes ``fusable_linear`` takes, autocast included): the layer's output as one fused operation
+        (fused.py); None otherwise."""
         s = self.shapes
-        if self.is_conv or s.full_w2 or self.lokr_w2_b.shape[0] >= s.in_n or not plain_linear(base):
+        if self.is_conv or s.full_w2 or self.lokr_w2_b.shape[0] >= s.in_n:
             return None
         if self.training and (self.module_dropout or self.rank_dropout):
             return None
-        weight = base.weight  # factors of its dtype, or float32 beside a half-precision one (fused.py)
-        if x.dim() < 2 or x.dtype != weight.dtype or x.device != weight.device \
-                or self.lokr_w2_b.dtype not in (weight.dtype, adapter_precision(weight.dtype)) \
-                or torch.is_autocast_enabled(x.device.type):
+        if not fusable_linear(base, x, self.lokr_w2_b):
             return None
         return fused_lokr(x, self._w1(), self.lokr_w2_a, self.lokr_w2_b, base, s.in_m, self.scale)
 

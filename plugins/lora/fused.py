@@ -40,6 +40,13 @@ tokens; with 1 thread the split costs 10% and is off). The halves of a sum over 
 afterwards: the same sum in another order. From ``SPLIT_FROM_TOKENS`` tokens on, for an even count
 (:func:`_split_in_halves`).
 
+In bfloat16 or float16 on the CPU the order is the other way round (``accumulating_gemm_is_fast``, the
+plugin API): the base product writes the output and the update's product is added into it, and ``g W``
+comes first in backward with the LoRA part added into it; CPU BLAS's half-precision product accumulating
+onto an existing output runs 5-10% slower than a plain one, and the halves split is off in half precision
+(the batched product runs slower there). At the layer (512 tokens, 2 threads, bfloat16, r=8) this order
+made the forward 4-5% and backward 6-12% faster than the float32 order.
+
 Float32 factors on a bfloat16 or float16 layer (what adapting a half-precision model gives, PEFT's
 default too): the factors' products run in float32, as PEFT's float32 branch does, on a float32 copy of
 the input made when a product needs it and freed after it; the half-precision input itself is what
@@ -48,12 +55,21 @@ input's memory at every adapted layer (a bfloat16 Llama's training step: 31% les
 backward with LoRA r8, bench/perf_table.py --dtype bfloat16). The float32 update is added to the
 half-precision base product in one rounding.
 
+Under ``torch.autocast`` (a float32 model trained in mixed precision, as a Trainer with ``bf16=True``
+runs it) the fused path computes in autocast's dtype, as autocast runs the unfused layer's products: the
+input and the factors are cast to it before the node (so the factors' gradients flow back to them as
+float32) and the products run with autocast off. The frozen float32 weight is cast inside the node,
+and backward casts it again rather than keeping the copy: autocast's own linear keeps the
+half-precision copy of every frozen weight alive until backward, a copy of half the adapted layers'
+float32 size.
+
 Values and gradients equal the unfused forward (``LoraLinear.forward``) up to
 float rounding. The fused path is taken only for a float nn.Linear or GPT-2
-Conv1D whose weight and bias are frozen, with input and weight of one dtype, the
-factors of that dtype or float32 on a half-precision layer, and autocast off;
-everything else takes the unfused path, and so does DoRA with dropout in
-training (PEFT then puts the dropped-out input through W too: ``LoraLinear.forward``).
+Conv1D whose weight and bias are frozen, with the dtypes ``fusable_linear`` (the plugin API) takes:
+without autocast input and weight of one dtype and the factors of that dtype or float32 on a
+half-precision layer; under autocast tensors autocast casts. Everything else takes the unfused path,
+and so does DoRA with dropout in training (PEFT then puts the dropped-out input through W too:
+``LoraLinear.forward``).
 """
 
 from __future__ import annotations
@@ -62,8 +78,9 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from peftkit.plugin_api import adapter_precision, is_conv1d, plain_linear, weight_out_in
+from peftkit.plugin_api import accumulating_gemm_is_fast, weight_out_in
 
 
 #: The rank from which ``_rank_major`` computes its product token-major (module docstring): 2-thread
@@ -74,27 +91,14 @@ TOKEN_MAJOR_FROM_RANK = 16
 SPLIT_FROM_TOKENS = 256
 
 
-def fusable(base: nn.Module, x: torch.Tensor, factor: torch.Tensor) -> bool:
-    """Whether the fused path computes ``base`` + the adapter on ``x`` exactly as the unfused one: input and
-    weight of one dtype, and the factors of that dtype or of the precision adapters compute in beside it
-    (``adapter_precision``: float32 factors on a half-precision layer, module docstring)."""
-    if not plain_linear(base):
-        return False
-    weight = base.weight
-    if x.dim() < 2 or x.dtype != weight.dtype or x.device != weight.device:
-        return False
-    if factor.dtype not in (weight.dtype, adapter_precision(weight.dtype)):
-        return False
-    return not torch.is_autocast_enabled(x.device.type)
-
-
 def _split_in_halves(rank: int, tokens_operand: torch.Tensor) -> bool:
     """Whether a rank-major product reading ``tokens_operand`` (tokens, k) runs as two halves of the
     tokens in one batched product (module docstring): below ``TOKEN_MAJOR_FROM_RANK``, on the CPU with
-    more than one torch thread, from ``SPLIT_FROM_TOKENS`` tokens on, for an even token count; never
+    more than one torch thread, from ``SPLIT_FROM_TOKENS`` tokens on, for an even token count, in float32
+    or float64 (a bfloat16 batched product runs 10-30% slower than the plain one at r=8); never
     under torch.compile (its kernels are its own, and asking for the thread count would break the graph)."""
     tokens = tokens_operand.shape[0]
-    return rank < TOKEN_MAJOR_FROM_RANK and tokens >= SPLIT_FROM_TOKENS and tokens % 2 == 0 \
+    return rank < TOKEN_MAJOR_FROM_RANK and tokens_operand.element_size() >= 4 and tokens >= SPLIT_FROM_TOKENS and tokens % 2 == 0 \
         and tokens_operand.device.type == "cpu" and not torch.compiler.is_compiling() \
         and torch.get_num_threads() > 1
 
@@ -126,53 +130,58 @@ def _token_sum(rank_major: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
 
 def _input_grad(ctx: Any, g: torch.Tensor, weight: torch.Tensor, g_xa_t: torch.Tensor,
                 lora_a: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The gradients of the base input and of the LoRA input that autograd asks for: ``g W`` and
-    ``g_xa A`` (``g_xa_t``: g_xa rank-major), the second accumulated into the first when both inputs
-    are the same tensor. With float32 factors on a half-precision layer, ``g_xa A`` is computed in
-    float32 and added to ``g W`` (half precision) in one rounding."""
+    """The gradients of the base input and of the LoRA input that autograd asks for: ``g W`` (``weight``:
+    W as (out, in), cast to g's dtype: under autocast the float32 weight is cast again here rather than
+    its copy kept from the forward) and ``g_xa A`` (``g_xa_t``: g_xa rank-major), the second accumulated
+    into the first when both inputs are the same tensor. With float32 factors on a half-precision layer,
+    ``g_xa A`` is computed in float32 and added to ``g W`` (half precision) in one rounding."""
     grad_x = grad_x_lora = None
     mixed = g.dtype != lora_a.dtype
     if ctx.needs_input_grad[0]:
-        weight_in_out = weight.t() if ctx.conv1d else weight
+        weight = weight.to(g.dtype)
         if ctx.same_input and mixed:
-            grad_x = torch.mm(g, weight_in_out).add_(torch.mm(g_xa_t.t(), lora_a))
+            grad_x = torch.mm(g, weight).add_(torch.mm(g_xa_t.t(), lora_a))
+        elif ctx.same_input and not accumulating_gemm_is_fast(g):  # g W first, the LoRA part added into it
+            grad_x = torch.mm(g, weight)
+            torch.addmm(grad_x, g_xa_t.t(), lora_a, out=grad_x)
         elif ctx.same_input:  # the LoRA part first; g W adds onto it inside its GEMM (no separate pass)
             grad_x = torch.mm(g_xa_t.t(), lora_a)
-            torch.addmm(grad_x, g, weight_in_out, out=grad_x)
+            torch.addmm(grad_x, g, weight, out=grad_x)
         else:
-            grad_x = torch.mm(g, weight_in_out)
+            grad_x = torch.mm(g, weight)
     if ctx.needs_input_grad[1]:
         grad_x_lora = torch.mm(g_xa_t.t(), lora_a).to(g.dtype)
     return grad_x, grad_x_lora
 
 
 def _lora_sum(x2: torch.Tensor, lora_in: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-              base: nn.Module, scale: float, with_bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(``x2 W^T (+ b) + s (lora_in A^T) B^T``, ``A lora_in^T``): the update's product (with the bias) writes
-    the output and the base GEMM accumulates onto it, reading it while it computes (no separate pass over
-    the (tokens, out) output); the rank-sized intermediate is rank-major (r, tokens). With float32 factors
-    on a half-precision layer, the factors' products run in float32 on a float32 copy of the input (freed
-    on return) and their sum is added to the base product in one rounding."""
+              weight: torch.Tensor, bias: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``x2 W^T (+ b) + s (lora_in A^T) B^T``, ``A lora_in^T``) for W (``weight``, (out, in)) and ``bias`` in
+    x2's dtype: the update's product (with the bias) writes the output and the base GEMM accumulates onto
+    it, reading it while it computes (no separate pass over the (tokens, out) output); the rank-sized
+    intermediate is rank-major (r, tokens). With float32 factors on a half-precision layer, the factors'
+    products run in float32 on a float32 copy of the input (freed on return) and their sum is added to the
+    base product in one rounding."""
     xa_t = _rank_major(lora_a, lora_in.to(lora_a.dtype))
-    bias = getattr(base, "bias", None) if with_bias else None
     if x2.dtype != lora_a.dtype:
-        out = torch.mm(x2, weight_out_in(base).t()) if bias is None else torch.addmm(bias, x2, weight_out_in(base).t())
-        return out.add_(torch.mm(xa_t.t(), lora_b.t()), alpha=scale), xa_t
+        return F.linear(x2, weight, bias).add_(torch.mm(xa_t.t(), lora_b.t()), alpha=scale), xa_t
+    if not accumulating_gemm_is_fast(x2):  # the base product first, the update added into it in place
+        out = F.linear(x2, weight, bias)
+        return torch.addmm(out, xa_t.t(), lora_b.t(), alpha=scale, out=out), xa_t  # counted as a product
     if bias is None:  # s rides on a scaled copy of the small (out, r) factor
         out = torch.mm(xa_t.t(), lora_b.t() * scale)
     else:
         out = torch.addmm(bias, xa_t.t(), lora_b.t(), alpha=scale)
-    torch.addmm(out, x2, weight_out_in(base).t(), out=out)  # in place, counted as a product
+    torch.addmm(out, x2, weight.t(), out=out)  # in place, counted as a product
     return out, xa_t
 
 
-def _dora_output(unscaled: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor, base: nn.Module,
+def _dora_output(unscaled: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor, bias: torch.Tensor | None,
                  in_place: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(``(m / n) * unscaled + b``, ``m / n``) in one pass over (tokens, out) (a fused multiply-add with a
     bias), written over ``unscaled`` when ``in_place`` (inference: nothing else reads it), else into a new
     tensor (training saves ``unscaled`` for the magnitude's gradient)."""
     mag_scale = (magnitude / norm).to(unscaled.dtype)
-    bias = getattr(base, "bias", None)
     into = unscaled if in_place else None
     if bias is None:
         return torch.mul(unscaled, mag_scale, out=into), mag_scale
@@ -192,36 +201,42 @@ def _lora_grads(ctx: Any, g: torch.Tensor, lora_in: torch.Tensor, xa_t: torch.Te
     return (*_input_grad(ctx, g, weight, g_xa_t, lora_a), grad_a, grad_b)
 
 
+def _in_dtype(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if tensor is None else tensor.to(dtype)
+
+
 class _LoraFn(torch.autograd.Function):
-    """y = x W^T + b + s (x_d A^T) B^T, x_d the LoRA input (x, or x after dropout)."""
+    """y = x W^T + b + s (x_d A^T) B^T, x_d the LoRA input (x, or x after dropout); W and b are cast to x's
+    dtype where they differ (autocast), and backward casts W again instead of keeping the copy."""
 
     @staticmethod
     def forward(ctx: Any, x2: torch.Tensor, x2_lora: torch.Tensor | None, lora_a: torch.Tensor,
-                lora_b: torch.Tensor, base: nn.Module, scale: float) -> torch.Tensor:
+                lora_b: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float) -> torch.Tensor:
         lora_in = x2 if x2_lora is None else x2_lora
-        out, xa_t = _lora_sum(x2, lora_in, lora_a, lora_b, base, scale, with_bias=True)
-        ctx.save_for_backward(lora_in, xa_t, lora_a, lora_b, base.weight)
-        ctx.conv1d, ctx.scale, ctx.same_input = is_conv1d(base), scale, x2_lora is None
+        out, xa_t = _lora_sum(x2, lora_in, lora_a, lora_b, weight.to(x2.dtype), _in_dtype(bias, x2.dtype), scale)
+        ctx.save_for_backward(lora_in, xa_t, lora_a, lora_b, weight)
+        ctx.scale, ctx.same_input = scale, x2_lora is None
         return out
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         lora_in, xa_t, lora_a, lora_b, weight = ctx.saved_tensors
-        return (*_lora_grads(ctx, g.contiguous(), lora_in, xa_t, lora_a, lora_b, weight), None, None)
+        return (*_lora_grads(ctx, g.contiguous(), lora_in, xa_t, lora_a, lora_b, weight), None, None, None)
 
 
 class _DoraFn(torch.autograd.Function):
-    """y = (m / n) * (x W^T + s (x_d A^T) B^T) + b, the norms n detached (DoRA's rule)."""
+    """y = (m / n) * (x W^T + s (x_d A^T) B^T) + b, the norms n detached (DoRA's rule); W and b as in
+    :class:`_LoraFn`."""
 
     @staticmethod
     def forward(ctx: Any, x2: torch.Tensor, x2_lora: torch.Tensor | None, lora_a: torch.Tensor,
-                lora_b: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor, base: nn.Module,
-                scale: float) -> torch.Tensor:
+                lora_b: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor | None, scale: float) -> torch.Tensor:
         lora_in = x2 if x2_lora is None else x2_lora
-        unscaled, xa_t = _lora_sum(x2, lora_in, lora_a, lora_b, base, scale, with_bias=False)
-        out, mag_scale = _dora_output(unscaled, magnitude, norm, base, in_place=False)
-        ctx.save_for_backward(lora_in, xa_t, unscaled, mag_scale, norm, lora_a, lora_b, base.weight)
-        ctx.conv1d, ctx.scale, ctx.same_input = is_conv1d(base), scale, x2_lora is None
+        unscaled, xa_t = _lora_sum(x2, lora_in, lora_a, lora_b, weight.to(x2.dtype), None, scale)
+        out, mag_scale = _dora_output(unscaled, magnitude, norm, _in_dtype(bias, x2.dtype), in_place=False)
+        ctx.save_for_backward(lora_in, xa_t, unscaled, mag_scale, norm, lora_a, lora_b, weight)
+        ctx.scale, ctx.same_input = scale, x2_lora is None
         return out
 
     @staticmethod
@@ -234,7 +249,7 @@ class _DoraFn(torch.autograd.Function):
         # g * (m / n) reuses the (tokens, out) buffer of the products once they are summed: one
         # allocation of that size per backward instead of two.
         grads = _lora_grads(ctx, torch.mul(g, mag_scale, out=products), lora_in, xa_t, lora_a, lora_b, weight)
-        return (*grads, grad_m, None, None, None)
+        return (*grads, grad_m, None, None, None, None)
 
 
 def fused_lora(x: torch.Tensor, lora_x: torch.Tensor | None, lora_a: torch.Tensor, lora_b: torch.Tensor,
@@ -242,17 +257,34 @@ def fused_lora(x: torch.Tensor, lora_x: torch.Tensor | None, lora_a: torch.Tenso
                norm: torch.Tensor | None = None) -> torch.Tensor:
     """The whole output of linear layer ``base`` with a LoRA (DoRA when ``magnitude`` and its detached
     ``norm`` are given) on input ``x``; ``lora_x`` is the LoRA's own input when it differs from ``x``
-    (dropout), else None. The caller checked :func:`fusable`."""
+    (dropout), else None. The caller checked ``fusable_linear``. Under autocast the inputs and factors are
+    cast to autocast's dtype (the factors' gradients flow back to them in their own dtype) and the products
+    run in it with autocast off; the frozen weight is cast inside (module docstring)."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        compute = torch.get_autocast_dtype(device)
+        with torch.autocast(device, enabled=False):
+            return _fused_lora(x.to(compute), _in_dtype(lora_x, compute), lora_a.to(compute), lora_b.to(compute),
+                               base, scale, magnitude, norm)
+    return _fused_lora(x, lora_x, lora_a, lora_b, base, scale, magnitude, norm)
+
+
+def _fused_lora(x: torch.Tensor, lora_x: torch.Tensor | None, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                base: nn.Module, scale: float, magnitude: torch.Tensor | None,
+                norm: torch.Tensor | None) -> torch.Tensor:
     features = x.shape[-1]
     x2 = x.reshape(-1, features)
     lora_x2 = None if lora_x is None else lora_x.reshape(-1, features)
+    weight, bias = weight_out_in(base), getattr(base, "bias", None)
     if not torch.is_grad_enabled():  # inference: the same products, without an autograd node
         lora_in = x2 if lora_x2 is None else lora_x2
-        out, _ = _lora_sum(x2, lora_in, lora_a, lora_b, base, scale, with_bias=magnitude is None)
+        bias = _in_dtype(bias, x2.dtype)
+        out, _ = _lora_sum(x2, lora_in, lora_a, lora_b, weight.to(x2.dtype), bias if magnitude is None else None,
+                           scale)
         if magnitude is not None:
-            out, _ = _dora_output(out, magnitude, norm, base, in_place=True)
+            out, _ = _dora_output(out, magnitude, norm, bias, in_place=True)
     elif magnitude is None:
-        out = _LoraFn.apply(x2, lora_x2, lora_a, lora_b, base, scale)
+        out = _LoraFn.apply(x2, lora_x2, lora_a, lora_b, weight, bias, scale)
     else:
-        out = _DoraFn.apply(x2, lora_x2, lora_a, lora_b, magnitude, norm, base, scale)
+        out = _DoraFn.apply(x2, lora_x2, lora_a, lora_b, magnitude, norm, weight, bias, scale)
     return out.view(*x.shape[:-1], out.shape[-1])

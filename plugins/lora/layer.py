@@ -16,10 +16,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from peftkit.plugin_api import (adapter_dtype, ConfigError, is_conv1d, LayerAdapter, linear_features,
-                                quantization_of, weight_out_in)
+from peftkit.plugin_api import (adapter_dtype, ConfigError, fusable_linear, is_conv1d, LayerAdapter,
+                                linear_features, quantization_of, weight_out_in)
 
-from .fused import fusable, fused_lora
+from .fused import fused_lora
 
 
 class LoraFactors(LayerAdapter):
@@ -152,7 +152,7 @@ class LoraLinear(LoraFactors):
     def forward_alone(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor | None:
         """The layer's output with this adapter, fused with the base product (fused.py), when the
         base is a plain linear layer; None otherwise (the unfused forward runs)."""
-        if not fusable(base, x, self.lora_A) or (self.use_dora and self._dropout_active()):
+        if not fusable_linear(base, x, self.lora_A) or (self.use_dora and self._dropout_active()):
             return None  # DoRA with dropout in training puts the dropped-out input through W too (forward)
         lora_x = self.dropout(x) if self._dropout_active() else None
         if not self.use_dora:
@@ -213,7 +213,9 @@ class LoraLinear(LoraFactors):
         cache = self._norm_cache
         if cache is not None and cache[0] == key and not torch.is_grad_enabled():
             return cache[1]
-        with torch.no_grad():
+        # in float32 (the factors' dtype) under autocast too: the norms are detached constants, not products
+        # autocast should round
+        with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
             w = weight_out_in(base).to(A.dtype)
             w_key = (weight._version, id(weight))
             if self._w_sq_cache is None or self._w_sq_cache[0] != w_key:
