@@ -38,7 +38,8 @@ _LOOKUP_CHUNK = 500
 
 #: How to get below a quota, in every refusal.
 QUOTA_FIX = (
-    "free space by deleting repos (`HfApi.delete_repo`), or by deleting files and then squashing history "
+    "free space by deleting repos (`peftkit hub delete REPO`, `HfApi.delete_repo`), or by deleting files and "
+    "then squashing history "
     "(`HfApi.super_squash_history`: older commits keep their files), or ask an administrator to raise it: "
     "`peftkit registry quota set {namespace} SIZE`"
 )

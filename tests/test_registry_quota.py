@@ -84,7 +84,7 @@ def test_an_upload_over_the_quota_is_refused_before_its_bytes_are_sent_with_a_me
     message = str(refused)
     assert "namespace 'alice' stores 6 KB of its 10 KB quota (the server's default)" in message
     assert "this upload adds 5 KB" in message and "peftkit registry quota set alice SIZE" in message
-    assert "delete_repo" in message and "super_squash_history" in message
+    assert "peftkit hub delete" in message and "delete_repo" in message and "super_squash_history" in message
     assert "token has the correct permissions" not in message  # not a 403's misleading hint
 
     folder = tmp_path / "folder"
