@@ -8,7 +8,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast lint venv adapters-venv bench bench-perf bench-perf-autocast bench-perf-gpu mutate clean
+.PHONY: demo test test-fast lint venv adapters-venv bench bench-perf bench-perf-autocast bench-perf-gpu bench-perf-gpu-autocast mutate clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -69,6 +69,10 @@ bench-perf-autocast: $(VENV)/.installed
 # The same table on a GPU in bfloat16 at a size that keeps it busy; writes docs/performance-gpu.md
 bench-perf-gpu: $(VENV)/.installed
 	$(BIN)/python bench/perf_table.py --device cuda --dtype bfloat16 --size large --budget 20
+
+# The GPU table for a float32 model under bfloat16 autocast; writes docs/performance-gpu-autocast.md
+bench-perf-gpu-autocast: $(VENV)/.installed
+	$(BIN)/python bench/perf_table.py --device cuda --autocast bfloat16 --size large --budget 20
 
 # Mutation testing (not part of CI; see docs/testing.md): mutmut over the modules of
 # bench/mutation_map.toml, one at a time, each with its mapped tests; report in docs/mutation.md.

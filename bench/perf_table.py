@@ -448,15 +448,15 @@ def main() -> None:
                              "8 layers, batch 8 x 512 (the GPU table)")
     parser.add_argument("--output", default=None,
                         help="the Markdown file to write ('-' prints it only; default docs/performance.md, "
-                             "with --device cuda docs/performance-gpu.md, with --autocast on the CPU "
-                             "docs/performance-autocast.md)")
+                             "with --device cuda docs/performance-gpu.md; with --autocast "
+                             "docs/performance-autocast.md, docs/performance-gpu-autocast.md)")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no GPU here (torch.cuda.is_available() is False)")
     if args.device == "cuda" and args.clock == "cpu":
         parser.error("--clock cpu times the host process, not the GPU; use the wall clock with --device cuda")
-    default_name = "performance-gpu.md" if args.device != "cpu" else \
-        "performance-autocast.md" if args.autocast else "performance.md"
+    default_name = "performance" + ("-gpu" if args.device != "cpu" else "") + ("-autocast" if args.autocast else "")
+    default_name += ".md"
     output = args.output or str(ROOT / "docs" / default_name)
     keys = [k for k in args.only.split(",") if k] or list(METHODS)
     unknown = [k for k in keys if k not in METHODS]
