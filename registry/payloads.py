@@ -57,6 +57,11 @@ def parse_json_object(raw: bytes, what: str) -> dict[str, Any]:
     return data
 
 
+#: The largest file size a preupload may announce: the databases' 64-bit integer (a larger one would
+#: overflow the quota's size lookup); no upload comes near it.
+MAX_SIZE = 2**63 - 1
+
+
 def parse_preupload(data: dict[str, Any], *, max_files: int | None = None) -> list[dict[str, Any]]:
     """Validate a preupload request; returns its ``files`` entries."""
     files = data.get("files")
@@ -71,8 +76,9 @@ def parse_preupload(data: dict[str, Any], *, max_files: int | None = None) -> li
         if "sample" in entry:
             decode_base64(entry["sample"], f"preupload: sample of '{entry['path']}'")
         size = entry.get("size")
-        if size is not None and (not isinstance(size, int) or size < 0):
-            raise MalformedPayload(f"preupload: size of '{entry['path']}' must be a non-negative integer")
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= MAX_SIZE):
+            raise MalformedPayload(f"preupload: size of '{entry['path']}' must be an integer from 0 to {MAX_SIZE} "
+                                   "(bytes)")
     return files
 
 

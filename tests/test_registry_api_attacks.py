@@ -19,6 +19,8 @@
 * commit summaries and descriptions, tag and squash messages of any length (1 MB was accepted, and every
   history listing sent it again): now at most 1,000 characters for a summary or squash message and 65,536
   for a description or tag message, else a 400 naming the bound and nothing written.
+* a preupload announcing a file of 2**70 bytes was a 500 (the storage quota's size lookup overflowed the
+  database's 64-bit integer): now a 400 naming the range.
 * the search index kept any card or config value: a 100 KB base model, a pipeline tag with a line break and
   HTML, 1,000 datasets, a 1,000-character method went into the facets, tags and every search result. The
   commit still lands and the card keeps them, but only values that can be names are indexed.
@@ -239,3 +241,14 @@ def test_the_search_index_keeps_only_values_that_can_be_names(registry, hf_onlin
     assert [m.id for m in api.list_models(filter=f"base_model:adapter:{real}")] == ["alice/odd-card"]
     for query in [{"base_model": "b" * 200}, {"filter": "t" * 201}, {"filter": "license:" + "x" * 100}]:
         assert requests.get(f"{url}/api/models", params=query, timeout=60).json() == [], query
+
+
+def test_a_preupload_announcing_an_impossible_size_gets_a_400(registry) -> None:
+    _, url, auth = registry
+    for size in (2**70, 2**63, -1, True, 1.5):
+        data = {"files": [{"path": "big.bin", "size": size, "sample": ""}]}
+        status, body = _request(url, "POST", "/api/models/alice/lora/preupload/main", json.dumps(data).encode(), auth)
+        assert status == 400 and "must be an integer from 0 to 9223372036854775807" in body["error"], size
+    data = {"files": [{"path": "big.bin", "size": 2**63 - 1, "sample": ""}]}
+    status, body = _request(url, "POST", "/api/models/alice/lora/preupload/main", json.dumps(data).encode(), auth)
+    assert status == 200 and body["files"][0]["path"] == "big.bin"
