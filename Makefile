@@ -8,7 +8,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast lint venv adapters-venv bench bench-perf bench-perf-autocast bench-perf-gpu bench-perf-gpu-autocast mutate clean
+.PHONY: demo test test-fast lint venv adapters-venv bench bench-perf bench-perf-autocast bench-perf-gpu bench-perf-gpu-autocast gpu-check mutate clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -73,6 +73,14 @@ bench-perf-gpu: $(VENV)/.installed
 # The GPU table for a float32 model under bfloat16 autocast; writes docs/performance-gpu-autocast.md
 bench-perf-gpu-autocast: $(VENV)/.installed
 	$(BIN)/python bench/perf_table.py --device cuda --autocast bfloat16 --size large --budget 20
+
+# On a GPU machine, the checks that need one, in one short run: the tests with CUDA cases (skipped
+# elsewhere) and bench/gpu_check.py (correctness, then timings against peft); then bench-perf-gpu.
+GPU_TESTS = tests/test_composition_cuda.py tests/test_autocast_fused.py tests/test_values_lora_fused.py
+gpu-check: $(VENV)/.installed
+	$(BIN)/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: torch.cuda.is_available() is False')"
+	$(BIN)/python -m pytest -q $(GPU_TESTS)
+	$(BIN)/python bench/gpu_check.py
 
 # Mutation testing (not part of CI; see docs/testing.md): mutmut over the modules of
 # bench/mutation_map.toml, one at a time, each with its mapped tests; report in docs/mutation.md.
