@@ -413,6 +413,18 @@ def render(results: list[dict[str, Any]], timing: Timing, setup: Setup, command:
     return "\n".join(lines)
 
 
+def default_output_name(device: str, dtype: str, autocast: str | None) -> str:
+    """The file a table is written to unless ``--output`` names one: performance.md for the CPU table
+    (float32), performance-gpu.md for the GPU table (bfloat16); any other dtype or autocast adds its
+    name, so no run overwrites another's table (``--dtype bfloat16`` on the CPU: performance-bfloat16.md;
+    ``--autocast bfloat16``: performance-autocast.md, on a GPU performance-gpu-autocast.md)."""
+    name = "performance" + ("" if device == "cpu" else "-gpu")
+    reference_dtype = "bfloat16" if device != "cpu" and autocast is None else "float32"
+    if dtype != reference_dtype:
+        name += f"-{dtype}"
+    return name + ("-autocast" if autocast else "") + ".md"
+
+
 def measured_arguments(argv: list[str]) -> list[str]:
     """The command-line arguments that change what is measured (``--output`` only says where it goes)."""
     kept, skip = [], False
@@ -448,16 +460,15 @@ def main() -> None:
                              "8 layers, batch 8 x 512 (the GPU table)")
     parser.add_argument("--output", default=None,
                         help="the Markdown file to write ('-' prints it only; default docs/performance.md, "
-                             "with --device cuda docs/performance-gpu.md; with --autocast "
-                             "docs/performance-autocast.md, docs/performance-gpu-autocast.md)")
+                             "with --device cuda docs/performance-gpu.md; another dtype or --autocast adds "
+                             "its name: docs/performance-bfloat16.md, docs/performance-autocast.md, "
+                             "docs/performance-gpu-autocast.md)")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no GPU here (torch.cuda.is_available() is False)")
     if args.device == "cuda" and args.clock == "cpu":
         parser.error("--clock cpu times the host process, not the GPU; use the wall clock with --device cuda")
-    default_name = "performance" + ("-gpu" if args.device != "cpu" else "") + ("-autocast" if args.autocast else "")
-    default_name += ".md"
-    output = args.output or str(ROOT / "docs" / default_name)
+    output = args.output or str(ROOT / "docs" / default_output_name(args.device, args.dtype, args.autocast))
     keys = [k for k in args.only.split(",") if k] or list(METHODS)
     unknown = [k for k in keys if k not in METHODS]
     if unknown:

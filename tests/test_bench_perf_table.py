@@ -1,0 +1,34 @@
+"""bench/perf_table.py's set-up, not its timings: where each kind of run writes its table, and that an
+autocast run's steps run under autocast (no timing is asserted)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from perf_table import default_output_name, Setup, SIZES  # noqa: E402
+
+
+def test_no_kind_of_run_overwrites_another_kinds_table() -> None:
+    runs = {("cpu", "float32", None): "performance.md", ("cpu", "bfloat16", None): "performance-bfloat16.md",
+            ("cpu", "float32", "bfloat16"): "performance-autocast.md",
+            ("cuda", "bfloat16", None): "performance-gpu.md",
+            ("cuda", "float32", "bfloat16"): "performance-gpu-autocast.md",
+            ("cuda", "float32", None): "performance-gpu-float32.md"}
+    assert {run: default_output_name(*run) for run in runs} == runs
+
+
+def test_an_autocast_setup_runs_each_step_under_autocast_and_says_so() -> None:
+    seen = []
+
+    def step(backward: bool = True) -> None:
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), backward))
+
+    mixed = Setup("cpu", torch.float32, SIZES["small"], torch.bfloat16)
+    mixed.run(step)(backward=False)
+    Setup("cpu", torch.float32, SIZES["small"]).run(step)()
+    assert seen[0] == (True, torch.bfloat16, False) and seen[1][0] is False
+    assert mixed.describe().endswith("float32 under bfloat16 autocast")
