@@ -64,13 +64,14 @@ class BlobStorage(Protocol):
     def iter_all(self) -> Iterator[str]:
         """The sha256 of every published blob, referenced or not."""
 
-    def iter_ages(self) -> Iterator[tuple[str, float]]:
-        """``(sha256, written)`` for every published blob: when it was last written (seconds since
-        the epoch, at the store's resolution: S3 keeps whole seconds). ``gc`` lists with it outside
-        any lock and judges only blobs written before the listing started."""
+    def iter_ages(self) -> Iterator[tuple[str, float, int]]:
+        """``(sha256, written, size)`` for every published blob: when it was last written (seconds since
+        the epoch, at the store's resolution: S3 keeps whole seconds) and its bytes. ``gc`` lists with it
+        outside any lock and judges only blobs written before the listing started."""
 
     def verify(self, sha256: str) -> bool:
         """Whether the blob is there and its content still hashes to its address."""
 
-    def cleanup_tmp(self, older_than_s: float = 3600.0) -> int:
-        """Remove staging left by crashed writers older than ``older_than_s``; returns how many."""
+    def cleanup_tmp(self, older_than_s: float = 3600.0, *, dry_run: bool = False) -> int:
+        """Remove staging left by crashed writers older than ``older_than_s``; returns how many
+        (``dry_run``: only counts them)."""

@@ -84,8 +84,9 @@ def hashes_to_its_name(open_blob: Callable[[str], BinaryIO], sha256: str) -> boo
         return False
 
 
-def remove_stale_entries(folder: Path, older_than_s: float) -> int:
-    """Remove the files and folders in ``folder`` not modified for ``older_than_s`` seconds; returns how many."""
+def remove_stale_entries(folder: Path, older_than_s: float, *, dry_run: bool = False) -> int:
+    """Remove the files and folders in ``folder`` not modified for ``older_than_s`` seconds; returns how many
+    (``dry_run``: only counts them)."""
     removed = 0
     cutoff = time.time() - older_than_s
     try:
@@ -94,12 +95,15 @@ def remove_stale_entries(folder: Path, older_than_s: float) -> int:
         return 0
     for entry in entries:
         try:
-            if entry.stat().st_mtime < cutoff:
-                if entry.is_dir():
-                    shutil.rmtree(entry, ignore_errors=True)
-                else:
-                    entry.unlink(missing_ok=True)
-                removed += 1
+            if entry.stat().st_mtime >= cutoff:
+                continue
+            removed += 1
+            if dry_run:
+                continue
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
         except FileNotFoundError:
             continue
     return removed
@@ -317,10 +321,11 @@ class BlobStore:
         for blob in self._blob_entries():
             yield blob.name
 
-    def iter_ages(self) -> Iterator[tuple[str, float]]:
+    def iter_ages(self) -> Iterator[tuple[str, float, int]]:
         for blob in self._blob_entries():
             try:
-                yield blob.name, blob.stat().st_mtime
+                stat = blob.stat()
+                yield blob.name, stat.st_mtime, stat.st_size
             except FileNotFoundError:  # deleted since the folder was read
                 continue
 
@@ -328,6 +333,6 @@ class BlobStore:
         """Re-hash a blob and compare with its name (detects on-disk corruption)."""
         return hashes_to_its_name(self.open, sha256)
 
-    def cleanup_tmp(self, older_than_s: float = 3600.0) -> int:
+    def cleanup_tmp(self, older_than_s: float = 3600.0, *, dry_run: bool = False) -> int:
         """Remove staging files left by crashed writers. Young files may belong to a live writer."""
-        return remove_stale_entries(self.tmp_dir, older_than_s)
+        return remove_stale_entries(self.tmp_dir, older_than_s, dry_run=dry_run)

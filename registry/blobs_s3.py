@@ -345,26 +345,29 @@ class S3BlobStore:
         for name, _ in self._blob_objects():
             yield name
 
-    def iter_ages(self) -> Iterator[tuple[str, float]]:
+    def iter_ages(self) -> Iterator[tuple[str, float, int]]:
         for name, item in self._blob_objects():
-            yield name, item["LastModified"].timestamp()
+            yield name, item["LastModified"].timestamp(), int(item["Size"])
 
     def verify(self, sha256: str) -> bool:
         return hashes_to_its_name(self.open, sha256)
 
-    def cleanup_tmp(self, older_than_s: float = 3600.0) -> int:
+    def cleanup_tmp(self, older_than_s: float = 3600.0, *, dry_run: bool = False) -> int:
         """Remove this host's stale staging files and abort multipart uploads under the prefix that
-        were started more than ``older_than_s`` ago (a crashed writer's; young ones may be live)."""
-        removed = remove_stale_entries(self.tmp_dir, older_than_s)
+        were started more than ``older_than_s`` ago (a crashed writer's; young ones may be live);
+        ``dry_run`` only counts them."""
+        removed = remove_stale_entries(self.tmp_dir, older_than_s, dry_run=dry_run)
         cutoff = time.time() - older_than_s
         pages = self.client.get_paginator("list_multipart_uploads").paginate(
             Bucket=self.bucket, Prefix=self._blob_prefix
         )
         for page in pages:
             for upload in page.get("Uploads", ()):
-                if upload["Initiated"].timestamp() < cutoff:
+                if upload["Initiated"].timestamp() >= cutoff:
+                    continue
+                if not dry_run:
                     self.client.abort_multipart_upload(
                         Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
                     )
-                    removed += 1
+                removed += 1
         return removed

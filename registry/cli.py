@@ -99,16 +99,18 @@ def _friendly_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _open_store(data_dir: Path | None, database: str | None = None, blobs_dir: str | None = None):
+def _open_store(data_dir: Path | None, database: str | None = None, blobs_dir: str | None = None, *,
+                clean_staging: bool = True):
     from .store import RegistryStore
 
     try:
-        return RegistryStore(data_dir or default_data_dir(), database=_checked_database(database), blobs=blobs_dir)
+        return RegistryStore(data_dir or default_data_dir(), database=_checked_database(database), blobs=blobs_dir,
+                             clean_staging=clean_staging)
     except RuntimeError as exc:  # an unreachable or newer database, an unusable bucket
         raise click.ClickException(str(exc)) from None
 
 
-def _with_store(func: Callable[..., Any]) -> Callable[..., Any]:
+def _with_store(func: Callable[..., Any], *, clean_staging: bool = True) -> Callable[..., Any]:
     """A command that works on the store: it takes --data, gets the open store as its first
     argument (closed when it returns) and reports store errors as a clear message."""
 
@@ -118,7 +120,7 @@ def _with_store(func: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(func)
     def wrapper(*args: Any, data_dir: Path | None, database: str | None, blobs_dir: str | None,
                 **kwargs: Any) -> Any:
-        with _open_store(data_dir, database, blobs_dir) as store:
+        with _open_store(data_dir, database, blobs_dir, clean_staging=clean_staging) as store:
             return func(store, *args, **kwargs)
 
     return wrapper
@@ -485,17 +487,49 @@ def quota_show(quotas: Quotas, namespace: str | None, as_json: bool, namespace_q
 
 
 # ------------------------------------------------------------ maintenance
-@registry_group.command("gc")
-@_with_store
-def gc_command(store: RegistryStore) -> None:
-    """Delete blobs no commit references (left by interrupted uploads)."""
-    from .store import BlobStoreMismatch
+def _duration_argument(ctx: click.Context, param: click.Parameter, value: str) -> float:
+    from .gc import parse_duration
 
     try:
-        removed = store.gc()
+        return parse_duration(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@registry_group.command("gc")
+@click.option("--min-age", "min_age_s", default="0", metavar="DURATION", callback=_duration_argument,
+              help="Spare blobs written less than this long before gc started: seconds (600) or a number with "
+              "s, m, h, d or w (30m, 2h, 1d). [default: 0, every blob written before gc started]")
+@click.option("--dry-run", is_flag=True,
+              help="List the blobs gc would delete and count the staging files; delete nothing.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print a JSON summary: each blob deleted (or, with --dry-run, to delete) with its bytes, "
+              "and the stale staging files removed.")
+@functools.partial(_with_store, clean_staging=False)  # gc removes (or, dry, counts) them itself
+def gc_command(store: RegistryStore, min_age_s: float, dry_run: bool, as_json: bool) -> None:
+    """Delete blobs no commit references (left by interrupted uploads) and stale staging files.
+
+    Safe while servers run: the blob store is listed without holding the write lock, and only blobs
+    written before the listing started are judged. A blob store that lacks files the database refers
+    to (another registry's?) is refused and nothing is deleted. Exit status: 0 on success, 1 when refused, 2 on a usage error such as a bad --min-age.
+    """
+    from .gc import BlobStoreMismatch
+
+    try:
+        report = store.gc_report(min_age_s=min_age_s, dry_run=dry_run)
     except BlobStoreMismatch as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"removed {removed} unreferenced blob(s)")
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+        return
+    if dry_run:
+        for sha, size in report.blobs:
+            click.echo(f"{sha}  {size}")
+    click.echo(
+        f"{'would remove' if dry_run else 'removed'} {len(report.blobs)} unreferenced blob(s) "
+        f"({report.bytes / 1e6:.1f} MB) and {report.staging_files} stale staging file(s)"
+        + (" (dry run: nothing was deleted)" if dry_run else "")
+    )
 
 
 @registry_group.command("reindex")

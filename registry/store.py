@@ -60,6 +60,7 @@ from .pg_schema import document_of, tsquery_of
 from .quotas import Quotas, add_blobs, new_blobs, recount_repo, repo_bytes, start_repo
 from .folders import ancestors, clash, folder_set, under_any
 from .fsck import fsck_database
+from .gc import BlobStoreMismatch, GcReport, collect_garbage, referenced_blobs  # noqa: F401 - re-exported
 from .errors import (
     BadRequest,
     Conflict,
@@ -185,10 +186,6 @@ class SearchFacets:
     counted: int
 
 
-class BlobStoreMismatch(RuntimeError):
-    """The blob store lacks files the database refers to: ``gc`` would judge the wrong files unreferenced."""
-
-
 class RegistryStore:
     """Adapter repos on local disk. See the module docstring for the guarantees."""
 
@@ -200,6 +197,7 @@ class RegistryStore:
         database: str | None = None,
         blobs: str | os.PathLike[str] | None = None,
         namespace_quota: int | None = None,
+        clean_staging: bool = True,
     ) -> None:
         """Open (creating if needed) the store in ``root``.
 
@@ -216,6 +214,9 @@ class RegistryStore:
 
         ``namespace_quota``: the bytes each namespace may store unless ``quotas.set`` gave it its own
         limit (None: no limit); see :mod:`peftkit.registry.quotas` for what counts.
+
+        ``clean_staging=False`` leaves the staging files crashed writers left (older than an hour) for
+        :meth:`gc_report` to remove and count (``registry gc``; a dry run then deletes nothing).
         """
         self.root = Path(os.path.expanduser(os.fspath(root)))
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)  # a new data folder: its owner's only
@@ -230,7 +231,8 @@ class RegistryStore:
         self.accounts = Accounts(self.db)
         #: Storage limits per namespace; a commit or move over one raises QuotaExceeded (413).
         self.quotas = Quotas(self.db, namespace_quota)
-        self.blobs.cleanup_tmp()
+        if clean_staging:
+            self.blobs.cleanup_tmp()
 
     def close(self) -> None:
         self.db.close()
@@ -1225,66 +1227,28 @@ class RegistryStore:
     def gc(self, *, tmp_older_than_s: float = 3600.0, min_age_s: float = 0.0, allow_missing: bool = False) -> int:
         """Delete blobs no commit references (left by crashed commits) and stale staging files.
 
-        Returns the number of blobs deleted. Safe while the server runs, and it holds the write lock
-        every server shares only for the deletions, not for listing the blob store (minutes for a big
-        bucket). Only blobs written ``min_age_s`` seconds before the listing started are candidates.
-        Raises BlobStoreMismatch, deleting nothing, when the blob store lacks files the database refers
-        to (another registry's store?), unless ``allow_missing`` (its own store, where fsck found files lost).
+        Returns the number of blobs deleted (:meth:`gc_report` says which, their bytes, and the
+        staging files). Safe while the server runs, and it holds the write lock every server shares
+        only for the deletions, not for listing the blob store (minutes for a big bucket). Only blobs
+        written ``min_age_s`` seconds before the listing started are candidates. Raises
+        BlobStoreMismatch, deleting nothing, when the blob store lacks files the database refers to
+        (another registry's store?), unless
+        ``allow_missing`` (its own store, where fsck found files lost).
         """
-        with self.db.read() as conn:
-            referenced_before = self._referenced_blobs(conn)
-        started = time.time()
-        listed: set[str] = set()
-        candidates: list[str] = []
-        for sha, written in self.blobs.iter_ages():  # no lock held: commits go on meanwhile
-            listed.add(sha)
-            if written < started - min_age_s:
-                candidates.append(sha)
-        if not allow_missing:
-            self._refuse_missing_blobs(referenced_before, listed)
-        removed = 0
-        # A write transaction excludes every writer, in any process: none can publish (and so start
-        # using) a blob while gc judges it. A blob committed since the listing is referenced here; a
-        # commit that publishes a blob deleted here finds it gone and writes it again.
-        with self.db.write() as conn:
-            referenced = self._referenced_blobs(conn)
-            for sha in candidates:
-                if sha not in referenced:
-                    self.blobs.delete(sha)
-                    removed += 1
-        self.blobs.cleanup_tmp(tmp_older_than_s)
-        return removed
+        return len(self.gc_report(tmp_older_than_s=tmp_older_than_s, min_age_s=min_age_s,
+                                  allow_missing=allow_missing).blobs)
 
-    @staticmethod
-    def _referenced_blobs(conn: sqlite3.Connection) -> set[str]:
-        return {r[0] for r in conn.execute("SELECT DISTINCT sha256 FROM tree_entries")}
-
-    def _refuse_missing_blobs(self, referenced_before: set[str], listed: set[str]) -> None:
-        """BlobStoreMismatch when blobs committed before the listing started are not in the store.
-
-        Every one of them was published before the listing, so it is listed unless it was deleted
-        meanwhile, which happens only once nothing refers to it: those still referenced now, and
-        still absent (a later commit may have written one again), are missing.
-        """
-        unlisted = referenced_before.difference(listed)
-        if not unlisted:
-            return
-        with self.db.read() as conn:
-            referenced = self._referenced_blobs(conn)
-        missing = [sha for sha in sorted(unlisted & referenced) if not self.blobs.exists(sha)]
-        if missing:
-            raise BlobStoreMismatch(
-                f"gc deleted nothing: {len(missing)} of the {len(referenced)} files this registry's database "
-                f"refers to are not in {self.blobs.describe()} (e.g. blob {missing[0]}). If --blobs (or "
-                "--database) names another registry's store, gc would delete that registry's files: pass the "
-                "pair the servers use. If files were lost (`peftkit registry fsck` lists them), restore them "
-                "from a backup or delete the repos that hold them, then run gc again"
-            )
+    def gc_report(self, *, tmp_older_than_s: float = 3600.0, min_age_s: float = 0.0, allow_missing: bool = False,
+                  dry_run: bool = False) -> GcReport:
+        """:meth:`gc`, returning what it deleted: ``GcReport(blobs=[(sha256, bytes)], staging_files)``.
+        ``dry_run=True`` deletes nothing and takes no write lock: the report lists what gc would delete."""
+        return collect_garbage(self.db, self.blobs, tmp_older_than_s=tmp_older_than_s, min_age_s=min_age_s,
+                               allow_missing=allow_missing, dry_run=dry_run)
 
     def orphan_blobs(self) -> list[str]:
         """Blobs on disk that no commit references (invisible to every read)."""
         with self.db.read() as conn:
-            referenced = self._referenced_blobs(conn)
+            referenced = referenced_blobs(conn)
         return sorted(sha for sha in self.blobs.iter_all() if sha not in referenced)
 
     def fsck(self) -> list[str]:
