@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-from perf_table import BATCH, METHODS, models_and_input, SEQ  # noqa: E402
+from perf_table import METHODS, models_and_input, Setup, SIZES  # noqa: E402
 from timing import lm_train_step, paired_ratios, table  # noqa: E402
 
 #: (in, out) of the Llama's adapted linear layers, and how many of each a decoder layer has.
@@ -123,13 +123,14 @@ def main() -> None:
     import peftkit
 
     logging.set_verbosity_error()
-    base, ids, frozen = models_and_input()
+    size = SIZES["small"]
+    base, ids, frozen = models_and_input(Setup("cpu", torch.float32, size))
     rows = [["frozen base", *map(str, step_counts(frozen, ids).values())]]
     for key in keys:
         torch.manual_seed(0)
         model = peftkit.adapt(copy.deepcopy(base), METHODS[key][1]).train()
         rows.append([METHODS[key][0], *map(str, step_counts(model, ids).values())])
-    print(f"Counts per training step (batch {BATCH}, sequence {SEQ}):")
+    print(f"Counts per training step (batch {size.batch}, sequence {size.seq}):")
     print(table(rows, ["model", "autograd nodes", "aten calls (work)", "matrix products", "copies"]))
 
     # The layer view puts the spec on every linear layer of one shape; IA3 (its own targets, some scaling the
@@ -142,7 +143,7 @@ def main() -> None:
     rows = []
     for key in layer_keys:
         for (in_f, out_f), per_layer in SHAPES.items():
-            step, forward, base_s = layer_ratios(METHODS[key][1], in_f, out_f, BATCH * SEQ, args.budget)
+            step, forward, base_s = layer_ratios(METHODS[key][1], in_f, out_f, size.batch * size.seq, args.budget)
             rows.append([METHODS[key][0], f"{in_f}x{out_f} (x{per_layer})", f"{base_s * 1e3:.2f} ms", f"{step:.3f}",
                          f"{forward:.3f}"])
         tiny_step, tiny_forward, tiny_s = layer_ratios(METHODS[key][1], 64, 64, 4, args.budget / 2)
