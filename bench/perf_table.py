@@ -351,7 +351,8 @@ def render(results: list[dict[str, Any]], timing: Timing, setup: Setup, command:
     busy = setup.device == "cpu" and (max(loads) > torch.get_num_threads() or (steal or 0) > 0.05)
     clock = "wall time" if timing.clock == "wall" else "CPU time of the process"
     lines = [
-        "# Performance" + ("" if setup.device == "cpu" else " on a GPU"),
+        "# Performance" + ("" if setup.device == "cpu" else " on a GPU")
+        + ("" if setup.autocast is None else f" under {str(setup.autocast).removeprefix('torch.')} autocast"),
         "",
         "Every built-in method's training step and inference forward next to Hugging Face `peft`,",
         "measured in one process by `bench/perf_table.py` (written by it; do not edit by hand).",
@@ -395,7 +396,10 @@ def render(results: list[dict[str, Any]], timing: Timing, setup: Setup, command:
     lines += [
         "",
         "Memory of a training step, MiB: activations kept for backward (distinct storages, weights not",
-        "counted) and the peak allocated during the step above the level before it.",
+        "counted) and the peak allocated during the step above the level before it."
+        + ("" if setup.autocast is None else " Under autocast the tensors kept include the half-precision "
+           "copies of frozen weights that autocast's own linear layers keep for backward (the base's and "
+           "PEFT's; peftkit's fused layers cast the weight again in backward instead)."),
         "",
         "| method | peftkit saved | peft saved | base saved | peftkit peak | peft peak | base peak |",
         "|---|---|---|---|---|---|---|",
