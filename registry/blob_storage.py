@@ -35,6 +35,16 @@ class BlobStorage(Protocol):
         """32 random bytes kept as ``name`` beside the blobs: created by the first server to ask,
         then the same for every server and worker sharing this store (the web pages sign with it)."""
 
+    # -- the store's marker (which registry it belongs to: see peftkit.registry.identity) ---------
+    def read_marker(self, name: str) -> str | None:
+        """The text of the small file (object) ``name`` beside the blobs, or None when there is none."""
+
+    def create_marker(self, name: str, text: str) -> None:
+        """Write ``name`` beside the blobs unless it exists (atomically: never overwrites one that does)."""
+
+    def replace_marker(self, name: str, text: str) -> None:
+        """Write ``name`` beside the blobs, replacing what it held (atomically: readers see old or new)."""
+
     # -- reading --------------------------------------------------------
     def exists(self, sha256: str) -> bool: ...
 

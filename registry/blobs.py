@@ -146,6 +146,27 @@ def write_staging_file(folder: str, data: bytes, *, fsync: bool) -> Path:
     return Path(name)
 
 
+def write_small_file(path: Path, text: str, *, overwrite: bool) -> None:
+    """Write ``text`` to ``path`` (``0o600``, flushed) atomically: a reader sees the old content or the new,
+    never part. ``overwrite=False`` keeps a file that exists (another process's, if it raced this one)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # fails when the file exists: it is kept
+            except FileExistsError:
+                pass
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def copy_to_staging_file(folder: Path, source: Path, *, fsync: bool) -> tuple[Path, str]:
     """Copy ``source`` into a new file in ``folder`` (fsync'd if asked); returns it and the sha256 of
     what was copied (compare it with the source's to detect a change meanwhile). Removed on failure."""
@@ -200,6 +221,18 @@ class BlobStore:
 
     def shared_secret(self, name: str) -> bytes:
         return load_or_create_secret_file(self.root / name)
+
+    def read_marker(self, name: str) -> str | None:
+        try:
+            return (self.root / name).read_text()
+        except FileNotFoundError:
+            return None
+
+    def create_marker(self, name: str, text: str) -> None:
+        write_small_file(self.root / name, text, overwrite=False)
+
+    def replace_marker(self, name: str, text: str) -> None:
+        write_small_file(self.root / name, text, overwrite=True)
 
     def size(self, sha256: str) -> int | None:
         try:

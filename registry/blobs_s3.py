@@ -159,39 +159,56 @@ class S3BlobStore:
     def describe(self) -> str:
         return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
 
+    def _key_beside_blobs(self, name: str) -> str:
+        return f"{self.prefix}/{name}" if self.prefix else name
+
     def shared_secret(self, name: str) -> bytes:
         """The secret in object ``<prefix>/<name>``; the first server creates it with a conditional PUT
         (``If-None-Match: *``), so racing servers all end up with the one that was stored first."""
+        key = self._key_beside_blobs(name)
+        text = self._read_text(key)
+        if text is None:
+            self._put_once(key, (new_secret_hex() + "\n").encode())
+            text = self._read_text(key)
+        if text is None:  # pragma: no cover - deleted between the write and the read
+            raise FileNotFoundError(key)
+        return bytes.fromhex(text.strip())
+
+    def _put_once(self, key: str, body: bytes) -> None:
+        """Store ``body`` at ``key`` unless an object is there (a conditional PUT: of racing writers, the
+        first one's stays)."""
         from botocore.exceptions import ClientError
 
-        key = f"{self.prefix}/{name}" if self.prefix else name
-        try:
-            return self._read_secret(key)
-        except FileNotFoundError:
-            pass
-        body = (new_secret_hex() + "\n").encode()
         try:
             self.client.put_object(Bucket=self.bucket, Key=key, Body=body, IfNoneMatch="*")
         except ClientError as exc:
             code = str(exc.response.get("Error", {}).get("Code"))
             if code in ("501", "NotImplemented"):
-                # A server without conditional writes: a plain PUT (servers starting at the
-                # same instant may then keep different secrets until they restart).
+                # A server without conditional writes: a plain PUT (of writers racing at the same
+                # instant the last one's stays: servers may keep different secrets until they restart).
                 self.client.put_object(Bucket=self.bucket, Key=key, Body=body)
             elif code not in ("412", "PreconditionFailed", "409", "ConditionalRequestConflict"):
                 raise
-            # else another server stored it first: read theirs
-        return self._read_secret(key)
+            # else another server stored it first: keep theirs
 
-    def _read_secret(self, key: str) -> bytes:
+    def _read_text(self, key: str) -> str | None:
         try:
             body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
         except Exception as exc:
             if _missing(exc):
-                raise FileNotFoundError(key) from None
+                return None
             raise
         with body:
-            return bytes.fromhex(body.read().decode("ascii").strip())
+            return body.read(1 << 16).decode("ascii", "replace")
+
+    def read_marker(self, name: str) -> str | None:
+        return self._read_text(self._key_beside_blobs(name))
+
+    def create_marker(self, name: str, text: str) -> None:
+        self._put_once(self._key_beside_blobs(name), text.encode())
+
+    def replace_marker(self, name: str, text: str) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=self._key_beside_blobs(name), Body=text.encode())
 
     def _check_bucket(self) -> None:
         from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError

@@ -86,6 +86,18 @@ def _checked_database(database: str | None) -> str | None:
         raise click.BadParameter(str(exc), param_hint="--database") from None
 
 
+def _checked_registry_id(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    import re
+
+    from .identity import UNMARKED
+
+    value = value.strip().lower()
+    if value != UNMARKED and not re.fullmatch(r"[0-9a-f]{32}", value):
+        raise click.BadParameter(f"{value!r} is not a registry id: pass the 32 hex digits the refusal named, "
+                                 f"or '{UNMARKED}' for a store without a marker")
+    return value
+
+
 def _friendly_errors(func: F) -> F:
     """Turn store errors into a clear message and a non-zero exit."""
 
@@ -510,10 +522,11 @@ def gc_command(store: RegistryStore, min_age_s: float, dry_run: bool, as_json: b
     """Delete blobs no commit references (left by interrupted uploads) and stale staging files.
 
     Safe while servers run: the blob store is listed without holding the write lock, and only blobs
-    written before the listing started are judged. A blob store that lacks files the database refers
-    to (another registry's?) is refused and nothing is deleted. Exit status: 0 on success, 1 when refused, 2 on a usage error such as a bad --min-age.
+    written before the listing started are judged. A blob store that is not this registry's (its
+    marker names another registry, or it lacks files the database refers to) is refused and nothing
+    is deleted. Exit status: 0 on success, 1 when refused, 2 on a usage error such as a bad --min-age.
     """
-    from .gc import BlobStoreMismatch
+    from .identity import BlobStoreMismatch
 
     try:
         report = store.gc_report(min_age_s=min_age_s, dry_run=dry_run)
@@ -530,6 +543,45 @@ def gc_command(store: RegistryStore, min_age_s: float, dry_run: bool, as_json: b
         f"({report.bytes / 1e6:.1f} MB) and {report.staging_files} stale staging file(s)"
         + (" (dry run: nothing was deleted)" if dry_run else "")
     )
+
+
+@registry_group.command("adopt-blobs")
+@click.option("--replacing", required=True, metavar="ID|unmarked", callback=_checked_registry_id,
+              help="The registry id the store's marker names now (the refusal names it), or 'unmarked' for a "
+              "store without a marker. Required, so that no store is taken by accident.")
+@_data_option
+@_database_options
+@_friendly_errors
+def adopt_blobs_command(data_dir: Path | None, database: str | None, blobs_dir: str | None, replacing: str) -> None:
+    """Make a blob store this registry's on purpose: its marker then names this registry.
+
+    For a deliberate move onto a store that another registry's marker names (or an unmarked store
+    holding others' files). From then on that other registry is refused on the store, and gc of this
+    one deletes every file there that this registry does not refer to. Exit status: 0 when adopted
+    (or already this registry's), 1 when the store's marker does not name --replacing, 2 on a usage error.
+    """
+    from .blob_location import open_blob_storage, refuse_blob_folder_without_blobs
+    from .database_url import open_database
+    from .identity import adopt_blob_store
+
+    root = data_dir or default_data_dir()
+    checked = _checked_database(database)
+    if checked is None and not (root / "registry.db").is_file():
+        raise click.UsageError(f"{root} holds no registry (no registry.db); pass the data folder with --data DIR")
+    try:
+        db = open_database(checked, root)
+        try:
+            refuse_blob_folder_without_blobs(blobs_dir, root, db, shared_database=checked is not None)
+            blobs = open_blob_storage(blobs_dir, root)
+            before = adopt_blob_store(blobs, db, replacing)
+        finally:
+            db.close()
+    except RuntimeError as exc:  # the marker names another registry; an unreachable database or bucket
+        raise click.ClickException(str(exc)) from None
+    if before is None:
+        click.echo(f"{blobs.describe()} already belongs to registry {db.registry_id}; nothing changed")
+    else:
+        click.echo(f"{blobs.describe()} now belongs to registry {db.registry_id} (its marker named {before})")
 
 
 @registry_group.command("reindex")
@@ -625,8 +677,7 @@ def migrate_command(data_dir: Path | None, target: str, blobs_dir: str | None, a
     interrupted copy). Exit status: 0 when copied and fsck finds the PostgreSQL registry intact,
     1 otherwise. Stop writing to the registry while it runs: commits made meanwhile are not copied.
     """
-    from .blob_copy import BlobCopyError, copy_blobs
-    from .blobs import BlobStore
+    from .blob_copy import BlobCopyError
     from .fsck import fsck_database
     from .migrate import MigrationError, migrate_to_postgres
     from .pg_db import redact
@@ -636,9 +687,7 @@ def migrate_command(data_dir: Path | None, target: str, blobs_dir: str | None, a
     blobs_copied = None
     try:
         if blobs_dir is not None and (root / "registry.db").is_file():  # else migrate_to_postgres says so
-            from .blob_location import open_blob_storage
-
-            blobs_copied = copy_blobs(BlobStore(root, create=False), open_blob_storage(blobs_dir, root))
+            blobs_copied = _copy_blobs_with_marker(root, blobs_dir)
         copied = migrate_to_postgres(root, target)
     except (MigrationError, BlobCopyError, RuntimeError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
@@ -661,6 +710,24 @@ def migrate_command(data_dir: Path | None, target: str, blobs_dir: str | None, a
         if report.ok:
             click.echo(f"serve it with: peftkit registry serve --database URL --blobs {blobs_where}")
     _exit_unless(report.ok)
+
+
+def _copy_blobs_with_marker(root: Path, blobs_dir: str) -> Any:
+    """Copy the data folder's blobs into ``blobs_dir``, whose marker must then name this registry (it is
+    written first where the store has none; a store of another registry is refused before any copy)."""
+    from .blob_copy import copy_blobs
+    from .blob_location import open_blob_storage
+    from .blobs import BlobStore
+    from .db import Database
+    from .identity import check_blob_store
+
+    target = open_blob_storage(blobs_dir, root)
+    source = Database(root / "registry.db")
+    try:
+        check_blob_store(target, source)
+    finally:
+        source.close()
+    return copy_blobs(BlobStore(root, create=False), target)
 
 
 #: Picked up by peftkit's main CLI (peftkit/cli.py COMMAND_MODULES).

@@ -15,11 +15,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from .identity import ensure_registry_id
 from .quotas import recount_all
 
 # 2: storage accounting (repo_blobs, repo_storage) and quotas (namespace_quotas); a registry of
 # version 1 is counted once when first opened (see peftkit.registry.quotas).
-SCHEMA_VERSION = 2
+# 3: the registry's id (registry_identity), which its blob store's marker names (see
+# peftkit.registry.identity); a registry of an older version gets one when first opened.
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS repos (
@@ -169,6 +172,11 @@ CREATE TABLE IF NOT EXISTS namespace_quotas (
     quota_bytes INTEGER NOT NULL,
     set_at      REAL NOT NULL
 );
+
+-- One row: this registry's random id, which its blob store's marker names (registry/identity.py).
+CREATE TABLE IF NOT EXISTS registry_identity (
+    registry_id TEXT NOT NULL
+);
 """
 
 _FTS_SCHEMA = """
@@ -234,6 +242,8 @@ class Database:
                 )
             if version < SCHEMA_VERSION:
                 self._upgrade(conn)
+            #: This registry's id (what its blob store's marker must name); fixed once created.
+            self.registry_id: str = conn.execute("SELECT registry_id FROM registry_identity").fetchone()[0]
 
     @staticmethod
     def _upgrade(conn: sqlite3.Connection) -> None:
@@ -243,11 +253,17 @@ class Database:
             (version,) = conn.execute("PRAGMA user_version").fetchone()  # another process may have done it
             if version < 2:
                 recount_all(conn)
+            if version < 3:
+                ensure_registry_id(conn)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except BaseException:
             conn.rollback()
             raise
         conn.commit()
+
+    def describe(self) -> str:
+        """Where the metadata is, for messages."""
+        return str(self.path)
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(

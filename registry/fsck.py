@@ -9,7 +9,9 @@ Checks, in order:
 * content: every blob a tree references exists, has the recorded size, and
   re-hashes to its sha256 address and its git oid;
 * storage accounting: each repo's counted bytes and files (what quotas use, see
-  :mod:`peftkit.registry.quotas`) equal a recount from its commits.
+  :mod:`peftkit.registry.quotas`) equal a recount from its commits;
+* identity: the blob store's marker names this registry (see :mod:`peftkit.registry.identity`; an
+  unmarked store, or a database made before ids, has nothing to compare).
 
 Blobs on disk that nothing references are counted, not reported as problems
 (an interrupted upload leaves them; ``registry gc`` removes them). Nothing is
@@ -26,6 +28,7 @@ from typing import Any
 from .blob_storage import BlobStorage
 from .blobs import BlobStore, sha256_and_oid_of_stream
 from .hashing import tree_oid
+from .identity import ForeignBlobStore, read_marker
 
 _MAX_LISTED = 1000  # problems listed in full; the count is always exact
 
@@ -155,6 +158,26 @@ def check_storage(conn: sqlite3.Connection, report: FsckReport) -> None:
                        f"file(s); its commits hold {size} bytes in {files}")
 
 
+def check_identity(registry_id: str | None, blobs: BlobStorage, report: FsckReport) -> None:
+    """A problem when the blob store's marker names another registry than the database's id."""
+    try:
+        marker = read_marker(blobs)
+    except ForeignBlobStore as exc:
+        report.add(str(exc))
+        return
+    if registry_id is not None and marker is not None and marker != registry_id:
+        report.add(f"the blob store {blobs.describe()} belongs to registry {marker}, this database is registry "
+                   f"{registry_id}: gc would delete that registry's files (see `peftkit registry adopt-blobs`)")
+
+
+def _stored_registry_id(conn: sqlite3.Connection) -> str | None:
+    """The id in a SQLite file fsck opened read-only (None in a registry of before ids, until opened)."""
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'registry_identity'").fetchone() is None:
+        return None
+    row = conn.execute("SELECT registry_id FROM registry_identity").fetchone()
+    return None if row is None else str(row[0])
+
+
 def _has_storage_counts(conn: sqlite3.Connection) -> bool:
     """Whether a SQLite file fsck opened read-only has the counters (a registry of before quotas has them
     once any other command opened it)."""
@@ -173,6 +196,7 @@ def fsck_database(db: Any, blobs: BlobStorage) -> FsckReport:
             check_history(conn, report)
             check_blobs(conn, blobs, report)
             check_storage(conn, report)
+        check_identity(db.registry_id, blobs, report)
     except Exception as exc:  # noqa: BLE001 - any driver's error is a finding, not a crash
         report.add(f"database cannot be read: {exc}")
     return report
@@ -192,9 +216,11 @@ def fsck(root: Path) -> FsckReport:
         conn.execute("BEGIN")  # one consistent snapshot for every check
         check_database(conn, report)
         check_history(conn, report)
-        check_blobs(conn, BlobStore(Path(root), create=False), report)
+        blobs = BlobStore(Path(root), create=False)
+        check_blobs(conn, blobs, report)
         if _has_storage_counts(conn):
             check_storage(conn, report)
+        check_identity(_stored_registry_id(conn), blobs, report)
     except sqlite3.DatabaseError as exc:
         report.add(f"database cannot be read: {exc}")
     finally:

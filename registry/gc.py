@@ -4,8 +4,8 @@ A crashed or refused commit leaves blobs no commit references (invisible to ever
 files of crashed writers stay in ``tmp/``. :func:`collect_garbage` deletes both, safely while servers
 run:
 
-* it refuses (:class:`BlobStoreMismatch`, deleting nothing) a store that lacks files the database
-  refers to (another registry's?);
+* it refuses (:class:`~peftkit.registry.identity.BlobStoreMismatch`, deleting nothing) a store that is
+  not this registry's: its marker names another registry, or it lacks files the database refers to;
 * it lists the store (minutes for a big bucket) without holding the write lock every server shares,
   and judges only blobs written ``min_age_s`` before the listing started;
 * it deletes inside one write transaction, which excludes every writer in any process: none can
@@ -24,10 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .blob_storage import BlobStorage
-
-
-class BlobStoreMismatch(RuntimeError):
-    """The blob store lacks files the database refers to: ``gc`` would judge the wrong files unreferenced."""
+from .identity import BlobStoreMismatch, confirm_own_store
 
 
 @dataclass
@@ -90,6 +87,7 @@ def collect_garbage(
 ) -> GcReport:
     """Delete (``dry_run``: only list) the unreferenced blobs written ``min_age_s`` seconds before the
     listing started, and staging files older than ``tmp_older_than_s``. See the module docstring."""
+    confirm_own_store(blobs, db)
     with db.read() as conn:
         referenced_before = referenced_blobs(conn)
     started = time.time()
@@ -108,6 +106,7 @@ def collect_garbage(
         report.blobs = sorted((sha, size) for sha, size in candidates.items() if sha not in referenced)
     else:
         with db.write() as conn:
+            confirm_own_store(blobs, db)  # again, under the lock: the marker may have changed while it listed
             referenced = referenced_blobs(conn)
             for sha in sorted(candidates):
                 if sha not in referenced:

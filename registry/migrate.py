@@ -3,7 +3,9 @@
 Every row of every table is copied in one PostgreSQL transaction (all or nothing) from one
 consistent snapshot of the SQLite file, then checked: each table's row count and an
 order-independent digest of its rows must be equal on both sides. The free-text index is
-rebuilt from the copied text with PostgreSQL's own. Blobs are not copied: they stay in
+rebuilt from the copied text with PostgreSQL's own. The registry's id goes with the rows, so the
+blob store's marker (see :mod:`peftkit.registry.identity`) names the PostgreSQL registry too.
+Blobs are not copied: they stay in
 the data folder, which the servers then use with ``--blobs`` (or which is moved, as it is,
 to the shared path they use). The target must be empty: nothing there is overwritten.
 """
@@ -30,9 +32,10 @@ class MigrationError(RuntimeError):
 
 @dataclass
 class MigrationReport:
-    """What was copied: ``{table: rows}``."""
+    """What was copied: ``{table: rows}``, and the registry's id (the same on both sides)."""
 
     rows: dict[str, int] = field(default_factory=dict)
+    registry_id: str = ""
 
     @property
     def total(self) -> int:
@@ -101,6 +104,9 @@ def migrate_to_postgres(data_dir: Path, url: str) -> MigrationReport:
             for table in TABLES:
                 report.rows[table] = _copy_table(src, dst, table)
             report.rows["repo_search"] = _copy_search_index(src, dst)
+            # The copy is the same registry: its blob store's marker must name it alike.
+            (report.registry_id,) = src.execute("SELECT registry_id FROM registry_identity").fetchone()
+            dst.execute("UPDATE registry_identity SET registry_id = ?", (report.registry_id,))
             # New repos continue after the copied ids.
             dst.execute("SELECT setval(pg_get_serial_sequence('repos', 'id'), COALESCE(MAX(id), 0) + 1, false)"
                         " FROM repos")

@@ -22,6 +22,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from .identity import ensure_registry_id
 from .pg_schema import SCHEMA, SCHEMA_VERSION, translate
 from .quotas import recount_all
 
@@ -129,9 +130,17 @@ class PostgresDatabase:
                     f"{redact(url)} was written by a newer peftkit (schema {row[0]} > {SCHEMA_VERSION}); "
                     "upgrade peftkit to open it"
                 )
-            elif row[0] < SCHEMA_VERSION:  # a registry made before quotas: count what each repo stores
-                recount_all(conn)
+            elif row[0] < SCHEMA_VERSION:
+                if row[0] < 2:  # a registry made before quotas: count what each repo stores
+                    recount_all(conn)
                 conn.execute("UPDATE registry_schema SET version = ?", (SCHEMA_VERSION,))
+            #: This registry's id (what its blob store's marker must name): a new registry's, or one made
+            #: before ids (schema < 3), is created here.
+            self.registry_id: str = ensure_registry_id(conn)
+
+    def describe(self) -> str:
+        """Where the metadata is, for messages (the URL without its password)."""
+        return redact(self.url)
 
     def _connect(self) -> PgConnection:
         psycopg = _psycopg()

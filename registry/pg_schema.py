@@ -18,7 +18,7 @@ import functools
 import re
 import unicodedata
 
-SCHEMA_VERSION = 2  # as registry/db.py's
+SCHEMA_VERSION = 3  # as registry/db.py's
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS registry_schema (version INTEGER NOT NULL);
@@ -168,6 +168,8 @@ CREATE TABLE IF NOT EXISTS namespace_quotas (
     set_at      DOUBLE PRECISION NOT NULL
 );
 CREATE UNIQUE INDEX IF NOT EXISTS namespace_quotas_namespace ON namespace_quotas (lower(namespace));
+
+CREATE TABLE IF NOT EXISTS registry_identity (registry_id TEXT COLLATE "C" NOT NULL);
 """
 
 #: Tables in an order where every row's references are copied before it (``registry migrate``).

@@ -60,7 +60,8 @@ from .pg_schema import document_of, tsquery_of
 from .quotas import Quotas, add_blobs, new_blobs, recount_repo, repo_bytes, start_repo
 from .folders import ancestors, clash, folder_set, under_any
 from .fsck import fsck_database
-from .gc import BlobStoreMismatch, GcReport, collect_garbage, referenced_blobs  # noqa: F401 - re-exported
+from .gc import GcReport, collect_garbage, referenced_blobs
+from .identity import BlobStoreMismatch, ForeignBlobStore, check_blob_store  # noqa: F401 - both re-exported
 from .errors import (
     BadRequest,
     Conflict,
@@ -225,6 +226,9 @@ class RegistryStore:
             refuse_blob_folder_without_blobs(blobs, self.root, self.db, shared_database=database is not None)
             #: What every server of this registry shares besides the database (the web pages' secret too).
             self.blobs: BlobStorage = open_blob_storage(blobs, self.root, fsync=fsync)
+            # A store whose marker names another registry is refused here, before any work; an unmarked
+            # one is marked as this registry's where that is safe (see peftkit.registry.identity).
+            check_blob_store(self.blobs, self.db)
         except BaseException:
             self.db.close()
             raise
@@ -233,6 +237,11 @@ class RegistryStore:
         self.quotas = Quotas(self.db, namespace_quota)
         if clean_staging:
             self.blobs.cleanup_tmp()
+
+    @property
+    def registry_id(self) -> str:
+        """This registry's id: kept in its database, named by its blob store's marker."""
+        return self.db.registry_id
 
     def close(self) -> None:
         self.db.close()
@@ -1231,8 +1240,8 @@ class RegistryStore:
         staging files). Safe while the server runs, and it holds the write lock every server shares
         only for the deletions, not for listing the blob store (minutes for a big bucket). Only blobs
         written ``min_age_s`` seconds before the listing started are candidates. Raises
-        BlobStoreMismatch, deleting nothing, when the blob store lacks files the database refers to
-        (another registry's store?), unless
+        BlobStoreMismatch, deleting nothing, when the store's marker names another registry, or when
+        the blob store lacks files the database refers to (another registry's store?), unless
         ``allow_missing`` (its own store, where fsck found files lost).
         """
         return len(self.gc_report(tmp_older_than_s=tmp_older_than_s, min_age_s=min_age_s,
