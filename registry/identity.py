@@ -107,13 +107,15 @@ def _unsafe_to_mark(blobs: BlobStorage, db: Any) -> str | None:
     return None
 
 
-def check_blob_store(blobs: BlobStorage, db: Any) -> str:
+def check_blob_store(blobs: BlobStorage, db: Any, *, beside_database: bool = False) -> str:
     """Refuse (ForeignBlobStore) a blob store that is not this registry's; mark an unmarked one where
-    safe. Returns this registry's id. ``db`` is the registry's open database."""
+    safe. Returns this registry's id. ``db`` is the registry's open database; ``beside_database``: the
+    store is the data folder that holds the SQLite file too (no --blobs, no --database), so an unmarked
+    one is this registry's whatever it holds (a crash's leftovers in a registry whose repos were all deleted)."""
     own: str = db.registry_id
     marker = read_marker(blobs)
     if marker is None:
-        why = _unsafe_to_mark(blobs, db)
+        why = None if beside_database else _unsafe_to_mark(blobs, db)
         if why is not None:
             raise ForeignBlobStore(
                 f"the blob store {blobs.describe()} has no registry marker and {why}: it is most likely another "

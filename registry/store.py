@@ -228,7 +228,7 @@ class RegistryStore:
             self.blobs: BlobStorage = open_blob_storage(blobs, self.root, fsync=fsync)
             # A store whose marker names another registry is refused here, before any work; an unmarked
             # one is marked as this registry's where that is safe (see peftkit.registry.identity).
-            check_blob_store(self.blobs, self.db)
+            check_blob_store(self.blobs, self.db, beside_database=blobs is None and database is None)
         except BaseException:
             self.db.close()
             raise

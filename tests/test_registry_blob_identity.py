@@ -155,6 +155,19 @@ def test_an_older_unmarked_store_is_marked_and_keeps_working(tmp_path: Path) -> 
     assert code == 0, out
 
 
+def test_an_older_data_folder_whose_repos_were_all_deleted_is_marked(tmp_path: Path) -> None:
+    """Its blobs and its database share the folder, so a crash's leftover blob does not make it look like
+    another registry's store (the embedded hub opens such folders)."""
+    data = tmp_path / "hub"
+    _, _, stray = _team_a(data, None)
+    with RegistryStore(data, fsync=False) as store:
+        store.delete_repo("alice/a")
+        assert set(store.blobs.iter_all()) == {stray}
+    _make_older(data, data)
+    with RegistryStore(data, fsync=False) as store:
+        assert (data / MARKER_NAME).read_text().strip() == store.registry_id and store.gc() == 1
+
+
 def test_an_unmarked_store_holding_only_others_files_is_not_taken(tmp_path: Path) -> None:
     shared = tmp_path / "shared"
     _, a_blobs, _ = _team_a(tmp_path / "a", shared)
