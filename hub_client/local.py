@@ -89,6 +89,8 @@ class LocalBackend(HubBackend):
             except OSError as exc:
                 raise HubError(f"cannot open the local hub in {self.root}: {exc.strerror or exc}; set "
                                f"PEFTKIT_HOME to a writable folder or pass --hub local:/some/folder") from None
+            except registry_errors.BlobStoreMismatch as exc:  # its blobs/ belong to another registry
+                raise HubError(f"cannot open the local hub in {self.root}: {exc}") from None
         return self._store
 
     def close(self) -> None:

@@ -188,7 +188,7 @@ _with_quotas = _on_database(_quotas_of)
 
 
 def _size_argument(ctx: click.Context, param: click.Parameter, value: str) -> int:
-    from .quotas import parse_size
+    from .quantities import parse_size
 
     try:
         return parse_size(value)
@@ -500,7 +500,7 @@ def quota_show(quotas: Quotas, namespace: str | None, as_json: bool, namespace_q
 
 # ------------------------------------------------------------ maintenance
 def _duration_argument(ctx: click.Context, param: click.Parameter, value: str) -> float:
-    from .gc import parse_duration
+    from .quantities import parse_duration
 
     try:
         return parse_duration(value)

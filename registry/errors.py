@@ -140,3 +140,12 @@ class RangeNotSatisfiable(RegistryError):
     def __init__(self, message: str, *, size: int) -> None:
         super().__init__(message)
         self.size = size
+
+
+class BlobStoreMismatch(RuntimeError):
+    """The blob store is not this registry's (it lacks files the database refers to, or its marker names
+    another registry): ``gc`` would judge the wrong files unreferenced, so it deletes nothing."""
+
+
+class ForeignBlobStore(BlobStoreMismatch):
+    """The blob store's marker names another registry (or it is unmarked and holds only others' files)."""

@@ -18,7 +18,6 @@ lock and deletes nothing.
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -114,20 +113,3 @@ def collect_garbage(
                     report.blobs.append((sha, candidates[sha]))
     report.staging_files = blobs.cleanup_tmp(tmp_older_than_s, dry_run=dry_run)
     return report
-
-
-_DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*")
-_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-
-
-def parse_duration(text: str) -> float:
-    """Seconds in ``text``: a number of seconds, or a number and one of s, m, h, d, w (``30m``, ``2h``,
-    ``1.5d``). Raises ValueError naming what is accepted."""
-    match = _DURATION.fullmatch(text or "")
-    unit = _SECONDS.get(match.group(2).lower()) if match else None
-    if match is None or unit is None:
-        raise ValueError(
-            f"cannot read {text!r} as a duration: write seconds (600) or a number and a unit: s, m, h, d or w "
-            "(30m, 2h, 1d)"
-        )
-    return float(match.group(1)) * unit

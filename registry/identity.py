@@ -22,6 +22,8 @@ import re
 import secrets
 from typing import TYPE_CHECKING, Any
 
+from .errors import BlobStoreMismatch, ForeignBlobStore  # noqa: F401 - BlobStoreMismatch re-exported
+
 if TYPE_CHECKING:  # pragma: no cover
     from .blob_storage import BlobStorage
 
@@ -34,13 +36,6 @@ _SAMPLED_FILES = 16  # referenced files looked up in an unmarked store before ma
 _DOCS = "docs/registry.md#which-registry-a-blob-store-belongs-to"
 
 
-class BlobStoreMismatch(RuntimeError):
-    """The blob store is not this registry's (it lacks files the database refers to, or its marker names
-    another registry): ``gc`` would judge the wrong files unreferenced, so it deletes nothing."""
-
-
-class ForeignBlobStore(BlobStoreMismatch):
-    """The blob store's marker names another registry (or it is unmarked and holds only others' files)."""
 
 
 def new_registry_id() -> str:

@@ -19,21 +19,13 @@ the server's default (``serve --namespace-quota-gb``), else none.
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from .errors import QuotaExceeded
 
-_UNITS = {
-    "": 1, "b": 1,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-}
-_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*")
 _LOOKUP_CHUNK = 500
 
 #: How to get below a quota, in every refusal.
@@ -43,24 +35,6 @@ QUOTA_FIX = (
     "(`HfApi.super_squash_history`: older commits keep their files), or ask an administrator to raise it: "
     "`peftkit registry quota set {namespace} SIZE`"
 )
-
-
-def parse_size(text: str) -> int:
-    """Bytes in ``text``: a number and an optional unit, such as ``500MB``, ``2GB``, ``1.5GiB`` or ``0``.
-
-    KB, MB, GB and TB are powers of 1000; KiB, MiB, GiB and TiB powers of 1024; no unit means bytes.
-    Raises ValueError naming what is accepted."""
-    match = _SIZE.fullmatch(text or "")
-    unit = _UNITS.get(match.group(2).lower()) if match else None
-    if match is None or unit is None:
-        raise ValueError(
-            f"cannot read {text!r} as a size: write a number and a unit, such as 500MB, 2GB or 1.5GiB "
-            "(KB, MB, GB, TB are powers of 1000; KiB, MiB, GiB, TiB powers of 1024; no unit: bytes)"
-        )
-    try:
-        return int(Decimal(match.group(1)) * unit)
-    except InvalidOperation:  # pragma: no cover - the pattern admits only plain decimals
-        raise ValueError(f"cannot read {text!r} as a size") from None
 
 
 def format_size(size: int) -> str:

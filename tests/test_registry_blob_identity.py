@@ -297,3 +297,18 @@ def test_fsck_of_a_data_folder_reports_a_marker_of_another_registry(tmp_path: Pa
     (tmp_path / "a" / MARKER_NAME).write_text("not an id\n")
     code, out = _invoke("fsck", "--data", tmp_path / "a")
     assert code == 1 and "does not hold a registry id" in out, out
+
+
+def test_the_embedded_hub_on_a_folder_marked_by_another_registry_says_so(tmp_path: Path, capsys) -> None:
+    """``peftkit hub`` commands on such a local hub fail with the refusal as a hub error (exit 1), not a
+    traceback."""
+    from peftkit.cli import run
+
+    hub = tmp_path / "hub"
+    with RegistryStore(hub, fsync=False) as store:
+        store.create_repo("alice/a", owner="alice")
+    (hub / MARKER_NAME).write_text("f" * 32 + "\n")
+    assert run(["hub", "search", "--hub", f"local:{hub}"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot open the local hub in" in err and f"names registry {'f' * 32}" in err, err
+    assert "Traceback" not in err

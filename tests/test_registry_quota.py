@@ -17,7 +17,8 @@ from tests.registry_conftest_helpers import hf_online, running_registry  # noqa:
 
 from peftkit.registry import QuotaExceeded, RegistryStore, start_server
 from peftkit.registry.cli import registry_group
-from peftkit.registry.quotas import format_size, parse_size
+from peftkit.registry.quantities import parse_size
+from peftkit.registry.quotas import format_size
 
 QUOTA = 10_000
 
