@@ -6,7 +6,7 @@ the :class:`~peftkit.registry.hub_api.HubApi` unchanged (it has the same
 
 ========================================  ===============================================
 ``GET /`` (browsers: ``Accept: text/html``)  search (``?q=&method=&...``); other clients keep the JSON
-``GET /{ns}``                             a user's or organization's adapters
+``GET /{ns}``                             a user's or organization's adapters (storage usage: to the user or members)
 ``GET /{ns}/{name}``                      an adapter page (main)
 ``GET /{ns}/{name}/tree/{rev}[/{dir}]``   the page at a branch, tag or commit (a composition member's folder)
 ``GET /{ns}/{name}/commit/{sha}``         the page at a commit (the ``commitUrl`` a commit returns)
@@ -55,6 +55,7 @@ from .sessions import (
     parse_cookies,
     same_origin,
 )
+from .storage import storage_summary
 from .templates import Templates
 from .usage import snippets
 
@@ -272,10 +273,13 @@ class WebSite:
             raise NotFound(f"no user or organization named '{namespace}' on this registry")
         members = self.store.accounts.members_of(namespace) if kind == "org" else []
         orgs = sorted(self.store.accounts.orgs_of(namespace)) if kind == "user" else []
+        own = namespace.lower() in visible
+        # Usage is private: only the user, or a member of the organization, gets it (and the query behind it).
+        storage = storage_summary(self.store.quotas.usage([namespace])[0]) if own and kind is not None else None
         return self._html(req, visitor, "account.html", namespace=namespace, kind=kind or "namespace",
                           repos=repos, total=summary.total, members=members, orgs=orgs, query=query, sorts=SORTS,
                           pages=min(MAX_PAGE, max(1, -(-summary.total // PAGE_SIZE))),
-                          own=namespace.lower() in visible)
+                          own=own, storage=storage)
 
     # ----------------------------------------------------------------------- repos
     def _visible_repo(self, req: Request, visitor: _Visitor, repo_id: str) -> RepoInfo:
