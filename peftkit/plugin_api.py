@@ -118,8 +118,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from peftkit.core.adapterhub_format import AdapterHubFormat  # noqa: F401
     from peftkit.core.architectures import ArchitectureSpec  # noqa: F401
     from peftkit.core.base_layers import (accumulating_gemm_is_fast, adapter_dtype,  # noqa: F401
-                                          adapter_precision, fusable_linear, is_conv1d, linear_features, plain_linear, quantization_of,
-                                          weight_out_in)
+                                          adapter_precision, fusable_linear, is_conv1d, linear_features,
+                                          plain_linear, quantization_of, weight_out_in)
     from peftkit.core.config import AdapterConfig, option  # noqa: F401
     from peftkit.core.gates import SequenceGate  # noqa: F401
     from peftkit.core.errors import (AdapterLoadError, ConfigError, MergeError, PeftkitError,  # noqa: F401

@@ -18,6 +18,7 @@ import click
 
 from .errors import NotFound, RegistryError
 from .paths import default_data_dir
+from .quantities import parse_duration, parse_size
 
 if TYPE_CHECKING:  # pragma: no cover
     from .accounts import Accounts
@@ -87,12 +88,10 @@ def _checked_database(database: str | None) -> str | None:
 
 
 def _checked_registry_id(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    import re
-
-    from .identity import UNMARKED
+    from .identity import is_registry_id, UNMARKED
 
     value = value.strip().lower()
-    if value != UNMARKED and not re.fullmatch(r"[0-9a-f]{32}", value):
+    if value != UNMARKED and not is_registry_id(value):
         raise click.BadParameter(f"{value!r} is not a registry id: pass the 32 hex digits the refusal named, "
                                  f"or '{UNMARKED}' for a store without a marker")
     return value
@@ -187,13 +186,15 @@ _with_accounts = _on_database(_accounts_of)
 _with_quotas = _on_database(_quotas_of)
 
 
-def _size_argument(ctx: click.Context, param: click.Parameter, value: str) -> int:
-    from .quantities import parse_size
-
-    try:
-        return parse_size(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
+def _read_with(parse: Callable[[str], Any]) -> Callable[[click.Context, click.Parameter, str], Any]:
+    """A click callback reading its value with ``parse`` (a size, a duration: registry/quantities.py); a
+    value it cannot read is a usage error (exit 2) naming the forms it takes."""
+    def callback(ctx: click.Context, param: click.Parameter, value: str) -> Any:
+        try:
+            return parse(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from None
+    return callback
 
 
 def _gigabytes(value: float | None) -> int | None:
@@ -436,7 +437,7 @@ def _known_namespace(quotas: Quotas, namespace: str) -> str:
 
 @quota_group.command("set")
 @click.argument("namespace")
-@click.argument("size", callback=_size_argument)
+@click.argument("size", callback=_read_with(parse_size))
 @_with_quotas
 def quota_set(quotas: Quotas, namespace: str, size: int) -> None:
     """Limit what NAMESPACE stores to SIZE (such as 500MB, 2GB or 1.5GiB), over the server's default.
@@ -499,17 +500,8 @@ def quota_show(quotas: Quotas, namespace: str | None, as_json: bool, namespace_q
 
 
 # ------------------------------------------------------------ maintenance
-def _duration_argument(ctx: click.Context, param: click.Parameter, value: str) -> float:
-    from .quantities import parse_duration
-
-    try:
-        return parse_duration(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
-
-
 @registry_group.command("gc")
-@click.option("--min-age", "min_age_s", default="0", metavar="DURATION", callback=_duration_argument,
+@click.option("--min-age", "min_age_s", default="0", metavar="DURATION", callback=_read_with(parse_duration),
               help="Spare blobs written less than this long before gc started: seconds (600) or a number with "
               "s, m, h, d or w (30m, 2h, 1d). [default: 0, every blob written before gc started]")
 @click.option("--dry-run", is_flag=True,

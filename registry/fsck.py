@@ -29,6 +29,7 @@ from .blob_storage import BlobStorage
 from .blobs import BlobStore, sha256_and_oid_of_stream
 from .hashing import tree_oid
 from .identity import ForeignBlobStore, read_marker
+from .quotas import HELD_BLOBS_SQL
 
 _MAX_LISTED = 1000  # problems listed in full; the count is always exact
 
@@ -143,8 +144,8 @@ def check_storage(conn: sqlite3.Connection, report: FsckReport) -> None:
     """Each repo's maintained counters (repo_storage, repo_blobs) against a recount from its commits."""
     actual: dict[int, tuple[int, int]] = {
         r[0]: (int(r[1]), int(r[2])) for r in conn.execute(
-            "SELECT repo, COALESCE(SUM(size), 0), COUNT(*) FROM (SELECT c.repo AS repo, te.sha256, MAX(te.size) AS size"
-            " FROM commits c JOIN tree_entries te ON te.tree = c.tree GROUP BY c.repo, te.sha256) held GROUP BY repo"
+            f"SELECT repo, COALESCE(SUM(size), 0), COUNT(*) FROM ({HELD_BLOBS_SQL.format(where='')}) held"
+            " GROUP BY repo"
         )
     }
     counted_files = {r[0]: int(r[1]) for r in conn.execute("SELECT repo, COUNT(*) FROM repo_blobs GROUP BY repo")}
@@ -172,16 +173,16 @@ def check_identity(registry_id: str | None, blobs: BlobStorage, report: FsckRepo
 
 def _stored_registry_id(conn: sqlite3.Connection) -> str | None:
     """The id in a SQLite file fsck opened read-only (None in a registry of before ids, until opened)."""
-    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'registry_identity'").fetchone() is None:
+    if not _has_table(conn, "registry_identity"):
         return None
     row = conn.execute("SELECT registry_id FROM registry_identity").fetchone()
     return None if row is None else str(row[0])
 
 
-def _has_storage_counts(conn: sqlite3.Connection) -> bool:
-    """Whether a SQLite file fsck opened read-only has the counters (a registry of before quotas has them
-    once any other command opened it)."""
-    return conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'repo_storage'").fetchone() is not None
+def _has_table(conn: sqlite3.Connection, table: str) -> bool:
+    """Whether a SQLite file fsck opened read-only has ``table`` (a registry of an older schema gets the
+    storage counters and the id once any other command opened it)."""
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (table,)).fetchone() is not None
 
 
 def fsck_database(db: Any, blobs: BlobStorage) -> FsckReport:
@@ -218,7 +219,7 @@ def fsck(root: Path) -> FsckReport:
         check_history(conn, report)
         blobs = BlobStore(Path(root), create=False)
         check_blobs(conn, blobs, report)
-        if _has_storage_counts(conn):
+        if _has_table(conn, "repo_storage"):
             check_storage(conn, report)
         check_identity(_stored_registry_id(conn), blobs, report)
     except sqlite3.DatabaseError as exc:

@@ -36,6 +36,9 @@ _SAMPLED_FILES = 16  # referenced files looked up in an unmarked store before ma
 _DOCS = "docs/registry.md#which-registry-a-blob-store-belongs-to"
 
 
+def is_registry_id(text: str) -> bool:
+    """Whether ``text`` is written as a registry id is (32 lowercase hex digits)."""
+    return _ID.fullmatch(text) is not None
 
 
 def new_registry_id() -> str:
@@ -61,7 +64,7 @@ def read_marker(blobs: BlobStorage) -> str | None:
     if text is None:
         return None
     marker = text.strip()
-    if not _ID.fullmatch(marker):
+    if not is_registry_id(marker):
         raise ForeignBlobStore(
             f"the marker {_marker_where(blobs)} does not hold a registry id ({marker[:80]!r}): restore it, or "
             f"adopt the store with `peftkit registry adopt-blobs --replacing {UNMARKED}` after deleting it "

@@ -28,6 +28,11 @@ from .errors import QuotaExceeded
 
 _LOOKUP_CHUNK = 500
 
+#: ``(repo, sha256, size)`` of each distinct blob the commits of a repo hold, for the repos ``{where}`` keeps
+#: (``""``: every repo): what the counters hold, recounted from the commits (also fsck's comparison).
+HELD_BLOBS_SQL = ("SELECT c.repo AS repo, te.sha256 AS sha256, MAX(te.size) AS size FROM commits c"
+                  " JOIN tree_entries te ON te.tree = c.tree{where} GROUP BY c.repo, te.sha256")
+
 #: How to get below a quota, in every refusal.
 QUOTA_FIX = (
     "free space by deleting repos (`peftkit hub delete REPO`, `HfApi.delete_repo`), or by deleting files and "
@@ -68,11 +73,8 @@ class NamespaceUsage:
 def recount_repo(conn: Any, repo: int) -> None:
     """Count ``repo``'s distinct blobs and bytes again from its commits (after commits were deleted)."""
     conn.execute("DELETE FROM repo_blobs WHERE repo = ?", (repo,))
-    conn.execute(
-        "INSERT INTO repo_blobs(repo, sha256, size) SELECT c.repo, te.sha256, MAX(te.size) FROM commits c"
-        " JOIN tree_entries te ON te.tree = c.tree WHERE c.repo = ? GROUP BY c.repo, te.sha256",
-        (repo,),
-    )
+    conn.execute("INSERT INTO repo_blobs(repo, sha256, size) " + HELD_BLOBS_SQL.format(where=" WHERE c.repo = ?"),
+                 (repo,))
     (total,) = conn.execute("SELECT COALESCE(SUM(size), 0) FROM repo_blobs WHERE repo = ?", (repo,)).fetchone()
     conn.execute(
         "INSERT INTO repo_storage(repo, bytes) VALUES (?, ?) ON CONFLICT(repo) DO UPDATE SET bytes = excluded.bytes",
@@ -84,10 +86,7 @@ def recount_all(conn: Any) -> None:
     """Count every repo from its commits: once, when a registry made before quotas is first opened."""
     conn.execute("DELETE FROM repo_blobs")
     conn.execute("DELETE FROM repo_storage")
-    conn.execute(
-        "INSERT INTO repo_blobs(repo, sha256, size) SELECT c.repo, te.sha256, MAX(te.size) FROM commits c"
-        " JOIN tree_entries te ON te.tree = c.tree GROUP BY c.repo, te.sha256"
-    )
+    conn.execute("INSERT INTO repo_blobs(repo, sha256, size) " + HELD_BLOBS_SQL.format(where=""))
     conn.execute(
         "INSERT INTO repo_storage(repo, bytes) SELECT r.id, COALESCE(SUM(b.size), 0) FROM repos r"
         " LEFT JOIN repo_blobs b ON b.repo = r.id GROUP BY r.id"
@@ -99,17 +98,22 @@ def start_repo(conn: Any, repo: int) -> None:
     conn.execute("INSERT INTO repo_storage(repo, bytes) VALUES (?, 0) ON CONFLICT(repo) DO NOTHING", (repo,))
 
 
+def _held(conn: Any, repo: int, column: str, values: list[Any]) -> set[Any]:
+    """Those of ``values`` that ``column`` (sha256 or size) of ``repo``'s counted blobs holds, looked up
+    in chunks of bounded size."""
+    held: set[Any] = set()
+    for i in range(0, len(values), _LOOKUP_CHUNK):
+        chunk = values[i : i + _LOOKUP_CHUNK]
+        marks = ",".join("?" * len(chunk))
+        sql = f"SELECT DISTINCT {column} FROM repo_blobs WHERE repo = ? AND {column} IN ({marks})"  # noqa: S608
+        rows = conn.execute(sql, (repo, *chunk))
+        held.update(r[0] for r in rows)
+    return held
+
+
 def new_blobs(conn: Any, repo: int, blobs: Mapping[str, int]) -> dict[str, int]:
     """Those of ``blobs`` (sha256 -> size) that ``repo`` does not hold yet: what a commit of them adds."""
-    shas = list(blobs)
-    held: set[str] = set()
-    for i in range(0, len(shas), _LOOKUP_CHUNK):
-        chunk = shas[i : i + _LOOKUP_CHUNK]
-        rows = conn.execute(
-            f"SELECT sha256 FROM repo_blobs WHERE repo = ? AND sha256 IN ({','.join('?' * len(chunk))})",  # noqa: S608
-            (repo, *chunk),
-        )
-        held.update(r[0] for r in rows)
+    held = _held(conn, repo, "sha256", list(blobs))
     return {sha: size for sha, size in blobs.items() if sha not in held}
 
 
@@ -183,14 +187,7 @@ class Quotas:
             repo = conn.execute("SELECT id, namespace FROM repos WHERE repo_id = ?", (repo_id,)).fetchone()
             if repo is None:
                 return  # the commit says so
-            held: set[int] = set()
-            for i in range(0, len(wanted), _LOOKUP_CHUNK):
-                chunk = wanted[i : i + _LOOKUP_CHUNK]
-                rows = conn.execute(
-                    f"SELECT DISTINCT size FROM repo_blobs WHERE repo = ? AND size IN ({','.join('?' * len(chunk))})",  # noqa: S608
-                    (repo[0], *chunk),
-                )
-                held.update(int(r[0]) for r in rows)
+            held = {int(size) for size in _held(conn, repo[0], "size", wanted)}
             self.check(conn, repo[1], sum(size for size in wanted if size not in held), "this upload adds")
 
     def set(self, namespace: str, quota_bytes: int) -> None:

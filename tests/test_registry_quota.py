@@ -287,7 +287,8 @@ def test_quota_commands_set_show_clear_with_exit_codes_scripts_can_trust(tmp_pat
         assert unknown.exit_code == 1 and "no user, organization or repo namespace named 'nobody'" in unknown.output
     assert _run("quota", "set", "alice", "--data", data).exit_code == 2  # SIZE missing
     with RegistryStore(data, fsync=False) as store:  # what the commands did is what the server enforces
-        assert store.quotas.usage(["acme"])[0].quota_bytes == 3 * 2**29 and store.quotas.usage(["alice"])[0].source == "none"
+        assert store.quotas.usage(["acme"])[0].quota_bytes == 3 * 2**29
+        assert store.quotas.usage(["alice"])[0].source == "none"
 
 
 def test_serve_namespace_quota_gb_refuses_a_commit_over_it(tmp_path: Path, hf_online) -> None:  # noqa: F811

@@ -98,9 +98,9 @@ def _split_in_halves(rank: int, tokens_operand: torch.Tensor) -> bool:
     or float64 (a bfloat16 batched product runs 10-30% slower than the plain one at r=8); never
     under torch.compile (its kernels are its own, and asking for the thread count would break the graph)."""
     tokens = tokens_operand.shape[0]
-    return rank < TOKEN_MAJOR_FROM_RANK and tokens_operand.element_size() >= 4 and tokens >= SPLIT_FROM_TOKENS and tokens % 2 == 0 \
-        and tokens_operand.device.type == "cpu" and not torch.compiler.is_compiling() \
-        and torch.get_num_threads() > 1
+    return rank < TOKEN_MAJOR_FROM_RANK and tokens_operand.element_size() >= 4 \
+        and tokens >= SPLIT_FROM_TOKENS and tokens % 2 == 0 and tokens_operand.device.type == "cpu" \
+        and not torch.compiler.is_compiling() and torch.get_num_threads() > 1
 
 
 def _rank_major(factor: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
