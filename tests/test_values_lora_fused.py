@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from peftkit.plugin_api import fusable_linear
-from peftkit.plugins.lora.fused import fused_lora
+from peftkit.plugins.lora.fused import dense_is_cheaper, fused_lora
 from tests.method_helpers import frozen_layer
 
 IN, OUT, R, SCALE = 6, 5, 3, 1.5
@@ -291,14 +291,102 @@ def test_forward_writes_the_update_then_accumulates_the_base_product_onto_it(con
 
     base = _base(conv1d, bias)
     a, b = _factors()
-    x = torch.randn(7, IN, dtype=D, requires_grad=grad)
+    tokens = 5  # below the dense crossover (test_inference_with_many_tokens_runs_one_product_on_a_weight_copy)
+    x = torch.randn(tokens, IN, dtype=D, requires_grad=grad)
     counter = FlopCounterMode(display=False)
     with torch.set_grad_enabled(grad), counter:
         out = fused_lora(x, None, a, b, base, SCALE)
-    assert counter.get_total_flops() == 2 * 7 * IN * OUT + 2 * 7 * R * IN + 2 * 7 * R * OUT
+    assert counter.get_total_flops() == 2 * tokens * IN * OUT + 2 * tokens * R * IN + 2 * tokens * R * OUT
     with torch.set_grad_enabled(grad):
-        assert _new_output_sized_tensors(lambda: fused_lora(x, None, a, b, base, SCALE), 7) == 1
+        assert _new_output_sized_tensors(lambda: fused_lora(x, None, a, b, base, SCALE), tokens) == 1
     torch.testing.assert_close(out, _lora_hand(x, x, a, b, base), rtol=1e-12, atol=1e-12)
+
+
+# -- inference with many tokens: one product on a temporary weight copy (dense_is_cheaper) --------------------
+
+#: The fewest tokens at which inference on the (IN, OUT, R) layer forms the weight copy: tokens (IN + 2 OUT)
+#: must exceed 1.5 (the margin at rank 3) x 2 IN OUT = 90, so 6 tokens (96) do and 5 (80) do not.
+DENSE_FROM_TOKENS = 6
+
+
+def _forward_flops(run) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        run()
+    return counter.get_total_flops()
+
+
+def test_dense_is_cheaper_once_the_products_move_a_rank_dependent_multiple_of_a_weight_pass() -> None:
+    """The crossover: tokens (in + 2 out) floats against 2 in out, times 1.5 up to rank 16, 1 from rank 64
+    on, linear in between; strictly more."""
+    # 512 x 512, the perf table's attention shape: 2 * 512 * 512 = 524288 floats; tokens move 1536 each.
+    assert not dense_is_cheaper(512, 512, 512, 8)  # 786432 == 1.5 x 524288: not more
+    assert dense_is_cheaper(513, 512, 512, 8)
+    assert not dense_is_cheaper(512, 512, 512, 16) and dense_is_cheaper(513, 512, 512, 16)
+    assert not dense_is_cheaper(426, 512, 512, 40) and dense_is_cheaper(427, 512, 512, 40)  # 1.25: 426.7 tokens
+    assert not dense_is_cheaper(341, 512, 512, 64) and dense_is_cheaper(342, 512, 512, 64)
+    assert not dense_is_cheaper(341, 512, 512, 256) and dense_is_cheaper(342, 512, 512, 256)
+    # in and out play different parts: the output is passed twice, the input once
+    assert dense_is_cheaper(700, 512, 1376, 8) and not dense_is_cheaper(700, 1376, 512, 8)
+    assert not dense_is_cheaper(DENSE_FROM_TOKENS - 1, IN, OUT, R) and dense_is_cheaper(DENSE_FROM_TOKENS, IN, OUT, R)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+@pytest.mark.parametrize("conv1d, bias", [(False, True), (False, False), (True, True), (True, False)])
+def test_inference_with_many_tokens_runs_one_product_on_a_weight_copy(dora: bool, conv1d: bool, bias: bool) -> None:
+    """From the crossover on, inference adds s B A to a copy of W and runs one product: the matrix-product
+    FLOPs are the copy's (out x r x in) and the one product's, the values the formula's (float64), and the
+    layer's own weight is left as it was."""
+    base = _base(conv1d, bias)
+    a, b = _factors()
+    magnitude = _magnitude()
+    weight_before = base.weight.detach().clone()
+    for tokens in (DENSE_FROM_TOKENS, 40):
+        x = torch.randn(tokens, IN, dtype=D)
+        expected, norm = _dora_hand(x, x, a, b, magnitude, base) if dora else (_lora_hand(x, x, a, b, base), None)
+        dora_args = (magnitude, norm) if dora else ()
+        with torch.no_grad():
+            assert _forward_flops(lambda: fused_lora(x, None, a, b, base, SCALE, *dora_args)) \
+                == 2 * OUT * R * IN + 2 * tokens * IN * OUT  # noqa: B023 (called at once)
+            out = fused_lora(x, None, a, b, base, SCALE, *dora_args)
+        assert out.grad_fn is None
+        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    assert torch.equal(base.weight, weight_before)
+
+
+def test_inference_below_the_crossover_runs_the_products() -> None:
+    base = _base()
+    a, b = _factors()
+    tokens = DENSE_FROM_TOKENS - 1
+    x = torch.randn(tokens, IN, dtype=D)
+    with torch.no_grad():
+        flops = _forward_flops(lambda: fused_lora(x, None, a, b, base, SCALE))
+        torch.testing.assert_close(fused_lora(x, None, a, b, base, SCALE), _lora_hand(x, x, a, b, base),
+                                   rtol=1e-12, atol=1e-12)
+    assert flops == 2 * tokens * IN * OUT + 2 * tokens * R * (IN + OUT)
+
+
+def test_the_weight_copy_is_left_to_one_input_float32_or_float64_inference() -> None:
+    """Past the crossover the products still run in training, for a LoRA input of its own (dropout), and in
+    half precision (a 16-bit weight copy would round a small update away)."""
+    tokens = 40
+    products = 2 * tokens * IN * OUT + 2 * tokens * R * (IN + OUT)
+    a, b = _factors()
+    x = torch.randn(tokens, IN, dtype=D)
+    assert _forward_flops(lambda: fused_lora(x.requires_grad_(), None, a, b, _base(), SCALE)) == products
+    with torch.no_grad():
+        x_d = torch.randn(tokens, IN, dtype=D)
+        assert _forward_flops(lambda: fused_lora(x, x_d, a, b, _base(), SCALE)) == products
+        half = frozen_layer(IN, OUT, dtype=torch.bfloat16)
+        a16, b16 = a.detach().bfloat16(), b.detach().bfloat16()
+        assert _forward_flops(lambda: fused_lora(x.detach().bfloat16(), None, a16, b16, half, SCALE)) == products
+        a32, b32 = a.detach().float(), b.detach().float()  # float32 factors on a bfloat16 layer
+        layer32 = frozen_layer(IN, OUT, dtype=torch.float32)
+        assert _forward_flops(lambda: fused_lora(x.detach().bfloat16(), None, a32, b32, half, SCALE)) == products
+        assert _forward_flops(lambda: fused_lora(x.detach().float(), None, a32, b32, layer32, SCALE)) \
+            == 2 * OUT * R * IN + 2 * tokens * IN * OUT  # float32 throughout: the copy
 
 
 # -- float32 factors on a half-precision layer (PEFT keeps a bfloat16 model's LoRA factors in float32) --------

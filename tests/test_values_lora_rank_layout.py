@@ -136,6 +136,14 @@ def test_a_compiled_layer_traces_as_one_graph_where_eager_would_split(two_thread
     eager = layer(x, a, b)
     eager_grads = torch.autograd.grad(eager.sum(), (x, a, b))
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")(x, a, b)
-    torch.testing.assert_close(compiled, eager)
+    # Eager sums each half of the tokens and then adds the halves; compiled sums them in one product: the
+    # same sums in another order, so the tolerance follows the largest value (a's gradient reaches ~300,
+    # where float32 rounding differs by ~5e-5 between the two orders).
+    assert_close_to_scale(compiled, eager)
     for got, want in zip(torch.autograd.grad(compiled.sum(), (x, a, b)), eager_grads):
-        torch.testing.assert_close(got, want)
+        assert_close_to_scale(got, want)
+
+
+def assert_close_to_scale(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Equal up to float32 rounding of sums reordered: within 1e-6 of ``want``'s largest magnitude."""
+    torch.testing.assert_close(got, want, rtol=1.3e-6, atol=1e-6 * want.abs().max().item())
