@@ -360,3 +360,25 @@ def cast_after_adapting_matches_float32(model: peftkit.AdaptedModel, dtype: torc
         m.merge_adapter(["default"])
     for (_, a), (_, b) in zip(half.tuner_layers(), twin.tuner_layers(), strict=True):
         close(a.base_layer.weight.detach(), b.base_layer.weight.detach())
+
+
+def new_tensors(run) -> list[tuple[str, tuple[int, ...]]]:
+    """(op name, shape) of every tensor ``run()`` allocates: results of ops whose storage none of the op's
+    arguments holds (an ``out=`` included; an in-place op's result, or a view's, is its argument's)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    fresh: list[tuple[str, tuple[int, ...]]] = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            held = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                    if isinstance(t, torch.Tensor)}
+            for t in torch.utils._pytree.tree_leaves(result):
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in held:
+                    fresh.append((func.__name__, tuple(t.shape)))
+            return result
+
+    with Record():
+        run()
+    return fresh

@@ -9,7 +9,7 @@ import torch
 
 import peftkit
 from peftkit import MergeError
-from tests.method_helpers import four_bit_site, quantized_matches_twin
+from tests.method_helpers import four_bit_site, new_tensors, quantized_matches_twin
 from tests.tiny_models import build_tiny
 
 SPEC = 'ia3[init_ia3_weights=false,target_modules=["query","intermediate.dense"],feedforward_modules=["intermediate.dense"]]'
@@ -209,3 +209,68 @@ def test_a_bfloat16_feedforward_vector_keeps_the_input_not_a_float32_copy_for_it
     expected = ((seed.double() @ weight) * x.detach().double()).sum(0)  # d/dl of (x * l) W^T, in float64
     assert grad_l.dtype == torch.float32
     torch.testing.assert_close(grad_l.flatten().double(), expected, rtol=2e-2, atol=2e-2 * float(expected.abs().max()))
+
+
+# -- inference alone at a plain linear layer (IA3Vector.forward_alone) -------------------------------------
+
+def _ia3_layer(feedforward: bool, conv1d: bool, bias: bool, dtype: torch.dtype, in_f: int = 6, out_f: int = 5):
+    from peftkit.plugins.ia3.layer import IA3Vector
+    from tests.method_helpers import frozen_layer
+
+    base = frozen_layer(in_f, out_f, conv1d=conv1d, bias=bias, dtype=dtype)
+    torch.manual_seed(3)
+    vector_dtype = torch.float64 if dtype == torch.float64 else torch.float32  # PEFT's: float32 on half precision
+    return IA3Vector(base, feedforward, init_weights=False, dtype=vector_dtype), base
+
+
+def _hand(adapter, base, x: torch.Tensor) -> torch.Tensor:
+    """The plain formula in float64: (x W^T + b) * l, or (x * l) W^T + b."""
+    w = (base.weight.t() if type(base).__name__ == "Conv1D" else base.weight).double()
+    l = adapter.ia3_l.detach().flatten().double()
+    b = 0 if base.bias is None else base.bias.double()
+    x = x.double()
+    return (x * l) @ w.t() + b if adapter.feedforward else (x @ w.t() + b) * l
+
+
+@pytest.mark.parametrize("conv1d, bias", [(False, True), (False, False), (True, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_output_scaling_in_inference_scales_the_fresh_output_in_place(conv1d, bias, dtype):
+    """Alone in inference, output scaling multiplies the base product in place: one (tokens, out)
+    tensor in all, the formula's values, and in bfloat16 exactly the unfused forward's."""
+    adapter, base = _ia3_layer(False, conv1d, bias, dtype)
+    x = torch.randn(2, 7, 6).to(dtype)
+    with torch.no_grad():
+        out = adapter.forward_alone(x, base)
+        unfused = adapter.forward(x, base(x), base)
+        fresh = new_tensors(lambda: adapter.forward_alone(x, base))
+    assert out.dtype == dtype and out.shape == (2, 7, 5)
+    assert torch.equal(out, unfused)
+    assert len([shape for _, shape in fresh if torch.Size(shape).numel() == 2 * 7 * 5]) == 1  # the base product
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out.double(), _hand(adapter, base, x), rtol=tolerance, atol=tolerance)
+
+
+def test_the_in_place_scaling_is_left_to_output_scaling_in_inference_at_a_plain_layer():
+    """forward_alone answers None (the TunerLayer's own path) in training, for input scaling, and at a layer
+    that is not a plain frozen Linear/Conv1D."""
+    adapter, base = _ia3_layer(False, False, True, torch.float32)
+    x = torch.randn(40, 6)
+    assert adapter.forward_alone(x, base) is None  # gradients on: training
+    with torch.no_grad():
+        assert adapter.forward_alone(x, base) is not None
+        feedforward, feedforward_base = _ia3_layer(True, False, True, torch.float32)
+        assert feedforward.forward_alone(x, feedforward_base) is None
+        base.weight.requires_grad_(True)  # a trained base weight: not a plain frozen layer
+        assert adapter.forward_alone(x, base) is None
+
+
+def test_an_adapted_model_in_inference_equals_its_training_path():
+    """Through the TunerLayer: the inference forward (in-place output scaling) equals the same model's
+    forward with gradients on (the plain path), eval mode both, to the bit."""
+    model, _ = _sites()
+    model.eval()
+    ids = torch.randint(0, 100, (4, 64))
+    with torch.no_grad():
+        fast = model(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+    plain = model(input_ids=ids, output_hidden_states=True).hidden_states[-1].detach()
+    assert torch.equal(fast, plain)

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from peftkit.plugin_api import fusable_linear
 from peftkit.plugins.lora.fused import dense_is_cheaper, fused_lora
-from tests.method_helpers import frozen_layer
+from tests.method_helpers import frozen_layer, new_tensors
 
 IN, OUT, R, SCALE = 6, 5, 3, 1.5
 D = torch.float64
@@ -230,26 +230,9 @@ def test_dora_backward_sums_the_magnitudes_gradient_only_when_asked(magnitude_tr
 
 
 def _new_output_sized_tensors(run, rows: int) -> int:
-    """How many (rows, OUT) tensors ``run()`` allocates: results of ops whose storage none of the op's
-    arguments (an ``out=`` included) holds; the fused DoRA writes over its buffers where it can."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        fresh = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            result = func(*args, **(kwargs or {}))
-            held = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
-                    if isinstance(t, torch.Tensor)}
-            for t in torch.utils._pytree.tree_leaves(result):
-                if isinstance(t, torch.Tensor) and tuple(t.shape) == (rows, OUT) \
-                        and t.untyped_storage().data_ptr() not in held:
-                    Count.fresh += 1
-            return result
-
-    with Count():
-        run()
-    return Count.fresh
+    """How many (rows, OUT) tensors ``run()`` allocates (``new_tensors``); the fused DoRA writes over its
+    buffers where it can."""
+    return sum(shape == (rows, OUT) for _, shape in new_tensors(run))
 
 
 @pytest.mark.parametrize("bias", [True, False])
