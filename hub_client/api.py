@@ -1,4 +1,4 @@
-"""The hub client's Python API: ``peftkit.hub.push/pull/search/info/delete``, ``peftkit.load``.
+"""The hub client's Python API: ``peftkit.hub.push/pull/search/info/delete/storage``, ``peftkit.load``.
 
 Every function takes ``hub=``: ``None`` (``PEFTKIT_HUB``, else the embedded
 local hub), ``"local"``, ``"local:/folder"``, a registry URL
@@ -10,21 +10,24 @@ Imports neither torch nor huggingface_hub until a function needs them.
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
-from peftkit.hub_rules.names import is_commit_sha
+from peftkit.hub_rules.names import is_commit_sha, name_problem
+from peftkit.hub_rules.storage import NamespaceUsage
 
 from .backend import AdapterInfo, HubBackend, PushResult, SearchQuery
 from .cache import offline_setting
 from .compose import load, save_composed
-from .errors import HubAuthError, HubError, OfflineError
+from .errors import HubAuthError, HubError, InvalidRepoRef, OfflineError
 from .resolve import hub_address, open_hub, parse_ref
 from .snapshot import pull_snapshot
 from .upload import CardOptions, prepare
 
-__all__ = ["push", "pull", "search", "info", "delete", "login", "logout", "whoami", "load", "save_composed"]
+__all__ = ["push", "pull", "search", "info", "delete", "login", "logout", "whoami", "storage", "load",
+           "save_composed"]
 
 SORTS = ("downloads", "recent")
 
@@ -58,15 +61,24 @@ def push(model_or_folder: Any, repo_id: str, *, hub: str | HubBackend | None = N
                           base_model=base_model,
                           description=description, license=license,
                           language=list(language) if isinstance(language, (list, tuple)) else language)
+    with _opened_online(hub, token, f"pushing {ref.repo_id} to", "push") as backend, \
+            tempfile.TemporaryDirectory(prefix="peftkit-push-") as tmp:
+        upload = prepare(model_or_folder, ref.repo_id, Path(tmp), adapter_name=adapter_name, options=options,
+                         format=format)
+        return backend.push(ref.repo_id, upload.files, private=private,
+                            commit_message=commit_message or upload.default_message, revision=revision,
+                            progress=progress)
+
+
+@contextlib.contextmanager
+def _opened_online(hub: str | HubBackend | None, token: str | None, doing: str, verb: str) -> Iterator[HubBackend]:
+    """The backend of ``hub`` for a call that needs it to answer (no cache to fall back on): refused at once
+    in offline mode when it is across the network (:func:`refuse_offline`), closed afterwards unless ``hub``
+    was a backend object the caller keeps."""
     backend = open_hub(hub, token=token)
     try:
-        refuse_offline(backend, f"pushing {ref.repo_id} to", "push")
-        with tempfile.TemporaryDirectory(prefix="peftkit-push-") as tmp:
-            upload = prepare(model_or_folder, ref.repo_id, Path(tmp), adapter_name=adapter_name, options=options,
-                             format=format)
-            return backend.push(ref.repo_id, upload.files, private=private,
-                                commit_message=commit_message or upload.default_message, revision=revision,
-                                progress=progress)
+        refuse_offline(backend, doing, verb)
+        yield backend
     finally:
         if not isinstance(hub, HubBackend):
             backend.close()
@@ -137,26 +149,16 @@ def search(text: str | None = None, hub: str | HubBackend | None = None, *, base
         tags = [tags]
     query = SearchQuery(text=text or None, base_model=base_model or None, method=method or None, task=task or None,
                         tags=tuple(tags), author=author or None, dataset=dataset or None, sort=sort, limit=limit)
-    backend = open_hub(hub, token=token)
-    try:
-        refuse_offline(backend, "searching", "search")
+    with _opened_online(hub, token, "searching", "search") as backend:
         return backend.search(query)
-    finally:
-        if not isinstance(hub, HubBackend):
-            backend.close()
 
 
 def info(ref: str, hub: str | HubBackend | None = None, *, revision: str | None = None,
          token: str | None = None) -> AdapterInfo:
     """A repo's metadata, files (with sizes and hashes) and branches, at a revision (default ``main``)."""
     parsed = parse_ref(ref, revision)
-    backend = open_hub(hub, token=token)
-    try:
-        refuse_offline(backend, f"reading {parsed.repo_id} on", "read it")
+    with _opened_online(hub, token, f"reading {parsed.repo_id} on", "read it") as backend:
         return backend.info(parsed.repo_id, parsed.revision)
-    finally:
-        if not isinstance(hub, HubBackend):
-            backend.close()
 
 
 def delete(repo_id: str, hub: str | HubBackend | None = None, *, token: str | None = None,
@@ -165,13 +167,8 @@ def delete(repo_id: str, hub: str | HubBackend | None = None, *, token: str | No
     parsed = parse_ref(repo_id)
     if parsed.revision:
         raise HubError(f"delete removes a whole repo; give {parsed.repo_id}, without @{parsed.revision}")
-    backend = open_hub(hub, token=token)
-    try:
-        refuse_offline(backend, f"deleting {parsed.repo_id} on", "delete it")
+    with _opened_online(hub, token, f"deleting {parsed.repo_id} on", "delete it") as backend:
         backend.delete(parsed.repo_id, missing_ok=missing_ok)
-    finally:
-        if not isinstance(hub, HubBackend):
-            backend.close()
 
 
 def login(token: str, hub: str | None = None, *, verify: bool = True) -> str | None:
@@ -221,6 +218,22 @@ def whoami(hub: str | None = None, *, token: str | None = None) -> str | None:
         return backend.whoami()
     finally:
         backend.close()
+
+
+def storage(namespace: str | None = None, hub: str | HubBackend | None = None, *,
+            token: str | None = None) -> NamespaceUsage:
+    """How many bytes ``namespace`` (a user or organization; default: the token's user) stores on ``hub``,
+    and its limit: ``used_bytes``, ``quota_bytes`` (None: no limit) and ``source`` of the limit.
+
+    A registry tells only a user their own usage, and an organization's to its members; anyone else gets
+    :class:`NamespaceNotFound`, as for a namespace that does not exist. The embedded hub has no accounts:
+    name the namespace; it has no limit unless one was set there. The Hugging Face Hub has no such API
+    and is refused before any request.
+    """
+    if namespace is not None and (problem := name_problem(namespace, "namespace")):
+        raise InvalidRepoRef(problem)
+    with _opened_online(hub, token, "reading storage usage on", "read it") as backend:
+        return backend.storage(namespace)
 
 
 def describe_hub(hub: str | None = None) -> str:

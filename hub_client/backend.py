@@ -20,6 +20,9 @@ from pathlib import Path
 from typing import AbstractSet, Any, Callable, Mapping, Sequence
 
 from peftkit.hub_rules.cards import ADAPTER_OF_TAG_PREFIX
+from peftkit.hub_rules.storage import NamespaceUsage
+
+from .errors import HubError
 
 #: Called with the number of bytes just transferred (drives progress bars).
 ProgressCallback = Callable[[int], None]
@@ -205,6 +208,12 @@ class HubBackend(abc.ABC):
     def whoami(self) -> str | None:
         """The user the token belongs to (``None`` when the hub has no accounts)."""
         return None
+
+    def storage(self, namespace: str | None) -> NamespaceUsage:
+        """How many bytes ``namespace`` stores on this hub and its limit (``None``: the token's user).
+
+        Optional: a hub that cannot tell refuses with a :class:`HubError`, before any request."""
+        raise HubError(f"the hub {self.address} does not report storage usage")
 
     def close(self) -> None:  # noqa: B027 (optional: a backend holding nothing has nothing to close)
         """Release resources (database handles, sessions)."""

@@ -31,6 +31,10 @@ class RevisionNotFound(HubError, LookupError):
     """The repo exists but has no such branch or commit."""
 
 
+class NamespaceNotFound(HubError, LookupError):
+    """No such user or organization on the hub, or one whose storage usage is not yours to read."""
+
+
 class OfflineError(HubError):
     """Offline mode is on and what was asked for is not in the cache."""
 

@@ -19,21 +19,24 @@ import re
 import shutil
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from peftkit.core.reachability import unreachable
 from peftkit.hub_rules import adapterhub
 from peftkit.hub_rules.cards import as_list
+from peftkit.hub_rules.storage import NamespaceUsage
 
 from .auth import missing_token_message, redact, resolve_token
 from .backend import AdapterInfo, HubBackend, PushResult, RemoteFile, SearchQuery, already_holds
-from .errors import (HubAuthError, HubError, HubUnreachable, OfflineError, RepoNotFound,
+from .errors import (HubAuthError, HubError, HubUnreachable, NamespaceNotFound, OfflineError, RepoNotFound,
                      RevisionNotFound)
 from .metadata import base_model_from, method_from_tags
 from .near_names import with_near_names
 from .upload_progress import upload_bar
 
 HF_DEFAULT_ENDPOINT = "https://huggingface.co"
+#: A peftkit registry's answer to "how much does a namespace store" (not part of the Hugging Face Hub's API).
+STORAGE_PATH = "/api/namespaces/{namespace}/storage"
 #: Files the Hub adds to every new repo; a push never deletes them.
 _KEEP = frozenset({".gitattributes"})
 _CONNECTION_ERROR_NAMES = frozenset({
@@ -348,6 +351,44 @@ class HttpBackend(HubBackend):
         with self._errors(f"checking the token with {self.address}"):
             data = self._api().whoami()
         return data.get("name") if isinstance(data, dict) else None
+
+    def storage(self, namespace: str | None) -> NamespaceUsage:
+        """GET /api/namespaces/{namespace}/storage of a peftkit registry, with the token (``None``: its user)."""
+        if self.huggingface:
+            raise HubError(
+                f"the Hugging Face Hub ({self.address}) has no API for a namespace's storage usage and limit; "
+                "see yours in your account settings on its web site. `peftkit hub storage` works with a peftkit "
+                "registry (--hub http://host:port) and the embedded hub (--hub local)")
+        where = f"reading the storage usage of {namespace or 'your namespace'} on {self.address}"
+        token = self._require_token(where)
+        if namespace is None:
+            namespace = self.whoami()
+            if not namespace:
+                raise HubAuthError(f"{where}: the hub did not say whose token this is; name the namespace")
+            where = f"reading the storage usage of {namespace} on {self.address}"
+        from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+        from peftkit import __version__
+
+        url = self.endpoint + STORAGE_PATH.format(namespace=quote(namespace, safe=""))
+        with self._errors(where):
+            self._probe()
+            response = get_session().get(url, headers=build_hf_headers(
+                token=token, library_name="peftkit", library_version=__version__))
+            if response.status_code == 404:
+                raise self._storage_not_found(response, namespace, where)
+            hf_raise_for_status(response)
+        try:
+            return NamespaceUsage.from_json(response.json())
+        except ValueError as exc:  # also a body that is not JSON
+            raise HubError(f"{where}: the hub answered something other than a storage report: {exc}") from None
+
+    def _storage_not_found(self, response: Any, namespace: str, where: str) -> HubError:
+        message = redact(response.headers.get("X-Error-Message") or "not found", self.token)
+        if response.headers.get("X-Error-Code") == "NamespaceNotFound":
+            return NamespaceNotFound(f"{where}: {message}")
+        return HubError(f"{where}: the hub at {self.address} does not serve storage usage ({message}); it needs a "
+                        f"peftkit registry that answers GET {STORAGE_PATH.format(namespace=namespace)}: upgrade it")
 
     def _info(self, model: Any) -> AdapterInfo:
         card_data = getattr(model, "card_data", None)

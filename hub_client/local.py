@@ -19,11 +19,12 @@ from typing import Mapping, Sequence
 from peftkit.hub_rules.cards import DOWNLOAD_COUNTING_FILES
 from peftkit.hub_rules.home import peftkit_home
 from peftkit.hub_rules.names import is_commit_sha
+from peftkit.hub_rules.storage import NamespaceUsage
 from peftkit.registry import errors as registry_errors
 from peftkit.registry.store import RegistryStore
 
 from .backend import AdapterInfo, HubBackend, PushResult, RemoteFile, SearchQuery, already_holds
-from .errors import HubError, InvalidRepoRef, RepoNotFound, RevisionNotFound
+from .errors import HubError, InvalidRepoRef, NamespaceNotFound, RepoNotFound, RevisionNotFound
 from .near_names import with_near_names
 
 
@@ -199,3 +200,15 @@ class LocalBackend(HubBackend):
         info.files = [RemoteFile(e.path, e.size, e.oid, e.sha256) for e in files]
         info.branches = branches
         return info
+
+    def storage(self, namespace: str | None) -> NamespaceUsage:
+        """What ``namespace``'s repos store here; no limit unless ``peftkit registry quota set --data`` set one."""
+        if namespace is None:
+            raise HubError(f"the embedded hub {self.address} has no accounts, so no user of its own: name the "
+                           "namespace whose storage to show")
+        quotas = self.store.quotas
+        known = quotas.known(namespace)
+        if known is None:
+            raise NamespaceNotFound(f"no namespace '{namespace}' on {self.address}: no repo is stored under it")
+        (usage,) = quotas.usage([known])
+        return usage

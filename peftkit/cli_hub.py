@@ -1,4 +1,4 @@
-"""``peftkit hub ...`` (push, pull, search, info, delete, login, logout, whoami) and ``peftkit compose``.
+"""``peftkit hub ...`` (push, pull, search, info, delete, login, logout, whoami, storage) and ``peftkit compose``.
 
 Torch-free at import. Every command takes ``--hub`` (else ``PEFTKIT_HUB``,
 else the embedded local hub). Errors print one line and exit with code 1;
@@ -312,6 +312,41 @@ def whoami_command(hub: str | None, token_file: str | None) -> None:
 
     user = whoami(hub, token=_token(token_file))
     click.echo(user or "(the local hub has no users)")
+
+
+@hub_group.command("storage")
+@click.argument("namespace", required=False)
+@_hub_option
+@_token_option
+@click.option("--json", "as_json", is_flag=True,
+              help="Print {namespace, used_bytes, quota_bytes (null: no limit), source} as JSON.")
+def storage_command(namespace: str | None, hub: str | None, token_file: str | None, as_json: bool) -> None:
+    """How much NAMESPACE (default: your user) stores on the hub, and its limit.
+
+    A registry shows you your own namespace and your organizations'; the embedded hub needs a NAMESPACE.
+    Exit status: 0 on success, 1 when the namespace is not found or not yours, or you are not logged in,
+    2 on a usage error.
+    """
+    from peftkit.hub_client.api import storage
+    from peftkit.hub_client.resolve import open_hub
+    from peftkit.hub_rules.names import name_problem
+    from peftkit.hub_rules.storage import storage_summary
+
+    if namespace is not None and (problem := name_problem(namespace, "namespace")):
+        raise click.BadParameter(problem, param_hint="NAMESPACE")
+    with open_hub(hub, token=_token(token_file)) as backend:
+        if namespace is None and not backend.remote:
+            raise click.UsageError(f"the embedded hub ({backend.address}) has no users: give the NAMESPACE whose "
+                                   "storage to show")
+        usage = storage(namespace, backend)
+    if as_json:
+        echo_json(usage.to_json())
+        return
+    summary = storage_summary(usage)
+    click.echo(f"{usage.namespace}: {summary.text}")
+    if summary.full:
+        click.echo(f"{usage.namespace} is full: commits that add files are refused; free space by deleting repos "
+                   "(peftkit hub delete), or ask the registry's administrator to raise the limit", err=True)
 
 
 @click.command("compose")

@@ -11,6 +11,10 @@ process and keeps each module to one job. Who may do what:
   them; everyone else gets 404 ``RepoNotFound`` exactly as if they did not exist;
 * writes (create, delete, commit, settings, branches): a write token of the
   namespace's user or of a member of the namespace's organization.
+* a namespace's storage usage (``GET /api/namespaces/{namespace}/storage``, not
+  part of the Hub's API): a token of that user or of a member of that
+  organization; everyone else gets 404 ``NamespaceNotFound``, as for a namespace
+  that does not exist.
 """
 
 from __future__ import annotations
@@ -246,6 +250,8 @@ class HubApi:
             rest = s[1:]
             if rest == ["whoami-v2"] and m == "GET":
                 return self.whoami(req)
+            if len(rest) == 3 and rest[0] == "namespaces" and rest[2] == "storage" and m == "GET":
+                return self.namespace_storage(req, unquote(rest[1]))
             if rest == ["repos", "create"] and m == "POST":
                 return self.create_repo(req)
             if rest == ["repos", "delete"] and m == "DELETE":
@@ -349,11 +355,18 @@ class HubApi:
         raise RepoMoved(f"repository '{repo_id}' was moved to '{target}'", location=location)
 
     @staticmethod
-    def _require_principal(req: Request, action: str) -> Principal:
+    def _require_principal(req: Request, action: str, *, log_in_at: str | None = None) -> Principal:
+        """The caller, else 401. A write asks for a write token; a read that needs an account (``log_in_at``:
+        the registry's URL) says to log in there, with a token of any scope."""
         if req.principal is None and req.auth_error:
             raise Unauthorized(
                 f"{req.auth_error}: the token is unknown to this registry or revoked; "
                 "create one with `peftkit registry token create USER --write`"
+            )
+        if req.principal is None and log_in_at is not None:
+            raise Unauthorized(
+                f"{action} needs you to log in: run `peftkit hub login --hub {log_in_at}` with a token from "
+                "`peftkit registry token create USER`, or pass it as 'Authorization: Bearer <token>'"
             )
         if req.principal is None:
             raise Unauthorized(
@@ -407,6 +420,24 @@ class HubApi:
                 "accessToken": {"displayName": p.token_name or p.token_id, "role": "write" if p.write else "read"},
             },
         })
+
+    def namespace_storage(self, req: Request, namespace: str) -> Response:
+        """GET /api/namespaces/{namespace}/storage: what ``registry quota show --json`` prints for it.
+
+        Private, as on the account pages: only the user, or a member of the organization, reads it. Both
+        checks use the token alone, before any database work; anyone else gets the 404 a namespace that does
+        not exist gets, so the answer tells nobody which namespaces exist. Costs one indexed sum."""
+        principal = self._require_principal(req, "reading a namespace's storage usage", log_in_at=self._base(req))
+        own = next((name for name in (principal.user, *sorted(principal.orgs)) if name.lower() == namespace.lower()),
+                   None)
+        if own is None:
+            raise NotFound(
+                f"namespace '{namespace}' not found: you can read the storage usage of your own namespace "
+                f"('{principal.user}') and of the organizations you are a member of",
+                code="NamespaceNotFound",
+            )
+        (usage,) = self.store.quotas.usage([own])
+        return Response.json(usage.to_json())
 
     # ------------------------------------------------------------- repos
     def create_repo(self, req: Request) -> Response:

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
+
+from peftkit.hub_rules.storage import NamespaceUsage, format_size
 
 from .errors import QuotaExceeded
 
@@ -40,33 +41,6 @@ QUOTA_FIX = (
     "(`HfApi.super_squash_history`: older commits keep their files), or ask an administrator to raise it: "
     "`peftkit registry quota set {namespace} SIZE`"
 )
-
-
-def format_size(size: int) -> str:
-    """``size`` bytes for people: ``1.5 GB``, ``512 KB``, ``12 bytes`` (powers of 1000)."""
-    if size < 1000:
-        return f"{size} byte{'' if size == 1 else 's'}"
-    value = float(size)
-    for unit in ("KB", "MB", "GB", "TB", "PB"):
-        value /= 1000
-        if value < 1000 or unit == "PB":
-            return f"{value:.3g} {unit}"
-    raise AssertionError("unreachable")
-
-
-@dataclass(frozen=True)
-class NamespaceUsage:
-    """A namespace's stored bytes and its limit. ``quota_bytes`` is the limit that applies (None: no limit),
-    ``source`` where it comes from: ``"namespace"`` (an override), ``"default"`` (the server's), ``"none"``."""
-
-    namespace: str
-    used_bytes: int
-    quota_bytes: int | None
-    source: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {"namespace": self.namespace, "used_bytes": self.used_bytes, "quota_bytes": self.quota_bytes,
-                "source": self.source}
 
 
 # ------------------------------------------------------------ the counters

@@ -35,6 +35,7 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from peftkit.hub_rules.cards import CardError, split_front_matter
 from peftkit.hub_rules.names import is_commit_sha
+from peftkit.hub_rules.storage import storage_summary
 
 from ..accounts import Principal
 from ..errors import BadRequest, NotFound, RegistryError, RepoNotFound, Unauthorized
@@ -55,7 +56,6 @@ from .sessions import (
     parse_cookies,
     same_origin,
 )
-from .storage import storage_summary
 from .templates import Templates
 from .usage import snippets
 
