@@ -16,6 +16,8 @@ from .errors import ConfigError
 #: The ``peft_type`` values Hugging Face PEFT has (its ``PeftType``, peft 0.21.2). PEFT loads a folder whose
 #: ``adapter_config.json`` names one of them as its own method and refuses any other (``KeyError``), so a type not
 #: in this set says: not PEFT's format. Kept here, not read from ``peft``: reading a folder imports no torch.
+#: The registry, which may not import the core, reads the same set and rule from ``peftkit.hub_rules.peft_types``,
+#: which the core may not import (docs/architecture.md): tests/test_peft_types.py holds the two equal.
 PEFT_TYPES = frozenset({
     "ADALORA", "ADAMSS", "ADAPTION_PROMPT", "BEFT", "BOFT", "C3A", "CARTRIDGE", "CPT", "DEFT", "DELORA", "FOURIERFT",
     "FROD", "GLORA", "GRALORA", "HIRA", "HRA", "IA3", "LILY", "LN_TUNING", "LOHA", "LOKR", "LORA", "MISS",

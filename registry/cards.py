@@ -20,6 +20,9 @@ Hub does: the card's tags, the library (``peft``), the method (``lora``), the
 task (``text-generation``), ``base_model:<id>`` and ``base_model:adapter:<id>``,
 ``dataset:<id>`` and ``license:<id>``.
 
+The library is what loads the files, whatever the card says (:func:`library_of`): ``peft`` for a ``peft_type``
+PEFT has, ``peftkit`` for one it does not (:mod:`peftkit.hub_rules.peft_types`).
+
 The card is the author's and a commit never fails for it, but the index keeps
 only values that can be names (:func:`indexable`): at most
 :data:`MAX_FACET_CHARS` characters (a hub id is at most 96 + 1 + 96) without a
@@ -44,8 +47,12 @@ from peftkit.hub_rules.cards import (
     as_list,
     split_front_matter,
 )
+from peftkit.hub_rules.peft_types import file_in_peft_format
 
 MAX_INDEXED_BODY_CHARS = 20_000
+#: The libraries the index names for an adapter's files: PEFT's (it loads them) and peftkit's (only peftkit does).
+PEFT_LIBRARY = "peft"
+PEFTKIT_LIBRARY = "peftkit"
 #: The longest value indexed (a base model, tag, dataset, library, task, ...): longer than any hub id
 #: (two names of at most 96 characters) and the longest filter the web pages' search takes.
 MAX_FACET_CHARS = 200
@@ -171,6 +178,30 @@ class RepoMetadata:
         }
 
 
+def refused_by_peft(config: dict[str, Any]) -> bool:
+    """Whether ``config`` (an ``adapter_config.json``'s content) names a ``peft_type`` PEFT does not have: PEFT
+    refuses the folder, so nothing indexed about it may say ``peft``."""
+    return bool(config.get("peft_type")) and not file_in_peft_format(config)
+
+
+def library_of(card_library: str | None, config: dict[str, Any]) -> str | None:
+    """The library indexed for a repo whose card names ``card_library`` (None: none or AdapterHub's, see
+    :func:`extract_metadata`) and whose ``adapter_config.json`` holds ``config`` (``{}``: none).
+
+    The files decide over the card: a ``peft_type`` PEFT has is ``peft`` unless the card says ``peft`` or
+    ``peftkit`` (transformers' ``push_to_hub`` rewrites PEFT's card with ``library_name: transformers``); any
+    other ``peft_type`` is ``peftkit`` whatever the card says, since PEFT refuses the folder (peftkit writes such
+    types, ``BITFIT`` or ``PROMPT_TUNING_EMBEDDING_OUTPUT``, for what PEFT cannot load). Another config without a
+    library on its card is ``peftkit``'s."""
+    if refused_by_peft(config):
+        return PEFTKIT_LIBRARY
+    if config.get("peft_type"):
+        return card_library if card_library in (PEFT_LIBRARY, PEFTKIT_LIBRARY) else PEFT_LIBRARY
+    if card_library is None and config:
+        return PEFTKIT_LIBRARY
+    return card_library
+
+
 def extract_metadata(readme: bytes | None, adapter_config: bytes | None,
                      peftkit_record: bytes | None = None) -> RepoMetadata:
     """Build the index entry from the card, the adapter config and peftkit's record (any may be
@@ -198,14 +229,13 @@ def extract_metadata(readme: bytes | None, adapter_config: bytes | None,
     is_adapterhub = adapterhub.is_adapterhub_config(config)
     if card_library is None and (is_adapterhub or adapterhub.LIBRARY_TAGS & {t.lower() for t in card_tags}):
         card_library = adapterhub.LIBRARY  # as the Hub names the library of AdapterHub's repos
-    meta.library_name = card_library
-    meta.is_adapter = bool(config) or meta.library_name in ("peft", "peftkit", adapterhub.LIBRARY)
-    if config and config.get("peft_type") and meta.library_name not in ("peft", "peftkit"):
-        # The files are a PEFT adapter whatever a generic card says: transformers'
-        # push_to_hub rewrites PEFT's card with `library_name: transformers`.
-        meta.library_name = "peft"
-    elif meta.library_name is None and config:
-        meta.library_name = "peftkit"
+    meta.library_name = library_of(card_library, config)
+    meta.is_adapter = bool(config) or meta.library_name in (PEFT_LIBRARY, PEFTKIT_LIBRARY, adapterhub.LIBRARY)
+    if refused_by_peft(config):
+        # Neither the card's `library_name: peft` nor its tag `peft` finds these files as PEFT's.
+        card_tags = [t for t in card_tags if t.lower() != PEFT_LIBRARY]
+        if card_library is not None and card_library.lower() == PEFT_LIBRARY:
+            card_library = None
 
     base_models = _indexable_list(as_list(card.get("base_model")))
     cfg_base = indexable(config.get("model_name" if is_adapterhub else "base_model_name_or_path"))

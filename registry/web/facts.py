@@ -19,6 +19,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from peftkit.hub_rules.peft_types import file_in_peft_format
+
 from ..store import FileEntry
 
 MAX_JSON_BYTES = 1 << 20
@@ -58,6 +60,8 @@ class Member:
 class Facts:
     kind: str = "files"  # "adapter", "composition", "fusion" or "files"
     format: str | None = None
+    #: Whether PEFT loads the folder (its peft_type is one PEFT has): the page shows PEFT's loading snippet then.
+    peft_loads: bool = False
     method: str | None = None
     options: list[tuple[str, str]] = field(default_factory=list)
     target_modules: list[str] = field(default_factory=list)
@@ -195,11 +199,13 @@ class FactsReader:
         peft_type = config.get("peft_type") if isinstance(config.get("peft_type"), str) else None
         if not record and OWN_RECORD in files:
             record = self._json(files, OWN_RECORD)
-            facts.format = "PEFT (loads with PEFT and peftkit)"
-        elif isinstance(config.get("peftkit"), dict):
+        # By the folder's own peft_type, as the index's library: peftkit writes one PEFT does not have
+        # (BITFIT, PROMPT_TUNING_EMBEDDING_OUTPUT) for what PEFT cannot load, in PEFT's layout or its own.
+        facts.peft_loads = file_in_peft_format(config)
+        if facts.peft_loads:
+            facts.format = "PEFT (loads with PEFT and peftkit)" if record else "PEFT"
+        elif record or peft_type:
             facts.format = "peftkit"
-        elif peft_type:
-            facts.format = "PEFT"
         facts.kind = "adapter"
         own_method = record.get("method") if isinstance(record.get("method"), str) else None
         facts.method = own_method or (peft_type.lower() if peft_type else None)

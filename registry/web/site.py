@@ -341,7 +341,7 @@ class WebSite:
             branches=sorted(self.store.list_branches(info.repo_id).items())[:MAX_REFS_SHOWN],
             tags=sorted(self.store.list_tags(info.repo_id).items())[:MAX_REFS_SHOWN],
             usage=snippets(info.repo_id, endpoint=endpoint, revision=shown_revision, base_model=base_model,
-                           peft_loads=facts.format is not None and facts.format.startswith("PEFT"),
+                           peft_loads=facts.peft_loads,
                            task_type=facts.task_type, private=info.private) if not folder else [],
         )
 
