@@ -16,6 +16,7 @@ from tests.method_helpers import frozen_layer, new_tensors
 
 IN, OUT, R, SCALE = 6, 5, 3, 1.5
 D = torch.float64
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))
 
 
 def _base(conv1d: bool = False, bias: bool = True) -> nn.Module:
@@ -318,16 +319,18 @@ def test_dense_is_cheaper_once_the_products_move_a_rank_dependent_multiple_of_a_
 
 @pytest.mark.parametrize("dora", [False, True])
 @pytest.mark.parametrize("conv1d, bias", [(False, True), (False, False), (True, True), (True, False)])
-def test_inference_with_many_tokens_runs_one_product_on_a_weight_copy(dora: bool, conv1d: bool, bias: bool) -> None:
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_inference_with_many_tokens_runs_one_product_on_a_weight_copy(dora: bool, conv1d: bool, bias: bool,
+                                                                      device: str) -> None:
     """From the crossover on, inference adds s B A to a copy of W and runs one product: the matrix-product
     FLOPs are the copy's (out x r x in) and the one product's, the values the formula's (float64), and the
     layer's own weight is left as it was."""
-    base = _base(conv1d, bias)
-    a, b = _factors()
-    magnitude = _magnitude()
+    base = _base(conv1d, bias).to(device)
+    a, b = (t.detach().to(device) for t in _factors())
+    magnitude = _magnitude().detach().to(device)
     weight_before = base.weight.detach().clone()
     for tokens in (DENSE_FROM_TOKENS, 40):
-        x = torch.randn(tokens, IN, dtype=D)
+        x = torch.randn(tokens, IN, dtype=D, device=device)
         expected, norm = _dora_hand(x, x, a, b, magnitude, base) if dora else (_lora_hand(x, x, a, b, base), None)
         dora_args = (magnitude, norm) if dora else ()
         with torch.no_grad():
@@ -374,7 +377,6 @@ def test_the_weight_copy_is_left_to_one_input_float32_or_float64_inference() -> 
 
 # -- float32 factors on a half-precision layer (PEFT keeps a bfloat16 model's LoRA factors in float32) --------
 
-CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))
 
 
 def _mixed_case(layer_dtype: torch.dtype, conv1d: bool, bias: bool, tokens: int, device: str = "cpu"):
