@@ -12,18 +12,18 @@ from typing import Any
 
 import click
 
-from peftkit.cli_output import echo_json, format_table
+from peftkit.cli_output import echo_json, format_table, terminal_safe
 from peftkit.core.errors import PeftkitError
 
 
 class PeftkitGroup(click.Group):
-    """Turns peftkit errors into a clean message and exit code 1."""
+    """Turns peftkit errors into a clean message (control characters escaped: it may quote a hub) and exit code 1."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except PeftkitError as exc:
-            raise click.ClickException(str(exc)) from None
+            raise click.ClickException(terminal_safe(str(exc), multiline=True)) from None
 
 
 @click.group(cls=PeftkitGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -185,6 +185,7 @@ def run(argv: list[str] | None = None) -> int:
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.ClickException as exc:
+        exc.message = terminal_safe(exc.message, multiline=True)  # any command's error may quote a hub
         exc.show()
         return exc.exit_code
     except click.exceptions.Abort:

@@ -2,7 +2,9 @@
 
 Torch-free at import. Every command takes ``--hub`` (else ``PEFTKIT_HUB``,
 else the embedded local hub). Errors print one line and exit with code 1;
-a token is never printed.
+a token is never printed. What a hub sends (names, card facts, commits,
+error messages) is printed through :func:`peftkit.cli_output.terminal_safe`,
+so a hostile hub cannot drive the terminal; ``--json`` gives it exactly.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any, Iterator
 import click
 
 from peftkit.cli_auto_compose import auto_options, check_auto_options, run_auto
-from peftkit.cli_output import echo_json, format_table
+from peftkit.cli_output import echo_json, echo_safe, format_table, terminal_safe
 
 _HUB_HELP = ("Hub: 'local' (the embedded hub, default), 'local:/folder', a registry URL http://host:port, or "
              "'hf' (the Hugging Face Hub). Default: $PEFTKIT_HUB, else local.")
@@ -55,7 +57,8 @@ def plain_warnings(show_all: bool = True) -> Iterator[None]:
     with warnings.catch_warnings():
         if show_all:
             warnings.simplefilter("default")
-        warnings.showwarning = lambda message, *args, **kwargs: click.echo(f"Warning: {message}", err=True)
+        warnings.showwarning = lambda message, *args, **kwargs: echo_safe(f"Warning: {message}", err=True,
+                                                                            multiline=True)
         yield
 
 
@@ -71,7 +74,7 @@ class _HubGroup(click.Group):
         except PeftkitError as exc:
             from peftkit.hub_client.auth import redact
 
-            raise click.ClickException(redact(str(exc))) from None
+            raise click.ClickException(terminal_safe(redact(str(exc)), multiline=True)) from None
 
 
 @click.group("hub", cls=_HubGroup)
@@ -126,11 +129,11 @@ def push_command(folder: str, repo_id: str, hub: str | None, revision: str, priv
         echo_json(result.to_json())
         return
     if not result.changed:
-        click.echo(f"{result.repo_id} is already up to date at {result.revision} on {result.hub} "
-                   f"(commit {result.commit}); nothing was committed")
+        echo_safe(f"{result.repo_id} is already up to date at {result.revision} on {result.hub} "
+                  f"(commit {result.commit}); nothing was committed")
         return
     verb = "Created" if result.created else "Updated"
-    click.echo(f"{verb} {result.repo_id} on {result.hub}: revision {result.revision} is commit {result.commit}")
+    echo_safe(f"{verb} {result.repo_id} on {result.hub}: revision {result.revision} is commit {result.commit}")
 
 
 @hub_group.command("pull")
@@ -164,8 +167,8 @@ def pull_command(ref: str, hub: str | None, revision: str | None, out: str | Non
         return
     if not quiet:
         note = " (from the cache)" if pulled.from_cache else ""
-        click.echo(f"{pulled.repo_id}@{pulled.revision} = commit {pulled.commit}{note}", err=True)
-    click.echo(str(path))
+        echo_safe(f"{pulled.repo_id}@{pulled.revision} = commit {pulled.commit}{note}", err=True)
+    echo_safe(str(path))
 
 
 @hub_group.command("search")
@@ -236,15 +239,15 @@ def info_command(ref: str, hub: str | None, token_file: str | None, as_json: boo
               ("tags", ", ".join(data.tags) or "-"), ("downloads", str(data.downloads)),
               ("updated", _short_date(data.last_modified))]
     for key, value in fields:
-        click.echo(f"{key:>11}: {value}")
+        echo_safe(f"{key:>11}: {value}")
     if data.branches:
         click.echo("   branches:")
         for name, sha in sorted(data.branches.items()):
-            click.echo(f"             {name} -> {sha}")
+            echo_safe(f"             {name} -> {sha}")
     if data.files:
         click.echo("      files:")
         for f in data.files:
-            click.echo(f"             {f.path} ({f.size:,} bytes)")
+            echo_safe(f"             {f.path} ({f.size:,} bytes)")
 
 
 @hub_group.command("delete")
@@ -287,7 +290,7 @@ def login_command(hub: str | None, token_stdin: bool, no_verify: bool) -> None:
         token = click.prompt(f"Token for {address}", hide_input=True, err=True).strip()
     user = login(token, hub, verify=not no_verify)
     who = f" as {user}" if user else ""
-    click.echo(f"Logged in to {address}{who}; the token is saved in {token_file()} (mode 0600).")
+    echo_safe(f"Logged in to {address}{who}; the token is saved in {token_file()} (mode 0600).")
 
 
 @hub_group.command("logout")
@@ -311,7 +314,7 @@ def whoami_command(hub: str | None, token_file: str | None) -> None:
     from peftkit.hub_client.api import whoami
 
     user = whoami(hub, token=_token(token_file))
-    click.echo(user or "(the local hub has no users)")
+    echo_safe(user or "(the local hub has no users)")
 
 
 @hub_group.command("storage")
@@ -343,9 +346,9 @@ def storage_command(namespace: str | None, hub: str | None, token_file: str | No
         echo_json(usage.to_json())
         return
     summary = storage_summary(usage)
-    click.echo(f"{usage.namespace}: {summary.text}")
+    echo_safe(f"{usage.namespace}: {summary.text}")
     if summary.full:
-        click.echo(f"{usage.namespace} is full: commits that add files are refused; free space by deleting repos "
+        echo_safe(f"{usage.namespace} is full: commits that add files are refused; free space by deleting repos "
                    "(peftkit hub delete), or ask the registry's administrator to raise the limit", err=True)
 
 
@@ -402,7 +405,7 @@ def compose_command(base: str, spec: str | None, out: str, hub: str | None, merg
     if auto_settings["as_json"]:
         echo_json(report.to_json())
     else:
-        click.echo(report.summary())
+        echo_safe(report.summary(), multiline=True)
 
 
 commands = [hub_group, compose_command]
