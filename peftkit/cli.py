@@ -17,13 +17,13 @@ from peftkit.core.errors import PeftkitError
 
 
 class PeftkitGroup(click.Group):
-    """Turns peftkit errors into a clean message (control characters escaped: it may quote a hub) and exit code 1."""
+    """Turns peftkit errors into a clean message and exit code 1 (:func:`run` escapes its control characters)."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except PeftkitError as exc:
-            raise click.ClickException(terminal_safe(str(exc), multiline=True)) from None
+            raise click.ClickException(str(exc)) from None
 
 
 @click.group(cls=PeftkitGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import click
 
 from peftkit.cli_auto_compose import auto_options, check_auto_options, run_auto
-from peftkit.cli_output import echo_json, echo_safe, format_table, terminal_safe
+from peftkit.cli_output import echo_json, echo_safe, format_table
 
 _HUB_HELP = ("Hub: 'local' (the embedded hub, default), 'local:/folder', a registry URL http://host:port, or "
              "'hf' (the Hugging Face Hub). Default: $PEFTKIT_HUB, else local.")
@@ -74,7 +74,7 @@ class _HubGroup(click.Group):
         except PeftkitError as exc:
             from peftkit.hub_client.auth import redact
 
-            raise click.ClickException(terminal_safe(redact(str(exc)), multiline=True)) from None
+            raise click.ClickException(redact(str(exc))) from None  # run() escapes control characters
 
 
 @click.group("hub", cls=_HubGroup)
