@@ -5,35 +5,19 @@ does not know. Reading follows one rule for every PEFT-format method: a known
 field maps to ours, a field that must keep a fixed value is checked, and an
 unknown field is accepted only while it is at its "off" value (None, False,
 empty) — anything else is an error that names it, never a silent misread.
+
+Which ``peft_type`` values PEFT has (``PEFT_TYPES``), so whether PEFT loads a folder (``file_in_peft_format``),
+decides the model card, ``peftkit info`` and a push here, and the registry's index and pages there. That rule
+lives once, in ``peftkit.hub_rules.peft_types``, a leaf importing nothing of peftkit that both the core and the
+registry may import (docs/architecture.md); this module re-exports it for the core.
 """
 
 from __future__ import annotations
 
 from typing import Any, Iterable, Mapping
 
+from ..hub_rules.peft_types import PEFT_TYPES, file_in_peft_format  # noqa: F401 - the core's callers import them here
 from .errors import ConfigError
-
-#: The ``peft_type`` values Hugging Face PEFT has (its ``PeftType``, peft 0.21.2). PEFT loads a folder whose
-#: ``adapter_config.json`` names one of them as its own method and refuses any other (``KeyError``), so a type not
-#: in this set says: not PEFT's format. Kept here, not read from ``peft``: reading a folder imports no torch.
-#: The registry, which may not import the core, reads the same set and rule from ``peftkit.hub_rules.peft_types``,
-#: which the core may not import (docs/architecture.md): tests/test_peft_types.py holds the two equal.
-PEFT_TYPES = frozenset({
-    "ADALORA", "ADAMSS", "ADAPTION_PROMPT", "BEFT", "BOFT", "C3A", "CARTRIDGE", "CPT", "DEFT", "DELORA", "FOURIERFT",
-    "FROD", "GLORA", "GRALORA", "HIRA", "HRA", "IA3", "LILY", "LN_TUNING", "LOHA", "LOKR", "LORA", "MISS",
-    "MULTITASK_PROMPT_TUNING", "OFT", "OSF", "PEANUT", "POLY", "PREFIX_TUNING", "PROMPT_TUNING", "PSOFT", "PVERA",
-    "P_TUNING", "RANDLORA", "ROAD", "SHADOW", "SHIRA", "SUPERTUNING", "TINYLORA", "TRAINABLE_TOKENS", "UNILORA",
-    "VBLORA", "VERA", "WAVEFT", "XLORA",
-})
-
-
-def file_in_peft_format(config: Mapping[str, Any]) -> bool:
-    """Whether PEFT loads the folder whose ``adapter_config.json`` holds ``config``: its ``peft_type`` is one PEFT
-    has. peftkit writes a type PEFT does not have for a method PEFT lacks (``BITFIT``) and for a config PEFT's type
-    cannot express (``PROMPT_TUNING_EMBEDDING_OUTPUT``), so that PEFT refuses the folder instead of loading
-    another adapter; the model card, ``peftkit info`` and a push decide by this, per folder."""
-    peft_type = config.get("peft_type")
-    return isinstance(peft_type, str) and peft_type in PEFT_TYPES
 
 
 def method_reading(methods: Iterable[Any], peft_type: str) -> Any | None:

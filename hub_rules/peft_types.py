@@ -6,9 +6,9 @@ express (``PROMPT_TUNING_EMBEDDING_OUTPUT``), so that PEFT refuses such a folder
 The registry's index (``library_name`` ``peft`` or ``peftkit``) and its pages (PEFT's loading snippet) decide by
 :func:`file_in_peft_format`, as peftkit's model card and ``peftkit info`` do.
 
-Imports nothing of peftkit, as the whole of :mod:`peftkit.hub_rules`. The core, which may import nothing outside
-itself (docs/architecture.md), keeps the same set and rule in ``peftkit.core.peft_format``;
-tests/test_peft_types.py holds the two equal.
+Imports nothing of peftkit, as the whole of :mod:`peftkit.hub_rules`, so the core imports it as well
+(``peftkit.core.peft_format`` re-exports it): one copy of the rule for the card and ``peftkit info`` on one side
+and the registry's index and pages on the other (docs/architecture.md).
 """
 
 from __future__ import annotations
