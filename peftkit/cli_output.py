@@ -20,8 +20,10 @@ def echo_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
 
 
-#: C0 controls, DEL, C1 controls, and the bidi embeddings, overrides and isolates (U+202A-202E, U+2066-2069).
-_TERMINAL_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+#: C0 controls, DEL, C1 controls, the bidi marks (U+061C, U+200E, U+200F), the line and paragraph separators
+#: (U+2028, U+2029: some terminals and pagers break the line there), and the bidi embeddings, overrides and
+#: isolates (U+202A-202E, U+2066-2069).
+_TERMINAL_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
 
 
 def _visible_escape(char: str) -> str:
@@ -33,8 +35,9 @@ def terminal_safe(text: str, *, multiline: bool = False) -> str:
     """``text`` with each character that could drive a terminal written as a visible escape.
 
     ESC becomes the four characters ``\\x1b``, U+202E becomes ``\\u202e``, and
-    likewise CR, BEL, DEL, C1 controls (``\\x9b``) and bidi overrides, so a
-    hub cannot move the cursor, retitle the window or fake a line of output.
+    likewise CR, BEL, DEL, C1 controls (``\\x9b``), bidi marks, overrides and
+    isolates, and the Unicode line separators, so a hub cannot move the cursor,
+    retitle the window, reorder what a line shows or fake a line of output.
     ``multiline`` keeps newline and tab (for messages that span lines);
     otherwise they are escaped too. Other Unicode (accents, CJK, emoji) is
     left as it is.

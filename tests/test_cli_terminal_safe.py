@@ -30,7 +30,7 @@ SHA = "a" * 40
 
 #: Characters that must never reach a terminal raw (newline and tab are checked where they are not allowed).
 UNSAFE = {chr(c) for c in range(0x20) if chr(c) not in "\n\t"} | {chr(c) for c in range(0x7F, 0xA0)} | {
-    chr(c) for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))}
+    chr(c) for c in (0x061C, 0x200E, 0x200F, 0x2028, 0x2029, *range(0x202A, 0x202F), *range(0x2066, 0x206A))}
 
 
 @pytest.mark.parametrize(("text", "shown"), [
@@ -44,6 +44,9 @@ UNSAFE = {chr(c) for c in range(0x20) if chr(c) not in "\n\t"} | {chr(c) for c i
     ("abc" + RLO + "gpj.exe", "abc\\u202egpj.exe"),
     ("\u2066isolate\u2069", "\\u2066isolate\\u2069"),
     ("\x00nul", "\\x00nul"),
+    ("v1\u200fmain", "v1\\u200fmain"),  # right-to-left mark: reorders the neutral characters around it
+    ("\u200eleft\u061c", "\\u200eleft\\u061c"),  # left-to-right and Arabic letter marks
+    ("one\u2028two\u2029three", "one\\u2028two\\u2029three"),  # line and paragraph separators
 ])
 def test_terminal_safe_escapes_each_control_class(text: str, shown: str) -> None:
     assert terminal_safe(text) == shown
