@@ -150,16 +150,20 @@ class CompositionMixin:
                              adapter_name: str, combination_type: str = "svd", svd_rank: int | None = None,
                              svd_clamp: float | None = None, svd_full_matrices: bool = True,
                              svd_driver: str | None = None, density: float | None = None,
-                             majority_sign_method: str = "total") -> "AdapterRecord":
+                             majority_sign_method: str = "total",
+                             modules_to_save: str | None = None) -> "AdapterRecord":
         """PEFT's spelling of :meth:`merge_adapters` (same results where PEFT is exact;
-        docs/composition.md lists where PEFT's own results differ and why)."""
+        docs/composition.md lists where PEFT's own results differ and why). ``modules_to_save`` is
+        peftkit's addition (PEFT refuses adapters that each keep a copy of one module, such as
+        classifiers' heads): ``"average"`` or the name of the adapter whose copy the new one keeps."""
         from .errors import MergeError
 
         if svd_clamp is not None:
             raise MergeError("svd_clamp is not supported: clamping the factors changes the merged weights "
                              "arbitrarily; leave it at None")
         return self.merge_adapters(adapters, weights, adapter_name, combination_type, rank=svd_rank,
-                                   density=density, majority_sign_method=majority_sign_method)
+                                   density=density, majority_sign_method=majority_sign_method,
+                                   modules_to_save=modules_to_save)
 
     # -- parallel ----------------------------------------------------------------------------------
 

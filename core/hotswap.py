@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import torch
 import torch.nn as nn
 
+from .adapter_names import adapter_name_list
 from .composition_exec import forget_products
 from .errors import AdapterError, AdapterLoadError, PeftkitError, PluginError
 from .labels import read_labels
@@ -270,13 +271,15 @@ def _plan(slot: nn.Module, new: nn.Module, where: str, refused: Callable[..., Ad
 # -- making room for higher ranks ------------------------------------------------------------------
 
 
-def prepare_for_hotswap(model: "AdaptedModel", target_rank: int, adapter_names: Sequence[str] | None = None) -> None:
+def prepare_for_hotswap(model: "AdaptedModel", target_rank: int,
+                        adapter_names: str | Sequence[str] | None = None) -> None:
     """Pad low-rank adapters with zeros to ``target_rank`` (all that have a rank, or ``adapter_names``)."""
     if isinstance(target_rank, bool) or not isinstance(target_rank, int) or target_rank < 1:
         raise AdapterError(f"target_rank={target_rank!r} must be a positive integer: the highest rank among the "
                            f"adapters you will hot-swap in")
     explicit = adapter_names is not None
-    names = list(adapter_names) if adapter_names is not None else list(model.adapters)
+    names = adapter_name_list(adapter_names)
+    names = list(model.adapters) if names is None else names
     swaps: list[tuple["TunerLayer", str, nn.Module, Callable[[], None]]] = []
     configs: dict[str, Any] = {}
     for name in names:

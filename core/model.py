@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from . import composition, heads
+from .adapter_names import adapter_name_list
 from .architectures import ArchitectureSpec
 from .composition import BASE_MODEL, Node
 from . import composition_api
@@ -496,9 +497,10 @@ class AdaptedModel(CompositionMixin, nn.Module):
             if isinstance(module, TunerLayer):
                 yield name, module
 
-    def merge_adapter(self, adapter_names: Sequence[str] | None = None) -> None:
-        """Fold adapters (the active ones by default) into the base weights."""
-        names = list(adapter_names) if adapter_names is not None else self.active_adapters
+    def merge_adapter(self, adapter_names: str | Sequence[str] | None = None) -> None:
+        """Fold adapters (one name, a list of names, or the active ones by default) into the base weights."""
+        names = adapter_name_list(adapter_names)
+        names = self.active_adapters if names is None else names
         for name in names:
             record = self.adapter_record(name)
             if not record.method.can_merge:
@@ -546,14 +548,15 @@ class AdaptedModel(CompositionMixin, nn.Module):
     def merged_adapters(self) -> list[str]:
         return sorted({n for _, layer in self.tuner_layers() for n in layer.merged})
 
-    def merge_and_unload(self, adapter_names: Sequence[str] | None = None) -> nn.Module:
+    def merge_and_unload(self, adapter_names: str | Sequence[str] | None = None) -> nn.Module:
         """Merge adapters into the base weights and return the bare base model.
 
         The modules_to_save copies of the last of ``adapter_names`` that has them (as a
         stack of them would run) replace the originals, and a classifier's config gets
         that head's labels. The AdaptedModel must not be used afterwards.
         """
-        names = list(adapter_names) if adapter_names is not None else self.active_adapters
+        names = adapter_name_list(adapter_names)
+        names = self.active_adapters if names is None else names
         self.merge_adapter(names)
         return self._unwrapped(composition.as_node(names) if names else None)  # heads as a stack's: the last one's
 
@@ -657,7 +660,7 @@ class AdaptedModel(CompositionMixin, nn.Module):
 
         save_adapter(self, adapter_name, path, format=format, **card)
 
-    def save_pretrained(self, path: str, adapter_names: Sequence[str] | None = None, **card: Any) -> None:
+    def save_pretrained(self, path: str, adapter_names: str | Sequence[str] | None = None, **card: Any) -> None:
         """PEFT's layout: the adapter named "default" (or the first) at ``path``,
         every other one in ``path/<name>/``."""
         from .serialization import save_pretrained
@@ -699,7 +702,7 @@ class AdaptedModel(CompositionMixin, nn.Module):
 
         return hotswap_adapter(self, path, adapter_name)
 
-    def prepare_for_hotswap(self, target_rank: int, adapter_names: Sequence[str] | None = None) -> None:
+    def prepare_for_hotswap(self, target_rank: int, adapter_names: str | Sequence[str] | None = None) -> None:
         """Pad low-rank adapters (LoRA; all of them, or ``adapter_names``) with zeros to rank
         ``target_rank``, so that adapters of any rank up to it can be hot-swapped in. The outputs
         do not change. Call it after loading the first adapter and before compiling the model or

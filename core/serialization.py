@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
+from .adapter_names import adapter_name_list
 from .adapterhub_format import (adapterhub_config_data, adapterhub_file_tensors, adapterhub_tensors,
                                 claiming_method, config_json, is_adapterhub_config, read_adapterhub_weights)
 from .adapterhub_format import CONFIG_NAME as ADAPTERHUB_CONFIG_NAME
@@ -296,9 +297,10 @@ def save_adapter(model: "AdaptedModel", name: str, path: str | os.PathLike, form
         write(tmp)
 
 
-def save_pretrained(model: "AdaptedModel", path: str | os.PathLike, adapter_names: Sequence[str] | None = None,
-                    **card: Any) -> None:
-    names = list(adapter_names) if adapter_names is not None else list(model.adapters)
+def save_pretrained(model: "AdaptedModel", path: str | os.PathLike,
+                    adapter_names: str | Sequence[str] | None = None, **card: Any) -> None:
+    names = adapter_name_list(adapter_names)
+    names = list(model.adapters) if names is None else names
     if not names:
         raise PeftkitError("there is no adapter to save; add one first")
     root = "default" if "default" in names else names[0]

@@ -147,6 +147,13 @@ def test_heads_with_different_labels_are_not_averaged_fused_or_batched_together(
     model.merge_adapters(["sentiment", "topic"], name="both", strategy="linear", modules_to_save="topic")
     model.set_active("both")
     assert model.adapter_labels("both") == TOPICS and logits(model).shape[-1] == 4
+    # PEFT's spelling takes the same choice (PEFT itself refuses members that each keep a head).
+    with pytest.raises(MergeError, match="pass modules_to_save='average' or the name"):
+        model.add_weighted_adapter(["sentiment", "topic"], [1.0, 1.0], "peft_spelling", combination_type="linear")
+    model.add_weighted_adapter(["sentiment", "topic"], [1.0, 1.0], "peft_spelling", combination_type="linear",
+                               modules_to_save="sentiment")
+    model.set_active("peft_spelling")
+    assert model.adapter_labels("peft_spelling") == MOODS and logits(model).shape[-1] == 2
 
 
 def test_heads_with_the_same_labels_combine(folders: dict[str, Path], tmp_path: Path) -> None:
@@ -174,12 +181,16 @@ def test_a_composition_folder_keeps_each_members_labels(folders: dict[str, Path]
     assert loaded.config.id2label == dict(enumerate(TOPICS)) and loaded.adapter_labels("sentiment") == MOODS
 
 
-def test_merge_and_unload_keeps_the_head_and_its_labels(folders: dict[str, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("names", [None, "topic", ["topic"]])
+def test_merge_and_unload_keeps_the_head_and_its_labels(folders: dict[str, Path], tmp_path: Path, names) -> None:
+    """Also with one adapter named as a plain string (AdapterHub's ``merge_adapter(name)``), never read as the
+    sequence of its letters."""
     from transformers import AutoModelForSequenceClassification
 
     model = peftkit.AdaptedModel.from_pretrained(tiny(), str(folders["topic"]), "topic")
+    model.load_adapter(str(folders["sentiment"]), "sentiment", activate=False)
     expected = logits(model)
-    merged = model.merge_and_unload()
+    merged = model.merge_and_unload(names)
     merged.save_pretrained(str(tmp_path / "merged"))
     again = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "merged")).eval()
     assert again.config.id2label == dict(enumerate(TOPICS))
