@@ -9,6 +9,7 @@ the Trainer subclass, :mod:`peftkit.training_data` the data side and :mod:`peftk
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 import re
@@ -152,13 +153,36 @@ class TrainResult:
         return dataclasses.asdict(self)
 
 
+#: transformers ``TrainingArguments`` names a Trainer user writes first -> the training option meaning the same.
+TRAINING_ARGUMENT_NAMES = {
+    "num_train_epochs": "epochs", "learning_rate": "lr", "per_device_train_batch_size": "batch_size",
+    "per_device_eval_batch_size": "eval_batch_size", "gradient_accumulation_steps": "grad_accum",
+    "lr_scheduler_type": "lr_scheduler", "output_dir": "out", "max_seq_length": "max_length",
+    "push_to_hub": "push", "hub_model_id": "push", "hub_private_repo": "private", "use_cpu": "cpu",
+}
+
+
+def option_fix(name: str, names: set[str]) -> str:
+    """What to write instead of the unknown training option ``name``: the option a transformers
+    ``TrainingArguments`` name means, or the closest spelling; empty when nothing is close."""
+    meant = TRAINING_ARGUMENT_NAMES.get(name)
+    if meant == "out":
+        return "write the argument out="
+    if meant is not None:
+        return f"write {meant!r}"
+    close = difflib.get_close_matches(name, sorted(names), n=1)
+    return f"did you mean {close[0]!r}?" if close else ""
+
+
 def train_options(options: dict[str, Any]) -> TrainOptions:
     """The options of a run, checked: unknown names and bad values are refused with the fix."""
     names = {f.name for f in dataclasses.fields(TrainOptions)}
     unknown = sorted(set(options) - names)
     if unknown:
-        raise PeftkitError(f"unknown training option(s) {', '.join(map(repr, unknown))}; options: "
-                           f"{', '.join(sorted(names))}")
+        named_fixes = [(name, option_fix(name, names)) for name in unknown]
+        fixes = "; ".join((fix if len(unknown) == 1 else f"{name!r}: {fix}") for name, fix in named_fixes if fix)
+        raise PeftkitError(f"unknown training option(s) {', '.join(map(repr, unknown))}"
+                           + (f" ({fixes})" if fixes else "") + f"; options: {', '.join(sorted(names))}")
     opts = TrainOptions(**options)
     opts.check()
     return opts

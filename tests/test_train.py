@@ -167,8 +167,10 @@ def test_an_earlier_run_is_not_silently_mixed_in(tmp_path, folders):
 
 def test_bad_options_and_specs_fail_before_any_model_loads(tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", rows_for("seq-cls", 8))
-    with pytest.raises(PeftkitError, match="unknown training option\\(s\\) 'epoch'"):
+    with pytest.raises(PeftkitError, match="unknown training option\\(s\\) 'epoch' \\(did you mean 'epochs'\\?\\)"):
         peftkit.train("no-such-model", "lora", data, task="seq-cls", out=tmp_path / "o", epoch=3)
+    with pytest.raises(PeftkitError, match="'learning_rate', 'zzz' \\('learning_rate': write 'lr'\\); options: "):
+        peftkit.train("no-such-model", "lora", data, task="seq-cls", out=tmp_path / "o", learning_rate=1e-3, zzz=1)
     with pytest.raises(PeftkitError, match="batch_size must be a whole number >= 1"):
         peftkit.train("no-such-model", "lora", data, task="seq-cls", out=tmp_path / "o", batch_size=0)
     with pytest.raises(PeftkitError, match="unknown task 'classify'"):
