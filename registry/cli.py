@@ -478,7 +478,7 @@ def quota_show(quotas: Quotas, namespace: str | None, as_json: bool, namespace_q
     JSON: a list of {namespace, used_bytes, quota_bytes (null: no limit), source ("namespace": its
     own, "default": --namespace-quota-gb, "none")}.
     """
-    from .quotas import format_size
+    from peftkit.hub_rules.storage import format_size, storage_summary
 
     quotas.default_bytes = _gigabytes(namespace_quota_gb)
     usages = quotas.usage(None if namespace is None else [_known_namespace(quotas, namespace)])
@@ -492,7 +492,7 @@ def quota_show(quotas: Quotas, namespace: str | None, as_json: bool, namespace_q
         if u.quota_bytes is None:
             limit = "no limit of its own (the server's --namespace-quota-gb applies, if it has one)"
         else:
-            share = f"{100 * u.used_bytes / u.quota_bytes:.0f}%" if u.quota_bytes else "-"
+            share = f"{storage_summary(u).percent}%" if u.quota_bytes else "-"  # as the account page and hub storage
             over = ", over quota" if u.used_bytes > u.quota_bytes else ""
             whose = "its own" if u.source == "namespace" else "the server's default"
             limit = f"of {format_size(u.quota_bytes)} ({share}{over}; {whose})"

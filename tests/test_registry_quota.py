@@ -265,6 +265,9 @@ def test_quota_commands_set_show_clear_with_exit_codes_scripts_can_trust(tmp_pat
     ]
     text = _run("quota", "show", "alice", "--data", data)
     assert text.exit_code == 0 and text.stdout.split() == "alice 1.5 MB of 2 GB (0%; its own)".split()
+    # The share is rounded down, as the account page and `peftkit hub storage` show it (82.8% is 82%, not 83%).
+    assert _run("quota", "set", "alice", "1.8125MB", "--data", data).exit_code == 0
+    assert "(82%; its own)" in _run("quota", "show", "alice", "--data", data).stdout
 
     cleared = _run("quota", "clear", "alice", "--data", data)
     assert cleared.exit_code == 0 and "cleared the quota of alice" in cleared.stdout
