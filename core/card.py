@@ -8,12 +8,29 @@ method name.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
 from .errors import ConfigError
+from .model_source import looks_local
+
+#: The last line of a card body peftkit writes: a Markdown link reference definition, which renders as nothing
+#: (on the Hub, the registry's pages, GitHub), holding the hash of the body above it. A push regenerates a body
+#: whose hash still matches (usage snippet, title and results for the repo) and keeps any other body as it is.
+_NOTE = '[peftkit-card]: # "written by peftkit (sha256 {digest}{default}); a hub push rewrites this card for the ' \
+        'repo unless its text is edited"'
+_NOTE_RE = re.compile(r'\[peftkit-card\]: # "written by peftkit \(sha256 (?P<digest>[0-9a-f]{16})'
+                      r'(?P<default>, default description)?\)[^"\n]*"')
+_DEFAULT_FLAG = ", default description"
+#: What earlier versions' default descriptions said, and what they recognized a generated body by.
+_LEGACY_MARK = "made with peftkit"
+#: What the usage snippets load the adapter onto when the card names only a local folder: a variable to fill in.
+_BASE_VARIABLE = "base_model"
 
 
 def card_metadata(*, method: str, base_model: str | None, peft_format: bool, task: str | None = None,
@@ -60,16 +77,19 @@ def card_metadata(*, method: str, base_model: str | None, peft_format: bool, tas
 
 def render_card(meta: dict[str, Any], *, method: str, adapter_name: str, repo_id: str | None = None,
                 description: str | None = None, parameters: int | None = None,
-                metrics: dict[str, float] | None = None) -> str:
+                metrics: dict[str, float] | None = None, default_description: str | None = None) -> str:
+    """The card: ``meta`` as front matter, then a body (title, description, details, results, usage) ending
+    with a note that marks it as peftkit's (:func:`generated_body`). ``description`` is the text to keep;
+    without it ``default_description`` (else a line naming the method and base model) is written, and the
+    note says so, so that a push writes the default anew for the repo."""
     front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)
     if yaml.safe_load(front) != meta:  # PyYAML folds U+0085/U+2028 written raw in quotes: escape them all
         front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=False)
     base = meta.get("base_model") or "<base model>"
     where = repo_id or "path/to/this/adapter"
     lines = [
-        "---", front.rstrip(), "---", "",
         f"# {repo_id or adapter_name}", "",
-        description or f"A {method} adapter for `{base}`, made with peftkit.", "",
+        description or default_description or f"A {method} adapter for `{base}`, made with peftkit.", "",
         "## Details", "",
         f"- method: `{method}`",
         f"- base model: `{base}`",
@@ -81,13 +101,100 @@ def render_card(meta: dict[str, Any], *, method: str, adapter_name: str, repo_id
     if metrics:
         lines += ["", "## Results", "", "| metric | value |", "| --- | --- |"]
         lines += [f"| {k} | {v:.4g} |" for k, v in metrics.items()]
-    lines += ["", "## Usage", "", "```python", "import peftkit",
-              f"model = peftkit.load({json.dumps(base)}, {json.dumps(where)})", "```", ""]
-    if meta.get("library_name") == "peft":
+    lines += ["", "## Usage", ""] + _usage_lines(base, where, meta.get("library_name") == "peft")
+    body = "\n".join(lines)
+    note = _NOTE.format(digest=_body_digest(body), default="" if description else _DEFAULT_FLAG)
+    return "\n".join(["---", front.rstrip(), "---", "", body, note, ""])
+
+
+def _usage_lines(base: str, where: str, peft_format: bool) -> list[str]:
+    """The usage section's lines (ending with a blank one). A base model recorded as a local folder is a path
+    on the machine that saved the adapter, not something anyone can load: the snippet takes a variable."""
+    loaded = json.dumps(base)
+    lines = []
+    if looks_local(base):
+        loaded = _BASE_VARIABLE
+        lines += [f"The adapter records its base model as a local folder (`{base}`), not a hub id: load that "
+                  f"model (or the hub model it is a copy of) as `{_BASE_VARIABLE}`, then:", ""]
+    lines += ["```python", "import peftkit", f"model = peftkit.load({loaded}, {json.dumps(where)})", "```", ""]
+    if peft_format:
         lines += ["The folder is in Hugging Face PEFT's format too:", "", "```python",
                   "from peft import PeftModel",
-                  f"model = PeftModel.from_pretrained(base_model, {json.dumps(where)})", "```", ""]
-    return "\n".join(lines)
+                  f"model = PeftModel.from_pretrained({_BASE_VARIABLE}, {json.dumps(where)})", "```", ""]
+    return lines
+
+
+@dataclass(frozen=True)
+class GeneratedBody:
+    """A card body as peftkit wrote it: a push writes it anew for the repo, keeping its description."""
+
+    description: str | None  # None: a default text, which the push writes anew too
+
+
+# The body render_card writes, without its note, and (_LEGACY_LAYOUT_RE) as versions without the note wrote it:
+# no paragraph before the usage snippet. Only the title and the description are free text.
+_LAYOUT = (r"# [^\n]*\n\n(?P<description>.+?)\n\n## Details\n\n- method: `[^\n]*`\n- base model: `[^\n]*`\n"
+           r"(?:- trainable parameters: [0-9,]+\n)?(?:- dataset: [^\n]*\n)?"
+           r"(?:\n## Results\n\n\| metric \| value \|\n\| --- \| --- \|\n(?:\| [^\n]* \| [^\n]* \|\n)+)?"
+           r"\n## Usage\n\n{paragraph}```python\nimport peftkit\nmodel = peftkit\.load\([^\n]*\)\n```\n"
+           r"(?:\nThe folder is in Hugging Face PEFT's format too:\n\n```python\nfrom peft import PeftModel\n"
+           r"model = PeftModel\.from_pretrained\(base_model, [^\n]*\)\n```\n)?")
+_LAYOUT_RE = re.compile(_LAYOUT.format(paragraph=r"(?:[^\n]+\n\n)?"), re.DOTALL)
+_LEGACY_LAYOUT_RE = re.compile(_LAYOUT.format(paragraph=""), re.DOTALL)
+
+
+def generated_body(body: str) -> GeneratedBody | None:
+    """What a push keeps of a card body peftkit wrote and nobody edited since; None for any other body.
+
+    A body of this version ends with a note holding the hash of the text above it: any edit (but to
+    white space at its ends or line endings) changes the hash, and the body is then the user's. A body
+    written before the note existed counts as peftkit's when it has the exact layout peftkit wrote then,
+    whatever its title and description say (an edited description is kept; a description that says
+    "made with peftkit", those versions' default, is written anew, as they did).
+    """
+    text = body.replace("\r\n", "\n").strip("\n")
+    above, _, last = text.rpartition("\n")
+    note = _NOTE_RE.fullmatch(last.strip())
+    if note is not None:
+        if note["digest"] != _body_digest(above):
+            return None
+        layout = _LAYOUT_RE.fullmatch(above.strip("\n") + "\n")
+        if layout is None:
+            return None
+        return GeneratedBody(None if note["default"] else layout["description"])
+    layout = _LEGACY_LAYOUT_RE.fullmatch(text + "\n")
+    if layout is None:
+        return None
+    description = layout["description"]
+    return GeneratedBody(None if _LEGACY_MARK in description else description)
+
+
+def _body_digest(body: str) -> str:
+    return hashlib.sha256(body.replace("\r\n", "\n").strip("\n").encode("utf-8")).hexdigest()[:16]
+
+
+def card_metrics(meta: dict[str, Any]) -> dict[str, float] | None:
+    """The metrics a card's front matter records, by name, when its ``model-index`` has the form
+    :func:`card_metadata` writes (one model, one result, plain numbers): ``{}`` without a model-index;
+    None for a fuller one (several results, extra fields), which a push cannot rewrite without losing some."""
+    index = meta.get("model-index")
+    if index is None:
+        return {}
+    if not (isinstance(index, list) and len(index) == 1 and isinstance(index[0], dict)
+            and set(index[0]) <= {"name", "results"}):
+        return None
+    results = index[0].get("results")
+    if not (isinstance(results, list) and len(results) == 1 and isinstance(results[0], dict)
+            and set(results[0]) <= {"task", "dataset", "metrics"}):
+        return None
+    found: dict[str, float] = {}
+    for metric in results[0].get("metrics") or []:
+        if not (isinstance(metric, dict) and set(metric) <= {"type", "name", "value"}
+                and isinstance(metric.get("type"), str) and metric.get("name", metric["type"]) == metric["type"]
+                and isinstance(metric.get("value"), (int, float)) and not isinstance(metric["value"], bool)):
+            return None
+        found[metric["type"]] = float(metric["value"])
+    return found
 
 
 def read_card_metadata(text: str) -> dict[str, Any]:

@@ -8,8 +8,10 @@ folder except hidden ones and a training run's checkpoints and records
 itself with the Hub's conventions (``library_name``, ``base_model``, tags
 ``base_model:adapter:<id>`` and the method, ``pipeline_tag``, datasets,
 metrics, a usage snippet), through :mod:`peftkit.core.card`. The card's
-existing metadata (license, language, extra tags...) is kept, and so is a
-hand-written card body.
+existing metadata (license, language, extra tags...) and metrics are kept
+(pushed metrics add to them or replace those of the same name). A body
+peftkit wrote (``save_adapter``, ``peftkit train``) is written anew for the
+repo, keeping its description; a body the user wrote or edited is kept as it is.
 
 Nothing here imports torch unless a live model is pushed.
 """
@@ -26,7 +28,7 @@ from typing import Any
 
 from peftkit.core.adapterhub_format import SAFE_WEIGHTS_NAME as ADAPTERHUB_WEIGHTS
 from peftkit.core.adapterhub_format import is_adapterhub_config
-from peftkit.core.card import card_metadata, read_card_metadata, render_card
+from peftkit.core.card import card_metadata, card_metrics, generated_body, read_card_metadata, render_card
 from peftkit.core.model_source import looks_local
 from peftkit.core.peft_format import file_in_peft_format, method_name_of_folder
 from peftkit.hub_rules.adapterhub import LIBRARY as ADAPTERHUB_LIBRARY
@@ -41,7 +43,6 @@ FUSION = "fusion_config.json"
 CARD = "README.md"
 #: Suffixes of pickle files: peftkit never loads them, so it never publishes them either.
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-_GENERATED_MARK = "made with peftkit"
 #: A training run's own state, never published (see :func:`stays_local`).
 _RUN_FOLDERS = frozenset({"checkpoints", "runs"})
 #: The resume state a training run (peftkit train, AdapterTrainer) writes beside its adapter: every trainable
@@ -239,6 +240,20 @@ def _card_datasets(meta: dict[str, Any]) -> list[str] | None:
     return None
 
 
+def _merged_metrics(old_meta: dict[str, Any], pushed: dict[str, float] | None, where: str
+                    ) -> dict[str, float] | None:
+    """The card's metrics after the push: the folder card's, with ``pushed`` added or replacing those of the
+    same name (None: none at all, or a model-index fuller than peftkit writes, which is then kept as it is)."""
+    old = card_metrics(old_meta)
+    if old is None:
+        if pushed:
+            raise HubError(f"{where}/{CARD} has a model-index with more than one result or fields peftkit does "
+                           f"not write, so the pushed metrics ({', '.join(pushed)}) cannot be merged into it; "
+                           f"add them to its model-index yourself and push without metrics (--metric)")
+        return None
+    return {**old, **(pushed or {})} or None
+
+
 def _merged_meta(new: dict[str, Any], old: dict[str, Any], options: CardOptions) -> dict[str, Any]:
     """``new`` (from this push) wins; the old card's other keys and tags are kept."""
     meta = dict(new)
@@ -264,13 +279,17 @@ def _merged_meta(new: dict[str, Any], old: dict[str, Any], options: CardOptions)
     return meta
 
 
-def _write_card(workdir: Path, meta: dict[str, Any], old_body: str, **render: Any) -> Path:
-    if old_body.strip() and _GENERATED_MARK not in old_body:
+def _write_card(workdir: Path, meta: dict[str, Any], old_body: str, description: str | None,
+                **render: Any) -> Path:
+    """README.md for the push: ``meta`` over the folder card's body when the user wrote or edited it, else
+    over a body written anew for the repo (``description``, else the old body's own, else a default)."""
+    generated = generated_body(old_body) if old_body.strip() else None
+    if old_body.strip() and generated is None:
         import yaml
 
         text = "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n\n" + old_body
     else:
-        text = render_card(meta, **render)
+        text = render_card(meta, description=description or (generated and generated.description), **render)
     path = workdir / CARD
     path.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
     return path
@@ -317,17 +336,18 @@ def _adapter_upload(folder: Path, files: dict[str, Path], repo_id: str, workdir:
         patched.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         files[CONFIG] = patched
     old_meta, old_body = _existing_card(folder)
+    metrics = _merged_metrics(old_meta, options.metrics, where)
     task = options.task or old_meta.get("pipeline_tag") or TASK_TYPE_TO_PIPELINE.get(
         str(config.get("task_type") or "").upper())
     meta = card_metadata(method=method, base_model=base, peft_format=file_in_peft_format(config), task=task,
-                         dataset=options.dataset or _card_datasets(old_meta), metrics=options.metrics,
+                         dataset=options.dataset or _card_datasets(old_meta), metrics=metrics,
                          tags=options.tags, license=options.license, language=options.language, name=repo_id)
     if adapterhub:  # as AdapterHub's repos on the Hugging Face Hub describe themselves
         meta = {**meta, "library_name": ADAPTERHUB_LIBRARY, "tags": [*meta["tags"], "adapters"]}
     meta = _merged_meta(meta, old_meta, options)
-    files[CARD] = _write_card(workdir, meta, old_body, method=method, adapter_name=repo_id.split("/")[-1],
-                              repo_id=repo_id, description=options.description, parameters=parameters,
-                              metrics=options.metrics)
+    files[CARD] = _write_card(workdir, meta, old_body, options.description, method=method,
+                              adapter_name=repo_id.split("/")[-1], repo_id=repo_id, parameters=parameters,
+                              metrics=metrics)
     return Upload(files, "adapter", method, base, f"Upload {method} adapter with peftkit")
 
 
@@ -352,21 +372,22 @@ def _composition_upload(folder: Path, files: dict[str, Path], repo_id: str, work
         parameters += _parameters(sub_folder, "adapter_model.safetensors") or 0
     base, _ = _resolve_base(data.get("base_model_name_or_path"), options.base_model, str(folder))
     old_meta, old_body = _existing_card(folder)
+    metrics = _merged_metrics(old_meta, options.metrics, str(folder))
     label = methods[0] if methods else "composition"
     extra = [m for m in methods[1:]] + ["composition"] + list(options.tags or [])
     meta = card_metadata(method=label, base_model=base, peft_format=False, task=options.task,
-                         dataset=options.dataset, metrics=options.metrics, tags=extra, license=options.license,
-                         language=options.language, name=repo_id)
+                         dataset=options.dataset or _card_datasets(old_meta), metrics=metrics, tags=extra,
+                         license=options.license, language=options.language, name=repo_id)
     meta = _merged_meta(meta, old_meta, options)
     spec = data.get("composition_string") or str(data["node"])
-    description = options.description or (
+    default = (
         f"A peftkit composition, `{spec}`, of {len(data.get('adapters', {}))} adapters"
         f"{' and ' + str(len(data.get('fusions', {}))) + ' fusions' if data.get('fusions') else ''} for "
         f"`{base or 'its base model'}`, made with peftkit. `peftkit.load` puts every member on the model and "
         f"activates the composition.")
-    files[CARD] = _write_card(workdir, meta, old_body, method=", ".join(methods) or "composition",
-                              adapter_name=repo_id.split("/")[-1], repo_id=repo_id, description=description,
-                              parameters=parameters, metrics=options.metrics)
+    files[CARD] = _write_card(workdir, meta, old_body, options.description,
+                              method=", ".join(methods) or "composition", adapter_name=repo_id.split("/")[-1],
+                              repo_id=repo_id, default_description=default, parameters=parameters, metrics=metrics)
     return Upload(files, "composition", label, base, f"Upload composition {spec} with peftkit")
 
 
@@ -375,15 +396,16 @@ def _fusion_upload(folder: Path, files: dict[str, Path], repo_id: str, workdir: 
     data = _read_json(folder / FUSION)
     base, _ = _resolve_base(data.get("base_model_name_or_path"), options.base_model, str(folder))
     old_meta, old_body = _existing_card(folder)
+    metrics = _merged_metrics(old_meta, options.metrics, str(folder))
     meta = card_metadata(method="fusion", base_model=base, peft_format=False, task=options.task,
-                         dataset=options.dataset, metrics=options.metrics, tags=options.tags,
+                         dataset=options.dataset or _card_datasets(old_meta), metrics=metrics, tags=options.tags,
                          license=options.license, language=options.language, name=repo_id)
     meta = _merged_meta(meta, old_meta, options)
     spec = data.get("composition") or "fuse(...)"
-    description = options.description or (
+    default = (
         f"AdapterFusion weights for `{spec}` on `{base or 'its base model'}`, made with peftkit. Load the fused "
         f"adapters first, under the names the fusion lists, then this fusion.")
-    files[CARD] = _write_card(workdir, meta, old_body, method="fusion", adapter_name=repo_id.split("/")[-1],
-                              repo_id=repo_id, description=description,
-                              parameters=_parameters(folder, "fusion_model.safetensors"), metrics=options.metrics)
+    files[CARD] = _write_card(workdir, meta, old_body, options.description, method="fusion",
+                              adapter_name=repo_id.split("/")[-1], repo_id=repo_id, default_description=default,
+                              parameters=_parameters(folder, "fusion_model.safetensors"), metrics=metrics)
     return Upload(files, "fusion", "fusion", base, f"Upload fusion {spec} with peftkit")
