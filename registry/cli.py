@@ -98,16 +98,28 @@ def _checked_registry_id(ctx: click.Context, param: click.Parameter, value: str)
 
 
 def _friendly_errors(func: F) -> F:
-    """Turn store errors into a clear message and a non-zero exit."""
+    """Turn store errors into a clear message and a non-zero exit; the commands they suggest act on the
+    same registry (:func:`_hint`)."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
         except RegistryError as exc:
-            raise click.ClickException(exc.message) from None
+            raise click.ClickException(_hint(exc.message)) from None
+        except click.ClickException as exc:
+            exc.message = _hint(exc.message)
+            raise
 
     return wrapper  # type: ignore[return-value]
+
+
+def _hint(text: str) -> str:
+    """``text`` with each `peftkit registry ...` command it suggests given the --data, --database and
+    --blobs this command was run with, so that a copied hint acts on the same registry."""
+    from .cli_hints import with_registry_location
+
+    return with_registry_location(text, registry_group)
 
 
 def _open_store(data_dir: Path | None, database: str | None = None, blobs_dir: str | None = None, *,
@@ -379,7 +391,7 @@ def user_group() -> None:
 def user_add(accounts: Accounts, name: str) -> None:
     """Create user NAME (their namespace is NAME/...)."""
     accounts.add_user(name)
-    click.echo(f"created user {name}; give them a token with `peftkit registry token create {name} --write`")
+    click.echo(_hint(f"created user {name}; give them a token with `peftkit registry token create {name} --write`"))
 
 
 @user_group.command("list")
@@ -392,7 +404,7 @@ def user_list(accounts: Accounts, as_json: bool) -> None:
         click.echo(json.dumps(listed, indent=2))
         return
     if not listed:
-        click.echo("no users yet; create one with `peftkit registry user add NAME`", err=True)
+        click.echo(_hint("no users yet; create one with `peftkit registry user add NAME`"), err=True)
         return
     for a in listed:
         members = f"  members: {', '.join(a['members']) or '-'}" if a["kind"] == "org" else ""

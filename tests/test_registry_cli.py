@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import pytest
 from click.testing import CliRunner
 
 from tests.registry_conftest_helpers import start_cli_server, stop_process, subprocess_env
@@ -66,6 +67,53 @@ def test_users_orgs_tokens(tmp_path: Path) -> None:
     assert {a["name"]: a["kind"] for a in accounts} == {"alice": "user", "bob": "user", "acme": "org"}
     assert _run("fsck", "--data", data).exit_code == 0
     assert "removed 0" in _run("gc", "--data", data).output
+
+
+def _quoted_command(text: str) -> list[str]:
+    """The `peftkit registry ...` command a message quotes, as arguments of the registry group."""
+    import shlex
+
+    return shlex.split(text.split("`peftkit registry ", 1)[1].split("`", 1)[0])
+
+
+def test_hints_repeat_the_options_that_locate_the_registry(tmp_path: Path) -> None:
+    """A hint copied as printed acts on the registry the command acted on, not on the default data folder."""
+    home, data = tmp_path / "home", str(tmp_path / "my registry")  # a space: the path is quoted for a shell
+    env = {"PEFTKIT_HOME": str(home), "PEFTKIT_REGISTRY_DATABASE": None}
+    empty = _run("user", "list", "--data", data, env=env)
+    assert f"`peftkit registry user add NAME --data '{data}'`" in empty.stderr
+    added = _run("user", "add", "alice", "--data", data, env=env)
+    assert added.stdout.strip().endswith(f"`peftkit registry token create alice --write --data '{data}'`")
+    followed = _run(*_quoted_command(added.stdout), env=env)  # the hint, run as printed
+    assert followed.exit_code == 0 and "created write token" in followed.stderr
+    assert not (home / "registry").exists()  # nothing went to the default data folder
+    org = _run("org", "add", "acme", "--member", "nobody", "--data", data, env=env)
+    assert org.exit_code == 1 and f"`peftkit registry user add nobody --data '{data}'`" in org.output
+    revoke = _run("token", "revoke", "ffffffff", "--data", data, env=env)
+    assert f"`peftkit registry token list --data '{data}'`" in revoke.output
+    quota = _run("quota", "set", "nobody", "1GB", "--data", data, env=env)
+    assert f"`peftkit registry quota show --data '{data}'`" in quota.output
+    default = _run("user", "add", "bob", env=env)  # no --data given: the hint gives none either
+    assert default.stdout.strip().endswith("`peftkit registry token create bob --write`")
+
+
+def test_hints_take_only_the_options_the_suggested_command_has(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--blobs goes to commands that take it (not to account commands); a --database typed on the command
+    line is repeated without its password; one from PEFTKIT_REGISTRY_DATABASE is not repeated."""
+    from peftkit.registry.cli_hints import with_registry_location
+
+    text = "see `peftkit registry fsck` and `peftkit registry user add bob`"
+    reindex = registry_group.commands["reindex"]
+    ctx = reindex.make_context("reindex", ["--data", "/srv/reg", "--blobs", "/shared/blobs",
+                                           "--database", "postgresql://reg:s3cret@db/reg"])
+    assert with_registry_location(text, registry_group, ctx) == (
+        "see `peftkit registry fsck --data /srv/reg --database 'postgresql://reg:***@db/reg' --blobs /shared/blobs` "
+        "and `peftkit registry user add bob --data /srv/reg --database 'postgresql://reg:***@db/reg'`")
+    add = registry_group.commands["user"].commands["add"]
+    monkeypatch.setenv("PEFTKIT_REGISTRY_DATABASE", "postgresql://reg:s3cret@db/reg")
+    with_env = add.make_context("add", ["carol"])
+    assert with_env.params["database"] == "postgresql://reg:s3cret@db/reg"
+    assert with_registry_location(text, registry_group, with_env) == text
 
 
 def test_default_data_dir_follows_peftkit_home(tmp_path: Path) -> None:
