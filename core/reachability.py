@@ -13,6 +13,8 @@ import socket
 import threading
 from urllib.parse import urlsplit
 
+#: What :func:`unreachable` says of a host name that does not resolve (DNS); see :func:`name_not_resolved`.
+_DOES_NOT_RESOLVE = "does not resolve"
 #: How long the probe may take (name lookup and connect); past it, the address counts as slow, not unreachable.
 PROBE_SECONDS = 5.0
 
@@ -40,7 +42,7 @@ def unreachable(endpoint: str, timeout: float = PROBE_SECONDS) -> str | None:
             socket.create_connection((host, port), timeout=timeout).close()
             found.append(None)
         except socket.gaierror as exc:
-            found.append(f"the name {host!r} does not resolve: {exc.strerror or exc}")
+            found.append(f"the name {host!r} {_DOES_NOT_RESOLVE}: {exc.strerror or exc}")
         except (ConnectionRefusedError, ConnectionResetError):
             found.append(f"connection to {host}:{port} refused")
         except OSError as exc:  # no route, network down; a timeout is only slow
@@ -51,3 +53,9 @@ def unreachable(endpoint: str, timeout: float = PROBE_SECONDS) -> str | None:
     thread.start()
     thread.join(timeout + 1)
     return found[0] if found else None
+
+
+def name_not_resolved(reason: str | None) -> bool:
+    """Whether a reason :func:`unreachable` gave is a host name that does not resolve (a typo in the
+    address, DNS), rather than a server that refuses or a network that is down."""
+    return reason is not None and reason.startswith("the name ") and f" {_DOES_NOT_RESOLVE}: " in reason

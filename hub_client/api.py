@@ -186,7 +186,10 @@ def login(token: str, hub: str | None = None, *, verify: bool = True) -> str | N
                            f"(--hub http://host:port) or to the Hugging Face Hub (--hub hf)")
         if verify:
             refuse_offline(backend, "checking a token with", "log in")
-        user = backend.whoami() if verify else None
+        try:
+            user = backend.whoami() if verify else None
+        except HubAuthError as exc:
+            raise HubAuthError(f"{exc}. The token was not saved.") from None
         if verify and not user:
             raise HubAuthError(f"the hub at {backend.address} did not accept the token; it was not saved")
         save_token(backend.key, token)

@@ -27,6 +27,8 @@ from peftkit.hub_rules.home import peftkit_home
 from .errors import HubAuthError
 
 TOKEN_FILE_NAME = "hub_tokens.json"
+#: Where :func:`resolve_token` says a token given to the call itself came from.
+EXPLICIT_TOKEN_SOURCE = "the token argument"
 _REDACTED = "***"
 #: Tokens this process has used, so any message can be scrubbed of them.
 _SEEN: set[str] = set()
@@ -127,7 +129,7 @@ def read_token_file(path: str | os.PathLike) -> str:
 def resolve_token(hub_key: str, *, explicit: str | None = None, huggingface: bool = False) -> tuple[str | None, str]:
     """The token for a hub and where it came from (for messages; never the token itself)."""
     if explicit:
-        return _remember(explicit), "the token argument"
+        return _remember(explicit), EXPLICIT_TOKEN_SOURCE
     env = os.environ.get("PEFTKIT_HUB_TOKEN")
     if env and env.strip():
         return _remember(env.strip()), "PEFTKIT_HUB_TOKEN"
@@ -154,11 +156,37 @@ def resolve_token(hub_key: str, *, explicit: str | None = None, huggingface: boo
     return None, "none"
 
 
+def is_huggingface_address(address: str) -> bool:
+    """Whether a hub address (``hf``, a URL) is the Hugging Face Hub's, whose tokens come from its web site."""
+    return address == "hf" or (address.startswith("http") and "huggingface.co" in address)
+
+
 def missing_token_message(address: str, action: str) -> str:
-    if address == "hf" or (address.startswith("http") and "huggingface.co" in address):
+    if is_huggingface_address(address):
         return (f"{action} needs a token, and none is set for {address}: run `peftkit hub login --hub hf` "
                 f"(a write token from https://huggingface.co/settings/tokens), or set HF_TOKEN or "
                 f"PEFTKIT_HUB_TOKEN")
     return (f"{action} needs a token, and none is set for {address}: run `peftkit hub login --hub {address}`, "
-            f"or set PEFTKIT_HUB_TOKEN (for a peftkit registry, `peftkit registry token create USER --write` "
-            f"makes one)")
+            f"or set PEFTKIT_HUB_TOKEN (for a peftkit registry, {registry_token_command('USER')} makes one)")
+
+
+def registry_token_command(user: str) -> str:
+    """How a peftkit registry's administrator makes a write token for ``user``, in the server's data folder:
+    a token made in another folder (the default one, when --data is left out) is unknown to the server."""
+    return (f"`peftkit registry token create {user} --write --data DIR`, DIR being the data folder the server "
+            f"was started with (and --database URL if it has one)")
+
+
+def refused_token_fix(address: str) -> str:
+    """What to do when the hub at ``address`` refuses a token as invalid (HTTP 401).
+
+    A peftkit registry knows only the tokens made in its own data folder (or database): one made by
+    ``peftkit registry token create`` without the ``--data`` the server was started with lands in the
+    default folder, and the server refuses it. Said only for a hub that may be a registry."""
+    if is_huggingface_address(address):
+        return ("log in with a valid token: `peftkit hub login --hub hf` (a token from "
+                "https://huggingface.co/settings/tokens), or set HF_TOKEN or PEFTKIT_HUB_TOKEN")
+    return (f"log in with a token this hub issued: `peftkit hub login --hub {address}`, or set "
+            f"PEFTKIT_HUB_TOKEN. If the hub is a peftkit registry, the token may have been made in another data "
+            f"folder than the server's: make one with {registry_token_command('USER')}; the server's "
+            f"'peftkit registry serving ...' line names its folder")

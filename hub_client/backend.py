@@ -209,6 +209,14 @@ class HubBackend(abc.ABC):
         """The user the token belongs to (``None`` when the hub has no accounts)."""
         return None
 
+    def check_push_access(self, repo_id: str) -> None:  # noqa: B027 (optional: nothing to check by default)
+        """Refuse now, with the fix, a push of ``repo_id`` that is certain to fail: the hub does not answer,
+        or the token is missing, invalid, read-only or not allowed to write to the namespace.
+
+        Optional and cheap (at most one request): for jobs that end in a push, such as ``peftkit train
+        --push``, to fail before the work rather than after it. What cannot be told in advance is left to
+        :meth:`push`; a hub without accounts checks nothing."""
+
     def storage(self, namespace: str | None) -> NamespaceUsage:
         """How many bytes ``namespace`` stores on this hub and its limit (``None``: the token's user).
 

@@ -17,21 +17,24 @@ import hashlib
 import os
 import re
 import shutil
+import socket
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 from urllib.parse import quote, urlsplit
 
-from peftkit.core.reachability import unreachable
+from peftkit.core.reachability import name_not_resolved, unreachable
 from peftkit.hub_rules import adapterhub
 from peftkit.hub_rules.cards import as_list
 from peftkit.hub_rules.storage import NamespaceUsage
 
-from .auth import missing_token_message, redact, resolve_token
+from .auth import (EXPLICIT_TOKEN_SOURCE, missing_token_message, redact, refused_token_fix, registry_token_command,
+                   resolve_token)
 from .backend import AdapterInfo, HubBackend, PushResult, RemoteFile, SearchQuery, already_holds
 from .errors import (HubAuthError, HubError, HubUnreachable, NamespaceNotFound, OfflineError, RepoNotFound,
                      RevisionNotFound)
 from .metadata import base_model_from, method_from_tags
 from .near_names import with_near_names
+from .token_rights import TokenRights, push_refusal
 from .upload_progress import upload_bar
 
 HF_DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -92,6 +95,29 @@ def _root_reason(exc: BaseException) -> str:
             reason = str(current)
         current = current.__cause__ or current.__context__
     return reason.splitlines()[0] if reason else type(exc).__name__
+
+
+def is_name_lookup_error(exc: BaseException) -> bool:
+    """Whether a failed request failed at the host name lookup (DNS), anywhere in its chain of causes."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, socket.gaierror):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def unreachable_message(endpoint: str, reason: str, *, name_lookup_failed: bool) -> str:
+    """What to tell a user whose hub does not answer: a host name that does not resolve is a wrong address
+    (nothing was asked, so whether a server runs is beside the point); anything else may be a server
+    that is down."""
+    if name_lookup_failed:
+        return (f"cannot reach hub at {endpoint}: {reason}. The host name could not be resolved (DNS): "
+                f"check the address (--hub / PEFTKIT_HUB)")
+    return (f"cannot reach hub at {endpoint}: {reason}. Is the server running and the address right? "
+            f"(--hub / PEFTKIT_HUB)")
 
 
 def _tree(api: Any, repo_id: str, commit: str) -> list[RemoteFile]:
@@ -167,8 +193,8 @@ class HttpBackend(HubBackend):
         self._probed = True
         reason = unreachable(self.endpoint)
         if reason:
-            raise HubUnreachable(f"cannot reach hub at {self.endpoint}: {reason}. Is the server running and the "
-                                 f"address right? (--hub / PEFTKIT_HUB)")
+            raise HubUnreachable(unreachable_message(self.endpoint, reason,
+                                                     name_lookup_failed=name_not_resolved(reason)))
 
     def _api(self) -> Any:
         from huggingface_hub import HfApi
@@ -205,9 +231,8 @@ class HttpBackend(HubBackend):
                 f"{where}: huggingface_hub is in offline mode (HF_HUB_OFFLINE was set when it was imported); "
                 f"unset HF_HUB_OFFLINE and PEFTKIT_OFFLINE before starting Python to reach {self.address}")
         if _is_connection_error(exc) and not isinstance(exc, hf_errors.HfHubHTTPError):
-            return HubUnreachable(redact(
-                f"cannot reach hub at {self.endpoint}: {_root_reason(exc)}. Is the server running and the "
-                f"address right? (--hub / PEFTKIT_HUB)", token))
+            return HubUnreachable(redact(unreachable_message(
+                self.endpoint, _root_reason(exc), name_lookup_failed=is_name_lookup_error(exc)), token))
         server_message = None
         status = None
         response = getattr(exc, "response", None)
@@ -228,9 +253,10 @@ class HttpBackend(HubBackend):
         if status == 401:
             if not token:
                 return HubAuthError(missing_token_message(self.address, where))
-            return HubAuthError(redact(
-                f"{where}: the hub at {self.address} refused the token ({detail}); log in again with "
-                f"`peftkit hub login`, or check PEFTKIT_HUB_TOKEN/HF_TOKEN", token))
+            source = self._resolved_token()[1]
+            whose = "" if source == EXPLICIT_TOKEN_SOURCE else f" from {source}"
+            return HubAuthError(redact(f"{where}: the hub at {self.address} refused the token{whose} ({detail}); "
+                                       f"{refused_token_fix(self.address)}", token))
         if status == 403:
             return HubAuthError(redact(f"{where}: not allowed on {self.address}: {detail}", token))
         if isinstance(exc, hf_errors.EntryNotFoundError):
@@ -348,9 +374,35 @@ class HttpBackend(HubBackend):
         return info
 
     def whoami(self) -> str | None:
-        with self._errors(f"checking the token with {self.address}"):
-            data = self._api().whoami()
-        return data.get("name") if isinstance(data, dict) else None
+        return self.token_rights().user
+
+    def token_rights(self, where: str | None = None) -> TokenRights:
+        """Who the token acts as and what it may do, from the hub's whoami answer (one request); ``where``
+        begins an error's message."""
+        with self._errors(where or f"checking the token with {self.address}"):
+            return TokenRights.from_whoami(self._api().whoami())
+
+    def check_push_access(self, repo_id: str) -> None:
+        """One whoami request: the hub answers, knows the token, and lets it write to the namespace.
+
+        Refuses only for certain (see :mod:`peftkit.hub_client.token_rights`); a hub that answers whoami
+        with another error (an older server, a rate limit) is left to the push."""
+        self._require_token(f"pushing {repo_id} to {self.address}")
+        try:
+            rights = self.token_rights(f"before pushing {repo_id}, checking the token with {self.address}")
+        except (HubAuthError, HubUnreachable, OfflineError):
+            raise
+        except HubError:
+            return
+        problem = push_refusal(rights, repo_id, self.address, new_token_hint=self._write_token_hint(rights))
+        if problem:
+            raise HubAuthError(problem)
+
+    def _write_token_hint(self, rights: TokenRights) -> str:
+        login = f"log in with it (`peftkit hub login --hub {self.address}`) or set PEFTKIT_HUB_TOKEN"
+        if self.huggingface:
+            return f"make a write token at https://huggingface.co/settings/tokens, then {login} or HF_TOKEN"
+        return f"a peftkit registry makes one with {registry_token_command(rights.user or 'USER')}; then {login}"
 
     def storage(self, namespace: str | None) -> NamespaceUsage:
         """GET /api/namespaces/{namespace}/storage of a peftkit registry, with the token (``None``: its user)."""

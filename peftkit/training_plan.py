@@ -277,8 +277,12 @@ def _check_fsdp(opts: TrainOptions, config: AdapterConfig) -> None:
 
 
 def _check_push_target(repo_id: str, hub: str | None) -> None:
-    """A misspelt repo id or hub address, or a remote hub without a token, fails now, not after training."""
+    """What would make the push fail fails now, not after training: a misspelt repo id or hub address,
+    offline mode, a remote hub that does not answer, a missing, invalid or read-only token, a namespace
+    the token's user may not write to (:meth:`~peftkit.hub_client.backend.HubBackend.check_push_access`:
+    one request). Rights can still change while training runs: the push at the end says so if they do."""
     from peftkit.hub_client import open_hub, parse_ref
+    from peftkit.hub_client.api import refuse_offline
     from peftkit.hub_client.auth import missing_token_message
     from peftkit.hub_client.errors import HubAuthError
 
@@ -288,6 +292,8 @@ def _check_push_target(repo_id: str, hub: str | None) -> None:
     with open_hub(hub) as backend:
         if backend.remote and not getattr(backend, "token", None):
             raise HubAuthError(missing_token_message(backend.address, f"--push {repo_id}"))
+        refuse_offline(backend, f"--push {repo_id}: pushing to", "push")
+        backend.check_push_access(ref.repo_id)
 
 
 def recorded_base_model(model: Any, opts: TrainOptions) -> str | None:

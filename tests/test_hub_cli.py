@@ -151,7 +151,10 @@ def test_tokens_login_and_errors_never_show_the_token(hub_env: Path, folders: di
 
         monkeypatch.setattr(sys, "stdin", io.StringIO("pkr_wrong_token_0000\n"))
         code, _, err = cli("hub", "login", "--hub", url, "--token-stdin")
-        assert code == 1 and "refused the token" in err
+        assert code == 1 and "refused the token" in err and "The token was not saved." in err
+        # a registry knows the tokens of its own data folder only: the likely mistake, and the fix
+        assert "If the hub is a peftkit registry, the token may have been made in another data folder" in err
+        assert "`peftkit registry token create USER --write --data DIR`" in err
         assert not (hub_env / "home" / "hub_tokens.json").exists()
 
         monkeypatch.setattr(sys, "stdin", io.StringIO(secret + "\n"))
@@ -176,6 +179,18 @@ def test_tokens_login_and_errors_never_show_the_token(hub_env: Path, folders: di
     assert all("pkr_wrong_token_0000" not in text for text in seen)
 
 
+def test_a_token_refused_by_the_hugging_face_hub_is_not_blamed_on_a_data_folder(
+        hub_env: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """huggingface.co cannot be reached from the tests: HF_ENDPOINT points `--hub hf` at a registry."""
+    with running_registry(hub_env / "registry") as (_, server, _):
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        monkeypatch.setattr(sys, "stdin", io.StringIO("hf_not_a_real_token_0000\n"))
+        code, _, err = _cli(capsys, "hub", "login", "--hub", "hf", "--token-stdin")
+    assert code == 1 and "the hub at hf refused the token" in err
+    assert "https://huggingface.co/settings/tokens" in err
+    assert "data folder" not in err and "peftkit registry" not in err
+
+
 def test_unreachable_hub_is_one_clear_line(hub_env: Path, capsys) -> None:  # noqa: F811
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -184,6 +199,42 @@ def test_unreachable_hub_is_one_clear_line(hub_env: Path, capsys) -> None:  # no
     assert code == 1
     assert err.strip().startswith(f"Error: cannot reach hub at http://127.0.0.1:{port}:")
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_a_host_name_that_does_not_resolve_says_to_check_the_address(hub_env: Path, capsys) -> None:  # noqa: F811
+    """A DNS failure is a wrong address, not a server that is down (*.invalid resolves nowhere, RFC 2606)."""
+    code, _, err = _cli(capsys, "hub", "search", "--hub", "http://no-such-host.invalid:8080")
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert err.startswith("Error: cannot reach hub at http://no-such-host.invalid:8080: the name "
+                          "'no-such-host.invalid' does not resolve")
+    assert "The host name could not be resolved (DNS): check the address (--hub / PEFTKIT_HUB)" in err
+    assert "Is the server running" not in err
+    with socket.socket() as sock:  # a refused connection keeps asking whether the server runs
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    err = _cli(capsys, "hub", "search", "--hub", f"http://127.0.0.1:{port}")[2]
+    assert "refused. Is the server running and the address right?" in err and "DNS" not in err
+
+
+def test_a_failed_name_lookup_is_told_apart_in_a_request_error_chain() -> None:
+    """A request that fails after the probe passed (DNS failing meanwhile): huggingface_hub raises its HTTP
+    stack's error (httpx's ConnectError, or another client's), caused by socket.gaierror."""
+    from peftkit.hub_client.http import is_name_lookup_error
+
+    class ConnectError(Exception):
+        pass
+
+    def chained(cause: BaseException) -> BaseException:
+        try:
+            try:
+                raise cause
+            except OSError as exc:
+                raise ConnectError(str(exc)) from exc
+        except ConnectError as outer:
+            return outer
+
+    assert is_name_lookup_error(chained(socket.gaierror(-2, "Name or service not known")))
+    assert not is_name_lookup_error(chained(ConnectionRefusedError(111, "Connection refused")))
 
 
 def test_pushing_the_same_files_again_says_up_to_date(any_hub: HubUnderTest, folders: dict[str, Path],  # noqa: F811
