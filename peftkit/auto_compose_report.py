@@ -229,12 +229,13 @@ def _save_composition(model: "AdaptedModel", result: AutoComposeResult, node: An
 
 def push_result(result: AutoComposeResult, repo_id: str, *, hub: Any = None, token: str | None = None,
                 progress: bool = True) -> dict[str, Any]:
-    """Publish the saved folder as ``repo_id`` with the same card text and metrics; returns the push result."""
+    """Publish the saved folder as ``repo_id`` with its card's text (the push keeps the description peftkit wrote
+    into the folder's card, with its composition line) and the result's metrics; returns the push result."""
     from peftkit.hub_client.api import push
 
     if result.out is None:
         raise ValueError("push_result needs a saved result (out)")
     pushed = push(result.out, repo_id, hub=hub, token=token, task=PIPELINE_TAGS.get(result.task),
                   base_model=result.base_model,
-                  metrics=metrics(result), description=card_description(result), progress=progress)
+                  metrics=metrics(result), progress=progress)
     return {"repo_id": repo_id, "commit": getattr(pushed, "commit", None) or str(pushed)}

@@ -85,6 +85,9 @@ def test_members_of_the_family_are_combined_for_the_action_task_on_the_embedded_
     assert set(by_name) == {"billing_shipping", "returns_account", "uniform average", "learned mixture"}
     assert result["heldout_examples"] == 20 and result["search_examples"] == 8
     assert set(result["combinations"]["mixture"]) == {"billing_shipping", "returns_account"}
+    # The pushed card keeps what the folder's card says: how it was made and the composition it activates.
+    card = (peftkit.hub.pull("alice/support-action", hub=hub, progress=False) / "README.md").read_text()
+    assert "A learned mixture of the outputs of 2 adapters" in card and "Composition: `" in card
     # The pushed composition loads from the hub by its id and predicts the action labels as reported.
     model = peftkit.load(base, "alice/support-action", hub=hub, progress=False)
     assert model.base_model.config.id2label == dict(enumerate(ACTION_LABELS))
