@@ -103,15 +103,17 @@ def test_hints_take_only_the_options_the_suggested_command_has(monkeypatch: pyte
     from peftkit.registry.cli_hints import with_registry_location
 
     text = "see `peftkit registry fsck` and `peftkit registry user add bob`"
+    # The peftkit command's help options: click keeps a command's help option once made (see the last test).
+    helps = {"help_option_names": ["-h", "--help"]}
     reindex = registry_group.commands["reindex"]
     ctx = reindex.make_context("reindex", ["--data", "/srv/reg", "--blobs", "/shared/blobs",
-                                           "--database", "postgresql://reg:s3cret@db/reg"])
+                                           "--database", "postgresql://reg:s3cret@db/reg"], **helps)
     assert with_registry_location(text, registry_group, ctx) == (
         "see `peftkit registry fsck --data /srv/reg --database 'postgresql://reg:***@db/reg' --blobs /shared/blobs` "
         "and `peftkit registry user add bob --data /srv/reg --database 'postgresql://reg:***@db/reg'`")
     add = registry_group.commands["user"].commands["add"]
     monkeypatch.setenv("PEFTKIT_REGISTRY_DATABASE", "postgresql://reg:s3cret@db/reg")
-    with_env = add.make_context("add", ["carol"])
+    with_env = add.make_context("add", ["carol"], **helps)
     assert with_env.params["database"] == "postgresql://reg:s3cret@db/reg"
     assert with_registry_location(text, registry_group, with_env) == text
 
