@@ -161,7 +161,7 @@ class RepoMetadata:
             " ".join(self.methods),
             " ".join(self.tasks),
             " ".join(self.datasets),
-            self.body[:MAX_INDEXED_BODY_CHARS],
+            visible_text(self.body[:MAX_INDEXED_BODY_CHARS]),
         ]
         return "\n".join(p for p in parts if p)
 
@@ -176,6 +176,17 @@ class RepoMetadata:
             "tags": self.tags,
             "is_adapter": self.is_adapter,
         }
+
+
+#: A Markdown link reference definition on a line of its own (``[label]: destination "title"``): it renders as
+#: nothing, so search does not match its words (peftkit's cards end with one, the same in every card).
+_LINK_DEFINITION = re.compile(r"""^ {0,3}\[[^\]\n]+\]:[ \t]*\S+(?:[ \t]+(?:"[^"\n]*"|'[^'\n]*'|\([^)\n]*\)))?[ \t]*$""",
+                              re.MULTILINE)
+
+
+def visible_text(body: str) -> str:
+    """A card body without what renders as nothing (link reference definitions), for the search index."""
+    return _LINK_DEFINITION.sub("", body)
 
 
 def refused_by_peft(config: dict[str, Any]) -> bool:

@@ -374,3 +374,15 @@ def test_accounts_tokens_and_orgs(store: RegistryStore) -> None:
         acc.authenticate("pkr_00000000_guess")
     assert [t.id for t in acc.list_tokens("alice")] == []
     assert [t.revoked for t in acc.list_tokens("alice", include_revoked=True)] == [True]
+
+
+def test_search_skips_what_a_card_does_not_show(store: RegistryStore) -> None:
+    """A link reference definition renders as nothing (peftkit's cards end with one, the same words in every
+    card), so search does not match its words; the text around it is searched as before."""
+    body = ("Sentiment of hotel reviews, see [the data][d].\n\n[d]: https://example.org/data \"hotel data\"\n"
+            "[peftkit-card]: # \"written by peftkit (sha256 0123456789abcdef); a hub push rewrites this card\"\n")
+    store.create_repo("alice/hotels")
+    store.commit("alice/hotels", {"README.md": _card("m/b", ["reviews"], body=body)})
+    assert _ids(store.search("hotel reviews")) == ["alice/hotels"]
+    for hidden in ("rewrites", "sha256", "example.org", "0123456789abcdef"):
+        assert store.search(hidden) == [], hidden
