@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -21,7 +22,7 @@ from peftkit.hub_rules.storage import NamespaceUsage
 from .backend import AdapterInfo, HubBackend, PushResult, SearchQuery
 from .cache import offline_setting
 from .compose import load, save_composed
-from .errors import HubAuthError, HubError, InvalidRepoRef, OfflineError
+from .errors import HubAuthError, HubError, InvalidRepoRef, OfflineError, ReadOnlyTokenWarning
 from .resolve import hub_address, open_hub, parse_ref
 from .snapshot import pull_snapshot
 from .upload import CardOptions, prepare
@@ -176,23 +177,32 @@ def login(token: str, hub: str | None = None, *, verify: bool = True) -> str | N
 
     With ``verify`` the hub is asked who the token belongs to first, and a
     refused token is not stored. Returns that user name (``None`` unverified).
+    A read-only token is stored with a :class:`ReadOnlyTokenWarning`.
     """
-    from .auth import save_token
+    from .auth import is_huggingface_address, save_token, write_token_hint
 
     backend = open_hub(hub, token=token)
     try:
         if not backend.remote:
             raise HubError(f"the hub {backend.address} is on this machine and needs no token; log in to a registry "
                            f"(--hub http://host:port) or to the Hugging Face Hub (--hub hf)")
-        if verify:
-            refuse_offline(backend, "checking a token with", "log in")
+        if not verify:
+            save_token(backend.key, token)
+            return None
+        refuse_offline(backend, "checking a token with", "log in")
         try:
-            user = backend.whoami() if verify else None
+            rights = backend.token_rights()
+            user = rights.user if rights is not None else backend.whoami()
         except HubAuthError as exc:
             raise HubAuthError(f"{exc}. The token was not saved.") from None
-        if verify and not user:
+        if not user:
             raise HubAuthError(f"the hub at {backend.address} did not accept the token; it was not saved")
         save_token(backend.key, token)
+        if rights is not None and rights.read_only:
+            hint = write_token_hint(backend.address, user, huggingface=is_huggingface_address(backend.address))
+            warnings.warn(ReadOnlyTokenWarning(
+                f"the token of {user} is read-only: pulls, searches and private repos work, pushes will be refused; "
+                f"to push, {hint}"), stacklevel=2)
         return user
     finally:
         backend.close()

@@ -177,6 +177,15 @@ def registry_token_command(user: str) -> str:
             f"was started with (and --database URL if it has one)")
 
 
+def write_token_hint(address: str, user: str | None, *, huggingface: bool) -> str:
+    """How ``user`` gets a token that may push to the hub at ``address`` (the Hugging Face Hub when
+    ``huggingface``, else maybe a peftkit registry), and how to use it."""
+    login = f"log in with it (`peftkit hub login --hub {address}`) or set PEFTKIT_HUB_TOKEN"
+    if huggingface:
+        return f"make a write token at https://huggingface.co/settings/tokens, then {login} or HF_TOKEN"
+    return f"a peftkit registry makes one with {registry_token_command(user or 'USER')}; then {login}"
+
+
 def refused_token_fix(address: str) -> str:
     """What to do when the hub at ``address`` refuses a token as invalid (HTTP 401).
 

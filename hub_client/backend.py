@@ -23,6 +23,7 @@ from peftkit.hub_rules.cards import ADAPTER_OF_TAG_PREFIX
 from peftkit.hub_rules.storage import NamespaceUsage
 
 from .errors import HubError
+from .token_rights import TokenRights
 
 #: Called with the number of bytes just transferred (drives progress bars).
 ProgressCallback = Callable[[int], None]
@@ -207,6 +208,11 @@ class HubBackend(abc.ABC):
 
     def whoami(self) -> str | None:
         """The user the token belongs to (``None`` when the hub has no accounts)."""
+        return None
+
+    def token_rights(self, where: str | None = None) -> TokenRights | None:
+        """Who the token acts as and what it may do (one request), or None when the hub cannot tell;
+        ``where`` begins an error's message. :meth:`whoami` is its ``user``."""
         return None
 
     def check_push_access(self, repo_id: str) -> None:  # noqa: B027 (optional: nothing to check by default)

@@ -47,5 +47,9 @@ class InvalidRepoRef(HubError, ValueError):
     """A repo reference (``namespace/name[@revision]``) or hub address is malformed."""
 
 
+class ReadOnlyTokenWarning(UserWarning):
+    """A token saved by ``login`` may read (pull, search, private repos) but not push."""
+
+
 class BaseModelWarning(UserWarning):
     """A pushed adapter records no base model, or only a local folder: nobody finds it by base model."""

@@ -27,8 +27,8 @@ from peftkit.hub_rules import adapterhub
 from peftkit.hub_rules.cards import as_list
 from peftkit.hub_rules.storage import NamespaceUsage
 
-from .auth import (EXPLICIT_TOKEN_SOURCE, missing_token_message, redact, refused_token_fix, registry_token_command,
-                   resolve_token)
+from .auth import (EXPLICIT_TOKEN_SOURCE, missing_token_message, redact, refused_token_fix, resolve_token,
+                   write_token_hint)
 from .backend import AdapterInfo, HubBackend, PushResult, RemoteFile, SearchQuery, already_holds
 from .errors import (HubAuthError, HubError, HubUnreachable, NamespaceNotFound, OfflineError, RepoNotFound,
                      RevisionNotFound)
@@ -394,15 +394,11 @@ class HttpBackend(HubBackend):
             raise
         except HubError:
             return
-        problem = push_refusal(rights, repo_id, self.address, new_token_hint=self._write_token_hint(rights))
+        hint = write_token_hint(self.address, rights.user, huggingface=self.huggingface)
+        problem = push_refusal(rights, repo_id, self.address, new_token_hint=hint)
         if problem:
             raise HubAuthError(problem)
 
-    def _write_token_hint(self, rights: TokenRights) -> str:
-        login = f"log in with it (`peftkit hub login --hub {self.address}`) or set PEFTKIT_HUB_TOKEN"
-        if self.huggingface:
-            return f"make a write token at https://huggingface.co/settings/tokens, then {login} or HF_TOKEN"
-        return f"a peftkit registry makes one with {registry_token_command(rights.user or 'USER')}; then {login}"
 
     def storage(self, namespace: str | None) -> NamespaceUsage:
         """GET /api/namespaces/{namespace}/storage of a peftkit registry, with the token (``None``: its user)."""

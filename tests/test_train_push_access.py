@@ -225,3 +225,27 @@ def test_read_only_and_foreign_namespaces_are_refused():
     assert "may not write to the namespace 'globex'" in push_refusal(rights, "globex/x", "http://h",
                                                                      new_token_hint="HINT")
     assert push_refusal(rights, "Acme/x", "http://h", new_token_hint="HINT") is None
+
+
+def test_login_with_a_read_only_token_saves_it_and_says_pushes_will_be_refused(registry, hub_env, capsys,  # noqa: F811
+                                                                                 monkeypatch) -> None:
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(registry.tokens["alice-read"] + "\n"))
+    assert run(["hub", "login", "--hub", registry.url, "--token-stdin"]) == 0
+    captured = capsys.readouterr()
+    assert f"Logged in to {registry.url} as alice" in captured.out
+    assert captured.err.startswith("Warning: the token of alice is read-only: pulls, searches and private repos "
+                                   "work, pushes will be refused; to push, a peftkit registry makes one with "
+                                   "`peftkit registry token create alice --write --data DIR`")
+    assert len(captured.err.strip().splitlines()) == 1 and "Traceback" not in captured.err
+    assert registry.tokens["alice-read"] not in captured.out + captured.err
+    assert peftkit.hub.whoami(registry.url) == "alice"  # saved: it reads
+    # A write token logs in without a word more; the Python API says it with a ReadOnlyTokenWarning.
+    monkeypatch.setattr(sys, "stdin", io.StringIO(registry.tokens["alice"] + "\n"))
+    assert run(["hub", "login", "--hub", registry.url, "--token-stdin"]) == 0
+    assert capsys.readouterr().err == ""
+    from peftkit.hub_client.errors import ReadOnlyTokenWarning
+
+    with pytest.warns(ReadOnlyTokenWarning, match="read-only"):
+        assert peftkit.hub.login(registry.tokens["alice-read"], registry.url) == "alice"
