@@ -18,6 +18,8 @@ dispatches on the block's type (:func:`~peftkit.core.composition_exec.run_node`)
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import re
 from typing import Any, Iterator, Sequence, Union
@@ -34,6 +36,38 @@ MAX_DEPTH = 5
 _LEAF = re.compile(r"[A-Za-z0-9_\-]{1,128}")
 
 Node = Union[str, "Block"]
+
+
+#: Options of AdapterHub's composition blocks (and older spellings) -> what peftkit's block calls them.
+FOREIGN_BLOCK_OPTIONS = {
+    "batch_sizes": "sizes=[...] (rows per child)",
+    "split_index": "splits=N or splits=[...] (token positions)",
+    "normalize_weights": "weights=[...] (peftkit always normalizes them to sum to 1)",
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _option_names(setter: Any) -> tuple[str, ...] | None:
+    """The keyword parameters of a block's option setter; None when it takes ``**options`` (and checks them)."""
+    params = inspect.signature(setter).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return tuple(p.name for p in params if p.name != "self")
+
+
+def refuse_unknown_options(kind: str, setter: Any, options: dict[str, Any]) -> None:
+    """CompositionError naming the options block ``kind`` takes (the keyword parameters of its ``setter``) when
+    ``options`` holds others, with peftkit's name for an AdapterHub option."""
+    allowed = _option_names(setter) if options else None
+    if allowed is None:
+        return
+    unknown = [name for name in options if name not in allowed]
+    if not unknown:
+        return
+    takes = f"takes the option {', '.join(f'{n}=' for n in allowed)}" if allowed else "takes no options"
+    fixes = [f"for {n}= write {FOREIGN_BLOCK_OPTIONS[n]}" for n in unknown if n in FOREIGN_BLOCK_OPTIONS]
+    raise CompositionError(f"{kind}() {takes}, not {', '.join(f'{n}=' for n in unknown)}"
+                           + (f"; {'; '.join(fixes)}" if fixes else ""))
 
 
 class Block:
@@ -60,6 +94,7 @@ class Block:
                 raise CompositionError(f"{self.kind}(): {child!r} is neither an adapter name nor a block")
             checked.append(child)
         object.__setattr__(self, "children", tuple(checked))
+        refuse_unknown_options(self.kind, type(self)._set_options, options)
         self._set_options(**options)
 
     def __copy__(self) -> "Block":

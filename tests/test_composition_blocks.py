@@ -7,7 +7,7 @@ import json
 import pytest
 
 import peftkit
-from peftkit import Average, BatchSplit, CompositionError, Fuse, Parallel, Stack
+from peftkit import Average, BatchSplit, CompositionError, Fuse, Parallel, Split, Stack
 from peftkit.core import composition
 from tests.composition_util import lora_model
 
@@ -72,6 +72,21 @@ def test_fuse_default_name_joins_members():
 def test_malformed_compositions_name_the_problem(text, fragment):
     with pytest.raises(CompositionError, match=fragment):
         composition.parse(text)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: BatchSplit("b", "c", batch_sizes=[1, 1]),
+     r"batch_split\(\) takes the option sizes=, not batch_sizes=; for batch_sizes= write sizes=\[...\]"),
+    (lambda: Average("b", "c", normalize_weights=False),
+     r"average\(\) takes the option weights=, not normalize_weights=; .*always normalizes them"),
+    (lambda: Split("b", "c", split_index=3), r"split\(\) takes the option splits=, not split_index=; .*splits=N"),
+    (lambda: Fuse("b", "c", temperature=2.0), r"^fuse\(\) takes the option name=, not temperature=$"),
+    (lambda: composition.parse("batch_split(b, c, batch_sizes=[1, 1])"), r"not batch_sizes=; for batch_sizes="),
+])
+def test_an_unknown_block_option_names_the_options_and_adapterhubs_spelling(make, message):
+    """AdapterHub's option names (and any other unknown one) get the block's own, not a TypeError."""
+    with pytest.raises(CompositionError, match=message):
+        make()
 
 
 def test_json_errors():
