@@ -138,16 +138,32 @@ def _prototype(name: str, seed: int) -> "nn.Module":
     import torch
 
     torch.manual_seed(seed)
-    return TINY_MODELS[name].build().eval()
+    return with_bias_noise(TINY_MODELS[name].build().eval())
+
+
+def with_bias_noise(model: "nn.Module", std: float = 0.02) -> "nn.Module":
+    """``model`` with seeded noise on the biases of its linear layers (transformers initializes them to 0), so
+    that a merge that forgets a layer's bias, or a method that reads it wrongly, changes the output."""
+    import torch
+
+    generator = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for module in model.modules():
+            bias = getattr(module, "bias", None)
+            is_linear = isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
+            if is_linear and isinstance(bias, torch.Tensor) and bias.dtype.is_floating_point:
+                bias.add_(torch.randn(bias.shape, generator=generator, dtype=bias.dtype) * std)
+    return model
 
 
 def build_tiny(name: str | TinyModel, seed: int = 0) -> "nn.Module":
-    """A fresh tiny model in eval mode with seeded weights (the same weights for the same seed)."""
+    """A fresh tiny model in eval mode with seeded weights (the same weights for the same seed), its linear layers'
+    biases not zero (:func:`with_bias_noise`)."""
     import torch
 
     if isinstance(name, TinyModel):
         torch.manual_seed(seed)
-        return name.build().eval()
+        return with_bias_noise(name.build().eval())
     tiny_model(name)  # a clear error for an unknown name
     return copy.deepcopy(_prototype(name, seed))
 

@@ -14,12 +14,12 @@ import pytest
 import torch
 
 import peftkit
-from peftkit.core.errors import ConfigError
+from peftkit.core.errors import ConfigError, MergeError
 from peftkit.core.plugins import parse_spec
 from peftkit.plugins.lora.config import LoraConfig
 from peftkit.plugins.lora.layer import LoraLinear
 from peftkit.plugins.lora.method import LoraMethod
-from peftkit.testing import CHECKS, check_method, make_conformance_class, run_check
+from peftkit.testing import CHECKS, CheckSkipped, check_method, make_conformance_class, run_check
 from peftkit.testing_models import build_tiny
 
 #: One spec per built-in method (and variant) the suite runs on.
@@ -227,7 +227,7 @@ def _broken(defect: str, **attributes: Any) -> tuple[Any, str]:
     ("none", {"identity_at_init": False}, "identity", r"declares identity_at_init=False, but the output equals"),
     ("merge", {}, "merge", r"merged vs unmerged output: outputs differ by up to"),
     ("save", {}, "save_load", r"the loaded adapter's output is not bit-identical"),
-    ("global_rng", {"identity_at_init": False}, "save_load", r"global random generator was moved before the load"),
+    ("global_rng", {"identity_at_init": False}, "save_load", r"a tensor the forward uses is not saved.*torch's global random"),
     ("leak", {}, "train_step", r"the adapter owns base-model parameters \['model.layers.0.self_attn.q_proj.weight'"),
     ("tamper", {}, "inject", r"adding and deleting the adapter changed base tensors"),
     ("ignores_h", {}, "block_stack", r"stack\(a, c\) with c at its identity init vs a"),
@@ -290,3 +290,26 @@ def test_a_sound_method_built_the_same_way_passes():
     assert [(r.check, r.message) for r in report.skipped] == [
         ("peft_config", "not in PEFT's format (broken_none declares no peft_type): its folder says peft_type "
                         "'BROKEN_NONE', a type PEFT does not have, so PEFT refuses it")]
+
+
+def test_the_merge_check_sees_a_merge_that_forgets_the_bias(monkeypatch):
+    """The tiny models' linear layers have non-zero biases: an IA3 merge that scales the weight but not the bias
+    of an output-scaled layer changes the output (with zero biases it would not)."""
+    from peftkit.plugins.ia3.layer import IA3Vector
+
+    assert any(p.abs().max() > 0 for n, p in build_tiny("gpt2").named_parameters() if n.endswith("attn.bias"))
+    run_check("ia3", "merge", "gpt2")
+    monkeypatch.setattr(IA3Vector, "_bias_factor", lambda self, base: None)
+    with pytest.raises(AssertionError, match="merged vs unmerged output"):
+        run_check("ia3", "merge", "gpt2")
+
+
+def test_the_merge_check_skips_a_model_the_methods_own_check_refuses(monkeypatch):
+    from peftkit.plugins.ia3.layer import IA3Vector
+
+    def refuse(self):
+        raise MergeError("a shift needs a bias, and this layer has none")
+
+    monkeypatch.setattr(IA3Vector, "check_mergeable", refuse, raising=False)
+    with pytest.raises(CheckSkipped, match=r"ia3 refuses to merge on llama: .*a shift needs a bias"):
+        run_check("ia3", "merge", "llama")
