@@ -15,7 +15,7 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.nn as nn
 
-from . import composition, heads
+from . import composition, heads, peft_objects
 from .adapter_names import adapter_name_list
 from .architectures import ArchitectureSpec
 from .composition import BASE_MODEL, Node
@@ -70,6 +70,32 @@ class AdapterRecord:
     labels: list[str] | None = None
     #: What merge_adapters() measured while making it (a dense merge: {"rank", "energy_kept": {site: fraction}}).
     merge_report: dict | None = None
+
+
+def peft_trainable(trainable: bool, is_trainable: bool | None) -> bool:
+    """``trainable``, or PEFT's ``is_trainable`` when given; AdapterError when both are given and differ."""
+    if is_trainable is None:
+        return trainable
+    if trainable and not is_trainable:
+        raise AdapterError("trainable=True and is_trainable=False disagree; pass one of them (is_trainable is "
+                           "PEFT's name for trainable)")
+    return bool(is_trainable)
+
+
+def merge_finite_or_refuse(site: str, name: str, layer: TunerLayer) -> None:
+    """Merge adapter ``name`` into ``layer`` (at ``site``), or, when that leaves a NaN or inf in the base layer's
+    parameters, put them back exactly as they were (unmerging cannot: NaN - NaN is NaN) and raise MergeError.
+    Holds a copy of one layer's parameters at a time, as PEFT's ``safe_merge`` does."""
+    params = dict(layer.base_layer.named_parameters(recurse=False))
+    before = {n: p.detach().clone() for n, p in params.items()}
+    layer.merge(name)
+    broken = [n for n, p in params.items() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+    if broken:
+        layer.unmerge(name)
+        for param_name, param in params.items():
+            param.detach().copy_(before[param_name])
+        raise MergeError(f"merging adapter {name!r} into {site} gives a {broken[0]} with NaN or inf values "
+                         f"(safe_merge): the adapter's weights are broken; nothing was merged")
 
 
 class AdaptedModel(CompositionMixin, nn.Module):
@@ -155,9 +181,11 @@ class AdaptedModel(CompositionMixin, nn.Module):
             raise AdapterError(f"no adapter named {name!r}; adapters on this model: "
                                f"{', '.join(self._records) or 'none'}") from None
 
-    def add_adapter(self, name: str, spec: str | AdapterConfig = "lora", *,
-                    default_head: bool = True) -> AdapterRecord:
-        """Inject a new adapter. ``spec`` is a shorthand (``"lora[r=8]"``) or a config.
+    def add_adapter(self, name: str, spec: str | AdapterConfig | None = None, *,
+                    config: str | AdapterConfig | None = None, default_head: bool = True) -> AdapterRecord:
+        """Inject a new adapter. ``spec`` is a shorthand (``"lora[r=8]"``), a config (default ``"lora"``) or a
+        Hugging Face PEFT config object (``peft.LoraConfig(r=8)``, read as the folder PEFT would save for it);
+        ``config=`` is AdapterHub's name for it (``add_adapter("a", config="seq_bn")``).
 
         The new adapter is neither active nor trainable until set_active() /
         train_adapter(). On any error the model is left as it was.
@@ -166,9 +194,14 @@ class AdaptedModel(CompositionMixin, nn.Module):
         the file says what was saved).
         """
         self.check_adapter_name(name)
-        method, config = parse_spec(spec)
-        config = config.replace()  # our own copy: defaults get filled in below
-        record = AdapterRecord(name=name, method=method, config=config)
+        if spec is not None and config is not None:
+            raise AdapterError(f"add_adapter({name!r}) got both spec and config=; pass the method once "
+                               f"(config= is AdapterHub's name for spec)")
+        chosen = next((s for s in (spec, config) if s is not None), "lora")
+        method, parsed = peft_objects.method_and_config(chosen) if peft_objects.is_peft_config(chosen) \
+            else parse_spec(chosen)
+        parsed = parsed.replace()  # our own copy: defaults get filled in below
+        record = AdapterRecord(name=name, method=method, config=parsed)
         self._records[name] = record
         try:
             self._inject(record, default_head)
@@ -497,10 +530,33 @@ class AdaptedModel(CompositionMixin, nn.Module):
             if isinstance(module, TunerLayer):
                 yield name, module
 
-    def merge_adapter(self, adapter_names: str | Sequence[str] | None = None) -> None:
-        """Fold adapters (one name, a list of names, or the active ones by default) into the base weights."""
+    def merge_adapter(self, adapter_names: str | Sequence[str] | None = None, *, safe_merge: bool = False) -> None:
+        """Fold adapters (one name, a list of names, or the active ones by default) into the base weights.
+
+        ``safe_merge`` (PEFT's option): check every merged weight for NaN and inf, and undo the whole merge
+        with a MergeError naming the layer if one is not finite."""
         names = adapter_name_list(adapter_names)
         names = self.active_adapters if names is None else names
+        self._refuse_unmergeable(names)
+        done: list[tuple[TunerLayer, str]] = []
+        with torch.no_grad():
+            try:
+                for name in names:
+                    for site, layer in self.tuner_layers():
+                        if name in layer.adapters and name not in layer.merged:
+                            if safe_merge:
+                                merge_finite_or_refuse(site, name, layer)
+                            else:
+                                layer.merge(name)
+                            done.append((layer, name))
+            except BaseException:
+                for layer, name in reversed(done):  # a refusal part way leaves no layer merged
+                    layer.unmerge(name)
+                raise
+
+    def _refuse_unmergeable(self, names: Sequence[str]) -> None:
+        """MergeError, before any weight changes, when one of ``names`` cannot be merged: its method cannot,
+        a layer refuses it, another merged adapter's change would be read, or a weight is tied."""
         for name in names:
             record = self.adapter_record(name)
             if not record.method.can_merge:
@@ -525,18 +581,6 @@ class AdaptedModel(CompositionMixin, nn.Module):
                     raise MergeError(f"adapter {name!r} cannot be merged into {site}: its weight is tied to "
                                      f"{shared[0]} (tie_word_embeddings), so merging would change that module too; "
                                      f"keep the adapter unmerged, or load the model with tie_word_embeddings=False")
-        done: list[tuple[TunerLayer, str]] = []
-        with torch.no_grad():
-            try:
-                for name in names:
-                    for _, layer in self.tuner_layers():
-                        if name in layer.adapters and name not in layer.merged:
-                            layer.merge(name)
-                            done.append((layer, name))
-            except BaseException:
-                for layer, name in reversed(done):  # a refusal part way leaves no layer merged
-                    layer.unmerge(name)
-                raise
 
     def unmerge_adapter(self) -> None:
         with torch.no_grad():
@@ -548,8 +592,11 @@ class AdaptedModel(CompositionMixin, nn.Module):
     def merged_adapters(self) -> list[str]:
         return sorted({n for _, layer in self.tuner_layers() for n in layer.merged})
 
-    def merge_and_unload(self, adapter_names: str | Sequence[str] | None = None) -> nn.Module:
-        """Merge adapters into the base weights and return the bare base model.
+    def merge_and_unload(self, adapter_names: str | Sequence[str] | None = None, *, progressbar: bool = False,
+                         safe_merge: bool = False) -> nn.Module:
+        """Merge adapters into the base weights and return the bare base model. ``safe_merge`` as for
+        :meth:`merge_adapter`; ``progressbar`` is accepted for PEFT's calls and shows nothing (a merge
+        takes a fraction of a second a layer).
 
         The modules_to_save copies of the last of ``adapter_names`` that has them (as a
         stack of them would run) replace the originals, and a classifier's config gets
@@ -557,7 +604,7 @@ class AdaptedModel(CompositionMixin, nn.Module):
         """
         names = adapter_name_list(adapter_names)
         names = self.active_adapters if names is None else names
-        self.merge_adapter(names)
+        self.merge_adapter(names, safe_merge=safe_merge)
         return self._unwrapped(composition.as_node(names) if names else None)  # heads as a stack's: the last one's
 
     def unload(self) -> nn.Module:
@@ -668,14 +715,15 @@ class AdaptedModel(CompositionMixin, nn.Module):
         save_pretrained(self, path, adapter_names, **card)
 
     def load_adapter(self, path: str, adapter_name: str = "default", *, activate: bool = True,
-                     trainable: bool = False, hotswap: bool = False) -> AdapterRecord:
+                     trainable: bool = False, hotswap: bool = False, is_trainable: bool | None = None) -> AdapterRecord:
         """Load an adapter folder under ``adapter_name``. On any error the model
-        is left exactly as it was.
+        is left exactly as it was. ``is_trainable`` is PEFT's name for ``trainable``.
 
         ``hotswap=True``: ``adapter_name`` exists already and the folder's weights replace its
         weights in place (:meth:`hotswap_adapter`); ``activate`` then activates it only if it is
         not active yet, so that a compiled model sees no change but the weights.
         """
+        trainable = peft_trainable(trainable, is_trainable)
         if hotswap:
             record = self.hotswap_adapter(path, adapter_name)
         else:
@@ -713,7 +761,10 @@ class AdaptedModel(CompositionMixin, nn.Module):
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, path: str, adapter_name: str = "default",
-                        trainable: bool = False) -> "AdaptedModel":
+                        trainable: bool = False, *, is_trainable: bool | None = None) -> "AdaptedModel":
+        """``model`` with the adapter saved at ``path`` loaded and active (PEFT's ``PeftModel.from_pretrained``;
+        ``is_trainable`` is PEFT's name for ``trainable``)."""
+        trainable = peft_trainable(trainable, is_trainable)
         adapted = model if isinstance(model, AdaptedModel) else cls(model)
         adapted.load_adapter(path, adapter_name, trainable=trainable)
         if not trainable:

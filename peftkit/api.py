@@ -34,13 +34,14 @@ def adapt(model: "nn.Module", spec: str | AdapterConfig = "lora", adapter_name: 
 
 
 def from_pretrained(model: "nn.Module", path: str, adapter_name: str = "default",
-                    trainable: bool = False) -> "AdaptedModel":
-    """Load a saved adapter folder onto ``model`` (PEFT's ``PeftModel.from_pretrained``)."""
+                    trainable: bool = False, *, is_trainable: bool | None = None) -> "AdaptedModel":
+    """Load a saved adapter folder onto ``model`` (PEFT's ``PeftModel.from_pretrained``; ``is_trainable`` is
+    PEFT's name for ``trainable``)."""
     from peftkit.core.model import AdaptedModel
 
     _require_model_object(model, "from_pretrained", path)
 
-    return AdaptedModel.from_pretrained(model, path, adapter_name, trainable=trainable)
+    return AdaptedModel.from_pretrained(model, path, adapter_name, trainable=trainable, is_trainable=is_trainable)
 
 
 def load_composition(model: "nn.Module", path: str, *, activate: bool = True) -> "AdaptedModel":

@@ -1,0 +1,79 @@
+"""What users of Hugging Face PEFT and AdapterHub write works as they mean it: a ``peft.LoraConfig`` object as the
+spec, AdapterHub's ``add_adapter(name, config=...)``, PEFT's ``is_trainable`` and ``safe_merge``/``progressbar``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import peftkit
+from peftkit.core.errors import AdapterError, ConfigError, MergeError
+from tests.method_helpers import output_of, randomize
+from tests.tiny_models import build_tiny
+
+peft = pytest.importorskip("peft")
+
+
+def test_a_peft_config_object_is_the_adapter_peft_would_make(tmp_path: Path) -> None:
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
+                             init_lora_weights=False)
+    ours = peftkit.adapt(build_tiny("llama"), config)
+    assert ours.adapters["default"].r == 4 and ours.adapters["default"].alpha == 8.0
+    assert sorted(ours.adapters["default"].target_modules) == ["q_proj", "v_proj"]
+    ours.save_adapter(str(tmp_path / "a"))
+    theirs = peft.PeftModel.from_pretrained(build_tiny("llama"), str(tmp_path / "a")).eval()
+    assert theirs.peft_config["default"].r == 4
+    assert torch.equal(output_of(ours.eval(), "llama"), output_of(theirs, "llama"))
+    ia3 = peftkit.adapt(build_tiny("llama"), peft.IA3Config(target_modules=["k_proj", "down_proj"],
+                                                            feedforward_modules=["down_proj"]))
+    assert ia3.adapters["default"].feedforward_modules == ["down_proj"]
+
+
+def test_a_peft_option_peftkit_lacks_is_refused_by_name() -> None:
+    config = peft.LoraConfig(r=4, target_modules=["q_proj"], layer_replication=[[0, 1]])
+    with pytest.raises(ConfigError, match=r"peft.LoraConfig: .*layer_replication=\[\[0, 1\]\] is not supported"):
+        peftkit.adapt(build_tiny("llama"), config)
+
+
+def test_adapterhubs_config_keyword_names_the_method() -> None:
+    model = peftkit.AdaptedModel(build_tiny("llama"))
+    model.add_adapter("a", config="ia3")
+    assert model.adapter_record("a").method.name == "ia3"
+    with pytest.raises(AdapterError, match=r"got both spec and config=; pass the method once"):
+        model.add_adapter("b", "lora", config="ia3")
+    assert list(model.adapters) == ["a"]
+
+
+def test_is_trainable_is_trainable(tmp_path: Path) -> None:
+    peftkit.adapt(build_tiny("llama"), "lora[r=2]").save_adapter(str(tmp_path / "a"))
+    model = peftkit.from_pretrained(build_tiny("llama"), str(tmp_path / "a"), is_trainable=True)
+    assert all(p.requires_grad for p in model.adapter_parameters("default"))
+    frozen = peftkit.AdaptedModel.from_pretrained(build_tiny("llama"), str(tmp_path / "a"), is_trainable=False)
+    assert not any(p.requires_grad for p in frozen.adapter_parameters("default"))
+    frozen.load_adapter(str(tmp_path / "a"), "b", is_trainable=True)
+    assert all(p.requires_grad for p in frozen.adapter_parameters("b"))
+    with pytest.raises(AdapterError, match="trainable=True and is_trainable=False disagree"):
+        peftkit.from_pretrained(build_tiny("llama"), str(tmp_path / "a"), trainable=True, is_trainable=False)
+
+
+def test_safe_merge_refuses_a_non_finite_weight_and_merges_nothing() -> None:
+    model = peftkit.adapt(build_tiny("llama"), "lora[r=2]")
+    randomize(model, "default", seed=1)
+    model.add_adapter("broken", "lora[r=2]")
+    randomize(model, "broken", seed=2)
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "broken" in n and "lora_B" in n)[0, 0] = float("nan")
+    weights = {n: p.detach().clone() for n, p in model.base_model.named_parameters() if ".adapters." not in n}
+    with pytest.raises(MergeError, match=r"merging adapter 'broken' into model.layers.0.self_attn.q_proj gives a "
+                                         r"weight with NaN or inf values \(safe_merge\).*nothing was merged"):
+        model.merge_adapter(["default", "broken"], safe_merge=True)
+    assert model.merged_adapters == []  # the layers merged before it were unmerged: the weights as they were
+    assert all(torch.allclose(p, weights[n], atol=1e-6) for n, p in model.base_model.named_parameters()
+               if n in weights)
+    assert all(bool(torch.isfinite(p).all()) for n, p in model.base_model.named_parameters() if n in weights)
+    model.set_active("default")
+    expected = output_of(model.eval(), "llama")
+    bare = model.merge_and_unload("default", progressbar=True, safe_merge=True)
+    assert torch.allclose(output_of(bare, "llama"), expected, atol=1e-5)
