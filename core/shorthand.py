@@ -7,6 +7,7 @@ Python spellings True/False/None are accepted, and a bare word such as
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from typing import Any
@@ -20,6 +21,16 @@ _PY_LITERALS = {"True": True, "False": False, "None": None}
 MAX_NESTING = 32
 
 
+def _bracket_hint(values: dict[str, Any], rest: list[str]) -> str:
+    """For ``target_modules=q_proj,v_proj`` (a list written without its brackets: the items after the last
+    key=value are bare words), how to write the list; empty otherwise."""
+    if not values or not isinstance(values[list(values)[-1]], str):
+        return ""
+    last = list(values)[-1]
+    words = [values[last]] + [item.strip() for item in itertools.takewhile(lambda i: "=" not in i, rest)]
+    return f"; to give {last} a list, write it in brackets: {last}=[{','.join(words)}]"
+
+
 def parse_shorthand(spec: str) -> tuple[str, dict[str, Any]]:
     """Split ``method[k=v,...]`` into the method name and a dict of values."""
     match = _NAME.match(spec)
@@ -30,9 +41,11 @@ def parse_shorthand(spec: str) -> tuple[str, dict[str, Any]]:
     name, body = match.group(1), match.group(2)
     values: dict[str, Any] = {}
     if body and body.strip():
-        for item in split_top_level(body, ","):
+        items = split_top_level(body, ",")
+        for index, item in enumerate(items):
             if "=" not in item:
-                raise ConfigError(f"in adapter spec {spec!r}: {item.strip()!r} is not key=value")
+                raise ConfigError(f"in adapter spec {spec!r}: {item.strip()!r} is not key=value"
+                                  + _bracket_hint(values, items[index:]))
             key, raw = item.split("=", 1)
             key = key.strip()
             if not key.isidentifier():

@@ -208,6 +208,13 @@ def _nothing_matched(model: "nn.Module", targets: object, method: str) -> str:
             close = difflib.get_close_matches(str(t), leaves, n=3)
             if close:
                 msg += f" {t!r} is not here; did you mean {', '.join(map(repr, close))}?"
+    elif isinstance(targets, str):
+        leaves = {c.rsplit(".", 1)[-1] for c in candidates}
+        named = [t.strip() for t in re.split(r"[,|]", targets) if t.strip() in leaves]
+        if named:  # a list of names written as one string: PEFT reads a string as a regex too
+            msg += (f" A string is a regular expression over the full module name (as in PEFT); to adapt the "
+                    f"modules named {', '.join(map(repr, named))}, pass a list: target_modules={named!r} (in a spec, "
+                    f"target_modules=[{','.join(named)}]).")
     return msg + f" Candidate modules: {', '.join(candidates)}"
 
 

@@ -64,6 +64,24 @@ def test_nothing_matched_lists_candidates_and_suggests():
     assert "q_proj" in message  # the did-you-mean hint
 
 
+@pytest.mark.parametrize("spec, fix", [
+    ("lora[target_modules=q_proj]", r"pass a list: target_modules=\['q_proj'\] \(in a spec, target_modules=\[q_proj\]\)"),
+    (peftkit.LoraConfig(target_modules="q_proj,v_proj"), r"pass a list: target_modules=\['q_proj', 'v_proj'\]"),
+])
+def test_a_string_of_module_names_is_told_to_be_a_list(spec, fix):
+    """PEFT too reads a string target_modules as a regex over the full name, so 'q_proj' matches nothing."""
+    with pytest.raises(TargetError, match=r"A string is a regular expression over the full module name .*" + fix):
+        peftkit.adapt(build_tiny("llama"), spec)
+
+
+def test_a_list_without_brackets_in_a_spec_is_shown_with_them():
+    with pytest.raises(peftkit.ConfigError, match=r"'v_proj' is not key=value; to give target_modules a list, "
+                                                  r"write it in brackets: target_modules=\[q_proj,v_proj,k_proj\]$"):
+        peftkit.adapt(build_tiny("llama"), "lora[target_modules=q_proj,v_proj,k_proj,r=4]")
+    with pytest.raises(peftkit.ConfigError, match=r"'zzz' is not key=value$"):
+        peftkit.adapt(build_tiny("llama"), "lora[r=8,zzz]")
+
+
 def test_unknown_architecture_without_targets_says_what_to_pass():
     import torch.nn as nn
 
