@@ -125,8 +125,14 @@ class AdapterConfig:
     def from_dict(cls, data: dict[str, Any]) -> "AdapterConfig":
         data = dict(data)
         data.pop("method", None)
+        return cls(**data)
+
+    @classmethod
+    def refuse_unknown_keys(cls, keys: Any) -> None:
+        """ConfigError naming the keys that are not options of this config, with peftkit's name for another
+        library's (``lora_alpha`` -> ``alpha``) or the closest spelling, and the options it has."""
         allowed = cls.field_names()
-        unknown = sorted(k for k in data if k not in allowed)
+        unknown = sorted(k for k in keys if k not in allowed)
         if unknown:
             hints = [(f"{key!r}: " if len(unknown) > 1 else "") + hint for key in unknown
                      if (hint := option_suggestion(key, allowed))]
@@ -134,7 +140,13 @@ class AdapterConfig:
                 f"unknown {'key' if len(unknown) == 1 else 'keys'} {', '.join(map(repr, unknown))} for method "
                 f"{cls.method!r}" + (f" ({'; '.join(hints)})" if hints else "")
                 + f"; allowed keys: {', '.join(allowed)}")
-        return cls(**data)
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "AdapterConfig":
+        # Checked here, before the dataclass's __init__ would raise a bare TypeError for PEFT's names
+        # (peftkit.LoraConfig(lora_alpha=16)).
+        if kwargs:
+            cls.refuse_unknown_keys(kwargs)
+        return super().__new__(cls)
 
     def to_json(self) -> str:
         return json.dumps({"method": self.method, **self.to_dict()}, indent=2, sort_keys=True)

@@ -135,3 +135,17 @@ def test_malformed_spec_and_json():
         parse_shorthand("lora[r=1,r=2]")
     with pytest.raises(ConfigError, match="malformed"):
         LoraConfig.from_json("{not json")
+
+
+@pytest.mark.parametrize("options, hint", [
+    ({"lora_alpha": 16}, r"unknown key 'lora_alpha' for method 'lora' \(write 'alpha' \(peftkit's name for it\)\)"),
+    ({"task_type": "CAUSAL_LM"}, r"unknown key 'task_type' .*peftkit takes the task from the model"),
+    ({"alpah": 16}, r"unknown key 'alpah' .*did you mean 'alpha'"),
+])
+def test_a_config_built_with_another_librarys_names_says_peftkits(options, hint):
+    """peftkit.LoraConfig(lora_alpha=16), as a PEFT user writes it: a ConfigError with the fix, not a TypeError."""
+    import peftkit
+
+    with pytest.raises(ConfigError, match=hint):
+        peftkit.LoraConfig(r=8, **options)
+    assert peftkit.LoraConfig(r=8, alpha=16).alpha == 16
