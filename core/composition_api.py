@@ -87,10 +87,11 @@ class CompositionMixin:
 
         return capture(self)
 
-    def save_fusion(self: "AdaptedModel", path: "str | os.PathLike", name: str) -> None:
+    def save_fusion(self: "AdaptedModel", path: "str | os.PathLike", name: "str | composition.Fuse") -> None:
+        """Write the fusion ``name`` (or that of a ``Fuse`` block) as a folder."""
         from .fusion import save_fusion
 
-        save_fusion(self, name, path)
+        save_fusion(self, name.fusion_name if isinstance(name, composition.Fuse) else name, path)
 
     def load_fusion(self: "AdaptedModel", path: "str | os.PathLike", name: str | None = None, *,
                     activate: bool = False) -> "FusionRecord":

@@ -350,6 +350,10 @@ def train_fusion(model: "AdaptedModel", fuse: Fuse | str | None = None, *, unfre
     if fuse is not None:
         node = as_fuse(model, fuse) if isinstance(fuse, str) and fuse in model.adapter_state.fusions \
             else composition.as_node(fuse)
+        if not composition.fuse_blocks(node):
+            raise CompositionError(f"train_fusion() takes a fuse() block or a fusion's name, e.g. "
+                                   f"train_fusion(Fuse('a', 'b')) (AdapterHub's list ['a', 'b'] is Fuse('a', 'b') "
+                                   f"here); {fuse!r} is {node}, which holds no fuse()")
         model.set_active(node)
     active = model.adapter_state.active
     blocks = composition.fuse_blocks(active)

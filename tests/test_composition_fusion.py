@@ -144,7 +144,7 @@ def test_save_and_load_a_fusion(model, tmp_path):
     model.add_fusion(Fuse("a", "bn", name="f"), temperature=2.5, query_key_dim=8)
     _randomize(fusion_layers(model, "f"))
     expected = logits(model, batch, Fuse("a", "bn", name="f"))
-    model.save_fusion(tmp_path / "f", "f")
+    model.save_fusion(tmp_path / "f", Fuse("a", "bn", name="f"))  # the block names its fusion too
     data = json.loads((tmp_path / "f" / "fusion_config.json").read_text())
     assert data["config"]["temperature"] == 2.5 and data["fuse"] == {"block": "fuse", "children": ["a", "bn"],
                                                                      "name": "f"}
@@ -211,3 +211,14 @@ def test_individual_and_fused_outputs_in_one_pass(model):
         parts = model.split_parallel(model(**batch))
     for part, want in zip(parts, expected):
         assert torch.allclose(part.logits, want, atol=ATOL)
+
+
+def test_train_fusion_with_adapterhubs_list_says_to_pass_a_fuse(model):
+    """AdapterHub's train_adapter_fusion(["a", "bn"]) spelling: a list is a stack here, which holds no fusion."""
+    model.add_fusion(Fuse("a", "bn"))
+    with pytest.raises(CompositionError, match=r"train_fusion\(\) takes a fuse\(\) block or a fusion's name, "
+                                               r"e.g. train_fusion\(Fuse\('a', 'b'\)\) .*\['a', 'bn'\] is stack\(a, bn\)"):
+        model.train_fusion(["a", "bn"])
+    assert model.active_adapters == []  # nothing was activated
+    model.train_fusion("a_bn")  # by the fusion's name
+    assert model.active_composition == Fuse("a", "bn")
