@@ -193,6 +193,10 @@ class AdaptedModel(CompositionMixin, nn.Module):
         ``modules_to_save`` unless the config names it (loading uses this:
         the file says what was saved).
         """
+        if isinstance(spec, str) and (isinstance(name, AdapterConfig) or peft_objects.is_peft_config(name)):
+            raise AdapterError(f"add_adapter() takes the adapter's name first, then its method: "
+                               f"add_adapter({spec!r}, {type(name).__name__}(...)) (transformers' own add_adapter "
+                               f"takes the config first)")
         self.check_adapter_name(name)
         if spec is not None and config is not None:
             raise AdapterError(f"add_adapter({name!r}) got both spec and config=; pass the method once "

@@ -43,6 +43,10 @@ def test_adapterhubs_config_keyword_names_the_method() -> None:
     assert model.adapter_record("a").method.name == "ia3"
     with pytest.raises(AdapterError, match=r"got both spec and config=; pass the method once"):
         model.add_adapter("b", "lora", config="ia3")
+    for config in (peftkit.LoraConfig(r=4), peft.LoraConfig(r=4)):  # transformers' order: config, then name
+        with pytest.raises(AdapterError, match=r"takes the adapter's name first, then its method: "
+                                               r"add_adapter\('b', LoraConfig\(...\)\)"):
+            model.add_adapter(config, "b")
     assert list(model.adapters) == ["a"]
 
 
