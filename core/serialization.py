@@ -322,9 +322,15 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
         raise AdapterLoadError(f"{str(path)!r} is not an adapter folder (it does not exist or is a file)")
     config_path = path / CONFIG_NAME
     if not config_path.is_file():
-        present = ", ".join(sorted(p.name for p in path.iterdir())) or "nothing"
-        raise AdapterLoadError(f"{str(path)!r} has no {CONFIG_NAME} (it holds: {present}); "
-                               f"save adapters with save_adapter() or PEFT's save_pretrained()")
+        entries = sorted(path.iterdir())
+        present = ", ".join(p.name for p in entries) or "nothing"
+        inner = [p.name for p in entries if (p / CONFIG_NAME).is_file()]
+        where = "; save adapters with save_adapter() or PEFT's save_pretrained()"
+        if inner:
+            where = (f"; it holds adapters in {', '.join(f'{n}/' for n in inner)} (a save_pretrained() of several "
+                     f"adapters keeps all but 'default' in subfolders): load one of them, e.g. "
+                     f"{str(path / inner[0])!r}")
+        raise AdapterLoadError(f"{str(path)!r} has no {CONFIG_NAME} (it holds: {present}){where}")
     try:
         data = json.loads(config_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

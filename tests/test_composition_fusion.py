@@ -217,7 +217,8 @@ def test_train_fusion_with_adapterhubs_list_says_to_pass_a_fuse(model):
     """AdapterHub's train_adapter_fusion(["a", "bn"]) spelling: a list is a stack here, which holds no fusion."""
     model.add_fusion(Fuse("a", "bn"))
     with pytest.raises(CompositionError, match=r"train_fusion\(\) takes a fuse\(\) block or a fusion's name, "
-                                               r"e.g. train_fusion\(Fuse\('a', 'b'\)\) .*\['a', 'bn'\] is stack\(a, bn\)"):
+                                               r"e.g. train_fusion\(Fuse\('a', 'b'\)\) "
+                                               r".*\['a', 'bn'\] is stack\(a, bn\)"):
         model.train_fusion(["a", "bn"])
     assert model.active_adapters == []  # nothing was activated
     model.train_fusion("a_bn")  # by the fusion's name

@@ -65,7 +65,8 @@ def test_nothing_matched_lists_candidates_and_suggests():
 
 
 @pytest.mark.parametrize("spec, fix", [
-    ("lora[target_modules=q_proj]", r"pass a list: target_modules=\['q_proj'\] \(in a spec, target_modules=\[q_proj\]\)"),
+    ("lora[target_modules=q_proj]",
+     r"pass a list: target_modules=\['q_proj'\] \(in a spec, target_modules=\[q_proj\]\)"),
     (peftkit.LoraConfig(target_modules="q_proj,v_proj"), r"pass a list: target_modules=\['q_proj', 'v_proj'\]"),
 ])
 def test_a_string_of_module_names_is_told_to_be_a_list(spec, fix):

@@ -98,6 +98,14 @@ def test_read_config_refusals(tmp_path):
     (tmp_path / "a.txt").write_text("x")
     with pytest.raises(AdapterLoadError, match=r"\(it holds: a.txt, b.txt\)"):
         ser.read_config(tmp_path)
+    for name in ("sentiment", "topic"):  # save_pretrained() of adapters none of which is named "default"
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text("{}")
+    with pytest.raises(AdapterLoadError) as refused:
+        ser.read_config(tmp_path)
+    assert str(refused.value).endswith(
+        f"it holds adapters in sentiment/, topic/ (a save_pretrained() of several adapters keeps all but 'default' "
+        f"in subfolders): load one of them, e.g. {str(tmp_path / 'sentiment')!r}")
     config = tmp_path / ser.CONFIG_NAME
     config.write_text("{broken")
     with pytest.raises(AdapterLoadError, match=r"adapter_config.json is not valid JSON \(.*\); the file is damaged"):
