@@ -22,7 +22,9 @@ def is_conv1d(module: nn.Module) -> bool:
 
 def linear_features(module: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of a linear-like layer, quantized ones included (whose packed
-    weight has another shape)."""
+    weight has another shape), or of the layer a wrapper holds as ``base_layer`` (an adapted site)."""
+    while isinstance(getattr(module, "base_layer", None), nn.Module):
+        module = module.base_layer
     if is_conv1d(module):
         weight = module.weight
         return int(weight.shape[0]), int(weight.shape[1])

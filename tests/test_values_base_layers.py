@@ -27,3 +27,19 @@ def test_adapter_dtype_follows_the_weight_and_is_float32_without_one(dtype, expe
     frozen_int = nn.Linear(3, 2)
     frozen_int.weight = nn.Parameter(torch.zeros(2, 3, dtype=torch.int8), requires_grad=False)
     assert adapter_dtype(frozen_int) == torch.float32
+
+
+@pytest.mark.parametrize("arch, site, expected", [
+    ("gpt2", "transformer.h.0.attn.c_attn", (32, 96)),  # Conv1D stores its weight (in, out)
+    ("llama", "model.layers.0.self_attn.v_proj", (32, 16)),
+])
+def test_linear_features_of_an_adapted_site_are_those_of_the_layer_it_wraps(arch, site, expected) -> None:
+    """A plugin's expected_parameter_count reads a site after injection, when it is peftkit's TunerLayer."""
+    import peftkit
+    from peftkit.plugin_api import base_of, linear_features
+    from tests.tiny_models import build_tiny
+
+    model = peftkit.adapt(build_tiny(arch), "lora")
+    wrapped = model.base_model.get_submodule(site)
+    assert wrapped is not base_of(wrapped)
+    assert linear_features(wrapped) == linear_features(base_of(wrapped)) == expected
