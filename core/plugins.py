@@ -16,6 +16,7 @@ Nothing here imports torch.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import importlib
 import inspect
 import os
@@ -170,7 +171,7 @@ class Registry:
         except pluggy.PluginValidationError as exc:
             self.pm.unregister(obj)
             record.errors.append(f"plugin {name!r} implements an unknown hook: {exc}; "
-                                 f"the hooks are listed in docs/plugins.md")
+                                 + (_hook_name_fixes(obj, self.pm) or "the hooks are listed in docs/plugins.md"))
             return record
         record.hooks = [impl_name for impl_name, caller in vars(self.pm.hook).items()
                         if not impl_name.startswith("_")
@@ -455,6 +456,18 @@ def _bind_register(adder: Callable[..., None], record: PluginRecord, hook_name: 
         adder(record, *args, **kwargs)
 
     return register
+
+
+def _hook_name_fixes(obj: Any, pm: pluggy.PluginManager) -> str:
+    """For each hook implementation of ``obj`` whose name is no peftkit hook, the closest hook name."""
+    known = [n for n in vars(hookspecs) if n.startswith("peftkit_")]
+    fixes = []
+    for attr in _public_attrs(obj):
+        if attr not in known and pm.parse_hookimpl_opts(obj, attr) is not None:
+            close = difflib.get_close_matches(attr, known, n=1)
+            if close:
+                fixes.append(f"{attr} -> {close[0]}")
+    return f"did you mean: {', '.join(fixes)}?" if fixes else ""
 
 
 def _public_attrs(obj: Any) -> list[str]:

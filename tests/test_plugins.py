@@ -311,6 +311,7 @@ def test_misspelled_and_undecorated_hooks_are_reported():
 
     with peftkit.use_plugin(Misspelled(), name="misspelled") as record:
         assert "implements an unknown hook" in record.errors[0] and "peftkit_register_method" in record.errors[0]
+        assert record.errors[0].endswith("did you mean: peftkit_register_method -> peftkit_register_methods?")
     # The unknown hook is gone again: the next plugin registers normally.
     with peftkit.use_plugin(Undecorated(), name="undecorated") as record:
         assert record.errors == ["plugin 'undecorated' defines peftkit_register_methods without the "
