@@ -278,11 +278,12 @@ class TunerLayer(nn.Module):
     def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
         state = self.adapter_state
         plan = state.current
-        if plan is None or state.disabled or not self.adapters:
+        adapters = self.adapters  # read once: a module attribute costs a lookup each time (decoding: every token)
+        if plan is None or state.disabled or not adapters:
             return self.base_layer(x, *args, **kwargs)
-        if type(plan) is str and plan in self.adapters and plan not in self.merged \
+        if type(plan) is str and plan in adapters and plan not in self.merged \
                 and plan not in self.input_sources:
-            adapter = self.adapters[plan]
+            adapter = adapters[plan]
             base = self.base_layer
             if adapter.changes_parameters:
                 return adapter.call_base(base, x, args, kwargs)

@@ -458,3 +458,66 @@ def test_fusable_takes_float32_factors_on_a_half_precision_layer_only() -> None:
         assert not fusable_linear(base, torch.randn(2, IN), a)  # a float32 input on a half-precision layer
         assert not fusable_linear(base, torch.randn(2, IN).to(layer_dtype), a.double())
     assert not fusable_linear(frozen_layer(IN, OUT, dtype=torch.float32), torch.randn(2, IN), a.to(torch.bfloat16))
+
+
+def _decoding_model():
+    """A tiny Llama with a LoRA on every linear layer, eval mode, its factors moved away from their init."""
+    import peftkit
+    from tests.method_helpers import randomize
+    from tests.tiny_models import build_tiny
+
+    model = peftkit.adapt(build_tiny("llama"), "lora[r=4,target_modules=all-linear]")
+    randomize(model, "default", seed=3)
+    return model.eval()
+
+
+def _one_token(model) -> torch.Tensor:
+    ids = torch.tensor([[5]])
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_inference_keeps_s_b_t_and_gives_the_training_forwards_numbers() -> None:
+    """Without gradients a layer keeps s B^T between forwards (one token a call when decoding) and gets what
+    the forward with gradients gets, to the bit; the copy is made once, not per forward."""
+    from peftkit.plugins.lora.layer import LoraLinear
+
+    model = _decoding_model()
+    with torch.enable_grad():
+        expected = model(input_ids=torch.tensor([[5]])).logits.detach()
+    assert torch.equal(_one_token(model), expected)
+    layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    kept = [layer.__dict__["_b_t_cache"][1] for layer in layers]
+    assert torch.equal(_one_token(model), expected)
+    assert all(layer.__dict__["_b_t_cache"][1] is copy for layer, copy in zip(layers, kept))
+
+
+@pytest.mark.parametrize("change", ["optimizer step", "to bfloat16 and back", "hotswap", "scale"])
+def test_the_kept_s_b_t_follows_every_change_of_b_and_the_scale(change: str, tmp_path) -> None:
+    """A change of B in place (its version moves), new storage (``.to()`` and ``.data =`` do not move the
+    version), another adapter's weights copied in, or another scale: the next inference forward uses it."""
+    from peftkit.plugins.lora.layer import LoraLinear
+
+    model = _decoding_model()
+    _one_token(model)  # keeps s B^T at every layer
+    if change == "optimizer step":
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.mul_(1.5)
+    elif change == "to bfloat16 and back":
+        model.to(torch.bfloat16).to(torch.float32)
+    elif change == "hotswap":
+        other = _decoding_model()
+        from tests.method_helpers import randomize
+
+        randomize(other, "default", seed=9)
+        other.save_adapter(str(tmp_path / "other"))
+        model.hotswap_adapter(str(tmp_path / "other"))
+    else:
+        for layer in model.modules():
+            if isinstance(layer, LoraLinear):
+                layer.scale *= 3.0
+    with torch.enable_grad():
+        expected = model(input_ids=torch.tensor([[5]])).logits.detach()
+    assert torch.equal(_one_token(model), expected)

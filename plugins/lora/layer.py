@@ -155,10 +155,30 @@ class LoraLinear(LoraFactors):
         if not fusable_linear(base, x, self.lora_A) or (self.use_dora and self._dropout_active()):
             return None  # DoRA with dropout in training puts the dropped-out input through W too (forward)
         lora_x = self.dropout(x) if self._dropout_active() else None
+        lora_b = self.lora_B
+        scaled_b_t = None if torch.is_grad_enabled() else self._inference_b_t(lora_b)
         if not self.use_dora:
-            return fused_lora(x, lora_x, self.lora_A, self.lora_B, base, self.scale)
-        return fused_lora(x, lora_x, self.lora_A, self.lora_B, base, self.scale,
-                          self.lora_magnitude_vector, self._weight_norm(base))
+            return fused_lora(x, lora_x, self.lora_A, lora_b, base, self.scale, scaled_b_t=scaled_b_t)
+        return fused_lora(x, lora_x, self.lora_A, lora_b, base, self.scale,
+                          self.lora_magnitude_vector, self._weight_norm(base), scaled_b_t)
+
+    def _inference_b_t(self, lora_b: torch.Tensor) -> torch.Tensor:
+        """``s B^T`` as an (r, out) tensor, kept until B (its values or storage: another dtype or
+        device is another storage) or the scale changes, so that a forward without gradients runs no scaling
+        kernel for it: decoding token by token calls each layer once a token, and that kernel and its
+        allocation were a sixth of a LoRA layer's time at one token.
+
+        ``.to()`` and ``.data =`` give B new storage without moving its version counter, so the storage's
+        address is part of the key; the cache holds the storage it was made from, which therefore cannot be
+        freed and its address given to B's new storage (a stale copy after ``model.to(bfloat16).float()``)."""
+        key = (lora_b._version, lora_b.data_ptr(), self.scale)
+        cache = self.__dict__.get("_b_t_cache")
+        if cache is None or cache[0] != key:
+            with torch.no_grad():
+                # the layout the forward with gradients computes (a transposed (out, r) tensor): the same numbers
+                cache = (key, lora_b.t() * self.scale, lora_b.untyped_storage())
+            self.__dict__["_b_t_cache"] = cache
+        return cache[1]
 
     def delta(self, x: torch.Tensor, h: torch.Tensor, base: nn.Module) -> torch.Tensor:
         if self.use_dora:
