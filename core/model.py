@@ -53,6 +53,8 @@ _OTHER_LIBRARY_NAMES = {
     "save_adapter_fusion": "model.save_fusion(path, name)",
     "load_adapter_fusion": "model.load_fusion(path)",
     "save_all_adapters": "model.save_pretrained(path)",
+    "adapter_summary": "model.print_trainable_parameters(), model.adapters (name -> config), or "
+                       "`peftkit info FOLDER` for a saved adapter",
 }
 
 

@@ -413,9 +413,10 @@ def unknown_method_message(name: str, registry: Registry, distribution: str | No
         else:
             msg += f" To use {name!r},"
         msg += " install the plugin distribution that provides it (see docs/plugins.md)"
-    broken = [r.name for r in registry.records.values() if r.broken]
-    if broken:
-        msg += "; broken plugins: " + ", ".join(broken) + " (run `peftkit plugins`)"
+    broken = [r for r in registry.records.values() if r.broken]
+    if broken:  # the plugin that should provide it may be one of them: say why each is broken
+        msg += "; broken plugins: " + "; ".join(f"{r.name} ({r.errors[0]})" for r in broken) \
+            + " (run `peftkit plugins`)"
     return msg
 
 

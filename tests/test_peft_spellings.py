@@ -81,3 +81,10 @@ def test_safe_merge_refuses_a_non_finite_weight_and_merges_nothing() -> None:
     expected = output_of(model.eval(), "llama")
     bare = model.merge_and_unload("default", progressbar=True, safe_merge=True)
     assert torch.allclose(output_of(bare, "llama"), expected, atol=1e-5)
+
+
+def test_adapterhubs_adapter_summary_points_at_peftkits_equivalents() -> None:
+    model = peftkit.adapt(build_tiny("llama"), "lora[r=2]")
+    with pytest.raises(AttributeError, match=r"no 'adapter_summary' \(the PEFT / AdapterHub name\); use "
+                                             r"model.print_trainable_parameters\(\)"):
+        model.adapter_summary()

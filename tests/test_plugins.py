@@ -8,6 +8,7 @@ plugin and the fix, and to leave the core working.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -20,7 +21,7 @@ from peftkit import AdapterConfig, ArchitectureSpec, LayerAdapter, Method
 from peftkit.cli import main, run
 from peftkit.cli_plugins import add_plugin_commands
 from peftkit.core.errors import PluginError, TargetError
-from peftkit.core.plugins import get_registry
+from peftkit.core.plugins import get_registry, parse_spec
 from tests.tiny_models import build_tiny, output_tensor, sample_inputs
 
 
@@ -259,6 +260,10 @@ def test_incompatible_plugin_api_is_refused_with_the_fix(api, expected):
         assert record.broken and expected in record.errors[0]
         assert "'api-plugin'" in record.errors[0]
         assert "test_bias" not in get_registry().methods  # never registered
+        # The method it would provide is unknown, and the error says why its plugin did not load.
+        with pytest.raises(PluginError, match=r"unknown tuning method 'test_bias'.*broken plugins: api-plugin "
+                                              r"\(.*" + re.escape(expected)):
+            parse_spec("test_bias")
     _lora_is_intact()
 
 
