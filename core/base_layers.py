@@ -144,3 +144,23 @@ def unpack_for_training(model: nn.Module) -> int:
         if getattr(module, "quant_state", None) is not None:
             module.quant_state = weight.quant_state
     return len(layers)
+
+
+def kept_scaled_transpose(owner: nn.Module, factor: torch.Tensor, scale: float) -> torch.Tensor:
+    """``factor.t() * scale`` for a forward without gradients, kept on ``owner`` between calls until
+    ``factor`` (its values or its storage) or ``scale`` changes.
+
+    Decoding token by token calls each adapted layer once a token on one row, where scaling a small factor
+    (a kernel and an allocation) is a sixth of a layer's time. The result has the layout the forward with
+    gradients computes (a transposed view of a contiguous tensor), so both give the same numbers. ``.to()``
+    and ``.data =`` give a factor new storage without moving its version counter, so the storage's address
+    is part of the key, and the kept entry holds the storage it was made from: it cannot be freed and its
+    address handed to the factor's new storage."""
+    key = (factor._version, factor.data_ptr(), scale)
+    kept = owner.__dict__.setdefault("_kept_scaled_transposes", {})
+    entry = kept.get(id(factor))
+    if entry is None or entry[0] != key:
+        with torch.no_grad():
+            entry = (key, factor.t() * scale, factor.untyped_storage())
+        kept[id(factor)] = entry
+    return entry[1]

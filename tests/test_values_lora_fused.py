@@ -460,13 +460,13 @@ def test_fusable_takes_float32_factors_on_a_half_precision_layer_only() -> None:
     assert not fusable_linear(frozen_layer(IN, OUT, dtype=torch.float32), torch.randn(2, IN), a.to(torch.bfloat16))
 
 
-def _decoding_model():
-    """A tiny Llama with a LoRA on every linear layer, eval mode, its factors moved away from their init."""
+def _decoding_model(spec: str = "lora[r=4,target_modules=all-linear]"):
+    """A tiny Llama with an adapter on every linear layer, eval mode, its factors moved away from their init."""
     import peftkit
     from tests.method_helpers import randomize
     from tests.tiny_models import build_tiny
 
-    model = peftkit.adapt(build_tiny("llama"), "lora[r=4,target_modules=all-linear]")
+    model = peftkit.adapt(build_tiny("llama"), spec)
     randomize(model, "default", seed=3)
     return model.eval()
 
@@ -475,6 +475,23 @@ def _one_token(model) -> torch.Tensor:
     ids = torch.tensor([[5]])
     with torch.no_grad():
         return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("spec", ["lokr[r=2,target_modules=all-linear]",
+                                  "lora[r=4,use_dora=true,target_modules=all-linear]"])
+def test_lokr_and_dora_inference_with_kept_factors_equals_the_training_forward(spec: str) -> None:
+    model = _decoding_model(spec)
+    with torch.enable_grad():
+        expected = model(input_ids=torch.tensor([[5]])).logits.detach()
+    assert torch.equal(_one_token(model), expected) and torch.equal(_one_token(model), expected)
+    assert any("_kept_scaled_transposes" in m.__dict__ for m in model.modules())
+    with torch.no_grad():  # a changed factor is picked up
+        for name, param in model.named_parameters():
+            if "lokr_w2_a" in name or "lora_B" in name:
+                param.mul_(-2.0)
+    with torch.enable_grad():
+        expected = model(input_ids=torch.tensor([[5]])).logits.detach()
+    assert torch.equal(_one_token(model), expected)
 
 
 def test_inference_keeps_s_b_t_and_gives_the_training_forwards_numbers() -> None:
@@ -487,9 +504,10 @@ def test_inference_keeps_s_b_t_and_gives_the_training_forwards_numbers() -> None
         expected = model(input_ids=torch.tensor([[5]])).logits.detach()
     assert torch.equal(_one_token(model), expected)
     layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
-    kept = [layer.__dict__["_b_t_cache"][1] for layer in layers]
+    kept = [list(layer.__dict__["_kept_scaled_transposes"].values())[0][1] for layer in layers]
     assert torch.equal(_one_token(model), expected)
-    assert all(layer.__dict__["_b_t_cache"][1] is copy for layer, copy in zip(layers, kept))
+    assert all(list(layer.__dict__["_kept_scaled_transposes"].values())[0][1] is copy
+               for layer, copy in zip(layers, kept))
 
 
 @pytest.mark.parametrize("change", ["optimizer step", "to bfloat16 and back", "hotswap", "scale"])

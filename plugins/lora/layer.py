@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from peftkit.plugin_api import (adapter_dtype, ConfigError, fusable_linear, is_conv1d, LayerAdapter,
-                                linear_features, quantization_of, weight_out_in)
+from peftkit.plugin_api import (adapter_dtype, ConfigError, fusable_linear, is_conv1d, kept_scaled_transpose,
+                                LayerAdapter, linear_features, quantization_of, weight_out_in)
 
 from .fused import fused_lora
 
@@ -156,29 +156,11 @@ class LoraLinear(LoraFactors):
             return None  # DoRA with dropout in training puts the dropped-out input through W too (forward)
         lora_x = self.dropout(x) if self._dropout_active() else None
         lora_b = self.lora_B
-        scaled_b_t = None if torch.is_grad_enabled() else self._inference_b_t(lora_b)
+        scaled_b_t = None if torch.is_grad_enabled() else kept_scaled_transpose(self, lora_b, self.scale)
         if not self.use_dora:
             return fused_lora(x, lora_x, self.lora_A, lora_b, base, self.scale, scaled_b_t=scaled_b_t)
         return fused_lora(x, lora_x, self.lora_A, lora_b, base, self.scale,
                           self.lora_magnitude_vector, self._weight_norm(base), scaled_b_t)
-
-    def _inference_b_t(self, lora_b: torch.Tensor) -> torch.Tensor:
-        """``s B^T`` as an (r, out) tensor, kept until B (its values or storage: another dtype or
-        device is another storage) or the scale changes, so that a forward without gradients runs no scaling
-        kernel for it: decoding token by token calls each layer once a token, and that kernel and its
-        allocation were a sixth of a LoRA layer's time at one token.
-
-        ``.to()`` and ``.data =`` give B new storage without moving its version counter, so the storage's
-        address is part of the key; the cache holds the storage it was made from, which therefore cannot be
-        freed and its address given to B's new storage (a stale copy after ``model.to(bfloat16).float()``)."""
-        key = (lora_b._version, lora_b.data_ptr(), self.scale)
-        cache = self.__dict__.get("_b_t_cache")
-        if cache is None or cache[0] != key:
-            with torch.no_grad():
-                # the layout the forward with gradients computes (a transposed (out, r) tensor): the same numbers
-                cache = (key, lora_b.t() * self.scale, lora_b.untyped_storage())
-            self.__dict__["_b_t_cache"] = cache
-        return cache[1]
 
     def delta(self, x: torch.Tensor, h: torch.Tensor, base: nn.Module) -> torch.Tensor:
         if self.use_dora:
