@@ -490,14 +490,22 @@ class AdaptedModel(CompositionMixin, nn.Module):
         if name in self._shared_states:
             yield from self._shared_states[name].parameters()
 
-    def train_adapter(self, *adapters: str | composition.Block | Sequence[str]) -> None:
+    def train_adapter(self, *adapters: str | composition.Block | Sequence[str], train_embeddings: bool = False) -> None:
         """Activate these adapters and make only their parameters trainable
         (all adapters of the active composition when none is named). Adapters inside a
         fuse() stay frozen and the fusion's weights train instead (AdapterFusion).
 
         Like PEFT, it does not switch train/eval mode: call ``model.train()``
         (transformers' Trainer does) so that dropout is on while training.
+
+        ``train_embeddings=True`` (AdapterHub's option) is refused with how peftkit does it: the embedding
+        belongs to an adapter, as a module it keeps a trained copy of.
         """
+        if train_embeddings:
+            raise AdapterError("train_embeddings=True: in peftkit an adapter trains the embedding itself; add the "
+                               "adapter with modules_to_save=['embed_tokens'] (a trained copy saved with it, "
+                               "e.g. 'lora[modules_to_save=[embed_tokens]]'), or put embed_tokens in a LoRA's "
+                               "target_modules (a low-rank change of it)")
         if adapters:
             self.set_active(*adapters)
         active = self.adapter_state.active

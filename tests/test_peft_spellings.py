@@ -88,3 +88,11 @@ def test_adapterhubs_adapter_summary_points_at_peftkits_equivalents() -> None:
     with pytest.raises(AttributeError, match=r"no 'adapter_summary' \(the PEFT / AdapterHub name\); use "
                                              r"model.print_trainable_parameters\(\)"):
         model.adapter_summary()
+
+
+def test_adapterhubs_train_embeddings_says_how_peftkit_trains_the_embedding() -> None:
+    model = peftkit.adapt(build_tiny("llama"), "lora[r=2]")
+    with pytest.raises(AdapterError, match=r"train_embeddings=True: .*modules_to_save=\['embed_tokens'\]"):
+        model.train_adapter("default", train_embeddings=True)
+    with_embedding = peftkit.adapt(build_tiny("llama"), "lora[r=2,modules_to_save=[embed_tokens]]")
+    assert any("embed_tokens" in n for n, p in with_embedding.named_parameters() if p.requires_grad)
