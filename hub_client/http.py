@@ -114,8 +114,8 @@ def unreachable_message(endpoint: str, reason: str, *, name_lookup_failed: bool)
     (nothing was asked, so whether a server runs is beside the point); anything else may be a server
     that is down."""
     if name_lookup_failed:
-        return (f"cannot reach hub at {endpoint}: {reason}. The host name could not be resolved (DNS): "
-                f"check the address (--hub / PEFTKIT_HUB)")
+        lookup = "" if name_not_resolved(reason) else " The host name could not be resolved (DNS)."
+        return f"cannot reach hub at {endpoint}: {reason}.{lookup} Check the address (--hub / PEFTKIT_HUB)"
     return (f"cannot reach hub at {endpoint}: {reason}. Is the server running and the address right? "
             f"(--hub / PEFTKIT_HUB)")
 

@@ -207,7 +207,8 @@ def test_a_host_name_that_does_not_resolve_says_to_check_the_address(hub_env: Pa
     assert code == 1 and len(err.strip().splitlines()) == 1
     assert err.startswith("Error: cannot reach hub at http://no-such-host.invalid:8080: the name "
                           "'no-such-host.invalid' does not resolve")
-    assert "The host name could not be resolved (DNS): check the address (--hub / PEFTKIT_HUB)" in err
+    assert err.strip().endswith(". Check the address (--hub / PEFTKIT_HUB)")
+    assert "could not be resolved" not in err  # said once, in the probe's words
     assert "Is the server running" not in err
     with socket.socket() as sock:  # a refused connection keeps asking whether the server runs
         sock.bind(("127.0.0.1", 0))
