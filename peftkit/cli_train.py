@@ -124,7 +124,9 @@ def train_command(model: str, method: str, data: str, eval_data: str | None, tas
     to_stderr = contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
     with to_stderr, plain_warnings(show_all=False):
         result = train(model, method, data, task=task, out=out, eval_data=eval_data, **options)
-    if not is_main_process():
+    main_process = is_main_process()
+    _end_distributed_run()
+    if not main_process:
         return  # one report per run, from the main process
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2, default=str))
@@ -141,6 +143,18 @@ def train_command(model: str, method: str, data: str, eval_data: str | None, tas
     click.echo(f"trained {steps}; " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
     for line in where:
         click.echo(line)
+
+
+def _end_distributed_run() -> None:
+    """Under torchrun, tear the process group down on every rank together once the run is done: left to
+    interpreter exit, a rank's gloo threads can be destroyed while still joinable ('terminate called
+    without an active exception', SIGABRT), failing a run whose work was all done and saved. The command
+    owns the process; ``peftkit.train()`` in a user's script leaves the group alone."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 commands = [train_command]
