@@ -146,6 +146,12 @@ def unpack_for_training(model: nn.Module) -> int:
     return len(layers)
 
 
+def to_dtype(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """``tensor`` in ``dtype``: itself when it has that dtype already (a no-op ``.to()`` still costs a
+    dispatch, about 1 us, which a decoding step pays per layer), None for None (an absent bias)."""
+    return tensor if tensor is None or tensor.dtype == dtype else tensor.to(dtype)
+
+
 def kept_scaled_transpose(owner: nn.Module, factor: torch.Tensor, scale: float) -> torch.Tensor:
     """``factor.t() * scale`` for a forward without gradients, kept on ``owner`` between calls until
     ``factor`` (its values or its storage) or ``scale`` changes.

@@ -15,7 +15,7 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.nn as nn
 
-from . import composition, heads, peft_objects
+from . import composition, heads
 from .adapter_names import adapter_name_list
 from .architectures import ArchitectureSpec
 from .composition import BASE_MODEL, Node
@@ -195,6 +195,7 @@ class AdaptedModel(CompositionMixin, nn.Module):
         ``modules_to_save`` unless the config names it (loading uses this:
         the file says what was saved).
         """
+        from . import peft_objects  # reads PEFT's format (serialization): loaded when an adapter is first added
         if isinstance(spec, str) and (isinstance(name, AdapterConfig) or peft_objects.is_peft_config(name)):
             raise AdapterError(f"add_adapter() takes the adapter's name first, then its method: "
                                f"add_adapter({spec!r}, {type(name).__name__}(...)) (transformers' own add_adapter "

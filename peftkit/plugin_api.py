@@ -76,6 +76,7 @@ _LAZY: dict[str, str] = {
     "adapter_dtype": "peftkit.core.base_layers",
     "adapter_precision": "peftkit.core.base_layers",
     "kept_scaled_transpose": "peftkit.core.base_layers",
+    "to_dtype": "peftkit.core.base_layers",
     # PEFT's adapter_config.json fields
     "read_peft_fields": "peftkit.core.peft_format",
     "write_peft_fields": "peftkit.core.peft_format",
@@ -121,7 +122,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from peftkit.core.base_layers import (accumulating_gemm_is_fast, adapter_dtype,  # noqa: F401
                                           adapter_precision, fusable_linear, is_conv1d,
                                           kept_scaled_transpose, linear_features, plain_linear,
-                                          quantization_of, weight_out_in)
+                                          quantization_of, to_dtype, weight_out_in)
     from peftkit.core.config import AdapterConfig, option  # noqa: F401
     from peftkit.core.gates import SequenceGate  # noqa: F401
     from peftkit.core.errors import (AdapterLoadError, ConfigError, MergeError, PeftkitError,  # noqa: F401

@@ -46,7 +46,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from peftkit.plugin_api import accumulating_gemm_is_fast, weight_out_in
+from peftkit.plugin_api import accumulating_gemm_is_fast, kept_scaled_transpose, to_dtype, weight_out_in
 
 
 def rank_major_products(x2: torch.Tensor, w1: torch.Tensor, w2_b: torch.Tensor,
@@ -71,14 +71,10 @@ def dense_is_cheaper(tokens: int, out_l: int, out_k: int, in_m: int, in_n: int, 
     return weight_pass < product_passes
 
 
-def _in_dtype(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """``tensor`` in ``dtype`` (itself when it has it: a no-op ``.to()`` still costs a dispatch), or None."""
-    return tensor if tensor is None or tensor.dtype == dtype else tensor.to(dtype)
-
 
 def _lokr_sum(x2: torch.Tensor, w1: torch.Tensor, w2_a: torch.Tensor, w2_b: torch.Tensor, weight: torch.Tensor,
               bias: torch.Tensor | None, in_m: int, scale: float,
-              scaled_w2_a_t: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              keep_on: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(``x2 W^T + b + s kron(w1, w2_a w2_b) x2``, ``z_t``, ``u_t``: :func:`rank_major_products`'
     intermediates), for W (``weight``, (out, in)) and ``bias`` in x2's dtype. Without a bias the update's
     last product writes the output and the base product adds onto it (the base GEMM reads the output while
@@ -91,7 +87,8 @@ def _lokr_sum(x2: torch.Tensor, w1: torch.Tensor, w2_a: torch.Tensor, w2_b: torc
         out = F.linear(x2, weight, bias)
         out.view(-1, w2_a.shape[0]).add_(torch.mm(update_rows, w2_a.t()), alpha=scale)
     elif bias is None and accumulating_gemm_is_fast(x2):
-        out = torch.mm(update_rows, w2_a.t() * scale if scaled_w2_a_t is None else scaled_w2_a_t).view(x2.shape[0], -1)
+        scaled_w2_a_t = w2_a.t() * scale if keep_on is None else kept_scaled_transpose(keep_on, w2_a, scale)
+        out = torch.mm(update_rows, scaled_w2_a_t).view(x2.shape[0], -1)
         torch.addmm(out, x2, weight.t(), out=out)  # in place, counted as a product
     else:  # with a bias, or where the base product is the faster first (accumulating_gemm_is_fast)
         out = F.linear(x2, weight, bias)
@@ -119,7 +116,7 @@ class _LokrFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x2: torch.Tensor, w1: torch.Tensor, w2_a: torch.Tensor, w2_b: torch.Tensor,
                 weight: torch.Tensor, bias: torch.Tensor | None, in_m: int, scale: float) -> torch.Tensor:
-        out, z_t, u_t = _lokr_sum(x2, w1, w2_a, w2_b, weight.to(x2.dtype), _in_dtype(bias, x2.dtype), in_m, scale)
+        out, z_t, u_t = _lokr_sum(x2, w1, w2_a, w2_b, weight.to(x2.dtype), to_dtype(bias, x2.dtype), in_m, scale)
         ctx.save_for_backward(x2, z_t, u_t, w1, w2_a, w2_b, weight)
         ctx.in_m, ctx.scale = in_m, scale
         return out
@@ -157,23 +154,24 @@ class _LokrFn(torch.autograd.Function):
 
 
 def fused_lokr(x: torch.Tensor, w1: torch.Tensor, w2_a: torch.Tensor, w2_b: torch.Tensor, base: nn.Module,
-               in_m: int, scale: float = 1.0, scaled_w2_a_t: torch.Tensor | None = None) -> torch.Tensor:
+               in_m: int, scale: float = 1.0, keep_on: nn.Module | None = None) -> torch.Tensor:
     """The whole output of linear layer ``base`` with LoKr's update ``scale * kron(w1, w2_a w2_b)`` on ``x``.
     Under autocast the input and factors are cast to autocast's dtype (the factors' gradients flow back to
     them in their own dtype) and the products run in it with autocast off; the frozen weight is cast
-    inside (module docstring). ``scaled_w2_a_t``: ``w2_a.t() * scale``, which the caller keeps between
-    inference forwards (``kept_scaled_transpose``; used without gradients, outside autocast)."""
+    inside (module docstring). ``keep_on``: the layer adapter on which an inference forward (without
+    gradients, outside autocast) keeps ``w2_a.t() * scale`` between calls where its products use it
+    (``kept_scaled_transpose``: the same numbers)."""
     device = x.device.type
     if torch.is_autocast_enabled(device):
         compute = torch.get_autocast_dtype(device)
         with torch.autocast(device, enabled=False):
             return _fused_lokr(x.to(compute), w1.to(compute), w2_a.to(compute), w2_b.to(compute), base, in_m, scale,
                                None)
-    return _fused_lokr(x, w1, w2_a, w2_b, base, in_m, scale, scaled_w2_a_t)
+    return _fused_lokr(x, w1, w2_a, w2_b, base, in_m, scale, keep_on)
 
 
 def _fused_lokr(x: torch.Tensor, w1: torch.Tensor, w2_a: torch.Tensor, w2_b: torch.Tensor, base: nn.Module,
-                in_m: int, scale: float, scaled_w2_a_t: torch.Tensor | None) -> torch.Tensor:
+                in_m: int, scale: float, keep_on: nn.Module | None) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1])
     weight, bias = weight_out_in(base), getattr(base, "bias", None)
     if torch.is_grad_enabled():
@@ -181,8 +179,8 @@ def _fused_lokr(x: torch.Tensor, w1: torch.Tensor, w2_a: torch.Tensor, w2_b: tor
     elif x2.element_size() >= 4 and dense_is_cheaper(x2.shape[0], w1.shape[0], w2_a.shape[0], in_m,
                                                      w2_b.shape[1], w2_b.shape[0]):
         # float32/64 only: in a 16-bit weight copy a small update would be rounded away
-        out = _dense_sum(x2, w1, w2_a, w2_b, _in_dtype(weight, x2.dtype), _in_dtype(bias, x2.dtype), in_m, scale)
+        out = _dense_sum(x2, w1, w2_a, w2_b, to_dtype(weight, x2.dtype), to_dtype(bias, x2.dtype), in_m, scale)
     else:  # inference: the same products, without an autograd node (s w2_a^T kept by the caller)
-        out, _, _ = _lokr_sum(x2, w1, w2_a, w2_b, _in_dtype(weight, x2.dtype), _in_dtype(bias, x2.dtype), in_m,
-                              scale, scaled_w2_a_t)
+        out, _, _ = _lokr_sum(x2, w1, w2_a, w2_b, to_dtype(weight, x2.dtype), to_dtype(bias, x2.dtype), in_m,
+                              scale, keep_on)
     return out.view(*x.shape[:-1], out.shape[-1])

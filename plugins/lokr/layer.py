@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from peftkit.plugin_api import adapter_dtype, fusable_linear, is_conv1d, kept_scaled_transpose, LayerAdapter
+from peftkit.plugin_api import adapter_dtype, fusable_linear, is_conv1d, LayerAdapter
 
 from .fused import fused_lokr, rank_major_products
 from .shapes import LokrShapes
@@ -113,9 +113,7 @@ class LokrLayer(LayerAdapter):
             return None
         if not fusable_linear(base, x, self.lokr_w2_b):
             return None
-        w2_a = self.lokr_w2_a
-        scaled_w2_a_t = None if torch.is_grad_enabled() else kept_scaled_transpose(self, w2_a, self.scale)
-        return fused_lokr(x, self._w1(), w2_a, self.lokr_w2_b, base, s.in_m, self.scale, scaled_w2_a_t)
+        return fused_lokr(x, self._w1(), self.lokr_w2_a, self.lokr_w2_b, base, s.in_m, self.scale, keep_on=self)
 
     def forward(self, x: torch.Tensor, h: torch.Tensor, base: nn.Module) -> torch.Tensor:
         """h + delta; on a linear layer (no dropout drawing, one dtype) the update's last product

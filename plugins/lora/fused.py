@@ -89,7 +89,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from peftkit.plugin_api import accumulating_gemm_is_fast, weight_out_in
+from peftkit.plugin_api import accumulating_gemm_is_fast, kept_scaled_transpose, to_dtype, weight_out_in
 
 
 #: The rank from which ``_rank_major`` computes its product token-major (module docstring): 2-thread
@@ -167,7 +167,7 @@ def _input_grad(ctx: Any, g: torch.Tensor, weight: torch.Tensor, g_xa_t: torch.T
     grad_x = grad_x_lora = None
     mixed = g.dtype != lora_a.dtype
     if ctx.needs_input_grad[0]:
-        weight = _in_dtype(weight, g.dtype)
+        weight = to_dtype(weight, g.dtype)
         if ctx.same_input and mixed:
             grad_x = torch.mm(g, weight).add_(torch.mm(g_xa_t.t(), lora_a))
         elif ctx.same_input and not accumulating_gemm_is_fast(g):  # g W first, the LoRA part added into it
@@ -185,21 +185,22 @@ def _input_grad(ctx: Any, g: torch.Tensor, weight: torch.Tensor, g_xa_t: torch.T
 
 def _lora_sum(x2: torch.Tensor, lora_in: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
               weight: torch.Tensor, bias: torch.Tensor | None, scale: float,
-              scaled_b_t: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              keep_on: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(``x2 W^T (+ b) + s (lora_in A^T) B^T``, ``A lora_in^T``) for W (``weight``, (out, in)) and ``bias`` in
     x2's dtype: the update's product (with the bias) writes the output and the base GEMM accumulates onto
     it, reading it while it computes (no separate pass over the (tokens, out) output); the rank-sized
     intermediate is rank-major (r, tokens). With float32 factors on a half-precision layer, the factors'
     products run in float32 on a float32 copy of the input (freed on return) and their sum is added to the
     base product in one rounding."""
-    xa_t = _rank_major(lora_a, _in_dtype(lora_in, lora_a.dtype))
+    xa_t = _rank_major(lora_a, to_dtype(lora_in, lora_a.dtype))
     if x2.dtype != lora_a.dtype:
         return F.linear(x2, weight, bias).add_(torch.mm(xa_t.t(), lora_b.t()), alpha=scale), xa_t
     if not accumulating_gemm_is_fast(x2):  # the base product first, the update added into it in place
         out = F.linear(x2, weight, bias)
         return torch.addmm(out, xa_t.t(), lora_b.t(), alpha=scale, out=out), xa_t  # counted as a product
-    if bias is None:  # s rides on a scaled copy of the small (out, r) factor (``scaled_b_t``: one kept for inference)
-        out = torch.mm(xa_t.t(), lora_b.t() * scale if scaled_b_t is None else scaled_b_t)
+    if bias is None:  # s rides on a scaled copy of the small (out, r) factor (inference keeps it on ``keep_on``)
+        scaled_b_t = lora_b.t() * scale if keep_on is None else kept_scaled_transpose(keep_on, lora_b, scale)
+        out = torch.mm(xa_t.t(), scaled_b_t)
     else:
         out = torch.addmm(bias, xa_t.t(), lora_b.t(), alpha=scale)
     torch.addmm(out, x2, weight.t(), out=out)  # in place, counted as a product
@@ -224,17 +225,12 @@ def _lora_grads(ctx: Any, g: torch.Tensor, lora_in: torch.Tensor, xa_t: torch.Te
     (``xa_t`` = A lora_in^T); the scale is applied to (r x tokens) and (r x out) tensors only, and the
     products with an r-sized side are computed in the faster layout for r (module docstring). The factors'
     products run in the factors' dtype (float32 copies of ``g`` and ``lora_in`` in the mixed case)."""
-    g_factors = _in_dtype(g, lora_b.dtype)
+    g_factors = to_dtype(g, lora_b.dtype)
     g_xa_t = _rank_major(lora_b.t(), g_factors).mul_(ctx.scale)  # (s g B)^T
-    grad_a = _token_sum(g_xa_t, _in_dtype(lora_in, lora_a.dtype)) if ctx.needs_input_grad[2] else None
+    grad_a = _token_sum(g_xa_t, to_dtype(lora_in, lora_a.dtype)) if ctx.needs_input_grad[2] else None
     grad_b = _token_sum(xa_t, g_factors).mul_(ctx.scale).t() if ctx.needs_input_grad[3] else None
     return (*_input_grad(ctx, g, weight, g_xa_t, lora_a), grad_a, grad_b)
 
-
-def _in_dtype(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """``tensor`` in ``dtype`` (itself when it has it: a no-op ``.to()`` still costs a dispatch, about 1 us), or
-    None."""
-    return tensor if tensor is None or tensor.dtype == dtype else tensor.to(dtype)
 
 
 class _LoraFn(torch.autograd.Function):
@@ -245,7 +241,7 @@ class _LoraFn(torch.autograd.Function):
     def forward(ctx: Any, x2: torch.Tensor, x2_lora: torch.Tensor | None, lora_a: torch.Tensor,
                 lora_b: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float) -> torch.Tensor:
         lora_in = x2 if x2_lora is None else x2_lora
-        out, xa_t = _lora_sum(x2, lora_in, lora_a, lora_b, _in_dtype(weight, x2.dtype), _in_dtype(bias, x2.dtype),
+        out, xa_t = _lora_sum(x2, lora_in, lora_a, lora_b, to_dtype(weight, x2.dtype), to_dtype(bias, x2.dtype),
                               scale)
         ctx.save_for_backward(lora_in, xa_t, lora_a, lora_b, weight)
         ctx.scale, ctx.same_input = scale, x2_lora is None
@@ -266,8 +262,8 @@ class _DoraFn(torch.autograd.Function):
                 lora_b: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor, weight: torch.Tensor,
                 bias: torch.Tensor | None, scale: float) -> torch.Tensor:
         lora_in = x2 if x2_lora is None else x2_lora
-        unscaled, xa_t = _lora_sum(x2, lora_in, lora_a, lora_b, _in_dtype(weight, x2.dtype), None, scale)
-        out, mag_scale = _dora_output(unscaled, magnitude, norm, _in_dtype(bias, x2.dtype), in_place=False)
+        unscaled, xa_t = _lora_sum(x2, lora_in, lora_a, lora_b, to_dtype(weight, x2.dtype), None, scale)
+        out, mag_scale = _dora_output(unscaled, magnitude, norm, to_dtype(bias, x2.dtype), in_place=False)
         ctx.save_for_backward(lora_in, xa_t, unscaled, mag_scale, norm, lora_a, lora_b, weight)
         ctx.scale, ctx.same_input = scale, x2_lora is None
         return out
@@ -287,21 +283,21 @@ class _DoraFn(torch.autograd.Function):
 
 def fused_lora(x: torch.Tensor, lora_x: torch.Tensor | None, lora_a: torch.Tensor, lora_b: torch.Tensor,
                base: nn.Module, scale: float, magnitude: torch.Tensor | None = None,
-               norm: torch.Tensor | None = None, scaled_b_t: torch.Tensor | None = None) -> torch.Tensor:
+               norm: torch.Tensor | None = None, keep_on: nn.Module | None = None) -> torch.Tensor:
     """The whole output of linear layer ``base`` with a LoRA (DoRA when ``magnitude`` and its detached
     ``norm`` are given) on input ``x``; ``lora_x`` is the LoRA's own input when it differs from ``x``
     (dropout), else None. The caller checked ``fusable_linear``. Under autocast the inputs and factors are
     cast to autocast's dtype (the factors' gradients flow back to them in their own dtype) and the products
-    run in it with autocast off; the frozen weight is cast inside (module docstring). ``scaled_b_t``:
-    ``lora_b.t() * scale``, which the caller keeps between inference forwards (used without gradients,
-    outside autocast, where the products would scale B the same way: the same numbers)."""
+    run in it with autocast off; the frozen weight is cast inside (module docstring). ``keep_on``: the layer
+    adapter on which an inference forward (without gradients, outside autocast) keeps ``lora_b.t() * scale``
+    between calls where its products use it (``kept_scaled_transpose``: the same numbers)."""
     device = x.device.type
     if torch.is_autocast_enabled(device):
         compute = torch.get_autocast_dtype(device)
         with torch.autocast(device, enabled=False):
-            return _fused_lora(x.to(compute), _in_dtype(lora_x, compute), lora_a.to(compute), lora_b.to(compute),
+            return _fused_lora(x.to(compute), to_dtype(lora_x, compute), lora_a.to(compute), lora_b.to(compute),
                                base, scale, magnitude, norm, None)
-    return _fused_lora(x, lora_x, lora_a, lora_b, base, scale, magnitude, norm, scaled_b_t)
+    return _fused_lora(x, lora_x, lora_a, lora_b, base, scale, magnitude, norm, keep_on)
 
 
 def _dense_in_inference(x2: torch.Tensor, lora_x2: torch.Tensor | None, lora_a: torch.Tensor,
@@ -316,20 +312,20 @@ def _dense_in_inference(x2: torch.Tensor, lora_x2: torch.Tensor | None, lora_a: 
 
 def _fused_lora(x: torch.Tensor, lora_x: torch.Tensor | None, lora_a: torch.Tensor, lora_b: torch.Tensor,
                 base: nn.Module, scale: float, magnitude: torch.Tensor | None,
-                norm: torch.Tensor | None, scaled_b_t: torch.Tensor | None) -> torch.Tensor:
+                norm: torch.Tensor | None, keep_on: nn.Module | None) -> torch.Tensor:
     features = x.shape[-1]
     x2 = x.reshape(-1, features)
     lora_x2 = None if lora_x is None else lora_x.reshape(-1, features)
     weight, bias = weight_out_in(base), getattr(base, "bias", None)
     if not torch.is_grad_enabled():  # inference: without an autograd node
         lora_in = x2 if lora_x2 is None else lora_x2
-        bias = _in_dtype(bias, x2.dtype)
-        weight = _in_dtype(weight, x2.dtype)
+        bias = to_dtype(bias, x2.dtype)
+        weight = to_dtype(weight, x2.dtype)
         own_bias = bias if magnitude is None else None
         if _dense_in_inference(x2, lora_x2, lora_a, lora_b):
             out = F.linear(x2, torch.addmm(weight, lora_b, lora_a, alpha=scale), own_bias)
         else:
-            out, _ = _lora_sum(x2, lora_in, lora_a, lora_b, weight, own_bias, scale, scaled_b_t)
+            out, _ = _lora_sum(x2, lora_in, lora_a, lora_b, weight, own_bias, scale, keep_on)
         if magnitude is not None:
             out, _ = _dora_output(out, magnitude, norm, bias, in_place=True)
     elif magnitude is None:

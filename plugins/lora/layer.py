@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from peftkit.plugin_api import (adapter_dtype, ConfigError, fusable_linear, is_conv1d, kept_scaled_transpose,
+from peftkit.plugin_api import (adapter_dtype, ConfigError, fusable_linear, is_conv1d,
                                 LayerAdapter, linear_features, quantization_of, weight_out_in)
 
 from .fused import fused_lora
@@ -155,12 +155,10 @@ class LoraLinear(LoraFactors):
         if not fusable_linear(base, x, self.lora_A) or (self.use_dora and self._dropout_active()):
             return None  # DoRA with dropout in training puts the dropped-out input through W too (forward)
         lora_x = self.dropout(x) if self._dropout_active() else None
-        lora_b = self.lora_B
-        scaled_b_t = None if torch.is_grad_enabled() else kept_scaled_transpose(self, lora_b, self.scale)
         if not self.use_dora:
-            return fused_lora(x, lora_x, self.lora_A, lora_b, base, self.scale, scaled_b_t=scaled_b_t)
-        return fused_lora(x, lora_x, self.lora_A, lora_b, base, self.scale,
-                          self.lora_magnitude_vector, self._weight_norm(base), scaled_b_t)
+            return fused_lora(x, lora_x, self.lora_A, self.lora_B, base, self.scale, keep_on=self)
+        return fused_lora(x, lora_x, self.lora_A, self.lora_B, base, self.scale,
+                          self.lora_magnitude_vector, self._weight_norm(base), keep_on=self)
 
     def delta(self, x: torch.Tensor, h: torch.Tensor, base: nn.Module) -> torch.Tensor:
         if self.use_dora:
