@@ -21,6 +21,7 @@ import importlib
 import inspect
 import os
 import re
+import sys
 import threading
 import traceback
 from dataclasses import dataclass, field
@@ -62,6 +63,13 @@ _BUILTIN_FALLBACK = {
 }
 
 
+#: The warning for a plugin that imports torch while peftkit loads it (only the first such plugin of a process
+#: is seen: torch is loaded after it).
+_TORCH_AT_LOAD = ("plugin {name!r} imports torch when peftkit loads it, so every peftkit command, even "
+                  "`peftkit --help`, waits for torch; import torch inside the functions that need it, not at the "
+                  "top of {module} or the modules it imports (docs/plugins.md, 'Keep this module torch-free')")
+
+
 @dataclass
 class PluginRecord:
     """What ``peftkit plugins`` reports about one plugin."""
@@ -79,6 +87,8 @@ class PluginRecord:
     hub_backends: list[str] = field(default_factory=list)
     commands: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    #: Problems that leave the plugin working (it imports torch when loaded).
+    warnings: list[str] = field(default_factory=list)
     tracebacks: list[str] = field(default_factory=list)
 
     @property
@@ -108,6 +118,7 @@ class PluginRecord:
             "commands": self.commands,
             "status": "broken" if self.broken else "ok",
             "errors": self.errors,
+            "warnings": self.warnings,
         }
         if verbose:
             data["tracebacks"] = self.tracebacks
@@ -348,6 +359,7 @@ class Registry:
             if not builtin and not seen_builtin:
                 self._load_fallback_builtins()
                 seen_builtin = True
+            torch_was_loaded = "torch" in sys.modules
             try:
                 obj = ep.load()
             except Exception as exc:
@@ -360,7 +372,9 @@ class Registry:
                 record.tracebacks.append(traceback.format_exc())
                 self.records[ep.name] = record
                 continue
-            self.add_plugin(obj, ep.name, distribution=dist, version=version, builtin=builtin)
+            record = self.add_plugin(obj, ep.name, distribution=dist, version=version, builtin=builtin)
+            if not torch_was_loaded and "torch" in sys.modules:
+                record.warnings.append(_TORCH_AT_LOAD.format(name=ep.name, module=ep.value))
         if not seen_builtin:
             self._load_fallback_builtins()
 

@@ -81,6 +81,9 @@ def show_plugins(as_json: bool, verbose: bool) -> None:
             click.echo(tb.rstrip(), err=True)
     if broken and not verbose and any(registry.records[r["name"]].tracebacks for r in broken):
         click.echo("\n(run `peftkit plugins --verbose` for tracebacks)", err=True)
+    for r in rows:
+        for warning in r["warnings"]:
+            click.echo(f"\n{r['name']}: warning: {warning}", err=True)
     if any(r["status"] == "skipped" for r in rows):
         allow = os.environ.get("PEFTKIT_PLUGINS", "")
         what = "the built-ins only" if not allow.strip() else "the built-ins and the plugins it lists"
@@ -152,6 +155,8 @@ def inspect_command(name: str, as_json: bool, verbose: bool) -> None:
             click.echo(f"{'':>{width}}  options: {', '.join(m['options'])}")
         for error in d["errors"]:
             click.echo(f"{'error':>{width}}: {error}")
+        for warning in d["warnings"]:
+            click.echo(f"{'warning':>{width}}: {warning}")
         for tb in d.get("tracebacks", []):
             click.echo(tb.rstrip())
 
@@ -236,6 +241,8 @@ def install_command(names: tuple[str, ...], upgrade: bool, editable: tuple[str, 
             broken.append(r)
             for error in r["errors"]:
                 click.echo(f"  {error}", err=True)
+        for warning in r["warnings"]:
+            click.echo(f"  warning: {warning}", err=True)
     if broken:
         raise click.ClickException(f"installed, but {len(broken)} new plugin(s) are broken (see above); fix "
                                    f"or uninstall: peftkit plugins uninstall {broken[0]['distribution']}")

@@ -94,6 +94,26 @@ def test_plugins_table_shows_errors_and_verbose_tracebacks(fixtures_dir):
     assert "status: broken" in inspect.stdout and "Traceback" in inspect.stdout
 
 
+def test_a_plugin_that_imports_torch_when_loaded_is_named(fixtures_dir):
+    """Loading plugins is part of every peftkit command: one importing torch at module level makes even
+    `peftkit --help` wait for torch. It keeps working, and `peftkit plugins` says which one and how to fix it."""
+    listing = peftkit_cli(fixtures_dir, "plugins", "--json")
+    rows = {r["name"]: r for r in json.loads(listing.stdout)}
+    assert rows["eager_torch"]["status"] == "ok" and rows["eager_torch"]["merge_strategies"] == ["eager_torch_sum"]
+    assert [name for name, r in rows.items() if r["warnings"]] == ["eager_torch"]
+    warning = rows["eager_torch"]["warnings"][0]
+    assert warning.startswith("plugin 'eager_torch' imports torch when peftkit loads it")
+    assert "top of peftkit_eager_torch" in warning and "Keep this module torch-free" in warning
+
+    table = peftkit_cli(fixtures_dir, "plugins")
+    assert table.returncode == 0 and "eager_torch: warning: plugin 'eager_torch' imports torch" in table.stderr
+    inspect = peftkit_cli(fixtures_dir, "plugins", "inspect", "eager_torch")
+    assert "warning: plugin 'eager_torch' imports torch" in inspect.stdout
+
+    without = peftkit_cli(fixtures_dir, "plugins", "--json", PEFTKIT_PLUGINS="hello")
+    assert not any(r["warnings"] for r in json.loads(without.stdout))
+
+
 def test_a_plugin_command_runs(fixtures_dir):
     result = peftkit_cli(fixtures_dir, "hello", "ada")
     assert result.returncode == 0, result.stderr

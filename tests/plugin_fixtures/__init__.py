@@ -20,7 +20,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 FIXTURES = ("peftkit-hello", "peftkit-broken-import", "peftkit-dup-method", "peftkit-future-api",
-            "peftkit-bad-signature")
+            "peftkit-bad-signature", "peftkit-eager-torch")
 
 
 def copy_sources(names: tuple[str, ...], dest: Path) -> list[Path]:
