@@ -114,7 +114,7 @@ class AdapterHubFormat:
         for key, value in required.items():
             if key in options and options[key] != value:
                 raise ConfigError(f"AdapterHub {kind} option {key}={options[key]!r} is not supported by peftkit "
-                                  f"(only {key}={value!r}); see docs/format.md, AdapterHub format")
+                                  f"(only {key}={value!r}); see `peftkit docs format#adapterhub-format`")
 
 
 def is_adapterhub_config(data: Mapping[str, Any]) -> bool:
@@ -135,7 +135,7 @@ def claiming_method(methods: Iterable[Any], data: Mapping[str, Any], where: str)
         readers = ", ".join(sorted(m.name for m in methods if m.adapterhub is not None)) or "none"
         raise AdapterLoadError(f"{where}: no installed peftkit method reads this AdapterHub adapter "
                                f"(architecture={options.get('architecture')!r}; methods that read AdapterHub "
-                               f"folders: {readers}); see docs/format.md, AdapterHub format")
+                               f"folders: {readers}); see `peftkit docs format#adapterhub-format`")
     # A subclass inherits its parent's translation (a LoRA variant would claim LoRA's folders):
     # the class that declares one itself reads them.
     own = [m for m in found if "adapterhub" in type(m).__dict__]

@@ -138,7 +138,7 @@ class AdaptedModel(CompositionMixin, nn.Module):
             except AttributeError:
                 if name in _OTHER_LIBRARY_NAMES:
                     raise AttributeError(f"AdaptedModel has no {name!r} (the PEFT / AdapterHub name); use "
-                                         f"{_OTHER_LIBRARY_NAMES[name]} (see docs/migrating.md)") from None
+                                         f"{_OTHER_LIBRARY_NAMES[name]} (see `peftkit docs migrating`)") from None
                 raise
 
     def get_base_model(self) -> nn.Module:

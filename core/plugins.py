@@ -67,7 +67,7 @@ _BUILTIN_FALLBACK = {
 #: is seen: torch is loaded after it).
 _TORCH_AT_LOAD = ("plugin {name!r} imports torch when peftkit loads it, so every peftkit command, even "
                   "`peftkit --help`, waits for torch; import torch inside the functions that need it, not at the "
-                  "top of {module} or the modules it imports (docs/plugins.md, 'Keep this module torch-free')")
+                  "top of {module} or the modules it imports (`peftkit docs plugins#4-the-entry-point-module`)")
 
 
 @dataclass
@@ -175,14 +175,15 @@ class Registry:
             return record
         except pluggy.PluginValidationError as exc:
             record.errors.append(f"plugin {name!r} implements a hook with a wrong signature: {exc}; "
-                                 f"see docs/plugins.md for each hook's signature")
+                                 f"see `peftkit docs plugins#hook-reference` for each hook's signature")
             return record
         try:
             self.pm.check_pending()
         except pluggy.PluginValidationError as exc:
             self.pm.unregister(obj)
             record.errors.append(f"plugin {name!r} implements an unknown hook: {exc}; "
-                                 + (_hook_name_fixes(obj, self.pm) or "the hooks are listed in docs/plugins.md"))
+                                 + (_hook_name_fixes(obj, self.pm)
+                                    or "`peftkit docs plugins#hook-reference` lists the hooks"))
             return record
         record.hooks = [impl_name for impl_name, caller in vars(self.pm.hook).items()
                         if not impl_name.startswith("_")
@@ -223,7 +224,7 @@ class Registry:
             if extra:
                 return (f"plugin {record.name!r} implements {attr}({', '.join(params)}), but the hook is "
                         f"{attr}({', '.join(expected)}): unknown argument(s) {', '.join(map(repr, extra))}. "
-                        f"Fix its signature in {record.module} (see docs/plugins.md#{attr})")
+                        f"Fix its signature in {record.module} (see `peftkit docs plugins#{attr}`)")
         return None
 
     def _run_register_hooks(self, plugin_name: str, record: PluginRecord) -> None:
@@ -426,7 +427,7 @@ def unknown_method_message(name: str, registry: Registry, distribution: str | No
             msg += f" {suggestion} Otherwise, to use {name!r},"
         else:
             msg += f" To use {name!r},"
-        msg += " install the plugin distribution that provides it (see docs/plugins.md)"
+        msg += " install the plugin distribution that provides it (see `peftkit docs plugins#managing-plugins`)"
     broken = [r for r in registry.records.values() if r.broken]
     if broken:  # the plugin that should provide it may be one of them: say why each is broken
         msg += "; broken plugins: " + "; ".join(f"{r.name} ({r.errors[0]})" for r in broken) \
@@ -467,7 +468,7 @@ def _bind_register(adder: Callable[..., None], record: PluginRecord, hook_name: 
         except TypeError:
             given = [repr(a) for a in args] + [f"{k}={v!r}" for k, v in kwargs.items()]
             raise PluginError(f"in {hook_name}, call register({', '.join(params)}); got "
-                              f"register({', '.join(given)}) (see docs/plugins.md#{hook_name})") from None
+                              f"register({', '.join(given)}) (see `peftkit docs plugins#{hook_name}`)") from None
         adder(record, *args, **kwargs)
 
     return register

@@ -227,7 +227,7 @@ def find_point(model: "nn.Module", arch: "ArchitectureSpec | None", point: str, 
             f"method {method!r} needs the insertion point {point!r}, which peftkit does not know for "
             f"model type {model_type!r}. Declare it in a plugin: implement peftkit_register_architectures "
             f"and register ArchitectureSpec({model_type!r}, points={{{point!r}: r'<regex of module names>'}}) "
-            f"(see docs/plugins.md)")
+            f"(see `peftkit docs plugins#peftkit_register_architectures`)")
     pattern = arch.points[point]
     keep_layers = config.layers_to_transform if config is not None else None
     if isinstance(keep_layers, int):

@@ -112,8 +112,8 @@ _LAZY: dict[str, str] = {
 __all__ = ["PLUGIN_API_VERSION", "hookimpl", *_LAZY]
 
 
-__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, __all__, "; the plugin API is listed in docs/plugins.md "
-                                                                   "(peftkit.plugin_api.__all__)")
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, __all__, "; `peftkit docs plugins#the-plugin-api` lists "
+                                                                   "the plugin API (peftkit.plugin_api.__all__)")
 
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -33,7 +33,7 @@ MARKER_NAME = "registry_id"
 UNMARKED = "unmarked"
 _ID = re.compile(r"[0-9a-f]{32}")
 _SAMPLED_FILES = 16  # referenced files looked up in an unmarked store before marking it
-_DOCS = "docs/registry.md#which-registry-a-blob-store-belongs-to"
+_DOCS = "`peftkit docs registry#which-registry-a-blob-store-belongs-to`"
 
 
 def is_registry_id(text: str) -> bool:

@@ -74,6 +74,13 @@ def test_wheel_installs_and_runs_in_a_fresh_venv(tmp_path):
     methods = subprocess.run([cli, "methods", "--json"], capture_output=True, text=True, check=True, env=env,
                              cwd=tmp_path).stdout
     assert '"lora"' in methods
+    # The user docs ship inside the wheel: error messages send users to `peftkit docs PAGE#SECTION`.
+    page = subprocess.run([cli, "docs", "plugins", "--path"], capture_output=True, text=True, check=True, env=env,
+                          cwd=tmp_path).stdout.strip()
+    assert page.startswith(str(env_dir)) and page.endswith("peftkit/docs/plugins.md"), page
+    hook = subprocess.run([cli, "docs", "lora#option-reference"], capture_output=True, text=True, check=True,
+                          env=env, cwd=tmp_path).stdout
+    assert hook.startswith("## Option reference") and "`r`" in hook
     # The hub client and the registry, with the rules they share (peftkit.hub_rules), are in the wheel.
     hub = subprocess.run([python, "-c", "import peftkit.hub_rules.names, peftkit.hub_client.local, "
                           "peftkit.registry.hub_api; print(peftkit.hub_rules.names.is_commit_sha('a' * 40))"],

@@ -279,7 +279,7 @@ def test_wrong_hook_signature_names_the_expected_one():
         (error,) = record.errors
         assert ("implements peftkit_register_methods(registry), but the hook is "
                 "peftkit_register_methods(register)") in error
-        assert "docs/plugins.md#peftkit_register_methods" in error
+        assert "`peftkit docs plugins#peftkit_register_methods`" in error
         assert record.hooks == []
 
 

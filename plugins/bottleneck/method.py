@@ -281,7 +281,8 @@ class SeqBnInvMethod(SeqBnMethod):
     name = "seq_bn_inv"
     config_class = SeqBnInvConfig
     known_as = {"pfeifferinv": "AdapterHub's pfeiffer+inv is seq_bn_inv",
-                "madx": "a MAD-X language adapter is seq_bn_inv (see docs/methods/bottleneck.md, MAD-X)"}
+                "madx": "a MAD-X language adapter is seq_bn_inv "
+                        "(see `peftkit docs bottleneck#invertible-adapters-mad-x`)"}
     description = "MAD-X language adapter: seq_bn plus an invertible (NICE) adapter on the embeddings"
     adapterhub = BottleneckAdapterHub(mh_adapter=False, parallel=False, inv=True)
 
