@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import functools
 import json
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
+from click.core import ParameterSource
 
 from .errors import NotFound, RegistryError
 from .paths import default_data_dir
@@ -309,7 +311,7 @@ def serve_command(
             where = str(data)
         else:
             where = f"{redact(database) if database else data} with blobs in {blobs_dir or data}"
-        click.echo(f"peftkit registry serving {where} at {url} (Ctrl-C to stop)")
+        click.echo(ready_line(where, url, public_url))
         sys.stdout.flush()
 
     def log(line: str) -> None:
@@ -321,6 +323,15 @@ def serve_command(
               namespace_quota=_gigabytes(namespace_quota_gb))
     except (OSError, MissingServerDependencies, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from None
+
+
+def ready_line(where: str, url: str, public_url: str | None) -> str:
+    """The line ``serve`` prints once it listens. With ``--public-url`` it names the URL clients must use as
+    well: a client that takes the listening address instead (``http://127.0.0.1:8080`` on the server
+    machine) is refused by huggingface_hub at its first ``create_repo``, whose URL names the public host."""
+    clients = public_url.rstrip("/") if public_url else None
+    note = f"clients use {clients}; " if clients and clients != url.rstrip("/") else ""
+    return f"peftkit registry serving {where} at {url} ({note}Ctrl-C to stop)"
 
 
 # ---------------------------------------------------------------- tokens
@@ -712,8 +723,20 @@ def migrate_command(data_dir: Path | None, target: str, blobs_dir: str | None, a
                    + ", ".join(f"{n} {table}" for table, n in copied.rows.items() if n))
         _print_fsck(report, False)
         if report.ok:
-            click.echo(f"serve it with: peftkit registry serve --database URL --blobs {blobs_where}")
+            click.echo(f"serve it with: {serve_after_migrate(target, blobs_where)}")
     _exit_unless(report.ok)
+
+
+def serve_after_migrate(target: str, blobs_where: str) -> str:
+    """The ``serve`` command for a registry ``migrate`` copied to ``target``, ready to paste: the database
+    as typed (its password as ``***``), left out when it came from ``PEFTKIT_REGISTRY_DATABASE``, which
+    ``serve`` reads too."""
+    from .pg_db import redact
+
+    ctx = click.get_current_context(silent=True)
+    typed = ctx is not None and ctx.get_parameter_source("target") is ParameterSource.COMMANDLINE
+    database = f" --database {shlex.quote(redact(target))}" if typed else ""
+    return f"peftkit registry serve{database} --blobs {shlex.quote(blobs_where)}"
 
 
 def _copy_blobs_with_marker(root: Path, blobs_dir: str) -> Any:

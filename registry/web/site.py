@@ -176,6 +176,11 @@ class WebSite:
             return _Visitor(principal, browser, False, session)
         return _Visitor(principal, new_browser_id(), True, session)
 
+    def _endpoint(self, req: Request) -> str:
+        """The URL clients set as ``HF_ENDPOINT``: ``--public-url``, else the base URL the request reached
+        (never a host the client made up: see registry/origin.py)."""
+        return (self.config.public_url or req.base_url).rstrip("/")
+
     def _cookies(self, req: Request) -> CookieSettings:
         return CookieSettings(secure=req.base_url.startswith("https://"), path=self.root or "/")
 
@@ -187,6 +192,7 @@ class WebSite:
             user=visitor.principal.user if visitor.principal else None,
             csrf=self.sessions.csrf_token(visitor.browser),
             here=self._here(req),
+            endpoint=self._endpoint(req),
             **context,
         )
         headers = self._page_headers(visitor)
@@ -330,7 +336,7 @@ class WebSite:
             others = [r for r in self.store.search(base_model=base_model, limit=6, visible_to=visitor.namespaces)
                       if r.repo_id != info.repo_id][:5]
         shown = {p: e for p, e in files.items() if p.startswith(folder + "/")} if folder else files
-        endpoint = (self.config.public_url or req.base_url).rstrip("/")
+        endpoint = self._endpoint(req)
         shown_revision = revision if revision not in (None, DEFAULT_BRANCH) else None
         return self._html(
             req, visitor, "repo.html",

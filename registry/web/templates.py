@@ -41,6 +41,11 @@ def human_count(number: int | None) -> str:
     return str(number)
 
 
+def downloads(number: int | None) -> str:
+    """``1 download``, ``12 downloads``, ``1.2k downloads``."""
+    return f"{human_count(number)} download" + ("" if number == 1 else "s")
+
+
 def summary(message: str, limit: int = MAX_SUMMARY_CHARS) -> str:
     """A commit message's first line, at most ``limit`` characters: the page lists 20, and the API takes
     messages of any length."""
@@ -61,8 +66,8 @@ class Templates:
             trim_blocks=True,
             lstrip_blocks=True,
         )
-        self.env.filters.update(size=human_size, count=human_count, when=when, summary=summary,
-                                seg=lambda v: quote(str(v), safe=""),
+        self.env.filters.update(size=human_size, count=human_count, downloads=downloads, when=when,
+                                summary=summary, seg=lambda v: quote(str(v), safe=""),
                                 path=lambda v: quote(str(v)))
         self.stylesheet = STYLESHEET.read_bytes()
         self.stylesheet_version = _version(self.stylesheet)
