@@ -259,3 +259,14 @@ def parse_bearer(header: str | None) -> str | None:
     if scheme.lower() != "bearer" or not value.strip():
         raise BadRequest("Authorization header must be 'Bearer <token>'")
     return value.strip()
+
+
+def not_bearer_reason(header: str) -> str:
+    """Why ``header`` (an Authorization value :func:`parse_bearer` refused) is no bearer token, naming its
+    scheme but never its credentials (the reason travels back in a 401)."""
+    parts = header.split(None, 1)
+    if len(parts) == 1 and parts[0].lower() == "bearer":
+        return "the Authorization header is 'Bearer' without a token"
+    if len(parts) == 2 and parts[0].isascii() and parts[0].isalpha() and len(parts[0]) <= 20:
+        return f"the Authorization header is '{parts[0]} ...', not 'Bearer <token>'"
+    return "the Authorization header is not 'Bearer <token>'"

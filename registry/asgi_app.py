@@ -36,7 +36,7 @@ from urllib.parse import parse_qs
 
 import anyio
 
-from .accounts import parse_bearer
+from .accounts import not_bearer_reason, parse_bearer
 from .content_safety import hardening_headers
 from .errors import BadRequest, PayloadTooLarge, RegistryError, Unauthorized
 from .host_allowlist import HostAllowlist
@@ -100,7 +100,9 @@ def _internal_error() -> Response:
     return error_response(RegistryError("internal server error; see the registry server's log"))
 
 
-def _too_large(length: int | None, limit: int, path: str) -> PayloadTooLarge:
+def _too_large(length: int | None, limit: int, method: str, path: str) -> PayloadTooLarge:
+    if limit == 0:
+        return PayloadTooLarge(f"{method} {path[:200]} takes no request body; send it without one")
     got = f"{length / 2**20:.1f} MiB" if length is not None else "more"
     if "/commit/" in path:
         fix = "split the upload into several commits or restart the server with a larger --max-upload-mb"
@@ -228,7 +230,7 @@ class RegistryApp:
             early = self._authenticate_and_check(req)
         limit = self.api.body_limit(req.method, req.path)
         if early is None and declared is not None and int(declared) > limit:
-            early = error_response(_too_large(int(declared), limit, req.path))
+            early = error_response(_too_large(int(declared), limit, req.method, req.path))
         if early is not None:
             # Refused from the headers alone: nothing of the body is read. A
             # small rest is dropped by the server as it comes (the client,
@@ -238,7 +240,7 @@ class RegistryApp:
                 early.close = True
             await self._send(send, req, early, route, query)
             return None
-        body = await self._spool(receive, limit, req.path)
+        body = await self._spool(receive, limit, req.method, req.path)
         try:
             req.body = body
             return await self._in_thread(self._dispatch, req)
@@ -256,7 +258,14 @@ class RegistryApp:
             return _internal_error()
 
     def _check_headers(self, req: Request) -> Response | None:
-        secret = parse_bearer(req.headers.get("Authorization"))
+        header = req.headers.get("Authorization")
+        try:
+            secret = parse_bearer(header)
+        except BadRequest:
+            # Not a bearer token: Basic credentials that a proxy with basic auth in front passes on, an empty
+            # 'Bearer'. Read like no token, as an unknown one is; anything needing auth names the form.
+            req.auth_error = not_bearer_reason(header or "")
+            secret = None
         if secret is not None:
             try:
                 req.principal = self.api.store.accounts.authenticate(secret)
@@ -264,7 +273,7 @@ class RegistryApp:
                 # An unknown token (revoked, or a huggingface.co token the
                 # client sends by habit) reads like no token: public repos
                 # stay readable; anything needing auth reports this.
-                req.auth_error = exc.message
+                req.auth_error = f"{exc.message}: the token is unknown to this registry or revoked"
         try:
             self.api.refuse_early(req)
         except RegistryError as exc:
@@ -297,7 +306,7 @@ class RegistryApp:
             raise ClientGone
         return message
 
-    async def _spool(self, receive: Receive, limit: int, path: str) -> IO[bytes]:
+    async def _spool(self, receive: Receive, limit: int, method: str, path: str) -> IO[bytes]:
         limits = self.body_limits
         spool = tempfile.SpooledTemporaryFile(max_size=limits.spool_in_memory, dir=self.api.store.blobs.tmp_dir)
         deadline = anyio.current_time() + limits.request_timeout_s
@@ -311,7 +320,7 @@ class RegistryApp:
                 chunk = message.get("body", b"")
                 total += len(chunk)
                 if total > limit:
-                    raise _too_large(None, limit, path)
+                    raise _too_large(None, limit, method, path)
                 if chunk:
                     spool.write(chunk)
                 if not message.get("more_body", False):

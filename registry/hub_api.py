@@ -99,7 +99,9 @@ class Request:
     base_url: str
     principal: Principal | None = None
     body: IO[bytes] | None = None
-    auth_error: str | None = None  # set when a bearer token was sent but not recognised
+    # Why the Authorization header sent gave no principal (an unknown token, not a bearer token); None when
+    # there was none or it was recognised.
+    auth_error: str | None = None
     # The client's address as the server saw it (or as a trusted proxy said);
     # None where unknown (in-process tests). Used for per-client accounting.
     client_address: str | None = None
@@ -198,8 +200,14 @@ class HubApi:
 
     # ------------------------------------------------------------ routing
     def body_limit(self, method: str, path: str) -> int:
-        """How many request-body bytes a route accepts (commits get the upload limit)."""
+        """How many request-body bytes a route accepts (commits get the upload limit).
+
+        Only the API's writes and read-only POSTs take a body: a GET or HEAD, and any request outside
+        ``/api/`` (the root, ``/resolve/``, what no endpoint answers), take none, so a body sent there is
+        refused from its headers instead of being read and spooled for nothing."""
         segs = path.strip("/").split("/")
+        if method in ("GET", "HEAD") or segs[0] != "api":
+            return 0
         if method == "POST" and len(segs) >= 6 and segs[:2] == ["api", "models"] and segs[4] == "commit":
             return self.config.max_upload_bytes
         if segs == ["api", "validate-yaml"] or (len(segs) >= 6 and segs[:2] == ["api", "models"]
@@ -359,10 +367,7 @@ class HubApi:
         """The caller, else 401. A write asks for a write token; a read that needs an account (``log_in_at``:
         the registry's URL) says to log in there, with a token of any scope."""
         if req.principal is None and req.auth_error:
-            raise Unauthorized(
-                f"{req.auth_error}: the token is unknown to this registry or revoked; "
-                "create one with `peftkit registry token create USER --write`"
-            )
+            raise Unauthorized(f"{req.auth_error}; create one with `peftkit registry token create USER --write`")
         if req.principal is None and log_in_at is not None:
             raise Unauthorized(
                 f"{action} needs you to log in: run `peftkit hub login --hub {log_in_at}` with a token from "
@@ -608,9 +613,9 @@ class HubApi:
         info = self._visible_info(req, repo_id)
         offset = self._int_arg(req, "offset", 0) or 0
         page = self.config.list_page_size
-        history = self.store.list_commits(info.repo_id, revision, limit=offset + page + 1)
-        chunk = history[offset : offset + page]
-        has_more = len(history) > offset + page
+        history = self.store.list_commits(info.repo_id, revision, limit=page + 1, offset=offset)
+        chunk = history[:page]
+        has_more = len(history) > page
         path = f"/api/models/{info.repo_id}/commits/{quote(revision, safe='')}"
         return Response.json([commit_json(c) for c in chunk], headers=self._paginate(req, path, page, offset, has_more))
 

@@ -657,8 +657,13 @@ class RegistryStore:
             description=row["description"], author=row["author"], created_at=_dt(row["created_at"]),
         )
 
-    def list_commits(self, repo_id: str, revision: str = DEFAULT_BRANCH, *, limit: int | None = None) -> list[CommitInfo]:
-        """History reachable from ``revision``, newest first (the parent chain)."""
+    def list_commits(
+        self, repo_id: str, revision: str = DEFAULT_BRANCH, *, limit: int | None = None, offset: int = 0
+    ) -> list[CommitInfo]:
+        """History reachable from ``revision``, newest first (the parent chain), skipping the ``offset``
+        newest. Only the returned commits' rows are read: the walk to ``offset`` follows parent ids alone,
+        so a deep page does not hold every message before it."""
+        end = -1 if limit is None else offset + limit
         with self.db.read() as conn:
             repo = self._repo_row(conn, repo_id)
             start = self._resolve(conn, repo, revision)
@@ -668,8 +673,9 @@ class RegistryStore:
                 "  UNION ALL"
                 "  SELECT c.parent, chain.depth + 1 FROM commits c JOIN chain ON c.sha = chain.sha"
                 "  WHERE c.parent IS NOT NULL AND (? < 0 OR chain.depth + 1 < ?)"
-                ") SELECT c.* FROM chain JOIN commits c ON c.sha = chain.sha ORDER BY chain.depth",
-                (start, -1 if limit is None else limit, -1 if limit is None else limit),
+                ") SELECT c.* FROM chain JOIN commits c ON c.sha = chain.sha WHERE chain.depth >= ?"
+                " ORDER BY chain.depth",
+                (start, end, end, offset),
             ).fetchall()
             return [self._commit_info(repo["repo_id"], r) for r in rows]
 
