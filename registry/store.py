@@ -69,6 +69,7 @@ from .errors import (
     InvalidPath,
     InvalidRevision,
     ParentCommitMismatch,
+    PayloadTooLarge,
     RepoExists,
     RepoNotFound,
     RevisionNotFound,
@@ -91,6 +92,10 @@ MAX_SEARCH_LIMIT = 1000
 MAX_SEARCH_TEXT = 1000
 MAX_SEARCH_TAGS = 32
 _MAX_INDEXED_FILE_BYTES = 1 << 20
+# Files a branch of one repo may hold (the Hugging Face Hub's advice too). Every model info, tree listing and
+# adapter page reads all of them, and every commit writes its tree's rows again: without a bound, commits of
+# 20,000 files each grew a repo until each of those cost seconds (100,000 files: a 9 MB model info).
+MAX_REPO_FILES = 100_000
 
 FileContent = Union[bytes, bytearray, memoryview, str, os.PathLike, StagedBlob]
 
@@ -233,6 +238,8 @@ class RegistryStore:
             self.db.close()
             raise
         self.accounts = Accounts(self.db)
+        #: Files a branch may hold after a commit; more get PayloadTooLarge (413) and nothing is written.
+        self.max_repo_files = MAX_REPO_FILES
         #: Storage limits per namespace; a commit or move over one raises QuotaExceeded (413).
         self.quotas = Quotas(self.db, namespace_quota)
         if clean_staging:
@@ -851,6 +858,12 @@ class RegistryStore:
                 self._check_no_file_folder_clash(entries, staged)
                 for path, blob in staged.items():
                     entries[path] = FileEntry(path, blob.size, blob.sha256, blob.oid)
+                if len(entries) > self.max_repo_files:
+                    raise PayloadTooLarge(
+                        f"after this commit '{repo['repo_id']}' would hold {len(entries):,} files on branch "
+                        f"'{branch}'; a repo holds at most {self.max_repo_files:,} (each listing of it sends them "
+                        "all): delete files in the same commit, or put the rest in another repo"
+                    )
                 # Only staged files can be new to the repo (the others are its head's). Checked inside this
                 # transaction, which excludes every other writer: concurrent commits cannot overshoot.
                 added = new_blobs(conn, repo["id"], {blob.sha256: blob.size for blob in staged.values()})

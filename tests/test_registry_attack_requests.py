@@ -11,6 +11,8 @@
 * a history page at a deep ``offset`` (``/api/models/{repo}/commits/main?offset=N``) read every commit
   before it, each with its description (up to 65,536 characters): an author's 3,000 commits made each
   anonymous request hold ~200 MiB. Only the page's commits are read now.
+* a repo held any number of files (commits of 20,000 each, without end), and every model info, tree listing
+  and adapter page reads them all: a branch now holds at most 100,000 files (``RegistryStore.max_repo_files``).
 """
 
 from __future__ import annotations
@@ -143,3 +145,31 @@ def test_a_deep_history_page_reads_only_its_own_commits(registry, monkeypatch: p
     status, headers, body = call(url, "GET", "/api/models/alice/long/commits/main?offset=50")
     assert [c["title"] for c in json.loads(body)] == [f"commit {i}" for i in range(99, -1, -1)]
     assert "offset=150" in headers["link"] and len(read) <= 101
+
+
+def test_a_repo_holds_a_bounded_number_of_files(registry, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Commits of 20,000 files each grew a repo without end, and every anonymous model info, tree listing
+    and adapter page reads all of a repo's files (100,000: ~0.5 s and a 9 MB model info each), as does
+    every commit to it (1.2 s of the registry's write lock and ~30 MB of database each)."""
+    store, url, tokens = registry
+    monkeypatch.setattr(store, "max_repo_files", 5)  # the server's own store: 100,000 unless changed
+    store.create_repo("alice/many", owner="alice")
+    auth = {"Authorization": f"Bearer {tokens['alice']}", "Content-Type": "application/x-ndjson"}
+
+    def commit(files: list[str], deleted: tuple[str, ...] = ()) -> tuple[int, dict]:
+        lines = [{"key": "header", "value": {"summary": "files"}}]
+        lines += [{"key": "file", "value": {"path": p, "content": "eA==", "encoding": "base64"}} for p in files]
+        lines += [{"key": "deletedFile", "value": {"path": p}} for p in deleted]
+        status, _, body = call(url, "POST", "/api/models/alice/many/commit/main", auth,
+                               body="\n".join(json.dumps(line) for line in lines).encode())
+        return status, json.loads(body)
+
+    assert commit([f"{i}.txt" for i in range(4)])[0] == 200
+    head = store.resolve_revision("alice/many")
+    status, body = commit(["4.txt", "5.txt"])
+    assert (status, body["error"]) == (413, (
+        "after this commit 'alice/many' would hold 6 files on branch 'main'; a repo holds at most 5 (each "
+        "listing of it sends them all): delete files in the same commit, or put the rest in another repo"))
+    assert store.resolve_revision("alice/many") == head and not list(store.blobs.tmp_dir.iterdir())
+    assert commit(["4.txt", "5.txt"], deleted=("0.txt",))[0] == 200
+    assert len(store.snapshot("alice/many")[1]) == 5
