@@ -172,7 +172,7 @@ def read_adapterhub_weights(folder: Path, safe_name: str = SAFE_WEIGHTS_NAME,
                            f"{pickle_name}; the folder is incomplete")
 
 
-def _same_module(ours: str, theirs: str) -> bool:
+def same_module(ours: str, theirs: str) -> bool:
     """Module paths naming the same module up to a wrapper's prefix (``bert.`` and the like)."""
     return ours == theirs or ours.endswith("." + theirs) or theirs.endswith("." + ours)
 
@@ -211,7 +211,7 @@ def adapterhub_tensors(fmt: AdapterHubFormat, tensors: Mapping[str, Any], sites:
             tensor = fmt.tensor_in(ours, tensor, data["config"], data.get("model_type"))
         except ConfigError as exc:
             raise AdapterLoadError(f"{where}: weight {key!r}: {exc}") from None
-        matches = [site for site, m in modules.items() if _same_module(m, module)]
+        matches = [site for site, m in modules.items() if same_module(m, module)]
         if len(matches) > 1:
             raise AdapterLoadError(f"{where}: weight {key!r} fits several peftkit sites ({', '.join(matches)})")
         out[f"{key_prefix}{matches[0]}.{part}{ours}" if matches else key] = tensor

@@ -197,8 +197,13 @@ def our_head_tensors(layout: HeadLayout, tensors: Mapping[str, Any], where: str)
     if layout.config is None:
         return dict(tensors)
     out = {}
+    heads = {prefix.rpartition(".")[0] + "." for prefix in layout.modules}  # {"heads.sb."}
     for key, tensor in tensors.items():
         prefix, _, leaf = key.rpartition(".")
+        if key.startswith("heads.") and not key.startswith(tuple(heads)):
+            # another head whose name begins with this one's (heads.sb2 beside heads.sb): adapters 1.3's
+            # save_adapter picks heads by "heads.<name>" in the key, so it writes them too; they are not this head
+            continue
         if prefix not in layout.modules:
             raise AdapterLoadError(f"{where}: head weight {key!r} is not one of the head's layers "
                                    f"({', '.join(sorted(layout.modules))})")

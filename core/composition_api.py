@@ -95,10 +95,15 @@ class CompositionMixin:
 
     def load_fusion(self: "AdaptedModel", path: "str | os.PathLike", name: str | None = None, *,
                     activate: bool = False) -> "FusionRecord":
-        """Load a fusion folder; its member adapters must already be on the model."""
+        """Load a fusion folder (peftkit's, or one AdapterHub's ``save_adapter_fusion`` wrote); its member adapters
+        must already be on the model."""
+        from .adapterhub_fusion import is_adapterhub_fusion, load_adapterhub_fusion
         from .fusion import load_fusion
 
-        record = load_fusion(self, path, name)
+        if is_adapterhub_fusion(path):  # save_adapter_fusion's folder (adapter_fusion_config.json)
+            record = load_adapterhub_fusion(self, path, name)
+        else:
+            record = load_fusion(self, path, name)
         if activate:
             self.set_active(record.node)
         return record
