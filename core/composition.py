@@ -355,6 +355,12 @@ def parse(text: str) -> Node:
         raise CompositionError(f"unbalanced parentheses in composition {text!r}")
     match = _CALL.match(text)
     if not match:
+        names = [part.strip() for part in text.split(",")]
+        if "(" not in text and len(names) > 1 and all(_LEAF.fullmatch(n) for n in names):
+            # AdapterHub's "a,b" (a fusion's name, or a stack in its older parse_composition)
+            raise CompositionError(f"cannot parse composition {text!r}: names joined by commas are AdapterHub's "
+                                   f"spelling; write a block: fuse({', '.join(names)}) for a fusion (named "
+                                   f"{'_'.join(names)}) or stack({', '.join(names)})")
         if not _LEAF.fullmatch(text):
             raise CompositionError(f"cannot parse composition {text!r}: it is not an adapter name (letters, "
                                    f"digits, '_' and '-') nor a block such as stack(a, b), "
