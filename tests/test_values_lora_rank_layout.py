@@ -87,7 +87,7 @@ def test_the_saved_rank_intermediate_is_laid_out_by_the_rank_alone(r: int):
     b = torch.randn(OUT, r, dtype=D, requires_grad=True)
     out = fused_lora(x, None, a, b, base, SCALE)
     node = out.grad_fn.next_functions[0][0]  # the layer's own node, under the final reshape
-    xa_t = next(t for t in node.saved_tensors if t.shape == (r, 7))
+    xa_t = next(t for t in node.saved_tensors if t is not None and t.shape == (r, 7))
     torch.testing.assert_close(xa_t, a.detach() @ x.t(), rtol=0, atol=1e-12)
     assert xa_t.is_contiguous() is (r < TOKEN_MAJOR_FROM_RANK)
 

@@ -154,10 +154,10 @@ class LoraLinear(LoraFactors):
         base is a plain linear layer; None otherwise (the unfused forward runs)."""
         if not fusable_linear(base, x, self.lora_A) or (self.use_dora and self._dropout_active()):
             return None  # DoRA with dropout in training puts the dropped-out input through W too (forward)
-        lora_x = self.dropout(x) if self._dropout_active() else None
+        dropout = self.dropout.p if self._dropout_active() else 0.0  # drawn in the fused node (fused.py)
         if not self.use_dora:
-            return fused_lora(x, lora_x, self.lora_A, self.lora_B, base, self.scale, keep_on=self)
-        return fused_lora(x, lora_x, self.lora_A, self.lora_B, base, self.scale,
+            return fused_lora(x, None, self.lora_A, self.lora_B, base, self.scale, keep_on=self, dropout=dropout)
+        return fused_lora(x, None, self.lora_A, self.lora_B, base, self.scale,
                           self.lora_magnitude_vector, self._weight_norm(base), keep_on=self)
 
     def delta(self, x: torch.Tensor, h: torch.Tensor, base: nn.Module) -> torch.Tensor:
