@@ -19,6 +19,36 @@ import yaml
 from .errors import ConfigError
 from .model_source import looks_local
 
+#: The keyword arguments save_adapter() / save_pretrained() take for the model card.
+CARD_FIELDS = ("task", "dataset", "metrics", "tags", "license", "language", "repo_id", "description")
+#: Other libraries' save options, and what peftkit does instead.
+_FOREIGN_SAVE_OPTIONS = {
+    "with_head": "AdapterHub's option: peftkit saves a task model's head with the adapter when it is in the "
+                 "adapter's modules_to_save (the default for a task model); to save an adapter without it, add "
+                 "the adapter with add_adapter(name, spec, default_head=False)",
+    "use_safetensors": "peftkit always writes safetensors (adapter_model.safetensors); drop the option",
+    "safe_serialization": "peftkit always writes safetensors (adapter_model.safetensors); drop the option",
+    "meta_dict": "AdapterHub's option: card facts go in as keyword arguments of their own: "
+                 + ", ".join(f"{field}=" for field in CARD_FIELDS),
+    "selected_adapters": "PEFT's option: save_pretrained(path, adapter_names=[...])",
+    "is_main_process": "PEFT's option: call save on the main process only (peftkit.train and AdapterTrainer do)",
+}
+
+
+def check_card_fields(card: dict[str, Any], call: str) -> None:
+    """ConfigError naming each keyword argument ``call`` got that is no card field (before anything is
+    written): another library's option gets what peftkit does instead, anything else the fields it takes."""
+    unknown = [key for key in card if key not in CARD_FIELDS]
+    if not unknown:
+        return
+    reasons = [f"{key}=: {_FOREIGN_SAVE_OPTIONS[key]}" if key in _FOREIGN_SAVE_OPTIONS else f"{key}= is not a card field"
+               for key in unknown]
+    given = ", ".join(f"{key}=" for key in unknown)
+    raise ConfigError(f"{call} got {given}, which it does not take ({'; '.join(reasons)}). Besides the path and "
+                      f"the adapter's name it takes format= (save_adapter) and the card fields "
+                      f"{', '.join(CARD_FIELDS)}")
+
+
 #: The last line of a card body peftkit writes: a Markdown link reference definition, which renders as nothing
 #: (on the Hub, the registry's pages, GitHub), holding the hash of the body above it. A push regenerates a body
 #: whose hash still matches (usage snippet, title and results for the repo) and keeps any other body as it is.

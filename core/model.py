@@ -55,6 +55,15 @@ _OTHER_LIBRARY_NAMES = {
     "save_all_adapters": "model.save_pretrained(path)",
     "adapter_summary": "model.print_trainable_parameters(), model.adapters (name -> config), or "
                        "`peftkit info FOLDER` for a saved adapter",
+    "add_classification_head": "the task model's own head: load the base model with "
+                               "AutoModelForSequenceClassification.from_pretrained(..., num_labels=N); peftkit trains "
+                               "and saves that head with the adapter (modules_to_save)",
+    "add_tagging_head": "the task model's own head: load the base model with "
+                        "AutoModelForTokenClassification.from_pretrained(..., num_labels=N); peftkit trains and "
+                        "saves that head with the adapter (modules_to_save)",
+    "freeze_model": "nothing: peftkit.adapt() freezes the base model, and model.train_adapter(name) makes one "
+                    "adapter trainable",
+    "push_adapter_to_hub": "peftkit.hub.push(model, repo_id, adapter_name=name, format=\"adapters\")",
 }
 
 
@@ -730,15 +739,24 @@ class AdaptedModel(CompositionMixin, nn.Module):
         save_pretrained(self, path, adapter_names, **card)
 
     def load_adapter(self, path: str, adapter_name: str = "default", *, activate: bool = True,
-                     trainable: bool = False, hotswap: bool = False, is_trainable: bool | None = None) -> AdapterRecord:
+                     trainable: bool = False, hotswap: bool = False, is_trainable: bool | None = None,
+                     load_as: str | None = None, set_active: bool | None = None) -> AdapterRecord:
         """Load an adapter folder under ``adapter_name``. On any error the model
-        is left exactly as it was. ``is_trainable`` is PEFT's name for ``trainable``.
+        is left exactly as it was. ``is_trainable`` is PEFT's name for ``trainable``; ``load_as`` and
+        ``set_active`` are AdapterHub's names for ``adapter_name`` and ``activate``.
 
         ``hotswap=True``: ``adapter_name`` exists already and the folder's weights replace its
         weights in place (:meth:`hotswap_adapter`); ``activate`` then activates it only if it is
         not active yet, so that a compiled model sees no change but the weights.
         """
         trainable = peft_trainable(trainable, is_trainable)
+        if load_as is not None:
+            if adapter_name not in ("default", load_as):
+                raise AdapterError(f"load_adapter() got adapter_name={adapter_name!r} and load_as={load_as!r}; pass "
+                                   f"the name once (load_as is AdapterHub's name for adapter_name)")
+            adapter_name = load_as
+        if set_active is not None:
+            activate = bool(set_active)  # AdapterHub's name; its default (False) is not peftkit's (activate=True)
         if hotswap:
             record = self.hotswap_adapter(path, adapter_name)
         else:

@@ -22,7 +22,7 @@ from .adapterhub_format import (adapterhub_config_data, adapterhub_file_tensors,
                                 claiming_method, config_json, is_adapterhub_config, read_adapterhub_weights)
 from .adapterhub_format import CONFIG_NAME as ADAPTERHUB_CONFIG_NAME
 from .adapterhub_format import SAFE_WEIGHTS_NAME as ADAPTERHUB_WEIGHTS_NAME
-from .card import card_metadata, render_card
+from .card import card_metadata, check_card_fields, render_card
 from .errors import AdapterLoadError, ConfigError, PeftkitError, PluginError
 from .fileio import atomic_folder, write_bytes_atomic, write_text_atomic
 from .adapterhub_heads import HEAD_CONFIG_NAME, SAFE_HEAD_WEIGHTS_NAME, head_files, load_head
@@ -279,6 +279,7 @@ def save_adapter(model: "AdaptedModel", name: str, path: str | os.PathLike, form
     writes AdapterHub's format instead of peftkit's."""
     path = Path(path)
     model.adapter_record(name)
+    check_card_fields(card, "save_adapter()")
     if format not in SAVE_FORMATS:
         raise PeftkitError(f"unknown adapter folder format {format!r}; choose one of {', '.join(SAVE_FORMATS)}")
     if path.exists() and not path.is_dir():
@@ -299,6 +300,7 @@ def save_adapter(model: "AdaptedModel", name: str, path: str | os.PathLike, form
 
 def save_pretrained(model: "AdaptedModel", path: str | os.PathLike,
                     adapter_names: str | Sequence[str] | None = None, **card: Any) -> None:
+    check_card_fields(card, "save_pretrained()")
     names = adapter_name_list(adapter_names)
     names = list(model.adapters) if names is None else names
     if not names:

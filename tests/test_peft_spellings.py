@@ -3,6 +3,7 @@ spec, AdapterHub's ``add_adapter(name, config=...)``, PEFT's ``is_trainable`` an
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -96,3 +97,45 @@ def test_adapterhubs_train_embeddings_says_how_peftkit_trains_the_embedding() ->
         model.train_adapter("default", train_embeddings=True)
     with_embedding = peftkit.adapt(build_tiny("llama"), "lora[r=2,modules_to_save=[embed_tokens]]")
     assert any("embed_tokens" in n for n, p in with_embedding.named_parameters() if p.requires_grad)
+
+
+def test_adapterhubs_load_as_and_set_active_name_the_adapter_and_its_activation(tmp_path: Path) -> None:
+    peftkit.adapt(build_tiny("llama"), "lora[r=2]").save_adapter(str(tmp_path / "a"))
+    model = peftkit.adapt(build_tiny("llama"), "lora[r=2]")
+    model.load_adapter(str(tmp_path / "a"), load_as="task", set_active=False)
+    assert "task" in model.adapters and model.active_adapters == ["default"]
+    model.load_adapter(str(tmp_path / "a"), load_as="other", set_active=True)
+    assert model.active_adapters == ["other"]
+    with pytest.raises(AdapterError, match="adapter_name='x' and load_as='y'; pass the name once"):
+        model.load_adapter(str(tmp_path / "a"), "x", load_as="y")
+    assert "x" not in model.adapters and "y" not in model.adapters
+
+
+@pytest.mark.parametrize("option, says", [
+    ("with_head", r"with_head=: AdapterHub's option: .*default_head=False"),
+    ("use_safetensors", r"use_safetensors=: peftkit always writes safetensors"),
+    ("meta_dict", r"meta_dict=: AdapterHub's option: card facts go in as keyword arguments of their own: task="),
+    ("selected_adapters", r"selected_adapters=: PEFT's option: save_pretrained\(path, adapter_names=\[...\]\)"),
+    ("colour", r"colour= is not a card field"),
+])
+def test_a_save_option_peftkit_lacks_is_refused_before_anything_is_written(tmp_path: Path, option, says) -> None:
+    """Card fields arrive as keyword arguments; another library's save option used to vanish among them (the
+    head saved although with_head=False said otherwise)."""
+    model = peftkit.adapt(build_tiny("llama"), "lora[r=2]")
+    for save, call in ((model.save_adapter, "save_adapter()"), (model.save_pretrained, "save_pretrained()")):
+        with pytest.raises(ConfigError, match=rf"{re.escape(call)} got {option}=, which it does not take \({says}"):
+            save(str(tmp_path / "out"), **{option: False})
+        assert not (tmp_path / "out").exists()
+    model.save_adapter(str(tmp_path / "out"), task="text-classification", license="mit")  # card fields still go
+
+
+@pytest.mark.parametrize("name, says", [
+    ("add_classification_head", "AutoModelForSequenceClassification"),
+    ("add_tagging_head", "AutoModelForTokenClassification"),
+    ("freeze_model", r"peftkit.adapt\(\) freezes the base model"),
+    ("push_adapter_to_hub", r"peftkit.hub.push\(model, repo_id"),
+])
+def test_adapterhubs_model_methods_point_at_peftkits_way(name, says) -> None:
+    model = peftkit.adapt(build_tiny("llama"), "lora[r=2]")
+    with pytest.raises(AttributeError, match=rf"no '{name}' \(the PEFT / AdapterHub name\); use .*{says}"):
+        getattr(model, name)
