@@ -96,6 +96,8 @@ _MAX_INDEXED_FILE_BYTES = 1 << 20
 # adapter page reads all of them, and every commit writes its tree's rows again: without a bound, commits of
 # 20,000 files each grew a repo until each of those cost seconds (100,000 files: a 9 MB model info).
 MAX_REPO_FILES = 100_000
+# Branches and tags one repo may hold together: the refs listing and the adapter page read them all.
+MAX_REPO_REFS = 1_000
 
 FileContent = Union[bytes, bytearray, memoryview, str, os.PathLike, StagedBlob]
 
@@ -240,6 +242,8 @@ class RegistryStore:
         self.accounts = Accounts(self.db)
         #: Files a branch may hold after a commit; more get PayloadTooLarge (413) and nothing is written.
         self.max_repo_files = MAX_REPO_FILES
+        #: Branches and tags a repo may hold together; creating one more gets PayloadTooLarge (413).
+        self.max_repo_refs = MAX_REPO_REFS
         #: Storage limits per namespace; a commit or move over one raises QuotaExceeded (413).
         self.quotas = Quotas(self.db, namespace_quota)
         if clean_staging:
@@ -483,6 +487,7 @@ class RegistryStore:
                 if exist_ok:
                     return self._branch_head(conn, repo, branch)
                 raise RepoExists(f"branch '{branch}' already exists in '{repo_id}'", repo_id=repo_id)
+            self._check_room_for_a_ref(conn, repo)
             conn.execute("INSERT INTO refs(repo, name, commit_sha) VALUES (?, ?, ?)", (repo["id"], branch, sha))
             return sha
 
@@ -521,11 +526,22 @@ class RegistryStore:
                 raise Conflict(f"tag '{tag}' already exists in '{repo['repo_id']}' (at {existing}); delete it first")
             if conn.execute("SELECT 1 FROM refs WHERE repo = ? AND name = ?", (repo["id"], tag)).fetchone():
                 raise Conflict(f"'{tag}' is a branch of '{repo['repo_id']}'; a tag needs a name no branch has")
+            self._check_room_for_a_ref(conn, repo)
             conn.execute(
                 "INSERT INTO tags(repo, name, commit_sha, message, created_at) VALUES (?, ?, ?, ?, ?)",
                 (repo["id"], tag, sha, message or "", time.time()),
             )
             return sha
+
+    def _check_room_for_a_ref(self, conn: Any, repo: Any) -> None:
+        """PayloadTooLarge when ``repo`` holds ``max_repo_refs`` branches and tags already (checked inside the
+        write transaction, which excludes every other writer: concurrent creations cannot overshoot)."""
+        held = sum(conn.execute(f"SELECT COUNT(*) AS n FROM {table} WHERE repo = ?", (repo["id"],)).fetchone()["n"]
+                   for table in ("refs", "tags"))
+        if held >= self.max_repo_refs:
+            raise PayloadTooLarge(
+                f"'{repo['repo_id']}' holds {held:,} branches and tags, the most a repo may hold (every listing of "
+                f"its refs and its page read them all): delete branches or tags you no longer need first")
 
     def delete_tag(self, repo_id: str, tag: str) -> None:
         if tag.startswith(TAG_PREFIX):

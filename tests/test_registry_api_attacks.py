@@ -253,3 +253,27 @@ def test_a_preupload_announcing_an_impossible_size_gets_a_400(registry) -> None:
     data = {"files": [{"path": "big.bin", "size": 2**63 - 1, "sample": ""}]}
     status, body = _request(url, "POST", "/api/models/alice/lora/preupload/main", json.dumps(data).encode(), auth)
     assert status == 200 and body["files"][0]["path"] == "big.bin"
+
+
+def test_a_repo_holds_a_bounded_number_of_branches_and_tags(registry, hf_online, monkeypatch) -> None:  # noqa: F811
+    """The refs listing and the adapter page read all of a repo's branches and tags: a writer creating them
+    without end made every such read slower. Past ``max_repo_refs`` (branches and tags together) a new one
+    is refused with 413 and nothing is written; deleting one makes room."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    store, url, auth = registry
+    monkeypatch.setattr(store, "max_repo_refs", 3)  # the server's own store: 1,000 unless changed
+    api = HfApi(endpoint=url, token=auth["Authorization"].split()[1])
+    api.create_branch("alice/lora", branch="dev")
+    api.create_tag("alice/lora", tag="v1")  # main, dev, v1: full
+    for create in (lambda: api.create_branch("alice/lora", branch="more"),
+                   lambda: api.create_tag("alice/lora", tag="v2")):
+        with pytest.raises(HfHubHTTPError, match=r"'alice/lora' holds 3 branches and tags, the most a repo may hold"
+                                                 r" .*delete branches or tags you no longer need first") as refused:
+            create()
+        assert refused.value.response.status_code == 413
+    refs = api.list_repo_refs("alice/lora")
+    assert sorted(b.name for b in refs.branches) == ["dev", "main"] and [t.name for t in refs.tags] == ["v1"]
+    api.delete_branch("alice/lora", branch="dev")
+    api.create_tag("alice/lora", tag="v2")  # room again

@@ -15,6 +15,7 @@ from tests.test_registry_store import (  # noqa: F401 - collected here too, on P
     indexed,
     test_accounts_tokens_and_orgs,
     test_branches_and_revisions,
+    test_branches_and_tags_together_are_bounded,
     test_broken_card_is_indexed_without_front_matter,
     test_commit_ids_are_deterministic_hashes_of_content,
     test_create_commit_read_and_history,

@@ -386,3 +386,20 @@ def test_search_skips_what_a_card_does_not_show(store: RegistryStore) -> None:
     assert _ids(store.search("hotel reviews")) == ["alice/hotels"]
     for hidden in ("rewrites", "sha256", "example.org", "0123456789abcdef"):
         assert store.search(hidden) == [], hidden
+
+
+def test_branches_and_tags_together_are_bounded(store: RegistryStore) -> None:
+    from peftkit.registry.errors import PayloadTooLarge
+
+    store.max_repo_refs = 3
+    store.create_repo("alice/refs")
+    store.commit("alice/refs", {"a.txt": b"a"})
+    store.create_branch("alice/refs", "dev")
+    store.create_tag("alice/refs", "v1")
+    for create in (lambda: store.create_branch("alice/refs", "more"), lambda: store.create_tag("alice/refs", "v2")):
+        with pytest.raises(PayloadTooLarge, match="'alice/refs' holds 3 branches and tags, the most a repo may hold"):
+            create()
+    assert store.list_tags("alice/refs") == {"v1": store.resolve_revision("alice/refs")}
+    store.create_branch("alice/refs", "dev", exist_ok=True)  # an existing one is no new ref
+    store.delete_tag("alice/refs", "v1")
+    store.create_branch("alice/refs", "more")
