@@ -60,6 +60,9 @@ from .serialize import (
 )
 from .store import RegistryStore, RepoInfo
 
+#: How a 401 names the token command: run on the server, on the data folder it serves (a client cannot know it).
+_ON_THE_SERVER = "--data DIR` on the server (DIR: the data folder it serves)"
+
 JSON_TYPE = "application/json"
 _MAX_QUERY_INT = 2**31 - 1  # offsets and limits beyond this are nonsense (and overflow SQLite's integers)
 #: What each write is called in its 401/403 messages ("committing needs a token with write access"), for the writes
@@ -367,16 +370,18 @@ class HubApi:
         """The caller, else 401. A write asks for a write token; a read that needs an account (``log_in_at``:
         the registry's URL) says to log in there, with a token of any scope."""
         if req.principal is None and req.auth_error:
-            raise Unauthorized(f"{req.auth_error}; create one with `peftkit registry token create USER --write`")
+            raise Unauthorized(f"{req.auth_error}; create one with `peftkit registry token create USER --write "
+                               f"{_ON_THE_SERVER}")
         if req.principal is None and log_in_at is not None:
             raise Unauthorized(
                 f"{action} needs you to log in: run `peftkit hub login --hub {log_in_at}` with a token from "
-                "`peftkit registry token create USER`, or pass it as 'Authorization: Bearer <token>'"
+                f"`peftkit registry token create USER {_ON_THE_SERVER}, or pass it as 'Authorization: Bearer <token>'"
             )
         if req.principal is None:
             raise Unauthorized(
                 f"{action} needs a token with write access: create one with "
-                "`peftkit registry token create USER --write` and pass it as 'Authorization: Bearer <token>'"
+                f"`peftkit registry token create USER --write {_ON_THE_SERVER} and pass it as "
+                "'Authorization: Bearer <token>'"
             )
         return req.principal
 

@@ -80,7 +80,8 @@ def test_an_authorization_header_that_is_not_a_bearer_token_reads_as_no_token(re
     assert (status, json.loads(body)) == (401, {"error": "Invalid credentials in Authorization header"})
     status, headers, body = call(url, "POST", "/api/repos/create", auth, length=100)
     assert status == 401 and json.loads(body)["error"] == headers["x-error-message"] == (
-        f"{reason}; create one with `peftkit registry token create USER --write`"
+        f"{reason}; create one with `peftkit registry token create USER --write --data DIR` on the server (DIR: "
+        "the data folder it serves)"
     )
 
 

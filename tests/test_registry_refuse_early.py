@@ -23,7 +23,8 @@ from tests.test_registry_authz_matrix import UNKNOWN_TOKEN, Client, ndjson_commi
 
 NO_BODY_LENGTH = 2**40  # past every route's body limit: an unrefused request gets 413 instead
 WAIT_S = 10.0  # a refusal comes without the body; an unrefused request waits for it until this ends the test
-HOW_TO_TOKEN = "create one with `peftkit registry token create USER --write`"
+HOW_TO_TOKEN = ("create one with `peftkit registry token create USER --write --data DIR` on the server "
+                "(DIR: the data folder it serves)")
 
 # Writes under /api/models/<repo>/: (method, path after the repo, action named in the 401).
 MODEL_WRITES = [

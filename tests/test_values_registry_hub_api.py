@@ -390,8 +390,8 @@ def test_each_endpoint_without_the_early_refusal_names_its_action_in_the_401(end
         store.create_repo("alice/own")
     reply = client.call(method, path, body=b"{}")
     assert (reply.status, reply.json()) == (401, {"error": (
-        f"{action} needs a token with write access: create one with `peftkit registry token create USER --write` "
-        "and pass it as 'Authorization: Bearer <token>'")})
+        f"{action} needs a token with write access: create one with `peftkit registry token create USER --write "
+        "--data DIR` on the server (DIR: the data folder it serves) and pass it as 'Authorization: Bearer <token>'")})
 
 
 def test_a_commit_past_the_file_limit_is_refused_and_leaves_no_staged_file(endpoint_only):
