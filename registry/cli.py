@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import urlsplit
 
 import click
 from click.core import ParameterSource
@@ -243,7 +244,7 @@ def registry_group() -> None:
     help="Largest commit request accepted; bigger ones get HTTP 413.",
 )
 @click.option(
-    "--public-url", default=None,
+    "--public-url", default=None, callback=lambda _ctx, _param, value: checked_public_url(value),
     help="URL clients reach the server at; links in replies use it. Set it behind a proxy or when clients "
     "use a host name (else links use the address the client connected to).",
 )
@@ -323,6 +324,26 @@ def serve_command(
               namespace_quota=_gigabytes(namespace_quota_gb))
     except (OSError, MissingServerDependencies, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from None
+
+
+def checked_public_url(value: str | None) -> str | None:
+    """``--public-url`` as given, or a usage error (exit 2) saying what is wrong. Links in replies start with
+    it and its host is the one name the server answers besides IPs and localhost, so ``hub.lan:8080`` (no
+    scheme) made every redirect ``Location: hub.lan:8080/...`` and refused clients using hub.lan with 421."""
+    if value is None:
+        return None
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError as exc:
+        raise click.BadParameter(f"{value!r} is not a URL ({exc}); write http(s)://HOST[:PORT][/PATH]") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise click.BadParameter(
+            f"{value!r} is not an http(s) URL: write the URL clients use, with its scheme, such as "
+            "http://hub.lan:8080 or https://hub.example.com (or https://example.com/hub behind a path)")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise click.BadParameter(f"{value!r} has a user, query or fragment: write http(s)://HOST[:PORT][/PATH]")
+    return value
 
 
 def ready_line(where: str, url: str, public_url: str | None) -> str:
