@@ -80,12 +80,17 @@ def _headers_message(raw: list[tuple[bytes, bytes]]) -> Message:
     return msg
 
 
-def _framing_error(raw: list[tuple[bytes, bytes]]) -> BadRequest | None:
-    """Request smuggling guards: the body's length must be stated once, one way."""
+def _framing_error(raw: list[tuple[bytes, bytes]]) -> RegistryError | None:
+    """Request smuggling guards: the body's length must be stated once, one way; of the transfer codings
+    only ``chunked`` is taken (a compressed coding the server would not undo would be read as the body)."""
     lengths = {v.strip() for k, v in raw if k == b"content-length"}
-    chunked = any(k == b"transfer-encoding" for k, _ in raw)
-    if chunked and lengths:
+    codings = [c.strip().lower() for k, v in raw if k == b"transfer-encoding" for c in v.split(b",")]
+    if codings and lengths:
         return BadRequest("a request may not carry both Transfer-Encoding and Content-Length")
+    if codings and codings != [b"chunked"]:
+        shown = ", ".join(c.decode("latin-1") for c in codings)[:100]
+        return RegistryError(f"Transfer-Encoding {shown!r} is not supported: send the body with "
+                             f"'Transfer-Encoding: chunked' or a Content-Length", status=501, code="NotImplemented")
     if len(lengths) > 1:
         return BadRequest("conflicting Content-Length headers")
     for value in lengths:

@@ -513,6 +513,24 @@ def test_ambiguous_framing_is_refused(hub) -> None:
     assert not store.repo_exists("alice/framed")
 
 
+def test_transfer_codings_other_than_chunked_are_refused(hub) -> None:
+    """'gzip, chunked' was read as plain chunked: the compressed bytes would have been taken as the body."""
+    store, server, tokens, _ = hub
+    auth = f"Authorization: Bearer {tokens['alice']}\r\n"
+    body = b'{"name": "coded"}'
+    chunked = f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
+    for coding in ("gzip, chunked", "deflate, chunked", "chunked, chunked", "identity"):
+        status, _, answer = _request(server, "POST /api/repos/create HTTP/1.1\r\n"
+                                             f"Host: localhost\r\n{auth}Transfer-Encoding: {coding}\r\n\r\n", chunked)
+        if status != 400:  # the HTTP parser itself refuses some of them
+            assert status == 501, coding
+            assert f"Transfer-Encoding '{coding}' is not supported" in answer.decode(), coding
+    assert not store.repo_exists("alice/coded")
+    status, _, _ = _request(server, "POST /api/repos/create HTTP/1.1\r\n"
+                                    f"Host: localhost\r\n{auth}Transfer-Encoding: chunked\r\n\r\n", chunked)
+    assert status == 200 and store.repo_exists("alice/coded")
+
+
 def test_malformed_values_get_4xx_and_write_nothing(hub) -> None:
     store, server, tokens, _ = hub
     auth = f"Authorization: Bearer {tokens['alice']}\r\n"
