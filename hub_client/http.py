@@ -77,6 +77,18 @@ def _is_connection_error(exc: BaseException) -> bool:
     return False
 
 
+def _foreign_address_message(where: str, address: str, uri_error: str) -> str:
+    """What to say when the hub named a repo at a URL on another host than ``address`` (huggingface_hub then
+    refuses the URL: ``HfUriError``): a peftkit registry started with --public-url reached by another name."""
+    found = re.search(r"'(https?://[^/'\s]+)", uri_error)
+    if found is None:
+        return f"{where}: the hub at {address} gave a link huggingface_hub refuses ({uri_error})"
+    origin = found.group(1)
+    return (f"{where}: the hub at {address} names its repos at {origin}, another address (a peftkit registry's "
+            f"--public-url), and huggingface_hub refuses links to another host: use --hub {origin} (or "
+            f"PEFTKIT_HUB={origin}) on this machine")
+
+
 def _from_the_wire(exc: BaseException) -> bool:
     """Whether an exception comes from talking to the hub (huggingface_hub, the HTTP stack, the network)."""
     module = type(exc).__module__ or ""
@@ -242,6 +254,8 @@ class HttpBackend(HubBackend):
             server_message = headers.get("X-Error-Message")
         text = str(exc).strip()
         detail = redact(server_message or (text.splitlines()[-1] if text else type(exc).__name__), token)
+        if isinstance(exc, hf_errors.HfUriError):
+            return HubError(redact(_foreign_address_message(where, self.address, text), token))
         if isinstance(exc, hf_errors.RevisionNotFoundError):
             return RevisionNotFound(redact(
                 f"{where}: revision {revision!r} not found in {repo_id} on {self.address}; "
@@ -282,9 +296,15 @@ class HttpBackend(HubBackend):
                     try:
                         api.create_repo(repo_id, private=bool(private))
                         created_repo = True
+                    except hf_errors.HfUriError:
+                        created_repo = True  # the hub made it, then named it at another address: remove it
+                        raise
                     except hf_errors.HfHubHTTPError as exc:
                         if getattr(exc.response, "status_code", None) != 409:  # created meanwhile: fine
                             raise
+                else:  # changes nothing (409), but its answer names the repo's URL, as the commit's will: a hub
+                    # naming its repos at another address fails here, before the commit, not after it
+                    api.create_repo(repo_id, exist_ok=True)
                 if revision != "main":
                     branches = {b.name for b in api.list_repo_refs(repo_id).branches}
                     if revision not in branches:
