@@ -348,8 +348,10 @@ def storage_command(namespace: str | None, hub: str | None, token_file: str | No
     summary = storage_summary(usage)
     echo_safe(f"{usage.namespace}: {summary.text}")
     if summary.full:
+        where = f" --hub {backend.address}" if hub else ""
         echo_safe(f"{usage.namespace} is full: commits that add files are refused; free space by deleting repos "
-                   "(peftkit hub delete), or ask the registry's administrator to raise the limit", err=True)
+                  f"(`peftkit hub delete {usage.namespace}/REPO{where}`), or ask the registry's administrator to "
+                  f"raise the limit", err=True)
 
 
 @click.command("compose")

@@ -237,5 +237,5 @@ def redact(url: str) -> str:
     if not sep or "@" not in rest.split("/", 1)[0]:
         return url
     userinfo, _, hostpart = rest.partition("@")
-    user = userinfo.split(":", 1)[0]
-    return f"{scheme}://{user}{':***' if ':' in userinfo else ''}@{hostpart}"
+    user, colon, password = userinfo.partition(":")
+    return f"{scheme}://{user}{':***' if password else colon}@{hostpart}"  # an empty password stays empty

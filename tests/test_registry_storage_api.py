@@ -221,6 +221,7 @@ def test_the_cli_prints_usage_json_and_exit_codes(reg, capsys, tmp_path: Path) -
     store.quotas.set("alice", 1_000_000)  # below what it stores: full, and said so on stderr
     code, out, err = _cli(capsys, "hub", "storage", "--hub", server.url, "--token-file", alice)
     assert (code, out) == (0, "alice: 1.37 MB of 1 MB used (137%)\n") and "alice is full" in err
+    assert f"(`peftkit hub delete alice/REPO --hub {server.url}`)" in err  # a command that runs once REPO is filled
 
 
 def test_the_cli_uses_a_stored_login_and_says_no_limit(hub_env: Path, capsys) -> None:  # noqa: F811

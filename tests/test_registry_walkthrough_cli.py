@@ -88,3 +88,13 @@ def test_serve_refuses_a_public_url_that_is_not_one(tmp_path: Path, url: str, sa
 @pytest.mark.parametrize("url", ["http://hub.lan:8080", "https://hub.example.com/", "https://example.com/hub"])
 def test_real_public_urls_pass(url: str) -> None:
     assert checked_public_url(url) == url
+
+
+def test_a_database_url_is_shown_without_its_password_but_an_empty_one_stays_empty() -> None:
+    """A hint pasted back must not set the password '***' where the URL had none."""
+    from peftkit.registry.pg_db import redact
+
+    assert redact("postgresql://reg:s3cret@db/reg") == "postgresql://reg:***@db/reg"
+    assert redact("postgresql://postgres:@db/reg") == "postgresql://postgres:@db/reg"
+    assert redact("postgresql://postgres@db/reg") == "postgresql://postgres@db/reg"
+    assert redact("postgresql://db/reg") == "postgresql://db/reg"
