@@ -52,3 +52,14 @@ def test_footer_names_the_url_to_set_as_hf_endpoint(site) -> None:
         footer = page.split('<footer class="bottom">', 1)[1]
         assert "<code>HF_ENDPOINT</code> at <code>http://hub.lan:8080</code>" in footer, path
 
+
+
+def test_metric_values_show_as_the_cards_own_table_shows_them() -> None:
+    """The facts panel showed 0.6819996237754822 beside a card whose table said 0.682."""
+    from peftkit.registry.web.facts import card_metrics
+
+    card = {"model-index": [{"results": [{"dataset": {"name": "sst2"}, "metrics": [
+        {"type": "accuracy", "value": 0.6819996237754822}, {"type": "f1", "value": 91.25125},
+        {"type": "steps", "value": 1200}, {"type": "note", "value": "0.68 on dev"}]}]}]}
+    assert card_metrics(card) == [("accuracy", "0.682", "sst2"), ("f1", "91.25", "sst2"), ("steps", "1200", "sst2"),
+                                  ("note", "0.68 on dev", "sst2")]

@@ -135,7 +135,9 @@ def card_metrics(card: Mapping[str, Any]) -> list[tuple[str, str, str]]:
                 if not isinstance(metric, dict):
                     continue
                 name = _scalar(metric.get("name")) or _scalar(metric.get("type")) or "metric"
-                value = _scalar(metric.get("value"))
+                raw = metric.get("value")
+                # a float as the card's own results table shows it (4 significant digits), not 0.6819996237754822
+                value = f"{raw:.4g}" if isinstance(raw, float) and math.isfinite(raw) else _scalar(raw)
                 if value is not None:
                     out.append((name, value, dataset_name))
                 if len(out) >= MAX_METRICS:
