@@ -117,9 +117,10 @@ def parse_commit(
             if max_files is not None and operations > max_files + 1:  # + the header line
                 raise too_many_files(None, max_files, "the commit")
             try:
-                item = json.loads(raw.decode("utf-8"))
+                item = json.loads(raw)  # from the bytes: no decoded copy of a line that may be a whole file
             except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
                 raise MalformedPayload(f"commit payload line {lineno} is not valid JSON ({exc.__class__.__name__})") from None
+            raw = b""  # the parsed line is all that is kept of it
             if not isinstance(item, dict) or not isinstance(item.get("value"), dict) or "key" not in item:
                 raise MalformedPayload(f"commit payload line {lineno} must be an object {{\"key\": ..., \"value\": {{...}}}}")
             key, value = item["key"], item["value"]
@@ -145,11 +146,13 @@ def parse_commit(
                 encoding = value.get("encoding", "base64")
                 if encoding != "base64":
                     raise MalformedPayload(f"file '{path}': unsupported encoding {encoding!r}; use 'base64'")
-                content = decode_base64(value.get("content"), f"file '{path}'")
+                # popped: while the bytes are decoded and staged, nothing else holds the base64 text
+                content = decode_base64(value.pop("content", None), f"file '{path}'")
                 old = payload.files.pop(path, None)
                 if old is not None:
                     discard(old)
                 payload.files[path] = stage(content)
+                content = b""  # staged: not held while the next line is read
             elif key in ("deletedFile", "deletedFolder"):
                 path = value.get("path")
                 if not isinstance(path, str):
