@@ -16,7 +16,10 @@ freely, since what they add is ``scale * B @ A`` and nothing else:
   zero and add nothing;
 - another scale (alpha / r) is folded into B: the loaded module keeps its own
   scale, a Python float that a compiled graph holds as a constant, and its B
-  holds ``B_new * (scale_new / scale_slot)``.
+  holds ``B_new * (scale_new / scale_slot)``;
+- a folder that adapts only some of the loaded adapter's modules leaves the
+  others' factors zero, so they add nothing (PEFT's ``hotswap_adapter`` does
+  the same); a folder adapting a module the loaded adapter does not is refused.
 
 :func:`prepare_for_hotswap` makes room for higher ranks: it builds the
 adapter's modules anew at the target rank (``Method.config_with_rank``) and
@@ -97,8 +100,10 @@ def hotswap_adapter(model: "AdaptedModel", path: str | Path, name: str) -> "Adap
         _load(incoming, tensors)
     copies = [head_copies]
     for site, layer in model.tuner_layers():
-        if name in layer.adapters:
+        if name in layer.adapters and site in incoming.layers:
             copies.append(_plan(layer.adapters[name], incoming.layers[site], f"at {site}", refused))
+        elif name in layer.adapters:  # a site the folder leaves out: it adds nothing from now on (as PEFT)
+            copies.append(_silence(layer.adapters[name]))
     if incoming.model_adapter is not None:
         copies.append(_plan(model.model_adapter(name), incoming.model_adapter, "in its model-level adapter",
                             refused))
@@ -178,11 +183,14 @@ def _compare_structure(model: "AdaptedModel", record: "AdapterRecord", incoming:
         if head not in record.modules_to_save:
             raise refused(f"the folder trains and saves module {head} whole (modules_to_save) and {name!r} "
                           f"does not")
-    ours = {site: layer.input_sources.get(name) for site, layer in model.tuner_layers() if name in layer.adapters}
+    layers = {site: layer for site, layer in model.tuner_layers() if name in layer.adapters}
+    ours = {site: layer.input_sources.get(name) for site, layer in layers.items()}
     fix = f"hot-swapping needs the same target modules; {LOAD_SEPARATELY}"
     for site in ours:
-        if site not in incoming.sites:
-            raise refused(f"{name!r} adapts {site} and the folder's adapter does not", fix)
+        if site not in incoming.sites and silenced_factors(layers[site].adapters[name]) is None:
+            raise refused(f"{name!r} adapts {site} and the folder's adapter does not, and its module there "
+                          f"({type(layers[site].adapters[name]).__name__}) cannot be set to add nothing: only a "
+                          f"low-rank change (plain LoRA) is zeroed where the folder has no weights", fix)
     for site, source in incoming.sites.items():
         if site not in ours:
             raise refused(f"the folder's adapter adapts {site} and {name!r} does not", fix)
@@ -257,6 +265,25 @@ def _shared_plan(name: str, slot: nn.Module | None, new: nn.Module | None,
     def copy() -> None:
         for key, tensor in ours.items():
             tensor.copy_(theirs[key])
+    return copy
+
+
+def silenced_factors(adapter: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The live (A, B) of a module whose change is exactly ``scale * B @ A`` (LoRA on a linear, embedding
+    or convolution layer, not DoRA), which zeros make add nothing; None for any other module."""
+    get = getattr(adapter, "weight_factors", None) or getattr(adapter, "low_rank", None)
+    factors = get() if get is not None else None
+    return None if factors is None else (factors[0], factors[1])
+
+
+def _silence(adapter: nn.Module) -> Callable[[], None]:
+    """The copy for a site the folder's adapter does not adapt: zero the loaded factors in place."""
+    factors = silenced_factors(adapter)
+    assert factors is not None  # _compare_structure refused every other module
+
+    def copy() -> None:
+        for tensor in factors:
+            tensor.zero_()
     return copy
 
 

@@ -220,7 +220,7 @@ def test_compiled_model_swaps_adapters_of_other_ranks_and_alphas_without_recompi
 REFUSALS = [
     ("lora[r=4]", "ia3", r"the folder holds a 'ia3' adapter and 'default' is a 'lora' adapter"),
     ('lora[r=4,target_modules=["q_proj","v_proj"]]', 'lora[r=4,target_modules=["q_proj","k_proj"]]',
-     r"'default' adapts model\.layers\.0\.self_attn\.v_proj and the folder's adapter does not.*same target"),
+     r"the folder's adapter adapts model\.layers\.0\.self_attn\.k_proj and 'default' does not.*same target"),
     ("lora[r=2]", "lora[r=4]", r"rank 4 and the loaded one only 2.*prepare_for_hotswap\(target_rank=4\)"),
     ("lora[r=4]", "lora[r=4,use_dora=true]", r"setting use_dora is True in the folder and False"),
     ("lora[r=4,use_dora=true]", "lora[r=2,use_dora=true]", r"setting r is 2 in the folder and 4"),
