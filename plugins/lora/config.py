@@ -70,6 +70,9 @@ class LoraConfig(AdapterConfig):
     target_parameters: Union[list[str], None] = option(
         None, help='nn.Parameters to adapt, e.g. MoE experts: ["experts.gate_up_proj", "experts.down_proj"] '
                    '(full names or dotted suffixes; PEFT\'s target_parameters)')
+    layers_pattern: Union[list[str], str, None] = option(
+        None, help='PEFT\'s layers_pattern: with layers_to_transform, a module\'s layer index is the first number '
+                   'after ".<pattern>." in its name (e.g. "layers", "h"); null: the architecture\'s layer numbering')
 
     def check(self) -> None:
         if self.r <= 0:
@@ -98,6 +101,7 @@ class LoraConfig(AdapterConfig):
         if self.target_parameters is not None and not all(self.target_parameters):
             raise ConfigError(f"lora config: target_parameters={self.target_parameters!r} holds an empty name; "
                               f"name parameters, e.g. [\"experts.gate_up_proj\", \"experts.down_proj\"]")
+        self._check_layers_pattern()
         for key, rank in self.rank_pattern.items():
             if rank <= 0:
                 raise ConfigError(f"lora config: rank_pattern[{key!r}]={rank} must be positive")
@@ -109,3 +113,15 @@ class LoraConfig(AdapterConfig):
                     raise ConfigError(f"lora config: {field_name} key {key!r} is not a valid regular expression "
                                       f"({exc}); keys are module names or regexes matched at the end of module "
                                       f"names, e.g. {{\"q_proj\": 16}}") from None
+
+    def _check_layers_pattern(self) -> None:
+        if not self.layers_pattern:  # None, [] or "": the architecture's layer numbering (PEFT: any pattern)
+            return
+        patterns = [self.layers_pattern] if isinstance(self.layers_pattern, str) else self.layers_pattern
+        if not all(patterns):
+            raise ConfigError(f"lora config: layers_pattern={self.layers_pattern!r} holds an empty name; give "
+                              f"the names of the model's lists of layers, e.g. [\"layers\"], or leave it null")
+        if self.layers_to_transform is None:
+            raise ConfigError(f"lora config: layers_pattern={self.layers_pattern!r} says where layer indices "
+                              f"are, and layers_to_transform which to adapt: set layers_to_transform too (as in "
+                              f"PEFT), or leave layers_pattern null")

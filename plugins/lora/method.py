@@ -20,10 +20,11 @@ _FROM_PEFT = {"r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "use_r
               "use_dora": "use_dora", "init_lora_weights": "init_weights", "rank_pattern": "rank_pattern",
               "alpha_pattern": "alpha_pattern", "target_modules": "target_modules",
               "exclude_modules": "exclude_modules", "layers_to_transform": "layers_to_transform",
-              "modules_to_save": "modules_to_save", "target_parameters": "target_parameters"}
+              "modules_to_save": "modules_to_save", "target_parameters": "target_parameters",
+              "layers_pattern": "layers_pattern"}
 #: PEFT fields we read but that need no setting of ours, or that must keep their default.
 _PEFT_DEFAULTS: dict[str, Any] = {"bias": "none", "lora_bias": False, "use_qalora": False,
-                                  "layer_replication": None, "layers_pattern": None, "loftq_config": {},
+                                  "layer_replication": None, "loftq_config": {},
                                   "trainable_token_indices": None}
 _PEFT_IGNORED = {"fan_in_fan_out", "megatron_core", "megatron_config", "qalora_group_size", "peft_type",
                  "ensure_weight_tying"}
@@ -68,6 +69,8 @@ class LoraMethod(Method):
         from peftkit.plugin_api import adaptable_targets, is_conv, is_embedding, is_linear_like
 
         assert isinstance(config, LoraConfig)
+        if config.layers_pattern:  # None, [] and "" (PEFT: any layer pattern) take the architecture's numbering
+            return _in_pattern_layers(model, config, arch, self.sites)
         if config.target_parameters:
             return self._module_and_parameter_sites(model, config, arch)
         names = adaptable_targets(model, config, arch, self.name, label="LoRA", kinds=_ADAPTED,
@@ -181,7 +184,7 @@ class LoraMethod(Method):
         # PEFT has no gates: use_gating is written only when set, under a type PEFT does not have.
         gating = {"use_gating": True} if config.use_gating else {}
         return write_peft_fields(self.peft_type_of(config) or GATED_TYPE, ours, _FROM_PEFT, bias="none",
-                                 fan_in_fan_out=False, layers_pattern=None, eva_config=eva, **gating)
+                                 fan_in_fan_out=False, eva_config=eva, **gating)
 
     def config_from_file(self, data: dict[str, Any]) -> AdapterConfig:
         data = dict(data)
@@ -198,6 +201,34 @@ class LoraMethod(Method):
         if init not in (True, False, "gaussian", "eva") and not is_residual_init(init):
             values["init_weights"] = True  # PEFT's other init schemes only matter before training
         return LoraConfig.from_dict(values)
+
+
+def _in_pattern_layers(model: "nn.Module", config: LoraConfig, arch: Any, sites_of: Any) -> list[Site]:
+    """The sites of ``config`` whose layer index, read as PEFT reads it with ``layers_pattern`` (the first number
+    after ".<pattern>."), is in ``layers_to_transform``."""
+    import re
+
+    from peftkit.plugin_api import TargetError
+
+    every = config.replace(layers_pattern=None, layers_to_transform=None)
+    found = sites_of(model, every, arch)
+    config.target_modules = every.target_modules  # the architecture's defaults, when it named none
+    patterns = [config.layers_pattern] if isinstance(config.layers_pattern, str) else list(config.layers_pattern)
+    keep = config.layers_to_transform
+    keep = [keep] if isinstance(keep, int) else keep
+
+    def index(name: str) -> int | None:
+        for pattern in patterns:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(\d+)\.", name)
+            if match:
+                return int(match.group(1))
+        return None
+    kept = [site for site in found if index(site.name) in keep]
+    if not kept:
+        raise TargetError(f"lora: no targeted module is in layers {keep} under layers_pattern="
+                          f"{config.layers_pattern!r} (the number after '.<pattern>.' in a module's name); targeted "
+                          f"modules: {', '.join(s.name for s in found[:6])}{' ...' if len(found) > 6 else ''}")
+    return kept
 
 
 def _gated_adapter(site: str, base: "nn.Module", r: int, scale: float, config: LoraConfig) -> "nn.Module":
