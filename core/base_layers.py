@@ -141,8 +141,14 @@ def unpack_for_training(model: nn.Module) -> int:
     for module in layers:
         weight = module.weight
         weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+        state = weight.quant_state
+        if not getattr(state, "original_nested", True) and state.absmax.dim() == 2:
+            # bitsandbytes 0.50 restores the scales' layout for double-quantized weights only: without double
+            # quantization (transformers' default) they stayed (blocks, out) in bfloat16 and were read as if
+            # flat, so every weight was dequantized with another block's scale
+            state.absmax = state.absmax.T.reshape(-1).to(torch.float32).contiguous()
         if getattr(module, "quant_state", None) is not None:
-            module.quant_state = weight.quant_state
+            module.quant_state = state
     return len(layers)
 
 

@@ -36,8 +36,10 @@ def _llama() -> torch.nn.Module:
                                         max_position_embeddings=128, pad_token_id=0))
 
 
-def _quantized(bits: int = 4, where: str = "layers") -> tuple[torch.nn.Module, torch.nn.Module]:
-    """A tiny Llama whose linear layers under ``where`` are bitsandbytes layers, and its float twin."""
+def _quantized(bits: int = 4, where: str = "layers",
+               double_quant: bool = True) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """A tiny Llama whose linear layers under ``where`` are bitsandbytes layers, and its float twin;
+    ``double_quant``: 4-bit scales quantized again (bitsandbytes' default; transformers' is off)."""
     import bitsandbytes.functional as BF
 
     model = _llama()
@@ -48,7 +50,8 @@ def _quantized(bits: int = 4, where: str = "layers") -> tuple[torch.nn.Module, t
                 continue
             if bits == 4:
                 layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                          compute_dtype=torch.float32, quant_type="nf4")
+                                          compute_dtype=torch.float32, quant_type="nf4",
+                                          compress_statistics=double_quant)
             else:
                 layer = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=child.bias is not None,
                                             has_fp16_weights=False)
@@ -232,13 +235,15 @@ def test_train_quantize_4bit_is_qlora_in_one_command(tmp_path: Path, capsys: pyt
         peftkit.train(str(folder), "lora", data, task="causal-lm", out=tmp_path / "o3", quantize="3bit")
 
 
-def test_training_after_an_evaluation_gets_the_same_gradients() -> None:
+@pytest.mark.parametrize("double_quant", [True, False], ids=["double-quant", "single-quant"])
+def test_training_after_an_evaluation_gets_the_same_gradients(double_quant: bool) -> None:
     """bitsandbytes repacks 4-bit weights for its CPU inference kernel (no backward) in eval mode; an
     AdaptedModel put back in training mode undoes that, so gradients through the layers stay right.
-    (The repacking rounds the quantization scales to bfloat16 once, hence the tolerance.)"""
+    (The repacking rounds the quantization scales to bfloat16 once, hence the tolerance.) Without double
+    quantization (transformers' default) bitsandbytes' own undoing left the scales in the packed layout."""
     from peftkit.core.base_layers import packed_for_cpu_inference
 
-    quantized, _ = _quantized(4)
+    quantized, _ = _quantized(4, double_quant=double_quant)
     model = peftkit.adapt(quantized, "lora[r=4,target_modules=all-linear]")
     randomize(model, seed=6)
     inputs = sample_inputs("llama")
