@@ -157,11 +157,13 @@ class CompositionMixin:
                              svd_clamp: float | None = None, svd_full_matrices: bool = True,
                              svd_driver: str | None = None, density: float | None = None,
                              majority_sign_method: str = "total",
-                             modules_to_save: str | None = None) -> "AdapterRecord":
+                             modules_to_save: str | None = None, seed: int | None = 0) -> "AdapterRecord":
         """PEFT's spelling of :meth:`merge_adapters` (same results where PEFT is exact;
         docs/composition.md lists where PEFT's own results differ and why). ``modules_to_save`` is
         peftkit's addition (PEFT refuses adapters that each keep a copy of one module, such as
-        classifiers' heads): ``"average"`` or the name of the adapter whose copy the new one keeps."""
+        classifiers' heads): ``"average"`` or the name of the adapter whose copy the new one keeps.
+        ``seed`` seeds DARE's random drops (the same merge each time); None draws them from torch's
+        global generator, as PEFT does."""
         from .errors import MergeError
 
         if svd_clamp is not None:
@@ -169,7 +171,7 @@ class CompositionMixin:
                              "arbitrarily; leave it at None")
         return self.merge_adapters(adapters, weights, adapter_name, combination_type, rank=svd_rank,
                                    density=density, majority_sign_method=majority_sign_method,
-                                   modules_to_save=modules_to_save)
+                                   modules_to_save=modules_to_save, seed=seed)
 
     # -- parallel ----------------------------------------------------------------------------------
 

@@ -192,11 +192,13 @@ class AdaptedModel(CompositionMixin, nn.Module):
             raise AdapterError(f"no adapter named {name!r}; adapters on this model: "
                                f"{', '.join(self._records) or 'none'}") from None
 
-    def add_adapter(self, name: str, spec: str | AdapterConfig | None = None, *,
-                    config: str | AdapterConfig | None = None, default_head: bool = True) -> AdapterRecord:
+    def add_adapter(self, name: str | None = None, spec: str | AdapterConfig | None = None, *,
+                    config: str | AdapterConfig | None = None, default_head: bool = True,
+                    adapter_name: str | None = None, peft_config: Any = None) -> AdapterRecord:
         """Inject a new adapter. ``spec`` is a shorthand (``"lora[r=8]"``), a config (default ``"lora"``) or a
         Hugging Face PEFT config object (``peft.LoraConfig(r=8)``, read as the folder PEFT would save for it);
-        ``config=`` is AdapterHub's name for it (``add_adapter("a", config="seq_bn")``).
+        ``config=`` is AdapterHub's name for it (``add_adapter("a", config="seq_bn")``), and ``adapter_name=``
+        and ``peft_config=`` are PEFT's names for ``name`` and ``spec``.
 
         The new adapter is neither active nor trainable until set_active() /
         train_adapter(). On any error the model is left as it was.
@@ -205,15 +207,24 @@ class AdaptedModel(CompositionMixin, nn.Module):
         the file says what was saved).
         """
         from . import peft_objects  # reads PEFT's format (serialization): loaded when an adapter is first added
+        if adapter_name is not None:
+            if name is not None and name != adapter_name:
+                raise AdapterError(f"add_adapter() got name {name!r} and adapter_name={adapter_name!r}; pass the "
+                                   f"name once (adapter_name is PEFT's name for it)")
+            name = adapter_name
+        if name is None:
+            raise AdapterError("add_adapter() needs the new adapter's name: add_adapter(name, spec)")
         if isinstance(spec, str) and (isinstance(name, AdapterConfig) or peft_objects.is_peft_config(name)):
             raise AdapterError(f"add_adapter() takes the adapter's name first, then its method: "
                                f"add_adapter({spec!r}, {type(name).__name__}(...)) (transformers' own add_adapter "
                                f"takes the config first)")
         self.check_adapter_name(name)
-        if spec is not None and config is not None:
-            raise AdapterError(f"add_adapter({name!r}) got both spec and config=; pass the method once "
-                               f"(config= is AdapterHub's name for spec)")
-        chosen = next((s for s in (spec, config) if s is not None), "lora")
+        given = [label for label, value in (("spec", spec), ("config=", config), ("peft_config=", peft_config))
+                 if value is not None]
+        if len(given) > 1:
+            raise AdapterError(f"add_adapter({name!r}) got {' and '.join(given)}; pass the method once "
+                               f"(config= is AdapterHub's name for spec, peft_config= PEFT's)")
+        chosen = next((s for s in (spec, config, peft_config) if s is not None), "lora")
         method, parsed = peft_objects.method_and_config(chosen) if peft_objects.is_peft_config(chosen) \
             else parse_spec(chosen)
         parsed = parsed.replace()  # our own copy: defaults get filled in below

@@ -299,3 +299,24 @@ def test_strategies_come_from_the_plugin_hook():
     da, db = deltas(merged, "a"), deltas(merged, "b")
     assert calls and all(c == 2 for c in calls)
     assert_close_deltas(deltas(merged, "h"), {k: (da[k] + db[k]) / 2 for k in da}, atol=1e-5)
+
+
+def test_add_weighted_adapter_takes_the_seed_of_dares_drops():
+    """PEFT's spelling passes seed= on: a fixed seed gives the same merge, another seed another one, and None
+    draws from torch's global generator (as PEFT does)."""
+    model = _model()
+    for name, seed in (("w1", 5), ("w2", 5), ("w3", 6)):
+        model.add_weighted_adapter(["a", "b"], [1.0, 1.0], name, combination_type="dare_linear_svd", density=0.5,
+                                   seed=seed)
+    model.merge_adapters(["a", "b"], [1.0, 1.0], name="m5", strategy="dare_linear", density=0.5, seed=5)
+    w1, w2, w3, m5 = (deltas(model, n) for n in ("w1", "w2", "w3", "m5"))
+    assert all(torch.equal(w1[k], w2[k]) for k in w1) and any(not torch.allclose(w1[k], w3[k]) for k in w1)
+    assert all(torch.allclose(w1[k], m5[k], atol=1e-5) for k in w1)
+    merged = {}
+    for name in ("g1", "g2"):
+        torch.manual_seed(11)
+        model.add_weighted_adapter(["a", "b"], [1.0, 1.0], name, combination_type="dare_linear_svd", density=0.5,
+                                   seed=None)
+        merged[name] = deltas(model, name)
+    assert all(torch.equal(merged["g1"][k], merged["g2"][k]) for k in merged["g1"])
+    assert any(not torch.allclose(merged["g1"][k], w1[k]) for k in w1)

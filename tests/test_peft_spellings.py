@@ -42,7 +42,7 @@ def test_adapterhubs_config_keyword_names_the_method() -> None:
     model = peftkit.AdaptedModel(build_tiny("llama"))
     model.add_adapter("a", config="ia3")
     assert model.adapter_record("a").method.name == "ia3"
-    with pytest.raises(AdapterError, match=r"got both spec and config=; pass the method once"):
+    with pytest.raises(AdapterError, match=r"got spec and config=; pass the method once"):
         model.add_adapter("b", "lora", config="ia3")
     for config in (peftkit.LoraConfig(r=4), peft.LoraConfig(r=4)):  # transformers' order: config, then name
         with pytest.raises(AdapterError, match=r"takes the adapter's name first, then its method: "
@@ -139,3 +139,17 @@ def test_adapterhubs_model_methods_point_at_peftkits_way(name, says) -> None:
     model = peftkit.adapt(build_tiny("llama"), "lora[r=2]")
     with pytest.raises(AttributeError, match=rf"no '{name}' \(the PEFT / AdapterHub name\); use .*{says}"):
         getattr(model, name)
+
+
+def test_peft_keyword_names_of_add_adapter() -> None:
+    """PEFT's add_adapter(adapter_name=..., peft_config=...) raised a bare TypeError."""
+    model = peftkit.AdaptedModel(build_tiny("llama"))
+    model.add_adapter(adapter_name="c", peft_config=peft.LoraConfig(r=4, lora_alpha=8))
+    assert model.adapter_record("c").config.r == 4 and model.adapter_record("c").config.alpha == 8
+    with pytest.raises(AdapterError, match=r"got spec and peft_config=; pass the method once"):
+        model.add_adapter("d", "ia3", peft_config=peft.LoraConfig(r=4))
+    with pytest.raises(AdapterError, match=r"got name 'd' and adapter_name='e'; pass the name once"):
+        model.add_adapter("d", adapter_name="e")
+    with pytest.raises(AdapterError, match=r"needs the new adapter's name"):
+        model.add_adapter(spec="lora")
+    assert list(model.adapters) == ["c"]
