@@ -93,3 +93,9 @@ def test_every_builtin_method_has_a_page():
     for method in list_methods():
         if method["distribution"] == "peftkit":
             find_topic(method["name"])
+
+
+def test_a_builtin_methods_description_names_its_page():
+    shown = cli("methods", "seq_bn")
+    assert shown.exit_code == 0 and "docs: `peftkit docs seq_bn`" in shown.stdout
+    assert cli("docs", "seq_bn", "--path").stdout.strip().endswith("methods/bottleneck.md")
