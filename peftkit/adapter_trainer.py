@@ -125,6 +125,16 @@ class AdapterTrainer(Trainer):
                 before_wrapping(train_dataloader)
         return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
 
+    def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
+        """Nothing to train once the run's last step is done. transformers 5 resumes from a checkpoint of
+        the last step that is not at an epoch's end (``max_steps``, fractional epochs) by running one step
+        past ``max_steps``: the adapter changes (unless the schedule's rate has reached 0), ``global_step``
+        says max_steps + 1 and a ``checkpoint-<max_steps + 1>`` is written. Stop before it instead."""
+        if 0 < self.state.max_steps <= self.state.global_step:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
+
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
         """The Trainer's loss plus the training adapters' loss terms (a method's regularizer,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-from typing import Any
+from typing import Any, Iterator
 
 import click
 
@@ -122,8 +122,13 @@ def train_command(model: str, method: str, data: str, eval_data: str | None, tas
 
     # With --json, stdout carries the JSON alone: the Trainer's log lines go to stderr with the progress bar.
     to_stderr = contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
-    with to_stderr, plain_warnings(show_all=False):
-        result = train(model, method, data, task=task, out=out, eval_data=eval_data, **options)
+    try:
+        with to_stderr, plain_warnings(show_all=False), _terminate_as_interrupt():
+            result = train(model, method, data, task=task, out=out, eval_data=eval_data, **options)
+    except (KeyboardInterrupt, _Terminated) as exc:
+        if is_main_process():
+            click.echo(f"\nError: {_interrupted_message(out, options['checkpoint_dir'])}", err=True)
+        raise click.exceptions.Exit(143 if isinstance(exc, _Terminated) else 130) from None
     main_process = is_main_process()
     _end_distributed_run()
     if not main_process:
@@ -140,9 +145,49 @@ def train_command(model: str, method: str, data: str, eval_data: str | None, tas
         return
     shown = {k: v for k, v in result.metrics.items() if k in _RESULT_KEYS}
     steps = f"{result.global_step} step" + ("" if result.global_step == 1 else "s")
-    click.echo(f"trained {steps}; " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+    summary = ", ".join(f"{k} {v:.4g}" for k, v in shown.items())
+    click.echo(f"trained {steps}" + (f"; {summary}" if summary else ""))
     for line in where:
         click.echo(line)
+
+
+class _Terminated(BaseException):
+    """SIGTERM (a job scheduler's stop, ``kill``) while training: reported like Ctrl-C."""
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises :class:`_Terminated` while the run lasts, so it ends with the same report as Ctrl-C
+    instead of silently."""
+    import signal
+
+    def terminated(_signum: int, _frame: Any) -> None:
+        raise _Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, terminated)
+        installed = True
+    except ValueError:  # not the main thread (click called from a thread): leave SIGTERM alone
+        previous, installed = None, False
+    try:
+        yield
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupted_message(out: str, checkpoint_dir: str | None) -> str:
+    """What an interrupted run left and how to go on: the newest complete checkpoint and --resume."""
+    from peftkit.training_plan import checkpoint_folder, latest_checkpoint
+
+    folder = checkpoint_folder(out, checkpoint_dir)
+    newest = latest_checkpoint(folder)
+    if newest is None:
+        again = "again with --overwrite" if folder.is_dir() and any(folder.iterdir()) else "again"
+        return (f"interrupted before a checkpoint was complete in {folder} (one is written every --save-steps "
+                f"steps); nothing to resume: run the command {again} to start over")
+    return (f"interrupted; the newest complete checkpoint is {newest}: run the same command with --resume "
+            f"to continue from it")
 
 
 def _end_distributed_run() -> None:

@@ -13,6 +13,7 @@ import difflib
 import json
 import os
 import re
+import shlex
 import shutil
 import sys
 import warnings
@@ -87,6 +88,7 @@ class TrainOptions:
     base_model: str | None = None
 
     def check(self) -> None:
+        self._check_number_types()
         positive = {"max_length": self.max_length, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
                     "logging_steps": self.logging_steps}
         for name, value in positive.items():
@@ -120,6 +122,19 @@ class TrainOptions:
             if importlib.util.find_spec("bitsandbytes") is None:
                 raise PeftkitError(f"quantize={self.quantize!r} loads the base model with bitsandbytes, which is not "
                                    f"installed: pip install bitsandbytes")
+
+    def _check_number_types(self) -> None:
+        """Numbers given as strings (read from a config file) fail here naming the option, not as a
+        TypeError from a comparison."""
+        numbers = ("epochs", "lr", "warmup_steps", "weight_decay", "lora_plus_ratio")
+        whole = ("max_length", "max_steps", "batch_size", "eval_batch_size", "grad_accum", "seed", "eval_steps",
+                 "logging_steps", "save_steps", "save_total_limit")
+        for name in numbers + whole:
+            value = getattr(self, name)
+            kinds = (int,) if name in whole else (int, float)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
+                kind = "a whole number" if name in whole else "a number"
+                raise PeftkitError(f"{name} must be {kind}, not {type(value).__name__} {value!r}")
 
     def fields(self) -> Fields:
         return Fields(text=self.text_field, text_pair=self.text_pair_field, label=self.label_field,
@@ -223,7 +238,10 @@ def make_plan(model: Any, method: str | AdapterConfig, data: Any, eval_data: Any
                            f"a model object is used as it is (quantize it when you load it)")
     method_obj, config = parse_spec(method)
     _check_fsdp(opts, config)
-    checkpoint_dir = Path(opts.checkpoint_dir) if opts.checkpoint_dir else out / "checkpoints"
+    checkpoint_dir = checkpoint_folder(out, opts.checkpoint_dir)
+    if opts.resume and opts.overwrite:
+        raise PeftkitError("--resume continues the run in the output folder and --overwrite starts it over; "
+                           "give one of them")
     resume_from = _resolve_resume(opts.resume, checkpoint_dir)
     if resume_from is None:
         _check_output_dir(out, checkpoint_dir, opts.overwrite)
@@ -311,8 +329,11 @@ def _check_base_model(model: Any, opts: TrainOptions) -> None:
     before training rather than at the push, when it would be only a local folder or nothing."""
     recorded = recorded_base_model(model, opts)
     if opts.base_model and recorded != opts.base_model:
+        no_folder = isinstance(model, (str, os.PathLike)) and not Path(model).exists()
         raise PeftkitError(f"base_model {opts.base_model!r} differs from the hub id being trained ({recorded!r}); "
-                           f"drop --base-model: a hub id is recorded as it is")
+                           f"drop --base-model: a hub id is recorded as it is"
+                           + (f". If {recorded!r} is meant to be a model folder, there is no folder at that path "
+                              f"(check it)" if no_folder else ""))
     if not is_main_process() or (recorded and not looks_local(recorded)):
         return
     what = f"the local folder {recorded!r}" if recorded else "no base model"
@@ -335,8 +356,10 @@ def push_adapter(out: Path, opts: TrainOptions, task_tag: str, dataset: str | No
             result = push(out, opts.push, hub=opts.hub, private=opts.private, task=task_tag, dataset=dataset,
                           metrics=metrics, base_model=opts.base_model, progress=not opts.quiet)
     except PeftkitError as exc:
+        again = shlex.join(["peftkit", "hub", "push", str(out), opts.push]
+                           + (["--hub", opts.hub] if opts.hub else []) + (["--private"] if opts.private else []))
         raise PeftkitError(f"the adapter is trained and saved in {out}, but pushing it to {opts.push} failed: "
-                           f"{exc}") from None
+                           f"{exc}. Once that is fixed, publish it without training again: {again}") from None
     return result.to_json()
 
 
@@ -360,22 +383,32 @@ def _resolve_resume(resume: str | bool | None, checkpoint_dir: Path) -> Path | N
     if resume is None or resume is False:
         return None
     if resume is True or resume == "latest":
-        found = _latest_checkpoint(checkpoint_dir)
+        found = latest_checkpoint(checkpoint_dir)
         if found is None:
             raise PeftkitError(f"nothing to resume: no {CHECKPOINT_PREFIX}N folder in {checkpoint_dir}; "
                                f"name one with --resume DIR, or start without --resume")
         return found
     path = Path(resume)
     if not (path / "trainer_state.json").is_file() or not (path / TRAINABLE_STATE_FILE).is_file():
-        latest = _latest_checkpoint(path) if path.is_dir() else None
+        latest = latest_checkpoint(path) if path.is_dir() else None
         if latest is not None:
             return latest  # a checkpoints folder: take its newest checkpoint
+        if not path.exists():
+            raise PeftkitError(f"--resume {str(path)!r}: no such folder; give a {CHECKPOINT_PREFIX}N folder, or "
+                               f"--resume alone for the newest checkpoint in {checkpoint_dir}")
         raise PeftkitError(f"{str(path)!r} is not a peftkit training checkpoint (it needs trainer_state.json and "
                            f"{TRAINABLE_STATE_FILE}); give a {CHECKPOINT_PREFIX}N folder written by peftkit train")
     return path
 
 
-def _latest_checkpoint(folder: Path) -> Path | None:
+def checkpoint_folder(out: str | os.PathLike, checkpoint_dir: str | os.PathLike | None) -> Path:
+    """Where a run's checkpoints go: ``checkpoint_dir``, else ``OUT/checkpoints``."""
+    return Path(checkpoint_dir) if checkpoint_dir else Path(out) / "checkpoints"
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The newest complete ``checkpoint-N`` in ``folder`` (one a run wrote to the end: a run stopped while
+    writing one leaves it without ``trainer_state.json``, which the Trainer writes last), or None."""
     if not folder.is_dir():
         return None
     steps = []
@@ -393,7 +426,7 @@ def _check_output_dir(out: Path, checkpoint_dir: Path, overwrite: bool) -> None:
         raise PeftkitError(f"--out {str(out)!r} is a file; give a folder")
     leftovers = [p for p in out.iterdir() if not (p == checkpoint_dir and not any(p.iterdir()))] \
         if out.is_dir() else []
-    used = bool(leftovers) or _latest_checkpoint(checkpoint_dir) is not None
+    used = bool(leftovers) or latest_checkpoint(checkpoint_dir) is not None
     if not used:
         return
     if not overwrite:

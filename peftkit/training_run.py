@@ -94,9 +94,16 @@ def _run(plan: TrainPlan, tokenizer: Any, callbacks: list[TrainerCallback]) -> T
     if plan.resume_from is not None:
         say(f"resuming from {plan.resume_from}")
 
+    # Read before training: the checkpoint may be rotated away (--save-total-limit) while the run goes on.
+    resumed_step = _checkpoint_step(plan.resume_from) if plan.resume_from is not None else None
     output = trainer.train(resume_from_checkpoint=str(plan.resume_from) if plan.resume_from else None)
     eval_metrics = _final_evaluation(trainer, task) if eval_set is not None else {}
     train_metrics = {k: v for k, v in output.metrics.items() if _is_number(v)}
+    if resumed_step is not None and output.global_step <= resumed_step:
+        # The checkpoint is the run's last step: the Trainer's train_loss of no steps would read 0.
+        train_metrics.pop("train_loss", None)
+        say(f"nothing left to train: {plan.resume_from} is the run's last step ({output.global_step}); "
+            f"its adapter is the result")
     metrics = _card_metrics(train_metrics, eval_metrics)
     result = TrainResult(
         output_dir=str(plan.out), task=task, method=plan.method.name, metrics=metrics,
@@ -331,6 +338,8 @@ def _training_arguments(opts: TrainOptions, checkpoint_dir: Path, task: str, has
         use_cpu=opts.cpu or not _has_accelerator(),
         report_to=[name.strip() for name in opts.report_to.split(",") if name.strip()] or "none",
         log_level="error" if opts.quiet else "passive",
+        # The other processes' transformers warnings repeat the main one's (and would break --quiet).
+        log_level_replica="error",
     )
     checkpointing = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
     kwargs[checkpointing] = opts.gradient_checkpointing
@@ -354,6 +363,11 @@ def _has_accelerator() -> bool:
         return True
     xpu, mps = getattr(torch, "xpu", None), getattr(torch.backends, "mps", None)
     return bool((xpu is not None and xpu.is_available()) or (mps is not None and mps.is_available()))
+
+
+def _checkpoint_step(checkpoint: Path) -> int:
+    """The optimizer step a checkpoint was written at (its ``trainer_state.json``)."""
+    return int(json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8")).get("global_step", 0))
 
 
 def _final_evaluation(trainer: AdapterTrainer, task: str) -> dict[str, float]:
