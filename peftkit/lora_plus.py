@@ -60,8 +60,9 @@ def lora_plus_optimizer(model: "nn.Module", *, lr: float, ratio: float, weight_d
 
     groups = lora_plus_groups(model, lr=lr, ratio=ratio, weight_decay=weight_decay, embedding_lr=embedding_lr)
     if not any("lora_B" in name for group in groups for name in group["names"]):
-        raise ConfigError("LoRA+: the model has no trainable LoRA factors (lora_B); it applies to LoRA "
-                          "adapters, e.g. peftkit.adapt(model, 'lora[r=8]')")
+        raise ConfigError("LoRA+ (lora_plus_ratio, --lora-plus-ratio) trains LoRA's B factors faster, and the model "
+                          "has no trainable LoRA factors (lora_B): train a LoRA adapter (method 'lora[r=8]') or "
+                          "leave LoRA+ out")
     for group in groups:
         del group["names"]
     return (optimizer_class or torch.optim.AdamW)(groups, lr=lr, **optimizer_options)

@@ -123,6 +123,21 @@ class TrainOptions:
                 raise PeftkitError(f"quantize={self.quantize!r} loads the base model with bitsandbytes, which is not "
                                    f"installed: pip install bitsandbytes")
 
+    def check_scheduler(self) -> None:
+        """An unknown lr_scheduler fails naming the option and the close names, before the model loads (not
+        after it, in transformers' words). Not part of check(): transformers' list imports torch, and bad
+        options and data are refused without it."""
+        import difflib
+
+        from transformers.trainer_utils import SchedulerType
+
+        names = [kind.value for kind in SchedulerType]
+        if self.lr_scheduler not in names:
+            close = difflib.get_close_matches(str(self.lr_scheduler), names, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise PeftkitError(f"lr_scheduler (--lr-scheduler) {self.lr_scheduler!r} is not one of transformers' "
+                               f"schedulers; {hint}choose one of {', '.join(names)}")
+
     def _check_number_types(self) -> None:
         """Numbers given as strings (read from a config file) fail here naming the option, not as a
         TypeError from a comparison."""

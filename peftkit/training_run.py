@@ -43,6 +43,7 @@ def _run(plan: TrainPlan, tokenizer: Any, callbacks: list[TrainerCallback]) -> T
     from peftkit.api import adapt
 
     opts, task, labels = plan.opts, plan.task, plan.labels
+    opts.check_scheduler()
     say = _Reporter(opts.quiet or not is_main_process())  # the Trainer confirms the rank below
     set_seed(opts.seed)  # before the model: a new task head and the adapter start the same in every run
     tok = _load_tokenizer(tokenizer, plan.model, task)

@@ -62,8 +62,9 @@ def test_refuses_bad_ratio_and_models_without_lora():
         peftkit.lora_plus_optimizer(model, lr=1e-3, ratio=0)
     ia3 = peftkit.adapt(build_tiny("llama"), "ia3")
     ia3.train_adapter("default")
-    with pytest.raises(ConfigError, match="LoRA factors"):
-        peftkit.lora_plus_optimizer(ia3, lr=1e-3, ratio=4)
+    with pytest.raises(ConfigError, match=r"LoRA\+ \(lora_plus_ratio, --lora-plus-ratio\) trains LoRA's B factors "
+                                          r"faster, and the model has no trainable LoRA factors .*leave LoRA\+ out"):
+        peftkit.lora_plus_optimizer(ia3, lr=1e-3, ratio=4)  # says so to a Python and a CLI user alike
 
 
 def test_train_option_gives_the_trainer_the_lora_plus_groups(tmp_path):

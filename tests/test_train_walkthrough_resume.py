@@ -164,3 +164,21 @@ def test_a_push_failing_after_training_says_how_to_publish_without_training_agai
         push_adapter(tmp_path / "my out", opts, "text-classification", None, {})
     assert str(caught.value).endswith("publish it without training again: peftkit hub push "
                                       f"'{tmp_path / 'my out'}' alice/sentiment --hub http://127.0.0.1:9 --private")
+
+
+def test_an_unknown_lr_scheduler_is_refused_before_the_model_loads(tmp_path, setup, monkeypatch, capsys):
+    """'cosinus' failed only after the model and data were loaded and encoded, in transformers' words."""
+    import transformers
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the scheduler was checked")
+
+    monkeypatch.setattr(transformers.AutoModelForSequenceClassification, "from_pretrained", must_not_load)
+    model, data = setup
+    args = _run_args(model, data, tmp_path / "out")
+    args[args.index("constant")] = "cosinus"
+    assert run(args) == 1
+    assert ("lr_scheduler (--lr-scheduler) 'cosinus' is not one of transformers' schedulers; did you mean 'cosine'? "
+            "choose one of linear, cosine") in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    TrainOptions(lr_scheduler="cosine_with_restarts").check_scheduler()
