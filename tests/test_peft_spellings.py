@@ -26,7 +26,8 @@ def test_a_peft_config_object_is_the_adapter_peft_would_make(tmp_path: Path) -> 
     ours.save_adapter(str(tmp_path / "a"))
     theirs = peft.PeftModel.from_pretrained(build_tiny("llama"), str(tmp_path / "a")).eval()
     assert theirs.peft_config["default"].r == 4
-    assert torch.equal(output_of(ours.eval(), "llama"), output_of(theirs, "llama"))
+    # the same numbers up to float rounding (their products run in another order, which CPU BLAS may round apart)
+    torch.testing.assert_close(output_of(ours.eval(), "llama"), output_of(theirs, "llama"), atol=1e-6, rtol=0)
     ia3 = peftkit.adapt(build_tiny("llama"), peft.IA3Config(target_modules=["k_proj", "down_proj"],
                                                             feedforward_modules=["down_proj"]))
     assert ia3.adapters["default"].feedforward_modules == ["down_proj"]
