@@ -4,7 +4,17 @@ from __future__ import annotations
 
 
 class PeftkitError(Exception):
-    """Base class of every error peftkit raises on purpose."""
+    """Base class of every error peftkit raises on purpose. ``exit_code``: the status the ``peftkit`` command
+    exits with for it (1 unless a subclass says otherwise)."""
+
+    exit_code = 1
+
+
+class PushAfterTrainingError(PeftkitError):
+    """Training finished and the adapter is saved, but publishing it failed: the ``peftkit train --push`` run
+    exits 3, so a script can push the saved folder again rather than train again."""
+
+    exit_code = 3
 
 
 class ConfigError(PeftkitError, ValueError):

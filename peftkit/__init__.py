@@ -59,6 +59,7 @@ _LAZY: dict[str, str] = {
     "TrainOptions": "peftkit.training",
     "TrainResult": "peftkit.training",
     "DataError": "peftkit.training_data",
+    "PushAfterTrainingError": "peftkit.core.errors",
     "training_callbacks": "peftkit.training_hooks",
     "AdapterTrainer": "peftkit.adapter_trainer",
     # configs of built-in methods

@@ -17,13 +17,16 @@ from peftkit.core.errors import PeftkitError
 
 
 class PeftkitGroup(click.Group):
-    """Turns peftkit errors into a clean message and exit code 1 (:func:`run` escapes its control characters)."""
+    """Turns peftkit errors into a clean message and the error's exit code, 1 unless it says otherwise
+    (:func:`run` escapes its control characters)."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except PeftkitError as exc:
-            raise click.ClickException(str(exc)) from None
+            error = click.ClickException(str(exc))
+            error.exit_code = exc.exit_code
+            raise error from None
 
 
 @click.group(cls=PeftkitGroup, context_settings={"help_option_names": ["-h", "--help"]})

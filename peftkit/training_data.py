@@ -173,8 +173,10 @@ def _read_csv(path: Path, delimiter: str) -> Iterator[Record]:
             if not row or all(not cell.strip() for cell in row):
                 continue
             if len(row) != len(header):
-                raise DataError(f"{path}, line {line}: {len(row)} columns, but the header has {len(header)} "
-                                f"({', '.join(header)}); quote cells that contain {delimiter!r}")
+                fix = f"quote cells that contain {delimiter!r}" if len(row) > len(header) else \
+                    f"give every column a cell (an empty one is two {delimiter!r} in a row)"
+                raise DataError(f"{path}, line {line}: {len(row)} column{'s' * (len(row) != 1)}, but the header "
+                                f"has {len(header)} ({', '.join(header)}); {fix}")
             yield Record(str(path), line, dict(zip(header, row)))
     except csv.Error as exc:
         raise DataError(f"{path}, line {numbers[-1] if numbers else 1}: malformed CSV ({exc})") from None
@@ -233,16 +235,16 @@ class PromptExample:
 
 Example = TextExample | TaggedExample | PromptExample
 
-_FIELD_OPTION = {"text": "--text-field", "text_pair": "--text-pair-field", "label": "--label-field",
-                 "prompt": "--prompt-field", "completion": "--completion-field", "tokens": "--tokens-field",
-                 "tags": "--tags-field"}
+def _field_option(kind: str) -> str:
+    """The training option naming the field of ``kind``, as Python and the command line spell it."""
+    return f"{kind}_field (--{kind.replace('_', '-')}-field)"
 
 
 def _get(record: Record, name: str, kind: str, hint: str = "") -> Any:
     if name not in record.values:
         present = ", ".join(sorted(record.values)) or "no fields"
         raise DataError(f"{record.where}: missing field {name!r} (the record has: {present}); "
-                        f"name the field that holds the {kind} with {_FIELD_OPTION[kind]}{hint}")
+                        f"name the field that holds the {kind} with {_field_option(kind)}{hint}")
     return record.values[name]
 
 
@@ -318,7 +320,7 @@ def to_examples(task: str, records: Iterable[Record], fields: Fields) -> list[Ex
         elif fields.text and task == "causal-lm":
             out.append(PromptExample(record.where, "", _string(record, fields.text, "text")))
         else:
-            hint = " (or --text-field for plain text)" if task == "causal-lm" else ""
+            hint = ", or a plain-text field with text_field (--text-field)" if task == "causal-lm" else ""
             prompt = _string(record, fields.prompt, "prompt", allow_empty=True, hint=hint)
             completion = _string(record, fields.completion, "completion", hint=hint)
             out.append(PromptExample(record.where, prompt, completion))
@@ -350,12 +352,12 @@ class LabelMap:
         ``explicit`` in the order given, which every training label must be in."""
         if explicit:
             labels = cls([str(x) for x in explicit])
-            labels.check(examples, "the --labels list")
+            labels.check(examples, "the labels list (--labels)")
             return labels
         seen = sorted({name for ex in examples for name in _example_labels(ex)})
         if len(seen) < 2 and all(isinstance(ex, TextExample) for ex in examples):
             raise DataError(f"the training data has only {len(seen)} distinct label ({', '.join(seen)}); "
-                            f"classification needs at least 2 (or list them all with --labels)")
+                            f"classification needs at least 2 (or list them all with labels, --labels)")
         if all(_is_int(s) for s in seen):
             seen.sort(key=int)
         return cls(seen)
@@ -369,7 +371,8 @@ class LabelMap:
             for name in _example_labels(ex):
                 if name not in self._ids:
                     raise DataError(f"{ex.where}: label {name!r} is not in {source} (labels: "
-                                    f"{', '.join(self.names)}); fix the label, or list every label with --labels")
+                                    f"{', '.join(self.names)}); fix the label, or list every label with labels "
+                                    f"(--labels)")
 
     def to_json(self) -> dict[str, Any]:
         return labels_document(self.names)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from peftkit.core.config import AdapterConfig
-from peftkit.core.errors import PeftkitError
+from peftkit.core.errors import PeftkitError, PushAfterTrainingError
 from peftkit.core.model_source import looks_local
 from peftkit.core.plugins import parse_spec
 from peftkit.core.own_metadata import read_own_metadata
@@ -373,8 +373,9 @@ def push_adapter(out: Path, opts: TrainOptions, task_tag: str, dataset: str | No
     except PeftkitError as exc:
         again = shlex.join(["peftkit", "hub", "push", str(out), opts.push]
                            + (["--hub", opts.hub] if opts.hub else []) + (["--private"] if opts.private else []))
-        raise PeftkitError(f"the adapter is trained and saved in {out}, but pushing it to {opts.push} failed: "
-                           f"{exc}. Once that is fixed, publish it without training again: {again}") from None
+        raise PushAfterTrainingError(f"the adapter is trained and saved in {out}, but pushing it to {opts.push} "
+                                     f"failed: {exc}. Once that is fixed, publish it without training again: "
+                                     f"{again}") from None
     return result.to_json()
 
 

@@ -68,7 +68,7 @@ def test_missing_field_names_the_field_what_is_there_and_the_option(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": "a", "label": "x"}, {"text": "b", "lbl": "y"}])
     message = error_of(path)
     assert f"{path}, line 2: missing field 'label'" in message
-    assert "lbl, text" in message and "--label-field" in message
+    assert "lbl, text" in message and "with label_field (--label-field)" in message
 
 
 @pytest.mark.parametrize("row, expected", [
@@ -114,7 +114,11 @@ def test_csv_rows_report_their_first_line_also_after_a_multiline_cell(tmp_path):
 
 def test_csv_row_with_wrong_column_count(tmp_path):
     path = write(tmp_path / "d.tsv", "text\tlabel\nok\tpos\ntoo\tmany\tcells\n")
-    assert f"{path}, line 3: 3 columns, but the header has 2" in error_of(path)
+    assert f"{path}, line 3: 3 columns, but the header has 2 (text, label); quote cells that contain '\\t'" \
+        in error_of(path)
+    short = write(tmp_path / "short.csv", "text,label\ngreat movie\n")
+    assert error_of(short).endswith(f"{short}, line 2: 1 column, but the header has 2 (text, label); give every "
+                                    f"column a cell (an empty one is two ',' in a row)")
 
 
 def test_custom_field_names_and_text_pairs(tmp_path):
@@ -145,7 +149,8 @@ def test_token_cls_from_csv_cells(tmp_path):
 
 def test_causal_lm_prompt_completion_and_plain_text(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "", "completion": "x"}, {"text": "t"}])
-    with pytest.raises(DataError, match=r"line 2: missing field 'prompt'.*--text-field for plain text"):
+    with pytest.raises(DataError, match=r"line 2: missing field 'prompt'.*, or a plain-text field with text_field "
+                                        r"\(--text-field\)"):
         load_examples(path, "causal-lm", Fields())
     plain = write_jsonl(tmp_path / "p.jsonl", [{"text": "all of it"}])
     assert load_examples(plain, "causal-lm", Fields(text="text")) == [
@@ -172,7 +177,7 @@ def test_explicit_labels_keep_their_order_and_must_cover_the_data():
     assert labels.config_kwargs() == {"num_labels": 3, "id2label": {0: "pos", 1: "neg", 2: "neutral"},
                                       "label2id": {"pos": 0, "neg": 1, "neutral": 2}}
     assert json.loads(json.dumps(labels.to_json()))["id2label"] == {"0": "pos", "1": "neg", "2": "neutral"}
-    with pytest.raises(DataError, match=r"f, line 2: label 'other' is not in the --labels list"):
+    with pytest.raises(DataError, match=r"f, line 2: label 'other' is not in the labels list \(--labels\)"):
         LabelMap.build(_examples(["pos", "other"]), ["pos", "neg"])
 
 

@@ -160,10 +160,26 @@ def test_a_push_failing_after_training_says_how_to_publish_without_training_agai
 
     monkeypatch.setattr(peftkit.hub_client, "push", push)
     opts = TrainOptions(push="alice/sentiment", hub="http://127.0.0.1:9", private=True)
-    with pytest.raises(PeftkitError) as caught:
+    with pytest.raises(peftkit.PushAfterTrainingError) as caught:
         push_adapter(tmp_path / "my out", opts, "text-classification", None, {})
     assert str(caught.value).endswith("publish it without training again: peftkit hub push "
                                       f"'{tmp_path / 'my out'}' alice/sentiment --hub http://127.0.0.1:9 --private")
+
+
+def test_a_run_whose_push_fails_after_training_exits_3_with_the_adapter_saved(tmp_path, setup, monkeypatch, capsys):
+    """A script must tell 'trained, not published' (push the folder again) from a failed run (train again)."""
+    def push(*args, **kwargs):
+        raise peftkit.HubError("the hub answered 503 Service Unavailable")
+
+    monkeypatch.setattr(peftkit.hub_client, "push", push)
+    model, data = setup
+    out = tmp_path / "out"
+    assert run(_run_args(model, data, out, "--push", "alice/sentiment", "--hub", "local:" + str(tmp_path / "hub"),
+                         "--quiet")) == 3
+    assert f"the adapter is trained and saved in {out}, but pushing it to alice/sentiment failed" in \
+        capsys.readouterr().err
+    assert (out / "adapter_model.safetensors").is_file()
+    assert run(_run_args(model, data, tmp_path / "bad", "--batch-size", "0")) == 2  # other codes stay as they were
 
 
 def test_an_unknown_lr_scheduler_is_refused_before_the_model_loads(tmp_path, setup, monkeypatch, capsys):

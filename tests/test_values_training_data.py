@@ -130,7 +130,8 @@ def test_a_token_cls_record_without_its_tags_names_the_option_for_them(tmp_path)
     from peftkit.training_data import Fields, load_examples
 
     path = _array_file(tmp_path, '[{"tokens": ["a"]}]')
-    with pytest.raises(DataError, match=r"missing field 'tags' .*name the field that holds the tags with --tags-field"):
+    with pytest.raises(DataError, match=r"missing field 'tags' .*name the field that holds the tags with tags_field "
+                                        r"\(--tags-field\)"):
         load_examples(path, "token-cls", Fields())
 
 
@@ -226,17 +227,19 @@ def _error(tmp_path, rows: str, task: str = "seq-cls", **fields) -> str:
 def test_field_errors_name_the_field_its_type_and_the_option_that_names_it(tmp_path):
     where = f"{tmp_path / 'd.jsonl'}, line 1"
     assert _error(tmp_path, '{"label": "x"}\n') == (
-        f"{where}: missing field 'text' (the record has: label); name the field that holds the text with --text-field")
+        f"{where}: missing field 'text' (the record has: label); name the field that holds the text with text_field "
+        f"(--text-field)")
     assert _error(tmp_path, "{}\n", label="y", text="t").endswith(
-        "missing field 't' (the record has: no fields); name the field that holds the text with --text-field")
+        "missing field 't' (the record has: no fields); name the field that holds the text with text_field "
+        "(--text-field)")
     assert _error(tmp_path, '{"text": "a", "label": "x"}\n', text_pair="b").endswith(
         "missing field 'b' (the record has: label, text); name the field that holds the text_pair with "
-        "--text-pair-field")
+        "text_pair_field (--text-pair-field)")
     assert _error(tmp_path, '{"text": true, "label": "x"}\n') == f"{where}: field 'text' must be a string, not true/false"
     assert _error(tmp_path, '{"text": 3, "label": "x"}\n') == f"{where}: field 'text' must be a string, not a number"
     assert _error(tmp_path, '{"prompt": "p"}\n', task="seq2seq").endswith(
         "missing field 'completion' (the record has: prompt); name the field that holds the completion with "
-        "--completion-field")
+        "completion_field (--completion-field)")
 
 
 def test_label_names_from_booleans_integral_floats_and_the_order_of_integer_names(tmp_path):
@@ -263,15 +266,17 @@ def test_prompt_completion_records_and_their_errors_by_task(tmp_path):
     assert load_examples(path, "causal-lm", Fields(text="body")) == [PromptExample(where, "", "one two")]
     assert _error(tmp_path, '{"prompt": "p"}\n', task="causal-lm") == (
         f"{where}: missing field 'completion' (the record has: prompt); name the field that holds the completion "
-        f"with --completion-field (or --text-field for plain text)")
-    assert _error(tmp_path, '{"prompt": "p"}\n', task="seq2seq").endswith("with --completion-field")
+        f"with completion_field (--completion-field), or a plain-text field with text_field (--text-field)")
+    assert _error(tmp_path, '{"prompt": "p"}\n', task="seq2seq").endswith("with completion_field (--completion-field)")
     assert _error(tmp_path, '{"prompt": "p"}\n', task="causal-lm", text="body").endswith(
-        "missing field 'body' (the record has: prompt); name the field that holds the text with --text-field")
+        "missing field 'body' (the record has: prompt); name the field that holds the text with text_field "
+        "(--text-field)")
 
 
 def test_token_cls_record_errors_name_the_tags_field_and_the_tag(tmp_path):
     assert _error(tmp_path, '{"tokens": ["a"]}\n', task="token-cls").endswith(
-        "missing field 'tags' (the record has: tokens); name the field that holds the tags with --tags-field")
+        "missing field 'tags' (the record has: tokens); name the field that holds the tags with tags_field "
+        "(--tags-field)")
     assert _error(tmp_path, '{"tokens": ["a"], "tags": "O"}\n', task="token-cls").endswith(
         "field 'tags' must be a list of tags, not a string")
     assert _error(tmp_path, '{"tokens": ["a", "b"], "tags": ["O", null]}\n', task="token-cls").endswith(
