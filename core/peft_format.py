@@ -44,13 +44,26 @@ def read_peft_fields(data: Mapping[str, Any], method: str, fields: Mapping[str, 
             values[fields[key]] = value
         elif key in fixed:
             if value != fixed[key] and not (_is_off(value) and _is_off(fixed[key])):
-                raise ConfigError(f"PEFT setting {key}={value!r} is not supported by peftkit's {method} "
+                raise ConfigError(f"PEFT setting {key}={_shown(value)} is not supported by peftkit's {method} "
                                   f"(only {key}={fixed[key]!r})")
         elif key in ignored or key == "peft_type" or _is_off(value):
             continue
         else:
-            raise ConfigError(f"PEFT setting {key}={value!r} is not supported by peftkit's {method}")
+            raise ConfigError(f"PEFT setting {key}={_shown(value)} is not supported by peftkit's {method}")
     return values
+
+
+#: How long a refused value is shown before it is cut.
+SHOWN_VALUE_CHARS = 80
+
+
+def _shown(value: Any) -> str:
+    """A refused value as the message shows it: a table (a PEFT sub-config such as corda_config) by its
+    entries that are on, and any value cut at ``SHOWN_VALUE_CHARS`` characters."""
+    if isinstance(value, Mapping):
+        value = {key: entry for key, entry in value.items() if not _is_off(entry)}
+    text = repr(value)
+    return text if len(text) <= SHOWN_VALUE_CHARS else text[:SHOWN_VALUE_CHARS - 3] + "..."
 
 
 def write_peft_fields(peft_type: str, ours: Mapping[str, Any], fields: Mapping[str, str],

@@ -37,6 +37,19 @@ def test_fixed_fields_accept_their_value_or_off_when_off_is_the_value():
                                       f"(only {key}={fixed[key]!r})")
 
 
+def test_a_refused_table_shows_its_entries_that_are_on_and_a_long_value_is_cut():
+    corda = {"cache_file": None, "covariance_file": None, "corda_method": "ipm", "verbose": False,
+             "use_float16_for_covariance": False, "prune_temporary_fields": True}
+    with pytest.raises(ConfigError) as refused:
+        read_peft_fields({"corda_config": corda}, "lora", FIELDS)
+    assert str(refused.value) == ("PEFT setting corda_config={'corda_method': 'ipm', 'prune_temporary_fields': True} "
+                                  "is not supported by peftkit's lora")
+    with pytest.raises(ConfigError) as refused:
+        read_peft_fields({"modules": ["m" * 100]}, "lora", FIELDS, fixed={"modules": None})
+    assert str(refused.value) == f"PEFT setting modules=['{'m' * 75}... is not supported by peftkit's lora " \
+                                 f"(only modules=None)"
+
+
 def test_a_mapped_field_wins_over_fixed_and_ignored():
     assert read_peft_fields({"r": None}, "lokr", FIELDS, fixed={"r": 4}, ignored={"r"}) == {"rank": None}
 
