@@ -12,6 +12,12 @@ from peftkit.plugin_api import AdapterConfig, option, ConfigError
 _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
 
 
+#: init_weights values that set the factors of a linear layer only, leaving the base weight as it is (PEFT's names):
+#: "orthogonal" (A and B from the halves of one random orthogonal matrix, so B A = 0), "mica" (B the left singular
+#: vectors of the weight's r smallest singular values and frozen, A = 0).
+LINEAR_ONLY_INITS = ("orthogonal", "mica")
+
+
 def is_residual_init(init: object) -> bool:
     """Whether LoRA's ``init`` (PiSSA, fast PiSSA, OLoRA) moves part of the base weight into the factors."""
     return init in ("pissa", "olora") or (isinstance(init, str) and _PISSA_NITER.fullmatch(init) is not None)
@@ -34,7 +40,10 @@ class LoraConfig(AdapterConfig):
     (B random too; for tests); "pissa", "pissa_niter_N" (fast randomized SVD, N iterations) or "olora"
     start the factors at the principal part of each base weight and leave the rest in the base weight
     (PEFT's init_lora_weights; linear layers only; save_as_lora() saves the result for the original
-    base). "eva" starts A at the top right singular vectors of each layer's inputs over a few
+    base). "orthogonal" (even r) draws A and B from the two halves of one random orthogonal matrix (B A = 0);
+    "mica" sets B to the left singular vectors of the weight's r smallest singular values, frozen, and A = 0
+    (MiCA, arXiv 2604.01694); both linear layers only, as in PEFT.
+    "eva" starts A at the top right singular vectors of each layer's inputs over a few
     batches (peftkit.initialize_eva; ``peftkit train`` takes them from the training data), eva_*:
     PEFT's EvaConfig. rank_pattern / alpha_pattern: per-module
     overrides, keys are regexes matched against the end of module names (parameter names for
@@ -52,7 +61,8 @@ class LoraConfig(AdapterConfig):
     use_dora: bool = option(False, help='weight-decomposed LoRA: a trained magnitude per output row (DoRA)')
     init_weights: Union[bool, str] = option(
         True, help='true (B = 0: starts equal to the base), "gaussian", false (random; for tests), "pissa", '
-                   '"pissa_niter_N", "olora" or "eva" (A from the SVD of layer inputs: peftkit.initialize_eva)')
+                   '"pissa_niter_N", "olora", "orthogonal" (even r), "mica" (B frozen) or "eva" (A from the SVD '
+                   'of layer inputs: peftkit.initialize_eva)')
     rank_pattern: dict[str, int] = option(
         default_factory=dict, help='per-module rank overrides: regex keys matched at the end of module names')
     alpha_pattern: dict[str, float] = option(
@@ -79,22 +89,15 @@ class LoraConfig(AdapterConfig):
             raise ConfigError(f"lora config: r={self.r} must be a positive integer")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"lora config: dropout={self.dropout} must be in [0, 1)")
-        if isinstance(self.init_weights, str) and self.init_weights not in ("gaussian", "eva") \
-                and not is_residual_init(self.init_weights):
-            raise ConfigError(f"lora config: init_weights={self.init_weights!r} is not known; use true, false, "
-                              f"\"gaussian\", \"pissa\", \"pissa_niter_N\" (N a whole number, e.g. "
-                              f"pissa_niter_4), \"olora\" or \"eva\"")
+        self._check_init()
         if self.eva_rho < 1.0:
             raise ConfigError(f"lora config: eva_rho={self.eva_rho} must be >= 1 (1: every layer keeps rank r)")
         if not 0.0 <= self.eva_tau <= 1.0:
             raise ConfigError(f"lora config: eva_tau={self.eva_tau} must be in [0, 1]")
-        if is_residual_init(self.init_weights) and self.use_dora:
-            raise ConfigError(f"lora config: init_weights={self.init_weights!r} cannot be combined with "
-                              f"use_dora=true; use one of them")
         if self.use_gating:
             clash = [name for name, on in (("use_dora", self.use_dora), ("init_weights", is_residual_init(
-                self.init_weights) or self.init_weights == "eva"), ("target_parameters", bool(self.target_parameters)))
-                if on]
+                self.init_weights) or self.init_weights in ("eva", *LINEAR_ONLY_INITS)),
+                ("target_parameters", bool(self.target_parameters))) if on]
             if clash:
                 raise ConfigError(f"lora config: use_gating=true cannot be combined with {clash[0]}="
                                   f"{getattr(self, clash[0])!r}; a gated LoRA is a plain LoRA on linear layers")
@@ -113,6 +116,23 @@ class LoraConfig(AdapterConfig):
                     raise ConfigError(f"lora config: {field_name} key {key!r} is not a valid regular expression "
                                       f"({exc}); keys are module names or regexes matched at the end of module "
                                       f"names, e.g. {{\"q_proj\": 16}}") from None
+
+    def _check_init(self) -> None:
+        init = self.init_weights
+        if isinstance(init, str) and init not in ("gaussian", "eva", *LINEAR_ONLY_INITS) and not is_residual_init(init):
+            raise ConfigError(f"lora config: init_weights={init!r} is not known; use true, false, "
+                              f"\"gaussian\", \"pissa\", \"pissa_niter_N\" (N a whole number, e.g. "
+                              f"pissa_niter_4), \"olora\", \"orthogonal\", \"mica\" or \"eva\"")
+        if (is_residual_init(init) or init == "mica") and self.use_dora:
+            why = " (MiCA trains A alone, on a frozen B)" if init == "mica" else ""
+            raise ConfigError(f"lora config: init_weights={init!r} cannot be combined with use_dora=true{why}; use "
+                              f"one of them")
+        if init == "orthogonal":
+            odd = [f"r={self.r}"] * (self.r % 2) + [f"rank_pattern[{key!r}]={rank}"
+                                                    for key, rank in self.rank_pattern.items() if rank % 2]
+            if odd:
+                raise ConfigError(f"lora config: init_weights=\"orthogonal\" splits one orthogonal matrix between "
+                                  f"A and B and needs even ranks, not {', '.join(odd)}; choose even ranks")
 
     def _check_layers_pattern(self) -> None:
         if not self.layers_pattern:  # None, [] or "": the architecture's layer numbering (PEFT: any pattern)

@@ -98,6 +98,17 @@ class LoraFactors(LayerAdapter):
         return scaled_swap_plan(self, new, "lora_B.weight")
 
 
+def _check_float_weight(base: nn.Module, init: str, use: str) -> None:
+    """An init computed from the base weight (``use``: what it does with it) needs an unquantized float32,
+    float16 or bfloat16 weight."""
+    if quantization_of(base):
+        raise ConfigError(f"lora: init_weights={init!r} {use} the base weight, which is quantized "
+                          f"({quantization_of(base)}); initialise on the unquantized model")
+    if base.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ConfigError(f"lora: init_weights={init!r} needs a float32/float16/bfloat16 base weight, "
+                          f"not {base.weight.dtype}")
+
+
 class LoraLinear(LoraFactors):
     def __init__(self, base: nn.Module, r: int, scale: float, dropout: float, init: bool | str,
                  use_dora: bool) -> None:
@@ -108,8 +119,39 @@ class LoraLinear(LoraFactors):
         self._norm_cache: tuple[tuple[int, ...], torch.Tensor] | None = None
         self._w_sq_cache: tuple[tuple[int, int], torch.Tensor] | None = None
         self._set_factors(base, (r, in_f), (out_f, r), dropout, init)
-        if isinstance(init, str) and init != "gaussian":
+        if init == "orthogonal":
+            self._init_orthogonal()
+        elif init == "mica":
+            self._init_mica(base)
+        elif isinstance(init, str) and init != "gaussian":
             self._init_from_base(base, init)
+
+    def _init_orthogonal(self) -> None:
+        """PEFT's "orthogonal" init: the odd and the even rows of one random r x r orthogonal matrix Q take
+        A's and B's rank sides (A = (G1 Q_odd)^T / 10, B = G2^T Q_even / 10, G1 and G2 Gaussian), so
+        B A = G2^T Q_even Q_odd^T G1^T / 100 = 0 and the model starts equal to the base, with both factors
+        nonzero. Drawn from torch's generator in PEFT's order."""
+        with torch.no_grad():
+            q, _ = torch.linalg.qr(torch.randn(self.r, self.r))
+            a = torch.randn(self.in_features, self.r // 2).mm(q[0::2, :]).t() / 10.0
+            b = torch.randn(self.r // 2, self.out_features).t().mm(q[1::2, :]) / 10.0
+            self.lora_A.copy_(a)
+            self.lora_B.copy_(b)
+
+    def _init_mica(self, base: nn.Module) -> None:
+        """MiCA (PEFT's "mica"): B is the left singular vectors of W's r smallest singular values and A = 0,
+        so B A = 0; B stays frozen (a buffer, saved with the adapter) and training moves A alone."""
+        _check_float_weight(base, "mica", "takes an SVD of")
+        if self.r > min(self.in_features, self.out_features):
+            raise ConfigError(f"lora: init_weights=\"mica\" takes r singular vectors of a {self.out_features} x "
+                              f"{self.in_features} weight, at most {min(self.in_features, self.out_features)}, "
+                              f"not r={self.r}; choose a smaller r (rank_pattern for this layer)")
+        with torch.no_grad():
+            left, _, _ = torch.linalg.svd(weight_out_in(base).to(torch.float32), full_matrices=False)
+            frozen_b = left[:, -self.r:].to(self.lora_B.dtype).contiguous()
+            self.lora_A.zero_()
+        del self.lora_B
+        self.register_buffer("lora_B", frozen_b)
 
     def _init_from_base(self, base: nn.Module, init: str) -> None:
         """PiSSA / OLoRA: the factors take the principal part of the base weight (``residual_split``) and
@@ -118,13 +160,8 @@ class LoraLinear(LoraFactors):
         original weight."""
         from .residual import residual_split
 
-        if quantization_of(base):
-            raise ConfigError(f"lora: init_weights={init!r} rewrites the base weight, which is quantized "
-                              f"({quantization_of(base)}); initialise on the unquantized model")
+        _check_float_weight(base, init, "rewrites")
         weight = base.weight
-        if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise ConfigError(f"lora: init_weights={init!r} needs a float32/float16/bfloat16 base weight, "
-                              f"not {weight.dtype}")
         with torch.no_grad():
             w = weight_out_in(base).to(torch.float32)
             a, b = residual_split(w, self.r, self.scale, init)

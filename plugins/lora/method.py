@@ -9,7 +9,7 @@ from peftkit.plugin_api import (AdapterConfig, ConfigError, Method, pattern_valu
                                 write_peft_fields)
 
 from .adapterhub import LoraAdapterHub
-from .config import is_residual_init, LoraConfig
+from .config import is_residual_init, LINEAR_ONLY_INITS, LoraConfig
 from .sites import ParameterSite
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -43,8 +43,8 @@ _ADAPTED = "Linear, transformers' Conv1D, Embedding and torch's Conv1d/Conv2d/Co
 class LoraMethod(Method):
     name = "lora"
     config_class = LoraConfig
-    description = ("Low-rank adaptation (LoRA), with rsLoRA, DoRA, PiSSA/OLoRA/EVA init, LoRA+ and MoE expert "
-                   "parameters; mergeable; PEFT format")
+    description = ("Low-rank adaptation (LoRA), with rsLoRA, DoRA, PiSSA/OLoRA/orthogonal/MiCA/EVA init, LoRA+ and "
+                   "MoE expert parameters; mergeable; PEFT format")
     can_merge = True
     merge_low_rank = True
     peft_type = "LORA"
@@ -114,8 +114,9 @@ class LoraMethod(Method):
                 raise ConfigError(f"lora: DoRA rescales the base weight's rows, but {site.name} is quantized "
                                   f"({quantized}); use plain LoRA on a quantized model (QLoRA), or DoRA on an "
                                   f"unquantized one")
-        if is_residual_init(config.init_weights) and not (is_linear_like(base_layer) and not is_embedding(base_layer)
-                                                          and not is_conv(base_layer)):
+        linear_only = is_residual_init(config.init_weights) or config.init_weights in LINEAR_ONLY_INITS
+        linear = is_linear_like(base_layer) and not is_embedding(base_layer) and not is_conv(base_layer)
+        if linear_only and not linear:
             raise ConfigError(f"lora: init_weights={config.init_weights!r} applies to linear layers only, and "
                               f"{site.name} is a {type(base_layer).__name__}; exclude it (exclude_modules) or "
                               f"use another init")
@@ -156,7 +157,7 @@ class LoraMethod(Method):
                 total += base.out_channels if config.use_dora else 0
                 continue
             in_f, out_f = linear_features(base)
-            total += r * (in_f + out_f) + (out_f if config.use_dora else 0)
+            total += r * (in_f + (0 if config.init_weights == "mica" else out_f)) + (out_f if config.use_dora else 0)
             total += in_f + 1 if config.use_gating else 0
         return total
 
@@ -198,8 +199,10 @@ class LoraMethod(Method):
             values["use_gating"] = True
         values.update(read_peft_fields(eva, f"{self.name} (eva_config)", _EVA_FIELDS))
         init = values.get("init_weights")
-        if init not in (True, False, "gaussian", "eva") and not is_residual_init(init):
-            values["init_weights"] = True  # PEFT's other init schemes only matter before training
+        if init not in (True, False, "gaussian", "eva", *LINEAR_ONLY_INITS) and not is_residual_init(init):
+            # PEFT's other inits only matter before training; LoRA-GA's ("lora_ga", which moves part of the
+            # base weight into the factors) comes with its lora_ga_config, refused above as a setting peftkit lacks.
+            values["init_weights"] = True
         return LoraConfig.from_dict(values)
 
 
