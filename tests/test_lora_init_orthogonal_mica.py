@@ -11,6 +11,7 @@ import torch
 
 import peftkit
 from peftkit.core.errors import ConfigError
+from peftkit.testing import make_conformance_class
 from tests.method_helpers import adapter_modules, output_of
 from tests.tiny_models import build_tiny
 
@@ -111,3 +112,8 @@ def test_orthogonal_and_mica_refusals_name_the_fix():
             peftkit.adapt(build_tiny("llama"), f"lora[r=2,init_weights={init},target_modules=[embed_tokens]]")
     with pytest.raises(ConfigError, match=r"mica.*at most 32, not r=64; choose a smaller r"):
         peftkit.adapt(build_tiny("llama"), "lora[r=64,init_weights=mica,target_modules=[q_proj]]")
+
+
+#: The conformance suite (save/load, merge, hot-swap, composition blocks, PEFT's format, ...) on both inits.
+TestConformance_lora_orthogonal = make_conformance_class("lora[r=4,init_weights=orthogonal]")
+TestConformance_lora_mica = make_conformance_class("lora[r=4,init_weights=mica]")
