@@ -167,7 +167,10 @@ def kept_scaled_transpose(owner: nn.Module, factor: torch.Tensor, scale: float) 
     gradients computes (a transposed view of a contiguous tensor), so both give the same numbers. ``.to()``
     and ``.data =`` give a factor new storage without moving its version counter, so the storage's address
     is part of the key, and the kept entry holds the storage it was made from: it cannot be freed and its
-    address handed to the factor's new storage."""
+    address handed to the factor's new storage. Under torch.compile the product is part of the graph
+    (reading the storage's address would break the graph at every layer)."""
+    if torch.compiler.is_compiling():
+        return factor.t() * scale
     key = (factor._version, factor.data_ptr(), scale)
     kept = owner.__dict__.setdefault("_kept_scaled_transposes", {})
     entry = kept.get(id(factor))

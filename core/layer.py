@@ -328,6 +328,8 @@ class TunerLayer(nn.Module):
     def add_adapter(self, name: str, adapter: LayerAdapter, input_from: str | None = None) -> None:
         """Hold ``adapter`` under ``name``; it reads the input of module ``input_from`` if given
         (the caller captures that input: ``add_capture``)."""
+        for shortcut in ("forward_alone", "base_input"):  # answered now: filled in during a torch.compile
+            shortcut_is_current(type(adapter), shortcut)   # trace, the memo would recompile the next call
         self.adapters[name] = adapter
         if input_from is not None:
             self.input_sources[name] = input_from
