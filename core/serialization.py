@@ -317,11 +317,22 @@ def save_pretrained(model: "AdaptedModel", path: str | os.PathLike,
 # -- load ------------------------------------------------------------------------------
 
 
+def hub_id_hint(text: str) -> str:
+    """For a missing folder spelled like a hub repo id (``alice/ner``, ``alice/ner@v2``): how to load it."""
+    from ..hub_rules.names import repo_id_problem
+
+    if Path(text).exists() or repo_id_problem(text.partition("@")[0]) is not None:
+        return ""
+    return (f"; for the hub repo {text!r}, give the folder peftkit.hub.pull({text!r}) returns (hub=... for "
+            f"another hub), or add it with peftkit.load(model, {text!r})")
+
+
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
     """Read and check an adapter folder's config (no weights are touched)."""
     path = Path(path)
     if not path.is_dir():
-        raise AdapterLoadError(f"{str(path)!r} is not an adapter folder (it does not exist or is a file)")
+        raise AdapterLoadError(f"{str(path)!r} is not an adapter folder (it does not exist or is a file)"
+                               f"{hub_id_hint(str(path))}")
     config_path = path / CONFIG_NAME
     if not config_path.is_file():
         entries = sorted(path.iterdir())

@@ -1,0 +1,36 @@
+"""A serving engineer's hub adapters: what load_adapter / hotswap_adapter say when given a hub id
+(PEFT's load_adapter takes one; peftkit's takes a folder), and the way they name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import peftkit
+from peftkit import hub
+from peftkit.core.errors import AdapterLoadError
+from tests.method_helpers import randomize
+from tests.tiny_models import build_tiny
+
+
+@pytest.fixture()
+def hub_with_adapter(tmp_path: Path) -> str:
+    where = f"local:{tmp_path / 'hub'}"
+    model = peftkit.adapt(build_tiny("llama"), "lora[r=4]")
+    randomize(model, seed=1)
+    model.save_adapter(str(tmp_path / "a"))
+    hub.push(str(tmp_path / "a"), "alice/llama-a", hub=where, progress=False)
+    return where
+
+
+@pytest.mark.parametrize("call,name", [("load_adapter", "a"), ("hotswap_adapter", "default")])
+def test_a_hub_id_given_as_a_folder_names_the_pull(hub_with_adapter: str, call: str, name: str) -> None:
+    model = peftkit.adapt(build_tiny("llama"), "lora[r=4]")
+    with pytest.raises(AdapterLoadError) as caught:
+        getattr(model, call)("alice/llama-a@main", name)
+    message = str(caught.value)
+    assert "not an adapter folder" in message
+    assert "peftkit.hub.pull('alice/llama-a@main')" in message
+    folder = hub.pull("alice/llama-a@main", hub=hub_with_adapter, progress=False)
+    getattr(model, call)(folder, name)  # what the message says works
