@@ -18,6 +18,7 @@ dispatches on the block's type (:func:`~peftkit.core.composition_exec.run_node`)
 
 from __future__ import annotations
 
+import difflib
 import functools
 import inspect
 import json
@@ -428,6 +429,14 @@ def to_json(node: Node) -> Any:
     return node.to_json() if isinstance(node, Block) else node
 
 
+def adapters_on_model(unknown: str, names: Sequence[str]) -> str:
+    """The end of a message refusing the adapter name ``unknown``: the model's adapters ``names``
+    (and ``__base__``), with the closest of them when one is close (``llama_b``: ``llama-b``)."""
+    close = difflib.get_close_matches(unknown, [*names, BASE_MODEL], n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"adapters: {', '.join(sorted(names)) or 'none'} (and {BASE_MODEL!r} for the base model){hint}"
+
+
 def as_node(value: Node | Sequence[Any]) -> Node:
     """Accept a name, a block, a string form, JSON, or a list of those (= Stack)."""
     if isinstance(value, Block):
@@ -542,7 +551,7 @@ def check_supported(node: Node, method_of: dict[str, Any]) -> None:
     if isinstance(node, str):
         if node != BASE_MODEL and node not in method_of:
             raise CompositionError(f"composition names adapter {node!r}, which is not on the model; "
-                                   f"adapters: {', '.join(sorted(method_of)) or 'none'}")
+                                   f"{adapters_on_model(node, method_of)}")
         return
     if node.depth() > MAX_DEPTH:
         raise CompositionError(f"composition {node} nests {node.depth()} blocks deep; at most {MAX_DEPTH} "
@@ -550,7 +559,7 @@ def check_supported(node: Node, method_of: dict[str, Any]) -> None:
     for name in node.leaves():
         if name != BASE_MODEL and name not in method_of:
             raise CompositionError(f"composition names adapter {name!r}, which is not on the model; "
-                                   f"adapters: {', '.join(sorted(method_of)) or 'none'}")
+                                   f"{adapters_on_model(name, method_of)}")
     _check_block(node, method_of, ancestors=())
 
 

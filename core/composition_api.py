@@ -260,7 +260,7 @@ def routing_entries(model: "AdaptedModel", adapter_names: Sequence[Any], batch_s
         raise CompositionError("adapter_names must be a list with one entry per row, not a string")
     entries: list[Node] = []
     parsed: dict[Any, Node] = {}
-    for entry in adapter_names:
+    for row, entry in enumerate(adapter_names):
         key = entry if isinstance(entry, (str, Block)) else repr(entry)
         node = parsed.get(key)
         if node is None:
@@ -273,8 +273,11 @@ def routing_entries(model: "AdaptedModel", adapter_names: Sequence[Any], batch_s
                                            f"row (its method does not support batch_split); "
                                            f"{method.name} supports: {', '.join(sorted(method.supported_blocks))}")
             elif isinstance(entry, str) and "(" not in entry:
-                raise AdapterError(f"adapter_names lists {entry!r}, not on this model; adapters: "
-                                   f"{', '.join(model.adapters) or 'none'} (and {BASE_MODEL!r} for none)")
+                raise AdapterError(f"adapter_names[{row}] is {entry!r}, not on this model; "
+                                   f"{composition.adapters_on_model(entry, list(model.adapters))}")
+            elif entry is None:
+                raise CompositionError(f"adapter_names[{row}] is None; give an adapter name, or {BASE_MODEL!r} "
+                                       f"for the base model (as in PEFT)")
             else:
                 node = composition.as_node(entry)
                 if isinstance(node, (composition.Parallel, composition.BatchSplit)):
