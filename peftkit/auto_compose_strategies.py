@@ -8,7 +8,10 @@ Strategies (``strategy=`` of :func:`peftkit.auto_compose`, ``--strategy`` of ``p
   with the members frozen (:mod:`peftkit.learned_mixture`); any method with an output at a layer.
 - ``fusion``: AdapterFusion over the members, trained by gradient with the members frozen.
 
-Every row is scored on the held-out batches; its seconds include what it took to learn it. With a
+Every row is scored on the held-out batches; its seconds include what it took to learn it. The uniform
+average combines the members as the first (saved) strategy does: a weight-space merge whose members'
+heads are averaged (weights), or ``average(...)``, which predicts with the first member's head (mixture,
+fusion); for LoRA members only the heads can differ. With a
 fresh head (a classifier on labels no member predicts), every row trains the same fresh head from
 the same start for the same steps (members alone and the uniform average with their mixing fixed),
 so the rows differ only in how the members are combined.
@@ -96,7 +99,7 @@ def compare(prep: Prepared, settings: Settings) -> tuple[AutoComposeResult, Save
     for name in names:
         fixed("single", name, name, {name: 1.0})
     uniform = dict(zip(names, [1.0 / len(names)] * len(names)))
-    if "weights" in settings.strategies:
+    if settings.strategies[0] == "weights":  # the uniform average combined as the saved strategy combines
         rows.append(_merged_uniform(prep, names, classification))
     else:
         fixed("uniform", "uniform average", Average(*names), uniform)

@@ -138,16 +138,30 @@ def _ineligible(model: "AdaptedModel", name: str, strategies: Sequence[str], mer
     if record.model_adapter:
         return f"{method.name} changes the model's inputs and has no output at a layer to weigh, mix or fuse"
     if "weights" in strategies or merge:
-        other = " (--strategy mixture or fusion takes it)" if "weights" in strategies else \
-            " (--merge folds the mixture into the weights as one LoRA; without --merge the mixture takes it)"
+        other = _other_way(strategies, merge)
         if not method.merge_low_rank:
             return f"{method.name} has no low-rank weight change (weight-space search needs LoRA adapters){other}"
         if getattr(record.config, "use_dora", False):
             return f"DoRA's change rescales whole rows of W and is not a low-rank weight change{other}"
     for strategy, block in (("mixture", "average"), ("fusion", "fuse")):
         if strategy in strategies and block not in method.supported_blocks:
-            return f"{method.name} cannot take part in {block}() (it supports {', '.join(sorted(method.supported_blocks))})"
+            supported = ", ".join(sorted(method.supported_blocks))
+            return f"{method.name} cannot take part in {block}() (it supports {supported})"
     return None
+
+
+def _other_way(strategies: Sequence[str], merge: bool) -> str:
+    """How an adapter without a low-rank weight change could take part (the hint after its reason)."""
+    others = [s for s in strategies if s != "weights"]
+    if merge and "weights" not in strategies:
+        return " (--merge folds the mixture into the weights as one LoRA; without --merge the mixture takes it)"
+    if merge:
+        return " (--strategy mixture or fusion without --merge takes it)"
+    if others:
+        verb = "takes" if len(others) == 1 else "take"
+        return f" (only the weights strategy needs LoRA members: without weights in --strategy, " \
+               f"{' and '.join(others)} {verb} it)"
+    return " (--strategy mixture or fusion takes it)"
 
 
 def _load_members(model: "AdaptedModel", candidates: list[Candidate], strategies: Sequence[str], merge: bool
@@ -187,7 +201,7 @@ def _same_labels(model: "AdaptedModel", kept: list[Candidate], needed: set[str])
     lists: dict[tuple[str, ...], int] = {}
     labels_of: dict[str, tuple[str, ...]] = {}
     for cand in kept:
-        labels = tuple(model.adapter_labels(cand.name) or model.base_labels() or ())
+        labels = tuple(model.adapter_labels(cand.name) or model.base_labels or ())
         labels_of[cand.name] = labels
         missing = sorted(needed - set(labels))
         if missing:
