@@ -219,17 +219,48 @@ def _members(model: "AdaptedModel", names: list[str], weights: Sequence[float] |
     return records, weights
 
 
+def _reads(fn: Callable[..., Any] | None, option: str) -> bool:
+    """Whether a dense strategy reads ``option``: it names the parameter, or takes ``**options`` under another
+    name than ``**_`` (the built-in strategies' spelling of "the rest is ignored")."""
+    if fn is None:
+        return False
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return True
+    return option in params or any(p.kind is inspect.Parameter.VAR_KEYWORD and name != "_"
+                                   for name, p in params.items())
+
+
+def _strategies_reading(option: str) -> str:
+    """The strategy names that read ``option``, for messages."""
+    from .plugins import get_registry
+
+    return ", ".join(sorted(n for n, fn in get_registry().merge_strategies.items() if _reads(fn, option)))
+
+
 def _strategy_options(strategy: str, kind: str, fn: Callable[..., Any] | None, density: float | None,
                       majority_sign_method: str) -> dict[str, Any]:
-    """The options handed to a dense strategy, checked."""
+    """The options handed to a dense strategy, checked: an option the strategy does not read is refused (PEFT
+    ignores it silently, so a typo in the strategy name or a forgotten switch went unnoticed)."""
     options: dict[str, Any] = {"majority_sign_method": majority_sign_method}
     if majority_sign_method not in ("total", "frequency"):
         raise MergeError(f"majority_sign_method must be 'total' or 'frequency', not {majority_sign_method!r}")
+    reads = kind == "dense" and _reads(fn, "density")
+    if majority_sign_method != "total" and not (kind == "dense" and _reads(fn, "majority_sign_method")):
+        raise MergeError(f"majority_sign_method={majority_sign_method!r} has no effect on strategy {strategy!r}; "
+                         f"it elects signs in {_strategies_reading('majority_sign_method')} (and their _svd forms): "
+                         f"drop it or pick one of those")
     if density is not None:
-        if not isinstance(density, (int, float)) or isinstance(density, bool) or not 0.0 <= density <= 1.0:
-            raise MergeError(f"density must be a number in [0, 1], got {density!r}")
+        if not isinstance(density, (int, float)) or isinstance(density, bool) or not 0.0 < density <= 1.0:
+            raise MergeError(f"density is the fraction of entries to keep, a number in (0, 1] (0 keeps none and "
+                             f"the merged adapter would change nothing), got {density!r}")
+        if not reads:
+            raise MergeError(f"density={density} has no effect on strategy {strategy!r}; it is read by "
+                             f"{_strategies_reading('density')} (and their _svd forms): drop density= or pick one "
+                             f"of those")
         options["density"] = float(density)
-    elif kind == "dense" and fn is not None and _needs(fn, "density"):
+    elif reads and fn is not None and _needs(fn, "density"):
         raise MergeError(f"strategy {strategy!r} needs density=<fraction of entries to keep>, e.g. density=0.5")
     return options
 
@@ -389,8 +420,8 @@ def _merge_dense(model: "AdaptedModel", names: list[str], records: list["Adapter
     target = _low_rank_target()
     if kind != "dense":
         if kind == "cat":
-            raise MergeError("strategy 'cat' concatenates low-rank factors; these adapters have none. Use "
-                             "strategy='linear' (exact at full rank) or 'svd' with rank=<r>")
+            raise MergeError(f"strategy 'cat' concatenates low-rank factors, which {_without_factors(records)} "
+                             f"lack; use strategy='linear' (exact at full rank) or 'svd' with rank=<r>")
         fn = get_registry().merge_strategies["linear"]
     merged: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     report: dict[str, float] = {}
@@ -421,6 +452,13 @@ def _merge_dense(model: "AdaptedModel", names: list[str], records: list["Adapter
     record = _add_merged(model, name, config, merged, records, weights, modules_to_save)
     record.merge_report = {"rank": rank, "energy_kept": report}
     return record
+
+
+def _without_factors(records: list["AdapterRecord"]) -> str:
+    """The members that have no low-rank factors, each with why, for messages: "d (DoRA: ...)"."""
+    parts = [f"{r.name} (DoRA: its change rescales the base weight's rows)" if _uses_dora(r) else
+             f"{r.name} ({r.method.name})" for r in records if _uses_dora(r) or not r.method.merge_low_rank]
+    return ", ".join(parts)
 
 
 def _check_mergeable(record: "AdapterRecord") -> None:
