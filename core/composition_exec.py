@@ -136,8 +136,9 @@ def _key(items: Sequence[tuple[str, Factors, float]]) -> tuple:
 
 
 def _cached(layer: "TunerLayer", tag: str, key: tuple, build: Any) -> Any:
-    """``build()``, memoized per layer while no gradient is recorded (one entry per tag)."""
-    if torch.is_grad_enabled():
+    """``build()``, memoized per layer while no gradient is recorded (one entry per tag). Not under
+    torch.compile: there the products are part of the graph, and checking the key would break it."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
         return build()
     cache = _cache(layer)
     hit = cache.get(tag)
@@ -204,7 +205,10 @@ def run_stack(block: Stack, layer: "TunerLayer", x: torch.Tensor, h: torch.Tenso
 
 def run_average(block: Average, layer: "TunerLayer", x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     refuse_merged(block, layer, "average()")
-    learned = layer.adapter_state.learned_averages.get(block)
+    learning = layer.adapter_state.learned_averages
+    # Looked up only while model.learn_average is open: hashing a block (its options as JSON) breaks a
+    # torch.compile graph.
+    learned = learning.get(block) if learning else None
     # Weights being learned (model.learn_average): a tensor while gradients are recorded, else numbers.
     weights = block.normalized_weights() if learned is None else run_weights(learned)
     terms = _low_rank_terms(block.children, weights, layer, skip_merged=False)
