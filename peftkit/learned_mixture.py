@@ -221,9 +221,12 @@ def train_fusion(model: "AdaptedModel", names: Sequence[str], batches: Sequence[
 
 def attention_shares(model: "AdaptedModel", names: Sequence[str], batches: Sequence[dict[str, Any]]
                      ) -> dict[str, float]:
-    """Each member's mean share of the fusion's attention over the batches' real tokens, all sites alike."""
+    """Each member's mean share of the fusion's attention over the batches' real tokens, all sites alike, read
+    in eval mode as the fusion is trained and scored (dropout would change them from run to run)."""
     totals = dict.fromkeys(names, 0.0)
     count = 0.0
+    was_training = model.training
+    model.eval()
     with torch.no_grad():
         for batch in batches:
             with model.capture_fusion_weights() as cap:
@@ -238,6 +241,7 @@ def attention_shares(model: "AdaptedModel", names: Sequence[str], batches: Seque
                     for j, member in enumerate(weights.members):
                         totals[member] += float(share[j])
                     count += float(keep.sum())
+    model.train(was_training)
     return {name: totals[name] / count if count else 0.0 for name in names}
 
 

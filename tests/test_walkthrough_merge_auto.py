@@ -105,3 +105,11 @@ def test_the_uniform_average_row_combines_as_the_saved_strategy(world: dict[str,
     assert mixture_then_weights == pytest.approx(mixture_only, abs=1e-6)
     assert weights_then_mixture == pytest.approx(weights_only, abs=1e-6)
     assert mixture_only[0] != pytest.approx(weights_only[0], abs=1e-4)  # the heads differ, so the rows do
+
+
+def test_a_fusions_reported_attention_shares_are_the_same_every_run(world: dict[str, Path]) -> None:
+    """The shares are read in eval mode, as the fusion was trained and is scored (dropout made them differ
+    from run to run while the saved fusion was bit for bit the same)."""
+    first = _run(world, ["a", "b"], "fusion").weights
+    second = _run(world, ["a", "b"], "fusion").weights
+    assert first == second
