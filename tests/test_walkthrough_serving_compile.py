@@ -47,3 +47,16 @@ def test_compiled_compositions_are_one_graph(active, rows) -> None:
     assert graphs == base_graphs
     for output in outputs:
         torch.testing.assert_close(output, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_each_new_list_of_names_compiles_one_graph_and_a_known_list_reuses_it() -> None:
+    inputs = sample_inputs("llama", batch=len(ROWS))
+    model = _served()
+    lists = [ROWS, ["c", "c", "a", "__base__"], ROWS, ["c", "c", "a", "__base__"]]
+    runs = [dict(inputs, adapter_names=rows) for rows in lists]
+    with torch.no_grad():
+        expected = [output_tensor(model(**kwargs)) for kwargs in runs]
+    graphs, outputs = _graphs(model, runs)
+    assert graphs == 2
+    for output, wanted in zip(outputs, expected):
+        torch.testing.assert_close(output, wanted, atol=1e-5, rtol=1e-5)
