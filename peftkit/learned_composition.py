@@ -105,6 +105,11 @@ def _fetch(refs: Sequence[str], hub: Any, token: str | None, progress: bool) -> 
     from peftkit.hub_client.snapshot import pull_snapshot
 
     local = [r for r in refs if Path(r).is_dir()]
+    for ref in refs:
+        if ref not in local and looks_local(ref.partition("@")[0] if not ref.startswith((".", "/", "~")) else ref):
+            what = "a file" if Path(ref).exists() else "no such folder"
+            raise AutoComposeError(f"candidate {ref!r} is not an adapter folder ({what}); give adapter folders or "
+                                   f"hub ids such as alice/sentiment@v2")
     remote = [parse_ref(r) for r in refs if r not in local]
     names = member_names(remote, taken={Path(r).name for r in local})
     out = [Candidate(Path(r).name, r, None, str(Path(r))) for r in local]

@@ -113,3 +113,11 @@ def test_a_fusions_reported_attention_shares_are_the_same_every_run(world: dict[
     first = _run(world, ["a", "b"], "fusion").weights
     second = _run(world, ["a", "b"], "fusion").weights
     assert first == second
+
+
+@pytest.mark.parametrize("ref, what", [("./missing", "no such folder"), ("few", "a file")])
+def test_a_candidate_path_that_is_no_adapter_folder_is_named(world: dict[str, Path], ref: str, what: str) -> None:
+    """A mistyped folder was read as a hub id ("invalid namespace '.'")."""
+    ref = str(world["few"]) if ref == "few" else ref
+    with pytest.raises(peftkit.PeftkitError, match=f"candidate '{ref}' is not an adapter folder \\({what}\\)"):
+        peftkit.auto_compose(str(world["base"]), [str(world["a"]), ref], examples=world["few"], progress=False)
