@@ -47,6 +47,9 @@ _OTHER_LIBRARY_NAMES = {
     "get_nb_trainable_parameters": "model.trainable_parameters()",
     "enable_adapter_layers": "model.set_active(name)",
     "disable_adapter_layers": "model.set_active(None), or `with model.disable_adapters():`",
+    "enable_adapters": "nothing: adapters run except inside `with model.disable_adapters():` (transformers' "
+                       "bare model.disable_adapters() call is a context manager here and does nothing without "
+                       "`with`), or model.set_active(name) after set_active(None)",
     "set_active_adapters": "model.set_active(...)",
     "add_adapter_fusion": "model.add_fusion(Fuse(...))",
     "train_adapter_fusion": "model.train_fusion(Fuse(...))",
@@ -142,13 +145,10 @@ class AdaptedModel(CompositionMixin, nn.Module):
         except AttributeError:
             if name == "base_model":
                 raise
-            try:
-                return getattr(self.base_model, name)
-            except AttributeError:
-                if name in _OTHER_LIBRARY_NAMES:
-                    raise AttributeError(f"AdaptedModel has no {name!r} (the PEFT / AdapterHub name); use "
-                                         f"{_OTHER_LIBRARY_NAMES[name]} (see `peftkit docs migrating`)") from None
-                raise
+            if name in _OTHER_LIBRARY_NAMES:  # before the base model: transformers' own would act on its adapters
+                raise AttributeError(f"AdaptedModel has no {name!r} (the PEFT / AdapterHub name); "
+                                     f"use {_OTHER_LIBRARY_NAMES[name]} (see `peftkit docs migrating`)") from None
+            return getattr(self.base_model, name)
 
     def get_base_model(self) -> nn.Module:
         return self.base_model

@@ -39,3 +39,10 @@ def test_set_active_with_a_misspelled_name_suggests_the_close_name(served: peftk
         served.set_active("stack(llama-b, lama-a)")
     with pytest.raises(CompositionError, match=r"names adapter 'lama-b'.*did you mean 'llama-b'\?"):
         served.set_active("lama-b")
+
+
+def test_transformers_enable_adapters_names_peftkits_way(served: peftkit.AdaptedModel) -> None:
+    """transformers' PEFT integration spells it model.disable_adapters() / model.enable_adapters(); the
+    call reached the base model's own method, which failed with a PEFT version error."""
+    with pytest.raises(AttributeError, match=r"no 'enable_adapters'.*with model\.disable_adapters\(\):"):
+        served.enable_adapters()
