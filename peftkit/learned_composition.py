@@ -98,7 +98,8 @@ def _searched(search: Mapping[str, Any], base: Any, hub: Any, token: str | None,
 
 
 def _fetch(refs: Sequence[str], hub: Any, token: str | None, progress: bool) -> list[Candidate]:
-    """Each candidate's folder: a local adapter folder as it is, a hub id pulled into the cache."""
+    """Each candidate's folder, in the order given (the first member's head predicts an average): a local
+    adapter folder as it is, a hub id pulled into the cache."""
     from peftkit.hub_client.backend import HubBackend
     from peftkit.hub_client.compose import member_names
     from peftkit.hub_client.resolve import open_hub, parse_ref
@@ -110,19 +111,19 @@ def _fetch(refs: Sequence[str], hub: Any, token: str | None, progress: bool) -> 
             what = "a file" if Path(ref).exists() else "no such folder"
             raise AutoComposeError(f"candidate {ref!r} is not an adapter folder ({what}); give adapter folders or "
                                    f"hub ids such as alice/sentiment@v2")
-    remote = [parse_ref(r) for r in refs if r not in local]
-    names = member_names(remote, taken={Path(r).name for r in local})
-    out = [Candidate(Path(r).name, r, None, str(Path(r))) for r in local]
+    remote = {r: parse_ref(r) for r in refs if r not in local}
+    names = member_names(list(remote.values()), taken={Path(r).name for r in local})
+    found = {r: Candidate(Path(r).name, r, None, str(Path(r))) for r in local}
     if remote:
         backend = open_hub(hub, token=token)
         try:
-            for ref in remote:
+            for text, ref in remote.items():
                 pulled = pull_snapshot(backend, ref, progress=progress)
-                out.append(Candidate(names[ref], ref.repo_id, pulled.commit, str(pulled.path)))
+                found[text] = Candidate(names[ref], ref.repo_id, pulled.commit, str(pulled.path))
         finally:
             if not isinstance(hub, HubBackend):
                 backend.close()
-    return out
+    return [found[r] for r in refs]
 
 
 def _datas(candidates: Sequence[Candidate]) -> list[dict[str, Any]]:

@@ -17,6 +17,7 @@ import torch
 
 import peftkit
 from peftkit.auto_compose_report import AutoComposeResult
+from tests.hub_helpers import hub_env  # noqa: F401 - fixture
 from tests.test_auto_compose import MOODS, bert
 from tests.train_helpers import sentiment_rows, torch_threads, word_tokenizer, write_jsonl
 
@@ -121,3 +122,18 @@ def test_a_candidate_path_that_is_no_adapter_folder_is_named(world: dict[str, Pa
     ref = str(world["few"]) if ref == "few" else ref
     with pytest.raises(peftkit.PeftkitError, match=f"candidate '{ref}' is not an adapter folder \\({what}\\)"):
         peftkit.auto_compose(str(world["base"]), [str(world["a"]), ref], examples=world["few"], progress=False)
+
+
+def test_candidates_keep_the_order_given_whether_folder_or_hub_id(world: dict[str, Path],
+                                                                   hub_env: Path) -> None:  # noqa: F811
+    """The members (and so the head an average predicts with: the first member's) follow the order of the
+    candidates; folders were put before hub ids."""
+    hub = f"local:{hub_env / 'hub'}"
+    peftkit.hub.push(str(world["b"]), "alice/b", hub=hub, base_model="peftkit-tests/tiny-bert",
+                     task="text-classification", progress=False)
+    with torch_threads(1):
+        result = peftkit.auto_compose(str(world["base"]), ["alice/b", str(world["a"])], examples=world["few"],
+                                      eval_examples=world["heldout"], hub=hub, strategy="mixture", steps=1,
+                                      progress=False)
+    assert [m.name for m in result.members] == ["b", "a"]
+    assert list(result.weights) == ["b", "a"]
