@@ -47,9 +47,6 @@ _OTHER_LIBRARY_NAMES = {
     "get_nb_trainable_parameters": "model.trainable_parameters()",
     "enable_adapter_layers": "model.set_active(name)",
     "disable_adapter_layers": "model.set_active(None), or `with model.disable_adapters():`",
-    "enable_adapters": "nothing: adapters run except inside `with model.disable_adapters():` (transformers' "
-                       "bare model.disable_adapters() call is a context manager here and does nothing without "
-                       "`with`), or model.set_active(name) after set_active(None)",
     "set_active_adapters": "model.set_active(...)",
     "add_adapter_fusion": "model.add_fusion(Fuse(...))",
     "train_adapter_fusion": "model.train_fusion(Fuse(...))",
@@ -476,18 +473,21 @@ class AdaptedModel(CompositionMixin, nn.Module):
             self._labels_before = config_labels(config)
         set_config_labels(config, labels)  # type: ignore[arg-type]
 
-    @contextlib.contextmanager
-    def disable_adapters(self) -> Iterator[None]:
-        """Run the bare base model inside the block (merged adapters stay in the weights)."""
-        state = self.adapter_state
-        previous = state.disabled
-        state.disabled = True
-        self._show_labels(None)
-        try:
-            yield
-        finally:
-            state.disabled = previous
-            self._show_labels(None if previous else state.active)
+    def disable_adapters(self) -> "AdaptersDisabled":
+        """Run the bare base model (merged adapters stay in the weights): inside ``with
+        model.disable_adapters():`` (PEFT's ``disable_adapter()``), or from a bare call until
+        ``model.enable_adapters()`` (transformers' spelling). It was a context manager only, so a bare call
+        silently did nothing."""
+        return AdaptersDisabled(self)
+
+    def enable_adapters(self) -> None:
+        """Run the active adapters again after a bare ``disable_adapters()`` call (transformers' spelling)."""
+        self._set_disabled(False)
+
+    def _set_disabled(self, disabled: bool) -> None:
+        """Adapters off or on, and the labels the config shows with them."""
+        self.adapter_state.disabled = disabled
+        self._show_labels(None if disabled else self.adapter_state.active)
 
     # -- training ------------------------------------------------------------------
 
@@ -864,3 +864,19 @@ def _capture_input(model: nn.Module, source: str, layer: TunerLayer) -> None:
     """
     module = model.get_submodule(source)
     layer.add_capture(source, module.base_layer if isinstance(module, TunerLayer) else module)
+
+
+class AdaptersDisabled:
+    """What ``AdaptedModel.disable_adapters()`` returns: the adapters are off from the call on; leaving a
+    ``with`` block over it turns them back to what they were before the call."""
+
+    def __init__(self, model: AdaptedModel) -> None:
+        self.model = model
+        self.previous = model.adapter_state.disabled
+        model._set_disabled(True)
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        self.model._set_disabled(self.previous)

@@ -4,6 +4,7 @@ makes are refused naming the row and the fix, close names suggested."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 import peftkit
 from peftkit.core.errors import AdapterError, CompositionError
@@ -41,8 +42,22 @@ def test_set_active_with_a_misspelled_name_suggests_the_close_name(served: peftk
         served.set_active("lama-b")
 
 
-def test_transformers_enable_adapters_names_peftkits_way(served: peftkit.AdaptedModel) -> None:
-    """transformers' PEFT integration spells it model.disable_adapters() / model.enable_adapters(); the
-    call reached the base model's own method, which failed with a PEFT version error."""
-    with pytest.raises(AttributeError, match=r"no 'enable_adapters'.*with model\.disable_adapters\(\):"):
+def test_transformers_bare_disable_and_enable_adapters_work() -> None:
+    """transformers' PEFT integration spells it model.disable_adapters() / model.enable_adapters(): enable
+    reached the base model's own method, which failed with a PEFT version error, and a bare disable call
+    (a context manager only) silently left the adapters on."""
+    served = peftkit.adapt(build_tiny("llama"), "lora[r=4,init_weights=false]").eval()
+    ids = torch.arange(12).reshape(2, 6) % 50 + 3
+    with torch.no_grad():
+        adapted = served(input_ids=ids).logits
+        served.disable_adapters()
+        bare = served(input_ids=ids).logits
+        with served.disable_adapters():  # nested: leaving it keeps them off, as before the block
+            assert torch.equal(served(input_ids=ids).logits, bare)
+        assert torch.equal(served(input_ids=ids).logits, bare)
         served.enable_adapters()
+        assert torch.equal(served(input_ids=ids).logits, adapted)
+        with served.disable_adapters():
+            assert torch.equal(served(input_ids=ids).logits, bare)
+        assert torch.equal(served(input_ids=ids).logits, adapted)
+    assert not torch.allclose(bare, adapted)
