@@ -105,6 +105,10 @@ def card_metadata(*, method: str, base_model: str | None, peft_format: bool, tas
     return meta
 
 
+#: Where a card saved outside a hub says its folder is.
+LOCAL_PLACEHOLDER = "path/to/this/adapter"
+
+
 def render_card(meta: dict[str, Any], *, method: str, adapter_name: str, repo_id: str | None = None,
                 description: str | None = None, parameters: int | None = None,
                 metrics: dict[str, float] | None = None, default_description: str | None = None) -> str:
@@ -116,7 +120,7 @@ def render_card(meta: dict[str, Any], *, method: str, adapter_name: str, repo_id
     if yaml.safe_load(front) != meta:  # PyYAML folds U+0085/U+2028 written raw in quotes: escape them all
         front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=False)
     base = meta.get("base_model") or "<base model>"
-    where = repo_id or "path/to/this/adapter"
+    where = repo_id or LOCAL_PLACEHOLDER
     lines = [
         f"# {repo_id or adapter_name}", "",
         description or default_description or f"A {method} adapter for `{base}`, made with peftkit.", "",
@@ -146,7 +150,9 @@ def _usage_lines(base: str, where: str, peft_format: bool) -> list[str]:
         loaded = _BASE_VARIABLE
         lines += [f"The adapter records its base model as a local folder (`{base}`), not a hub id: load that "
                   f"model (or the hub model it is a copy of) as `{_BASE_VARIABLE}`, then:", ""]
-    lines += ["```python", "import peftkit", f"model = peftkit.load({loaded}, {json.dumps(where)})", "```", ""]
+    # peftkit.load reads hub repos; a folder (a card saved locally, "path/to/this/adapter") loads with from_pretrained
+    loader = "peftkit.load" if where != LOCAL_PLACEHOLDER else "peftkit.from_pretrained"
+    lines += ["```python", "import peftkit", f"model = {loader}({loaded}, {json.dumps(where)})", "```", ""]
     if peft_format:
         lines += ["The folder is in Hugging Face PEFT's format too:", "", "```python",
                   "from peft import PeftModel",

@@ -158,3 +158,17 @@ def test_generated_body_tolerates_line_endings_but_no_edit() -> None:
     assert generated_body(body.replace("Mine.", "Mine!")) is None
     default = split_front_matter(render_card(meta, method="lora", adapter_name="a"))[1]
     assert generated_body(default).description is None  # a default text is written anew for the repo
+
+
+def test_a_locally_saved_cards_snippet_loads_the_folder(tmp_path: Path) -> None:
+    """The card of a folder saved outside a hub said peftkit.load(base, "path/to/this/adapter"), and peftkit.load
+    reads hub repos only: the snippet failed as written (found in the merging walkthrough)."""
+    model = peftkit.adapt(build_tiny("llama"), "lora[r=2]")
+    model.save_adapter(str(tmp_path / "a"))
+    card = (tmp_path / "a" / "README.md").read_text()
+    (line,) = [line for line in card.splitlines() if line.startswith("model = peftkit.")]
+    assert line.startswith("model = peftkit.from_pretrained(") and line.endswith(', "path/to/this/adapter")')
+    snippet = line.replace('"path/to/this/adapter"', repr(str(tmp_path / "a"))).split(" = ", 1)[1]
+    loaded = eval(snippet.replace(snippet[snippet.index("(") + 1:snippet.index(",")], "base"),  # the card's call
+                  {"peftkit": peftkit, "base": build_tiny("llama")})
+    assert isinstance(loaded, peftkit.AdaptedModel) and loaded.adapters
