@@ -172,7 +172,8 @@ class GeneratedBody:
 _LAYOUT = (r"# [^\n]*\n\n(?P<description>.+?)\n\n## Details\n\n- method: `[^\n]*`\n- base model: `[^\n]*`\n"
            r"(?:- trainable parameters: [0-9,]+\n)?(?:- dataset: [^\n]*\n)?"
            r"(?:\n## Results\n\n\| metric \| value \|\n\| --- \| --- \|\n(?:\| [^\n]* \| [^\n]* \|\n)+)?"
-           r"\n## Usage\n\n{paragraph}```python\nimport peftkit\nmodel = peftkit\.load\([^\n]*\)\n```\n"
+           r"\n## Usage\n\n{paragraph}```python\nimport peftkit\n"
+           r"model = peftkit\.(?:load|from_pretrained)\([^\n]*\)\n```\n"
            r"(?:\nThe folder is in Hugging Face PEFT's format too:\n\n```python\nfrom peft import PeftModel\n"
            r"model = PeftModel\.from_pretrained\(base_model, [^\n]*\)\n```\n)?")
 _LAYOUT_RE = re.compile(_LAYOUT.format(paragraph=r"(?:[^\n]+\n\n)?"), re.DOTALL)
