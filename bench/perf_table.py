@@ -119,10 +119,17 @@ class Setup:
 #: key -> (label in the table, peftkit spec; init_weights=false where the identity would be trivial)
 METHODS: dict[str, tuple[str, str]] = {
     "lora_r8": ("LoRA r8 all-linear", "lora[r=8,alpha=16,init_weights=false,target_modules=all-linear]"),
+    "lora_r8_dropout": ("LoRA r8 all-linear, dropout 0.1",
+                        "lora[r=8,alpha=16,dropout=0.1,init_weights=false,target_modules=all-linear]"),
     "lora_r64": ("LoRA r64 all-linear", "lora[r=64,alpha=128,init_weights=false,target_modules=all-linear]"),
     "dora_r8": ("DoRA r8 all-linear",
                 "lora[r=8,alpha=16,init_weights=false,use_dora=true,target_modules=all-linear]"),
     "lokr_r8": ("LoKr r8 all-linear", "lokr[r=8,alpha=16,init_weights=false,target_modules=all-linear]"),
+    "oft": ("OFT block 32 all-linear", "oft[oft_block_size=32,init_weights=false,target_modules=all-linear]"),
+    "boft": ("BOFT block 8 all-linear", "boft[boft_block_size=8,init_weights=false,target_modules=all-linear]"),
+    "vera": ("VeRA r256 all-linear", "vera[r=256,init_weights=false,target_modules=all-linear]"),
+    "adalora": ("AdaLoRA r12 all-linear",
+                "adalora[init_r=12,target_r=8,total_step=100,init_weights=false,target_modules=all-linear]"),
     "ia3": ("IA3", "ia3[init_weights=false]"),
     "prefix": ("prefix tuning (20)", "prefix_tuning[num_virtual_tokens=20]"),
     "prompt": ("prompt tuning (20)", "prompt_tuning[num_virtual_tokens=20]"),
