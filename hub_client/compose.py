@@ -508,6 +508,15 @@ def load(base_model: Any, spec: Any, hub: "str | HubBackend | None" = None, *,
     return adapted
 
 
+def _local_folder_hint(repo_id: str) -> str:
+    """For a repo id that is also a local folder (``out/w1``): load reads hubs, the folder loads with
+    ``peftkit.from_pretrained``."""
+    if not Path(repo_id).is_dir():
+        return ""
+    return (f"; {repo_id!r} is also a folder here: peftkit.load reads hub repos, and "
+            f"peftkit.from_pretrained(model, {repo_id!r}) loads a saved folder")
+
+
 def load_with_plan(base_model: Any, spec: Any, hub: "str | HubBackend | None" = None, *,
                    adapters: Mapping[str, str] | None = None, token: str | None = None, trainable: bool = False,
                    cache_dir: str | None = None, progress: bool = True,
@@ -524,7 +533,10 @@ def load_with_plan(base_model: Any, spec: Any, hub: "str | HubBackend | None" = 
     backend = open_hub(hub, token=token)
     try:
         for member in the_plan.members.values():
-            pulled = pull_snapshot(backend, member.ref, cache_dir=cache_dir, progress=progress)
+            try:
+                pulled = pull_snapshot(backend, member.ref, cache_dir=cache_dir, progress=progress)
+            except HubError as exc:
+                raise HubError(f"{exc}{_local_folder_hint(member.ref.repo_id)}") from None
             member.path, member.commit = pulled.path, pulled.commit
             _classify(member)
     finally:

@@ -34,3 +34,18 @@ def test_a_hub_id_given_as_a_folder_names_the_pull(hub_with_adapter: str, call: 
     assert "peftkit.hub.pull('alice/llama-a@main')" in message
     folder = hub.pull("alice/llama-a@main", hub=hub_with_adapter, progress=False)
     getattr(model, call)(folder, name)  # what the message says works
+
+
+def test_load_given_a_saved_folder_names_from_pretrained(hub_with_adapter: str, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """peftkit.load(model, "out/w1") with out/w1 a saved folder said only that the repo does not exist."""
+    peftkit.adapt(build_tiny("llama"), "lora[r=4]").save_adapter(str(tmp_path / "out" / "w1"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(peftkit.HubError) as caught:
+        peftkit.load(build_tiny("llama"), "out/w1", hub=hub_with_adapter, progress=False)
+    assert str(caught.value).endswith("; 'out/w1' is also a folder here: peftkit.load reads hub repos, and "
+                                      "peftkit.from_pretrained(model, 'out/w1') loads a saved folder")
+    assert peftkit.from_pretrained(build_tiny("llama"), "out/w1").adapters  # what the message says works
+    with pytest.raises(peftkit.HubError) as caught:
+        peftkit.load(build_tiny("llama"), "alice/none", hub=hub_with_adapter, progress=False)
+    assert "also a folder" not in str(caught.value)
