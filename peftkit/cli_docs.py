@@ -13,7 +13,9 @@ HEADER = """# CLI reference
 
 Generated from the commands' own `--help` by `python -m peftkit.cli_docs > docs/cli.md`
 (a test keeps this file in sync). Exit codes: 0 success, 1 an error peftkit
-reports (the message says what is wrong and how to fix it), 2 a usage error.
+reports (the message says what is wrong and how to fix it), 2 a usage error;
+`peftkit train --push` exits 3 when the adapter is trained and saved but the
+push failed, and 130 / 143 when interrupted (Ctrl-C / SIGTERM).
 """
 
 
