@@ -63,8 +63,19 @@ def composition_distances(out: Path) -> None:
         out.write_text(json.dumps(distances), encoding="utf-8")
 
 
+def end_process_group() -> None:
+    """What docs/train.md tells a script calling peftkit.train() under torchrun to do: left to interpreter
+    exit, a rank's gloo threads can be torn down while joinable (SIGABRT after all the work was saved)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 if __name__ == "__main__":
     runs = json.loads(Path(sys.argv[1]).read_text(encoding="utf-8"))
     train_runs(runs)
     if runs.get("composition"):
         composition_distances(Path(runs["composition"]))
+    end_process_group()
