@@ -23,6 +23,17 @@ def is_residual_init(init: object) -> bool:
     return init in ("pissa", "olora") or (isinstance(init, str) and _PISSA_NITER.fullmatch(init) is not None)
 
 
+def is_linear_only_init(init: object) -> bool:
+    """Whether LoRA's ``init`` is computed for a linear layer's weight (the residual inits and
+    ``LINEAR_ONLY_INITS``): other layers are refused for it."""
+    return is_residual_init(init) or init in LINEAR_ONLY_INITS
+
+
+def is_known_init(init: object) -> bool:
+    """Whether peftkit implements LoRA's ``init`` (True, False, "gaussian", "eva" or a linear-only init)."""
+    return init in (True, False, "gaussian", "eva") or is_linear_only_init(init)
+
+
 def pissa_iterations(init: str) -> int | None:
     """N of "pissa_niter_N" (the randomized SVD), None for another init."""
     match = _PISSA_NITER.fullmatch(init)
@@ -95,9 +106,9 @@ class LoraConfig(AdapterConfig):
         if not 0.0 <= self.eva_tau <= 1.0:
             raise ConfigError(f"lora config: eva_tau={self.eva_tau} must be in [0, 1]")
         if self.use_gating:
-            clash = [name for name, on in (("use_dora", self.use_dora), ("init_weights", is_residual_init(
-                self.init_weights) or self.init_weights in ("eva", *LINEAR_ONLY_INITS)),
-                ("target_parameters", bool(self.target_parameters))) if on]
+            clash = [name for name, on in (("use_dora", self.use_dora), ("init_weights", is_linear_only_init(
+                self.init_weights) or self.init_weights == "eva"), ("target_parameters", bool(self.target_parameters)))
+                if on]
             if clash:
                 raise ConfigError(f"lora config: use_gating=true cannot be combined with {clash[0]}="
                                   f"{getattr(self, clash[0])!r}; a gated LoRA is a plain LoRA on linear layers")
@@ -119,7 +130,7 @@ class LoraConfig(AdapterConfig):
 
     def _check_init(self) -> None:
         init = self.init_weights
-        if isinstance(init, str) and init not in ("gaussian", "eva", *LINEAR_ONLY_INITS) and not is_residual_init(init):
+        if isinstance(init, str) and not is_known_init(init):
             raise ConfigError(f"lora config: init_weights={init!r} is not known; use true, false, "
                               f"\"gaussian\", \"pissa\", \"pissa_niter_N\" (N a whole number, e.g. "
                               f"pissa_niter_4), \"olora\", \"orthogonal\", \"mica\" or \"eva\"")

@@ -9,7 +9,7 @@ from peftkit.plugin_api import (AdapterConfig, ConfigError, Method, pattern_valu
                                 write_peft_fields)
 
 from .adapterhub import LoraAdapterHub
-from .config import is_residual_init, LINEAR_ONLY_INITS, LoraConfig
+from .config import is_known_init, is_linear_only_init, LoraConfig
 from .sites import ParameterSite
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -114,9 +114,8 @@ class LoraMethod(Method):
                 raise ConfigError(f"lora: DoRA rescales the base weight's rows, but {site.name} is quantized "
                                   f"({quantized}); use plain LoRA on a quantized model (QLoRA), or DoRA on an "
                                   f"unquantized one")
-        linear_only = is_residual_init(config.init_weights) or config.init_weights in LINEAR_ONLY_INITS
         linear = is_linear_like(base_layer) and not is_embedding(base_layer) and not is_conv(base_layer)
-        if linear_only and not linear:
+        if is_linear_only_init(config.init_weights) and not linear:
             raise ConfigError(f"lora: init_weights={config.init_weights!r} applies to linear layers only, and "
                               f"{site.name} is a {type(base_layer).__name__}; exclude it (exclude_modules) or "
                               f"use another init")
@@ -199,7 +198,7 @@ class LoraMethod(Method):
             values["use_gating"] = True
         values.update(read_peft_fields(eva, f"{self.name} (eva_config)", _EVA_FIELDS))
         init = values.get("init_weights")
-        if init not in (True, False, "gaussian", "eva", *LINEAR_ONLY_INITS) and not is_residual_init(init):
+        if not is_known_init(init):
             # PEFT's other inits only matter before training; LoRA-GA's ("lora_ga", which moves part of the
             # base weight into the factors) comes with its lora_ga_config, refused above as a setting peftkit lacks.
             values["init_weights"] = True
