@@ -12,8 +12,9 @@ subtracts a member's change in the encoder, never flips the head's logits.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 
@@ -36,27 +37,34 @@ class Score:
         return {"loss": self.loss, "accuracy": self.accuracy}
 
 
+@contextlib.contextmanager
+def in_eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """``model`` in eval mode (no dropout: the same numbers every run) inside the block, then back in the mode
+    it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 def score_batches(model: torch.nn.Module, batches: Sequence[dict[str, torch.Tensor]], *,
                   classification: bool) -> Score:
     """The model's loss on ``batches`` (each with ``labels``, -100 where none), weighted by targets, and
     for classification the share of targets whose highest logit is the label."""
     total, count, correct = 0.0, 0, 0
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                out = model(**batch)
-                labels = batch["labels"]
-                mask = labels != -100
-                n = max(int(mask.sum()), 1)
-                total += float(out.loss) * n
-                count += n
-                if classification:
-                    predicted = out.logits.argmax(-1)
-                    correct += int((predicted[mask] == labels[mask]).sum())
-    finally:
-        model.train(was_training)
+    with in_eval_mode(model), torch.no_grad():
+        for batch in batches:
+            out = model(**batch)
+            labels = batch["labels"]
+            mask = labels != -100
+            n = max(int(mask.sum()), 1)
+            total += float(out.loss) * n
+            count += n
+            if classification:
+                predicted = out.logits.argmax(-1)
+                correct += int((predicted[mask] == labels[mask]).sum())
     if count == 0:
         raise MergeError("there are no examples to score")
     return Score(total / count, correct / count if classification else None)

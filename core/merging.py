@@ -260,7 +260,7 @@ def _strategy_options(strategy: str, kind: str, fn: Callable[..., Any] | None, d
                              f"{_strategies_reading('density')} (and their _svd forms): drop density= or pick one "
                              f"of those")
         options["density"] = float(density)
-    elif reads and fn is not None and _needs(fn, "density"):
+    elif reads and _needs(fn, "density"):
         raise MergeError(f"strategy {strategy!r} needs density=<fraction of entries to keep>, e.g. density=0.5")
     return options
 

@@ -35,7 +35,7 @@ import torch.nn as nn
 from peftkit.core.composition import BASE_MODEL, Average, Fuse, Node, Stack
 from peftkit.core.errors import CompositionError
 from peftkit.core.heads import label_heads, label_layer
-from peftkit.core.merge_search import Score, score_batches
+from peftkit.core.merge_search import in_eval_mode, Score, score_batches
 from peftkit.core.targets import NO_LAYERS
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -128,31 +128,29 @@ def train_steps(model: "AdaptedModel", params: list[torch.Tensor], batches: Sequ
     a few examples give the same result every run); returns the mean loss of the last pass over the batches."""
     from tqdm.auto import tqdm
 
-    was_training = model.training
-    model.eval()
-    for param in params:
-        param.requires_grad_(True)
-    optimizer = torch.optim.Adam(params, lr=lr)
-    recent: list[float] = []
-    bar = tqdm(total=steps, disable=not progress, desc=desc, unit="step", leave=False)
-    try:
-        for step in range(steps):
-            loss = model(**batches[step % len(batches)]).loss
-            if penalty is not None:
-                loss = loss + penalty()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            if after_step is not None:
-                after_step()
-            recent = (recent + [float(loss.detach())])[-len(batches):]
-            bar.update(1)
-            bar.set_postfix(loss=f"{recent[-1]:.4g}")
-    finally:
-        bar.close()
+    with in_eval_mode(model):
         for param in params:
-            param.requires_grad_(False)
-        model.train(was_training)
+            param.requires_grad_(True)
+        optimizer = torch.optim.Adam(params, lr=lr)
+        recent: list[float] = []
+        bar = tqdm(total=steps, disable=not progress, desc=desc, unit="step", leave=False)
+        try:
+            for step in range(steps):
+                loss = model(**batches[step % len(batches)]).loss
+                if penalty is not None:
+                    loss = loss + penalty()
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                if after_step is not None:
+                    after_step()
+                recent = (recent + [float(loss.detach())])[-len(batches):]
+                bar.update(1)
+                bar.set_postfix(loss=f"{recent[-1]:.4g}")
+        finally:
+            bar.close()
+            for param in params:
+                param.requires_grad_(False)
     return sum(recent) / max(len(recent), 1)
 
 
@@ -225,9 +223,7 @@ def attention_shares(model: "AdaptedModel", names: Sequence[str], batches: Seque
     in eval mode as the fusion is trained and scored (dropout would change them from run to run)."""
     totals = dict.fromkeys(names, 0.0)
     count = 0.0
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
+    with in_eval_mode(model), torch.no_grad():
         for batch in batches:
             with model.capture_fusion_weights() as cap:
                 model(**batch)
@@ -241,7 +237,6 @@ def attention_shares(model: "AdaptedModel", names: Sequence[str], batches: Seque
                     for j, member in enumerate(weights.members):
                         totals[member] += float(share[j])
                     count += float(keep.sum())
-    model.train(was_training)
     return {name: totals[name] / count if count else 0.0 for name in names}
 
 
