@@ -47,6 +47,7 @@ merged change's energy (squared Frobenius norm) the rank keeps.
 from __future__ import annotations
 
 import copy
+import difflib
 import inspect
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
@@ -86,7 +87,9 @@ def _resolve(strategy: str) -> tuple[str, Callable[..., Any] | None]:
     base = strategy[:-4] if strategy.endswith("_svd") and strategy[:-4] in registry else strategy
     fn = registry.get(base)
     if fn is None:
-        raise MergeError(f"unknown merge strategy {strategy!r}; available: {', '.join(strategy_names())}")
+        close = difflib.get_close_matches(strategy.lower(), strategy_names(), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise MergeError(f"unknown merge strategy {strategy!r}; {hint}available: {', '.join(strategy_names())}")
     return "dense", fn
 
 
@@ -265,6 +268,23 @@ def _strategy_options(strategy: str, kind: str, fn: Callable[..., Any] | None, d
     return options
 
 
+def check_merge_options(strategy: str, density: float | None = None, rank: int | None = None,
+                        majority_sign_method: str = "total") -> None:
+    """Raise MergeError for the options :func:`merge_adapters` would refuse whatever the adapters (an unknown
+    strategy, a density or sign election the strategy does not read, a bad rank), so a command can refuse
+    them before it downloads or loads anything."""
+    _checked_options(strategy, density, rank, majority_sign_method)
+
+
+def _checked_options(strategy: str, density: float | None, rank: int | None, majority_sign_method: str
+                     ) -> tuple[str, Callable[..., Any] | None, dict[str, Any]]:
+    kind, fn = _resolve(strategy)
+    options = _strategy_options(strategy, kind, fn, density, majority_sign_method)
+    if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0):
+        raise MergeError(f"rank must be a positive integer, got {rank!r}")
+    return kind, fn, options
+
+
 def merge_adapters(model: "AdaptedModel", adapters: Sequence[str], weights: Sequence[float] | None = None,
                    name: str = "merged", strategy: str = "svd", *, density: float | None = None,
                    rank: int | None = None, majority_sign_method: str = "total", seed: int | None = 0,
@@ -287,10 +307,7 @@ def merge_adapters(model: "AdaptedModel", adapters: Sequence[str], weights: Sequ
     names = list(adapters) if not isinstance(adapters, str) else [adapters]
     records, weights = _members(model, names, weights)
     model.check_adapter_name(name)
-    kind, fn = _resolve(strategy)
-    options = _strategy_options(strategy, kind, fn, density, majority_sign_method)
-    if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0):
-        raise MergeError(f"rank must be a positive integer, got {rank!r}")
+    kind, fn, options = _checked_options(strategy, density, rank, majority_sign_method)
     for record in records:
         if record.model_adapter:
             raise MergeError(f"adapter {record.name!r} changes the model's inputs and has no layer weights to "
@@ -594,13 +611,13 @@ def _fill_modules_to_save(model: "AdaptedModel", name: str, records: list["Adapt
         if choice is None and len(holders) > 1:
             raise MergeError(f"adapters {', '.join(n for n, _ in holders)} each keep their own copy of "
                              f"{module_name!r}; pass modules_to_save='average' or the name of the adapter "
-                             f"whose copy the merged adapter keeps")
+                             f"whose copy the merged adapter keeps (peftkit merge: --head average or --head NAME)")
         source = choice if choice in dict(holders) else holders[0][0]
         named = {n: labels[n] for n, _ in holders if labels[n] is not None}
         if choice == "average" and len({tuple(v) for v in named.values()}) > 1:
             raise MergeError(f"modules_to_save='average': the classification heads predict different labels "
                              f"({describe_labels(named)}) and cannot be averaged; pass the name of the adapter "
-                             f"whose head the merged adapter keeps")
+                             f"whose head the merged adapter keeps (peftkit merge: --head NAME)")
         target = copy.deepcopy(module.copies[source])  # its shape: a head may have other labels than the model's
         target.requires_grad_(False)
         module.copies[name] = target

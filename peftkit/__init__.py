@@ -51,6 +51,7 @@ _LAZY: dict[str, str] = {
     "FuseConfig": "peftkit.core.fusion",
     "merge_adapters": "peftkit.core.merging",
     "auto_compose": "peftkit.learned_composition",
+    "merge_to_folder": "peftkit.weight_merge",
     "save_composition": "peftkit.core.composition_io",
     "load_composition": "peftkit.api",
     "parse_composition": "peftkit.api",
@@ -106,6 +107,7 @@ __getattr__, __dir__ = lazy_attributes(__name__, _LAZY, __all__)
 if TYPE_CHECKING:  # pragma: no cover
     from peftkit.api import adapt, from_pretrained, list_methods, load_composition, parse_composition  # noqa: F401
     from peftkit.learned_composition import auto_compose  # noqa: F401
+    from peftkit.weight_merge import merge_to_folder  # noqa: F401
     from peftkit.hub_client import api as hub  # noqa: F401
     from peftkit.hub_client.api import load  # noqa: F401
     from peftkit.hub_client.errors import HubError  # noqa: F401

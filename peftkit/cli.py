@@ -162,7 +162,7 @@ def _human_bytes(n: int) -> str:
 
 #: Modules that add command groups to ``main`` (each defines ``commands``: a
 #: list of click commands). They must not import torch at module level.
-COMMAND_MODULES: list[str] = ["peftkit.registry.cli", "peftkit.cli_train", "peftkit.cli_hub",
+COMMAND_MODULES: list[str] = ["peftkit.registry.cli", "peftkit.cli_train", "peftkit.cli_hub", "peftkit.cli_merge",
                                "peftkit.cli_read_docs"]
 
 

@@ -9,57 +9,18 @@ so a hostile hub cannot drive the terminal; ``--json`` gives it exactly.
 
 from __future__ import annotations
 
-import contextlib
 import sys
-import warnings
-from typing import Any, Iterator
+from typing import Any
 
 import click
 
 from peftkit.cli_auto_compose import auto_options, check_auto_options, run_auto
+from peftkit.cli_options import hub_option, plain_warnings, quiet_option, read_token, token_option
 from peftkit.cli_output import echo_json, echo_safe, format_table
-
-_HUB_HELP = ("Hub: 'local' (the embedded hub, default), 'local:/folder', a registry URL http://host:port, or "
-             "'hf' (the Hugging Face Hub). Default: $PEFTKIT_HUB, else local.")
-
-
-def _hub_option(f: Any) -> Any:
-    return click.option("--hub", default=None, metavar="HUB", help=_HUB_HELP)(f)
-
-
-def _token_option(f: Any) -> Any:
-    return click.option("--token-file", type=click.Path(dir_okay=False), default=None,
-                        help="Read the token from this file (else PEFTKIT_HUB_TOKEN, HF_TOKEN or `peftkit hub "
-                             "login`). Tokens are never taken on the command line, where other users could see "
-                             "them.")(f)
-
-
-def _quiet_option(f: Any) -> Any:
-    return click.option("--quiet", "-q", is_flag=True, help="No progress bars or status lines.")(f)
-
-
-def _token(token_file: str | None) -> str | None:
-    if token_file is None:
-        return None
-    from peftkit.hub_client.auth import read_token_file
-
-    return read_token_file(token_file)
 
 
 def _short_date(value: Any) -> str:
     return value.strftime("%Y-%m-%d %H:%M") if value is not None and hasattr(value, "strftime") else "-"
-
-
-@contextlib.contextmanager
-def plain_warnings(show_all: bool = True) -> Iterator[None]:
-    """Show warnings as one 'Warning: ...' line on stderr, not Python's file:line form; ``show_all``
-    also shows categories Python hides by default (DeprecationWarning), once per place."""
-    with warnings.catch_warnings():
-        if show_all:
-            warnings.simplefilter("default")
-        warnings.showwarning = lambda message, *args, **kwargs: echo_safe(f"Warning: {message}", err=True,
-                                                                            multiline=True)
-        yield
 
 
 class _HubGroup(click.Group):
@@ -85,7 +46,7 @@ def hub_group() -> None:
 @hub_group.command("push")
 @click.argument("folder", type=click.Path(exists=True, file_okay=False))
 @click.argument("repo_id")
-@_hub_option
+@hub_option
 @click.option("--revision", "-r", default="main", show_default=True, help="Branch to commit to (created from main).")
 @click.option("--private/--public", default=None, help="Visibility (default: public for a new repo, else unchanged).")
 @click.option("--message", "-m", default=None, help="Commit message.")
@@ -100,8 +61,8 @@ def hub_group() -> None:
 @click.option("--format", "folder_format", type=click.Choice(["peftkit", "adapters"]), default=None,
               help="Publish the adapter in this folder format: 'adapters' (AdapterHub's) converts a folder saved "
                    "in peftkit's format, loading it on its base model. Default: as saved.")
-@_token_option
-@_quiet_option
+@token_option
+@quiet_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def push_command(folder: str, repo_id: str, hub: str | None, revision: str, private: bool | None,
                  message: str | None, task: str | None, dataset: tuple[str, ...], metric: tuple[str, ...],
@@ -123,7 +84,7 @@ def push_command(folder: str, repo_id: str, hub: str | None, revision: str, priv
     result = push(folder, repo_id, hub=hub, private=private, commit_message=message, revision=revision,
                   task=task, dataset=list(dataset) or None, metrics=metrics or None, tags=list(tag),
                   base_model=base_model, description=description, license=license_,
-                  language=list(language) or None, token=_token(token_file), progress=not quiet,
+                  language=list(language) or None, token=read_token(token_file), progress=not quiet,
                   format=folder_format)
     if as_json:
         echo_json(result.to_json())
@@ -138,12 +99,12 @@ def push_command(folder: str, repo_id: str, hub: str | None, revision: str, priv
 
 @hub_group.command("pull")
 @click.argument("ref", metavar="REPO_ID[@REVISION]")
-@_hub_option
+@hub_option
 @click.option("--revision", "-r", default=None, help="Branch or commit (instead of @REVISION).")
 @click.option("--out", "out", type=click.Path(file_okay=False), default=None,
               help="Also copy the files to this folder (replaced whole).")
-@_token_option
-@_quiet_option
+@token_option
+@quiet_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def pull_command(ref: str, hub: str | None, revision: str | None, out: str | None, token_file: str | None,
                  quiet: bool, as_json: bool) -> None:
@@ -154,7 +115,7 @@ def pull_command(ref: str, hub: str | None, revision: str | None, out: str | Non
     from peftkit.hub_client.resolve import open_hub, parse_ref
     from peftkit.hub_client.snapshot import copy_snapshot, pull_snapshot
 
-    backend = open_hub(hub, token=_token(token_file))
+    backend = open_hub(hub, token=read_token(token_file))
     try:
         pulled = pull_snapshot(backend, parse_ref(ref, revision), progress=not quiet)
     finally:
@@ -173,7 +134,7 @@ def pull_command(ref: str, hub: str | None, revision: str | None, out: str | Non
 
 @hub_group.command("search")
 @click.argument("text", required=False)
-@_hub_option
+@hub_option
 @click.option("--base-model", default=None, help="Adapters of this base model (hub id).")
 @click.option("--method", default=None, help="Tuning method, e.g. lora, seq_bn.")
 @click.option("--task", default=None, help="Task, e.g. text-classification (or a PEFT task type: CAUSAL_LM).")
@@ -182,7 +143,7 @@ def pull_command(ref: str, hub: str | None, revision: str | None, out: str | Non
 @click.option("--dataset", default=None, help="Adapters whose card lists this dataset (hub id).")
 @click.option("--sort", type=click.Choice(["downloads", "recent"]), default="downloads", show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
-@_token_option
+@token_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def search_command(text: str | None, hub: str | None, base_model: str | None, method: str | None,
                    task: str | None, tag: tuple[str, ...], author: str | None, dataset: str | None, sort: str,
@@ -191,7 +152,7 @@ def search_command(text: str | None, hub: str | None, base_model: str | None, me
     from peftkit.hub_client.api import search
 
     hits = search(text, hub, base_model=base_model, method=method, task=task, tags=list(tag), author=author,
-                  dataset=dataset, sort=sort, limit=limit, token=_token(token_file))
+                  dataset=dataset, sort=sort, limit=limit, token=read_token(token_file))
     if as_json:
         echo_json([h.to_json() for h in hits])
     elif hits:
@@ -221,14 +182,14 @@ def _hint_unknown_method(method: str) -> None:
 
 @hub_group.command("info")
 @click.argument("ref", metavar="REPO_ID[@REVISION]")
-@_hub_option
-@_token_option
+@hub_option
+@token_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def info_command(ref: str, hub: str | None, token_file: str | None, as_json: bool) -> None:
     """Describe a repo: method, base model, task, files, branches."""
     from peftkit.hub_client.api import info
 
-    data = info(ref, hub, token=_token(token_file))
+    data = info(ref, hub, token=read_token(token_file))
     if as_json:
         echo_json(data.to_json())
         return
@@ -252,10 +213,10 @@ def info_command(ref: str, hub: str | None, token_file: str | None, as_json: boo
 
 @hub_group.command("delete")
 @click.argument("repo_id")
-@_hub_option
+@hub_option
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 @click.option("--missing-ok", is_flag=True, help="Succeed when the repo does not exist.")
-@_token_option
+@token_option
 def delete_command(repo_id: str, hub: str | None, yes: bool, missing_ok: bool, token_file: str | None) -> None:
     """Delete a repo with its whole history (no undo)."""
     from peftkit.hub_client.api import delete
@@ -263,12 +224,12 @@ def delete_command(repo_id: str, hub: str | None, yes: bool, missing_ok: bool, t
 
     if not yes:
         click.confirm(f"Delete {repo_id} and its whole history from {hub_address(hub)}?", abort=True)
-    delete(repo_id, hub, token=_token(token_file), missing_ok=missing_ok)
+    delete(repo_id, hub, token=read_token(token_file), missing_ok=missing_ok)
     click.echo(f"Deleted {repo_id}.")
 
 
 @hub_group.command("login")
-@_hub_option
+@hub_option
 @click.option("--token-stdin", is_flag=True, help="Read the token from standard input instead of a prompt.")
 @click.option("--no-verify", is_flag=True, help="Store the token without asking the hub whether it is valid.")
 def login_command(hub: str | None, token_stdin: bool, no_verify: bool) -> None:
@@ -294,7 +255,7 @@ def login_command(hub: str | None, token_stdin: bool, no_verify: bool) -> None:
 
 
 @hub_group.command("logout")
-@_hub_option
+@hub_option
 def logout_command(hub: str | None) -> None:
     """Forget the token stored for a hub."""
     from peftkit.hub_client.api import logout
@@ -307,20 +268,20 @@ def logout_command(hub: str | None) -> None:
 
 
 @hub_group.command("whoami")
-@_hub_option
-@_token_option
+@hub_option
+@token_option
 def whoami_command(hub: str | None, token_file: str | None) -> None:
     """Show which user the hub knows your token as."""
     from peftkit.hub_client.api import whoami
 
-    user = whoami(hub, token=_token(token_file))
+    user = whoami(hub, token=read_token(token_file))
     echo_safe(user or "(the local hub has no users)")
 
 
 @hub_group.command("storage")
 @click.argument("namespace", required=False)
-@_hub_option
-@_token_option
+@hub_option
+@token_option
 @click.option("--json", "as_json", is_flag=True,
               help="Print {namespace, used_bytes, quota_bytes (null: no limit), source} as JSON.")
 def storage_command(namespace: str | None, hub: str | None, token_file: str | None, as_json: bool) -> None:
@@ -337,7 +298,7 @@ def storage_command(namespace: str | None, hub: str | None, token_file: str | No
 
     if namespace is not None and (problem := name_problem(namespace, "namespace")):
         raise click.BadParameter(problem, param_hint="NAMESPACE")
-    with open_hub(hub, token=_token(token_file)) as backend:
+    with open_hub(hub, token=read_token(token_file)) as backend:
         if namespace is None and not backend.remote:
             raise click.UsageError(f"the embedded hub ({backend.address}) has no users: give the NAMESPACE whose "
                                    "storage to show")
@@ -360,7 +321,7 @@ def storage_command(namespace: str | None, hub: str | None, token_file: str | No
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False),
               help="Folder to write: a composition folder (with --auto: the learned combination, a LoRA "
                    "adapter for --strategy weights, else a composition folder), or with --merge a merged model.")
-@_hub_option
+@hub_option
 @click.option("--merge", is_flag=True,
               help="Merge the adapters into the base weights and save a plain transformers model "
                    "(every member must be mergeable and the composition a stack, where an average() of LoRA "
@@ -368,8 +329,8 @@ def storage_command(namespace: str | None, hub: str | None, token_file: str | No
 @click.option("--adapter", "adapter_names", multiple=True, metavar="NAME=REPO",
               help="Load REPO under NAME (repeatable); SPEC may then use NAME.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT when it exists.")
-@_token_option
-@_quiet_option
+@token_option
+@quiet_option
 @auto_options
 def compose_command(base: str, spec: str | None, out: str, hub: str | None, merge: bool,
                     adapter_names: tuple[str, ...], overwrite: bool, token_file: str | None, quiet: bool,
@@ -393,7 +354,7 @@ def compose_command(base: str, spec: str | None, out: str, hub: str | None, merg
         if adapter_names:
             raise click.UsageError("--adapter names members of SPEC; with --auto use --candidates")
         with plain_warnings():
-            run_auto(base, out, hub=hub, merge=merge, token=_token(token_file), quiet=quiet, options=auto_settings)
+            run_auto(base, out, hub=hub, merge=merge, token=read_token(token_file), quiet=quiet, options=auto_settings)
         return
     mapping = {}
     for item in adapter_names:
@@ -403,7 +364,7 @@ def compose_command(base: str, spec: str | None, out: str, hub: str | None, merg
         mapping[name.strip()] = ref.strip()
     with plain_warnings():
         report = compose_to_folder(base, spec, out, hub=hub, merge=merge, adapters=mapping or None,
-                                   token=_token(token_file), progress=not quiet and not auto_settings["as_json"])
+                                   token=read_token(token_file), progress=not quiet and not auto_settings["as_json"])
     if auto_settings["as_json"]:
         echo_json(report.to_json())
     else:

@@ -117,7 +117,7 @@ def train_command(model: str, method: str, data: str, eval_data: str | None, tas
       torchrun --nproc_per_node 4 -m peftkit train ./llama --task causal-lm --data sft.jsonl --out out/sft
       torchrun --nproc_per_node 8 -m peftkit train ./llama --fsdp --bf16 --task causal-lm --data sft.jsonl --out out/sft
     """
-    from peftkit.cli_hub import plain_warnings
+    from peftkit.cli_options import plain_warnings
     from peftkit.training import is_main_process, train
 
     # With --json, stdout carries the JSON alone: the Trainer's log lines go to stderr with the progress bar.

@@ -31,6 +31,7 @@ import random
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
+from peftkit.adapter_sources import adapter_configs, fetch_adapters, plain_base_model
 from peftkit.auto_compose_report import AutoComposeResult, Candidate, push_result, save_result
 from peftkit.auto_compose_strategies import Prepared, Settings, compare
 from peftkit.core.errors import PeftkitError
@@ -100,40 +101,8 @@ def _searched(search: Mapping[str, Any], base: Any, hub: Any, token: str | None,
 def _fetch(refs: Sequence[str], hub: Any, token: str | None, progress: bool) -> list[Candidate]:
     """Each candidate's folder, in the order given (the first member's head predicts an average): a local
     adapter folder as it is, a hub id pulled into the cache."""
-    from peftkit.hub_client.backend import HubBackend
-    from peftkit.hub_client.compose import member_names
-    from peftkit.hub_client.resolve import open_hub, parse_ref
-    from peftkit.hub_client.snapshot import pull_snapshot
-
-    local = [r for r in refs if Path(r).is_dir()]
-    for ref in refs:
-        if ref not in local and looks_local(ref.partition("@")[0] if not ref.startswith((".", "/", "~")) else ref):
-            what = "a file" if Path(ref).exists() else "no such folder"
-            raise AutoComposeError(f"candidate {ref!r} is not an adapter folder ({what}); give adapter folders or "
-                                   f"hub ids such as alice/sentiment@v2")
-    remote = {r: parse_ref(r) for r in refs if r not in local}
-    names = member_names(list(remote.values()), taken={Path(r).name for r in local})
-    found = {r: Candidate(Path(r).name, r, None, str(Path(r))) for r in local}
-    if remote:
-        backend = open_hub(hub, token=token)
-        try:
-            for text, ref in remote.items():
-                pulled = pull_snapshot(backend, ref, progress=progress)
-                found[text] = Candidate(names[ref], ref.repo_id, pulled.commit, str(pulled.path))
-        finally:
-            if not isinstance(hub, HubBackend):
-                backend.close()
-    return [found[r] for r in refs]
-
-
-def _datas(candidates: Sequence[Candidate]) -> list[dict[str, Any]]:
-    from peftkit.core.serialization import CONFIG_NAME, read_config
-
-    datas = []
-    for cand in candidates:
-        if cand.path and (Path(cand.path) / CONFIG_NAME).is_file():
-            datas.append(read_config(Path(cand.path)))
-    return datas
+    return [Candidate(found.name, found.source, found.revision, found.path)
+            for found in fetch_adapters(refs, hub, token, progress, role="candidate")]
 
 
 def _ineligible(model: "AdaptedModel", name: str, strategies: Sequence[str], merge: bool = False) -> str | None:
@@ -452,7 +421,7 @@ def _hub_base_id(base: Any, kept: list[Candidate]) -> str | None:
 
     if isinstance(base, str) and not looks_local(base):
         return base
-    return members_hub_base(_datas(kept))
+    return members_hub_base(adapter_configs([c.path for c in kept]))
 
 
 def _labels_of(example: Any) -> list[str]:
@@ -463,21 +432,4 @@ def _labels_of(example: Any) -> list[str]:
 def _base_model(base: Any, cands: list[Candidate], progress: bool, labels: list[str] | None = None
                 ) -> "AdaptedModel":
     """The base model with no adapter; with ``labels``, its classification head sized (and named) for them."""
-    from peftkit.core.model import AdaptedModel
-
-    if isinstance(base, AdaptedModel):
-        raise AutoComposeError("pass the plain base model (or its folder / hub id), not an adapted model: "
-                               "auto-compose loads the candidates onto it itself")
-    if isinstance(base, (str, Path)):
-        from peftkit.core.model_source import model_source_options
-        from peftkit.hub_client.compose import load_base_model, transformers_progress
-
-        options = model_source_options(str(base), "the base model")
-        if labels is not None:
-            options.update(num_labels=len(labels), id2label=dict(enumerate(labels)),
-                           label2id={n: i for i, n in enumerate(labels)}, ignore_mismatched_sizes=True)
-        with transformers_progress(progress):
-            module = load_base_model(str(base), _datas(cands), **options)
-    else:
-        module = base
-    return AdaptedModel(module)
+    return plain_base_model(base, [c.path for c in cands], progress, labels, who="auto-compose")

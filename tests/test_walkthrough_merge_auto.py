@@ -22,7 +22,7 @@ from tests.test_auto_compose import MOODS, bert
 from tests.train_helpers import sentiment_rows, torch_threads, word_tokenizer, write_jsonl
 
 
-def _perturb_head(model: peftkit.AdaptedModel, name: str, seed: int) -> None:
+def perturb_head(model: peftkit.AdaptedModel, name: str, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for key, value in model.named_parameters():
@@ -56,8 +56,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         model.base_model.config._name_or_path = str(base)
         model.add_adapter("b", "lora[r=4,init_weights=false]")
         model.add_adapter("dora", "lora[r=4,use_dora=true,init_weights=false]")
-        _perturb_head(model, "a", 1)
-        _perturb_head(model, "b", 2)
+        perturb_head(model, "a", 1)
+        perturb_head(model, "b", 2)
         for name in ("a", "b", "dora"):
             folders[name] = root / name
             model.save_adapter(str(folders[name]), name)

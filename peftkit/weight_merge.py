@@ -1,0 +1,187 @@
+"""Merge adapters in weight space into one new adapter folder: ``peftkit merge`` and :func:`merge_to_folder`.
+
+The members are adapter folders or hub ids (pulled into the cache, verified); they are loaded onto the
+base model they were made for and merged by ``AdaptedModel.merge_adapters`` (every strategy it has:
+linear, cat, svd, ties, dare_linear, dare_ties, magnitude_prune, their ``_svd`` forms and any a plugin
+registers). The result is written as an ordinary adapter folder (a LoRA for LoRA members and for dense
+merges of other methods, IA3 or BitFit for those), with a card saying what was merged and ``merge.json``
+recording the members (hub commits included), the weights and the options, so the merge can be repeated
+and published (``peftkit hub push OUT REPO``). Options the strategy would refuse are refused before
+anything is downloaded or loaded; on any error nothing is written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from peftkit.adapter_sources import AdapterSource, fetch_adapters, plain_base_model
+from peftkit.core.errors import MergeError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch.nn as nn
+
+    from peftkit.core.model import AdaptedModel
+
+#: The file in a merged adapter folder that records how it was made.
+RECORD_FILE = "merge.json"
+
+
+@dataclass
+class MergedFolder:
+    """What :func:`merge_to_folder` wrote: ``peftkit merge``'s summary line and its ``--json`` report."""
+
+    out: str
+    name: str
+    method: str  # the merged adapter's method
+    rank: int | None  # a LoRA result's rank
+    strategy: str
+    options: dict[str, Any]  # density, rank asked for, majority_sign_method, seed, head: those that apply
+    members: list[dict[str, Any]]  # name, source, commit (hub members), method, weight
+    energy_kept: dict[str, float] | None = None  # a dense merge truncated to a rank: per site, the share kept
+    labels: list[str] | None = None
+
+    def summary(self) -> str:
+        parts = ", ".join(f"{m['name']} ({_number(m['weight'])})" for m in self.members)
+        how = ", ".join([self.strategy] + [f"{k} {v}" for k, v in self.options.items()])
+        kind = self.method + (f", rank {self.rank}" if self.rank is not None else "")
+        line = f"Wrote the merged adapter {self.name!r} ({kind}) of {parts} by {how} to {self.out}"
+        if self.energy_kept:
+            line += f"; the rank keeps at least {min(self.energy_kept.values()):.1%} of the merged change at every site"
+        return line
+
+    def to_json(self) -> dict[str, Any]:
+        return {"out": self.out, "name": self.name, "method": self.method, "rank": self.rank,
+                "strategy": self.strategy, "options": self.options, "members": self.members,
+                "energy_kept": self.energy_kept, "labels": self.labels}
+
+
+def _number(value: float) -> str:
+    return f"{value:g}"
+
+
+def merge_to_folder(base: "str | nn.Module", members: Sequence[str], out: str | Path, *,
+                    weights: Sequence[float] | None = None, strategy: str = "svd", density: float | None = None,
+                    rank: int | None = None, majority_sign_method: str = "total", seed: int | None = 0,
+                    head: str | None = None, name: str = "merged", hub: Any = None, token: str | None = None,
+                    progress: bool = True) -> MergedFolder:
+    """Merge ``members`` (adapter folders or hub ids ``namespace/name[@revision]``) with ``weights`` (one
+    per member, default 1.0 each; negative subtracts) by ``strategy`` and write the new adapter to ``out``
+    (replaced whole when it exists). ``base`` is the base model: a model object, or a folder / hub id
+    loaded with the class the members were saved from. ``density``, ``rank``, ``majority_sign_method`` and
+    ``seed`` are ``merge_adapters``' options. ``head``: when several members keep a task head, the member
+    whose head the merged adapter keeps (as given, or its adapter name) or ``"average"``. Returns what was
+    written; on any error nothing is."""
+    from peftkit.core.merging import check_merge_options
+
+    refs = [str(m) for m in members]
+    if not refs:
+        raise MergeError("name at least one adapter to merge (adapter folders or hub ids such as alice/sst2@v2)")
+    if len(set(refs)) != len(refs):
+        twice = next(r for r in refs if refs.count(r) > 1)
+        raise MergeError(f"{twice!r} is named twice; give each adapter once and weigh it with --weights")
+    if weights is not None:
+        weights = _checked_weights(weights, len(refs))
+    check_merge_options(strategy, density, rank, majority_sign_method)
+    if Path(out).exists() and not Path(out).is_dir():
+        raise MergeError(f"cannot write the merged adapter to {str(out)!r}: it is a file, not a folder")
+    found = fetch_adapters(refs, hub, token, progress)
+    _check_adapter_folders(found)
+    modules_to_save = _head_name(head, refs, found)
+    model = plain_base_model(base, [f.path for f in found], progress, who="merge")
+    names = [f.name for f in found]
+    for source in found:
+        model.load_adapter(source.path, source.name, activate=False)
+    if name in names:
+        raise MergeError(f"the merged adapter's name {name!r} is a member's; pick another name (--name)")
+    record = model.merge_adapters(names, weights, name=name, strategy=strategy, density=density, rank=rank,
+                                  majority_sign_method=majority_sign_method, seed=seed,
+                                  modules_to_save=modules_to_save)
+    used = list(weights) if weights is not None else [1.0] * len(names)
+    report = MergedFolder(
+        str(out), name, record.method.name, getattr(record.config, "r", None), strategy,
+        _applied_options(strategy, density, rank, majority_sign_method, seed, modules_to_save),
+        [{"name": f.name, "source": f.source, "commit": f.revision,
+          "method": model.adapter_record(f.name).method.name, "weight": w} for f, w in zip(found, used)],
+        (getattr(record, "merge_report", None) or {}).get("energy_kept"), _labels(model, name))
+    _write(model, report, Path(out))
+    return report
+
+
+def _checked_weights(weights: Sequence[float], count: int) -> list[float]:
+    values = list(weights)
+    if len(values) != count:
+        raise MergeError(f"{len(values)} weight(s) for {count} adapter(s); give one weight per adapter, in order")
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise MergeError(f"weights must be finite numbers, got {value!r}")
+    return [float(v) for v in values]
+
+
+def _check_adapter_folders(found: list[AdapterSource]) -> None:
+    """Refuse a member that is a composition or fusion folder: it holds no single weight change to merge."""
+    from peftkit.core.serialization import CONFIG_NAME
+
+    for source in found:
+        if not (Path(source.path) / CONFIG_NAME).is_file():
+            kind = "a composition or fusion" if (Path(source.path) / "composition.json").is_file() or \
+                (Path(source.path) / "fusion_config.json").is_file() else "no adapter"
+            raise MergeError(f"{source.source!r} holds {kind} folder, not one adapter ({CONFIG_NAME} is missing); "
+                             f"merge adapter folders (compose a composition with `peftkit compose` instead)")
+
+
+def _head_name(head: str | None, refs: list[str], found: list[AdapterSource]) -> str | None:
+    """merge_adapters' ``modules_to_save`` for ``head``: "average", or the adapter name of the member given
+    (as typed or by its name)."""
+    if head is None or head == "average":
+        return head
+    for ref, source in zip(refs, found):
+        if head in (ref, source.name, source.source):
+            return source.name
+    choices = ", ".join(["average"] + [s.name for s in found])
+    raise MergeError(f"head {head!r} is not one of the adapters merged; choose one of: {choices}")
+
+
+def _applied_options(strategy: str, density: float | None, rank: int | None, majority_sign_method: str,
+                     seed: int | None, head: str | None) -> dict[str, Any]:
+    """The options that shaped this merge (for the summary, the card and merge.json)."""
+    options: dict[str, Any] = {}
+    if density is not None:
+        options["density"] = density
+    if rank is not None:
+        options["rank"] = rank
+    if majority_sign_method != "total":
+        options["majority_sign_method"] = majority_sign_method
+    if strategy.startswith("dare"):
+        options["seed"] = seed
+    if head is not None:
+        options["head"] = head
+    return options
+
+
+def _labels(model: "AdaptedModel", name: str) -> list[str] | None:
+    labels = model.adapter_labels(name)
+    return list(labels) if labels else None
+
+
+def _description(report: MergedFolder) -> str:
+    members = "\n".join(f"- `{m['source']}`" + (f" at commit `{m['commit']}`" if m["commit"] else "")
+                        + f" ({m['method']}), weight {_number(m['weight'])}" for m in report.members)
+    how = ", ".join(f"{k} {v}" for k, v in report.options.items())
+    return (f"A weight-space merge of {len(report.members)} adapters by `{report.strategy}`"
+            + (f" ({how})" if how else "") + f", made with `peftkit merge`:\n\n{members}")
+
+
+def _write(model: "AdaptedModel", report: MergedFolder, out: Path) -> None:
+    """The merged adapter's folder with its card and merge.json, appearing whole (or replacing ``out`` whole)."""
+    from peftkit.core.fileio import apply_normal_modes, atomic_folder
+
+    record = report.to_json()
+    record.pop("out")
+    with atomic_folder(out) as tmp:
+        model.save_adapter(str(tmp), report.name, description=_description(report))
+        (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        apply_normal_modes(tmp)
