@@ -11,8 +11,13 @@ with ``h`` the site's output before the adapters and ``u_n`` adapter n's scaled 
 contribution. ``b_k`` adds ``q . b_k`` to every member's score alike, so the softmax drops it: peftkit's key has
 no bias. Without ``query``/``key``/``value`` the projection is the identity; ``residual_before=true`` is
 peftkit's ``residual=false``. This holds only where ``adapters``' query and residual are the output the
-adapters read: members without ``original_ln_before`` (whose query is ``LN(h + r)``), an own ``ln_after``
-(whose ``u_n`` is not the member's contribution) or gates. Other folders are refused by that option's name.
+adapters read, with one translation: over members made with ``original_ln_before`` (AdapterHub's default
+``SeqBnConfig``), ``adapters``' query reads ``LN(h + r)`` (the model's LayerNorm of the site's output and the
+block's residual input: what those members read), so peftkit's fusion gets ``query_from="adapter_input"``
+(``query_before_ln=true`` keeps the query on ``h``). Refused, by the option's name: members that differ in
+``original_ln_before``, such members whose skip connection carries anything but ``h``
+(``residual_before_ln`` other than true), an own ``ln_after`` (whose ``u_n`` is not the member's contribution)
+and gates.
 """
 
 from __future__ import annotations
@@ -47,8 +52,10 @@ def is_adapterhub_fusion(path: str | os.PathLike) -> bool:
     return (Path(path) / CONFIG_NAME).is_file()
 
 
-def fuse_config(options: Mapping[str, Any]) -> FuseConfig:
-    """peftkit's fusion settings for ``adapters``' fusion options; ConfigError names one peftkit cannot run."""
+def fuse_config(options: Mapping[str, Any], reads_model_norm: bool = False) -> FuseConfig:
+    """peftkit's fusion settings for ``adapters``' fusion options; ConfigError names one peftkit cannot run.
+    ``reads_model_norm``: the members read through the model's LayerNorm (``original_ln_before``), so
+    ``adapters``' query reads that LayerNorm's output unless ``query_before_ln``."""
     if not any(options.get(projection) for projection in PROJECTIONS):
         raise ConfigError("AdapterHub fusion with query, key and value all false scores members with one dense "
                           "layer, which peftkit's fusion does not have; train a fusion in peftkit instead "
@@ -58,8 +65,9 @@ def fuse_config(options: Mapping[str, Any]) -> FuseConfig:
                           "drops on every forward, so its outputs depend on how many forwards ran; peftkit's "
                           "temperature is a constant (FuseConfig(temperature=...)); train the fusion again with "
                           "model.train_fusion(Fuse(...))")
+    query_from = "adapter_input" if reads_model_norm and not options.get("query_before_ln") else "output"
     return FuseConfig(value=bool(options.get("value", True)), residual=not options.get("residual_before"),
-                      regularization=0.01 if options.get("regularization") else 0.0)
+                      regularization=0.01 if options.get("regularization") else 0.0, query_from=query_from)
 
 
 def check_member(model: "AdaptedModel", name: str) -> None:
@@ -69,12 +77,31 @@ def check_member(model: "AdaptedModel", name: str) -> None:
     if method not in SEQUENTIAL_METHODS:
         raise ConfigError(f"adapter {name!r} is {method!r}; peftkit reads AdapterHub fusions over sequential "
                           f"bottleneck adapters ({', '.join(SEQUENTIAL_METHODS)}) only")
-    for option, why in (("original_ln_before", "adapters' fusion then queries LN(h + r), peftkit's fusion h"),
-                        ("ln_after", "adapters' fusion then attends over the branch before that LayerNorm"),
+    residual = getattr(record.config, "original_ln_residual", "output")
+    if getattr(record.config, "original_ln_before", False) and residual != "output":
+        raise ConfigError(f"adapter {name!r} reads through the model's LayerNorm with its skip connection "
+                          f"carrying {residual!r} (adapters' residual_before_ln="
+                          f"{'post_add' if residual == 'sum' else 'false'}): adapters' fusion then adds its "
+                          f"output to that skip, not to the site's output, so the fusion would compute otherwise "
+                          f"here; train a fusion in peftkit instead (model.train_fusion(Fuse(...)))")
+    for option, why in (("ln_after", "adapters' fusion then attends over the branch before that LayerNorm"),
                         ("use_gating", "adapters' fusion then attends over the branch before the gate")):
         if getattr(record.config, option, False):
             raise ConfigError(f"adapter {name!r} has {option}=true: {why}, so the fusion would compute "
                               f"otherwise here; train a fusion in peftkit instead (model.train_fusion(Fuse(...)))")
+
+
+def _reads_model_norm(model: "AdaptedModel", members: list[str]) -> bool:
+    """Whether the members read through the model's LayerNorm (``original_ln_before``); ConfigError when some do
+    and some do not: ``adapters`` feeds every member what the last one reads, peftkit each member its own."""
+    reads = {name: bool(getattr(model.adapter_record(name).config, "original_ln_before", False)) for name in members}
+    if len(set(reads.values())) > 1:
+        which = ", ".join(f"{name}: {value}" for name, value in reads.items())
+        raise ConfigError(f"the fused adapters differ in original_ln_before ({which}): adapters' fusion feeds "
+                          f"every member what the last one reads, peftkit each member its own input; fuse "
+                          f"adapters made with the same setting, or train a fusion in peftkit "
+                          f"(model.train_fusion(Fuse(...)))")
+    return any(reads.values())
 
 
 def fusion_tensors(record: "FusionRecord", model: "AdaptedModel", tensors: Mapping[str, torch.Tensor],
@@ -150,7 +177,7 @@ def load_adapterhub_fusion(model: "AdaptedModel", path: str | os.PathLike, name:
     try:
         for member in members:
             check_member(model, str(member))
-        config = fuse_config(options)
+        config = fuse_config(options, _reads_model_norm(model, [str(m) for m in members]))
         node = Fuse(*map(str, members), name=name)
     except (ConfigError, CompositionError) as exc:
         raise AdapterLoadError(f"{where}: {exc}") from None

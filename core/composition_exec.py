@@ -243,11 +243,24 @@ def run_fuse(node: Fuse, layer: "TunerLayer", x: torch.Tensor, h: torch.Tensor) 
     for index in fusion.member_index:
         delta = node_delta(node.children[index], layer, x, h)
         contributions.append(delta if delta is not None else torch.zeros_like(h))
-    out, probs = fusion(h, contributions)
+    out, probs = fusion(h, contributions, _query_input(node, layer, x, h, fusion.config.query_from))
     capture = layer.adapter_state.capture
     if capture is not None:
         capture.record(name, fusion.site, [str(node.children[i]) for i in fusion.member_index], probs.detach())
     return out
+
+
+def _query_input(node: Fuse, layer: "TunerLayer", x: torch.Tensor, h: torch.Tensor, source: str
+                 ) -> torch.Tensor | None:
+    """What the fusion's query reads: None for h, else what its last member's branch reads here (a member
+    absent at this site reads nothing: then h)."""
+    if source == "output":
+        return None
+    last = str(node.children[-1])
+    if last not in layer.adapters:
+        return None
+    return layer.adapters[last].fusion_query(layer.input_of(last, x) if layer.input_sources else x, h,
+                                             layer.base_layer)
 
 
 # -- row splits ---------------------------------------------------------------------------------

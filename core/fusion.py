@@ -53,6 +53,8 @@ if TYPE_CHECKING:  # pragma: no cover
 FUSION_CONFIG_NAME = "fusion_config.json"
 FUSION_WEIGHTS_NAME = "fusion_model.safetensors"
 FUSION_FORMAT_VERSION = 1
+#: What a fusion's query reads (FuseConfig.query_from).
+QUERY_SOURCES = ("output", "adapter_input")
 
 
 @dataclasses.dataclass
@@ -65,6 +67,10 @@ class FuseConfig:
     residual: True: out = h + sum p_n W_v z_n; False: out = sum p_n W_v (h + z_n).
     regularization: factor of ||W_v - I||^2 in fusion_regularization_loss() (the paper uses 0.01).
     init_std: standard deviation of W_q's initial values.
+    query_from: "output": the query reads h (the paper); "adapter_input": it reads what the last
+      member's branch reads (``LayerAdapter.fusion_query``: LN(h + r) for AdapterHub's default sequential
+      adapter, which reads through the model's LayerNorm; h for other adapters), as AdapterHub's fusion
+      over such adapters does (its ``query_before_ln=false``).
     """
 
     temperature: float = 1.0
@@ -73,6 +79,7 @@ class FuseConfig:
     residual: bool = True
     regularization: float = 0.01
     init_std: float = 0.02
+    query_from: str = "output"
 
     def __post_init__(self) -> None:
         checks = [
@@ -86,6 +93,8 @@ class FuseConfig:
              and self.regularization >= 0, "regularization must be a number >= 0"),
             (isinstance(self.init_std, (int, float)) and not isinstance(self.init_std, bool)
              and self.init_std >= 0, "init_std must be a number >= 0"),
+            (self.query_from in QUERY_SOURCES, f"query_from must be one of {', '.join(QUERY_SOURCES)}, "
+                                               f"not {self.query_from!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -136,15 +145,17 @@ class FusionLayer(nn.Module):
             if self.value is not None:
                 self.value.weight.copy_(torch.eye(dim, dtype=dtype))
 
-    def forward(self, h: torch.Tensor, contributions: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The fused output and the attention weights (..., members)."""
+    def forward(self, h: torch.Tensor, contributions: list[torch.Tensor], query_input: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fused output and the attention weights (..., members). ``query_input``: what the query reads
+        when not h (``FuseConfig.query_from="adapter_input"``)."""
         if h.shape[-1] != self.dim:
             raise CompositionError(f"fusion at {self.site}: the output width is {h.shape[-1]}, but the fusion "
                                    f"was made for width {self.dim}")
         dtype = self.query.weight.dtype
         hq = h if h.dtype == dtype else h.to(dtype)
         z = torch.stack([c if c.dtype == dtype else c.to(dtype) for c in contributions], dim=-2)  # (..., N, d)
-        query = self.query(hq)  # (..., k)
+        query = self.query(hq if query_input is None else query_input.to(dtype))  # (..., k)
         # q . (W_k z_n) = (W_k^T q) . z_n: one (k, d) product per token instead of one per member and token
         # (the keys themselves are never needed), which is most of a fusion's cost with several members.
         probe = torch.matmul(query, self.key.weight)  # (..., d)
@@ -261,6 +272,9 @@ def add_fusion(model: "AdaptedModel", fuse: Fuse | str, config: FuseConfig | dic
         raise CompositionError(f"adapter {model_level[0]!r} changes the model's inputs and has no output at a "
                                f"layer to fuse; fuse adapters that act at layers")
     cfg = FuseConfig.build(config, options)
+    if cfg.query_from == "adapter_input" and not isinstance(node.children[-1], str):
+        raise CompositionError(f"query_from='adapter_input' reads what the last member's branch reads, so the "
+                               f"last member of {node} must be an adapter, not {node.children[-1]}")
     created: list[TunerLayer] = []
     sites: dict[str, list[int]] = {}
     try:

@@ -84,6 +84,13 @@ class LayerAdapter(nn.Module):
         product instead of two). None (the default) for every other adapter."""
         return None
 
+    def fusion_query(self, x: torch.Tensor, h: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        """What a fusion with ``FuseConfig(query_from="adapter_input")`` whose last member is this adapter
+        computes its query from: the tensor this adapter's branch reads at this site. The default is ``h``
+        (the query of every other fusion); a sequential bottleneck adapter reading through the model's
+        LayerNorm (``original_ln_before``) returns that LayerNorm's output, as AdapterHub's fusion queries."""
+        return h
+
     def forward_alone(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor | None:
         """For an adapter active alone at its site (unmerged, reading the site's own input): the site's
         whole output, the base module's work included, or None (the default) to let the TunerLayer

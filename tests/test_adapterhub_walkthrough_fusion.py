@@ -46,7 +46,7 @@ def _hidden(model: peftkit.AdaptedModel, ids: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("case", ["fusion_seq_bn", "fusion_double_seq_bn_roberta", "fusion_static",
-                                  "fusion_residual_before"])
+                                  "fusion_residual_before", "fusion_pfeiffer", "fusion_pfeiffer_query_before_ln"])
 def test_an_adapterhub_fusion_folder_loads_with_load_fusion_and_gives_adapters_outputs(fixtures: Path,
                                                                                         case: str) -> None:
     model, setup, expected = _case(fixtures / case)
@@ -61,12 +61,29 @@ def test_an_adapterhub_fusion_folder_loads_with_load_fusion_and_gives_adapters_o
     assert (_hidden(model, expected["input_ids"]) - expected["output"]).abs().max() > 1e-3
 
 
-def test_a_fusion_over_adapterhubs_default_seq_bn_is_refused_naming_the_option(fixtures: Path) -> None:
-    model, setup, _ = _case(fixtures / "fusion_pfeiffer")
+def test_a_fusion_over_adapterhubs_default_seq_bn_queries_what_its_members_read(fixtures: Path,
+                                                                                tmp_path: Path) -> None:
+    """AdapterHub's default SeqBnConfig reads LN(h + r): its fusion's query does too (query_from=
+    "adapter_input"), kept when peftkit saves and loads the fusion again; a query on h differs."""
+    model, setup, expected = _case(fixtures / "fusion_pfeiffer")
     for name in setup["adapters"]:
         model.load_adapter(str(fixtures / "fusion_pfeiffer" / name), name, activate=False)
-    with pytest.raises(AdapterLoadError, match=r"original_ln_before=true.*LN\(h \+ r\).*train_fusion"):
-        model.load_fusion(str(fixtures / "fusion_pfeiffer" / "fusion"))
+    record = model.load_fusion(str(fixtures / "fusion_pfeiffer" / "fusion"), activate=True)
+    assert record.config.query_from == "adapter_input"
+    model.save_fusion(str(tmp_path / "ours"), record.name)
+    model.delete_fusion(record.name)
+    again = model.load_fusion(str(tmp_path / "ours"), activate=True)
+    torch.testing.assert_close(_hidden(model, expected["input_ids"]), expected["output"], atol=1e-5, rtol=0)
+    again.config.query_from = "output"  # the config the fusion layers share
+    assert (_hidden(model, expected["input_ids"]) - expected["output"]).abs().max() > 1e-3
+
+
+def test_a_fusion_over_members_that_differ_in_original_ln_before_is_refused(fixtures: Path) -> None:
+    model, setup, _ = _case(fixtures / "fusion_mixed_ln_before")
+    for name in setup["adapters"]:
+        model.load_adapter(str(fixtures / "fusion_mixed_ln_before" / name), name, activate=False)
+    with pytest.raises(AdapterLoadError, match=r"differ in original_ln_before \(a: False, b: True\).*train_fusion"):
+        model.load_fusion(str(fixtures / "fusion_mixed_ln_before" / "fusion"))
     assert model.fusions == {}  # nothing left behind
 
 

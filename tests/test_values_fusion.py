@@ -36,6 +36,7 @@ def _message(**options) -> str:
     ({"regularization": True}, "regularization must be a number >= 0"),
     ({"init_std": -1.0}, "init_std must be a number >= 0"),
     ({"init_std": False}, "init_std must be a number >= 0"),
+    ({"query_from": "input"}, "query_from must be one of output, adapter_input, not 'input'"),
 ])
 def test_each_bad_setting_is_refused_with_its_exact_message(options, message):
     assert _message(**options) == f"fusion config: {message}"

@@ -139,6 +139,17 @@ class BottleneckAdapter(LayerAdapter):
         """The model's LayerNorm the adapter reads through (original_ln_before on a post-LN block), else None."""
         return self.__dict__["_model_norm"]
 
+    def _through_model_norm(self, summed: torch.Tensor) -> torch.Tensor:
+        norm = self.model_norm
+        return norm(summed) if norm is not None else summed
+
+    def fusion_query(self, x: torch.Tensor, h: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        """With ``original_ln_before`` (sequential): ``LN_model(h + r)``, what the branch reads and what
+        AdapterHub's fusion over such adapters queries with; otherwise h."""
+        if self.original_ln_before and not self.parallel:
+            return self._through_model_norm(h + x)
+        return h
+
     def delta(self, x: torch.Tensor, h: torch.Tensor, base: nn.Module) -> torch.Tensor:
         if not self.additive:
             return self.forward(x, h, base) - h
@@ -152,10 +163,9 @@ class BottleneckAdapter(LayerAdapter):
             return h + self.delta(x, h, base)
         dtype = self.compute_dtype
         z = skip = (x if self.parallel else h).to(dtype)
-        norm = self.model_norm
         if self.original_ln_before and not self.parallel:
             summed = h + x  # x: the block's residual input
-            z = (norm(summed) if norm is not None else summed).to(dtype)
+            z = self._through_model_norm(summed).to(dtype)
             skip = {"output": h, "sum": summed, "normed": z}[self.original_ln_residual].to(dtype)
         normed = self.adapter_norm(z) if self.adapter_norm is not None else z
         if not self.residual_before_ln:

@@ -46,8 +46,18 @@ FUSIONS = {
                                 "regularization": True, "residual_before": True, "temperature": False,
                                 "value_before_softmax": False, "value_initialized": True, "dropout_prob": None},
                                True),
-    # AdapterHub's default SeqBnConfig (original_ln_before=True): its fusion queries LN(h + r); refused
-    "fusion_pfeiffer": ("bert", {"a": lambda: SeqBnConfig(), "b": lambda: SeqBnConfig()}, "dynamic", True),
+    # AdapterHub's default SeqBnConfig (original_ln_before=True): its fusion queries LN(h + r)
+    "fusion_pfeiffer": ("bert", {"a": lambda: SeqBnConfig(), "b": lambda: SeqBnConfig(reduction_factor=8)},
+                        "dynamic", True),
+    # the same members, the query read before that LayerNorm (h)
+    "fusion_pfeiffer_query_before_ln": ("bert", {"a": lambda: SeqBnConfig(), "b": lambda: SeqBnConfig()},
+                                        {"key": True, "query": True, "value": True, "query_before_ln": True,
+                                         "regularization": True, "residual_before": False, "temperature": False,
+                                         "value_before_softmax": True, "value_initialized": True,
+                                         "dropout_prob": None}, True),
+    # members that differ in original_ln_before (adapters feeds each what the last reads): refused
+    "fusion_mixed_ln_before": ("bert", {"a": lambda: SeqBnConfig(original_ln_before=False),
+                                        "b": lambda: SeqBnConfig()}, "dynamic", True),
 }
 IDS = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(2))
 
