@@ -31,17 +31,25 @@ def format_size(size: int) -> str:
 
 @dataclass(frozen=True)
 class NamespaceUsage:
-    """A namespace's stored bytes and its limit. ``quota_bytes`` is the limit that applies (None: no limit),
-    ``source`` where it comes from: ``"namespace"`` (an override), ``"default"`` (the server's), ``"none"``."""
+    """A namespace's stored bytes and its limit. ``used_bytes`` is what counts against the limit: the bytes
+    of its files plus those of its metadata (history, file paths, branches and tags), which a registry
+    may also report apart (``file_bytes``, ``metadata_bytes``; None where it does not).
+    ``quota_bytes`` is the limit that applies (None: no limit), ``source`` where it comes from:
+    ``"namespace"`` (an override), ``"default"`` (the server's), ``"none"``."""
 
     namespace: str
     used_bytes: int
     quota_bytes: int | None
     source: str
+    file_bytes: int | None = None
+    metadata_bytes: int | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"namespace": self.namespace, "used_bytes": self.used_bytes, "quota_bytes": self.quota_bytes,
-                "source": self.source}
+        out = {"namespace": self.namespace, "used_bytes": self.used_bytes, "quota_bytes": self.quota_bytes,
+               "source": self.source}
+        if self.file_bytes is not None and self.metadata_bytes is not None:
+            out.update(file_bytes=self.file_bytes, metadata_bytes=self.metadata_bytes)
+        return out
 
     @classmethod
     def from_json(cls, data: Any) -> "NamespaceUsage":
@@ -58,7 +66,13 @@ class NamespaceUsage:
         if source not in QUOTA_SOURCES or (quota is None) != (source == "none"):
             raise ValueError(f"'source' must be one of {', '.join(QUOTA_SOURCES)} (none exactly when "
                              f"'quota_bytes' is null), got {source!r}")
-        return cls(namespace, used, quota, source)
+        files, metadata = data.get("file_bytes"), data.get("metadata_bytes")
+        if files is None or metadata is None:  # a registry that does not report them apart
+            return cls(namespace, used, quota, source)
+        if not (_is_count(files) and _is_count(metadata)):
+            raise ValueError(f"'file_bytes' and 'metadata_bytes' must be numbers of bytes, got {files!r} and "
+                             f"{metadata!r}")
+        return cls(namespace, used, quota, source, file_bytes=files, metadata_bytes=metadata)
 
 
 def _is_count(value: Any) -> bool:

@@ -310,9 +310,9 @@ def storage_command(namespace: str | None, hub: str | None, token_file: str | No
     echo_safe(f"{usage.namespace}: {summary.text}")
     if summary.full:
         where = f" --hub {backend.address}" if hub else ""
-        echo_safe(f"{usage.namespace} is full: commits that add files are refused; free space by deleting repos "
-                  f"(`peftkit hub delete {usage.namespace}/REPO{where}`), or ask the registry's administrator to "
-                  f"raise the limit", err=True)
+        echo_safe(f"{usage.namespace} is full: new commits, branches, tags and repos are refused; free space by "
+                  f"deleting repos (`peftkit hub delete {usage.namespace}/REPO{where}`), or ask the registry's "
+                  f"administrator to raise the limit", err=True)
 
 
 @click.command("compose")

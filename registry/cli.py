@@ -465,7 +465,8 @@ def quota_group() -> None:
     """Storage quotas of users and organizations: usage, limits.
 
     A namespace's usage is the sum of its repos' sizes; a repo's size is the sum of the distinct
-    files its commits hold (all branches, tags and history). A namespace's own limit (`quota set`)
+    files its commits hold (all branches, tags and history) plus its metadata (each commit, the file
+    paths of each distinct tree, each branch and tag: see docs/registry.md). A namespace's own limit (`quota set`)
     beats the server's default (`serve --namespace-quota-gb`). Exit status: 0 on success, 1 for a
     namespace the registry does not know, 2 on a usage error such as a size it cannot read.
     """
@@ -519,8 +520,9 @@ def quota_clear(quotas: Quotas, namespace: str) -> None:
 def quota_show(quotas: Quotas, namespace: str | None, as_json: bool, namespace_quota_gb: float | None) -> None:
     """Usage and limit of NAMESPACE, or of every user, organization and namespace with repos.
 
-    JSON: a list of {namespace, used_bytes, quota_bytes (null: no limit), source ("namespace": its
-    own, "default": --namespace-quota-gb, "none")}.
+    JSON: a list of {namespace, used_bytes (what counts against the limit: file_bytes + metadata_bytes),
+    quota_bytes (null: no limit), source ("namespace": its own, "default": --namespace-quota-gb, "none"),
+    file_bytes, metadata_bytes}.
     """
     from peftkit.hub_rules.storage import format_size, storage_summary
 
@@ -540,7 +542,8 @@ def quota_show(quotas: Quotas, namespace: str | None, as_json: bool, namespace_q
             over = ", over quota" if u.used_bytes > u.quota_bytes else ""
             whose = "its own" if u.source == "namespace" else "the server's default"
             limit = f"of {format_size(u.quota_bytes)} ({share}{over}; {whose})"
-        click.echo(f"{u.namespace:<24} {format_size(u.used_bytes):>12}  {limit}")
+        split = f"; files {format_size(u.file_bytes or 0)}, metadata {format_size(u.metadata_bytes or 0)}"
+        click.echo(f"{u.namespace:<24} {format_size(u.used_bytes):>12}  {limit}{split}")
 
 
 # ------------------------------------------------------------ maintenance

@@ -22,7 +22,9 @@ from .quotas import recount_all
 # version 1 is counted once when first opened (see peftkit.registry.quotas).
 # 3: the registry's id (registry_identity), which its blob store's marker names (see
 # peftkit.registry.identity); a registry of an older version gets one when first opened.
-SCHEMA_VERSION = 3
+# 4: metadata counts against quotas (repo_storage.metadata_bytes, repo_trees); a registry of an older
+# version is counted again once when first opened.
+SCHEMA_VERSION = 4
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS repos (
@@ -153,7 +155,8 @@ CREATE TABLE IF NOT EXISTS web_sessions (
 );
 CREATE INDEX IF NOT EXISTS web_sessions_expiry ON web_sessions(expires_at);
 
--- Storage accounting (registry/quotas.py): the distinct blobs each repo's commits hold, and their bytes.
+-- Storage accounting (registry/quotas.py): the distinct blobs and trees each repo's commits hold, the
+-- bytes of its files and of its metadata (by quotas.py's cost model).
 CREATE TABLE IF NOT EXISTS repo_blobs (
     repo   INTEGER NOT NULL REFERENCES repos(id) ON DELETE CASCADE,
     sha256 TEXT NOT NULL,
@@ -161,9 +164,15 @@ CREATE TABLE IF NOT EXISTS repo_blobs (
     PRIMARY KEY (repo, sha256)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS repo_blobs_size ON repo_blobs(repo, size);
+CREATE TABLE IF NOT EXISTS repo_trees (
+    repo INTEGER NOT NULL REFERENCES repos(id) ON DELETE CASCADE,
+    tree TEXT NOT NULL,
+    PRIMARY KEY (repo, tree)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS repo_storage (
-    repo  INTEGER PRIMARY KEY REFERENCES repos(id) ON DELETE CASCADE,
-    bytes INTEGER NOT NULL
+    repo           INTEGER PRIMARY KEY REFERENCES repos(id) ON DELETE CASCADE,
+    bytes          INTEGER NOT NULL,
+    metadata_bytes INTEGER NOT NULL DEFAULT 0
 );
 
 -- Per-namespace storage limits set by `peftkit registry quota set` (over the server's default).
@@ -202,6 +211,12 @@ def _fts5_available() -> bool:
         return False
     finally:
         conn.close()
+
+
+def _add_metadata_column(conn: sqlite3.Connection) -> None:
+    """Give ``repo_storage`` of a registry of schema 2 or 3 its ``metadata_bytes`` (a newer table has it)."""
+    if "metadata_bytes" not in {row[1] for row in conn.execute("PRAGMA table_info(repo_storage)")}:
+        conn.execute("ALTER TABLE repo_storage ADD COLUMN metadata_bytes INTEGER NOT NULL DEFAULT 0")
 
 
 def create_private(path: Path) -> None:
@@ -251,10 +266,11 @@ class Database:
         conn.execute("BEGIN IMMEDIATE")
         try:
             (version,) = conn.execute("PRAGMA user_version").fetchone()  # another process may have done it
-            if version < 2:
-                recount_all(conn)
             if version < 3:
                 ensure_registry_id(conn)
+            if version < 4:  # before 2 nothing was counted, before 4 no metadata: count everything once
+                _add_metadata_column(conn)
+                recount_all(conn)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except BaseException:
             conn.rollback()

@@ -8,8 +8,8 @@ Checks, in order:
   commit's parent and tree exist, and every tree's id matches its entries;
 * content: every blob a tree references exists, has the recorded size, and
   re-hashes to its sha256 address and its git oid;
-* storage accounting: each repo's counted bytes and files (what quotas use, see
-  :mod:`peftkit.registry.quotas`) equal a recount from its commits;
+* storage accounting: each repo's counted bytes and files, trees and metadata bytes (what quotas use,
+  see :mod:`peftkit.registry.quotas`) equal a recount from its commits, branches and tags;
 * identity: the blob store's marker names this registry (see :mod:`peftkit.registry.identity`; an
   unmarked store, or a database made before ids, has nothing to compare).
 
@@ -29,7 +29,7 @@ from .blob_storage import BlobStorage
 from .blobs import BlobStore, sha256_and_oid_of_stream
 from .hashing import tree_oid
 from .identity import ForeignBlobStore, read_marker
-from .quotas import HELD_BLOBS_SQL
+from .quotas import HELD_BLOBS_SQL, held_metadata
 
 _MAX_LISTED = 1000  # problems listed in full; the count is always exact
 
@@ -140,8 +140,9 @@ def check_blobs(conn: sqlite3.Connection, blobs: BlobStorage, report: FsckReport
     report.orphan_blobs += sum(1 for sha in blobs.iter_all() if sha not in referenced)
 
 
-def check_storage(conn: sqlite3.Connection, report: FsckReport) -> None:
-    """Each repo's maintained counters (repo_storage, repo_blobs) against a recount from its commits."""
+def check_storage(conn: sqlite3.Connection, report: FsckReport, *, metadata: bool = True) -> None:
+    """Each repo's maintained counters (repo_storage, repo_blobs; with ``metadata``, repo_trees and the
+    metadata bytes, which a SQLite file of a schema before 4 lacks) against a recount from its rows."""
     actual: dict[int, tuple[int, int]] = {
         r[0]: (int(r[1]), int(r[2])) for r in conn.execute(
             f"SELECT repo, COALESCE(SUM(size), 0), COUNT(*) FROM ({HELD_BLOBS_SQL.format(where='')}) held"
@@ -157,6 +158,24 @@ def check_storage(conn: sqlite3.Connection, report: FsckReport) -> None:
         elif (counted_bytes[r[0]], counted_files.get(r[0], 0)) != (size, files):
             report.add(f"{r[1]} is counted as storing {counted_bytes[r[0]]} bytes in {counted_files.get(r[0], 0)} "
                        f"file(s); its commits hold {size} bytes in {files}")
+    if metadata:
+        check_metadata(conn, report)
+
+
+def check_metadata(conn: sqlite3.Connection, report: FsckReport) -> None:
+    """Each repo's counted metadata bytes and trees against a recount from its commits, trees, branches and tags."""
+    actual = held_metadata(conn)
+    counted = {r[0]: int(r[1]) for r in conn.execute("SELECT repo, metadata_bytes FROM repo_storage")}
+    trees = {r[0]: int(r[1]) for r in conn.execute(
+        "SELECT repo, COUNT(*) FROM (SELECT DISTINCT repo, tree FROM commits) held GROUP BY repo")}
+    counted_trees = {r[0]: int(r[1]) for r in conn.execute("SELECT repo, COUNT(*) FROM repo_trees GROUP BY repo")}
+    for r in conn.execute("SELECT id, repo_id FROM repos"):
+        if r[0] in counted and counted[r[0]] != actual.get(r[0], 0):
+            report.add(f"{r[1]} is counted as holding {counted[r[0]]} bytes of metadata; its commits, trees, "
+                       f"branches and tags take {actual.get(r[0], 0)}")
+        if counted_trees.get(r[0], 0) != trees.get(r[0], 0):
+            report.add(f"{r[1]} is counted as holding {counted_trees.get(r[0], 0)} distinct tree(s); its commits "
+                       f"hold {trees.get(r[0], 0)}")
 
 
 def check_identity(registry_id: str | None, blobs: BlobStorage, report: FsckReport) -> None:
@@ -220,7 +239,7 @@ def fsck(root: Path) -> FsckReport:
         blobs = BlobStore(Path(root), create=False)
         check_blobs(conn, blobs, report)
         if _has_table(conn, "repo_storage"):
-            check_storage(conn, report)
+            check_storage(conn, report, metadata=_has_table(conn, "repo_trees"))
         check_identity(_stored_registry_id(conn), blobs, report)
     except sqlite3.DatabaseError as exc:
         report.add(f"database cannot be read: {exc}")

@@ -131,7 +131,9 @@ class PostgresDatabase:
                     "upgrade peftkit to open it"
                 )
             elif row[0] < SCHEMA_VERSION:
-                if row[0] < 2:  # a registry made before quotas: count what each repo stores
+                if row[0] < 4:  # made before quotas (2) or before metadata counted (4): count each repo once
+                    conn.execute("ALTER TABLE repo_storage ADD COLUMN IF NOT EXISTS metadata_bytes BIGINT NOT NULL"
+                                 " DEFAULT 0")
                     recount_all(conn)
                 conn.execute("UPDATE registry_schema SET version = ?", (SCHEMA_VERSION,))
             #: This registry's id (what its blob store's marker must name): a new registry's, or one made

@@ -18,7 +18,7 @@ import functools
 import re
 import unicodedata
 
-SCHEMA_VERSION = 3  # as registry/db.py's
+SCHEMA_VERSION = 4  # as registry/db.py's
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS registry_schema (version INTEGER NOT NULL);
@@ -157,9 +157,15 @@ CREATE TABLE IF NOT EXISTS repo_blobs (
 );
 -- What an upload announces (sizes) is checked against the sizes a repo holds (quotas.check_announced).
 CREATE INDEX IF NOT EXISTS repo_blobs_size ON repo_blobs (repo, size);
+CREATE TABLE IF NOT EXISTS repo_trees (
+    repo BIGINT NOT NULL REFERENCES repos(id) ON DELETE CASCADE,
+    tree TEXT COLLATE "C" NOT NULL,
+    PRIMARY KEY (repo, tree)
+);
 CREATE TABLE IF NOT EXISTS repo_storage (
-    repo  BIGINT PRIMARY KEY REFERENCES repos(id) ON DELETE CASCADE,
-    bytes BIGINT NOT NULL
+    repo           BIGINT PRIMARY KEY REFERENCES repos(id) ON DELETE CASCADE,
+    bytes          BIGINT NOT NULL,
+    metadata_bytes BIGINT NOT NULL DEFAULT 0
 );
 
 CREATE TABLE IF NOT EXISTS namespace_quotas (
@@ -175,7 +181,8 @@ CREATE TABLE IF NOT EXISTS registry_identity (registry_id TEXT COLLATE "C" NOT N
 #: Tables in an order where every row's references are copied before it (``registry migrate``).
 TABLES = (
     "repos", "refs", "tags", "repo_redirects", "download_clients", "commits", "tree_entries", "repo_meta",
-    "facets", "accounts", "org_members", "tokens", "web_sessions", "repo_blobs", "repo_storage", "namespace_quotas",
+    "facets", "accounts", "org_members", "tokens", "web_sessions", "repo_blobs", "repo_trees", "repo_storage",
+    "namespace_quotas",
 )
 
 # The store's comparisons of SQLite NOCASE columns, made case-insensitive the same way.
@@ -188,13 +195,15 @@ _NOCASE_REWRITES = (
     (re.compile(r"ORDER BY kind DESC, name\b"), "ORDER BY kind DESC, lower(name)"),
 )
 _VALUE_IN = re.compile(r"\bvalue IN \(([?,]+)\)")
+# SQLite's bytes of a text (registry/quotas.py's cost model), as PostgreSQL counts them.
+_OCTETS = (re.compile(r"length\(CAST\(((?:\w+\.)?\w+) AS BLOB\)\)"), r"octet_length(\1)")
 
 
 @functools.lru_cache(maxsize=1024)
 def translate(sql: str) -> str:
     """The store's SQLite-flavoured statement as PostgreSQL runs it: NOCASE comparisons lowered,
     ``?`` placeholders as psycopg's ``%s`` (and a literal ``%`` doubled)."""
-    for pattern, replacement in _NOCASE_REWRITES:
+    for pattern, replacement in (*_NOCASE_REWRITES, _OCTETS):
         sql = pattern.sub(replacement, sql)
     sql = _VALUE_IN.sub(lambda m: "lower(value) IN (" + ",".join("lower(?)" for _ in m.group(1).split(",")) + ")", sql)
     return sql.replace("%", "%%").replace("?", "%s")

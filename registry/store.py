@@ -57,7 +57,21 @@ from .blobs import BlobStore, StagedBlob
 from .cards import RepoMetadata, extract_metadata, normalize_task
 from .database_url import open_database
 from .pg_schema import document_of, tsquery_of
-from .quotas import Quotas, add_blobs, new_blobs, recount_repo, repo_bytes, start_repo
+from .quotas import (
+    Quotas,
+    add_blobs,
+    add_metadata,
+    commit_cost,
+    empty_repo_cost,
+    hold_tree,
+    holds_tree,
+    new_blobs,
+    recount_repo,
+    ref_cost,
+    repo_split,
+    start_repo,
+    tree_cost,
+)
 from .folders import ancestors, clash, folder_set, under_any
 from .fsck import fsck_database
 from .gc import GcReport, collect_garbage, referenced_blobs
@@ -391,6 +405,8 @@ class RegistryStore:
                         repo_id=existing["repo_id"],
                     )
             else:
+                cost = empty_repo_cost(commit_cost("initial commit", "", owner or ""), DEFAULT_BRANCH)
+                self.quotas.check(conn, namespace, 0, f"creating '{repo_id}' adds", metadata=cost)
                 conn.execute(
                     "INSERT INTO repos(repo_id, namespace, name, private, owner, created_at, last_modified)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -409,7 +425,7 @@ class RegistryStore:
                     (sha, repo["id"], tree, owner or "", now),
                 )
                 conn.execute("INSERT INTO refs(repo, name, commit_sha) VALUES (?, ?, ?)", (repo["id"], DEFAULT_BRANCH, sha))
-                start_repo(conn, repo["id"])
+                start_repo(conn, repo["id"], cost, tree)
                 self._index(conn, repo, RepoMetadata())
         return self.repo_info(repo_id)
 
@@ -488,7 +504,9 @@ class RegistryStore:
                     return self._branch_head(conn, repo, branch)
                 raise RepoExists(f"branch '{branch}' already exists in '{repo_id}'", repo_id=repo_id)
             self._check_room_for_a_ref(conn, repo)
+            self.quotas.check(conn, repo["namespace"], 0, f"branch '{branch}' adds", metadata=ref_cost(branch))
             conn.execute("INSERT INTO refs(repo, name, commit_sha) VALUES (?, ?, ?)", (repo["id"], branch, sha))
+            add_metadata(conn, repo["id"], ref_cost(branch))
             return sha
 
     def delete_branch(self, repo_id: str, branch: str) -> None:
@@ -498,6 +516,7 @@ class RegistryStore:
             repo = self._repo_row(conn, repo_id)
             self._branch_head(conn, repo, branch)
             conn.execute("DELETE FROM refs WHERE repo = ? AND name = ?", (repo["id"], branch))
+            add_metadata(conn, repo["id"], -ref_cost(branch))
 
     # ------------------------------------------------------------------ tags
     def list_tags(self, repo_id: str) -> dict[str, str]:
@@ -527,10 +546,13 @@ class RegistryStore:
             if conn.execute("SELECT 1 FROM refs WHERE repo = ? AND name = ?", (repo["id"], tag)).fetchone():
                 raise Conflict(f"'{tag}' is a branch of '{repo['repo_id']}'; a tag needs a name no branch has")
             self._check_room_for_a_ref(conn, repo)
+            cost = ref_cost(tag, message or "")
+            self.quotas.check(conn, repo["namespace"], 0, f"tag '{tag}' adds", metadata=cost)
             conn.execute(
                 "INSERT INTO tags(repo, name, commit_sha, message, created_at) VALUES (?, ?, ?, ?, ?)",
                 (repo["id"], tag, sha, message or "", time.time()),
             )
+            add_metadata(conn, repo["id"], cost)
             return sha
 
     def _check_room_for_a_ref(self, conn: Any, repo: Any) -> None:
@@ -548,8 +570,12 @@ class RegistryStore:
             tag = tag[len(TAG_PREFIX) :]
         with self.db.write() as conn:
             repo = self._repo_row(conn, repo_id)
-            if conn.execute("DELETE FROM tags WHERE repo = ? AND name = ?", (repo["id"], tag)).rowcount == 0:
+            row = conn.execute("SELECT name, message FROM tags WHERE repo = ? AND name = ?",
+                               (repo["id"], tag)).fetchone()
+            if row is None:
                 raise RevisionNotFound(f"tag '{tag}' not found in '{repo['repo_id']}'")
+            conn.execute("DELETE FROM tags WHERE repo = ? AND name = ?", (repo["id"], tag))
+            add_metadata(conn, repo["id"], -ref_cost(row["name"], row["message"]))
 
     # ------------------------------------------------------------- renaming
     def move_repo(self, from_id: str, to_id: str) -> RepoInfo:
@@ -565,8 +591,9 @@ class RegistryStore:
             if clash is not None and clash["id"] != repo["id"]:
                 raise RepoExists(f"repository '{clash['repo_id']}' already exists; pick another name",
                                  repo_id=clash["repo_id"])
-            if repo["namespace"].lower() != namespace.lower():  # its files start counting there
-                self.quotas.check(conn, namespace, repo_bytes(conn, repo["id"]), f"moving '{repo['repo_id']}' adds")
+            if repo["namespace"].lower() != namespace.lower():  # its files and metadata start counting there
+                files, metadata = repo_split(conn, repo["id"])
+                self.quotas.check(conn, namespace, files, f"moving '{repo['repo_id']}' adds", metadata=metadata)
             conn.execute(
                 "UPDATE repos SET repo_id = ?, namespace = ?, name = ?, last_modified = ? WHERE id = ?",
                 (to_id, namespace, name, time.time(), repo["id"]),
@@ -880,15 +907,19 @@ class RegistryStore:
                         f"'{branch}'; a repo holds at most {self.max_repo_files:,} (each listing of it sends them "
                         "all): delete files in the same commit, or put the rest in another repo"
                     )
-                # Only staged files can be new to the repo (the others are its head's). Checked inside this
-                # transaction, which excludes every other writer: concurrent commits cannot overshoot.
+                # Only staged files can be new to the repo (the others are its head's); the commit's metadata, and
+                # its tree's when the repo holds no commit of it yet. Checked inside this transaction, which
+                # excludes every other writer: concurrent commits cannot overshoot.
                 added = new_blobs(conn, repo["id"], {blob.sha256: blob.size for blob in staged.values()})
-                self.quotas.check(conn, repo["namespace"], sum(added.values()))
+                tree = tree_oid((e.path, e.oid) for e in entries.values())
+                metadata = commit_cost(message, description, author)
+                if not holds_tree(conn, repo["id"], tree):
+                    metadata += tree_cost(entries)
+                self.quotas.check(conn, repo["namespace"], sum(added.values()), metadata=metadata)
                 for blob in staged.values():
                     self.blobs.publish(blob)
                 self._checkpoint("published")
 
-                tree = tree_oid((e.path, e.oid) for e in entries.values())
                 if conn.execute("SELECT 1 FROM tree_entries WHERE tree = ? LIMIT 1", (tree,)).fetchone() is None:
                     conn.executemany(
                         "INSERT INTO tree_entries(tree, path, sha256, oid, size) VALUES (?, ?, ?, ?, ?)",
@@ -907,6 +938,8 @@ class RegistryStore:
                 conn.execute("UPDATE refs SET commit_sha = ? WHERE repo = ? AND name = ?", (sha, repo["id"], branch))
                 conn.execute("UPDATE repos SET last_modified = ? WHERE id = ?", (now, repo["id"]))
                 add_blobs(conn, repo["id"], added)
+                hold_tree(conn, repo["id"], tree)
+                add_metadata(conn, repo["id"], metadata)
                 if branch == DEFAULT_BRANCH:
                     self._index(conn, repo, self._metadata_for(entries))
                 self._checkpoint("before_commit")

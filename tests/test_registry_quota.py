@@ -18,9 +18,15 @@ from tests.registry_conftest_helpers import hf_online, running_registry  # noqa:
 from peftkit.registry import QuotaExceeded, RegistryStore, start_server
 from peftkit.registry.cli import registry_group
 from peftkit.registry.quantities import parse_size
-from peftkit.registry.quotas import format_size
+from peftkit.registry.quotas import REPO_COST, commit_cost, format_size, ref_cost, tree_cost
 
 QUOTA = 10_000
+#: What the cost model charges alice/r of the upgrade tests: the repo, its first commit and main branch, two
+#: commits ("Update files", no author) and their two trees.
+EXPECTED_METADATA = (
+    REPO_COST + commit_cost("initial commit") + ref_cost("main") + 2 * commit_cost("Update files")
+    + tree_cost(["a.bin", "b.bin", "c.bin"]) + tree_cost(["a.bin", "b.bin"])
+)
 
 
 @pytest.fixture
@@ -60,6 +66,17 @@ def _state(store: RegistryStore, repo_id: str) -> tuple:
     return commits, store.list_files(repo_id), store.list_branches(repo_id), store.quotas.usage(["alice"])
 
 
+def _stores(store: RegistryStore, namespace: str = "alice") -> str:
+    """How a refusal words what ``namespace`` stores now: its total, split into files and metadata."""
+    (usage,) = store.quotas.usage([namespace])
+    return (f"namespace '{namespace}' stores {format_size(usage.used_bytes)} ({format_size(usage.file_bytes)} of "
+            f"files, {format_size(usage.metadata_bytes)} of metadata: history, file paths, branches and tags) of its")
+
+
+def _files(store: RegistryStore, namespace: str = "alice") -> int:
+    return store.quotas.usage([namespace])[0].file_bytes
+
+
 def _alice_repo_holding(reg, repo_id: str, size: int):
     """alice's client, and ``repo_id`` holding one random file ``w.bin`` of ``size`` bytes."""
     store, server, tokens = reg
@@ -83,8 +100,9 @@ def test_an_upload_over_the_quota_is_refused_before_its_bytes_are_sent_with_a_me
     assert refused.response.status_code == 413
     assert "/preupload/" in str(refused.response.url)  # refused when sizes were announced: no byte was sent
     message = str(refused)
-    assert "namespace 'alice' stores 6 KB of its 10 KB quota (the server's default)" in message
-    assert "this upload adds 5 KB" in message and "peftkit registry quota set alice SIZE" in message
+    assert ("namespace 'alice' stores 7.57 KB (6 KB of files, 1.57 KB of metadata: history, file paths, branches and "
+            "tags) of its 10 KB quota (the server's default), and this upload adds 5 KB;") in message
+    assert "peftkit registry quota set alice SIZE" in message
     assert "peftkit hub delete" in message and "delete_repo" in message and "super_squash_history" in message
     assert "token has the correct permissions" not in message  # not a 403's misleading hint
 
@@ -94,7 +112,7 @@ def test_an_upload_over_the_quota_is_refused_before_its_bytes_are_sent_with_a_me
     (folder / "sub" / "two.bin").write_bytes(os.urandom(3_500))
     refused = _refusal(lambda: api.upload_folder(folder_path=folder, repo_id="alice/big"))
     assert refused.response.status_code == 413 and "/preupload/" in str(refused.response.url)
-    assert "stores 6 KB of its 10 KB quota (the server's default), and this upload adds 6.5 KB" in str(refused)
+    assert _stores(store) + " 10 KB quota (the server's default), and this upload adds 6.5 KB;" in str(refused)
     assert _state(store, "alice/big") == before
     assert store.orphan_blobs() == [] and store.fsck() == []
 
@@ -106,13 +124,14 @@ def test_a_commit_the_preupload_let_through_is_refused_by_content_and_leaves_not
     before = _state(store, "alice/same-size")
     refused = _refused_upload(api, "alice/same-size", "w.bin", 6_000)
     assert refused.response.status_code == 413 and "/commit/" in str(refused.response.url)
-    assert "stores 6 KB of its 10 KB quota (the server's default), and this commit adds 6 KB" in str(refused)
+    assert (_stores(store) + " 10 KB quota (the server's default), and this commit adds 6.65 KB (6 KB of files, "
+            "648 bytes of metadata);") in str(refused)
     assert _state(store, "alice/same-size") == before  # no commit, no branch move, nothing counted
     assert store.orphan_blobs() == [] and not any(Path(store.root, "tmp").iterdir())  # staged files discarded
     # Files already stored cost nothing: the same content again, at another path, fits.
     api.upload_file(path_or_fileobj=store.read_file("alice/same-size", "w.bin"), path_in_repo="copy.bin",
                     repo_id="alice/same-size")
-    assert store.quotas.usage(["alice"])[0].used_bytes == 6_000
+    assert _files(store) == 6_000 and store.fsck() == []
 
 
 def test_deleting_a_repo_or_squashing_away_deleted_files_frees_quota(reg) -> None:
@@ -120,20 +139,23 @@ def test_deleting_a_repo_or_squashing_away_deleted_files_frees_quota(reg) -> Non
     api = _api(server, tokens["alice"])
     for name in ("one", "two"):
         api.create_repo(f"alice/{name}")
-        api.upload_file(path_or_fileobj=os.urandom(4_000), path_in_repo="w.bin", repo_id=f"alice/{name}")
-    assert store.quotas.usage(["alice"])[0].used_bytes == 8_000
-    assert _refused_upload(api, "alice/one", "x.bin", 4_000).response.status_code == 413
+        api.upload_file(path_or_fileobj=os.urandom(3_000), path_in_repo="w.bin", repo_id=f"alice/{name}")
+    assert _files(store) == 6_000 and store.fsck() == []  # the counters are a recount's
+    assert _refused_upload(api, "alice/one", "x.bin", 3_000).response.status_code == 413
 
+    one = store.quotas.usage(["alice"])[0].used_bytes // 2
     api.delete_repo("alice/two")
-    assert store.quotas.usage(["alice"])[0].used_bytes == 4_000
-    api.upload_file(path_or_fileobj=os.urandom(4_000), path_in_repo="x.bin", repo_id="alice/one")
-    assert store.quotas.usage(["alice"])[0].used_bytes == 8_000
+    assert store.quotas.usage(["alice"])[0].used_bytes == one and store.fsck() == []
+    api.upload_file(path_or_fileobj=os.urandom(3_000), path_in_repo="x.bin", repo_id="alice/one")
+    assert _files(store) == 6_000
 
     api.delete_file("w.bin", repo_id="alice/one")  # the older commits still hold it
-    assert store.quotas.usage(["alice"])[0].used_bytes == 8_000
+    assert _files(store) == 6_000
+    history = store.quotas.usage(["alice"])[0].metadata_bytes
     api.super_squash_history("alice/one")
-    assert store.quotas.usage(["alice"])[0].used_bytes == 4_000
-    api.upload_file(path_or_fileobj=os.urandom(5_000), path_in_repo="y.bin", repo_id="alice/one")
+    assert _files(store) == 3_000 and store.quotas.usage(["alice"])[0].metadata_bytes < history
+    assert store.fsck() == []
+    api.upload_file(path_or_fileobj=os.urandom(4_000), path_in_repo="y.bin", repo_id="alice/one")
     assert store.fsck() == []
 
 
@@ -147,10 +169,11 @@ def test_a_namespace_override_beats_the_server_default_both_ways(reg) -> None:
     alice.upload_file(path_or_fileobj=os.urandom(20_000), path_in_repo="w.bin", repo_id="alice/r")
     refused = _refused_upload(bob, "bob/r", "w.bin", 5_000)
     assert refused.response.status_code == 413
-    assert "namespace 'bob' stores 0 bytes of its 2 KB quota, and this upload adds 5 KB" in str(refused)
+    assert _stores(store, "bob") + " 2 KB quota, and this upload adds 5 KB;" in str(refused)
+    assert "stores 921 bytes (0 bytes of files, 921 bytes of metadata" in str(refused)  # an empty repo's
     assert store.quotas.clear("bob")
     bob.upload_file(path_or_fileobj=os.urandom(5_000), path_in_repo="w.bin", repo_id="bob/r")  # the default again
-    assert [(u.namespace, u.used_bytes, u.quota_bytes, u.source) for u in store.quotas.usage()] == [
+    assert [(u.namespace, u.file_bytes, u.quota_bytes, u.source) for u in store.quotas.usage()] == [
         ("alice", 20_000, 30_000, "namespace"), ("bob", 5_000, QUOTA, "default")]
 
 
@@ -162,12 +185,14 @@ def test_moving_a_repo_counts_it_in_its_new_namespace(reg) -> None:
     api.create_repo("alice/r")
     api.upload_file(path_or_fileobj=os.urandom(6_000), path_in_repo="w.bin", repo_id="alice/r")
     refused = _refusal(lambda: api.move_repo("alice/r", "acme/r"))
-    assert refused.response.status_code == 413 and "moving 'alice/r' adds 6 KB" in str(refused)
+    assert refused.response.status_code == 413
+    assert "moving 'alice/r' adds 7.57 KB (6 KB of files, 1.57 KB of metadata)" in str(refused)
     assert store.repo_exists("alice/r") and not store.repo_exists("acme/r")
-    store.quotas.set("acme", 6_000)
+    store.quotas.set("acme", 8_000)
+    used = store.quotas.usage(["alice"])[0].used_bytes
     api.move_repo("alice/r", "acme/r")
-    assert [(u.namespace, u.used_bytes) for u in store.quotas.usage(["alice", "acme"])] == [("acme", 6_000),
-                                                                                           ("alice", 0)]
+    assert [(u.namespace, u.used_bytes, u.file_bytes) for u in store.quotas.usage(["alice", "acme"])] == [
+        ("acme", used, 6_000), ("alice", 0, 0)]
 
 
 def test_two_concurrent_commits_that_together_exceed_the_quota_cannot_both_land(reg, database) -> None:
@@ -201,7 +226,7 @@ def test_two_concurrent_commits_that_together_exceed_the_quota_cannot_both_land(
         for t in threads:
             t.join()
     assert sorted(map(str, outcomes.values())) == ["413", "landed"], outcomes
-    assert store.quotas.usage(["alice"])[0].used_bytes == 6_000
+    assert _files(store) == 6_000
     assert store.orphan_blobs() == [] and store.fsck() == []
 
 
@@ -222,12 +247,15 @@ def test_a_registry_made_before_quotas_is_counted_when_opened(tmp_path: Path) ->
         store.commit("alice/r", {"a.bin": b"a" * 700, "b.bin": b"a" * 700, "c.bin": b"c" * 300})
         store.commit("alice/r", deletions=["c.bin"])
     db = sqlite3.connect(tmp_path / "reg" / "registry.db")  # as version 1 left it: no counts
-    db.executescript("DROP TABLE repo_blobs; DROP TABLE repo_storage; DROP TABLE namespace_quotas;"
-                     " PRAGMA user_version = 1;")
+    db.executescript("DROP TABLE repo_blobs; DROP TABLE repo_trees; DROP TABLE repo_storage;"
+                     " DROP TABLE namespace_quotas; PRAGMA user_version = 1;")
     db.close()
-    with RegistryStore(tmp_path / "reg", fsync=False, namespace_quota=1_000) as store:
-        assert [(u.used_bytes, u.quota_bytes) for u in store.quotas.usage(["alice"])] == [(1_000, 1_000)]
-        with pytest.raises(QuotaExceeded, match="stores 1 KB of its 1 KB quota"):
+    with RegistryStore(tmp_path / "reg", fsync=False) as store:
+        (usage,) = store.quotas.usage(["alice"])
+        assert (usage.file_bytes, usage.metadata_bytes) == (1_000, EXPECTED_METADATA)
+        store.quotas.set("alice", usage.used_bytes)
+        full = r"stores 4.09 KB \(1 KB of files, 3.09 KB of metadata.*\) of its 4.09 KB quota"
+        with pytest.raises(QuotaExceeded, match=full):
             store.commit("alice/r", {"d.bin": b"d"})
         assert store.fsck() == []
 
@@ -259,12 +287,17 @@ def test_quota_commands_set_show_clear_with_exit_codes_scripts_can_trust(tmp_pat
     assert "quota of alice: 2 GB (2000000000 bytes); it stores 1.5 MB" in done.stdout
     assert _run("quota", "set", "acme", "1.5GiB", "--data", data).exit_code == 0
     shown = json.loads(_run("quota", "show", "--json", "--data", data).stdout)
+    metadata = shown[1]["metadata_bytes"]
     assert shown == [
-        {"namespace": "acme", "used_bytes": 0, "quota_bytes": 3 * 2**29, "source": "namespace"},
-        {"namespace": "alice", "used_bytes": 1_500_000, "quota_bytes": 2 * 10**9, "source": "namespace"},
+        {"namespace": "acme", "used_bytes": 0, "quota_bytes": 3 * 2**29, "source": "namespace", "file_bytes": 0,
+         "metadata_bytes": 0},
+        {"namespace": "alice", "used_bytes": 1_500_000 + metadata, "quota_bytes": 2 * 10**9, "source": "namespace",
+         "file_bytes": 1_500_000, "metadata_bytes": metadata},
     ]
+    assert 0 < metadata < 2_000
     text = _run("quota", "show", "alice", "--data", data)
-    assert text.exit_code == 0 and text.stdout.split() == "alice 1.5 MB of 2 GB (0%; its own)".split()
+    assert text.exit_code == 0
+    assert text.stdout.split() == "alice 1.5 MB of 2 GB (0%; its own); files 1.5 MB, metadata 1.54 KB".split()
     # The share is rounded down, as the account page and `peftkit hub storage` show it (82.8% is 82%, not 83%).
     assert _run("quota", "set", "alice", "1.8125MB", "--data", data).exit_code == 0
     assert "(82%; its own)" in _run("quota", "show", "alice", "--data", data).stdout
@@ -275,8 +308,8 @@ def test_quota_commands_set_show_clear_with_exit_codes_scripts_can_trust(tmp_pat
     assert again.exit_code == 0 and "had no quota of its own" in again.stdout
     default = json.loads(_run("quota", "show", "alice", "--json", "--namespace-quota-gb", "0.001", "--data",
                               data).stdout)
-    assert default == [{"namespace": "alice", "used_bytes": 1_500_000, "quota_bytes": 1_000_000,
-                        "source": "default"}]
+    assert default == [{"namespace": "alice", "used_bytes": 1_500_000 + metadata, "quota_bytes": 1_000_000,
+                        "source": "default", "file_bytes": 1_500_000, "metadata_bytes": metadata}]
     over = _run("quota", "show", "alice", "--namespace-quota-gb", "0.001", "--data", data)
     assert "(150%, over quota; the server's default)" in over.stdout
     none = json.loads(_run("quota", "show", "alice", "--json", "--data", data).stdout)
@@ -307,12 +340,12 @@ def test_serve_namespace_quota_gb_refuses_a_commit_over_it(tmp_path: Path, hf_on
         token = store.accounts.create_token("alice", write=True)[1]
     bad = _run("serve", "--namespace-quota-gb", "-1", "--data", str(data))
     assert bad.exit_code == 2 and "--namespace-quota-gb" in bad.output
-    proc, url, _ = start_cli_server(data, "--namespace-quota-gb", "0.000005")  # 5,000 bytes
+    proc, url, _ = start_cli_server(data, "--namespace-quota-gb", "0.000008")  # 8,000 bytes
     try:
         api = HfApi(endpoint=url, token=token)
         api.create_repo("alice/r")
         api.upload_file(path_or_fileobj=os.urandom(4_000), path_in_repo="a.bin", repo_id="alice/r")
-        with pytest.raises(HfHubHTTPError, match="stores 4 KB of its 5 KB quota") as caught:
+        with pytest.raises(HfHubHTTPError, match=r"stores 5.57 KB \(4 KB of files, .*\) of its 8 KB quota") as caught:
             api.upload_file(path_or_fileobj=os.urandom(4_000), path_in_repo="b.bin", repo_id="alice/r")
         assert caught.value.response.status_code == 413
     finally:

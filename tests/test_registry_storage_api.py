@@ -60,6 +60,15 @@ def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]
     return code, captured.out, captured.err
 
 
+def _files_view(usage: dict) -> dict:
+    """``usage`` with the bytes of files as ``used_bytes``, after checking that the total is files plus metadata
+    (what metadata costs is tested in tests/test_registry_quota_metadata.py)."""
+    usage = dict(usage)
+    files, metadata = usage.pop("file_bytes"), usage.pop("metadata_bytes")
+    assert usage["used_bytes"] == files + metadata
+    return {**usage, "used_bytes": files}
+
+
 def _token_file(folder: Path, token: str, name: str = "token") -> str:
     path = folder / f"{name}.txt"
     path.write_text(token + "\n")
@@ -70,7 +79,7 @@ def _token_file(folder: Path, token: str, name: str = "token") -> str:
 # ------------------------------------------------------------------------------------------ the endpoint
 def test_the_owner_reads_what_quota_show_reports_after_a_push(reg, capsys) -> None:
     store, server, tokens, root = reg
-    assert _get(server.url, "alice", tokens["alice"]).json() == {
+    assert _files_view(_get(server.url, "alice", tokens["alice"]).json()) == {
         "namespace": "alice", "used_bytes": 0, "quota_bytes": DEFAULT_QUOTA, "source": "default"}
     _push(server.url, tokens["alice"], "alice/weights", ALICE_BYTES)
     response = _get(server.url, "alice", tokens["alice"])
@@ -79,10 +88,10 @@ def test_the_owner_reads_what_quota_show_reports_after_a_push(reg, capsys) -> No
                           "--namespace-quota-gb", "0.005")
     assert code == 0, err
     assert [response.json()] == json.loads(out)
-    assert response.json()["used_bytes"] == ALICE_BYTES
+    assert _files_view(response.json())["used_bytes"] == ALICE_BYTES
     # the namespace as the registry spells it, whatever the case asked for; a read-only token will do
     assert _get(server.url, "ALICE", tokens["alice"]).json()["namespace"] == "alice"
-    assert _get(server.url, "bob", tokens["bob"]).json() == {
+    assert _files_view(_get(server.url, "bob", tokens["bob"]).json()) == {
         "namespace": "bob", "used_bytes": 0, "quota_bytes": DEFAULT_QUOTA, "source": "default"}
 
 
@@ -91,7 +100,7 @@ def test_org_members_read_the_organization_and_everyone_else_gets_the_answer_for
     store.quotas.set("acme", 10_000_000)  # its own limit, over the server's default
     _push(server.url, tokens["alice"], "acme/shared", ACME_BYTES)
     _push(server.url, tokens["alice"], "alice/weights", ALICE_BYTES)
-    assert _get(server.url, "acme", tokens["alice"]).json() == {
+    assert _files_view(_get(server.url, "acme", tokens["alice"]).json()) == {
         "namespace": "acme", "used_bytes": ACME_BYTES, "quota_bytes": 10_000_000, "source": "namespace"}
 
     def refusal(namespace: str, token: str) -> tuple[int, str | None, str]:
@@ -157,10 +166,10 @@ def test_the_servers_default_quota_flag_is_reflected_and_a_namespaces_own_limit_
         token = store.accounts.create_token("alice", write=True)[1]
     proc, url, _ = start_cli_server(data, "--namespace-quota-gb", "0.005")
     try:
-        assert _get(url, "alice", token).json() == {
+        assert _files_view(_get(url, "alice", token).json()) == {
             "namespace": "alice", "used_bytes": 0, "quota_bytes": DEFAULT_QUOTA, "source": "default"}
         assert _cli(capsys, "registry", "quota", "set", "alice", "2MB", "--data", str(data))[0] == 0
-        assert _get(url, "alice", token).json() == {
+        assert _files_view(_get(url, "alice", token).json()) == {
             "namespace": "alice", "used_bytes": 0, "quota_bytes": 2_000_000, "source": "namespace"}
         assert _cli(capsys, "registry", "quota", "clear", "alice", "--data", str(data))[0] == 0
         assert _get(url, "alice", token).json()["source"] == "default"
@@ -172,7 +181,7 @@ def test_the_servers_default_quota_flag_is_reflected_and_a_namespaces_own_limit_
 def test_without_any_limit_the_quota_is_null(hub_env: Path) -> None:  # noqa: F811
     with running_registry(hub_env / "reg", users={"dana": True}) as (store, server, tokens):
         _push(server.url, tokens["dana"], "dana/weights", ALICE_BYTES)
-        assert _get(server.url, "dana", tokens["dana"]).json() == {
+        assert _files_view(_get(server.url, "dana", tokens["dana"]).json()) == {
             "namespace": "dana", "used_bytes": ALICE_BYTES, "quota_bytes": None, "source": "none"}
 
 
@@ -183,9 +192,9 @@ def test_the_client_function_reads_ones_own_and_ones_organizations_usage(reg) ->
     _push(server.url, tokens["alice"], "acme/shared", ACME_BYTES)
     mine = peftkit.hub.storage(hub=server.url, token=tokens["alice"])  # the token's user
     assert mine == store.quotas.usage(["alice"])[0]
-    assert (mine.namespace, mine.used_bytes, mine.quota_bytes, mine.source) == (
+    assert (mine.namespace, mine.file_bytes, mine.quota_bytes, mine.source) == (
         "alice", ALICE_BYTES, DEFAULT_QUOTA, "default")
-    assert peftkit.hub.storage("acme", server.url, token=tokens["alice"]).used_bytes == ACME_BYTES
+    assert peftkit.hub.storage("acme", server.url, token=tokens["alice"]).file_bytes == ACME_BYTES
     with pytest.raises(NamespaceNotFound, match="namespace 'acme' not found"):
         peftkit.hub.storage("acme", server.url, token=tokens["carol"])
     with pytest.raises(HubAuthError, match="needs a token"):
@@ -269,13 +278,13 @@ def test_the_embedded_hub_reads_usage_itself_without_a_limit_unless_one_was_set(
         store.create_repo("alice/weights", owner="alice")
         store.commit("alice/weights", {"w.bin": b"\x01" * ALICE_BYTES})
     hub = f"local:{folder}"
-    assert peftkit.hub.storage("alice", hub).to_json() == {
+    assert _files_view(peftkit.hub.storage("alice", hub).to_json()) == {
         "namespace": "alice", "used_bytes": ALICE_BYTES, "quota_bytes": None, "source": "none"}
     assert _cli(capsys, "hub", "storage", "alice", "--hub", hub)[:2] == (0, "alice: 1.37 MB used (no limit)\n")
 
     assert _cli(capsys, "registry", "quota", "set", "alice", "5MB", "--data", str(folder))[0] == 0
     code, out, _ = _cli(capsys, "hub", "storage", "alice", "--hub", hub, "--json")
-    assert code == 0 and json.loads(out) == {
+    assert code == 0 and _files_view(json.loads(out)) == {
         "namespace": "alice", "used_bytes": ALICE_BYTES, "quota_bytes": DEFAULT_QUOTA, "source": "namespace"}
 
     with pytest.raises(NamespaceNotFound, match="no namespace 'bob'"):
@@ -344,4 +353,4 @@ def test_offline_mode_refuses_a_registry_before_any_request_and_not_the_embedded
     with pytest.raises(OfflineError, match="reading storage usage on .* needs the network"):
         peftkit.hub.storage("alice", listener.url, token="pkr_x_y")  # a registry's address
     assert listener.connections == 0
-    assert peftkit.hub.storage("alice", f"local:{folder}").used_bytes == 0
+    assert peftkit.hub.storage("alice", f"local:{folder}").file_bytes == 0

@@ -58,7 +58,8 @@ def test_the_owner_sees_usage_and_the_servers_default_limit_after_a_push(reg):
     _push(server, tokens["alice"], "alice/weights", ALICE_BYTES)
     page = _page(server, "/alice", tokens["alice"])
     assert "1.37 MB of 5 MB used (27%)" in page
-    assert f'<meter min="0" max="{DEFAULT_QUOTA}" value="{ALICE_BYTES}"' in page
+    used = store.quotas.usage(["alice"])[0].used_bytes  # the files and their history's metadata
+    assert f'<meter min="0" max="{DEFAULT_QUOTA}" value="{used}"' in page
     assert "The server&#39;s default limit." in page and "Only you see this." in page
     assert "Full:" not in page
 
@@ -98,4 +99,5 @@ def test_no_limit_when_none_applies_and_a_full_namespace_says_so(tmp_path: Path,
         assert _shows_no_storage(_page(server, "/dana"), "1.37 MB", "no limit")
         store.quotas.set("dana", 1_000_000)  # a limit below what is stored keeps it all and refuses more
         page = _page(server, "/dana", tokens["dana"])
-        assert "1.37 MB of 1 MB used (137%)" in page and "Full: commits that add files are refused." in page
+        assert "1.37 MB of 1 MB used (137%)" in page
+        assert "Full: new commits, branches, tags and repos are refused." in page
