@@ -70,6 +70,7 @@ _LAZY: dict[str, str] = {
     "lora_plus_optimizer": "peftkit.lora_plus",
     "PrefixTuningConfig": "peftkit.plugins.prefix_tuning.config",
     "PromptTuningConfig": "peftkit.plugins.prompt_tuning.config",
+    "PTuningConfig": "peftkit.plugins.prompt_tuning.p_tuning_config",
     "SeqBnConfig": "peftkit.plugins.bottleneck.config",
     "DoubleSeqBnConfig": "peftkit.plugins.bottleneck.config",
     "ParBnConfig": "peftkit.plugins.bottleneck.config",
@@ -135,6 +136,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from peftkit.lora_plus import lora_plus_optimizer  # noqa: F401
     from peftkit.plugins.prefix_tuning.config import PrefixTuningConfig  # noqa: F401
     from peftkit.plugins.prompt_tuning.config import PromptTuningConfig  # noqa: F401
+    from peftkit.plugins.prompt_tuning.p_tuning_config import PTuningConfig  # noqa: F401
     from peftkit.plugins.bitfit.config import BitFitConfig  # noqa: F401
     from peftkit.plugins.bottleneck.config import DoubleSeqBnConfig, ParBnConfig, SeqBnConfig  # noqa: F401
     from peftkit.plugins.ia3.config import IA3Config  # noqa: F401

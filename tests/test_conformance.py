@@ -36,6 +36,8 @@ BUILTIN_SPECS = {
     "ia3": "ia3",
     "prefix_tuning": "prefix_tuning[num_virtual_tokens=4]",
     "prompt_tuning": "prompt_tuning[num_virtual_tokens=4]",
+    "p_tuning": "p_tuning[num_virtual_tokens=4,encoder_hidden_size=8]",
+    "p_tuning_lstm": "p_tuning[num_virtual_tokens=4,encoder_reparameterization_type=LSTM,encoder_hidden_size=8]",
     "lokr": "lokr[r=4]",
     "vera": "vera[r=8]",
     "oft": "oft[oft_block_size=8]",

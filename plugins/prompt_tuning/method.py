@@ -126,17 +126,17 @@ def check_encoder(model: "nn.Module") -> None:
                           f"placement='input_embeddings'")
 
 
-def prompt_geometry(model: "nn.Module", config: PromptTuningConfig) -> tuple[int, int]:
+def prompt_geometry(model: "nn.Module", config: Any) -> tuple[int, int]:
     """(token_dim, num_transformer_submodules) for this model; explicit config values must agree."""
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if embeddings is None or not hasattr(embeddings, "embedding_dim"):
-        raise ConfigError(f"prompt_tuning needs a model with token embeddings (get_input_embeddings()); "
+        raise ConfigError(f"{config.method} needs a model with token embeddings (get_input_embeddings()); "
                           f"{type(model).__name__} has none")
     token_dim = embeddings.embedding_dim
     submodules = 2 if getattr(getattr(model, "config", None), "is_encoder_decoder", False) else 1
     for key, value in (("token_dim", token_dim), ("num_transformer_submodules", submodules)):
         given = getattr(config, key)
         if given is not None and given != value:
-            raise ConfigError(f"prompt_tuning: {key}={given} does not fit {type(model).__name__}, which needs "
+            raise ConfigError(f"{config.method}: {key}={given} does not fit {type(model).__name__}, which needs "
                               f"{key}={value}; the adapter was made for another model — leave {key} unset")
     return token_dim, submodules
