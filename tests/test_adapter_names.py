@@ -49,6 +49,21 @@ def test_save_pretrained_takes_one_name(tmp_path: Path) -> None:
     assert not [p for p in (tmp_path / "one").iterdir() if p.is_dir()]  # no folder per other adapter
 
 
+def test_save_pretrained_without_default_puts_the_first_at_the_root_where_peft_loads_it(tmp_path: Path) -> None:
+    """docs/format.md: PEFT would write every non-default adapter to a sub-folder; peftkit the first at the root."""
+    from peft import PeftModel
+
+    model = peftkit.adapt(build_tiny("llama"), "lora[r=4]", "first")
+    model.add_adapter("second", "lora[r=4]")
+    randomize(model, "first", seed=1)
+    model.eval()
+    expected = output_of(model, "llama")
+    model.save_pretrained(str(tmp_path / "all"))
+    assert sorted(p.name for p in (tmp_path / "all").iterdir() if p.is_dir()) == ["second"]
+    theirs = PeftModel.from_pretrained(build_tiny("llama"), str(tmp_path / "all")).eval()
+    torch.testing.assert_close(output_of(theirs, "llama"), expected, atol=1e-6, rtol=1e-5)
+
+
 def test_prepare_for_hotswap_takes_one_name() -> None:
     model = _two()
     model.prepare_for_hotswap(8, "second")
