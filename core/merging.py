@@ -264,7 +264,8 @@ def _strategy_options(strategy: str, kind: str, fn: Callable[..., Any] | None, d
                              f"of those")
         options["density"] = float(density)
     elif reads and _needs(fn, "density"):
-        raise MergeError(f"strategy {strategy!r} needs density=<fraction of entries to keep>, e.g. density=0.5")
+        raise MergeError(f"strategy {strategy!r} needs density=<fraction of entries to keep>, e.g. density=0.5 "
+                         f"(peftkit merge: --density 0.5)")
     return options
 
 
@@ -331,7 +332,8 @@ def merge_adapters(model: "AdaptedModel", adapters: Sequence[str], weights: Sequ
         rank = max(site_sums) if kind in ("cat", "linear") else max(ranks)
     if kind == "cat" and rank < max(site_sums):
         raise MergeError(f"strategy 'cat' keeps every factor, so the rank is the sum of ranks ({max(site_sums)}); "
-                         f"use strategy='svd' with rank={rank} to truncate")
+                         f"use strategy='svd' with rank={rank} to truncate (peftkit merge: --strategy svd "
+                         f"--rank {rank})")
 
     generator = None
     if kind == "dense" and seed is not None:

@@ -8,6 +8,7 @@ members were made for. Imports no torch until a model loads.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -17,6 +18,8 @@ from peftkit.core.model_source import looks_local
 
 if TYPE_CHECKING:  # pragma: no cover
     from peftkit.core.model import AdaptedModel
+
+_NOT_IN_NAMES = re.compile(r"[^A-Za-z0-9_\-]+")
 
 
 @dataclass
@@ -33,9 +36,10 @@ class AdapterSource:
 def fetch_adapters(refs: Sequence[str], hub: Any, token: str | None, progress: bool, *,
                    role: str = "member") -> list[AdapterSource]:
     """Each of ``refs`` as a local folder, in the order given: an existing folder as it is, a hub id
-    (``namespace/name[@revision]``) pulled into the cache. Names: a folder's own name, a hub repo's name
-    (``namespace__name`` where two would clash, as ``peftkit.load`` names them). A ref that looks like a
-    path but is no folder fails before anything is downloaded, naming it as ``role``."""
+    (``namespace/name[@revision]``) pulled into the cache. Names: a folder's own name (see
+    :func:`folder_names`), a hub repo's name (``namespace__name`` where two would clash, as ``peftkit.load``
+    names them). A ref that looks like a path but is no folder fails before anything is downloaded,
+    naming it as ``role``."""
     from peftkit.hub_client.backend import HubBackend
     from peftkit.hub_client.compose import member_names
     from peftkit.hub_client.resolve import open_hub, parse_ref
@@ -48,8 +52,9 @@ def fetch_adapters(refs: Sequence[str], hub: Any, token: str | None, progress: b
             raise AdapterLoadError(f"{role} {ref!r} is not an adapter folder ({what}); give adapter folders or "
                                    f"hub ids such as alice/sentiment@v2")
     remote = {r: parse_ref(r) for r in refs if r not in local}
-    names = member_names(list(remote.values()), taken={Path(r).name for r in local})
-    found = {r: AdapterSource(Path(r).name, r, None, str(Path(r))) for r in local}
+    local_names = folder_names(local)
+    names = member_names(list(remote.values()), taken=set(local_names.values()))
+    found = {r: AdapterSource(local_names[r], r, None, str(Path(r))) for r in local}
     if remote:
         backend = open_hub(hub, token=token)
         try:
@@ -60,6 +65,35 @@ def fetch_adapters(refs: Sequence[str], hub: Any, token: str | None, progress: b
             if not isinstance(hub, HubBackend):
                 backend.close()
     return [found[r] for r in refs]
+
+
+def folder_names(folders: Sequence[str]) -> dict[str, str]:
+    """An adapter name for each of ``folders``: the folder's own name (``runs/sst2`` is ``sst2``; ``.`` the
+    current folder's name) in the characters adapter names take (``sst2.v2`` is ``sst2_v2``), else
+    ``parent__name`` where two folders share a name (``run1/final`` and ``run2/final``), else numbered.
+    A name torch keeps for itself (``train``, ``eval``...) gets ``_adapter`` appended."""
+    paths = {f: Path(f).resolve() for f in folders}
+    levels = [lambda p: p.name, lambda p: f"{p.parent.name}__{p.name}"]
+    names: dict[str, str] = {}
+    pending = list(folders)
+    for level in levels:
+        wanted = {f: _adapter_name(level(paths[f])) for f in pending}
+        clashing = {n for n in wanted.values() if list(wanted.values()).count(n) > 1 or n in names.values()}
+        names.update({f: n for f, n in wanted.items() if n not in clashing})
+        pending = [f for f in pending if f not in names]
+    for folder in pending:  # the same folder twice, or parents that clash too: number them
+        stem, number = _adapter_name(levels[-1](paths[folder])), 2
+        while f"{stem}_{number}" in names.values():
+            number += 1
+        names[folder] = f"{stem}_{number}"
+    return names
+
+
+def _adapter_name(text: str) -> str:
+    from peftkit.core.layer import name_taken_by_torch
+
+    name = _NOT_IN_NAMES.sub("_", text).strip("_-")[:128] or "adapter"
+    return f"{name}_adapter" if name_taken_by_torch(name) else name
 
 
 def adapter_configs(paths: Sequence[str | None]) -> list[dict[str, Any]]:

@@ -12,13 +12,14 @@ anything is downloaded or loaded; on any error nothing is written.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from peftkit.adapter_sources import AdapterSource, fetch_adapters, plain_base_model
+from peftkit.adapter_sources import AdapterSource, adapter_configs, fetch_adapters, plain_base_model
 from peftkit.core.errors import MergeError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -90,6 +91,9 @@ def merge_to_folder(base: "str | nn.Module", members: Sequence[str], out: str | 
         raise MergeError(f"cannot write the merged adapter to {str(out)!r}: it is a file, not a folder")
     found = fetch_adapters(refs, hub, token, progress)
     _check_adapter_folders(found)
+    _check_given_once(refs, found)
+    _check_out_spares_members(Path(out), refs, found)
+    _check_one_model_class(found)
     modules_to_save = _head_name(head, refs, found)
     model = plain_base_model(base, [f.path for f in found], progress, who="merge")
     names = [f.name for f in found]
@@ -133,16 +137,70 @@ def _check_adapter_folders(found: list[AdapterSource]) -> None:
                              f"merge adapter folders (compose a composition with `peftkit compose` instead)")
 
 
+def _check_given_once(refs: list[str], found: list[AdapterSource]) -> None:
+    """Refuse one adapter given twice under two spellings (a folder and the hub repo it was pushed to,
+    ``alice/a`` and ``alice/a@main``, ``./a`` and ``a``): the same weights files."""
+    seen: dict[str, str] = {}
+    for ref, source in zip(refs, found):
+        fingerprint = _weights_fingerprint(Path(source.path))
+        first = seen.setdefault(fingerprint, ref) if fingerprint else ref
+        if first != ref:
+            raise MergeError(f"{first!r} and {ref!r} are the same adapter (identical weights); give it once and "
+                             f"weigh it with --weights")
+
+
+def _check_out_spares_members(out: Path, refs: list[str], found: list[AdapterSource]) -> None:
+    """Refuse an ``out`` that is a member's folder or holds one: replacing it (``--overwrite``) would delete
+    the adapter being merged."""
+    target = out.resolve()
+    for ref, source in zip(refs, found):
+        folder = Path(source.path).resolve()
+        if folder == target or target in folder.parents:
+            how = "is" if folder == target else "holds"
+            raise MergeError(f"{str(out)!r} {how} the folder of {ref!r}, which is being merged: replacing it would "
+                             f"delete that adapter; write the merged adapter to another folder (-o)")
+
+
+def _weights_fingerprint(folder: Path) -> str | None:
+    """A digest of the weights files at the top of an adapter folder (None when it has none)."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin"))
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest() if files else None
+
+
+def _check_one_model_class(found: list[AdapterSource]) -> None:
+    """Refuse members saved from different model classes or task types (a classifier's adapter with a bare
+    encoder's): their weights sit at different module paths (``bert.encoder...`` and ``encoder...``), so no
+    one base model takes them all. Checked from the saved configs, before the base model loads."""
+    from peftkit.hub_client.compose import model_class_for
+    from peftkit.hub_client.errors import HubError
+
+    try:
+        model_class_for(adapter_configs([source.path for source in found]))
+    except HubError:
+        listed = ", ".join(f"{source.name}: {model_class_for(adapter_configs([source.path])).__name__}"
+                           for source in found)
+        raise MergeError(f"the adapters were trained on different model classes ({listed}), so their weights "
+                         f"sit at different places in the model and cannot be merged; merge adapters trained "
+                         f"for one task (e.g. only sequence classifiers' adapters)") from None
+
+
 def _head_name(head: str | None, refs: list[str], found: list[AdapterSource]) -> str | None:
     """merge_adapters' ``modules_to_save`` for ``head``: "average", or the adapter name of the member given
-    (as typed or by its name)."""
+    (as typed, by its adapter name, or by its folder's or repo's own name when that names one member)."""
     if head is None or head == "average":
         return head
-    for ref, source in zip(refs, found):
-        if head in (ref, source.name, source.source):
-            return source.name
+    matches = [source for ref, source in zip(refs, found)
+               if head in (ref, source.name, source.source, Path(source.source.partition("@")[0]).name)]
     choices = ", ".join(["average"] + [s.name for s in found])
-    raise MergeError(f"head {head!r} is not one of the adapters merged; choose one of: {choices}")
+    if len(matches) > 1:
+        given = " and ".join(repr(ref) for ref, source in zip(refs, found) if source in matches)
+        raise MergeError(f"head {head!r} names both {given}; choose one by its adapter name: {choices}")
+    if not matches:
+        raise MergeError(f"head {head!r} is not one of the adapters merged; choose one of: {choices}")
+    return matches[0].name
 
 
 def _applied_options(strategy: str, density: float | None, rank: int | None, majority_sign_method: str,
