@@ -627,7 +627,10 @@ def _fill_modules_to_save(model: "AdaptedModel", name: str, records: list["Adapt
         if choice == "average":
             total = sum(w for _, w in holders)
             if abs(total) < 1e-12:
-                raise MergeError("modules_to_save='average': the weights of the adapters holding copies sum to 0")
+                raise MergeError(f"modules_to_save='average': the weights of the adapters holding copies of "
+                                 f"{module_name!r} ({', '.join(f'{n} {w:g}' for n, w in holders)}) sum to 0, so they "
+                                 f"have no weighted average; pass the name of the adapter whose copy the merged "
+                                 f"adapter keeps (peftkit merge: --head NAME)")
             states = [(module.copies[n].state_dict(), w / total) for n, w in holders]
             merged = {k: sum(s[k] * w for s, w in states) if s0.is_floating_point() else s0
                       for k, s0 in states[0][0].items()}

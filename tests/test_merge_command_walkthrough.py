@@ -120,3 +120,14 @@ def test_a_refused_option_names_the_command_line_option_to_use(
     code, _, err = _merge(world["base"], capsys, str(world["a"]), str(world["b"]), "-o", str(tmp_path / "m"), *args)
     assert code == 1 and message in err, err
     assert not (tmp_path / "m").exists()
+
+
+def test_heads_whose_weights_cancel_out_are_refused_with_what_to_do(
+        world: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+    """`--weights 1,-1 --head average` used to say only that the weights 'sum to 0'."""
+    code, _, err = _merge(world["base"], capsys, str(world["a"]), str(world["b"]), "-o", str(tmp_path / "m"),
+                          "--weights", "1,-1", "--strategy", "linear", "--head", "average")
+    assert code == 1 and ("the weights of the adapters holding copies of 'classifier' (a 1, b -1) sum to 0, so they "
+                          "have no weighted average; pass the name of the adapter whose copy the merged adapter keeps "
+                          "(peftkit merge: --head NAME)") in err, err
+    assert not (tmp_path / "m").exists()
