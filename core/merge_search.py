@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 
 from .errors import MergeError
 from .layer import ModulesToSave
-from .merging import merge_adapters
+from .merging import average_copies, merge_adapters
 
 if TYPE_CHECKING:  # pragma: no cover
     from .model import AdaptedModel
@@ -108,12 +108,7 @@ def average_heads(model: "AdaptedModel", members: Sequence[str], weights: Sequen
     for module in model.base_model.modules():
         if not isinstance(module, ModulesToSave) or name not in module.copies:
             continue
-        holders = [(m, abs(float(w))) for m, w in zip(members, weights) if m in module.copies]
-        norm = sum(share for _, share in holders)
-        if len(holders) < 2 or norm == 0:
+        holders = [(m, w) for m, w in zip(members, weights) if m in module.copies]
+        if len(holders) < 2 or not any(w for _, w in holders):
             continue
-        states = [(module.copies[m].state_dict(), share / norm) for m, share in holders]
-        merged: dict[str, Any] = {
-            key: sum(state[key] * share for state, share in states) if first.is_floating_point() else first
-            for key, first in states[0][0].items()}
-        module.copies[name].load_state_dict(merged)
+        average_copies(module, [m for m, _ in holders], [w for _, w in holders], name)

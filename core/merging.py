@@ -625,16 +625,24 @@ def _fill_modules_to_save(model: "AdaptedModel", name: str, records: list["Adapt
         module.copies[name] = target
         model.adapter_record(name).labels = labels[source]
         if choice == "average":
-            total = sum(w for _, w in holders)
-            if abs(total) < 1e-12:
-                raise MergeError(f"modules_to_save='average': the weights of the adapters holding copies of "
-                                 f"{module_name!r} ({', '.join(f'{n} {w:g}' for n, w in holders)}) sum to 0, so they "
-                                 f"have no weighted average; pass the name of the adapter whose copy the merged "
-                                 f"adapter keeps (peftkit merge: --head NAME)")
-            states = [(module.copies[n].state_dict(), w / total) for n, w in holders]
-            merged = {k: sum(s[k] * w for s, w in states) if s0.is_floating_point() else s0
-                      for k, s0 in states[0][0].items()}
-            target.load_state_dict(merged)
+            if not any(w for _, w in holders):
+                raise MergeError(f"modules_to_save='average': the adapters holding copies of {module_name!r} "
+                                 f"({', '.join(f'{n} {w:g}' for n, w in holders)}) all have weight 0, so they have "
+                                 f"no weighted average; pass the name of the adapter whose copy the merged adapter "
+                                 f"keeps (peftkit merge: --head NAME)")
+            average_copies(module, [n for n, _ in holders], [w for _, w in holders], name)
+
+
+def average_copies(module: Any, members: Sequence[str], weights: Sequence[float], name: str) -> None:
+    """Set ``name``'s copy of a saved module (``ModulesToSave``: a task head) to the members' copies averaged
+    with shares ``|w_i| / sum_j |w_j|``: a negative weight subtracts a member's change to the layers, but a
+    head averaged with it would be extrapolated (weights 1, -0.5 would give 2 a - b), so it counts by its
+    size. Integer tensors (counters) are the first member's."""
+    norm = sum(abs(float(w)) for w in weights)
+    states = [(module.copies[m].state_dict(), abs(float(w)) / norm) for m, w in zip(members, weights)]
+    merged = {key: sum(state[key] * share for state, share in states) if first.is_floating_point() else first
+              for key, first in states[0][0].items()}
+    module.copies[name].load_state_dict(merged)
 
 
 # -- merging a composition ------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 import peftkit
 from peftkit.cli import run
@@ -122,12 +124,21 @@ def test_a_refused_option_names_the_command_line_option_to_use(
     assert not (tmp_path / "m").exists()
 
 
-def test_heads_whose_weights_cancel_out_are_refused_with_what_to_do(
+def test_heads_average_by_the_size_of_their_weights_and_all_zero_is_refused(
         world: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
-    """`--weights 1,-1 --head average` used to say only that the weights 'sum to 0'."""
+    """`--weights 1,-1 --head average` was refused ('sum to 0') and `1,-0.5` gave the head 2a - b: a negative
+    weight now counts by its size, as automatic composition averages heads (a -1 b: each head half)."""
     code, _, err = _merge(world["base"], capsys, str(world["a"]), str(world["b"]), "-o", str(tmp_path / "m"),
                           "--weights", "1,-1", "--strategy", "linear", "--head", "average")
-    assert code == 1 and ("the weights of the adapters holding copies of 'classifier' (a 1, b -1) sum to 0, so they "
-                          "have no weighted average; pass the name of the adapter whose copy the merged adapter keeps "
+    assert code == 0, err
+    heads = {n: {k: v for k, v in load_file(str(world[n] / "adapter_model.safetensors")).items() if "classifier" in k}
+             for n in ("a", "b")}
+    saved = load_file(str(tmp_path / "m" / "adapter_model.safetensors"))
+    merged = {k: v for k, v in saved.items() if "classifier" in k}
+    assert merged and all(torch.allclose(merged[k], (heads["a"][k] + heads["b"][k]) / 2) for k in merged)
+    code, _, err = _merge(world["base"], capsys, str(world["a"]), str(world["b"]), "-o", str(tmp_path / "z"),
+                          "--weights", "0,0", "--strategy", "linear", "--head", "average")
+    assert code == 1 and ("the adapters holding copies of 'classifier' (a 0, b 0) all have weight 0, so they have no "
+                          "weighted average; pass the name of the adapter whose copy the merged adapter keeps "
                           "(peftkit merge: --head NAME)") in err, err
-    assert not (tmp_path / "m").exists()
+    assert not (tmp_path / "z").exists()
