@@ -51,6 +51,11 @@ class LayerAdapter(nn.Module):
     def delta(self, x: torch.Tensor, h: torch.Tensor, base: nn.Module) -> torch.Tensor:
         raise NotImplementedError
 
+    #: Whether merging may write into a weight other modules share (``tie_word_embeddings``) when each of them
+    #: carries this adapter too: set by adapters whose merge writes absolute values that their tied partner
+    #: computes with as well (trainable tokens' rows), so the shared weight ends the same whichever merges.
+    merges_tied_weight: bool = False
+
     #: Whether merging reads the weight it merges into (DoRA's row norms): such an adapter must be the
     #: first merged into its layer, or its merged result would include the earlier adapters' changes.
     merge_reads_weight: bool = False

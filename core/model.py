@@ -603,6 +603,7 @@ class AdaptedModel(CompositionMixin, nn.Module):
                 owners.setdefault(id(param), []).append(module_name)
         order = {id(layer): list(layer.merged) for _, layer in self.tuner_layers()}  # merged so far, per layer
         for name in names:  # refusals before any weight changes
+            carrying = {f"{site}.base_layer" for site, layer in self.tuner_layers() if name in layer.adapters}
             for site, layer in self.tuner_layers():
                 layer.check_mergeable(name)
                 before = order[id(layer)]
@@ -612,6 +613,8 @@ class AdaptedModel(CompositionMixin, nn.Module):
                     before.append(name)
                 weight = getattr(layer.base_layer, "weight", None)
                 shared = [o for o in owners.get(id(weight), []) if o != f"{site}.base_layer"]
+                if name in layer.adapters and layer.adapters[name].merges_tied_weight:
+                    shared = [o for o in shared if o not in carrying]  # its tied partners write the same
                 if name in layer.adapters and shared:
                     raise MergeError(f"adapter {name!r} cannot be merged into {site}: its weight is tied to "
                                      f"{shared[0]} (tie_word_embeddings), so merging would change that module too; "

@@ -57,6 +57,7 @@ _BUILTIN_FALLBACK = {
     "adalora": "peftkit.plugins.adalora",
     "boft": "peftkit.plugins.boft",
     "reft": "peftkit.plugins.reft",
+    "trainable_tokens": "peftkit.plugins.trainable_tokens",
     "builtin_architectures": "peftkit.core.architectures",
     "builtin_merges": "peftkit.core.merge_strategies",
     "builtin_hub_backends": "peftkit.hub_client.backends",

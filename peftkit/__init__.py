@@ -84,6 +84,7 @@ _LAZY: dict[str, str] = {
     "UnionConfig": "peftkit.plugins.union.config",
     "MamConfig": "peftkit.plugins.union.config",
     "UniPeltConfig": "peftkit.plugins.union.config",
+    "TrainableTokensConfig": "peftkit.plugins.trainable_tokens.config",
     # errors
     "PeftkitError": "peftkit.core.errors",
     "ConfigError": "peftkit.core.errors",
@@ -138,6 +139,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from peftkit.plugins.prompt_tuning.config import PromptTuningConfig  # noqa: F401
     from peftkit.plugins.prompt_tuning.p_tuning_config import PTuningConfig  # noqa: F401
     from peftkit.plugins.bitfit.config import BitFitConfig  # noqa: F401
+    from peftkit.plugins.trainable_tokens.config import TrainableTokensConfig  # noqa: F401
     from peftkit.plugins.bottleneck.config import DoubleSeqBnConfig, ParBnConfig, SeqBnConfig  # noqa: F401
     from peftkit.plugins.ia3.config import IA3Config  # noqa: F401
     from peftkit.plugins.lokr.config import LokrConfig  # noqa: F401

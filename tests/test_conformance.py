@@ -52,6 +52,7 @@ BUILTIN_SPECS = {
     "loreft": "loreft",
     "noreft": "noreft[suffix_positions=1,non_linearity=gelu]",
     "direft": "direft[tied_weights=true,suffix_positions=1]",
+    "trainable_tokens": "trainable_tokens[token_indices=[16,17,127]]",  # ids in the suite's inputs
 }
 
 #: Built-in specs whose PEFT-format folders PEFT does not read back as the same adapter (found by peft_config).
@@ -66,6 +67,11 @@ def _known_peft_format_defect(cls: type, reason: str) -> type:
     check = pytest.mark.xfail(strict=True, reason=reason)(cls.__dict__["test_peft_config"])
     return type(cls.__name__, (cls,), {"test_peft_config": check})
 
+
+#: Two trainable_tokens adapters may not train the same token ids in one stack (PEFT's rule), and the suite's stack
+#: check stacks two adapters of one spec: their stack, with disjoint ids, is checked in test_method_trainable_tokens.py.
+TestConformance_trainable_tokens = make_conformance_class(
+    BUILTIN_SPECS["trainable_tokens"], checks=[check for check in CHECKS if check != "block_stack"])
 
 for _key, _reason in PEFT_FORMAT_DEFECTS.items():
     globals()[f"TestConformance_{_key}"] = _known_peft_format_defect(globals()[f"TestConformance_{_key}"], _reason)
