@@ -95,6 +95,10 @@ class Method:
     #: (``"prefix_tuning|par_bn"``); its config takes them as ``parts=[...]``. The first loaded
     #: method that declares it serves such specs.
     joins_specs: ClassVar[bool] = False
+    #: A PEFT-format folder of an adapter that targets an embedding carries the base embedding weights too
+    #: (PEFT's ``save_embedding_layers="auto"``). False for a method whose point is to save a few rows of an
+    #: embedding (trainable tokens), whose folders PEFT writes without them.
+    saves_base_embeddings: ClassVar[bool] = True
 
     # Filled in by the plugin manager.
     plugin_name: str | None = None

@@ -38,13 +38,6 @@ def targets_embeddings(target_modules: Any, model: nn.Module) -> bool:
     return bool(target_modules) and any(name in target_modules for name in EMBEDDING_LAYER_NAMES)
 
 
-def trains_token_rows(data: dict[str, Any]) -> bool:
-    """PEFT's exception to its rule: an adapter config ``data`` training token rows (TRAINABLE_TOKENS, or
-    LoRA's ``trainable_token_indices``; a config with ``token_indices``) never carries the base embeddings."""
-    return data.get("peft_type") == "TRAINABLE_TOKENS" or data.get("trainable_token_indices") is not None \
-        or "token_indices" in data
-
-
 def _wrapped_embeddings(base_model: nn.Module) -> Iterator[tuple[str, TunerLayer]]:
     """``(module path, layer)`` of the input and output embeddings that carry adapters."""
     wanted = []

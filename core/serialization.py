@@ -30,8 +30,7 @@ from .heads import fit_heads
 from .labels import LABELS_FILE, is_default, labels_text, read_labels
 from .layer import ModulesToSave, TunerLayer
 from .own_metadata import OWN_METADATA_NAME, split_own_metadata, with_own_metadata
-from .peft_embeddings import (embedding_base_tensors, load_embedding_base_tensors, take_embedding_base_tensors,
-                              trains_token_rows)
+from .peft_embeddings import embedding_base_tensors, load_embedding_base_tensors, take_embedding_base_tensors
 from .peft_format import file_in_peft_format, method_reading
 from .plugins import get_registry, major_version, unknown_method_message
 
@@ -184,9 +183,9 @@ def write_adapter(model: "AdaptedModel", name: str, folder: Path, card: dict[str
     peft_layout = record.method.peft_type is not None
     data, own = split_own_metadata(config_file_data(model, name), peft_layout)
     # PEFT's default save_embedding_layers="auto": the base embeddings go along when they are targeted
-    # (never for trainable tokens, whose point is to save a few rows).
+    # (unless the method says its folders never carry them: Method.saves_base_embeddings).
     base = embedding_base_tensors(model, data.get("target_modules"), KEY_PREFIX) \
-        if peft_layout and not trains_token_rows(data) else {}
+        if peft_layout and record.method.saves_base_embeddings else {}
     meta = card_metadata(method=record.method.name, base_model=data.get("base_model_name_or_path"),
                          peft_format=file_in_peft_format(data), task=card.get("task"),
                          dataset=card.get("dataset"), metrics=card.get("metrics"), tags=card.get("tags"),

@@ -47,6 +47,7 @@ class TrainableTokensMethod(Method):
     peft_type = "TRAINABLE_TOKENS"
     extra_file_types = frozenset({NOT_PEFT_TYPE})
     supported_blocks = ALL_BLOCKS
+    saves_base_embeddings = False  # the point is a few rows: PEFT's folders do not carry the embeddings
 
     def sites(self, model: "nn.Module", config: AdapterConfig, arch: "ArchitectureSpec | None") -> list[Site]:
         assert isinstance(config, TrainableTokensConfig)
