@@ -27,6 +27,7 @@ names they were saved with.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import types
 import warnings
@@ -187,6 +188,11 @@ def plan(spec: Any, *, adapters: Mapping[str, str] | None = None, existing: Sequ
         explicit[name] = parse_ref(ref_text)
 
     refs: list[RepoRef] = []
+    if isinstance(spec, (str, os.PathLike)) and Path(spec).is_dir() and not _REF.fullmatch(os.fspath(spec)):
+        # a folder that is no hub id (``out/w1`` is both: the hub is asked first, then _local_folder_hint)
+        raise CompositionError(f"{os.fspath(spec)!r} is a folder here, and peftkit.load reads hub repos; load a saved "
+                               f"adapter folder with peftkit.from_pretrained(model, {os.fspath(spec)!r}) (a "
+                               f"composition folder: peftkit.load_composition), or push it and load the repo")
     if isinstance(spec, str):
         text, refs = _substitute_refs(spec)
         try:

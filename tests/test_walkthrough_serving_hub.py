@@ -49,3 +49,15 @@ def test_load_given_a_saved_folder_names_from_pretrained(hub_with_adapter: str, 
     with pytest.raises(peftkit.HubError) as caught:
         peftkit.load(build_tiny("llama"), "alice/none", hub=hub_with_adapter, progress=False)
     assert "also a folder" not in str(caught.value)
+
+
+@pytest.mark.parametrize("as_path", [False, True])
+def test_load_given_a_folder_path_that_is_no_hub_id_names_from_pretrained(tmp_path: Path, as_path: bool) -> None:
+    """peftkit.load(model, "/abs/folder") or a Path said it could not parse or read a composition."""
+    folder = tmp_path / "runs" / "w1"
+    peftkit.adapt(build_tiny("llama"), "lora[r=4]").save_adapter(str(folder))
+    with pytest.raises(peftkit.CompositionError) as caught:
+        peftkit.load(build_tiny("llama"), folder if as_path else str(folder), progress=False)
+    assert str(caught.value) == (f"{str(folder)!r} is a folder here, and peftkit.load reads hub repos; load a saved "
+                                 f"adapter folder with peftkit.from_pretrained(model, {str(folder)!r}) (a composition "
+                                 f"folder: peftkit.load_composition), or push it and load the repo")
