@@ -134,7 +134,7 @@ def find_targets(model: "nn.Module", config: "AdapterConfig", arch: "Architectur
     keep_layers = config.layers_to_transform
     if isinstance(keep_layers, int):
         keep_layers = [keep_layers]
-    found = []
+    found, left_out = [], []
     for name, module in iter_candidate_modules(model):
         if not name:
             continue
@@ -143,16 +143,27 @@ def find_targets(model: "nn.Module", config: "AdapterConfig", arch: "Architectur
                 continue
         elif not name_matches(name, targets):
             continue
-        if config.exclude_modules is not None and name_matches(name, config.exclude_modules):
-            continue
-        if keep_layers is not None and layer_index(name, arch) not in keep_layers:
+        if (config.exclude_modules is not None and name_matches(name, config.exclude_modules)) \
+                or (keep_layers is not None and layer_index(name, arch) not in keep_layers):
+            left_out.append(name)
             continue
         if linear_only and not is_linear_like(module):
             continue
         found.append(name)
     if not found:
-        raise TargetError(_nothing_matched(model, targets, method))
+        raise TargetError(_all_left_out(config, targets, method, left_out) if left_out
+                          else _nothing_matched(model, targets, method))
     return found
+
+
+def _all_left_out(config: "AdapterConfig", targets: object, method: str, left_out: list[str]) -> str:
+    """The error when target_modules matched modules but exclude_modules / layers_to_transform left out all."""
+    shown = ", ".join(left_out[:5]) + (f" and {len(left_out) - 5} more" if len(left_out) > 5 else "")
+    by = [f"{key}={getattr(config, key)!r}" for key in ("exclude_modules", "layers_to_transform")
+          if getattr(config, key) is not None]
+    why = " (it keeps only modules inside those transformer layers)" if config.layers_to_transform is not None else ""
+    return (f"target_modules={targets!r} of method {method!r} matched {shown}, but {' and '.join(by)} left out "
+            f"every one{why}; change or remove {' / '.join(b.split('=')[0] for b in by)}")
 
 
 def adaptable_targets(model: "nn.Module", config: "AdapterConfig", arch: "ArchitectureSpec | None", method: str,
