@@ -50,8 +50,20 @@ def _torchrun(*args: str) -> list[str]:
 
 def _launch(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
     proc = subprocess.run(command, capture_output=True, text=True, timeout=600, env=_env(), cwd=cwd)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0, _rank_errors(proc.stderr)
     return proc
+
+
+def _rank_errors(stderr: str) -> str:
+    """Each rank's last lines, then the tail: the rank that failed first is often not the last to print (a
+    crash on rank 1 shows up at the end as rank 0's 'Connection closed by peer')."""
+    lines = stderr.splitlines()
+    parts = []
+    for rank in ("[rank0]", "[rank1]"):
+        mine = [line for line in lines if line.startswith(rank)]
+        if mine:
+            parts.append("\n".join(mine[-25:]))
+    return "\n\n".join([*parts, stderr[-2000:]])
 
 
 def _single(model: Path, data: Path, method: str, out: Path, **options) -> None:
