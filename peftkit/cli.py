@@ -67,7 +67,9 @@ def _show_method(info: dict[str, Any], as_json: bool) -> None:
                + ("yes" if info["peft_format"] else "no"))
     click.echo(f"blocks: {', '.join(info['blocks'])}")
     if info["distribution"] == "peftkit":  # a built-in method has a page in the docs that ship with peftkit
-        click.echo(f"docs: `peftkit docs {info['name']}`")
+        from peftkit.method_docs import docs_reference
+
+        click.echo(f"docs: `peftkit docs {docs_reference(info['name'])}`")
     if info["aliases"]:
         click.echo("aliases: " + ", ".join(f"{k} = {v}" for k, v in info["aliases"].items()))
     rows = [[o["name"], o["type"], json.dumps(o["default"]), o.get("help", "")] for o in info["options"]]

@@ -99,3 +99,12 @@ def test_a_builtin_methods_description_names_its_page():
     shown = cli("methods", "seq_bn")
     assert shown.exit_code == 0 and "docs: `peftkit docs seq_bn`" in shown.stdout
     assert cli("docs", "seq_bn", "--path").stdout.strip().endswith("methods/bottleneck.md")
+
+
+def test_a_method_with_a_section_of_its_family_page_names_that_section():
+    """`peftkit methods p_tuning` named the prompt-tuning page, which printed from its top."""
+    shown = cli("methods", "p_tuning")
+    assert shown.exit_code == 0 and "docs: `peftkit docs p_tuning#p-tuning-p_tuning-pefts-p_tuning`" in shown.stdout
+    section = cli("docs", "p_tuning#p-tuning-p_tuning-pefts-p_tuning")
+    assert section.exit_code == 0 and section.stdout.startswith("## P-tuning (`p_tuning`, PEFT's `P_TUNING`)")
+    assert "## Option reference" not in section.stdout
