@@ -133,7 +133,12 @@ METHODS: dict[str, tuple[str, str]] = {
     "ia3": ("IA3", "ia3[init_weights=false]"),
     "prefix": ("prefix tuning (20)", "prefix_tuning[num_virtual_tokens=20]"),
     "prompt": ("prompt tuning (20)", "prompt_tuning[num_virtual_tokens=20]"),
+    "p_tuning": ("P-tuning (20), MLP encoder", "p_tuning[num_virtual_tokens=20]"),
+    "tokens": ("trainable tokens (16 rows)",
+               f"trainable_tokens[token_indices=[{','.join(map(str, range(100, 116)))}],init_weights=false]"),
 }
+#: The methods whose adapters do not merge into the weights (no merged column).
+UNMERGED = ("prefix", "prompt", "p_tuning")
 
 
 def saved_activation_bytes(step: Callable[..., None], weights: set[int]) -> int:
@@ -204,6 +209,10 @@ def peft_model(base: Any, folder: str) -> Any:
     import peft
 
     config = peft.PeftConfig.from_pretrained(folder)
+    if config.peft_type == "P_TUNING":  # its folder holds the encoder's output only: the encoder is made again,
+        config.inference_mode = False  # after the seed peftkit's adapter was made with (the same start)
+        torch.manual_seed(0)
+        return peft.get_peft_model(copy.deepcopy(base), config)
     if not config.is_prompt_learning:
         return peft.PeftModel.from_pretrained(copy.deepcopy(base), folder, is_trainable=True)
     model = peft.PeftModel.from_pretrained(copy.deepcopy(base), folder)
@@ -282,7 +291,7 @@ def measure(key: str, base: Any, ids: torch.Tensor, frozen: Any, timing: Timing,
     forward, base_forward = timing.ratios(forwards, SHARES["forward"])
     forward_flops = {name: step_flops(run) for name, run in forwards.items()}
     merged: dict[str, Ratio] = {}
-    if key not in ("prefix", "prompt"):  # the methods that merge into weights
+    if key not in UNMERGED:
         ours.merge_adapter()
         theirs.merge_adapter()
         merged, _ = timing.ratios(forwards, SHARES["merged"])

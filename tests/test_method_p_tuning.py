@@ -162,3 +162,16 @@ def test_a_loaded_prompt_hot_swaps_in_place_and_a_new_one_refuses(tmp_path) -> N
     fresh = peftkit.adapt(build_tiny("llama"), _spec("LSTM"))
     with pytest.raises(AdapterLoadError, match="its prompt is computed from other parameters"):
         fresh.hotswap_adapter(str(tmp_path / "b"), "default")
+
+
+def test_a_forward_without_gradients_runs_under_torch_s_flop_counter() -> None:
+    """torch's module tracker (FlopCounterMode) failed on a no-grad forward: the encoder got the parameter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = peftkit.adapt(build_tiny("llama"), _spec("MLP")).eval()
+    inputs = sample_inputs("llama")
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        with FlopCounterMode(display=False) as counter:
+            got = model(**inputs).logits
+    assert counter.get_total_flops() > 0 and torch.equal(got, expected)

@@ -59,7 +59,12 @@ class PTuning(PromptTuning):
     def prompt(self, batch: int, dtype: torch.dtype) -> torch.Tensor:
         if self.encoder is None:
             return super().prompt(batch, dtype)
-        rows = self.encoder(self.prompt_embeddings)[: self.num_virtual_tokens]
+        embeddings = self.prompt_embeddings
+        if not torch.is_grad_enabled():
+            # a parameter handed to a module without gradients breaks torch's module tracker (FlopCounterMode:
+            # "'NoneType' object has no attribute 'next_functions'"); detached, the values are the same
+            embeddings = embeddings.detach()
+        rows = self.encoder(embeddings)[: self.num_virtual_tokens]
         return rows.to(dtype).expand(batch, -1, -1)
 
     def tensors(self) -> dict[str, torch.Tensor]:
