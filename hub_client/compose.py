@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 from peftkit.core import composition
+from peftkit.core.adapter_names import distinct_names
 from peftkit.core.composition import BASE_MODEL, Block, Node
 from peftkit.core.errors import CompositionError
 from peftkit.core.model_source import looks_local
@@ -95,36 +96,12 @@ def _sanitize(text: str) -> str:
 
 def member_names(refs: Sequence[RepoRef], taken: set[str] = frozenset()) -> dict[RepoRef, str]:  # type: ignore[assignment]
     """Adapter names for hub references: the repo name, else ``namespace__name``, else with the revision."""
-    distinct = list(dict.fromkeys(refs))
     levels = [
         lambda r: _sanitize(r.name),
         lambda r: _sanitize(f"{r.namespace}__{r.name}"),
         lambda r: _sanitize(f"{r.namespace}__{r.name}__{(r.revision or 'main')[:12]}"),
     ]
-    names: dict[RepoRef, str] = {}
-    pending = distinct
-    used = set(taken)
-    for level in levels:
-        candidates = {r: level(r) for r in pending}
-        counts: dict[str, int] = {}
-        for c in candidates.values():
-            counts[c] = counts.get(c, 0) + 1
-        still = []
-        for r in pending:
-            c = candidates[r]
-            if counts[c] == 1 and c not in used:
-                names[r] = c
-                used.add(c)
-            else:
-                still.append(r)
-        pending = still
-    for r in pending:  # pathological: still colliding; number them
-        base, i = levels[-1](r), 2
-        while f"{base}_{i}" in used:
-            i += 1
-        names[r] = f"{base}_{i}"
-        used.add(names[r])
-    return names
+    return distinct_names(refs, levels, taken)
 
 
 def _rename(node: Node, mapping: Mapping[str, str]) -> Node:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+from peftkit.core.adapter_names import distinct_names
 from peftkit.core.errors import AdapterLoadError, PeftkitError
 from peftkit.core.model_source import looks_local
 
@@ -72,21 +73,9 @@ def folder_names(folders: Sequence[str]) -> dict[str, str]:
     current folder's name) in the characters adapter names take (``sst2.v2`` is ``sst2_v2``), else
     ``parent__name`` where two folders share a name (``run1/final`` and ``run2/final``), else numbered.
     A name torch keeps for itself (``train``, ``eval``...) gets ``_adapter`` appended."""
-    paths = {f: Path(f).resolve() for f in folders}
-    levels = [lambda p: p.name, lambda p: f"{p.parent.name}__{p.name}"]
-    names: dict[str, str] = {}
-    pending = list(folders)
-    for level in levels:
-        wanted = {f: _adapter_name(level(paths[f])) for f in pending}
-        clashing = {n for n in wanted.values() if list(wanted.values()).count(n) > 1 or n in names.values()}
-        names.update({f: n for f, n in wanted.items() if n not in clashing})
-        pending = [f for f in pending if f not in names]
-    for folder in pending:  # the same folder twice, or parents that clash too: number them
-        stem, number = _adapter_name(levels[-1](paths[folder])), 2
-        while f"{stem}_{number}" in names.values():
-            number += 1
-        names[folder] = f"{stem}_{number}"
-    return names
+    levels = [lambda f: _adapter_name(Path(f).resolve().name),
+              lambda f: _adapter_name(f"{Path(f).resolve().parent.name}__{Path(f).resolve().name}")]
+    return distinct_names(folders, levels)
 
 
 def _adapter_name(text: str) -> str:

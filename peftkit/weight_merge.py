@@ -95,12 +95,12 @@ def merge_to_folder(base: "str | nn.Module", members: Sequence[str], out: str | 
     _check_out_spares_members(Path(out), refs, found)
     _check_one_model_class(found)
     modules_to_save = _head_name(head, refs, found)
-    model = plain_base_model(base, [f.path for f in found], progress, who="merge")
     names = [f.name for f in found]
+    if name in names:  # known before any model loads
+        raise MergeError(f"the merged adapter's name {name!r} is a member's; pick another name (--name)")
+    model = plain_base_model(base, [f.path for f in found], progress, who="merge")
     for source in found:
         model.load_adapter(source.path, source.name, activate=False)
-    if name in names:
-        raise MergeError(f"the merged adapter's name {name!r} is a member's; pick another name (--name)")
     record = model.merge_adapters(names, weights, name=name, strategy=strategy, density=density, rank=rank,
                                   majority_sign_method=majority_sign_method, seed=seed,
                                   modules_to_save=modules_to_save)
@@ -127,12 +127,14 @@ def _checked_weights(weights: Sequence[float], count: int) -> list[float]:
 
 def _check_adapter_folders(found: list[AdapterSource]) -> None:
     """Refuse a member that is a composition or fusion folder: it holds no single weight change to merge."""
+    from peftkit.core.composition_io import COMPOSITION_NAME
+    from peftkit.core.fusion import FUSION_CONFIG_NAME
     from peftkit.core.serialization import CONFIG_NAME
 
     for source in found:
         if not (Path(source.path) / CONFIG_NAME).is_file():
-            kind = "a composition or fusion" if (Path(source.path) / "composition.json").is_file() or \
-                (Path(source.path) / "fusion_config.json").is_file() else "no adapter"
+            kind = "a composition or fusion" if (Path(source.path) / COMPOSITION_NAME).is_file() or \
+                (Path(source.path) / FUSION_CONFIG_NAME).is_file() else "no adapter"
             raise MergeError(f"{source.source!r} holds {kind} folder, not one adapter ({CONFIG_NAME} is missing); "
                              f"merge adapter folders (compose a composition with `peftkit compose` instead)")
 

@@ -62,10 +62,14 @@ class PromptTuning(PointOutputAdapter):
         differs). The parameter is used as it is when it has exactly P rows: a slice would add an
         autograd node whose backward fills a zero gradient of the whole parameter and copies into it,
         and ``expand`` adds the batch dimension itself (no ``unsqueeze`` node)."""
-        rows = self.prompt_embeddings
+        rows = self.prompt_rows()
         if rows.shape[0] != self.num_virtual_tokens:  # encoder-decoder: the first P of 2P rows
             rows = rows[: self.num_virtual_tokens]
         return rows.to(dtype).expand(batch, -1, -1)
+
+    def prompt_rows(self) -> torch.Tensor:
+        """Every row of the prompt (P * submodules, hidden): the parameter itself here."""
+        return self.prompt_embeddings
 
     # -- the forward hook ----------------------------------------------------------------
 

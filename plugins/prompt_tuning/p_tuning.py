@@ -56,23 +56,23 @@ class PTuning(PromptTuning):
                          is_encoder_decoder=is_encoder_decoder)
         self.encoder: PromptEncoder | None = make_encoder()
 
-    def prompt(self, batch: int, dtype: torch.dtype) -> torch.Tensor:
+    def prompt_rows(self) -> torch.Tensor:
+        """The encoder's output while there is an encoder, else the loaded prompt itself."""
         if self.encoder is None:
-            return super().prompt(batch, dtype)
+            return self.prompt_embeddings
         embeddings = self.prompt_embeddings
         if not torch.is_grad_enabled():
             # a parameter handed to a module without gradients breaks torch's module tracker (FlopCounterMode:
             # "'NoneType' object has no attribute 'next_functions'"); detached, the values are the same
             embeddings = embeddings.detach()
-        rows = self.encoder(embeddings)[: self.num_virtual_tokens]
-        return rows.to(dtype).expand(batch, -1, -1)
+        return self.encoder(embeddings)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The file's tensor: the prompt (all rows), computed by the encoder while there is one."""
         if self.encoder is None:
             return {TENSOR_KEY: self.prompt_embeddings}
         with torch.no_grad():
-            return {TENSOR_KEY: self.encoder(self.prompt_embeddings).detach()}
+            return {TENSOR_KEY: self.prompt_rows()}
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """The loaded prompt becomes the prompt itself: the encoder, which only trains the prompt, is dropped."""

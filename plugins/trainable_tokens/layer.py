@@ -147,7 +147,6 @@ class TokenRows(LayerAdapter):
                                    f"load_adapter(path, 'another_name')")
         return lambda: None
 
-
     def tensors(self) -> dict[str, torch.Tensor]:
         return {FILE_KEY: self.rows()}
 
