@@ -2,15 +2,18 @@
 
 ``peftkit merge`` and automatic composition take their members as adapter folders (``out/sst2``) or hub
 ids (``alice/sst2@v2``) mixed freely; :func:`fetch_adapters` pulls the hub ids into the cache (verified)
-and gives every member a folder and an adapter name, :func:`plain_base_model` loads the base model the
-members were made for. Imports no torch until a model loads.
+and gives every member a folder and an adapter name, :func:`check_members_fit_base` refuses a member made
+for another model from BASE's config alone, and :func:`plain_base_model` loads the base model the members
+were made for. Imports no torch until a model loads.
 """
 
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Sequence
 
 from peftkit.core.adapter_names import distinct_names
@@ -18,6 +21,9 @@ from peftkit.core.errors import AdapterLoadError, PeftkitError
 from peftkit.core.model_source import looks_local
 
 if TYPE_CHECKING:  # pragma: no cover
+    import torch.nn as nn
+
+    from peftkit.core.method import Method
     from peftkit.core.model import AdaptedModel
 
 _NOT_IN_NAMES = re.compile(r"[^A-Za-z0-9_\-]+")
@@ -116,3 +122,112 @@ def plain_base_model(base: Any, paths: Sequence[str | None], progress: bool, lab
     else:
         module = base
     return AdaptedModel(module)
+
+
+def saved_method(data: dict[str, Any], where: str) -> "Method":
+    """The installed method that reads a saved adapter config ``data`` (PEFT's, peftkit's or AdapterHub's),
+    as loading it would pick; an unknown one fails naming the plugin to install."""
+    from peftkit.core.adapterhub_format import claiming_method, is_adapterhub_config
+    from peftkit.core.plugins import get_registry
+    from peftkit.core.serialization import method_for
+
+    if is_adapterhub_config(data):
+        return claiming_method(get_registry().methods.values(), data, where)[0]
+    return method_for(data, where)
+
+
+def check_members_fit_base(base: Any, found: Sequence[AdapterSource]) -> None:
+    """Refuse a member made for another model than ``base`` before the base model's weights load (they may
+    be gigabytes), from BASE's ``config.json`` and the members' saved configs: the structure peftkit records
+    (model type, hidden size, layers: what loading the adapter checks) and the modules each member adapts,
+    looked up in an empty model built from that config on torch's meta device (no weights). As loading
+    an adapter does, a member recorded for another hub id whose shapes fit is only warned about: the same
+    model has many names (a local copy, a renamed repo). A model object, or a BASE whose config cannot be
+    read here, is not checked: loading it reports its own errors."""
+    if not isinstance(base, (str, Path)):
+        return
+    config = _base_config(str(base))
+    if config is None:
+        return
+    datas = adapter_configs([source.path for source in found])
+    _check_recorded_structure(config, found, datas)
+    _check_targets_exist(str(base), config, found, datas)
+    for source, data in zip(found, datas):
+        _warn_other_hub_id(str(base), data.get("base_model_name_or_path"), source.source)
+
+
+def _base_config(name_or_path: str) -> Any:
+    """BASE's transformers config (only ``config.json`` is read or downloaded), None when it cannot be read."""
+    from transformers import AutoConfig
+
+    from peftkit.core.model_source import model_source_options
+
+    options = model_source_options(name_or_path, "the base model")  # offline without a cached copy: fails now
+    try:
+        return AutoConfig.from_pretrained(name_or_path, **options)
+    except Exception:  # noqa: BLE001 - loading the base model reports an unreadable one with its own message
+        return None
+
+
+def _check_recorded_structure(config: Any, found: Sequence[AdapterSource], datas: list[dict[str, Any]]) -> None:
+    from peftkit.core.serialization import check_base_model
+
+    shim = SimpleNamespace(base_model=SimpleNamespace(config=config))  # what check_base_model reads
+    for source, data in zip(found, datas):
+        check_base_model(shim, data, f"member {source.source!r}")  # type: ignore[arg-type]
+
+
+def _check_targets_exist(base: str, config: Any, found: Sequence[AdapterSource], datas: list[dict[str, Any]]
+                         ) -> None:
+    """Refuse a member whose target modules or task head the base model does not have (a PEFT folder records
+    no structure, only the base's name), as loading it would after the weights."""
+    from peftkit.core.adapterhub_format import is_adapterhub_config
+    from peftkit.core.errors import PluginError
+    from peftkit.core.model import AdaptedModel
+    from peftkit.core.serialization import config_from_data
+
+    empty = _empty_model(config, datas)
+    if empty is None:
+        return
+    model = AdaptedModel(empty)
+    for source, data in zip(found, datas):
+        if is_adapterhub_config(data):  # its sites follow AdapterHub's own layout: loading checks them
+            continue
+        where = f"member {source.source!r}"
+        method = saved_method(data, where)
+        try:
+            adapter_config = config_from_data(method, data, where)
+            model.adapted_sites(method, adapter_config, model.resolve_modules_to_save(adapter_config, False))
+        except PluginError:
+            continue  # a plugin's own failure on an empty model: loading the real one decides
+        except PeftkitError as exc:
+            made_for = data.get("base_model_name_or_path")
+            raise AdapterLoadError(
+                f"{where} does not fit the base model {base!r}: {exc}. It was made for "
+                f"{repr(made_for) if made_for else 'another model'}; pass the base model it was trained on, "
+                f"or leave this member out") from None
+
+
+def _empty_model(config: Any, datas: list[dict[str, Any]]) -> "nn.Module | None":
+    """The model class the members were saved from, built from ``config`` on the meta device (no memory, no
+    weights), or None when it cannot be built so."""
+    import torch
+
+    from peftkit.hub_client.compose import model_class_for
+
+    try:
+        cls = model_class_for(datas)
+        with torch.device("meta"):
+            return cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+    except Exception:  # noqa: BLE001 - loading the base model reports a class that does not fit it
+        return None
+
+
+def _warn_other_hub_id(base: str, recorded: Any, source: str) -> None:
+    """Warn when BASE and a member's record are two different hub ids (not local folders) though the shapes
+    fit: ``peftkit compose``'s rule, as the same model may be named twice."""
+    if not isinstance(recorded, str) or recorded == base:
+        return
+    if "/" in recorded and "/" in base and not looks_local(recorded) and not looks_local(base):
+        warnings.warn(f"member {source!r} was made for {recorded!r}; the base model is {base!r}. Its shapes fit, "
+                      f"so it is used; check that it is the same model", stacklevel=3)

@@ -7,7 +7,9 @@ registers). The result is written as an ordinary adapter folder (a LoRA for LoRA
 merges of other methods, IA3 or BitFit for those), with a card saying what was merged and ``merge.json``
 recording the members (hub commits included), the weights and the options, so the merge can be repeated
 and published (``peftkit hub push OUT REPO``). Options the strategy would refuse are refused before
-anything is downloaded or loaded; on any error nothing is written.
+anything is downloaded or loaded; members that cannot be merged (a method with no weight change, an
+adapter made for another model) before the base model loads, from their folders and BASE's config; on
+any error nothing is written.
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from peftkit.adapter_sources import AdapterSource, adapter_configs, fetch_adapters, plain_base_model
+from peftkit.adapter_sources import (AdapterSource, adapter_configs, check_members_fit_base, fetch_adapters,
+                                     plain_base_model, saved_method)
 from peftkit.core.errors import MergeError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch.nn as nn
 
+    from peftkit.core.method import Method
     from peftkit.core.model import AdaptedModel
 
 #: The file in a merged adapter folder that records how it was made.
@@ -91,6 +95,7 @@ def merge_to_folder(base: "str | nn.Module", members: Sequence[str], out: str | 
         raise MergeError(f"cannot write the merged adapter to {str(out)!r}: it is a file, not a folder")
     found = fetch_adapters(refs, hub, token, progress)
     _check_adapter_folders(found)
+    _check_methods_merge(found, base)
     _check_given_once(refs, found)
     _check_out_spares_members(Path(out), refs, found)
     _check_one_model_class(found)
@@ -98,6 +103,7 @@ def merge_to_folder(base: "str | nn.Module", members: Sequence[str], out: str | 
     names = [f.name for f in found]
     if name in names:  # known before any model loads
         raise MergeError(f"the merged adapter's name {name!r} is a member's; pick another name (--name)")
+    check_members_fit_base(base, found)
     model = plain_base_model(base, [f.path for f in found], progress, who="merge")
     for source in found:
         model.load_adapter(source.path, source.name, activate=False)
@@ -137,6 +143,37 @@ def _check_adapter_folders(found: list[AdapterSource]) -> None:
                 (Path(source.path) / FUSION_CONFIG_NAME).is_file() else "no adapter"
             raise MergeError(f"{source.source!r} holds {kind} folder, not one adapter ({CONFIG_NAME} is missing); "
                              f"merge adapter folders (compose a composition with `peftkit compose` instead)")
+
+
+def _check_methods_merge(found: list[AdapterSource], base: Any) -> None:
+    """Refuse, from the members' saved configs alone (before the base model loads), a member whose method
+    ``merge_adapters`` refuses whatever it is merged with. A method merges when its adapters combine
+    elementwise (IA3, BitFit), by low-rank factors (LoRA), or densely through their layers' weight change
+    (``merge_dense``, which only a method that can fold into the base weights, ``can_merge``, has): prompt,
+    P- and prefix tuning (they rewrite the inputs), bottleneck adapters, ReFT and trainable tokens do not."""
+    for source, data in zip(found, adapter_configs([s.path for s in found])):
+        method = saved_method(data, f"member {source.source!r}")
+        if method.merge_low_rank or method.merge_elementwise or (method.merge_dense and method.can_merge):
+            continue
+        raise MergeError(f"member {source.source!r} is a {method.name} adapter, which {_why_unmergeable(method)}, "
+                         f"so it cannot be merged in weight space; leave it out, or {_compose_hint(source, base)}")
+
+
+def _why_unmergeable(method: "Method") -> str:
+    from peftkit.core.method import Method
+
+    if type(method).create_layer_adapter is Method.create_layer_adapter:  # a soft prompt or prefix only
+        return "changes the model's inputs and has no layer weights to merge"
+    return "does not change the layers' weights (its modules compute something else)"
+
+
+def _compose_hint(source: AdapterSource, base: Any) -> str:
+    """How to use the member with the others instead: ``peftkit compose`` (which reads hub repos)."""
+    model = base if isinstance(base, (str, Path)) else "BASE"
+    if source.revision is not None:  # a hub member
+        return f"compose it with the others instead: peftkit compose {model} 'stack({source.source}, ...)' -o OUT"
+    return (f"compose it with the others instead: push it (peftkit hub push {source.source} NAMESPACE/NAME), "
+            f"then peftkit compose {model} 'stack(NAMESPACE/NAME, ...)' -o OUT")
 
 
 def _check_given_once(refs: list[str], found: list[AdapterSource]) -> None:

@@ -165,7 +165,8 @@ def test_bad_options_are_refused_before_the_base_model_loads(world: dict[str, Pa
 @pytest.mark.parametrize("members, message", [
     (["a", "a"], "'{a}' is named twice"),
     (["a", "missing"], "member '{missing}' is not an adapter folder (no such folder)"),
-    (["a", "p"], "adapter 'p' changes the model's inputs and has no layer weights to merge"),
+    (["a", "p"], "member '{p}' is a prompt_tuning adapter, which changes the model's inputs and has no layer "
+                 "weights to merge"),
     (["a", "b"], "adapters a, b each keep their own copy of 'classifier'; pass modules_to_save='average' or the name "
                  "of the adapter whose copy the merged adapter keeps (peftkit merge: --head average or --head NAME)"),
 ])
