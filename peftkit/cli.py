@@ -1,18 +1,22 @@
 """The ``peftkit`` command line. Imports no torch until a command needs it.
 
 Exit codes: 0 success, 1 a peftkit error (bad input, missing adapter, ...),
-2 a usage error (click's own).
+2 a usage error (click's own). A command given ``--json`` that fails prints,
+besides the message on stderr, the error as JSON on stdout
+(:func:`peftkit.cli_output.error_report`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from typing import Any
 
 import click
 
-from peftkit.cli_output import echo_json, format_table, terminal_safe
+from peftkit.cli_output import (ABORTED, echo_json, error_report, format_table, hold_stdout, json_option_given,
+                                terminal_safe)
 from peftkit.core.errors import PeftkitError
 
 
@@ -183,23 +187,40 @@ def _add_plugin_commands() -> None:
     add_plugin_commands(main)
 
 
+#: The failures :func:`run` reports (a message on stderr, with ``--json`` the error as JSON on stdout); any
+#: other exception is a bug and keeps its traceback.
+REPORTED_FAILURES: tuple[type[BaseException], ...] = (click.ClickException, click.exceptions.Abort)
+
+
 def run(argv: list[str] | None = None) -> int:
     add_builtin_commands()
     _add_plugin_commands()
+    args = sys.argv[1:] if argv is None else list(argv)
+    as_json = json_option_given(main, args)
     try:
-        # Without standalone mode, click returns ctx.exit(code)'s code instead of raising: a command that
-        # ends with ctx.exit(1) must still exit 1 (no command returns an int for any other reason).
-        result = main.main(args=argv, prog_name="peftkit", standalone_mode=False)
+        # Under --json, stdout holds the result or the error's JSON, not a result cut short by the failure.
+        with hold_stdout(divert_on=REPORTED_FAILURES) if as_json else contextlib.nullcontext():
+            # Without standalone mode, click returns ctx.exit(code)'s code instead of raising: a command that
+            # ends with ctx.exit(1) must still exit 1 (no command returns an int for any other reason).
+            result = main.main(args=args, prog_name="peftkit", standalone_mode=False)
     except click.exceptions.Exit as exc:
         return exc.exit_code
-    except click.ClickException as exc:
-        exc.message = terminal_safe(exc.message, multiline=True)  # any command's error may quote a hub
-        exc.show()
-        return exc.exit_code
-    except click.exceptions.Abort:
-        click.echo("Aborted!", err=True)
-        return 1
+    except REPORTED_FAILURES as exc:
+        return _report_failure(exc, as_json)
     return result if isinstance(result, int) and not isinstance(result, bool) else 0
+
+
+def _report_failure(error: click.ClickException | click.exceptions.Abort, as_json: bool) -> int:
+    """Print ``error`` on stderr as click does (with ``as_json``, as JSON on stdout too); return its exit code."""
+    report = error_report(error)
+    if isinstance(error, click.exceptions.Abort):
+        click.echo(ABORTED, err=True)
+    else:
+        error.message = terminal_safe(error.message, multiline=True)  # any command's error may quote a hub
+        error.show()
+    if as_json:
+        echo_json(report)
+    return report["error"]["exit_code"]
 
 
 def entry() -> None:

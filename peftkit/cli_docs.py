@@ -16,6 +16,24 @@ Generated from the commands' own `--help` by `python -m peftkit.cli_docs > docs/
 reports (the message says what is wrong and how to fix it), 2 a usage error;
 `peftkit train --push` exits 3 when the adapter is trained and saved but the
 push failed, and 130 / 143 when interrupted (Ctrl-C / SIGTERM).
+
+A command given `--json` that fails prints, besides the usual message on stderr
+and with the same exit code, the error as one JSON object on stdout, and nothing
+else there (what it had printed before failing goes to stderr):
+
+```json
+{"error": {"message": "...", "type": "AdapterLoadError", "exit_code": 1}}
+```
+
+`message` is the text stderr shows after `Error:`, exact (hub's words included,
+JSON-escaped). `type` is the peftkit error's class (`AdapterLoadError`,
+`RepoNotFound`, `PushAfterTrainingError`, ...) or the registry's error code
+(`NotFound`, `QuotaExceeded`, ...); `UsageError` for a command line click refuses
+(exit code 2: a missing argument, a bad value, an unknown option), `Abort` for
+Ctrl-C, `Error` for any other failure a command reports. A run that ends with a
+status of its own prints no error object (`registry fsck --json` exits 1 after its
+report; `train` exits 130 / 143 when interrupted), and a crash (a bug in peftkit)
+shows its traceback.
 """
 
 
