@@ -181,3 +181,17 @@ def test_a_base_given_by_hub_id_is_checked_from_its_config_and_another_name_alon
             f"'org/tiny-bert'. Its shapes fit, so it is used; check that it is the same model"
             in " ".join(merged.stderr.split())), merged.stderr
     assert (tmp_path / "o" / "merge.json").is_file()
+
+
+def test_a_member_of_a_method_not_installed_is_refused_before_the_base_model_loads(
+        world: dict[str, Path], config_only: Path, tmp_path: Path,  # noqa: F811
+        capsys: pytest.CaptureFixture[str]) -> None:
+    unknown = tmp_path / "unknown"
+    shutil.copytree(world["a"], unknown)
+    record = json.loads((unknown / "peftkit.json").read_text())
+    record.update(method="foo", plugin="peftkit-foo")
+    (unknown / "peftkit.json").write_text(json.dumps(record))
+    code, err = _merge(config_only, capsys, str(world["a"]), str(unknown), "-o", str(tmp_path / "o"))
+    assert code == 1 and UNLOADABLE not in err, err
+    assert f"member '{unknown}': unknown tuning method 'foo'" in err and "pip install 'peftkit-foo'" in err, err
+    assert not (tmp_path / "o").exists()
