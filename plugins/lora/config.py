@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from typing import ClassVar, Union
@@ -91,6 +92,10 @@ class LoraConfig(AdapterConfig):
     target_parameters: Union[list[str], None] = option(
         None, help='nn.Parameters to adapt, e.g. MoE experts: ["experts.gate_up_proj", "experts.down_proj"] '
                    '(full names or dotted suffixes; PEFT\'s target_parameters)')
+    lora_bias: bool = option(
+        False, help="a trained bias on B (PEFT's lora_bias): the update is scale * (B A x + b); for LoRA extracted "
+                    "from a full fine-tune whose biases changed. Linear and convolution layers, not with DoRA; "
+                    "merging needs a base layer with a bias")
     layers_pattern: Union[list[str], str, None] = option(
         None, help='PEFT\'s layers_pattern: with layers_to_transform, a module\'s layer index is the first number '
                    'after ".<pattern>." in its name (e.g. "layers", "h"); null: the architecture\'s layer numbering')
@@ -116,6 +121,7 @@ class LoraConfig(AdapterConfig):
             raise ConfigError(f"lora config: target_parameters={self.target_parameters!r} holds an empty name; "
                               f"name parameters, e.g. [\"experts.gate_up_proj\", \"experts.down_proj\"]")
         self._check_layers_pattern()
+        self._check_lora_bias()
         for key, rank in self.rank_pattern.items():
             if rank <= 0:
                 raise ConfigError(f"lora config: rank_pattern[{key!r}]={rank} must be positive")
@@ -144,6 +150,22 @@ class LoraConfig(AdapterConfig):
             if odd:
                 raise ConfigError(f"lora config: init_weights=\"orthogonal\" splits one orthogonal matrix between "
                                   f"A and B and needs even ranks, not {', '.join(odd)}; choose even ranks")
+
+    def _check_lora_bias(self) -> None:
+        """PEFT's rules for lora_bias (its LoraConfig refuses the same), plus the layers that have no B to carry
+        a bias: gated LoRA and parameter targets."""
+        if not self.lora_bias:
+            return
+        clash = next(((name, value) for name, value, on in (
+            ("use_dora", self.use_dora, self.use_dora),
+            ("init_weights", self.init_weights, self.init_weights not in (True, False)),
+            ("use_gating", self.use_gating, self.use_gating),
+            ("target_parameters", self.target_parameters, bool(self.target_parameters))) if on), None)
+        if clash is not None:
+            name, value = clash
+            raise ConfigError(f"lora config: lora_bias=true cannot be combined with {name}={json.dumps(value)} (PEFT "
+                              f"allows lora_bias with plain LoRA on layers, initialised with init_weights true or "
+                              f"false); set lora_bias=false or leave {name} at its default")
 
     def _check_layers_pattern(self) -> None:
         if not self.layers_pattern:  # None, [] or "": the architecture's layer numbering (PEFT: any pattern)

@@ -45,7 +45,7 @@ class LoraConv(LoraFactors):
     """LoRA on an N-d convolution; DoRA rescales each output channel of W + s * delta to a trained norm."""
 
     def __init__(self, base: nn.Module, r: int, scale: float, dropout: float, init: bool | str,
-                 use_dora: bool) -> None:
+                 use_dora: bool, lora_bias: bool = False) -> None:
         super().__init__()
         self.dims = base.weight.dim() - 2
         self.r, self.scale, self.use_dora = r, float(scale), use_dora
@@ -55,16 +55,19 @@ class LoraConv(LoraFactors):
         ones = (1,) * self.dims
         self._set_factors(base, (r, self.in_channels, *base.kernel_size),
                           (self.out_channels, r // self.groups, *ones), dropout, init,
-                          magnitude_shape=(1, self.out_channels, *ones))
+                          magnitude_shape=(1, self.out_channels, *ones), lora_bias=lora_bias)
 
     # -- forward -------------------------------------------------------------------
 
     def _lora(self, x: torch.Tensor) -> torch.Tensor:
-        """s * B(A(x)) for the LoRA input x (``_lora_input``: after dropout), in the adapter's dtype."""
+        """s * (B(A(x)) + b) for the LoRA input x (``_lora_input``: after dropout), in the adapter's dtype; b is
+        B's bias (lora_bias) or nothing."""
         conv = _CONV[self.dims]
         after_a = conv(x, self.lora_A, None, self.stride, self.padding)
-        scaled_b = self.lora_B if self.scale == 1.0 else self.lora_B * self.scale  # B is tiny; the output is not
-        return conv(after_a, scaled_b, None, 1, 0, 1, self.groups)
+        scaled_b, bias = self.lora_B, self.lora_bias
+        if self.scale != 1.0:  # B and its bias are tiny; the output is not
+            scaled_b, bias = scaled_b * self.scale, None if bias is None else bias * self.scale
+        return conv(after_a, scaled_b, bias, 1, 0, 1, self.groups)
 
     def delta(self, x: torch.Tensor, h: torch.Tensor, base: nn.Module) -> torch.Tensor:
         if self.use_dora:
@@ -124,6 +127,7 @@ class LoraConv(LoraFactors):
     def check_mergeable(self) -> None:
         """Raise MergeError when this adapter cannot be folded into the layer's weight (the TunerLayer
         asks before any layer of the model is merged)."""
+        super().check_mergeable()
         self._refuse_grouped()
         if self.padding_mode != "zeros":
             raise MergeError(f"LoRA on a convolution with padding_mode={self.padding_mode!r} cannot be merged: "
@@ -162,8 +166,9 @@ class LoraConv(LoraFactors):
 
     def weight_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
         """(A, B, scale), the live parameters, for weight-space merging: flattened to (r, in * kernel) and
-        (out, r), ``scale * B @ A`` is the change to the flattened base weight. None with DoRA."""
-        if self.use_dora:
+        (out, r), ``scale * B @ A`` is the change to the flattened base weight. None with DoRA, and with
+        lora_bias (the bias changes too)."""
+        if self.use_dora or self.lora_bias is not None:
             return None
         self._refuse_grouped()
         return self.lora_A, self.lora_B, self.scale
@@ -172,4 +177,4 @@ class LoraConv(LoraFactors):
         kernel = "x".join(str(k) for k in self.lora_A.shape[2:])
         return (f"in={self.in_channels}, out={self.out_channels}, kernel={kernel}, r={self.r}, "
                 f"scale={self.scale:g}" + (f", groups={self.groups}" if self.groups > 1 else "")
-                + (", dora" if self.use_dora else ""))
+                + (", dora" if self.use_dora else "") + (", lora_bias" if self.lora_bias is not None else ""))

@@ -303,8 +303,10 @@ class _LoraFn(torch.autograd.Function):
         if keep is not None:
             noise = _dropout_noise(keep, ctx.dropout, lora_in.dtype)
             lora_in = lora_in * noise
-        grads = _lora_grads(ctx, g.contiguous(), lora_in, xa_t, lora_a, lora_b, weight, noise)
-        return (*grads, None, None, None, None)
+        g = g.contiguous()
+        grads = _lora_grads(ctx, g, lora_in, xa_t, lora_a, lora_b, weight, noise)
+        grad_bias = g.sum(0) if ctx.needs_input_grad[5] else None  # a bias with a LoRA part (lora_bias)
+        return (*grads, None, grad_bias, None, None)
 
 
 class _DoraFn(torch.autograd.Function):
@@ -338,7 +340,7 @@ class _DoraFn(torch.autograd.Function):
 def fused_lora(x: torch.Tensor, lora_x: torch.Tensor | None, lora_a: torch.Tensor, lora_b: torch.Tensor,
                base: nn.Module, scale: float, magnitude: torch.Tensor | None = None,
                norm: torch.Tensor | None = None, keep_on: nn.Module | None = None,
-               dropout: float = 0.0) -> torch.Tensor:
+               dropout: float = 0.0, lora_bias: torch.Tensor | None = None) -> torch.Tensor:
     """The whole output of linear layer ``base`` with a LoRA (DoRA when ``magnitude`` and its detached
     ``norm`` are given) on input ``x``; ``lora_x`` is the LoRA's own input when it differs from ``x``
     (dropout), else None. The caller checked ``fusable_linear``. Under autocast the inputs and factors are
@@ -348,14 +350,15 @@ def fused_lora(x: torch.Tensor, lora_x: torch.Tensor | None, lora_a: torch.Tenso
     between calls where its products use it (``kept_scaled_transpose``: the same numbers). ``dropout`` > 0
     (plain LoRA, ``lora_x`` None): the LoRA reads x after a dropout of that probability, drawn here as
     ``torch.nn.functional.dropout`` draws it; with gradients, backward keeps x and a one-byte mask
-    instead of the dropped-out copy (:class:`_LoraFn`)."""
+    instead of the dropped-out copy (:class:`_LoraFn`). ``lora_bias`` (plain LoRA): B's bias, so the update is
+    ``s (B A x + b_B)``; it joins the layer's bias (its gradient flows back through that sum)."""
     device = x.device.type
     if torch.is_autocast_enabled(device):
         compute = torch.get_autocast_dtype(device)
         with torch.autocast(device, enabled=False):
             return _fused_lora(x.to(compute), to_dtype(lora_x, compute), lora_a.to(compute), lora_b.to(compute),
-                               base, scale, magnitude, norm, None, dropout)
-    return _fused_lora(x, lora_x, lora_a, lora_b, base, scale, magnitude, norm, keep_on, dropout)
+                               base, scale, magnitude, norm, None, dropout, to_dtype(lora_bias, compute))
+    return _fused_lora(x, lora_x, lora_a, lora_b, base, scale, magnitude, norm, keep_on, dropout, lora_bias)
 
 
 def _dense_in_inference(x2: torch.Tensor, lora_x2: torch.Tensor | None, lora_a: torch.Tensor,
@@ -370,7 +373,8 @@ def _dense_in_inference(x2: torch.Tensor, lora_x2: torch.Tensor | None, lora_a: 
 
 def _fused_lora(x: torch.Tensor, lora_x: torch.Tensor | None, lora_a: torch.Tensor, lora_b: torch.Tensor,
                 base: nn.Module, scale: float, magnitude: torch.Tensor | None,
-                norm: torch.Tensor | None, keep_on: nn.Module | None, dropout: float = 0.0) -> torch.Tensor:
+                norm: torch.Tensor | None, keep_on: nn.Module | None, dropout: float = 0.0,
+                lora_bias: torch.Tensor | None = None) -> torch.Tensor:
     features = x.shape[-1]
     x2 = x.reshape(-1, features)
     lora_x2 = None if lora_x is None else lora_x.reshape(-1, features)
@@ -378,6 +382,9 @@ def _fused_lora(x: torch.Tensor, lora_x: torch.Tensor | None, lora_a: torch.Tens
         lora_x2 = _draw_dropout(x2, dropout)[0]  # only plain LoRA with gradients draws inside its node
         dropout = 0.0
     weight, bias = weight_out_in(base), getattr(base, "bias", None)
+    if lora_bias is not None:  # b + s b_B, in the LoRA bias's dtype
+        scaled = lora_bias * scale
+        bias = scaled if bias is None else scaled + bias.to(scaled.dtype)
     if not torch.is_grad_enabled():  # inference: without an autograd node
         lora_in = x2 if lora_x2 is None else lora_x2
         bias = to_dtype(bias, x2.dtype)

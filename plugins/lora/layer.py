@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from peftkit.plugin_api import (adapter_dtype, ConfigError, fusable_linear, is_conv1d,
-                                LayerAdapter, linear_features, quantization_of, weight_out_in)
+                                LayerAdapter, linear_features, MergeError, quantization_of, weight_out_in)
 
 from .fused import fused_lora
 
@@ -25,17 +25,19 @@ from .fused import fused_lora
 class LoraFactors(LayerAdapter):
     """What LoRA's modules on linear and convolution layers share: the factors ``lora_A`` / ``lora_B``
     with PEFT's init, dropout on the LoRA input, DoRA's magnitude (starting at the weight's norms,
-    whose merge-time value unmerging needs) and PEFT's file keys."""
+    whose merge-time value unmerging needs), B's optional bias (``lora_bias``: the update is
+    ``scale * (B A x + b)``, merged into the base layer's bias) and PEFT's file keys."""
 
     r: int
     scale: float
     use_dora: bool
 
     def _set_factors(self, base: nn.Module, a_shape: tuple[int, ...], b_shape: tuple[int, ...], dropout: float,
-                     init: bool | str, magnitude_shape: tuple[int, ...] | None = None) -> None:
+                     init: bool | str, magnitude_shape: tuple[int, ...] | None = None, lora_bias: bool = False
+                     ) -> None:
         """lora_A (``a_shape``): Kaiming-uniform, or Gaussian with std 1/r for init="gaussian"; lora_B
-        (``b_shape``): zeros (random for init=False, for tests); with DoRA the magnitude is the norm
-        from ``_weight_norm``, shaped ``magnitude_shape``."""
+        (``b_shape``) and, with ``lora_bias``, its bias (one per output): zeros (random for init=False, for
+        tests); with DoRA the magnitude is the norm from ``_weight_norm``, shaped ``magnitude_shape``."""
         dtype, device = adapter_dtype(base), base.weight.device
         self.lora_A = nn.Parameter(torch.empty(a_shape, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(b_shape, dtype=dtype, device=device))
@@ -46,6 +48,12 @@ class LoraFactors(LayerAdapter):
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         if init is False:
             nn.init.normal_(self.lora_B, std=0.1)
+        # registered even when absent, so that it is a parameter slot rather than a setting (hot-swapping)
+        self.register_parameter("lora_bias", nn.Parameter(torch.zeros(b_shape[0], dtype=dtype, device=device))
+                                if lora_bias else None)
+        if lora_bias and init is False:
+            nn.init.normal_(self.lora_bias, std=0.1)
+        self._base_has_bias = getattr(base, "bias", None) is not None
         self.lora_magnitude_vector: nn.Parameter | None = None
         self._merged_norm: torch.Tensor | None = None
         if self.use_dora:
@@ -77,13 +85,33 @@ class LoraFactors(LayerAdapter):
         self.__dict__["_norm_cache"] = None
         self.__dict__["_w_sq_cache"] = None
 
+    def check_mergeable(self) -> None:
+        """Raise MergeError when B's bias (lora_bias) has no base bias to merge into (PEFT refuses too)."""
+        if self.lora_bias is not None and not self._base_has_bias:
+            raise MergeError("a LoRA with lora_bias=true merges B's bias into the layer's bias, and this layer has "
+                             "none; keep the adapter unmerged (or train it with lora_bias=false)")
+
     def merge(self, base: nn.Module) -> None:
+        self.check_mergeable()
         if self.use_dora:
             self._merged_norm = self._weight_norm(base).clone()
         super().merge(base)
+        self._shift_base_bias(base, 1.0)
+
+    def unmerge(self, base: nn.Module) -> None:
+        super().unmerge(base)
+        self._shift_base_bias(base, -1.0)
+
+    def _shift_base_bias(self, base: nn.Module, sign: float) -> None:
+        """Add (``sign`` 1) or take back (-1) ``scale * b`` in the base layer's bias, for lora_bias."""
+        if self.lora_bias is not None:
+            bias = base.bias
+            bias.data += (self.lora_bias.detach() * (sign * self.scale)).to(bias.dtype)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B}
+        if self.lora_bias is not None:
+            out["lora_B.bias"] = self.lora_bias
         if self.lora_magnitude_vector is not None:
             out["lora_magnitude_vector"] = self.lora_magnitude_vector
         return out
@@ -93,7 +121,7 @@ class LoraFactors(LayerAdapter):
         ``scale * B``, so another alpha folds into B as well, at the same rank."""
         from peftkit.plugin_api import scaled_swap_plan, swap_plan
 
-        if self.low_rank() is not None:
+        if self.low_rank() is not None or self.lora_bias is not None:  # a bias too: scales must match
             return swap_plan(self, new)
         return scaled_swap_plan(self, new, "lora_B.weight")
 
@@ -111,14 +139,14 @@ def _check_float_weight(base: nn.Module, init: str, use: str) -> None:
 
 class LoraLinear(LoraFactors):
     def __init__(self, base: nn.Module, r: int, scale: float, dropout: float, init: bool | str,
-                 use_dora: bool) -> None:
+                 use_dora: bool, lora_bias: bool = False) -> None:
         super().__init__()
         in_f, out_f = linear_features(base)  # a quantized layer's packed weight has another shape
         self.r, self.scale, self.use_dora = r, float(scale), use_dora
         self.in_features, self.out_features = in_f, out_f
         self._norm_cache: tuple[tuple[int, ...], torch.Tensor] | None = None
         self._w_sq_cache: tuple[tuple[int, int], torch.Tensor] | None = None
-        self._set_factors(base, (r, in_f), (out_f, r), dropout, init)
+        self._set_factors(base, (r, in_f), (out_f, r), dropout, init, lora_bias=lora_bias)
         if init == "orthogonal":
             self._init_orthogonal()
         elif init == "mica":
@@ -193,19 +221,22 @@ class LoraLinear(LoraFactors):
             return None  # DoRA with dropout in training puts the dropped-out input through W too (forward)
         dropout = self.dropout.p if self._dropout_active() else 0.0  # drawn in the fused node (fused.py)
         if not self.use_dora:
-            return fused_lora(x, None, self.lora_A, self.lora_B, base, self.scale, keep_on=self, dropout=dropout)
+            return fused_lora(x, None, self.lora_A, self.lora_B, base, self.scale, keep_on=self, dropout=dropout,
+                              lora_bias=self.lora_bias)
         return fused_lora(x, None, self.lora_A, self.lora_B, base, self.scale,
                           self.lora_magnitude_vector, self._weight_norm(base), keep_on=self)
 
     def delta(self, x: torch.Tensor, h: torch.Tensor, base: nn.Module) -> torch.Tensor:
         if self.use_dora:
             return self.forward(x, h, base) - h
-        out = F.linear(F.linear(self._lora_input(x), self.lora_A), self.lora_B) * self.scale
+        out = F.linear(F.linear(self._lora_input(x), self.lora_A), self.lora_B, self.lora_bias) * self.scale
         return out.to(h.dtype)
 
     def forward(self, x: torch.Tensor, h: torch.Tensor, base: nn.Module) -> torch.Tensor:
         if self.use_dora and self._dropout_active():
             return self._dora_dropped(x, h, base)
+        if self.lora_bias is not None:
+            return h + self.delta(x, h, base)
         xa = F.linear(self._lora_input(x), self.lora_A)
         if self.use_dora:
             return self._dora(xa, h, base)
@@ -294,14 +325,15 @@ class LoraLinear(LoraFactors):
         self._norm_cache = None
 
     def low_rank(self, forward: bool = False) -> tuple[torch.Tensor, torch.Tensor, float] | None:
-        """(A, B, scale): the weight change is scale * B @ A, except with DoRA (which rescales rows)."""
-        if self.use_dora or (forward and self._dropout_active()):
+        """(A, B, scale): the weight change is scale * B @ A, except with DoRA (which rescales rows) and with
+        lora_bias (which changes the bias too)."""
+        if self.use_dora or self.lora_bias is not None or (forward and self._dropout_active()):
             return None
         return self.lora_A, self.lora_B, self.scale
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, r={self.r}, scale={self.scale:g}"
-                + (", dora" if self.use_dora else ""))
+                + (", dora" if self.use_dora else "") + (", lora_bias" if self.lora_bias is not None else ""))
 
 
 class LoraEmbedding(LayerAdapter):

@@ -21,9 +21,9 @@ _FROM_PEFT = {"r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "use_r
               "alpha_pattern": "alpha_pattern", "target_modules": "target_modules",
               "exclude_modules": "exclude_modules", "layers_to_transform": "layers_to_transform",
               "modules_to_save": "modules_to_save", "target_parameters": "target_parameters",
-              "layers_pattern": "layers_pattern"}
+              "layers_pattern": "layers_pattern", "lora_bias": "lora_bias"}
 #: PEFT fields we read but that need no setting of ours, or that must keep their default.
-_PEFT_DEFAULTS: dict[str, Any] = {"bias": "none", "lora_bias": False, "use_qalora": False,
+_PEFT_DEFAULTS: dict[str, Any] = {"bias": "none", "use_qalora": False,
                                   "layer_replication": None, "loftq_config": {},
                                   "trainable_token_indices": None}
 _PEFT_IGNORED = {"fan_in_fan_out", "megatron_core", "megatron_config", "qalora_group_size", "peft_type",
@@ -123,17 +123,18 @@ class LoraMethod(Method):
             return _gated_adapter(site.name, base_layer, r, scale, config)
         if is_embedding(base_layer):
             init = True if config.init_weights == "eva" else config.init_weights
-            if config.use_dora:
-                raise ConfigError(f"lora: DoRA is not available for Embedding layers ({site.name}); "
-                                  f"exclude it or set use_dora=false")
+            for option_name, on in (("use_dora", config.use_dora), ("lora_bias", config.lora_bias)):
+                if on:
+                    raise ConfigError(f"lora: {option_name}=true is not available for Embedding layers ({site.name}), "
+                                      f"as in PEFT; exclude it (exclude_modules) or set {option_name}=false")
             return LoraEmbedding(base_layer, r, scale, init)
         if is_conv(base_layer):
             check_conv_site(site.name, base_layer, r, config.use_dora)
             init = True if config.init_weights == "eva" else config.init_weights
-            return LoraConv(base_layer, r, scale, config.dropout, init, config.use_dora)
+            return LoraConv(base_layer, r, scale, config.dropout, init, config.use_dora, config.lora_bias)
         # EVA's A comes later from data (initialize_eva); until then the layer has the default init.
         init = True if config.init_weights == "eva" else config.init_weights
-        return LoraLinear(base_layer, r, scale, config.dropout, init, config.use_dora)
+        return LoraLinear(base_layer, r, scale, config.dropout, init, config.use_dora, config.lora_bias)
 
     def expected_parameter_count(self, model: "nn.Module", config: AdapterConfig, sites: list[Site]) -> int:
         from peftkit.plugin_api import base_of, is_conv, is_embedding, linear_features
@@ -153,10 +154,11 @@ class LoraMethod(Method):
             if is_conv(base):  # A: (r, in, *kernel), B: (out, r / groups, 1, ...)
                 kernel = math.prod(base.kernel_size)
                 total += r * base.in_channels * kernel + base.out_channels * (r // base.groups)
-                total += base.out_channels if config.use_dora else 0
+                total += base.out_channels * (int(config.use_dora) + int(config.lora_bias))
                 continue
             in_f, out_f = linear_features(base)
-            total += r * (in_f + (0 if config.init_weights == "mica" else out_f)) + (out_f if config.use_dora else 0)
+            total += r * (in_f + (0 if config.init_weights == "mica" else out_f))
+            total += out_f * (int(config.use_dora) + int(config.lora_bias))
             total += in_f + 1 if config.use_gating else 0
         return total
 
