@@ -50,6 +50,10 @@ _TASK_TYPES = (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_
                ("ForTokenClassification", "TOKEN_CLS"), ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
                ("ForQuestionAnswering", "QUESTION_ANS"), ("LMHeadModel", "CAUSAL_LM"),  # GPT2LMHeadModel
                ("Model", "FEATURE_EXTRACTION"))
+#: PEFT's task types whose model class, when it loads a folder, adds these head modules to modules_to_save and
+#: then expects their weights in the folder (PeftModelForSequenceClassification and the like).
+_TASKS_ADDING_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+                       "QUESTION_ANS": ("qa_outputs",)}
 
 
 # -- what is saved ------------------------------------------------------------------
@@ -133,6 +137,21 @@ def task_type_of(model: "AdaptedModel") -> str | None:
     return None
 
 
+def _file_task_type(model: "AdaptedModel", name: str) -> str | None:
+    """The task_type written for adapter ``name``: the model's (:func:`task_type_of`), or None when PEFT's class for
+    that task would add a head module the adapter does not save to modules_to_save and then fail to find its
+    weights in the folder (an adapter loaded from a PEFT folder saved without task_type or head: PEFT then
+    loads it as the plain PeftModel it was)."""
+    task = task_type_of(model)
+    heads = _TASKS_ADDING_HEADS.get(task or "", ())
+    saved = model.adapter_record(name).modules_to_save
+    for module_name, _ in model.base_model.named_modules():
+        leaf = module_name.rpartition(".")[2]
+        if leaf in heads and not any(module_name == s or module_name.startswith(s + ".") for s in saved):
+            return None
+    return task
+
+
 def config_file_data(model: "AdaptedModel", name: str) -> dict[str, Any]:
     record = model.adapter_record(name)
     method = record.method
@@ -140,7 +159,7 @@ def config_file_data(model: "AdaptedModel", name: str) -> dict[str, Any]:
     if "fan_in_fan_out" in data:  # PEFT's flag for layers that store their weight (in, out): GPT-2's Conv1D
         data["fan_in_fan_out"] = _stores_weights_in_out(model, name)
     data.setdefault("base_model_name_or_path", base_model_id(model))
-    data.setdefault("task_type", task_type_of(model))
+    data.setdefault("task_type", _file_task_type(model, name))
     data.setdefault("inference_mode", True)
     data["peftkit"] = {
         "format_version": FORMAT_VERSION,
