@@ -8,8 +8,9 @@ import contextlib
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from . import composition
+from .adapter_names import adapter_name_list
 from .composition import BASE_MODEL, Block, Node
-from .errors import AdapterError, CompositionError
+from .errors import AdapterError, CompositionError, MergeError
 from .heads import check_rows
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -151,6 +152,28 @@ class CompositionMixin:
         from .merging import merge_adapters
 
         return merge_adapters(self, adapters, weights, name, strategy, **options)
+
+    def names_to_merge(self: "AdaptedModel", adapter_names: str | Sequence[str] | None = None, *,
+                       fold_average: bool = False) -> list[str]:
+        """The adapters ``merge_adapter`` merges, in order: those named, or the active ones. An active
+        composition other than one adapter or a stack of adapters is not its adapters merged one after
+        another: with ``fold_average`` (merge_and_unload) an ``average()`` of LoRA adapters is first made
+        one adapter (``merge_order``); anything else is refused, rather than merged as a stack."""
+        from .merging import merge_order
+
+        names = adapter_name_list(adapter_names)
+        if names is not None:
+            return names
+        node = self.active_composition
+        plain_stack = isinstance(node, composition.Stack) and all(isinstance(c, str) for c in node.children)
+        if node is None or isinstance(node, str) or plain_stack:
+            return self.active_adapters
+        if fold_average:
+            return merge_order(self, node)
+        raise MergeError(f"the active composition {node} is not a stack of adapters, so merging its adapters one "
+                         f"after another would not be the same model; merge_and_unload() folds an average() of "
+                         f"LoRA adapters into one, and merge_adapters([...], name=..., strategy=\"linear\") makes "
+                         f"one adapter you can merge")
 
     def add_weighted_adapter(self: "AdaptedModel", adapters: Sequence[str], weights: Sequence[float],
                              adapter_name: str, combination_type: str = "svd", svd_rank: int | None = None,

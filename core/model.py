@@ -16,7 +16,6 @@ import torch
 import torch.nn as nn
 
 from . import composition, heads
-from .adapter_names import adapter_name_list
 from .architectures import ArchitectureSpec
 from .composition import BASE_MODEL, Node
 from . import composition_api
@@ -570,8 +569,7 @@ class AdaptedModel(CompositionMixin, nn.Module):
 
         ``safe_merge`` (PEFT's option): check every merged weight for NaN and inf, and undo the whole merge
         with a MergeError naming the layer if one is not finite."""
-        names = adapter_name_list(adapter_names)
-        names = self.active_adapters if names is None else names
+        names = self.names_to_merge(adapter_names)
         self._refuse_unmergeable(names)
         done: list[tuple[TunerLayer, str]] = []
         with torch.no_grad():
@@ -640,8 +638,7 @@ class AdaptedModel(CompositionMixin, nn.Module):
         stack of them would run) replace the originals, and a classifier's config gets
         that head's labels. The AdaptedModel must not be used afterwards.
         """
-        names = adapter_name_list(adapter_names)
-        names = self.active_adapters if names is None else names
+        names = self.names_to_merge(adapter_names, fold_average=True)
         self.merge_adapter(names, safe_merge=safe_merge)
         return self._unwrapped(composition.as_node(names) if names else None)  # heads as a stack's: the last one's
 
