@@ -308,10 +308,10 @@ def merge_adapters(model: "AdaptedModel", adapters: Sequence[str], weights: Sequ
     names = list(adapters) if not isinstance(adapters, str) else [adapters]
     records, weights = _members(model, names, weights)
     for record in records:
-        if _changes_bias(record):
-            raise MergeError(f"adapter {record.name!r} has lora_bias=true: it changes its layers' biases as well "
-                             f"as their weights, and a merged adapter holds weight changes only (PEFT's "
-                             f"add_weighted_adapter drops the biases); merge it into the base model instead "
+        beyond = _beyond_weight_change(record)
+        if beyond:
+            raise MergeError(f"adapter {record.name!r} {beyond}, and a merged adapter holds weight changes only "
+                             f"(PEFT's add_weighted_adapter drops the rest); merge it into the base model instead "
                              f"(merge_and_unload), or compose it: average(...)")
     model.check_adapter_name(name)
     kind, fn, options = _checked_options(strategy, density, rank, majority_sign_method)
@@ -384,9 +384,15 @@ def _dense_refusal(record: "AdapterRecord", records: list["AdapterRecord"], why:
                       f"part of a LoRA; compose it instead: average(...) or fuse(...)")
 
 
-def _changes_bias(record: "AdapterRecord") -> bool:
-    """Whether the adapter is a LoRA whose B has a bias (lora_bias): its change is more than a weight change."""
-    return bool(getattr(record.config, "lora_bias", False))
+def _beyond_weight_change(record: "AdapterRecord") -> str | None:
+    """What a LoRA changes besides its layers' weights, for messages ("has lora_bias=true: ..."), or None: B's
+    bias (lora_bias) or embedding rows (trainable_token_indices)."""
+    config = record.config
+    if getattr(config, "lora_bias", False):
+        return "has lora_bias=true: it changes its layers' biases as well as their weights"
+    if getattr(config, "trainable_token_indices", None) is not None:
+        return "has trainable_token_indices: it replaces embedding rows as well as changing weights"
+    return None
 
 
 def _uses_dora(record: "AdapterRecord") -> bool:
@@ -690,10 +696,10 @@ def _fold_average(model: "AdaptedModel", block: Any) -> str:
     pairs = [(c, w) for c, w in zip(block.children, block.normalized_weights()) if c != BASE_MODEL]
     for member, _ in pairs:
         record = model.adapter_record(member)
-        if not record.method.merge_low_rank or _uses_dora(record) or _changes_bias(record):
+        if not record.method.merge_low_rank or _uses_dora(record) or _beyond_weight_change(record):
             raise MergeError(f"{block}: {member} ({record.method.name}) has no low-rank weight change, so the average "
-                             f"is not one weight change for any weights (only LoRA changes, without DoRA or "
-                             f"lora_bias, add up exactly); save it without merging")
+                             f"is not one weight change for any weights (only LoRA changes, without DoRA, lora_bias "
+                             f"or trainable_token_indices, add up exactly); save it without merging")
     name, number = FOLDED_AVERAGE, 1
     while name in model.adapters:
         number += 1

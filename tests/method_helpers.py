@@ -124,6 +124,19 @@ def unload_keeps_output(model: peftkit.AdaptedModel, arch: str, expected: torch.
     return bare
 
 
+def merge_cycle_keeps_outputs(model: peftkit.AdaptedModel, arch: str, atol: float = 1e-5) -> None:
+    """The adapter changes the output; merging keeps it, unmerging gives the base model back (adapters disabled)
+    and merge_and_unload() gives the adapted output again."""
+    with model.disable_adapters():
+        base = output_of(model, arch)
+    unmerged = merge_keeps_output(model, arch, atol=atol)
+    assert (unmerged - base).abs().max() > 1e-2, "the adapter should change the output"
+    model.unmerge_adapter()
+    with model.disable_adapters():
+        torch.testing.assert_close(output_of(model, arch), base, atol=atol, rtol=0)
+    unload_keeps_output(model, arch, unmerged, atol=atol)
+
+
 # -- generation (prompt and prefix tuning) ----------------------------------------------------------------------------
 
 

@@ -27,6 +27,7 @@ BUILTIN_SPECS = {
     "lora": "lora",
     "dora": "lora[use_dora=true]",
     "rslora": "lora[use_rslora=true,r=4,alpha=8]",
+    "lora_bias": "lora[lora_bias=true]",
     "seq_bn": "seq_bn",
     "double_seq_bn": "double_seq_bn",
     "par_bn": "par_bn",
@@ -72,6 +73,9 @@ def _known_peft_format_defect(cls: type, reason: str) -> type:
 #: check stacks two adapters of one spec: their stack, with disjoint ids, is checked in test_method_trainable_tokens.py.
 TestConformance_trainable_tokens = make_conformance_class(
     BUILTIN_SPECS["trainable_tokens"], checks=[check for check in CHECKS if check != "block_stack"])
+#: LoRA training token rows too (PEFT's trainable_token_indices); its stack check is left out for the same reason.
+TestConformance_lora_token_rows = make_conformance_class(
+    "lora[trainable_token_indices=[16,17,127]]", checks=[check for check in CHECKS if check != "block_stack"])
 
 for _key, _reason in PEFT_FORMAT_DEFECTS.items():
     globals()[f"TestConformance_{_key}"] = _known_peft_format_defect(globals()[f"TestConformance_{_key}"], _reason)

@@ -57,3 +57,20 @@ def test_merge_and_unload_refuses_a_fusion():
     model.set_active('fuse(default, b, name="f")')
     with pytest.raises(MergeError, match=r"cannot be merged into the base weights"):
         model.merge_and_unload()
+
+
+@pytest.mark.parametrize("spec, why", [
+    ("lora[lora_bias=true]", "has lora_bias=true: it changes its layers' biases"),
+    ("lora[trainable_token_indices=[3]]", "has trainable_token_indices: it replaces embedding rows"),
+])
+def test_a_lora_changing_more_than_weights_is_refused_by_weight_space_merges(spec, why):
+    """A merged adapter holds weight changes only: a member with B's bias or trained token rows is refused by name
+    (PEFT's add_weighted_adapter drops them), also when merge_and_unload folds an active average."""
+    model = peftkit.adapt(build_tiny("llama"), spec)
+    model.add_adapter("other", "lora")
+    with pytest.raises(MergeError, match=f"adapter 'default' {why}"):
+        model.merge_adapters(["default", "other"], name="both", strategy="linear")
+    assert "both" not in model.adapters
+    model.set_active("average(default, other)")
+    with pytest.raises(MergeError, match="only LoRA changes, without DoRA, lora_bias or trainable_token_indices"):
+        model.merge_and_unload()

@@ -107,7 +107,8 @@ class LoraAdapterHub(AdapterHubFormat):
     @staticmethod
     def _refuse_options(config: Any) -> None:
         for field, off in (("use_dora", False), ("use_rslora", False), ("rank_pattern", {}), ("alpha_pattern", {}),
-                           ("exclude_modules", None), ("layers_to_transform", None), ("lora_bias", False)):
+                           ("exclude_modules", None), ("layers_to_transform", None), ("lora_bias", False),
+                           ("trainable_token_indices", None)):
             if getattr(config, field, off) not in (off, None, [], {}):
                 raise ConfigError(f"{field}={getattr(config, field)!r} has no AdapterHub equivalent")
 

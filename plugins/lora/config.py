@@ -62,6 +62,8 @@ class LoraConfig(AdapterConfig):
     target_parameters). target_parameters: nn.Parameters to adapt (MoE expert stacks), see parameters.py.
     use_gating: UniPELT's gate (AdapterHub's LoRAConfig.use_gating): the update B A x is scaled by the
       mean over the sequence of sigmoid(W x + b), one value per example, instead of alpha / r.
+    lora_bias: a trained bias on B, so the update is scale * (B A x + b) (PEFT's lora_bias).
+    trainable_token_indices: chosen embedding rows trained with the adapter (PEFT's), see tokens.py.
     """
 
     method: ClassVar[str] = "lora"
@@ -96,6 +98,9 @@ class LoraConfig(AdapterConfig):
         False, help="a trained bias on B (PEFT's lora_bias): the update is scale * (B A x + b); for LoRA extracted "
                     "from a full fine-tune whose biases changed. Linear and convolution layers, not with DoRA; "
                     "merging needs a base layer with a bias")
+    trainable_token_indices: Union[list[int], dict[str, list[int]], None] = option(
+        None, help="token ids (embedding rows) trained beside the LoRA (PEFT's trainable_token_indices): a list for "
+                   "the input embedding (and its tied output layer), or a table module name -> ids")
     layers_pattern: Union[list[str], str, None] = option(
         None, help='PEFT\'s layers_pattern: with layers_to_transform, a module\'s layer index is the first number '
                    'after ".<pattern>." in its name (e.g. "layers", "h"); null: the architecture\'s layer numbering')
@@ -122,6 +127,8 @@ class LoraConfig(AdapterConfig):
                               f"name parameters, e.g. [\"experts.gate_up_proj\", \"experts.down_proj\"]")
         self._check_layers_pattern()
         self._check_lora_bias()
+        if self.trainable_token_indices is not None:
+            self.tokens_config()
         for key, rank in self.rank_pattern.items():
             if rank <= 0:
                 raise ConfigError(f"lora config: rank_pattern[{key!r}]={rank} must be positive")
@@ -150,6 +157,18 @@ class LoraConfig(AdapterConfig):
             if odd:
                 raise ConfigError(f"lora config: init_weights=\"orthogonal\" splits one orthogonal matrix between "
                                   f"A and B and needs even ranks, not {', '.join(odd)}; choose even ranks")
+
+    def tokens_config(self) -> AdapterConfig:
+        """The trainable_tokens method's config for ``trainable_token_indices`` (its rows are trained by that
+        method's modules, found through the registry); ConfigError naming the option if the ids are wrong."""
+        from peftkit.plugin_api import get_method
+
+        table = self.trainable_token_indices
+        targets = list(table) if isinstance(table, dict) else None
+        try:
+            return get_method("trainable_tokens").make_config(token_indices=table, target_modules=targets)
+        except ConfigError as exc:
+            raise ConfigError(f"lora config: trainable_token_indices: {exc}") from None
 
     def _check_lora_bias(self) -> None:
         """PEFT's rules for lora_bias (its LoraConfig refuses the same), plus the layers that have no B to carry

@@ -13,6 +13,7 @@ from .config import is_known_init, is_linear_only_init, LoraConfig
 from .sites import ParameterSite
 
 if TYPE_CHECKING:  # pragma: no cover
+    import torch
     import torch.nn as nn
 
 #: PEFT LoraConfig fields -> ours.
@@ -21,11 +22,11 @@ _FROM_PEFT = {"r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "use_r
               "alpha_pattern": "alpha_pattern", "target_modules": "target_modules",
               "exclude_modules": "exclude_modules", "layers_to_transform": "layers_to_transform",
               "modules_to_save": "modules_to_save", "target_parameters": "target_parameters",
-              "layers_pattern": "layers_pattern", "lora_bias": "lora_bias"}
+              "layers_pattern": "layers_pattern", "lora_bias": "lora_bias",
+              "trainable_token_indices": "trainable_token_indices"}
 #: PEFT fields we read but that need no setting of ours, or that must keep their default.
 _PEFT_DEFAULTS: dict[str, Any] = {"bias": "none", "use_qalora": False,
-                                  "layer_replication": None, "loftq_config": {},
-                                  "trainable_token_indices": None}
+                                  "layer_replication": None, "loftq_config": {}}
 _PEFT_IGNORED = {"fan_in_fan_out", "megatron_core", "megatron_config", "qalora_group_size", "peft_type",
                  "ensure_weight_tying"}
 #: PEFT's EvaConfig fields (adapter_config.json's "eva_config") -> ours.
@@ -66,11 +67,20 @@ class LoraMethod(Method):
     }
 
     def sites(self, model: "nn.Module", config: AdapterConfig, arch: Any) -> list[Site]:
+        """The adapted layers, and the embeddings whose rows trainable_token_indices trains (tokens.py)."""
+        assert isinstance(config, LoraConfig)
+        sites = self._layer_sites(model, config, arch)
+        if config.trainable_token_indices is None:
+            return sites
+        from .tokens import token_sites
+
+        return sites + token_sites(model, config, arch, sites)
+
+    def _layer_sites(self, model: "nn.Module", config: LoraConfig, arch: Any) -> list[Site]:
         from peftkit.plugin_api import adaptable_targets, is_conv, is_embedding, is_linear_like
 
-        assert isinstance(config, LoraConfig)
         if config.layers_pattern:  # None, [] and "" (PEFT: any layer pattern) take the architecture's numbering
-            return _in_pattern_layers(model, config, arch, self.sites)
+            return _in_pattern_layers(model, config, arch, self._layer_sites)
         if config.target_parameters:
             return self._module_and_parameter_sites(model, config, arch)
         names = adaptable_targets(model, config, arch, self.name, label="LoRA", kinds=_ADAPTED,
@@ -86,7 +96,7 @@ class LoraMethod(Method):
         if not config.target_modules:
             config.target_modules = []
             return list(held)
-        layers = self.sites(model, config.replace(target_parameters=None), arch)
+        layers = self._layer_sites(model, config.replace(target_parameters=None), arch)
         both = {s.name for s in layers} & {s.name for s in held}
         if both:
             raise ConfigError(f"lora: {sorted(both)[0]} is targeted both as a module (target_modules) and through "
@@ -98,9 +108,13 @@ class LoraMethod(Method):
         from .conv import LoraConv, check_conv_site
         from .layer import LoraEmbedding, LoraLinear
 
+        from .tokens import token_layer, TokenPartSite
+
         assert isinstance(config, LoraConfig)
         if isinstance(site, ParameterSite):
             return _parameter_adapter(site, base_layer, config)
+        if isinstance(site, TokenPartSite):
+            return token_layer(site, base_layer, config, model)
         r = pattern_value(site.name, config.rank_pattern, config.r)
         alpha = pattern_value(site.name, config.alpha_pattern, config.alpha)
         scale = alpha / (r ** 0.5) if config.use_rslora else alpha / r
@@ -136,12 +150,27 @@ class LoraMethod(Method):
         init = True if config.init_weights == "eva" else config.init_weights
         return LoraLinear(base_layer, r, scale, config.dropout, init, config.use_dora, config.lora_bias)
 
+    def create_shared_state(self, model: "nn.Module", config: AdapterConfig,
+                            sites: list[Site]) -> "dict[str, torch.Tensor]":
+        """The rows trainable_token_indices trains (tokens.py); nothing else is shared."""
+        from .tokens import token_shared_state
+
+        assert isinstance(config, LoraConfig)
+        return token_shared_state(model, config, sites)
+
+    def shared_state_file_keys(self, config: AdapterConfig, names: list[str]) -> dict[str, str]:
+        return {}  # the rows are saved by each site's module, under PEFT's keys
+
     def expected_parameter_count(self, model: "nn.Module", config: AdapterConfig, sites: list[Site]) -> int:
         from peftkit.plugin_api import base_of, is_conv, is_embedding, linear_features
 
+        from .tokens import token_parameter_count, TokenPartSite
+
         assert isinstance(config, LoraConfig)
-        total = 0
+        total = token_parameter_count(model, config, sites)
         for site in sites:
+            if isinstance(site, TokenPartSite):
+                continue
             base = base_of(model.get_submodule(site.name))
             if isinstance(site, ParameterSite):
                 total += sum(_parameter_count(getattr(base, p), pattern_value(f"{site.name}.{p}", config.rank_pattern,
