@@ -26,7 +26,7 @@ _FROM_PEFT = {"r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "use_r
               "trainable_token_indices": "trainable_token_indices"}
 #: PEFT fields we read but that need no setting of ours, or that must keep their default.
 _PEFT_DEFAULTS: dict[str, Any] = {"bias": "none", "use_qalora": False,
-                                  "layer_replication": None, "loftq_config": {}}
+                                  "layer_replication": None}
 _PEFT_IGNORED = {"fan_in_fan_out", "megatron_core", "megatron_config", "qalora_group_size", "peft_type",
                  "ensure_weight_tying"}
 #: PEFT's EvaConfig fields (adapter_config.json's "eva_config") -> ours.
@@ -221,6 +221,7 @@ class LoraMethod(Method):
         data = dict(data)
         eva = data.pop("eva_config", None) or {}
         gating = bool(data.pop("use_gating", False))
+        _check_loftq(data.pop("loftq_config", None), data.get("init_lora_weights"))
         if data.get("peft_type") == GATED_TYPE and not gating:  # earlier versions wrote LORA with use_gating
             raise ConfigError(f"peft_type {GATED_TYPE!r} is a gated LoRA, but the file has no use_gating=true; the "
                               f"file is damaged or was edited: save the adapter again")
@@ -234,6 +235,18 @@ class LoraMethod(Method):
             # base weight into the factors) comes with its lora_ga_config, refused above as a setting peftkit lacks.
             values["init_weights"] = True
         return LoraConfig.from_dict(values)
+
+
+def _check_loftq(loftq: Any, init: Any) -> None:
+    """A folder trained from LoftQ's init: its ``loftq_config`` only records how the factors started (PEFT's LoftQ
+    guide saves the adapter with init_lora_weights=true beside the LoftQ-quantized base model), so it loads like
+    any LoRA. With init_lora_weights="loftq" still set, PEFT would run LoftQ again while loading (quantizing the
+    base weights with bitsandbytes on a GPU and replacing them): refused, naming the fix."""
+    if loftq and init == "loftq":
+        raise ConfigError("PEFT setting init_lora_weights=\"loftq\" makes PEFT run LoftQ again when it loads the "
+                          "folder (it quantizes and replaces the base weights); peftkit does not run LoftQ. Load the "
+                          "adapter onto the LoftQ-quantized base model saved with it, after setting "
+                          "\"init_lora_weights\": true in adapter_config.json (as PEFT's LoftQ guide saves it)")
 
 
 def _in_pattern_layers(model: "nn.Module", config: LoraConfig, arch: Any, sites_of: Any) -> list[Site]:
