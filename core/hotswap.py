@@ -345,9 +345,9 @@ def _padded_modules(model: "AdaptedModel", record: "AdapterRecord", config: Any,
     for site, layer in layers:
         factors = low_rank_of(layer.adapters[name])
         if factors is None:
-            raise AdapterError(f"adapter {name!r} has no low-rank factors at {site} (low_rank() gives None: DoRA, or "
-                               f"a convolution), so it cannot be padded; hot-swap adapters of its own rank into it, "
-                               f"or load the adapter of the highest rank first")
+            raise AdapterError(f"adapter {name!r} has no low-rank factors at {site} (low_rank() gives None: DoRA, "
+                               f"lora_bias, or a convolution), so it cannot be padded; hot-swap adapters of its own "
+                               f"rank into it, or load the adapter of the highest rank first")
         ranks[site] = factors[0].shape[0]
         if ranks[site] > target_rank:
             raise AdapterError(f"adapter {name!r} has rank {ranks[site]} at {site}, more than "

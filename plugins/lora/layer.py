@@ -118,12 +118,42 @@ class LoraFactors(LayerAdapter):
 
     def hotswap_plan(self, new: LayerAdapter) -> Callable[[], None]:
         """Plain LoRA swaps through low_rank() (other ranks too); DoRA and convolution LoRAs use B only as
-        ``scale * B``, so another alpha folds into B as well, at the same rank."""
+        ``scale * B``, so another alpha folds into B as well, at the same rank. With lora_bias the update is
+        ``scale * (B A x + b)``: another alpha folds into B and b, at the same rank."""
         from peftkit.plugin_api import scaled_swap_plan, swap_plan
 
-        if self.low_rank() is not None or self.lora_bias is not None:  # a bias too: scales must match
+        self._check_same_lora_bias(new)
+        if self.lora_bias is not None:
+            return self._biased_swap_plan(new)
+        if self.low_rank() is not None:
             return swap_plan(self, new)
         return scaled_swap_plan(self, new, "lora_B.weight")
+
+    def _check_same_lora_bias(self, new: LayerAdapter) -> None:
+        """Refuse, by the option, a folder whose LoRA has B's bias where the loaded one has none, or the reverse."""
+        from peftkit.plugin_api import AdapterLoadError
+
+        ours, theirs = self.lora_bias is not None, getattr(new, "lora_bias", None) is not None
+        if isinstance(new, LoraFactors) and ours != theirs:
+            raise AdapterLoadError(f"the folder's LoRA has lora_bias={str(theirs).lower()} and the loaded adapter "
+                                   f"lora_bias={str(ours).lower()}, so B's bias has no place on one side; swap in an "
+                                   f"adapter trained with lora_bias={str(ours).lower()}, or load the folder as an "
+                                   f"adapter of its own instead: load_adapter(path, 'another_name')")
+
+    def _biased_swap_plan(self, new: LayerAdapter) -> Callable[[], None]:
+        """The plan for two lora_bias LoRAs of one rank: B (by ``scaled_swap_plan``) and B's bias both take
+        ``new scale / loaded scale``, so the loaded module's scale (a compiled graph's constant) stays."""
+        from peftkit.plugin_api import scaled_swap_plan
+
+        copy_scaled_b = scaled_swap_plan(self, new, "lora_B.weight")  # checks types, settings and shapes
+        ratio = float(new.scale) / self.scale if self.scale != 0.0 else 1.0
+        target, source = self.lora_bias, new.lora_bias
+
+        def copy() -> None:
+            copy_scaled_b()  # copies the bias unscaled, with the other tensors
+            if ratio != 1.0:
+                target.copy_(source.float() * ratio)
+        return copy
 
 
 def _check_float_weight(base: nn.Module, init: str, use: str) -> None:
