@@ -341,6 +341,10 @@ def _training_arguments(opts: TrainOptions, checkpoint_dir: Path, task: str, has
         log_level="error" if opts.quiet else "passive",
         # The other processes' transformers warnings repeat the main one's (and would break --quiet).
         log_level_replica="error",
+        # Every trainable parameter of an adapter takes part in each forward: transformers' default (True, without
+        # gradient checkpointing) walks the autograd graph once more each step looking for unused ones, and
+        # torch's DDP warns about it on every process, also under --quiet.
+        ddp_find_unused_parameters=False,
     )
     checkpointing = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
     kwargs[checkpointing] = opts.gradient_checkpointing

@@ -428,3 +428,16 @@ def test_a_saved_r_that_is_not_orthonormal_or_of_another_shape_is_refused(tmp_pa
         with pytest.raises(peftkit.AdapterLoadError, match=f"bert.encoder.layer.1.*{message}"):
             fresh.load_adapter(str(tmp_path), "default")
         assert not fresh.adapters and not adapter_modules(fresh)  # nothing half-loaded
+
+
+def test_orthonormal_projection_gradient_has_the_parameters_strides():
+    """At r = 1 the frame's transposed gradient ((1, n) with strides (1, 1)) counts as contiguous and was kept as
+    it came; DDP's bucket copy compares strides exactly and warned each step (tests/test_train_distributed.py). Also on a
+    deep copy (the fix is in the forward, not a hook on the tensor)."""
+    from peftkit.plugins.reft.units import orthonormal_projection
+
+    for r in (1, 3):
+        projection = copy.deepcopy(orthonormal_projection(8, r, torch.float32, frame_seed=0))
+        projection(torch.randn(2, 8)).sum().backward()
+        original = projection.parametrizations.weight.original
+        assert original.grad.stride() == (8, 1) and original.grad.abs().sum() > 0

@@ -100,3 +100,18 @@ def test_eva_under_data_parallel_gives_every_process_the_same_factors(tmp_path):
             site = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
             rank = next((r for pattern, r in config["rank_pattern"].items() if site.endswith(pattern)), config["r"])
             assert value.shape[0] == rank, key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora[r=4]", "loreft"])
+def test_quiet_data_parallel_run_prints_no_library_warning(tmp_path, method):
+    """--quiet under torchrun: torch's DDP warned on every process, about find_unused_parameters=True (transformers'
+    default, an extra pass over the autograd graph each step; every trainable parameter of an adapter is used) and,
+    for LoReFT's r = 1 projection, about its gradient's strides (plugins/reft/units.py: row_major_gradient)."""
+    model = model_folder(tmp_path / "bert", "bert", "bert")
+    data = write_jsonl(tmp_path / "train.jsonl", rows_for("seq-cls", 16))
+    proc = _torchrun(tmp_path, ["-m", "peftkit", "train", str(model), "--task", "seq-cls", "--method", method,
+                                "--data", str(data), "--out", str(tmp_path / "out"), "--max-steps", "2",
+                                "--batch-size", "4", "--quiet", "--base-model", "org/tiny-bert"])
+    assert proc.stderr.strip() == "", proc.stderr[-4000:]
+    assert proc.stdout.strip() == f"adapter: {tmp_path / 'out'}"

@@ -23,6 +23,23 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
 
+class _RowMajorGradient(torch.autograd.Function):
+    """The identity, whose backward gives the gradient in the parameter's own row-major strides. The frame reads
+    ``original.mT``, so the gradient arrives transposed; at r = 1 that layout counts as contiguous and autograd
+    keeps it, but DDP's bucket copy compares strides exactly and warns on every process, each step (also under
+    ``peftkit train --quiet``)."""
+
+    @staticmethod
+    def forward(ctx: object, original: torch.Tensor) -> torch.Tensor:
+        return original.view_as(original)
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
+        if grad.dim() != 2 or grad.stride() == (grad.shape[1], 1):
+            return grad
+        return grad.clone(memory_format=torch.contiguous_format)
+
+
 class HouseholderFrame(nn.Module):
     """The parametrization ``original`` (r x n) -> R (r x n) with orthonormal rows, given ``base`` (n x n)."""
 
@@ -31,7 +48,7 @@ class HouseholderFrame(nn.Module):
         self.register_buffer("base", base)
 
     def forward(self, original: torch.Tensor) -> torch.Tensor:
-        tall = original.mT  # n x r: column j holds reflector j below its diagonal, a sign on it
+        tall = _RowMajorGradient.apply(original).mT  # n x r: column j holds reflector j below its diagonal, a sign on it
         reflectors = tall.tril(diagonal=-1)
         tau = 2.0 / (1.0 + (reflectors * reflectors).sum(dim=-2))
         frame = torch.linalg.householder_product(reflectors, tau)
