@@ -49,6 +49,7 @@ from __future__ import annotations
 import copy
 import difflib
 import inspect
+import math
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
@@ -216,10 +217,22 @@ def _members(model: "AdaptedModel", names: list[str], weights: Sequence[float] |
     if len(set(names)) != len(names):
         raise MergeError(f"merge_adapters(): an adapter is listed twice in {names}")
     records = [model.adapter_record(n) for n in names]
-    weights = [1.0] * len(names) if weights is None else [float(w) for w in weights]
-    if len(weights) != len(names):
-        raise MergeError(f"merge_adapters(): {len(names)} adapters but {len(weights)} weights; give one per adapter")
-    return records, weights
+    return records, [1.0] * len(names) if weights is None else checked_weights(weights, len(names))
+
+
+def checked_weights(weights: Sequence[float], count: int) -> list[float]:
+    """``weights`` as floats, one per adapter of ``count``; MergeError for another count, a value that is no finite
+    number, or a string (a merged adapter's name passed where the weights go)."""
+    if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
+        raise MergeError(f"weights must be a list of numbers, one per adapter, not {weights!r} (the merged "
+                         f"adapter's name goes in name=...)")
+    values = list(weights)
+    if len(values) != count:
+        raise MergeError(f"{len(values)} weight(s) for {count} adapter(s); give one weight per adapter, in order")
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise MergeError(f"weights must be finite numbers, got {value!r}")
+    return [float(v) for v in values]
 
 
 def _reads(fn: Callable[..., Any] | None, option: str) -> bool:
@@ -385,9 +398,12 @@ def _dense_refusal(record: "AdapterRecord", records: list["AdapterRecord"], why:
 
 
 def _beyond_weight_change(record: "AdapterRecord") -> str | None:
-    """What a LoRA changes besides its layers' weights, for messages ("has lora_bias=true: ..."), or None: B's
-    bias (lora_bias) or embedding rows (trainable_token_indices)."""
-    config = record.config
+    return beyond_weight_change(record.config)
+
+
+def beyond_weight_change(config: Any) -> str | None:
+    """What a LoRA config changes besides its layers' weights, for messages ("has lora_bias=true: ..."), or None:
+    B's bias (lora_bias) or embedding rows (trainable_token_indices). A merged adapter holds weight changes only."""
     if getattr(config, "lora_bias", False):
         return "has lora_bias=true: it changes its layers' biases as well as their weights"
     if getattr(config, "trainable_token_indices", None) is not None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -80,7 +79,7 @@ def merge_to_folder(base: "str | nn.Module", members: Sequence[str], out: str | 
     ``seed`` are ``merge_adapters``' options. ``head``: when several members keep a task head, the member
     whose head the merged adapter keeps (as given, or its adapter name) or ``"average"``. Returns what was
     written; on any error nothing is."""
-    from peftkit.core.merging import check_merge_options
+    from peftkit.core.merging import check_merge_options, checked_weights
 
     refs = [str(m) for m in members]
     if not refs:
@@ -89,7 +88,7 @@ def merge_to_folder(base: "str | nn.Module", members: Sequence[str], out: str | 
         twice = next(r for r in refs if refs.count(r) > 1)
         raise MergeError(f"{twice!r} is named twice; give each adapter once and weigh it with --weights")
     if weights is not None:
-        weights = _checked_weights(weights, len(refs))
+        weights = checked_weights(weights, len(refs))
     check_merge_options(strategy, density, rank, majority_sign_method)
     if Path(out).exists() and not Path(out).is_dir():
         raise MergeError(f"cannot write the merged adapter to {str(out)!r}: it is a file, not a folder")
@@ -121,16 +120,6 @@ def merge_to_folder(base: "str | nn.Module", members: Sequence[str], out: str | 
     return report
 
 
-def _checked_weights(weights: Sequence[float], count: int) -> list[float]:
-    values = list(weights)
-    if len(values) != count:
-        raise MergeError(f"{len(values)} weight(s) for {count} adapter(s); give one weight per adapter, in order")
-    for value in values:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise MergeError(f"weights must be finite numbers, got {value!r}")
-    return [float(v) for v in values]
-
-
 def _check_adapter_folders(found: list[AdapterSource]) -> None:
     """Refuse a member that is a composition or fusion folder: it holds no single weight change to merge."""
     from peftkit.core.composition_io import COMPOSITION_NAME
@@ -151,11 +140,21 @@ def _check_methods_merge(found: list[AdapterSource], base: Any) -> None:
     elementwise (IA3, BitFit), by low-rank factors (LoRA), or densely through their layers' weight change
     (``merge_dense``, which only a method that can fold into the base weights, ``can_merge``, has): prompt,
     P- and prefix tuning (they rewrite the inputs), bottleneck adapters, ReFT and trainable tokens do not."""
+    from peftkit.core.adapterhub_format import is_adapterhub_config
+    from peftkit.core.merging import beyond_weight_change
+    from peftkit.core.serialization import config_from_data
+
     for source, data in zip(found, adapter_configs([s.path for s in found])):
-        method = saved_method(data, f"member {source.source!r}")
+        where = f"member {source.source!r}"
+        method = saved_method(data, where)
         if method.merge_low_rank or method.merge_elementwise or (method.merge_dense and method.can_merge):
+            beyond = None if is_adapterhub_config(data) else beyond_weight_change(config_from_data(method, data, where))
+            if beyond:
+                raise MergeError(f"{where} {beyond}, and a merged adapter holds weight changes only; leave it "
+                                 f"out, or {_compose_hint(source, base)} (add --merge to fold it into the base "
+                                 f"model)")
             continue
-        raise MergeError(f"member {source.source!r} is a {method.name} adapter, which {_why_unmergeable(method)}, "
+        raise MergeError(f"{where} is a {method.name} adapter, which {_why_unmergeable(method)}, "
                          f"so it cannot be merged in weight space; leave it out, or {_compose_hint(source, base)}")
 
 

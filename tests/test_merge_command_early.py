@@ -106,6 +106,23 @@ def test_a_method_that_cannot_merge_is_refused_before_the_base_model_loads(
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("spec, why", [
+    ("lora[r=4,lora_bias=true]", "has lora_bias=true: it changes its layers' biases as well as their weights"),
+    ("lora[r=4,trainable_token_indices=[3]]", "has trainable_token_indices: it replaces embedding rows as well as "
+                                              "changing weights"),
+])
+def test_a_lora_changing_more_than_weights_is_refused_before_the_base_model_loads(
+        world: dict[str, Path], config_only: Path, tmp_path: Path,  # noqa: F811
+        capsys: pytest.CaptureFixture[str], spec: str, why: str) -> None:
+    folder = tmp_path / "member"
+    peftkit.adapt(bert(MOODS), spec, "m").save_adapter(str(folder), "m")
+    code, err = _merge(config_only, capsys, str(world["a"]), str(folder), "-o", str(tmp_path / "o"))
+    assert code == 1 and UNLOADABLE not in err, err
+    assert (f"member '{folder}' {why}, and a merged adapter holds weight changes only; leave it out, or compose it "
+            f"with the others instead" in err and "(add --merge to fold it into the base model)" in err), err
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_hub_member_that_cannot_merge_is_refused_after_its_download_and_before_the_base_model_loads(
         world: dict[str, Path], config_only: Path, tmp_path: Path,  # noqa: F811
         capsys: pytest.CaptureFixture[str], hub_env: Path) -> None:  # noqa: F811

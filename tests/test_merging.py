@@ -254,7 +254,10 @@ def test_bitfit_merge_is_the_sum_of_effects():
 @pytest.mark.parametrize("args, kwargs, fragment", [
     ((["a", "b"], [1, 1], "m", "blend"), {}, "unknown merge strategy 'blend'; available: cat, linear, svd"),
     ((["a", "b"], [1, 1], "m", "ties"), {}, "needs density"),
-    ((["a", "b"], [1], "m", "svd"), {}, "2 adapters but 1 weights"),
+    ((["a", "b"], [1], "m", "svd"), {}, r"1 weight\(s\) for 2 adapter\(s\); give one weight per adapter"),
+    ((["a", "b"], "m"), {}, "weights must be a list of numbers, one per adapter, not 'm' \\(the merged adapter's "
+                            "name goes in name=...\\)"),
+    ((["a", "b"], [1, float("nan")], "m", "svd"), {}, "weights must be finite numbers, got nan"),
     ((["a", "a"], [1, 1], "m", "svd"), {}, "listed twice"),
     ((["a", "b"], [1, 1], "m", "cat"), {"rank": 4}, "sum of ranks"),
     ((["a", "b"], [1, 1], "m", "ties"), {"density": 1.5}, "a number in \\(0, 1\\]"),
