@@ -712,8 +712,10 @@ def _fold_average(model: "AdaptedModel", block: Any) -> str:
     pairs = [(c, w) for c, w in zip(block.children, block.normalized_weights()) if c != BASE_MODEL]
     for member, _ in pairs:
         record = model.adapter_record(member)
-        if not record.method.merge_low_rank or _uses_dora(record) or _beyond_weight_change(record):
-            raise MergeError(f"{block}: {member} ({record.method.name}) has no low-rank weight change, so the average "
+        beyond = _beyond_weight_change(record)
+        if not record.method.merge_low_rank or _uses_dora(record) or beyond:
+            why = beyond or ("uses DoRA" if _uses_dora(record) else "has no low-rank weight change")
+            raise MergeError(f"{block}: {member} ({record.method.name}) {why}, so the average "
                              f"is not one weight change for any weights (only LoRA changes, without DoRA, lora_bias "
                              f"or trainable_token_indices, add up exactly); save it without merging")
     name, number = FOLDED_AVERAGE, 1

@@ -108,7 +108,8 @@ def test_spec_trains_lora_and_rows_and_merges(arch):
                                            r"\[-1\] holds a negative id"),
     ("lora[trainable_token_indices=[]]", "lora config: trainable_token_indices: trainable_tokens: token_indices is "
                                          "empty"),
-    ("lora[trainable_token_indices=[100000]]", r"token ids \[100000\] are outside model.embed_tokens's 128 rows"),
+    ("lora[trainable_token_indices=[100000]]",
+     r"trainable_token_indices \[100000\] are past the input embedding's 128 rows"),
     ("lora[target_modules=[q_proj,embed_tokens],trainable_token_indices=[3]]",
      "model.embed_tokens is both a LoRA target and a module whose rows trainable_token_indices trains"),
     ("lora[modules_to_save=[embed_tokens],trainable_token_indices=[3]]",

@@ -38,7 +38,11 @@ class TokenPartSite(Site):
 def token_sites(model: "nn.Module", config: "LoraConfig", arch: Any, lora_sites: list[Site]) -> list[Site]:
     """The sites of ``config.trainable_token_indices``; refused where a LoRA layer or modules_to_save already
     takes the module (PEFT refuses the latter too)."""
-    parts = get_method(TOKENS_METHOD).sites(model, config.tokens_config(), arch)
+    _check_ids_fit(model, config)
+    try:
+        parts = get_method(TOKENS_METHOD).sites(model, config.tokens_config(), arch)
+    except ConfigError as exc:  # name LoRA's option, not the method doing the work
+        raise ConfigError(f"lora: trainable_token_indices: {exc}") from None
     adapted = {site.name for site in lora_sites}
     for part in parts:
         if part.name in adapted:
@@ -50,6 +54,24 @@ def token_sites(model: "nn.Module", config: "LoraConfig", arch: Any, lora_sites:
             raise ConfigError(f"lora: {part.name} is in modules_to_save (trained whole) and in "
                               f"trainable_token_indices (some rows trained); name it in one of them, as in PEFT")
     return [TokenPartSite(part.name, input_from=part.input_from, role=part.role, part=part) for part in parts]
+
+
+def _check_ids_fit(model: "nn.Module", config: "LoraConfig") -> None:
+    """Refuse ids (a list: the input embedding's) past the embedding's rows, saying how to resize it: the usual
+    cause is a base model loaded without the tokens the adapter was trained with."""
+    from peftkit.plugin_api import base_of
+
+    ids = config.trainable_token_indices
+    get_input = getattr(model, "get_input_embeddings", None)
+    if not isinstance(ids, list) or not ids or not callable(get_input) or get_input() is None:
+        return
+    rows = base_of(get_input()).weight.shape[0]
+    if max(ids) >= rows:
+        raise ConfigError(f"lora: trainable_token_indices {sorted(i for i in ids if i >= rows)} are past the input "
+                          f"embedding's {rows} rows (tokens added to a tokenizer need rows in the model): resize it "
+                          f"first, model.resize_token_embeddings(len(tokenizer)) with the tokenizer the adapter is "
+                          f"trained or was trained with (at least {max(ids) + 1} rows); to load a saved adapter, "
+                          f"pass the resized model object (to peftkit.load too, in place of a model path)")
 
 
 def parts_of(sites: list[Site]) -> list[Site]:
@@ -106,6 +128,14 @@ class LoraTokenRows(LayerAdapter):
         if self.tied:
             return {}
         return {f"{TOKEN_ADAPTER}.{key}": value for key, value in self.token_adapter.tensors().items()}
+
+    def tensors_from_file(self, saved: dict[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
+        """At a tied output layer, PEFT's file holds the input embedding's rows again when it also saved the
+        embeddings (``save_embedding_layers``: a resized vocabulary): a copy of what the embedding loads,
+        dropped here."""
+        if not self.tied:
+            return saved
+        return {key: value for key, value in saved.items() if not key.startswith(f"{TOKEN_ADAPTER}.")}
 
     def hotswap_plan(self, new: LayerAdapter) -> Callable[[], None]:
         if not isinstance(new, LoraTokenRows):
