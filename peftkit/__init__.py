@@ -85,6 +85,7 @@ _LAZY: dict[str, str] = {
     "MamConfig": "peftkit.plugins.union.config",
     "UniPeltConfig": "peftkit.plugins.union.config",
     "TrainableTokensConfig": "peftkit.plugins.trainable_tokens.config",
+    "LNTuningConfig": "peftkit.plugins.ln_tuning.config",
     # errors
     "PeftkitError": "peftkit.core.errors",
     "ConfigError": "peftkit.core.errors",
@@ -141,6 +142,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from peftkit.plugins.bitfit.config import BitFitConfig  # noqa: F401
     from peftkit.plugins.trainable_tokens.config import TrainableTokensConfig  # noqa: F401
     from peftkit.plugins.bottleneck.config import DoubleSeqBnConfig, ParBnConfig, SeqBnConfig  # noqa: F401
+    from peftkit.plugins.ln_tuning.config import LNTuningConfig  # noqa: F401
     from peftkit.plugins.ia3.config import IA3Config  # noqa: F401
     from peftkit.plugins.lokr.config import LokrConfig  # noqa: F401
     from peftkit.plugins.oft.config import OftConfig  # noqa: F401

@@ -54,6 +54,7 @@ BUILTIN_SPECS = {
     "noreft": "noreft[suffix_positions=1,non_linearity=gelu]",
     "direft": "direft[tied_weights=true,suffix_positions=1]",
     "trainable_tokens": "trainable_tokens[token_indices=[16,17,127]]",  # ids in the suite's inputs
+    "ln_tuning": "ln_tuning",
 }
 
 #: Built-in specs whose PEFT-format folders PEFT does not read back as the same adapter (found by peft_config).
@@ -74,6 +75,10 @@ def _known_peft_format_defect(cls: type, reason: str) -> type:
 TestConformance_trainable_tokens = make_conformance_class(
     BUILTIN_SPECS["trainable_tokens"], checks=[check for check in CHECKS if check != "block_stack"])
 #: LoRA training token rows too (PEFT's trainable_token_indices); its stack check is left out for the same reason.
+#: LN tuning replaces the layer it adapts, so two in one stack are refused (each would replace the other): its stack
+#: with another method, and averages of two, are checked in test_method_ln_tuning.py.
+TestConformance_ln_tuning = make_conformance_class(
+    BUILTIN_SPECS["ln_tuning"], checks=[check for check in CHECKS if check != "block_stack"])
 TestConformance_lora_token_rows = make_conformance_class(
     "lora[trainable_token_indices=[16,17,127]]", checks=[check for check in CHECKS if check != "block_stack"])
 
