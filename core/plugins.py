@@ -58,6 +58,7 @@ _BUILTIN_FALLBACK = {
     "boft": "peftkit.plugins.boft",
     "reft": "peftkit.plugins.reft",
     "trainable_tokens": "peftkit.plugins.trainable_tokens",
+    "fourierft": "peftkit.plugins.fourierft",
     "ln_tuning": "peftkit.plugins.ln_tuning",
     "builtin_architectures": "peftkit.core.architectures",
     "builtin_merges": "peftkit.core.merge_strategies",

@@ -85,6 +85,7 @@ _LAZY: dict[str, str] = {
     "MamConfig": "peftkit.plugins.union.config",
     "UniPeltConfig": "peftkit.plugins.union.config",
     "TrainableTokensConfig": "peftkit.plugins.trainable_tokens.config",
+    "FourierFTConfig": "peftkit.plugins.fourierft.config",
     "LNTuningConfig": "peftkit.plugins.ln_tuning.config",
     # errors
     "PeftkitError": "peftkit.core.errors",
@@ -141,8 +142,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from peftkit.plugins.prompt_tuning.p_tuning_config import PTuningConfig  # noqa: F401
     from peftkit.plugins.bitfit.config import BitFitConfig  # noqa: F401
     from peftkit.plugins.trainable_tokens.config import TrainableTokensConfig  # noqa: F401
-    from peftkit.plugins.bottleneck.config import DoubleSeqBnConfig, ParBnConfig, SeqBnConfig  # noqa: F401
+    from peftkit.plugins.fourierft.config import FourierFTConfig  # noqa: F401
     from peftkit.plugins.ln_tuning.config import LNTuningConfig  # noqa: F401
+    from peftkit.plugins.bottleneck.config import DoubleSeqBnConfig, ParBnConfig, SeqBnConfig  # noqa: F401
     from peftkit.plugins.ia3.config import IA3Config  # noqa: F401
     from peftkit.plugins.lokr.config import LokrConfig  # noqa: F401
     from peftkit.plugins.oft.config import OftConfig  # noqa: F401

@@ -18,6 +18,7 @@ PAGES: dict[str, tuple[str, ...]] = {
     "lokr.md": ("lokr",), "lora.md": ("lora",), "oft.md": ("oft",), "prefix_tuning.md": ("prefix_tuning",),
     "prompt_tuning.md": ("prompt_tuning", "p_tuning"), "union.md": ("union", "mam", "unipelt"), "vera.md": ("vera",),
     "reft.md": ("reft", "loreft", "noreft", "direft"), "trainable_tokens.md": ("trainable_tokens",),
+    "fourierft.md": ("fourierft",),
     "ln_tuning.md": ("ln_tuning",),
 }
 #: Methods documented in a section of their family's page rather than by the whole page: method -> anchor.

@@ -54,6 +54,7 @@ BUILTIN_SPECS = {
     "noreft": "noreft[suffix_positions=1,non_linearity=gelu]",
     "direft": "direft[tied_weights=true,suffix_positions=1]",
     "trainable_tokens": "trainable_tokens[token_indices=[16,17,127]]",  # ids in the suite's inputs
+    "fourierft": "fourierft[n_frequency=64,scaling=10]",  # the tiny layers have 512 to 2048 entries
     "ln_tuning": "ln_tuning",
 }
 

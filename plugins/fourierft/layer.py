@@ -1,0 +1,102 @@
+"""The FourierFT module for one Linear or GPT-2 Conv1D layer.
+
+The weight change (out, in) is
+
+    dW = scaling * Re(ifft2(S)),
+
+S zero except at n_frequency positions, which hold the trained coefficients ``fourierft_spectrum``.
+The positions are the first n_frequency of ``torch.randperm(out * in)`` drawn from a CPU generator
+seeded with ``random_loc_seed``, read as row-major flat indices of S: PEFT's draw, so a PEFT folder
+(which holds only the coefficients) gives PEFT's outputs.
+
+Cost: the positions are drawn once per layer shape and seed (PEFT draws them once per layer and
+copies them to the spectrum's device in every forward); they live on the layer's device as a
+buffer. A forward that records gradients for the coefficients builds dW once (a scatter and an
+(out, in) inverse FFT, as PEFT does in every forward); a forward without them (inference, or the
+adapter frozen) reuses the dW it built last until the coefficients, their storage or dtype change,
+at the memory of one (out, in) matrix per layer: ``merge_adapter()`` folds it into the weight instead.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from peftkit.plugin_api import adapter_dtype, is_conv1d, LayerAdapter, to_dtype
+
+
+@functools.lru_cache(maxsize=16)
+def spectral_positions(seed: int, out_features: int, in_features: int, n_frequency: int) -> torch.Tensor:
+    """The flat (row-major) positions in the (out, in) spectrum of the trained coefficients, on the CPU.
+
+    PEFT's draw: ``randperm(out * in)`` from a fresh CPU generator seeded with ``seed``, first
+    ``n_frequency`` entries (PEFT keeps them as (row, column) = divmod(position, in)). Kept for the
+    layers of one shape; callers copy the result before changing it.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(out_features * in_features, generator=generator)[:n_frequency]
+
+
+def inverse_spectrum(spectrum: torch.Tensor, positions: torch.Tensor, shape: tuple[int, int],
+                     scaling: float) -> torch.Tensor:
+    """``scaling * Re(ifft2(S))`` for the (out, in) spectrum S holding ``spectrum`` at ``positions``.
+
+    Computed in float32 (float64 for a float64 spectrum: torch's FFT has no half-precision kernel on
+    every device) and returned in the spectrum's dtype, as PEFT does."""
+    compute = torch.promote_types(spectrum.dtype, torch.float32)
+    dense = torch.zeros(shape[0] * shape[1], dtype=compute, device=spectrum.device)
+    dense = dense.index_put((positions,), spectrum.to(compute))
+    return (torch.fft.ifft2(dense.view(shape)).real * scaling).to(spectrum.dtype)
+
+
+class FourierFTLayer(LayerAdapter):
+    def __init__(self, base: nn.Module, in_features: int, out_features: int, n_frequency: int, *,
+                 scaling: float, random_loc_seed: int, init_weights: bool = False) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.n_frequency = in_features, out_features, n_frequency
+        self.scaling, self.random_loc_seed = float(scaling), random_loc_seed
+        factory = {"dtype": adapter_dtype(base), "device": base.weight.device}
+        # Drawn on the CPU in float32 whatever the device (PEFT's draw), zero for init_weights=True.
+        values = torch.zeros(n_frequency) if init_weights else torch.randn(n_frequency)
+        self.fourierft_spectrum = nn.Parameter(values.to(**factory))
+        positions = spectral_positions(random_loc_seed, out_features, in_features, n_frequency)
+        self.register_buffer("spectral_positions", positions.to(base.weight.device, copy=True), persistent=False)
+
+    def delta_out_in(self) -> torch.Tensor:
+        """dW as (out, in), built from the coefficients now."""
+        return inverse_spectrum(self.fourierft_spectrum, self.spectral_positions,
+                                (self.out_features, self.in_features), self.scaling)
+
+    def _weight_change(self) -> torch.Tensor:
+        """dW for this forward: built anew when it records gradients for the coefficients, else the one built
+        last for the same coefficients (version counter, storage, device and dtype), positions and scaling."""
+        spectrum = self.fourierft_spectrum
+        if (torch.is_grad_enabled() and spectrum.requires_grad) or torch.compiler.is_compiling():
+            return self.delta_out_in()
+        key = (spectrum._version, spectrum.data_ptr(), spectrum.device, spectrum.dtype,
+               self.spectral_positions.data_ptr(), self.scaling)
+        kept = self.__dict__.get("_kept_weight_change")
+        if kept is None or kept[0] != key:
+            with torch.no_grad():  # the kept storage keeps its address from being reused by a new spectrum
+                kept = (key, self.delta_out_in(), spectrum.untyped_storage())
+            self.__dict__["_kept_weight_change"] = kept
+        return kept[1]
+
+    def delta(self, x: torch.Tensor, h: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        change = self._weight_change()
+        return F.linear(to_dtype(x, change.dtype), change).to(h.dtype)
+
+    def delta_weight(self, base: nn.Module) -> torch.Tensor:
+        """The change to ``base.weight``, in the layout the layer stores (GPT-2's Conv1D: (in, out))."""
+        change = self.delta_out_in()
+        return change.t() if is_conv1d(base) else change
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"fourierft_spectrum": self.fourierft_spectrum}
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, n_frequency={self.n_frequency}, "
+                f"scaling={self.scaling}, random_loc_seed={self.random_loc_seed}")
