@@ -257,8 +257,9 @@ def test_a_folder_without_a_seed_is_refused_naming_it(tmp_path):
 
 @pytest.mark.parametrize("spec,message", [
     ("fourierft[n_frequency=2000]", r"n_frequency=2000 is more than layer 'model.layers.0.self_attn.q_proj' has "
-                                    r"spectral entries \(32 x 32 = 1024\); lower n_frequency to at most 1024"),
-    ("fourierft[n_frequency=600,target_modules=[v_proj]]", r'\(16 x 32 = 512\).*n_frequency_pattern=\{"v_proj": 512\}'),
+                                    r"spectral entries \(32 x 32 = 1024\) \(so do 3 more layers\); lower n_frequency "
+                                    r"to at most 512"),
+    ("fourierft[n_frequency=600,target_modules=[v_proj]]", r'\(16 x 32 = 512\).*n_frequency_pattern=\{"v_proj":512\}'),
     ("fourierft[n_frequency=0]", r"n_frequency=0 must be a positive integer"),
     ('fourierft[n_frequency_pattern={"q_proj":-1}]', r"n_frequency_pattern\['q_proj'\]=-1 must be a positive integer"),
     ("fourierft[random_loc_seed=18446744073709551616]", r"random_loc_seed=18446744073709551616 must be an integer in"),
@@ -267,6 +268,18 @@ def test_a_folder_without_a_seed_is_refused_naming_it(tmp_path):
 def test_bad_settings_are_refused_naming_the_option(spec, message):
     with pytest.raises(ConfigError, match=message):
         peftkit.adapt(build_tiny("llama"), spec)
+
+
+def test_every_too_small_kind_of_layer_is_named_at_once_and_the_suggested_pattern_works():
+    """all-linear on Llama: k_proj and v_proj (grouped-query attention) are both too small for 1000."""
+    with pytest.raises(ConfigError) as refusal:
+        peftkit.adapt(build_tiny("llama"), "fourierft[target_modules=all-linear]")
+    message = str(refusal.value)
+    assert "(so do 3 more layers)" in message and "at most 512" in message
+    suggestion = message.split("n_frequency_pattern=")[1]
+    assert json.loads(suggestion) == {"k_proj": 512, "v_proj": 512}
+    model = peftkit.adapt(build_tiny("llama"), f"fourierft[target_modules=all-linear,n_frequency_pattern={suggestion}]")
+    assert {layer.n_frequency for layer in adapter_modules(model).values()} == {512, 1000}
 
 
 def test_peft_also_refuses_more_coefficients_than_entries():

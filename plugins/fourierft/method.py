@@ -41,8 +41,7 @@ class FourierFTMethod(Method):
         assert isinstance(config, FourierFTConfig)
         names = adaptable_targets(model, config, arch, self.name, accepts=is_linear_like, label="FourierFT",
                                   kinds="Linear and transformers' Conv1D layers", defaults_of="lora")
-        for name in names:
-            _check_n_frequency(name, _features(model, name), config)
+        _check_n_frequency({name: _features(model, name) for name in names}, config)
         return [Site(name) for name in names]
 
     def create_layer_adapter(self, site: Site, base_layer: "nn.Module", config: AdapterConfig,
@@ -81,15 +80,23 @@ def _n_frequency(name: str, config: FourierFTConfig) -> int:
     return pattern_value(name, config.n_frequency_pattern, config.n_frequency)
 
 
-def _check_n_frequency(name: str, features: tuple[int, int], config: FourierFTConfig) -> None:
-    """Refuse more coefficients than the layer's (out, in) spectrum has entries (PEFT refuses them too)."""
-    in_features, out_features = features
-    n_frequency, size = _n_frequency(name, config), in_features * out_features
-    if n_frequency > size:
+def _check_n_frequency(features: dict[str, tuple[int, int]], config: FourierFTConfig) -> None:
+    """Refuse more coefficients than a layer's (out, in) spectrum has entries (PEFT refuses them too), naming
+    in one message every kind of layer that is too small, with an n_frequency_pattern that fits them all."""
+    too_small = {name: (in_features, out_features) for name, (in_features, out_features) in features.items()
+                 if _n_frequency(name, config) > in_features * out_features}
+    if not too_small:
+        return
+    fits: dict[str, int] = {}  # leaf name -> the smallest spectrum of the layers so named
+    for name, (in_features, out_features) in too_small.items():
         leaf = name.rsplit(".", 1)[-1]
-        raise ConfigError(f"fourierft: n_frequency={n_frequency} is more than layer {name!r} has spectral entries "
-                          f"({out_features} x {in_features} = {size}); lower n_frequency to at most {size}, or give "
-                          f"such layers fewer with n_frequency_pattern={json.dumps({leaf: size})}")
+        fits[leaf] = min(fits.get(leaf, in_features * out_features), in_features * out_features)
+    name, (in_features, out_features) = next(iter(too_small.items()))
+    others = f" (so do {len(too_small) - 1} more layers)" if len(too_small) > 1 else ""
+    raise ConfigError(f"fourierft: n_frequency={_n_frequency(name, config)} is more than layer {name!r} has spectral "
+                      f"entries ({out_features} x {in_features} = {in_features * out_features}){others}; lower "
+                      f"n_frequency to at most {min(fits.values())}, or give such layers fewer with "
+                      f"n_frequency_pattern={json.dumps(fits, separators=(',', ':'))}")
 
 
 def _features(model: "nn.Module", name: str) -> tuple[int, int]:
