@@ -185,6 +185,8 @@ def test_the_kept_weight_change_follows_training_steps_loads_and_dtype_moves(tmp
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
     ids = torch.tensor([[1, 5, 9, 17]])
     model(input_ids=ids, labels=ids).loss.backward()
+    kept = [layer.__dict__.get("_kept_weight_change") for layer in adapter_modules(model).values()]
+    assert kept and not any(kept)  # the training forward dropped what evaluation had kept
     optimizer.step()
     after = output_of(model, "llama")
     assert (after - before).abs().max() > 1e-4

@@ -14,7 +14,8 @@ copies them to the spectrum's device in every forward); they live on the layer's
 buffer. A forward that records gradients for the coefficients builds dW once (a scatter and an
 (out, in) inverse FFT, as PEFT does in every forward); a forward without them (inference, or the
 adapter frozen) reuses the dW it built last until the coefficients, their storage or dtype change,
-at the memory of one (out, in) matrix per layer: ``merge_adapter()`` folds it into the weight instead.
+at the memory of one (out, in) matrix per layer: ``merge_adapter()`` folds it into the weight instead. A
+training forward drops it, so an evaluation between training steps leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -75,6 +76,8 @@ class FourierFTLayer(LayerAdapter):
         last for the same coefficients (version counter, storage, device and dtype), positions and scaling."""
         spectrum = self.fourierft_spectrum
         if (torch.is_grad_enabled() and spectrum.requires_grad) or torch.compiler.is_compiling():
+            if not torch.compiler.is_compiling():
+                self.__dict__.pop("_kept_weight_change", None)  # training again: no (out, in) matrix kept between steps
             return self.delta_out_in()
         key = (spectrum._version, spectrum.data_ptr(), spectrum.device, spectrum.dtype,
                self.spectral_positions.data_ptr(), self.scaling)
