@@ -60,6 +60,7 @@ _BUILTIN_FALLBACK = {
     "trainable_tokens": "peftkit.plugins.trainable_tokens",
     "fourierft": "peftkit.plugins.fourierft",
     "ln_tuning": "peftkit.plugins.ln_tuning",
+    "miss": "peftkit.plugins.miss",
     "builtin_architectures": "peftkit.core.architectures",
     "builtin_merges": "peftkit.core.merge_strategies",
     "builtin_hub_backends": "peftkit.hub_client.backends",

@@ -20,6 +20,7 @@ PAGES: dict[str, tuple[str, ...]] = {
     "reft.md": ("reft", "loreft", "noreft", "direft"), "trainable_tokens.md": ("trainable_tokens",),
     "fourierft.md": ("fourierft",),
     "ln_tuning.md": ("ln_tuning",),
+    "miss.md": ("miss",),
 }
 #: Methods documented in a section of their family's page rather than by the whole page: method -> anchor.
 SECTIONS: dict[str, str] = {"p_tuning": "p-tuning-p_tuning-pefts-p_tuning"}

@@ -56,6 +56,9 @@ BUILTIN_SPECS = {
     "trainable_tokens": "trainable_tokens[token_indices=[16,17,127]]",  # ids in the suite's inputs
     "fourierft": "fourierft[n_frequency=64,scaling=10]",  # the tiny layers have 512 to 2048 entries
     "ln_tuning": "ln_tuning",
+    "miss": "miss[r=8]",
+    "miss_bat": "miss[r=8,init_weights=bat]",
+    "miss_mini": "miss[r=8,init_weights=mini,mini_r=4]",
 }
 
 #: Built-in specs whose PEFT-format folders PEFT does not read back as the same adapter (found by peft_config).
