@@ -78,11 +78,11 @@ def _known_peft_format_defect(cls: type, reason: str) -> type:
 #: check stacks two adapters of one spec: their stack, with disjoint ids, is checked in test_method_trainable_tokens.py.
 TestConformance_trainable_tokens = make_conformance_class(
     BUILTIN_SPECS["trainable_tokens"], checks=[check for check in CHECKS if check != "block_stack"])
-#: LoRA training token rows too (PEFT's trainable_token_indices); its stack check is left out for the same reason.
 #: LN tuning replaces the layer it adapts, so two in one stack are refused (each would replace the other): its stack
 #: with another method, and averages of two, are checked in test_method_ln_tuning.py.
 TestConformance_ln_tuning = make_conformance_class(
     BUILTIN_SPECS["ln_tuning"], checks=[check for check in CHECKS if check != "block_stack"])
+#: LoRA training token rows too (PEFT's trainable_token_indices); its stack check is left out for the same reason.
 TestConformance_lora_token_rows = make_conformance_class(
     "lora[trainable_token_indices=[16,17,127]]", checks=[check for check in CHECKS if check != "block_stack"])
 
