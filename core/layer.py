@@ -256,9 +256,10 @@ def shortcut_is_current(cls: type, shortcut: str) -> bool:
 
 def merge_order_message(name: str, earlier: str) -> str:
     return (f"adapter {name!r} cannot be merged after {earlier!r} into the same layer: its merge reads the "
-            f"weight it merges into (DoRA's row norms), which would then include {earlier!r}'s change; merge "
-            f"{name!r} first (merge_adapter([{name!r}, {earlier!r}]) gives stack({name}, {earlier})), or keep it "
-            f"unmerged")
+            f"weight it merges into (DoRA's row norms; the rotation OFT, BOFT or HRA multiplies it by), which would "
+            f"then include {earlier!r}'s change; merge {name!r} first (merge_adapter([{name!r}, {earlier!r}]) gives "
+            f"stack({name}, {earlier})) unless {earlier!r} reads the weight too (then only one of the two can be "
+            f"merged), or keep it unmerged")
 
 
 class TunerLayer(nn.Module):

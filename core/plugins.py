@@ -60,6 +60,7 @@ _BUILTIN_FALLBACK = {
     "trainable_tokens": "peftkit.plugins.trainable_tokens",
     "fourierft": "peftkit.plugins.fourierft",
     "ln_tuning": "peftkit.plugins.ln_tuning",
+    "hra": "peftkit.plugins.hra",
     "miss": "peftkit.plugins.miss",
     "builtin_architectures": "peftkit.core.architectures",
     "builtin_merges": "peftkit.core.merge_strategies",

@@ -87,6 +87,7 @@ _LAZY: dict[str, str] = {
     "TrainableTokensConfig": "peftkit.plugins.trainable_tokens.config",
     "FourierFTConfig": "peftkit.plugins.fourierft.config",
     "LNTuningConfig": "peftkit.plugins.ln_tuning.config",
+    "HRAConfig": "peftkit.plugins.hra.config",
     "MissConfig": "peftkit.plugins.miss.config",
     # errors
     "PeftkitError": "peftkit.core.errors",
@@ -145,6 +146,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from peftkit.plugins.trainable_tokens.config import TrainableTokensConfig  # noqa: F401
     from peftkit.plugins.fourierft.config import FourierFTConfig  # noqa: F401
     from peftkit.plugins.ln_tuning.config import LNTuningConfig  # noqa: F401
+    from peftkit.plugins.hra.config import HRAConfig  # noqa: F401
     from peftkit.plugins.miss.config import MissConfig  # noqa: F401
     from peftkit.plugins.bottleneck.config import DoubleSeqBnConfig, ParBnConfig, SeqBnConfig  # noqa: F401
     from peftkit.plugins.ia3.config import IA3Config  # noqa: F401

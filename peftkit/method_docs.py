@@ -20,6 +20,7 @@ PAGES: dict[str, tuple[str, ...]] = {
     "reft.md": ("reft", "loreft", "noreft", "direft"), "trainable_tokens.md": ("trainable_tokens",),
     "fourierft.md": ("fourierft",),
     "ln_tuning.md": ("ln_tuning",),
+    "hra.md": ("hra",),
     "miss.md": ("miss",),
 }
 #: Methods documented in a section of their family's page rather than by the whole page: method -> anchor.

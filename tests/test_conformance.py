@@ -56,6 +56,7 @@ BUILTIN_SPECS = {
     "trainable_tokens": "trainable_tokens[token_indices=[16,17,127]]",  # ids in the suite's inputs
     "fourierft": "fourierft[n_frequency=64,scaling=10]",  # the tiny layers have 512 to 2048 entries
     "ln_tuning": "ln_tuning",
+    "hra": "hra[r=4]",  # gpt2: Conv1D layers, which PEFT's HRA refuses too, a reasoned skip
     "miss": "miss[r=8]",
     "miss_bat": "miss[r=8,init_weights=bat]",
     "miss_mini": "miss[r=8,init_weights=mini,mini_r=4]",
