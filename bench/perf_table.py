@@ -136,6 +136,10 @@ METHODS: dict[str, tuple[str, str]] = {
     "p_tuning": ("P-tuning (20), MLP encoder", "p_tuning[num_virtual_tokens=20]"),
     "tokens": ("trainable tokens (16 rows)",
                f"trainable_tokens[token_indices=[{','.join(map(str, range(100, 116)))}],init_weights=false]"),
+    "ln_tuning": ("LN tuning", "ln_tuning"),
+    "fourierft": ("FourierFT 1000 all-linear", "fourierft[n_frequency=1000,scaling=150,target_modules=all-linear]"),
+    "hra": ("HRA r8 all-linear", "hra[r=8,init_weights=false,target_modules=all-linear]"),
+    "miss": ("MiSS r64 all-linear", "miss[r=64,init_weights=false,target_modules=all-linear]"),
 }
 #: The methods whose adapters do not merge into the weights (no merged column).
 UNMERGED = ("prefix", "prompt", "p_tuning")
