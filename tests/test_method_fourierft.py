@@ -18,7 +18,7 @@ import peftkit
 from peftkit.core.composition import Average, Stack
 from peftkit.core.errors import AdapterLoadError, ConfigError
 from peftkit.plugins.fourierft.config import FourierFTConfig
-from peftkit.plugins.fourierft.layer import spectral_positions
+from peftkit.plugins.fourierft.layer import FUSED_FROM_TOKENS, spectral_positions
 from tests.method_helpers import adapter_modules, output_of
 from tests.tiny_models import build_tiny
 
@@ -122,8 +122,9 @@ def test_positions_are_drawn_from_the_seed_alone():
     assert torch.equal(torch.get_rng_state(), before)  # zero init draws nothing from torch's global generator
 
 
+@pytest.mark.parametrize("length", [6, 20])  # 2 x 20 tokens: one product with W + dW (forward_alone)
 @pytest.mark.parametrize("arch,options", PEFT_CASES[:2])
-def test_gradients_after_a_backward_equal_pefts(arch, options):
+def test_gradients_after_a_backward_equal_pefts(arch, options, length):
     theirs = _peft_model(arch, **options)
     ours = peftkit.adapt(build_tiny(arch), OUR_SPECS[arch])
     peft_spectra = {name.removeprefix("base_model.model.").removesuffix(".fourierft_spectrum.default"): p
@@ -132,7 +133,10 @@ def test_gradients_after_a_backward_equal_pefts(arch, options):
     with torch.no_grad():
         for name, layer in our_layers.items():
             layer.fourierft_spectrum.copy_(peft_spectra[name])
-    ids = torch.tensor([[1, 5, 9, 17, 33, 64], [3, 3, 70, 2, 8, 100]])
+    ids = torch.randint(1, 120, (2, length), generator=torch.Generator().manual_seed(length))
+    assert (2 * length >= FUSED_FROM_TOKENS) == (length == 20)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, rtol=0, atol=1e-5)
     for model in (theirs, ours):  # eval mode: GPT-2's dropout would draw differently
         model(input_ids=ids, labels=ids).loss.backward()
     for name, layer in our_layers.items():
