@@ -62,6 +62,7 @@ _BUILTIN_FALLBACK = {
     "ln_tuning": "peftkit.plugins.ln_tuning",
     "hra": "peftkit.plugins.hra",
     "miss": "peftkit.plugins.miss",
+    "vblora": "peftkit.plugins.vblora",
     "builtin_architectures": "peftkit.core.architectures",
     "builtin_merges": "peftkit.core.merge_strategies",
     "builtin_hub_backends": "peftkit.hub_client.backends",

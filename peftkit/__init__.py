@@ -89,6 +89,7 @@ _LAZY: dict[str, str] = {
     "LNTuningConfig": "peftkit.plugins.ln_tuning.config",
     "HRAConfig": "peftkit.plugins.hra.config",
     "MissConfig": "peftkit.plugins.miss.config",
+    "VBLoRAConfig": "peftkit.plugins.vblora.config",
     # errors
     "PeftkitError": "peftkit.core.errors",
     "ConfigError": "peftkit.core.errors",
@@ -148,6 +149,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from peftkit.plugins.ln_tuning.config import LNTuningConfig  # noqa: F401
     from peftkit.plugins.hra.config import HRAConfig  # noqa: F401
     from peftkit.plugins.miss.config import MissConfig  # noqa: F401
+    from peftkit.plugins.vblora.config import VBLoRAConfig  # noqa: F401
     from peftkit.plugins.bottleneck.config import DoubleSeqBnConfig, ParBnConfig, SeqBnConfig  # noqa: F401
     from peftkit.plugins.ia3.config import IA3Config  # noqa: F401
     from peftkit.plugins.lokr.config import LokrConfig  # noqa: F401
