@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from peftkit.plugin_api import adapter_dtype, adapter_precision, LayerAdapter, MergeError, quantization_of
 
-from .method import reflected_features
+from .shapes import reflected_features
 
 
 def initial_vectors(features: int, r: int, init_weights: bool) -> torch.Tensor:

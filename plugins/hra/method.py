@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from peftkit.plugin_api import AdapterConfig, ConfigError, Method, read_peft_fields, Site, write_peft_fields
 
 from .config import HRAConfig
+from .shapes import reflected_features
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch.nn as nn
@@ -48,15 +49,6 @@ def check_conv(name: str, base: "nn.Module") -> None:
                           f"padding_mode={base.padding_mode!r}; HRA (PEFT's format) adapts a Conv2d only with "
                           f"groups=1, a square kernel, equal strides and paddings, dilation 1 and zero padding. "
                           f"Leave it out of target_modules (or add it to exclude_modules)")
-
-
-def reflected_features(base: "nn.Module") -> int:
-    """The length of each reflection vector: a linear layer's input width, a Conv2d's filter size."""
-    from peftkit.plugin_api import linear_features
-
-    if hasattr(base, "kernel_size"):
-        return base.in_channels * base.kernel_size[0] * base.kernel_size[1]
-    return linear_features(base)[0]
 
 
 class HraMethod(Method):
