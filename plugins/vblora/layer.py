@@ -130,6 +130,16 @@ class VBLoRALayer(LayerAdapter):
         x = to_dtype(x, self._bank().dtype)
         return F.linear(F.linear(self.dropout(x), a), b).to(h.dtype)
 
+    def forward(self, x: torch.Tensor, h: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        """h + (x A^T) B^T, the second product adding into h in one ``addmm`` where the dtypes agree (no
+        separate (tokens, out) update tensor and sum)."""
+        a, b = self._forward_factors()
+        xa = F.linear(self.dropout(to_dtype(x, self._bank().dtype)), a)
+        if h.dtype != xa.dtype or h.dim() < 2:
+            return h + F.linear(xa, b).to(h.dtype)
+        out = torch.addmm(h.reshape(-1, h.shape[-1]), xa.reshape(-1, xa.shape[-1]), b.t())
+        return out.view(h.shape)
+
     def delta_weight(self, base: nn.Module) -> torch.Tensor:
         """B @ A, in the layout the layer stores (GPT-2's Conv1D: (in, out)); half-precision logits on the CPU
         are mixed in float32, as PEFT does."""
