@@ -63,6 +63,7 @@ _BUILTIN_FALLBACK = {
     "hra": "peftkit.plugins.hra",
     "miss": "peftkit.plugins.miss",
     "vblora": "peftkit.plugins.vblora",
+    "randlora": "peftkit.plugins.randlora",
     "builtin_architectures": "peftkit.core.architectures",
     "builtin_merges": "peftkit.core.merge_strategies",
     "builtin_hub_backends": "peftkit.hub_client.backends",
