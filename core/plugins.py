@@ -64,6 +64,7 @@ _BUILTIN_FALLBACK = {
     "miss": "peftkit.plugins.miss",
     "vblora": "peftkit.plugins.vblora",
     "randlora": "peftkit.plugins.randlora",
+    "c3a": "peftkit.plugins.c3a",
     "builtin_architectures": "peftkit.core.architectures",
     "builtin_merges": "peftkit.core.merge_strategies",
     "builtin_hub_backends": "peftkit.hub_client.backends",

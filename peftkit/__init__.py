@@ -91,6 +91,7 @@ _LAZY: dict[str, str] = {
     "MissConfig": "peftkit.plugins.miss.config",
     "VBLoRAConfig": "peftkit.plugins.vblora.config",
     "RandLoraConfig": "peftkit.plugins.randlora.config",
+    "C3AConfig": "peftkit.plugins.c3a.config",
     # errors
     "PeftkitError": "peftkit.core.errors",
     "ConfigError": "peftkit.core.errors",
@@ -152,6 +153,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from peftkit.plugins.miss.config import MissConfig  # noqa: F401
     from peftkit.plugins.vblora.config import VBLoRAConfig  # noqa: F401
     from peftkit.plugins.randlora.config import RandLoraConfig  # noqa: F401
+    from peftkit.plugins.c3a.config import C3AConfig  # noqa: F401
     from peftkit.plugins.bottleneck.config import DoubleSeqBnConfig, ParBnConfig, SeqBnConfig  # noqa: F401
     from peftkit.plugins.ia3.config import IA3Config  # noqa: F401
     from peftkit.plugins.lokr.config import LokrConfig  # noqa: F401
