@@ -175,6 +175,32 @@ def test_the_input_gradient_is_the_true_one_where_pefts_hand_written_backward_is
     torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
 
 
+def test_the_training_product_with_w_plus_dw_has_the_true_gradients_and_keeps_no_dense_matrix():
+    """Alone at a plain layer from FUSED_FROM_TOKENS tokens on, training runs one product with W + dW in a node
+    that keeps x and the kernel for backward (as PEFT's FFT form), not W + dW: gradcheck on x and the kernel,
+    and what autograd keeps holds no (out, in) matrix."""
+    from peftkit.plugins.c3a.layer import C3ALayer
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(8, 12).double().requires_grad_(False)
+    layer = C3ALayer(base, block_size=4, init_weights="gaussian").double()
+    x = torch.randn(FUSED_FROM_TOKENS, 8, dtype=torch.float64, requires_grad=True)
+    kernel = layer.c3a_kernel
+
+    expected = x @ (base.weight + block_circulant(kernel) / 8).T + base.bias
+    torch.testing.assert_close(layer.forward_alone(x, base), expected)
+    assert torch.autograd.gradcheck(lambda x: layer.forward_alone(x, base), (x,))
+    seed = torch.randn(FUSED_FROM_TOKENS, 12, dtype=torch.float64)
+    got = torch.autograd.grad(layer.forward_alone(x, base), (x, kernel), seed)
+    want = torch.autograd.grad(expected, (x, kernel), seed)
+    for ours, theirs in zip(got, want):
+        torch.testing.assert_close(ours, theirs)
+    kept = []  # what autograd keeps for backward, the frozen weight itself left out
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        layer.forward_alone(x, base)
+    assert sorted(tuple(t.shape) for t in kept if t.data_ptr() != base.weight.data_ptr()) == [(3, 2, 4), (32, 8)]
+
+
 def output_of_ids(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids).logits
 

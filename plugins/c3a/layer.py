@@ -17,8 +17,9 @@ alone: 1.3 ms). So peftkit builds dW once per forward that records gradients for
 and a forward without them (inference, or the adapter frozen) reuses the dW it built last until
 the kernel, its storage or dtype change, at the memory of one (out, in) matrix per layer
 (``merge_adapter()`` folds it into the weight instead). Alone at a plain layer, from
-``FUSED_FROM_TOKENS`` tokens on, the layer runs one product with W + dW; for fewer tokens
-(decoding) it adds x dW^T to the base product.
+``FUSED_FROM_TOKENS`` tokens on, the layer runs one product with W + dW (in training through
+:class:`_SummedWeightProduct`, which keeps x and the kernel for backward, not W + dW); for fewer
+tokens (decoding) it adds x dW^T to the base product.
 """
 
 from __future__ import annotations
@@ -67,6 +68,32 @@ def block_circulant(kernel: torch.Tensor) -> torch.Tensor:
     return rows.permute(0, 2, 1, 3).reshape(m * b, n * b)
 
 
+class _SummedWeightProduct(torch.autograd.Function):
+    """y = x (W + dW)^T + b with dW = C(kernel) / in, keeping for backward only x and the kernel (as PEFT's FFT
+    form does), not an (out, in) matrix per layer: backward builds dW again (a copy of the kernel's numbers),
+    and the kernel's gradient is block_circulant's adjoint applied to g^T x / in."""
+
+    @staticmethod
+    def forward(ctx: object, x2: torch.Tensor, kernel: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor | None, in_features: int) -> torch.Tensor:
+        ctx.save_for_backward(x2, kernel, weight)
+        ctx.in_features = in_features
+        return F.linear(x2, weight + block_circulant(kernel) / in_features, bias)
+
+    @staticmethod
+    def backward(ctx: object, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x2, kernel, weight = ctx.saved_tensors
+        grad_x = grad_kernel = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.mm(g, weight + block_circulant(kernel) / ctx.in_features)
+        if ctx.needs_input_grad[1]:
+            grad_change = torch.mm(g.t(), x2).div_(ctx.in_features)
+            with torch.enable_grad():
+                leaf = kernel.detach().requires_grad_(True)
+                (grad_kernel,) = torch.autograd.grad(block_circulant(leaf), leaf, grad_change)
+        return grad_x, grad_kernel, None, None, None
+
+
 class C3ALayer(LayerAdapter):
     def __init__(self, base: nn.Module, *, block_size: int, init_weights: Union[bool, str] = "xavier_uniform"
                  ) -> None:
@@ -107,9 +134,15 @@ class C3ALayer(LayerAdapter):
         """The layer's whole output as one product with W + dW, from ``FUSED_FROM_TOKENS`` tokens on (the same
         numbers up to float rounding); None (the two products) under autocast, for a weight of another dtype
         than dW (a half-precision layer: PEFT adds the float32 change to the layer's output), or few tokens."""
+        kernel = self.c3a_kernel
         if x.numel() < FUSED_FROM_TOKENS * x.shape[-1] or torch.is_autocast_enabled(x.device.type) \
-                or not fusable_linear(base, x, self.c3a_kernel) or base.weight.dtype != self.c3a_kernel.dtype:
+                or not fusable_linear(base, x, kernel) or base.weight.dtype != kernel.dtype:
             return None
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():  # training: keep x and the kernel only
+            self.__dict__.pop("_kept_change", None)
+            x2 = x.reshape(-1, x.shape[-1])
+            out = _SummedWeightProduct.apply(x2, kernel, base.weight, base.bias, self.in_features)
+            return out.view(*x.shape[:-1], out.shape[-1])
         return F.linear(x, base.weight + self._weight_change(), base.bias)
 
     def delta(self, x: torch.Tensor, h: torch.Tensor, base: nn.Module) -> torch.Tensor:
