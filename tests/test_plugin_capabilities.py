@@ -56,7 +56,7 @@ def test_a_method_declares_nothing_by_default():
 def test_the_built_in_methods_declare_their_capabilities():
     methods = get_registry().methods
     assert sorted(m for m in methods if methods[m].merge_low_rank) == ["lora"]
-    assert sorted(m for m in methods if methods[m].merge_elementwise) == ["bitfit", "ia3"]
+    assert sorted(m for m in methods if methods[m].merge_elementwise) == ["bitfit", "ia3", "ln_tuning"]
     assert [m for m in methods if methods[m].joins_specs] == ["union"]
 
 
