@@ -321,7 +321,7 @@ def merge_adapters(model: "AdaptedModel", adapters: Sequence[str], weights: Sequ
     names = list(adapters) if not isinstance(adapters, str) else [adapters]
     records, weights = _members(model, names, weights)
     for record in records:
-        beyond = _beyond_weight_change(record)
+        beyond = beyond_weight_change(record.config)
         if beyond:
             raise MergeError(f"adapter {record.name!r} {beyond}, and a merged adapter holds weight changes only "
                              f"(PEFT's add_weighted_adapter drops the rest); merge it into the base model instead "
@@ -395,10 +395,6 @@ def _dense_refusal(record: "AdapterRecord", records: list["AdapterRecord"], why:
         if len(methods) > 1 else ""
     return MergeError(f"{mix}adapter {record.name!r} (method {record.method.name!r}) {why}, so it cannot become "
                       f"part of a LoRA; compose it instead: average(...) or fuse(...)")
-
-
-def _beyond_weight_change(record: "AdapterRecord") -> str | None:
-    return beyond_weight_change(record.config)
 
 
 def beyond_weight_change(config: Any) -> str | None:
@@ -712,7 +708,7 @@ def _fold_average(model: "AdaptedModel", block: Any) -> str:
     pairs = [(c, w) for c, w in zip(block.children, block.normalized_weights()) if c != BASE_MODEL]
     for member, _ in pairs:
         record = model.adapter_record(member)
-        beyond = _beyond_weight_change(record)
+        beyond = beyond_weight_change(record.config)
         if not record.method.merge_low_rank or _uses_dora(record) or beyond:
             why = beyond or ("uses DoRA" if _uses_dora(record) else "has no low-rank weight change")
             raise MergeError(f"{block}: {member} ({record.method.name}) {why}, so the average "

@@ -41,12 +41,12 @@ class C3AMethod(Method):
     identity_at_init = False  # PEFT's default init_weights="xavier_uniform" draws the kernels at random
 
     def sites(self, model: "nn.Module", config: AdapterConfig, arch: "ArchitectureSpec | None") -> list[Site]:
-        from peftkit.plugin_api import adaptable_targets
+        from peftkit.plugin_api import adaptable_targets, linear_features
 
         assert isinstance(config, C3AConfig)
         names = adaptable_targets(model, config, arch, self.name, accepts=_adaptable, label="C3A", kinds=_ADAPTED,
                                   defaults_of="lora")  # PEFT's C3A defaults are LoRA's (GPT-2's are Conv1D)
-        check_block_sizes({name: _features(model, name) for name in names}, config)
+        check_block_sizes({name: linear_features(model.get_submodule(name)) for name in names}, config)
         return [Site(name) for name in names]
 
     def create_layer_adapter(self, site: Site, base_layer: "nn.Module", config: AdapterConfig,
@@ -57,10 +57,12 @@ class C3AMethod(Method):
         return C3ALayer(base_layer, block_size=block_size_of(site.name, config), init_weights=config.init_weights)
 
     def expected_parameter_count(self, model: "nn.Module", config: AdapterConfig, sites: list[Site]) -> int:
+        from peftkit.plugin_api import linear_features
+
         assert isinstance(config, C3AConfig)
         total = 0
         for site in sites:
-            in_features, out_features = _features(model, site.name)
+            in_features, out_features = linear_features(model.get_submodule(site.name))
             total += in_features * out_features // block_size_of(site.name, config)
         return total
 
@@ -109,10 +111,3 @@ def check_block_sizes(features: dict[str, tuple[int, int]], config: C3AConfig) -
 
 def _largest_divisor_up_to(number: int, limit: int) -> int:
     return max(d for d in range(1, min(number, limit) + 1) if number % d == 0)
-
-
-def _features(model: "nn.Module", name: str) -> tuple[int, int]:
-    """(in, out) of the original layer at site ``name``."""
-    from peftkit.plugin_api import base_of, linear_features
-
-    return linear_features(base_of(model.get_submodule(name)))

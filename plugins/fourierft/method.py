@@ -36,12 +36,12 @@ class FourierFTMethod(Method):
     identity_at_init = False  # PEFT's default init_weights=False draws the coefficients at random
 
     def sites(self, model: "nn.Module", config: AdapterConfig, arch: "ArchitectureSpec | None") -> list[Site]:
-        from peftkit.plugin_api import adaptable_targets, is_linear_like
+        from peftkit.plugin_api import adaptable_targets, is_linear_like, linear_features
 
         assert isinstance(config, FourierFTConfig)
         names = adaptable_targets(model, config, arch, self.name, accepts=is_linear_like, label="FourierFT",
                                   kinds="Linear and transformers' Conv1D layers", defaults_of="lora")
-        _check_n_frequency({name: _features(model, name) for name in names}, config)
+        _check_n_frequency({name: linear_features(model.get_submodule(name)) for name in names}, config)
         return [Site(name) for name in names]
 
     def create_layer_adapter(self, site: Site, base_layer: "nn.Module", config: AdapterConfig,
@@ -97,10 +97,3 @@ def _check_n_frequency(features: dict[str, tuple[int, int]], config: FourierFTCo
                       f"entries ({out_features} x {in_features} = {in_features * out_features}){others}; lower "
                       f"n_frequency to at most {min(fits.values())}, or give such layers fewer with "
                       f"n_frequency_pattern={json.dumps(fits, separators=(',', ':'))}")
-
-
-def _features(model: "nn.Module", name: str) -> tuple[int, int]:
-    """(in, out) of the original layer at site ``name``."""
-    from peftkit.plugin_api import base_of, linear_features
-
-    return linear_features(base_of(model.get_submodule(name)))

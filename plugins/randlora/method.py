@@ -44,12 +44,14 @@ class RandLoraMethod(Method):
                             sites: list[Site]) -> "dict[str, torch.Tensor]":
         """randlora_A and randlora_B, sized as PEFT sizes them: from the largest output and the largest input
         among the sites (each taken separately)."""
+        from peftkit.plugin_api import linear_features
+
         from .bases import draw_bases
 
         assert isinstance(config, RandLoraConfig)
         if not sites:
             raise TargetError("RandLoRA found no layer to adapt, so its bases have no size; set target_modules")
-        sizes = [_features(model, site) for site in sites]
+        sizes = [linear_features(model.get_submodule(site.name)) for site in sites]
         largest = (max(out for _, out in sizes), max(in_ for in_, _ in sizes))
         return draw_bases(config.r, largest, config.projection_prng_key, sparse=config.sparse,
                           very_sparse=config.very_sparse)
@@ -72,9 +74,11 @@ class RandLoraMethod(Method):
 
     def expected_parameter_count(self, model: "nn.Module", config: AdapterConfig, sites: list[Site]) -> int:
         """Per layer lambda (r, n) and gamma (n, min(in, out)), n = ceil(min(in, out) / r)."""
+        from peftkit.plugin_api import linear_features
+
         assert isinstance(config, RandLoraConfig)
         total = 0
-        for in_, out in (_features(model, site) for site in sites):
+        for in_, out in (linear_features(model.get_submodule(site.name)) for site in sites):
             bases = -(-min(in_, out) // config.r)
             total += bases * (config.r + min(in_, out))
         return total
@@ -92,10 +96,3 @@ class RandLoraMethod(Method):
     def config_from_file(self, data: dict[str, Any]) -> AdapterConfig:
         values = read_peft_fields(data, self.name, _PEFT_FIELDS, fixed=_PEFT_FIXED, ignored={"fan_in_fan_out"})
         return RandLoraConfig.from_dict(values)
-
-
-def _features(model: "nn.Module", site: Site) -> tuple[int, int]:
-    """(in, out) of the original layer at ``site``."""
-    from peftkit.plugin_api import base_of, linear_features
-
-    return linear_features(base_of(model.get_submodule(site.name)))

@@ -38,12 +38,12 @@ class VBLoRAMethod(Method):
     identity_at_init = False  # PEFT draws the bank and the logits at random: the update is not zero at the start
 
     def sites(self, model: "nn.Module", config: AdapterConfig, arch: "ArchitectureSpec | None") -> list[Site]:
-        from peftkit.plugin_api import adaptable_targets, is_linear_like
+        from peftkit.plugin_api import adaptable_targets, is_linear_like, linear_features
 
         assert isinstance(config, VBLoRAConfig)
         names = adaptable_targets(model, config, arch, self.name, accepts=is_linear_like, label="VB-LoRA",
                                   kinds="Linear and transformers' Conv1D layers", defaults_of="lora")
-        check_vector_length({name: _features(model, name) for name in names}, config.vector_length)
+        check_vector_length({name: linear_features(model.get_submodule(name)) for name in names}, config.vector_length)
         return [Site(name) for name in names]
 
     def create_shared_state(self, model: "nn.Module", config: AdapterConfig,
@@ -73,8 +73,11 @@ class VBLoRAMethod(Method):
     def expected_parameter_count(self, model: "nn.Module", config: AdapterConfig, sites: list[Site]) -> int:
         """The bank, plus per layer r * num_vectors logits for each vector_length-piece of an input row of A
         and of an output column of B."""
+        from peftkit.plugin_api import linear_features
+
         assert isinstance(config, VBLoRAConfig)
-        pieces = sum((in_ + out) // config.vector_length for in_, out in (_features(model, s.name) for s in sites))
+        sizes = (linear_features(model.get_submodule(s.name)) for s in sites)
+        pieces = sum((in_ + out) // config.vector_length for in_, out in sizes)
         return config.num_vectors * config.vector_length + pieces * config.r * config.num_vectors
 
     def config_with_rank(self, config: AdapterConfig, rank: int) -> None:
@@ -108,10 +111,3 @@ def check_vector_length(features: dict[str, tuple[int, int]], vector_length: int
                       f"{name!r}{others}; A and B are cut into pieces of vector_length entries along every "
                       f"layer's input and output, so set vector_length to a divisor of {common} (the largest up to "
                       f"{vector_length}: vector_length={nearest}), or leave such layers out with exclude_modules")
-
-
-def _features(model: "nn.Module", name: str) -> tuple[int, int]:
-    """(in, out) of the original layer at site ``name``."""
-    from peftkit.plugin_api import base_of, linear_features
-
-    return linear_features(base_of(model.get_submodule(name)))
