@@ -47,6 +47,10 @@ onto an existing output runs 5-10% slower than a plain one, and the halves split
 (the batched product runs slower there). At the layer (512 tokens, 2 threads, bfloat16, r=8) this order
 made the forward 4-5% and backward 6-12% faster than the float32 order.
 
+In training, DoRA's row norms (new every step) need ``A W^T``, a product with r output rows that reads all of
+W: the node takes it from the base product instead, multiplying W by x and A stacked (:func:`_base_and_cross`),
+for batches of at most as many tokens as outputs (:func:`norm_joins_base_product`).
+
 In inference (gradients off) with many tokens, a float32 or float64 layer adds ``s B A`` to a temporary
 copy of W and runs one product instead (:func:`dense_is_cheaper`): the products' passes over the input
 and the output grow with the tokens, the copy's pass over the weight does not. One layer's forward over
@@ -309,16 +313,56 @@ class _LoraFn(torch.autograd.Function):
         return (*grads, None, grad_bias, None, None)
 
 
+def dora_norm(cross: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, weight_sq: torch.Tensor,
+              scale: float) -> torch.Tensor:
+    """DoRA's row norms ``||W + s B A||`` without forming the dense matrix, from ``cross`` = ``A W^T`` (r, out)
+    and ``weight_sq`` = the rows' ``||w_i||^2``: ``||w_i||^2 + s b_i . (2 (W A^T)_i + s (B A A^T)_i)``, the second
+    factor computed rank-major as the (r, out) matrix ``2 A W^T + s (A A^T) B^T`` in one fused product (CPU BLAS
+    runs a product with r output rows several times faster than one with r output columns)."""
+    twice_cross_and_lora = torch.addmm(cross, torch.mm(lora_a, lora_a.t()), lora_b.t(), beta=2, alpha=scale)
+    return torch.add(weight_sq, (lora_b.t() * twice_cross_and_lora).sum(dim=0), alpha=scale).clamp_min_(0).sqrt_()
+
+
+def norm_joins_base_product(x: torch.Tensor, lora_a: torch.Tensor, out_features: int) -> bool:
+    """Whether a DoRA node computes its row norms itself, from ``A W^T`` taken in the base product (``x`` and A
+    stacked: :func:`_base_and_cross`) instead of a product of its own that reads all of W again: in training
+    (the norms are recomputed every forward; inference keeps them while the weights do not change), with
+    autocast off and the input in the factors' dtype (under autocast, or with float32 factors on a half-precision
+    layer, the norms stay float32 products of the float32 weight, as the layer computes them), for at most
+    ``out_features`` tokens: the stacked copy of the input then moves no more than the pass over W it saves
+    (bench/perf_table.py's Llama, DoRA r8, 2 threads: a step 1.189 -> 1.172 times the frozen base's at 512
+    tokens, no gain at 2048, where the copy is the larger)."""
+    tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return torch.is_grad_enabled() and x.dtype == lora_a.dtype and tokens <= out_features \
+        and not torch.is_autocast_enabled(x.device.type)
+
+
+def _base_and_cross(x2: torch.Tensor, lora_a: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``x2 W^T``, ``A W^T``) from one product of W with ``x2`` and A stacked, (tokens + r, in): W is read once
+    for both, where a separate ``A W^T`` (r rows: a product CPU BLAS runs far below its speed) reads all of W
+    again. The first is a contiguous view of the product's first rows."""
+    tokens = x2.shape[0]
+    both = torch.mm(torch.cat((x2, lora_a)), weight.t())
+    return both[:tokens], both[tokens:]
+
+
 class _DoraFn(torch.autograd.Function):
     """y = (m / n) * (x W^T + s (x_d A^T) B^T) + b, the norms n detached (DoRA's rule); W and b as in
-    :class:`_LoraFn`."""
+    :class:`_LoraFn`. Without ``norm`` (:func:`norm_joins_base_product`), the node computes the norms from
+    ``weight_sq`` (the rows' ``||w_i||^2``) and ``A W^T`` taken in the base product (:func:`_base_and_cross`)."""
 
     @staticmethod
     def forward(ctx: Any, x2: torch.Tensor, x2_lora: torch.Tensor | None, lora_a: torch.Tensor,
-                lora_b: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor, weight: torch.Tensor,
-                bias: torch.Tensor | None, scale: float) -> torch.Tensor:
+                lora_b: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor | None, weight: torch.Tensor,
+                bias: torch.Tensor | None, scale: float, weight_sq: torch.Tensor | None = None) -> torch.Tensor:
         lora_in = x2 if x2_lora is None else x2_lora
-        unscaled, xa_t = _lora_sum(x2, lora_in, lora_a, lora_b, to_dtype(weight, x2.dtype), None, scale)
+        if norm is None:
+            unscaled, cross = _base_and_cross(x2, lora_a, weight)
+            norm = dora_norm(cross, lora_a, lora_b, weight_sq, scale)
+            xa_t = _rank_major(lora_a, lora_in)
+            torch.addmm(unscaled, xa_t.t(), lora_b.t(), alpha=scale, out=unscaled)  # in place, counted as a product
+        else:
+            unscaled, xa_t = _lora_sum(x2, lora_in, lora_a, lora_b, to_dtype(weight, x2.dtype), None, scale)
         out, mag_scale = _dora_output(unscaled, magnitude, norm, to_dtype(bias, x2.dtype), in_place=False)
         ctx.save_for_backward(lora_in, xa_t, unscaled, mag_scale, norm, lora_a, lora_b, weight)
         ctx.scale, ctx.same_input = scale, x2_lora is None
@@ -334,15 +378,18 @@ class _DoraFn(torch.autograd.Function):
         # g * (m / n) reuses the (tokens, out) buffer of the products once they are summed: one
         # allocation of that size per backward instead of two.
         grads = _lora_grads(ctx, torch.mul(g, mag_scale, out=products), lora_in, xa_t, lora_a, lora_b, weight)
-        return (*grads, grad_m, None, None, None, None)
+        return (*grads, grad_m, None, None, None, None, None)
 
 
 def fused_lora(x: torch.Tensor, lora_x: torch.Tensor | None, lora_a: torch.Tensor, lora_b: torch.Tensor,
                base: nn.Module, scale: float, magnitude: torch.Tensor | None = None,
                norm: torch.Tensor | None = None, keep_on: nn.Module | None = None,
-               dropout: float = 0.0, lora_bias: torch.Tensor | None = None) -> torch.Tensor:
+               dropout: float = 0.0, lora_bias: torch.Tensor | None = None,
+               weight_sq: torch.Tensor | None = None) -> torch.Tensor:
     """The whole output of linear layer ``base`` with a LoRA (DoRA when ``magnitude`` and its detached
-    ``norm`` are given) on input ``x``; ``lora_x`` is the LoRA's own input when it differs from ``x``
+    ``norm`` are given, or ``magnitude`` and ``weight_sq``, W's rows' ``||w_i||^2``, where
+    :func:`norm_joins_base_product`: the node then computes the norms) on input ``x``; ``lora_x`` is the
+    LoRA's own input when it differs from ``x``
     (dropout), else None. The caller checked ``fusable_linear``. Under autocast the inputs and factors are
     cast to autocast's dtype (the factors' gradients flow back to them in their own dtype) and the products
     run in it with autocast off; the frozen weight is cast inside (module docstring). ``keep_on``: the layer
@@ -358,7 +405,8 @@ def fused_lora(x: torch.Tensor, lora_x: torch.Tensor | None, lora_a: torch.Tenso
         with torch.autocast(device, enabled=False):
             return _fused_lora(x.to(compute), to_dtype(lora_x, compute), lora_a.to(compute), lora_b.to(compute),
                                base, scale, magnitude, norm, None, dropout, to_dtype(lora_bias, compute))
-    return _fused_lora(x, lora_x, lora_a, lora_b, base, scale, magnitude, norm, keep_on, dropout, lora_bias)
+    return _fused_lora(x, lora_x, lora_a, lora_b, base, scale, magnitude, norm, keep_on, dropout, lora_bias,
+                       weight_sq)
 
 
 def _dense_in_inference(x2: torch.Tensor, lora_x2: torch.Tensor | None, lora_a: torch.Tensor,
@@ -374,7 +422,7 @@ def _dense_in_inference(x2: torch.Tensor, lora_x2: torch.Tensor | None, lora_a: 
 def _fused_lora(x: torch.Tensor, lora_x: torch.Tensor | None, lora_a: torch.Tensor, lora_b: torch.Tensor,
                 base: nn.Module, scale: float, magnitude: torch.Tensor | None,
                 norm: torch.Tensor | None, keep_on: nn.Module | None, dropout: float = 0.0,
-                lora_bias: torch.Tensor | None = None) -> torch.Tensor:
+                lora_bias: torch.Tensor | None = None, weight_sq: torch.Tensor | None = None) -> torch.Tensor:
     features = x.shape[-1]
     x2 = x.reshape(-1, features)
     lora_x2 = None if lora_x is None else lora_x.reshape(-1, features)
@@ -399,5 +447,5 @@ def _fused_lora(x: torch.Tensor, lora_x: torch.Tensor | None, lora_a: torch.Tens
     elif magnitude is None:
         out = _LoraFn.apply(x2, lora_x2, lora_a, lora_b, weight, bias, scale, dropout)
     else:
-        out = _DoraFn.apply(x2, lora_x2, lora_a, lora_b, magnitude, norm, weight, bias, scale)
+        out = _DoraFn.apply(x2, lora_x2, lora_a, lora_b, magnitude, norm, weight, bias, scale, weight_sq)
     return out.view(*x.shape[:-1], out.shape[-1])

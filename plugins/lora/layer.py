@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from peftkit.plugin_api import (adapter_dtype, ConfigError, fusable_linear, is_conv1d,
                                 LayerAdapter, linear_features, MergeError, quantization_of, weight_out_in)
 
-from .fused import fused_lora
+from .fused import dora_norm, fused_lora, norm_joins_base_product
 
 
 class LoraFactors(LayerAdapter):
@@ -253,6 +253,9 @@ class LoraLinear(LoraFactors):
         if not self.use_dora:
             return fused_lora(x, None, self.lora_A, self.lora_B, base, self.scale, keep_on=self, dropout=dropout,
                               lora_bias=self.lora_bias)
+        if norm_joins_base_product(x, self.lora_A, self.out_features):  # the node computes the norms (fused.py)
+            return fused_lora(x, None, self.lora_A, self.lora_B, base, self.scale, self.lora_magnitude_vector,
+                              weight_sq=self._weight_sq(base))
         return fused_lora(x, None, self.lora_A, self.lora_B, base, self.scale,
                           self.lora_magnitude_vector, self._weight_norm(base), keep_on=self)
 
@@ -301,10 +304,8 @@ class LoraLinear(LoraFactors):
         return h + ((mag_scale - 1) * dropped_base + mag_scale * lora).to(h.dtype)
 
     def _weight_norm(self, base: nn.Module) -> torch.Tensor:
-        """Row norms of W + s*B@A without forming the dense matrix:
-        ||w_i||^2 + s * b_i . (2 (W A^T)_i + s (B A A^T)_i), the second factor computed rank-major as the
-        (r, out) matrix ``2 A W^T + s (A A^T) B^T`` in one fused product (fused.py's module docstring: CPU
-        BLAS runs a product with r output rows several times faster than one with r output columns)."""
+        """Row norms of W + s*B@A without forming the dense matrix (``fused.dora_norm``), kept for forwards
+        without gradients while W, A and B do not change."""
         weight = base.weight
         A, B = self.lora_A, self.lora_B
         key = (weight._version, A._version, B._version, id(weight))
@@ -314,16 +315,20 @@ class LoraLinear(LoraFactors):
         # in float32 (the factors' dtype) under autocast too: the norms are detached constants, not products
         # autocast should round
         with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
-            w = weight_out_in(base).to(A.dtype)
-            w_key = (weight._version, id(weight))
-            if self._w_sq_cache is None or self._w_sq_cache[0] != w_key:
-                self._w_sq_cache = (w_key, (w * w).sum(dim=1))
-            w_sq = self._w_sq_cache[1]
-            s = self.scale
-            twice_cross_and_lora = torch.addmm(torch.mm(A, w.t()), torch.mm(A, A.t()), B.t(), beta=2, alpha=s)
-            norm = torch.add(w_sq, (B.t() * twice_cross_and_lora).sum(dim=0), alpha=s).clamp_min_(0).sqrt_()
+            cross = torch.mm(A, weight_out_in(base).to(A.dtype).t())
+            norm = dora_norm(cross, A, B, self._weight_sq(base), self.scale)
         self._norm_cache = (key, norm)
         return norm
+
+    def _weight_sq(self, base: nn.Module) -> torch.Tensor:
+        """``||w_i||^2`` for each row of W, in the factors' dtype, kept while W does not change."""
+        weight = base.weight
+        key = (weight._version, id(weight))
+        if self._w_sq_cache is None or self._w_sq_cache[0] != key:
+            with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
+                w = weight_out_in(base).to(self.lora_A.dtype)
+                self._w_sq_cache = (key, (w * w).sum(dim=1))
+        return self._w_sq_cache[1]
 
     # -- merging -------------------------------------------------------------------
 
