@@ -58,6 +58,26 @@ def method_by_any_case(name: str, known: Collection[str]) -> str | None:
     return found[0] if len(found) == 1 else None
 
 
+def _swaps_two_neighbours(typed: str, name: str) -> bool:
+    """Whether ``typed`` is ``name`` with two neighbouring characters swapped (``lroa`` for ``lora``)."""
+    if len(typed) != len(name) or typed == name:
+        return False
+    differ = [i for i, (a, b) in enumerate(zip(typed, name)) if a != b]
+    return len(differ) == 2 and differ[1] == differ[0] + 1 and typed[differ[0]] == name[differ[1]] \
+        and typed[differ[1]] == name[differ[0]]
+
+
+def closest_name(typed: str, names: Collection[str]) -> str | None:
+    """The name ``typed`` most likely misspells: one with two neighbouring characters swapped first (the commonest
+    slip, which difflib's similarity can rank below another name: ``lroa`` is as close to ``road`` there), else
+    difflib's closest, else None."""
+    swapped = sorted(name for name in names if _swaps_two_neighbours(typed, name))
+    if swapped:
+        return swapped[0]
+    close = difflib.get_close_matches(typed, list(names), n=1)
+    return close[0] if close else None
+
+
 def method_suggestion(name: str, methods: Mapping[str, Any]) -> str | None:
     """What to write instead of the unknown method ``name``: a sentence, or None when nothing is close.
 
@@ -74,8 +94,8 @@ def method_suggestion(name: str, methods: Mapping[str, Any]) -> str | None:
         same = [k for k in known if _squash(k) == candidate]
         if len(same) == 1:
             return f"Did you mean {same[0]!r}?"
-    close = difflib.get_close_matches(name.lower(), list(known), n=1)
-    return f"Did you mean {close[0]!r}?" if close else None
+    close = closest_name(name.lower(), known)
+    return f"Did you mean {close!r}?" if close else None
 
 
 def option_suggestion(key: str, allowed: Collection[str]) -> str | None:
@@ -88,5 +108,5 @@ def option_suggestion(key: str, allowed: Collection[str]) -> str | None:
         if named is not None:
             return f"write {named!r} (peftkit's name for it)"
     by_case = [name for name in allowed if name.lower() == key.lower()]
-    close = by_case or difflib.get_close_matches(key, list(allowed), n=1)
-    return f"did you mean {close[0]!r}?" if close else None
+    close = by_case[0] if by_case else closest_name(key, allowed)
+    return f"did you mean {close!r}?" if close else None

@@ -76,6 +76,16 @@ def test_unknown_method_names_the_installed_ones():
         parse_spec("lroa[r=2]")
 
 
+def test_two_swapped_neighbours_are_the_first_suggestion():
+    """``lroa`` is as similar to ``road`` as to ``lora`` by difflib's measure: the swapped pair wins."""
+    from peftkit.core.suggestions import closest_name, option_suggestion
+
+    assert closest_name("lroa", ["road", "lora", "loha"]) == "lora"
+    assert closest_name("lroa", ["road"]) == "road"  # difflib's closest when no name is one swap away
+    assert closest_name("xyz", ["lora"]) is None
+    assert option_suggestion("aplha", ["alpha", "apha_x"]) == "did you mean 'alpha'?"
+
+
 
 def test_method_names_match_in_any_case():
     for spec, name in (("LoRA[r=4]", "lora"), ("IA3", "ia3"), ("LoKr", "lokr"), ("Seq-BN", "seq_bn")):
