@@ -16,6 +16,11 @@ from .peft_format import file_in_peft_format, method_name_of_folder
 #: In the keys of the base model's own weights that PEFT saves beside an adapter on embed_tokens or
 #: lm_head (see peft_embeddings): not the adapter's parameters.
 BASE_WEIGHT_INFIX = ".base_layer."
+#: Files a tokenizer's ``save_pretrained`` writes (``peftkit train`` saves the run's tokenizer beside the adapter,
+#: as transformers' Trainer does): counted apart from the adapter's own files.
+TOKENIZER_FILES = frozenset({"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                             "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "tokenizer.model",
+                             "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json"})
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                 "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
@@ -54,7 +59,7 @@ def describe_folder(path: str | Path) -> dict[str, Any]:
     own = read_own_metadata(path, data)
     weights = path / "adapter_model.safetensors"
     params, tensors = _tensor_counts(weights)
-    size, checkpoints, checkpoint_bytes = _sizes(path)
+    size, checkpoints, checkpoint_bytes, tokenizer_files, tokenizer_bytes = _sizes(path)
     fmt = _file_format(data)
     return {
         "path": str(path),
@@ -75,26 +80,32 @@ def describe_folder(path: str | Path) -> dict[str, Any]:
         "size_bytes": size,
         "checkpoints": checkpoints,
         "checkpoints_size_bytes": checkpoint_bytes,
+        "tokenizer_files": tokenizer_files,
+        "tokenizer_size_bytes": tokenizer_bytes,
     }
 
 
-def _sizes(path: Path) -> tuple[int, int, int]:
-    """(bytes of the adapter's own files, number of training checkpoints, their bytes).
+def _sizes(path: Path) -> tuple[int, int, int, int, int]:
+    """(bytes of the adapter's own files, number of training checkpoints, their bytes, number of tokenizer
+    files, their bytes).
 
     A ``peftkit train`` (or ``transformers.Trainer``) output folder holds resumable checkpoints
-    (``checkpoints/checkpoint-N/`` or ``checkpoint-N/``) beside the adapter: they are counted apart,
-    so the adapter's own size is what loading it reads.
+    (``checkpoints/checkpoint-N/`` or ``checkpoint-N/``) and the run's tokenizer (:data:`TOKENIZER_FILES`)
+    beside the adapter: they are counted apart, so the adapter's own size is what loading it reads.
     """
-    own = kept = 0
+    own = kept = tokenizer = tokenizer_files = 0
     for file in path.rglob("*"):
         if file.is_file():
             parts = file.relative_to(path).parts
             if len(parts) > 1 and (parts[0] == "checkpoints" or parts[0].startswith("checkpoint-")):
                 kept += file.stat().st_size
+            elif len(parts) == 1 and parts[0] in TOKENIZER_FILES:
+                tokenizer += file.stat().st_size
+                tokenizer_files += 1
             else:
                 own += file.stat().st_size
     found = [d for d in [*path.glob("checkpoint-*"), *path.glob("checkpoints/checkpoint-*")] if d.is_dir()]
-    return own, len(found), kept
+    return own, len(found), kept, tokenizer_files, tokenizer
 
 
 def describe_composition(path: str | Path) -> dict[str, Any]:

@@ -140,6 +140,9 @@ def info_command(path: str, as_json: bool) -> None:
                        ("parameters", f"{info['parameters']:,}"), ("tensors", info["tensors"]),
                        ("size on disk", _human_bytes(info["size_bytes"]))]:
         click.echo(f"{key:>13}: {value}")
+    if info["tokenizer_files"]:
+        click.echo(f"{'tokenizer':>13}: {info['tokenizer_files']} files ({_human_bytes(info['tokenizer_size_bytes'])}; "
+                   f"saved with the adapter, not part of it)")
     if info["checkpoints"]:
         click.echo(f"{'checkpoints':>13}: {info['checkpoints']} ({_human_bytes(info['checkpoints_size_bytes'])}; "
                    f"a training run's, not part of the adapter)")

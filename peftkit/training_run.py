@@ -408,6 +408,11 @@ def _is_number(value: Any) -> bool:
 def _save_final(trainer: AdapterTrainer, out: Path, card: dict[str, Any], metrics: dict[str, float],
                 labels: LabelMap | None, result: TrainResult) -> None:
     save_adapter_files(trainer.adapted(), trainer.adapter_names[0], out, card, labels, metrics)
+    tokenizer = trainer.processing_class
+    if hasattr(tokenizer, "save_pretrained"):
+        # beside the adapter, as transformers' Trainer saves it: a pipeline given the folder loads it from there
+        # (the adapter's own files do not depend on it; added tokens in particular travel with it)
+        tokenizer.save_pretrained(str(out))
     if labels is None:
         with contextlib.suppress(FileNotFoundError):
             (out / LABELS_FILE).unlink()  # left by an earlier classification run (--overwrite)

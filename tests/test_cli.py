@@ -86,6 +86,24 @@ def test_info_describes_a_folder(tmp_path, capsys):
 
 
 
+def test_info_counts_a_saved_tokenizer_apart_from_the_adapter(tmp_path, capsys):
+    """`peftkit train` saves the run's tokenizer beside the adapter: info shows it on its own line."""
+    from tests.train_helpers import word_tokenizer
+
+    model = peftkit.adapt(build_tiny("llama"), "lora[r=4]")
+    model.save_adapter(tmp_path / "run")
+    own = sum(p.stat().st_size for p in (tmp_path / "run").iterdir())
+    word_tokenizer("bert").save_pretrained(tmp_path / "run")
+    files = [p for p in (tmp_path / "run").iterdir() if p.name not in ("adapter_config.json", "adapter_model.safetensors",
+                                                                       "README.md", "peftkit.json")]
+    assert run(["info", str(tmp_path / "run"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["size_bytes"] == own and info["tokenizer_files"] == len(files) > 0
+    assert info["tokenizer_size_bytes"] == sum(p.stat().st_size for p in files)
+    assert run(["info", str(tmp_path / "run")]) == 0
+    assert f"tokenizer: {len(files)} files (" in capsys.readouterr().out
+
+
 def test_info_counts_training_checkpoints_apart_from_the_adapter(tmp_path, capsys):
     model = peftkit.adapt(build_tiny("llama"), "lora[r=4]")
     model.save_adapter(tmp_path / "run")

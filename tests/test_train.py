@@ -64,6 +64,12 @@ def test_each_task_trains_evaluates_and_saves(tmp_path, folders, task):
     assert saved["run"]["options"]["max_steps"] == 4 and saved["run"]["method"] == "lora[r=4]"
     assert [e["step"] for e in saved["log_history"] if "loss" in e] == [1, 2, 3, 4]
     assert not (out / "checkpoints").exists()  # save_steps=0: no checkpoints
+    # The run's tokenizer lies beside the adapter, as transformers' Trainer saves it.
+    from transformers import AutoTokenizer
+
+    text = "good movie , bad film"
+    assert AutoTokenizer.from_pretrained(out)(text)["input_ids"] == \
+        AutoTokenizer.from_pretrained(folders[task])(text)["input_ids"]
 
     # The folder loads onto a fresh base model and reproduces the trained adapter's parameters.
     kwargs = {}
@@ -114,6 +120,28 @@ def test_seq_cls_folder_loads_in_real_peft_with_the_same_logits(tmp_path, folder
         AutoModelForSequenceClassification.from_pretrained(folders["seq-cls"], num_labels=2, ignore_mismatched_sizes=True), str(out)).eval()
     with torch.no_grad():
         torch.testing.assert_close(ours(**batch).logits, theirs(**batch).logits)
+
+
+def test_a_transformers_pipeline_takes_the_output_folder(tmp_path, folders):
+    """transformers' pipeline given the output folder alone (its PEFT integration, real peft: the base model the
+    adapter names, then the adapter) scores as the adapter loaded by peftkit does (docs/train.md)."""
+    from transformers import AutoModelForSequenceClassification, pipeline
+
+    data = write_jsonl(tmp_path / "train.jsonl", rows_for("seq-cls", 16))
+    out = tmp_path / "o"
+    peftkit.train(str(folders["seq-cls"]), "lora[r=4]", data, task="seq-cls", out=out, max_steps=3, lr=1e-2,
+                  save_steps=0, quiet=True)
+    texts = ["good movie", "bad film"]
+    # the tiny base model's config has a head of another size: the pipeline is told the adapter's, as for the base
+    classify = pipeline("text-classification", model=str(out),
+                        model_kwargs={"num_labels": 2, "ignore_mismatched_sizes": True})
+    scores = [row["score"] for row in classify(texts)]
+    base = AutoModelForSequenceClassification.from_pretrained(folders["seq-cls"], num_labels=2,
+                                                              ignore_mismatched_sizes=True)
+    ours = peftkit.AdaptedModel.from_pretrained(base, str(out)).eval()
+    with torch.no_grad():
+        probs = ours(**word_tokenizer("bert")(texts, return_tensors="pt", padding=True)).logits.softmax(-1)
+    assert scores == pytest.approx(probs.max(-1).values.tolist(), abs=1e-5)
 
 
 @pytest.mark.parametrize("spec", ["seq_bn[reduction_factor=4]", "double_seq_bn", "par_bn", "ia3", "prefix_tuning",

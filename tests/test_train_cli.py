@@ -13,6 +13,7 @@ import pytest
 
 from peftkit.cli import run
 from peftkit.core.card import read_card_metadata
+from peftkit.core.inspect_folder import TOKENIZER_FILES
 from tests.train_helpers import model_folder, rows_for, torch_threads, write_jsonl
 
 
@@ -139,8 +140,9 @@ def test_push_publishes_the_adapter_and_labels_to_the_hub(tmp_path, bert_folder,
     assert (out / "checkpoints" / "checkpoint-2").is_dir()  # kept locally, never published
 
     folder = peftkit.hub.pull("alice/toy-sentiment", hub=hub, cache_dir=tmp_path / "cache", progress=False)
-    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "adapter_config.json",
-                                                        "adapter_model.safetensors", "labels.json", "peftkit.json"]
+    adapter_files = ["README.md", "adapter_config.json", "adapter_model.safetensors", "labels.json", "peftkit.json"]
+    tokenizer_files = sorted(p.name for p in out.iterdir() if p.name in TOKENIZER_FILES)  # published with it
+    assert tokenizer_files and sorted(p.name for p in folder.iterdir()) == sorted(adapter_files + tokenizer_files)
     [hit] = peftkit.hub.search(hub=hub, base_model="tiny/bert", task="text-classification")
     assert hit.repo_id == "alice/toy-sentiment"
     card = (folder / "README.md").read_text()
