@@ -143,6 +143,7 @@ METHODS: dict[str, tuple[str, str]] = {
     "vblora": ("VB-LoRA r4 all-linear", "vblora[r=4,vector_length=32,target_modules=all-linear]"),
     "randlora": ("RandLoRA r32 all-linear", "randlora[r=32,target_modules=all-linear]"),
     "c3a": ("C3A block 32 all-linear", "c3a[block_size=32,target_modules=all-linear]"),
+    "shira": ("SHiRA r8 all-linear", "shira[r=8,init_weights=false,target_modules=all-linear]"),
 }
 #: The methods whose adapters do not merge into the weights (no merged column).
 UNMERGED = ("prefix", "prompt", "p_tuning")

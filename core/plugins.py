@@ -65,6 +65,7 @@ _BUILTIN_FALLBACK = {
     "vblora": "peftkit.plugins.vblora",
     "randlora": "peftkit.plugins.randlora",
     "c3a": "peftkit.plugins.c3a",
+    "shira": "peftkit.plugins.shira",
     "builtin_architectures": "peftkit.core.architectures",
     "builtin_merges": "peftkit.core.merge_strategies",
     "builtin_hub_backends": "peftkit.hub_client.backends",

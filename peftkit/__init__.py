@@ -92,6 +92,7 @@ _LAZY: dict[str, str] = {
     "VBLoRAConfig": "peftkit.plugins.vblora.config",
     "RandLoraConfig": "peftkit.plugins.randlora.config",
     "C3AConfig": "peftkit.plugins.c3a.config",
+    "ShiraConfig": "peftkit.plugins.shira.config",
     # errors
     "PeftkitError": "peftkit.core.errors",
     "ConfigError": "peftkit.core.errors",
@@ -154,6 +155,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from peftkit.plugins.vblora.config import VBLoRAConfig  # noqa: F401
     from peftkit.plugins.randlora.config import RandLoraConfig  # noqa: F401
     from peftkit.plugins.c3a.config import C3AConfig  # noqa: F401
+    from peftkit.plugins.shira.config import ShiraConfig  # noqa: F401
     from peftkit.plugins.bottleneck.config import DoubleSeqBnConfig, ParBnConfig, SeqBnConfig  # noqa: F401
     from peftkit.plugins.ia3.config import IA3Config  # noqa: F401
     from peftkit.plugins.lokr.config import LokrConfig  # noqa: F401

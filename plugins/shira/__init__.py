@@ -1,0 +1,25 @@
+"""SHiRA (sparse high-rank adapters, PEFT's SHIRA, arXiv 2406.13175) as a peftkit plugin, in Hugging Face PEFT's
+file format.
+
+This module is the entry point and stays torch-free; the module lives in
+``layer.py`` and is imported only when an adapter is created.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from peftkit.plugin_api import PLUGIN_API_VERSION, hookimpl
+
+from .config import ShiraConfig
+
+PEFTKIT_PLUGIN_API = PLUGIN_API_VERSION
+
+__all__ = ["ShiraConfig"]
+
+
+@hookimpl
+def peftkit_register_methods(register: Callable[[Any], None]) -> None:
+    from .method import ShiraMethod
+
+    register(ShiraMethod())
