@@ -21,6 +21,12 @@ BASE_WEIGHT_INFIX = ".base_layer."
 TOKENIZER_FILES = frozenset({"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                              "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "tokenizer.model",
                              "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json"})
+#: The embedding modules whose whole base weights PEFT saves as ``<module>.weight`` when the vocabulary was
+#: resized (peft_embeddings): transformers' names for input and output embeddings.
+EMBEDDING_MODULES = frozenset({"embed_tokens", "lm_head", "wte", "word_embeddings", "embed_in", "embed_out", "shared",
+                               "tok_embeddings"})
+#: The prefix PEFT's keys start with.
+PEFT_KEY_PREFIX = "base_model.model."
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                 "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
@@ -58,7 +64,7 @@ def describe_folder(path: str | Path) -> dict[str, Any]:
         raise AdapterLoadError(f"{config_path} is not valid JSON: {exc}") from None
     own = read_own_metadata(path, data)
     weights = path / "adapter_model.safetensors"
-    params, tensors = _tensor_counts(weights)
+    params, tensors = tensor_counts(weights, data.get("modules_to_save"))
     size, checkpoints, checkpoint_bytes, tokenizer_files, tokenizer_bytes = _sizes(path)
     fmt = _file_format(data)
     return {
@@ -80,6 +86,7 @@ def describe_folder(path: str | Path) -> dict[str, Any]:
         "size_bytes": size,
         "checkpoints": checkpoints,
         "checkpoints_size_bytes": checkpoint_bytes,
+        "base_embeddings": base_embeddings(path, data.get("modules_to_save")),
         "tokenizer_files": tokenizer_files,
         "tokenizer_size_bytes": tokenizer_bytes,
     }
@@ -127,24 +134,58 @@ def describe_composition(path: str | Path) -> dict[str, Any]:
         "adapters": adapters,
         "fusions": fusions,
         "parameters": sum(a["parameters"] for a in adapters.values()) + sum(
-            _tensor_counts(path / str(sub) / "fusion_model.safetensors")[0] for sub in (data.get("fusions") or {}).values()),
+            tensor_counts(path / str(sub) / "fusion_model.safetensors")[0] for sub in (data.get("fusions") or {}).values()),
         "size_bytes": sum(p.stat().st_size for p in path.rglob("*") if p.is_file()),
     }
 
 
-def _tensor_counts(path: Path) -> tuple[int, int]:
-    """(numbers, tensors) a safetensors file holds, from its header ((0, 0) when there is no file)."""
+def tensor_counts(path: Path, modules_to_save: Any = None) -> tuple[int, int]:
+    """(numbers, tensors) of the adapter's own in a safetensors file, from its header ((0, 0) when there is no
+    file); the base embedding weights PEFT saves beside an adapter (:func:`_base_embeddings`) are not counted."""
     if not path.is_file():
         return 0, 0
     numbers = tensors = 0
-    for key, value in safetensors_header(path).items():
-        if key != "__metadata__" and BASE_WEIGHT_INFIX not in key:
+    header = safetensors_header(path)
+    base = _base_embedding_keys(header, modules_to_save)
+    for key, value in header.items():
+        if key != "__metadata__" and key not in base:
             n = 1
             for dim in value["shape"]:
                 n *= dim
             numbers += n
             tensors += 1
     return numbers, tensors
+
+
+def _base_embedding_keys(header: dict[str, Any], modules_to_save: Any) -> dict[str, str]:
+    """The keys holding the base model's own embedding weights -> the embedding module's path: under
+    ``.base_layer.`` (an adapted embedding, as PEFT saves it), or ``<module>.weight`` for an embedding module
+    (:data:`EMBEDDING_MODULES`) not in ``modules_to_save`` (PEFT after a vocabulary resize)."""
+    saved = set(modules_to_save) if isinstance(modules_to_save, list) else set()
+    found = {}
+    for key in header:
+        if key == "__metadata__":
+            continue
+        if BASE_WEIGHT_INFIX in key:
+            module = key.partition(BASE_WEIGHT_INFIX)[0].removesuffix(".token_adapter")
+        elif key.endswith(".weight") and key.removesuffix(".weight").rpartition(".")[2] in EMBEDDING_MODULES:
+            module = key.removesuffix(".weight")
+        else:
+            continue
+        if module.rpartition(".")[2] not in saved:
+            found[key] = module.removeprefix(PEFT_KEY_PREFIX)
+    return found
+
+
+def base_embeddings(path: Path, modules_to_save: Any = None) -> dict[str, list[int]]:
+    """The base embedding weights a PEFT-format adapter file carries: module path -> shape (rows = the
+    vocabulary a model needs to load it)."""
+    weights = path / "adapter_model.safetensors"
+    if not weights.is_file():
+        return {}
+    header = safetensors_header(weights)
+    return {module: list(header[key]["shape"]) for key, module in _base_embedding_keys(header, modules_to_save).items()
+            if key.endswith(".weight")}
 
 
 def _not_an_adapter(path: Path) -> str:

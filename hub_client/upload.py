@@ -295,25 +295,19 @@ def _write_card(workdir: Path, meta: dict[str, Any], old_body: str, description:
     return path
 
 
-def _parameters(folder: Path, weights: str) -> int | None:
-    from peftkit.core.inspect_folder import BASE_WEIGHT_INFIX, safetensors_header
+def _parameters(folder: Path, weights: str, modules_to_save: Any = None) -> int | None:
+    """The adapter's own numbers in ``folder / weights`` (not the base embeddings PEFT saves beside an adapter,
+    whose ``modules_to_save`` tells a trained head apart: ``peftkit info`` counts alike), or None without the
+    file."""
+    from peftkit.core.inspect_folder import tensor_counts
 
     path = folder / weights
     if not path.is_file():
         return None
     try:
-        header = safetensors_header(path)
+        return tensor_counts(path, modules_to_save)[0]
     except Exception as exc:
         raise HubError(f"{path} is not a valid safetensors file ({exc}); save the adapter again") from None
-    total = 0
-    for key, value in header.items():
-        if key == "__metadata__" or BASE_WEIGHT_INFIX in key:  # the base embeddings PEFT saves alongside
-            continue
-        count = 1
-        for dim in value.get("shape", []):
-            count *= dim
-        total += count
-    return total
 
 
 def _adapter_upload(folder: Path, files: dict[str, Path], repo_id: str, workdir: Path,
@@ -328,7 +322,7 @@ def _adapter_upload(folder: Path, files: dict[str, Path], repo_id: str, workdir:
                          else ("adapter_model.safetensors", "base_model_name_or_path"))
     if weights not in files:
         raise HubError(f"{folder} has no {weights}; save the adapter again")
-    parameters = _parameters(folder, weights)
+    parameters = _parameters(folder, weights, config.get("modules_to_save"))
     base, rewrite = _resolve_base(config.get(base_key) or None, options.base_model, where)
     if rewrite:
         config = dict(config, **{base_key: base})
@@ -366,10 +360,11 @@ def _composition_upload(folder: Path, files: dict[str, Path], repo_id: str, work
         if not (sub_folder / CONFIG).is_file():
             raise HubError(f"{folder / COMPOSITION} lists adapter {name!r} in {sub!r}, which has no {CONFIG}; "
                            f"save the composition again")
-        method = _method_of(_read_json(sub_folder / CONFIG), sub_folder)
+        member = _read_json(sub_folder / CONFIG)
+        method = _method_of(member, sub_folder)
         if method and method not in methods:
             methods.append(method)
-        parameters += _parameters(sub_folder, "adapter_model.safetensors") or 0
+        parameters += _parameters(sub_folder, "adapter_model.safetensors", member.get("modules_to_save")) or 0
     base, _ = _resolve_base(data.get("base_model_name_or_path"), options.base_model, str(folder))
     old_meta, old_body = _existing_card(folder)
     metrics = _merged_metrics(old_meta, options.metrics, str(folder))

@@ -140,6 +140,12 @@ def info_command(path: str, as_json: bool) -> None:
                        ("parameters", f"{info['parameters']:,}"), ("tensors", info["tensors"]),
                        ("size on disk", _human_bytes(info["size_bytes"]))]:
         click.echo(f"{key:>13}: {value}")
+    if info["base_embeddings"]:
+        shapes = ", ".join(f"{name} {' x '.join(map(str, shape))}" for name, shape in info["base_embeddings"].items())
+        rows = max(shape[0] for shape in info["base_embeddings"].values())
+        click.echo(f"{'embeddings':>13}: {shapes} (the base model's, saved with the adapter as PEFT does when it "
+                   f"adapts or resizes them; loading replaces the model's: it needs {rows} tokens, "
+                   f"model.resize_token_embeddings({rows}))")
     if info["tokenizer_files"]:
         click.echo(f"{'tokenizer':>13}: {info['tokenizer_files']} files ({_human_bytes(info['tokenizer_size_bytes'])}; "
                    f"saved with the adapter, not part of it)")

@@ -5,6 +5,7 @@ after a vocabulary resize, which carry the resized embeddings (``save_embedding_
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import pytest
@@ -112,6 +113,29 @@ def test_a_peft_folder_saved_after_a_resize_carries_the_embeddings_and_loads(tmp
     torch.testing.assert_close(_logits(ours), expected, rtol=0, atol=1e-5)
     with pytest.raises(AdapterLoadError, match=r"resize_token_embeddings\(130\)"):
         peftkit.from_pretrained(_grown(arch), str(tmp_path / "peft"))
+    _info_shows_the_embeddings_apart(tmp_path / "peft", theirs)
+
+
+def _info_shows_the_embeddings_apart(folder: Path, theirs) -> None:
+    """`peftkit info` counts the adapter's own parameters (what PEFT trains), and names the base embeddings the
+    folder carries with the vocabulary a model needs for it."""
+    import json
+
+    from click.testing import CliRunner
+
+    from peftkit.cli import main
+
+    result = CliRunner().invoke(main, ["info", str(folder), "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    tied_copy = 0  # PEFT saves a tied lm_head's rows again, beside the input embedding's (one trained tensor)
+    if theirs.config.tie_word_embeddings:
+        saved = load_file(folder / "adapter_model.safetensors")
+        tied_copy = sum(t.numel() for k, t in saved.items() if "lm_head." in k and k.endswith("trainable_tokens_delta"))
+    assert info["parameters"] == theirs.get_nb_trainable_parameters()[0] + tied_copy
+    assert info["base_embeddings"] and all(shape[0] == VOCAB + 2 for shape in info["base_embeddings"].values())
+    text = CliRunner().invoke(main, ["info", str(folder)]).output
+    assert f"model.resize_token_embeddings({VOCAB + 2})" in text and "embeddings:" in text
 
 
 def _grown(arch: str) -> torch.nn.Module:
@@ -233,3 +257,19 @@ def test_pushed_and_pulled_through_a_hub_with_the_tokenizer(tmp_path,
     assert (pulled / "tokenizer_config.json").is_file()
     loaded = peftkit.load(_resized("gpt2", seed=4), "alice/chat-rows", hub=any_hub.address, progress=False)
     torch.testing.assert_close(_logits(loaded), _logits(model), rtol=0, atol=1e-6)
+
+
+def test_the_hub_card_counts_a_resized_peft_folder_without_its_embeddings(tmp_path, hub_env) -> None:  # noqa: F811
+    """The card of a PEFT folder saved after a resize gives PEFT's trainable count, as `peftkit info` does, not
+    the whole embeddings the folder carries as well."""
+    build_tiny("llama").save_pretrained(tmp_path / "base")
+    theirs = peft.get_peft_model(_resized("llama", source=tmp_path / "base"),
+                                 peft.LoraConfig(r=4, target_modules=TARGETS["llama"], init_lora_weights=False))
+    with pytest.warns(UserWarning, match="embedding layer has been resized"):
+        theirs.save_pretrained(tmp_path / "peft")
+    (tmp_path / "peft" / "README.md").unlink()  # PEFT's card is kept as it is; without one peftkit writes it
+    address = f"local:{hub_env / 'local-hub'}"
+    hub.push(str(tmp_path / "peft"), "alice/resized", hub=address, base_model="org/tiny-llama", progress=False)
+    card = (Path(hub.pull("alice/resized", hub=address, progress=False)) / "README.md").read_text()
+    counts = re.findall(r"trainable parameters: ([0-9,]+)", card)
+    assert counts == [f"{theirs.get_nb_trainable_parameters()[0]:,}"]
