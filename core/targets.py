@@ -193,7 +193,7 @@ def adaptable_targets(model: "nn.Module", config: "AdapterConfig", arch: "Archit
             kept.append(name)
         elif isinstance(config.target_modules, list) and name_matches(name, config.target_modules):
             raise ConfigError(f"{method}: target {name!r} is {_article(type(base_of(module)).__name__)}; {label} adapts "
-                              f"{kinds}. Leave it out of target_modules (or add it to exclude_modules)")
+                              f"{kinds}. Leave it out of target_modules")
     if not kept:
         raise ConfigError(f"{method}: target_modules={config.target_modules!r} matched no layer {label} adapts "
                           f"({kinds}): {', '.join(names[:5])} ...")

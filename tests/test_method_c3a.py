@@ -316,5 +316,8 @@ def test_the_suggested_block_size_pattern_works():
 def test_gpt2s_conv1d_layers_are_refused_as_by_peft():
     with pytest.raises(ConfigError, match=r"'transformer.h.0.attn.c_attn' is a Conv1D; C3A adapts torch's Linear"):
         peftkit.adapt(build_tiny("gpt2"), "c3a[block_size=16]")
+    with pytest.raises(ConfigError) as named:  # a listed target: the fix is the list (C3A refuses exclude_modules)
+        peftkit.adapt(build_tiny("gpt2"), "c3a[block_size=16,target_modules=[c_attn]]")
+    assert str(named.value).endswith("Leave it out of target_modules") and "exclude_modules" not in str(named.value)
     with pytest.raises(TypeError, match="only `torch.nn.Linear`"):
         _peft_model("gpt2", block_size=16, target_modules=["c_attn"])
