@@ -39,6 +39,18 @@ def test_a_peft_option_peftkit_lacks_is_refused_by_name() -> None:
         peftkit.adapt(build_tiny("llama"), config)
 
 
+def test_a_setting_outside_pefts_saved_config_is_refused_by_name() -> None:
+    """PEFT's SHiRA takes a custom mask function set on the config object, which its to_dict() (the saved
+    adapter_config.json) leaves out: read as that file, the function would be dropped in silence."""
+    config = peft.ShiraConfig(r=2, target_modules=["q_proj"])
+    config.mask_fn = lambda base_layer, r, **kwargs: None
+    with pytest.raises(ConfigError, match=r"peft.ShiraConfig has mask_fn set on the object.*save it and load the "
+                                          r"folder with peftkit.from_pretrained"):
+        peftkit.adapt(build_tiny("llama"), config)
+    for untouched in (peft.ShiraConfig(r=2, target_modules=["q_proj"]), peft.LoraConfig(r=2, target_modules=["q_proj"])):
+        peftkit.adapt(build_tiny("llama"), untouched)  # the attributes PEFT sets itself are no such setting
+
+
 def test_adapterhubs_config_keyword_names_the_method() -> None:
     model = peftkit.AdaptedModel(build_tiny("llama"))
     model.add_adapter("a", config="ia3")
