@@ -93,6 +93,7 @@ _LAZY: dict[str, str] = {
     "RandLoraConfig": "peftkit.plugins.randlora.config",
     "C3AConfig": "peftkit.plugins.c3a.config",
     "ShiraConfig": "peftkit.plugins.shira.config",
+    "DeloraConfig": "peftkit.plugins.delora.config",
     # errors
     "PeftkitError": "peftkit.core.errors",
     "ConfigError": "peftkit.core.errors",
@@ -156,6 +157,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from peftkit.plugins.randlora.config import RandLoraConfig  # noqa: F401
     from peftkit.plugins.c3a.config import C3AConfig  # noqa: F401
     from peftkit.plugins.shira.config import ShiraConfig  # noqa: F401
+    from peftkit.plugins.delora.config import DeloraConfig  # noqa: F401
     from peftkit.plugins.bottleneck.config import DoubleSeqBnConfig, ParBnConfig, SeqBnConfig  # noqa: F401
     from peftkit.plugins.ia3.config import IA3Config  # noqa: F401
     from peftkit.plugins.lokr.config import LokrConfig  # noqa: F401

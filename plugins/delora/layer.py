@@ -1,0 +1,130 @@
+"""The DeLoRA module for one Linear layer.
+
+The update is a LoRA-like B A (A: r x in, B: out x r) whose r rank-one terms are each normalized to unit norm
+and scaled by lambda / r, applied to the input scaled per feature by the base weight's column norms w:
+
+    h' = h + B diag(s) A (w * x),   s_i = lambda / r / (max(|A_i|, 1e-4) * max(|B^i|, 1e-4)),
+
+A_i row i of A, B^i column i of B (PEFT's clamps). w (``delora_w_norm``, (in,)) is taken from the base weight
+when the adapter is created and saved with it, so it stays what it was while the weight is merged into or
+trained; lambda (``delora_lambda``, (1,)) trains with A and B.
+
+Cost: PEFT multiplies the whole input by w, scales the (tokens, r) product by s, writes B's product into a
+zeroed (tokens, out) tensor and adds that to the base output (four passes over token-sized tensors besides the
+two products). Here w and s are folded into A first (an r x in matrix, as small as A), so a forward is the two
+low-rank products and the base product, writing one (tokens, out) tensor: alone at a plain Linear layer the
+update's product (with the bias) writes the output and the base product accumulates onto it
+(:meth:`DeloraLayer.forward_alone`); elsewhere the update's product adds into the base output in one ``addmm``.
+A forward without gradients reuses the folded A it made last until A, B, lambda or the norms change.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from peftkit.plugin_api import adapter_dtype, fusable_linear, LayerAdapter, linear_features, to_dtype
+
+#: PEFT's floor under each row norm of A and column norm of B (a zero row or column then adds nothing).
+NORM_FLOOR = 1e-4
+
+
+def column_norms(weight: torch.Tensor) -> torch.Tensor:
+    """The Euclidean norm of each input column of an (out, in) weight, computed in the weight's dtype (PEFT's)."""
+    with torch.no_grad():
+        return torch.norm(weight.detach(), dim=0)
+
+
+def term_scales(a: torch.Tensor, b: torch.Tensor, lam: torch.Tensor, r: int) -> torch.Tensor:
+    """s (r,): lambda / r over the product of each rank-one term's norms, floored as PEFT floors them."""
+    a_norms = a.norm(dim=1).clamp(min=NORM_FLOOR)
+    b_norms = b.norm(dim=0).clamp(min=NORM_FLOOR)
+    return (lam / r) / (a_norms * b_norms)
+
+
+class DeloraLayer(LayerAdapter):
+    def __init__(self, base: nn.Module, *, r: int, delora_lambda: float, module_dropout: float = 0.0,
+                 init_weights: bool = True) -> None:
+        super().__init__()
+        in_features, out_features = linear_features(base)
+        self.in_features, self.out_features, self.r = in_features, out_features, r
+        # PEFT's draws from torch's global generator, in float32 on the CPU: A, then B when not zero.
+        a, b = torch.empty(r, in_features), torch.zeros(out_features, r)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        if not init_weights:
+            nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+        factory = {"dtype": adapter_dtype(base), "device": base.weight.device}
+        self.delora_A = nn.Parameter(a.to(**factory))
+        self.delora_B = nn.Parameter(b.to(**factory))
+        self.delora_lambda = nn.Parameter(torch.full((1,), float(delora_lambda), **factory))
+        self.register_buffer("delora_w_norm", column_norms(base.weight).to(**factory))
+        self.dropout = nn.Dropout(module_dropout) if module_dropout else nn.Identity()
+
+    def scaled_a(self) -> torch.Tensor:
+        """diag(s) A diag(w): A with the term scales and the column norms folded in (r x in)."""
+        a = self.delora_A
+        scales = term_scales(a, self.delora_B, self.delora_lambda, self.r)
+        return a * (scales[:, None] * self.delora_w_norm[None, :])
+
+    def _forward_scaled_a(self) -> torch.Tensor:
+        """:meth:`scaled_a` for this forward: new when it records gradients for the adapter (or is compiled), else
+        the one made last for the same A, B, lambda and norms (values, storage, device, dtype). Decoding one
+        token, making it (two norms and three small products) costs more than the layer's two low-rank products."""
+        tensors = (self.delora_A, self.delora_B, self.delora_lambda, self.delora_w_norm)
+        compiling = torch.compiler.is_compiling()
+        if compiling or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+            if not compiling:
+                self.__dict__.pop("_kept_scaled_a", None)  # training: nothing kept between steps
+            return self.scaled_a()
+        key = tuple((t._version, t.data_ptr(), t.device, t.dtype) for t in tensors)
+        kept = self.__dict__.get("_kept_scaled_a")
+        if kept is None or kept[0] != key:
+            with torch.no_grad():  # the kept storages keep their addresses from going to new tensors
+                kept = (key, self.scaled_a(), [t.untyped_storage() for t in tensors])
+            self.__dict__["_kept_scaled_a"] = kept
+        return kept[1]
+
+    def _down(self, x: torch.Tensor) -> torch.Tensor:
+        """diag(s) A (w * dropout(x)) per token, (..., r), in the adapter's dtype (autocast's under autocast)."""
+        return F.linear(self.dropout(to_dtype(x, self.delora_A.dtype)), self._forward_scaled_a())
+
+    def delta(self, x: torch.Tensor, h: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        return F.linear(self._down(x), self.delora_B).to(h.dtype)
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        """h + (x A'^T) B^T, the second product adding into h in one ``addmm`` where the dtypes agree (no
+        separate (tokens, out) update tensor and sum)."""
+        down = self._down(x)
+        if h.dtype != down.dtype or h.dim() < 2:
+            return h + F.linear(down, self.delora_B).to(h.dtype)
+        out = torch.addmm(h.reshape(-1, h.shape[-1]), down.reshape(-1, self.r), self.delora_B.t())
+        return out.view(h.shape)
+
+    def forward_alone(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor | None:
+        """The layer's whole output in one (tokens, out) tensor: the update's product (with the bias) writes it
+        and the base product accumulates onto it, so neither a separate base output nor a sum is made. None
+        (the base product, then :meth:`forward`) under autocast, where the adapter's dtype is not the layer's
+        (float32 beside a half-precision weight), or for a layer that is not a plain Linear."""
+        weight = base.weight
+        if torch.is_autocast_enabled(x.device.type) or not fusable_linear(base, x, self.delora_A) \
+                or weight.dtype != self.delora_A.dtype:
+            return None
+        x2 = x.reshape(-1, x.shape[-1])
+        down, up = self._down(x2), self.delora_B.t()
+        out = torch.mm(down, up) if base.bias is None else torch.addmm(base.bias, down, up)
+        out.addmm_(x2, weight.t())
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    def delta_weight(self, base: nn.Module) -> torch.Tensor:
+        """B diag(s) A diag(w), the change to ``base.weight`` (out, in)."""
+        return self.delora_B @ self.scaled_a()
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"delora_A": self.delora_A, "delora_B": self.delora_B, "delora_lambda": self.delora_lambda,
+                "delora_w_norm": self.delora_w_norm}
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, r={self.r}"
