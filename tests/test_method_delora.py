@@ -294,3 +294,14 @@ def test_gpt2s_conv1d_layers_are_refused_as_by_peft():
         peftkit.adapt(build_tiny("gpt2"), "delora")
     with pytest.raises(TypeError, match="only `torch.nn.Linear`"):
         _peft_model("gpt2", target_modules=["c_attn"])
+
+
+def test_a_quantized_layer_is_refused_naming_it():
+    """DeLoRA reads the base weight's column norms, which a packed 4-bit weight does not give (PEFT would take the
+    norms of the packed storage)."""
+    pytest.importorskip("bitsandbytes")
+    from tests.method_helpers import quantized_linear_and_twin
+
+    quantized, _ = quantized_linear_and_twin(4)
+    with pytest.raises(ConfigError, match=r"target '0' is a Linear4bit; DeLoRA adapts .*not quantized layers"):
+        peftkit.adapt(quantized, "delora[target_modules=['0']]")
