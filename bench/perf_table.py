@@ -144,6 +144,7 @@ METHODS: dict[str, tuple[str, str]] = {
     "randlora": ("RandLoRA r32 all-linear", "randlora[r=32,target_modules=all-linear]"),
     "c3a": ("C3A block 32 all-linear", "c3a[block_size=32,target_modules=all-linear]"),
     "shira": ("SHiRA r8 all-linear", "shira[r=8,init_weights=false,target_modules=all-linear]"),
+    "road": ("RoAd road_1 group 64 all-linear", "road[group_size=64,init_weights=false,target_modules=all-linear]"),
     "delora": ("DeLoRA r8 all-linear", "delora[r=8,init_weights=false,target_modules=all-linear]"),
 }
 #: The methods whose adapters do not merge into the weights (no merged column).

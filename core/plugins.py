@@ -66,6 +66,7 @@ _BUILTIN_FALLBACK = {
     "randlora": "peftkit.plugins.randlora",
     "c3a": "peftkit.plugins.c3a",
     "shira": "peftkit.plugins.shira",
+    "road": "peftkit.plugins.road",
     "delora": "peftkit.plugins.delora",
     "builtin_architectures": "peftkit.core.architectures",
     "builtin_merges": "peftkit.core.merge_strategies",

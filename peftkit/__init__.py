@@ -93,6 +93,7 @@ _LAZY: dict[str, str] = {
     "RandLoraConfig": "peftkit.plugins.randlora.config",
     "C3AConfig": "peftkit.plugins.c3a.config",
     "ShiraConfig": "peftkit.plugins.shira.config",
+    "RoadConfig": "peftkit.plugins.road.config",
     "DeloraConfig": "peftkit.plugins.delora.config",
     # errors
     "PeftkitError": "peftkit.core.errors",
@@ -157,6 +158,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from peftkit.plugins.randlora.config import RandLoraConfig  # noqa: F401
     from peftkit.plugins.c3a.config import C3AConfig  # noqa: F401
     from peftkit.plugins.shira.config import ShiraConfig  # noqa: F401
+    from peftkit.plugins.road.config import RoadConfig  # noqa: F401
     from peftkit.plugins.delora.config import DeloraConfig  # noqa: F401
     from peftkit.plugins.bottleneck.config import DoubleSeqBnConfig, ParBnConfig, SeqBnConfig  # noqa: F401
     from peftkit.plugins.ia3.config import IA3Config  # noqa: F401

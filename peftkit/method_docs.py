@@ -26,6 +26,7 @@ PAGES: dict[str, tuple[str, ...]] = {
     "randlora.md": ("randlora",),
     "c3a.md": ("c3a",),
     "shira.md": ("shira",),
+    "road.md": ("road",),
     "delora.md": ("delora",),
 }
 #: Methods documented in a section of their family's page rather than by the whole page: method -> anchor.

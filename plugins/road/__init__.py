@@ -1,0 +1,25 @@
+"""RoAd (2D rotary adaptation, PEFT's ROAD) as a peftkit plugin, in Hugging Face PEFT's file format.
+
+This module is the entry point and stays torch-free; the layer module lives in ``layer.py``, imported only
+when an adapter is created. RoAd's default targets are LoRA's (as in PEFT), taken through
+``adaptable_targets(..., defaults_of="lora")``, so the plugin registers no architecture defaults of its own.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from peftkit.plugin_api import PLUGIN_API_VERSION, hookimpl
+
+from .config import RoadConfig
+
+PEFTKIT_PLUGIN_API = PLUGIN_API_VERSION
+
+__all__ = ["RoadConfig"]
+
+
+@hookimpl
+def peftkit_register_methods(register: Callable[[Any], None]) -> None:
+    from .method import RoadMethod
+
+    register(RoadMethod())
