@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .errors import AdapterLoadError
 from .fileio import read_folder_json
 from .labels import read_labels
 from .own_metadata import read_own_metadata
-from .peft_format import file_in_peft_format, method_name_of_folder
+from .peft_format import file_in_peft_format, frozen_tensors_of_folder, method_name_of_folder
 
 #: In the keys of the base model's own weights that PEFT saves beside an adapter on embed_tokens or
 #: lm_head (see peft_embeddings): not the adapter's parameters.
@@ -64,7 +64,7 @@ def describe_folder(path: str | Path) -> dict[str, Any]:
         raise AdapterLoadError(f"{config_path} is not valid JSON: {exc}") from None
     own = read_own_metadata(path, data)
     weights = path / "adapter_model.safetensors"
-    params, tensors = tensor_counts(weights, data.get("modules_to_save"))
+    counts = tensor_counts(weights, data.get("modules_to_save"), frozen_tensors_of_folder(data, own))
     size, checkpoints, checkpoint_bytes, tokenizer_files, tokenizer_bytes = _sizes(path)
     fmt = _file_format(data)
     return {
@@ -81,8 +81,9 @@ def describe_folder(path: str | Path) -> dict[str, Any]:
         "labels": read_labels(path),  # a classifier's label names (labels.json), else None
         "plugin": own.get("plugin"),
         "plugin_version": own.get("plugin_version"),
-        "parameters": params,
-        "tensors": tensors,
+        "parameters": counts.parameters,
+        "fixed_numbers": counts.fixed,
+        "tensors": counts.tensors,
         "size_bytes": size,
         "checkpoints": checkpoints,
         "checkpoints_size_bytes": checkpoint_bytes,
@@ -139,12 +140,26 @@ def describe_composition(path: str | Path) -> dict[str, Any]:
     }
 
 
-def tensor_counts(path: Path, modules_to_save: Any = None) -> tuple[int, int]:
-    """(numbers, tensors) of the adapter's own in a safetensors file, from its header ((0, 0) when there is no
-    file); the base embedding weights PEFT saves beside an adapter (:func:`_base_embeddings`) are not counted."""
+class TensorCounts(NamedTuple):
+    """What an adapter file holds: its ``parameters`` (the numbers training changes), its ``tensors`` and the
+    ``fixed`` numbers it saves that training does not change (``Method.frozen_tensors``, integer indices)."""
+
+    parameters: int
+    tensors: int
+    fixed: int
+
+
+#: safetensors dtypes of integer and boolean tensors: indices and masks, never parameters.
+_INTEGER_DTYPES = frozenset({"I64", "I32", "I16", "I8", "U64", "U32", "U16", "U8", "BOOL"})
+
+
+def tensor_counts(path: Path, modules_to_save: Any = None, frozen: frozenset[str] = frozenset()) -> TensorCounts:
+    """What a safetensors file holds, from its header (zeros when there is no file). The base embedding weights
+    PEFT saves beside an adapter (:func:`_base_embedding_keys`) are not counted at all; tensors whose key ends in
+    a name of ``frozen`` and integer tensors count as fixed, not as parameters."""
     if not path.is_file():
-        return 0, 0
-    numbers = tensors = 0
+        return TensorCounts(0, 0, 0)
+    parameters = tensors = fixed = 0
     header = safetensors_header(path)
     base = _base_embedding_keys(header, modules_to_save)
     for key, value in header.items():
@@ -152,9 +167,12 @@ def tensor_counts(path: Path, modules_to_save: Any = None) -> tuple[int, int]:
             n = 1
             for dim in value["shape"]:
                 n *= dim
-            numbers += n
             tensors += 1
-    return numbers, tensors
+            if value.get("dtype") in _INTEGER_DTYPES or key.rpartition(".")[2] in frozen:
+                fixed += n
+            else:
+                parameters += n
+    return TensorCounts(parameters, tensors, fixed)
 
 
 def _base_embedding_keys(header: dict[str, Any], modules_to_save: Any) -> dict[str, str]:

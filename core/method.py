@@ -99,6 +99,11 @@ class Method:
     #: (PEFT's ``save_embedding_layers="auto"``). False for a method whose point is to save a few rows of an
     #: embedding (trainable tokens), whose folders PEFT writes without them.
     saves_base_embeddings: ClassVar[bool] = True
+    #: The last names of the keys (``vera_A`` in ``base_model.model.vera_A``) of float tensors its folders save
+    #: that training does not change: buffers and shared random projections (VeRA's, RandLoRA's bases, DeLoRA's
+    #: weight norms). ``peftkit info`` and the hub card count them apart from the adapter's parameters, which
+    #: are then what PEFT's ``print_trainable_parameters`` counts; integer tensors (indices) are never counted.
+    frozen_tensors: ClassVar[frozenset[str]] = frozenset()
 
     # Filled in by the plugin manager.
     plugin_name: str | None = None

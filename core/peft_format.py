@@ -88,3 +88,14 @@ def method_name_of_folder(config: Mapping[str, Any], own: Mapping[str, Any]) -> 
 
     method = method_reading(get_registry().methods.values(), peft_type)
     return method.name if method is not None else peft_type.lower()
+
+
+def frozen_tensors_of_folder(config: Mapping[str, Any], own: Mapping[str, Any]) -> frozenset[str]:
+    """The ``Method.frozen_tensors`` of the installed method a saved folder names (empty when none is installed)."""
+    name = method_name_of_folder(config, own)
+    if name is None:
+        return frozenset()
+    from .plugins import get_registry
+
+    method = get_registry().methods.get(name)
+    return frozenset(getattr(method, "frozen_tensors", frozenset()))

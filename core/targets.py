@@ -178,6 +178,7 @@ def adaptable_targets(model: "nn.Module", config: "AdapterConfig", arch: "Archit
     ``method``, take that method's defaults (as PEFT does for LoKr, VeRA, ...); they are written into
     ``config.target_modules`` so that the saved config names them.
     """
+    chose_targets = config.target_modules is not None  # else the model family's defaults (this method's or LoRA's)
     if defaults_of is not None and config.target_modules is None and arch is not None \
             and arch.default_targets(method) is None:
         other = arch.default_targets(defaults_of)
@@ -192,8 +193,11 @@ def adaptable_targets(model: "nn.Module", config: "AdapterConfig", arch: "Archit
         if accepts(module):
             kept.append(name)
         elif isinstance(config.target_modules, list) and name_matches(name, config.target_modules):
+            fix = "Leave it out of target_modules" if chose_targets else \
+                f"It is one of this model's default targets ({', '.join(config.target_modules)}): name the layers " \
+                f"to adapt in target_modules"
             raise ConfigError(f"{method}: target {name!r} is {_article(type(base_of(module)).__name__)}; {label} adapts "
-                              f"{kinds}. Leave it out of target_modules")
+                              f"{kinds}. {fix}")
     if not kept:
         raise ConfigError(f"{method}: target_modules={config.target_modules!r} matched no layer {label} adapts "
                           f"({kinds}): {', '.join(names[:5])} ...")

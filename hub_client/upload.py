@@ -295,17 +295,21 @@ def _write_card(workdir: Path, meta: dict[str, Any], old_body: str, description:
     return path
 
 
-def _parameters(folder: Path, weights: str, modules_to_save: Any = None) -> int | None:
-    """The adapter's own numbers in ``folder / weights`` (not the base embeddings PEFT saves beside an adapter,
-    whose ``modules_to_save`` tells a trained head apart: ``peftkit info`` counts alike), or None without the
-    file."""
+def _parameters(folder: Path, weights: str, config: dict[str, Any] | None = None) -> int | None:
+    """The adapter's own trained numbers in ``folder / weights`` (``config``: its adapter_config.json): not the
+    base embeddings PEFT saves beside an adapter, nor the tensors training does not change (``peftkit info``
+    counts alike), or None without the file."""
     from peftkit.core.inspect_folder import tensor_counts
+    from peftkit.core.own_metadata import read_own_metadata
+    from peftkit.core.peft_format import frozen_tensors_of_folder
 
     path = folder / weights
     if not path.is_file():
         return None
+    config = config or {}
+    frozen = frozen_tensors_of_folder(config, read_own_metadata(folder, config)) if config else frozenset()
     try:
-        return tensor_counts(path, modules_to_save)[0]
+        return tensor_counts(path, config.get("modules_to_save"), frozen).parameters
     except Exception as exc:
         raise HubError(f"{path} is not a valid safetensors file ({exc}); save the adapter again") from None
 
@@ -322,7 +326,7 @@ def _adapter_upload(folder: Path, files: dict[str, Path], repo_id: str, workdir:
                          else ("adapter_model.safetensors", "base_model_name_or_path"))
     if weights not in files:
         raise HubError(f"{folder} has no {weights}; save the adapter again")
-    parameters = _parameters(folder, weights, config.get("modules_to_save"))
+    parameters = _parameters(folder, weights, config)
     base, rewrite = _resolve_base(config.get(base_key) or None, options.base_model, where)
     if rewrite:
         config = dict(config, **{base_key: base})
@@ -364,7 +368,7 @@ def _composition_upload(folder: Path, files: dict[str, Path], repo_id: str, work
         method = _method_of(member, sub_folder)
         if method and method not in methods:
             methods.append(method)
-        parameters += _parameters(sub_folder, "adapter_model.safetensors", member.get("modules_to_save")) or 0
+        parameters += _parameters(sub_folder, "adapter_model.safetensors", member) or 0
     base, _ = _resolve_base(data.get("base_model_name_or_path"), options.base_model, str(folder))
     old_meta, old_body = _existing_card(folder)
     metrics = _merged_metrics(old_meta, options.metrics, str(folder))

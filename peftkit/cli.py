@@ -137,7 +137,10 @@ def info_command(path: str, as_json: bool) -> None:
         rows += [("labels", ", ".join(f"{i}: {name}" for i, name in enumerate(info["labels"])))]
     for key, value in [*rows,
                        ("plugin", f"{info['plugin'] or '-'} {info['plugin_version'] or ''}".strip()),
-                       ("parameters", f"{info['parameters']:,}"), ("tensors", info["tensors"]),
+                       ("parameters", f"{info['parameters']:,}"
+                        + (f" (and {info['fixed_numbers']:,} fixed numbers: saved, not trained)"
+                           if info["fixed_numbers"] else "")),
+                       ("tensors", info["tensors"]),
                        ("size on disk", _human_bytes(info["size_bytes"]))]:
         click.echo(f"{key:>13}: {value}")
     if info["base_embeddings"]:

@@ -319,5 +319,9 @@ def test_gpt2s_conv1d_layers_are_refused_as_by_peft():
     with pytest.raises(ConfigError) as named:  # a listed target: the fix is the list (C3A refuses exclude_modules)
         peftkit.adapt(build_tiny("gpt2"), "c3a[block_size=16,target_modules=[c_attn]]")
     assert str(named.value).endswith("Leave it out of target_modules") and "exclude_modules" not in str(named.value)
+    with pytest.raises(ConfigError) as by_default:  # the user named no targets: the model's defaults are the cause
+        peftkit.adapt(build_tiny("gpt2"), "c3a[block_size=16]")
+    assert str(by_default.value).endswith("It is one of this model's default targets (c_attn): name the layers to "
+                                          "adapt in target_modules")
     with pytest.raises(TypeError, match="only `torch.nn.Linear`"):
         _peft_model("gpt2", block_size=16, target_modules=["c_attn"])

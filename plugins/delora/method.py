@@ -40,6 +40,8 @@ class DeloraMethod(Method):
     description = "DeLoRA: LoRA with normalized rank-one terms under a trained norm bound; mergeable; PEFT format"
     can_merge = True
     peft_type = "DELORA"
+    #: the base weight's column norms, a buffer: saved, not trained
+    frozen_tensors = frozenset({"delora_w_norm"})
 
     def sites(self, model: "nn.Module", config: AdapterConfig, arch: "ArchitectureSpec | None") -> list[Site]:
         from peftkit.plugin_api import adaptable_targets

@@ -31,6 +31,8 @@ class RandLoraMethod(Method):
     description = "RandLoRA: full-rank updates from shared random bases; mergeable; PEFT format"
     can_merge = True
     peft_type = "RANDLORA"
+    #: the shared random bases (saved with save_projection): saved, not trained
+    frozen_tensors = frozenset({"randlora_A", "randlora_B"})
 
     def sites(self, model: "nn.Module", config: AdapterConfig, arch: "ArchitectureSpec | None") -> list[Site]:
         from peftkit.plugin_api import adaptable_targets, is_linear_like

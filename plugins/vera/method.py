@@ -28,6 +28,8 @@ class VeraMethod(Method):
     description = "Vector-based random matrix adaptation (VeRA); mergeable; PEFT format"
     can_merge = True
     peft_type = "VERA"
+    #: the shared random projections (saved with save_projection): saved, not trained
+    frozen_tensors = frozenset({"vera_A", "vera_B"})
 
     def sites(self, model: "nn.Module", config: AdapterConfig, arch: "ArchitectureSpec | None") -> list[Site]:
         from peftkit.plugin_api import adaptable_targets, is_linear_like
