@@ -144,7 +144,7 @@ METHODS: dict[str, tuple[str, str]] = {
     "randlora": ("RandLoRA r32 all-linear", "randlora[r=32,target_modules=all-linear]"),
     "c3a": ("C3A block 32 all-linear", "c3a[block_size=32,target_modules=all-linear]"),
     "shira": ("SHiRA r8 all-linear", "shira[r=8,init_weights=false,target_modules=all-linear]"),
-    "road": ("RoAd road_1 group 64 all-linear", "road[group_size=64,init_weights=false,target_modules=all-linear]"),
+    "road": ("RoAd road_1 group 32 all-linear", "road[group_size=32,init_weights=false,target_modules=all-linear]"),
     "delora": ("DeLoRA r8 all-linear", "delora[r=8,init_weights=false,target_modules=all-linear]"),
 }
 #: The methods whose adapters do not merge into the weights (no merged column).
@@ -157,6 +157,10 @@ def saved_activation_bytes(step: Callable[..., None], weights: set[int]) -> int:
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.layout != torch.strided:  # a sparse tensor (PEFT's SHiRA): its indices' and values' storages
+            for part in (t._indices(), t._values()) if t.layout == torch.sparse_coo else ():
+                seen[part.untyped_storage().data_ptr()] = part.untyped_storage().nbytes()
+            return t
         storage = t.untyped_storage()
         if storage.data_ptr() not in weights:
             seen[storage.data_ptr()] = storage.nbytes()

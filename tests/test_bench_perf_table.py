@@ -32,3 +32,19 @@ def test_an_autocast_setup_runs_each_step_under_autocast_and_says_so() -> None:
     Setup("cpu", torch.float32, SIZES["small"]).run(step)()
     assert seen[0] == (True, torch.bfloat16, False) and seen[1][0] is False
     assert mixed.describe().endswith("float32 under bfloat16 autocast")
+
+
+def test_the_saved_activations_of_a_step_count_sparse_tensors_too() -> None:
+    """PEFT's SHiRA keeps a sparse tensor for backward: its indices and values are counted (the run crashed on it
+    before: a sparse tensor has no storage of its own)."""
+    from perf_table import saved_activation_bytes
+
+    values = torch.randn(5, requires_grad=True)
+    indices = torch.tensor([[0, 1, 2, 3, 4], [4, 3, 2, 1, 0]])
+    dense = torch.randn(5, 5)
+
+    def step(backward: bool = True) -> None:
+        sparse = torch.sparse_coo_tensor(indices, values, (5, 5))
+        torch.sparse.mm(sparse, dense).sum()
+
+    assert saved_activation_bytes(step, set()) >= indices.numel() * 8 + values.numel() * 4

@@ -305,3 +305,22 @@ def test_a_quantized_layer_is_refused_naming_it():
     quantized, _ = quantized_linear_and_twin(4)
     with pytest.raises(ConfigError, match=r"target '0' is a Linear4bit; DeLoRA adapts .*not quantized layers"):
         peftkit.adapt(quantized, "delora[target_modules=['0']]")
+
+
+def test_the_fused_forward_counts_every_product_it_runs() -> None:
+    """The base product accumulates onto the update's with addmm(out=), which FLOP counters (bench/perf_table.py's
+    floor columns) see: the adapted forward's FLOPs are the base's plus the two rank-r products per layer."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    base = build_tiny("llama")
+    model = peftkit.adapt(build_tiny("llama"), "delora[r=4,target_modules=[q_proj]]")
+    ids = torch.randint(0, 100, (1, 8))
+    flops = []
+    for run in (base, model):
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            run(input_ids=ids)
+        flops.append(counter.get_total_flops())
+    q = base.model.layers[0].self_attn.q_proj
+    per_layer = 2 * 8 * 4 * (q.in_features + q.out_features)
+    assert flops[1] - flops[0] == per_layer * len(base.model.layers)
