@@ -115,7 +115,10 @@ class DeloraLayer(LayerAdapter):
         x2 = x.reshape(-1, x.shape[-1])
         down, up = self._down(x2), self.delora_B.t()
         out = torch.mm(down, up) if base.bias is None else torch.addmm(base.bias, down, up)
-        torch.addmm(out, x2, weight.t(), out=out)  # in place; addmm(out=), unlike addmm_, is seen by FLOP counters
+        if out.requires_grad:  # addmm(out=) takes no autograd; addmm_ is not seen by FLOP counters
+            out.addmm_(x2, weight.t())
+        else:
+            torch.addmm(out, x2, weight.t(), out=out)  # in place, counted as a product (perf_table's floors)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     def delta_weight(self, base: nn.Module) -> torch.Tensor:
