@@ -87,7 +87,7 @@ def describe_folder(path: str | Path) -> dict[str, Any]:
         "size_bytes": size,
         "checkpoints": checkpoints,
         "checkpoints_size_bytes": checkpoint_bytes,
-        "base_embeddings": base_embeddings(path, data.get("modules_to_save")),
+        "base_embeddings": counts.base_embeddings,
         "tokenizer_files": tokenizer_files,
         "tokenizer_size_bytes": tokenizer_bytes,
     }
@@ -147,6 +147,9 @@ class TensorCounts(NamedTuple):
     parameters: int
     tensors: int
     fixed: int
+    #: The base embedding weights the file carries beside the adapter: module path -> shape (rows = the
+    #: vocabulary a model needs to load it).
+    base_embeddings: dict[str, list[int]]
 
 
 #: safetensors dtypes of integer and boolean tensors: indices and masks, never parameters.
@@ -158,7 +161,7 @@ def tensor_counts(path: Path, modules_to_save: Any = None, frozen: frozenset[str
     PEFT saves beside an adapter (:func:`_base_embedding_keys`) are not counted at all; tensors whose key ends in
     a name of ``frozen`` and integer tensors count as fixed, not as parameters."""
     if not path.is_file():
-        return TensorCounts(0, 0, 0)
+        return TensorCounts(0, 0, 0, {})
     parameters = tensors = fixed = 0
     header = safetensors_header(path)
     base = _base_embedding_keys(header, modules_to_save)
@@ -172,7 +175,8 @@ def tensor_counts(path: Path, modules_to_save: Any = None, frozen: frozenset[str
                 fixed += n
             else:
                 parameters += n
-    return TensorCounts(parameters, tensors, fixed)
+    embeddings = {module: list(header[key]["shape"]) for key, module in base.items() if key.endswith(".weight")}
+    return TensorCounts(parameters, tensors, fixed, embeddings)
 
 
 def _base_embedding_keys(header: dict[str, Any], modules_to_save: Any) -> dict[str, str]:
@@ -193,17 +197,6 @@ def _base_embedding_keys(header: dict[str, Any], modules_to_save: Any) -> dict[s
         if module.rpartition(".")[2] not in saved:
             found[key] = module.removeprefix(PEFT_KEY_PREFIX)
     return found
-
-
-def base_embeddings(path: Path, modules_to_save: Any = None) -> dict[str, list[int]]:
-    """The base embedding weights a PEFT-format adapter file carries: module path -> shape (rows = the
-    vocabulary a model needs to load it)."""
-    weights = path / "adapter_model.safetensors"
-    if not weights.is_file():
-        return {}
-    header = safetensors_header(weights)
-    return {module: list(header[key]["shape"]) for key, module in _base_embedding_keys(header, modules_to_save).items()
-            if key.endswith(".weight")}
 
 
 def _not_an_adapter(path: Path) -> str:
