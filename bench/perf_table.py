@@ -203,11 +203,24 @@ def peak_step_bytes(step: Callable[..., None], device: str = "cpu") -> int:
     return peak
 
 
+def _product_flops(_accumulated: Any, left: Any, right: Any, *_: Any, **__: Any) -> int:
+    """FLOPs of ``left @ right`` (shapes (..., m, k) and (..., k, n)), one multiply and one add each."""
+    batch = left[0] if len(left) == 3 else 1
+    return 2 * batch * left[-2] * left[-1] * right[-1]
+
+
 def step_flops(step: Callable[..., None]) -> int:
-    """Matrix-multiply FLOPs of one call of ``step`` (a training step or an inference forward)."""
+    """Matrix-multiply FLOPs of one call of ``step`` (a training step or an inference forward).
+
+    torch's counter has no formula for the in-place products (``addmm_``, ``baddbmm_``: DeLoRA's training
+    forward accumulates its base product with ``addmm_``, since ``addmm(out=)`` takes no autograd); they
+    cost what their out-of-place forms cost, so they are counted with those forms' formulas."""
+    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    counter = FlopCounterMode(display=False)
+    aten = torch.ops.aten
+    counter = FlopCounterMode(display=False, custom_mapping={aten.addmm_: _product_flops,
+                                                             aten.baddbmm_: _product_flops})
     with counter:
         step()
     return counter.get_total_flops()

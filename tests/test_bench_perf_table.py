@@ -48,3 +48,15 @@ def test_the_saved_activations_of_a_step_count_sparse_tensors_too() -> None:
         torch.sparse.mm(sparse, dense).sum()
 
     assert saved_activation_bytes(step, set()) >= indices.numel() * 8 + values.numel() * 4
+
+
+def test_the_floor_counts_in_place_products_as_their_out_of_place_forms() -> None:
+    """DeLoRA's training forward accumulates its base product with ``addmm_`` (``addmm(out=)`` takes no
+    autograd), which torch's FLOP counter has no formula for: the step floor left the base product out."""
+    from perf_table import step_flops
+
+    x, w, out = torch.randn(6, 4), torch.randn(4, 3), torch.zeros(6, 3)
+    batched_x, batched_w, batched_out = torch.randn(2, 6, 4), torch.randn(2, 4, 3), torch.zeros(2, 6, 3)
+    plain = step_flops(lambda: (torch.addmm(out, x, w), torch.baddbmm(batched_out, batched_x, batched_w)))
+    in_place = step_flops(lambda: (out.addmm_(x, w), batched_out.baddbmm_(batched_x, batched_w)))
+    assert in_place == plain == 2 * 6 * 4 * 3 * 3
