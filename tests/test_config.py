@@ -86,6 +86,14 @@ def test_two_swapped_neighbours_are_the_first_suggestion():
     assert option_suggestion("aplha", ["alpha", "apha_x"]) == "did you mean 'alpha'?"
 
 
+def test_a_lora_scale_on_delora_points_to_delora_lambda():
+    """DeLoRA's scale is delora_lambda; ``delora[alpha=4]`` named no option and ``lambda_`` got lambda_pattern."""
+    for key in ("alpha", "lora_alpha", "lambda", "lambda_"):
+        with pytest.raises(ConfigError, match=r"write 'delora_lambda' \(peftkit's name for it\)"):
+            parse_spec(f"delora[{key}=4]")
+    assert parse_spec("lora[alpha=4]")[1].alpha == 4
+
+
 
 def test_method_names_match_in_any_case():
     for spec, name in (("LoRA[r=4]", "lora"), ("IA3", "ia3"), ("LoKr", "lokr"), ("Seq-BN", "seq_bn")):
