@@ -13,6 +13,8 @@
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 from typing import Any, Callable
 
 import torch
@@ -110,9 +112,15 @@ class LayerAdapter(nn.Module):
     #: calls :meth:`call_base` instead of running the base module and ``forward``.
     changes_parameters: bool = False
 
+    #: Set by adapters that need the arguments the base module is called with besides its input (an
+    #: attention module's position embeddings): active alone at their site, the TunerLayer calls
+    #: :meth:`call_base`, which runs the base module and returns the site's whole output.
+    reads_call_arguments: bool = False
+
     def call_base(self, base: nn.Module, x: Any, args: tuple, kwargs: dict) -> Any:
         """For ``changes_parameters`` adapters: ``base(x, *args, **kwargs)`` computed with the adapted
-        parameters (the base module may take any arguments, e.g. an experts block's routing)."""
+        parameters (the base module may take any arguments, e.g. an experts block's routing). For
+        ``reads_call_arguments`` adapters: the site's output, from the base module's output and the call."""
         raise NotImplementedError
 
     def low_rank(self, forward: bool = False) -> tuple[torch.Tensor, torch.Tensor, float] | None:
@@ -262,6 +270,28 @@ def merge_order_message(name: str, earlier: str) -> str:
             f"merged), or keep it unmerged")
 
 
+#: TunerLayer.forward's default input: the module was called with its input by keyword.
+_KEYWORD_INPUT: Any = object()
+
+
+@functools.lru_cache(maxsize=None)
+def _input_name(kind: type) -> str | None:
+    """The name of the first parameter of ``kind.forward`` after ``self`` (its input), None if it has none."""
+    names = list(inspect.signature(kind.forward).parameters)[1:]
+    return names[0] if names else None
+
+
+def keyword_input(module: nn.Module, kwargs: dict) -> tuple[Any, dict]:
+    """``module``'s input taken out of keyword arguments: the value of its forward's first parameter, and
+    the other keyword arguments (a TypeError naming the parameter when the call has none)."""
+    name = _input_name(type(module))
+    if name is None or name not in kwargs:
+        raise TypeError(f"{type(module).__name__}.forward() was called without its input "
+                        f"({name or 'a positional argument'})")
+    rest = dict(kwargs)
+    return rest.pop(name), rest
+
+
 class TunerLayer(nn.Module):
     """Wraps an original module and applies the active adapters to its output."""
 
@@ -288,7 +318,9 @@ class TunerLayer(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return getattr(self.base_layer, "bias", None)
 
-    def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, x: Any = _KEYWORD_INPUT, *args: Any, **kwargs: Any) -> Any:
+        if x is _KEYWORD_INPUT:  # the input passed by keyword (transformers' Llama: self_attn(hidden_states=...))
+            x, kwargs = keyword_input(self.base_layer, kwargs)
         state = self.adapter_state
         plan = state.current
         adapters = self.adapters  # read once: a module attribute costs a lookup each time (decoding: every token)
@@ -298,7 +330,7 @@ class TunerLayer(nn.Module):
                 and plan not in self.input_sources:
             adapter = adapters[plan]
             base = self.base_layer
-            if adapter.changes_parameters:
+            if adapter.changes_parameters or adapter.reads_call_arguments:
                 return adapter.call_base(base, x, args, kwargs)
             kind = type(adapter)
             if not args and not kwargs and not base._forward_hooks and not base._forward_pre_hooks \

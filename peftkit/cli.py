@@ -69,7 +69,7 @@ def _show_method(info: dict[str, Any], as_json: bool) -> None:
     click.echo(f"plugin: {info['distribution'] or '-'} {info['version'] or ''}".rstrip()
                + f"; merges: {'yes' if info['can_merge'] else 'no'}; PEFT format: "
                + ("yes" if info["peft_format"] else "no"))
-    click.echo(f"blocks: {', '.join(info['blocks'])}")
+    click.echo(f"blocks: {', '.join(info['blocks']) or 'none (the adapter runs alone)'}")
     if info["distribution"] == "peftkit":  # a built-in method has a page in the docs that ship with peftkit
         from peftkit.method_docs import docs_reference
 

@@ -28,6 +28,7 @@ PAGES: dict[str, tuple[str, ...]] = {
     "shira.md": ("shira",),
     "road.md": ("road",),
     "delora.md": ("delora",),
+    "adaption_prompt.md": ("adaption_prompt",),
 }
 #: Methods documented in a section of their family's page rather than by the whole page: method -> anchor.
 SECTIONS: dict[str, str] = {"p_tuning": "p-tuning-p_tuning-pefts-p_tuning"}
