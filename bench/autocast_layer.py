@@ -1,7 +1,7 @@
 """One LoRA layer's training step under bfloat16 autocast: the fused path over the unfused one.
 
 A float32 nn.Linear with LoRA r8 (factors random), 512 tokens, run under ``torch.autocast("cpu",
-bfloat16)``: forward and backward, the fused node (plugins/lora/fused.py) against the unfused path
+bfloat16)``: forward and backward, the fused node (core/fused_lora.py) against the unfused path
 (what the layer runs when ``fusable_linear`` refuses it), in interleaved rounds of 5 steps each,
 timing the process's CPU time. Prints the median ratio and its quartiles per layer shape.
 

@@ -3,7 +3,7 @@
 Times an inference forward (``torch.inference_mode``) of the float32 Llama of bench/perf_table.py with a
 LoRA on every linear layer, against the base model's forward, in paired rounds (bench/timing.py). Three
 models: peftkit as it runs (from enough tokens a layer adds ``s B A`` to a temporary weight copy and runs
-one product: ``dense_is_cheaper`` in plugins/lora/fused.py), peftkit with the copy turned off (the
+one product: ``dense_is_cheaper`` in core/fused_lora.py), peftkit with the copy turned off (the
 products at every layer) and PEFT with the same adapter. Prints each ratio with its interval, and the
 logits' largest difference from PEFT's.
 
@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 
 import peftkit
-import peftkit.plugins.lora.fused as lora_fused
+import peftkit.core.fused_lora as lora_fused
 from bench_lora import build_base
 from perf_table import peft_model
 from timing import lm_forward, paired_ratios

@@ -77,6 +77,9 @@ _LAZY: dict[str, str] = {
     "adapter_precision": "peftkit.core.base_layers",
     "kept_scaled_transpose": "peftkit.core.base_layers",
     "to_dtype": "peftkit.core.base_layers",
+    "fused_lora": "peftkit.core.fused_lora",
+    "dora_norm": "peftkit.core.fused_lora",
+    "norm_joins_base_product": "peftkit.core.fused_lora",
     # PEFT's adapter_config.json fields
     "read_peft_fields": "peftkit.core.peft_format",
     "write_peft_fields": "peftkit.core.peft_format",
@@ -124,6 +127,7 @@ if TYPE_CHECKING:  # pragma: no cover
                                           kept_scaled_transpose, linear_features, plain_linear,
                                           quantization_of, to_dtype, weight_out_in)
     from peftkit.core.config import AdapterConfig, option  # noqa: F401
+    from peftkit.core.fused_lora import dora_norm, fused_lora, norm_joins_base_product  # noqa: F401
     from peftkit.core.gates import SequenceGate  # noqa: F401
     from peftkit.core.errors import (AdapterLoadError, ConfigError, MergeError, PeftkitError,  # noqa: F401
                                      PluginError, TargetError)

@@ -301,3 +301,59 @@ def test_ia3_alone_matches_formula(feedforward: bool, dtype: torch.dtype) -> Non
         with torch.no_grad():
             adapted.merge_adapter()
             assert torch.allclose(layer(x), expected_out, atol=1e-5)
+
+
+#: Methods whose update has LoRA's form with factors built each call, run through the public ``fused_lora``.
+LORA_FORM_SPECS = {
+    "adalora": "adalora[init_r=4,target_r=2,total_step=10,alpha=8,dropout={dropout},init_weights=false,"
+               "target_modules=proj]",
+    "vblora": "vblora[r=4,num_vectors=16,vector_length=4,topk=2,vblora_dropout={dropout},init_logits_std=1.0,"
+              "target_modules=proj]",
+}
+
+
+@pytest.mark.parametrize("method", sorted(LORA_FORM_SPECS))
+@pytest.mark.parametrize("dtype", [torch.float32, MIXED])
+@pytest.mark.parametrize("kind", ["linear_bias", "conv1d"])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_lora_form_methods_take_the_fused_node_with_the_unfused_values(method: str, dtype: torch.dtype | str,
+                                                                       kind: str, dropout: float) -> None:
+    """AdaLoRA (A * E) and VB-LoRA (A and B mixed from the bank) run the fused LoRA node in training: the same
+    output, input gradient and gradients of every trained tensor (E, the logits, the bank) as the unfused path
+    (the base layer hooked), with the same dropout draws for one seed."""
+    results = []
+    for hooked in (False, True):
+        model = nn.Sequential()
+        model.add_module("proj", _base(kind, torch.bfloat16 if dtype == MIXED else dtype))
+        torch.manual_seed(2)
+        model = peftkit.adapt(model, LORA_FORM_SPECS[method].format(dropout=dropout))
+        model.train()
+        layer = model.base_model.proj
+        if hooked:
+            layer.base_layer.register_forward_hook(lambda *a: None)
+        torch.manual_seed(3)
+        x = torch.randn(3, 5, 24, dtype=torch.bfloat16 if dtype == MIXED else dtype, requires_grad=True)
+        seed_grad = torch.randn(3, 5, 20, dtype=x.dtype)
+        torch.manual_seed(7)
+        out = layer(x)
+        assert (_node_under_view(out) == "_LoraFnBackward") != hooked
+        trained = [x, *model.adapter_parameters("default")]
+        results.append([out.detach(), *_grads(out, trained, seed_grad)])
+    tolerance = TOLERANCE[torch.bfloat16 if dtype == MIXED else dtype]
+    for index, (a, b) in enumerate(zip(*results)):
+        scale = b.abs().max().float().clamp_min(1.0)
+        assert (a.float() - b.float()).abs().max() <= tolerance * scale * 10, index
+
+
+@pytest.mark.parametrize("method", sorted(LORA_FORM_SPECS))
+def test_lora_form_methods_fused_inference_equals_merged(method: str) -> None:
+    model = nn.Sequential()
+    model.add_module("proj", _base("linear_bias", torch.float32))
+    torch.manual_seed(2)
+    model = peftkit.adapt(model, LORA_FORM_SPECS[method].format(dropout=0.1)).eval()
+    x = torch.randn(2, 7, 24)
+    with torch.inference_mode():
+        fused = model.base_model.proj(x)
+        model.merge_adapter()
+        merged = model.base_model.proj(x)
+    assert torch.allclose(fused, merged, atol=1e-5)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 import peftkit
 from peftkit.core.errors import ConfigError, MergeError
-from peftkit.plugins.lora.fused import fused_lora
+from peftkit.core.fused_lora import fused_lora
 from tests.method_helpers import frozen_layer, merge_cycle_keeps_outputs, output_of, randomize
 from tests.tiny_models import build_tiny, output_tensor, sample_inputs
 

@@ -139,13 +139,16 @@ def test_peftkit_saves_after_allocation_and_peft_loads_the_same_logits(tmp_path)
 @pytest.mark.parametrize("options", [dict(tinit=1, tfinal=2, deltaT=2, total_step=9),
                                      dict(tinit=0, tfinal=0, deltaT=1, total_step=6)])
 def test_schedule_scores_and_masks_equal_peft_rank_allocator(options, tmp_path):
-    """Same weights and gradients in both libraries: the same budgets, scores and masked triplets."""
+    """Same weights and gradients in both libraries: the same budgets, scores and masked triplets. In float64:
+    peftkit's fused layer sums its products in another order than PEFT, and these random factors (every entry
+    drawn from N(0, 1)) amplify float32 rounding to 0.3% of a gradient (both libraries as far from float64)."""
     arch = "gpt2"
     common = dict(init_r=4, target_r=2, beta1=0.8, beta2=0.9, **options)
     torch.manual_seed(0)
     peft_model = _peft_model(arch, init_lora_weights=False, **common)
     peft_model.save_pretrained(tmp_path)
-    ours = peftkit.from_pretrained(build_tiny(arch), str(tmp_path))
+    peft_model.double()
+    ours = peftkit.from_pretrained(build_tiny(arch), str(tmp_path)).double()
     ours.train_adapter("default")
     allocator = AdaloraCallback(ours).start()
     theirs = peft_model.base_model.rankallocator

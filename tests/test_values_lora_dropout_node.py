@@ -1,4 +1,4 @@
-"""Plain LoRA with dropout in training draws the dropout inside its fused node (plugins/lora/fused.py): the
+"""Plain LoRA with dropout in training draws the dropout inside its fused node (core/fused_lora.py): the
 same entries as ``torch.nn.functional.dropout`` for one seed, every gradient equal to the formula with that
 mask, and backward keeping the input and a one-byte mask instead of a dropped-out copy: the layers that read
 one input (q, k, v) then keep it once."""
@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from peftkit.plugins.lora.fused import fused_lora
+from peftkit.core.fused_lora import fused_lora
 from peftkit.plugins.lora.layer import LoraLinear
 from tests.method_helpers import frozen_layer
 

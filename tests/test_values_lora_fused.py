@@ -1,4 +1,4 @@
-"""The fused LoRA / DoRA layer (plugins/lora/fused.py) against hand formulas in float64, on bare torch
+"""The fused LoRA / DoRA layer (core/fused_lora.py) against hand formulas in float64, on bare torch
 layers: the output and every gradient (input, LoRA input under dropout, A, B, DoRA's magnitude) for
 nn.Linear and GPT-2's Conv1D with and without a bias, only the gradients autograd asks for, the
 inference path without an autograd node, and when ``fusable_linear`` lets a layer in. Fast enough for
@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from peftkit.plugin_api import fusable_linear
-from peftkit.plugins.lora.fused import dense_is_cheaper, fused_lora
+from peftkit.core.fused_lora import dense_is_cheaper, fused_lora
 from tests.method_helpers import frozen_layer, new_tensors
 
 IN, OUT, R, SCALE = 6, 5, 3, 1.5
@@ -146,7 +146,7 @@ def test_dora_computing_its_norms_in_the_node_equals_the_formula(conv1d: bool, b
     """Given W's rows' squared norms instead of the norms (norm_joins_base_product), the node takes ``A W^T`` from
     the base product of x and A stacked: one product reads W, none of A alone with W; output and every gradient
     are the formula's with detached norms."""
-    from peftkit.plugins.lora.fused import norm_joins_base_product
+    from peftkit.core.fused_lora import norm_joins_base_product
 
     base = _base(conv1d, bias)
     a, b = _factors()
@@ -169,7 +169,7 @@ def test_dora_norms_join_the_base_product_only_in_training_without_autocast_in_t
     """Inference keeps its norms between calls (no product per forward to save); under autocast or with float32
     factors on a half-precision layer the norms stay float32 products of the float32 weight; with more tokens
     than outputs the stacked copy of the input would move more than the pass over W it saves."""
-    from peftkit.plugins.lora.fused import norm_joins_base_product
+    from peftkit.core.fused_lora import norm_joins_base_product
 
     a = torch.randn(R, IN)
     x = torch.randn(2, 2, IN)

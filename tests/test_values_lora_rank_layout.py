@@ -1,4 +1,4 @@
-"""The fused LoRA / DoRA layer (plugins/lora/fused.py) on both sides of ``TOKEN_MAJOR_FROM_RANK``, where
+"""The fused LoRA / DoRA layer (core/fused_lora.py) on both sides of ``TOKEN_MAJOR_FROM_RANK``, where
 its rank-sized products change layout (rank-major below, token-major from it on), with and without the
 rank-major products split into two halves of the tokens: the output and every gradient (input, LoRA input
 under dropout, A, B, DoRA's magnitude) against hand formulas in float64, on nn.Linear and GPT-2's Conv1D,
@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch.profiler import profile, ProfilerActivity
 
-from peftkit.plugins.lora import fused
-from peftkit.plugins.lora.fused import fused_lora, SPLIT_FROM_TOKENS, TOKEN_MAJOR_FROM_RANK
+from peftkit.core import fused_lora as fused
+from peftkit.core.fused_lora import fused_lora, SPLIT_FROM_TOKENS, TOKEN_MAJOR_FROM_RANK
 from tests.method_helpers import frozen_layer
 
 IN, OUT, SCALE = 40, 24, 0.75

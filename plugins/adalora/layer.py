@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from peftkit.plugin_api import ConfigError, adapter_dtype, is_conv1d, LayerAdapter
+from peftkit.plugin_api import ConfigError, adapter_dtype, fusable_linear, fused_lora, is_conv1d, LayerAdapter
 
 #: PEFT adds this to ranknum before dividing by it.
 RANKNUM_EPS = 1e-5
@@ -53,6 +53,17 @@ class AdaloraLayer(LayerAdapter):
         if self.dropout is not None:
             x = self.dropout(x)
         return x if x.dtype == self.lora_A.dtype else x.to(self.lora_A.dtype)
+
+    def forward_alone(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor | None:
+        """The layer's whole output through the fused LoRA node (``fused_lora``): the update is LoRA's
+        ``s (x A'^T) B^T`` with ``A' = Q * E`` (r x in, formed each call; its gradient flows back to Q and E),
+        and the node drops out the LoRA input itself as ``nn.Dropout`` would; None on a convolution or a layer
+        ``fusable_linear`` refuses (the unfused path runs)."""
+        if self.is_conv or not fusable_linear(base, x, self.lora_A):
+            return None
+        dropout = self.dropout.p if self.dropout is not None and self.training else 0.0
+        return fused_lora(x, None, self.lora_A * self.lora_E, self.lora_B, base, self.scale, keep_on=self,
+                          dropout=dropout)
 
     def delta(self, x: torch.Tensor, h: torch.Tensor, base: nn.Module) -> torch.Tensor:
         if self.is_conv:

@@ -16,10 +16,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from peftkit.plugin_api import (adapter_dtype, ConfigError, fusable_linear, is_conv1d,
-                                LayerAdapter, linear_features, MergeError, quantization_of, weight_out_in)
-
-from .fused import dora_norm, fused_lora, norm_joins_base_product
+from peftkit.plugin_api import (adapter_dtype, ConfigError, dora_norm, fused_lora, fusable_linear, is_conv1d,
+                                LayerAdapter, linear_features, MergeError, norm_joins_base_product,
+                                quantization_of, weight_out_in)
 
 
 class LoraFactors(LayerAdapter):
@@ -245,15 +244,15 @@ class LoraLinear(LoraFactors):
     # -- forward -------------------------------------------------------------------
 
     def forward_alone(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor | None:
-        """The layer's output with this adapter, fused with the base product (fused.py), when the
+        """The layer's output with this adapter, fused with the base product (core/fused_lora.py), when the
         base is a plain linear layer; None otherwise (the unfused forward runs)."""
         if not fusable_linear(base, x, self.lora_A) or (self.use_dora and self._dropout_active()):
             return None  # DoRA with dropout in training puts the dropped-out input through W too (forward)
-        dropout = self.dropout.p if self._dropout_active() else 0.0  # drawn in the fused node (fused.py)
+        dropout = self.dropout.p if self._dropout_active() else 0.0  # drawn in the fused node
         if not self.use_dora:
             return fused_lora(x, None, self.lora_A, self.lora_B, base, self.scale, keep_on=self, dropout=dropout,
                               lora_bias=self.lora_bias)
-        if norm_joins_base_product(x, self.lora_A, self.out_features):  # the node computes the norms (fused.py)
+        if norm_joins_base_product(x, self.lora_A, self.out_features):  # the node computes the norms
             return fused_lora(x, None, self.lora_A, self.lora_B, base, self.scale, self.lora_magnitude_vector,
                               weight_sq=self._weight_sq(base))
         return fused_lora(x, None, self.lora_A, self.lora_B, base, self.scale,
@@ -304,7 +303,7 @@ class LoraLinear(LoraFactors):
         return h + ((mag_scale - 1) * dropped_base + mag_scale * lora).to(h.dtype)
 
     def _weight_norm(self, base: nn.Module) -> torch.Tensor:
-        """Row norms of W + s*B@A without forming the dense matrix (``fused.dora_norm``), kept for forwards
+        """Row norms of W + s*B@A without forming the dense matrix (``dora_norm``), kept for forwards
         without gradients while W, A and B do not change."""
         weight = base.weight
         A, B = self.lora_A, self.lora_B

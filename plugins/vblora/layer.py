@@ -23,7 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from peftkit.plugin_api import adapter_dtype, is_conv1d, LayerAdapter, PeftkitError, to_dtype
+from peftkit.plugin_api import (adapter_dtype, fusable_linear, fused_lora, is_conv1d, LayerAdapter, PeftkitError,
+                                to_dtype)
 
 from .config import VBLoRAConfig
 
@@ -139,6 +140,16 @@ class VBLoRALayer(LayerAdapter):
             return h + F.linear(xa, b).to(h.dtype)
         out = torch.addmm(h.reshape(-1, h.shape[-1]), xa.reshape(-1, xa.shape[-1]), b.t())
         return out.view(h.shape)
+
+    def forward_alone(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor | None:
+        """The layer's whole output through the fused LoRA node (``fused_lora``) with this forward's A and B
+        (their gradients flow back to the logits and the bank); the node drops out the LoRA input itself as
+        ``nn.Dropout`` would. None on a layer ``fusable_linear`` refuses (the unfused path runs)."""
+        if not fusable_linear(base, x, self._bank()):  # A and B come in the bank's dtype
+            return None
+        a, b = self._forward_factors()
+        dropout = self.dropout.p if isinstance(self.dropout, nn.Dropout) and self.training else 0.0
+        return fused_lora(x, None, a, b, base, 1.0, dropout=dropout)
 
     def delta_weight(self, base: nn.Module) -> torch.Tensor:
         """B @ A, in the layout the layer stores (GPT-2's Conv1D: (in, out)); half-precision logits on the CPU

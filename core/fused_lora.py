@@ -1,7 +1,10 @@
 """LoRA and DoRA on a plain linear layer as one fused operation (the layer's whole output).
 
 When a LoRA adapter is alone at its site, the TunerLayer asks it for the site's
-whole output (``LayerAdapter.forward_alone``). Computing the base product here
+whole output (``LayerAdapter.forward_alone``). The plugin API exports
+:func:`fused_lora` (with :func:`dora_norm` and :func:`norm_joins_base_product`) so
+every method whose update has LoRA's form runs it: LoRA and DoRA, AdaLoRA (with
+``A * E``) and VB-LoRA (with the factors mixed from its bank). Computing the base product here
 too, instead of receiving it, lets the update and the base product share one
 output tensor: the update's product (with the bias) writes it and the base GEMM
 accumulates onto it (beta = 1, written ``addmm(out=)`` so FLOP counters see it),
@@ -101,7 +104,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from peftkit.plugin_api import accumulating_gemm_is_fast, kept_scaled_transpose, to_dtype, weight_out_in
+from peftkit.core.base_layers import accumulating_gemm_is_fast, kept_scaled_transpose, to_dtype, weight_out_in
 
 
 #: The rank from which ``_rank_major`` computes its product token-major (module docstring): 2-thread
