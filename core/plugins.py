@@ -68,6 +68,7 @@ _BUILTIN_FALLBACK = {
     "shira": "peftkit.plugins.shira",
     "road": "peftkit.plugins.road",
     "delora": "peftkit.plugins.delora",
+    "gralora": "peftkit.plugins.gralora",
     "adaption_prompt": "peftkit.plugins.adaption_prompt",
     "builtin_architectures": "peftkit.core.architectures",
     "builtin_merges": "peftkit.core.merge_strategies",

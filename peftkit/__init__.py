@@ -95,6 +95,7 @@ _LAZY: dict[str, str] = {
     "ShiraConfig": "peftkit.plugins.shira.config",
     "RoadConfig": "peftkit.plugins.road.config",
     "DeloraConfig": "peftkit.plugins.delora.config",
+    "GraloraConfig": "peftkit.plugins.gralora.config",
     "AdaptionPromptConfig": "peftkit.plugins.adaption_prompt.config",
     # errors
     "PeftkitError": "peftkit.core.errors",
@@ -161,6 +162,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from peftkit.plugins.shira.config import ShiraConfig  # noqa: F401
     from peftkit.plugins.road.config import RoadConfig  # noqa: F401
     from peftkit.plugins.delora.config import DeloraConfig  # noqa: F401
+    from peftkit.plugins.gralora.config import GraloraConfig  # noqa: F401
     from peftkit.plugins.adaption_prompt.config import AdaptionPromptConfig  # noqa: F401
     from peftkit.plugins.bottleneck.config import DoubleSeqBnConfig, ParBnConfig, SeqBnConfig  # noqa: F401
     from peftkit.plugins.ia3.config import IA3Config  # noqa: F401

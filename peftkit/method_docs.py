@@ -28,6 +28,7 @@ PAGES: dict[str, tuple[str, ...]] = {
     "shira.md": ("shira",),
     "road.md": ("road",),
     "delora.md": ("delora",),
+    "gralora.md": ("gralora",),
     "adaption_prompt.md": ("adaption_prompt",),
 }
 #: Methods documented in a section of their family's page rather than by the whole page: method -> anchor.

@@ -66,6 +66,7 @@ BUILTIN_SPECS = {
     "shira": "shira[r=2]",  # r*(in+out) <= in*out on every tiny layer; gpt2: Conv1D, which PEFT's SHiRA refuses
     "road": "road[group_size=16]",  # divides every tiny layer; gpt2: Conv1D layers, which PEFT's RoAd refuses too
     "delora": "delora[r=4]",  # gpt2: Conv1D layers, which PEFT's DeLoRA refuses too
+    "gralora": "gralora[r=4,hybrid_r=2,alpha=8]",  # k=2 divides every tiny layer; gpt2's Conv1D too, as PEFT
     "adaption_prompt": "adaption_prompt[adapter_len=4]",  # bert, t5: model types PEFT's adaption prompts refuse
 }
 
