@@ -304,7 +304,7 @@ def test_pefts_options_peftkit_lacks_are_refused_by_name_in_a_folder_and_a_confi
     ("gralora[r=0]", r"r=0 must be a positive integer"),
     ("gralora[gralora_k=0]", r"gralora_k=0 must be a positive integer"),
     ("gralora[hybrid_r=-1]", r"hybrid_r=-1 must be an integer of at least 0"),
-    ("gralora[r=6,gralora_k=4]", r"r=6 is not a multiple of gralora_k=4 .*e\.g\. r=8"),
+    ("gralora[r=6,gralora_k=4]", r"r=6 is not a multiple of gralora_k=4 .*\(e\.g\. r=8\) or a gralora_k dividing r=6"),
     ("gralora[gralora_dropout=1.0]", r"gralora_dropout=1.0 must be at least 0 and below 1"),
     ("gralora[exclude_modules=[k_proj],target_modules=all-linear]",
      r"exclude_modules=\['k_proj'\] is not supported \(PEFT's GraloraConfig has no such field"),

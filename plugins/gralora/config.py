@@ -40,8 +40,9 @@ class GraloraConfig(AdapterConfig):
         _check_int("hybrid_r", self.hybrid_r, minimum=0, meaning="the rank of the plain LoRA part; 0 for none")
         if self.r % self.gralora_k:
             raise ConfigError(f"gralora config: r={self.r} is not a multiple of gralora_k={self.gralora_k} (each of "
-                              f"the k x k blocks has rank r / gralora_k); choose r as a multiple of gralora_k, e.g. "
-                              f"r={self.r + self.gralora_k - self.r % self.gralora_k}")
+                              f"the k x k blocks has rank r / gralora_k); choose r as a multiple of gralora_k (e.g. "
+                              f"r={self.r + self.gralora_k - self.r % self.gralora_k}) or a gralora_k dividing "
+                              f"r={self.r}")
         if not 0.0 <= self.gralora_dropout < 1.0:
             raise ConfigError(f"gralora config: gralora_dropout={self.gralora_dropout!r} must be at least 0 and "
                               f"below 1 (a dropout probability)")
