@@ -105,6 +105,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from peftkit.core.base_layers import accumulating_gemm_is_fast, kept_scaled_transpose, to_dtype, weight_out_in
+from peftkit.core.dropout_draw import cpu_keep_mask
 
 
 #: The rank from which ``_rank_major`` computes its product token-major (module docstring): 2-thread
@@ -184,6 +185,9 @@ def _draw_dropout(x2: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tenso
     if x2.device.type in _NATIVE_DROPOUT_DEVICES and x2.numel():
         dropped, keep = torch.native_dropout(x2, p, True)
         return dropped, keep
+    if x2.device.type == "cpu":  # the same mask, drawn in fewer steps (core/dropout_draw.py)
+        keep = cpu_keep_mask(x2, 1 - p)
+        return x2 * _dropout_noise(keep, p, x2.dtype), keep
     noise = torch.empty_like(x2).bernoulli_(1 - p).div_(1 - p)
     return x2 * noise, noise.to(torch.bool)  # a cast, several times faster than comparing (noise != 0)
 
