@@ -147,6 +147,7 @@ METHODS: dict[str, tuple[str, str]] = {
     "road": ("RoAd road_1 group 32 all-linear", "road[group_size=32,init_weights=false,target_modules=all-linear]"),
     "delora": ("DeLoRA r8 all-linear", "delora[r=8,init_weights=false,target_modules=all-linear]"),
     "gralora": ("GraLoRA r8 k2 all-linear", "gralora[r=8,alpha=16,init_weights=false,target_modules=all-linear]"),
+    "hira": ("HiRA r8 all-linear", "hira[r=8,init_weights=false,target_modules=all-linear]"),
     "adaption_prompt": ("adaption prompts (10) every layer", "adaption_prompt[adapter_len=10]"),
 }
 #: The methods whose adapters do not merge into the weights (no merged column).

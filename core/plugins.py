@@ -69,6 +69,7 @@ _BUILTIN_FALLBACK = {
     "road": "peftkit.plugins.road",
     "delora": "peftkit.plugins.delora",
     "gralora": "peftkit.plugins.gralora",
+    "hira": "peftkit.plugins.hira",
     "adaption_prompt": "peftkit.plugins.adaption_prompt",
     "builtin_architectures": "peftkit.core.architectures",
     "builtin_merges": "peftkit.core.merge_strategies",

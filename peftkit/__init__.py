@@ -96,6 +96,7 @@ _LAZY: dict[str, str] = {
     "RoadConfig": "peftkit.plugins.road.config",
     "DeloraConfig": "peftkit.plugins.delora.config",
     "GraloraConfig": "peftkit.plugins.gralora.config",
+    "HiraConfig": "peftkit.plugins.hira.config",
     "AdaptionPromptConfig": "peftkit.plugins.adaption_prompt.config",
     # errors
     "PeftkitError": "peftkit.core.errors",
@@ -163,6 +164,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from peftkit.plugins.road.config import RoadConfig  # noqa: F401
     from peftkit.plugins.delora.config import DeloraConfig  # noqa: F401
     from peftkit.plugins.gralora.config import GraloraConfig  # noqa: F401
+    from peftkit.plugins.hira.config import HiraConfig  # noqa: F401
     from peftkit.plugins.adaption_prompt.config import AdaptionPromptConfig  # noqa: F401
     from peftkit.plugins.bottleneck.config import DoubleSeqBnConfig, ParBnConfig, SeqBnConfig  # noqa: F401
     from peftkit.plugins.ia3.config import IA3Config  # noqa: F401

@@ -29,6 +29,7 @@ PAGES: dict[str, tuple[str, ...]] = {
     "road.md": ("road",),
     "delora.md": ("delora",),
     "gralora.md": ("gralora",),
+    "hira.md": ("hira",),
     "adaption_prompt.md": ("adaption_prompt",),
 }
 #: Methods documented in a section of their family's page rather than by the whole page: method -> anchor.

@@ -67,6 +67,7 @@ BUILTIN_SPECS = {
     "road": "road[group_size=16]",  # divides every tiny layer; gpt2: Conv1D layers, which PEFT's RoAd refuses too
     "delora": "delora[r=4]",  # gpt2: Conv1D layers, which PEFT's DeLoRA refuses too
     "gralora": "gralora[r=4,hybrid_r=2,alpha=8]",  # k=2 divides every tiny layer; gpt2's Conv1D too, as PEFT
+    "hira": "hira[r=4]",
     "adaption_prompt": "adaption_prompt[adapter_len=4]",  # bert, t5: model types PEFT's adaption prompts refuse
 }
 
