@@ -265,6 +265,38 @@ def four_bit_site(spec: str) -> tuple[Any, torch.nn.Module, Callable[[torch.Tens
     return site.adapters["default"], site.base_layer, computes
 
 
+def adapted_after_seed(model: torch.nn.Module, spec: Any, seed: int = 0) -> peftkit.AdaptedModel:
+    """``peftkit.adapt(model, spec)`` with the adapter drawn after ``torch.manual_seed(seed)``, in eval mode
+    (the draw a PEFT model made after the same seed is compared with)."""
+    torch.manual_seed(seed)
+    return peftkit.adapt(model, spec).eval()
+
+
+def peft_model_after_seed(model: torch.nn.Module, config: Any, seed: int = 0) -> Any:
+    """PEFT's ``get_peft_model(model, config)`` drawn after ``torch.manual_seed(seed)``, in eval mode; PEFT's
+    notes (fan_in_fan_out set for GPT-2's Conv1D) silenced."""
+    import warnings
+
+    import peft
+
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return peft.get_peft_model(model, config).eval()
+
+
+def loaded_in_peft(folder: str | Path, model: torch.nn.Module) -> Any:
+    """The adapter folder loaded by PEFT onto ``model``, in eval mode; PEFT's note about the extra "peftkit"
+    key of peftkit's adapter_config.json silenced."""
+    import warnings
+
+    from peft import PeftModel
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return PeftModel.from_pretrained(model, str(folder)).eval()
+
+
 def peft_file_loads_alike(peft_model: Any, arch: str, folder: Path) -> peftkit.AdaptedModel:
     """Saves ``peft_model`` (a PEFT model on tiny ``arch``, moved away from its init, in eval mode) to
     ``folder`` and loads it onto a fresh model with peftkit; asserts the same logits unmerged, merged
@@ -287,17 +319,11 @@ def peftkit_file_loads_alike(model: peftkit.AdaptedModel, arch: str, folder: Pat
     """Saves peftkit's ``model`` (on tiny ``arch``, moved away from its init) to ``folder`` and loads it
     with PEFT onto a fresh model; asserts the same logits unmerged and merged in both libraries.
     Returns PEFT's model (merged)."""
-    import warnings
-
-    from peft import PeftModel
-
     model.eval()
     expected = output_of(model, arch)
     assert not torch.allclose(expected, output_of(build_tiny(arch), arch), atol=1e-4)
     model.save_adapter(str(folder))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # PEFT notes the extra "peftkit" key
-        peft_model = PeftModel.from_pretrained(build_tiny(arch), str(folder)).eval()
+    peft_model = loaded_in_peft(folder, build_tiny(arch))
     torch.testing.assert_close(output_of(peft_model, arch), expected, atol=2e-6, rtol=1e-5)
     peft_model.merge_adapter()
     model.merge_adapter()

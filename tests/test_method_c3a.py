@@ -8,7 +8,6 @@ PEFT): tests/test_conformance.py (BUILTIN_SPECS).
 from __future__ import annotations
 
 import json
-import warnings
 
 import pytest
 import torch
@@ -19,7 +18,8 @@ from peftkit.core.composition import Stack
 from peftkit.core.errors import AdapterLoadError, ConfigError
 from peftkit.plugins.c3a.config import C3AConfig
 from peftkit.plugins.c3a.layer import block_circulant, FUSED_FROM_TOKENS
-from tests.method_helpers import adapter_modules, merge_cycle_keeps_outputs, output_of
+from tests.method_helpers import (adapted_after_seed, adapter_modules, loaded_in_peft, merge_cycle_keeps_outputs,
+                                  output_of)
 from tests.tiny_models import build_tiny
 
 peft = pytest.importorskip("peft")
@@ -54,15 +54,11 @@ def _peft_model(arch: str, seed: int = 0, model: torch.nn.Module | None = None, 
 
 
 def _ours(arch: str, spec: str, seed: int = 0, model: torch.nn.Module | None = None) -> peftkit.AdaptedModel:
-    model = build_tiny(arch) if model is None else model
-    torch.manual_seed(seed)
-    return peftkit.adapt(model, spec).eval()
+    return adapted_after_seed(build_tiny(arch) if model is None else model, spec, seed)
 
 
 def _peft_from(folder: str, arch: str) -> torch.nn.Module:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # PEFT notes the extra "peftkit" key
-        return peft.PeftModel.from_pretrained(build_tiny(arch), folder).eval()
+    return loaded_in_peft(folder, build_tiny(arch))
 
 
 def _peft_kernels(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

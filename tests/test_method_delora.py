@@ -8,7 +8,6 @@ tests/test_conformance.py (BUILTIN_SPECS).
 from __future__ import annotations
 
 import json
-import warnings
 
 import pytest
 import torch
@@ -18,8 +17,8 @@ import peftkit
 from peftkit.core.errors import AdapterError, AdapterLoadError, ConfigError
 from peftkit.plugins.delora.config import DeloraConfig
 from peftkit.plugins.delora.layer import DeloraLayer
-from tests.method_helpers import (adapter_modules, merge_cycle_keeps_outputs, new_tensors, output_of,
-                                  peft_file_loads_alike)
+from tests.method_helpers import (adapted_after_seed, adapter_modules, loaded_in_peft, merge_cycle_keeps_outputs,
+                                  new_tensors, output_of, peft_file_loads_alike, peft_model_after_seed)
 from tests.tiny_models import build_tiny
 
 peft = pytest.importorskip("peft")
@@ -39,21 +38,11 @@ TENSORS = ("delora_A", "delora_B", "delora_lambda", "delora_w_norm")
 def _peft_model(arch: str, seed: int = 0, model: torch.nn.Module | None = None, **options: object
                 ) -> torch.nn.Module:
     """A PEFT DeLoRA model (drawn after ``torch.manual_seed(seed)``), in eval mode."""
-    model = build_tiny(arch) if model is None else model
-    torch.manual_seed(seed)
-    return peft.get_peft_model(model, peft.DeloraConfig(**options)).eval()
+    return peft_model_after_seed(build_tiny(arch) if model is None else model, peft.DeloraConfig(**options), seed)
 
 
 def _ours(arch: str, spec: str, seed: int = 0, model: torch.nn.Module | None = None) -> peftkit.AdaptedModel:
-    model = build_tiny(arch) if model is None else model
-    torch.manual_seed(seed)
-    return peftkit.adapt(model, spec).eval()
-
-
-def _peft_from(folder: str, model: torch.nn.Module) -> torch.nn.Module:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # PEFT notes the extra "peftkit" key
-        return peft.PeftModel.from_pretrained(model, folder).eval()
+    return adapted_after_seed(build_tiny(arch) if model is None else model, spec, seed)
 
 
 def _peft_tensors(model: torch.nn.Module) -> dict[str, dict[str, torch.Tensor]]:
@@ -90,7 +79,7 @@ def test_peft_loads_what_peftkit_saves_with_the_same_outputs_fields_and_keys(tmp
     peft_keys = {k: v.shape for k, v in load_file(str(tmp_path / "peft" / "adapter_model.safetensors")).items()}
     our_keys = {k: v.shape for k, v in load_file(str(tmp_path / "ours" / "adapter_model.safetensors")).items()}
     assert our_keys == peft_keys and any(k.endswith(".delora_w_norm") for k in our_keys)
-    torch.testing.assert_close(output_of(_peft_from(str(tmp_path / "ours"), build_tiny(arch)), arch), expected,
+    torch.testing.assert_close(output_of(loaded_in_peft(str(tmp_path / "ours"), build_tiny(arch)), arch), expected,
                                rtol=0, atol=1e-5)
 
 
@@ -120,7 +109,7 @@ def test_the_column_norms_come_from_the_folder_not_the_model_it_loads_onto(tmp_p
     saved = load_file(str(tmp_path / "adapter_model.safetensors"))
     for site, layer in adapter_modules(ours).items():
         assert torch.equal(layer.delora_w_norm, saved[f"base_model.model.{site}.delora_w_norm"]), site
-    torch.testing.assert_close(output_of(ours, "llama"), output_of(_peft_from(str(tmp_path), other), "llama"),
+    torch.testing.assert_close(output_of(ours, "llama"), output_of(loaded_in_peft(str(tmp_path), other), "llama"),
                                rtol=0, atol=1e-5)
 
 

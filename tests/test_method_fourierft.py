@@ -19,7 +19,7 @@ from peftkit.core.composition import Average, Stack
 from peftkit.core.errors import AdapterLoadError, ConfigError
 from peftkit.plugins.fourierft.config import FourierFTConfig
 from peftkit.plugins.fourierft.layer import FUSED_FROM_TOKENS, spectral_positions
-from tests.method_helpers import adapter_modules, output_of
+from tests.method_helpers import adapter_modules, loaded_in_peft, output_of
 from tests.tiny_models import build_tiny
 
 peft = pytest.importorskip("peft")
@@ -53,9 +53,7 @@ def _peft_model(arch: str, **options: object) -> torch.nn.Module:
 
 
 def _peft_from(folder: str, arch: str) -> torch.nn.Module:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # PEFT notes the extra "peftkit" key
-        return peft.PeftModel.from_pretrained(build_tiny(arch), folder).eval()
+    return loaded_in_peft(folder, build_tiny(arch))
 
 
 @pytest.mark.parametrize("arch,options", PEFT_CASES)

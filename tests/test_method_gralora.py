@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 
 import pytest
 import torch
@@ -20,8 +19,9 @@ import peftkit
 from peftkit.core.errors import AdapterError, AdapterLoadError, ConfigError
 from peftkit.plugins.gralora.config import GraloraConfig
 from peftkit.plugins.gralora.layer import GraloraLayer
-from tests.method_helpers import (adapter_modules, frozen_layer, merge_cycle_keeps_outputs, new_tensors, output_of,
-                                  peft_file_loads_alike)
+from tests.method_helpers import (adapted_after_seed, adapter_modules, frozen_layer, loaded_in_peft,
+                                  merge_cycle_keeps_outputs, new_tensors, output_of, peft_file_loads_alike,
+                                  peft_model_after_seed)
 from tests.tiny_models import build_tiny
 
 peft = pytest.importorskip("peft")
@@ -44,23 +44,11 @@ PEFT_NAMES = {"gralora_A": "gralora_A", "gralora_B": "gralora_B", "gralora_A_gen
 def _peft_model(arch: str, seed: int = 0, model: torch.nn.Module | None = None, **options: object
                 ) -> torch.nn.Module:
     """A PEFT GraLoRA model (drawn after ``torch.manual_seed(seed)``), in eval mode."""
-    model = build_tiny(arch) if model is None else model
-    torch.manual_seed(seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # PEFT notes that it sets fan_in_fan_out for Conv1D
-        return peft.get_peft_model(model, peft.GraloraConfig(**options)).eval()
+    return peft_model_after_seed(build_tiny(arch) if model is None else model, peft.GraloraConfig(**options), seed)
 
 
 def _ours(arch: str, spec: str, seed: int = 0, model: torch.nn.Module | None = None) -> peftkit.AdaptedModel:
-    model = build_tiny(arch) if model is None else model
-    torch.manual_seed(seed)
-    return peftkit.adapt(model, spec).eval()
-
-
-def _peft_from(folder: str, model: torch.nn.Module) -> torch.nn.Module:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # PEFT notes the extra "peftkit" key
-        return peft.PeftModel.from_pretrained(model, folder).eval()
+    return adapted_after_seed(build_tiny(arch) if model is None else model, spec, seed)
 
 
 def _peft_tensors(model: torch.nn.Module) -> dict[str, dict[str, torch.Tensor]]:
@@ -114,7 +102,7 @@ def test_peft_loads_what_peftkit_saves_with_the_same_outputs_fields_and_keys(tmp
     our_keys = {k: v.shape for k, v in load_file(str(tmp_path / "ours" / "adapter_model.safetensors")).items()}
     assert our_keys == peft_keys
     assert any(k.endswith(".gralora_A_general.weight") for k in our_keys) == (options.get("hybrid_r", 0) > 0)
-    peft_model = _peft_from(str(tmp_path / "ours"), build_tiny(arch))
+    peft_model = loaded_in_peft(str(tmp_path / "ours"), build_tiny(arch))
     torch.testing.assert_close(output_of(peft_model, arch), expected, rtol=0, atol=1e-5)
 
 

@@ -9,7 +9,6 @@ PEFT): tests/test_conformance.py (BUILTIN_SPECS).
 from __future__ import annotations
 
 import json
-import warnings
 
 import pytest
 import torch
@@ -18,7 +17,8 @@ from safetensors.torch import load_file
 import peftkit
 from peftkit.core.errors import AdapterLoadError, ConfigError, MergeError
 from peftkit.plugins.road.layer import _Rotation, RoadLayer, rotate
-from tests.method_helpers import adapter_modules, merge_cycle_keeps_outputs, output_of, quantized_matches_twin
+from tests.method_helpers import (adapted_after_seed, adapter_modules, loaded_in_peft, merge_cycle_keeps_outputs,
+                                  output_of, peft_model_after_seed, quantized_matches_twin)
 from tests.tiny_models import build_tiny, output_tensor, sample_inputs
 
 peft = pytest.importorskip("peft")
@@ -45,23 +45,17 @@ def _base(arch: str) -> torch.nn.Module:
 
 
 def _peft_model(arch: str, variant: str, seed: int = 0, init_weights: bool = False) -> torch.nn.Module:
-    options, _ = CASES[arch]
-    model = _base(arch)
-    torch.manual_seed(seed)
-    return peft.get_peft_model(model, peft.RoadConfig(variant=variant, init_weights=init_weights, **options)).eval()
+    config = peft.RoadConfig(variant=variant, init_weights=init_weights, **CASES[arch][0])
+    return peft_model_after_seed(_base(arch), config, seed)
 
 
 def _ours(arch: str, variant: str, seed: int = 0, init_weights: bool = False) -> peftkit.AdaptedModel:
-    model = _base(arch)
-    torch.manual_seed(seed)
     spec = f"road[variant={variant},init_weights={str(init_weights).lower()},{CASES[arch][1]}]"
-    return peftkit.adapt(model, spec).eval()
+    return adapted_after_seed(_base(arch), spec, seed)
 
 
 def _peft_from(folder: str, arch: str) -> torch.nn.Module:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # PEFT notes the extra "peftkit" key
-        return peft.PeftModel.from_pretrained(_base(arch), folder).eval()
+    return loaded_in_peft(folder, _base(arch))
 
 
 def _peft_tensors(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

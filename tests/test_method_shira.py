@@ -19,8 +19,8 @@ import peftkit
 from peftkit.core.errors import AdapterLoadError, ConfigError
 from peftkit.plugins.shira.config import ShiraConfig
 from peftkit.plugins.shira.layer import MaskPositions, ShiraLayer
-from tests.method_helpers import (adapter_modules, merge_cycle_keeps_outputs, output_of, peft_file_loads_alike,
-                                  peftkit_file_loads_alike)
+from tests.method_helpers import (adapted_after_seed, adapter_modules, merge_cycle_keeps_outputs, output_of,
+                                  peft_file_loads_alike, peft_model_after_seed, peftkit_file_loads_alike)
 from tests.tiny_models import build_tiny, output_tensor, sample_inputs
 
 peft = pytest.importorskip("peft")
@@ -35,15 +35,11 @@ CASES = [
 
 def _peft_model(arch: str, seed: int = 0, **options: object) -> torch.nn.Module:
     """A PEFT SHiRA model with its values drawn at random after ``torch.manual_seed(seed)``, in eval mode."""
-    model = build_tiny(arch)
-    torch.manual_seed(seed)
-    return peft.get_peft_model(model, peft.ShiraConfig(init_weights=False, **options)).eval()
+    return peft_model_after_seed(build_tiny(arch), peft.ShiraConfig(init_weights=False, **options), seed)
 
 
 def _ours(arch: str, spec: str, seed: int = 0) -> peftkit.AdaptedModel:
-    model = build_tiny(arch)
-    torch.manual_seed(seed)
-    return peftkit.adapt(model, spec.replace("shira[", "shira[init_weights=false,")).eval()
+    return adapted_after_seed(build_tiny(arch), spec.replace("shira[", "shira[init_weights=false,"), seed)
 
 
 def _peft_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:

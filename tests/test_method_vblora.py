@@ -19,8 +19,8 @@ import peftkit
 from peftkit.core.errors import ConfigError
 from peftkit.plugins.vblora.config import VBLoRAConfig
 from peftkit.plugins.vblora.layer import TopkOnlyAdapterError
-from tests.method_helpers import (adapter_modules, merge_cycle_keeps_outputs, output_of, peft_file_loads_alike,
-                                  peftkit_file_loads_alike)
+from tests.method_helpers import (adapter_modules, loaded_in_peft, merge_cycle_keeps_outputs, output_of,
+                                  peft_file_loads_alike, peftkit_file_loads_alike)
 from tests.tiny_models import build_tiny
 
 peft = pytest.importorskip("peft")
@@ -56,9 +56,7 @@ def _peft_model(arch: str, **options: object) -> torch.nn.Module:
 
 
 def _peft_from(folder: str, arch: str) -> torch.nn.Module:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # PEFT notes the extra "peftkit" key
-        return peft.PeftModel.from_pretrained(build_tiny(arch), folder).eval()
+    return loaded_in_peft(folder, build_tiny(arch))
 
 
 def _peft_logits(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
