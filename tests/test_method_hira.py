@@ -1,6 +1,6 @@
-"""HiRA (PEFT's HIRA) on tiny Llama, GPT-2 and BERT: the same draws, outputs, gradients, dropout masks and files as
-the real ``peft`` (Linear, Conv1D and Embedding layers), merging, half precision, the fused forward and what it
-keeps for the backward, and the settings peftkit refuses by name.
+"""HiRA (PEFT's HIRA) on tiny Llama, GPT-2, BERT and a net of convolutions: the same draws, outputs, gradients,
+dropout masks and files as the real ``peft`` (Linear, Conv1D, Embedding, Conv1d/2d/3d layers), merging, half
+precision, the fused forward and what it keeps for the backward, and the settings peftkit refuses by name.
 
 The conformance suite runs hira[r=4,init_weights=false] on llama, bert, gpt2 and t5: tests/test_conformance.py
 (BUILTIN_SPECS).
@@ -301,11 +301,75 @@ def test_bad_settings_are_refused_naming_the_option(spec, message):
         peftkit.adapt(build_tiny("llama"), spec)
 
 
-def test_a_convolution_is_refused_naming_it():
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4, 2))
-    with pytest.raises(ConfigError, match=r"target '0' is a Conv2d; HiRA adapts Linear, transformers' Conv1D and "
-                                          r"Embedding layers .*not convolutions"):
+class _ConvNet(torch.nn.Module):
+    """Conv1d, a strided Conv2d, a 1 x 1 Conv2d and a Conv3d in a row."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = torch.nn.Conv1d(3, 5, 3, padding=1)
+        self.c2 = torch.nn.Conv2d(5, 6, 3, stride=2, padding=1)
+        self.p = torch.nn.Conv2d(6, 4, 1)
+        self.c3 = torch.nn.Conv3d(4, 2, (1, 2, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.c1(x).relu().view(x.shape[0], 5, 4, 4)
+        y = self.p(self.c2(y).relu())
+        return self.c3(y[:, :, None])
+
+
+def _conv_net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return _ConvNet().eval()
+
+
+@pytest.mark.parametrize("init", [True, False])
+def test_convolutions_draw_compute_and_save_as_pefts(tmp_path, init):
+    torch.manual_seed(5)
+    theirs = peft.get_peft_model(_conv_net(), peft.HiraConfig(r=3, target_modules=["c1", "c2", "p", "c3"],
+                                                               init_weights=init)).eval()
+    torch.manual_seed(5)
+    ours = peftkit.adapt(_conv_net(), f"hira[r=3,target_modules=[c1,c2,p,c3],init_weights={str(init).lower()}]")
+    ours.eval()
+    peft_tensors = _peft_tensors(theirs)
+    for site, layer in adapter_modules(ours).items():
+        for key, tensor in layer.tensors().items():
+            assert torch.equal(tensor, peft_tensors[site][key]), (site, key)
+    x = torch.randn(2, 3, 16, generator=torch.Generator().manual_seed(1))
+    expected, got = theirs(x), ours(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    if init:
+        return
+    expected.pow(2).sum().backward()
+    got.pow(2).sum().backward()
+    for site, layer in adapter_modules(ours).items():
+        for key, tensor in layer.tensors().items():
+            torch.testing.assert_close(tensor.grad, peft_tensors[site][key].grad, rtol=1e-4, atol=1e-6)
+    ours.save_adapter(str(tmp_path))
+    torch.testing.assert_close(_peft_from(str(tmp_path), _conv_net())(x), got, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        ours.merge_adapter()
+        torch.testing.assert_close(ours(x), got, rtol=1e-5, atol=1e-6)
+        ours.unmerge_adapter()
+        with ours.disable_adapters():
+            torch.testing.assert_close(ours(x), _conv_net()(x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_convolutions_update_alone_equals_its_fused_output():
+    """delta (used in compositions and with dropout) and the fused convolution with W0 ⊙ (1 + B A) agree."""
+    from peftkit.plugins.hira.layer import HiraConv
+
+    base = torch.nn.Conv2d(3, 4, 3, stride=2, padding=1).double().requires_grad_(False)
+    layer = HiraConv(base, r=2, init_weights=False).double()
+    x = torch.randn(2, 3, 7, 7, dtype=torch.float64)
+    torch.testing.assert_close(base(x) + layer.delta(x, base(x), base), layer.forward_alone(x, base))
+
+
+def test_a_grouped_convolution_is_refused_naming_it():
+    model = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, groups=2), torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    with pytest.raises(ConfigError, match=r"target '0' is a Conv2d; HiRA adapts .*not grouped convolutions, as PEFT"):
         peftkit.adapt(model, "hira[target_modules=['0']]")
+    with pytest.raises(NotImplementedError, match="groups > 1"):
+        peft.get_peft_model(model, peft.HiraConfig(target_modules=["0"]))
 
 
 def test_a_quantized_layer_is_refused_naming_it():

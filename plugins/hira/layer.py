@@ -1,4 +1,4 @@
-"""The HiRA modules for one Linear (or GPT-2 Conv1D) layer and one Embedding layer.
+"""The HiRA modules for one Linear (or GPT-2 Conv1D), Embedding or Conv1d/2d/3d layer.
 
 The update multiplies the frozen weight W0 elementwise by a rank-r product M = B A (A: r x in, B: out x r):
 
@@ -229,3 +229,57 @@ def unmerge_scale(base: nn.Module, modulation: torch.Tensor, zero_backup: torch.
         weight.data = (weight.data / torch.where(zeros, torch.ones_like(factor), factor)).to(weight.dtype)
         if zero_backup is not None:
             weight.data[zeros] = zero_backup.to(weight.dtype)
+
+
+_CONVOLUTIONS = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
+
+
+class HiraConv(_WeightScaling):
+    """hira_A (r, in, *kernel) and hira_B (out, r, 1, ...) at a Conv1d/2d/3d layer (groups = 1): B A, a 1 x 1
+    convolution of A by B, is (out, in, *kernel) like the weight."""
+
+    def __init__(self, base: nn.Module, *, r: int, dropout: float = 0.0, init_weights: bool | str = True) -> None:
+        super().__init__()
+        self.r = r
+        weight = base.weight
+        ones = (1,) * (weight.dim() - 2)
+        # PEFT's draws: A, then B, from N(0, 1); unless init_weights is false, A kaiming uniform ("gaussian" too)
+        # and B = 0.
+        a, b = torch.randn(r, base.in_channels, *base.kernel_size), torch.randn(base.out_channels, r, *ones)
+        if init_weights is not False:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            nn.init.zeros_(b)
+        factory = {"dtype": adapter_dtype(base), "device": weight.device}
+        self.hira_A = nn.Parameter(a.to(**factory))
+        self.hira_B = nn.Parameter(b.to(**factory))
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+
+    def modulation(self, base: nn.Module) -> torch.Tensor:
+        """B A, shaped like the weight (out, in, *kernel)."""
+        a = self.hira_A
+        return (self.hira_B.flatten(1) @ a.flatten(1)).view(self.hira_B.shape[0], *a.shape[1:])
+
+    def _convolve(self, x: torch.Tensor, weight: torch.Tensor, base: nn.Module,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+        """The base layer's convolution with another weight, zero-padded (PEFT's, whatever padding_mode says)."""
+        return _CONVOLUTIONS[weight.dim()](x, weight, bias, base.stride, base.padding, base.dilation, base.groups)
+
+    def delta(self, x: torch.Tensor, h: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        x = self.dropout(to_dtype(x, self.hira_A.dtype))
+        return self._convolve(x, base.weight * self.modulation(base), base).to(h.dtype)
+
+    def forward_alone(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor | None:
+        """One convolution with W0 ⊙ (1 + B A) and the bias, for a zero-padded layer with frozen weights in the
+        adapters' dtype, without dropout in effect; None (base, then :meth:`delta`) otherwise."""
+        weight, bias = base.weight, base.bias
+        if (isinstance(self.dropout, nn.Dropout) and self.training) or base.padding_mode != "zeros" \
+                or weight.requires_grad or (bias is not None and bias.requires_grad) \
+                or not x.dtype == weight.dtype == self.hira_A.dtype or torch.is_autocast_enabled(x.device.type):
+            return None
+        return self._convolve(x, torch.addcmul(weight, weight, self.modulation(base)), base, bias)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"hira_A": self.hira_A, "hira_B": self.hira_B}
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, kernel={tuple(self.hira_A.shape[2:])}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 from peftkit.plugin_api import (AdapterConfig, Method, read_peft_fields, Site,
@@ -22,16 +23,18 @@ _PEFT_FIELDS = {name: name for name in (
 #: model family).
 _PEFT_FIXED = {"layers_pattern": None}
 #: The layer types HiRA adapts (for error messages).
-_ADAPTED = ("Linear, transformers' Conv1D and Embedding layers with float weights (not convolutions: PEFT's "
-            "HiRA adapts Conv1d/2d/3d too, peftkit's does not yet; not quantized layers)")
+_ADAPTED = ("Linear, transformers' Conv1D, Embedding and torch's Conv1d/2d/3d layers with float weights (not "
+            "grouped convolutions, as PEFT; not quantized layers)")
 
 
 def _adaptable(module: "nn.Module") -> bool:
     from peftkit.plugin_api import base_of, is_conv, is_embedding, is_linear_like, quantization_of
 
     base = base_of(module)
-    if quantization_of(base) is not None or is_conv(base):
+    if quantization_of(base) is not None:
         return False
+    if is_conv(base):
+        return base.groups == 1  # PEFT refuses grouped convolutions: B A has no per-group form
     return is_linear_like(base) or is_embedding(base)
 
 
@@ -52,25 +55,33 @@ class HiraMethod(Method):
 
     def create_layer_adapter(self, site: Site, base_layer: "nn.Module", config: AdapterConfig,
                              model: "nn.Module") -> "nn.Module":
-        from peftkit.plugin_api import is_embedding
+        from peftkit.plugin_api import is_conv, is_embedding
 
-        from .layer import HiraEmbedding, HiraLinear
+        from .layer import HiraConv, HiraEmbedding, HiraLinear
 
         assert isinstance(config, HiraConfig)
         r = rank_of(site.name, config)
         if is_embedding(base_layer):
             return HiraEmbedding(base_layer, r=r, init_weights=config.init_weights)
+        if is_conv(base_layer):
+            return HiraConv(base_layer, r=r, dropout=config.hira_dropout, init_weights=config.init_weights)
         return HiraLinear(base_layer, r=r, dropout=config.hira_dropout, init_weights=config.init_weights)
 
     def expected_parameter_count(self, model: "nn.Module", config: AdapterConfig, sites: list[Site]) -> int:
-        """r (in + out) per layer (num_embeddings + embedding_dim at an Embedding): A and B."""
-        from peftkit.plugin_api import base_of, is_embedding, linear_features
+        """r (in + out) per layer (num_embeddings + embedding_dim at an Embedding, in * kernel + out at a
+        convolution): A and B."""
+        from peftkit.plugin_api import base_of, is_conv, is_embedding, linear_features
 
         assert isinstance(config, HiraConfig)
         total = 0
         for site in sites:
             base = base_of(model.get_submodule(site.name))
-            sizes = (base.num_embeddings, base.embedding_dim) if is_embedding(base) else linear_features(base)
+            if is_embedding(base):
+                sizes = (base.num_embeddings, base.embedding_dim)
+            elif is_conv(base):
+                sizes = (base.in_channels * math.prod(base.kernel_size), base.out_channels)
+            else:
+                sizes = linear_features(base)
             total += rank_of(site.name, config) * sum(sizes)
         return total
 
