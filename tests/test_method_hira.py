@@ -9,7 +9,6 @@ The conformance suite runs hira[r=4,init_weights=false] on llama, bert, gpt2 and
 from __future__ import annotations
 
 import json
-import warnings
 
 import pytest
 import torch
@@ -19,8 +18,8 @@ import peftkit
 from peftkit.core.errors import AdapterError, AdapterLoadError, ConfigError
 from peftkit.plugins.hira.config import HiraConfig
 from peftkit.plugins.hira.layer import HiraEmbedding, HiraLinear
-from tests.method_helpers import (adapter_modules, frozen_layer, merge_cycle_keeps_outputs, output_of,
-                                  peft_file_loads_alike)
+from tests.method_helpers import (adapted_after_seed, adapter_modules, frozen_layer, loaded_in_peft,
+                                  merge_cycle_keeps_outputs, output_of, peft_file_loads_alike, peft_model_after_seed)
 from tests.tiny_models import build_tiny
 
 peft = pytest.importorskip("peft")
@@ -41,23 +40,11 @@ TENSORS = ("hira_A", "hira_B", "hira_embedding_A", "hira_embedding_B")
 def _peft_model(arch: str, seed: int = 0, model: torch.nn.Module | None = None, **options: object
                 ) -> torch.nn.Module:
     """A PEFT HiRA model (drawn after ``torch.manual_seed(seed)``), in eval mode."""
-    model = build_tiny(arch) if model is None else model
-    torch.manual_seed(seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # fan_in_fan_out notes
-        return peft.get_peft_model(model, peft.HiraConfig(**options)).eval()
+    return peft_model_after_seed(build_tiny(arch) if model is None else model, peft.HiraConfig(**options), seed)
 
 
 def _ours(arch: str, spec: str, seed: int = 0, model: torch.nn.Module | None = None) -> peftkit.AdaptedModel:
-    model = build_tiny(arch) if model is None else model
-    torch.manual_seed(seed)
-    return peftkit.adapt(model, spec).eval()
-
-
-def _peft_from(folder: str, model: torch.nn.Module) -> torch.nn.Module:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # PEFT notes the extra "peftkit" key
-        return peft.PeftModel.from_pretrained(model, folder).eval()
+    return adapted_after_seed(build_tiny(arch) if model is None else model, spec, seed)
 
 
 def _peft_tensors(model: torch.nn.Module) -> dict[str, dict[str, torch.Tensor]]:
@@ -94,7 +81,7 @@ def test_peft_loads_what_peftkit_saves_with_the_same_outputs_fields_and_keys(tmp
     peft_keys = {k: v.shape for k, v in load_file(str(tmp_path / "peft" / "adapter_model.safetensors")).items()}
     our_keys = {k: v.shape for k, v in load_file(str(tmp_path / "ours" / "adapter_model.safetensors")).items()}
     assert our_keys == peft_keys
-    torch.testing.assert_close(output_of(_peft_from(str(tmp_path / "ours"), build_tiny(arch)), arch), expected,
+    torch.testing.assert_close(output_of(loaded_in_peft(str(tmp_path / "ours"), build_tiny(arch)), arch), expected,
                                rtol=1e-5, atol=2e-6)
 
 
@@ -324,12 +311,10 @@ def _conv_net() -> torch.nn.Module:
 
 @pytest.mark.parametrize("init", [True, False])
 def test_convolutions_draw_compute_and_save_as_pefts(tmp_path, init):
-    torch.manual_seed(5)
-    theirs = peft.get_peft_model(_conv_net(), peft.HiraConfig(r=3, target_modules=["c1", "c2", "p", "c3"],
-                                                               init_weights=init)).eval()
-    torch.manual_seed(5)
-    ours = peftkit.adapt(_conv_net(), f"hira[r=3,target_modules=[c1,c2,p,c3],init_weights={str(init).lower()}]")
-    ours.eval()
+    theirs = peft_model_after_seed(_conv_net(), peft.HiraConfig(r=3, target_modules=["c1", "c2", "p", "c3"],
+                                                                  init_weights=init), seed=5)
+    ours = adapted_after_seed(_conv_net(), f"hira[r=3,target_modules=[c1,c2,p,c3],init_weights={str(init).lower()}]",
+                              seed=5)
     peft_tensors = _peft_tensors(theirs)
     for site, layer in adapter_modules(ours).items():
         for key, tensor in layer.tensors().items():
@@ -345,7 +330,7 @@ def test_convolutions_draw_compute_and_save_as_pefts(tmp_path, init):
         for key, tensor in layer.tensors().items():
             torch.testing.assert_close(tensor.grad, peft_tensors[site][key].grad, rtol=1e-4, atol=1e-6)
     ours.save_adapter(str(tmp_path))
-    torch.testing.assert_close(_peft_from(str(tmp_path), _conv_net())(x), got, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loaded_in_peft(str(tmp_path), _conv_net())(x), got, rtol=1e-5, atol=1e-6)
     with torch.no_grad():
         ours.merge_adapter()
         torch.testing.assert_close(ours(x), got, rtol=1e-5, atol=1e-6)
