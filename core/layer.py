@@ -264,7 +264,8 @@ def shortcut_is_current(cls: type, shortcut: str) -> bool:
 
 def merge_order_message(name: str, earlier: str) -> str:
     return (f"adapter {name!r} cannot be merged after {earlier!r} into the same layer: its merge reads the "
-            f"weight it merges into (DoRA's row norms; the rotation OFT, BOFT or HRA multiplies it by), which would "
+            f"weight it merges into (its change is computed from that weight: DoRA's row norms, the rotations of "
+            f"OFT, BOFT, HRA and RoAd, HiRA's elementwise scaling), which would "
             f"then include {earlier!r}'s change; merge {name!r} first (merge_adapter([{name!r}, {earlier!r}]) gives "
             f"stack({name}, {earlier})) unless {earlier!r} reads the weight too (then only one of the two can be "
             f"merged), or keep it unmerged")
