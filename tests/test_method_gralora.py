@@ -188,6 +188,26 @@ def test_the_fused_forward_makes_no_update_tensor():
     assert all(math.prod(shape) == 2 * 40 * 8 for _, shape in made if shape != (40, 48)), made
 
 
+def test_training_alone_runs_one_node_with_the_formulas_gradients():
+    """In training, without a hybrid part or an active dropout, the layer is one autograd node (fused.py) whose
+    gradients equal the block formula's in float64, input gradient included; its backward makes no copy of the
+    (tokens, out) output gradient (the autograd graph of the in-place path did)."""
+    base = frozen_layer(16, 24)
+    torch.manual_seed(1)
+    layer = GraloraLayer(base, r=4, gralora_k=2, alpha=5, init_weights=False).double()
+    x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
+    got = layer.forward_alone(x, base)
+    assert type(got.grad_fn).__name__ == "ViewBackward0"
+    assert type(got.grad_fn.next_functions[0][0]).__name__ == "GraloraFnBackward"
+    expected = base(x) + _formula(layer, x)
+    torch.testing.assert_close(got, expected)
+    params, seed = (x, *layer.tensors().values()), torch.randn(3, 5, 24, dtype=torch.float64)
+    for g, want in zip(torch.autograd.grad(got, params, seed), torch.autograd.grad(expected, params, seed)):
+        torch.testing.assert_close(g, want)
+    made = new_tensors(lambda: torch.autograd.grad(layer.forward_alone(x, base), params, seed))
+    assert sum(shape == (15, 24) for _, shape in made) == 1, made  # the forward's output, not a gradient copy
+
+
 def test_the_memory_kept_for_backward_is_not_above_pefts():
     """Bytes of the tensors autograd keeps for backward in one adapted layer's forward (the input and the layer's
     own parameters left out): the permuted intermediate, at most what PEFT keeps."""

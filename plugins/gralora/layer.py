@@ -28,7 +28,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from peftkit.plugin_api import adapter_dtype, adapter_precision, fusable_linear, is_conv1d, LayerAdapter, \
-    linear_features, to_dtype
+    linear_features, to_dtype, weight_out_in
+
+from .fused import GraloraFn, swap_blocks
 
 
 def drawn(shape: tuple[int, ...], random: bool = True) -> torch.Tensor:
@@ -93,7 +95,7 @@ class GraloraLayer(LayerAdapter):
         x_n A_n, in input block order."""
         k, tokens = self.gralora_k, x2.shape[0]
         per_input = torch.bmm(x2.view(tokens, k, -1).transpose(0, 1), self.gralora_A)  # (k[n], tokens, r)
-        return per_input.view(k, tokens, k, self.r // k).permute(2, 1, 0, 3).reshape(k, tokens, self.r)
+        return swap_blocks(per_input, k)
 
     def _add_update_(self, out2: torch.Tensor, x: torch.Tensor, beta: float = 1.0) -> None:
         """out2 (tokens, out) = beta * out2 + the update, in place (beta 0: out2's values are ignored).
@@ -147,6 +149,10 @@ class GraloraLayer(LayerAdapter):
         if torch.is_autocast_enabled(x.device.type) or not fusable_linear(base, x, self.gralora_A) \
                 or base.weight.dtype != self.gralora_A.dtype:
             return None
+        if torch.is_grad_enabled() and self.gralora_A_general is None and (self.dropout is None or not self.training):
+            x2 = x.reshape(-1, self.in_features)  # training: one autograd node for the layer (fused.py)
+            out = GraloraFn.apply(x2, self.gralora_A, self.gralora_B, weight_out_in(base), base.bias, self.scale)
+            return out.view(*x.shape[:-1], self.out_features)
         out = base(x)
         self._add_update_(out.view(-1, self.out_features), x)
         return out
