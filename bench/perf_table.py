@@ -151,8 +151,7 @@ METHODS: dict[str, tuple[str, str]] = {
     "adaption_prompt": ("adaption prompts (10) every layer", "adaption_prompt[adapter_len=10]"),
 }
 #: The methods whose adapters do not merge into the weights (no merged column).
-UNMERGED = ("prefix", "prompt", "p_tuning")
-UNMERGED += ("adaption_prompt",)  # PEFT merges no adaption prompt either
+UNMERGED = ("prefix", "prompt", "p_tuning", "adaption_prompt")  # neither library merges these
 
 
 def saved_activation_bytes(step: Callable[..., None], weights: set[int]) -> int:
@@ -320,7 +319,8 @@ def measure(key: str, base: Any, ids: torch.Tensor, frozen: Any, timing: Timing,
     forwards = {"peftkit": setup.run(lm_forward(ours, ids)), "peft": setup.run(lm_forward(theirs, ids)),
                 "base": setup.run(lm_forward(base, ids))}
     forward, base_forward = timing.ratios(forwards, SHARES["forward"])
-    forward_flops = {name: step_flops(run) for name, run in forwards.items()}
+    forward_flops = {name: step_flops(setup.run(lm_forward(model, ids, inference_mode=False)))
+                     for name, model in (("peftkit", ours), ("peft", theirs), ("base", base))}
     merged: dict[str, Ratio] = {}
     if key not in UNMERGED:
         ours.merge_adapter()

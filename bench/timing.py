@@ -153,12 +153,13 @@ def lm_train_step(model: Any, ids: Any) -> Callable[..., None]:
     return step
 
 
-def lm_forward(model: Any, ids: Any) -> Callable[[], None]:
-    """An inference forward of ``model`` on ``ids``."""
+def lm_forward(model: Any, ids: Any, inference_mode: bool = True) -> Callable[[], None]:
+    """An inference forward of ``model`` on ``ids``, in inference mode, or with gradients off only
+    (``inference_mode=False``: torch's FLOP counter breaks on PEFT's adaption prompts in inference mode)."""
     def run() -> None:
         import torch
 
-        with torch.inference_mode():
+        with torch.inference_mode() if inference_mode else torch.no_grad():
             model(input_ids=ids)
     return run
 

@@ -293,3 +293,19 @@ def test_a_classifier_head_trained_with_it_saves_and_loads_and_peft_refuses_the_
     plain.delete_adapter("other")
     plain.save_adapter(str(tmp_path / "plain"), "plain")
     assert json.loads((tmp_path / "plain" / "adapter_config.json").read_text())["peft_type"] == "ADAPTION_PROMPT"
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_forward_without_gradients_runs_under_torchs_flop_counter(arch):
+    """The prompt went to k_proj/v_proj (GPT-2: c_attn) as a parameter under inference_mode, which breaks torch's
+    ModuleTracker (FlopCounterMode raised AttributeError; bench/perf_table.py crashed on it); the projections get a
+    detached prompt there, with the same outputs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ours = _ours(arch)
+    with torch.inference_mode():
+        expected = output_of(ours, arch)
+        with FlopCounterMode(display=False) as counter:
+            got = output_of(ours, arch)
+    assert counter.get_total_flops() > 0
+    assert torch.equal(got, expected)

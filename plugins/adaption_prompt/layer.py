@@ -71,10 +71,13 @@ class AdaptionPrompt(LayerAdapter):
     def _prompt_keys_values(self, base: nn.Module, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The prompt's keys and values, each (1, num_heads, adapter_len, head_dim): every key/value head
         repeated for its group of query heads. One copy, broadcast over the batch."""
+        # Without gradients the projections get a detached prompt: a module called with a parameter (a leaf that
+        # requires grad) in inference mode breaks torch's ModuleTracker (FlopCounterMode raised AttributeError).
+        prompt = self.adaption_prompt if torch.is_grad_enabled() else self.adaption_prompt.detach()
         if self.fused:
-            _, key, value = base.c_attn(self.adaption_prompt).split(width, dim=2)
+            _, key, value = base.c_attn(prompt).split(width, dim=2)
         else:
-            key, value = base.k_proj(self.adaption_prompt), base.v_proj(self.adaption_prompt)
+            key, value = base.k_proj(prompt), base.v_proj(prompt)
         groups = self.num_heads // self.kv_heads
         shape = (1, self.adapter_len, self.kv_heads, self.head_dim)
         key = key.view(shape).transpose(1, 2)
