@@ -297,6 +297,20 @@ def loaded_in_peft(folder: str | Path, model: torch.nn.Module) -> Any:
         return PeftModel.from_pretrained(model, str(folder)).eval()
 
 
+def peft_tensors_by_site(model: torch.nn.Module, keys: Any, buffers: bool = False
+                         ) -> dict[str, dict[str, torch.Tensor]]:
+    """site (the base model's module name) -> {key: tensor} of a PEFT model's adapter tensors whose names hold
+    ``.<key>.`` for one of ``keys`` (PEFT's names are also the file keys), buffers included with ``buffers``."""
+    named = [*model.named_parameters(), *(model.named_buffers() if buffers else ())]
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in named:
+        key = next((k for k in keys if f".{k}." in name), None)
+        if key is not None:
+            site = name.removeprefix("base_model.model.").split(f".{key}.")[0]
+            out.setdefault(site, {})[key] = tensor
+    return out
+
+
 def peft_file_loads_alike(peft_model: Any, arch: str, folder: Path) -> peftkit.AdaptedModel:
     """Saves ``peft_model`` (a PEFT model on tiny ``arch``, moved away from its init, in eval mode) to
     ``folder`` and loads it onto a fresh model with peftkit; asserts the same logits unmerged, merged

@@ -18,7 +18,8 @@ from peftkit.core.errors import AdapterError, AdapterLoadError, ConfigError
 from peftkit.plugins.delora.config import DeloraConfig
 from peftkit.plugins.delora.layer import DeloraLayer
 from tests.method_helpers import (adapted_after_seed, adapter_modules, loaded_in_peft, merge_cycle_keeps_outputs,
-                                  new_tensors, output_of, peft_file_loads_alike, peft_model_after_seed)
+                                  new_tensors, output_of, peft_file_loads_alike, peft_model_after_seed,
+                                  peft_tensors_by_site)
 from tests.tiny_models import build_tiny
 
 peft = pytest.importorskip("peft")
@@ -43,17 +44,6 @@ def _peft_model(arch: str, seed: int = 0, model: torch.nn.Module | None = None, 
 
 def _ours(arch: str, spec: str, seed: int = 0, model: torch.nn.Module | None = None) -> peftkit.AdaptedModel:
     return adapted_after_seed(build_tiny(arch) if model is None else model, spec, seed)
-
-
-def _peft_tensors(model: torch.nn.Module) -> dict[str, dict[str, torch.Tensor]]:
-    """site -> PEFT's DeLoRA tensors there (parameters and the column-norm buffer), by file key."""
-    out: dict[str, dict[str, torch.Tensor]] = {}
-    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        key = next((k for k in TENSORS if f".{k}." in name), None)
-        if key is not None:
-            site = name.removeprefix("base_model.model.").split(f".{key}.")[0]
-            out.setdefault(site, {})[key] = tensor
-    return out
 
 
 def _ids(length: int, seed: int = 0) -> torch.Tensor:
@@ -87,7 +77,7 @@ def test_peft_loads_what_peftkit_saves_with_the_same_outputs_fields_and_keys(tmp
 def test_the_draws_lambdas_and_column_norms_are_pefts(init):
     options = dict(r=4, target_modules=["q_proj", "v_proj", "up_proj"], init_weights=init, delora_lambda=7,
                    rank_pattern={"up_proj": 2}, lambda_pattern={"v_proj": 0.5})
-    theirs = _peft_tensors(_peft_model("llama", seed=3, **options))
+    theirs = peft_tensors_by_site(_peft_model("llama", seed=3, **options), TENSORS, buffers=True)
     spec = (f'delora[r=4,target_modules=[q_proj,v_proj,up_proj],init_weights={str(init).lower()},delora_lambda=7,'
             f'rank_pattern={{"up_proj":2}},lambda_pattern={{"v_proj":0.5}}]')
     ours = adapter_modules(_ours("llama", spec, seed=3))
@@ -117,7 +107,7 @@ def test_the_column_norms_come_from_the_folder_not_the_model_it_loads_onto(tmp_p
 @pytest.mark.parametrize("arch,options,spec", CASES)
 def test_gradients_after_a_backward_equal_pefts(arch, options, spec, length):
     theirs, ours = _peft_model(arch, **options), _ours(arch, spec)
-    peft_tensors = _peft_tensors(theirs)
+    peft_tensors = peft_tensors_by_site(theirs, TENSORS, buffers=True)
     ids = _ids(length, seed=length)
     for model in (theirs, ours):  # eval mode: the models' own dropout off
         output = model(input_ids=ids).logits
@@ -154,7 +144,7 @@ def test_a_bfloat16_model_runs_trains_and_matches_peft():
     options, spec = CASES[0][1], CASES[0][2]
     theirs = _peft_model("llama", model=build_tiny("llama").to(torch.bfloat16), **options)
     ours = _ours("llama", spec, model=build_tiny("llama").to(torch.bfloat16))
-    peft_tensors = _peft_tensors(theirs)
+    peft_tensors = peft_tensors_by_site(theirs, TENSORS, buffers=True)
     with torch.no_grad():
         for site, layer in adapter_modules(ours).items():
             for key, tensor in layer.tensors().items():

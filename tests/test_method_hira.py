@@ -19,7 +19,8 @@ from peftkit.core.errors import AdapterError, AdapterLoadError, ConfigError
 from peftkit.plugins.hira.config import HiraConfig
 from peftkit.plugins.hira.layer import HiraEmbedding, HiraLinear
 from tests.method_helpers import (adapted_after_seed, adapter_modules, frozen_layer, loaded_in_peft,
-                                  merge_cycle_keeps_outputs, output_of, peft_file_loads_alike, peft_model_after_seed)
+                                  merge_cycle_keeps_outputs, output_of, peft_file_loads_alike, peft_model_after_seed,
+                                  peft_tensors_by_site)
 from tests.tiny_models import build_tiny
 
 peft = pytest.importorskip("peft")
@@ -45,17 +46,6 @@ def _peft_model(arch: str, seed: int = 0, model: torch.nn.Module | None = None, 
 
 def _ours(arch: str, spec: str, seed: int = 0, model: torch.nn.Module | None = None) -> peftkit.AdaptedModel:
     return adapted_after_seed(build_tiny(arch) if model is None else model, spec, seed)
-
-
-def _peft_tensors(model: torch.nn.Module) -> dict[str, dict[str, torch.Tensor]]:
-    """site -> PEFT's HiRA parameters there, by file key."""
-    out: dict[str, dict[str, torch.Tensor]] = {}
-    for name, tensor in model.named_parameters():
-        key = next((k for k in TENSORS if f".{k}." in name), None)
-        if key is not None:
-            site = name.removeprefix("base_model.model.").split(f".{key}.")[0]
-            out.setdefault(site, {})[key] = tensor
-    return out
 
 
 def _ids(length: int, seed: int = 0) -> torch.Tensor:
@@ -88,7 +78,7 @@ def test_peft_loads_what_peftkit_saves_with_the_same_outputs_fields_and_keys(tmp
 @pytest.mark.parametrize("init", [True, False, "gaussian"])
 def test_the_draws_are_pefts_for_linear_and_embedding_layers(init):
     options = dict(r=4, target_modules=["q_proj", "v_proj", "up_proj", "embed_tokens"], init_weights=init)
-    theirs = _peft_tensors(_peft_model("llama", seed=3, **options))
+    theirs = peft_tensors_by_site(_peft_model("llama", seed=3, **options), TENSORS)
     shown = json.dumps(init)
     ours = adapter_modules(_ours("llama", f"hira[r=4,target_modules=[q_proj,v_proj,up_proj,embed_tokens],"
                                           f"init_weights={shown}]", seed=3))
@@ -106,7 +96,7 @@ def test_the_draws_are_pefts_for_linear_and_embedding_layers(init):
 @pytest.mark.parametrize("arch,options,spec", CASES)
 def test_gradients_after_a_backward_equal_pefts(arch, options, spec, length):
     theirs, ours = _peft_model(arch, **options), _ours(arch, spec)
-    peft_tensors = _peft_tensors(theirs)
+    peft_tensors = peft_tensors_by_site(theirs, TENSORS)
     ids = _ids(length, seed=length)
     for model in (theirs, ours):  # eval mode: the models' own dropout off
         output = model(input_ids=ids).logits
@@ -221,7 +211,7 @@ def test_a_bfloat16_model_runs_trains_and_matches_peft():
     options, spec = CASES[0][1], CASES[0][2]
     theirs = _peft_model("llama", model=build_tiny("llama").to(torch.bfloat16), **options)
     ours = _ours("llama", spec, model=build_tiny("llama").to(torch.bfloat16))
-    peft_tensors = _peft_tensors(theirs)
+    peft_tensors = peft_tensors_by_site(theirs, TENSORS)
     with torch.no_grad():
         for site, layer in adapter_modules(ours).items():
             for key, tensor in layer.tensors().items():
@@ -254,7 +244,7 @@ def test_a_peft_folder_with_rank_pattern_loads_as_peft_loads_it(tmp_path):
     peftkit reads such a folder the same way."""
     theirs = _peft_model("llama", r=3, target_modules=["q_proj", "v_proj"], init_weights=False,
                          rank_pattern={"v_proj": 1})
-    assert all(t["hira_A"].shape[0] == 3 for t in _peft_tensors(theirs).values())
+    assert all(t["hira_A"].shape[0] == 3 for t in peft_tensors_by_site(theirs, TENSORS).values())
     model = peft_file_loads_alike(theirs, "llama", tmp_path)
     assert model.adapter_record("default").config.rank_pattern == {}
 
@@ -315,7 +305,7 @@ def test_convolutions_draw_compute_and_save_as_pefts(tmp_path, init):
                                                                   init_weights=init), seed=5)
     ours = adapted_after_seed(_conv_net(), f"hira[r=3,target_modules=[c1,c2,p,c3],init_weights={str(init).lower()}]",
                               seed=5)
-    peft_tensors = _peft_tensors(theirs)
+    peft_tensors = peft_tensors_by_site(theirs, TENSORS)
     for site, layer in adapter_modules(ours).items():
         for key, tensor in layer.tensors().items():
             assert torch.equal(tensor, peft_tensors[site][key]), (site, key)

@@ -32,6 +32,13 @@ def _input_blocks(x2: torch.Tensor, k: int) -> torch.Tensor:
     return x2.view(x2.shape[0], k, -1).transpose(0, 1)
 
 
+def block_intermediate(x2: torch.Tensor, gralora_a: torch.Tensor) -> torch.Tensor:
+    """(k, tokens, r): for output block j, the r values B_j reads, chunk j of every input block's product
+    ``x_n A_n`` in input block order (one batched product over a view of the input, then one permuted copy)."""
+    k = gralora_a.shape[0]
+    return swap_blocks(torch.bmm(_input_blocks(x2, k), gralora_a), k)
+
+
 class GraloraFn(torch.autograd.Function):
     """y = x W^T + b + scale * (the block update): see the module docstring."""
 
@@ -39,7 +46,7 @@ class GraloraFn(torch.autograd.Function):
     def forward(ctx: Any, x2: torch.Tensor, gralora_a: torch.Tensor, gralora_b: torch.Tensor, weight: torch.Tensor,
                 bias: torch.Tensor | None, scale: float) -> torch.Tensor:
         k, tokens = gralora_a.shape[0], x2.shape[0]
-        intermediate = swap_blocks(torch.bmm(_input_blocks(x2, k), gralora_a), k)  # (k[j], tokens, r)
+        intermediate = block_intermediate(x2, gralora_a)  # (k[j], tokens, r)
         out = F.linear(x2, weight, bias)
         out.view(tokens, k, -1).transpose(0, 1).baddbmm_(intermediate, gralora_b, alpha=scale)
         ctx.save_for_backward(x2, intermediate, gralora_a, gralora_b, weight)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from peftkit.plugin_api import adapter_dtype, adapter_precision, fusable_linear, is_conv1d, LayerAdapter, \
     linear_features, to_dtype, weight_out_in
 
-from .fused import GraloraFn, swap_blocks
+from .fused import block_intermediate, GraloraFn
 
 
 def drawn(shape: tuple[int, ...], random: bool = True) -> torch.Tensor:
@@ -90,13 +90,6 @@ class GraloraLayer(LayerAdapter):
             x = self.dropout(x)
         return x.reshape(-1, self.in_features)
 
-    def _intermediate(self, x2: torch.Tensor) -> torch.Tensor:
-        """(k, tokens, r): for output block j, the r values B_j reads: chunk j of every input block's product
-        x_n A_n, in input block order."""
-        k, tokens = self.gralora_k, x2.shape[0]
-        per_input = torch.bmm(x2.view(tokens, k, -1).transpose(0, 1), self.gralora_A)  # (k[n], tokens, r)
-        return swap_blocks(per_input, k)
-
     def _add_update_(self, out2: torch.Tensor, x: torch.Tensor, beta: float = 1.0) -> None:
         """out2 (tokens, out) = beta * out2 + the update, in place (beta 0: out2's values are ignored).
 
@@ -104,7 +97,7 @@ class GraloraLayer(LayerAdapter):
         in-place change made the tensor require gradients, so each view is taken right before its change. Its
         dropout mask is still drawn second, as PEFT draws it."""
         tokens, k = out2.shape[0], self.gralora_k
-        intermediate = self._intermediate(self._input(x))
+        intermediate = block_intermediate(self._input(x), self.gralora_A)
         if self.gralora_A_general is not None:
             down = F.linear(self._input(x), self.gralora_A_general)
             out2.addmm_(down, self.gralora_B_general.t(), beta=beta, alpha=self.scale)
@@ -115,7 +108,7 @@ class GraloraLayer(LayerAdapter):
     def _update_autocast(self, x: torch.Tensor) -> torch.Tensor:
         """The update (tokens, out) with out-of-place products, which autocast casts (as PEFT's einsums)."""
         tokens = x.numel() // self.in_features
-        update = torch.bmm(self._intermediate(self._input(x)), self.gralora_B)
+        update = torch.bmm(block_intermediate(self._input(x), self.gralora_A), self.gralora_B)
         update = update.transpose(0, 1).reshape(tokens, self.out_features)
         if self.gralora_A_general is not None:
             update = update + F.linear(F.linear(self._input(x), self.gralora_A_general), self.gralora_B_general)
