@@ -198,7 +198,7 @@ def _dropout_noise(keep: torch.Tensor, p: float, dtype: torch.dtype) -> torch.Te
     return keep.view(torch.uint8).to(dtype).div_(1 - p)  # from bytes: casting bool itself runs 5x slower
 
 
-def _input_grad(ctx: Any, g: torch.Tensor, weight: torch.Tensor, g_xa_t: torch.Tensor, lora_a: torch.Tensor,
+def _input_grad(ctx: Any, g: torch.Tensor, weight: torch.Tensor, g_xa_t: torch.Tensor, lora_a: torch.Tensor | None,
                 noise: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The gradients of the base input and of the LoRA input that autograd asks for: ``g W`` (``weight``:
     W as (out, in), cast to g's dtype: under autocast the float32 weight is cast again here rather than
@@ -208,7 +208,7 @@ def _input_grad(ctx: Any, g: torch.Tensor, weight: torch.Tensor, g_xa_t: torch.T
     dropout drawn inside the node (:func:`_draw_dropout`), whose gradient ``(g_xa A) * noise`` joins
     ``g W`` here instead of in a dropout node of its own."""
     grad_x = grad_x_lora = None
-    mixed = g.dtype != lora_a.dtype
+    mixed = g.dtype != ctx.factor_dtype
     if ctx.needs_input_grad[0]:
         weight = to_dtype(weight, g.dtype)
         if noise is not None:
@@ -268,7 +268,15 @@ def _dora_output(unscaled: torch.Tensor, magnitude: torch.Tensor, norm: torch.Te
     return torch.addcmul(bias, unscaled, mag_scale, out=into), mag_scale
 
 
-def _lora_grads(ctx: Any, g: torch.Tensor, lora_in: torch.Tensor, xa_t: torch.Tensor, lora_a: torch.Tensor,
+def _kept_factor_a(ctx: Any, lora_a: torch.Tensor) -> torch.Tensor | None:
+    """A, kept for backward only where an input gradient (the only product reading A there) is asked for:
+    a method whose A is built in the forward (AdaLoRA's ``A * E``, VB-LoRA's mixed bank vectors) then frees it
+    at the layers whose input takes no gradient (the first layer's, after frozen embeddings), as the
+    unfused layer (and PEFT's) does."""
+    return lora_a if ctx.needs_input_grad[0] or ctx.needs_input_grad[1] else None
+
+
+def _lora_grads(ctx: Any, g: torch.Tensor, lora_in: torch.Tensor, xa_t: torch.Tensor, lora_a: torch.Tensor | None,
                 lora_b: torch.Tensor, weight: torch.Tensor,
                 noise: torch.Tensor | None = None) -> tuple[torch.Tensor | None, ...]:
     """Gradients of (x2, x2_lora, A, B) for the output gradient ``g`` of ``x2 W^T + s (lora_in A^T) B^T``
@@ -277,7 +285,7 @@ def _lora_grads(ctx: Any, g: torch.Tensor, lora_in: torch.Tensor, xa_t: torch.Te
     products run in the factors' dtype (float32 copies of ``g`` and ``lora_in`` in the mixed case)."""
     g_factors = to_dtype(g, lora_b.dtype)
     g_xa_t = _rank_major(lora_b.t(), g_factors).mul_(ctx.scale)  # (s g B)^T
-    grad_a = _token_sum(g_xa_t, to_dtype(lora_in, lora_a.dtype)) if ctx.needs_input_grad[2] else None
+    grad_a = _token_sum(g_xa_t, to_dtype(lora_in, ctx.factor_dtype)) if ctx.needs_input_grad[2] else None
     grad_b = _token_sum(xa_t, g_factors).mul_(ctx.scale).t() if ctx.needs_input_grad[3] else None
     return (*_input_grad(ctx, g, weight, g_xa_t, lora_a, noise), grad_a, grad_b)
 
@@ -303,8 +311,8 @@ class _LoraFn(torch.autograd.Function):
             lora_in = x2 if x2_lora is None else x2_lora
         out, xa_t = _lora_sum(x2, lora_in, lora_a, lora_b, to_dtype(weight, x2.dtype), to_dtype(bias, x2.dtype),
                               scale)
-        ctx.save_for_backward(lora_in if keep is None else x2, keep, xa_t, lora_a, lora_b, weight)
-        ctx.scale, ctx.same_input, ctx.dropout = scale, x2_lora is None, dropout
+        ctx.save_for_backward(lora_in if keep is None else x2, keep, xa_t, _kept_factor_a(ctx, lora_a), lora_b, weight)
+        ctx.scale, ctx.same_input, ctx.dropout, ctx.factor_dtype = scale, x2_lora is None, dropout, lora_a.dtype
         return out
 
     @staticmethod
@@ -371,8 +379,8 @@ class _DoraFn(torch.autograd.Function):
         else:
             unscaled, xa_t = _lora_sum(x2, lora_in, lora_a, lora_b, to_dtype(weight, x2.dtype), None, scale)
         out, mag_scale = _dora_output(unscaled, magnitude, norm, to_dtype(bias, x2.dtype), in_place=False)
-        ctx.save_for_backward(lora_in, xa_t, unscaled, mag_scale, norm, lora_a, lora_b, weight)
-        ctx.scale, ctx.same_input = scale, x2_lora is None
+        ctx.save_for_backward(lora_in, xa_t, unscaled, mag_scale, norm, _kept_factor_a(ctx, lora_a), lora_b, weight)
+        ctx.scale, ctx.same_input, ctx.factor_dtype = scale, x2_lora is None, lora_a.dtype
         return out
 
     @staticmethod

@@ -435,3 +435,20 @@ def new_tensors(run) -> list[tuple[str, tuple[int, ...]]]:
     with Record():
         run()
     return fresh
+
+
+def bytes_kept_for_backward(model: torch.nn.Module, **inputs: Any) -> int:
+    """Bytes of the distinct storages other than parameters that one forward of ``model`` on ``inputs`` keeps
+    for its backward."""
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(**inputs)
+    return sum(kept.values())

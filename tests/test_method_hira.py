@@ -18,9 +18,9 @@ import peftkit
 from peftkit.core.errors import AdapterError, AdapterLoadError, ConfigError
 from peftkit.plugins.hira.config import HiraConfig
 from peftkit.plugins.hira.layer import HiraEmbedding, HiraLinear
-from tests.method_helpers import (adapted_after_seed, adapter_modules, frozen_layer, loaded_in_peft,
-                                  merge_cycle_keeps_outputs, output_of, peft_file_loads_alike, peft_model_after_seed,
-                                  peft_tensors_by_site)
+from tests.method_helpers import (adapted_after_seed, adapter_modules, bytes_kept_for_backward, frozen_layer,
+                                  loaded_in_peft, merge_cycle_keeps_outputs, output_of, peft_file_loads_alike,
+                                  peft_model_after_seed, peft_tensors_by_site)
 from tests.tiny_models import build_tiny
 
 peft = pytest.importorskip("peft")
@@ -147,27 +147,11 @@ def test_the_fused_forward_is_one_product_and_keeps_only_the_input_for_backward(
         torch.testing.assert_close(got, want)
 
 
-def _bytes_kept_for_backward(model: torch.nn.Module) -> int:
-    """Bytes of the tensors other than parameters that one forward of ``model`` keeps for its backward."""
-    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    kept: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in parameters:
-            kept[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=_ids(8)).logits.sum()
-    return sum(kept.values())
-
-
 def test_the_training_forward_keeps_less_for_backward_than_pefts():
     """PEFT keeps W0 ⊙ B A (out x in) per layer for the backward; peftkit builds it again there."""
     theirs = _peft_model("llama", r=4, target_modules="all-linear", init_weights=False)
     ours = _ours("llama", "hira[r=4,target_modules=all-linear,init_weights=false]")
-    assert _bytes_kept_for_backward(ours) < _bytes_kept_for_backward(theirs)
+    assert bytes_kept_for_backward(ours, input_ids=_ids(8)) < bytes_kept_for_backward(theirs, input_ids=_ids(8))
 
 
 def test_the_embedding_update_gathers_rows_as_pefts_whole_matrix():

@@ -19,8 +19,8 @@ import peftkit
 from peftkit.core.errors import ConfigError
 from peftkit.plugins.vblora.config import VBLoRAConfig
 from peftkit.plugins.vblora.layer import TopkOnlyAdapterError
-from tests.method_helpers import (adapter_modules, loaded_in_peft, merge_cycle_keeps_outputs, output_of,
-                                  peft_file_loads_alike, peftkit_file_loads_alike)
+from tests.method_helpers import (adapter_modules, bytes_kept_for_backward, loaded_in_peft, merge_cycle_keeps_outputs,
+                                  output_of, peft_file_loads_alike, peftkit_file_loads_alike)
 from tests.tiny_models import build_tiny
 
 peft = pytest.importorskip("peft")
@@ -258,3 +258,12 @@ def test_pefts_settings_peftkit_lacks_are_refused_by_name(tmp_path, options, mes
 def test_impossible_settings_are_refused_by_name(spec, message):
     with pytest.raises(ConfigError, match=message):
         peftkit.adapt(build_tiny("llama"), spec)
+
+
+def test_a_training_step_keeps_no_more_for_backward_than_pefts():
+    """The first layer's q and v read an input that takes no gradient (frozen embeddings): A, built from the bank
+    in every forward, is then not kept for backward (no input gradient reads it), as in PEFT."""
+    arch, options = PEFT_CASES[0]
+    theirs = _peft_model(arch, **options).train()
+    ours = peftkit.adapt(build_tiny(arch), OUR_SPECS[arch]).train()
+    assert bytes_kept_for_backward(ours, input_ids=IDS) <= bytes_kept_for_backward(theirs, input_ids=IDS)
