@@ -145,14 +145,15 @@ def test_a_non_identity_init_draws_the_upper_triangles_with_std_0_1():
     assert abs(float(entries.std()) - 0.1) < 0.02 and abs(float(entries.mean())) < 0.02
 
 
-@pytest.mark.parametrize("terms", [1, 2, 3, 5])
+@pytest.mark.parametrize("terms", [1, 2, 3, 5, 6])
 def test_the_truncated_neumann_series_of_each_length(terms):
     """PEFT's series: I (1 term), I + 2Q (2), then I + 2Q + ... + 2Q^(m-1) + Q^m with m = max(n, 4) - 1."""
     torch.manual_seed(0)
     model = peftkit.adapt(build_tiny("llama"), f"oft[oft_block_size=8,init_weights=false,"
                                                f"num_cayley_neumann_terms={terms}]")
     adapter = _sites(model)[0].adapters["default"]
-    q = _skew(adapter.weight.detach().double(), 8)
+    entries = adapter.weight.detach().double().requires_grad_()
+    q = _skew(entries, 8)
     eye = torch.eye(8, dtype=torch.float64).expand_as(q)
     if terms == 1:
         expected = eye
@@ -161,7 +162,24 @@ def test_the_truncated_neumann_series_of_each_length(terms):
     else:
         m = max(terms, 4) - 1
         expected = eye + sum(2 * torch.linalg.matrix_power(q, k) for k in range(1, m)) + torch.linalg.matrix_power(q, m)
-    torch.testing.assert_close(adapter.rotations().detach().double(), expected, atol=1e-6, rtol=1e-5)
+    rotations = adapter.rotations()
+    torch.testing.assert_close(rotations.detach().double(), expected.detach(), atol=1e-6, rtol=1e-5)
+    if terms > 1:  # the trained entries' gradient, against the float64 series' own
+        seed = torch.randn(expected.shape, dtype=torch.float64)
+        got, = torch.autograd.grad((rotations * seed.float()).sum(), adapter.weight)
+        want, = torch.autograd.grad((expected * seed).sum(), entries)
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("top_power", [2, 3, 4, 5])
+def test_the_neumann_node_backward_is_its_forwards_derivative(top_power):
+    """plugins/oft/neumann.py's closed-form backward, checked numerically in float64 (blocks of 5)."""
+    from peftkit.plugins.oft.neumann import flat_indices, neumann_rotations
+
+    upper, lower = flat_indices(5, torch.device("cpu"))
+    entries = (0.3 * torch.randn(3, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(1)))
+    assert torch.autograd.gradcheck(lambda e: neumann_rotations(e, upper, lower, 5, top_power),
+                                    (entries.requires_grad_(),))
 
 
 def test_module_dropout_over_two_blocks_sets_one_to_the_identity_in_training():

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from peftkit.plugin_api import adapter_dtype, adapter_precision, is_conv1d, LayerAdapter, MergeError, quantization_of, weight_out_in
 
 from .blocks import OftBlocks
+from .neumann import flat_indices, neumann_rotations
 
 
 class OftLayer(LayerAdapter):
@@ -48,6 +49,9 @@ class OftLayer(LayerAdapter):
         rows, cols = torch.triu_indices(blocks.size, blocks.size, 1, device=base.weight.device)
         self.register_buffer("rows", rows, persistent=False)
         self.register_buffer("cols", cols, persistent=False)
+        upper, lower = flat_indices(blocks.size, base.weight.device)
+        self.register_buffer("upper", upper, persistent=False)
+        self.register_buffer("lower", lower, persistent=False)
 
     # -- the rotation ----------------------------------------------------------------
 
@@ -75,7 +79,11 @@ class OftLayer(LayerAdapter):
         adapter made on a half model trains and runs in anyway (``adapter_precision``)."""
         if self.coft:
             self._constrain()
-        q = self._skew(self.weight.to(adapter_precision(self.weight.dtype)))
+        entries = self.weight.to(adapter_precision(self.weight.dtype))
+        if self.use_cayley_neumann and self.neumann_terms >= 3:  # one autograd node (neumann.py)
+            top_power = max(self.neumann_terms, 4) - 1  # PEFT's series (below)
+            return neumann_rotations(entries, self.upper, self.lower, self.blocks.size, top_power)
+        q = self._skew(entries)
         eye = torch.eye(self.blocks.size, device=q.device, dtype=q.dtype)
         if not self.use_cayley_neumann:
             # R (I + Q) = I - Q
