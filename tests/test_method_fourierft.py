@@ -106,7 +106,32 @@ def test_the_spectral_positions_and_the_weight_change_are_pefts(arch, options):
         assert torch.equal(layer.spectral_positions, rows * layer.in_features + columns), name
         with torch.no_grad():
             layer.fourierft_spectrum.copy_(peft_layer.fourierft_spectrum["default"])
-        torch.testing.assert_close(layer.delta_out_in(), peft_layer.get_delta_weight("default"), rtol=0, atol=0)
+        expected = peft_layer.get_delta_weight("default")  # a complex ifft2; peftkit's real one rounds otherwise
+        torch.testing.assert_close(layer.delta_out_in(), expected, rtol=0, atol=2e-6 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("shape", [(6, 8), (7, 5), (8, 9), (5, 6)])
+def test_the_half_spectrum_node_is_the_complex_transform_in_float64(shape):
+    """dW and the coefficients' gradient from plugins/fourierft/spectrum.py against Re(ifft2(S)) under
+    autograd, in float64, on odd and even sides, with coefficients at the zero frequency, on the middle
+    column and row, and beyond the half."""
+    from peftkit.plugins.fourierft.spectrum import HalfSpectrumSites, inverse_spectrum_change
+
+    out_features, in_features = shape
+    generator = torch.Generator().manual_seed(sum(shape))
+    specials = torch.tensor([0, in_features // 2, (out_features // 2) * in_features])
+    drawn = torch.randperm(out_features * in_features, generator=generator)[: out_features * in_features // 2]
+    positions = torch.unique(torch.cat([specials, drawn]))
+    coefficients = torch.randn(len(positions), dtype=torch.float64, generator=generator, requires_grad=True)
+    spectrum = torch.zeros(out_features * in_features, dtype=torch.float64).index_put((positions,), coefficients)
+    expected = torch.fft.ifft2(spectrum.view(shape)).real * 3.5
+    got = inverse_spectrum_change(coefficients, HalfSpectrumSites.of(positions, shape), 3.5)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+    seed = torch.randn(shape, dtype=torch.float64, generator=generator)
+    want, = torch.autograd.grad(expected, coefficients, seed)
+    have, = torch.autograd.grad(inverse_spectrum_change(coefficients, HalfSpectrumSites.of(positions, shape), 3.5),
+                                coefficients, seed)
+    torch.testing.assert_close(have, want, rtol=1e-12, atol=1e-14)
 
 
 def test_positions_are_drawn_from_the_seed_alone():

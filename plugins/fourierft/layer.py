@@ -11,8 +11,9 @@ seeded with ``random_loc_seed``, read as row-major flat indices of S: PEFT's dra
 
 Cost: the positions are drawn once per layer shape and seed (PEFT draws them once per layer and
 copies them to the spectrum's device in every forward); they live on the layer's device as a
-buffer. A forward that records gradients for the coefficients builds dW once (a scatter and an
-(out, in) inverse FFT, as PEFT does in every forward); a forward without them (inference, or the
+buffer. A forward that records gradients for the coefficients builds dW once (a scatter and a real
+inverse FFT of the spectrum's Hermitian half, one autograd node: spectrum.py; PEFT runs a complex one of all
+of it in every forward); a forward without them (inference, or the
 adapter frozen) reuses the dW it built last until the coefficients, their storage or dtype change,
 at the memory of one (out, in) matrix per layer: ``merge_adapter()`` folds it into the weight instead. A
 training forward drops it, so an evaluation between training steps leaves nothing behind.
@@ -27,6 +28,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from peftkit.plugin_api import adapter_dtype, fusable_linear, is_conv1d, LayerAdapter, to_dtype, weight_out_in
+
+from .spectrum import HalfSpectrumSites, inverse_spectrum_change
 
 #: From how many tokens an adapter alone at a plain layer runs one product with W + dW instead of the base
 #: product and x dW^T: the sum costs about three passes over the weight, the second product one pass over it
@@ -46,18 +49,6 @@ def spectral_positions(seed: int, out_features: int, in_features: int, n_frequen
     return torch.randperm(out_features * in_features, generator=generator)[:n_frequency]
 
 
-def inverse_spectrum(spectrum: torch.Tensor, positions: torch.Tensor, shape: tuple[int, int],
-                     scaling: float) -> torch.Tensor:
-    """``scaling * Re(ifft2(S))`` for the (out, in) spectrum S holding ``spectrum`` at ``positions``.
-
-    Computed in float32 (float64 for a float64 spectrum: torch's FFT has no half-precision kernel on
-    every device) and returned in the spectrum's dtype, as PEFT does."""
-    compute = torch.promote_types(spectrum.dtype, torch.float32)
-    dense = torch.zeros(shape[0] * shape[1], dtype=compute, device=spectrum.device)
-    dense = dense.index_put((positions,), spectrum.to(compute))
-    return (torch.fft.ifft2(dense.view(shape)).real * scaling).to(spectrum.dtype)
-
-
 class FourierFTLayer(LayerAdapter):
     def __init__(self, base: nn.Module, in_features: int, out_features: int, n_frequency: int, *,
                  scaling: float, random_loc_seed: int, init_weights: bool = False) -> None:
@@ -72,9 +63,20 @@ class FourierFTLayer(LayerAdapter):
         self.register_buffer("spectral_positions", positions.to(base.weight.device, copy=True), persistent=False)
 
     def delta_out_in(self) -> torch.Tensor:
-        """dW as (out, in), built from the coefficients now."""
-        return inverse_spectrum(self.fourierft_spectrum, self.spectral_positions,
-                                (self.out_features, self.in_features), self.scaling)
+        """dW as (out, in), built from the coefficients now (one autograd node: spectrum.py)."""
+        return inverse_spectrum_change(self.fourierft_spectrum, self._sites(), self.scaling)
+
+    def _sites(self) -> HalfSpectrumSites:
+        """The coefficients' sites in the half spectrum, kept while the positions buffer stays (a move
+        to another device makes a new one)."""
+        positions = self.spectral_positions
+        key = (positions.data_ptr(), positions.device)
+        kept = self.__dict__.get("_kept_sites")
+        if kept is None or kept[0] != key:
+            kept = (key, HalfSpectrumSites.of(positions, (self.out_features, self.in_features)),
+                    positions.untyped_storage())
+            self.__dict__["_kept_sites"] = kept
+        return kept[1]
 
     def _weight_change(self) -> torch.Tensor:
         """dW for this forward: built anew when it records gradients for the coefficients, else the one built
