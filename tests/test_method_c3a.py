@@ -17,7 +17,7 @@ import peftkit
 from peftkit.core.composition import Stack
 from peftkit.core.errors import AdapterLoadError, ConfigError
 from peftkit.plugins.c3a.config import C3AConfig
-from peftkit.plugins.c3a.layer import block_circulant, FUSED_FROM_TOKENS
+from peftkit.plugins.c3a.layer import block_circulant, FUSED_FROM_TOKENS, kernel_gradient
 from tests.method_helpers import (adapted_after_seed, adapter_modules, loaded_in_peft, merge_cycle_keeps_outputs,
                                   output_of)
 from tests.tiny_models import build_tiny
@@ -321,3 +321,15 @@ def test_gpt2s_conv1d_layers_are_refused_as_by_peft():
                                           "adapt in target_modules")
     with pytest.raises(TypeError, match="only `torch.nn.Linear`"):
         _peft_model("gpt2", block_size=16, target_modules=["c_attn"])
+
+
+@pytest.mark.parametrize("blocks,size", [((3, 2), 5), ((2, 4), 8), ((1, 1), 1)])
+def test_the_kernel_gradient_is_block_circulants_adjoint_in_float64(blocks, size):
+    """plugins/c3a/layer.py's per-frequency kernel gradient against autograd through the circulant matrix
+    applied to g^T x, on odd and even block sizes."""
+    generator = torch.Generator().manual_seed(size)
+    kernel = torch.randn(*blocks, size, dtype=torch.float64, generator=generator, requires_grad=True)
+    grad = torch.randn(7, blocks[0] * size, dtype=torch.float64, generator=generator)
+    x2 = torch.randn(7, blocks[1] * size, dtype=torch.float64, generator=generator)
+    expected, = torch.autograd.grad(block_circulant(kernel), kernel, grad.t() @ x2)
+    torch.testing.assert_close(kernel_gradient(grad, x2, kernel.shape), expected, rtol=1e-12, atol=1e-12)
