@@ -188,6 +188,32 @@ def test_the_fused_forward_writes_one_output_and_equals_the_formula():
     torch.testing.assert_close(layer.delta_weight(base), b @ torch.diag(scales) @ a * w)
 
 
+def test_the_fused_node_with_module_dropout_equals_the_unfused_layer_in_training():
+    """Alone at a plain Linear in training, the layer runs the plugin API's fused LoRA node (one autograd node,
+    dropout drawn inside as nn.Dropout draws it): output and every gradient equal the unfused path's for one
+    seed."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(16, 24).double().requires_grad_(False)
+    layer = DeloraLayer(base, r=3, delora_lambda=2.0, module_dropout=0.3, init_weights=False).double().train()
+    x = torch.randn(10, 16, dtype=torch.float64, requires_grad=True)
+    leaves, seed = (x, layer.delora_A, layer.delora_B, layer.delora_lambda), torch.randn(10, 24, dtype=torch.float64)
+    torch.manual_seed(5)
+    fused = layer.forward_alone(x, base)
+    torch.manual_seed(5)
+    unfused = layer(x, base(x), base)
+    torch.testing.assert_close(fused, unfused)
+    assert (fused - base(x) - layer.eval()(x, base(x), base)).abs().max() > 1e-3  # dropout did drop entries
+    nodes, stack = set(), [fused.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and type(node).__name__ not in nodes:
+            nodes.add(type(node).__name__)
+            stack.extend(child for child, _ in node.next_functions)
+    assert any("LoraFn" in name for name in nodes), nodes
+    for got, want in zip(torch.autograd.grad(fused, leaves, seed), torch.autograd.grad(unfused, leaves, seed)):
+        torch.testing.assert_close(got, want)
+
+
 def test_the_kept_scaled_a_follows_training_steps_loads_and_writes(tmp_path):
     """Forwards without gradients reuse diag(s) A diag(w) until A, B, lambda or the norms change (an optimizer
     step, a load, a write); a training forward keeps nothing."""

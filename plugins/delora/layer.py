@@ -14,8 +14,10 @@ zeroed (tokens, out) tensor and adds that to the base output (four passes over t
 two products). Here w and s are folded into A first (an r x in matrix, as small as A), so a forward is the two
 low-rank products and the base product, writing one (tokens, out) tensor: alone at a plain Linear layer the
 update's product (with the bias) writes the output and the base product accumulates onto it
-(:meth:`DeloraLayer.forward_alone`); elsewhere the update's product adds into the base output in one ``addmm``.
-A forward without gradients reuses the folded A it made last until A, B, lambda or the norms change.
+(:meth:`DeloraLayer.forward_alone`, through the plugin API's fused LoRA node, which also keeps only the
+input and a rank-sized intermediate for backward and forms the input gradient in one tensor); elsewhere the
+update's product adds into the base output in one ``addmm``. A forward without gradients reuses the folded A
+it made last until A, B, lambda or the norms change.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from peftkit.plugin_api import adapter_dtype, fusable_linear, LayerAdapter, linear_features, to_dtype
+from peftkit.plugin_api import adapter_dtype, fusable_linear, fused_lora, LayerAdapter, linear_features, to_dtype
 
 #: PEFT's floor under each row norm of A and column norm of B (a zero row or column then adds nothing).
 NORM_FLOOR = 1e-4
@@ -104,22 +106,19 @@ class DeloraLayer(LayerAdapter):
         return out.view(h.shape)
 
     def forward_alone(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor | None:
-        """The layer's whole output in one (tokens, out) tensor: the update's product (with the bias) writes it
-        and the base product accumulates onto it, so neither a separate base output nor a sum is made. None
-        (the base product, then :meth:`forward`) under autocast, where the adapter's dtype is not the layer's
-        (float32 beside a half-precision weight), or for a layer that is not a plain Linear."""
-        weight = base.weight
+        """The layer's whole output through the fused LoRA node (``fused_lora`` of the plugin API) with A' =
+        diag(s) A diag(w) (made each training forward; its gradient flows back to A, B and lambda) and B: one
+        autograd node keeps the input and the rank-sized intermediate for backward, the update's product writes
+        the output and the base product accumulates onto it, and the input gradient ``g W + (g B) A'`` is one
+        tensor; the node drops out the input itself as ``nn.Dropout`` would. None (the base product, then
+        :meth:`forward`) under autocast, where the adapter's dtype is not the layer's (float32 beside a
+        half-precision weight), or for a layer that is not a plain Linear."""
         if torch.is_autocast_enabled(x.device.type) or not fusable_linear(base, x, self.delora_A) \
-                or weight.dtype != self.delora_A.dtype:
+                or base.weight.dtype != self.delora_A.dtype:
             return None
-        x2 = x.reshape(-1, x.shape[-1])
-        down, up = self._down(x2), self.delora_B.t()
-        out = torch.mm(down, up) if base.bias is None else torch.addmm(base.bias, down, up)
-        if out.requires_grad:  # addmm(out=) takes no autograd; addmm_ is not seen by FLOP counters
-            out.addmm_(x2, weight.t())
-        else:
-            torch.addmm(out, x2, weight.t(), out=out)  # in place, counted as a product (perf_table's floors)
-        return out.view(*x.shape[:-1], out.shape[-1])
+        dropout = self.dropout.p if isinstance(self.dropout, nn.Dropout) and self.dropout.training else 0.0
+        return fused_lora(x, None, self._forward_scaled_a(), self.delora_B, base, 1.0, keep_on=self,
+                          dropout=dropout)
 
     def delta_weight(self, base: nn.Module) -> torch.Tensor:
         """B diag(s) A diag(w), the change to ``base.weight`` (out, in)."""
