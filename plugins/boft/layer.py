@@ -24,7 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from peftkit.plugin_api import adapter_dtype, adapter_precision, is_conv1d, LayerAdapter, MergeError, quantization_of, weight_out_in
+from peftkit.plugin_api import (adapter_dtype, adapter_precision, is_conv1d, LayerAdapter, MergeError, quantization_of,
+                                rotate_blocks, weight_out_in)
 
 from .butterfly import Butterfly
 
@@ -87,8 +88,7 @@ class BoftLayer(LayerAdapter):
         out = x.to(blocks.dtype)
         for i in reversed(range(b.factors)):
             gathered = out[..., self.inverses[i]] if b.factors > 1 else out
-            parts = gathered.reshape(*out.shape[:-1], b.block_num, b.block_size)
-            rotated = torch.einsum("...bi,bij->...bj", parts, blocks[i]).reshape(out.shape)
+            rotated = rotate_blocks(gathered, blocks[i])
             out = rotated[..., self.perms[i]] if b.factors > 1 else rotated
         return out
 

@@ -23,7 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from peftkit.plugin_api import adapter_dtype, adapter_precision, is_conv1d, LayerAdapter, MergeError, quantization_of, weight_out_in
+from peftkit.plugin_api import (adapter_dtype, adapter_precision, is_conv1d, LayerAdapter, MergeError, quantization_of,
+                                rotate_blocks, weight_out_in)
 
 from .blocks import OftBlocks
 from .neumann import flat_indices, neumann_rotations
@@ -88,7 +89,8 @@ class OftLayer(LayerAdapter):
         if not self.use_cayley_neumann:
             # R (I + Q) = I - Q
             return torch.linalg.solve(eye + q, (eye - q).expand_as(q), left=False)
-        # PEFT's truncated Neumann series with n terms (a rotation of the opposite sense to the exact form): I + 2Q (n = 2), and for n >= 3
+        # PEFT's truncated Neumann series with n terms (a rotation of the opposite sense to the exact form):
+        # I + 2Q (n = 2), and for n >= 3
         # I + 2Q + 2Q^2 + ... + 2Q^(m-1) + Q^m with m = max(n, 4) - 1 (PEFT gives 3 and 4 terms alike).
         rotation = eye.expand_as(q).clone()
         if self.neumann_terms == 1:
@@ -115,11 +117,7 @@ class OftLayer(LayerAdapter):
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         """x with each block of its last dimension multiplied by its rotation (row vectors: x_i @ R_i)."""
-        rotations = self._rotations_for_use()
-        shape = x.shape
-        x_blocks = x.to(rotations.dtype).reshape(-1, self.blocks.count, self.blocks.size)
-        rotated = torch.einsum("nbi,bij->nbj", x_blocks, rotations)
-        return rotated.reshape(shape)
+        return rotate_blocks(x, self._rotations_for_use())
 
     # -- forward -------------------------------------------------------------------
 
