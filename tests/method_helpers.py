@@ -452,3 +452,15 @@ def bytes_kept_for_backward(model: torch.nn.Module, **inputs: Any) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(**inputs)
     return sum(kept.values())
+
+
+def autograd_node_names(output: torch.Tensor) -> set[str]:
+    """The class names of the autograd nodes ``output`` was computed through (to check which path ran)."""
+    names, stack, seen = set(), [output.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            names.add(type(node).__name__)
+            stack.extend(child for child, _ in node.next_functions)
+    return names

@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 import peftkit
 from peftkit.core.errors import AdapterLoadError, ConfigError
 from peftkit.plugins.hra.config import HRAConfig
-from tests.method_helpers import (adapter_modules, merge_cycle_keeps_outputs, output_of, peft_file_loads_alike,
-                                  peftkit_file_loads_alike, quantized_matches_twin, randomize)
+from tests.method_helpers import (adapter_modules, autograd_node_names, merge_cycle_keeps_outputs, output_of,
+                                  peft_file_loads_alike, peftkit_file_loads_alike, quantized_matches_twin, randomize)
 from tests.tiny_models import build_tiny, output_tensor, sample_inputs
 from tests.tiny_vision import BLOCK_CONVS, image_logits, logits_through_deltas, SHORTCUT, tiny_resnet
 
@@ -127,6 +127,30 @@ def test_gradients_equal_peft(tmp_path, arch, options):
     assert sorted(got) == sorted(expected) and got
     for key, grad in expected.items():
         torch.testing.assert_close(got[key], grad, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("apply_gs", [False, True], ids=["chain", "gram_schmidt"])
+def test_a_training_forward_over_many_tokens_runs_the_fused_node_and_equals_the_reflected_input(apply_gs):
+    """From FUSED_FROM_TOKENS tokens a training forward on a plain Linear is the fused LoRA node with A = U^T and
+    B = -W U T: output and the gradients of the input and the vectors equal the base layer on the reflected
+    input's, in float64."""
+    from peftkit.plugins.hra.layer import FUSED_FROM_TOKENS, HraLayer
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(16, 12).double().requires_grad_(False)
+    layer = HraLayer(base, r=4, apply_GS=apply_gs, init_weights=False).double()
+    x = torch.randn(2, FUSED_FROM_TOKENS // 2, 16, dtype=torch.float64, requires_grad=True)
+    fused = layer.forward_alone(x, base)
+    expected = base(layer.base_input(x))
+    torch.testing.assert_close(fused, expected)
+    assert any("LoraFn" in name for name in autograd_node_names(fused))
+    seed = torch.randn(fused.shape, dtype=torch.float64)
+    leaves = (x, layer.hra_u)
+    for got, want in zip(torch.autograd.grad(fused, leaves, seed), torch.autograd.grad(expected, leaves, seed)):
+        torch.testing.assert_close(got, want)
+    with torch.no_grad():  # inference, and few tokens: the base layer on the reflected input
+        assert layer.forward_alone(x, base) is None
+    assert layer.forward_alone(x[:, :2], base) is None
 
 
 @pytest.mark.parametrize("spec", ["hra[r=4]", "hra[r=2,apply_GS=true,target_modules=all-linear]"])

@@ -13,7 +13,8 @@ H up to float rounding at a cost of two thin products.
 On a Linear layer the reflections act on the input (``x H^T``), and the base
 layer then runs once on it (:meth:`HraLayer.base_input`): cheaper than
 rotating the weight (see docs/methods/hra.md for the measurement), and it
-works on quantized layers too. On a Conv2d they act on each output channel's
+works on quantized layers too. In training over many tokens on a plain layer the same product runs as LoRA's
+form through the fused LoRA node (:meth:`HraLayer.forward_alone`). On a Conv2d they act on each output channel's
 flattened filter (in_channels * kh * kw values, PEFT's layout) and the layer
 runs with the rotated filters. Inside a composition the change to the output
 is ``W (H - I) x``, additive. Merging replaces W with ``W H`` (PEFT's merge);
@@ -28,9 +29,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from peftkit.plugin_api import adapter_dtype, adapter_precision, LayerAdapter, MergeError, quantization_of
+from peftkit.plugin_api import (adapter_dtype, adapter_precision, fusable_linear, fused_lora, LayerAdapter, MergeError,
+                                quantization_of)
 
 from .shapes import reflected_features
+
+
+#: From how many tokens a training forward on a plain linear layer runs the fused LoRA node
+#: (:meth:`HraLayer.forward_alone`): its B, ``-W U T``, is a product over the weight (out x in x r) each call, which
+#: the reflected input's products (tokens x in x r) outweigh from about as many tokens as outputs.
+FUSED_FROM_TOKENS = 64
 
 
 def initial_vectors(features: int, r: int, init_weights: bool) -> torch.Tensor:
@@ -100,12 +108,29 @@ class HraLayer(LayerAdapter):
         return None if self.conv else self.reflect_rows(x).to(x.dtype)
 
     def forward_alone(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor | None:
-        """On a Conv2d: the convolution with the reflected filters (bias kept); None on a linear layer."""
+        """On a Conv2d: the convolution with the reflected filters (bias kept). On a plain linear layer in
+        training, from ``FUSED_FROM_TOKENS`` tokens on, the layer's whole output through the plugin API's
+        fused LoRA node: ``x H^T W^T = x W^T - (x U) T^T (W U)^T``, LoRA's form with A = U^T and
+        B = -W U T (module docstring); else None (the base layer runs on the reflected input)."""
         if not self.conv:
-            return None
+            return self._fused_linear(x, base)
         weight = self._filters(base)
         bias = base.bias.to(weight.dtype) if base.bias is not None else None  # a half layer's bias
         return base._conv_forward(x.to(weight.dtype), weight, bias).to(x.dtype)
+
+    def _fused_linear(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor | None:
+        """The fused training path of :meth:`forward_alone` on a linear layer, or None where it does not apply:
+        without gradients, under autocast, for a weight of another dtype than the vectors, a layer
+        ``fusable_linear`` refuses, or fewer tokens than ``FUSED_FROM_TOKENS`` (B costs a product over the
+        weight, out x in x r, each call)."""
+        vectors = self.hra_u
+        if not torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type) \
+                or x.numel() < FUSED_FROM_TOKENS * x.shape[-1] or not fusable_linear(base, x, vectors) \
+                or base.weight.dtype != vectors.dtype:
+            return None
+        units, t = self.compact()
+        lora_b = torch.mm(torch.mm(base.weight, units), t).neg_()
+        return fused_lora(x, None, units.t(), lora_b, base, 1.0)
 
     def delta(self, x: torch.Tensor, h: torch.Tensor, base: nn.Module) -> torch.Tensor:
         if self.conv:
