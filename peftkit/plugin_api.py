@@ -81,6 +81,7 @@ _LAZY: dict[str, str] = {
     "dora_norm": "peftkit.core.fused_lora",
     "norm_joins_base_product": "peftkit.core.fused_lora",
     "rotate_blocks": "peftkit.core.block_rotation",
+    "kept_while_unchanged": "peftkit.core.kept_values",
     # PEFT's adapter_config.json fields
     "read_peft_fields": "peftkit.core.peft_format",
     "write_peft_fields": "peftkit.core.peft_format",
@@ -129,6 +130,7 @@ if TYPE_CHECKING:  # pragma: no cover
                                           quantization_of, to_dtype, weight_out_in)
     from peftkit.core.config import AdapterConfig, option  # noqa: F401
     from peftkit.core.block_rotation import rotate_blocks  # noqa: F401
+    from peftkit.core.kept_values import kept_while_unchanged  # noqa: F401
     from peftkit.core.fused_lora import dora_norm, fused_lora, norm_joins_base_product  # noqa: F401
     from peftkit.core.gates import SequenceGate  # noqa: F401
     from peftkit.core.errors import (AdapterLoadError, ConfigError, MergeError, PeftkitError,  # noqa: F401

@@ -24,8 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from peftkit.plugin_api import (adapter_dtype, adapter_precision, is_conv1d, LayerAdapter, MergeError, quantization_of,
-                                rotate_blocks, weight_out_in)
+from peftkit.plugin_api import (adapter_dtype, adapter_precision, is_conv1d, kept_while_unchanged, LayerAdapter,
+                                MergeError, quantization_of, rotate_blocks, weight_out_in)
 
 from .butterfly import Butterfly
 
@@ -68,8 +68,10 @@ class BoftLayer(LayerAdapter):
 
     def _blocks_for_use(self) -> torch.Tensor:
         """The blocks, with PEFT's multiplicative dropout in training: in one factor drawn at random,
-        that share of the blocks (rounded down) is the identity."""
-        blocks = self.blocks()
+        that share of the blocks (rounded down) is the identity. Without gradients for ``boft_R`` the blocks
+        built last for the same values are reused (``kept_while_unchanged``: the Cayley solves do not run at
+        every decoded token)."""
+        blocks = kept_while_unchanged(self, "_kept_blocks", (self.boft_R,), self.blocks)
         count = int(self.dropout * self.butterfly.block_num)
         if not (self.training and count):
             return blocks

@@ -28,7 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from peftkit.plugin_api import adapter_dtype, fusable_linear, fused_lora, LayerAdapter, linear_features, to_dtype
+from peftkit.plugin_api import (adapter_dtype, fusable_linear, fused_lora, kept_while_unchanged, LayerAdapter,
+                                linear_features, to_dtype)
 
 #: PEFT's floor under each row norm of A and column norm of B (a zero row or column then adds nothing).
 NORM_FLOOR = 1e-4
@@ -76,18 +77,7 @@ class DeloraLayer(LayerAdapter):
         the one made last for the same A, B, lambda and norms (values, storage, device, dtype). Decoding one
         token, making it (two norms and three small products) costs more than the layer's two low-rank products."""
         tensors = (self.delora_A, self.delora_B, self.delora_lambda, self.delora_w_norm)
-        compiling = torch.compiler.is_compiling()
-        if compiling or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
-            if not compiling:
-                self.__dict__.pop("_kept_scaled_a", None)  # training: nothing kept between steps
-            return self.scaled_a()
-        key = tuple((t._version, t.data_ptr(), t.device, t.dtype) for t in tensors)
-        kept = self.__dict__.get("_kept_scaled_a")
-        if kept is None or kept[0] != key:
-            with torch.no_grad():  # the kept storages keep their addresses from going to new tensors
-                kept = (key, self.scaled_a(), [t.untyped_storage() for t in tensors])
-            self.__dict__["_kept_scaled_a"] = kept
-        return kept[1]
+        return kept_while_unchanged(self, "_kept_scaled_a", tensors, self.scaled_a)
 
     def _down(self, x: torch.Tensor) -> torch.Tensor:
         """diag(s) A (w * dropout(x)) per token, (..., r), in the adapter's dtype (autocast's under autocast)."""

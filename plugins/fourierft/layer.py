@@ -27,7 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from peftkit.plugin_api import adapter_dtype, fusable_linear, is_conv1d, LayerAdapter, to_dtype, weight_out_in
+from peftkit.plugin_api import (adapter_dtype, fusable_linear, is_conv1d, kept_while_unchanged, LayerAdapter, to_dtype,
+                                weight_out_in)
 
 from .spectrum import HalfSpectrumSites, inverse_spectrum_change
 
@@ -81,19 +82,8 @@ class FourierFTLayer(LayerAdapter):
     def _weight_change(self) -> torch.Tensor:
         """dW for this forward: built anew when it records gradients for the coefficients, else the one built
         last for the same coefficients (version counter, storage, device and dtype), positions and scaling."""
-        spectrum = self.fourierft_spectrum
-        if (torch.is_grad_enabled() and spectrum.requires_grad) or torch.compiler.is_compiling():
-            if not torch.compiler.is_compiling():
-                self.__dict__.pop("_kept_weight_change", None)  # training again: no (out, in) matrix kept between steps
-            return self.delta_out_in()
-        key = (spectrum._version, spectrum.data_ptr(), spectrum.device, spectrum.dtype,
-               self.spectral_positions.data_ptr(), self.scaling)
-        kept = self.__dict__.get("_kept_weight_change")
-        if kept is None or kept[0] != key:
-            with torch.no_grad():  # the kept storage keeps its address from being reused by a new spectrum
-                kept = (key, self.delta_out_in(), spectrum.untyped_storage())
-            self.__dict__["_kept_weight_change"] = kept
-        return kept[1]
+        return kept_while_unchanged(self, "_kept_weight_change", (self.fourierft_spectrum, self.spectral_positions),
+                                    self.delta_out_in, self.scaling)
 
     def forward_alone(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor | None:
         """The layer's whole output as one product with W + dW, from ``FUSED_FROM_TOKENS`` tokens on: dW is a

@@ -23,8 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from peftkit.plugin_api import (adapter_dtype, adapter_precision, is_conv1d, LayerAdapter, MergeError, quantization_of,
-                                rotate_blocks, weight_out_in)
+from peftkit.plugin_api import (adapter_dtype, adapter_precision, is_conv1d, kept_while_unchanged, LayerAdapter,
+                                MergeError, quantization_of, rotate_blocks, weight_out_in)
 
 from .blocks import OftBlocks
 from .neumann import flat_indices, neumann_rotations
@@ -104,7 +104,10 @@ class OftLayer(LayerAdapter):
         return rotation + power
 
     def _rotations_for_use(self) -> torch.Tensor:
-        rotations = self.rotations()
+        """The rotations for this forward: built anew when it records gradients for the entries, else the
+        ones built last for the same entries (``kept_while_unchanged``: decoding does not rebuild them at every
+        token); with module dropout in training, some blocks set to the identity."""
+        rotations = kept_while_unchanged(self, "_kept_rotations", (self.weight,), self.rotations)
         if self.blocks.shared:
             rotations = rotations.expand(self.blocks.count, -1, -1)
         if self.training and self.module_dropout and self.blocks.count > 1:

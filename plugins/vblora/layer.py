@@ -23,8 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from peftkit.plugin_api import (adapter_dtype, fusable_linear, fused_lora, is_conv1d, LayerAdapter, PeftkitError,
-                                to_dtype)
+from peftkit.plugin_api import (adapter_dtype, fusable_linear, fused_lora, is_conv1d, kept_while_unchanged,
+                                LayerAdapter, PeftkitError, to_dtype)
 
 from .config import VBLoRAConfig
 
@@ -103,19 +103,9 @@ class VBLoRALayer(LayerAdapter):
         """A and B for this forward: built anew when it records gradients, else the pair built last for the
         same logits and bank."""
         tensors = (self.vblora_logits_A, self.vblora_logits_B, self._bank())
-        training = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-        if training or torch.compiler.is_compiling():
-            if not torch.compiler.is_compiling():
-                self.__dict__.pop("_kept_factors", None)  # training again: nothing kept between steps
-                self._refuse_topk_only_training()
-            return self.factors()
-        key = tuple((t._version, t.data_ptr(), t.device, t.dtype) for t in tensors)
-        kept = self.__dict__.get("_kept_factors")
-        if kept is None or kept[0] != key:
-            with torch.no_grad():  # the kept storages keep their addresses from being reused by new tensors
-                kept = (key, self.factors(), [t.untyped_storage() for t in tensors])
-            self.__dict__["_kept_factors"] = kept
-        return kept[1]
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors) and not torch.compiler.is_compiling():
+            self._refuse_topk_only_training()
+        return kept_while_unchanged(self, "_kept_factors", tensors, self.factors)
 
     def _refuse_topk_only_training(self) -> None:
         """Logits loaded from a save_only_topk_weights folder are minus infinity outside the topk (PEFT's check:
