@@ -36,7 +36,7 @@ def rotate_blocks(x: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
     group = group_size(count, size)
     if group > 1:  # [n, g, i, h, j] = R[n g + g', i, j] where g' = h, else 0
         eye = torch.eye(group, dtype=matrices.dtype, device=matrices.device)
-        matrices = (matrices.view(count // group, group, size, 1, size) * eye.view(1, group, 1, group, 1))
+        matrices = matrices.view(count // group, group, size, 1, size) * eye.view(1, group, 1, group, 1)
         count, size = count // group, group * size
         matrices = matrices.reshape(count, size, size)
     parts = x.to(matrices.dtype).reshape(*x.shape[:-1], count, size)

@@ -71,13 +71,8 @@ class FourierFTLayer(LayerAdapter):
         """The coefficients' sites in the half spectrum, kept while the positions buffer stays (a move
         to another device makes a new one)."""
         positions = self.spectral_positions
-        key = (positions.data_ptr(), positions.device)
-        kept = self.__dict__.get("_kept_sites")
-        if kept is None or kept[0] != key:
-            kept = (key, HalfSpectrumSites.of(positions, (self.out_features, self.in_features)),
-                    positions.untyped_storage())
-            self.__dict__["_kept_sites"] = kept
-        return kept[1]
+        return kept_while_unchanged(self, "_kept_sites", (positions,),
+                                    lambda: HalfSpectrumSites.of(positions, (self.out_features, self.in_features)))
 
     def _weight_change(self) -> torch.Tensor:
         """dW for this forward: built anew when it records gradients for the coefficients, else the one built

@@ -27,7 +27,7 @@ from peftkit.plugin_api import (adapter_dtype, adapter_precision, is_conv1d, kep
                                 MergeError, quantization_of, rotate_blocks, weight_out_in)
 
 from .blocks import OftBlocks
-from .neumann import flat_indices, neumann_rotations
+from .neumann import flat_indices, neumann_rotations, skew_symmetric
 
 
 class OftLayer(LayerAdapter):
@@ -47,9 +47,6 @@ class OftLayer(LayerAdapter):
         if not init_weights:
             with torch.no_grad():
                 self.weight.normal_(0.0, 0.1)
-        rows, cols = torch.triu_indices(blocks.size, blocks.size, 1, device=base.weight.device)
-        self.register_buffer("rows", rows, persistent=False)
-        self.register_buffer("cols", cols, persistent=False)
         upper, lower = flat_indices(blocks.size, base.weight.device)
         self.register_buffer("upper", upper, persistent=False)
         self.register_buffer("lower", lower, persistent=False)
@@ -57,10 +54,7 @@ class OftLayer(LayerAdapter):
     # -- the rotation ----------------------------------------------------------------
 
     def _skew(self, vec: torch.Tensor) -> torch.Tensor:
-        size = self.blocks.size
-        upper = vec.new_zeros(vec.shape[0], size, size)
-        upper[:, self.rows, self.cols] = vec
-        return upper - upper.transpose(-2, -1)
+        return skew_symmetric(vec, self.upper, self.lower, self.blocks.size)
 
     def _constrain(self) -> None:
         """COFT: pull each block's skew-symmetric matrix back to norm eps / sqrt(blocks) when it is larger
@@ -70,7 +64,7 @@ class OftLayer(LayerAdapter):
             limit = self.eps / (skew.shape[0] ** 0.5)
             norms = torch.linalg.matrix_norm(skew).reshape(-1, 1, 1)
             scaled = torch.where(norms <= limit, skew, skew * (limit / norms))
-            self.weight.copy_(scaled[:, self.rows, self.cols])
+            self.weight.copy_(scaled.reshape(scaled.shape[0], -1)[:, self.upper])
 
     def rotations(self) -> torch.Tensor:
         """The trained rotations, (stored, size, size).

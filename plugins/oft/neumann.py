@@ -20,11 +20,21 @@ from typing import Any
 
 import torch
 
+
 def flat_indices(size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(positions of the entries above the diagonal, of their mirror images below it) in a flattened
     (size, size) matrix, in ``torch.triu_indices`` order (PEFT's order of ``oft_R.weight``'s columns)."""
     rows, cols = torch.triu_indices(size, size, 1, device=device)
     return rows * size + cols, cols * size + rows
+
+
+def skew_symmetric(entries: torch.Tensor, upper: torch.Tensor, lower: torch.Tensor, size: int) -> torch.Tensor:
+    """Each row of ``entries`` (blocks, size (size - 1) / 2) as the skew-symmetric (size, size) matrix whose upper
+    triangle it holds (:func:`flat_indices`' positions), written by two index copies; differentiable."""
+    flat = entries.new_zeros(entries.shape[0], size * size)
+    flat.index_copy_(1, upper, entries)
+    flat.index_copy_(1, lower, -entries)
+    return flat.view(-1, size, size)
 
 
 class SkewNeumannFn(torch.autograd.Function):
@@ -34,11 +44,7 @@ class SkewNeumannFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, entries: torch.Tensor, upper: torch.Tensor, lower: torch.Tensor, size: int,
                 top_power: int) -> torch.Tensor:
-        blocks = entries.shape[0]
-        flat = entries.new_zeros(blocks, size * size)
-        flat.index_copy_(1, upper, entries)
-        flat.index_copy_(1, lower, -entries)
-        q = flat.view(blocks, size, size)
+        q = skew_symmetric(entries, upper, lower, size)
         eye = torch.eye(size, dtype=q.dtype, device=q.device)
         horner = torch.add(q, eye, alpha=2)  # 2I + Q
         for _ in range(top_power - 2):
