@@ -59,16 +59,27 @@ def rank_major_products(x2: torch.Tensor, w1: torch.Tensor, w2_b: torch.Tensor,
     return z_t, u_t
 
 
+#: How many times the weight pass the products' passes must move before inference forms the weight copy
+#: (:func:`dense_is_cheaper`). In a model the weight pass is dearer per float than the products' passes:
+#: it reads a weight no other layer has touched since the last forward (from main memory) and writes a
+#: fresh copy, while the products read an input the previous operation has just written and write an
+#: output the next one reads at once. Measured in perf_table's Llama forward (2 threads, paired rounds,
+#: the products against the copy on every layer): the products 1.3-3% faster at 512 tokens and the copy
+#: 1.4% faster at 768 on the 512x512 layers (where the products on the 1376-wide ones gained 0.6%), the copy
+#: 3-6% faster at 1024 and 2048 tokens on all layers; a margin of 1 (the count alone) took the copy from 300
+#: tokens on.
+DENSE_MARGIN = 2.25
+
+
 def dense_is_cheaper(tokens: int, out_l: int, out_k: int, in_m: int, in_n: int, r: int) -> bool:
-    """Whether adding ``s kron(w1, w2)`` to a temporary copy of the weight moves less memory than the three
+    """Whether adding ``s kron(w1, w2)`` to a temporary copy of the weight is cheaper than the three
     products: the copy reads and writes the weight once (2 out in floats; the base product then reads the
     copy instead of the weight), the products read the input once, read and write the output once and
-    write and read both rank-sized intermediates (tokens (in + 2 out + 2 r (in_m + out_l)) floats). On CPU
-    the measured crossover follows this count (512 tokens on 512x512: dense about 2x cheaper; 128: 2x
-    dearer)."""
+    write and read both rank-sized intermediates (tokens (in + 2 out + 2 r (in_m + out_l)) floats). The
+    copy wins once the products move more than ``DENSE_MARGIN`` times as much."""
     weight_pass = 2 * out_l * out_k * in_m * in_n
     product_passes = tokens * (in_m * in_n + 2 * out_l * out_k + 2 * r * (in_m + out_l))
-    return weight_pass < product_passes
+    return DENSE_MARGIN * weight_pass < product_passes
 
 
 
