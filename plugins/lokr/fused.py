@@ -82,7 +82,6 @@ def dense_is_cheaper(tokens: int, out_l: int, out_k: int, in_m: int, in_n: int, 
     return DENSE_MARGIN * weight_pass < product_passes
 
 
-
 def _lokr_sum(x2: torch.Tensor, w1: torch.Tensor, w2_a: torch.Tensor, w2_b: torch.Tensor, weight: torch.Tensor,
               bias: torch.Tensor | None, in_m: int, scale: float,
               keep_on: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
