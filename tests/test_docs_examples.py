@@ -65,3 +65,17 @@ def test_guide_trainer_example_trains_evaluates_and_saves(tmp_path):
     saved = tmp_path / "out" / "sentiment"
     assert json.loads((saved / "adapter_config.json").read_text())["r"] == 8
     assert (saved / "adapter_model.safetensors").is_file()
+
+
+def test_plugins_md_compile_test_passes_for_the_example_plugin():
+    """docs/plugins.md's test that a plugin compiles as one graph, as written, on the LoHa example plugin that
+    `make` installs: a plugin author copying it gets a test that passes for a method that compiles whole."""
+    import torch._dynamo
+
+    script = code_block(DOCS / "plugins.md", "python", "Every built-in method compiles whole")
+    assert 'fullgraph=True' in script and '"loha[r=4]"' in script
+    namespace: dict = {}
+    exec(compile(script, "plugins.md", "exec"), namespace)
+    torch._dynamo.reset()
+    namespace["test_a_training_step_compiles_as_one_graph"]()
+    torch._dynamo.reset()

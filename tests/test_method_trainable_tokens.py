@@ -96,6 +96,37 @@ def test_gradients_equal_peft_and_reach_only_the_chosen_rows(arch: str) -> None:
     assert all(p.grad is None for p in ours.base_model.parameters())  # the base embedding gets none
 
 
+def test_max_norm_and_gradients_scaled_by_frequency_equal_peft() -> None:
+    """The embedding's max_norm and scale_grad_by_freq, as PEFT's F.embedding on the patched weight applies them:
+    the new rows are renormalized (never the parameter itself) and each row's gradient is divided by its own
+    count in the batch (every position looks up a row, the others' a zero row of their own: its count must not
+    reach the new rows')."""
+    def with_options(model: nn.Module) -> nn.Module:
+        embedding = model.get_input_embeddings()
+        embedding.max_norm, embedding.scale_grad_by_freq = 0.05, True
+        return model
+
+    torch.manual_seed(1)
+    theirs = peft.get_peft_model(with_options(build_tiny("llama")),
+                                 peft.TrainableTokensConfig(token_indices=INDICES, init_weights=False))
+    ours = peftkit.adapt(with_options(build_tiny("llama")),
+                         f"trainable_tokens[token_indices={INDICES},init_weights=false]")
+    rows = next(p for p in ours.parameters() if p.requires_grad)
+    delta = theirs.base_model.model.get_input_embeddings().trainable_tokens_delta["default"]
+    with torch.no_grad():
+        rows.copy_(delta)
+    before = rows.detach().clone()
+    weights = torch.randn(*IDS.shape, 32, generator=torch.Generator().manual_seed(0))
+    outputs = []
+    for model in (theirs, ours):  # at the embedding: max_norm renormalizes the base weight in place (ours, as
+        embedded = model.get_input_embeddings()(IDS)  # the bare model does), a copy of it in PEFT
+        (embedded * weights).sum().backward()
+        outputs.append(embedded.detach())
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(rows.grad, delta.grad, rtol=1e-5, atol=1e-7)
+    assert rows.grad[1:].abs().sum() > 0 and torch.equal(rows.detach(), before)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_training_changes_only_the_chosen_rows(arch: str) -> None:
     base = build_tiny(arch)

@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from peftkit.plugin_api import fusable_linear
 from peftkit.core.fused_lora import dense_is_cheaper, fused_lora
+from peftkit.plugins.lora.layer import KEPT_NORM, KEPT_WEIGHT_SQ
 from tests.method_helpers import frozen_layer, new_tensors
 
 IN, OUT, R, SCALE = 6, 5, 3, 1.5
@@ -561,9 +562,8 @@ def _without_kept_values(model):
 
     fresh = copy.deepcopy(model)
     for module in fresh.modules():
-        module.__dict__.pop("_kept_scaled_transposes", None)
-        if "_norm_cache" in module.__dict__:
-            module.__dict__["_norm_cache"] = None
+        for kept in ("_kept_scaled_transposes", KEPT_NORM, KEPT_WEIGHT_SQ):
+            module.__dict__.pop(kept, None)
     return fresh
 
 

@@ -31,17 +31,20 @@ COMPLEX = {torch.float32: torch.complex64, torch.float64: torch.complex128}
 
 @dataclass(frozen=True)
 class HalfSpectrumSites:
-    """Where a layer's coefficients sit in the (out, in // 2 + 1) half spectrum, as flat indices.
+    """Where a layer's coefficients sit in the (out, in // 2 + 1) half spectrum, as flat indices, one entry per
+    coefficient (static shapes: a torch.compile'd forward builds them in its graph, where picking the
+    coefficients that fall in the half would give tensors of data-dependent length and break it).
 
-    ``direct`` and ``mirrored`` pick the coefficients whose position, resp. mirror image, falls in the half,
-    ``direct_at`` and ``mirrored_at`` are those sites; ``read_at`` is, for every coefficient, the site its
-    gradient is read at (its position where it falls in the half, else its mirror image)."""
+    ``direct_at`` is the site of each coefficient whose position falls in the half (``in_half``) and
+    ``mirrored_at`` that of each whose mirror image does (``mirror_in_half``); a coefficient outside adds
+    zero at site 0 there. ``read_at`` is, for every coefficient, the site its gradient is read at (its
+    position where it falls in the half, else its mirror image)."""
 
     shape: tuple[int, int]
-    direct: torch.Tensor
     direct_at: torch.Tensor
-    mirrored: torch.Tensor
+    in_half: torch.Tensor
     mirrored_at: torch.Tensor
+    mirror_in_half: torch.Tensor
     read_at: torch.Tensor
 
     @classmethod
@@ -53,14 +56,14 @@ class HalfSpectrumSites:
         mirror_rows, mirror_cols = (-rows) % out_features, (-cols) % in_features
         in_half, mirror_in_half = cols < half, mirror_cols < half
         at, mirror_at = rows * half + cols, mirror_rows * half + mirror_cols
-        return cls(shape, in_half.nonzero().flatten(), at[in_half], mirror_in_half.nonzero().flatten(),
-                   mirror_at[mirror_in_half], torch.where(in_half, at, mirror_at))
+        return cls(shape, at.where(in_half, 0), in_half, mirror_at.where(mirror_in_half, 0), mirror_in_half,
+                   at.where(in_half, mirror_at))
 
     def to(self, device: torch.device) -> "HalfSpectrumSites":
         if self.read_at.device == device:
             return self
-        return HalfSpectrumSites(self.shape, *(t.to(device) for t in (self.direct, self.direct_at, self.mirrored,
-                                                                        self.mirrored_at, self.read_at)))
+        return HalfSpectrumSites(self.shape, *(t.to(device) for t in (self.direct_at, self.in_half, self.mirrored_at,
+                                                                        self.mirror_in_half, self.read_at)))
 
 
 class _InverseSpectrumFn(torch.autograd.Function):
@@ -75,8 +78,8 @@ class _InverseSpectrumFn(torch.autograd.Function):
         spectrum = torch.zeros(out_features * (in_features // 2 + 1), dtype=COMPLEX[compute],
                                device=coefficients.device)
         real = torch.view_as_real(spectrum).select(1, 0)
-        real.index_add_(0, sites.direct_at, halves[sites.direct])
-        real.index_add_(0, sites.mirrored_at, halves[sites.mirrored])
+        real.index_add_(0, sites.direct_at, halves.where(sites.in_half, 0.0))  # adding zero changes no value
+        real.index_add_(0, sites.mirrored_at, halves.where(sites.mirror_in_half, 0.0))
         change = torch.fft.irfft2(spectrum.view(out_features, -1), s=sites.shape).mul_(scaling)
         ctx.sites, ctx.scaling, ctx.dtype = sites, scaling, coefficients.dtype
         return change.to(coefficients.dtype)

@@ -105,8 +105,10 @@ class GraloraLayer(LayerAdapter):
         blocks = out2.view(tokens, k, self.out_features // k).transpose(0, 1)
         blocks.baddbmm_(intermediate, self.gralora_B, beta=beta, alpha=self.scale)
 
-    def _update_autocast(self, x: torch.Tensor) -> torch.Tensor:
-        """The update (tokens, out) with out-of-place products, which autocast casts (as PEFT's einsums)."""
+    def _update_out_of_place(self, x: torch.Tensor) -> torch.Tensor:
+        """The update (tokens, out) with out-of-place products: autocast casts them (as PEFT's einsums), and
+        torch.compile traces them (its functionalization of the in-place product into a transposed view of the
+        output gives a tensor that a later view of the output refuses)."""
         tokens = x.numel() // self.in_features
         update = torch.bmm(block_intermediate(self._input(x), self.gralora_A), self.gralora_B)
         update = update.transpose(0, 1).reshape(tokens, self.out_features)
@@ -116,8 +118,8 @@ class GraloraLayer(LayerAdapter):
 
     def _update(self, x: torch.Tensor) -> torch.Tensor:
         """The update (tokens, out) in the factors' dtype (autocast's under autocast)."""
-        if torch.is_autocast_enabled(x.device.type):
-            return self._update_autocast(x)
+        if torch.is_autocast_enabled(x.device.type) or torch.compiler.is_compiling():
+            return self._update_out_of_place(x)
         out2 = torch.empty(x.numel() // self.in_features, self.out_features, dtype=self.gralora_A.dtype,
                            device=x.device)
         self._add_update_(out2, x, beta=0.0)
@@ -129,7 +131,8 @@ class GraloraLayer(LayerAdapter):
     def forward(self, x: torch.Tensor, h: torch.Tensor, base: nn.Module) -> torch.Tensor:
         """h + the update, the update's second product accumulating into a copy of h (no separate update tensor),
         where h has the factors' dtype and autocast is off."""
-        if h.dtype != self.gralora_A.dtype or torch.is_autocast_enabled(x.device.type):
+        if h.dtype != self.gralora_A.dtype or torch.is_autocast_enabled(x.device.type) \
+                or torch.compiler.is_compiling():
             return h + self.delta(x, h, base)
         out = h.clone(memory_format=torch.contiguous_format)
         self._add_update_(out.view(-1, self.out_features), x)
@@ -137,11 +140,14 @@ class GraloraLayer(LayerAdapter):
 
     def forward_alone(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor | None:
         """The base output with the update added into it in place: no copy of it, no update tensor. None (the
-        base, then :meth:`forward`) under autocast, for a layer that is not a plain Linear/Conv1D, or where the
-        factors' dtype is not the layer's (float32 beside half-precision weights)."""
+        base, then :meth:`forward`) under autocast or torch.compile (:meth:`_update_out_of_place`), for a layer
+        that is not a plain Linear/Conv1D, or where the factors' dtype is not the layer's (float32 beside
+        half-precision weights)."""
         if torch.is_autocast_enabled(x.device.type) or not fusable_linear(base, x, self.gralora_A) \
                 or base.weight.dtype != self.gralora_A.dtype:
             return None
+        if torch.compiler.is_compiling():
+            return None  # the base, then forward's out-of-place update (_update_out_of_place)
         if torch.is_grad_enabled() and self.gralora_A_general is None and (self.dropout is None or not self.training):
             x2 = x.reshape(-1, self.in_features)  # training: one autograd node for the layer (fused.py)
             out = GraloraFn.apply(x2, self.gralora_A, self.gralora_B, weight_out_in(base), base.bias, self.scale)

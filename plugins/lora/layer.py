@@ -17,8 +17,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from peftkit.plugin_api import (adapter_dtype, ConfigError, dora_norm, fused_lora, fusable_linear, is_conv1d,
-                                LayerAdapter, linear_features, MergeError, norm_joins_base_product,
-                                quantization_of, weight_out_in)
+                                kept_while_unchanged, LayerAdapter, linear_features, MergeError,
+                                norm_joins_base_product, quantization_of, weight_out_in)
+
+#: Where a DoRA layer keeps its row norms of W + s B A, and the squared row norms of W, between forwards
+#: (``kept_while_unchanged``).
+KEPT_NORM = "_kept_dora_norm"
+KEPT_WEIGHT_SQ = "_kept_weight_sq"
 
 
 class LoraFactors(LayerAdapter):
@@ -81,8 +86,8 @@ class LoraFactors(LayerAdapter):
 
     def base_changed(self) -> None:
         # A merge writes weight.data, which does not move weight._version: drop norms computed from it.
-        self.__dict__["_norm_cache"] = None
-        self.__dict__["_w_sq_cache"] = None
+        self.__dict__.pop(KEPT_NORM, None)
+        self.__dict__.pop(KEPT_WEIGHT_SQ, None)
 
     def check_mergeable(self) -> None:
         """Raise MergeError when B's bias (lora_bias) has no base bias to merge into (PEFT refuses too)."""
@@ -173,8 +178,6 @@ class LoraLinear(LoraFactors):
         in_f, out_f = linear_features(base)  # a quantized layer's packed weight has another shape
         self.r, self.scale, self.use_dora = r, float(scale), use_dora
         self.in_features, self.out_features = in_f, out_f
-        self._norm_cache: tuple[tuple[int, ...], torch.Tensor] | None = None
-        self._w_sq_cache: tuple[tuple[int, int], torch.Tensor] | None = None
         self._set_factors(base, (r, in_f), (out_f, r), dropout, init, lora_bias=lora_bias)
         if init == "orthogonal":
             self._init_orthogonal()
@@ -304,30 +307,27 @@ class LoraLinear(LoraFactors):
 
     def _weight_norm(self, base: nn.Module) -> torch.Tensor:
         """Row norms of W + s*B@A without forming the dense matrix (``dora_norm``), kept for forwards
-        without gradients while W, A and B do not change."""
-        weight = base.weight
-        A, B = self.lora_A, self.lora_B
-        key = (weight._version, A._version, B._version, id(weight))
-        cache = self._norm_cache
-        if cache is not None and cache[0] == key and not torch.is_grad_enabled():
-            return cache[1]
-        # in float32 (the factors' dtype) under autocast too: the norms are detached constants, not products
-        # autocast should round
-        with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
-            cross = torch.mm(A, weight_out_in(base).to(A.dtype).t())
-            norm = dora_norm(cross, A, B, self._weight_sq(base), self.scale)
-        self._norm_cache = (key, norm)
-        return norm
+        without gradients while W, A and B do not change (``kept_while_unchanged``: under torch.compile
+        computed in the graph, where reading version counters would break it at every layer)."""
+        weight, A, B = base.weight, self.lora_A, self.lora_B
+
+        def norm() -> torch.Tensor:
+            # in float32 (the factors' dtype) under autocast too: the norms are detached constants, not products
+            # autocast should round
+            with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
+                cross = torch.mm(A, weight_out_in(base).to(A.dtype).t())
+                return dora_norm(cross, A, B, self._weight_sq(base), self.scale)
+        return kept_while_unchanged(self, KEPT_NORM, (weight, A, B), norm, self.scale)
 
     def _weight_sq(self, base: nn.Module) -> torch.Tensor:
         """``||w_i||^2`` for each row of W, in the factors' dtype, kept while W does not change."""
         weight = base.weight
-        key = (weight._version, id(weight))
-        if self._w_sq_cache is None or self._w_sq_cache[0] != key:
+
+        def squares() -> torch.Tensor:
             with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
                 w = weight_out_in(base).to(self.lora_A.dtype)
-                self._w_sq_cache = (key, (w * w).sum(dim=1))
-        return self._w_sq_cache[1]
+                return (w * w).sum(dim=1)
+        return kept_while_unchanged(self, KEPT_WEIGHT_SQ, (weight,), squares, self.lora_A.dtype)
 
     # -- merging -------------------------------------------------------------------
 
@@ -356,7 +356,7 @@ class LoraLinear(LoraFactors):
         else:
             weight.data = weight.data * factor.unsqueeze(1) - lora
         self._merged_norm = None
-        self._norm_cache = None
+        self.__dict__.pop(KEPT_NORM, None)
 
     def low_rank(self, forward: bool = False) -> tuple[torch.Tensor, torch.Tensor, float] | None:
         """(A, B, scale): the weight change is scale * B @ A, except with DoRA (which rescales rows) and with

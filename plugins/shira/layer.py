@@ -23,7 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from peftkit.plugin_api import adapter_dtype, ConfigError, fusable_linear, LayerAdapter, linear_features, to_dtype
+from peftkit.plugin_api import (adapter_dtype, ConfigError, fusable_linear, kept_while_unchanged, LayerAdapter,
+                                linear_features, to_dtype)
 
 from .config import CUSTOM_MASK_FIX, RANDOM_MASK
 
@@ -44,19 +45,28 @@ def random_indices(in_features: int, out_features: int, r: int, random_seed: Opt
 
 
 class MaskPositions:
-    """A mask's positions in the forms the products need, built once per mask: long rows and columns, and
-    a CSR pattern (with the permutation from the mask's order to CSR's row-major order) for sampled products."""
+    """A mask's positions in the forms the products need: long rows and columns, and (built on first use, by
+    the values' gradient in eager training) a CSR pattern with the permutation from the mask's order to CSR's
+    row-major order for sampled products. Building rows and columns alone keeps the shapes static, so a
+    torch.compile'd forward builds them in its graph."""
 
     def __init__(self, indices: torch.Tensor, out_features: int, in_features: int) -> None:
         self.rows, self.cols = indices.long().unbind(0)
         self.shape = (out_features, in_features)
-        flat = self.rows * in_features + self.cols
-        order = torch.argsort(flat, stable=True)
-        self.order = None if bool((flat[1:] >= flat[:-1]).all()) else order
-        counts = torch.bincount(self.rows, minlength=out_features)
-        self._crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-        self._col = self.cols if self.order is None else self.cols[order]
+        self._csr: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
         self._patterns: dict[torch.dtype, torch.Tensor] = {}
+
+    def _csr_layout(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(row offsets, columns in row-major order, the permutation to that order or None when the mask is
+        in it already)."""
+        if self._csr is None:
+            flat = self.rows * self.shape[1] + self.cols
+            order = torch.argsort(flat, stable=True)
+            order = None if bool((flat[1:] >= flat[:-1]).all()) else order
+            counts = torch.bincount(self.rows, minlength=self.shape[0])
+            self._csr = (torch.cat([counts.new_zeros(1), counts.cumsum(0)]),
+                         self.cols if order is None else self.cols[order], order)
+        return self._csr
 
     def summed(self, weight: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """weight + dW (a new tensor; differentiable in both)."""
@@ -74,17 +84,19 @@ class MaskPositions:
             return (grad.t() @ x2)[self.rows, self.cols]
         sampled = torch.sparse.sampled_addmm(self._pattern(grad), grad.t().contiguous(), x2.contiguous(),
                                              beta=0.0).values()
-        if self.order is None:
+        order = self._csr_layout()[2]
+        if order is None:
             return sampled
-        return torch.empty_like(sampled).index_copy_(0, self.order, sampled)
+        return torch.empty_like(sampled).index_copy_(0, order, sampled)
 
     def _pattern(self, like: torch.Tensor) -> torch.Tensor:
         pattern = self._patterns.get(like.dtype)
         if pattern is None or pattern.device != like.device:
+            crow, col, _ = self._csr_layout()
             with warnings.catch_warnings():  # torch's one-time notice that sparse CSR tensors are in beta
                 warnings.filterwarnings("ignore", message=".*[Ss]parse.*")
-                pattern = torch.sparse_csr_tensor(self._crow.to(like.device), self._col.to(like.device),
-                                                  torch.zeros(len(self._col), dtype=like.dtype, device=like.device),
+                pattern = torch.sparse_csr_tensor(crow.to(like.device), col.to(like.device),
+                                                  torch.zeros(len(col), dtype=like.dtype, device=like.device),
                                                   size=self.shape)
             self._patterns[like.dtype] = pattern
         return pattern
@@ -138,12 +150,8 @@ class ShiraLayer(LayerAdapter):
         """The mask's positions, built again when ``shira_indices`` changed (a load, a hot swap, a move)."""
         self._check_mask()
         indices = self.shira_indices
-        key = (indices._version, indices.data_ptr(), indices.device)
-        kept = self.__dict__.get("_kept_positions")
-        if kept is None or kept[0] != key:
-            kept = (key, MaskPositions(indices, self.out_features, self.in_features), indices.untyped_storage())
-            self.__dict__["_kept_positions"] = kept
-        return kept[1]
+        return kept_while_unchanged(self, "_kept_positions", (indices,),
+                                    lambda: MaskPositions(indices, self.out_features, self.in_features))
 
     def _check_mask(self) -> None:
         """Refuse to compute with an adapter whose mask_type names a mask peftkit cannot draw, until a folder

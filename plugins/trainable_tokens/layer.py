@@ -96,22 +96,23 @@ class TokenRows(LayerAdapter):
         return self.forward(x, h, base) - h
 
     def _embedded(self, x: torch.Tensor, h: torch.Tensor, base: nn.Embedding) -> torch.Tensor:
+        """Every position looks up a row, those of other token ids a zero row appended after the new ones,
+        and keeps ``h`` (static shapes: a torch.compile'd model traces this as one graph, where selecting the
+        positions would give a tensor of data-dependent length). The appended row's own count keeps
+        scale_grad_by_freq's counts of the new rows exact, and its gradient is zero."""
         slots = self.slot_of_token[x]
         chosen = slots >= 0
-        weight = self.rows().to(base.weight.dtype)
-        if base.max_norm is not None and weight is self.rows():
-            weight = weight.clone()  # F.embedding renormalizes rows in place: never the parameter itself
-        padding = None
-        if base.padding_idx is not None and base.padding_idx in self.indices:
-            padding = int(self.slot_of_token[base.padding_idx])
-        values = F.embedding(slots[chosen], weight, padding_idx=padding, max_norm=base.max_norm,
-                             norm_type=base.norm_type, scale_grad_by_freq=base.scale_grad_by_freq)
+        rows = self.rows().to(base.weight.dtype)
+        # a new tensor, never the parameter: F.embedding renormalizes the rows it reads in place (max_norm)
+        table = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
+        padding = self.token_indices.index(base.padding_idx) if base.padding_idx in self.indices else None
+        values = F.embedding(slots.where(chosen, len(self.token_indices)), table, padding_idx=padding,
+                             max_norm=base.max_norm, norm_type=base.norm_type,
+                             scale_grad_by_freq=base.scale_grad_by_freq)
         scale = embed_scale(base)
         if scale is not None:
             values = values * scale.to(values.dtype)
-        out = h.clone()
-        out[chosen] = values.to(h.dtype)
-        return out
+        return values.to(h.dtype).where(chosen.unsqueeze(-1), h)
 
     def _projected(self, x: torch.Tensor, h: torch.Tensor, base: nn.Linear) -> torch.Tensor:
         columns = F.linear(x.to(base.weight.dtype), self.rows().to(base.weight.dtype))
