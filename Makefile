@@ -8,7 +8,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast lint venv adapters-venv bench bench-perf bench-perf-autocast bench-perf-gpu bench-perf-gpu-autocast gpu-check mutate clean
+.PHONY: demo test test-fast lint venv adapters-venv bench bench-perf bench-perf-autocast bench-perf-compile bench-perf-gpu bench-perf-gpu-autocast bench-perf-gpu-compile gpu-check mutate clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -66,6 +66,10 @@ bench-perf: $(VENV)/.installed
 bench-perf-autocast: $(VENV)/.installed
 	$(BIN)/python bench/perf_table.py --autocast bfloat16
 
+# The same table with every model torch.compile'd (inductor); writes docs/performance-compile.md
+bench-perf-compile: $(VENV)/.installed
+	$(BIN)/python bench/perf_table.py --compile
+
 # The same table on a GPU in bfloat16 at a size that keeps it busy; writes docs/performance-gpu.md
 bench-perf-gpu: $(VENV)/.installed
 	$(BIN)/python bench/perf_table.py --device cuda --dtype bfloat16 --size large --budget 20
@@ -73,6 +77,10 @@ bench-perf-gpu: $(VENV)/.installed
 # The GPU table for a float32 model under bfloat16 autocast; writes docs/performance-gpu-autocast.md
 bench-perf-gpu-autocast: $(VENV)/.installed
 	$(BIN)/python bench/perf_table.py --device cuda --autocast bfloat16 --size large --budget 20
+
+# The GPU table with every model torch.compile'd (Triton kernels); writes docs/performance-gpu-compile.md
+bench-perf-gpu-compile: $(VENV)/.installed
+	$(BIN)/python bench/perf_table.py --device cuda --dtype bfloat16 --size large --budget 20 --compile
 
 # On a GPU machine, the checks that need one, in one short run: the tests with CUDA cases (skipped
 # elsewhere) and bench/gpu_check.py (correctness, then timings against peft); then bench-perf-gpu.

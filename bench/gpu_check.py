@@ -1,7 +1,8 @@
 """CUDA check and GPU timings, peftkit beside Hugging Face PEFT (run on a GPU machine).
 
 Correctness on the GPU (fp32 and bf16): identity at init, merged == unmerged,
-DoRA, per-row routing == separate runs. Timings (bf16, Llama hidden 2048,
+DoRA, per-row routing == separate runs; torch.compile (inductor's Triton kernels) against eager for a
+training step's loss and gradients and an inference forward (`compiled`). Timings (bf16, Llama hidden 2048,
 8 layers, 16 heads, intermediate 5504, vocab 32000, batch 8 x seq 512; LoRA
 r=16 on all linear layers): train step, unmerged and merged forward, DoRA
 train step, a mixed batch routed over 8 adapters. Medians of CUDA-synchronized
@@ -9,7 +10,7 @@ wall times, the two libraries interleaved.
 
 QLoRA (4-bit NF4, bf16 compute) and LoKr are timed against peft as well (`methods`).
 
-Run: python bench/gpu_check.py [correctness|timings|methods]
+Run: python bench/gpu_check.py [correctness|compiled|timings|methods]
 """
 
 from __future__ import annotations
@@ -30,14 +31,14 @@ from timing import lm_forward, lm_train_step  # noqa: E402
 warnings.filterwarnings("ignore")
 
 
-def build(hidden=2048, layers=8, heads=16, inter=5504, vocab=32000, dtype=torch.bfloat16):
+def build(hidden=2048, layers=8, heads=16, inter=5504, vocab=32000, dtype=torch.bfloat16, device="cuda"):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                          num_attention_heads=heads, num_key_value_heads=heads, vocab_size=vocab,
                          max_position_embeddings=1024)
-    return LlamaForCausalLM(config).to(device="cuda", dtype=dtype).eval()
+    return LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
 
 
 def cuda_time(fns: dict, repeats: int = 10, warmup: int = 3) -> dict:
@@ -92,6 +93,36 @@ def correctness() -> None:
                 worst = max(worst, (single[0] - mixed[row]).abs().max().item())
         print(f"  {str(dtype):15} routing rows vs separate runs: max diff {worst:.2e}  "
               f"{'ok' if worst <= atol * 10 else 'FAIL'}")
+
+
+def compiled(device: str = "cuda") -> None:
+    """torch.compile(model, fullgraph=True) with the default compiler (Triton kernels on a GPU) against eager:
+    a training step's loss and adapter gradients, and an inference forward, for the fused LoRA and DoRA layers
+    and LoKr (float32, so the two differ by the compiler's rounding alone)."""
+    import peftkit
+
+    base = build(hidden=256, layers=2, heads=4, inter=512, vocab=1000, dtype=torch.float32, device=device)
+    ids = torch.randint(0, 1000, (4, 64), device=device)
+    for spec in ("lora[r=8,init_weights=false,target_modules=all-linear]",
+                 "lora[r=8,init_weights=false,use_dora=true,target_modules=all-linear]",
+                 "lokr[r=8,init_weights=false,target_modules=all-linear]"):
+        torch._dynamo.reset()
+        model = peftkit.adapt(copy.deepcopy(base), spec).train()
+        params = list(model.adapter_parameters("default"))
+        results = []
+        for run in (model, torch.compile(model, fullgraph=True)):
+            loss = run(input_ids=ids, labels=ids).loss
+            results.append((loss.detach(), torch.autograd.grad(loss, params)))
+        (eager_loss, eager_grads), (loss, grads) = results
+        grad_diff = max(((g - e).abs().max() / e.abs().max().clamp_min(1e-12)).item()
+                        for g, e in zip(grads, eager_grads))
+        model.eval()
+        with torch.no_grad():
+            forward_diff = (torch.compile(model, fullgraph=True)(ids).logits - model(ids).logits).abs().max().item()
+        loss_diff = (loss - eager_loss).abs().item()
+        ok = loss_diff <= 1e-4 and grad_diff <= 1e-3 and forward_diff <= 1e-3
+        print(f"  {spec:66} loss diff {loss_diff:.2e}  gradient diff (of the largest) {grad_diff:.2e}  "
+              f"forward diff {forward_diff:.2e}  {'ok' if ok else 'FAIL'}")
 
 
 def timings() -> None:
@@ -234,7 +265,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
           f"{torch.cuda.get_device_name()}")
     only = sys.argv[1:]  # e.g. `correctness`
-    for name, fn in (("correctness", correctness), ("timings", timings), ("methods", methods)):
+    for name, fn in (("correctness", correctness), ("compiled", compiled), ("timings", timings),
+                     ("methods", methods)):
         if only and name not in only:
             continue
         print(f"== {name}", flush=True)

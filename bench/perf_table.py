@@ -39,8 +39,15 @@ every timed call ends with ``torch.cuda.synchronize()``, and the peak is
 ``--autocast bfloat16`` measures the float32 model trained and run under ``torch.autocast`` (mixed
 precision as a Trainer with ``bf16=True`` runs it) and writes docs/performance-autocast.md on the CPU.
 
+``--compile`` times every model (peftkit's, peft's and the base) as ``torch.compile(model)`` builds it with
+its default compiler (inductor: C++ kernels on the CPU, Triton on a GPU) and writes docs/performance-compile.md
+(docs/performance-gpu-compile.md on a GPU). The ratios stay multiples of the base, the compiled base there;
+each model is compiled and run twice before the rounds; the FLOP floors and the memory columns come from the
+eager models (autograd's hooks do not see inside a compiled graph).
+
 Run: .venv/bin/python bench/perf_table.py [--budget 45] [--only lora_r8,dora_r8] [--output docs/performance.md]
      .venv/bin/python bench/perf_table.py --autocast bfloat16
+     .venv/bin/python bench/perf_table.py --compile [--only lora_r8,dora_r8]
      .venv/bin/python bench/perf_table.py --device cuda --dtype bfloat16 --size large [--budget 20]
 """
 
@@ -99,12 +106,19 @@ class Setup:
     dtype: torch.dtype
     size: Size
     autocast: torch.dtype | None = None
+    compiled: bool = False
 
     def describe(self) -> str:
         text = f"{self.size.describe()}, {str(self.dtype).removeprefix('torch.')}"
         if self.autocast is not None:
             text += f" under {str(self.autocast).removeprefix('torch.')} autocast"
+        if self.compiled:
+            text += ", every model torch.compile'd (inductor)"
         return text + ("" if self.device == "cpu" else ", on the GPU")
+
+    def timed(self, model: Any) -> Any:
+        """The model the rounds time: ``torch.compile(model)`` with ``--compile``, else the model itself."""
+        return torch.compile(model) if self.compiled else model
 
     def run(self, fn: Callable[..., None]) -> Callable[..., None]:
         """``fn`` run under this setup's autocast (``fn`` itself without one)."""
@@ -289,6 +303,18 @@ def models_and_input(setup: Setup) -> tuple[Any, torch.Tensor, Any]:
     return base, ids, frozen
 
 
+def compiled_and_run(setup: Setup, models: dict[str, Any], make: Callable[[Any, torch.Tensor], Callable[..., None]],
+                     ids: torch.Tensor) -> dict[str, Callable[..., None]]:
+    """The timed calls (``make(model, ids)`` under the setup's autocast) of each model as ``setup.timed`` gives
+    it; compiled ones run twice first, so that no round times a compilation."""
+    calls = {name: setup.run(make(setup.timed(model), ids)) for name, model in models.items()}
+    if setup.compiled:
+        for call in calls.values():
+            call()
+            call()
+    return calls
+
+
 def measure(key: str, base: Any, ids: torch.Tensor, frozen: Any, timing: Timing, setup: Setup) -> dict[str, Any]:
     import peftkit
 
@@ -306,25 +332,28 @@ def measure(key: str, base: Any, ids: torch.Tensor, frozen: Any, timing: Timing,
 
     for model in (ours, theirs):
         model.train()
-    steps = {"peftkit": setup.run(lm_train_step(ours, ids)), "peft": setup.run(lm_train_step(theirs, ids)),
-             "base": setup.run(lm_train_step(frozen, ids))}
-    train, base_step = timing.ratios(steps, SHARES["train"])
+    trained = {"peftkit": ours, "peft": theirs, "base": frozen}
+    steps = {name: setup.run(lm_train_step(model, ids)) for name, model in trained.items()}
+    train, base_step = timing.ratios(compiled_and_run(setup, trained, lm_train_step, ids), SHARES["train"])
     flops = {name: step_flops(step) for name, step in steps.items()}
-    saved = {name: saved_activation_bytes(step, weight_pointers(model))
-             for (name, step), model in zip(steps.items(), (ours, theirs, frozen))}
+    saved = {name: saved_activation_bytes(step, weight_pointers(trained[name])) for name, step in steps.items()}
     peak = {name: peak_step_bytes(step, timing.device) for name, step in steps.items()}
 
     for model in (ours, theirs, base):
         model.eval()
-    forwards = {"peftkit": setup.run(lm_forward(ours, ids)), "peft": setup.run(lm_forward(theirs, ids)),
-                "base": setup.run(lm_forward(base, ids))}
+    inferring = {"peftkit": ours, "peft": theirs, "base": base}
+    forwards = compiled_and_run(setup, inferring, lm_forward, ids)
     forward, base_forward = timing.ratios(forwards, SHARES["forward"])
     forward_flops = {name: step_flops(setup.run(lm_forward(model, ids, inference_mode=False)))
-                     for name, model in (("peftkit", ours), ("peft", theirs), ("base", base))}
+                     for name, model in inferring.items()}
     merged: dict[str, Ratio] = {}
     if key not in UNMERGED:
         ours.merge_adapter()
         theirs.merge_adapter()
+        if setup.compiled:  # the merged models recompile: not in a timed round
+            for call in forwards.values():
+                call()
+                call()
         merged, _ = timing.ratios(forwards, SHARES["merged"])
     return {"key": key, "label": label, "spec": spec, "difference": difference, "train": train,
             "forward": forward, "merged": merged,
@@ -399,7 +428,8 @@ def render(results: list[dict[str, Any]], timing: Timing, setup: Setup, command:
     clock = "wall time" if timing.clock == "wall" else "CPU time of the process"
     lines = [
         "# Performance" + ("" if setup.device == "cpu" else " on a GPU")
-        + ("" if setup.autocast is None else f" under {str(setup.autocast).removeprefix('torch.')} autocast"),
+        + ("" if setup.autocast is None else f" under {str(setup.autocast).removeprefix('torch.')} autocast")
+        + (" with torch.compile" if setup.compiled else ""),
         "",
         "Every built-in method's training step and inference forward next to Hugging Face `peft`,",
         "measured in one process by `bench/perf_table.py` (written by it; do not edit by hand).",
@@ -444,6 +474,8 @@ def render(results: list[dict[str, Any]], timing: Timing, setup: Setup, command:
         "",
         "Memory of a training step, MiB: activations kept for backward (distinct storages, weights not",
         "counted) and the peak allocated during the step above the level before it."
+        + ("" if not setup.compiled else " Measured on the eager models: autograd's hooks do not see inside a "
+           "compiled graph.")
         + ("" if setup.autocast is None else " Under autocast the tensors kept include the half-precision "
            "copies of frozen weights that autocast's own linear layers keep for backward (the base's and "
            "PEFT's; peftkit's fused layers cast the weight again in backward instead)."),
@@ -464,16 +496,17 @@ def render(results: list[dict[str, Any]], timing: Timing, setup: Setup, command:
     return "\n".join(lines)
 
 
-def default_output_name(device: str, dtype: str, autocast: str | None) -> str:
+def default_output_name(device: str, dtype: str, autocast: str | None, compiled: bool = False) -> str:
     """The file a table is written to unless ``--output`` names one: performance.md for the CPU table
-    (float32), performance-gpu.md for the GPU table (bfloat16); any other dtype or autocast adds its
-    name, so no run overwrites another's table (``--dtype bfloat16`` on the CPU: performance-bfloat16.md;
-    ``--autocast bfloat16``: performance-autocast.md, on a GPU performance-gpu-autocast.md)."""
+    (float32), performance-gpu.md for the GPU table (bfloat16); any other dtype, autocast or compilation adds
+    its name, so no run overwrites another's table (``--dtype bfloat16`` on the CPU: performance-bfloat16.md;
+    ``--autocast bfloat16``: performance-autocast.md, on a GPU performance-gpu-autocast.md; ``--compile``:
+    performance-compile.md)."""
     name = "performance" + ("" if device == "cpu" else "-gpu")
     reference_dtype = "bfloat16" if device != "cpu" and autocast is None else "float32"
     if dtype != reference_dtype:
         name += f"-{dtype}"
-    return name + ("-autocast" if autocast else "") + ".md"
+    return name + ("-autocast" if autocast else "") + ("-compile" if compiled else "") + ".md"
 
 
 def measured_arguments(argv: list[str]) -> list[str]:
@@ -509,6 +542,9 @@ def main() -> None:
     parser.add_argument("--size", choices=sorted(SIZES), default="small",
                         help="small: hidden 512 x 4 layers, batch 4 x 128 (the CPU table); large: hidden 2048 x "
                              "8 layers, batch 8 x 512 (the GPU table)")
+    parser.add_argument("--compile", action="store_true",
+                        help="time every model as torch.compile(model) builds it (inductor); writes "
+                             "docs/performance-compile.md")
     parser.add_argument("--output", default=None,
                         help="the Markdown file to write ('-' prints it only; default docs/performance.md, "
                              "with --device cuda docs/performance-gpu.md; another dtype or --autocast adds "
@@ -519,7 +555,8 @@ def main() -> None:
         parser.error("--device cuda: torch sees no GPU here (torch.cuda.is_available() is False)")
     if args.device == "cuda" and args.clock == "cpu":
         parser.error("--clock cpu times the host process, not the GPU; use the wall clock with --device cuda")
-    output = args.output or str(ROOT / "docs" / default_output_name(args.device, args.dtype, args.autocast))
+    output = args.output or str(ROOT / "docs" / default_output_name(args.device, args.dtype, args.autocast,
+                                                                    args.compile))
     keys = [k for k in args.only.split(",") if k] or list(METHODS)
     unknown = [k for k in keys if k not in METHODS]
     if unknown:
@@ -533,7 +570,8 @@ def main() -> None:
     logging.set_verbosity_error()
     loads, ticks = os.getloadavg()[0], cpu_times()
     timing = Timing(args.budget, args.clock, args.unit, args.device)
-    setup = Setup(args.device, DTYPES[args.dtype], SIZES[args.size], args.autocast and DTYPES[args.autocast])
+    setup = Setup(args.device, DTYPES[args.dtype], SIZES[args.size], args.autocast and DTYPES[args.autocast],
+                  args.compile)
     base, ids, frozen = models_and_input(setup)
     results = []
     for key in keys:

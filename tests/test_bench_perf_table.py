@@ -1,5 +1,5 @@
-"""bench/perf_table.py's set-up, not its timings: where each kind of run writes its table, and that an
-autocast run's steps run under autocast (no timing is asserted)."""
+"""bench/perf_table.py's set-up, not its timings: where each kind of run writes its table, that an autocast
+run's steps run under autocast and a compiled run times compiled models (no timing is asserted)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,29 @@ def test_no_kind_of_run_overwrites_another_kinds_table() -> None:
             ("cpu", "float32", "bfloat16"): "performance-autocast.md",
             ("cuda", "bfloat16", None): "performance-gpu.md",
             ("cuda", "float32", "bfloat16"): "performance-gpu-autocast.md",
-            ("cuda", "float32", None): "performance-gpu-float32.md"}
+            ("cuda", "float32", None): "performance-gpu-float32.md",
+            ("cpu", "float32", None, True): "performance-compile.md",
+            ("cuda", "bfloat16", None, True): "performance-gpu-compile.md"}
     assert {run: default_output_name(*run) for run in runs} == runs
+
+
+def test_a_compiled_setup_times_compiled_models_run_before_the_rounds() -> None:
+    """``--compile``: the rounds time ``torch.compile(model)``, each called twice first (no round times a
+    compilation); without it, the model itself, not called before."""
+    from perf_table import compiled_and_run
+
+    calls = []
+    model = torch.nn.Linear(3, 2)
+    make = lambda m, ids: lambda: calls.append(m)  # noqa: E731
+    compiled = Setup("cpu", torch.float32, SIZES["small"], compiled=True)
+    timed = compiled_and_run(compiled, {"base": model}, make, torch.zeros(1))
+    assert len(calls) == 2 and isinstance(calls[0], torch._dynamo.eval_frame.OptimizedModule)
+    assert calls[0]._orig_mod is model and compiled.describe().endswith("torch.compile'd (inductor)")
+    timed["base"]()
+    plain = compiled_and_run(Setup("cpu", torch.float32, SIZES["small"]), {"base": model}, make, torch.zeros(1))
+    assert len(calls) == 3
+    plain["base"]()
+    assert calls[3] is model
 
 
 def test_an_autocast_setup_runs_each_step_under_autocast_and_says_so() -> None:
