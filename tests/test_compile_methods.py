@@ -1,6 +1,7 @@
 """Every built-in method compiles as one graph: ``torch.compile(model, fullgraph=True)`` traces the adapted model's
 training step (forward and backward, through AOTAutograd) and its inference forward without a graph break, and
-the compiled model gives eager's outputs and gradients.
+the compiled model gives eager's outputs and gradients. Compositions of two LoRA adapters (and per-row routing)
+trace as one graph too.
 
 A graph break makes a compiled model fall back to Python between graphs at every adapted layer (DoRA's kept
 norms, SHiRA's kept mask, FourierFT's sites and trainable tokens' selected positions once broke the graph 4 to
@@ -87,3 +88,26 @@ def test_a_method_torch_cannot_trace_whole_still_breaks_the_graph():
     model.train()
     with pytest.raises(Exception, match="(?i)lstm"):
         torch.compile(model, fullgraph=True, backend="aot_eager")(**inputs)
+
+
+@pytest.mark.parametrize("composition", ["stack(a, b)", "average(a, b)", "parallel(a, b)",
+                                         "batch_split(a, b, sizes=[1, 1])", "routed"])
+def test_compositions_compile_as_one_graph_with_eagers_outputs(composition):
+    """Two LoRA adapters composed (or routed per row with ``adapter_names=``) trace as one graph too: the
+    kept products of their factors are built inside the graph under torch.compile."""
+    torch.manual_seed(0)
+    model = peftkit.adapt(build_tiny("llama"), "lora[r=4]", "a")
+    model.add_adapter("b", "lora[r=4,target_modules=all-linear]")
+    randomize(model, "a")
+    randomize(model, "b", seed=1)
+    model.eval()
+    inputs = sample_inputs("llama")
+    if composition == "routed":
+        model.set_active("a")
+        inputs = {**inputs, "adapter_names": ["b", "a"]}
+    else:
+        model.set_active(composition)
+    with torch.no_grad():
+        want = output_tensor(model(**inputs))
+        got = output_tensor(torch.compile(model, fullgraph=True, backend="aot_eager")(**inputs))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
