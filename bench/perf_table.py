@@ -308,11 +308,17 @@ def compiled_and_run(setup: Setup, models: dict[str, Any], make: Callable[[Any, 
     """The timed calls (``make(model, ids)`` under the setup's autocast) of each model as ``setup.timed`` gives
     it; compiled ones run twice first, so that no round times a compilation."""
     calls = {name: setup.run(make(setup.timed(model), ids)) for name, model in models.items()}
+    compiled_before_rounds(setup, calls)
+    return calls
+
+
+def compiled_before_rounds(setup: Setup, calls: dict[str, Callable[..., None]]) -> None:
+    """With ``--compile``, each call run twice (compiling, then once compiled), so that no round times a
+    compilation; nothing otherwise."""
     if setup.compiled:
         for call in calls.values():
             call()
             call()
-    return calls
 
 
 def measure(key: str, base: Any, ids: torch.Tensor, frozen: Any, timing: Timing, setup: Setup) -> dict[str, Any]:
@@ -350,10 +356,7 @@ def measure(key: str, base: Any, ids: torch.Tensor, frozen: Any, timing: Timing,
     if key not in UNMERGED:
         ours.merge_adapter()
         theirs.merge_adapter()
-        if setup.compiled:  # the merged models recompile: not in a timed round
-            for call in forwards.values():
-                call()
-                call()
+        compiled_before_rounds(setup, forwards)  # the merged models recompile: not in a timed round
         merged, _ = timing.ratios(forwards, SHARES["merged"])
     return {"key": key, "label": label, "spec": spec, "difference": difference, "train": train,
             "forward": forward, "merged": merged,

@@ -25,7 +25,8 @@ from peftkit.testing import randomize
 from peftkit.testing_models import build_tiny, output_tensor, sample_inputs, with_bias_noise
 from tests.test_conformance import BUILTIN_SPECS
 
-#: The built-in specs on the tiny Llama, with one decoder layer (bitfit without add_missing adapts biases, and the Llama has none).
+#: The built-in specs on the tiny Llama, with one decoder layer (bitfit without add_missing adapts biases, and the
+#: Llama has none).
 SPECS = {key: spec for key, spec in BUILTIN_SPECS.items() if key != "bitfit"}
 #: Paths the conformance specs do not take: LoRA's node drawing its dropout, DoRA with dropout (unfused),
 #: GraLoRA without the hybrid part (its own training node).
@@ -48,11 +49,12 @@ def fresh_dynamo():
 def _one_layer_llama() -> torch.nn.Module:
     """The tiny Llama with one decoder layer: dynamo's tracing time grows with the layers, and one layer holds
     every kind of adapted site."""
-    config = copy.deepcopy(build_tiny("llama").config)
+    tiny = build_tiny("llama")
+    config = copy.deepcopy(tiny.config)
     config.num_hidden_layers = 1
     config.layer_types = config.layer_types[:1] if getattr(config, "layer_types", None) else None
     torch.manual_seed(0)
-    return with_bias_noise(type(build_tiny("llama"))(config).eval())
+    return with_bias_noise(type(tiny)(config).eval())
 
 
 class _OneGraph:

@@ -116,9 +116,15 @@ class GraloraLayer(LayerAdapter):
             update = update + F.linear(F.linear(self._input(x), self.gralora_A_general), self.gralora_B_general)
         return update * self.scale
 
+    @staticmethod
+    def _out_of_place(x: torch.Tensor) -> bool:
+        """Whether the update is written out of place (:meth:`_update_out_of_place`): under autocast or
+        torch.compile."""
+        return torch.is_autocast_enabled(x.device.type) or torch.compiler.is_compiling()
+
     def _update(self, x: torch.Tensor) -> torch.Tensor:
         """The update (tokens, out) in the factors' dtype (autocast's under autocast)."""
-        if torch.is_autocast_enabled(x.device.type) or torch.compiler.is_compiling():
+        if self._out_of_place(x):
             return self._update_out_of_place(x)
         out2 = torch.empty(x.numel() // self.in_features, self.out_features, dtype=self.gralora_A.dtype,
                            device=x.device)
@@ -131,8 +137,7 @@ class GraloraLayer(LayerAdapter):
     def forward(self, x: torch.Tensor, h: torch.Tensor, base: nn.Module) -> torch.Tensor:
         """h + the update, the update's second product accumulating into a copy of h (no separate update tensor),
         where h has the factors' dtype and autocast is off."""
-        if h.dtype != self.gralora_A.dtype or torch.is_autocast_enabled(x.device.type) \
-                or torch.compiler.is_compiling():
+        if h.dtype != self.gralora_A.dtype or self._out_of_place(x):
             return h + self.delta(x, h, base)
         out = h.clone(memory_format=torch.contiguous_format)
         self._add_update_(out.view(-1, self.out_features), x)
@@ -143,11 +148,9 @@ class GraloraLayer(LayerAdapter):
         base, then :meth:`forward`) under autocast or torch.compile (:meth:`_update_out_of_place`), for a layer
         that is not a plain Linear/Conv1D, or where the factors' dtype is not the layer's (float32 beside
         half-precision weights)."""
-        if torch.is_autocast_enabled(x.device.type) or not fusable_linear(base, x, self.gralora_A) \
+        if self._out_of_place(x) or not fusable_linear(base, x, self.gralora_A) \
                 or base.weight.dtype != self.gralora_A.dtype:
             return None
-        if torch.compiler.is_compiling():
-            return None  # the base, then forward's out-of-place update (_update_out_of_place)
         if torch.is_grad_enabled() and self.gralora_A_general is None and (self.dropout is None or not self.training):
             x2 = x.reshape(-1, self.in_features)  # training: one autograd node for the layer (fused.py)
             out = GraloraFn.apply(x2, self.gralora_A, self.gralora_B, weight_out_in(base), base.bias, self.scale)
