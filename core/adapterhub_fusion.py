@@ -32,10 +32,11 @@ import torch
 from .adapterhub_format import read_adapterhub_weights, same_module
 from .composition import Fuse
 from .errors import AdapterLoadError, CompositionError, ConfigError
-from .fusion import FuseConfig, add_fusion, delete_fusion, fusion_layers
+from .fuse_config import FuseConfig
+from .fusion import add_fusion, delete_fusion, fusion_layers
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .model import AdaptedModel
+    from .adapted_protocol import AdaptedModelProtocol
     from .state import FusionRecord
 
 CONFIG_NAME = "adapter_fusion_config.json"
@@ -70,7 +71,7 @@ def fuse_config(options: Mapping[str, Any], reads_model_norm: bool = False) -> F
                       regularization=0.01 if options.get("regularization") else 0.0, query_from=query_from)
 
 
-def check_member(model: "AdaptedModel", name: str) -> None:
+def check_member(model: "AdaptedModelProtocol", name: str) -> None:
     """ConfigError unless adapter ``name``'s contribution is what ``adapters``' fusion attends over."""
     record = model.adapter_record(name)
     method = record.method.name
@@ -91,7 +92,7 @@ def check_member(model: "AdaptedModel", name: str) -> None:
                               f"otherwise here; train a fusion in peftkit instead (model.train_fusion(Fuse(...)))")
 
 
-def _reads_model_norm(model: "AdaptedModel", members: list[str]) -> bool:
+def _reads_model_norm(model: "AdaptedModelProtocol", members: list[str]) -> bool:
     """Whether the members read through the model's LayerNorm (``original_ln_before``); ConfigError when some do
     and some do not: ``adapters`` feeds every member what the last one reads, peftkit each member its own."""
     reads = {name: bool(getattr(model.adapter_record(name).config, "original_ln_before", False)) for name in members}
@@ -104,7 +105,7 @@ def _reads_model_norm(model: "AdaptedModel", members: list[str]) -> bool:
     return any(reads.values())
 
 
-def fusion_tensors(record: "FusionRecord", model: "AdaptedModel", tensors: Mapping[str, torch.Tensor],
+def fusion_tensors(record: "FusionRecord", model: "AdaptedModelProtocol", tensors: Mapping[str, torch.Tensor],
                    saved_name: str, options: Mapping[str, Any], model_type: str | None,
                    where: str) -> dict[str, torch.Tensor]:
     """The fusion's tensors keyed as peftkit's (``<site>.query.weight``) from ``adapters``' keys."""
@@ -148,7 +149,7 @@ def fusion_tensors(record: "FusionRecord", model: "AdaptedModel", tensors: Mappi
     return out
 
 
-def load_adapterhub_fusion(model: "AdaptedModel", path: str | os.PathLike, name: str | None = None
+def load_adapterhub_fusion(model: "AdaptedModelProtocol", path: str | os.PathLike, name: str | None = None
                            ) -> "FusionRecord":
     """Load a fusion ``adapters`` saved onto a model holding its member adapters (by their saved names).
 

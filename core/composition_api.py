@@ -5,7 +5,7 @@ a thin front for peftkit.core.fusion / merging / composition_io."""
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence, TypeVar
 
 from . import composition
 from .adapter_names import adapter_name_list
@@ -19,9 +19,11 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
     import torch.nn as nn
 
-    from .fusion import FuseConfig, FusionCapture
+    from .fuse_config import FuseConfig
+    from .fusion import FusionCapture
     from .learned_average import LearnedAverage
-    from .model import AdaptedModel, AdapterRecord
+    from .adapted_protocol import AdaptedModelProtocol
+    from .state import AdapterRecord
     from .state import FusionRecord
 
 #: Keyword arguments of a forward that never carry one row per example.
@@ -29,12 +31,17 @@ _NOT_PER_ROW = frozenset({"cache_position", "past_key_values", "use_cache", "ret
                           "output_hidden_states", "logits_to_keep", "num_logits_to_keep"})
 
 
+#: The class the mixin is mixed into (AdaptedModel), for the classmethod that returns one of its instances.
+_Model = TypeVar("_Model", bound="CompositionMixin")
+
+
 class CompositionMixin:
     """Fusion, merging, parallel outputs and composition save/load (mixed into AdaptedModel)."""
 
     # -- fusion ---------------------------------------------------------------------------
 
-    def add_fusion(self: "AdaptedModel", fuse: composition.Fuse | str, config: "FuseConfig | dict | None" = None,
+    def add_fusion(self: "AdaptedModelProtocol", fuse: composition.Fuse | str,
+                   config: "FuseConfig | dict | None" = None,
                    **options: Any) -> "FusionRecord":
         """Add AdapterFusion weights for ``fuse`` (e.g. ``Fuse("a", "b", name="ab")``).
 
@@ -46,22 +53,22 @@ class CompositionMixin:
 
         return add_fusion(self, fuse, config, **options)
 
-    def delete_fusion(self: "AdaptedModel", name: str) -> None:
+    def delete_fusion(self: "AdaptedModelProtocol", name: str) -> None:
         from .fusion import delete_fusion
 
         delete_fusion(self, name)
 
     @property
-    def fusions(self: "AdaptedModel") -> dict[str, composition.Fuse]:
+    def fusions(self: "AdaptedModelProtocol") -> dict[str, composition.Fuse]:
         """Fusion name -> its fuse() block."""
         return {name: record.node for name, record in self.adapter_state.fusions.items()}
 
-    def fusion_parameters(self: "AdaptedModel", name: str) -> Iterator["nn.Parameter"]:
+    def fusion_parameters(self: "AdaptedModelProtocol", name: str) -> Iterator["nn.Parameter"]:
         from .fusion import fusion_parameters
 
         return fusion_parameters(self, name)
 
-    def train_fusion(self: "AdaptedModel", fuse: composition.Fuse | str | None = None, *,
+    def train_fusion(self: "AdaptedModelProtocol", fuse: composition.Fuse | str | None = None, *,
                      unfreeze_adapters: bool = False) -> None:
         """Activate ``fuse`` and make only the fusion weights trainable (members stay frozen
         unless ``unfreeze_adapters``). ``train_adapter(Fuse(...))`` does the same."""
@@ -69,32 +76,32 @@ class CompositionMixin:
 
         train_fusion(self, fuse, unfreeze_adapters=unfreeze_adapters)
 
-    def fusion_regularization_loss(self: "AdaptedModel", name: str | None = None) -> "torch.Tensor":
+    def fusion_regularization_loss(self: "AdaptedModelProtocol", name: str | None = None) -> "torch.Tensor":
         """regularization * sum ||W_v - I||^2 over the fusion's sites (every fusion when no name);
         add it to the training loss to keep the value projections near the identity."""
         from .fusion import regularization_loss
 
         return regularization_loss(self, name)
 
-    def set_fusion_temperature(self: "AdaptedModel", name: str, temperature: float) -> None:
+    def set_fusion_temperature(self: "AdaptedModelProtocol", name: str, temperature: float) -> None:
         from .fusion import set_temperature
 
         set_temperature(self, name, temperature)
 
-    def capture_fusion_weights(self: "AdaptedModel") -> contextlib.AbstractContextManager["FusionCapture"]:
+    def capture_fusion_weights(self: "AdaptedModelProtocol") -> contextlib.AbstractContextManager["FusionCapture"]:
         """``with model.capture_fusion_weights() as cap: model(**batch)``; then
         ``cap.weights[fusion][site]`` holds the members and their attention weights (..., members)."""
         from .fusion import capture
 
         return capture(self)
 
-    def save_fusion(self: "AdaptedModel", path: "str | os.PathLike", name: "str | composition.Fuse") -> None:
+    def save_fusion(self: "AdaptedModelProtocol", path: "str | os.PathLike", name: "str | composition.Fuse") -> None:
         """Write the fusion ``name`` (or that of a ``Fuse`` block) as a folder."""
         from .fusion import save_fusion
 
         save_fusion(self, name.fusion_name if isinstance(name, composition.Fuse) else name, path)
 
-    def load_fusion(self: "AdaptedModel", path: "str | os.PathLike", name: str | None = None, *,
+    def load_fusion(self: "AdaptedModelProtocol", path: "str | os.PathLike", name: str | None = None, *,
                     activate: bool = False) -> "FusionRecord":
         """Load a fusion folder (peftkit's, or one AdapterHub's ``save_adapter_fusion`` wrote); its member adapters
         must already be on the model."""
@@ -112,7 +119,7 @@ class CompositionMixin:
     # -- learned average() weights ------------------------------------------------------------
 
     @contextlib.contextmanager
-    def learn_average(self: "AdaptedModel", block: "composition.Average | str", *, rest: str | None = None
+    def learn_average(self: "AdaptedModelProtocol", block: "composition.Average | str", *, rest: str | None = None
                       ) -> Iterator["LearnedAverage"]:
         """While open, the ``average()`` block ``block`` (wherever it runs: activate a composition holding
         it) takes its weights from the yielded module's parameters, which gradients reach; train them with
@@ -138,7 +145,7 @@ class CompositionMixin:
 
     # -- weight-space merging -----------------------------------------------------------------
 
-    def merge_adapters(self: "AdaptedModel", adapters: Sequence[str], weights: Sequence[float] | None = None,
+    def merge_adapters(self: "AdaptedModelProtocol", adapters: Sequence[str], weights: Sequence[float] | None = None,
                        name: str = "merged", strategy: str = "svd", **options: Any) -> "AdapterRecord":
         """Merge adapters in weight space into a new adapter (see peftkit.core.merging): LoRA factors,
         IA3/BitFit values elementwise, other methods (LoKr, VeRA, OFT, ...) or a mix through their dense
@@ -153,7 +160,7 @@ class CompositionMixin:
 
         return merge_adapters(self, adapters, weights, name, strategy, **options)
 
-    def names_to_merge(self: "AdaptedModel", adapter_names: str | Sequence[str] | None = None, *,
+    def names_to_merge(self: "AdaptedModelProtocol", adapter_names: str | Sequence[str] | None = None, *,
                        fold_average: bool = False) -> list[str]:
         """The adapters ``merge_adapter`` merges, in order: those named, or the active ones. An active
         composition other than one adapter or a stack of adapters is not its adapters merged one after
@@ -175,7 +182,7 @@ class CompositionMixin:
                          f"LoRA adapters into one, and merge_adapters([...], name=..., strategy=\"linear\") makes "
                          f"one adapter you can merge")
 
-    def add_weighted_adapter(self: "AdaptedModel", adapters: Sequence[str], weights: Sequence[float],
+    def add_weighted_adapter(self: "AdaptedModelProtocol", adapters: Sequence[str], weights: Sequence[float],
                              adapter_name: str, combination_type: str = "svd", svd_rank: int | None = None,
                              svd_clamp: float | None = None, svd_full_matrices: bool = True,
                              svd_driver: str | None = None, density: float | None = None,
@@ -198,7 +205,7 @@ class CompositionMixin:
 
     # -- parallel ----------------------------------------------------------------------------------
 
-    def split_parallel(self: "AdaptedModel", output: Any) -> list[Any]:
+    def split_parallel(self: "AdaptedModelProtocol", output: Any) -> list[Any]:
         """Split the output of a forward under an active ``parallel()`` into one output per child."""
         node = self.adapter_state.active
         if not isinstance(node, composition.Parallel):
@@ -207,7 +214,8 @@ class CompositionMixin:
 
     # -- composition folders -------------------------------------------------------------------------
 
-    def save_composition(self: "AdaptedModel", path: "str | os.PathLike", composition_node: Node | str | None = None,
+    def save_composition(self: "AdaptedModelProtocol", path: "str | os.PathLike",
+                         composition_node: Node | str | None = None,
                          **card: Any) -> None:
         """Save a composition (the active one by default) with its adapters and fusions to one folder."""
         from .composition_io import save_composition
@@ -215,8 +223,8 @@ class CompositionMixin:
         save_composition(self, path, composition_node, **card)
 
     @classmethod
-    def load_composition(cls, model: "nn.Module", path: "str | os.PathLike", *,
-                         activate: bool = True) -> "AdaptedModel":
+    def load_composition(cls: "type[_Model]", model: "nn.Module", path: "str | os.PathLike", *,
+                         activate: bool = True) -> "_Model":
         """Load a folder written by save_composition() onto ``model`` (a base model or an
         AdaptedModel) and activate the saved composition. On error the model is left as it was."""
         from .composition_io import load_composition
@@ -237,17 +245,17 @@ class CompositionMixin:
 
 # -- rules model.py applies (functions of the model, so both modules use public names) --------------------
 
-def head_of(model: "AdaptedModel", node: Node | None) -> str | None:
+def head_of(model: "AdaptedModelProtocol", node: Node | None) -> str | None:
     """The adapter whose classification head runs for ``node`` (None: the base model's head)."""
     return composition.head_leaf(node, lambda n: model.adapter_labels(n) is not None)
 
 
-def labels_of_head(model: "AdaptedModel", owner: str | None) -> list[str] | None:
+def labels_of_head(model: "AdaptedModelProtocol", owner: str | None) -> list[str] | None:
     """The labels of ``owner``'s head (the base model's when ``owner`` is None)."""
     return model.adapter_labels(owner) if owner is not None else model.base_labels
 
 
-def check_composition_extras(model: "AdaptedModel", node: Node) -> None:
+def check_composition_extras(model: "AdaptedModelProtocol", node: Node) -> None:
     """Rules needing the model: input-rewriting adapters only in a top-level stack; fusions exist."""
     from .fusion import check_fusions
 
@@ -264,7 +272,7 @@ def check_composition_extras(model: "AdaptedModel", node: Node) -> None:
                     f"member of the outermost stack(), e.g. stack({leaf}, ...), not inside {node}")
     check_fusions(model, node)
 
-def refuse_if_fused(model: "AdaptedModel", name: str) -> None:
+def refuse_if_fused(model: "AdaptedModelProtocol", name: str) -> None:
     from .fusion import fused_members
 
     fusions = fused_members(model).get(name)
@@ -272,12 +280,12 @@ def refuse_if_fused(model: "AdaptedModel", name: str) -> None:
         raise AdapterError(f"adapter {name!r} is fused in {', '.join(map(repr, fusions))}; "
                            f"delete_fusion({fusions[0]!r}) first")
 
-def unfreeze_model_fusions(model: "AdaptedModel", node: Node | None) -> int:
+def unfreeze_model_fusions(model: "AdaptedModelProtocol", node: Node | None) -> int:
     from .fusion import unfreeze_fusions
 
     return unfreeze_fusions(model, node)
 
-def routing_entries(model: "AdaptedModel", adapter_names: Sequence[Any], batch_size: int | None) -> list[Node]:
+def routing_entries(model: "AdaptedModelProtocol", adapter_names: Sequence[Any], batch_size: int | None) -> list[Node]:
     """Check ``adapter_names=`` (one adapter name, ``"__base__"`` or composition per row)."""
     if isinstance(adapter_names, str):
         raise CompositionError("adapter_names must be a list with one entry per row, not a string")
@@ -321,7 +329,7 @@ def routing_entries(model: "AdaptedModel", adapter_names: Sequence[Any], batch_s
     return entries
 
 @contextlib.contextmanager
-def composition_inputs(model: "AdaptedModel", args: tuple, kwargs: dict, batch_size: int | None
+def composition_inputs(model: "AdaptedModelProtocol", args: tuple, kwargs: dict, batch_size: int | None
                         ) -> Iterator[tuple[tuple, dict]]:
     """Check row counts of batch_split() and, under parallel(), replicate the batch once per child."""
     import torch

@@ -32,13 +32,13 @@ from .errors import AdapterLoadError, CompositionError, PeftkitError
 from .fileio import atomic_folder, read_folder_json, write_text_atomic
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .model import AdaptedModel
+    from .adapted_protocol import AdaptedModelProtocol
 
 COMPOSITION_NAME = "composition.json"
 COMPOSITION_FORMAT_VERSION = 1
 
 
-def save_composition(model: "AdaptedModel", path: str | os.PathLike, node: Node | str | None = None,
+def save_composition(model: "AdaptedModelProtocol", path: str | os.PathLike, node: Node | str | None = None,
                      **card: Any) -> None:
     """Write ``node`` (default: the active composition) with its adapters and fusions under ``path``."""
     from .fusion import save_fusion
@@ -113,7 +113,7 @@ def _inside(root: Path, relative: str, where: str) -> Path:
     return target
 
 
-def load_composition(adapted: "AdaptedModel", path: str | os.PathLike, *, activate: bool = True) -> None:
+def load_composition(adapted: "AdaptedModelProtocol", path: str | os.PathLike, *, activate: bool = True) -> None:
     """Put the composition folder's adapters and fusions on ``adapted`` under their saved names and
     activate its composition (``activate``). On any error ``adapted`` is left as it was.
     ``AdaptedModel.load_composition`` wraps a bare base model first."""

@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -44,86 +43,16 @@ from .composition_exec import node_acts
 from .errors import AdapterLoadError, CompositionError, ConfigError, PeftkitError
 from .fileio import atomic_folder, read_folder_json, write_bytes_atomic, write_text_atomic
 from .layer import name_taken_by_torch
+from .fuse_config import FuseConfig
 from .state import FusionRecord
 
 if TYPE_CHECKING:  # pragma: no cover
     from .layer import TunerLayer
-    from .model import AdaptedModel
+    from .adapted_protocol import AdaptedModelProtocol
 
 FUSION_CONFIG_NAME = "fusion_config.json"
 FUSION_WEIGHTS_NAME = "fusion_model.safetensors"
 FUSION_FORMAT_VERSION = 1
-#: What a fusion's query reads (FuseConfig.query_from).
-QUERY_SOURCES = ("output", "adapter_input")
-
-
-@dataclasses.dataclass
-class FuseConfig:
-    """Settings of one fusion (saved in fusion_config.json).
-
-    temperature: softmax temperature T (> 0), constant, saved with the fusion.
-    query_key_dim: width of the query/key projections; None = the site's width (the paper).
-    value: learn the value projection W_v (initialized to the identity); False = W_v fixed to I.
-    residual: True: out = h + sum p_n W_v z_n; False: out = sum p_n W_v (h + z_n).
-    regularization: factor of ||W_v - I||^2 in fusion_regularization_loss() (the paper uses 0.01).
-    init_std: standard deviation of W_q's initial values.
-    query_from: "output": the query reads h (the paper); "adapter_input": it reads what the last
-      member's branch reads (``LayerAdapter.fusion_query``: LN(h + r) for AdapterHub's default sequential
-      adapter, which reads through the model's LayerNorm; h for other adapters), as AdapterHub's fusion
-      over such adapters does (its ``query_before_ln=false``).
-    """
-
-    temperature: float = 1.0
-    query_key_dim: int | None = None
-    value: bool = True
-    residual: bool = True
-    regularization: float = 0.01
-    init_std: float = 0.02
-    query_from: str = "output"
-
-    def __post_init__(self) -> None:
-        checks = [
-            (isinstance(self.temperature, (int, float)) and not isinstance(self.temperature, bool)
-             and math.isfinite(self.temperature) and self.temperature > 0, "temperature must be a number > 0"),
-            (self.query_key_dim is None or (isinstance(self.query_key_dim, int) and self.query_key_dim > 0),
-             "query_key_dim must be a positive integer or null"),
-            (isinstance(self.value, bool), "value must be true or false"),
-            (isinstance(self.residual, bool), "residual must be true or false"),
-            (isinstance(self.regularization, (int, float)) and not isinstance(self.regularization, bool)
-             and self.regularization >= 0, "regularization must be a number >= 0"),
-            (isinstance(self.init_std, (int, float)) and not isinstance(self.init_std, bool)
-             and self.init_std >= 0, "init_std must be a number >= 0"),
-            (self.query_from in QUERY_SOURCES, f"query_from must be one of {', '.join(QUERY_SOURCES)}, "
-                                               f"not {self.query_from!r}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(f"fusion config: {message}")
-        self.temperature = float(self.temperature)
-        self.regularization = float(self.regularization)
-        self.init_std = float(self.init_std)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "FuseConfig":
-        allowed = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(data) - set(allowed))
-        if unknown:
-            raise ConfigError(f"unknown fusion setting {', '.join(map(repr, unknown))}; "
-                              f"allowed: {', '.join(allowed)}")
-        return cls(**data)
-
-    @classmethod
-    def build(cls, config: "FuseConfig | dict[str, Any] | None", options: dict[str, Any]) -> "FuseConfig":
-        if isinstance(config, FuseConfig):
-            return dataclasses.replace(config, **options) if options else dataclasses.replace(config)
-        if config is not None and not isinstance(config, dict):
-            raise ConfigError(f"a fusion config is a FuseConfig or a dict, not {type(config).__name__}")
-        return cls.from_dict({**(config or {}), **options})
-
-
 class FusionLayer(nn.Module):
     """One fusion at one site: attention over the contributions of the members acting here."""
 
@@ -241,7 +170,7 @@ def site_output_dim(layer: "TunerLayer") -> int | None:
     return last
 
 
-def as_fuse(model: "AdaptedModel", fuse: Fuse | str) -> Fuse:
+def as_fuse(model: "AdaptedModelProtocol", fuse: Fuse | str) -> Fuse:
     """A Fuse block from a block, its string form, or the name of a fusion on the model."""
     state = model.adapter_state
     if isinstance(fuse, str) and fuse in state.fusions:
@@ -252,7 +181,7 @@ def as_fuse(model: "AdaptedModel", fuse: Fuse | str) -> Fuse:
     return node
 
 
-def add_fusion(model: "AdaptedModel", fuse: Fuse | str, config: FuseConfig | dict[str, Any] | None = None,
+def add_fusion(model: "AdaptedModelProtocol", fuse: Fuse | str, config: FuseConfig | dict[str, Any] | None = None,
                **options: Any) -> FusionRecord:
     node = composition.as_node(fuse)
     if not isinstance(node, Fuse):
@@ -304,7 +233,7 @@ def add_fusion(model: "AdaptedModel", fuse: Fuse | str, config: FuseConfig | dic
     return record
 
 
-def fusion_record(model: "AdaptedModel", name: str) -> FusionRecord:
+def fusion_record(model: "AdaptedModelProtocol", name: str) -> FusionRecord:
     try:
         return model.adapter_state.fusions[name]
     except KeyError:
@@ -312,19 +241,19 @@ def fusion_record(model: "AdaptedModel", name: str) -> FusionRecord:
         raise CompositionError(f"no fusion named {name!r} on this model; fusions: {known}") from None
 
 
-def fusion_layers(model: "AdaptedModel", name: str) -> Iterator[tuple[str, FusionLayer]]:
+def fusion_layers(model: "AdaptedModelProtocol", name: str) -> Iterator[tuple[str, FusionLayer]]:
     fusion_record(model, name)
     for site, layer in model.tuner_layers():
         if name in layer.fusions:
             yield site, layer.fusions[name]
 
 
-def fusion_parameters(model: "AdaptedModel", name: str) -> Iterator[nn.Parameter]:
+def fusion_parameters(model: "AdaptedModelProtocol", name: str) -> Iterator[nn.Parameter]:
     for _, fusion in fusion_layers(model, name):
         yield from fusion.parameters()
 
 
-def delete_fusion(model: "AdaptedModel", name: str) -> None:
+def delete_fusion(model: "AdaptedModelProtocol", name: str) -> None:
     fusion_record(model, name)
     state = model.adapter_state
     for _, layer in model.tuner_layers():
@@ -335,7 +264,7 @@ def delete_fusion(model: "AdaptedModel", name: str) -> None:
         state.active, state.active_names = None, ()
 
 
-def check_fusions(model: "AdaptedModel", node: Node) -> None:
+def check_fusions(model: "AdaptedModelProtocol", node: Node) -> None:
     """Every fuse() in ``node`` must name a fusion on the model with the same members."""
     fusions = model.adapter_state.fusions
     for block in composition.fuse_blocks(node):
@@ -348,7 +277,7 @@ def check_fusions(model: "AdaptedModel", node: Node) -> None:
                                    f"members in the same order, or another name")
 
 
-def fused_members(model: "AdaptedModel") -> dict[str, list[str]]:
+def fused_members(model: "AdaptedModelProtocol") -> dict[str, list[str]]:
     """Adapter name -> fusions it is a member of."""
     out: dict[str, list[str]] = {}
     for name, record in model.adapter_state.fusions.items():
@@ -357,7 +286,8 @@ def fused_members(model: "AdaptedModel") -> dict[str, list[str]]:
     return out
 
 
-def train_fusion(model: "AdaptedModel", fuse: Fuse | str | None = None, *, unfreeze_adapters: bool = False) -> None:
+def train_fusion(model: "AdaptedModelProtocol", fuse: Fuse | str | None = None, *,
+                 unfreeze_adapters: bool = False) -> None:
     """Activate ``fuse`` (or keep the active composition) and make only fusion weights trainable
     (and the fused adapters too with ``unfreeze_adapters=True``). Like train_adapter(), it does
     not switch train/eval mode: call ``model.train()`` (transformers' Trainer does)."""
@@ -385,7 +315,7 @@ def train_fusion(model: "AdaptedModel", fuse: Fuse | str | None = None, *, unfre
                 param.requires_grad_(True)
 
 
-def unfreeze_fusions(model: "AdaptedModel", node: Node | None) -> int:
+def unfreeze_fusions(model: "AdaptedModelProtocol", node: Node | None) -> int:
     """Make the fusion weights of every fuse() in ``node`` trainable; returns how many fusions."""
     blocks = composition.fuse_blocks(node)
     for block in blocks:
@@ -394,7 +324,7 @@ def unfreeze_fusions(model: "AdaptedModel", node: Node | None) -> int:
     return len(blocks)
 
 
-def regularization_loss(model: "AdaptedModel", name: str | None = None) -> torch.Tensor:
+def regularization_loss(model: "AdaptedModelProtocol", name: str | None = None) -> torch.Tensor:
     """sum over fusions (all, or ``name``) of regularization * sum_sites ||W_v - I||^2."""
     names = [name] if name is not None else list(model.adapter_state.fusions)
     total: torch.Tensor | None = None
@@ -408,14 +338,14 @@ def regularization_loss(model: "AdaptedModel", name: str | None = None) -> torch
     return total
 
 
-def set_temperature(model: "AdaptedModel", name: str, temperature: float) -> None:
+def set_temperature(model: "AdaptedModelProtocol", name: str, temperature: float) -> None:
     record = fusion_record(model, name)
     new = dataclasses.replace(record.config, temperature=temperature)  # validates
     record.config.temperature = new.temperature  # the layers share this object
 
 
 @contextlib.contextmanager
-def capture(model: "AdaptedModel") -> Iterator[FusionCapture]:
+def capture(model: "AdaptedModelProtocol") -> Iterator[FusionCapture]:
     state = model.adapter_state
     previous = state.capture
     collector = FusionCapture()
@@ -429,7 +359,7 @@ def capture(model: "AdaptedModel") -> Iterator[FusionCapture]:
 # -- files ----------------------------------------------------------------------------------------------
 
 
-def save_fusion(model: "AdaptedModel", name: str, path: str | os.PathLike) -> None:
+def save_fusion(model: "AdaptedModelProtocol", name: str, path: str | os.PathLike) -> None:
     """Write fusion ``name`` as a folder (fusion_config.json + fusion_model.safetensors)."""
     from safetensors.torch import save
 
@@ -498,7 +428,7 @@ def read_tensors(file: Path, where: str) -> dict[str, torch.Tensor]:
         raise AdapterLoadError(f"{file} is truncated or corrupted ({exc}); save it again") from None
 
 
-def load_fusion(model: "AdaptedModel", path: str | os.PathLike, name: str | None = None) -> FusionRecord:
+def load_fusion(model: "AdaptedModelProtocol", path: str | os.PathLike, name: str | None = None) -> FusionRecord:
     """Load a fusion folder onto a model that holds its member adapters (by name).
 
     ``name`` renames the fusion. On any error the model is left as it was.

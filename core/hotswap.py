@@ -46,7 +46,8 @@ from .targets import base_of
 if TYPE_CHECKING:  # pragma: no cover
     from .layer import LayerAdapter, TunerLayer
     from .method import Method
-    from .model import AdaptedModel, AdapterRecord
+    from .adapted_protocol import AdaptedModelProtocol
+    from .state import AdapterRecord
 
 
 @dataclasses.dataclass
@@ -66,7 +67,7 @@ class _Incoming:
 # -- hot-swapping -----------------------------------------------------------------------
 
 
-def hotswap_adapter(model: "AdaptedModel", path: str | Path, name: str) -> "AdapterRecord":
+def hotswap_adapter(model: "AdaptedModelProtocol", path: str | Path, name: str) -> "AdapterRecord":
     """Copy the weights of the adapter saved at ``path`` into loaded adapter ``name``, in place."""
     from .peft_embeddings import load_embedding_base_tensors, take_embedding_base_tensors
     from .serialization import (KEY_PREFIX, check_base_model, config_from_data, live_layout, method_for, read_config,
@@ -119,11 +120,11 @@ def hotswap_adapter(model: "AdaptedModel", path: str | Path, name: str) -> "Adap
     return record
 
 
-def _merged_sites(model: "AdaptedModel", name: str) -> list[str]:
+def _merged_sites(model: "AdaptedModelProtocol", name: str) -> list[str]:
     return [site for site, layer in model.tuner_layers() if name in layer.merged]
 
 
-def _build(model: "AdaptedModel", method: "Method", config: Any, where: str) -> _Incoming:
+def _build(model: "AdaptedModelProtocol", method: "Method", config: Any, where: str) -> _Incoming:
     """The folder's modules, made by its method as load_adapter makes them, but not placed in the model.
 
     Whatever creating them changed in the model is undone before this returns or raises: after a failure
@@ -152,7 +153,7 @@ def _build(model: "AdaptedModel", method: "Method", config: Any, where: str) -> 
     return incoming
 
 
-def _undo_creation(model: "AdaptedModel", incoming: _Incoming) -> None:
+def _undo_creation(model: "AdaptedModelProtocol", incoming: _Incoming) -> None:
     """The folder's modules are built only to hold its weights: undo what creating them changed in the
     base layers (LoRA's PiSSA/OLoRA init moves part of the weight into the factors) and in the model (a
     gated prefix's hooks)."""
@@ -163,7 +164,7 @@ def _undo_creation(model: "AdaptedModel", incoming: _Incoming) -> None:
 
 
 @contextlib.contextmanager
-def _rng_kept(model: "AdaptedModel") -> Iterator[None]:
+def _rng_kept(model: "AdaptedModelProtocol") -> Iterator[None]:
     """Restore torch's random state afterwards (the CPU's, and the GPUs' the model is on): building
     modules initializes their weights at random."""
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
@@ -171,7 +172,7 @@ def _rng_kept(model: "AdaptedModel") -> Iterator[None]:
         yield
 
 
-def _compare_structure(model: "AdaptedModel", record: "AdapterRecord", incoming: _Incoming,
+def _compare_structure(model: "AdaptedModelProtocol", record: "AdapterRecord", incoming: _Incoming,
                        refused: Callable[..., AdapterLoadError]) -> None:
     """Same task heads, same sites (reading the same inputs), a model-level adapter on both sides or neither."""
     name = record.name
@@ -203,7 +204,7 @@ def _compare_structure(model: "AdaptedModel", record: "AdapterRecord", incoming:
         raise refused(f"the folder's adapter rewrites the model's inputs and {name!r} does not")
 
 
-def _check_file(model: "AdaptedModel", name: str, incoming: _Incoming, tensors: dict[str, torch.Tensor],
+def _check_file(model: "AdaptedModelProtocol", name: str, incoming: _Incoming, tensors: dict[str, torch.Tensor],
                    where: str, refused: Callable[..., AdapterLoadError]) -> Callable[[], None]:
     """Refuse a file whose keys or shapes do not fit; return the copy of the task heads' weights."""
     from .serialization import check_weights, head_tensors, site_key
@@ -298,7 +299,7 @@ def _plan(slot: nn.Module, new: nn.Module, where: str, refused: Callable[..., Ad
 # -- making room for higher ranks ------------------------------------------------------------------
 
 
-def prepare_for_hotswap(model: "AdaptedModel", target_rank: int,
+def prepare_for_hotswap(model: "AdaptedModelProtocol", target_rank: int,
                         adapter_names: str | Sequence[str] | None = None) -> None:
     """Pad low-rank adapters with zeros to ``target_rank`` (all that have a rank, or ``adapter_names``)."""
     if isinstance(target_rank, bool) or not isinstance(target_rank, int) or target_rank < 1:
@@ -332,7 +333,7 @@ def prepare_for_hotswap(model: "AdaptedModel", target_rank: int,
         model.adapter_record(name).config = config
 
 
-def _padded_modules(model: "AdaptedModel", record: "AdapterRecord", config: Any, target_rank: int
+def _padded_modules(model: "AdaptedModelProtocol", record: "AdapterRecord", config: Any, target_rank: int
                     ) -> list[tuple["TunerLayer", str, nn.Module, Callable[[], None]]]:
     """For each site of ``record``'s adapter below ``target_rank``: (layer, name, new module, its copy)."""
     name, method = record.name, record.method

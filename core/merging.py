@@ -59,7 +59,8 @@ from .errors import MergeError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .layer import TunerLayer
-    from .model import AdaptedModel, AdapterRecord
+    from .adapted_protocol import AdaptedModelProtocol
+    from .state import AdapterRecord
 
 #: Strategies that work on the low-rank factors directly (no dense matrices).
 LOW_RANK_STRATEGIES = ("cat", "linear", "svd")
@@ -113,7 +114,7 @@ def _live_factors(adapter: Any) -> tuple[torch.Tensor, torch.Tensor, float] | No
     return get() if get is not None else None
 
 
-def _member_factors(model: "AdaptedModel", names: Sequence[str]) -> list[tuple[str, "TunerLayer", dict]]:
+def _member_factors(model: "AdaptedModelProtocol", names: Sequence[str]) -> list[tuple[str, "TunerLayer", dict]]:
     """[(site, layer, {adapter: (A, B, scale)})] for every site where a member acts, A and B as matrices."""
     out = []
     for site, layer in model.tuner_layers():
@@ -209,7 +210,7 @@ def _padded(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, 
 # -- the API ------------------------------------------------------------------------------------------------
 
 
-def _members(model: "AdaptedModel", names: list[str], weights: Sequence[float] | None
+def _members(model: "AdaptedModelProtocol", names: list[str], weights: Sequence[float] | None
              ) -> tuple[list["AdapterRecord"], list[float]]:
     """The records of the adapters to merge and one weight each, refusing what cannot be merged together."""
     if not names:
@@ -299,7 +300,7 @@ def _checked_options(strategy: str, density: float | None, rank: int | None, maj
     return kind, fn, options
 
 
-def merge_adapters(model: "AdaptedModel", adapters: Sequence[str], weights: Sequence[float] | None = None,
+def merge_adapters(model: "AdaptedModelProtocol", adapters: Sequence[str], weights: Sequence[float] | None = None,
                    name: str = "merged", strategy: str = "svd", *, density: float | None = None,
                    rank: int | None = None, majority_sign_method: str = "total", seed: int | None = 0,
                    modules_to_save: str | None = None) -> "AdapterRecord":
@@ -373,7 +374,8 @@ def merge_adapters(model: "AdaptedModel", adapters: Sequence[str], weights: Sequ
     return _add_merged(model, name, config, merged, records, weights, modules_to_save)
 
 
-def _add_merged(model: "AdaptedModel", name: str, config: Any, merged: dict[str, tuple[torch.Tensor, torch.Tensor]],
+def _add_merged(model: "AdaptedModelProtocol", name: str, config: Any,
+                merged: dict[str, tuple[torch.Tensor, torch.Tensor]],
                 records: list["AdapterRecord"], weights: list[float], modules_to_save: str | None
                 ) -> "AdapterRecord":
     """Add the new LoRA adapter ``name`` holding the merged factors; on any error the model is left as it was."""
@@ -412,7 +414,7 @@ def _uses_dora(record: "AdapterRecord") -> bool:
     return bool(getattr(record.config, "use_dora", False))
 
 
-def _member_dense_deltas(model: "AdaptedModel", names: list[str], records: list["AdapterRecord"]
+def _member_dense_deltas(model: "AdaptedModelProtocol", names: list[str], records: list["AdapterRecord"]
                          ) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
     """(site, {adapter: dense weight change as an (out, in * kernel) float matrix}) where a member acts, one site
     at a time (only one site's dense matrices are held at once)."""
@@ -456,7 +458,7 @@ def _low_rank_target() -> Any:
                      "(load the lora plugin)")
 
 
-def _merge_dense(model: "AdaptedModel", names: list[str], records: list["AdapterRecord"], weights: list[float],
+def _merge_dense(model: "AdaptedModelProtocol", names: list[str], records: list["AdapterRecord"], weights: list[float],
                  name: str, kind: str, fn: Callable[..., Any] | None, rank: int | None, options: dict[str, Any],
                  seed: int | None, modules_to_save: str | None) -> "AdapterRecord":
     """strategy([delta_weight_i], weights) per site, stored as a LoRA of rank ``rank`` (truncated SVD)."""
@@ -537,7 +539,7 @@ def _elementwise(record: "AdapterRecord") -> bool:
     return bool(record.method.merge_elementwise)
 
 
-def _merge_elementwise(model: "AdaptedModel", names: list[str], records: list["AdapterRecord"],
+def _merge_elementwise(model: "AdaptedModelProtocol", names: list[str], records: list["AdapterRecord"],
                        weights: list[float], name: str, strategy: str, kind: str, fn: Callable[..., Any] | None,
                        options: dict[str, Any], seed: int | None, modules_to_save: str | None) -> "AdapterRecord":
     """v = v_identity + strategy([v_i - v_identity], weights) for every tensor at every site.
@@ -598,7 +600,8 @@ def _merged_config(first: "AdapterRecord", rank: int, sites: list[str], records:
         modules_to_save=heads or None, init_weights=True)
 
 
-def _write_factors(model: "AdaptedModel", name: str, merged: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+def _write_factors(model: "AdaptedModelProtocol", name: str, merged: dict[str, tuple[torch.Tensor,
+                   torch.Tensor]]) -> None:
     written = set()
     with torch.no_grad():
         for site, layer in model.tuner_layers():
@@ -623,7 +626,8 @@ def _write_factors(model: "AdaptedModel", name: str, merged: dict[str, tuple[tor
         raise MergeError(f"the merged adapter could not be placed at {', '.join(missing[:5])}")
 
 
-def _fill_modules_to_save(model: "AdaptedModel", name: str, records: list["AdapterRecord"], weights: list[float],
+def _fill_modules_to_save(model: "AdaptedModelProtocol", name: str, records: list["AdapterRecord"],
+                          weights: list[float],
                           choice: str | None) -> None:
     from .heads import describe_labels
     from .layer import ModulesToSave
@@ -681,7 +685,7 @@ def average_copies(module: Any, members: Sequence[str], weights: Sequence[float]
 FOLDED_AVERAGE = "merged_average"
 
 
-def merge_order(model: "AdaptedModel", node: Any) -> list[str]:
+def merge_order(model: "AdaptedModelProtocol", node: Any) -> list[str]:
     """The adapters that ``merge_and_unload`` folds into the base weights to merge composition ``node``, in order:
     one adapter, a ``stack()``'s adapters, and an ``average()`` of adapters whose changes are low-rank weight
     changes (LoRA without DoRA) first merged into one new adapter on ``model``: the exact weighted sum of their
@@ -704,7 +708,7 @@ def merge_order(model: "AdaptedModel", node: Any) -> list[str]:
                      f"at run time); save it without merging")
 
 
-def _fold_average(model: "AdaptedModel", block: Any) -> str:
+def _fold_average(model: "AdaptedModelProtocol", block: Any) -> str:
     pairs = [(c, w) for c, w in zip(block.children, block.normalized_weights()) if c != BASE_MODEL]
     for member, _ in pairs:
         record = model.adapter_record(member)

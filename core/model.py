@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -29,7 +28,7 @@ from .method import Method, Site
 from .output_points import PointOutputHooks
 from .plugins import architecture_for, parse_spec
 from .shared_state import SharedState
-from .state import AdapterState
+from .state import AdapterRecord, AdapterState
 from .targets import NO_LAYERS, name_matches
 
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]{1,128}")
@@ -64,22 +63,6 @@ _OTHER_LIBRARY_NAMES = {
                     "adapter trainable",
     "push_adapter_to_hub": "peftkit.hub.push(model, repo_id, adapter_name=name, format=\"adapters\")",
 }
-
-
-@dataclass
-class AdapterRecord:
-    """What the model knows about one named adapter."""
-
-    name: str
-    method: Method
-    config: AdapterConfig
-    sites: list[Site] = field(default_factory=list)
-    model_adapter: bool = False
-    modules_to_save: list[str] = field(default_factory=list)
-    #: The label names of its own classification head as saved with it (labels.json); see adapter_labels().
-    labels: list[str] | None = None
-    #: What merge_adapters() measured while making it (a dense merge: {"rank", "energy_kept": {site: fraction}}).
-    merge_report: dict | None = None
 
 
 def peft_trainable(trainable: bool, is_trainable: bool | None) -> bool:

@@ -29,7 +29,7 @@ from .inspect_folder import BASE_WEIGHT_INFIX
 from .layer import TunerLayer
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .model import AdaptedModel
+    from .adapted_protocol import AdaptedModelProtocol
 
 #: The module names PEFT's "auto" rule looks for in target_modules.
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
@@ -84,7 +84,8 @@ def _embedding_weight_holders(base_model: nn.Module) -> dict[str, tuple[str, nn.
     return holders
 
 
-def embedding_base_tensors(model: "AdaptedModel", target_modules: Any, key_prefix: str) -> dict[str, torch.Tensor]:
+def embedding_base_tensors(model: "AdaptedModelProtocol", target_modules: Any, key_prefix: str) -> dict[str,
+                           torch.Tensor]:
     """The base embedding tensors PEFT would save beside an adapter with ``target_modules``."""
     if not targets_embeddings(target_modules, model.base_model):
         return {}
@@ -99,7 +100,7 @@ def embedding_base_tensors(model: "AdaptedModel", target_modules: Any, key_prefi
     return out
 
 
-def take_embedding_base_tensors(model: "AdaptedModel", tensors: dict[str, torch.Tensor], key_prefix: str,
+def take_embedding_base_tensors(model: "AdaptedModelProtocol", tensors: dict[str, torch.Tensor], key_prefix: str,
                                 where: str) -> dict[tuple[str, str], torch.Tensor]:
     """Remove from ``tensors`` the base embedding weights a PEFT file may carry and return them as
     ``{(module path, tensor name): tensor}``, checked against the model's; the model is not changed."""
@@ -126,7 +127,7 @@ def take_embedding_base_tensors(model: "AdaptedModel", tensors: dict[str, torch.
     return taken
 
 
-def load_embedding_base_tensors(model: "AdaptedModel", taken: dict[tuple[str, str], torch.Tensor]) -> None:
+def load_embedding_base_tensors(model: "AdaptedModelProtocol", taken: dict[tuple[str, str], torch.Tensor]) -> None:
     """Copy the weights from :func:`take_embedding_base_tensors` into the model's embeddings, as PEFT does."""
     with torch.no_grad():
         for (path, key), tensor in taken.items():

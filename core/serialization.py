@@ -35,7 +35,7 @@ from .peft_format import file_in_peft_format, method_reading
 from .plugins import get_registry, major_version, unknown_method_message
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .model import AdaptedModel
+    from .adapted_protocol import AdaptedModelProtocol
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -59,7 +59,7 @@ _TASKS_ADDING_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classi
 # -- what is saved ------------------------------------------------------------------
 
 
-def adapter_tensors(model: "AdaptedModel", name: str, live: bool = False) -> dict[str, torch.Tensor]:
+def adapter_tensors(model: "AdaptedModelProtocol", name: str, live: bool = False) -> dict[str, torch.Tensor]:
     """The tensors of adapter ``name``, keyed as in its weights file: what peftkit's format saves (each
     layer adapter's ``file_tensors()``) or, ``live``, the modules' own tensors (``tensors()``), which a
     file's tensors are copied into once :func:`live_layout` has rebuilt them."""
@@ -82,7 +82,7 @@ def site_key(site: str, key: str) -> str:
     return f"{KEY_PREFIX}{site}.{key}"
 
 
-def shared_tensors(model: "AdaptedModel", name: str) -> dict[str, torch.Tensor]:
+def shared_tensors(model: "AdaptedModelProtocol", name: str) -> dict[str, torch.Tensor]:
     """The live adapter-wide tensors of adapter ``name`` that its method saves, keyed as in its file
     (``Method.shared_state_file_keys``); once per adapter however many sites share them."""
     shared = model.shared_state(name)
@@ -101,7 +101,7 @@ def head_key_prefix(record: Any) -> str:
     return "base_model." if record.model_adapter else KEY_PREFIX
 
 
-def head_tensors(model: "AdaptedModel", name: str) -> dict[str, torch.Tensor]:
+def head_tensors(model: "AdaptedModelProtocol", name: str) -> dict[str, torch.Tensor]:
     """The live tensors of adapter ``name``'s modules_to_save copies (task heads), keyed as in its file."""
     saved_prefix = head_key_prefix(model.adapter_record(name))
     out: dict[str, torch.Tensor] = {}
@@ -112,7 +112,7 @@ def head_tensors(model: "AdaptedModel", name: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def base_model_info(model: "AdaptedModel") -> dict[str, Any]:
+def base_model_info(model: "AdaptedModelProtocol") -> dict[str, Any]:
     config = getattr(model.base_model, "config", None)
     info: dict[str, Any] = {"class": type(model.base_model).__name__}
     if config is not None:
@@ -123,13 +123,13 @@ def base_model_info(model: "AdaptedModel") -> dict[str, Any]:
     return info
 
 
-def base_model_id(model: "AdaptedModel") -> str | None:
+def base_model_id(model: "AdaptedModelProtocol") -> str | None:
     config = getattr(model.base_model, "config", None)
     name = getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None)
     return name or None
 
 
-def task_type_of(model: "AdaptedModel") -> str | None:
+def task_type_of(model: "AdaptedModelProtocol") -> str | None:
     cls = type(model.base_model).__name__
     for suffix, task in _TASK_TYPES:
         if cls.endswith(suffix):
@@ -137,7 +137,7 @@ def task_type_of(model: "AdaptedModel") -> str | None:
     return None
 
 
-def _file_task_type(model: "AdaptedModel", name: str) -> str | None:
+def _file_task_type(model: "AdaptedModelProtocol", name: str) -> str | None:
     """The task_type written for adapter ``name``: the model's (:func:`task_type_of`), or None when PEFT's class for
     that task would add a head module the adapter does not save to modules_to_save and then fail to find its
     weights in the folder (an adapter loaded from a PEFT folder saved without task_type or head: PEFT then
@@ -152,7 +152,7 @@ def _file_task_type(model: "AdaptedModel", name: str) -> str | None:
     return task
 
 
-def config_file_data(model: "AdaptedModel", name: str) -> dict[str, Any]:
+def config_file_data(model: "AdaptedModelProtocol", name: str) -> dict[str, Any]:
     record = model.adapter_record(name)
     method = record.method
     data = method.config_to_file(record.config)
@@ -173,7 +173,7 @@ def config_file_data(model: "AdaptedModel", name: str) -> dict[str, Any]:
     return data
 
 
-def _stores_weights_in_out(model: "AdaptedModel", name: str) -> bool:
+def _stores_weights_in_out(model: "AdaptedModelProtocol", name: str) -> bool:
     from .base_layers import is_conv1d
 
     return any(is_conv1d(module.base_layer) for module in model.base_model.modules()
@@ -191,7 +191,7 @@ def peftkit_version() -> str | None:
 # -- save ------------------------------------------------------------------------------
 
 
-def write_adapter(model: "AdaptedModel", name: str, folder: Path, card: dict[str, Any]) -> None:
+def write_adapter(model: "AdaptedModelProtocol", name: str, folder: Path, card: dict[str, Any]) -> None:
     """Write adapter ``name``'s config, weights and model card into ``folder`` (which exists)."""
     from safetensors.torch import save
 
@@ -231,7 +231,7 @@ def write_adapter(model: "AdaptedModel", name: str, folder: Path, card: dict[str
 SAVE_FORMATS = ("peftkit", "adapters")
 
 
-def write_adapterhub_adapter(model: "AdaptedModel", name: str, folder: Path) -> None:
+def write_adapterhub_adapter(model: "AdaptedModelProtocol", name: str, folder: Path) -> None:
     """Write adapter ``name`` as AdapterHub's ``adapters`` library saves it with ``use_safetensors=True``
     (see :mod:`.adapterhub_format`): ``adapter_config.json`` and ``adapter.safetensors``. No pickle file:
     peftkit publishes none (``adapters`` reads the folder with ``load_adapter(path, use_safetensors=True)``)."""
@@ -262,7 +262,8 @@ def write_adapterhub_adapter(model: "AdaptedModel", name: str, folder: Path) -> 
     write_text_atomic(folder / ADAPTERHUB_CONFIG_NAME, config_json(data))
 
 
-def _adapterhub_model_tensors(model: "AdaptedModel", name: str, options: dict[str, Any]) -> dict[str, torch.Tensor]:
+def _adapterhub_model_tensors(model: "AdaptedModelProtocol", name: str, options: dict[str, Any]) -> dict[str,
+                              torch.Tensor]:
     """The file tensors of adapter ``name``'s model-level part (prefix tuning's prefix), or PeftkitError when
     the format has no place for them."""
     record = model.adapter_record(name)
@@ -288,12 +289,12 @@ def _body_prefix(model: torch.nn.Module) -> str:
     return next((f"{n}." for n, m in model.named_children() if m is body), "")
 
 
-def _layers_with(model: "AdaptedModel", name: str) -> list[tuple[str, TunerLayer]]:
+def _layers_with(model: "AdaptedModelProtocol", name: str) -> list[tuple[str, TunerLayer]]:
     return [(site, module) for site, module in model.base_model.named_modules()
             if isinstance(module, TunerLayer) and name in module.adapters]
 
 
-def save_adapter(model: "AdaptedModel", name: str, path: str | os.PathLike, format: str = "peftkit",
+def save_adapter(model: "AdaptedModelProtocol", name: str, path: str | os.PathLike, format: str = "peftkit",
                  **card: Any) -> None:
     """Save one adapter. A new folder appears whole or not at all; in an
     existing folder each file is replaced atomically. ``format="adapters"``
@@ -319,7 +320,7 @@ def save_adapter(model: "AdaptedModel", name: str, path: str | os.PathLike, form
         write(tmp)
 
 
-def save_pretrained(model: "AdaptedModel", path: str | os.PathLike,
+def save_pretrained(model: "AdaptedModelProtocol", path: str | os.PathLike,
                     adapter_names: str | Sequence[str] | None = None, **card: Any) -> None:
     check_card_fields(card, "save_pretrained()")
     names = adapter_name_list(adapter_names)
@@ -409,7 +410,7 @@ def _check_plugin_version(method: Any, own: dict[str, Any], where: str) -> None:
             f"'{method.distribution}>={major_version(saved)}'")
 
 
-def check_base_model(model: "AdaptedModel", data: dict[str, Any], where: str) -> None:
+def check_base_model(model: "AdaptedModelProtocol", data: dict[str, Any], where: str) -> None:
     """Refuse (AdapterLoadError) an adapter config ``data`` saved for another base model than ``model``'s."""
     own = data.get("peftkit") if isinstance(data.get("peftkit"), dict) else {}
     saved = own.get("base_model") or {}
@@ -455,7 +456,7 @@ def config_from_data(method: Any, data: dict[str, Any], where: str) -> Any:
                                f"{exc}") from None
 
 
-def load_adapter(model: "AdaptedModel", path: str | os.PathLike, name: str) -> Any:
+def load_adapter(model: "AdaptedModelProtocol", path: str | os.PathLike, name: str) -> Any:
     """Load a folder as adapter ``name``; on any error the model is left as it was."""
     path = Path(path)
     where = str(path)
@@ -520,7 +521,7 @@ def _adapterhub_method_config(data: dict[str, Any], where: str) -> tuple[Any, An
                                f"adapter: {exc}") from None
 
 
-def _fit_head(model: "AdaptedModel", name: str, tensors: dict[str, torch.Tensor], labels: list[str] | None,
+def _fit_head(model: "AdaptedModelProtocol", name: str, tensors: dict[str, torch.Tensor], labels: list[str] | None,
               where: str) -> list[str] | None:
     """Size adapter ``name``'s classification head for the saved one's labels; the names it keeps."""
     base = model.base_labels
@@ -535,7 +536,7 @@ def _fit_head(model: "AdaptedModel", name: str, tensors: dict[str, torch.Tensor]
     return labels
 
 
-def _copy_into(model: "AdaptedModel", name: str, tensors: dict[str, torch.Tensor], where: str) -> None:
+def _copy_into(model: "AdaptedModelProtocol", name: str, tensors: dict[str, torch.Tensor], where: str) -> None:
     embedding_base = take_embedding_base_tensors(model, tensors, KEY_PREFIX, where)  # PEFT's, see there
     tensors = live_layout({site: layer.adapters[name] for site, layer in _layers_with(model, name)}, tensors, where)
     own = adapter_tensors(model, name, live=True)

@@ -1,4 +1,5 @@
-"""The activation state shared by every peftkit module of one adapted model."""
+"""What one adapted model holds and runs: the records of its adapters and fusions, and the activation state
+shared by every peftkit module of the model."""
 
 from __future__ import annotations
 
@@ -12,8 +13,26 @@ from .errors import CompositionError
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from .fusion import FuseConfig
+    from .config import AdapterConfig
+    from .fuse_config import FuseConfig
     from .layer import TunerLayer
+    from .method import Method, Site
+
+
+@dataclass
+class AdapterRecord:
+    """What the model knows about one named adapter."""
+
+    name: str
+    method: Method
+    config: AdapterConfig
+    sites: list[Site] = field(default_factory=list)
+    model_adapter: bool = False
+    modules_to_save: list[str] = field(default_factory=list)
+    #: The label names of its own classification head as saved with it (labels.json); see adapter_labels().
+    labels: list[str] | None = None
+    #: What merge_adapters() measured while making it (a dense merge: {"rank", "energy_kept": {site: fraction}}).
+    merge_report: dict | None = None
 
 
 @dataclass

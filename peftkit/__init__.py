@@ -23,7 +23,7 @@ __version__ = "0.1.0"
 _LAZY: dict[str, str] = {
     # model wrapper and entry points
     "AdaptedModel": "peftkit.core.model",
-    "AdapterRecord": "peftkit.core.model",
+    "AdapterRecord": "peftkit.core.state",
     "adapt": "peftkit.api",
     "from_pretrained": "peftkit.api",
     "list_methods": "peftkit.api",
@@ -48,7 +48,7 @@ _LAZY: dict[str, str] = {
     "Parallel": "peftkit.core.composition",
     "Split": "peftkit.core.composition",
     "split_parallel": "peftkit.core.composition",
-    "FuseConfig": "peftkit.core.fusion",
+    "FuseConfig": "peftkit.core.fuse_config",
     "merge_adapters": "peftkit.core.merging",
     "auto_compose": "peftkit.learned_composition",
     "merge_to_folder": "peftkit.weight_merge",
@@ -130,16 +130,17 @@ if TYPE_CHECKING:  # pragma: no cover
     from peftkit.core.composition import (BASE_MODEL, Average, BatchSplit, Fuse, Parallel,  # noqa: F401
                                           Split, Stack, split_parallel)
     from peftkit.core.composition_io import save_composition  # noqa: F401
-    from peftkit.core.fusion import FuseConfig  # noqa: F401
+    from peftkit.core.fuse_config import FuseConfig  # noqa: F401
     from peftkit.core.merging import merge_adapters  # noqa: F401
     from peftkit.core.config import AdapterConfig  # noqa: F401
     from peftkit.core.errors import (AdapterError, AdapterLoadError, CompositionError,  # noqa: F401
                                      ConfigError, MergeError, PeftkitError, PluginError, TargetError)
     from peftkit.core.layer import LayerAdapter, ModelAdapter  # noqa: F401
     from peftkit.core.method import Method, Site  # noqa: F401
-    from peftkit.core.model import AdaptedModel, AdapterRecord  # noqa: F401
+    from peftkit.core.model import AdaptedModel  # noqa: F401
     from peftkit.core.plugins import get_method, get_registry, reload_plugins, use_plugin  # noqa: F401
     from peftkit.core.shorthand import parse_shorthand  # noqa: F401
+    from peftkit.core.state import AdapterRecord  # noqa: F401
     from peftkit.training import TrainOptions, TrainResult, train  # noqa: F401
     from peftkit.training_data import DataError  # noqa: F401
     from peftkit.training_hooks import training_callbacks  # noqa: F401

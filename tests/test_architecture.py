@@ -1,7 +1,7 @@
 """The import rules of docs/architecture.md, read from the source with ``ast``.
 
 Every import counts: at module level, inside functions, relative or absolute,
-and (except for the cycle check) under ``if TYPE_CHECKING:``. The folders are
+and under ``if TYPE_CHECKING:``. The folders are
 mapped to their import names by pyproject.toml's ``package-dir``, as setuptools
 maps them; the example plugin (examples/peftkit-loha) is checked as a plugin.
 """
@@ -288,9 +288,10 @@ def test_no_module_uses_another_modules_underscore_names(modules):
     assert found == []
 
 
-def import_graph(modules: dict[str, Module]) -> dict[str, set[str]]:
-    """Module -> the peftkit modules it imports at run time (TYPE_CHECKING imports left out)."""
-    return {name: {t for t, _, _, guarded in m.imports if t in modules and t != name and not guarded}
+def import_graph(modules: dict[str, Module], type_checking: bool = True) -> dict[str, set[str]]:
+    """Module -> the peftkit modules it imports: every import, or with ``type_checking=False`` those that run
+    (``if TYPE_CHECKING:`` imports left out)."""
+    return {name: {t for t, _, _, guarded in m.imports if t in modules and t != name and (type_checking or not guarded)}
             for name, m in modules.items()}
 
 
@@ -335,10 +336,98 @@ def test_the_cycle_finder_finds_a_cycle():
 
 
 def test_no_module_is_in_an_import_cycle(modules):
-    """No import cycle anywhere, through imports inside functions too (docs/architecture.md says how the
-    design keeps it so: blocks are data run by an executor, layers reach it through their state, the
-    registry is asked by what sits above it, a model is handed to what acts on it)."""
+    """No import cycle anywhere, through imports inside functions and imports for type checking too
+    (docs/architecture.md says how the design keeps it so: blocks are data run by an executor, layers reach it
+    through their state, the registry is asked by what sits above it, a model is handed to what acts on it,
+    typed by the protocol of what they use of it)."""
     assert import_cycles(import_graph(modules)) == []
+
+
+def test_the_cycle_check_counts_imports_for_type_checking(modules):
+    """An import under ``if TYPE_CHECKING:`` from a feature module back up to core/model.py closes a cycle (the
+    one that AdaptedModelProtocol opened), and the check finds it; counting only what runs, it would not."""
+    graph = import_graph(modules)
+    graph["peftkit.core.fusion"] = graph["peftkit.core.fusion"] | {"peftkit.core.model"}
+    assert any("peftkit.core.model" in cycle and "peftkit.core.fusion" in cycle for cycle in import_cycles(graph))
+    modules = dict(modules)
+    fusion = modules["peftkit.core.fusion"]
+    modules["peftkit.core.fusion"] = Module(fusion.name, fusion.path, fusion.is_package,
+                                            [*fusion.imports, ("peftkit.core.model", ("AdaptedModel",), 1, True)])
+    assert import_cycles(import_graph(modules, type_checking=False)) == []
+    assert import_cycles(import_graph(modules)) != []
+
+
+#: The modules behind AdaptedModel's features, which type the model they are handed as AdaptedModelProtocol.
+FEATURE_MODULES = ("adapterhub_fusion", "composition_api", "composition_io", "fusion", "hotswap", "merging",
+                   "peft_embeddings", "serialization")
+
+
+def _protocol_members() -> dict[str, object]:
+    from peftkit.core.adapted_protocol import AdaptedModelProtocol
+
+    names = {n for n in vars(AdaptedModelProtocol) if not n.startswith("_")} | set(
+        AdaptedModelProtocol.__annotations__)
+    return {name: vars(AdaptedModelProtocol).get(name) for name in names}
+
+
+def _parameters(member: object) -> list[tuple[str, object, object]]:
+    import inspect
+
+    function = member.fget if isinstance(member, property) else member
+    return [(p.name, p.kind, p.default) for p in inspect.signature(function).parameters.values()][1:]
+
+
+def test_adapted_model_provides_every_member_of_its_protocol_with_the_same_parameters():
+    import torch.nn as nn
+
+    from peftkit.core.model import AdaptedModel
+
+    members = _protocol_members()
+    assert {"base_model", "adapter_state", "adapter_record", "tuner_layers", "set_active"} <= set(members)
+    model = AdaptedModel(nn.Sequential(nn.Linear(2, 2)))
+    for name, member in members.items():
+        if member is None:  # an attribute the protocol declares
+            assert hasattr(model, name), name
+            continue
+        own = getattr(AdaptedModel, name)
+        assert isinstance(own, property) == isinstance(member, property), name
+        assert _parameters(own) == _parameters(member), name
+
+
+def _uses_of_protocol_parameters(tree: ast.AST) -> list[tuple[str, int]]:
+    """(attribute, line) for every ``p.attribute`` in a function whose parameter p is typed as the protocol."""
+    uses = []
+    for function in ast.walk(tree):
+        if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        arguments = [*function.args.posonlyargs, *function.args.args, *function.args.kwonlyargs]
+        typed = {a.arg for a in arguments if a.annotation is not None
+                 and "AdaptedModelProtocol" in ast.unparse(a.annotation)}
+        for node in ast.walk(function):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in typed:
+                uses.append((node.attr, node.lineno))
+    return uses
+
+
+def test_the_feature_modules_use_only_what_the_protocol_lists(modules):
+    """What fusion, merging, serialization and the rest use of the model they are handed is in
+    AdaptedModelProtocol (the mixin's own methods on ``self`` count as uses too), and none of them names
+    ``AdaptedModel`` in an import."""
+    members = set(_protocol_members())
+    unlisted, importing = [], []
+    for short in FEATURE_MODULES:
+        module = modules[f"peftkit.core.{short}"]
+        tree = ast.parse(module.path.read_text())
+        unlisted += [f"{_where(module, line)} uses model.{attr}" for attr, line in _uses_of_protocol_parameters(tree)
+                     if attr not in members]
+        importing += [_where(module, line) for target, names, line, _ in module.imports
+                      if target == "peftkit.core.model" or "AdaptedModel" in (names or ())]
+    assert unlisted == [] and importing == []
+
+
+def test_the_protocol_check_finds_an_unlisted_use():
+    tree = ast.parse('def f(model: "AdaptedModelProtocol", n):\n    return model._records[n], n.other\n')
+    assert _uses_of_protocol_parameters(tree) == [("_records", 2)]
 
 
 if __name__ == "__main__":  # python tests/test_architecture.py: print today's import cycles

@@ -67,7 +67,8 @@ def test_a_fusion_site_with_one_acting_member_adds_that_members_value_projected_
 
 def test_a_fusion_layer_attends_as_the_paper_writes_it_with_explicit_keys():
     """FusionLayer scores with (W_k^T q) . z_n, never building the keys: the same as q . (W_k z_n) per member."""
-    from peftkit.core.fusion import FuseConfig, FusionLayer
+    from peftkit.core.fuse_config import FuseConfig
+    from peftkit.core.fusion import FusionLayer
 
     torch.manual_seed(5)
     for residual in (True, False):
