@@ -200,6 +200,7 @@ class RegistryApp:
                 scheme=self.proxies.scheme(peer, headers, scope.get("scheme", "http")),
                 local=(local[0], local[1]) if local and local[1] is not None else None,
                 host_header=headers.get("Host"),
+                allowed_names=self.hosts.names,
             ),
             client_address=self.proxies.client_address(peer, headers),
         )

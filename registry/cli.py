@@ -246,7 +246,8 @@ def registry_group() -> None:
 @click.option(
     "--public-url", default=None, callback=lambda _ctx, _param, value: checked_public_url(value),
     help="URL clients reach the server at; links in replies use it. Set it behind a proxy or when clients "
-    "use a host name (else links use the address the client connected to).",
+    "use a host name (else links use the address the client connected to). A client that comes by the "
+    "server's own address or an --allowed-host name gets links to that address.",
 )
 @click.option(
     "--workers", default=1, show_default=True, type=click.IntRange(1, 64),
@@ -260,8 +261,8 @@ def registry_group() -> None:
 @click.option(
     "--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
     help="A host name clients reach the server by, besides --public-url's (repeatable; .example.com for a "
-    "domain and its subdomains). Requests naming another host get 421 (DNS rebinding) when this or "
-    "--public-url is given, or on loopback.",
+    "domain and its subdomains). Clients read and push through an exact NAME (links name it). Requests "
+    "naming another host get 421 (DNS rebinding) when this or --public-url is given, or on loopback.",
 )
 @click.option("--header-timeout", default=20.0, show_default=True, type=click.FloatRange(0.1, None),
               help="Seconds a client has, from connecting, to send a request's headers.")
@@ -347,9 +348,9 @@ def checked_public_url(value: str | None) -> str | None:
 
 
 def ready_line(where: str, url: str, public_url: str | None) -> str:
-    """The line ``serve`` prints once it listens. With ``--public-url`` it names the URL clients must use as
-    well: a client that takes the listening address instead (``http://127.0.0.1:8080`` on the server
-    machine) is refused by huggingface_hub at its first ``create_repo``, whose URL names the public host."""
+    """The line ``serve`` prints once it listens. With ``--public-url`` it also names the URL the team uses
+    (the listening address serves the server machine: links name whichever address a client came by where
+    the server vouches for it, registry/origin.py)."""
     clients = public_url.rstrip("/") if public_url else None
     note = f"clients use {clients}; " if clients and clients != url.rstrip("/") else ""
     return f"peftkit registry serving {where} at {url} ({note}Ctrl-C to stop)"

@@ -319,8 +319,17 @@ class HubApi:
         split_repo_id(repo_id)
         return repo_id
 
-    def _base(self, req: Request) -> str:
-        return (self.config.public_url or req.base_url).rstrip("/")
+    @staticmethod
+    def _base(req: Request) -> str:
+        """Where links point: the public URL, or the address the client used where it is one the server
+        vouches for (``registry/origin.py`` chose it for the request)."""
+        return req.base_url.rstrip("/")
+
+    def _located(self, req: Request, location: str) -> str:
+        """A redirect's ``Location`` for a same-server path: absolute under the public URL (it may carry a
+        path prefix the server never sees), relative for a client that came by another address."""
+        public = (self.config.public_url or "").rstrip("/")
+        return public + location if public and self._base(req) == public else location
 
     def _repo_url(self, req: Request, repo_id: str) -> str:
         return f"{self._base(req)}/{repo_id}"
@@ -361,9 +370,7 @@ class HubApi:
         location = "/" + "/".join(segs)
         if req.query:
             location += "?" + urlencode([(k, v) for k, values in req.query.items() for v in values])
-        if self.config.public_url:  # served under a path prefix: make it absolute
-            location = self.config.public_url.rstrip("/") + location
-        raise RepoMoved(f"repository '{repo_id}' was moved to '{target}'", location=location)
+        raise RepoMoved(f"repository '{repo_id}' was moved to '{target}'", location=self._located(req, location))
 
     @staticmethod
     def _require_principal(req: Request, action: str, *, log_in_at: str | None = None) -> Principal:
@@ -644,9 +651,7 @@ class HubApi:
             # redirect and then GETs the pinned URL, so a push landing between its
             # HEAD and its GET cannot hand it another commit's bytes (the size and
             # etag it checks come from the HEAD).
-            pinned = f"/{quote(info.repo_id)}/resolve/{sha}/{quote(path)}"
-            if self.config.public_url:  # served under a path prefix: make it absolute
-                pinned = self.config.public_url.rstrip("/") + pinned
+            pinned = self._located(req, f"/{quote(info.repo_id)}/resolve/{sha}/{quote(path)}")
             return Response(307, [*headers, ("Location", pinned), ("X-Linked-Size", str(entry.size))])
         byte_range = parse_range(req.headers.get("Range"), entry.size)
         if req.method == "GET" and path in DOWNLOAD_COUNTING_FILES and (byte_range is None or byte_range[0] == 0):

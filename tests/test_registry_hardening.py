@@ -383,6 +383,36 @@ def test_links_use_the_host_header_only_when_it_names_the_connection(host, expec
     assert base_url(public_url=None, scheme="http", local=("127.0.0.1", 8080), host_header=host) == expected
 
 
+@pytest.mark.parametrize(
+    ("public_url", "host", "expected"),
+    [
+        # The public URL's host (through the proxy: its path prefix is the server's only knowledge of it).
+        ("https://hub.example.com/hub", "hub.example.com", "https://hub.example.com/hub"),
+        ("https://hub.example.com/hub", "HUB.example.com.:443", "https://hub.example.com/hub"),
+        # The server's own address, localhost on loopback and an exact --allowed-host name, at its port.
+        ("https://hub.example.com/hub", "127.0.0.1:8080", "http://127.0.0.1:8080"),
+        ("https://hub.example.com/hub", "localhost:8080", "http://localhost:8080"),
+        ("https://hub.example.com/hub", "registry.internal:8080", "http://registry.internal:8080"),
+        (None, "REGISTRY.internal.:8080", "http://registry.internal:8080"),
+        (None, "registry.internal:8080", "http://registry.internal:8080"),
+        # Anything else: the public URL, or without one the connection's address.
+        ("https://hub.example.com/hub", "registry.internal:9999", "https://hub.example.com/hub"),
+        ("https://hub.example.com/hub", "registry.internal", "https://hub.example.com/hub"),
+        ("https://hub.example.com/hub", "a.corp.example:8080", "https://hub.example.com/hub"),
+        ("https://hub.example.com/hub", "registry.internal:8080@evil.example", "https://hub.example.com/hub"),
+        ("https://hub.example.com/hub", None, "https://hub.example.com/hub"),
+        (None, "a.corp.example:8080", "http://127.0.0.1:8080"),
+        (None, "registry.internal:9999", "http://127.0.0.1:8080"),
+        (None, "registry.internal.evil.example:8080", "http://127.0.0.1:8080"),
+    ],
+)
+def test_links_name_the_address_the_client_used_where_the_server_vouches_for_it(public_url, host, expected) -> None:
+    from peftkit.registry.origin import base_url
+
+    assert base_url(public_url=public_url, scheme="http", local=("127.0.0.1", 8080), host_header=host,
+                    allowed_names=frozenset({"registry.internal"})) == expected
+
+
 def test_public_url_and_trusted_proxy(tmp_path: Path) -> None:
     store = RegistryStore(tmp_path / "reg", fsync=False)
     store.create_repo("alice/model")

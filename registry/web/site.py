@@ -182,7 +182,9 @@ class WebSite:
         return (self.config.public_url or req.base_url).rstrip("/")
 
     def _cookies(self, req: Request) -> CookieSettings:
-        return CookieSettings(secure=req.base_url.startswith("https://"), path=self.root or "/")
+        """Secure cookies when the site is served over HTTPS: a ``--public-url`` with https (the operator's word
+        for it, whatever address a request came by), else the scheme the request reached."""
+        return CookieSettings(secure=self._endpoint(req).startswith("https://"), path=self.root or "/")
 
     def _html(self, req: Request, visitor: _Visitor, template: str, status: int = 200, **context: Any) -> Response:
         body = self.templates.render(
