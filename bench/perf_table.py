@@ -162,10 +162,12 @@ METHODS: dict[str, tuple[str, str]] = {
     "delora": ("DeLoRA r8 all-linear", "delora[r=8,init_weights=false,target_modules=all-linear]"),
     "gralora": ("GraLoRA r8 k2 all-linear", "gralora[r=8,alpha=16,init_weights=false,target_modules=all-linear]"),
     "hira": ("HiRA r8 all-linear", "hira[r=8,init_weights=false,target_modules=all-linear]"),
+    "beft": ("BEFT all-linear", "beft[init_weights=false,target_modules=all-linear]"),
     "adaption_prompt": ("adaption prompts (10) every layer", "adaption_prompt[adapter_len=10]"),
 }
-#: The methods whose adapters do not merge into the weights (no merged column).
-UNMERGED = ("prefix", "prompt", "p_tuning", "adaption_prompt")  # neither library merges these
+#: The methods whose adapters do not merge into this Llama's weights (no merged column): neither library merges
+#: the first four; BEFT merges into a layer's bias, and the Llama's layers have none (PEFT refuses it too).
+UNMERGED = ("prefix", "prompt", "p_tuning", "adaption_prompt", "beft")
 
 
 def saved_activation_bytes(step: Callable[..., None], weights: set[int]) -> int:

@@ -67,6 +67,7 @@ _BUILTIN_FALLBACK = {
     "c3a": "peftkit.plugins.c3a",
     "shira": "peftkit.plugins.shira",
     "road": "peftkit.plugins.road",
+    "beft": "peftkit.plugins.beft",
     "delora": "peftkit.plugins.delora",
     "gralora": "peftkit.plugins.gralora",
     "hira": "peftkit.plugins.hira",

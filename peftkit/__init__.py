@@ -94,6 +94,7 @@ _LAZY: dict[str, str] = {
     "C3AConfig": "peftkit.plugins.c3a.config",
     "ShiraConfig": "peftkit.plugins.shira.config",
     "RoadConfig": "peftkit.plugins.road.config",
+    "BeftConfig": "peftkit.plugins.beft.config",
     "DeloraConfig": "peftkit.plugins.delora.config",
     "GraloraConfig": "peftkit.plugins.gralora.config",
     "HiraConfig": "peftkit.plugins.hira.config",
@@ -163,6 +164,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from peftkit.plugins.c3a.config import C3AConfig  # noqa: F401
     from peftkit.plugins.shira.config import ShiraConfig  # noqa: F401
     from peftkit.plugins.road.config import RoadConfig  # noqa: F401
+    from peftkit.plugins.beft.config import BeftConfig  # noqa: F401
     from peftkit.plugins.delora.config import DeloraConfig  # noqa: F401
     from peftkit.plugins.gralora.config import GraloraConfig  # noqa: F401
     from peftkit.plugins.hira.config import HiraConfig  # noqa: F401

@@ -27,6 +27,7 @@ PAGES: dict[str, tuple[str, ...]] = {
     "c3a.md": ("c3a",),
     "shira.md": ("shira",),
     "road.md": ("road",),
+    "beft.md": ("beft",),
     "delora.md": ("delora",),
     "gralora.md": ("gralora",),
     "hira.md": ("hira",),
