@@ -94,23 +94,29 @@ def base_url(*, public_url: str | None, scheme: str, local: tuple[str, int] | No
              allowed_names: frozenset[str] = frozenset()) -> str:
     """The URL prefix for links in responses (see the module docstring); ``allowed_names``: the exact host
     names the operator listed (``--allowed-host``), lower-cased."""
-    if host_header is not None and len(host_header) > 300:
-        host_header = None  # no real host name is this long
-    if public_url and host_header and host_name(host_header) == host_name(urlsplit(public_url).netloc):
-        return public_url.rstrip("/")
-    named = None
-    if local is not None and host_header:
-        named = _named_base(scheme, local[0], int(local[1]), host_header, allowed_names)
-    if named is not None:
-        return named
-    if public_url:
-        return public_url.rstrip("/")
+    if host_header is not None and (len(host_header) > 300 or not host_header.strip()):
+        host_header = None  # no real host name is this long, and an empty one names nothing
     if local is None:  # not a TCP connection (never the case with this server)
-        return f"{scheme}://localhost"
-    return f"{scheme}://{_host_part(local[0])}:{local[1]}"
+        return public_url.rstrip("/") if public_url else f"{scheme}://localhost"
+    return _chosen_base(public_url, scheme, local[0], int(local[1]), host_header, allowed_names)
 
 
 @functools.lru_cache(maxsize=1024)  # a few distinct (address, Host) pairs in practice; bounded in size
+def _chosen_base(public_url: str | None, scheme: str, local_host: str, local_port: int, host_header: str | None,
+                 allowed_names: frozenset[str]) -> str:
+    """:func:`base_url` for a TCP connection, once per distinct request shape (the order of the module
+    docstring)."""
+    if host_header is not None:
+        if public_url and host_name(host_header) == host_name(urlsplit(public_url).netloc):
+            return public_url.rstrip("/")
+        named = _named_base(scheme, local_host, local_port, host_header, allowed_names)
+        if named is not None:
+            return named
+    if public_url:
+        return public_url.rstrip("/")
+    return f"{scheme}://{_host_part(local_host)}:{local_port}"
+
+
 def _named_base(scheme: str, local_host: str, local_port: int, host_header: str,
                 allowed_names: frozenset[str]) -> str | None:
     """``scheme://host[:port]`` from ``host_header`` when it is a clean host at the connection's port naming

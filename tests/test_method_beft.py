@@ -17,7 +17,7 @@ import peftkit
 from peftkit.core.errors import ConfigError, MergeError
 from peftkit.plugins.beft.layer import BeftLayer
 from tests.method_helpers import (adapted_after_seed, adapter_modules, loaded_in_peft, merge_cycle_keeps_outputs,
-                                  output_of, peft_model_after_seed)
+                                  output_of, peft_model_after_seed, peft_tensors_by_site)
 from tests.tiny_models import build_tiny, output_tensor, sample_inputs
 
 peft = pytest.importorskip("peft")
@@ -49,14 +49,12 @@ def _ours(arch: str, seed: int = 0, init_weights: bool = False) -> peftkit.Adapt
     return adapted_after_seed(_base(arch), f"beft[init_weights={str(init_weights).lower()}{CASES[arch][1]}]", seed)
 
 
-def _peft_tensors(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    return {name.removeprefix("base_model.model.").replace(".default", ""): p
-            for name, p in model.named_parameters() if ".beft_" in name}
+def _peft_tensors(model: torch.nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    return peft_tensors_by_site(model, ("beft_bias",))
 
 
-def _our_tensors(model: peftkit.AdaptedModel) -> dict[str, torch.Tensor]:
-    return {f"{site}.{key}": tensor for site, layer in adapter_modules(model).items()
-            for key, tensor in layer.tensors().items()}
+def _our_tensors(model: peftkit.AdaptedModel) -> dict[str, dict[str, torch.Tensor]]:
+    return {site: layer.tensors() for site, layer in adapter_modules(model).items()}
 
 
 @pytest.mark.parametrize("init_weights", [True, False])
@@ -65,8 +63,8 @@ def test_the_vectors_are_drawn_as_pefts(arch, init_weights):
     theirs = _peft_tensors(_peft_model(arch, seed=3, init_weights=init_weights))
     ours = _our_tensors(_ours(arch, seed=3, init_weights=init_weights))
     assert set(ours) == set(theirs) and theirs
-    for key, tensor in ours.items():
-        assert tensor.shape == theirs[key].shape and torch.equal(tensor, theirs[key]), key
+    for site, tensors in ours.items():
+        assert torch.equal(tensors["beft_bias"], theirs[site]["beft_bias"]), site
 
 
 @pytest.mark.parametrize("arch", ["llama", "bert"])
@@ -128,9 +126,10 @@ def test_gradients_after_a_backward_equal_pefts(arch):
     output_tensor(ours(**inputs)).pow(2).mean().backward()
     their_tensors, our_tensors = _peft_tensors(theirs), _our_tensors(ours)
     assert set(our_tensors) == set(their_tensors)
-    for key, tensor in our_tensors.items():
-        assert tensor.grad is not None and tensor.grad.abs().max() > 0, key
-        torch.testing.assert_close(tensor.grad, their_tensors[key].grad, rtol=1e-5, atol=1e-7, msg=key)
+    for site, tensors in our_tensors.items():
+        ours_grad, theirs_grad = tensors["beft_bias"].grad, their_tensors[site]["beft_bias"].grad
+        assert ours_grad is not None and ours_grad.abs().max() > 0, site
+        torch.testing.assert_close(ours_grad, theirs_grad, rtol=1e-5, atol=1e-7, msg=site)
 
 
 @pytest.mark.parametrize("bias", [True, False])

@@ -46,7 +46,7 @@ class BeftLayer(LayerAdapter):
         have the vector's dtype, outside autocast (its products would round the summed bias); None elsewhere
         (the output and b are then added)."""
         vector = self.vector()
-        if type(base) is not nn.Linear or not plain_linear(base) or torch.is_autocast_enabled(x.device.type) \
+        if not plain_linear(base) or torch.is_autocast_enabled(x.device.type) \
                 or not x.dtype == base.weight.dtype == vector.dtype:
             return None
         bias = vector if base.bias is None else base.bias + vector
@@ -58,10 +58,6 @@ class BeftLayer(LayerAdapter):
         if not self.base_has_bias:
             raise MergeError("a beft adapter adds a bias vector, and this layer has no bias to add it to (PEFT "
                              "refuses it too); keep the adapter unmerged, or adapt only layers with a bias")
-
-    def delta_weight(self, base: nn.Module) -> torch.Tensor:
-        raise MergeError("a beft adapter changes the layer's bias, not its weight: a weight change cannot hold it; "
-                         "merge it with merge_adapter() / merge_and_unload()")
 
     def merge(self, base: nn.Module) -> None:
         self.check_mergeable()
