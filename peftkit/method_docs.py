@@ -17,6 +17,7 @@ PAGES: dict[str, tuple[str, ...]] = {
     "adalora.md": ("adalora",), "bitfit.md": ("bitfit",), "boft.md": ("boft",), "bottleneck.md": ("seq_bn", "double_seq_bn", "par_bn", "compacter", "compacterpp", "seq_bn_inv", "double_seq_bn_inv"), "ia3.md": ("ia3",),
     "lokr.md": ("lokr",), "lora.md": ("lora",), "oft.md": ("oft",), "prefix_tuning.md": ("prefix_tuning",),
     "prompt_tuning.md": ("prompt_tuning", "p_tuning"), "union.md": ("union", "mam", "unipelt"), "vera.md": ("vera",),
+    "pvera.md": ("pvera",),
     "reft.md": ("reft", "loreft", "noreft", "direft"), "trainable_tokens.md": ("trainable_tokens",),
     "fourierft.md": ("fourierft",),
     "ln_tuning.md": ("ln_tuning",),

@@ -285,6 +285,16 @@ def peft_model_after_seed(model: torch.nn.Module, config: Any, seed: int = 0) ->
         return peft.get_peft_model(model, config).eval()
 
 
+def draw_peft_parameters(model: torch.nn.Module, name_part: str, seed: int) -> None:
+    """Replace every parameter of a PEFT model whose name holds ``name_part`` by N(0, 1) draws from a generator
+    seeded with ``seed`` (an adapter moved away from its init, so that it changes the outputs)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name_part in name:
+                param.copy_(torch.randn(param.shape, generator=gen))
+
+
 def loaded_in_peft(folder: str | Path, model: torch.nn.Module) -> Any:
     """The adapter folder loaded by PEFT onto ``model``, in eval mode; PEFT's note about the extra "peftkit"
     key of peftkit's adapter_config.json silenced."""

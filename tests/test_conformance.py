@@ -41,6 +41,7 @@ BUILTIN_SPECS = {
     "p_tuning_lstm": "p_tuning[num_virtual_tokens=4,encoder_reparameterization_type=LSTM,encoder_hidden_size=8]",
     "lokr": "lokr[r=4]",
     "vera": "vera[r=8]",
+    "pvera": "pvera[r=8]",  # eval uses the mean; the training step samples
     "oft": "oft[oft_block_size=8]",
     "boft": "boft[boft_block_size=4,boft_n_butterfly_factor=2]",
     "adalora": "adalora[init_r=4]",

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import peftkit
 from peftkit.core.errors import ConfigError
-from tests.method_helpers import merge_cycle_keeps_outputs, output_of, randomize
+from tests.method_helpers import draw_peft_parameters, merge_cycle_keeps_outputs, output_of, randomize
 from tests.tiny_models import build_tiny, output_tensor, sample_inputs
 
 #: Llama (output layer not tied) and GPT-2 (lm_head tied to wte: it reads the same rows, PEFT saves them once).
@@ -26,11 +26,7 @@ def _peft_model(arch: str, indices):
 
     model = get_peft_model(build_tiny(arch), LoraConfig(r=2, trainable_token_indices=indices,
                                                         init_lora_weights=False))
-    with torch.no_grad():  # the rows start as the embedding's: move them, so that they matter
-        gen = torch.Generator().manual_seed(5)
-        for name, param in model.named_parameters():
-            if "trainable_tokens_delta" in name:
-                param.copy_(torch.randn(param.shape, generator=gen))
+    draw_peft_parameters(model, "trainable_tokens_delta", seed=5)  # the rows start as the embedding's: move them
     return model.eval()
 
 

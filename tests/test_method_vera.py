@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 import peftkit
 from peftkit.core.errors import AdapterLoadError, ConfigError
 from peftkit.plugins.vera.config import VeraConfig
-from tests.method_helpers import adapter_modules, output_of, randomize
+from tests.method_helpers import adapter_modules, draw_peft_parameters, output_of, randomize
 from tests.tiny_models import build_tiny
 
 # The conformance suite runs vera[r=8] on llama, gpt2, bert and t5: tests/test_conformance.py (BUILTIN_SPECS).
@@ -25,11 +25,7 @@ def _peft_vera(arch: str, **options):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # save_projection=False warns
         model = get_peft_model(build_tiny(arch), PeftVeraConfig(**options)).eval()
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "vera_lambda" in name:
-                param.copy_(torch.randn(param.shape, generator=gen))
+    draw_peft_parameters(model, "vera_lambda", seed=3)
     return model
 
 
