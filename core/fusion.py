@@ -219,6 +219,7 @@ def add_fusion(model: "AdaptedModelProtocol", fuse: Fuse | str, config: FuseConf
             dtype = ref.dtype if ref is not None and ref.dtype in (torch.float32, torch.float64) else torch.float32
             fusion = FusionLayer(dim, index, cfg, site, dtype=dtype, device=ref.device if ref is not None else None)
             fusion.requires_grad_(False)
+            fusion.train(layer.training)
             layer.fusions[name] = fusion
             created.append(layer)
             sites[site] = index

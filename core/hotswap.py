@@ -327,6 +327,7 @@ def prepare_for_hotswap(model: "AdaptedModelProtocol", target_rank: int,
         for _, _, _, copy in swaps:
             copy()
     for layer, name, module, _ in swaps:
+        module.train(layer.training)
         layer.adapters[name] = module
         forget_products(layer)  # products of the old factors
     for name, config in configs.items():

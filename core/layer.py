@@ -301,6 +301,8 @@ class TunerLayer(nn.Module):
         self.base_layer = base_layer
         self.adapters = nn.ModuleDict()
         self.fusions = nn.ModuleDict()
+        for own in (self, self.adapters, self.fusions):  # the mode of the module it replaces (and adapters added)
+            own.training = base_layer.training
         self.merged: list[str] = []
         #: Adapter name -> the module whose *input* it reads instead of this module's
         #: (a Site's ``input_from``); adapters reading this module's own input are absent.
@@ -376,6 +378,7 @@ class TunerLayer(nn.Module):
         (the caller captures that input: ``add_capture``)."""
         for shortcut in ("forward_alone", "base_input"):  # answered now: filled in during a torch.compile
             shortcut_is_current(type(adapter), shortcut)   # trace, the memo would recompile the next call
+        adapter.train(self.training)
         self.adapters[name] = adapter
         if input_from is not None:
             self.input_sources[name] = input_from
@@ -468,6 +471,8 @@ class ModulesToSave(nn.Module):
         super().__init__()
         self.original_module = original
         self.copies = nn.ModuleDict()
+        for own in (self, self.copies):  # the mode of the module it replaces (its copies keep that mode too)
+            own.training = original.training
         object.__setattr__(self, "adapter_state", state)  # shared, not a submodule
 
     def add(self, name: str) -> None:

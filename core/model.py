@@ -106,6 +106,11 @@ class AdaptedModel(CompositionMixin, nn.Module):
         self._model_adapters = nn.ModuleDict()
         #: Adapter name -> its adapter-wide tensors (Method.create_shared_state), held once here.
         self._shared_states = nn.ModuleDict()
+        # The wrapper, and every module an adapter adds, starts in the mode of what it wraps (a model loaded
+        # for inference stays in eval mode: no adapter dropout or sampling until model.train()). PEFT leaves
+        # new modules training (huggingface/peft#3753).
+        for own in (self, self._model_adapters, self._shared_states):
+            own.training = model.training
         self._hook_handle: Any = None
         #: Hooks on the modules whose output model-level adapters rewrite (core/output_points.py).
         self._point_hooks = PointOutputHooks()
@@ -233,6 +238,7 @@ class AdaptedModel(CompositionMixin, nn.Module):
         arch = self.architecture
         model_adapter = method.create_model_adapter(model, config, arch)
         if model_adapter is not None:
+            model_adapter.train(self.training)
             self._model_adapters[record.name] = model_adapter
             record.model_adapter = True
             self._ensure_input_hook()
@@ -283,6 +289,7 @@ class AdaptedModel(CompositionMixin, nn.Module):
         """Keep the method's adapter-wide tensors for ``record`` (if any)."""
         shared = self.new_shared_state(record.method, record.config, record.sites)
         if shared is not None:
+            shared.train(self.training)
             self._shared_states[record.name] = shared
 
     def new_shared_state(self, method: Method, config: AdapterConfig, sites: list[Site]) -> SharedState | None:
@@ -499,7 +506,8 @@ class AdaptedModel(CompositionMixin, nn.Module):
         fuse() stay frozen and the fusion's weights train instead (AdapterFusion).
 
         Like PEFT, it does not switch train/eval mode: call ``model.train()``
-        (transformers' Trainer does) so that dropout is on while training.
+        (transformers' Trainer does) so that dropout is on while training. New
+        adapters start in the mode of the modules they wrap (docs/guide.md).
 
         ``train_embeddings=True`` (AdapterHub's option) is refused with how peftkit does it: the embedding
         belongs to an adapter, as a module it keeps a trained copy of.

@@ -202,7 +202,7 @@ def test_hotswap_replaces_the_vectors_and_projections_and_a_missing_projection_i
     randomize(donor, std=1.0)
     donor.save_adapter(str(tmp_path / "seeded_9"))
     expected = output_of(donor.eval(), "llama")
-    model = peftkit.adapt(build_tiny("llama"), "pvera[r=4]").eval()  # a new adapter is in training mode
+    model = peftkit.adapt(build_tiny("llama"), "pvera[r=4]")
     model.set_active("default")
     projection = model.shared_state("default").pvera_A
     model.hotswap_adapter(str(tmp_path / "seeded_9"))
