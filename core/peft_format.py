@@ -25,6 +25,20 @@ def method_reading(methods: Iterable[Any], peft_type: str) -> Any | None:
     record: the one declaring it as its ``peft_type`` or listing it in its ``extra_file_types``; None if none."""
     return next((m for m in methods if peft_type in (m.peft_type, *m.extra_file_types)), None)
 
+def refuse_fields_peft_lacks(config: Any, peft_class: str,
+                             names: Iterable[str] = ("exclude_modules", "layers_to_transform")) -> None:
+    """Raise ConfigError naming the first of ``names`` that ``config`` sets: fields choosing the layers to
+    adapt that PEFT's ``peft_class`` does not have, so PEFT would drop them (with a warning) and adapt those
+    layers too. For a method whose files must stay PEFT's; the message says to name the layers in
+    target_modules instead."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None:
+            raise ConfigError(f"{config.method} config: {name}={value!r} is not supported (PEFT's {peft_class} has "
+                              f"no {name} field, so PEFT would adapt those layers too); name the layers to adapt in "
+                              f"target_modules instead (a list, or a regex that leaves the others out)")
+
+
 def _is_off(value: Any) -> bool:
     return value is None or value is False or (isinstance(value, (dict, list, str)) and not value)
 

@@ -85,6 +85,7 @@ _LAZY: dict[str, str] = {
     # PEFT's adapter_config.json fields
     "read_peft_fields": "peftkit.core.peft_format",
     "write_peft_fields": "peftkit.core.peft_format",
+    "refuse_fields_peft_lacks": "peftkit.core.peft_format",
     # hot-swapping a layer adapter's weights
     "swap_plan": "peftkit.core.swap_plan",
     "scaled_swap_plan": "peftkit.core.swap_plan",
@@ -145,7 +146,7 @@ if TYPE_CHECKING:  # pragma: no cover
                                            cache_argument, check_growing_cache, extend_mask, note_prefix,
                                            pop_cache, real_length, starts_sequence, text_config)
     from peftkit.core.model_source import model_source_options  # noqa: F401
-    from peftkit.core.peft_format import read_peft_fields, write_peft_fields  # noqa: F401
+    from peftkit.core.peft_format import read_peft_fields, refuse_fields_peft_lacks, write_peft_fields  # noqa: F401
     from peftkit.core.plugins import (architecture_for, get_method, get_registry, parse_spec,  # noqa: F401
                                       unknown_method_message)
     from peftkit.core.targets import (adaptable_targets, base_of, find_point, find_targets,  # noqa: F401

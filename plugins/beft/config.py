@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Union
 
-from peftkit.plugin_api import AdapterConfig, ConfigError, option
+from peftkit.plugin_api import AdapterConfig, option, refuse_fields_peft_lacks
 
 
 @dataclass
@@ -31,9 +31,4 @@ class BeftConfig(AdapterConfig):
                    "from N(0, 1) (for tests)")
 
     def check(self) -> None:
-        for name in ("exclude_modules", "layers_to_transform"):
-            value = getattr(self, name)
-            if value is not None:
-                raise ConfigError(f"beft config: {name}={value!r} is not supported (PEFT's BeftConfig has no "
-                                  f"{name} field, so PEFT would adapt those layers too); name the layers to adapt in "
-                                  f"target_modules instead (a list, or a regex that leaves the others out)")
+        refuse_fields_peft_lacks(self, "BeftConfig")

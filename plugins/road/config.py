@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal, Union
 
-from peftkit.plugin_api import AdapterConfig, ConfigError, option
+from peftkit.plugin_api import AdapterConfig, ConfigError, option, refuse_fields_peft_lacks
 
 #: Trained numbers per output feature, per tensor (road_theta and road_alpha each), for each variant.
 NUMBERS_PER_OUTPUT = {"road_1": 0.5, "road_2": 1, "road_4": 2}
@@ -47,9 +47,4 @@ class RoadConfig(AdapterConfig):
         if isinstance(self.group_size, bool) or self.group_size <= 0 or self.group_size % 2:
             raise ConfigError(f"road config: group_size={self.group_size!r} must be a positive even integer (each "
                               f"group pairs its first half with its second half); e.g. group_size=64")
-        for name in ("exclude_modules", "layers_to_transform"):
-            value = getattr(self, name)
-            if value is not None:
-                raise ConfigError(f"road config: {name}={value!r} is not supported (PEFT's RoadConfig has no "
-                                  f"{name} field, so PEFT would adapt those layers too); name the layers to adapt in "
-                                  f"target_modules instead (a list, or a regex that leaves the others out)")
+        refuse_fields_peft_lacks(self, "RoadConfig")
