@@ -68,6 +68,7 @@ _BUILTIN_FALLBACK = {
     "shira": "peftkit.plugins.shira",
     "road": "peftkit.plugins.road",
     "beft": "peftkit.plugins.beft",
+    "glora": "peftkit.plugins.glora",
     "delora": "peftkit.plugins.delora",
     "gralora": "peftkit.plugins.gralora",
     "hira": "peftkit.plugins.hira",

@@ -81,6 +81,7 @@ _LAZY: dict[str, str] = {
     "BoftConfig": "peftkit.plugins.boft.config",
     "VeraConfig": "peftkit.plugins.vera.config",
     "PveraConfig": "peftkit.plugins.vera.config",
+    "GloraConfig": "peftkit.plugins.glora.config",
     "AdaloraConfig": "peftkit.plugins.adalora.config",
     "UnionConfig": "peftkit.plugins.union.config",
     "MamConfig": "peftkit.plugins.union.config",
@@ -176,5 +177,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from peftkit.plugins.oft.config import OftConfig  # noqa: F401
     from peftkit.plugins.boft.config import BoftConfig  # noqa: F401
     from peftkit.plugins.vera.config import PveraConfig, VeraConfig  # noqa: F401
+    from peftkit.plugins.glora.config import GloraConfig  # noqa: F401
     from peftkit.plugins.adalora.config import AdaloraConfig  # noqa: F401
     from peftkit.plugins.union.config import MamConfig, UnionConfig, UniPeltConfig  # noqa: F401

@@ -29,6 +29,7 @@ PAGES: dict[str, tuple[str, ...]] = {
     "shira.md": ("shira",),
     "road.md": ("road",),
     "beft.md": ("beft",),
+    "glora.md": ("glora",),
     "delora.md": ("delora",),
     "gralora.md": ("gralora",),
     "hira.md": ("hira",),

@@ -107,7 +107,8 @@ def test_info_counts_a_saved_tokenizer_apart_from_the_adapter(tmp_path, capsys):
 def test_info_counts_what_training_changes_as_parameters_for_every_builtin_method(tmp_path):
     """`peftkit info`'s parameters are the adapter's trained numbers (PEFT's print_trainable_parameters for the
     PEFT methods): tensors a folder saves that training does not change (VeRA's and PVeRA's projections,
-    RandLoRA's bases, DeLoRA's norms: Method.frozen_tensors; SHiRA's integer positions) are counted apart. P-tuning trains an encoder
+    RandLoRA's bases, DeLoRA's norms, GLoRA's zeros: Method.frozen_tensors; SHiRA's integer positions) are
+    counted apart. P-tuning trains an encoder
     whose output is what its folder saves (as PEFT's), so its count is the output's."""
     from peftkit.core.inspect_folder import describe_folder
     from tests.test_conformance import BUILTIN_SPECS
@@ -121,7 +122,8 @@ def test_info_counts_what_training_changes_as_parameters_for_every_builtin_metho
         info = describe_folder(tmp_path / key)
         assert info["parameters"] == model.trainable_parameters()[0], key
         fixed[key] = info["fixed_numbers"]
-    assert {key for key, count in fixed.items() if count} == {"vera", "pvera", "randlora", "delora", "shira"}
+    assert {key for key, count in fixed.items() if count} == {"vera", "pvera", "randlora", "delora", "shira",
+                                                               "glora"}  # GLoRA: PEFT's zeros (llama: no bias)
 
 
 def test_info_counts_training_checkpoints_apart_from_the_adapter(tmp_path, capsys):

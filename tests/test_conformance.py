@@ -65,6 +65,7 @@ BUILTIN_SPECS = {
     "randlora": "randlora[r=8,randlora_alpha=16]",  # alpha 640: t5 outputs so large fuse rounds 2e-4 off
     "c3a": "c3a[block_size=16]",  # divides every tiny layer; gpt2: Conv1D layers, which PEFT's C3A refuses too
     "shira": "shira[r=2]",  # r*(in+out) <= in*out on every tiny layer; gpt2: Conv1D, which PEFT's SHiRA refuses
+    "glora": "glora[config_D_E=vector]",  # gpt2: Conv1D layers, which PEFT's GLoRA refuses too
     "beft": "beft",  # gpt2: Conv1D layers, which PEFT's BEFT refuses too
     "road": "road[group_size=16]",  # divides every tiny layer; gpt2: Conv1D layers, which PEFT's RoAd refuses too
     "delora": "delora[r=4]",  # gpt2: Conv1D layers, which PEFT's DeLoRA refuses too
