@@ -163,6 +163,8 @@ METHODS: dict[str, tuple[str, str]] = {
     "gralora": ("GraLoRA r8 k2 all-linear", "gralora[r=8,alpha=16,init_weights=false,target_modules=all-linear]"),
     "hira": ("HiRA r8 all-linear", "hira[r=8,init_weights=false,target_modules=all-linear]"),
     "beft": ("BEFT all-linear", "beft[init_weights=false,target_modules=all-linear]"),
+    "glora": ("GLoRA r8 all-linear", "glora[r=8,init_weights=false,target_modules=all-linear]"),
+    "pvera": ("PVeRA r256 all-linear", "pvera[r=256,init_weights=false,target_modules=all-linear]"),
     "adaption_prompt": ("adaption prompts (10) every layer", "adaption_prompt[adapter_len=10]"),
 }
 #: The methods whose adapters do not merge into this Llama's weights (no merged column): neither library merges
