@@ -25,6 +25,7 @@ def method_reading(methods: Iterable[Any], peft_type: str) -> Any | None:
     record: the one declaring it as its ``peft_type`` or listing it in its ``extra_file_types``; None if none."""
     return next((m for m in methods if peft_type in (m.peft_type, *m.extra_file_types)), None)
 
+
 def refuse_fields_peft_lacks(config: Any, peft_class: str,
                              names: Iterable[str] = ("exclude_modules", "layers_to_transform")) -> None:
     """Raise ConfigError naming the first of ``names`` that ``config`` sets: fields choosing the layers to

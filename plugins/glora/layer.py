@@ -151,8 +151,8 @@ class GloraLayer(LayerAdapter):
     # -- files -----------------------------------------------------------------------
 
     def _paths(self) -> dict[str, GloraPath]:
-        return {"glora_A": self.glora_A, "glora_B": self.glora_B, "glora_C": self.glora_C, "glora_D": self.glora_D,
-                "glora_E": self.glora_E}
+        """glora_A to glora_E by name (the module's only children)."""
+        return dict(self.named_children())
 
     def file_tensors(self) -> dict[str, torch.Tensor]:
         """The trained tensors, and the zeros PEFT saves for each "none" path (``glora_C.zeros``: PEFT's

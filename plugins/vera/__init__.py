@@ -25,4 +25,3 @@ def peftkit_register_methods(register: Callable[[Any], None]) -> None:
 
     register(VeraMethod())
     register(PveraMethod())
-

@@ -32,10 +32,10 @@ class VeraMethod(Method):
     peft_type = "VERA"
     #: the method's name in messages
     label = "VeRA"
-    #: the shared random projections (saved with save_projection): saved, not trained
-    frozen_tensors = frozenset({"vera_A", "vera_B"})
     #: the names of the shared projections A and B (PEFT's attribute names, after the method)
     projection_names = ("vera_A", "vera_B")
+    #: the shared random projections (saved with save_projection): saved, not trained
+    frozen_tensors = frozenset(projection_names)
     #: A's rows per unit of r (PVeRA's A holds a mean and a log-variance half)
     a_rows_per_rank = 1
     #: PEFT's config fields, all named as ours
@@ -110,8 +110,8 @@ class PveraMethod(VeraMethod):
     description = "Probabilistic VeRA (PVeRA): VeRA with a sampled bottleneck; mergeable (the mean); PEFT format"
     peft_type = "PVERA"
     label = "PVeRA"
-    frozen_tensors = frozenset({"pvera_A", "pvera_B"})
     projection_names = ("pvera_A", "pvera_B")
+    frozen_tensors = frozenset(projection_names)
     a_rows_per_rank = 2
     #: PEFT's PveraConfig fields, all named as ours, and exclude_modules, which PEFT's lacks (see
     #: :meth:`peft_type_of`)
