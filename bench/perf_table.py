@@ -26,6 +26,11 @@ Memory: the activations autograd keeps for backward during the forward (distinct
 storages, model weights not counted) and the peak of memory allocated during a
 training step above what was allocated before it (torch.profiler's memory events).
 
+Subnormal floats: each training step's share of subnormal results is counted (a CPU computes them
+many times slower), and the table names any step where it passes 0.01%: its figure times denormal
+arithmetic, not the method. An adapter start that drives activations to overflow does that, so a
+method whose ``init_weights=false`` does is given another non-identity start (``REDRAWN``).
+
 Writes docs/performance.md with the machine, versions, load and command. On a
 busy machine, ``--threads 1 --clock cpu`` times CPU time instead of wall time
 (time spent waiting for a core then does not count).
@@ -70,6 +75,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_lora import build_base  # noqa: E402
+from scratch import scratch_folder  # noqa: E402
 from timing import CLOCKS, lm_forward, lm_train_step, paired_ratios, Ratio  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -142,8 +148,7 @@ METHODS: dict[str, tuple[str, str]] = {
     "oft": ("OFT block 32 all-linear", "oft[oft_block_size=32,init_weights=false,target_modules=all-linear]"),
     "boft": ("BOFT block 8 all-linear", "boft[boft_block_size=8,init_weights=false,target_modules=all-linear]"),
     "vera": ("VeRA r256 all-linear", "vera[r=256,init_weights=false,target_modules=all-linear]"),
-    "adalora": ("AdaLoRA r12 all-linear",
-                "adalora[init_r=12,target_r=8,total_step=100,init_weights=false,target_modules=all-linear]"),
+    "adalora": ("AdaLoRA r12 all-linear", "adalora[init_r=12,target_r=8,total_step=100,target_modules=all-linear]"),
     "ia3": ("IA3", "ia3[init_weights=false]"),
     "prefix": ("prefix tuning (20)", "prefix_tuning[num_virtual_tokens=20]"),
     "prompt": ("prompt tuning (20)", "prompt_tuning[num_virtual_tokens=20]"),
@@ -170,6 +175,53 @@ METHODS: dict[str, tuple[str, str]] = {
 #: The methods whose adapters do not merge into this Llama's weights (no merged column): neither library merges
 #: the first four; BEFT merges into a layer's bias, and the Llama's layers have none (PEFT refuses it too).
 UNMERGED = ("prefix", "prompt", "p_tuning", "adaption_prompt", "beft")
+#: Parameters drawn again after ``peftkit.adapt``, before the adapter is saved for peft: key -> (the parameters'
+#: name suffix, the standard deviation of a seeded normal draw). AdaLoRA's ``init_weights=false`` draws every
+#: factor from N(0, 1), as PEFT's does: the update then dwarfs the base's outputs, the norms saturate, and 0.2%
+#: of a step's results are subnormal floats, which made the step twice as slow on a CPU, peft's as much as
+#: peftkit's. PEFT's own start (A and B from N(0, 0.02), E zero) with E drawn from N(0, 1) changes the outputs
+#: at the scale of a trained adapter.
+REDRAWN = {"adalora": ("lora_E", 1.0)}
+#: A step whose share of subnormal results exceeds this is flagged in the table (see ``subnormal_share``).
+SUBNORMAL_LIMIT = 1e-4
+
+
+def redrawn(model: Any, key: str) -> Any:
+    """``model`` with the parameters ``REDRAWN`` names for ``key`` drawn again (the same draw in every run)."""
+    if key in REDRAWN:
+        suffix, std = REDRAWN[key]
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith(suffix):
+                    drawn = torch.randn(param.shape, generator=generator, dtype=torch.float32) * std
+                    param.copy_(drawn.to(param.dtype))
+    return model
+
+
+def subnormal_share(step: Callable[..., None]) -> float:
+    """The share of the floating-point values that every aten call of one run of ``step`` returned (forward
+    and backward) that are subnormal: nonzero and below the dtype's smallest normal number. A CPU computes
+    these many times slower than normal floats, so a step with many of them times that arithmetic instead of
+    the method (an adapter start that drives activations or gradients to underflow)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    counts = [0, 0]  # subnormal values, all values
+
+    class SubnormalCount(TorchDispatchMode):
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            out = func(*args, **(kwargs or {}))
+            for value in tree_leaves(out):
+                if isinstance(value, torch.Tensor) and value.is_floating_point() and value.layout == torch.strided:
+                    size = value.detach().abs()
+                    counts[0] += int(((size > 0) & (size < torch.finfo(value.dtype).tiny)).sum())
+                    counts[1] += value.numel()
+            return out
+
+    with SubnormalCount():
+        step()
+    return counts[0] / max(counts[1], 1)
 
 
 def saved_activation_bytes(step: Callable[..., None], weights: set[int]) -> int:
@@ -330,8 +382,8 @@ def measure(key: str, base: Any, ids: torch.Tensor, frozen: Any, timing: Timing,
 
     label, spec = METHODS[key]
     torch.manual_seed(0)
-    ours = peftkit.adapt(copy.deepcopy(base), spec)
-    folder = tempfile.mkdtemp()
+    ours = redrawn(peftkit.adapt(copy.deepcopy(base), spec), key)
+    folder = scratch_folder()
     ours.save_adapter(folder)
     theirs = peft_model(base, folder)
     ours.eval()
@@ -348,6 +400,7 @@ def measure(key: str, base: Any, ids: torch.Tensor, frozen: Any, timing: Timing,
     flops = {name: step_flops(step) for name, step in steps.items()}
     saved = {name: saved_activation_bytes(step, weight_pointers(trained[name])) for name, step in steps.items()}
     peak = {name: peak_step_bytes(step, timing.device) for name, step in steps.items()}
+    subnormal = {name: subnormal_share(step) for name, step in steps.items()}
 
     for model in (ours, theirs, base):
         model.eval()
@@ -366,7 +419,8 @@ def measure(key: str, base: Any, ids: torch.Tensor, frozen: Any, timing: Timing,
             "forward": forward, "merged": merged,
             "floor": min(flops["peftkit"], flops["peft"]) / flops["base"],
             "forward_floor": min(forward_flops["peftkit"], forward_flops["peft"]) / forward_flops["base"],
-            "saved": saved, "peak": peak, "base_step_s": base_step, "base_forward_s": base_forward}
+            "saved": saved, "peak": peak, "subnormal": subnormal, "base_step_s": base_step,
+            "base_forward_s": base_forward}
 
 
 #: The mark of a ratio below its floor.
@@ -423,6 +477,19 @@ def machine(device: str) -> str:
     return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda}) on {host}"
 
 
+def subnormal_note(results: list[dict[str, Any]]) -> str:
+    """The table's word on subnormal floats: the steps where more than ``SUBNORMAL_LIMIT`` of the results were
+    subnormal (their figures time denormal arithmetic), or that none was."""
+    flagged = [f"{r['label']} (peftkit {r['subnormal']['peftkit']:.2%}, peft {r['subnormal']['peft']:.2%})"
+               for r in results if max(r["subnormal"].values()) > SUBNORMAL_LIMIT]
+    if not flagged:
+        return (f"Subnormal floats: no training step had more than {SUBNORMAL_LIMIT:.2%} of its results subnormal "
+                "(a CPU computes those many times slower), so no figure above times denormal arithmetic.")
+    return (f"Subnormal floats: more than {SUBNORMAL_LIMIT:.2%} of the training step's results were subnormal in "
+            f"{'; '.join(flagged)}. A CPU computes those many times slower, so these step figures time denormal "
+            "arithmetic as much as the method: the adapter's start drives activations or gradients to underflow.")
+
+
 def render(results: list[dict[str, Any]], timing: Timing, setup: Setup, command: str, conditions: Conditions,
            wall_s: float) -> str:
     import peft
@@ -477,6 +544,7 @@ def render(results: list[dict[str, Any]], timing: Timing, setup: Setup, command:
                      f"| {_ratio(forward, 'peft', r['forward_floor'])} | {r['forward_floor']:.3f} "
                      f"| {_ratio(merged, 'peftkit', 1.0)} | {_ratio(merged, 'peft', 1.0)} "
                      f"| {r['difference']:.1e} |")
+    lines += ["", subnormal_note(results)]
     lines += [
         "",
         "Memory of a training step, MiB: activations kept for backward (distinct storages, weights not",

@@ -81,3 +81,56 @@ def test_the_floor_counts_in_place_products_as_their_out_of_place_forms() -> Non
     plain = step_flops(lambda: (torch.addmm(out, x, w), torch.baddbmm(batched_out, batched_x, batched_w)))
     in_place = step_flops(lambda: (out.addmm_(x, w), batched_out.baddbmm_(batched_x, batched_w)))
     assert in_place == plain == 2 * 6 * 4 * 3 * 3
+
+
+def test_the_subnormal_share_counts_every_call_s_subnormal_results() -> None:
+    from perf_table import subnormal_share
+
+    tiny, normal = torch.full((4,), 1e-20), torch.full((4,), 1e-3)
+    assert subnormal_share(lambda: tiny * tiny) == 1.0  # 1e-40: below float32's smallest normal number
+    assert subnormal_share(lambda: (tiny * tiny, normal * normal)) == 0.5
+    assert subnormal_share(lambda: (normal * normal, torch.zeros(4) * tiny)) == 0.0  # zero is not subnormal
+    sparse = torch.sparse_coo_tensor(torch.tensor([[0, 1]]), torch.tensor([1e-20, 1.0]), (3,), check_invariants=True)
+    assert subnormal_share(lambda: (sparse * 2, tiny * tiny)) == 1.0  # a sparse result is skipped, not a crash
+
+
+def test_the_adalora_row_times_adalora_not_denormal_arithmetic() -> None:
+    """AdaLoRA's ``init_weights=false`` (every factor from N(0, 1), as PEFT's) drove a step's gradients to
+    underflow, and the row timed subnormal arithmetic (twice as slow, peft's as much as peftkit's). The row's
+    start is PEFT's with the singular values redrawn: an adapter that changes the outputs, without underflow."""
+    import copy
+
+    import peftkit
+    from bench_lora import build_base
+    from perf_table import METHODS, redrawn, SUBNORMAL_LIMIT, subnormal_share
+    from timing import lm_train_step
+
+    size = SIZES["small"]
+    base = build_base(hidden=size.hidden, intermediate=size.intermediate, layers=1, heads=size.heads,
+                      vocab=size.vocab, positions=256)
+    ids = torch.randint(0, size.vocab, (1, 16), generator=torch.Generator().manual_seed(0))
+    spec = METHODS["adalora"][1]
+    old_spec = spec.replace("target_modules", "init_weights=false,target_modules")
+
+    def share(spec: str, key: str) -> float:
+        torch.manual_seed(0)
+        model = redrawn(peftkit.adapt(copy.deepcopy(base), spec), key).train()
+        return subnormal_share(lm_train_step(model, ids))
+
+    assert share(old_spec, "none") > SUBNORMAL_LIMIT  # the old start: the check sees the underflow
+    assert share(spec, "adalora") < SUBNORMAL_LIMIT
+    models = [redrawn(peftkit.adapt(copy.deepcopy(base), spec), "adalora").eval() for _ in range(2)]
+    singular = [dict((n, p) for n, p in m.named_parameters() if n.endswith("lora_E")) for m in models]
+    assert singular[0] and all(torch.equal(p, singular[1][n]) and p.abs().min() > 0 for n, p in singular[0].items())
+    with torch.no_grad():
+        assert not torch.allclose(models[0](input_ids=ids).logits, base.eval()(input_ids=ids).logits)
+
+
+def test_the_table_names_the_steps_that_time_subnormal_arithmetic() -> None:
+    from perf_table import subnormal_note
+
+    rows = [{"label": "A", "subnormal": {"peftkit": 0.0, "peft": 2e-5, "base": 0.0}},
+            {"label": "B", "subnormal": {"peftkit": 2.4e-3, "peft": 2.3e-3, "base": 0.0}}]
+    assert "no training step" in subnormal_note(rows[:1])
+    note = subnormal_note(rows)
+    assert "B (peftkit 0.24%, peft 0.23%)" in note and "A (" not in note
