@@ -14,11 +14,11 @@ import argparse
 import copy
 import os
 import sys
-import tempfile
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+from scratch import scratch_folder  # noqa: E402
 from timing import interleaved, lm_forward, lm_train_step, table  # noqa: E402
 
 
@@ -68,7 +68,7 @@ def main() -> None:
     with torch.no_grad():
         for p in ours.adapter_parameters("default"):
             p.normal_(0, 0.02)
-    tmp = tempfile.mkdtemp()
+    tmp = scratch_folder()
     ours.save_adapter(f"{tmp}/ours")
     peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(base), f"{tmp}/ours", is_trainable=True)
     peft_model.save_pretrained(f"{tmp}/peft")

@@ -15,11 +15,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+from scratch import scratch_folder  # noqa: E402
 from timing import interleaved, lm_forward, lm_train_step, table  # noqa: E402
 
 
@@ -50,7 +50,7 @@ def main() -> None:
 
     import peftkit
 
-    tmp = tempfile.mkdtemp()
+    tmp = scratch_folder()
     build_base().save_pretrained(f"{tmp}/base")
     ids = torch.randint(0, 8000, (4, 128), generator=torch.Generator().manual_seed(0))
 

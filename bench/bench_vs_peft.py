@@ -15,12 +15,12 @@ import argparse
 import copy
 import os
 import sys
-import tempfile
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_lora import build_base  # noqa: E402
+from scratch import scratch_folder  # noqa: E402
 from timing import interleaved, lm_forward, lm_train_step, table  # noqa: E402
 
 
@@ -38,7 +38,7 @@ def main(default_spec: str | None = None) -> None:
     base = build_base()
     ids = torch.randint(0, 8000, (4, 128))
     ours = peftkit.adapt(copy.deepcopy(base), args.spec)
-    folder = tempfile.mkdtemp()
+    folder = scratch_folder()
     ours.save_adapter(folder)
     peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(base), folder, is_trainable=True)
     with torch.no_grad():

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import tempfile
 from typing import Any, Callable
 
 import torch
 
 import peftkit
 from perf_table import METHODS, SIZES, Setup, models_and_input, peft_model
+from scratch import scratch_folder
 from timing import paired_ratios
 
 
@@ -35,7 +35,7 @@ def compare(base: Any, prompt: torch.Tensor, key: str, new_tokens: int, budget_s
     label, spec = METHODS[key]
     torch.manual_seed(0)
     ours = peftkit.adapt(copy.deepcopy(base), spec).eval()
-    folder = tempfile.mkdtemp()
+    folder = scratch_folder()
     ours.save_adapter(folder)
     theirs = peft_model(base, folder).eval()
     runs = {name: generating(model, prompt, new_tokens)

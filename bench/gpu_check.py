@@ -19,13 +19,13 @@ import copy
 import os
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+from scratch import scratch_folder  # noqa: E402
 from timing import lm_forward, lm_train_step  # noqa: E402
 
 warnings.filterwarnings("ignore")
@@ -132,7 +132,7 @@ def timings() -> None:
 
     base = build()
     ids = torch.randint(0, 32000, (8, 512), device="cuda")
-    tmp = tempfile.mkdtemp()
+    tmp = scratch_folder()
     ours = peftkit.adapt(copy.deepcopy(base), "lora[r=16,alpha=32,target_modules=all-linear]")
     with torch.no_grad():
         for p in ours.adapter_parameters("default"):
@@ -214,7 +214,7 @@ def methods() -> None:
 
     import peftkit
 
-    tmp = tempfile.mkdtemp()
+    tmp = scratch_folder()
     build(hidden=1024, layers=4, heads=8, inter=2816, vocab=32000, dtype=torch.float32).save_pretrained(f"{tmp}/b")
     ids = torch.randint(0, 32000, (8, 512), device="cuda")
 
