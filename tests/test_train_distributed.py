@@ -19,8 +19,10 @@ from tests.train_helpers import free_port, model_folder, rows_for, write_jsonl
 
 
 def _torchrun(cwd, args: list[str]) -> subprocess.CompletedProcess:
-    """Two CPU processes (gloo, also on a machine with one GPU) running ``args`` under torchrun."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    """Two CPU processes (gloo, also on a machine with one GPU) running ``args`` under torchrun in ``cwd``,
+    where their temporary files (torchrun's torchelastic_* log folders) go too, not to the machine's /tmp."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "TMPDIR": str(cwd)}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",

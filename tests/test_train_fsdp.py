@@ -36,8 +36,11 @@ def llama(tmp_path_factory) -> tuple[Path, Path]:
     return model_folder(folder / "llama", "llama", "gpt"), write_jsonl(folder / "train.jsonl", rows_for("causal-lm", 8))
 
 
-def _env() -> dict[str, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+def _env(scratch: Path) -> dict[str, str]:
+    """The launched processes' environment; their temporary files (torchrun's torchelastic_* log folders) go
+    to ``scratch``, which pytest removes, not to the machine's /tmp."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "TMPDIR": str(scratch)}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_FSDP"):
         env.pop(key, None)
     return env
@@ -48,8 +51,8 @@ def _torchrun(*args: str) -> list[str]:
             "--master_port", str(free_port()), *args]
 
 
-def _launch(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, env=_env(), cwd=cwd)
+def _launch(command: list[str], cwd: Path, scratch: Path) -> subprocess.CompletedProcess:
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, env=_env(scratch), cwd=cwd)
     assert proc.returncode == 0, _rank_errors(proc.stderr)
     return proc
 
@@ -104,7 +107,7 @@ def test_cli_fsdp_run_is_sharded_and_saves_what_one_process_saves(llama, tmp_pat
     proc = _launch(_torchrun("-m", "peftkit", "train", str(model), "--fsdp", "--task", "causal-lm", "--method",
                              "lora[r=4]", "--data", str(data), "--eval", str(dev), "--eval-batch-size", "1",
                              "--out", str(out), "--max-steps", "3", "--batch-size", "4", "--lr", "1e-2",
-                             "--logging-steps", "1", "--save-steps", "2", "--base-model", BASE_ID), tmp_path)
+                             "--logging-steps", "1", "--save-steps", "2", "--base-model", BASE_ID), tmp_path, tmp_path)
     # The main process reports once, and says the base is sharded.
     assert proc.stderr.count("FSDP2: the base model is sharded over 2 processes in 3 units") == 1
     assert proc.stderr.count("saved the adapter to") == 1 and proc.stdout.count("trained 3 steps") == 1
@@ -145,7 +148,7 @@ def test_methods_resume_mixed_precision_and_composition_on_a_sharded_model(llama
               "options": {**sharded, "batch_size": 2, "grad_accum": 2}}]
     spec = {"model": str(model), "data": str(data), "runs": runs, "composition": str(tmp_path / "composition.json")}
     (tmp_path / "runs.json").write_text(json.dumps(spec))
-    _launch(_torchrun("-m", "tests.fsdp_runs", str(tmp_path / "runs.json")), ROOT)
+    _launch(_torchrun("-m", "tests.fsdp_runs", str(tmp_path / "runs.json")), ROOT, tmp_path)
 
     for name, method in methods.items():
         _single(model, data, method, tmp_path / f"single-{name}", save_steps=0)
@@ -182,7 +185,7 @@ def test_accelerate_launch_with_an_fsdp_config_shards_like_fsdp(llama, tmp_path)
                     "--main_process_port", str(free_port()), "-m", "peftkit", "train", str(model), "--task",
                     "causal-lm", "--method", "lora[r=4]", "--data", str(data), "--out", str(out), "--max-steps", "3",
                     "--batch-size", "4", "--lr", "1e-2", "--save-steps", "0", "--base-model", BASE_ID, "--cpu"],
-                   tmp_path)
+                   tmp_path, tmp_path)
     assert proc.stderr.count("FSDP2: the base model is sharded over 2 processes") == 1
     assert "peftkit shards the base model itself with FSDP2" in proc.stderr
     assert json.loads((out / "train_results.json").read_text())["run"]["options"]["fsdp"] is True
