@@ -5,6 +5,7 @@ dropout draws, folders both ways, merging, and the settings refused by name."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -91,6 +92,49 @@ def test_random_init_draws_what_peft_draws(arch):
     torch.manual_seed(7)
     ours = peftkit.adapt(build_tiny(arch), "miss[r=4,init_weights=false]").eval()
     torch.testing.assert_close(output_of(ours, arch), output_of(theirs, arch), atol=1e-5, rtol=0)
+
+
+def _bert_with_biases():
+    """The tiny BERT with nonzero biases (transformers starts them at zero, where a lost bias goes unseen)."""
+    model = build_tiny("bert")
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("variant", ["balance", "balance_padded"])
+def test_balance_fused_with_the_base_product_equals_peft_on_layers_with_a_bias(monkeypatch, tmp_path, variant):
+    """On a plain float layer balance writes its update first and the base product accumulates onto it in place
+    (``forward_alone``: no pass copies or adds the output). Outputs and gradients equal PEFT's, bias included."""
+    from peft import get_peft_model, MissConfig
+
+    from peftkit.plugins.miss.layer import MissLayer
+
+    fused, unfused_forward_alone = [], MissLayer.forward_alone
+
+    def recorded(self, x, base):
+        out = unfused_forward_alone(self, x, base)
+        fused.append(out is not None)
+        return out
+    monkeypatch.setattr(MissLayer, "forward_alone", recorded)
+    base = _bert_with_biases()
+    theirs = get_peft_model(copy.deepcopy(base), MissConfig(**VARIANTS[variant]))
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(3)
+        for name, param in theirs.named_parameters():
+            if "miss_block" in name:
+                param.add_(torch.randn(param.shape, generator=gen) * 0.1)
+    theirs.eval().save_pretrained(str(tmp_path / "peft"))
+    ours = peftkit.from_pretrained(copy.deepcopy(base), str(tmp_path / "peft"), is_trainable=True).eval()
+    torch.testing.assert_close(output_of(ours, "bert"), output_of(theirs, "bert"), atol=1e-5, rtol=0)
+    expected, got = _gradients(theirs, "bert", "base_model.model."), _gradients(ours, "bert", "base_model.")
+    assert sorted(got) == sorted(expected) and got
+    for key, grad in expected.items():
+        torch.testing.assert_close(got[key], grad, atol=1e-6, rtol=1e-4)
+    assert fused and all(fused)
 
 
 @pytest.mark.parametrize("variant", ["balance_padded", "mini"])

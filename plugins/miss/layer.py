@@ -22,8 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from peftkit.plugin_api import adapter_dtype, adapter_precision, fusable_linear, LayerAdapter, MergeError, \
-    quantization_of
+from peftkit.plugin_api import accumulating_gemm_is_fast, adapter_dtype, adapter_precision, fusable_linear, \
+    LayerAdapter, MergeError, quantization_of
 
 
 class MissLayer(LayerAdapter):
@@ -46,11 +46,17 @@ class MissLayer(LayerAdapter):
 
     def _shard_sum(self, x: torch.Tensor) -> torch.Tensor:
         """The sum of x's shards of r features, (..., r), in the block's dtype (the last shard zero-padded)."""
-        padding = -x.shape[-1] % self.r
-        if padding:  # padded before the dropout, as PEFT does, so that a seed drops the same entries
-            x = F.pad(x, (0, padding))
+        r, rest = self.r, x.shape[-1] % self.r
+        dropping = isinstance(self.dropout, nn.Dropout) and self.training
+        if rest and dropping:  # padded before the dropout, as PEFT does, so that a seed drops the same entries
+            x = F.pad(x, (0, r - rest))
+            rest = 0
         x = self.dropout(x.to(self.miss_block.dtype))
-        return x.reshape(*x.shape[:-1], x.shape[-1] // self.r, self.r).sum(dim=-2)
+        whole = x.shape[-1] - rest
+        total = x[..., :whole].reshape(*x.shape[:-1], whole // r, r).sum(dim=-2)
+        if rest:  # the short last shard added to the first features: no padded copy of x (one pass less)
+            total[..., :rest] += x[..., whole:]
+        return total
 
     def _narrow_update(self, x: torch.Tensor) -> torch.Tensor:
         """balance: the update (..., out); mini: its repeated part (..., mini_r)."""
@@ -90,10 +96,22 @@ class MissLayer(LayerAdapter):
     # -- forward -----------------------------------------------------------------------------------------------------
 
     def forward_alone(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor | None:
-        """bat on a plain float layer: the layer with the changed weight, one product (PEFT's forward)."""
-        if self.variant != "bat" or not fusable_linear(base, x, self.miss_block) \
+        """On a plain float layer, outside autocast: bat's layer with the changed weight, one product (PEFT's
+        forward); balance's ``(shard sum) @ D`` written first and the base product accumulated onto it in place,
+        so that no pass copies or adds the (tokens, out) output (float32/64 and GPUs, where such a product is
+        as fast as one writing a new output: ``accumulating_gemm_is_fast``). None otherwise (the unfused path)."""
+        if self.variant == "mini" or not fusable_linear(base, x, self.miss_block) \
                 or torch.is_autocast_enabled(x.device.type):
             return None
+        if self.variant == "balance":
+            if self.miss_block.dtype != x.dtype or not accumulating_gemm_is_fast(x):
+                return None
+            rows = x.reshape(-1, self.in_features)
+            out = torch.mm(self._shard_sum(rows), self.miss_block)
+            out.addmm_(rows, base.weight.t())
+            if base.bias is not None:
+                out.add_(base.bias)
+            return out.view(*x.shape[:-1], self.out_features)
         change = self._bat_delta(base.weight)
         changed = base.weight.to(change.dtype) + change
         bias = base.bias.to(changed.dtype) if base.bias is not None else None
