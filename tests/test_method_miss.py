@@ -137,6 +137,24 @@ def test_balance_fused_with_the_base_product_equals_peft_on_layers_with_a_bias(m
     assert fused and all(fused)
 
 
+@pytest.mark.parametrize("width", [24, 29])  # 29: a short last shard
+@pytest.mark.parametrize("bias", [False, True])
+def test_balance_node_equals_the_padded_formula_and_passes_gradcheck(width, bias):
+    """The training node's output is x W^T + b + (sum of x zero-padded to whole shards) D, and its backward
+    (g D^T spread over the shards of g W in place) passes torch's gradient check in float64."""
+    from peftkit.plugins.miss.shards import BalanceNode
+
+    gen = torch.Generator().manual_seed(0)
+    x, block = torch.randn(5, width, generator=gen, dtype=torch.float64, requires_grad=True), \
+        torch.randn(4, 7, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(7, width, generator=gen, dtype=torch.float64)
+    b = torch.randn(7, generator=gen, dtype=torch.float64) if bias else None
+    padded = torch.nn.functional.pad(x, (0, -width % 4))
+    expected = x @ weight.t() + padded.reshape(5, -1, 4).sum(dim=1) @ block + (b if bias else 0)
+    torch.testing.assert_close(BalanceNode.apply(x, block, weight, b, 4), expected)
+    assert torch.autograd.gradcheck(lambda x, block: BalanceNode.apply(x, block, weight, b, 4), (x, block))
+
+
 @pytest.mark.parametrize("variant", ["balance_padded", "mini"])
 def test_dropout_drops_what_peft_drops(tmp_path, variant):
     """In training, a seed drops the same entries in both (the input is padded to whole shards first, as PEFT

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from peftkit.plugin_api import accumulating_gemm_is_fast, adapter_dtype, adapter_precision, fusable_linear, \
     LayerAdapter, MergeError, quantization_of
 
+from .shards import BalanceNode, shard_sum
+
 
 class MissLayer(LayerAdapter):
     def __init__(self, base: nn.Module, in_features: int, out_features: int, r: int, *, variant: str = "balance",
@@ -47,16 +49,12 @@ class MissLayer(LayerAdapter):
     def _shard_sum(self, x: torch.Tensor) -> torch.Tensor:
         """The sum of x's shards of r features, (..., r), in the block's dtype (the last shard zero-padded)."""
         r, rest = self.r, x.shape[-1] % self.r
-        dropping = isinstance(self.dropout, nn.Dropout) and self.training
-        if rest and dropping:  # padded before the dropout, as PEFT does, so that a seed drops the same entries
+        if rest and self._dropping():  # padded before the dropout, as PEFT does, so that a seed drops its entries
             x = F.pad(x, (0, r - rest))
-            rest = 0
-        x = self.dropout(x.to(self.miss_block.dtype))
-        whole = x.shape[-1] - rest
-        total = x[..., :whole].reshape(*x.shape[:-1], whole // r, r).sum(dim=-2)
-        if rest:  # the short last shard added to the first features: no padded copy of x (one pass less)
-            total[..., :rest] += x[..., whole:]
-        return total
+        return shard_sum(self.dropout(x.to(self.miss_block.dtype)), r)  # no padded copy of x otherwise
+
+    def _dropping(self) -> bool:
+        return isinstance(self.dropout, nn.Dropout) and self.training
 
     def _narrow_update(self, x: torch.Tensor) -> torch.Tensor:
         """balance: the update (..., out); mini: its repeated part (..., mini_r)."""
@@ -107,10 +105,14 @@ class MissLayer(LayerAdapter):
             if self.miss_block.dtype != x.dtype or not accumulating_gemm_is_fast(x):
                 return None
             rows = x.reshape(-1, self.in_features)
-            out = torch.mm(self._shard_sum(rows), self.miss_block)
-            out.addmm_(rows, base.weight.t())
-            if base.bias is not None:
-                out.add_(base.bias)
+            frozen = not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
+            if frozen and not self._dropping():  # one node, backward spreads g D^T over g W's shards in place
+                out = BalanceNode.apply(rows, self.miss_block, base.weight, base.bias, self.r)
+            else:
+                out = torch.mm(self._shard_sum(rows), self.miss_block)
+                out.addmm_(rows, base.weight.t())
+                if base.bias is not None:
+                    out.add_(base.bias)
             return out.view(*x.shape[:-1], self.out_features)
         change = self._bat_delta(base.weight)
         changed = base.weight.to(change.dtype) + change
