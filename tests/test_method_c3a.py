@@ -17,7 +17,7 @@ import peftkit
 from peftkit.core.composition import Stack
 from peftkit.core.errors import AdapterLoadError, ConfigError
 from peftkit.plugins.c3a.config import C3AConfig
-from peftkit.plugins.c3a.layer import block_circulant, FUSED_FROM_TOKENS, kernel_gradient
+from peftkit.plugins.c3a.layer import block_circulant, FUSED_FROM_TOKENS, kernel_gradient, weight_plus_change
 from tests.method_helpers import (adapted_after_seed, adapter_modules, loaded_in_peft, merge_cycle_keeps_outputs,
                                   output_of)
 from tests.tiny_models import build_tiny
@@ -117,6 +117,16 @@ def test_the_block_circulant_matrix_is_pefts_fft_built_one(shape):
     torch.testing.assert_close(block_circulant(kernel), get_circulant_fast(kernel), rtol=0, atol=1e-6)
     m, n, b = shape
     assert block_circulant(kernel)[b - 1, 0] == kernel[0, 0, 1 % b]  # row t is the vector rotated right by t
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4), (1, 1, 5), (3, 2, 1), (4, 2, 8)])
+def test_the_summed_weight_is_the_weight_plus_the_divided_circulant_bit_for_bit(shape):
+    """The training product's W + C / in, built in two passes in W's layout, has the very numbers of
+    ``weight + block_circulant(kernel) / in``."""
+    m, n, b = shape
+    gen = torch.Generator().manual_seed(1)
+    kernel, weight = torch.randn(shape, generator=gen), torch.randn(m * b, n * b, generator=gen)
+    assert torch.equal(weight_plus_change(weight, kernel, n * b + 3), weight + block_circulant(kernel) / (n * b + 3))
 
 
 #: Kernels with no other C3A layer between them and the loss (PEFT's input gradient is wrong, see below):
