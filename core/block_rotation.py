@@ -39,7 +39,7 @@ def rotate_blocks(x: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
         matrices = matrices.view(count // group, group, size, 1, size) * eye.view(1, group, 1, group, 1)
         count, size = count // group, group * size
         matrices = matrices.reshape(count, size, size)
-    parts = x.to(matrices.dtype).reshape(-1, count, size)
+    parts = x.to(matrices.dtype).reshape(x.numel() // x.shape[-1], count, size)  # no -1: a batch may be empty
     # One batched product over the blocks, reading the rows through a transposed view: the result is copied
     # back into the rows' layout once, where einsum also copied the rows into block-major order first.
     return torch.bmm(parts.transpose(0, 1), matrices).transpose(0, 1).reshape(x.shape)

@@ -44,3 +44,10 @@ def test_one_shared_matrix_expanded_over_the_blocks_and_a_bfloat16_input():
     got = rotate_blocks(x, shared)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, _blockwise(x.float(), shared))
+
+
+def test_an_empty_batch_and_a_single_vector_keep_their_shapes():
+    matrices = torch.randn(2, 32, 32)
+    assert rotate_blocks(torch.randn(0, 5, 64), matrices).shape == (0, 5, 64)
+    vector = torch.randn(64)
+    torch.testing.assert_close(rotate_blocks(vector, matrices), _blockwise(vector, matrices))
