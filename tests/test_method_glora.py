@@ -79,6 +79,32 @@ def test_the_layer_computes_the_plain_formula_in_float64():
     torch.testing.assert_close(seen["out"].double(), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_inference_reuses_the_changed_layer_until_the_adapter_or_the_layer_changes():
+    """An inference forward runs one product with W' and b' kept from the last build, while neither the
+    adapter's tensors nor the layer's change; a training forward builds them anew (gradients reach the paths)."""
+    model = peftkit.adapt(build_tiny("bert"), "glora[r=2,config_D_E=vector]").eval()
+    randomize(model, std=0.5)
+    adapter = next(iter(adapter_modules(model).values()))
+    expected = output_of(model, "bert")
+    kept = adapter.__dict__["_kept_changed_layer"][1]
+    torch.testing.assert_close(output_of(model, "bert"), expected, rtol=0, atol=0)
+    assert adapter.__dict__["_kept_changed_layer"][1] is kept  # reused
+    with torch.no_grad():
+        adapter.glora_B.Xu.mul_(2)  # the adapter changes in place: W' is built again
+    moved = output_of(model, "bert")
+    assert not torch.allclose(moved, expected) and adapter.__dict__["_kept_changed_layer"][1] is not kept
+    with torch.no_grad():
+        model.base_model.bert.encoder.layer[0].attention.self.query.base_layer.weight.mul_(1.5)  # so does the layer
+    assert not torch.allclose(output_of(model, "bert"), moved)
+    model.merge_adapter()
+    merged = output_of(model, "bert")
+    model.unmerge_adapter()
+    torch.testing.assert_close(output_of(model, "bert"), merged, rtol=0, atol=1e-5)
+    ids = torch.randint(3, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    model.train()(input_ids=ids).logits.square().mean().backward()
+    assert "_kept_changed_layer" not in adapter.__dict__ and adapter.glora_B.Xu.grad.abs().max() > 0
+
+
 def test_identity_at_init_and_parameter_counts():
     model = peftkit.adapt(build_tiny("bert"), "glora[r=4,config_C=vector,config_D_E=vector]")
     model.set_active("default")

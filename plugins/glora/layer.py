@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from peftkit.plugin_api import adapter_dtype, LayerAdapter, PeftkitError, plain_linear
+from peftkit.plugin_api import adapter_dtype, kept_while_unchanged, LayerAdapter, PeftkitError, plain_linear
 
 
 class GloraPath(nn.Module):
@@ -116,10 +116,22 @@ class GloraLayer(LayerAdapter):
         if not plain_linear(base) or torch.is_autocast_enabled(x.device.type) or x.dtype != weight.dtype \
                 or any(p.dtype != weight.dtype for p in self.parameters()):
             return None
-        weight_change, bias_change = self.changes(weight, base.bias)
-        new_weight = weight if weight_change is None else weight + weight_change
-        new_bias = base.bias if bias_change is None else base.bias + bias_change
+        bias = base.bias
+        layer_tensors = (weight,) if bias is None else (weight, bias)
+        new_weight, new_bias = kept_while_unchanged(self, "_kept_changed_layer", (*self.parameters(), *layer_tensors),
+                                                    lambda: self._changed_layer(weight, bias))
         return F.linear(x, new_weight, new_bias)
+
+    def _changed_layer(self, weight: torch.Tensor, bias: torch.Tensor | None
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(W', b'): built at every training forward; an inference forward reuses the pair built last while
+        neither the adapter's tensors nor the layer's change (``kept_while_unchanged``), so it runs the one
+        product alone, at the memory of a second (out, in) weight per layer (``merge_adapter()`` writes W'
+        into the layer instead)."""
+        weight_change, bias_change = self.changes(weight, bias)
+        new_weight = weight if weight_change is None else weight + weight_change
+        new_bias = bias if bias_change is None or bias is None else bias + bias_change
+        return new_weight, new_bias
 
     # -- merging -------------------------------------------------------------------
 
