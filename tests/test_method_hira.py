@@ -362,3 +362,28 @@ def test_one_row_goes_through_the_weight_once_and_equals_the_formula(conv1d):
         made = new_tensors(lambda: layer.forward_alone(x, base))
     assert (24, 16) not in [shape for _, shape in made] and (16, 24) not in [shape for _, shape in made], made
     assert ("mm.default", (4, 24)) in made, made
+
+
+def test_inference_on_many_rows_reuses_the_modulated_weight_until_a_factor_or_the_weight_changes():
+    """Without gradients, several rows go through W0 ⊙ (1 + B A) built once and kept while A, B and W0 stay; a
+    training forward builds it anew (through the node that keeps x alone) and drops the kept one."""
+    base = frozen_layer(16, 24)
+    torch.manual_seed(1)
+    layer = HiraLinear(base, r=3, init_weights=False).double()
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+
+    def formula() -> torch.Tensor:
+        return x @ (base.weight * (1 + layer.hira_B @ layer.hira_A)).t() + base.bias
+
+    with torch.no_grad():
+        first = layer.forward_alone(x, base)
+        kept = layer.__dict__["_kept_changed_weight"][1]
+        torch.testing.assert_close(first, formula())
+        torch.testing.assert_close(layer.forward_alone(x, base), first, rtol=0, atol=0)
+        assert layer.__dict__["_kept_changed_weight"][1] is kept
+        layer.hira_A.mul_(2)
+        torch.testing.assert_close(layer.forward_alone(x, base), formula())
+        base.weight.mul_(1.5)
+        torch.testing.assert_close(layer.forward_alone(x, base), formula())
+    layer.forward_alone(x, base).sum().backward()
+    assert "_kept_changed_weight" not in layer.__dict__ and layer.hira_B.grad.abs().max() > 0

@@ -27,8 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from peftkit.plugin_api import (adapter_dtype, is_conv1d, LayerAdapter, linear_features, MergeError, plain_linear,
-                                to_dtype, weight_out_in)
+from peftkit.plugin_api import (adapter_dtype, is_conv1d, kept_while_unchanged, LayerAdapter, linear_features,
+                                MergeError, plain_linear, to_dtype, weight_out_in)
 
 
 def hadamard_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, with_base: bool) -> torch.Tensor:
@@ -152,6 +152,12 @@ class HiraLinear(_WeightScaling):
             return None
         if x.numel() == x.shape[-1]:  # one row (decoding one token): W read once, no (out x in) tensor made
             return few_rows_output(x, weight, base.bias, a, b)
+        trains = torch.is_grad_enabled() and any(t.requires_grad for t in (weight, a, b))
+        if not trains and not torch.compiler.is_compiling():  # inference: W0 ⊙ (1 + B A) built once, then kept
+            changed = kept_while_unchanged(self, "_kept_changed_weight", (weight, a, b),
+                                           lambda: hadamard_weight(weight, a, b, True))
+            return F.linear(x, changed, base.bias)
+        self.__dict__.pop("_kept_changed_weight", None)  # training keeps nothing between steps
         return _HadamardLinear.apply(x, weight, a, b, base.bias, True)
 
     # -- merging -----------------------------------------------------------------------------------------------------
