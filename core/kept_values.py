@@ -16,6 +16,9 @@ import torch.nn as nn
 
 Built = TypeVar("Built")
 
+#: Where an owner lists the names its kept values are under (for :func:`drop_kept_values`).
+KEPT_NAMES = "_kept_value_names"
+
 
 def kept_while_unchanged(owner: nn.Module, name: str, tensors: Sequence[torch.Tensor], build: Callable[[], Built],
                          extra: Hashable = ()) -> Built:
@@ -37,4 +40,13 @@ def kept_while_unchanged(owner: nn.Module, name: str, tensors: Sequence[torch.Te
         with torch.no_grad():
             kept = (key, build(), [t.untyped_storage() for t in tensors])
         owner.__dict__[name] = kept
+        owner.__dict__.setdefault(KEPT_NAMES, set()).add(name)
     return kept[1]
+
+
+def drop_kept_values(owner: nn.Module) -> None:
+    """Free every value :func:`kept_while_unchanged` keeps on ``owner`` (the next inference forward builds it
+    again). The model calls it for an adapter's layer modules when the adapter stops being active, so the dense
+    weights some methods keep (C3A's, FourierFT's, GLoRA's, HiRA's) stay only for the active adapters."""
+    for name in owner.__dict__.pop(KEPT_NAMES, ()):
+        owner.__dict__.pop(name, None)

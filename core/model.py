@@ -22,8 +22,10 @@ from .composition_api import CompositionMixin
 from .composition_exec import Routing
 from .config import AdapterConfig
 from .errors import AdapterError, MergeError, TargetError
+from .kept_values import drop_kept_values
 from .labels import config_labels, set_config_labels
-from .layer import LayerAdapter, ModelAdapter, ModulesToSave, TunerLayer, merge_order_message, name_taken_by_torch
+from .layer import adapters_at, LayerAdapter, ModelAdapter, ModulesToSave, TunerLayer, merge_order_message, \
+    name_taken_by_torch
 from .method import Method, Site
 from .output_points import PointOutputHooks
 from .plugins import architecture_for, parse_spec
@@ -403,14 +405,25 @@ class AdaptedModel(CompositionMixin, nn.Module):
         ``set_active(None)`` deactivates all.
         """
         state = self.adapter_state
+        before = set(state.active_names)
         if not adapters or (len(adapters) == 1 and adapters[0] is None):
             state.active, state.active_names = None, ()
             self._show_labels(None)
-            return
-        node = composition.as_node(adapters[0] if len(adapters) == 1 else list(adapters))
-        self.check_composition(node)
-        state.active, state.active_names = node, tuple(composition.adapter_leaves(node))
-        self._show_labels(node)
+        else:
+            node = composition.as_node(adapters[0] if len(adapters) == 1 else list(adapters))
+            self.check_composition(node)
+            state.active, state.active_names = node, tuple(composition.adapter_leaves(node))
+            self._show_labels(node)
+        for name in before - set(state.active_names):
+            self._drop_kept_values(name)
+
+    def _drop_kept_values(self, name: str) -> None:
+        """Free the values adapter ``name``'s layer modules keep for inference (``drop_kept_values``)."""
+        record = self._records.get(name)
+        for site in record.sites if record is not None else ():
+            adapter = adapters_at(self.base_model.get_submodule(site.name)).get(name)
+            if adapter is not None:
+                drop_kept_values(adapter)
 
     set_adapter = set_active  # PEFT's spelling
 

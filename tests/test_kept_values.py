@@ -1,6 +1,7 @@
 """kept_while_unchanged (peftkit/core/kept_values.py, the plugin API) on OFT's rotations and BOFT's blocks: kept
 between forwards without gradients, built again when the trained entries change, and dropped by a training
-forward (VB-LoRA's, FourierFT's, C3A's and DeLoRA's kept values have their own tests in their method files)."""
+forward (VB-LoRA's, FourierFT's, C3A's and DeLoRA's kept values have their own tests in their method files); an
+adapter that stops being active frees what its layers keep."""
 
 from __future__ import annotations
 
@@ -34,3 +35,25 @@ def test_kept_between_inference_forwards_until_the_entries_change_and_dropped_in
     model.train()
     model(input_ids=ids).logits.sum().backward()  # training builds anew, with gradients, and keeps nothing
     assert name not in layer.__dict__ and getattr(layer, entries).grad is not None
+
+
+def test_an_adapter_switched_away_frees_what_its_layers_keep():
+    """The dense weights some methods keep for inference (here C3A's weight change) stay only for the active
+    adapters: set_active() to another adapter, or to none, frees the old one's; it is built again when used."""
+    torch.manual_seed(0)
+    model = peftkit.adapt(build_tiny("llama"), "c3a[block_size=8,init_weights=false]").eval()
+    model.add_adapter("other", "c3a[block_size=8,init_weights=false]")
+    first, other = adapter_modules(model, "default"), adapter_modules(model, "other")
+    ids = torch.tensor([[3, 14, 15, 92, 65]] * 8)  # 40 tokens: C3A's one product with W + dW, from its kept dW
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        assert all("_kept_change" in layer.__dict__ for layer in first.values())
+        model.set_active("other")
+        assert not any("_kept_change" in layer.__dict__ for layer in first.values())
+        model(input_ids=ids)
+        assert all("_kept_change" in layer.__dict__ for layer in other.values())
+        model.set_active("default")
+        assert not any("_kept_change" in layer.__dict__ for layer in other.values())
+        assert torch.equal(model(input_ids=ids).logits, expected)  # built again, the same numbers
+        model.set_active(None)
+        assert not any("_kept_change" in layer.__dict__ for layer in first.values())
