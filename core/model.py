@@ -24,9 +24,9 @@ from .config import AdapterConfig
 from .errors import AdapterError, MergeError, TargetError
 from .kept_values import drop_kept_values
 from .labels import config_labels, set_config_labels
-from .layer import adapters_at, LayerAdapter, ModelAdapter, ModulesToSave, TunerLayer, merge_order_message, \
-    name_taken_by_torch
+from .layer import LayerAdapter, ModelAdapter, ModulesToSave, TunerLayer, merge_order_message, name_taken_by_torch
 from .method import Method, Site
+from .method_training import layer_adapters_of
 from .output_points import PointOutputHooks
 from .plugins import architecture_for, parse_spec
 from .shared_state import SharedState
@@ -414,15 +414,8 @@ class AdaptedModel(CompositionMixin, nn.Module):
             self.check_composition(node)
             state.active, state.active_names = node, tuple(composition.adapter_leaves(node))
             self._show_labels(node)
-        for name in before - set(state.active_names):
-            self._drop_kept_values(name)
-
-    def _drop_kept_values(self, name: str) -> None:
-        """Free the values adapter ``name``'s layer modules keep for inference (``drop_kept_values``)."""
-        record = self._records.get(name)
-        for site in record.sites if record is not None else ():
-            adapter = adapters_at(self.base_model.get_submodule(site.name)).get(name)
-            if adapter is not None:
+        for name in before - set(state.active_names):  # free what their layers keep for inference
+            for adapter in layer_adapters_of(self, name).values() if name in self._records else ():
                 drop_kept_values(adapter)
 
     set_adapter = set_active  # PEFT's spelling

@@ -130,7 +130,7 @@ class GloraLayer(LayerAdapter):
         into the layer instead)."""
         weight_change, bias_change = self.changes(weight, bias)
         new_weight = weight if weight_change is None else weight + weight_change
-        new_bias = bias if bias_change is None or bias is None else bias + bias_change
+        new_bias = bias if bias_change is None else bias + bias_change  # no bias: no bias change
         return new_weight, new_bias
 
     # -- merging -------------------------------------------------------------------

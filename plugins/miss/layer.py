@@ -97,22 +97,18 @@ class MissLayer(LayerAdapter):
         """On a plain float layer, outside autocast: bat's layer with the changed weight, one product (PEFT's
         forward); balance's ``(shard sum) @ D`` written first and the base product accumulated onto it in place,
         so that no pass copies or adds the (tokens, out) output (float32/64 and GPUs, where such a product is
-        as fast as one writing a new output: ``accumulating_gemm_is_fast``). None otherwise (the unfused path)."""
+        as fast as one writing a new output: ``accumulating_gemm_is_fast``), for a frozen layer and no dropout
+        drawn. None otherwise (the unfused path)."""
         if self.variant == "mini" or not fusable_linear(base, x, self.miss_block) \
                 or torch.is_autocast_enabled(x.device.type):
             return None
         if self.variant == "balance":
-            if self.miss_block.dtype != x.dtype or not accumulating_gemm_is_fast(x):
-                return None
-            rows = x.reshape(-1, self.in_features)
             frozen = not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
-            if frozen and not self._dropping():  # one node, backward spreads g D^T over g W's shards in place
-                out = BalanceNode.apply(rows, self.miss_block, base.weight, base.bias, self.r)
-            else:
-                out = torch.mm(self._shard_sum(rows), self.miss_block)
-                out.addmm_(rows, base.weight.t())
-                if base.bias is not None:
-                    out.add_(base.bias)
+            if self.miss_block.dtype != x.dtype or not accumulating_gemm_is_fast(x) or not frozen \
+                    or self._dropping():
+                return None
+            # one node: backward spreads g D^T over g W's shards in place
+            out = BalanceNode.apply(x.reshape(-1, self.in_features), self.miss_block, base.weight, base.bias, self.r)
             return out.view(*x.shape[:-1], self.out_features)
         change = self._bat_delta(base.weight)
         changed = base.weight.to(change.dtype) + change
