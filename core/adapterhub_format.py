@@ -79,13 +79,16 @@ class AdapterHubFormat:
         """Our tensor key (relative to the site) for AdapterHub's ``rest``; None: a duplicate to skip."""
         return rest
 
-    def tensor_in(self, key: str, tensor: Any, options: Mapping[str, Any], model_type: str | None) -> Any:
-        """Our tensor for AdapterHub's ``tensor``, which goes to our ``key`` (after :meth:`key_in`): the same
-        by default; a layout that differs (GPT-2's fused LoRA) is rebuilt here, exactly."""
+    def tensor_in(self, key: str, tensor: Any, options: Mapping[str, Any], model_type: str | None, *,
+                  module: str = "") -> Any:
+        """Our tensor for AdapterHub's ``tensor`` of ``module`` (the module path ``adapters`` keyed it under),
+        which goes to our ``key`` (after :meth:`key_in`): the same by default; a layout that differs (GPT-2's
+        fused LoRA) is rebuilt here, exactly."""
         return tensor
 
-    def tensor_out(self, key: str, tensor: Any, options: Mapping[str, Any], model_type: str | None) -> Any:
-        """AdapterHub's tensor for our tensor ``key`` (the inverse of :meth:`tensor_in`); raises
+    def tensor_out(self, key: str, tensor: Any, options: Mapping[str, Any], model_type: str | None, *,
+                   module: str = "") -> Any:
+        """AdapterHub's tensor for our tensor ``key`` of ``module`` (the inverse of :meth:`tensor_in`); raises
         ConfigError naming what the format cannot hold."""
         return tensor
 
@@ -208,7 +211,7 @@ def adapterhub_tensors(fmt: AdapterHubFormat, tensors: Mapping[str, Any], sites:
         if ours is None:
             continue
         try:
-            tensor = fmt.tensor_in(ours, tensor, data["config"], data.get("model_type"))
+            tensor = fmt.tensor_in(ours, tensor, data["config"], data.get("model_type"), module=module)
         except ConfigError as exc:
             raise AdapterLoadError(f"{where}: weight {key!r}: {exc}") from None
         matches = [site for site, m in modules.items() if same_module(m, module)]
@@ -299,7 +302,7 @@ def adapterhub_file_tensors(fmt: AdapterHubFormat, site_tensors: Mapping[str, Ma
         module = fmt.module_for(site, model_type)
         for key, tensor in tensors.items():
             try:
-                tensor = fmt.tensor_out(key, tensor, options, model_type)
+                tensor = fmt.tensor_out(key, tensor, options, model_type, module=module)
             except ConfigError as exc:
                 raise PeftkitError(f"cannot save adapter {name!r} in AdapterHub's format: at {site}: {exc}; save "
                                    f"it in peftkit's format instead (format='peftkit')") from None

@@ -1,10 +1,17 @@
 """AdapterHub's (IA)^3 (``adapters``' IA3Config: LoRAConfig with composition_mode="scale") as ia3.
 
-``adapters`` multiplies the outputs of the self-attention projections it names
-(``attn_matrices``) and, with ``intermediate_lora``, of the feed-forward's first layer
-(``intermediate.dense``) by ``alpha * lora_B`` (out, 1): peftkit's ia3 with those targets and
-no feed-forward (input-scaled) modules. Only ``alpha=1`` (IA3Config's) is read, so the file's
-vectors are ours unchanged; BERT-family module names.
+``adapters`` multiplies the output of each layer it adapts by ``alpha * lora_B`` (out, 1): the self-attention
+projections named in ``attn_matrices`` and, with ``intermediate_lora`` / ``output_lora``, the feed-forward layers
+its LoRA takes (BERT ``intermediate.dense`` / ``layer.N.output.dense``, Llama ``mlp.down_proj`` / ``mlp.up_proj``,
+GPT-2 ``mlp.c_fc`` / ``mlp.c_proj``); even the "intermediate" layer's output is scaled. That is peftkit's ia3
+with those targets and no feed-forward (input-scaled) modules. The places, and ``leave_out`` written as
+``exclude_modules``, are the lora plugin's translation (:meth:`LoraAdapterHub.placement_targets`), shared
+through the registry. ``alpha`` is folded into the vectors on load; saving writes ``alpha=1``.
+
+On GPT-2's fused ``c_attn`` ``adapters`` keeps one vector for the n matrices of ``attn_matrices`` (n d) and
+scales the other thirds of the output by ``alpha`` alone: peftkit loads one (3d, 1) vector holding ``alpha``
+there (the MLP's vectors are left as they are), and saves ``attn_matrices`` q, k, v. ``use_gating`` (a gate
+that replaces ``alpha``) is refused.
 """
 
 from __future__ import annotations
@@ -20,11 +27,21 @@ IA3_DEFAULTS: dict[str, Any] = {
     "output_lora": False, "r": 1, "selfattn_lora": True, "use_dora": False, "use_gating": False, "vera_b": None,
     "vera_d": None,
 }
-REQUIRED = {"alpha": 1, "r": 1, "output_lora": False, "use_gating": False, "use_dora": False, "vera_b": None,
-            "vera_d": None, "leave_out": [], "dropout": 0.0}
-MATRICES = {"q": "query", "k": "key", "v": "value"}
-INTERMEDIATE = "intermediate.dense"
-MODEL_TYPES = ("bert", "roberta", "xlm-roberta")
+REQUIRED = {"r": 1, "use_gating": False, "use_dora": False, "vera_b": None, "vera_d": None, "dropout": 0.0}
+
+
+def _places() -> Any:
+    """The lora plugin's AdapterHub translation, which knows where ``adapters`` puts LoRA and IA3."""
+    from peftkit.plugin_api import get_method
+
+    return get_method("lora").adapterhub
+
+
+def _alpha(options: Mapping[str, Any]) -> float:
+    alpha = options.get("alpha", 1)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise ConfigError(f"AdapterHub IA3 option alpha={alpha!r} is not supported by peftkit (a number)")
+    return float(alpha)
 
 
 class IA3AdapterHub(AdapterHubFormat):
@@ -35,28 +52,32 @@ class IA3AdapterHub(AdapterHubFormat):
         return options.get("architecture") == "lora" and options.get("composition_mode") == "scale"
 
     def config_values(self, options: Mapping[str, Any], model_type: str | None) -> dict[str, Any]:
+        options = {**IA3_DEFAULTS, **options}
         self.refuse_changed(options, REQUIRED, "IA3")
-        matrices = list(options.get("attn_matrices", ["k", "v"])) if options.get("selfattn_lora", True) else []
-        if any(m not in MATRICES for m in matrices) or model_type not in MODEL_TYPES:
-            raise ConfigError(f"AdapterHub IA3 with attn_matrices={matrices} on model_type={model_type!r} is not "
-                              f"supported by peftkit yet (q, k, v on {', '.join(MODEL_TYPES)})")
-        targets = [MATRICES[m] for m in matrices] + ([INTERMEDIATE] if options.get("intermediate_lora") else [])
-        if not targets:
-            raise ConfigError("AdapterHub IA3 adapts no module (selfattn_lora and intermediate_lora are off)")
-        return {"target_modules": targets, "feedforward_modules": []}
+        _alpha(options)
+        return {**_places().placement_targets(options, model_type, "IA3"), "feedforward_modules": []}
 
     def options(self, config: Any, model_type: str | None) -> dict[str, Any]:
-        targets = config.target_modules if isinstance(config.target_modules, list) else None
-        allowed = {*MATRICES.values(), INTERMEDIATE}
-        if not targets or any(t not in allowed for t in targets) or config.feedforward_modules:
-            raise ConfigError(f"target_modules={config.target_modules!r}, feedforward_modules="
-                              f"{config.feedforward_modules!r}; AdapterHub's IA3 scales the outputs of query/key/"
-                              f"value and {INTERMEDIATE} only (feedforward_modules=[])")
-        if getattr(config, "exclude_modules", None) or getattr(config, "layers_to_transform", None) is not None:
-            raise ConfigError("exclude_modules / layers_to_transform have no AdapterHub equivalent")
-        return {**IA3_DEFAULTS, "attn_matrices": [m for m, module in MATRICES.items() if module in targets],
-                "selfattn_lora": any(module in targets for module in MATRICES.values()),
-                "intermediate_lora": INTERMEDIATE in targets}
+        if config.feedforward_modules:
+            raise ConfigError(f"feedforward_modules={config.feedforward_modules!r}; AdapterHub's IA3 scales the "
+                              f"outputs of the layers it adapts, never their inputs (feedforward_modules=[])")
+        return {**IA3_DEFAULTS, **_places().placement_options(config, model_type, "IA3")}
+
+    def tensor_in(self, key: str, tensor: Any, options: Mapping[str, Any], model_type: str | None, *,
+                  module: str = "") -> Any:
+        """``alpha * lora_B``; on GPT-2's fused layer the whole output's vector, ``alpha`` in a third left out."""
+        if key != "ia3_l":
+            return tensor
+        options = {**IA3_DEFAULTS, **options}
+        fused = _places().fused_matrices(options, model_type, module)
+        if 0 < len(fused) < 3:
+            d = tensor.shape[0] // len(fused)
+            whole = tensor.new_ones((3 * d, *tensor.shape[1:]))
+            for g, m in enumerate(fused):
+                i = ("q", "k", "v").index(m)
+                whole[i * d:(i + 1) * d] = tensor[g * d:(g + 1) * d]
+            tensor = whole
+        return tensor * _alpha(options)
 
     def key_in(self, rest: str, options: Mapping[str, Any]) -> str | None:
         return "ia3_l" if rest == "lora_B" else rest
