@@ -18,7 +18,7 @@ import pickle
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from .errors import AdapterLoadError, ConfigError, PeftkitError
+from .errors import AdapterLoadError, ConfigError, DAMAGED_FILE_FIX, PeftkitError
 
 CONFIG_NAME = "adapter_config.json"
 SAFE_WEIGHTS_NAME = "adapter.safetensors"
@@ -170,7 +170,7 @@ def read_adapterhub_weights(folder: Path, safe_name: str = SAFE_WEIGHTS_NAME,
     except (SafetensorError, RuntimeError, ValueError, OSError, EOFError, pickle.UnpicklingError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else ""
         raise AdapterLoadError(f"{folder}: the AdapterHub weights file is damaged or holds more than tensors "
-                               f"({type(exc).__name__}: {first}); save or download the adapter again") from None
+                               f"({type(exc).__name__}: {first}); {DAMAGED_FILE_FIX}") from None
     raise AdapterLoadError(f"{folder} has an AdapterHub {CONFIG_NAME} but neither {safe_name} nor "
                            f"{pickle_name}; the folder is incomplete")
 

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 
+#: What to do about a damaged file in an adapter folder. A hub's copy is checked against the hash the hub
+#: announced, so downloading again gives the same bytes: the file is damaged where it was made.
+DAMAGED_FILE_FIX = ("save the adapter again; if it came from a hub, that is the file that was pushed (a download is "
+                    "checked against the hub's hash), so its owner must push a fixed one")
+
+
 class PeftkitError(Exception):
     """Base class of every error peftkit raises on purpose. ``exit_code``: the status the ``peftkit`` command
     exits with for it (1 unless a subclass says otherwise)."""

@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
-from .errors import AdapterLoadError
+from .errors import AdapterLoadError, DAMAGED_FILE_FIX
 
 OWN_METADATA_NAME = "peftkit.json"
 OWN_KEY = "peftkit"
@@ -29,10 +29,9 @@ def parse_own_metadata(raw: bytes | str, where: str) -> dict[str, Any]:
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterLoadError(f"{where} is not valid JSON ({exc}); save or download the adapter again") from None
+        raise AdapterLoadError(f"{where} is not valid JSON ({exc}): {DAMAGED_FILE_FIX}") from None
     if not isinstance(data, dict):
-        raise AdapterLoadError(f"{where} must hold a JSON object, not {type(data).__name__}; save or download the "
-                               f"adapter again")
+        raise AdapterLoadError(f"{where} must hold a JSON object, not {type(data).__name__}: {DAMAGED_FILE_FIX}")
     return data
 
 

@@ -23,9 +23,9 @@ from .adapterhub_format import (adapterhub_config_data, adapterhub_file_tensors,
 from .adapterhub_format import CONFIG_NAME as ADAPTERHUB_CONFIG_NAME
 from .adapterhub_format import SAFE_WEIGHTS_NAME as ADAPTERHUB_WEIGHTS_NAME
 from .card import card_metadata, check_card_fields, render_card
-from .errors import AdapterLoadError, ConfigError, PeftkitError, PluginError
+from .errors import AdapterLoadError, ConfigError, DAMAGED_FILE_FIX, PeftkitError, PluginError
 from .fileio import atomic_folder, write_bytes_atomic, write_text_atomic
-from .adapterhub_heads import HEAD_CONFIG_NAME, SAFE_HEAD_WEIGHTS_NAME, head_files, load_head
+from .adapterhub_heads import HEAD_CONFIG_NAME, SAFE_HEAD_WEIGHTS_NAME, head_files, load_head, with_head_config
 from .heads import fit_heads
 from .labels import LABELS_FILE, is_default, labels_text, read_labels
 from .layer import ModulesToSave, TunerLayer
@@ -350,7 +350,8 @@ def hub_id_hint(text: str) -> str:
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
-    """Read and check an adapter folder's config (no weights are touched)."""
+    """Read and check an adapter folder's config (no weights are touched): peftkit's record under the
+    ``peftkit`` key wherever it was saved, an AdapterHub folder's head config under ``head_config``."""
     path = Path(path)
     if not path.is_dir():
         raise AdapterLoadError(f"{str(path)!r} is not an adapter folder (it does not exist or is a file)"
@@ -369,11 +370,11 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     try:
         data = json.loads(config_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterLoadError(f"{config_path} is not valid JSON ({exc}); the file is damaged — "
-                               f"save or download the adapter again") from None
+        raise AdapterLoadError(f"{config_path} is not valid JSON ({exc}); the file is damaged: "
+                               f"{DAMAGED_FILE_FIX}") from None
     if not isinstance(data, dict):
         raise AdapterLoadError(f"{config_path} must hold a JSON object, not {type(data).__name__}")
-    return with_own_metadata(path, data)
+    return with_head_config(path, with_own_metadata(path, data))
 
 
 def method_for(data: dict[str, Any], where: str) -> Any:
@@ -440,8 +441,7 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     try:
         return dict(load_bytes(weights.read_bytes()))
     except (SafetensorError, ValueError, RuntimeError, OSError) as exc:
-        raise AdapterLoadError(f"{weights} is truncated or corrupted ({exc}); save or download the "
-                               f"adapter again") from None
+        raise AdapterLoadError(f"{weights} is truncated or corrupted ({exc}): {DAMAGED_FILE_FIX}") from None
 
 
 def config_from_data(method: Any, data: dict[str, Any], where: str) -> Any:

@@ -27,6 +27,7 @@ _OTHER = {
     "RepoNotFound": "peftkit.hub_client.errors",
     "RevisionNotFound": "peftkit.hub_client.errors",
     "NamespaceNotFound": "peftkit.hub_client.errors",
+    "QuotaExceeded": "peftkit.hub_client.errors",
     "OfflineError": "peftkit.hub_client.errors",
     "IntegrityError": "peftkit.hub_client.errors",
     "InvalidRepoRef": "peftkit.hub_client.errors",

@@ -163,13 +163,14 @@ def info(ref: str, hub: str | HubBackend | None = None, *, revision: str | None 
 
 
 def delete(repo_id: str, hub: str | HubBackend | None = None, *, token: str | None = None,
-           missing_ok: bool = False) -> None:
-    """Delete a repo with its whole history (there is no undo)."""
+           missing_ok: bool = False) -> bool:
+    """Delete a repo with its whole history (there is no undo); returns whether there was one (False only with
+    ``missing_ok``: nothing was deleted)."""
     parsed = parse_ref(repo_id)
     if parsed.revision:
         raise HubError(f"delete removes a whole repo; give {parsed.repo_id}, without @{parsed.revision}")
     with _opened_online(hub, token, f"deleting {parsed.repo_id} on", "delete it") as backend:
-        backend.delete(parsed.repo_id, missing_ok=missing_ok)
+        return backend.delete(parsed.repo_id, missing_ok=missing_ok)
 
 
 def login(token: str, hub: str | None = None, *, verify: bool = True) -> str | None:
@@ -179,8 +180,9 @@ def login(token: str, hub: str | None = None, *, verify: bool = True) -> str | N
     refused token is not stored. Returns that user name (``None`` unverified).
     A read-only token is stored with a :class:`ReadOnlyTokenWarning`.
     """
-    from .auth import is_huggingface_address, save_token, write_token_hint
+    from .auth import checked_token, is_huggingface_address, save_token, write_token_hint
 
+    token = checked_token(token)
     backend = open_hub(hub, token=token)
     try:
         if not backend.remote:

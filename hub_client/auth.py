@@ -86,13 +86,20 @@ def _write_store(data: dict[str, str]) -> None:
         raise
 
 
-def save_token(hub_key: str, token: str) -> Path:
-    """Store ``token`` for the hub ``hub_key``; returns the token file."""
+def checked_token(token: str) -> str:
+    """``token`` without surrounding whitespace; HubAuthError where it is empty or has whitespace inside (checked
+    before a hub is asked about it: huggingface_hub reads an empty token as "no token")."""
     token = token.strip()
     if not token:
         raise HubAuthError("the token is empty; paste the token your hub gave you")
     if any(c.isspace() for c in token):
         raise HubAuthError("the token contains whitespace; paste it exactly as your hub gave it")
+    return token
+
+
+def save_token(hub_key: str, token: str) -> Path:
+    """Store ``token`` for the hub ``hub_key``; returns the token file."""
+    token = checked_token(token)
     data = _read_store()
     data[hub_key] = token
     _write_store(data)

@@ -203,8 +203,8 @@ class HubBackend(abc.ABC):
         """The repo at ``revision`` (default: its main branch), with files and branches."""
 
     @abc.abstractmethod
-    def delete(self, repo_id: str, *, missing_ok: bool = False) -> None:
-        """Delete the repo and its history."""
+    def delete(self, repo_id: str, *, missing_ok: bool = False) -> bool:
+        """Delete the repo and its history; returns whether there was one (False only with ``missing_ok``)."""
 
     def whoami(self) -> str | None:
         """The user the token belongs to (``None`` when the hub has no accounts)."""

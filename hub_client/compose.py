@@ -519,7 +519,7 @@ def load_with_plan(base_model: Any, spec: Any, hub: "str | HubBackend | None" = 
             try:
                 pulled = pull_snapshot(backend, member.ref, cache_dir=cache_dir, progress=progress)
             except HubError as exc:
-                raise HubError(f"{exc}{_local_folder_hint(member.ref.repo_id)}") from None
+                raise type(exc)(f"{exc}{_local_folder_hint(member.ref.repo_id)}") from None  # RepoNotFound stays
             member.path, member.commit = pulled.path, pulled.commit
             _classify(member)
     finally:

@@ -35,6 +35,10 @@ class NamespaceNotFound(HubError, LookupError):
     """No such user or organization on the hub, or one whose storage usage is not yours to read."""
 
 
+class QuotaExceeded(HubError):
+    """A push would take the namespace over the storage quota its hub sets; nothing was written."""
+
+
 class OfflineError(HubError):
     """Offline mode is on and what was asked for is not in the cache."""
 

@@ -31,7 +31,7 @@ from .auth import (EXPLICIT_TOKEN_SOURCE, missing_token_message, redact, refused
                    write_token_hint)
 from .backend import AdapterInfo, HubBackend, PushResult, RemoteFile, SearchQuery, already_holds
 from .errors import (HubAuthError, HubError, HubUnreachable, NamespaceNotFound, OfflineError, RepoNotFound,
-                     RevisionNotFound)
+                     QuotaExceeded, RevisionNotFound)
 from .metadata import base_model_from, method_from_tags
 from .near_names import with_near_names
 from .token_rights import TokenRights, push_refusal
@@ -245,13 +245,13 @@ class HttpBackend(HubBackend):
         if _is_connection_error(exc) and not isinstance(exc, hf_errors.HfHubHTTPError):
             return HubUnreachable(redact(unreachable_message(
                 self.endpoint, _root_reason(exc), name_lookup_failed=is_name_lookup_error(exc)), token))
-        server_message = None
+        server_message = server_code = None
         status = None
         response = getattr(exc, "response", None)
         if response is not None:
             status = getattr(response, "status_code", None)
             headers = getattr(response, "headers", {}) or {}
-            server_message = headers.get("X-Error-Message")
+            server_message, server_code = headers.get("X-Error-Message"), headers.get("X-Error-Code")
         text = str(exc).strip()
         detail = redact(server_message or (text.splitlines()[-1] if text else type(exc).__name__), token)
         if isinstance(exc, hf_errors.HfUriError):
@@ -275,6 +275,8 @@ class HttpBackend(HubBackend):
             return HubAuthError(redact(f"{where}: not allowed on {self.address}: {detail}", token))
         if isinstance(exc, hf_errors.EntryNotFoundError):
             return HubError(redact(f"{where}: a file is missing on {self.address}: {detail}", token))
+        if server_code == "QuotaExceeded":
+            return QuotaExceeded(redact(f"{where}: {detail}", token))
         if status is not None:
             return HubError(redact(f"{where}: the hub at {self.address} answered {status}: {detail}", token))
         return HubError(redact(f"{where}: {type(exc).__name__}: {detail}", token))
@@ -340,11 +342,17 @@ class HttpBackend(HubBackend):
         return PushResult(repo_id=repo_id, revision=revision, commit=commit, hub=self.address,
                           created=created_repo, url=url, changed=changed)
 
-    def delete(self, repo_id: str, *, missing_ok: bool = False) -> None:
+    def delete(self, repo_id: str, *, missing_ok: bool = False) -> bool:
         where = f"deleting {repo_id} on {self.address}"
         self._require_token(where)
-        with self._errors(where, repo_id=repo_id):
-            self._api().delete_repo(repo_id, missing_ok=missing_ok)
+        try:
+            with self._errors(where, repo_id=repo_id):
+                self._api().delete_repo(repo_id)
+        except RepoNotFound:
+            if not missing_ok:
+                raise
+            return False
+        return True
 
     # -- read ----------------------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ from peftkit.registry import errors as registry_errors
 from peftkit.registry.store import RegistryStore
 
 from .backend import AdapterInfo, HubBackend, PushResult, RemoteFile, SearchQuery, already_holds
-from .errors import HubError, InvalidRepoRef, NamespaceNotFound, RepoNotFound, RevisionNotFound
+from .errors import HubError, InvalidRepoRef, NamespaceNotFound, QuotaExceeded, RepoNotFound, RevisionNotFound
 from .near_names import with_near_names
 
 
@@ -41,6 +41,8 @@ def translate(exc: registry_errors.RegistryError, where: str) -> HubError:
         return RevisionNotFound(f"{where}: {exc.message}")
     if isinstance(exc, (registry_errors.InvalidRepoId, registry_errors.InvalidRevision)):
         return InvalidRepoRef(f"{where}: {exc.message}")
+    if isinstance(exc, registry_errors.QuotaExceeded):
+        return QuotaExceeded(f"{where}: {exc.message}")
     return HubError(f"{where}: {exc.message}")
 
 
@@ -138,9 +140,9 @@ class LocalBackend(HubBackend):
         return PushResult(repo_id=repo_id, revision=revision, commit=sha, hub=self.address, created=created_repo,
                           changed=changed)
 
-    def delete(self, repo_id: str, *, missing_ok: bool = False) -> None:
+    def delete(self, repo_id: str, *, missing_ok: bool = False) -> bool:
         try:
-            self.store.delete_repo(repo_id, missing_ok=missing_ok)
+            return self.store.delete_repo(repo_id, missing_ok=missing_ok)
         except registry_errors.RegistryError as exc:
             raise with_near_names(translate(exc, f"deleting {repo_id} on {self.address}"), self, repo_id) from None
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .backend import HubBackend
 from .cache import PullCache, offline_mode, verify_files
-from .errors import IntegrityError, OfflineError
+from .errors import HubError, IntegrityError, OfflineError
 from .resolve import RepoRef
 
 
@@ -27,6 +27,10 @@ class Pulled:
     commit: str
     hub: str
     from_cache: bool
+
+
+#: Files a repo holds before anything was pushed to it (the Hugging Face Hub creates a repo with them).
+GIT_ONLY_FILES = frozenset({".gitattributes"})
 
 
 def pull_snapshot(backend: HubBackend, ref: RepoRef, *, cache_dir: str | Path | None = None,
@@ -44,6 +48,9 @@ def pull_snapshot(backend: HubBackend, ref: RepoRef, *, cache_dir: str | Path | 
         return Pulled(hit[1], ref.repo_id, revision, hit[0], backend.address, True)
     commit = backend.resolve(ref.repo_id, revision)
     files = backend.list_files(ref.repo_id, commit)
+    if all(f.path in GIT_ONLY_FILES for f in files):
+        raise HubError(f"{where} holds no files (an empty repo): nothing to pull; push an adapter folder to it "
+                       f"first (`peftkit hub push FOLDER {ref.repo_id}`)")
     folder = cache.snapshot_dir(backend.key, ref.repo_id, commit)
     if folder.is_dir():
         try:

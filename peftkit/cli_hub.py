@@ -215,7 +215,8 @@ def info_command(ref: str, hub: str | None, token_file: str | None, as_json: boo
 @click.argument("repo_id")
 @hub_option
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
-@click.option("--missing-ok", is_flag=True, help="Succeed when the repo does not exist.")
+@click.option("--missing-ok", is_flag=True,
+              help="Succeed when the repo does not exist (saying that nothing was deleted).")
 @token_option
 def delete_command(repo_id: str, hub: str | None, yes: bool, missing_ok: bool, token_file: str | None) -> None:
     """Delete a repo with its whole history (no undo)."""
@@ -224,8 +225,10 @@ def delete_command(repo_id: str, hub: str | None, yes: bool, missing_ok: bool, t
 
     if not yes:
         click.confirm(f"Delete {repo_id} and its whole history from {hub_address(hub)}?", abort=True)
-    delete(repo_id, hub, token=read_token(token_file), missing_ok=missing_ok)
-    click.echo(f"Deleted {repo_id}.")
+    if delete(repo_id, hub, token=read_token(token_file), missing_ok=missing_ok):
+        echo_safe(f"Deleted {repo_id}.")
+    else:
+        echo_safe(f"{repo_id} does not exist; nothing was deleted.")
 
 
 @hub_group.command("login")

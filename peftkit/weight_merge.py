@@ -227,11 +227,13 @@ def _check_one_model_class(found: list[AdapterSource]) -> None:
 
 def _head_name(head: str | None, refs: list[str], found: list[AdapterSource]) -> str | None:
     """merge_adapters' ``modules_to_save`` for ``head``: "average", or the adapter name of the member given
-    (as typed, by its adapter name, or by its folder's or repo's own name when that names one member)."""
+    (as typed or by its adapter name first; else by its folder's or repo's own name when that names one member)."""
     if head is None or head == "average":
         return head
-    matches = [source for ref, source in zip(refs, found)
-               if head in (ref, source.name, source.source, Path(source.source.partition("@")[0]).name)]
+    exact = [source for ref, source in zip(refs, found) if head in (ref, source.name)]
+    matches = exact if len(exact) == 1 else [
+        source for ref, source in zip(refs, found)
+        if head in (ref, source.name, source.source, Path(source.source.partition("@")[0]).name)]
     choices = ", ".join(["average"] + [s.name for s in found])
     if len(matches) > 1:
         given = " and ".join(repr(ref) for ref, source in zip(refs, found) if source in matches)

@@ -19,7 +19,7 @@ from typing import Callable
 
 from .db import Database
 from .errors import AccountExists, BadRequest, Forbidden, NotFound, Unauthorized
-from .names import validate_account_name, validate_name
+from .names import RESERVED_ACCOUNT_NAMES, validate_account_name, validate_name
 
 TOKEN_PREFIX = "pkr_"
 _LAST_USED_RESOLUTION_S = 60.0
@@ -53,6 +53,13 @@ class Principal:
                        f"{self.user}`, or push to '{self.user}/...'")
             else:
                 fix = f"push to '{self.user}/...' or to an organization they are a member of"
+            if kind is None and namespace.lower() in RESERVED_ACCOUNT_NAMES:
+                raise Forbidden(f"'{namespace}' is a name the registry reserves for its URLs, no namespace anyone "
+                                f"may write to: {fix}")
+            if kind is None and kind_of is not None:
+                raise Forbidden(f"user '{self.user}' may not write to '{namespace}': no user or organization of "
+                                f"that name exists on this registry; {fix} (an administrator creates an "
+                                f"organization with `peftkit registry org add {namespace} --member {self.user}`)")
             owner = {"user": "another user's", "org": "an organization's"}.get(kind or "", "a")
             raise Forbidden(f"user '{self.user}' may not write to '{namespace}', {owner} namespace: {fix}")
         if not self.write:

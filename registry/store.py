@@ -438,19 +438,21 @@ class RegistryStore:
             repo = self._repo_row(conn, repo_id)
             conn.execute("UPDATE repos SET private = ? WHERE id = ?", (int(private), repo["id"]))
 
-    def delete_repo(self, repo_id: str, *, missing_ok: bool = False) -> None:
-        """Delete the repo, its history, and every blob no other repo references."""
+    def delete_repo(self, repo_id: str, *, missing_ok: bool = False) -> bool:
+        """Delete the repo, its history, and every blob no other repo references; returns whether there was one
+        (False only with ``missing_ok``)."""
         with self.db.write() as conn:
             row = conn.execute("SELECT * FROM repos WHERE repo_id = ?", (repo_id,)).fetchone()
             if row is None:
                 if missing_ok:
-                    return
+                    return False
                 raise RepoNotFound(f"repository '{repo_id}' not found")
             trees = [r["tree"] for r in conn.execute("SELECT DISTINCT tree FROM commits WHERE repo = ?", (row["id"],))]
             conn.execute("DELETE FROM repo_search WHERE rowid = ?", (row["id"],))
             conn.execute("DELETE FROM repos WHERE id = ?", (row["id"],))  # cascades
             blobs = self._drop_unused_trees(conn, trees)
         self._delete_unreferenced_blobs(blobs)
+        return True
 
     @staticmethod
     def _blob_referenced(conn: sqlite3.Connection, sha256: str) -> bool:

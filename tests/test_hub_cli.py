@@ -75,8 +75,10 @@ def test_push_search_json_info_pull(hub_env: Path, folders: dict[str, Path], cap
     code, _, err = _cli(capsys, "hub", "pull", "alice/lang@nope", "--hub", h)
     assert code == 1 and "revision 'nope' not found" in err and "Traceback" not in err
     assert "its branches: main" in err  # what to pull instead
-    code, _, err = _cli(capsys, "hub", "delete", "alice/ner", "--hub", h, "--yes")
-    assert code == 0
+    code, out, err = _cli(capsys, "hub", "delete", "alice/ner", "--hub", h, "--yes")
+    assert code == 0 and out.strip() == "Deleted alice/ner."
+    code, out, err = _cli(capsys, "hub", "delete", "alice/ner", "--hub", h, "--yes", "--missing-ok")
+    assert code == 0 and out.strip() == "alice/ner does not exist; nothing was deleted."
     code, _, err = _cli(capsys, "hub", "info", "alice/ner", "--hub", h)
     assert code == 1 and "alice/ner" in err and "not found" in err
 
@@ -149,6 +151,10 @@ def test_tokens_login_and_errors_never_show_the_token(hub_env: Path, folders: di
         assert code == 1 and "needs a token" in err and f"peftkit hub login --hub {url}" in err
         assert "Traceback" not in err
 
+        for empty in ("", "   \n"):  # checked before the hub is asked (huggingface_hub reads "" as no token)
+            monkeypatch.setattr(sys, "stdin", io.StringIO(empty))
+            code, _, err = cli("hub", "login", "--hub", url, "--token-stdin")
+            assert code == 1 and "the token is empty" in err and "Traceback" not in err, err
         monkeypatch.setattr(sys, "stdin", io.StringIO("pkr_wrong_token_0000\n"))
         code, _, err = cli("hub", "login", "--hub", url, "--token-stdin")
         assert code == 1 and "refused the token" in err and "The token was not saved." in err
@@ -166,6 +172,9 @@ def test_tokens_login_and_errors_never_show_the_token(hub_env: Path, folders: di
         code, out, err = cli("hub", "push", str(folders["lang"]), "alice/lang", "--hub", url, "--private")
         assert code == 0, err
         assert cli("hub", "search", "--hub", url, "--json")[1].count('"alice/lang"') == 1
+        code, out, _ = cli("hub", "delete", "alice/never", "--hub", url, "--yes", "--missing-ok")
+        assert code == 0 and out.strip() == "alice/never does not exist; nothing was deleted."
+        assert cli("hub", "delete", "alice/never", "--hub", url, "--yes")[0] == 1
 
         (hub_env / "bad-token").write_text("pkr_also_wrong_1234\n")
         code, _, err = cli("hub", "push", str(folders["ner"]), "alice/ner", "--hub", url, "--token-file",
@@ -320,3 +329,51 @@ def test_pushed_metrics_make_a_model_index_huggingface_hub_reads(hub_env: Path, 
         assert (result.dataset_name, result.metric_type, result.metric_value) == (dataset or "unspecified",
                                                                                  "accuracy", 0.5)
         assert card.data.model_name == repo  # the results are the repo's, not the base model's
+
+
+def test_a_push_over_the_quota_is_quota_exceeded_on_either_hub(any_hub: HubUnderTest,  # noqa: F811
+                                                               folders: dict[str, Path], capsys) -> None:
+    from peftkit.hub_client import QuotaExceeded
+    from peftkit.registry import RegistryStore
+
+    if any_hub.store is not None:
+        any_hub.store.quotas.set("alice", 1000)
+    else:
+        with RegistryStore(Path(any_hub.address[len("local:"):]), fsync=False) as store:
+            store.quotas.set("alice", 1000)
+    with pytest.raises(QuotaExceeded, match="quota"):
+        peftkit.hub.push(folders["lang"], "alice/lang", hub=any_hub.address, progress=False)
+    code, out, _ = _cli(capsys, "hub", "push", str(folders["lang"]), "alice/lang", "--hub", any_hub.address, "--json")
+    error = json.loads(out)["error"]
+    assert (code, error["type"], error["exit_code"]) == (1, "QuotaExceeded", 1) and "quota" in error["message"]
+
+
+def test_a_missing_repo_is_repo_not_found_when_loading_and_composing(
+        hub_env: Path, folders: dict[str, Path], capsys) -> None:  # noqa: F811
+    from peftkit.hub_client import RepoNotFound
+
+    h = f"local:{hub_env / 'hub'}"
+    peftkit.hub.push(folders["lang"], "alice/lang", hub=h, progress=False)
+    with pytest.raises(RepoNotFound, match="alice/nothing"):
+        peftkit.load(tiny_base(), "stack(alice/lang, alice/nothing)", hub=h, progress=False)
+    base_dir = hub_env / "tiny-llama"
+    tiny_base().save_pretrained(str(base_dir))
+    for argv in (["compose", str(base_dir), "alice/nothing", "--out", str(hub_env / "c")],
+                 ["merge", str(base_dir), "alice/nothing", "alice/lang", "--out", str(hub_env / "m")]):
+        code, out, _ = _cli(capsys, *argv, "--hub", h, "--json", "-q")
+        assert (code, json.loads(out)["error"]["type"]) == (1, "RepoNotFound"), argv
+
+
+def test_pulling_an_empty_repo_fails_and_writes_nothing(any_hub: HubUnderTest, hub_env: Path,  # noqa: F811
+                                                        capsys) -> None:
+    from peftkit.registry import RegistryStore
+
+    if any_hub.store is not None:
+        any_hub.store.create_repo("alice/empty")
+    else:
+        with RegistryStore(Path(any_hub.address[len("local:"):]), fsync=False) as store:
+            store.create_repo("alice/empty")
+    code, out, err = _cli(capsys, "hub", "pull", "alice/empty", "--hub", any_hub.address, "--out",
+                          str(hub_env / "copy"))
+    assert code == 1 and "holds no files (an empty repo)" in err and "peftkit hub push FOLDER alice/empty" in err
+    assert out == "" and not (hub_env / "copy").exists()

@@ -128,6 +128,24 @@ def test_ia3_members_merge_elementwise_and_lokr_members_densely_with_the_energy_
     assert len(energy) == 4 and all(0 < share < 1 for share in energy.values())
 
 
+def test_head_by_adapter_name_wins_over_a_hub_members_repo_name(
+        world: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The folder ``a`` (adapter name ``a``) and the hub repo ``alice/a`` (adapter name ``alice__a``): ``--head a``
+    is the folder's, the name the refusal of an ambiguous head offers; the repo is chosen by its id."""
+    monkeypatch.setenv("PEFTKIT_HOME", str(tmp_path / "home"))
+    hub = f"local:{tmp_path / 'hub'}"
+    peftkit.hub.push(world["b"], "alice/a", hub=hub, progress=False)
+    names = {}
+    for head in ("a", "alice/a"):
+        out = tmp_path / f"m{len(names)}"
+        code, _, err = _merge(world, capsys, str(world["a"]), "alice/a", "-o", str(out), "--strategy", "linear",
+                              "--head", head, "--hub", hub)
+        assert code == 0, err
+        names[head] = json.loads((out / "merge.json").read_text())["options"]["head"]
+    assert names == {"a": "a", "alice/a": "alice__a"}
+
+
 def test_the_merged_folder_loads_in_peft_with_the_same_logits(world: dict[str, Path], tmp_path: Path,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
     from peft import PeftModel

@@ -55,11 +55,20 @@ def test_check_write_names_the_fix_for_each_kind_of_namespace():
         p.check_write("bob", kinds.get)
     assert str(refused.value) == ("user 'alice' may not write to 'bob', another user's namespace: push to "
                                   "'alice/...' or to an organization they are a member of")
-    for kind_of in (None, kinds.get):  # no lookup, or a name no account has
-        with pytest.raises(Forbidden) as refused:
-            p.check_write("ghost", kind_of)
-        assert str(refused.value) == ("user 'alice' may not write to 'ghost', a namespace: push to 'alice/...' "
-                                      "or to an organization they are a member of")
+    with pytest.raises(Forbidden) as refused:  # no lookup: the registry cannot tell what 'ghost' is
+        p.check_write("ghost")
+    assert str(refused.value) == ("user 'alice' may not write to 'ghost', a namespace: push to 'alice/...' "
+                                  "or to an organization they are a member of")
+    with pytest.raises(Forbidden) as refused:  # a name no account has
+        p.check_write("ghost", kinds.get)
+    assert str(refused.value) == (
+        "user 'alice' may not write to 'ghost': no user or organization of that name exists on this registry; "
+        "push to 'alice/...' or to an organization they are a member of (an administrator creates an organization "
+        "with `peftkit registry org add ghost --member alice`)")
+    with pytest.raises(Forbidden) as refused:  # a name the registry's URLs use
+        p.check_write("api", kinds.get)
+    assert str(refused.value) == ("'api' is a name the registry reserves for its URLs, no namespace anyone may "
+                                  "write to: push to 'alice/...' or to an organization they are a member of")
 
 
 def test_a_read_only_token_is_refused_by_name_or_id():

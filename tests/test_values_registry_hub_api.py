@@ -278,7 +278,9 @@ def test_create_records_its_caller_as_owner_and_checks_the_namespace_it_names(re
         ({"name": "x", "organization": "team"},
          "user 'bob' may not write to 'team', an organization's namespace: an administrator adds them with "
          "`peftkit registry org add team --member bob`, or push to 'bob/...'"),
-        ({"name": "nobody/x"}, f"user 'bob' may not write to 'nobody', a namespace: {fix}"),
+        ({"name": "nobody/x"}, f"user 'bob' may not write to 'nobody': no user or organization of that name "
+                               f"exists on this registry; {fix} (an administrator creates an organization with "
+                               f"`peftkit registry org add nobody --member bob`)"),
     ):
         reply = _create(client, tokens["bob"], **body)
         assert (reply.status, reply.json()) == (403, {"error": message})
