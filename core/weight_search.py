@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from .errors import PeftkitError
+from .progress import step_bar
 
 #: Weights are searched in [-BOUND, BOUND] (LoraHub's range): negative weights subtract a member.
 BOUND = 1.5
@@ -45,12 +46,6 @@ def _optimizer() -> object:
     return cma
 
 
-def _progress_bar(total: int, progress: bool, desc: str) -> object:
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, disable=not progress, desc=desc, unit="eval", leave=False)
-
-
 def search_weights(objective: Callable[[list[float]], float], start: Sequence[float], *, budget: int,
                    also: Sequence[Sequence[float]] = (), sigma: float = 0.5, bound: float = BOUND, seed: int = 0,
                    progress: bool = True, desc: str = "searching weights") -> SearchResult:
@@ -66,7 +61,7 @@ def search_weights(objective: Callable[[list[float]], float], start: Sequence[fl
         raise SearchError("the weight search needs at least one weight")
     history: list[float] = []
     best = SearchResult([float(w) for w in start], float("inf"), 0, history)
-    bar = _progress_bar(budget, progress, desc)
+    bar = step_bar(budget, progress=progress, desc=desc, unit="eval")
 
     def evaluate(weights: Sequence[float]) -> float:
         point = [min(bound, max(-bound, float(w))) for w in weights]

@@ -36,6 +36,7 @@ from peftkit.core.composition import BASE_MODEL, Average, Fuse, Node, Stack
 from peftkit.core.errors import CompositionError
 from peftkit.core.heads import label_heads, label_layer
 from peftkit.core.merge_search import in_eval_mode, Score, score_batches
+from peftkit.core.progress import step_bar
 from peftkit.core.targets import NO_LAYERS
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -126,14 +127,12 @@ def train_steps(model: "AdaptedModel", params: list[torch.Tensor], batches: Sequ
                 after_step: Callable[[], None] | None = None, progress: bool, desc: str) -> float:
     """``steps`` Adam steps on ``params`` over ``batches`` in turn (the model in eval mode: no dropout, so
     a few examples give the same result every run); returns the mean loss of the last pass over the batches."""
-    from tqdm.auto import tqdm
-
     with in_eval_mode(model):
         for param in params:
             param.requires_grad_(True)
         optimizer = torch.optim.Adam(params, lr=lr)
         recent: list[float] = []
-        bar = tqdm(total=steps, disable=not progress, desc=desc, unit="step", leave=False)
+        bar = step_bar(steps, progress=progress, desc=desc, unit="step")
         try:
             for step in range(steps):
                 loss = model(**batches[step % len(batches)]).loss
