@@ -32,7 +32,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
-from .adapterhub_format import WRITTEN_VERSION, read_adapterhub_weights
+from .adapterhub_format import WRITTEN_VERSION, is_adapterhub_config, read_adapterhub_weights
 from .errors import AdapterLoadError, PeftkitError
 from .layer import ModulesToSave, TunerLayer
 
@@ -49,6 +49,12 @@ MASKED_LM_MODULES = (("cls.predictions.transform.dense", "cls.predictions.transf
 MASKED_LM_INDICES = (0, 2, 3)
 #: model_type -> the prefix of ``adapters``' flex-head model class (``BertAdapterModel``).
 ADAPTER_MODEL_FAMILIES = {"bert": "Bert", "roberta": "Roberta", "llama": "Llama", "gpt2": "GPT2"}
+#: The key under which :func:`with_head_config` puts a folder's ``head_config.json`` into its AdapterHub config.
+HEAD_CONFIG_KEY = "head_config"
+#: AdapterHub's flex head type -> transformers' table of the task model class by model_type, whose head it is.
+TASK_CLASS_TABLES = {"classification": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
+                     "tagging": "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",
+                     "causal_lm": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "masked_lm": "MODEL_FOR_MASKED_LM_MAPPING_NAMES"}
 
 
 @dataclass
@@ -76,6 +82,56 @@ def read_head_config(folder: Path) -> dict[str, Any]:
         raise AdapterLoadError(f"{folder / HEAD_CONFIG_NAME} is not an AdapterHub head config (no \"config\" "
                                f"object or null)")
     return data
+
+
+def with_head_config(folder: Path, data: dict[str, Any]) -> dict[str, Any]:
+    """An AdapterHub ``adapter_config.json``'s content ``data`` with the head saved beside it (``head_config.json``)
+    under :data:`HEAD_CONFIG_KEY`: one dict that says which model class loads the adapter with its head
+    (:func:`head_model_class`). Other configs, and folders without a head, are returned unchanged."""
+    if not is_adapterhub_config(data) or not has_head(folder):
+        return data
+    return {**data, HEAD_CONFIG_KEY: read_head_config(folder)}
+
+
+def head_model_class(data: Mapping[str, Any]) -> str | None:
+    """The name of the transformers class whose head the AdapterHub head in config ``data`` is (put there by
+    :func:`with_head_config`): a static head's own class (``BertForSequenceClassification``); for a flex
+    head, the task class of its ``head_type`` for the config's ``model_type`` (classification on BERT:
+    ``BertForSequenceClassification``; tagging: ``...ForTokenClassification``; causal_lm, masked_lm). None
+    when there is no head, or it is of a kind or model family peftkit knows no task class for."""
+    head = data.get(HEAD_CONFIG_KEY)
+    if not isinstance(head, Mapping):
+        return None
+    config = head.get("config")
+    if not isinstance(config, Mapping):
+        cls = head.get("model_class")
+        return cls if isinstance(cls, str) and cls.endswith(tuple(HEAD_TYPES)) else None
+    table = TASK_CLASS_TABLES.get(str(config.get("head_type")))
+    model_type = head.get("model_type") or data.get("model_type")
+    if table is None or not isinstance(model_type, str):
+        return None
+    from transformers.models.auto import modeling_auto
+
+    return getattr(modeling_auto, table, {}).get(model_type)
+
+
+def head_module_names(model: nn.Module, data: Mapping[str, Any]) -> list[str]:
+    """The modules of ``model`` whose weights the AdapterHub head in config ``data`` (see
+    :func:`with_head_config`) brings: a flex head's layers, or a static head's task modules outside the
+    model's body. Empty when there is none or it does not fit ``model`` (loading the adapter says why)."""
+    head = data.get(HEAD_CONFIG_KEY)
+    if not isinstance(head, Mapping):
+        return []
+    try:
+        layout = head_layout(model, head, "")
+    except AdapterLoadError:
+        return []
+    if layout is None:
+        return []
+    if layout.config is not None:
+        return sorted(layout.modules.values())
+    body = getattr(model, "base_model_prefix", "")
+    return [name for name, _ in model.named_children() if name != body]
 
 
 def _task_kind(model: nn.Module) -> str | None:

@@ -311,13 +311,16 @@ def _warn_other_base(saved: str | None, current: str | None, where: str) -> None
 
 
 def model_class_for(datas: Sequence[dict[str, Any]]) -> Any:
-    """The transformers class to load a base model with, from the members' saved model class or task type."""
+    """The transformers class to load a base model with, from the members' saved model class (an AdapterHub
+    folder's: its head's) or task type."""
     import transformers
+
+    from peftkit.core.adapterhub_heads import head_model_class
 
     classes = []
     for data in datas:
         own = data.get("peftkit") if isinstance(data.get("peftkit"), dict) else {}
-        saved = (own.get("base_model") or {}).get("class")
+        saved = (own.get("base_model") or {}).get("class") or head_model_class(data)
         if isinstance(saved, str) and hasattr(transformers, saved):
             classes.append(saved)
     if len(set(classes)) > 1:
@@ -370,6 +373,8 @@ def transformers_progress(progress: bool) -> Iterator[None]:
 def load_base_model(name_or_path: str, datas: Sequence[dict[str, Any]], **kwargs: Any) -> "nn.Module":
     from transformers.utils import logging as hf_logging
 
+    from peftkit.core.adapterhub_heads import head_module_names
+
     cls = model_class_for(datas)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # a missing task head is expected: the adapters carry it (checked below)
@@ -381,7 +386,7 @@ def load_base_model(name_or_path: str, datas: Sequence[dict[str, Any]], **kwargs
                        f"Give a model folder or hub id transformers can load, or pass the model object") from None
     finally:
         hf_logging.set_verbosity(verbosity)
-    provided = {m for data in datas for m in (data.get("modules_to_save") or [])}
+    provided = {m for data in datas for m in [*(data.get("modules_to_save") or []), *head_module_names(model, data)]}
     fresh = [k for k in loading.get("missing_keys") or ()
              if not any(k == m or k.startswith(m + ".") or f".{m}." in f".{k}" for m in provided)]
     if fresh:

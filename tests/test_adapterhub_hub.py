@@ -21,7 +21,7 @@ from peftkit.hub_client.errors import HubError
 from peftkit.hub_client.resolve import open_hub
 from peftkit.testing import randomize
 from tests.hub_helpers import HubUnderTest, any_hub, hub_env  # noqa: F401
-from tests.tiny_models import build_tiny, output_tensor, sample_inputs
+from tests.tiny_models import VOCAB, build_tiny, output_tensor, sample_inputs
 
 LABELS = {0: "neg", 1: "neu", 2: "pos"}
 
@@ -173,6 +173,70 @@ def test_a_head_config_with_odd_label_ids_loads_the_head_without_names(saved, tm
     ours, labels = _loaded_logits(base, out)
     torch.testing.assert_close(ours, logits, atol=1e-5, rtol=0)
     assert labels == ["neg", "neu", "pos"]  # the base model's names, as the sizes agree
+
+
+@pytest.fixture
+def on_bare_base(tmp_path: Path) -> tuple[Path, Path, torch.Tensor]:
+    """(a bare BertModel's folder, as a sentence-transformers base is saved; an AdapterHub folder of a 3-label
+    classifier trained on it, with its head; that classifier's logits)."""
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+    torch.manual_seed(0)
+    BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                         vocab_size=VOCAB, max_position_embeddings=128)).save_pretrained(tmp_path / "base")
+    task = BertForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=3, id2label=LABELS,
+                                                         label2id={v: k for k, v in LABELS.items()})
+    model = peftkit.adapt(task.eval(), "seq_bn[reduction_factor=4,init_weights=false]")
+    randomize(model, "default", seed=5, scale=0.3)
+    model.eval()
+    model.save_adapter(str(tmp_path / "adapter"), format="adapters")
+    with torch.no_grad():
+        logits = output_tensor(model(**sample_inputs("bert")))
+    return tmp_path / "base", tmp_path / "adapter", logits
+
+
+def _check_task_model(model: torch.nn.Module, logits: torch.Tensor) -> None:
+    """``model`` (adapted) is the classifier the adapter was trained on: its class, labels and logits."""
+    assert type(model.base_model).__name__ == "BertForSequenceClassification"
+    name = next(iter(model.adapter_records))
+    assert model.adapter_labels(name) == ["neg", "neu", "pos"]
+    with torch.no_grad():
+        torch.testing.assert_close(output_tensor(model(**sample_inputs("bert"))), logits, atol=1e-5, rtol=0)
+
+
+def test_an_adapterhub_head_picks_the_task_class_of_a_base_loaded_by_path(on_bare_base, hub_env: Path,  # noqa: F811
+                                                                          recwarn) -> None:
+    """A base model given by folder is loaded with the class of the AdapterHub head (head_config.json's
+    head_type), not as a bare BertModel without it: peftkit.load from a hub, and the shared base loading of
+    the CLI commands (merge, auto-compose) for a local folder."""
+    from peftkit.adapter_sources import plain_base_model
+
+    base, folder, logits = on_bare_base
+    address = f"local:{hub_env / 'local-hub'}"
+    hub.push(str(folder), "alice/bare-head", hub=address, base_model="org/tiny-bert", progress=False)
+    _check_task_model(peftkit.load(str(base), "alice/bare-head", hub=address, progress=False), logits)
+    plain = plain_base_model(str(base), [str(folder)], progress=False)
+    assert type(plain.base_model).__name__ == "BertForSequenceClassification"
+    plain.load_adapter(str(folder), "default")
+    _check_task_model(plain, logits)
+    assert not [w for w in recwarn if "head" in str(w.message) or "random" in str(w.message)]
+
+
+@pytest.mark.parametrize(("head", "expected"), [
+    ({"config": {"head_type": "classification"}, "model_type": "bert"}, "BertForSequenceClassification"),
+    ({"config": {"head_type": "tagging"}, "model_type": "roberta"}, "RobertaForTokenClassification"),
+    ({"config": {"head_type": "causal_lm"}, "model_type": "gpt2"}, "GPT2LMHeadModel"),
+    ({"config": {"head_type": "masked_lm"}, "model_type": "bert"}, "BertForMaskedLM"),
+    ({"config": None, "model_class": "LlamaForCausalLM"}, "LlamaForCausalLM"),
+    ({"config": {"head_type": "multiple_choice"}, "model_type": "bert"}, None),
+    ({"config": {"head_type": "classification"}, "model_type": "no-such-family"}, None),
+    ({"config": None, "model_class": "BertAdapterModel"}, None),
+])
+def test_the_class_an_adapterhub_head_asks_for(head: dict, expected: str | None) -> None:
+    from peftkit.core.adapterhub_heads import HEAD_CONFIG_KEY, head_model_class
+
+    assert head_model_class({"config": {}, "model_type": "bert", HEAD_CONFIG_KEY: head}) == expected
+    assert head_model_class({"config": {}, "model_type": "bert"}) is None  # no head: no class
 
 
 def test_a_reft_folder_as_adapters_publishes_it_is_found_by_method_reft(tmp_path: Path) -> None:
