@@ -109,6 +109,11 @@ def card_metadata(*, method: str, base_model: str | None, peft_format: bool, tas
 LOCAL_PLACEHOLDER = "path/to/this/adapter"
 
 
+#: The card's base-model line when none is recorded (a model built from a config, or a local folder not named).
+NO_BASE_LINE = ("- base model: not recorded (a model built from a config); a push names it with base_model=ORG/NAME "
+                "(`--base-model` on the command line)")
+
+
 def render_card(meta: dict[str, Any], *, method: str, adapter_name: str, repo_id: str | None = None,
                 description: str | None = None, parameters: int | None = None,
                 metrics: dict[str, float] | None = None, default_description: str | None = None) -> str:
@@ -119,14 +124,15 @@ def render_card(meta: dict[str, Any], *, method: str, adapter_name: str, repo_id
     front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)
     if yaml.safe_load(front) != meta:  # PyYAML folds U+0085/U+2028 written raw in quotes: escape them all
         front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=False)
-    base = meta.get("base_model") or "<base model>"
+    base = meta.get("base_model") or "<base model>"  # the usage snippet's placeholder when none is recorded
     where = repo_id or LOCAL_PLACEHOLDER
+    for_base = f" for `{base}`" if meta.get("base_model") else ""
     lines = [
         f"# {repo_id or adapter_name}", "",
-        description or default_description or f"A {method} adapter for `{base}`, made with peftkit.", "",
+        description or default_description or f"A {method} adapter{for_base}, made with peftkit.", "",
         "## Details", "",
         f"- method: `{method}`",
-        f"- base model: `{base}`",
+        f"- base model: `{base}`" if meta.get("base_model") else NO_BASE_LINE,
     ]
     if parameters is not None:
         lines.append(f"- trainable parameters: {parameters:,}")

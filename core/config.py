@@ -49,6 +49,9 @@ class AdapterConfig:
     """
 
     method: ClassVar[str] = ""
+    #: Inherited fields this method refuses to be set (a virtual-token method adapts no layers: target_modules
+    #: and the like): left out of ``option_details``, so ``peftkit methods NAME`` and the docs do not offer them.
+    refused_options: ClassVar[tuple[str, ...]] = ()
 
     target_modules: Union[list[str], str, None] = option(
         None, help='modules to adapt: names or dotted suffixes (list), a regex, or "all-linear"; '
@@ -74,7 +77,7 @@ class AdapterConfig:
         """Each option's name, type (in words), default and help, for ``peftkit methods NAME``."""
         hints = typing.get_type_hints(cls)
         return [{"name": f.name, "type": _type_name(hints[f.name]), "default": _plain(_default(f)),
-                 "help": cls.option_help(f.name)} for f in dataclasses.fields(cls)]
+                 "help": cls.option_help(f.name)} for f in dataclasses.fields(cls) if f.name not in cls.refused_options]
 
     @classmethod
     def option_help(cls, name: str) -> str:

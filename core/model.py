@@ -397,7 +397,13 @@ class AdaptedModel(CompositionMixin, nn.Module):
 
     @property
     def active_composition(self) -> Node | None:
+        """What ``set_active`` chose; it runs unless :attr:`adapters_disabled` (which keeps it unchanged)."""
         return self.adapter_state.active
+
+    @property
+    def adapters_disabled(self) -> bool:
+        """Whether ``disable_adapters()`` holds: the bare base model runs, whatever is active."""
+        return self.adapter_state.disabled
 
     def set_active(self, *adapters: str | composition.Block | Sequence[str] | None) -> None:
         """Activate one adapter, several (applied as a Stack), or a composition block.

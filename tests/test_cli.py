@@ -31,6 +31,14 @@ def test_import_peftkit_imports_no_torch():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
+def test_import_peftkit_hub_is_the_hub_client_either_way():
+    """``peftkit.hub`` as an attribute and ``import peftkit.hub`` name one module, without torch."""
+    code = ("import sys, peftkit.hub, peftkit; from peftkit.hub import push; "
+            "assert peftkit.hub is peftkit.hub_client and push is peftkit.hub_client.api.push; "
+            "assert 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
 def test_methods_json(capsys):
     assert run(["methods", "--json"]) == 0
     methods = {m["name"]: m for m in json.loads(capsys.readouterr().out)}

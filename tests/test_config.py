@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pytest
 
+import peftkit
 from peftkit.core.errors import ConfigError, PluginError
 from peftkit.core.plugins import parse_spec
 from peftkit.core.shorthand import parse_shorthand
 from peftkit.plugins.lora.config import LoraConfig
+from tests.tiny_models import build_tiny
 
 
 def test_shorthand_parses_values_of_every_kind():
@@ -167,3 +169,16 @@ def test_a_config_built_with_another_librarys_names_says_peftkits(options, hint)
     with pytest.raises(ConfigError, match=hint):
         peftkit.LoraConfig(r=8, **options)
     assert peftkit.LoraConfig(r=8, alpha=16).alpha == 16
+
+
+def test_options_a_method_refuses_are_not_offered():
+    """A virtual-token method (and ReFT) refuses target_modules and the like: `peftkit methods NAME` and the
+    docs' option tables leave them out, and setting one is still refused by name."""
+    from peftkit.api import describe_method
+
+    for name in ("prefix_tuning", "prompt_tuning", "p_tuning", "reft"):
+        offered = {o["name"] for o in describe_method(name)["options"]}
+        assert not offered & {"target_modules", "exclude_modules", "layers_to_transform"}, name
+    assert "target_modules" in {o["name"] for o in describe_method("lora")["options"]}
+    with pytest.raises(ConfigError, match="target_modules is not used"):
+        peftkit.adapt(build_tiny("llama"), "prefix_tuning[target_modules=[q_proj]]")

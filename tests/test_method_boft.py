@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
 import sys
 import types
@@ -17,7 +18,7 @@ from peftkit.plugins.boft.butterfly import Butterfly
 from peftkit.plugins.boft.config import BoftConfig
 from tests.method_helpers import (adapter_modules, changed_by_a_train_step, merge_keeps_output, output_of,
                                   peft_file_loads_alike, peftkit_file_loads_alike, quantized_matches_twin)
-from tests.tiny_models import build_tiny
+from tests.tiny_models import build_tiny, sample_inputs
 from tests.tiny_vision import BLOCK_CONVS, image_logits, logits_through_deltas, SHORTCUT, tiny_resnet
 
 # The conformance suite runs boft[boft_block_size=4,boft_n_butterfly_factor=2] on llama, gpt2, bert and t5:
@@ -161,14 +162,23 @@ def test_a_quantized_layer_gives_what_its_dequantized_twin_gives(bits):
                                  "target_modules=['0']]")
 
 
-def test_a_peft_file_trained_without_its_cuda_extension_is_refused_with_the_shapes(tmp_path):
-    """PEFT without its CUDA extension (as here) trains one factor whatever the config asks for."""
+def test_a_peft_file_trained_without_its_cuda_extension_is_refused_with_the_fix(tmp_path):
+    """PEFT without its CUDA extension (as here) trains one factor whatever the config asks for: the refusal says
+    so and how to load the file, and with the config set to one factor it loads with PEFT's logits."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PEFT warns that it could not build the extension
         peft_model = _peft_boft(build_tiny("llama"), boft_block_size=4, boft_n_butterfly_factor=2)
     peft_model.save_pretrained(str(tmp_path))
-    with pytest.raises(peftkit.AdapterLoadError, match=r"boft_R: file \(1, 8, 4, 4\) vs model \(2, 8, 4, 4\)"):
+    refusal = r"boft_R holds 1 butterfly factor, but the config asks for boft_n_butterfly_factor=2: .*set \"boft_n_"
+    with pytest.raises(peftkit.AdapterLoadError, match=refusal):
         peftkit.from_pretrained(build_tiny("llama"), str(tmp_path))
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "boft_n_butterfly_factor": 1}))
+    ours = peftkit.from_pretrained(build_tiny("llama"), str(tmp_path))
+    ids = sample_inputs("llama")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, peft_model.eval()(input_ids=ids).logits,
+                                   atol=1e-5, rtol=0)
 
 
 def test_the_file_holds_every_peft_field_and_round_trips():

@@ -77,9 +77,16 @@ def test_disable_adapters_context():
     reference = _out(base)
     model = peftkit.adapt(base, "lora[r=2,init_weights=false]")
     adapted = _out(model)
+    assert not model.adapters_disabled
     with model.disable_adapters():
         torch.testing.assert_close(_out(model), reference)
+        assert model.adapters_disabled and model.active_composition == "default"  # kept for when it ends
     torch.testing.assert_close(_out(model), adapted)
+    assert not model.adapters_disabled
+    model.disable_adapters()
+    assert model.adapters_disabled
+    model.enable_adapters()
+    assert not model.adapters_disabled
 
 
 def test_peft_and_adapterhub_names_say_what_to_use_instead():

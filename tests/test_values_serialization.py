@@ -225,8 +225,14 @@ def test_the_model_card_carries_every_field_given_to_save_adapter(tmp_path):
     lines = body.splitlines()
     for line in ("# org/thing", "A one-line description.", "- method: `lora`", "- dataset: imdb",
                  f"- trainable parameters: {model.trainable_parameters()[0]}", "| accuracy | 0.91 |",
-                 'model = peftkit.load("<base model>", "org/thing")'):
+                 'model = peftkit.load("<base model>", "org/thing")',
+                 "- base model: not recorded (a model built from a config); a push names it with base_model=ORG/NAME "
+                 "(`--base-model` on the command line)"):
         assert line in lines, line
+    model.base_model.config._name_or_path = "org/base"  # no description: the default line names the base
+    model.save_adapter(str(tmp_path / "b"))
+    lines = (tmp_path / "b" / "README.md").read_text().split("---\n", 2)[2].splitlines()
+    assert "A lora adapter for `org/base`, made with peftkit." in lines and "- base model: `org/base`" in lines
 
 
 def test_an_adapters_labels_are_saved_and_loaded_back(tmp_path):

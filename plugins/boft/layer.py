@@ -24,8 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from peftkit.plugin_api import (adapter_dtype, adapter_precision, is_conv1d, kept_while_unchanged, LayerAdapter,
-                                MergeError, quantization_of, rotate_blocks, weight_out_in)
+from peftkit.plugin_api import (adapter_dtype, adapter_precision, ConfigError, is_conv1d, kept_while_unchanged,
+                                LayerAdapter, MergeError, quantization_of, rotate_blocks, weight_out_in)
 
 from .butterfly import Butterfly
 
@@ -190,6 +190,19 @@ class BoftLayer(LayerAdapter):
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"boft_R": self.boft_R, "boft_s": self.boft_s}
+
+    def tensors_from_file(self, saved: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Name the likely cause of a file with one butterfly factor where the config asks for more: PEFT writes
+        one whatever ``boft_n_butterfly_factor`` says when its CUDA extension does not build (docs/methods/boft.md)."""
+        rotations = saved.get("boft_R")
+        factors = self.butterfly.factors
+        if rotations is not None and rotations.dim() == 4 and rotations.shape[0] == 1 < factors \
+                and tuple(rotations.shape[1:]) == tuple(self.boft_R.shape[1:]):
+            raise ConfigError(f"boft_R holds 1 butterfly factor, but the config asks for boft_n_butterfly_factor="
+                              f"{factors}: PEFT saves one factor whatever the config says where its CUDA "
+                              f"extension (fbd_cuda) does not build; set \"boft_n_butterfly_factor\": 1 in the "
+                              f"folder's adapter_config.json, which is what it trained")
+        return saved
 
     def extra_repr(self) -> str:
         b = self.butterfly

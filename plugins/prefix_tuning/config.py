@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal, Optional
 
 from peftkit.plugin_api import (AdapterConfig, option, check_num_transformer_submodules, check_num_virtual_tokens,
-                                ConfigError, refuse_layer_selection)
+                                ConfigError, refuse_layer_selection, LAYER_SELECTION_FIELDS)
 
 
 @dataclass
@@ -34,6 +34,7 @@ class PrefixTuningConfig(AdapterConfig):
     """
 
     method: ClassVar[str] = "prefix_tuning"
+    refused_options: ClassVar[tuple[str, ...]] = LAYER_SELECTION_FIELDS
 
     num_virtual_tokens: int = option(20, help='length of the prefix each attention layer attends to')
     prefix_projection: bool = option(

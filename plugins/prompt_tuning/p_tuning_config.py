@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal, Optional
 
 from peftkit.plugin_api import (AdapterConfig, ConfigError, check_num_transformer_submodules,
-                                check_num_virtual_tokens, option, refuse_layer_selection)
+                                check_num_virtual_tokens, option, refuse_layer_selection, LAYER_SELECTION_FIELDS)
 
 #: The MLP encoder's fixed depth (PEFT's: two hidden layers, whatever encoder_num_layers says).
 MLP_LAYERS = 2
@@ -26,6 +26,7 @@ class PTuningConfig(AdapterConfig):
     """
 
     method: ClassVar[str] = "p_tuning"
+    refused_options: ClassVar[tuple[str, ...]] = LAYER_SELECTION_FIELDS
 
     num_virtual_tokens: int = option(20, help='length of the soft prompt')
     encoder_reparameterization_type: Literal["MLP", "LSTM"] = option(

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal, Optional, Union
 
-from peftkit.plugin_api import AdapterConfig, ConfigError, option, refuse_layer_selection
+from peftkit.plugin_api import AdapterConfig, ConfigError, LAYER_SELECTION_FIELDS, option, refuse_layer_selection
 
 #: Activation names ``non_linearity`` accepts (transformers' names, as ``adapters`` reads them;
 #: ``leakyrelu`` is torch's leaky_relu with slope 0.01). None: no activation.
@@ -28,6 +28,7 @@ class ReftConfig(AdapterConfig):
     """
 
     method: ClassVar[str] = "reft"
+    refused_options: ClassVar[tuple[str, ...]] = LAYER_SELECTION_FIELDS
 
     layers: Union[Literal["all"], list[int]] = option(
         "all", help='the transformer layers whose output is intervened on: "all" or a list of layer indices')
