@@ -43,9 +43,11 @@ def name_problem(name: object, what: str = "name") -> str | None:
         return f"{what} is empty; use {NAME_RULES}"
     if problem := control_problem(name, what, NAME_RULES):
         return problem
-    if (len(name) > MAX_NAME_LENGTH or not _NAME_RE.fullmatch(name) or "--" in name or ".." in name
-            or name.endswith(".git")):
+    if len(name) > MAX_NAME_LENGTH or not _NAME_RE.fullmatch(name) or "--" in name or ".." in name:
         return f"invalid {what} {name!r}: use {NAME_RULES}"
+    if name.endswith(".git"):  # git clients read a '.git' suffix as the repository's own folder
+        return f"invalid {what} {name!r}: it cannot end in '.git' (git clients read that as the repository's own " \
+               f"folder); call it {name[:-4]!r}"
     return None
 
 
@@ -71,6 +73,10 @@ def branch_problem(name: object, what: str = "branch name") -> str | None:
     if (not isinstance(name, str) or not name or len(name) > MAX_BRANCH_LENGTH or not _BRANCH_RE.fullmatch(name)
             or ".." in name or "//" in name or name.endswith(("/", ".", ".lock")) or is_commit_sha(name)):
         return f"invalid {what} {name!r}: use {BRANCH_RULES}"
+    if name.startswith("refs/"):  # a revision's spelling: the name would be read as another branch or tag
+        bare = name.split("/", 2)[2] if name.startswith((HEADS_PREFIX, TAG_PREFIX)) else name[len("refs/"):]
+        return (f"invalid {what} {name!r}: a name cannot begin with 'refs/', which revisions use to say "
+                f"'branch' or 'tag' (refs/heads/NAME, refs/tags/NAME); call it {bare!r}")
     return None
 
 

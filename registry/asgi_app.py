@@ -40,7 +40,7 @@ from .accounts import not_bearer_reason, parse_bearer
 from .content_safety import hardening_headers
 from .errors import BadRequest, PayloadTooLarge, RegistryError, Unauthorized
 from .host_allowlist import HostAllowlist
-from .http_headers import escape_log, header_value
+from .http_headers import escape_log, header_value, redact_query
 from .hub_api import HubApi, Request, Response, error_response
 from .origin import ProxyTrust, base_url
 
@@ -108,7 +108,7 @@ def _internal_error() -> Response:
 def _too_large(length: int | None, limit: int, method: str, path: str) -> PayloadTooLarge:
     if limit == 0:
         return PayloadTooLarge(f"{method} {path[:200]} takes no request body; send it without one")
-    got = f"{length / 2**20:.1f} MiB" if length is not None else "more"
+    got = f"{length / 2**20:.1f} MiB" if length is not None else "larger"
     if "/commit/" in path:
         fix = "split the upload into several commits or restart the server with a larger --max-upload-mb"
     else:  # small JSON requests (paths-info, validate-yaml, settings, ...): the fix is a smaller request
@@ -244,6 +244,10 @@ class RegistryApp:
             small = declared is not None and int(declared) <= _DRAIN_LIMIT
             if not small or "100-continue" in (req.headers.get("Expect") or "").lower():
                 early.close = True
+            elif "close" in (req.headers.get("Connection") or "").lower():
+                # The server closes after answering such a client: read the rest first, or the bytes still
+                # arriving make the kernel reset the connection and the client never sees the answer.
+                await self._drain(receive)
             await self._send(send, req, early, route, query)
             return None
         body = await self._spool(receive, limit, req.method, req.path)
@@ -312,6 +316,21 @@ class RegistryApp:
             raise ClientGone
         return message
 
+    async def _drain(self, receive: Receive) -> None:
+        """Read and drop a refused request's body (at most ``_DRAIN_LIMIT`` bytes, within the request's
+        deadline and each read's timeout); a client that stops sending or leaves ends it."""
+        limits = self.body_limits
+        deadline = anyio.current_time() + limits.request_timeout_s
+        total = 0
+        try:
+            while total <= _DRAIN_LIMIT and (left := deadline - anyio.current_time()) > 0:
+                message = await self._receive(receive, min(limits.read_timeout_s, left))
+                total += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    return
+        except (BodyTimeout, ClientGone):
+            return
+
     async def _spool(self, receive: Receive, limit: int, method: str, path: str) -> IO[bytes]:
         limits = self.body_limits
         spool = tempfile.SpooledTemporaryFile(max_size=limits.spool_in_memory, dir=self.api.store.blobs.tmp_dir)
@@ -349,7 +368,7 @@ class RegistryApp:
         if self.log is not None:
             size = len(resp.body) if resp.file is None else (
                 resp.file_range[1] - resp.file_range[0] + 1 if resp.file_range else 0)
-            target = f"{req.path}?{query}" if query else req.path
+            target = f"{req.path}?{redact_query(query)}" if query else req.path
             self.log(escape_log(f'{req.client_address or "-"} - "{req.method} {target}" {resp.status} {size}'))
         # A client that stops reading makes send() wait: each wait is bounded.
         timeout = self.body_limits.read_timeout_s

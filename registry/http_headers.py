@@ -20,12 +20,31 @@ holds printable ASCII only, and each kind of header has its own escaping:
 from __future__ import annotations
 
 import re
-from urllib.parse import quote
+from urllib.parse import quote, unquote_plus
 
 #: RFC 3986's reserved and unreserved characters, and '%' (existing escapes stay as they are).
 URL_CHARACTERS = "/?#[]@!$&'()*+,;=:%~-._"
 URL_HEADERS = frozenset({"location", "content-location"})
 _LINK_TARGET = re.compile(r"<([^<>]*)>")
+
+
+#: Query keys whose values are secrets by their name. The server reads no credential from a query string, but
+#: clients put tokens there by habit (``?token=``, ``?access_token=``): the access log must not keep them.
+SECRET_QUERY_KEYS = frozenset({"token", "access_token", "api_key", "apikey", "key", "password", "secret", "auth"})
+_QUERY_PAIR = re.compile(r"(^|&)([^=&]*)=([^&]*)")
+#: A registry token (``pkr_<id>_<secret>``) or a Hugging Face one (``hf_...``) anywhere in a query.
+_TOKEN_LIKE = re.compile(r"(?<![A-Za-z0-9])(pkr|hf)_[A-Za-z0-9][A-Za-z0-9_\-]{5,}")
+
+
+def redact_query(query: str) -> str:
+    """A raw query string for the access log: the values of :data:`SECRET_QUERY_KEYS` and anything shaped like a
+    token replaced by ``***``; the rest as sent."""
+    def pair(match: re.Match[str]) -> str:
+        if unquote_plus(match.group(2)).strip().lower() in SECRET_QUERY_KEYS:
+            return f"{match.group(1)}{match.group(2)}=***"
+        return match.group(0)
+
+    return _TOKEN_LIKE.sub(lambda m: f"{m.group(1)}_***", _QUERY_PAIR.sub(pair, query))
 
 
 def escape_log(text: str) -> str:

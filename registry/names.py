@@ -11,6 +11,7 @@ The rules for repo ids and revisions are the ones the hub client checks too
 
 from __future__ import annotations
 
+import unicodedata
 
 from peftkit.hub_rules.names import (
     CONTROL_CHARACTER_RE,
@@ -95,13 +96,21 @@ def validate_path(path: str) -> str:
             )
         if segment == ".git":
             raise InvalidPath(f"file path {path!r} uses the reserved folder name '.git'")
+
     return path
 
 
 def validate_new_path(path: str) -> str:
     """A path a commit adds a file at: a valid path (:func:`validate_path`) at most :data:`MAX_PATH_DEPTH`
-    folders deep. Reads take any valid path, so files committed before the limit stay readable."""
+    folders deep, with no invisible formatting character and no name of spaces only. Reads take any valid path,
+    so files committed before these rules stay readable."""
     validate_path(path)
+    invisible = next((c for c in path if unicodedata.category(c) == "Cf"), None)
+    if invisible is not None:  # bidi overrides and zero-width characters make a name read as another
+        raise InvalidPath(f"file path {path!r} contains the invisible formatting character U+{ord(invisible):04X} "
+                          f"(bidi overrides and zero-width characters make a name look like another); remove it")
+    if any(not segment.strip() for segment in path.split("/")):
+        raise InvalidPath(f"file path {path!r} has a file or folder name of spaces only; give it a visible name")
     depth = path.count("/")
     if depth > MAX_PATH_DEPTH:
         raise InvalidPath(

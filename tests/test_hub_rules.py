@@ -47,6 +47,14 @@ def test_a_name_ending_in_a_line_break_is_refused_by_the_shared_rules() -> None:
     assert is_commit_sha("a" * 40) and not is_commit_sha("a" * 40 + "\n")
 
 
+def test_names_that_would_be_read_as_something_else_say_why() -> None:
+    assert "cannot end in '.git'" in name_problem("ok.git") and "call it 'ok'" in name_problem("ok.git")
+    assert "cannot begin with 'refs/'" in branch_problem("refs/heads/x")
+    assert "call it 'x'" in branch_problem("refs/heads/x")
+    assert "cannot begin with 'refs/'" in branch_problem("refs/tags/v1", "tag name")
+    assert branch_problem("feature/refs/x") is None
+
+
 def test_revisions_both_sides_accept() -> None:
     for revision in ("main", "v1.0", "feature/x", "refs/tags/v1", "a" * 40):
         assert parse_ref(f"alice/ner@{revision}").revision == revision

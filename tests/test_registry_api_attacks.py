@@ -8,6 +8,8 @@
   ``paths-info`` took any number of paths (a million cost 8 s of a worker).
 * ``/api/models`` with 500 ``filter`` values or a 60,000-character ``search`` was a 500 (SQLite refuses
   expressions over 1,000 deep and LIKE patterns over 50,000 bytes): now a 400 naming the bound.
+* file names with a bidi override or a zero-width character (``U+202E gnp.exe`` shows as ``exe.png``) or of
+  spaces only were committed and shown raw on the repo page: now a 400 naming the character.
 * files 500 folders deep: one commit of 20,000 of them held the registry's write lock for a minute
   (folder checks cost depth x length per file), and each recursive listing of the repo took 80 s and
   each ``paths-info`` of its nested folders 3 minutes and 10 GiB; a commit now takes files at most
@@ -102,6 +104,20 @@ def _commit(url: str, auth: dict, files: dict[str, bytes]):
     body = "\n".join(json.dumps(line) for line in lines).encode()
     return _request(url, "POST", "/api/models/alice/lora/commit/main", body,
                     {**auth, "Content-Type": "application/x-ndjson"})
+
+
+def test_file_names_that_read_as_other_names_are_refused(registry) -> None:
+    """A bidi override or a zero-width character makes 'U+202E gnp.exe' show as 'exe.png' on the repo page; a
+    name of spaces only shows as nothing. A commit adding one is refused whole, naming the character."""
+    store, url, auth = registry
+    head = store.resolve_revision("alice/lora")
+    for path, words in (("\u202egnp.exe", "U+202E"), ("docs/\u200bREADME.md", "U+200B"), ("a/ /b.txt", "spaces only"),
+                        ("  ", "spaces only")):
+        status, body = _commit(url, auth, {path: b"x", "fine.txt": b"y"})
+        assert status == 400 and words in body["error"], (path, body)
+    assert store.resolve_revision("alice/lora") == head  # nothing committed
+    status, body = _commit(url, auth, {"caf\u00e9/\u65e5\u672c.txt": b"x"})  # letters of any script are names
+    assert status == 200, body
 
 
 def test_files_too_deep_are_refused_and_nested_folders_are_listed_once(registry) -> None:

@@ -76,6 +76,14 @@ def test_tags_are_revisions_everywhere(reg, tmp_path: Path) -> None:
     with pytest.raises(HfHubHTTPError):
         api.delete_tag("alice/tagged", tag="v1.0")
 
+    # A name spelled like a revision would be read as another ref (refs/heads/main as main): refused
+    for create, name in ((api.create_branch, "refs/heads/x1"), (api.create_branch, "refs/heads/main"),
+                         (api.create_tag, "refs/tags/v2")):
+        with pytest.raises(HfHubHTTPError, match="cannot begin with 'refs/'") as err:
+            create("alice/tagged", **{"branch" if create == api.create_branch else "tag": name})
+        assert err.value.response.status_code == 400
+    assert [b.name for b in api.list_repo_refs("alice/tagged").branches] == ["main"]
+
 
 @pytest.mark.skipif(shutil.which("hf", path=os.path.dirname(sys.executable)) is None, reason="no hf CLI")
 def test_hf_cli_tags_and_probes(reg, tmp_path: Path) -> None:

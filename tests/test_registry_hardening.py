@@ -601,3 +601,51 @@ def test_access_log_escapes_control_characters(hub) -> None:
     assert _wait_for(lambda: any("q=%1b" in line for line in log))
     assert all(ch >= " " and ch <= "~" for line in log for ch in line)
     assert escape_log("a\x1b[2Jb\r\n\x00é") == "a\\x1b[2Jb\\r\\n\\x00\\xe9"
+
+
+def test_the_access_log_never_keeps_a_token_sent_in_the_query(hub) -> None:
+    """The server reads no credential from a query string, but clients put one there by habit: the log line of
+    such a request masks it (by the key's name, and anything shaped like a registry or Hugging Face token)."""
+    _, server, tokens, log = hub
+    secret = tokens["alice"]
+    for target in (f"/api/whoami-v2?token={secret}", f"/api/models/alice/model?access_token={secret}&x=1",
+                   f"/api/models?search=lora&note={secret}", "/api/models?Token=hf_abcdefghijkl"):
+        _request(server, f"GET {target} HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    assert _wait_for(lambda: sum("hf_***" in line or "token=***" in line.lower() for line in log) >= 2)
+    assert _wait_for(lambda: any("/api/models?search=lora&note=pkr_***" in line for line in log))
+    assert any("access_token=***&x=1" in line for line in log)
+    assert not any(secret in line or secret.split("_")[-1] in line or "hf_abcdefghijkl" in line for line in log)
+
+
+def _send_whole_then_read(server: RunningServer, head: str, size: int) -> tuple[int, bytes]:
+    """Send ``head`` and ``size`` bytes of body in full, as urllib does (``Connection: close``), then read the
+    answer; a reset before it fails the test."""
+    with _connect(server) as sock:
+        sock.sendall(head.encode("latin-1"))
+        chunk = b"a" * 65536
+        for start in range(0, size, len(chunk)):
+            sock.sendall(chunk[:size - start])
+        status, _, body = _read_response(sock)
+    return status, body
+
+
+def test_a_refused_upload_from_a_client_that_asks_to_close_gets_the_answer_not_a_reset(tmp_path: Path) -> None:
+    """Refused from its headers (no token: 401; over --max-upload-mb: 413), a body the client keeps sending is
+    read and dropped before the answer when the client said ``Connection: close``: closing with bytes still
+    arriving made the kernel reset the connection, so urllib saw 'connection reset' instead of the message."""
+    store = RegistryStore(tmp_path / "reg", fsync=False)
+    store.accounts.add_user("alice")
+    token = store.accounts.create_token("alice", write=True)[1]
+    store.create_repo("alice/model")
+    try:
+        with start_server(store, config=ApiConfig(max_upload_bytes=2 * 2**20), options=FAST) as server:
+            size = 5_000_000
+            head = (f"POST /api/models/alice/model/commit/main HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+                    f"Content-Type: application/x-ndjson\r\nContent-Length: {size}\r\n")
+            status, body = _send_whole_then_read(server, head + "\r\n", size)
+            assert status == 401 and b"token" in body
+            status, body = _send_whole_then_read(server, head + f"Authorization: Bearer {token}\r\n\r\n", size)
+            assert status == 413 and b"over this server's limit of 2.0 MiB" in body
+            assert _ok(server)
+    finally:
+        store.close()

@@ -317,3 +317,31 @@ def test_a_page_past_the_last_says_so_and_links_to_the_last(site):
         assert "Page 9 is past the last page." in page
         assert f'<a href="{last.replace("&", "&amp;")}">Go to page 1' in page
         assert "No adapter" not in page and "of 1</span>" not in page and 'rel="prev"' not in page
+
+
+def test_an_adapterhub_folder_shows_its_method_options_and_format(tmp_path: Path):
+    """adapters' layout keeps the method's options under "config" and the base model as model_name: the facts
+    panel reads them there (not the wrapper's name/version/model_class as options)."""
+    import json
+
+    import torch
+    from safetensors.torch import save
+
+    config = {"config": {"architecture": "lora", "r": 8, "alpha": 16, "attn_matrices": ["q", "v"],
+                         "intermediate_lora": True, "leave_out": [0]},
+              "hidden_size": 32, "model_class": "BertForSequenceClassification", "model_name": "org/tiny-bert",
+              "model_type": "bert", "name": "task", "version": "adapters.1.3.0"}
+    weights = save({"bert.encoder.layer.1.attention.self.query.loras.task.lora_A": torch.zeros(8, 32),
+                    "bert.encoder.layer.1.attention.self.query.loras.task.lora_B": torch.zeros(32, 8)})
+    with running_registry(tmp_path / "reg") as (store, server, _):
+        store.create_repo("alice/ah-lora")
+        store.commit("alice/ah-lora", {"adapter_config.json": json.dumps(config).encode(),
+                                       "adapter.safetensors": weights})
+        status, _, page = WebClient(server.url).get("/alice/ah-lora")
+    assert status == 200
+    facts = page.split('class="facts"', 1)[1]
+    assert '<dt>Method</dt><dd><a href="/?method=lora">lora</a>' in facts
+    assert "AdapterHub" in facts and "<dt>r</dt><dd>8</dd>" in facts and "<dt>alpha</dt><dd>16</dd>" in facts
+    assert '<a href="/?base_model=org/tiny-bert">org/tiny-bert</a>' in facts
+    assert "<dt>version</dt>" not in facts and "<dt>name</dt>" not in facts
+    assert "512" in facts  # 8 x 32 + 32 x 8 parameters

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from peftkit.hub_rules import adapterhub
 from peftkit.hub_rules.peft_types import file_in_peft_format
 
 from ..store import FileEntry
@@ -37,6 +38,7 @@ OWN_RECORD = "peftkit.json"
 COMPOSITION = "composition.json"
 FUSION = "fusion_config.json"
 WEIGHTS = "adapter_model.safetensors"
+ADAPTERHUB_WEIGHTS = "adapter.safetensors"
 
 # adapter_config.json keys shown elsewhere in the panel, or bookkeeping.
 _NOT_OPTIONS = frozenset({
@@ -197,6 +199,9 @@ class FactsReader:
 
     def _adapter(self, facts: Facts, files: Mapping[str, FileEntry]) -> None:
         config = self._json(files, CONFIG)
+        if adapterhub.is_adapterhub_config(config):
+            self._adapterhub(facts, files, config)
+            return
         record = config.get("peftkit") if isinstance(config.get("peftkit"), dict) else {}
         peft_type = config.get("peft_type") if isinstance(config.get("peft_type"), str) else None
         if not record and OWN_RECORD in files:
@@ -232,6 +237,20 @@ class FactsReader:
         task_type = config.get("task_type")
         facts.task_type = task_type if isinstance(task_type, str) else None
         facts.parameters = self._parameters(files.get(WEIGHTS))
+
+    def _adapterhub(self, facts: Facts, files: Mapping[str, FileEntry], config: Mapping[str, Any]) -> None:
+        """An AdapterHub folder (``adapters``' layout): the method and options are under ``"config"``, the base
+        model is ``model_name``, the weights ``adapter.safetensors``."""
+        options = config["config"]
+        facts.kind, facts.format = "adapter", "AdapterHub (adapters; loads with peftkit)"
+        facts.method = adapterhub.method_of(options)
+        facts.options = [(key, shown) for key, value in sorted(options.items())
+                         if value is not None and (shown := _scalar(value)) is not None][:MAX_OPTIONS]
+        facts.base_model = short_name(config.get("model_name"))
+        model_type = _scalar(config.get("model_type"))
+        model_class = _scalar(config.get("model_class"))
+        facts.architecture = ", ".join(p for p in (model_class, model_type) if p) or None
+        facts.parameters = self._parameters(files.get(ADAPTERHUB_WEIGHTS))
 
     def _composition(self, facts: Facts, files: Mapping[str, FileEntry]) -> None:
         data = self._json(files, COMPOSITION)
