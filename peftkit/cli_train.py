@@ -79,9 +79,16 @@ def _labels(_ctx: click.Context, _param: click.Parameter, value: str | None) -> 
               help="dtype the base model is loaded in (auto: as saved).")
 @click.option("--quantize", type=click.Choice(["4bit", "8bit"]), default=None,
               help="Load the base model quantized with bitsandbytes (4bit: NF4, QLoRA); the adapter trains in "
-                   "float32 on top.")
+                   "float32 on top (and a classifier's task head, which stays in float).")
 @click.option("--eval-steps", type=click.IntRange(min=1), default=None,
               help="Evaluate every N steps [default: at the end of every epoch].")
+@click.option("--metric-for-best-model", default=None, metavar="NAME",
+              help="Evaluation metric that ranks checkpoints: loss, accuracy, f1_macro (seq-cls) "
+                   "[default: loss with --load-best-model-at-end]; lower is better for a name ending in loss, "
+                   "else higher.")
+@click.option("--load-best-model-at-end", is_flag=True,
+              help="Save the best evaluation's adapter, not the last step's (writes a checkpoint at every "
+                   "evaluation; needs --eval).")
 @click.option("--logging-steps", type=click.IntRange(min=1), default=10, help="Log the loss every N steps.")
 @click.option("--save-steps", type=click.IntRange(min=0), default=500,
               help="Write a resumable checkpoint every N steps (0: none).")

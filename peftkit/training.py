@@ -26,8 +26,10 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from peftkit.core.config import AdapterConfig
+from peftkit.core.errors import PeftkitError
 from peftkit.core.model_source import model_source_options
-from peftkit.training_plan import TrainOptions, TrainResult, is_main_process, make_plan, train_options
+from peftkit.training_plan import (TrainOptions, TrainResult, is_main_process, make_plan, stops_early,
+                                   train_options)
 
 __all__ = ["TrainOptions", "TrainResult", "is_main_process", "train"]
 
@@ -48,6 +50,7 @@ def train(model: Any, method: str | AdapterConfig, data: str | os.PathLike, *,
     any model is loaded.
     """
     plan = make_plan(model, method, data, eval_data, task, Path(out), train_options(options))
+    _check_callbacks(callbacks, plan.eval_data is not None)
     for source, what in ((model, "the model"), (tokenizer, "the tokenizer")):
         if isinstance(source, (str, os.PathLike)):
             model_source_options(source, what)  # offline or unreachable: fail now, before the slow imports
@@ -55,6 +58,15 @@ def train(model: Any, method: str | AdapterConfig, data: str | os.PathLike, *,
         from peftkit.training_run import run
 
         return run(plan, tokenizer, list(callbacks))
+
+
+def _check_callbacks(callbacks: Sequence[Any], has_eval: bool) -> None:
+    """transformers' EarlyStoppingCallback stops on evaluations: without eval data it would fail an
+    assertion after the model loaded."""
+    if not has_eval and stops_early(callbacks):
+        raise PeftkitError("EarlyStoppingCallback stops training when the evaluation stops improving, and this run "
+                           "has no evaluation data; give eval_data= (and eval_steps= to evaluate more often than "
+                           "once an epoch)")
 
 
 @contextlib.contextmanager

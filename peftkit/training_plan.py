@@ -19,7 +19,7 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from peftkit.core.config import AdapterConfig
 from peftkit.core.errors import PeftkitError, PushAfterTrainingError
@@ -71,6 +71,9 @@ class TrainOptions:
     quantize: str | None = None  # "4bit" (NF4, QLoRA) or "8bit": load the base model quantized with bitsandbytes
     # evaluation, logging, checkpoints
     eval_steps: int | None = None
+    # the evaluation metric that ranks checkpoints and early stopping (None: "loss" where one is needed)
+    metric_for_best_model: str | None = None
+    load_best_model_at_end: bool = False  # the saved adapter is the best evaluation's (a checkpoint per evaluation)
     logging_steps: int = 10
     save_steps: int = 500
     save_total_limit: int | None = 2
@@ -174,6 +177,9 @@ class TrainResult:
     train_examples: int
     eval_examples: int
     resumed_from: str | None = None
+    #: load_best_model_at_end: the step of the checkpoint whose adapter was saved, and its metric_for_best_model
+    best_step: int | None = None
+    best_metric: float | None = None
     skipped: list[str] = field(default_factory=list)
     log_history: list[dict[str, Any]] = field(default_factory=list)
     run: dict[str, Any] = field(default_factory=dict)
@@ -253,10 +259,11 @@ def make_plan(model: Any, method: str | AdapterConfig, data: Any, eval_data: Any
                            f"a model object is used as it is (quantize it when you load it)")
     method_obj, config = parse_spec(method)
     _check_fsdp(opts, config)
+    _check_best_model(opts, task, eval_data is not None)
     checkpoint_dir = checkpoint_folder(out, opts.checkpoint_dir)
     if opts.resume and opts.overwrite:
-        raise PeftkitError("--resume continues the run in the output folder and --overwrite starts it over; "
-                           "give one of them")
+        raise PeftkitError("--resume (resume=) continues the run in the output folder and --overwrite "
+                           "(overwrite=True) starts it over; give one of them")
     resume_from = _resolve_resume(opts.resume, checkpoint_dir)
     if resume_from is None:
         _check_output_dir(out, checkpoint_dir, opts.overwrite)
@@ -277,6 +284,44 @@ def make_plan(model: Any, method: str | AdapterConfig, data: Any, eval_data: Any
                      checkpoint_dir=checkpoint_dir, resume_from=resume_from, opts=opts, data=str(data),
                      eval_data=str(eval_data) if eval_data is not None else None, train_examples=train_examples,
                      eval_examples=eval_examples, labels=labels)
+
+
+#: The evaluation metrics of each task (the Trainer's names without ``eval_``) that can rank checkpoints.
+EVAL_METRICS = {"seq-cls": ("loss", "accuracy", "f1_macro"), "token-cls": ("loss", "accuracy"),
+                "causal-lm": ("loss",), "seq2seq": ("loss",)}
+
+
+def stops_early(callbacks: Sequence[Any]) -> bool:
+    """Whether a callback is (or derives from) transformers' ``EarlyStoppingCallback``, which needs a metric
+    to rank evaluations by (checked by class name: transformers is not imported here)."""
+    return any(kind.__name__ == "EarlyStoppingCallback" for callback in callbacks for kind in type(callback).__mro__)
+
+
+def best_model_metric(opts: TrainOptions, has_eval: bool, early_stopping: bool = False) -> str | None:
+    """The metric the Trainer ranks evaluations by (``metric_for_best_model``): the option; else ``loss`` when
+    the run evaluates and something ranks evaluations (``load_best_model_at_end``, as transformers defaults it,
+    or an early-stopping callback); else None, as in transformers."""
+    if opts.metric_for_best_model:
+        return opts.metric_for_best_model
+    return "loss" if has_eval and (opts.load_best_model_at_end or early_stopping) else None
+
+
+def _check_best_model(opts: TrainOptions, task: str, has_eval: bool) -> None:
+    """``metric_for_best_model`` and ``load_best_model_at_end`` compare evaluations: they need eval data,
+    a metric the task's evaluation computes, and (to load the best) checkpoints."""
+    wanted = [name for name, on in (("metric_for_best_model", opts.metric_for_best_model is not None),
+                                    ("load_best_model_at_end", opts.load_best_model_at_end)) if on]
+    if wanted and not has_eval:
+        raise PeftkitError(f"{' and '.join(wanted)} {'compare' if len(wanted) > 1 else 'compares'} evaluations, "
+                           f"and this run has no evaluation data; give eval_data (--eval FILE)")
+    metric = opts.metric_for_best_model
+    names = EVAL_METRICS[task]
+    if metric is not None and (not isinstance(metric, str) or metric.removeprefix("eval_") not in names):
+        raise PeftkitError(f"metric_for_best_model {metric!r} is not an evaluation metric of task {task}; "
+                           f"choose one of {', '.join(names)}")
+    if opts.load_best_model_at_end and opts.save_steps == 0:
+        raise PeftkitError("load_best_model_at_end loads the best evaluation's checkpoint (one is written at every "
+                           "evaluation), and save_steps=0 writes none; drop save_steps=0")
 
 
 #: What ``accelerate launch`` sets in the environment for a config with ``distributed_type: FSDP``.
@@ -402,7 +447,7 @@ def _resolve_resume(resume: str | bool | None, checkpoint_dir: Path) -> Path | N
         found = latest_checkpoint(checkpoint_dir)
         if found is None:
             raise PeftkitError(f"nothing to resume: no {CHECKPOINT_PREFIX}N folder in {checkpoint_dir}; "
-                               f"name one with --resume DIR, or start without --resume")
+                               f"name one with --resume DIR (resume=DIR), or start without --resume")
         return found
     path = Path(resume)
     if not (path / "trainer_state.json").is_file() or not (path / TRAINABLE_STATE_FILE).is_file():
@@ -411,7 +456,7 @@ def _resolve_resume(resume: str | bool | None, checkpoint_dir: Path) -> Path | N
             return latest  # a checkpoints folder: take its newest checkpoint
         if not path.exists():
             raise PeftkitError(f"--resume {str(path)!r}: no such folder; give a {CHECKPOINT_PREFIX}N folder, or "
-                               f"--resume alone for the newest checkpoint in {checkpoint_dir}")
+                               f"--resume alone (resume=True) for the newest checkpoint in {checkpoint_dir}")
         raise PeftkitError(f"{str(path)!r} is not a peftkit training checkpoint (it needs trainer_state.json and "
                            f"{TRAINABLE_STATE_FILE}); give a {CHECKPOINT_PREFIX}N folder written by peftkit train")
     return path
@@ -439,15 +484,16 @@ def latest_checkpoint(folder: Path) -> Path | None:
 def _check_output_dir(out: Path, checkpoint_dir: Path, overwrite: bool) -> None:
     """Refuse to mix a new run into an old one; with ``overwrite``, drop the old checkpoints."""
     if out.exists() and not out.is_dir():
-        raise PeftkitError(f"--out {str(out)!r} is a file; give a folder")
+        raise PeftkitError(f"--out (out=) {str(out)!r} is a file; give a folder")
     leftovers = [p for p in out.iterdir() if not (p == checkpoint_dir and not any(p.iterdir()))] \
         if out.is_dir() else []
     used = bool(leftovers) or latest_checkpoint(checkpoint_dir) is not None
     if not used:
         return
     if not overwrite:
-        raise PeftkitError(f"{str(out)!r} already holds files from an earlier run; continue it with --resume, "
-                           f"replace it with --overwrite, or choose another --out")
+        raise PeftkitError(f"{str(out)!r} already holds files from an earlier run; continue it with --resume "
+                           f"(resume=True), replace it with --overwrite (overwrite=True), or choose another --out "
+                           f"(out=)")
     if is_main_process() and checkpoint_dir.is_dir():
         for child in checkpoint_dir.iterdir():
             if child.is_dir() and child.name.startswith(CHECKPOINT_PREFIX):

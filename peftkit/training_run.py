@@ -19,12 +19,14 @@ from transformers import TrainerCallback, TrainingArguments
 
 from peftkit.adapter_trainer import AdapterTrainer, argmax_predictions, classification_metrics, \
     save_adapter_files, token_loss
+from peftkit.core.base_layers import quantization_of
 from peftkit.core.errors import PeftkitError
 from peftkit.core.fileio import write_text_atomic
 from peftkit.core.model_source import model_source_options
 from peftkit.core.model import AdaptedModel
 from peftkit.training_fsdp import shard_base, take_over_accelerate_fsdp
-from peftkit.training_plan import RESULTS_FILE, TrainOptions, TrainPlan, TrainResult, is_main_process, push_adapter
+from peftkit.training_plan import (RESULTS_FILE, TrainOptions, TrainPlan, TrainResult, best_model_metric,
+                                   is_main_process, push_adapter, stops_early)
 from peftkit.training_data import (CLASSIFICATION_TASKS, LABELS_FILE, PIPELINE_TAGS, DataError, Encoded, LabelMap,
                                    data_collator, encode)
 
@@ -68,7 +70,7 @@ def _run(plan: TrainPlan, tokenizer: Any, callbacks: list[TrainerCallback]) -> T
     note = take_over_accelerate_fsdp()  # before the Trainer makes accelerate's state
     if note:
         say(note)
-    args = _training_arguments(opts, plan.checkpoint_dir, task, eval_set is not None)
+    args = _training_arguments(opts, plan.checkpoint_dir, task, eval_set is not None, stops_early(callbacks))
     if opts.fsdp:
         precision = getattr(args, "mixed_precision", "bf16" if args.bf16 else "no")  # transformers >= 5 has it
         units = shard_base(adapted, args.device, mixed_precision=precision)
@@ -98,7 +100,11 @@ def _run(plan: TrainPlan, tokenizer: Any, callbacks: list[TrainerCallback]) -> T
     # Read before training: the checkpoint may be rotated away (--save-total-limit) while the run goes on.
     resumed_step = _checkpoint_step(plan.resume_from) if plan.resume_from is not None else None
     output = trainer.train(resume_from_checkpoint=str(plan.resume_from) if plan.resume_from else None)
-    eval_metrics = _final_evaluation(trainer, task) if eval_set is not None else {}
+    best_step = _best_step(trainer)
+    if best_step is not None:
+        say(f"the best evaluation ({args.metric_for_best_model} {trainer.state.best_metric:.4g}) was at step "
+            f"{best_step}: its checkpoint's adapter is the result")
+    eval_metrics = _final_evaluation(trainer, task, best_step) if eval_set is not None else {}
     train_metrics = {k: v for k, v in output.metrics.items() if _is_number(v)}
     if resumed_step is not None and output.global_step <= resumed_step:
         # The checkpoint is the run's last step: the Trainer's train_loss of no steps would read 0.
@@ -110,6 +116,7 @@ def _run(plan: TrainPlan, tokenizer: Any, callbacks: list[TrainerCallback]) -> T
         output_dir=str(plan.out), task=task, method=plan.method.name, metrics=metrics,
         train_metrics=train_metrics, eval_metrics=eval_metrics, labels=labels.names if labels else None,
         global_step=output.global_step, trainable_parameters=trainable, total_parameters=total,
+        best_step=best_step, best_metric=trainer.state.best_metric if best_step is not None else None,
         train_examples=len(train_set.features), eval_examples=len(eval_set.features) if eval_set else 0,
         resumed_from=str(plan.resume_from) if plan.resume_from is not None else None,
         skipped=train_set.skipped + (eval_set.skipped if eval_set is not None else []),
@@ -196,6 +203,7 @@ def _load_model(model: Any, task: str, labels: LabelMap | None, dtype: str,
                                    f"({', '.join(labels.names)}); load it with num_labels={len(labels.names)} or "
                                    f"pass its folder and let train() do it")
             config.id2label, config.label2id = labels.config_kwargs()["id2label"], labels.config_kwargs()["label2id"]
+            _refuse_quantized_head(model)
         return model, []
     import transformers
     from transformers.utils import logging as hf_logging
@@ -203,8 +211,6 @@ def _load_model(model: Any, task: str, labels: LabelMap | None, dtype: str,
     auto = getattr(transformers, _AUTO_CLASSES[task])
     kwargs: dict[str, Any] = dict(labels.config_kwargs()) if labels is not None else {}
     kwargs[_dtype_argument()] = getattr(torch, dtype) if dtype != "auto" else "auto"
-    if quantize:
-        kwargs.update(_quantized_loading(quantize, dtype))
     if labels is not None:
         kwargs["ignore_mismatched_sizes"] = True  # a head for other labels is replaced, and trained with the adapter
     kwargs.update(model_source_options(str(model), "the model"))
@@ -212,6 +218,9 @@ def _load_model(model: Any, task: str, labels: LabelMap | None, dtype: str,
     if labels is not None:
         hf_logging.set_verbosity_error()  # a new head is expected here: _report_fresh_weights says what is new
     try:
+        if quantize:
+            heads = _task_head_modules(auto, str(model), kwargs) if labels is not None else None
+            kwargs.update(_quantized_loading(quantize, dtype, heads))
         loaded, info = auto.from_pretrained(str(model), output_loading_info=True, **kwargs)
     except ValueError as exc:
         if "Unrecognized configuration class" in str(exc):
@@ -239,19 +248,69 @@ def _report_fresh_weights(fresh: list[str], modules_to_save: list[str], say: _Re
             f"{', '.join(other[:5])}{' ...' if len(other) > 5 else ''}")
 
 
-def _quantized_loading(quantize: str, dtype: str) -> dict[str, Any]:
+def _quantized_loading(quantize: str, dtype: str, skip: list[str] | None = None) -> dict[str, Any]:
     """from_pretrained arguments for a bitsandbytes-quantized base (QLoRA: NF4 with double quantization,
-    computing in the run's dtype), on this process's device."""
+    computing in the run's dtype), on this process's device. ``skip``: modules that stay in float (a task
+    head); None keeps transformers' own choice (a causal LM's lm_head stays in float)."""
     from transformers import BitsAndBytesConfig
 
     compute = getattr(torch, dtype) if dtype != "auto" else torch.float32
     if quantize == "4bit":
         config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                    bnb_4bit_compute_dtype=compute)
+                                    bnb_4bit_compute_dtype=compute, llm_int8_skip_modules=skip)
     else:
-        config = BitsAndBytesConfig(load_in_8bit=True)
+        config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
     return {"quantization_config": config, "device_map": {"": device}}
+
+
+#: Task heads by their usual names, for a model whose base model is not one of its top-level modules.
+_HEAD_NAMES = ("pre_classifier", "classifier", "score", "qa_outputs")
+
+
+def _task_head_modules(auto: Any, model: str, kwargs: dict[str, Any]) -> list[str]:
+    """The task head of ``auto``'s model for ``model`` (``classifier``, ``score``, DistilBERT's
+    ``pre_classifier`` ...), found on an empty (meta) model built from its config before the weights load.
+    It stays in float: as a bitsandbytes layer (a new one holds a float weight it never quantized) its copy
+    for the adapter can neither train nor run."""
+    from transformers import AutoConfig
+
+    config_keys = ("num_labels", "id2label", "label2id", "revision", "token", "local_files_only", "cache_dir")
+    config = AutoConfig.from_pretrained(model, **{k: v for k, v in kwargs.items() if k in config_keys})
+    with torch.device("meta"):
+        empty = auto.from_config(config)
+    return _task_head_names(empty)
+
+
+def _refuse_quantized_head(model: nn.Module) -> None:
+    """A classifier given as an object must have its task head in float: the adapter trains a copy of it."""
+    heads = _task_head_names(model)
+    quantized = [(name, kind) for head in heads for name, module in model.get_submodule(head).named_modules(prefix=head)
+                 if (kind := _quantized_layer(module)) is not None]
+    if quantized:
+        raise PeftkitError(f"the model's task head is quantized ({quantized[0][0]}: {quantized[0][1]}), and the "
+                           f"adapter trains a float copy of it; load the model with its head in float, e.g. "
+                           f"BitsAndBytesConfig(..., llm_int8_skip_modules={heads!r}), or pass its folder with "
+                           f"quantize= and let train() do it")
+
+
+def _quantized_layer(module: nn.Module) -> str | None:
+    """How ``module`` is quantized, also for a bitsandbytes layer that holds a float weight it quantizes later
+    (transformers leaves a new head's so on CPU: it runs only after the weight went through ``.to(device)``)."""
+    kind = quantization_of(module)
+    if kind is None and type(module).__module__.startswith("bitsandbytes."):
+        kind = f"bitsandbytes {type(module).__name__}"
+    return kind
+
+
+def _task_head_names(model: nn.Module) -> list[str]:
+    """The names of ``model``'s top-level modules with weights outside its base model
+    (``base_model_prefix``): a transformers task model's head."""
+    children = {name: child for name, child in model.named_children() if any(True for _ in child.parameters())}
+    prefix = getattr(model, "base_model_prefix", "")
+    if prefix not in children:
+        return [name for name in _HEAD_NAMES if name in children]
+    return [name for name in children if name != prefix]
 
 
 def _dtype_argument() -> str:
@@ -308,8 +367,10 @@ def _encode(task: str, tok: Any, examples: list, max_length: int, labels: LabelM
     return encoded
 
 
-def _training_arguments(opts: TrainOptions, checkpoint_dir: Path, task: str, has_eval: bool) -> TrainingArguments:
+def _training_arguments(opts: TrainOptions, checkpoint_dir: Path, task: str, has_eval: bool,
+                        early_stopping: bool = False) -> TrainingArguments:
     names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    evaluation = ("steps" if opts.eval_steps else "epoch") if has_eval else "no"
     kwargs: dict[str, Any] = dict(
         output_dir=str(checkpoint_dir),
         per_device_train_batch_size=opts.batch_size,
@@ -324,11 +385,12 @@ def _training_arguments(opts: TrainOptions, checkpoint_dir: Path, task: str, has
         seed=opts.seed,
         bf16=opts.bf16,
         logging_steps=opts.logging_steps,
-        save_strategy="steps" if opts.save_steps > 0 else "no",
-        save_steps=opts.save_steps if opts.save_steps > 0 else 500,
+        **_save_schedule(opts, evaluation),
         save_total_limit=opts.save_total_limit,
-        eval_strategy=("steps" if opts.eval_steps else "epoch") if has_eval else "no",
+        eval_strategy=evaluation,
         eval_steps=opts.eval_steps,
+        metric_for_best_model=best_model_metric(opts, has_eval, early_stopping),
+        load_best_model_at_end=opts.load_best_model_at_end,
         prediction_loss_only=task not in CLASSIFICATION_TASKS,
         # The AdaptedModel's forward takes **kwargs: keep every column, name the labels.
         remove_unused_columns=False,
@@ -354,6 +416,15 @@ def _training_arguments(opts: TrainOptions, checkpoint_dir: Path, task: str, has
         raise PeftkitError(f"invalid training options: {exc}") from None
 
 
+def _save_schedule(opts: TrainOptions, evaluation: str) -> dict[str, Any]:
+    """When checkpoints are written: every ``save_steps`` steps, or, to load the best one at the end, at every
+    evaluation (transformers requires the same schedule for both)."""
+    if opts.load_best_model_at_end:
+        return {"save_strategy": evaluation, "save_steps": opts.eval_steps or 500}
+    return {"save_strategy": "steps" if opts.save_steps > 0 else "no",
+            "save_steps": opts.save_steps if opts.save_steps > 0 else 500}
+
+
 def _lora_plus(adapted: AdaptedModel, opts: TrainOptions) -> Any:
     """The LoRA+ optimizer for --lora-plus-ratio, else None (the Trainer's AdamW)."""
     if opts.lora_plus_ratio is None:
@@ -375,10 +446,13 @@ def _checkpoint_step(checkpoint: Path) -> int:
     return int(json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8")).get("global_step", 0))
 
 
-def _final_evaluation(trainer: AdapterTrainer, task: str) -> dict[str, float]:
-    """The evaluation at the last step: reuse the one the Trainer just ran there, else run one."""
-    last = next((entry for entry in reversed(trainer.state.log_history) if "eval_loss" in entry), None)
-    if last is not None and last.get("step") == trainer.state.global_step:
+def _final_evaluation(trainer: AdapterTrainer, task: str, best_step: int | None) -> dict[str, float]:
+    """The evaluation of the adapter the run ends with: reuse the one the Trainer ran at its step (the last
+    step, or ``best_step`` when it loaded the best checkpoint), else run one."""
+    step = best_step if best_step is not None else trainer.state.global_step
+    last = next((entry for entry in reversed(trainer.state.log_history) if "eval_loss" in entry
+                 and entry.get("step") == step), None)
+    if last is not None:
         metrics = dict(last)
     else:
         metrics = trainer.evaluate()
@@ -386,6 +460,14 @@ def _final_evaluation(trainer: AdapterTrainer, task: str) -> dict[str, float]:
     if task not in CLASSIFICATION_TASKS and "eval_loss" in metrics:
         metrics["eval_perplexity"] = math.exp(metrics["eval_loss"]) if metrics["eval_loss"] < 700 else math.inf
     return metrics
+
+
+def _best_step(trainer: AdapterTrainer) -> int | None:
+    """The step of the checkpoint that ``load_best_model_at_end`` loaded at the end, or None."""
+    best = trainer.state.best_model_checkpoint
+    if not trainer.args.load_best_model_at_end or best is None:
+        return None
+    return _checkpoint_step(Path(best))
 
 
 _RUNTIME_KEYS = ("runtime", "samples_per_second", "steps_per_second")

@@ -126,7 +126,8 @@ def test_an_interrupted_run_without_a_checkpoint_says_to_start_over(tmp_path, se
 def test_resume_and_overwrite_together_are_refused(tmp_path, setup, capsys):
     model, data = setup
     assert run(_run_args(model, data, tmp_path / "out", "--resume", "--overwrite")) == 1
-    assert "--resume continues the run in the output folder and --overwrite starts it over" in capsys.readouterr().err
+    assert "--resume (resume=) continues the run in the output folder and --overwrite (overwrite=True) starts it over" \
+        in capsys.readouterr().err
 
 
 def test_resume_from_a_folder_that_does_not_exist(tmp_path, setup, capsys):
