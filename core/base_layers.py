@@ -98,6 +98,15 @@ def quantization_of(module: nn.Module) -> str | None:
     return _KNOWN.get(name, f"{name} with {str(weight.dtype).replace('torch.', '')} weights")
 
 
+def quantized_kind(module: nn.Module) -> str | None:
+    """:func:`quantization_of`, also for a bitsandbytes layer that still holds a float weight it quantizes later
+    (transformers leaves a new head so on the CPU: it is quantized only when it goes through ``.to(device)``)."""
+    kind = quantization_of(module)
+    if kind is None and type(module).__module__.startswith("bitsandbytes."):
+        kind = f"bitsandbytes {type(module).__name__}"
+    return kind
+
+
 def adapter_precision(dtype: torch.dtype) -> torch.dtype:
     """The dtype adapters train and compute in beside tensors of ``dtype``: float32 and float64 stay,
     anything else (half precision, quantized storage) becomes float32, as PEFT does."""

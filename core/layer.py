@@ -20,8 +20,9 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from .base_layers import quantized_kind
 from .composition import head_leaf
-from .errors import CompositionError, MergeError
+from .errors import CompositionError, ConfigError, MergeError
 from .swap_plan import swap_plan
 
 
@@ -457,6 +458,17 @@ def adapters_at(module: nn.Module) -> dict[str, LayerAdapter]:
     (its ``.adapters``), none for a module peftkit has not wrapped. ``base_of(module)`` gives the
     wrapped original module (a TunerLayer's ``.base_layer``)."""
     return dict(module.adapters) if isinstance(module, TunerLayer) else {}
+
+
+def refuse_quantized_copy(module: nn.Module, name: str) -> None:
+    """ConfigError when ``module`` (``name``, a module to train whole: a task head) holds a quantized layer: its
+    trainable copy would be a quantized layer too, which can neither train nor, when new, run."""
+    found = next(((sub, kind) for sub, part in module.named_modules(prefix=name)
+                  if (kind := quantized_kind(part)) is not None), None)
+    if found is not None:
+        raise ConfigError(f"modules_to_save names {name!r}, and {found[0]} is quantized ({found[1]}); the adapter "
+                          f"trains a float copy of it, which a quantized layer cannot give: load the base model with "
+                          f"that module in float, e.g. BitsAndBytesConfig(..., llm_int8_skip_modules=[{name!r}])")
 
 
 class ModulesToSave(nn.Module):

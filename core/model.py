@@ -24,7 +24,8 @@ from .config import AdapterConfig
 from .errors import AdapterError, MergeError, TargetError
 from .kept_values import drop_kept_values
 from .labels import config_labels, set_config_labels
-from .layer import LayerAdapter, ModelAdapter, ModulesToSave, TunerLayer, merge_order_message, name_taken_by_torch
+from .layer import (LayerAdapter, ModelAdapter, ModulesToSave, TunerLayer, merge_order_message, name_taken_by_torch,
+                    refuse_quantized_copy)
 from .method import Method, Site
 from .method_training import layer_adapters_of
 from .output_points import PointOutputHooks
@@ -266,6 +267,7 @@ class AdaptedModel(CompositionMixin, nn.Module):
         for module_name in record.modules_to_save:
             current = model.get_submodule(module_name)
             if not isinstance(current, ModulesToSave):
+                refuse_quantized_copy(current, module_name)
                 current = ModulesToSave(current, self.adapter_state)
                 _set_submodule(model, module_name, current)
             current.add(record.name)

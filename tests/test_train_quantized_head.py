@@ -102,3 +102,16 @@ def test_a_quantized_classifier_object_with_a_quantized_head_is_refused(tmp_path
                                                    r"llm_int8_skip_modules=\['classifier'\]"):
         peftkit.train(model, "lora[r=4]", data, task="seq-cls", out=tmp_path / "out", tokenizer=word_tokenizer(),
                       max_steps=1, quiet=True, base_model="test/tiny-bert")
+
+
+def test_an_adapter_whose_head_would_copy_a_quantized_layer_is_refused_by_name(bert: Path) -> None:
+    """Adapting (or loading a classifier's adapter onto) a base whose task head was quantized with it: the head's
+    trainable copy cannot be made, and the refusal names the module and the skip list that keeps it in float;
+    the model is left as it was."""
+    model = _load(bert, "seq-cls", "4bit", num_labels=2)
+    refusal = (r"modules_to_save names 'classifier', and classifier is quantized \(bitsandbytes Linear4bit\).*"
+               r"llm_int8_skip_modules=\['classifier'\]")
+    with pytest.raises(peftkit.ConfigError, match=refusal):
+        peftkit.adapt(model, "lora[r=4,modules_to_save=[classifier]]")
+    assert type(model.classifier).__name__ == "Linear4bit" and not hasattr(model, "adapters")
+    assert not any("lora" in name for name, _ in model.named_parameters())
