@@ -29,6 +29,30 @@ from .messages import check_description, check_summary
 from .names import validate_folder, validate_new_path, validate_path
 
 
+#: The file that makes a folder an adapter (PEFT's, peftkit's and AdapterHub's layouts alike).
+ADAPTER_CONFIG = "adapter_config.json"
+MAX_ADAPTER_CONFIG_BYTES = 16 * 2**20
+
+
+def check_adapter_config(path: str, content: bytes) -> None:
+    """MalformedPayload when ``path`` is an ``adapter_config.json`` (in any folder) that is not a JSON object:
+    no library loads an adapter from it, yet its card would list it in search as one. Refused before anything
+    of the commit is written, so the hub never holds such a folder."""
+    if path.rsplit("/", 1)[-1] != ADAPTER_CONFIG:
+        return
+    if len(content) > MAX_ADAPTER_CONFIG_BYTES:  # parsing is bounded: a config is a few KB
+        raise MalformedPayload(f"file '{path}' is {len(content) / 2**20:.1f} MiB; an adapter config holds options, "
+                               f"at most {MAX_ADAPTER_CONFIG_BYTES // 2**20} MiB here: put data in other files")
+    try:
+        data = json.loads(content.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise MalformedPayload(f"file '{path}' is not valid JSON ({exc}): no adapter loads from it; fix the file and "
+                               f"push again (nothing of this commit was written)") from None
+    if not isinstance(data, dict):
+        raise MalformedPayload(f"file '{path}' holds a JSON {type(data).__name__}, not an object: no adapter loads "
+                               f"from it; fix the file and push again (nothing of this commit was written)")
+
+
 @dataclass
 class CommitPayload:
     summary: str = ""
@@ -148,6 +172,7 @@ def parse_commit(
                     raise MalformedPayload(f"file '{path}': unsupported encoding {encoding!r}; use 'base64'")
                 # popped: while the bytes are decoded and staged, nothing else holds the base64 text
                 content = decode_base64(value.pop("content", None), f"file '{path}'")
+                check_adapter_config(path, content)
                 old = payload.files.pop(path, None)
                 if old is not None:
                     discard(old)

@@ -8,6 +8,8 @@
   ``paths-info`` took any number of paths (a million cost 8 s of a worker).
 * ``/api/models`` with 500 ``filter`` values or a 60,000-character ``search`` was a 500 (SQLite refuses
   expressions over 1,000 deep and LIKE patterns over 50,000 bytes): now a 400 naming the bound.
+* an ``adapter_config.json`` that is not a JSON object was stored, and its card listed it in search as a
+  loadable adapter: now a 400 naming the file.
 * file names with a bidi override or a zero-width character (``U+202E gnp.exe`` shows as ``exe.png``) or of
   spaces only were committed and shown raw on the repo page: now a 400 naming the character.
 * files 500 folders deep: one commit of 20,000 of them held the registry's write lock for a minute
@@ -104,6 +106,22 @@ def _commit(url: str, auth: dict, files: dict[str, bytes]):
     body = "\n".join(json.dumps(line) for line in lines).encode()
     return _request(url, "POST", "/api/models/alice/lora/commit/main", body,
                     {**auth, "Content-Type": "application/x-ndjson"})
+
+
+def test_an_adapter_config_that_no_library_can_read_is_refused(registry) -> None:
+    """A broken adapter_config.json was stored and its card indexed it as a loadable adapter (search listed it,
+    every load failed); the commit is now refused whole, naming the file."""
+    store, url, auth = registry
+    head = store.resolve_revision("alice/lora")
+    for content, words in ((b'{"peft_type": "LORA", "r": ', "is not valid JSON"), (b"[1, 2]", "holds a JSON list"),
+                           (b"\xff\xfe", "is not valid JSON"), (b"[" * 100_000, "is not valid JSON"),
+                           (b" " * (16 * 2**20 + 1), "at most 16 MiB")):
+        for path in ("adapter_config.json", "members/a/adapter_config.json"):
+            status, body = _commit(url, auth, {path: content, "README.md": b"---\ntags: [lora]\n---\n"})
+            assert status == 400 and words in body["error"] and path in body["error"], (path, body)
+    assert store.resolve_revision("alice/lora") == head  # nothing committed
+    status, body = _commit(url, auth, {"notes/adapter_config.json.txt": b"not json", "x.json": b"{"})  # other names
+    assert status == 200, body
 
 
 def test_file_names_that_read_as_other_names_are_refused(registry) -> None:
