@@ -47,9 +47,11 @@ HELD_BLOBS_SQL = ("SELECT c.repo AS repo, te.sha256 AS sha256, MAX(te.size) AS s
 
 #: How to get below a quota, in every refusal.
 QUOTA_FIX = (
-    "free space by deleting repos (`peftkit hub delete REPO`, `HfApi.delete_repo`), branches or tags, or by "
-    "squashing history (`HfApi.super_squash_history`: older commits keep their files and count as metadata), "
-    "or ask an administrator to raise it: `peftkit registry quota set {namespace} SIZE`"
+    "free space by deleting repos (`peftkit hub delete REPO`; on a registry also `HfApi.delete_repo`), branches "
+    "or tags, or by squashing history (on a registry, `HfApi.super_squash_history`: older commits keep their files "
+    "and count as metadata), or ask an administrator to raise it: `peftkit registry quota set {namespace} SIZE "
+    "--data FOLDER` (the registry's data folder; the embedded hub's is $PEFTKIT_HOME/hub, else "
+    "~/.cache/peftkit/hub)"
 )
 
 # ------------------------------------------------------------ the cost model
