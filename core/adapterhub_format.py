@@ -43,6 +43,10 @@ class AdapterHubFormat:
     #: Whether ``adapters`` hangs the tensors on the adapted layer itself (LoRA: True) or on
     #: the module around it (bottleneck adapters on BERT's ``output``: False).
     on_site: bool = False
+    #: Whether an AdapterHub fusion (``adapter_fusion_config.json``) may have this method's adapters as members:
+    #: ``adapters``' fusion attends over what the adapter adds at its site as peftkit computes it (sequential
+    #: bottleneck adapters); the member's own options are checked when the fusion loads.
+    fusion_member: bool = False
 
     def claims(self, options: Mapping[str, Any]) -> bool:
         """Whether an AdapterHub config's options (its ``"config"`` dict) describe this method."""

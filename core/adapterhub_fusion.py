@@ -42,8 +42,6 @@ if TYPE_CHECKING:  # pragma: no cover
 CONFIG_NAME = "adapter_fusion_config.json"
 SAFE_WEIGHTS_NAME = "model_adapter_fusion.safetensors"
 PICKLE_WEIGHTS_NAME = "pytorch_model_adapter_fusion.bin"
-#: peftkit methods whose contribution at a site is AdapterHub's bottleneck_up (given the member checks below).
-SEQUENTIAL_METHODS = ("seq_bn", "double_seq_bn")
 #: The identity-or-learned projections of ``adapters``' fusion config.
 PROJECTIONS = ("query", "key", "value")
 
@@ -74,10 +72,11 @@ def fuse_config(options: Mapping[str, Any], reads_model_norm: bool = False) -> F
 def check_member(model: "AdaptedModelProtocol", name: str) -> None:
     """ConfigError unless adapter ``name``'s contribution is what ``adapters``' fusion attends over."""
     record = model.adapter_record(name)
-    method = record.method.name
-    if method not in SEQUENTIAL_METHODS:
-        raise ConfigError(f"adapter {name!r} is {method!r}; peftkit reads AdapterHub fusions over sequential "
-                          f"bottleneck adapters ({', '.join(SEQUENTIAL_METHODS)}) only")
+    fmt = record.method.adapterhub
+    if fmt is None or not fmt.fusion_member:
+        raise ConfigError(f"adapter {name!r} is {record.method.name!r}, which is no member peftkit reads an "
+                          f"AdapterHub fusion over (its method's AdapterHub format does not say fusion_member: "
+                          f"the sequential bottleneck adapters do)")
     residual = getattr(record.config, "original_ln_residual", "output")
     if getattr(record.config, "original_ln_before", False) and residual != "output":
         raise ConfigError(f"adapter {name!r} reads through the model's LayerNorm with its skip connection "

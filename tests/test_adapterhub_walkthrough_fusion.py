@@ -93,6 +93,19 @@ def test_an_adapterhub_fusion_needs_its_members_first_and_says_how(fixtures: Pat
         model.load_fusion(str(fixtures / "fusion_seq_bn" / "fusion"))
 
 
+@pytest.mark.parametrize("spec", ["par_bn", "lora", "seq_bn_inv"])
+def test_an_adapterhub_fusion_over_members_of_another_method_is_refused(fixtures: Path, spec: str) -> None:
+    """Only methods whose AdapterHub format says fusion_member (the plain sequential bottleneck adapters) are what
+    adapters' fusion attends over as peftkit computes it."""
+    model, setup, _ = _case(fixtures / "fusion_seq_bn")
+    for name in setup["adapters"]:
+        model.add_adapter(name, spec)
+    with pytest.raises(AdapterLoadError, match=rf"adapter 'a' is '{spec}', which is no member peftkit reads an "
+                                               rf"AdapterHub fusion over"):
+        model.load_fusion(str(fixtures / "fusion_seq_bn" / "fusion"))
+    assert model.fusions == {}
+
+
 def test_a_head_saved_beside_a_head_whose_name_begins_alike_loads_as_its_own(fixtures: Path) -> None:
     """adapters' save_adapter(path, "t") also writes heads.t2.* (it picks heads by "heads.t" in the key)."""
     folder = fixtures / "heads_prefix"

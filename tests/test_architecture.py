@@ -9,6 +9,7 @@ maps them; the example plugin (examples/peftkit-loha) is checked as a plugin.
 from __future__ import annotations
 
 import ast
+import re
 import sys
 import tomllib
 from dataclasses import dataclass, field
@@ -261,6 +262,9 @@ def test_the_core_names_no_plugin(modules):
             elif isinstance(node, ast.Call) and ast.unparse(node.func).split(".")[-1] in (
                     "get_method", "frozenset", "set") and any(named(a) for a in node.args):
                 found.append(f"{_where(m, node.lineno)}: {ast.unparse(node)}")
+            elif isinstance(node, (ast.Tuple, ast.List, ast.Set)) and node.elts and all(
+                    isinstance(e, ast.Constant) and e.value in names for e in node.elts):
+                found.append(f"{_where(m, node.lineno)}: {ast.unparse(node)}")  # a list of methods to check against
     assert found == []
 
 
@@ -434,3 +438,27 @@ if __name__ == "__main__":  # python tests/test_architecture.py: print today's i
     found = {name: read_module(name, path, pkg, set(module_files())) for name, (path, pkg) in module_files().items()}
     for cycle in import_cycles(import_graph(found)):
         print(" <-> ".join(cycle))
+
+
+def core_layers_from_the_docs() -> dict[str, tuple[int, int]]:
+    """docs/architecture.md's bottom-up listing of the core: module -> (its line, its place on the line)."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    block = text.split("the bottom up", 1)[1].split("```", 2)[1]
+    places: dict[str, tuple[int, int]] = {}
+    for row, line in enumerate(block.strip().splitlines()):
+        names = re.split(r"\s{2,}", line.strip(), maxsplit=1)[0]
+        for column, name in enumerate(n.strip() for n in names.split(",")):
+            if name and name != "...":
+                places[f"peftkit.core.{name}"] = (row, column)
+    return places
+
+
+def test_the_core_layers_architecture_md_lists_hold(modules):
+    """Each module listed imports (at run time, in a function or for type checking) only listed modules on lines
+    above its own or to its left on its own line, as the page says."""
+    places = core_layers_from_the_docs()
+    assert len(places) > 20 and all(name in modules for name in places), sorted(set(places) - set(modules))
+    graph = import_graph(modules)
+    wrong = [f"{name} imports {target}" for name, place in places.items() for target in sorted(graph[name])
+             if target in places and places[target] >= place]
+    assert wrong == []

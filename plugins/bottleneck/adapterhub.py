@@ -58,6 +58,8 @@ class BottleneckAdapterHub(AdapterHubFormat):
 
     def __init__(self, mh_adapter: bool, parallel: bool, phm: bool | None = False, inv: bool | None = False) -> None:
         self.mh_adapter, self.parallel, self.phm, self.inv = mh_adapter, parallel, phm, inv
+        # Checked against adapters' fusion: the plain sequential placements (not parallel, PHM or invertible).
+        self.fusion_member = not parallel and not phm and not inv
         if phm:  # a PHM folder is Compacter's, with or without an invertible adapter
             self.inv = None
         if parallel:  # peftkit has no parallel presets: par_bn reads them all
