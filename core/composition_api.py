@@ -186,7 +186,7 @@ class CompositionMixin:
                              adapter_name: str, combination_type: str = "svd", svd_rank: int | None = None,
                              svd_clamp: float | None = None, svd_full_matrices: bool = True,
                              svd_driver: str | None = None, density: float | None = None,
-                             majority_sign_method: str = "total",
+                             majority_sign_method: str | None = None,
                              modules_to_save: str | None = None, seed: int | None = 0) -> "AdapterRecord":
         """PEFT's spelling of :meth:`merge_adapters` (same results where PEFT is exact;
         docs/composition.md lists where PEFT's own results differ and why). ``modules_to_save`` is

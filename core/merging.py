@@ -257,25 +257,26 @@ def _strategies_reading(option: str) -> str:
 
 
 def _strategy_options(strategy: str, kind: str, fn: Callable[..., Any] | None, density: float | None,
-                      majority_sign_method: str) -> dict[str, Any]:
+                      majority_sign_method: str | None) -> dict[str, Any]:
     """The options handed to a dense strategy, checked: an option the strategy does not read is refused (PEFT
-    ignores it silently, so a typo in the strategy name or a forgotten switch went unnoticed)."""
-    options: dict[str, Any] = {"majority_sign_method": majority_sign_method}
-    if majority_sign_method not in ("total", "frequency"):
+    ignores it silently, so a typo in the strategy name or a forgotten switch went unnoticed). A sign election
+    not given (None) is "total" where a strategy elects signs."""
+    options: dict[str, Any] = {"majority_sign_method": majority_sign_method or "total"}
+    if majority_sign_method not in (None, "total", "frequency"):
         raise MergeError(f"majority_sign_method must be 'total' or 'frequency', not {majority_sign_method!r}")
     reads = kind == "dense" and _reads(fn, "density")
-    if majority_sign_method != "total" and not (kind == "dense" and _reads(fn, "majority_sign_method")):
+    if majority_sign_method is not None and not (kind == "dense" and _reads(fn, "majority_sign_method")):
         raise MergeError(f"majority_sign_method={majority_sign_method!r} has no effect on strategy {strategy!r}; "
                          f"it elects signs in {_strategies_reading('majority_sign_method')} (and their _svd forms): "
-                         f"drop it or pick one of those")
+                         f"drop it (peftkit merge: --majority-sign) or pick one of those")
     if density is not None:
         if not isinstance(density, (int, float)) or isinstance(density, bool) or not 0.0 < density <= 1.0:
             raise MergeError(f"density is the fraction of entries to keep, a number in (0, 1] (0 keeps none and "
                              f"the merged adapter would change nothing), got {density!r}")
         if not reads:
             raise MergeError(f"density={density} has no effect on strategy {strategy!r}; it is read by "
-                             f"{_strategies_reading('density')} (and their _svd forms): drop density= or pick one "
-                             f"of those")
+                             f"{_strategies_reading('density')} (and their _svd forms): drop density= (peftkit merge: "
+                             f"--density) or pick one of those")
         options["density"] = float(density)
     elif reads and _needs(fn, "density"):
         raise MergeError(f"strategy {strategy!r} needs density=<fraction of entries to keep>, e.g. density=0.5 "
@@ -284,14 +285,14 @@ def _strategy_options(strategy: str, kind: str, fn: Callable[..., Any] | None, d
 
 
 def check_merge_options(strategy: str, density: float | None = None, rank: int | None = None,
-                        majority_sign_method: str = "total") -> None:
+                        majority_sign_method: str | None = None) -> None:
     """Raise MergeError for the options :func:`merge_adapters` would refuse whatever the adapters (an unknown
     strategy, a density or sign election the strategy does not read, a bad rank), so a command can refuse
     them before it downloads or loads anything."""
     _checked_options(strategy, density, rank, majority_sign_method)
 
 
-def _checked_options(strategy: str, density: float | None, rank: int | None, majority_sign_method: str
+def _checked_options(strategy: str, density: float | None, rank: int | None, majority_sign_method: str | None
                      ) -> tuple[str, Callable[..., Any] | None, dict[str, Any]]:
     kind, fn = _resolve(strategy)
     options = _strategy_options(strategy, kind, fn, density, majority_sign_method)
@@ -302,7 +303,7 @@ def _checked_options(strategy: str, density: float | None, rank: int | None, maj
 
 def merge_adapters(model: "AdaptedModelProtocol", adapters: Sequence[str], weights: Sequence[float] | None = None,
                    name: str = "merged", strategy: str = "svd", *, density: float | None = None,
-                   rank: int | None = None, majority_sign_method: str = "total", seed: int | None = 0,
+                   rank: int | None = None, majority_sign_method: str | None = None, seed: int | None = 0,
                    modules_to_save: str | None = None) -> "AdapterRecord":
     """Merge adapters in weight space into a new adapter ``name`` (see the module doc): LoRA factors, IA3/BitFit
     values elementwise, any other method (or a mix, or DoRA, whose change depends on the base weight) through
@@ -310,6 +311,8 @@ def merge_adapters(model: "AdaptedModelProtocol", adapters: Sequence[str], weigh
 
     weights: one per adapter (default 1.0 each; negative subtracts).
     density: fraction of entries kept by ties / dare_* / magnitude_prune.
+    majority_sign_method: how ties / dare_ties elect each entry's sign, "total" (the default there) or
+      "frequency"; given to a strategy that elects no signs, it is refused.
     rank: rank of the new adapter (defaults: cat/linear sum of ranks, others the largest rank; a dense merge:
       full rank, exact; its record's ``merge_report`` gives the energy a smaller rank keeps per site).
     seed: seeds DARE's random drop (None: torch's global generator, as PEFT).

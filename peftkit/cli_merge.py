@@ -42,7 +42,8 @@ def _weights(text: str | None) -> list[float] | None:
               help="Rank of the merged LoRA (default: the sum of ranks for linear and cat, else the largest; a "
                    "dense merge of other methods: full rank).")
 @click.option("--majority-sign", "majority_sign_method", type=click.Choice(["total", "frequency"]),
-              default="total", show_default=True, help="ties and dare_ties: how each entry's sign is elected.")
+              default=None, help="ties and dare_ties: how each entry's sign is elected [default: total]; refused "
+                                 "with the other strategies.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="dare_*: seed of the random drops (the same merge every run).")
 @click.option("--head", default=None, metavar="ADAPTER|average",
@@ -57,7 +58,8 @@ def _weights(text: str | None) -> list[float] | None:
               help="Print what was merged as JSON (members with the commits pulled, weights, options, the "
                    "merged adapter's method and rank).")
 def merge_command(base: str, adapters: tuple[str, ...], out: str, weights: str | None, strategy: str,
-                  density: float | None, rank: int | None, majority_sign_method: str, seed: int, head: str | None,
+                  density: float | None, rank: int | None, majority_sign_method: str | None, seed: int,
+                  head: str | None,
                   name: str, hub: str | None, token_file: str | None, overwrite: bool, quiet: bool,
                   as_json: bool) -> None:
     """Merge ADAPTERS in weight space into one new adapter and save it to OUT.

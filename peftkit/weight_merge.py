@@ -69,7 +69,7 @@ def _number(value: float) -> str:
 
 def merge_to_folder(base: "str | nn.Module", members: Sequence[str], out: str | Path, *,
                     weights: Sequence[float] | None = None, strategy: str = "svd", density: float | None = None,
-                    rank: int | None = None, majority_sign_method: str = "total", seed: int | None = 0,
+                    rank: int | None = None, majority_sign_method: str | None = None, seed: int | None = 0,
                     head: str | None = None, name: str = "merged", hub: Any = None, token: str | None = None,
                     progress: bool = True) -> MergedFolder:
     """Merge ``members`` (adapter folders or hub ids ``namespace/name[@revision]``) with ``weights`` (one
@@ -243,7 +243,7 @@ def _head_name(head: str | None, refs: list[str], found: list[AdapterSource]) ->
     return matches[0].name
 
 
-def _applied_options(strategy: str, density: float | None, rank: int | None, majority_sign_method: str,
+def _applied_options(strategy: str, density: float | None, rank: int | None, majority_sign_method: str | None,
                      seed: int | None, head: str | None) -> dict[str, Any]:
     """The options that shaped this merge (for the summary, the card and merge.json)."""
     options: dict[str, Any] = {}
@@ -251,7 +251,7 @@ def _applied_options(strategy: str, density: float | None, rank: int | None, maj
         options["density"] = density
     if rank is not None:
         options["rank"] = rank
-    if majority_sign_method != "total":
+    if majority_sign_method is not None:
         options["majority_sign_method"] = majority_sign_method
     if strategy.startswith("dare"):
         options["seed"] = seed

@@ -31,6 +31,7 @@ def _model(*specs: str) -> peftkit.AdaptedModel:
     ("dare_linear", {"density": 0.5, "majority_sign_method": "frequency"},
      "majority_sign_method='frequency' has no effect on strategy 'dare_linear'; it elects signs in dare_ties, ties"),
     ("svd", {"majority_sign_method": "frequency"}, "has no effect on strategy 'svd'"),
+    ("svd", {"majority_sign_method": "total"}, "majority_sign_method='total' has no effect on strategy 'svd'"),
 ])
 def test_an_option_the_strategy_does_not_read_is_refused(strategy, options, fragment):
     model = _model()
