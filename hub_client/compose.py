@@ -560,12 +560,17 @@ class ComposedFolder:
     adapters: dict[str, str]  # every adapter on the model -> its method
     labels: list[str] | None  # a classifier's labels (of the head the composition predicts with)
     merged: list[str] | None = None  # with merge: the adapters folded into the base weights, in order
+    #: parallel() / batch_split() whose parts predict with heads of different labels: each part's (labels is None)
+    labels_by_part: dict[str, list[str]] | None = None
 
     def summary(self) -> str:
         sources = ", ".join(f"{m['name']} <- {m['repo_id']}@{m['commit'] or m['revision'] or 'main'}"
                             for m in self.members)
         if self.labels is not None:
-            sources += f"; labels: {', '.join(self.labels[:8])}{', ...' if len(self.labels) > 8 else ''}"
+            sources += f"; labels: {_listed(self.labels)}"
+        elif self.labels_by_part:
+            sources += "; labels: " + "; ".join(f"{part}: {_listed(names)}"
+                                                for part, names in self.labels_by_part.items())
         if self.merged is None:
             return f"Wrote the composition {self.composition} to {self.out} ({sources})"
         return f"Wrote the base model with {', '.join(self.merged)} merged in to {self.out} ({sources})"
@@ -573,7 +578,11 @@ class ComposedFolder:
     def to_json(self) -> dict[str, Any]:
         return {"out": self.out, "composition": self.composition, "merged": self.merged is not None,
                 "merged_adapters": self.merged, "members": self.members, "adapters": self.adapters,
-                "labels": self.labels}
+                "labels": self.labels, "labels_by_part": self.labels_by_part}
+
+
+def _listed(labels: list[str]) -> str:
+    return f"{', '.join(labels[:8])}{', ...' if len(labels) > 8 else ''}"
 
 
 def save_composed(base_model: Any, spec: Any, out: str | Path, hub: "str | HubBackend | None" = None, *,
@@ -607,11 +616,12 @@ def compose_to_folder(base_model: Any, spec: Any, out: str | Path, hub: "str | H
                                      **model_kwargs)
     node = model.active_composition
     out = Path(out)
+    labels, by_part = _labels(model)
     report = ComposedFolder(
         str(out), str(node),
         [{"name": name, "repo_id": m.ref.repo_id, "revision": m.ref.revision, "commit": m.commit, "kind": m.kind}
          for name, m in the_plan.members.items()],
-        {name: record.method.name for name, record in model.adapter_records.items()}, _labels(model))
+        {name: record.method.name for name, record in model.adapter_records.items()}, labels, labels_by_part=by_part)
     if not merge:
         model.save_composition(str(out), node)
         return report
@@ -636,14 +646,23 @@ def compose_to_folder(base_model: Any, spec: Any, out: str | Path, hub: "str | H
     return report
 
 
-def _labels(model: "AdaptedModel") -> list[str] | None:
-    """A classifier's labels: those of the head that the composition predicts with (None: not a classifier)."""
+def _labels(model: "AdaptedModel") -> tuple[list[str] | None, dict[str, list[str]] | None]:
+    """A classifier's labels, those of the head that the composition predicts with, and None; for a parallel()
+    or batch_split() whose parts predict with heads of different labels, None and each part's labels (None,
+    None: not a classifier)."""
+    from peftkit.core.composition import BatchSplit, Parallel
+    from peftkit.core.composition_api import head_of, labels_of_head
     from peftkit.core.heads import is_classifier
     from peftkit.core.labels import config_labels
 
     if not is_classifier(model.base_model):
-        return None
-    return list(config_labels(model.base_model.config) or [])
+        return None, None
+    node = model.active_composition
+    if isinstance(node, (Parallel, BatchSplit)):
+        parts = {str(child): list(labels_of_head(model, head_of(model, child)) or []) for child in node.children}
+        if len({tuple(labels) for labels in parts.values()}) > 1:
+            return None, parts
+    return list(config_labels(model.base_model.config) or []), None
 
 
 def _save_tokenizer(name_or_path: str, folder: Path) -> None:

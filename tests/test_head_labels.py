@@ -254,7 +254,7 @@ def test_hub_load_stack_and_compose_bring_each_adapters_labels(folders: dict[str
                                                                hub_env: Path) -> None:  # noqa: F811
     from transformers import AutoModelForSequenceClassification
 
-    from peftkit.hub_client.compose import save_composed
+    from peftkit.hub_client.compose import compose_to_folder, save_composed
 
     hub = f"local:{tmp_path / 'hub'}"
     for name in ("sentiment", "topic"):
@@ -275,6 +275,15 @@ def test_hub_load_stack_and_compose_bring_each_adapters_labels(folders: dict[str
     summary = save_composed(str(base_dir), "stack(alice/sentiment, alice/topic)", tmp_path / "composed", hub=hub,
                             progress=False)
     assert summary.endswith("; labels: food, sports, tech, travel)")
+    # parallel(): each part predicts with its own member's head, so each part's labels are reported
+    urgency = ["routine", "urgent"]  # as many labels as sentiment's: parallel() takes both heads
+    trained("urgency", urgency, 3).save_adapter(str(tmp_path / "urgency"), "urgency")
+    peftkit.hub.push(tmp_path / "urgency", "alice/urgency", hub=hub, progress=False)
+    report = compose_to_folder(str(base_dir), "parallel(alice/sentiment, alice/urgency)", tmp_path / "par", hub=hub,
+                               progress=False)
+    assert report.labels is None and report.labels_by_part == {"sentiment": MOODS, "urgency": urgency}
+    assert report.summary().endswith("; labels: sentiment: negative, positive; urgency: routine, urgent)")
+    assert report.to_json()["labels_by_part"] == {"sentiment": MOODS, "urgency": urgency}
     assert json.loads((tmp_path / "composed" / "adapters" / "topic" / "labels.json").read_text())["labels"] == TOPICS
     save_composed(str(base_dir), "stack(alice/sentiment, alice/topic)", tmp_path / "merged", hub=hub, merge=True,
                   progress=False)
