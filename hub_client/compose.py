@@ -162,7 +162,10 @@ def plan(spec: Any, *, adapters: Mapping[str, str] | None = None, existing: Sequ
             raise CompositionError(f"adapters=: {name!r} is not a valid adapter name (letters, digits, '_', '-')")
         if name in existing:
             raise CompositionError(f"adapters=: the model already has an adapter named {name!r}; choose another name")
-        explicit[name] = parse_ref(ref_text)
+        try:
+            explicit[name] = parse_ref(ref_text)
+        except HubError as exc:
+            raise type(exc)(f"{exc}{_folders_hint(str(ref_text))}") from None
 
     refs: list[RepoRef] = []
     if isinstance(spec, (str, os.PathLike)) and Path(spec).is_dir() and not _REF.fullmatch(os.fspath(spec)):
@@ -178,7 +181,7 @@ def plan(spec: Any, *, adapters: Mapping[str, str] | None = None, existing: Sequ
             message = str(exc)
             for i, ref in enumerate(refs):
                 message = message.replace(_PLACEHOLDER.format(i), str(ref))
-            raise CompositionError(message) from None
+            raise CompositionError(message + _folders_hint(spec)) from None
     elif isinstance(spec, Block):
         template = spec
     elif isinstance(spec, dict):
@@ -494,6 +497,21 @@ def load(base_model: Any, spec: Any, hub: "str | HubBackend | None" = None, *,
     adapted, _ = load_with_plan(base_model, spec, hub, adapters=adapters, token=token, trainable=trainable,
                                 cache_dir=cache_dir, progress=progress, **model_kwargs)
     return adapted
+
+
+#: A path written in a composition or an adapters= value: ./x, ../x, /x, ~/x.
+_PATH_LIKE = re.compile(r"(?:^|[\s(,=])((?:\.{1,2}/|/|~/)[^\s,()]*)")
+
+
+def _folders_hint(text: str) -> str:
+    """For a spec naming folders (``stack(./a, ./b)``): hub compositions take hub repos; what to do instead."""
+    found = _PATH_LIKE.search(text)
+    if found is None:
+        return ""
+    folder = found.group(1)
+    return (f"; {folder!r} is a path: a composition here names hub repos (namespace/name), so push the folder "
+            f"first (peftkit hub push {folder} NAMESPACE/NAME), or merge folders with peftkit merge (peftkit "
+            f"compose --auto --candidates takes folders too)")
 
 
 def _local_folder_hint(repo_id: str) -> str:

@@ -377,3 +377,13 @@ def test_pulling_an_empty_repo_fails_and_writes_nothing(any_hub: HubUnderTest, h
                           str(hub_env / "copy"))
     assert code == 1 and "holds no files (an empty repo)" in err and "peftkit hub push FOLDER alice/empty" in err
     assert out == "" and not (hub_env / "copy").exists()
+
+
+def test_compose_given_folders_says_it_reads_hub_repos_and_what_to_do(hub_env: Path, folders: dict[str, Path],
+                                                                     capsys) -> None:  # noqa: F811
+    base_dir = hub_env / "tiny-llama"
+    tiny_base().save_pretrained(str(base_dir))
+    for args in (["stack(./lang, ./ner)"], ["lang", "--adapter", "lang=./lang"]):
+        code, _, err = _cli(capsys, "compose", str(base_dir), *args, "--out", str(hub_env / "c"), "-q")
+        assert code == 1 and "'./lang' is a path: a composition here names hub repos" in err, err
+        assert "peftkit hub push ./lang NAMESPACE/NAME" in err and not (hub_env / "c").exists()
