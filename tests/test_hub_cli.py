@@ -379,8 +379,8 @@ def test_pulling_an_empty_repo_fails_and_writes_nothing(any_hub: HubUnderTest, h
     assert out == "" and not (hub_env / "copy").exists()
 
 
-def test_compose_given_folders_says_it_reads_hub_repos_and_what_to_do(hub_env: Path, folders: dict[str, Path],
-                                                                     capsys) -> None:  # noqa: F811
+def test_compose_given_folders_says_it_reads_hub_repos_and_what_to_do(
+        hub_env: Path, folders: dict[str, Path], capsys) -> None:  # noqa: F811
     base_dir = hub_env / "tiny-llama"
     tiny_base().save_pretrained(str(base_dir))
     for args in (["stack(./lang, ./ner)"], ["lang", "--adapter", "lang=./lang"]):
