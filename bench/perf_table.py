@@ -490,6 +490,17 @@ def subnormal_note(results: list[dict[str, Any]]) -> str:
             "arithmetic as much as the method: the adapter's start drives activations or gradients to underflow.")
 
 
+def table_title(setup: Setup) -> str:
+    """The page's heading: what sets this table apart from the others (a GPU, a dtype other than the reference,
+    autocast, torch.compile), as its file name does (:func:`default_output_name`)."""
+    reference = torch.float32 if setup.device == "cpu" else torch.bfloat16
+    return ("# Performance" + ("" if setup.device == "cpu" else " on a GPU")
+            + (f" in {str(setup.dtype).removeprefix('torch.')}" if setup.autocast is None
+               and setup.dtype != reference else "")
+            + ("" if setup.autocast is None else f" under {str(setup.autocast).removeprefix('torch.')} autocast")
+            + (" with torch.compile" if setup.compiled else ""))
+
+
 def render(results: list[dict[str, Any]], timing: Timing, setup: Setup, command: str, conditions: Conditions,
            wall_s: float) -> str:
     import peft
@@ -501,9 +512,7 @@ def render(results: list[dict[str, Any]], timing: Timing, setup: Setup, command:
     busy = setup.device == "cpu" and (max(loads) > torch.get_num_threads() or (steal or 0) > 0.05)
     clock = "wall time" if timing.clock == "wall" else "CPU time of the process"
     lines = [
-        "# Performance" + ("" if setup.device == "cpu" else " on a GPU")
-        + ("" if setup.autocast is None else f" under {str(setup.autocast).removeprefix('torch.')} autocast")
-        + (" with torch.compile" if setup.compiled else ""),
+        table_title(setup),
         "",
         "Every built-in method's training step and inference forward next to Hugging Face `peft`,",
         "measured in one process by `bench/perf_table.py` (written by it; do not edit by hand).",

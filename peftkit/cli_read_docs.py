@@ -9,7 +9,7 @@ from __future__ import annotations
 import click
 
 from peftkit.cli_output import echo_json, format_table
-from peftkit.docs_topics import UnknownTopicError, find_topic, headings, section, topics
+from peftkit.docs_topics import UnknownTopicError, find_topic, headings, section, section_headings, topics
 
 
 @click.command("docs")
@@ -28,6 +28,9 @@ def docs_command(page: str | None, list_sections: bool, show_path: bool, as_json
     """
     try:
         if page is None:
+            if list_sections or show_path:
+                raise click.UsageError(f"{'--sections' if list_sections else '--path'} is about one page: give "
+                                       f"PAGE, e.g. peftkit docs lora {'--sections' if list_sections else '--path'}")
             _list_pages(as_json)
             return
         name, _, anchor = page.partition("#")
@@ -36,7 +39,7 @@ def docs_command(page: str | None, list_sections: bool, show_path: bool, as_json
             click.echo(str(topic.path))
         elif list_sections or as_json:
             found = [{"section": f"{topic.name}#{h.anchor}", "level": h.level, "title": h.title}
-                     for h in headings(topic.text())]
+                     for h in (section_headings(topic, anchor) if anchor else headings(topic.text()))]
             if as_json:
                 echo_json(found)
             else:

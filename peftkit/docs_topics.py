@@ -116,12 +116,28 @@ def section(topic: Topic, anchor: str) -> str:
     or a higher level."""
     text = topic.text()
     found = headings(text)
+    index = _heading_index(topic, found, anchor)
+    heading = found[index]
+    end = next((h.line for h in found[index + 1:] if h.level <= heading.level), None)
+    return "\n".join(text.splitlines()[heading.line:end]).rstrip() + "\n"
+
+
+def section_headings(topic: Topic, anchor: str) -> list[Heading]:
+    """The heading whose anchor is ``anchor`` and the headings inside its section (``--sections`` of
+    ``PAGE#SECTION``)."""
+    found = headings(topic.text())
+    index = _heading_index(topic, found, anchor)
+    level = found[index].level
+    inside = next((i for i, h in enumerate(found[index + 1:], index + 1) if h.level <= level), len(found))
+    return found[index:inside]
+
+
+def _heading_index(topic: Topic, found: list[Heading], anchor: str) -> int:
+    """Where the heading whose anchor is ``anchor`` is in ``found``; UnknownTopicError with near anchors."""
     wanted = anchor.strip().lstrip("#").lower()
     for index, heading in enumerate(found):
         if heading.anchor == wanted or heading.anchor == anchor_of(wanted):
-            end = next((h.line for h in found[index + 1:] if h.level <= heading.level), None)
-            lines = text.splitlines()[heading.line:end]
-            return "\n".join(lines).rstrip() + "\n"
+            return index
     anchors = [h.anchor for h in found]
     close = difflib.get_close_matches(wanted, anchors, n=3) or [a for a in anchors if wanted in a][:3]
     hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""

@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from perf_table import default_output_name, Setup, SIZES  # noqa: E402
+ROOT_DOCS = Path(__file__).resolve().parents[1] / "docs"
+from perf_table import default_output_name, Setup, SIZES, table_title  # noqa: E402
 
 
 def test_no_kind_of_run_overwrites_another_kinds_table() -> None:
@@ -21,6 +22,19 @@ def test_no_kind_of_run_overwrites_another_kinds_table() -> None:
             ("cpu", "float32", None, True): "performance-compile.md",
             ("cuda", "bfloat16", None, True): "performance-gpu-compile.md"}
     assert {run: default_output_name(*run) for run in runs} == runs
+
+
+def test_each_kind_of_table_has_its_own_title() -> None:
+    """`peftkit docs` lists the pages by title: the bfloat16 CPU table was a second 'Performance'."""
+    size = SIZES["small"]
+    titles = [table_title(Setup("cpu", torch.float32, size)), table_title(Setup("cpu", torch.bfloat16, size)),
+              table_title(Setup("cpu", torch.float32, size, torch.bfloat16)),
+              table_title(Setup("cpu", torch.float32, size, compiled=True)),
+              table_title(Setup("cuda", torch.bfloat16, size)), table_title(Setup("cuda", torch.float32, size))]
+    assert titles == ["# Performance", "# Performance in bfloat16", "# Performance under bfloat16 autocast",
+                      "# Performance with torch.compile", "# Performance on a GPU", "# Performance on a GPU in float32"]
+    for name in ("performance", "performance-bfloat16", "performance-autocast", "performance-compile"):
+        assert (ROOT_DOCS / f"{name}.md").read_text().splitlines()[0] in titles
 
 
 def test_a_compiled_setup_times_compiled_models_run_before_the_rounds() -> None:

@@ -60,6 +60,12 @@ def test_sections_are_named_as_a_markdown_renderer_anchors_them():
     assert [h.anchor for h in headings(text)] == ["title", "same", "same-1"]
     listed = cli("docs", "plugins", "--sections", "--json")
     assert {"section": "plugins#hook-reference", "level": 2, "title": "Hook reference"} in json.loads(listed.stdout)
+    inside = json.loads(cli("docs", "plugins#hook-reference", "--sections", "--json").stdout)  # one section's
+    assert inside[0]["section"] == "plugins#hook-reference" and len(inside) > 1
+    assert all(s["level"] > 2 for s in inside[1:]) and len(inside) < len(json.loads(listed.stdout))
+    assert {"section": "plugins#peftkit_register_methods", "level": 3, "title": "peftkit_register_methods"} in inside
+    bare = cli("docs", "--sections")  # a flag about one page, with none given
+    assert bare.exit_code == 2 and "give PAGE" in bare.output
 
 
 def test_unknown_pages_and_sections_say_what_there_is():
