@@ -107,6 +107,13 @@ def quantized_kind(module: nn.Module) -> str | None:
     return kind
 
 
+def quantized_part(module: nn.Module, prefix: str = "") -> tuple[str, str] | None:
+    """The first layer inside ``module`` (itself included) that :func:`quantized_kind` finds quantized, as
+    (its name under ``prefix``, how), or None."""
+    return next(((name, kind) for name, part in module.named_modules(prefix=prefix)
+                 if (kind := quantized_kind(part)) is not None), None)
+
+
 def adapter_precision(dtype: torch.dtype) -> torch.dtype:
     """The dtype adapters train and compute in beside tensors of ``dtype``: float32 and float64 stay,
     anything else (half precision, quantized storage) becomes float32, as PEFT does."""

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from .base_layers import quantized_kind
+from .base_layers import quantized_part
 from .composition import head_leaf
 from .errors import CompositionError, ConfigError, MergeError
 from .swap_plan import swap_plan
@@ -463,8 +463,7 @@ def adapters_at(module: nn.Module) -> dict[str, LayerAdapter]:
 def refuse_quantized_copy(module: nn.Module, name: str) -> None:
     """ConfigError when ``module`` (``name``, a module to train whole: a task head) holds a quantized layer: its
     trainable copy would be a quantized layer too, which can neither train nor, when new, run."""
-    found = next(((sub, kind) for sub, part in module.named_modules(prefix=name)
-                  if (kind := quantized_kind(part)) is not None), None)
+    found = quantized_part(module, name)
     if found is not None:
         raise ConfigError(f"modules_to_save names {name!r}, and {found[0]} is quantized ({found[1]}); the adapter "
                           f"trains a float copy of it, which a quantized layer cannot give: load the base model with "

@@ -116,20 +116,25 @@ def section(topic: Topic, anchor: str) -> str:
     or a higher level."""
     text = topic.text()
     found = headings(text)
-    index = _heading_index(topic, found, anchor)
-    heading = found[index]
-    end = next((h.line for h in found[index + 1:] if h.level <= heading.level), None)
-    return "\n".join(text.splitlines()[heading.line:end]).rstrip() + "\n"
+    start, end = _section_span(topic, found, anchor)
+    return "\n".join(text.splitlines()[found[start].line:found[end].line if end < len(found) else None]).rstrip() \
+        + "\n"
 
 
 def section_headings(topic: Topic, anchor: str) -> list[Heading]:
     """The heading whose anchor is ``anchor`` and the headings inside its section (``--sections`` of
     ``PAGE#SECTION``)."""
     found = headings(topic.text())
-    index = _heading_index(topic, found, anchor)
-    level = found[index].level
-    inside = next((i for i, h in enumerate(found[index + 1:], index + 1) if h.level <= level), len(found))
-    return found[index:inside]
+    start, end = _section_span(topic, found, anchor)
+    return found[start:end]
+
+
+def _section_span(topic: Topic, found: list[Heading], anchor: str) -> tuple[int, int]:
+    """``found[start:end]``: the heading whose anchor is ``anchor`` and those inside its section (up to the next
+    heading of the same or a higher level); UnknownTopicError with near anchors."""
+    start = _heading_index(topic, found, anchor)
+    level = found[start].level
+    return start, next((i for i in range(start + 1, len(found)) if found[i].level <= level), len(found))
 
 
 def _heading_index(topic: Topic, found: list[Heading], anchor: str) -> int:

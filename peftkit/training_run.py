@@ -19,7 +19,7 @@ from transformers import TrainerCallback, TrainingArguments
 
 from peftkit.adapter_trainer import AdapterTrainer, argmax_predictions, classification_metrics, \
     save_adapter_files, token_loss
-from peftkit.core.base_layers import quantized_kind
+from peftkit.core.base_layers import quantized_part
 from peftkit.core.errors import PeftkitError
 from peftkit.core.fileio import write_text_atomic
 from peftkit.core.model_source import model_source_options
@@ -285,10 +285,9 @@ def _task_head_modules(auto: Any, model: str, kwargs: dict[str, Any]) -> list[st
 def _refuse_quantized_head(model: nn.Module) -> None:
     """A classifier given as an object must have its task head in float: the adapter trains a copy of it."""
     heads = _task_head_names(model)
-    quantized = [(name, kind) for head in heads for name, module in model.get_submodule(head).named_modules(prefix=head)
-                 if (kind := quantized_kind(module)) is not None]
+    quantized = next((found for head in heads if (found := quantized_part(model.get_submodule(head), head))), None)
     if quantized:
-        raise PeftkitError(f"the model's task head is quantized ({quantized[0][0]}: {quantized[0][1]}), and the "
+        raise PeftkitError(f"the model's task head is quantized ({quantized[0]}: {quantized[1]}), and the "
                            f"adapter trains a float copy of it; load the model with its head in float, e.g. "
                            f"BitsAndBytesConfig(..., llm_int8_skip_modules={heads!r}), or pass its folder with "
                            f"quantize= and let train() do it")

@@ -70,13 +70,8 @@ class IA3AdapterHub(AdapterHubFormat):
             return tensor
         options = {**IA3_DEFAULTS, **options}
         fused = _places().fused_matrices(options, model_type, module)
-        if 0 < len(fused) < 3:
-            d = tensor.shape[0] // len(fused)
-            whole = tensor.new_ones((3 * d, *tensor.shape[1:]))
-            for g, m in enumerate(fused):
-                i = ("q", "k", "v").index(m)
-                whole[i * d:(i + 1) * d] = tensor[g * d:(g + 1) * d]
-            tensor = whole
+        if 0 < len(fused) < 3:  # the thirds left out are scaled by alpha alone
+            tensor = _places().spread_over_thirds(tensor, fused, 1.0)
         return tensor * _alpha(options)
 
     def key_in(self, rest: str, options: Mapping[str, Any]) -> str | None:

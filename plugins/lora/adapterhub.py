@@ -237,6 +237,17 @@ class LoraAdapterHub(AdapterHubFormat):
         return placement_values(*placements_out(config, model_type, kind))
 
     @staticmethod
+    def spread_over_thirds(tensor: Any, matrices: list[str], fill: float) -> Any:
+        """``tensor``'s rows, one equal group per matrix of ``matrices`` (q, k, v in that order, some left out),
+        each placed at its matrix's third of a tensor for all three (GPT-2's fused layer); ``fill`` elsewhere."""
+        rows = tensor.shape[0] // len(matrices)
+        out = tensor.new_full((3 * rows, *tensor.shape[1:]), fill)
+        for g, m in enumerate(matrices):
+            i = MATRICES.index(m)
+            out[i * rows:(i + 1) * rows] = tensor[g * rows:(g + 1) * rows]
+        return out
+
+    @staticmethod
     def fused_matrices(options: Mapping[str, Any], model_type: str | None, module: str | None = None) -> list[str]:
         """The matrices (q, k, v) on GPT-2's fused ``c_attn`` that AdapterHub options adapt, where ``module`` (a
         module path; None: any) is that layer; [] elsewhere."""
@@ -294,11 +305,7 @@ class LoraAdapterHub(AdapterHubFormat):
         if key == "lora_A.weight":  # (n r, in) -> (3 r, in): zero rows for a matrix left out
             if tensor.shape[0] != len(matrices) * r:
                 raise ConfigError(f"lora_A has {tensor.shape[0]} rows, not r={r} per matrix of {matrices}")
-            out = tensor.new_zeros((3 * r, tensor.shape[1]))
-            for g, m in enumerate(matrices):
-                i = MATRICES.index(m)
-                out[i * r:(i + 1) * r] = tensor[g * r:(g + 1) * r]
-            return out
+            return self.spread_over_thirds(tensor, matrices, 0.0)
         d = tensor.shape[0] // len(matrices)  # (n d, r) -> (3 d, 3 r), block diagonal
         if tensor.shape != (len(matrices) * d, r):
             raise ConfigError(f"lora_B has shape {tuple(tensor.shape)}, not ({len(matrices)} * d, r={r})")
